@@ -1,0 +1,1 @@
+"""Load benchmark of the text-generation service: ``python -m bench.bench --help``."""

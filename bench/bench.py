@@ -1,0 +1,520 @@
+"""Closed-loop load benchmark of the text-generation service, one uvicorn server per engine.
+
+    python -m bench.bench                                  # both engines, C = 1, 8, 32, 64
+    python -m bench.bench --engines batched --concurrency 1,4 --requests-per-level 4 --max-new-tokens 8
+    python -m bench.bench --url http://127.0.0.1:8000 --label prod-like   # an already running server
+
+For each engine a real ``uvicorn main:app`` subprocess is started (``TEXTGEN_ENGINE`` set, a throw-away
+SQLite job store, ``TEXTGEN_MAX_WAITING=1024``; other ``TEXTGEN_*`` variables pass through), waited for on
+``GET /ready``, warmed up with two requests and then driven at each concurrency C by C workers that send
+requests back to back until the level's request count is reached. Progress goes to stderr, the table to
+stdout, and results.json / results.md / results.png to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as ``python bench/bench.py``: make ``bench`` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.report import render_table, write_reports  # noqa: E402
+from bench.rss import PeakRssSampler  # noqa: E402
+from bench.stats import LevelStats, Outcome, RequestResult, aggregate  # noqa: E402
+
+LOG = logging.getLogger("bench")
+
+ENGINES = ("batched", "threadpool")
+DEFAULT_CONCURRENCY = (1, 8, 32, 64)
+DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+WARMUP_REQUESTS = 2
+PROGRESS_INTERVAL_S = 2.0
+READY_POLL_S = 0.5
+STOP_GRACE_S = 30.0
+LOG_TAIL_LINES = 40
+# Short prompts (~15 tokens each); requests cycle through them so consecutive prompts differ.
+PROMPTS = (
+    "Write a short story about a robot who learns to paint.",
+    "Describe a quiet morning in a small fishing village on the northern coast.",
+    "Explain to a curious child why the sky turns orange and red at sunset.",
+    "Write a letter from a lighthouse keeper to an old friend who lives far away.",
+    "Tell the story of a lost cat finding its way home through a busy city.",
+    "Describe the first day of a young baker who has just opened her own shop.",
+    "Write a poem about the sound of rain on a tin roof late at night.",
+    "Imagine a library where every book can talk, and describe one conversation.",
+)
+
+
+class BenchError(RuntimeError):
+    """A server that would not start, crashed, or answered the warm-up wrongly."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadConfig:
+    max_new_tokens: int
+    request_timeout_s: float
+
+
+@dataclass(slots=True)
+class Server:
+    """A uvicorn subprocess started by the benchmark."""
+
+    engine: str
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log_path: Path
+    log_file: IO[bytes]
+
+
+@dataclass(slots=True)
+class EngineRun:
+    records: list[LevelStats] = field(default_factory=list)
+    models: set[str] = field(default_factory=set)
+
+
+# --- command line -------------------------------------------------------------------------------------
+
+
+def parse_int_list(text: str) -> list[int]:
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parse_engines(text: str) -> list[str]:
+    engines = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if not engines or unknown:
+        raise argparse.ArgumentTypeError(f"engines must be a comma-separated subset of {','.join(ENGINES)}")
+    return list(dict.fromkeys(engines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench",
+        description="Closed-loop load benchmark of the textgen service (one uvicorn server per engine).",
+    )
+    parser.add_argument("--engines", type=parse_engines, default=list(ENGINES), help="default: batched,threadpool")
+    parser.add_argument(
+        "--concurrency", type=parse_int_list, default=list(DEFAULT_CONCURRENCY), help="default: 1,8,32,64"
+    )
+    parser.add_argument(
+        "--requests-per-level", type=int, default=None, metavar="N", help="default: max(2*C, 8) per level"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default bench/results)")
+    parser.add_argument("--url", default=None, help="benchmark an already running server instead of starting one")
+    parser.add_argument("--label", default=None, help="engine label for --url results (default 'server')")
+    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /ready")
+    parser.add_argument("--request-timeout", type=float, default=900.0, help="seconds per request")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.label is not None and args.url is None:
+        parser.error("--label only applies with --url")
+    if args.requests_per_level is not None and args.requests_per_level < 1:
+        parser.error("--requests-per-level must be >= 1")
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be >= 1")
+    if args.url is not None:
+        args.url = args.url.rstrip("/")
+        args.label = args.label or "server"
+    return args
+
+
+def requests_for_level(concurrency: int, override: int | None) -> int:
+    return override if override is not None else max(2 * concurrency, 8)
+
+
+# --- server lifecycle ---------------------------------------------------------------------------------
+
+
+def pick_free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def server_env(engine: str, job_db: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The caller's environment plus the benchmark's engine, a private job store and a deep queue."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        {
+            "TEXTGEN_ENGINE": engine,
+            "TEXTGEN_JOB_STORE": f"sqlite:///{job_db.resolve()}",  # sqlite:/// + /abs/path = 4 slashes
+            "TEXTGEN_MAX_WAITING": "1024",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def start_server(engine: str, host: str, port: int, out_dir: Path, job_db: Path) -> Server:
+    port = port or pick_free_port(host)
+    log_path = out_dir / f"server-{engine}.log"
+    log_file = log_path.open("wb")
+    command = [sys.executable, "-m", "uvicorn", "main:app", "--host", host, "--port", str(port)]
+    LOG.info("[%s] starting %s (log: %s)", engine, " ".join(command[1:]), log_path)
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=server_env(engine, job_db),
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: Ctrl-C reaches us, and we stop it in order
+    )
+    url_host = f"[{host}]" if ":" in host else host
+    return Server(engine, process, f"http://{url_host}:{port}", log_path, log_file)
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as error:
+        return f"(could not read {path}: {error})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def server_failure(server: Server, what: str) -> BenchError:
+    return BenchError(f"[{server.engine}] {what}; last lines of {server.log_path}:\n{log_tail(server.log_path)}")
+
+
+def ensure_alive(server: Server | None) -> None:
+    if server is not None and server.process.poll() is not None:
+        raise server_failure(server, f"server exited with code {server.process.returncode}")
+
+
+def wait_until_ready(base_url: str, timeout_s: float, server: Server | None = None) -> None:
+    """Poll ``GET /ready`` until 200; fail early if the server process exits."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    with httpx.Client(base_url=base_url, timeout=5.0, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            ensure_alive(server)
+            try:
+                response = client.get("/ready")
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}"
+            except httpx.HTTPError as error:
+                last = f"{type(error).__name__}: {error}"
+            time.sleep(READY_POLL_S)
+    what = f"{base_url}/ready not 200 after {timeout_s:.0f}s (last: {last})"
+    if server is not None:
+        raise server_failure(server, what)
+    raise BenchError(what)
+
+
+def stop_server(server: Server) -> None:
+    """SIGTERM, then SIGKILL to the whole process group after ``STOP_GRACE_S``."""
+    process = server.process
+    if process.poll() is None:
+        LOG.info("[%s] stopping server (pid %d)", server.engine, process.pid)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            LOG.warning("[%s] server ignored SIGTERM for %.0fs, killing it", server.engine, STOP_GRACE_S)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    server.log_file.close()
+
+
+# --- requests -----------------------------------------------------------------------------------------
+
+
+def build_payload(index: int, max_new_tokens: int) -> dict[str, Any]:
+    """The index-th request: no seed, since a seeded request serializes the threadpool engine."""
+    return {
+        "prompt": PROMPTS[index % len(PROMPTS)],
+        "max_new_tokens": max_new_tokens,
+        "ignore_eos": True,
+        "temperature": 0.8,
+        "top_p": 0.95,
+    }
+
+
+def result_from_response(status_code: int, body: Any, latency_s: float) -> RequestResult:
+    """Classify one HTTP answer: 200 with a valid body completes, 503 is a rejection, the rest failed."""
+    if status_code == 503:
+        return RequestResult(Outcome.REJECTED, latency_s, error="HTTP 503")
+    if status_code != 200:
+        return RequestResult(Outcome.FAILED, latency_s, error=f"HTTP {status_code}: {str(body)[:200]}")
+    try:
+        ttft = body["timings"]["time_to_first_token_s"]
+        return RequestResult(
+            Outcome.COMPLETED,
+            latency_s,
+            prompt_tokens=int(body["prompt_tokens"]),
+            completion_tokens=int(body["completion_tokens"]),
+            ttft_s=None if ttft is None else float(ttft),
+            model=str(body["model"]),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        return RequestResult(Outcome.FAILED, latency_s, error=f"malformed 200 body ({error!r}): {str(body)[:200]}")
+
+
+async def send_request(client: httpx.AsyncClient, payload: Mapping[str, Any]) -> RequestResult:
+    start = time.perf_counter()
+    try:
+        response = await client.post("/generate", json=payload)
+    except httpx.HTTPError as error:
+        return RequestResult(Outcome.FAILED, time.perf_counter() - start, error=f"{type(error).__name__}: {error}")
+    latency_s = time.perf_counter() - start
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    return result_from_response(response.status_code, body, latency_s)
+
+
+def make_client(base_url: str, concurrency: int, request_timeout_s: float) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    timeout = httpx.Timeout(request_timeout_s, connect=30.0)
+    return httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout, trust_env=False)
+
+
+async def warm_up(base_url: str, config: LoadConfig, label: str) -> set[str]:
+    """Send ``WARMUP_REQUESTS`` sequential requests; any that does not complete is fatal."""
+    models = set()
+    async with make_client(base_url, 1, config.request_timeout_s) as client:
+        for index in range(WARMUP_REQUESTS):
+            result = await send_request(client, build_payload(index, config.max_new_tokens))
+            if result.outcome is not Outcome.COMPLETED:
+                raise BenchError(f"[{label}] warm-up request {index + 1} {result.outcome}: {result.error}")
+            LOG.info("[%s] warm-up %d/%d: %.2fs", label, index + 1, WARMUP_REQUESTS, result.latency_s)
+            if result.model:
+                models.add(result.model)
+    return models
+
+
+# --- one level ----------------------------------------------------------------------------------------
+
+
+async def report_progress(prefix: str, results: list[RequestResult], total: int) -> None:
+    """Log ``prefix N/total done`` at most every ``PROGRESS_INTERVAL_S`` while the level runs."""
+    shown = -1
+    while True:
+        await asyncio.sleep(PROGRESS_INTERVAL_S)
+        if len(results) != shown:
+            shown = len(results)
+            LOG.info("%s %d/%d done", prefix, shown, total)
+
+
+async def closed_loop(
+    base_url: str, concurrency: int, total: int, config: LoadConfig, results: list[RequestResult]
+) -> float:
+    """C workers pull request indexes from one shared counter until ``total`` requests were sent.
+
+    Results are appended to ``results`` as they arrive; returns the level's wall time in seconds.
+    """
+    counter = itertools.count()
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while (index := next(counter)) < total:
+            results.append(await send_request(client, build_payload(index, config.max_new_tokens)))
+
+    async with make_client(base_url, concurrency, config.request_timeout_s) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return time.perf_counter() - start
+
+
+def log_level_summary(prefix: str, stats: LevelStats, results: Sequence[RequestResult], config: LoadConfig) -> None:
+    p95 = "-" if stats.p95_e2el_ms is None else f"{stats.p95_e2el_ms:.0f}"
+    LOG.info(
+        "%s %d/%d done in %.1fs: %.1f out tok/s, p95 %s ms",
+        prefix,
+        len(results),
+        len(results),
+        stats.duration_s,
+        stats.output_throughput,
+        p95,
+    )
+    errors = [r.error for r in results if r.outcome is not Outcome.COMPLETED and r.error]
+    if errors:
+        LOG.warning("%s %d requests failed or were rejected; first: %s", prefix, len(errors), errors[0])
+    short = sum(1 for r in results if r.outcome is Outcome.COMPLETED and r.completion_tokens < config.max_new_tokens)
+    if short:
+        LOG.warning("%s %d completed requests generated fewer than %d tokens", prefix, short, config.max_new_tokens)
+
+
+async def run_level(
+    base_url: str, label: str, concurrency: int, total: int, config: LoadConfig, pid: int | None
+) -> LevelStats:
+    prefix = f"[{label} C={concurrency}]"
+    LOG.info("%s %d requests of %d new tokens", prefix, total, config.max_new_tokens)
+    results: list[RequestResult] = []
+    progress = asyncio.create_task(report_progress(prefix, results, total))
+    try:
+        with PeakRssSampler(pid) as sampler:
+            duration_s = await closed_loop(base_url, concurrency, total, config, results)
+    finally:
+        progress.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await progress
+    stats = aggregate(label, concurrency, results, duration_s, sampler.peak_mib)
+    log_level_summary(prefix, stats, results, config)
+    return stats
+
+
+# --- one engine ---------------------------------------------------------------------------------------
+
+
+async def run_levels(
+    base_url: str, label: str, args: argparse.Namespace, config: LoadConfig, server: Server | None, run: EngineRun
+) -> None:
+    """Warm up, then run every concurrency level in order, appending each level's record to ``run``."""
+    run.models |= await warm_up(base_url, config, label)
+    pid = None if server is None else server.process.pid
+    for concurrency in args.concurrency:
+        ensure_alive(server)
+        total = requests_for_level(concurrency, args.requests_per_level)
+        run.records.append(await run_level(base_url, label, concurrency, total, config, pid))
+    ensure_alive(server)
+
+
+def bench_engine(engine: str, args: argparse.Namespace, config: LoadConfig, out_dir: Path, run: EngineRun) -> None:
+    """Start a server for ``engine``, benchmark it, and always stop it."""
+    with tempfile.TemporaryDirectory(prefix="textgen-bench-") as tmp:
+        server = start_server(engine, args.host, args.port, out_dir, Path(tmp) / "jobs.db")
+        try:
+            started = time.monotonic()
+            wait_until_ready(server.base_url, args.startup_timeout, server)
+            LOG.info("[%s] ready after %.1fs at %s", engine, time.monotonic() - started, server.base_url)
+            asyncio.run(run_levels(server.base_url, engine, args, config, server, run))
+        finally:
+            stop_server(server)
+
+
+def bench_url(args: argparse.Namespace, config: LoadConfig, run: EngineRun) -> None:
+    """Benchmark an already running server (no RSS: its process is not ours)."""
+    wait_until_ready(args.url, args.startup_timeout)
+    asyncio.run(run_levels(args.url, args.label, args, config, None, run))
+
+
+# --- metadata and output ------------------------------------------------------------------------------
+
+
+def cpu_model() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def gpu_names() -> list[str]:
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()]
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "processor": platform.processor(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "gpus": gpu_names(),
+    }
+
+
+def args_record(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+
+
+def build_metadata(args: argparse.Namespace, models: set[str], started: datetime) -> dict[str, Any]:
+    return {
+        "date": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": ", ".join(sorted(models)) or None,
+        "machine": machine_info(),
+        "args": args_record(args),
+        "server": "external" if args.url else "uvicorn main:app, one per engine",
+        "textgen_env": {key: value for key, value in os.environ.items() if key.startswith("TEXTGEN_")},
+    }
+
+
+def write_outputs(out_dir: Path, run: EngineRun, args: argparse.Namespace, started: datetime) -> None:
+    if not run.records:
+        LOG.warning("no level finished; nothing written to %s", out_dir)
+        return
+    paths = write_reports(out_dir, run.records, build_metadata(args, run.models, started))
+    LOG.info("wrote %s", ", ".join(str(path) for path in paths))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    args = parse_args(argv)
+    out_dir = args.out.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = LoadConfig(max_new_tokens=args.max_new_tokens, request_timeout_s=args.request_timeout)
+    started = datetime.now(UTC)
+    run = EngineRun()
+    status = 0
+    try:
+        for engine in [args.label] if args.url else args.engines:
+            try:
+                if args.url:
+                    bench_url(args, config, run)
+                else:
+                    bench_engine(engine, args, config, out_dir, run)
+            except BenchError as error:
+                LOG.error("%s", error)
+                status = 1
+            write_outputs(out_dir, run, args, started)
+    except KeyboardInterrupt:
+        LOG.warning("interrupted")
+        write_outputs(out_dir, run, args, started)
+        status = 130
+    if run.records:
+        print(render_table(run.records))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Rendering of benchmark results: a plain-text table, markdown, JSON and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.stats import EngineRatio, LevelStats, engine_ratios
+
+JSON_NAME = "results.json"
+MARKDOWN_NAME = "results.md"
+PNG_NAME = "results.png"
+
+
+def _fmt_int(value: Any) -> str:
+    return "-" if value is None else str(int(value))
+
+
+def _fmt_float(digits: int) -> Callable[[Any], str]:
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{float(value):.{digits}f}"
+
+    return fmt
+
+
+def _fmt_str(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    key: str
+    header: str
+    fmt: Callable[[Any], str]
+    numeric: bool = True
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("engine", "engine", _fmt_str, numeric=False),
+    Column("concurrency", "C", _fmt_int),
+    Column("completed", "completed", _fmt_int),
+    Column("failed", "failed", _fmt_int),
+    Column("rejected", "rejected", _fmt_int),
+    Column("duration_s", "duration_s", _fmt_float(2)),
+    Column("request_throughput", "req/s", _fmt_float(2)),
+    Column("output_throughput", "out tok/s", _fmt_float(1)),
+    Column("total_output_tokens", "out tokens", _fmt_int),
+    Column("mean_e2el_ms", "mean e2el ms", _fmt_float(0)),
+    Column("p50_e2el_ms", "p50 e2el ms", _fmt_float(0)),
+    Column("p95_e2el_ms", "p95 e2el ms", _fmt_float(0)),
+    Column("p99_e2el_ms", "p99 e2el ms", _fmt_float(0)),
+    Column("p50_ttft_ms", "p50 ttft ms", _fmt_float(0)),
+    Column("p95_ttft_ms", "p95 ttft ms", _fmt_float(0)),
+    Column("peak_rss_mib", "peak RSS MiB", _fmt_float(0)),
+)
+
+
+def table_cells(records: Iterable[LevelStats]) -> list[list[str]]:
+    """Formatted cells, one row per level, in ``COLUMNS`` order."""
+    rows = []
+    for record in records:
+        data = record.to_dict()
+        rows.append([col.fmt(data[col.key]) for col in COLUMNS])
+    return rows
+
+
+def render_table(records: Sequence[LevelStats]) -> str:
+    """A fixed-width text table for a terminal: text left-aligned, numbers right-aligned."""
+    headers = [col.header for col in COLUMNS]
+    rows = table_cells(records)
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            cell.rjust(width) if col.numeric else cell.ljust(width)
+            for cell, width, col in zip(cells, widths, COLUMNS, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
+
+
+def render_markdown_table(records: Sequence[LevelStats]) -> str:
+    header = "| " + " | ".join(col.header for col in COLUMNS) + " |"
+    align = "| " + " | ".join("---:" if col.numeric else ":---" for col in COLUMNS) + " |"
+    rows = ["| " + " | ".join(row) + " |" for row in table_cells(records)]
+    return "\n".join([header, align, *rows])
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def ratio_lines(ratios: Iterable[EngineRatio]) -> list[str]:
+    """One markdown bullet per concurrency comparing two engines."""
+    return [
+        f"- C={r.concurrency}: {r.numerator}/{r.denominator} output throughput "
+        f"{_fmt_ratio(r.output_throughput_ratio)}, p95 latency {_fmt_ratio(r.p95_e2el_ratio)}"
+        for r in ratios
+    ]
+
+
+def machine_label(metadata: Mapping[str, Any]) -> str:
+    machine = metadata.get("machine") or {}
+    cpu = machine.get("cpu_model") or machine.get("processor") or "unknown CPU"
+    label = f"{cpu}, {machine.get('cpu_count', '?')} CPUs"
+    gpus = machine.get("gpus") or []
+    return f"{label}, {', '.join(gpus)}" if gpus else label
+
+
+def render_markdown(records: Sequence[LevelStats], metadata: Mapping[str, Any]) -> str:
+    """The results.md document: context lines, the table, and engine ratios when both engines ran."""
+    args = metadata.get("args") or {}
+    lines = [
+        "# Load benchmark",
+        "",
+        f"- date: {metadata.get('date', '?')}",
+        f"- model: {metadata.get('model') or '?'}",
+        f"- machine: {machine_label(metadata)}",
+        f"- max_new_tokens: {args.get('max_new_tokens', '?')} (ignore_eos, temperature 0.8, top_p 0.95)",
+        "- latencies are client-side wall time per request (e2el) and server-side time to first token (ttft)",
+        "",
+        render_markdown_table(records),
+    ]
+    ratios = engine_ratios(records)
+    if ratios:
+        lines += ["", f"## {ratios[0].numerator} vs {ratios[0].denominator}", "", *ratio_lines(ratios)]
+    return "\n".join(lines) + "\n"
+
+
+def results_document(records: Sequence[LevelStats], metadata: Mapping[str, Any]) -> dict[str, Any]:
+    return {"metadata": dict(metadata), "results": [record.to_dict() for record in records]}
+
+
+def write_json(path: Path, records: Sequence[LevelStats], metadata: Mapping[str, Any]) -> None:
+    text = json.dumps(results_document(records, metadata), indent=2, allow_nan=False, default=str)
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def read_json(path: Path) -> tuple[list[LevelStats], dict[str, Any]]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return [LevelStats.from_dict(item) for item in data["results"]], data["metadata"]
+
+
+def _series(records: Iterable[LevelStats], engine: str, key: str) -> tuple[list[int], list[float]]:
+    points = sorted((r.concurrency, r.to_dict()[key]) for r in records if r.engine == engine)
+    kept = [(c, v) for c, v in points if v is not None]
+    return [c for c, _ in kept], [v for _, v in kept]
+
+
+def plot_png(path: Path, records: Sequence[LevelStats], title: str) -> None:
+    """Two panels, output tok/s and p95 latency against concurrency (log2 axis), one line per engine."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
+
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    panels = (
+        ("output_throughput", "output throughput (tok/s)"),
+        ("p95_e2el_ms", "p95 end-to-end latency (ms)"),
+    )
+    engines = list(dict.fromkeys(r.engine for r in records))
+    concurrencies = sorted({r.concurrency for r in records})
+    for ax, (key, ylabel) in zip(fig.subplots(1, 2), panels, strict=True):
+        for engine in engines:
+            xs, ys = _series(records, engine, key)
+            ax.plot(xs, ys, marker="o", label=engine)
+        ax.set_xscale("log", base=2)
+        if concurrencies:
+            ax.set_xticks(concurrencies)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("concurrency (closed-loop clients)")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        if engines:
+            ax.legend()
+    fig.suptitle(title)
+    fig.savefig(path, format="png", dpi=120)
+
+
+def plot_title(metadata: Mapping[str, Any]) -> str:
+    return f"textgen load test: {metadata.get('model') or 'unknown model'} on {machine_label(metadata)}"
+
+
+def write_reports(out_dir: Path, records: Sequence[LevelStats], metadata: Mapping[str, Any]) -> list[Path]:
+    """Write results.json, results.md and results.png into ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = out_dir / JSON_NAME, out_dir / MARKDOWN_NAME, out_dir / PNG_NAME
+    write_json(json_path, records, metadata)
+    md_path.write_text(render_markdown(records, metadata), encoding="utf-8")
+    plot_png(png_path, records, plot_title(metadata))
+    return [json_path, md_path, png_path]

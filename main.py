@@ -1,0 +1,61 @@
+"""The FastAPI app. Run it with ``uvicorn main:app``.
+
+Nothing is loaded at import time: settings, the model, the engine, the job store and the job runner
+are built in the lifespan (``textgen.state``), so tests can build apps with their own settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from textgen.api import generate, health, jobs
+from textgen.api.errors import install_error_handlers
+from textgen.api.middleware import QuietStartupFailure, RequestIdMiddleware
+from textgen.config import Settings, load_settings
+from textgen.errors import ConfigError
+from textgen.loader import load_model
+from textgen.logging import setup_logging
+from textgen.state import ModelLoader, build_state, shutdown_state
+
+logger = logging.getLogger("textgen")
+
+
+class StartupError(SystemExit):
+    """Ends the process with one clear log line instead of a traceback."""
+
+
+def create_app(settings: Settings | None = None, model_loader: ModelLoader = load_model) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            effective = settings or load_settings()
+            setup_logging(effective.log_format, effective.log_level)
+            app.state.textgen = await build_state(effective, model_loader)
+        except ConfigError as error:
+            setup_logging("text", "INFO")
+            logger.critical("Cannot start: %s", error)
+            raise StartupError(1) from None
+        try:
+            yield
+        finally:
+            await shutdown_state(app.state.textgen)
+
+    app = FastAPI(
+        title="textgen",
+        version="0.1.0",
+        description="Text generation with continuous batching, durable background jobs and a content filter.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(QuietStartupFailure, marker=StartupError.__name__)
+    install_error_handlers(app)
+    for router in (generate.router, jobs.router, health.router):
+        app.include_router(router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,99 @@
+"""Request and response schemas of the HTTP API (Pydantic only, no behaviour).
+
+``TextGenerationRequest{prompt, max_length}`` and ``TextGenerationResponse{generated_text, model,
+request_id}`` are the original shapes; every newer field is optional and additive.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FinishReasonName = Literal["length", "stop", "eos"]
+JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class TextGenerationRequest(BaseModel):
+    """A generation request. ``max_new_tokens`` wins over ``max_length`` when both are given."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "The future of AI is", "max_length": 50}]})
+
+    prompt: str = Field(..., min_length=1, max_length=32_000, description="Text to continue.")
+    max_length: int = Field(
+        50,
+        ge=1,
+        le=2048,
+        description="Prompt plus generated tokens (the original meaning). Ignored when max_new_tokens is set.",
+    )
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=4096, description="Tokens to generate; wins over max_length when both are given."
+    )
+    temperature: float = Field(0.7, ge=0.0, le=5.0, description="0 means greedy decoding.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of this mass.")
+    top_k: int = Field(0, ge=0, le=100_000, description="Keep only the k most likely tokens; 0 = no limit.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="> 1 discourages repeating tokens.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed + same request = same text.")
+    stop: list[str] | None = Field(
+        None, max_length=8, description="Generation ends before the first of these strings (up to 8)."
+    )
+    ignore_eos: bool = Field(False, description="Generate exactly the token budget, ignoring end-of-sequence.")
+    timeout_s: float | None = Field(
+        None, gt=0.0, le=3600.0, description="Deadline counted from arrival; default TEXTGEN_REQUEST_TIMEOUT_S."
+    )
+
+
+class Timings(BaseModel):
+    queue_s: float = Field(..., description="Time from arrival until the request joined a batch.")
+    time_to_first_token_s: float | None = Field(None, description="Time from arrival to the first token.")
+    total_s: float = Field(..., description="Time from arrival to the last token.")
+
+
+class TextGenerationResponse(BaseModel):
+    generated_text: str
+    model: str
+    request_id: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: FinishReasonName = "length"
+    timings: Timings | None = None
+
+
+class JobAccepted(BaseModel):
+    request_id: str = Field(..., description="Id of the HTTP request that created the job.")
+    job_id: str
+    state: JobStateName = "queued"
+    status_url: str
+
+
+class JobView(BaseModel):
+    job_id: str
+    state: JobStateName
+    request: dict[str, Any]
+    result: TextGenerationResponse | None = None
+    error: str | None = None
+    request_id: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+
+
+class ErrorResponse(BaseModel):
+    detail: str | list[dict[str, Any]]
+    request_id: str
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"] = "ready"
+    model: str
+    engine: str

@@ -1,0 +1,78 @@
+"""The one map from exceptions to HTTP responses. Every error body is {"detail", "request_id"}."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models import ErrorResponse
+from textgen.errors import TextGenError
+
+logger = logging.getLogger(__name__)
+
+INTERNAL_ERROR = "Internal server error; quote the request id when reporting it."
+
+_DESCRIPTIONS = {
+    400: "Content rejected, or prompt too long for the model",
+    404: "Unknown job",
+    409: "Job not cancellable (already finished)",
+    422: "Request body does not match the schema",
+    503: "Queue full or model not ready; see the Retry-After header",
+    504: "Deadline (timeout_s) passed before generation finished",
+    500: "Internal error (no details are exposed; quote the request id)",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries so /docs shows each error a route can return."""
+    return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
+def request_id_of(request: Request) -> str:
+    return str(getattr(request.state, "request_id", "-"))
+
+
+def error_response(request: Request, status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    request_id = request_id_of(request)
+    body = {"detail": jsonable_encoder(detail), "request_id": request_id}
+    return JSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-ID": request_id})
+
+
+async def _textgen_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TextGenError)
+    headers = {}
+    if exc.retry_after_s is not None or exc.status_code == 503:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s or 1)))
+    if exc.status_code >= 500:
+        logger.warning("%s: %s", type(exc).__name__, exc.message)
+    return error_response(request, exc.status_code, exc.message, headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg", "input")} for e in exc.errors()]
+    return error_response(request, 422, errors)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(request, exc.status_code, exc.detail, dict(exc.headers or {}))
+
+
+async def _unhandled_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("Unhandled error", exc_info=exc)
+    return error_response(request, 500, INTERNAL_ERROR)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(TextGenError, _textgen_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unhandled_error)

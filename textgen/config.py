@@ -1,0 +1,106 @@
+"""The one settings class. Every knob is an env var with the ``TEXTGEN_`` prefix.
+
+Settings are read once, in the FastAPI lifespan (or by a test building its own ``Settings``), never at
+import time. ``load_settings`` turns pydantic's validation errors into a ``ConfigError`` whose message
+names each offending env var and what it accepts, so a bad deployment fails at start-up with a fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from textgen.errors import ConfigError
+
+ENV_PREFIX = "TEXTGEN_"
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Service configuration; see the README's settings table for each variable's meaning."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # Model
+    model: str = Field("bundled", description="'bundled', a local folder, or a Hugging Face hub id.")
+    model_name: str | None = Field(None, description="Name reported in responses; defaults from the model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
+    cache_dir: Path = Field(Path.home() / ".cache" / "textgen", description="Converted bundled weights.")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
+    warmup: bool = True
+
+    # Engine
+    engine: Literal["batched", "threadpool"] = "batched"
+    max_running: int = Field(64, ge=1, le=1024, description="Sequences decoded together in one batch.")
+    max_waiting: int = Field(256, ge=0, description="Interactive requests allowed to wait for a batch slot.")
+    max_prompt_tokens: int = Field(1024, ge=1)
+    max_new_tokens_limit: int = Field(1024, ge=1, description="Upper bound on tokens generated per request.")
+    max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens prefilled in one forward pass.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Default deadline, counted from arrival.")
+    threadpool_workers: int = Field(4, ge=1, description="Threads of the 'threadpool' baseline engine.")
+    background_share: int = Field(
+        4, ge=1, description="One background job is admitted for every N interactive requests under load."
+    )
+    shutdown_grace_s: float = Field(10.0, ge=0)
+
+    # Jobs
+    job_store: str = "sqlite:///data/jobs.db"
+    job_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="How long finished jobs are kept.")
+    job_concurrency: int = Field(16, ge=1, description="Background jobs one process runs at a time.")
+    job_poll_interval_s: float = Field(0.5, gt=0)
+
+    # Content filter
+    blocked_words: CommaList = Field(default_factory=lambda: ["hate"])
+    blocked_words_file: Path | None = None
+    output_filter_action: Literal["reject", "redact"] = "redact"
+
+    # Logging
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    _split_blocked_words = field_validator("blocked_words", mode="before")(_split_commas)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.max_prefill_tokens < self.max_prompt_tokens:
+            raise ValueError(
+                "TEXTGEN_MAX_PREFILL_TOKENS must be >= TEXTGEN_MAX_PROMPT_TOKENS, "
+                "or the longest allowed prompt could never be prefilled"
+            )
+        return self
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per bad field, naming the env var a user has to change."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "settings"
+        env_name = f"{ENV_PREFIX}{field.upper()}" if item["loc"] else "settings"
+        got = item.get("input")
+        shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+        lines.append(f"{env_name}: {item['msg']}{shown}")
+    return "Invalid settings, fix these environment variables: " + "; ".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment (plus explicit overrides), failing with a fix hint."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None

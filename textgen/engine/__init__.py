@@ -1,0 +1,51 @@
+"""The generation engine: contract in ``types``, implementations in ``batched`` and ``threadpool``."""
+
+from __future__ import annotations
+
+from textgen.config import Settings
+from textgen.engine.batched import BatchedEngine
+from textgen.engine.threadpool import ThreadPoolEngine
+from textgen.engine.types import (
+    Engine,
+    EngineLimits,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    Handle,
+    Priority,
+    SamplingParams,
+)
+from textgen.loader import LoadedModel
+
+__all__ = [
+    "BatchedEngine",
+    "Engine",
+    "EngineLimits",
+    "FinishReason",
+    "GenerationRequest",
+    "GenerationResult",
+    "Handle",
+    "Priority",
+    "SamplingParams",
+    "ThreadPoolEngine",
+    "create_engine",
+    "limits_from_settings",
+]
+
+
+def limits_from_settings(settings: Settings) -> EngineLimits:
+    return EngineLimits(
+        max_running=settings.max_running,
+        max_waiting=settings.max_waiting,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        max_new_tokens_limit=settings.max_new_tokens_limit,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        background_share=settings.background_share,
+    )
+
+
+def create_engine(settings: Settings, loaded: LoadedModel) -> Engine:
+    limits = limits_from_settings(settings)
+    if settings.engine == "threadpool":
+        return ThreadPoolEngine(loaded, limits, workers=settings.threadpool_workers, warmup=settings.warmup)
+    return BatchedEngine(loaded, limits, warmup=settings.warmup)

@@ -1,0 +1,368 @@
+"""Continuous (iteration-level) batching: one inference thread, one decode step for everyone.
+
+The thread loops: drop waiting requests that were cancelled or expired → admit waiting requests
+(prefilled together) → retire finished sequences → one decode step for every running sequence →
+retire again. New requests join between steps, so nobody waits for a whole batch to finish. All
+results cross back to the event loop in one ``call_soon_threadsafe`` per iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from textgen.engine.batch import Batch, decode_step, prefill
+from textgen.engine.sampling import select_next_tokens
+from textgen.engine.sequence import SequenceState, tokenize_prompt
+from textgen.engine.types import (
+    EngineLimits,
+    EngineStats,
+    GenerationRequest,
+    GenerationResult,
+    Handle,
+    Priority,
+    SamplingParams,
+)
+from textgen.errors import (
+    DeadlineExceededError,
+    EngineError,
+    GenerationCancelledError,
+    NotReadyError,
+    QueueFullError,
+    TextGenError,
+)
+from textgen.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+# One event for the event loop: (handle, text delta, final result, error).
+Event = tuple[Handle, str, GenerationResult | None, BaseException | None]
+
+SHUTTING_DOWN = "The server is shutting down; retry the request."
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one decode step did; handed to an optional observer (metrics)."""
+
+    batch_size: int
+    duration_s: float
+    new_tokens: int
+
+
+class BatchedEngine:
+    name = "batched"
+
+    def __init__(self, loaded: LoadedModel, limits: EngineLimits, *, warmup: bool = True) -> None:
+        self._loaded = loaded
+        self._limits = limits
+        self._warmup = warmup
+        self._lock = threading.Lock()
+        self._work_available = threading.Condition(self._lock)
+        self._waiting: dict[Priority, deque[Handle]] = {p: deque() for p in Priority}
+        self._batch: Batch[SequenceState] | None = None
+        self._running = 0
+        self._interactive_streak = 0
+        self._shared_rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
+        self._tokens_per_s = 0.0
+        self._mean_budget = float(limits.default_new_tokens)
+        self._accepting = False
+        self._ready = False
+        self._stop_requested = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.step_observer: Callable[[StepReport], None] | None = None
+
+    # ----- event-loop side -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._serve_forever, name="textgen-engine", daemon=True)
+        self._thread.start()
+        self._accepting = True
+        if self._warmup:
+            await self._warm_up()
+        self._ready = True
+
+    async def _warm_up(self) -> None:
+        """One short batched generation so the first user request does not pay one-time costs."""
+        started = time.perf_counter()
+        params = SamplingParams(max_new_tokens=4, temperature=0.0)
+        handles = [self.submit(GenerationRequest(prompt=p, params=params)) for p in ("Hello", "Warm up the model")]
+        await asyncio.gather(*(h.result() for h in handles))
+        logger.info("Engine warmed up in %.2fs", time.perf_counter() - started)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self._accepting and self._thread is not None and self._thread.is_alive()
+
+    def submit(self, request: GenerationRequest) -> Handle:
+        if not self._accepting or self._loop is None:
+            raise NotReadyError()
+        handle = Handle(request, self._loop)
+        with self._lock:
+            if request.priority is Priority.INTERACTIVE and self._queue_full_locked():
+                raise QueueFullError(retry_after_s=self._retry_after_locked())
+            self._waiting[request.priority].append(handle)
+            self._work_available.notify()
+        return handle
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop admitting; let in-flight requests finish for up to grace_s; cancel the rest."""
+        self._accepting = False
+        self._ready = False
+        deadline = time.monotonic() + grace_s
+        # The inference thread owns the counts; polling them is simpler than a cross-thread event.
+        while self._has_work() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        with self._lock:
+            self._stop_requested = True
+            self._work_available.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        await asyncio.sleep(0)  # let the final deliveries run
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(
+                running=self._running,
+                waiting_interactive=len(self._waiting[Priority.INTERACTIVE]),
+                waiting_background=len(self._waiting[Priority.BACKGROUND]),
+                tokens_per_s=self._tokens_per_s,
+            )
+
+    def _has_work(self) -> bool:
+        with self._lock:
+            return self._running > 0 or any(self._waiting.values())
+
+    def _queue_full_locked(self) -> bool:
+        free_slots = max(0, self._limits.max_running - self._running)
+        return len(self._waiting[Priority.INTERACTIVE]) >= self._limits.max_waiting + free_slots
+
+    def _retry_after_locked(self) -> float:
+        """Seconds until the queue ahead has likely drained, from measured throughput."""
+        queued = len(self._waiting[Priority.INTERACTIVE]) + self._running
+        if self._tokens_per_s <= 0:
+            return 1.0
+        return float(min(600, max(1, math.ceil(queued * self._mean_budget / self._tokens_per_s))))
+
+    def _deliver(self, events: Sequence[Event]) -> None:
+        for handle, delta, result, error in events:
+            if delta:
+                handle._publish(delta)
+            if result is not None or error is not None:
+                handle._finish(result, error)
+
+    # ----- inference-thread side ---------------------------------------------------------------
+
+    def _serve_forever(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            events: list[Event] = []
+            try:
+                if not self._wait_for_work(events):
+                    break
+                self._iterate(events)
+            except Exception:
+                logger.exception("Engine step failed; failing the sequences in this batch")
+                self._fail_batch(events, EngineError())
+            finally:
+                self._flush(events)
+        self._flush(self._fail_everything())
+
+    def _wait_for_work(self, events: list[Event]) -> bool:
+        """Block while idle. False once a stop was requested."""
+        with self._lock:
+            while not self._stop_requested and self._batch is None and not any(self._waiting.values()):
+                self._work_available.wait(timeout=0.5)
+            if self._stop_requested:
+                return False
+            self._drop_expired_waiting_locked(events)
+        return True
+
+    def _iterate(self, events: list[Event]) -> None:
+        admitted = self._take_admissions()
+        if admitted:
+            self._admit(admitted, events)
+        self._retire(events)
+        if self._batch is not None:
+            self._decode(events)
+            self._retire(events)
+
+    def _flush(self, events: list[Event]) -> None:
+        if events and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, list(events))
+
+    def _drop_expired_waiting_locked(self, events: list[Event]) -> None:
+        now = time.monotonic()
+        for queue in self._waiting.values():
+            for handle in [h for h in queue if h.cancel_requested or _expired(h, now)]:
+                queue.remove(handle)
+                events.append((handle, "", None, _ending_error(handle, now)))
+
+    def _take_admissions(self) -> list[Handle]:
+        """Pop as many waiting requests as there are free slots, interactive first.
+
+        Every ``background_share`` interactive admissions, a waiting background job goes first, so
+        background work keeps moving under steady interactive load.
+        """
+        taken: list[Handle] = []
+        with self._lock:
+            free = self._limits.max_running - self._running
+            interactive, background = self._waiting[Priority.INTERACTIVE], self._waiting[Priority.BACKGROUND]
+            while free > len(taken) and (interactive or background):
+                background_turn = self._interactive_streak >= self._limits.background_share
+                if background and (background_turn or not interactive):
+                    taken.append(background.popleft())
+                    self._interactive_streak = 0
+                else:
+                    taken.append(interactive.popleft())
+                    self._interactive_streak += 1
+            self._running += len(taken)
+        return taken
+
+    def _admit(self, handles: list[Handle], events: list[Event]) -> None:
+        prepared: list[tuple[Handle, list[int], int]] = []
+        for handle in handles:
+            try:
+                ids, budget = tokenize_prompt(self._loaded.tokenizer, handle.request, self._limits)
+            except TextGenError as error:
+                self._release(1)
+                events.append((handle, "", None, error))
+                continue
+            prepared.append((handle, ids, budget))
+            self._mean_budget = 0.9 * self._mean_budget + 0.1 * budget
+        for chunk in _prefill_chunks(prepared, self._limits.max_prefill_tokens):
+            self._prefill_chunk(chunk, events)
+
+    def _prefill_chunk(self, chunk: list[tuple[Handle, list[int], int]], events: list[Event]) -> None:
+        loaded = self._loaded
+        seqs = [
+            SequenceState.admit(handle, ids, budget, loaded.tokenizer, loaded.eos_token_ids)
+            for handle, ids, budget in chunk
+        ]
+        live = [s for s in seqs if s.budget > 0]
+        for seq in seqs:
+            if seq.budget == 0:
+                self._release(1)
+                events.append((seq.handle, "", seq.result(), None))
+        if not live:
+            return
+        try:
+            batch, logits = prefill(loaded.model, [s.prompt_ids for s in live], live, loaded.tokenizer.pad_token_id)
+        except Exception:
+            logger.exception("Prefill failed for %d requests", len(live))
+            self._release(len(live))
+            events.extend((s.handle, "", None, EngineError()) for s in live)
+            return
+        self._sample_into(batch, logits, events)
+        self._batch = batch if self._batch is None else self._batch.concat(batch)
+
+    def _decode(self, events: list[Event]) -> None:
+        assert self._batch is not None
+        started = time.perf_counter()
+        logits = decode_step(self._loaded.model, self._batch)
+        self._sample_into(self._batch, logits, events)
+        elapsed = time.perf_counter() - started
+        size = self._batch.size
+        self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (size / max(elapsed, 1e-6))
+        if self.step_observer is not None:
+            self.step_observer(StepReport(batch_size=size, duration_s=elapsed, new_tokens=size))
+
+    def _sample_into(self, batch: Batch[SequenceState], logits: torch.Tensor, events: list[Event]) -> None:
+        rows = batch.rows
+        tokens = select_next_tokens(
+            logits,
+            [s.handle.request.params for s in rows],
+            [s.history for s in rows] if _any_penalty(rows) else [[] for _ in rows],
+            [s.generator for s in rows],
+            self._shared_rng,
+        )
+        batch.last_tokens = tokens
+        for seq, token in zip(rows, tokens.tolist(), strict=True):
+            delta = seq.accept(token)
+            if delta:
+                events.append((seq.handle, delta, None, None))
+
+    def _retire(self, events: list[Event]) -> None:
+        batch = self._batch
+        if batch is None:
+            return
+        now = time.monotonic()
+        keep: list[int] = []
+        for index, seq in enumerate(batch.rows):
+            if seq.finished:
+                events.append((seq.handle, "", seq.result(), None))
+            elif seq.handle.cancel_requested or _expired(seq.handle, now):
+                events.append((seq.handle, "", None, _ending_error(seq.handle, now)))
+            else:
+                keep.append(index)
+        if len(keep) == batch.size:
+            return
+        self._release(batch.size - len(keep))
+        self._batch = batch.filter(keep) if keep else None
+
+    def _release(self, count: int) -> None:
+        with self._lock:
+            self._running -= count
+
+    def _fail_batch(self, events: list[Event], error: TextGenError) -> None:
+        if self._batch is not None:
+            events.extend((seq.handle, "", None, error) for seq in self._batch.rows)
+            self._release(self._batch.size)
+            self._batch = None
+
+    def _fail_everything(self) -> list[Event]:
+        """At stop: whatever is still waiting or running gets a shutdown error."""
+        events: list[Event] = []
+        self._fail_batch(events, NotReadyError(SHUTTING_DOWN))
+        with self._lock:
+            for queue in self._waiting.values():
+                events.extend((h, "", None, NotReadyError(SHUTTING_DOWN)) for h in queue)
+                queue.clear()
+        return events
+
+
+def _expired(handle: Handle, now: float) -> bool:
+    deadline = handle.request.deadline
+    return deadline is not None and now > deadline
+
+
+def _ending_error(handle: Handle, now: float) -> TextGenError:
+    if handle.cancel_requested:
+        return GenerationCancelledError()
+    if _expired(handle, now):
+        return DeadlineExceededError()
+    return EngineError()
+
+
+def _any_penalty(rows: Sequence[SequenceState]) -> bool:
+    return any(s.handle.request.params.repetition_penalty != 1.0 for s in rows)
+
+
+def _prefill_chunks(
+    prepared: list[tuple[Handle, list[int], int]], max_tokens: int
+) -> list[list[tuple[Handle, list[int], int]]]:
+    """Group prompts so a padded prefill (rows x longest prompt) stays under max_tokens."""
+    chunks: list[list[tuple[Handle, list[int], int]]] = []
+    current: list[tuple[Handle, list[int], int]] = []
+    longest = 0
+    for item in sorted(prepared, key=lambda entry: len(entry[1])):
+        candidate_longest = max(longest, len(item[1]))
+        if current and candidate_longest * (len(current) + 1) > max_tokens:
+            chunks.append(current)
+            current, longest = [], 0
+            candidate_longest = len(item[1])
+        current.append(item)
+        longest = candidate_longest
+    if current:
+        chunks.append(current)
+    return chunks

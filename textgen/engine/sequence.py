@@ -1,0 +1,120 @@
+"""Per-request bookkeeping shared by the engines: budget, text, finish reason, timings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from textgen.engine.text import TextAssembler
+from textgen.engine.types import (
+    EngineLimits,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    Handle,
+    Timings,
+)
+from textgen.errors import InvalidRequestError, PromptTooLongError
+
+
+@dataclass
+class SequenceState:
+    """One admitted request: its tokens so far and how it ends."""
+
+    handle: Handle
+    prompt_ids: list[int]
+    budget: int
+    assembler: TextAssembler
+    eos_ids: frozenset[int]
+    generator: torch.Generator | None
+    admitted_at: float = field(default_factory=time.monotonic)
+    generated: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    finish_reason: FinishReason | None = None
+
+    @classmethod
+    def admit(
+        cls,
+        handle: Handle,
+        prompt_ids: list[int],
+        budget: int,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: frozenset[int],
+    ) -> SequenceState:
+        params = handle.request.params
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        return cls(
+            handle=handle,
+            prompt_ids=prompt_ids,
+            budget=budget,
+            assembler=TextAssembler(tokenizer, params.stop),
+            eos_ids=frozenset() if params.ignore_eos else eos_ids,
+            generator=generator,
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def history(self) -> list[int]:
+        return self.prompt_ids + self.generated
+
+    def accept(self, token_id: int) -> str:
+        """Record a generated token; return text safe to stream. Sets finish_reason when done."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.generated.append(token_id)
+        delta = ""
+        if token_id in self.eos_ids:
+            self.finish_reason = FinishReason.EOS
+        else:
+            delta = self.assembler.push(token_id)
+            if self.assembler.stopped:
+                self.finish_reason = FinishReason.STOP
+        if self.finish_reason is None and len(self.generated) >= self.budget:
+            self.finish_reason = FinishReason.LENGTH
+        if self.finish_reason is not None:
+            delta += self.assembler.finish()
+        return delta
+
+    def close(self) -> str:
+        """Generation ended without a finishing token (budget reached elsewhere): release held text."""
+        self.finish_reason = self.finish_reason or FinishReason.LENGTH
+        return self.assembler.finish()
+
+    def result(self) -> GenerationResult:
+        now = time.monotonic()
+        arrived = self.handle.request.arrived_at
+        return GenerationResult(
+            text=self.assembler.text,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.generated),
+            finish_reason=self.finish_reason or FinishReason.LENGTH,
+            timings=Timings(
+                queue_s=self.admitted_at - arrived,
+                time_to_first_token_s=None if self.first_token_at is None else self.first_token_at - arrived,
+                total_s=now - arrived,
+            ),
+        )
+
+
+def tokenize_prompt(
+    tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, limits: EngineLimits
+) -> tuple[list[int], int]:
+    """Prompt token ids and the number of tokens to generate; rejects over-long prompts."""
+    ids = list(tokenizer(request.prompt, add_special_tokens=True).input_ids)
+    if len(ids) > limits.max_prompt_tokens:
+        raise PromptTooLongError(
+            f"The prompt has {len(ids)} tokens; this server accepts at most {limits.max_prompt_tokens} "
+            "(TEXTGEN_MAX_PROMPT_TOKENS). Shorten the prompt."
+        )
+    if not ids:
+        raise InvalidRequestError("The prompt produced no tokens; send a non-empty prompt.")
+    budget = request.params.token_budget(len(ids), limits.default_new_tokens, limits.max_new_tokens_limit)
+    return ids, budget

@@ -1,0 +1,208 @@
+"""The original design, kept as the measured baseline: one ``pipeline()`` call per request.
+
+Each request runs a full ``generate`` in a ``ThreadPoolExecutor`` worker via ``run_in_executor``.
+Threads contend for the same cores and never share a forward pass, which is exactly what the
+``batched`` engine improves on. Seeds are best effort here: every thread draws from torch's one
+global generator, so a seeded request is only reproducible when nothing else is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, pipeline
+
+from textgen.engine.sequence import SequenceState, tokenize_prompt
+from textgen.engine.types import (
+    EngineLimits,
+    EngineStats,
+    GenerationRequest,
+    GenerationResult,
+    Handle,
+    SamplingParams,
+    to_client_error,
+)
+from textgen.errors import DeadlineExceededError, GenerationCancelledError, NotReadyError, QueueFullError
+from textgen.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+class _HandleStreamer:
+    """A transformers streamer that feeds each new token to the request's SequenceState."""
+
+    def __init__(self, seq: SequenceState, loop: asyncio.AbstractEventLoop) -> None:
+        self._seq = seq
+        self._loop = loop
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first hands over the prompt itself
+            self._prompt_seen = True
+            return
+        for token in value.flatten().tolist():
+            if self._seq.finished:
+                return
+            delta = self._seq.accept(int(token))
+            if delta:
+                self._loop.call_soon_threadsafe(self._seq.handle._publish, delta)
+
+    def end(self) -> None:
+        return None
+
+
+class _StopWhenDone(StoppingCriteria):
+    """Stops generate() once the sequence hit a stop string, was cancelled or passed its deadline."""
+
+    def __init__(self, seq: SequenceState) -> None:
+        self._seq = seq
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        handle = self._seq.handle
+        done = self._seq.finished or handle.cancel_requested or _expired(handle)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def _expired(handle: Handle) -> bool:
+    deadline = handle.request.deadline
+    return deadline is not None and time.monotonic() > deadline
+
+
+def _generate_kwargs(params: SamplingParams, budget: int) -> dict[str, object]:
+    kwargs: dict[str, object] = {"max_new_tokens": budget, "do_sample": not params.greedy}
+    if not params.greedy:
+        kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+    if params.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = params.repetition_penalty
+    if params.ignore_eos:
+        kwargs["min_new_tokens"] = budget
+    return kwargs
+
+
+class ThreadPoolEngine:
+    name = "threadpool"
+
+    def __init__(self, loaded: LoadedModel, limits: EngineLimits, *, workers: int, warmup: bool = True) -> None:
+        self._loaded = loaded
+        self._limits = limits
+        self._workers = workers
+        self._warmup = warmup
+        self._executor: ThreadPoolExecutor | None = None
+        self._pipe = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._handles: set[Handle] = set()
+        self._seed_lock = threading.Lock()
+        self._accepting = False
+        self._ready = False
+        self._tokens = 0
+        self._started_at = time.monotonic()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="textgen-pipeline")
+        self._pipe = pipeline("text-generation", model=self._loaded.model, tokenizer=self._loaded.tokenizer)
+        self._accepting = True
+        if self._warmup:
+            warm = self.submit(GenerationRequest("Hello", SamplingParams(max_new_tokens=4, temperature=0.0)))
+            await warm.result()
+        self._ready = True
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self._accepting
+
+    def submit(self, request: GenerationRequest) -> Handle:
+        if not self._accepting or self._loop is None:
+            raise NotReadyError()
+        if len(self._handles) >= self._workers + self._limits.max_waiting:
+            raise QueueFullError(retry_after_s=self._retry_after())
+        handle = Handle(request, self._loop)
+        self._handles.add(handle)
+        task = self._loop.create_task(self._run(handle))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return handle
+
+    async def stop(self, grace_s: float) -> None:
+        self._accepting = False
+        self._ready = False
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=grace_s)
+        for handle in list(self._handles):
+            handle.cancel()
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight))
+        if self._executor is not None:
+            await asyncio.to_thread(self._executor.shutdown, True)
+
+    def stats(self) -> EngineStats:
+        running = min(len(self._handles), self._workers)
+        elapsed = max(time.monotonic() - self._started_at, 1e-6)
+        return EngineStats(
+            running=running,
+            waiting_interactive=len(self._handles) - running,
+            waiting_background=0,
+            tokens_per_s=self._tokens / elapsed,
+        )
+
+    def _retry_after(self) -> float:
+        return float(max(1, len(self._handles) // self._workers))
+
+    async def _run(self, handle: Handle) -> None:
+        assert self._loop is not None and self._executor is not None
+        try:
+            result = await self._loop.run_in_executor(self._executor, self._generate, handle)
+            handle._finish(result)
+        except Exception as error:
+            if not isinstance(error, (GenerationCancelledError, DeadlineExceededError)):
+                logger.exception("Generation failed", extra={"request_id": handle.request.request_id})
+            handle._finish(None, to_client_error(error))
+        finally:
+            self._handles.discard(handle)
+
+    def _generate(self, handle: Handle) -> GenerationResult:
+        """Runs on a worker thread: one full pipeline() call for one request."""
+        assert self._loop is not None and self._pipe is not None
+        self._raise_if_ended(handle)
+        loaded = self._loaded
+        ids, budget = tokenize_prompt(loaded.tokenizer, handle.request, self._limits)
+        seq = SequenceState.admit(handle, ids, budget, loaded.tokenizer, loaded.eos_token_ids)
+        if budget > 0:
+            kwargs = _generate_kwargs(handle.request.params, budget)
+            kwargs.update(
+                streamer=_HandleStreamer(seq, self._loop),
+                stopping_criteria=StoppingCriteriaList([_StopWhenDone(seq)]),
+                return_full_text=False,
+                pad_token_id=loaded.tokenizer.pad_token_id,
+            )
+            self._call_pipeline(handle.request, kwargs)
+        self._raise_if_ended(handle)
+        if not seq.finished:
+            delta = seq.close()
+            if delta:
+                self._loop.call_soon_threadsafe(handle._publish, delta)
+        self._tokens += len(seq.generated)
+        return seq.result()
+
+    def _call_pipeline(self, request: GenerationRequest, kwargs: dict[str, object]) -> None:
+        assert self._pipe is not None
+        with torch.inference_mode():
+            if request.params.seed is None:
+                self._pipe(request.prompt, **kwargs)
+                return
+            with self._seed_lock:
+                torch.manual_seed(request.params.seed)
+                self._pipe(request.prompt, **kwargs)
+
+    @staticmethod
+    def _raise_if_ended(handle: Handle) -> None:
+        if handle.cancel_requested:
+            raise GenerationCancelledError()
+        if _expired(handle):
+            raise DeadlineExceededError()

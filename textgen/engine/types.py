@@ -1,0 +1,204 @@
+"""The engine contract: what goes in, what comes out, and the handle a caller awaits.
+
+Nothing here knows about HTTP or jobs. A caller builds a ``GenerationRequest``, calls
+``engine.submit(request)`` and gets a ``Handle``: ``await handle.result()`` for the whole result,
+``async for delta in handle.stream()`` for text as it is produced, ``handle.cancel()`` to stop it.
+Engines run the model on their own threads and report back through ``Handle._publish`` /
+``Handle._finish``, which must be called on the event loop (engines use ``call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from textgen.errors import EngineError, GenerationCancelledError, TextGenError
+
+
+class Priority(enum.IntEnum):
+    """Lower value is admitted first."""
+
+    INTERACTIVE = 0
+    BACKGROUND = 1
+
+
+class FinishReason(enum.StrEnum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings; honoured inside a shared batch.
+
+    ``temperature == 0`` means greedy decoding. ``max_new_tokens`` wins over ``max_length`` (prompt
+    plus generated tokens) when both are set; the engine resolves the budget once it knows the prompt
+    length.
+    """
+
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def token_budget(self, prompt_tokens: int, default_new_tokens: int, limit: int) -> int:
+        if self.max_new_tokens is not None:
+            budget = self.max_new_tokens
+        elif self.max_length is not None:
+            budget = self.max_length - prompt_tokens
+        else:
+            budget = default_new_tokens
+        return max(0, min(budget, limit))
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+    priority: Priority = Priority.INTERACTIVE
+    timeout_s: float | None = None
+    arrived_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout_s is None else self.arrived_at + self.timeout_s
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_s: float
+    time_to_first_token_s: float | None
+    total_s: float
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+    timings: Timings
+
+
+class Handle:
+    """The caller's side of one submitted request. Created and resolved on the event loop."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self._loop = loop
+        self._future: asyncio.Future[GenerationResult] = loop.create_future()
+        self._chunks: list[str] = []
+        self._progress = asyncio.Event()
+        # Read by the inference thread every step; a plain Event is the cheap cross-thread flag.
+        self._cancelled = threading.Event()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._future.done()
+
+    @property
+    def text_so_far(self) -> str:
+        return "".join(self._chunks)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; it leaves the batch within one step."""
+        self._cancelled.set()
+
+    async def result(self) -> GenerationResult:
+        return await asyncio.shield(self._future)
+
+    async def stream(self) -> AsyncIterator[str]:
+        """Yield text deltas as they are produced (replaying any produced before the call)."""
+        sent = 0
+        while True:
+            while sent < len(self._chunks):
+                sent += 1
+                yield self._chunks[sent - 1]
+            if self._future.done():
+                self._future.result()  # re-raise a failure for the consumer
+                return
+            self._progress.clear()
+            await self._progress.wait()
+
+    def _publish(self, delta: str) -> None:
+        if delta and not self._future.done():
+            self._chunks.append(delta)
+            self._progress.set()
+
+    def _finish(self, result: GenerationResult | None, error: BaseException | None = None) -> None:
+        if self._future.done():
+            return
+        if error is not None:
+            self._future.set_exception(error)
+            # Nobody may be awaiting (a stream consumer already left): mark the exception retrieved.
+            self._future.exception()
+        else:
+            assert result is not None
+            self._future.set_result(result)
+        self._progress.set()
+
+    def _fail_cancelled(self) -> None:
+        self._finish(None, GenerationCancelledError())
+
+
+class Engine(Protocol):
+    """The contract both engines implement."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace_s: float) -> None: ...
+
+    def submit(self, request: GenerationRequest) -> Handle: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting_interactive: int
+    waiting_background: int
+    tokens_per_s: float  # recent aggregate decode throughput, 0 when unknown
+
+
+def to_client_error(error: BaseException) -> BaseException:
+    """Engine-thread exceptions become client-safe errors; TextGenErrors pass through."""
+    return error if isinstance(error, TextGenError) else EngineError()
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The settings an engine enforces (built from ``Settings`` by ``create_engine``)."""
+
+    max_running: int = 64
+    max_waiting: int = 256
+    max_prompt_tokens: int = 1024
+    max_new_tokens_limit: int = 1024
+    default_new_tokens: int = 50
+    max_prefill_tokens: int = 4096
+    background_share: int = 4

@@ -1,0 +1,80 @@
+"""One exception hierarchy for the whole service.
+
+Every error a client can see is a ``TextGenError`` subclass carrying the HTTP status it maps to and
+a message that is safe to show (no internals). ``textgen.api.errors`` turns them into responses;
+nothing else in the package knows about HTTP status codes.
+"""
+
+from __future__ import annotations
+
+
+class TextGenError(Exception):
+    """Base class: ``status_code`` and a client-safe ``message``."""
+
+    status_code: int = 500
+    default_message: str = "Internal server error."
+
+    def __init__(self, message: str | None = None, *, retry_after_s: float | None = None) -> None:
+        self.message = message or self.default_message
+        self.retry_after_s = retry_after_s
+        super().__init__(self.message)
+
+
+class ContentRejectedError(TextGenError):
+    status_code = 400
+    default_message = "The request was rejected by the content filter."
+
+
+class PromptTooLongError(TextGenError):
+    status_code = 400
+    default_message = "The prompt is too long for this model."
+
+
+class InvalidRequestError(TextGenError):
+    status_code = 400
+    default_message = "The request is invalid."
+
+
+class JobNotFoundError(TextGenError):
+    status_code = 404
+    default_message = "No job with that id."
+
+
+class JobNotCancellableError(TextGenError):
+    status_code = 409
+    default_message = "The job has already finished and cannot be cancelled."
+
+
+class QueueFullError(TextGenError):
+    status_code = 503
+    default_message = "The server is at capacity; retry after the time in the Retry-After header."
+
+
+class NotReadyError(TextGenError):
+    status_code = 503
+    default_message = "The model is not ready yet (loading, warming up or shutting down); retry shortly."
+
+
+class DeadlineExceededError(TextGenError):
+    status_code = 504
+    default_message = "The request did not finish before its deadline (timeout_s)."
+
+
+class GenerationCancelledError(TextGenError):
+    """The request was cancelled (client went away, job cancelled, or shutdown)."""
+
+    status_code = 499
+    default_message = "The request was cancelled."
+
+
+class EngineError(TextGenError):
+    status_code = 500
+    default_message = "Generation failed; the error was logged with this request id."
+
+
+class ConfigError(Exception):
+    """Settings or model configuration that cannot work; the message says how to fix it."""
+
+
+class ModelLoadError(ConfigError):
+    """The configured model could not be loaded; the message says what to change."""

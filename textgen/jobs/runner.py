@@ -1,0 +1,185 @@
+"""The job runner: claims queued jobs from the store and runs them on the engine at background priority.
+
+One runner per process. Jobs are claimed up to ``TEXTGEN_JOB_CONCURRENCY`` at a time, so background
+work never floods the engine's queue; interactive requests are admitted ahead of them by the engine.
+At start-up, jobs left ``running`` by a process that died are put back in the queue; at shutdown this
+process hands its own running jobs back. A job's result is written only while this process still
+owns it, so a job is never finished twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+
+from pydantic import ValidationError
+
+from models import TextGenerationRequest
+from textgen.engine.types import Handle, Priority
+from textgen.errors import GenerationCancelledError, NotReadyError, TextGenError
+from textgen.generation import GenerationService
+from textgen.jobs.store import Job, JobState, JobStore
+
+logger = logging.getLogger(__name__)
+
+PURGE_EVERY_S = 60.0
+
+
+def process_owner_id() -> str:
+    """host:pid:token — the token tells this process apart from an earlier one with the same pid."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_alive(owner: str, *, me: str) -> bool:
+    """Whether the process named by ``owner`` may still be running (unknown hosts count as alive)."""
+    try:
+        host, pid_text, _token = owner.split(":")
+        pid = int(pid_text)
+    except ValueError:
+        return True
+    if owner == me:
+        return True
+    if host != socket.gethostname():
+        return True
+    if pid == os.getpid():
+        return False  # same pid, different token: an earlier incarnation of this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class JobRunner:
+    def __init__(
+        self,
+        store: JobStore,
+        service: GenerationService,
+        *,
+        concurrency: int,
+        poll_interval_s: float,
+        ttl_s: float,
+    ) -> None:
+        self.owner = process_owner_id()
+        self._store = store
+        self._service = service
+        self._concurrency = concurrency
+        self._poll_interval_s = poll_interval_s
+        self._ttl_s = ttl_s
+        self._active: dict[str, Handle | None] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._last_purge = 0.0
+
+    async def start(self) -> None:
+        requeued = await self._store.requeue_orphaned(lambda owner: owner_is_alive(owner, me=self.owner))
+        if requeued:
+            logger.warning("Re-queued %d job(s) left running by a process that died", requeued)
+        self._loop_task = asyncio.create_task(self._claim_loop(), name="textgen-job-runner")
+
+    async def stop(self) -> None:
+        """Stop claiming, cancel running jobs here and hand them back to the queue."""
+        self._stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for handle in self._active.values():
+            if handle is not None:
+                handle.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+        requeued = await self._store.requeue_owned(self.owner)
+        if requeued:
+            logger.info("Handed %d running job(s) back to the queue for the next start", requeued)
+
+    def notify(self) -> None:
+        """A job was just submitted here: claim it now rather than at the next poll."""
+        self._wakeup.set()
+
+    def cancel_local(self, job_id: str) -> None:
+        handle = self._active.get(job_id)
+        if handle is not None:
+            handle.cancel()
+
+    @property
+    def active_jobs(self) -> int:
+        return len(self._active)
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await self._claim_available()
+                await self._cancel_jobs_cancelled_elsewhere()
+                await self._purge_if_due()
+            except Exception:
+                logger.exception("Job runner iteration failed; retrying")
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_interval_s)
+
+    async def _claim_available(self) -> None:
+        while len(self._active) < self._concurrency and not self._stopping:
+            job = await self._store.claim_next(self.owner)
+            if job is None:
+                return
+            self._active[job.id] = None
+            task = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_jobs_cancelled_elsewhere(self) -> None:
+        """Another process (or worker) may have cancelled a job that runs here."""
+        if not self._active:
+            return
+        states = await self._store.states(list(self._active))
+        for job_id, state in states.items():
+            if state is not JobState.RUNNING:
+                self.cancel_local(job_id)
+
+    async def _purge_if_due(self) -> None:
+        if time.monotonic() - self._last_purge < PURGE_EVERY_S:
+            return
+        self._last_purge = time.monotonic()
+        purged = await self._store.purge_finished(self._ttl_s)
+        if purged:
+            logger.info("Purged %d finished job(s) older than TEXTGEN_JOB_TTL_S", purged)
+
+    async def _run(self, job: Job) -> None:
+        request_id = job.request_id or job.id
+        log_extra = {"request_id": request_id}
+        logger.info("Job %s started (attempt %d)", job.id, job.attempts, extra=log_extra)
+        try:
+            body = TextGenerationRequest.model_validate(job.request)
+            handle = self._service.submit(body, request_id, Priority.BACKGROUND)
+            self._active[job.id] = handle
+            response = self._service.response(await handle.result(), request_id)
+            await self._finish(job, JobState.SUCCEEDED, result=response.model_dump(mode="json"))
+        except (GenerationCancelledError, NotReadyError):
+            if not self._stopping:
+                logger.info("Job %s cancelled", job.id, extra=log_extra)
+        except TextGenError as error:
+            await self._finish(job, JobState.FAILED, error=error.message)
+        except ValidationError:
+            await self._finish(job, JobState.FAILED, error="The stored request is no longer valid.")
+        except Exception:
+            logger.exception("Job %s failed", job.id, extra=log_extra)
+            await self._finish(job, JobState.FAILED, error=f"Internal error; see logs for request id {request_id}.")
+        finally:
+            self._active.pop(job.id, None)
+            self._wakeup.set()
+
+    async def _finish(self, job: Job, state: JobState, **outcome: object) -> None:
+        took = await self._store.finish(job.id, self.owner, state, **outcome)  # type: ignore[arg-type]
+        level = logging.INFO if took else logging.WARNING
+        message = "Job %s %s" if took else "Job %s result (%s) discarded: no longer owned here"
+        logger.log(level, message, job.id, state.value, extra={"request_id": job.request_id or job.id})
