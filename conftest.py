@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny GPT-2 on disk, settings that use it, and an app client with its lifespan."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from main import create_app
+from tests.tiny_model import save_tiny_gpt2
+from textgen.config import Settings, load_settings
+
+# Tests never reach the hub, even by accident.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture
+def make_settings(tiny_model_dir: Path, tmp_path: Path) -> Callable[..., Settings]:
+    """Settings on the tiny model, float32, with a fresh job store; keyword overrides win."""
+
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "model": str(tiny_model_dir),
+            "dtype": "float32",
+            "job_store": f"sqlite:///{tmp_path / 'jobs.db'}",
+            "cache_dir": tmp_path / "cache",
+            "job_poll_interval_s": 0.05,
+            "shutdown_grace_s": 2.0,
+        }
+        values.update(overrides)
+        return load_settings(**values)
+
+    return build
+
+
+@pytest.fixture
+def app_client() -> Callable[..., Any]:
+    """``async with app_client(settings) as (client, app):`` runs the lifespan around an httpx client."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def open_client(settings: Settings, **app_kwargs: Any) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+        app = create_app(settings, **app_kwargs)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60) as client:
+                yield client, app
+
+    return open_client
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir: Path) -> Any:
+    """The tiny GPT-2 loaded once through the real loader (float32, CPU)."""
+    from textgen.loader import load_model
+
+    return load_model(load_settings(model=str(tiny_model_dir), dtype="float32"))

@@ -1,0 +1,226 @@
+"""The continuous-batching engine on the tiny GPT-2: correctness inside a shared batch, priorities,
+backpressure, deadlines, cancellation, failures and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from textgen.engine import batched as batched_module
+from textgen.engine.batched import BatchedEngine
+from textgen.engine.types import EngineLimits, GenerationRequest, Handle, Priority, SamplingParams
+from textgen.errors import (
+    DeadlineExceededError,
+    EngineError,
+    GenerationCancelledError,
+    NotReadyError,
+    PromptTooLongError,
+    QueueFullError,
+)
+
+LONG = SamplingParams(max_new_tokens=900, ignore_eos=True, temperature=0.0)
+
+
+@pytest.fixture
+async def make_engine(tiny_loaded: Any) -> AsyncIterator[Callable[..., Any]]:
+    engines: list[BatchedEngine] = []
+
+    async def build(**limits: Any) -> BatchedEngine:
+        limits.setdefault("max_new_tokens_limit", 1000)
+        engine = BatchedEngine(tiny_loaded, EngineLimits(**limits), warmup=False)
+        await engine.start()
+        engines.append(engine)
+        return engine
+
+    yield build
+    for engine in engines:
+        await engine.stop(0)
+
+
+def request(prompt: str = "The future of AI is", **params: Any) -> GenerationRequest:
+    priority = params.pop("priority", Priority.INTERACTIVE)
+    timeout_s = params.pop("timeout_s", None)
+    params.setdefault("max_new_tokens", 16)
+    return GenerationRequest(prompt, SamplingParams(**params), priority=priority, timeout_s=timeout_s)
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+def neighbours(engine: BatchedEngine, count: int) -> list[Handle]:
+    return [
+        engine.submit(request(f"Neighbour number {i} says", max_new_tokens=24, temperature=0.9, ignore_eos=True))
+        for i in range(count)
+    ]
+
+
+async def test_seeded_request_is_the_same_alone_and_beside_31_others(make_engine: Callable[..., Any]) -> None:
+    engine = await make_engine()
+    seeded = {"temperature": 0.9, "top_p": 0.95, "seed": 1234, "max_new_tokens": 24, "ignore_eos": True}
+    alone = await engine.submit(request(**seeded)).result()
+    crowd = neighbours(engine, 31)
+    beside = engine.submit(request(**seeded))
+    results = await asyncio.gather(beside.result(), *(h.result() for h in crowd))
+    assert results[0].text == alone.text
+    assert len({r.text for r in results[1:]}) > 1  # the neighbours really sampled
+
+
+async def test_greedy_tokens_identical_alone_and_batched(make_engine: Callable[..., Any], tiny_loaded: Any) -> None:
+    engine = await make_engine()
+    greedy = {"temperature": 0.0, "max_new_tokens": 30, "ignore_eos": True}
+    prompts = ["The quick brown fox", "Once upon a time there was a robot who learned", "Hi"]
+    alone = [await engine.submit(request(p, **greedy)).result() for p in prompts]
+    crowd = neighbours(engine, 8)
+    together = await asyncio.gather(*(engine.submit(request(p, **greedy)).result() for p in prompts))
+    await asyncio.gather(*(h.result() for h in crowd))
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert all(r.completion_tokens == 30 for r in together)
+
+
+async def test_interactive_requests_are_admitted_before_background(make_engine: Callable[..., Any]) -> None:
+    engine = await make_engine(max_running=1, background_share=100)
+    blocker = engine.submit(request(**LONG.__dict__))
+    await wait_until(lambda: engine.stats().running == 1)
+    background = engine.submit(request(max_new_tokens=4, priority=Priority.BACKGROUND, ignore_eos=True))
+    interactive = engine.submit(request(max_new_tokens=4, ignore_eos=True))
+    blocker.cancel()
+    finished: list[str] = []
+    interactive._future.add_done_callback(lambda _: finished.append("interactive"))
+    background._future.add_done_callback(lambda _: finished.append("background"))
+    await asyncio.gather(interactive.result(), background.result())
+    assert finished == ["interactive", "background"]
+
+
+async def test_background_is_not_starved_by_steady_interactive_load(make_engine: Callable[..., Any]) -> None:
+    engine = await make_engine(max_running=2, background_share=3)
+    interactive = [engine.submit(request(max_new_tokens=6, ignore_eos=True)) for _ in range(6)]
+    background = engine.submit(request(max_new_tokens=6, ignore_eos=True, priority=Priority.BACKGROUND))
+    completed_interactive = 0
+    while not background.done:
+        # Keep the interactive queue non-empty the whole time.
+        done = [h for h in interactive if h.done]
+        completed_interactive += len(done)
+        interactive = [h for h in interactive if not h.done]
+        interactive += [engine.submit(request(max_new_tokens=6, ignore_eos=True)) for _ in done]
+        assert completed_interactive < 40, "background job starved"
+        await asyncio.sleep(0.002)
+    assert (await background.result()).completion_tokens == 6
+    for handle in interactive:
+        handle.cancel()
+
+
+async def test_queue_full_rejects_interactive_with_retry_after(make_engine: Callable[..., Any]) -> None:
+    engine = await make_engine(max_running=1, max_waiting=1)
+    first = engine.submit(request(**LONG.__dict__))
+    second = engine.submit(request(**LONG.__dict__))
+    with pytest.raises(QueueFullError) as error:
+        engine.submit(request())
+    assert error.value.retry_after_s is not None and error.value.retry_after_s >= 1
+    queued_job = engine.submit(request(priority=Priority.BACKGROUND))  # background is never refused
+    for handle in (first, second, queued_job):
+        handle.cancel()
+
+
+async def test_deadline_while_waiting(make_engine: Callable[..., Any]) -> None:
+    engine = await make_engine(max_running=1)
+    blocker = engine.submit(request(**LONG.__dict__))
+    await wait_until(lambda: engine.stats().running == 1)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceededError):
+        await engine.submit(request(timeout_s=0.2)).result()
+    assert time.monotonic() - started < 2.0
+    blocker.cancel()
+
+
+async def test_deadline_while_running_leaves_the_batch(make_engine: Callable[..., Any]) -> None:
+    engine = await make_engine()
+    handle = engine.submit(request(timeout_s=0.3, **LONG.__dict__))
+    await wait_until(lambda: engine.stats().running == 1)
+    with pytest.raises(DeadlineExceededError):
+        await handle.result()
+    await wait_until(lambda: engine.stats().running == 0, timeout_s=1.0)
+
+
+async def test_cancel_leaves_the_batch_within_a_step(make_engine: Callable[..., Any]) -> None:
+    engine = await make_engine()
+    others = [engine.submit(request(**LONG.__dict__)) for _ in range(3)]
+    victim = engine.submit(request(**LONG.__dict__))
+    await wait_until(lambda: engine.stats().running == 4)
+    victim.cancel()
+    await wait_until(lambda: engine.stats().running == 3, timeout_s=1.0)
+    with pytest.raises(GenerationCancelledError):
+        await victim.result()
+    assert not any(h.done for h in others)
+    for handle in others:
+        handle.cancel()
+    await wait_until(lambda: engine.stats().running == 0, timeout_s=1.0)
+
+
+async def test_stop_string_max_length_and_prompt_limits(make_engine: Callable[..., Any], tiny_loaded: Any) -> None:
+    engine = await make_engine(max_prompt_tokens=12)
+    full = await engine.submit(request(temperature=0.0, max_new_tokens=40, ignore_eos=True)).result()
+    stop = full.text[len(full.text) // 2 :][:3]
+    assert stop.strip(), "tiny model produced whitespace only"
+    stopped = await engine.submit(request(temperature=0.0, max_new_tokens=40, ignore_eos=True, stop=(stop,))).result()
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.index(stop)]
+    prompt_tokens = len(tiny_loaded.tokenizer("The future of AI is").input_ids)
+    by_length = await engine.submit(
+        request(max_new_tokens=None, max_length=prompt_tokens + 7, ignore_eos=True)
+    ).result()
+    assert by_length.completion_tokens == 7
+    assert by_length.finish_reason == "length"
+    with pytest.raises(PromptTooLongError, match="TEXTGEN_MAX_PROMPT_TOKENS"):
+        await engine.submit(request("word " * 40)).result()
+
+
+async def test_stream_yields_the_text_as_it_is_made(make_engine: Callable[..., Any]) -> None:
+    engine = await make_engine()
+    handle = engine.submit(request(max_new_tokens=20, ignore_eos=True, temperature=0.0))
+    chunks = [chunk async for chunk in handle.stream()]
+    assert len(chunks) > 1
+    assert "".join(chunks) == (await handle.result()).text
+
+
+async def test_a_failing_step_fails_only_its_batch(
+    make_engine: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = await make_engine()
+    real_decode = batched_module.decode_step
+    calls = {"n": 0}
+
+    def flaky_decode(model: Any, batch: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return real_decode(model, batch)
+
+    monkeypatch.setattr(batched_module, "decode_step", flaky_decode)
+    victims = [engine.submit(request(max_new_tokens=10, ignore_eos=True)) for _ in range(2)]
+    for victim in victims:
+        with pytest.raises(EngineError):
+            await victim.result()
+    after = await engine.submit(request(max_new_tokens=5, ignore_eos=True)).result()
+    assert after.completion_tokens == 5
+    assert engine.ready
+
+
+async def test_stop_drains_then_refuses(make_engine: Callable[..., Any]) -> None:
+    engine = await make_engine()
+    short = engine.submit(request(max_new_tokens=5, ignore_eos=True))
+    long = engine.submit(request(**LONG.__dict__))
+    await engine.stop(grace_s=0.3)
+    assert (await short.result()).completion_tokens == 5
+    with pytest.raises(NotReadyError):
+        await long.result()
+    with pytest.raises(NotReadyError):
+        engine.submit(request())
+    assert not engine.ready
