@@ -1,8 +1,13 @@
 """Shared fixtures: a tiny GPT-2 on disk, settings that use it, and an app client with its lifespan."""
 
+# ruff: noqa: E402
+
 from __future__ import annotations
 
 import os
+
+# Tests never reach the hub, even by accident; huggingface_hub reads this once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +20,6 @@ from main import create_app
 from tests.tiny_model import save_tiny_gpt2
 from textgen.config import Settings, load_settings
 
-# Tests never reach the hub, even by accident.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

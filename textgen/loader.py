@@ -239,6 +239,15 @@ def eos_ids_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> fr
     return frozenset(ids)
 
 
+def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, location: str) -> None:
+    """A folder without tokenizer files loads an empty tokenizer; every prompt would become []."""
+    if not tokenizer("Hello world").input_ids:
+        raise ModelLoadError(
+            f"The model at {location} has no usable tokenizer (tokenizer.json / tokenizer_config.json missing?); "
+            "save the tokenizer next to the weights with tokenizer.save_pretrained()."
+        )
+
+
 def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
     # Batched prefill left-pads; models like GPT-2 ship without a pad token.
     if tokenizer.pad_token_id is None:
@@ -263,6 +272,7 @@ def load_model(settings: Settings) -> LoadedModel:
             model, tokenizer = _load_from(str(location), dtype, hub=False)
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"Cannot load the model from {location}: {error}") from None
+    _check_tokenizer(tokenizer, source.location)
     model.to(device)
     model.eval()
     _prepare_tokenizer(tokenizer)

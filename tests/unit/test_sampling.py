@@ -85,3 +85,23 @@ def test_repetition_penalty_lowers_seen_tokens() -> None:
     assert torch.allclose(penalized, torch.tensor([[1.0, -4.0, 1.0]]))
     untouched = apply_repetition_penalty(logits.clone(), [SamplingParams()], [[0, 1]])
     assert torch.equal(untouched, logits)
+
+
+def _dense(probs: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    return torch.zeros(probs.shape[0], vocab).scatter_add_(1, ids, probs)
+
+
+def test_candidate_shortcut_matches_the_full_sort() -> None:
+    from textgen.engine import sampling
+
+    vocab = 2000
+    peaky = torch.randn(2, vocab, generator=torch.Generator().manual_seed(1)) * 4  # nucleus within candidates
+    flat = torch.randn(2, vocab, generator=torch.Generator().manual_seed(2)) * 0.01  # nucleus needs most of V
+    logits = torch.cat([peaky, flat])
+    temperature = torch.tensor([0.7, 1.0, 1.3, 0.9])
+    for top_k, top_p in [([0, 0, 0, 0], [0.9, 0.5, 0.95, 1.0]), ([5, 0, 300, 0], [1.0, 0.9, 0.9, 0.99])]:
+        k = torch.tensor(top_k)
+        p = torch.tensor(top_p)
+        fast = _dense(*sampling.filtered_probabilities(logits, temperature, k, p), vocab)
+        exact = _dense(*sampling.sorted_filtered_probabilities(logits, temperature, k, p), vocab)
+        assert torch.allclose(fast, exact, atol=1e-5)

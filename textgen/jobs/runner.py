@@ -79,6 +79,7 @@ class JobRunner:
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._last_purge = 0.0
+        self._paused_until = 0.0
 
     async def start(self) -> None:
         requeued = await self._store.requeue_orphaned(lambda owner: owner_is_alive(owner, me=self.owner))
@@ -128,6 +129,8 @@ class JobRunner:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_interval_s)
 
     async def _claim_available(self) -> None:
+        if time.monotonic() < self._paused_until or not self._service.engine.ready:
+            return
         while len(self._active) < self._concurrency and not self._stopping:
             job = await self._store.claim_next(self.owner)
             if job is None:
@@ -164,7 +167,13 @@ class JobRunner:
             self._active[job.id] = handle
             response = self._service.response(await handle.result(), request_id)
             await self._finish(job, JobState.SUCCEEDED, result=response.model_dump(mode="json"))
-        except (GenerationCancelledError, NotReadyError):
+        except NotReadyError:
+            if not self._stopping:
+                # The engine is not taking work (e.g. draining); the job must not sit in "running",
+                # and claiming again at once would only spin.
+                await self._store.release(job.id, self.owner)
+                self._paused_until = time.monotonic() + self._poll_interval_s
+        except GenerationCancelledError:
             if not self._stopping:
                 logger.info("Job %s cancelled", job.id, extra=log_extra)
         except TextGenError as error:

@@ -92,6 +92,8 @@ class JobStore(Protocol):
 
     async def cancel(self, job_id: str) -> Job: ...
 
+    async def release(self, job_id: str, owner: str) -> bool: ...
+
     async def requeue_owned(self, owner: str) -> int: ...
 
     async def requeue_orphaned(self, is_owner_alive: Callable[[str], bool]) -> int: ...
@@ -428,6 +430,10 @@ class SQLiteJobStore:
 
     async def cancel(self, job_id: str) -> Job:
         return await self._run(_cancel, job_id, time.time())
+
+    async def release(self, job_id: str, owner: str) -> bool:
+        """Hand a claimed job that never started back to the queue (its attempt does not count)."""
+        return bool(await self._run(_unclaim, job_id, owner))
 
     async def requeue_owned(self, owner: str) -> int:
         n = await self._run(_requeue_owner, owner)
