@@ -1,7 +1,5 @@
 """Shared fixtures: a tiny GPT-2 on disk, settings that use it, and an app client with its lifespan."""
 
-# ruff: noqa: E402
-
 from __future__ import annotations
 
 import os
@@ -19,7 +17,6 @@ from fastapi import FastAPI
 from main import create_app
 from tests.tiny_model import save_tiny_gpt2
 from textgen.config import Settings, load_settings
-
 
 
 @pytest.fixture(scope="session")
