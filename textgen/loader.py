@@ -60,6 +60,7 @@ class LoadedModel:
     dtype: torch.dtype
     eos_token_ids: frozenset[int]
     load_seconds: float
+    context_length: int | None = None
 
     @property
     def parameter_count(self) -> int:
@@ -255,14 +256,29 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
     tokenizer.padding_side = "left"
 
 
+def context_length_of(model: PreTrainedModel) -> int | None:
+    """Positions the model can attend over; prompt plus generated tokens must fit in it."""
+    config = model.config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def set_cpu_threads(requested: int | None) -> None:
+    """Use every core this process may run on, unless told otherwise."""
+    torch.set_num_threads(requested or len(os.sched_getaffinity(0)))
+
+
 def load_model(settings: Settings) -> LoadedModel:
     """Resolve, load and place the configured model; raises ModelLoadError with a fix hint."""
     started = time.perf_counter()
     source = resolve_source(settings.model)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    if device.type == "cpu":
+        set_cpu_threads(settings.torch_threads)
     logger.info("Loading model %s (%s) on %s as %s", source.name, source.kind, device, dtype)
     if source.kind == "hub":
         model, tokenizer = _load_hub_model(source.location, dtype)
@@ -284,6 +300,7 @@ def load_model(settings: Settings) -> LoadedModel:
         dtype=dtype,
         eos_token_ids=eos_ids_of(model, tokenizer),
         load_seconds=time.perf_counter() - started,
+        context_length=context_length_of(model),
     )
     logger.info(
         "Loaded model %s: %.1fM parameters, device=%s, dtype=%s, torch threads=%d, in %.1fs",

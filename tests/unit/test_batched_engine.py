@@ -224,3 +224,14 @@ async def test_stop_drains_then_refuses(make_engine: Callable[..., Any]) -> None
     with pytest.raises(NotReadyError):
         engine.submit(request())
     assert not engine.ready
+
+
+async def test_budget_is_capped_by_the_model_context(make_engine: Callable[..., Any], tiny_loaded: Any) -> None:
+    engine = await make_engine(max_new_tokens_limit=5000, max_prompt_tokens=5000)
+    context = tiny_loaded.context_length
+    assert context == 1024
+    prompt_tokens = len(tiny_loaded.tokenizer("The future of AI is").input_ids)
+    result = await engine.submit(request(max_new_tokens=2000, ignore_eos=True)).result()
+    assert result.completion_tokens == context - prompt_tokens
+    with pytest.raises(PromptTooLongError, match="context length"):
+        await engine.submit(request("word " * 1100, max_new_tokens=1)).result()

@@ -233,7 +233,9 @@ class BatchedEngine:
         prepared: list[tuple[Handle, list[int], int]] = []
         for handle in handles:
             try:
-                ids, budget = tokenize_prompt(self._loaded.tokenizer, handle.request, self._limits)
+                ids, budget = tokenize_prompt(
+                    self._loaded.tokenizer, handle.request, self._limits, self._loaded.context_length
+                )
             except TextGenError as error:
                 self._release(1)
                 events.append((handle, "", None, error))

@@ -105,16 +105,28 @@ class SequenceState:
 
 
 def tokenize_prompt(
-    tokenizer: PreTrainedTokenizerBase, request: GenerationRequest, limits: EngineLimits
+    tokenizer: PreTrainedTokenizerBase,
+    request: GenerationRequest,
+    limits: EngineLimits,
+    context_length: int | None = None,
 ) -> tuple[list[int], int]:
-    """Prompt token ids and the number of tokens to generate; rejects over-long prompts."""
+    """Prompt token ids and the number of tokens to generate; rejects over-long prompts.
+
+    The budget is capped so prompt plus output fits the model's context (a model with learned
+    positions, like GPT-2, cannot go past it at all).
+    """
     ids = list(tokenizer(request.prompt, add_special_tokens=True).input_ids)
-    if len(ids) > limits.max_prompt_tokens:
-        raise PromptTooLongError(
-            f"The prompt has {len(ids)} tokens; this server accepts at most {limits.max_prompt_tokens} "
-            "(TEXTGEN_MAX_PROMPT_TOKENS). Shorten the prompt."
-        )
     if not ids:
         raise InvalidRequestError("The prompt produced no tokens; send a non-empty prompt.")
+    limit = limits.max_prompt_tokens
+    if context_length is not None:
+        limit = min(limit, context_length - 1)
+    if len(ids) > limit:
+        raise PromptTooLongError(
+            f"The prompt has {len(ids)} tokens; this server accepts at most {limit} "
+            "(TEXTGEN_MAX_PROMPT_TOKENS and the model's context length). Shorten the prompt."
+        )
     budget = request.params.token_budget(len(ids), limits.default_new_tokens, limits.max_new_tokens_limit)
+    if context_length is not None:
+        budget = min(budget, context_length - len(ids))
     return ids, budget

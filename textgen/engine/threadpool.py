@@ -171,7 +171,7 @@ class ThreadPoolEngine:
         assert self._loop is not None and self._pipe is not None
         self._raise_if_ended(handle)
         loaded = self._loaded
-        ids, budget = tokenize_prompt(loaded.tokenizer, handle.request, self._limits)
+        ids, budget = tokenize_prompt(loaded.tokenizer, handle.request, self._limits, loaded.context_length)
         seq = SequenceState.admit(handle, ids, budget, loaded.tokenizer, loaded.eos_token_ids)
         if budget > 0:
             kwargs = _generate_kwargs(handle.request.params, budget)
