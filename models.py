@@ -42,6 +42,11 @@ class TextGenerationRequest(BaseModel):
     timeout_s: float | None = Field(
         None, gt=0.0, le=3600.0, description="Deadline counted from arrival; default TEXTGEN_REQUEST_TIMEOUT_S."
     )
+    stream: bool = Field(
+        False,
+        description="Answer with Server-Sent Events: 'token' events with text as it is generated, then one "
+        "'done' event with the full response (or an 'error' event). Ignored by /generate_background.",
+    )
 
 
 class Timings(BaseModel):

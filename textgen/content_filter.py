@@ -26,9 +26,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
 
-from textgen.errors import ConfigError
+from textgen.errors import ConfigError, ContentRejectedError
 
 BLOCKED_WORDS_FILE_SETTING = "TEXTGEN_BLOCKED_WORDS_FILE"
+REDACTION = "[redacted]"
 
 _WORD_RE = re.compile(r"[^\W_]+")
 # "@" and "$" stand for letters in leetspeak, so a word written with them must be read as one token.
@@ -126,7 +127,7 @@ class ContentFilter:
     def is_blocked(self, text: str) -> bool:
         return bool(self.find(text))
 
-    def redact(self, text: str, replacement: str = "[redacted]") -> str:
+    def redact(self, text: str, replacement: str = REDACTION) -> str:
         pieces: list[str] = []
         cursor = 0
         for match in self.find(text):
@@ -367,3 +368,70 @@ def _describe_read_error(error: OSError | UnicodeDecodeError) -> str:
     if isinstance(error, UnicodeDecodeError):
         return "not valid UTF-8"
     return error.strerror or type(error).__name__
+
+
+class StreamingFilter:
+    """Applies a ``ContentFilter`` to text that arrives piece by piece (streamed generation).
+
+    A forbidden word must never reach the client, even split across tokens ("ha" + "te"), so the last
+    ``holdback`` characters, snapped back to the start of a word, are held until more text arrives or
+    the stream ends. Only a window around the unsent text is re-scanned on each push, so the cost per
+    token does not grow with the length of the output. A match longer than the window (a very long
+    spaced-out run) can slip through; the final, whole-text check of the done event still catches it.
+    """
+
+    def __init__(self, content_filter: ContentFilter, action: str, holdback: int = 48) -> None:
+        self._filter = content_filter
+        self._reject = action == "reject"
+        self._holdback = holdback
+        self._text = ""
+        self._sent_upto = 0
+        self.matched = False
+
+    def push(self, delta: str) -> str:
+        """Add text; return what is safe to send now (redacted). Raises ContentRejectedError on a match
+        when the action is ``reject``."""
+        self._text += delta
+        return self._release(_word_start_before(self._text, len(self._text) - self._holdback))
+
+    def finish(self) -> str:
+        return self._release(len(self._text))
+
+    def _release(self, end: int) -> str:
+        if end <= self._sent_upto:
+            return ""
+        window_start = _word_start_before(self._text, self._sent_upto - self._holdback)
+        matches = [
+            (m.start + window_start, m.end + window_start)
+            for m in self._filter.find(self._text[window_start:])
+            if m.end + window_start > self._sent_upto
+        ]
+        for start, stop in matches:
+            if start < end < stop:
+                end = start  # never send part of a match
+        if end <= self._sent_upto:
+            return ""
+        released = self._redact(self._sent_upto, end, [m for m in matches if m[0] < end])
+        self._sent_upto = end
+        return released
+
+    def _redact(self, start: int, end: int, matches: list[tuple[int, int]]) -> str:
+        if matches:
+            self.matched = True
+            if self._reject:
+                raise ContentRejectedError("The generated text was withheld by the content filter.")
+        pieces: list[str] = []
+        cursor = start
+        for match_start, match_end in matches:
+            pieces += [self._text[cursor : max(cursor, match_start)], REDACTION]
+            cursor = max(cursor, match_end)
+        pieces.append(self._text[cursor:end])
+        return "".join(pieces)
+
+
+def _word_start_before(text: str, position: int) -> int:
+    """``position`` (clamped to the text) moved back to the start of the word it falls in."""
+    position = max(0, min(position, len(text)))
+    while 0 < position < len(text) and (text[position - 1].isalnum() and text[position].isalnum()):
+        position -= 1
+    return position

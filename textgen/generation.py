@@ -1,20 +1,22 @@
-"""What every way into the engine shares: schema → engine request, content checks, engine → response.
+"""What every way into the engine shares: content checks, submission, metrics, results, streaming.
 
-The sync route, the job runner and (later) the streaming and OpenAI routes all go through this one
-``GenerationService``, so a rule such as "filter prompts and outputs" has exactly one home.
+The sync and streaming routes, the OpenAI-compatible routes and the job runner all go through this
+one ``GenerationService``, so a rule such as "filter prompts and outputs" has exactly one home.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from models import TextGenerationRequest, TextGenerationResponse, Timings
 from textgen.config import Settings
-from textgen.content_filter import ContentFilter
+from textgen.content_filter import ContentFilter, StreamingFilter
 from textgen.engine.types import Engine, GenerationRequest, GenerationResult, Handle, Priority, SamplingParams
 from textgen.errors import ContentRejectedError
+from textgen.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -48,52 +50,100 @@ class GenerationService:
     content_filter: ContentFilter
     settings: Settings
     model_name: str
+    metrics: Metrics
 
     def check_prompt(self, prompt: str, request_id: str) -> None:
         logger.info("Prompt received (%s)", prompt_fingerprint(prompt), extra={"request_id": request_id})
         logger.debug("Prompt text: %r", prompt, extra={"request_id": request_id})
         matches = self.content_filter.find(prompt)
         if matches:
+            self.metrics.observe_filter("prompt", "reject")
             logger.warning(
                 "Prompt rejected by the content filter (%d matches)", len(matches), extra={"request_id": request_id}
             )
             raise ContentRejectedError(PROMPT_REJECTED)
 
-    def submit(self, body: TextGenerationRequest, request_id: str, priority: Priority) -> Handle:
+    def submit(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        request_id: str,
+        priority: Priority,
+        timeout_s: float | None = None,
+    ) -> Handle:
         request = GenerationRequest(
-            prompt=body.prompt,
-            params=sampling_params_from(body),
+            prompt=prompt,
+            params=params,
             request_id=request_id,
             priority=priority,
-            timeout_s=body.timeout_s or self.settings.request_timeout_s,
+            timeout_s=timeout_s or self.settings.request_timeout_s,
         )
         return self.engine.submit(request)
+
+    def submit_request(self, body: TextGenerationRequest, request_id: str, priority: Priority) -> Handle:
+        return self.submit(body.prompt, sampling_params_from(body), request_id, priority, body.timeout_s)
 
     def filter_output(self, text: str, request_id: str) -> str:
         matches = self.content_filter.find(text)
         if not matches:
             return text
+        action = self.settings.output_filter_action
+        self.metrics.observe_filter("output", action)
         logger.warning(
             "Generated text matched the content filter (%d matches, action=%s)",
             len(matches),
-            self.settings.output_filter_action,
+            action,
             extra={"request_id": request_id},
         )
-        if self.settings.output_filter_action == "reject":
+        if action == "reject":
             raise ContentRejectedError(OUTPUT_REJECTED)
         return self.content_filter.redact(text)
 
+    def finish(self, result: GenerationResult, request_id: str) -> GenerationResult:
+        """Record the result and return it with its text filtered."""
+        self.metrics.observe_result(result)
+        text = self.filter_output(result.text, request_id)
+        return result if text == result.text else _with_text(result, text)
+
     def response(self, result: GenerationResult, request_id: str) -> TextGenerationResponse:
+        final = self.finish(result, request_id)
         return TextGenerationResponse(
-            generated_text=self.filter_output(result.text, request_id),
+            generated_text=final.text,
             model=self.model_name,
             request_id=request_id,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            finish_reason=result.finish_reason.value,
+            prompt_tokens=final.prompt_tokens,
+            completion_tokens=final.completion_tokens,
+            finish_reason=final.finish_reason.value,
             timings=Timings(
-                queue_s=result.timings.queue_s,
-                time_to_first_token_s=result.timings.time_to_first_token_s,
-                total_s=result.timings.total_s,
+                queue_s=final.timings.queue_s,
+                time_to_first_token_s=final.timings.time_to_first_token_s,
+                total_s=final.timings.total_s,
             ),
         )
+
+    async def stream_text(self, handle: Handle, *, cancel_on_exit: bool = True) -> AsyncIterator[str]:
+        """Filtered text deltas as the engine produces them (replayed from the start); the filter holds
+        back a short tail so a blocked word is never sent in pieces. Unless told otherwise, cancels the
+        generation when the consumer goes away."""
+        streaming_filter = StreamingFilter(self.content_filter, self.settings.output_filter_action)
+        try:
+            async for delta in handle.stream():
+                safe = streaming_filter.push(delta)
+                if safe:
+                    yield safe
+            tail = streaming_filter.finish()
+            if tail:
+                yield tail
+        finally:
+            if cancel_on_exit and not handle.done:
+                handle.cancel()
+
+
+def _with_text(result: GenerationResult, text: str) -> GenerationResult:
+    return GenerationResult(
+        text=text,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        finish_reason=result.finish_reason,
+        timings=result.timings,
+    )

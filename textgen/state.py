@@ -12,12 +12,15 @@ from textgen.content_filter import ContentFilter
 from textgen.engine import Engine, create_engine
 from textgen.generation import GenerationService
 from textgen.jobs.runner import JobRunner
-from textgen.jobs.store import JobStore, job_store_from_url
+from textgen.jobs.store import JobState, JobStore, job_store_from_url
 from textgen.loader import LoadedModel, load_model
+from textgen.metrics import Metrics, mark_process_dead
 
 logger = logging.getLogger(__name__)
 
 ModelLoader = Callable[[Settings], LoadedModel]
+
+GAUGE_REFRESH_S = 2.0
 
 
 @dataclass
@@ -28,11 +31,28 @@ class AppState:
     store: JobStore
     runner: JobRunner
     service: GenerationService
+    metrics: Metrics
     shutting_down: bool = False
+
+    gauge_task: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
         return self.engine.ready and not self.shutting_down
+
+    async def refresh_gauges(self) -> None:
+        """Queue lengths and job counts are read, not counted as they change."""
+        self.metrics.set_engine_stats(self.engine.stats())
+        self.metrics.set_job_counts({state.value: await self.store.count(state) for state in JobState})
+
+    async def refresh_gauges_forever(self, every_s: float = GAUGE_REFRESH_S) -> None:
+        # With several workers, /metrics is answered by one of them; the others' gauges must not go stale.
+        while True:
+            try:
+                await self.refresh_gauges()
+            except Exception:
+                logger.exception("Refreshing metrics gauges failed")
+            await asyncio.sleep(every_s)
 
 
 async def build_state(settings: Settings, model_loader: ModelLoader = load_model) -> AppState:
@@ -47,7 +67,10 @@ async def build_state(settings: Settings, model_loader: ModelLoader = load_model
     except BaseException:
         await store.close()
         raise
-    service = GenerationService(engine, content_filter, settings, model.name)
+    metrics = Metrics()
+    metrics.set_model(model.name, str(model.dtype).removeprefix("torch."), str(model.device), engine.name)
+    engine.set_step_observer(metrics.observe_step)
+    service = GenerationService(engine, content_filter, settings, model.name, metrics)
     runner = JobRunner(
         store,
         service,
@@ -57,14 +80,19 @@ async def build_state(settings: Settings, model_loader: ModelLoader = load_model
     )
     await runner.start()
     logger.info("Service ready: model=%s engine=%s job_store=%s", model.name, engine.name, settings.job_store)
-    return AppState(settings, model, engine, store, runner, service)
+    state = AppState(settings, model, engine, store, runner, service, metrics)
+    state.gauge_task = asyncio.create_task(state.refresh_gauges_forever(), name="textgen-metrics-gauges")
+    return state
 
 
 async def shutdown_state(state: AppState) -> None:
     """Background jobs go back to the queue at once; interactive requests get the grace period."""
     state.shutting_down = True
+    if state.gauge_task is not None:
+        state.gauge_task.cancel()
     logger.info("Shutting down: returning running jobs to the queue, draining requests")
     await state.runner.stop()
     await state.engine.stop(state.settings.shutdown_grace_s)
     await state.store.close()
+    mark_process_dead()
     logger.info("Shutdown complete")

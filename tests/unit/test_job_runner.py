@@ -41,6 +41,7 @@ from textgen.errors import (
 from textgen.generation import OUTPUT_REJECTED, GenerationService
 from textgen.jobs.runner import JobRunner, owner_is_alive, process_owner_id
 from textgen.jobs.store import Job, JobState, SQLiteJobStore
+from textgen.metrics import Metrics
 
 POLL_S = 0.05
 WAIT_S = 5.0
@@ -172,7 +173,7 @@ async def make_runner(store: SQLiteJobStore, engine: FakeEngine, settings: Setti
 
     def build(*, concurrency: int | None = None, service_settings: Settings | None = None) -> JobRunner:
         chosen = service_settings or settings
-        service = GenerationService(engine, ContentFilter(["hate"]), chosen, "fake-model")
+        service = GenerationService(engine, ContentFilter(["hate"]), chosen, "fake-model", Metrics())
         runner = JobRunner(
             store,
             service,

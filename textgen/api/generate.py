@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
+from sse_starlette import ServerSentEvent
 
 from models import JobAccepted, TextGenerationRequest, TextGenerationResponse
 from textgen.api.deps import RequestIdDep, RunnerDep, ServiceDep, StateDep, StoreDep
 from textgen.api.errors import error_responses
+from textgen.api.sse import SSE_RESPONSE_DOC, error_event, event, sse_response
 from textgen.engine.types import GenerationResult, Handle, Priority
 from textgen.errors import GenerationCancelledError
+from textgen.generation import GenerationService
 
 router = APIRouter(tags=["generation"])
 
@@ -38,17 +42,35 @@ async def result_unless_disconnected(request: Request, handle: Handle) -> Genera
     return result.result()
 
 
+async def generation_events(
+    service: GenerationService, handle: Handle, request_id: str
+) -> AsyncIterator[ServerSentEvent]:
+    """`token` events as text is produced, then `done` with the full response, or `error`.
+
+    When the client disconnects, sse-starlette stops this generator and the handle is cancelled.
+    """
+    try:
+        async for text in service.stream_text(handle):
+            yield event("token", {"text": text})
+        response = service.response(await handle.result(), request_id)
+        yield event("done", response.model_dump(mode="json"))
+    except Exception as error:
+        yield error_event(error, request_id)
+
+
 @router.post(
     "/generate",
     response_model=TextGenerationResponse,
-    responses=error_responses(400, 422, 503, 504, 500),
-    summary="Generate text and wait for it",
+    responses={**SSE_RESPONSE_DOC, **error_responses(400, 422, 503, 504, 500)},
+    summary="Generate text and wait for it (or stream it with stream: true)",
 )
 async def generate(
     body: TextGenerationRequest, request: Request, service: ServiceDep, request_id: RequestIdDep
-) -> TextGenerationResponse:
+) -> TextGenerationResponse | Response:
     service.check_prompt(body.prompt, request_id)
-    handle = service.submit(body, request_id, Priority.INTERACTIVE)
+    handle = service.submit_request(body, request_id, Priority.INTERACTIVE)
+    if body.stream:
+        return sse_response(generation_events(service, handle, request_id), request_id)
     result = await result_unless_disconnected(request, handle)
     return service.response(result, request_id)
 
@@ -69,7 +91,7 @@ async def generate_background(
     request_id: RequestIdDep,
 ) -> JobAccepted:
     state.service.check_prompt(body.prompt, request_id)
-    job = await store.create(body.model_dump(mode="json"), request_id=request_id)
+    job = await store.create(body.model_dump(mode="json", exclude={"stream"}), request_id=request_id)
     runner.notify()
     status_url = f"/jobs/{job.id}"
     response.headers["Location"] = status_url

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
+from sse_starlette import ServerSentEvent
 
 from models import JobList, JobStateName, JobView, TextGenerationResponse
-from textgen.api.deps import RunnerDep, StoreDep
+from textgen.api.deps import RequestIdDep, RunnerDep, StateDep, StoreDep
 from textgen.api.errors import error_responses
-from textgen.jobs.store import Job, JobState
+from textgen.api.sse import SSE_RESPONSE_DOC, error_event, event, sse_response
+from textgen.errors import TextGenError
+from textgen.generation import GenerationService
+from textgen.jobs.runner import JobRunner
+from textgen.jobs.store import TERMINAL_STATES, Job, JobState, JobStore
+
+STREAM_POLL_S = 0.25
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -59,3 +69,41 @@ async def cancel_job(job_id: str, store: StoreDep, runner: RunnerDep) -> JobView
     job = await store.cancel(job_id)
     runner.cancel_local(job_id)
     return job_view(job)
+
+
+async def job_events(
+    job_id: str, store: JobStore, runner: JobRunner, service: GenerationService, request_id: str
+) -> AsyncIterator[ServerSentEvent]:
+    """`state` events on every change, `token` events while the job runs in this process (replayed from
+    its first token when connecting late), then `done` with the finished job. Leaving does not cancel."""
+    last_state: JobState | None = None
+    try:
+        while True:
+            job = await store.get(job_id)
+            if job.state is not last_state:
+                last_state = job.state
+                yield event("state", {"state": job.state.value})
+            if job.state in TERMINAL_STATES:
+                yield event("done", job_view(job).model_dump(mode="json"))
+                return
+            handle = runner.local_handle(job_id)
+            if job.state is JobState.RUNNING and handle is not None:
+                with contextlib.suppress(TextGenError):  # the job's own outcome arrives via the store
+                    async for text in service.stream_text(handle, cancel_on_exit=False):
+                        yield event("token", {"text": text})
+            else:
+                await asyncio.sleep(STREAM_POLL_S)
+    except Exception as error:
+        yield error_event(error, request_id)
+
+
+@router.get(
+    "/{job_id}/stream",
+    responses={**SSE_RESPONSE_DOC, **error_responses(404, 500)},
+    summary="Follow a job live (Server-Sent Events); disconnecting does not cancel it",
+)
+async def stream_job(
+    job_id: str, store: StoreDep, runner: RunnerDep, state: StateDep, request_id: RequestIdDep
+) -> Response:
+    await store.get(job_id)  # unknown ids get a plain 404 before the stream starts
+    return sse_response(job_events(job_id, store, runner, state.service, request_id), request_id)

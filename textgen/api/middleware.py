@@ -1,7 +1,8 @@
 """Request ids: taken from a valid ``X-Request-ID`` header or made fresh, returned on every response.
 
 A pure ASGI middleware (no response buffering, so streaming stays streaming). It also writes one
-access-log line per request with the id, status and duration, never the body.
+access-log line per request with the id, status and duration (never the body) and records the
+request in the HTTP metrics.
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ def request_id_from(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
+def _record_metrics(scope: Scope, status: int, seconds: float) -> None:
+    """Label by route template (``/jobs/{job_id}``), never by raw path, to keep cardinality bounded."""
+    state = getattr(getattr(scope.get("app"), "state", None), "textgen", None)
+    if state is None:
+        return
+    route = getattr(scope.get("route"), "path", None) or "unmatched"
+    state.metrics.observe_http(scope["method"], route, status, seconds)
+
+
 class RequestIdMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -57,13 +67,9 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            logger.info(
-                "%s %s %d %.1fms",
-                scope["method"],
-                scope["path"],
-                status,
-                (time.perf_counter() - started) * 1000,
-            )
+            elapsed = time.perf_counter() - started
+            logger.info("%s %s %d %.1fms", scope["method"], scope["path"], status, elapsed * 1000)
+            _record_metrics(scope, status, elapsed)
             request_id_var.reset(token)
 
 

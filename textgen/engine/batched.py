@@ -15,7 +15,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +29,7 @@ from textgen.engine.types import (
     Handle,
     Priority,
     SamplingParams,
+    to_client_error,
 )
 from textgen.errors import (
     DeadlineExceededError,
@@ -47,15 +47,6 @@ logger = logging.getLogger(__name__)
 Event = tuple[Handle, str, GenerationResult | None, BaseException | None]
 
 SHUTTING_DOWN = "The server is shutting down; retry the request."
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """What one decode step did; handed to an optional observer (metrics)."""
-
-    batch_size: int
-    duration_s: float
-    new_tokens: int
 
 
 class BatchedEngine:
@@ -79,7 +70,7 @@ class BatchedEngine:
         self._stop_requested = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.step_observer: Callable[[StepReport], None] | None = None
+        self._step_observer: Callable[[int, float], None] | None = None
 
     # ----- event-loop side -------------------------------------------------------------------
 
@@ -93,24 +84,43 @@ class BatchedEngine:
         self._ready = True
 
     async def _warm_up(self) -> None:
-        """One short batched generation so the first user request does not pay one-time costs."""
+        """One short batched generation so the first user request does not pay one-time costs.
+
+        Warm-up requests skip the queue limits (a server configured with one slot must still start),
+        and a warm-up the limits reject (a prompt limit of one token) is only logged.
+        """
         started = time.perf_counter()
         params = SamplingParams(max_new_tokens=4, temperature=0.0)
-        handles = [self.submit(GenerationRequest(prompt=p, params=params)) for p in ("Hello", "Warm up the model")]
-        await asyncio.gather(*(h.result() for h in handles))
-        logger.info("Engine warmed up in %.2fs", time.perf_counter() - started)
+        handles = [self._enqueue(GenerationRequest(prompt=p, params=params)) for p in ("Hi", "Hello")]
+        outcomes = await asyncio.gather(*(h.result() for h in handles), return_exceptions=True)
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        for failure in failures:
+            if not isinstance(failure, TextGenError):
+                raise failure
+        if failures:
+            logger.warning("Warm-up skipped: %s", failures[0])
+        else:
+            logger.info("Engine warmed up in %.2fs", time.perf_counter() - started)
 
     @property
     def ready(self) -> bool:
         return self._ready and self._accepting and self._thread is not None and self._thread.is_alive()
 
+    def set_step_observer(self, observer: Callable[[int, float], None]) -> None:
+        self._step_observer = observer
+
     def submit(self, request: GenerationRequest) -> Handle:
         if not self._accepting or self._loop is None:
             raise NotReadyError()
-        handle = Handle(request, self._loop)
         with self._lock:
             if request.priority is Priority.INTERACTIVE and self._queue_full_locked():
                 raise QueueFullError(retry_after_s=self._retry_after_locked())
+        return self._enqueue(request)
+
+    def _enqueue(self, request: GenerationRequest) -> Handle:
+        assert self._loop is not None
+        handle = Handle(request, self._loop)
+        with self._lock:
             self._waiting[request.priority].append(handle)
             self._work_available.notify()
         return handle
@@ -164,7 +174,12 @@ class BatchedEngine:
     # ----- inference-thread side ---------------------------------------------------------------
 
     def _serve_forever(self) -> None:
-        torch.set_grad_enabled(False)
+        # Sampling edits the model's output logits in place; they are inference tensors.
+        with torch.inference_mode():
+            self._loop_until_stopped()
+        self._flush(self._fail_everything())
+
+    def _loop_until_stopped(self) -> None:
         while True:
             events: list[Event] = []
             try:
@@ -176,7 +191,6 @@ class BatchedEngine:
                 self._fail_batch(events, EngineError())
             finally:
                 self._flush(events)
-        self._flush(self._fail_everything())
 
     def _wait_for_work(self, events: list[Event]) -> bool:
         """Block while idle. False once a stop was requested."""
@@ -236,9 +250,11 @@ class BatchedEngine:
                 ids, budget = tokenize_prompt(
                     self._loaded.tokenizer, handle.request, self._limits, self._loaded.context_length
                 )
-            except TextGenError as error:
+            except Exception as error:
+                if not isinstance(error, TextGenError):
+                    logger.exception("Tokenizing a prompt failed", extra={"request_id": handle.request.request_id})
                 self._release(1)
-                events.append((handle, "", None, error))
+                events.append((handle, "", None, to_client_error(error)))
                 continue
             prepared.append((handle, ids, budget))
             self._mean_budget = 0.9 * self._mean_budget + 0.1 * budget
@@ -260,12 +276,12 @@ class BatchedEngine:
             return
         try:
             batch, logits = prefill(loaded.model, [s.prompt_ids for s in live], live, loaded.tokenizer.pad_token_id)
+            self._sample_into(batch, logits, events)
         except Exception:
             logger.exception("Prefill failed for %d requests", len(live))
             self._release(len(live))
             events.extend((s.handle, "", None, EngineError()) for s in live)
             return
-        self._sample_into(batch, logits, events)
         self._batch = batch if self._batch is None else self._batch.concat(batch)
 
     def _decode(self, events: list[Event]) -> None:
@@ -276,8 +292,8 @@ class BatchedEngine:
         elapsed = time.perf_counter() - started
         size = self._batch.size
         self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (size / max(elapsed, 1e-6))
-        if self.step_observer is not None:
-            self.step_observer(StepReport(batch_size=size, duration_s=elapsed, new_tokens=size))
+        if self._step_observer is not None:
+            self._step_observer(size, elapsed)
 
     def _sample_into(self, batch: Batch[SequenceState], logits: torch.Tensor, events: list[Event]) -> None:
         rows = batch.rows

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -140,6 +141,9 @@ class ThreadPoolEngine:
             await asyncio.wait(set(self._in_flight))
         if self._executor is not None:
             await asyncio.to_thread(self._executor.shutdown, True)
+
+    def set_step_observer(self, observer: Callable[[int, float], None]) -> None:
+        """No shared decode steps here: each thread runs its own generate() loop."""
 
     def stats(self) -> EngineStats:
         running = min(len(self._handles), self._workers)

@@ -13,7 +13,7 @@ import asyncio
 import enum
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -176,6 +176,9 @@ class Engine(Protocol):
     def ready(self) -> bool: ...
 
     def stats(self) -> EngineStats: ...
+
+    def set_step_observer(self, observer: Callable[[int, float], None]) -> None:
+        """Called with (batch size, seconds) after every decode step, on the inference thread."""
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,10 @@ class JobRunner:
         """A job was just submitted here: claim it now rather than at the next poll."""
         self._wakeup.set()
 
+    def local_handle(self, job_id: str) -> Handle | None:
+        """The engine handle of a job running in this process (for live streaming), if any."""
+        return self._active.get(job_id)
+
     def cancel_local(self, job_id: str) -> None:
         handle = self._active.get(job_id)
         if handle is not None:
@@ -161,9 +165,10 @@ class JobRunner:
         request_id = job.request_id or job.id
         log_extra = {"request_id": request_id}
         logger.info("Job %s started (attempt %d)", job.id, job.attempts, extra=log_extra)
+        self._service.metrics.observe_job_started(job.created_at, job.started_at)
         try:
             body = TextGenerationRequest.model_validate(job.request)
-            handle = self._service.submit(body, request_id, Priority.BACKGROUND)
+            handle = self._service.submit_request(body, request_id, Priority.BACKGROUND)
             self._active[job.id] = handle
             response = self._service.response(await handle.result(), request_id)
             await self._finish(job, JobState.SUCCEEDED, result=response.model_dump(mode="json"))

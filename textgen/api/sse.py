@@ -1,0 +1,38 @@
+"""Server-Sent Events helpers shared by the streaming routes (sse-starlette does the transport)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from textgen.api.middleware import REQUEST_ID_HEADER
+from textgen.errors import EngineError, TextGenError
+
+logger = logging.getLogger(__name__)
+
+SSE_RESPONSE_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "JSON, or with `stream: true` a `text/event-stream` of `token` events, then `done` (or `error`)",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
+def event(name: str, payload: Any) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(payload, ensure_ascii=False), event=name)
+
+
+def error_event(error: BaseException, request_id: str) -> ServerSentEvent:
+    """Errors after the stream started cannot change the status code; they become an event."""
+    if not isinstance(error, TextGenError):
+        logger.error("Stream failed", exc_info=error, extra={"request_id": request_id})
+        error = EngineError()
+    return event("error", {"detail": error.message, "status": error.status_code, "request_id": request_id})
+
+
+def sse_response(events: AsyncIterator[ServerSentEvent | dict[str, Any] | str], request_id: str) -> EventSourceResponse:
+    return EventSourceResponse(events, headers={REQUEST_ID_HEADER: request_id}, ping=15)

@@ -1,0 +1,168 @@
+"""Prometheus metrics, all named ``textgen_*``, built per app (never at import time).
+
+Single process: one ``CollectorRegistry`` per app. With ``uvicorn --workers N`` set
+``PROMETHEUS_MULTIPROC_DIR`` to an empty, writable folder before starting: every worker then writes
+its samples there and ``/metrics`` (answered by whichever worker) aggregates all of them.
+Gauges that describe a process (queue lengths) are summed over live workers; model info is the max.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from textgen.engine.types import EngineStats, GenerationResult
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """Every metric the service exports; methods named after the event they record."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter(
+            "textgen_http_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r
+        )
+        self.http_latency = Histogram(
+            "textgen_http_request_duration_seconds",
+            "HTTP request latency by route",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "textgen_engine_waiting_sequences",
+            "Requests waiting for a batch slot",
+            ["priority"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.running = Gauge(
+            "textgen_engine_running_sequences",
+            "Sequences in the running batch",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "textgen_engine_batch_size", "Sequences per decode step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.step_duration = Histogram(
+            "textgen_engine_step_duration_seconds",
+            "Duration of one decode step",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generated_tokens = Counter("textgen_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("textgen_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.requests_finished = Counter(
+            "textgen_generation_requests", "Finished generations by finish reason", ["finish_reason"], registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "textgen_time_to_first_token_seconds",
+            "Time from arrival to the first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "textgen_inter_token_latency_seconds",
+            "Mean time between generated tokens of a request",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.jobs = Gauge(
+            "textgen_jobs", "Jobs in the store by state", ["state"], multiprocess_mode="mostrecent", registry=r
+        )
+        self.job_queue_wait = Histogram(
+            "textgen_job_queue_wait_seconds",
+            "Time a background job waited in the store before it started",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.filter_rejections = Counter(
+            "textgen_content_filter_rejections",
+            "Content-filter hits by where (prompt/output) and action (reject/redact)",
+            ["where", "action"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "textgen_model_info",
+            "The served model (value is always 1)",
+            ["name", "dtype", "device", "engine"],
+            multiprocess_mode="max",
+            registry=r,
+        )
+
+    # ----- recording ---------------------------------------------------------------------------
+
+    def set_model(self, name: str, dtype: str, device: str, engine: str) -> None:
+        self.model_info.labels(name=name, dtype=dtype, device=device, engine=engine).set(1)
+
+    def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(method=method, route=route, status=str(status)).inc()
+        self.http_latency.labels(method=method, route=route).observe(seconds)
+
+    def observe_step(self, batch_size: int, seconds: float) -> None:
+        """Called from the inference thread; prometheus-client metrics are thread-safe."""
+        self.batch_size.observe(batch_size)
+        self.step_duration.observe(seconds)
+
+    def observe_result(self, result: GenerationResult) -> None:
+        self.generated_tokens.inc(result.completion_tokens)
+        self.prompt_tokens.inc(result.prompt_tokens)
+        self.requests_finished.labels(finish_reason=result.finish_reason.value).inc()
+        ttft = result.timings.time_to_first_token_s
+        if ttft is not None:
+            self.time_to_first_token.observe(ttft)
+            if result.completion_tokens > 1:
+                self.inter_token_latency.observe((result.timings.total_s - ttft) / (result.completion_tokens - 1))
+
+    def observe_filter(self, where: str, action: str) -> None:
+        self.filter_rejections.labels(where=where, action=action).inc()
+
+    def observe_job_started(self, created_at: float, started_at: float | None) -> None:
+        self.job_queue_wait.observe(max(0.0, (started_at or time.time()) - created_at))
+
+    def set_engine_stats(self, stats: EngineStats) -> None:
+        self.running.set(stats.running)
+        self.waiting.labels(priority="interactive").set(stats.waiting_interactive)
+        self.waiting.labels(priority="background").set(stats.waiting_background)
+
+    def set_job_counts(self, counts: dict[str, int]) -> None:
+        for state in JOB_STATES:
+            self.jobs.labels(state=state).set(counts.get(state, 0))
+
+    # ----- exposition --------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        if multiprocess_dir() is None:
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined)
+        return generate_latest(combined)
+
+
+def mark_process_dead() -> None:
+    """In multiprocess mode, drop this worker's live gauges when it stops."""
+    if multiprocess_dir() is not None:
+        multiprocess.mark_process_dead(os.getpid())
