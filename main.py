@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from textgen.api import generate, health, jobs, metrics
+from textgen.api import generate, health, jobs, metrics, openai
 from textgen.api.errors import install_error_handlers
 from textgen.api.middleware import QuietStartupFailure, RequestIdMiddleware
 from textgen.config import Settings, load_settings
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(QuietStartupFailure, marker=StartupError.__name__)
     install_error_handlers(app)
-    for router in (generate.router, jobs.router, health.router, metrics.router):
+    for router in (generate.router, jobs.router, openai.router, health.router, metrics.router):
         app.include_router(router)
     return app
 

@@ -124,6 +124,13 @@ class ContentFilter:
         ]
         return _merge_into_matches(normalized, spans)
 
+    @property
+    def streaming_holdback(self) -> int:
+        """Characters a stream must hold back so no match can still be completed by later text: the
+        longest entry with its longest suffix, spelled out with a separator after every letter."""
+        longest = max((len(word) for word in self._words), default=0)
+        return 2 * (longest + max(len(suffix) for suffix in _SUFFIXES)) + 2
+
     def is_blocked(self, text: str) -> bool:
         return bool(self.find(text))
 
@@ -374,16 +381,16 @@ class StreamingFilter:
     """Applies a ``ContentFilter`` to text that arrives piece by piece (streamed generation).
 
     A forbidden word must never reach the client, even split across tokens ("ha" + "te"), so the last
-    ``holdback`` characters, snapped back to the start of a word, are held until more text arrives or
-    the stream ends. Only a window around the unsent text is re-scanned on each push, so the cost per
+    ``holdback`` characters (``ContentFilter.streaming_holdback``: 16 for "hate"), snapped back to the
+    start of a word, are held until more text arrives or the stream ends. Only a window around the unsent text is re-scanned on each push, so the cost per
     token does not grow with the length of the output. A match longer than the window (a very long
     spaced-out run) can slip through; the final, whole-text check of the done event still catches it.
     """
 
-    def __init__(self, content_filter: ContentFilter, action: str, holdback: int = 48) -> None:
+    def __init__(self, content_filter: ContentFilter, action: str, holdback: int | None = None) -> None:
         self._filter = content_filter
         self._reject = action == "reject"
-        self._holdback = holdback
+        self._holdback = holdback if holdback is not None else content_filter.streaming_holdback
         self._text = ""
         self._sent_upto = 0
         self.matched = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from fastapi import APIRouter, Request, Response
 from sse_starlette import ServerSentEvent
@@ -25,21 +25,30 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def result_unless_disconnected(request: Request, handle: Handle) -> GenerationResult:
-    """Await the result; if the client goes away first, cancel so the sequence leaves the batch."""
-    result = asyncio.ensure_future(handle.result())
+async def results_unless_disconnected(request: Request, handles: Sequence[Handle]) -> list[GenerationResult]:
+    """Await every result; if the client goes away first (or one fails), cancel the rest so their
+    sequences leave the batch."""
+    results = asyncio.ensure_future(asyncio.gather(*(h.result() for h in handles)))
     disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        await asyncio.wait({result, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({results, disconnect}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         disconnect.cancel()
-    if not result.done():
-        handle.cancel()
-        result.cancel()
+        if not results.done() or results.exception() is not None:
+            for handle in handles:
+                if not handle.done:
+                    handle.cancel()
+    if not results.done():
+        results.cancel()
         with contextlib.suppress(asyncio.CancelledError, GenerationCancelledError):
-            await result
+            await results
         raise GenerationCancelledError("The client disconnected.")
-    return result.result()
+    return results.result()
+
+
+async def result_unless_disconnected(request: Request, handle: Handle) -> GenerationResult:
+    """Await the result; if the client goes away first, cancel so the sequence leaves the batch."""
+    return (await results_unless_disconnected(request, [handle]))[0]
 
 
 async def generation_events(

@@ -1,0 +1,319 @@
+"""OpenAI-compatible routes (/v1/models, /v1/completions, /v1/chat/completions).
+
+Existing OpenAI clients work unchanged: the same request and response shapes, ``stream: true`` as
+``data: {...}`` chunks ending with ``data: [DONE]``, ``usage``, ``n``, ``stop``, ``seed``. Errors use
+OpenAI's ``{"error": {...}}`` body (plus the request id). Everything goes through the same
+``GenerationService`` as ``/generate``: content filter, engine, metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from sse_starlette import ServerSentEvent
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from models import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+    Usage,
+)
+from textgen.api.deps import RequestIdDep, ServiceDep, StateDep
+from textgen.api.errors import request_id_of
+from textgen.api.generate import results_unless_disconnected
+from textgen.api.sse import sse_response
+from textgen.engine.types import FinishReason, GenerationResult, Handle, Priority, SamplingParams, to_client_error
+from textgen.errors import InvalidRequestError, TextGenError
+from textgen.generation import GenerationService
+
+logger = logging.getLogger(__name__)
+
+OPENAI_FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 503: "server_overloaded", 504: "timeout"}
+
+
+def openai_error(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
+    request_id = request_id_of(request)
+    body = {
+        "error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param, "code": None},
+        "request_id": request_id,
+    }
+    headers = {"X-Request-ID": request_id}
+    if status == 503:
+        headers["Retry-After"] = "1"
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class OpenAIRoute(APIRoute):
+    """Renders every error of these routes in OpenAI's shape (validation errors are 400, as OpenAI's)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as error:
+                first = error.errors()[0]
+                param = ".".join(str(part) for part in first["loc"] if part != "body") or None
+                return openai_error(request, 400, f"{param}: {first['msg']}" if param else first["msg"], param)
+            except TextGenError as error:
+                response = openai_error(request, error.status_code, error.message)
+                if error.retry_after_s is not None:
+                    response.headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
+                return response
+
+        return handle
+
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+ERROR_DOCS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIError, "description": description}
+    for code, description in {
+        400: "Invalid request or content rejected",
+        503: "Queue full or not ready",
+        504: "Deadline passed",
+    }.items()
+}
+
+
+def render_chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> str:
+    """The model's own chat template; a plain 'role: content' transcript for models without one."""
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
+    if tokenizer.chat_template:
+        return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
+    return "".join(f"{turn['role']}: {turn['content']}\n" for turn in turns) + "assistant:"
+
+
+def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, choice: int) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=None if body.seed is None else body.seed + choice,
+        stop=body.stop_strings(),
+    )
+
+
+def _submit_all(
+    service: GenerationService,
+    prompts: Sequence[str],
+    body: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int | None,
+    request_id: str,
+) -> list[Handle]:
+    """n handles per prompt, in OpenAI's choice order; cancels what was submitted if one is refused."""
+    if len(body.stop_strings()) > 4:
+        raise InvalidRequestError("stop: at most 4 stop sequences are allowed.")
+    handles: list[Handle] = []
+    try:
+        for prompt in prompts:
+            for choice in range(body.n):
+                params = _sampling(body, max_tokens, choice)
+                handles.append(service.submit(prompt, params, request_id, Priority.INTERACTIVE))
+    except TextGenError:
+        for handle in handles:
+            handle.cancel()
+        raise
+    return handles
+
+
+def _usage(results: Sequence[GenerationResult], n: int) -> Usage:
+    prompt_tokens = sum(result.prompt_tokens for result in results[::n])
+    completion_tokens = sum(result.completion_tokens for result in results)
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
+async def _choice_events(
+    service: GenerationService, handles: Sequence[Handle], request_id: str
+) -> AsyncIterator[tuple[int, str, GenerationResult | None]]:
+    """(choice index, text delta, final result or None) from all choices as they arrive."""
+    queue: asyncio.Queue[tuple[int, str, GenerationResult | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, handle: Handle) -> None:
+        try:
+            async for text in service.stream_text(handle):
+                queue.put_nowait((index, text, None, None))
+            queue.put_nowait((index, "", service.finish(await handle.result(), request_id), None))
+        except BaseException as error:
+            queue.put_nowait((index, "", None, error))
+            raise
+
+    tasks = [asyncio.create_task(pump(index, handle)) for index, handle in enumerate(handles)]
+    try:
+        remaining = len(handles)
+        while remaining:
+            index, text, result, error = await queue.get()
+            if error is not None:
+                raise error
+            remaining -= result is not None
+            yield index, text, result
+    finally:
+        for task in tasks:
+            task.cancel()
+        for handle in handles:
+            if not handle.done:
+                handle.cancel()
+
+
+def _data(payload: dict[str, Any]) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(payload, ensure_ascii=False))
+
+
+async def _openai_stream(chunks: AsyncIterator[dict[str, Any]], request_id: str) -> AsyncIterator[ServerSentEvent]:
+    try:
+        async for chunk in chunks:
+            yield _data(chunk)
+    except Exception as error:
+        client_error = to_client_error(error)
+        if client_error is not error:
+            logger.error("Stream failed", exc_info=error, extra={"request_id": request_id})
+        assert isinstance(client_error, TextGenError)
+        kind = _ERROR_TYPES.get(client_error.status_code, "server_error")
+        yield _data({"error": {"message": client_error.message, "type": kind}, "request_id": request_id})
+    yield ServerSentEvent(data="[DONE]")
+
+
+def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    return bool((body.stream_options or {}).get("include_usage"))
+
+
+@router.get("/models", response_model=ModelList, summary="The served model")
+async def list_models(state: StateDep) -> ModelList:
+    return ModelList(data=[ModelCard(id=state.model.name, created=int(time.time()))])
+
+
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    responses=ERROR_DOCS,
+    summary="OpenAI-compatible text completion",
+)
+async def completions(
+    body: CompletionRequest, request: Request, service: ServiceDep, request_id: RequestIdDep
+) -> CompletionResponse | Response:
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts or not all(prompts):
+        raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings.")
+    for prompt in prompts:
+        service.check_prompt(prompt, request_id)
+    handles = _submit_all(service, prompts, body, body.max_tokens, request_id)
+    completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        return sse_response(
+            _openai_stream(_completion_chunks(service, handles, body, completion_id, created, request_id), request_id),
+            request_id,
+        )
+    results = [service.finish(r, request_id) for r in await results_unless_disconnected(request, handles)]
+    return CompletionResponse(
+        id=completion_id,
+        created=created,
+        model=service.model_name,
+        choices=[
+            CompletionChoice(index=i, text=r.text, finish_reason=OPENAI_FINISH[r.finish_reason])
+            for i, r in enumerate(results)
+        ],
+        usage=_usage(results, body.n),
+    )
+
+
+async def _completion_chunks(
+    service: GenerationService,
+    handles: Sequence[Handle],
+    body: CompletionRequest,
+    completion_id: str,
+    created: int,
+    request_id: str,
+) -> AsyncIterator[dict[str, Any]]:
+    base = {"id": completion_id, "object": "text_completion", "created": created, "model": service.model_name}
+    finals: dict[int, GenerationResult] = {}
+    async for index, text, result in _choice_events(service, handles, request_id):
+        finish = None
+        if result is not None:
+            finals[index] = result
+            finish = OPENAI_FINISH[result.finish_reason]
+        yield {**base, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+    if _include_usage(body):
+        ordered = [finals[i] for i in range(len(handles))]
+        yield {**base, "choices": [], "usage": _usage(ordered, body.n).model_dump()}
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses=ERROR_DOCS,
+    summary="OpenAI-compatible chat completion (the model's chat template)",
+)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, state: StateDep, service: ServiceDep, request_id: RequestIdDep
+) -> ChatCompletionResponse | Response:
+    for message in body.messages:
+        service.check_prompt(message.content, request_id)
+    prompt = render_chat_prompt(state.model.tokenizer, body.messages)
+    max_tokens = body.max_completion_tokens or body.max_tokens or state.settings.max_new_tokens_limit
+    handles = _submit_all(service, [prompt], body, max_tokens, request_id)
+    chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        return sse_response(
+            _openai_stream(_chat_chunks(service, handles, body, chat_id, created, request_id), request_id),
+            request_id,
+        )
+    results = [service.finish(r, request_id) for r in await results_unless_disconnected(request, handles)]
+    return ChatCompletionResponse(
+        id=chat_id,
+        created=created,
+        model=service.model_name,
+        choices=[
+            ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=OPENAI_FINISH[r.finish_reason])
+            for i, r in enumerate(results)
+        ],
+        usage=_usage(results, body.n),
+    )
+
+
+async def _chat_chunks(
+    service: GenerationService,
+    handles: Sequence[Handle],
+    body: ChatCompletionRequest,
+    chat_id: str,
+    created: int,
+    request_id: str,
+) -> AsyncIterator[dict[str, Any]]:
+    base = {"id": chat_id, "object": "chat.completion.chunk", "created": created, "model": service.model_name}
+    for index in range(len(handles)):
+        yield {
+            **base,
+            "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+        }
+    finals: dict[int, GenerationResult] = {}
+    async for index, text, result in _choice_events(service, handles, request_id):
+        if text:
+            yield {**base, "choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]}
+        if result is not None:
+            finals[index] = result
+            finish = OPENAI_FINISH[result.finish_reason]
+            yield {**base, "choices": [{"index": index, "delta": {}, "finish_reason": finish}]}
+    if _include_usage(body):
+        ordered = [finals[i] for i in range(len(handles))]
+        yield {**base, "choices": [], "usage": _usage(ordered, body.n).model_dump()}
