@@ -382,9 +382,10 @@ class StreamingFilter:
 
     A forbidden word must never reach the client, even split across tokens ("ha" + "te"), so the last
     ``holdback`` characters (``ContentFilter.streaming_holdback``: 16 for "hate"), snapped back to the
-    start of a word, are held until more text arrives or the stream ends. Only a window around the unsent text is re-scanned on each push, so the cost per
-    token does not grow with the length of the output. A match longer than the window (a very long
-    spaced-out run) can slip through; the final, whole-text check of the done event still catches it.
+    start of a word, are held until more text arrives or the stream ends. Only a window around the
+    unsent text is re-scanned on each push, so the cost per token does not grow with the length of the
+    output. A match longer than the window (a very long spaced-out run) can slip through; the final,
+    whole-text check of the done event still catches it.
     """
 
     def __init__(self, content_filter: ContentFilter, action: str, holdback: int | None = None) -> None:
