@@ -65,11 +65,23 @@ class Settings(BaseSettings):
     blocked_words_file: Path | None = None
     output_filter_action: Literal["reject", "redact"] = "redact"
 
+    # Access and limits
+    api_keys: CommaList = Field(default_factory=list, repr=False, description="Comma-separated API keys; empty = no auth.")
+    api_keys_file: Path | None = Field(None, description="A file of API keys, one per line, added to the list.")
+    auth_exempt_paths: CommaList = Field(default_factory=lambda: ["/health", "/ready", "/metrics"])
+    rate_limit_rpm: int = Field(0, ge=0, description="Requests per minute per API key (0 = unlimited).")
+    rate_limit_tpm: int = Field(0, ge=0, description="Generated tokens per minute per API key (0 = unlimited).")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
+    cors_origins: CommaList = Field(default_factory=list, description="Allowed CORS origins; empty = CORS off.")
+    idempotency_ttl_s: float = Field(24 * 3600.0, gt=0, description="How long an Idempotency-Key is remembered.")
+
     # Logging
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    _split_blocked_words = field_validator("blocked_words", mode="before")(_split_commas)
+    _split_lists = field_validator(
+        "blocked_words", "api_keys", "auth_exempt_paths", "cors_origins", mode="before"
+    )(_split_commas)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -35,6 +35,11 @@ class InvalidRequestError(TextGenError):
     default_message = "The request is invalid."
 
 
+class UnauthorizedError(TextGenError):
+    status_code = 401
+    default_message = "Missing or invalid API key; send it as 'Authorization: Bearer <key>'."
+
+
 class JobNotFoundError(TextGenError):
     status_code = 404
     default_message = "No job with that id."
@@ -43,6 +48,23 @@ class JobNotFoundError(TextGenError):
 class JobNotCancellableError(TextGenError):
     status_code = 409
     default_message = "The job has already finished and cannot be cancelled."
+
+
+class IdempotencyConflictError(TextGenError):
+    status_code = 409
+    default_message = (
+        "This Idempotency-Key was already used with a different request body; use a new key for a new request."
+    )
+
+
+class PayloadTooLargeError(TextGenError):
+    status_code = 413
+    default_message = "The request body is too large (TEXTGEN_MAX_BODY_BYTES)."
+
+
+class RateLimitedError(TextGenError):
+    status_code = 429
+    default_message = "Rate limit exceeded for this API key; retry after the time in the Retry-After header."
 
 
 class QueueFullError(TextGenError):
