@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     output_filter_action: Literal["reject", "redact"] = "redact"
 
     # Access and limits
-    api_keys: CommaList = Field(default_factory=list, repr=False, description="Comma-separated API keys; empty = no auth.")
+    api_keys: CommaList = Field(
+        default_factory=list, repr=False, description="Comma-separated API keys; empty = no auth."
+    )
     api_keys_file: Path | None = Field(None, description="A file of API keys, one per line, added to the list.")
     auth_exempt_paths: CommaList = Field(default_factory=lambda: ["/health", "/ready", "/metrics"])
     rate_limit_rpm: int = Field(0, ge=0, description="Requests per minute per API key (0 = unlimited).")
@@ -79,9 +81,9 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    _split_lists = field_validator(
-        "blocked_words", "api_keys", "auth_exempt_paths", "cors_origins", mode="before"
-    )(_split_commas)
+    _split_lists = field_validator("blocked_words", "api_keys", "auth_exempt_paths", "cors_origins", mode="before")(
+        _split_commas
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
