@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from textgen.api import generate, health, jobs, metrics, openai
 from textgen.api.errors import install_error_handlers
 from textgen.api.middleware import QuietStartupFailure, RequestIdMiddleware
+from textgen.api.security import APIKeyMiddleware, BodySizeLimitMiddleware, SettingsCORSMiddleware
 from textgen.config import Settings, load_settings
 from textgen.errors import ConfigError
 from textgen.loader import load_model
@@ -50,6 +51,10 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
         description="Text generation with continuous batching, durable background jobs and a content filter.",
         lifespan=lifespan,
     )
+    # Added innermost first: request ids wrap CORS, which wraps the body limit, which wraps auth.
+    app.add_middleware(APIKeyMiddleware)
+    app.add_middleware(BodySizeLimitMiddleware)
+    app.add_middleware(SettingsCORSMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(QuietStartupFailure, marker=StartupError.__name__)
     install_error_handlers(app)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from textgen.api.security import AccessPolicy, bind_host_from_argv, warn_if_exposed_without_keys
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine import Engine, create_engine
@@ -32,6 +33,7 @@ class AppState:
     runner: JobRunner
     service: GenerationService
     metrics: Metrics
+    access: AccessPolicy
     shutting_down: bool = False
 
     gauge_task: asyncio.Task[None] | None = None
@@ -58,6 +60,8 @@ class AppState:
 async def build_state(settings: Settings, model_loader: ModelLoader = load_model) -> AppState:
     """Open the job store first (cheap, fails fast), then load the model and start the engine."""
     content_filter = ContentFilter.from_sources(settings.blocked_words, settings.blocked_words_file)
+    access = AccessPolicy.from_sources(settings.api_keys, settings.api_keys_file, settings.auth_exempt_paths)
+    warn_if_exposed_without_keys(access, bind_host_from_argv())
     store = job_store_from_url(settings.job_store)
     await store.open()
     try:
@@ -80,7 +84,7 @@ async def build_state(settings: Settings, model_loader: ModelLoader = load_model
     )
     await runner.start()
     logger.info("Service ready: model=%s engine=%s job_store=%s", model.name, engine.name, settings.job_store)
-    state = AppState(settings, model, engine, store, runner, service, metrics)
+    state = AppState(settings, model, engine, store, runner, service, metrics, access)
     state.gauge_task = asyncio.create_task(state.refresh_gauges_forever(), name="textgen-metrics-gauges")
     return state
 

@@ -7,14 +7,20 @@ overwritten by a late ``finish``. Jobs left ``running`` by a process that died a
 queue at the next start (``requeue_orphaned``); a graceful shutdown hands its own back
 (``requeue_owned``).
 
+``create_idempotent`` backs the ``Idempotency-Key`` header: a key remembers the fingerprint of the
+request it created a job for, so a retry with the same body gets that job back and a different body
+is refused (``IdempotencyConflictError``).
+
 ``JobStore`` is the contract; ``SQLiteJobStore`` implements it on one SQLite file in WAL mode, which
-several worker processes can share. ``job_store_from_url`` builds a store from ``TEXTGEN_JOB_STORE``.
+several worker processes can share. ``job_store_from_url`` builds a store from ``TEXTGEN_JOB_STORE``;
+``sqlite_path_from_url`` is its URL parsing, shared with anything else kept in the same file (rate limits).
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import hashlib
 import json
 import logging
 import re
@@ -29,7 +35,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, runtime_checkable
 
-from textgen.errors import ConfigError, JobNotCancellableError, JobNotFoundError
+from textgen.errors import (
+    ConfigError,
+    IdempotencyConflictError,
+    InvalidRequestError,
+    JobNotCancellableError,
+    JobNotFoundError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +86,10 @@ class JobStore(Protocol):
 
     async def create(self, request: dict[str, Any], *, request_id: str | None) -> Job: ...
 
+    async def create_idempotent(
+        self, request: dict[str, Any], *, request_id: str | None, key: str, ttl_s: float
+    ) -> tuple[Job, bool]: ...
+
     async def get(self, job_id: str) -> Job: ...
 
     async def list(self, *, state: JobState | None = None, limit: int = 50) -> builtins.list[Job]: ...
@@ -102,6 +118,8 @@ class JobStore(Protocol):
 
     async def purge_finished(self, older_than_s: float) -> int: ...
 
+    async def purge_idempotency(self, older_than_s: float) -> int: ...
+
     async def count(self, state: JobState) -> int: ...
 
 
@@ -128,11 +146,22 @@ _SCHEMA = (
     )
     """,
     "CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs (state, created_at)",
+    """
+    CREATE TABLE IF NOT EXISTS idempotency_keys (
+        key         TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        job_id      TEXT NOT NULL,
+        created_at  REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at)",
 )
 
 _BUSY_TIMEOUT_MS = 10_000
 _IN_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's bound-parameter limit
 _TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL_STATES))
+IDEMPOTENCY_KEY_MAX_LEN = 255
+_IDEMPOTENCY_KEY_RE = re.compile(rf"[\x20-\x7e]{{1,{IDEMPOTENCY_KEY_MAX_LEN}}}")
 
 
 def _dumps(value: dict[str, Any] | None) -> str | None:
@@ -156,7 +185,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
 
 
 @contextmanager
-def _write_txn(conn: sqlite3.Connection) -> Iterator[None]:
+def write_txn(conn: sqlite3.Connection) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` (take the write lock up front) ... ``COMMIT``, rolling back on any error."""
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -186,7 +215,12 @@ def _probe_writable(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def connect_sqlite(path: Path, schema: Sequence[str] = ()) -> sqlite3.Connection:
+    """Open ``path`` the way the job store does (autocommit, WAL, busy timeout) and run ``schema``.
+
+    Any other table kept in the job store's file (rate limits) opens its own connection with this.
+    ConfigError, naming TEXTGEN_JOB_STORE, if the file cannot be opened.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -202,12 +236,21 @@ def _connect(path: Path) -> sqlite3.Connection:
         if str(mode).lower() != "wal":
             logger.warning("Job store %s: journal_mode is %s, not WAL; concurrency suffers.", path, mode)
         conn.execute("PRAGMA synchronous = NORMAL")
-        for statement in _SCHEMA:
+        for statement in schema:
             conn.execute(statement)
-        _probe_writable(conn)
     except sqlite3.Error as exc:
         if conn is not None:
             conn.close()
+        raise _open_error(path, str(exc)) from exc
+    return conn
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = connect_sqlite(path, _SCHEMA)
+    try:
+        _probe_writable(conn)
+    except sqlite3.Error as exc:
+        conn.close()
         raise _open_error(path, str(exc)) from exc
     return conn
 
@@ -247,7 +290,7 @@ def _select_many(conn: sqlite3.Connection, state: JobState | None, limit: int) -
 
 
 def _claim(conn: sqlite3.Connection, owner: str, now: float) -> Job | None:
-    with _write_txn(conn):
+    with write_txn(conn):
         rows = conn.execute(
             "UPDATE jobs SET state = 'running', owner = ?, started_at = ?, attempts = attempts + 1 "
             "WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid LIMIT 1) "
@@ -284,7 +327,7 @@ def _finish(
 
 
 def _cancel(conn: sqlite3.Connection, job_id: str, now: float) -> Job:
-    with _write_txn(conn):
+    with write_txn(conn):
         rows = conn.execute(
             "UPDATE jobs SET state = 'cancelled', finished_at = ? "
             f"WHERE id = ? AND state IN ('queued', 'running') RETURNING {_COLUMNS}",
@@ -319,11 +362,77 @@ def _select_states(conn: sqlite3.Connection, job_ids: Sequence[str]) -> dict[str
 
 
 def _purge(conn: sqlite3.Connection, cutoff: float) -> int:
-    return conn.execute(f"DELETE FROM jobs WHERE state IN ({_TERMINAL_SQL}) AND finished_at < ?", (cutoff,)).rowcount
+    """Delete finished jobs older than ``cutoff`` and the idempotency records that pointed at them."""
+    with write_txn(conn):
+        n = conn.execute(f"DELETE FROM jobs WHERE state IN ({_TERMINAL_SQL}) AND finished_at < ?", (cutoff,)).rowcount
+        if n:
+            conn.execute("DELETE FROM idempotency_keys WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = job_id)")
+    return n
+
+
+def _purge_idempotency(conn: sqlite3.Connection, cutoff: float) -> int:
+    return conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (cutoff,)).rowcount
+
+
+# -- idempotency keys ------------------------------------------------------------------------------
+
+
+def validate_idempotency_key(key: str) -> str:
+    """Return ``key`` if it is 1..255 printable ASCII characters, else raise InvalidRequestError."""
+    if not isinstance(key, str) or not _IDEMPOTENCY_KEY_RE.fullmatch(key):
+        raise InvalidRequestError(
+            f"Invalid Idempotency-Key header: it must be 1 to {IDEMPOTENCY_KEY_MAX_LEN} printable ASCII characters."
+        )
+    return key
+
+
+def request_fingerprint(request: dict[str, Any]) -> str:
+    """sha256 (hex) of the canonical JSON of a request: equal bodies give equal fingerprints."""
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _live_keyed_job(conn: sqlite3.Connection, key: str, cutoff: float) -> tuple[Job, str] | None:
+    """The job an unexpired record for ``key`` points at, with the record's fingerprint; None if none."""
+    row = conn.execute("SELECT fingerprint, job_id, created_at FROM idempotency_keys WHERE key = ?", (key,)).fetchone()
+    if row is None or row["created_at"] < cutoff:
+        return None
+    try:
+        return _select_one(conn, row["job_id"]), row["fingerprint"]
+    except JobNotFoundError:  # the job was purged: the record is as good as expired
+        return None
+
+
+def _create_idempotent(
+    conn: sqlite3.Connection, job: Job, key: str, fingerprint: str, cutoff: float
+) -> tuple[Job, bool]:
+    with write_txn(conn):
+        found = _live_keyed_job(conn, key, cutoff)
+        if found is not None:
+            existing, existing_fingerprint = found
+            if existing_fingerprint != fingerprint:
+                raise IdempotencyConflictError()
+            return existing, False
+        _insert(conn, job)
+        conn.execute(
+            "INSERT OR REPLACE INTO idempotency_keys (key, fingerprint, job_id, created_at) VALUES (?, ?, ?, ?)",
+            (key, fingerprint, job.id, job.created_at),
+        )
+    return job, True
 
 
 def _count(conn: sqlite3.Connection, state: JobState) -> int:
     return int(conn.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state.value,)).fetchone()[0])
+
+
+def _new_job(request: dict[str, Any], request_id: str | None) -> Job:
+    return Job(
+        id=uuid.uuid4().hex,
+        request=json.loads(json.dumps(request)),  # the stored form, detached from the caller's dict
+        state=JobState.QUEUED,
+        request_id=request_id,
+        created_at=time.time(),
+    )
 
 
 class SQLiteJobStore:
@@ -380,15 +489,30 @@ class SQLiteJobStore:
     # -- jobs --------------------------------------------------------------------------------------
 
     async def create(self, request: dict[str, Any], *, request_id: str | None) -> Job:
-        job = Job(
-            id=uuid.uuid4().hex,
-            request=json.loads(json.dumps(request)),  # the stored form, detached from the caller's dict
-            state=JobState.QUEUED,
-            request_id=request_id,
-            created_at=time.time(),
-        )
+        job = _new_job(request, request_id)
         await self._run(_insert, job)
         return job
+
+    async def create_idempotent(
+        self, request: dict[str, Any], *, request_id: str | None, key: str, ttl_s: float
+    ) -> tuple[Job, bool]:
+        """Create a job under an Idempotency-Key, or return the one the key already made.
+
+        In one ``BEGIN IMMEDIATE`` transaction (atomic across processes sharing the file): an
+        unexpired record for ``key`` (younger than ``ttl_s``, whose job still exists) with the same
+        request fingerprint gives ``(that job, False)``; with a different fingerprint,
+        IdempotencyConflictError. Otherwise a new job is stored, the key (re)pointed at it, and
+        ``(job, True)`` returned. InvalidRequestError if the key is malformed.
+        """
+        validate_idempotency_key(key)
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+        job = _new_job(request, request_id)
+        fingerprint = request_fingerprint(job.request)
+        result = await self._run(_create_idempotent, job, key, fingerprint, job.created_at - ttl_s)
+        if not result[1]:
+            logger.debug("Idempotency-Key replay: returning job %s", result[0].id)
+        return result
 
     async def get(self, job_id: str) -> Job:
         return await self._run(_select_one, job_id)
@@ -458,7 +582,12 @@ class SQLiteJobStore:
         return await self._run(_select_states, builtins.list(dict.fromkeys(job_ids)))
 
     async def purge_finished(self, older_than_s: float) -> int:
+        """Delete finished jobs older than ``older_than_s`` (and idempotency records left pointing at them)."""
         return await self._run(_purge, time.time() - older_than_s)
+
+    async def purge_idempotency(self, older_than_s: float) -> int:
+        """Delete idempotency records older than ``older_than_s`` (pass ``idempotency_ttl_s``); returns how many."""
+        return await self._run(_purge_idempotency, time.time() - older_than_s)
 
     async def count(self, state: JobState) -> int:
         return await self._run(_count, state)
@@ -476,8 +605,9 @@ def _redact(url: str) -> str:
     return re.sub(r"(://)[^/@]*@", r"\1***@", url)
 
 
-def job_store_from_url(url: str) -> JobStore:
-    """Build the store named by ``TEXTGEN_JOB_STORE`` (SQLAlchemy-style URL); ConfigError if unusable."""
+def sqlite_path_from_url(url: str) -> Path:
+    """The database file named by a ``TEXTGEN_JOB_STORE`` URL (relative paths resolved against the
+    current directory); ConfigError for Redis, in-memory or malformed URLs."""
     text = url.strip()
     scheme, sep, rest = text.partition("://")
     scheme = scheme.lower()
@@ -495,4 +625,9 @@ def job_store_from_url(url: str) -> JobStore:
             f"and be shared by all workers). Point it at a file: {_VALID_FORMS}."
         )
     path = Path(target)
-    return SQLiteJobStore(path if path.is_absolute() else Path.cwd() / path)
+    return path if path.is_absolute() else Path.cwd() / path
+
+
+def job_store_from_url(url: str) -> JobStore:
+    """Build the store named by ``TEXTGEN_JOB_STORE`` (SQLAlchemy-style URL); ConfigError if unusable."""
+    return SQLiteJobStore(sqlite_path_from_url(url))

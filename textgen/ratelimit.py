@@ -1,0 +1,233 @@
+"""Per-API-key rate limits: requests per minute and generated tokens per minute.
+
+Counts live in fixed one-minute windows (``window = int(now // 60)``) in a table of the job store's
+SQLite file, updated in ``BEGIN IMMEDIATE`` transactions, so the limits hold across all worker
+processes sharing that file. ``acquire`` counts a request or refuses it (``RateLimitedError`` with
+``retry_after_s`` = seconds until the window ends; a refused request is not counted);
+``charge_tokens`` adds the tokens a request generated to its key's current window.
+
+Keys are API keys: they are stored and logged only as sha256 digests, never in clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Concatenate, ParamSpec, Protocol, TypeVar, runtime_checkable
+
+from textgen.config import Settings
+from textgen.errors import RateLimitedError
+from textgen.jobs.store import connect_sqlite, sqlite_path_from_url, write_txn
+
+logger = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+WINDOW_S = 60
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS rate_limits (
+        key_hash TEXT NOT NULL,
+        win      INTEGER NOT NULL,
+        requests INTEGER NOT NULL DEFAULT 0,
+        tokens   INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (key_hash, win)
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS rate_limits_window ON rate_limits (win)",
+)
+
+_UPSERT = (
+    "INSERT INTO rate_limits (key_hash, win, requests, tokens) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (key_hash, win) DO UPDATE SET "
+    "requests = requests + excluded.requests, tokens = tokens + excluded.tokens"
+)
+
+
+@runtime_checkable
+class RateLimiter(Protocol):
+    """Per-key request and token budgets."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def acquire(self, key: str) -> None: ...
+
+    async def charge_tokens(self, key: str, tokens: int) -> None: ...
+
+
+def key_digest(key: str) -> str:
+    """sha256 (hex) of a key: what is stored; log only a short prefix of it."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class NoRateLimit:
+    """``RateLimiter`` that never refuses (both limits are 0)."""
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def acquire(self, key: str) -> None:
+        return None
+
+    async def charge_tokens(self, key: str, tokens: int) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# SQLite implementation (functions run on the limiter's connection, in a worker thread)
+# --------------------------------------------------------------------------------------------------
+
+
+def _counts(conn: sqlite3.Connection, key_hash: str, window: int) -> tuple[int, int]:
+    row = conn.execute(
+        "SELECT requests, tokens FROM rate_limits WHERE key_hash = ? AND win = ?", (key_hash, window)
+    ).fetchone()
+    return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+
+def _over_limit(requests: int, tokens: int, rpm: int, tpm: int) -> str | None:
+    """Which budget is spent ("requests" / "tokens"), or None."""
+    if rpm > 0 and requests >= rpm:
+        return "requests"
+    if tpm > 0 and tokens >= tpm:
+        return "tokens"
+    return None
+
+
+def _acquire(conn: sqlite3.Connection, key_hash: str, window: int, rpm: int, tpm: int) -> str | None:
+    """Count one request in ``window`` unless a budget is spent; returns the spent budget, if any."""
+    with write_txn(conn):
+        conn.execute("DELETE FROM rate_limits WHERE win < ?", (window - 1,))  # old windows, any key
+        spent = _over_limit(*_counts(conn, key_hash, window), rpm, tpm)
+        if spent is None:
+            conn.execute(_UPSERT, (key_hash, window, 1, 0))
+    return spent
+
+
+def _charge(conn: sqlite3.Connection, key_hash: str, window: int, tokens: int) -> None:
+    conn.execute(_UPSERT, (key_hash, window, 0, tokens))  # one statement: atomic in autocommit mode
+
+
+def _refusal(spent: str, rpm: int, tpm: int, retry_after_s: int) -> RateLimitedError:
+    if spent == "requests":
+        what, setting = f"{rpm} requests per minute", "TEXTGEN_RATE_LIMIT_RPM"
+    else:
+        what, setting = f"{tpm} generated tokens per minute", "TEXTGEN_RATE_LIMIT_TPM"
+    return RateLimitedError(
+        f"Rate limit exceeded: this API key has used its {what} ({setting}). Retry after {retry_after_s} s.",
+        retry_after_s=retry_after_s,
+    )
+
+
+class SQLiteRateLimiter:
+    """``RateLimiter`` on a table of the job store's SQLite file, shared by all worker processes.
+
+    Fixed one-minute windows; one connection per object, used from worker threads one call at a time.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        requests_per_minute: int,
+        tokens_per_minute: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if requests_per_minute < 0 or tokens_per_minute < 0:
+            raise ValueError("requests_per_minute and tokens_per_minute must be >= 0 (0 = unlimited)")
+        self._path = Path(path)
+        self._rpm = requests_per_minute
+        self._tpm = tokens_per_minute
+        self._clock = clock
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def __repr__(self) -> str:
+        return f"SQLiteRateLimiter({str(self._path)!r}, rpm={self._rpm}, tpm={self._tpm})"
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    async def _run(
+        self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        return await asyncio.to_thread(self._locked, fn, *args, **kwargs)
+
+    def _locked(self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        with self._lock:
+            if self._conn is None:
+                raise RuntimeError(f"{self!r} is not open; call open() first.")
+            return fn(self._conn, *args, **kwargs)
+
+    def _open_sync(self) -> None:
+        with self._lock:
+            if self._conn is None:
+                self._conn = connect_sqlite(self._path, _SCHEMA)
+
+    def _close_sync(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._open_sync)
+        logger.info("Rate limits (rpm=%d, tpm=%d) kept in %s", self._rpm, self._tpm, self._path)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._close_sync)
+
+    # -- limits ------------------------------------------------------------------------------------
+
+    async def acquire(self, key: str) -> None:
+        """Count one request for ``key``; RateLimitedError (not counted) if a budget is spent."""
+        now = self._clock()
+        window = int(now // WINDOW_S)
+        digest = key_digest(key)
+        spent = await self._run(_acquire, digest, window, self._rpm, self._tpm)
+        if spent is None:
+            return
+        retry_after_s = max(1, math.ceil((window + 1) * WINDOW_S - now))
+        logger.info("Rate limited key sha256:%s (%s per minute), retry in %d s", digest[:12], spent, retry_after_s)
+        raise _refusal(spent, self._rpm, self._tpm, retry_after_s)
+
+    async def charge_tokens(self, key: str, tokens: int) -> None:
+        """Add ``tokens`` generated for ``key`` to its current window (nothing to do when 0)."""
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        if tokens == 0 or self._tpm == 0:
+            return
+        await self._run(_charge, key_digest(key), int(self._clock() // WINDOW_S), tokens)
+
+
+def rate_limiter_from_settings(settings: Settings) -> RateLimiter:
+    """NoRateLimit when both limits are 0, else a SQLiteRateLimiter in the ``TEXTGEN_JOB_STORE`` file.
+
+    ConfigError for a job store URL that is not a SQLite file (Redis, in-memory, malformed).
+    """
+    if settings.rate_limit_rpm == 0 and settings.rate_limit_tpm == 0:
+        return NoRateLimit()
+    return SQLiteRateLimiter(
+        sqlite_path_from_url(settings.job_store),
+        requests_per_minute=settings.rate_limit_rpm,
+        tokens_per_minute=settings.rate_limit_tpm,
+    )
