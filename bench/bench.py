@@ -2,13 +2,17 @@
 
     python -m bench.bench                                  # both engines, C = 1, 8, 32, 64
     python -m bench.bench --engines batched --concurrency 1,4 --requests-per-level 4 --max-new-tokens 8
+    python -m bench.bench --engines batched --mode stream  # only the streaming endpoint
     python -m bench.bench --url http://127.0.0.1:8000 --label prod-like   # an already running server
 
 For each engine a real ``uvicorn main:app`` subprocess is started (``TEXTGEN_ENGINE`` set, a throw-away
 SQLite job store, ``TEXTGEN_MAX_WAITING=1024``; other ``TEXTGEN_*`` variables pass through), waited for on
-``GET /ready``, warmed up with two requests and then driven at each concurrency C by C workers that send
-requests back to back until the level's request count is reached. Progress goes to stderr, the table to
-stdout, and results.json / results.md / results.png to ``--out``.
+``GET /ready``, warmed up with two requests per mode and then driven at each concurrency C, in each mode,
+by C workers that send requests back to back until the level's request count is reached. Modes
+(``--mode``): ``generate`` (``POST /generate``), ``stream`` (``/generate`` with ``stream: true``; adds
+client-side time to first token and inter-token latency) and ``openai`` (``POST /v1/completions``). The
+threadpool engine is the baseline and runs only ``generate`` unless ``--all-modes-for-baseline``.
+Progress goes to stderr, the table to stdout, and results.json / results.md / results.png to ``--out``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
+import json
 import logging
 import os
 import platform
@@ -41,11 +47,14 @@ if __package__ in (None, ""):  # run as ``python bench/bench.py``: make ``bench`
 
 from bench.report import render_table, write_reports  # noqa: E402
 from bench.rss import PeakRssSampler  # noqa: E402
-from bench.stats import LevelStats, Outcome, RequestResult, aggregate  # noqa: E402
+from bench.sse import SseEvent, SseParser  # noqa: E402
+from bench.stats import LevelStats, Mode, Outcome, RequestResult, aggregate, inter_token_latency  # noqa: E402
 
 LOG = logging.getLogger("bench")
 
 ENGINES = ("batched", "threadpool")
+BASELINE_ENGINE = "threadpool"  # runs only generate unless --all-modes-for-baseline
+MODES = tuple(mode.value for mode in Mode)
 DEFAULT_CONCURRENCY = (1, 8, 32, 64)
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 WARMUP_REQUESTS = 2
@@ -53,6 +62,10 @@ PROGRESS_INTERVAL_S = 2.0
 READY_POLL_S = 0.5
 STOP_GRACE_S = 30.0
 LOG_TAIL_LINES = 40
+TEMPERATURE = 0.8
+TOP_P = 0.95
+OPENAI_MODEL = "textgen"  # /v1/completions ignores it: the server serves one model
+PATHS = {Mode.GENERATE: "/generate", Mode.STREAM: "/generate", Mode.OPENAI: "/v1/completions"}
 # Short prompts (~15 tokens each); requests cycle through them so consecutive prompts differ.
 PROMPTS = (
     "Write a short story about a robot who learns to paint.",
@@ -114,12 +127,34 @@ def parse_engines(text: str) -> list[str]:
     return list(dict.fromkeys(engines))
 
 
+def parse_modes(text: str) -> list[str]:
+    modes = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if not modes or unknown:
+        raise argparse.ArgumentTypeError(f"modes must be a comma-separated subset of {','.join(MODES)}")
+    return list(dict.fromkeys(modes))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.bench",
         description="Closed-loop load benchmark of the textgen service (one uvicorn server per engine).",
     )
     parser.add_argument("--engines", type=parse_engines, default=list(ENGINES), help="default: batched,threadpool")
+    parser.add_argument(
+        "--mode",
+        "--modes",
+        dest="modes",
+        type=parse_modes,
+        default=list(MODES),
+        help="endpoints to drive: generate (/generate), stream (/generate with stream: true), openai "
+        "(/v1/completions); default: generate,stream,openai",
+    )
+    parser.add_argument(
+        "--all-modes-for-baseline",
+        action="store_true",
+        help=f"run every --mode on the {BASELINE_ENGINE} engine too (by default it runs only generate)",
+    )
     parser.add_argument(
         "--concurrency", type=parse_int_list, default=list(DEFAULT_CONCURRENCY), help="default: 1,8,32,64"
     )
@@ -154,6 +189,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def requests_for_level(concurrency: int, override: int | None) -> int:
     return override if override is not None else max(2 * concurrency, 8)
+
+
+def modes_for_engine(engine: str, modes: Sequence[str], all_modes_for_baseline: bool = False) -> list[str]:
+    """The modes ``engine`` runs: all of ``modes``, except that the baseline engine keeps only generate."""
+    if engine != BASELINE_ENGINE or all_modes_for_baseline:
+        return list(modes)
+    return [mode for mode in modes if mode == Mode.GENERATE]
 
 
 # --- server lifecycle ---------------------------------------------------------------------------------
@@ -256,22 +298,50 @@ def stop_server(server: Server) -> None:
 
 
 def build_payload(index: int, max_new_tokens: int) -> dict[str, Any]:
-    """The index-th request: no seed, since a seeded request serializes the threadpool engine."""
+    """The index-th /generate request: no seed, since a seeded request serializes the threadpool engine."""
     return {
         "prompt": PROMPTS[index % len(PROMPTS)],
         "max_new_tokens": max_new_tokens,
         "ignore_eos": True,
-        "temperature": 0.8,
-        "top_p": 0.95,
+        "temperature": TEMPERATURE,
+        "top_p": TOP_P,
     }
 
 
-def result_from_response(status_code: int, body: Any, latency_s: float) -> RequestResult:
-    """Classify one HTTP answer: 200 with a valid body completes, 503 is a rejection, the rest failed."""
+def build_request(mode: str, index: int, max_new_tokens: int) -> tuple[str, dict[str, Any]]:
+    """Path and JSON body of the index-th request of ``mode``.
+
+    /v1/completions has no ``ignore_eos`` (it ignores unknown fields), so its outputs may stop early.
+    """
+    if mode == Mode.OPENAI:
+        payload = {
+            "model": OPENAI_MODEL,
+            "prompt": PROMPTS[index % len(PROMPTS)],
+            "max_tokens": max_new_tokens,
+            "temperature": TEMPERATURE,
+            "top_p": TOP_P,
+            "stream": False,
+        }
+        return PATHS[Mode.OPENAI], payload
+    payload = build_payload(index, max_new_tokens)
+    if mode == Mode.STREAM:
+        payload["stream"] = True
+    return PATHS[Mode(mode)], payload
+
+
+def _unsuccessful(status_code: int, body: Any, latency_s: float) -> RequestResult | None:
+    """503 is a rejection, any other non-200 status a failure; None for 200."""
     if status_code == 503:
         return RequestResult(Outcome.REJECTED, latency_s, error="HTTP 503")
     if status_code != 200:
         return RequestResult(Outcome.FAILED, latency_s, error=f"HTTP {status_code}: {str(body)[:200]}")
+    return None
+
+
+def result_from_response(status_code: int, body: Any, latency_s: float) -> RequestResult:
+    """Classify one /generate answer: 200 with a valid body completes, 503 is a rejection, the rest failed."""
+    if (unsuccessful := _unsuccessful(status_code, body, latency_s)) is not None:
+        return unsuccessful
     try:
         ttft = body["timings"]["time_to_first_token_s"]
         return RequestResult(
@@ -286,18 +356,102 @@ def result_from_response(status_code: int, body: Any, latency_s: float) -> Reque
         return RequestResult(Outcome.FAILED, latency_s, error=f"malformed 200 body ({error!r}): {str(body)[:200]}")
 
 
-async def send_request(client: httpx.AsyncClient, payload: Mapping[str, Any]) -> RequestResult:
+def result_from_openai(status_code: int, body: Any, latency_s: float) -> RequestResult:
+    """Classify one /v1/completions answer; tokens come from its ``usage`` (no server-side TTFT there)."""
+    if (unsuccessful := _unsuccessful(status_code, body, latency_s)) is not None:
+        return unsuccessful
+    try:
+        usage = body["usage"]
+        str(body["choices"][0]["text"])
+        return RequestResult(
+            Outcome.COMPLETED,
+            latency_s,
+            prompt_tokens=int(usage["prompt_tokens"]),
+            completion_tokens=int(usage["completion_tokens"]),
+            model=str(body["model"]),
+        )
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        return RequestResult(Outcome.FAILED, latency_s, error=f"malformed 200 body ({error!r}): {str(body)[:200]}")
+
+
+def result_from_stream(events: Sequence[tuple[float, SseEvent]], latency_s: float) -> RequestResult:
+    """Classify a 200 event stream of /generate; each event comes with its arrival time in seconds since
+    the request was sent.
+
+    ``token`` events with non-empty text give the client-side TTFT (the first one) and, with the done
+    event's ``completion_tokens``, the inter-token latency; ``done`` completes the request (events after
+    it are ignored); ``error``, a malformed event or a stream that ends without ``done`` fails it.
+    """
+    first_token_s: float | None = None
+    last_token_s = 0.0
+    for at_s, event in events:
+        if event.event == "token":
+            try:
+                text = json.loads(event.data)["text"]
+            except (KeyError, TypeError, ValueError) as error:
+                return RequestResult(Outcome.FAILED, latency_s, error=f"malformed token event ({error!r})")
+            if text:
+                first_token_s = at_s if first_token_s is None else first_token_s
+                last_token_s = at_s
+        elif event.event == "error":
+            return RequestResult(Outcome.FAILED, latency_s, error=f"error event: {event.data[:200]}")
+        elif event.event == "done":
+            try:
+                body: Any = json.loads(event.data)
+            except ValueError:
+                body = event.data
+            result = result_from_response(200, body, latency_s)
+            if result.outcome is not Outcome.COMPLETED or first_token_s is None:
+                return result
+            itl_s = inter_token_latency(first_token_s, last_token_s, result.completion_tokens)
+            return dataclasses.replace(result, client_ttft_s=first_token_s, itl_s=itl_s)
+    return RequestResult(Outcome.FAILED, latency_s, error=f"stream ended without a done event ({len(events)} events)")
+
+
+def _body(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+def _transport_failure(error: httpx.HTTPError, start: float) -> RequestResult:
+    return RequestResult(Outcome.FAILED, time.perf_counter() - start, error=f"{type(error).__name__}: {error}")
+
+
+async def send_stream(client: httpx.AsyncClient, path: str, payload: Mapping[str, Any]) -> RequestResult:
+    """One streamed request, read line by line; e2el latency runs to the end of the stream."""
+    start = time.perf_counter()
+    events: list[tuple[float, SseEvent]] = []
+    try:
+        async with client.stream("POST", path, json=payload) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return result_from_response(response.status_code, _body(response), time.perf_counter() - start)
+            parser = SseParser()
+            async for line in response.aiter_lines():
+                if (event := parser.feed(line)) is not None:
+                    events.append((time.perf_counter() - start, event))
+            if (event := parser.flush()) is not None:
+                events.append((time.perf_counter() - start, event))
+    except httpx.HTTPError as error:
+        return _transport_failure(error, start)
+    return result_from_stream(events, time.perf_counter() - start)
+
+
+async def send_request(client: httpx.AsyncClient, mode: str, index: int, max_new_tokens: int) -> RequestResult:
+    """The index-th request of ``mode``, classified."""
+    path, payload = build_request(mode, index, max_new_tokens)
+    if mode == Mode.STREAM:
+        return await send_stream(client, path, payload)
     start = time.perf_counter()
     try:
-        response = await client.post("/generate", json=payload)
+        response = await client.post(path, json=payload)
     except httpx.HTTPError as error:
-        return RequestResult(Outcome.FAILED, time.perf_counter() - start, error=f"{type(error).__name__}: {error}")
+        return _transport_failure(error, start)
     latency_s = time.perf_counter() - start
-    try:
-        body: Any = response.json()
-    except ValueError:
-        body = response.text
-    return result_from_response(response.status_code, body, latency_s)
+    classify = result_from_openai if mode == Mode.OPENAI else result_from_response
+    return classify(response.status_code, _body(response), latency_s)
 
 
 def make_client(base_url: str, concurrency: int, request_timeout_s: float) -> httpx.AsyncClient:
@@ -306,17 +460,19 @@ def make_client(base_url: str, concurrency: int, request_timeout_s: float) -> ht
     return httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout, trust_env=False)
 
 
-async def warm_up(base_url: str, config: LoadConfig, label: str) -> set[str]:
-    """Send ``WARMUP_REQUESTS`` sequential requests; any that does not complete is fatal."""
+async def warm_up(base_url: str, config: LoadConfig, label: str, modes: Sequence[str]) -> set[str]:
+    """Send ``WARMUP_REQUESTS`` sequential requests in each mode; any that does not complete is fatal."""
     models = set()
     async with make_client(base_url, 1, config.request_timeout_s) as client:
-        for index in range(WARMUP_REQUESTS):
-            result = await send_request(client, build_payload(index, config.max_new_tokens))
-            if result.outcome is not Outcome.COMPLETED:
-                raise BenchError(f"[{label}] warm-up request {index + 1} {result.outcome}: {result.error}")
-            LOG.info("[%s] warm-up %d/%d: %.2fs", label, index + 1, WARMUP_REQUESTS, result.latency_s)
-            if result.model:
-                models.add(result.model)
+        for mode in modes:
+            prefix = f"[{label}/{mode}]"
+            for index in range(WARMUP_REQUESTS):
+                result = await send_request(client, mode, index, config.max_new_tokens)
+                if result.outcome is not Outcome.COMPLETED:
+                    raise BenchError(f"{prefix} warm-up request {index + 1} {result.outcome}: {result.error}")
+                LOG.info("%s warm-up %d/%d: %.2fs", prefix, index + 1, WARMUP_REQUESTS, result.latency_s)
+                if result.model:
+                    models.add(result.model)
     return models
 
 
@@ -334,7 +490,7 @@ async def report_progress(prefix: str, results: list[RequestResult], total: int)
 
 
 async def closed_loop(
-    base_url: str, concurrency: int, total: int, config: LoadConfig, results: list[RequestResult]
+    base_url: str, mode: str, concurrency: int, total: int, config: LoadConfig, results: list[RequestResult]
 ) -> float:
     """C workers pull request indexes from one shared counter until ``total`` requests were sent.
 
@@ -344,7 +500,7 @@ async def closed_loop(
 
     async def worker(client: httpx.AsyncClient) -> None:
         while (index := next(counter)) < total:
-            results.append(await send_request(client, build_payload(index, config.max_new_tokens)))
+            results.append(await send_request(client, mode, index, config.max_new_tokens))
 
     async with make_client(base_url, concurrency, config.request_timeout_s) as client:
         start = time.perf_counter()
@@ -352,7 +508,9 @@ async def closed_loop(
         return time.perf_counter() - start
 
 
-def log_level_summary(prefix: str, stats: LevelStats, results: Sequence[RequestResult], config: LoadConfig) -> None:
+def log_level_summary(
+    prefix: str, stats: LevelStats, results: Sequence[RequestResult], config: LoadConfig, mode: str
+) -> None:
     p95 = "-" if stats.p95_e2el_ms is None else f"{stats.p95_e2el_ms:.0f}"
     LOG.info(
         "%s %d/%d done in %.1fs: %.1f out tok/s, p95 %s ms",
@@ -366,27 +524,30 @@ def log_level_summary(prefix: str, stats: LevelStats, results: Sequence[RequestR
     errors = [r.error for r in results if r.outcome is not Outcome.COMPLETED and r.error]
     if errors:
         LOG.warning("%s %d requests failed or were rejected; first: %s", prefix, len(errors), errors[0])
-    short = sum(1 for r in results if r.outcome is Outcome.COMPLETED and r.completion_tokens < config.max_new_tokens)
-    if short:
-        LOG.warning("%s %d completed requests generated fewer than %d tokens", prefix, short, config.max_new_tokens)
+    budget = config.max_new_tokens
+    short = sum(1 for r in results if r.outcome is Outcome.COMPLETED and r.completion_tokens < budget)
+    if short and mode == Mode.OPENAI:  # expected: /v1/completions has no ignore_eos
+        LOG.info("%s %d completed requests stopped before %d tokens (no ignore_eos there)", prefix, short, budget)
+    elif short:
+        LOG.warning("%s %d completed requests generated fewer than %d tokens", prefix, short, budget)
 
 
 async def run_level(
-    base_url: str, label: str, concurrency: int, total: int, config: LoadConfig, pid: int | None
+    base_url: str, engine: str, mode: str, concurrency: int, total: int, config: LoadConfig, pid: int | None
 ) -> LevelStats:
-    prefix = f"[{label} C={concurrency}]"
+    prefix = f"[{engine}/{mode} C={concurrency}]"
     LOG.info("%s %d requests of %d new tokens", prefix, total, config.max_new_tokens)
     results: list[RequestResult] = []
     progress = asyncio.create_task(report_progress(prefix, results, total))
     try:
         with PeakRssSampler(pid) as sampler:
-            duration_s = await closed_loop(base_url, concurrency, total, config, results)
+            duration_s = await closed_loop(base_url, mode, concurrency, total, config, results)
     finally:
         progress.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await progress
-    stats = aggregate(label, concurrency, results, duration_s, sampler.peak_mib)
-    log_level_summary(prefix, stats, results, config)
+    stats = aggregate(engine, concurrency, results, duration_s, sampler.peak_mib, mode=mode)
+    log_level_summary(prefix, stats, results, config, mode)
     return stats
 
 
@@ -394,27 +555,39 @@ async def run_level(
 
 
 async def run_levels(
-    base_url: str, label: str, args: argparse.Namespace, config: LoadConfig, server: Server | None, run: EngineRun
+    base_url: str,
+    label: str,
+    modes: Sequence[str],
+    args: argparse.Namespace,
+    config: LoadConfig,
+    server: Server | None,
+    run: EngineRun,
 ) -> None:
-    """Warm up, then run every concurrency level in order, appending each level's record to ``run``."""
-    run.models |= await warm_up(base_url, config, label)
+    """Warm up every mode, then run every concurrency level in order and, within a level, every mode
+    (so the modes compared at one C run close together), appending each record to ``run``."""
+    run.models |= await warm_up(base_url, config, label, modes)
     pid = None if server is None else server.process.pid
     for concurrency in args.concurrency:
-        ensure_alive(server)
         total = requests_for_level(concurrency, args.requests_per_level)
-        run.records.append(await run_level(base_url, label, concurrency, total, config, pid))
+        for mode in modes:
+            ensure_alive(server)
+            run.records.append(await run_level(base_url, label, mode, concurrency, total, config, pid))
     ensure_alive(server)
 
 
 def bench_engine(engine: str, args: argparse.Namespace, config: LoadConfig, out_dir: Path, run: EngineRun) -> None:
-    """Start a server for ``engine``, benchmark it, and always stop it."""
+    """Start a server for ``engine``, benchmark it in its modes, and always stop it."""
+    modes = modes_for_engine(engine, args.modes, args.all_modes_for_baseline)
+    if not modes:
+        LOG.warning("[%s] skipped: it runs only generate without --all-modes-for-baseline", engine)
+        return
     with tempfile.TemporaryDirectory(prefix="textgen-bench-") as tmp:
         server = start_server(engine, args.host, args.port, out_dir, Path(tmp) / "jobs.db")
         try:
             started = time.monotonic()
             wait_until_ready(server.base_url, args.startup_timeout, server)
             LOG.info("[%s] ready after %.1fs at %s", engine, time.monotonic() - started, server.base_url)
-            asyncio.run(run_levels(server.base_url, engine, args, config, server, run))
+            asyncio.run(run_levels(server.base_url, engine, modes, args, config, server, run))
         finally:
             stop_server(server)
 
@@ -422,7 +595,7 @@ def bench_engine(engine: str, args: argparse.Namespace, config: LoadConfig, out_
 def bench_url(args: argparse.Namespace, config: LoadConfig, run: EngineRun) -> None:
     """Benchmark an already running server (no RSS: its process is not ours)."""
     wait_until_ready(args.url, args.startup_timeout)
-    asyncio.run(run_levels(args.url, args.label, args, config, None, run))
+    asyncio.run(run_levels(args.url, args.label, args.modes, args, config, None, run))
 
 
 # --- metadata and output ------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.stats import EngineRatio, LevelStats, engine_ratios
+from bench.stats import EngineRatio, LevelStats, Mode, ModeRatio, engine_ratios, mode_ratios
 
 JSON_NAME = "results.json"
 MARKDOWN_NAME = "results.md"
@@ -39,7 +39,7 @@ class Column:
 
 
 COLUMNS: tuple[Column, ...] = (
-    Column("engine", "engine", _fmt_str, numeric=False),
+    Column("label", "engine/mode", _fmt_str, numeric=False),
     Column("concurrency", "C", _fmt_int),
     Column("completed", "completed", _fmt_int),
     Column("failed", "failed", _fmt_int),
@@ -52,19 +52,19 @@ COLUMNS: tuple[Column, ...] = (
     Column("p50_e2el_ms", "p50 e2el ms", _fmt_float(0)),
     Column("p95_e2el_ms", "p95 e2el ms", _fmt_float(0)),
     Column("p99_e2el_ms", "p99 e2el ms", _fmt_float(0)),
-    Column("p50_ttft_ms", "p50 ttft ms", _fmt_float(0)),
-    Column("p95_ttft_ms", "p95 ttft ms", _fmt_float(0)),
+    Column("p50_ttft_ms", "p50 srv ttft ms", _fmt_float(0)),
+    Column("p95_ttft_ms", "p95 srv ttft ms", _fmt_float(0)),
+    Column("p50_client_ttft_ms", "p50 cli ttft ms", _fmt_float(0)),
+    Column("p95_client_ttft_ms", "p95 cli ttft ms", _fmt_float(0)),
+    Column("p50_itl_ms", "p50 itl ms", _fmt_float(1)),
+    Column("p95_itl_ms", "p95 itl ms", _fmt_float(1)),
     Column("peak_rss_mib", "peak RSS MiB", _fmt_float(0)),
 )
 
 
 def table_cells(records: Iterable[LevelStats]) -> list[list[str]]:
-    """Formatted cells, one row per level, in ``COLUMNS`` order."""
-    rows = []
-    for record in records:
-        data = record.to_dict()
-        rows.append([col.fmt(data[col.key]) for col in COLUMNS])
-    return rows
+    """Formatted cells, one row per level, in ``COLUMNS`` order (keys are fields or properties)."""
+    return [[col.fmt(getattr(record, col.key)) for col in COLUMNS] for record in records]
 
 
 def render_table(records: Sequence[LevelStats]) -> str:
@@ -104,6 +104,23 @@ def ratio_lines(ratios: Iterable[EngineRatio]) -> list[str]:
     ]
 
 
+def _tokens_note(r: ModeRatio) -> str:
+    """Mean tokens per request of both modes when they differ (a shorter output is a cheaper request)."""
+    top, bottom = r.numerator_tokens_per_request, r.denominator_tokens_per_request
+    if top is None or bottom is None or abs(top - bottom) < 0.05:
+        return ""
+    return f" (tokens/request {top:.1f} vs {bottom:.1f})"
+
+
+def mode_ratio_lines(ratios: Iterable[ModeRatio]) -> list[str]:
+    """One markdown bullet per engine and concurrency comparing two modes of that engine."""
+    return [
+        f"- {r.engine} C={r.concurrency}: {r.numerator}/{r.denominator} output throughput "
+        f"{_fmt_ratio(r.output_throughput_ratio)}, p50 latency {_fmt_ratio(r.p50_e2el_ratio)}{_tokens_note(r)}"
+        for r in ratios
+    ]
+
+
 def machine_label(metadata: Mapping[str, Any]) -> str:
     machine = metadata.get("machine") or {}
     cpu = machine.get("cpu_model") or machine.get("processor") or "unknown CPU"
@@ -112,8 +129,28 @@ def machine_label(metadata: Mapping[str, Any]) -> str:
     return f"{label}, {', '.join(gpus)}" if gpus else label
 
 
+def mode_notes(modes: Iterable[str]) -> list[str]:
+    """Context bullets for the modes present in the results."""
+    present = set(modes)
+    notes = []
+    if Mode.STREAM in present:
+        notes.append(
+            "- stream rows (`/generate` with `stream: true`): cli ttft is client-side, from sending the request "
+            "to the first non-empty `token` event (it includes the content filter's short holdback of text); "
+            "itl is (last token event - first token event) / (completion_tokens - 1) per request; "
+            "e2el runs to the end of the stream"
+        )
+    if Mode.OPENAI in present:
+        notes.append(
+            "- openai rows (`/v1/completions`, max_tokens = max_new_tokens): that API has no `ignore_eos`, so "
+            "outputs may stop early and lengths vary; throughput counts the `usage.completion_tokens` it reports"
+        )
+    return notes
+
+
 def render_markdown(records: Sequence[LevelStats], metadata: Mapping[str, Any]) -> str:
-    """The results.md document: context lines, the table, and engine ratios when both engines ran."""
+    """The results.md document: context lines, the table, engine ratios when both engines ran and mode
+    ratios (OpenAI path overhead, streaming) when an engine ran several modes."""
     args = metadata.get("args") or {}
     lines = [
         "# Load benchmark",
@@ -122,13 +159,22 @@ def render_markdown(records: Sequence[LevelStats], metadata: Mapping[str, Any]) 
         f"- model: {metadata.get('model') or '?'}",
         f"- machine: {machine_label(metadata)}",
         f"- max_new_tokens: {args.get('max_new_tokens', '?')} (ignore_eos, temperature 0.8, top_p 0.95)",
-        "- latencies are client-side wall time per request (e2el) and server-side time to first token (ttft)",
+        "- rows are engine/mode; latencies are client-side wall time per request (e2el) and server-side time "
+        "to first token (srv ttft, from the response's timings)",
+        *mode_notes(r.mode for r in records),
         "",
         render_markdown_table(records),
     ]
     ratios = engine_ratios(records)
     if ratios:
-        lines += ["", f"## {ratios[0].numerator} vs {ratios[0].denominator}", "", *ratio_lines(ratios)]
+        title = f"## {ratios[0].numerator} vs {ratios[0].denominator} ({Mode.GENERATE})"
+        lines += ["", title, "", *ratio_lines(ratios)]
+    overhead = mode_ratios(records, Mode.OPENAI)
+    if overhead:
+        lines += ["", f"## OpenAI path overhead ({Mode.OPENAI} vs {Mode.GENERATE})", "", *mode_ratio_lines(overhead)]
+    streaming = mode_ratios(records, Mode.STREAM)
+    if streaming:
+        lines += ["", f"## Streaming ({Mode.STREAM} vs {Mode.GENERATE})", "", *mode_ratio_lines(streaming)]
     return "\n".join(lines) + "\n"
 
 
@@ -146,14 +192,14 @@ def read_json(path: Path) -> tuple[list[LevelStats], dict[str, Any]]:
     return [LevelStats.from_dict(item) for item in data["results"]], data["metadata"]
 
 
-def _series(records: Iterable[LevelStats], engine: str, key: str) -> tuple[list[int], list[float]]:
-    points = sorted((r.concurrency, r.to_dict()[key]) for r in records if r.engine == engine)
+def _series(records: Iterable[LevelStats], label: str, key: str) -> tuple[list[int], list[float]]:
+    points = sorted((r.concurrency, getattr(r, key)) for r in records if r.label == label)
     kept = [(c, v) for c, v in points if v is not None]
     return [c for c, _ in kept], [v for _, v in kept]
 
 
 def plot_png(path: Path, records: Sequence[LevelStats], title: str) -> None:
-    """Two panels, output tok/s and p95 latency against concurrency (log2 axis), one line per engine."""
+    """Two panels, output tok/s and p95 latency against concurrency (log2 axis), one line per engine/mode."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import ScalarFormatter
@@ -164,12 +210,12 @@ def plot_png(path: Path, records: Sequence[LevelStats], title: str) -> None:
         ("output_throughput", "output throughput (tok/s)"),
         ("p95_e2el_ms", "p95 end-to-end latency (ms)"),
     )
-    engines = list(dict.fromkeys(r.engine for r in records))
+    labels = list(dict.fromkeys(r.label for r in records))
     concurrencies = sorted({r.concurrency for r in records})
     for ax, (key, ylabel) in zip(fig.subplots(1, 2), panels, strict=True):
-        for engine in engines:
-            xs, ys = _series(records, engine, key)
-            ax.plot(xs, ys, marker="o", label=engine)
+        for label in labels:
+            xs, ys = _series(records, label, key)
+            ax.plot(xs, ys, marker="o", label=label)
         ax.set_xscale("log", base=2)
         if concurrencies:
             ax.set_xticks(concurrencies)
@@ -178,7 +224,7 @@ def plot_png(path: Path, records: Sequence[LevelStats], title: str) -> None:
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
-        if engines:
+        if labels:
             ax.legend()
     fig.suptitle(title)
     fig.savefig(path, format="png", dpi=120)

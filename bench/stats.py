@@ -1,7 +1,10 @@
-"""Pure statistics of a load-test level: percentiles, per-level aggregation and engine ratios.
+"""Pure statistics of a load-test level: percentiles, per-level aggregation, streaming latencies and
+engine / mode ratios.
 
 Metric names follow ``vllm bench serve`` (``request_throughput``, ``output_throughput``, ``mean_e2el_ms``,
-``p95_ttft_ms``, ...) so results can be read side by side with vLLM's.
+``p95_ttft_ms``, ``p95_itl_ms``, ...) so results can be read side by side with vLLM's. ``*_ttft_ms`` is the
+server's own time to first token (from the response's ``timings``); ``*_client_ttft_ms`` and ``*_itl_ms``
+are measured by the client on the streaming endpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +14,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 from typing import Any
+
+
+class Mode(StrEnum):
+    """Which endpoint a level drives."""
+
+    GENERATE = "generate"  # POST /generate, one JSON answer
+    STREAM = "stream"  # POST /generate with stream: true, Server-Sent Events
+    OPENAI = "openai"  # POST /v1/completions, one JSON answer
 
 
 class Outcome(StrEnum):
@@ -32,13 +43,16 @@ class RequestResult:
     ttft_s: float | None = None  # server-side, from the response's ``timings.time_to_first_token_s``
     model: str | None = None
     error: str | None = None
+    client_ttft_s: float | None = None  # streaming only: request sent -> first non-empty token event
+    itl_s: float | None = None  # streaming only: see ``inter_token_latency``
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LevelStats:
-    """Aggregated metrics of one (engine, concurrency) level. Latencies are in milliseconds."""
+    """Aggregated metrics of one (engine, mode, concurrency) level. Latencies are in milliseconds."""
 
     engine: str
+    mode: str = Mode.GENERATE.value
     concurrency: int
     completed: int
     failed: int
@@ -54,25 +68,53 @@ class LevelStats:
     p99_e2el_ms: float | None
     p50_ttft_ms: float | None
     p95_ttft_ms: float | None
+    p50_client_ttft_ms: float | None = None
+    p95_client_ttft_ms: float | None = None
+    p50_itl_ms: float | None = None
+    p95_itl_ms: float | None = None
     peak_rss_mib: float | None
+
+    @property
+    def label(self) -> str:
+        """``engine/mode``, e.g. ``batched/stream``: the row and line name in tables and charts."""
+        return f"{self.engine}/{self.mode}"
+
+    @property
+    def tokens_per_request(self) -> float | None:
+        return self.total_output_tokens / self.completed if self.completed else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LevelStats:
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        """Fields missing from older results (``mode``, client-side latencies) take their defaults."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 @dataclass(frozen=True, slots=True)
 class EngineRatio:
-    """``numerator / denominator`` engine ratios at one concurrency; None where undefined."""
+    """``numerator / denominator`` engine ratios at one concurrency (same mode); None where undefined."""
 
     concurrency: int
     numerator: str
     denominator: str
     output_throughput_ratio: float | None
     p95_e2el_ratio: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModeRatio:
+    """``numerator / denominator`` mode ratios of one engine at one concurrency; None where undefined."""
+
+    engine: str
+    concurrency: int
+    numerator: str
+    denominator: str
+    output_throughput_ratio: float | None
+    p50_e2el_ratio: float | None
+    numerator_tokens_per_request: float | None
+    denominator_tokens_per_request: float | None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -103,21 +145,38 @@ def _count(results: Iterable[RequestResult], outcome: Outcome) -> int:
     return sum(1 for r in results if r.outcome is outcome)
 
 
+def inter_token_latency(first_token_s: float, last_token_s: float, completion_tokens: int) -> float | None:
+    """Mean time between tokens of one streamed request: the span from the first to the last token event
+    over ``completion_tokens - 1`` gaps. None for fewer than two tokens or a negative span.
+
+    Events may carry several tokens (the server's content filter holds back a short tail of text, so the
+    first event usually carries a few), so this is an average over the stream rather than a per-event gap,
+    and it reads low when the first event's tokens are a large share of a short output.
+    """
+    if completion_tokens < 2 or last_token_s < first_token_s:
+        return None
+    return (last_token_s - first_token_s) / (completion_tokens - 1)
+
+
 def aggregate(
     engine: str,
     concurrency: int,
     results: Sequence[RequestResult],
     duration_s: float,
     peak_rss_mib: float | None = None,
+    mode: str = Mode.GENERATE.value,
 ) -> LevelStats:
     """Aggregate one level. Latency and token statistics cover completed requests only, as vLLM's do."""
     done = [r for r in results if r.outcome is Outcome.COMPLETED]
     latencies = [r.latency_s for r in done]
     ttfts = [r.ttft_s for r in done if r.ttft_s is not None]
+    client_ttfts = [r.client_ttft_s for r in done if r.client_ttft_s is not None]
+    itls = [r.itl_s for r in done if r.itl_s is not None]
     output_tokens = sum(r.completion_tokens for r in done)
     per_second = 1.0 / duration_s if duration_s > 0 else 0.0
     return LevelStats(
         engine=engine,
+        mode=str(mode),
         concurrency=concurrency,
         completed=len(done),
         failed=_count(results, Outcome.FAILED),
@@ -133,6 +192,10 @@ def aggregate(
         p99_e2el_ms=_ms(percentile(latencies, 99)),
         p50_ttft_ms=_ms(percentile(ttfts, 50)),
         p95_ttft_ms=_ms(percentile(ttfts, 95)),
+        p50_client_ttft_ms=_ms(percentile(client_ttfts, 50)),
+        p95_client_ttft_ms=_ms(percentile(client_ttfts, 95)),
+        p50_itl_ms=_ms(percentile(itls, 50)),
+        p95_itl_ms=_ms(percentile(itls, 95)),
         peak_rss_mib=peak_rss_mib,
     )
 
@@ -144,10 +207,13 @@ def safe_ratio(numerator: float | None, denominator: float | None) -> float | No
 
 
 def engine_ratios(
-    records: Iterable[LevelStats], numerator: str = "batched", denominator: str = "threadpool"
+    records: Iterable[LevelStats],
+    numerator: str = "batched",
+    denominator: str = "threadpool",
+    mode: str = Mode.GENERATE.value,
 ) -> list[EngineRatio]:
-    """Per-concurrency ratios for every concurrency both engines ran, sorted by concurrency."""
-    by_key = {(r.engine, r.concurrency): r for r in records}
+    """Per-concurrency ratios for every concurrency both engines ran in ``mode``, sorted by concurrency."""
+    by_key = {(r.engine, r.concurrency): r for r in records if r.mode == mode}
     shared = sorted({c for e, c in by_key if e == numerator} & {c for e, c in by_key if e == denominator})
     ratios = []
     for c in shared:
@@ -161,4 +227,35 @@ def engine_ratios(
                 p95_e2el_ratio=safe_ratio(top.p95_e2el_ms, bottom.p95_e2el_ms),
             )
         )
+    return ratios
+
+
+def mode_ratios(
+    records: Iterable[LevelStats], numerator: str, denominator: str = Mode.GENERATE.value
+) -> list[ModeRatio]:
+    """``numerator``-mode over ``denominator``-mode ratios for every (engine, concurrency) that ran both,
+    engines in first-seen order, then by concurrency."""
+    levels = list(records)
+    by_key = {(r.engine, r.mode, r.concurrency): r for r in levels}
+    engines = list(dict.fromkeys(r.engine for r in levels))
+    ratios = []
+    for engine in engines:
+        shared = sorted(
+            {c for e, m, c in by_key if e == engine and m == numerator}
+            & {c for e, m, c in by_key if e == engine and m == denominator}
+        )
+        for c in shared:
+            top, bottom = by_key[(engine, numerator, c)], by_key[(engine, denominator, c)]
+            ratios.append(
+                ModeRatio(
+                    engine=engine,
+                    concurrency=c,
+                    numerator=numerator,
+                    denominator=denominator,
+                    output_throughput_ratio=safe_ratio(top.output_throughput, bottom.output_throughput),
+                    p50_e2el_ratio=safe_ratio(top.p50_e2el_ms, bottom.p50_e2el_ms),
+                    numerator_tokens_per_request=top.tokens_per_request,
+                    denominator_tokens_per_request=bottom.tokens_per_request,
+                )
+            )
     return ratios
