@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from models import TextGenerationRequest, TextGenerationResponse, Timings
 from textgen.config import Settings
@@ -17,6 +17,7 @@ from textgen.content_filter import ContentFilter, StreamingFilter
 from textgen.engine.types import Engine, GenerationRequest, GenerationResult, Handle, Priority, SamplingParams
 from textgen.errors import ContentRejectedError
 from textgen.metrics import Metrics
+from textgen.ratelimit import NoRateLimit, RateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class GenerationService:
     settings: Settings
     model_name: str
     metrics: Metrics
+    rate_limiter: RateLimiter = field(default_factory=NoRateLimit)
 
     def check_prompt(self, prompt: str, request_id: str) -> None:
         logger.info("Prompt received (%s)", prompt_fingerprint(prompt), extra={"request_id": request_id})
@@ -99,14 +101,22 @@ class GenerationService:
             raise ContentRejectedError(OUTPUT_REJECTED)
         return self.content_filter.redact(text)
 
-    def finish(self, result: GenerationResult, request_id: str) -> GenerationResult:
-        """Record the result and return it with its text filtered."""
+    async def admit(self, principal: str) -> None:
+        """Count a request against the caller's rate limit (429 when over it)."""
+        await self.rate_limiter.acquire(principal)
+
+    async def finish(self, result: GenerationResult, request_id: str, principal: str | None = None) -> GenerationResult:
+        """Record the result (metrics, the caller's token budget) and return it with its text filtered."""
         self.metrics.observe_result(result)
+        if principal is not None:
+            await self.rate_limiter.charge_tokens(principal, result.completion_tokens)
         text = self.filter_output(result.text, request_id)
         return result if text == result.text else _with_text(result, text)
 
-    def response(self, result: GenerationResult, request_id: str) -> TextGenerationResponse:
-        final = self.finish(result, request_id)
+    async def response(
+        self, result: GenerationResult, request_id: str, principal: str | None = None
+    ) -> TextGenerationResponse:
+        final = await self.finish(result, request_id, principal)
         return TextGenerationResponse(
             generated_text=final.text,
             model=self.model_name,

@@ -16,6 +16,7 @@ from textgen.jobs.runner import JobRunner
 from textgen.jobs.store import JobState, JobStore, job_store_from_url
 from textgen.loader import LoadedModel, load_model
 from textgen.metrics import Metrics, mark_process_dead
+from textgen.ratelimit import rate_limiter_from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -64,23 +65,27 @@ async def build_state(settings: Settings, model_loader: ModelLoader = load_model
     warn_if_exposed_without_keys(access, bind_host_from_argv())
     store = job_store_from_url(settings.job_store)
     await store.open()
+    rate_limiter = rate_limiter_from_settings(settings)
+    await rate_limiter.open()
     try:
         model = await asyncio.to_thread(model_loader, settings)
         engine = create_engine(settings, model)
         await engine.start()
     except BaseException:
+        await rate_limiter.close()
         await store.close()
         raise
     metrics = Metrics()
     metrics.set_model(model.name, str(model.dtype).removeprefix("torch."), str(model.device), engine.name)
     engine.set_step_observer(metrics.observe_step)
-    service = GenerationService(engine, content_filter, settings, model.name, metrics)
+    service = GenerationService(engine, content_filter, settings, model.name, metrics, rate_limiter)
     runner = JobRunner(
         store,
         service,
         concurrency=settings.job_concurrency,
         poll_interval_s=settings.job_poll_interval_s,
         ttl_s=settings.job_ttl_s,
+        idempotency_ttl_s=settings.idempotency_ttl_s,
     )
     await runner.start()
     logger.info("Service ready: model=%s engine=%s job_store=%s", model.name, engine.name, settings.job_store)
@@ -98,5 +103,6 @@ async def shutdown_state(state: AppState) -> None:
     await state.runner.stop()
     await state.engine.stop(state.settings.shutdown_grace_s)
     await state.store.close()
+    await state.service.rate_limiter.close()
     mark_process_dead()
     logger.info("Shutdown complete")

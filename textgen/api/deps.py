@@ -31,6 +31,13 @@ def get_service(state: Annotated[AppState, Depends(get_ready_state)]) -> Generat
     return state.service
 
 
+async def admit_caller(request: Request, service: Annotated[GenerationService, Depends(get_service)]) -> str:
+    """The caller's principal (set by the API-key middleware), counted against its rate limit."""
+    principal = str(request.scope.get("state", {}).get("principal", "anonymous"))
+    await service.admit(principal)
+    return principal
+
+
 def get_store(state: Annotated[AppState, Depends(get_state)]) -> JobStore:
     return state.store
 
@@ -44,3 +51,4 @@ ServiceDep = Annotated[GenerationService, Depends(get_service)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 RequestIdDep = Annotated[str, Depends(request_id_of)]
+CallerDep = Annotated[str, Depends(admit_caller)]

@@ -21,9 +21,12 @@ INTERNAL_ERROR = "Internal server error; quote the request id when reporting it.
 
 _DESCRIPTIONS = {
     400: "Content rejected, or prompt too long for the model",
+    401: "Missing or invalid API key",
     404: "Unknown job",
-    409: "Job not cancellable (already finished)",
+    409: "Job not cancellable (already finished), or Idempotency-Key reused with another body",
+    413: "Request body too large",
     422: "Request body does not match the schema",
+    429: "Rate limit exceeded; see the Retry-After header",
     503: "Queue full or model not ready; see the Retry-After header",
     504: "Deadline (timeout_s) passed before generation finished",
     500: "Internal error (no details are exposed; quote the request id)",
@@ -48,7 +51,7 @@ def error_response(request: Request, status: int, detail: Any, headers: dict[str
 async def _textgen_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TextGenError)
     headers = {}
-    if exc.retry_after_s is not None or exc.status_code == 503:
+    if exc.retry_after_s is not None or exc.status_code in (429, 503):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s or 1)))
     if exc.status_code >= 500:
         logger.warning("%s: %s", type(exc).__name__, exc.message)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from sse_starlette import ServerSentEvent
 
 from models import JobAccepted, TextGenerationRequest, TextGenerationResponse
-from textgen.api.deps import RequestIdDep, RunnerDep, ServiceDep, StateDep, StoreDep
+from textgen.api.deps import CallerDep, RequestIdDep, RunnerDep, ServiceDep, StateDep, StoreDep
 from textgen.api.errors import error_responses
 from textgen.api.sse import SSE_RESPONSE_DOC, error_event, event, sse_response
 from textgen.engine.types import GenerationResult, Handle, Priority
@@ -52,7 +53,7 @@ async def result_unless_disconnected(request: Request, handle: Handle) -> Genera
 
 
 async def generation_events(
-    service: GenerationService, handle: Handle, request_id: str
+    service: GenerationService, handle: Handle, request_id: str, caller: str
 ) -> AsyncIterator[ServerSentEvent]:
     """`token` events as text is produced, then `done` with the full response, or `error`.
 
@@ -61,7 +62,7 @@ async def generation_events(
     try:
         async for text in service.stream_text(handle):
             yield event("token", {"text": text})
-        response = service.response(await handle.result(), request_id)
+        response = await service.response(await handle.result(), request_id, caller)
         yield event("done", response.model_dump(mode="json"))
     except Exception as error:
         yield error_event(error, request_id)
@@ -70,25 +71,25 @@ async def generation_events(
 @router.post(
     "/generate",
     response_model=TextGenerationResponse,
-    responses={**SSE_RESPONSE_DOC, **error_responses(400, 422, 503, 504, 500)},
+    responses={**SSE_RESPONSE_DOC, **error_responses(400, 422, 429, 503, 504, 500)},
     summary="Generate text and wait for it (or stream it with stream: true)",
 )
 async def generate(
-    body: TextGenerationRequest, request: Request, service: ServiceDep, request_id: RequestIdDep
+    body: TextGenerationRequest, request: Request, service: ServiceDep, request_id: RequestIdDep, caller: CallerDep
 ) -> TextGenerationResponse | Response:
     service.check_prompt(body.prompt, request_id)
     handle = service.submit_request(body, request_id, Priority.INTERACTIVE)
     if body.stream:
-        return sse_response(generation_events(service, handle, request_id), request_id)
+        return sse_response(generation_events(service, handle, request_id, caller), request_id)
     result = await result_unless_disconnected(request, handle)
-    return service.response(result, request_id)
+    return await service.response(result, request_id, caller)
 
 
 @router.post(
     "/generate_background",
     status_code=202,
     response_model=JobAccepted,
-    responses=error_responses(400, 422, 500),
+    responses=error_responses(400, 409, 422, 429, 500),
     summary="Queue a durable background job; poll the returned status URL",
 )
 async def generate_background(
@@ -98,10 +99,23 @@ async def generate_background(
     store: StoreDep,
     runner: RunnerDep,
     request_id: RequestIdDep,
+    caller: CallerDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="Same key and body within TEXTGEN_IDEMPOTENCY_TTL_S returns the same job; 409 on a new body."
+        ),
+    ] = None,
 ) -> JobAccepted:
     state.service.check_prompt(body.prompt, request_id)
-    job = await store.create(body.model_dump(mode="json", exclude={"stream"}), request_id=request_id)
+    stored = body.model_dump(mode="json", exclude={"stream"})
+    if idempotency_key is None:
+        job = await store.create(stored, request_id=request_id)
+    else:
+        job, _created = await store.create_idempotent(
+            stored, request_id=request_id, key=idempotency_key, ttl_s=state.settings.idempotency_ttl_s
+        )
     runner.notify()
     status_url = f"/jobs/{job.id}"
     response.headers["Location"] = status_url
-    return JobAccepted(request_id=request_id, job_id=job.id, state="queued", status_url=status_url)
+    return JobAccepted(request_id=request_id, job_id=job.id, state=job.state.value, status_url=status_url)

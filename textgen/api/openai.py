@@ -37,7 +37,7 @@ from models import (
     OpenAIError,
     Usage,
 )
-from textgen.api.deps import RequestIdDep, ServiceDep, StateDep
+from textgen.api.deps import CallerDep, RequestIdDep, ServiceDep, StateDep
 from textgen.api.errors import request_id_of
 from textgen.api.generate import results_unless_disconnected
 from textgen.api.sse import sse_response
@@ -48,7 +48,15 @@ from textgen.generation import GenerationService
 logger = logging.getLogger(__name__)
 
 OPENAI_FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
-_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 503: "server_overloaded", 504: "timeout"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    503: "server_overloaded",
+    504: "timeout",
+}
 
 
 def openai_error(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -58,7 +66,7 @@ def openai_error(request: Request, status: int, message: str, param: str | None 
         "request_id": request_id,
     }
     headers = {"X-Request-ID": request_id}
-    if status == 503:
+    if status in (429, 503):
         headers["Retry-After"] = "1"
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -146,7 +154,7 @@ def _usage(results: Sequence[GenerationResult], n: int) -> Usage:
 
 
 async def _choice_events(
-    service: GenerationService, handles: Sequence[Handle], request_id: str
+    service: GenerationService, handles: Sequence[Handle], request_id: str, caller: str
 ) -> AsyncIterator[tuple[int, str, GenerationResult | None]]:
     """(choice index, text delta, final result or None) from all choices as they arrive."""
     queue: asyncio.Queue[tuple[int, str, GenerationResult | None, BaseException | None]] = asyncio.Queue()
@@ -155,7 +163,7 @@ async def _choice_events(
         try:
             async for text in service.stream_text(handle):
                 queue.put_nowait((index, text, None, None))
-            queue.put_nowait((index, "", service.finish(await handle.result(), request_id), None))
+            queue.put_nowait((index, "", await service.finish(await handle.result(), request_id, caller), None))
         except BaseException as error:
             queue.put_nowait((index, "", None, error))
             raise
@@ -211,7 +219,7 @@ async def list_models(state: StateDep) -> ModelList:
     summary="OpenAI-compatible text completion",
 )
 async def completions(
-    body: CompletionRequest, request: Request, service: ServiceDep, request_id: RequestIdDep
+    body: CompletionRequest, request: Request, service: ServiceDep, request_id: RequestIdDep, caller: CallerDep
 ) -> CompletionResponse | Response:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or not all(prompts):
@@ -222,10 +230,12 @@ async def completions(
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return sse_response(
-            _openai_stream(_completion_chunks(service, handles, body, completion_id, created, request_id), request_id),
+            _openai_stream(
+                _completion_chunks(service, handles, body, completion_id, created, request_id, caller), request_id
+            ),
             request_id,
         )
-    results = [service.finish(r, request_id) for r in await results_unless_disconnected(request, handles)]
+    results = [await service.finish(r, request_id, caller) for r in await results_unless_disconnected(request, handles)]
     return CompletionResponse(
         id=completion_id,
         created=created,
@@ -245,10 +255,11 @@ async def _completion_chunks(
     completion_id: str,
     created: int,
     request_id: str,
+    caller: str,
 ) -> AsyncIterator[dict[str, Any]]:
     base = {"id": completion_id, "object": "text_completion", "created": created, "model": service.model_name}
     finals: dict[int, GenerationResult] = {}
-    async for index, text, result in _choice_events(service, handles, request_id):
+    async for index, text, result in _choice_events(service, handles, request_id, caller):
         finish = None
         if result is not None:
             finals[index] = result
@@ -266,7 +277,12 @@ async def _completion_chunks(
     summary="OpenAI-compatible chat completion (the model's chat template)",
 )
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, state: StateDep, service: ServiceDep, request_id: RequestIdDep
+    body: ChatCompletionRequest,
+    request: Request,
+    state: StateDep,
+    service: ServiceDep,
+    request_id: RequestIdDep,
+    caller: CallerDep,
 ) -> ChatCompletionResponse | Response:
     for message in body.messages:
         service.check_prompt(message.content, request_id)
@@ -276,10 +292,10 @@ async def chat_completions(
     chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return sse_response(
-            _openai_stream(_chat_chunks(service, handles, body, chat_id, created, request_id), request_id),
+            _openai_stream(_chat_chunks(service, handles, body, chat_id, created, request_id, caller), request_id),
             request_id,
         )
-    results = [service.finish(r, request_id) for r in await results_unless_disconnected(request, handles)]
+    results = [await service.finish(r, request_id, caller) for r in await results_unless_disconnected(request, handles)]
     return ChatCompletionResponse(
         id=chat_id,
         created=created,
@@ -299,6 +315,7 @@ async def _chat_chunks(
     chat_id: str,
     created: int,
     request_id: str,
+    caller: str,
 ) -> AsyncIterator[dict[str, Any]]:
     base = {"id": chat_id, "object": "chat.completion.chunk", "created": created, "model": service.model_name}
     for index in range(len(handles)):
@@ -307,7 +324,7 @@ async def _chat_chunks(
             "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
         }
     finals: dict[int, GenerationResult] = {}
-    async for index, text, result in _choice_events(service, handles, request_id):
+    async for index, text, result in _choice_events(service, handles, request_id, caller):
         if text:
             yield {**base, "choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]}
         if result is not None:

@@ -66,6 +66,7 @@ class JobRunner:
         concurrency: int,
         poll_interval_s: float,
         ttl_s: float,
+        idempotency_ttl_s: float = 24 * 3600.0,
     ) -> None:
         self.owner = process_owner_id()
         self._store = store
@@ -73,6 +74,7 @@ class JobRunner:
         self._concurrency = concurrency
         self._poll_interval_s = poll_interval_s
         self._ttl_s = ttl_s
+        self._idempotency_ttl_s = idempotency_ttl_s
         self._active: dict[str, Handle | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
@@ -158,6 +160,7 @@ class JobRunner:
             return
         self._last_purge = time.monotonic()
         purged = await self._store.purge_finished(self._ttl_s)
+        await self._store.purge_idempotency(self._idempotency_ttl_s)
         if purged:
             logger.info("Purged %d finished job(s) older than TEXTGEN_JOB_TTL_S", purged)
 
@@ -170,7 +173,7 @@ class JobRunner:
             body = TextGenerationRequest.model_validate(job.request)
             handle = self._service.submit_request(body, request_id, Priority.BACKGROUND)
             self._active[job.id] = handle
-            response = self._service.response(await handle.result(), request_id)
+            response = await self._service.response(await handle.result(), request_id)
             await self._finish(job, JobState.SUCCEEDED, result=response.model_dump(mode="json"))
         except NotReadyError:
             if not self._stopping:
