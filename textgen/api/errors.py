@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any
@@ -42,10 +43,18 @@ def request_id_of(request: Request) -> str:
     return str(getattr(request.state, "request_id", "-"))
 
 
+class AsciiJSONResponse(JSONResponse):
+    """Error bodies echo client input, which may hold lone surrogates ("\\ud800" is valid JSON):
+    escaping everything to ASCII keeps such a body encodable instead of turning a 422 into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(request: Request, status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
     request_id = request_id_of(request)
     body = {"detail": jsonable_encoder(detail), "request_id": request_id}
-    return JSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-ID": request_id})
+    return AsciiJSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-ID": request_id})
 
 
 async def _textgen_error(request: Request, exc: Exception) -> JSONResponse:

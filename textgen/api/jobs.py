@@ -15,6 +15,7 @@ from models import JobList, JobStateName, JobView, TextGenerationResponse
 from textgen.api.deps import RequestIdDep, RunnerDep, StateDep, StoreDep
 from textgen.api.errors import error_responses
 from textgen.api.sse import SSE_RESPONSE_DOC, error_event, event, sse_response
+from textgen.engine.types import Handle
 from textgen.errors import TextGenError
 from textgen.generation import GenerationService
 from textgen.jobs.runner import JobRunner
@@ -77,6 +78,7 @@ async def job_events(
     """`state` events on every change, `token` events while the job runs in this process (replayed from
     its first token when connecting late), then `done` with the finished job. Leaving does not cancel."""
     last_state: JobState | None = None
+    streamed: Handle | None = None
     try:
         while True:
             job = await store.get(job_id)
@@ -87,7 +89,9 @@ async def job_events(
                 yield event("done", job_view(job).model_dump(mode="json"))
                 return
             handle = runner.local_handle(job_id)
-            if job.state is JobState.RUNNING and handle is not None:
+            # A handle is streamed once; until the runner records its result the store still says running.
+            if job.state is JobState.RUNNING and handle is not None and handle is not streamed:
+                streamed = handle
                 with contextlib.suppress(TextGenError):  # the job's own outcome arrives via the store
                     async for text in service.stream_text(handle, cancel_on_exit=False):
                         yield event("token", {"text": text})
