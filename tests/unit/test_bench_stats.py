@@ -1,4 +1,5 @@
-"""Unit tests for the load benchmark's pure parts: statistics, rendering, /proc parsing, request handling."""
+"""Unit tests for the load benchmark's pure parts: statistics, rendering, /proc parsing, SSE parsing,
+request handling."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from bench import bench as bench_mod
 from bench.report import (
     COLUMNS,
+    mode_ratio_lines,
     plot_png,
     read_json,
     render_markdown,
@@ -25,13 +27,17 @@ from bench.report import (
     write_reports,
 )
 from bench.rss import PeakRssSampler, parse_ppid, parse_vmrss_kib, tree_rss_kib
+from bench.sse import SseEvent, SseParser, parse_sse_lines
 from bench.stats import (
     LevelStats,
+    Mode,
     Outcome,
     RequestResult,
     aggregate,
     engine_ratios,
+    inter_token_latency,
     mean,
+    mode_ratios,
     percentile,
     safe_ratio,
 )
@@ -45,9 +51,12 @@ METADATA: dict[str, Any] = {
 }
 
 
-def level(engine: str, concurrency: int, throughput: float, p95_ms: float | None, **overrides: Any) -> LevelStats:
+def level(
+    engine: str, concurrency: int, throughput: float, p95_ms: float | None, mode: str = "generate", **overrides: Any
+) -> LevelStats:
     values: dict[str, Any] = {
         "engine": engine,
+        "mode": mode,
         "concurrency": concurrency,
         "completed": 8,
         "failed": 0,
@@ -74,6 +83,18 @@ RECORDS = [
     level("batched", 8, 600.0, 300.0),
     level("threadpool", 1, 50.0, 400.0),
     level("threadpool", 8, 150.0, 1200.0, peak_rss_mib=None, p50_ttft_ms=None),
+]
+# Three modes of one engine at C=1 and C=8, plus the baseline engine in generate only.
+STREAM_KW: dict[str, Any] = {"p50_client_ttft_ms": 30.0, "p95_client_ttft_ms": 45.0, "p50_itl_ms": 4.5}
+MODE_RECORDS = [
+    level("batched", 1, 100.0, 200.0),
+    level("batched", 1, 95.0, 210.0, mode="stream", p50_e2el_ms=99.0, p95_itl_ms=6.5, **STREAM_KW),
+    level("batched", 1, 98.0, 205.0, mode="openai", p50_e2el_ms=91.8, total_output_tokens=448, p50_ttft_ms=None),
+    level("batched", 8, 600.0, 300.0),
+    level("batched", 8, 540.0, 330.0, mode="stream", **STREAM_KW),
+    level("batched", 8, 0.0, 310.0, mode="openai", p50_e2el_ms=None),
+    level("threadpool", 1, 50.0, 400.0),
+    level("threadpool", 8, 150.0, 1200.0),
 ]
 
 
@@ -126,6 +147,38 @@ def test_aggregate_counts_outcomes_and_uses_completed_requests_only() -> None:
     assert stats.p50_ttft_ms == pytest.approx(15.0)  # the null TTFT is skipped
     assert stats.p95_ttft_ms == pytest.approx(19.5)
     assert stats.peak_rss_mib == 321.5
+    assert stats.mode == "generate" and stats.label == "batched/generate"
+    assert stats.p50_client_ttft_ms is None and stats.p50_itl_ms is None  # only streamed requests have them
+
+
+def test_aggregate_client_ttft_and_itl_of_streamed_requests() -> None:
+    results = [
+        RequestResult(Outcome.COMPLETED, 0.5, 12, 8, 0.01, "m", client_ttft_s=0.10, itl_s=0.020),
+        RequestResult(Outcome.COMPLETED, 0.6, 12, 8, 0.02, "m", client_ttft_s=0.30, itl_s=0.040),
+        RequestResult(Outcome.COMPLETED, 0.7, 12, 1, 0.03, "m", client_ttft_s=0.20, itl_s=None),  # one token
+        RequestResult(Outcome.FAILED, 0.1, error="error event", client_ttft_s=9.0, itl_s=9.0),  # not counted
+    ]
+    stats = aggregate("batched", 2, results, duration_s=1.0, mode=Mode.STREAM)
+    assert stats.mode == "stream" and stats.label == "batched/stream"
+    assert stats.p50_client_ttft_ms == pytest.approx(200.0)
+    assert stats.p95_client_ttft_ms == pytest.approx(290.0)  # rank 1.9 of [100, 200, 300]
+    assert stats.p50_itl_ms == pytest.approx(30.0)
+    assert stats.p95_itl_ms == pytest.approx(39.0)  # rank 0.95 of [20, 40]
+    assert stats.p50_ttft_ms == pytest.approx(20.0)  # the server-side column is kept
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "tokens", "expected"),
+    [
+        (0.5, 1.2, 8, 0.1),  # 0.7 s over 7 gaps
+        (0.5, 0.5, 2, 0.0),  # both tokens in one event
+        (0.5, 0.9, 1, None),  # one token: no gap
+        (0.5, 0.9, 0, None),
+        (0.9, 0.5, 8, None),  # clock went backwards: not a latency
+    ],
+)
+def test_inter_token_latency(first: float, last: float, tokens: int, expected: float | None) -> None:
+    assert inter_token_latency(first, last, tokens) == (None if expected is None else pytest.approx(expected))
 
 
 def test_aggregate_with_nothing_completed() -> None:
@@ -137,6 +190,57 @@ def test_aggregate_with_nothing_completed() -> None:
 
 
 # --- ratios -------------------------------------------------------------------------------------------
+
+
+def test_engine_ratios_compare_generate_rows_only() -> None:
+    ratios = engine_ratios(MODE_RECORDS)
+    assert [(r.concurrency, r.output_throughput_ratio) for r in ratios] == [(1, 2.0), (8, 4.0)]
+    assert [r.concurrency for r in engine_ratios(MODE_RECORDS, mode="stream")] == []  # no threadpool/stream
+
+
+def test_mode_ratios_per_engine_and_concurrency() -> None:
+    overhead = mode_ratios(MODE_RECORDS, "openai")
+    assert [(r.engine, r.concurrency, r.numerator, r.denominator) for r in overhead] == [
+        ("batched", 1, "openai", "generate"),
+        ("batched", 8, "openai", "generate"),
+    ]
+    assert overhead[0].output_throughput_ratio == pytest.approx(0.98)
+    assert overhead[0].p50_e2el_ratio == pytest.approx(1.02)  # 91.8 / 90
+    assert overhead[0].numerator_tokens_per_request == pytest.approx(56.0)  # 448 tokens / 8 requests
+    assert overhead[0].denominator_tokens_per_request == pytest.approx(64.0)
+    assert overhead[1].output_throughput_ratio == 0.0 and overhead[1].p50_e2el_ratio is None
+    streaming = mode_ratios(MODE_RECORDS, Mode.STREAM)
+    assert [r.output_throughput_ratio for r in streaming] == [pytest.approx(0.95), pytest.approx(0.9)]
+    assert streaming[0].p50_e2el_ratio == pytest.approx(1.1)  # 99 / 90
+    assert mode_ratios(RECORDS, "openai") == []  # the baseline ran generate only
+    zero_generate = [level("batched", 1, 0.0, 1.0, p50_e2el_ms=0.0), level("batched", 1, 5.0, 1.0, mode="stream")]
+    assert mode_ratios(zero_generate, "stream")[0].output_throughput_ratio is None
+    assert mode_ratios(zero_generate, "stream")[0].p50_e2el_ratio is None
+
+
+def test_mode_ratio_lines() -> None:
+    assert mode_ratio_lines(mode_ratios(MODE_RECORDS, "openai")) == [
+        "- batched C=1: openai/generate output throughput 0.98x, p50 latency 1.02x (tokens/request 56.0 vs 64.0)",
+        "- batched C=8: openai/generate output throughput 0.00x, p50 latency n/a",
+    ]
+    assert mode_ratio_lines(mode_ratios(MODE_RECORDS, "stream")) == [
+        "- batched C=1: stream/generate output throughput 0.95x, p50 latency 1.10x",
+        "- batched C=8: stream/generate output throughput 0.90x, p50 latency 1.00x",
+    ]
+
+
+def test_markdown_mode_sections_and_notes() -> None:
+    text = render_markdown(MODE_RECORDS, METADATA)
+    assert "## batched vs threadpool (generate)" in text
+    assert "- C=8: batched/threadpool output throughput 4.00x, p95 latency 0.25x" in text
+    overhead = text.index("## OpenAI path overhead (openai vs generate)")
+    streaming = text.index("## Streaming (stream vs generate)")
+    assert overhead < text.index("- batched C=1: openai/generate output throughput 0.98x") < streaming
+    assert text.index("- batched C=8: stream/generate output throughput 0.90x, p50 latency 1.00x") > streaming
+    assert "no `ignore_eos`" in text and "usage.completion_tokens" in text
+    assert "first non-empty `token` event" in text
+    plain = render_markdown(RECORDS, METADATA)
+    assert "OpenAI path overhead" not in plain and "## Streaming" not in plain and "ignore_eos`" not in plain
 
 
 def test_engine_ratios_cover_shared_concurrencies_only() -> None:
@@ -173,15 +277,23 @@ def test_markdown_ratio_lines() -> None:
 def test_markdown_table_header_and_rows() -> None:
     lines = render_markdown_table(RECORDS).splitlines()
     assert lines[0] == (
-        "| engine | C | completed | failed | rejected | duration_s | req/s | out tok/s | out tokens | mean e2el ms "
-        "| p50 e2el ms | p95 e2el ms | p99 e2el ms | p50 ttft ms | p95 ttft ms | peak RSS MiB |"
+        "| engine/mode | C | completed | failed | rejected | duration_s | req/s | out tok/s | out tokens "
+        "| mean e2el ms | p50 e2el ms | p95 e2el ms | p99 e2el ms | p50 srv ttft ms | p95 srv ttft ms "
+        "| p50 cli ttft ms | p95 cli ttft ms | p50 itl ms | p95 itl ms | peak RSS MiB |"
     )
     assert lines[1].startswith("| :--- | ---: |") and lines[1].count("|") == len(COLUMNS) + 1
     assert len(lines) == 2 + len(RECORDS)
-    assert lines[2] == "| batched | 1 | 8 | 0 | 0 | 2.00 | 4.00 | 100.0 | 512 | 100 | 90 | 200 | 150 | 10 | 20 | 512 |"
-    assert lines[5] == (
-        "| threadpool | 8 | 8 | 0 | 0 | 2.00 | 4.00 | 150.0 | 512 | 100 | 90 | 1200 | 150 | - | 20 | - |"
+    assert lines[2] == (
+        "| batched/generate | 1 | 8 | 0 | 0 | 2.00 | 4.00 | 100.0 | 512 | 100 | 90 | 200 | 150 | 10 | 20 "
+        "| - | - | - | - | 512 |"
     )
+    assert lines[5] == (
+        "| threadpool/generate | 8 | 8 | 0 | 0 | 2.00 | 4.00 | 150.0 | 512 | 100 | 90 | 1200 | 150 | - | 20 "
+        "| - | - | - | - | - |"
+    )
+    stream_row = render_markdown_table(MODE_RECORDS).splitlines()[3]
+    assert stream_row.startswith("| batched/stream | 1 |")
+    assert stream_row.endswith("| 10 | 20 | 30 | 45 | 4.5 | 6.5 | 512 |")
 
 
 def test_markdown_document_has_context_and_table() -> None:
@@ -190,15 +302,15 @@ def test_markdown_document_has_context_and_table() -> None:
     assert "- model: tiny-model" in text
     assert "- machine: Test CPU, 4 CPUs" in text
     assert "- max_new_tokens: 64" in text
-    assert "| engine | C |" in text
+    assert "| engine/mode | C |" in text
 
 
 def test_text_table_is_aligned() -> None:
     lines = render_table(RECORDS).splitlines()
-    assert lines[0].split()[:3] == ["engine", "C", "completed"]
+    assert lines[0].split()[:3] == ["engine/mode", "C", "completed"]
     assert set(lines[1]) <= {"-", " "}
     assert len(lines) == 2 + len(RECORDS)
-    assert lines[2].startswith("batched ") and lines[4].startswith("threadpool ")
+    assert lines[2].startswith("batched/generate ") and lines[4].startswith("threadpool/generate ")
     # Numbers are right-aligned: each row ends where the rule does.
     assert lines[2].endswith("512") and lines[5].endswith("-")
     assert all(len(line) == len(lines[1]) for line in lines[2:])
@@ -216,12 +328,39 @@ def test_json_round_trip(tmp_path: Path) -> None:
     raw = json.loads(path.read_text())
     assert set(raw) == {"metadata", "results"}
     assert raw["results"][0]["output_throughput"] == 100.0 and raw["results"][3]["peak_rss_mib"] is None
+    assert raw["results"][0]["mode"] == "generate" and raw["results"][0]["p50_itl_ms"] is None
+    write_json(path, MODE_RECORDS, METADATA)
+    assert read_json(path)[0] == MODE_RECORDS
+
+
+def test_results_without_modes_still_load() -> None:
+    old = RECORDS[0].to_dict()
+    for key in ("mode", "p50_client_ttft_ms", "p95_client_ttft_ms", "p50_itl_ms", "p95_itl_ms"):
+        del old[key]
+    assert LevelStats.from_dict(old) == RECORDS[0]
 
 
 def test_png_is_written(tmp_path: Path) -> None:
     path = tmp_path / "chart.png"
     plot_png(path, RECORDS, "title")
     assert path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_png_has_one_line_per_engine_and_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.axes import Axes
+
+    labels: list[str] = []
+    original = Axes.plot
+
+    def spy(self: Axes, *args: Any, **kwargs: Any) -> Any:
+        labels.append(kwargs["label"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    plot_png(tmp_path / "chart.png", MODE_RECORDS, "title")
+    expected = ["batched/generate", "batched/stream", "batched/openai", "threadpool/generate"]
+    assert labels == expected * 2  # two panels
+    assert (tmp_path / "chart.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_write_reports_writes_three_files(tmp_path: Path) -> None:
@@ -326,12 +465,200 @@ def test_parse_args() -> None:
     args = bench_mod.parse_args([])
     assert args.engines == ["batched", "threadpool"] and args.concurrency == [1, 8, 32, 64]
     assert args.max_new_tokens == 64 and args.port == 0 and args.requests_per_level is None
+    assert args.modes == ["generate", "stream", "openai"] and args.all_modes_for_baseline is False
     args = bench_mod.parse_args(["--engines", "threadpool", "--concurrency", "1,4", "--url", "http://h:1/"])
     assert args.engines == ["threadpool"] and args.concurrency == [1, 4]
     assert args.url == "http://h:1" and args.label == "server"
-    for bad in (["--engines", "vllm"], ["--concurrency", "0"], ["--concurrency", "a"], ["--label", "x"]):
+    args = bench_mod.parse_args(["--mode", "openai, stream,openai", "--all-modes-for-baseline"])
+    assert args.modes == ["openai", "stream"] and args.all_modes_for_baseline is True
+    assert bench_mod.parse_args(["--modes", "stream"]).modes == ["stream"]
+    bad_args = (
+        ["--engines", "vllm"],
+        ["--concurrency", "0"],
+        ["--concurrency", "a"],
+        ["--label", "x"],
+        ["--mode", "chat"],
+        ["--mode", ","],
+    )
+    for bad in bad_args:
         with pytest.raises(SystemExit):
             bench_mod.parse_args(bad)
+
+
+def test_baseline_engine_runs_generate_only_by_default() -> None:
+    modes = ["generate", "stream", "openai"]
+    assert bench_mod.modes_for_engine("batched", modes) == modes
+    assert bench_mod.modes_for_engine("threadpool", modes) == ["generate"]
+    assert bench_mod.modes_for_engine("threadpool", modes, all_modes_for_baseline=True) == modes
+    assert bench_mod.modes_for_engine("threadpool", ["stream"]) == []  # the engine is skipped
+
+
+def test_requests_per_mode() -> None:
+    assert bench_mod.build_request("generate", 3, 16) == ("/generate", bench_mod.build_payload(3, 16))
+    assert bench_mod.build_request("stream", 3, 16) == ("/generate", bench_mod.build_payload(3, 16) | {"stream": True})
+    path, payload = bench_mod.build_request("openai", 3, 16)
+    assert path == "/v1/completions"
+    assert payload == {
+        "model": bench_mod.OPENAI_MODEL,
+        "prompt": bench_mod.PROMPTS[3],
+        "max_tokens": 16,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "stream": False,
+    }
+
+
+def _openai_body(completion_tokens: int = 5) -> dict[str, Any]:
+    return {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "tiny",
+        "choices": [{"index": 0, "text": "abc", "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": completion_tokens, "total_tokens": 12 + completion_tokens},
+    }
+
+
+def test_result_from_openai_counts_reported_usage() -> None:
+    ok = bench_mod.result_from_openai(200, _openai_body(5), 0.25)
+    assert ok == RequestResult(Outcome.COMPLETED, 0.25, prompt_tokens=12, completion_tokens=5, model="tiny")
+    assert ok.ttft_s is None and ok.client_ttft_s is None
+    error = {"error": {"message": "full", "type": "server_overloaded"}, "request_id": "r"}
+    assert bench_mod.result_from_openai(503, error, 0.01).outcome is Outcome.REJECTED
+    assert bench_mod.result_from_openai(400, error, 0.01).outcome is Outcome.FAILED
+    for malformed in (_ok_body(), {**_openai_body(), "choices": []}, {**_openai_body(), "usage": None}, "text"):
+        result = bench_mod.result_from_openai(200, malformed, 0.01)
+        assert result.outcome is Outcome.FAILED and "malformed" in (result.error or "")
+
+
+# --- SSE ----------------------------------------------------------------------------------------------
+
+
+def test_sse_parser_follows_the_event_stream_rules() -> None:
+    lines = [
+        ": ping - 2025-01-01 00:00:00",  # comment
+        "event: token",
+        'data: {"text": "a"}',
+        "",
+        "",  # a second blank line dispatches nothing
+        "event:token",  # no space after the colon
+        "data:  two spaces",  # only the first space is dropped
+        "id: 7",  # unknown to the parser: ignored
+        "",
+        "data: first",  # no event field: "message"
+        "data: second",
+        "",
+        "event: lonely",  # no data: not dispatched, and the type does not leak into the next event
+        "",
+        "data",  # a field name without a colon: empty data
+        "",
+        "event: done",
+        "data: {}",  # the stream ends without a blank line
+    ]
+    assert parse_sse_lines(lines) == [
+        SseEvent("token", '{"text": "a"}'),
+        SseEvent("token", " two spaces"),
+        SseEvent("message", "first\nsecond"),
+        SseEvent("message", ""),
+        SseEvent("done", "{}"),
+    ]
+
+
+def test_sse_parser_strips_line_endings_and_flushes_once() -> None:
+    parser = SseParser()
+    assert parser.feed("event: done\r\n") is None
+    assert parser.feed("data: [DONE]\n") is None
+    assert parser.feed("\r\n") == SseEvent("done", "[DONE]")
+    assert parser.flush() is None
+    assert parse_sse_lines([]) == []
+
+
+def _sse(*events: tuple[str, Any]) -> bytes:
+    """An sse-starlette-like body: CRLF line endings, a ping comment first."""
+    parts = [": ping\r\n\r\n"]
+    parts += [f"event: {name}\r\ndata: {json.dumps(data)}\r\n\r\n" for name, data in events]
+    return "".join(parts).encode()
+
+
+def _at(events: list[tuple[str, Any]], times: list[float]) -> list[tuple[float, SseEvent]]:
+    return [(t, SseEvent(name, json.dumps(data))) for t, (name, data) in zip(times, events, strict=True)]
+
+
+def test_result_from_stream_measures_client_ttft_and_itl() -> None:
+    events = [
+        ("token", {"text": ""}),  # empty text is not a first token
+        ("token", {"text": "Once upon"}),
+        ("token", {"text": " a"}),
+        ("token", {"text": ""}),
+        ("token", {"text": " time"}),
+        ("done", _ok_body(completion_tokens=8, ttft=0.05)),
+        ("token", {"text": "ignored after done"}),
+    ]
+    result = bench_mod.result_from_stream(_at(events, [0.1, 0.3, 0.5, 0.6, 1.0, 1.1, 1.2]), 1.25)
+    assert result.outcome is Outcome.COMPLETED and result.latency_s == 1.25
+    assert (result.prompt_tokens, result.completion_tokens, result.ttft_s, result.model) == (12, 8, 0.05, "tiny")
+    assert result.client_ttft_s == pytest.approx(0.3)
+    assert result.itl_s == pytest.approx(0.1)  # (1.0 - 0.3) / (8 - 1)
+
+
+def test_result_from_stream_without_text_or_with_one_token() -> None:
+    no_text = bench_mod.result_from_stream(_at([("done", _ok_body(completion_tokens=0))], [0.2]), 0.2)
+    assert no_text.outcome is Outcome.COMPLETED and no_text.client_ttft_s is None and no_text.itl_s is None
+    one = [("token", {"text": "x"}), ("done", _ok_body(completion_tokens=1))]
+    single = bench_mod.result_from_stream(_at(one, [0.2, 0.3]), 0.3)
+    assert single.client_ttft_s == pytest.approx(0.2) and single.itl_s is None
+
+
+def test_result_from_stream_failures() -> None:
+    error = [("token", {"text": "x"}), ("error", {"detail": "deadline", "status": 504, "request_id": "r"})]
+    failed = bench_mod.result_from_stream(_at(error, [0.1, 0.2]), 0.2)
+    assert failed.outcome is Outcome.FAILED and "deadline" in (failed.error or "")
+    cut = bench_mod.result_from_stream(_at([("token", {"text": "x"})], [0.1]), 0.2)
+    assert cut.outcome is Outcome.FAILED and "without a done event" in (cut.error or "")
+    malformed_token = bench_mod.result_from_stream([(0.1, SseEvent("token", "not json"))], 0.2)
+    assert malformed_token.outcome is Outcome.FAILED and "malformed token" in (malformed_token.error or "")
+    assert bench_mod.result_from_stream([(0.1, SseEvent("token", "[]"))], 0.2).outcome is Outcome.FAILED
+    malformed_done = bench_mod.result_from_stream([(0.1, SseEvent("done", '{"generated_text": "x"}'))], 0.2)
+    assert malformed_done.outcome is Outcome.FAILED and "malformed" in (malformed_done.error or "")
+    assert bench_mod.result_from_stream([(0.1, SseEvent("done", "oops"))], 0.2).outcome is Outcome.FAILED
+
+
+def _mock_client(handler: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url="http://test", transport=httpx.MockTransport(handler))
+
+
+async def test_send_request_streams_over_http() -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        body = _sse(("token", {"text": "Hi"}), ("token", {"text": " there"}), ("done", _ok_body(completion_tokens=2)))
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    async with _mock_client(handler) as client:
+        result = await bench_mod.send_request(client, "stream", 0, 2)
+    assert seen[0]["stream"] is True and seen[0]["ignore_eos"] is True
+    assert result.outcome is Outcome.COMPLETED and result.completion_tokens == 2
+    assert result.client_ttft_s is not None and 0 <= result.client_ttft_s <= result.latency_s
+    assert result.itl_s is not None and result.itl_s >= 0
+
+
+async def test_send_request_stream_rejected_or_cut() -> None:
+    responses = iter(
+        [
+            httpx.Response(503, json={"detail": "full", "request_id": "r"}),
+            httpx.Response(200, content=_sse(("token", {"text": "x"}))),
+        ]
+    )
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return next(responses)
+
+    async with _mock_client(handler) as client:
+        rejected = await bench_mod.send_request(client, "stream", 0, 2)
+        cut = await bench_mod.send_request(client, "stream", 1, 2)
+    assert rejected.outcome is Outcome.REJECTED
+    assert cut.outcome is Outcome.FAILED and "without a done event" in (cut.error or "")
 
 
 async def test_closed_loop_sends_exactly_n_requests_with_c_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -351,10 +678,52 @@ async def test_closed_loop_sends_exactly_n_requests_with_c_in_flight(monkeypatch
         return httpx.AsyncClient(base_url=base_url, transport=httpx.MockTransport(handler))
 
     monkeypatch.setattr(bench_mod, "make_client", fake_client)
-    stats = await bench_mod.run_level("http://test", "batched", 3, 9, bench_mod.LoadConfig(8, 5.0), None)
+    stats = await bench_mod.run_level("http://test", "batched", "generate", 3, 9, bench_mod.LoadConfig(8, 5.0), None)
     assert (stats.completed, stats.rejected, stats.failed) == (7, 1, 1)
     assert stats.total_output_tokens == 56 and peak == 3
-    assert stats.peak_rss_mib is None
+    assert stats.peak_rss_mib is None and stats.label == "batched/generate"
+
+
+@pytest.mark.parametrize("mode", ["stream", "openai"])
+async def test_run_level_in_each_mode(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    paths: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        if request.url.path == "/v1/completions":
+            return httpx.Response(200, json=_openai_body(completion_tokens=5))
+        body = _sse(("token", {"text": "ab"}), ("token", {"text": "cd"}), ("done", _ok_body(completion_tokens=8)))
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    monkeypatch.setattr(bench_mod, "make_client", lambda base_url, *_: _mock_client(handler))
+    stats = await bench_mod.run_level("http://test", "batched", mode, 2, 5, bench_mod.LoadConfig(8, 5.0), None)
+    assert stats.label == f"batched/{mode}" and stats.completed == 5 and stats.failed == 0
+    if mode == "stream":
+        assert paths == ["/generate"] * 5 and stats.total_output_tokens == 40
+        assert stats.p50_client_ttft_ms is not None and stats.p95_itl_ms is not None
+    else:
+        assert paths == ["/v1/completions"] * 5 and stats.total_output_tokens == 25
+        assert stats.p50_client_ttft_ms is None and stats.p50_ttft_ms is None
+
+
+async def test_run_levels_interleaves_modes_per_concurrency(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, int]] = []
+
+    async def fake_warm_up(base_url: str, config: Any, label: str, modes: Any) -> set[str]:
+        calls.append(("warm-up " + ",".join(modes), 0))
+        return {"tiny"}
+
+    async def fake_level(base_url: str, engine: str, mode: str, concurrency: int, *rest: Any) -> LevelStats:
+        calls.append((mode, concurrency))
+        return level(engine, concurrency, 1.0, 1.0, mode=mode)
+
+    monkeypatch.setattr(bench_mod, "warm_up", fake_warm_up)
+    monkeypatch.setattr(bench_mod, "run_level", fake_level)
+    args = bench_mod.parse_args(["--concurrency", "1,4", "--mode", "generate,openai"])
+    run = bench_mod.EngineRun()
+    await bench_mod.run_levels("http://t", "batched", args.modes, args, bench_mod.LoadConfig(8, 5.0), None, run)
+    assert calls == [("warm-up generate,openai", 0), ("generate", 1), ("openai", 1), ("generate", 4), ("openai", 4)]
+    assert [r.label for r in run.records] == ["batched/generate", "batched/openai"] * 2 and run.models == {"tiny"}
 
 
 def test_script_entry_point_runs_outside_the_package() -> None:
