@@ -289,8 +289,10 @@ def _select_many(conn: sqlite3.Connection, state: JobState | None, limit: int) -
     return [_row_to_job(r) for r in rows]
 
 
-def _claim(conn: sqlite3.Connection, owner: str, now: float) -> Job | None:
+def _claim(conn: sqlite3.Connection, owner: str) -> Job | None:
     with write_txn(conn):
+        # The clock is read inside the write lock, so started_at can never precede created_at.
+        now = time.time()
         rows = conn.execute(
             "UPDATE jobs SET state = 'running', owner = ?, started_at = ?, attempts = attempts + 1 "
             "WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid LIMIT 1) "
@@ -523,7 +525,7 @@ class SQLiteJobStore:
         return await self._run(_select_many, state, limit)
 
     async def claim_next(self, owner: str) -> Job | None:
-        claim = asyncio.ensure_future(self._run(_claim, owner, time.time()))
+        claim = asyncio.ensure_future(self._run(_claim, owner))
         try:
             job = await asyncio.shield(claim)
         except asyncio.CancelledError:
