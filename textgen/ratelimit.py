@@ -11,20 +11,18 @@ Keys are API keys: they are stored and logged only as sha256 digests, never in c
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import math
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Concatenate, ParamSpec, Protocol, TypeVar, runtime_checkable
+from typing import ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from textgen.config import Settings
 from textgen.errors import RateLimitedError
-from textgen.jobs.store import connect_sqlite, sqlite_path_from_url, write_txn
+from textgen.jobs.store import SQLiteConnection, connect_sqlite, sqlite_path_from_url, write_txn
 
 logger = logging.getLogger(__name__)
 
@@ -149,52 +147,25 @@ class SQLiteRateLimiter:
     ) -> None:
         if requests_per_minute < 0 or tokens_per_minute < 0:
             raise ValueError("requests_per_minute and tokens_per_minute must be >= 0 (0 = unlimited)")
-        self._path = Path(path)
         self._rpm = requests_per_minute
         self._tpm = tokens_per_minute
         self._clock = clock
-        self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._db = SQLiteConnection(Path(path), lambda file: connect_sqlite(file, _SCHEMA))
+        self._run = self._db.run
 
     @property
     def path(self) -> Path:
-        return self._path
+        return self._db.path
 
     def __repr__(self) -> str:
-        return f"SQLiteRateLimiter({str(self._path)!r}, rpm={self._rpm}, tpm={self._tpm})"
-
-    # -- plumbing ----------------------------------------------------------------------------------
-
-    async def _run(
-        self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs
-    ) -> _T:
-        return await asyncio.to_thread(self._locked, fn, *args, **kwargs)
-
-    def _locked(self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        with self._lock:
-            if self._conn is None:
-                raise RuntimeError(f"{self!r} is not open; call open() first.")
-            return fn(self._conn, *args, **kwargs)
-
-    def _open_sync(self) -> None:
-        with self._lock:
-            if self._conn is None:
-                self._conn = connect_sqlite(self._path, _SCHEMA)
-
-    def _close_sync(self) -> None:
-        with self._lock:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-    # -- lifecycle ---------------------------------------------------------------------------------
+        return f"SQLiteRateLimiter({str(self.path)!r}, rpm={self._rpm}, tpm={self._tpm})"
 
     async def open(self) -> None:
-        await asyncio.to_thread(self._open_sync)
-        logger.info("Rate limits (rpm=%d, tpm=%d) kept in %s", self._rpm, self._tpm, self._path)
+        await self._db.open()
+        logger.info("Rate limits (rpm=%d, tpm=%d) kept in %s", self._rpm, self._tpm, self.path)
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._close_sync)
+        await self._db.close()
 
     # -- limits ------------------------------------------------------------------------------------
 

@@ -237,14 +237,14 @@ async def test_job_never_starts_before_it_was_created(make_settings: MakeSetting
 
     async with app_client(make_settings(job_poll_interval_s=60)) as (client, app):  # the runner stays idle
         store = app.state.textgen.store
-        store._lock.acquire()  # the store is busy (as while another call inserts)
+        store._db._lock.acquire()  # the store is busy (as while another call inserts)
         try:
             claim = asyncio.ensure_future(store.claim_next("tester:0:claim"))
             await asyncio.sleep(0.1)  # the claim now waits for the store
             job = store_module._new_job({"prompt": "Hi"}, "racing-create")  # what create() does...
             store_module._insert(store._conn, job)  # ...while it holds the store
         finally:
-            store._lock.release()
+            store._db._lock.release()
         await claim  # this claim or the runner's own first poll (also waiting) takes the job
 
         view, _ = await poll_job(client, job.id, until=lambda v: v["started_at"] is not None)

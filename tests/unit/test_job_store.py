@@ -206,14 +206,14 @@ async def test_claim_once_two_processes(tmp_path: Path) -> None:
 
 async def test_cancelled_claim_is_handed_back(store: SQLiteJobStore) -> None:
     job = await store.create({}, request_id=None)
-    store._lock.acquire()  # hold the worker thread so the claim lands after the caller is cancelled
+    store._db._lock.acquire()  # hold the worker thread so the claim lands after the caller is cancelled
     try:
         task = asyncio.create_task(store.claim_next("w1"))
         await asyncio.sleep(0.05)
         task.cancel()
         await asyncio.sleep(0.05)
     finally:
-        store._lock.release()
+        store._db._lock.release()
     with pytest.raises(asyncio.CancelledError):
         await task
     back = await store.get(job.id)

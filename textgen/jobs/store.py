@@ -437,6 +437,46 @@ def _new_job(request: dict[str, Any], request_id: str | None) -> Job:
     )
 
 
+class SQLiteConnection:
+    """One connection to a SQLite file, used from worker threads (``asyncio.to_thread``) one call at a
+    time; the job store and the rate limiter each hold one."""
+
+    def __init__(self, path: Path, connect: Callable[[Path], sqlite3.Connection]) -> None:
+        self.path = path
+        self._connect = connect
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    async def run(
+        self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """Run ``fn(connection, *args)`` off the event loop, one call at a time."""
+        return await asyncio.to_thread(self._locked, fn, *args, **kwargs)
+
+    def _locked(self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        with self._lock:
+            if self._conn is None:
+                raise RuntimeError(f"The SQLite connection to {self.path} is not open; call open() first.")
+            return fn(self._conn, *args, **kwargs)
+
+    async def open(self) -> None:
+        def connect() -> None:
+            with self._lock:
+                if self._conn is None:
+                    self._conn = self._connect(self.path)
+
+        await asyncio.to_thread(connect)
+
+    async def close(self) -> None:
+        def disconnect() -> None:
+            with self._lock:
+                conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+        await asyncio.to_thread(disconnect)
+
+
 class SQLiteJobStore:
     """``JobStore`` on one SQLite file (WAL mode), shareable by several processes.
 
@@ -444,49 +484,22 @@ class SQLiteJobStore:
     """
 
     def __init__(self, path: Path) -> None:
-        self._path = Path(path)
-        self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._db = SQLiteConnection(Path(path), _connect)
+        self._run = self._db.run
 
     @property
     def path(self) -> Path:
-        return self._path
+        return self._db.path
 
     def __repr__(self) -> str:
-        return f"SQLiteJobStore({str(self._path)!r})"
-
-    # -- plumbing ----------------------------------------------------------------------------------
-
-    async def _run(
-        self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs
-    ) -> _T:
-        return await asyncio.to_thread(self._locked, fn, *args, **kwargs)
-
-    def _locked(self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        with self._lock:
-            if self._conn is None:
-                raise RuntimeError(f"{self!r} is not open; call open() first.")
-            return fn(self._conn, *args, **kwargs)
-
-    def _open_sync(self) -> None:
-        with self._lock:
-            if self._conn is None:
-                self._conn = _connect(self._path)
-
-    def _close_sync(self) -> None:
-        with self._lock:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-    # -- lifecycle ---------------------------------------------------------------------------------
+        return f"SQLiteJobStore({str(self.path)!r})"
 
     async def open(self) -> None:
-        await asyncio.to_thread(self._open_sync)
-        logger.info("Job store open at %s", self._path)
+        await self._db.open()
+        logger.info("Job store open at %s", self.path)
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._close_sync)
+        await self._db.close()
 
     # -- jobs --------------------------------------------------------------------------------------
 
