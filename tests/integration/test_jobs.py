@@ -242,7 +242,7 @@ async def test_job_never_starts_before_it_was_created(make_settings: MakeSetting
             claim = asyncio.ensure_future(store.claim_next("tester:0:claim"))
             await asyncio.sleep(0.1)  # the claim now waits for the store
             job = store_module._new_job({"prompt": "Hi"}, "racing-create")  # what create() does...
-            store_module._insert(store._conn, job)  # ...while it holds the store
+            store_module._insert(store._db._conn, job)  # ...while it holds the store
         finally:
             store._db._lock.release()
         await claim  # this claim or the runner's own first poll (also waiting) takes the job
