@@ -1,0 +1,214 @@
+"""Durability under fire: kill -9 with 20 jobs in flight (twice), and job stores that cannot be written.
+
+* ``kill -9`` while all 20 background jobs are queued or running (none finished yet), restart, ``kill -9``
+  again half-way through, restart: all 20 succeed exactly once. A job's attempts are 1 plus the number
+  of kills that caught it running; each job has one "succeeded" line over the three lives and no
+  result is ever produced twice.
+* A job store the process cannot write (a full disk, a read-only filesystem, a parent that is not a
+  directory) stops the server at start-up with one clear CRITICAL line naming ``TEXTGEN_JOB_STORE``, a
+  non-zero exit and no traceback, before the model is loaded; jobs already in a store on a full disk
+  stay there untouched.
+
+The full disk is a file-size limit (``RLIMIT_FSIZE``) on the server process: Python ignores SIGXFSZ, so a
+write past the limit fails with EFBIG, which is what SQLite sees on a disk with no room left (it reports
+it as "disk I/O error"). The limit is a few KiB rather than 0 because ``tempfile`` probes its directory
+with a 4-byte write while the app is imported; anything SQLite writes (a page is 4 KiB) goes past it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import resource
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import REPO_ROOT, Server, free_port, server_env, submit_job, wait_until_terminal
+from textgen.jobs.store import SQLiteJobStore
+
+pytestmark = pytest.mark.e2e
+
+JOBS = 20
+TOKENS = 48
+CONCURRENCY = 4
+ENV = {"TEXTGEN_JOB_CONCURRENCY": str(CONCURRENCY), "TEXTGEN_TORCH_THREADS": "1"}
+FULL_DISK_BYTES = 2048
+FAIL_FAST_S = 90.0  # imports only: the store is opened before the model is loaded
+
+
+def states_on_disk(job_store: Path) -> dict[str, tuple[str, int]]:
+    """What a dead server left in the store: job id -> (state, attempts)."""
+    conn = sqlite3.connect(job_store)
+    try:
+        rows = conn.execute("SELECT id, state, attempts FROM jobs").fetchall()
+    finally:
+        conn.close()
+    return {job_id: (state, attempts) for job_id, state, attempts in rows}
+
+
+def wait_for_counts(client: httpx.Client, job_ids: list[str], ready: Callable[[Counter[str]], bool]) -> Counter[str]:
+    deadline = time.monotonic() + 120
+    while True:
+        listed = client.get("/jobs", params={"limit": 1000}).json()["jobs"]
+        counts = Counter(job["state"] for job in listed if job["job_id"] in job_ids)
+        if ready(counts):
+            return counts
+        assert time.monotonic() < deadline, f"jobs never reached the wanted mix: {counts}"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(600)
+def test_twenty_jobs_survive_two_kill_9s_and_finish_exactly_once(start_server: Callable[..., Server]) -> None:
+    first = start_server(ENV)
+    with first.client() as client:
+        job_ids = [
+            submit_job(
+                client, {"prompt": f"Job {i}: describe a lighthouse", "max_new_tokens": TOKENS, "ignore_eos": True}
+            )["job_id"]
+            for i in range(JOBS)
+        ]
+        # First kill: every job queued or running, none finished (as soon as the runner has started some).
+        wait_for_counts(client, job_ids, lambda c: c["running"] >= 1)
+    assert first.kill9() == -signal.SIGKILL
+    at_kill_1 = states_on_disk(first.job_store)
+    assert set(at_kill_1) == set(job_ids)
+    states_1 = Counter(state for state, _ in at_kill_1.values())
+    assert set(states_1) <= {"queued", "running"} and states_1["running"] >= 1, states_1
+    running_1 = {job_id for job_id, (state, _) in at_kill_1.items() if state == "running"}
+
+    second = start_server(ENV)
+    with second.client() as client:
+        # Second kill: some finished, some running, some still waiting.
+        wait_for_counts(client, job_ids, lambda c: c["succeeded"] >= CONCURRENCY and c["running"] >= 1 and c["queued"])
+    assert second.kill9() == -signal.SIGKILL
+    at_kill_2 = states_on_disk(second.job_store)
+    states_2 = Counter(state for state, _ in at_kill_2.values())
+    running_2 = {job_id for job_id, (state, _) in at_kill_2.items() if state == "running"}
+    done_2 = {job_id for job_id, (state, _) in at_kill_2.items() if state == "succeeded"}
+    assert running_2 and done_2 and states_2["queued"], states_2
+
+    third = start_server(ENV)
+    with third.client() as client:
+        jobs = wait_until_terminal(client, job_ids, timeout_s=240)
+    print(
+        f"\nkill -9 #1: {dict(states_1)}; kill -9 #2: {dict(states_2)}; after the third start: "
+        f"{dict(Counter(job['state'] for job in jobs.values()))}, "
+        f"attempts {dict(Counter(job['attempts'] for job in jobs.values()))}"
+    )
+
+    assert {job_id: job["state"] for job_id, job in jobs.items()} == dict.fromkeys(job_ids, "succeeded")
+    for job_id, job in jobs.items():
+        expected = 1 + (job_id in running_1) + (job_id in running_2)
+        assert job["attempts"] == expected, (job_id, job["attempts"], at_kill_1[job_id], at_kill_2[job_id])
+        assert job["result"]["completion_tokens"] == TOKENS
+        assert job["error"] is None
+
+    logs = [first.log_text(), second.log_text(), third.log_text()]
+    assert re.search(rf"Re-queued {len(running_1)} job\(s\) left running by a process that died", logs[1])
+    assert re.search(rf"Re-queued {len(running_2)} job\(s\) left running by a process that died", logs[2])
+    everything = "".join(logs)
+    for job_id in job_ids:
+        assert everything.count(f"Job {job_id} succeeded") == 1, job_id
+        assert f"Job {job_id} result" not in everything, f"a second result of {job_id} was produced and discarded"
+    for job_id in done_2:
+        assert f"Job {job_id} started" not in logs[2], f"{job_id} had finished but ran again"
+
+
+# ----- Stores that cannot be written ---------------------------------------------------------------
+
+
+def start_expecting_failure(job_store: Path, *, max_file_bytes: int | None = None) -> tuple[int, str, float]:
+    """Run ``uvicorn main:app`` on this store until it exits; (exit code, output, seconds)."""
+
+    def limit_file_size() -> None:
+        if max_file_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    started = time.monotonic()
+    # Output goes to a pipe: RLIMIT_FSIZE applies to regular files only, so the log itself is not cut.
+    completed = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(free_port())],
+        cwd=REPO_ROOT,
+        env=server_env(job_store, {"TEXTGEN_TORCH_THREADS": "1"}),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        timeout=FAIL_FAST_S * 2,
+        start_new_session=True,
+        preexec_fn=limit_file_size,
+    )
+    return completed.returncode, completed.stdout, time.monotonic() - started
+
+
+def assert_clear_startup_failure(code: int, output: str, seconds: float, job_store: Path, reason: str) -> None:
+    critical = [line for line in output.splitlines() if " CRITICAL " in line]
+    assert code != 0, output
+    assert seconds < FAIL_FAST_S, f"took {seconds:.0f} s to fail"
+    assert len(critical) == 1, output
+    line = critical[0]
+    assert "Cannot start: Cannot use job store at " + str(job_store) in line, line
+    assert reason in line, line
+    assert "TEXTGEN_JOB_STORE" in line, line
+    assert "Application startup failed" in output, output
+    assert "Traceback" not in output, output
+    assert "Loading model" not in output, "the store must be checked before the model is loaded"
+    assert "Uvicorn running" not in output and "Application startup complete" not in output, output
+
+
+@pytest.mark.timeout(300)
+def test_full_disk_fresh_store_fails_at_startup(tmp_path: Path) -> None:
+    job_store = tmp_path / "full" / "jobs.db"
+    code, output, seconds = start_expecting_failure(job_store, max_file_bytes=FULL_DISK_BYTES)
+    print(f"\nfull disk, fresh store: exit {code} after {seconds:.1f} s: {output.strip().splitlines()[-2:]}")
+    assert_clear_startup_failure(code, output, seconds, job_store, "disk I/O error")
+
+
+@pytest.mark.timeout(300)
+def test_full_disk_existing_store_fails_at_startup_and_keeps_its_jobs(tmp_path: Path) -> None:
+    job_store = tmp_path / "jobs.db"
+
+    async def seed() -> list[str]:
+        store = SQLiteJobStore(job_store)
+        await store.open()
+        try:
+            jobs = [await store.create({"prompt": f"kept {i}", "max_new_tokens": 4}, request_id=None) for i in range(3)]
+        finally:
+            await store.close()
+        return [job.id for job in jobs]
+
+    job_ids = asyncio.run(seed())
+    before = states_on_disk(job_store)
+    size = job_store.stat().st_size
+    assert size > FULL_DISK_BYTES  # the store is bigger than what the "disk" lets the process write
+
+    code, output, seconds = start_expecting_failure(job_store, max_file_bytes=FULL_DISK_BYTES)
+    print(f"\nfull disk, existing store: exit {code} after {seconds:.1f} s")
+    assert_clear_startup_failure(code, output, seconds, job_store, "disk I/O error")
+    assert states_on_disk(job_store) == before == dict.fromkeys(job_ids, ("queued", 0)), "jobs were lost"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [("read-only filesystem", "unable to open database file"), ("parent is a file", "cannot create directory")],
+)
+def test_unwritable_store_path_fails_at_startup(tmp_path: Path, case: str, reason: str) -> None:
+    if case == "read-only filesystem":
+        job_store = Path("/proc/textgen-jobs.db")  # procfs: nobody, root included, can create files there
+    else:
+        (tmp_path / "not-a-dir").write_text("a regular file\n")
+        job_store = tmp_path / "not-a-dir" / "jobs.db"
+    code, output, seconds = start_expecting_failure(job_store)
+    print(f"\n{case}: exit {code} after {seconds:.1f} s")
+    assert_clear_startup_failure(code, output, seconds, job_store, reason)
