@@ -20,7 +20,7 @@ from textgen.config import Settings, load_settings
 from textgen.errors import ConfigError
 from textgen.loader import load_model
 from textgen.logging import setup_logging
-from textgen.state import ModelLoader, build_state, shutdown_state
+from textgen.state import ModelLoader, build_state, drain_on_signals, shutdown_state
 
 logger = logging.getLogger("textgen")
 
@@ -41,7 +41,8 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
             logger.critical("Cannot start: %s", error)
             raise StartupError(1) from None
         try:
-            yield
+            with drain_on_signals(app.state.textgen):
+                yield
         finally:
             await shutdown_state(app.state.textgen)
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
+from typing import Any
 
 from textgen.api.security import AccessPolicy, bind_host_from_argv, warn_if_exposed_without_keys
 from textgen.config import Settings
@@ -38,10 +42,24 @@ class AppState:
     shutting_down: bool = False
 
     gauge_task: asyncio.Task[None] | None = None
+    drain_task: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
         return self.engine.ready and not self.shutting_down
+
+    def begin_shutdown(self) -> None:
+        """Stop taking work: /ready and new requests answer 503, running background jobs go back to the
+        queue at once, running interactive requests get TEXTGEN_SHUTDOWN_GRACE_S. Idempotent."""
+        if self.drain_task is not None:
+            return
+        self.shutting_down = True
+        logger.info("Shutting down: returning running jobs to the queue, draining requests")
+        self.drain_task = asyncio.get_running_loop().create_task(self._drain(), name="textgen-drain")
+
+    async def _drain(self) -> None:
+        await self.runner.stop()
+        await self.engine.stop(self.settings.shutdown_grace_s)
 
     async def refresh_gauges(self) -> None:
         """Queue lengths and job counts are read, not counted as they change."""
@@ -95,14 +113,41 @@ async def build_state(settings: Settings, model_loader: ModelLoader = load_model
 
 
 async def shutdown_state(state: AppState) -> None:
-    """Background jobs go back to the queue at once; interactive requests get the grace period."""
-    state.shutting_down = True
+    """Drain (see ``AppState.begin_shutdown``), then close what the service opened."""
+    state.begin_shutdown()
+    assert state.drain_task is not None
+    await state.drain_task
     if state.gauge_task is not None:
         state.gauge_task.cancel()
-    logger.info("Shutting down: returning running jobs to the queue, draining requests")
-    await state.runner.stop()
-    await state.engine.stop(state.settings.shutdown_grace_s)
     await state.store.close()
     await state.service.rate_limiter.close()
     mark_process_dead()
     logger.info("Shutdown complete")
+
+
+@contextmanager
+def drain_on_signals(state: AppState) -> Iterator[None]:
+    """Start draining the moment SIGTERM/SIGINT arrives, then let the server's own handler run.
+
+    The server waits for open requests before it runs the lifespan's shutdown; without this, the job
+    runner would keep claiming jobs and the grace period would not bound that wait.
+    """
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(state.begin_shutdown)
+        prior = previous.get(signum)
+        if callable(prior):
+            prior(signum, frame)
+
+    try:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, handle)
+    except ValueError:  # not the main thread (an embedding test harness): nothing to chain
+        pass
+    try:
+        yield
+    finally:
+        for signum, prior in previous.items():
+            signal.signal(signum, prior)

@@ -12,7 +12,7 @@ has them, the uvicorn process (only it, no SIGKILL follow-up) gets SIGTERM. Then
 * a new server on the same store finishes all six exactly once: attempts 2 for the handed-back jobs,
   1 for the rest, one "succeeded" line per job over both lives, no result produced twice.
 
-``test_sigterm_grace_period_bounds_a_long_request`` (xfail, a service bug) checks the other half of the
+``test_sigterm_grace_period_bounds_a_long_request`` checks the other half of the
 promise: a request longer than the grace period does not keep the process up, and no job is claimed
 after SIGTERM.
 """
@@ -189,19 +189,8 @@ def test_sigterm_drains_requests_and_hands_jobs_back(start_server: Callable[...,
 
 
 SHORT_GRACE_S = 2
-DRAIN_BUG = (
-    "BUG: TEXTGEN_SHUTDOWN_GRACE_S does not bound shutdown, and background jobs keep being claimed after "
-    "SIGTERM. uvicorn (no --timeout-graceful-shutdown in Procfile/Makefile) first waits for every open HTTP "
-    "request to finish and only then runs the lifespan shutdown (textgen/state.py shutdown_state: "
-    "runner.stop(), engine.stop(grace)), so the grace period only starts after the longest request has "
-    "ended, and until then JobRunner._claim_loop keeps claiming queued jobs. Repro: GRACE_S=2, one "
-    "/generate with max_new_tokens=3000 in flight, SIGTERM: the process stays up until that request is "
-    "done (41 s in a run with 400 tokens) and runs the whole job queue meanwhile. README 'Limits and "
-    "guarantees / Shutdown' promises the grace period and an immediate hand-back"
-)
 
 
-@pytest.mark.xfail(reason=DRAIN_BUG, strict=True, raises=AssertionError)
 @pytest.mark.timeout(300)
 def test_sigterm_grace_period_bounds_a_long_request(start_server: Callable[..., Server]) -> None:
     env = {

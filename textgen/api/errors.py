@@ -34,9 +34,17 @@ _DESCRIPTIONS = {
 }
 
 
+# Any route may answer these: the API-key and body-size middleware run before routing, and a 500 can
+# happen anywhere.
+ALWAYS_POSSIBLE = (401, 413, 500)
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries so /docs shows each error a route can return."""
-    return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
+    return {
+        code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]}
+        for code in sorted({*codes, *ALWAYS_POSSIBLE})
+    }
 
 
 def request_id_of(request: Request) -> str:

@@ -12,7 +12,9 @@ from textgen.errors import NotReadyError
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", response_model=HealthResponse, summary="Liveness: the process answers")
+@router.get(
+    "/health", response_model=HealthResponse, responses=error_responses(), summary="Liveness: the process answers"
+)
 async def health() -> HealthResponse:
     return HealthResponse()
 

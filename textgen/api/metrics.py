@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from textgen.api.deps import StateDep
+from textgen.api.errors import error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -12,7 +13,7 @@ router = APIRouter(tags=["health"])
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}, **error_responses()},
     summary="Prometheus metrics (textgen_*)",
 )
 async def metrics(state: StateDep) -> Response:

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from sse_starlette import ServerSentEvent
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from models import (
@@ -40,7 +41,7 @@ from models import (
 from textgen.api.deps import CallerDep, RequestIdDep, ServiceDep, StateDep
 from textgen.api.errors import request_id_of
 from textgen.api.generate import results_unless_disconnected
-from textgen.api.sse import sse_response
+from textgen.api.sse import SSE_RESPONSE_DOC, sse_response
 from textgen.engine.types import FinishReason, GenerationResult, Handle, Priority, SamplingParams, to_client_error
 from textgen.errors import InvalidRequestError, TextGenError
 from textgen.generation import GenerationService
@@ -80,6 +81,8 @@ class OpenAIRoute(APIRoute):
         async def handle(request: Request) -> Response:
             try:
                 return await handler(request)
+            except StarletteHTTPException as error:  # e.g. a body that is not JSON at all
+                return openai_error(request, error.status_code, str(error.detail))
             except RequestValidationError as error:
                 first = error.errors()[0]
                 param = ".".join(str(part) for part in first["loc"] if part != "body") or None
@@ -98,10 +101,15 @@ ERROR_DOCS: dict[int | str, dict[str, Any]] = {
     code: {"model": OpenAIError, "description": description}
     for code, description in {
         400: "Invalid request or content rejected",
+        401: "Missing or invalid API key",
+        413: "Request body too large",
+        429: "Rate limit exceeded; see Retry-After",
+        500: "Internal error (no details exposed)",
         503: "Queue full or not ready",
         504: "Deadline passed",
     }.items()
 }
+GENERATION_DOCS = {**SSE_RESPONSE_DOC, **ERROR_DOCS}
 
 
 def render_chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> str:
@@ -132,6 +140,12 @@ def _submit_all(
     """n handles per prompt, in OpenAI's choice order; cancels what was submitted if one is refused."""
     if len(body.stop_strings()) > 4:
         raise InvalidRequestError("stop: at most 4 stop sequences are allowed.")
+    capacity = service.settings.max_running + service.settings.max_waiting
+    if len(prompts) * body.n > capacity:
+        raise InvalidRequestError(
+            f"n: this request asks for {len(prompts) * body.n} completions; this server holds at most {capacity} "
+            "at once (TEXTGEN_MAX_RUNNING + TEXTGEN_MAX_WAITING). Send fewer prompts or a smaller n."
+        )
     handles: list[Handle] = []
     try:
         for prompt in prompts:
@@ -207,7 +221,12 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
     return bool((body.stream_options or {}).get("include_usage"))
 
 
-@router.get("/models", response_model=ModelList, summary="The served model")
+@router.get(
+    "/models",
+    response_model=ModelList,
+    responses={code: ERROR_DOCS[code] for code in (401, 413, 500)},
+    summary="The served model",
+)
 async def list_models(state: StateDep) -> ModelList:
     return ModelList(data=[ModelCard(id=state.model.name, created=int(time.time()))])
 
@@ -215,7 +234,7 @@ async def list_models(state: StateDep) -> ModelList:
 @router.post(
     "/completions",
     response_model=CompletionResponse,
-    responses=ERROR_DOCS,
+    responses=GENERATION_DOCS,
     summary="OpenAI-compatible text completion",
 )
 async def completions(
@@ -273,7 +292,7 @@ async def _completion_chunks(
 @router.post(
     "/chat/completions",
     response_model=ChatCompletionResponse,
-    responses=ERROR_DOCS,
+    responses=GENERATION_DOCS,
     summary="OpenAI-compatible chat completion (the model's chat template)",
 )
 async def chat_completions(

@@ -25,6 +25,8 @@ from textgen.errors import ConfigError, PayloadTooLargeError, UnauthorizedError
 
 logger = logging.getLogger(__name__)
 
+OPENAI_PREFIX = "/v1/"
+
 
 def key_fingerprint(key: str) -> str:
     return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -111,11 +113,17 @@ def _request_id(scope: Scope) -> str:
 async def _send_error(
     scope: Scope, receive: Receive, send: Send, error: UnauthorizedError | PayloadTooLargeError
 ) -> None:
+    """The error body in the shape of the API the path belongs to (OpenAI's under /v1)."""
     headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else {}
-    response = JSONResponse(
-        {"detail": error.message, "request_id": _request_id(scope)}, status_code=error.status_code, headers=headers
-    )
-    await response(scope, receive, send)
+    request_id = _request_id(scope)
+    body: dict[str, object] = {"detail": error.message, "request_id": request_id}
+    if scope["path"].startswith(OPENAI_PREFIX):
+        kind = "authentication_error" if error.status_code == 401 else "invalid_request_error"
+        body = {
+            "error": {"message": error.message, "type": kind, "param": None, "code": None},
+            "request_id": request_id,
+        }
+    await JSONResponse(body, status_code=error.status_code, headers=headers)(scope, receive, send)
 
 
 class APIKeyMiddleware:

@@ -14,10 +14,15 @@ from textgen.errors import EngineError, TextGenError
 
 logger = logging.getLogger(__name__)
 
+# Each Server-Sent Event, as a client parser sees it: an optional event name and its data line(s).
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}},
+}
 SSE_RESPONSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "JSON, or with `stream: true` a `text/event-stream` of `token` events, then `done` (or `error`)",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "JSON, or with `stream: true` a `text/event-stream` of events (see the route summary)",
+        "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
     }
 }
 
