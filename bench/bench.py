@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--requests-per-level", type=int, default=None, metavar="N", help="default: max(2*C, 8) per level"
     )
+    parser.add_argument(
+        "--requests-per-client", type=int, default=2, metavar="K", help="without --requests-per-level: K*C per level"
+    )
+    parser.add_argument(
+        "--min-requests", type=int, default=8, metavar="M", help="without --requests-per-level: at least M per level"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per request (default 64)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
@@ -179,6 +185,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--label only applies with --url")
     if args.requests_per_level is not None and args.requests_per_level < 1:
         parser.error("--requests-per-level must be >= 1")
+    if args.requests_per_client < 1 or args.min_requests < 1:
+        parser.error("--requests-per-client and --min-requests must be >= 1")
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
     if args.url is not None:
@@ -187,8 +195,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def requests_for_level(concurrency: int, override: int | None) -> int:
-    return override if override is not None else max(2 * concurrency, 8)
+def requests_for_level(concurrency: int, override: int | None, per_client: int = 2, minimum: int = 8) -> int:
+    return override if override is not None else max(per_client * concurrency, minimum)
 
 
 def modes_for_engine(engine: str, modes: Sequence[str], all_modes_for_baseline: bool = False) -> list[str]:
@@ -568,7 +576,7 @@ async def run_levels(
     run.models |= await warm_up(base_url, config, label, modes)
     pid = None if server is None else server.process.pid
     for concurrency in args.concurrency:
-        total = requests_for_level(concurrency, args.requests_per_level)
+        total = requests_for_level(concurrency, args.requests_per_level, args.requests_per_client, args.min_requests)
         for mode in modes:
             ensure_alive(server)
             run.records.append(await run_level(base_url, label, mode, concurrency, total, config, pid))
