@@ -144,6 +144,13 @@ class GenerationService:
             tail = streaming_filter.finish()
             if tail:
                 yield tail
+        except ContentRejectedError:
+            self.metrics.observe_filter("output", "reject")
+            logger.warning(
+                "Streamed text matched the content filter (action=reject)",
+                extra={"request_id": handle.request.request_id},
+            )
+            raise
         finally:
             if cancel_on_exit and not handle.done:
                 handle.cancel()

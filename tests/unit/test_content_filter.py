@@ -120,9 +120,7 @@ def test_find_returns_every_match_in_order(content_filter: ContentFilter) -> Non
         ("", ""),
     ],
 )
-def test_redact_replaces_exactly_the_offending_span(
-    content_filter: ContentFilter, text: str, expected: str
-) -> None:
+def test_redact_replaces_exactly_the_offending_span(content_filter: ContentFilter, text: str, expected: str) -> None:
     assert content_filter.redact(text) == expected
 
 

@@ -76,7 +76,8 @@ async def job_events(
     job_id: str, store: JobStore, runner: JobRunner, service: GenerationService, request_id: str
 ) -> AsyncIterator[ServerSentEvent]:
     """`state` events on every change, `token` events while the job runs in this process (replayed from
-    its first token when connecting late), then `done` with the finished job. Leaving does not cancel."""
+    its first token when connecting late; a job that ran unseen, in another worker or between two looks,
+    has its text replayed as one token event), then `done` with the finished job. Leaving does not cancel."""
     last_state: JobState | None = None
     streamed: Handle | None = None
     try:
@@ -86,6 +87,9 @@ async def job_events(
                 last_state = job.state
                 yield event("state", {"state": job.state.value})
             if job.state in TERMINAL_STATES:
+                if streamed is None and job.result:
+                    # It ran between two looks (or elsewhere): replay its text as one token event.
+                    yield event("token", {"text": job.result.get("generated_text", "")})
                 yield event("done", job_view(job).model_dump(mode="json"))
                 return
             handle = runner.local_handle(job_id)

@@ -200,7 +200,7 @@ async def _choice_events(
 
 
 def _data(payload: dict[str, Any]) -> ServerSentEvent:
-    return ServerSentEvent(data=json.dumps(payload, ensure_ascii=False))
+    return ServerSentEvent(data=json.dumps(payload, ensure_ascii=True))  # see textgen.api.sse.event
 
 
 async def _openai_stream(chunks: AsyncIterator[dict[str, Any]], request_id: str) -> AsyncIterator[ServerSentEvent]:

@@ -28,7 +28,8 @@ SSE_RESPONSE_DOC: dict[int | str, dict[str, Any]] = {
 
 
 def event(name: str, payload: Any) -> ServerSentEvent:
-    return ServerSentEvent(data=json.dumps(payload, ensure_ascii=False), event=name)
+    # ASCII-only JSON: U+2028 / U+0085 in generated text would otherwise split lines for some SSE parsers.
+    return ServerSentEvent(data=json.dumps(payload, ensure_ascii=True), event=name)
 
 
 def error_event(error: BaseException, request_id: str) -> ServerSentEvent:
