@@ -119,6 +119,9 @@ class _OpenAIRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: dict[str, Any] | None = Field(None, description='{"include_usage": true} adds a usage chunk.')
+    ignore_eos: bool = Field(
+        False, description="Extension (as in vLLM): generate exactly max_tokens, ignoring end-of-sequence."
+    )
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -466,3 +466,14 @@ async def test_leaving_a_stream_cancels_every_choice(api: Api) -> None:
                 break
         assert engine.stats().running == 2, "both choices should still be generating"
     await wait_until(lambda: engine.stats().running == 0, 2.0, "both sequences leaving the batch")
+
+
+async def test_ignore_eos_extension_generates_exactly_max_tokens(
+    make_settings: Callable[..., Any], app_client: Callable[..., Any]
+) -> None:
+    async with app_client(make_settings()) as (client, _app):
+        body = {"prompt": "Hi", "max_tokens": 12, "ignore_eos": True, "n": 3, "seed": 1}
+        response = await client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 36
+        assert {choice["finish_reason"] for choice in response.json()["choices"]} == {"length"}

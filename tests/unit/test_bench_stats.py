@@ -505,6 +505,7 @@ def test_requests_per_mode() -> None:
         "temperature": 0.8,
         "top_p": 0.95,
         "stream": False,
+        "ignore_eos": True,
     }
 
 

@@ -127,6 +127,7 @@ def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int |
         top_p=body.top_p,
         seed=None if body.seed is None else body.seed + choice,
         stop=body.stop_strings(),
+        ignore_eos=body.ignore_eos,
     )
 
 
