@@ -16,9 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from textgen.config import load_settings
-from textgen.engine import GenerationRequest, SamplingParams, create_engine
+from textgen.engine import GenerationRequest, SamplingParams, create_engine, sequence
 from textgen.engine import batched as batched_engine
-from textgen.engine import sequence
 from textgen.loader import load_model
 
 SPENT: collections.Counter[str] = collections.Counter()
