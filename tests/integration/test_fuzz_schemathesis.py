@@ -94,7 +94,7 @@ PLANS: dict[str, Plan] = {
 # Negative cases never reach the model, so they are cheap: give them more.
 NEGATIVE_EXAMPLES = 100
 
-# ----- Known findings (service bugs, not fixed here; each xfail lists what the run reports) -------
+# ----- Findings of earlier runs (all fixed; an entry in KNOWN_FINDINGS would mark its operation xfail) -
 
 SSE_SCHEMA = (
     "SSE responses are documented as `text/event-stream` with schema {'type': 'string'} "

@@ -200,6 +200,19 @@ async def _choice_events(
                 handle.cancel()
 
 
+async def _finished(
+    request: Request, service: GenerationService, handles: Sequence[Handle], request_id: str, caller: str
+) -> list[GenerationResult]:
+    """Every choice's result (cancelling all if the client leaves), recorded and filtered."""
+    return [await service.finish(r, request_id, caller) for r in await results_unless_disconnected(request, handles)]
+
+
+def _usage_chunk(base: dict[str, Any], finals: dict[int, GenerationResult], n: int) -> dict[str, Any]:
+    """The last streamed chunk with stream_options.include_usage: no choices, the request's usage."""
+    ordered = [finals[i] for i in range(len(finals))]
+    return {**base, "choices": [], "usage": _usage(ordered, n).model_dump()}
+
+
 def _data(payload: dict[str, Any]) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(payload, ensure_ascii=True))  # see textgen.api.sse.event
 
@@ -255,7 +268,7 @@ async def completions(
             ),
             request_id,
         )
-    results = [await service.finish(r, request_id, caller) for r in await results_unless_disconnected(request, handles)]
+    results = await _finished(request, service, handles, request_id, caller)
     return CompletionResponse(
         id=completion_id,
         created=created,
@@ -286,8 +299,7 @@ async def _completion_chunks(
             finish = OPENAI_FINISH[result.finish_reason]
         yield {**base, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
     if _include_usage(body):
-        ordered = [finals[i] for i in range(len(handles))]
-        yield {**base, "choices": [], "usage": _usage(ordered, body.n).model_dump()}
+        yield _usage_chunk(base, finals, body.n)
 
 
 @router.post(
@@ -315,7 +327,7 @@ async def chat_completions(
             _openai_stream(_chat_chunks(service, handles, body, chat_id, created, request_id, caller), request_id),
             request_id,
         )
-    results = [await service.finish(r, request_id, caller) for r in await results_unless_disconnected(request, handles)]
+    results = await _finished(request, service, handles, request_id, caller)
     return ChatCompletionResponse(
         id=chat_id,
         created=created,
@@ -352,5 +364,4 @@ async def _chat_chunks(
             finish = OPENAI_FINISH[result.finish_reason]
             yield {**base, "choices": [{"index": index, "delta": {}, "finish_reason": finish}]}
     if _include_usage(body):
-        ordered = [finals[i] for i in range(len(handles))]
-        yield {**base, "choices": [], "usage": _usage(ordered, body.n).model_dump()}
+        yield _usage_chunk(base, finals, body.n)
