@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -231,3 +232,13 @@ def wait_until_terminal(
             states = {job_id: jobs[job_id]["state"] for job_id in jobs}
             pytest.fail(f"jobs not terminal within {timeout_s:.0f} s: {states}")
         time.sleep(interval_s)
+
+
+def states_on_disk(job_store: Path) -> dict[str, tuple[str, int]]:
+    """What a (dead) server left in the store, read straight from the file: job id -> (state, attempts)."""
+    conn = sqlite3.connect(job_store)
+    try:
+        rows = conn.execute("SELECT id, state, attempts FROM jobs").fetchall()
+    finally:
+        conn.close()
+    return {job_id: (state, attempts) for job_id, state, attempts in rows}

@@ -4,31 +4,19 @@ from __future__ import annotations
 
 import re
 import signal
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Server, submit_job, wait_until_terminal
+from tests.e2e.conftest import Server, states_on_disk, submit_job, wait_until_terminal
 
 pytestmark = pytest.mark.e2e
 
 JOBS = 10
 TOKENS = 48
 ENV = {"TEXTGEN_JOB_CONCURRENCY": "2"}
-
-
-def states_on_disk(job_store: Path) -> dict[str, tuple[str, int]]:
-    """What the dead server left in the store: job id -> (state, attempts)."""
-    conn = sqlite3.connect(job_store)
-    try:
-        rows = conn.execute("SELECT id, state, attempts FROM jobs").fetchall()
-    finally:
-        conn.close()
-    return {job_id: (state, attempts) for job_id, state, attempts in rows}
 
 
 @pytest.mark.timeout(600)  # two server starts plus ~10 generations; bounded inside

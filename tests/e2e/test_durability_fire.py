@@ -21,7 +21,6 @@ import asyncio
 import re
 import resource
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -32,7 +31,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import REPO_ROOT, Server, free_port, server_env, submit_job, wait_until_terminal
+from tests.e2e.conftest import (
+    REPO_ROOT,
+    Server,
+    free_port,
+    server_env,
+    states_on_disk,
+    submit_job,
+    wait_until_terminal,
+)
 from textgen.jobs.store import SQLiteJobStore
 
 pytestmark = pytest.mark.e2e
@@ -43,16 +50,6 @@ CONCURRENCY = 4
 ENV = {"TEXTGEN_JOB_CONCURRENCY": str(CONCURRENCY), "TEXTGEN_TORCH_THREADS": "1"}
 FULL_DISK_BYTES = 2048
 FAIL_FAST_S = 90.0  # imports only: the store is opened before the model is loaded
-
-
-def states_on_disk(job_store: Path) -> dict[str, tuple[str, int]]:
-    """What a dead server left in the store: job id -> (state, attempts)."""
-    conn = sqlite3.connect(job_store)
-    try:
-        rows = conn.execute("SELECT id, state, attempts FROM jobs").fetchall()
-    finally:
-        conn.close()
-    return {job_id: (state, attempts) for job_id, state, attempts in rows}
 
 
 def wait_for_counts(client: httpx.Client, job_ids: list[str], ready: Callable[[Counter[str]], bool]) -> Counter[str]:

@@ -65,11 +65,16 @@ def error_response(request: Request, status: int, detail: Any, headers: dict[str
     return AsciiJSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-ID": request_id})
 
 
+def retry_after_headers(exc: TextGenError) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, at least 1) for errors a client should retry later."""
+    if exc.retry_after_s is None and exc.status_code not in (429, 503):
+        return {}
+    return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s or 1)))}
+
+
 async def _textgen_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TextGenError)
-    headers = {}
-    if exc.retry_after_s is not None or exc.status_code in (429, 503):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s or 1)))
+    headers = retry_after_headers(exc)
     if exc.status_code >= 500:
         logger.warning("%s: %s", type(exc).__name__, exc.message)
     return error_response(request, exc.status_code, exc.message, headers)

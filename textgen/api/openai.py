@@ -39,7 +39,7 @@ from models import (
     Usage,
 )
 from textgen.api.deps import CallerDep, RequestIdDep, ServiceDep, StateDep
-from textgen.api.errors import request_id_of
+from textgen.api.errors import request_id_of, retry_after_headers
 from textgen.api.generate import results_unless_disconnected
 from textgen.api.sse import SSE_RESPONSE_DOC, sse_response
 from textgen.engine.types import FinishReason, GenerationResult, Handle, Priority, SamplingParams, to_client_error
@@ -60,16 +60,15 @@ _ERROR_TYPES = {
 }
 
 
-def openai_error(request: Request, status: int, message: str, param: str | None = None) -> JSONResponse:
+def openai_error(
+    request: Request, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     request_id = request_id_of(request)
     body = {
         "error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param, "code": None},
         "request_id": request_id,
     }
-    headers = {"X-Request-ID": request_id}
-    if status in (429, 503):
-        headers["Retry-After"] = "1"
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-ID": request_id})
 
 
 class OpenAIRoute(APIRoute):
@@ -88,10 +87,7 @@ class OpenAIRoute(APIRoute):
                 param = ".".join(str(part) for part in first["loc"] if part != "body") or None
                 return openai_error(request, 400, f"{param}: {first['msg']}" if param else first["msg"], param)
             except TextGenError as error:
-                response = openai_error(request, error.status_code, error.message)
-                if error.retry_after_s is not None:
-                    response.headers["Retry-After"] = str(max(1, round(error.retry_after_s)))
-                return response
+                return openai_error(request, error.status_code, error.message, headers=retry_after_headers(error))
 
         return handle
 

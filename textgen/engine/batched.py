@@ -300,7 +300,7 @@ class BatchedEngine:
         tokens = select_next_tokens(
             logits,
             [s.handle.request.params for s in rows],
-            [s.history for s in rows] if _any_penalty(rows) else [[] for _ in rows],
+            [s.history if s.handle.request.params.repetition_penalty != 1.0 else [] for s in rows],
             [s.generator for s in rows],
             self._shared_rng,
         )
@@ -360,10 +360,6 @@ def _ending_error(handle: Handle, now: float) -> TextGenError:
     if _expired(handle, now):
         return DeadlineExceededError()
     return EngineError()
-
-
-def _any_penalty(rows: Sequence[SequenceState]) -> bool:
-    return any(s.handle.request.params.repetition_penalty != 1.0 for s in rows)
 
 
 def _prefill_chunks(
