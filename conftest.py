@@ -6,7 +6,7 @@ import os
 
 # Tests never reach the hub, even by accident; huggingface_hub reads this once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 
 from main import create_app
+from tests.redis_server import RedisServer, start_redis
 from tests.tiny_model import save_tiny_gpt2
 from textgen.config import Settings, load_settings
 
@@ -65,3 +66,13 @@ def tiny_loaded(tiny_model_dir: Path) -> Any:
     from textgen.loader import load_model
 
     return load_model(load_settings(model=str(tiny_model_dir), dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port for the whole session (no persistence)."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -59,6 +59,20 @@ class Settings(BaseSettings):
     job_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="How long finished jobs are kept.")
     job_concurrency: int = Field(16, ge=1, description="Background jobs one process runs at a time.")
     job_poll_interval_s: float = Field(0.5, gt=0)
+    job_lease_s: float = Field(
+        30.0, gt=0, description="A running job's lease: renewed while its process works; reclaimed once expired."
+    )
+    job_max_attempts: int = Field(3, ge=1, description="Starts before a job whose process keeps dying fails.")
+
+    # Webhooks (callback_url on /generate_background)
+    webhook_secret: str | None = Field(
+        None, repr=False, description="HMAC-SHA256 key for X-TextGen-Signature; webhooks are refused while unset."
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Per delivery attempt.")
+    webhook_retry_for_s: float = Field(600.0, gt=0, description="Retry a failing delivery for this long.")
+    webhook_allow_private: bool = Field(
+        False, description="Allow callback URLs on loopback/private/link-local addresses (tests, trusted networks)."
+    )
 
     # Content filter
     blocked_words: CommaList = Field(default_factory=lambda: ["hate"])

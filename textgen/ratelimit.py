@@ -22,7 +22,7 @@ from typing import ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from textgen.config import Settings
 from textgen.errors import RateLimitedError
-from textgen.jobs.store import SQLiteConnection, connect_sqlite, sqlite_path_from_url, write_txn
+from textgen.jobs.sqlite_store import SQLiteConnection, connect_sqlite, sqlite_path_from_url, write_txn
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from tests.e2e.conftest import (
     submit_job,
     wait_until_terminal,
 )
-from textgen.jobs.store import SQLiteJobStore
+from textgen.jobs.sqlite_store import SQLiteJobStore
 
 pytestmark = pytest.mark.e2e
 

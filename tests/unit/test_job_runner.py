@@ -40,7 +40,8 @@ from textgen.errors import (
 )
 from textgen.generation import OUTPUT_REJECTED, GenerationService
 from textgen.jobs.runner import JobRunner, owner_is_alive, process_owner_id
-from textgen.jobs.store import Job, JobState, SQLiteJobStore
+from textgen.jobs.sqlite_store import SQLiteJobStore
+from textgen.jobs.store import Job, JobState
 from textgen.metrics import Metrics
 
 POLL_S = 0.05

@@ -171,7 +171,7 @@ _CLAIMER = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from textgen.jobs.store import SQLiteJobStore
+    from textgen.jobs.sqlite_store import SQLiteJobStore
 
     async def main() -> None:
         s = SQLiteJobStore(Path(sys.argv[1]))

@@ -15,7 +15,7 @@ import pytest
 
 from textgen.config import Settings
 from textgen.errors import ConfigError, RateLimitedError
-from textgen.jobs.store import SQLiteJobStore
+from textgen.jobs.sqlite_store import SQLiteJobStore
 from textgen.ratelimit import (
     NoRateLimit,
     RateLimiter,

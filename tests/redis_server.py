@@ -1,0 +1,76 @@
+"""A real redis-server on a free loopback port, for tests: started, waited for, and stopped.
+
+No mocks: the Redis job store is tested against the server it will run against. ``redis-server``
+comes from the README's set-up (``make setup`` installs Debian's package when it is missing).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_START_TIMEOUT_S = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def _ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(workdir: Path) -> RedisServer:
+    """Start redis-server (no persistence) on a free loopback port; RuntimeError saying how to fix it."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError(
+            "redis-server is not installed: run `make setup` as root (it installs Debian's redis-server) "
+            "or `sudo apt-get install redis-server`."
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = workdir / "redis.log"
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    args += ["--dir", str(workdir), "--logfile", str(log_path), "--daemonize", "no"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = RedisServer(port, process, log_path)
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {process.returncode}; see {log_path}")
+        if _ping(port):
+            return server
+        time.sleep(0.05)
+    server.stop()
+    raise RuntimeError(f"redis-server did not answer PING on port {port} within {_START_TIMEOUT_S:.0f} s")

@@ -1,0 +1,692 @@
+"""The SQLite job store: one file in WAL mode, shareable by the worker processes of one machine.
+
+Every state change is one conditional UPDATE (claims in ``BEGIN IMMEDIATE ... RETURNING``), so the
+``JobStore`` guarantees hold across processes. ``SQLiteConnection`` / ``connect_sqlite`` /
+``sqlite_path_from_url`` are shared with anything else kept in the same file (rate limits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from textgen.errors import ConfigError, IdempotencyConflictError, JobNotCancellableError, JobNotFoundError
+from textgen.jobs.store import (
+    SQLITE_FORMS,
+    TERMINAL_STATES,
+    WEBHOOK_OUTCOMES,
+    Job,
+    JobState,
+    WebhookState,
+    abandoned_error,
+    check_finish_state,
+    check_ttl,
+    new_job,
+    redact_url,
+    request_fingerprint,
+    validate_idempotency_key,
+)
+
+logger = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+# --------------------------------------------------------------------------------------------------
+# SQLite implementation
+# --------------------------------------------------------------------------------------------------
+
+_COLUMNS = (
+    "id, request, state, request_id, result, error, created_at, started_at, finished_at, attempts, owner, "
+    "lease_until, callback_url, webhook_state, webhook_attempts, webhook_error, webhook_at"
+)
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS jobs (
+        id          TEXT PRIMARY KEY,
+        request     TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        request_id  TEXT,
+        result      TEXT,
+        error       TEXT,
+        created_at  REAL NOT NULL,
+        started_at  REAL,
+        finished_at REAL,
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        owner       TEXT
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS jobs_state_created ON jobs (state, created_at)",
+    """
+    CREATE TABLE IF NOT EXISTS idempotency_keys (
+        key         TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        job_id      TEXT NOT NULL,
+        created_at  REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at)",
+)
+
+# Columns added after the first release: files made by an older version get them at open().
+_ADDED_COLUMNS = (
+    ("lease_until", "REAL"),
+    ("callback_url", "TEXT"),
+    ("webhook_state", "TEXT"),
+    ("webhook_attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("webhook_error", "TEXT"),
+    ("webhook_at", "REAL"),
+    ("webhook_owner", "TEXT"),
+    ("webhook_lease_until", "REAL"),
+)
+_LATE_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS jobs_state_finished ON jobs (state, finished_at)",
+    "CREATE INDEX IF NOT EXISTS jobs_webhook ON jobs (webhook_state, webhook_lease_until)",
+)
+
+_BUSY_TIMEOUT_MS = 10_000
+_IN_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's bound-parameter limit
+_TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL_STATES))
+# Set with every move to a terminal state: a job with a callback URL now has a webhook to deliver.
+_WEBHOOK_DUE = (
+    "webhook_state = CASE WHEN callback_url IS NULL THEN webhook_state ELSE 'pending' END, "
+    "webhook_owner = NULL, webhook_lease_until = NULL"
+)
+IDEMPOTENCY_KEY_MAX_LEN = 255
+
+
+def _dumps(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        request=json.loads(row["request"]),
+        state=JobState(row["state"]),
+        request_id=row["request_id"],
+        result=None if row["result"] is None else json.loads(row["result"]),
+        error=row["error"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        attempts=row["attempts"],
+        owner=row["owner"],
+        lease_until=row["lease_until"],
+        callback_url=row["callback_url"],
+        webhook_state=None if row["webhook_state"] is None else WebhookState(row["webhook_state"]),
+        webhook_attempts=row["webhook_attempts"],
+        webhook_error=row["webhook_error"],
+        webhook_at=row["webhook_at"],
+    )
+
+
+@contextmanager
+def write_txn(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` (take the write lock up front) ... ``COMMIT``, rolling back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _open_error(path: Path, reason: str) -> ConfigError:
+    return ConfigError(
+        f"Cannot use job store at {path}: {reason}. Set TEXTGEN_JOB_STORE to a writable sqlite:/// path."
+    )
+
+
+def _probe_writable(conn: sqlite3.Connection) -> None:
+    """Fail now, not at the first job, if the database cannot be written (the row is rolled back)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "INSERT INTO jobs (id, request, state, created_at) VALUES (?, '{}', ?, 0)",
+            (f"__probe_{uuid.uuid4().hex}", JobState.CANCELLED.value),
+        )
+    finally:
+        conn.execute("ROLLBACK")
+
+
+def connect_sqlite(path: Path, schema: Sequence[str] = ()) -> sqlite3.Connection:
+    """Open ``path`` the way the job store does (autocommit, WAL, busy timeout) and run ``schema``.
+
+    Any other table kept in the job store's file (rate limits) opens its own connection with this.
+    ConfigError, naming TEXTGEN_JOB_STORE, if the file cannot be opened.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _open_error(path, f"cannot create directory {path.parent} ({exc.strerror or exc})") from exc
+    conn: sqlite3.Connection | None = None
+    try:
+        conn = sqlite3.connect(
+            str(path), timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            logger.warning("Job store %s: journal_mode is %s, not WAL; concurrency suffers.", path, mode)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        for statement in schema:
+            conn.execute(statement)
+    except sqlite3.Error as exc:
+        if conn is not None:
+            conn.close()
+        raise _open_error(path, str(exc)) from exc
+    return conn
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+    for name, decl in _ADDED_COLUMNS:
+        if name not in present:
+            conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+    for statement in _LATE_INDEXES:
+        conn.execute(statement)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = connect_sqlite(path, _SCHEMA)
+    try:
+        _add_missing_columns(conn)
+        _probe_writable(conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise _open_error(path, str(exc)) from exc
+    return conn
+
+
+def _insert(conn: sqlite3.Connection, job: Job) -> None:
+    conn.execute(
+        f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 17)})",
+        (
+            job.id,
+            _dumps(job.request),
+            job.state.value,
+            job.request_id,
+            _dumps(job.result),
+            job.error,
+            job.created_at,
+            job.started_at,
+            job.finished_at,
+            job.attempts,
+            job.owner,
+            job.lease_until,
+            job.callback_url,
+            None if job.webhook_state is None else job.webhook_state.value,
+            job.webhook_attempts,
+            job.webhook_error,
+            job.webhook_at,
+        ),
+    )
+
+
+def _select_one(conn: sqlite3.Connection, job_id: str) -> Job:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise JobNotFoundError()
+    return _row_to_job(row)
+
+
+def _select_many(conn: sqlite3.Connection, state: JobState | None, limit: int) -> builtins.list[Job]:
+    where, params = ("WHERE state = ?", (state.value,)) if state is not None else ("", ())
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, rowid DESC LIMIT ?", (*params, limit)
+    ).fetchall()
+    return [_row_to_job(r) for r in rows]
+
+
+def _claim(conn: sqlite3.Connection, owner: str, lease_s: float) -> Job | None:
+    with write_txn(conn):
+        # The clock is read inside the write lock, so started_at can never precede created_at.
+        now = time.time()
+        rows = conn.execute(
+            "UPDATE jobs SET state = 'running', owner = ?, started_at = ?, lease_until = ?, "
+            "attempts = attempts + 1 "
+            "WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid LIMIT 1) "
+            f"RETURNING {_COLUMNS}",
+            (owner, now, now + lease_s),
+        ).fetchall()
+    return _row_to_job(rows[0]) if rows else None
+
+
+def _unclaim(conn: sqlite3.Connection, job_id: str, owner: str) -> int:
+    """Undo a claim whose caller never received the job (its await was cancelled)."""
+    return conn.execute(
+        "UPDATE jobs SET state = 'queued', owner = NULL, started_at = NULL, lease_until = NULL, "
+        "attempts = attempts - 1 "
+        "WHERE id = ? AND owner = ? AND state = 'running'",
+        (job_id, owner),
+    ).rowcount
+
+
+def _finish(
+    conn: sqlite3.Connection,
+    job_id: str,
+    owner: str,
+    state: JobState,
+    result: str | None,
+    error: str | None,
+    now: float,
+) -> bool:
+    cur = conn.execute(
+        f"UPDATE jobs SET state = ?, result = ?, error = ?, finished_at = ?, lease_until = NULL, {_WEBHOOK_DUE} "
+        "WHERE id = ? AND owner = ? AND state = 'running'",
+        (state.value, result, error, now, job_id, owner),
+    )
+    return cur.rowcount == 1
+
+
+def _cancel(conn: sqlite3.Connection, job_id: str, now: float) -> Job:
+    with write_txn(conn):
+        rows = conn.execute(
+            f"UPDATE jobs SET state = 'cancelled', finished_at = ?, lease_until = NULL, {_WEBHOOK_DUE} "
+            f"WHERE id = ? AND state IN ('queued', 'running') RETURNING {_COLUMNS}",
+            (now, job_id),
+        ).fetchall()
+        if not rows:
+            _select_one(conn, job_id)  # raises JobNotFoundError when absent
+            raise JobNotCancellableError()
+    return _row_to_job(rows[0])
+
+
+def _requeue_owner(conn: sqlite3.Connection, owner: str) -> int:
+    with write_txn(conn):
+        n = conn.execute(
+            "UPDATE jobs SET state = 'queued', owner = NULL, started_at = NULL, lease_until = NULL "
+            "WHERE state = 'running' AND owner = ?",
+            (owner,),
+        ).rowcount
+        conn.execute(
+            "UPDATE jobs SET webhook_owner = NULL, webhook_lease_until = NULL "
+            "WHERE webhook_state = 'pending' AND webhook_owner = ?",
+            (owner,),
+        )
+    return n
+
+
+def _expire_leases_of(conn: sqlite3.Connection, owner: str) -> int:
+    return conn.execute(
+        "UPDATE jobs SET lease_until = 0 WHERE state = 'running' AND owner = ?",
+        (owner,),
+    ).rowcount
+
+
+def _renew(conn: sqlite3.Connection, owner: str, job_ids: Sequence[str], lease_s: float) -> set[str]:
+    held: set[str] = set()
+    with write_txn(conn):
+        until = time.time() + lease_s
+        for i in range(0, len(job_ids), _IN_CHUNK):
+            chunk = tuple(job_ids[i : i + _IN_CHUNK])
+            marks = ", ".join("?" * len(chunk))
+            rows = conn.execute(
+                f"UPDATE jobs SET lease_until = ? WHERE state = 'running' AND owner = ? AND id IN ({marks}) "
+                "RETURNING id",
+                (until, owner, *chunk),
+            ).fetchall()
+            held.update(r[0] for r in rows)
+    return held
+
+
+def _requeue_expired(conn: sqlite3.Connection, max_attempts: int) -> tuple[int, int]:
+    with write_txn(conn):
+        now = time.time()
+        failed = conn.execute(
+            f"UPDATE jobs SET state = 'failed', error = ?, finished_at = ?, lease_until = NULL, {_WEBHOOK_DUE} "
+            "WHERE state = 'running' AND lease_until < ? AND attempts >= ?",
+            (abandoned_error(max_attempts), now, now, max_attempts),
+        ).rowcount
+        requeued = conn.execute(
+            "UPDATE jobs SET state = 'queued', owner = NULL, started_at = NULL, lease_until = NULL "
+            "WHERE state = 'running' AND lease_until < ?",
+            (now,),
+        ).rowcount
+    return requeued, failed
+
+
+def _position(conn: sqlite3.Connection, job_id: str) -> int | None:
+    row = conn.execute("SELECT rowid, created_at FROM jobs WHERE id = ? AND state = 'queued'", (job_id,)).fetchone()
+    if row is None:
+        return None
+    ahead = conn.execute(
+        "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND (created_at < ? OR (created_at = ? AND rowid < ?))",
+        (row["created_at"], row["created_at"], row["rowid"]),
+    ).fetchone()[0]
+    return int(ahead)
+
+
+def _recent_completions(conn: sqlite3.Connection, since: float, limit: int) -> builtins.list[float]:
+    rows = conn.execute(
+        "SELECT finished_at FROM jobs WHERE state IN ('succeeded', 'failed') AND finished_at >= ? "
+        "ORDER BY finished_at DESC LIMIT ?",
+        (since, limit),
+    ).fetchall()
+    return [float(r[0]) for r in rows]
+
+
+def _claim_webhook(conn: sqlite3.Connection, owner: str, lease_s: float) -> Job | None:
+    with write_txn(conn):
+        now = time.time()
+        rows = conn.execute(
+            "UPDATE jobs SET webhook_owner = ?, webhook_lease_until = ? WHERE id = ("
+            "SELECT id FROM jobs WHERE webhook_state = 'pending' "
+            "AND (webhook_lease_until IS NULL OR webhook_lease_until < ?) ORDER BY finished_at LIMIT 1) "
+            f"RETURNING {_COLUMNS}",
+            (owner, now + lease_s, now),
+        ).fetchall()
+    return _row_to_job(rows[0]) if rows else None
+
+
+def _record_webhook(
+    conn: sqlite3.Connection, job_id: str, owner: str, state: WebhookState, attempts: int, error: str | None
+) -> bool:
+    release = ", webhook_owner = NULL, webhook_lease_until = NULL" if state in WEBHOOK_OUTCOMES else ""
+    return (
+        conn.execute(
+            f"UPDATE jobs SET webhook_state = ?, webhook_attempts = ?, webhook_error = ?, webhook_at = ?{release} "
+            "WHERE id = ? AND webhook_owner = ? AND webhook_state = 'pending'",
+            (state.value, attempts, error, time.time(), job_id, owner),
+        ).rowcount
+        == 1
+    )
+
+
+def _running_owners(conn: sqlite3.Connection) -> builtins.list[str]:
+    rows = conn.execute("SELECT DISTINCT owner FROM jobs WHERE state = 'running' AND owner IS NOT NULL").fetchall()
+    return [r[0] for r in rows]
+
+
+def _select_states(conn: sqlite3.Connection, job_ids: Sequence[str]) -> dict[str, JobState]:
+    found: dict[str, JobState] = {}
+    for i in range(0, len(job_ids), _IN_CHUNK):
+        chunk = job_ids[i : i + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        for row in conn.execute(f"SELECT id, state FROM jobs WHERE id IN ({marks})", tuple(chunk)):
+            found[row[0]] = JobState(row[1])
+    return found
+
+
+def _purge(conn: sqlite3.Connection, cutoff: float) -> int:
+    """Delete finished jobs older than ``cutoff`` and the idempotency records that pointed at them."""
+    with write_txn(conn):
+        n = conn.execute(f"DELETE FROM jobs WHERE state IN ({_TERMINAL_SQL}) AND finished_at < ?", (cutoff,)).rowcount
+        if n:
+            conn.execute("DELETE FROM idempotency_keys WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = job_id)")
+    return n
+
+
+def _purge_idempotency(conn: sqlite3.Connection, cutoff: float) -> int:
+    return conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (cutoff,)).rowcount
+
+
+# -- idempotency keys ------------------------------------------------------------------------------
+
+
+def _live_keyed_job(conn: sqlite3.Connection, key: str, cutoff: float) -> tuple[Job, str] | None:
+    """The job an unexpired record for ``key`` points at, with the record's fingerprint; None if none."""
+    row = conn.execute("SELECT fingerprint, job_id, created_at FROM idempotency_keys WHERE key = ?", (key,)).fetchone()
+    if row is None or row["created_at"] < cutoff:
+        return None
+    try:
+        return _select_one(conn, row["job_id"]), row["fingerprint"]
+    except JobNotFoundError:  # the job was purged: the record is as good as expired
+        return None
+
+
+def _create_idempotent(
+    conn: sqlite3.Connection, job: Job, key: str, fingerprint: str, cutoff: float
+) -> tuple[Job, bool]:
+    with write_txn(conn):
+        found = _live_keyed_job(conn, key, cutoff)
+        if found is not None:
+            existing, existing_fingerprint = found
+            if existing_fingerprint != fingerprint:
+                raise IdempotencyConflictError()
+            return existing, False
+        _insert(conn, job)
+        conn.execute(
+            "INSERT OR REPLACE INTO idempotency_keys (key, fingerprint, job_id, created_at) VALUES (?, ?, ?, ?)",
+            (key, fingerprint, job.id, job.created_at),
+        )
+    return job, True
+
+
+def _count(conn: sqlite3.Connection, state: JobState) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state.value,)).fetchone()[0])
+
+
+class SQLiteConnection:
+    """One connection to a SQLite file, used from worker threads (``asyncio.to_thread``) one call at a
+    time; the job store and the rate limiter each hold one."""
+
+    def __init__(self, path: Path, connect: Callable[[Path], sqlite3.Connection]) -> None:
+        self.path = path
+        self._connect = connect
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    async def run(
+        self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """Run ``fn(connection, *args)`` off the event loop, one call at a time."""
+        return await asyncio.to_thread(self._locked, fn, *args, **kwargs)
+
+    def _locked(self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        with self._lock:
+            if self._conn is None:
+                raise RuntimeError(f"The SQLite connection to {self.path} is not open; call open() first.")
+            return fn(self._conn, *args, **kwargs)
+
+    async def open(self) -> None:
+        def connect() -> None:
+            with self._lock:
+                if self._conn is None:
+                    self._conn = self._connect(self.path)
+
+        await asyncio.to_thread(connect)
+
+    async def close(self) -> None:
+        def disconnect() -> None:
+            with self._lock:
+                conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+        await asyncio.to_thread(disconnect)
+
+
+class SQLiteJobStore:
+    """``JobStore`` on one SQLite file (WAL mode), shareable by several processes.
+
+    One connection per object, used from worker threads (``asyncio.to_thread``) one call at a time.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._db = SQLiteConnection(Path(path), _connect)
+        self._run = self._db.run
+
+    @property
+    def path(self) -> Path:
+        return self._db.path
+
+    def __repr__(self) -> str:
+        return f"SQLiteJobStore({str(self.path)!r})"
+
+    async def open(self) -> None:
+        await self._db.open()
+        logger.info("Job store open at %s", self.path)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    # -- jobs --------------------------------------------------------------------------------------
+
+    async def create(
+        self, request: dict[str, Any], *, request_id: str | None, callback_url: str | None = None
+    ) -> Job:
+        job = new_job(request, request_id, callback_url)
+        await self._run(_insert, job)
+        return job
+
+    async def create_idempotent(
+        self,
+        request: dict[str, Any],
+        *,
+        request_id: str | None,
+        key: str,
+        ttl_s: float,
+        callback_url: str | None = None,
+    ) -> tuple[Job, bool]:
+        """Create a job under an Idempotency-Key, or return the one the key already made.
+
+        In one ``BEGIN IMMEDIATE`` transaction (atomic across processes sharing the file): an
+        unexpired record for ``key`` (younger than ``ttl_s``, whose job still exists) with the same
+        request fingerprint gives ``(that job, False)``; with a different fingerprint,
+        IdempotencyConflictError. Otherwise a new job is stored, the key (re)pointed at it, and
+        ``(job, True)`` returned. InvalidRequestError if the key is malformed.
+        """
+        validate_idempotency_key(key)
+        check_ttl(ttl_s)
+        job = new_job(request, request_id, callback_url)
+        fingerprint = request_fingerprint(job.request)
+        result = await self._run(_create_idempotent, job, key, fingerprint, job.created_at - ttl_s)
+        if not result[1]:
+            logger.debug("Idempotency-Key replay: returning job %s", result[0].id)
+        return result
+
+    async def get(self, job_id: str) -> Job:
+        return await self._run(_select_one, job_id)
+
+    async def list(self, *, state: JobState | None = None, limit: int = 50) -> builtins.list[Job]:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        return await self._run(_select_many, state, limit)
+
+    async def claim_next(self, owner: str, lease_s: float) -> Job | None:
+        claim = asyncio.ensure_future(self._run(_claim, owner, lease_s))
+        try:
+            job = await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            # The claim may still land after we were cancelled; hand such a job straight back.
+            job = await asyncio.shield(claim)
+            if job is not None:
+                await self._run(_unclaim, job.id, owner)
+            raise
+        if job is not None:
+            logger.debug("Job %s claimed by %s (attempt %d)", job.id, owner, job.attempts)
+        return job
+
+    async def finish(
+        self,
+        job_id: str,
+        owner: str,
+        state: JobState,
+        *,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> bool:
+        state = check_finish_state(state)
+        done = await self._run(_finish, job_id, owner, state, _dumps(result), error, time.time())
+        if not done:
+            logger.info("Job %s not finished by %s: no longer running under that owner", job_id, owner)
+        return done
+
+    async def cancel(self, job_id: str) -> Job:
+        return await self._run(_cancel, job_id, time.time())
+
+    async def release(self, job_id: str, owner: str) -> bool:
+        """Hand a claimed job that never started back to the queue (its attempt does not count)."""
+        return bool(await self._run(_unclaim, job_id, owner))
+
+    async def requeue_owned(self, owner: str) -> int:
+        n = await self._run(_requeue_owner, owner)
+        if n:
+            logger.info("Re-queued %d running job(s) of %s", n, owner)
+        return n
+
+    async def requeue_orphaned(self, is_owner_alive: Callable[[str], bool]) -> int:
+        owners = await self._run(_running_owners)
+        total = 0
+        for owner in owners:
+            if not is_owner_alive(owner):
+                # Conditional on state + owner, so a job that moved on meanwhile is left alone.
+                total += await self._run(_expire_leases_of, owner)
+        return total
+
+    async def renew(self, owner: str, job_ids: Sequence[str], lease_s: float) -> set[str]:
+        if not job_ids:
+            return set()
+        return await self._run(_renew, owner, builtins.list(dict.fromkeys(job_ids)), lease_s)
+
+    async def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
+        return await self._run(_requeue_expired, max_attempts)
+
+    async def position(self, job_id: str) -> int | None:
+        return await self._run(_position, job_id)
+
+    async def recent_completions(self, within_s: float, limit: int) -> builtins.list[float]:
+        return await self._run(_recent_completions, time.time() - within_s, limit)
+
+    async def claim_webhook(self, owner: str, lease_s: float) -> Job | None:
+        return await self._run(_claim_webhook, owner, lease_s)
+
+    async def record_webhook(
+        self, job_id: str, owner: str, state: WebhookState, *, attempts: int, error: str | None
+    ) -> bool:
+        return await self._run(_record_webhook, job_id, owner, WebhookState(state), attempts, error)
+
+    async def states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        if not job_ids:
+            return {}
+        return await self._run(_select_states, builtins.list(dict.fromkeys(job_ids)))
+
+    async def purge_finished(self, older_than_s: float) -> int:
+        """Delete finished jobs older than ``older_than_s`` (and idempotency records left pointing at them)."""
+        return await self._run(_purge, time.time() - older_than_s)
+
+    async def purge_idempotency(self, older_than_s: float) -> int:
+        """Delete idempotency records older than ``older_than_s`` (pass ``idempotency_ttl_s``); returns how many."""
+        return await self._run(_purge_idempotency, time.time() - older_than_s)
+
+    async def count(self, state: JobState) -> int:
+        return await self._run(_count, state)
+
+
+# --------------------------------------------------------------------------------------------------
+# Factory
+# --------------------------------------------------------------------------------------------------
+
+def sqlite_path_from_url(url: str) -> Path:
+    """The database file named by a ``TEXTGEN_JOB_STORE`` URL (relative paths resolved against the
+    current directory); ConfigError for other schemes, in-memory or malformed URLs."""
+    text = url.strip()
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if scheme != "sqlite" or not sep or not rest.startswith("/") or len(rest) < 2 or "?" in rest:
+        raise ConfigError(f"Invalid TEXTGEN_JOB_STORE {redact_url(text)!r}. Use {SQLITE_FORMS}.")
+    target = rest[1:]
+    if target == ":memory:" or target.startswith("file::memory:"):
+        raise ConfigError(
+            "TEXTGEN_JOB_STORE=sqlite:///:memory: is not supported: jobs must be durable (survive restarts "
+            f"and be shared by all workers). Point it at a file: {SQLITE_FORMS}."
+        )
+    path = Path(target)
+    return path if path.is_absolute() else Path.cwd() / path
