@@ -72,6 +72,38 @@ class JobAccepted(BaseModel):
     status_url: str
 
 
+class BackgroundRequest(TextGenerationRequest):
+    """A generation request for ``/generate_background``, optionally with a webhook."""
+
+    callback_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="When the job ends (succeeded, failed or cancelled) the service POSTs the job here, signed "
+        "with X-TextGen-Signature: sha256=HMAC-SHA256(TEXTGEN_WEBHOOK_SECRET, body), retrying with backoff. "
+        "http/https only; private and loopback addresses are refused unless the operator allows them.",
+    )
+
+
+class QueueEstimate(BaseModel):
+    position: int = Field(..., description="Queued jobs that will start before this one (0 = next).")
+    jobs_per_second: float | None = Field(
+        None, description="Jobs finished per second across all workers, measured over the last 10 minutes."
+    )
+    estimated_start_at: datetime | None = Field(
+        None, description="now + (position + 1) / jobs_per_second; null until throughput has been measured."
+    )
+
+
+class WebhookView(BaseModel):
+    url: str
+    state: Literal["waiting", "pending", "delivered", "failed"] = Field(
+        ..., description="waiting: the job has not ended; pending: being delivered or retried."
+    )
+    attempts: int = 0
+    last_error: str | None = None
+    last_attempt_at: datetime | None = None
+
+
 class JobView(BaseModel):
     job_id: str
     state: JobStateName
@@ -83,6 +115,8 @@ class JobView(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     attempts: int = 0
+    queue: QueueEstimate | None = Field(None, description="Only while queued, on GET /jobs/{id}.")
+    webhook: WebhookView | None = None
 
 
 class JobList(BaseModel):

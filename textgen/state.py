@@ -16,11 +16,13 @@ from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine import Engine, create_engine
 from textgen.generation import GenerationService
-from textgen.jobs.runner import JobRunner
-from textgen.jobs.store import JobState, JobStore, job_store_from_url
+from textgen.jobs.runner import JobRunner, process_owner_id
+from textgen.jobs.store import JobState, JobStore, job_store_from_url, redact_url
+from textgen.jobs.view import job_payload
 from textgen.loader import LoadedModel, load_model
 from textgen.metrics import Metrics, mark_process_dead
 from textgen.ratelimit import rate_limiter_from_settings
+from textgen.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,21 @@ class AppState:
             await asyncio.sleep(every_s)
 
 
+def webhook_sender(settings: Settings, store: JobStore, owner: str) -> WebhookSender | None:
+    """Deliveries need the signing secret; without it callback URLs are refused at submission."""
+    if not settings.webhook_secret:
+        return None
+    return WebhookSender(
+        store,
+        owner,
+        secret=settings.webhook_secret,
+        view=job_payload,
+        timeout_s=settings.webhook_timeout_s,
+        retry_for_s=settings.webhook_retry_for_s,
+        allow_private=settings.webhook_allow_private,
+    )
+
+
 async def build_state(settings: Settings, model_loader: ModelLoader = load_model) -> AppState:
     """Open the job store first (cheap, fails fast), then load the model and start the engine."""
     content_filter = ContentFilter.from_sources(settings.blocked_words, settings.blocked_words_file)
@@ -97,6 +114,7 @@ async def build_state(settings: Settings, model_loader: ModelLoader = load_model
     metrics.set_model(model.name, str(model.dtype).removeprefix("torch."), str(model.device), engine.name)
     engine.set_step_observer(metrics.observe_step)
     service = GenerationService(engine, content_filter, settings, model.name, metrics, rate_limiter)
+    owner = process_owner_id()
     runner = JobRunner(
         store,
         service,
@@ -104,9 +122,19 @@ async def build_state(settings: Settings, model_loader: ModelLoader = load_model
         poll_interval_s=settings.job_poll_interval_s,
         ttl_s=settings.job_ttl_s,
         idempotency_ttl_s=settings.idempotency_ttl_s,
+        lease_s=settings.job_lease_s,
+        max_attempts=settings.job_max_attempts,
+        owner=owner,
+        webhooks=webhook_sender(settings, store, owner),
     )
     await runner.start()
-    logger.info("Service ready: model=%s engine=%s job_store=%s", model.name, engine.name, settings.job_store)
+    logger.info(
+        "Service ready: model=%s engine=%s job_store=%s worker=%s",
+        model.name,
+        engine.name,
+        redact_url(settings.job_store),
+        owner,
+    )
     state = AppState(settings, model, engine, store, runner, service, metrics, access)
     state.gauge_task = asyncio.create_task(state.refresh_gauges_forever(), name="textgen-metrics-gauges")
     return state

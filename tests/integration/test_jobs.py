@@ -233,16 +233,17 @@ async def test_running_job_goes_back_to_the_queue_at_shutdown(
 async def test_job_never_starts_before_it_was_created(make_settings: MakeSettings, app_client: AppClient) -> None:
     """The interleaving seen in the wild, made deterministic: a claim (the runner's poll) starts, the store
     is busy with a POST /generate_background inserting its job, then the claim runs and takes that job."""
-    from textgen.jobs import store as store_module
+    from textgen.jobs import sqlite_store
+    from textgen.jobs.store import new_job
 
     async with app_client(make_settings(job_poll_interval_s=60)) as (client, app):  # the runner stays idle
         store = app.state.textgen.store
         store._db._lock.acquire()  # the store is busy (as while another call inserts)
         try:
-            claim = asyncio.ensure_future(store.claim_next("tester:0:claim"))
+            claim = asyncio.ensure_future(store.claim_next("tester:0:claim", 30.0))
             await asyncio.sleep(0.1)  # the claim now waits for the store
-            job = store_module._new_job({"prompt": "Hi"}, "racing-create")  # what create() does...
-            store_module._insert(store._db._conn, job)  # ...while it holds the store
+            job = new_job({"prompt": "Hi"}, "racing-create")  # what create() does...
+            sqlite_store._insert(store._db._conn, job)  # ...while it holds the store
         finally:
             store._db._lock.release()
         await claim  # this claim or the runner's own first poll (also waiting) takes the job

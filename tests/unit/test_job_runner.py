@@ -505,12 +505,12 @@ async def test_start_requeues_orphans_of_a_dead_process(
 ) -> None:
     orphan = await create_job(store, prompt="orphan")
     dead_owner = f"{socket.gethostname()}:{dead_pid()}:abcd1234"
-    claimed = await store.claim_next(dead_owner)
+    claimed = await store.claim_next(dead_owner, 30.0)
     assert claimed is not None and claimed.id == orphan.id and claimed.state is JobState.RUNNING
 
     remote = await create_job(store, prompt="remote")
     remote_owner = "some-other-host.invalid:1:abcd1234"
-    assert (await store.claim_next(remote_owner)) is not None
+    assert (await store.claim_next(remote_owner, 30.0)) is not None
 
     runner = make_runner()
     await runner.start()

@@ -10,13 +10,14 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request, Response
 from sse_starlette import ServerSentEvent
 
-from models import JobAccepted, TextGenerationRequest, TextGenerationResponse
+from models import BackgroundRequest, JobAccepted, TextGenerationRequest, TextGenerationResponse
 from textgen.api.deps import CallerDep, RequestIdDep, RunnerDep, ServiceDep, StateDep, StoreDep
 from textgen.api.errors import error_responses
 from textgen.api.sse import SSE_RESPONSE_DOC, error_event, event, sse_response
 from textgen.engine.types import GenerationResult, Handle, Priority
 from textgen.errors import GenerationCancelledError
 from textgen.generation import GenerationService
+from textgen.webhooks import check_webhook
 
 router = APIRouter(tags=["generation"])
 
@@ -93,7 +94,7 @@ async def generate(
     summary="Queue a durable background job; poll the returned status URL",
 )
 async def generate_background(
-    body: TextGenerationRequest,
+    body: BackgroundRequest,
     response: Response,
     state: StateDep,
     store: StoreDep,
@@ -108,12 +109,19 @@ async def generate_background(
     ] = None,
 ) -> JobAccepted:
     state.service.check_prompt(body.prompt, request_id)
-    stored = body.model_dump(mode="json", exclude={"stream"})
+    if body.callback_url is not None:
+        await check_webhook(body.callback_url, state.settings)
+    # Without a webhook the stored request keeps its original shape (and Idempotency-Key fingerprints).
+    stored = body.model_dump(mode="json", exclude={"stream"} if body.callback_url else {"stream", "callback_url"})
     if idempotency_key is None:
-        job = await store.create(stored, request_id=request_id)
+        job = await store.create(stored, request_id=request_id, callback_url=body.callback_url)
     else:
         job, _created = await store.create_idempotent(
-            stored, request_id=request_id, key=idempotency_key, ttl_s=state.settings.idempotency_ttl_s
+            stored,
+            request_id=request_id,
+            key=idempotency_key,
+            ttl_s=state.settings.idempotency_ttl_s,
+            callback_url=body.callback_url,
         )
     runner.notify()
     status_url = f"/jobs/{job.id}"

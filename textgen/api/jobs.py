@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 from sse_starlette import ServerSentEvent
 
-from models import JobList, JobStateName, JobView, TextGenerationResponse
+from models import JobList, JobStateName, JobView
 from textgen.api.deps import RequestIdDep, RunnerDep, StateDep, StoreDep
 from textgen.api.errors import error_responses
 from textgen.api.sse import SSE_RESPONSE_DOC, error_event, event, sse_response
@@ -19,30 +18,12 @@ from textgen.engine.types import Handle
 from textgen.errors import TextGenError
 from textgen.generation import GenerationService
 from textgen.jobs.runner import JobRunner
-from textgen.jobs.store import TERMINAL_STATES, Job, JobState, JobStore
+from textgen.jobs.store import TERMINAL_STATES, JobState, JobStore
+from textgen.jobs.view import job_view, queue_estimate
 
 STREAM_POLL_S = 0.25
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-
-
-def _time(value: float | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC)
-
-
-def job_view(job: Job) -> JobView:
-    return JobView(
-        job_id=job.id,
-        state=job.state.value,
-        request=job.request,
-        result=TextGenerationResponse.model_validate(job.result) if job.result else None,
-        error=job.error,
-        request_id=job.request_id,
-        created_at=datetime.fromtimestamp(job.created_at, UTC),
-        started_at=_time(job.started_at),
-        finished_at=_time(job.finished_at),
-        attempts=job.attempts,
-    )
 
 
 @router.get("", response_model=JobList, responses=error_responses(422, 500), summary="List jobs, newest first")
@@ -55,9 +36,15 @@ async def list_jobs(
     return JobList(jobs=[job_view(job) for job in jobs])
 
 
-@router.get("/{job_id}", response_model=JobView, responses=error_responses(404, 500), summary="A job's state")
+@router.get(
+    "/{job_id}",
+    response_model=JobView,
+    responses=error_responses(404, 500),
+    summary="A job's state; while queued, its position and estimated start time",
+)
 async def get_job(job_id: str, store: StoreDep) -> JobView:
-    return job_view(await store.get(job_id))
+    job = await store.get(job_id)
+    return job_view(job, await queue_estimate(store, job))
 
 
 @router.delete(
@@ -69,6 +56,7 @@ async def get_job(job_id: str, store: StoreDep) -> JobView:
 async def cancel_job(job_id: str, store: StoreDep, runner: RunnerDep) -> JobView:
     job = await store.cancel(job_id)
     runner.cancel_local(job_id)
+    runner.notify()  # its webhook, if any, is due now
     return job_view(job)
 
 

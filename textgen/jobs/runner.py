@@ -1,10 +1,15 @@
 """The job runner: claims queued jobs from the store and runs them on the engine at background priority.
 
-One runner per process. Jobs are claimed up to ``TEXTGEN_JOB_CONCURRENCY`` at a time, so background
-work never floods the engine's queue; interactive requests are admitted ahead of them by the engine.
-At start-up, jobs left ``running`` by a process that died are put back in the queue; at shutdown this
-process hands its own running jobs back. A job's result is written only while this process still
-owns it, so a job is never finished twice.
+One runner per process (per replica). Jobs are claimed up to ``TEXTGEN_JOB_CONCURRENCY`` at a time,
+so background work never floods the engine's queue; interactive requests are admitted ahead of them
+by the engine. Each claimed job holds a lease (``TEXTGEN_JOB_LEASE_S``) that a separate task renews
+every third of the lease; a job this process no longer holds (cancelled, or reclaimed after a stall)
+is stopped here. Every poll, any runner puts jobs whose lease expired back in the queue, so the jobs
+of a process that died are run again by the survivors without waiting for it to restart; at start a
+dead process on this host is recognised at once. At shutdown this process hands its jobs back. A
+job's result is written only while this process still owns it, so a job is finished once.
+
+When a webhook sender is configured, the runner also claims and delivers pending webhooks.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from textgen.engine.types import Handle, Priority
 from textgen.errors import GenerationCancelledError, NotReadyError, TextGenError
 from textgen.generation import GenerationService
 from textgen.jobs.store import Job, JobState, JobStore
+from textgen.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 
 PURGE_EVERY_S = 60.0
+MAX_DELIVERIES = 8  # webhook deliveries in flight per process
 
 
 def process_owner_id() -> str:
@@ -67,8 +74,16 @@ class JobRunner:
         poll_interval_s: float,
         ttl_s: float,
         idempotency_ttl_s: float = 24 * 3600.0,
+        lease_s: float = 30.0,
+        max_attempts: int = 3,
+        owner: str | None = None,
+        webhooks: WebhookSender | None = None,
     ) -> None:
-        self.owner = process_owner_id()
+        self.owner = owner or process_owner_id()
+        self._lease_s = lease_s
+        self._max_attempts = max_attempts
+        self._webhooks = webhooks
+        self._deliveries: set[asyncio.Task[None]] = set()
         self._store = store
         self._service = service
         self._concurrency = concurrency
@@ -80,27 +95,33 @@ class JobRunner:
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
+        self._lease_task: asyncio.Task[None] | None = None
         self._last_purge = 0.0
         self._paused_until = 0.0
 
     async def start(self) -> None:
-        requeued = await self._store.requeue_orphaned(lambda owner: owner_is_alive(owner, me=self.owner))
-        if requeued:
-            logger.warning("Re-queued %d job(s) left running by a process that died", requeued)
+        orphaned = await self._store.requeue_orphaned(lambda owner: owner_is_alive(owner, me=self.owner))
+        if orphaned:
+            logger.warning("%d job(s) were left running by a process on this host that died", orphaned)
+        await self._requeue_expired()
         self._loop_task = asyncio.create_task(self._claim_loop(), name="textgen-job-runner")
+        self._lease_task = asyncio.create_task(self._lease_loop(), name="textgen-job-leases")
 
     async def stop(self) -> None:
-        """Stop claiming, cancel running jobs here and hand them back to the queue."""
+        """Stop claiming, cancel running jobs and deliveries here and hand them back to the store."""
         self._stopping = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        for task in (self._loop_task, self._lease_task, *self._deliveries):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for handle in self._active.values():
             if handle is not None:
                 handle.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks))
+        if self._webhooks is not None:
+            await self._webhooks.close()
         requeued = await self._store.requeue_owned(self.owner)
         if requeued:
             logger.info("Handed %d running job(s) back to the queue for the next start", requeued)
@@ -125,8 +146,10 @@ class JobRunner:
     async def _claim_loop(self) -> None:
         while not self._stopping:
             try:
+                await self._requeue_expired()
                 await self._claim_available()
                 await self._cancel_jobs_cancelled_elsewhere()
+                await self._claim_webhooks()
                 await self._purge_if_due()
             except Exception:
                 logger.exception("Job runner iteration failed; retrying")
@@ -134,11 +157,35 @@ class JobRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_interval_s)
 
+    async def _lease_loop(self) -> None:
+        """Renew the leases of the jobs running here; stop those this process no longer holds."""
+        while not self._stopping:
+            await asyncio.sleep(self._lease_s / 3)
+            running = list(self._active)
+            if not running:
+                continue
+            try:
+                held = await self._store.renew(self.owner, running, self._lease_s)
+            except Exception:
+                logger.exception("Renewing job leases failed; retrying (jobs are reclaimed if this persists)")
+                continue
+            for job_id in set(running) - held:
+                if job_id in self._active:
+                    logger.warning("Job %s is no longer held here (cancelled or reclaimed); stopping it", job_id)
+                    self.cancel_local(job_id)
+
+    async def _requeue_expired(self) -> None:
+        requeued, failed = await self._store.requeue_expired(self._max_attempts)
+        if requeued:
+            logger.warning("Re-queued %d job(s) whose lease expired (their process died or hung)", requeued)
+        if failed:
+            logger.error("Failed %d job(s) that lost their process %d times", failed, self._max_attempts)
+
     async def _claim_available(self) -> None:
         if time.monotonic() < self._paused_until or not self._service.engine.ready:
             return
         while len(self._active) < self._concurrency and not self._stopping:
-            job = await self._store.claim_next(self.owner)
+            job = await self._store.claim_next(self.owner, self._lease_s)
             if job is None:
                 return
             self._active[job.id] = None
@@ -154,6 +201,24 @@ class JobRunner:
         for job_id, state in states.items():
             if state is not JobState.RUNNING:
                 self.cancel_local(job_id)
+
+    async def _claim_webhooks(self) -> None:
+        if self._webhooks is None:
+            return
+        while len(self._deliveries) < MAX_DELIVERIES and not self._stopping:
+            job = await self._webhooks.claim()
+            if job is None:
+                return
+            task = asyncio.create_task(self._deliver(self._webhooks, job), name=f"webhook-{job.id}")
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, sender: WebhookSender, job: Job) -> None:
+        try:
+            await sender.deliver(job)
+        except Exception:
+            # The claim expires and another attempt follows; nothing is lost.
+            logger.exception("Webhook delivery for job %s crashed", job.id)
 
     async def _purge_if_due(self) -> None:
         if time.monotonic() - self._last_purge < PURGE_EVERY_S:
@@ -193,7 +258,7 @@ class JobRunner:
             await self._finish(job, JobState.FAILED, error=f"Internal error; see logs for request id {request_id}.")
         finally:
             self._active.pop(job.id, None)
-            self._wakeup.set()
+            self._wakeup.set()  # a slot is free, and a webhook may be due
 
     async def _finish(self, job: Job, state: JobState, **outcome: object) -> None:
         took = await self._store.finish(job.id, self.owner, state, **outcome)  # type: ignore[arg-type]

@@ -1,0 +1,85 @@
+"""How a stored job is shown: ``GET /jobs/{id}``, job lists, streams and webhook bodies all use this."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from models import JobView, QueueEstimate, TextGenerationResponse, WebhookView
+from textgen.jobs.store import Job, JobState, JobStore
+
+# Throughput behind start estimates: the latest completions within this window, cluster-wide.
+THROUGHPUT_WINDOW_S = 600.0
+THROUGHPUT_SAMPLE = 50
+
+
+def _time(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+def _webhook(job: Job) -> WebhookView | None:
+    if job.callback_url is None:
+        return None
+    return WebhookView(
+        url=job.callback_url,
+        state=job.webhook_state.value if job.webhook_state else "waiting",
+        attempts=job.webhook_attempts,
+        last_error=job.webhook_error,
+        last_attempt_at=_time(job.webhook_at),
+    )
+
+
+def job_view(job: Job, queue: QueueEstimate | None = None) -> JobView:
+    return JobView(
+        job_id=job.id,
+        state=job.state.value,
+        request=job.request,
+        result=TextGenerationResponse.model_validate(job.result) if job.result else None,
+        error=job.error,
+        request_id=job.request_id,
+        created_at=datetime.fromtimestamp(job.created_at, UTC),
+        started_at=_time(job.started_at),
+        finished_at=_time(job.finished_at),
+        attempts=job.attempts,
+        queue=queue,
+        webhook=_webhook(job),
+    )
+
+
+def job_payload(job: Job) -> dict[str, Any]:
+    """The job as JSON-ready data (webhook bodies)."""
+    return job_view(job).model_dump(mode="json")
+
+
+def jobs_per_second(completions: Sequence[float]) -> float | None:
+    """Completions per second from finish times (newest first); None with fewer than two."""
+    if len(completions) < 2:
+        return None
+    span = completions[0] - completions[-1]
+    return (len(completions) - 1) / span if span > 0 else None
+
+
+def estimate(position: int, completions: Sequence[float], now: float) -> QueueEstimate:
+    """A queued job starts once the ``position`` jobs ahead of it and one more have left the running set:
+    ``(position + 1) / measured jobs per second`` from now. No estimate without measurements."""
+    rate = jobs_per_second(completions)
+    if rate is None:
+        return QueueEstimate(position=position, jobs_per_second=None, estimated_start_at=None)
+    return QueueEstimate(
+        position=position,
+        jobs_per_second=round(rate, 4),
+        estimated_start_at=datetime.fromtimestamp(now + (position + 1) / rate, UTC),
+    )
+
+
+async def queue_estimate(store: JobStore, job: Job) -> QueueEstimate | None:
+    """Position and estimated start for a queued job; None for any other state."""
+    if job.state is not JobState.QUEUED:
+        return None
+    position = await store.position(job.id)
+    if position is None:  # claimed since it was read
+        return None
+    completions = await store.recent_completions(THROUGHPUT_WINDOW_S, THROUGHPUT_SAMPLE)
+    return estimate(position, completions, time.time())

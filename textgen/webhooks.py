@@ -1,0 +1,208 @@
+"""Webhooks: when a job with a ``callback_url`` ends, POST it there, signed, retrying for a bounded time.
+
+Safety first: only http/https URLs, and every address the host resolves to must be public unless
+``TEXTGEN_WEBHOOK_ALLOW_PRIVATE`` is set, so a callback cannot be used to probe the internal network.
+The check runs when the job is submitted (a clear 400) and again before every attempt (DNS can
+change). Redirects are not followed: a redirect could point anywhere.
+
+Each POST carries ``X-TextGen-Signature: sha256=<hex HMAC-SHA256 of the raw body>`` keyed with
+``TEXTGEN_WEBHOOK_SECRET``; the body holds the job as ``GET /jobs/{id}`` shows it plus the event and
+the time it was sent, so a receiver can verify it and drop replays. Delivery is at least once: a
+receiver that answered 2xx but whose answer was lost (or a replica that died after the POST) sees
+it again, so dedupe by ``X-TextGen-Delivery``'s job id.
+
+Deliveries are claimed from the store like jobs (``claim_webhook``), with a claim long enough to cover
+the whole retry window, so one left unfinished by a dead process is taken over after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from textgen.config import Settings
+from textgen.errors import InvalidRequestError
+from textgen.jobs.store import Job, JobStore, WebhookState
+
+logger = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-TextGen-Signature"
+EVENT_HEADER = "X-TextGen-Event"
+DELIVERY_HEADER = "X-TextGen-Delivery"
+MAX_URL_LENGTH = 2048
+_FIRST_BACKOFF_S = 1.0
+_MAX_BACKOFF_S = 60.0
+_CLAIM_MARGIN_S = 30.0
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class UnsafeCallbackError(InvalidRequestError):
+    """The callback URL is not allowed (scheme, form, or a non-public address)."""
+
+
+def check_callback_url(url: str) -> str:
+    """The URL if its form is acceptable (http/https, a host, no credentials); UnsafeCallbackError if not."""
+    if len(url) > MAX_URL_LENGTH:
+        raise UnsafeCallbackError(f"callback_url is longer than {MAX_URL_LENGTH} characters.")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise UnsafeCallbackError(f"callback_url is not a valid URL ({exc}).") from None
+    if parts.scheme not in ("http", "https"):
+        raise UnsafeCallbackError("callback_url must be an http:// or https:// URL.")
+    if not parts.hostname:
+        raise UnsafeCallbackError("callback_url has no host.")
+    if parts.username is not None or parts.password is not None:
+        raise UnsafeCallbackError("callback_url must not contain credentials; verify deliveries by their signature.")
+    return url
+
+
+def is_public(address: Address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_global
+
+
+async def resolve(host: str, port: int) -> list[Address]:
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UnsafeCallbackError(f"callback_url host {host!r} does not resolve ({exc}).") from None
+    return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+
+
+async def check_destination(url: str, *, allow_private: bool) -> None:
+    """UnsafeCallbackError unless ``url`` is well formed and (unless allowed) resolves only to public addresses."""
+    check_callback_url(url)
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    addresses = await resolve(parts.hostname or "", port)
+    if allow_private:
+        return
+    private = sorted({str(a) for a in addresses if not is_public(a)})
+    if private:
+        raise UnsafeCallbackError(
+            f"callback_url resolves to a non-public address ({', '.join(private)}); webhooks only go to public "
+            "hosts unless the operator sets TEXTGEN_WEBHOOK_ALLOW_PRIVATE=true."
+        )
+
+
+async def check_webhook(url: str, settings: Settings) -> None:
+    """What ``/generate_background`` checks before it accepts a ``callback_url``."""
+    if not settings.webhook_secret:
+        raise InvalidRequestError(
+            "Webhooks are off on this server: its operator must set TEXTGEN_WEBHOOK_SECRET (deliveries are "
+            "signed with it). Submit without callback_url and poll the job's status_url instead."
+        )
+    await check_destination(url, allow_private=settings.webhook_allow_private)
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, body: bytes, signature: str) -> bool:
+    """What a receiver does: constant-time comparison of the header against the body's signature."""
+    return hmac.compare_digest(sign(secret, body), signature)
+
+
+def backoff_s(attempt: int) -> float:
+    """Exponential with full jitter: attempt 1 waits up to 1 s, then 2, 4, ... capped at 60 s."""
+    return random.uniform(0, min(_MAX_BACKOFF_S, _FIRST_BACKOFF_S * 2 ** (attempt - 1)))
+
+
+def payload(job: Job, view: Callable[[Job], dict[str, Any]]) -> bytes:
+    body = {"event": f"job.{job.state.value}", "sent_at": time.time(), "job": view(job)}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class WebhookSender:
+    """Delivers the webhooks of finished jobs that this process claimed from the store."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        owner: str,
+        *,
+        secret: str,
+        view: Callable[[Job], dict[str, Any]],
+        timeout_s: float,
+        retry_for_s: float,
+        allow_private: bool,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._store = store
+        self._owner = owner
+        self._secret = secret
+        self._view = view
+        self._retry_for_s = retry_for_s
+        self._allow_private = allow_private
+        self._client = httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, transport=transport)
+        self.claim_s = retry_for_s + timeout_s + _CLAIM_MARGIN_S
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def claim(self) -> Job | None:
+        return await self._store.claim_webhook(self._owner, self.claim_s)
+
+    async def deliver(self, job: Job) -> WebhookState:
+        """Try until a 2xx answer or until the retry window closes; the outcome is recorded on the job."""
+        body = payload(job, self._view)
+        deadline = time.monotonic() + self._retry_for_s
+        attempts = job.webhook_attempts
+        while True:
+            attempts += 1
+            error = await self._attempt(job, body, attempts)
+            if error is None:
+                await self._record(job, WebhookState.DELIVERED, attempts, None)
+                return WebhookState.DELIVERED
+            wait = backoff_s(attempts)
+            if time.monotonic() + wait >= deadline:
+                logger.warning("Webhook for job %s failed after %d attempt(s): %s", job.id, attempts, error)
+                await self._record(job, WebhookState.FAILED, attempts, error)
+                return WebhookState.FAILED
+            if not await self._record(job, WebhookState.PENDING, attempts, error):
+                return WebhookState.PENDING  # another process took the delivery over
+            await asyncio.sleep(wait)
+
+    async def _attempt(self, job: Job, body: bytes, attempt: int) -> str | None:
+        """One POST; None on a 2xx answer, else what went wrong (safe to show to the job's owner)."""
+        url = job.callback_url or ""
+        try:
+            await check_destination(url, allow_private=self._allow_private)
+            response = await self._client.post(url, content=body, headers=self._headers(job, body, attempt))
+        except UnsafeCallbackError as exc:
+            return exc.message
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__} while posting to the callback URL"
+        if 200 <= response.status_code < 300:
+            logger.info("Webhook for job %s delivered (attempt %d)", job.id, attempt)
+            return None
+        return f"the callback URL answered HTTP {response.status_code}"
+
+    def _headers(self, job: Job, body: bytes, attempt: int) -> dict[str, str]:
+        return {
+            "Content-Type": "application/json",
+            "User-Agent": "textgen-webhooks/1",
+            SIGNATURE_HEADER: sign(self._secret, body),
+            EVENT_HEADER: f"job.{job.state.value}",
+            DELIVERY_HEADER: f"{job.id}:{attempt}",
+        }
+
+    async def _record(self, job: Job, state: WebhookState, attempts: int, error: str | None) -> bool:
+        return await self._store.record_webhook(job.id, self._owner, state, attempts=attempts, error=error)
