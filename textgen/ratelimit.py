@@ -1,8 +1,10 @@
 """Per-API-key rate limits: requests per minute and generated tokens per minute.
 
-Counts live in fixed one-minute windows (``window = int(now // 60)``) in a table of the job store's
-SQLite file, updated in ``BEGIN IMMEDIATE`` transactions, so the limits hold across all worker
-processes sharing that file. ``acquire`` counts a request or refuses it (``RateLimitedError`` with
+Counts live in fixed one-minute windows (``window = int(now // 60)``) where the job store lives, so the
+limits hold across every process sharing it: a table of the job store's SQLite file, updated in
+``BEGIN IMMEDIATE`` transactions (``SQLiteRateLimiter``), or, with a ``redis://`` job store, one hash
+per key and window updated by a Lua script and expiring once its window is over
+(``RedisRateLimiter``). ``acquire`` counts a request or refuses it (``RateLimitedError`` with
 ``retry_after_s`` = seconds until the window ends; a refused request is not counted);
 ``charge_tokens`` adds the tokens a request generated to its key's current window.
 
@@ -20,9 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ParamSpec, Protocol, TypeVar, runtime_checkable
 
+from redis.commands.core import AsyncScript
+
 from textgen.config import Settings
 from textgen.errors import RateLimitedError
+from textgen.jobs.redis_store import ping_redis, redis_client
 from textgen.jobs.sqlite_store import SQLiteConnection, connect_sqlite, sqlite_path_from_url, write_txn
+from textgen.jobs.store import is_redis_url, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +126,11 @@ def _charge(conn: sqlite3.Connection, key_hash: str, window: int, tokens: int) -
     conn.execute(_UPSERT, (key_hash, window, 0, tokens))  # one statement: atomic in autocommit mode
 
 
+def _retry_after_s(now: float, window: int) -> int:
+    """Whole seconds until ``window`` ends, at least 1."""
+    return max(1, math.ceil((window + 1) * WINDOW_S - now))
+
+
 def _refusal(spent: str, rpm: int, tpm: int, retry_after_s: int) -> RateLimitedError:
     if spent == "requests":
         what, setting = f"{rpm} requests per minute", "TEXTGEN_RATE_LIMIT_RPM"
@@ -177,7 +188,7 @@ class SQLiteRateLimiter:
         spent = await self._run(_acquire, digest, window, self._rpm, self._tpm)
         if spent is None:
             return
-        retry_after_s = max(1, math.ceil((window + 1) * WINDOW_S - now))
+        retry_after_s = _retry_after_s(now, window)
         logger.info("Rate limited key sha256:%s (%s per minute), retry in %d s", digest[:12], spent, retry_after_s)
         raise _refusal(spent, self._rpm, self._tpm, retry_after_s)
 
@@ -190,13 +201,120 @@ class SQLiteRateLimiter:
         await self._run(_charge, key_digest(key), int(self._clock() // WINDOW_S), tokens)
 
 
-def rate_limiter_from_settings(settings: Settings) -> RateLimiter:
-    """NoRateLimit when both limits are 0, else a SQLiteRateLimiter in the ``TEXTGEN_JOB_STORE`` file.
+# --------------------------------------------------------------------------------------------------
+# Redis implementation
+# --------------------------------------------------------------------------------------------------
 
-    ConfigError for a job store URL that is not a SQLite file (Redis, in-memory, malformed).
+# KEYS[1]: the key's hash for this window. ARGV: rpm, tpm, expiry_s. Returns the spent budget, or nil
+# after counting the request: check and count in one script, so concurrent acquires never overshoot.
+_REDIS_ACQUIRE = """
+local counts = redis.call('HMGET', KEYS[1], 'requests', 'tokens')
+local requests, tokens = tonumber(counts[1] or '0'), tonumber(counts[2] or '0')
+local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+if rpm > 0 and requests >= rpm then return 'requests' end
+if tpm > 0 and tokens >= tpm then return 'tokens' end
+redis.call('HINCRBY', KEYS[1], 'requests', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return false
+"""
+
+# A window's counts are read only during that window; Redis drops them a window later (the SQLite
+# table likewise keeps the previous window), so a slow clock on one replica still finds them.
+_REDIS_EXPIRY_S = 2 * WINDOW_S
+
+
+class RedisRateLimiter:
+    """``RateLimiter`` on the Redis server of a ``redis://`` job store, shared by every replica.
+
+    Key ``{prefix}:ratelimit:{sha256 of the API key}:{window}``: a hash of ``requests`` and ``tokens``.
+    Windows come from this process's clock (``clock``), as in SQLite; replicas whose clocks differ by
+    a few seconds disagree on the window only around its edges.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        requests_per_minute: int,
+        tokens_per_minute: int,
+        clock: Callable[[], float] = time.time,
+        prefix: str = "textgen",
+    ) -> None:
+        if requests_per_minute < 0 or tokens_per_minute < 0:
+            raise ValueError("requests_per_minute and tokens_per_minute must be >= 0 (0 = unlimited)")
+        self._rpm = requests_per_minute
+        self._tpm = tokens_per_minute
+        self._clock = clock
+        self._url = url
+        self.prefix = prefix
+        self._redis = redis_client(url)
+        self._acquire: AsyncScript = self._redis.register_script(_REDIS_ACQUIRE)
+        self._opened = False
+
+    @property
+    def url(self) -> str:
+        """The URL with any password hidden."""
+        return redact_url(self._url)
+
+    def __repr__(self) -> str:
+        return f"RedisRateLimiter({self.url!r}, prefix={self.prefix!r}, rpm={self._rpm}, tpm={self._tpm})"
+
+    async def open(self) -> None:
+        await ping_redis(self._redis, self._url)
+        self._opened = True
+        logger.info("Rate limits (rpm=%d, tpm=%d) kept in Redis at %s", self._rpm, self._tpm, self.url)
+
+    async def close(self) -> None:
+        self._opened = False
+        await self._redis.aclose()
+
+    def _window_key(self, digest: str, window: int) -> str:
+        if not self._opened:
+            raise RuntimeError(f"The Redis rate limiter at {self.url} is not open; call open() first.")
+        return f"{self.prefix}:ratelimit:{digest}:{window}"
+
+    # -- limits ------------------------------------------------------------------------------------
+
+    async def acquire(self, key: str) -> None:
+        """Count one request for ``key``; RateLimitedError (not counted) if a budget is spent."""
+        now = self._clock()
+        window = int(now // WINDOW_S)
+        digest = key_digest(key)
+        redis_key = self._window_key(digest, window)
+        spent = await self._acquire(keys=[redis_key], args=[self._rpm, self._tpm, _REDIS_EXPIRY_S])
+        if spent is None:
+            return
+        retry_after_s = _retry_after_s(now, window)
+        logger.info("Rate limited key sha256:%s (%s per minute), retry in %d s", digest[:12], spent, retry_after_s)
+        raise _refusal(spent, self._rpm, self._tpm, retry_after_s)
+
+    async def charge_tokens(self, key: str, tokens: int) -> None:
+        """Add ``tokens`` generated for ``key`` to its current window (nothing to do when 0)."""
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        if tokens == 0 or self._tpm == 0:
+            return
+        redis_key = self._window_key(key_digest(key), int(self._clock() // WINDOW_S))
+        async with self._redis.pipeline(transaction=True) as pipe:  # MULTI: never a count without its expiry
+            pipe.hincrby(redis_key, "tokens", tokens)
+            pipe.expire(redis_key, _REDIS_EXPIRY_S)
+            await pipe.execute()
+
+
+def rate_limiter_from_settings(settings: Settings) -> RateLimiter:
+    """NoRateLimit when both limits are 0; else a limiter where ``TEXTGEN_JOB_STORE`` keeps the jobs:
+    RedisRateLimiter for a ``redis://`` / ``rediss://`` URL, SQLiteRateLimiter in the SQLite file.
+
+    ConfigError for a job store URL that is neither (in-memory SQLite, malformed).
     """
     if settings.rate_limit_rpm == 0 and settings.rate_limit_tpm == 0:
         return NoRateLimit()
+    if is_redis_url(settings.job_store):
+        return RedisRateLimiter(
+            settings.job_store.strip(),
+            requests_per_minute=settings.rate_limit_rpm,
+            tokens_per_minute=settings.rate_limit_tpm,
+        )
     return SQLiteRateLimiter(
         sqlite_path_from_url(settings.job_store),
         requests_per_minute=settings.rate_limit_rpm,

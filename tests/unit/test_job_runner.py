@@ -172,7 +172,13 @@ async def make_runner(store: SQLiteJobStore, engine: FakeEngine, settings: Setti
     """Build runners on the shared store and fake engine; every one is stopped at teardown."""
     runners: list[JobRunner] = []
 
-    def build(*, concurrency: int | None = None, service_settings: Settings | None = None) -> JobRunner:
+    def build(
+        *,
+        concurrency: int | None = None,
+        service_settings: Settings | None = None,
+        lease_s: float = 30.0,
+        max_attempts: int = 3,
+    ) -> JobRunner:
         chosen = service_settings or settings
         service = GenerationService(engine, ContentFilter(["hate"]), chosen, "fake-model", Metrics())
         runner = JobRunner(
@@ -181,6 +187,8 @@ async def make_runner(store: SQLiteJobStore, engine: FakeEngine, settings: Setti
             concurrency=concurrency or chosen.job_concurrency,
             poll_interval_s=chosen.job_poll_interval_s,
             ttl_s=chosen.job_ttl_s,
+            lease_s=lease_s,
+            max_attempts=max_attempts,
         )
         runners.append(runner)
         return runner
@@ -526,6 +534,87 @@ async def test_start_requeues_orphans_of_a_dead_process(
     assert untouched.state is JobState.RUNNING
     assert untouched.owner == remote_owner
     assert len(engine.submitted) == 1
+
+
+# --- leases ------------------------------------------------------------------------------------------------------
+
+SHORT_LEASE_S = 0.3
+ELSEWHERE = "another-host.invalid:1:feedbeef"  # alive as far as this host can tell: only its lease speaks
+
+
+async def test_lease_is_renewed_while_the_job_runs(
+    store: SQLiteJobStore, engine: FakeEngine, make_runner: RunnerFactory
+) -> None:
+    job = await create_job(store)
+    runner = make_runner(lease_s=SHORT_LEASE_S)
+    await runner.start()
+    await wait_until(lambda: len(engine.handles) == 1)
+    first_lease = (await store.get(job.id)).lease_until
+
+    await asyncio.sleep(4 * SHORT_LEASE_S)  # four leases long: only renewals keep it here
+    running = await store.get(job.id)
+    assert running.state is JobState.RUNNING and running.owner == runner.owner and running.attempts == 1
+    assert first_lease is not None and running.lease_until is not None and running.lease_until > first_lease
+    engine.handles[0]._finish(make_result())
+    done = await wait_for_state(store, job.id, JobState.SUCCEEDED)
+    assert done.attempts == 1 and len(engine.submitted) == 1
+
+
+async def test_job_whose_process_stopped_renewing_is_reclaimed_and_its_late_result_discarded(
+    store: SQLiteJobStore, engine: FakeEngine, make_runner: RunnerFactory
+) -> None:
+    job = await create_job(store)
+    assert (await store.claim_next(ELSEWHERE, SHORT_LEASE_S)) is not None  # then that process goes silent
+    runner = make_runner(lease_s=SHORT_LEASE_S)
+    await runner.start()
+
+    took = await wait_until(lambda: len(engine.handles) == 1)
+    assert took >= SHORT_LEASE_S * 0.5  # not before the lease ran out
+    engine.handles[0]._finish(make_result("from the survivor"))
+    done = await wait_for_state(store, job.id, JobState.SUCCEEDED)
+    assert done.attempts == 2 and done.owner == runner.owner
+
+    # The silent process wakes up and reports: too late, and nothing is overwritten.
+    assert await store.finish(job.id, ELSEWHERE, JobState.FAILED, error="stale") is False
+    final = await store.get(job.id)
+    assert final.state is JobState.SUCCEEDED and final.error is None
+    assert final.result is not None and final.result["generated_text"] == "from the survivor"
+
+
+async def test_a_job_reclaimed_elsewhere_is_stopped_here_and_its_result_discarded(
+    store: SQLiteJobStore, engine: FakeEngine, make_runner: RunnerFactory
+) -> None:
+    engine.honour_cancel = False  # the stale sequence finishes anyway
+    job = await create_job(store)
+    runner = make_runner(lease_s=SHORT_LEASE_S, concurrency=1)
+    await runner.start()
+    await wait_until(lambda: len(engine.handles) == 1)
+    stale = engine.handles[0]
+
+    # As if this process had stalled past its lease: the job went back and another process took it.
+    await store.requeue_owned(runner.owner)
+    assert (await store.claim_next(ELSEWHERE, 30.0)) is not None
+    await wait_until(lambda: stale.cancel_requested, limit_s=3 * SHORT_LEASE_S + 1.0)
+
+    stale._finish(make_result("stale"))
+    await wait_until(lambda: runner.active_jobs == 0)
+    still = await store.get(job.id)
+    assert still.state is JobState.RUNNING and still.owner == ELSEWHERE and still.result is None
+    assert await store.finish(job.id, ELSEWHERE, JobState.SUCCEEDED, result={"generated_text": "fresh"})
+    assert (await store.get(job.id)).result == {"generated_text": "fresh"}
+
+
+async def test_a_job_that_keeps_losing_its_process_fails_after_max_attempts(
+    store: SQLiteJobStore, engine: FakeEngine, make_runner: RunnerFactory
+) -> None:
+    job = await create_job(store)
+    assert (await store.claim_next(ELSEWHERE, 0.05)) is not None
+    runner = make_runner(lease_s=SHORT_LEASE_S, max_attempts=1)
+    await runner.start()
+    failed = await wait_for_state(store, job.id, JobState.FAILED)
+    assert failed.attempts == 1
+    assert failed.error is not None and "Abandoned after 1 attempt" in failed.error
+    assert engine.submitted == []  # never run again
 
 
 # --- owner ids ------------------------------------------------------------------------------------------------

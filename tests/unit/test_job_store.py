@@ -1,4 +1,8 @@
-"""Unit tests for the durable job store (``textgen.jobs.store``), SQLite implementation."""
+"""The job-store conformance suite: every behaviour test runs against SQLite and Redis (``backend`` in
+tests/unit/conftest.py), then a few tests of what only one backend has (files, URLs, connections).
+
+Leases are real and short (0.3 s) and the tests really sleep past them: no clock is mocked.
+"""
 
 from __future__ import annotations
 
@@ -7,115 +11,149 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.redis_server import RedisServer, free_port
+from tests.unit.conftest import SUBPROCESS_STORE, Backend, OpenStore
 from textgen.errors import ConfigError, JobNotCancellableError, JobNotFoundError
-from textgen.jobs import store as store_mod
+from textgen.jobs import sqlite_store as sqlite_mod
+from textgen.jobs.redis_store import RedisJobStore
+from textgen.jobs.sqlite_store import SQLiteJobStore
 from textgen.jobs.store import (
+    REDIS_FORMS,
     TERMINAL_STATES,
     Job,
     JobState,
     JobStore,
-    SQLiteJobStore,
+    WebhookState,
+    abandoned_error,
     job_store_from_url,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+LEASE = 30.0  # long enough never to expire within a test
+SHORT = 0.3  # a lease the test sleeps past
+PAST_SHORT = 0.45
+HOOK = "https://example.test/hook"
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteJobStore]:
-    s = SQLiteJobStore(tmp_path / "jobs.db")
-    await s.open()
-    yield s
-    await s.close()
+async def _make(store: JobStore, n: int, callback_url: str | None = None) -> list[Job]:
+    return [
+        await store.create({"prompt": f"p{i}", "n": i}, request_id=f"req-{i}", callback_url=callback_url)
+        for i in range(n)
+    ]
 
 
-async def _make(store: SQLiteJobStore, n: int) -> list[Job]:
-    return [await store.create({"prompt": f"p{i}", "n": i}, request_id=f"req-{i}") for i in range(n)]
+async def _claim(store: JobStore, owner: str, lease_s: float = LEASE) -> Job:
+    job = await store.claim_next(owner, lease_s)
+    assert job is not None
+    return job
+
+
+async def _finished(store: JobStore, n: int = 1, callback_url: str | None = HOOK) -> list[Job]:
+    """``n`` jobs that succeeded, in that order."""
+    jobs = await _make(store, n, callback_url)
+    for job in jobs:
+        assert (await _claim(store, "w")).id == job.id
+        assert await store.finish(job.id, "w", JobState.SUCCEEDED, result={"text": job.id})
+    return jobs
 
 
 # --- state machine -----------------------------------------------------------------------------------
 
 
-async def test_create_get_roundtrip(store: SQLiteJobStore) -> None:
-    job = await store.create({"prompt": "hi", "max_tokens": 5, "nested": {"a": [1, 2]}}, request_id="r1")
+async def test_create_get_roundtrip(store: JobStore) -> None:
+    assert isinstance(store, JobStore)
+    job = await store.create({"prompt": "hi", "max_tokens": 5, "nested": {"a": [1, 2.5]}}, request_id="r1")
     assert len(job.id) == 32 and job.state is JobState.QUEUED
     assert job.attempts == 0 and job.owner is None and job.started_at is None and job.finished_at is None
+    assert job.lease_until is None and job.callback_url is None and job.webhook_state is None
     assert job.created_at > 0
     assert await store.get(job.id) == job
-    assert isinstance(store, JobStore)
+    hooked = await store.create({}, request_id=None, callback_url=HOOK)
+    assert (await store.get(hooked.id)).callback_url == HOOK and hooked.request_id is None
 
 
-async def test_claim_then_finish_succeeded(store: SQLiteJobStore) -> None:
+async def test_claim_then_finish_succeeded(store: JobStore) -> None:
     job = await store.create({"prompt": "x"}, request_id=None)
-    claimed = await store.claim_next("w1")
-    assert claimed is not None and claimed.id == job.id
+    claimed = await _claim(store, "w1")
+    assert claimed.id == job.id
     assert claimed.state is JobState.RUNNING and claimed.owner == "w1" and claimed.attempts == 1
     assert claimed.started_at is not None and claimed.started_at >= job.created_at
-    assert await store.claim_next("w1") is None
+    assert await store.get(job.id) == claimed
+    assert await store.claim_next("w1", LEASE) is None
 
     assert await store.finish(job.id, "w1", JobState.SUCCEEDED, result={"text": "ok"})
     done = await store.get(job.id)
     assert done.state is JobState.SUCCEEDED and done.result == {"text": "ok"} and done.error is None
     assert done.finished_at is not None and done.finished_at >= claimed.started_at
+    assert done.lease_until is None and done.owner == "w1" and done.webhook_state is None
     # A second finish (e.g. a duplicate runner) does not take effect.
     assert not await store.finish(job.id, "w1", JobState.FAILED, error="late")
-    assert (await store.get(job.id)).state is JobState.SUCCEEDED
+    assert await store.get(job.id) == done
 
 
-async def test_finish_failed_with_error(store: SQLiteJobStore) -> None:
+async def test_finish_failed_with_error(store: JobStore) -> None:
     job = await store.create({"prompt": "x"}, request_id="r")
-    await store.claim_next("w1")
+    await _claim(store, "w1")
     assert await store.finish(job.id, "w1", JobState.FAILED, error="boom")
     failed = await store.get(job.id)
     assert failed.state is JobState.FAILED and failed.error == "boom" and failed.result is None
 
 
-async def test_finish_rejects_non_final_state(store: SQLiteJobStore) -> None:
+async def test_finish_keeps_empty_values(store: JobStore) -> None:
     job = await store.create({}, request_id=None)
-    await store.claim_next("w1")
+    await _claim(store, "w1")
+    assert await store.finish(job.id, "w1", JobState.FAILED, result={}, error="")
+    failed = await store.get(job.id)
+    assert failed.result == {} and failed.error == ""
+
+
+async def test_finish_rejects_non_final_state(store: JobStore) -> None:
+    job = await store.create({}, request_id=None)
+    await _claim(store, "w1")
     for bad in (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLED):
         with pytest.raises(ValueError):
             await store.finish(job.id, "w1", bad)
     assert (await store.get(job.id)).state is JobState.RUNNING
 
 
-async def test_finish_wrong_owner_or_not_running(store: SQLiteJobStore) -> None:
+async def test_finish_wrong_owner_or_not_running(store: JobStore) -> None:
     job = await store.create({}, request_id=None)
     assert not await store.finish(job.id, "w1", JobState.SUCCEEDED)  # still queued
-    await store.claim_next("w1")
+    claimed = await _claim(store, "w1")
     assert not await store.finish(job.id, "w2", JobState.SUCCEEDED, result={})
     assert not await store.finish("no-such-job", "w1", JobState.SUCCEEDED)
-    still = await store.get(job.id)
-    assert still.state is JobState.RUNNING and still.owner == "w1" and still.finished_at is None
+    assert await store.get(job.id) == claimed
 
 
-async def test_cancel_queued(store: SQLiteJobStore) -> None:
+async def test_cancel_queued(store: JobStore) -> None:
     job = await store.create({}, request_id=None)
     cancelled = await store.cancel(job.id)
     assert cancelled.state is JobState.CANCELLED and cancelled.finished_at is not None
     assert await store.get(job.id) == cancelled
-    assert await store.claim_next("w1") is None
+    assert await store.claim_next("w1", LEASE) is None
+    assert await store.position(job.id) is None
 
 
-async def test_cancel_running_then_finish_is_ignored(store: SQLiteJobStore) -> None:
+async def test_cancel_running_then_finish_is_ignored(store: JobStore) -> None:
     job = await store.create({}, request_id=None)
-    await store.claim_next("w1")
+    await _claim(store, "w1")
     cancelled = await store.cancel(job.id)
-    assert cancelled.state is JobState.CANCELLED and cancelled.owner == "w1"
+    assert cancelled.state is JobState.CANCELLED and cancelled.owner == "w1" and cancelled.lease_until is None
     assert not await store.finish(job.id, "w1", JobState.SUCCEEDED, result={"text": "too late"})
-    after = await store.get(job.id)
-    assert after.state is JobState.CANCELLED and after.result is None
+    assert await store.renew("w1", [job.id], LEASE) == set()  # the runner learns it must stop
+    assert await store.get(job.id) == cancelled
 
 
-async def test_cancel_terminal_and_unknown(store: SQLiteJobStore) -> None:
+async def test_cancel_terminal_and_unknown(store: JobStore) -> None:
     job = await store.create({}, request_id=None)
-    await store.claim_next("w1")
+    await _claim(store, "w1")
     await store.finish(job.id, "w1", JobState.SUCCEEDED, result={})
     with pytest.raises(JobNotCancellableError):
         await store.cancel(job.id)
@@ -127,9 +165,23 @@ async def test_cancel_terminal_and_unknown(store: SQLiteJobStore) -> None:
         await store.cancel("missing")
 
 
-async def test_get_unknown(store: SQLiteJobStore) -> None:
+async def test_get_unknown(store: JobStore) -> None:
     with pytest.raises(JobNotFoundError):
         await store.get("0" * 32)
+
+
+async def test_release(store: JobStore) -> None:
+    first, second = await _make(store, 2)
+    await _claim(store, "w1")
+    assert not await store.release(first.id, "w2")  # not the owner
+    assert not await store.release(second.id, "w1")  # not running
+    assert await store.release(first.id, "w1")
+    back = await store.get(first.id)
+    assert back.state is JobState.QUEUED and back.owner is None and back.started_at is None
+    assert back.attempts == 0 and back.lease_until is None  # the attempt that never started does not count
+    assert not await store.release(first.id, "w1")
+    assert await store.position(first.id) == 0  # back at its place, ahead of the later job
+    assert (await _claim(store, "w2")).id == first.id
 
 
 def test_terminal_states() -> None:
@@ -140,43 +192,40 @@ def test_terminal_states() -> None:
 # --- claiming ----------------------------------------------------------------------------------------
 
 
-async def test_claim_oldest_first(store: SQLiteJobStore) -> None:
+async def test_claim_oldest_first(store: JobStore) -> None:
     jobs = await _make(store, 5)
-    claimed = [await store.claim_next("w") for _ in range(5)]
-    assert [j.id for j in claimed if j] == [j.id for j in jobs]
-    assert await store.claim_next("w") is None
+    claimed = [await _claim(store, "w") for _ in range(5)]
+    assert [j.id for j in claimed] == [j.id for j in jobs]
+    assert await store.claim_next("w", LEASE) is None
 
 
-async def test_claim_once_two_stores_concurrently(tmp_path: Path) -> None:
-    path = tmp_path / "shared.db"
-    a, b = SQLiteJobStore(path), SQLiteJobStore(path)
-    await a.open()
-    await b.open()
-    try:
-        created = {j.id for j in await _make(a, 20)}
-        calls = [s.claim_next(f"owner-{i}") for i in range(30) for s in (a, b)]
-        results = await asyncio.gather(*calls)
-        got = [j.id for j in results if j is not None]
-        assert len(got) == len(set(got)) == 20
-        assert set(got) == created
-        assert await a.count(JobState.RUNNING) == 20
-        assert await b.count(JobState.QUEUED) == 0
-        assert all(j.attempts == 1 for j in await a.list(limit=100))
-    finally:
-        await a.close()
-        await b.close()
+async def test_claim_once_concurrent_claimers(store: JobStore, open_store: OpenStore) -> None:
+    other = await open_store()
+    created = {j.id for j in await _make(store, 30)}
+
+    async def claimer(s: JobStore, owner: str) -> list[str]:
+        got = []
+        while (job := await s.claim_next(owner, LEASE)) is not None:
+            assert job.owner == owner
+            got.append(job.id)
+        return got
+
+    results = await asyncio.gather(*(claimer((store, other)[i % 2], f"owner-{i}") for i in range(8)))
+    got = [job_id for ids in results for job_id in ids]
+    assert len(got) == len(set(got)) == 30 and set(got) == created
+    assert await store.count(JobState.RUNNING) == 30
+    assert await other.count(JobState.QUEUED) == 0
+    assert all(j.attempts == 1 for j in await store.list(limit=100))
 
 
-_CLAIMER = textwrap.dedent(
+_CLAIMER = SUBPROCESS_STORE + textwrap.dedent(
     """
     import asyncio, sys
-    from pathlib import Path
-    from textgen.jobs.sqlite_store import SQLiteJobStore
 
     async def main() -> None:
-        s = SQLiteJobStore(Path(sys.argv[1]))
+        s = make_store(*sys.argv[1:4])
         await s.open()
-        while (job := await s.claim_next(sys.argv[2])) is not None:
+        while (job := await s.claim_next(sys.argv[4], 30.0)) is not None:
             sys.stdout.write(job.id + "\\n")
         await s.close()
 
@@ -185,14 +234,11 @@ _CLAIMER = textwrap.dedent(
 )
 
 
-async def test_claim_once_two_processes(tmp_path: Path) -> None:
-    path = tmp_path / "shared.db"
-    s = SQLiteJobStore(path)
-    await s.open()
-    created = {j.id for j in await _make(s, 200)}
+async def test_claim_once_two_processes(store: JobStore, backend: Backend) -> None:
+    created = {j.id for j in await _make(store, 200)}
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _CLAIMER, str(path), f"proc-{i}", cwd=REPO_ROOT, stdout=subprocess.PIPE
+            sys.executable, "-c", _CLAIMER, *backend.argv(), f"proc-{i}", cwd=REPO_ROOT, stdout=subprocess.PIPE
         )
         for i in range(2)
     ]
@@ -200,49 +246,141 @@ async def test_claim_once_two_processes(tmp_path: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0]
     got = [line for out, _ in outs for line in out.decode().split()]
     assert len(got) == len(set(got)) == 200 and set(got) == created
-    assert await s.count(JobState.RUNNING) == 200
-    await s.close()
+    assert await store.count(JobState.RUNNING) == 200
 
 
-async def test_cancelled_claim_is_handed_back(store: SQLiteJobStore) -> None:
+async def test_cancelled_claim_is_handed_back(store: JobStore, backend: Backend) -> None:
     job = await store.create({}, request_id=None)
-    store._db._lock.acquire()  # hold the worker thread so the claim lands after the caller is cancelled
-    try:
-        task = asyncio.create_task(store.claim_next("w1"))
+    async with backend.writes_held(store):  # the claim lands only after its caller was cancelled
+        task = asyncio.create_task(store.claim_next("w1", LEASE))
         await asyncio.sleep(0.05)
         task.cancel()
         await asyncio.sleep(0.05)
-    finally:
-        store._db._lock.release()
     with pytest.raises(asyncio.CancelledError):
         await task
     back = await store.get(job.id)
     assert back.state is JobState.QUEUED and back.owner is None and back.attempts == 0
+    assert await store.position(job.id) == 0
+
+
+# --- leases ------------------------------------------------------------------------------------------
+
+
+async def test_claim_sets_lease(store: JobStore) -> None:
+    await store.create({}, request_id=None)
+    before = time.time()
+    job = await _claim(store, "w1", lease_s=5.0)
+    after = time.time()
+    assert job.lease_until is not None and before + 5.0 - 0.01 <= job.lease_until <= after + 5.0 + 0.01
+    assert job.started_at is not None and job.lease_until == pytest.approx(job.started_at + 5.0, abs=1e-5)
+
+
+async def test_renew_extends_only_own_running_jobs(store: JobStore) -> None:
+    mine, cancelled, theirs, queued = await _make(store, 4)
+    await _claim(store, "w1", lease_s=1.0)
+    await _claim(store, "w1", lease_s=1.0)
+    other = await _claim(store, "w2", lease_s=1.0)
+    await store.cancel(cancelled.id)
+    before = (await store.get(mine.id)).lease_until
+    assert before is not None
+    ids = [mine.id, cancelled.id, theirs.id, queued.id, "missing", mine.id]
+    assert await store.renew("w1", ids, 10.0) == {mine.id}
+    after = (await store.get(mine.id)).lease_until
+    assert after is not None and after >= before + 8.9
+    assert await store.get(theirs.id) == other  # another owner's lease is untouched
+    assert await store.renew("w1", [], 10.0) == set()
+    assert await store.renew("w2", [theirs.id], 10.0) == {theirs.id}
+
+
+async def test_expired_lease_requeued_then_abandoned(store: JobStore) -> None:
+    job, later = await _make(store, 2)
+    first = await _claim(store, "w1", lease_s=SHORT)
+    assert await store.requeue_expired(max_attempts=2) == (0, 0)  # not yet expired
+    await asyncio.sleep(PAST_SHORT)
+    assert await store.requeue_expired(max_attempts=2) == (1, 0)
+    back = await store.get(job.id)
+    assert back.state is JobState.QUEUED and back.owner is None and back.started_at is None
+    assert back.lease_until is None and back.attempts == 1  # the attempt that started counts
+    assert await store.position(job.id) == 0 and await store.position(later.id) == 1
+    # The owner that lost its lease can neither finish nor renew it.
+    assert not await store.finish(job.id, "w1", JobState.SUCCEEDED, result={"text": "late"})
+    assert await store.renew("w1", [job.id], LEASE) == set()
+    assert await store.get(job.id) == back
+
+    second = await _claim(store, "w2", lease_s=SHORT)
+    assert second.id == job.id and second.attempts == 2 and second.started_at is not None
+    assert first.started_at is not None and second.started_at > first.started_at
+    await asyncio.sleep(PAST_SHORT)
+    assert await store.requeue_expired(max_attempts=2) == (0, 1)
+    failed = await store.get(job.id)
+    assert failed.state is JobState.FAILED and failed.error == abandoned_error(2) and failed.result is None
+    assert failed.finished_at is not None and failed.lease_until is None and failed.attempts == 2
+    assert await store.recent_completions(60, 10) == [pytest.approx(failed.finished_at)]
+    assert await store.requeue_expired(max_attempts=2) == (0, 0)
+    assert (await store.get(later.id)).state is JobState.QUEUED
+
+
+async def test_new_owner_finishes_after_lease_lost(store: JobStore) -> None:
+    job = await store.create({}, request_id=None)
+    await _claim(store, "w1", lease_s=SHORT)
+    await asyncio.sleep(PAST_SHORT)
+    assert await store.requeue_expired(max_attempts=3) == (1, 0)
+    taken = await _claim(store, "w2")
+    assert not await store.finish(job.id, "w1", JobState.FAILED, error="late")
+    assert await store.get(job.id) == taken  # nothing written by the old owner
+    assert await store.renew("w1", [job.id], LEASE) == set()
+    assert await store.renew("w2", [job.id], LEASE) == {job.id}
+    assert await store.finish(job.id, "w2", JobState.SUCCEEDED, result={"text": "ok"})
+    done = await store.get(job.id)
+    assert done.state is JobState.SUCCEEDED and done.owner == "w2" and done.result == {"text": "ok"}
+
+
+async def test_renewed_lease_is_not_requeued(store: JobStore) -> None:
+    job = await store.create({}, request_id=None)
+    await _claim(store, "w1", lease_s=SHORT)
+    for _ in range(3):
+        await asyncio.sleep(SHORT / 2)
+        assert await store.renew("w1", [job.id], SHORT) == {job.id}
+        assert await store.requeue_expired(max_attempts=1) == (0, 0)
+    assert (await store.get(job.id)).state is JobState.RUNNING
 
 
 # --- re-queueing -------------------------------------------------------------------------------------
 
 
-async def test_requeue_owned(store: SQLiteJobStore) -> None:
+async def test_requeue_owned(store: JobStore) -> None:
     j1, j2, j3 = await _make(store, 3)
-    await store.claim_next("a")
-    await store.claim_next("a")
-    await store.claim_next("b")
+    await _claim(store, "a")
+    await _claim(store, "a")
+    await _claim(store, "b")
     assert await store.requeue_owned("a") == 2
     assert await store.requeue_owned("a") == 0
     for j in (j1, j2):
         back = await store.get(j.id)
         assert back.state is JobState.QUEUED and back.owner is None and back.started_at is None
-        assert back.attempts == 1
+        assert back.attempts == 1 and back.lease_until is None
     assert (await store.get(j3.id)).owner == "b"
-    reclaimed = await store.claim_next("c")
-    assert reclaimed is not None and reclaimed.id == j1.id and reclaimed.attempts == 2
+    assert [await store.position(j.id) for j in (j1, j2)] == [0, 1]
+    reclaimed = await _claim(store, "c")
+    assert reclaimed.id == j1.id and reclaimed.attempts == 2
 
 
-async def test_requeue_orphaned(store: SQLiteJobStore) -> None:
+async def test_requeue_owned_releases_webhook_claims(store: JobStore) -> None:
+    mine, theirs = await _finished(store, 2)
+    assert (await store.claim_webhook("a", LEASE) or mine).id == mine.id
+    assert (await store.claim_webhook("b", LEASE) or mine).id == theirs.id
+    assert await store.claim_webhook("c", LEASE) is None
+    assert await store.requeue_owned("a") == 0  # no running jobs, but its webhook claim is released
+    taken = await store.claim_webhook("c", LEASE)
+    assert taken is not None and taken.id == mine.id and taken.webhook_state is WebhookState.PENDING
+    assert not await store.record_webhook(mine.id, "a", WebhookState.DELIVERED, attempts=1, error=None)
+    assert await store.claim_webhook("c", LEASE) is None  # b still holds its claim
+
+
+async def test_requeue_orphaned(store: JobStore) -> None:
     dead1, dead2, alive, queued = await _make(store, 4)
     for owner in ("dead", "dead", "alive"):
-        await store.claim_next(owner)
+        await _claim(store, owner)
     done = await store.create({}, request_id=None)
     await store.cancel(done.id)
     asked: list[str] = []
@@ -253,120 +391,288 @@ async def test_requeue_orphaned(store: SQLiteJobStore) -> None:
 
     assert await store.requeue_orphaned(is_alive) == 2
     assert sorted(asked) == ["alive", "dead"]
+    orphan = await store.get(dead2.id)
+    assert orphan.state is JobState.RUNNING and orphan.owner == "dead" and orphan.lease_until == 0
+    alive_lease = (await store.get(alive.id)).lease_until
+    assert alive_lease is not None and alive_lease > time.time()
+    # The next requeue_expired of any process takes them without waiting for their leases.
+    assert await store.requeue_expired(max_attempts=3) == (2, 0)
     assert (await store.get(alive.id)).state is JobState.RUNNING
     assert (await store.get(done.id)).state is JobState.CANCELLED
     requeued = await store.get(dead2.id)
     assert requeued.state is JobState.QUEUED and requeued.owner is None and requeued.attempts == 1
     assert (await store.get(queued.id)).attempts == 0
     assert await store.count(JobState.QUEUED) == 3
-    first = await store.claim_next("new")
-    assert first is not None and first.id == dead1.id and first.attempts == 2
+    first = await _claim(store, "new")
+    assert first.id == dead1.id and first.attempts == 2
     assert await store.requeue_orphaned(lambda _o: True) == 0
+    assert await store.requeue_orphaned(lambda _o: False) == 2  # "alive" and "new" both died now
 
 
 # --- queries -----------------------------------------------------------------------------------------
 
 
-async def test_list_filter_limit_newest_first(store: SQLiteJobStore) -> None:
+async def test_list_filter_limit_newest_first(store: JobStore) -> None:
     jobs = await _make(store, 6)
-    await store.claim_next("w")  # jobs[0] -> running
+    await _claim(store, "w")  # jobs[0] -> running
     await store.cancel(jobs[5].id)
     everything = await store.list()
     assert [j.id for j in everything] == [j.id for j in reversed(jobs)]
+    assert everything[0] == await store.get(jobs[5].id)
     assert [j.id for j in await store.list(limit=2)] == [jobs[5].id, jobs[4].id]
     queued = await store.list(state=JobState.QUEUED)
     assert [j.id for j in queued] == [jobs[4].id, jobs[3].id, jobs[2].id, jobs[1].id]
     assert [j.id for j in await store.list(state=JobState.QUEUED, limit=1)] == [jobs[4].id]
     assert [j.id for j in await store.list(state=JobState.RUNNING)] == [jobs[0].id]
+    assert [j.id for j in await store.list(state=JobState.CANCELLED)] == [jobs[5].id]
     assert await store.list(state=JobState.FAILED) == []
     assert await store.list(limit=0) == []
     with pytest.raises(ValueError):
         await store.list(limit=-1)
 
 
-async def test_states_and_count(store: SQLiteJobStore) -> None:
+async def test_states_and_count(store: JobStore) -> None:
     a, b, c = await _make(store, 3)
-    await store.claim_next("w")
+    await _claim(store, "w")
     await store.cancel(c.id)
     got = await store.states([a.id, b.id, c.id, "missing", a.id])
     assert got == {a.id: JobState.RUNNING, b.id: JobState.QUEUED, c.id: JobState.CANCELLED}
     assert await store.states([]) == {}
     assert await store.count(JobState.QUEUED) == 1
+    assert await store.count(JobState.RUNNING) == 1
+    assert await store.count(JobState.CANCELLED) == 1
     assert await store.count(JobState.SUCCEEDED) == 0
 
 
-async def test_states_many_ids(store: SQLiteJobStore) -> None:
+async def test_states_many_ids(store: JobStore) -> None:
     jobs = await _make(store, 3)
     ids = [j.id for j in jobs] + [f"missing-{i}" for i in range(1200)]
     assert set(await store.states(ids)) == {j.id for j in jobs}
 
 
-async def test_purge_finished(store: SQLiteJobStore) -> None:
+async def test_position(store: JobStore) -> None:
+    a, b, c = await _make(store, 3)
+    assert [await store.position(j.id) for j in (a, b, c)] == [0, 1, 2]
+    await _claim(store, "w")
+    assert [await store.position(j.id) for j in (a, b, c)] == [None, 0, 1]
+    await store.cancel(b.id)
+    assert [await store.position(j.id) for j in (a, b, c)] == [None, None, 0]
+    d = await store.create({}, request_id=None)
+    assert await store.position(d.id) == 1
+    assert await store.position("missing") is None
+
+
+async def test_recent_completions(store: JobStore) -> None:
+    (old,) = await _finished(store, 1, callback_url=None)
+    await asyncio.sleep(PAST_SHORT)
+    ok, bad, cancelled, running = await _make(store, 4)
+    await _claim(store, "w")
+    assert await store.finish(ok.id, "w", JobState.SUCCEEDED, result={})
+    await _claim(store, "w")
+    assert await store.finish(bad.id, "w", JobState.FAILED, error="boom")
+    await store.cancel(cancelled.id)
+    await _claim(store, "w")
+    times = [(await store.get(j.id)).finished_at for j in (bad, ok, old)]
+    assert await store.recent_completions(60, 10) == [pytest.approx(t) for t in times]  # newest first
+    assert await store.recent_completions(60, 1) == [pytest.approx(times[0])]
+    assert await store.recent_completions(SHORT, 10) == [pytest.approx(t) for t in times[:2]]  # the window
+    assert await store.recent_completions(60, 0) == []
+    await asyncio.sleep(PAST_SHORT)
+    assert await store.recent_completions(SHORT, 10) == []
+    assert (await store.get(running.id)).state is JobState.RUNNING
+
+
+async def test_purge_finished(store: JobStore, backend: Backend) -> None:
     old_done, fresh_done, claimed_job, waiting = await _make(store, 4)
-    for j in (old_done, fresh_done):
-        claimed = await store.claim_next("w")
-        assert claimed is not None and claimed.id == j.id
-        await store.finish(j.id, "w", JobState.SUCCEEDED, result={})
-    await store.claim_next("w")  # claimed_job -> running
+    old_keyed, _ = await store.create_idempotent({"k": 1}, request_id=None, key="old-key", ttl_s=3600)
+    kept_keyed, _ = await store.create_idempotent({"k": 2}, request_id=None, key="kept-key", ttl_s=3600)
+    assert (await _claim(store, "w")).id == old_done.id
+    await store.finish(old_done.id, "w", JobState.SUCCEEDED, result={})
     old_cancelled = await store.create({}, request_id=None)
     await store.cancel(old_cancelled.id)
-    # Age two terminal jobs by an hour, directly in the file.
-    with sqlite3.connect(store.path) as raw:
-        raw.execute(
-            "UPDATE jobs SET finished_at = finished_at - 3600 WHERE id IN (?, ?)",
-            (old_done.id, old_cancelled.id),
-        )
-    raw.close()
-    assert await store.purge_finished(older_than_s=600) == 2
-    with pytest.raises(JobNotFoundError):
-        await store.get(old_done.id)
-    with pytest.raises(JobNotFoundError):
-        await store.get(old_cancelled.id)
-    assert await store.purge_finished(older_than_s=600) == 0
+    await store.cancel(old_keyed.id)
+    await asyncio.sleep(PAST_SHORT)
+    assert (await _claim(store, "w")).id == fresh_done.id
+    await store.finish(fresh_done.id, "w", JobState.FAILED, error="x")
+    await _claim(store, "w")  # claimed_job -> running
+
+    assert await store.purge_finished(older_than_s=SHORT) == 3
+    for gone in (old_done, old_cancelled, old_keyed):
+        with pytest.raises(JobNotFoundError):
+            await store.get(gone.id)
+    assert backend.idempotency_keys() == ["kept-key"]  # the record went with its job
+    assert await store.purge_finished(older_than_s=SHORT) == 0
+    assert await store.list(state=JobState.CANCELLED) == []
+    assert await store.recent_completions(60, 10) == [pytest.approx((await store.get(fresh_done.id)).finished_at)]
     # Non-terminal jobs are never purged, however old.
     await asyncio.sleep(0.05)
     assert await store.purge_finished(older_than_s=0.01) == 1  # fresh_done
-    remaining = await store.states([claimed_job.id, waiting.id])
-    assert remaining == {claimed_job.id: JobState.RUNNING, waiting.id: JobState.QUEUED}
+    remaining = await store.states([claimed_job.id, waiting.id, kept_keyed.id, fresh_done.id])
+    assert remaining == {claimed_job.id: JobState.RUNNING, waiting.id: JobState.QUEUED, kept_keyed.id: JobState.QUEUED}
+    assert [j.id for j in await store.list()] == [kept_keyed.id, waiting.id, claimed_job.id]
+    assert await store.recent_completions(60, 10) == []
 
 
-# --- lifecycle & durability --------------------------------------------------------------------------
+# --- webhooks ----------------------------------------------------------------------------------------
 
 
-async def test_durable_across_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "sub" / "dir" / "jobs.db"  # parent directories are created
-    s1 = SQLiteJobStore(path)
+async def test_webhook_pending_on_finish_cancel_and_abandonment(store: JobStore) -> None:
+    succeeded, cancelled, abandoned = await _make(store, 3, callback_url=HOOK)
+    plain = await store.create({}, request_id=None)
+    await _claim(store, "w")
+    assert await store.finish(succeeded.id, "w", JobState.SUCCEEDED, result={})
+    await store.cancel(cancelled.id)
+    await _claim(store, "w", lease_s=SHORT)  # abandoned
+    queued_hook = await store.get(abandoned.id)
+    assert queued_hook.webhook_state is None and queued_hook.callback_url == HOOK
+    await _claim(store, "w")  # plain
+    assert await store.claim_webhook("x", LEASE) is not None  # the succeeded one: claims go oldest first
+    await asyncio.sleep(PAST_SHORT)
+    assert await store.requeue_expired(max_attempts=1) == (0, 1)
+    assert await store.finish(plain.id, "w", JobState.SUCCEEDED, result={})
+    for job_id in (succeeded.id, cancelled.id, abandoned.id):
+        job = await store.get(job_id)
+        assert job.webhook_state is WebhookState.PENDING and job.webhook_attempts == 0 and job.webhook_at is None
+    assert (await store.get(plain.id)).webhook_state is None
+    claimed = [await store.claim_webhook("y", LEASE) for _ in range(3)]
+    assert [j.id if j else None for j in claimed] == [cancelled.id, abandoned.id, None]
+
+
+async def test_claim_webhook_once(store: JobStore, open_store: OpenStore) -> None:
+    other = await open_store()
+    jobs = await _finished(store, 5)
+    claims = await asyncio.gather(*((store, other)[i % 2].claim_webhook(f"d{i}", LEASE) for i in range(12)))
+    got = [j for j in claims if j is not None]
+    assert sorted(j.id for j in got) == sorted(j.id for j in jobs) and len(got) == 5
+    for job in got:
+        assert job.webhook_state is WebhookState.PENDING and job.callback_url == HOOK
+        assert job.state is JobState.SUCCEEDED and job.result == {"text": job.id}
+    assert await store.claim_webhook("late", LEASE) is None
+
+
+async def test_expired_webhook_claim_is_taken_over(store: JobStore) -> None:
+    (job,) = await _finished(store)
+    assert (await store.claim_webhook("a", SHORT) or job).id == job.id
+    assert await store.claim_webhook("b", SHORT) is None
+    await asyncio.sleep(PAST_SHORT)
+    taken = await store.claim_webhook("b", LEASE)
+    assert taken is not None and taken.id == job.id
+    assert not await store.record_webhook(job.id, "a", WebhookState.DELIVERED, attempts=1, error=None)
+    assert await store.record_webhook(job.id, "b", WebhookState.DELIVERED, attempts=1, error=None)
+    assert (await store.get(job.id)).webhook_state is WebhookState.DELIVERED
+
+
+async def test_record_webhook(store: JobStore) -> None:
+    delivered, failed = await _finished(store, 2)
+    assert (await store.claim_webhook("a", LEASE) or failed).id == delivered.id
+    before = time.time()
+    assert await store.record_webhook(delivered.id, "a", WebhookState.PENDING, attempts=1, error="HTTP 503")
+    progress = await store.get(delivered.id)
+    assert progress.webhook_state is WebhookState.PENDING and progress.webhook_attempts == 1
+    assert progress.webhook_error == "HTTP 503" and progress.webhook_at is not None
+    assert before - 0.01 <= progress.webhook_at <= time.time() + 0.01
+    assert (await store.claim_webhook("b", LEASE) or delivered).id == failed.id  # a kept its claim
+    assert await store.claim_webhook("c", LEASE) is None
+    assert not await store.record_webhook(delivered.id, "b", WebhookState.DELIVERED, attempts=9, error=None)
+    assert not await store.record_webhook("missing", "a", WebhookState.DELIVERED, attempts=1, error=None)
+
+    assert await store.record_webhook(delivered.id, "a", WebhookState.DELIVERED, attempts=2, error=None)
+    done = await store.get(delivered.id)
+    assert done.webhook_state is WebhookState.DELIVERED and done.webhook_attempts == 2
+    assert done.webhook_error is None and done.state is JobState.SUCCEEDED
+    assert not await store.record_webhook(delivered.id, "a", WebhookState.FAILED, attempts=3, error="late")
+    assert await store.get(delivered.id) == done
+
+    assert await store.record_webhook(failed.id, "b", WebhookState.FAILED, attempts=5, error="gave up")
+    gave_up = await store.get(failed.id)
+    assert gave_up.webhook_state is WebhookState.FAILED and gave_up.webhook_error == "gave up"
+    assert await store.claim_webhook("c", LEASE) is None  # outcomes are final
+    await asyncio.sleep(0.01)
+    assert await store.requeue_owned("a") == 0
+    assert await store.claim_webhook("c", LEASE) is None
+
+
+async def test_webhook_of_purged_job_is_gone(store: JobStore) -> None:
+    (job,) = await _finished(store)
+    await asyncio.sleep(0.05)
+    assert await store.purge_finished(older_than_s=0.01) == 1
+    assert await store.claim_webhook("a", LEASE) is None
+    assert not await store.record_webhook(job.id, "a", WebhookState.DELIVERED, attempts=1, error=None)
+
+
+# --- lifecycle ---------------------------------------------------------------------------------------
+
+
+async def test_second_store_object_sees_the_same_jobs(backend: Backend) -> None:
+    s1 = backend.new_store()
     await s1.open()
     job = await s1.create({"prompt": "keep me", "temperature": 0.5}, request_id="r-9")
-    claimed = await s1.claim_next("p1")
+    claimed = await _claim(s1, "p1")
     await s1.close()
     await s1.close()  # idempotent
 
-    s2 = SQLiteJobStore(path)
+    s2 = backend.new_store()
     await s2.open()
     try:
         again = await s2.get(job.id)
         assert again == claimed
         assert again.request == {"prompt": "keep me", "temperature": 0.5} and again.request_id == "r-9"
         assert await s2.requeue_orphaned(lambda owner: owner != "p1") == 1
-        assert (await s2.claim_next("p2")) is not None
+        assert await s2.requeue_expired(max_attempts=3) == (1, 0)
+        assert (await s2.claim_next("p2", LEASE)) is not None
     finally:
         await s2.close()
 
 
-async def test_use_before_open_raises(tmp_path: Path) -> None:
-    s = SQLiteJobStore(tmp_path / "jobs.db")
+async def test_use_before_open_raises(backend: Backend) -> None:
+    s = backend.new_store()
     with pytest.raises(RuntimeError, match="not open"):
         await s.get("x")
+    with pytest.raises(RuntimeError, match="not open"):
+        await s.claim_next("w", LEASE)
 
 
-async def test_open_is_wal(store: SQLiteJobStore) -> None:
-    with sqlite3.connect(store.path) as raw:
+# --- SQLite only: files ------------------------------------------------------------------------------
+
+
+async def test_sqlite_durable_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "dir" / "jobs.db"  # parent directories are created
+    s1 = SQLiteJobStore(path)
+    await s1.open()
+    job = await s1.create({"prompt": "keep me"}, request_id="r-9")
+    await s1.close()
+    s2 = SQLiteJobStore(path)
+    await s2.open()
+    try:
+        assert await s2.get(job.id) == job
+    finally:
+        await s2.close()
+
+
+async def test_sqlite_open_is_wal(tmp_path: Path) -> None:
+    s = SQLiteJobStore(tmp_path / "jobs.db")
+    await s.open()
+    await s.close()
+    with closing(sqlite3.connect(s.path)) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    raw.close()
 
 
-async def test_open_parent_is_a_file(tmp_path: Path) -> None:
+async def test_sqlite_adds_columns_to_an_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with closing(sqlite3.connect(path)) as raw, raw:
+        raw.execute(sqlite_mod._SCHEMA[0])
+        raw.execute("INSERT INTO jobs (id, request, state, created_at) VALUES ('old', '{}', 'queued', 1.0)")
+    s = SQLiteJobStore(path)
+    await s.open()
+    try:
+        old = await s.get("old")
+        assert old.state is JobState.QUEUED and old.lease_until is None and old.webhook_attempts == 0
+        assert (await _claim(s, "w")).id == "old"
+    finally:
+        await s.close()
+
+
+async def test_sqlite_open_parent_is_a_file(tmp_path: Path) -> None:
     # Tests run as root, where chmod does not stop writes; a parent that is a regular file
     # makes directory creation fail instead.
     blocker = tmp_path / "afile"
@@ -378,19 +684,19 @@ async def test_open_parent_is_a_file(tmp_path: Path) -> None:
     assert f"Cannot use job store at {path}" in msg and "TEXTGEN_JOB_STORE" in msg
 
 
-async def test_open_path_is_a_directory(tmp_path: Path) -> None:
+async def test_sqlite_open_path_is_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="Cannot use job store"):
         await SQLiteJobStore(tmp_path).open()
 
 
-async def test_open_not_a_database(tmp_path: Path) -> None:
+async def test_sqlite_open_not_a_database(tmp_path: Path) -> None:
     path = tmp_path / "garbage.db"
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(ConfigError, match="Cannot use job store"):
         await SQLiteJobStore(path).open()
 
 
-async def test_open_read_only_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_sqlite_open_read_only_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A read-only database cannot be made by chmod as root; open it read-only through SQLite instead.
     path = tmp_path / "jobs.db"
     s = SQLiteJobStore(path)
@@ -401,12 +707,12 @@ async def test_open_read_only_database(tmp_path: Path, monkeypatch: pytest.Monke
     def read_only_connect(database: str, **kwargs: Any) -> sqlite3.Connection:
         return real_connect(f"file:{database}?mode=ro", uri=True, **kwargs)
 
-    monkeypatch.setattr(store_mod.sqlite3, "connect", read_only_connect)
+    monkeypatch.setattr(sqlite_mod.sqlite3, "connect", read_only_connect)
     with pytest.raises(ConfigError, match="readonly"):
         await SQLiteJobStore(path).open()
 
 
-# --- URL factory -------------------------------------------------------------------------------------
+# --- SQLite only: URLs -------------------------------------------------------------------------------
 
 
 def test_url_relative(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -441,13 +747,6 @@ def test_url_memory_rejected(url: str) -> None:
         assert "durable" in msg and "sqlite:///" in msg
 
 
-@pytest.mark.parametrize("url", ["redis://localhost:6379/0", "rediss://user:secret@host/1"])
-def test_url_redis_not_implemented(url: str) -> None:
-    with pytest.raises(ConfigError, match="Redis job store is not implemented") as info:
-        job_store_from_url(url)
-    assert "sqlite:///" in str(info.value) and "secret" not in str(info.value)
-
-
 @pytest.mark.parametrize(
     "url",
     [
@@ -468,3 +767,93 @@ def test_url_garbage(url: str) -> None:
     assert "TEXTGEN_JOB_STORE" in msg
     assert "sqlite:///relative/path/jobs.db" in msg and "sqlite:////absolute/path/jobs.db" in msg
     assert "hunter2" not in msg
+
+
+# --- Redis only: URLs and connections ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://localhost:6379/0", "rediss://user:hunter2@host/1", " REDIS://:hunter2@10.0.0.1 ", "redis://h"]
+)
+def test_url_redis(url: str) -> None:
+    s = job_store_from_url(url)
+    assert isinstance(s, RedisJobStore) and s.prefix == "textgen"
+    assert "hunter2" not in repr(s) and "hunter2" not in s.url
+    assert repr(s).startswith("RedisJobStore(")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:hunter2@host:notaport/0",
+        "redis://:hunter2@host:99999/0",
+        "redis://:hunter2@host/db1",
+        "redis://:hunter2@host/0/1",
+        "redis:///0",
+        "redis://:hunter2@host/0?socket_timeout=soon",
+    ],
+)
+def test_url_redis_malformed(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        job_store_from_url(url)
+    msg = str(info.value)
+    assert "TEXTGEN_JOB_STORE" in msg and REDIS_FORMS in msg and "hunter2" not in msg
+
+
+async def test_redis_open_closed_port() -> None:
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    s = RedisJobStore.from_url(url)
+    with pytest.raises(ConfigError) as info:
+        await s.open()
+    await s.close()
+    msg = str(info.value)
+    assert "TEXTGEN_JOB_STORE" in msg and "not reachable" in msg and "127.0.0.1" in msg
+    assert "hunter2" not in msg and "hunter2" not in repr(s)
+
+
+async def test_redis_open_wrong_password(redis_server: RedisServer) -> None:
+    # The test server's default user takes any password (nopass), so name a user it does not have.
+    url = redis_server.url(0).replace("redis://", "redis://nobody:hunter2@")
+    s = RedisJobStore.from_url(url)
+    with pytest.raises(ConfigError) as info:
+        await s.open()
+    await s.close()
+    msg = str(info.value)
+    assert "TEXTGEN_JOB_STORE" in msg and "authentication failed" in msg and "hunter2" not in msg
+
+
+async def test_redis_open_bad_db_number(redis_server: RedisServer) -> None:
+    s = RedisJobStore.from_url(redis_server.url(999))
+    with pytest.raises(ConfigError) as info:
+        await s.open()
+    await s.close()
+    msg = str(info.value)
+    assert "TEXTGEN_JOB_STORE" in msg and "database number" in msg
+
+
+async def test_redis_prefixes_are_separate(redis_server: RedisServer) -> None:
+    a = RedisJobStore.from_url(redis_server.url(0), prefix="sep-a")
+    b = RedisJobStore.from_url(redis_server.url(0), prefix="sep-b")
+    await a.open()
+    await b.open()
+    try:
+        job = await a.create({}, request_id=None)
+        assert await b.claim_next("w", LEASE) is None and await b.count(JobState.QUEUED) == 0
+        with pytest.raises(JobNotFoundError):
+            await b.get(job.id)
+        assert (await _claim(a, "w")).id == job.id
+        await a.cancel(job.id)
+        await asyncio.sleep(0.02)
+        assert await a.purge_finished(0.01) == 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_redis_store_from_url_opens(redis_server: RedisServer) -> None:
+    s = job_store_from_url(redis_server.url(0))
+    await s.open()
+    try:
+        assert await s.count(JobState.QUEUED) >= 0
+    finally:
+        await s.close()

@@ -1,4 +1,6 @@
-"""Unit tests for per-key rate limits (``textgen.ratelimit``), SQLite implementation."""
+"""Per-key rate limits (``textgen.ratelimit``): every behaviour test runs against the SQLite limiter
+(in the job store's file) and the Redis one (on the session's real redis-server, under a prefix of the
+test's own); then what only one backend has."""
 
 from __future__ import annotations
 
@@ -8,17 +10,25 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
+from tests.redis_server import RedisServer, free_port
 from textgen.config import Settings
 from textgen.errors import ConfigError, RateLimitedError
+from textgen.jobs.redis_store import RedisJobStore
 from textgen.jobs.sqlite_store import SQLiteJobStore
 from textgen.ratelimit import (
+    WINDOW_S,
     NoRateLimit,
     RateLimiter,
+    RedisRateLimiter,
     SQLiteRateLimiter,
     key_digest,
     rate_limiter_from_settings,
@@ -41,26 +51,87 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-LimiterFactory = Callable[..., SQLiteRateLimiter]
+Limiter = SQLiteRateLimiter | RedisRateLimiter
+
+
+@dataclass
+class Where:
+    """Where one test's counts live: a SQLite file (``target`` = its path) or a Redis prefix (``target`` = URL)."""
+
+    name: str
+    target: str
+    prefix: str = ""
+
+    def limiter(self, rpm: int, tpm: int, clock: Callable[[], float]) -> Limiter:
+        if self.name == "redis":
+            return RedisRateLimiter(
+                self.target, requests_per_minute=rpm, tokens_per_minute=tpm, clock=clock, prefix=self.prefix
+            )
+        return SQLiteRateLimiter(Path(self.target), requests_per_minute=rpm, tokens_per_minute=tpm, clock=clock)
+
+    def requests_counted(self, key: str, now: float) -> int:
+        """The requests counted for ``key`` in the window of ``now``."""
+        window = int(now // WINDOW_S)
+        if self.name == "redis":
+            with closing(redis.Redis.from_url(self.target)) as raw:
+                return int(raw.hget(f"{self.prefix}:ratelimit:{key_digest(key)}:{window}", "requests") or 0)
+        with closing(sqlite3.connect(self.target)) as conn:
+            row = conn.execute(
+                "SELECT requests FROM rate_limits WHERE key_hash = ? AND win = ?", (key_digest(key), window)
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def stored_bytes(self) -> bytes:
+        """Everything stored: the file and its write-ahead log, or every key and value under the prefix."""
+        if self.name == "sqlite":
+            files = [Path(self.target), Path(self.target + "-wal")]
+            return b"".join(f.read_bytes() for f in files if f.exists())
+        with closing(redis.Redis.from_url(self.target)) as raw:
+            dump = b""
+            for name in raw.scan_iter(match=f"{self.prefix}:*"):
+                dump += name + b"".join(k + v for k, v in raw.hgetall(name).items())
+            return dump
+
+    def cleanup(self) -> None:
+        if self.name == "redis":
+            with closing(redis.Redis.from_url(self.target)) as raw:
+                keys = list(raw.scan_iter(match=f"{self.prefix}:*"))
+                if keys:
+                    raw.delete(*keys)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Where]:
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        chosen = Where("redis", server.url(0), prefix=f"test-{uuid.uuid4().hex[:12]}")
+    else:
+        chosen = Where("sqlite", str(tmp_path / "jobs.db"))
+    try:
+        yield chosen
+    finally:
+        chosen.cleanup()
+
+
+LimiterFactory = Callable[..., Limiter]
 
 
 @pytest.fixture
-async def make(tmp_path: Path, clock: FakeClock) -> AsyncIterator[LimiterFactory]:
-    opened: list[SQLiteRateLimiter] = []
+async def make(where: Where, clock: FakeClock) -> AsyncIterator[LimiterFactory]:
+    """``make(rpm=, tpm=)``: a limiter on the test's shared counts (not opened); all closed afterwards."""
+    made: list[Limiter] = []
 
-    def factory(rpm: int = 0, tpm: int = 0, path: Path | None = None) -> SQLiteRateLimiter:
-        limiter = SQLiteRateLimiter(
-            path or tmp_path / "jobs.db", requests_per_minute=rpm, tokens_per_minute=tpm, clock=clock
-        )
-        opened.append(limiter)
+    def factory(rpm: int = 0, tpm: int = 0) -> Limiter:
+        limiter = where.limiter(rpm, tpm, clock)
+        made.append(limiter)
         return limiter
 
     yield factory
-    for limiter in opened:
+    for limiter in made:
         await limiter.close()
 
 
-async def _opened(limiter: SQLiteRateLimiter) -> SQLiteRateLimiter:
+async def _opened(limiter: Limiter) -> Limiter:
     await limiter.open()
     return limiter
 
@@ -91,15 +162,14 @@ async def test_retry_after_counts_to_window_end(make: LimiterFactory, clock: Fak
     assert info.value.retry_after_s == 1
 
 
-async def test_refused_requests_not_counted(make: LimiterFactory, tmp_path: Path) -> None:
+async def test_refused_requests_not_counted(make: LimiterFactory, where: Where, clock: FakeClock) -> None:
     limiter = await _opened(make(rpm=2))
     await limiter.acquire(KEY)
     await limiter.acquire(KEY)
     for _ in range(5):
         with pytest.raises(RateLimitedError):
             await limiter.acquire(KEY)
-    with sqlite3.connect(tmp_path / "jobs.db") as conn:
-        assert conn.execute("SELECT requests FROM rate_limits").fetchall() == [(2,)]
+    assert where.requests_counted(KEY, clock.now) == 2
 
 
 async def test_keys_are_independent(make: LimiterFactory) -> None:
@@ -145,10 +215,9 @@ async def test_charge_tokens_validates(make: LimiterFactory) -> None:
     await limiter.acquire(KEY)
 
 
-async def test_two_limiters_share_counts(make: LimiterFactory, tmp_path: Path) -> None:
-    path = tmp_path / "shared.db"
-    a = await _opened(make(rpm=4, tpm=100, path=path))
-    b = await _opened(make(rpm=4, tpm=100, path=path))
+async def test_two_limiters_share_counts(make: LimiterFactory) -> None:
+    a = await _opened(make(rpm=4, tpm=100))
+    b = await _opened(make(rpm=4, tpm=100))
     await a.acquire(KEY)
     await b.acquire(KEY)
     await a.acquire(KEY)
@@ -162,9 +231,8 @@ async def test_two_limiters_share_counts(make: LimiterFactory, tmp_path: Path) -
         await a.acquire("t")
 
 
-async def test_concurrent_acquires_exact(make: LimiterFactory, tmp_path: Path) -> None:
-    path = tmp_path / "shared.db"
-    limiters = [await _opened(make(rpm=7, path=path)) for _ in range(3)]
+async def test_concurrent_acquires_exact(make: LimiterFactory) -> None:
+    limiters = [await _opened(make(rpm=7)) for _ in range(3)]
     outcomes = await asyncio.gather(*(limiters[i % 3].acquire(KEY) for i in range(30)), return_exceptions=True)
     assert sum(o is None for o in outcomes) == 7
     assert all(isinstance(o, RateLimitedError) for o in outcomes if o is not None)
@@ -175,11 +243,15 @@ _ACQUIRER = textwrap.dedent(
     import asyncio, sys
     from pathlib import Path
     from textgen.errors import RateLimitedError
-    from textgen.ratelimit import SQLiteRateLimiter
+    from textgen.ratelimit import RedisRateLimiter, SQLiteRateLimiter
 
     async def main() -> None:
-        limiter = SQLiteRateLimiter(Path(sys.argv[1]), requests_per_minute=25, tokens_per_minute=0,
-                                    clock=lambda: 6_000_010.0)
+        kind, target, prefix = sys.argv[1:4]
+        limits = {"requests_per_minute": 25, "tokens_per_minute": 0, "clock": lambda: 6_000_010.0}
+        if kind == "redis":
+            limiter = RedisRateLimiter(target, prefix=prefix, **limits)
+        else:
+            limiter = SQLiteRateLimiter(Path(target), **limits)
         await limiter.open()
         ok = 0
         for _ in range(20):
@@ -196,11 +268,17 @@ _ACQUIRER = textwrap.dedent(
 )
 
 
-async def test_limit_holds_across_processes(tmp_path: Path) -> None:
-    path = tmp_path / "shared.db"
+async def test_limit_holds_across_processes(where: Where) -> None:
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _ACQUIRER, str(path), cwd=REPO_ROOT, stdout=subprocess.PIPE
+            sys.executable,
+            "-c",
+            _ACQUIRER,
+            where.name,
+            where.target,
+            where.prefix or "-",
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
         )
         for _ in range(3)
     ]
@@ -209,39 +287,18 @@ async def test_limit_holds_across_processes(tmp_path: Path) -> None:
     assert sum(int(out) for out, _ in outs) == 25
 
 
-async def test_old_windows_pruned(make: LimiterFactory, clock: FakeClock, tmp_path: Path) -> None:
-    limiter = await _opened(make(rpm=5))
-    await limiter.acquire("a")
-    clock.now += 60
-    await limiter.acquire("b")  # previous window kept (window - 1)
-    clock.now += 60
-    await limiter.acquire("c")  # the first window (now - 2) is deleted
-    with sqlite3.connect(tmp_path / "jobs.db") as conn:
-        rows = conn.execute("SELECT key_hash, win FROM rate_limits ORDER BY win").fetchall()
-    base = int(clock.now // 60)
-    assert rows == [(key_digest("b"), base - 1), (key_digest("c"), base)]
-
-
 async def test_keys_never_stored_or_logged(
-    make: LimiterFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    make: LimiterFactory, where: Where, caplog: pytest.LogCaptureFixture
 ) -> None:
-    limiter = await _opened(make(rpm=1))
+    limiter = await _opened(make(rpm=1, tpm=50))
     caplog.set_level(logging.DEBUG, logger="textgen")
     await limiter.acquire(KEY)
+    await limiter.charge_tokens(KEY, 3)
     with pytest.raises(RateLimitedError):
         await limiter.acquire(KEY)
     assert KEY not in caplog.text and key_digest(KEY)[:12] in caplog.text
-    assert KEY.encode() not in (tmp_path / "jobs.db").read_bytes()
-
-
-async def test_shares_file_with_job_store(make: LimiterFactory, tmp_path: Path) -> None:
-    store = SQLiteJobStore(tmp_path / "jobs.db")
-    await store.open()
-    limiter = await _opened(make(rpm=1))
-    job = await store.create({"a": 1}, request_id=None)
-    await limiter.acquire(KEY)
-    assert (await store.get(job.id)).request == {"a": 1}
-    await store.close()
+    stored = where.stored_bytes()
+    assert key_digest(KEY).encode() in stored and KEY.encode() not in stored
 
 
 async def test_acquire_before_open_fails(make: LimiterFactory) -> None:
@@ -249,9 +306,11 @@ async def test_acquire_before_open_fails(make: LimiterFactory) -> None:
         await make(rpm=1).acquire(KEY)
 
 
-def test_negative_limits_rejected(tmp_path: Path) -> None:
+def test_negative_limits_rejected(where: Where) -> None:
     with pytest.raises(ValueError):
-        SQLiteRateLimiter(tmp_path / "x.db", requests_per_minute=-1, tokens_per_minute=0)
+        where.limiter(-1, 0, FakeClock())
+    with pytest.raises(ValueError):
+        where.limiter(0, -1, FakeClock())
 
 
 async def test_no_rate_limit_never_raises() -> None:
@@ -263,6 +322,96 @@ async def test_no_rate_limit_never_raises() -> None:
     await limiter.charge_tokens(KEY, 10**9)
     await limiter.acquire(KEY)
     await limiter.close()
+
+
+# --- SQLite only -------------------------------------------------------------------------------------
+
+
+async def test_sqlite_old_windows_pruned(tmp_path: Path, clock: FakeClock) -> None:
+    limiter = SQLiteRateLimiter(tmp_path / "jobs.db", requests_per_minute=5, tokens_per_minute=0, clock=clock)
+    await limiter.open()
+    try:
+        await limiter.acquire("a")
+        clock.now += 60
+        await limiter.acquire("b")  # previous window kept (window - 1)
+        clock.now += 60
+        await limiter.acquire("c")  # the first window (now - 2) is deleted
+    finally:
+        await limiter.close()
+    with closing(sqlite3.connect(tmp_path / "jobs.db")) as conn:
+        rows = conn.execute("SELECT key_hash, win FROM rate_limits ORDER BY win").fetchall()
+    base = int(clock.now // 60)
+    assert rows == [(key_digest("b"), base - 1), (key_digest("c"), base)]
+
+
+async def test_sqlite_shares_file_with_job_store(tmp_path: Path, clock: FakeClock) -> None:
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    await store.open()
+    limiter = SQLiteRateLimiter(tmp_path / "jobs.db", requests_per_minute=1, tokens_per_minute=0, clock=clock)
+    await limiter.open()
+    try:
+        job = await store.create({"a": 1}, request_id=None)
+        await limiter.acquire(KEY)
+        assert (await store.get(job.id)).request == {"a": 1}
+    finally:
+        await limiter.close()
+        await store.close()
+
+
+# --- Redis only --------------------------------------------------------------------------------------
+
+
+async def test_redis_windows_expire(redis_server: RedisServer, clock: FakeClock) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    limiter = RedisRateLimiter(
+        redis_server.url(0), requests_per_minute=5, tokens_per_minute=100, clock=clock, prefix=prefix
+    )
+    await limiter.open()
+    try:
+        await limiter.acquire("a")
+        clock.now += 60
+        await limiter.charge_tokens("b", 7)
+    finally:
+        await limiter.close()
+    with closing(redis.Redis.from_url(redis_server.url(0), decode_responses=True)) as raw:
+        base = int(clock.now // 60)
+        old, new = f"{prefix}:ratelimit:{key_digest('a')}:{base - 1}", f"{prefix}:ratelimit:{key_digest('b')}:{base}"
+        keys = sorted(raw.scan_iter(match=f"{prefix}:*"))
+        assert keys == sorted([old, new])
+        assert raw.hgetall(old) == {"requests": "1"} and raw.hgetall(new) == {"tokens": "7"}
+        assert all(0 < raw.ttl(k) <= 2 * WINDOW_S for k in keys)  # Redis prunes old windows itself
+        raw.delete(*keys)
+
+
+async def test_redis_shares_server_with_job_store(redis_server: RedisServer, clock: FakeClock) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    store = RedisJobStore.from_url(redis_server.url(0), prefix=prefix)
+    limiter = RedisRateLimiter(
+        redis_server.url(0), requests_per_minute=1, tokens_per_minute=0, clock=clock, prefix=prefix
+    )
+    await store.open()
+    await limiter.open()
+    try:
+        job = await store.create({"a": 1}, request_id=None)
+        await limiter.acquire(KEY)
+        assert (await store.get(job.id)).request == {"a": 1} and await store.count(job.state) == 1
+        assert [j.id for j in await store.list()] == [job.id]
+    finally:
+        await limiter.close()
+        with closing(redis.Redis.from_url(redis_server.url(0))) as raw:
+            raw.delete(*raw.scan_iter(match=f"{prefix}:*"))
+        await store.close()
+
+
+async def test_redis_open_unreachable_names_setting() -> None:
+    limiter = RedisRateLimiter(
+        f"redis://:hunter2@127.0.0.1:{free_port()}/0", requests_per_minute=1, tokens_per_minute=0
+    )
+    with pytest.raises(ConfigError) as info:
+        await limiter.open()
+    await limiter.close()
+    assert "TEXTGEN_JOB_STORE" in str(info.value) and "hunter2" not in str(info.value)
+    assert "hunter2" not in repr(limiter)
 
 
 # --- factory -----------------------------------------------------------------------------------------
@@ -288,10 +437,31 @@ def test_factory_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert isinstance(limiter, SQLiteRateLimiter) and limiter.path == tmp_path / "data" / "jobs.db"
 
 
+@pytest.mark.parametrize("url", ["redis://localhost:6379/0", "rediss://user:secret@host/1", " redis://h "])
+def test_factory_redis_on_job_store_server(url: str) -> None:
+    limiter = rate_limiter_from_settings(Settings(rate_limit_rpm=10, job_store=url))
+    assert isinstance(limiter, RedisRateLimiter) and limiter.prefix == "textgen"
+    assert "secret" not in repr(limiter)
+
+
+async def test_factory_redis_limiter_works(redis_server: RedisServer) -> None:
+    limiter = rate_limiter_from_settings(Settings(rate_limit_rpm=1, job_store=redis_server.url(0)))
+    key = f"factory-{uuid.uuid4().hex}"  # the default prefix is shared: a key no other test uses
+    await limiter.open()
+    try:
+        await limiter.acquire(key)
+        with pytest.raises(RateLimitedError):
+            await limiter.acquire(key)
+    finally:
+        await limiter.close()
+        with closing(redis.Redis.from_url(redis_server.url(0))) as raw:
+            raw.delete(*raw.scan_iter(match=f"textgen:ratelimit:{key_digest(key)}:*"))
+
+
 @pytest.mark.parametrize(
-    "url", ["redis://localhost:6379/0", "rediss://user:secret@host/1", "sqlite:///:memory:", "jobs.db"]
+    "url", ["sqlite:///:memory:", "jobs.db", "redis://:secret@host:notaport/0", "postgresql://u:secret@db/x"]
 )
-def test_factory_rejects_non_file_urls(url: str) -> None:
+def test_factory_rejects_unusable_urls(url: str) -> None:
     with pytest.raises(ConfigError) as info:
         rate_limiter_from_settings(Settings(rate_limit_rpm=10, job_store=url))
     assert "TEXTGEN_JOB_STORE" in str(info.value) and "secret" not in str(info.value)

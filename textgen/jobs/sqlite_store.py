@@ -104,7 +104,6 @@ _WEBHOOK_DUE = (
     "webhook_state = CASE WHEN callback_url IS NULL THEN webhook_state ELSE 'pending' END, "
     "webhook_owner = NULL, webhook_lease_until = NULL"
 )
-IDEMPOTENCY_KEY_MAX_LEN = 255
 
 
 def _dumps(value: dict[str, Any] | None) -> str | None:
@@ -539,9 +538,7 @@ class SQLiteJobStore:
 
     # -- jobs --------------------------------------------------------------------------------------
 
-    async def create(
-        self, request: dict[str, Any], *, request_id: str | None, callback_url: str | None = None
-    ) -> Job:
+    async def create(self, request: dict[str, Any], *, request_id: str | None, callback_url: str | None = None) -> Job:
         job = new_job(request, request_id, callback_url)
         await self._run(_insert, job)
         return job
@@ -673,6 +670,7 @@ class SQLiteJobStore:
 # --------------------------------------------------------------------------------------------------
 # Factory
 # --------------------------------------------------------------------------------------------------
+
 
 def sqlite_path_from_url(url: str) -> Path:
     """The database file named by a ``TEXTGEN_JOB_STORE`` URL (relative paths resolved against the

@@ -1,0 +1,754 @@
+"""The Redis job store: one Redis server (or managed instance) shared by replicas on many machines.
+
+Key layout, every key under ``{prefix}:`` (``textgen`` by default, so several deployments can share a
+server):
+
+- ``job:{id}``            hash: the ``Job`` fields (absent = None; JSON for request/result; floats as
+                          strings) plus ``seq`` (creation order), ``idem_key``, ``webhook_owner`` and
+                          ``webhook_lease_until``
+- ``seq``                 INCR counter giving every job its creation order
+- ``jobs``                zset id -> seq: every job (``list`` without a state, newest first)
+- ``state:{state}``       zset id -> seq per state (``list`` with a state, ``count``)
+- ``queued``              zset id -> seq: the FIFO queue (ZRANK = queue position); a re-queued job keeps
+                          its seq, so it goes back to its old place, as in SQLite (ORDER BY created_at)
+- ``leases``              zset id -> lease_until: exactly the running jobs
+- ``finished``            zset id -> finished_at: every ended job (``purge_finished``)
+- ``completions``         zset id -> finished_at: succeeded/failed jobs (``recent_completions``)
+- ``webhooks:due``        zset id -> finished_at: pending webhooks nobody holds
+- ``webhooks:claimed``    zset id -> claim expiry: pending webhooks held by a delivering process
+- ``idem:{key}``          hash: fingerprint, job_id, created_at of an Idempotency-Key (expires in Redis
+                          an hour after its TTL, as hygiene; lookups apply the TTL cutoff themselves)
+
+Every state change is one Lua script, so it is atomic across processes. Scripts read the server's
+clock (``TIME``) for started_at / finished_at / leases / idempotency ages, so machines whose clocks
+disagree still agree on when a lease expired; ``created_at`` comes from the creating client's clock
+(``new_job``), as in SQLite. Scripts derive key names from the prefix, so on Redis Cluster the
+prefix needs a hash tag (``{textgen}``) to keep every key in one slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+
+from textgen.errors import ConfigError, IdempotencyConflictError, JobNotCancellableError, JobNotFoundError
+from textgen.jobs.store import (
+    REDIS_FORMS,
+    Job,
+    JobState,
+    WebhookState,
+    abandoned_error,
+    check_finish_state,
+    check_ttl,
+    new_job,
+    redact_url,
+    request_fingerprint,
+    validate_idempotency_key,
+)
+
+logger = logging.getLogger(__name__)
+
+_CONNECT_TIMEOUT_S = 5.0
+_IDEMPOTENCY_GRACE_S = 3600.0  # how long past its TTL Redis keeps an idempotency record before expiring it
+_BATCH = 500  # ids per script call when renewing / purging, and keys per SCAN step
+
+# --------------------------------------------------------------------------------------------------
+# Lua scripts. Every script gets the key prefix as ARGV[1] and starts with this prelude.
+# --------------------------------------------------------------------------------------------------
+
+_PRELUDE = """
+local P = ARGV[1]
+local function jkey(id) return P .. ':job:' .. id end
+local function zkey(name) return P .. ':' .. name end
+-- the server clock: (seconds as a number, the same as an exact string with microseconds)
+local function clock()
+  local t = redis.call('TIME')
+  local us = tonumber(t[2])
+  return tonumber(t[1]) + us / 1000000, t[1] .. '.' .. string.format('%06d', us)
+end
+-- Lua numbers would reach Redis as '%.17g' (or be truncated to integers in replies): format them
+local function fmt(x) return string.format('%.6f', x) end
+local function move(id, from, to)
+  local seq = redis.call('HGET', jkey(id), 'seq')
+  redis.call('ZREM', zkey('state:' .. from), id)
+  redis.call('ZADD', zkey('state:' .. to), seq, id)
+  redis.call('HSET', jkey(id), 'state', to)
+  return seq
+end
+local function insert(id, first)
+  local seq = redis.call('INCR', zkey('seq'))
+  local fields = {}
+  for i = first, #ARGV do fields[#fields + 1] = ARGV[i] end
+  redis.call('HSET', jkey(id), 'seq', seq, unpack(fields))
+  redis.call('ZADD', zkey('jobs'), seq, id)
+  redis.call('ZADD', zkey('state:queued'), seq, id)
+  redis.call('ZADD', zkey('queued'), seq, id)
+end
+-- running -> queued at its old place; the caller decides about attempts
+local function requeue(id)
+  local seq = move(id, 'running', 'queued')
+  redis.call('HDEL', jkey(id), 'owner', 'started_at', 'lease_until')
+  redis.call('ZREM', zkey('leases'), id)
+  redis.call('ZADD', zkey('queued'), seq, id)
+end
+-- queued/running -> succeeded/failed/cancelled; a job with a callback URL now has a webhook to deliver
+local function terminate(id, from, to, now_s)
+  local k = jkey(id)
+  move(id, from, to)
+  redis.call('HSET', k, 'finished_at', now_s)
+  redis.call('HDEL', k, 'lease_until', 'webhook_owner', 'webhook_lease_until')
+  redis.call('ZREM', zkey('queued'), id)
+  redis.call('ZREM', zkey('leases'), id)
+  redis.call('ZREM', zkey('webhooks:claimed'), id)
+  redis.call('ZADD', zkey('finished'), now_s, id)
+  if to ~= 'cancelled' then redis.call('ZADD', zkey('completions'), now_s, id) end
+  if redis.call('HEXISTS', k, 'callback_url') == 1 then
+    redis.call('HSET', k, 'webhook_state', 'pending')
+    redis.call('ZADD', zkey('webhooks:due'), now_s, id)
+  end
+end
+"""
+
+# ARGV: prefix, id, field, value, ...
+_CREATE = """
+insert(ARGV[2], 3)
+return 1
+"""
+
+# ARGV: prefix, id, key, fingerprint, ttl_s, expire_ms, field, value, ...
+_CREATE_IDEMPOTENT = """
+local id, ik = ARGV[2], zkey('idem:' .. ARGV[3])
+local now, now_s = clock()
+local rec = redis.call('HMGET', ik, 'fingerprint', 'job_id', 'created_at')
+-- a record older than the TTL, or whose job was purged, is as good as absent
+if rec[1] and tonumber(rec[3]) >= now - tonumber(ARGV[5]) and redis.call('EXISTS', jkey(rec[2])) == 1 then
+  if rec[1] ~= ARGV[4] then return {'conflict'} end
+  return {'existing', redis.call('HGETALL', jkey(rec[2]))}
+end
+insert(id, 7)
+redis.call('HSET', jkey(id), 'idem_key', ARGV[3])
+redis.call('DEL', ik)
+redis.call('HSET', ik, 'fingerprint', ARGV[4], 'job_id', id, 'created_at', now_s)
+redis.call('PEXPIRE', ik, ARGV[6])
+return {'created'}
+"""
+
+# ARGV: prefix, owner, lease_s
+_CLAIM = """
+local id = redis.call('ZRANGE', zkey('queued'), 0, 0)[1]
+if not id then return false end
+local now, now_s = clock()
+local until_s = fmt(now + tonumber(ARGV[3]))
+local k = jkey(id)
+redis.call('ZREM', zkey('queued'), id)
+move(id, 'queued', 'running')
+redis.call('HSET', k, 'owner', ARGV[2], 'started_at', now_s, 'lease_until', until_s)
+redis.call('HINCRBY', k, 'attempts', 1)
+redis.call('ZADD', zkey('leases'), until_s, id)
+return redis.call('HGETALL', k)
+"""
+
+# ARGV: prefix, id, owner
+_RELEASE = """
+local k = jkey(ARGV[2])
+local st = redis.call('HMGET', k, 'state', 'owner')
+if st[1] ~= 'running' or st[2] ~= ARGV[3] then return 0 end
+requeue(ARGV[2])
+redis.call('HINCRBY', k, 'attempts', -1)
+return 1
+"""
+
+# ARGV: prefix, owner, lease_s, id, ...
+_RENEW = """
+local now = clock()
+local until_s = fmt(now + tonumber(ARGV[3]))
+local held = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local st = redis.call('HMGET', jkey(id), 'state', 'owner')
+  if st[1] == 'running' and st[2] == ARGV[2] then
+    redis.call('HSET', jkey(id), 'lease_until', until_s)
+    redis.call('ZADD', zkey('leases'), until_s, id)
+    held[#held + 1] = id
+  end
+end
+return held
+"""
+
+# ARGV: prefix, id, owner, state, has_result, result, has_error, error
+_FINISH = """
+local id = ARGV[2]
+local k = jkey(id)
+local st = redis.call('HMGET', k, 'state', 'owner')
+if st[1] ~= 'running' or st[2] ~= ARGV[3] then return 0 end
+local _, now_s = clock()
+if ARGV[5] == '1' then redis.call('HSET', k, 'result', ARGV[6]) else redis.call('HDEL', k, 'result') end
+if ARGV[7] == '1' then redis.call('HSET', k, 'error', ARGV[8]) else redis.call('HDEL', k, 'error') end
+terminate(id, 'running', ARGV[4], now_s)
+return 1
+"""
+
+# ARGV: prefix, id
+_CANCEL = """
+local id = ARGV[2]
+local st = redis.call('HGET', jkey(id), 'state')
+if not st then return {'missing'} end
+if st ~= 'queued' and st ~= 'running' then return {'ended'} end
+local _, now_s = clock()
+terminate(id, st, 'cancelled', now_s)
+return {'ok', redis.call('HGETALL', jkey(id))}
+"""
+
+# ARGV: prefix, owner
+_REQUEUE_OWNED = """
+local n = 0
+for _, id in ipairs(redis.call('ZRANGE', zkey('leases'), 0, -1)) do
+  local st = redis.call('HMGET', jkey(id), 'state', 'owner')
+  if st[1] == 'running' and st[2] == ARGV[2] then
+    requeue(id)
+    n = n + 1
+  end
+end
+for _, id in ipairs(redis.call('ZRANGE', zkey('webhooks:claimed'), 0, -1)) do
+  local k = jkey(id)
+  if redis.call('HGET', k, 'webhook_owner') == ARGV[2] then
+    redis.call('HDEL', k, 'webhook_owner', 'webhook_lease_until')
+    redis.call('ZREM', zkey('webhooks:claimed'), id)
+    redis.call('ZADD', zkey('webhooks:due'), redis.call('HGET', k, 'finished_at'), id)
+  end
+end
+return n
+"""
+
+# ARGV: prefix
+_RUNNING_OWNERS = """
+local seen, owners = {}, {}
+for _, id in ipairs(redis.call('ZRANGE', zkey('leases'), 0, -1)) do
+  local owner = redis.call('HGET', jkey(id), 'owner')
+  if owner and not seen[owner] then
+    seen[owner] = true
+    owners[#owners + 1] = owner
+  end
+end
+return owners
+"""
+
+# ARGV: prefix, owner, ... (owners known to be dead)
+_EXPIRE_LEASES_OF = """
+local dead = {}
+for i = 2, #ARGV do dead[ARGV[i]] = true end
+local n = 0
+for _, id in ipairs(redis.call('ZRANGE', zkey('leases'), 0, -1)) do
+  local st = redis.call('HMGET', jkey(id), 'state', 'owner')
+  if st[1] == 'running' and st[2] and dead[st[2]] then
+    redis.call('HSET', jkey(id), 'lease_until', '0')
+    redis.call('ZADD', zkey('leases'), 0, id)
+    n = n + 1
+  end
+end
+return n
+"""
+
+# ARGV: prefix, max_attempts, abandoned error
+_REQUEUE_EXPIRED = """
+local now, now_s = clock()
+local requeued, failed = 0, 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', zkey('leases'), '-inf', '(' .. now_s)) do
+  if tonumber(redis.call('HGET', jkey(id), 'attempts') or '0') >= tonumber(ARGV[2]) then
+    redis.call('HSET', jkey(id), 'error', ARGV[3])
+    terminate(id, 'running', 'failed', now_s)
+    failed = failed + 1
+  else
+    requeue(id)
+    requeued = requeued + 1
+  end
+end
+return {requeued, failed}
+"""
+
+# ARGV: prefix, owner, lease_s
+_CLAIM_WEBHOOK = """
+local now, now_s = clock()
+local due = redis.call('ZRANGE', zkey('webhooks:due'), 0, 0, 'WITHSCORES')
+local stale = redis.call('ZRANGEBYSCORE', zkey('webhooks:claimed'), '-inf', '(' .. now_s, 'LIMIT', 0, 1)[1]
+local id = due[1]
+-- the oldest finished of the two candidates, as SQLite's ORDER BY finished_at
+if stale and (not id or tonumber(redis.call('HGET', jkey(stale), 'finished_at')) < tonumber(due[2])) then
+  id = stale
+end
+if not id then return false end
+local until_s = fmt(now + tonumber(ARGV[3]))
+redis.call('ZREM', zkey('webhooks:due'), id)
+redis.call('ZADD', zkey('webhooks:claimed'), until_s, id)
+redis.call('HSET', jkey(id), 'webhook_owner', ARGV[2], 'webhook_lease_until', until_s)
+return redis.call('HGETALL', jkey(id))
+"""
+
+# ARGV: prefix, id, owner, state, attempts, has_error, error
+_RECORD_WEBHOOK = """
+local id = ARGV[2]
+local k = jkey(id)
+local st = redis.call('HMGET', k, 'webhook_state', 'webhook_owner')
+if st[1] ~= 'pending' or st[2] ~= ARGV[3] then return 0 end
+local _, now_s = clock()
+redis.call('HSET', k, 'webhook_state', ARGV[4], 'webhook_attempts', ARGV[5], 'webhook_at', now_s)
+if ARGV[6] == '1' then redis.call('HSET', k, 'webhook_error', ARGV[7]) else redis.call('HDEL', k, 'webhook_error') end
+if ARGV[4] ~= 'pending' then
+  redis.call('HDEL', k, 'webhook_owner', 'webhook_lease_until')
+  redis.call('ZREM', zkey('webhooks:claimed'), id)
+end
+return 1
+"""
+
+# ARGV: prefix, index name, limit (> 0). One script, so no job is seen in a state it already left.
+_LIST = """
+local jobs = {}
+for _, id in ipairs(redis.call('ZREVRANGE', zkey(ARGV[2]), 0, tonumber(ARGV[3]) - 1)) do
+  jobs[#jobs + 1] = redis.call('HGETALL', jkey(id))
+end
+return jobs
+"""
+
+# ARGV: prefix, within_s, limit (> 0)
+_RECENT_COMPLETIONS = """
+local now = clock()
+return redis.call('ZREVRANGEBYSCORE', zkey('completions'), '+inf', fmt(now - tonumber(ARGV[2])),
+  'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
+"""
+
+# ARGV: prefix, older_than_s, batch size
+_PURGE_FINISHED = """
+local now = clock()
+local ids = redis.call('ZRANGEBYSCORE', zkey('finished'), '-inf', '(' .. fmt(now - tonumber(ARGV[2])),
+  'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  local st = redis.call('HMGET', jkey(id), 'state', 'idem_key')
+  -- the key's record goes with its job, unless the key was re-pointed at a newer job since
+  if st[2] and redis.call('HGET', zkey('idem:' .. st[2]), 'job_id') == id then
+    redis.call('DEL', zkey('idem:' .. st[2]))
+  end
+  redis.call('DEL', jkey(id))
+  for _, z in ipairs({'jobs', 'queued', 'leases', 'finished', 'completions', 'webhooks:due', 'webhooks:claimed'}) do
+    redis.call('ZREM', zkey(z), id)
+  end
+  if st[1] then redis.call('ZREM', zkey('state:' .. st[1]), id) end
+end
+return #ids
+"""
+
+# ARGV: prefix, older_than_s, idempotency record key, ...
+_PURGE_IDEMPOTENCY = """
+local cutoff = clock() - tonumber(ARGV[2])
+local n = 0
+for i = 3, #ARGV do
+  local created = redis.call('HGET', ARGV[i], 'created_at')
+  if created and tonumber(created) < cutoff then
+    redis.call('DEL', ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+_SCRIPTS: dict[str, str] = {
+    "create": _CREATE,
+    "create_idempotent": _CREATE_IDEMPOTENT,
+    "claim": _CLAIM,
+    "release": _RELEASE,
+    "renew": _RENEW,
+    "finish": _FINISH,
+    "cancel": _CANCEL,
+    "requeue_owned": _REQUEUE_OWNED,
+    "running_owners": _RUNNING_OWNERS,
+    "expire_leases_of": _EXPIRE_LEASES_OF,
+    "requeue_expired": _REQUEUE_EXPIRED,
+    "claim_webhook": _CLAIM_WEBHOOK,
+    "record_webhook": _RECORD_WEBHOOK,
+    "list": _LIST,
+    "recent_completions": _RECENT_COMPLETIONS,
+    "purge_finished": _PURGE_FINISHED,
+    "purge_idempotency": _PURGE_IDEMPOTENCY,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Connection helpers, shared with the Redis rate limiter
+# --------------------------------------------------------------------------------------------------
+
+_DB_PATH_RE = re.compile(r"/?\d*")
+
+
+def _invalid_url(url: str, why: str) -> ConfigError:
+    return ConfigError(f"Invalid TEXTGEN_JOB_STORE {redact_url(url)!r} ({why}). Use {REDIS_FORMS}.")
+
+
+def _check_redis_url(url: str) -> None:
+    """ConfigError for what redis-py would accept silently (a db that is not a number) or choke on later."""
+    try:
+        parsed = urlparse(url)
+        port = parsed.port  # raises ValueError when it is not a number in range
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise _invalid_url(url, "the port is not a number from 1 to 65535")
+    if parsed.scheme.lower() not in ("redis", "rediss"):
+        raise _invalid_url(url, "the scheme must be redis:// or rediss://")
+    if not parsed.hostname:
+        raise _invalid_url(url, "no host")
+    if not _DB_PATH_RE.fullmatch(parsed.path):
+        raise _invalid_url(url, "the path must be a database number, such as /0")
+
+
+def redis_client(url: str) -> redis.asyncio.Redis:
+    """A client (no connection made yet) for a ``redis://`` / ``rediss://`` URL; ConfigError if malformed."""
+    _check_redis_url(url)
+    try:
+        # Options in the URL's query string win over these defaults. No automatic retries: the scripts
+        # are not idempotent (a retried claim whose first reply was lost would take a second job); a
+        # failed call surfaces, and a lost claim or finish is recovered by the lease instead.
+        return redis.asyncio.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=_CONNECT_TIMEOUT_S, retry=Retry(NoBackoff(), 0)
+        )
+    except ValueError as exc:
+        raise _invalid_url(url, _hide_password(str(exc), url)) from None
+
+
+def _hide_password(text: str, url: str) -> str:
+    password = urlparse(url).password
+    return text.replace(password, "***") if password else text
+
+
+def _open_failure(url: str, exc: redis.exceptions.RedisError) -> ConfigError:
+    shown = redact_url(url)
+    reason = _hide_password(str(exc), url)
+    if isinstance(exc, redis.exceptions.AuthenticationError) or "NOAUTH" in reason or "WRONGPASS" in reason:
+        fix = (
+            "authentication failed. Put the right password in TEXTGEN_JOB_STORE (redis://:password@host:port/db, "
+            "or redis://user:password@host:port/db for an ACL user)"
+        )
+    elif "DB index is out of range" in reason:
+        fix = (
+            "that database number does not exist on the server. Use a db from 0 to the server's `databases` "
+            "setting minus one in TEXTGEN_JOB_STORE (redis://host:port/0)"
+        )
+    elif isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        fix = (
+            "the server is not reachable. Start Redis there, or fix the host and port in TEXTGEN_JOB_STORE "
+            "(and use rediss:// if the server only accepts TLS)"
+        )
+    else:
+        fix = "the server refused the connection. Check the server and TEXTGEN_JOB_STORE"
+    return ConfigError(f"Cannot use Redis at {shown}: {fix}. ({reason})")
+
+
+async def ping_redis(client: redis.asyncio.Redis, url: str) -> None:
+    """Connect and PING; ConfigError, naming TEXTGEN_JOB_STORE and saying how to fix it, if that fails."""
+    try:
+        await client.ping()
+    except redis.exceptions.RedisError as exc:
+        raise _open_failure(url, exc) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Hash <-> Job
+# --------------------------------------------------------------------------------------------------
+
+
+def _job_fields(job: Job) -> list[str]:
+    """Field/value pairs of a new job's hash (None values left out)."""
+    values: dict[str, str | None] = {
+        "id": job.id,
+        "request": json.dumps(job.request, separators=(",", ":")),
+        "state": job.state.value,
+        "request_id": job.request_id,
+        "created_at": repr(job.created_at),
+        "attempts": str(job.attempts),
+        "callback_url": job.callback_url,
+        "webhook_attempts": str(job.webhook_attempts),
+    }
+    return [item for name, value in values.items() if value is not None for item in (name, value)]
+
+
+def _float(value: str | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _pairs(flat: Sequence[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _job(fields: dict[str, str]) -> Job:
+    result = fields.get("result")
+    webhook_state = fields.get("webhook_state")
+    return Job(
+        id=fields["id"],
+        request=json.loads(fields["request"]),
+        state=JobState(fields["state"]),
+        request_id=fields.get("request_id"),
+        result=None if result is None else json.loads(result),
+        error=fields.get("error"),
+        created_at=float(fields["created_at"]),
+        started_at=_float(fields.get("started_at")),
+        finished_at=_float(fields.get("finished_at")),
+        attempts=int(fields.get("attempts", "0")),
+        owner=fields.get("owner"),
+        lease_until=_float(fields.get("lease_until")),
+        callback_url=fields.get("callback_url"),
+        webhook_state=None if webhook_state is None else WebhookState(webhook_state),
+        webhook_attempts=int(fields.get("webhook_attempts", "0")),
+        webhook_error=fields.get("webhook_error"),
+        webhook_at=_float(fields.get("webhook_at")),
+    )
+
+
+def _optional(value: str | None) -> list[str]:
+    """A flag and a value, for a script argument that may be None (which differs from '')."""
+    return ["0", ""] if value is None else ["1", value]
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+# --------------------------------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------------------------------
+
+
+class RedisJobStore:
+    """``JobStore`` on Redis: every state change one Lua script, leases on the server's clock."""
+
+    def __init__(self, url: str, *, prefix: str = "textgen") -> None:
+        if not prefix:
+            raise ValueError("prefix must not be empty")
+        self._url = url
+        self.prefix = prefix
+        self._redis = redis_client(url)
+        self._scripts: dict[str, AsyncScript] = {
+            name: self._redis.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()
+        }
+        self._opened = False
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = "textgen") -> RedisJobStore:
+        """A store for a ``redis://`` / ``rediss://`` URL (nothing connects before ``open``)."""
+        return cls(url, prefix=prefix)
+
+    @property
+    def url(self) -> str:
+        """The URL with any password hidden."""
+        return redact_url(self._url)
+
+    def __repr__(self) -> str:
+        return f"RedisJobStore({self.url!r}, prefix={self.prefix!r})"
+
+    async def open(self) -> None:
+        await ping_redis(self._redis, self._url)
+        self._opened = True
+        logger.info("Job store open at %s (prefix %r)", self.url, self.prefix)
+
+    async def close(self) -> None:
+        self._opened = False
+        await self._redis.aclose()
+
+    def _require_open(self) -> None:
+        if not self._opened:
+            raise RuntimeError(f"The Redis job store at {self.url} is not open; call open() first.")
+
+    async def _call(self, script: str, *args: str | int | float) -> Any:
+        self._require_open()
+        return await self._scripts[script](keys=[], args=[self.prefix, *args])
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+    # -- jobs --------------------------------------------------------------------------------------
+
+    async def create(self, request: dict[str, Any], *, request_id: str | None, callback_url: str | None = None) -> Job:
+        job = new_job(request, request_id, callback_url)
+        await self._call("create", job.id, *_job_fields(job))
+        return job
+
+    async def create_idempotent(
+        self,
+        request: dict[str, Any],
+        *,
+        request_id: str | None,
+        key: str,
+        ttl_s: float,
+        callback_url: str | None = None,
+    ) -> tuple[Job, bool]:
+        """Same contract as ``SQLiteJobStore.create_idempotent``, in one script (atomic across processes)."""
+        validate_idempotency_key(key)
+        check_ttl(ttl_s)
+        job = new_job(request, request_id, callback_url)
+        expire_ms = int((ttl_s + _IDEMPOTENCY_GRACE_S) * 1000)
+        fingerprint = request_fingerprint(job.request)
+        reply = await self._call(
+            "create_idempotent", job.id, key, fingerprint, repr(float(ttl_s)), expire_ms, *_job_fields(job)
+        )
+        if reply[0] == "conflict":
+            raise IdempotencyConflictError()
+        if reply[0] == "existing":
+            existing = _job(_pairs(reply[1]))
+            logger.debug("Idempotency-Key replay: returning job %s", existing.id)
+            return existing, False
+        return job, True
+
+    async def get(self, job_id: str) -> Job:
+        self._require_open()
+        fields = await self._redis.hgetall(self._key(f"job:{job_id}"))
+        if not fields:
+            raise JobNotFoundError()
+        return _job(fields)
+
+    async def list(self, *, state: JobState | None = None, limit: int = 50) -> builtins.list[Job]:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        index = "jobs" if state is None else f"state:{JobState(state).value}"
+        if limit == 0:
+            return []
+        rows = await self._call("list", index, limit)
+        return [_job(_pairs(row)) for row in rows if row]
+
+    async def claim_next(self, owner: str, lease_s: float) -> Job | None:
+        claim = asyncio.ensure_future(self._call("claim", owner, repr(float(lease_s))))
+        try:
+            reply = await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            # The script may still run after we were cancelled; hand such a job straight back.
+            reply = await asyncio.shield(claim)
+            if reply:
+                await self._call("release", _pairs(reply)["id"], owner)
+            raise
+        if not reply:
+            return None
+        job = _job(_pairs(reply))
+        logger.debug("Job %s claimed by %s (attempt %d)", job.id, owner, job.attempts)
+        return job
+
+    async def renew(self, owner: str, job_ids: Sequence[str], lease_s: float) -> set[str]:
+        ids = builtins.list(dict.fromkeys(job_ids))
+        held: set[str] = set()
+        for i in range(0, len(ids), _BATCH):
+            held.update(await self._call("renew", owner, repr(float(lease_s)), *ids[i : i + _BATCH]))
+        return held
+
+    async def finish(
+        self,
+        job_id: str,
+        owner: str,
+        state: JobState,
+        *,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> bool:
+        state = check_finish_state(state)
+        result_json = None if result is None else json.dumps(result, separators=(",", ":"))
+        done = bool(await self._call("finish", job_id, owner, state.value, *_optional(result_json), *_optional(error)))
+        if not done:
+            logger.info("Job %s not finished by %s: no longer running under that owner", job_id, owner)
+        return done
+
+    async def cancel(self, job_id: str) -> Job:
+        reply = await self._call("cancel", job_id)
+        if reply[0] == "missing":
+            raise JobNotFoundError()
+        if reply[0] == "ended":
+            raise JobNotCancellableError()
+        return _job(_pairs(reply[1]))
+
+    async def release(self, job_id: str, owner: str) -> bool:
+        """Hand a claimed job that never started back to the queue (its attempt does not count)."""
+        return bool(await self._call("release", job_id, owner))
+
+    async def requeue_owned(self, owner: str) -> int:
+        n = int(await self._call("requeue_owned", owner))
+        if n:
+            logger.info("Re-queued %d running job(s) of %s", n, owner)
+        return n
+
+    async def requeue_orphaned(self, is_owner_alive: Callable[[str], bool]) -> int:
+        owners: builtins.list[str] = await self._call("running_owners")
+        dead = [owner for owner in owners if not is_owner_alive(owner)]
+        if not dead:
+            return 0
+        # The script re-checks state and owner, so a job that moved on meanwhile is left alone.
+        return int(await self._call("expire_leases_of", *dead))
+
+    async def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
+        requeued, failed = await self._call("requeue_expired", max_attempts, abandoned_error(max_attempts))
+        return int(requeued), int(failed)
+
+    async def position(self, job_id: str) -> int | None:
+        self._require_open()
+        rank = await self._redis.zrank(self._key("queued"), job_id)
+        return None if rank is None else int(rank)
+
+    async def recent_completions(self, within_s: float, limit: int) -> builtins.list[float]:
+        if limit <= 0:
+            return []
+        flat = await self._call("recent_completions", repr(float(within_s)), limit)
+        return [float(score) for score in flat[1::2]]
+
+    async def claim_webhook(self, owner: str, lease_s: float) -> Job | None:
+        reply = await self._call("claim_webhook", owner, repr(float(lease_s)))
+        return _job(_pairs(reply)) if reply else None
+
+    async def record_webhook(
+        self, job_id: str, owner: str, state: WebhookState, *, attempts: int, error: str | None
+    ) -> bool:
+        state = WebhookState(state)
+        return bool(await self._call("record_webhook", job_id, owner, state.value, attempts, *_optional(error)))
+
+    async def states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
+        ids = builtins.list(dict.fromkeys(job_ids))
+        if not ids:
+            return {}
+        self._require_open()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(self._key(f"job:{job_id}"), "state")
+            found = await pipe.execute()
+        return {job_id: JobState(state) for job_id, state in zip(ids, found, strict=True) if state is not None}
+
+    async def purge_finished(self, older_than_s: float) -> int:
+        """Delete jobs that ended longer ago than ``older_than_s`` and their idempotency records.
+
+        In batches, so one script never holds the server for long."""
+        total = 0
+        while True:
+            n = int(await self._call("purge_finished", repr(float(older_than_s)), _BATCH))
+            total += n
+            if n < _BATCH:
+                return total
+
+    async def purge_idempotency(self, older_than_s: float) -> int:
+        """Delete idempotency records older than ``older_than_s`` (pass ``idempotency_ttl_s``); returns how many."""
+        total = 0
+        pattern = _glob_escape(self._key("idem:")) + "*"
+        batch: builtins.list[str] = []
+        async for key in self._redis.scan_iter(match=pattern, count=_BATCH):
+            batch.append(key)
+            if len(batch) >= _BATCH:
+                total += int(await self._call("purge_idempotency", repr(float(older_than_s)), *batch))
+                batch = []
+        if batch:
+            total += int(await self._call("purge_idempotency", repr(float(older_than_s)), *batch))
+        return total
+
+    async def count(self, state: JobState) -> int:
+        self._require_open()
+        return int(await self._redis.zcard(self._key(f"state:{JobState(state).value}")))
