@@ -105,6 +105,18 @@ class Metrics:
             ["where", "action"],
             registry=r,
         )
+        self.jobs_reclaimed = Counter(
+            "textgen_jobs_reclaimed",
+            "Running jobs whose lease expired, by outcome (requeued, or failed after TEXTGEN_JOB_MAX_ATTEMPTS)",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_deliveries = Counter(
+            "textgen_webhook_deliveries",
+            "Finished webhook deliveries by outcome (delivered/failed)",
+            ["outcome"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "textgen_model_info",
             "The served model (value is always 1)",
@@ -136,6 +148,15 @@ class Metrics:
             self.time_to_first_token.observe(ttft)
             if result.completion_tokens > 1:
                 self.inter_token_latency.observe((result.timings.total_s - ttft) / (result.completion_tokens - 1))
+
+    def observe_reclaimed(self, requeued: int, failed: int) -> None:
+        if requeued:
+            self.jobs_reclaimed.labels(outcome="requeued").inc(requeued)
+        if failed:
+            self.jobs_reclaimed.labels(outcome="failed").inc(failed)
+
+    def observe_webhook(self, outcome: str) -> None:
+        self.webhook_deliveries.labels(outcome=outcome).inc()
 
     def observe_filter(self, where: str, action: str) -> None:
         self.filter_rejections.labels(where=where, action=action).inc()

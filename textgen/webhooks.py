@@ -44,6 +44,7 @@ DELIVERY_HEADER = "X-TextGen-Delivery"
 MAX_URL_LENGTH = 2048
 _FIRST_BACKOFF_S = 1.0
 _MAX_BACKOFF_S = 60.0
+_MAX_DOUBLINGS = 32
 _CLAIM_MARGIN_S = 30.0
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -60,7 +61,8 @@ def check_callback_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError as exc:
+        httpx.URL(url)  # what the sender will POST to: it refuses control characters that urlsplit lets through
+    except (ValueError, httpx.InvalidURL) as exc:
         raise UnsafeCallbackError(f"callback_url is not a valid URL ({exc}).") from None
     if parts.scheme not in ("http", "https"):
         raise UnsafeCallbackError("callback_url must be an http:// or https:// URL.")
@@ -71,9 +73,33 @@ def check_callback_url(url: str) -> str:
     return url
 
 
+# IPv6 forms that stand for an IPv4 address (checked as that address): NAT64's well-known prefix and the
+# deprecated IPv4-compatible form; ipv4_mapped and 6to4 (sixtofour) have their own accessors.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: translation inside one site, never public
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address reaches through mapping, 6to4 or NAT64, if it stands for one."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64 or address in _IPV4_COMPATIBLE:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def is_public(address: Address) -> bool:
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_global
+    """Globally reachable, judging an IPv6 address that carries an IPv4 one by that IPv4 address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _LOCAL_NAT64:
+            return False
+        embedded = embedded_ipv4(address)
+        if embedded is not None:
+            return embedded.is_global
+    return address.is_global
 
 
 async def resolve(host: str, port: int) -> list[Address]:
@@ -122,7 +148,8 @@ def verify(secret: str, body: bytes, signature: str) -> bool:
 
 def backoff_s(attempt: int) -> float:
     """Exponential with full jitter: attempt 1 waits up to 1 s, then 2, 4, ... capped at 60 s."""
-    return random.uniform(0, min(_MAX_BACKOFF_S, _FIRST_BACKOFF_S * 2 ** (attempt - 1)))
+    doublings = min(max(attempt - 1, 0), _MAX_DOUBLINGS)  # 2.0 ** 1024 would overflow a float
+    return random.uniform(0, min(_MAX_BACKOFF_S, _FIRST_BACKOFF_S * 2.0**doublings))
 
 
 def payload(job: Job, view: Callable[[Job], dict[str, Any]]) -> bytes:
@@ -162,11 +189,11 @@ class WebhookSender:
 
     async def deliver(self, job: Job) -> WebhookState:
         """Try until a 2xx answer or until the retry window closes; the outcome is recorded on the job."""
-        body = payload(job, self._view)
         deadline = time.monotonic() + self._retry_for_s
         attempts = job.webhook_attempts
         while True:
             attempts += 1
+            body = payload(job, self._view)  # built (and signed) per attempt: sent_at is this attempt's time
             error = await self._attempt(job, body, attempts)
             if error is None:
                 await self._record(job, WebhookState.DELIVERED, attempts, None)

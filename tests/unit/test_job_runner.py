@@ -573,6 +573,8 @@ async def test_job_whose_process_stopped_renewing_is_reclaimed_and_its_late_resu
     engine.handles[0]._finish(make_result("from the survivor"))
     done = await wait_for_state(store, job.id, JobState.SUCCEEDED)
     assert done.attempts == 2 and done.owner == runner.owner
+    registry = runner._service.metrics.registry
+    assert registry.get_sample_value("textgen_jobs_reclaimed_total", {"outcome": "requeued"}) == 1
 
     # The silent process wakes up and reports: too late, and nothing is overwritten.
     assert await store.finish(job.id, ELSEWHERE, JobState.FAILED, error="stale") is False
@@ -614,6 +616,8 @@ async def test_a_job_that_keeps_losing_its_process_fails_after_max_attempts(
     failed = await wait_for_state(store, job.id, JobState.FAILED)
     assert failed.attempts == 1
     assert failed.error is not None and "Abandoned after 1 attempt" in failed.error
+    registry = runner._service.metrics.registry
+    assert registry.get_sample_value("textgen_jobs_reclaimed_total", {"outcome": "failed"}) == 1
     assert engine.submitted == []  # never run again
 
 

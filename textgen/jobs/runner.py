@@ -28,7 +28,7 @@ from models import TextGenerationRequest
 from textgen.engine.types import Handle, Priority
 from textgen.errors import GenerationCancelledError, NotReadyError, TextGenError
 from textgen.generation import GenerationService
-from textgen.jobs.store import Job, JobState, JobStore
+from textgen.jobs.store import Job, JobState, JobStore, WebhookState
 from textgen.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
@@ -176,6 +176,7 @@ class JobRunner:
 
     async def _requeue_expired(self) -> None:
         requeued, failed = await self._store.requeue_expired(self._max_attempts)
+        self._service.metrics.observe_reclaimed(requeued, failed)
         if requeued:
             logger.warning("Re-queued %d job(s) whose lease expired (their process died or hung)", requeued)
         if failed:
@@ -215,7 +216,9 @@ class JobRunner:
 
     async def _deliver(self, sender: WebhookSender, job: Job) -> None:
         try:
-            await sender.deliver(job)
+            outcome = await sender.deliver(job)
+            if outcome is not WebhookState.PENDING:
+                self._service.metrics.observe_webhook(outcome.value)
         except Exception:
             # The claim expires and another attempt follows; nothing is lost.
             logger.exception("Webhook delivery for job %s crashed", job.id)
