@@ -111,20 +111,36 @@ async def resolve(host: str, port: int) -> list[Address]:
     return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
 
 
-async def check_destination(url: str, *, allow_private: bool) -> None:
-    """UnsafeCallbackError unless ``url`` is well formed and (unless allowed) resolves only to public addresses."""
+async def check_destination(url: str, *, allow_private: bool) -> Address:
+    """The address to connect to; UnsafeCallbackError unless ``url`` is well formed and (unless allowed)
+    resolves only to public addresses."""
     check_callback_url(url)
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     addresses = await resolve(parts.hostname or "", port)
+    if not addresses:
+        raise UnsafeCallbackError(f"callback_url host {parts.hostname!r} has no address.")
     if allow_private:
-        return
+        return addresses[0]
     private = sorted({str(a) for a in addresses if not is_public(a)})
     if private:
         raise UnsafeCallbackError(
             f"callback_url resolves to a non-public address ({', '.join(private)}); webhooks only go to public "
             "hosts unless the operator sets TEXTGEN_WEBHOOK_ALLOW_PRIVATE=true."
         )
+    return addresses[0]
+
+
+def pinned_request(client: httpx.AsyncClient, url: str, address: Address, **kwargs: Any) -> httpx.Request:
+    """A request that connects to ``address`` (the one just checked) while naming the original host in
+    ``Host`` and TLS SNI (so certificates are still verified against it): DNS answering a public address
+    to the check and a private one to the connection (rebinding) gains nothing."""
+    original = httpx.URL(url)
+    host = f"[{address}]" if address.version == 6 else str(address)
+    request = client.build_request("POST", original.copy_with(host=host), **kwargs)
+    request.headers["Host"] = original.netloc.decode("ascii")
+    request.extensions["sni_hostname"] = original.host
+    return request
 
 
 async def check_webhook(url: str, settings: Settings) -> None:
@@ -211,8 +227,11 @@ class WebhookSender:
         """One POST; None on a 2xx answer, else what went wrong (safe to show to the job's owner)."""
         url = job.callback_url or ""
         try:
-            await check_destination(url, allow_private=self._allow_private)
-            response = await self._client.post(url, content=body, headers=self._headers(job, body, attempt))
+            address = await check_destination(url, allow_private=self._allow_private)
+            request = pinned_request(
+                self._client, url, address, content=body, headers=self._headers(job, body, attempt)
+            )
+            response = await self._client.send(request)
         except UnsafeCallbackError as exc:
             return exc.message
         except httpx.HTTPError as exc:

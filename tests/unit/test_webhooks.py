@@ -8,6 +8,7 @@ before any lookup. The sender's retry pacing (``backoff_s``) is shortened where 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -461,3 +462,28 @@ async def test_a_delivery_taken_over_by_another_owner_stops(
     assert stored.webhook_state is WebhookState.PENDING  # left to the new owner, untouched
     assert stored.webhook_attempts == 0
     assert stored.webhook_error is None
+
+
+async def test_the_connection_goes_to_the_checked_address_with_the_original_host(
+    store: SQLiteJobStore, receiver_factory: Callable[..., WebhookReceiver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding gains nothing: the POST goes to the address that passed the check (here the
+    receiver's loopback address, as this test's resolver answers), never to a second lookup, and the
+    receiver still sees the host name it was given."""
+    receiver = receiver_factory([200])
+    lookups: list[str] = []
+
+    async def resolver(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        lookups.append(host)
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    monkeypatch.setattr("textgen.webhooks.resolve", resolver)
+    sender = make_sender(store)
+    try:
+        job = await claimed_delivery(sender, store, f"http://hooks.example.invalid:{receiver.port}/hook")
+        assert await sender.deliver(job) is WebhookState.DELIVERED
+    finally:
+        await sender.close()
+    [post] = receiver.requests
+    assert post.headers["Host"] == f"hooks.example.invalid:{receiver.port}"
+    assert lookups == ["hooks.example.invalid"]  # one lookup, the checked one; httpx never resolved the name
