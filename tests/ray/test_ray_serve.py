@@ -1,0 +1,286 @@
+"""The app on Ray Serve: two replicas behind Serve's proxy sharing one Redis job store; a replica killed
+with SIGKILL while it runs jobs (its jobs are reclaimed once their leases expire and run again), and
+one stopped by Ray on scale-down (its lifespan shutdown hands its jobs back at once).
+
+Replicas are told apart by ``X-TextGen-Replica`` (added by deploy/ray_serve.py): the answering
+replica's job-runner owner id ``host:pid:token``, the same id the store records as a running job's
+``owner``. The pid in it is checked to be a Ray Serve replica process before anything is killed.
+The store is read directly for what the API does not show (owners, attempts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.ray.conftest import APP_NAME, SERVE_CONFIG, Deployer, TextGenOnRay, open_store
+from textgen.jobs.store import TERMINAL_STATES, Job, JobState, JobStore
+
+pytestmark = pytest.mark.ray
+
+logger = logging.getLogger(__name__)
+
+REPLICA_HEADER = "x-textgen-replica"
+SHORT = {"prompt": "The future of AI is", "max_new_tokens": 2, "temperature": 0}
+# About 1000 decode steps: a few seconds for a batch of jobs on the tiny model with one torch thread,
+# long enough to be killed mid-run (the tiny model has 1024 positions).
+LONG_TOKENS = 1000
+LONG = {"prompt": "Once upon a time", "max_new_tokens": LONG_TOKENS, "ignore_eos": True, "temperature": 0}
+WAVE = 4
+MAX_WAVES = 10
+MAX_READS = 50
+POLL_S = 0.05
+JOBS_TIMEOUT_S = 60.0
+
+
+def client(app: TextGenOnRay) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=app.url, timeout=60.0)
+
+
+def owner_pid(owner: str) -> int:
+    return int(owner.split(":")[1])
+
+
+def is_serve_replica(pid: int) -> bool:
+    """Whether ``pid`` is a live Ray Serve replica (Ray titles them ``ray::ServeReplica:<app>:<deployment>``)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return cmdline.startswith("ray::ServeReplica")
+
+
+async def job_of(store: JobStore, job_ids: Iterable[str]) -> dict[str, Job]:
+    return {job_id: await store.get(job_id) for job_id in job_ids}
+
+
+@pytest.mark.timeout(30)
+def test_serve_config_is_valid_for_this_deployment() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from deploy.ray_serve import HANDBACK_MARGIN_S, app
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
+    (application,) = config.applications
+    assert application.import_path == "deploy.ray_serve:app" and app is not None
+    (deployment,) = application.deployments
+    grace_s = float(application.runtime_env["env_vars"]["TEXTGEN_SHUTDOWN_GRACE_S"])
+    assert deployment.graceful_shutdown_timeout_s >= grace_s + HANDBACK_MARGIN_S
+    assert deployment.max_ongoing_requests > 64, "a replica must be able to fill a batch of TEXTGEN_MAX_RUNNING"
+
+
+def fake_replica(state: object | None) -> SimpleNamespace:
+    """Just what check_health reads: ``self.app.state.textgen``."""
+    app_state = SimpleNamespace() if state is None else SimpleNamespace(textgen=state)
+    return SimpleNamespace(app=SimpleNamespace(state=app_state))
+
+
+def service_state(*, ready: bool, shutting_down: bool) -> SimpleNamespace:
+    return SimpleNamespace(engine=SimpleNamespace(ready=ready, name="batched"), shutting_down=shutting_down)
+
+
+@pytest.mark.timeout(30)
+async def test_check_health_fails_only_when_the_engine_stopped_on_its_own() -> None:
+    from deploy.ray_serve import TextGenDeployment
+
+    check_health = TextGenDeployment.func_or_class.check_health
+    await check_health(fake_replica(service_state(ready=True, shutting_down=False)))
+    await check_health(fake_replica(service_state(ready=False, shutting_down=True)))  # draining on purpose
+    with pytest.raises(RuntimeError, match="engine is not running"):
+        await check_health(fake_replica(service_state(ready=False, shutting_down=False)))
+    with pytest.raises(RuntimeError, match="did not build"):
+        await check_health(fake_replica(None))
+
+
+@pytest.mark.timeout(150)  # includes starting Ray and both replicas
+async def test_check_health_passes_on_serving_replicas(textgen: TextGenOnRay) -> None:
+    from ray import serve
+
+    handle = serve.get_app_handle(APP_NAME)
+    assert await asyncio.gather(*(handle.check_health.remote() for _ in range(4))) == [None] * 4
+
+
+@pytest.mark.timeout(60)
+async def test_generate_is_served_by_both_replicas(textgen: TextGenOnRay) -> None:
+    seen: Counter[str] = Counter()
+    async with client(textgen) as http:
+        for _ in range(MAX_WAVES):
+            responses = await asyncio.gather(*(http.post("/generate", json=SHORT) for _ in range(WAVE)))
+            for response in responses:
+                assert response.status_code == 200, response.text
+                assert response.json()["completion_tokens"] == SHORT["max_new_tokens"]
+                # One X-Request-ID, not the app's and the proxy's copies of it.
+                assert len(response.headers.get_list("x-request-id")) == 1
+                seen[response.headers[REPLICA_HEADER]] += 1
+            if len(seen) == 2:
+                break
+    logger.info("POST /generate answered by replicas: %s", dict(seen))
+    assert len(seen) == 2, f"only one replica answered {seen.total()} requests: {seen}"
+    assert all(is_serve_replica(owner_pid(owner)) for owner in seen), seen
+
+
+@pytest.mark.timeout(60)
+async def test_job_submitted_through_one_replica_is_read_through_the_other(textgen: TextGenOnRay) -> None:
+    async with client(textgen) as http:
+        submitted = await http.post("/generate_background", json=SHORT)
+        assert submitted.status_code == 202, submitted.text
+        job_id, accepted_by = submitted.json()["job_id"], submitted.headers[REPLICA_HEADER]
+        readers: Counter[str] = Counter()
+        for _ in range(MAX_READS):
+            read = await http.get(f"/jobs/{job_id}")
+            assert read.status_code == 200, read.text
+            assert read.json()["job_id"] == job_id
+            readers[read.headers[REPLICA_HEADER]] += 1
+            if len(readers.keys() - {accepted_by}) and read.json()["state"] == "succeeded":
+                break
+            await asyncio.sleep(POLL_S)
+    logger.info("job %s accepted by %s, read by %s", job_id, accepted_by, dict(readers))
+    assert readers.keys() - {accepted_by}, f"every read went to the replica that accepted the job: {readers}"
+    assert read.json()["state"] == "succeeded", read.text
+    async with open_store(textgen.job_store) as store:
+        job = await store.get(job_id)
+    assert job.state is JobState.SUCCEEDED and job.result == read.json()["result"]
+
+
+async def submit_long_jobs(http: httpx.AsyncClient, count: int) -> list[str]:
+    responses = await asyncio.gather(*(http.post("/generate_background", json=LONG) for _ in range(count)))
+    assert all(response.status_code == 202 for response in responses), [r.text for r in responses]
+    return [response.json()["job_id"] for response in responses]
+
+
+def running_by_owner(jobs: dict[str, Job]) -> dict[str, set[str]]:
+    owners: dict[str, set[str]] = {}
+    for job_id, job in jobs.items():
+        if job.state is JobState.RUNNING and job.owner is not None:
+            owners.setdefault(job.owner, set()).add(job_id)
+    return owners
+
+
+async def wait_running(
+    store: JobStore, job_ids: list[str], owners: int, timeout_s: float = 30.0
+) -> dict[str, set[str]]:
+    """Owner -> running job ids, once ``owners`` replicas each run at least two of the jobs."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        running = running_by_owner(await job_of(store, job_ids))
+        busy = {owner: ids for owner, ids in running.items() if len(ids) >= 2}
+        if len(busy) >= owners:
+            return busy
+        await asyncio.sleep(POLL_S)
+    pytest.fail(f"not {owners} replica(s) running two of the jobs within {timeout_s:.0f} s")
+
+
+def running_on(jobs: dict[str, Job], owner: str) -> set[str]:
+    return {job_id for job_id, job in jobs.items() if job.state is JobState.RUNNING and job.owner == owner}
+
+
+async def wait_reclaimed(store: JobStore, job_ids: set[str], owner: str, timeout_s: float) -> None:
+    """Until none of ``job_ids`` is running under ``owner`` any more (requeued, or taken by another)."""
+    deadline = time.monotonic() + timeout_s
+    while running_on(await job_of(store, job_ids), owner):
+        assert time.monotonic() < deadline, f"jobs still running under {owner} after {timeout_s:.0f} s"
+        await asyncio.sleep(POLL_S)
+
+
+async def wait_terminal(store: JobStore, job_ids: list[str], timeout_s: float) -> dict[str, Job]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        jobs = await job_of(store, job_ids)
+        if all(job.state in TERMINAL_STATES for job in jobs.values()):
+            return jobs
+        states = Counter(job.state.value for job in jobs.values())
+        assert time.monotonic() < deadline, f"jobs not finished within {timeout_s:.0f} s: {states}"
+        await asyncio.sleep(POLL_S * 4)
+
+
+def kill_replica(owner: str) -> float:
+    """SIGKILL the replica process named by a job owner id; returns when (monotonic) it was sent."""
+    pid = owner_pid(owner)
+    assert is_serve_replica(pid), f"{owner} is not a Ray Serve replica process"
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    return killed_at
+
+
+@pytest.mark.timeout(120)
+async def test_killed_replica_loses_no_job(textgen: TextGenOnRay, record_property: Any) -> None:
+    async with client(textgen) as http, open_store(textgen.job_store) as store:
+        job_ids = await submit_long_jobs(http, 2 * textgen.job_concurrency)
+        victim = next(iter(await wait_running(store, job_ids, owners=1)))
+        killed_at = kill_replica(victim)
+        # A dead process writes nothing more: what still runs under its id now is what it lost.
+        await asyncio.sleep(POLL_S)
+        lost = running_on(await job_of(store, job_ids), victim)
+        assert lost, "the victim finished its jobs before it was killed; make the jobs longer"
+        await wait_reclaimed(store, lost, victim, timeout_s=textgen.lease_s * 10)
+        reclaim_s = time.monotonic() - killed_at
+        jobs = await wait_terminal(store, job_ids, JOBS_TIMEOUT_S)
+    logger.info(
+        "SIGKILL of replica %s: %d running job(s) reclaimed %.2f s later (TEXTGEN_JOB_LEASE_S=%s)",
+        victim,
+        len(lost),
+        reclaim_s,
+        textgen.lease_s,
+    )
+    record_property("reclaim_s", round(reclaim_s, 2))
+    # Results are written only by the replica holding the job (the store's finish is conditional on the
+    # owner), so each job has one result, and it is a whole run, not the dead replica's partial one.
+    for job_id, job in jobs.items():
+        assert job.state is JobState.SUCCEEDED, (job_id, job.state, job.error)
+        assert job.result is not None and job.result["completion_tokens"] == LONG_TOKENS, job_id
+    assert all(jobs[job_id].attempts >= 2 for job_id in lost), {job_id: jobs[job_id].attempts for job_id in lost}
+
+
+async def wait_one_gone(owners: Iterable[str], timeout_s: float = 30.0) -> str:
+    """The first of ``owners`` whose replica process has exited."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        gone = [owner for owner in owners if not is_serve_replica(owner_pid(owner))]
+        if gone:
+            return gone[0]
+        await asyncio.sleep(POLL_S)
+    pytest.fail(f"no replica stopped within {timeout_s:.0f} s of scaling down")
+
+
+@pytest.mark.timeout(120)
+async def test_replica_stopped_by_ray_hands_its_jobs_back(deployer: Deployer) -> None:
+    # With leases longer than the test waits, only the stopping replica's own hand-back (its lifespan
+    # shutdown, run by Ray's graceful stop) can put its jobs back in the queue in time.
+    lease_s = 60.0
+    settings = {"TEXTGEN_JOB_LEASE_S": str(lease_s), "TEXTGEN_JOB_CONCURRENCY": "16"}
+    app = await asyncio.to_thread(deployer.deploy, **settings)
+    async with client(app) as http, open_store(app.job_store) as store:
+        job_ids = await submit_long_jobs(http, 2 * app.job_concurrency)
+        running = await wait_running(store, job_ids, owners=2)
+        asked_at = time.monotonic()
+        await asyncio.to_thread(deployer.deploy, 1, **settings)  # only the replica count changes
+        stopped = await wait_one_gone(running)
+        await wait_reclaimed(store, running[stopped], stopped, timeout_s=lease_s / 3)
+        handback_s = time.monotonic() - asked_at
+        jobs = await wait_terminal(store, job_ids, JOBS_TIMEOUT_S)
+    handed_back = {job_id for job_id in running[stopped] if jobs[job_id].attempts >= 2}
+    logger.info(
+        "scale-down stopped %s: %d of its %d running job(s) handed back within %.2f s (lease %.0f s)",
+        stopped,
+        len(handed_back),
+        len(running[stopped]),
+        handback_s,
+        lease_s,
+    )
+    assert handed_back, "the stopped replica finished all its jobs before it stopped; make the jobs longer"
+    assert handback_s < lease_s / 3, "requeued so late that a lease may have expired"
+    for job_id, job in jobs.items():
+        assert job.state is JobState.SUCCEEDED, (job_id, job.state, job.error)
+        assert job.result is not None and job.result["completion_tokens"] == LONG_TOKENS, job_id
