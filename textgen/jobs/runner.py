@@ -100,10 +100,9 @@ class JobRunner:
         self._paused_until = 0.0
 
     async def start(self) -> None:
+        # A dead process on this host is recognised now: its leases are expired at once.
         orphaned = await self._store.requeue_orphaned(lambda owner: owner_is_alive(owner, me=self.owner))
-        if orphaned:
-            logger.warning("%d job(s) were left running by a process on this host that died", orphaned)
-        await self._requeue_expired()
+        await self._requeue_expired("left running by a process that died" if orphaned else None)
         self._loop_task = asyncio.create_task(self._claim_loop(), name="textgen-job-runner")
         self._lease_task = asyncio.create_task(self._lease_loop(), name="textgen-job-leases")
 
@@ -174,11 +173,12 @@ class JobRunner:
                     logger.warning("Job %s is no longer held here (cancelled or reclaimed); stopping it", job_id)
                     self.cancel_local(job_id)
 
-    async def _requeue_expired(self) -> None:
+    async def _requeue_expired(self, why: str | None = None) -> None:
         requeued, failed = await self._store.requeue_expired(self._max_attempts)
         self._service.metrics.observe_reclaimed(requeued, failed)
         if requeued:
-            logger.warning("Re-queued %d job(s) whose lease expired (their process died or hung)", requeued)
+            why = why or "whose lease expired (their process died or hung)"
+            logger.warning("Re-queued %d job(s) %s", requeued, why)
         if failed:
             logger.error("Failed %d job(s) that lost their process %d times", failed, self._max_attempts)
 
