@@ -13,13 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.net import free_port
+
 _START_TIMEOUT_S = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,18 +26,14 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.net import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = REPO_ROOT / ".cache" / "textgen"
 READY_TIMEOUT_S = 240.0
 STOP_GRACE_S = 10.0
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

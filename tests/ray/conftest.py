@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.net import free_port
 from tests.redis_server import RedisServer
 from textgen.jobs.store import JobStore, job_store_from_url
 
@@ -80,12 +80,6 @@ class TextGenOnRay:
     @property
     def job_concurrency(self) -> int:
         return int(self.env["TEXTGEN_JOB_CONCURRENCY"])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def processes_mentioning(text: str) -> dict[int, str]:
