@@ -77,6 +77,16 @@ class NotReadyError(TextGenError):
     default_message = "The model is not ready yet (loading, warming up or shutting down); retry shortly."
 
 
+class StoreUnavailableError(TextGenError):
+    """The job store (Redis server, SQLite file) did not answer; the request may be retried."""
+
+    status_code = 503
+    default_message = "The job store is unavailable right now; retry after the time in the Retry-After header."
+
+    def __init__(self, message: str | None = None, *, retry_after_s: float | None = 2.0) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
 class DeadlineExceededError(TextGenError):
     status_code = 504
     default_message = "The request did not finish before its deadline (timeout_s)."

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -43,7 +44,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
-from textgen.errors import ConfigError, IdempotencyConflictError, JobNotCancellableError, JobNotFoundError
+from textgen.errors import (
+    ConfigError,
+    IdempotencyConflictError,
+    JobNotCancellableError,
+    JobNotFoundError,
+    StoreUnavailableError,
+)
 from textgen.jobs.store import (
     REDIS_FORMS,
     Job,
@@ -567,9 +574,19 @@ class RedisJobStore:
         if not self._opened:
             raise RuntimeError(f"The Redis job store at {self.url} is not open; call open() first.")
 
-    async def _call(self, script: str, *args: str | int | float) -> Any:
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        """An unreachable server is a retryable 503 for clients (StoreUnavailableError), not a 500."""
         self._require_open()
-        return await self._scripts[script](keys=[], args=[self.prefix, *args])
+        try:
+            yield
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            logger.warning("Redis job store at %s unavailable: %s", self.url, _hide_password(str(exc), self._url))
+            raise StoreUnavailableError() from exc
+
+    async def _call(self, script: str, *args: str | int | float) -> Any:
+        async with self._guard():
+            return await self._scripts[script](keys=[], args=[self.prefix, *args])
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}:{name}"
@@ -608,8 +625,8 @@ class RedisJobStore:
         return job, True
 
     async def get(self, job_id: str) -> Job:
-        self._require_open()
-        fields = await self._redis.hgetall(self._key(f"job:{job_id}"))
+        async with self._guard():
+            fields = await self._redis.hgetall(self._key(f"job:{job_id}"))
         if not fields:
             raise JobNotFoundError()
         return _job(fields)
@@ -693,8 +710,8 @@ class RedisJobStore:
         return int(requeued), int(failed)
 
     async def position(self, job_id: str) -> int | None:
-        self._require_open()
-        rank = await self._redis.zrank(self._key("queued"), job_id)
+        async with self._guard():
+            rank = await self._redis.zrank(self._key("queued"), job_id)
         return None if rank is None else int(rank)
 
     async def recent_completions(self, within_s: float, limit: int) -> builtins.list[float]:
@@ -717,8 +734,7 @@ class RedisJobStore:
         ids = builtins.list(dict.fromkeys(job_ids))
         if not ids:
             return {}
-        self._require_open()
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with self._guard(), self._redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hget(self._key(f"job:{job_id}"), "state")
             found = await pipe.execute()
@@ -740,15 +756,16 @@ class RedisJobStore:
         total = 0
         pattern = _glob_escape(self._key("idem:")) + "*"
         batch: builtins.list[str] = []
-        async for key in self._redis.scan_iter(match=pattern, count=_BATCH):
-            batch.append(key)
-            if len(batch) >= _BATCH:
-                total += int(await self._call("purge_idempotency", repr(float(older_than_s)), *batch))
-                batch = []
+        async with self._guard():
+            async for key in self._redis.scan_iter(match=pattern, count=_BATCH):
+                batch.append(key)
+                if len(batch) >= _BATCH:
+                    total += int(await self._call("purge_idempotency", repr(float(older_than_s)), *batch))
+                    batch = []
         if batch:
             total += int(await self._call("purge_idempotency", repr(float(older_than_s)), *batch))
         return total
 
     async def count(self, state: JobState) -> int:
-        self._require_open()
-        return int(await self._redis.zcard(self._key(f"state:{JobState(state).value}")))
+        async with self._guard():
+            return int(await self._redis.zcard(self._key(f"state:{JobState(state).value}")))

@@ -21,12 +21,13 @@ import os
 import socket
 import time
 import uuid
+from typing import Any
 
 from pydantic import ValidationError
 
 from models import TextGenerationRequest
 from textgen.engine.types import Handle, Priority
-from textgen.errors import GenerationCancelledError, NotReadyError, TextGenError
+from textgen.errors import GenerationCancelledError, NotReadyError, StoreUnavailableError, TextGenError
 from textgen.generation import GenerationService
 from textgen.jobs.store import Job, JobState, JobStore, WebhookState
 from textgen.webhooks import WebhookSender
@@ -121,7 +122,11 @@ class JobRunner:
             await asyncio.wait(set(self._tasks))
         if self._webhooks is not None:
             await self._webhooks.close()
-        requeued = await self._store.requeue_owned(self.owner)
+        try:
+            requeued = await self._store.requeue_owned(self.owner)
+        except StoreUnavailableError:
+            logger.warning("Job store unavailable at shutdown: running jobs come back when their leases expire")
+            return
         if requeued:
             logger.info("Handed %d running job(s) back to the queue for the next start", requeued)
 
@@ -150,6 +155,8 @@ class JobRunner:
                 await self._cancel_jobs_cancelled_elsewhere()
                 await self._claim_webhooks()
                 await self._purge_if_due()
+            except StoreUnavailableError:
+                logger.warning("Job store unavailable; retrying at the next poll")
             except Exception:
                 logger.exception("Job runner iteration failed; retrying")
             self._wakeup.clear()
@@ -165,6 +172,9 @@ class JobRunner:
                 continue
             try:
                 held = await self._store.renew(self.owner, running, self._lease_s)
+            except StoreUnavailableError:
+                logger.warning("Job store unavailable: leases not renewed (jobs are reclaimed if this persists)")
+                continue
             except Exception:
                 logger.exception("Renewing job leases failed; retrying (jobs are reclaimed if this persists)")
                 continue
@@ -234,37 +244,49 @@ class JobRunner:
 
     async def _run(self, job: Job) -> None:
         request_id = job.request_id or job.id
-        log_extra = {"request_id": request_id}
-        logger.info("Job %s started (attempt %d)", job.id, job.attempts, extra=log_extra)
+        logger.info("Job %s started (attempt %d)", job.id, job.attempts, extra={"request_id": request_id})
         self._service.metrics.observe_job_started(job.created_at, job.started_at)
+        try:
+            outcome = await self._generate(job, request_id)
+            if outcome is not None:
+                await self._finish(job, *outcome)
+        except StoreUnavailableError:
+            # The outcome could not be recorded: the lease runs out and the job runs again elsewhere.
+            logger.warning("Job %s: the job store is unavailable; the job will be retried", job.id)
+        finally:
+            self._active.pop(job.id, None)
+            self._wakeup.set()  # a slot is free, and a webhook may be due
+
+    async def _generate(self, job: Job, request_id: str) -> tuple[JobState, dict[str, Any]] | None:
+        """Run the job on the engine: the state and fields to record, or None when there is nothing to
+        record (cancelled, or handed back because the engine is not taking work)."""
         try:
             body = TextGenerationRequest.model_validate(job.request)
             handle = self._service.submit_request(body, request_id, Priority.BACKGROUND)
             self._active[job.id] = handle
             response = await self._service.response(await handle.result(), request_id)
-            await self._finish(job, JobState.SUCCEEDED, result=response.model_dump(mode="json"))
+            return JobState.SUCCEEDED, {"result": response.model_dump(mode="json")}
         except NotReadyError:
             if not self._stopping:
                 # The engine is not taking work (e.g. draining); the job must not sit in "running",
                 # and claiming again at once would only spin.
                 await self._store.release(job.id, self.owner)
                 self._paused_until = time.monotonic() + self._poll_interval_s
+            return None
         except GenerationCancelledError:
             if not self._stopping:
-                logger.info("Job %s cancelled", job.id, extra=log_extra)
+                logger.info("Job %s cancelled", job.id, extra={"request_id": request_id})
+            return None
         except TextGenError as error:
-            await self._finish(job, JobState.FAILED, error=error.message)
+            return JobState.FAILED, {"error": error.message}
         except ValidationError:
-            await self._finish(job, JobState.FAILED, error="The stored request is no longer valid.")
+            return JobState.FAILED, {"error": "The stored request is no longer valid."}
         except Exception:
-            logger.exception("Job %s failed", job.id, extra=log_extra)
-            await self._finish(job, JobState.FAILED, error=f"Internal error; see logs for request id {request_id}.")
-        finally:
-            self._active.pop(job.id, None)
-            self._wakeup.set()  # a slot is free, and a webhook may be due
+            logger.exception("Job %s failed", job.id, extra={"request_id": request_id})
+            return JobState.FAILED, {"error": f"Internal error; see logs for request id {request_id}."}
 
-    async def _finish(self, job: Job, state: JobState, **outcome: object) -> None:
-        took = await self._store.finish(job.id, self.owner, state, **outcome)  # type: ignore[arg-type]
+    async def _finish(self, job: Job, state: JobState, outcome: dict[str, Any]) -> None:
+        took = await self._store.finish(job.id, self.owner, state, **outcome)
         level = logging.INFO if took else logging.WARNING
         message = "Job %s %s" if took else "Job %s result (%s) discarded: no longer owned here"
         logger.log(level, message, job.id, state.value, extra={"request_id": job.request_id or job.id})
