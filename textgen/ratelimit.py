@@ -142,10 +142,48 @@ def _refusal(spent: str, rpm: int, tpm: int, retry_after_s: int) -> RateLimitedE
     )
 
 
-class SQLiteRateLimiter:
+class WindowedRateLimiter:
+    """Fixed one-minute windows per key digest; the backends only count (``_count_request``: check and
+    count atomically, returning the spent budget if any; ``_add_tokens``)."""
+
+    def __init__(self, *, requests_per_minute: int, tokens_per_minute: int, clock: Callable[[], float]) -> None:
+        if requests_per_minute < 0 or tokens_per_minute < 0:
+            raise ValueError("requests_per_minute and tokens_per_minute must be >= 0 (0 = unlimited)")
+        self._rpm = requests_per_minute
+        self._tpm = tokens_per_minute
+        self._clock = clock
+
+    async def _count_request(self, digest: str, window: int) -> str | None:
+        raise NotImplementedError
+
+    async def _add_tokens(self, digest: str, window: int, tokens: int) -> None:
+        raise NotImplementedError
+
+    async def acquire(self, key: str) -> None:
+        """Count one request for ``key``; RateLimitedError (not counted) if a budget is spent."""
+        now = self._clock()
+        window = int(now // WINDOW_S)
+        digest = key_digest(key)
+        spent = await self._count_request(digest, window)
+        if spent is None:
+            return
+        retry_after_s = _retry_after_s(now, window)
+        logger.info("Rate limited key sha256:%s (%s per minute), retry in %d s", digest[:12], spent, retry_after_s)
+        raise _refusal(spent, self._rpm, self._tpm, retry_after_s)
+
+    async def charge_tokens(self, key: str, tokens: int) -> None:
+        """Add ``tokens`` generated for ``key`` to its current window (nothing to do when 0)."""
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        if tokens == 0 or self._tpm == 0:
+            return
+        await self._add_tokens(key_digest(key), int(self._clock() // WINDOW_S), tokens)
+
+
+class SQLiteRateLimiter(WindowedRateLimiter):
     """``RateLimiter`` on a table of the job store's SQLite file, shared by all worker processes.
 
-    Fixed one-minute windows; one connection per object, used from worker threads one call at a time.
+    One connection per object, used from worker threads one call at a time.
     """
 
     def __init__(
@@ -156,11 +194,7 @@ class SQLiteRateLimiter:
         tokens_per_minute: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if requests_per_minute < 0 or tokens_per_minute < 0:
-            raise ValueError("requests_per_minute and tokens_per_minute must be >= 0 (0 = unlimited)")
-        self._rpm = requests_per_minute
-        self._tpm = tokens_per_minute
-        self._clock = clock
+        super().__init__(requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute, clock=clock)
         self._db = SQLiteConnection(Path(path), lambda file: connect_sqlite(file, _SCHEMA))
         self._run = self._db.run
 
@@ -178,27 +212,11 @@ class SQLiteRateLimiter:
     async def close(self) -> None:
         await self._db.close()
 
-    # -- limits ------------------------------------------------------------------------------------
+    async def _count_request(self, digest: str, window: int) -> str | None:
+        return await self._run(_acquire, digest, window, self._rpm, self._tpm)
 
-    async def acquire(self, key: str) -> None:
-        """Count one request for ``key``; RateLimitedError (not counted) if a budget is spent."""
-        now = self._clock()
-        window = int(now // WINDOW_S)
-        digest = key_digest(key)
-        spent = await self._run(_acquire, digest, window, self._rpm, self._tpm)
-        if spent is None:
-            return
-        retry_after_s = _retry_after_s(now, window)
-        logger.info("Rate limited key sha256:%s (%s per minute), retry in %d s", digest[:12], spent, retry_after_s)
-        raise _refusal(spent, self._rpm, self._tpm, retry_after_s)
-
-    async def charge_tokens(self, key: str, tokens: int) -> None:
-        """Add ``tokens`` generated for ``key`` to its current window (nothing to do when 0)."""
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0, got {tokens}")
-        if tokens == 0 or self._tpm == 0:
-            return
-        await self._run(_charge, key_digest(key), int(self._clock() // WINDOW_S), tokens)
+    async def _add_tokens(self, digest: str, window: int, tokens: int) -> None:
+        await self._run(_charge, digest, window, tokens)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,7 +241,7 @@ return false
 _REDIS_EXPIRY_S = 2 * WINDOW_S
 
 
-class RedisRateLimiter:
+class RedisRateLimiter(WindowedRateLimiter):
     """``RateLimiter`` on the Redis server of a ``redis://`` job store, shared by every replica.
 
     Key ``{prefix}:ratelimit:{sha256 of the API key}:{window}``: a hash of ``requests`` and ``tokens``.
@@ -240,11 +258,7 @@ class RedisRateLimiter:
         clock: Callable[[], float] = time.time,
         prefix: str = "textgen",
     ) -> None:
-        if requests_per_minute < 0 or tokens_per_minute < 0:
-            raise ValueError("requests_per_minute and tokens_per_minute must be >= 0 (0 = unlimited)")
-        self._rpm = requests_per_minute
-        self._tpm = tokens_per_minute
-        self._clock = clock
+        super().__init__(requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute, clock=clock)
         self._url = url
         self.prefix = prefix
         self._redis = redis_client(url)
@@ -273,28 +287,13 @@ class RedisRateLimiter:
             raise RuntimeError(f"The Redis rate limiter at {self.url} is not open; call open() first.")
         return f"{self.prefix}:ratelimit:{digest}:{window}"
 
-    # -- limits ------------------------------------------------------------------------------------
-
-    async def acquire(self, key: str) -> None:
-        """Count one request for ``key``; RateLimitedError (not counted) if a budget is spent."""
-        now = self._clock()
-        window = int(now // WINDOW_S)
-        digest = key_digest(key)
+    async def _count_request(self, digest: str, window: int) -> str | None:
         redis_key = self._window_key(digest, window)
-        spent = await self._acquire(keys=[redis_key], args=[self._rpm, self._tpm, _REDIS_EXPIRY_S])
-        if spent is None:
-            return
-        retry_after_s = _retry_after_s(now, window)
-        logger.info("Rate limited key sha256:%s (%s per minute), retry in %d s", digest[:12], spent, retry_after_s)
-        raise _refusal(spent, self._rpm, self._tpm, retry_after_s)
+        spent: str | None = await self._acquire(keys=[redis_key], args=[self._rpm, self._tpm, _REDIS_EXPIRY_S])
+        return spent
 
-    async def charge_tokens(self, key: str, tokens: int) -> None:
-        """Add ``tokens`` generated for ``key`` to its current window (nothing to do when 0)."""
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0, got {tokens}")
-        if tokens == 0 or self._tpm == 0:
-            return
-        redis_key = self._window_key(key_digest(key), int(self._clock() // WINDOW_S))
+    async def _add_tokens(self, digest: str, window: int, tokens: int) -> None:
+        redis_key = self._window_key(digest, window)
         async with self._redis.pipeline(transaction=True) as pipe:  # MULTI: never a count without its expiry
             pipe.hincrby(redis_key, "tokens", tokens)
             pipe.expire(redis_key, _REDIS_EXPIRY_S)
