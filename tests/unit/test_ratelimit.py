@@ -11,15 +11,16 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.redis_server import RedisServer, free_port
+from tests.net import free_port
+from tests.redis_server import RedisServer
+from tests.unit.conftest import Backend
 from textgen.config import Settings
 from textgen.errors import ConfigError, RateLimitedError
 from textgen.jobs.redis_store import RedisJobStore
@@ -54,13 +55,8 @@ def clock() -> FakeClock:
 Limiter = SQLiteRateLimiter | RedisRateLimiter
 
 
-@dataclass
-class Where:
-    """Where one test's counts live: a SQLite file (``target`` = its path) or a Redis prefix (``target`` = URL)."""
-
-    name: str
-    target: str
-    prefix: str = ""
+class Where(Backend):
+    """Where one test's counts live: the conformance suite's ``Backend`` (a SQLite file or a Redis prefix)."""
 
     def limiter(self, rpm: int, tpm: int, clock: Callable[[], float]) -> Limiter:
         if self.name == "redis":
@@ -92,25 +88,11 @@ class Where:
                 dump += name + b"".join(k + v for k, v in raw.hgetall(name).items())
             return dump
 
-    def cleanup(self) -> None:
-        if self.name == "redis":
-            with closing(redis.Redis.from_url(self.target)) as raw:
-                keys = list(raw.scan_iter(match=f"{self.prefix}:*"))
-                if keys:
-                    raw.delete(*keys)
 
-
-@pytest.fixture(params=["sqlite", "redis"])
-def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Where]:
-    if request.param == "redis":
-        server = request.getfixturevalue("redis_server")
-        chosen = Where("redis", server.url(0), prefix=f"test-{uuid.uuid4().hex[:12]}")
-    else:
-        chosen = Where("sqlite", str(tmp_path / "jobs.db"))
-    try:
-        yield chosen
-    finally:
-        chosen.cleanup()
+@pytest.fixture
+def where(backend: Backend) -> Where:
+    """Parametrized over SQLite and Redis by ``backend`` (tests/unit/conftest.py), which also cleans up."""
+    return Where(backend.name, backend.target, backend.prefix)
 
 
 LimiterFactory = Callable[..., Limiter]
