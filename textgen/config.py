@@ -42,6 +42,12 @@ class Settings(BaseSettings):
 
     # Engine
     engine: Literal["batched", "threadpool"] = "batched"
+    core: Literal["auto", "textgen", "transformers"] = Field(
+        "auto", description="Model core: textgen's own (Llama family, GPT-2), transformers (any model), or auto."
+    )
+    weights: Literal["auto", "float", "bf16", "int8", "int4"] = Field(
+        "auto", description="Weight format of the textgen core; auto measures this machine at start-up."
+    )
     max_running: int = Field(64, ge=1, le=1024, description="Sequences decoded together in one batch.")
     max_waiting: int = Field(256, ge=0, description="Interactive requests allowed to wait for a batch slot.")
     max_prompt_tokens: int = Field(1024, ge=1)

@@ -61,6 +61,7 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     load_seconds: float
     context_length: int | None = None
+    source_file: Path | None = None  # the GGUF file the weights came from, when they did
 
     @property
     def parameter_count(self) -> int:
@@ -301,6 +302,7 @@ def load_model(settings: Settings) -> LoadedModel:
         eos_token_ids=eos_ids_of(model, tokenizer),
         load_seconds=time.perf_counter() - started,
         context_length=context_length_of(model),
+        source_file=Path(source.location) / source.gguf_file if source.gguf_file else None,
     )
     logger.info(
         "Loaded model %s: %.1fM parameters, device=%s, dtype=%s, torch threads=%d, in %.1fs",

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from textgen.engine import batched as batched_module
 from textgen.engine.batched import BatchedEngine
 from textgen.engine.types import EngineLimits, GenerationRequest, Handle, Priority, SamplingParams
 from textgen.errors import (
@@ -194,16 +193,16 @@ async def test_a_failing_step_fails_only_its_batch(
     make_engine: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = await make_engine()
-    real_decode = batched_module.decode_step
+    real_decode = engine.core.decode
     calls = {"n": 0}
 
-    def flaky_decode(model: Any, batch: Any) -> Any:
+    def flaky_decode(slots: Any, tokens: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected failure")
-        return real_decode(model, batch)
+        return real_decode(slots, tokens)
 
-    monkeypatch.setattr(batched_module, "decode_step", flaky_decode)
+    monkeypatch.setattr(engine.core, "decode", flaky_decode)
     victims = [engine.submit(request(max_new_tokens=10, ignore_eos=True)) for _ in range(2)]
     for victim in victims:
         with pytest.raises(EngineError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from textgen.config import Settings
 from textgen.engine.batched import BatchedEngine
+from textgen.engine.core import CoreOptions
 from textgen.engine.threadpool import ThreadPoolEngine
 from textgen.engine.types import (
     Engine,
@@ -28,6 +29,7 @@ __all__ = [
     "Priority",
     "SamplingParams",
     "ThreadPoolEngine",
+    "core_options_from_settings",
     "create_engine",
     "limits_from_settings",
 ]
@@ -48,4 +50,13 @@ def create_engine(settings: Settings, loaded: LoadedModel) -> Engine:
     limits = limits_from_settings(settings)
     if settings.engine == "threadpool":
         return ThreadPoolEngine(loaded, limits, workers=settings.threadpool_workers, warmup=settings.warmup)
-    return BatchedEngine(loaded, limits, warmup=settings.warmup)
+    return BatchedEngine(loaded, limits, core_options=core_options_from_settings(settings), warmup=settings.warmup)
+
+
+def core_options_from_settings(settings: Settings) -> CoreOptions:
+    return CoreOptions(
+        core=settings.core,
+        weights=settings.weights,
+        slots=settings.max_running,
+        positions=settings.max_prompt_tokens + settings.max_new_tokens_limit,
+    )

@@ -4,6 +4,9 @@ The thread loops: drop waiting requests that were cancelled or expired → admit
 (prefilled together) → retire finished sequences → one decode step for every running sequence →
 retire again. New requests join between steps, so nobody waits for a whole batch to finish. All
 results cross back to the event loop in one ``call_soon_threadsafe`` per iteration.
+
+This module decides who runs; the model core (``engine/core``) only computes logits for the cache
+slots it is given, so the scheduler does not know which core or weight format is behind it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from textgen.engine.batch import Batch, decode_step, prefill
+from textgen.engine.core import CoreOptions, ModelCore, build_core
 from textgen.engine.sampling import select_next_tokens
 from textgen.engine.sequence import SequenceState, tokenize_prompt
 from textgen.engine.types import (
@@ -52,14 +55,25 @@ SHUTTING_DOWN = "The server is shutting down; retry the request."
 class BatchedEngine:
     name = "batched"
 
-    def __init__(self, loaded: LoadedModel, limits: EngineLimits, *, warmup: bool = True) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        limits: EngineLimits,
+        *,
+        core_options: CoreOptions | None = None,
+        warmup: bool = True,
+    ) -> None:
         self._loaded = loaded
         self._limits = limits
+        self._core_options = core_options or CoreOptions(
+            slots=limits.max_running, positions=limits.max_prompt_tokens + limits.max_new_tokens_limit
+        )
+        self._core: ModelCore | None = None
         self._warmup = warmup
         self._lock = threading.Lock()
         self._work_available = threading.Condition(self._lock)
         self._waiting: dict[Priority, deque[Handle]] = {p: deque() for p in Priority}
-        self._batch: Batch[SequenceState] | None = None
+        self._running_seqs: dict[int, SequenceState] = {}  # cache slot -> sequence
         self._running = 0
         self._interactive_streak = 0
         self._shared_rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
@@ -76,6 +90,8 @@ class BatchedEngine:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self._core is None:
+            self._core = await asyncio.to_thread(build_core, self._loaded, self._core_options)
         self._thread = threading.Thread(target=self._serve_forever, name="textgen-engine", daemon=True)
         self._thread.start()
         self._accepting = True
@@ -140,6 +156,14 @@ class BatchedEngine:
             await asyncio.to_thread(self._thread.join)
         await asyncio.sleep(0)  # let the final deliveries run
 
+    @property
+    def core(self) -> ModelCore:
+        """The model core (built by start())."""
+        return self._require_core()
+
+    def describe_core(self) -> dict[str, object]:
+        return {} if self._core is None else self._core.describe()
+
     def stats(self) -> EngineStats:
         with self._lock:
             return EngineStats(
@@ -195,7 +219,7 @@ class BatchedEngine:
     def _wait_for_work(self, events: list[Event]) -> bool:
         """Block while idle. False once a stop was requested."""
         with self._lock:
-            while not self._stop_requested and self._batch is None and not any(self._waiting.values()):
+            while not self._stop_requested and not self._running_seqs and not any(self._waiting.values()):
                 self._work_available.wait(timeout=0.5)
             if self._stop_requested:
                 return False
@@ -207,7 +231,7 @@ class BatchedEngine:
         if admitted:
             self._admit(admitted, events)
         self._retire(events)
-        if self._batch is not None:
+        if self._running_seqs:
             self._decode(events)
             self._retire(events)
 
@@ -248,7 +272,7 @@ class BatchedEngine:
         for handle in handles:
             try:
                 ids, budget = tokenize_prompt(
-                    self._loaded.tokenizer, handle.request, self._limits, self._loaded.context_length
+                    self._loaded.tokenizer, handle.request, self._limits, self._require_core().capacity
                 )
             except Exception as error:
                 if not isinstance(error, TextGenError):
@@ -274,29 +298,35 @@ class BatchedEngine:
                 events.append((seq.handle, "", seq.result(), None))
         if not live:
             return
+        core = self._require_core()
+        slots: list[int] = []
         try:
-            batch, logits = prefill(loaded.model, [s.prompt_ids for s in live], live, loaded.tokenizer.pad_token_id)
-            self._sample_into(batch, logits, events)
+            slots = [core.allocate() for _ in live]
+            logits = core.prefill(slots, [s.prompt_ids for s in live])
         except Exception:
             logger.exception("Prefill failed for %d requests", len(live))
+            self._free_quietly(slots)
             self._release(len(live))
             events.extend((s.handle, "", None, EngineError()) for s in live)
             return
-        self._batch = batch if self._batch is None else self._batch.concat(batch)
+        self._running_seqs.update(zip(slots, live, strict=True))
+        self._sample_into(live, logits, events)
 
     def _decode(self, events: list[Event]) -> None:
-        assert self._batch is not None
+        core = self._require_core()
         started = time.perf_counter()
-        logits = decode_step(self._loaded.model, self._batch)
-        self._sample_into(self._batch, logits, events)
+        slots = core.slots_in_order()
+        rows = [self._running_seqs[slot] for slot in slots]
+        tokens = torch.tensor([seq.generated[-1] for seq in rows], dtype=torch.long)
+        logits = core.decode(slots, tokens)
+        self._sample_into(rows, logits, events)
         elapsed = time.perf_counter() - started
-        size = self._batch.size
+        size = len(rows)
         self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (size / max(elapsed, 1e-6))
         if self._step_observer is not None:
             self._step_observer(size, elapsed)
 
-    def _sample_into(self, batch: Batch[SequenceState], logits: torch.Tensor, events: list[Event]) -> None:
-        rows = batch.rows
+    def _sample_into(self, rows: list[SequenceState], logits: torch.Tensor, events: list[Event]) -> None:
         tokens = select_next_tokens(
             logits,
             [s.handle.request.params for s in rows],
@@ -304,39 +334,54 @@ class BatchedEngine:
             [s.generator for s in rows],
             self._shared_rng,
         )
-        batch.last_tokens = tokens
         for seq, token in zip(rows, tokens.tolist(), strict=True):
             delta = seq.accept(token)
             if delta:
                 events.append((seq.handle, delta, None, None))
 
     def _retire(self, events: list[Event]) -> None:
-        batch = self._batch
-        if batch is None:
+        if not self._running_seqs:
             return
         now = time.monotonic()
-        keep: list[int] = []
-        for index, seq in enumerate(batch.rows):
+        gone: list[int] = []
+        for slot, seq in self._running_seqs.items():
             if seq.finished:
                 events.append((seq.handle, "", seq.result(), None))
             elif seq.handle.cancel_requested or _expired(seq.handle, now):
                 events.append((seq.handle, "", None, _ending_error(seq.handle, now)))
             else:
-                keep.append(index)
-        if len(keep) == batch.size:
+                continue
+            gone.append(slot)
+        if not gone:
             return
-        self._release(batch.size - len(keep))
-        self._batch = batch.filter(keep) if keep else None
+        for slot in gone:
+            del self._running_seqs[slot]
+        self._release(len(gone))
+        self._require_core().free(gone)
+
+    def _require_core(self) -> ModelCore:
+        if self._core is None:
+            raise EngineError("The engine has no model core (start() was not awaited).")
+        return self._core
+
+    def _free_quietly(self, slots: list[int]) -> None:
+        if self._core is None or not slots:
+            return
+        try:
+            self._core.free(slots)
+        except Exception:
+            logger.exception("Freeing %d cache slots failed", len(slots))
 
     def _release(self, count: int) -> None:
         with self._lock:
             self._running -= count
 
     def _fail_batch(self, events: list[Event], error: TextGenError) -> None:
-        if self._batch is not None:
-            events.extend((seq.handle, "", None, error) for seq in self._batch.rows)
-            self._release(self._batch.size)
-            self._batch = None
+        if self._running_seqs:
+            events.extend((seq.handle, "", None, error) for seq in self._running_seqs.values())
+            self._release(len(self._running_seqs))
+            self._free_quietly(list(self._running_seqs))
+            self._running_seqs.clear()
 
     def _fail_everything(self) -> list[Event]:
         """At stop: whatever is still waiting or running gets a shutdown error."""

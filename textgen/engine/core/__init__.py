@@ -1,0 +1,125 @@
+"""Model cores: what computes logits for the slots the scheduler hands them.
+
+The contract (``ModelCore``) is small on purpose, so the scheduler in ``engine/batched.py`` never
+knows which core runs:
+
+* ``allocate() -> slot`` and ``free(slots)``: a slot holds one sequence's cached keys/values;
+* ``prefill(slots, prompts) -> logits [B, V]``: write whole prompts into fresh slots;
+* ``decode(slots, tokens) -> logits [B, V]``: one new token for each slot;
+* ``slots_in_order()``: the order in which ``decode`` runs without copying the cache.
+
+``build_core`` picks the decode core of this package for the Llama family and GPT-2 (``decoder.py``)
+and the transformers core (``hf.py``) for anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from textgen.engine.core.calibrate import Probe, plan_for
+from textgen.engine.core.decoder import DecodeCore, architecture_for
+from textgen.engine.core.gguf_blocks import has_q4_1_blocks, read_q4_1_blocks
+from textgen.engine.core.hf import TransformersCore
+from textgen.engine.core.weights import LinearFactory
+from textgen.errors import ConfigError
+from textgen.loader import LoadedModel, cpu_supports_bf16
+
+logger = logging.getLogger(__name__)
+
+CORE_CHOICES = ("auto", "textgen", "transformers")
+WEIGHT_CHOICES = ("auto", "float", "bf16", "int8", "int4")
+
+
+class ModelCore(Protocol):
+    name: str
+    capacity: int  # positions one slot holds (prompt + generated)
+
+    @property
+    def free_slots(self) -> int: ...
+
+    def allocate(self) -> int: ...
+
+    def free(self, slots: Sequence[int]) -> None: ...
+
+    def slots_in_order(self) -> list[int]: ...
+
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor: ...
+
+    def decode(self, slots: Sequence[int], tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class CoreOptions:
+    core: str = "auto"  # TEXTGEN_CORE
+    weights: str = "auto"  # TEXTGEN_WEIGHTS
+    slots: int = 64  # TEXTGEN_MAX_RUNNING
+    positions: int = 2048  # per slot: TEXTGEN_MAX_PROMPT_TOKENS + TEXTGEN_MAX_NEW_TOKENS_LIMIT
+
+
+def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
+    capacity = min(options.positions, loaded.context_length or options.positions)
+    arch, reason = architecture_for(loaded.model)
+    if options.core == "transformers" or arch is None:
+        if options.core == "textgen":
+            raise ConfigError(f"TEXTGEN_CORE=textgen cannot run this model ({reason}); use TEXTGEN_CORE=auto.")
+        if options.weights not in ("auto", "float"):
+            raise ConfigError(
+                f"TEXTGEN_WEIGHTS={options.weights} needs the textgen core, which cannot run this model "
+                f"({reason or 'TEXTGEN_CORE=transformers'}); use TEXTGEN_WEIGHTS=auto."
+            )
+        logger.info("Model core: transformers (%s)", reason or "TEXTGEN_CORE=transformers")
+        return TransformersCore(loaded.model, int(loaded.tokenizer.pad_token_id), options.slots, capacity)
+    gguf = loaded.source_file if loaded.source_file and arch.name == "llama" else None
+    has_blocks = gguf is not None and has_q4_1_blocks(gguf)
+    plan, _ = plan_for(
+        options.weights,
+        device=loaded.device,
+        compute_dtype=loaded.dtype,
+        has_int4_blocks=has_blocks,
+        bf16_fast=cpu_supports_bf16(),
+        probe=lambda: first_layer_probe(loaded.model),
+        max_batch=options.slots,
+    )
+    blocks = None
+    if gguf is not None and has_blocks and "int4" in plan.formats:
+        config = loaded.model.config
+        blocks = read_q4_1_blocks(gguf, config.num_attention_heads, config.num_key_value_heads)
+    factory = LinearFactory(plan, loaded.dtype, loaded.device, blocks)
+    core = DecodeCore(loaded.model, arch, plan, factory, slots=options.slots, capacity=capacity)
+    info = core.describe()
+    logger.info(
+        "Model core: %s; weights %s (%.0f MiB); KV cache %d slots x %d positions (%.0f MiB reserved, touched as used)%s",
+        info["core"],
+        info["weights"],
+        info["weights_bytes"] / 2**20,
+        info["slots"],
+        info["positions_per_slot"],
+        info["kv_cache_bytes"] / 2**20,
+        f"; {', '.join(sorted(core.fallbacks))} unavailable here, float used instead" if core.fallbacks else "",
+    )
+    return core
+
+
+FIRST_LAYER = re.compile(r"(^|\.)(layers|h)\.0\.")
+
+
+def first_layer_probe(model: torch.nn.Module) -> Probe:
+    """Every projection weight of the first transformer layer ([out, in]) and the output head."""
+    weights = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not FIRST_LAYER.search(name + ".") or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        is_conv1d = type(module).__name__ == "Conv1D"  # GPT-2 stores [in, out]
+        weights.append((weight.t() if is_conv1d else weight).detach())
+    config = model.config.get_text_config()
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+    return Probe(weights, model.get_output_embeddings().weight.detach(), int(layers))

@@ -1,0 +1,109 @@
+"""``TEXTGEN_WEIGHTS=auto``: pick weight formats per batch size by timing this machine's kernels.
+
+The probe is the model's own first layer (every linear in it) plus the output projection, timed in
+each candidate format at a few batch sizes; a step's linear time is estimated as layers x probe +
+head. The fastest format at batch 1 serves small batches, the fastest at the largest batch serves
+large ones, and the crossover is where the large-batch format starts to win. At most two formats
+are kept, so memory holds at most two copies of the weights. Takes about a second at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from textgen.engine.core.linear import FloatKernel, Int4Kernel, Int8Kernel, Kernel, int4_supported
+from textgen.engine.core.weights import UNBOUNDED, WeightPlan
+
+logger = logging.getLogger(__name__)
+
+PROBE_BATCHES = (1, 4, 8, 16, 32, 64)
+REPEATS = 3
+
+
+@dataclass(frozen=True)
+class Probe:
+    layer_weights: list[torch.Tensor]  # every [out, in] weight in one transformer layer
+    head_weight: torch.Tensor  # [V, E]
+    layers: int
+
+
+def plan_for(
+    requested: str,
+    *,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    has_int4_blocks: bool,
+    bf16_fast: bool,
+    probe: Callable[[], Probe],
+    max_batch: int,
+) -> tuple[WeightPlan, dict[str, dict[int, float]]]:
+    """The plan and, for auto on CPU, the measured ms per step by format and batch size."""
+    float_name = str(compute_dtype).removeprefix("torch.")
+    if requested == "float":
+        return WeightPlan.single(float_name), {}
+    if requested == "bf16":
+        return WeightPlan.single("bfloat16"), {}
+    if requested in ("int8", "int4"):
+        return WeightPlan.single(requested), {}
+    if device.type != "cpu":
+        return WeightPlan.single(float_name), {}
+    candidates = (["int4"] if has_int4_blocks else []) + (["bfloat16"] if bf16_fast else []) + ["float32"]
+    if len(candidates) == 1:
+        return WeightPlan.single(candidates[0]), {}
+    timings = measure(probe(), candidates, [b for b in PROBE_BATCHES if b <= max(max_batch, 1)] or [1])
+    return plan_from_timings(timings), timings
+
+
+def plan_from_timings(timings: dict[str, dict[int, float]]) -> WeightPlan:
+    """Fastest at the smallest batch for small batches, fastest at the largest for the rest."""
+    batches = sorted(next(iter(timings.values())))
+    small = min(timings, key=lambda f: timings[f][batches[0]])
+    large = min(timings, key=lambda f: timings[f][batches[-1]])
+    if small == large:
+        return WeightPlan.single(small)
+    crossover = next(b for b in batches if timings[large][b] < timings[small][b])
+    last_small = max(b for b in batches if b < crossover)
+    return WeightPlan(((float(last_small), small), (UNBOUNDED, large)))
+
+
+def measure(probe: Probe, formats: Sequence[str], batches: Sequence[int]) -> dict[str, dict[int, float]]:
+    """Estimated ms of linear work per decode step, by format and batch size."""
+    timings: dict[str, dict[int, float]] = {}
+    for fmt in formats:
+        layer = [_kernel(fmt, w) for w in probe.layer_weights]
+        head = _kernel(fmt, probe.head_weight)
+        timings[fmt] = {}
+        for batch in batches:
+            x = torch.randn(batch, probe.head_weight.shape[1])
+            inputs = [torch.randn(batch, w.shape[1]).to(k.dtype) for w, k in zip(probe.layer_weights, layer, strict=True)]
+            layer_ms = _best_ms(lambda ks=layer, xs=inputs: [k(x_) for k, x_ in zip(ks, xs, strict=True)])
+            head_ms = _best_ms(lambda k=head, x_=x.to(head.dtype): k(x_))
+            timings[fmt][batch] = probe.layers * layer_ms + head_ms
+    logger.info(
+        "Weight formats measured (ms of linear work per step by batch size): %s",
+        {f: {b: round(ms, 1) for b, ms in t.items()} for f, t in timings.items()},
+    )
+    return timings
+
+
+def _kernel(fmt: str, weight: torch.Tensor) -> Kernel:
+    if fmt == "int4" and int4_supported(weight.shape[1], weight.device):
+        return Int4Kernel.quantize(weight, None)
+    if fmt == "int8":
+        return Int8Kernel.quantize(weight, None)
+    return FloatKernel.build(weight.to(getattr(torch, fmt if fmt not in ("int4", "int8") else "bfloat16")), None, pack=True)
+
+
+def _best_ms(run: Callable[[], object]) -> float:
+    run()
+    best = float("inf")
+    for _ in range(REPEATS):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return best * 1e3

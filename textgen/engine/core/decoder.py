@@ -1,0 +1,154 @@
+"""The decode core: one of the architecture modules (Llama family, GPT-2) over a slot KV cache.
+
+It only computes logits for the slots it is given; who runs, when, and for how long is the
+scheduler's business (``engine/batched.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from textgen.engine.core import gpt2, llama
+from textgen.engine.core.kv_cache import SlotKVCache
+from textgen.engine.core.layers import Attention, DecodeAttention, PrefillAttention
+from textgen.engine.core.weights import LinearFactory, WeightPlan
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    unsupported_reason: Callable[[Any], str | None]
+    build: Callable[..., Any]
+    forward: Callable[[Any, torch.Tensor, torch.Tensor, Attention], torch.Tensor]
+
+
+ARCHITECTURES = (
+    Architecture("llama", llama.unsupported_reason, llama.build, llama.forward),
+    Architecture("gpt2", gpt2.unsupported_reason, gpt2.build, gpt2.forward),
+)
+
+
+def architecture_for(model: Any) -> tuple[Architecture | None, str]:
+    """The module that can run this model, or None and why not (for the start-up log)."""
+    reasons = []
+    for arch in ARCHITECTURES:
+        reason = arch.unsupported_reason(model)
+        if reason is None:
+            return arch, ""
+        reasons.append(reason)
+    return None, reasons[0]
+
+
+class DecodeCore:
+    """Prefill prompts into slots, decode one token for a set of slots, free slots."""
+
+    def __init__(
+        self,
+        model: Any,
+        arch: Architecture,
+        plan: WeightPlan,
+        factory: LinearFactory,
+        *,
+        slots: int,
+        capacity: int,
+    ) -> None:
+        self.name = f"textgen-{arch.name}"
+        self.plan = plan
+        self._arch = arch
+        self._dtype = factory.compute_dtype
+        self._device = factory.device
+        self.weights = arch.build(model, factory, self._dtype, capacity)
+        self.cache = SlotKVCache(
+            layers=len(self.weights.layers),
+            slots=slots,
+            kv_heads=self.weights.kv_heads,
+            capacity=capacity,
+            head_dim=self.weights.head_dim,
+            dtype=self._dtype,
+            device=self._device,
+        )
+        self.fallbacks = factory.fallbacks
+
+    # ----- the core contract ----------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    @property
+    def free_slots(self) -> int:
+        return self.cache.free_slots
+
+    def allocate(self) -> int:
+        return self.cache.allocate()
+
+    def free(self, slots: Sequence[int]) -> None:
+        for slot in slots:
+            self.cache.free(slot)
+
+    def slots_in_order(self) -> list[int]:
+        """The order in which decode() reads the cache without copying."""
+        return self.cache.slots_in_row_order()
+
+    @torch.inference_mode()
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Write each prompt's keys/values into its (empty) slot. Returns next-token logits [B, V] float32."""
+        rows = self.cache.rows_of(slots)
+        segments, tokens, positions, last = [], [], [], []
+        start = 0
+        for slot, row, prompt in zip(slots, rows, prompts, strict=True):
+            self.cache.check_room(slot, len(prompt))
+            segments.append((row, start, len(prompt)))
+            tokens.extend(prompt)
+            positions.extend(range(len(prompt)))
+            start += len(prompt)
+            last.append(start - 1)
+        self.cache.ensure_initialised(max(length for _, _, length in segments))
+        attention = PrefillAttention(self.cache, segments, self.weights.scale)
+        hidden = self._forward(tokens, positions, attention)  # [N, E]
+        for row, _, length in segments:
+            self.cache.advance([row], length)
+        index = torch.tensor(last, dtype=torch.long, device=self._device)
+        return self.weights.lm_head(hidden.index_select(0, index))
+
+    @torch.inference_mode()
+    def decode(self, slots: Sequence[int], tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each slot its next token [B]; returns logits [B, V] float32, rows in the order of ``slots``."""
+        rows = self.cache.rows_of(slots)
+        lengths = self.cache.lengths_of(rows)
+        for slot in slots:
+            self.cache.check_room(slot, 1)
+        attention = DecodeAttention.plan(self.cache, rows, lengths, self.weights.scale)
+        hidden = self._forward(tokens, lengths, attention)
+        self.cache.advance(rows)
+        return self.weights.lm_head(hidden)
+
+    def _forward(self, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int], attention: Attention) -> torch.Tensor:
+        token_t = torch.as_tensor(tokens, dtype=torch.long).to(self._device)
+        position_t = torch.tensor(positions, dtype=torch.long, device=self._device)
+        return self._arch.forward(self.weights, token_t, position_t, attention)
+
+    # ----- reporting -------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        linears = _linears(self.weights)
+        return {
+            "core": self.name,
+            "weights": self.plan.describe(),
+            "weights_bytes": sum(layer.nbytes() for layer in linears),
+            "kv_cache_bytes": self.cache.reserved_bytes,
+            "slots": self.cache.slots,
+            "positions_per_slot": self.cache.capacity,
+            "dtype": str(self._dtype).removeprefix("torch."),
+        }
+
+
+def _linears(weights: Any) -> list[Any]:
+    found = [weights.lm_head]
+    for layer in weights.layers:
+        found.extend(value for value in vars(layer).values() if hasattr(value, "kernel_for"))
+    return found

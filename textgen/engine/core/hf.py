@@ -1,0 +1,67 @@
+"""The transformers core: any causal LM transformers can run, behind the same slot contract.
+
+Used for architectures the decode core does not cover. Rows live in a left-padded ``Batch`` whose
+cache grows by one column per step and is trimmed when rows leave (see ``engine/batch.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from textgen.engine.batch import Batch, decode_step, prefill
+from textgen.errors import EngineError
+
+
+class TransformersCore:
+    name = "transformers"
+
+    def __init__(self, model: PreTrainedModel, pad_id: int, slots: int, capacity: int) -> None:
+        self._model = model
+        self._pad_id = pad_id
+        self._batch: Batch[int] | None = None  # rows are slot ids
+        self._free_ids = list(range(slots - 1, -1, -1))
+        self._slots = slots
+        self.capacity = capacity
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_ids)
+
+    def allocate(self) -> int:
+        if not self._free_ids:
+            raise EngineError("No free slot (more sequences than TEXTGEN_MAX_RUNNING).")
+        return self._free_ids.pop()
+
+    def slots_in_order(self) -> list[int]:
+        return [] if self._batch is None else list(self._batch.rows)
+
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        batch, logits = prefill(self._model, prompts, list(slots), self._pad_id)
+        self._batch = batch if self._batch is None else self._batch.concat(batch)
+        return logits.float()
+
+    def decode(self, slots: Sequence[int], tokens: torch.Tensor) -> torch.Tensor:
+        batch = self._batch
+        if batch is None:
+            raise EngineError("decode() before any prefill")
+        if batch.rows != list(slots):
+            position = {slot: row for row, slot in enumerate(batch.rows)}
+            batch = batch.filter([position[s] for s in slots])
+            self._batch = batch
+        batch.last_tokens = tokens.to(batch.last_tokens.device)
+        return decode_step(self._model, batch).float()
+
+    def free(self, slots: Sequence[int]) -> None:
+        gone = set(slots)
+        self._free_ids.extend(slots)
+        if self._batch is None:
+            return
+        keep = [row for row, slot in enumerate(self._batch.rows) if slot not in gone]
+        self._batch = self._batch.filter(keep) if keep else None
+
+    def describe(self) -> dict[str, Any]:
+        return {"core": self.name, "weights": str(self._model.dtype).removeprefix("torch."), "slots": self._slots}

@@ -1,0 +1,190 @@
+"""Linear layers in the weight formats the decode core can run: float, int8 and int4 (weight-only).
+
+Each kernel is a small object with ``__call__(x) -> y`` for x [N, K] -> y [N, out]. A ``Linear`` holds
+one kernel per weight format it was built with and picks one by the number of rows in x, because on a
+CPU small batches are bound by reading weights (fewer bits win) while large batches are bound by
+arithmetic (float kernels win). Which format serves which batch size is decided by measurement in
+``calibrate.py``, not here.
+
+Int4 uses PyTorch's group-32 CPU kernel: a weight is ``(q - 8) * scale + zero`` per group of 32 input
+columns, q in 0..15. A GGUF Q4_1 block (``d * q + m``) maps onto it exactly with ``scale = d`` and
+``zero = m + 8 d``, so a Q4_1 file keeps its own 4-bit blocks (only d and m + 8d are rounded to bf16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+GROUP = 32  # input columns per int4 group; also the GGUF Q4_1 / Q8_0 block size
+WEIGHT_FORMATS = ("float", "int8", "int4")
+
+
+class Kernel(Protocol):
+    format: str
+    dtype: torch.dtype  # the activation dtype the kernel computes in
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def nbytes(self) -> int: ...
+
+
+@dataclass
+class FloatKernel:
+    """Plain dense weights; on CPU pre-packed once into oneDNN's blocked layout (no per-call reorder)."""
+
+    weight: torch.Tensor  # [out, K], or oneDNN-packed when packed is True
+    bias: torch.Tensor | None
+    packed: bool = False
+    format: str = "float"
+
+    @classmethod
+    def build(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, pack: bool) -> FloatKernel:
+        if pack and weight.device.type == "cpu" and _can_pack(weight.dtype):
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 64)
+            return cls(packed, bias, packed=True)
+        return cls(weight.contiguous(), bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def nbytes(self) -> int:
+        return _nbytes(self.weight, self.bias)
+
+
+@dataclass
+class Int8Kernel:
+    """Weight-only int8 with one scale per output channel; activations in bf16."""
+
+    qweight: torch.Tensor  # [out, K] int8
+    scales: torch.Tensor  # [out] bf16
+    bias: torch.Tensor | None
+    format: str = "int8"
+    dtype: torch.dtype = torch.bfloat16
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Kernel:
+        w = weight.float()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-12)  # [out]
+        q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(q, scales.to(torch.bfloat16), _as(bias, torch.bfloat16))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        return y if self.bias is None else y + self.bias
+
+    def nbytes(self) -> int:
+        return _nbytes(self.qweight, self.scales, self.bias)
+
+
+@dataclass
+class Int4Kernel:
+    """Weight-only int4, group 32: w = (q - 8) * scale + zero; activations, scales and zeros in bf16."""
+
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor  # [K / 32, out, 2] bf16
+    bias: torch.Tensor | None
+    out_features: int
+    format: str = "int4"
+    dtype: torch.dtype = torch.bfloat16
+
+    @classmethod
+    def from_blocks(
+        cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None
+    ) -> Int4Kernel:
+        """q [out, K] ints in 0..15; scale, zero [out, K / 32] for w = (q - 8) * scale + zero."""
+        out_features, k = q.shape
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [K/32, out, 2]
+        assert scales_and_zeros.shape == (k // GROUP, out_features, 2)
+        return cls(packed, scales_and_zeros.to(torch.bfloat16), _as(bias, torch.bfloat16), out_features)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int4Kernel:
+        """Asymmetric min/max quantization per group of 32 (for weights that arrive as floats)."""
+        out_features, k = weight.shape
+        groups = weight.float().reshape(out_features, k // GROUP, GROUP)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [out, K/32]
+        step = ((high - low) / 15.0).clamp_(min=1e-12)
+        q = torch.round((groups - low[..., None]) / step[..., None]).clamp_(0, 15).reshape(out_features, k)
+        return cls.from_blocks(q, step, low + 8 * step, bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
+        return y if self.bias is None else y + self.bias
+
+    def nbytes(self) -> int:
+        return _nbytes(self.packed, self.scales_and_zeros, self.bias)
+
+
+@dataclass
+class Linear:
+    """One logical layer: kernels tried in order, the first whose ``max_rows`` admits the batch serves it."""
+
+    kernels: list[tuple[int, Kernel]]  # (max_rows, kernel); the last entry's max_rows is unbounded
+    out_dtype: torch.dtype
+    in_features: int = field(default=0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [N, K] -> [N, out]
+        kernel = self.kernel_for(x.shape[0])
+        return kernel(x.to(kernel.dtype)).to(self.out_dtype)
+
+    def kernel_for(self, rows: int) -> Kernel:
+        for max_rows, kernel in self.kernels:
+            if rows <= max_rows:
+                return kernel
+        return self.kernels[-1][1]
+
+    def nbytes(self) -> int:
+        return sum(kernel.nbytes() for _, kernel in self.kernels)
+
+
+def int4_supported(in_features: int, device: torch.device) -> bool:
+    return device.type == "cpu" and in_features % GROUP == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def int8_supported(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
+def q4_1_to_int4(blocks: torch.Tensor, out_features: int, in_features: int) -> tuple[torch.Tensor, ...]:
+    """Raw GGUF Q4_1 bytes [out, K/32 * 20] -> q [out, K] (0..15), scale, zero [out, K/32] (float32).
+
+    A block is d (f16), m (f16), then 16 bytes: low nibbles are the block's first 16 values, high
+    nibbles the last 16; value = d * q + m.
+    """
+    groups = in_features // GROUP
+    raw = blocks.reshape(out_features, groups, 20)
+    d = raw[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()  # [out, groups]
+    m = raw[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
+    nibbles = raw[..., 4:20].to(torch.int32)  # [out, groups, 16]
+    q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(out_features, in_features)
+    return q, d, m + 8 * d
+
+
+def fuse_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack the output rows of several layers fed by the same input into one weight."""
+    return torch.cat(list(parts), dim=0)
+
+
+def _can_pack(dtype: torch.dtype) -> bool:
+    return torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
+
+
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    # oneDNN-packed weights are opaque (no storage to ask); their size is their element count's.
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

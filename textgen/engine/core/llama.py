@@ -1,0 +1,123 @@
+"""The Llama family (Llama, SmolLM2, Mistral and Qwen2 style checkpoints) as a few pure functions.
+
+Weights are taken from the loaded transformers model, with the query/key/value and gate/up
+projections fused so each layer runs four matrix products. Shapes: N tokens, E hidden size,
+Hq / Hkv heads, D head size, F intermediate size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from textgen.engine.core.layers import Attention, apply_rotary, rms_norm, rotary_tables
+from textgen.engine.core.linear import Linear
+from textgen.engine.core.weights import LinearFactory
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+STATIC_ROPE = ("default", "linear", "llama3", None)
+
+
+@dataclass
+class LlamaLayer:
+    attn_norm: torch.Tensor  # [E]
+    qkv: Linear  # E -> (Hq + 2 Hkv) D
+    out: Linear  # Hq D -> E
+    mlp_norm: torch.Tensor  # [E]
+    gate_up: Linear  # E -> 2F
+    down: Linear  # F -> E
+
+
+@dataclass
+class LlamaWeights:
+    embed: torch.Tensor  # [V, E]
+    layers: list[LlamaLayer]
+    final_norm: torch.Tensor  # [E]
+    lm_head: Linear  # E -> V
+    cos: torch.Tensor  # [P, D]
+    sin: torch.Tensor  # [P, D]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5
+
+
+def unsupported_reason(model: PreTrainedModel) -> str | None:
+    config = model.config
+    if config.model_type not in MODEL_TYPES:
+        return f"model type {config.model_type!r}"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type") not in STATIC_ROPE:
+        return f"rope type {rope.get('rope_type')!r}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        window = int(config.sliding_window)
+        if window < config.max_position_embeddings:
+            return f"sliding-window attention ({window})"
+    if getattr(config, "mlp_bias", False):
+        return "MLP biases"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    return None
+
+
+def build(model: PreTrainedModel, make: LinearFactory, dtype: torch.dtype, positions: int) -> LlamaWeights:
+    config = model.config
+    base = model.model
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layers = []
+    for index, layer in enumerate(base.layers):
+        prefix = f"model.layers.{index}."
+        attn, mlp = layer.self_attn, layer.mlp
+        layers.append(
+            LlamaLayer(
+                attn_norm=layer.input_layernorm.weight.detach().to(dtype),
+                qkv=make(
+                    [prefix + "self_attn.q_proj", prefix + "self_attn.k_proj", prefix + "self_attn.v_proj"],
+                    [attn.q_proj, attn.k_proj, attn.v_proj],
+                ),
+                out=make([prefix + "self_attn.o_proj"], [attn.o_proj]),
+                mlp_norm=layer.post_attention_layernorm.weight.detach().to(dtype),
+                gate_up=make([prefix + "mlp.gate_proj", prefix + "mlp.up_proj"], [mlp.gate_proj, mlp.up_proj]),
+                down=make([prefix + "mlp.down_proj"], [mlp.down_proj]),
+            )
+        )
+    rotary = base.rotary_emb
+    cos, sin = rotary_tables(rotary.inv_freq, positions, float(getattr(rotary, "attention_scaling", 1.0)), dtype)
+    return LlamaWeights(
+        embed=base.embed_tokens.weight.detach().to(dtype),
+        layers=layers,
+        final_norm=base.norm.weight.detach().to(dtype),
+        lm_head=make(["lm_head"], [model.lm_head], out_dtype=torch.float32),
+        cos=cos.to(model.device),
+        sin=sin.to(model.device),
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        eps=float(config.rms_norm_eps),
+    )
+
+
+def forward(w: LlamaWeights, tokens: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
+    """tokens, positions [N] -> final hidden states [N, E]."""
+    n = tokens.shape[0]
+    q_width, kv_width = w.heads * w.head_dim, w.kv_heads * w.head_dim
+    x = F.embedding(tokens, w.embed)  # [N, E]
+    cos, sin = w.cos[positions][:, None, :], w.sin[positions][:, None, :]  # [N, 1, D]
+    for index, layer in enumerate(w.layers):
+        h = rms_norm(x, layer.attn_norm, w.eps)
+        qkv = layer.qkv(h)  # [N, (Hq + 2 Hkv) D]
+        qk = apply_rotary(qkv[:, : q_width + kv_width].view(n, w.heads + w.kv_heads, w.head_dim), cos, sin)
+        v = qkv[:, q_width + kv_width :].view(n, w.kv_heads, w.head_dim)
+        x = x + layer.out(attention(index, qk[:, : w.heads], qk[:, w.heads :], v))
+        h = rms_norm(x, layer.mlp_norm, w.eps)
+        gate, up = layer.gate_up(h).chunk(2, dim=-1)  # [N, F] each
+        x = x + layer.down(F.silu(gate) * up)
+    return rms_norm(x, w.final_norm, w.eps)

@@ -1,0 +1,129 @@
+"""Which weight format serves which batch size, and the factory that builds every linear layer by it.
+
+``TEXTGEN_WEIGHTS`` names the format: ``float`` (the model dtype, bf16 or float32), ``bf16``,
+``int8``, ``int4``, or ``auto``. ``auto`` is measured per machine (``calibrate.py``): a Q4 GGUF source
+keeps its 4-bit blocks for the batch sizes where reading fewer bytes wins, and a float copy serves
+larger batches where arithmetic dominates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from textgen.engine.core.gguf_blocks import Int4Blocks
+from textgen.engine.core.linear import (
+    FloatKernel,
+    Int4Kernel,
+    Int8Kernel,
+    Kernel,
+    Linear,
+    fuse_rows,
+    int4_supported,
+    int8_supported,
+)
+
+logger = logging.getLogger(__name__)
+
+UNBOUNDED = math.inf
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A linear map given as weight [out, in] and optional bias [out]."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """Formats by batch size: ``tiers`` = ((max_rows, format), ...), the last one unbounded.
+
+    Formats: "int4", "int8", or a float dtype name ("bfloat16", "float32", "float16").
+    """
+
+    tiers: tuple[tuple[float, str], ...]
+
+    @classmethod
+    def single(cls, fmt: str) -> WeightPlan:
+        return cls(((UNBOUNDED, fmt),))
+
+    def describe(self) -> str:
+        parts, low = [], 1
+        for max_rows, fmt in self.tiers:
+            if max_rows == UNBOUNDED:
+                parts.append(f"{fmt} for batches >= {low}" if low > 1 else fmt)
+            else:
+                parts.append(f"{fmt} for batches {low}-{int(max_rows)}")
+                low = int(max_rows) + 1
+        return ", ".join(parts)
+
+    @property
+    def formats(self) -> list[str]:
+        return [fmt for _, fmt in self.tiers]
+
+
+class LinearFactory:
+    """Builds every linear layer of a model by the plan; fuses layers that share an input."""
+
+    def __init__(
+        self,
+        plan: WeightPlan,
+        compute_dtype: torch.dtype,
+        device: torch.device,
+        int4_blocks: dict[str, Int4Blocks] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.compute_dtype = compute_dtype
+        self.device = device
+        self._blocks = int4_blocks or {}
+        self.fallbacks: set[str] = set()
+
+    def __call__(
+        self,
+        names: Sequence[str],
+        layers: Sequence[torch.nn.Module | Projection],
+        out_dtype: torch.dtype | None = None,
+    ) -> Linear:
+        projections = [_projection(layer) for layer in layers]
+        weight = fuse_rows([p.weight for p in projections])
+        biases = [p.bias for p in projections]
+        bias = fuse_rows([b for b in biases if b is not None]) if all(b is not None for b in biases) else None
+        kernels: list[tuple[float, Kernel]] = []
+        built: dict[str, Kernel] = {}
+        for max_rows, fmt in self.plan.tiers:
+            if fmt not in built:
+                built[fmt] = self._kernel(fmt, names, weight, bias)
+            kernels.append((max_rows, built[fmt]))
+        return Linear(kernels, out_dtype or self.compute_dtype, in_features=weight.shape[1])
+
+    def _kernel(self, fmt: str, names: Sequence[str], weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
+        if fmt == "int4" and int4_supported(weight.shape[1], self.device):
+            blocks = [self._blocks.get(name) for name in names]
+            if all(b is not None for b in blocks):
+                q = fuse_rows([b.q for b in blocks if b is not None])
+                scale = fuse_rows([b.scale for b in blocks if b is not None])
+                zero = fuse_rows([b.zero for b in blocks if b is not None])
+                return Int4Kernel.from_blocks(q, scale, zero, bias)
+            return Int4Kernel.quantize(weight, bias)
+        if fmt == "int8" and int8_supported(self.device):
+            return Int8Kernel.quantize(weight, bias)
+        if fmt in ("int4", "int8"):
+            self.fallbacks.add(fmt)
+            fmt = str(self.compute_dtype).removeprefix("torch.")
+        dtype = getattr(torch, fmt)
+        return FloatKernel.build(
+            weight.to(self.device, dtype), None if bias is None else bias.to(self.device, dtype), pack=True
+        )
+
+
+def _projection(layer: torch.nn.Module | Projection) -> Projection:
+    if isinstance(layer, Projection):
+        return layer
+    bias = getattr(layer, "bias", None)
+    return Projection(layer.weight.detach(), None if bias is None else bias.detach())
