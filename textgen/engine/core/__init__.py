@@ -96,7 +96,8 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
     core = DecodeCore(loaded.model, arch, plan, factory, slots=options.slots, capacity=capacity)
     info = core.describe()
     logger.info(
-        "Model core: %s; weights %s (%.0f MiB); KV cache %d slots x %d positions (%.0f MiB reserved, touched as used)%s",
+        "Model core: %s; weights %s (%.0f MiB); KV cache %d slots x %d positions "
+        "(%.0f MiB reserved, touched as used)%s",
         info["core"],
         info["weights"],
         info["weights_bytes"] / 2**20,

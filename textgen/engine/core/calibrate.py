@@ -79,11 +79,9 @@ def measure(probe: Probe, formats: Sequence[str], batches: Sequence[int]) -> dic
         head = _kernel(fmt, probe.head_weight)
         timings[fmt] = {}
         for batch in batches:
-            x = torch.randn(batch, probe.head_weight.shape[1])
-            inputs = [torch.randn(batch, w.shape[1]).to(k.dtype) for w, k in zip(probe.layer_weights, layer, strict=True)]
-            layer_ms = _best_ms(lambda ks=layer, xs=inputs: [k(x_) for k, x_ in zip(ks, xs, strict=True)])
-            head_ms = _best_ms(lambda k=head, x_=x.to(head.dtype): k(x_))
-            timings[fmt][batch] = probe.layers * layer_ms + head_ms
+            pairs = [(k, _input(batch, w, k)) for w, k in zip(probe.layer_weights, layer, strict=True)]
+            head_pair = [(head, _input(batch, probe.head_weight, head))]
+            timings[fmt][batch] = probe.layers * _best_ms(pairs) + _best_ms(head_pair)
     logger.info(
         "Weight formats measured (ms of linear work per step by batch size): %s",
         {f: {b: round(ms, 1) for b, ms in t.items()} for f, t in timings.items()},
@@ -96,14 +94,21 @@ def _kernel(fmt: str, weight: torch.Tensor) -> Kernel:
         return Int4Kernel.quantize(weight, None)
     if fmt == "int8":
         return Int8Kernel.quantize(weight, None)
-    return FloatKernel.build(weight.to(getattr(torch, fmt if fmt not in ("int4", "int8") else "bfloat16")), None, pack=True)
+    dtype = torch.bfloat16 if fmt in ("int4", "int8") else getattr(torch, fmt)  # int4/int8 unavailable here
+    return FloatKernel.build(weight.to(dtype), None, pack=True)
 
 
-def _best_ms(run: Callable[[], object]) -> float:
-    run()
+def _input(batch: int, weight: torch.Tensor, kernel: Kernel) -> torch.Tensor:
+    return torch.randn(batch, weight.shape[1]).to(kernel.dtype)
+
+
+def _best_ms(calls: Sequence[tuple[Kernel, torch.Tensor]]) -> float:
+    """Best of a few runs of every (kernel, input) pair, in ms."""
     best = float("inf")
-    for _ in range(REPEATS):
+    for attempt in range(REPEATS + 1):
         started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
+        for kernel, x in calls:
+            kernel(x)
+        if attempt:  # the first run warms caches and allocators
+            best = min(best, time.perf_counter() - started)
     return best * 1e3

@@ -127,7 +127,9 @@ class DecodeCore:
         self.cache.advance(rows)
         return self.weights.lm_head(hidden)
 
-    def _forward(self, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int], attention: Attention) -> torch.Tensor:
+    def _forward(
+        self, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int], attention: Attention
+    ) -> torch.Tensor:
         token_t = torch.as_tensor(tokens, dtype=torch.long).to(self._device)
         position_t = torch.tensor(positions, dtype=torch.long, device=self._device)
         return self._arch.forward(self.weights, token_t, position_t, attention)

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from textgen.engine.core.kv_cache import SlotKVCache
 
 
-def rotary_tables(inv_freq: torch.Tensor, positions: int, scaling: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def rotary_tables(
+    inv_freq: torch.Tensor, positions: int, scaling: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
     """cos, sin [positions, D] for the split-half rotary layout (as transformers' Llama uses)."""
     angles = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq.float().cpu())  # [P, D/2]
     angles = torch.cat([angles, angles], dim=-1)  # [P, D]
