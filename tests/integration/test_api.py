@@ -390,8 +390,10 @@ async def test_model_failure_is_500_without_internals(
     engine: str, make_settings: MakeSettings, app_client: AppClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with app_client(make_settings(engine=engine)) as (client, app):
-        model = app.state.textgen.model.model
-        real_forward = model.forward
+        state = app.state.textgen
+        # The batched engine runs the model through its core; the threadpool baseline calls the model itself.
+        target, name = (state.engine.core, "prefill") if engine == "batched" else (state.model.model, "forward")
+        real_forward = getattr(target, name)
         calls = {"failed": 0}
 
         def fail_once(*args: Any, **kwargs: Any) -> Any:
@@ -400,7 +402,7 @@ async def test_model_failure_is_500_without_internals(
                 raise RuntimeError("secret internal detail")
             return real_forward(*args, **kwargs)
 
-        monkeypatch.setattr(model, "forward", fail_once)
+        monkeypatch.setattr(target, name, fail_once)
         response = await client.post(
             "/generate", json={"prompt": PROMPT, "max_new_tokens": 4}, headers={"X-Request-ID": "boom-1"}
         )

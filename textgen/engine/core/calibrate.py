@@ -2,9 +2,12 @@
 
 The probe is the model's own first layer (every linear in it) plus the output projection, timed in
 each candidate format at a few batch sizes; a step's linear time is estimated as layers x probe +
-head. The fastest format at batch 1 serves small batches, the fastest at the largest batch serves
-large ones, and the crossover is where the large-batch format starts to win. At most two formats
-are kept, so memory holds at most two copies of the weights. Takes about a second at start-up.
+head. For a Q4 GGUF source, the fastest format at batch 1 serves small batches, the fastest at the
+largest batch serves large ones, and the crossover is where the large-batch format starts to win; at
+most two formats are kept, so memory holds at most two copies of the weights. (A row's logits then
+depend slightly on which side of the crossover its batch is: seeded sampling reproduces within a
+tier; set TEXTGEN_WEIGHTS to one format for batch-invariant numerics.) A float source keeps the
+single float dtype that is fastest over all batch sizes. Takes about a second at start-up.
 """
 
 from __future__ import annotations
@@ -52,10 +55,14 @@ def plan_for(
         return WeightPlan.single(requested), {}
     if device.type != "cpu":
         return WeightPlan.single(float_name), {}
-    candidates = (["int4"] if has_int4_blocks else []) + (["bfloat16"] if bf16_fast else []) + ["float32"]
+    floats = (["bfloat16"] if bf16_fast else []) + ["float32"]
+    candidates = (["int4"] if has_int4_blocks else []) + floats
     if len(candidates) == 1:
         return WeightPlan.single(candidates[0]), {}
     timings = measure(probe(), candidates, [b for b in PROBE_BATCHES if b <= max(max_batch, 1)] or [1])
+    if not has_int4_blocks:
+        # A float source keeps one format: a row's logits then never depend on its batch's size.
+        return WeightPlan.single(min(floats, key=lambda f: sum(timings[f].values()))), timings
     return plan_from_timings(timings), timings
 
 
