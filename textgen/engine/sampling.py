@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from textgen.engine.types import SamplingParams
 
@@ -27,7 +28,8 @@ def apply_repetition_penalty(
     return logits
 
 
-CANDIDATES = 256
+BLOCK = 64  # vocabulary entries per block when looking for candidates
+CANDIDATE_BLOCKS = 16  # blocks kept: up to 1,024 candidate tokens per row
 
 
 def sorted_filtered_probabilities(
@@ -59,24 +61,69 @@ def filtered_probabilities(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same result as ``sorted_filtered_probabilities`` without sorting the whole vocabulary.
 
-    Sorting 50k logits per row per step is the slowest part of sampling on a CPU. A language model's
-    nucleus almost always lies within its few hundred most likely tokens, so only those are ranked
-    (``topk``); rows whose nucleus is not covered by them fall back to the full sort, so the result
-    stays exact. Returns probs [B, C] and token ids [B, C], with C <= V candidates per row.
+    Sorting (or even ``topk`` over) 50k logits per row per step is the slowest part of sampling on a
+    CPU. A language model's nucleus almost always lies within its few hundred most likely tokens, so
+    only a candidate set is ranked: every token above a per-row threshold (``top_candidates``). Rows
+    whose nucleus or top-k is not inside it fall back to the full sort, so the result stays exact.
+    Returns probs [B, C] and token ids [B, C], with C <= V candidates per row.
     """
-    vocab = logits.shape[-1]
-    count = min(vocab, max(CANDIDATES, int(top_k.max())))
-    scaled = logits / temperature[:, None]  # [B, V]
-    values, token_ids = torch.topk(scaled, count, dim=-1)  # [B, C], sorted high to low
+    values, token_ids = top_candidates(logits)  # [B, C] sorted high to low, -inf past the row's set
+    count = values.shape[-1]
     ranks = torch.arange(count, device=logits.device)[None, :]
     limited = top_k > 0
+    in_set = torch.isfinite(values).sum(dim=-1)  # [B]
     values = values.masked_fill(ranks >= torch.where(limited, top_k, count)[:, None], float("-inf"))
-    normalizer = torch.where(limited, torch.logsumexp(values, -1), torch.logsumexp(scaled, -1))  # [B]
-    probs = torch.exp(values - normalizer[:, None])  # [B, C], full-vocabulary probabilities
-    covered = limited | (probs.sum(dim=-1) >= top_p)
+    # top-k rows normalise over their k candidates; the others need the whole vocabulary's mass.
+    probs = torch.softmax(values / temperature[:, None], dim=-1)  # [B, C]
+    if not bool(limited.all()):
+        whole = torch.softmax(logits / temperature[:, None], dim=-1).gather(1, token_ids)  # [B, C]
+        probs = torch.where(limited[:, None], probs, whole.masked_fill(values == float("-inf"), 0.0))
+    covered = torch.where(limited, top_k <= in_set, probs.sum(dim=-1) >= top_p)
     if bool(covered.all()):
         return _nucleus(probs, top_p), token_ids
     return _with_full_vocabulary_rows(logits, temperature, top_k, top_p, covered, _nucleus(probs, top_p), token_ids)
+
+
+def _blocks(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B, V / BLOCK, BLOCK], padding the vocabulary with -inf to a whole block."""
+    rows, vocab = logits.shape
+    if vocab % BLOCK:
+        logits = F.pad(logits, (0, BLOCK - vocab % BLOCK), value=float("-inf"))
+    return logits.view(rows, -1, BLOCK)
+
+
+def top_candidates(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token whose logit beats every token outside the set, sorted high to low.
+
+    The vocabulary is cut into blocks; the CANDIDATE_BLOCKS blocks with the highest maxima are kept,
+    and within them only tokens above the best block left out (so nothing outside the set can rank
+    higher). Returns values [B, C] (-inf for dropped positions) and token ids [B, C].
+    """
+    blocks = _blocks(logits)  # [B, NB, BLOCK]
+    rows, count = blocks.shape[0], blocks.shape[1]
+    if count <= CANDIDATE_BLOCKS:
+        values, ids = torch.sort(logits, dim=-1, descending=True)
+        return values, ids
+    block_max, order = torch.topk(blocks.amax(dim=-1), CANDIDATE_BLOCKS + 1, dim=-1)  # [B, K + 1]
+    threshold = block_max[:, -1:]  # the best block left out
+    chosen = order[:, :-1]  # [B, K]
+    offsets = torch.arange(BLOCK, device=logits.device)
+    values = blocks.gather(1, chosen[..., None].expand(-1, -1, BLOCK)).reshape(rows, -1)  # [B, K * BLOCK]
+    ids = (chosen[..., None] * BLOCK + offsets).reshape(rows, -1)
+    values = values.masked_fill(values <= threshold, float("-inf"))
+    values, position = torch.sort(values, dim=-1, descending=True)
+    return values, ids.gather(1, position)
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over [B, V] (first of equal maxima), via block maxima: ``amax`` vectorises, ``argmax``
+    over a long row does not."""
+    blocks = _blocks(logits)  # [B, NB, BLOCK]
+    if blocks.shape[1] <= CANDIDATE_BLOCKS:
+        return logits.argmax(dim=-1)
+    best_block = blocks.amax(dim=-1).argmax(dim=-1)  # [B]
+    inside = blocks[torch.arange(blocks.shape[0], device=logits.device), best_block].argmax(dim=-1)  # [B]
+    return best_block * BLOCK + inside
 
 
 def _with_full_vocabulary_rows(
@@ -107,9 +154,13 @@ def _with_full_vocabulary_rows(
 
 
 def uniform_draws(generators: Sequence[torch.Generator | None], shared: torch.Generator) -> torch.Tensor:
-    """One U(0,1) number per row: from the row's own generator when seeded, else the shared one."""
-    draws = [torch.rand(1, generator=g if g is not None else shared) for g in generators]
-    return torch.cat(draws)  # [B]
+    """One U(0,1) number per row: from the row's own generator when seeded, else the shared one
+    (all unseeded rows in one draw)."""
+    draws = torch.rand(len(generators), generator=shared)  # [B]
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            draws[row] = torch.rand(1, generator=generator)
+    return draws
 
 
 def sample_rows(
@@ -139,14 +190,17 @@ def select_next_tokens(
 ) -> torch.Tensor:
     """logits [B, V] (any float dtype) -> next token ids [B] (long), greedy or sampled per row."""
     logits = apply_repetition_penalty(logits.float(), params, histories)
-    chosen = torch.argmax(logits, dim=-1)  # [B]
     sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
-    if sampled_rows:
-        index = torch.tensor(sampled_rows, dtype=torch.long, device=logits.device)
-        chosen[index] = sample_rows(
-            logits[index],
-            [params[r] for r in sampled_rows],
-            [generators[r] for r in sampled_rows],
-            shared,
-        )
+    if not sampled_rows:
+        return greedy_tokens(logits)
+    if len(sampled_rows) == len(params):
+        return sample_rows(logits, params, generators, shared)
+    chosen = greedy_tokens(logits)  # [B]
+    index = torch.tensor(sampled_rows, dtype=torch.long, device=logits.device)
+    chosen[index] = sample_rows(
+        logits[index],
+        [params[r] for r in sampled_rows],
+        [generators[r] for r in sampled_rows],
+        shared,
+    )
     return chosen
