@@ -4,6 +4,8 @@
     python -m bench.bench --engines batched --concurrency 1,4 --requests-per-level 4 --max-new-tokens 8
     python -m bench.bench --engines batched --mode stream  # only the streaming endpoint
     python -m bench.bench --url http://127.0.0.1:8000 --label prod-like   # an already running server
+    python -m bench.bench --engines batched --weights auto,int4,bf16       # one batched server per weight format
+    python -m bench.bench --engines batched --compare-url http://127.0.0.1:8080 --compare-label llama.cpp
 
 For each engine a real ``uvicorn main:app`` subprocess is started (``TEXTGEN_ENGINE`` set, a throw-away
 SQLite job store, ``TEXTGEN_MAX_WAITING=1024``; other ``TEXTGEN_*`` variables pass through), waited for on
@@ -12,6 +14,11 @@ by C workers that send requests back to back until the level's request count is 
 (``--mode``): ``generate`` (``POST /generate``), ``stream`` (``/generate`` with ``stream: true``; adds
 client-side time to first token and inter-token latency) and ``openai`` (``POST /v1/completions``). The
 threadpool engine is the baseline and runs only ``generate`` unless ``--all-modes-for-baseline``.
+``--weights`` starts one batched server per ``TEXTGEN_WEIGHTS`` value (rows ``batched`` for auto,
+``batched-int4``...); before each, ``bench.core_rate`` measures that core's decode rate alone, printed next
+to the server's figure. ``--compare-url`` drives any OpenAI-compatible server (llama.cpp's ``llama-server``,
+vLLM, another textgen) with the identical ``/v1/completions`` workload in the same run, and prints the
+ratios. Each level records the load generator's own CPU use and the machine's load average.
 Progress goes to stderr, the table to stdout, and results.json / results.md / results.png to ``--out``.
 """
 
@@ -33,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +60,7 @@ from bench.stats import LevelStats, Mode, Outcome, RequestResult, aggregate, int
 LOG = logging.getLogger("bench")
 
 ENGINES = ("batched", "threadpool")
+WEIGHTS = ("auto", "float", "bf16", "int8", "int4")
 BASELINE_ENGINE = "threadpool"  # runs only generate unless --all-modes-for-baseline
 MODES = tuple(mode.value for mode in Mode)
 DEFAULT_CONCURRENCY = (1, 8, 32, 64)
@@ -104,6 +112,8 @@ class Server:
 class EngineRun:
     records: list[LevelStats] = field(default_factory=list)
     models: set[str] = field(default_factory=set)
+    servers: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> core, weights (from /metrics)
+    core_rates: dict[str, Any] = field(default_factory=dict)  # label -> bench.core_rate result
 
 
 # --- command line -------------------------------------------------------------------------------------
@@ -125,6 +135,14 @@ def parse_engines(text: str) -> list[str]:
     if not engines or unknown:
         raise argparse.ArgumentTypeError(f"engines must be a comma-separated subset of {','.join(ENGINES)}")
     return list(dict.fromkeys(engines))
+
+
+def parse_weights(text: str) -> list[str]:
+    weights = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [w for w in weights if w not in WEIGHTS]
+    if not weights or unknown:
+        raise argparse.ArgumentTypeError(f"weights must be a comma-separated subset of {','.join(WEIGHTS)}")
+    return list(dict.fromkeys(weights))
 
 
 def parse_modes(text: str) -> list[str]:
@@ -173,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default bench/results)")
     parser.add_argument("--url", default=None, help="benchmark an already running server instead of starting one")
     parser.add_argument("--label", default=None, help="engine label for --url results (default 'server')")
+    parser.add_argument(
+        "--weights", type=parse_weights, default=["auto"], help="TEXTGEN_WEIGHTS values for batched (default auto)"
+    )
+    parser.add_argument("--no-core-rate", action="store_true", help="skip measuring each core alone first")
+    parser.add_argument("--compare-url", default=None, help="also drive this OpenAI-compatible server (openai mode)")
+    parser.add_argument("--compare-label", default="compare", help="row label for --compare-url")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /ready")
     parser.add_argument("--request-timeout", type=float, default=900.0, help="seconds per request")
     return parser
@@ -192,7 +216,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.url is not None:
         args.url = args.url.rstrip("/")
         args.label = args.label or "server"
+    if args.compare_url is not None:
+        args.compare_url = args.compare_url.rstrip("/")
     return args
+
+
+def engine_label(engine: str, weights: str) -> str:
+    """Row label: ``batched`` for the default weights, ``batched-int4`` for a forced format."""
+    return engine if engine != "batched" or weights == "auto" else f"{engine}-{weights}"
 
 
 def requests_for_level(concurrency: int, override: int | None, per_client: int = 2, minimum: int = 8) -> int:
@@ -215,9 +246,13 @@ def pick_free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def server_env(engine: str, job_db: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def server_env(
+    engine: str, job_db: Path, base: Mapping[str, str] | None = None, weights: str | None = None
+) -> dict[str, str]:
     """The caller's environment plus the benchmark's engine, a private job store and a deep queue."""
     env = dict(os.environ if base is None else base)
+    if weights is not None:
+        env["TEXTGEN_WEIGHTS"] = weights
     env.update(
         {
             "TEXTGEN_ENGINE": engine,
@@ -229,23 +264,26 @@ def server_env(engine: str, job_db: Path, base: Mapping[str, str] | None = None)
     return env
 
 
-def start_server(engine: str, host: str, port: int, out_dir: Path, job_db: Path) -> Server:
+def start_server(
+    engine: str, host: str, port: int, out_dir: Path, job_db: Path, weights: str | None = None
+) -> Server:
+    label = engine_label(engine, weights or "auto")
     port = port or pick_free_port(host)
-    log_path = out_dir / f"server-{engine}.log"
+    log_path = out_dir / f"server-{label}.log"
     log_file = log_path.open("wb")
     command = [sys.executable, "-m", "uvicorn", "main:app", "--host", host, "--port", str(port)]
-    LOG.info("[%s] starting %s (log: %s)", engine, " ".join(command[1:]), log_path)
+    LOG.info("[%s] starting %s (log: %s)", label, " ".join(command[1:]), log_path)
     process = subprocess.Popen(
         command,
         cwd=REPO_ROOT,
-        env=server_env(engine, job_db),
+        env=server_env(engine, job_db, weights=weights),
         stdin=subprocess.DEVNULL,
         stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: Ctrl-C reaches us, and we stop it in order
     )
     url_host = f"[{host}]" if ":" in host else host
-    return Server(engine, process, f"http://{url_host}:{port}", log_path, log_file)
+    return Server(label, process, f"http://{url_host}:{port}", log_path, log_file)
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -546,6 +584,8 @@ async def run_level(
     prefix = f"[{engine}/{mode} C={concurrency}]"
     LOG.info("%s %d requests of %d new tokens", prefix, total, config.max_new_tokens)
     results: list[RequestResult] = []
+    load_avg = os.getloadavg()[0]
+    cpu_started = time.process_time()
     progress = asyncio.create_task(report_progress(prefix, results, total))
     try:
         with PeakRssSampler(pid) as sampler:
@@ -554,7 +594,11 @@ async def run_level(
         progress.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await progress
-    stats = aggregate(engine, concurrency, results, duration_s, sampler.peak_mib, mode=mode)
+    client_cpu = 100.0 * (time.process_time() - cpu_started) / duration_s if duration_s > 0 else None
+    stats = aggregate(
+        engine, concurrency, results, duration_s, sampler.peak_mib, mode=mode, client_cpu_pct=client_cpu,
+        load_avg_1m=load_avg,
+    )
     log_level_summary(prefix, stats, results, config, mode)
     return stats
 
@@ -583,21 +627,73 @@ async def run_levels(
     ensure_alive(server)
 
 
-def bench_engine(engine: str, args: argparse.Namespace, config: LoadConfig, out_dir: Path, run: EngineRun) -> None:
+def bench_engine(
+    engine: str, args: argparse.Namespace, config: LoadConfig, out_dir: Path, run: EngineRun, weights: str = "auto"
+) -> None:
     """Start a server for ``engine``, benchmark it in its modes, and always stop it."""
+    label = engine_label(engine, weights)
     modes = modes_for_engine(engine, args.modes, args.all_modes_for_baseline)
     if not modes:
-        LOG.warning("[%s] skipped: it runs only generate without --all-modes-for-baseline", engine)
+        LOG.warning("[%s] skipped: it runs only generate without --all-modes-for-baseline", label)
         return
+    if engine == "batched" and not args.no_core_rate:
+        run.core_rates[label] = measure_core_rate(weights, args.concurrency, out_dir)
     with tempfile.TemporaryDirectory(prefix="textgen-bench-") as tmp:
-        server = start_server(engine, args.host, args.port, out_dir, Path(tmp) / "jobs.db")
+        server = start_server(engine, args.host, args.port, out_dir, Path(tmp) / "jobs.db", weights=weights)
         try:
             started = time.monotonic()
             wait_until_ready(server.base_url, args.startup_timeout, server)
-            LOG.info("[%s] ready after %.1fs at %s", engine, time.monotonic() - started, server.base_url)
-            asyncio.run(run_levels(server.base_url, engine, modes, args, config, server, run))
+            LOG.info("[%s] ready after %.1fs at %s", label, time.monotonic() - started, server.base_url)
+            run.servers[label] = server_core_info(server.base_url)
+            asyncio.run(run_levels(server.base_url, label, modes, args, config, server, run))
         finally:
             stop_server(server)
+
+
+def measure_core_rate(weights: str, batches: Sequence[int], out_dir: Path) -> dict[str, Any]:
+    """``python -m bench.core_rate`` in its own process (so this one holds no model), as JSON."""
+    target = out_dir / f"core-rate-{weights}.json"
+    command = [sys.executable, "-m", "bench.core_rate", "--batches", ",".join(map(str, batches)), "--json", str(target)]
+    env = {**os.environ, "TEXTGEN_WEIGHTS": weights}
+    LOG.info("[core %s] measuring the core alone: %s", weights, " ".join(command[1:]))
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not target.is_file():
+        LOG.warning("[core %s] core rate not measured: %s", weights, done.stderr.strip().splitlines()[-1:])
+        return {}
+    return dict(json.loads(target.read_text(encoding="utf-8")))
+
+
+def server_core_info(base_url: str) -> dict[str, str]:
+    """The core and weight formats a textgen server reports in its ``textgen_model_info`` metric."""
+    try:
+        text = httpx.get(f"{base_url}/metrics", timeout=10.0, trust_env=False).text
+    except httpx.HTTPError:
+        return {}
+    for line in text.splitlines():
+        if line.startswith("textgen_model_info{"):
+            labels = line[line.index("{") + 1 : line.rindex("}")]
+            pairs = (item.split("=", 1) for item in labels.split('",') if "=" in item)
+            found = {k.strip(): v.strip().strip('"') for k, v in pairs}
+            return {k: found[k] for k in ("core", "weights", "dtype", "device") if found.get(k)}
+    return {}
+
+
+def bench_compare(args: argparse.Namespace, config: LoadConfig, run: EngineRun) -> None:
+    """The identical /v1/completions workload against another OpenAI-compatible server."""
+    wait_until_ready_openai(args.compare_url, args.startup_timeout)
+    asyncio.run(run_levels(args.compare_url, args.compare_label, [Mode.OPENAI.value], args, config, None, run))
+
+
+def wait_until_ready_openai(base_url: str, timeout_s: float) -> None:
+    """Poll ``GET /v1/models`` (every OpenAI-compatible server has it) until 200."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=base_url, timeout=5.0, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get("/v1/models").status_code == 200:
+                    return
+            time.sleep(READY_POLL_S)
+    raise BenchError(f"{base_url}/v1/models not 200 after {timeout_s:.0f}s")
 
 
 def bench_url(args: argparse.Namespace, config: LoadConfig, run: EngineRun) -> None:
@@ -648,8 +744,14 @@ def args_record(args: argparse.Namespace) -> dict[str, Any]:
     return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
 
 
-def build_metadata(args: argparse.Namespace, models: set[str], started: datetime) -> dict[str, Any]:
+def build_metadata(
+    args: argparse.Namespace, models: set[str], started: datetime, run: EngineRun | None = None
+) -> dict[str, Any]:
     return {
+        "load_avg_at_start": list(LOAD_AT_START),
+        "servers": {} if run is None else run.servers,
+        "core_rates": {} if run is None else run.core_rates,
+        "compare_label": args.compare_label if args.compare_url else None,
         "date": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": ", ".join(sorted(models)) or None,
@@ -664,8 +766,26 @@ def write_outputs(out_dir: Path, run: EngineRun, args: argparse.Namespace, start
     if not run.records:
         LOG.warning("no level finished; nothing written to %s", out_dir)
         return
-    paths = write_reports(out_dir, run.records, build_metadata(args, run.models, started))
+    paths = write_reports(out_dir, run.records, build_metadata(args, run.models, started, run))
     LOG.info("wrote %s", ", ".join(str(path) for path in paths))
+
+
+LOAD_AT_START: list[float] = []
+Target = Callable[[argparse.Namespace, LoadConfig, Path, EngineRun], None]
+
+
+def bench_targets(args: argparse.Namespace) -> list[Target]:
+    """What this run drives, in order: an external --url, or our engines (batched once per --weights),
+    then the --compare-url server."""
+    if args.url:
+        return [lambda a, c, _o, r: bench_url(a, c, r)]
+    targets: list[Target] = []
+    for engine in args.engines:
+        for weights in args.weights if engine == "batched" else ["auto"]:
+            targets.append(lambda a, c, o, r, e=engine, w=weights: bench_engine(e, a, c, o, r, w))
+    if args.compare_url:
+        targets.append(lambda a, c, _o, r: bench_compare(a, c, r))
+    return targets
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -676,15 +796,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     config = LoadConfig(max_new_tokens=args.max_new_tokens, request_timeout_s=args.request_timeout)
     started = datetime.now(UTC)
+    LOAD_AT_START[:] = os.getloadavg()
+    LOG.info("load average (1/5/15 min): %.2f %.2f %.2f", *LOAD_AT_START)
     run = EngineRun()
     status = 0
     try:
-        for engine in [args.label] if args.url else args.engines:
+        for target in bench_targets(args):
             try:
-                if args.url:
-                    bench_url(args, config, run)
-                else:
-                    bench_engine(engine, args, config, out_dir, run)
+                target(args, config, out_dir, run)
             except BenchError as error:
                 LOG.error("%s", error)
                 status = 1

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.stats import EngineRatio, LevelStats, Mode, ModeRatio, engine_ratios, mode_ratios
+from bench.stats import EngineRatio, LevelStats, Mode, ModeRatio, cross_ratios, engine_ratios, mode_ratios
 
 JSON_NAME = "results.json"
 MARKDOWN_NAME = "results.md"
@@ -59,6 +59,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("p50_itl_ms", "p50 itl ms", _fmt_float(1)),
     Column("p95_itl_ms", "p95 itl ms", _fmt_float(1)),
     Column("peak_rss_mib", "peak RSS MiB", _fmt_float(0)),
+    Column("client_cpu_pct", "client CPU %", _fmt_float(0)),
+    Column("load_avg_1m", "load 1m", _fmt_float(2)),
 )
 
 
@@ -165,6 +167,14 @@ def render_markdown(records: Sequence[LevelStats], metadata: Mapping[str, Any]) 
         "",
         render_markdown_table(records),
     ]
+    lines += header_notes(metadata)
+    lines += core_rate_section(records, metadata.get("core_rates") or {})
+    compare = metadata.get("compare_label")
+    if compare:
+        for ours in (Mode.GENERATE.value, Mode.OPENAI.value):
+            versus = cross_ratios(records, ("batched", ours), (compare, Mode.OPENAI.value))
+            if versus:
+                lines += ["", f"## batched/{ours} vs {compare}/{Mode.OPENAI} (same run)", "", *ratio_lines(versus)]
     ratios = engine_ratios(records)
     if ratios:
         title = f"## {ratios[0].numerator} vs {ratios[0].denominator} ({Mode.GENERATE})"
@@ -176,6 +186,48 @@ def render_markdown(records: Sequence[LevelStats], metadata: Mapping[str, Any]) 
     if streaming:
         lines += ["", f"## Streaming ({Mode.STREAM} vs {Mode.GENERATE})", "", *mode_ratio_lines(streaming)]
     return "\n".join(lines) + "\n"
+
+
+def header_notes(metadata: Mapping[str, Any]) -> list[str]:
+    """Load average around the run and what each server computed with (from its /metrics)."""
+    notes = []
+    load = metadata.get("load_avg_at_start")
+    if load:
+        notes.append(f"- load average at start (1/5/15 min): {' / '.join(f'{v:.2f}' for v in load)}")
+    for label, info in (metadata.get("servers") or {}).items():
+        notes.append(f"- {label}: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    return ["", *notes] if notes else []
+
+
+def core_rate_section(records: Sequence[LevelStats], core_rates: Mapping[str, Any]) -> list[str]:
+    """The core's decode rate measured alone (``bench.core_rate``) next to the server's figure at the same C."""
+    lines = []
+    for label, rates in core_rates.items():
+        by_batch = {int(row["batch"]): row for row in rates.get("rows", [])}
+        served = {r.concurrency: r for r in records if r.engine == label and r.mode == Mode.GENERATE}
+        rows = []
+        for c, record in sorted(served.items()):
+            row = by_batch.get(c)
+            if row is None:
+                continue
+            share = record.output_throughput / row["tokens_per_s"] if row["tokens_per_s"] else None
+            rows.append(
+                f"| {c} | {row['steps_per_s']:.1f} | {row['tokens_per_s']:.0f} | {record.output_throughput:.0f} "
+                f"| {_fmt_ratio(share)} |"
+            )
+        if rows:
+            lines += [
+                "",
+                f"## {label}: the core alone vs the server (generate)",
+                "",
+                f"Core: {rates.get('core', {}).get('weights', '?')}; measured by `python -m bench.core_rate` "
+                "before the server started (decode steps only, no prefill, sampling or HTTP).",
+                "",
+                "| C | core steps/s | core tok/s | server out tok/s | server / core |",
+                "| ---: | ---: | ---: | ---: | ---: |",
+                *rows,
+            ]
+    return lines
 
 
 def results_document(records: Sequence[LevelStats], metadata: Mapping[str, Any]) -> dict[str, Any]:

@@ -73,6 +73,8 @@ class LevelStats:
     p50_itl_ms: float | None = None
     p95_itl_ms: float | None = None
     peak_rss_mib: float | None
+    client_cpu_pct: float | None = None  # the load generator's own CPU use during the level (100 = one core)
+    load_avg_1m: float | None = None  # the machine's 1-minute load average when the level started
 
     @property
     def label(self) -> str:
@@ -165,6 +167,8 @@ def aggregate(
     duration_s: float,
     peak_rss_mib: float | None = None,
     mode: str = Mode.GENERATE.value,
+    client_cpu_pct: float | None = None,
+    load_avg_1m: float | None = None,
 ) -> LevelStats:
     """Aggregate one level. Latency and token statistics cover completed requests only, as vLLM's do."""
     done = [r for r in results if r.outcome is Outcome.COMPLETED]
@@ -197,6 +201,8 @@ def aggregate(
         p50_itl_ms=_ms(percentile(itls, 50)),
         p95_itl_ms=_ms(percentile(itls, 95)),
         peak_rss_mib=peak_rss_mib,
+        client_cpu_pct=client_cpu_pct,
+        load_avg_1m=load_avg_1m,
     )
 
 
@@ -204,6 +210,28 @@ def safe_ratio(numerator: float | None, denominator: float | None) -> float | No
     if numerator is None or denominator is None or denominator == 0:
         return None
     return numerator / denominator
+
+
+def cross_ratios(
+    records: Iterable[LevelStats], numerator: tuple[str, str], denominator: tuple[str, str]
+) -> list[EngineRatio]:
+    """``(engine, mode)`` over ``(engine, mode)`` at every concurrency both ran, sorted by concurrency."""
+    by_key = {(r.engine, r.mode, r.concurrency): r for r in records}
+    shared = sorted(
+        {c for e, m, c in by_key if (e, m) == numerator} & {c for e, m, c in by_key if (e, m) == denominator}
+    )
+    return [
+        EngineRatio(
+            concurrency=c,
+            numerator="/".join(numerator),
+            denominator="/".join(denominator),
+            output_throughput_ratio=safe_ratio(
+                by_key[(*numerator, c)].output_throughput, by_key[(*denominator, c)].output_throughput
+            ),
+            p95_e2el_ratio=safe_ratio(by_key[(*numerator, c)].p95_e2el_ms, by_key[(*denominator, c)].p95_e2el_ms),
+        )
+        for c in shared
+    ]
 
 
 def engine_ratios(

@@ -120,15 +120,15 @@ class Metrics:
         self.model_info = Gauge(
             "textgen_model_info",
             "The served model (value is always 1)",
-            ["name", "dtype", "device", "engine"],
+            ["name", "dtype", "device", "engine", "core", "weights"],
             multiprocess_mode="max",
             registry=r,
         )
 
     # ----- recording ---------------------------------------------------------------------------
 
-    def set_model(self, name: str, dtype: str, device: str, engine: str) -> None:
-        self.model_info.labels(name=name, dtype=dtype, device=device, engine=engine).set(1)
+    def set_model(self, name: str, dtype: str, device: str, engine: str, core: str = "", weights: str = "") -> None:
+        self.model_info.labels(name=name, dtype=dtype, device=device, engine=engine, core=core, weights=weights).set(1)
 
     def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
         self.http_requests.labels(method=method, route=route, status=str(status)).inc()

@@ -111,7 +111,15 @@ async def build_state(settings: Settings, model_loader: ModelLoader = load_model
         await store.close()
         raise
     metrics = Metrics()
-    metrics.set_model(model.name, str(model.dtype).removeprefix("torch."), str(model.device), engine.name)
+    core = engine.core_info()
+    metrics.set_model(
+        model.name,
+        str(model.dtype).removeprefix("torch."),
+        str(model.device),
+        engine.name,
+        core=str(core.get("core", "")),
+        weights=str(core.get("weights", "")),
+    )
     engine.set_step_observer(metrics.observe_step)
     service = GenerationService(engine, content_filter, settings, model.name, metrics, rate_limiter)
     owner = process_owner_id()

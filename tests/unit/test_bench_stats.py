@@ -279,21 +279,21 @@ def test_markdown_table_header_and_rows() -> None:
     assert lines[0] == (
         "| engine/mode | C | completed | failed | rejected | duration_s | req/s | out tok/s | out tokens "
         "| mean e2el ms | p50 e2el ms | p95 e2el ms | p99 e2el ms | p50 srv ttft ms | p95 srv ttft ms "
-        "| p50 cli ttft ms | p95 cli ttft ms | p50 itl ms | p95 itl ms | peak RSS MiB |"
+        "| p50 cli ttft ms | p95 cli ttft ms | p50 itl ms | p95 itl ms | peak RSS MiB | client CPU % | load 1m |"
     )
     assert lines[1].startswith("| :--- | ---: |") and lines[1].count("|") == len(COLUMNS) + 1
     assert len(lines) == 2 + len(RECORDS)
     assert lines[2] == (
         "| batched/generate | 1 | 8 | 0 | 0 | 2.00 | 4.00 | 100.0 | 512 | 100 | 90 | 200 | 150 | 10 | 20 "
-        "| - | - | - | - | 512 |"
+        "| - | - | - | - | 512 | - | - |"
     )
     assert lines[5] == (
         "| threadpool/generate | 8 | 8 | 0 | 0 | 2.00 | 4.00 | 150.0 | 512 | 100 | 90 | 1200 | 150 | - | 20 "
-        "| - | - | - | - | - |"
+        "| - | - | - | - | - | - | - |"
     )
     stream_row = render_markdown_table(MODE_RECORDS).splitlines()[3]
     assert stream_row.startswith("| batched/stream | 1 |")
-    assert stream_row.endswith("| 10 | 20 | 30 | 45 | 4.5 | 6.5 | 512 |")
+    assert stream_row.endswith("| 10 | 20 | 30 | 45 | 4.5 | 6.5 | 512 | - | - |")
 
 
 def test_markdown_document_has_context_and_table() -> None:
@@ -312,7 +312,7 @@ def test_text_table_is_aligned() -> None:
     assert len(lines) == 2 + len(RECORDS)
     assert lines[2].startswith("batched/generate ") and lines[4].startswith("threadpool/generate ")
     # Numbers are right-aligned: each row ends where the rule does.
-    assert lines[2].endswith("512") and lines[5].endswith("-")
+    assert lines[2].split()[-3:] == ["512", "-", "-"] and lines[5].endswith("-")
     assert all(len(line) == len(lines[1]) for line in lines[2:])
 
 

@@ -161,7 +161,7 @@ class BatchedEngine:
         """The model core (built by start())."""
         return self._require_core()
 
-    def describe_core(self) -> dict[str, object]:
+    def core_info(self) -> dict[str, object]:
         return {} if self._core is None else self._core.describe()
 
     def stats(self) -> EngineStats:

@@ -145,6 +145,9 @@ class ThreadPoolEngine:
     def set_step_observer(self, observer: Callable[[int, float], None]) -> None:
         """No shared decode steps here: each thread runs its own generate() loop."""
 
+    def core_info(self) -> dict[str, object]:
+        return {"core": "transformers-generate", "weights": str(self._loaded.dtype).removeprefix("torch.")}
+
     def stats(self) -> EngineStats:
         running = min(len(self._handles), self._workers)
         elapsed = max(time.monotonic() - self._started_at, 1e-6)

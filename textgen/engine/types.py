@@ -177,6 +177,9 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    def core_info(self) -> dict[str, object]:
+        """What computes the logits: core name, weight formats, cache size (for logs and /metrics)."""
+
     def set_step_observer(self, observer: Callable[[int, float], None]) -> None:
         """Called with (batch size, seconds) after every decode step, on the inference thread."""
 
