@@ -59,4 +59,5 @@ def core_options_from_settings(settings: Settings) -> CoreOptions:
         weights=settings.weights,
         slots=settings.max_running,
         positions=settings.max_prompt_tokens + settings.max_new_tokens_limit,
+        cache_dir=settings.cache_dir,
     )

@@ -18,13 +18,14 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from textgen.engine.core.calibrate import Probe, plan_for
 from textgen.engine.core.decoder import DecodeCore, architecture_for
-from textgen.engine.core.gguf_blocks import has_q4_1_blocks, read_q4_1_blocks
+from textgen.engine.core.gguf_blocks import Int4Blocks, cached_q4_1_blocks
 from textgen.engine.core.hf import TransformersCore
 from textgen.engine.core.weights import LinearFactory
 from textgen.errors import ConfigError
@@ -32,6 +33,7 @@ from textgen.loader import LoadedModel, cpu_supports_bf16
 
 logger = logging.getLogger(__name__)
 
+PLAN_CACHE = "weight-formats.json"
 CORE_CHOICES = ("auto", "textgen", "transformers")
 WEIGHT_CHOICES = ("auto", "float", "bf16", "int8", "int4")
 
@@ -62,6 +64,7 @@ class CoreOptions:
     weights: str = "auto"  # TEXTGEN_WEIGHTS
     slots: int = 64  # TEXTGEN_MAX_RUNNING
     positions: int = 2048  # per slot: TEXTGEN_MAX_PROMPT_TOKENS + TEXTGEN_MAX_NEW_TOKENS_LIMIT
+    cache_dir: Path | None = None  # TEXTGEN_CACHE_DIR: int4 blocks and weight-format measurements
 
 
 def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
@@ -77,22 +80,18 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
             )
         logger.info("Model core: transformers (%s)", reason or "TEXTGEN_CORE=transformers")
         return TransformersCore(loaded.model, int(loaded.tokenizer.pad_token_id), options.slots, capacity)
-    gguf = loaded.source_file if loaded.source_file and arch.name == "llama" else None
-    has_blocks = gguf is not None and has_q4_1_blocks(gguf)
+    blocks = gguf_int4_blocks(loaded, arch.name, options)
     plan, _ = plan_for(
         options.weights,
         device=loaded.device,
         compute_dtype=loaded.dtype,
-        has_int4_blocks=has_blocks,
+        has_int4_blocks=bool(blocks),
         bf16_fast=cpu_supports_bf16(),
         probe=lambda: first_layer_probe(loaded.model),
         max_batch=options.slots,
+        cache_file=None if options.cache_dir is None else options.cache_dir / PLAN_CACHE,
     )
-    blocks = None
-    if gguf is not None and has_blocks and "int4" in plan.formats:
-        config = loaded.model.config
-        blocks = read_q4_1_blocks(gguf, config.num_attention_heads, config.num_key_value_heads)
-    factory = LinearFactory(plan, loaded.dtype, loaded.device, blocks)
+    factory = LinearFactory(plan, loaded.dtype, loaded.device, blocks if "int4" in plan.formats else None)
     core = DecodeCore(loaded.model, arch, plan, factory, slots=options.slots, capacity=capacity)
     info = core.describe()
     logger.info(
@@ -107,6 +106,16 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         f"; {', '.join(sorted(core.fallbacks))} unavailable here, float used instead" if core.fallbacks else "",
     )
     return core
+
+
+def gguf_int4_blocks(loaded: LoadedModel, arch: str, options: CoreOptions) -> dict[str, Int4Blocks]:
+    """The source file's own 4-bit blocks, when it is a Q4 GGUF and int4 may be used (else empty)."""
+    gguf = loaded.source_file
+    if gguf is None or arch != "llama" or options.weights not in ("auto", "int4") or loaded.device.type != "cpu":
+        return {}
+    config = loaded.model.config
+    cache_dir = options.cache_dir or gguf.parent
+    return cached_q4_1_blocks(gguf, cache_dir, config.num_attention_heads, config.num_key_value_heads)
 
 
 FIRST_LAYER = re.compile(r"(^|\.)(layers|h)\.0\.")

@@ -12,10 +12,12 @@ single float dtype that is fastest over all batch sizes. Takes about a second at
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,8 +26,8 @@ from textgen.engine.core.weights import UNBOUNDED, WeightPlan
 
 logger = logging.getLogger(__name__)
 
-PROBE_BATCHES = (1, 4, 8, 16, 32, 64)
-REPEATS = 3
+PROBE_BATCHES = (1, 4, 8, 16, 32, 64, 128, 256)
+REPEATS = 5
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ def plan_for(
     bf16_fast: bool,
     probe: Callable[[], Probe],
     max_batch: int,
+    cache_file: Path | None = None,
 ) -> tuple[WeightPlan, dict[str, dict[int, float]]]:
     """The plan and, for auto on CPU, the measured ms per step by format and batch size."""
     float_name = str(compute_dtype).removeprefix("torch.")
@@ -59,11 +62,62 @@ def plan_for(
     candidates = (["int4"] if has_int4_blocks else []) + floats
     if len(candidates) == 1:
         return WeightPlan.single(candidates[0]), {}
-    timings = measure(probe(), candidates, [b for b in PROBE_BATCHES if b <= max(max_batch, 1)] or [1])
+    batches = [b for b in PROBE_BATCHES if b <= max(max_batch, 1)] or [1]
+    timings = cached_measurement(cache_file, probe, candidates, batches)
     if not has_int4_blocks:
         # A float source keeps one format: a row's logits then never depend on its batch's size.
         return WeightPlan.single(min(floats, key=lambda f: sum(timings[f].values()))), timings
     return plan_from_timings(timings), timings
+
+
+def cached_measurement(
+    cache_file: Path | None, probe: Callable[[], Probe], formats: Sequence[str], batches: Sequence[int]
+) -> dict[str, dict[int, float]]:
+    """``measure``, remembered per machine, thread count, torch version and layer shapes, so a restart
+    is quick and decides the same way (delete the file to measure again)."""
+    taken = probe()
+    key = "|".join(
+        [
+            _cpu_model(),
+            f"threads={torch.get_num_threads()}",
+            f"torch={torch.__version__}",
+            f"layers={taken.layers}",
+            "shapes=" + ",".join("x".join(map(str, w.shape)) for w in [*taken.layer_weights, taken.head_weight]),
+            "formats=" + ",".join(formats),
+            "batches=" + ",".join(map(str, batches)),
+        ]
+    )
+    known = _read_json(cache_file) if cache_file else {}
+    if key in known:
+        timings = {f: {int(b): float(ms) for b, ms in t.items()} for f, t in known[key].items()}
+        logger.info("Weight formats as measured before on this machine (delete %s to measure again)", cache_file)
+        return timings
+    timings = measure(taken, formats, batches)
+    if cache_file is not None:
+        known[key] = timings
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_text(json.dumps(known, indent=1))
+        except OSError as error:
+            logger.warning("Could not remember the weight-format measurement in %s: %s", cache_file, error)
+    return timings
+
+
+def _read_json(path: Path) -> dict[str, dict[str, dict[str, float]]]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown-cpu"
 
 
 def plan_from_timings(timings: dict[str, dict[int, float]]) -> WeightPlan:
@@ -79,16 +133,29 @@ def plan_from_timings(timings: dict[str, dict[int, float]]) -> WeightPlan:
 
 
 def measure(probe: Probe, formats: Sequence[str], batches: Sequence[int]) -> dict[str, dict[int, float]]:
-    """Estimated ms of linear work per decode step, by format and batch size."""
-    timings: dict[str, dict[int, float]] = {}
-    for fmt in formats:
-        layer = [_kernel(fmt, w) for w in probe.layer_weights]
-        head = _kernel(fmt, probe.head_weight)
-        timings[fmt] = {}
-        for batch in batches:
-            pairs = [(k, _input(batch, w, k)) for w, k in zip(probe.layer_weights, layer, strict=True)]
-            head_pair = [(head, _input(batch, probe.head_weight, head))]
-            timings[fmt][batch] = probe.layers * _best_ms(pairs) + _best_ms(head_pair)
+    """Estimated ms of linear work per decode step, by format and batch size.
+
+    Formats take turns within each repeat, and the best repeat counts, so a burst of other work on the
+    machine slows every format alike instead of deciding the race.
+    """
+    kernels = {f: ([_kernel(f, w) for w in probe.layer_weights], _kernel(f, probe.head_weight)) for f in formats}
+    timings: dict[str, dict[int, float]] = {f: {} for f in formats}
+    for batch in batches:
+        calls = {
+            f: (
+                [(k, _input(batch, w, k)) for w, k in zip(probe.layer_weights, layer, strict=True)],
+                [(head, _input(batch, probe.head_weight, head))],
+            )
+            for f, (layer, head) in kernels.items()
+        }
+        best = {f: (float("inf"), float("inf")) for f in formats}
+        for attempt in range(REPEATS + 1):
+            for fmt, (layer_calls, head_calls) in calls.items():
+                layer_ms, head_ms = _run_ms(layer_calls), _run_ms(head_calls)
+                if attempt:  # the first round warms caches and oneDNN's kernels for this shape
+                    best[fmt] = (min(best[fmt][0], layer_ms), min(best[fmt][1], head_ms))
+        for fmt, (layer_ms, head_ms) in best.items():
+            timings[fmt][batch] = probe.layers * layer_ms + head_ms
     logger.info(
         "Weight formats measured (ms of linear work per step by batch size): %s",
         {f: {b: round(ms, 1) for b, ms in t.items()} for f, t in timings.items()},
@@ -109,13 +176,8 @@ def _input(batch: int, weight: torch.Tensor, kernel: Kernel) -> torch.Tensor:
     return torch.randn(batch, weight.shape[1]).to(kernel.dtype)
 
 
-def _best_ms(calls: Sequence[tuple[Kernel, torch.Tensor]]) -> float:
-    """Best of a few runs of every (kernel, input) pair, in ms."""
-    best = float("inf")
-    for attempt in range(REPEATS + 1):
-        started = time.perf_counter()
-        for kernel, x in calls:
-            kernel(x)
-        if attempt:  # the first run warms caches and allocators
-            best = min(best, time.perf_counter() - started)
-    return best * 1e3
+def _run_ms(calls: Sequence[tuple[Kernel, torch.Tensor]]) -> float:
+    started = time.perf_counter()
+    for kernel, x in calls:
+        kernel(x)
+    return (time.perf_counter() - started) * 1e3

@@ -8,12 +8,18 @@ its own rotary layout; transformers' weights, and so the core's rotary code, use
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from textgen.engine.core.linear import q4_1_to_int4
+
+logger = logging.getLogger(__name__)
 
 Q4_1 = "Q4_1"
 HF_NAMES = {
@@ -31,7 +37,7 @@ HF_NAMES = {
 class Int4Blocks:
     """One layer's weight as int4 groups: w = (q - 8) * scale + zero."""
 
-    q: torch.Tensor  # [out, K] int32 in 0..15
+    q: torch.Tensor  # [out, K] integers in 0..15
     scale: torch.Tensor  # [out, K / 32] float32
     zero: torch.Tensor  # [out, K / 32] float32
 
@@ -76,8 +82,36 @@ def _unpermute_rows(tensors: tuple[torch.Tensor, ...], heads: int) -> tuple[torc
     return tuple(t[order] for t in tensors)
 
 
-def has_q4_1_blocks(path: Path) -> bool:
-    """Whether the file stores any layer weight as Q4_1 (reads only the tensor index)."""
-    from gguf import GGUFReader
+def cached_q4_1_blocks(
+    path: Path, cache_dir: Path, num_heads: int, num_kv_heads: int
+) -> dict[str, Int4Blocks]:
+    """``read_q4_1_blocks``, cached beside the converted model: parsing a GGUF file's metadata takes
+    seconds, loading this cache a fraction of one. Empty when the file has no Q4_1 layer weights."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    cache = cache_dir / f"{path.stem}-{key}-q4_1.safetensors"
+    if cache.is_file():
+        return _from_tensors(load_file(cache))
+    blocks = read_q4_1_blocks(path, num_heads, num_kv_heads)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = cache.with_name(cache.name + f".tmp-{os.getpid()}")
+        save_file(_to_tensors(blocks), staging)
+        staging.rename(cache)
+    except OSError as error:
+        logger.warning("Could not cache Q4_1 blocks under %s (%s); next start reads the GGUF again", cache_dir, error)
+    return blocks
 
-    return any(_hf_name(t.name) and t.tensor_type.name == Q4_1 for t in GGUFReader(str(path)).tensors)
+
+def _to_tensors(blocks: dict[str, Int4Blocks]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, b in blocks.items():
+        tensors[f"{name}.q"] = b.q.to(torch.uint8).contiguous()
+        tensors[f"{name}.scale"] = b.scale.contiguous()
+        tensors[f"{name}.zero"] = b.zero.contiguous()
+    return tensors
+
+
+def _from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, Int4Blocks]:
+    names = {key.rsplit(".", 1)[0] for key in tensors}
+    return {n: Int4Blocks(tensors[f"{n}.q"], tensors[f"{n}.scale"], tensors[f"{n}.zero"]) for n in names}
