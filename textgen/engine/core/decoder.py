@@ -116,6 +116,19 @@ class DecodeCore:
         return self.weights.lm_head(hidden.index_select(0, index))
 
     @torch.inference_mode()
+    def score(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Logits after every position of one sequence [L, V] float32 (for perplexity), in a scratch slot."""
+        slot = self.allocate()
+        try:
+            row = self.cache.rows_of([slot])[0]
+            self.cache.check_room(slot, len(tokens))
+            self.cache.ensure_initialised(len(tokens))
+            attention = PrefillAttention(self.cache, [(row, 0, len(tokens))], self.weights.scale)
+            return self.weights.lm_head(self._forward(tokens, range(len(tokens)), attention))
+        finally:
+            self.free([slot])
+
+    @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: torch.Tensor) -> torch.Tensor:
         """Feed each slot its next token [B]; returns logits [B, V] float32, rows in the order of ``slots``."""
         rows = self.cache.rows_of(slots)
