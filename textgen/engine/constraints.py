@@ -212,9 +212,9 @@ class GrammarCompiler:
         started = time.perf_counter()
         try:
             grammar = _llguidance_grammar(constraint)
-        except ValueError as error:
-            raise _invalid(constraint, str(error)) from None
-        template = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+            template = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+        except Exception as error:  # whatever the client's text breaks is the client's 400
+            raise _invalid(constraint, str(error) or type(error).__name__) from None
         if template.is_error():
             raise _invalid(constraint, template.get_error())
         if template.is_stopped():
