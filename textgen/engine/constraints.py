@@ -27,6 +27,7 @@ from typing import Any, Literal
 import llguidance
 import llguidance.hf
 import llguidance.torch
+import numpy as np
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -249,34 +250,61 @@ def _mask_executor() -> llguidance.LLExecutor:
         return _executor
 
 
-def allowed_tokens(constraints: Sequence[RowConstraint], vocab: int) -> torch.Tensor:
-    """bool [R, vocab]: the tokens each constrained row may take next."""
+_buffers = threading.local()
+
+
+def _bitmask_buffer(rows: int, words: int) -> torch.Tensor:
+    """A reused int32 [rows, words] buffer (one per thread): allocating it every step costs more than
+    filling it."""
+    buffer: torch.Tensor | None = getattr(_buffers, "bitmask", None)
+    if buffer is None or buffer.shape[1] != words or buffer.shape[0] < rows:
+        buffer = torch.empty((max(rows, 64), words), dtype=torch.int32)
+        _buffers.bitmask = buffer
+    return buffer[:rows]
+
+
+def refused_tokens(constraints: Sequence[RowConstraint], vocab: int) -> np.ndarray:
+    """bool [R, vocab] (numpy): True where a constrained row may not take the token next."""
     words = (max(vocab, *(c.vocab_size for c in constraints)) + 31) // 32
-    bitmask = torch.zeros((len(constraints), words), dtype=torch.int32)
+    bitmask = _bitmask_buffer(len(constraints), words)  # every row is overwritten whole
     llguidance.torch.fill_next_token_bitmask_par(
         _mask_executor(), [(c.matcher, row) for row, c in enumerate(constraints)], bitmask
     )
-    bits = torch.arange(32, dtype=torch.int32)
-    # A mask narrower than the logits (the model pads its vocabulary) leaves the extra tokens refused.
-    unpacked = ((bitmask[:, :, None] >> bits) & 1).reshape(len(constraints), words * 32).bool()
-    return unpacked[:, :vocab]
+    # Token t is bit t % 32 of word t // 32, i.e. bit t % 8 of byte t // 8 (little-endian words), so
+    # numpy's unpackbits of the inverted bytes gives "refused" per token in one fast pass. A mask
+    # narrower than the logits (the model pads its vocabulary) leaves the extra tokens refused.
+    inverted = np.invert(bitmask.numpy().view(np.uint8))  # [R, words * 4]
+    bits = np.unpackbits(inverted, axis=1, bitorder="little")[:, :vocab]  # [R, vocab] of 0/1
+    return np.ascontiguousarray(bits).view(np.bool_)
 
 
 def apply_token_masks(
     logits: torch.Tensor, constraints: Sequence[RowConstraint | None], timer: MaskTimer | None = None
 ) -> torch.Tensor:
-    """Set refused tokens' logits to -inf in constrained rows (in place); other rows are untouched.
+    """Set refused tokens' logits to -inf in constrained rows; other rows are untouched.
 
-    logits [B, V]; constraints has one entry per row, None for an unconstrained row.
+    logits [B, V]; constraints has one entry per row, None for an unconstrained row. Returns the masked
+    logits: the same tensor (float32, changed in place), or a float32 copy of lower-precision logits.
+    A batch without constrained rows is returned as it is, at no cost.
     """
     rows = [row for row, c in enumerate(constraints) if c is not None]
     if not rows:
         return logits
     started = time.perf_counter()
-    active = [c for c in constraints if c is not None]
-    allowed = allowed_tokens(active, logits.shape[-1]).to(logits.device)  # [R, V]
-    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    logits = logits.float()
+    if logits.device.type == "cpu" and not logits.is_contiguous():
+        logits = logits.contiguous()
+    refused = refused_tokens([c for c in constraints if c is not None], logits.shape[-1])  # [R, V]
+    if logits.device.type == "cpu" and logits.is_contiguous():
+        # numpy's single-threaded masked copy: torch's parallel masked_fill_ costs more than the work
+        # itself on a small CPU batch.
+        target = logits.numpy()
+        for slot, row in enumerate(rows):
+            np.copyto(target[row], -np.inf, where=refused[slot])
+    else:
+        mask = torch.from_numpy(refused).to(logits.device, non_blocking=True)
+        for slot, row in enumerate(rows):
+            logits[row].masked_fill_(mask[slot], float("-inf"))
     if timer is not None:
         timer.seconds += time.perf_counter() - started
         timer.steps += 1
