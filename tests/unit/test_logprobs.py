@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from textgen.engine.batched import BatchedEngine
-from textgen.engine.sampling import select_next_tokens_with_logprobs, token_logprobs
+from textgen.engine.sampling import RowLogprobs, select_next_tokens, token_logprobs
 from textgen.engine.types import EngineLimits, GenerationRequest, SamplingParams
+
+
+def select_with_logprobs(logits: torch.Tensor, params: list[SamplingParams], generators: list[Any]) -> Any:
+    rows: list[RowLogprobs] = []
+    tokens = select_next_tokens(logits, params, [[]] * len(params), generators, torch.Generator(), logprobs_out=rows)
+    return tokens, rows
 
 
 def _logits(rows: int = 3, vocab: int = 50, seed: int = 0) -> torch.Tensor:
@@ -30,7 +36,7 @@ def test_greedy_top_one_is_the_chosen_token_and_alternatives_are_ordered() -> No
         SamplingParams(temperature=0.0),
         SamplingParams(temperature=0.0, logprobs=0),
     ]
-    tokens, rows = select_next_tokens_with_logprobs(logits.clone(), params, [[]] * 3, [None] * 3, torch.Generator())
+    tokens, rows = select_with_logprobs(logits.clone(), params, [None] * 3)
     first, second, third = rows
     assert second is None
     assert first is not None and third is not None
@@ -48,9 +54,7 @@ def test_greedy_top_one_is_the_chosen_token_and_alternatives_are_ordered() -> No
 def test_sampled_rows_use_the_temperature_scaled_distribution() -> None:
     logits = _logits(rows=1)
     params = [SamplingParams(temperature=0.5, logprobs=3, seed=1)]
-    tokens, rows = select_next_tokens_with_logprobs(
-        logits.clone(), params, [[]], [torch.Generator().manual_seed(1)], torch.Generator()
-    )
+    tokens, rows = select_with_logprobs(logits.clone(), params, [torch.Generator().manual_seed(1)])
     assert rows[0] is not None
     chosen, alternatives = rows[0]
     scaled = torch.log_softmax(logits[0] / 0.5, -1)
@@ -61,9 +65,7 @@ def test_sampled_rows_use_the_temperature_scaled_distribution() -> None:
 def test_refused_tokens_are_never_alternatives() -> None:
     logits = _logits(rows=1, vocab=10)
     logits[0, 3:] = float("-inf")  # as a grammar mask leaves them
-    _, rows = select_next_tokens_with_logprobs(
-        logits, [SamplingParams(temperature=0.0, logprobs=8)], [[]], [None], torch.Generator()
-    )
+    _, rows = select_with_logprobs(logits, [SamplingParams(temperature=0.0, logprobs=8)], [None])
     assert rows[0] is not None
     assert sorted(t for t, _ in rows[0][1]) == [0, 1, 2]
     assert sum(math.exp(v) for _, v in rows[0][1]) == pytest.approx(1.0, abs=1e-5)

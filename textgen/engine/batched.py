@@ -20,7 +20,7 @@ import torch
 
 from textgen.engine.batch import Batch, decode_step, prefill
 from textgen.engine.constraints import GrammarCompiler, MaskTimer, apply_token_masks
-from textgen.engine.sampling import select_next_tokens_with_logprobs
+from textgen.engine.sampling import RowLogprobs, select_next_tokens
 from textgen.engine.sequence import SequenceState, tokenize_prompt
 from textgen.engine.types import (
     EngineLimits,
@@ -303,12 +303,14 @@ class BatchedEngine:
     def _sample_into(self, batch: Batch[SequenceState], logits: torch.Tensor, events: list[Event]) -> None:
         rows = batch.rows
         logits = apply_token_masks(logits, [s.constraint for s in rows], self.mask_timer)
-        tokens, logprobs = select_next_tokens_with_logprobs(
+        logprobs: list[RowLogprobs] = [None] * len(rows)
+        tokens = select_next_tokens(
             logits,
             [s.handle.request.params for s in rows],
             [s.history if s.handle.request.params.repetition_penalty != 1.0 else [] for s in rows],
             [s.generator for s in rows],
             self._shared_rng,
+            logprobs_out=logprobs,
         )
         batch.last_tokens = tokens
         for seq, token, row_logprobs in zip(rows, tokens.tolist(), logprobs, strict=True):

@@ -130,34 +130,28 @@ def sample_rows(
     return token_ids.gather(-1, picked).squeeze(-1)
 
 
+# Per row: None when the row did not ask, else (chosen token's log-probability, [(token id, log-probability)]
+# for its likeliest alternatives, most likely first).
+RowLogprobs = tuple[float, list[tuple[int, float]]] | None
+
+
 def select_next_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     histories: Sequence[Sequence[int]],
     generators: Sequence[torch.Generator | None],
     shared: torch.Generator,
+    logprobs_out: list[RowLogprobs] | None = None,
 ) -> torch.Tensor:
-    """logits [B, V] (any float dtype) -> next token ids [B] (long), greedy or sampled per row."""
-    return select_next_tokens_with_logprobs(logits, params, histories, generators, shared)[0]
+    """logits [B, V] (any float dtype) -> next token ids [B] (long), greedy or sampled per row.
 
-
-# Per row: None when the row did not ask, else (chosen token's log-probability, [(token id, log-probability)]
-# for its likeliest alternatives, most likely first).
-RowLogprobs = tuple[float, list[tuple[int, float]]] | None
-
-
-def select_next_tokens_with_logprobs(
-    logits: torch.Tensor,
-    params: Sequence[SamplingParams],
-    histories: Sequence[Sequence[int]],
-    generators: Sequence[torch.Generator | None],
-    shared: torch.Generator,
-) -> tuple[torch.Tensor, list[RowLogprobs]]:
-    """``select_next_tokens`` plus log-probabilities for the rows whose params ask for them (free
-    when none does)."""
+    With ``logprobs_out``, it is filled with one ``RowLogprobs`` per row (see ``token_logprobs``);
+    rows whose params do not ask get None, and a batch where none asks costs nothing extra."""
     logits = apply_repetition_penalty(logits.float(), params, histories)
     chosen = _choose(logits, params, generators, shared)
-    return chosen, token_logprobs(logits, params, chosen)
+    if logprobs_out is not None:
+        logprobs_out[:] = token_logprobs(logits, params, chosen)
+    return chosen
 
 
 def token_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams], chosen: torch.Tensor) -> list[RowLogprobs]:
