@@ -119,15 +119,6 @@ async def test_background_job_with_a_schema(api: Api) -> None:
     view = await poll_job(client, job_id, lambda v: v["state"] in ("succeeded", "failed"))
     assert view["state"] == "succeeded", view
     jsonschema.validate(json.loads(view["result"]["generated_text"]), SCHEMA)
-    assert view["request"]["json_schema"] == SCHEMA
-
-
-async def test_a_plain_job_stores_no_structured_fields(api: Api) -> None:
-    """Requests without the new fields keep their stored shape (and Idempotency-Key fingerprints)."""
-    client, _ = api
-    job_id = await submit_job(client, {"prompt": PROMPT, "max_new_tokens": 2})
-    view = await poll_job(client, job_id, lambda v: v["state"] in ("succeeded", "failed"))
-    assert not {"json_schema", "regex", "choice", "grammar", "logprobs"} & set(view["request"])
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,6 @@ from textgen.generation import GenerationService
 from textgen.webhooks import check_webhook
 
 router = APIRouter(tags=["generation"])
-# Stored with a background job only when set.
-OPTIONAL_GENERATION_FIELDS = ("callback_url", "json_schema", "regex", "choice", "grammar", "logprobs")
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -115,10 +113,8 @@ async def generate_background(
     await state.service.prepare_request(body)
     if body.callback_url is not None:
         await check_webhook(body.callback_url, state.settings)
-    # Without a webhook the stored request keeps its original shape (and Idempotency-Key fingerprints);
-    # so do requests without structured output or logprobs.
-    unused = {name for name in OPTIONAL_GENERATION_FIELDS if getattr(body, name) is None}
-    stored = body.model_dump(mode="json", exclude={"stream", *unused})
+    # Without a webhook the stored request keeps its original shape (and Idempotency-Key fingerprints).
+    stored = body.model_dump(mode="json", exclude={"stream"} if body.callback_url else {"stream", "callback_url"})
     if idempotency_key is None:
         job = await store.create(stored, request_id=request_id, callback_url=body.callback_url)
     else:
