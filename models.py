@@ -47,12 +47,50 @@ class TextGenerationRequest(BaseModel):
         description="Answer with Server-Sent Events: 'token' events with text as it is generated, then one "
         "'done' event with the full response (or an 'error' event). Ignored by /generate_background.",
     )
+    json_schema: dict[str, Any] | None = Field(
+        None,
+        description="Structured output: the generated text is JSON valid against this JSON schema (compact, no "
+        "free whitespace). At most one of json_schema, regex, choice and grammar.",
+        examples=[{"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}],
+    )
+    regex: str | None = Field(
+        None, max_length=4096, description="Structured output: the generated text matches this regular expression."
+    )
+    choice: list[str] | None = Field(
+        None, max_length=256, description="Structured output: the generated text is exactly one of these strings."
+    )
+    grammar: str | None = Field(
+        None,
+        max_length=65_536,
+        description="Structured output: the generated text follows this context-free grammar (Lark syntax as "
+        "llguidance reads it, or llama.cpp's GBNF).",
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="Return token_logprobs: each generated token's log-probability (after repetition penalty, "
+        "constraint and temperature; before top-k/top-p) and this many likeliest alternatives.",
+    )
 
 
 class Timings(BaseModel):
     queue_s: float = Field(..., description="Time from arrival until the request joined a batch.")
     time_to_first_token_s: float | None = Field(None, description="Time from arrival to the first token.")
     total_s: float = Field(..., description="Time from arrival to the last token.")
+
+
+class TopLogprob(BaseModel):
+    token: str
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    token_id: int
+    logprob: float
+    top_logprobs: list[TopLogprob] = Field(default_factory=list, description="Likeliest first.")
 
 
 class TextGenerationResponse(BaseModel):
@@ -63,6 +101,9 @@ class TextGenerationResponse(BaseModel):
     completion_tokens: int = 0
     finish_reason: FinishReasonName = "length"
     timings: Timings | None = None
+    token_logprobs: list[TokenLogprob] | None = Field(
+        None, description="One entry per generated token, when the request set logprobs."
+    )
 
 
 class JobAccepted(BaseModel):
@@ -156,6 +197,11 @@ class _OpenAIRequest(BaseModel):
     ignore_eos: bool = Field(
         False, description="Extension (as in vLLM): generate exactly max_tokens, ignoring end-of-sequence."
     )
+    response_format: dict[str, Any] | None = Field(
+        None,
+        description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+        '{"name": ..., "schema": {...}}}: the output is JSON (valid against the schema).',
+    )
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -165,6 +211,9 @@ class _OpenAIRequest(BaseModel):
 class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str] = Field(..., description="A prompt or a list of prompts.")
     max_tokens: int | None = Field(16, ge=1, le=4096)
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="Log-probabilities of each token and this many likeliest alternatives."
+    )
 
 
 class ChatMessage(BaseModel):
@@ -178,6 +227,8 @@ class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    logprobs: bool | None = Field(None, description="Return each output token's log-probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Likeliest alternatives per token (logprobs).")
 
 
 class Usage(BaseModel):
@@ -186,10 +237,19 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions shape."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -207,9 +267,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 

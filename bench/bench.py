@@ -12,7 +12,9 @@ SQLite job store, ``TEXTGEN_MAX_WAITING=1024``; other ``TEXTGEN_*`` variables pa
 ``GET /ready``, warmed up with two requests per mode and then driven at each concurrency C, in each mode,
 by C workers that send requests back to back until the level's request count is reached. Modes
 (``--mode``): ``generate`` (``POST /generate``), ``stream`` (``/generate`` with ``stream: true``; adds
-client-side time to first token and inter-token latency) and ``openai`` (``POST /v1/completions``). The
+client-side time to first token and inter-token latency), ``openai`` (``POST /v1/completions``) and
+``json`` (``/generate`` with a small ``json_schema``: structured output; after the levels, the per-step
+cost of the token masks is measured in-process with ``bench.mask_cost`` and reported beside it). The
 threadpool engine is the baseline and runs only ``generate`` unless ``--all-modes-for-baseline``.
 ``--weights`` starts one batched server per ``TEXTGEN_WEIGHTS`` value (rows ``batched`` for auto,
 ``batched-int4``...); before each, ``bench.core_rate`` measures that core's decode rate alone, printed next
@@ -52,6 +54,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as ``python bench/bench.py``: make ``bench`` importable
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.mask_cost import BENCH_SCHEMA  # noqa: E402
 from bench.report import render_table, write_reports  # noqa: E402
 from bench.rss import PeakRssSampler  # noqa: E402
 from bench.sse import SseEvent, SseParser  # noqa: E402
@@ -73,7 +76,7 @@ LOG_TAIL_LINES = 40
 TEMPERATURE = 0.8
 TOP_P = 0.95
 OPENAI_MODEL = "textgen"  # /v1/completions ignores it: the server serves one model
-PATHS = {Mode.GENERATE: "/generate", Mode.STREAM: "/generate", Mode.OPENAI: "/v1/completions"}
+PATHS = {Mode.GENERATE: "/generate", Mode.STREAM: "/generate", Mode.OPENAI: "/v1/completions", Mode.JSON: "/generate"}
 # Short prompts (~15 tokens each); requests cycle through them so consecutive prompts differ.
 PROMPTS = (
     "Write a short story about a robot who learns to paint.",
@@ -114,6 +117,7 @@ class EngineRun:
     models: set[str] = field(default_factory=set)
     servers: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> core, weights (from /metrics)
     core_rates: dict[str, Any] = field(default_factory=dict)  # label -> bench.core_rate result
+    mask_cost: list[dict[str, float]] = field(default_factory=list)
 
 
 # --- command line -------------------------------------------------------------------------------------
@@ -166,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_modes,
         default=list(MODES),
         help="endpoints to drive: generate (/generate), stream (/generate with stream: true), openai "
-        "(/v1/completions); default: generate,stream,openai",
+        "(/v1/completions), json (/generate with a json_schema); default: generate,stream,openai,json",
     )
     parser.add_argument(
         "--all-modes-for-baseline",
@@ -374,6 +378,8 @@ def build_request(mode: str, index: int, max_new_tokens: int) -> tuple[str, dict
     payload = build_payload(index, max_new_tokens)
     if mode == Mode.STREAM:
         payload["stream"] = True
+    if mode == Mode.JSON:
+        payload["json_schema"] = BENCH_SCHEMA  # the grammar ends the row ("stop") when the record is complete
     return PATHS[Mode(mode)], payload
 
 
@@ -762,11 +768,27 @@ def build_metadata(
     }
 
 
+def measure_mask_cost(args: argparse.Namespace, run: EngineRun) -> None:
+    """After a json-mode run on a local server: the token masks' cost per step, for C=1 and the largest C."""
+    if Mode.JSON not in args.modes or args.url or not run.records:
+        return
+    from bench.mask_cost import measure_all
+
+    rows = sorted({1, max(args.concurrency)})
+    try:
+        run.mask_cost = measure_all(os.environ.get("TEXTGEN_MODEL", "bundled"), rows, steps=100)
+    except Exception as error:  # a report without this line beats no report
+        LOG.warning("mask cost not measured: %s", error)
+
+
 def write_outputs(out_dir: Path, run: EngineRun, args: argparse.Namespace, started: datetime) -> None:
     if not run.records:
         LOG.warning("no level finished; nothing written to %s", out_dir)
         return
-    paths = write_reports(out_dir, run.records, build_metadata(args, run.models, started, run))
+    metadata = build_metadata(args, run.models, started, run)
+    if run.mask_cost:
+        metadata["mask_cost"] = run.mask_cost
+    paths = write_reports(out_dir, run.records, metadata)
     LOG.info("wrote %s", ", ".join(str(path) for path in paths))
 
 
@@ -807,6 +829,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except BenchError as error:
                 LOG.error("%s", error)
                 status = 1
+            write_outputs(out_dir, run, args, started)
+        measure_mask_cost(args, run)
+        if run.mask_cost:
             write_outputs(out_dir, run, args, started)
     except KeyboardInterrupt:
         LOG.warning("interrupted")

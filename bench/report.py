@@ -142,6 +142,12 @@ def mode_notes(modes: Iterable[str]) -> list[str]:
             "itl is (last token event - first token event) / (completion_tokens - 1) per request; "
             "e2el runs to the end of the stream"
         )
+    if Mode.JSON in present:
+        notes.append(
+            "- json rows (`/generate` with a small `json_schema`, see bench/mask_cost.py): every row is "
+            "constrained; a row ends (`stop`) when its JSON record is complete, so outputs may be shorter "
+            "than max_new_tokens; throughput counts the tokens generated"
+        )
     if Mode.OPENAI in present:
         notes.append(
             "- openai rows (`/v1/completions`, max_tokens = max_new_tokens): that API has no `ignore_eos`, so "
@@ -185,6 +191,13 @@ def render_markdown(records: Sequence[LevelStats], metadata: Mapping[str, Any]) 
     streaming = mode_ratios(records, Mode.STREAM)
     if streaming:
         lines += ["", f"## Streaming ({Mode.STREAM} vs {Mode.GENERATE})", "", *mode_ratio_lines(streaming)]
+    structured = mode_ratios(records, Mode.JSON)
+    if structured:
+        lines += ["", f"## Structured output ({Mode.JSON} vs {Mode.GENERATE})", "", *mode_ratio_lines(structured)]
+    mask_cost = metadata.get("mask_cost") or []
+    if mask_cost:
+        lines += ["", "Token-mask cost per decode step (bench/mask_cost.py, in-process, same function as the engine):"]
+        lines += ["", *mask_cost_lines(mask_cost)]
     return "\n".join(lines) + "\n"
 
 
@@ -228,6 +241,12 @@ def core_rate_section(records: Sequence[LevelStats], core_rates: Mapping[str, An
                 *rows,
             ]
     return lines
+def mask_cost_lines(results: Iterable[Mapping[str, Any]]) -> list[str]:
+    return [
+        f"- {int(r['rows'])} constrained rows: {r['mean_ms']:.2f} ms mean, {r['p95_ms']:.2f} ms p95 per step "
+        f"(vocabulary {int(r['vocab'])})"
+        for r in results
+    ]
 
 
 def results_document(records: Sequence[LevelStats], metadata: Mapping[str, Any]) -> dict[str, Any]:

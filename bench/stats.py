@@ -22,6 +22,7 @@ class Mode(StrEnum):
     GENERATE = "generate"  # POST /generate, one JSON answer
     STREAM = "stream"  # POST /generate with stream: true, Server-Sent Events
     OPENAI = "openai"  # POST /v1/completions, one JSON answer
+    JSON = "json"  # POST /generate with a small json_schema (structured output)
 
 
 class Outcome(StrEnum):

@@ -6,16 +6,30 @@ one ``GenerationService``, so a rule such as "filter prompts and outputs" has ex
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from models import TextGenerationRequest, TextGenerationResponse, Timings
+from models import TokenLogprob as TokenLogprobView
+from models import TopLogprob as TopLogprobView
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter, StreamingFilter
-from textgen.engine.types import Engine, GenerationRequest, GenerationResult, Handle, Priority, SamplingParams
-from textgen.errors import ContentRejectedError
+from textgen.engine.constraints import CompiledGrammar, GrammarCompiler, constraint_from_fields
+from textgen.engine.types import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    Handle,
+    Priority,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+)
+from textgen.errors import ContentRejectedError, InvalidRequestError
 from textgen.metrics import Metrics
 from textgen.ratelimit import NoRateLimit, RateLimiter
 
@@ -42,7 +56,21 @@ def sampling_params_from(body: TextGenerationRequest) -> SamplingParams:
         seed=body.seed,
         stop=tuple(body.stop or ()),
         ignore_eos=body.ignore_eos,
+        constraint=constraint_from_fields(body.json_schema, body.regex, body.choice, body.grammar),
+        logprobs=body.logprobs,
     )
+
+
+def token_logprob_views(entries: Sequence[TokenLogprob]) -> list[TokenLogprobView]:
+    return [
+        TokenLogprobView(
+            token=e.token,
+            token_id=e.token_id,
+            logprob=e.logprob,
+            top_logprobs=[TopLogprobView(token=t.token, token_id=t.token_id, logprob=t.logprob) for t in e.top],
+        )
+        for e in entries
+    ]
 
 
 @dataclass
@@ -65,6 +93,29 @@ class GenerationService:
             )
             raise ContentRejectedError(PROMPT_REJECTED)
 
+    def _grammars(self, params: SamplingParams) -> GrammarCompiler | None:
+        """The engine's constraint compiler; 400 when the request needs one the engine lacks."""
+        grammars: GrammarCompiler | None = getattr(self.engine, "grammars", None)
+        if grammars is None and (params.constraint is not None or params.logprobs is not None):
+            raise InvalidRequestError(
+                "Structured output and logprobs need the batched engine (TEXTGEN_ENGINE=batched); "
+                f"this server runs the {self.engine.name} engine."
+            )
+        return grammars
+
+    async def prepare(self, params: SamplingParams) -> CompiledGrammar | None:
+        """Check and compile the request's constraint before anything is queued (400 naming the problem).
+
+        Compilation runs in a worker thread (neither the event loop nor the inference thread waits for
+        it) and is cached, so the ``submit`` that follows finds it ready."""
+        grammars = self._grammars(params)
+        if grammars is None or params.constraint is None:
+            return None
+        return await asyncio.to_thread(grammars.compile, params.constraint)
+
+    async def prepare_request(self, body: TextGenerationRequest) -> None:
+        await self.prepare(sampling_params_from(body))
+
     def submit(
         self,
         prompt: str,
@@ -73,17 +124,24 @@ class GenerationService:
         priority: Priority,
         timeout_s: float | None = None,
     ) -> Handle:
+        grammars = self._grammars(params)
         request = GenerationRequest(
             prompt=prompt,
             params=params,
             request_id=request_id,
             priority=priority,
             timeout_s=timeout_s or self.settings.request_timeout_s,
+            # A cache hit after prepare(); a job whose grammar was evicted compiles here.
+            grammar=None if grammars is None or params.constraint is None else grammars.compile(params.constraint),
         )
         return self.engine.submit(request)
 
     def submit_request(self, body: TextGenerationRequest, request_id: str, priority: Priority) -> Handle:
         return self.submit(body.prompt, sampling_params_from(body), request_id, priority, body.timeout_s)
+
+    def visible_logprobs(self, entries: Sequence[TokenLogprob]) -> list[TokenLogprob]:
+        """Log-probability entries with the content filter's redaction applied to each token's text."""
+        return [_redacted_entry(entry, self.content_filter) for entry in entries]
 
     def filter_output(self, text: str, request_id: str) -> str:
         matches = self.content_filter.find(text)
@@ -111,7 +169,10 @@ class GenerationService:
         if principal is not None:
             await self.rate_limiter.charge_tokens(principal, result.completion_tokens)
         text = self.filter_output(result.text, request_id)
-        return result if text == result.text else _with_text(result, text)
+        final = result if text == result.text else _with_text(result, text)
+        if final.token_logprobs:  # alternatives the model did not pick may hold filtered words
+            final = dataclasses.replace(final, token_logprobs=tuple(self.visible_logprobs(final.token_logprobs)))
+        return final
 
     async def response(
         self, result: GenerationResult, request_id: str, principal: str | None = None
@@ -124,6 +185,7 @@ class GenerationService:
             prompt_tokens=final.prompt_tokens,
             completion_tokens=final.completion_tokens,
             finish_reason=final.finish_reason.value,
+            token_logprobs=None if final.token_logprobs is None else token_logprob_views(final.token_logprobs),
             timings=Timings(
                 queue_s=final.timings.queue_s,
                 time_to_first_token_s=final.timings.time_to_first_token_s,
@@ -157,10 +219,24 @@ class GenerationService:
 
 
 def _with_text(result: GenerationResult, text: str) -> GenerationResult:
+    """The filtered result; its token log-probabilities would show the filtered words, so they go too."""
     return GenerationResult(
         text=text,
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
         finish_reason=result.finish_reason,
         timings=result.timings,
+        token_logprobs=None if result.token_logprobs is None else (),
+    )
+
+
+def _redacted_entry(entry: TokenLogprob, content_filter: ContentFilter) -> TokenLogprob:
+    def clean(text: str) -> str:
+        return content_filter.redact(text) if content_filter.find(text) else text
+
+    return TokenLogprob(
+        token_id=entry.token_id,
+        token=clean(entry.token),
+        logprob=entry.logprob,
+        top=tuple(TopLogprob(t.token_id, clean(t.token), t.logprob) for t in entry.top),
     )

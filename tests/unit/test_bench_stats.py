@@ -465,7 +465,7 @@ def test_parse_args() -> None:
     args = bench_mod.parse_args([])
     assert args.engines == ["batched", "threadpool"] and args.concurrency == [1, 8, 32, 64]
     assert args.max_new_tokens == 64 and args.port == 0 and args.requests_per_level is None
-    assert args.modes == ["generate", "stream", "openai"] and args.all_modes_for_baseline is False
+    assert args.modes == ["generate", "stream", "openai", "json"] and args.all_modes_for_baseline is False
     args = bench_mod.parse_args(["--engines", "threadpool", "--concurrency", "1,4", "--url", "http://h:1/"])
     assert args.engines == ["threadpool"] and args.concurrency == [1, 4]
     assert args.url == "http://h:1" and args.label == "server"

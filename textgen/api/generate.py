@@ -79,6 +79,7 @@ async def generate(
     body: TextGenerationRequest, request: Request, service: ServiceDep, request_id: RequestIdDep, caller: CallerDep
 ) -> TextGenerationResponse | Response:
     service.check_prompt(body.prompt, request_id)
+    await service.prepare_request(body)
     handle = service.submit_request(body, request_id, Priority.INTERACTIVE)
     if body.stream:
         return sse_response(generation_events(service, handle, request_id, caller), request_id)
@@ -109,6 +110,7 @@ async def generate_background(
     ] = None,
 ) -> JobAccepted:
     state.service.check_prompt(body.prompt, request_id)
+    await state.service.prepare_request(body)
     if body.callback_url is not None:
         await check_webhook(body.callback_url, state.settings)
     # Without a webhook the stored request keeps its original shape (and Idempotency-Key fingerprints).

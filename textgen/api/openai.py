@@ -29,8 +29,12 @@ from models import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatMessage,
+    ChatTokenLogprob,
+    ChatTopLogprob,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -42,7 +46,16 @@ from textgen.api.deps import CallerDep, RequestIdDep, ServiceDep, StateDep
 from textgen.api.errors import request_id_of, retry_after_headers
 from textgen.api.generate import results_unless_disconnected
 from textgen.api.sse import SSE_RESPONSE_DOC, sse_response
-from textgen.engine.types import FinishReason, GenerationResult, Handle, Priority, SamplingParams, to_client_error
+from textgen.engine.constraints import Constraint
+from textgen.engine.types import (
+    FinishReason,
+    GenerationResult,
+    Handle,
+    Priority,
+    SamplingParams,
+    TokenLogprob,
+    to_client_error,
+)
 from textgen.errors import InvalidRequestError, TextGenError
 from textgen.generation import GenerationService
 
@@ -116,6 +129,33 @@ def render_chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Ch
     return "".join(f"{turn['role']}: {turn['content']}\n" for turn in turns) + "assistant:"
 
 
+def response_format_constraint(response_format: dict[str, Any] | None) -> Constraint | None:
+    """OpenAI's ``response_format``: text (no constraint), json_object, or json_schema."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint.json_object()
+    if kind == "json_schema":
+        spec = (response_format or {}).get("json_schema")
+        schema = spec.get("schema", spec if "type" in spec else None) if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidRequestError(
+                'response_format: json_schema needs an object {"name": ..., "schema": {...}} with the JSON schema.'
+            )
+        return Constraint.json_schema(schema)
+    raise InvalidRequestError(f"response_format: unknown type {kind!r}; use text, json_object or json_schema.")
+
+
+def _logprobs_asked(body: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """Alternatives per token, or None when log-probabilities were not asked for."""
+    if isinstance(body, CompletionRequest):
+        return body.logprobs
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("top_logprobs: set logprobs to true to use top_logprobs.")
+    return (body.top_logprobs or 0) if body.logprobs else None
+
+
 def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, choice: int) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=max_tokens,
@@ -124,6 +164,36 @@ def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int |
         seed=None if body.seed is None else body.seed + choice,
         stop=body.stop_strings(),
         ignore_eos=body.ignore_eos,
+        constraint=response_format_constraint(body.response_format),
+        logprobs=_logprobs_asked(body),
+    )
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
+    """The legacy completions shape; text_offset counts characters from the start of the output."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return CompletionLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[{t.token: t.logprob for t in e.top} for e in entries],
+        text_offset=offsets,
+    )
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob]) -> ChatLogprobs:
+    def top(token: str, logprob: float) -> ChatTopLogprob:
+        return ChatTopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
+
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                **top(e.token, e.logprob).model_dump(), top_logprobs=[top(t.token, t.logprob) for t in e.top]
+            )
+            for e in entries
+        ]
     )
 
 
@@ -164,30 +234,45 @@ def _usage(results: Sequence[GenerationResult], n: int) -> Usage:
     )
 
 
+ChoiceEvent = tuple[int, str, GenerationResult | None, list[TokenLogprob]]
+
+
 async def _choice_events(
     service: GenerationService, handles: Sequence[Handle], request_id: str, caller: str
-) -> AsyncIterator[tuple[int, str, GenerationResult | None]]:
-    """(choice index, text delta, final result or None) from all choices as they arrive."""
-    queue: asyncio.Queue[tuple[int, str, GenerationResult | None, BaseException | None]] = asyncio.Queue()
+) -> AsyncIterator[ChoiceEvent]:
+    """(choice index, text delta, final result or None, log-probabilities of the tokens generated since the
+    choice's previous event) from all choices as they arrive."""
+    queue: asyncio.Queue[tuple[int, str, GenerationResult | None, list[TokenLogprob], BaseException | None]] = (
+        asyncio.Queue()
+    )
 
     async def pump(index: int, handle: Handle) -> None:
+        sent = 0
+
+        def new_logprobs() -> list[TokenLogprob]:
+            nonlocal sent
+            entries = handle.token_logprobs[sent:]
+            sent += len(entries)
+            return service.visible_logprobs(entries)
+
         try:
             async for text in service.stream_text(handle):
-                queue.put_nowait((index, text, None, None))
-            queue.put_nowait((index, "", await service.finish(await handle.result(), request_id, caller), None))
+                queue.put_nowait((index, text, None, new_logprobs(), None))
+            result = await service.finish(await handle.result(), request_id, caller)
+            queue.put_nowait((index, "", result, new_logprobs(), None))
         except BaseException as error:
-            queue.put_nowait((index, "", None, error))
+            queue.put_nowait((index, "", None, [], error))
             raise
 
     tasks = [asyncio.create_task(pump(index, handle)) for index, handle in enumerate(handles)]
     try:
         remaining = len(handles)
         while remaining:
-            index, text, result, error = await queue.get()
+            index, text, result, logprobs, error = await queue.get()
             if error is not None:
                 raise error
             remaining -= result is not None
-            yield index, text, result
+            yield index, text, result, logprobs
     finally:
         for task in tasks:
             task.cancel()
@@ -255,6 +340,7 @@ async def completions(
         raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings.")
     for prompt in prompts:
         service.check_prompt(prompt, request_id)
+    await service.prepare(_sampling(body, body.max_tokens, 0))
     handles = _submit_all(service, prompts, body, body.max_tokens, request_id)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -270,7 +356,12 @@ async def completions(
         created=created,
         model=service.model_name,
         choices=[
-            CompletionChoice(index=i, text=r.text, finish_reason=OPENAI_FINISH[r.finish_reason])
+            CompletionChoice(
+                index=i,
+                text=r.text,
+                logprobs=None if r.token_logprobs is None else completion_logprobs(r.token_logprobs),
+                finish_reason=OPENAI_FINISH[r.finish_reason],
+            )
             for i, r in enumerate(results)
         ],
         usage=_usage(results, body.n),
@@ -288,12 +379,17 @@ async def _completion_chunks(
 ) -> AsyncIterator[dict[str, Any]]:
     base = {"id": completion_id, "object": "text_completion", "created": created, "model": service.model_name}
     finals: dict[int, GenerationResult] = {}
-    async for index, text, result in _choice_events(service, handles, request_id, caller):
+    offsets = [0] * len(handles)
+    async for index, text, result, entries in _choice_events(service, handles, request_id, caller):
         finish = None
         if result is not None:
             finals[index] = result
             finish = OPENAI_FINISH[result.finish_reason]
-        yield {**base, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(entries, offsets[index]).model_dump()
+            offsets[index] += sum(len(e.token) for e in entries)
+        yield {**base, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
     if _include_usage(body):
         yield _usage_chunk(base, finals, body.n)
 
@@ -316,6 +412,7 @@ async def chat_completions(
         service.check_prompt(message.content, request_id)
     prompt = render_chat_prompt(state.model.tokenizer, body.messages)
     max_tokens = body.max_completion_tokens or body.max_tokens or state.settings.max_new_tokens_limit
+    await service.prepare(_sampling(body, max_tokens, 0))
     handles = _submit_all(service, [prompt], body, max_tokens, request_id)
     chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
@@ -329,7 +426,12 @@ async def chat_completions(
         created=created,
         model=service.model_name,
         choices=[
-            ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=OPENAI_FINISH[r.finish_reason])
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=r.text),
+                logprobs=None if r.token_logprobs is None else chat_logprobs(r.token_logprobs),
+                finish_reason=OPENAI_FINISH[r.finish_reason],
+            )
             for i, r in enumerate(results)
         ],
         usage=_usage(results, body.n),
@@ -352,9 +454,11 @@ async def _chat_chunks(
             "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
         }
     finals: dict[int, GenerationResult] = {}
-    async for index, text, result in _choice_events(service, handles, request_id, caller):
-        if text:
-            yield {**base, "choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]}
+    async for index, text, result, entries in _choice_events(service, handles, request_id, caller):
+        logprobs = chat_logprobs(entries).model_dump() if body.logprobs and entries else None
+        if text or logprobs:
+            choice = {"index": index, "delta": {"content": text}, "finish_reason": None}
+            yield {**base, "choices": [{**choice, "logprobs": logprobs} if logprobs else choice]}
         if result is not None:
             finals[index] = result
             finish = OPENAI_FINISH[result.finish_reason]

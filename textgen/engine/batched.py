@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from textgen.engine.constraints import GrammarCompiler, MaskTimer, apply_token_masks
 from textgen.engine.core import CoreOptions, ModelCore, build_core
-from textgen.engine.sampling import select_next_tokens
+from textgen.engine.sampling import RowLogprobs, select_next_tokens
 from textgen.engine.sequence import SequenceState, tokenize_prompt
 from textgen.engine.types import (
     EngineLimits,
@@ -85,6 +86,10 @@ class BatchedEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._step_observer: Callable[[int, float], None] | None = None
+        # Structured output: compiles constraints for this tokenizer (GenerationService uses it
+        # before submitting); mask_timer adds up the per-step cost of the token masks.
+        self.grammars = GrammarCompiler(loaded.tokenizer, loaded.eos_token_ids, _vocab_size(loaded))
+        self.mask_timer = MaskTimer()
 
     # ----- event-loop side -------------------------------------------------------------------
 
@@ -327,15 +332,18 @@ class BatchedEngine:
             self._step_observer(size, elapsed)
 
     def _sample_into(self, rows: list[SequenceState], logits: torch.Tensor, events: list[Event]) -> None:
+        logits = apply_token_masks(logits, [s.constraint for s in rows], self.mask_timer)
+        logprobs: list[RowLogprobs] = [None] * len(rows)
         tokens = select_next_tokens(
             logits,
             [s.handle.request.params for s in rows],
             [s.history if s.handle.request.params.repetition_penalty != 1.0 else [] for s in rows],
             [s.generator for s in rows],
             self._shared_rng,
+            logprobs_out=logprobs,
         )
-        for seq, token in zip(rows, tokens.tolist(), strict=True):
-            delta = seq.accept(token)
+        for seq, token, row_logprobs in zip(rows, tokens.tolist(), logprobs, strict=True):
+            delta = seq.accept(token, row_logprobs)
             if delta:
                 events.append((seq.handle, delta, None, None))
 
@@ -392,6 +400,12 @@ class BatchedEngine:
                 events.extend((h, "", None, NotReadyError(SHUTTING_DOWN)) for h in queue)
                 queue.clear()
         return events
+
+
+def _vocab_size(loaded: LoadedModel) -> int | None:
+    """Rows of the model's output layer (may exceed the tokenizer's vocabulary)."""
+    size = getattr(loaded.model.config, "vocab_size", None)
+    return size if isinstance(size, int) else None
 
 
 def _expired(handle: Handle, now: float) -> bool:

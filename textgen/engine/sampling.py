@@ -181,15 +181,63 @@ def sample_rows(
     return token_ids.gather(-1, picked).squeeze(-1)
 
 
+# Per row: None when the row did not ask, else (chosen token's log-probability, [(token id, log-probability)]
+# for its likeliest alternatives, most likely first).
+RowLogprobs = tuple[float, list[tuple[int, float]]] | None
+
+
 def select_next_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     histories: Sequence[Sequence[int]],
     generators: Sequence[torch.Generator | None],
     shared: torch.Generator,
+    logprobs_out: list[RowLogprobs] | None = None,
 ) -> torch.Tensor:
-    """logits [B, V] (any float dtype) -> next token ids [B] (long), greedy or sampled per row."""
+    """logits [B, V] (any float dtype) -> next token ids [B] (long), greedy or sampled per row.
+
+    With ``logprobs_out``, it is filled with one ``RowLogprobs`` per row (see ``token_logprobs``);
+    rows whose params do not ask get None, and a batch where none asks costs nothing extra."""
     logits = apply_repetition_penalty(logits.float(), params, histories)
+    chosen = _choose(logits, params, generators, shared)
+    if logprobs_out is not None:
+        logprobs_out[:] = token_logprobs(logits, params, chosen)
+    return chosen
+
+
+def token_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams], chosen: torch.Tensor) -> list[RowLogprobs]:
+    """Log-probabilities under each row's sampling distribution: softmax(logits / temperature), where
+    logits already carry the repetition penalty and any grammar mask; greedy rows use temperature 1.
+    Top-k/top-p truncation is not applied, so the alternatives stay informative. One vectorised pass
+    over the rows that asked; refused (-inf) alternatives are left out."""
+    asked = [row for row, p in enumerate(params) if p.logprobs is not None]
+    out: list[RowLogprobs] = [None] * len(params)
+    if not asked:
+        return out
+    index = torch.tensor(asked, dtype=torch.long, device=logits.device)
+    temperature = torch.tensor(
+        [params[r].temperature if not params[r].greedy else 1.0 for r in asked], device=logits.device
+    )
+    logprobs = torch.log_softmax(logits[index] / temperature[:, None], dim=-1)  # [A, V]
+    picked = logprobs.gather(-1, chosen[index][:, None]).squeeze(-1).tolist()  # [A]
+    widest = min(max(params[r].logprobs or 0 for r in asked), logprobs.shape[-1])
+    top_values, top_ids = torch.topk(logprobs, widest, dim=-1) if widest else (None, None)
+    for slot, row in enumerate(asked):
+        alternatives: list[tuple[int, float]] = []
+        if top_values is not None and top_ids is not None:
+            count = params[row].logprobs or 0
+            pairs = zip(top_ids[slot, :count].tolist(), top_values[slot, :count].tolist(), strict=True)
+            alternatives = [(token, value) for token, value in pairs if value != float("-inf")]
+        out[row] = (picked[slot], alternatives)
+    return out
+
+
+def _choose(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    shared: torch.Generator,
+) -> torch.Tensor:
     sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
     if not sampled_rows:
         return greedy_tokens(logits)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from textgen.engine.constraints import RowConstraint
+from textgen.engine.sampling import RowLogprobs
 from textgen.engine.text import TextAssembler
 from textgen.engine.types import (
     EngineLimits,
@@ -16,8 +19,12 @@ from textgen.engine.types import (
     GenerationResult,
     Handle,
     Timings,
+    TokenLogprob,
+    TopLogprob,
 )
 from textgen.errors import InvalidRequestError, PromptTooLongError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +41,9 @@ class SequenceState:
     generated: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None
+    # Structured output: the row's grammar state (None: unconstrained); tokenizer for logprob token text.
+    constraint: RowConstraint | None = None
+    tokenizer: PreTrainedTokenizerBase | None = None
 
     @classmethod
     def admit(
@@ -44,10 +54,13 @@ class SequenceState:
         tokenizer: PreTrainedTokenizerBase,
         eos_ids: frozenset[int],
     ) -> SequenceState:
-        params = handle.request.params
+        request = handle.request
+        params = request.params
         generator = None
         if params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)
+        if params.constraint is not None and request.grammar is None:
+            raise InvalidRequestError("This request's constraint was not compiled; submit it through the service.")
         return cls(
             handle=handle,
             prompt_ids=prompt_ids,
@@ -55,6 +68,8 @@ class SequenceState:
             assembler=TextAssembler(tokenizer, params.stop),
             eos_ids=frozenset() if params.ignore_eos else eos_ids,
             generator=generator,
+            constraint=None if request.grammar is None else request.grammar.start(),
+            tokenizer=tokenizer if params.logprobs is not None else None,
         )
 
     @property
@@ -65,11 +80,15 @@ class SequenceState:
     def history(self) -> list[int]:
         return self.prompt_ids + self.generated
 
-    def accept(self, token_id: int) -> str:
-        """Record a generated token; return text safe to stream. Sets finish_reason when done."""
+    def accept(self, token_id: int, logprobs: RowLogprobs = None) -> str:
+        """Record a generated token; return text safe to stream. Sets finish_reason when done.
+
+        A constrained row whose grammar is complete (nothing more may follow) ends with STOP."""
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.generated.append(token_id)
+        if logprobs is not None:
+            self.handle.token_logprobs.append(self._token_logprob(token_id, logprobs))
         delta = ""
         if token_id in self.eos_ids:
             self.finish_reason = FinishReason.EOS
@@ -77,11 +96,39 @@ class SequenceState:
             delta = self.assembler.push(token_id)
             if self.assembler.stopped:
                 self.finish_reason = FinishReason.STOP
+            elif self.constraint is not None:
+                self._advance_constraint(token_id)
         if self.finish_reason is None and len(self.generated) >= self.budget:
             self.finish_reason = FinishReason.LENGTH
         if self.finish_reason is not None:
             delta += self.assembler.finish()
         return delta
+
+    def _advance_constraint(self, token_id: int) -> None:
+        assert self.constraint is not None
+        if not self.constraint.advance(token_id):
+            # The mask makes this unreachable; end the row rather than emit text the grammar refuses.
+            logger.warning(
+                "Grammar refused a generated token: %s",
+                self.constraint.error,
+                extra={"request_id": self.handle.request.request_id},
+            )
+            self.finish_reason = FinishReason.STOP
+        elif self.constraint.ended:
+            self.finish_reason = FinishReason.STOP
+
+    def _token_logprob(self, token_id: int, logprobs: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
+        chosen, alternatives = logprobs
+        return TokenLogprob(
+            token_id=token_id,
+            token=self._token_text(token_id),
+            logprob=chosen,
+            top=tuple(TopLogprob(t, self._token_text(t), value) for t, value in alternatives),
+        )
+
+    def _token_text(self, token_id: int) -> str:
+        assert self.tokenizer is not None
+        return str(self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False))
 
     def close(self) -> str:
         """Generation ended without a finishing token (budget reached elsewhere): release held text."""
@@ -96,6 +143,7 @@ class SequenceState:
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.generated),
             finish_reason=self.finish_reason or FinishReason.LENGTH,
+            token_logprobs=None if self.tokenizer is None else tuple(self.handle.token_logprobs),
             timings=Timings(
                 queue_s=self.admitted_at - arrived,
                 time_to_first_token_s=None if self.first_token_at is None else self.first_token_at - arrived,

@@ -15,9 +15,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from textgen.errors import EngineError, GenerationCancelledError, TextGenError
+
+if TYPE_CHECKING:
+    from textgen.engine.constraints import CompiledGrammar, Constraint
 
 
 class Priority(enum.IntEnum):
@@ -51,6 +54,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # Structured output: the grammar the tokens must follow (see engine/constraints.py).
+    constraint: Constraint | None = None
+    # None: no log-probabilities; n >= 0: each token's log-probability and its n likeliest alternatives.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -74,6 +81,8 @@ class GenerationRequest:
     priority: Priority = Priority.INTERACTIVE
     timeout_s: float | None = None
     arrived_at: float = field(default_factory=time.monotonic)
+    # params.constraint compiled for the engine's tokenizer (by GenerationService, before submitting).
+    grammar: CompiledGrammar | None = None
 
     @property
     def deadline(self) -> float | None:
@@ -88,12 +97,32 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the distribution it was sampled from (after
+    repetition penalty, grammar mask and temperature; before top-k/top-p), and the likeliest
+    alternatives under that distribution, most likely first."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason
     timings: Timings
+    token_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class Handle:
@@ -105,6 +134,9 @@ class Handle:
         self._future: asyncio.Future[GenerationResult] = loop.create_future()
         self._chunks: list[str] = []
         self._progress = asyncio.Event()
+        # When params.logprobs is set: one entry per generated token, appended by the engine's thread
+        # before the token's text is published (so a stream consumer finds them already there).
+        self.token_logprobs: list[TokenLogprob] = []
         # Read by the inference thread every step; a plain Event is the cheap cross-thread flag.
         self._cancelled = threading.Event()
 
