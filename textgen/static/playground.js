@@ -181,6 +181,7 @@ function generationBody() {
     stop: $("stop").value.split("\n").filter((line) => line !== ""),
   };
   if (!body.stop.length) delete body.stop;
+  if ($("ignore_eos").checked) body.ignore_eos = true;
   for (const key of Object.keys(body)) if (body[key] === null) delete body[key];
   return body;
 }
