@@ -9,18 +9,21 @@ go through the usual API-key check.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 STATIC_URL = "/static"
 DOCS_ASSETS_URL = "/static/docs"
 FAVICON_PATH = f"{STATIC_URL}/favicon.svg"
+# ReDoc's sidebar attribution loads its logo from Redocly's CDN, whatever the options say.
+REDOC_LOGO_URL = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
 
 # The playground loads nothing from elsewhere; the browser enforces it.
 PLAYGROUND_CSP = (
@@ -34,6 +37,12 @@ router = APIRouter(include_in_schema=False)
 def docs_assets_dir() -> Path:
     """Swagger UI's and ReDoc's bundles, as shipped inside the pinned fastapi-offline wheel."""
     return Path(str(files("fastapi_offline") / "static"))
+
+
+@lru_cache(maxsize=1)
+def redoc_bundle() -> bytes:
+    """ReDoc's bundle with its one hard-wired outside request pointed at the service's own icon."""
+    return (docs_assets_dir() / "redoc.standalone.js").read_bytes().replace(REDOC_LOGO_URL, FAVICON_PATH.encode())
 
 
 @router.get("/")
@@ -72,8 +81,14 @@ async def redoc(request: Request) -> HTMLResponse:
     )
 
 
+@router.get(f"{DOCS_ASSETS_URL}/redoc.standalone.js")
+async def redoc_js() -> Response:
+    return Response(redoc_bundle(), media_type="text/javascript; charset=utf-8")
+
+
 def install_ui(app: FastAPI) -> None:
-    """The pages' routes and their static files (the more specific mount first)."""
+    """The pages' routes (ReDoc's patched bundle among them) before their static files, the more specific
+    mount first."""
     app.include_router(router)
     app.mount(DOCS_ASSETS_URL, StaticFiles(directory=docs_assets_dir()), name="docs-assets")
     app.mount(STATIC_URL, StaticFiles(directory=STATIC_DIR), name="static")

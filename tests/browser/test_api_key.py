@@ -1,0 +1,72 @@
+"""The playground on a server with API keys: the page loads without one, asks for it, keeps it in this
+tab's sessionStorage and sends it as a Bearer token."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect
+
+from tests.browser.conftest import PageWatch, open_page, tiny_server
+from tests.e2e.conftest import Server
+
+pytestmark = pytest.mark.browser
+
+KEY = "browser-test-key"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from tiny_server(tiny_model_dir, tmp_path_factory.mktemp("keys"), TEXTGEN_API_KEYS=KEY)
+
+
+def generate_short(page: Page) -> None:
+    page.fill("#prompt", "Once upon a time")
+    page.fill("#max_new_tokens", "4")
+    page.click("#generate")
+
+
+def test_the_key_is_asked_for_kept_in_the_tab_and_sent_as_bearer(
+    page_and_watch: tuple[Page, PageWatch], browser: Browser, server: Server
+) -> None:
+    page, watch = page_and_watch
+    watch.allow_console("status of 401")  # the page finds out that a key is needed from a 401
+    page.goto("/")
+    expect(page.locator("#key-panel")).to_be_visible()
+    expect(page.locator("#key-status")).to_contain_text("needs a valid API key")
+    expect(page.locator("#stats-error")).to_contain_text("401")
+
+    page.fill("#api-key", "wrong-key")
+    page.click("#key-form button[type=submit]")
+    generate_short(page)
+    expect(page.locator("#generate-error")).to_contain_text("401: Missing or invalid API key")
+
+    page.fill("#api-key", KEY)
+    page.click("#key-form button[type=submit]")
+    expect(page.locator("#stat-ready")).to_have_text("yes")
+    with page.expect_request("**/generate") as request_info:
+        generate_short(page)
+    assert request_info.value.headers["authorization"] == f"Bearer {KEY}"
+    expect(page.locator("#result-meta")).to_contain_text("finish reason:", timeout=30_000)
+    expect(page.locator("#generate-error")).to_be_hidden()
+    assert page.evaluate("sessionStorage.getItem('textgen.apiKey')") == KEY
+    assert page.evaluate("localStorage.length") == 0  # never kept beyond the tab
+
+    page.reload()  # same tab: the key survives
+    expect(page.locator("#stat-ready")).to_have_text("yes")
+    expect(page.locator("#api-key")).to_have_value(KEY)
+
+    other, other_watch = open_page(browser, server)  # another tab (own session): asked again
+    other_watch.allow_console("status of 401")
+    try:
+        other.goto("/")
+        expect(other.locator("#key-status")).to_contain_text("needs a valid API key")
+        expect(other.locator("#api-key")).to_have_value("")
+    finally:
+        other.context.close()
+    assert not other_watch.unexpected(), other_watch.unexpected()
+
+    page.click("#key-forget")
+    assert page.evaluate("sessionStorage.getItem('textgen.apiKey')") is None
