@@ -88,7 +88,9 @@ class PageWatch:
 
     def unexpected(self) -> list[str]:
         console = [m for m in self.console_errors if not any(f in m for f in self.allowed_console)]
-        return console + [f"uncaught: {e}" for e in self.page_errors] + [f"external: {u}" for u in self.external_requests]
+        return (
+            console + [f"uncaught: {e}" for e in self.page_errors] + [f"external: {u}" for u in self.external_requests]
+        )
 
 
 def open_page(browser: Browser, server: Server, viewport: dict[str, int] = DESKTOP) -> tuple[Page, PageWatch]:

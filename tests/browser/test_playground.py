@@ -39,7 +39,9 @@ def watch(page_and_watch: tuple[Page, PageWatch]) -> PageWatch:
     return page_and_watch[1]
 
 
-def fill_generation(page: Page, prompt: str, max_new_tokens: int, *, seed: int | None = 7, ignore_eos: bool = True) -> None:
+def fill_generation(
+    page: Page, prompt: str, max_new_tokens: int, *, seed: int | None = 7, ignore_eos: bool = True
+) -> None:
     page.fill("#prompt", prompt)
     page.fill("#max_new_tokens", str(max_new_tokens))
     page.fill("#seed", "" if seed is None else str(seed))
@@ -112,7 +114,8 @@ def test_a_filter_rejection_is_shown_as_the_api_states_it(page: Page, watch: Pag
 def test_background_job_is_followed_from_queued_to_succeeded(page: Page, server: Server) -> None:
     # One job at a time on this server: a long job runs first, so the page's job has to queue behind it.
     blocker = httpx.post(
-        f"{server.url}/generate_background", json={"prompt": "Hold the line", "max_new_tokens": LONG, "ignore_eos": True}
+        f"{server.url}/generate_background",
+        json={"prompt": "Hold the line", "max_new_tokens": LONG, "ignore_eos": True},
     ).json()["job_id"]
     wait_for(lambda: httpx.get(f"{server.url}/jobs/{blocker}").json()["state"] == "running", 15, "the blocker to run")
 
