@@ -1,8 +1,10 @@
-"""The playground on a server with API keys: the page loads without one, asks for it, keeps it in this
-tab's sessionStorage and sends it as a Bearer token."""
+"""The playground on a server with API keys (and a per-key rate limit): the page loads without a key,
+asks for one, keeps it in this tab's sessionStorage and sends it as a Bearer token; a 429 is shown as
+the API states it, with its Retry-After."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +17,18 @@ from tests.e2e.conftest import Server
 pytestmark = pytest.mark.browser
 
 KEY = "browser-test-key"
+LIMITED_KEY = "browser-limited-key"  # its own rate-limit budget, whatever order the tests run in
+RATE_LIMIT_RPM = 3
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from tiny_server(tiny_model_dir, tmp_path_factory.mktemp("keys"), TEXTGEN_API_KEYS=KEY)
+    yield from tiny_server(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("keys"),
+        TEXTGEN_API_KEYS=f"{KEY},{LIMITED_KEY}",
+        TEXTGEN_RATE_LIMIT_RPM=str(RATE_LIMIT_RPM),
+    )
 
 
 def generate_short(page: Page) -> None:
@@ -70,3 +79,20 @@ def test_the_key_is_asked_for_kept_in_the_tab_and_sent_as_bearer(
 
     page.click("#key-forget")
     assert page.evaluate("sessionStorage.getItem('textgen.apiKey')") is None
+
+
+def test_a_rate_limit_is_shown_with_its_retry_after(page_and_watch: tuple[Page, PageWatch]) -> None:
+    page, watch = page_and_watch
+    watch.allow_console("status of 401", "status of 429")
+    page.goto("/")
+    page.fill("#api-key", LIMITED_KEY)
+    page.click("#key-form button[type=submit]")
+    error = page.locator("#generate-error")
+    # RATE_LIMIT_RPM requests pass, the next is refused; twice as many tries cover a minute rolling over.
+    for _ in range(2 * RATE_LIMIT_RPM + 1):
+        generate_short(page)
+        expect(page.locator("#generate")).to_be_enabled(timeout=30_000)
+        if error.is_visible():
+            break
+    expect(error).to_contain_text("429: Rate limit exceeded")
+    expect(error).to_contain_text(re.compile(r"Retry-After: \d+ s"))

@@ -60,7 +60,7 @@ class ApiError extends Error {
 
   describe() {
     const parts = [this.status ? `${this.status}: ${this.detail}` : this.detail];
-    if (this.retryAfter) parts.push(`Retry after ${this.retryAfter} s.`);
+    if (this.retryAfter) parts.push(`(Retry-After: ${this.retryAfter} s)`);
     if (this.requestId) parts.push(`(request id ${this.requestId})`);
     return parts.join(" ");
   }
