@@ -1,39 +1,42 @@
-"""Browser fixtures: Debian's chromium driven by Playwright for Python, against a real uvicorn on the tiny GPT-2.
+"""Browser fixtures: Debian's chromium driven by Playwright for Python, against a real uvicorn on a small GPT-2.
 
-Each test module gets one server (``launch_server`` from the end-to-end fixtures, here on the tiny
-model, so start-up takes seconds) and the whole session one browser. Every page blocks requests that
+Each test module gets one server (``launch_server`` from the end-to-end fixtures, here on a small random
+GPT-2, so start-up takes seconds) and the whole session one browser. Every page blocks requests that
 leave the server's origin and records them, and records console errors and uncaught exceptions; a
 test fails if any appear that it did not expect. Screenshots go to ``build/screenshots/``.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, Route, sync_playwright
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from tests.e2e.conftest import REPO_ROOT, Server, launch_server
+from tests.tiny_model import EOS, build_tokenizer
 
 SCREENSHOT_DIR = REPO_ROOT / "build" / "screenshots"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 375, "height": 812}
-# The playground's tiny-model server: fast job polling, one background job at a time (so a second job
+# The browser tests' server: fast job polling, one background job at a time (so a second job
 # is observably queued behind a first one).
-TINY_SERVER_ENV = {
+SERVER_ENV = {
     "TEXTGEN_DTYPE": "float32",
     "TEXTGEN_JOB_POLL_INTERVAL_S": "0.05",
     "TEXTGEN_JOB_CONCURRENCY": "1",
     "TEXTGEN_SHUTDOWN_GRACE_S": "1",
+    "TEXTGEN_WARMUP": "false",  # start in seconds; nothing here measures the first request
 }
 
 
 def chromium_executable() -> str:
-    path = os.environ.get("TEXTGEN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
         pytest.fail("chromium is not installed: run `make setup` as root (scripts/install-chromium.sh) or apt-get it")
     return path
@@ -54,8 +57,34 @@ def browser(playwright: Playwright) -> Iterator[Browser]:
         browser.close()
 
 
-def tiny_server(tiny_model_dir: Path, workdir: Path, **env: str) -> Iterator[Server]:
-    settings = {**TINY_SERVER_ENV, "TEXTGEN_MODEL": str(tiny_model_dir), **env}
+def save_browser_gpt2(folder: Path) -> Path:
+    """The tiny GPT-2's tokenizer with a wider, deeper random model: still quick to load and fast for the
+    short generations, but a 1000-token one lasts seconds even on a fast idle machine, long enough to
+    watch it in the live panel, stop it, or queue a job behind it without racing it."""
+    tokenizer = build_tokenizer()
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=1024,
+        n_embd=512,
+        n_layer=4,
+        n_head=8,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def browser_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_browser_gpt2(tmp_path_factory.mktemp("browser-gpt2"))
+
+
+def small_model_server(model_dir: Path, workdir: Path, **env: str) -> Iterator[Server]:
+    settings = {**SERVER_ENV, "TEXTGEN_MODEL": str(model_dir), **env}
     with launch_server(settings, workdir=workdir, name="browser-server", ready_timeout_s=120) as server:
         yield server
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.browser.conftest import PageWatch, open_page, tiny_server
+from tests.browser.conftest import PageWatch, open_page, small_model_server
 from tests.e2e.conftest import Server
 
 pytestmark = pytest.mark.browser
@@ -22,9 +22,9 @@ RATE_LIMIT_RPM = 3
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from tiny_server(
-        tiny_model_dir,
+def server(browser_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from small_model_server(
+        browser_model_dir,
         tmp_path_factory.mktemp("keys"),
         TEXTGEN_API_KEYS=f"{KEY},{LIMITED_KEY}",
         TEXTGEN_RATE_LIMIT_RPM=str(RATE_LIMIT_RPM),

@@ -10,15 +10,15 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.conftest import PageWatch, tiny_server
+from tests.browser.conftest import PageWatch, small_model_server
 from tests.e2e.conftest import Server
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from tiny_server(tiny_model_dir, tmp_path_factory.mktemp("docs"))
+def server(browser_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from small_model_server(browser_model_dir, tmp_path_factory.mktemp("docs"))
 
 
 def test_swagger_ui_lists_every_operation_and_try_it_out_works(

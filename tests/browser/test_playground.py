@@ -1,4 +1,4 @@
-"""The playground at / in a real Chromium, against a real uvicorn on the tiny GPT-2.
+"""The playground at / in a real Chromium, against a real uvicorn on a small random GPT-2.
 
 Generations are short (a few dozen tokens) except where a test needs one to still be running: those
 ask for 1000 tokens with ignore_eos and stop it.
@@ -15,17 +15,17 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.browser.conftest import PHONE, PageWatch, open_page, screenshot, tiny_server
+from tests.browser.conftest import PHONE, PageWatch, open_page, screenshot, small_model_server
 from tests.e2e.conftest import Server
 
 pytestmark = pytest.mark.browser
 
-LONG = 1000  # tokens: seconds of work on the tiny model, so there is time to look and to stop it
+LONG = 1000  # tokens: many seconds of work on the small model, so there is time to look and to stop it
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from tiny_server(tiny_model_dir, tmp_path_factory.mktemp("playground"))
+def server(browser_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from small_model_server(browser_model_dir, tmp_path_factory.mktemp("playground"))
 
 
 @pytest.fixture
