@@ -1,7 +1,7 @@
 """Browser fixtures: Debian's chromium driven by Playwright for Python, against a real uvicorn on a small GPT-2.
 
 Each test module gets one server (``launch_server`` from the end-to-end fixtures, here on a small random
-GPT-2, so start-up takes seconds) and the whole session one browser. Every page blocks requests that
+GPT-2, so start-up takes seconds) and one browser. Every page blocks requests that
 leave the server's origin and records them, and records console errors and uncaught exceptions; a
 test fails if any appear that it did not expect. Screenshots go to ``build/screenshots/``.
 """
@@ -42,13 +42,15 @@ def chromium_executable() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+# Module-scoped, not session-scoped: while Playwright's sync driver is open, its event loop counts as
+# running in this thread, and pytest-asyncio could not run the async tests of later modules.
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
     with sync_playwright() as driver:
         yield driver
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     browser = playwright.chromium.launch(executable_path=chromium_executable(), headless=True)
     try:
