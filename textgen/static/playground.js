@@ -37,6 +37,7 @@ function setupKeyPanel() {
     if (key) sessionStorage.setItem(KEY_STORAGE, key);
     else sessionStorage.removeItem(KEY_STORAGE);
     $("key-status").textContent = key ? "Key saved for this tab." : "No key set.";
+    needKey = false;
     refreshStats();
     refreshJobs();
   });
@@ -481,7 +482,8 @@ async function refreshJobs() {
     const list = await (await api("/jobs?limit=10")).json();
     $("jobs-body").replaceChildren(...list.jobs.map(jobRow));
   } catch (error) {
-    if (!(error instanceof ApiError && error.status === 401)) showError("jobs-error", error);
+    if (error instanceof ApiError && error.status === 401) needKey = true;
+    else showError("jobs-error", error);
   } finally {
     refreshingJobs = false;
   }
@@ -490,6 +492,7 @@ async function refreshJobs() {
 // ----- Live server panel (GET /stats) ---------------------------------------------------------------------
 
 let statsBusy = false;
+let needKey = false; // after a 401, background polling waits for a key instead of failing every second
 
 async function refreshStats() {
   if (statsBusy) return;
@@ -510,6 +513,7 @@ async function refreshStats() {
   } catch (error) {
     $("stats-live").className = "dot down";
     $("stats-error").textContent = error instanceof ApiError ? error.describe() : "Server unreachable.";
+    if (error instanceof ApiError && error.status === 401) needKey = true;
   } finally {
     statsBusy = false;
   }
@@ -578,8 +582,8 @@ function setup() {
     if (chat) chat.controller.abort();
   });
   refreshStats();
-  setInterval(() => document.hidden || refreshStats(), STATS_EVERY_MS);
-  setInterval(() => document.hidden || $("panel-jobs").hidden || refreshJobs(), JOBS_EVERY_MS);
+  setInterval(() => document.hidden || needKey || refreshStats(), STATS_EVERY_MS);
+  setInterval(() => document.hidden || needKey || $("panel-jobs").hidden || refreshJobs(), JOBS_EVERY_MS);
 }
 
 document.addEventListener("DOMContentLoaded", setup);
