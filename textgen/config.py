@@ -27,30 +27,34 @@ def _split_commas(value: Any) -> Any:
 
 
 class Settings(BaseSettings):
-    """Service configuration; see the README's settings table for each variable's meaning."""
+    """Service configuration; docs/configuration.md lists every variable (python -m scripts.gen_docs)."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     # Model
     model: str = Field("bundled", description="'bundled', a local folder, or a Hugging Face hub id.")
     model_name: str | None = Field(None, description="Name reported in responses; defaults from the model.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto': bfloat16 on a GPU or a CPU with AVX-512 BF16/AMX, else float32."
+    )
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
     cache_dir: Path = Field(Path.home() / ".cache" / "textgen", description="Converted bundled weights.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
-    warmup: bool = True
+    warmup: bool = Field(True, description="Run one short batched generation before /ready turns 200.")
 
     # Engine
-    engine: Literal["batched", "threadpool"] = "batched"
+    engine: Literal["batched", "threadpool"] = Field(
+        "batched", description="'batched' (continuous batching) or 'threadpool' (the original design, the baseline)."
+    )
     core: Literal["auto", "textgen", "transformers"] = Field(
         "auto", description="Model core: textgen's own (Llama family, GPT-2), transformers (any model), or auto."
     )
     weights: Literal["auto", "float", "bf16", "int8", "int4"] = Field(
-        "auto", description="Weight format of the textgen core; auto measures this machine at start-up."
+        "auto", description="Weight format of the textgen core; auto measures this machine once (cached)."
     )
     max_running: int = Field(64, ge=1, le=1024, description="Sequences decoded together in one batch.")
     max_waiting: int = Field(256, ge=0, description="Interactive requests allowed to wait for a batch slot.")
-    max_prompt_tokens: int = Field(1024, ge=1)
+    max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts get 400 naming the limit.")
     max_new_tokens_limit: int = Field(1024, ge=1, description="Upper bound on tokens generated per request.")
     max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens prefilled in one forward pass.")
     request_timeout_s: float = Field(300.0, gt=0, description="Default deadline, counted from arrival.")
@@ -58,13 +62,21 @@ class Settings(BaseSettings):
     background_share: int = Field(
         4, ge=1, description="One background job is admitted for every N interactive requests under load."
     )
-    shutdown_grace_s: float = Field(10.0, ge=0)
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="How long running interactive requests may finish at shutdown; then 503."
+    )
 
     # Jobs
-    job_store: str = "sqlite:///data/jobs.db"
+    job_store: str = Field(
+        "sqlite:///data/jobs.db",
+        description="sqlite:///relative.db, sqlite:////absolute.db, or redis://[:password@]host:port/db "
+        "(rediss:// for TLS), shared by replicas on many machines.",
+    )
     job_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="How long finished jobs are kept.")
     job_concurrency: int = Field(16, ge=1, description="Background jobs one process runs at a time.")
-    job_poll_interval_s: float = Field(0.5, gt=0)
+    job_poll_interval_s: float = Field(
+        0.5, gt=0, description="How often a process looks for queued jobs and expired leases."
+    )
     job_lease_s: float = Field(
         30.0, gt=0, description="A running job's lease: renewed while its process works; reclaimed once expired."
     )
@@ -81,16 +93,25 @@ class Settings(BaseSettings):
     )
 
     # Content filter
-    blocked_words: CommaList = Field(default_factory=lambda: ["hate"])
-    blocked_words_file: Path | None = None
-    output_filter_action: Literal["reject", "redact"] = "redact"
+    blocked_words: CommaList = Field(
+        default_factory=lambda: ["hate"], description="Comma-separated blocked words or phrases."
+    )
+    blocked_words_file: Path | None = Field(
+        None, description="A file of blocked words, one per line ('#' comments allowed), added to the list."
+    )
+    output_filter_action: Literal["reject", "redact"] = Field(
+        "redact", description="Generated text that matches: 'redact' (replaced by [redacted]) or 'reject' (400)."
+    )
 
     # Access and limits
     api_keys: CommaList = Field(
         default_factory=list, repr=False, description="Comma-separated API keys; empty = no auth."
     )
     api_keys_file: Path | None = Field(None, description="A file of API keys, one per line, added to the list.")
-    auth_exempt_paths: CommaList = Field(default_factory=lambda: ["/health", "/ready", "/metrics"])
+    auth_exempt_paths: CommaList = Field(
+        default_factory=lambda: ["/health", "/ready", "/metrics"],
+        description="Paths that never need a key (add /docs,/redoc,/openapi.json to browse the docs without one).",
+    )
     rate_limit_rpm: int = Field(0, ge=0, description="Requests per minute per API key (0 = unlimited).")
     rate_limit_tpm: int = Field(0, ge=0, description="Generated tokens per minute per API key (0 = unlimited).")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
@@ -98,8 +119,10 @@ class Settings(BaseSettings):
     idempotency_ttl_s: float = Field(24 * 3600.0, gt=0, description="How long an Idempotency-Key is remembered.")
 
     # Logging
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field("text", description="'json': one JSON object per line.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG also logs prompt text; INFO logs only its length and a short hash."
+    )
 
     _split_lists = field_validator("blocked_words", "api_keys", "auth_exempt_paths", "cors_origins", mode="before")(
         _split_commas

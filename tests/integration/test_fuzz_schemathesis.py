@@ -84,6 +84,8 @@ PLANS: dict[str, Plan] = {
     "GET /jobs/{job_id}": Plan(100, (POSITIVE,), uses_real_jobs=True),
     "DELETE /jobs/{job_id}": Plan(100, (POSITIVE,), uses_real_jobs=True),
     "GET /jobs/{job_id}/stream": Plan(100, (POSITIVE,), uses_real_jobs=True),
+    "POST /jobs/{job_id}/cancel": Plan(100, (POSITIVE,), uses_real_jobs=True),
+    "GET /stats": Plan(1, (POSITIVE,)),
     "GET /v1/models": Plan(1, (POSITIVE,)),
     "POST /v1/completions": Plan(70),
     "POST /v1/chat/completions": Plan(70),

@@ -86,9 +86,31 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, 422, errors)
 
 
+def _template_matches(template: str, path: str) -> bool:
+    wanted, got = template.strip("/").split("/"), path.strip("/").split("/")
+    return len(wanted) == len(got) and all(
+        w == g or (w.startswith("{") and g) for w, g in zip(wanted, got, strict=True)
+    )
+
+
+def allowed_methods(request: Request) -> str:
+    """Every documented method on this path (and HEAD with GET). Starlette's 405 names only the first
+    matching route's methods (``GET`` for ``/jobs/{id}``, though ``DELETE`` is there too)."""
+    methods: set[str] = set()
+    for template, item in request.app.openapi().get("paths", {}).items():
+        if _template_matches(template, request.scope["path"]):
+            methods |= {method.upper() for method in item}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return error_response(request, exc.status_code, exc.detail, dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
+    return error_response(request, exc.status_code, exc.detail, headers)
 
 
 async def _unhandled_error(request: Request, exc: Exception) -> JSONResponse:

@@ -17,9 +17,12 @@ from textgen.api.sse import SSE_RESPONSE_DOC, error_event, event, sse_response
 from textgen.engine.types import GenerationResult, Handle, Priority
 from textgen.errors import GenerationCancelledError
 from textgen.generation import GenerationService
+from textgen.jobs.store import IDEMPOTENCY_KEY_MAX_LEN
 from textgen.webhooks import check_webhook
 
 router = APIRouter(tags=["generation"])
+# Printable ASCII, as the job store checks; no space at either end, since HTTP strips it from header values.
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$"
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -105,7 +108,11 @@ async def generate_background(
     idempotency_key: Annotated[
         str | None,
         Header(
-            description="Same key and body within TEXTGEN_IDEMPOTENCY_TTL_S returns the same job; 409 on a new body."
+            min_length=1,
+            max_length=IDEMPOTENCY_KEY_MAX_LEN,
+            pattern=IDEMPOTENCY_KEY_PATTERN,
+            description="Same key and body within TEXTGEN_IDEMPOTENCY_TTL_S returns the same job; 409 on a new body. "
+            f"1 to {IDEMPOTENCY_KEY_MAX_LEN} printable ASCII characters.",
         ),
     ] = None,
 ) -> JobAccepted:

@@ -47,11 +47,17 @@ async def get_job(job_id: str, store: StoreDep) -> JobView:
     return job_view(job, await queue_estimate(store, job))
 
 
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobView,
+    responses=error_responses(404, 409, 500),
+    summary="Cancel a queued or running job; the job stays readable, in state cancelled",
+)
 @router.delete(
     "/{job_id}",
     response_model=JobView,
     responses=error_responses(404, 409, 500),
-    summary="Cancel a queued or running job",
+    summary="Cancel a queued or running job (same as POST /jobs/{job_id}/cancel; the job is not deleted)",
 )
 async def cancel_job(job_id: str, store: StoreDep, runner: RunnerDep) -> JobView:
     job = await store.cancel(job_id)

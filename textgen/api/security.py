@@ -26,6 +26,14 @@ from textgen.errors import ConfigError, PayloadTooLargeError, UnauthorizedError
 logger = logging.getLogger(__name__)
 
 OPENAI_PREFIX = "/v1/"
+# The playground page and its static files (HTML, CSS, JS, icons; no data) load without a key, so the page
+# can ask for one. Every API call it makes is checked as usual.
+PUBLIC_PAGE_PATHS = frozenset({"/", "/favicon.ico"})
+PUBLIC_PAGE_PREFIX = "/static/"
+
+
+def is_public_page(path: str) -> bool:
+    return path in PUBLIC_PAGE_PATHS or path.startswith(PUBLIC_PAGE_PREFIX)
 
 
 def key_fingerprint(key: str) -> str:
@@ -143,7 +151,9 @@ class APIKeyMiddleware:
             server = scope.get("server")
             warn_if_exposed_without_keys(policy, server[0] if server else None)
             self._warned = True
-        if policy.enabled and scope["path"] not in policy.exempt_paths and scope["method"] != "OPTIONS":
+        path = scope["path"]
+        exempt = path in policy.exempt_paths or is_public_page(path) or scope["method"] == "OPTIONS"
+        if policy.enabled and not exempt:
             try:
                 principal = policy.principal_for(_header(scope, b"authorization"))
             except UnauthorizedError as error:

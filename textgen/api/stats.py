@@ -1,0 +1,51 @@
+"""``GET /stats``: how busy the server is right now, as JSON (the playground's live panel reads it).
+
+The same numbers as the Prometheus gauges, without parsing Prometheus text in a browser. Reading it
+is not a generation request, so it does not count against the caller's rate limit.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from textgen.api.deps import StateDep
+from textgen.api.errors import error_responses
+from textgen.jobs.store import JobState
+
+router = APIRouter(tags=["health"])
+
+
+class StatsResponse(BaseModel):
+    ready: bool = Field(..., description="Model loaded and warmed up, not shutting down (as /ready).")
+    model: str
+    engine: str = Field(..., description="'batched' or 'threadpool'.")
+    running: int = Field(..., description="Sequences in the running batch now: the size of the next decode step.")
+    max_running: int = Field(..., description="Batch capacity (TEXTGEN_MAX_RUNNING).")
+    waiting_interactive: int = Field(..., description="Interactive requests waiting for a batch slot.")
+    waiting_background: int = Field(..., description="Background jobs handed to the engine, waiting for a slot.")
+    tokens_per_s: float = Field(..., description="Recent generated tokens per second over the whole batch.")
+    jobs_queued: int = Field(..., description="Background jobs queued in the job store (all workers).")
+    jobs_running: int = Field(..., description="Background jobs running (all workers).")
+
+
+@router.get(
+    "/stats",
+    response_model=StatsResponse,
+    responses=error_responses(503, 500),
+    summary="Live engine and queue numbers as JSON (running and waiting sequences, tokens/s, batch size)",
+)
+async def stats(state: StateDep) -> StatsResponse:
+    engine = state.engine.stats()
+    return StatsResponse(
+        ready=state.ready,
+        model=state.model.name,
+        engine=state.engine.name,
+        running=engine.running,
+        max_running=state.settings.max_running,
+        waiting_interactive=engine.waiting_interactive,
+        waiting_background=engine.waiting_background,
+        tokens_per_s=round(engine.tokens_per_s, 2),
+        jobs_queued=await state.store.count(JobState.QUEUED),
+        jobs_running=await state.store.count(JobState.RUNNING),
+    )
