@@ -12,10 +12,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from textgen.api import generate, health, jobs, metrics, openai
+from textgen.api import batches, files, generate, health, jobs, metrics, openai
 from textgen.api.errors import install_error_handlers
 from textgen.api.middleware import QuietStartupFailure, RequestIdMiddleware
 from textgen.api.security import APIKeyMiddleware, BodySizeLimitMiddleware, SettingsCORSMiddleware
+from textgen.batches.coordinator import BATCH_LINE_KIND
 from textgen.config import Settings, load_settings
 from textgen.errors import ConfigError
 from textgen.loader import load_model
@@ -23,6 +24,9 @@ from textgen.logging import setup_logging
 from textgen.state import ModelLoader, build_state, drain_on_signals, shutdown_state
 
 logger = logging.getLogger("textgen")
+
+# Job kinds the runner runs besides plain /generate_background jobs.
+JOB_EXECUTORS = {BATCH_LINE_KIND: batches.batch_line_executor}
 
 
 class StartupError(SystemExit):
@@ -35,7 +39,7 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
         try:
             effective = settings or load_settings()
             setup_logging(effective.log_format, effective.log_level)
-            app.state.textgen = await build_state(effective, model_loader)
+            app.state.textgen = await build_state(effective, model_loader, JOB_EXECUTORS)
         except ConfigError as error:
             setup_logging("text", "INFO")
             logger.critical("Cannot start: %s", error)
@@ -59,7 +63,8 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(QuietStartupFailure, marker=StartupError.__name__)
     install_error_handlers(app)
-    for router in (generate.router, jobs.router, openai.router, health.router, metrics.router):
+    routers = (generate.router, jobs.router, openai.router, files.router, batches.router, health.router, metrics.router)
+    for router in routers:
         app.include_router(router)
     return app
 

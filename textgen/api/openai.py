@@ -64,11 +64,14 @@ def openai_error(
     request: Request, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     request_id = request_id_of(request)
-    body = {
-        "error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param, "code": None},
-        "request_id": request_id,
-    }
+    body = {**error_body(status, message, param), "request_id": request_id}
     return JSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-ID": request_id})
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's ``{"error": {...}}`` for a status (also the body of a failed batch line)."""
+    kind = _ERROR_TYPES.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
 class OpenAIRoute(APIRoute):
@@ -133,6 +136,7 @@ def _submit_all(
     body: CompletionRequest | ChatCompletionRequest,
     max_tokens: int | None,
     request_id: str,
+    priority: Priority = Priority.INTERACTIVE,
 ) -> list[Handle]:
     """n handles per prompt, in OpenAI's choice order; cancels what was submitted if one is refused."""
     if len(body.stop_strings()) > 4:
@@ -148,7 +152,7 @@ def _submit_all(
         for prompt in prompts:
             for choice in range(body.n):
                 params = _sampling(body, max_tokens, choice)
-                handles.append(service.submit(prompt, params, request_id, Priority.INTERACTIVE))
+                handles.append(service.submit(prompt, params, request_id, priority))
     except TextGenError:
         for handle in handles:
             handle.cancel()
@@ -250,12 +254,7 @@ async def list_models(state: StateDep) -> ModelList:
 async def completions(
     body: CompletionRequest, request: Request, service: ServiceDep, request_id: RequestIdDep, caller: CallerDep
 ) -> CompletionResponse | Response:
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts or not all(prompts):
-        raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings.")
-    for prompt in prompts:
-        service.check_prompt(prompt, request_id)
-    handles = _submit_all(service, prompts, body, body.max_tokens, request_id)
+    handles = submit_completion(service, body, request_id, Priority.INTERACTIVE)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return sse_response(
@@ -265,9 +264,31 @@ async def completions(
             request_id,
         )
     results = await _finished(request, service, handles, request_id, caller)
+    return completion_response(service, body, results, completion_id, created)
+
+
+def submit_completion(
+    service: GenerationService, body: CompletionRequest, request_id: str, priority: Priority
+) -> list[Handle]:
+    """Check the prompts and submit every choice (the route and batch lines share this)."""
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts or not all(prompts):
+        raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings.")
+    for prompt in prompts:
+        service.check_prompt(prompt, request_id)
+    return _submit_all(service, prompts, body, body.max_tokens, request_id, priority)
+
+
+def completion_response(
+    service: GenerationService,
+    body: CompletionRequest,
+    results: Sequence[GenerationResult],
+    completion_id: str | None = None,
+    created: int | None = None,
+) -> CompletionResponse:
     return CompletionResponse(
-        id=completion_id,
-        created=created,
+        id=completion_id or f"cmpl-{uuid.uuid4().hex}",
+        created=created or int(time.time()),
         model=service.model_name,
         choices=[
             CompletionChoice(index=i, text=r.text, finish_reason=OPENAI_FINISH[r.finish_reason])
@@ -312,11 +333,7 @@ async def chat_completions(
     request_id: RequestIdDep,
     caller: CallerDep,
 ) -> ChatCompletionResponse | Response:
-    for message in body.messages:
-        service.check_prompt(message.content, request_id)
-    prompt = render_chat_prompt(state.model.tokenizer, body.messages)
-    max_tokens = body.max_completion_tokens or body.max_tokens or state.settings.max_new_tokens_limit
-    handles = _submit_all(service, [prompt], body, max_tokens, request_id)
+    handles = submit_chat(service, state.model.tokenizer, body, request_id, Priority.INTERACTIVE)
     chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return sse_response(
@@ -324,9 +341,34 @@ async def chat_completions(
             request_id,
         )
     results = await _finished(request, service, handles, request_id, caller)
+    return chat_response(service, body, results, chat_id, created)
+
+
+def submit_chat(
+    service: GenerationService,
+    tokenizer: PreTrainedTokenizerBase,
+    body: ChatCompletionRequest,
+    request_id: str,
+    priority: Priority,
+) -> list[Handle]:
+    """Check the messages, render the chat prompt and submit every choice (the route and batch lines share this)."""
+    for message in body.messages:
+        service.check_prompt(message.content, request_id)
+    prompt = render_chat_prompt(tokenizer, body.messages)
+    max_tokens = body.max_completion_tokens or body.max_tokens or service.settings.max_new_tokens_limit
+    return _submit_all(service, [prompt], body, max_tokens, request_id, priority)
+
+
+def chat_response(
+    service: GenerationService,
+    body: ChatCompletionRequest,
+    results: Sequence[GenerationResult],
+    chat_id: str | None = None,
+    created: int | None = None,
+) -> ChatCompletionResponse:
     return ChatCompletionResponse(
-        id=chat_id,
-        created=created,
+        id=chat_id or f"chatcmpl-{uuid.uuid4().hex}",
+        created=created or int(time.time()),
         model=service.model_name,
         choices=[
             ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=OPENAI_FINISH[r.finish_reason])
