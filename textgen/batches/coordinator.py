@@ -82,7 +82,7 @@ class BatchCoordinator:
         self._worker = worker
         self._notify_runner = notify_runner
         self._webhooks = webhooks
-        self._lease_s = max(settings.job_lease_s, 10 * STEP_BUDGET_S)
+        self._lease_s = max(settings.job_lease_s, 3 * STEP_BUDGET_S)  # a step never outlives its lease
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -134,7 +134,9 @@ class BatchCoordinator:
         """One step; (nothing left to do, when to look again or None for the next poll)."""
         if batch.status is BatchStatus.VALIDATING:
             if batch.cancel_requested_at is not None:
-                await self._save(batch.with_(status=BatchStatus.CANCELLED, cancelled_at=time.time()))
+                await self._store.clear_lines(batch.id)
+                ended = batch.with_(status=BatchStatus.CANCELLED, cancelled_at=time.time())
+                await self._save(ended.with_(webhook=webhook_due(ended)))
                 return await self._after_end(batch.id)
             await self._validate(batch)
             return False, time.time()
@@ -152,51 +154,64 @@ class BatchCoordinator:
     # -- validating ------------------------------------------------------------------------------------
 
     async def _validate(self, batch: Batch) -> None:
-        await self._store.clear_lines(batch.id)
-        errors: list[dict[str, Any]] = []
-        total, offset, number = 0, 0, 1
+        """Check the next lines until the step's time is up (resumable from the stored cursor: lines
+        recorded by an interrupted step are recorded again harmlessly); then fail or start the batch."""
+        started = time.monotonic()
         limit = self._settings.batch_max_line_bytes
-        try:
-            while True:
+        errors = list(batch.errors or [])
+        finished = False
+        while time.monotonic() - started < STEP_BUDGET_S:
+            try:
                 raw = await asyncio.to_thread(
-                    self._files.read_lines, batch.input_file_id, offset, number, READ_CHUNK_LINES, limit
+                    self._files.read_lines,
+                    batch.input_file_id,
+                    batch.validate_offset,
+                    batch.validate_line + 1,
+                    READ_CHUNK_LINES,
+                    limit,
                 )
-                if not raw:
-                    break
-                ids: list[tuple[int, str]] = []
-                for line in raw:
-                    custom_id, error = check_line(line, batch.endpoint, limit)
-                    if error is not None:
-                        errors.append(error)
-                    elif custom_id is not None:
-                        ids.append((line.number, custom_id))
-                for duplicate in await self._store.add_lines(batch.id, ids):
-                    errors.append(
-                        _error("duplicate_custom_id", "This custom_id is used by an earlier line.", duplicate)
-                    )
-                total += len(raw)
-                offset, number = raw[-1].end_offset, raw[-1].number + 1
-        except FileNotFoundError:
-            errors.append(_error("missing_file", "The input file no longer exists.", None))
-        if total == 0 and not errors:
-            errors.append(_error("empty_file", "The input file has no requests.", None))
-        if total > self._settings.batch_max_lines:
-            errors.append(
-                _error(
-                    "too_many_requests",
-                    f"More than {self._settings.batch_max_lines} requests (TEXTGEN_BATCH_MAX_LINES).",
-                    None,
-                )
+            except FileNotFoundError:
+                errors.append(_error("missing_file", "The input file no longer exists.", None))
+                raw, finished = [], True
+            if not raw:
+                finished = True
+                break
+            ids: list[tuple[int, str]] = []
+            for line in raw:
+                custom_id, error = check_line(line, batch.endpoint, limit)
+                if error is not None:
+                    errors.append(error)
+                elif custom_id is not None:
+                    ids.append((line.number, custom_id))
+            for duplicate in await self._store.add_lines(batch.id, ids):
+                errors.append(_error("duplicate_custom_id", "This custom_id is used by an earlier line.", duplicate))
+            batch = batch.with_(
+                total=batch.total + len(raw),
+                validate_offset=raw[-1].end_offset,
+                validate_line=raw[-1].number,
+                errors=sorted(errors, key=lambda e: e.get("line") or 0)[:MAX_ERRORS] or None,
             )
+            if batch.total > self._settings.batch_max_lines:
+                message = f"More than {self._settings.batch_max_lines} requests (TEXTGEN_BATCH_MAX_LINES)."
+                errors.append(_error("too_many_requests", message, None))
+                finished = True
+                break
+            await self._save(batch)
+        if not finished:
+            return
+        if batch.total == 0 and not errors:
+            errors.append(_error("empty_file", "The input file has no requests.", None))
         now = time.time()
         if errors:
-            errors.sort(key=lambda e: e.get("line") or 0)
+            errors = sorted(errors, key=lambda e: e.get("line") or 0)[:MAX_ERRORS]
             await self._store.clear_lines(batch.id)
-            await self._save(batch.with_(status=BatchStatus.FAILED, failed_at=now, errors=errors[:MAX_ERRORS]))
+            await self._save(
+                batch.with_(status=BatchStatus.FAILED, failed_at=now, errors=errors, webhook=webhook_due(batch))
+            )
             logger.info("Batch %s failed validation (%d error(s))", batch.id, len(errors))
             return
-        await self._save(batch.with_(status=BatchStatus.IN_PROGRESS, in_progress_at=now, total=total))
-        logger.info("Batch %s validated: %d request(s)", batch.id, total)
+        await self._save(batch.with_(status=BatchStatus.IN_PROGRESS, in_progress_at=now))
+        logger.info("Batch %s validated: %d request(s)", batch.id, batch.total)
 
     # -- in_progress / cancelling ----------------------------------------------------------------------
 
@@ -337,14 +352,13 @@ class BatchCoordinator:
             "cancelled": {"status": BatchStatus.CANCELLED, "cancelled_at": now},
             "expired": {"status": BatchStatus.EXPIRED, "expired_at": now},
         }[batch.ending]
-        webhook = {"state": "pending", "attempts": 0} if batch.callback_url else {}
         await self._save(
             batch.with_(
                 output_file_id=output_id if output_size is not None else None,
                 error_file_id=error_id if error_size is not None else None,
                 completed=completed,
                 failed=failed,
-                webhook=webhook,
+                webhook=webhook_due(batch),
                 **final,
             )
         )
@@ -378,6 +392,11 @@ class BatchCoordinator:
         if webhook["state"] == "pending":
             return False, float(webhook["next_at"])
         return True, None
+
+
+def webhook_due(batch: Batch) -> dict[str, Any]:
+    """The webhook state of a batch that just ended: pending if it has a callback URL."""
+    return {"state": "pending", "attempts": 0} if batch.callback_url else {}
 
 
 class LeaseLostError(Exception):

@@ -159,7 +159,11 @@ def _add_lines(conn: sqlite3.Connection, batch_id: str, lines: Sequence[tuple[in
                 (batch_id, number, custom_id),
             )
             if cursor.rowcount == 0:
-                duplicates.append(number)
+                row = conn.execute(
+                    "SELECT line FROM batch_lines WHERE batch_id = ? AND custom_id = ?", (batch_id, custom_id)
+                ).fetchone()
+                if row is None or row["line"] != number:
+                    duplicates.append(number)
     return duplicates
 
 

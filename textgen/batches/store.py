@@ -90,6 +90,8 @@ class Batch:
     output_file_id: str | None = None
     error_file_id: str | None = None
     total: int = 0
+    validate_offset: int = 0  # bytes of the input file already validated
+    validate_line: int = 0  # number of the last line validated
     completed: int = 0
     failed: int = 0
     submit_offset: int = 0  # bytes of the input file already submitted as jobs
@@ -187,8 +189,8 @@ class BatchStore(Protocol):
     async def clear_lines(self, batch_id: str) -> None: ...
 
     async def add_lines(self, batch_id: str, lines: Sequence[tuple[int, str]]) -> builtins.list[int]:
-        """Record ``(line number, custom_id)`` pairs; returns the numbers of lines whose custom_id an
-        earlier line already used (those are not recorded)."""
+        """Record ``(line number, custom_id)`` pairs; returns the numbers of lines whose custom_id another
+        line already uses (those are not recorded). Recording the same pair again is not a duplicate."""
 
     async def set_jobs(self, batch_id: str, jobs: Sequence[tuple[int, str]]) -> None:
         """``(line number, job id)``: the line was submitted as that job."""
