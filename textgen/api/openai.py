@@ -254,7 +254,12 @@ async def list_models(state: StateDep) -> ModelList:
 async def completions(
     body: CompletionRequest, request: Request, service: ServiceDep, request_id: RequestIdDep, caller: CallerDep
 ) -> CompletionResponse | Response:
-    handles = submit_completion(service, body, request_id, Priority.INTERACTIVE)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts or not all(prompts):
+        raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings.")
+    for prompt in prompts:
+        service.check_prompt(prompt, request_id)
+    handles = _submit_all(service, prompts, body, body.max_tokens, request_id)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return sse_response(
@@ -270,7 +275,7 @@ async def completions(
 def submit_completion(
     service: GenerationService, body: CompletionRequest, request_id: str, priority: Priority
 ) -> list[Handle]:
-    """Check the prompts and submit every choice (the route and batch lines share this)."""
+    """What the /v1/completions route does before it waits: check the prompts, submit every choice (batch lines)."""
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or not all(prompts):
         raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings.")
@@ -333,7 +338,11 @@ async def chat_completions(
     request_id: RequestIdDep,
     caller: CallerDep,
 ) -> ChatCompletionResponse | Response:
-    handles = submit_chat(service, state.model.tokenizer, body, request_id, Priority.INTERACTIVE)
+    for message in body.messages:
+        service.check_prompt(message.content, request_id)
+    prompt = render_chat_prompt(state.model.tokenizer, body.messages)
+    max_tokens = body.max_completion_tokens or body.max_tokens or state.settings.max_new_tokens_limit
+    handles = _submit_all(service, [prompt], body, max_tokens, request_id)
     chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return sse_response(
@@ -351,7 +360,7 @@ def submit_chat(
     request_id: str,
     priority: Priority,
 ) -> list[Handle]:
-    """Check the messages, render the chat prompt and submit every choice (the route and batch lines share this)."""
+    """What the chat route does before it waits: check, render the chat prompt, submit every choice (batch lines)."""
     for message in body.messages:
         service.check_prompt(message.content, request_id)
     prompt = render_chat_prompt(tokenizer, body.messages)
