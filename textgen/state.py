@@ -17,7 +17,7 @@ from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine import Engine, create_engine
 from textgen.generation import GenerationService
-from textgen.jobs.runner import JobExecutor, JobRunner, process_owner_id
+from textgen.jobs.runner import ExecutorFactory, JobRunner, process_owner_id
 from textgen.jobs.store import JobState, JobStore, job_store_from_url, redact_url
 from textgen.jobs.view import job_payload
 from textgen.loader import LoadedModel, load_model
@@ -28,8 +28,6 @@ from textgen.webhooks import WebhookSender
 logger = logging.getLogger(__name__)
 
 ModelLoader = Callable[[Settings], LoadedModel]
-# Builds the runner's executor for one job ``kind`` (batch lines: textgen.api.batches) once the service exists.
-ExecutorFactory = Callable[[GenerationService, LoadedModel], JobExecutor]
 
 GAUGE_REFRESH_S = 2.0
 
@@ -44,11 +42,11 @@ class AppState:
     service: GenerationService
     metrics: Metrics
     access: AccessPolicy
-    batches: Batches | None = None
     shutting_down: bool = False
 
     gauge_task: asyncio.Task[None] | None = None
     drain_task: asyncio.Task[None] | None = None
+    batches: Batches | None = None  # files and batches (the OpenAI Batch API)
 
     @property
     def ready(self) -> bool:
@@ -147,7 +145,8 @@ async def build_state(
         redact_url(settings.job_store),
         owner,
     )
-    state = AppState(settings, model, engine, store, runner, service, metrics, access, batches)
+    state = AppState(settings, model, engine, store, runner, service, metrics, access)
+    state.batches = batches
     state.gauge_task = asyncio.create_task(state.refresh_gauges_forever(), name="textgen-metrics-gauges")
     return state
 

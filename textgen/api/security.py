@@ -199,10 +199,6 @@ class BodySizeLimitMiddleware:
         await self.app(scope, receive_limited, send_unless_refused)
 
 
-def is_file_upload(scope: Scope) -> bool:
-    return scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files"
-
-
 class SettingsCORSMiddleware:
     """Starlette's CORS middleware with origins from TEXTGEN_CORS_ORIGINS (off when empty)."""
 
@@ -225,6 +221,10 @@ class SettingsCORSMiddleware:
                 expose_headers=["X-Request-ID", "Retry-After", "Location"],
             )
         await self._cors(scope, receive, send)
+
+
+def is_file_upload(scope: Scope) -> bool:
+    return scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

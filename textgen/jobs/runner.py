@@ -43,6 +43,8 @@ JobOutcome = tuple[JobState, dict[str, Any]]
 # handle so cancellation and shutdown reach it. Raises NotReadyError / GenerationCancelledError like
 # the plain path; returns the state and the fields to record.
 JobExecutor = Callable[[Job, str, Callable[[Handle], None]], Awaitable[JobOutcome]]
+# Builds an executor once the service exists (batch lines: textgen.api.batches.batch_line_executor).
+ExecutorFactory = Callable[[GenerationService, Any], JobExecutor]
 
 
 def process_owner_id() -> str:
