@@ -146,8 +146,8 @@ async def build_state(
         owner,
     )
     state = AppState(settings, model, engine, store, runner, service, metrics, access)
-    state.batches = batches
     state.gauge_task = asyncio.create_task(state.refresh_gauges_forever(), name="textgen-metrics-gauges")
+    state.batches = batches
     return state
 
 
