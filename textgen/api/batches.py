@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from models import BatchCreateRequest, BatchList, BatchObject, ChatCompletionRequest, CompletionRequest
 from textgen.api.deps import CallerDep, RequestIdDep, StateDep
-from textgen.api.files import BatchesDep, OwnerDep, owned_file
+from textgen.api.files import BatchCaller, BatchCallerDep, BatchesDep, owned_file
 from textgen.api.openai import (
     ERROR_DOCS,
     OpenAIRoute,
@@ -73,9 +73,10 @@ def window_seconds(window: str) -> float:
     return seconds
 
 
-async def owned_batch(batches: BatchesDep, batch_id: str, owner: str) -> Batch:
+async def owned_batch(batches: BatchesDep, batch_id: str, caller: BatchCaller) -> Batch:
+    """The batch if the caller may see it; 404 for an unknown id and for another owner's batch alike."""
     batch = await batches.store.get_batch(batch_id)
-    if batch.owner != owner:
+    if not caller.sees(batch.owner):
         raise BatchNotFoundError()
     return batch
 
@@ -85,11 +86,11 @@ async def create_batch(
     body: BatchCreateRequest,
     state: StateDep,
     batches: BatchesDep,
-    owner: OwnerDep,
+    caller: BatchCallerDep,
     request_id: RequestIdDep,
     _caller: CallerDep,
 ) -> BatchObject:
-    input_file = await owned_file(batches, body.input_file_id, owner)
+    input_file = await owned_file(batches, body.input_file_id, caller)
     if input_file.purpose != "batch":
         raise InvalidRequestError(
             "input_file_id: the file's purpose must be 'batch'.",
@@ -101,7 +102,7 @@ async def create_batch(
     now = time.time()
     batch = Batch(
         id=f"batch_{uuid.uuid4().hex}",
-        owner=owner,
+        owner=caller.owner_id,
         endpoint=body.endpoint,
         input_file_id=input_file.id,
         completion_window=body.completion_window,
@@ -118,15 +119,18 @@ async def create_batch(
 
 
 @router.get("/batches/{batch_id}", response_model=BatchObject, responses=NOT_FOUND_DOCS, summary="A batch")
-async def get_batch(batch_id: str, batches: BatchesDep, owner: OwnerDep) -> BatchObject:
-    return BatchObject(**batch_object(await owned_batch(batches, batch_id, owner)))
+async def get_batch(batch_id: str, batches: BatchesDep, caller: BatchCallerDep) -> BatchObject:
+    return BatchObject(**batch_object(await owned_batch(batches, batch_id, caller)))
 
 
 @router.get("/batches", response_model=BatchList, responses=DOCS, summary="The caller's batches, newest first")
 async def list_batches(
-    batches: BatchesDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
+    batches: BatchesDep, caller: BatchCallerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> BatchList:
-    data = [BatchObject(**batch_object(batch)) for batch in await batches.store.list_batches(owner, limit=limit)]
+    data = [
+        BatchObject(**batch_object(batch))
+        for batch in await batches.store.list_batches(caller.visible_owner, limit=limit)
+    ]
     return BatchList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
 
 
@@ -136,8 +140,8 @@ async def list_batches(
     responses={**NOT_FOUND_DOCS, 409: {"model": ERROR_DOCS[400]["model"], "description": "The batch already ended"}},
     summary="Cancel a batch: queued lines stop at once, running ones finish",
 )
-async def cancel_batch(batch_id: str, batches: BatchesDep, owner: OwnerDep) -> BatchObject:
-    batch = await owned_batch(batches, batch_id, owner)
+async def cancel_batch(batch_id: str, batches: BatchesDep, caller: BatchCallerDep) -> BatchObject:
+    batch = await owned_batch(batches, batch_id, caller)
     if shown_status(batch) not in (*CANCELLABLE_STATUSES, "cancelling"):
         raise BatchNotCancellableError()
     batch = await batches.store.request_cancel(batch_id)

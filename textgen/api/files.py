@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -36,30 +37,48 @@ def get_batches(state: StateDep) -> Batches:
     return state.batches
 
 
-def caller_owner(request: Request) -> str:
-    """Who owns what this caller creates and may see: the key's id, or one anonymous owner without keys.
+@dataclass(frozen=True)
+class BatchCaller:
+    """Who is asking, as far as files and batches care (the attributes of ``textgen.access.Caller``)."""
 
-    The one place ownership is derived for files and batches; when the tenants work (issue 11) lands,
-    return its owner dependency's value here (and let admin keys see everything).
+    owner_id: str  # what the caller creates is stored under this
+    admin: bool = False
+
+    @property
+    def visible_owner(self) -> str | None:
+        """The owner whose files and batches this caller may see; None (everyone's) for an admin."""
+        return None if self.admin else self.owner_id
+
+    def sees(self, owner: str) -> bool:
+        return self.admin or owner == self.owner_id
+
+
+def batch_caller(request: Request) -> BatchCaller:
+    """The one place files and batches learn who the caller is: the API key's id (the principal the
+    key middleware records, ``key:`` + a short sha256), or one anonymous owner when no keys are set.
+
+    When the tenants branch (issue 11) lands, this becomes ``return caller_of(request.scope)``
+    (``textgen.access``), which has the same attributes and adds admin keys.
     """
     principal = str(request.scope.get("state", {}).get("principal", ""))
-    return principal if principal.startswith("key:") else "anonymous"
+    return BatchCaller(principal if principal.startswith("key:") else "anonymous")
 
 
 BatchesDep = Annotated[Batches, Depends(get_batches)]
-OwnerDep = Annotated[str, Depends(caller_owner)]
+BatchCallerDep = Annotated[BatchCaller, Depends(batch_caller)]
 
 
-async def owned_file(batches: Batches, file_id: str, owner: str) -> FileObject:
+async def owned_file(batches: Batches, file_id: str, caller: BatchCaller) -> FileObject:
+    """The file if the caller may see it; 404 for an unknown id and for another owner's file alike."""
     record = await batches.store.get_file(file_id)
-    if record.owner != owner:
+    if not caller.sees(record.owner):
         raise FileNotFoundInStoreError()
     return record
 
 
 @router.post("/files", response_model=FileObjectModel, responses=DOCS, summary="Upload a JSONL file (purpose=batch)")
 async def upload_file(
-    request: Request, state: StateDep, batches: BatchesDep, owner: OwnerDep, _caller: CallerDep
+    request: Request, state: StateDep, batches: BatchesDep, caller: BatchCallerDep, _caller: CallerDep
 ) -> FileObjectModel:
     settings = state.settings
     upload = await receive_upload(
@@ -74,7 +93,7 @@ async def upload_file(
         raise InvalidRequestError(f"purpose: must be one of {', '.join(UPLOAD_PURPOSES)} (got {upload.purpose!r}).")
     record = FileObject(
         id=new_file_id(),
-        owner=owner,
+        owner=caller.owner_id,
         filename=upload.filename,
         purpose=upload.purpose,
         bytes=upload.bytes,
@@ -89,11 +108,11 @@ async def upload_file(
 @router.get("/files", response_model=FileList, responses=DOCS, summary="The caller's files, newest first")
 async def list_files(
     batches: BatchesDep,
-    owner: OwnerDep,
+    caller: BatchCallerDep,
     purpose: Annotated[str | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
 ) -> FileList:
-    records = await batches.store.list_files(owner, purpose=purpose, limit=limit)
+    records = await batches.store.list_files(caller.visible_owner, purpose=purpose, limit=limit)
     data = [FileObjectModel(**file_object(record)) for record in records]
     return FileList(
         data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=False
@@ -101,8 +120,8 @@ async def list_files(
 
 
 @router.get("/files/{file_id}", response_model=FileObjectModel, responses=NOT_FOUND_DOCS, summary="A file's metadata")
-async def get_file(file_id: str, batches: BatchesDep, owner: OwnerDep) -> FileObjectModel:
-    return FileObjectModel(**file_object(await owned_file(batches, file_id, owner)))
+async def get_file(file_id: str, batches: BatchesDep, caller: BatchCallerDep) -> FileObjectModel:
+    return FileObjectModel(**file_object(await owned_file(batches, file_id, caller)))
 
 
 @router.get(
@@ -111,8 +130,8 @@ async def get_file(file_id: str, batches: BatchesDep, owner: OwnerDep) -> FileOb
     responses=NOT_FOUND_DOCS,
     summary="A file's bytes (streamed)",
 )
-async def file_content(file_id: str, batches: BatchesDep, owner: OwnerDep) -> StreamingResponse:
-    await owned_file(batches, file_id, owner)
+async def file_content(file_id: str, batches: BatchesDep, caller: BatchCallerDep) -> StreamingResponse:
+    await owned_file(batches, file_id, caller)
     if not batches.files.exists(file_id):
         raise FileNotFoundInStoreError("The file's content is gone from the file storage.")
     chunks: Iterator[bytes] = batches.files.read_chunks(file_id)  # a sync iterator: read in a worker thread
@@ -120,8 +139,8 @@ async def file_content(file_id: str, batches: BatchesDep, owner: OwnerDep) -> St
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted, responses=NOT_FOUND_DOCS, summary="Delete a file")
-async def delete_file(file_id: str, batches: BatchesDep, owner: OwnerDep) -> FileDeleted:
-    await owned_file(batches, file_id, owner)
+async def delete_file(file_id: str, batches: BatchesDep, caller: BatchCallerDep) -> FileDeleted:
+    await owned_file(batches, file_id, caller)
     deleted = await batches.store.delete_file(file_id)
     batches.files.delete(file_id)
     return FileDeleted(id=file_id, deleted=deleted)
