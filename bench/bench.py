@@ -175,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", default=None, help="engine label for --url results (default 'server')")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /ready")
     parser.add_argument("--request-timeout", type=float, default=900.0, help="seconds per request")
+    parser.add_argument(
+        "--batch",
+        action="store_true",
+        help="instead of the load levels: --batch-requests requests as one /v1/batches batch vs the same as "
+        "concurrent /v1/completions (see bench/batch.py); prints the tokens/s ratio",
+    )
+    parser.add_argument("--batch-requests", type=int, default=1000, metavar="N", help="with --batch (default 1000)")
+    parser.add_argument(
+        "--batch-concurrency", type=int, default=64, metavar="C", help="with --batch: concurrent clients (default 64)"
+    )
     return parser
 
 
@@ -676,6 +686,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     config = LoadConfig(max_new_tokens=args.max_new_tokens, request_timeout_s=args.request_timeout)
     started = datetime.now(UTC)
+    if args.batch:
+        from bench.batch import bench_batch, render
+
+        print(render(bench_batch(args, config, out_dir)))
+        return 0
     run = EngineRun()
     status = 0
     try:
