@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     )
     batch_max_lines: int = Field(50_000, ge=1, description="Most lines (requests) in one uploaded file.")
     batch_max_line_bytes: int = Field(1_048_576, ge=256, description="Longest line of a batch input file.")
-    batch_poll_interval_s: float = Field(1.0, gt=0, description="How often running batches are advanced.")
+    batch_poll_interval_s: float = Field(0.5, gt=0, description="How often running batches are advanced.")
     batch_webhook_url: str | None = Field(
         None, description="POST every finished batch here (a batch's metadata.callback_url wins)."
     )

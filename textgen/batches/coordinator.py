@@ -104,18 +104,23 @@ class BatchCoordinator:
 
     async def _loop(self) -> None:
         while not self._stopping:
+            more = False
             try:
-                await self.tick()
+                more = await self.tick()
             except StoreUnavailableError:
                 logger.warning("Store unavailable; batches advance at the next poll")
             except Exception:
                 logger.exception("Batch coordinator iteration failed; retrying")
+            if more:  # a batch has more to do right away (lines left to submit): no pause
+                await asyncio.sleep(0)
+                continue
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._settings.batch_poll_interval_s)
 
-    async def tick(self) -> None:
-        """Advance every batch that is due (one leased step each)."""
+    async def tick(self) -> bool:
+        """Advance every batch that is due (one leased step each); True if one is due again at once."""
+        more = False
         for batch in await self._store.claim_due(self._worker, self._lease_s, CLAIM_PER_TICK):
             done = False
             next_at = time.time() + self._settings.batch_poll_interval_s
@@ -129,6 +134,8 @@ class BatchCoordinator:
             except Exception:
                 logger.exception("Batch %s: step failed; retrying at the next poll", batch.id)
             await self._store.release(batch.id, self._worker, next_at, done=done)
+            more = more or (not done and next_at <= time.time())
+        return more
 
     async def _advance(self, batch: Batch) -> tuple[bool, float | None]:
         """One step; (nothing left to do, when to look again or None for the next poll)."""
@@ -138,7 +145,9 @@ class BatchCoordinator:
                 ended = batch.with_(status=BatchStatus.CANCELLED, cancelled_at=time.time())
                 await self._save(ended.with_(webhook=webhook_due(ended)))
                 return await self._after_end(batch.id)
-            await self._validate(batch)
+            batch = await self._validate(batch)
+            if batch.status is BatchStatus.IN_PROGRESS:
+                return await self._run(batch)  # start submitting in the same step
             return False, time.time()
         if batch.status in (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING):
             return await self._run(batch)
@@ -153,7 +162,7 @@ class BatchCoordinator:
 
     # -- validating ------------------------------------------------------------------------------------
 
-    async def _validate(self, batch: Batch) -> None:
+    async def _validate(self, batch: Batch) -> Batch:
         """Check the next lines until the step's time is up (resumable from the stored cursor: lines
         recorded by an interrupted step are recorded again harmlessly); then fail or start the batch."""
         started = time.monotonic()
@@ -198,7 +207,7 @@ class BatchCoordinator:
                 break
             await self._save(batch)
         if not finished:
-            return
+            return batch
         if batch.total == 0 and not errors:
             errors.append(_error("empty_file", "The input file has no requests.", None))
         now = time.time()
@@ -209,9 +218,11 @@ class BatchCoordinator:
                 batch.with_(status=BatchStatus.FAILED, failed_at=now, errors=errors, webhook=webhook_due(batch))
             )
             logger.info("Batch %s failed validation (%d error(s))", batch.id, len(errors))
-            return
-        await self._save(batch.with_(status=BatchStatus.IN_PROGRESS, in_progress_at=now))
+            return await self._store.get_batch(batch.id)
+        batch = batch.with_(status=BatchStatus.IN_PROGRESS, in_progress_at=now)
+        await self._save(batch)
         logger.info("Batch %s validated: %d request(s)", batch.id, batch.total)
+        return batch
 
     # -- in_progress / cancelling ----------------------------------------------------------------------
 
@@ -231,7 +242,9 @@ class BatchCoordinator:
         elif batch.ending is None and not batch.submit_done:
             batch = await self._submit(batch)
         open_left = await self._collect(batch)
-        if open_left or not (batch.submit_done or batch.ending):
+        if not (batch.submit_done or batch.ending):
+            return False, time.time()  # more lines to submit: the next step follows at once
+        if open_left:
             return False, None
         if batch.ending is None:
             batch = batch.with_(status=BatchStatus.FINALIZING, finalizing_at=time.time())
