@@ -16,7 +16,6 @@ from textgen.api import batches, files, generate, health, jobs, metrics, openai
 from textgen.api.errors import install_error_handlers
 from textgen.api.middleware import QuietStartupFailure, RequestIdMiddleware
 from textgen.api.security import APIKeyMiddleware, BodySizeLimitMiddleware, SettingsCORSMiddleware
-from textgen.batches.coordinator import BATCH_LINE_KIND
 from textgen.config import Settings, load_settings
 from textgen.errors import ConfigError
 from textgen.loader import load_model
@@ -24,9 +23,6 @@ from textgen.logging import setup_logging
 from textgen.state import ModelLoader, build_state, drain_on_signals, shutdown_state
 
 logger = logging.getLogger("textgen")
-
-# Job kinds the runner runs besides plain /generate_background jobs.
-JOB_EXECUTORS = {BATCH_LINE_KIND: batches.batch_line_executor}
 
 
 class StartupError(SystemExit):
@@ -39,7 +35,7 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
         try:
             effective = settings or load_settings()
             setup_logging(effective.log_format, effective.log_level)
-            app.state.textgen = await build_state(effective, model_loader, JOB_EXECUTORS)
+            app.state.textgen = await build_state(effective, model_loader, batches.JOB_EXECUTORS)
         except ConfigError as error:
             setup_logging("text", "INFO")
             logger.critical("Cannot start: %s", error)

@@ -32,6 +32,7 @@ from textgen.api.openai import (
     submit_chat,
     submit_completion,
 )
+from textgen.batches.coordinator import BATCH_LINE_KIND
 from textgen.batches.store import CANCELLABLE_STATUSES, Batch, BatchNotFoundError
 from textgen.batches.view import batch_object, shown_status
 from textgen.engine.types import GenerationResult, Handle, Priority
@@ -43,7 +44,7 @@ from textgen.errors import (
     TextGenError,
 )
 from textgen.generation import GenerationService
-from textgen.jobs.runner import JobExecutor, JobOutcome
+from textgen.jobs.runner import ExecutorFactory, JobExecutor, JobOutcome
 from textgen.jobs.store import Job, JobState
 from textgen.loader import LoadedModel
 from textgen.webhooks import check_webhook
@@ -190,6 +191,10 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
         return JobState.SUCCEEDED, {"result": line}
 
     return execute
+
+
+# Job kinds the runner runs besides plain /generate_background jobs (passed to build_state by main.py).
+JOB_EXECUTORS: dict[str, ExecutorFactory] = {BATCH_LINE_KIND: batch_line_executor}
 
 
 def _failed(status: int, message: str, request_id: str) -> JobOutcome:
