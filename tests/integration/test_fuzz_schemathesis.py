@@ -90,6 +90,16 @@ PLANS: dict[str, Plan] = {
     "GET /health": Plan(1, (POSITIVE,)),
     "GET /ready": Plan(1, (POSITIVE,)),
     "GET /metrics": Plan(1, (POSITIVE,)),
+    # The Batch API: unknown ids only reach 404 (a real batch runs in tests/integration/test_batches.py).
+    "POST /v1/files": Plan(30),
+    "GET /v1/files": Plan(30),
+    "GET /v1/files/{file_id}": Plan(20, (POSITIVE,)),
+    "GET /v1/files/{file_id}/content": Plan(20, (POSITIVE,)),
+    "DELETE /v1/files/{file_id}": Plan(20, (POSITIVE,)),
+    "POST /v1/batches": Plan(40),
+    "GET /v1/batches": Plan(30),
+    "GET /v1/batches/{batch_id}": Plan(20, (POSITIVE,)),
+    "POST /v1/batches/{batch_id}/cancel": Plan(20, (POSITIVE,)),
 }
 # Negative cases never reach the model, so they are cheap: give them more.
 NEGATIVE_EXAMPLES = 100

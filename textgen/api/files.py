@@ -76,7 +76,32 @@ async def owned_file(batches: Batches, file_id: str, caller: BatchCaller) -> Fil
     return record
 
 
-@router.post("/files", response_model=FileObjectModel, responses=DOCS, summary="Upload a JSONL file (purpose=batch)")
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "JSONL, one request a line"},
+                        "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/files",
+    response_model=FileObjectModel,
+    responses=DOCS,
+    openapi_extra=UPLOAD_BODY,  # read as a stream by the route, so FastAPI cannot derive it
+    summary="Upload a JSONL file (purpose=batch)",
+)
 async def upload_file(
     request: Request, state: StateDep, batches: BatchesDep, caller: BatchCallerDep, _caller: CallerDep
 ) -> FileObjectModel:
