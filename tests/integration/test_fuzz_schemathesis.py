@@ -414,7 +414,7 @@ def test_unauthorized_status_is_documented(tiny_model_dir: Path, tmp_path: Path,
         if label in POST_OPERATIONS:
             case = operation.Case(body=OVERSIZED, media_type="application/json")
         else:
-            case = operation.Case(path_parameters={"job_id": "x"} if "{job_id}" in label else None)
+            case = operation.Case(path_parameters={name: "x" for name in re.findall(r"\{(\w+)\}", label)} or None)
         result = OperationResult(label)
         FuzzRun._run_case(result, POSITIVE, case)
         assert result.statuses == Counter({401: 1}), result.report()
