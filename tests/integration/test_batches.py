@@ -252,7 +252,7 @@ async def test_cancel_stops_queued_lines_at_once_and_lets_running_ones_finish(ma
 
 
 async def test_a_batch_past_its_window_expires_keeping_what_finished(make_settings: MakeSettings) -> None:
-    custom_ids = [f"line-{i}" for i in range(30)]
+    custom_ids = [f"line-{i}" for i in range(60)]
     settings = batch_settings(make_settings, job_concurrency=1)
     async with serve(settings) as (_app, client):
         oai = client(ALICE)
