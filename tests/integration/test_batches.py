@@ -25,6 +25,7 @@ from openai.types.chat import ChatCompletion
 
 from main import create_app
 from tests.webhook_receiver import WebhookReceiver
+from textgen.batches import coordinator
 from textgen.config import Settings
 from textgen.jobs.store import JobState
 from textgen.webhooks import SIGNATURE_HEADER, verify
@@ -160,6 +161,23 @@ async def test_the_official_client_batch_workflow(make_settings: MakeSettings, e
         assert output.purpose == "batch_output" and output.bytes > 0
         listed = await oai.batches.list()
         assert [b.id for b in listed.data] == [batch.id]
+
+
+async def test_paging_through_small_pieces_answers_every_line(
+    make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lines are read, submitted, scanned and written in bounded pieces (that is what keeps memory flat):
+    with pieces of 4 lines and outcome scans of 3, a 25-line batch still answers every line once."""
+    monkeypatch.setattr(coordinator, "READ_CHUNK_LINES", 4)
+    monkeypatch.setattr(coordinator, "SCAN_LIMIT", 3)
+    lines = [completion_line(f"r{i}") for i in range(25)]
+    async with serve(batch_settings(make_settings, job_concurrency=8)) as (_app, client):
+        oai = client(ALICE)
+        done = await ended(oai, (await run_batch(oai, lines, "/v1/completions")).id)
+        assert done.status == "completed" and done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (25, 0)
+        records = parse_batch_output(await content(oai, done.output_file_id), "/v1/completions")
+        assert sorted(records) == sorted(line["custom_id"] for line in lines)
 
 
 async def test_a_line_the_model_refuses_is_answered_in_the_error_file(make_settings: MakeSettings) -> None:

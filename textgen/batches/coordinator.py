@@ -241,7 +241,7 @@ class BatchCoordinator:
             await self._save(batch)
         elif batch.ending is None and not batch.submit_done:
             batch = await self._submit(batch)
-        open_left = await self._collect(batch)
+        batch, open_left = await self._collect(batch)
         if not (batch.submit_done or batch.ending):
             return False, time.time()  # more lines to submit: the next step follows at once
         if open_left:
@@ -291,8 +291,9 @@ class BatchCoordinator:
             self._notify_runner()
         return batch
 
-    async def _collect(self, batch: Batch) -> bool:
-        """Record the outcome of lines whose jobs ended; refresh the counts. True if lines are still open."""
+    async def _collect(self, batch: Batch) -> tuple[Batch, bool]:
+        """Record the outcome of lines whose jobs ended and refresh the counts; (the batch, whether lines
+        are still open). Only the oldest SCAN_LIMIT open lines are looked at per step."""
         open_lines = await self._store.open_lines(batch.id, 0, SCAN_LIMIT)
         if open_lines:
             states = await self._jobs.states([job_id for _, job_id in open_lines])
@@ -311,8 +312,9 @@ class BatchCoordinator:
         counts = await self._store.outcome_counts(batch.id)
         completed, failed = counts.get(LineOutcome.SUCCEEDED, 0), counts.get(LineOutcome.FAILED, 0)
         if (completed, failed) != (batch.completed, batch.failed):
-            await self._save(batch.with_(completed=completed, failed=failed))
-        return still_open > 0
+            batch = batch.with_(completed=completed, failed=failed)
+            await self._save(batch)
+        return batch, still_open > 0 or len(open_lines) == SCAN_LIMIT
 
     async def _stop_queued(self, batch: Batch) -> None:
         """Cancel every line still waiting in the queue; running lines are left to finish."""
