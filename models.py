@@ -7,7 +7,7 @@ request_id}`` are the original shapes; every newer field is optional and additiv
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -283,7 +283,7 @@ class BatchCreateRequest(BaseModel):
     completion_window: str = Field(
         "24h", pattern=r"^[1-9][0-9]{0,5}[smh]$", description="'24h' as in OpenAI; any '<n>s|m|h' up to 7 days here."
     )
-    metadata: dict[str, str] | None = Field(
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16, description="Up to 16 string pairs; 'callback_url' asks for a webhook when it ends."
     )
 
