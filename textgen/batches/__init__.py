@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from textgen.batches.coordinator import BatchCoordinator
 from textgen.batches.files import FileStorage
-from textgen.batches.store import BatchStore, batch_store_from_url, files_dir_for
+from textgen.batches.redis_store import RedisBatchStore
+from textgen.batches.sqlite_store import SQLiteBatchStore
+from textgen.batches.store import BatchStore
 from textgen.batches.webhook import BatchWebhooks
 from textgen.config import Settings
 from textgen.jobs.runner import JobRunner
-from textgen.jobs.store import JobStore
+from textgen.jobs.sqlite_store import sqlite_path_from_url
+from textgen.jobs.store import JobStore, is_redis_url
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,25 @@ class Batches:
 
     async def close(self) -> None:
         await self.store.close()
+
+
+def batch_store_from_url(url: str) -> BatchStore:
+    """The batch store beside the job store named by ``TEXTGEN_JOB_STORE`` (same file, or same Redis)."""
+    if is_redis_url(url):
+        return RedisBatchStore(url.strip())
+    return SQLiteBatchStore(sqlite_path_from_url(url))
+
+
+def files_dir_for(job_store_url: str, configured: Path | None) -> Path:
+    """Where uploaded and output files live: ``TEXTGEN_FILES_DIR`` if set; else, for SQLite, a folder
+    beside the database file; for Redis, ``data/files`` (replicas on several machines must point
+    ``TEXTGEN_FILES_DIR`` at one shared mount)."""
+    if configured is not None:
+        return configured if configured.is_absolute() else Path.cwd() / configured
+    if is_redis_url(job_store_url):
+        return Path.cwd() / "data" / "files"
+    db = sqlite_path_from_url(job_store_url)
+    return db.parent / f"{db.stem}-files"
 
 
 def batch_webhooks(settings: Settings) -> BatchWebhooks | None:

@@ -19,7 +19,6 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from textgen.errors import TextGenError
@@ -205,33 +204,3 @@ class BatchStore(Protocol):
 
     async def lines(self, batch_id: str, after: int, limit: int) -> builtins.list[Line]:
         """Lines numbered above ``after``, in order."""
-
-
-def files_dir_for(job_store_url: str, configured: Path | None) -> Path:
-    """Where uploaded and output files live: ``TEXTGEN_FILES_DIR`` if set; else, for SQLite, a folder
-    beside the database file; for Redis, ``data/files`` (replicas on several machines must point
-    ``TEXTGEN_FILES_DIR`` at one shared mount)."""
-    from textgen.jobs.store import is_redis_url
-
-    if configured is not None:
-        return configured if configured.is_absolute() else Path.cwd() / configured
-    if is_redis_url(job_store_url):
-        return Path.cwd() / "data" / "files"
-    from textgen.jobs.sqlite_store import sqlite_path_from_url
-
-    db = sqlite_path_from_url(job_store_url)
-    return db.parent / f"{db.stem}-files"
-
-
-def batch_store_from_url(url: str) -> BatchStore:
-    """The batch store beside the job store named by ``TEXTGEN_JOB_STORE``."""
-    from textgen.jobs.store import is_redis_url
-
-    if is_redis_url(url):
-        from textgen.batches.redis_store import RedisBatchStore
-
-        return RedisBatchStore(url.strip())
-    from textgen.batches.sqlite_store import SQLiteBatchStore
-    from textgen.jobs.sqlite_store import sqlite_path_from_url
-
-    return SQLiteBatchStore(sqlite_path_from_url(url))
