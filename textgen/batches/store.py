@@ -1,4 +1,4 @@
-"""The batch-store contract: file and batch records, the lines of a batch, and the factory.
+"""The batch-store contract: file and batch records and the lines of a batch (factories: ``textgen.batches``).
 
 A batch's lines run as ordinary jobs in the job store; this store keeps what the job store does not:
 the uploaded files' metadata, each batch's state and counters, and per line its ``custom_id``, the job
