@@ -26,7 +26,7 @@ from textgen.batches.view import file_object
 from textgen.errors import InvalidRequestError, NotReadyError
 
 router = APIRouter(prefix="/v1", tags=["batches"], route_class=OpenAIRoute)
-DOCS = {code: ERROR_DOCS[code] for code in (400, 401, 413, 500)}
+DOCS = {code: ERROR_DOCS[code] for code in (400, 401, 413, 429, 500)}
 NOT_FOUND_DOCS = {**DOCS, 404: {"model": ERROR_DOCS[400]["model"], "description": "Unknown file (or another caller's)"}}
 UPLOAD_PURPOSES = ("batch",)
 
