@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from textgen.api import generate, health, jobs, metrics, openai, stats
+from textgen.api import batches, files, generate, health, jobs, metrics, openai, stats
 from textgen.api.errors import install_error_handlers
 from textgen.api.middleware import QuietStartupFailure, RequestIdMiddleware
 from textgen.api.security import APIKeyMiddleware, BodySizeLimitMiddleware, SettingsCORSMiddleware
@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
         try:
             effective = settings or load_settings()
             setup_logging(effective.log_format, effective.log_level)
-            app.state.textgen = await build_state(effective, model_loader)
+            app.state.textgen = await build_state(effective, model_loader, batches.JOB_EXECUTORS)
         except ConfigError as error:
             setup_logging("text", "INFO")
             logger.critical("Cannot start: %s", error)
@@ -62,8 +62,9 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(QuietStartupFailure, marker=StartupError.__name__)
     install_error_handlers(app)
-    for router in (generate.router, jobs.router, openai.router, health.router, metrics.router, stats.router):
-        app.include_router(router)
+    routers = (generate, jobs, openai, files, batches, health, metrics, stats)
+    for module in routers:
+        app.include_router(module.router)
     install_ui(app)
     return app
 

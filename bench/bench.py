@@ -203,6 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare-label", default="compare", help="row label for --compare-url")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /ready")
     parser.add_argument("--request-timeout", type=float, default=900.0, help="seconds per request")
+    parser.add_argument(
+        "--batch",
+        action="store_true",
+        help="instead of the load levels: --batch-requests requests as one /v1/batches batch vs the same as "
+        "concurrent /v1/completions (see bench/batch.py); prints the tokens/s ratio",
+    )
+    parser.add_argument("--batch-requests", type=int, default=1000, metavar="N", help="with --batch (default 1000)")
+    parser.add_argument(
+        "--batch-concurrency", type=int, default=64, metavar="C", help="with --batch: concurrent clients (default 64)"
+    )
     return parser
 
 
@@ -820,6 +830,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.now(UTC)
     LOAD_AT_START[:] = os.getloadavg()
     LOG.info("load average (1/5/15 min): %.2f %.2f %.2f", *LOAD_AT_START)
+    if args.batch:
+        from bench.batch import bench_batch, render
+
+        print(render(bench_batch(args, config, out_dir)))
+        return 0
     run = EngineRun()
     status = 0
     try:

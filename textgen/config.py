@@ -92,6 +92,22 @@ class Settings(BaseSettings):
         False, description="Allow callback URLs on loopback/private/link-local addresses (tests, trusted networks)."
     )
 
+    # Batches (the OpenAI Batch API: /v1/files and /v1/batches)
+    files_dir: Path | None = Field(
+        None,
+        description="Uploaded and batch output files. Default: a folder beside the SQLite job store; with "
+        "Redis, data/files (replicas on several machines must share one mount).",
+    )
+    batch_max_file_bytes: int = Field(
+        100 * 1024 * 1024, ge=1024, description="Largest file POST /v1/files accepts (413 above)."
+    )
+    batch_max_lines: int = Field(50_000, ge=1, description="Most lines (requests) in one uploaded file.")
+    batch_max_line_bytes: int = Field(1_048_576, ge=256, description="Longest line of a batch input file.")
+    batch_poll_interval_s: float = Field(0.5, gt=0, description="How often running batches are advanced.")
+    batch_webhook_url: str | None = Field(
+        None, description="POST every finished batch here (a batch's metadata.callback_url wins)."
+    )
+
     # Content filter
     blocked_words: CommaList = Field(
         default_factory=lambda: ["hate"], description="Comma-separated blocked words or phrases."

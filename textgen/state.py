@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 from textgen.api.security import AccessPolicy, bind_host_from_argv, warn_if_exposed_without_keys
+from textgen.batches import Batches, open_batches
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine import Engine, create_engine
 from textgen.generation import GenerationService
-from textgen.jobs.runner import JobRunner, process_owner_id
+from textgen.jobs.runner import ExecutorFactory, JobRunner, process_owner_id
 from textgen.jobs.store import JobState, JobStore, job_store_from_url, redact_url
 from textgen.jobs.view import job_payload
 from textgen.loader import LoadedModel, load_model
@@ -45,6 +46,7 @@ class AppState:
 
     gauge_task: asyncio.Task[None] | None = None
     drain_task: asyncio.Task[None] | None = None
+    batches: Batches | None = None  # files and batches (the OpenAI Batch API)
 
     @property
     def ready(self) -> bool:
@@ -60,6 +62,8 @@ class AppState:
         self.drain_task = asyncio.get_running_loop().create_task(self._drain(), name="textgen-drain")
 
     async def _drain(self) -> None:
+        if self.batches is not None:
+            await self.batches.stop()
         await self.runner.stop()
         await self.engine.stop(self.settings.shutdown_grace_s)
 
@@ -93,7 +97,11 @@ def webhook_sender(settings: Settings, store: JobStore, owner: str) -> WebhookSe
     )
 
 
-async def build_state(settings: Settings, model_loader: ModelLoader = load_model) -> AppState:
+async def build_state(
+    settings: Settings,
+    model_loader: ModelLoader = load_model,
+    executors: Mapping[str, ExecutorFactory] | None = None,
+) -> AppState:
     """Open the job store first (cheap, fails fast), then load the model and start the engine."""
     content_filter = ContentFilter.from_sources(settings.blocked_words, settings.blocked_words_file)
     access = AccessPolicy.from_sources(settings.api_keys, settings.api_keys_file, settings.auth_exempt_paths)
@@ -134,8 +142,10 @@ async def build_state(settings: Settings, model_loader: ModelLoader = load_model
         max_attempts=settings.job_max_attempts,
         owner=owner,
         webhooks=webhook_sender(settings, store, owner),
+        executors={kind: factory(service, model) for kind, factory in (executors or {}).items()},
     )
     await runner.start()
+    batches = await open_batches(settings, store, runner)
     logger.info(
         "Service ready: model=%s engine=%s job_store=%s worker=%s",
         model.name,
@@ -145,6 +155,7 @@ async def build_state(settings: Settings, model_loader: ModelLoader = load_model
     )
     state = AppState(settings, model, engine, store, runner, service, metrics, access)
     state.gauge_task = asyncio.create_task(state.refresh_gauges_forever(), name="textgen-metrics-gauges")
+    state.batches = batches
     return state
 
 
@@ -155,6 +166,8 @@ async def shutdown_state(state: AppState) -> None:
     await state.drain_task
     if state.gauge_task is not None:
         state.gauge_task.cancel()
+    if state.batches is not None:
+        await state.batches.close()
     await state.store.close()
     await state.service.rate_limiter.close()
     mark_process_dead()

@@ -92,6 +92,16 @@ PLANS: dict[str, Plan] = {
     "GET /health": Plan(1, (POSITIVE,)),
     "GET /ready": Plan(1, (POSITIVE,)),
     "GET /metrics": Plan(1, (POSITIVE,)),
+    # The Batch API: unknown ids only reach 404 (a real batch runs in tests/integration/test_batches.py).
+    "POST /v1/files": Plan(30),
+    "GET /v1/files": Plan(30),
+    "GET /v1/files/{file_id}": Plan(20, (POSITIVE,)),
+    "GET /v1/files/{file_id}/content": Plan(20, (POSITIVE,)),
+    "DELETE /v1/files/{file_id}": Plan(20, (POSITIVE,)),
+    "POST /v1/batches": Plan(40),
+    "GET /v1/batches": Plan(30),
+    "GET /v1/batches/{batch_id}": Plan(20, (POSITIVE,)),
+    "POST /v1/batches/{batch_id}/cancel": Plan(20, (POSITIVE,)),
 }
 # Negative cases never reach the model, so they are cheap: give them more.
 NEGATIVE_EXAMPLES = 100
@@ -406,7 +416,7 @@ def test_unauthorized_status_is_documented(tiny_model_dir: Path, tmp_path: Path,
         if label in POST_OPERATIONS:
             case = operation.Case(body=OVERSIZED, media_type="application/json")
         else:
-            case = operation.Case(path_parameters={"job_id": "x"} if "{job_id}" in label else None)
+            case = operation.Case(path_parameters={name: "x" for name in re.findall(r"\{(\w+)\}", label)} or None)
         result = OperationResult(label)
         FuzzRun._run_case(result, POSITIVE, case)
         assert result.statuses == Counter({401: 1}), result.report()

@@ -77,11 +77,14 @@ def openai_error(
     request: Request, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     request_id = request_id_of(request)
-    body = {
-        "error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param, "code": None},
-        "request_id": request_id,
-    }
+    body = {**error_body(status, message, param), "request_id": request_id}
     return JSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-ID": request_id})
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's ``{"error": {...}}`` for a status (also the body of a failed batch line)."""
+    kind = _ERROR_TYPES.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
 class OpenAIRoute(APIRoute):
@@ -203,6 +206,7 @@ def _submit_all(
     body: CompletionRequest | ChatCompletionRequest,
     max_tokens: int | None,
     request_id: str,
+    priority: Priority = Priority.INTERACTIVE,
 ) -> list[Handle]:
     """n handles per prompt, in OpenAI's choice order; cancels what was submitted if one is refused."""
     if len(body.stop_strings()) > 4:
@@ -218,7 +222,7 @@ def _submit_all(
         for prompt in prompts:
             for choice in range(body.n):
                 params = _sampling(body, max_tokens, choice)
-                handles.append(service.submit(prompt, params, request_id, Priority.INTERACTIVE))
+                handles.append(service.submit(prompt, params, request_id, priority))
     except TextGenError:
         for handle in handles:
             handle.cancel()
@@ -351,9 +355,31 @@ async def completions(
             request_id,
         )
     results = await _finished(request, service, handles, request_id, caller)
+    return completion_response(service, body, results, completion_id, created)
+
+
+def submit_completion(
+    service: GenerationService, body: CompletionRequest, request_id: str, priority: Priority
+) -> list[Handle]:
+    """What the /v1/completions route does before it waits: check the prompts, submit every choice (batch lines)."""
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts or not all(prompts):
+        raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings.")
+    for prompt in prompts:
+        service.check_prompt(prompt, request_id)
+    return _submit_all(service, prompts, body, body.max_tokens, request_id, priority)
+
+
+def completion_response(
+    service: GenerationService,
+    body: CompletionRequest,
+    results: Sequence[GenerationResult],
+    completion_id: str | None = None,
+    created: int | None = None,
+) -> CompletionResponse:
     return CompletionResponse(
-        id=completion_id,
-        created=created,
+        id=completion_id or f"cmpl-{uuid.uuid4().hex}",
+        created=created or int(time.time()),
         model=service.model_name,
         choices=[
             CompletionChoice(
@@ -421,9 +447,34 @@ async def chat_completions(
             request_id,
         )
     results = await _finished(request, service, handles, request_id, caller)
+    return chat_response(service, body, results, chat_id, created)
+
+
+def submit_chat(
+    service: GenerationService,
+    tokenizer: PreTrainedTokenizerBase,
+    body: ChatCompletionRequest,
+    request_id: str,
+    priority: Priority,
+) -> list[Handle]:
+    """What the chat route does before it waits: check, render the chat prompt, submit every choice (batch lines)."""
+    for message in body.messages:
+        service.check_prompt(message.content, request_id)
+    prompt = render_chat_prompt(tokenizer, body.messages)
+    max_tokens = body.max_completion_tokens or body.max_tokens or service.settings.max_new_tokens_limit
+    return _submit_all(service, [prompt], body, max_tokens, request_id, priority)
+
+
+def chat_response(
+    service: GenerationService,
+    body: ChatCompletionRequest,
+    results: Sequence[GenerationResult],
+    chat_id: str | None = None,
+    created: int | None = None,
+) -> ChatCompletionResponse:
     return ChatCompletionResponse(
-        id=chat_id,
-        created=created,
+        id=chat_id or f"chatcmpl-{uuid.uuid4().hex}",
+        created=created or int(time.time()),
         model=service.model_name,
         choices=[
             ChatChoice(

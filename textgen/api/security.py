@@ -177,6 +177,10 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http" or state is None:
             await self.app(scope, receive, send)
             return
+        if is_file_upload(scope):
+            # Uploads stream to disk and have their own limit (TEXTGEN_BATCH_MAX_FILE_BYTES, textgen.batches.files).
+            await self.app(scope, receive, send)
+            return
         limit: int = state.settings.max_body_bytes  # type: ignore[attr-defined]
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -227,6 +231,10 @@ class SettingsCORSMiddleware:
                 expose_headers=["X-Request-ID", "Retry-After", "Location"],
             )
         await self._cors(scope, receive, send)
+
+
+def is_file_upload(scope: Scope) -> bool:
+    return scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

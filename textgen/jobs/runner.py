@@ -21,6 +21,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -36,6 +37,14 @@ logger = logging.getLogger(__name__)
 
 PURGE_EVERY_S = 60.0
 MAX_DELIVERIES = 8  # webhook deliveries in flight per process
+
+JobOutcome = tuple[JobState, dict[str, Any]]
+# Runs a job whose request names a ``kind`` (e.g. a batch line); ``track`` hands the runner the engine
+# handle so cancellation and shutdown reach it. Raises NotReadyError / GenerationCancelledError like
+# the plain path; returns the state and the fields to record.
+JobExecutor = Callable[[Job, str, Callable[[Handle], None]], Awaitable[JobOutcome]]
+# Builds an executor once the service exists (batch lines: textgen.api.batches.batch_line_executor).
+ExecutorFactory = Callable[[GenerationService, Any], JobExecutor]
 
 
 def process_owner_id() -> str:
@@ -79,8 +88,10 @@ class JobRunner:
         max_attempts: int = 3,
         owner: str | None = None,
         webhooks: WebhookSender | None = None,
+        executors: Mapping[str, JobExecutor] | None = None,
     ) -> None:
         self.owner = owner or process_owner_id()
+        self._executors = dict(executors or {})
         self._lease_s = lease_s
         self._max_attempts = max_attempts
         self._webhooks = webhooks
@@ -261,6 +272,9 @@ class JobRunner:
         """Run the job on the engine: the state and fields to record, or None when there is nothing to
         record (cancelled, or handed back because the engine is not taking work)."""
         try:
+            executor = self._executors.get(str(job.request.get("kind", "")))
+            if executor is not None:
+                return await executor(job, request_id, lambda handle: self._active.__setitem__(job.id, handle))
             body = TextGenerationRequest.model_validate(job.request)
             handle = self._service.submit_request(body, request_id, Priority.BACKGROUND)
             self._active[job.id] = handle

@@ -1,0 +1,202 @@
+"""The OpenAI Batch API: create, read, list and cancel batches; and how one batch line is answered.
+
+Routes only record intent (a new batch, a cancel request) in the batch store and wake the coordinator
+(``textgen.batches.coordinator``), which does the work in every process under leases. Each line runs
+as a job through the ordinary job runner at background priority; ``batch_line_executor`` is what the
+runner calls for such a job: the same request checks and response building as ``/v1/completions`` and
+``/v1/chat/completions`` (``textgen.api.openai``), with the OpenAI batch line's
+``{status_code, request_id, body}`` as the job's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from pydantic import ValidationError
+
+from models import BatchCreateRequest, BatchList, BatchObject, ChatCompletionRequest, CompletionRequest
+from textgen.api.deps import CallerDep, RequestIdDep, StateDep
+from textgen.api.files import BatchCaller, BatchCallerDep, BatchesDep, owned_file
+from textgen.api.openai import (
+    ERROR_DOCS,
+    OpenAIRoute,
+    chat_response,
+    completion_response,
+    error_body,
+    submit_chat,
+    submit_completion,
+)
+from textgen.batches.coordinator import BATCH_LINE_KIND
+from textgen.batches.store import CANCELLABLE_STATUSES, Batch, BatchNotFoundError
+from textgen.batches.view import batch_object, shown_status
+from textgen.engine.types import GenerationResult, Handle, Priority
+from textgen.errors import (
+    GenerationCancelledError,
+    InvalidRequestError,
+    NotReadyError,
+    StoreUnavailableError,
+    TextGenError,
+)
+from textgen.generation import GenerationService
+from textgen.jobs.runner import ExecutorFactory, JobExecutor, JobOutcome
+from textgen.jobs.store import Job, JobState
+from textgen.loader import LoadedModel
+from textgen.webhooks import check_webhook
+
+router = APIRouter(prefix="/v1", tags=["batches"], route_class=OpenAIRoute)
+DOCS = {code: ERROR_DOCS[code] for code in (400, 401, 413, 429, 500)}
+NOT_FOUND_DOCS = {
+    **DOCS,
+    404: {"model": ERROR_DOCS[400]["model"], "description": "Unknown batch (or another caller's)"},
+}
+MAX_WINDOW_S = 7 * 24 * 3600.0
+_WINDOW_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class BatchNotCancellableError(TextGenError):
+    status_code = 409
+    default_message = "The batch has already ended (or is finalizing) and cannot be cancelled."
+
+
+def window_seconds(window: str) -> float:
+    match = re.fullmatch(r"([1-9][0-9]*)([smh])", window)
+    if match is None:
+        raise InvalidRequestError("completion_window: use '24h' (or another '<n>s', '<n>m', '<n>h').")
+    seconds = int(match.group(1)) * _WINDOW_UNITS[match.group(2)]
+    if seconds > MAX_WINDOW_S:
+        raise InvalidRequestError("completion_window: at most 7 days (168h).")
+    return seconds
+
+
+async def owned_batch(batches: BatchesDep, batch_id: str, caller: BatchCaller) -> Batch:
+    """The batch if the caller may see it; 404 for an unknown id and for another owner's batch alike."""
+    batch = await batches.store.get_batch(batch_id)
+    if not caller.sees(batch.owner):
+        raise BatchNotFoundError()
+    return batch
+
+
+@router.post("/batches", response_model=BatchObject, responses=NOT_FOUND_DOCS, summary="Create a batch from a file")
+async def create_batch(
+    body: BatchCreateRequest,
+    state: StateDep,
+    batches: BatchesDep,
+    caller: BatchCallerDep,
+    request_id: RequestIdDep,
+    _caller: CallerDep,
+) -> BatchObject:
+    input_file = await owned_file(batches, body.input_file_id, caller)
+    if input_file.purpose != "batch":
+        raise InvalidRequestError(
+            "input_file_id: the file's purpose must be 'batch'.",
+        )
+    window_s = window_seconds(body.completion_window)
+    callback_url = (body.metadata or {}).get("callback_url") or state.settings.batch_webhook_url
+    if (body.metadata or {}).get("callback_url"):
+        await check_webhook(callback_url or "", state.settings)
+    now = time.time()
+    batch = Batch(
+        id=f"batch_{uuid.uuid4().hex}",
+        owner=caller.owner_id,
+        endpoint=body.endpoint,
+        input_file_id=input_file.id,
+        completion_window=body.completion_window,
+        window_s=window_s,
+        created_at=now,
+        expires_at=now + window_s,
+        metadata=body.metadata,
+        request_id=request_id,
+        callback_url=callback_url,
+    )
+    await batches.store.create_batch(batch)
+    batches.coordinator.notify()
+    return BatchObject(**batch_object(batch))
+
+
+@router.get("/batches/{batch_id}", response_model=BatchObject, responses=NOT_FOUND_DOCS, summary="A batch")
+async def get_batch(batch_id: str, batches: BatchesDep, caller: BatchCallerDep) -> BatchObject:
+    return BatchObject(**batch_object(await owned_batch(batches, batch_id, caller)))
+
+
+@router.get("/batches", response_model=BatchList, responses=DOCS, summary="The caller's batches, newest first")
+async def list_batches(
+    batches: BatchesDep, caller: BatchCallerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
+) -> BatchList:
+    data = [
+        BatchObject(**batch_object(batch))
+        for batch in await batches.store.list_batches(caller.visible_owner, limit=limit)
+    ]
+    return BatchList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None)
+
+
+@router.post(
+    "/batches/{batch_id}/cancel",
+    response_model=BatchObject,
+    responses={**NOT_FOUND_DOCS, 409: {"model": ERROR_DOCS[400]["model"], "description": "The batch already ended"}},
+    summary="Cancel a batch: queued lines stop at once, running ones finish",
+)
+async def cancel_batch(batch_id: str, batches: BatchesDep, caller: BatchCallerDep) -> BatchObject:
+    batch = await owned_batch(batches, batch_id, caller)
+    if shown_status(batch) not in (*CANCELLABLE_STATUSES, "cancelling"):
+        raise BatchNotCancellableError()
+    batch = await batches.store.request_cancel(batch_id)
+    batches.coordinator.notify()
+    return BatchObject(**batch_object(batch))
+
+
+# -- one line of a batch, run by the job runner ---------------------------------------------------------
+
+
+async def _results(handles: Sequence[Handle]) -> list[GenerationResult]:
+    try:
+        return list(await asyncio.gather(*(handle.result() for handle in handles)))
+    except BaseException:
+        for handle in handles:
+            handle.cancel()
+        raise
+
+
+def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobExecutor:
+    """The runner's executor for ``batch_line`` jobs (registered in ``main.create_app``)."""
+
+    async def execute(job: Job, request_id: str, track: Callable[[Handle], None]) -> JobOutcome:
+        url, body = job.request["url"], job.request["body"]
+        try:
+            response: Any
+            if url == "/v1/chat/completions":
+                chat = ChatCompletionRequest.model_validate(body)
+                handles = submit_chat(service, model.tokenizer, chat, request_id, Priority.BACKGROUND)
+                track(handles[-1])
+                results = [await service.finish(result, request_id) for result in await _results(handles)]
+                response = chat_response(service, chat, results)
+            else:
+                completion = CompletionRequest.model_validate(body)
+                handles = submit_completion(service, completion, request_id, Priority.BACKGROUND)
+                track(handles[-1])
+                results = [await service.finish(result, request_id) for result in await _results(handles)]
+                response = completion_response(service, completion, results)
+        except (NotReadyError, GenerationCancelledError, StoreUnavailableError):
+            raise  # the runner hands the job back or records nothing
+        except TextGenError as error:
+            return _failed(error.status_code, error.message, request_id)
+        except ValidationError as error:
+            return _failed(400, f"body: {error.errors()[0]['msg']}", request_id)
+        line = {"status_code": 200, "request_id": request_id, "body": response.model_dump(mode="json")}
+        return JobState.SUCCEEDED, {"result": line}
+
+    return execute
+
+
+# Job kinds the runner runs besides plain /generate_background jobs (passed to build_state by main.py).
+JOB_EXECUTORS: dict[str, ExecutorFactory] = {BATCH_LINE_KIND: batch_line_executor}
+
+
+def _failed(status: int, message: str, request_id: str) -> JobOutcome:
+    line = {"status_code": status, "request_id": request_id, "body": error_body(status, message)}
+    return JobState.FAILED, {"result": line, "error": message}

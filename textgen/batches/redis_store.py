@@ -1,0 +1,324 @@
+"""``BatchStore`` on the job store's Redis server, shared by every replica.
+
+Keys under ``{prefix}:`` (the job store's prefix): ``bfile:{id}`` (a file's JSON), ``bfiles`` and
+``bfiles:{owner}`` (zsets by creation time); ``batch:{id}`` (hash: data, status, cancel_requested_at,
+lease_owner, lease_until), ``batches`` and ``batches:{owner}`` (zsets by creation time), ``batches:due``
+(zset: when each batch needs a look); per batch ``batch:{id}:all`` (zset of line numbers),
+``:cid`` (custom_id -> line, for duplicates), ``:custom`` / ``:jobs`` / ``:outcome`` (line -> custom_id,
+job id, outcome), ``:open`` (zset: submitted lines without an outcome) and ``:counts`` (outcome -> n).
+Lease checks and line bookkeeping are Lua scripts, atomic across replicas.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import redis.exceptions
+from redis.commands.core import AsyncScript
+
+from textgen.batches.store import (
+    ACTIVE_STATUSES,
+    Batch,
+    BatchNotFoundError,
+    FileNotFoundInStoreError,
+    FileObject,
+    Line,
+    LineOutcome,
+    batch_from_json,
+    batch_to_json,
+    file_from_json,
+    file_to_json,
+)
+from textgen.errors import StoreUnavailableError
+from textgen.jobs.redis_store import ping_redis, redis_client
+from textgen.jobs.store import redact_url
+
+logger = logging.getLogger(__name__)
+
+_LINE_KEYS = ("all", "cid", "custom", "jobs", "outcome", "open", "counts")
+
+# ARGV: prefix, worker, now, lease_until, limit
+_CLAIM = """
+local P, worker, now, lease_until, limit = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local ids = redis.call('ZRANGEBYSCORE', P .. ':batches:due', '-inf', now, 'LIMIT', 0, limit * 4)
+local out = {}
+for _, id in ipairs(ids) do
+  if #out >= limit then break end
+  local k = P .. ':batch:' .. id
+  local held = tonumber(redis.call('HGET', k, 'lease_until') or '0')
+  if held < now and redis.call('EXISTS', k) == 1 then
+    redis.call('HSET', k, 'lease_owner', worker, 'lease_until', lease_until)
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+# KEYS: batch hash. ARGV: worker, status, data
+_SAVE = """
+if redis.call('HGET', KEYS[1], 'lease_owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'data', ARGV[3])
+return 1
+"""
+
+# KEYS: batch hash, due zset. ARGV: worker, id, next_check_at, done (0/1)
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'lease_owner') ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')
+if ARGV[4] == '1' then redis.call('ZREM', KEYS[2], ARGV[2]) else redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2]) end
+return 1
+"""
+
+# KEYS: batch hash, due zset. ARGV: id, now, active statuses...
+_REQUEST_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 0 end
+for i = 3, #ARGV do
+  if status == ARGV[i] then
+    redis.call('HSETNX', KEYS[1], 'cancel_requested_at', ARGV[2])
+    redis.call('ZADD', KEYS[2], 0, ARGV[1])
+    return 1
+  end
+end
+return 1
+"""
+
+# KEYS: all, cid, custom. ARGV: line, custom_id, line, custom_id, ...
+_ADD_LINES = """
+local duplicates = {}
+for i = 1, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[2], ARGV[i + 1], ARGV[i]) == 1 then
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+    redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i])
+  elseif redis.call('HGET', KEYS[2], ARGV[i + 1]) ~= ARGV[i] then
+    duplicates[#duplicates + 1] = ARGV[i]
+  end
+end
+return duplicates
+"""
+
+# KEYS: jobs, outcome, open. ARGV: line, job_id, ...
+_SET_JOBS = """
+for i = 1, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then redis.call('ZADD', KEYS[3], ARGV[i], ARGV[i]) end
+end
+return 1
+"""
+
+# KEYS: outcome, open, counts. ARGV: line, outcome, ...
+_SET_OUTCOMES = """
+for i = 1, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('HINCRBY', KEYS[3], ARGV[i + 1], 1)
+  end
+  redis.call('ZREM', KEYS[2], ARGV[i])
+end
+return 1
+"""
+
+
+class RedisBatchStore:
+    def __init__(self, url: str, *, prefix: str = "textgen") -> None:
+        self._url = url
+        self.prefix = prefix
+        self._redis = redis_client(url)
+        self._scripts: dict[str, AsyncScript] = {
+            name: self._redis.register_script(body)
+            for name, body in {
+                "claim": _CLAIM,
+                "save": _SAVE,
+                "release": _RELEASE,
+                "cancel": _REQUEST_CANCEL,
+                "add_lines": _ADD_LINES,
+                "set_jobs": _SET_JOBS,
+                "set_outcomes": _SET_OUTCOMES,
+            }.items()
+        }
+
+    def __repr__(self) -> str:
+        return f"RedisBatchStore({redact_url(self._url)!r}, prefix={self.prefix!r})"
+
+    async def open(self) -> None:
+        await ping_redis(self._redis, self._url)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            logger.warning("Redis batch store at %s unavailable: %s", redact_url(self._url), type(exc).__name__)
+            raise StoreUnavailableError() from exc
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def _line_key(self, batch_id: str, name: str) -> str:
+        return self._k("batch", batch_id, name)
+
+    async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        async with self._guard():
+            return await self._scripts[name](keys=list(keys), args=list(args))
+
+    # -- files ---------------------------------------------------------------------------------------
+
+    async def put_file(self, record: FileObject) -> None:
+        async with self._guard(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._k("bfile", record.id), file_to_json(record))
+            pipe.zadd(self._k("bfiles"), {record.id: record.created_at})
+            pipe.zadd(self._k("bfiles", record.owner), {record.id: record.created_at})
+            await pipe.execute()
+
+    async def get_file(self, file_id: str) -> FileObject:
+        async with self._guard():
+            text = await self._redis.get(self._k("bfile", file_id))
+        if text is None:
+            raise FileNotFoundInStoreError()
+        return file_from_json(text)
+
+    async def list_files(
+        self, owner: str | None, *, purpose: str | None = None, limit: int = 100
+    ) -> builtins.list[FileObject]:
+        index = self._k("bfiles") if owner is None else self._k("bfiles", owner)
+        found: builtins.list[FileObject] = []
+        start = 0
+        async with self._guard():
+            while len(found) < limit:
+                ids = await self._redis.zrevrange(index, start, start + 499)
+                if not ids:
+                    break
+                start += len(ids)
+                texts = await self._redis.mget([self._k("bfile", file_id) for file_id in ids])
+                for text in texts:
+                    if text is not None:
+                        record = file_from_json(text)
+                        if purpose is None or record.purpose == purpose:
+                            found.append(record)
+        return found[:limit]
+
+    async def delete_file(self, file_id: str) -> bool:
+        record = await self.get_file(file_id)
+        async with self._guard(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._k("bfile", file_id))
+            pipe.zrem(self._k("bfiles"), file_id)
+            pipe.zrem(self._k("bfiles", record.owner), file_id)
+            deleted, _, _ = await pipe.execute()
+        return bool(deleted)
+
+    # -- batches -------------------------------------------------------------------------------------
+
+    async def create_batch(self, batch: Batch) -> None:
+        async with self._guard(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                self._k("batch", batch.id),
+                mapping={"data": batch_to_json(batch), "status": batch.status.value, "owner": batch.owner},
+            )
+            pipe.zadd(self._k("batches"), {batch.id: batch.created_at})
+            pipe.zadd(self._k("batches", batch.owner), {batch.id: batch.created_at})
+            pipe.zadd(self._k("batches:due"), {batch.id: 0})
+            await pipe.execute()
+
+    async def _read_batches(self, ids: Sequence[str]) -> builtins.list[Batch]:
+        async with self._guard(), self._redis.pipeline(transaction=False) as pipe:
+            for batch_id in ids:
+                pipe.hmget(self._k("batch", batch_id), ["data", "cancel_requested_at"])
+            rows = await pipe.execute()
+        return [
+            batch_from_json(data, None if cancel is None else float(cancel))
+            for data, cancel in rows
+            if data is not None
+        ]
+
+    async def get_batch(self, batch_id: str) -> Batch:
+        found = await self._read_batches([batch_id])
+        if not found:
+            raise BatchNotFoundError()
+        return found[0]
+
+    async def list_batches(self, owner: str | None, *, limit: int = 20) -> builtins.list[Batch]:
+        index = self._k("batches") if owner is None else self._k("batches", owner)
+        async with self._guard():
+            ids = await self._redis.zrevrange(index, 0, limit - 1)
+        return await self._read_batches(ids)
+
+    async def request_cancel(self, batch_id: str) -> Batch:
+        active = [status.value for status in ACTIVE_STATUSES]
+        keys = [self._k("batch", batch_id), self._k("batches:due")]
+        if not await self._script("cancel", keys, [batch_id, time.time(), *active]):
+            raise BatchNotFoundError()
+        return await self.get_batch(batch_id)
+
+    async def claim_due(self, worker: str, lease_s: float, limit: int) -> builtins.list[Batch]:
+        now = time.time()
+        ids = await self._script("claim", [], [self.prefix, worker, now, now + lease_s, limit])
+        return await self._read_batches(ids)
+
+    async def save(self, batch: Batch, worker: str) -> bool:
+        keys = [self._k("batch", batch.id)]
+        return bool(await self._script("save", keys, [worker, batch.status.value, batch_to_json(batch)]))
+
+    async def release(self, batch_id: str, worker: str, next_check_at: float, *, done: bool) -> None:
+        keys = [self._k("batch", batch_id), self._k("batches:due")]
+        await self._script("release", keys, [worker, batch_id, next_check_at, "1" if done else "0"])
+
+    # -- lines ---------------------------------------------------------------------------------------
+
+    async def clear_lines(self, batch_id: str) -> None:
+        async with self._guard():
+            await self._redis.delete(*(self._line_key(batch_id, name) for name in _LINE_KEYS))
+
+    async def add_lines(self, batch_id: str, lines: Sequence[tuple[int, str]]) -> builtins.list[int]:
+        if not lines:
+            return []
+        keys = [self._line_key(batch_id, name) for name in ("all", "cid", "custom")]
+        args = [item for number, custom_id in lines for item in (number, custom_id)]
+        return [int(number) for number in await self._script("add_lines", keys, args)]
+
+    async def set_jobs(self, batch_id: str, jobs: Sequence[tuple[int, str]]) -> None:
+        if jobs:
+            keys = [self._line_key(batch_id, name) for name in ("jobs", "outcome", "open")]
+            await self._script("set_jobs", keys, [item for pair in jobs for item in pair])
+
+    async def open_lines(self, batch_id: str, after: int, limit: int) -> builtins.list[tuple[int, str]]:
+        async with self._guard():
+            numbers = await self._redis.zrangebyscore(
+                self._line_key(batch_id, "open"), f"({after}", "+inf", start=0, num=limit
+            )
+            if not numbers:
+                return []
+            job_ids = await self._redis.hmget(self._line_key(batch_id, "jobs"), numbers)
+        return [(int(number), job_id) for number, job_id in zip(numbers, job_ids, strict=True) if job_id]
+
+    async def set_outcomes(self, batch_id: str, outcomes: Sequence[tuple[int, LineOutcome]]) -> None:
+        if outcomes:
+            keys = [self._line_key(batch_id, name) for name in ("outcome", "open", "counts")]
+            await self._script("set_outcomes", keys, [item for n, o in outcomes for item in (n, o.value)])
+
+    async def outcome_counts(self, batch_id: str) -> dict[LineOutcome, int]:
+        async with self._guard():
+            counts = await self._redis.hgetall(self._line_key(batch_id, "counts"))
+        return {LineOutcome(name): int(n) for name, n in counts.items()}
+
+    async def lines(self, batch_id: str, after: int, limit: int) -> builtins.list[Line]:
+        async with self._guard():
+            numbers = await self._redis.zrangebyscore(
+                self._line_key(batch_id, "all"), f"({after}", "+inf", start=0, num=limit
+            )
+            if not numbers:
+                return []
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in ("custom", "jobs", "outcome"):
+                    pipe.hmget(self._line_key(batch_id, name), numbers)
+                customs, jobs, outcomes = await pipe.execute()
+        return [
+            Line(int(number), custom_id, job_id, LineOutcome(outcome) if outcome else None)
+            for number, custom_id, job_id, outcome in zip(numbers, customs, jobs, outcomes, strict=True)
+        ]
