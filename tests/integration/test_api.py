@@ -392,7 +392,7 @@ async def test_model_failure_is_500_without_internals(
     async with app_client(make_settings(engine=engine)) as (client, app):
         state = app.state.textgen
         # The batched engine runs the model through its core; the threadpool baseline calls the model itself.
-        target, name = (state.engine.core, "prefill") if engine == "batched" else (state.model.model, "forward")
+        target, name = (state.engine.core, "step") if engine == "batched" else (state.model.model, "forward")
         real_forward = getattr(target, name)
         calls = {"failed": 0}
 

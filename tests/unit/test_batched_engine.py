@@ -193,16 +193,16 @@ async def test_a_failing_step_fails_only_its_batch(
     make_engine: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = await make_engine()
-    real_decode = engine.core.decode
+    real_step = engine.core.step
     calls = {"n": 0}
 
-    def flaky_decode(slots: Any, tokens: Any) -> Any:
+    def flaky_step(*args: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected failure")
-        return real_decode(slots, tokens)
+        return real_step(*args)
 
-    monkeypatch.setattr(engine.core, "decode", flaky_decode)
+    monkeypatch.setattr(engine.core, "step", flaky_step)
     victims = [engine.submit(request(max_new_tokens=10, ignore_eos=True)) for _ in range(2)]
     for victim in victims:
         with pytest.raises(EngineError):

@@ -216,3 +216,19 @@ async def test_the_scheduler_gives_the_same_greedy_text_on_either_core(tiny_load
             await engine.stop(0)
     assert results[core] == results["textgen"]
     assert all(results["textgen"])
+
+
+def test_one_step_decodes_running_rows_and_prefills_new_prompts_together(tiny_loaded: Any) -> None:
+    core = make_core(tiny_loaded)
+    running = [tokenize(tiny_loaded, p) for p in PROMPTS[:2]]
+    slots = [core.allocate() for _ in running]
+    chosen = core.prefill(slots, running).argmax(-1)
+    for row, ids in enumerate(running):
+        ids.append(int(chosen[row]))
+    newcomer = tokenize(tiny_loaded, PROMPTS[2])
+    new_slot = core.allocate()
+    logits = core.step(slots, chosen, [new_slot], [newcomer])  # [3, V]: two decode rows, then the prompt
+    assert logits.shape[0] == 3
+    for row, ids in enumerate([*running, newcomer]):
+        torch.testing.assert_close(logits[row], reference_logits(tiny_loaded, ids), atol=1e-4, rtol=1e-4)
+    assert core.slots_in_order() == [*slots, new_slot]

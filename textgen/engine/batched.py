@@ -232,13 +232,15 @@ class BatchedEngine:
         return True
 
     def _iterate(self, events: list[Event]) -> None:
-        admitted = self._take_admissions()
-        if admitted:
-            self._admit(admitted, events)
+        """Retire, then one forward pass that decodes every running sequence and prefills the newly
+        admitted prompts (further chunks of prompts, if any, get passes of their own), then retire."""
+        chunks = self._admit(self._take_admissions(), events)
         self._retire(events)
-        if self._running_seqs:
-            self._decode(events)
-            self._retire(events)
+        for index, chunk in enumerate(chunks or [[]]):
+            decoding = index == 0 and bool(self._running_seqs)
+            if decoding or chunk:
+                self._step(chunk, events, decode=decoding)
+        self._retire(events)
 
     def _flush(self, events: list[Event]) -> None:
         if events and self._loop is not None and not self._loop.is_closed():
@@ -272,7 +274,8 @@ class BatchedEngine:
             self._running += len(taken)
         return taken
 
-    def _admit(self, handles: list[Handle], events: list[Event]) -> None:
+    def _admit(self, handles: list[Handle], events: list[Event]) -> list[list[SequenceState]]:
+        """Tokenize the admitted requests; returns them as sequences in prefill-sized chunks."""
         prepared: list[tuple[Handle, list[int], int]] = []
         for handle in handles:
             try:
@@ -287,49 +290,50 @@ class BatchedEngine:
                 continue
             prepared.append((handle, ids, budget))
             self._mean_budget = 0.9 * self._mean_budget + 0.1 * budget
-        for chunk in _prefill_chunks(prepared, self._limits.max_prefill_tokens):
-            self._prefill_chunk(chunk, events)
+        chunks = _prefill_chunks(prepared, self._limits.max_prefill_tokens)
+        return [self._sequences(chunk, events) for chunk in chunks]
 
-    def _prefill_chunk(self, chunk: list[tuple[Handle, list[int], int]], events: list[Event]) -> None:
+    def _sequences(self, chunk: list[tuple[Handle, list[int], int]], events: list[Event]) -> list[SequenceState]:
+        """Admitted requests as sequences; one with nothing to generate finishes at once."""
         loaded = self._loaded
         seqs = [
             SequenceState.admit(handle, ids, budget, loaded.tokenizer, loaded.eos_token_ids)
             for handle, ids, budget in chunk
         ]
-        live = [s for s in seqs if s.budget > 0]
         for seq in seqs:
             if seq.budget == 0:
                 self._release(1)
                 events.append((seq.handle, "", seq.result(), None))
-        if not live:
-            return
-        core = self._require_core()
-        slots: list[int] = []
-        try:
-            slots = [core.allocate() for _ in live]
-            logits = core.prefill(slots, [s.prompt_ids for s in live])
-        except Exception:
-            logger.exception("Prefill failed for %d requests", len(live))
-            self._free_quietly(slots)
-            self._release(len(live))
-            events.extend((s.handle, "", None, EngineError()) for s in live)
-            return
-        self._running_seqs.update(zip(slots, live, strict=True))
-        self._sample_into(live, logits, events)
+        return [s for s in seqs if s.budget > 0]
 
-    def _decode(self, events: list[Event]) -> None:
+    def _step(self, admitted: list[SequenceState], events: list[Event], *, decode: bool) -> None:
+        """One forward pass: the next token of every running sequence (when ``decode``), and the first
+        token of every admitted one. A failure here fails only the admitted sequences when nothing was
+        decoding; otherwise the loop fails the whole batch."""
         core = self._require_core()
         started = time.perf_counter()
-        slots = core.slots_in_order()
-        rows = [self._running_seqs[slot] for slot in slots]
+        decode_slots = core.slots_in_order() if decode else []
+        rows = [self._running_seqs[slot] for slot in decode_slots]
         tokens = torch.tensor([seq.generated[-1] for seq in rows], dtype=torch.long)
-        logits = core.decode(slots, tokens)
-        self._sample_into(rows, logits, events)
-        elapsed = time.perf_counter() - started
-        size = len(rows)
-        self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (size / max(elapsed, 1e-6))
-        if self._step_observer is not None:
-            self._step_observer(size, elapsed)
+        new_slots: list[int] = []
+        try:
+            new_slots = [core.allocate() for _ in admitted]
+            logits = core.step(decode_slots, tokens, new_slots, [s.prompt_ids for s in admitted])
+        except Exception:
+            self._free_quietly(new_slots)
+            self._release(len(admitted))
+            events.extend((s.handle, "", None, EngineError()) for s in admitted)
+            if decode_slots:
+                raise  # the loop fails the running batch too
+            logger.exception("Prefill failed for %d requests", len(admitted))
+            return
+        self._running_seqs.update(zip(new_slots, admitted, strict=True))
+        self._sample_into(rows + admitted, logits, events)
+        if rows:
+            elapsed = time.perf_counter() - started
+            self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (len(rows) / max(elapsed, 1e-6))
+            if self._step_observer is not None:
+                self._step_observer(len(rows), elapsed)
 
     def _sample_into(self, rows: list[SequenceState], logits: torch.Tensor, events: list[Event]) -> None:
         logits = apply_token_masks(logits, [s.constraint for s in rows], self.mask_timer)

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from textgen.engine.constraints import CompiledGrammar, Constraint
 
 
+MIN_SAMPLING_TEMPERATURE = 1e-4
+
+
 class Priority(enum.IntEnum):
     """Lower value is admitted first."""
 
@@ -61,7 +64,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        # Below this, logits / temperature overflows float32; the distribution is a one-hot anyway.
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
     def token_budget(self, prompt_tokens: int, default_new_tokens: int, limit: int) -> int:
         if self.max_new_tokens is not None:

@@ -6,6 +6,8 @@ knows which core runs:
 * ``allocate() -> slot`` and ``free(slots)``: a slot holds one sequence's cached keys/values;
 * ``prefill(slots, prompts) -> logits [B, V]``: write whole prompts into fresh slots;
 * ``decode(slots, tokens) -> logits [B, V]``: one new token for each slot;
+* ``step(decode_slots, tokens, prefill_slots, prompts)``: both at once, in one forward pass where the
+  core can (what the scheduler calls every iteration);
 * ``slots_in_order()``: the order in which ``decode`` runs without copying the cache.
 
 ``build_core`` picks the decode core of this package for the Llama family and GPT-2 (``decoder.py``)
@@ -54,6 +56,14 @@ class ModelCore(Protocol):
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor: ...
 
     def decode(self, slots: Sequence[int], tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def step(
+        self,
+        decode_slots: Sequence[int],
+        tokens: torch.Tensor,
+        prefill_slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+    ) -> torch.Tensor: ...
 
     def describe(self) -> dict[str, Any]: ...
 

@@ -14,7 +14,7 @@ import torch
 
 from textgen.engine.core import gpt2, llama
 from textgen.engine.core.kv_cache import SlotKVCache
-from textgen.engine.core.layers import Attention, DecodeAttention, PrefillAttention
+from textgen.engine.core.layers import Attention, DecodeAttention, MixedAttention, PrefillAttention
 from textgen.engine.core.weights import LinearFactory, WeightPlan
 
 
@@ -94,26 +94,55 @@ class DecodeCore:
         """The order in which decode() reads the cache without copying."""
         return self.cache.slots_in_row_order()
 
-    @torch.inference_mode()
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Write each prompt's keys/values into its (empty) slot. Returns next-token logits [B, V] float32."""
-        rows = self.cache.rows_of(slots)
-        segments, tokens, positions, last = [], [], [], []
+        return self.step([], torch.empty(0, dtype=torch.long), slots, prompts)
+
+    def decode(self, slots: Sequence[int], tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each slot its next token [B]; returns logits [B, V] float32, rows in the order of ``slots``."""
+        return self.step(slots, tokens, [], [])
+
+    @torch.inference_mode()
+    def step(
+        self,
+        decode_slots: Sequence[int],
+        tokens: torch.Tensor,
+        prefill_slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """One forward pass for both: a token for each decoding slot, whole prompts for fresh slots.
+
+        Sharing the pass matters on a CPU, where reading the weights costs about as much as a small
+        batch's arithmetic: a separate prefill pass would cost nearly a whole extra decode step.
+        Returns logits [len(decode_slots) + len(prefill_slots), V] float32, decode rows first.
+        """
+        rows = self.cache.rows_of(decode_slots)
+        lengths = self.cache.lengths_of(rows)
+        for slot in decode_slots:
+            self.cache.check_room(slot, 1)
+        segments, prompt_tokens, positions, last = [], [], list(lengths), list(range(len(rows)))
         start = 0
-        for slot, row, prompt in zip(slots, rows, prompts, strict=True):
+        for slot, row, prompt in zip(prefill_slots, self.cache.rows_of(prefill_slots), prompts, strict=True):
             self.cache.check_room(slot, len(prompt))
             segments.append((row, start, len(prompt)))
-            tokens.extend(prompt)
+            prompt_tokens.extend(prompt)
             positions.extend(range(len(prompt)))
             start += len(prompt)
-            last.append(start - 1)
-        self.cache.ensure_initialised(max(length for _, _, length in segments))
-        attention = PrefillAttention(self.cache, segments, self.weights.scale)
-        hidden = self._forward(tokens, positions, attention)  # [N, E]
+            last.append(len(rows) + start - 1)
+        self.cache.ensure_initialised(max([*(n + 1 for n in lengths), *(len(p) for p in prompts)]))
+        attention = MixedAttention(
+            DecodeAttention.plan(self.cache, rows, lengths, self.weights.scale) if rows else None,
+            PrefillAttention(self.cache, segments, self.weights.scale) if segments else None,
+            len(rows),
+        )
+        all_tokens = torch.cat([tokens.to(torch.long).cpu(), torch.tensor(prompt_tokens, dtype=torch.long)])
+        hidden = self._forward(all_tokens, positions, attention)  # [N, E]
+        self.cache.advance(rows)
         for row, _, length in segments:
             self.cache.advance([row], length)
-        index = torch.tensor(last, dtype=torch.long, device=self._device)
-        return self.weights.lm_head(hidden.index_select(0, index))
+        if len(last) != hidden.shape[0]:
+            hidden = hidden.index_select(0, torch.tensor(last, dtype=torch.long, device=self._device))
+        return self.weights.lm_head(hidden)
 
     @torch.inference_mode()
     def score(self, tokens: Sequence[int]) -> torch.Tensor:
@@ -128,17 +157,6 @@ class DecodeCore:
         finally:
             self.free([slot])
 
-    @torch.inference_mode()
-    def decode(self, slots: Sequence[int], tokens: torch.Tensor) -> torch.Tensor:
-        """Feed each slot its next token [B]; returns logits [B, V] float32, rows in the order of ``slots``."""
-        rows = self.cache.rows_of(slots)
-        lengths = self.cache.lengths_of(rows)
-        for slot in slots:
-            self.cache.check_room(slot, 1)
-        attention = DecodeAttention.plan(self.cache, rows, lengths, self.weights.scale)
-        hidden = self._forward(tokens, lengths, attention)
-        self.cache.advance(rows)
-        return self.weights.lm_head(hidden)
 
     def _forward(
         self, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int], attention: Attention

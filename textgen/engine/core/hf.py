@@ -55,6 +55,21 @@ class TransformersCore:
         batch.last_tokens = tokens.to(batch.last_tokens.device)
         return decode_step(self._model, batch).float()
 
+    def step(
+        self,
+        decode_slots: Sequence[int],
+        tokens: torch.Tensor,
+        prefill_slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """Decode, then prefill: transformers' padded batch cannot mix the two in one pass."""
+        parts = []
+        if decode_slots:
+            parts.append(self.decode(decode_slots, tokens))
+        if prefill_slots:
+            parts.append(self.prefill(prefill_slots, prompts))
+        return torch.cat(parts)
+
     def free(self, slots: Sequence[int]) -> None:
         gone = set(slots)
         self._free_ids.extend(slots)

@@ -109,4 +109,25 @@ class PrefillAttention:
         return torch.cat(outputs)
 
 
-Attention = DecodeAttention | PrefillAttention
+@dataclass
+class MixedAttention:
+    """Decode rows first (``split`` of them), then packed prompts: one forward pass serves both."""
+
+    decode: DecodeAttention | None
+    prefill: PrefillAttention | None
+    split: int
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [N, Hq, D], k and v [N, Hkv, D] -> attention output [N, Hq * D]."""
+        if self.prefill is None:
+            assert self.decode is not None
+            return self.decode(layer, q, k, v)
+        if self.decode is None:
+            return self.prefill(layer, q, k, v)
+        cut = self.split
+        return torch.cat(
+            [self.decode(layer, q[:cut], k[:cut], v[:cut]), self.prefill(layer, q[cut:], k[cut:], v[cut:])]
+        )
+
+
+Attention = DecodeAttention | PrefillAttention | MixedAttention
