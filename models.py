@@ -70,13 +70,20 @@ class TextGenerationRequest(BaseModel):
         examples=[{"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}],
     )
     regex: str | None = Field(
-        None, max_length=4096, description="Structured output: the generated text matches this regular expression."
+        None,
+        min_length=1,
+        max_length=4096,
+        description="Structured output: the generated text matches this regular expression.",
     )
-    choice: list[str] | None = Field(
-        None, max_length=256, description="Structured output: the generated text is exactly one of these strings."
+    choice: list[NonEmptyStr] | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="Structured output: the generated text is exactly one of these (non-empty) strings.",
     )
     grammar: str | None = Field(
         None,
+        min_length=1,
         max_length=65_536,
         description="Structured output: the generated text follows this context-free grammar (Lark syntax as "
         "llguidance reads it, or llama.cpp's GBNF).",
@@ -98,6 +105,7 @@ class TextGenerationRequest(BaseModel):
         "repetition_penalty",
         "seed",
         "timeout_s",
+        "logprobs",
         mode="before",
     )(_json_number_only)
 
@@ -234,7 +242,15 @@ class _OpenAIRequest(BaseModel):
     )
 
     _numbers_only = field_validator(
-        "temperature", "top_p", "n", "seed", "max_tokens", "max_completion_tokens", mode="before", check_fields=False
+        "temperature",
+        "top_p",
+        "n",
+        "seed",
+        "max_tokens",
+        "max_completion_tokens",
+        "top_logprobs",
+        mode="before",
+        check_fields=False,
     )(_json_number_only)
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -251,6 +267,8 @@ class CompletionRequest(_OpenAIRequest):
         None, ge=0, le=20, description="Log-probabilities of each token and this many likeliest alternatives."
     )
 
+    _logprobs_number_only = field_validator("logprobs", mode="before")(_json_number_only)
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -263,7 +281,7 @@ class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
-    logprobs: bool | None = Field(None, description="Return each output token's log-probability.")
+    logprobs: bool | None = Field(None, strict=True, description="Return each output token's log-probability.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Likeliest alternatives per token (logprobs).")
 
 

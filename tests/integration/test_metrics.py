@@ -141,7 +141,11 @@ async def test_metrics_is_prometheus_text_with_model_info(
     assert families["textgen_engine_batch_size"].type == "histogram"
     assert families["textgen_engine_running_sequences"].type == "gauge"
     [info] = labels_of(samples, "textgen_model_info")
-    assert info == {"name": "tiny-metrics", "dtype": "float32", "device": "cpu", "engine": engine}
+    core = {"batched": "textgen-gpt2", "threadpool": "transformers-generate"}[engine]
+    assert info == {
+        "name": "tiny-metrics", "dtype": "float32", "device": "cpu", "engine": engine, "core": core,
+        "weights": "float32",
+    }
     assert info["name"] == state.model.name
     assert value(samples, "textgen_model_info", **info) == 1.0
     # Idle: nothing running or waiting, and every job state has a sample.

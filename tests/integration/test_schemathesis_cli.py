@@ -41,6 +41,34 @@ GENERATING = ("POST /generate", "POST /generate_background", "POST /v1/completio
 
 KNOWN_BY_DESIGN = [
     ByDesign(
+        GENERATING,
+        "ST202",
+        400,
+        "Send at most one of json_schema",
+        "two structured-output constraints at once: 'at most one of' is checked by the server",
+    ),
+    ByDesign(
+        GENERATING,
+        "ST202",
+        400,
+        ": invalid ",
+        "a regex, grammar or JSON schema the grammar engine cannot compile: checked by compiling it",
+    ),
+    ByDesign(
+        ("POST /v1/completions", "POST /v1/chat/completions"),
+        "ST202",
+        400,
+        "response_format:",
+        "response_format must name a known type with its schema: checked as OpenAI does",
+    ),
+    ByDesign(
+        ("POST /v1/chat/completions",),
+        "ST202",
+        400,
+        "set logprobs to true",
+        "top_logprobs without logprobs: refused, as OpenAI does",
+    ),
+    ByDesign(
         ("POST /generate",),
         "ST101",
         504,

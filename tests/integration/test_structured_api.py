@@ -128,7 +128,6 @@ async def test_background_job_with_a_schema(api: Api) -> None:
         ({"regex": "a(b"}, "regex"),
         ({"grammar": "start: missing_rule"}, "grammar"),
         ({"regex": "a+", "choice": ["a"]}, "at most one"),
-        ({"choice": []}, "choice"),
     ],
 )
 @pytest.mark.parametrize("path", ["/generate", "/generate_background"])
@@ -141,6 +140,13 @@ async def test_invalid_constraints_are_400_before_queueing(
     detail = assert_json_error(response, 400)
     assert problem in detail
     assert (await client.get("/jobs")).json()["jobs"] == jobs_before
+
+
+@pytest.mark.parametrize("body", [{"choice": []}, {"choice": ["a", ""]}, {"regex": ""}, {"grammar": ""}])
+async def test_empty_constraints_are_schema_errors(api: Api, body: dict[str, Any]) -> None:
+    client, _ = api
+    response = await client.post("/generate", json={"prompt": PROMPT, **body})
+    assert response.status_code == 422, response.text
 
 
 async def test_content_filter_still_treats_forced_text(api: Api) -> None:

@@ -6,8 +6,8 @@ head. For a Q4 GGUF source, the fastest format at batch 1 serves small batches, 
 largest batch serves large ones, and the crossover is where the large-batch format starts to win; at
 most two formats are kept, so memory holds at most two copies of the weights. (A row's logits then
 depend slightly on which side of the crossover its batch is: seeded sampling reproduces within a
-tier; set TEXTGEN_WEIGHTS to one format for batch-invariant numerics.) A float source keeps the
-single float dtype that is fastest over all batch sizes. Takes about a second at start-up.
+tier; set TEXTGEN_WEIGHTS to one format for batch-invariant numerics.) A float source keeps its
+dtype. The measurement takes a few seconds once per machine and is remembered in the cache folder.
 """
 
 from __future__ import annotations
@@ -56,17 +56,13 @@ def plan_for(
         return WeightPlan.single("bfloat16"), {}
     if requested in ("int8", "int4"):
         return WeightPlan.single(requested), {}
-    if device.type != "cpu":
+    if device.type != "cpu" or not has_int4_blocks:
+        # A float source keeps the model's dtype (TEXTGEN_DTYPE: bf16 where the CPU has bf16 units):
+        # one format, so a row's logits never depend on its batch's size, and no measurement.
         return WeightPlan.single(float_name), {}
-    floats = (["bfloat16"] if bf16_fast else []) + ["float32"]
-    candidates = (["int4"] if has_int4_blocks else []) + floats
-    if len(candidates) == 1:
-        return WeightPlan.single(candidates[0]), {}
+    candidates = ["int4", *(["bfloat16"] if bf16_fast else []), "float32"]
     batches = [b for b in PROBE_BATCHES if b <= max(max_batch, 1)] or [1]
     timings = cached_measurement(cache_file, probe, candidates, batches)
-    if not has_int4_blocks:
-        # A float source keeps one format: a row's logits then never depend on its batch's size.
-        return WeightPlan.single(min(floats, key=lambda f: sum(timings[f].values()))), timings
     return plan_from_timings(timings), timings
 
 
