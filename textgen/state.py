@@ -7,15 +7,15 @@ import logging
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from textgen.api.security import AccessPolicy, bind_host_from_argv, warn_if_exposed_without_keys
+from textgen.access import AccessPolicy, FailedKeyLimiter, bind_host_from_argv, warn_if_exposed_without_keys
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine import Engine, create_engine
-from textgen.generation import GenerationService
+from textgen.generation import GenerationService, StreamSlots
 from textgen.jobs.runner import JobRunner, process_owner_id
 from textgen.jobs.store import JobState, JobStore, job_store_from_url, redact_url
 from textgen.jobs.view import job_payload
@@ -41,6 +41,8 @@ class AppState:
     service: GenerationService
     metrics: Metrics
     access: AccessPolicy
+    failed_keys: FailedKeyLimiter = field(default_factory=lambda: FailedKeyLimiter(10))
+    streams: StreamSlots = field(default_factory=lambda: StreamSlots(0))
     shutting_down: bool = False
 
     gauge_task: asyncio.Task[None] | None = None
@@ -96,7 +98,7 @@ def webhook_sender(settings: Settings, store: JobStore, owner: str) -> WebhookSe
 async def build_state(settings: Settings, model_loader: ModelLoader = load_model) -> AppState:
     """Open the job store first (cheap, fails fast), then load the model and start the engine."""
     content_filter = ContentFilter.from_sources(settings.blocked_words, settings.blocked_words_file)
-    access = AccessPolicy.from_sources(settings.api_keys, settings.api_keys_file, settings.auth_exempt_paths)
+    access = AccessPolicy.from_settings(settings)
     warn_if_exposed_without_keys(access, bind_host_from_argv())
     store = job_store_from_url(settings.job_store)
     await store.open()
@@ -135,7 +137,18 @@ async def build_state(settings: Settings, model_loader: ModelLoader = load_model
         redact_url(settings.job_store),
         owner,
     )
-    state = AppState(settings, model, engine, store, runner, service, metrics, access)
+    state = AppState(
+        settings,
+        model,
+        engine,
+        store,
+        runner,
+        service,
+        metrics,
+        access,
+        failed_keys=FailedKeyLimiter(settings.auth_failures_per_minute),
+        streams=StreamSlots(settings.max_streams_per_caller),
+    )
     state.gauge_task = asyncio.create_task(state.refresh_gauges_forever(), name="textgen-metrics-gauges")
     return state
 

@@ -46,7 +46,7 @@ class Backend:
         return [self.name, self.target, self.prefix or "-"]
 
     def idempotency_keys(self) -> list[str]:
-        """The Idempotency-Keys that have a stored record, sorted."""
+        """The Idempotency-Keys that have a stored record, sorted (as "<owner id> <key>": keys are per owner)."""
         if self.name == "redis":
             with closing(redis.Redis.from_url(self.target, decode_responses=True)) as raw:
                 start = len(f"{self.prefix}:idem:")

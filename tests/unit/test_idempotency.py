@@ -61,7 +61,7 @@ async def test_keys_with_odd_characters(store: JobStore, backend: Backend) -> No
     assert len({j.id for j in jobs}) == len(keys)
     for key, job in zip(keys, jobs, strict=True):
         assert (await store.create_idempotent(BODY, request_id=None, key=key, ttl_s=TTL))[0].id == job.id
-    assert backend.idempotency_keys() == sorted(keys)
+    assert backend.idempotency_keys() == sorted(f"anonymous {key}" for key in keys)
 
 
 async def test_plain_create_unaffected_by_keys(store: JobStore) -> None:
@@ -108,7 +108,7 @@ async def test_purge_keeps_record_repointed_at_a_live_job(store: JobStore, backe
     new, created = await store.create_idempotent(BODY, request_id=None, key="k", ttl_s=0.05)
     assert created
     assert await store.purge_finished(older_than_s=0.05) == 1  # the old job
-    assert backend.idempotency_keys() == ["k"]
+    assert backend.idempotency_keys() == ["anonymous k"]
     again, created_again = await store.create_idempotent(BODY, request_id=None, key="k", ttl_s=TTL)
     assert not created_again and again.id == new.id
 
@@ -126,7 +126,7 @@ async def test_purge_idempotency(store: JobStore, backend: Backend) -> None:
     await asyncio.sleep(0.05)
     await store.create_idempotent(BODY, request_id=None, key="new", ttl_s=TTL)
     assert await store.purge_idempotency(older_than_s=0.03) == 2
-    assert backend.idempotency_keys() == ["new"]
+    assert backend.idempotency_keys() == ["anonymous new"]
     assert await store.purge_idempotency(older_than_s=0.03) == 0
     assert await store.count(JobState.QUEUED) == 3  # jobs are left alone
 

@@ -500,7 +500,7 @@ async def test_purge_finished(store: JobStore, backend: Backend) -> None:
     for gone in (old_done, old_cancelled, old_keyed):
         with pytest.raises(JobNotFoundError):
             await store.get(gone.id)
-    assert backend.idempotency_keys() == ["kept-key"]  # the record went with its job
+    assert backend.idempotency_keys() == ["anonymous kept-key"]  # the record went with its job
     assert await store.purge_finished(older_than_s=SHORT) == 0
     assert await store.list(state=JobState.CANCELLED) == []
     assert await store.recent_completions(60, 10) == [pytest.approx((await store.get(fresh_done.id)).finished_at)]

@@ -248,22 +248,30 @@ async def list_models(state: StateDep) -> ModelList:
     summary="OpenAI-compatible text completion",
 )
 async def completions(
-    body: CompletionRequest, request: Request, service: ServiceDep, request_id: RequestIdDep, caller: CallerDep
+    body: CompletionRequest,
+    request: Request,
+    state: StateDep,
+    service: ServiceDep,
+    request_id: RequestIdDep,
+    caller: CallerDep,
 ) -> CompletionResponse | Response:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or not all(prompts):
         raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings.")
     for prompt in prompts:
         service.check_prompt(prompt, request_id)
-    handles = _submit_all(service, prompts, body, body.max_tokens, request_id)
+    budgets = [_sampling(body, body.max_tokens, 0)] * (len(prompts) * body.n)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return sse_response(
-            _openai_stream(
-                _completion_chunks(service, handles, body, completion_id, created, request_id, caller), request_id
-            ),
-            request_id,
-        )
+        with state.streams.take(caller) as slot:
+            handles = await service.submit_budgeted(
+                caller, budgets, lambda: _submit_all(service, prompts, body, body.max_tokens, request_id)
+            )
+            chunks = _completion_chunks(service, handles, body, completion_id, created, request_id, caller)
+            return sse_response(slot.attach(_openai_stream(chunks, request_id)), request_id)
+    handles = await service.submit_budgeted(
+        caller, budgets, lambda: _submit_all(service, prompts, body, body.max_tokens, request_id)
+    )
     results = await _finished(request, service, handles, request_id, caller)
     return CompletionResponse(
         id=completion_id,
@@ -316,13 +324,18 @@ async def chat_completions(
         service.check_prompt(message.content, request_id)
     prompt = render_chat_prompt(state.model.tokenizer, body.messages)
     max_tokens = body.max_completion_tokens or body.max_tokens or state.settings.max_new_tokens_limit
-    handles = _submit_all(service, [prompt], body, max_tokens, request_id)
+    budgets = [_sampling(body, max_tokens, 0)] * body.n
     chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return sse_response(
-            _openai_stream(_chat_chunks(service, handles, body, chat_id, created, request_id, caller), request_id),
-            request_id,
-        )
+        with state.streams.take(caller) as slot:
+            handles = await service.submit_budgeted(
+                caller, budgets, lambda: _submit_all(service, [prompt], body, max_tokens, request_id)
+            )
+            chunks = _chat_chunks(service, handles, body, chat_id, created, request_id, caller)
+            return sse_response(slot.attach(_openai_stream(chunks, request_id)), request_id)
+    handles = await service.submit_budgeted(
+        caller, budgets, lambda: _submit_all(service, [prompt], body, max_tokens, request_id)
+    )
     results = await _finished(request, service, handles, request_id, caller)
     return ChatCompletionResponse(
         id=chat_id,

@@ -8,6 +8,8 @@ server):
                           ``webhook_lease_until``
 - ``seq``                 INCR counter giving every job its creation order
 - ``jobs``                zset id -> seq: every job (``list`` without a state, newest first)
+- ``tenant:{owner}``      zset id -> seq: one owner's jobs (``list`` for that owner); jobs stored before
+                          owners existed have no ``tenant`` field and belong to the anonymous owner
 - ``state:{state}``       zset id -> seq per state (``list`` with a state, ``count``)
 - ``queued``              zset id -> seq: the FIFO queue (ZRANK = queue position); a re-queued job keeps
                           its seq, so it goes back to its old place, as in SQLite (ORDER BY created_at)
@@ -16,7 +18,7 @@ server):
 - ``completions``         zset id -> finished_at: succeeded/failed jobs (``recent_completions``)
 - ``webhooks:due``        zset id -> finished_at: pending webhooks nobody holds
 - ``webhooks:claimed``    zset id -> claim expiry: pending webhooks held by a delivering process
-- ``idem:{key}``          hash: fingerprint, job_id, created_at of an Idempotency-Key (expires in Redis
+- ``idem:{owner} {key}``  hash: fingerprint, job_id, created_at of an Idempotency-Key (expires in Redis
                           an hour after its TTL, as hygiene; lookups apply the TTL cutoff themselves)
 
 Every state change is one Lua script, so it is atomic across processes. Scripts read the server's
@@ -44,6 +46,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
+from textgen.access import ANONYMOUS_OWNER
 from textgen.errors import (
     ConfigError,
     IdempotencyConflictError,
@@ -59,9 +62,11 @@ from textgen.jobs.store import (
     abandoned_error,
     check_finish_state,
     check_ttl,
+    check_visible,
     new_job,
     redact_url,
     request_fingerprint,
+    scoped_idempotency_key,
     validate_idempotency_key,
 )
 
@@ -100,6 +105,7 @@ local function insert(id, first)
   for i = first, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', jkey(id), 'seq', seq, unpack(fields))
   redis.call('ZADD', zkey('jobs'), seq, id)
+  redis.call('ZADD', zkey('tenant:' .. (redis.call('HGET', jkey(id), 'tenant') or 'anonymous')), seq, id)
   redis.call('ZADD', zkey('state:queued'), seq, id)
   redis.call('ZADD', zkey('queued'), seq, id)
 end
@@ -207,11 +213,12 @@ terminate(id, 'running', ARGV[4], now_s)
 return 1
 """
 
-# ARGV: prefix, id
+# ARGV: prefix, id, tenant ('' = any)
 _CANCEL = """
 local id = ARGV[2]
 local st = redis.call('HGET', jkey(id), 'state')
 if not st then return {'missing'} end
+if ARGV[3] ~= '' and (redis.call('HGET', jkey(id), 'tenant') or 'anonymous') ~= ARGV[3] then return {'missing'} end
 if st ~= 'queued' and st ~= 'running' then return {'ended'} end
 local _, now_s = clock()
 terminate(id, st, 'cancelled', now_s)
@@ -328,6 +335,24 @@ end
 return jobs
 """
 
+# ARGV: prefix, tenant, state ('' = any), limit (> 0). Walks the tenant's jobs newest first.
+_LIST_TENANT = """
+local jobs, start, step = {}, 0, 200
+local limit = tonumber(ARGV[4])
+while #jobs < limit do
+  local ids = redis.call('ZREVRANGE', zkey('tenant:' .. ARGV[2]), start, start + step - 1)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    if ARGV[3] == '' or redis.call('HGET', jkey(id), 'state') == ARGV[3] then
+      jobs[#jobs + 1] = redis.call('HGETALL', jkey(id))
+      if #jobs >= limit then break end
+    end
+  end
+  start = start + step
+end
+return jobs
+"""
+
 # ARGV: prefix, within_s, limit (> 0)
 _RECENT_COMPLETIONS = """
 local now = clock()
@@ -341,12 +366,13 @@ local now = clock()
 local ids = redis.call('ZRANGEBYSCORE', zkey('finished'), '-inf', '(' .. fmt(now - tonumber(ARGV[2])),
   'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(ids) do
-  local st = redis.call('HMGET', jkey(id), 'state', 'idem_key')
+  local st = redis.call('HMGET', jkey(id), 'state', 'idem_key', 'tenant')
   -- the key's record goes with its job, unless the key was re-pointed at a newer job since
   if st[2] and redis.call('HGET', zkey('idem:' .. st[2]), 'job_id') == id then
     redis.call('DEL', zkey('idem:' .. st[2]))
   end
   redis.call('DEL', jkey(id))
+  redis.call('ZREM', zkey('tenant:' .. (st[3] or 'anonymous')), id)
   for _, z in ipairs({'jobs', 'queued', 'leases', 'finished', 'completions', 'webhooks:due', 'webhooks:claimed'}) do
     redis.call('ZREM', zkey(z), id)
   end
@@ -384,6 +410,7 @@ _SCRIPTS: dict[str, str] = {
     "claim_webhook": _CLAIM_WEBHOOK,
     "record_webhook": _RECORD_WEBHOOK,
     "list": _LIST,
+    "list_tenant": _LIST_TENANT,
     "recent_completions": _RECENT_COMPLETIONS,
     "purge_finished": _PURGE_FINISHED,
     "purge_idempotency": _PURGE_IDEMPOTENCY,
@@ -460,6 +487,21 @@ def _open_failure(url: str, exc: redis.exceptions.RedisError) -> ConfigError:
     return ConfigError(f"Cannot use Redis at {shown}: {fix}. ({reason})")
 
 
+@contextlib.asynccontextmanager
+async def redis_outage_guard(url: str, what: str) -> AsyncIterator[None]:
+    """An unreachable server is a retryable 503 for clients (StoreUnavailableError), not a 500; the
+    job store and the rate limiter both call Redis through this."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        logger.warning("Redis %s at %s unavailable: %s", what, redact_url(url), _hide_password(str(exc), url))
+        if what == "job store":
+            raise StoreUnavailableError() from exc
+        raise StoreUnavailableError(
+            f"The {what} is unavailable right now; retry after the time in the Retry-After header."
+        ) from exc
+
+
 async def ping_redis(client: redis.asyncio.Redis, url: str) -> None:
     """Connect and PING; ConfigError, naming TEXTGEN_JOB_STORE and saying how to fix it, if that fails."""
     try:
@@ -484,6 +526,8 @@ def _job_fields(job: Job) -> list[str]:
         "attempts": str(job.attempts),
         "callback_url": job.callback_url,
         "webhook_attempts": str(job.webhook_attempts),
+        "tenant": job.tenant,
+        "reservation": job.reservation,
     }
     return [item for name, value in values.items() if value is not None for item in (name, value)]
 
@@ -517,6 +561,8 @@ def _job(fields: dict[str, str]) -> Job:
         webhook_attempts=int(fields.get("webhook_attempts", "0")),
         webhook_error=fields.get("webhook_error"),
         webhook_at=_float(fields.get("webhook_at")),
+        tenant=fields.get("tenant", ANONYMOUS_OWNER),
+        reservation=fields.get("reservation"),
     )
 
 
@@ -576,13 +622,9 @@ class RedisJobStore:
 
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
-        """An unreachable server is a retryable 503 for clients (StoreUnavailableError), not a 500."""
         self._require_open()
-        try:
+        async with redis_outage_guard(self._url, "job store"):
             yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            logger.warning("Redis job store at %s unavailable: %s", self.url, _hide_password(str(exc), self._url))
-            raise StoreUnavailableError() from exc
 
     async def _call(self, script: str, *args: str | int | float) -> Any:
         async with self._guard():
@@ -593,8 +635,16 @@ class RedisJobStore:
 
     # -- jobs --------------------------------------------------------------------------------------
 
-    async def create(self, request: dict[str, Any], *, request_id: str | None, callback_url: str | None = None) -> Job:
-        job = new_job(request, request_id, callback_url)
+    async def create(
+        self,
+        request: dict[str, Any],
+        *,
+        request_id: str | None,
+        callback_url: str | None = None,
+        tenant: str = ANONYMOUS_OWNER,
+        reservation: str | None = None,
+    ) -> Job:
+        job = new_job(request, request_id, callback_url, tenant, reservation)
         await self._call("create", job.id, *_job_fields(job))
         return job
 
@@ -606,15 +656,18 @@ class RedisJobStore:
         key: str,
         ttl_s: float,
         callback_url: str | None = None,
+        tenant: str = ANONYMOUS_OWNER,
+        reservation: str | None = None,
     ) -> tuple[Job, bool]:
         """Same contract as ``SQLiteJobStore.create_idempotent``, in one script (atomic across processes)."""
         validate_idempotency_key(key)
         check_ttl(ttl_s)
-        job = new_job(request, request_id, callback_url)
+        job = new_job(request, request_id, callback_url, tenant, reservation)
         expire_ms = int((ttl_s + _IDEMPOTENCY_GRACE_S) * 1000)
         fingerprint = request_fingerprint(job.request)
+        scoped = scoped_idempotency_key(tenant, key)
         reply = await self._call(
-            "create_idempotent", job.id, key, fingerprint, repr(float(ttl_s)), expire_ms, *_job_fields(job)
+            "create_idempotent", job.id, scoped, fingerprint, repr(float(ttl_s)), expire_ms, *_job_fields(job)
         )
         if reply[0] == "conflict":
             raise IdempotencyConflictError()
@@ -624,19 +677,25 @@ class RedisJobStore:
             return existing, False
         return job, True
 
-    async def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str, *, tenant: str | None = None) -> Job:
         async with self._guard():
             fields = await self._redis.hgetall(self._key(f"job:{job_id}"))
         if not fields:
             raise JobNotFoundError()
-        return _job(fields)
+        return check_visible(_job(fields), tenant)
 
-    async def list(self, *, state: JobState | None = None, limit: int = 50) -> builtins.list[Job]:
+    async def list(
+        self, *, state: JobState | None = None, limit: int = 50, tenant: str | None = None
+    ) -> builtins.list[Job]:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
-        index = "jobs" if state is None else f"state:{JobState(state).value}"
         if limit == 0:
             return []
+        if tenant is not None:
+            wanted = "" if state is None else JobState(state).value
+            rows = await self._call("list_tenant", tenant, wanted, limit)
+            return [_job(_pairs(row)) for row in rows if row]
+        index = "jobs" if state is None else f"state:{JobState(state).value}"
         rows = await self._call("list", index, limit)
         return [_job(_pairs(row)) for row in rows if row]
 
@@ -679,8 +738,8 @@ class RedisJobStore:
             logger.info("Job %s not finished by %s: no longer running under that owner", job_id, owner)
         return done
 
-    async def cancel(self, job_id: str) -> Job:
-        reply = await self._call("cancel", job_id)
+    async def cancel(self, job_id: str, *, tenant: str | None = None) -> Job:
+        reply = await self._call("cancel", job_id, tenant or "")
         if reply[0] == "missing":
             raise JobNotFoundError()
         if reply[0] == "ended":

@@ -249,7 +249,10 @@ class JobRunner:
         try:
             outcome = await self._generate(job, request_id)
             if outcome is not None:
-                await self._finish(job, *outcome)
+                if await self._finish(job, *outcome):
+                    await self._service.refund_unused(job.reservation, self._active.get(job.id))
+            elif not self._stopping and (await self._store.states([job.id])).get(job.id) is JobState.CANCELLED:
+                await self._service.refund_unused(job.reservation, self._active.get(job.id))
         except StoreUnavailableError:
             # The outcome could not be recorded: the lease runs out and the job runs again elsewhere.
             logger.warning("Job %s: the job store is unavailable; the job will be retried", job.id)
@@ -285,8 +288,9 @@ class JobRunner:
             logger.exception("Job %s failed", job.id, extra={"request_id": request_id})
             return JobState.FAILED, {"error": f"Internal error; see logs for request id {request_id}."}
 
-    async def _finish(self, job: Job, state: JobState, outcome: dict[str, Any]) -> None:
+    async def _finish(self, job: Job, state: JobState, outcome: dict[str, Any]) -> bool:
         took = await self._store.finish(job.id, self.owner, state, **outcome)
         level = logging.INFO if took else logging.WARNING
         message = "Job %s %s" if took else "Job %s result (%s) discarded: no longer owned here"
         logger.log(level, message, job.id, state.value, extra={"request_id": job.request_id or job.id})
+        return took

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from textgen.access import ANONYMOUS_OWNER
 from textgen.errors import ConfigError, IdempotencyConflictError, JobNotCancellableError, JobNotFoundError
 from textgen.jobs.store import (
     SQLITE_FORMS,
@@ -31,9 +32,11 @@ from textgen.jobs.store import (
     abandoned_error,
     check_finish_state,
     check_ttl,
+    check_visible,
     new_job,
     redact_url,
     request_fingerprint,
+    scoped_idempotency_key,
     validate_idempotency_key,
 )
 
@@ -49,7 +52,7 @@ _T = TypeVar("_T")
 
 _COLUMNS = (
     "id, request, state, request_id, result, error, created_at, started_at, finished_at, attempts, owner, "
-    "lease_until, callback_url, webhook_state, webhook_attempts, webhook_error, webhook_at"
+    "lease_until, callback_url, webhook_state, webhook_attempts, webhook_error, webhook_at, tenant, reservation"
 )
 
 _SCHEMA = (
@@ -90,10 +93,14 @@ _ADDED_COLUMNS = (
     ("webhook_at", "REAL"),
     ("webhook_owner", "TEXT"),
     ("webhook_lease_until", "REAL"),
+    # Jobs made before owners existed belong to the anonymous owner (as they would without keys).
+    ("tenant", f"TEXT NOT NULL DEFAULT '{ANONYMOUS_OWNER}'"),
+    ("reservation", "TEXT"),
 )
 _LATE_INDEXES = (
     "CREATE INDEX IF NOT EXISTS jobs_state_finished ON jobs (state, finished_at)",
     "CREATE INDEX IF NOT EXISTS jobs_webhook ON jobs (webhook_state, webhook_lease_until)",
+    "CREATE INDEX IF NOT EXISTS jobs_tenant_created ON jobs (tenant, created_at)",
 )
 
 _BUSY_TIMEOUT_MS = 10_000
@@ -129,6 +136,8 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         webhook_attempts=row["webhook_attempts"],
         webhook_error=row["webhook_error"],
         webhook_at=row["webhook_at"],
+        tenant=row["tenant"],
+        reservation=row["reservation"],
     )
 
 
@@ -194,12 +203,17 @@ def connect_sqlite(path: Path, schema: Sequence[str] = ()) -> sqlite3.Connection
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
-    for name, decl in _ADDED_COLUMNS:
-        if name not in present:
-            conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
-    for statement in _LATE_INDEXES:
-        conn.execute(statement)
+    """Migrate a file made by an older version, in one transaction (several processes may open it)."""
+    with write_txn(conn):
+        present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+        for name, decl in _ADDED_COLUMNS:
+            if name not in present:
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        if "tenant" not in present:
+            # Idempotency keys became per-tenant along with the column: old ones are the anonymous owner's.
+            conn.execute("UPDATE idempotency_keys SET key = ? || key", (scoped_idempotency_key(ANONYMOUS_OWNER, ""),))
+        for statement in _LATE_INDEXES:
+            conn.execute(statement)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -215,7 +229,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 def _insert(conn: sqlite3.Connection, job: Job) -> None:
     conn.execute(
-        f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 17)})",
+        f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 19)})",
         (
             job.id,
             _dumps(job.request),
@@ -234,21 +248,29 @@ def _insert(conn: sqlite3.Connection, job: Job) -> None:
             job.webhook_attempts,
             job.webhook_error,
             job.webhook_at,
+            job.tenant,
+            job.reservation,
         ),
     )
 
 
-def _select_one(conn: sqlite3.Connection, job_id: str) -> Job:
+def _select_one(conn: sqlite3.Connection, job_id: str, tenant: str | None = None) -> Job:
     row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
         raise JobNotFoundError()
-    return _row_to_job(row)
+    return check_visible(_row_to_job(row), tenant)
 
 
-def _select_many(conn: sqlite3.Connection, state: JobState | None, limit: int) -> builtins.list[Job]:
-    where, params = ("WHERE state = ?", (state.value,)) if state is not None else ("", ())
+def _select_many(
+    conn: sqlite3.Connection, state: JobState | None, limit: int, tenant: str | None
+) -> builtins.list[Job]:
+    conditions = [("state = ?", state.value)] if state is not None else []
+    if tenant is not None:
+        conditions.append(("tenant = ?", tenant))
+    where = ("WHERE " + " AND ".join(c for c, _ in conditions)) if conditions else ""
     rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, rowid DESC LIMIT ?", (*params, limit)
+        f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, rowid DESC LIMIT ?",
+        (*(value for _, value in conditions), limit),
     ).fetchall()
     return [_row_to_job(r) for r in rows]
 
@@ -294,15 +316,16 @@ def _finish(
     return cur.rowcount == 1
 
 
-def _cancel(conn: sqlite3.Connection, job_id: str, now: float) -> Job:
+def _cancel(conn: sqlite3.Connection, job_id: str, now: float, tenant: str | None) -> Job:
     with write_txn(conn):
         rows = conn.execute(
             f"UPDATE jobs SET state = 'cancelled', finished_at = ?, lease_until = NULL, {_WEBHOOK_DUE} "
-            f"WHERE id = ? AND state IN ('queued', 'running') RETURNING {_COLUMNS}",
-            (now, job_id),
+            "WHERE id = ? AND state IN ('queued', 'running') AND (? IS NULL OR tenant = ?) "
+            f"RETURNING {_COLUMNS}",
+            (now, job_id, tenant, tenant),
         ).fetchall()
         if not rows:
-            _select_one(conn, job_id)  # raises JobNotFoundError when absent
+            _select_one(conn, job_id, tenant)  # raises JobNotFoundError when absent or not the tenant's
             raise JobNotCancellableError()
     return _row_to_job(rows[0])
 
@@ -538,8 +561,16 @@ class SQLiteJobStore:
 
     # -- jobs --------------------------------------------------------------------------------------
 
-    async def create(self, request: dict[str, Any], *, request_id: str | None, callback_url: str | None = None) -> Job:
-        job = new_job(request, request_id, callback_url)
+    async def create(
+        self,
+        request: dict[str, Any],
+        *,
+        request_id: str | None,
+        callback_url: str | None = None,
+        tenant: str = ANONYMOUS_OWNER,
+        reservation: str | None = None,
+    ) -> Job:
+        job = new_job(request, request_id, callback_url, tenant, reservation)
         await self._run(_insert, job)
         return job
 
@@ -551,8 +582,10 @@ class SQLiteJobStore:
         key: str,
         ttl_s: float,
         callback_url: str | None = None,
+        tenant: str = ANONYMOUS_OWNER,
+        reservation: str | None = None,
     ) -> tuple[Job, bool]:
-        """Create a job under an Idempotency-Key, or return the one the key already made.
+        """Create a job under ``tenant``'s Idempotency-Key, or return the one the key already made.
 
         In one ``BEGIN IMMEDIATE`` transaction (atomic across processes sharing the file): an
         unexpired record for ``key`` (younger than ``ttl_s``, whose job still exists) with the same
@@ -562,20 +595,23 @@ class SQLiteJobStore:
         """
         validate_idempotency_key(key)
         check_ttl(ttl_s)
-        job = new_job(request, request_id, callback_url)
+        job = new_job(request, request_id, callback_url, tenant, reservation)
         fingerprint = request_fingerprint(job.request)
-        result = await self._run(_create_idempotent, job, key, fingerprint, job.created_at - ttl_s)
+        scoped = scoped_idempotency_key(tenant, key)
+        result = await self._run(_create_idempotent, job, scoped, fingerprint, job.created_at - ttl_s)
         if not result[1]:
             logger.debug("Idempotency-Key replay: returning job %s", result[0].id)
         return result
 
-    async def get(self, job_id: str) -> Job:
-        return await self._run(_select_one, job_id)
+    async def get(self, job_id: str, *, tenant: str | None = None) -> Job:
+        return await self._run(_select_one, job_id, tenant)
 
-    async def list(self, *, state: JobState | None = None, limit: int = 50) -> builtins.list[Job]:
+    async def list(
+        self, *, state: JobState | None = None, limit: int = 50, tenant: str | None = None
+    ) -> builtins.list[Job]:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
-        return await self._run(_select_many, state, limit)
+        return await self._run(_select_many, state, limit, tenant)
 
     async def claim_next(self, owner: str, lease_s: float) -> Job | None:
         claim = asyncio.ensure_future(self._run(_claim, owner, lease_s))
@@ -606,8 +642,8 @@ class SQLiteJobStore:
             logger.info("Job %s not finished by %s: no longer running under that owner", job_id, owner)
         return done
 
-    async def cancel(self, job_id: str) -> Job:
-        return await self._run(_cancel, job_id, time.time())
+    async def cancel(self, job_id: str, *, tenant: str | None = None) -> Job:
+        return await self._run(_cancel, job_id, time.time(), tenant)
 
     async def release(self, job_id: str, owner: str) -> bool:
         """Hand a claimed job that never started back to the queue (its attempt does not count)."""

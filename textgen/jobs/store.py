@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
-from textgen.errors import InvalidRequestError
+from textgen.access import ANONYMOUS_OWNER
+from textgen.errors import InvalidRequestError, JobNotFoundError
 
 
 class JobState(StrEnum):
@@ -74,6 +75,10 @@ class Job:
     webhook_attempts: int = 0
     webhook_error: str | None = None
     webhook_at: float | None = None
+    # Whose job it is (``textgen.access`` owner id); ``owner`` above is the process holding its lease.
+    tenant: str = ANONYMOUS_OWNER
+    # The submitter's token reservation (``ratelimit.Reservation.encode()``), refunded when the job ends.
+    reservation: str | None = None
 
 
 @runtime_checkable
@@ -86,7 +91,13 @@ class JobStore(Protocol):
     async def close(self) -> None: ...
 
     async def create(
-        self, request: dict[str, Any], *, request_id: str | None, callback_url: str | None = None
+        self,
+        request: dict[str, Any],
+        *,
+        request_id: str | None,
+        callback_url: str | None = None,
+        tenant: str = ANONYMOUS_OWNER,
+        reservation: str | None = None,
     ) -> Job: ...
 
     async def create_idempotent(
@@ -97,15 +108,21 @@ class JobStore(Protocol):
         key: str,
         ttl_s: float,
         callback_url: str | None = None,
+        tenant: str = ANONYMOUS_OWNER,
+        reservation: str | None = None,
     ) -> tuple[Job, bool]:
         """``(job the key made, False)`` for a replay of the same body within ``ttl_s``; a new job and
-        True otherwise. IdempotencyConflictError for the same key with a different body."""
+        True otherwise. IdempotencyConflictError for the same key with a different body. Keys are
+        scoped per ``tenant``: the same key from two tenants names two different jobs."""
 
-    async def get(self, job_id: str) -> Job:
-        """The job; JobNotFoundError when unknown (or purged)."""
+    async def get(self, job_id: str, *, tenant: str | None = None) -> Job:
+        """The job; JobNotFoundError when unknown (or purged), or when ``tenant`` is given and the job
+        is another tenant's (None: any tenant's, for admins and the runner)."""
 
-    async def list(self, *, state: JobState | None = None, limit: int = 50) -> builtins.list[Job]:
-        """Newest first."""
+    async def list(
+        self, *, state: JobState | None = None, limit: int = 50, tenant: str | None = None
+    ) -> builtins.list[Job]:
+        """Newest first; only ``tenant``'s jobs unless it is None."""
 
     async def claim_next(self, owner: str, lease_s: float) -> Job | None:
         """The oldest queued job, now running under ``owner`` with a lease of ``lease_s``; None if none."""
@@ -125,8 +142,9 @@ class JobStore(Protocol):
     ) -> bool:
         """Record the outcome if the job still runs under ``owner``; False (and nothing written) if not."""
 
-    async def cancel(self, job_id: str) -> Job:
-        """Cancel a queued or running job; JobNotCancellableError once it ended."""
+    async def cancel(self, job_id: str, *, tenant: str | None = None) -> Job:
+        """Cancel a queued or running job; JobNotCancellableError once it ended; JobNotFoundError for
+        an unknown job or (``tenant`` given) another tenant's."""
 
     async def release(self, job_id: str, owner: str) -> bool:
         """Hand a claimed job that never started back to the queue (its attempt does not count)."""
@@ -182,6 +200,18 @@ def validate_idempotency_key(key: str) -> str:
     return key
 
 
+def scoped_idempotency_key(tenant: str, key: str) -> str:
+    """The stored form of an Idempotency-Key: its tenant, a space (never part of an owner id), the key."""
+    return f"{tenant} {key}"
+
+
+def check_visible(job: Job, tenant: str | None) -> Job:
+    """``job``, or JobNotFoundError when ``tenant`` may not see it (404, so ids leak nothing)."""
+    if tenant is not None and job.tenant != tenant:
+        raise JobNotFoundError()
+    return job
+
+
 def request_fingerprint(request: dict[str, Any]) -> str:
     """sha256 (hex) of the canonical JSON of a request: equal bodies give equal fingerprints."""
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"))
@@ -199,8 +229,16 @@ def check_finish_state(state: JobState) -> JobState:
     return JobState(state)
 
 
-def new_job(request: dict[str, Any], request_id: str | None, callback_url: str | None = None) -> Job:
+def new_job(
+    request: dict[str, Any],
+    request_id: str | None,
+    callback_url: str | None = None,
+    tenant: str = ANONYMOUS_OWNER,
+    reservation: str | None = None,
+) -> Job:
     return Job(
+        tenant=tenant,
+        reservation=reservation,
         id=uuid.uuid4().hex,
         request=json.loads(json.dumps(request)),  # the stored form, detached from the caller's dict
         state=JobState.QUEUED,
