@@ -15,7 +15,12 @@ from fastapi import FastAPI
 from textgen.api import generate, health, jobs, metrics, openai
 from textgen.api.errors import install_error_handlers
 from textgen.api.middleware import QuietStartupFailure, RequestIdMiddleware
-from textgen.api.security import APIKeyMiddleware, BodySizeLimitMiddleware, SettingsCORSMiddleware
+from textgen.api.security import (
+    APIKeyMiddleware,
+    BodySizeLimitMiddleware,
+    SettingsCORSMiddleware,
+    TextHygieneMiddleware,
+)
 from textgen.config import Settings, load_settings
 from textgen.errors import ConfigError
 from textgen.loader import load_model
@@ -52,7 +57,9 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
         description="Text generation with continuous batching, durable background jobs and a content filter.",
         lifespan=lifespan,
     )
-    # Added innermost first: request ids wrap CORS, which wraps the body limit, which wraps auth.
+    # Added innermost first: request ids wrap CORS, which wraps the body limit, which wraps auth, which
+    # wraps the lone-surrogate check (so only authenticated, size-checked bodies are parsed early).
+    app.add_middleware(TextHygieneMiddleware)
     app.add_middleware(APIKeyMiddleware)
     app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(SettingsCORSMiddleware)

@@ -119,8 +119,22 @@ class JobView(BaseModel):
     webhook: WebhookView | None = None
 
 
+class JobSummary(BaseModel):
+    """A job in a listing: no prompt, result or callback URL (those are on GET /jobs/{id})."""
+
+    job_id: str
+    state: JobStateName
+    request_id: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
 class JobList(BaseModel):
-    jobs: list[JobView]
+    jobs: list[JobSummary]
 
 
 class ErrorResponse(BaseModel):
