@@ -321,3 +321,40 @@ async def test_failed_keys_are_limited_per_client_address(
     logged = "\n".join(lines)
     assert "invalid API key from 127.0.0.1 (5 in the last minute)" in logged
     assert "guess-" not in logged and "alice-key" not in logged
+
+
+# ----- secrets where operators keep them -----------------------------------------------------------------
+
+
+async def test_a_dotenv_key_is_enforced_and_no_secret_is_ever_logged(
+    make_settings: MakeSettings,
+    app_client: AppClient,
+    service_logs: Callable[[], list[str]],
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("TEXTGEN_API_KEYS", "TEXTGEN_ADMIN_API_KEYS", "TEXTGEN_WEBHOOK_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "webhook-secret").write_text("whsec-0123456789\n", encoding="utf-8")
+    (tmp_path / ".env").write_text(
+        "TEXTGEN_API_KEYS=dotenv-key-123\nTEXTGEN_ADMIN_API_KEYS=dotenv-admin-456\n"
+        f"TEXTGEN_WEBHOOK_SECRET_FILE={tmp_path / 'webhook-secret'}\nTEXTGEN_LOG_LEVEL=DEBUG\n",
+        encoding="utf-8",
+    )
+    settings = make_settings()
+    assert settings.api_keys == ["dotenv-key-123"] and settings.webhook_secret == "whsec-0123456789"
+    async with app_client(settings) as (client, _app):
+        lines = service_logs()
+        assert (await client.post("/generate", json=JOB)).status_code == 401
+        wrong = await client.post("/generate", json=JOB, headers={"Authorization": "Bearer dotenv-key-12"})
+        assert wrong.status_code == 401
+        ok = await client.post("/generate", json=JOB, headers={"Authorization": "Bearer dotenv-key-123"})
+        assert ok.status_code == 200
+        admin = await client.get("/jobs", headers={"Authorization": "Bearer dotenv-admin-456"})
+        assert admin.status_code == 200
+        metrics = await client.get("/metrics")
+    everything = "\n".join(lines) + metrics.text + wrong.text + ok.text
+    assert lines, "nothing was logged"
+    for secret in ("dotenv-key-12", "dotenv-admin-456", "whsec-0123456789"):
+        assert secret not in everything
