@@ -19,7 +19,7 @@ ENV_PREFIX = "TEXTGEN_"
 
 CommaList = Annotated[list[str], NoDecode]
 
-DEFAULT_BLOCKED_WORDS = ("hate*", "hating", "hatred*", "violen*")
+DEFAULT_BLOCKED_WORDS = ("hate", "hateful*", "hatred*", "violen*")
 # Settings that also accept a ``*_FILE`` variant holding the value (API keys files are lists instead).
 SECRET_FILE_SETTINGS = ("webhook_secret", "job_store")
 # Never echoed in a validation error (their values are secrets, or URLs that may hold one).

@@ -53,7 +53,7 @@ def test_defaults() -> None:
     assert settings.job_ttl_s == 7 * 24 * 3600.0
     assert settings.job_concurrency == 16
     assert settings.job_poll_interval_s == 0.5
-    assert settings.blocked_words == ["hate*", "hating", "hatred*", "violen*"]
+    assert settings.blocked_words == ["hate", "hateful*", "hatred*", "violen*"]
     assert settings.blocked_words_file is None
     assert settings.output_filter_action == "redact"
     assert settings.log_format == "text"
