@@ -23,8 +23,9 @@ $(STAMP): requirements.txt
 	@command -v redis-server >/dev/null 2>&1 || bash scripts/install-redis.sh
 	touch $(STAMP)
 
+# uvicorn believes X-Forwarded-For only from TEXTGEN_TRUSTED_PROXIES (environment or .env), as the app does.
 run: setup
-	$(VENV)/bin/uvicorn main:app --host $(HOST) --port $(PORT)
+	$(VENV)/bin/uvicorn main:app --host $(HOST) --port $(PORT) --forwarded-allow-ips "$$($(PY) -m textgen.access)"
 
 lint: setup
 	$(PY) -m ruff check .

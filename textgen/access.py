@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import sys
 import time
 from collections import OrderedDict, deque
@@ -268,6 +269,52 @@ def warn_if_exposed_without_keys(policy: AccessPolicy, host: str | None) -> bool
     return True
 
 
+def _uvicorn_forwarded_allow_ips(argv: list[str], environ: Mapping[str, str]) -> str | None:
+    """The --forwarded-allow-ips uvicorn was started with (or its env default); None when the process
+    does not look like uvicorn."""
+    if not argv or ("uvicorn" not in Path(argv[0]).name and "uvicorn" not in argv[:3]):
+        return None
+    for index, arg in enumerate(argv):
+        if arg == "--forwarded-allow-ips" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--forwarded-allow-ips="):
+            return arg.split("=", 1)[1]
+    return environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+
+
+def warn_if_uvicorn_trusts_other_proxies(
+    policy: AccessPolicy, argv: list[str] | None = None, environ: Mapping[str, str] | None = None
+) -> bool:
+    """uvicorn rewrites the client address from X-Forwarded-For for the peers it trusts (loopback by
+    default) before the app sees it; say so when that differs from TEXTGEN_TRUSTED_PROXIES."""
+    env = os.environ if environ is None else environ
+    allowed = _uvicorn_forwarded_allow_ips(sys.argv if argv is None else argv, env)
+    if allowed is None:
+        return False
+    ours = {str(network) for network in policy.trusted_proxies}
+    try:
+        theirs = {str(network) for network in parse_networks(allowed.split(","))}
+    except ConfigError:  # "*" or host names: certainly not what we trust
+        theirs = {allowed}
+    if theirs == ours:
+        return False
+    logger.warning(
+        "uvicorn believes X-Forwarded-For from %s but TEXTGEN_TRUSTED_PROXIES is %r: a caller there could pick "
+        "its own client address (and rate-limit bucket). Start uvicorn with --forwarded-allow-ips matching "
+        "TEXTGEN_TRUSTED_PROXIES (`make run` and the Procfile do: python -m textgen.access prints it).",
+        allowed or "nobody",
+        ",".join(sorted(ours)),
+    )
+    return True
+
+
+def forwarded_allow_ips() -> str:
+    """uvicorn's --forwarded-allow-ips for the configured TEXTGEN_TRUSTED_PROXIES ('' = trust nobody)."""
+    from textgen.config import load_settings
+
+    return ",".join(str(network) for network in parse_networks(load_settings().trusted_proxies))
+
+
 def caller_of(scope: Mapping[str, Any]) -> Caller:
     """The caller the API-key middleware identified (anonymous when it did not run, as in unit tests)."""
     caller = scope.get("state", {}).get("caller")
@@ -281,3 +328,7 @@ def caller_of(scope: Mapping[str, Any]) -> Caller:
 def owner_id_of(scope: Mapping[str, Any]) -> str:
     """The owner id of the request's caller: what every job, batch or file it creates is stored under."""
     return caller_of(scope).owner_id
+
+
+if __name__ == "__main__":  # `python -m textgen.access`: the value for uvicorn's --forwarded-allow-ips
+    sys.stdout.write(forwarded_allow_ips() + "\n")

@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from textgen.access import AccessPolicy, FailedKeyLimiter, bind_host_from_argv, warn_if_exposed_without_keys
+from textgen.access import (
+    AccessPolicy,
+    FailedKeyLimiter,
+    bind_host_from_argv,
+    warn_if_exposed_without_keys,
+    warn_if_uvicorn_trusts_other_proxies,
+)
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine import Engine, create_engine
@@ -100,6 +106,7 @@ async def build_state(settings: Settings, model_loader: ModelLoader = load_model
     content_filter = ContentFilter.from_sources(settings.blocked_words, settings.blocked_words_file)
     access = AccessPolicy.from_settings(settings)
     warn_if_exposed_without_keys(access, bind_host_from_argv())
+    warn_if_uvicorn_trusts_other_proxies(access)
     store = job_store_from_url(settings.job_store)
     await store.open()
     rate_limiter = rate_limiter_from_settings(settings)

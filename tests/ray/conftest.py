@@ -52,7 +52,14 @@ CLI_TIMEOUT_S = 120.0
 DEPLOY_TIMEOUT_S = 90.0
 # Environment for Ray itself (inherited by raylet and every worker): no auth tokens, no usage reporting
 # (there is no network), no hub downloads.
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+# FORWARDED_ALLOW_IPS: Ray's HTTP proxy is a uvicorn that reads it (default: believe X-Forwarded-For from
+# loopback); empty matches the replicas' empty TEXTGEN_TRUSTED_PROXIES, as deploy/serve_config.yaml says.
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "FORWARDED_ALLOW_IPS": "",
+}
 SHUTDOWN_WAIT_S = 20.0
 
 
