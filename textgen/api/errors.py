@@ -21,22 +21,22 @@ logger = logging.getLogger(__name__)
 INTERNAL_ERROR = "Internal server error; quote the request id when reporting it."
 
 _DESCRIPTIONS = {
-    400: "Content rejected, or prompt too long for the model",
+    400: "Content rejected, prompt too long for the model, or malformed text/headers (lone surrogates)",
     401: "Missing or invalid API key",
     404: "Unknown job",
     409: "Job not cancellable (already finished), or Idempotency-Key reused with another body",
     413: "Request body too large",
     422: "Request body does not match the schema",
-    429: "Rate limit exceeded; see the Retry-After header",
+    429: "Rate limit, token budget, stream cap or failed-key limit exceeded; see the Retry-After header",
     503: "Queue full or model not ready; see the Retry-After header",
     504: "Deadline (timeout_s) passed before generation finished",
     500: "Internal error (no details are exposed; quote the request id)",
 }
 
 
-# Any route may answer these: the API-key and body-size middleware run before routing, and a 500 can
-# happen anywhere.
-ALWAYS_POSSIBLE = (401, 413, 500)
+# Any route may answer these: the API-key (401, 429 after repeated wrong keys), body-size (413, 400 for
+# a bad Content-Length) and text (400) middleware run before routing, and a 500 can happen anywhere.
+ALWAYS_POSSIBLE = (400, 401, 413, 429, 500)
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
