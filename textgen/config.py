@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # Jobs
     job_store: str = Field("sqlite:///data/jobs.db", repr=False, description="May hold a Redis password.")
     job_store_file: Path | None = Field(None, description="A file holding TEXTGEN_JOB_STORE (container secrets).")
+    redis_allow_volatile: bool = Field(
+        False, description="Start on a Redis without appendonly (accepted jobs are lost if it restarts)."
+    )
     job_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="How long finished jobs are kept.")
     job_concurrency: int = Field(16, ge=1, description="Background jobs one process runs at a time.")
     job_poll_interval_s: float = Field(0.5, gt=0)

@@ -29,11 +29,10 @@ from typing import Protocol, runtime_checkable
 
 from redis.commands.core import AsyncScript
 
-from textgen.config import Settings
 from textgen.errors import RateLimitedError
-from textgen.jobs.redis_store import ping_redis, redis_client, redis_outage_guard
-from textgen.jobs.sqlite_store import SQLiteConnection, connect_sqlite, sqlite_path_from_url, write_txn
-from textgen.jobs.store import is_redis_url, redact_url
+from textgen.storage.redis import ping_redis, redis_client, redis_outage_guard
+from textgen.storage.sqlite import SQLiteConnection, connect_sqlite, write_txn
+from textgen.storage.url import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -403,24 +402,3 @@ class RedisRateLimiter(WindowedRateLimiter):
     async def _refund(self, digest: str, window: int, tokens: int) -> None:
         async with redis_outage_guard(self._url, "rate limiter"):
             await self._refund_script(keys=[self._window_key(digest, window)], args=[tokens])
-
-
-def rate_limiter_from_settings(settings: Settings) -> RateLimiter:
-    """NoRateLimit when both limits are 0; else a limiter where ``TEXTGEN_JOB_STORE`` keeps the jobs:
-    RedisRateLimiter for a ``redis://`` / ``rediss://`` URL, SQLiteRateLimiter in the SQLite file.
-
-    ConfigError for a job store URL that is neither (in-memory SQLite, malformed).
-    """
-    if settings.rate_limit_rpm == 0 and settings.rate_limit_tpm == 0:
-        return NoRateLimit()
-    if is_redis_url(settings.job_store):
-        return RedisRateLimiter(
-            settings.job_store.strip(),
-            requests_per_minute=settings.rate_limit_rpm,
-            tokens_per_minute=settings.rate_limit_tpm,
-        )
-    return SQLiteRateLimiter(
-        sqlite_path_from_url(settings.job_store),
-        requests_per_minute=settings.rate_limit_rpm,
-        tokens_per_minute=settings.rate_limit_tpm,
-    )

@@ -18,16 +18,16 @@ from textgen.access import (
     warn_if_exposed_without_keys,
     warn_if_uvicorn_trusts_other_proxies,
 )
+from textgen.backends import build_backends
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine import Engine, create_engine
 from textgen.generation import GenerationService, StreamSlots
 from textgen.jobs.runner import JobRunner, process_owner_id
-from textgen.jobs.store import JobState, JobStore, job_store_from_url, redact_url
+from textgen.jobs.store import JobState, JobStore
 from textgen.jobs.view import job_payload
 from textgen.loader import LoadedModel, load_model
 from textgen.metrics import Metrics, mark_process_dead
-from textgen.ratelimit import rate_limiter_from_settings
 from textgen.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
@@ -107,9 +107,9 @@ async def build_state(settings: Settings, model_loader: ModelLoader = load_model
     access = AccessPolicy.from_settings(settings)
     warn_if_exposed_without_keys(access, bind_host_from_argv())
     warn_if_uvicorn_trusts_other_proxies(access)
-    store = job_store_from_url(settings.job_store)
+    backends = build_backends(settings)
+    store, rate_limiter = backends.store, backends.rate_limiter
     await store.open()
-    rate_limiter = rate_limiter_from_settings(settings)
     await rate_limiter.open()
     try:
         model = await asyncio.to_thread(model_loader, settings)
@@ -141,7 +141,7 @@ async def build_state(settings: Settings, model_loader: ModelLoader = load_model
         "Service ready: model=%s engine=%s job_store=%s worker=%s",
         model.name,
         engine.name,
-        redact_url(settings.job_store),
+        backends.url.redacted,
         owner,
     )
     state = AppState(

@@ -36,7 +36,8 @@ import yaml
 
 from tests.net import free_port
 from tests.redis_server import RedisServer
-from textgen.jobs.store import JobStore, job_store_from_url
+from textgen.backends import job_store_from_url
+from textgen.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
 

@@ -20,20 +20,20 @@ import pytest
 
 from tests.redis_server import RedisServer, free_port
 from tests.unit.conftest import SUBPROCESS_STORE, Backend, OpenStore
+from textgen.backends import job_store_from_url
 from textgen.errors import ConfigError, JobNotCancellableError, JobNotFoundError
 from textgen.jobs import sqlite_store as sqlite_mod
 from textgen.jobs.redis_store import RedisJobStore
 from textgen.jobs.sqlite_store import SQLiteJobStore
 from textgen.jobs.store import (
-    REDIS_FORMS,
     TERMINAL_STATES,
     Job,
     JobState,
     JobStore,
     WebhookState,
     abandoned_error,
-    job_store_from_url,
 )
+from textgen.storage.url import REDIS_FORMS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LEASE = 30.0  # long enough never to expire within a test

@@ -21,6 +21,7 @@ import redis
 from tests.net import free_port
 from tests.redis_server import RedisServer
 from tests.unit.conftest import Backend
+from textgen.backends import rate_limiter_from_settings
 from textgen.config import Settings
 from textgen.errors import ConfigError, RateLimitedError
 from textgen.jobs.redis_store import RedisJobStore
@@ -33,7 +34,6 @@ from textgen.ratelimit import (
     Reservation,
     SQLiteRateLimiter,
     key_digest,
-    rate_limiter_from_settings,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -38,24 +38,16 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
-from urllib.parse import urlparse
 
-import redis.asyncio
-import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from textgen.access import ANONYMOUS_OWNER
 from textgen.errors import (
-    ConfigError,
     IdempotencyConflictError,
     JobNotCancellableError,
     JobNotFoundError,
-    StoreUnavailableError,
 )
 from textgen.jobs.store import (
-    REDIS_FORMS,
     Job,
     JobState,
     WebhookState,
@@ -64,15 +56,15 @@ from textgen.jobs.store import (
     check_ttl,
     check_visible,
     new_job,
-    redact_url,
     request_fingerprint,
     scoped_idempotency_key,
     validate_idempotency_key,
 )
+from textgen.storage.redis import check_durability, ping_redis, redis_client, redis_outage_guard
+from textgen.storage.url import redact_url
 
 logger = logging.getLogger(__name__)
 
-_CONNECT_TIMEOUT_S = 5.0
 _IDEMPOTENCY_GRACE_S = 3600.0  # how long past its TTL Redis keeps an idempotency record before expiring it
 _BATCH = 500  # ids per script call when renewing / purging, and keys per SCAN step
 
@@ -418,99 +410,6 @@ _SCRIPTS: dict[str, str] = {
 
 
 # --------------------------------------------------------------------------------------------------
-# Connection helpers, shared with the Redis rate limiter
-# --------------------------------------------------------------------------------------------------
-
-_DB_PATH_RE = re.compile(r"/?\d*")
-
-
-def _invalid_url(url: str, why: str) -> ConfigError:
-    return ConfigError(f"Invalid TEXTGEN_JOB_STORE {redact_url(url)!r} ({why}). Use {REDIS_FORMS}.")
-
-
-def _check_redis_url(url: str) -> None:
-    """ConfigError for what redis-py would accept silently (a db that is not a number) or choke on later."""
-    try:
-        parsed = urlparse(url)
-        port = parsed.port  # raises ValueError when it is not a number in range
-    except ValueError:
-        port = 0
-    if port == 0:
-        raise _invalid_url(url, "the port is not a number from 1 to 65535")
-    if parsed.scheme.lower() not in ("redis", "rediss"):
-        raise _invalid_url(url, "the scheme must be redis:// or rediss://")
-    if not parsed.hostname:
-        raise _invalid_url(url, "no host")
-    if not _DB_PATH_RE.fullmatch(parsed.path):
-        raise _invalid_url(url, "the path must be a database number, such as /0")
-
-
-def redis_client(url: str) -> redis.asyncio.Redis:
-    """A client (no connection made yet) for a ``redis://`` / ``rediss://`` URL; ConfigError if malformed."""
-    _check_redis_url(url)
-    try:
-        # Options in the URL's query string win over these defaults. No automatic retries: the scripts
-        # are not idempotent (a retried claim whose first reply was lost would take a second job); a
-        # failed call surfaces, and a lost claim or finish is recovered by the lease instead.
-        return redis.asyncio.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=_CONNECT_TIMEOUT_S, retry=Retry(NoBackoff(), 0)
-        )
-    except ValueError as exc:
-        raise _invalid_url(url, _hide_password(str(exc), url)) from None
-
-
-def _hide_password(text: str, url: str) -> str:
-    password = urlparse(url).password
-    return text.replace(password, "***") if password else text
-
-
-def _open_failure(url: str, exc: redis.exceptions.RedisError) -> ConfigError:
-    shown = redact_url(url)
-    reason = _hide_password(str(exc), url)
-    if isinstance(exc, redis.exceptions.AuthenticationError) or "NOAUTH" in reason or "WRONGPASS" in reason:
-        fix = (
-            "authentication failed. Put the right password in TEXTGEN_JOB_STORE (redis://:password@host:port/db, "
-            "or redis://user:password@host:port/db for an ACL user)"
-        )
-    elif "DB index is out of range" in reason:
-        fix = (
-            "that database number does not exist on the server. Use a db from 0 to the server's `databases` "
-            "setting minus one in TEXTGEN_JOB_STORE (redis://host:port/0)"
-        )
-    elif isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        fix = (
-            "the server is not reachable. Start Redis there, or fix the host and port in TEXTGEN_JOB_STORE "
-            "(and use rediss:// if the server only accepts TLS)"
-        )
-    else:
-        fix = "the server refused the connection. Check the server and TEXTGEN_JOB_STORE"
-    return ConfigError(f"Cannot use Redis at {shown}: {fix}. ({reason})")
-
-
-@contextlib.asynccontextmanager
-async def redis_outage_guard(url: str, what: str) -> AsyncIterator[None]:
-    """An unreachable server is a retryable 503 for clients (StoreUnavailableError), not a 500; the
-    job store and the rate limiter both call Redis through this."""
-    try:
-        yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        logger.warning("Redis %s at %s unavailable: %s", what, redact_url(url), _hide_password(str(exc), url))
-        if what == "job store":
-            raise StoreUnavailableError() from exc
-        raise StoreUnavailableError(
-            f"The {what} is unavailable right now; retry after the time in the Retry-After header."
-        ) from exc
-
-
-async def ping_redis(client: redis.asyncio.Redis, url: str) -> None:
-    """Connect and PING; ConfigError, naming TEXTGEN_JOB_STORE and saying how to fix it, if that fails."""
-    try:
-        await client.ping()
-    except redis.exceptions.RedisError as exc:
-        raise _open_failure(url, exc) from None
-
-
-# --------------------------------------------------------------------------------------------------
 # Hash <-> Job
 # --------------------------------------------------------------------------------------------------
 
@@ -583,11 +482,12 @@ def _glob_escape(text: str) -> str:
 class RedisJobStore:
     """``JobStore`` on Redis: every state change one Lua script, leases on the server's clock."""
 
-    def __init__(self, url: str, *, prefix: str = "textgen") -> None:
+    def __init__(self, url: str, *, prefix: str = "textgen", allow_volatile: bool = False) -> None:
         if not prefix:
             raise ValueError("prefix must not be empty")
         self._url = url
         self.prefix = prefix
+        self.allow_volatile = allow_volatile
         self._redis = redis_client(url)
         self._scripts: dict[str, AsyncScript] = {
             name: self._redis.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()
@@ -595,9 +495,9 @@ class RedisJobStore:
         self._opened = False
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "textgen") -> RedisJobStore:
-        """A store for a ``redis://`` / ``rediss://`` URL (nothing connects before ``open``)."""
-        return cls(url, prefix=prefix)
+    def from_url(cls, url: str, *, prefix: str = "textgen", allow_volatile: bool = False) -> RedisJobStore:
+        """The constructor under its older name (tests and tools use both)."""
+        return cls(url, prefix=prefix, allow_volatile=allow_volatile)
 
     @property
     def url(self) -> str:
@@ -608,9 +508,12 @@ class RedisJobStore:
         return f"RedisJobStore({self.url!r}, prefix={self.prefix!r})"
 
     async def open(self) -> None:
+        """Connect, and refuse a server that would lose accepted jobs in a restart (no AOF) unless
+        ``allow_volatile`` (TEXTGEN_REDIS_ALLOW_VOLATILE)."""
         await ping_redis(self._redis, self._url)
+        durability = await check_durability(self._redis, self._url, allow_volatile=self.allow_volatile)
         self._opened = True
-        logger.info("Job store open at %s (prefix %r)", self.url, self.prefix)
+        logger.info("Job store open at %s (prefix %r; %s)", self.url, self.prefix, durability)
 
     async def close(self) -> None:
         self._opened = False

@@ -1,8 +1,8 @@
 """The SQLite job store: one file in WAL mode, shareable by the worker processes of one machine.
 
 Every state change is one conditional UPDATE (claims in ``BEGIN IMMEDIATE ... RETURNING``), so the
-``JobStore`` guarantees hold across processes. ``SQLiteConnection`` / ``connect_sqlite`` /
-``sqlite_path_from_url`` are shared with anything else kept in the same file (rate limits).
+``JobStore`` guarantees hold across processes. How the file is opened lives in ``textgen.storage.sqlite``
+(shared with the rate limits kept in the same file); this module holds only the job logic.
 """
 
 from __future__ import annotations
@@ -12,18 +12,15 @@ import builtins
 import json
 import logging
 import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any
 
 from textgen.access import ANONYMOUS_OWNER
-from textgen.errors import ConfigError, IdempotencyConflictError, JobNotCancellableError, JobNotFoundError
+from textgen.errors import IdempotencyConflictError, JobNotCancellableError, JobNotFoundError
 from textgen.jobs.store import (
-    SQLITE_FORMS,
     TERMINAL_STATES,
     WEBHOOK_OUTCOMES,
     Job,
@@ -34,21 +31,17 @@ from textgen.jobs.store import (
     check_ttl,
     check_visible,
     new_job,
-    redact_url,
     request_fingerprint,
     scoped_idempotency_key,
     validate_idempotency_key,
 )
+from textgen.storage.sqlite import SQLiteConnection, connect_sqlite, open_error, write_txn
+from textgen.storage.url import sqlite_path_from_url
+
+__all__ = ["SQLiteJobStore", "sqlite_path_from_url"]
 
 logger = logging.getLogger(__name__)
 
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
-
-# --------------------------------------------------------------------------------------------------
-# SQLite implementation
-# --------------------------------------------------------------------------------------------------
 
 _COLUMNS = (
     "id, request, state, request_id, result, error, created_at, started_at, finished_at, attempts, owner, "
@@ -103,7 +96,6 @@ _LATE_INDEXES = (
     "CREATE INDEX IF NOT EXISTS jobs_tenant_created ON jobs (tenant, created_at)",
 )
 
-_BUSY_TIMEOUT_MS = 10_000
 _IN_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's bound-parameter limit
 _TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL_STATES))
 # Set with every move to a terminal state: a job with a callback URL now has a webhook to deliver.
@@ -141,25 +133,6 @@ def _row_to_job(row: sqlite3.Row) -> Job:
     )
 
 
-@contextmanager
-def write_txn(conn: sqlite3.Connection) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` (take the write lock up front) ... ``COMMIT``, rolling back on any error."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _open_error(path: Path, reason: str) -> ConfigError:
-    return ConfigError(
-        f"Cannot use job store at {path}: {reason}. Set TEXTGEN_JOB_STORE to a writable sqlite:/// path."
-    )
-
-
 def _probe_writable(conn: sqlite3.Connection) -> None:
     """Fail now, not at the first job, if the database cannot be written (the row is rolled back)."""
     conn.execute("BEGIN IMMEDIATE")
@@ -170,36 +143,6 @@ def _probe_writable(conn: sqlite3.Connection) -> None:
         )
     finally:
         conn.execute("ROLLBACK")
-
-
-def connect_sqlite(path: Path, schema: Sequence[str] = ()) -> sqlite3.Connection:
-    """Open ``path`` the way the job store does (autocommit, WAL, busy timeout) and run ``schema``.
-
-    Any other table kept in the job store's file (rate limits) opens its own connection with this.
-    ConfigError, naming TEXTGEN_JOB_STORE, if the file cannot be opened.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _open_error(path, f"cannot create directory {path.parent} ({exc.strerror or exc})") from exc
-    conn: sqlite3.Connection | None = None
-    try:
-        conn = sqlite3.connect(
-            str(path), timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-        )
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            logger.warning("Job store %s: journal_mode is %s, not WAL; concurrency suffers.", path, mode)
-        conn.execute("PRAGMA synchronous = NORMAL")
-        for statement in schema:
-            conn.execute(statement)
-    except sqlite3.Error as exc:
-        if conn is not None:
-            conn.close()
-        raise _open_error(path, str(exc)) from exc
-    return conn
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
@@ -223,7 +166,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         _probe_writable(conn)
     except sqlite3.Error as exc:
         conn.close()
-        raise _open_error(path, str(exc)) from exc
+        raise open_error(path, str(exc)) from exc
     return conn
 
 
@@ -495,46 +438,6 @@ def _count(conn: sqlite3.Connection, state: JobState) -> int:
     return int(conn.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state.value,)).fetchone()[0])
 
 
-class SQLiteConnection:
-    """One connection to a SQLite file, used from worker threads (``asyncio.to_thread``) one call at a
-    time; the job store and the rate limiter each hold one."""
-
-    def __init__(self, path: Path, connect: Callable[[Path], sqlite3.Connection]) -> None:
-        self.path = path
-        self._connect = connect
-        self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-
-    async def run(
-        self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs
-    ) -> _T:
-        """Run ``fn(connection, *args)`` off the event loop, one call at a time."""
-        return await asyncio.to_thread(self._locked, fn, *args, **kwargs)
-
-    def _locked(self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        with self._lock:
-            if self._conn is None:
-                raise RuntimeError(f"The SQLite connection to {self.path} is not open; call open() first.")
-            return fn(self._conn, *args, **kwargs)
-
-    async def open(self) -> None:
-        def connect() -> None:
-            with self._lock:
-                if self._conn is None:
-                    self._conn = self._connect(self.path)
-
-        await asyncio.to_thread(connect)
-
-    async def close(self) -> None:
-        def disconnect() -> None:
-            with self._lock:
-                conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
-
-        await asyncio.to_thread(disconnect)
-
-
 class SQLiteJobStore:
     """``JobStore`` on one SQLite file (WAL mode), shareable by several processes.
 
@@ -701,26 +604,3 @@ class SQLiteJobStore:
 
     async def count(self, state: JobState) -> int:
         return await self._run(_count, state)
-
-
-# --------------------------------------------------------------------------------------------------
-# Factory
-# --------------------------------------------------------------------------------------------------
-
-
-def sqlite_path_from_url(url: str) -> Path:
-    """The database file named by a ``TEXTGEN_JOB_STORE`` URL (relative paths resolved against the
-    current directory); ConfigError for other schemes, in-memory or malformed URLs."""
-    text = url.strip()
-    scheme, sep, rest = text.partition("://")
-    scheme = scheme.lower()
-    if scheme != "sqlite" or not sep or not rest.startswith("/") or len(rest) < 2 or "?" in rest:
-        raise ConfigError(f"Invalid TEXTGEN_JOB_STORE {redact_url(text)!r}. Use {SQLITE_FORMS}.")
-    target = rest[1:]
-    if target == ":memory:" or target.startswith("file::memory:"):
-        raise ConfigError(
-            "TEXTGEN_JOB_STORE=sqlite:///:memory: is not supported: jobs must be durable (survive restarts "
-            f"and be shared by all workers). Point it at a file: {SQLITE_FORMS}."
-        )
-    path = Path(target)
-    return path if path.is_absolute() else Path.cwd() / path

@@ -16,8 +16,9 @@ request it created a job for, so a retry with the same body gets that job back a
 is refused (``IdempotencyConflictError``).
 
 Backends: ``SQLiteJobStore`` (one file, WAL; the embedded default, shareable by the processes of one
-machine) and ``RedisJobStore`` (shared by replicas on many machines). ``job_store_from_url`` builds
-one from ``TEXTGEN_JOB_STORE``. One conformance suite (tests/unit/test_job_store.py) runs against both.
+machine) and ``RedisJobStore`` (shared by replicas on many machines). This module is the contract and
+the helpers every backend shares; it imports no backend (``textgen.backends`` builds one from
+``TEXTGEN_JOB_STORE``). One conformance suite (tests/unit/test_job_store.py) runs against both.
 """
 
 from __future__ import annotations
@@ -253,29 +254,3 @@ def abandoned_error(attempts: int) -> str:
         f"Abandoned after {attempts} attempt(s): each time, the process running it stopped renewing its "
         "lease (it crashed, was killed or hung). Check the service logs for that request id."
     )
-
-
-# -- factory -------------------------------------------------------------------------------------------
-
-SQLITE_FORMS = "sqlite:///relative/path/jobs.db (relative to the current directory) or sqlite:////absolute/path/jobs.db"
-REDIS_FORMS = "redis://host:port/db (or rediss:// for TLS; redis://:password@host:port/db with a password)"
-
-
-def redact_url(url: str) -> str:
-    """Hide any ``user:password@`` part before a URL goes into an error message or a log line."""
-    return re.sub(r"(://)[^/@]*@", r"\1***@", url)
-
-
-def is_redis_url(url: str) -> bool:
-    return url.strip().lower().startswith(("redis://", "rediss://"))
-
-
-def job_store_from_url(url: str) -> JobStore:
-    """Build the store named by ``TEXTGEN_JOB_STORE``; ConfigError if the URL is unusable."""
-    if is_redis_url(url):
-        from textgen.jobs.redis_store import RedisJobStore
-
-        return RedisJobStore.from_url(url.strip())
-    from textgen.jobs.sqlite_store import SQLiteJobStore, sqlite_path_from_url
-
-    return SQLiteJobStore(sqlite_path_from_url(url))
