@@ -29,6 +29,7 @@ run: setup
 
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m mypy textgen models.py main.py
 
 test: setup lint
 	$(PY) -m pytest

@@ -67,9 +67,9 @@ _LOWERCASE_HOMOGLYPHS: Mapping[str, str] = MappingProxyType(
 )  # fmt: skip
 
 _LEET_CHARS = frozenset("431057@$")
-_LEET_ONE_AS_I: Mapping[int, str] = MappingProxyType(str.maketrans("431057@$", "aeiostas"))
+_LEET_ONE_AS_I: Mapping[int, int] = MappingProxyType(str.maketrans("431057@$", "aeiostas"))
 # "1" stands for "l" as often as for "i" ("k1ll"), so both readings are tried.
-_LEET_ONE_AS_L: Mapping[int, str] = MappingProxyType(str.maketrans("431057@$", "aelostas"))
+_LEET_ONE_AS_L: Mapping[int, int] = MappingProxyType(str.maketrans("431057@$", "aelostas"))
 _DIGITS = "0123456789"
 
 _MIN_SPACED_OUT_LETTERS = 3

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -179,11 +180,16 @@ class Metrics:
         if multiprocess_dir() is None:
             return generate_latest(self.registry)
         combined = CollectorRegistry()
-        multiprocess.MultiProcessCollector(combined)
+        _collect_processes(combined)
         return generate_latest(combined)
+
+
+# prometheus_client's multiprocess helpers carry no annotations; these typed names are their signatures.
+_collect_processes: Callable[[CollectorRegistry], object] = multiprocess.MultiProcessCollector
+_mark_dead: Callable[[int], None] = multiprocess.mark_process_dead
 
 
 def mark_process_dead() -> None:
     """In multiprocess mode, drop this worker's live gauges when it stops."""
     if multiprocess_dir() is not None:
-        multiprocess.mark_process_dead(os.getpid())
+        _mark_dead(os.getpid())

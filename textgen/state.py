@@ -197,5 +197,5 @@ def drain_on_signals(state: AppState) -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, prior in previous.items():
-            signal.signal(signum, prior)
+        for number, prior in previous.items():
+            signal.signal(number, prior)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
 from sse_starlette import ServerSentEvent
@@ -32,8 +32,9 @@ async def results_unless_disconnected(request: Request, handles: Sequence[Handle
     sequences leave the batch."""
     results = asyncio.ensure_future(asyncio.gather(*(h.result() for h in handles)))
     disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
+    waiting: set[asyncio.Future[Any]] = {results, disconnect}
     try:
-        await asyncio.wait({results, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     finally:
         disconnect.cancel()
         if not results.done() or results.exception() is not None:

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -48,7 +48,11 @@ from textgen.generation import GenerationService
 
 logger = logging.getLogger(__name__)
 
-OPENAI_FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
+OPENAI_FINISH: dict[FinishReason, Literal["stop", "length"]] = {
+    FinishReason.LENGTH: "length",
+    FinishReason.STOP: "stop",
+    FinishReason.EOS: "stop",
+}
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

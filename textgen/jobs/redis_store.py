@@ -37,7 +37,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from redis.commands.core import AsyncScript
 
@@ -582,7 +582,8 @@ class RedisJobStore:
 
     async def get(self, job_id: str, *, tenant: str | None = None) -> Job:
         async with self._guard():
-            fields = await self._redis.hgetall(self._key(f"job:{job_id}"))
+            # decode_responses=True: keys and values are str
+            fields = cast(dict[str, str], await self._redis.hgetall(self._key(f"job:{job_id}")))
         if not fields:
             raise JobNotFoundError()
         return check_visible(_job(fields), tenant)
@@ -674,7 +675,7 @@ class RedisJobStore:
     async def position(self, job_id: str) -> int | None:
         async with self._guard():
             rank = await self._redis.zrank(self._key("queued"), job_id)
-        return None if rank is None else int(rank)
+        return cast(int | None, rank)  # without withscore: the rank or None
 
     async def recent_completions(self, within_s: float, limit: int) -> builtins.list[float]:
         if limit <= 0:
@@ -730,4 +731,5 @@ class RedisJobStore:
 
     async def count(self, state: JobState) -> int:
         async with self._guard():
-            return int(await self._redis.zcard(self._key(f"state:{JobState(state).value}")))
+            count: int = await self._redis.zcard(self._key(f"state:{JobState(state).value}"))
+        return count

@@ -6,6 +6,7 @@ threads one call at a time). The job store and the rate limiter each hold one on
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import threading
@@ -87,7 +88,7 @@ class SQLiteConnection:
         self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs
     ) -> _T:
         """Run ``fn(connection, *args)`` off the event loop, one call at a time."""
-        return await asyncio.to_thread(self._locked, fn, *args, **kwargs)
+        return await asyncio.to_thread(functools.partial(self._locked, fn, *args, **kwargs))
 
     def _locked(self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         with self._lock:
