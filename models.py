@@ -11,8 +11,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from textgen.jobs.states import JobState
+
 FinishReasonName = Literal["length", "stop", "eos"]
-JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# The one list of job states (textgen/jobs/states.py); in JSON each is its string value.
+JobStateName = JobState
 
 
 class TextGenerationRequest(BaseModel):
@@ -68,7 +71,7 @@ class TextGenerationResponse(BaseModel):
 class JobAccepted(BaseModel):
     request_id: str = Field(..., description="Id of the HTTP request that created the job.")
     job_id: str
-    state: JobStateName = "queued"
+    state: JobStateName = JobState.QUEUED
     status_url: str
 
 

@@ -23,11 +23,12 @@ from prometheus_client import (
 )
 
 from textgen.engine.types import EngineStats, GenerationResult
+from textgen.jobs.states import JobState
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+JOB_STATES = tuple(state.value for state in JobState)
 
 
 def multiprocess_dir() -> str | None:

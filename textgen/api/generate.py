@@ -149,4 +149,4 @@ async def generate_background(
     runner.notify()
     status_url = f"/jobs/{job.id}"
     response.headers["Location"] = status_url
-    return JobAccepted(request_id=request_id, job_id=job.id, state=job.state.value, status_url=status_url)
+    return JobAccepted(request_id=request_id, job_id=job.id, state=job.state, status_url=status_url)

@@ -31,30 +31,13 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 from textgen.access import ANONYMOUS_OWNER
 from textgen.errors import InvalidRequestError, JobNotFoundError
+from textgen.jobs.states import FINISH_STATES, TERMINAL_STATES, WEBHOOK_OUTCOMES, JobState, WebhookState
 
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-class WebhookState(StrEnum):
-    PENDING = "pending"
-    DELIVERED = "delivered"
-    FAILED = "failed"
-
-
-TERMINAL_STATES: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-FINISH_STATES: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.FAILED})
-WEBHOOK_OUTCOMES: frozenset[WebhookState] = frozenset({WebhookState.DELIVERED, WebhookState.FAILED})
+__all__ = ["FINISH_STATES", "TERMINAL_STATES", "WEBHOOK_OUTCOMES", "Job", "JobState", "JobStore", "WebhookState"]
 
 
 @dataclass(frozen=True)

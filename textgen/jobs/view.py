@@ -34,7 +34,7 @@ def _webhook(job: Job) -> WebhookView | None:
 def job_view(job: Job, queue: QueueEstimate | None = None) -> JobView:
     return JobView(
         job_id=job.id,
-        state=job.state.value,
+        state=job.state,
         request=job.request,
         result=TextGenerationResponse.model_validate(job.result) if job.result else None,
         error=job.error,
@@ -53,7 +53,7 @@ def job_summary(job: Job) -> JobSummary:
     result = job.result or {}
     return JobSummary(
         job_id=job.id,
-        state=job.state.value,
+        state=job.state,
         request_id=job.request_id,
         created_at=datetime.fromtimestamp(job.created_at, UTC),
         started_at=_time(job.started_at),
