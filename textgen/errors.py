@@ -87,6 +87,17 @@ class StoreUnavailableError(TextGenError):
         super().__init__(message, retry_after_s=retry_after_s)
 
 
+class InsufficientStorageError(TextGenError):
+    """The store cannot take writes for a reason of the environment (disk full, read-only, Redis out of
+    memory); the message names the cause and what to change. Retrying helps only once that is fixed."""
+
+    status_code = 507
+    default_message = "The job store cannot store anything right now (out of space); retry later."
+
+    def __init__(self, message: str | None = None, *, retry_after_s: float | None = 30.0) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
 class DeadlineExceededError(TextGenError):
     status_code = 504
     default_message = "The request did not finish before its deadline (timeout_s)."

@@ -28,7 +28,8 @@ _DESCRIPTIONS = {
     413: "Request body too large",
     422: "Request body does not match the schema",
     429: "Rate limit, token budget, stream cap or failed-key limit exceeded; see the Retry-After header",
-    503: "Queue full or model not ready; see the Retry-After header",
+    503: "Queue full, model not ready, or job store unavailable/locked; see the Retry-After header",
+    507: "The job store is out of space (disk full, read-only, Redis out of memory); see the message",
     504: "Deadline (timeout_s) passed before generation finished",
     500: "Internal error (no details are exposed; quote the request id)",
 }

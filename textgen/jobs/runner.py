@@ -27,7 +27,13 @@ from pydantic import ValidationError
 
 from models import TextGenerationRequest
 from textgen.engine.types import Handle, Priority
-from textgen.errors import GenerationCancelledError, NotReadyError, StoreUnavailableError, TextGenError
+from textgen.errors import (
+    GenerationCancelledError,
+    InsufficientStorageError,
+    NotReadyError,
+    StoreUnavailableError,
+    TextGenError,
+)
 from textgen.generation import GenerationService
 from textgen.jobs.store import Job, JobState, JobStore, WebhookState
 from textgen.webhooks import WebhookSender
@@ -124,8 +130,13 @@ class JobRunner:
             await self._webhooks.close()
         try:
             requeued = await self._store.requeue_owned(self.owner)
-        except StoreUnavailableError:
-            logger.warning("Job store unavailable at shutdown: running jobs come back when their leases expire")
+        except (StoreUnavailableError, InsufficientStorageError) as error:
+            # Shutdown must complete anyway; the leases bring these jobs back.
+            logger.warning(
+                "Could not hand running jobs back at shutdown (%s); they are reclaimed when their leases expire "
+                "(TEXTGEN_JOB_LEASE_S)",
+                error.message,
+            )
             return
         if requeued:
             logger.info("Handed %d running job(s) back to the queue for the next start", requeued)
@@ -249,13 +260,14 @@ class JobRunner:
         try:
             outcome = await self._generate(job, request_id)
             if outcome is not None:
-                if await self._finish(job, *outcome):
+                if await self._finish_retrying(job, *outcome):
                     await self._service.refund_unused(job.reservation, self._active.get(job.id))
             elif not self._stopping and (await self._store.states([job.id])).get(job.id) is JobState.CANCELLED:
                 await self._service.refund_unused(job.reservation, self._active.get(job.id))
-        except StoreUnavailableError:
-            # The outcome could not be recorded: the lease runs out and the job runs again elsewhere.
-            logger.warning("Job %s: the job store is unavailable; the job will be retried", job.id)
+        except (StoreUnavailableError, InsufficientStorageError):
+            # The outcome could not be recorded even after retrying: the lease runs out and the job runs
+            # again (here or elsewhere) once the store takes writes again.
+            logger.warning("Job %s: its result could not be stored; the job will run again", job.id)
         finally:
             self._active.pop(job.id, None)
             self._wakeup.set()  # a slot is free, and a webhook may be due
@@ -287,6 +299,20 @@ class JobRunner:
         except Exception:
             logger.exception("Job %s failed", job.id, extra={"request_id": request_id})
             return JobState.FAILED, {"error": f"Internal error; see logs for request id {request_id}."}
+
+    async def _finish_retrying(self, job: Job, state: JobState, outcome: dict[str, Any]) -> bool:
+        """Record the outcome; while the store refuses writes (full disk, outage), keep trying for about
+        one lease period instead of leaving the job running until its lease expires."""
+        delay_s, waited_s = 0.5, 0.0
+        while True:
+            try:
+                return await self._finish(job, state, outcome)
+            except (StoreUnavailableError, InsufficientStorageError):
+                if self._stopping or waited_s >= self._lease_s:
+                    raise
+            await asyncio.sleep(delay_s)
+            waited_s += delay_s
+            delay_s = min(delay_s * 2, 5.0)
 
     async def _finish(self, job: Job, state: JobState, outcome: dict[str, Any]) -> bool:
         took = await self._store.finish(job.id, self.owner, state, **outcome)

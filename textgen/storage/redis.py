@@ -15,6 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from textgen.errors import ConfigError, StoreUnavailableError
+from textgen.storage.conditions import CONDITIONS, redis_condition
 from textgen.storage.url import check_redis_url, hide_password, invalid_redis_url, redact_url
 
 logger = logging.getLogger(__name__)
@@ -67,13 +68,22 @@ async def redis_outage_guard(url: str, what: str) -> AsyncIterator[None]:
     job store and the rate limiter both call Redis through this."""
     try:
         yield
+    except redis.exceptions.ResponseError as exc:
+        mapped = redis_condition(exc, redact_url(url))
+        if mapped is None:
+            raise
+        CONDITIONS.enter(redact_url(url), type(exc).__name__, mapped.message)
+        raise mapped from exc
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        logger.warning("Redis %s at %s unavailable: %s", what, redact_url(url), hide_password(str(exc), url))
+        shown = redact_url(url)
+        CONDITIONS.enter(shown, "unreachable", f"Redis {what} at {shown} unavailable: {hide_password(str(exc), url)}")
         if what == "job store":
             raise StoreUnavailableError() from exc
         raise StoreUnavailableError(
             f"The {what} is unavailable right now; retry after the time in the Retry-After header."
         ) from exc
+    else:
+        CONDITIONS.clear(redact_url(url))
 
 
 async def ping_redis(client: redis.asyncio.Redis, url: str) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
 from textgen.errors import ConfigError
+from textgen.storage.conditions import CONDITIONS, sqlite_condition
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,16 @@ class SQLiteConnection:
         with self._lock:
             if self._conn is None:
                 raise RuntimeError(f"The SQLite connection to {self.path} is not open; call open() first.")
-            return fn(self._conn, *args, **kwargs)
+            try:
+                result = fn(self._conn, *args, **kwargs)
+            except sqlite3.OperationalError as error:
+                mapped = sqlite_condition(error, str(self.path))
+                if mapped is None:
+                    raise
+                CONDITIONS.enter(str(self.path), type(mapped).__name__ + ": " + str(error), mapped.message)
+                raise mapped from error
+            CONDITIONS.clear(str(self.path))
+            return result
 
     async def open(self) -> None:
         def connect() -> None:
