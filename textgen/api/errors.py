@@ -48,6 +48,28 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    503: "server_overloaded",
+    504: "timeout",
+}
+
+
+def error_body(detail: Any, request_id: str) -> dict[str, Any]:
+    """Our error shape, the one builder for it: ``{"detail", "request_id"}``."""
+    return {"detail": jsonable_encoder(detail), "request_id": request_id}
+
+
+def openai_error_body(status: int, message: str, request_id: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape (under ``/v1``), the one builder for it, plus our request id."""
+    kind = OPENAI_ERROR_TYPES.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}, "request_id": request_id}
+
+
 def request_id_of(request: Request) -> str:
     return str(getattr(request.state, "request_id", "-"))
 
@@ -62,7 +84,7 @@ class AsciiJSONResponse(JSONResponse):
 
 def error_response(request: Request, status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
     request_id = request_id_of(request)
-    body = {"detail": jsonable_encoder(detail), "request_id": request_id}
+    body = error_body(detail, request_id)
     return AsciiJSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-ID": request_id})
 
 

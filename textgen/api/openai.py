@@ -39,7 +39,7 @@ from models import (
     Usage,
 )
 from textgen.api.deps import CallerDep, RequestIdDep, ServiceDep, StateDep
-from textgen.api.errors import request_id_of, retry_after_headers
+from textgen.api.errors import openai_error_body, request_id_of, retry_after_headers
 from textgen.api.generate import results_unless_disconnected
 from textgen.api.sse import SSE_RESPONSE_DOC, sse_response
 from textgen.engine.types import FinishReason, GenerationResult, Handle, Priority, SamplingParams, to_client_error
@@ -53,25 +53,13 @@ OPENAI_FINISH: dict[FinishReason, Literal["stop", "length"]] = {
     FinishReason.STOP: "stop",
     FinishReason.EOS: "stop",
 }
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    429: "rate_limit_exceeded",
-    503: "server_overloaded",
-    504: "timeout",
-}
 
 
 def openai_error(
     request: Request, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     request_id = request_id_of(request)
-    body = {
-        "error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param, "code": None},
-        "request_id": request_id,
-    }
+    body = openai_error_body(status, message, request_id, param)
     return JSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-ID": request_id})
 
 
@@ -226,8 +214,7 @@ async def _openai_stream(chunks: AsyncIterator[dict[str, Any]], request_id: str)
         if client_error is not error:
             logger.error("Stream failed", exc_info=error, extra={"request_id": request_id})
         assert isinstance(client_error, TextGenError)
-        kind = _ERROR_TYPES.get(client_error.status_code, "server_error")
-        yield _data({"error": {"message": client_error.message, "type": kind}, "request_id": request_id})
+        yield _data(openai_error_body(client_error.status_code, client_error.message, request_id))
     yield ServerSentEvent(data="[DONE]")
 
 

@@ -26,6 +26,7 @@ from textgen.access import (
     owner_id_for_key,
     warn_if_exposed_without_keys,
 )
+from textgen.api.errors import error_body, openai_error_body
 from textgen.errors import InvalidRequestError, PayloadTooLargeError, RateLimitedError, TextGenError, UnauthorizedError
 
 logger = logging.getLogger(__name__)
@@ -56,22 +57,16 @@ def _request_id(scope: Scope) -> str:
     return str(scope.get("state", {}).get("request_id", "-"))
 
 
-_OPENAI_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
-
-
 async def _send_error(scope: Scope, receive: Receive, send: Send, error: TextGenError) -> None:
     """The error body in the shape of the API the path belongs to (OpenAI's under /v1)."""
     headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else {}
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
     request_id = _request_id(scope)
-    body: dict[str, object] = {"detail": error.message, "request_id": request_id}
     if scope["path"].startswith(OPENAI_PREFIX):
-        kind = _OPENAI_ERROR_TYPES.get(error.status_code, "invalid_request_error")
-        body = {
-            "error": {"message": error.message, "type": kind, "param": None, "code": None},
-            "request_id": request_id,
-        }
+        body = openai_error_body(error.status_code, error.message, request_id)
+    else:
+        body = error_body(error.message, request_id)
     await JSONResponse(body, status_code=error.status_code, headers=headers)(scope, receive, send)
 
 
