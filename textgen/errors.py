@@ -78,7 +78,8 @@ class NotReadyError(TextGenError):
 
 
 class StoreUnavailableError(TextGenError):
-    """The job store (Redis server, SQLite file) did not answer; the request may be retried."""
+    """The store did not answer (Redis unreachable) or stayed locked (SQLite past its busy timeout);
+    the request may be retried."""
 
     status_code = 503
     default_message = "The job store is unavailable right now; retry after the time in the Retry-After header."

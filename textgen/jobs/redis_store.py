@@ -30,7 +30,6 @@ prefix needs a hash tag (``{textgen}``) to keep every key in one slot.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
 import json
@@ -55,6 +54,7 @@ from textgen.jobs.store import (
     check_finish_state,
     check_ttl,
     check_visible,
+    claim_cancel_safe,
     new_job,
     request_fingerprint,
     scoped_idempotency_key,
@@ -604,20 +604,13 @@ class RedisJobStore:
         return [_job(_pairs(row)) for row in rows if row]
 
     async def claim_next(self, owner: str, lease_s: float) -> Job | None:
-        claim = asyncio.ensure_future(self._call("claim", owner, repr(float(lease_s))))
-        try:
-            reply = await asyncio.shield(claim)
-        except asyncio.CancelledError:
-            # The script may still run after we were cancelled; hand such a job straight back.
-            reply = await asyncio.shield(claim)
-            if reply:
-                await self._call("release", _pairs(reply)["id"], owner)
-            raise
-        if not reply:
-            return None
-        job = _job(_pairs(reply))
-        logger.debug("Job %s claimed by %s (attempt %d)", job.id, owner, job.attempts)
-        return job
+        return await claim_cancel_safe(
+            self._claim(owner, lease_s), lambda job: self._call("release", job.id, owner), owner
+        )
+
+    async def _claim(self, owner: str, lease_s: float) -> Job | None:
+        reply = await self._call("claim", owner, repr(float(lease_s)))
+        return _job(_pairs(reply)) if reply else None
 
     async def renew(self, owner: str, job_ids: Sequence[str], lease_s: float) -> set[str]:
         ids = builtins.list(dict.fromkeys(job_ids))

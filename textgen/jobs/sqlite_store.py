@@ -7,7 +7,6 @@ Every state change is one conditional UPDATE (claims in ``BEGIN IMMEDIATE ... RE
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import json
 import logging
@@ -30,6 +29,7 @@ from textgen.jobs.store import (
     check_finish_state,
     check_ttl,
     check_visible,
+    claim_cancel_safe,
     new_job,
     request_fingerprint,
     scoped_idempotency_key,
@@ -517,18 +517,9 @@ class SQLiteJobStore:
         return await self._run(_select_many, state, limit, tenant)
 
     async def claim_next(self, owner: str, lease_s: float) -> Job | None:
-        claim = asyncio.ensure_future(self._run(_claim, owner, lease_s))
-        try:
-            job = await asyncio.shield(claim)
-        except asyncio.CancelledError:
-            # The claim may still land after we were cancelled; hand such a job straight back.
-            job = await asyncio.shield(claim)
-            if job is not None:
-                await self._run(_unclaim, job.id, owner)
-            raise
-        if job is not None:
-            logger.debug("Job %s claimed by %s (attempt %d)", job.id, owner, job.attempts)
-        return job
+        return await claim_cancel_safe(
+            self._run(_claim, owner, lease_s), lambda job: self._run(_unclaim, job.id, owner), owner
+        )
 
     async def finish(
         self,

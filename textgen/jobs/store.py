@@ -23,19 +23,23 @@ the helpers every backend shares; it imports no backend (``textgen.backends`` bu
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from textgen.access import ANONYMOUS_OWNER
 from textgen.errors import InvalidRequestError, JobNotFoundError
 from textgen.jobs.states import FINISH_STATES, TERMINAL_STATES, WEBHOOK_OUTCOMES, JobState, WebhookState
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["FINISH_STATES", "TERMINAL_STATES", "WEBHOOK_OUTCOMES", "Job", "JobState", "JobStore", "WebhookState"]
 
@@ -230,6 +234,24 @@ def new_job(
         created_at=time.time(),
         callback_url=callback_url,
     )
+
+
+async def claim_cancel_safe(
+    claim: Awaitable[Job | None], release: Callable[[Job], Awaitable[object]], owner: str
+) -> Job | None:
+    """Await a claim so that cancelling the caller never strands a job: the claim may still land after
+    the caller was cancelled, and such a job is handed straight back with ``release``."""
+    pending = asyncio.ensure_future(claim)
+    try:
+        job = await asyncio.shield(pending)
+    except asyncio.CancelledError:
+        job = await asyncio.shield(pending)
+        if job is not None:
+            await release(job)
+        raise
+    if job is not None:
+        logger.debug("Job %s claimed by %s (attempt %d)", job.id, owner, job.attempts)
+    return job
 
 
 def abandoned_error(attempts: int) -> str:
