@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.waiting import wait_until
+
 MakeSettings = Callable[..., Any]
 AppClient = Callable[..., Any]
 
@@ -62,13 +64,6 @@ async def poll_job(
         if until(view):
             return view, seen
         assert time.monotonic() < deadline, f"job {job_id} did not get there in {timeout_s}s: states {seen}"
-        await asyncio.sleep(0.02)
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
 
 
