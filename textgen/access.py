@@ -272,7 +272,7 @@ def warn_if_exposed_without_keys(policy: AccessPolicy, host: str | None) -> bool
 def _uvicorn_forwarded_allow_ips(argv: list[str], environ: Mapping[str, str]) -> str | None:
     """The --forwarded-allow-ips uvicorn was started with (or its env default); None when the process
     does not look like uvicorn."""
-    if not argv or ("uvicorn" not in Path(argv[0]).name and "uvicorn" not in argv[:3]):
+    if not argv or not any("uvicorn" in part for part in argv[:3]):
         return None
     for index, arg in enumerate(argv):
         if arg == "--forwarded-allow-ips" and index + 1 < len(argv):
