@@ -76,8 +76,14 @@ _PRELUDE = """
 local P = ARGV[1]
 local function jkey(id) return P .. ':job:' .. id end
 local function zkey(name) return P .. ':' .. name end
--- the server clock: (seconds as a number, the same as an exact string with microseconds)
+-- the server clock: (seconds as a number, the same as an exact string with microseconds), unless a
+-- store with an injected clock (tests) wrote its reading to {prefix}:clock just before this call
 local function clock()
+  local fake = redis.call('GET', P .. ':clock')
+  if fake then
+    local f = tonumber(fake)
+    return f, string.format('%.6f', f)
+  end
   local t = redis.call('TIME')
   local us = tonumber(t[2])
   return tonumber(t[1]) + us / 1000000, t[1] .. '.' .. string.format('%06d', us)
@@ -482,9 +488,19 @@ def _glob_escape(text: str) -> str:
 class RedisJobStore:
     """``JobStore`` on Redis: every state change one Lua script, leases on the server's clock."""
 
-    def __init__(self, url: str, *, prefix: str = "textgen", allow_volatile: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "textgen",
+        allow_volatile: bool = False,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """``clock``: None (the default) uses the Redis server's clock, so replicas agree on leases; a
+        callable (tests) is read before every script call and used instead."""
         if not prefix:
             raise ValueError("prefix must not be empty")
+        self._clock = clock
         self._url = url
         self.prefix = prefix
         self.allow_volatile = allow_volatile
@@ -531,7 +547,12 @@ class RedisJobStore:
 
     async def _call(self, script: str, *args: str | int | float) -> Any:
         async with self._guard():
+            if self._clock is not None:
+                await self._redis.set(self._key("clock"), repr(float(self._clock())))
             return await self._scripts[script](keys=[], args=[self.prefix, *args])
+
+    def _now(self) -> float | None:
+        return None if self._clock is None else self._clock()
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}:{name}"
@@ -547,7 +568,7 @@ class RedisJobStore:
         tenant: str = ANONYMOUS_OWNER,
         reservation: str | None = None,
     ) -> Job:
-        job = new_job(request, request_id, callback_url, tenant, reservation)
+        job = new_job(request, request_id, callback_url, tenant, reservation, now=self._now())
         await self._call("create", job.id, *_job_fields(job))
         return job
 
@@ -565,7 +586,7 @@ class RedisJobStore:
         """Same contract as ``SQLiteJobStore.create_idempotent``, in one script (atomic across processes)."""
         validate_idempotency_key(key)
         check_ttl(ttl_s)
-        job = new_job(request, request_id, callback_url, tenant, reservation)
+        job = new_job(request, request_id, callback_url, tenant, reservation, now=self._now())
         expire_ms = int((ttl_s + _IDEMPOTENCY_GRACE_S) * 1000)
         fingerprint = request_fingerprint(job.request)
         scoped = scoped_idempotency_key(tenant, key)

@@ -42,6 +42,8 @@ __all__ = ["SQLiteJobStore", "sqlite_path_from_url"]
 
 logger = logging.getLogger(__name__)
 
+Clock = Callable[[], float]
+
 
 _COLUMNS = (
     "id, request, state, request_id, result, error, created_at, started_at, finished_at, attempts, owner, "
@@ -218,10 +220,10 @@ def _select_many(
     return [_row_to_job(r) for r in rows]
 
 
-def _claim(conn: sqlite3.Connection, owner: str, lease_s: float) -> Job | None:
+def _claim(conn: sqlite3.Connection, owner: str, lease_s: float, clock: Clock) -> Job | None:
     with write_txn(conn):
         # The clock is read inside the write lock, so started_at can never precede created_at.
-        now = time.time()
+        now = clock()
         rows = conn.execute(
             "UPDATE jobs SET state = 'running', owner = ?, started_at = ?, lease_until = ?, "
             "attempts = attempts + 1 "
@@ -295,10 +297,10 @@ def _expire_leases_of(conn: sqlite3.Connection, owner: str) -> int:
     ).rowcount
 
 
-def _renew(conn: sqlite3.Connection, owner: str, job_ids: Sequence[str], lease_s: float) -> set[str]:
+def _renew(conn: sqlite3.Connection, owner: str, job_ids: Sequence[str], lease_s: float, clock: Clock) -> set[str]:
     held: set[str] = set()
     with write_txn(conn):
-        until = time.time() + lease_s
+        until = clock() + lease_s
         for i in range(0, len(job_ids), _IN_CHUNK):
             chunk = tuple(job_ids[i : i + _IN_CHUNK])
             marks = ", ".join("?" * len(chunk))
@@ -311,9 +313,9 @@ def _renew(conn: sqlite3.Connection, owner: str, job_ids: Sequence[str], lease_s
     return held
 
 
-def _requeue_expired(conn: sqlite3.Connection, max_attempts: int) -> tuple[int, int]:
+def _requeue_expired(conn: sqlite3.Connection, max_attempts: int, clock: Clock) -> tuple[int, int]:
     with write_txn(conn):
-        now = time.time()
+        now = clock()
         failed = conn.execute(
             f"UPDATE jobs SET state = 'failed', error = ?, finished_at = ?, lease_until = NULL, {_WEBHOOK_DUE} "
             "WHERE state = 'running' AND lease_until < ? AND attempts >= ?",
@@ -347,9 +349,9 @@ def _recent_completions(conn: sqlite3.Connection, since: float, limit: int) -> b
     return [float(r[0]) for r in rows]
 
 
-def _claim_webhook(conn: sqlite3.Connection, owner: str, lease_s: float) -> Job | None:
+def _claim_webhook(conn: sqlite3.Connection, owner: str, lease_s: float, clock: Clock) -> Job | None:
     with write_txn(conn):
-        now = time.time()
+        now = clock()
         rows = conn.execute(
             "UPDATE jobs SET webhook_owner = ?, webhook_lease_until = ? WHERE id = ("
             "SELECT id FROM jobs WHERE webhook_state = 'pending' "
@@ -361,14 +363,20 @@ def _claim_webhook(conn: sqlite3.Connection, owner: str, lease_s: float) -> Job 
 
 
 def _record_webhook(
-    conn: sqlite3.Connection, job_id: str, owner: str, state: WebhookState, attempts: int, error: str | None
+    conn: sqlite3.Connection,
+    job_id: str,
+    owner: str,
+    state: WebhookState,
+    attempts: int,
+    error: str | None,
+    now: float,
 ) -> bool:
     release = ", webhook_owner = NULL, webhook_lease_until = NULL" if state in WEBHOOK_OUTCOMES else ""
     return (
         conn.execute(
             f"UPDATE jobs SET webhook_state = ?, webhook_attempts = ?, webhook_error = ?, webhook_at = ?{release} "
             "WHERE id = ? AND webhook_owner = ? AND webhook_state = 'pending'",
-            (state.value, attempts, error, time.time(), job_id, owner),
+            (state.value, attempts, error, now, job_id, owner),
         ).rowcount
         == 1
     )
@@ -444,8 +452,10 @@ class SQLiteJobStore:
     One connection per object, used from worker threads (``asyncio.to_thread``) one call at a time.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, clock: Clock = time.time) -> None:
+        """``clock``: wall-clock seconds for every timestamp and lease (tests pass a fake one)."""
         self._db = SQLiteConnection(Path(path), _connect)
+        self._clock = clock
         self._run = self._db.run
 
     @property
@@ -473,7 +483,7 @@ class SQLiteJobStore:
         tenant: str = ANONYMOUS_OWNER,
         reservation: str | None = None,
     ) -> Job:
-        job = new_job(request, request_id, callback_url, tenant, reservation)
+        job = new_job(request, request_id, callback_url, tenant, reservation, now=self._clock())
         await self._run(_insert, job)
         return job
 
@@ -498,7 +508,7 @@ class SQLiteJobStore:
         """
         validate_idempotency_key(key)
         check_ttl(ttl_s)
-        job = new_job(request, request_id, callback_url, tenant, reservation)
+        job = new_job(request, request_id, callback_url, tenant, reservation, now=self._clock())
         fingerprint = request_fingerprint(job.request)
         scoped = scoped_idempotency_key(tenant, key)
         result = await self._run(_create_idempotent, job, scoped, fingerprint, job.created_at - ttl_s)
@@ -518,7 +528,7 @@ class SQLiteJobStore:
 
     async def claim_next(self, owner: str, lease_s: float) -> Job | None:
         return await claim_cancel_safe(
-            self._run(_claim, owner, lease_s), lambda job: self._run(_unclaim, job.id, owner), owner
+            self._run(_claim, owner, lease_s, self._clock), lambda job: self._run(_unclaim, job.id, owner), owner
         )
 
     async def finish(
@@ -531,13 +541,13 @@ class SQLiteJobStore:
         error: str | None = None,
     ) -> bool:
         state = check_finish_state(state)
-        done = await self._run(_finish, job_id, owner, state, _dumps(result), error, time.time())
+        done = await self._run(_finish, job_id, owner, state, _dumps(result), error, self._clock())
         if not done:
             logger.info("Job %s not finished by %s: no longer running under that owner", job_id, owner)
         return done
 
     async def cancel(self, job_id: str, *, tenant: str | None = None) -> Job:
-        return await self._run(_cancel, job_id, time.time(), tenant)
+        return await self._run(_cancel, job_id, self._clock(), tenant)
 
     async def release(self, job_id: str, owner: str) -> bool:
         """Hand a claimed job that never started back to the queue (its attempt does not count)."""
@@ -561,24 +571,24 @@ class SQLiteJobStore:
     async def renew(self, owner: str, job_ids: Sequence[str], lease_s: float) -> set[str]:
         if not job_ids:
             return set()
-        return await self._run(_renew, owner, builtins.list(dict.fromkeys(job_ids)), lease_s)
+        return await self._run(_renew, owner, builtins.list(dict.fromkeys(job_ids)), lease_s, self._clock)
 
     async def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
-        return await self._run(_requeue_expired, max_attempts)
+        return await self._run(_requeue_expired, max_attempts, self._clock)
 
     async def position(self, job_id: str) -> int | None:
         return await self._run(_position, job_id)
 
     async def recent_completions(self, within_s: float, limit: int) -> builtins.list[float]:
-        return await self._run(_recent_completions, time.time() - within_s, limit)
+        return await self._run(_recent_completions, self._clock() - within_s, limit)
 
     async def claim_webhook(self, owner: str, lease_s: float) -> Job | None:
-        return await self._run(_claim_webhook, owner, lease_s)
+        return await self._run(_claim_webhook, owner, lease_s, self._clock)
 
     async def record_webhook(
         self, job_id: str, owner: str, state: WebhookState, *, attempts: int, error: str | None
     ) -> bool:
-        return await self._run(_record_webhook, job_id, owner, WebhookState(state), attempts, error)
+        return await self._run(_record_webhook, job_id, owner, WebhookState(state), attempts, error, self._clock())
 
     async def states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         if not job_ids:
@@ -587,11 +597,11 @@ class SQLiteJobStore:
 
     async def purge_finished(self, older_than_s: float) -> int:
         """Delete finished jobs older than ``older_than_s`` (and idempotency records left pointing at them)."""
-        return await self._run(_purge, time.time() - older_than_s)
+        return await self._run(_purge, self._clock() - older_than_s)
 
     async def purge_idempotency(self, older_than_s: float) -> int:
         """Delete idempotency records older than ``older_than_s`` (pass ``idempotency_ttl_s``); returns how many."""
-        return await self._run(_purge_idempotency, time.time() - older_than_s)
+        return await self._run(_purge_idempotency, self._clock() - older_than_s)
 
     async def count(self, state: JobState) -> int:
         return await self._run(_count, state)

@@ -223,6 +223,8 @@ def new_job(
     callback_url: str | None = None,
     tenant: str = ANONYMOUS_OWNER,
     reservation: str | None = None,
+    *,
+    now: float | None = None,
 ) -> Job:
     return Job(
         tenant=tenant,
@@ -231,7 +233,7 @@ def new_job(
         request=json.loads(json.dumps(request)),  # the stored form, detached from the caller's dict
         state=JobState.QUEUED,
         request_id=request_id,
-        created_at=time.time(),
+        created_at=time.time() if now is None else now,
         callback_url=callback_url,
     )
 
