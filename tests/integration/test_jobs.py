@@ -189,7 +189,8 @@ async def test_cancel_queued_and_running_jobs(make_settings: MakeSettings, app_c
         # The running sequence really stops: the runner lets go of it and the engine's batch empties.
         state = app.state.textgen
         await wait_until(lambda: state.runner.active_jobs == 0 and state.engine.stats().running == 0)
-        await asyncio.sleep(0.2)  # a few runner polls (0.05s): nothing may resurrect or finish them
+        seen = state.runner.polls
+        await wait_until(lambda: state.runner.polls >= seen + 4)  # a few polls: nothing may resurrect them
         for job_id in (running["job_id"], queued["job_id"]):
             view = (await client.get(f"/jobs/{job_id}")).json()
             assert view["state"] == "cancelled", view

@@ -258,7 +258,7 @@ async def test_notify_claims_before_the_next_poll(
 ) -> None:
     runner = make_runner(service_settings=make_settings(job_poll_interval_s=30.0))
     await runner.start()
-    await asyncio.sleep(0.05)  # the first (empty) poll is done; the next one is 30 s away
+    await wait_until(lambda: runner.polls >= 1)  # the first (empty) poll is done; the next one is 30 s away
     await create_job(store)
     runner.notify()
     took = await wait_until(lambda: len(engine.handles) == 1, timeout_s=2.0)
@@ -355,7 +355,7 @@ async def test_engine_not_ready_does_not_strand_the_job_in_running(
     jobs = [await create_job(store, prompt=f"p{i}") for i in range(3)]
     runner = make_runner()
     await runner.start()
-    await asyncio.sleep(10 * POLL_S)
+    await wait_until(lambda: runner.polls >= 10)
     assert runner.active_jobs == 0
     states = await store.states([job.id for job in jobs])
     # Acceptable outcomes: still queued (retried later) or failed; never an orphan in "running".
@@ -374,7 +374,8 @@ async def test_concurrency_limit_is_respected(
     await runner.start()
 
     await wait_until(lambda: len(engine.handles) == 2)
-    await asyncio.sleep(4 * POLL_S)  # several polls: still no third claim
+    seen = runner.polls
+    await wait_until(lambda: runner.polls >= seen + 4)  # several polls: still no third claim
     assert len(engine.submitted) == 2
     assert runner.active_jobs == 2
     assert await store.count(JobState.RUNNING) == 2

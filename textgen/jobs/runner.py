@@ -87,6 +87,7 @@ class JobRunner:
         webhooks: WebhookSender | None = None,
     ) -> None:
         self.owner = owner or process_owner_id()
+        self.polls = 0  # completed claim-loop iterations
         self._lease_s = lease_s
         self._max_attempts = max_attempts
         self._webhooks = webhooks
@@ -170,6 +171,7 @@ class JobRunner:
                 logger.warning("Job store unavailable; retrying at the next poll")
             except Exception:
                 logger.exception("Job runner iteration failed; retrying")
+            self.polls += 1  # a positive signal tests (and debugging) can wait for
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_interval_s)
