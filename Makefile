@@ -24,11 +24,13 @@ $(STAMP): requirements.txt
 	@command -v chromium >/dev/null 2>&1 || bash scripts/install-chromium.sh
 	touch $(STAMP)
 
+# uvicorn believes X-Forwarded-For only from TEXTGEN_TRUSTED_PROXIES (environment or .env), as the app does.
 run: setup
-	$(VENV)/bin/uvicorn main:app --host $(HOST) --port $(PORT)
+	$(VENV)/bin/uvicorn main:app --host $(HOST) --port $(PORT) --forwarded-allow-ips "$$($(PY) -m textgen.access)"
 
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m mypy textgen models.py main.py
 
 test: setup lint
 	$(PY) -m pytest

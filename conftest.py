@@ -70,7 +70,7 @@ def tiny_loaded(tiny_model_dir: Path) -> Any:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A real redis-server on a free loopback port for the whole session (no persistence)."""
+    """A real redis-server on a free loopback port for the whole session (append-only file on)."""
     server = start_redis(tmp_path_factory.mktemp("redis"))
     try:
         yield server

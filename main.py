@@ -15,7 +15,12 @@ from fastapi import FastAPI
 from textgen.api import batches, files, generate, health, jobs, metrics, openai, stats
 from textgen.api.errors import install_error_handlers
 from textgen.api.middleware import QuietStartupFailure, RequestIdMiddleware
-from textgen.api.security import APIKeyMiddleware, BodySizeLimitMiddleware, SettingsCORSMiddleware
+from textgen.api.security import (
+    APIKeyMiddleware,
+    BodySizeLimitMiddleware,
+    SettingsCORSMiddleware,
+    TextHygieneMiddleware,
+)
 from textgen.api.ui import install_ui
 from textgen.config import Settings, load_settings
 from textgen.errors import ConfigError
@@ -55,7 +60,9 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
         docs_url=None,  # /docs and /redoc are served offline by textgen/api/ui.py
         redoc_url=None,
     )
-    # Added innermost first: request ids wrap CORS, which wraps the body limit, which wraps auth.
+    # Added innermost first: request ids wrap CORS, which wraps the body limit, which wraps auth, which
+    # wraps the lone-surrogate check (so only authenticated, size-checked bodies are parsed early).
+    app.add_middleware(TextHygieneMiddleware)
     app.add_middleware(APIKeyMiddleware)
     app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(SettingsCORSMiddleware)

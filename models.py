@@ -12,8 +12,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from textgen.jobs.states import JobState
+
 FinishReasonName = Literal["length", "stop", "eos"]
-JobStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# The one list of job states (textgen/jobs/states.py); in JSON each is its string value.
+JobStateName = JobState
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 # The largest integer every JSON client holds exactly (a double's 53-bit mantissa): above it, a client's
 # number and the server's integer can differ, and schema and server would disagree near the limit.
@@ -145,7 +148,7 @@ class TextGenerationResponse(BaseModel):
 class JobAccepted(BaseModel):
     request_id: str = Field(..., description="Id of the HTTP request that created the job.")
     job_id: str
-    state: JobStateName = "queued"
+    state: JobStateName = JobState.QUEUED
     status_url: str
 
 
@@ -196,8 +199,22 @@ class JobView(BaseModel):
     webhook: WebhookView | None = None
 
 
+class JobSummary(BaseModel):
+    """A job in a listing: no prompt, result or callback URL (those are on GET /jobs/{id})."""
+
+    job_id: str
+    state: JobStateName
+    request_id: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
 class JobList(BaseModel):
-    jobs: list[JobView]
+    jobs: list[JobSummary]
 
 
 class ErrorResponse(BaseModel):

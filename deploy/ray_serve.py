@@ -101,7 +101,12 @@ def build_app() -> FastAPI:
     """Called on each replica: the same app ``uvicorn main:app`` serves, plus the replica header."""
     # Imported here, on the replica: ``main`` pulls in torch, which the driver and controller never need.
     from main import create_app
+    from textgen.access import AccessPolicy, warn_if_uvicorn_trusts_other_proxies
+    from textgen.config import load_settings
 
+    # Ray's HTTP proxy is a uvicorn configured only by FORWARDED_ALLOW_IPS in the cluster's environment
+    # (default: believe X-Forwarded-For from loopback); say so when it differs from TEXTGEN_TRUSTED_PROXIES.
+    warn_if_uvicorn_trusts_other_proxies(AccessPolicy.from_settings(load_settings()), argv=["uvicorn"])
     app = create_app()
     app.add_middleware(ReplicaHeaderMiddleware)
     return app

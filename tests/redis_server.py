@@ -27,6 +27,11 @@ class RedisServer:
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
+    def kill9(self) -> None:
+        """SIGKILL, as a crash would: nothing is flushed or saved on the way out."""
+        self.process.kill()
+        self.process.wait(timeout=10)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -35,6 +40,23 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+
+
+def _aof_ready(port: int) -> bool:
+    """The first AOF rewrite of a fresh server has finished (until then, a SIGKILL can lose writes that
+    went to an increment file not yet named in the AOF manifest)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"INFO persistence\r\n")
+            reply = b""
+            while b"aof_rewrite_scheduled" not in reply:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return False
+                reply += chunk
+            return b"aof_rewrite_in_progress:0" in reply and b"aof_rewrite_scheduled:0" in reply
+    except OSError:
+        return False
 
 
 def _ping(port: int) -> bool:
@@ -46,8 +68,9 @@ def _ping(port: int) -> bool:
         return False
 
 
-def start_redis(workdir: Path) -> RedisServer:
-    """Start redis-server (no persistence) on a free loopback port; RuntimeError saying how to fix it."""
+def start_redis(workdir: Path, *, appendonly: bool = True, port: int | None = None) -> RedisServer:
+    """Start redis-server on a free loopback port with its append-only file on (``appendfsync everysec``,
+    as the service requires unless TEXTGEN_REDIS_ALLOW_VOLATILE); RuntimeError saying how to fix it."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError(
@@ -55,9 +78,10 @@ def start_redis(workdir: Path) -> RedisServer:
             "or `sudo apt-get install redis-server`."
         )
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = free_port() if port is None else port
     log_path = workdir / "redis.log"
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    args += ["--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec"]
     args += ["--dir", str(workdir), "--logfile", str(log_path), "--daemonize", "no"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     server = RedisServer(port, process, log_path)
@@ -65,7 +89,7 @@ def start_redis(workdir: Path) -> RedisServer:
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"redis-server exited with {process.returncode}; see {log_path}")
-        if _ping(port):
+        if _ping(port) and (not appendonly or _aof_ready(port)):
             return server
         time.sleep(0.05)
     server.stop()

@@ -19,6 +19,25 @@ ENV_PREFIX = "TEXTGEN_"
 
 CommaList = Annotated[list[str], NoDecode]
 
+DEFAULT_BLOCKED_WORDS = ("hate", "hateful*", "hatred*", "violen*")
+# Settings that also accept a ``*_FILE`` variant holding the value (API keys files are lists instead).
+SECRET_FILE_SETTINGS = ("webhook_secret", "job_store")
+# Never echoed in a validation error (their values are secrets, or URLs that may hold one).
+SECRET_SETTINGS = frozenset({"api_keys", "admin_api_keys", "webhook_secret", "job_store"})
+
+
+def read_secret_file(path: Path, setting: str) -> str:
+    """The file's content without surrounding whitespace (a trailing newline is usual); ValueError
+    naming ``setting`` if it cannot be read or is empty. The content is never part of the message."""
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8"
+        raise ValueError(f"{setting}={path} cannot be read ({reason})") from None
+    if not value:
+        raise ValueError(f"{setting}={path} is empty")
+    return value
+
 
 def _split_commas(value: Any) -> Any:
     if isinstance(value, str):
@@ -29,7 +48,10 @@ def _split_commas(value: Any) -> Any:
 class Settings(BaseSettings):
     """Service configuration; docs/configuration.md lists every variable (python -m scripts.gen_docs)."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    # A ``.env`` file in the working directory is read too; real environment variables win over it.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, env_file=".env", env_file_encoding="utf-8"
+    )
 
     # Model
     model: str = Field("bundled", description="'bundled', a local folder, or a Hugging Face hub id.")
@@ -69,8 +91,13 @@ class Settings(BaseSettings):
     # Jobs
     job_store: str = Field(
         "sqlite:///data/jobs.db",
+        repr=False,
         description="sqlite:///relative.db, sqlite:////absolute.db, or redis://[:password@]host:port/db "
-        "(rediss:// for TLS), shared by replicas on many machines.",
+        "(rediss:// for TLS), shared by replicas on many machines; may hold a Redis password.",
+    )
+    job_store_file: Path | None = Field(None, description="A file holding TEXTGEN_JOB_STORE (container secrets).")
+    redis_allow_volatile: bool = Field(
+        False, description="Start on a Redis without appendonly (accepted jobs are lost if it restarts)."
     )
     job_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="How long finished jobs are kept.")
     job_concurrency: int = Field(16, ge=1, description="Background jobs one process runs at a time.")
@@ -86,6 +113,7 @@ class Settings(BaseSettings):
     webhook_secret: str | None = Field(
         None, repr=False, description="HMAC-SHA256 key for X-TextGen-Signature; webhooks are refused while unset."
     )
+    webhook_secret_file: Path | None = Field(None, description="A file holding TEXTGEN_WEBHOOK_SECRET.")
     webhook_timeout_s: float = Field(10.0, gt=0, description="Per delivery attempt.")
     webhook_retry_for_s: float = Field(600.0, gt=0, description="Retry a failing delivery for this long.")
     webhook_allow_private: bool = Field(
@@ -109,8 +137,10 @@ class Settings(BaseSettings):
     )
 
     # Content filter
+    # The seed's words and their inflections; "stem*" blocks every word that starts with the stem.
     blocked_words: CommaList = Field(
-        default_factory=lambda: ["hate"], description="Comma-separated blocked words or phrases."
+        default_factory=lambda: list(DEFAULT_BLOCKED_WORDS),
+        description="Comma-separated blocked words or phrases; 'stem*' blocks every word starting with the stem.",
     )
     blocked_words_file: Path | None = Field(
         None, description="A file of blocked words, one per line ('#' comments allowed), added to the list."
@@ -124,9 +154,24 @@ class Settings(BaseSettings):
         default_factory=list, repr=False, description="Comma-separated API keys; empty = no auth."
     )
     api_keys_file: Path | None = Field(None, description="A file of API keys, one per line, added to the list.")
+    admin_api_keys: CommaList = Field(
+        default_factory=list, repr=False, description="Keys that see and cancel every owner's jobs (also valid keys)."
+    )
+    admin_api_keys_file: Path | None = Field(None, description="A file of admin keys, one per line.")
     auth_exempt_paths: CommaList = Field(
         default_factory=lambda: ["/health", "/ready", "/metrics"],
         description="Paths that never need a key (add /docs,/redoc,/openapi.json to browse the docs without one).",
+    )
+    metrics_require_key: bool = Field(False, description="Put /metrics behind an API key (open by default).")
+    trusted_proxies: CommaList = Field(
+        default_factory=list,
+        description="Proxies (addresses/networks) whose X-Forwarded-For is believed; empty = trust none.",
+    )
+    auth_failures_per_minute: int = Field(
+        10, ge=0, description="Missing/invalid keys per client address per minute before 429 (0 = unlimited)."
+    )
+    max_streams_per_caller: int = Field(
+        8, ge=0, description="Open streams (SSE) per caller in one process; more get 429 (0 = unlimited)."
     )
     rate_limit_rpm: int = Field(0, ge=0, description="Requests per minute per API key (0 = unlimited).")
     rate_limit_tpm: int = Field(0, ge=0, description="Generated tokens per minute per API key (0 = unlimited).")
@@ -140,9 +185,25 @@ class Settings(BaseSettings):
         "INFO", description="DEBUG also logs prompt text; INFO logs only its length and a short hash."
     )
 
-    _split_lists = field_validator("blocked_words", "api_keys", "auth_exempt_paths", "cors_origins", mode="before")(
-        _split_commas
-    )
+    _split_lists = field_validator(
+        "blocked_words", "api_keys", "admin_api_keys", "auth_exempt_paths", "cors_origins", "trusted_proxies",
+        mode="before",
+    )(_split_commas)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        """``TEXTGEN_X_FILE`` (a mounted container secret) sets ``TEXTGEN_X`` from the file's content."""
+        if not isinstance(data, dict):
+            return data
+        for name in SECRET_FILE_SETTINGS:
+            file = data.get(f"{name}_file")
+            if file in (None, ""):
+                continue
+            if data.get(name) not in (None, ""):
+                raise ValueError(f"set either {ENV_PREFIX}{name.upper()} or {ENV_PREFIX}{name.upper()}_FILE, not both")
+            data = {**data, name: read_secret_file(Path(file), f"{ENV_PREFIX}{name.upper()}_FILE")}
+        return data
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -166,7 +227,8 @@ def describe_validation_error(error: ValidationError) -> str:
         field = ".".join(str(part) for part in item["loc"]) or "settings"
         env_name = f"{ENV_PREFIX}{field.upper()}" if item["loc"] else "settings"
         got = item.get("input")
-        shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+        secret = bool(item["loc"]) and str(item["loc"][0]) in SECRET_SETTINGS
+        shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) and not secret else ""
         lines.append(f"{env_name}: {item['msg']}{shown}")
     return "Invalid settings, fix these environment variables: " + "; ".join(lines)
 

@@ -8,7 +8,9 @@ it lets "ＨＡＴＥ" (fullwidth) and "h\u200bate" (zero-width space) through. 
   character each normalized character came from, so matches are reported and redacted as spans of
   the text the client actually sent;
 * matches whole words only, plus simple inflections of each blocked word (hates, hated, hating, ...),
-  and multi-word entries ("kill yourself") as a sequence of whole words;
+  and multi-word entries ("kill yourself") as a sequence of whole words; an entry ending in ``*``
+  ("violen*") is a stem that blocks every word starting with it (violence, violent, violently) but
+  not words that merely contain it ("nonviolent");
 * also checks two common evasions: letters spaced out with blanks or punctuation ("h a t e",
   "h.a.t.e") and leetspeak inside a word ("h4te", "h@te").
 
@@ -65,12 +67,15 @@ _LOWERCASE_HOMOGLYPHS: Mapping[str, str] = MappingProxyType(
 )  # fmt: skip
 
 _LEET_CHARS = frozenset("431057@$")
-_LEET_ONE_AS_I: Mapping[int, str] = MappingProxyType(str.maketrans("431057@$", "aeiostas"))
+_LEET_ONE_AS_I: Mapping[int, int] = MappingProxyType(str.maketrans("431057@$", "aeiostas"))
 # "1" stands for "l" as often as for "i" ("k1ll"), so both readings are tried.
-_LEET_ONE_AS_L: Mapping[int, str] = MappingProxyType(str.maketrans("431057@$", "aelostas"))
+_LEET_ONE_AS_L: Mapping[int, int] = MappingProxyType(str.maketrans("431057@$", "aelostas"))
 _DIGITS = "0123456789"
 
 _MIN_SPACED_OUT_LETTERS = 3
+# A shorter stem would block too much ("ha*" is half the dictionary).
+MIN_STEM_LENGTH = 3
+STEM_MARK = "*"
 # Standalone one-letter words that commonly sit next to a spaced-out word ("I h a t e u"); they may
 # be dropped from the ends of a run. Other letters are not, so "c h a t e a u" does not match "hate".
 _ONE_LETTER_WORDS = frozenset("aiu")
@@ -96,10 +101,15 @@ class ContentFilter:
     """Finds blocked words (and their evasions) in text; immutable once built."""
 
     def __init__(self, words: Iterable[str]) -> None:
-        entries = _parse_entries(words)
-        self._words = frozenset(entries)
+        words = list(words)
+        stems = _parse_stems(words)
+        entries = _parse_entries(w for w in words if not w.strip().endswith(STEM_MARK))
+        self._words = frozenset(entries) | frozenset(stem + STEM_MARK for stem in stems)
         self._word_by_form = _index_single_token_forms(entries)
         self._phrases_by_first_form = _index_phrases(entries)
+        # Longest first, so a form is reported under the most specific stem.
+        self._stems = tuple(sorted(stems, key=len, reverse=True))
+        self._longest_phrase = max((len(parts) for parts in entries.values()), default=1)
 
     @classmethod
     def from_sources(cls, words: Iterable[str], file: Path | None) -> ContentFilter:
@@ -109,7 +119,8 @@ class ContentFilter:
 
     @property
     def words(self) -> frozenset[str]:
-        """The configured entries in normalized form (multi-word entries joined by one space)."""
+        """The configured entries in normalized form (multi-word entries joined by one space, stems
+        with their trailing ``*``)."""
         return self._words
 
     def find(self, text: str) -> list[FilterMatch]:
@@ -131,6 +142,11 @@ class ContentFilter:
         longest = max((len(word) for word in self._words), default=0)
         return 2 * (longest + max(len(suffix) for suffix in _SUFFIXES)) + 2
 
+    @property
+    def longest_phrase(self) -> int:
+        """Words in the longest entry (1 without multi-word entries)."""
+        return self._longest_phrase
+
     def is_blocked(self, text: str) -> bool:
         return bool(self.find(text))
 
@@ -148,6 +164,9 @@ class ContentFilter:
             word = self._word_by_form.get(form)
             if word is not None:
                 return word
+            for stem in self._stems:
+                if form.startswith(stem):
+                    return stem + STEM_MARK
         return None
 
     def _whole_word_spans(self, text: str) -> Iterator[_Span]:
@@ -245,6 +264,24 @@ def _parse_entries(words: Iterable[str]) -> dict[str, tuple[str, ...]]:
         if parts:
             entries[" ".join(parts)] = parts
     return entries
+
+
+def _parse_stems(words: Iterable[str]) -> list[str]:
+    """The normalized stems of ``stem*`` entries; ConfigError for a stem that is not one word of at
+    least MIN_STEM_LENGTH letters."""
+    stems: list[str] = []
+    for raw in words:
+        text = raw.strip()
+        if not text.endswith(STEM_MARK):
+            continue
+        parts = _WORD_RE.findall(_normalize_text(text[: -len(STEM_MARK)]))
+        if len(parts) != 1 or len(parts[0]) < MIN_STEM_LENGTH or not parts[0].isalpha():
+            raise ConfigError(
+                f"Blocked word {text!r}: a trailing '*' marks a stem, which must be one word of at least "
+                f"{MIN_STEM_LENGTH} letters ('violen*'); fix TEXTGEN_BLOCKED_WORDS or {BLOCKED_WORDS_FILE_SETTING}."
+            )
+        stems.append(parts[0])
+    return stems
 
 
 def _inflected_forms(base: str) -> frozenset[str]:
@@ -380,12 +417,19 @@ def _describe_read_error(error: OSError | UnicodeDecodeError) -> str:
 class StreamingFilter:
     """Applies a ``ContentFilter`` to text that arrives piece by piece (streamed generation).
 
-    A forbidden word must never reach the client, even split across tokens ("ha" + "te"), so the last
-    ``holdback`` characters (``ContentFilter.streaming_holdback``: 16 for "hate"), snapped back to the
-    start of a word, are held until more text arrives or the stream ends. Only a window around the
-    unsent text is re-scanned on each push, so the cost per token does not grow with the length of the
-    output. A match longer than the window (a very long spaced-out run) can slip through; the final,
-    whole-text check of the done event still catches it.
+    A forbidden word must never reach the client, even split across tokens ("ha" + "te"), so whatever
+    later text could still turn into a match is held until more text arrives or the stream ends:
+
+    * the last ``holdback`` characters (``ContentFilter.streaming_holdback``), snapped back to the start
+      of a word (a stem entry such as "violen*" matches a word of any length, so the whole trailing
+      word is held, leetspeak symbols included);
+    * the last words of a possible multi-word entry, however far apart they are;
+    * a trailing run of spaced-out single letters ("h          a          t"), from its first letter,
+      however long its gaps: the whole-text check matches such runs at any width, so the stream must too.
+
+    Text before that point can no longer change whether it matches, so the stream shows exactly what
+    the final whole-text check would let through. Only a window around the unsent text is re-scanned
+    on each push, so the cost per token does not grow with the length of the output.
     """
 
     def __init__(self, content_filter: ContentFilter, action: str, holdback: int | None = None) -> None:
@@ -400,7 +444,13 @@ class StreamingFilter:
         """Add text; return what is safe to send now (redacted). Raises ContentRejectedError on a match
         when the action is ``reject``."""
         self._text += delta
-        return self._release(_word_start_before(self._text, len(self._text) - self._holdback))
+        text = self._text
+        safe = min(
+            _word_start_before(text, len(text) - self._holdback),
+            _start_of_last_words(text, self._filter.longest_phrase),
+            _trailing_run_start(text),
+        )
+        return self._release(safe)
 
     def finish(self) -> str:
         return self._release(len(self._text))
@@ -438,8 +488,36 @@ class StreamingFilter:
 
 
 def _word_start_before(text: str, position: int) -> int:
-    """``position`` (clamped to the text) moved back to the start of the word it falls in."""
+    """``position`` (clamped to the text) moved back to the start of the word it falls in (leetspeak
+    "@" and "$" count as letters: "h@te" is one word)."""
     position = max(0, min(position, len(text)))
-    while 0 < position < len(text) and (text[position - 1].isalnum() and text[position].isalnum()):
+    while 0 < position < len(text) and _is_word_or_leet_char(text[position - 1]) and _is_word_or_leet_char(
+        text[position]
+    ):
         position -= 1
     return position
+
+
+def _start_of_last_words(text: str, count: int) -> int:
+    """Where the last ``count`` words begin (the text's end when ``count`` < 1)."""
+    position = len(text)
+    for _ in range(max(0, count)):
+        while position > 0 and not _is_word_or_leet_char(text[position - 1]):
+            position -= 1
+        while position > 0 and _is_word_or_leet_char(text[position - 1]):
+            position -= 1
+    return position
+
+
+def _trailing_run_start(text: str) -> int:
+    """The first letter of the spaced-out run the text ends in (single letters with anything but a
+    longer word between them); the text's end when it does not end in one."""
+    start = len(text)
+    position = len(text) - 1
+    while position >= 0:
+        if _is_word_or_leet_char(text[position]):
+            if not _is_lone_letter(text, position):
+                break
+            start = position
+        position -= 1
+    return start

@@ -78,12 +78,24 @@ class NotReadyError(TextGenError):
 
 
 class StoreUnavailableError(TextGenError):
-    """The job store (Redis server, SQLite file) did not answer; the request may be retried."""
+    """The store did not answer (Redis unreachable) or stayed locked (SQLite past its busy timeout);
+    the request may be retried."""
 
     status_code = 503
     default_message = "The job store is unavailable right now; retry after the time in the Retry-After header."
 
     def __init__(self, message: str | None = None, *, retry_after_s: float | None = 2.0) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
+class InsufficientStorageError(TextGenError):
+    """The store cannot take writes for a reason of the environment (disk full, read-only, Redis out of
+    memory); the message names the cause and what to change. Retrying helps only once that is fixed."""
+
+    status_code = 507
+    default_message = "The job store cannot store anything right now (out of space); retry later."
+
+    def __init__(self, message: str | None = None, *, retry_after_s: float | None = 30.0) -> None:
         super().__init__(message, retry_after_s=retry_after_s)
 
 

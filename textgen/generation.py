@@ -10,8 +10,10 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from models import TextGenerationRequest, TextGenerationResponse, Timings
 from models import TokenLogprob as TokenLogprobView
@@ -21,6 +23,7 @@ from textgen.content_filter import ContentFilter, StreamingFilter
 from textgen.engine.constraints import CompiledGrammar, GrammarCompiler, constraint_from_fields
 from textgen.engine.types import (
     Engine,
+    EngineLimits,
     GenerationRequest,
     GenerationResult,
     Handle,
@@ -29,9 +32,9 @@ from textgen.engine.types import (
     TokenLogprob,
     TopLogprob,
 )
-from textgen.errors import ContentRejectedError, InvalidRequestError
+from textgen.errors import ContentRejectedError, InvalidRequestError, RateLimitedError
 from textgen.metrics import Metrics
-from textgen.ratelimit import NoRateLimit, RateLimiter
+from textgen.ratelimit import NoRateLimit, RateLimiter, Reservation
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,84 @@ def token_logprob_views(entries: Sequence[TokenLogprob]) -> list[TokenLogprobVie
     ]
 
 
+def tokens_used(handle: Handle, outcome: GenerationResult | BaseException) -> int:
+    """Tokens a finished request generated. Without a result (cancelled, disconnected, failed, past its
+    deadline) the engine reports no count, so the text produced so far stands in for it, one token per
+    character: more than the real count for ordinary text, and never more than the request's budget."""
+    if isinstance(outcome, GenerationResult):
+        return outcome.completion_tokens
+    budget = handle.request.params.token_budget(0, EngineLimits.default_new_tokens, 1 << 30)
+    return min(budget, len(handle.text_so_far))
+
+
+class StreamSlot:
+    """One caller's open stream; freed when the stream it is attached to ends, or at once when the
+    ``with`` block it was taken in is left without attaching one (an error before the stream began)."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release = release
+        self._attached = False
+
+    def release(self) -> None:
+        self._release()
+
+    def attach(self, events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        self._attached = True
+
+        async def counted() -> AsyncIterator[Any]:
+            try:
+                async for item in events:
+                    yield item
+            finally:
+                self._release()
+
+        stream = counted()
+        weakref.finalize(stream, self._release)  # a stream dropped before it started still frees its slot
+        return stream
+
+    def __enter__(self) -> StreamSlot:
+        return self
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        if kind is not None or not self._attached:
+            self._release()
+
+
+class StreamSlots:
+    """Open streams per caller (rate-limit key) in this process; 429 past ``per_caller`` (0 = no cap)."""
+
+    def __init__(self, per_caller: int) -> None:
+        self.per_caller = per_caller
+        self._open: dict[str, int] = {}
+
+    def open_count(self, key: str) -> int:
+        return self._open.get(key, 0)
+
+    def take(self, key: str) -> StreamSlot:
+        """A slot for one more open stream of ``key``; RateLimitedError when it has ``per_caller`` open."""
+        if self.per_caller and self._open.get(key, 0) >= self.per_caller:
+            raise RateLimitedError(
+                f"Too many open streams: this caller already has {self.per_caller} open "
+                "(TEXTGEN_MAX_STREAMS_PER_CALLER); close one, or retry after the time in the Retry-After header.",
+                retry_after_s=5,
+            )
+        self._open[key] = self._open.get(key, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            remaining = self._open.get(key, 1) - 1
+            if remaining > 0:
+                self._open[key] = remaining
+            else:
+                self._open.pop(key, None)
+
+        return StreamSlot(release)
+
+
 @dataclass
 class GenerationService:
     engine: Engine
@@ -81,6 +162,7 @@ class GenerationService:
     model_name: str
     metrics: Metrics
     rate_limiter: RateLimiter = field(default_factory=NoRateLimit)
+    _refunds: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
 
     def check_prompt(self, prompt: str, request_id: str) -> None:
         logger.info("Prompt received (%s)", prompt_fingerprint(prompt), extra={"request_id": request_id})
@@ -163,11 +245,76 @@ class GenerationService:
         """Count a request against the caller's rate limit (429 when over it)."""
         await self.rate_limiter.acquire(principal)
 
+    def token_budget(self, params: SamplingParams) -> int:
+        """The most tokens a request with ``params`` can generate (its reservation)."""
+        return params.token_budget(0, EngineLimits.default_new_tokens, self.settings.max_new_tokens_limit)
+
+    async def reserve(self, principal: str, tokens: int) -> Reservation | None:
+        """Reserve a request's whole token budget before it is submitted (429 when it does not fit)."""
+        return await self.rate_limiter.reserve(principal, tokens)
+
+    async def submit_budgeted(
+        self, principal: str, params: Sequence[SamplingParams], submit: Callable[[], Sequence[Handle]]
+    ) -> list[Handle]:
+        """Reserve the budget of every request in ``params`` for ``principal``, then ``submit()`` them;
+        what they do not use is refunded once all have ended, however they end."""
+        reservation = await self.reserve(principal, sum(self.token_budget(p) for p in params))
+        try:
+            handles = list(submit())
+        except BaseException:
+            await self.rate_limiter.refund(reservation, reservation.tokens if reservation else 0)
+            raise
+        self.refund_when_done(reservation, handles)
+        return handles
+
+    async def submit_request_budgeted(
+        self, principal: str, body: TextGenerationRequest, request_id: str, priority: Priority
+    ) -> Handle:
+        params = sampling_params_from(body)
+        (handle,) = await self.submit_budgeted(
+            principal, [params], lambda: [self.submit_request(body, request_id, priority)]
+        )
+        return handle
+
+    def refund_when_done(self, reservation: Reservation | None, handles: Sequence[Handle]) -> None:
+        if reservation is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._refund_after(reservation, list(handles)))
+        self._refunds.add(task)
+        task.add_done_callback(self._refunds.discard)
+
+    async def _refund_after(self, reservation: Reservation, handles: list[Handle]) -> None:
+        outcomes = await asyncio.gather(*(handle.result() for handle in handles), return_exceptions=True)
+        used = sum(tokens_used(handle, outcome) for handle, outcome in zip(handles, outcomes, strict=True))
+        try:
+            await self.rate_limiter.refund(reservation, reservation.tokens - used)
+        except Exception:  # the limiter's store is down: the reservation simply stands
+            logger.warning("Could not refund %d unused token(s)", reservation.tokens - used, exc_info=True)
+
+    async def refund_unused(self, stored_reservation: str | None, handle: Handle | None) -> None:
+        """A background job ended: give its submitter back the tokens it did not use (all of them when
+        it never reached the engine). ``stored_reservation`` is what the job record keeps."""
+        reservation = Reservation.decode(stored_reservation)
+        if reservation is None:
+            return
+        used = 0
+        if handle is not None:
+            outcome: GenerationResult | BaseException
+            try:
+                outcome = await handle.result()
+            except Exception as error:  # any ending without a result (the handle is done: no wait)
+                outcome = error
+            used = tokens_used(handle, outcome)
+        try:
+            await self.rate_limiter.refund(reservation, reservation.tokens - used)
+        except Exception:  # the limiter's store is down: the reservation simply stands
+            logger.warning("Could not refund %d unused token(s)", reservation.tokens - used, exc_info=True)
+
     async def finish(self, result: GenerationResult, request_id: str, principal: str | None = None) -> GenerationResult:
-        """Record the result (metrics, the caller's token budget) and return it with its text filtered."""
+        """Record the result (metrics) and return it with its text filtered. Tokens are not charged
+        here: the budget was reserved on admission (``submit_budgeted``). ``principal`` is accepted for
+        existing callers and unused."""
         self.metrics.observe_result(result)
-        if principal is not None:
-            await self.rate_limiter.charge_tokens(principal, result.completion_tokens)
         text = self.filter_output(result.text, request_id)
         final = result if text == result.text else _with_text(result, text)
         if final.token_logprobs:  # alternatives the model did not pick may hold filtered words

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,11 +23,12 @@ from prometheus_client import (
 )
 
 from textgen.engine.types import EngineStats, GenerationResult
+from textgen.jobs.states import JobState
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+JOB_STATES = tuple(state.value for state in JobState)
 
 
 def multiprocess_dir() -> str | None:
@@ -179,11 +181,16 @@ class Metrics:
         if multiprocess_dir() is None:
             return generate_latest(self.registry)
         combined = CollectorRegistry()
-        multiprocess.MultiProcessCollector(combined)
+        _collect_processes(combined)
         return generate_latest(combined)
+
+
+# prometheus_client's multiprocess helpers carry no annotations; these typed names are their signatures.
+_collect_processes: Callable[[CollectorRegistry], object] = multiprocess.MultiProcessCollector
+_mark_dead: Callable[[int], None] = multiprocess.mark_process_dead
 
 
 def mark_process_dead() -> None:
     """In multiprocess mode, drop this worker's live gauges when it stops."""
     if multiprocess_dir() is not None:
-        multiprocess.mark_process_dead(os.getpid())
+        _mark_dead(os.getpid())

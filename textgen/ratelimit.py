@@ -5,8 +5,12 @@ limits hold across every process sharing it: a table of the job store's SQLite f
 ``BEGIN IMMEDIATE`` transactions (``SQLiteRateLimiter``), or, with a ``redis://`` job store, one hash
 per key and window updated by a Lua script and expiring once its window is over
 (``RedisRateLimiter``). ``acquire`` counts a request or refuses it (``RateLimitedError`` with
-``retry_after_s`` = seconds until the window ends; a refused request is not counted);
-``charge_tokens`` adds the tokens a request generated to its key's current window.
+``retry_after_s`` = seconds until the window ends; a refused request is not counted); ``reserve``
+takes a request's whole token budget up front, or refuses it before any work is done, and ``refund``
+gives back what the request did not use once it ended (in the window it was reserved in; a later
+window starts from zero anyway). ``charge_tokens`` adds tokens after the fact (kept for callers that
+cannot know a budget). A Redis outage is a ``StoreUnavailableError`` (503 + ``Retry-After``), as in the
+Redis job store.
 
 Keys are API keys: they are stored and logged only as sha256 digests, never in clear.
 """
@@ -19,21 +23,18 @@ import math
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ParamSpec, Protocol, TypeVar, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from redis.commands.core import AsyncScript
 
-from textgen.config import Settings
 from textgen.errors import RateLimitedError
-from textgen.jobs.redis_store import ping_redis, redis_client
-from textgen.jobs.sqlite_store import SQLiteConnection, connect_sqlite, sqlite_path_from_url, write_txn
-from textgen.jobs.store import is_redis_url, redact_url
+from textgen.storage.redis import ping_redis, redis_client, redis_outage_guard
+from textgen.storage.sqlite import SQLiteConnection, connect_sqlite, write_txn
+from textgen.storage.url import redact_url
 
 logger = logging.getLogger(__name__)
-
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
 
 WINDOW_S = 60
 
@@ -57,6 +58,26 @@ _UPSERT = (
 )
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """Tokens reserved for ``digest`` (a key's sha256) in one window."""
+
+    digest: str
+    window: int
+    tokens: int
+
+    def encode(self) -> str:
+        """The stored form (a job keeps its submitter's reservation until it ends)."""
+        return f"{self.window}:{self.tokens}:{self.digest}"
+
+    @classmethod
+    def decode(cls, text: str | None) -> Reservation | None:
+        if not text:
+            return None
+        window, tokens, digest = text.split(":", 2)
+        return cls(digest, int(window), int(tokens))
+
+
 @runtime_checkable
 class RateLimiter(Protocol):
     """Per-key request and token budgets."""
@@ -66,6 +87,12 @@ class RateLimiter(Protocol):
     async def close(self) -> None: ...
 
     async def acquire(self, key: str) -> None: ...
+
+    async def reserve(self, key: str, tokens: int) -> Reservation | None:
+        """Reserve ``tokens`` of ``key``'s token budget (RateLimitedError when they do not fit); None
+        when nothing needed reserving (no token limit, or 0 tokens)."""
+
+    async def refund(self, reservation: Reservation | None, unused: int) -> None: ...
 
     async def charge_tokens(self, key: str, tokens: int) -> None: ...
 
@@ -87,6 +114,12 @@ class NoRateLimit:
     async def acquire(self, key: str) -> None:
         return None
 
+    async def reserve(self, key: str, tokens: int) -> Reservation | None:
+        return None
+
+    async def refund(self, reservation: Reservation | None, unused: int) -> None:
+        return None
+
     async def charge_tokens(self, key: str, tokens: int) -> None:
         return None
 
@@ -103,23 +136,36 @@ def _counts(conn: sqlite3.Connection, key_hash: str, window: int) -> tuple[int, 
     return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
 
-def _over_limit(requests: int, tokens: int, rpm: int, tpm: int) -> str | None:
-    """Which budget is spent ("requests" / "tokens"), or None."""
-    if rpm > 0 and requests >= rpm:
+def _over_limit(requests: int, tokens: int, rpm: int, tpm: int, add_requests: int, add_tokens: int) -> str | None:
+    """Which budget adding ``add_requests`` / ``add_tokens`` would overrun ("requests", "tokens", or
+    "budget" for tokens that could never fit in one window), or None."""
+    if add_requests and rpm > 0 and requests + add_requests > rpm:
         return "requests"
-    if tpm > 0 and tokens >= tpm:
-        return "tokens"
+    if add_tokens and tpm > 0:
+        if add_tokens > tpm:
+            return "budget"
+        if tokens + add_tokens > tpm:
+            return "tokens"
     return None
 
 
-def _acquire(conn: sqlite3.Connection, key_hash: str, window: int, rpm: int, tpm: int) -> str | None:
-    """Count one request in ``window`` unless a budget is spent; returns the spent budget, if any."""
+def _acquire(
+    conn: sqlite3.Connection, key_hash: str, window: int, rpm: int, tpm: int, add_requests: int, add_tokens: int
+) -> str | None:
+    """Count requests and reserve tokens in ``window`` unless that overruns a budget; returns the
+    overrun budget, if any (and then counts nothing)."""
     with write_txn(conn):
         conn.execute("DELETE FROM rate_limits WHERE win < ?", (window - 1,))  # old windows, any key
-        spent = _over_limit(*_counts(conn, key_hash, window), rpm, tpm)
+        spent = _over_limit(*_counts(conn, key_hash, window), rpm, tpm, add_requests, add_tokens)
         if spent is None:
-            conn.execute(_UPSERT, (key_hash, window, 1, 0))
+            conn.execute(_UPSERT, (key_hash, window, add_requests, add_tokens))
     return spent
+
+
+def _refund(conn: sqlite3.Connection, key_hash: str, window: int, tokens: int) -> None:
+    conn.execute(
+        "UPDATE rate_limits SET tokens = MAX(0, tokens - ?) WHERE key_hash = ? AND win = ?", (tokens, key_hash, window)
+    )
 
 
 def _charge(conn: sqlite3.Connection, key_hash: str, window: int, tokens: int) -> None:
@@ -131,11 +177,18 @@ def _retry_after_s(now: float, window: int) -> int:
     return max(1, math.ceil((window + 1) * WINDOW_S - now))
 
 
-def _refusal(spent: str, rpm: int, tpm: int, retry_after_s: int) -> RateLimitedError:
+def _refusal(spent: str, rpm: int, tpm: int, tokens: int, retry_after_s: int) -> RateLimitedError:
+    if spent == "budget":
+        return RateLimitedError(
+            f"Rate limit exceeded: this request may generate up to {tokens} tokens, more than the {tpm} generated "
+            "tokens per minute this API key may use (TEXTGEN_RATE_LIMIT_TPM); ask for fewer tokens "
+            "(max_new_tokens / max_tokens).",
+            retry_after_s=retry_after_s,
+        )
     if spent == "requests":
         what, setting = f"{rpm} requests per minute", "TEXTGEN_RATE_LIMIT_RPM"
     else:
-        what, setting = f"{tpm} generated tokens per minute", "TEXTGEN_RATE_LIMIT_TPM"
+        what, setting = f"{tpm} generated tokens per minute (this request reserves {tokens})", "TEXTGEN_RATE_LIMIT_TPM"
     return RateLimitedError(
         f"Rate limit exceeded: this API key has used its {what} ({setting}). Retry after {retry_after_s} s.",
         retry_after_s=retry_after_s,
@@ -143,8 +196,8 @@ def _refusal(spent: str, rpm: int, tpm: int, retry_after_s: int) -> RateLimitedE
 
 
 class WindowedRateLimiter:
-    """Fixed one-minute windows per key digest; the backends only count (``_count_request``: check and
-    count atomically, returning the spent budget if any; ``_add_tokens``)."""
+    """Fixed one-minute windows per key digest; the backends only count (``_count``: check and count
+    atomically, returning the overrun budget if any; ``_add_tokens``; ``_refund``)."""
 
     def __init__(self, *, requests_per_minute: int, tokens_per_minute: int, clock: Callable[[], float]) -> None:
         if requests_per_minute < 0 or tokens_per_minute < 0:
@@ -153,23 +206,49 @@ class WindowedRateLimiter:
         self._tpm = tokens_per_minute
         self._clock = clock
 
-    async def _count_request(self, digest: str, window: int) -> str | None:
+    async def _count(self, digest: str, window: int, requests: int, tokens: int) -> str | None:
         raise NotImplementedError
 
     async def _add_tokens(self, digest: str, window: int, tokens: int) -> None:
         raise NotImplementedError
 
-    async def acquire(self, key: str) -> None:
-        """Count one request for ``key``; RateLimitedError (not counted) if a budget is spent."""
+    async def _refund(self, digest: str, window: int, tokens: int) -> None:
+        raise NotImplementedError
+
+    async def _take(self, key: str, requests: int, tokens: int) -> tuple[str, int]:
         now = self._clock()
         window = int(now // WINDOW_S)
         digest = key_digest(key)
-        spent = await self._count_request(digest, window)
+        spent = await self._count(digest, window, requests, tokens)
         if spent is None:
-            return
+            return digest, window
         retry_after_s = _retry_after_s(now, window)
         logger.info("Rate limited key sha256:%s (%s per minute), retry in %d s", digest[:12], spent, retry_after_s)
-        raise _refusal(spent, self._rpm, self._tpm, retry_after_s)
+        raise _refusal(spent, self._rpm, self._tpm, tokens, retry_after_s)
+
+    async def acquire(self, key: str) -> None:
+        """Count one request for ``key``; RateLimitedError (not counted) if its request budget is spent."""
+        if self._rpm > 0:
+            await self._take(key, 1, 0)
+
+    async def reserve(self, key: str, tokens: int) -> Reservation | None:
+        """Reserve ``tokens`` in the current window; RateLimitedError (nothing reserved) if they do not
+        fit. None when there is no token limit or nothing to reserve."""
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        if tokens == 0 or self._tpm == 0:
+            return None
+        digest, window = await self._take(key, 0, tokens)
+        return Reservation(digest, window, tokens)
+
+    async def refund(self, reservation: Reservation | None, unused: int) -> None:
+        """Give back ``unused`` reserved tokens while the reservation's window lasts (after that the
+        window is over and its count no longer matters)."""
+        if reservation is None or unused <= 0:
+            return
+        if int(self._clock() // WINDOW_S) != reservation.window:
+            return
+        await self._refund(reservation.digest, reservation.window, min(unused, reservation.tokens))
 
     async def charge_tokens(self, key: str, tokens: int) -> None:
         """Add ``tokens`` generated for ``key`` to its current window (nothing to do when 0)."""
@@ -212,28 +291,45 @@ class SQLiteRateLimiter(WindowedRateLimiter):
     async def close(self) -> None:
         await self._db.close()
 
-    async def _count_request(self, digest: str, window: int) -> str | None:
-        return await self._run(_acquire, digest, window, self._rpm, self._tpm)
+    async def _count(self, digest: str, window: int, requests: int, tokens: int) -> str | None:
+        return await self._run(_acquire, digest, window, self._rpm, self._tpm, requests, tokens)
 
     async def _add_tokens(self, digest: str, window: int, tokens: int) -> None:
         await self._run(_charge, digest, window, tokens)
+
+    async def _refund(self, digest: str, window: int, tokens: int) -> None:
+        await self._run(_refund, digest, window, tokens)
 
 
 # --------------------------------------------------------------------------------------------------
 # Redis implementation
 # --------------------------------------------------------------------------------------------------
 
-# KEYS[1]: the key's hash for this window. ARGV: rpm, tpm, expiry_s. Returns the spent budget, or nil
-# after counting the request: check and count in one script, so concurrent acquires never overshoot.
+# KEYS[1]: the key's hash for this window. ARGV: rpm, tpm, expiry_s, requests to add, tokens to add.
+# Returns the overrun budget, or nil after counting: check and count in one script, so concurrent
+# acquires and reservations never overshoot (the same rule as ``_over_limit``).
 _REDIS_ACQUIRE = """
 local counts = redis.call('HMGET', KEYS[1], 'requests', 'tokens')
 local requests, tokens = tonumber(counts[1] or '0'), tonumber(counts[2] or '0')
 local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
-if rpm > 0 and requests >= rpm then return 'requests' end
-if tpm > 0 and tokens >= tpm then return 'tokens' end
-redis.call('HINCRBY', KEYS[1], 'requests', 1)
+local add_requests, add_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
+if add_requests > 0 and rpm > 0 and requests + add_requests > rpm then return 'requests' end
+if add_tokens > 0 and tpm > 0 then
+  if add_tokens > tpm then return 'budget' end
+  if tokens + add_tokens > tpm then return 'tokens' end
+end
+if add_requests > 0 then redis.call('HINCRBY', KEYS[1], 'requests', add_requests) end
+if add_tokens > 0 then redis.call('HINCRBY', KEYS[1], 'tokens', add_tokens) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return false
+"""
+
+# KEYS[1]: the key's hash for the reservation's window. ARGV: tokens to give back (never below 0).
+_REDIS_REFUND = """
+local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
+local back = math.min(tokens, tonumber(ARGV[1]))
+if back > 0 then redis.call('HINCRBY', KEYS[1], 'tokens', -back) end
+return back
 """
 
 # A window's counts are read only during that window; Redis drops them a window later (the SQLite
@@ -263,6 +359,7 @@ class RedisRateLimiter(WindowedRateLimiter):
         self.prefix = prefix
         self._redis = redis_client(url)
         self._acquire: AsyncScript = self._redis.register_script(_REDIS_ACQUIRE)
+        self._refund_script: AsyncScript = self._redis.register_script(_REDIS_REFUND)
         self._opened = False
 
     @property
@@ -287,35 +384,21 @@ class RedisRateLimiter(WindowedRateLimiter):
             raise RuntimeError(f"The Redis rate limiter at {self.url} is not open; call open() first.")
         return f"{self.prefix}:ratelimit:{digest}:{window}"
 
-    async def _count_request(self, digest: str, window: int) -> str | None:
+    async def _count(self, digest: str, window: int, requests: int, tokens: int) -> str | None:
         redis_key = self._window_key(digest, window)
-        spent: str | None = await self._acquire(keys=[redis_key], args=[self._rpm, self._tpm, _REDIS_EXPIRY_S])
+        async with redis_outage_guard(self._url, "rate limiter"):
+            spent: str | None = await self._acquire(
+                keys=[redis_key], args=[self._rpm, self._tpm, _REDIS_EXPIRY_S, requests, tokens]
+            )
         return spent
 
     async def _add_tokens(self, digest: str, window: int, tokens: int) -> None:
         redis_key = self._window_key(digest, window)
-        async with self._redis.pipeline(transaction=True) as pipe:  # MULTI: never a count without its expiry
-            pipe.hincrby(redis_key, "tokens", tokens)
+        async with redis_outage_guard(self._url, "rate limiter"), self._redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(redis_key, "tokens", tokens)  # MULTI: never a count without its expiry
             pipe.expire(redis_key, _REDIS_EXPIRY_S)
             await pipe.execute()
 
-
-def rate_limiter_from_settings(settings: Settings) -> RateLimiter:
-    """NoRateLimit when both limits are 0; else a limiter where ``TEXTGEN_JOB_STORE`` keeps the jobs:
-    RedisRateLimiter for a ``redis://`` / ``rediss://`` URL, SQLiteRateLimiter in the SQLite file.
-
-    ConfigError for a job store URL that is neither (in-memory SQLite, malformed).
-    """
-    if settings.rate_limit_rpm == 0 and settings.rate_limit_tpm == 0:
-        return NoRateLimit()
-    if is_redis_url(settings.job_store):
-        return RedisRateLimiter(
-            settings.job_store.strip(),
-            requests_per_minute=settings.rate_limit_rpm,
-            tokens_per_minute=settings.rate_limit_tpm,
-        )
-    return SQLiteRateLimiter(
-        sqlite_path_from_url(settings.job_store),
-        requests_per_minute=settings.rate_limit_rpm,
-        tokens_per_minute=settings.rate_limit_tpm,
-    )
+    async def _refund(self, digest: str, window: int, tokens: int) -> None:
+        async with redis_outage_guard(self._url, "rate limiter"):
+            await self._refund_script(keys=[self._window_key(digest, window)], args=[tokens])

@@ -7,22 +7,28 @@ import logging
 import signal
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from textgen.api.security import AccessPolicy, bind_host_from_argv, warn_if_exposed_without_keys
+from textgen.access import (
+    AccessPolicy,
+    FailedKeyLimiter,
+    bind_host_from_argv,
+    warn_if_exposed_without_keys,
+    warn_if_uvicorn_trusts_other_proxies,
+)
+from textgen.backends import build_backends
 from textgen.batches import Batches, open_batches
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine import Engine, create_engine
-from textgen.generation import GenerationService
+from textgen.generation import GenerationService, StreamSlots
 from textgen.jobs.runner import ExecutorFactory, JobRunner, process_owner_id
-from textgen.jobs.store import JobState, JobStore, job_store_from_url, redact_url
+from textgen.jobs.store import JobState, JobStore
 from textgen.jobs.view import job_payload
 from textgen.loader import LoadedModel, load_model
 from textgen.metrics import Metrics, mark_process_dead
-from textgen.ratelimit import rate_limiter_from_settings
 from textgen.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
@@ -42,6 +48,8 @@ class AppState:
     service: GenerationService
     metrics: Metrics
     access: AccessPolicy
+    failed_keys: FailedKeyLimiter = field(default_factory=lambda: FailedKeyLimiter(10))
+    streams: StreamSlots = field(default_factory=lambda: StreamSlots(0))
     shutting_down: bool = False
 
     gauge_task: asyncio.Task[None] | None = None
@@ -104,11 +112,12 @@ async def build_state(
 ) -> AppState:
     """Open the job store first (cheap, fails fast), then load the model and start the engine."""
     content_filter = ContentFilter.from_sources(settings.blocked_words, settings.blocked_words_file)
-    access = AccessPolicy.from_sources(settings.api_keys, settings.api_keys_file, settings.auth_exempt_paths)
+    access = AccessPolicy.from_settings(settings)
     warn_if_exposed_without_keys(access, bind_host_from_argv())
-    store = job_store_from_url(settings.job_store)
+    warn_if_uvicorn_trusts_other_proxies(access)
+    backends = build_backends(settings)
+    store, rate_limiter = backends.store, backends.rate_limiter
     await store.open()
-    rate_limiter = rate_limiter_from_settings(settings)
     await rate_limiter.open()
     try:
         model = await asyncio.to_thread(model_loader, settings)
@@ -150,10 +159,21 @@ async def build_state(
         "Service ready: model=%s engine=%s job_store=%s worker=%s",
         model.name,
         engine.name,
-        redact_url(settings.job_store),
+        backends.url.redacted,
         owner,
     )
-    state = AppState(settings, model, engine, store, runner, service, metrics, access)
+    state = AppState(
+        settings,
+        model,
+        engine,
+        store,
+        runner,
+        service,
+        metrics,
+        access,
+        failed_keys=FailedKeyLimiter(settings.auth_failures_per_minute),
+        streams=StreamSlots(settings.max_streams_per_caller),
+    )
     state.gauge_task = asyncio.create_task(state.refresh_gauges_forever(), name="textgen-metrics-gauges")
     state.batches = batches
     return state
@@ -198,5 +218,5 @@ def drain_on_signals(state: AppState) -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, prior in previous.items():
-            signal.signal(signum, prior)
+        for number, prior in previous.items():
+            signal.signal(number, prior)

@@ -24,7 +24,8 @@ from openai.types import Batch
 from tests.e2e.conftest import Server
 from tests.integration.test_batches import completion_line, jsonl, parse_batch_output
 from tests.redis_server import RedisServer
-from textgen.jobs.store import Job, JobState, job_store_from_url
+from textgen.backends import job_store_from_url
+from textgen.jobs.store import Job, JobState
 
 pytestmark = pytest.mark.e2e
 

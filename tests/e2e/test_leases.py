@@ -21,7 +21,8 @@ import pytest
 
 from tests.e2e.conftest import Server, get_job, submit_job, wait_until_terminal
 from tests.redis_server import RedisServer
-from textgen.jobs.store import Job, job_store_from_url
+from textgen.backends import job_store_from_url
+from textgen.jobs.store import Job
 
 pytestmark = pytest.mark.e2e
 logger = logging.getLogger(__name__)

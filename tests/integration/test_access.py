@@ -134,3 +134,98 @@ def test_exposure_warning_only_for_public_addresses_without_keys(caplog: pytest.
     assert bind_host_from_argv(["uvicorn", "main:app", "--host", "0.0.0.0"]) == "0.0.0.0"
     assert bind_host_from_argv(["uvicorn", "main:app", "--host=::1"]) == "::1"
     assert bind_host_from_argv(["uvicorn", "main:app"]) is None
+
+
+# ----- odd bytes, OPTIONS, /metrics (issue: tenants) -----------------------------------------------------
+
+LONE = b'{"prompt": "a\\ud800b", "max_new_tokens": 2}'
+PAIRED = b'{"prompt": "a\\ud83d\\ude00b", "max_new_tokens": 2}'
+JSON = {"Content-Type": "application/json"}
+
+
+async def test_lone_surrogates_are_400_on_every_route(
+    make_settings: Callable[..., Any], app_client: Callable[..., Any]
+) -> None:
+    async with app_client(make_settings()) as (client, _app):
+        for path in ("/generate", "/generate_background"):
+            response = await client.post(path, content=LONE, headers=JSON)
+            assert response.status_code == 400, response.text
+            assert set(response.json()) == {"detail", "request_id"} and "surrogate" in response.json()["detail"]
+        for path, body in (
+            ("/v1/completions", LONE),
+            ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x\\udc00"}]}'),
+            ("/v1/completions", b'{"prompt": ["fine", "\\udfff"]}'),
+        ):
+            response = await client.post(path, content=body, headers=JSON)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["type"] == "invalid_request_error" and "surrogate" in error["message"]
+        no_type = await client.post("/generate", content=LONE)  # FastAPI reads a body without a type as JSON
+        assert no_type.status_code == 400
+        # A proper pair is one character (an emoji), not an error; "\\\\ud800" is a backslash and text.
+        assert (await client.post("/generate", content=PAIRED, headers=JSON)).status_code == 200
+        escaped = b'{"prompt": "a\\\\ud800b", "max_new_tokens": 2}'
+        assert (await client.post("/generate", content=escaped, headers=JSON)).status_code == 200
+
+
+async def _raw_request(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+    """One request straight through the ASGI app, with headers no HTTP client would send."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+        "raw_path": path.encode(), "query_string": b"", "headers": headers, "scheme": "http",
+        "server": ("testserver", 80), "client": ("127.0.0.1", 123), "root_path": "",
+    }  # fmt: skip
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+@pytest.mark.parametrize("value", [b"\xb2", b"1\xb2", b"-1", b"12a", b""])
+async def test_content_length_must_be_ascii_digits(
+    value: bytes, make_settings: Callable[..., Any], app_client: Callable[..., Any]
+) -> None:
+    async with app_client(make_settings()) as (_client, app):
+        status, body = await _raw_request(app, "POST", "/generate", [(b"content-length", value)])
+    assert status == 400 and b"Content-Length" in body
+
+
+async def test_options_needs_a_key_without_cors(
+    make_settings: Callable[..., Any], app_client: Callable[..., Any]
+) -> None:
+    async with app_client(make_settings(api_keys=["secret-key-1"])) as (client, _app):
+        anonymous = await client.options("/generate")
+        assert anonymous.status_code == 401 and "allow" not in anonymous.headers
+        assert (await client.options("/generate", headers=KEY)).status_code == 405
+
+
+async def test_cors_preflight_still_needs_no_key(
+    make_settings: Callable[..., Any], app_client: Callable[..., Any]
+) -> None:
+    settings = make_settings(api_keys=["secret-key-1"], cors_origins=["https://app.example"])
+    async with app_client(settings) as (client, _app):
+        preflight = await client.options(
+            "/generate",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+
+
+async def test_metrics_open_by_default_and_behind_a_key_when_asked(
+    make_settings: Callable[..., Any], app_client: Callable[..., Any]
+) -> None:
+    async with app_client(make_settings(api_keys=["secret-key-1"])) as (client, _app):
+        assert (await client.get("/metrics")).status_code == 200
+    async with app_client(make_settings(api_keys=["secret-key-1"], metrics_require_key=True)) as (client, _app):
+        assert (await client.get("/metrics")).status_code == 401
+        scraped = await client.get("/metrics", headers=KEY)
+        assert scraped.status_code == 200 and "secret-key-1" not in scraped.text
+        assert (await client.get("/health")).status_code == 200  # health checks stay open

@@ -650,3 +650,20 @@ async def test_repetition_penalty(engine: str, make_settings: MakeSettings, app_
         penalized = response.json()["generated_text"]
         # The greedy text of this model repeats one token (" is is is ..."); a strong penalty breaks that.
         assert penalized != plain["generated_text"]
+
+
+@pytest.mark.parametrize("prompt", ["Violence is the answer", "I hate this", "They acted violently", "pure hatred"])
+async def test_the_seeds_blocked_prompts_are_400_by_default(
+    prompt: str, make_settings: Callable[..., Any], app_client: Callable[..., Any]
+) -> None:
+    async with app_client(make_settings()) as (client, _app):
+        for path, body in (
+            ("/generate", {"prompt": prompt}),
+            ("/generate_background", {"prompt": prompt}),
+            ("/v1/completions", {"prompt": prompt, "max_tokens": 2}),
+        ):
+            response = await client.post(path, json=body)
+            assert response.status_code == 400, (path, response.text)
+        innocent_prompt = {"prompt": "Whatever the violin at the chateau", "max_length": 12}
+        innocent = await client.post("/generate", json=innocent_prompt)
+        assert innocent.status_code == 200

@@ -19,6 +19,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.waiting import wait_until
+
 MakeSettings = Callable[..., Any]
 AppClient = Callable[..., Any]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -95,13 +97,6 @@ async def sse_payloads(client: httpx.AsyncClient, path: str, body: dict[str, Any
         elif line.startswith("data:"):
             data.append(line[5:].removeprefix(" "))
     return events
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s} s"
-        await asyncio.sleep(0.02)
 
 
 _WORD: dict[str, str] = {}

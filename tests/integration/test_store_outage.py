@@ -59,3 +59,24 @@ async def test_job_routes_answer_503_while_generation_goes_on(
         # Leaving the block ran the lifespan shutdown against the dead store: it completed.
     finally:
         server.stop()
+
+
+async def test_an_unreachable_redis_under_the_rate_limiter_is_a_503(
+    tmp_path: Path, make_settings: MakeSettings, app_client: Any
+) -> None:
+    server = start_redis(tmp_path / "redis")
+    try:
+        settings = make_settings(job_store=server.url(0), rate_limit_rpm=100, rate_limit_tpm=1000)
+        async with app_client(settings) as (client, _app):
+            assert (await client.post("/generate", json={"prompt": "Hello", "max_new_tokens": 2})).status_code == 200
+            server.stop()
+            for path, body in (
+                ("/generate", {"prompt": "Hello", "max_new_tokens": 2}),
+                ("/v1/completions", {"prompt": "Hello", "max_tokens": 2}),
+            ):
+                response = await client.post(path, json=body)
+                assert response.status_code == 503, response.text
+                assert int(response.headers["Retry-After"]) >= 1
+                assert "rate limiter" in response.text
+    finally:
+        server.stop()

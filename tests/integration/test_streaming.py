@@ -27,6 +27,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from tests.waiting import wait_until
 from textgen.api import jobs as jobs_api
 from textgen.content_filter import ContentFilter
 
@@ -214,15 +215,6 @@ async def streaming_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 # ----- small helpers -------------------------------------------------------------------------------------
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Poll until condition() holds; returns the seconds it took."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"{what} did not happen within {timeout_s} s"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
 
 
 async def submit_job(client: httpx.AsyncClient, body: dict[str, Any]) -> str:

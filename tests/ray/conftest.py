@@ -36,7 +36,8 @@ import yaml
 
 from tests.net import free_port
 from tests.redis_server import RedisServer
-from textgen.jobs.store import JobStore, job_store_from_url
+from textgen.backends import job_store_from_url
+from textgen.jobs.store import JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,14 @@ CLI_TIMEOUT_S = 120.0
 DEPLOY_TIMEOUT_S = 90.0
 # Environment for Ray itself (inherited by raylet and every worker): no auth tokens, no usage reporting
 # (there is no network), no hub downloads.
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+# FORWARDED_ALLOW_IPS: Ray's HTTP proxy is a uvicorn that reads it (default: believe X-Forwarded-For from
+# loopback); empty matches the replicas' empty TEXTGEN_TRUSTED_PROXIES, as deploy/serve_config.yaml says.
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "FORWARDED_ALLOW_IPS": "",
+}
 SHUTDOWN_WAIT_S = 20.0
 
 

@@ -284,3 +284,20 @@ async def test_replica_stopped_by_ray_hands_its_jobs_back(deployer: Deployer) ->
     for job_id, job in jobs.items():
         assert job.state is JobState.SUCCEEDED, (job_id, job.state, job.error)
         assert job.result is not None and job.result["completion_tokens"] == LONG_TOKENS, job_id
+
+
+@pytest.mark.timeout(120)
+async def test_rpm_cannot_be_dodged_with_x_forwarded_for_through_rays_proxy(deployer: Deployer) -> None:
+    app = await asyncio.to_thread(deployer.deploy, TEXTGEN_RATE_LIMIT_RPM="2")
+    async with client(app) as http:
+        statuses = [
+            (
+                await http.post(
+                    "/generate",
+                    json={"prompt": "The future of AI is", "max_new_tokens": 1},
+                    headers={"X-Forwarded-For": f"203.0.113.{i}"},
+                )
+            ).status_code
+            for i in range(3)
+        ]
+    assert statuses == [200, 200, 429]  # one client (the proxy's peer), whatever the header says

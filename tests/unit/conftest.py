@@ -10,6 +10,7 @@ the store's back, hold the store's writes).
 from __future__ import annotations
 
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, closing
@@ -36,17 +37,17 @@ class Backend:
     target: str
     prefix: str = ""
 
-    def new_store(self) -> JobStore:
+    def new_store(self, clock: Callable[[], float] | None = None) -> JobStore:
         if self.name == "redis":
-            return RedisJobStore.from_url(self.target, prefix=self.prefix)
-        return SQLiteJobStore(Path(self.target))
+            return RedisJobStore(self.target, prefix=self.prefix, clock=clock)
+        return SQLiteJobStore(Path(self.target), clock=clock or time.time)
 
     def argv(self) -> list[str]:
         """What a subprocess needs to open a store on the same data (see ``SUBPROCESS_STORE``)."""
         return [self.name, self.target, self.prefix or "-"]
 
     def idempotency_keys(self) -> list[str]:
-        """The Idempotency-Keys that have a stored record, sorted."""
+        """The Idempotency-Keys that have a stored record, sorted (as "<owner id> <key>": keys are per owner)."""
         if self.name == "redis":
             with closing(redis.Redis.from_url(self.target, decode_responses=True)) as raw:
                 start = len(f"{self.prefix}:idem:")
@@ -118,16 +119,37 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         chosen.cleanup()
 
 
+class StoreClock:
+    """The stores' clock in the conformance suite: real time plus whatever the test skipped ahead, so a
+    test moves past a lease or a TTL with ``advance`` instead of sleeping (and stores in subprocesses,
+    on the real clock, still agree with it while nothing was skipped)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.fixture
+def store_clock() -> StoreClock:
+    return StoreClock()
+
+
 OpenStore = Callable[[], Awaitable[JobStore]]
 
 
 @pytest.fixture
-async def open_store(backend: Backend) -> AsyncIterator[OpenStore]:
-    """``await open_store()``: another open store object on the test's data; all closed afterwards."""
+async def open_store(backend: Backend, store_clock: StoreClock) -> AsyncIterator[OpenStore]:
+    """``await open_store()``: another open store object on the test's data, on ``store_clock``; all
+    closed afterwards."""
     opened: list[JobStore] = []
 
     async def factory() -> JobStore:
-        s = backend.new_store()
+        s = backend.new_store(store_clock)
         await s.open()
         opened.append(s)
         return s

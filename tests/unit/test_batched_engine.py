@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.waiting import wait_until
 from textgen.engine.batched import BatchedEngine
 from textgen.engine.types import EngineLimits, GenerationRequest, Handle, Priority, SamplingParams
 from textgen.errors import (
@@ -45,13 +46,6 @@ def request(prompt: str = "The future of AI is", **params: Any) -> GenerationReq
     timeout_s = params.pop("timeout_s", None)
     params.setdefault("max_new_tokens", 16)
     return GenerationRequest(prompt, SamplingParams(**params), priority=priority, timeout_s=timeout_s)
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 def neighbours(engine: BatchedEngine, count: int) -> list[Handle]:

@@ -53,7 +53,7 @@ def test_defaults() -> None:
     assert settings.job_ttl_s == 7 * 24 * 3600.0
     assert settings.job_concurrency == 16
     assert settings.job_poll_interval_s == 0.5
-    assert settings.blocked_words == ["hate"]
+    assert settings.blocked_words == ["hate", "hateful*", "hatred*", "violen*"]
     assert settings.blocked_words_file is None
     assert settings.output_filter_action == "redact"
     assert settings.log_format == "text"
@@ -210,3 +210,63 @@ def test_config_error_is_not_a_validation_error() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(engine="foo")
     assert not isinstance(info.value, ValidationError)
+
+
+# --- .env and *_FILE secrets (issue: tenants) -----------------------------------------------------------
+
+
+def test_a_dotenv_file_in_the_working_directory_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("TEXTGEN_API_KEYS=from-dotenv\nTEXTGEN_MAX_RUNNING=7\n", encoding="utf-8")
+    settings = load_settings()
+    assert settings.api_keys == ["from-dotenv"] and settings.max_running == 7
+    monkeypatch.setenv("TEXTGEN_MAX_RUNNING", "9")  # a real environment variable wins over the file
+    assert load_settings().max_running == 9
+
+
+def test_secret_file_variants(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "webhook").write_text("s3cret-webhook\n", encoding="utf-8")
+    (tmp_path / "store").write_text("redis://:hunter2@127.0.0.1:6379/0\n", encoding="utf-8")
+    (tmp_path / "admins").write_text("# admins\nadmin-1\n\nadmin-2\n", encoding="utf-8")
+    monkeypatch.setenv("TEXTGEN_WEBHOOK_SECRET_FILE", str(tmp_path / "webhook"))
+    monkeypatch.setenv("TEXTGEN_JOB_STORE_FILE", str(tmp_path / "store"))
+    monkeypatch.setenv("TEXTGEN_ADMIN_API_KEYS_FILE", str(tmp_path / "admins"))
+    settings = load_settings()
+    assert settings.webhook_secret == "s3cret-webhook"
+    assert settings.job_store == "redis://:hunter2@127.0.0.1:6379/0"
+    from textgen.access import AccessPolicy
+
+    policy = AccessPolicy.from_settings(settings)
+    assert policy.identify("/jobs", "Bearer admin-2", "127.0.0.1", {}).admin
+    # The settings' repr (what a start-up dump or a traceback shows) never holds a secret.
+    shown = repr(settings) + str(settings)
+    assert "s3cret-webhook" not in shown and "hunter2" not in shown and "admin-2" not in shown
+
+
+def test_a_secret_and_its_file_together_are_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "webhook").write_text("one", encoding="utf-8")
+    monkeypatch.setenv("TEXTGEN_WEBHOOK_SECRET_FILE", str(tmp_path / "webhook"))
+    monkeypatch.setenv("TEXTGEN_WEBHOOK_SECRET", "two")
+    message = config_error()
+    assert "TEXTGEN_WEBHOOK_SECRET or TEXTGEN_WEBHOOK_SECRET_FILE" in message and "two" not in message
+
+
+def test_an_unreadable_or_empty_secret_file_says_which(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TEXTGEN_JOB_STORE_FILE", str(tmp_path / "missing"))
+    assert "TEXTGEN_JOB_STORE_FILE" in config_error() and "cannot be read" in config_error()
+    (tmp_path / "empty").write_text("\n", encoding="utf-8")
+    monkeypatch.setenv("TEXTGEN_JOB_STORE_FILE", str(tmp_path / "empty"))
+    assert "is empty" in config_error()
+
+
+def test_validation_errors_never_echo_a_secret() -> None:
+    message = config_error(job_store=["redis://:hunter2@host/0"], api_keys=123)
+    assert "TEXTGEN_JOB_STORE" in message and "hunter2" not in message
+
+
+@pytest.mark.parametrize("entry", ["*", "not-an-ip", "10.0.0.0/33"])
+def test_trusted_proxies_must_be_addresses(entry: str) -> None:
+    from textgen.access import AccessPolicy
+
+    with pytest.raises(ConfigError, match="TEXTGEN_TRUSTED_PROXIES"):
+        AccessPolicy.from_settings(load_settings(trusted_proxies=[entry]))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.conftest import SUBPROCESS_STORE, Backend, OpenStore
+from tests.unit.conftest import SUBPROCESS_STORE, Backend, OpenStore, StoreClock
 from textgen.errors import IdempotencyConflictError, InvalidRequestError
 from textgen.jobs.store import JobState, JobStore, request_fingerprint, validate_idempotency_key
 
@@ -61,7 +61,7 @@ async def test_keys_with_odd_characters(store: JobStore, backend: Backend) -> No
     assert len({j.id for j in jobs}) == len(keys)
     for key, job in zip(keys, jobs, strict=True):
         assert (await store.create_idempotent(BODY, request_id=None, key=key, ttl_s=TTL))[0].id == job.id
-    assert backend.idempotency_keys() == sorted(keys)
+    assert backend.idempotency_keys() == sorted(f"anonymous {key}" for key in keys)
 
 
 async def test_plain_create_unaffected_by_keys(store: JobStore) -> None:
@@ -70,45 +70,47 @@ async def test_plain_create_unaffected_by_keys(store: JobStore) -> None:
     assert plain.id != keyed.id and await store.count(JobState.QUEUED) == 2
 
 
-async def test_expired_key_makes_new_job(store: JobStore) -> None:
+async def test_expired_key_makes_new_job(store: JobStore, store_clock: StoreClock) -> None:
     first, _ = await store.create_idempotent(BODY, request_id=None, key="k", ttl_s=0.05)
-    await asyncio.sleep(0.1)
+    store_clock.advance(0.1)
     second, created = await store.create_idempotent(BODY, request_id=None, key="k", ttl_s=0.05)
     assert created and second.id != first.id
     # the key now points at the new job; an expired key also frees it for a different body
     again, created_again = await store.create_idempotent(BODY, request_id=None, key="k", ttl_s=TTL)
     assert not created_again and again.id == second.id
-    await asyncio.sleep(0.1)
+    store_clock.advance(0.1)
     third, created_third = await store.create_idempotent({"prompt": "new"}, request_id=None, key="k", ttl_s=0.05)
     assert created_third and third.id not in (first.id, second.id)
 
 
-async def test_ttl_is_applied_at_lookup(store: JobStore) -> None:
+async def test_ttl_is_applied_at_lookup(store: JobStore, store_clock: StoreClock) -> None:
     first, _ = await store.create_idempotent(BODY, request_id=None, key="k", ttl_s=TTL)
-    await asyncio.sleep(0.1)
+    store_clock.advance(0.1)
     # the same record, looked up with a shorter TTL than it was made with, has expired
     second, created = await store.create_idempotent({"other": 1}, request_id=None, key="k", ttl_s=0.05)
     assert created and second.id != first.id
 
 
-async def test_purged_job_treated_as_expired(store: JobStore, backend: Backend) -> None:
+async def test_purged_job_treated_as_expired(store: JobStore, backend: Backend, store_clock: StoreClock) -> None:
     job, _ = await store.create_idempotent(BODY, request_id=None, key="k", ttl_s=TTL)
     await store.cancel(job.id)
-    await asyncio.sleep(0.02)
+    store_clock.advance(0.02)
     assert await store.purge_finished(older_than_s=0.01) == 1
     assert backend.idempotency_keys() == []  # record purged with its job
     again, created = await store.create_idempotent({"other": 1}, request_id=None, key="k", ttl_s=TTL)
     assert created and again.id != job.id
 
 
-async def test_purge_keeps_record_repointed_at_a_live_job(store: JobStore, backend: Backend) -> None:
+async def test_purge_keeps_record_repointed_at_a_live_job(
+    store: JobStore, backend: Backend, store_clock: StoreClock
+) -> None:
     old, _ = await store.create_idempotent(BODY, request_id=None, key="k", ttl_s=0.05)
     await store.cancel(old.id)
-    await asyncio.sleep(0.1)
+    store_clock.advance(0.1)
     new, created = await store.create_idempotent(BODY, request_id=None, key="k", ttl_s=0.05)
     assert created
     assert await store.purge_finished(older_than_s=0.05) == 1  # the old job
-    assert backend.idempotency_keys() == ["k"]
+    assert backend.idempotency_keys() == ["anonymous k"]
     again, created_again = await store.create_idempotent(BODY, request_id=None, key="k", ttl_s=TTL)
     assert not created_again and again.id == new.id
 
@@ -120,13 +122,13 @@ async def test_dangling_record_is_replaced(store: JobStore, backend: Backend) ->
     assert created and again.id != job.id
 
 
-async def test_purge_idempotency(store: JobStore, backend: Backend) -> None:
+async def test_purge_idempotency(store: JobStore, backend: Backend, store_clock: StoreClock) -> None:
     await store.create_idempotent(BODY, request_id=None, key="old", ttl_s=TTL)
     await store.create_idempotent(BODY, request_id=None, key="old*2", ttl_s=TTL)
-    await asyncio.sleep(0.05)
+    store_clock.advance(0.05)
     await store.create_idempotent(BODY, request_id=None, key="new", ttl_s=TTL)
     assert await store.purge_idempotency(older_than_s=0.03) == 2
-    assert backend.idempotency_keys() == ["new"]
+    assert backend.idempotency_keys() == ["anonymous new"]
     assert await store.purge_idempotency(older_than_s=0.03) == 0
     assert await store.count(JobState.QUEUED) == 3  # jobs are left alone
 

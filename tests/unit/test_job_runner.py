@@ -13,12 +13,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_until
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine.types import (
@@ -112,20 +112,6 @@ def make_result(text: str = "generated text", *, completion_tokens: int = 5) -> 
         finish_reason=FinishReason.LENGTH,
         timings=Timings(queue_s=0.01, time_to_first_token_s=0.02, total_s=0.1),
     )
-
-
-async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], *, limit_s: float = WAIT_S) -> float:
-    """Poll until ``predicate`` holds; return the seconds it took."""
-    started = time.monotonic()
-    while True:
-        outcome = predicate()
-        if not isinstance(outcome, bool):
-            outcome = await outcome
-        if outcome:
-            return time.monotonic() - started
-        if time.monotonic() - started > limit_s:
-            raise AssertionError(f"condition not met within {limit_s}s")
-        await asyncio.sleep(0.01)
 
 
 async def wait_for_state(store: SQLiteJobStore, job_id: str, state: JobState) -> Job:
@@ -272,10 +258,10 @@ async def test_notify_claims_before_the_next_poll(
 ) -> None:
     runner = make_runner(service_settings=make_settings(job_poll_interval_s=30.0))
     await runner.start()
-    await asyncio.sleep(0.05)  # the first (empty) poll is done; the next one is 30 s away
+    await wait_until(lambda: runner.polls >= 1)  # the first (empty) poll is done; the next one is 30 s away
     await create_job(store)
     runner.notify()
-    took = await wait_until(lambda: len(engine.handles) == 1, limit_s=2.0)
+    took = await wait_until(lambda: len(engine.handles) == 1, timeout_s=2.0)
     assert took < 2.0
     engine.handles[0]._finish(make_result())
 
@@ -369,7 +355,7 @@ async def test_engine_not_ready_does_not_strand_the_job_in_running(
     jobs = [await create_job(store, prompt=f"p{i}") for i in range(3)]
     runner = make_runner()
     await runner.start()
-    await asyncio.sleep(10 * POLL_S)
+    await wait_until(lambda: runner.polls >= 10)
     assert runner.active_jobs == 0
     states = await store.states([job.id for job in jobs])
     # Acceptable outcomes: still queued (retried later) or failed; never an orphan in "running".
@@ -388,7 +374,8 @@ async def test_concurrency_limit_is_respected(
     await runner.start()
 
     await wait_until(lambda: len(engine.handles) == 2)
-    await asyncio.sleep(4 * POLL_S)  # several polls: still no third claim
+    seen = runner.polls
+    await wait_until(lambda: runner.polls >= seen + 4)  # several polls: still no third claim
     assert len(engine.submitted) == 2
     assert runner.active_jobs == 2
     assert await store.count(JobState.RUNNING) == 2
@@ -458,7 +445,7 @@ async def test_job_cancelled_elsewhere_is_cancelled_within_a_few_polls(
     handle = engine.handles[0]
 
     await store.cancel(job.id)  # e.g. DELETE /jobs/{id} served by another worker process
-    took = await wait_until(lambda: handle.cancel_requested, limit_s=2.0)
+    took = await wait_until(lambda: handle.cancel_requested, timeout_s=2.0)
     assert took < 5 * POLL_S + 0.5
     await wait_until(lambda: runner.active_jobs == 0)
     assert (await store.get(job.id)).state is JobState.CANCELLED
@@ -596,7 +583,7 @@ async def test_a_job_reclaimed_elsewhere_is_stopped_here_and_its_result_discarde
     # As if this process had stalled past its lease: the job went back and another process took it.
     await store.requeue_owned(runner.owner)
     assert (await store.claim_next(ELSEWHERE, 30.0)) is not None
-    await wait_until(lambda: stale.cancel_requested, limit_s=3 * SHORT_LEASE_S + 1.0)
+    await wait_until(lambda: stale.cancel_requested, timeout_s=3 * SHORT_LEASE_S + 1.0)
 
     stale._finish(make_result("stale"))
     await wait_until(lambda: runner.active_jobs == 0)

@@ -1,7 +1,8 @@
 """The job-store conformance suite: every behaviour test runs against SQLite and Redis (``backend`` in
 tests/unit/conftest.py), then a few tests of what only one backend has (files, URLs, connections).
 
-Leases are real and short (0.3 s) and the tests really sleep past them: no clock is mocked.
+Leases are short (0.3 s) and tests move past them with the stores' injected clock (``store_clock``),
+never by sleeping.
 """
 
 from __future__ import annotations
@@ -19,25 +20,25 @@ from typing import Any
 import pytest
 
 from tests.redis_server import RedisServer, free_port
-from tests.unit.conftest import SUBPROCESS_STORE, Backend, OpenStore
+from tests.unit.conftest import SUBPROCESS_STORE, Backend, OpenStore, StoreClock
+from textgen.backends import job_store_from_url
 from textgen.errors import ConfigError, JobNotCancellableError, JobNotFoundError
 from textgen.jobs import sqlite_store as sqlite_mod
 from textgen.jobs.redis_store import RedisJobStore
 from textgen.jobs.sqlite_store import SQLiteJobStore
 from textgen.jobs.store import (
-    REDIS_FORMS,
     TERMINAL_STATES,
     Job,
     JobState,
     JobStore,
     WebhookState,
     abandoned_error,
-    job_store_from_url,
 )
+from textgen.storage.url import REDIS_FORMS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LEASE = 30.0  # long enough never to expire within a test
-SHORT = 0.3  # a lease the test sleeps past
+SHORT = 0.3  # a lease the test moves past with store_clock.advance
 PAST_SHORT = 0.45
 HOOK = "https://example.test/hook"
 
@@ -292,11 +293,11 @@ async def test_renew_extends_only_own_running_jobs(store: JobStore) -> None:
     assert await store.renew("w2", [theirs.id], 10.0) == {theirs.id}
 
 
-async def test_expired_lease_requeued_then_abandoned(store: JobStore) -> None:
+async def test_expired_lease_requeued_then_abandoned(store: JobStore, store_clock: StoreClock) -> None:
     job, later = await _make(store, 2)
     first = await _claim(store, "w1", lease_s=SHORT)
     assert await store.requeue_expired(max_attempts=2) == (0, 0)  # not yet expired
-    await asyncio.sleep(PAST_SHORT)
+    store_clock.advance(PAST_SHORT)
     assert await store.requeue_expired(max_attempts=2) == (1, 0)
     back = await store.get(job.id)
     assert back.state is JobState.QUEUED and back.owner is None and back.started_at is None
@@ -310,7 +311,7 @@ async def test_expired_lease_requeued_then_abandoned(store: JobStore) -> None:
     second = await _claim(store, "w2", lease_s=SHORT)
     assert second.id == job.id and second.attempts == 2 and second.started_at is not None
     assert first.started_at is not None and second.started_at > first.started_at
-    await asyncio.sleep(PAST_SHORT)
+    store_clock.advance(PAST_SHORT)
     assert await store.requeue_expired(max_attempts=2) == (0, 1)
     failed = await store.get(job.id)
     assert failed.state is JobState.FAILED and failed.error == abandoned_error(2) and failed.result is None
@@ -320,10 +321,10 @@ async def test_expired_lease_requeued_then_abandoned(store: JobStore) -> None:
     assert (await store.get(later.id)).state is JobState.QUEUED
 
 
-async def test_new_owner_finishes_after_lease_lost(store: JobStore) -> None:
+async def test_new_owner_finishes_after_lease_lost(store: JobStore, store_clock: StoreClock) -> None:
     job = await store.create({}, request_id=None)
     await _claim(store, "w1", lease_s=SHORT)
-    await asyncio.sleep(PAST_SHORT)
+    store_clock.advance(PAST_SHORT)
     assert await store.requeue_expired(max_attempts=3) == (1, 0)
     taken = await _claim(store, "w2")
     assert not await store.finish(job.id, "w1", JobState.FAILED, error="late")
@@ -335,11 +336,11 @@ async def test_new_owner_finishes_after_lease_lost(store: JobStore) -> None:
     assert done.state is JobState.SUCCEEDED and done.owner == "w2" and done.result == {"text": "ok"}
 
 
-async def test_renewed_lease_is_not_requeued(store: JobStore) -> None:
+async def test_renewed_lease_is_not_requeued(store: JobStore, store_clock: StoreClock) -> None:
     job = await store.create({}, request_id=None)
     await _claim(store, "w1", lease_s=SHORT)
     for _ in range(3):
-        await asyncio.sleep(SHORT / 2)
+        store_clock.advance(SHORT / 2)
         assert await store.renew("w1", [job.id], SHORT) == {job.id}
         assert await store.requeue_expired(max_attempts=1) == (0, 0)
     assert (await store.get(job.id)).state is JobState.RUNNING
@@ -462,9 +463,9 @@ async def test_position(store: JobStore) -> None:
     assert await store.position("missing") is None
 
 
-async def test_recent_completions(store: JobStore) -> None:
+async def test_recent_completions(store: JobStore, store_clock: StoreClock) -> None:
     (old,) = await _finished(store, 1, callback_url=None)
-    await asyncio.sleep(PAST_SHORT)
+    store_clock.advance(PAST_SHORT)
     ok, bad, cancelled, running = await _make(store, 4)
     await _claim(store, "w")
     assert await store.finish(ok.id, "w", JobState.SUCCEEDED, result={})
@@ -477,12 +478,12 @@ async def test_recent_completions(store: JobStore) -> None:
     assert await store.recent_completions(60, 1) == [pytest.approx(times[0])]
     assert await store.recent_completions(SHORT, 10) == [pytest.approx(t) for t in times[:2]]  # the window
     assert await store.recent_completions(60, 0) == []
-    await asyncio.sleep(PAST_SHORT)
+    store_clock.advance(PAST_SHORT)
     assert await store.recent_completions(SHORT, 10) == []
     assert (await store.get(running.id)).state is JobState.RUNNING
 
 
-async def test_purge_finished(store: JobStore, backend: Backend) -> None:
+async def test_purge_finished(store: JobStore, backend: Backend, store_clock: StoreClock) -> None:
     old_done, fresh_done, claimed_job, waiting = await _make(store, 4)
     old_keyed, _ = await store.create_idempotent({"k": 1}, request_id=None, key="old-key", ttl_s=3600)
     kept_keyed, _ = await store.create_idempotent({"k": 2}, request_id=None, key="kept-key", ttl_s=3600)
@@ -491,7 +492,7 @@ async def test_purge_finished(store: JobStore, backend: Backend) -> None:
     old_cancelled = await store.create({}, request_id=None)
     await store.cancel(old_cancelled.id)
     await store.cancel(old_keyed.id)
-    await asyncio.sleep(PAST_SHORT)
+    store_clock.advance(PAST_SHORT)
     assert (await _claim(store, "w")).id == fresh_done.id
     await store.finish(fresh_done.id, "w", JobState.FAILED, error="x")
     await _claim(store, "w")  # claimed_job -> running
@@ -500,12 +501,12 @@ async def test_purge_finished(store: JobStore, backend: Backend) -> None:
     for gone in (old_done, old_cancelled, old_keyed):
         with pytest.raises(JobNotFoundError):
             await store.get(gone.id)
-    assert backend.idempotency_keys() == ["kept-key"]  # the record went with its job
+    assert backend.idempotency_keys() == ["anonymous kept-key"]  # the record went with its job
     assert await store.purge_finished(older_than_s=SHORT) == 0
     assert await store.list(state=JobState.CANCELLED) == []
     assert await store.recent_completions(60, 10) == [pytest.approx((await store.get(fresh_done.id)).finished_at)]
     # Non-terminal jobs are never purged, however old.
-    await asyncio.sleep(0.05)
+    store_clock.advance(0.05)
     assert await store.purge_finished(older_than_s=0.01) == 1  # fresh_done
     remaining = await store.states([claimed_job.id, waiting.id, kept_keyed.id, fresh_done.id])
     assert remaining == {claimed_job.id: JobState.RUNNING, waiting.id: JobState.QUEUED, kept_keyed.id: JobState.QUEUED}
@@ -516,7 +517,7 @@ async def test_purge_finished(store: JobStore, backend: Backend) -> None:
 # --- webhooks ----------------------------------------------------------------------------------------
 
 
-async def test_webhook_pending_on_finish_cancel_and_abandonment(store: JobStore) -> None:
+async def test_webhook_pending_on_finish_cancel_and_abandonment(store: JobStore, store_clock: StoreClock) -> None:
     succeeded, cancelled, abandoned = await _make(store, 3, callback_url=HOOK)
     plain = await store.create({}, request_id=None)
     await _claim(store, "w")
@@ -527,7 +528,7 @@ async def test_webhook_pending_on_finish_cancel_and_abandonment(store: JobStore)
     assert queued_hook.webhook_state is None and queued_hook.callback_url == HOOK
     await _claim(store, "w")  # plain
     assert await store.claim_webhook("x", LEASE) is not None  # the succeeded one: claims go oldest first
-    await asyncio.sleep(PAST_SHORT)
+    store_clock.advance(PAST_SHORT)
     assert await store.requeue_expired(max_attempts=1) == (0, 1)
     assert await store.finish(plain.id, "w", JobState.SUCCEEDED, result={})
     for job_id in (succeeded.id, cancelled.id, abandoned.id):
@@ -550,11 +551,11 @@ async def test_claim_webhook_once(store: JobStore, open_store: OpenStore) -> Non
     assert await store.claim_webhook("late", LEASE) is None
 
 
-async def test_expired_webhook_claim_is_taken_over(store: JobStore) -> None:
+async def test_expired_webhook_claim_is_taken_over(store: JobStore, store_clock: StoreClock) -> None:
     (job,) = await _finished(store)
     assert (await store.claim_webhook("a", SHORT) or job).id == job.id
     assert await store.claim_webhook("b", SHORT) is None
-    await asyncio.sleep(PAST_SHORT)
+    store_clock.advance(PAST_SHORT)
     taken = await store.claim_webhook("b", LEASE)
     assert taken is not None and taken.id == job.id
     assert not await store.record_webhook(job.id, "a", WebhookState.DELIVERED, attempts=1, error=None)
@@ -562,7 +563,7 @@ async def test_expired_webhook_claim_is_taken_over(store: JobStore) -> None:
     assert (await store.get(job.id)).webhook_state is WebhookState.DELIVERED
 
 
-async def test_record_webhook(store: JobStore) -> None:
+async def test_record_webhook(store: JobStore, store_clock: StoreClock) -> None:
     delivered, failed = await _finished(store, 2)
     assert (await store.claim_webhook("a", LEASE) or failed).id == delivered.id
     before = time.time()
@@ -587,14 +588,14 @@ async def test_record_webhook(store: JobStore) -> None:
     gave_up = await store.get(failed.id)
     assert gave_up.webhook_state is WebhookState.FAILED and gave_up.webhook_error == "gave up"
     assert await store.claim_webhook("c", LEASE) is None  # outcomes are final
-    await asyncio.sleep(0.01)
+    store_clock.advance(0.01)
     assert await store.requeue_owned("a") == 0
     assert await store.claim_webhook("c", LEASE) is None
 
 
-async def test_webhook_of_purged_job_is_gone(store: JobStore) -> None:
+async def test_webhook_of_purged_job_is_gone(store: JobStore, store_clock: StoreClock) -> None:
     (job,) = await _finished(store)
-    await asyncio.sleep(0.05)
+    store_clock.advance(0.05)
     assert await store.purge_finished(older_than_s=0.01) == 1
     assert await store.claim_webhook("a", LEASE) is None
     assert not await store.record_webhook(job.id, "a", WebhookState.DELIVERED, attempts=1, error=None)

@@ -3,14 +3,11 @@ queue part from a real SQLite store, and the webhook part of the view."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
-from textgen.jobs.sqlite_store import SQLiteJobStore
-from textgen.jobs.store import JobState, WebhookState
+from textgen.jobs.store import JobState, JobStore, WebhookState
 from textgen.jobs.view import estimate, job_payload, job_view, jobs_per_second, queue_estimate
 
 REQUEST = {"prompt": "The future of AI is", "max_new_tokens": 3}
@@ -79,17 +76,7 @@ def test_later_positions_start_later() -> None:
 # ----- queue_estimate on a real store ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteJobStore]:
-    job_store = SQLiteJobStore(tmp_path / "jobs.db")
-    await job_store.open()
-    try:
-        yield job_store
-    finally:
-        await job_store.close()
-
-
-async def test_queue_estimate_only_for_queued_jobs(store: SQLiteJobStore) -> None:
+async def test_queue_estimate_only_for_queued_jobs(store: JobStore) -> None:
     jobs = [await store.create(REQUEST, request_id=f"r{i}") for i in range(3)]
     for position, job in enumerate(jobs):
         queued = await queue_estimate(store, job)
@@ -111,7 +98,7 @@ async def test_queue_estimate_only_for_queued_jobs(store: SQLiteJobStore) -> Non
 # ----- the webhook part of the view -------------------------------------------------------------------------------
 
 
-async def test_webhook_part_follows_the_delivery(store: SQLiteJobStore) -> None:
+async def test_webhook_part_follows_the_delivery(store: JobStore) -> None:
     plain = await store.create(REQUEST, request_id="plain")
     assert job_view(plain).webhook is None
 

@@ -21,6 +21,7 @@ import redis
 from tests.net import free_port
 from tests.redis_server import RedisServer
 from tests.unit.conftest import Backend
+from textgen.backends import rate_limiter_from_settings
 from textgen.config import Settings
 from textgen.errors import ConfigError, RateLimitedError
 from textgen.jobs.redis_store import RedisJobStore
@@ -30,9 +31,9 @@ from textgen.ratelimit import (
     NoRateLimit,
     RateLimiter,
     RedisRateLimiter,
+    Reservation,
     SQLiteRateLimiter,
     key_digest,
-    rate_limiter_from_settings,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -167,8 +168,9 @@ async def test_next_window_resets(make: LimiterFactory, clock: FakeClock) -> Non
     await limiter.acquire(KEY)
     await limiter.charge_tokens(KEY, 5)
     with pytest.raises(RateLimitedError):
-        await limiter.acquire(KEY)
+        await limiter.reserve(KEY, 1)
     clock.now += 60
+    assert await limiter.reserve(KEY, 5) is not None
     await limiter.acquire(KEY)
     await limiter.acquire(KEY)
     with pytest.raises(RateLimitedError):
@@ -179,14 +181,14 @@ async def test_tpm_refuses_after_charge(make: LimiterFactory) -> None:
     limiter = await _opened(make(tpm=10))
     await limiter.acquire(KEY)
     await limiter.charge_tokens(KEY, 9)
-    await limiter.acquire(KEY)  # 9 < 10: still allowed
-    await limiter.charge_tokens(KEY, 1)
+    await limiter.reserve(KEY, 1)  # 9 + 1 <= 10: still allowed
     with pytest.raises(RateLimitedError) as info:
-        await limiter.acquire(KEY)
+        await limiter.reserve(KEY, 1)
     msg = info.value.message
     assert "tokens per minute" in msg and "TEXTGEN_RATE_LIMIT_TPM" in msg and KEY not in msg
     assert info.value.retry_after_s is not None and 1 <= info.value.retry_after_s <= 60
-    await limiter.acquire("other")  # token budgets are per key too
+    await limiter.acquire(KEY)  # a spent token budget does not refuse requests that generate nothing
+    await limiter.reserve("other", 10)  # token budgets are per key too
 
 
 async def test_charge_tokens_validates(make: LimiterFactory) -> None:
@@ -210,7 +212,7 @@ async def test_two_limiters_share_counts(make: LimiterFactory) -> None:
     await a.charge_tokens("t", 60)
     await b.charge_tokens("t", 40)
     with pytest.raises(RateLimitedError, match="tokens"):
-        await a.acquire("t")
+        await a.reserve("t", 1)
 
 
 async def test_concurrent_acquires_exact(make: LimiterFactory) -> None:
@@ -218,6 +220,58 @@ async def test_concurrent_acquires_exact(make: LimiterFactory) -> None:
     outcomes = await asyncio.gather(*(limiters[i % 3].acquire(KEY) for i in range(30)), return_exceptions=True)
     assert sum(o is None for o in outcomes) == 7
     assert all(isinstance(o, RateLimitedError) for o in outcomes if o is not None)
+
+
+async def test_reserve_takes_the_whole_budget_up_front(make: LimiterFactory) -> None:
+    limiter = await _opened(make(tpm=100))
+    first = await limiter.reserve(KEY, 60)
+    assert first is not None and first.tokens == 60
+    with pytest.raises(RateLimitedError) as info:  # 60 + 41 > 100: refused before any work
+        await limiter.reserve(KEY, 41)
+    assert "reserves 41" in info.value.message and info.value.retry_after_s is not None
+    assert await limiter.reserve(KEY, 40) is not None  # exactly 100
+
+
+async def test_a_budget_larger_than_the_limit_never_fits(make: LimiterFactory) -> None:
+    limiter = await _opened(make(tpm=10))
+    with pytest.raises(RateLimitedError) as info:
+        await limiter.reserve(KEY, 500)
+    assert "up to 500 tokens" in info.value.message and "max_new_tokens" in info.value.message
+    assert await limiter.reserve(KEY, 10) is not None  # the refused one reserved nothing
+
+
+async def test_refund_gives_back_unused_tokens_in_the_same_window(make: LimiterFactory, clock: FakeClock) -> None:
+    limiter = await _opened(make(tpm=100))
+    reservation = await limiter.reserve(KEY, 100)
+    with pytest.raises(RateLimitedError):
+        await limiter.reserve(KEY, 1)
+    await limiter.refund(reservation, 70)  # used 30
+    assert await limiter.reserve(KEY, 70) is not None
+    with pytest.raises(RateLimitedError):
+        await limiter.reserve(KEY, 1)
+    # A refund can never give back more than was reserved, nor arrive in a later window's count.
+    late = await limiter.reserve("late", 50)
+    clock.now += 60
+    fresh = await limiter.reserve("late", 100)
+    await limiter.refund(late, 50)
+    with pytest.raises(RateLimitedError):
+        await limiter.reserve("late", 1)
+    await limiter.refund(fresh, 10_000)
+    assert await limiter.reserve("late", 100) is not None
+
+
+async def test_concurrent_reservations_never_overshoot(make: LimiterFactory) -> None:
+    limiters = [await _opened(make(tpm=100)) for _ in range(3)]
+    outcomes = await asyncio.gather(*(limiters[i % 3].reserve(KEY, 30) for i in range(12)), return_exceptions=True)
+    assert sum(not isinstance(o, BaseException) for o in outcomes) == 3  # 3 x 30 <= 100 < 4 x 30
+
+
+async def test_reservation_round_trips_through_its_stored_form(make: LimiterFactory) -> None:
+    limiter = await _opened(make(tpm=100))
+    reservation = await limiter.reserve(KEY, 20)
+    assert reservation is not None and Reservation.decode(reservation.encode()) == reservation
+    assert KEY not in reservation.encode()
+    assert Reservation.decode(None) is None
 
 
 _ACQUIRER = textwrap.dedent(

@@ -11,16 +11,14 @@ import asyncio
 import ipaddress
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
 
 from tests.webhook_receiver import WebhookReceiver
 from textgen.errors import InvalidRequestError
-from textgen.jobs.sqlite_store import SQLiteJobStore
-from textgen.jobs.store import Job, JobState, WebhookState
+from textgen.jobs.store import Job, JobState, JobStore, WebhookState
 from textgen.jobs.view import job_payload
 from textgen.webhooks import (
     DELIVERY_HEADER,
@@ -79,17 +77,7 @@ def closed_port_url() -> str:
 # ----- store, job and sender helpers ----------------------------------------------------------------------
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteJobStore]:
-    job_store = SQLiteJobStore(tmp_path / "jobs.db")
-    await job_store.open()
-    try:
-        yield job_store
-    finally:
-        await job_store.close()
-
-
-async def finished_job(store: SQLiteJobStore, callback_url: str) -> Job:
+async def finished_job(store: JobStore, callback_url: str) -> Job:
     """A job with ``callback_url`` that ran and succeeded, so its webhook is pending."""
     job = await store.create(REQUEST, request_id="req-1", callback_url=callback_url)
     claimed = await store.claim_next("runner-host:2:runner", 60.0)
@@ -100,7 +88,7 @@ async def finished_job(store: SQLiteJobStore, callback_url: str) -> Job:
     return finished
 
 
-def make_sender(store: SQLiteJobStore, *, owner: str = OWNER, retry_for_s: float = 5.0) -> WebhookSender:
+def make_sender(store: JobStore, *, owner: str = OWNER, retry_for_s: float = 5.0) -> WebhookSender:
     return WebhookSender(
         store,
         owner,
@@ -112,7 +100,7 @@ def make_sender(store: SQLiteJobStore, *, owner: str = OWNER, retry_for_s: float
     )
 
 
-async def claimed_delivery(sender: WebhookSender, store: SQLiteJobStore, callback_url: str) -> Job:
+async def claimed_delivery(sender: WebhookSender, store: JobStore, callback_url: str) -> Job:
     job = await finished_job(store, callback_url)
     claimed = await sender.claim()
     assert claimed is not None and claimed.id == job.id
@@ -288,7 +276,7 @@ def test_backoff_stays_capped_for_huge_attempt_counts() -> None:
 
 
 async def test_delivered_on_first_200_with_a_verifiable_signed_body(
-    store: SQLiteJobStore, receiver_factory: Callable[..., WebhookReceiver]
+    store: JobStore, receiver_factory: Callable[..., WebhookReceiver]
 ) -> None:
     receiver = receiver_factory([200])
     sender = make_sender(store)
@@ -326,7 +314,7 @@ async def test_delivered_on_first_200_with_a_verifiable_signed_body(
 
 
 async def test_retries_until_a_2xx_and_records_the_attempts(
-    store: SQLiteJobStore, receiver_factory: Callable[..., WebhookReceiver], quick_retries: None
+    store: JobStore, receiver_factory: Callable[..., WebhookReceiver], quick_retries: None
 ) -> None:
     receiver = receiver_factory([500, 500, 200])
     sender = make_sender(store)
@@ -351,7 +339,7 @@ async def test_retries_until_a_2xx_and_records_the_attempts(
 
 
 async def test_gives_up_when_the_retry_window_closes(
-    store: SQLiteJobStore, receiver_factory: Callable[..., WebhookReceiver], quick_retries: None
+    store: JobStore, receiver_factory: Callable[..., WebhookReceiver], quick_retries: None
 ) -> None:
     receiver = receiver_factory([500])
     retry_for_s = 1.5
@@ -377,7 +365,7 @@ async def test_gives_up_when_the_retry_window_closes(
 
 
 async def test_a_redirect_is_not_followed(
-    store: SQLiteJobStore, receiver_factory: Callable[..., WebhookReceiver], quick_retries: None
+    store: JobStore, receiver_factory: Callable[..., WebhookReceiver], quick_retries: None
 ) -> None:
     receiver = receiver_factory([302, 200])
     sender = make_sender(store)
@@ -393,7 +381,7 @@ async def test_a_redirect_is_not_followed(
 
 
 async def test_a_redirect_alone_never_delivers(
-    store: SQLiteJobStore, receiver_factory: Callable[..., WebhookReceiver], quick_retries: None
+    store: JobStore, receiver_factory: Callable[..., WebhookReceiver], quick_retries: None
 ) -> None:
     receiver = receiver_factory([302])
     sender = make_sender(store, retry_for_s=0.5)
@@ -408,7 +396,7 @@ async def test_a_redirect_alone_never_delivers(
     assert stored.webhook_error is not None and "HTTP 302" in stored.webhook_error
 
 
-async def test_receiver_down_fails_with_a_connection_error(store: SQLiteJobStore, quick_retries: None) -> None:
+async def test_receiver_down_fails_with_a_connection_error(store: JobStore, quick_retries: None) -> None:
     sender = make_sender(store, retry_for_s=0.5)
     try:
         job = await claimed_delivery(sender, store, closed_port_url())
@@ -423,7 +411,7 @@ async def test_receiver_down_fails_with_a_connection_error(store: SQLiteJobStore
 
 
 async def test_a_private_destination_is_refused_at_delivery_time(
-    store: SQLiteJobStore, receiver_factory: Callable[..., WebhookReceiver], quick_retries: None
+    store: JobStore, receiver_factory: Callable[..., WebhookReceiver], quick_retries: None
 ) -> None:
     receiver = receiver_factory([200])
     sender = WebhookSender(
@@ -441,7 +429,7 @@ async def test_a_private_destination_is_refused_at_delivery_time(
 
 
 async def test_a_delivery_taken_over_by_another_owner_stops(
-    store: SQLiteJobStore, receiver_factory: Callable[..., WebhookReceiver], quick_retries: None
+    store: JobStore, receiver_factory: Callable[..., WebhookReceiver], quick_retries: None
 ) -> None:
     receiver = receiver_factory([500])
     sender = make_sender(store)
@@ -465,7 +453,7 @@ async def test_a_delivery_taken_over_by_another_owner_stops(
 
 
 async def test_the_connection_goes_to_the_checked_address_with_the_original_host(
-    store: SQLiteJobStore, receiver_factory: Callable[..., WebhookReceiver], monkeypatch: pytest.MonkeyPatch
+    store: JobStore, receiver_factory: Callable[..., WebhookReceiver], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """DNS rebinding gains nothing: the POST goes to the address that passed the check (here the
     receiver's loopback address, as this test's resolver answers), never to a second lookup, and the

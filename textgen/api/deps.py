@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from textgen.access import Caller, caller_of
 from textgen.api.errors import request_id_of
 from textgen.errors import NotReadyError
 from textgen.generation import GenerationService
@@ -31,11 +32,29 @@ def get_service(state: Annotated[AppState, Depends(get_ready_state)]) -> Generat
     return state.service
 
 
+def get_caller(request: Request) -> Caller:
+    """Who is calling (identified by the API-key middleware; see ``textgen.access``)."""
+    return caller_of(request.scope)
+
+
+def get_owner_id(request: Request) -> str:
+    """The caller's owner id: store everything the caller creates under it, and show the caller only
+    what carries it (404 otherwise). Admins: see ``Caller.visible_owner``."""
+    return caller_of(request.scope).owner_id
+
+
 async def admit_caller(request: Request, service: Annotated[GenerationService, Depends(get_service)]) -> str:
-    """The caller's principal (set by the API-key middleware), counted against its rate limit."""
-    principal = str(request.scope.get("state", {}).get("principal", "anonymous"))
+    """The caller's rate-limit key (``Caller.rate_key``), counted against its request limit."""
+    principal = caller_of(request.scope).rate_key
     await service.admit(principal)
     return principal
+
+
+async def admit_reader(request: Request, state: Annotated[AppState, Depends(get_state)]) -> Caller:
+    """The caller of a read (job status, listing, stream), counted against its request limit too."""
+    caller = caller_of(request.scope)
+    await state.service.admit(caller.rate_key)
+    return caller
 
 
 def get_store(state: Annotated[AppState, Depends(get_state)]) -> JobStore:
@@ -52,3 +71,6 @@ StoreDep = Annotated[JobStore, Depends(get_store)]
 RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 RequestIdDep = Annotated[str, Depends(request_id_of)]
 CallerDep = Annotated[str, Depends(admit_caller)]
+CallerIdentityDep = Annotated[Caller, Depends(get_caller)]  # not counted against the rate limit
+OwnerDep = Annotated[str, Depends(get_owner_id)]  # not counted against the rate limit
+ReaderDep = Annotated[Caller, Depends(admit_reader)]  # counted as one request

@@ -21,22 +21,23 @@ logger = logging.getLogger(__name__)
 INTERNAL_ERROR = "Internal server error; quote the request id when reporting it."
 
 _DESCRIPTIONS = {
-    400: "Content rejected, or prompt too long for the model",
+    400: "Content rejected, prompt too long for the model, or malformed text/headers (lone surrogates)",
     401: "Missing or invalid API key",
     404: "Unknown job",
     409: "Job not cancellable (already finished), or Idempotency-Key reused with another body",
     413: "Request body too large",
     422: "Request body does not match the schema",
-    429: "Rate limit exceeded; see the Retry-After header",
-    503: "Queue full or model not ready; see the Retry-After header",
+    429: "Rate limit, token budget, stream cap or failed-key limit exceeded; see the Retry-After header",
+    503: "Queue full, model not ready, or job store unavailable/locked; see the Retry-After header",
+    507: "The job store is out of space (disk full, read-only, Redis out of memory); see the message",
     504: "Deadline (timeout_s) passed before generation finished",
     500: "Internal error (no details are exposed; quote the request id)",
 }
 
 
-# Any route may answer these: the API-key and body-size middleware run before routing, and a 500 can
-# happen anywhere.
-ALWAYS_POSSIBLE = (401, 413, 500)
+# Any route may answer these: the API-key (401, 429 after repeated wrong keys), body-size (413, 400 for
+# a bad Content-Length) and text (400) middleware run before routing, and a 500 can happen anywhere.
+ALWAYS_POSSIBLE = (400, 401, 413, 429, 500)
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -45,6 +46,28 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]}
         for code in sorted({*codes, *ALWAYS_POSSIBLE})
     }
+
+
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    503: "server_overloaded",
+    504: "timeout",
+}
+
+
+def error_body(detail: Any, request_id: str) -> dict[str, Any]:
+    """Our error shape, the one builder for it: ``{"detail", "request_id"}``."""
+    return {"detail": jsonable_encoder(detail), "request_id": request_id}
+
+
+def openai_error_body(status: int, message: str, request_id: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape (under ``/v1``), the one builder for it, plus our request id."""
+    kind = OPENAI_ERROR_TYPES.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}, "request_id": request_id}
 
 
 def request_id_of(request: Request) -> str:
@@ -61,7 +84,7 @@ class AsciiJSONResponse(JSONResponse):
 
 def error_response(request: Request, status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
     request_id = request_id_of(request)
-    body = {"detail": jsonable_encoder(detail), "request_id": request_id}
+    body = error_body(detail, request_id)
     return AsciiJSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-ID": request_id})
 
 

@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from models import FileDeleted, FileList
 from models import FileObject as FileObjectModel
+from textgen.access import caller_of
 from textgen.api.deps import CallerDep, StateDep
 from textgen.api.openai import ERROR_DOCS, OpenAIRoute
 from textgen.batches import Batches
@@ -60,8 +61,8 @@ def batch_caller(request: Request) -> BatchCaller:
     When the tenants branch (issue 11) lands, this becomes ``return caller_of(request.scope)``
     (``textgen.access``), which has the same attributes and adds admin keys.
     """
-    principal = str(request.scope.get("state", {}).get("principal", ""))
-    return BatchCaller(principal if principal.startswith("key:") else "anonymous")
+    caller = caller_of(request.scope)
+    return BatchCaller(caller.owner_id, caller.admin)
 
 
 BatchesDep = Annotated[Batches, Depends(get_batches)]

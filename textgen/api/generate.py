@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
 from sse_starlette import ServerSentEvent
 
 from models import BackgroundRequest, JobAccepted, TextGenerationRequest, TextGenerationResponse
-from textgen.api.deps import CallerDep, RequestIdDep, RunnerDep, ServiceDep, StateDep, StoreDep
+from textgen.api.deps import CallerDep, OwnerDep, RequestIdDep, RunnerDep, ServiceDep, StateDep, StoreDep
 from textgen.api.errors import error_responses
 from textgen.api.sse import SSE_RESPONSE_DOC, error_event, event, sse_response
 from textgen.engine.types import GenerationResult, Handle, Priority
 from textgen.errors import GenerationCancelledError
-from textgen.generation import GenerationService
+from textgen.generation import GenerationService, sampling_params_from
 from textgen.jobs.store import IDEMPOTENCY_KEY_MAX_LEN
 from textgen.webhooks import check_webhook
 
@@ -35,8 +35,9 @@ async def results_unless_disconnected(request: Request, handles: Sequence[Handle
     sequences leave the batch."""
     results = asyncio.ensure_future(asyncio.gather(*(h.result() for h in handles)))
     disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
+    waiting: set[asyncio.Future[Any]] = {results, disconnect}
     try:
-        await asyncio.wait({results, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     finally:
         disconnect.cancel()
         if not results.done() or results.exception() is not None:
@@ -79,13 +80,20 @@ async def generation_events(
     summary="Generate text and wait for it (or stream it with stream: true)",
 )
 async def generate(
-    body: TextGenerationRequest, request: Request, service: ServiceDep, request_id: RequestIdDep, caller: CallerDep
+    body: TextGenerationRequest,
+    request: Request,
+    state: StateDep,
+    service: ServiceDep,
+    request_id: RequestIdDep,
+    caller: CallerDep,
 ) -> TextGenerationResponse | Response:
     service.check_prompt(body.prompt, request_id)
     await service.prepare_request(body)
-    handle = service.submit_request(body, request_id, Priority.INTERACTIVE)
     if body.stream:
-        return sse_response(generation_events(service, handle, request_id, caller), request_id)
+        with state.streams.take(caller) as slot:  # before the budget is reserved: a refusal costs nothing
+            handle = await service.submit_request_budgeted(caller, body, request_id, Priority.INTERACTIVE)
+            return sse_response(slot.attach(generation_events(service, handle, request_id, caller)), request_id)
+    handle = await service.submit_request_budgeted(caller, body, request_id, Priority.INTERACTIVE)
     result = await result_unless_disconnected(request, handle)
     return await service.response(result, request_id, caller)
 
@@ -105,6 +113,7 @@ async def generate_background(
     runner: RunnerDep,
     request_id: RequestIdDep,
     caller: CallerDep,
+    owner: OwnerDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -122,17 +131,31 @@ async def generate_background(
         await check_webhook(body.callback_url, state.settings)
     # Without a webhook the stored request keeps its original shape (and Idempotency-Key fingerprints).
     stored = body.model_dump(mode="json", exclude={"stream"} if body.callback_url else {"stream", "callback_url"})
-    if idempotency_key is None:
-        job = await store.create(stored, request_id=request_id, callback_url=body.callback_url)
-    else:
-        job, _created = await store.create_idempotent(
-            stored,
-            request_id=request_id,
-            key=idempotency_key,
-            ttl_s=state.settings.idempotency_ttl_s,
-            callback_url=body.callback_url,
-        )
+    # The submitter's token budget is reserved now and refunded by whoever ends the job.
+    reservation = await state.service.reserve(caller, state.service.token_budget(sampling_params_from(body)))
+    encoded = reservation.encode() if reservation else None
+    unused = reservation.tokens if reservation else 0
+    try:
+        if idempotency_key is None:
+            job = await store.create(
+                stored, request_id=request_id, callback_url=body.callback_url, tenant=owner, reservation=encoded
+            )
+        else:
+            job, created = await store.create_idempotent(
+                stored,
+                request_id=request_id,
+                key=idempotency_key,
+                ttl_s=state.settings.idempotency_ttl_s,
+                callback_url=body.callback_url,
+                tenant=owner,
+                reservation=encoded,
+            )
+            if not created:  # a replay: the original job holds its own reservation
+                await state.service.rate_limiter.refund(reservation, unused)
+    except BaseException:
+        await state.service.rate_limiter.refund(reservation, unused)
+        raise
     runner.notify()
     status_url = f"/jobs/{job.id}"
     response.headers["Location"] = status_url
-    return JobAccepted(request_id=request_id, job_id=job.id, state=job.state.value, status_url=status_url)
+    return JobAccepted(request_id=request_id, job_id=job.id, state=job.state, status_url=status_url)

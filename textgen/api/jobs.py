@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Response
 from sse_starlette import ServerSentEvent
 
 from models import JobList, JobStateName, JobView
-from textgen.api.deps import RequestIdDep, RunnerDep, StateDep, StoreDep
+from textgen.api.deps import ReaderDep, RequestIdDep, RunnerDep, StateDep, StoreDep
 from textgen.api.errors import error_responses
 from textgen.api.sse import SSE_RESPONSE_DOC, error_event, event, sse_response
 from textgen.engine.types import Handle
@@ -19,31 +19,37 @@ from textgen.errors import TextGenError
 from textgen.generation import GenerationService
 from textgen.jobs.runner import JobRunner
 from textgen.jobs.store import TERMINAL_STATES, JobState, JobStore
-from textgen.jobs.view import job_view, queue_estimate
+from textgen.jobs.view import job_summary, job_view, queue_estimate
 
 STREAM_POLL_S = 0.25
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-@router.get("", response_model=JobList, responses=error_responses(422, 500), summary="List jobs, newest first")
+@router.get(
+    "",
+    response_model=JobList,
+    responses=error_responses(422, 429, 500),
+    summary="List your jobs, newest first (summaries; the full job is on GET /jobs/{id})",
+)
 async def list_jobs(
     store: StoreDep,
+    caller: ReaderDep,
     state: Annotated[JobStateName | None, Query(description="Only jobs in this state")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> JobList:
-    jobs = await store.list(state=JobState(state) if state else None, limit=limit)
-    return JobList(jobs=[job_view(job) for job in jobs])
+    jobs = await store.list(state=JobState(state) if state else None, limit=limit, tenant=caller.visible_owner)
+    return JobList(jobs=[job_summary(job) for job in jobs])
 
 
 @router.get(
     "/{job_id}",
     response_model=JobView,
-    responses=error_responses(404, 500),
+    responses=error_responses(404, 429, 500),
     summary="A job's state; while queued, its position and estimated start time",
 )
-async def get_job(job_id: str, store: StoreDep) -> JobView:
-    job = await store.get(job_id)
+async def get_job(job_id: str, store: StoreDep, caller: ReaderDep) -> JobView:
+    job = await store.get(job_id, tenant=caller.visible_owner)
     return job_view(job, await queue_estimate(store, job))
 
 
@@ -56,11 +62,13 @@ async def get_job(job_id: str, store: StoreDep) -> JobView:
 @router.delete(
     "/{job_id}",
     response_model=JobView,
-    responses=error_responses(404, 409, 500),
+    responses=error_responses(404, 409, 429, 500),
     summary="Cancel a queued or running job (same as POST /jobs/{job_id}/cancel; the job is not deleted)",
 )
-async def cancel_job(job_id: str, store: StoreDep, runner: RunnerDep) -> JobView:
-    job = await store.cancel(job_id)
+async def cancel_job(job_id: str, store: StoreDep, runner: RunnerDep, state: StateDep, caller: ReaderDep) -> JobView:
+    job = await store.cancel(job_id, tenant=caller.visible_owner)
+    if job.started_at is None:  # it never ran: its submitter gets the whole reservation back
+        await state.service.refund_unused(job.reservation, None)
     runner.cancel_local(job_id)
     runner.notify()  # its webhook, if any, is due now
     return job_view(job)
@@ -101,11 +109,13 @@ async def job_events(
 
 @router.get(
     "/{job_id}/stream",
-    responses={**SSE_RESPONSE_DOC, **error_responses(404, 500)},
+    responses={**SSE_RESPONSE_DOC, **error_responses(404, 429, 500)},
     summary="Follow a job live (Server-Sent Events); disconnecting does not cancel it",
 )
 async def stream_job(
-    job_id: str, store: StoreDep, runner: RunnerDep, state: StateDep, request_id: RequestIdDep
+    job_id: str, store: StoreDep, runner: RunnerDep, state: StateDep, request_id: RequestIdDep, caller: ReaderDep
 ) -> Response:
-    await store.get(job_id)  # unknown ids get a plain 404 before the stream starts
-    return sse_response(job_events(job_id, store, runner, state.service, request_id), request_id)
+    await store.get(job_id, tenant=caller.visible_owner)  # unknown (or others') ids: a plain 404 first
+    with state.streams.take(caller.rate_key) as slot:
+        events = job_events(job_id, store, runner, state.service, request_id)
+        return sse_response(slot.attach(events), request_id)

@@ -25,7 +25,7 @@ _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 def request_id_from(scope: Scope) -> str:
     for name, value in scope.get("headers", []):
         if name == REQUEST_ID_HEADER.encode():
-            candidate = value.decode("latin-1").strip()
+            candidate = str(value.decode("latin-1")).strip()
             if _VALID_REQUEST_ID.match(candidate):
                 return candidate
             break

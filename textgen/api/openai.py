@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -43,7 +43,7 @@ from models import (
     Usage,
 )
 from textgen.api.deps import CallerDep, RequestIdDep, ServiceDep, StateDep
-from textgen.api.errors import request_id_of, retry_after_headers
+from textgen.api.errors import openai_error_body, request_id_of, retry_after_headers
 from textgen.api.generate import results_unless_disconnected
 from textgen.api.sse import SSE_RESPONSE_DOC, sse_response
 from textgen.engine.constraints import Constraint
@@ -61,15 +61,10 @@ from textgen.generation import GenerationService
 
 logger = logging.getLogger(__name__)
 
-OPENAI_FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    429: "rate_limit_exceeded",
-    503: "server_overloaded",
-    504: "timeout",
+OPENAI_FINISH: dict[FinishReason, Literal["stop", "length"]] = {
+    FinishReason.LENGTH: "length",
+    FinishReason.STOP: "stop",
+    FinishReason.EOS: "stop",
 }
 
 
@@ -77,14 +72,13 @@ def openai_error(
     request: Request, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     request_id = request_id_of(request)
-    body = {**error_body(status, message, param), "request_id": request_id}
+    body = openai_error_body(status, message, request_id, param)
     return JSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-ID": request_id})
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     """OpenAI's ``{"error": {...}}`` for a status (also the body of a failed batch line)."""
-    kind = _ERROR_TYPES.get(status, "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return {"error": openai_error_body(status, message, "", param)["error"]}
 
 
 class OpenAIRoute(APIRoute):
@@ -311,8 +305,7 @@ async def _openai_stream(chunks: AsyncIterator[dict[str, Any]], request_id: str)
         if client_error is not error:
             logger.error("Stream failed", exc_info=error, extra={"request_id": request_id})
         assert isinstance(client_error, TextGenError)
-        kind = _ERROR_TYPES.get(client_error.status_code, "server_error")
-        yield _data({"error": {"message": client_error.message, "type": kind}, "request_id": request_id})
+        yield _data(openai_error_body(client_error.status_code, client_error.message, request_id))
     yield ServerSentEvent(data="[DONE]")
 
 
@@ -337,23 +330,31 @@ async def list_models(state: StateDep) -> ModelList:
     summary="OpenAI-compatible text completion",
 )
 async def completions(
-    body: CompletionRequest, request: Request, service: ServiceDep, request_id: RequestIdDep, caller: CallerDep
+    body: CompletionRequest,
+    request: Request,
+    state: StateDep,
+    service: ServiceDep,
+    request_id: RequestIdDep,
+    caller: CallerDep,
 ) -> CompletionResponse | Response:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or not all(prompts):
         raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings.")
     for prompt in prompts:
         service.check_prompt(prompt, request_id)
-    await service.prepare(_sampling(body, body.max_tokens, 0))
-    handles = _submit_all(service, prompts, body, body.max_tokens, request_id)
+    await service.prepare(_sampling(body, body.max_tokens, 0))  # compile a constraint before queueing
+    budgets = [_sampling(body, body.max_tokens, 0)] * (len(prompts) * body.n)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return sse_response(
-            _openai_stream(
-                _completion_chunks(service, handles, body, completion_id, created, request_id, caller), request_id
-            ),
-            request_id,
-        )
+        with state.streams.take(caller) as slot:
+            handles = await service.submit_budgeted(
+                caller, budgets, lambda: _submit_all(service, prompts, body, body.max_tokens, request_id)
+            )
+            chunks = _completion_chunks(service, handles, body, completion_id, created, request_id, caller)
+            return sse_response(slot.attach(_openai_stream(chunks, request_id)), request_id)
+    handles = await service.submit_budgeted(
+        caller, budgets, lambda: _submit_all(service, prompts, body, body.max_tokens, request_id)
+    )
     results = await _finished(request, service, handles, request_id, caller)
     return completion_response(service, body, results, completion_id, created)
 
@@ -438,14 +439,19 @@ async def chat_completions(
         service.check_prompt(message.content, request_id)
     prompt = render_chat_prompt(state.model.tokenizer, body.messages)
     max_tokens = body.max_completion_tokens or body.max_tokens or state.settings.max_new_tokens_limit
-    await service.prepare(_sampling(body, max_tokens, 0))
-    handles = _submit_all(service, [prompt], body, max_tokens, request_id)
+    await service.prepare(_sampling(body, max_tokens, 0))  # compile a constraint before queueing
+    budgets = [_sampling(body, max_tokens, 0)] * body.n
     chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return sse_response(
-            _openai_stream(_chat_chunks(service, handles, body, chat_id, created, request_id, caller), request_id),
-            request_id,
-        )
+        with state.streams.take(caller) as slot:
+            handles = await service.submit_budgeted(
+                caller, budgets, lambda: _submit_all(service, [prompt], body, max_tokens, request_id)
+            )
+            chunks = _chat_chunks(service, handles, body, chat_id, created, request_id, caller)
+            return sse_response(slot.attach(_openai_stream(chunks, request_id)), request_id)
+    handles = await service.submit_budgeted(
+        caller, budgets, lambda: _submit_all(service, [prompt], body, max_tokens, request_id)
+    )
     results = await _finished(request, service, handles, request_id, caller)
     return chat_response(service, body, results, chat_id, created)
 

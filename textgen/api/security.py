@@ -2,26 +2,32 @@
 
 Each reads its settings from the app state built in the lifespan, so nothing is decided at import
 time. Keys are compared in constant time, never logged, and a failure says nothing about which keys
-exist. The authenticated caller is recorded as ``scope["state"]["principal"]``: a short hash of the
-key (or the client address when auth is off), which is what rate limits count against.
+exist. The caller (``textgen.access.Caller``) is recorded as ``scope["state"]["caller"]`` and its
+rate-limit key as ``scope["state"]["principal"]``. ``AccessPolicy`` lives in ``textgen.access`` and is
+re-exported here for existing imports.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
+import json
 import logging
-import sys
-from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
+import math
+import re
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from textgen.errors import ConfigError, PayloadTooLargeError, UnauthorizedError
+from textgen.access import (
+    AccessPolicy,
+    FailedKeyLimiter,
+    bind_host_from_argv,
+    is_loopback,
+    owner_id_for_key,
+    warn_if_exposed_without_keys,
+)
+from textgen.api.errors import error_body, openai_error_body
+from textgen.errors import InvalidRequestError, PayloadTooLargeError, RateLimitedError, TextGenError, UnauthorizedError
 
 logger = logging.getLogger(__name__)
 
@@ -35,79 +41,20 @@ PUBLIC_PAGE_PREFIX = "/static/"
 def is_public_page(path: str) -> bool:
     return path in PUBLIC_PAGE_PATHS or path.startswith(PUBLIC_PAGE_PREFIX)
 
+__all__ = [
+    "APIKeyMiddleware",
+    "AccessPolicy",
+    "BodySizeLimitMiddleware",
+    "FailedKeyLimiter",
+    "bind_host_from_argv",
+    "is_loopback",
+    "key_fingerprint",
+    "warn_if_exposed_without_keys",
+]
+
 
 def key_fingerprint(key: str) -> str:
-    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class AccessPolicy:
-    keys: tuple[bytes, ...]
-    exempt_paths: frozenset[str]
-
-    @classmethod
-    def from_sources(cls, keys: Iterable[str], keys_file: Path | None, exempt_paths: Iterable[str]) -> AccessPolicy:
-        all_keys = [k.strip() for k in keys if k.strip()]
-        if keys_file is not None:
-            all_keys += _read_keys_file(keys_file)
-        return cls(tuple(k.encode() for k in all_keys), frozenset(exempt_paths))
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.keys)
-
-    def principal_for(self, authorization: str | None) -> str:
-        """The caller's principal for a valid ``Bearer`` key; UnauthorizedError otherwise."""
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise UnauthorizedError()
-        candidate = token.strip().encode()
-        # Compare against every key, without stopping early, so timing says nothing about the keys.
-        matched = False
-        for key in self.keys:
-            matched |= hmac.compare_digest(candidate, key)
-        if not matched:
-            raise UnauthorizedError()
-        return key_fingerprint(candidate.decode())
-
-
-def _read_keys_file(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise ConfigError(f"Cannot read TEXTGEN_API_KEYS_FILE {path}: {error.strerror}.") from None
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-
-
-def is_loopback(host: str | None) -> bool:
-    if not host or host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def bind_host_from_argv(argv: list[str] | None = None) -> str | None:
-    """The --host uvicorn was started with, if visible (``uvicorn main:app --host 0.0.0.0``)."""
-    args = sys.argv if argv is None else argv
-    for index, arg in enumerate(args):
-        if arg == "--host" and index + 1 < len(args):
-            return args[index + 1]
-        if arg.startswith("--host="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def warn_if_exposed_without_keys(policy: AccessPolicy, host: str | None) -> bool:
-    if policy.enabled or is_loopback(host):
-        return False
-    logger.warning(
-        "!!! SECURITY: serving on %s without API keys: anyone who can reach this address can use the model. "
-        "Set TEXTGEN_API_KEYS (or TEXTGEN_API_KEYS_FILE), or bind to 127.0.0.1. !!!",
-        host,
-    )
-    return True
+    return owner_id_for_key(key)
 
 
 def _state(scope: Scope) -> object | None:
@@ -118,24 +65,27 @@ def _request_id(scope: Scope) -> str:
     return str(scope.get("state", {}).get("request_id", "-"))
 
 
-async def _send_error(
-    scope: Scope, receive: Receive, send: Send, error: UnauthorizedError | PayloadTooLargeError
-) -> None:
+async def _send_error(scope: Scope, receive: Receive, send: Send, error: TextGenError) -> None:
     """The error body in the shape of the API the path belongs to (OpenAI's under /v1)."""
     headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
     request_id = _request_id(scope)
-    body: dict[str, object] = {"detail": error.message, "request_id": request_id}
     if scope["path"].startswith(OPENAI_PREFIX):
-        kind = "authentication_error" if error.status_code == 401 else "invalid_request_error"
-        body = {
-            "error": {"message": error.message, "type": kind, "param": None, "code": None},
-            "request_id": request_id,
-        }
+        body = openai_error_body(error.status_code, error.message, request_id)
+    else:
+        body = error_body(error.message, request_id)
     await JSONResponse(body, status_code=error.status_code, headers=headers)(scope, receive, send)
 
 
+def _headers(scope: Scope) -> dict[str, str]:
+    return {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope.get("headers", [])}
+
+
 class APIKeyMiddleware:
-    """401 for requests without a valid key when keys are configured (exempt paths pass)."""
+    """Identifies the caller (``scope["state"]["caller"]``, see ``textgen.access``); 401 for requests
+    without a valid key when keys are configured (exempt paths pass), every method alike; 429 for a
+    client address that sent too many wrong keys in the last minute."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -147,27 +97,51 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         policy: AccessPolicy = state.access  # type: ignore[attr-defined]
+        failures: FailedKeyLimiter = state.failed_keys  # type: ignore[attr-defined]
         if not self._warned:
             server = scope.get("server")
             warn_if_exposed_without_keys(policy, server[0] if server else None)
             self._warned = True
         path = scope["path"]
-        exempt = path in policy.exempt_paths or is_public_page(path) or scope["method"] == "OPTIONS"
-        if policy.enabled and not exempt:
-            try:
-                principal = policy.principal_for(_header(scope, b"authorization"))
-            except UnauthorizedError as error:
-                await _send_error(scope, receive, send, error)
+        if is_public_page(path):  # the playground's page and files: the page itself asks for a key
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        peer = scope.get("client")
+        client = policy.client_address(peer[0] if peer else None, headers)
+        guarded = policy.enabled and path not in policy.exempt_paths
+        if guarded:
+            wait_s = failures.retry_after_s(client)
+            if wait_s is not None:
+                await _send_error(scope, receive, send, _too_many_failures(wait_s))
                 return
-        else:
-            client = scope.get("client")
-            principal = f"client:{client[0] if client else 'unknown'}"
-        scope.setdefault("state", {})["principal"] = principal
+        try:
+            caller = policy.identify(scope["path"], headers.get("authorization"), peer[0] if peer else None, headers)
+        except UnauthorizedError as error:
+            count = failures.record(client)
+            # Never the attempted key: only where it came from and how often.
+            logger.warning("Rejected a missing or invalid API key from %s (%d in the last minute)", client, count)
+            await _send_error(scope, receive, send, error)
+            return
+        scope.setdefault("state", {})["caller"] = caller
+        scope["state"]["principal"] = caller.rate_key
         await self.app(scope, receive, send)
 
 
+def _too_many_failures(wait_s: float) -> RateLimitedError:
+    return RateLimitedError(
+        "Too many requests with a missing or invalid API key from this address "
+        "(TEXTGEN_AUTH_FAILURES_PER_MINUTE); retry after the time in the Retry-After header.",
+        retry_after_s=wait_s,
+    )
+
+
+_ASCII_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
 class BodySizeLimitMiddleware:
-    """413 before reading a body whose declared length is too large, or once a streamed one grows too large."""
+    """413 before reading a body whose declared length is too large, or once a streamed one grows too
+    large; 400 for a ``Content-Length`` that is not ASCII digits."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -183,9 +157,14 @@ class BodySizeLimitMiddleware:
             return
         limit: int = state.settings.max_body_bytes  # type: ignore[attr-defined]
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _send_error(scope, receive, send, PayloadTooLargeError())
-            return
+        if declared is not None:
+            # str.isdigit() accepts "²" and other Unicode digits that int() then refuses.
+            if not _ASCII_DIGITS.fullmatch(declared.strip()):
+                await _send_error(scope, receive, send, InvalidRequestError("Invalid Content-Length header."))
+                return
+            if int(declared) > limit:
+                await _send_error(scope, receive, send, PayloadTooLargeError())
+                return
         received = 0
         refused = False
 
@@ -207,6 +186,80 @@ class BodySizeLimitMiddleware:
                 await send(message)
 
         await self.app(scope, receive_limited, send_unless_refused)
+
+
+LONE_SURROGATE = "The request contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not valid text."
+_JSON_TYPES = ("application/json", "+json")
+
+
+def has_lone_surrogate(value: object) -> bool:
+    """Whether any string in decoded JSON (keys included) holds a surrogate code point; JSON's
+    "\\ud83d\\ude00" pairs decode to one character, so only unpaired ones are left."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if any("\ud800" <= char <= "\udfff" for char in item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+class TextHygieneMiddleware:
+    """400 for a JSON body that holds a lone surrogate (valid JSON, but not text any encoder, tokenizer
+    or filter can handle), before any route sees it, in the shape of the path's API. The body, already
+    bounded by the size limit, is read once and replayed to the app."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        content_type = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
+        # FastAPI reads a body without a Content-Type as JSON too.
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS") or (
+            content_type and not content_type.endswith(_JSON_TYPES)
+        ):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left (or the size limit refused it)
+                await self.app(scope, _replay([], message, receive), send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if b"\\u" in body and _decodes_to_lone_surrogate(body):
+            await _send_error(scope, receive, send, InvalidRequestError(LONE_SURROGATE))
+            return
+        await self.app(scope, _replay([body], None, receive), send)
+
+
+def _decodes_to_lone_surrogate(body: bytes) -> bool:
+    try:
+        return has_lone_surrogate(json.loads(body))
+    except ValueError:  # not JSON: the route's own validation answers
+        return False
+
+
+def _replay(bodies: list[bytes], pending: Message | None, receive: Receive) -> Receive:
+    """A receive that first hands back what was read, then passes through (for disconnects)."""
+    queue: list[Message] = [{"type": "http.request", "body": b, "more_body": False} for b in bodies]
+    if pending is not None:
+        queue.append(pending)
+
+    async def replayed() -> Message:
+        if queue:
+            return queue.pop(0)
+        return await receive()
+
+    return replayed
 
 
 class SettingsCORSMiddleware:
@@ -240,5 +293,5 @@ def is_file_upload(scope: Scope) -> bool:
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", []):
         if key.lower() == name:
-            return value.decode("latin-1")
+            return str(value.decode("latin-1"))
     return None

@@ -9,6 +9,7 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from textgen.api.errors import error_body
 from textgen.api.middleware import REQUEST_ID_HEADER
 from textgen.errors import EngineError, TextGenError
 
@@ -37,7 +38,7 @@ def error_event(error: BaseException, request_id: str) -> ServerSentEvent:
     if not isinstance(error, TextGenError):
         logger.error("Stream failed", exc_info=error, extra={"request_id": request_id})
         error = EngineError()
-    return event("error", {"detail": error.message, "status": error.status_code, "request_id": request_id})
+    return event("error", {**error_body(error.message, request_id), "status": error.status_code})
 
 
 def sse_response(events: AsyncIterator[ServerSentEvent | dict[str, Any] | str], request_id: str) -> EventSourceResponse:

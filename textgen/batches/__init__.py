@@ -18,8 +18,8 @@ from textgen.batches.store import BatchStore
 from textgen.batches.webhook import BatchWebhooks
 from textgen.config import Settings
 from textgen.jobs.runner import JobRunner
-from textgen.jobs.sqlite_store import sqlite_path_from_url
-from textgen.jobs.store import JobStore, is_redis_url
+from textgen.jobs.store import JobStore
+from textgen.storage.url import is_redis_url, sqlite_path_from_url
 
 logger = logging.getLogger(__name__)
 

@@ -282,7 +282,11 @@ class BatchCoordinator:
                     "body": item["body"],
                 }
                 job, _created = await self._jobs.create_idempotent(
-                    request, request_id=f"{batch.id}-{line.number}", key=f"batch:{batch.id}:{line.number}", ttl_s=ttl_s
+                    request,
+                    request_id=f"{batch.id}-{line.number}",
+                    key=f"batch:{batch.id}:{line.number}",
+                    ttl_s=ttl_s,
+                    tenant=batch.owner,
                 )
                 jobs.append((line.number, job.id))
             await self._store.set_jobs(batch.id, jobs)

@@ -35,8 +35,8 @@ from textgen.batches.store import (
     file_to_json,
 )
 from textgen.errors import StoreUnavailableError
-from textgen.jobs.redis_store import ping_redis, redis_client
-from textgen.jobs.store import redact_url
+from textgen.storage.redis import ping_redis, redis_client
+from textgen.storage.url import redact_url
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from textgen.batches.store import (
     file_from_json,
     file_to_json,
 )
-from textgen.jobs.sqlite_store import SQLiteConnection, connect_sqlite, write_txn
+from textgen.storage.sqlite import SQLiteConnection, connect_sqlite, write_txn
 
 _SCHEMA = (
     """

@@ -8,6 +8,8 @@ server):
                           ``webhook_lease_until``
 - ``seq``                 INCR counter giving every job its creation order
 - ``jobs``                zset id -> seq: every job (``list`` without a state, newest first)
+- ``tenant:{owner}``      zset id -> seq: one owner's jobs (``list`` for that owner); jobs stored before
+                          owners existed have no ``tenant`` field and belong to the anonymous owner
 - ``state:{state}``       zset id -> seq per state (``list`` with a state, ``count``)
 - ``queued``              zset id -> seq: the FIFO queue (ZRANK = queue position); a re-queued job keeps
                           its seq, so it goes back to its old place, as in SQLite (ORDER BY created_at)
@@ -16,7 +18,7 @@ server):
 - ``completions``         zset id -> finished_at: succeeded/failed jobs (``recent_completions``)
 - ``webhooks:due``        zset id -> finished_at: pending webhooks nobody holds
 - ``webhooks:claimed``    zset id -> claim expiry: pending webhooks held by a delivering process
-- ``idem:{key}``          hash: fingerprint, job_id, created_at of an Idempotency-Key (expires in Redis
+- ``idem:{owner} {key}``  hash: fingerprint, job_id, created_at of an Idempotency-Key (expires in Redis
                           an hour after its TTL, as hygiene; lookups apply the TTL cutoff themselves)
 
 Every state change is one Lua script, so it is atomic across processes. Scripts read the server's
@@ -28,46 +30,41 @@ prefix needs a hash tag (``{textgen}``) to keep every key in one slot.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
 import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
-from urllib.parse import urlparse
+from typing import Any, cast
 
-import redis.asyncio
-import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
+from textgen.access import ANONYMOUS_OWNER
 from textgen.errors import (
-    ConfigError,
     IdempotencyConflictError,
     JobNotCancellableError,
     JobNotFoundError,
-    StoreUnavailableError,
 )
 from textgen.jobs.store import (
-    REDIS_FORMS,
     Job,
     JobState,
     WebhookState,
     abandoned_error,
     check_finish_state,
     check_ttl,
+    check_visible,
+    claim_cancel_safe,
     new_job,
-    redact_url,
     request_fingerprint,
+    scoped_idempotency_key,
     validate_idempotency_key,
 )
+from textgen.storage.redis import check_durability, ping_redis, redis_client, redis_outage_guard
+from textgen.storage.url import redact_url
 
 logger = logging.getLogger(__name__)
 
-_CONNECT_TIMEOUT_S = 5.0
 _IDEMPOTENCY_GRACE_S = 3600.0  # how long past its TTL Redis keeps an idempotency record before expiring it
 _BATCH = 500  # ids per script call when renewing / purging, and keys per SCAN step
 
@@ -79,8 +76,14 @@ _PRELUDE = """
 local P = ARGV[1]
 local function jkey(id) return P .. ':job:' .. id end
 local function zkey(name) return P .. ':' .. name end
--- the server clock: (seconds as a number, the same as an exact string with microseconds)
+-- the server clock: (seconds as a number, the same as an exact string with microseconds), unless a
+-- store with an injected clock (tests) wrote its reading to {prefix}:clock just before this call
 local function clock()
+  local fake = redis.call('GET', P .. ':clock')
+  if fake then
+    local f = tonumber(fake)
+    return f, string.format('%.6f', f)
+  end
   local t = redis.call('TIME')
   local us = tonumber(t[2])
   return tonumber(t[1]) + us / 1000000, t[1] .. '.' .. string.format('%06d', us)
@@ -100,6 +103,7 @@ local function insert(id, first)
   for i = first, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', jkey(id), 'seq', seq, unpack(fields))
   redis.call('ZADD', zkey('jobs'), seq, id)
+  redis.call('ZADD', zkey('tenant:' .. (redis.call('HGET', jkey(id), 'tenant') or 'anonymous')), seq, id)
   redis.call('ZADD', zkey('state:queued'), seq, id)
   redis.call('ZADD', zkey('queued'), seq, id)
 end
@@ -207,11 +211,12 @@ terminate(id, 'running', ARGV[4], now_s)
 return 1
 """
 
-# ARGV: prefix, id
+# ARGV: prefix, id, tenant ('' = any)
 _CANCEL = """
 local id = ARGV[2]
 local st = redis.call('HGET', jkey(id), 'state')
 if not st then return {'missing'} end
+if ARGV[3] ~= '' and (redis.call('HGET', jkey(id), 'tenant') or 'anonymous') ~= ARGV[3] then return {'missing'} end
 if st ~= 'queued' and st ~= 'running' then return {'ended'} end
 local _, now_s = clock()
 terminate(id, st, 'cancelled', now_s)
@@ -328,6 +333,24 @@ end
 return jobs
 """
 
+# ARGV: prefix, tenant, state ('' = any), limit (> 0). Walks the tenant's jobs newest first.
+_LIST_TENANT = """
+local jobs, start, step = {}, 0, 200
+local limit = tonumber(ARGV[4])
+while #jobs < limit do
+  local ids = redis.call('ZREVRANGE', zkey('tenant:' .. ARGV[2]), start, start + step - 1)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    if ARGV[3] == '' or redis.call('HGET', jkey(id), 'state') == ARGV[3] then
+      jobs[#jobs + 1] = redis.call('HGETALL', jkey(id))
+      if #jobs >= limit then break end
+    end
+  end
+  start = start + step
+end
+return jobs
+"""
+
 # ARGV: prefix, within_s, limit (> 0)
 _RECENT_COMPLETIONS = """
 local now = clock()
@@ -341,12 +364,13 @@ local now = clock()
 local ids = redis.call('ZRANGEBYSCORE', zkey('finished'), '-inf', '(' .. fmt(now - tonumber(ARGV[2])),
   'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(ids) do
-  local st = redis.call('HMGET', jkey(id), 'state', 'idem_key')
+  local st = redis.call('HMGET', jkey(id), 'state', 'idem_key', 'tenant')
   -- the key's record goes with its job, unless the key was re-pointed at a newer job since
   if st[2] and redis.call('HGET', zkey('idem:' .. st[2]), 'job_id') == id then
     redis.call('DEL', zkey('idem:' .. st[2]))
   end
   redis.call('DEL', jkey(id))
+  redis.call('ZREM', zkey('tenant:' .. (st[3] or 'anonymous')), id)
   for _, z in ipairs({'jobs', 'queued', 'leases', 'finished', 'completions', 'webhooks:due', 'webhooks:claimed'}) do
     redis.call('ZREM', zkey(z), id)
   end
@@ -384,88 +408,11 @@ _SCRIPTS: dict[str, str] = {
     "claim_webhook": _CLAIM_WEBHOOK,
     "record_webhook": _RECORD_WEBHOOK,
     "list": _LIST,
+    "list_tenant": _LIST_TENANT,
     "recent_completions": _RECENT_COMPLETIONS,
     "purge_finished": _PURGE_FINISHED,
     "purge_idempotency": _PURGE_IDEMPOTENCY,
 }
-
-
-# --------------------------------------------------------------------------------------------------
-# Connection helpers, shared with the Redis rate limiter
-# --------------------------------------------------------------------------------------------------
-
-_DB_PATH_RE = re.compile(r"/?\d*")
-
-
-def _invalid_url(url: str, why: str) -> ConfigError:
-    return ConfigError(f"Invalid TEXTGEN_JOB_STORE {redact_url(url)!r} ({why}). Use {REDIS_FORMS}.")
-
-
-def _check_redis_url(url: str) -> None:
-    """ConfigError for what redis-py would accept silently (a db that is not a number) or choke on later."""
-    try:
-        parsed = urlparse(url)
-        port = parsed.port  # raises ValueError when it is not a number in range
-    except ValueError:
-        port = 0
-    if port == 0:
-        raise _invalid_url(url, "the port is not a number from 1 to 65535")
-    if parsed.scheme.lower() not in ("redis", "rediss"):
-        raise _invalid_url(url, "the scheme must be redis:// or rediss://")
-    if not parsed.hostname:
-        raise _invalid_url(url, "no host")
-    if not _DB_PATH_RE.fullmatch(parsed.path):
-        raise _invalid_url(url, "the path must be a database number, such as /0")
-
-
-def redis_client(url: str) -> redis.asyncio.Redis:
-    """A client (no connection made yet) for a ``redis://`` / ``rediss://`` URL; ConfigError if malformed."""
-    _check_redis_url(url)
-    try:
-        # Options in the URL's query string win over these defaults. No automatic retries: the scripts
-        # are not idempotent (a retried claim whose first reply was lost would take a second job); a
-        # failed call surfaces, and a lost claim or finish is recovered by the lease instead.
-        return redis.asyncio.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=_CONNECT_TIMEOUT_S, retry=Retry(NoBackoff(), 0)
-        )
-    except ValueError as exc:
-        raise _invalid_url(url, _hide_password(str(exc), url)) from None
-
-
-def _hide_password(text: str, url: str) -> str:
-    password = urlparse(url).password
-    return text.replace(password, "***") if password else text
-
-
-def _open_failure(url: str, exc: redis.exceptions.RedisError) -> ConfigError:
-    shown = redact_url(url)
-    reason = _hide_password(str(exc), url)
-    if isinstance(exc, redis.exceptions.AuthenticationError) or "NOAUTH" in reason or "WRONGPASS" in reason:
-        fix = (
-            "authentication failed. Put the right password in TEXTGEN_JOB_STORE (redis://:password@host:port/db, "
-            "or redis://user:password@host:port/db for an ACL user)"
-        )
-    elif "DB index is out of range" in reason:
-        fix = (
-            "that database number does not exist on the server. Use a db from 0 to the server's `databases` "
-            "setting minus one in TEXTGEN_JOB_STORE (redis://host:port/0)"
-        )
-    elif isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        fix = (
-            "the server is not reachable. Start Redis there, or fix the host and port in TEXTGEN_JOB_STORE "
-            "(and use rediss:// if the server only accepts TLS)"
-        )
-    else:
-        fix = "the server refused the connection. Check the server and TEXTGEN_JOB_STORE"
-    return ConfigError(f"Cannot use Redis at {shown}: {fix}. ({reason})")
-
-
-async def ping_redis(client: redis.asyncio.Redis, url: str) -> None:
-    """Connect and PING; ConfigError, naming TEXTGEN_JOB_STORE and saying how to fix it, if that fails."""
-    try:
-        await client.ping()
-    except redis.exceptions.RedisError as exc:
-        raise _open_failure(url, exc) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -484,6 +431,8 @@ def _job_fields(job: Job) -> list[str]:
         "attempts": str(job.attempts),
         "callback_url": job.callback_url,
         "webhook_attempts": str(job.webhook_attempts),
+        "tenant": job.tenant,
+        "reservation": job.reservation,
     }
     return [item for name, value in values.items() if value is not None for item in (name, value)]
 
@@ -517,6 +466,8 @@ def _job(fields: dict[str, str]) -> Job:
         webhook_attempts=int(fields.get("webhook_attempts", "0")),
         webhook_error=fields.get("webhook_error"),
         webhook_at=_float(fields.get("webhook_at")),
+        tenant=fields.get("tenant", ANONYMOUS_OWNER),
+        reservation=fields.get("reservation"),
     )
 
 
@@ -537,11 +488,22 @@ def _glob_escape(text: str) -> str:
 class RedisJobStore:
     """``JobStore`` on Redis: every state change one Lua script, leases on the server's clock."""
 
-    def __init__(self, url: str, *, prefix: str = "textgen") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "textgen",
+        allow_volatile: bool = False,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """``clock``: None (the default) uses the Redis server's clock, so replicas agree on leases; a
+        callable (tests) is read before every script call and used instead."""
         if not prefix:
             raise ValueError("prefix must not be empty")
+        self._clock = clock
         self._url = url
         self.prefix = prefix
+        self.allow_volatile = allow_volatile
         self._redis = redis_client(url)
         self._scripts: dict[str, AsyncScript] = {
             name: self._redis.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()
@@ -549,9 +511,9 @@ class RedisJobStore:
         self._opened = False
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "textgen") -> RedisJobStore:
-        """A store for a ``redis://`` / ``rediss://`` URL (nothing connects before ``open``)."""
-        return cls(url, prefix=prefix)
+    def from_url(cls, url: str, *, prefix: str = "textgen", allow_volatile: bool = False) -> RedisJobStore:
+        """The constructor under its older name (tests and tools use both)."""
+        return cls(url, prefix=prefix, allow_volatile=allow_volatile)
 
     @property
     def url(self) -> str:
@@ -562,9 +524,12 @@ class RedisJobStore:
         return f"RedisJobStore({self.url!r}, prefix={self.prefix!r})"
 
     async def open(self) -> None:
+        """Connect, and refuse a server that would lose accepted jobs in a restart (no AOF) unless
+        ``allow_volatile`` (TEXTGEN_REDIS_ALLOW_VOLATILE)."""
         await ping_redis(self._redis, self._url)
+        durability = await check_durability(self._redis, self._url, allow_volatile=self.allow_volatile)
         self._opened = True
-        logger.info("Job store open at %s (prefix %r)", self.url, self.prefix)
+        logger.info("Job store open at %s (prefix %r; %s)", self.url, self.prefix, durability)
 
     async def close(self) -> None:
         self._opened = False
@@ -576,25 +541,34 @@ class RedisJobStore:
 
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
-        """An unreachable server is a retryable 503 for clients (StoreUnavailableError), not a 500."""
         self._require_open()
-        try:
+        async with redis_outage_guard(self._url, "job store"):
             yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            logger.warning("Redis job store at %s unavailable: %s", self.url, _hide_password(str(exc), self._url))
-            raise StoreUnavailableError() from exc
 
     async def _call(self, script: str, *args: str | int | float) -> Any:
         async with self._guard():
+            if self._clock is not None:
+                await self._redis.set(self._key("clock"), repr(float(self._clock())))
             return await self._scripts[script](keys=[], args=[self.prefix, *args])
+
+    def _now(self) -> float | None:
+        return None if self._clock is None else self._clock()
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}:{name}"
 
     # -- jobs --------------------------------------------------------------------------------------
 
-    async def create(self, request: dict[str, Any], *, request_id: str | None, callback_url: str | None = None) -> Job:
-        job = new_job(request, request_id, callback_url)
+    async def create(
+        self,
+        request: dict[str, Any],
+        *,
+        request_id: str | None,
+        callback_url: str | None = None,
+        tenant: str = ANONYMOUS_OWNER,
+        reservation: str | None = None,
+    ) -> Job:
+        job = new_job(request, request_id, callback_url, tenant, reservation, now=self._now())
         await self._call("create", job.id, *_job_fields(job))
         return job
 
@@ -606,15 +580,18 @@ class RedisJobStore:
         key: str,
         ttl_s: float,
         callback_url: str | None = None,
+        tenant: str = ANONYMOUS_OWNER,
+        reservation: str | None = None,
     ) -> tuple[Job, bool]:
         """Same contract as ``SQLiteJobStore.create_idempotent``, in one script (atomic across processes)."""
         validate_idempotency_key(key)
         check_ttl(ttl_s)
-        job = new_job(request, request_id, callback_url)
+        job = new_job(request, request_id, callback_url, tenant, reservation, now=self._now())
         expire_ms = int((ttl_s + _IDEMPOTENCY_GRACE_S) * 1000)
         fingerprint = request_fingerprint(job.request)
+        scoped = scoped_idempotency_key(tenant, key)
         reply = await self._call(
-            "create_idempotent", job.id, key, fingerprint, repr(float(ttl_s)), expire_ms, *_job_fields(job)
+            "create_idempotent", job.id, scoped, fingerprint, repr(float(ttl_s)), expire_ms, *_job_fields(job)
         )
         if reply[0] == "conflict":
             raise IdempotencyConflictError()
@@ -624,37 +601,37 @@ class RedisJobStore:
             return existing, False
         return job, True
 
-    async def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str, *, tenant: str | None = None) -> Job:
         async with self._guard():
-            fields = await self._redis.hgetall(self._key(f"job:{job_id}"))
+            # decode_responses=True: keys and values are str
+            fields = cast(dict[str, str], await self._redis.hgetall(self._key(f"job:{job_id}")))
         if not fields:
             raise JobNotFoundError()
-        return _job(fields)
+        return check_visible(_job(fields), tenant)
 
-    async def list(self, *, state: JobState | None = None, limit: int = 50) -> builtins.list[Job]:
+    async def list(
+        self, *, state: JobState | None = None, limit: int = 50, tenant: str | None = None
+    ) -> builtins.list[Job]:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
-        index = "jobs" if state is None else f"state:{JobState(state).value}"
         if limit == 0:
             return []
+        if tenant is not None:
+            wanted = "" if state is None else JobState(state).value
+            rows = await self._call("list_tenant", tenant, wanted, limit)
+            return [_job(_pairs(row)) for row in rows if row]
+        index = "jobs" if state is None else f"state:{JobState(state).value}"
         rows = await self._call("list", index, limit)
         return [_job(_pairs(row)) for row in rows if row]
 
     async def claim_next(self, owner: str, lease_s: float) -> Job | None:
-        claim = asyncio.ensure_future(self._call("claim", owner, repr(float(lease_s))))
-        try:
-            reply = await asyncio.shield(claim)
-        except asyncio.CancelledError:
-            # The script may still run after we were cancelled; hand such a job straight back.
-            reply = await asyncio.shield(claim)
-            if reply:
-                await self._call("release", _pairs(reply)["id"], owner)
-            raise
-        if not reply:
-            return None
-        job = _job(_pairs(reply))
-        logger.debug("Job %s claimed by %s (attempt %d)", job.id, owner, job.attempts)
-        return job
+        return await claim_cancel_safe(
+            self._claim(owner, lease_s), lambda job: self._call("release", job.id, owner), owner
+        )
+
+    async def _claim(self, owner: str, lease_s: float) -> Job | None:
+        reply = await self._call("claim", owner, repr(float(lease_s)))
+        return _job(_pairs(reply)) if reply else None
 
     async def renew(self, owner: str, job_ids: Sequence[str], lease_s: float) -> set[str]:
         ids = builtins.list(dict.fromkeys(job_ids))
@@ -679,8 +656,8 @@ class RedisJobStore:
             logger.info("Job %s not finished by %s: no longer running under that owner", job_id, owner)
         return done
 
-    async def cancel(self, job_id: str) -> Job:
-        reply = await self._call("cancel", job_id)
+    async def cancel(self, job_id: str, *, tenant: str | None = None) -> Job:
+        reply = await self._call("cancel", job_id, tenant or "")
         if reply[0] == "missing":
             raise JobNotFoundError()
         if reply[0] == "ended":
@@ -712,7 +689,7 @@ class RedisJobStore:
     async def position(self, job_id: str) -> int | None:
         async with self._guard():
             rank = await self._redis.zrank(self._key("queued"), job_id)
-        return None if rank is None else int(rank)
+        return cast(int | None, rank)  # without withscore: the rank or None
 
     async def recent_completions(self, within_s: float, limit: int) -> builtins.list[float]:
         if limit <= 0:
@@ -768,4 +745,5 @@ class RedisJobStore:
 
     async def count(self, state: JobState) -> int:
         async with self._guard():
-            return int(await self._redis.zcard(self._key(f"state:{JobState(state).value}")))
+            count: int = await self._redis.zcard(self._key(f"state:{JobState(state).value}"))
+        return count

@@ -28,7 +28,13 @@ from pydantic import ValidationError
 
 from models import TextGenerationRequest
 from textgen.engine.types import Handle, Priority
-from textgen.errors import GenerationCancelledError, NotReadyError, StoreUnavailableError, TextGenError
+from textgen.errors import (
+    GenerationCancelledError,
+    InsufficientStorageError,
+    NotReadyError,
+    StoreUnavailableError,
+    TextGenError,
+)
 from textgen.generation import GenerationService
 from textgen.jobs.store import Job, JobState, JobStore, WebhookState
 from textgen.webhooks import WebhookSender
@@ -92,6 +98,7 @@ class JobRunner:
     ) -> None:
         self.owner = owner or process_owner_id()
         self._executors = dict(executors or {})
+        self.polls = 0  # completed claim-loop iterations
         self._lease_s = lease_s
         self._max_attempts = max_attempts
         self._webhooks = webhooks
@@ -135,8 +142,13 @@ class JobRunner:
             await self._webhooks.close()
         try:
             requeued = await self._store.requeue_owned(self.owner)
-        except StoreUnavailableError:
-            logger.warning("Job store unavailable at shutdown: running jobs come back when their leases expire")
+        except (StoreUnavailableError, InsufficientStorageError) as error:
+            # Shutdown must complete anyway; the leases bring these jobs back.
+            logger.warning(
+                "Could not hand running jobs back at shutdown (%s); they are reclaimed when their leases expire "
+                "(TEXTGEN_JOB_LEASE_S)",
+                error.message,
+            )
             return
         if requeued:
             logger.info("Handed %d running job(s) back to the queue for the next start", requeued)
@@ -170,6 +182,7 @@ class JobRunner:
                 logger.warning("Job store unavailable; retrying at the next poll")
             except Exception:
                 logger.exception("Job runner iteration failed; retrying")
+            self.polls += 1  # a positive signal tests (and debugging) can wait for
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_interval_s)
@@ -260,10 +273,14 @@ class JobRunner:
         try:
             outcome = await self._generate(job, request_id)
             if outcome is not None:
-                await self._finish(job, *outcome)
-        except StoreUnavailableError:
-            # The outcome could not be recorded: the lease runs out and the job runs again elsewhere.
-            logger.warning("Job %s: the job store is unavailable; the job will be retried", job.id)
+                if await self._finish_retrying(job, *outcome):
+                    await self._service.refund_unused(job.reservation, self._active.get(job.id))
+            elif not self._stopping and (await self._store.states([job.id])).get(job.id) is JobState.CANCELLED:
+                await self._service.refund_unused(job.reservation, self._active.get(job.id))
+        except (StoreUnavailableError, InsufficientStorageError):
+            # The outcome could not be recorded even after retrying: the lease runs out and the job runs
+            # again (here or elsewhere) once the store takes writes again.
+            logger.warning("Job %s: its result could not be stored; the job will run again", job.id)
         finally:
             self._active.pop(job.id, None)
             self._wakeup.set()  # a slot is free, and a webhook may be due
@@ -299,8 +316,23 @@ class JobRunner:
             logger.exception("Job %s failed", job.id, extra={"request_id": request_id})
             return JobState.FAILED, {"error": f"Internal error; see logs for request id {request_id}."}
 
-    async def _finish(self, job: Job, state: JobState, outcome: dict[str, Any]) -> None:
+    async def _finish_retrying(self, job: Job, state: JobState, outcome: dict[str, Any]) -> bool:
+        """Record the outcome; while the store refuses writes (full disk, outage), keep trying for about
+        one lease period instead of leaving the job running until its lease expires."""
+        delay_s, waited_s = 0.5, 0.0
+        while True:
+            try:
+                return await self._finish(job, state, outcome)
+            except (StoreUnavailableError, InsufficientStorageError):
+                if self._stopping or waited_s >= self._lease_s:
+                    raise
+            await asyncio.sleep(delay_s)
+            waited_s += delay_s
+            delay_s = min(delay_s * 2, 5.0)
+
+    async def _finish(self, job: Job, state: JobState, outcome: dict[str, Any]) -> bool:
         took = await self._store.finish(job.id, self.owner, state, **outcome)
         level = logging.INFO if took else logging.WARNING
         message = "Job %s %s" if took else "Job %s result (%s) discarded: no longer owned here"
         logger.log(level, message, job.id, state.value, extra={"request_id": job.request_id or job.id})
+        return took

@@ -1,28 +1,25 @@
 """The SQLite job store: one file in WAL mode, shareable by the worker processes of one machine.
 
 Every state change is one conditional UPDATE (claims in ``BEGIN IMMEDIATE ... RETURNING``), so the
-``JobStore`` guarantees hold across processes. ``SQLiteConnection`` / ``connect_sqlite`` /
-``sqlite_path_from_url`` are shared with anything else kept in the same file (rate limits).
+``JobStore`` guarantees hold across processes. How the file is opened lives in ``textgen.storage.sqlite``
+(shared with the rate limits kept in the same file); this module holds only the job logic.
 """
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import json
 import logging
 import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any
 
-from textgen.errors import ConfigError, IdempotencyConflictError, JobNotCancellableError, JobNotFoundError
+from textgen.access import ANONYMOUS_OWNER
+from textgen.errors import IdempotencyConflictError, JobNotCancellableError, JobNotFoundError
 from textgen.jobs.store import (
-    SQLITE_FORMS,
     TERMINAL_STATES,
     WEBHOOK_OUTCOMES,
     Job,
@@ -31,25 +28,26 @@ from textgen.jobs.store import (
     abandoned_error,
     check_finish_state,
     check_ttl,
+    check_visible,
+    claim_cancel_safe,
     new_job,
-    redact_url,
     request_fingerprint,
+    scoped_idempotency_key,
     validate_idempotency_key,
 )
+from textgen.storage.sqlite import SQLiteConnection, connect_sqlite, open_error, write_txn
+from textgen.storage.url import sqlite_path_from_url
+
+__all__ = ["SQLiteJobStore", "sqlite_path_from_url"]
 
 logger = logging.getLogger(__name__)
 
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
+Clock = Callable[[], float]
 
-
-# --------------------------------------------------------------------------------------------------
-# SQLite implementation
-# --------------------------------------------------------------------------------------------------
 
 _COLUMNS = (
     "id, request, state, request_id, result, error, created_at, started_at, finished_at, attempts, owner, "
-    "lease_until, callback_url, webhook_state, webhook_attempts, webhook_error, webhook_at"
+    "lease_until, callback_url, webhook_state, webhook_attempts, webhook_error, webhook_at, tenant, reservation"
 )
 
 _SCHEMA = (
@@ -90,13 +88,16 @@ _ADDED_COLUMNS = (
     ("webhook_at", "REAL"),
     ("webhook_owner", "TEXT"),
     ("webhook_lease_until", "REAL"),
+    # Jobs made before owners existed belong to the anonymous owner (as they would without keys).
+    ("tenant", f"TEXT NOT NULL DEFAULT '{ANONYMOUS_OWNER}'"),
+    ("reservation", "TEXT"),
 )
 _LATE_INDEXES = (
     "CREATE INDEX IF NOT EXISTS jobs_state_finished ON jobs (state, finished_at)",
     "CREATE INDEX IF NOT EXISTS jobs_webhook ON jobs (webhook_state, webhook_lease_until)",
+    "CREATE INDEX IF NOT EXISTS jobs_tenant_created ON jobs (tenant, created_at)",
 )
 
-_BUSY_TIMEOUT_MS = 10_000
 _IN_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's bound-parameter limit
 _TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL_STATES))
 # Set with every move to a terminal state: a job with a callback URL now has a webhook to deliver.
@@ -129,25 +130,8 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         webhook_attempts=row["webhook_attempts"],
         webhook_error=row["webhook_error"],
         webhook_at=row["webhook_at"],
-    )
-
-
-@contextmanager
-def write_txn(conn: sqlite3.Connection) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` (take the write lock up front) ... ``COMMIT``, rolling back on any error."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _open_error(path: Path, reason: str) -> ConfigError:
-    return ConfigError(
-        f"Cannot use job store at {path}: {reason}. Set TEXTGEN_JOB_STORE to a writable sqlite:/// path."
+        tenant=row["tenant"],
+        reservation=row["reservation"],
     )
 
 
@@ -163,43 +147,18 @@ def _probe_writable(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
-def connect_sqlite(path: Path, schema: Sequence[str] = ()) -> sqlite3.Connection:
-    """Open ``path`` the way the job store does (autocommit, WAL, busy timeout) and run ``schema``.
-
-    Any other table kept in the job store's file (rate limits) opens its own connection with this.
-    ConfigError, naming TEXTGEN_JOB_STORE, if the file cannot be opened.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _open_error(path, f"cannot create directory {path.parent} ({exc.strerror or exc})") from exc
-    conn: sqlite3.Connection | None = None
-    try:
-        conn = sqlite3.connect(
-            str(path), timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-        )
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            logger.warning("Job store %s: journal_mode is %s, not WAL; concurrency suffers.", path, mode)
-        conn.execute("PRAGMA synchronous = NORMAL")
-        for statement in schema:
-            conn.execute(statement)
-    except sqlite3.Error as exc:
-        if conn is not None:
-            conn.close()
-        raise _open_error(path, str(exc)) from exc
-    return conn
-
-
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
-    for name, decl in _ADDED_COLUMNS:
-        if name not in present:
-            conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
-    for statement in _LATE_INDEXES:
-        conn.execute(statement)
+    """Migrate a file made by an older version, in one transaction (several processes may open it)."""
+    with write_txn(conn):
+        present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+        for name, decl in _ADDED_COLUMNS:
+            if name not in present:
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        if "tenant" not in present:
+            # Idempotency keys became per-tenant along with the column: old ones are the anonymous owner's.
+            conn.execute("UPDATE idempotency_keys SET key = ? || key", (scoped_idempotency_key(ANONYMOUS_OWNER, ""),))
+        for statement in _LATE_INDEXES:
+            conn.execute(statement)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -209,13 +168,13 @@ def _connect(path: Path) -> sqlite3.Connection:
         _probe_writable(conn)
     except sqlite3.Error as exc:
         conn.close()
-        raise _open_error(path, str(exc)) from exc
+        raise open_error(path, str(exc)) from exc
     return conn
 
 
 def _insert(conn: sqlite3.Connection, job: Job) -> None:
     conn.execute(
-        f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 17)})",
+        f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 19)})",
         (
             job.id,
             _dumps(job.request),
@@ -234,29 +193,37 @@ def _insert(conn: sqlite3.Connection, job: Job) -> None:
             job.webhook_attempts,
             job.webhook_error,
             job.webhook_at,
+            job.tenant,
+            job.reservation,
         ),
     )
 
 
-def _select_one(conn: sqlite3.Connection, job_id: str) -> Job:
+def _select_one(conn: sqlite3.Connection, job_id: str, tenant: str | None = None) -> Job:
     row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
         raise JobNotFoundError()
-    return _row_to_job(row)
+    return check_visible(_row_to_job(row), tenant)
 
 
-def _select_many(conn: sqlite3.Connection, state: JobState | None, limit: int) -> builtins.list[Job]:
-    where, params = ("WHERE state = ?", (state.value,)) if state is not None else ("", ())
+def _select_many(
+    conn: sqlite3.Connection, state: JobState | None, limit: int, tenant: str | None
+) -> builtins.list[Job]:
+    conditions = [("state = ?", state.value)] if state is not None else []
+    if tenant is not None:
+        conditions.append(("tenant = ?", tenant))
+    where = ("WHERE " + " AND ".join(c for c, _ in conditions)) if conditions else ""
     rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, rowid DESC LIMIT ?", (*params, limit)
+        f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, rowid DESC LIMIT ?",
+        (*(value for _, value in conditions), limit),
     ).fetchall()
     return [_row_to_job(r) for r in rows]
 
 
-def _claim(conn: sqlite3.Connection, owner: str, lease_s: float) -> Job | None:
+def _claim(conn: sqlite3.Connection, owner: str, lease_s: float, clock: Clock) -> Job | None:
     with write_txn(conn):
         # The clock is read inside the write lock, so started_at can never precede created_at.
-        now = time.time()
+        now = clock()
         rows = conn.execute(
             "UPDATE jobs SET state = 'running', owner = ?, started_at = ?, lease_until = ?, "
             "attempts = attempts + 1 "
@@ -294,15 +261,16 @@ def _finish(
     return cur.rowcount == 1
 
 
-def _cancel(conn: sqlite3.Connection, job_id: str, now: float) -> Job:
+def _cancel(conn: sqlite3.Connection, job_id: str, now: float, tenant: str | None) -> Job:
     with write_txn(conn):
         rows = conn.execute(
             f"UPDATE jobs SET state = 'cancelled', finished_at = ?, lease_until = NULL, {_WEBHOOK_DUE} "
-            f"WHERE id = ? AND state IN ('queued', 'running') RETURNING {_COLUMNS}",
-            (now, job_id),
+            "WHERE id = ? AND state IN ('queued', 'running') AND (? IS NULL OR tenant = ?) "
+            f"RETURNING {_COLUMNS}",
+            (now, job_id, tenant, tenant),
         ).fetchall()
         if not rows:
-            _select_one(conn, job_id)  # raises JobNotFoundError when absent
+            _select_one(conn, job_id, tenant)  # raises JobNotFoundError when absent or not the tenant's
             raise JobNotCancellableError()
     return _row_to_job(rows[0])
 
@@ -329,10 +297,10 @@ def _expire_leases_of(conn: sqlite3.Connection, owner: str) -> int:
     ).rowcount
 
 
-def _renew(conn: sqlite3.Connection, owner: str, job_ids: Sequence[str], lease_s: float) -> set[str]:
+def _renew(conn: sqlite3.Connection, owner: str, job_ids: Sequence[str], lease_s: float, clock: Clock) -> set[str]:
     held: set[str] = set()
     with write_txn(conn):
-        until = time.time() + lease_s
+        until = clock() + lease_s
         for i in range(0, len(job_ids), _IN_CHUNK):
             chunk = tuple(job_ids[i : i + _IN_CHUNK])
             marks = ", ".join("?" * len(chunk))
@@ -345,9 +313,9 @@ def _renew(conn: sqlite3.Connection, owner: str, job_ids: Sequence[str], lease_s
     return held
 
 
-def _requeue_expired(conn: sqlite3.Connection, max_attempts: int) -> tuple[int, int]:
+def _requeue_expired(conn: sqlite3.Connection, max_attempts: int, clock: Clock) -> tuple[int, int]:
     with write_txn(conn):
-        now = time.time()
+        now = clock()
         failed = conn.execute(
             f"UPDATE jobs SET state = 'failed', error = ?, finished_at = ?, lease_until = NULL, {_WEBHOOK_DUE} "
             "WHERE state = 'running' AND lease_until < ? AND attempts >= ?",
@@ -381,9 +349,9 @@ def _recent_completions(conn: sqlite3.Connection, since: float, limit: int) -> b
     return [float(r[0]) for r in rows]
 
 
-def _claim_webhook(conn: sqlite3.Connection, owner: str, lease_s: float) -> Job | None:
+def _claim_webhook(conn: sqlite3.Connection, owner: str, lease_s: float, clock: Clock) -> Job | None:
     with write_txn(conn):
-        now = time.time()
+        now = clock()
         rows = conn.execute(
             "UPDATE jobs SET webhook_owner = ?, webhook_lease_until = ? WHERE id = ("
             "SELECT id FROM jobs WHERE webhook_state = 'pending' "
@@ -395,14 +363,20 @@ def _claim_webhook(conn: sqlite3.Connection, owner: str, lease_s: float) -> Job 
 
 
 def _record_webhook(
-    conn: sqlite3.Connection, job_id: str, owner: str, state: WebhookState, attempts: int, error: str | None
+    conn: sqlite3.Connection,
+    job_id: str,
+    owner: str,
+    state: WebhookState,
+    attempts: int,
+    error: str | None,
+    now: float,
 ) -> bool:
     release = ", webhook_owner = NULL, webhook_lease_until = NULL" if state in WEBHOOK_OUTCOMES else ""
     return (
         conn.execute(
             f"UPDATE jobs SET webhook_state = ?, webhook_attempts = ?, webhook_error = ?, webhook_at = ?{release} "
             "WHERE id = ? AND webhook_owner = ? AND webhook_state = 'pending'",
-            (state.value, attempts, error, time.time(), job_id, owner),
+            (state.value, attempts, error, now, job_id, owner),
         ).rowcount
         == 1
     )
@@ -472,54 +446,16 @@ def _count(conn: sqlite3.Connection, state: JobState) -> int:
     return int(conn.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state.value,)).fetchone()[0])
 
 
-class SQLiteConnection:
-    """One connection to a SQLite file, used from worker threads (``asyncio.to_thread``) one call at a
-    time; the job store and the rate limiter each hold one."""
-
-    def __init__(self, path: Path, connect: Callable[[Path], sqlite3.Connection]) -> None:
-        self.path = path
-        self._connect = connect
-        self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-
-    async def run(
-        self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs
-    ) -> _T:
-        """Run ``fn(connection, *args)`` off the event loop, one call at a time."""
-        return await asyncio.to_thread(self._locked, fn, *args, **kwargs)
-
-    def _locked(self, fn: Callable[Concatenate[sqlite3.Connection, _P], _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        with self._lock:
-            if self._conn is None:
-                raise RuntimeError(f"The SQLite connection to {self.path} is not open; call open() first.")
-            return fn(self._conn, *args, **kwargs)
-
-    async def open(self) -> None:
-        def connect() -> None:
-            with self._lock:
-                if self._conn is None:
-                    self._conn = self._connect(self.path)
-
-        await asyncio.to_thread(connect)
-
-    async def close(self) -> None:
-        def disconnect() -> None:
-            with self._lock:
-                conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
-
-        await asyncio.to_thread(disconnect)
-
-
 class SQLiteJobStore:
     """``JobStore`` on one SQLite file (WAL mode), shareable by several processes.
 
     One connection per object, used from worker threads (``asyncio.to_thread``) one call at a time.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, clock: Clock = time.time) -> None:
+        """``clock``: wall-clock seconds for every timestamp and lease (tests pass a fake one)."""
         self._db = SQLiteConnection(Path(path), _connect)
+        self._clock = clock
         self._run = self._db.run
 
     @property
@@ -538,8 +474,16 @@ class SQLiteJobStore:
 
     # -- jobs --------------------------------------------------------------------------------------
 
-    async def create(self, request: dict[str, Any], *, request_id: str | None, callback_url: str | None = None) -> Job:
-        job = new_job(request, request_id, callback_url)
+    async def create(
+        self,
+        request: dict[str, Any],
+        *,
+        request_id: str | None,
+        callback_url: str | None = None,
+        tenant: str = ANONYMOUS_OWNER,
+        reservation: str | None = None,
+    ) -> Job:
+        job = new_job(request, request_id, callback_url, tenant, reservation, now=self._clock())
         await self._run(_insert, job)
         return job
 
@@ -551,8 +495,10 @@ class SQLiteJobStore:
         key: str,
         ttl_s: float,
         callback_url: str | None = None,
+        tenant: str = ANONYMOUS_OWNER,
+        reservation: str | None = None,
     ) -> tuple[Job, bool]:
-        """Create a job under an Idempotency-Key, or return the one the key already made.
+        """Create a job under ``tenant``'s Idempotency-Key, or return the one the key already made.
 
         In one ``BEGIN IMMEDIATE`` transaction (atomic across processes sharing the file): an
         unexpired record for ``key`` (younger than ``ttl_s``, whose job still exists) with the same
@@ -562,34 +508,28 @@ class SQLiteJobStore:
         """
         validate_idempotency_key(key)
         check_ttl(ttl_s)
-        job = new_job(request, request_id, callback_url)
+        job = new_job(request, request_id, callback_url, tenant, reservation, now=self._clock())
         fingerprint = request_fingerprint(job.request)
-        result = await self._run(_create_idempotent, job, key, fingerprint, job.created_at - ttl_s)
+        scoped = scoped_idempotency_key(tenant, key)
+        result = await self._run(_create_idempotent, job, scoped, fingerprint, job.created_at - ttl_s)
         if not result[1]:
             logger.debug("Idempotency-Key replay: returning job %s", result[0].id)
         return result
 
-    async def get(self, job_id: str) -> Job:
-        return await self._run(_select_one, job_id)
+    async def get(self, job_id: str, *, tenant: str | None = None) -> Job:
+        return await self._run(_select_one, job_id, tenant)
 
-    async def list(self, *, state: JobState | None = None, limit: int = 50) -> builtins.list[Job]:
+    async def list(
+        self, *, state: JobState | None = None, limit: int = 50, tenant: str | None = None
+    ) -> builtins.list[Job]:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
-        return await self._run(_select_many, state, limit)
+        return await self._run(_select_many, state, limit, tenant)
 
     async def claim_next(self, owner: str, lease_s: float) -> Job | None:
-        claim = asyncio.ensure_future(self._run(_claim, owner, lease_s))
-        try:
-            job = await asyncio.shield(claim)
-        except asyncio.CancelledError:
-            # The claim may still land after we were cancelled; hand such a job straight back.
-            job = await asyncio.shield(claim)
-            if job is not None:
-                await self._run(_unclaim, job.id, owner)
-            raise
-        if job is not None:
-            logger.debug("Job %s claimed by %s (attempt %d)", job.id, owner, job.attempts)
-        return job
+        return await claim_cancel_safe(
+            self._run(_claim, owner, lease_s, self._clock), lambda job: self._run(_unclaim, job.id, owner), owner
+        )
 
     async def finish(
         self,
@@ -601,13 +541,13 @@ class SQLiteJobStore:
         error: str | None = None,
     ) -> bool:
         state = check_finish_state(state)
-        done = await self._run(_finish, job_id, owner, state, _dumps(result), error, time.time())
+        done = await self._run(_finish, job_id, owner, state, _dumps(result), error, self._clock())
         if not done:
             logger.info("Job %s not finished by %s: no longer running under that owner", job_id, owner)
         return done
 
-    async def cancel(self, job_id: str) -> Job:
-        return await self._run(_cancel, job_id, time.time())
+    async def cancel(self, job_id: str, *, tenant: str | None = None) -> Job:
+        return await self._run(_cancel, job_id, self._clock(), tenant)
 
     async def release(self, job_id: str, owner: str) -> bool:
         """Hand a claimed job that never started back to the queue (its attempt does not count)."""
@@ -631,24 +571,24 @@ class SQLiteJobStore:
     async def renew(self, owner: str, job_ids: Sequence[str], lease_s: float) -> set[str]:
         if not job_ids:
             return set()
-        return await self._run(_renew, owner, builtins.list(dict.fromkeys(job_ids)), lease_s)
+        return await self._run(_renew, owner, builtins.list(dict.fromkeys(job_ids)), lease_s, self._clock)
 
     async def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
-        return await self._run(_requeue_expired, max_attempts)
+        return await self._run(_requeue_expired, max_attempts, self._clock)
 
     async def position(self, job_id: str) -> int | None:
         return await self._run(_position, job_id)
 
     async def recent_completions(self, within_s: float, limit: int) -> builtins.list[float]:
-        return await self._run(_recent_completions, time.time() - within_s, limit)
+        return await self._run(_recent_completions, self._clock() - within_s, limit)
 
     async def claim_webhook(self, owner: str, lease_s: float) -> Job | None:
-        return await self._run(_claim_webhook, owner, lease_s)
+        return await self._run(_claim_webhook, owner, lease_s, self._clock)
 
     async def record_webhook(
         self, job_id: str, owner: str, state: WebhookState, *, attempts: int, error: str | None
     ) -> bool:
-        return await self._run(_record_webhook, job_id, owner, WebhookState(state), attempts, error)
+        return await self._run(_record_webhook, job_id, owner, WebhookState(state), attempts, error, self._clock())
 
     async def states(self, job_ids: Sequence[str]) -> dict[str, JobState]:
         if not job_ids:
@@ -657,34 +597,11 @@ class SQLiteJobStore:
 
     async def purge_finished(self, older_than_s: float) -> int:
         """Delete finished jobs older than ``older_than_s`` (and idempotency records left pointing at them)."""
-        return await self._run(_purge, time.time() - older_than_s)
+        return await self._run(_purge, self._clock() - older_than_s)
 
     async def purge_idempotency(self, older_than_s: float) -> int:
         """Delete idempotency records older than ``older_than_s`` (pass ``idempotency_ttl_s``); returns how many."""
-        return await self._run(_purge_idempotency, time.time() - older_than_s)
+        return await self._run(_purge_idempotency, self._clock() - older_than_s)
 
     async def count(self, state: JobState) -> int:
         return await self._run(_count, state)
-
-
-# --------------------------------------------------------------------------------------------------
-# Factory
-# --------------------------------------------------------------------------------------------------
-
-
-def sqlite_path_from_url(url: str) -> Path:
-    """The database file named by a ``TEXTGEN_JOB_STORE`` URL (relative paths resolved against the
-    current directory); ConfigError for other schemes, in-memory or malformed URLs."""
-    text = url.strip()
-    scheme, sep, rest = text.partition("://")
-    scheme = scheme.lower()
-    if scheme != "sqlite" or not sep or not rest.startswith("/") or len(rest) < 2 or "?" in rest:
-        raise ConfigError(f"Invalid TEXTGEN_JOB_STORE {redact_url(text)!r}. Use {SQLITE_FORMS}.")
-    target = rest[1:]
-    if target == ":memory:" or target.startswith("file::memory:"):
-        raise ConfigError(
-            "TEXTGEN_JOB_STORE=sqlite:///:memory: is not supported: jobs must be durable (survive restarts "
-            f"and be shared by all workers). Point it at a file: {SQLITE_FORMS}."
-        )
-    path = Path(target)
-    return path if path.is_absolute() else Path.cwd() / path

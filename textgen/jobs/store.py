@@ -16,43 +16,32 @@ request it created a job for, so a retry with the same body gets that job back a
 is refused (``IdempotencyConflictError``).
 
 Backends: ``SQLiteJobStore`` (one file, WAL; the embedded default, shareable by the processes of one
-machine) and ``RedisJobStore`` (shared by replicas on many machines). ``job_store_from_url`` builds
-one from ``TEXTGEN_JOB_STORE``. One conformance suite (tests/unit/test_job_store.py) runs against both.
+machine) and ``RedisJobStore`` (shared by replicas on many machines). This module is the contract and
+the helpers every backend shares; it imports no backend (``textgen.backends`` builds one from
+``TEXTGEN_JOB_STORE``). One conformance suite (tests/unit/test_job_store.py) runs against both.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
-from textgen.errors import InvalidRequestError
+from textgen.access import ANONYMOUS_OWNER
+from textgen.errors import InvalidRequestError, JobNotFoundError
+from textgen.jobs.states import FINISH_STATES, TERMINAL_STATES, WEBHOOK_OUTCOMES, JobState, WebhookState
 
+logger = logging.getLogger(__name__)
 
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-class WebhookState(StrEnum):
-    PENDING = "pending"
-    DELIVERED = "delivered"
-    FAILED = "failed"
-
-
-TERMINAL_STATES: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-FINISH_STATES: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.FAILED})
-WEBHOOK_OUTCOMES: frozenset[WebhookState] = frozenset({WebhookState.DELIVERED, WebhookState.FAILED})
+__all__ = ["FINISH_STATES", "TERMINAL_STATES", "WEBHOOK_OUTCOMES", "Job", "JobState", "JobStore", "WebhookState"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +63,10 @@ class Job:
     webhook_attempts: int = 0
     webhook_error: str | None = None
     webhook_at: float | None = None
+    # Whose job it is (``textgen.access`` owner id); ``owner`` above is the process holding its lease.
+    tenant: str = ANONYMOUS_OWNER
+    # The submitter's token reservation (``ratelimit.Reservation.encode()``), refunded when the job ends.
+    reservation: str | None = None
 
 
 @runtime_checkable
@@ -86,7 +79,13 @@ class JobStore(Protocol):
     async def close(self) -> None: ...
 
     async def create(
-        self, request: dict[str, Any], *, request_id: str | None, callback_url: str | None = None
+        self,
+        request: dict[str, Any],
+        *,
+        request_id: str | None,
+        callback_url: str | None = None,
+        tenant: str = ANONYMOUS_OWNER,
+        reservation: str | None = None,
     ) -> Job: ...
 
     async def create_idempotent(
@@ -97,15 +96,21 @@ class JobStore(Protocol):
         key: str,
         ttl_s: float,
         callback_url: str | None = None,
+        tenant: str = ANONYMOUS_OWNER,
+        reservation: str | None = None,
     ) -> tuple[Job, bool]:
         """``(job the key made, False)`` for a replay of the same body within ``ttl_s``; a new job and
-        True otherwise. IdempotencyConflictError for the same key with a different body."""
+        True otherwise. IdempotencyConflictError for the same key with a different body. Keys are
+        scoped per ``tenant``: the same key from two tenants names two different jobs."""
 
-    async def get(self, job_id: str) -> Job:
-        """The job; JobNotFoundError when unknown (or purged)."""
+    async def get(self, job_id: str, *, tenant: str | None = None) -> Job:
+        """The job; JobNotFoundError when unknown (or purged), or when ``tenant`` is given and the job
+        is another tenant's (None: any tenant's, for admins and the runner)."""
 
-    async def list(self, *, state: JobState | None = None, limit: int = 50) -> builtins.list[Job]:
-        """Newest first."""
+    async def list(
+        self, *, state: JobState | None = None, limit: int = 50, tenant: str | None = None
+    ) -> builtins.list[Job]:
+        """Newest first; only ``tenant``'s jobs unless it is None."""
 
     async def claim_next(self, owner: str, lease_s: float) -> Job | None:
         """The oldest queued job, now running under ``owner`` with a lease of ``lease_s``; None if none."""
@@ -125,8 +130,9 @@ class JobStore(Protocol):
     ) -> bool:
         """Record the outcome if the job still runs under ``owner``; False (and nothing written) if not."""
 
-    async def cancel(self, job_id: str) -> Job:
-        """Cancel a queued or running job; JobNotCancellableError once it ended."""
+    async def cancel(self, job_id: str, *, tenant: str | None = None) -> Job:
+        """Cancel a queued or running job; JobNotCancellableError once it ended; JobNotFoundError for
+        an unknown job or (``tenant`` given) another tenant's."""
 
     async def release(self, job_id: str, owner: str) -> bool:
         """Hand a claimed job that never started back to the queue (its attempt does not count)."""
@@ -182,6 +188,18 @@ def validate_idempotency_key(key: str) -> str:
     return key
 
 
+def scoped_idempotency_key(tenant: str, key: str) -> str:
+    """The stored form of an Idempotency-Key: its tenant, a space (never part of an owner id), the key."""
+    return f"{tenant} {key}"
+
+
+def check_visible(job: Job, tenant: str | None) -> Job:
+    """``job``, or JobNotFoundError when ``tenant`` may not see it (404, so ids leak nothing)."""
+    if tenant is not None and job.tenant != tenant:
+        raise JobNotFoundError()
+    return job
+
+
 def request_fingerprint(request: dict[str, Any]) -> str:
     """sha256 (hex) of the canonical JSON of a request: equal bodies give equal fingerprints."""
     canonical = json.dumps(request, sort_keys=True, separators=(",", ":"))
@@ -199,15 +217,43 @@ def check_finish_state(state: JobState) -> JobState:
     return JobState(state)
 
 
-def new_job(request: dict[str, Any], request_id: str | None, callback_url: str | None = None) -> Job:
+def new_job(
+    request: dict[str, Any],
+    request_id: str | None,
+    callback_url: str | None = None,
+    tenant: str = ANONYMOUS_OWNER,
+    reservation: str | None = None,
+    *,
+    now: float | None = None,
+) -> Job:
     return Job(
+        tenant=tenant,
+        reservation=reservation,
         id=uuid.uuid4().hex,
         request=json.loads(json.dumps(request)),  # the stored form, detached from the caller's dict
         state=JobState.QUEUED,
         request_id=request_id,
-        created_at=time.time(),
+        created_at=time.time() if now is None else now,
         callback_url=callback_url,
     )
+
+
+async def claim_cancel_safe(
+    claim: Awaitable[Job | None], release: Callable[[Job], Awaitable[object]], owner: str
+) -> Job | None:
+    """Await a claim so that cancelling the caller never strands a job: the claim may still land after
+    the caller was cancelled, and such a job is handed straight back with ``release``."""
+    pending = asyncio.ensure_future(claim)
+    try:
+        job = await asyncio.shield(pending)
+    except asyncio.CancelledError:
+        job = await asyncio.shield(pending)
+        if job is not None:
+            await release(job)
+        raise
+    if job is not None:
+        logger.debug("Job %s claimed by %s (attempt %d)", job.id, owner, job.attempts)
+    return job
 
 
 def abandoned_error(attempts: int) -> str:
@@ -215,29 +261,3 @@ def abandoned_error(attempts: int) -> str:
         f"Abandoned after {attempts} attempt(s): each time, the process running it stopped renewing its "
         "lease (it crashed, was killed or hung). Check the service logs for that request id."
     )
-
-
-# -- factory -------------------------------------------------------------------------------------------
-
-SQLITE_FORMS = "sqlite:///relative/path/jobs.db (relative to the current directory) or sqlite:////absolute/path/jobs.db"
-REDIS_FORMS = "redis://host:port/db (or rediss:// for TLS; redis://:password@host:port/db with a password)"
-
-
-def redact_url(url: str) -> str:
-    """Hide any ``user:password@`` part before a URL goes into an error message or a log line."""
-    return re.sub(r"(://)[^/@]*@", r"\1***@", url)
-
-
-def is_redis_url(url: str) -> bool:
-    return url.strip().lower().startswith(("redis://", "rediss://"))
-
-
-def job_store_from_url(url: str) -> JobStore:
-    """Build the store named by ``TEXTGEN_JOB_STORE``; ConfigError if the URL is unusable."""
-    if is_redis_url(url):
-        from textgen.jobs.redis_store import RedisJobStore
-
-        return RedisJobStore.from_url(url.strip())
-    from textgen.jobs.sqlite_store import SQLiteJobStore, sqlite_path_from_url
-
-    return SQLiteJobStore(sqlite_path_from_url(url))

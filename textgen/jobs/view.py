@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from models import JobView, QueueEstimate, TextGenerationResponse, WebhookView
+from models import JobSummary, JobView, QueueEstimate, TextGenerationResponse, WebhookView
 from textgen.jobs.store import Job, JobState, JobStore
 
 # Throughput behind start estimates: the latest completions within this window, cluster-wide.
@@ -34,7 +34,7 @@ def _webhook(job: Job) -> WebhookView | None:
 def job_view(job: Job, queue: QueueEstimate | None = None) -> JobView:
     return JobView(
         job_id=job.id,
-        state=job.state.value,
+        state=job.state,
         request=job.request,
         result=TextGenerationResponse.model_validate(job.result) if job.result and "kind" not in job.request else None,
         error=job.error,
@@ -45,6 +45,22 @@ def job_view(job: Job, queue: QueueEstimate | None = None) -> JobView:
         attempts=job.attempts,
         queue=queue,
         webhook=_webhook(job),
+    )
+
+
+def job_summary(job: Job) -> JobSummary:
+    """The listing form: ids, state, times and token counts, never the prompt, result or callback URL."""
+    result = job.result or {}
+    return JobSummary(
+        job_id=job.id,
+        state=job.state,
+        request_id=job.request_id,
+        created_at=datetime.fromtimestamp(job.created_at, UTC),
+        started_at=_time(job.started_at),
+        finished_at=_time(job.finished_at),
+        attempts=job.attempts,
+        prompt_tokens=result.get("prompt_tokens"),
+        completion_tokens=result.get("completion_tokens"),
     )
 
 

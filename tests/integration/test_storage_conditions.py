@@ -1,0 +1,149 @@
+"""Store errors of the environment (disk full, read-only, locked, Redis out of memory) are one clear
+answer per request (507 or 503 + Retry-After, naming the cause and the fix), logged once per change of
+condition rather than as a traceback per request; service resumes by itself once the cause is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.redis_server import start_redis
+from textgen.errors import InsufficientStorageError
+from textgen.jobs.redis_store import RedisJobStore
+from textgen.jobs.sqlite_store import SQLiteJobStore
+
+
+class FailingConnection:
+    """A sqlite3 connection whose statements fail with ``error`` while ``armed`` (an injected full disk)."""
+
+    def __init__(self, real: sqlite3.Connection) -> None:
+        self.real = real
+        self.error: str | None = None
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if self.error is not None:
+            raise sqlite3.OperationalError(self.error)
+        return self.real.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+
+@pytest.fixture
+def storage_logs() -> Iterator[list[str]]:
+    handler = _Collect()
+    logger = logging.getLogger("textgen.storage")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+def inject(store: SQLiteJobStore) -> FailingConnection:
+    failing = FailingConnection(store._db._conn)  # type: ignore[arg-type]
+    store._db._conn = failing  # type: ignore[assignment]
+    return failing
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "cause"),
+    [
+        ("database or disk is full", 507, "disk is full"),
+        ("attempt to write a readonly database", 507, "cannot be written"),
+        ("database is locked", 503, "stayed locked"),
+    ],
+)
+async def test_sqlite_conditions_over_http(
+    error: str,
+    status: int,
+    cause: str,
+    make_settings: Callable[..., Any],
+    app_client: Any,
+    storage_logs: list[str],
+) -> None:
+    async with app_client(make_settings(job_poll_interval_s=60.0)) as (client, app):
+        failing = inject(app.state.textgen.store)
+        failing.error = error
+        answers = [await client.post("/generate_background", json={"prompt": "Hello"}) for _ in range(5)]
+        for response in answers:
+            assert response.status_code == status, response.text
+            body = response.json()
+            assert (cause in body["detail"] and "TEXTGEN_JOB_STORE" in body["detail"]) or status == 503
+            assert body["request_id"] == response.headers["X-Request-ID"]
+            assert int(response.headers["Retry-After"]) >= 1
+        assert sum(cause in line for line in storage_logs) == 1, storage_logs  # once, not per request
+        failing.error = None
+        assert (await client.post("/generate_background", json={"prompt": "Hello"})).status_code == 202
+        assert any("works again" in line for line in storage_logs), storage_logs
+
+
+async def test_redis_out_of_memory_is_a_507(tmp_path: Path, storage_logs: list[str]) -> None:
+    server = start_redis(tmp_path / "redis")
+    store = RedisJobStore(server.url(0), prefix="oom")
+    import redis
+
+    raw = redis.Redis.from_url(server.url(0))
+    try:
+        await store.open()
+        raw.config_set("maxmemory-policy", "noeviction")
+        raw.config_set("maxmemory", "1")
+        for _ in range(3):
+            with pytest.raises(InsufficientStorageError) as full:
+                await store.create({"prompt": "hi"}, request_id=None)
+        assert full.value.status_code == 507 and "out of memory" in full.value.message
+        assert "maxmemory" in full.value.message
+        assert sum("out of memory" in line for line in storage_logs) == 1, storage_logs
+        raw.config_set("maxmemory", "0")
+        job = await store.create({"prompt": "hi"}, request_id=None)
+        assert (await store.get(job.id)).id == job.id
+        assert any("works again" in line for line in storage_logs), storage_logs
+    finally:
+        raw.close()
+        await store.close()
+        server.stop()
+
+
+async def test_a_result_that_could_not_be_written_is_retried_by_its_holder(
+    make_settings: Callable[..., Any], app_client: Any
+) -> None:
+    async with app_client(make_settings(job_lease_s=60.0)) as (client, app):
+        store = app.state.textgen.store
+        real_finish = store.finish
+        calls: list[str] = []
+
+        async def full_twice(*args: Any, **kwargs: Any) -> bool:
+            calls.append("finish")
+            if len(calls) <= 2:
+                raise InsufficientStorageError("The job store's disk is full (test).")
+            return bool(await real_finish(*args, **kwargs))
+
+        store.finish = full_twice
+        accepted = await client.post("/generate_background", json={"prompt": "Hello", "max_new_tokens": 2})
+        job_id = accepted.json()["job_id"]
+        for _ in range(400):
+            view = (await client.get(f"/jobs/{job_id}")).json()
+            if view["state"] in ("succeeded", "failed", "cancelled"):
+                break
+            await asyncio.sleep(0.025)
+        assert view["state"] == "succeeded", view
+        assert view["attempts"] == 1  # written by its holder, not reclaimed after the 60 s lease
+        assert calls == ["finish"] * 3
