@@ -50,8 +50,8 @@ from textgen.loader import LoadedModel
 from textgen.webhooks import check_webhook
 
 router = APIRouter(prefix="/v1", tags=["batches"], route_class=OpenAIRoute)
-DOCS = {code: ERROR_DOCS[code] for code in (400, 401, 413, 429, 500)}
-NOT_FOUND_DOCS = {
+DOCS: dict[int | str, dict[str, Any]] = {code: ERROR_DOCS[code] for code in (400, 401, 413, 429, 500)}
+NOT_FOUND_DOCS: dict[int | str, dict[str, Any]] = {
     **DOCS,
     404: {"model": ERROR_DOCS[400]["model"], "description": "Unknown batch (or another caller's)"},
 }

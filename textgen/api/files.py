@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
@@ -27,8 +27,11 @@ from textgen.batches.view import file_object
 from textgen.errors import InvalidRequestError, NotReadyError
 
 router = APIRouter(prefix="/v1", tags=["batches"], route_class=OpenAIRoute)
-DOCS = {code: ERROR_DOCS[code] for code in (400, 401, 413, 429, 500)}
-NOT_FOUND_DOCS = {**DOCS, 404: {"model": ERROR_DOCS[400]["model"], "description": "Unknown file (or another caller's)"}}
+DOCS: dict[int | str, dict[str, Any]] = {code: ERROR_DOCS[code] for code in (400, 401, 413, 429, 500)}
+NOT_FOUND_DOCS: dict[int | str, dict[str, Any]] = {
+    **DOCS,
+    404: {"model": ERROR_DOCS[400]["model"], "description": "Unknown file (or another caller's)"},
+}
 UPLOAD_PURPOSES = ("batch",)
 
 

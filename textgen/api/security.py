@@ -287,7 +287,7 @@ class SettingsCORSMiddleware:
 
 
 def is_file_upload(scope: Scope) -> bool:
-    return scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files"
+    return bool(scope["method"] == "POST" and str(scope["path"]).rstrip("/") == "/v1/files")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

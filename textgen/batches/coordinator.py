@@ -343,7 +343,8 @@ class BatchCoordinator:
         try:
             after = 0
             while page := await self._store.lines(batch.id, after, READ_CHUNK_LINES):
-                ok, bad = [], []
+                ok: list[bytes] = []
+                bad: list[bytes] = []
                 for line in page:
                     job = await self._job_or_none(line)
                     record, succeeded = output_line(line, job, batch.ending)
@@ -366,7 +367,7 @@ class BatchCoordinator:
                 await self._store.put_file(
                     FileObject(file_id, batch.owner, f"{batch.id}_{kind}.jsonl", "batch_output", size, now, count)
                 )
-        final = {
+        final: dict[str, Any] = {
             None: {"status": BatchStatus.COMPLETED, "completed_at": now},
             "cancelled": {"status": BatchStatus.CANCELLED, "cancelled_at": now},
             "expired": {"status": BatchStatus.EXPIRED, "expired_at": now},
@@ -381,7 +382,7 @@ class BatchCoordinator:
                 **final,
             )
         )
-        logger.info("Batch %s %s: %d completed, %d failed", batch.id, final["status"].value, completed, failed)
+        logger.info("Batch %s %s: %d completed, %d failed", batch.id, final["status"], completed, failed)
 
     async def _job_or_none(self, line: Line) -> Job | None:
         if line.job_id is None:

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis.exceptions
 from redis.commands.core import AsyncScript
@@ -182,7 +182,7 @@ class RedisBatchStore:
             text = await self._redis.get(self._k("bfile", file_id))
         if text is None:
             raise FileNotFoundInStoreError()
-        return file_from_json(text)
+        return file_from_json(cast(str, text))  # the client decodes responses
 
     async def list_files(
         self, owner: str | None, *, purpose: str | None = None, limit: int = 100
@@ -192,14 +192,14 @@ class RedisBatchStore:
         start = 0
         async with self._guard():
             while len(found) < limit:
-                ids = await self._redis.zrevrange(index, start, start + 499)
+                ids = cast(builtins.list[str], await self._redis.zrevrange(index, start, start + 499))
                 if not ids:
                     break
                 start += len(ids)
                 texts = await self._redis.mget([self._k("bfile", file_id) for file_id in ids])
                 for text in texts:
                     if text is not None:
-                        record = file_from_json(text)
+                        record = file_from_json(cast(str, text))
                         if purpose is None or record.purpose == purpose:
                             found.append(record)
         return found[:limit]
@@ -246,7 +246,7 @@ class RedisBatchStore:
     async def list_batches(self, owner: str | None, *, limit: int = 20) -> builtins.list[Batch]:
         index = self._k("batches") if owner is None else self._k("batches", owner)
         async with self._guard():
-            ids = await self._redis.zrevrange(index, 0, limit - 1)
+            ids = cast(builtins.list[str], await self._redis.zrevrange(index, 0, limit - 1))
         return await self._read_batches(ids)
 
     async def request_cancel(self, batch_id: str) -> Batch:
@@ -289,13 +289,16 @@ class RedisBatchStore:
 
     async def open_lines(self, batch_id: str, after: int, limit: int) -> builtins.list[tuple[int, str]]:
         async with self._guard():
-            numbers = await self._redis.zrangebyscore(
-                self._line_key(batch_id, "open"), f"({after}", "+inf", start=0, num=limit
+            numbers = cast(
+                builtins.list[str],
+                await self._redis.zrangebyscore(
+                    self._line_key(batch_id, "open"), f"({after}", "+inf", start=0, num=limit
+                ),
             )
             if not numbers:
                 return []
             job_ids = await self._redis.hmget(self._line_key(batch_id, "jobs"), numbers)
-        return [(int(number), job_id) for number, job_id in zip(numbers, job_ids, strict=True) if job_id]
+        return [(int(number), str(job_id)) for number, job_id in zip(numbers, job_ids, strict=True) if job_id]
 
     async def set_outcomes(self, batch_id: str, outcomes: Sequence[tuple[int, LineOutcome]]) -> None:
         if outcomes:
@@ -305,12 +308,15 @@ class RedisBatchStore:
     async def outcome_counts(self, batch_id: str) -> dict[LineOutcome, int]:
         async with self._guard():
             counts = await self._redis.hgetall(self._line_key(batch_id, "counts"))
-        return {LineOutcome(name): int(n) for name, n in counts.items()}
+        return {LineOutcome(str(name)): int(n) for name, n in counts.items()}
 
     async def lines(self, batch_id: str, after: int, limit: int) -> builtins.list[Line]:
         async with self._guard():
-            numbers = await self._redis.zrangebyscore(
-                self._line_key(batch_id, "all"), f"({after}", "+inf", start=0, num=limit
+            numbers = cast(
+                builtins.list[str],
+                await self._redis.zrangebyscore(
+                    self._line_key(batch_id, "all"), f"({after}", "+inf", start=0, num=limit
+                ),
             )
             if not numbers:
                 return []
