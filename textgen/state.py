@@ -29,6 +29,7 @@ from textgen.jobs.store import JobState, JobStore
 from textgen.jobs.view import job_payload
 from textgen.loader import LoadedModel, load_model
 from textgen.metrics import Metrics, mark_process_dead
+from textgen.threads import run_in_own_thread
 from textgen.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ async def build_state(
     await store.open()
     await rate_limiter.open()
     try:
-        model = await asyncio.to_thread(model_loader, settings)
+        model = await run_in_own_thread(lambda: model_loader(settings), name="textgen-load")
         engine = create_engine(settings, model)
         await engine.start()
     except BaseException:

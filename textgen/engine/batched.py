@@ -44,6 +44,7 @@ from textgen.errors import (
     TextGenError,
 )
 from textgen.loader import LoadedModel
+from textgen.threads import run_in_own_thread
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class BatchedEngine:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self._core is None:
-            self._core = await asyncio.to_thread(build_core, self._loaded, self._core_options)
+            self._core = await run_in_own_thread(lambda: build_core(self._loaded, self._core_options), "textgen-core")
         self._thread = threading.Thread(target=self._serve_forever, name="textgen-engine", daemon=True)
         self._thread.start()
         self._accepting = True
