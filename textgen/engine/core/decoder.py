@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from textgen.engine.core import gpt2, llama
+import textgen.engine.core.gpt2 as gpt2
+import textgen.engine.core.llama as llama
 from textgen.engine.core.kv_cache import SlotKVCache
 from textgen.engine.core.layers import Attention, DecodeAttention, MixedAttention, PrefillAttention
 from textgen.engine.core.weights import LinearFactory, WeightPlan
