@@ -6,6 +6,7 @@ ask for 1000 tokens with ignore_eos and stop it.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -185,3 +186,17 @@ def test_phone_width_and_keyboard_only(browser: Browser, server: Server) -> None
     finally:
         page.context.close()
     assert not watch.unexpected(), watch.unexpected()
+
+
+def test_a_json_schema_shapes_the_output(page: Page) -> None:
+    schema = json.dumps(
+        {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    )
+    fill_generation(page, "Answer as JSON:", 40, ignore_eos=False)
+    page.fill("#json_schema", schema)
+    with page.expect_request("**/generate") as request_info:
+        page.click("#generate")
+    assert request_info.value.post_data_json["json_schema"]["required"] == ["ok"]
+    expect(page.locator("#result-meta")).to_contain_text("finish reason: stop", timeout=30_000)
+    answer = json.loads(page.inner_text("#output"))
+    assert set(answer) == {"ok"} and isinstance(answer["ok"], bool)

@@ -182,6 +182,15 @@ function generationBody() {
     stop: $("stop").value.split("\n").filter((line) => line !== ""),
   };
   if (!body.stop.length) delete body.stop;
+  const schema = $("json_schema").value.trim();
+  if (schema) {
+    // Not valid JSON: send it as it is, and the API's 422 says what is wrong.
+    try {
+      body.json_schema = JSON.parse(schema);
+    } catch {
+      body.json_schema = schema;
+    }
+  }
   if ($("ignore_eos").checked) body.ignore_eos = true;
   for (const key of Object.keys(body)) if (body[key] === null) delete body[key];
   return body;
