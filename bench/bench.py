@@ -272,6 +272,7 @@ def server_env(
             "TEXTGEN_ENGINE": engine,
             "TEXTGEN_JOB_STORE": f"sqlite:///{job_db.resolve()}",  # sqlite:/// + /abs/path = 4 slashes
             "TEXTGEN_MAX_WAITING": "1024",
+            "TEXTGEN_MAX_STREAMS_PER_CALLER": "0",  # one client address opens every stream here
             "PYTHONUNBUFFERED": "1",
         }
     )
