@@ -274,7 +274,7 @@ class SQLiteRateLimiter(WindowedRateLimiter):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute, clock=clock)
-        self._db = SQLiteConnection(Path(path), lambda file: connect_sqlite(file, _SCHEMA))
+        self._db = SQLiteConnection(Path(path), lambda file: connect_sqlite(file, _SCHEMA), role="rate limits")
         self._run = self._db.run
 
     @property

@@ -405,7 +405,11 @@ def test_body_too_large_status_is_documented(fuzz: FuzzRun) -> None:
 
 def test_unauthorized_status_is_documented(tiny_model_dir: Path, tmp_path: Path, fuzz: FuzzRun) -> None:
     """With API keys configured, every route outside TEXTGEN_AUTH_EXEMPT_PATHS answers 401 without a key."""
-    app = create_app(_settings(tiny_model_dir, tmp_path).model_copy(update={"api_keys": ["fuzz-key"]}))
+    # Every operation answers 401 here: more than the failed-key limit (TEXTGEN_AUTH_FAILURES_PER_MINUTE, 10).
+    settings = _settings(tiny_model_dir, tmp_path).model_copy(
+        update={"api_keys": ["fuzz-key"], "auth_failures_per_minute": 1000}
+    )
+    app = create_app(settings)
     auth = {"Authorization": "Bearer fuzz-key"}  # /openapi.json is behind the keys too
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=schemathesis_config(), headers=auth)
     operations = {op.label: op for op in (r.ok() for r in schema.get_all_operations())}

@@ -214,7 +214,7 @@ def _lines(conn: sqlite3.Connection, batch_id: str, after: int, limit: int) -> b
 
 class SQLiteBatchStore:
     def __init__(self, path: Path) -> None:
-        self._db = SQLiteConnection(Path(path), lambda file: connect_sqlite(file, _SCHEMA))
+        self._db = SQLiteConnection(Path(path), lambda file: connect_sqlite(file, _SCHEMA), role="batches")
         self._run = self._db.run
 
     def __repr__(self) -> str:

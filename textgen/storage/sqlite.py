@@ -79,8 +79,11 @@ class SQLiteConnection:
     """One connection to a SQLite file, used from worker threads (``asyncio.to_thread``) one call at a
     time; the job store and the rate limiter each hold one."""
 
-    def __init__(self, path: Path, connect: Callable[[Path], sqlite3.Connection]) -> None:
+    def __init__(self, path: Path, connect: Callable[[Path], sqlite3.Connection], role: str = "jobs") -> None:
         self.path = path
+        # Conditions (disk full, ...) are tracked per role: a batch table's success on the same file must
+        # not announce that the job store "works again".
+        self._condition_key = f"{path} ({role})"
         self._connect = connect
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -101,9 +104,9 @@ class SQLiteConnection:
                 mapped = sqlite_condition(error, str(self.path))
                 if mapped is None:
                     raise
-                CONDITIONS.enter(str(self.path), type(mapped).__name__ + ": " + str(error), mapped.message)
+                CONDITIONS.enter(self._condition_key, type(mapped).__name__ + ": " + str(error), mapped.message)
                 raise mapped from error
-            CONDITIONS.clear(str(self.path))
+            CONDITIONS.clear(self._condition_key)
             return result
 
     async def open(self) -> None:
