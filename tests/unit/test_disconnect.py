@@ -99,7 +99,7 @@ async def test_disconnect_while_the_engine_is_still_finishing_the_cancel() -> No
     with pytest.raises(GenerationCancelledError):
         await result_unless_disconnected(as_request(request), handle)
     assert handle.cancel_requested
-    handle._fail_cancelled()  # what the engine does within one step
+    handle.fail_cancelled()  # what the engine does within one step
     assert handle.done
     with pytest.raises(GenerationCancelledError):
         await handle.result()
@@ -109,7 +109,7 @@ async def test_result_first_is_returned_without_cancelling() -> None:
     handle = new_handle()
     request = FakeRequest(disconnect_after_s=None)  # stays connected
     expected = make_result("the answer")
-    asyncio.get_running_loop().call_later(0.02, handle._finish, expected)
+    asyncio.get_running_loop().call_later(0.02, handle.finish, expected)
     result = await asyncio.wait_for(result_unless_disconnected(as_request(request), handle), timeout=5)
     assert result is expected
     assert handle.cancel_requested is False
@@ -120,7 +120,7 @@ async def test_result_first_is_returned_without_cancelling() -> None:
 async def test_result_before_a_later_disconnect_wins() -> None:
     handle = new_handle()
     request = FakeRequest(disconnect_after_s=0.5)
-    asyncio.get_running_loop().call_later(0.01, handle._finish, make_result())
+    asyncio.get_running_loop().call_later(0.01, handle.finish, make_result())
     result = await asyncio.wait_for(result_unless_disconnected(as_request(request), handle), timeout=5)
     assert result.text == "world"
     assert handle.cancel_requested is False
@@ -128,7 +128,7 @@ async def test_result_before_a_later_disconnect_wins() -> None:
 
 async def test_already_finished_handle_returns_at_once() -> None:
     handle = new_handle()
-    handle._finish(make_result("done"))
+    handle.finish(make_result("done"))
     request = FakeRequest(disconnect_after_s=None)
     result = await asyncio.wait_for(result_unless_disconnected(as_request(request), handle), timeout=5)
     assert result.text == "done"
@@ -138,7 +138,7 @@ async def test_already_finished_handle_returns_at_once() -> None:
 async def test_engine_error_is_raised_to_the_caller_without_cancelling() -> None:
     handle = new_handle()
     request = FakeRequest(disconnect_after_s=None)
-    asyncio.get_running_loop().call_later(0.01, handle._finish, None, EngineError())
+    asyncio.get_running_loop().call_later(0.01, handle.finish, None, EngineError())
     with pytest.raises(EngineError):
         await asyncio.wait_for(result_unless_disconnected(as_request(request), handle), timeout=5)
     assert handle.cancel_requested is False

@@ -1,7 +1,7 @@
 """Unit tests for the background-job runner (``textgen.jobs.runner``) on a real SQLite store and a fake engine.
 
 The fake engine implements the ``Engine`` protocol: ``submit`` hands back a real ``Handle`` that the test
-resolves itself (``handle._finish``). Like the real engines it fails a handle whose cancel was requested
+resolves itself (``handle.finish``). Like the real engines it fails a handle whose cancel was requested
 (unless told not to), so ``JobRunner.stop`` can drain.
 """
 
@@ -100,7 +100,7 @@ class FakeEngine:
             if self.honour_cancel:
                 for handle in self.pending():
                     if handle.cancel_requested:
-                        handle._fail_cancelled()
+                        handle.fail_cancelled()
             await asyncio.sleep(0.005)
 
 
@@ -214,7 +214,7 @@ async def test_job_is_claimed_run_at_background_priority_and_succeeds(
     assert running.state is JobState.RUNNING and running.owner == runner.owner and running.attempts == 1
     assert runner.active_jobs == 1
 
-    engine.handles[0]._finish(make_result("Once upon a time", completion_tokens=4))
+    engine.handles[0].finish(make_result("Once upon a time", completion_tokens=4))
     done = await wait_for_state(store, job.id, JobState.SUCCEEDED)
     assert done.error is None
     assert done.finished_at is not None and done.started_at is not None
@@ -238,7 +238,7 @@ async def test_job_timeout_is_passed_to_the_engine(
     await make_runner().start()
     await wait_until(lambda: len(engine.handles) == 1)
     assert engine.submitted[0].timeout_s == 12.0
-    engine.handles[0]._finish(make_result())
+    engine.handles[0].finish(make_result())
 
 
 async def test_job_without_request_id_uses_the_job_id(
@@ -248,7 +248,7 @@ async def test_job_without_request_id_uses_the_job_id(
     await make_runner().start()
     await wait_until(lambda: len(engine.handles) == 1)
     assert engine.submitted[0].request_id == job.id
-    engine.handles[0]._finish(make_result())
+    engine.handles[0].finish(make_result())
     done = await wait_for_state(store, job.id, JobState.SUCCEEDED)
     assert done.result is not None and done.result["request_id"] == job.id
 
@@ -263,7 +263,7 @@ async def test_notify_claims_before_the_next_poll(
     runner.notify()
     took = await wait_until(lambda: len(engine.handles) == 1, timeout_s=2.0)
     assert took < 2.0
-    engine.handles[0]._finish(make_result())
+    engine.handles[0].finish(make_result())
 
 
 # --- output filter ------------------------------------------------------------------------------------------
@@ -275,7 +275,7 @@ async def test_blocked_output_is_redacted_in_the_stored_result(
     job = await create_job(store)
     await make_runner().start()
     await wait_until(lambda: len(engine.handles) == 1)
-    engine.handles[0]._finish(make_result("I hate rainy days"))
+    engine.handles[0].finish(make_result("I hate rainy days"))
     done = await wait_for_state(store, job.id, JobState.SUCCEEDED)
     assert done.result is not None
     assert "hate" not in done.result["generated_text"]
@@ -288,7 +288,7 @@ async def test_blocked_output_fails_the_job_when_the_action_is_reject(
     job = await create_job(store)
     await make_runner(service_settings=make_settings(output_filter_action="reject", job_poll_interval_s=POLL_S)).start()
     await wait_until(lambda: len(engine.handles) == 1)
-    engine.handles[0]._finish(make_result("I hate rainy days"))
+    engine.handles[0].finish(make_result("I hate rainy days"))
     done = await wait_for_state(store, job.id, JobState.FAILED)
     assert done.error == OUTPUT_REJECTED
     assert done.result is None
@@ -308,7 +308,7 @@ async def test_engine_error_fails_the_job_with_the_client_safe_message(
     job = await create_job(store)
     await make_runner().start()
     await wait_until(lambda: len(engine.handles) == 1)
-    engine.handles[0]._finish(None, error)
+    engine.handles[0].finish(None, error)
     done = await wait_for_state(store, job.id, JobState.FAILED)
     assert done.error == error.message
     assert done.result is None
@@ -321,7 +321,7 @@ async def test_unexpected_error_is_not_leaked_to_the_job(
     job = await create_job(store, request_id="req-boom")
     await make_runner().start()
     await wait_until(lambda: len(engine.handles) == 1)
-    engine.handles[0]._finish(None, RuntimeError("secret internal detail at /srv/model"))
+    engine.handles[0].finish(None, RuntimeError("secret internal detail at /srv/model"))
     done = await wait_for_state(store, job.id, JobState.FAILED)
     assert done.error is not None
     assert "secret" not in done.error
@@ -385,7 +385,7 @@ async def test_concurrency_limit_is_respected(
     while finished < 5:
         await wait_until(lambda: engine.in_flight > 0)
         assert engine.in_flight <= 2
-        engine.pending()[0]._finish(make_result())
+        engine.pending()[0].finish(make_result())
         finished += 1
     for job in jobs:
         await wait_for_state(store, job.id, JobState.SUCCEEDED)
@@ -411,7 +411,7 @@ async def test_cancel_local_cancels_the_handle_and_a_late_result_is_discarded(
     runner.cancel_local(job.id)
     assert handle.cancel_requested is True
 
-    handle._finish(make_result("too late"))
+    handle.finish(make_result("too late"))
     await wait_until(lambda: runner.active_jobs == 0)
     cancelled = await store.get(job.id)
     assert cancelled.state is JobState.CANCELLED
@@ -482,7 +482,7 @@ async def test_stop_requeues_running_jobs_and_the_next_runner_finishes_them(
     await second.start()
     await wait_until(lambda: len(engine.handles) == 4)
     for handle in engine.pending():
-        handle._finish(make_result())
+        handle.finish(make_result())
     for job in jobs:
         done = await wait_for_state(store, job.id, JobState.SUCCEEDED)
         assert done.attempts == 2
@@ -511,7 +511,7 @@ async def test_start_requeues_orphans_of_a_dead_process(
     await runner.start()
     await wait_until(lambda: len(engine.handles) == 1)
     assert engine.submitted[0].prompt == "orphan"
-    engine.handles[0]._finish(make_result())
+    engine.handles[0].finish(make_result())
     done = await wait_for_state(store, orphan.id, JobState.SUCCEEDED)
     assert done.attempts == 2
     assert done.owner == runner.owner
@@ -542,7 +542,7 @@ async def test_lease_is_renewed_while_the_job_runs(
     running = await store.get(job.id)
     assert running.state is JobState.RUNNING and running.owner == runner.owner and running.attempts == 1
     assert first_lease is not None and running.lease_until is not None and running.lease_until > first_lease
-    engine.handles[0]._finish(make_result())
+    engine.handles[0].finish(make_result())
     done = await wait_for_state(store, job.id, JobState.SUCCEEDED)
     assert done.attempts == 1 and len(engine.submitted) == 1
 
@@ -557,7 +557,7 @@ async def test_job_whose_process_stopped_renewing_is_reclaimed_and_its_late_resu
 
     took = await wait_until(lambda: len(engine.handles) == 1)
     assert took >= SHORT_LEASE_S * 0.5  # not before the lease ran out
-    engine.handles[0]._finish(make_result("from the survivor"))
+    engine.handles[0].finish(make_result("from the survivor"))
     done = await wait_for_state(store, job.id, JobState.SUCCEEDED)
     assert done.attempts == 2 and done.owner == runner.owner
     registry = runner._service.metrics.registry
@@ -585,7 +585,7 @@ async def test_a_job_reclaimed_elsewhere_is_stopped_here_and_its_result_discarde
     assert (await store.claim_next(ELSEWHERE, 30.0)) is not None
     await wait_until(lambda: stale.cancel_requested, timeout_s=3 * SHORT_LEASE_S + 1.0)
 
-    stale._finish(make_result("stale"))
+    stale.finish(make_result("stale"))
     await wait_until(lambda: runner.active_jobs == 0)
     still = await store.get(job.id)
     assert still.state is JobState.RUNNING and still.owner == ELSEWHERE and still.result is None

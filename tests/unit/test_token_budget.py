@@ -83,7 +83,7 @@ async def test_a_finished_request_pays_for_what_it_generated(service: Service) -
     svc, engine = service
     handle = await submit(svc, engine, 60)
     assert not await fits(svc, 41)  # the whole budget is held while it runs
-    handle._finish(result(25))
+    handle.finish(result(25))
     await settle(svc)
     assert await fits(svc, 75) and not await fits(svc, 76)
 
@@ -94,11 +94,11 @@ async def test_a_request_without_a_result_pays_for_the_text_it_produced(
 ) -> None:
     svc, engine = service
     handle = await submit(svc, engine, 60)
-    handle._publish("twelve chars")
+    handle.publish("twelve chars")
     if ending == "cancelled":
-        handle._fail_cancelled()
+        handle.fail_cancelled()
     else:
-        handle._finish(None, DeadlineExceededError() if ending == "deadline" else EngineError())
+        handle.finish(None, DeadlineExceededError() if ending == "deadline" else EngineError())
     await settle(svc)
     assert await fits(svc, 88) and not await fits(svc, 89)
 

@@ -197,9 +197,9 @@ class BatchedEngine:
     def _deliver(self, events: Sequence[Event]) -> None:
         for handle, delta, result, error in events:
             if delta:
-                handle._publish(delta)
+                handle.publish(delta)
             if result is not None or error is not None:
-                handle._finish(result, error)
+                handle.finish(result, error)
 
     # ----- inference-thread side ---------------------------------------------------------------
 
@@ -414,8 +414,7 @@ def _vocab_size(loaded: LoadedModel) -> int | None:
 
 
 def _expired(handle: Handle, now: float) -> bool:
-    deadline = handle.request.deadline
-    return deadline is not None and now > deadline
+    return handle.request.expired(now)
 
 
 def _ending_error(handle: Handle, now: float) -> TextGenError:

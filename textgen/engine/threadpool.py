@@ -51,7 +51,7 @@ class _HandleStreamer:
                 return
             delta = self._seq.accept(int(token))
             if delta:
-                self._loop.call_soon_threadsafe(self._seq.handle._publish, delta)
+                self._loop.call_soon_threadsafe(self._seq.handle.publish, delta)
 
     def end(self) -> None:
         return None
@@ -70,8 +70,7 @@ class _StopWhenDone(StoppingCriteria):
 
 
 def _expired(handle: Handle) -> bool:
-    deadline = handle.request.deadline
-    return deadline is not None and time.monotonic() > deadline
+    return handle.request.expired()
 
 
 def _generate_kwargs(params: SamplingParams, budget: int) -> dict[str, object]:
@@ -165,11 +164,11 @@ class ThreadPoolEngine:
         assert self._loop is not None and self._executor is not None
         try:
             result = await self._loop.run_in_executor(self._executor, self._generate, handle)
-            handle._finish(result)
+            handle.finish(result)
         except Exception as error:
             if not isinstance(error, (GenerationCancelledError, DeadlineExceededError)):
                 logger.exception("Generation failed", extra={"request_id": handle.request.request_id})
-            handle._finish(None, to_client_error(error))
+            handle.finish(None, to_client_error(error))
         finally:
             self._handles.discard(handle)
 
@@ -193,7 +192,7 @@ class ThreadPoolEngine:
         if not seq.finished:
             delta = seq.close()
             if delta:
-                self._loop.call_soon_threadsafe(handle._publish, delta)
+                self._loop.call_soon_threadsafe(handle.publish, delta)
         self._tokens += len(seq.generated)
         return seq.result()
 

@@ -3,8 +3,8 @@
 Nothing here knows about HTTP or jobs. A caller builds a ``GenerationRequest``, calls
 ``engine.submit(request)`` and gets a ``Handle``: ``await handle.result()`` for the whole result,
 ``async for delta in handle.stream()`` for text as it is produced, ``handle.cancel()`` to stop it.
-Engines run the model on their own threads and report back through ``Handle._publish`` /
-``Handle._finish``, which must be called on the event loop (engines use ``call_soon_threadsafe``).
+Engines run the model on their own threads and report back through ``Handle.publish`` /
+``Handle.finish``, which must be called on the event loop (engines use ``call_soon_threadsafe``).
 """
 
 from __future__ import annotations
@@ -92,6 +92,11 @@ class GenerationRequest:
     def deadline(self) -> float | None:
         return None if self.timeout_s is None else self.arrived_at + self.timeout_s
 
+    def expired(self, now: float | None = None) -> bool:
+        """Past its deadline (the one check both engines use)."""
+        deadline = self.deadline
+        return deadline is not None and (time.monotonic() if now is None else now) > deadline
+
 
 @dataclass(frozen=True)
 class Timings:
@@ -176,12 +181,16 @@ class Handle:
             self._progress.clear()
             await self._progress.wait()
 
-    def _publish(self, delta: str) -> None:
+    # ----- the engine's side (call on the event loop) ------------------------------------------------
+
+    def publish(self, delta: str) -> None:
+        """Text the engine produced; streams see it at once."""
         if delta and not self._future.done():
             self._chunks.append(delta)
             self._progress.set()
 
-    def _finish(self, result: GenerationResult | None, error: BaseException | None = None) -> None:
+    def finish(self, result: GenerationResult | None, error: BaseException | None = None) -> None:
+        """The request ended, with a result or an error; later calls are ignored."""
         if self._future.done():
             return
         if error is not None:
@@ -193,8 +202,8 @@ class Handle:
             self._future.set_result(result)
         self._progress.set()
 
-    def _fail_cancelled(self) -> None:
-        self._finish(None, GenerationCancelledError())
+    def fail_cancelled(self) -> None:
+        self.finish(None, GenerationCancelledError())
 
 
 class Engine(Protocol):
