@@ -36,8 +36,6 @@ from textgen.loader import LoadedModel, cpu_supports_bf16
 logger = logging.getLogger(__name__)
 
 PLAN_CACHE = "weight-formats.json"
-CORE_CHOICES = ("auto", "textgen", "transformers")
-WEIGHT_CHOICES = ("auto", "float", "bf16", "int8", "int4")
 
 
 class ModelCore(Protocol):

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 GROUP = 32  # input columns per int4 group; also the GGUF Q4_1 / Q8_0 block size
-WEIGHT_FORMATS = ("float", "int8", "int4")
 
 
 class Kernel(Protocol):
