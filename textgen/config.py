@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     core: Literal["auto", "textgen", "transformers"] = Field(
         "auto", description="Model core: textgen's own (Llama family, GPT-2), transformers (any model), or auto."
     )
-    weights: Literal["auto", "float", "bf16", "int8", "int4"] = Field(
+    weights: Literal["auto", "float", "bf16", "int8", "w8a8", "int4"] = Field(
         "auto", description="Weight format of the textgen core; auto measures this machine once (cached)."
     )
     max_running: int = Field(64, ge=1, le=1024, description="Sequences decoded together in one batch.")
@@ -186,7 +186,12 @@ class Settings(BaseSettings):
     )
 
     _split_lists = field_validator(
-        "blocked_words", "api_keys", "admin_api_keys", "auth_exempt_paths", "cors_origins", "trusted_proxies",
+        "blocked_words",
+        "api_keys",
+        "admin_api_keys",
+        "auth_exempt_paths",
+        "cors_origins",
+        "trusted_proxies",
         mode="before",
     )(_split_commas)
 

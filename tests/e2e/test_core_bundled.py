@@ -69,12 +69,12 @@ def perplexity(core: Any, ids: list[int]) -> float:
     return math.exp(float(nll))
 
 
-def test_int8_and_int4_keep_perplexity_within_2_percent_of_float32(bundled_f32: Any, bundled_bf16: Any) -> None:
+def test_quantized_formats_keep_perplexity_within_2_percent_of_float32(bundled_f32: Any, bundled_bf16: Any) -> None:
     ids = list(bundled_f32.tokenizer(TEXT).input_ids)
     assert len(ids) > 400
     reference = perplexity(build_core(bundled_f32, CoreOptions(weights="float", slots=1, positions=1024)), ids)
     assert 1.0 < reference < 40.0  # a real model on plain English
-    for weights in ("bf16", "int8", "int4"):
+    for weights in ("bf16", "int8", "w8a8", "int4"):
         core = build_core(bundled_bf16, CoreOptions(weights=weights, slots=1, positions=1024))
         measured = perplexity(core, ids)
         assert abs(measured / reference - 1) < 0.02, (weights, measured, reference)

@@ -1,5 +1,5 @@
 """The decode core against the transformers reference on the tiny GPT-2, the slot cache, the int4
-kernel on Q4_1 blocks, and the scheduler running on either core."""
+kernel on Q4_1 blocks, the w8a8 kernel, and the scheduler running on either core."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from textgen.engine.core import CoreOptions, build_core
 from textgen.engine.core.decoder import DecodeCore, architecture_for
 from textgen.engine.core.gguf_blocks import Int4Blocks
 from textgen.engine.core.hf import TransformersCore
-from textgen.engine.core.linear import Int4Kernel, q4_1_to_int4
+from textgen.engine.core.activations import OUTLIER_CHANNELS, outlier_channels
+from textgen.engine.core.linear import Int4Kernel, W8A8Kernel, q4_1_to_int4
 from textgen.engine.core.weights import LinearFactory, WeightPlan
 from textgen.engine.types import EngineLimits, GenerationRequest, SamplingParams
 from textgen.errors import ConfigError, EngineError
@@ -26,8 +27,9 @@ def make_core(loaded: Any, fmt: str = "float32", slots: int = 8, capacity: int =
     arch, reason = architecture_for(loaded.model)
     assert arch is not None, reason
     plan = WeightPlan.single(fmt)
-    factory = LinearFactory(plan, getattr(torch, fmt) if fmt in ("float32", "bfloat16") else torch.bfloat16,
-                            torch.device("cpu"))
+    factory = LinearFactory(
+        plan, getattr(torch, fmt) if fmt in ("float32", "bfloat16") else torch.bfloat16, torch.device("cpu")
+    )
     return DecodeCore(loaded.model, arch, plan, factory, slots=slots, capacity=capacity)
 
 
@@ -96,13 +98,15 @@ def test_freeing_a_slot_keeps_the_others_intact_and_it_is_reused(tiny_loaded: An
     tokens = torch.tensor([sequences[slots.index(s)][-1] for s in survivors])
     logits = core.decode(survivors, tokens)
     for row, slot in enumerate(survivors):
-        torch.testing.assert_close(logits[row], reference_logits(tiny_loaded, sequences[slots.index(slot)]),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            logits[row], reference_logits(tiny_loaded, sequences[slots.index(slot)]), atol=1e-4, rtol=1e-4
+        )
     reused = core.allocate()
     assert reused == slots[0]
     fresh = tokenize(tiny_loaded, "Numbers 0 1 2")
-    torch.testing.assert_close(core.prefill([reused], [fresh])[0], reference_logits(tiny_loaded, fresh),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        core.prefill([reused], [fresh])[0], reference_logits(tiny_loaded, fresh), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_a_full_cache_refuses_another_sequence_and_a_slot_cannot_outgrow_it(tiny_loaded: Any) -> None:
@@ -187,7 +191,7 @@ def test_build_core_picks_the_own_core_for_gpt2_and_honours_transformers(tiny_lo
         build_core(tiny_loaded, CoreOptions(core="transformers", weights="int4"))
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("weights", ["int8", "w8a8", "int4"])
 def test_quantized_formats_run_the_tiny_model(tiny_loaded: Any, weights: str) -> None:
     core = build_core(tiny_loaded, CoreOptions(weights=weights, slots=2, positions=64))
     assert core.describe()["weights"] == weights
@@ -205,7 +209,9 @@ async def test_the_scheduler_gives_the_same_greedy_text_on_either_core(tiny_load
     results = {}
     for name in ("textgen", core):
         engine = BatchedEngine(
-            tiny_loaded, limits, core_options=CoreOptions(core=name, weights="float", slots=8, positions=256),
+            tiny_loaded,
+            limits,
+            core_options=CoreOptions(core=name, weights="float", slots=8, positions=256),
             warmup=False,
         )
         await engine.start()
@@ -232,3 +238,64 @@ def test_one_step_decodes_running_rows_and_prefills_new_prompts_together(tiny_lo
     for row, ids in enumerate([*running, newcomer]):
         torch.testing.assert_close(logits[row], reference_logits(tiny_loaded, ids), atol=1e-4, rtol=1e-4)
     assert core.slots_in_order() == [*slots, new_slot]
+
+
+# ----- w8a8: int8 weights x int8 activations, outlier channels in float --------------------------------
+
+
+def _w8a8_case(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight [96, 128] and inputs [5, 128] whose channels 7 and 90 are ~100x wider than the rest (as a
+    transformer's residual stream has), with the outliers as the channels' measured ranges say."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(96, 128, generator=gen) * 0.05
+    x = torch.randn(5, 128, generator=gen)
+    x[:, [7, 90]] *= 100.0
+    outliers = outlier_channels({"layer": x.abs().amax(dim=0)}, "layer", 128)
+    return weight, x, outliers
+
+
+def test_w8a8_keeps_the_widest_channels_in_float_and_stays_close_to_float32() -> None:
+    weight, x, outliers = _w8a8_case()
+    assert {7, 90} <= set(outliers.tolist()) and len(outliers) == min(OUTLIER_CHANNELS, 128)
+    exact = x @ weight.t()
+    kernel = W8A8Kernel.quantize(weight, None, outliers)
+    # Each product term carries at most half a step of the row's and of the weight channel's int8 grid.
+    error = (kernel(x) - exact).abs().max()
+    assert error < 0.01 * exact.abs().max()
+    # Without the float outliers the two wide channels set every row's int8 step: 10x worse or more.
+    naive = W8A8Kernel.quantize(weight, None, torch.tensor([0]))  # channel 0 is an ordinary one
+    assert (naive(x) - exact).abs().max() > 10 * error
+
+
+def test_w8a8_rows_depend_on_their_batch_only_through_float_rounding() -> None:
+    """Each row is quantized on its own and integer products are exact; only the float outlier product
+    may round differently with another batch shape."""
+    weight, x, outliers = _w8a8_case(seed=1)
+    kernel = W8A8Kernel.quantize(weight, torch.randn(96), outliers)
+    together = kernel(x)
+    for row in range(x.shape[0]):
+        torch.testing.assert_close(kernel(x[row : row + 1])[0], together[row], rtol=1e-6, atol=1e-5)
+    alone = kernel(x[:1] * 1000)  # a much wider row beside the others changes nothing for them
+    torch.testing.assert_close(kernel(torch.cat([x[:1] * 1000, x[1:]]))[1:], together[1:], rtol=1e-6, atol=1e-5)
+    assert torch.isfinite(alone).all()
+
+
+def test_w8a8_layers_of_gpt2_find_their_measured_ranges(tiny_loaded: Any) -> None:
+    core = build_core(tiny_loaded, CoreOptions(weights="w8a8", slots=1, positions=32))
+    kernel = core.weights.layers[0].qkv.kernel_for(1)
+    assert isinstance(kernel, W8A8Kernel)
+    with pytest.raises(KeyError, match="no activation range"):
+        outlier_channels({}, "h.0.attn.c_attn", 32)
+
+
+def test_auto_plan_takes_the_fastest_format_at_each_end_and_the_crossover_between() -> None:
+    from textgen.engine.core.calibrate import plan_from_timings
+
+    timings = {
+        "int4": {1: 8.0, 8: 18.0, 16: 33.0, 32: 62.0, 64: 124.0},
+        "w8a8": {1: 19.0, 8: 27.0, 16: 35.0, 32: 53.0, 64: 80.0},
+        "float32": {1: 27.0, 8: 35.0, 16: 42.0, 32: 58.0, 64: 94.0},
+    }
+    plan = plan_from_timings(timings)
+    assert plan.describe() == "int4 for batches 1-16, w8a8 for batches >= 17"
+    assert plan_from_timings({"w8a8": timings["w8a8"], "float32": timings["float32"]}).formats == ["w8a8"]

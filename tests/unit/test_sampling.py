@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from textgen.engine.sampling import apply_repetition_penalty, filtered_probabilities, select_next_tokens
+from textgen.engine.sampling import apply_repetition_penalty, nucleus_groups, select_next_tokens
 from textgen.engine.types import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -30,10 +30,8 @@ def test_top_k_one_is_greedy_even_at_high_temperature() -> None:
 
 def test_tiny_top_p_keeps_only_the_top_token() -> None:
     logits = _logits()
-    probs, ids = filtered_probabilities(logits, torch.ones(3), torch.zeros(3, dtype=torch.long), torch.full((3,), 1e-6))
-    assert torch.equal(ids[:, 0], logits.argmax(-1))
-    assert torch.allclose(probs[:, 0], torch.ones(3))
-    assert torch.all(probs[:, 1:] == 0)
+    probs, _ = filtered_probabilities(logits, torch.ones(3), torch.zeros(3, dtype=torch.long), torch.full((3,), 1e-6))
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float())
 
 
 def test_top_k_limits_the_support() -> None:
@@ -91,6 +89,15 @@ def _dense(probs: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.zeros(probs.shape[0], vocab).scatter_add_(1, ids, probs)
 
 
+def filtered_probabilities(logits: torch.Tensor, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """nucleus_groups' rows as one [B, V] distribution (probs over vocabulary ids, so ids = arange)."""
+    batch, vocab = logits.shape
+    dense = torch.zeros(batch, vocab)
+    for rows, probs, ids in nucleus_groups(logits, *args):
+        dense[rows] = _dense(probs, ids, vocab)
+    return dense, torch.arange(vocab).expand(batch, vocab)
+
+
 def test_candidate_shortcut_matches_the_full_sort() -> None:
     from textgen.engine import sampling
 
@@ -102,6 +109,36 @@ def test_candidate_shortcut_matches_the_full_sort() -> None:
     for top_k, top_p in [([0, 0, 0, 0], [0.9, 0.5, 0.95, 1.0]), ([5, 0, 300, 0], [1.0, 0.9, 0.9, 0.99])]:
         k = torch.tensor(top_k)
         p = torch.tensor(top_p)
-        fast = _dense(*sampling.filtered_probabilities(logits, temperature, k, p), vocab)
+        fast = _dense(*filtered_probabilities(logits, temperature, k, p), vocab)
         exact = _dense(*sampling.sorted_filtered_probabilities(logits, temperature, k, p), vocab)
         assert torch.allclose(fast, exact, atol=1e-5)
+
+
+def test_every_candidate_tier_matches_the_full_sort() -> None:
+    """Rows whose nucleus fits the first candidates, needs the wide set, or needs the whole sort."""
+    from textgen.engine import sampling
+
+    vocab = 12_288
+    gen = torch.Generator().manual_seed(5)
+    peaky = torch.randn(1, vocab, generator=gen) * 6
+    medium = torch.randn(1, vocab, generator=gen) * 3.0  # nucleus of ~600 tokens
+    flat = torch.randn(1, vocab, generator=gen) * 0.01
+    logits = torch.cat([peaky, medium, flat])
+    temperature, top_p = torch.tensor([0.8, 1.0, 1.0]), torch.tensor([0.95, 0.85, 0.95])
+    top_k = torch.zeros(3, dtype=torch.long)
+    first, second = sampling.CANDIDATE_TIERS[:2]
+    _, _, covered = sampling._candidate_probabilities(logits, temperature, top_k, top_p, first)
+    _, _, wide_covered = sampling._candidate_probabilities(logits, temperature, top_k, top_p, second)
+    assert covered.tolist() == [True, False, False] and wide_covered.tolist() == [True, True, False]
+    fast = _dense(*filtered_probabilities(logits, temperature, top_k, top_p), vocab)
+    exact = _dense(*sampling.sorted_filtered_probabilities(logits, temperature, top_k, top_p), vocab)
+    assert torch.allclose(fast, exact, atol=1e-6)
+
+
+def test_top_tokens_are_the_exact_top_k() -> None:
+    from textgen.engine import sampling
+
+    logits = torch.randn(4, 10_000, generator=torch.Generator().manual_seed(6))
+    values, ids = sampling.top_tokens(logits, 300)
+    expected_values, expected_ids = torch.topk(logits, 300, dim=-1)
+    assert torch.equal(values, expected_values) and torch.equal(ids, expected_ids)

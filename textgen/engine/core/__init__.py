@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
+from textgen.engine.core.activations import input_ranges
 from textgen.engine.core.calibrate import Probe, plan_for
 from textgen.engine.core.decoder import DecodeCore, architecture_for
 from textgen.engine.core.gguf_blocks import Int4Blocks, cached_q4_1_blocks
@@ -99,7 +100,13 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         max_batch=options.slots,
         cache_file=None if options.cache_dir is None else options.cache_dir / PLAN_CACHE,
     )
-    factory = LinearFactory(plan, loaded.dtype, loaded.device, blocks if "int4" in plan.formats else None)
+    factory = LinearFactory(
+        plan,
+        loaded.dtype,
+        loaded.device,
+        blocks if "int4" in plan.formats else None,
+        input_ranges=lambda: input_ranges(loaded.model, loaded.tokenizer),
+    )
     core = DecodeCore(loaded.model, arch, plan, factory, slots=options.slots, capacity=capacity)
     info = core.describe()
     logger.info(

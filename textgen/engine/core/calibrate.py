@@ -21,7 +21,16 @@ from pathlib import Path
 
 import torch
 
-from textgen.engine.core.linear import FloatKernel, Int4Kernel, Int8Kernel, Kernel, int4_supported
+from textgen.engine.core.activations import OUTLIER_CHANNELS
+from textgen.engine.core.linear import (
+    FloatKernel,
+    Int4Kernel,
+    Int8Kernel,
+    Kernel,
+    W8A8Kernel,
+    int4_supported,
+    w8a8_supported,
+)
 from textgen.engine.core.weights import UNBOUNDED, WeightPlan
 
 logger = logging.getLogger(__name__)
@@ -54,20 +63,27 @@ def plan_for(
         return WeightPlan.single(float_name), {}
     if requested == "bf16":
         return WeightPlan.single("bfloat16"), {}
-    if requested in ("int8", "int4"):
+    if requested in ("int8", "w8a8", "int4"):
         return WeightPlan.single(requested), {}
     if device.type != "cpu" or not has_int4_blocks:
         # A float source keeps the model's dtype (TEXTGEN_DTYPE: bf16 where the CPU has bf16 units):
         # one format, so a row's logits never depend on its batch's size, and no measurement.
         return WeightPlan.single(float_name), {}
-    candidates = ["int4", *(["bfloat16"] if bf16_fast else []), "float32"]
+    candidates = ["int4", "w8a8", "bfloat16", "float32"]
+    candidates = [f for f in candidates if (f != "w8a8" or w8a8_supported(device)) and (f != "bfloat16" or bf16_fast)]
     batches = [b for b in PROBE_BATCHES if b <= max(max_batch, 1)] or [1]
-    timings = cached_measurement(cache_file, probe, candidates, batches)
+    # The Q4 file's own head is 8-bit (see LinearFactory): time the int4 plan with the head it will get.
+    heads = {"int4": "w8a8" if w8a8_supported(device) else "int8"}
+    timings = cached_measurement(cache_file, probe, candidates, batches, heads)
     return plan_from_timings(timings), timings
 
 
 def cached_measurement(
-    cache_file: Path | None, probe: Callable[[], Probe], formats: Sequence[str], batches: Sequence[int]
+    cache_file: Path | None,
+    probe: Callable[[], Probe],
+    formats: Sequence[str],
+    batches: Sequence[int],
+    head_formats: dict[str, str] | None = None,
 ) -> dict[str, dict[int, float]]:
     """``measure``, remembered per machine, thread count, torch version and layer shapes, so a restart
     is quick and decides the same way (delete the file to measure again)."""
@@ -80,6 +96,7 @@ def cached_measurement(
             f"layers={taken.layers}",
             "shapes=" + ",".join("x".join(map(str, w.shape)) for w in [*taken.layer_weights, taken.head_weight]),
             "formats=" + ",".join(formats),
+            "heads=" + ",".join(f"{k}:{v}" for k, v in sorted((head_formats or {}).items())),
             "batches=" + ",".join(map(str, batches)),
         ]
     )
@@ -88,7 +105,7 @@ def cached_measurement(
         timings = {f: {int(b): float(ms) for b, ms in t.items()} for f, t in known[key].items()}
         logger.info("Weight formats as measured before on this machine (delete %s to measure again)", cache_file)
         return timings
-    timings = measure(taken, formats, batches)
+    timings = measure(taken, formats, batches, head_formats)
     if cache_file is not None:
         known[key] = timings
         try:
@@ -128,13 +145,18 @@ def plan_from_timings(timings: dict[str, dict[int, float]]) -> WeightPlan:
     return WeightPlan(((float(last_small), small), (UNBOUNDED, large)))
 
 
-def measure(probe: Probe, formats: Sequence[str], batches: Sequence[int]) -> dict[str, dict[int, float]]:
+def measure(
+    probe: Probe, formats: Sequence[str], batches: Sequence[int], head_formats: dict[str, str] | None = None
+) -> dict[str, dict[int, float]]:
     """Estimated ms of linear work per decode step, by format and batch size.
 
     Formats take turns within each repeat, and the best repeat counts, so a burst of other work on the
     machine slows every format alike instead of deciding the race.
     """
-    kernels = {f: ([_kernel(f, w) for w in probe.layer_weights], _kernel(f, probe.head_weight)) for f in formats}
+    heads = head_formats or {}
+    kernels = {
+        f: ([_kernel(f, w) for w in probe.layer_weights], _kernel(heads.get(f, f), probe.head_weight)) for f in formats
+    }
     timings: dict[str, dict[int, float]] = {f: {} for f in formats}
     for batch in batches:
         calls = {
@@ -164,7 +186,10 @@ def _kernel(fmt: str, weight: torch.Tensor) -> Kernel:
         return Int4Kernel.quantize(weight, None)
     if fmt == "int8":
         return Int8Kernel.quantize(weight, None)
-    dtype = torch.bfloat16 if fmt in ("int4", "int8") else getattr(torch, fmt)  # int4/int8 unavailable here
+    if fmt == "w8a8" and w8a8_supported(weight.device):
+        # The outlier channels' cost does not depend on which they are.
+        return W8A8Kernel.quantize(weight, None, torch.arange(min(OUTLIER_CHANNELS, weight.shape[1])))
+    dtype = torch.bfloat16 if fmt in ("int4", "int8", "w8a8") else getattr(torch, fmt)  # unavailable here
     return FloatKernel.build(weight.to(dtype), None, pack=True)
 
 

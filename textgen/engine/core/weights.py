@@ -1,20 +1,22 @@
 """Which weight format serves which batch size, and the factory that builds every linear layer by it.
 
 ``TEXTGEN_WEIGHTS`` names the format: ``float`` (the model dtype, bf16 or float32), ``bf16``,
-``int8``, ``int4``, or ``auto``. ``auto`` is measured per machine (``calibrate.py``): a Q4 GGUF source
-keeps its 4-bit blocks for the batch sizes where reading fewer bytes wins, and a float copy serves
-larger batches where arithmetic dominates.
+``int8`` (weight-only), ``w8a8`` (int8 weights and activations), ``int4``, or ``auto``. ``auto`` is
+measured per machine (``calibrate.py``): a Q4 GGUF source keeps its 4-bit blocks for the batch sizes
+where reading fewer bytes wins, and another format (w8a8 or a float copy, whichever measures faster)
+serves larger batches where arithmetic dominates.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from textgen.engine.core.activations import outlier_channels
 from textgen.engine.core.gguf_blocks import Int4Blocks
 from textgen.engine.core.linear import (
     FloatKernel,
@@ -22,9 +24,11 @@ from textgen.engine.core.linear import (
     Int8Kernel,
     Kernel,
     Linear,
+    W8A8Kernel,
     fuse_rows,
     int4_supported,
     int8_supported,
+    w8a8_supported,
 )
 
 logger = logging.getLogger(__name__)
@@ -44,7 +48,7 @@ class Projection:
 class WeightPlan:
     """Formats by batch size: ``tiers`` = ((max_rows, format), ...), the last one unbounded.
 
-    Formats: "int4", "int8", or a float dtype name ("bfloat16", "float32", "float16").
+    Formats: "int4", "int8", "w8a8", or a float dtype name ("bfloat16", "float32", "float16").
     """
 
     tiers: tuple[tuple[float, str], ...]
@@ -77,11 +81,14 @@ class LinearFactory:
         compute_dtype: torch.dtype,
         device: torch.device,
         int4_blocks: dict[str, Int4Blocks] | None = None,
+        input_ranges: Callable[[], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.plan = plan
         self.compute_dtype = compute_dtype
         self.device = device
         self._blocks = int4_blocks or {}
+        self._measure_ranges = input_ranges
+        self._ranges: dict[str, torch.Tensor] | None = None
         self.fallbacks: set[str] = set()
 
     def __call__(
@@ -112,18 +119,29 @@ class LinearFactory:
                 return Int4Kernel.from_blocks(q, scale, zero, bias)
             if self._blocks:
                 # A Q4 file with no 4-bit blocks for this layer (SmolLM2's output head is Q8_0): 8 bits
-                # keep what the file stored; re-quantizing it to 4 bits costs ~5% perplexity.
+                # keep what the file stored; re-quantizing it to 4 bits costs ~5% perplexity. Integer
+                # products (w8a8) read the same bytes as weight-only int8 and compute faster.
+                if w8a8_supported(self.device) and self._measure_ranges is not None:
+                    return self._w8a8(names, weight, bias)
                 return Int8Kernel.quantize(weight, bias)
             return Int4Kernel.quantize(weight, bias)
         if fmt == "int8" and int8_supported(self.device):
             return Int8Kernel.quantize(weight, bias)
-        if fmt in ("int4", "int8"):
+        if fmt == "w8a8" and w8a8_supported(self.device) and self._measure_ranges is not None:
+            return self._w8a8(names, weight, bias)
+        if fmt in ("int4", "int8", "w8a8"):
             self.fallbacks.add(fmt)
             fmt = str(self.compute_dtype).removeprefix("torch.")
         dtype = getattr(torch, fmt)
         return FloatKernel.build(
             weight.to(self.device, dtype), None if bias is None else bias.to(self.device, dtype), pack=True
         )
+
+    def _w8a8(self, names: Sequence[str], weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
+        if self._ranges is None:
+            assert self._measure_ranges is not None
+            self._ranges = self._measure_ranges()  # once, on the first layer that needs it
+        return W8A8Kernel.quantize(weight, bias, outlier_channels(self._ranges, names[0], weight.shape[1]))
 
 
 def _projection(layer: torch.nn.Module | Projection) -> Projection:
