@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts get 400 naming the limit.")
     max_new_tokens_limit: int = Field(1024, ge=1, description="Upper bound on tokens generated per request.")
     max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens prefilled in one forward pass.")
+    prefill_step_tokens: int = Field(
+        256,
+        ge=1,
+        description="Prompt tokens prefilled per decode step; more wait for the next step, so a burst of "
+        "new prompts stalls running ones briefly and the first of them answer sooner (a longer prompt runs alone).",
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="Default deadline, counted from arrival.")
     threadpool_workers: int = Field(4, ge=1, description="Threads of the 'threadpool' baseline engine.")
     background_share: int = Field(

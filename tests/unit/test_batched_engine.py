@@ -228,3 +228,49 @@ async def test_budget_is_capped_by_the_model_context(make_engine: Callable[..., 
     assert result.completion_tokens == context - prompt_tokens
     with pytest.raises(PromptTooLongError, match="context length"):
         await engine.submit(request("word " * 1100, max_new_tokens=1)).result()
+
+
+async def test_a_burst_of_prompts_is_prefilled_a_step_budget_at_a_time(make_engine: Callable[..., Any]) -> None:
+    """With a budget of one short prompt per step, a burst of four is prefilled over four steps while the
+    earlier ones already decode, and every answer equals the one from a single big prefill."""
+    prompts = [f"Burst prompt number {i}" for i in range(4)]
+    greedy = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+    reference_engine = await make_engine()
+    reference = [r.text for r in await asyncio.gather(*(reference_engine.submit(request(p, **greedy)).result()
+                                                       for p in prompts))]
+    engine = await make_engine(prefill_step_tokens=1)
+    calls: list[tuple[int, int]] = []
+    step = engine.core.step
+
+    def recording_step(decode_slots: Any, tokens: Any, prefill_slots: Any, prompt_ids: Any) -> Any:
+        calls.append((len(decode_slots), len(prefill_slots)))
+        return step(decode_slots, tokens, prefill_slots, prompt_ids)
+
+    engine.core.step = recording_step  # type: ignore[method-assign]
+    results = await asyncio.gather(*(engine.submit(request(p, **greedy)).result() for p in prompts))
+    assert [r.text for r in results] == reference
+    prefill_calls = [(decoding, prefilled) for decoding, prefilled in calls if prefilled]
+    assert prefill_calls == [(0, 1), (1, 1), (2, 1), (3, 1)]
+
+
+async def test_a_prompt_cancelled_in_the_prefill_backlog_ends_there(make_engine: Callable[..., Any]) -> None:
+    engine = await make_engine(prefill_step_tokens=1)
+    prefilled: list[int] = []
+    step = engine.core.step
+
+    def recording_step(decode_slots: Any, tokens: Any, prefill_slots: Any, prompt_ids: Any) -> Any:
+        prefilled.extend(len(p) for p in prompt_ids)
+        return step(decode_slots, tokens, prefill_slots, prompt_ids)
+
+    engine.core.step = recording_step  # type: ignore[method-assign]
+    handles = [engine.submit(request(f"Backlog prompt {i}", **LONG.__dict__)) for i in range(24)]
+    last = engine.submit(request("A much longer last prompt that is cancelled before its turn", **LONG.__dict__))
+    await wait_until(lambda: engine.stats().running == 25)  # all admitted; one prompt is prefilled per step
+    last.cancel()
+    with pytest.raises(GenerationCancelledError):
+        await last.result()
+    await wait_until(lambda: engine.stats().running == 24, timeout_s=2.0)
+    for handle in handles:
+        handle.cancel()
+    await wait_until(lambda: engine.stats().running == 0, timeout_s=2.0)
+    assert len(prefilled) < 25 and max(prefilled) < len(engine._loaded.tokenizer(last.request.prompt).input_ids)

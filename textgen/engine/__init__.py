@@ -42,6 +42,7 @@ def limits_from_settings(settings: Settings) -> EngineLimits:
         max_prompt_tokens=settings.max_prompt_tokens,
         max_new_tokens_limit=settings.max_new_tokens_limit,
         max_prefill_tokens=settings.max_prefill_tokens,
+        prefill_step_tokens=settings.prefill_step_tokens,
         background_share=settings.background_share,
     )
 

@@ -1,9 +1,12 @@
 """Continuous (iteration-level) batching: one inference thread, one decode step for everyone.
 
 The thread loops: drop waiting requests that were cancelled or expired → admit waiting requests
-(prefilled together) → retire finished sequences → one decode step for every running sequence →
-retire again. New requests join between steps, so nobody waits for a whole batch to finish. All
-results cross back to the event loop in one ``call_soon_threadsafe`` per iteration.
+into the prefill backlog → retire finished sequences → one forward pass that decodes every running
+sequence and prefills the backlog's next prompts (up to ``prefill_step_tokens``) → retire again.
+New requests join between steps, so nobody waits for a whole batch to finish, and a burst of
+prompts is spread over a few steps: the running sequences keep moving and the first prompts of the
+burst answer after one short step, not after the whole burst. All results cross back to the event
+loop in one ``call_soon_threadsafe`` per iteration.
 
 This module decides who runs; the model core (``engine/core``) only computes logits for the cache
 slots it is given, so the scheduler does not know which core or weight format is behind it.
@@ -76,6 +79,7 @@ class BatchedEngine:
         self._work_available = threading.Condition(self._lock)
         self._waiting: dict[Priority, deque[Handle]] = {p: deque() for p in Priority}
         self._running_seqs: dict[int, SequenceState] = {}  # cache slot -> sequence
+        self._backlog: deque[SequenceState] = deque()  # admitted (counted in _running), not yet prefilled
         self._running = 0
         self._interactive_streak = 0
         self._shared_rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
@@ -225,7 +229,12 @@ class BatchedEngine:
     def _wait_for_work(self, events: list[Event]) -> bool:
         """Block while idle. False once a stop was requested."""
         with self._lock:
-            while not self._stop_requested and not self._running_seqs and not any(self._waiting.values()):
+            while (
+                not self._stop_requested
+                and not self._running_seqs
+                and not self._backlog
+                and not any(self._waiting.values())
+            ):
                 self._work_available.wait(timeout=0.5)
             if self._stop_requested:
                 return False
@@ -233,15 +242,37 @@ class BatchedEngine:
         return True
 
     def _iterate(self, events: list[Event]) -> None:
-        """Retire, then one forward pass that decodes every running sequence and prefills the newly
-        admitted prompts (further chunks of prompts, if any, get passes of their own), then retire."""
-        chunks = self._admit(self._take_admissions(), events)
+        """Admit (while the backlog is empty, so later arrivals keep their priority), retire, then one
+        forward pass that decodes every running sequence and prefills the backlog's next prompts."""
+        if not self._backlog:
+            self._backlog.extend(self._admit(self._take_admissions(), events))
         self._retire(events)
-        for index, chunk in enumerate(chunks or [[]]):
-            decoding = index == 0 and bool(self._running_seqs)
-            if decoding or chunk:
-                self._step(chunk, events, decode=decoding)
+        admitted = self._next_prefill(events)
+        if self._running_seqs or admitted:
+            self._step(admitted, events, decode=bool(self._running_seqs))
         self._retire(events)
+
+    def _next_prefill(self, events: list[Event]) -> list[SequenceState]:
+        """The backlog's next prompts, in arrival order, up to ``prefill_step_tokens`` (at least one) and
+        to ``max_prefill_tokens`` as rows x longest prompt (the padded cost on the transformers core).
+        Prompts cancelled or expired while they waited end here."""
+        now = time.monotonic()
+        taken: list[SequenceState] = []
+        tokens = longest = 0
+        while self._backlog:
+            seq = self._backlog[0]
+            if seq.handle.cancel_requested or _expired(seq.handle, now):
+                self._backlog.popleft()
+                self._release(1)
+                events.append((seq.handle, "", None, _ending_error(seq.handle, now)))
+                continue
+            size = len(seq.prompt_ids)
+            padded = (len(taken) + 1) * max(longest, size)
+            if taken and (tokens + size > self._limits.prefill_step_tokens or padded > self._limits.max_prefill_tokens):
+                break
+            taken.append(self._backlog.popleft())
+            tokens, longest = tokens + size, max(longest, size)
+        return taken
 
     def _flush(self, events: list[Event]) -> None:
         if events and self._loop is not None and not self._loop.is_closed():
@@ -275,8 +306,8 @@ class BatchedEngine:
             self._running += len(taken)
         return taken
 
-    def _admit(self, handles: list[Handle], events: list[Event]) -> list[list[SequenceState]]:
-        """Tokenize the admitted requests; returns them as sequences in prefill-sized chunks."""
+    def _admit(self, handles: list[Handle], events: list[Event]) -> list[SequenceState]:
+        """Tokenize the admitted requests; returns them as sequences, in arrival order."""
         prepared: list[tuple[Handle, list[int], int]] = []
         for handle in handles:
             try:
@@ -291,8 +322,7 @@ class BatchedEngine:
                 continue
             prepared.append((handle, ids, budget))
             self._mean_budget = 0.9 * self._mean_budget + 0.1 * budget
-        chunks = _prefill_chunks(prepared, self._limits.max_prefill_tokens)
-        return [self._sequences(chunk, events) for chunk in chunks]
+        return self._sequences(prepared, events)
 
     def _sequences(self, chunk: list[tuple[Handle, list[int], int]], events: list[Event]) -> list[SequenceState]:
         """Admitted requests as sequences; one with nothing to generate finishes at once."""
@@ -400,6 +430,9 @@ class BatchedEngine:
         """At stop: whatever is still waiting or running gets a shutdown error."""
         events: list[Event] = []
         self._fail_batch(events, NotReadyError(SHUTTING_DOWN))
+        events.extend((seq.handle, "", None, NotReadyError(SHUTTING_DOWN)) for seq in self._backlog)
+        self._release(len(self._backlog))
+        self._backlog.clear()
         with self._lock:
             for queue in self._waiting.values():
                 events.extend((h, "", None, NotReadyError(SHUTTING_DOWN)) for h in queue)
@@ -423,23 +456,3 @@ def _ending_error(handle: Handle, now: float) -> TextGenError:
     if _expired(handle, now):
         return DeadlineExceededError()
     return EngineError()
-
-
-def _prefill_chunks(
-    prepared: list[tuple[Handle, list[int], int]], max_tokens: int
-) -> list[list[tuple[Handle, list[int], int]]]:
-    """Group prompts so a padded prefill (rows x longest prompt) stays under max_tokens."""
-    chunks: list[list[tuple[Handle, list[int], int]]] = []
-    current: list[tuple[Handle, list[int], int]] = []
-    longest = 0
-    for item in sorted(prepared, key=lambda entry: len(entry[1])):
-        candidate_longest = max(longest, len(item[1]))
-        if current and candidate_longest * (len(current) + 1) > max_tokens:
-            chunks.append(current)
-            current, longest = [], 0
-            candidate_longest = len(item[1])
-        current.append(item)
-        longest = candidate_longest
-    if current:
-        chunks.append(current)
-    return chunks

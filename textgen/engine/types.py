@@ -252,4 +252,5 @@ class EngineLimits:
     max_new_tokens_limit: int = 1024
     default_new_tokens: int = 50
     max_prefill_tokens: int = 4096
+    prefill_step_tokens: int = 256
     background_share: int = 4
