@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     weights: Literal["auto", "float", "bf16", "int8", "w8a8", "int4"] = Field(
         "auto", description="Weight format of the textgen core; auto measures this machine once (cached)."
     )
+    fused_kernels: bool = Field(
+        True, description="Small decode batches (Llama family, bf16, CPU) through fused C kernels, built once with cc."
+    )
     max_running: int = Field(64, ge=1, le=1024, description="Sequences decoded together in one batch.")
     max_waiting: int = Field(256, ge=0, description="Interactive requests allowed to wait for a batch slot.")
     max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts get 400 naming the limit.")

@@ -61,4 +61,5 @@ def core_options_from_settings(settings: Settings) -> CoreOptions:
         slots=settings.max_running,
         positions=settings.max_prompt_tokens + settings.max_new_tokens_limit,
         cache_dir=settings.cache_dir,
+        fused=settings.fused_kernels,
     )

@@ -28,6 +28,7 @@ import torch
 from textgen.engine.core.activations import input_ranges
 from textgen.engine.core.calibrate import Probe, plan_for
 from textgen.engine.core.decoder import DecodeCore, architecture_for
+from textgen.engine.core.fused import load_fused_kernels
 from textgen.engine.core.gguf_blocks import Int4Blocks, cached_q4_1_blocks
 from textgen.engine.core.hf import TransformersCore
 from textgen.engine.core.weights import LinearFactory
@@ -74,6 +75,7 @@ class CoreOptions:
     slots: int = 64  # TEXTGEN_MAX_RUNNING
     positions: int = 2048  # per slot: TEXTGEN_MAX_PROMPT_TOKENS + TEXTGEN_MAX_NEW_TOKENS_LIMIT
     cache_dir: Path | None = None  # TEXTGEN_CACHE_DIR: int4 blocks and weight-format measurements
+    fused: bool = True  # TEXTGEN_FUSED_KERNELS: small decode batches through fused.c where it builds
 
 
 def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
@@ -107,17 +109,22 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         blocks if "int4" in plan.formats else None,
         input_ranges=lambda: input_ranges(loaded.model, loaded.tokenizer),
     )
-    core = DecodeCore(loaded.model, arch, plan, factory, slots=options.slots, capacity=capacity)
+    fused = None
+    if options.fused and arch.decode_fused is not None and loaded.device.type == "cpu":
+        # fused.c computes in bf16 storage; a float32 model (no bf16 units here) keeps PyTorch's path.
+        fused = load_fused_kernels(options.cache_dir) if loaded.dtype == torch.bfloat16 else None
+    core = DecodeCore(loaded.model, arch, plan, factory, slots=options.slots, capacity=capacity, fused=fused)
     info = core.describe()
     logger.info(
         "Model core: %s; weights %s (%.0f MiB); KV cache %d slots x %d positions "
-        "(%.0f MiB reserved, touched as used)%s",
+        "(%.0f MiB reserved, touched as used); fused decode kernels %s%s",
         info["core"],
         info["weights"],
         info["weights_bytes"] / 2**20,
         info["slots"],
         info["positions_per_slot"],
         info["kv_cache_bytes"] / 2**20,
+        "on (decode batches up to 16)" if info["fused_kernels"] else "off",
         f"; {', '.join(sorted(core.fallbacks))} unavailable here, float used instead" if core.fallbacks else "",
     )
     return core

@@ -14,6 +14,7 @@ import torch
 
 import textgen.engine.core.gpt2 as gpt2
 import textgen.engine.core.llama as llama
+from textgen.engine.core.fused import FusedKernels
 from textgen.engine.core.kv_cache import SlotKVCache
 from textgen.engine.core.layers import Attention, DecodeAttention, MixedAttention, PrefillAttention
 from textgen.engine.core.weights import LinearFactory, WeightPlan
@@ -25,10 +26,16 @@ class Architecture:
     unsupported_reason: Callable[[Any], str | None]
     build: Callable[..., Any]
     forward: Callable[[Any, torch.Tensor, torch.Tensor, Attention], torch.Tensor]
+    # A decode step through fused.c (weights, tokens, positions, cache rows, cache, kernels), and when it applies
+    # (weights, batch, live length); None where the architecture has none.
+    decode_fused: Callable[..., torch.Tensor] | None = None
+    fused_supported: Callable[[Any, int, int], bool] | None = None
 
 
 ARCHITECTURES = (
-    Architecture("llama", llama.unsupported_reason, llama.build, llama.forward),
+    Architecture(
+        "llama", llama.unsupported_reason, llama.build, llama.forward, llama.decode_fused, llama.fused_supported
+    ),
     Architecture("gpt2", gpt2.unsupported_reason, gpt2.build, gpt2.forward),
 )
 
@@ -56,6 +63,7 @@ class DecodeCore:
         *,
         slots: int,
         capacity: int,
+        fused: FusedKernels | None = None,
     ) -> None:
         self.name = f"textgen-{arch.name}"
         self.plan = plan
@@ -73,6 +81,7 @@ class DecodeCore:
             device=self._device,
         )
         self.fallbacks = factory.fallbacks
+        self._fused = fused if arch.decode_fused is not None else None
 
     # ----- the core contract ----------------------------------------------------------------------
 
@@ -131,13 +140,16 @@ class DecodeCore:
             start += len(prompt)
             last.append(len(rows) + start - 1)
         self.cache.ensure_initialised(max([*(n + 1 for n in lengths), *(len(p) for p in prompts)]))
-        attention = MixedAttention(
-            DecodeAttention.plan(self.cache, rows, lengths, self.weights.scale) if rows else None,
-            PrefillAttention(self.cache, segments, self.weights.scale) if segments else None,
-            len(rows),
-        )
-        all_tokens = torch.cat([tokens.to(torch.long).cpu(), torch.tensor(prompt_tokens, dtype=torch.long)])
-        hidden = self._forward(all_tokens, positions, attention)  # [N, E]
+        if not segments and self._fused_applies(len(rows), max(lengths, default=0) + 1):
+            hidden = self._decode_fused(tokens, rows, lengths)
+        else:
+            attention = MixedAttention(
+                DecodeAttention.plan(self.cache, rows, lengths, self.weights.scale) if rows else None,
+                PrefillAttention(self.cache, segments, self.weights.scale) if segments else None,
+                len(rows),
+            )
+            all_tokens = torch.cat([tokens.to(torch.long).cpu(), torch.tensor(prompt_tokens, dtype=torch.long)])
+            hidden = self._forward(all_tokens, positions, attention)  # [N, E]
         self.cache.advance(rows)
         for row, _, length in segments:
             self.cache.advance([row], length)
@@ -159,6 +171,21 @@ class DecodeCore:
             self.free([slot])
 
 
+    def _fused_applies(self, batch: int, live: int) -> bool:
+        supported = self._arch.fused_supported
+        return self._fused is not None and batch > 0 and supported is not None and supported(self.weights, batch, live)
+
+    def _decode_fused(self, tokens: torch.Tensor, rows: list[int], lengths: list[int]) -> torch.Tensor:
+        assert self._fused is not None and self._arch.decode_fused is not None
+        return self._arch.decode_fused(
+            self.weights,
+            tokens.to(torch.long).cpu(),
+            torch.tensor(lengths, dtype=torch.long),
+            torch.tensor(rows, dtype=torch.long),
+            self.cache,
+            self._fused,
+        )
+
     def _forward(
         self, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int], attention: Attention
     ) -> torch.Tensor:
@@ -178,6 +205,7 @@ class DecodeCore:
             "slots": self.cache.slots,
             "positions_per_slot": self.cache.capacity,
             "dtype": str(self._dtype).removeprefix("torch."),
+            "fused_kernels": self._fused is not None,
         }
 
 

@@ -13,11 +13,15 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+import textgen.engine.core.fused as fused_limits
+from textgen.engine.core.fused import FusedKernels
+from textgen.engine.core.kv_cache import SlotKVCache
 from textgen.engine.core.layers import Attention, apply_rotary, rms_norm, rotary_tables
 from textgen.engine.core.linear import Linear
 from textgen.engine.core.weights import LinearFactory
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+FUSED_MAX_ROWS = 16  # decode batches up to this size use the fused kernels
 STATIC_ROPE = ("default", "linear", "llama3", None)
 
 
@@ -121,3 +125,48 @@ def forward(w: LlamaWeights, tokens: torch.Tensor, positions: torch.Tensor, atte
         gate, up = layer.gate_up(h).chunk(2, dim=-1)  # [N, F] each
         x = x + layer.down(F.silu(gate) * up)
     return rms_norm(x, w.final_norm, w.eps)
+
+
+def decode_fused(
+    w: LlamaWeights,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    rows: torch.Tensor,
+    cache: SlotKVCache,
+    fused: FusedKernels,
+) -> torch.Tensor:
+    """``forward`` for one new token per row (tokens, positions, cache rows [B]), in bfloat16, with the
+    work between matrix products done by ``fused.c``: four products and four calls per layer instead
+    of ~35 operators. Writes each row's key/value at its position. -> final hidden states [B, E]."""
+    batch = tokens.shape[0]
+    x = F.embedding(tokens, w.embed)  # [B, E], the residual stream, updated in place
+    h = torch.empty_like(x)
+    attended = x.new_empty(batch, w.heads * w.head_dim)
+    delta = None
+    for index, layer in enumerate(w.layers):
+        fused.add_rms_norm(x, delta, layer.attn_norm, h, w.eps)
+        qkv = layer.qkv(h)  # [B, (Hq + 2 Hkv) D]
+        keys, values = cache.keys[index], cache.values[index]
+        fused.rotary_cache_attention(qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale)
+        fused.add_rms_norm(x, layer.out(attended), layer.mlp_norm, h, w.eps)
+        gate_up = layer.gate_up(h)  # [B, 2F]
+        activated = x.new_empty(batch, gate_up.shape[1] // 2)
+        fused.silu_mul(gate_up, activated)
+        delta = layer.down(activated)
+    out = torch.empty_like(x)
+    fused.add_rms_norm(x, delta, w.final_norm, out, w.eps)
+    return out
+
+
+def fused_supported(w: LlamaWeights, batch: int, live: int) -> bool:
+    """decode_fused's preconditions: bf16 weights, shapes within fused.c's limits, and a batch small
+    enough for its single thread (larger batches are arithmetic, which PyTorch's kernels share out)."""
+    return (
+        w.embed.dtype == torch.bfloat16
+        and w.embed.device.type == "cpu"
+        and batch <= FUSED_MAX_ROWS
+        and live <= fused_limits.MAX_LIVE
+        and w.heads <= fused_limits.MAX_HEADS
+        and w.head_dim <= fused_limits.MAX_DIM
+        and w.embed.shape[1] <= fused_limits.MAX_WIDTH
+    )

@@ -1,0 +1,115 @@
+"""fused.c: the Llama decode step through the fused kernels against the PyTorch path, on a tiny Llama."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from textgen.engine.core.decoder import DecodeCore, architecture_for
+from textgen.engine.core.fused import FusedKernels, load_fused_kernels
+from textgen.engine.core.weights import LinearFactory, WeightPlan
+
+PROMPTS = [[5, 17, 23, 9, 41, 3], [7, 7, 60], [11, 2, 90, 33, 8, 21, 64, 70, 12, 19, 1]]
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory: pytest.TempPathFactory) -> FusedKernels:
+    built = load_fused_kernels(tmp_path_factory.mktemp("fused"))
+    assert built is not None, "the fused kernels did not build (is gcc installed?)"
+    return built
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def core_of(model: LlamaForCausalLM, dtype: torch.dtype, fused: FusedKernels | None) -> DecodeCore:
+    arch, reason = architecture_for(model)
+    assert arch is not None and arch.name == "llama", reason
+    name = str(dtype).removeprefix("torch.")
+    factory = LinearFactory(WeightPlan.single(name), dtype, torch.device("cpu"))
+    model = copy.deepcopy(model).to(dtype)
+    return DecodeCore(model, arch, WeightPlan.single(name), factory, slots=4, capacity=64, fused=fused)
+
+
+def decode_logits(core: DecodeCore, steps: int) -> list[torch.Tensor]:
+    """Prefill PROMPTS (rows of different lengths), free the middle one, then greedy decode steps."""
+    slots = [core.allocate() for _ in PROMPTS]
+    tokens = core.prefill(slots, PROMPTS).argmax(-1)
+    core.free([slots[1]])  # the last row moves into the hole: rows stay dense, lengths mixed
+    live = [slots[0], slots[2]]
+    tokens = tokens[[0, 2]]
+    out = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = core.decode(live, tokens)
+            out.append(logits.float())
+            tokens = logits.argmax(-1)  # the float32 reference's tokens would do as well; these are exact
+    core.free(live)
+    return out
+
+
+def test_fused_decode_is_as_close_to_float32_as_the_pytorch_bf16_path(
+    tiny_llama: LlamaForCausalLM, kernels: FusedKernels
+) -> None:
+    reference = decode_logits(core_of(tiny_llama, torch.float32, None), steps=6)
+    eager = decode_logits(core_of(tiny_llama, torch.bfloat16, None), steps=6)
+    fused_core = core_of(tiny_llama, torch.bfloat16, kernels)
+    assert fused_core.describe()["fused_kernels"] is True
+    fused = decode_logits(fused_core, steps=6)
+    for ref, slow, fast in zip(reference, eager, fused, strict=True):
+        eager_error = (slow - ref).abs().max()
+        fused_error = (fast - ref).abs().max()
+        # bf16 keeps 8 bits: both paths differ from float32 by rounding; fused.c rounds once per
+        # operation group instead of after every operator, so it is no further off.
+        assert fused_error <= 1.5 * eager_error + 1e-3, (fused_error, eager_error)
+        assert torch.nn.functional.cosine_similarity(fast, ref, dim=-1).min() > 0.999
+
+
+def test_fused_kernels_are_cached_and_a_missing_compiler_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert load_fused_kernels(tmp_path) is not None
+    built = list(tmp_path.glob("fused-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert load_fused_kernels(tmp_path) is not None
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING):
+        assert load_fused_kernels(tmp_path / "elsewhere") is None
+    assert "Fused CPU kernels unavailable" in caplog.text
+
+
+def test_prefill_and_large_batches_keep_the_pytorch_path(tiny_llama: LlamaForCausalLM, kernels: FusedKernels) -> None:
+    core = core_of(tiny_llama, torch.bfloat16, kernels)
+    calls = []
+    arch = core._arch
+    original = arch.decode_fused
+    assert original is not None
+
+    def counting(*args: object) -> torch.Tensor:
+        calls.append(args[1])
+        return original(*args)
+
+    object.__setattr__(arch, "decode_fused", counting)
+    try:
+        slots = [core.allocate() for _ in PROMPTS]
+        logits = core.prefill(slots, PROMPTS)
+        assert not calls  # prompts: PyTorch's path
+        core.decode(slots, logits.argmax(-1))
+        assert len(calls) == 1 and calls[0].shape[0] == len(PROMPTS)
+        assert not arch.fused_supported(core.weights, 17, 10)  # type: ignore[misc]
+    finally:
+        object.__setattr__(arch, "decode_fused", original)

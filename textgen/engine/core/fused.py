@@ -1,0 +1,137 @@
+"""The fused small operations of ``fused.c``: built with the system C compiler on first use, loaded with
+ctypes, and used by the Llama decode step for small batches in bfloat16 (``llama.decode_fused``).
+
+Why C and ctypes rather than a PyTorch extension: the file is ~150 lines of plain loops, compiles in
+about a second with no PyTorch headers, and a ctypes call costs about what one PyTorch operator does
+while replacing six to twenty of them. The library is cached per source, CPU and compiler in the
+cache folder; without a compiler the core runs its PyTorch path and says so in the start-up log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("fused.c")
+# -ffast-math lets gcc vectorise the reductions and expf (glibc's vector math library, libmvec); fused.c
+# uses no inf/NaN. Where libmvec is missing the second set builds (slower exp); --no-undefined makes a
+# missing symbol fail the build rather than the load.
+FLAG_SETS = (
+    ["-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", "-Wl,--no-undefined", "-lmvec", "-lm"],
+    ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-Wl,--no-undefined", "-lm"],
+)
+MAX_WIDTH, MAX_HEADS, MAX_DIM, MAX_LIVE = 8192, 64, 256, 8192  # as in fused.c
+
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+@dataclass(frozen=True)
+class FusedKernels:
+    library: ctypes.CDLL
+
+    def __post_init__(self) -> None:
+        self.library.add_rms_norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
+        self.library.rotary_cache_attention.argtypes = [_ptr] * 8 + [_i64] * 5 + [_f32]
+        self.library.silu_mul.argtypes = [_ptr, _ptr, _i64, _i64]
+        self.library.silu_mul.restype = None
+
+    def add_rms_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor, eps: float
+    ) -> None:
+        """x [N, E] += delta (in place, when given); out [N, E] = rms_norm(x) * weight [E]."""
+        rows, width = x.shape
+        status = self.library.add_rms_norm(
+            x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
+            rows, width, eps,
+        )
+        _check(status, "add_rms_norm")
+
+    def rotary_cache_attention(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache_rows: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        out: torch.Tensor,
+        heads: int,
+        scale: float,
+    ) -> None:
+        """qkv [B, (Hq + 2 Hkv) D]; writes the rotated key and the value at each row's position in keys,
+        values [S, Hkv, T, D] and the attention output over positions 0..position to out [B, Hq D]."""
+        _, kv_heads, capacity, dim = keys.shape
+        status = self.library.rotary_cache_attention(
+            qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), cache_rows.data_ptr(),
+            keys.data_ptr(), values.data_ptr(), out.data_ptr(), qkv.shape[0], heads, kv_heads, dim, capacity, scale,
+        )
+        _check(status, "rotary_cache_attention")
+
+    def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor) -> None:
+        """gate_up [N, 2F] -> out [N, F] = silu(gate) * up."""
+        self.library.silu_mul(gate_up.data_ptr(), out.data_ptr(), out.shape[0], out.shape[1])
+
+
+def _check(status: int, name: str) -> None:
+    if status != 0:
+        raise ValueError(f"fused {name}: shape beyond the limits of fused.c")
+
+
+def load_fused_kernels(cache_dir: Path | None) -> FusedKernels | None:
+    """The compiled library (built once per source, CPU and compiler), or None where it cannot be built."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.info("Fused CPU kernels: no C compiler found (install gcc, or set CC); using PyTorch operators")
+        return None
+    folder = cache_dir or Path(tempfile.gettempdir()) / "textgen"
+    try:
+        library = folder / f"fused-{_build_key(compiler)}.so"
+        if not library.exists():
+            _compile(compiler, library)
+        return FusedKernels(ctypes.CDLL(str(library)))
+    except (OSError, subprocess.SubprocessError) as error:
+        logger.warning("Fused CPU kernels unavailable (%s); using PyTorch operators", error)
+        return None
+
+
+def _compile(compiler: str, library: Path) -> None:
+    library.parent.mkdir(parents=True, exist_ok=True)
+    partial = library.with_suffix(f".{os.getpid()}.tmp")
+    for flags in FLAG_SETS:
+        command = [compiler, "-o", str(partial), str(SOURCE), *flags]
+        built = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if built.returncode == 0:
+            partial.replace(library)  # atomic: a concurrent start sees the old file or the whole new one
+            logger.info("Fused CPU kernels compiled: %s", library)
+            return
+    raise subprocess.CalledProcessError(built.returncode, command, built.stdout, built.stderr)
+
+
+def _build_key(compiler: str) -> str:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    cpu = _cpu_flags()
+    flags = " ".join(" ".join(f) for f in FLAG_SETS)
+    digest = hashlib.sha256(SOURCE.read_bytes() + flags.encode() + version.encode() + cpu.encode())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+    """-march=native builds for this CPU: a library compiled on another one must not be reused."""
+    try:
+        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return platform.processor()
+    return "\n".join(line for line in first_cpu.splitlines() if line.startswith(("flags", "Features", "model name")))
