@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from textgen.engine.sampling import apply_repetition_penalty, nucleus_groups, select_next_tokens
+from textgen.engine import sampling
+from textgen.engine.sampling import apply_repetition_penalty, select_next_tokens
 from textgen.engine.types import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -28,17 +30,66 @@ def test_top_k_one_is_greedy_even_at_high_temperature() -> None:
         assert torch.equal(chosen, logits.argmax(-1))
 
 
+def draw_many(logits: torch.Tensor, params: SamplingParams, draws: int, seed: int = 0) -> torch.Tensor:
+    """Token counts [V] from ``draws`` independent samples of one row (as one batch of identical rows)."""
+    batch = logits.expand(draws, -1).clone()
+    chosen = select_next_tokens(batch, [params] * draws, [[]] * draws, [None] * draws,
+                                torch.Generator().manual_seed(seed))
+    return torch.bincount(chosen, minlength=logits.shape[-1]).float()
+
+
+def reference_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The exact sampling distribution [V] of one row, from the full sort."""
+    probs, ids = sampling.sorted_filtered_probabilities(
+        logits, torch.tensor([params.temperature]), torch.tensor([params.top_k]), torch.tensor([params.top_p])
+    )
+    return torch.zeros(logits.shape[-1]).scatter_add_(0, ids[0], probs[0])
+
+
 def test_tiny_top_p_keeps_only_the_top_token() -> None:
-    logits = _logits()
-    probs, _ = filtered_probabilities(logits, torch.ones(3), torch.zeros(3, dtype=torch.long), torch.full((3,), 1e-6))
-    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float())
+    logits = _logits(rows=1)
+    counts = draw_many(logits, SamplingParams(temperature=1.0, top_p=1e-6), draws=500)
+    assert counts[logits.argmax()] == 500
 
 
 def test_top_k_limits_the_support() -> None:
     logits = _logits(rows=1)
-    probs, _ = filtered_probabilities(logits, torch.ones(1), torch.tensor([5]), torch.ones(1))
-    assert int((probs > 0).sum()) == 5
-    assert torch.allclose(probs.sum(), torch.tensor(1.0))
+    counts = draw_many(logits, SamplingParams(temperature=2.0, top_k=5), draws=2000)
+    assert set(counts.nonzero().flatten().tolist()) == set(logits[0].topk(5).indices.tolist())
+
+
+def test_sampled_frequencies_match_the_sorted_reference() -> None:
+    """Rejection (no top-k) and ranked top-k rows, peaky and flat rows: 20,000 draws pass a chi-square test
+    against the exact distribution (threshold: mean + 6 standard deviations of the statistic, so a
+    correct sampler fails about once in 10^8 runs, while a wrong nucleus boundary fails by far)."""
+    peaky, flat = _logits(rows=1, vocab=200, seed=1) * 3, _logits(rows=1, vocab=200, seed=2) * 0.3
+    cases = [
+        (peaky, SamplingParams(temperature=0.8, top_p=0.9)),
+        (peaky, SamplingParams(temperature=1.3, top_p=0.5)),
+        (flat, SamplingParams(temperature=1.0, top_p=0.95)),
+        (flat, SamplingParams(temperature=1.0)),
+        (peaky, SamplingParams(temperature=0.9, top_k=20, top_p=0.8)),
+    ]
+    for logits, params in cases:
+        counts = draw_many(logits, params, draws=20_000, seed=3)
+        expected = reference_distribution(logits, params)
+        assert bool((counts[expected == 0] == 0).all()), params  # nothing outside the nucleus
+        support = expected > 0
+        expected_counts = expected[support] * counts.sum()
+        chi_square = float(((counts[support] - expected_counts) ** 2 / expected_counts).sum())
+        freedom = int(support.sum()) - 1
+        assert chi_square < freedom + 6 * (2 * freedom) ** 0.5, (params, chi_square, freedom)
+
+
+def test_rows_still_rejected_after_the_last_draw_use_the_exact_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flat row with a tiny top_p keeps ~1% of draws: most rows run out of rounds and fall back."""
+    monkeypatch.setattr(sampling, "MAX_DRAWS", 2)
+    logits = _logits(rows=1, vocab=1000, seed=4) * 0.01
+    params = SamplingParams(temperature=1.0, top_p=0.01)
+    counts = draw_many(logits, params, draws=3000)
+    expected = reference_distribution(logits, params)
+    assert bool((counts[expected == 0] == 0).all())
+    assert int((expected > 0).sum()) > 5 and int((counts > 0).sum()) > 5
 
 
 def test_seeded_rows_are_reproducible_and_independent_of_neighbours() -> None:
@@ -87,52 +138,6 @@ def test_repetition_penalty_lowers_seen_tokens() -> None:
 
 def _dense(probs: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.zeros(probs.shape[0], vocab).scatter_add_(1, ids, probs)
-
-
-def filtered_probabilities(logits: torch.Tensor, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """nucleus_groups' rows as one [B, V] distribution (probs over vocabulary ids, so ids = arange)."""
-    batch, vocab = logits.shape
-    dense = torch.zeros(batch, vocab)
-    for rows, probs, ids in nucleus_groups(logits, *args):
-        dense[rows] = _dense(probs, ids, vocab)
-    return dense, torch.arange(vocab).expand(batch, vocab)
-
-
-def test_candidate_shortcut_matches_the_full_sort() -> None:
-    from textgen.engine import sampling
-
-    vocab = 2000
-    peaky = torch.randn(2, vocab, generator=torch.Generator().manual_seed(1)) * 4  # nucleus within candidates
-    flat = torch.randn(2, vocab, generator=torch.Generator().manual_seed(2)) * 0.01  # nucleus needs most of V
-    logits = torch.cat([peaky, flat])
-    temperature = torch.tensor([0.7, 1.0, 1.3, 0.9])
-    for top_k, top_p in [([0, 0, 0, 0], [0.9, 0.5, 0.95, 1.0]), ([5, 0, 300, 0], [1.0, 0.9, 0.9, 0.99])]:
-        k = torch.tensor(top_k)
-        p = torch.tensor(top_p)
-        fast = _dense(*filtered_probabilities(logits, temperature, k, p), vocab)
-        exact = _dense(*sampling.sorted_filtered_probabilities(logits, temperature, k, p), vocab)
-        assert torch.allclose(fast, exact, atol=1e-5)
-
-
-def test_every_candidate_tier_matches_the_full_sort() -> None:
-    """Rows whose nucleus fits the first candidates, needs the wide set, or needs the whole sort."""
-    from textgen.engine import sampling
-
-    vocab = 12_288
-    gen = torch.Generator().manual_seed(5)
-    peaky = torch.randn(1, vocab, generator=gen) * 6
-    medium = torch.randn(1, vocab, generator=gen) * 3.0  # nucleus of ~600 tokens
-    flat = torch.randn(1, vocab, generator=gen) * 0.01
-    logits = torch.cat([peaky, medium, flat])
-    temperature, top_p = torch.tensor([0.8, 1.0, 1.0]), torch.tensor([0.95, 0.85, 0.95])
-    top_k = torch.zeros(3, dtype=torch.long)
-    first, second = sampling.CANDIDATE_TIERS[:2]
-    _, _, covered = sampling._candidate_probabilities(logits, temperature, top_k, top_p, first)
-    _, _, wide_covered = sampling._candidate_probabilities(logits, temperature, top_k, top_p, second)
-    assert covered.tolist() == [True, False, False] and wide_covered.tolist() == [True, True, False]
-    fast = _dense(*filtered_probabilities(logits, temperature, top_k, top_p), vocab)
-    exact = _dense(*sampling.sorted_filtered_probabilities(logits, temperature, top_k, top_p), vocab)
-    assert torch.allclose(fast, exact, atol=1e-6)
 
 
 def test_top_tokens_are_the_exact_top_k() -> None:

@@ -29,9 +29,7 @@ def apply_repetition_penalty(
 
 
 BLOCK = 64  # vocabulary entries per block: block maxima narrow the search for the top tokens
-# Tokens ranked per row, tier by tier, before the full sort: at top_p 0.95 SmolLM2's nucleus is ~10 tokens
-# at the median and rarely over a few hundred, so most rows stop at the first tier.
-CANDIDATE_TIERS = (64, 1024, 8192)
+MAX_DRAWS = 8  # rejection rounds before a row falls back to the exact sort (each accepts with P >= top_p)
 
 
 def sorted_filtered_probabilities(
@@ -56,72 +54,6 @@ def _nucleus(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     kept = sorted_probs.masked_fill((mass_before >= top_p[:, None]) & (ranks > 0), 0.0)
     return kept / kept.sum(dim=-1, keepdim=True)
-
-
-def nucleus_groups(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Each row's sampling distribution after top-k and top-p, without sorting the whole vocabulary.
-
-    Sorting 50k logits per row per step is the slowest part of sampling on a CPU, and a language
-    model's nucleus almost always lies within its few hundred most likely tokens. So each row's top
-    tokens are ranked first (``top_tokens``, CANDIDATE_TIERS[0] of them); a row is done when they hold
-    its top-k, or top_p of the whole vocabulary's mass. The others try the next tier, and the last
-    ones get the full sort (or, with top_p = 1 and no top-k, the plain softmax), so the result is
-    exact. Rows are handled in groups so that one wide row does not make the whole batch wide.
-
-    Returns groups (rows [G] long, probs [G, C], token ids [G, C]); a group's C is its own, and the
-    groups' rows together are 0..B-1.
-    """
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    groups = []
-    for count in CANDIDATE_TIERS:
-        if count >= logits.shape[-1] or not rows.numel():
-            break
-        args = (logits, temperature, top_k, top_p)
-        if len(rows) < logits.shape[0]:
-            args = _take(rows, *args)
-        probs, ids, covered = _candidate_probabilities(*args, count)
-        if bool(covered.all()):
-            return [*groups, (rows, probs, ids)]
-        groups.append((rows[covered], probs[covered], ids[covered]))
-        rows = rows[~covered]
-    if rows.numel():
-        rest_logits, rest_t, rest_k, rest_p = _take(rows, logits, temperature, top_k, top_p)
-        plain = bool(((rest_p >= 1.0) & (rest_k <= 0)).all())
-        if plain:
-            vocab_ids = torch.arange(logits.shape[-1], device=logits.device).expand(len(rows), -1)
-            groups.append((rows, torch.softmax(rest_logits / rest_t[:, None], dim=-1), vocab_ids))
-        else:
-            groups.append((rows, *sorted_filtered_probabilities(rest_logits, rest_t, rest_k, rest_p)))
-    return groups
-
-
-def _take(rows: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return tuple(t[rows] for t in tensors)
-
-
-def _candidate_probabilities(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, count: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The nucleus within each row's top ``count`` tokens: probs, ids [B, C] and covered [B] (bool),
-    true where those tokens hold the row's whole top-k / top-p set (only those rows' probs are right)."""
-    values, token_ids = top_tokens(logits, count)  # [B, C], high to low
-    count = values.shape[-1]
-    ranks = torch.arange(count, device=logits.device)[None, :]
-    limited = top_k > 0
-    scaled = values / temperature[:, None]
-    # top-k rows normalise over their k best; the others need the whole vocabulary's mass.
-    kept = scaled.masked_fill(ranks >= torch.where(limited, top_k, count)[:, None], float("-inf"))
-    within = torch.softmax(kept, dim=-1)
-    if bool(limited.all()):
-        probs, covered = within, top_k <= count
-    else:
-        # softmax is one fused pass over the vocabulary; logsumexp is four (and ~1.5x slower here).
-        whole = torch.softmax(logits / temperature[:, None], dim=-1).gather(1, token_ids)
-        probs = torch.where(limited[:, None], within, whole)
-        covered = torch.where(limited, top_k <= count, probs.sum(dim=-1) >= top_p)
-    return _nucleus(probs, top_p), token_ids, covered
 
 
 def _blocks(logits: torch.Tensor) -> torch.Tensor:
@@ -177,18 +109,103 @@ def sample_rows(
     generators: Sequence[torch.Generator | None],
     shared: torch.Generator,
 ) -> torch.Tensor:
-    """Inverse-CDF sampling, one token per row. logits [B, V] float32 -> token ids [B]."""
+    """One token per row from softmax(logits / temperature) after top-k and top-p. logits [B, V] float32
+    -> token ids [B]. Rows with a top-k rank their k best tokens (``top_k_tokens``); the others are
+    drawn by rejection (``nucleus_by_rejection``), which ranks nothing."""
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
     top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-    u = uniform_draws(generators, shared).to(device)  # [B]
+    ranked = [row for row, p in enumerate(params) if p.top_k > 0]
+    if not ranked:
+        return nucleus_by_rejection(logits, temperature, top_p, generators, shared)
     chosen = torch.empty(len(params), dtype=torch.long, device=device)
-    for rows, probs, token_ids in nucleus_groups(logits, temperature, top_k, top_p):
-        cdf = torch.cumsum(probs, dim=-1)  # [G, C]
-        picked = torch.searchsorted(cdf, u[rows, None] * cdf[:, -1:]).clamp_(max=probs.shape[-1] - 1)  # [G, 1]
-        chosen[rows] = token_ids.gather(-1, picked).squeeze(-1)
+    rows = torch.tensor(ranked, dtype=torch.long, device=device)
+    chosen[rows] = top_k_tokens(
+        logits[rows], temperature[rows], top_k[rows], top_p[rows], [generators[r] for r in ranked], shared
+    )
+    unranked = [row for row, p in enumerate(params) if p.top_k <= 0]
+    if unranked:
+        rows = torch.tensor(unranked, dtype=torch.long, device=device)
+        chosen[rows] = nucleus_by_rejection(
+            logits[rows], temperature[rows], top_p[rows], [generators[r] for r in unranked], shared
+        )
     return chosen
+
+
+def nucleus_by_rejection(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: Sequence[torch.Generator | None],
+    shared: torch.Generator,
+) -> torch.Tensor:
+    """Top-p sampling without sorting: draw from the whole softmax, keep the draw if it is in the nucleus.
+
+    A token is in the nucleus when the tokens more likely than it hold less than top_p of the mass, so
+    one masked sum tests a draw, and a kept draw is distributed exactly as the nucleus (the whole
+    distribution conditioned on the nucleus). A draw is kept with probability >= top_p, so rounds are
+    few; rows still unlucky after MAX_DRAWS use the exact sort. Three passes over the vocabulary per
+    round, whatever the nucleus' width: ranking tokens (topk, sort) costs more on a CPU.
+    logits [B, V]; temperature, top_p [B] -> token ids [B].
+    """
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)  # [B, V]
+    cdf = torch.cumsum(probs, dim=-1)  # [B, V], in vocabulary order: any order samples the same
+    chosen = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    pending = torch.arange(logits.shape[0], device=logits.device)
+    for _ in range(MAX_DRAWS):
+        u = uniform_draws([generators[r] for r in pending.tolist()], shared).to(logits.device)  # [P]
+        row_cdf, row_probs = cdf[pending], probs[pending]
+        drawn = torch.searchsorted(row_cdf, (u * row_cdf[:, -1])[:, None]).clamp_(max=logits.shape[-1] - 1)  # [P, 1]
+        drawn_prob = row_probs.gather(1, drawn)  # [P, 1]
+        more_likely = torch.where(row_probs > drawn_prob, row_probs, 0.0).sum(dim=-1)  # [P]
+        kept = (more_likely < top_p[pending]) | (top_p[pending] >= 1.0)
+        chosen[pending[kept]] = drawn[kept, 0]
+        pending = pending[~kept]
+        if not pending.numel():
+            return chosen
+    chosen[pending] = _sample_sorted(
+        logits[pending], temperature[pending], torch.zeros_like(pending), top_p[pending],
+        [generators[r] for r in pending.tolist()], shared,
+    )
+    return chosen
+
+
+def top_k_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: Sequence[torch.Generator | None],
+    shared: torch.Generator,
+) -> torch.Tensor:
+    """Rows with a top-k (top_k [B] > 0): rank each row's k best tokens (``top_tokens``, exact), apply
+    top-p within them, sample. logits [B, V] -> token ids [B]."""
+    count = min(int(top_k.max()), logits.shape[-1])
+    values, token_ids = top_tokens(logits, count)  # [B, C], high to low
+    ranks = torch.arange(values.shape[-1], device=logits.device)[None, :]
+    kept = (values / temperature[:, None]).masked_fill(ranks >= top_k[:, None], float("-inf"))
+    probs = _nucleus(torch.softmax(kept, dim=-1), top_p)  # [B, C]
+    return _inverse_cdf(probs, token_ids, uniform_draws(generators, shared).to(logits.device))
+
+
+def _sample_sorted(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: Sequence[torch.Generator | None],
+    shared: torch.Generator,
+) -> torch.Tensor:
+    probs, token_ids = sorted_filtered_probabilities(logits, temperature, top_k, top_p)
+    return _inverse_cdf(probs, token_ids, uniform_draws(generators, shared).to(logits.device))
+
+
+def _inverse_cdf(probs: torch.Tensor, token_ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs, token_ids [B, C]; u [B] in [0, 1) -> the token where each row's cumulative mass passes u."""
+    cdf = torch.cumsum(probs, dim=-1)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=probs.shape[-1] - 1)  # [B, 1]
+    return token_ids.gather(-1, picked).squeeze(-1)
 
 
 # Per row: None when the row did not ask, else (chosen token's log-probability, [(token id, log-probability)]
