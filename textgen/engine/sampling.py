@@ -155,10 +155,12 @@ def nucleus_by_rejection(
     pending = torch.arange(logits.shape[0], device=logits.device)
     for _ in range(MAX_DRAWS):
         u = uniform_draws([generators[r] for r in pending.tolist()], shared).to(logits.device)  # [P]
-        row_cdf, row_probs = cdf[pending], probs[pending]
+        whole = len(pending) == len(chosen)  # the first round: no copy of the [B, V] tensors
+        row_cdf, row_probs = (cdf, probs) if whole else (cdf[pending], probs[pending])
         drawn = torch.searchsorted(row_cdf, (u * row_cdf[:, -1])[:, None]).clamp_(max=logits.shape[-1] - 1)  # [P, 1]
         drawn_prob = row_probs.gather(1, drawn)  # [P, 1]
-        more_likely = torch.where(row_probs > drawn_prob, row_probs, 0.0).sum(dim=-1)  # [P]
+        # (where() with a scalar 0 takes a slow path: ~2x this product's time at B = 64)
+        more_likely = (row_probs * (row_probs > drawn_prob)).sum(dim=-1)  # [P]
         kept = (more_likely < top_p[pending]) | (top_p[pending] >= 1.0)
         chosen[pending[kept]] = drawn[kept, 0]
         pending = pending[~kept]
