@@ -30,7 +30,7 @@ from textgen.jobs.store import Job, JobState
 pytestmark = pytest.mark.e2e
 
 LINES = 40
-BODY = {"max_tokens": 24, "ignore_eos": True}
+BODY = {"max_tokens": 48, "ignore_eos": True}
 ENDED = {"completed", "failed", "cancelled", "expired"}
 
 
@@ -75,6 +75,18 @@ def mid_batch(batch: Batch) -> bool:
     return batch.request_counts is not None and batch.request_counts.completed >= 5
 
 
+def wait_until_a_line_runs(oai: OpenAI, store_url: str, batch_id: str) -> None:
+    """Mid-batch, and a line's job is running right now (as the store says): the kill must catch one in
+    flight, and a fast engine spends much of a batch between lines (the runner polls for work)."""
+    deadline = time.monotonic() + 120
+    while True:
+        wait_for(oai, batch_id, mid_batch, 120)
+        if any(job.state is JobState.RUNNING for job in line_jobs(store_url, batch_id)):
+            return
+        if time.monotonic() > deadline:
+            pytest.fail("no line was seen running mid-batch")
+
+
 def line_jobs(store_url: str, batch_id: str) -> list[Job]:
     async def read() -> list[Job]:
         store = job_store_from_url(store_url)
@@ -113,7 +125,7 @@ def test_a_batch_survives_kill_9_and_restart_on_sqlite(
     env = tiny_env(tiny_model_dir)
     first = start_server(env)
     batch, custom_ids = create_batch(client_of(first))
-    wait_for(client_of(first), batch.id, mid_batch, 120)
+    wait_until_a_line_runs(client_of(first), f"sqlite:///{first.job_store}", batch.id)
     first.kill9()
     second = start_server(env)  # same job store file and files folder
     assert_answered_exactly_once(client_of(second), f"sqlite:///{first.job_store}", batch.id, custom_ids)
@@ -129,6 +141,6 @@ def test_a_batch_survives_kill_9_of_one_of_two_processes_on_redis(
     env = tiny_env(tiny_model_dir, TEXTGEN_JOB_STORE=store_url, TEXTGEN_FILES_DIR=str(tmp_path / "shared-files"))
     victim, survivor = start_server(env), start_server(env)
     batch, custom_ids = create_batch(client_of(victim))
-    wait_for(client_of(victim), batch.id, mid_batch, 120)
+    wait_until_a_line_runs(client_of(victim), store_url, batch.id)
     victim.kill9()
     assert_answered_exactly_once(client_of(survivor), store_url, batch.id, custom_ids)
