@@ -113,3 +113,13 @@ def test_prefill_and_large_batches_keep_the_pytorch_path(tiny_llama: LlamaForCau
         assert not arch.fused_supported(core.weights, 17, 10)  # type: ignore[misc]
     finally:
         object.__setattr__(arch, "decode_fused", original)
+
+
+def test_loading_the_kernels_leaves_subnormal_floats_alone(kernels: FusedKernels) -> None:
+    """A library linked with -ffast-math would switch the whole process to flush-to-zero on load."""
+    import ctypes
+
+    tiny = ctypes.c_float(1e-39).value  # a subnormal float32
+    assert tiny != 0.0
+    assert float(torch.tensor(1e-39, dtype=torch.float32)) != 0.0
+    assert 5e-324 / 2 == 0.0 and 5e-324 > 0.0  # float64 subnormals still exist

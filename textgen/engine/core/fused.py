@@ -25,13 +25,16 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused.c")
-# -ffast-math lets gcc vectorise the reductions and expf (glibc's vector math library, libmvec); fused.c
-# uses no inf/NaN. Where libmvec is missing the second set builds (slower exp); --no-undefined makes a
-# missing symbol fail the build rather than the load.
-FLAG_SETS = (
-    ["-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", "-Wl,--no-undefined", "-lmvec", "-lm"],
-    ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-Wl,--no-undefined", "-lm"],
+# Compiled with -ffast-math so gcc vectorises the reductions and expf (glibc's vector math, libmvec; fused.c
+# uses no inf or NaN), then linked *without* it: linking a -ffast-math library pulls in crtfastmath.o, which
+# sets flush-to-zero for the whole process when the library loads (hypothesis's float strategies noticed).
+# Where libmvec is missing the second set builds (scalar expf); --no-undefined makes a missing symbol fail
+# the build rather than the load.
+COMPILE_FLAG_SETS = (
+    ["-O3", "-march=native", "-ffast-math", "-fPIC"],
+    ["-O3", "-march=native", "-fno-math-errno", "-fPIC"],
 )
+LINK_FLAG_SETS = (["-shared", "-Wl,--no-undefined", "-lmvec", "-lm"], ["-shared", "-Wl,--no-undefined", "-lm"])
 MAX_WIDTH, MAX_HEADS, MAX_DIM, MAX_LIVE = 8192, 64, 256, 8192  # as in fused.c
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -109,21 +112,29 @@ def load_fused_kernels(cache_dir: Path | None) -> FusedKernels | None:
 
 def _compile(compiler: str, library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
-    partial = library.with_suffix(f".{os.getpid()}.tmp")
-    for flags in FLAG_SETS:
-        command = [compiler, "-o", str(partial), str(SOURCE), *flags]
-        built = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        if built.returncode == 0:
-            partial.replace(library)  # atomic: a concurrent start sees the old file or the whole new one
-            logger.info("Fused CPU kernels compiled: %s", library)
-            return
-    raise subprocess.CalledProcessError(built.returncode, command, built.stdout, built.stderr)
+    partial, obj = library.with_suffix(f".{os.getpid()}.tmp"), library.with_suffix(f".{os.getpid()}.o")
+    failure: subprocess.CompletedProcess[str] | None = None
+    try:
+        for compile_flags, link_flags in zip(COMPILE_FLAG_SETS, LINK_FLAG_SETS, strict=True):
+            for command in ([compiler, *compile_flags, "-c", "-o", str(obj), str(SOURCE)],
+                            [compiler, "-o", str(partial), str(obj), *link_flags]):
+                failure = subprocess.run(command, capture_output=True, text=True, timeout=120)
+                if failure.returncode:
+                    break
+            else:
+                partial.replace(library)  # atomic: a concurrent start sees the old file or the whole new one
+                logger.info("Fused CPU kernels compiled: %s", library)
+                return
+    finally:
+        obj.unlink(missing_ok=True)
+    assert failure is not None
+    raise subprocess.CalledProcessError(failure.returncode, failure.args, failure.stdout, failure.stderr)
 
 
 def _build_key(compiler: str) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     cpu = _cpu_flags()
-    flags = " ".join(" ".join(f) for f in FLAG_SETS)
+    flags = " ".join(" ".join(f) for f in (*COMPILE_FLAG_SETS, *LINK_FLAG_SETS))
     digest = hashlib.sha256(SOURCE.read_bytes() + flags.encode() + version.encode() + cpu.encode())
     return digest.hexdigest()[:16]
 
