@@ -62,6 +62,7 @@ class LoadedModel:
     load_seconds: float
     context_length: int | None = None
     source_file: Path | None = None  # the GGUF file the weights came from, when they did
+    weights_released: bool = False  # set when an engine's core took over the weights (release_source_weights)
 
     @property
     def parameter_count(self) -> int:

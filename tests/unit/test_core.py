@@ -299,3 +299,23 @@ def test_auto_plan_takes_the_fastest_format_at_each_end_and_the_crossover_betwee
     plan = plan_from_timings(timings)
     assert plan.describe() == "int4 for batches 1-16, w8a8 for batches >= 17"
     assert plan_from_timings({"w8a8": timings["w8a8"], "float32": timings["float32"]}).formats == ["w8a8"]
+
+
+async def test_an_engine_that_owns_its_model_frees_the_duplicate_weights(tiny_model_dir: Any) -> None:
+    from textgen.config import load_settings
+    from textgen.loader import load_model
+
+    loaded = load_model(load_settings(model=str(tiny_model_dir), dtype="float32"))  # not the shared fixture
+    before = sum(p.numel() for p in loaded.model.parameters())
+    engine = BatchedEngine(loaded, EngineLimits(max_running=4), warmup=False, owns_model=True)
+    await engine.start()
+    try:
+        after = sum(p.numel() for p in loaded.model.parameters())
+        assert after < before / 2 and loaded.weights_released
+        greedy = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+        result = await engine.submit(GenerationRequest("The quick brown fox", greedy)).result()
+        assert result.completion_tokens == 6
+        with pytest.raises(EngineError, match="load the model again"):
+            build_core(loaded, CoreOptions(slots=1, positions=16))
+    finally:
+        await engine.stop(0)

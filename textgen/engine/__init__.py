@@ -51,7 +51,10 @@ def create_engine(settings: Settings, loaded: LoadedModel) -> Engine:
     limits = limits_from_settings(settings)
     if settings.engine == "threadpool":
         return ThreadPoolEngine(loaded, limits, workers=settings.threadpool_workers, warmup=settings.warmup)
-    return BatchedEngine(loaded, limits, core_options=core_options_from_settings(settings), warmup=settings.warmup)
+    # The server loads the model for this engine alone, so the engine may free what its core duplicates.
+    return BatchedEngine(
+        loaded, limits, core_options=core_options_from_settings(settings), warmup=settings.warmup, owns_model=True
+    )
 
 
 def core_options_from_settings(settings: Settings) -> CoreOptions:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from textgen.engine.constraints import GrammarCompiler, MaskTimer, apply_token_masks
-from textgen.engine.core import CoreOptions, ModelCore, build_core
+from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights
 from textgen.engine.sampling import RowLogprobs, select_next_tokens
 from textgen.engine.sequence import SequenceState, tokenize_prompt
 from textgen.engine.types import (
@@ -67,8 +67,10 @@ class BatchedEngine:
         *,
         core_options: CoreOptions | None = None,
         warmup: bool = True,
+        owns_model: bool = False,
     ) -> None:
         self._loaded = loaded
+        self._owns_model = owns_model  # the only user of ``loaded``: its duplicate weights may be freed
         self._limits = limits
         self._core_options = core_options or CoreOptions(
             slots=limits.max_running, positions=limits.max_prompt_tokens + limits.max_new_tokens_limit
@@ -102,6 +104,8 @@ class BatchedEngine:
         self._loop = asyncio.get_running_loop()
         if self._core is None:
             self._core = await run_in_own_thread(lambda: build_core(self._loaded, self._core_options), "textgen-core")
+            if self._owns_model:
+                release_source_weights(self._loaded, self._core)
         self._thread = threading.Thread(target=self._serve_forever, name="textgen-engine", daemon=True)
         self._thread.start()
         self._accepting = True

@@ -32,7 +32,7 @@ from textgen.engine.core.fused import load_fused_kernels
 from textgen.engine.core.gguf_blocks import Int4Blocks, cached_q4_1_blocks
 from textgen.engine.core.hf import TransformersCore
 from textgen.engine.core.weights import LinearFactory
-from textgen.errors import ConfigError
+from textgen.errors import ConfigError, EngineError
 from textgen.loader import LoadedModel, cpu_supports_bf16
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ class CoreOptions:
 
 
 def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
+    if loaded.weights_released:
+        raise EngineError("This model's weights were released to a running core; load the model again.")
     capacity = min(options.positions, loaded.context_length or options.positions)
     arch, reason = architecture_for(loaded.model)
     if options.core == "transformers" or arch is None:
@@ -128,6 +130,31 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         f"; {', '.join(sorted(core.fallbacks))} unavailable here, float used instead" if core.fallbacks else "",
     )
     return core
+
+
+def release_source_weights(loaded: LoadedModel, core: ModelCore) -> int:
+    """Free the transformers model's projection weights once this package's core has its own copies.
+
+    The core keeps what it computes with (packed, quantized); the loaded model's linear layers are then a
+    second copy (~210 MB for SmolLM2 in bf16). Embeddings and norms stay (the core may share them), and
+    so does the output layer (tied to the embeddings in most small models). Afterwards the transformers
+    model cannot run, so only the engine that owns ``loaded`` calls this, and ``build_core`` refuses it.
+    Returns the bytes released.
+    """
+    if not isinstance(core, DecodeCore):
+        return 0
+    keep = loaded.model.get_output_embeddings()
+    freed = 0
+    for module in loaded.model.modules():
+        weight = getattr(module, "weight", None)
+        is_projection = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        if module is keep or not is_projection or not isinstance(weight, torch.Tensor) or not weight.numel():
+            continue
+        freed += weight.numel() * weight.element_size()
+        module.weight = torch.nn.Parameter(weight.new_empty(0), requires_grad=False)
+    loaded.weights_released = True
+    logger.info("Released the loaded model's projection weights (%.0f MiB): the core holds its own", freed / 2**20)
+    return freed
 
 
 def gguf_int4_blocks(loaded: LoadedModel, arch: str, options: CoreOptions) -> dict[str, Int4Blocks]:
