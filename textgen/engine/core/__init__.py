@@ -16,6 +16,9 @@ and the transformers core (``hf.py``) for anything else.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 import re
 from collections.abc import Sequence
@@ -153,8 +156,16 @@ def release_source_weights(loaded: LoadedModel, core: ModelCore) -> int:
         freed += weight.numel() * weight.element_size()
         module.weight = torch.nn.Parameter(weight.new_empty(0), requires_grad=False)
     loaded.weights_released = True
+    _return_free_memory_to_the_system()
     logger.info("Released the loaded model's projection weights (%.0f MiB): the core holds its own", freed / 2**20)
     return freed
+
+
+def _return_free_memory_to_the_system() -> None:
+    """glibc keeps freed blocks inside its heap; malloc_trim hands the free pages back to the kernel, so
+    the released weights leave the resident set instead of waiting there for reuse."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: later allocations reuse it
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 def gguf_int4_blocks(loaded: LoadedModel, arch: str, options: CoreOptions) -> dict[str, Int4Blocks]:
