@@ -136,10 +136,6 @@ def test_repetition_penalty_lowers_seen_tokens() -> None:
     assert torch.equal(untouched, logits)
 
 
-def _dense(probs: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
-    return torch.zeros(probs.shape[0], vocab).scatter_add_(1, ids, probs)
-
-
 def test_top_tokens_are_the_exact_top_k() -> None:
     from textgen.engine import sampling
 
