@@ -103,15 +103,20 @@ class BatchedEngine:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self._core is None:
-            self._core = await run_in_own_thread(lambda: build_core(self._loaded, self._core_options), "textgen-core")
-            if self._owns_model:
-                release_source_weights(self._loaded, self._core)
+            self._core = await run_in_own_thread(self._build_core, "textgen-core")
         self._thread = threading.Thread(target=self._serve_forever, name="textgen-engine", daemon=True)
         self._thread.start()
         self._accepting = True
         if self._warmup:
             await self._warm_up()
         self._ready = True
+
+    def _build_core(self) -> ModelCore:
+        """Off the event loop: build the core, then free the model weights it duplicates (when owned)."""
+        core = build_core(self._loaded, self._core_options)
+        if self._owns_model:
+            release_source_weights(self._loaded, core)
+        return core
 
     async def _warm_up(self) -> None:
         """One short batched generation so the first user request does not pay one-time costs.

@@ -9,6 +9,7 @@ chat turn, code, numbers) finds them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ def input_ranges(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> 
     ranges: dict[str, torch.Tensor] = {}
     hooks = []
 
-    def record(name: str):  # type: ignore[no-untyped-def]
+    def record(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
         def hook(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             seen = inputs[0].detach().float().abs().flatten(0, -2).amax(dim=0)
             ranges[name] = seen if name not in ranges else torch.maximum(ranges[name], seen)

@@ -46,8 +46,8 @@ int add_rms_norm(uint16_t *x, const uint16_t *delta, const uint16_t *weight, uin
         for (int64_t i = 0; i < width; i++) {
             float v = bf16_to_f32(xr[i]);
             if (delta) {
-                v = bf16_to_f32(f32_to_bf16(v + bf16_to_f32(delta[r * width + i])));
-                xr[i] = f32_to_bf16(v);
+                xr[i] = f32_to_bf16(v + bf16_to_f32(delta[r * width + i]));
+                v = bf16_to_f32(xr[i]);
             }
             row[i] = v;
             squares += v * v;
