@@ -11,7 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from textgen.engine.core.decoder import DecodeCore, architecture_for
-from textgen.engine.core.fused import FusedKernels, load_fused_kernels
+from textgen.engine.core.fused import FusedKernels, load_fused_kernels, openmp_runtimes
+from textgen.engine.core.linear import W8A8Kernel
 from textgen.engine.core.weights import LinearFactory, WeightPlan
 
 PROMPTS = [[5, 17, 23, 9, 41, 3], [7, 7, 60], [11, 2, 90, 33, 8, 21, 64, 70, 12, 19, 1]]
@@ -34,13 +35,13 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def core_of(model: LlamaForCausalLM, dtype: torch.dtype, fused: FusedKernels | None) -> DecodeCore:
+def core_of(model: LlamaForCausalLM, dtype: torch.dtype, fused: FusedKernels | None, slots: int = 4) -> DecodeCore:
     arch, reason = architecture_for(model)
     assert arch is not None and arch.name == "llama", reason
     name = str(dtype).removeprefix("torch.")
     factory = LinearFactory(WeightPlan.single(name), dtype, torch.device("cpu"))
     model = copy.deepcopy(model).to(dtype)
-    return DecodeCore(model, arch, WeightPlan.single(name), factory, slots=4, capacity=64, fused=fused)
+    return DecodeCore(model, arch, WeightPlan.single(name), factory, slots=slots, capacity=64, fused=fused)
 
 
 def decode_logits(core: DecodeCore, steps: int) -> list[torch.Tensor]:
@@ -92,7 +93,7 @@ def test_fused_kernels_are_cached_and_a_missing_compiler_falls_back(
     assert "Fused CPU kernels unavailable" in caplog.text
 
 
-def test_prefill_and_large_batches_keep_the_pytorch_path(tiny_llama: LlamaForCausalLM, kernels: FusedKernels) -> None:
+def test_prefill_keeps_the_pytorch_path_and_decode_of_any_batch_is_fused(tiny_llama: LlamaForCausalLM, kernels: FusedKernels) -> None:
     core = core_of(tiny_llama, torch.bfloat16, kernels)
     calls = []
     arch = core._arch
@@ -110,7 +111,8 @@ def test_prefill_and_large_batches_keep_the_pytorch_path(tiny_llama: LlamaForCau
         assert not calls  # prompts: PyTorch's path
         core.decode(slots, logits.argmax(-1))
         assert len(calls) == 1 and calls[0].shape[0] == len(PROMPTS)
-        assert not arch.fused_supported(core.weights, 17, 10)  # type: ignore[misc]
+        assert arch.fused_supported(core.weights, 64, 10)  # type: ignore[misc]
+        assert not arch.fused_supported(core.weights, 1, 10_000)  # type: ignore[misc]
     finally:
         object.__setattr__(arch, "decode_fused", original)
 
@@ -123,3 +125,55 @@ def test_loading_the_kernels_leaves_subnormal_floats_alone(kernels: FusedKernels
     assert tiny != 0.0
     assert float(torch.tensor(1e-39, dtype=torch.float32)) != 0.0
     assert 5e-324 / 2 == 0.0 and 5e-324 > 0.0  # float64 subnormals still exist
+
+
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_w8a8_through_fused_c_matches_the_pytorch_operators(
+    kernels: FusedKernels, in_dtype: torch.dtype, out_dtype: torch.dtype
+) -> None:
+    """Quantize + integer product + rescale in fused.c computes what W8A8Kernel's PyTorch path does."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(1100, 96, generator=generator)  # 1100 outputs: more than two column chunks
+    bias = torch.randn(1100, generator=generator)
+    outliers = torch.tensor([4, 50, 77])
+    x = torch.randn(37, 96, generator=generator)
+    x[:, 50] *= 40.0  # an outlier channel, as in a residual stream
+    x = x.to(in_dtype)
+    plain = W8A8Kernel.quantize(weight, bias, outliers)
+    fused = W8A8Kernel.quantize(weight, bias, outliers, kernels, in_dtype, out_dtype)
+    expected = plain(x.float())
+    got = fused(x)
+    assert got.dtype == out_dtype and got.shape == expected.shape
+    # The integers agree exactly (same rounding); the float rescale differs by rounding order, and a
+    # bf16 output by its own 8-bit rounding.
+    tolerance = 1e-4 if out_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance * expected.abs().max())
+    reference = x.float() @ weight.t() + bias
+    assert (got.float() - reference).abs().max() < 0.05 * reference.abs().max()  # int8 error, not a bug
+
+
+def test_threaded_fused_decode_is_identical_to_one_thread(tiny_llama: LlamaForCausalLM, kernels: FusedKernels) -> None:
+    """A batch big enough for fused.c to share its loops with PyTorch's threads computes each row on one
+    thread, so the result cannot depend on the thread count; and only one OpenMP runtime is loaded."""
+    assert len(openmp_runtimes()) <= 1
+    prompts = [[(7 * i + j) % 97 + 1 for j in range(40 + i % 5)] for i in range(48)]
+
+    def run(threads: int) -> torch.Tensor:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            core = core_of(tiny_llama, torch.bfloat16, kernels, slots=48)
+            slots = [core.allocate() for _ in prompts]
+            tokens = core.prefill(slots, prompts).argmax(-1)
+            return torch.stack([core.decode(slots, tokens := core.decode(slots, tokens).argmax(-1)) for _ in range(2)])
+        finally:
+            torch.set_num_threads(before)
+
+    two, one = run(2), run(1)
+    assert torch.equal(two, one)
+    eager = core_of(tiny_llama, torch.bfloat16, None, slots=48)
+    slots = [eager.allocate() for _ in prompts]
+    tokens = eager.prefill(slots, prompts).argmax(-1)
+    first = eager.decode(slots, tokens)
+    assert torch.nn.functional.cosine_similarity(two[0].float(), first.float(), dim=-1).min() > 0.99

@@ -78,7 +78,7 @@ class CoreOptions:
     slots: int = 64  # TEXTGEN_MAX_RUNNING
     positions: int = 2048  # per slot: TEXTGEN_MAX_PROMPT_TOKENS + TEXTGEN_MAX_NEW_TOKENS_LIMIT
     cache_dir: Path | None = None  # TEXTGEN_CACHE_DIR: int4 blocks and weight-format measurements
-    fused: bool = True  # TEXTGEN_FUSED_KERNELS: small decode batches through fused.c where it builds
+    fused: bool = True  # TEXTGEN_FUSED_KERNELS: decode steps and w8a8 rescaling through fused.c where it builds
 
 
 def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
@@ -97,6 +97,7 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         logger.info("Model core: transformers (%s)", reason or "TEXTGEN_CORE=transformers")
         return TransformersCore(loaded.model, int(loaded.tokenizer.pad_token_id), options.slots, capacity)
     blocks = gguf_int4_blocks(loaded, arch.name, options)
+    fused = load_fused_kernels(options.cache_dir) if options.fused and loaded.device.type == "cpu" else None
     plan, _ = plan_for(
         options.weights,
         device=loaded.device,
@@ -106,6 +107,7 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         probe=lambda: first_layer_probe(loaded.model),
         max_batch=options.slots,
         cache_file=None if options.cache_dir is None else options.cache_dir / PLAN_CACHE,
+        fused=fused,
     )
     factory = LinearFactory(
         plan,
@@ -113,11 +115,8 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         loaded.device,
         blocks if "int4" in plan.formats else None,
         input_ranges=lambda: input_ranges(loaded.model, loaded.tokenizer),
+        fused=fused,
     )
-    fused = None
-    if options.fused and arch.decode_fused is not None and loaded.device.type == "cpu":
-        # fused.c computes in bf16 storage; a float32 model (no bf16 units here) keeps PyTorch's path.
-        fused = load_fused_kernels(options.cache_dir) if loaded.dtype == torch.bfloat16 else None
     core = DecodeCore(loaded.model, arch, plan, factory, slots=options.slots, capacity=capacity, fused=fused)
     info = core.describe()
     logger.info(
@@ -129,7 +128,7 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         info["slots"],
         info["positions_per_slot"],
         info["kv_cache_bytes"] / 2**20,
-        "on (decode batches up to 16)" if info["fused_kernels"] else "off",
+        "on" if info["fused_kernels"] else "off",
         f"; {', '.join(sorted(core.fallbacks))} unavailable here, float used instead" if core.fallbacks else "",
     )
     return core

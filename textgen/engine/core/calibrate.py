@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from textgen.engine.core.activations import OUTLIER_CHANNELS
+from textgen.engine.core.fused import FusedKernels
 from textgen.engine.core.linear import (
+    FUSED_DTYPES,
     FloatKernel,
     Int4Kernel,
     Int8Kernel,
@@ -56,6 +58,7 @@ def plan_for(
     probe: Callable[[], Probe],
     max_batch: int,
     cache_file: Path | None = None,
+    fused: FusedKernels | None = None,
 ) -> tuple[WeightPlan, dict[str, dict[int, float]]]:
     """The plan and, for auto on CPU, the measured ms per step by format and batch size."""
     float_name = str(compute_dtype).removeprefix("torch.")
@@ -74,7 +77,7 @@ def plan_for(
     batches = [b for b in PROBE_BATCHES if b <= max(max_batch, 1)] or [1]
     # The Q4 file's own head is 8-bit (see LinearFactory): time the int4 plan with the head it will get.
     heads = {"int4": "w8a8" if w8a8_supported(device) else "int8"}
-    timings = cached_measurement(cache_file, probe, candidates, batches, heads)
+    timings = cached_measurement(cache_file, probe, candidates, batches, heads, fused, compute_dtype)
     return plan_from_timings(timings), timings
 
 
@@ -84,9 +87,11 @@ def cached_measurement(
     formats: Sequence[str],
     batches: Sequence[int],
     head_formats: dict[str, str] | None = None,
+    fused: FusedKernels | None = None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, dict[int, float]]:
-    """``measure``, remembered per machine, thread count, torch version and layer shapes, so a restart
-    is quick and decides the same way (delete the file to measure again)."""
+    """``measure``, remembered per machine, thread count, torch version, layer shapes and kernels, so a
+    restart is quick and decides the same way (delete the file to measure again)."""
     taken = probe()
     key = "|".join(
         [
@@ -98,6 +103,8 @@ def cached_measurement(
             "formats=" + ",".join(formats),
             "heads=" + ",".join(f"{k}:{v}" for k, v in sorted((head_formats or {}).items())),
             "batches=" + ",".join(map(str, batches)),
+            f"fused={fused.build_key if fused is not None else 'off'}",
+            f"dtype={dtype}",
         ]
     )
     known = _read_json(cache_file) if cache_file else {}
@@ -105,7 +112,7 @@ def cached_measurement(
         timings = {f: {int(b): float(ms) for b, ms in t.items()} for f, t in known[key].items()}
         logger.info("Weight formats as measured before on this machine (delete %s to measure again)", cache_file)
         return timings
-    timings = measure(taken, formats, batches, head_formats)
+    timings = measure(taken, formats, batches, head_formats, fused, dtype)
     if cache_file is not None:
         known[key] = timings
         try:
@@ -146,7 +153,12 @@ def plan_from_timings(timings: dict[str, dict[int, float]]) -> WeightPlan:
 
 
 def measure(
-    probe: Probe, formats: Sequence[str], batches: Sequence[int], head_formats: dict[str, str] | None = None
+    probe: Probe,
+    formats: Sequence[str],
+    batches: Sequence[int],
+    head_formats: dict[str, str] | None = None,
+    fused: FusedKernels | None = None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, dict[int, float]]:
     """Estimated ms of linear work per decode step, by format and batch size.
 
@@ -155,7 +167,11 @@ def measure(
     """
     heads = head_formats or {}
     kernels = {
-        f: ([_kernel(f, w) for w in probe.layer_weights], _kernel(heads.get(f, f), probe.head_weight)) for f in formats
+        f: (
+            [_kernel(f, w, fused, dtype, dtype) for w in probe.layer_weights],
+            _kernel(heads.get(f, f), probe.head_weight, fused, dtype, torch.float32),
+        )
+        for f in formats
     }
     timings: dict[str, dict[int, float]] = {f: {} for f in formats}
     for batch in batches:
@@ -181,14 +197,23 @@ def measure(
     return timings
 
 
-def _kernel(fmt: str, weight: torch.Tensor) -> Kernel:
+def _kernel(
+    fmt: str,
+    weight: torch.Tensor,
+    fused: FusedKernels | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> Kernel:
     if fmt == "int4" and int4_supported(weight.shape[1], weight.device):
         return Int4Kernel.quantize(weight, None)
     if fmt == "int8":
         return Int8Kernel.quantize(weight, None)
     if fmt == "w8a8" and w8a8_supported(weight.device):
         # The outlier channels' cost does not depend on which they are.
-        return W8A8Kernel.quantize(weight, None, torch.arange(min(OUTLIER_CHANNELS, weight.shape[1])))
+        outliers = torch.arange(min(OUTLIER_CHANNELS, weight.shape[1]))
+        if fused is None or not {dtype, out_dtype} <= FUSED_DTYPES:
+            return W8A8Kernel.quantize(weight, None, outliers)
+        return W8A8Kernel.quantize(weight, None, outliers, fused, dtype, out_dtype)
     dtype = torch.bfloat16 if fmt in ("int4", "int8", "w8a8") else getattr(torch, fmt)  # unavailable here
     return FloatKernel.build(weight.to(dtype), None, pack=True)
 

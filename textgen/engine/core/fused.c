@@ -7,18 +7,30 @@
  *
  * Tensors are bfloat16 (uint16_t here), row-major and contiguous; arithmetic is float32 and each
  * result is rounded to bfloat16 once, where PyTorch's bf16 path rounds after every operator.
- * Single-threaded on purpose: the matrix products between these calls use PyTorch's OpenMP team, and
- * a second OpenMP runtime in the same process would make both wake their threads through the kernel.
+ * The w8a8 helpers (quantize_rows, dequantize_rows) also take float32, selected by a flag.
+ *
+ * Loops over rows run on OpenMP threads when there is enough work. The library is loaded after torch,
+ * whose wheel ships its own libgomp.so.1: the dynamic loader resolves this library's libgomp.so.1 to the
+ * one already loaded, so these loops and PyTorch's matrix products share one thread team (a second
+ * runtime would make both teams spin against each other on the same cores). fused.py checks that.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+/* Below this many elements a loop runs on the calling thread: waking the team costs more. */
+#define PARALLEL_WORK 16384
+
+/* Cleared by fused.py when this library did not share PyTorch's OpenMP runtime. */
+static int parallel = 1;
+void set_parallel(int on) { parallel = on; }
 
 /* Shape limits (checked here and, before choosing this path, in fused.py). */
 #define MAX_WIDTH 8192 /* hidden size */
 #define MAX_HEADS 64
 #define MAX_DIM 256 /* head size */
 #define MAX_LIVE 8192 /* cached positions attended */
+#define MAX_GROUP 8 /* query heads per KV head */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -38,9 +50,10 @@ static inline uint16_t f32_to_bf16(float f) {
  * out [rows, width] = x / rms(x) * weight. */
 int add_rms_norm(uint16_t *x, const uint16_t *delta, const uint16_t *weight, uint16_t *out, int64_t rows,
                  int64_t width, float eps) {
-    float row[MAX_WIDTH];
     if (width > MAX_WIDTH) return -1;
+#pragma omp parallel for schedule(static) if (parallel && rows * width >= PARALLEL_WORK)
     for (int64_t r = 0; r < rows; r++) {
+        float row[MAX_WIDTH];
         uint16_t *xr = x + r * width;
         float squares = 0.0f;
         for (int64_t i = 0; i < width; i++) {
@@ -79,42 +92,59 @@ static void rotate(const uint16_t *x, const uint16_t *cos_row, const uint16_t *s
 int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *positions,
                             const int64_t *cache_rows, uint16_t *keys, uint16_t *values, uint16_t *out, int64_t rows,
                             int64_t heads, int64_t kv_heads, int64_t dim, int64_t capacity, float scale) {
-    int64_t group = heads / kv_heads, width = (heads + 2 * kv_heads) * dim;
-    float q[MAX_HEADS * MAX_DIM], k[MAX_DIM], scores[MAX_LIVE], acc[MAX_DIM];
-    if (dim > MAX_DIM || heads > MAX_HEADS) return -1;
-    for (int64_t r = 0; r < rows; r++) {
+    int64_t group = heads / kv_heads, width = (heads + 2 * kv_heads) * dim, longest = 0;
+    if (dim > MAX_DIM || heads > MAX_HEADS || group > MAX_GROUP) return -1;
+    for (int64_t r = 0; r < rows; r++) longest = positions[r] + 1 > longest ? positions[r] + 1 : longest;
+    if (longest > MAX_LIVE) return -1;
+    /* One (row, KV head) pair per iteration: it writes only its own cache row and output heads. */
+#pragma omp parallel for schedule(dynamic, 1) if (parallel && rows * kv_heads * longest * dim >= 4 * PARALLEL_WORK)
+    for (int64_t pair = 0; pair < rows * kv_heads; pair++) {
+        int64_t r = pair / kv_heads, g = pair % kv_heads;
+        float q[MAX_HEADS * MAX_DIM], k[MAX_DIM], scores[MAX_GROUP * MAX_LIVE], acc[MAX_GROUP * MAX_DIM];
         const uint16_t *src = qkv + r * width;
         int64_t pos = positions[r], live = pos + 1;
-        if (live > MAX_LIVE) return -1;
         const uint16_t *cos_row = cos + pos * dim, *sin_row = sin + pos * dim;
-        for (int64_t h = 0; h < heads; h++) rotate(src + h * dim, cos_row, sin_row, q + h * dim, dim);
-        for (int64_t g = 0; g < kv_heads; g++) {
+        for (int64_t h = g * group; h < (g + 1) * group; h++) rotate(src + h * dim, cos_row, sin_row, q + h * dim, dim);
+        {
             int64_t base = ((cache_rows[r] * kv_heads + g) * capacity) * dim;
             rotate(src + (heads + g) * dim, cos_row, sin_row, k, dim);
             for (int64_t i = 0; i < dim; i++) {
                 keys[base + pos * dim + i] = f32_to_bf16(k[i]);
                 values[base + pos * dim + i] = src[(heads + kv_heads + g) * dim + i];
             }
-            for (int64_t h = g * group; h < (g + 1) * group; h++) {
-                const float *qh = q + h * dim;
-                float best = 0.0f; /* set by t = 0 (no infinities: the file is built with -ffast-math) */
-                for (int64_t t = 0; t < live; t++) {
-                    const uint16_t *kt = keys + base + t * dim;
+            /* The group's query heads share each key and value: converted once, used `group` times. */
+            for (int64_t t = 0; t < live; t++) {
+                float kt[MAX_DIM];
+                const uint16_t *kb = keys + base + t * dim;
+                for (int64_t i = 0; i < dim; i++) kt[i] = bf16_to_f32(kb[i]);
+                for (int64_t h = 0; h < group; h++) {
+                    const float *qh = q + (g * group + h) * dim;
                     float dot = 0.0f;
-                    for (int64_t i = 0; i < dim; i++) dot += qh[i] * bf16_to_f32(kt[i]);
-                    scores[t] = dot * scale;
-                    best = (t == 0 || scores[t] > best) ? scores[t] : best;
+                    for (int64_t i = 0; i < dim; i++) dot += qh[i] * kt[i];
+                    scores[h * live + t] = dot * scale;
                 }
-                float total = 0.0f;
-                for (int64_t i = 0; i < dim; i++) acc[i] = 0.0f;
-                for (int64_t t = 0; t < live; t++) {
-                    float p = expf(scores[t] - best);
-                    total += p;
-                    const uint16_t *vt = values + base + t * dim;
-                    for (int64_t i = 0; i < dim; i++) acc[i] += p * bf16_to_f32(vt[i]);
-                }
-                for (int64_t i = 0; i < dim; i++) out[r * heads * dim + h * dim + i] = f32_to_bf16(acc[i] / total);
             }
+            for (int64_t h = 0; h < group; h++) {
+                float *sh = scores + h * live, best = sh[0], total = 0.0f;
+                for (int64_t t = 1; t < live; t++) best = sh[t] > best ? sh[t] : best;
+                for (int64_t t = 0; t < live; t++) {
+                    sh[t] = expf(sh[t] - best);
+                    total += sh[t];
+                }
+                for (int64_t t = 0; t < live; t++) sh[t] /= total;
+            }
+            for (int64_t i = 0; i < group * dim; i++) acc[i] = 0.0f;
+            for (int64_t t = 0; t < live; t++) {
+                float vt[MAX_DIM];
+                const uint16_t *vb = values + base + t * dim;
+                for (int64_t i = 0; i < dim; i++) vt[i] = bf16_to_f32(vb[i]);
+                for (int64_t h = 0; h < group; h++) {
+                    float p = scores[h * live + t], *ah = acc + h * dim;
+                    for (int64_t i = 0; i < dim; i++) ah[i] += p * vt[i];
+                }
+            }
+            uint16_t *o = out + r * heads * dim + g * group * dim;
+            for (int64_t i = 0; i < group * dim; i++) o[i] = f32_to_bf16(acc[i]);
         }
     }
     return 0;
@@ -122,12 +152,76 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
 
 /* gate_up [rows, 2F] (gate then up) -> out [rows, F] = silu(gate) * up. */
 void silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t features) {
+#pragma omp parallel for schedule(static) if (parallel && rows * features >= PARALLEL_WORK)
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *gate = gate_up + r * 2 * features, *up = gate + features;
         for (int64_t i = 0; i < features; i++) {
             float g = bf16_to_f32(gate[i]);
             float silu = bf16_to_f32(f32_to_bf16(g / (1.0f + expf(-g))));
             out[r * features + i] = f32_to_bf16(silu * bf16_to_f32(up[i]));
+        }
+    }
+}
+
+
+static inline float load(const void *data, int bf16, int64_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)data)[i]) : ((const float *)data)[i];
+}
+
+/* w8a8 input side. x [rows, width] (bf16 or float32) -> q [rows, width] int8 = round(x * 127 / row_max)
+ * with the `count` outlier channels set to 0, row_max [rows] = max |x| over the other channels, and
+ * outlying [rows, count] = the outlier channels' values, multiplied in float by dequantize_rows. */
+int quantize_rows(const void *x, int x_bf16, const int64_t *outliers, int64_t count, int8_t *q, float *row_max,
+                  float *outlying, int64_t rows, int64_t width) {
+    if (width > MAX_WIDTH) return -1;
+#pragma omp parallel for schedule(static) if (parallel && rows * width >= PARALLEL_WORK)
+    for (int64_t r = 0; r < rows; r++) {
+        float row[MAX_WIDTH];
+        for (int64_t i = 0; i < width; i++) row[i] = load(x, x_bf16, r * width + i);
+        for (int64_t j = 0; j < count; j++) {
+            outlying[r * count + j] = row[outliers[j]];
+            row[outliers[j]] = 0.0f;
+        }
+        float largest = 1e-12f;
+        for (int64_t i = 0; i < width; i++) largest = fmaxf(largest, fabsf(row[i]));
+        float step = 127.0f / largest; /* a true division, as W8A8Kernel's PyTorch path: the same integers */
+        row_max[r] = largest;
+        int8_t *qr = q + r * width;
+        for (int64_t i = 0; i < width; i++) qr[i] = (int8_t)nearbyintf(row[i] * step);
+    }
+    return 0;
+}
+
+#define COLUMN_CHUNK 512
+
+/* w8a8 output side. acc [rows, cols] int32 (the integer product) -> out [rows, cols] (bf16 or float32) =
+ * acc * row_max[r] * col_scale[c] + outlying[r, :] . outlier_weight_t[:, c] + bias[c] (bias may be NULL).
+ * col_scale already holds the weight's and the activation's 1/127. */
+void dequantize_rows(const int32_t *acc, const float *row_max, const float *col_scale, const float *outlying,
+                     const float *outlier_weight_t, int64_t count, const float *bias, void *out, int out_bf16,
+                     int64_t rows, int64_t cols) {
+    int64_t chunks = (cols + COLUMN_CHUNK - 1) / COLUMN_CHUNK;
+#pragma omp parallel for schedule(static) if (parallel && rows * cols >= PARALLEL_WORK)
+    /* Column chunk outermost: a chunk's outlier weights (count x 2 KiB) stay in cache across the rows. */
+    for (int64_t item = 0; item < rows * chunks; item++) {
+        int64_t r = item % rows, c0 = (item / rows) * COLUMN_CHUNK;
+        int64_t n = cols - c0 < COLUMN_CHUNK ? cols - c0 : COLUMN_CHUNK;
+        float y[COLUMN_CHUNK];
+        const int32_t *a = acc + r * cols + c0;
+        float scale = row_max[r];
+        for (int64_t c = 0; c < n; c++) y[c] = (float)a[c] * scale * col_scale[c0 + c];
+        if (bias)
+            for (int64_t c = 0; c < n; c++) y[c] += bias[c0 + c];
+        for (int64_t j = 0; j < count; j++) {
+            float o = outlying[r * count + j];
+            const float *w = outlier_weight_t + j * cols + c0;
+            for (int64_t c = 0; c < n; c++) y[c] += o * w[c];
+        }
+        if (out_bf16) {
+            uint16_t *o16 = (uint16_t *)out + r * cols + c0;
+            for (int64_t c = 0; c < n; c++) o16[c] = f32_to_bf16(y[c]);
+        } else {
+            memcpy((float *)out + r * cols + c0, y, (size_t)n * sizeof(float));
         }
     }
 }

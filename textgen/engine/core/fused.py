@@ -28,27 +28,39 @@ SOURCE = Path(__file__).with_name("fused.c")
 # Compiled with -ffast-math so gcc vectorises the reductions and expf (glibc's vector math, libmvec; fused.c
 # uses no inf or NaN), then linked *without* it: linking a -ffast-math library pulls in crtfastmath.o, which
 # sets flush-to-zero for the whole process when the library loads (hypothesis's float strategies noticed).
-# Where libmvec is missing the second set builds (scalar expf); --no-undefined makes a missing symbol fail
-# the build rather than the load.
+# -fopenmp runs the row loops on PyTorch's own OpenMP threads (see fused.c). Each later set drops what a
+# machine may lack: libmvec (scalar expf), then OpenMP (single-threaded). --no-undefined makes a missing
+# symbol fail the build rather than the load.
 COMPILE_FLAG_SETS = (
-    ["-O3", "-march=native", "-ffast-math", "-fPIC"],
+    ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"],
+    ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC"],
     ["-O3", "-march=native", "-fno-math-errno", "-fPIC"],
 )
-LINK_FLAG_SETS = (["-shared", "-Wl,--no-undefined", "-lmvec", "-lm"], ["-shared", "-Wl,--no-undefined", "-lm"])
+LINK_FLAG_SETS = (
+    ["-shared", "-fopenmp", "-Wl,--no-undefined", "-lmvec", "-lm"],
+    ["-shared", "-fopenmp", "-Wl,--no-undefined", "-lm"],
+    ["-shared", "-Wl,--no-undefined", "-lm"],
+)
 MAX_WIDTH, MAX_HEADS, MAX_DIM, MAX_LIVE = 8192, 64, 256, 8192  # as in fused.c
 
-_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+_i64, _int, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 
 
 @dataclass(frozen=True)
 class FusedKernels:
     library: ctypes.CDLL
+    build_key: str = ""  # source, flags, compiler and CPU the library was built for
 
     def __post_init__(self) -> None:
         self.library.add_rms_norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
         self.library.rotary_cache_attention.argtypes = [_ptr] * 8 + [_i64] * 5 + [_f32]
         self.library.silu_mul.argtypes = [_ptr, _ptr, _i64, _i64]
         self.library.silu_mul.restype = None
+        self.library.quantize_rows.argtypes = [_ptr, _int, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64]
+        self.library.dequantize_rows.argtypes = [_ptr] * 5 + [_i64, _ptr, _ptr, _int, _i64, _i64]
+        self.library.dequantize_rows.restype = None
+        self.library.set_parallel.argtypes = [_int]
+        self.library.set_parallel.restype = None
 
     def add_rms_norm(
         self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor, eps: float
@@ -87,6 +99,42 @@ class FusedKernels:
         """gate_up [N, 2F] -> out [N, F] = silu(gate) * up."""
         self.library.silu_mul(gate_up.data_ptr(), out.data_ptr(), out.shape[0], out.shape[1])
 
+    def quantize_rows(
+        self, x: torch.Tensor, outliers: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, K] bf16 or float32 -> (q [N, K] int8 without the outlier channels, row max [N, 1] float32,
+        the outlier channels' values [N, k] float32); see W8A8Kernel."""
+        rows, width = x.shape
+        q = torch.empty(rows, width, dtype=torch.int8)
+        row_max = torch.empty(rows, 1)
+        outlying = torch.empty(rows, outliers.numel())
+        status = self.library.quantize_rows(
+            x.data_ptr(), x.dtype == torch.bfloat16, outliers.data_ptr(), outliers.numel(), q.data_ptr(),
+            row_max.data_ptr(), outlying.data_ptr(), rows, width,
+        )
+        _check(status, "quantize_rows")
+        return q, row_max, outlying
+
+    def dequantize_rows(
+        self,
+        acc: torch.Tensor,
+        row_max: torch.Tensor,
+        col_scale: torch.Tensor,
+        outlying: torch.Tensor,
+        outlier_weight_t: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """acc [N, out] int32 -> acc * row_max * col_scale + outlying @ outlier_weight_t + bias, in out_dtype."""
+        rows, cols = acc.shape
+        out = torch.empty(rows, cols, dtype=out_dtype)
+        self.library.dequantize_rows(
+            acc.data_ptr(), row_max.data_ptr(), col_scale.data_ptr(), outlying.data_ptr(),
+            outlier_weight_t.data_ptr(), outlying.shape[1], None if bias is None else bias.data_ptr(),
+            out.data_ptr(), out_dtype == torch.bfloat16, rows, cols,
+        )
+        return out
+
 
 def _check(status: int, name: str) -> None:
     if status != 0:
@@ -101,13 +149,29 @@ def load_fused_kernels(cache_dir: Path | None) -> FusedKernels | None:
         return None
     folder = cache_dir or Path(tempfile.gettempdir()) / "textgen"
     try:
-        library = folder / f"fused-{_build_key(compiler)}.so"
+        key = _build_key(compiler)
+        library = folder / f"fused-{key}.so"
         if not library.exists():
             _compile(compiler, library)
-        return FusedKernels(ctypes.CDLL(str(library)))
+        kernels = FusedKernels(ctypes.CDLL(str(library)), key)
     except (OSError, subprocess.SubprocessError) as error:
         logger.warning("Fused CPU kernels unavailable (%s); using PyTorch operators", error)
         return None
+    runtimes = openmp_runtimes()
+    if len(runtimes) > 1:
+        logger.warning("Fused CPU kernels run single-threaded: a second OpenMP runtime was loaded (%s)", runtimes)
+        kernels.library.set_parallel(0)
+    return kernels
+
+
+def openmp_runtimes() -> set[str]:
+    """The OpenMP runtime libraries mapped into this process (one is PyTorch's own)."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    names = ("libgomp", "libiomp", "libomp")
+    return {line.split()[-1] for line in maps if any(name in line.rsplit("/", 1)[-1] for name in names)}
 
 
 def _compile(compiler: str, library: Path) -> None:

@@ -28,6 +28,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from textgen.engine.core.fused import FusedKernels
+
+FUSED_DTYPES = {torch.bfloat16, torch.float32}  # what fused.c's w8a8 helpers read and write
 GROUP = 32  # input columns per int4 group; also the GGUF Q4_1 / Q8_0 block size
 
 # The int4 CPU kernel; torch's own binding is ~1 us cheaper per call than the torch.ops lookup.
@@ -101,19 +104,35 @@ class Int8Kernel:
 
 @dataclass
 class W8A8Kernel:
-    """int8 weights x int8 activations (per row, dynamic), plus a float product for the outlier channels."""
+    """int8 weights x int8 activations (per row, dynamic), plus a float product for the outlier channels.
+
+    With ``fused`` (fused.c) the activations are quantized and the product rescaled in one call each, taking
+    the input as it comes (bf16 or float32) and writing ``out_dtype``; otherwise ~10 PyTorch operators do it
+    in float32.
+    """
 
     qweight_t: torch.Tensor  # [K, out] int8, a transposed view of an [out, K] matrix (the fast layout)
     scales: torch.Tensor  # [out] float32: weight scale / 127 (the activations' step is row max / 127)
     outliers: torch.Tensor  # [k] long: input channels computed in float
     outlier_weight_t: torch.Tensor  # [k, out] float32
     bias: torch.Tensor | None
+    fused: FusedKernels | None = None
+    dtype: torch.dtype = torch.float32  # the input dtype taken without conversion
+    out_dtype: torch.dtype = torch.float32  # with fused; PyTorch's path returns float32
     format: str = "w8a8"
-    dtype: torch.dtype = torch.float32
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, outliers: torch.Tensor) -> W8A8Kernel:
-        """weight [out, K]; outliers [k] the input channels with the widest activation range."""
+    def quantize(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        outliers: torch.Tensor,
+        fused: FusedKernels | None = None,
+        dtype: torch.dtype = torch.float32,
+        out_dtype: torch.dtype = torch.float32,
+    ) -> W8A8Kernel:
+        """weight [out, K]; outliers [k] the input channels with the widest activation range; with fused,
+        the activations come in dtype and results leave in out_dtype (bfloat16 or float32 each)."""
         w = weight.float()
         outliers = outliers.to(torch.long)
         outlier_weight_t = w[:, outliers].t().contiguous()
@@ -121,14 +140,26 @@ class W8A8Kernel:
         scales = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-12)  # [out]
         q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
         # Stored divided by 127 once more: the activations' own 1/127 is folded in, saving an op per call.
-        return cls(q.t(), scales / 127.0, outliers, outlier_weight_t, _as(bias, torch.float32))
+        kernel = cls(q.t(), scales / 127.0, outliers, outlier_weight_t, _as(bias, torch.float32))
+        if fused is not None:
+            assert {dtype, out_dtype} <= FUSED_DTYPES, (dtype, out_dtype)
+            kernel.fused, kernel.dtype, kernel.out_dtype = fused, dtype, out_dtype
+        return kernel
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [N, K] float32
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [N, K] float32 (or self.dtype with fused)
+        if self.fused is not None:
+            q, row_max, outlying = self.fused.quantize_rows(x.contiguous(), self.outliers)
+            y = torch._int_mm(q, self.qweight_t)  # [N, out] int32
+            return self.fused.dequantize_rows(
+                y, row_max, self.scales, outlying, self.outlier_weight_t, self.bias, self.out_dtype
+            )
         outlying = x.index_select(1, self.outliers)  # [N, k]
         rest = x.index_fill(1, self.outliers, 0.0)
         # abs().amax() rather than an inf-norm: the norm's reduction is ~6x slower on CPU.
         row_max = rest.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12)  # [N, 1]
-        q = rest.mul_(127.0 / row_max).round_().to(torch.int8)  # [N, K]
+        # 127 / row_max as a true division (a scalar over a tensor would be a reciprocal times 127), as
+        # fused.c computes it: both paths then round exactly the same products.
+        q = rest.mul_(torch.full_like(row_max, 127.0).div_(row_max)).round_().to(torch.int8)  # [N, K]
         y = torch._int_mm(q, self.qweight_t).mul(row_max * self.scales)  # [N, out]; scales hold the 1/127
         y = y.addmm_(outlying, self.outlier_weight_t)
         return y if self.bias is None else y.add_(self.bias)

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from textgen.engine.core.activations import outlier_channels
+from textgen.engine.core.fused import FusedKernels
 from textgen.engine.core.gguf_blocks import Int4Blocks
 from textgen.engine.core.linear import (
+    FUSED_DTYPES,
     FloatKernel,
     Int4Kernel,
     Int8Kernel,
@@ -82,6 +84,7 @@ class LinearFactory:
         device: torch.device,
         int4_blocks: dict[str, Int4Blocks] | None = None,
         input_ranges: Callable[[], dict[str, torch.Tensor]] | None = None,
+        fused: FusedKernels | None = None,
     ) -> None:
         self.plan = plan
         self.compute_dtype = compute_dtype
@@ -89,6 +92,7 @@ class LinearFactory:
         self._blocks = int4_blocks or {}
         self._measure_ranges = input_ranges
         self._ranges: dict[str, torch.Tensor] | None = None
+        self._fused = fused  # fused.c's w8a8 quantize/rescale, where it was built
         self.fallbacks: set[str] = set()
 
     def __call__(
@@ -103,13 +107,16 @@ class LinearFactory:
         bias = fuse_rows([b for b in biases if b is not None]) if all(b is not None for b in biases) else None
         kernels: list[tuple[float, Kernel]] = []
         built: dict[str, Kernel] = {}
+        out_dtype = out_dtype or self.compute_dtype
         for max_rows, fmt in self.plan.tiers:
             if fmt not in built:
-                built[fmt] = self._kernel(fmt, names, weight, bias)
+                built[fmt] = self._kernel(fmt, names, weight, bias, out_dtype)
             kernels.append((max_rows, built[fmt]))
-        return Linear(kernels, out_dtype or self.compute_dtype, in_features=weight.shape[1])
+        return Linear(kernels, out_dtype, in_features=weight.shape[1])
 
-    def _kernel(self, fmt: str, names: Sequence[str], weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
+    def _kernel(
+        self, fmt: str, names: Sequence[str], weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+    ) -> Kernel:
         if fmt == "int4" and int4_supported(weight.shape[1], self.device):
             blocks = [self._blocks.get(name) for name in names]
             if all(b is not None for b in blocks):
@@ -122,13 +129,13 @@ class LinearFactory:
                 # keep what the file stored; re-quantizing it to 4 bits costs ~5% perplexity. Integer
                 # products (w8a8) read the same bytes as weight-only int8 and compute faster.
                 if w8a8_supported(self.device) and self._measure_ranges is not None:
-                    return self._w8a8(names, weight, bias)
+                    return self._w8a8(names, weight, bias, out_dtype)
                 return Int8Kernel.quantize(weight, bias)
             return Int4Kernel.quantize(weight, bias)
         if fmt == "int8" and int8_supported(self.device):
             return Int8Kernel.quantize(weight, bias)
         if fmt == "w8a8" and w8a8_supported(self.device) and self._measure_ranges is not None:
-            return self._w8a8(names, weight, bias)
+            return self._w8a8(names, weight, bias, out_dtype)
         if fmt in ("int4", "int8", "w8a8"):
             self.fallbacks.add(fmt)
             fmt = str(self.compute_dtype).removeprefix("torch.")
@@ -137,11 +144,16 @@ class LinearFactory:
             weight.to(self.device, dtype), None if bias is None else bias.to(self.device, dtype), pack=True
         )
 
-    def _w8a8(self, names: Sequence[str], weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel:
+    def _w8a8(
+        self, names: Sequence[str], weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+    ) -> Kernel:
         if self._ranges is None:
             assert self._measure_ranges is not None
             self._ranges = self._measure_ranges()  # once, on the first layer that needs it
-        return W8A8Kernel.quantize(weight, bias, outlier_channels(self._ranges, names[0], weight.shape[1]))
+        outliers = outlier_channels(self._ranges, names[0], weight.shape[1])
+        if self._fused is None or not {self.compute_dtype, out_dtype} <= FUSED_DTYPES:
+            return W8A8Kernel.quantize(weight, bias, outliers)
+        return W8A8Kernel.quantize(weight, bias, outliers, self._fused, self.compute_dtype, out_dtype)
 
 
 def _projection(layer: torch.nn.Module | Projection) -> Projection:
