@@ -93,7 +93,9 @@ def test_fused_kernels_are_cached_and_a_missing_compiler_falls_back(
     assert "Fused CPU kernels unavailable" in caplog.text
 
 
-def test_prefill_keeps_the_pytorch_path_and_decode_of_any_batch_is_fused(tiny_llama: LlamaForCausalLM, kernels: FusedKernels) -> None:
+def test_prefill_keeps_the_pytorch_path_and_decode_of_any_batch_is_fused(
+    tiny_llama: LlamaForCausalLM, kernels: FusedKernels
+) -> None:
     core = core_of(tiny_llama, torch.bfloat16, kernels)
     calls = []
     arch = core._arch

@@ -6,10 +6,24 @@ import pytest
 import torch
 
 from textgen.engine import sampling
+from textgen.engine.core.fused import FusedKernels, load_fused_kernels
 from textgen.engine.sampling import apply_repetition_penalty, select_next_tokens
 from textgen.engine.types import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def fused_kernels(tmp_path_factory: pytest.TempPathFactory) -> FusedKernels:
+    built = load_fused_kernels(tmp_path_factory.mktemp("fused"))
+    assert built is not None, "the fused kernels did not build (is gcc installed?)"
+    return built
+
+
+@pytest.fixture(params=["pytorch", "fused"])
+def kernels(request: pytest.FixtureRequest) -> FusedKernels | None:
+    """Both implementations of top-p by rejection: PyTorch operators and fused.c's sample_nucleus."""
+    return request.getfixturevalue("fused_kernels") if request.param == "fused" else None
 
 
 def _logits(rows: int = 3, vocab: int = 50, seed: int = 0) -> torch.Tensor:
@@ -30,11 +44,13 @@ def test_top_k_one_is_greedy_even_at_high_temperature() -> None:
         assert torch.equal(chosen, logits.argmax(-1))
 
 
-def draw_many(logits: torch.Tensor, params: SamplingParams, draws: int, seed: int = 0) -> torch.Tensor:
+def draw_many(
+    logits: torch.Tensor, params: SamplingParams, draws: int, seed: int = 0, kernels: FusedKernels | None = None
+) -> torch.Tensor:
     """Token counts [V] from ``draws`` independent samples of one row (as one batch of identical rows)."""
     batch = logits.expand(draws, -1).clone()
     chosen = select_next_tokens(batch, [params] * draws, [[]] * draws, [None] * draws,
-                                torch.Generator().manual_seed(seed))
+                                torch.Generator().manual_seed(seed), kernels=kernels)
     return torch.bincount(chosen, minlength=logits.shape[-1]).float()
 
 
@@ -58,7 +74,7 @@ def test_top_k_limits_the_support() -> None:
     assert set(counts.nonzero().flatten().tolist()) == set(logits[0].topk(5).indices.tolist())
 
 
-def test_sampled_frequencies_match_the_sorted_reference() -> None:
+def test_sampled_frequencies_match_the_sorted_reference(kernels: FusedKernels | None) -> None:
     """Rejection (no top-k) and ranked top-k rows, peaky and flat rows: 20,000 draws pass a chi-square test
     against the exact distribution (threshold: mean + 6 standard deviations of the statistic, so a
     correct sampler fails about once in 10^8 runs, while a wrong nucleus boundary fails by far)."""
@@ -71,7 +87,7 @@ def test_sampled_frequencies_match_the_sorted_reference() -> None:
         (peaky, SamplingParams(temperature=0.9, top_k=20, top_p=0.8)),
     ]
     for logits, params in cases:
-        counts = draw_many(logits, params, draws=20_000, seed=3)
+        counts = draw_many(logits, params, draws=20_000, seed=3, kernels=kernels)
         expected = reference_distribution(logits, params)
         assert bool((counts[expected == 0] == 0).all()), params  # nothing outside the nucleus
         support = expected > 0
@@ -81,18 +97,20 @@ def test_sampled_frequencies_match_the_sorted_reference() -> None:
         assert chi_square < freedom + 6 * (2 * freedom) ** 0.5, (params, chi_square, freedom)
 
 
-def test_rows_still_rejected_after_the_last_draw_use_the_exact_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rows_still_rejected_after_the_last_draw_use_the_exact_sort(
+    monkeypatch: pytest.MonkeyPatch, kernels: FusedKernels | None
+) -> None:
     """A flat row with a tiny top_p keeps ~1% of draws: most rows run out of rounds and fall back."""
     monkeypatch.setattr(sampling, "MAX_DRAWS", 2)
     logits = _logits(rows=1, vocab=1000, seed=4) * 0.01
     params = SamplingParams(temperature=1.0, top_p=0.01)
-    counts = draw_many(logits, params, draws=3000)
+    counts = draw_many(logits, params, draws=3000, kernels=kernels)
     expected = reference_distribution(logits, params)
     assert bool((counts[expected == 0] == 0).all())
     assert int((expected > 0).sum()) > 5 and int((counts > 0).sum()) > 5
 
 
-def test_seeded_rows_are_reproducible_and_independent_of_neighbours() -> None:
+def test_seeded_rows_are_reproducible_and_independent_of_neighbours(kernels: FusedKernels | None) -> None:
     logits = _logits(rows=4)
     seeded = SamplingParams(temperature=1.0, seed=123)
     other = SamplingParams(temperature=1.0)
@@ -108,6 +126,7 @@ def test_seeded_rows_are_reproducible_and_independent_of_neighbours() -> None:
                 [[]] * len(rows),
                 [gen] + [None] * neighbours,
                 torch.Generator().manual_seed(neighbours),
+                kernels=kernels,
             )
             picked.append(int(out[0]))
         return picked
@@ -116,16 +135,28 @@ def test_seeded_rows_are_reproducible_and_independent_of_neighbours() -> None:
     assert len(set(draw(0))) > 1  # it really samples
 
 
-def test_sampling_follows_the_distribution() -> None:
+def test_sampling_follows_the_distribution(kernels: FusedKernels | None) -> None:
     logits = torch.tensor([[0.0, 0.0, -100.0, 2.0]])
     params = [SamplingParams(temperature=1.0)]
     gen = torch.Generator().manual_seed(0)
     counts = torch.zeros(4)
     for _ in range(2000):
-        counts[select_next_tokens(logits.clone(), params, [[]], [None], gen)] += 1
+        counts[select_next_tokens(logits.clone(), params, [[]], [None], gen, kernels=kernels)] += 1
     assert counts[2] == 0
     expected = torch.softmax(logits[0], -1) * 2000
     assert torch.allclose(counts, expected, atol=80)
+
+
+def test_refused_tokens_are_never_drawn(kernels: FusedKernels | None) -> None:
+    """-inf logits (a grammar's mask) hold no mass, also in fused.c, which is built with -ffast-math."""
+    logits = _logits(rows=1, vocab=300, seed=5) * 2
+    refused = torch.arange(0, 300, 3)
+    logits[0, refused] = float("-inf")
+    logits[0, 150:] = float("-inf")  # whole blocks of 64 refused, too
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9)):
+        counts = draw_many(logits, params, draws=4000, seed=6, kernels=kernels)
+        assert counts[refused].sum() == 0 and counts[150:].sum() == 0
+        assert int((counts > 0).sum()) > 5  # and it still samples among the rest
 
 
 def test_repetition_penalty_lowers_seen_tokens() -> None:

@@ -26,6 +26,7 @@ import torch
 
 from textgen.engine.constraints import GrammarCompiler, MaskTimer, apply_token_masks
 from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights
+from textgen.engine.core.fused import FusedKernels, load_fused_kernels
 from textgen.engine.sampling import RowLogprobs, select_next_tokens
 from textgen.engine.sequence import SequenceState, tokenize_prompt
 from textgen.engine.types import (
@@ -76,6 +77,7 @@ class BatchedEngine:
             slots=limits.max_running, positions=limits.max_prompt_tokens + limits.max_new_tokens_limit
         )
         self._core: ModelCore | None = None
+        self._kernels: FusedKernels | None = None  # fused.c, for sampling on the CPU (built with the core)
         self._warmup = warmup
         self._lock = threading.Lock()
         self._work_available = threading.Condition(self._lock)
@@ -114,6 +116,9 @@ class BatchedEngine:
     def _build_core(self) -> ModelCore:
         """Off the event loop: build the core, then free the model weights it duplicates (when owned)."""
         core = build_core(self._loaded, self._core_options)
+        options = self._core_options
+        if options.fused and self._loaded.device.type == "cpu":
+            self._kernels = load_fused_kernels(options.cache_dir)  # the core's build, loaded once
         if self._owns_model:
             release_source_weights(self._loaded, core)
         return core
@@ -385,6 +390,7 @@ class BatchedEngine:
             [s.generator for s in rows],
             self._shared_rng,
             logprobs_out=logprobs,
+            kernels=self._kernels,
         )
         for seq, token, row_logprobs in zip(rows, tokens.tolist(), logprobs, strict=True):
             delta = seq.accept(token, row_logprobs)

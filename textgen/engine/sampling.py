@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from textgen.engine.core.fused import FusedKernels
 from textgen.engine.types import SamplingParams
 
 
@@ -93,14 +94,16 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return best_block * BLOCK + inside
 
 
-def uniform_draws(generators: Sequence[torch.Generator | None], shared: torch.Generator) -> torch.Tensor:
-    """One U(0,1) number per row: from the row's own generator when seeded, else the shared one
-    (all unseeded rows in one draw)."""
-    draws = torch.rand(len(generators), generator=shared)  # [B]
+def uniform_draws(
+    generators: Sequence[torch.Generator | None], shared: torch.Generator, count: int = 1
+) -> torch.Tensor:
+    """U(0,1) numbers per row ([B], or [B, count] when count > 1): from the row's own generator when
+    seeded, else the shared one (all unseeded rows in one draw)."""
+    draws = torch.rand(len(generators), count, generator=shared)  # [B, count]
     for row, generator in enumerate(generators):
         if generator is not None:
-            draws[row] = torch.rand(1, generator=generator)
-    return draws
+            draws[row] = torch.rand(count, generator=generator)
+    return draws if count > 1 else draws[:, 0]
 
 
 def sample_rows(
@@ -108,6 +111,7 @@ def sample_rows(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     shared: torch.Generator,
+    kernels: FusedKernels | None = None,
 ) -> torch.Tensor:
     """One token per row from softmax(logits / temperature) after top-k and top-p. logits [B, V] float32
     -> token ids [B]. Rows with a top-k rank their k best tokens (``top_k_tokens``); the others are
@@ -118,7 +122,7 @@ def sample_rows(
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
     ranked = [row for row, p in enumerate(params) if p.top_k > 0]
     if not ranked:
-        return nucleus_by_rejection(logits, temperature, top_p, generators, shared)
+        return nucleus_by_rejection(logits, temperature, top_p, generators, shared, kernels)
     chosen = torch.empty(len(params), dtype=torch.long, device=device)
     rows = torch.tensor(ranked, dtype=torch.long, device=device)
     chosen[rows] = top_k_tokens(
@@ -128,7 +132,7 @@ def sample_rows(
     if unranked:
         rows = torch.tensor(unranked, dtype=torch.long, device=device)
         chosen[rows] = nucleus_by_rejection(
-            logits[rows], temperature[rows], top_p[rows], [generators[r] for r in unranked], shared
+            logits[rows], temperature[rows], top_p[rows], [generators[r] for r in unranked], shared, kernels
         )
     return chosen
 
@@ -139,16 +143,42 @@ def nucleus_by_rejection(
     top_p: torch.Tensor,
     generators: Sequence[torch.Generator | None],
     shared: torch.Generator,
+    kernels: FusedKernels | None = None,
 ) -> torch.Tensor:
     """Top-p sampling without sorting: draw from the whole softmax, keep the draw if it is in the nucleus.
 
     A token is in the nucleus when the tokens more likely than it hold less than top_p of the mass, so
     one masked sum tests a draw, and a kept draw is distributed exactly as the nucleus (the whole
     distribution conditioned on the nucleus). A draw is kept with probability >= top_p, so rounds are
-    few; rows still unlucky after MAX_DRAWS use the exact sort. Three passes over the vocabulary per
-    round, whatever the nucleus' width: ranking tokens (topk, sort) costs more on a CPU.
+    few; rows still unlucky after MAX_DRAWS use the exact sort. Ranking tokens (topk, sort) costs more
+    on a CPU than these passes over the vocabulary, whatever the nucleus' width.
+
+    With ``kernels`` (fused.c) and float32 logits on the CPU, each row runs in one C call over its own
+    logits (two passes, then block-pruned walks), with the same MAX_DRAWS numbers per row drawn up front;
+    otherwise PyTorch operators do three passes per round over the whole batch.
     logits [B, V]; temperature, top_p [B] -> token ids [B].
     """
+    if kernels is not None and logits.device.type == "cpu" and logits.dtype == torch.float32:
+        chosen = kernels.sample_nucleus(logits, temperature, top_p, uniform_draws(generators, shared, MAX_DRAWS))
+        pending = (chosen < 0).nonzero().squeeze(-1)
+    else:
+        chosen, pending = _rejection_rounds(logits, temperature, top_p, generators, shared)
+    if pending.numel():
+        chosen[pending] = _sample_sorted(
+            logits[pending], temperature[pending], torch.zeros_like(pending), top_p[pending],
+            [generators[r] for r in pending.tolist()], shared,
+        )
+    return chosen
+
+
+def _rejection_rounds(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: Sequence[torch.Generator | None],
+    shared: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """nucleus_by_rejection in PyTorch operators -> (token ids [B], rows still without one)."""
     probs = torch.softmax(logits / temperature[:, None], dim=-1)  # [B, V]
     cdf = torch.cumsum(probs, dim=-1)  # [B, V], in vocabulary order: any order samples the same
     chosen = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -165,12 +195,8 @@ def nucleus_by_rejection(
         chosen[pending[kept]] = drawn[kept, 0]
         pending = pending[~kept]
         if not pending.numel():
-            return chosen
-    chosen[pending] = _sample_sorted(
-        logits[pending], temperature[pending], torch.zeros_like(pending), top_p[pending],
-        [generators[r] for r in pending.tolist()], shared,
-    )
-    return chosen
+            break
+    return chosen, pending
 
 
 def top_k_tokens(
@@ -222,13 +248,15 @@ def select_next_tokens(
     generators: Sequence[torch.Generator | None],
     shared: torch.Generator,
     logprobs_out: list[RowLogprobs] | None = None,
+    kernels: FusedKernels | None = None,
 ) -> torch.Tensor:
     """logits [B, V] (any float dtype) -> next token ids [B] (long), greedy or sampled per row.
 
     With ``logprobs_out``, it is filled with one ``RowLogprobs`` per row (see ``token_logprobs``);
-    rows whose params do not ask get None, and a batch where none asks costs nothing extra."""
+    rows whose params do not ask get None, and a batch where none asks costs nothing extra. ``kernels``
+    (fused.c) samples top-p rows in C where available."""
     logits = apply_repetition_penalty(logits.float(), params, histories)
-    chosen = _choose(logits, params, generators, shared)
+    chosen = _choose(logits, params, generators, shared, kernels)
     if logprobs_out is not None:
         logprobs_out[:] = token_logprobs(logits, params, chosen)
     return chosen
@@ -266,12 +294,13 @@ def _choose(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     shared: torch.Generator,
+    kernels: FusedKernels | None,
 ) -> torch.Tensor:
     sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
     if not sampled_rows:
         return greedy_tokens(logits)
     if len(sampled_rows) == len(params):
-        return sample_rows(logits, params, generators, shared)
+        return sample_rows(logits, params, generators, shared, kernels)
     chosen = greedy_tokens(logits)  # [B]
     index = torch.tensor(sampled_rows, dtype=torch.long, device=logits.device)
     chosen[index] = sample_rows(
@@ -279,5 +308,6 @@ def _choose(
         [params[r] for r in sampled_rows],
         [generators[r] for r in sampled_rows],
         shared,
+        kernels,
     )
     return chosen

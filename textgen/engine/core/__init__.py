@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from textgen.engine.core.activations import input_ranges
-from textgen.engine.core.calibrate import Probe, plan_for
+from textgen.engine.core.calibrate import Probe, machine_key, plan_for, refine_crossover
 from textgen.engine.core.decoder import DecodeCore, architecture_for
 from textgen.engine.core.fused import load_fused_kernels
 from textgen.engine.core.gguf_blocks import Int4Blocks, cached_q4_1_blocks
@@ -118,6 +118,10 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         fused=fused,
     )
     core = DecodeCore(loaded.model, arch, plan, factory, slots=options.slots, capacity=capacity, fused=fused)
+    if options.weights == "auto" and len(plan.tiers) == 2:
+        key = "|".join([machine_key(), loaded.name, plan.describe(), f"fused={fused.build_key if fused else 'off'}"])
+        cache_file = None if options.cache_dir is None else options.cache_dir / PLAN_CACHE
+        core.set_plan(refine_crossover(plan, core.time_decode_steps, options.slots, cache_file, key))
     info = core.describe()
     logger.info(
         "Model core: %s; weights %s (%.0f MiB); KV cache %d slots x %d positions "

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -107,23 +109,35 @@ def cached_measurement(
             f"dtype={dtype}",
         ]
     )
-    known = _read_json(cache_file) if cache_file else {}
-    if key in known:
-        timings = {f: {int(b): float(ms) for b, ms in t.items()} for f, t in known[key].items()}
+    remembered = recall(cache_file, key)
+    if remembered is not None:
         logger.info("Weight formats as measured before on this machine (delete %s to measure again)", cache_file)
-        return timings
+        return {f: {int(b): float(ms) for b, ms in t.items()} for f, t in remembered.items()}
     timings = measure(taken, formats, batches, head_formats, fused, dtype)
-    if cache_file is not None:
-        known[key] = timings
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            cache_file.write_text(json.dumps(known, indent=1))
-        except OSError as error:
-            logger.warning("Could not remember the weight-format measurement in %s: %s", cache_file, error)
+    remember(cache_file, key, timings)
     return timings
 
 
-def _read_json(path: Path) -> dict[str, dict[str, dict[str, float]]]:
+def recall(cache_file: Path | None, key: str) -> Any:
+    """What ``remember`` stored under key in the cache file, or None."""
+    return _read_json(cache_file).get(key) if cache_file else None
+
+
+def remember(cache_file: Path | None, key: str, value: Any) -> None:
+    if cache_file is None:
+        return
+    known = _read_json(cache_file)
+    known[key] = value
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(known, indent=1))
+        partial.replace(cache_file)  # a concurrent start reads the old file or the new one, never half
+    except OSError as error:
+        logger.warning("Could not remember the weight-format measurement in %s: %s", cache_file, error)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         return dict(json.loads(path.read_text()))
     except (OSError, ValueError):
@@ -227,3 +241,69 @@ def _run_ms(calls: Sequence[tuple[Kernel, torch.Tensor]]) -> float:
     for kernel, x in calls:
         kernel(x)
     return (time.perf_counter() - started) * 1e3
+
+
+# ----- the crossover, refined on whole decode steps of the built core ------------------------------------
+
+STEP_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+STEP_REPEATS = 3
+
+
+def refine_crossover(
+    plan: WeightPlan,
+    time_steps: Callable[[int, float], float],
+    max_batch: int,
+    cache_file: Path | None = None,
+    key: str = "",
+) -> WeightPlan:
+    """The two-format plan with its crossover moved to where whole decode steps of the built core cross.
+
+    The per-kernel probe above picks the two formats well (they differ by 2x or more at its ends) but
+    places the crossover poorly: near it the formats are within ~10%, and a lone layer's kernels run
+    with caches, threads and fused.c's work unlike a real step's. ``time_steps(batch, small_limit)``
+    times real decode steps of ``batch`` rows with the small format serving batches up to small_limit.
+    """
+    if len(plan.tiers) != 2:
+        return plan
+    (_, small), (_, large) = plan.tiers
+    remembered = recall(cache_file, "steps|" + key)
+    if remembered is not None:
+        limit = float(remembered["limit"])
+    else:
+        timings = _time_both(time_steps, [b for b in STEP_BATCHES if b <= max_batch])
+        limit = float(_last_small_batch(timings))
+        remember(cache_file, "steps|" + key, {"limit": limit, "ms": timings})
+        logger.info("Decode steps timed per format (ms by batch size): %s", timings)
+    if limit >= max_batch:
+        return WeightPlan.single(small)
+    if limit < 1:
+        return WeightPlan.single(large)
+    return WeightPlan(((limit, small), (UNBOUNDED, large)))
+
+
+def _time_both(time_steps: Callable[[int, float], float], batches: Sequence[int]) -> dict[str, dict[int, float]]:
+    """ms per step of each format at each batch, the best of a few repeats; stops once the large format
+    has won at two batch sizes in a row (larger batches only widen its lead)."""
+    timings: dict[str, dict[int, float]] = {"small": {}, "large": {}}
+    wins = 0
+    for batch in batches:
+        small = min(time_steps(batch, UNBOUNDED) for _ in range(STEP_REPEATS))
+        large = min(time_steps(batch, 0) for _ in range(STEP_REPEATS))
+        timings["small"][batch], timings["large"][batch] = round(small, 3), round(large, 3)
+        wins = wins + 1 if large < small else 0
+        if wins == 2:
+            break
+    return timings
+
+
+def _last_small_batch(timings: dict[str, dict[int, float]]) -> int:
+    """The largest batch size the small format won (0 if none); every size if the large one never won."""
+    small, large = timings["small"], timings["large"]
+    if all(small[b] <= large[b] for b in small):
+        return 1 << 30
+    return max((b for b in small if small[b] <= large[b]), default=0)
+
+
+def machine_key() -> str:
+    """What a measurement on this machine depends on besides the model: CPU, threads, torch."""
+    return f"{_cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}"

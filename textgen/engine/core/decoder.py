@@ -6,6 +6,7 @@ scheduler's business (``engine/batched.py``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ import textgen.engine.core.llama as llama
 from textgen.engine.core.fused import FusedKernels
 from textgen.engine.core.kv_cache import SlotKVCache
 from textgen.engine.core.layers import Attention, DecodeAttention, MixedAttention, PrefillAttention
-from textgen.engine.core.weights import LinearFactory, WeightPlan
+from textgen.engine.core.weights import UNBOUNDED, LinearFactory, WeightPlan
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,41 @@ class DecodeCore:
         token_t = torch.as_tensor(tokens, dtype=torch.long).to(self._device)
         position_t = torch.tensor(positions, dtype=torch.long, device=self._device)
         return self._arch.forward(self.weights, token_t, position_t, attention)
+
+    # ----- choosing between weight formats ---------------------------------------------------------
+
+    def set_plan(self, plan: WeightPlan) -> None:
+        """Move the batch-size limits between the formats the core was built with (the same formats in the
+        same order), or keep one of them alone (the other's kernels are dropped)."""
+        formats = self.plan.formats
+        if len(plan.tiers) == 1 and len(formats) > 1:
+            keep = formats.index(plan.formats[0])
+            for linear in _linears(self.weights):
+                linear.kernels = [(UNBOUNDED, linear.kernels[keep][1])]
+        else:
+            assert plan.formats == formats, (plan, self.plan)
+            limits = [max_rows for max_rows, _ in plan.tiers]
+            for linear in _linears(self.weights):
+                linear.kernels = [(limit, kernel) for limit, (_, kernel) in zip(limits, linear.kernels, strict=True)]
+        self.plan = plan
+
+    def time_decode_steps(self, batch: int, small_limit: float, steps: int = 4) -> float:
+        """ms per decode step of ``batch`` rows (short prompts) with the first format serving batches up to
+        small_limit and the second the rest; the core's own plan is restored afterwards."""
+        built = self.plan
+        if len(built.tiers) == 2:
+            self.set_plan(WeightPlan(((small_limit, built.tiers[0][1]), (UNBOUNDED, built.tiers[1][1]))))
+        slots = [self.allocate() for _ in range(batch)]
+        try:
+            tokens = self.prefill(slots, [list(range(1, 17))] * batch).argmax(-1)
+            tokens = self.decode(slots, tokens).argmax(-1)  # warm: this batch size's first call
+            started = time.perf_counter()
+            for _ in range(steps):
+                tokens = self.decode(slots, tokens).argmax(-1)
+            return (time.perf_counter() - started) * 1e3 / steps
+        finally:
+            self.free(slots)
+            self.set_plan(built)
 
     # ----- reporting -------------------------------------------------------------------------------
 

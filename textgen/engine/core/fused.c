@@ -225,3 +225,77 @@ void dequantize_rows(const int32_t *acc, const float *row_max, const float *col_
         }
     }
 }
+
+/* ----- sampling ------------------------------------------------------------------------------------ */
+
+#define SAMPLE_BLOCK 64
+#define MAX_VOCAB_BLOCKS 8192 /* vocabularies up to 524,288 tokens */
+
+/* -inf marks a refused token (grammar masks). The file is built with -ffast-math, which lets the compiler
+ * assume no infinities in float comparisons, so they are recognised by their bits. */
+static inline int refused(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return bits == 0xFF800000u;
+}
+
+/* Top-p sampling by rejection, as sampling.py's nucleus_by_rejection: draw from softmax(logits / T) with
+ * the row's next uniform number; keep the draw when the tokens more likely than it hold less than top_p
+ * of the mass. logits [rows, vocab] float32; temperature, top_p [rows]; uniforms [rows, draws] in [0, 1).
+ * chosen [rows]: the token, or -1 when all `draws` draws were rejected (the caller samples exactly).
+ * Per-block maxima and sums (64 tokens) make the draw's walk and the "more likely" sum skip most blocks. */
+int sample_nucleus(const float *logits, const float *temperature, const float *top_p, const float *uniforms,
+                   int64_t *chosen, int64_t rows, int64_t vocab, int64_t draws) {
+    int64_t blocks = (vocab + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK;
+    if (blocks > MAX_VOCAB_BLOCKS) return -1;
+#pragma omp parallel for schedule(dynamic, 1) if (parallel && rows > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *l = logits + r * vocab;
+        float block_max[MAX_VOCAB_BLOCKS], block_sum[MAX_VOCAB_BLOCKS];
+        float inv_t = 1.0f / temperature[r], top = -3.0e38f;
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
+            float m = -3.0e38f;
+            for (int64_t i = b * SAMPLE_BLOCK; i < end; i++) m = fmaxf(m, refused(l[i]) ? -3.0e38f : l[i]);
+            block_max[b] = m;
+            top = fmaxf(top, m);
+        }
+        double total = 0.0;
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
+            float s = 0.0f;
+            for (int64_t i = b * SAMPLE_BLOCK; i < end; i++) s += refused(l[i]) ? 0.0f : expf((l[i] - top) * inv_t);
+            block_sum[b] = s;
+            total += s;
+        }
+        chosen[r] = -1;
+        for (int64_t d = 0; d < draws; d++) {
+            double target = uniforms[r * draws + d] * total, before = 0.0;
+            int64_t b = 0, token = -1;
+            while (b < blocks - 1 && before + block_sum[b] <= target) before += block_sum[b++];
+            int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
+            for (int64_t i = b * SAMPLE_BLOCK; i < end; i++) {
+                if (refused(l[i])) continue;
+                token = i; /* the last allowed token, should rounding leave target past the block's sum */
+                before += expf((l[i] - top) * inv_t);
+                if (before > target) break;
+            }
+            if (token < 0) continue; /* cannot happen: the block holds mass; drawn again to be safe */
+            float drawn = l[token];
+            double more = 0.0;
+            for (int64_t c = 0; c < blocks; c++) {
+                if (block_max[c] <= drawn) continue;
+                int64_t stop = (c + 1) * SAMPLE_BLOCK < vocab ? (c + 1) * SAMPLE_BLOCK : vocab;
+                float s = 0.0f;
+                for (int64_t i = c * SAMPLE_BLOCK; i < stop; i++)
+                    s += (!refused(l[i]) && l[i] > drawn) ? expf((l[i] - top) * inv_t) : 0.0f;
+                more += s;
+            }
+            if (top_p[r] >= 1.0f || more < top_p[r] * total) {
+                chosen[r] = token;
+                break;
+            }
+        }
+    }
+    return 0;
+}

@@ -59,6 +59,7 @@ class FusedKernels:
         self.library.quantize_rows.argtypes = [_ptr, _int, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64]
         self.library.dequantize_rows.argtypes = [_ptr] * 5 + [_i64, _ptr, _ptr, _int, _i64, _i64]
         self.library.dequantize_rows.restype = None
+        self.library.sample_nucleus.argtypes = [_ptr] * 5 + [_i64] * 3
         self.library.set_parallel.argtypes = [_int]
         self.library.set_parallel.restype = None
 
@@ -134,6 +135,24 @@ class FusedKernels:
             out.data_ptr(), out_dtype == torch.bfloat16, rows, cols,
         )
         return out
+
+
+    def sample_nucleus(
+        self, logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor
+    ) -> torch.Tensor:
+        """Top-p by rejection (sampling.nucleus_by_rejection) for logits [B, V] float32 on the CPU;
+        temperature, top_p [B] float32; uniforms [B, draws]. -> token ids [B], -1 where every draw was
+        rejected."""
+        rows, vocab = logits.shape
+        logits, uniforms = logits.contiguous(), uniforms.contiguous()
+        temperature, top_p = temperature.contiguous(), top_p.contiguous()
+        chosen = torch.empty(rows, dtype=torch.long)
+        status = self.library.sample_nucleus(
+            logits.data_ptr(), temperature.data_ptr(), top_p.data_ptr(), uniforms.data_ptr(), chosen.data_ptr(),
+            rows, vocab, uniforms.shape[1],
+        )
+        _check(status, "sample_nucleus")
+        return chosen
 
 
 def _check(status: int, name: str) -> None:

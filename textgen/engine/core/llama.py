@@ -136,7 +136,8 @@ def decode_fused(
 ) -> torch.Tensor:
     """``forward`` for one new token per row (tokens, positions, cache rows [B]), in bfloat16, with the
     work between matrix products done by ``fused.c``: four products and four calls per layer instead
-    of ~35 operators (w8a8 products add a quantize and a rescale call each, also in fused.c). Writes each row's key/value at its position. -> final hidden states [B, E]."""
+    of ~35 operators (w8a8 products add a quantize and a rescale call each, also in fused.c). Writes
+    each row's key/value at its position. -> final hidden states [B, E]."""
     batch = tokens.shape[0]
     x = F.embedding(tokens, w.embed)  # [B, E], the residual stream, updated in place
     h = torch.empty_like(x)
