@@ -17,9 +17,12 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 /* Below this many elements a loop runs on the calling thread: waking the team costs more. */
-#define PARALLEL_WORK 16384
+#define PARALLEL_WORK 1024
 
 /* Cleared by fused.py when this library did not share PyTorch's OpenMP runtime. */
 static int parallel = 1;
@@ -84,6 +87,96 @@ static void rotate(const uint16_t *x, const uint16_t *cos_row, const uint16_t *s
     }
 }
 
+/* scores[t] = scale * (q . keys[t]) for t < live: q [dim] and keys [live, dim] bf16. */
+static void key_scores(const uint16_t *q, const uint16_t *keys, int64_t live, int64_t dim, float scale,
+                       float *scores) {
+    int64_t t = 0;
+#if defined(__AVX512BF16__)
+    /* bf16 pairs multiplied into float32 sums by the CPU's dot-product instruction; sixteen positions'
+     * partial sums are then added across lanes together (a transpose by shuffles) instead of one by one. */
+    if (dim % 32 == 0) {
+        __m512bh qv[MAX_DIM / 32];
+        int64_t chunks = dim / 32;
+        for (int64_t c = 0; c < chunks; c++) qv[c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
+        __m512 scale_v = _mm512_set1_ps(scale);
+        for (; t + 16 <= live; t += 16) {
+            __m512 v[16];
+            for (int j = 0; j < 16; j++) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t c = 0; c < chunks; c++)
+                    acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(keys + (t + j) * dim + 32 * c));
+                v[j] = acc;
+            }
+            __m512 pairs[8], quads[4];
+            for (int j = 0; j < 8; j++)
+                pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+            for (int j = 0; j < 4; j++) {
+                __m512d a = _mm512_castps_pd(pairs[2 * j]), b = _mm512_castps_pd(pairs[2 * j + 1]);
+                quads[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+            }
+            __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88), _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+            __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88), _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+            __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+            _mm512_storeu_ps(scores + t, _mm512_mul_ps(sums, scale_v));
+        }
+    }
+#endif
+    for (; t < live; t++) {
+        const uint16_t *kt = keys + t * dim;
+        float dot = 0.0f;
+        for (int64_t i = 0; i < dim; i++) dot += bf16_to_f32(q[i]) * bf16_to_f32(kt[i]);
+        scores[t] = dot * scale;
+    }
+}
+
+#if defined(__AVX512F__)
+/* weighted_values for head size 64 and a constant number of heads G: the G x 64 sums stay in registers
+ * (G x 4 vectors) over all positions instead of going through memory at each one. */
+static inline __attribute__((always_inline)) void weighted_values_64(const float *probs, const uint16_t *values,
+                                                                    int64_t live, const int G, float *acc) {
+    __m512 sums[4][4];
+    for (int h = 0; h < G; h++)
+        for (int c = 0; c < 4; c++) sums[h][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < live; t++) {
+        __m512 v[4];
+        for (int c = 0; c < 4; c++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(values + t * 64 + 16 * c));
+            v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)); /* bf16 -> f32 */
+        }
+        for (int h = 0; h < G; h++) {
+            __m512 p = _mm512_set1_ps(probs[h * live + t]);
+            for (int c = 0; c < 4; c++) sums[h][c] = _mm512_fmadd_ps(p, v[c], sums[h][c]);
+        }
+    }
+    for (int h = 0; h < G; h++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc + h * 64 + 16 * c, sums[h][c]);
+}
+#endif
+
+/* acc [group, dim] = sum over t < live of probs[h, t] * values[t] (values [live, dim] bf16). */
+static void weighted_values(const float *probs, const uint16_t *values, int64_t live, int64_t dim, int64_t group,
+                            float *acc) {
+#if defined(__AVX512F__)
+    if (dim == 64 && group >= 1 && group <= 4) {
+        switch (group) { /* a constant G each: the compiler unrolls and keeps the sums in registers */
+            case 1: weighted_values_64(probs, values, live, 1, acc); return;
+            case 2: weighted_values_64(probs, values, live, 2, acc); return;
+            case 3: weighted_values_64(probs, values, live, 3, acc); return;
+            default: weighted_values_64(probs, values, live, 4, acc); return;
+        }
+    }
+#endif
+    for (int64_t i = 0; i < group * dim; i++) acc[i] = 0.0f;
+    for (int64_t t = 0; t < live; t++) {
+        float vt[MAX_DIM];
+        for (int64_t i = 0; i < dim; i++) vt[i] = bf16_to_f32(values[t * dim + i]);
+        for (int64_t h = 0; h < group; h++) {
+            float p = probs[h * live + t], *ah = acc + h * dim;
+            for (int64_t i = 0; i < dim; i++) ah[i] += p * vt[i];
+        }
+    }
+}
+
 /* One decode step of attention for `rows` sequences.
  * qkv [rows, (Hq + 2 Hkv) D]: queries, keys, values of the new token (before rotary).
  * cos, sin [P, D]; positions [rows]: where the new token goes (= tokens already cached).
@@ -112,17 +205,10 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
                 keys[base + pos * dim + i] = f32_to_bf16(k[i]);
                 values[base + pos * dim + i] = src[(heads + kv_heads + g) * dim + i];
             }
-            /* The group's query heads share each key and value: converted once, used `group` times. */
-            for (int64_t t = 0; t < live; t++) {
-                float kt[MAX_DIM];
-                const uint16_t *kb = keys + base + t * dim;
-                for (int64_t i = 0; i < dim; i++) kt[i] = bf16_to_f32(kb[i]);
-                for (int64_t h = 0; h < group; h++) {
-                    const float *qh = q + (g * group + h) * dim;
-                    float dot = 0.0f;
-                    for (int64_t i = 0; i < dim; i++) dot += qh[i] * kt[i];
-                    scores[h * live + t] = dot * scale;
-                }
+            for (int64_t h = 0; h < group; h++) {
+                uint16_t qh[MAX_DIM];
+                for (int64_t i = 0; i < dim; i++) qh[i] = f32_to_bf16(q[(g * group + h) * dim + i]); /* exact */
+                key_scores(qh, keys + base, live, dim, scale, scores + h * live);
             }
             for (int64_t h = 0; h < group; h++) {
                 float *sh = scores + h * live, best = sh[0], total = 0.0f;
@@ -133,16 +219,7 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
                 }
                 for (int64_t t = 0; t < live; t++) sh[t] /= total;
             }
-            for (int64_t i = 0; i < group * dim; i++) acc[i] = 0.0f;
-            for (int64_t t = 0; t < live; t++) {
-                float vt[MAX_DIM];
-                const uint16_t *vb = values + base + t * dim;
-                for (int64_t i = 0; i < dim; i++) vt[i] = bf16_to_f32(vb[i]);
-                for (int64_t h = 0; h < group; h++) {
-                    float p = scores[h * live + t], *ah = acc + h * dim;
-                    for (int64_t i = 0; i < dim; i++) ah[i] += p * vt[i];
-                }
-            }
+            weighted_values(scores, values + base, live, dim, group, acc);
             uint16_t *o = out + r * heads * dim + g * group * dim;
             for (int64_t i = 0; i < group * dim; i++) o[i] = f32_to_bf16(acc[i]);
         }
@@ -168,9 +245,34 @@ static inline float load(const void *data, int bf16, int64_t i) {
     return bf16 ? bf16_to_f32(((const uint16_t *)data)[i]) : ((const float *)data)[i];
 }
 
-/* w8a8 input side. x [rows, width] (bf16 or float32) -> q [rows, width] int8 = round(x * 127 / row_max)
- * with the `count` outlier channels set to 0, row_max [rows] = max |x| over the other channels, and
- * outlying [rows, count] = the outlier channels' values, multiplied in float by dequantize_rows. */
+/* Quantize one row for a w8a8 product: the `count` outlier channels go to outlying (and are zeroed in
+ * row), the rest to q = round(row * 127 / row_max), row_max = max |row| over them. */
+static void quantize_row(float *row, int64_t width, const int64_t *outliers, int64_t count, int8_t *q,
+                         float *row_max, float *outlying) {
+    for (int64_t j = 0; j < count; j++) {
+        outlying[j] = row[outliers[j]];
+        row[outliers[j]] = 0.0f;
+    }
+    float largest = 1e-12f;
+    for (int64_t i = 0; i < width; i++) largest = fmaxf(largest, fabsf(row[i]));
+    float step = 127.0f / largest; /* a true division, as W8A8Kernel's PyTorch path: the same integers */
+    *row_max = largest;
+    for (int64_t i = 0; i < width; i++) q[i] = (int8_t)nearbyintf(row[i] * step);
+}
+
+/* One row of a w8a8 product's result: out = acc * row_max * col_scale + outlying . outlier_weight_t + bias. */
+static void rescale_row(const int32_t *acc, float row_max, const float *col_scale, const float *outlying,
+                        const float *outlier_weight_t, int64_t count, const float *bias, int64_t cols, float *out) {
+    for (int64_t c = 0; c < cols; c++) out[c] = (float)acc[c] * row_max * col_scale[c] + (bias ? bias[c] : 0.0f);
+    for (int64_t j = 0; j < count; j++) {
+        float o = outlying[j];
+        const float *w = outlier_weight_t + j * cols;
+        for (int64_t c = 0; c < cols; c++) out[c] += o * w[c];
+    }
+}
+
+/* w8a8 input side. x [rows, width] (bf16 or float32) -> q [rows, width] int8 without the `count` outlier
+ * channels, row_max [rows], outlying [rows, count] (see quantize_row). */
 int quantize_rows(const void *x, int x_bf16, const int64_t *outliers, int64_t count, int8_t *q, float *row_max,
                   float *outlying, int64_t rows, int64_t width) {
     if (width > MAX_WIDTH) return -1;
@@ -178,50 +280,110 @@ int quantize_rows(const void *x, int x_bf16, const int64_t *outliers, int64_t co
     for (int64_t r = 0; r < rows; r++) {
         float row[MAX_WIDTH];
         for (int64_t i = 0; i < width; i++) row[i] = load(x, x_bf16, r * width + i);
-        for (int64_t j = 0; j < count; j++) {
-            outlying[r * count + j] = row[outliers[j]];
-            row[outliers[j]] = 0.0f;
-        }
-        float largest = 1e-12f;
-        for (int64_t i = 0; i < width; i++) largest = fmaxf(largest, fabsf(row[i]));
-        float step = 127.0f / largest; /* a true division, as W8A8Kernel's PyTorch path: the same integers */
-        row_max[r] = largest;
-        int8_t *qr = q + r * width;
-        for (int64_t i = 0; i < width; i++) qr[i] = (int8_t)nearbyintf(row[i] * step);
+        quantize_row(row, width, outliers, count, q + r * width, row_max + r, outlying + r * count);
     }
     return 0;
 }
 
-#define COLUMN_CHUNK 512
+/* A decode layer's residual step with w8a8 products on both sides, in one pass per row:
+ * x [rows, width] bf16 += the previous product's result (acc [rows, width] int32 rescaled as in
+ * dequantize_rows; skipped when acc is NULL), rounded to bf16 as the residual stream is kept; then
+ * RMSNorm(x) * weight is quantized for the next product (q, row_max, outlying as quantize_rows), or,
+ * when q is NULL, written to out [rows, width] bf16. */
+int residual_norm_quantize(uint16_t *x, const int32_t *acc, const float *acc_row_max, const float *col_scale,
+                           const float *acc_outlying, const float *outlier_weight_t, int64_t acc_count,
+                           const float *bias, const uint16_t *weight, float eps, const int64_t *outliers,
+                           int64_t count, int8_t *q, float *row_max, float *outlying, uint16_t *out, int64_t rows,
+                           int64_t width) {
+    if (width > MAX_WIDTH) return -1;
+#pragma omp parallel for schedule(static) if (parallel && rows * width >= PARALLEL_WORK)
+    for (int64_t r = 0; r < rows; r++) {
+        float row[MAX_WIDTH];
+        uint16_t *xr = x + r * width;
+        if (acc) {
+            rescale_row(acc + r * width, acc_row_max[r], col_scale, acc_outlying + r * acc_count, outlier_weight_t,
+                        acc_count, bias, width, row);
+            for (int64_t i = 0; i < width; i++) xr[i] = f32_to_bf16(bf16_to_f32(xr[i]) + row[i]);
+        }
+        float squares = 0.0f;
+        for (int64_t i = 0; i < width; i++) {
+            row[i] = bf16_to_f32(xr[i]);
+            squares += row[i] * row[i];
+        }
+        float inv = 1.0f / sqrtf(squares / (float)width + eps);
+        for (int64_t i = 0; i < width; i++) row[i] = row[i] * inv * bf16_to_f32(weight[i]);
+        if (q) {
+            quantize_row(row, width, outliers, count, q + r * width, row_max + r, outlying + r * count);
+        } else {
+            for (int64_t i = 0; i < width; i++) out[r * width + i] = f32_to_bf16(row[i]);
+        }
+    }
+    return 0;
+}
+
+/* The MLP's middle with w8a8 products on both sides: acc [rows, 2F] int32 (gate then up) rescaled as in
+ * dequantize_rows, silu(gate) * up quantized for the down projection (q [rows, F], row_max, outlying). */
+int silu_quantize(const int32_t *acc, const float *acc_row_max, const float *col_scale, const float *acc_outlying,
+                  const float *outlier_weight_t, int64_t acc_count, const float *bias, const int64_t *outliers,
+                  int64_t count, int8_t *q, float *row_max, float *outlying, int64_t rows, int64_t features) {
+    if (features > MAX_WIDTH) return -1;
+#pragma omp parallel for schedule(static) if (parallel && rows * features >= PARALLEL_WORK)
+    for (int64_t r = 0; r < rows; r++) {
+        float gate_up[2 * MAX_WIDTH];
+        rescale_row(acc + r * 2 * features, acc_row_max[r], col_scale, acc_outlying + r * acc_count, outlier_weight_t,
+                    acc_count, bias, 2 * features, gate_up);
+        for (int64_t i = 0; i < features; i++) {
+            float g = gate_up[i];
+            gate_up[i] = g / (1.0f + expf(-g)) * gate_up[features + i];
+        }
+        quantize_row(gate_up, features, outliers, count, q + r * features, row_max + r, outlying + r * count);
+    }
+    return 0;
+}
+
+#define COLUMN_TILE 64 /* four AVX-512 vectors: a row's tile of outputs stays in registers */
 
 /* w8a8 output side. acc [rows, cols] int32 (the integer product) -> out [rows, cols] (bf16 or float32) =
  * acc * row_max[r] * col_scale[c] + outlying[r, :] . outlier_weight_t[:, c] + bias[c] (bias may be NULL).
- * col_scale already holds the weight's and the activation's 1/127. */
+ * col_scale already holds the weight's and the activation's 1/127. Column tiles outermost: a tile's
+ * outlier weights (count x 256 bytes) stay in L1 while every row uses them. */
 void dequantize_rows(const int32_t *acc, const float *row_max, const float *col_scale, const float *outlying,
                      const float *outlier_weight_t, int64_t count, const float *bias, void *out, int out_bf16,
                      int64_t rows, int64_t cols) {
-    int64_t chunks = (cols + COLUMN_CHUNK - 1) / COLUMN_CHUNK;
+    int64_t tiles = (cols + COLUMN_TILE - 1) / COLUMN_TILE;
 #pragma omp parallel for schedule(static) if (parallel && rows * cols >= PARALLEL_WORK)
-    /* Column chunk outermost: a chunk's outlier weights (count x 2 KiB) stay in cache across the rows. */
-    for (int64_t item = 0; item < rows * chunks; item++) {
-        int64_t r = item % rows, c0 = (item / rows) * COLUMN_CHUNK;
-        int64_t n = cols - c0 < COLUMN_CHUNK ? cols - c0 : COLUMN_CHUNK;
-        float y[COLUMN_CHUNK];
-        const int32_t *a = acc + r * cols + c0;
-        float scale = row_max[r];
-        for (int64_t c = 0; c < n; c++) y[c] = (float)a[c] * scale * col_scale[c0 + c];
-        if (bias)
-            for (int64_t c = 0; c < n; c++) y[c] += bias[c0 + c];
-        for (int64_t j = 0; j < count; j++) {
-            float o = outlying[r * count + j];
-            const float *w = outlier_weight_t + j * cols + c0;
-            for (int64_t c = 0; c < n; c++) y[c] += o * w[c];
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        int64_t c0 = tile * COLUMN_TILE;
+        if (c0 + COLUMN_TILE > cols) { /* the ragged last tile, element by element */
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t c = c0; c < cols; c++) {
+                    float y = (float)acc[r * cols + c] * row_max[r] * col_scale[c] + (bias ? bias[c] : 0.0f);
+                    for (int64_t j = 0; j < count; j++) y += outlying[r * count + j] * outlier_weight_t[j * cols + c];
+                    if (out_bf16) ((uint16_t *)out)[r * cols + c] = f32_to_bf16(y);
+                    else ((float *)out)[r * cols + c] = y;
+                }
+            continue;
         }
-        if (out_bf16) {
-            uint16_t *o16 = (uint16_t *)out + r * cols + c0;
-            for (int64_t c = 0; c < n; c++) o16[c] = f32_to_bf16(y[c]);
-        } else {
-            memcpy((float *)out + r * cols + c0, y, (size_t)n * sizeof(float));
+        float scale[COLUMN_TILE], base[COLUMN_TILE];
+        for (int64_t c = 0; c < COLUMN_TILE; c++) {
+            scale[c] = col_scale[c0 + c];
+            base[c] = bias ? bias[c0 + c] : 0.0f;
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            const int32_t *a = acc + r * cols + c0;
+            float y[COLUMN_TILE], rm = row_max[r];
+            for (int64_t c = 0; c < COLUMN_TILE; c++) y[c] = (float)a[c] * rm * scale[c] + base[c];
+            for (int64_t j = 0; j < count; j++) {
+                float o = outlying[r * count + j];
+                const float *w = outlier_weight_t + j * cols + c0;
+                for (int64_t c = 0; c < COLUMN_TILE; c++) y[c] += o * w[c];
+            }
+            if (out_bf16) {
+                uint16_t *o16 = (uint16_t *)out + r * cols + c0;
+                for (int64_t c = 0; c < COLUMN_TILE; c++) o16[c] = f32_to_bf16(y[c]);
+            } else {
+                memcpy((float *)out + r * cols + c0, y, sizeof y);
+            }
         }
     }
 }

@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -46,6 +47,40 @@ MAX_WIDTH, MAX_HEADS, MAX_DIM, MAX_LIVE = 8192, 64, 256, 8192  # as in fused.c
 _i64, _int, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 
 
+class W8A8Weights(Protocol):
+    """A w8a8 layer's constants (``linear.W8A8Kernel``): what quantizes its input and rescales its output."""
+
+    scales: torch.Tensor  # [out] float32
+    outliers: torch.Tensor  # [k] long
+    outlier_weight_t: torch.Tensor  # [k, out] float32
+    bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Rows quantized for a w8a8 product: q [N, K] int8 (outlier channels zero), row_max [N, 1] float32,
+    outlying [N, k] float32 (the outlier channels' values)."""
+
+    q: torch.Tensor
+    row_max: torch.Tensor
+    outlying: torch.Tensor
+
+    @classmethod
+    def empty(cls, rows: int, width: int, outliers: int) -> Quantized:
+        return cls(torch.empty(rows, width, dtype=torch.int8), torch.empty(rows, 1), torch.empty(rows, outliers))
+
+
+def _product_args(acc: torch.Tensor | None, source: Quantized | None, weights: W8A8Weights | None) -> list[object]:
+    """fused.c's seven arguments for an int32 product to rescale (all NULL when there is none)."""
+    if acc is None or source is None or weights is None:
+        return [None] * 5 + [0, None]
+    return [
+        acc.data_ptr(), source.row_max.data_ptr(), weights.scales.data_ptr(), source.outlying.data_ptr(),
+        weights.outlier_weight_t.data_ptr(), source.outlying.shape[1],
+        None if weights.bias is None else weights.bias.data_ptr(),
+    ]
+
+
 @dataclass(frozen=True)
 class FusedKernels:
     library: ctypes.CDLL
@@ -60,6 +95,9 @@ class FusedKernels:
         self.library.dequantize_rows.argtypes = [_ptr] * 5 + [_i64, _ptr, _ptr, _int, _i64, _i64]
         self.library.dequantize_rows.restype = None
         self.library.sample_nucleus.argtypes = [_ptr] * 5 + [_i64] * 3
+        product = [_ptr] * 5 + [_i64, _ptr]  # see _product_args
+        self.library.residual_norm_quantize.argtypes = [_ptr, *product, _ptr, _f32, _ptr, _i64, *[_ptr] * 4, _i64, _i64]
+        self.library.silu_quantize.argtypes = [*product, _ptr, _i64, *[_ptr] * 3, _i64, _i64]
         self.library.set_parallel.argtypes = [_int]
         self.library.set_parallel.restype = None
 
@@ -100,21 +138,50 @@ class FusedKernels:
         """gate_up [N, 2F] -> out [N, F] = silu(gate) * up."""
         self.library.silu_mul(gate_up.data_ptr(), out.data_ptr(), out.shape[0], out.shape[1])
 
-    def quantize_rows(
-        self, x: torch.Tensor, outliers: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, K] bf16 or float32 -> (q [N, K] int8 without the outlier channels, row max [N, 1] float32,
-        the outlier channels' values [N, k] float32); see W8A8Kernel."""
+    def quantize_rows(self, x: torch.Tensor, outliers: torch.Tensor) -> Quantized:
+        """x [N, K] bf16 or float32 -> its rows quantized for a w8a8 product (see W8A8Kernel)."""
         rows, width = x.shape
-        q = torch.empty(rows, width, dtype=torch.int8)
-        row_max = torch.empty(rows, 1)
-        outlying = torch.empty(rows, outliers.numel())
+        out = Quantized.empty(rows, width, outliers.numel())
         status = self.library.quantize_rows(
-            x.data_ptr(), x.dtype == torch.bfloat16, outliers.data_ptr(), outliers.numel(), q.data_ptr(),
-            row_max.data_ptr(), outlying.data_ptr(), rows, width,
+            x.data_ptr(), x.dtype == torch.bfloat16, outliers.data_ptr(), outliers.numel(), out.q.data_ptr(),
+            out.row_max.data_ptr(), out.outlying.data_ptr(), rows, width,
         )
         _check(status, "quantize_rows")
-        return q, row_max, outlying
+        return out
+
+    def residual_norm_quantize(
+        self,
+        x: torch.Tensor,
+        product: tuple[torch.Tensor, Quantized, W8A8Weights] | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        target: W8A8Weights | None,
+        out: torch.Tensor | None = None,
+    ) -> Quantized | None:
+        """x [N, E] bf16 += product (an int32 result, the input it came from, its layer), in place; then
+        rms_norm(x) * norm_weight quantized for the target layer, or (target None) written to out [N, E]."""
+        rows, width = x.shape
+        quantized = None if target is None else Quantized.empty(rows, width, target.outliers.numel())
+        acc, source, weights = product if product is not None else (None, None, None)
+        status = self.library.residual_norm_quantize(
+            x.data_ptr(), *_product_args(acc, source, weights), norm_weight.data_ptr(), eps,
+            *_target_args(target, quantized), None if out is None else out.data_ptr(), rows, width,
+        )
+        _check(status, "residual_norm_quantize")
+        return quantized
+
+    def silu_quantize(
+        self, acc: torch.Tensor, source: Quantized, weights: W8A8Weights, target: W8A8Weights
+    ) -> Quantized:
+        """acc [N, 2F] int32 (gate then up, from source through weights) -> silu(gate) * up quantized for
+        the target layer."""
+        rows, features = acc.shape[0], acc.shape[1] // 2
+        quantized = Quantized.empty(rows, features, target.outliers.numel())
+        status = self.library.silu_quantize(
+            *_product_args(acc, source, weights), *_target_args(target, quantized), rows, features
+        )
+        _check(status, "silu_quantize")
+        return quantized
 
     def dequantize_rows(
         self,
@@ -153,6 +220,16 @@ class FusedKernels:
         )
         _check(status, "sample_nucleus")
         return chosen
+
+
+def _target_args(target: W8A8Weights | None, quantized: Quantized | None) -> list[object]:
+    """fused.c's five arguments for rows to quantize for the target layer (NULL and 0 when there is none)."""
+    if target is None or quantized is None:
+        return [None, 0, None, None, None]
+    return [
+        target.outliers.data_ptr(), target.outliers.numel(), quantized.q.data_ptr(), quantized.row_max.data_ptr(),
+        quantized.outlying.data_ptr(),
+    ]
 
 
 def _check(status: int, name: str) -> None:

@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from textgen.engine.core.fused import FusedKernels
+from textgen.engine.core.fused import FusedKernels, Quantized
 
 FUSED_DTYPES = {torch.bfloat16, torch.float32}  # what fused.c's w8a8 helpers read and write
 GROUP = 32  # input columns per int4 group; also the GGUF Q4_1 / Q8_0 block size
@@ -148,10 +148,10 @@ class W8A8Kernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [N, K] float32 (or self.dtype with fused)
         if self.fused is not None:
-            q, row_max, outlying = self.fused.quantize_rows(x.contiguous(), self.outliers)
-            y = torch._int_mm(q, self.qweight_t)  # [N, out] int32
+            quantized = self.fused.quantize_rows(x.contiguous(), self.outliers)
             return self.fused.dequantize_rows(
-                y, row_max, self.scales, outlying, self.outlier_weight_t, self.bias, self.out_dtype
+                self.product(quantized), quantized.row_max, self.scales, quantized.outlying, self.outlier_weight_t,
+                self.bias, self.out_dtype,
             )
         outlying = x.index_select(1, self.outliers)  # [N, k]
         rest = x.index_fill(1, self.outliers, 0.0)
@@ -163,6 +163,10 @@ class W8A8Kernel:
         y = torch._int_mm(q, self.qweight_t).mul(row_max * self.scales)  # [N, out]; scales hold the 1/127
         y = y.addmm_(outlying, self.outlier_weight_t)
         return y if self.bias is None else y.add_(self.bias)
+
+    def product(self, quantized: Quantized) -> torch.Tensor:
+        """The integer product of rows quantized by fused.c: [N, K] int8 -> [N, out] int32."""
+        return torch._int_mm(quantized.q, self.qweight_t)
 
     def nbytes(self) -> int:
         return _nbytes(self.qweight_t, self.scales, self.outlier_weight_t, self.bias)

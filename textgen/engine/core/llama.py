@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 import textgen.engine.core.fused as fused_limits
-from textgen.engine.core.fused import FusedKernels
+from textgen.engine.core.fused import FusedKernels, Quantized
 from textgen.engine.core.kv_cache import SlotKVCache
 from textgen.engine.core.layers import Attention, apply_rotary, rms_norm, rotary_tables
-from textgen.engine.core.linear import Linear
+from textgen.engine.core.linear import Linear, W8A8Kernel
 from textgen.engine.core.weights import LinearFactory
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -136,12 +136,22 @@ def decode_fused(
 ) -> torch.Tensor:
     """``forward`` for one new token per row (tokens, positions, cache rows [B]), in bfloat16, with the
     work between matrix products done by ``fused.c``: four products and four calls per layer instead
-    of ~35 operators (w8a8 products add a quantize and a rescale call each, also in fused.c). Writes
+    of ~35 operators (six calls with w8a8 products, whose quantizing and rescaling they absorb). Writes
     each row's key/value at its position. -> final hidden states [B, E]."""
-    batch = tokens.shape[0]
     x = F.embedding(tokens, w.embed)  # [B, E], the residual stream, updated in place
+    first = w.layers[0]
+    if all(_fused_w8a8(linear.kernel_for(len(tokens))) for linear in (first.qkv, first.out, first.gate_up, first.down)):
+        return _decode_w8a8(w, x, positions, rows, cache, fused)
+    return _decode_float(w, x, positions, rows, cache, fused)
+
+
+def _decode_float(
+    w: LlamaWeights, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cache: SlotKVCache,
+    fused: FusedKernels,
+) -> torch.Tensor:
+    """decode_fused with products that take and return bf16 (int4, bf16 weights)."""
     h = torch.empty_like(x)
-    attended = x.new_empty(batch, w.heads * w.head_dim)
+    attended = x.new_empty(x.shape[0], w.heads * w.head_dim)
     delta = None
     for index, layer in enumerate(w.layers):
         fused.add_rms_norm(x, delta, layer.attn_norm, h, w.eps)
@@ -150,12 +160,55 @@ def decode_fused(
         fused.rotary_cache_attention(qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale)
         fused.add_rms_norm(x, layer.out(attended), layer.mlp_norm, h, w.eps)
         gate_up = layer.gate_up(h)  # [B, 2F]
-        activated = x.new_empty(batch, gate_up.shape[1] // 2)
+        activated = x.new_empty(x.shape[0], gate_up.shape[1] // 2)
         fused.silu_mul(gate_up, activated)
         delta = layer.down(activated)
     out = torch.empty_like(x)
     fused.add_rms_norm(x, delta, w.final_norm, out, w.eps)
     return out
+
+
+def _decode_w8a8(
+    w: LlamaWeights, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cache: SlotKVCache,
+    fused: FusedKernels,
+) -> torch.Tensor:
+    """decode_fused with w8a8 products: fused.c quantizes each product's input as it computes it (norm,
+    SiLU) and rescales its int32 result where it is consumed (residual, SiLU), so only the attention's
+    input and output pass through bf16."""
+    batch = x.shape[0]
+    attended = x.new_empty(batch, w.heads * w.head_dim)
+    pending: tuple[torch.Tensor, Quantized, W8A8Kernel] | None = None  # the last down projection's result
+    for index, layer in enumerate(w.layers):
+        qkv_k, out_k, gate_up_k, down_k = (
+            _as_w8a8(linear.kernel_for(batch)) for linear in (layer.qkv, layer.out, layer.gate_up, layer.down)
+        )
+        into_qkv = fused.residual_norm_quantize(x, pending, layer.attn_norm, w.eps, qkv_k)
+        assert into_qkv is not None
+        qkv = fused.dequantize_rows(
+            qkv_k.product(into_qkv), into_qkv.row_max, qkv_k.scales, into_qkv.outlying, qkv_k.outlier_weight_t,
+            qkv_k.bias, torch.bfloat16,
+        )  # [B, (Hq + 2 Hkv) D]
+        keys, values = cache.keys[index], cache.values[index]
+        fused.rotary_cache_attention(qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale)
+        into_out = fused.quantize_rows(attended, out_k.outliers)
+        into_gate_up = fused.residual_norm_quantize(
+            x, (out_k.product(into_out), into_out, out_k), layer.mlp_norm, w.eps, gate_up_k
+        )
+        assert into_gate_up is not None
+        into_down = fused.silu_quantize(gate_up_k.product(into_gate_up), into_gate_up, gate_up_k, down_k)
+        pending = (down_k.product(into_down), into_down, down_k)
+    out = torch.empty_like(x)
+    fused.residual_norm_quantize(x, pending, w.final_norm, w.eps, None, out)
+    return out
+
+
+def _fused_w8a8(kernel: object) -> bool:
+    return isinstance(kernel, W8A8Kernel) and kernel.fused is not None
+
+
+def _as_w8a8(kernel: object) -> W8A8Kernel:
+    assert isinstance(kernel, W8A8Kernel)
+    return kernel
 
 
 def fused_supported(w: LlamaWeights, batch: int, live: int) -> bool:
