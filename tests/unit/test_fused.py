@@ -93,12 +93,14 @@ def test_fused_kernels_are_cached_and_a_missing_compiler_falls_back(
     assert "Fused CPU kernels unavailable" in caplog.text
 
 
-def test_prefill_keeps_the_pytorch_path_and_decode_of_any_batch_is_fused(
-    tiny_llama: LlamaForCausalLM, kernels: FusedKernels
-) -> None:
-    core = core_of(tiny_llama, torch.bfloat16, kernels)
+def test_prefill_decode_and_mixed_steps_all_run_fused(tiny_llama: LlamaForCausalLM, kernels: FusedKernels) -> None:
+    """Prompts, decode rows, and both in one step go through fused.c (every token at its own cache row and
+    position), and match the PyTorch path as closely as its bf16 rounding allows."""
+    fused_core = core_of(tiny_llama, torch.bfloat16, kernels)
+    eager_core = core_of(tiny_llama, torch.bfloat16, None)
+    reference = core_of(tiny_llama, torch.float32, None)
     calls = []
-    arch = core._arch
+    arch = fused_core._arch
     original = arch.decode_fused
     assert original is not None
 
@@ -106,17 +108,24 @@ def test_prefill_keeps_the_pytorch_path_and_decode_of_any_batch_is_fused(
         calls.append(args[1])
         return original(*args)
 
+    def run(core: DecodeCore) -> list[torch.Tensor]:
+        first = [core.allocate() for _ in PROMPTS[:2]]
+        prefill = core.prefill(first, PROMPTS[:2])
+        late = core.allocate()
+        mixed = core.step(first, prefill.argmax(-1), [late], [PROMPTS[2]])  # decode 2 rows + prefill 1
+        return [prefill.float(), mixed.float()]
+
     object.__setattr__(arch, "decode_fused", counting)
     try:
-        slots = [core.allocate() for _ in PROMPTS]
-        logits = core.prefill(slots, PROMPTS)
-        assert not calls  # prompts: PyTorch's path
-        core.decode(slots, logits.argmax(-1))
-        assert len(calls) == 1 and calls[0].shape[0] == len(PROMPTS)
-        assert arch.fused_supported(core.weights, 64, 10)  # type: ignore[misc]
-        assert not arch.fused_supported(core.weights, 1, 10_000)  # type: ignore[misc]
+        fast = run(fused_core)
     finally:
         object.__setattr__(arch, "decode_fused", original)
+    assert [len(tokens) for tokens in calls] == [len(PROMPTS[0]) + len(PROMPTS[1]), 2 + len(PROMPTS[2])]
+    for ref, slow, quick in zip(run(reference), run(eager_core), fast, strict=True):
+        assert (quick - ref).abs().max() <= 1.5 * (slow - ref).abs().max() + 1e-3
+        assert torch.nn.functional.cosine_similarity(quick, ref, dim=-1).min() > 0.999
+    assert arch.fused_supported(fused_core.weights, 64, 10)  # type: ignore[misc]
+    assert not arch.fused_supported(fused_core.weights, 1, 10_000)  # type: ignore[misc]
 
 
 def test_loading_the_kernels_leaves_subnormal_floats_alone(kernels: FusedKernels) -> None:

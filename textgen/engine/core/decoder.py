@@ -141,15 +141,17 @@ class DecodeCore:
             start += len(prompt)
             last.append(len(rows) + start - 1)
         self.cache.ensure_initialised(max([*(n + 1 for n in lengths), *(len(p) for p in prompts)]))
-        if not segments and self._fused_applies(len(rows), max(lengths, default=0) + 1):
-            hidden = self._decode_fused(tokens, rows, lengths)
+        all_tokens = torch.cat([tokens.to(torch.long).cpu(), torch.tensor(prompt_tokens, dtype=torch.long)])
+        if self._fused_applies(len(positions), max(positions, default=0) + 1):
+            # Every token at its own (cache row, position): decode rows and whole prompts in one pass.
+            token_rows = rows + [row for row, _, length in segments for _ in range(length)]
+            hidden = self._decode_fused(all_tokens, token_rows, positions)
         else:
             attention = MixedAttention(
                 DecodeAttention.plan(self.cache, rows, lengths, self.weights.scale) if rows else None,
                 PrefillAttention(self.cache, segments, self.weights.scale) if segments else None,
                 len(rows),
             )
-            all_tokens = torch.cat([tokens.to(torch.long).cpu(), torch.tensor(prompt_tokens, dtype=torch.long)])
             hidden = self._forward(all_tokens, positions, attention)  # [N, E]
         self.cache.advance(rows)
         for row, _, length in segments:
@@ -176,12 +178,13 @@ class DecodeCore:
         supported = self._arch.fused_supported
         return self._fused is not None and batch > 0 and supported is not None and supported(self.weights, batch, live)
 
-    def _decode_fused(self, tokens: torch.Tensor, rows: list[int], lengths: list[int]) -> torch.Tensor:
+    def _decode_fused(self, tokens: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
+        """tokens [N] at positions [N] of cache rows [N] -> final hidden states [N, E]."""
         assert self._fused is not None and self._arch.decode_fused is not None
         return self._arch.decode_fused(
             self.weights,
-            tokens.to(torch.long).cpu(),
-            torch.tensor(lengths, dtype=torch.long),
+            tokens,
+            torch.tensor(positions, dtype=torch.long),
             torch.tensor(rows, dtype=torch.long),
             self.cache,
             self._fused,

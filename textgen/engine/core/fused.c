@@ -177,37 +177,49 @@ static void weighted_values(const float *probs, const uint16_t *values, int64_t 
     }
 }
 
-/* One decode step of attention for `rows` sequences.
- * qkv [rows, (Hq + 2 Hkv) D]: queries, keys, values of the new token (before rotary).
- * cos, sin [P, D]; positions [rows]: where the new token goes (= tokens already cached).
- * cache_rows [rows]: each sequence's row in the caches; keys, values [S, Hkv, T, D].
- * out [rows, Hq D]: softmax(scale q.k) v over positions 0..position, query heads grouped over KV heads. */
+/* Attention for `rows` new tokens, each at its own position of its own cache row: one new token per
+ * sequence when decoding, a prompt's tokens at positions 0..L-1 of one row when prefilling, or both.
+ * qkv [rows, (Hq + 2 Hkv) D]: queries, keys, values of the new tokens (before rotary).
+ * cos, sin [P, D]; positions [rows]: where each token goes (tokens cached before it in its row).
+ * cache_rows [rows]: each token's row in the caches; keys, values [S, Hkv, T, D].
+ * out [rows, Hq D]: softmax(scale q.k) v over positions 0..position of its row, query heads grouped over
+ * KV heads. Every token's key and value are written before any token attends, so a prompt's tokens
+ * see each other (causally) in the same call. */
 int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *positions,
                             const int64_t *cache_rows, uint16_t *keys, uint16_t *values, uint16_t *out, int64_t rows,
                             int64_t heads, int64_t kv_heads, int64_t dim, int64_t capacity, float scale) {
-    int64_t group = heads / kv_heads, width = (heads + 2 * kv_heads) * dim, longest = 0;
+    int64_t group = heads / kv_heads, width = (heads + 2 * kv_heads) * dim, work = 0;
     if (dim > MAX_DIM || heads > MAX_HEADS || group > MAX_GROUP) return -1;
-    for (int64_t r = 0; r < rows; r++) longest = positions[r] + 1 > longest ? positions[r] + 1 : longest;
-    if (longest > MAX_LIVE) return -1;
-    /* One (row, KV head) pair per iteration: it writes only its own cache row and output heads. */
-#pragma omp parallel for schedule(dynamic, 1) if (parallel && rows * kv_heads * longest * dim >= 4 * PARALLEL_WORK)
-    for (int64_t pair = 0; pair < rows * kv_heads; pair++) {
-        int64_t r = pair / kv_heads, g = pair % kv_heads;
-        float q[MAX_HEADS * MAX_DIM], k[MAX_DIM], scores[MAX_GROUP * MAX_LIVE], acc[MAX_GROUP * MAX_DIM];
-        const uint16_t *src = qkv + r * width;
-        int64_t pos = positions[r], live = pos + 1;
-        const uint16_t *cos_row = cos + pos * dim, *sin_row = sin + pos * dim;
-        for (int64_t h = g * group; h < (g + 1) * group; h++) rotate(src + h * dim, cos_row, sin_row, q + h * dim, dim);
-        {
-            int64_t base = ((cache_rows[r] * kv_heads + g) * capacity) * dim;
-            rotate(src + (heads + g) * dim, cos_row, sin_row, k, dim);
+    for (int64_t r = 0; r < rows; r++) {
+        if (positions[r] + 1 > MAX_LIVE || positions[r] >= capacity) return -1;
+        work += (positions[r] + 1) * kv_heads * dim;
+    }
+#pragma omp parallel if (parallel && work >= 4 * PARALLEL_WORK)
+    {
+#pragma omp for schedule(static)
+        for (int64_t pair = 0; pair < rows * kv_heads; pair++) {
+            int64_t r = pair / kv_heads, g = pair % kv_heads, pos = positions[r];
+            float k[MAX_DIM];
+            const uint16_t *src = qkv + r * width;
+            int64_t at = (((cache_rows[r] * kv_heads + g) * capacity) + pos) * dim;
+            rotate(src + (heads + g) * dim, cos + pos * dim, sin + pos * dim, k, dim);
             for (int64_t i = 0; i < dim; i++) {
-                keys[base + pos * dim + i] = f32_to_bf16(k[i]);
-                values[base + pos * dim + i] = src[(heads + kv_heads + g) * dim + i];
+                keys[at + i] = f32_to_bf16(k[i]);
+                values[at + i] = src[(heads + kv_heads + g) * dim + i];
             }
+        }
+        /* (the implicit barrier here: all keys and values are in place) */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t pair = 0; pair < rows * kv_heads; pair++) {
+            int64_t r = pair / kv_heads, g = pair % kv_heads;
+            float q[MAX_DIM], scores[MAX_GROUP * MAX_LIVE], acc[MAX_GROUP * MAX_DIM];
+            const uint16_t *src = qkv + r * width;
+            int64_t pos = positions[r], live = pos + 1;
+            int64_t base = ((cache_rows[r] * kv_heads + g) * capacity) * dim;
             for (int64_t h = 0; h < group; h++) {
                 uint16_t qh[MAX_DIM];
-                for (int64_t i = 0; i < dim; i++) qh[i] = f32_to_bf16(q[(g * group + h) * dim + i]); /* exact */
+                rotate(src + (g * group + h) * dim, cos + pos * dim, sin + pos * dim, q, dim);
+                for (int64_t i = 0; i < dim; i++) qh[i] = f32_to_bf16(q[i]); /* exact: rotate rounds to bf16 */
                 key_scores(qh, keys + base, live, dim, scale, scores + h * live);
             }
             for (int64_t h = 0; h < group; h++) {
