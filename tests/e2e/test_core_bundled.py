@@ -13,6 +13,7 @@ import torch
 from textgen.config import load_settings
 from textgen.engine.core import CoreOptions, build_core
 from textgen.engine.core.gguf_blocks import read_q4_1_blocks
+from textgen.engine.core.linear import Q4Kernel
 from textgen.loader import load_model
 
 pytestmark = pytest.mark.e2e
@@ -81,9 +82,11 @@ def test_quantized_formats_keep_perplexity_within_2_percent_of_float32(bundled_f
 
 
 def test_int4_serves_the_files_own_q4_1_blocks(bundled_bf16: Any) -> None:
-    """The int4 core computes with the file's own blocks: each weight is (q - 8) * bf16(d) + bf16(m + 8d),
-    within (8 |d| + |m + 8d|) * 2^-8 of the file's value d * q + m. On average that is 1.5-1.9x the error
-    of transformers' bf16 copy of the same values (asserted: at most 2x); perplexity is checked above."""
+    """The int4 core computes with the file's own blocks. With AVX-512 VNNI (Q4Kernel, fused.c) it keeps d and
+    m as the file's float16 values, so a weight is exactly d * q + m. PyTorch's int4 kernel (Int4Kernel, the
+    fallback) takes (q - 8) * bf16(d) + bf16(m + 8d), within (8 |d| + |m + 8d|) * 2^-8 of the file's value:
+    on average 1.5-1.9x the error of transformers' bf16 copy of the same values (asserted: at most 2x).
+    Perplexity is checked above."""
     config = bundled_bf16.model.config
     blocks = read_q4_1_blocks(bundled_bf16.source_file, config.num_attention_heads, config.num_key_value_heads)
     assert len(blocks) == 7 * config.num_hidden_layers
@@ -101,8 +104,13 @@ def test_int4_serves_the_files_own_q4_1_blocks(bundled_bf16: Any) -> None:
     core = build_core(bundled_bf16, CoreOptions(weights="int4", slots=1, positions=64))
     qkv = core.weights.layers[0].qkv.kernel_for(1)
     k_rows = slice(config.num_attention_heads * 64, (config.num_attention_heads + config.num_key_value_heads) * 64)
+    # One-hot rows read the weight back (a one-hot block quantizes exactly: 127 times 1/127).
     read_back = qkv(torch.eye(exact.shape[1], dtype=torch.bfloat16)).float().t()[k_rows]
-    assert torch.equal(read_back, served.bfloat16().float())  # the kernel really uses these blocks
+    if isinstance(qkv, Q4Kernel):
+        # the file's exact values, rounded once to the bf16 output (one bf16 step at most)
+        assert bool(((read_back - exact).abs() <= exact.abs() * 2**-8 + 1e-7).all())
+    else:
+        assert torch.equal(read_back, served.bfloat16().float())  # the kernel really uses these blocks
 
 
 def decode_perplexity(core: Any, ids: list[int]) -> tuple[float, torch.Tensor]:
@@ -127,6 +135,13 @@ def test_fused_decode_kernels_keep_perplexity_and_stay_as_close_to_float32(bundl
     fused_core = build_core(bundled_bf16, CoreOptions(**options))
     assert fused_core.describe()["fused_kernels"] is True
     fused, fused_logits = decode_perplexity(fused_core, ids)
-    assert abs(fused / reference - 1) < 0.02, (fused, eager, reference)
-    # Measured: mean |logit - float32| 0.102 fused vs 0.127 for PyTorch's bf16 operators.
-    assert (fused_logits - ref_logits).abs().mean() <= 1.1 * (eager_logits - ref_logits).abs().mean()
+    assert abs(fused / reference - 1) < 0.005, (fused, eager, reference)  # measured: +0.03% (eager +0.13%)
+    fused_error = (fused_logits - ref_logits).abs().mean()
+    eager_error = (eager_logits - ref_logits).abs().mean()
+    if isinstance(fused_core.weights.layers[0].qkv.kernel_for(1), Q4Kernel):
+        # Q4_1 blocks x int8 activations (per block of 32): rounding noise in every logit that averages out
+        # in perplexity. Measured: mean |logit - float32| 0.181 vs 0.129 for PyTorch's int4 kernel.
+        assert fused_error <= 1.6 * eager_error, (fused_error, eager_error)
+    else:
+        # Measured: 0.102 fused vs 0.127 for PyTorch's bf16 operators (same weights, fewer roundings).
+        assert fused_error <= 1.1 * eager_error, (fused_error, eager_error)

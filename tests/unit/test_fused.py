@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from textgen.engine.core.decoder import DecodeCore, architecture_for
 from textgen.engine.core.fused import FusedKernels, load_fused_kernels, openmp_runtimes
-from textgen.engine.core.linear import W8A8Kernel
+from textgen.engine.core.linear import Q4Kernel, W8A8Kernel
 from textgen.engine.core.weights import LinearFactory, WeightPlan
 
 PROMPTS = [[5, 17, 23, 9, 41, 3], [7, 7, 60], [11, 2, 90, 33, 8, 21, 64, 70, 12, 19, 1]]
@@ -188,3 +188,34 @@ def test_threaded_fused_decode_is_identical_to_one_thread(tiny_llama: LlamaForCa
     tokens = eager.prefill(slots, prompts).argmax(-1)
     first = eager.decode(slots, tokens)
     assert torch.nn.functional.cosine_similarity(two[0].float(), first.float(), dim=-1).min() > 0.99
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_q4_blocks_times_int8_activations_match_the_dequantized_weights(kernels: FusedKernels, rows: int) -> None:
+    """Q4Kernel (fused.c, AVX-512 VNNI) against x @ W.T with W the blocks' own values, w = d * q + m: the
+    only error is the activations' int8 rounding per block of 32 (relative step 1/254 of a block's largest
+    value), far below what a wrong nibble, lane or scale would cause."""
+    if not kernels.q4_supported:
+        pytest.skip("this CPU has no AVX-512 VNNI: Q4_1 blocks use Int4Kernel (tested in test_core.py)")
+    generator = torch.Generator().manual_seed(7)
+    n, k = 48, 96  # three tiles of 16 outputs, three blocks
+    q = torch.randint(0, 16, (n, k), generator=generator)
+    d = (torch.rand(n, k // 32, generator=generator) * 0.02 + 0.001).half().float()
+    m = (-torch.rand(n, k // 32, generator=generator) * 0.1).half().float()
+    weight = (q.float().reshape(n, k // 32, 32) * d[..., None] + m[..., None]).reshape(n, k)
+    bias = torch.randn(n, generator=generator)
+    x = torch.randn(rows, k, generator=generator)
+    x[:, 40] *= 50.0  # an outlier channel, kept in float
+    reference = x @ weight.t() + bias
+    for dtype, out_dtype in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]:
+        kernel = Q4Kernel.pack(q, d, m, bias, torch.tensor([5, 40]), kernels, dtype, out_dtype)
+        got = kernel(x.to(dtype))
+        assert got.dtype == out_dtype and got.shape == (rows, n)
+        exact_input = x.to(dtype).float() @ weight.t() + bias
+        bound = 3 * weight.abs().sum(dim=1).max() * x.abs().max() / 254
+        if out_dtype == torch.bfloat16:
+            bound = bound + 0.01 * reference.abs().max()  # the output's own 8-bit rounding
+        assert (got.float() - exact_input).abs().max() < bound
+        assert torch.nn.functional.cosine_similarity(got.float(), reference, dim=-1).min() > 0.999
+    wrong = Q4Kernel.pack(q.roll(1, dims=1), d, m, bias, torch.tensor([5, 40]), kernels, torch.float32, torch.float32)
+    assert (wrong(x) - reference).abs().max() > 10 * (got.float() - reference).abs().max()  # the test can fail

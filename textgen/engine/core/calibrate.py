@@ -31,6 +31,7 @@ from textgen.engine.core.linear import (
     Int4Kernel,
     Int8Kernel,
     Kernel,
+    Q4Kernel,
     W8A8Kernel,
     int4_supported,
     w8a8_supported,
@@ -219,6 +220,10 @@ def _kernel(
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> Kernel:
     if fmt == "int4" and int4_supported(weight.shape[1], weight.device):
+        if Q4Kernel.fits(weight.shape[0], weight.shape[1], fused) and {dtype, out_dtype} <= FUSED_DTYPES:
+            assert fused is not None  # the kernel a Q4 file's blocks get (LinearFactory)
+            outliers = torch.arange(min(OUTLIER_CHANNELS, weight.shape[1]))
+            return Q4Kernel.quantize(weight, None, outliers, fused, dtype, out_dtype)
         return Int4Kernel.quantize(weight, None)
     if fmt == "int8":
         return Int8Kernel.quantize(weight, None)

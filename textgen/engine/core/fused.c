@@ -473,3 +473,122 @@ int sample_nucleus(const float *logits, const float *temperature, const float *t
     }
     return 0;
 }
+
+/* ----- Q4_1 blocks times int8 activations (AVX-512 VNNI) -------------------------------------------- */
+
+/* A GGUF Q4_1 block is 32 weights w = d * q + m, q in 0..15. For a batch of a few rows this product reads
+ * the file's own 4-bit blocks and multiplies them by activations quantized to int8 per block of 32 (one
+ * scale each, as llama.cpp does) with the CPU's byte dot-product instruction, 64 products per instruction.
+ *
+ * Layout (built once by linear.Q4Kernel.pack): output rows in tiles of 16, one per int32 lane, so a
+ * lane accumulates one output's dot product over a block and no horizontal sums are needed.
+ * packed [N/16][K/32][4][16][4] bytes: for tile, block, chunk c, lane i, byte j: the low nibble is weight
+ *   8c + j of the lane's row in the block, the high nibble weight 8c + 4 + j;
+ * scales [N/16][K/32][2][16] float16: d, then m, of each lane's row in the block.
+ * y[r, n] = sum over blocks of d * xd[r, b] * (q . xq[r, b]) + m * xsum[r, b], with xd the activations'
+ * block scale and xsum their block's (unquantized) sum. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+int q4_supported(void) { return 1; }
+
+static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed, const uint16_t *scales,
+                                                         const int8_t *xq, const float *xd, const float *xsum,
+                                                         int64_t blocks, int64_t k, const float *xout,
+                                                         const float *outlier_weight_t, int64_t count, int64_t n,
+                                                         float *y, int64_t ystride, const int R) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *wb = packed + b * 256;
+        __m512i w[8];
+        for (int c = 0; c < 4; c++) {
+            __m512i v = _mm512_loadu_si512(wb + 64 * c);
+            w[2 * c] = _mm512_and_si512(v, low);
+            w[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        }
+        __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + b * 32)));
+        __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + b * 32 + 16)));
+        for (int r = 0; r < R; r++) {
+            const int8_t *xb = xq + r * k + b * 32;
+            __m512i dots = _mm512_setzero_si512();
+            for (int s = 0; s < 8; s++) {
+                int32_t four;
+                memcpy(&four, xb + 4 * s, sizeof four);
+                dots = _mm512_dpbusd_epi32(dots, w[s], _mm512_set1_epi32(four));
+            }
+            __m512 scaled = _mm512_mul_ps(d, _mm512_set1_ps(xd[r * blocks + b]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), scaled, acc[r]);
+            acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[r * blocks + b]), acc[r]);
+        }
+    }
+    for (int64_t j = 0; j < count; j++) {
+        __m512 w = _mm512_loadu_ps(outlier_weight_t + j * n);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xout[r * count + j]), w, acc[r]);
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ystride, acc[r]);
+}
+
+/* x [rows, k] (bf16 or float32) times the packed Q4_1 weight [n, k] -> out [rows, n] (bf16 or float32).
+ * The `count` outlier input channels (a transformer's massive activations, which would take most of their
+ * block's int8 range) are multiplied in float with outlier_weight_t [count, n], the blocks' own values.
+ * xq [rows, k], xd and xsum [rows, k / 32], xout [rows, count]: scratch for the quantized activations. */
+int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *scales, const int64_t *outliers,
+              int64_t count, const float *outlier_weight_t, void *out, int out_bf16, int64_t rows, int64_t n,
+              int64_t k, int8_t *xq, float *xd, float *xsum, float *xout) {
+    if (k % 32 || n % 16 || k > MAX_WIDTH) return -1;
+    int64_t blocks = k / 32, tiles = n / 16;
+    for (int64_t r = 0; r < rows; r++) {
+        float row[MAX_WIDTH];
+        for (int64_t i = 0; i < k; i++) row[i] = load(x, x_bf16, r * k + i);
+        for (int64_t j = 0; j < count; j++) {
+            xout[r * count + j] = row[outliers[j]];
+            row[outliers[j]] = 0.0f;
+        }
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *v = row + b * 32;
+            float largest = 0.0f, sum = 0.0f;
+            for (int i = 0; i < 32; i++) {
+                largest = fmaxf(largest, fabsf(v[i]));
+                sum += v[i];
+            }
+            float step = largest > 0.0f ? 127.0f / largest : 0.0f;
+            for (int i = 0; i < 32; i++) xq[r * k + b * 32 + i] = (int8_t)nearbyintf(v[i] * step);
+            xd[r * blocks + b] = largest / 127.0f;
+            xsum[r * blocks + b] = sum;
+        }
+    }
+#pragma omp parallel for schedule(static) if (parallel && n * k >= 16 * PARALLEL_WORK)
+    for (int64_t t = 0; t < tiles; t++) {
+        const uint8_t *pt = packed + t * blocks * 256;
+        const uint16_t *st = scales + t * blocks * 32;
+        const float *ot = outlier_weight_t + t * 16;
+        for (int64_t r = 0; r < rows; r += 4) {
+            float y[4 * 16];
+            int64_t left = rows - r;
+            const int8_t *xr = xq + r * k;
+            const float *dr = xd + r * blocks, *sr = xsum + r * blocks, *orow = xout + r * count;
+            if (left >= 4) q4_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 16, 4);
+            else if (left == 3) q4_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 16, 3);
+            else if (left == 2) q4_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 16, 2);
+            else q4_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 16, 1);
+            int64_t done = left < 4 ? left : 4;
+            for (int64_t i = 0; i < done; i++)
+                for (int c = 0; c < 16; c++) {
+                    int64_t at = (r + i) * n + t * 16 + c;
+                    if (out_bf16) ((uint16_t *)out)[at] = f32_to_bf16(y[i * 16 + c]);
+                    else ((float *)out)[at] = y[i * 16 + c];
+                }
+        }
+    }
+    return 0;
+}
+#else
+int q4_supported(void) { return 0; }
+int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *scales, const int64_t *outliers,
+              int64_t count, const float *outlier_weight_t, void *out, int out_bf16, int64_t rows, int64_t n,
+              int64_t k, int8_t *xq, float *xd, float *xsum, float *xout) {
+    (void)x; (void)x_bf16; (void)packed; (void)scales; (void)outliers; (void)count; (void)outlier_weight_t;
+    (void)out; (void)out_bf16; (void)rows; (void)n; (void)k; (void)xq; (void)xd; (void)xsum; (void)xout;
+    return -1;
+}
+#endif

@@ -98,6 +98,9 @@ class FusedKernels:
         product = [_ptr] * 5 + [_i64, _ptr]  # see _product_args
         self.library.residual_norm_quantize.argtypes = [_ptr, *product, _ptr, _f32, _ptr, _i64, *[_ptr] * 4, _i64, _i64]
         self.library.silu_quantize.argtypes = [*product, _ptr, _i64, *[_ptr] * 3, _i64, _i64]
+        q4_args = [_ptr, _int, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _int, *[_i64] * 3, *[_ptr] * 4]
+        self.library.q4_matmul.argtypes = q4_args
+        self.library.q4_supported.argtypes = []
         self.library.set_parallel.argtypes = [_int]
         self.library.set_parallel.restype = None
 
@@ -203,6 +206,36 @@ class FusedKernels:
         )
         return out
 
+
+    @property
+    def q4_supported(self) -> bool:
+        """Whether this build has the Q4_1 x int8 product (AVX-512 VNNI on this CPU)."""
+        return bool(self.library.q4_supported())
+
+    def q4_matmul(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        outliers: torch.Tensor,
+        outlier_weight_t: torch.Tensor,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """x [N, K] bf16 or float32 times a weight packed by linear.Q4Kernel -> [N, out] in out_dtype; the
+        outlier channels [k] of x are multiplied in float with outlier_weight_t [k, out]."""
+        rows, k = x.shape
+        x = x.contiguous()
+        out_features = outlier_weight_t.shape[1]
+        out = torch.empty(rows, out_features, dtype=out_dtype)
+        xq = torch.empty(rows, k, dtype=torch.int8)
+        xd, xsum, xout = torch.empty(rows, k // 32), torch.empty(rows, k // 32), torch.empty(rows, outliers.numel())
+        status = self.library.q4_matmul(
+            x.data_ptr(), x.dtype == torch.bfloat16, packed.data_ptr(), scales.data_ptr(), outliers.data_ptr(),
+            outliers.numel(), outlier_weight_t.data_ptr(), out.data_ptr(), out_dtype == torch.bfloat16, rows,
+            out_features, k, xq.data_ptr(), xd.data_ptr(), xsum.data_ptr(), xout.data_ptr(),
+        )
+        _check(status, "q4_matmul")
+        return out
 
     def sample_nucleus(
         self, logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor

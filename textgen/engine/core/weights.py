@@ -26,6 +26,7 @@ from textgen.engine.core.linear import (
     Int8Kernel,
     Kernel,
     Linear,
+    Q4Kernel,
     W8A8Kernel,
     fuse_rows,
     int4_supported,
@@ -123,6 +124,12 @@ class LinearFactory:
                 q = fuse_rows([b.q for b in blocks if b is not None])
                 scale = fuse_rows([b.scale for b in blocks if b is not None])
                 zero = fuse_rows([b.zero for b in blocks if b is not None])
+                dtypes = {self.compute_dtype, out_dtype}
+                if Q4Kernel.fits(q.shape[0], q.shape[1], self._fused) and dtypes <= FUSED_DTYPES:
+                    assert self._fused is not None
+                    m = zero - 8 * scale  # the file's own m (zero was computed from it)
+                    outliers = self._outliers(names, q.shape[1])
+                    return Q4Kernel.pack(q, scale, m, bias, outliers, self._fused, self.compute_dtype, out_dtype)
                 return Int4Kernel.from_blocks(q, scale, zero, bias)
             if self._blocks:
                 # A Q4 file with no 4-bit blocks for this layer (SmolLM2's output head is Q8_0): 8 bits
@@ -144,13 +151,20 @@ class LinearFactory:
             weight.to(self.device, dtype), None if bias is None else bias.to(self.device, dtype), pack=True
         )
 
+    def _outliers(self, names: Sequence[str], in_features: int) -> torch.Tensor:
+        """The input channels of the layer called names[0] that int8 activations keep in float (none when
+        no activation ranges can be measured)."""
+        if self._measure_ranges is None:
+            return torch.empty(0, dtype=torch.long)
+        if self._ranges is None:
+            self._ranges = self._measure_ranges()  # once, on the first layer that needs it
+        return outlier_channels(self._ranges, names[0], in_features)
+
     def _w8a8(
         self, names: Sequence[str], weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
     ) -> Kernel:
-        if self._ranges is None:
-            assert self._measure_ranges is not None
-            self._ranges = self._measure_ranges()  # once, on the first layer that needs it
-        outliers = outlier_channels(self._ranges, names[0], weight.shape[1])
+        assert self._measure_ranges is not None
+        outliers = self._outliers(names, weight.shape[1])
         if self._fused is None or not {self.compute_dtype, out_dtype} <= FUSED_DTYPES:
             return W8A8Kernel.quantize(weight, bias, outliers)
         return W8A8Kernel.quantize(weight, bias, outliers, self._fused, self.compute_dtype, out_dtype)
