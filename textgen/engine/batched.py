@@ -118,7 +118,7 @@ class BatchedEngine:
         core = build_core(self._loaded, self._core_options)
         options = self._core_options
         if options.fused and self._loaded.device.type == "cpu":
-            self._kernels = load_fused_kernels(options.cache_dir)  # the core's build, loaded once
+            self._kernels = load_fused_kernels()  # the core's build, loaded once
         if self._owns_model:
             release_source_weights(self._loaded, core)
         return core

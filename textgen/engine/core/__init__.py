@@ -97,7 +97,7 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         logger.info("Model core: transformers (%s)", reason or "TEXTGEN_CORE=transformers")
         return TransformersCore(loaded.model, int(loaded.tokenizer.pad_token_id), options.slots, capacity)
     blocks = gguf_int4_blocks(loaded, arch.name, options)
-    fused = load_fused_kernels(options.cache_dir) if options.fused and loaded.device.type == "cpu" else None
+    fused = load_fused_kernels() if options.fused and loaded.device.type == "cpu" else None
     plan, _ = plan_for(
         options.weights,
         device=loaded.device,

@@ -270,13 +270,17 @@ def _check(status: int, name: str) -> None:
         raise ValueError(f"fused {name}: shape beyond the limits of fused.c")
 
 
-def load_fused_kernels(cache_dir: Path | None) -> FusedKernels | None:
-    """The compiled library (built once per source, CPU and compiler), or None where it cannot be built."""
+def load_fused_kernels(folder: Path | None = None) -> FusedKernels | None:
+    """The compiled library (built once per source, CPU and compiler), or None where it cannot be built.
+
+    It is a build of this package's source for this machine, not model data, so by default it lives in
+    one folder per machine and user (``kernel_folder``), whatever TEXTGEN_CACHE_DIR says: every server,
+    worker and test on the machine shares one build."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.info("Fused CPU kernels: no C compiler found (install gcc, or set CC); using PyTorch operators")
         return None
-    folder = cache_dir or Path(tempfile.gettempdir()) / "textgen"
+    folder = folder or kernel_folder()
     try:
         key = _build_key(compiler)
         library = folder / f"fused-{key}.so"
@@ -291,6 +295,10 @@ def load_fused_kernels(cache_dir: Path | None) -> FusedKernels | None:
         logger.warning("Fused CPU kernels run single-threaded: a second OpenMP runtime was loaded (%s)", runtimes)
         kernels.library.set_parallel(0)
     return kernels
+
+
+def kernel_folder() -> Path:
+    return Path(tempfile.gettempdir()) / f"textgen-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def openmp_runtimes() -> set[str]:

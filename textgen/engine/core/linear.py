@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from textgen.engine.core.fused import MAX_WIDTH as MAX_FUSED_WIDTH
 from textgen.engine.core.fused import FusedKernels, Quantized
 
 FUSED_DTYPES = {torch.bfloat16, torch.float32}  # what fused.c's w8a8 helpers read and write
@@ -282,7 +283,8 @@ class Q4Kernel:
 
     @staticmethod
     def fits(out_features: int, in_features: int, fused: FusedKernels | None) -> bool:
-        return fused is not None and fused.q4_supported and out_features % 16 == 0 and in_features % GROUP == 0
+        shape_fits = out_features % 16 == 0 and in_features % GROUP == 0 and in_features <= MAX_FUSED_WIDTH
+        return fused is not None and fused.q4_supported and shape_fits
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fused.q4_matmul(x, self.packed, self.scales, self.outliers, self.outlier_weight_t, self.out_dtype)

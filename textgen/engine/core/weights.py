@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from textgen.engine.core.activations import outlier_channels
+from textgen.engine.core.fused import MAX_WIDTH as MAX_FUSED_WIDTH
 from textgen.engine.core.fused import FusedKernels
 from textgen.engine.core.gguf_blocks import Int4Blocks
 from textgen.engine.core.linear import (
@@ -165,7 +166,8 @@ class LinearFactory:
     ) -> Kernel:
         assert self._measure_ranges is not None
         outliers = self._outliers(names, weight.shape[1])
-        if self._fused is None or not {self.compute_dtype, out_dtype} <= FUSED_DTYPES:
+        fused_fits = weight.shape[1] <= MAX_FUSED_WIDTH and {self.compute_dtype, out_dtype} <= FUSED_DTYPES
+        if self._fused is None or not fused_fits:
             return W8A8Kernel.quantize(weight, bias, outliers)
         return W8A8Kernel.quantize(weight, bias, outliers, self._fused, self.compute_dtype, out_dtype)
 
