@@ -101,7 +101,7 @@ def test_prefill_decode_and_mixed_steps_all_run_fused(tiny_llama: LlamaForCausal
     reference = core_of(tiny_llama, torch.float32, None)
     calls = []
     arch = fused_core._arch
-    original = arch.decode_fused
+    original = arch.step_fused
     assert original is not None
 
     def counting(*args: object) -> torch.Tensor:
@@ -115,11 +115,11 @@ def test_prefill_decode_and_mixed_steps_all_run_fused(tiny_llama: LlamaForCausal
         mixed = core.step(first, prefill.argmax(-1), [late], [PROMPTS[2]])  # decode 2 rows + prefill 1
         return [prefill.float(), mixed.float()]
 
-    object.__setattr__(arch, "decode_fused", counting)
+    object.__setattr__(arch, "step_fused", counting)
     try:
         fast = run(fused_core)
     finally:
-        object.__setattr__(arch, "decode_fused", original)
+        object.__setattr__(arch, "step_fused", original)
     assert [len(tokens) for tokens in calls] == [len(PROMPTS[0]) + len(PROMPTS[1]), 2 + len(PROMPTS[2])]
     for ref, slow, quick in zip(run(reference), run(eager_core), fast, strict=True):
         assert (quick - ref).abs().max() <= 1.5 * (slow - ref).abs().max() + 1e-3

@@ -27,15 +27,15 @@ class Architecture:
     unsupported_reason: Callable[[Any], str | None]
     build: Callable[..., Any]
     forward: Callable[[Any, torch.Tensor, torch.Tensor, Attention], torch.Tensor]
-    # A decode step through fused.c (weights, tokens, positions, cache rows, cache, kernels), and when it applies
-    # (weights, batch, live length); None where the architecture has none.
-    decode_fused: Callable[..., torch.Tensor] | None = None
+    # A model step through fused.c (weights, tokens, positions, cache rows, cache, kernels), and when it applies
+    # (weights, tokens, longest live length); None where the architecture has none.
+    step_fused: Callable[..., torch.Tensor] | None = None
     fused_supported: Callable[[Any, int, int], bool] | None = None
 
 
 ARCHITECTURES = (
     Architecture(
-        "llama", llama.unsupported_reason, llama.build, llama.forward, llama.decode_fused, llama.fused_supported
+        "llama", llama.unsupported_reason, llama.build, llama.forward, llama.step_fused, llama.fused_supported
     ),
     Architecture("gpt2", gpt2.unsupported_reason, gpt2.build, gpt2.forward),
 )
@@ -82,7 +82,7 @@ class DecodeCore:
             device=self._device,
         )
         self.fallbacks = factory.fallbacks
-        self._fused = fused if arch.decode_fused is not None else None
+        self._fused = fused if arch.step_fused is not None else None
 
     # ----- the core contract ----------------------------------------------------------------------
 
@@ -145,7 +145,7 @@ class DecodeCore:
         if self._fused_applies(len(positions), max(positions, default=0) + 1):
             # Every token at its own (cache row, position): decode rows and whole prompts in one pass.
             token_rows = rows + [row for row, _, length in segments for _ in range(length)]
-            hidden = self._decode_fused(all_tokens, token_rows, positions)
+            hidden = self._step_fused(all_tokens, token_rows, positions)
         else:
             attention = MixedAttention(
                 DecodeAttention.plan(self.cache, rows, lengths, self.weights.scale) if rows else None,
@@ -178,10 +178,10 @@ class DecodeCore:
         supported = self._arch.fused_supported
         return self._fused is not None and batch > 0 and supported is not None and supported(self.weights, batch, live)
 
-    def _decode_fused(self, tokens: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
+    def _step_fused(self, tokens: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
         """tokens [N] at positions [N] of cache rows [N] -> final hidden states [N, E]."""
-        assert self._fused is not None and self._arch.decode_fused is not None
-        return self._arch.decode_fused(
+        assert self._fused is not None and self._arch.step_fused is not None
+        return self._arch.step_fused(
             self.weights,
             tokens,
             torch.tensor(positions, dtype=torch.long),

@@ -1,9 +1,11 @@
-/* Fused small operations of a Llama decode step, for small batches on a CPU (see fused.py).
+/* The CPU kernels of a Llama model step (see fused.py): everything between the matrix products, the
+ * Q4_1 x int8 product, and top-p sampling.
  *
  * At batch 1 a decode step runs ~1,000 PyTorch operators, most of them on a few hundred numbers, and
  * each costs microseconds of dispatch whatever its size: that, not arithmetic, is most of the step.
  * These functions do the work between two matrix products in one call each: residual add + RMSNorm,
- * rotary embedding + KV-cache write + attention over the cached positions, SiLU(gate) * up.
+ * rotary embedding + KV-cache write + attention over the cached positions, SiLU(gate) * up; with w8a8
+ * products they also quantize the next product's input and rescale the last one's output.
  *
  * Tensors are bfloat16 (uint16_t here), row-major and contiguous; arithmetic is float32 and each
  * result is rounded to bfloat16 once, where PyTorch's bf16 path rounds after every operator.

@@ -1,10 +1,13 @@
-"""The fused small operations of ``fused.c``: built with the system C compiler on first use, loaded with
-ctypes, and used by the Llama decode step for small batches in bfloat16 (``llama.decode_fused``).
+"""The kernels of ``fused.c``: built with the system C compiler on first use, loaded with ctypes. They
+serve the Llama model step in bfloat16 on a CPU (``llama.step_fused``: decode rows and prompts alike),
+the Q4_1 and w8a8 products (``linear.Q4Kernel``, ``linear.W8A8Kernel``) and top-p sampling
+(``sampling.nucleus_by_rejection``).
 
-Why C and ctypes rather than a PyTorch extension: the file is ~150 lines of plain loops, compiles in
-about a second with no PyTorch headers, and a ctypes call costs about what one PyTorch operator does
-while replacing six to twenty of them. The library is cached per source, CPU and compiler in the
-cache folder; without a compiler the core runs its PyTorch path and says so in the start-up log.
+Why C and ctypes rather than a PyTorch extension: the file is plain loops plus a few AVX-512
+intrinsics, compiles in about a second with no PyTorch headers, and a ctypes call costs about what one
+PyTorch operator does while replacing six to twenty of them. The library is built once per source, CPU
+and compiler (``kernel_folder``); without a compiler the core runs its PyTorch path and says so in the
+start-up log, and without AVX-512 VNNI int4 uses PyTorch's kernel.
 """
 
 from __future__ import annotations

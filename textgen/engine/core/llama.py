@@ -126,7 +126,7 @@ def forward(w: LlamaWeights, tokens: torch.Tensor, positions: torch.Tensor, atte
     return rms_norm(x, w.final_norm, w.eps)
 
 
-def decode_fused(
+def step_fused(
     w: LlamaWeights,
     tokens: torch.Tensor,
     positions: torch.Tensor,
@@ -134,10 +134,11 @@ def decode_fused(
     cache: SlotKVCache,
     fused: FusedKernels,
 ) -> torch.Tensor:
-    """``forward`` for one new token per row (tokens, positions, cache rows [B]), in bfloat16, with the
-    work between matrix products done by ``fused.c``: four products and four calls per layer instead
-    of ~35 operators (six calls with w8a8 products, whose quantizing and rescaling they absorb). Writes
-    each row's key/value at its position. -> final hidden states [B, E]."""
+    """``forward`` for N tokens, each at its own position of its own cache row (tokens, positions, cache
+    rows [N]: one per decoding sequence, and every token of the prompts being prefilled), in bfloat16,
+    with the work between matrix products done by ``fused.c``: four products and four calls per layer
+    instead of ~35 operators (six calls with w8a8 products, whose quantizing and rescaling they absorb).
+    Writes each token's key/value at its position. -> final hidden states [N, E]."""
     x = F.embedding(tokens, w.embed)  # [B, E], the residual stream, updated in place
     first = w.layers[0]
     if all(_fused_w8a8(linear.kernel_for(len(tokens))) for linear in (first.qkv, first.out, first.gate_up, first.down)):
@@ -149,7 +150,7 @@ def _decode_float(
     w: LlamaWeights, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cache: SlotKVCache,
     fused: FusedKernels,
 ) -> torch.Tensor:
-    """decode_fused with products that take and return bf16 (int4, bf16 weights)."""
+    """step_fused with products that take and return bf16 (int4, bf16 weights)."""
     h = torch.empty_like(x)
     attended = x.new_empty(x.shape[0], w.heads * w.head_dim)
     delta = None
@@ -172,7 +173,7 @@ def _decode_w8a8(
     w: LlamaWeights, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cache: SlotKVCache,
     fused: FusedKernels,
 ) -> torch.Tensor:
-    """decode_fused with w8a8 products: fused.c quantizes each product's input as it computes it (norm,
+    """step_fused with w8a8 products: fused.c quantizes each product's input as it computes it (norm,
     SiLU) and rescales its int32 result where it is consumed (residual, SiLU), so only the attention's
     input and output pass through bf16."""
     batch = x.shape[0]
@@ -212,7 +213,7 @@ def _as_w8a8(kernel: object) -> W8A8Kernel:
 
 
 def fused_supported(w: LlamaWeights, batch: int, live: int) -> bool:
-    """decode_fused's preconditions: bf16 weights on a CPU and shapes within fused.c's limits. Any batch:
+    """step_fused's preconditions: bf16 weights on a CPU and shapes within fused.c's limits. Any batch:
     fused.c shares its loops over rows with PyTorch's threads, and at every batch size it beats the ~35
     operators it replaces (batch 64: 56 vs 66 ms per step, measured with bench.core_rate)."""
     return (
