@@ -176,7 +176,7 @@ class DecodeCore:
 
     def _fused_applies(self, batch: int, live: int) -> bool:
         supported = self._arch.fused_supported
-        return self._fused is not None and batch > 0 and supported is not None and supported(self.weights, batch, live)
+        return self._fused is not None and supported is not None and supported(self.weights, batch, live)
 
     def _step_fused(self, tokens: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
         """tokens [N] at positions [N] of cache rows [N] -> final hidden states [N, E]."""

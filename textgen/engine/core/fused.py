@@ -13,6 +13,7 @@ start-up log, and without AVX-512 VNNI int4 uses PyTorch's kernel.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -278,12 +279,17 @@ def load_fused_kernels(folder: Path | None = None) -> FusedKernels | None:
 
     It is a build of this package's source for this machine, not model data, so by default it lives in
     one folder per machine and user (``kernel_folder``), whatever TEXTGEN_CACHE_DIR says: every server,
-    worker and test on the machine shares one build."""
+    worker and test on the machine shares one build. Loaded once per process and folder: the core and
+    the engine's sampler ask for the same library."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.info("Fused CPU kernels: no C compiler found (install gcc, or set CC); using PyTorch operators")
         return None
-    folder = folder or kernel_folder()
+    return _load(folder or kernel_folder(), compiler)
+
+
+@functools.cache
+def _load(folder: Path, compiler: str) -> FusedKernels | None:
     try:
         key = _build_key(compiler)
         library = folder / f"fused-{key}.so"

@@ -150,10 +150,7 @@ class W8A8Kernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [N, K] float32 (or self.dtype with fused)
         if self.fused is not None:
             quantized = self.fused.quantize_rows(x.contiguous(), self.outliers)
-            return self.fused.dequantize_rows(
-                self.product(quantized), quantized.row_max, self.scales, quantized.outlying, self.outlier_weight_t,
-                self.bias, self.out_dtype,
-            )
+            return self.rescale(self.product(quantized), quantized, self.out_dtype)
         outlying = x.index_select(1, self.outliers)  # [N, k]
         rest = x.index_fill(1, self.outliers, 0.0)
         # abs().amax() rather than an inf-norm: the norm's reduction is ~6x slower on CPU.
@@ -168,6 +165,13 @@ class W8A8Kernel:
     def product(self, quantized: Quantized) -> torch.Tensor:
         """The integer product of rows quantized by fused.c: [N, K] int8 -> [N, out] int32."""
         return torch._int_mm(quantized.q, self.qweight_t)
+
+    def rescale(self, acc: torch.Tensor, quantized: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
+        """The product's int32 result [N, out] as floats in out_dtype (fused.c), for rows quantized as given."""
+        assert self.fused is not None
+        return self.fused.dequantize_rows(
+            acc, quantized.row_max, self.scales, quantized.outlying, self.outlier_weight_t, self.bias, out_dtype
+        )
 
     def nbytes(self) -> int:
         return _nbytes(self.qweight_t, self.scales, self.outlier_weight_t, self.bias)

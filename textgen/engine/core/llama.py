@@ -139,14 +139,14 @@ def step_fused(
     with the work between matrix products done by ``fused.c``: four products and four calls per layer
     instead of ~35 operators (six calls with w8a8 products, whose quantizing and rescaling they absorb).
     Writes each token's key/value at its position. -> final hidden states [N, E]."""
-    x = F.embedding(tokens, w.embed)  # [B, E], the residual stream, updated in place
+    x = F.embedding(tokens, w.embed)  # [N, E], the residual stream, updated in place
     first = w.layers[0]
     if all(_fused_w8a8(linear.kernel_for(len(tokens))) for linear in (first.qkv, first.out, first.gate_up, first.down)):
-        return _decode_w8a8(w, x, positions, rows, cache, fused)
-    return _decode_float(w, x, positions, rows, cache, fused)
+        return _step_w8a8(w, x, positions, rows, cache, fused)
+    return _step_float(w, x, positions, rows, cache, fused)
 
 
-def _decode_float(
+def _step_float(
     w: LlamaWeights, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cache: SlotKVCache,
     fused: FusedKernels,
 ) -> torch.Tensor:
@@ -169,7 +169,7 @@ def _decode_float(
     return out
 
 
-def _decode_w8a8(
+def _step_w8a8(
     w: LlamaWeights, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cache: SlotKVCache,
     fused: FusedKernels,
 ) -> torch.Tensor:
@@ -185,10 +185,7 @@ def _decode_w8a8(
         )
         into_qkv = fused.residual_norm_quantize(x, pending, layer.attn_norm, w.eps, qkv_k)
         assert into_qkv is not None
-        qkv = fused.dequantize_rows(
-            qkv_k.product(into_qkv), into_qkv.row_max, qkv_k.scales, into_qkv.outlying, qkv_k.outlier_weight_t,
-            qkv_k.bias, torch.bfloat16,
-        )  # [B, (Hq + 2 Hkv) D]
+        qkv = qkv_k.rescale(qkv_k.product(into_qkv), into_qkv, torch.bfloat16)  # [N, (Hq + 2 Hkv) D]
         keys, values = cache.keys[index], cache.values[index]
         fused.rotary_cache_attention(qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale)
         into_out = fused.quantize_rows(attended, out_k.outliers)
