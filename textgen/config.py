@@ -143,6 +143,21 @@ class Settings(BaseSettings):
     batch_max_lines: int = Field(50_000, ge=1, description="Most lines (requests) in one uploaded file.")
     batch_max_line_bytes: int = Field(1_048_576, ge=256, description="Longest line of a batch input file.")
     batch_poll_interval_s: float = Field(0.5, gt=0, description="How often running batches are advanced.")
+    files_max_per_tenant: int = Field(
+        1000, ge=0, description="Most files one tenant keeps (uploads and batch outputs); more get 413 (0 = no limit)."
+    )
+    files_max_bytes_per_tenant: int = Field(
+        10 * 1024**3, ge=0, description="Most bytes of files one tenant keeps (uploads and outputs; 0 = no limit)."
+    )
+    files_expire_after_s: int = Field(
+        2_592_000,
+        ge=0,
+        description="Uploads without expires_after expire this long after upload (OpenAI's 30 days; 0 = never).",
+    )
+    batch_output_expire_after_s: int = Field(
+        2_592_000, ge=0, description="Batch output and error files expire this long after they are written (0 = never)."
+    )
+    files_sweep_interval_s: float = Field(60.0, gt=0, description="How often expired files are deleted.")
     batch_webhook_url: str | None = Field(
         None, description="POST every finished batch here (a batch's metadata.callback_url wins)."
     )

@@ -62,6 +62,19 @@ class PayloadTooLargeError(TextGenError):
     default_message = "The request body is too large (TEXTGEN_MAX_BODY_BYTES)."
 
 
+class UnsupportedMediaTypeError(TextGenError):
+    status_code = 415
+    default_message = "Unsupported Content-Type for this route."
+
+
+class FileQuotaExceededError(TextGenError):
+    """The caller's stored files would pass its quota; 413 (not 429: waiting does not help, deleting
+    files does, and clients do not retry a 413)."""
+
+    status_code = 413
+    default_message = "Your files would pass this server's storage quota; delete files first."
+
+
 class RateLimitedError(TextGenError):
     status_code = 429
     default_message = "Rate limit exceeded for this API key; retry after the time in the Retry-After header."

@@ -13,7 +13,7 @@ import pytest
 from textgen.batches.coordinator import check_line, output_line
 from textgen.batches.files import FileStorage, RawLine, receive_upload
 from textgen.batches.store import Line
-from textgen.errors import InvalidRequestError, PayloadTooLargeError
+from textgen.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from textgen.jobs.store import Job, JobState
 
 
@@ -72,7 +72,7 @@ async def test_line_limit_and_a_form_without_file(tmp_path: Path) -> None:
             max_bytes=99,
             max_lines=9,
         )
-    with pytest.raises(InvalidRequestError, match="multipart/form-data"):
+    with pytest.raises(UnsupportedMediaTypeError, match="multipart/form-data"):
         await receive_upload("application/json", chunks(b"{}", 2), FileStorage(tmp_path), max_bytes=99, max_lines=9)
     assert leftovers(tmp_path) == []
 

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from models import BatchCreateRequest, BatchList, BatchObject, ChatCompletionRequest, CompletionRequest
 from textgen.api.deps import CallerDep, RequestIdDep, StateDep
-from textgen.api.files import BatchCaller, BatchCallerDep, BatchesDep, owned_file
+from textgen.api.files import BatchCaller, BatchCallerDep, BatchesDep, keep_until, owned_file
 from textgen.api.openai import (
     ERROR_DOCS,
     OpenAIRoute,
@@ -56,6 +56,7 @@ NOT_FOUND_DOCS: dict[int | str, dict[str, Any]] = {
     404: {"model": ERROR_DOCS[400]["model"], "description": "Unknown batch (or another caller's)"},
 }
 MAX_WINDOW_S = 7 * 24 * 3600.0
+INPUT_KEPT_AFTER_WINDOW_S = 3600.0
 _WINDOW_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -114,6 +115,8 @@ async def create_batch(
         request_id=request_id,
         callback_url=callback_url,
     )
+    # The input file must outlive the batch's window (and a little more, for the last lines to be read).
+    await keep_until(batches, input_file, batch.expires_at + INPUT_KEPT_AFTER_WINDOW_S)
     await batches.store.create_batch(batch)
     batches.coordinator.notify()
     return BatchObject(**batch_object(batch))

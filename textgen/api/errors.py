@@ -53,6 +53,7 @@ OPENAI_ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_exceeded",
     503: "server_overloaded",
     504: "timeout",

@@ -7,13 +7,13 @@ output files to the batch's owner); another caller gets 404, as for an unknown i
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from models import FileDeleted, FileList
 from models import FileObject as FileObjectModel
@@ -21,13 +21,19 @@ from textgen.access import caller_of
 from textgen.api.deps import CallerDep, StateDep
 from textgen.api.openai import ERROR_DOCS, OpenAIRoute
 from textgen.batches import Batches
-from textgen.batches.files import new_file_id, receive_upload
-from textgen.batches.store import FileNotFoundInStoreError, FileObject
+from textgen.batches.files import Upload, expires_after_from_form, new_file_id, receive_upload
+from textgen.batches.store import FileNotFoundInStoreError, FileObject, FileQuota, FileUsage
 from textgen.batches.view import file_object
-from textgen.errors import InvalidRequestError, NotReadyError
+from textgen.config import Settings
+from textgen.errors import FileQuotaExceededError, GenerationCancelledError, InvalidRequestError, NotReadyError
 
 router = APIRouter(prefix="/v1", tags=["batches"], route_class=OpenAIRoute)
 DOCS: dict[int | str, dict[str, Any]] = {code: ERROR_DOCS[code] for code in (400, 401, 413, 429, 500)}
+UPLOAD_DOCS: dict[int | str, dict[str, Any]] = {
+    **DOCS,
+    413: {"model": ERROR_DOCS[413]["model"], "description": "File too large, or the caller's file quota is full"},
+    415: ERROR_DOCS[415],
+}
 NOT_FOUND_DOCS: dict[int | str, dict[str, Any]] = {
     **DOCS,
     404: {"model": ERROR_DOCS[400]["model"], "description": "Unknown file (or another caller's)"},
@@ -73,11 +79,37 @@ BatchCallerDep = Annotated[BatchCaller, Depends(batch_caller)]
 
 
 async def owned_file(batches: Batches, file_id: str, caller: BatchCaller) -> FileObject:
-    """The file if the caller may see it; 404 for an unknown id and for another owner's file alike."""
+    """The file if the caller may see it; 404 for an unknown id, another owner's file and an expired
+    file alike (the sweep deletes expired files; until it does they are already gone to clients)."""
     record = await batches.store.get_file(file_id)
-    if not caller.sees(record.owner):
+    if not caller.sees(record.owner) or record.expired(batches.files.clock()):
         raise FileNotFoundInStoreError()
     return record
+
+
+def file_quota(settings: Settings) -> FileQuota:
+    return FileQuota(settings.files_max_per_tenant, settings.files_max_bytes_per_tenant)
+
+
+def check_room_for_a_file(usage: FileUsage, quota: FileQuota) -> None:
+    """413 before a byte of the upload is read when the caller's stored files leave no room."""
+    if quota.max_files and usage.files >= quota.max_files:
+        raise FileQuotaExceededError(
+            f"You keep {usage.files} files, your quota (TEXTGEN_FILES_MAX_PER_TENANT = {quota.max_files}). "
+            "Delete files you no longer need (files also expire: see expires_at)."
+        )
+    if quota.max_bytes and usage.bytes >= quota.max_bytes:
+        raise FileQuotaExceededError(
+            f"Your files take {usage.bytes} bytes, your quota (TEXTGEN_FILES_MAX_BYTES_PER_TENANT = "
+            f"{quota.max_bytes}). Delete files you no longer need (files also expire: see expires_at)."
+        )
+
+
+async def keep_until(batches: Batches, record: FileObject, until: float) -> None:
+    """Push a file's expiry out to ``until`` if it would expire sooner (a batch's input stays while the
+    batch may still read it)."""
+    if record.expires_at is not None and record.expires_at < until:
+        await batches.store.put_file(replace(record, expires_at=until))
 
 
 UPLOAD_BODY = {
@@ -91,6 +123,8 @@ UPLOAD_BODY = {
                     "properties": {
                         "file": {"type": "string", "format": "binary", "description": "JSONL, one request a line"},
                         "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)},
+                        "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                        "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000},
                     },
                 }
             }
@@ -102,7 +136,7 @@ UPLOAD_BODY = {
 @router.post(
     "/files",
     response_model=FileObjectModel,
-    responses=DOCS,
+    responses=UPLOAD_DOCS,
     openapi_extra=UPLOAD_BODY,  # read as a stream by the route, so FastAPI cannot derive it
     summary="Upload a JSONL file (purpose=batch)",
 )
@@ -110,28 +144,56 @@ async def upload_file(
     request: Request, state: StateDep, batches: BatchesDep, caller: BatchCallerDep, _caller: CallerDep
 ) -> FileObjectModel:
     settings = state.settings
-    upload = await receive_upload(
-        request.headers.get("content-type"),
-        request.stream(),
-        batches.files,
-        max_bytes=settings.batch_max_file_bytes,
-        max_lines=settings.batch_max_lines,
-    )
-    if upload.purpose not in UPLOAD_PURPOSES:
+    quota = file_quota(settings)
+    usage = await batches.store.file_usage(caller.owner_id)
+    check_room_for_a_file(usage, quota)
+    try:
+        upload = await receive_upload(
+            request.headers.get("content-type"),
+            request.stream(),
+            batches.files,
+            max_bytes=settings.batch_max_file_bytes,
+            max_lines=settings.batch_max_lines,
+            quota_left=quota.max_bytes - usage.bytes if quota.max_bytes else None,
+        )
+    except ClientDisconnect:  # the client left, or the body limit answered 413 and cut the body off
+        raise GenerationCancelledError("The upload ended before its last byte.") from None
+    try:
+        record = new_file_record(upload, caller.owner_id, batches.files.clock(), settings.files_expire_after_s)
+        batches.files.commit(upload.temp_path, record.id)
+    except BaseException:
         upload.temp_path.unlink(missing_ok=True)
+        raise
+    try:
+        added = await batches.store.add_file(record, quota)
+    except BaseException:
+        batches.files.delete(record.id)
+        raise
+    if not added:  # another upload of the same caller took the room meanwhile
+        batches.files.delete(record.id)
+        check_room_for_a_file(await batches.store.file_usage(caller.owner_id), quota)
+        raise FileQuotaExceededError(
+            "The file would take your stored files past your quota (TEXTGEN_FILES_MAX_BYTES_PER_TENANT). "
+            "Delete files you no longer need."
+        )
+    return FileObjectModel(**file_object(record))
+
+
+def new_file_record(upload: Upload, owner: str, now: float, default_expiry_s: int) -> FileObject:
+    """The record of an upload: purpose checked, expiry from ``expires_after`` or the default."""
+    if upload.purpose not in UPLOAD_PURPOSES:
         raise InvalidRequestError(f"purpose: must be one of {', '.join(UPLOAD_PURPOSES)} (got {upload.purpose!r}).")
-    record = FileObject(
+    expires_after_s = expires_after_from_form(upload.fields) or default_expiry_s
+    return FileObject(
         id=new_file_id(),
-        owner=caller.owner_id,
+        owner=owner,
         filename=upload.filename,
         purpose=upload.purpose,
         bytes=upload.bytes,
-        created_at=time.time(),
+        created_at=now,
         lines=upload.lines,
+        expires_at=now + expires_after_s if expires_after_s else None,
     )
-    batches.files.commit(upload.temp_path, record.id)
-    await batches.store.put_file(record)
-    return FileObjectModel(**file_object(record))
 
 
 @router.get("/files", response_model=FileList, responses=DOCS, summary="The caller's files, newest first")
@@ -141,7 +203,12 @@ async def list_files(
     purpose: Annotated[str | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
 ) -> FileList:
-    records = await batches.store.list_files(caller.visible_owner, purpose=purpose, limit=limit)
+    now = batches.files.clock()
+    records = [
+        record
+        for record in await batches.store.list_files(caller.visible_owner, purpose=purpose, limit=limit)
+        if not record.expired(now)
+    ]
     data = [FileObjectModel(**file_object(record)) for record in records]
     return FileList(
         data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=False

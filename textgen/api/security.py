@@ -9,6 +9,7 @@ re-exported here for existing imports.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -27,7 +28,15 @@ from textgen.access import (
     warn_if_exposed_without_keys,
 )
 from textgen.api.errors import error_body, openai_error_body
-from textgen.errors import InvalidRequestError, PayloadTooLargeError, RateLimitedError, TextGenError, UnauthorizedError
+from textgen.errors import (
+    InvalidRequestError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    TextGenError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+)
+from textgen.json_limits import DEPTH_MESSAGE, depth_check_is_slow, json_too_deep
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +148,16 @@ def _too_many_failures(wait_s: float) -> RateLimitedError:
 _ASCII_DIGITS = re.compile(r"[0-9]{1,19}")
 
 
+# Room for what a multipart upload carries besides the file: boundaries, part headers, the purpose and
+# expires_after fields. The file part itself is limited while it streams (textgen.batches.files).
+UPLOAD_FORM_OVERHEAD_BYTES = 64 * 1024
+
+
 class BodySizeLimitMiddleware:
     """413 before reading a body whose declared length is too large, or once a streamed one grows too
-    large; 400 for a ``Content-Length`` that is not ASCII digits."""
+    large; 400 for a ``Content-Length`` that is not ASCII digits. File uploads are limited to
+    TEXTGEN_BATCH_MAX_FILE_BYTES plus the form's overhead (they stream to disk, never into memory),
+    every other body to TEXTGEN_MAX_BODY_BYTES."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -151,11 +167,16 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http" or state is None:
             await self.app(scope, receive, send)
             return
+        settings = state.settings  # type: ignore[attr-defined]
         if is_file_upload(scope):
-            # Uploads stream to disk and have their own limit (TEXTGEN_BATCH_MAX_FILE_BYTES, textgen.batches.files).
-            await self.app(scope, receive, send)
-            return
-        limit: int = state.settings.max_body_bytes  # type: ignore[attr-defined]
+            limit: int = settings.batch_max_file_bytes + UPLOAD_FORM_OVERHEAD_BYTES
+            too_large = PayloadTooLargeError(
+                f"The upload is larger than this server's limit of {settings.batch_max_file_bytes} bytes "
+                "per file (TEXTGEN_BATCH_MAX_FILE_BYTES)."
+            )
+        else:
+            limit = settings.max_body_bytes
+            too_large = PayloadTooLargeError()
         declared = _header(scope, b"content-length")
         if declared is not None:
             # str.isdigit() accepts "²" and other Unicode digits that int() then refuses.
@@ -163,7 +184,7 @@ class BodySizeLimitMiddleware:
                 await _send_error(scope, receive, send, InvalidRequestError("Invalid Content-Length header."))
                 return
             if int(declared) > limit:
-                await _send_error(scope, receive, send, PayloadTooLargeError())
+                await _send_error(scope, receive, send, too_large)
                 return
         received = 0
         refused = False
@@ -177,7 +198,7 @@ class BodySizeLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > limit:
                     refused = True
-                    await _send_error(scope, receive, send, PayloadTooLargeError())
+                    await _send_error(scope, receive, send, too_large)
                     return {"type": "http.disconnect"}
             return message
 
@@ -209,48 +230,108 @@ def has_lone_surrogate(value: object) -> bool:
     return False
 
 
+MULTIPART_EXPECTED = (
+    "Upload the file as multipart/form-data (Content-Type: multipart/form-data; boundary=...) with the "
+    "fields 'file' and 'purpose'."
+)
+
+
 class TextHygieneMiddleware:
-    """400 for a JSON body that holds a lone surrogate (valid JSON, but not text any encoder, tokenizer
-    or filter can handle), before any route sees it, in the shape of the path's API. The body, already
-    bounded by the size limit, is read once and replayed to the app."""
+    """Checks a body's shape before any route sees it, answering in the shape of the path's API:
+
+    - a file upload that is not ``multipart/form-data`` gets 415 without a byte of it being read;
+    - a JSON body (or one without a Content-Type, which FastAPI reads as JSON) nested deeper than
+      ``MAX_JSON_DEPTH`` gets 400 (``json`` would raise RecursionError), one holding a lone surrogate
+      gets 400 (valid JSON, but not text any encoder, tokenizer or filter can handle).
+
+    A JSON body is read once and replayed to the app; never more than TEXTGEN_MAX_BODY_BYTES of it is
+    held (the body limit refuses anything larger, and this check stops buffering past it in any case).
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        content_type = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
-        # FastAPI reads a body without a Content-Type as JSON too.
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS") or (
-            content_type and not content_type.endswith(_JSON_TYPES)
-        ):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        content_type = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
+        if is_file_upload(scope):
+            if content_type != "multipart/form-data" or not _has_boundary(scope):
+                await _send_error(scope, receive, send, UnsupportedMediaTypeError(MULTIPART_EXPECTED))
+                return
+            await self.app(scope, receive, send)
+            return
+        # FastAPI reads a body without a Content-Type as JSON too.
+        if content_type and not content_type.endswith(_JSON_TYPES):
+            await self.app(scope, receive, send)
+            return
+        state = _state(scope)
+        cap: int = state.settings.max_body_bytes if state is not None else DEFAULT_HYGIENE_CAP  # type: ignore[attr-defined]
         chunks: list[bytes] = []
+        held = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client left (or the size limit refused it)
                 await self.app(scope, _replay([], message, receive), send)
                 return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
+            chunk = message.get("body", b"")
+            more = message.get("more_body", False)
+            held += len(chunk)
+            if held > cap and more:
+                # Larger than any body the limit lets through: stop holding it and let the body limit
+                # (or the route) answer, unchecked.
+                await self.app(scope, _replay([*chunks, chunk], None, receive, more_body=True), send)
+                return
+            chunks.append(chunk)
+            if not more:
                 break
         body = b"".join(chunks)
-        if b"\\u" in body and _decodes_to_lone_surrogate(body):
-            await _send_error(scope, receive, send, InvalidRequestError(LONE_SURROGATE))
+        error = await _body_error(body)
+        if error is not None:
+            await _send_error(scope, receive, send, error)
             return
         await self.app(scope, _replay([body], None, receive), send)
+
+
+DEFAULT_HYGIENE_CAP = 1_048_576
+
+
+async def _body_error(body: bytes) -> TextGenError | None:
+    """What is wrong with a JSON body before parsing: too deep, or a lone surrogate; None if neither."""
+    if depth_check_is_slow(body):
+        too_deep = await asyncio.to_thread(json_too_deep, body)  # a byte-by-byte walk: off the event loop
+    else:
+        too_deep = json_too_deep(body)
+    if too_deep:
+        return InvalidRequestError(DEPTH_MESSAGE)
+    if b"\\u" in body and _decodes_to_lone_surrogate(body):
+        return InvalidRequestError(LONE_SURROGATE)
+    return None
+
+
+def _has_boundary(scope: Scope) -> bool:
+    header = _header(scope, b"content-type") or ""
+    return any(
+        part.strip().lower().startswith("boundary=") and len(part.split("=", 1)[1].strip().strip('"')) > 0
+        for part in header.split(";")[1:]
+    )
 
 
 def _decodes_to_lone_surrogate(body: bytes) -> bool:
     try:
         return has_lone_surrogate(json.loads(body))
-    except ValueError:  # not JSON: the route's own validation answers
+    except (ValueError, RecursionError):  # not JSON (or too deep): the route's own validation answers
         return False
 
 
-def _replay(bodies: list[bytes], pending: Message | None, receive: Receive) -> Receive:
-    """A receive that first hands back what was read, then passes through (for disconnects)."""
-    queue: list[Message] = [{"type": "http.request", "body": b, "more_body": False} for b in bodies]
+def _replay(bodies: list[bytes], pending: Message | None, receive: Receive, *, more_body: bool = False) -> Receive:
+    """A receive that first hands back what was read, then passes through (for disconnects, or the
+    rest of a body when ``more_body``)."""
+    queue: list[Message] = [
+        {"type": "http.request", "body": b, "more_body": more_body or i < len(bodies) - 1}
+        for i, b in enumerate(bodies)
+    ]
     if pending is not None:
         queue.append(pending)
 

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,7 @@ from textgen.batches.webhook import BatchWebhooks
 from textgen.config import Settings
 from textgen.errors import JobNotCancellableError, JobNotFoundError, StoreUnavailableError
 from textgen.jobs.store import Job, JobState, JobStore
+from textgen.json_limits import MAX_JSON_DEPTH, json_too_deep
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ SCAN_LIMIT = 1000  # open lines checked per step: jobs run in FIFO order, so the
 STEP_BUDGET_S = 2.0
 MAX_ERRORS = 100
 CLAIM_PER_TICK = 8
+SWEEP_PAGE = 100  # expired files deleted per store query
+SWEEP_MAX_PAGES = 20  # per sweep; the rest wait for the next one
 JOB_TO_OUTCOME = {
     JobState.SUCCEEDED: LineOutcome.SUCCEEDED,
     JobState.FAILED: LineOutcome.FAILED,
@@ -86,6 +90,7 @@ class BatchCoordinator:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._last_sweep = -math.inf
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="textgen-batches")
@@ -106,6 +111,7 @@ class BatchCoordinator:
         while not self._stopping:
             more = False
             try:
+                await self._sweep_if_due()
                 more = await self.tick()
             except StoreUnavailableError:
                 logger.warning("Store unavailable; batches advance at the next poll")
@@ -117,6 +123,29 @@ class BatchCoordinator:
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._settings.batch_poll_interval_s)
+
+    async def _sweep_if_due(self) -> None:
+        if time.monotonic() - self._last_sweep < self._settings.files_sweep_interval_s:
+            return
+        self._last_sweep = time.monotonic()
+        await self.sweep_expired_files()
+
+    async def sweep_expired_files(self) -> int:
+        """Delete files past their ``expires_at`` (record and bytes); how many this process deleted.
+        Every process sweeps; a file another one got to first is skipped."""
+        now = self._files.clock()
+        deleted = 0
+        for _ in range(SWEEP_MAX_PAGES):
+            expired = await self._store.expired_files(now, SWEEP_PAGE)
+            for record in expired:
+                if await self._store.delete_file(record.id):
+                    deleted += 1
+                await asyncio.to_thread(self._files.delete, record.id)
+            if len(expired) < SWEEP_PAGE:
+                break
+        if deleted:
+            logger.info("Deleted %d expired file(s)", deleted)
+        return deleted
 
     async def tick(self) -> bool:
         """Advance every batch that is due (one leased step each); True if one is due again at once."""
@@ -361,11 +390,16 @@ class BatchCoordinator:
             if not errors.lines:
                 errors.discard()
         now = time.time()
+        created = self._files.clock()
+        keep_s = self._settings.batch_output_expire_after_s
         for file_id, size, count in ((output_id, output_size, output.lines), (error_id, error_size, errors.lines)):
             if size is not None:
                 kind = "output" if file_id == output_id else "error"
+                name = f"{batch.id}_{kind}.jsonl"
+                expires_at = created + keep_s if keep_s else None
+                # Never refused for quota: the work is done; it counts against the owner's next upload.
                 await self._store.put_file(
-                    FileObject(file_id, batch.owner, f"{batch.id}_{kind}.jsonl", "batch_output", size, now, count)
+                    FileObject(file_id, batch.owner, name, "batch_output", size, created, count, expires_at)
                 )
         final: dict[str, Any] = {
             None: {"status": BatchStatus.COMPLETED, "completed_at": now},
@@ -435,9 +469,12 @@ def check_line(line: RawLine, endpoint: str, max_line_bytes: int) -> tuple[str |
             f"The line is longer than {max_line_bytes} bytes (TEXTGEN_BATCH_MAX_LINE_BYTES).",
             line.number,
         )
+    if json_too_deep(line.data):  # json.loads would raise RecursionError (and stall the batch)
+        message = f"The line nests arrays and objects more than {MAX_JSON_DEPTH} levels deep."
+        return None, _error("invalid_json_line", message, line.number)
     try:
         item = json.loads(line.data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None, _error("invalid_json_line", "The line is not valid JSON.", line.number)
     if not isinstance(item, dict):
         return None, _error("invalid_json_line", "The line is not a JSON object.", line.number)

@@ -12,20 +12,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from textgen.errors import InvalidRequestError, PayloadTooLargeError
+from textgen.errors import (
+    FileQuotaExceededError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    TextGenError,
+    UnsupportedMediaTypeError,
+)
 
 READ_CHUNK = 64 * 1024
-MAX_FIELD_BYTES = 1024  # a form field that is not the file (purpose)
+MAX_FIELD_BYTES = 1024  # a form field that is not the file (purpose, expires_after[...])
 MAX_FIELDS = 8
+PARSE_SLICE = 64 * 1024  # the parser sees at most this much at a time, so its events stay small
 
 
 def new_file_id() -> str:
@@ -39,6 +47,7 @@ class Upload:
     bytes: int
     lines: int
     temp_path: Path
+    fields: dict[str, str] = field(default_factory=dict)  # the form's other fields, as text
 
 
 @dataclass(frozen=True)
@@ -49,8 +58,12 @@ class RawLine:
 
 
 class FileStorage:
-    def __init__(self, root: Path) -> None:
+    """The files' bytes under ``root``; ``clock`` is the time files are created and expire by (the
+    wall clock; tests inject their own)."""
+
+    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
         self.root = root
+        self.clock = clock
 
     def prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -147,11 +160,13 @@ class _Part:
 
 
 class _FileSink:
-    """Counts bytes and lines of the uploaded file as it is written, refusing it past the limits."""
+    """Counts bytes and lines of the uploaded file as it is written, refusing it past the limits: the
+    file size limit, or what is left of the caller's quota when that is less."""
 
-    def __init__(self, fh: BinaryIO, max_bytes: int, max_lines: int) -> None:
+    def __init__(self, fh: BinaryIO, max_bytes: int, max_lines: int, quota_left: int | None) -> None:
         self._fh = fh
-        self._max_bytes = max_bytes
+        self._max_bytes = max_bytes if quota_left is None else min(max_bytes, quota_left)
+        self._file_limit = max_bytes
         self._max_lines = max_lines
         self.bytes = 0
         self.newlines = 0
@@ -160,14 +175,22 @@ class _FileSink:
     async def write(self, data: bytes) -> None:
         self.bytes += len(data)
         if self.bytes > self._max_bytes:
-            raise PayloadTooLargeError(
-                f"The file is larger than this server's limit of {self._max_bytes} bytes "
-                "(TEXTGEN_BATCH_MAX_FILE_BYTES)."
-            )
+            raise self._too_large()
         self.newlines += data.count(b"\n")
         self.last_byte = data[-1:] or self.last_byte
         self.check_lines()
         await asyncio.to_thread(self._fh.write, data)
+
+    def _too_large(self) -> TextGenError:
+        if self.bytes > self._file_limit:
+            return PayloadTooLargeError(
+                f"The file is larger than this server's limit of {self._file_limit} bytes "
+                "(TEXTGEN_BATCH_MAX_FILE_BYTES)."
+            )
+        return FileQuotaExceededError(
+            f"The file would take your stored files past your quota of bytes (TEXTGEN_FILES_MAX_BYTES_PER_TENANT); "
+            f"only {self._max_bytes} bytes are left. Delete files you no longer need."
+        )
 
     def check_lines(self) -> None:
         if self.lines > self._max_lines:
@@ -180,26 +203,20 @@ class _FileSink:
         return self.newlines + (0 if self.last_byte == b"\n" else 1)
 
 
-async def receive_upload(
-    content_type: str | None,
-    body: AsyncIterator[bytes],
-    storage: FileStorage,
-    *,
-    max_bytes: int,
-    max_lines: int,
-) -> Upload:
-    """Parse a ``multipart/form-data`` body (fields ``file`` and ``purpose``) as it arrives, writing the
-    file part straight to a temporary file; the caller commits or deletes ``Upload.temp_path``."""
-    kind, options = parse_options_header(content_type)
-    boundary = options.get(b"boundary")
-    if kind != b"multipart/form-data" or not boundary:
-        raise InvalidRequestError("Upload the file as multipart/form-data with the fields 'file' and 'purpose'.")
-    storage.prepare()
-    temp = storage.temp_path()
-    events: list[tuple[str, bytes]] = []
-    parser = MultipartParser(
-        boundary,
-        {
+class _Form:
+    """The parser's events for one upload, applied in order: the ``file`` part goes to the sink, every
+    other part is a small text field."""
+
+    def __init__(self, sink: _FileSink) -> None:
+        self.sink = sink
+        self.events: list[tuple[str, bytes]] = []
+        self.fields: dict[str, bytes] = {}
+        self.filename: str | None = None
+        self._part = _Part()
+
+    def callbacks(self) -> dict[str, Any]:
+        events = self.events
+        return {
             "on_part_begin": lambda: events.append(("begin", b"")),
             "on_header_field": lambda data, start, end: events.append(("field", data[start:end])),
             "on_header_value": lambda data, start, end: events.append(("value", data[start:end])),
@@ -207,54 +224,93 @@ async def receive_upload(
             "on_headers_finished": lambda: events.append(("headers", b"")),
             "on_part_data": lambda data, start, end: events.append(("data", bytes(data[start:end]))),
             "on_part_end": lambda: events.append(("end", b"")),
-        },
-    )
-    fields: dict[str, bytes] = {}
-    filename: str | None = None
+        }
+
+    async def apply_events(self) -> None:
+        part = self._part
+        for event, data in self.events:
+            if event == "begin":
+                part = _Part(headers={})
+            elif event == "field":
+                part.header_field += data
+            elif event == "value" and part.headers is not None:
+                # python-multipart bounds each header line (and their count) itself.
+                name = part.header_field.lower()
+                part.headers[name] = part.headers.get(name, b"") + data
+            elif event == "header_end":
+                part.header_field = b""
+            elif event == "headers":
+                _name_part(part)
+                if part.name == "file":
+                    self.filename = part.filename or "upload.jsonl"
+            elif event == "data" and part.name == "file":
+                await self.sink.write(data)
+            elif event == "data":
+                self._add_field_bytes(part.name, data)
+        self._part = part
+        self.events.clear()
+
+    def _add_field_bytes(self, name: str, data: bytes) -> None:
+        value = self.fields.get(name, b"") + data
+        if len(value) > MAX_FIELD_BYTES or (name not in self.fields and len(self.fields) >= MAX_FIELDS):
+            raise InvalidRequestError(f"The form field {name!r} is too long (or the form has too many fields).")
+        self.fields[name] = value
+
+
+async def receive_upload(
+    content_type: str | None,
+    body: AsyncIterator[bytes],
+    storage: FileStorage,
+    *,
+    max_bytes: int,
+    max_lines: int,
+    quota_left: int | None = None,
+) -> Upload:
+    """Parse a ``multipart/form-data`` body (fields ``file`` and ``purpose``, optionally
+    ``expires_after[anchor]`` and ``expires_after[seconds]``) as it arrives, writing the file part
+    straight to a temporary file; the caller commits or deletes ``Upload.temp_path``. The parser sees
+    at most ``PARSE_SLICE`` bytes at a time, so no step holds the event loop for long."""
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        raise UnsupportedMediaTypeError(
+            "Upload the file as multipart/form-data (Content-Type: multipart/form-data; boundary=...) "
+            "with the fields 'file' and 'purpose'."
+        )
+    storage.prepare()
+    temp = storage.temp_path()
     fh: BinaryIO = await asyncio.to_thread(open, temp, "wb")
     try:
         with fh:
-            sink = _FileSink(fh, max_bytes, max_lines)
-            part = _Part()
+            form = _Form(_FileSink(fh, max_bytes, max_lines, quota_left))
+            parser = MultipartParser(boundary, form.callbacks())  # type: ignore[arg-type]
             async for chunk in body:
-                try:
-                    parser.write(chunk)
-                except MultipartParseError:
-                    raise InvalidRequestError("The multipart body is malformed.") from None
-                for event, data in events:
-                    if event == "begin":
-                        part = _Part(headers={})
-                    elif event == "field":
-                        part.header_field += data
-                    elif event == "value" and part.headers is not None:
-                        name = part.header_field.lower()
-                        part.headers[name] = part.headers.get(name, b"") + data
-                    elif event == "header_end":
-                        part.header_field = b""
-                    elif event == "headers":
-                        _name_part(part)
-                        if part.name == "file":
-                            filename = part.filename or "upload.jsonl"
-                    elif event == "data" and part.name == "file":
-                        await sink.write(data)
-                    elif event == "data":
-                        value = fields.get(part.name, b"") + data
-                        if len(value) > MAX_FIELD_BYTES or len(fields) > MAX_FIELDS:
-                            raise InvalidRequestError(f"The form field {part.name!r} is too long.")
-                        fields[part.name] = value
-                events.clear()
+                for start in range(0, len(chunk), PARSE_SLICE):
+                    try:
+                        parser.write(chunk[start : start + PARSE_SLICE])
+                    except MultipartParseError as error:
+                        raise InvalidRequestError(f"The multipart body is malformed ({str(error)[:200]}).") from None
+                    await form.apply_events()
             parser.finalize()
-            sink.check_lines()
+            await form.apply_events()
+            form.sink.check_lines()
             await asyncio.to_thread(fh.flush)
             await asyncio.to_thread(os.fsync, fh.fileno())
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    if filename is None:
+    if form.filename is None:
         temp.unlink(missing_ok=True)
         raise InvalidRequestError("file: the form has no 'file' part.")
-    purpose = fields.get("purpose", b"").decode("utf-8", "replace")
-    return Upload(filename=filename, purpose=purpose, bytes=sink.bytes, lines=sink.lines, temp_path=temp)
+    fields = {name: value.decode("utf-8", "replace") for name, value in form.fields.items()}
+    return Upload(
+        filename=form.filename,
+        purpose=fields.get("purpose", ""),
+        bytes=form.sink.bytes,
+        lines=form.sink.lines,
+        temp_path=temp,
+        fields=fields,
+    )
 
 
 def _name_part(part: _Part) -> None:
@@ -266,3 +322,30 @@ def _name_part(part: _Part) -> None:
     part.name = options.get(b"name", b"").decode("utf-8", "replace")
     raw_filename = options.get(b"filename")
     part.filename = raw_filename.decode("utf-8", "replace")[:255] if raw_filename is not None else None
+
+
+# -- expiry ------------------------------------------------------------------------------------------
+
+# OpenAI's bounds for a file's expires_after.seconds: one hour to 30 days.
+MIN_EXPIRES_AFTER_S = 3600
+MAX_EXPIRES_AFTER_S = 2_592_000
+
+
+def expires_after_from_form(fields: dict[str, str]) -> int | None:
+    """``expires_after`` as OpenAI's files API takes it in a multipart form (``expires_after[anchor]``
+    = ``created_at``, ``expires_after[seconds]`` in 3600..2592000): the seconds, or None if absent."""
+    anchor = fields.get("expires_after[anchor]")
+    seconds = fields.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise InvalidRequestError(
+            f"expires_after[anchor]: must be 'created_at' (got {anchor!r})."
+        )
+    value = (seconds or "").strip()
+    if not value.isascii() or not value.isdigit() or not MIN_EXPIRES_AFTER_S <= int(value) <= MAX_EXPIRES_AFTER_S:
+        raise InvalidRequestError(
+            f"expires_after[seconds]: must be a whole number of seconds from {MIN_EXPIRES_AFTER_S} (1 hour) to "
+            f"{MAX_EXPIRES_AFTER_S} (30 days) (got {seconds!r})."
+        )
+    return int(value)

@@ -1,12 +1,14 @@
 """``BatchStore`` on the job store's Redis server, shared by every replica.
 
 Keys under ``{prefix}:`` (the job store's prefix): ``bfile:{id}`` (a file's JSON), ``bfiles`` and
-``bfiles:{owner}`` (zsets by creation time); ``batch:{id}`` (hash: data, status, cancel_requested_at,
-lease_owner, lease_until), ``batches`` and ``batches:{owner}`` (zsets by creation time), ``batches:due``
-(zset: when each batch needs a look); per batch ``batch:{id}:all`` (zset of line numbers),
-``:cid`` (custom_id -> line, for duplicates), ``:custom`` / ``:jobs`` / ``:outcome`` (line -> custom_id,
-job id, outcome), ``:open`` (zset: submitted lines without an outcome) and ``:counts`` (outcome -> n).
-Lease checks and line bookkeeping are Lua scripts, atomic across replicas.
+``bfiles:{owner}`` (zsets by creation time), ``bfusage:{owner}`` (hash: files, bytes: what the owner
+keeps, for quotas), ``bfexpiry`` (zset: when each expiring file expires); ``batch:{id}`` (hash: data,
+status, cancel_requested_at, lease_owner, lease_until), ``batches`` and ``batches:{owner}`` (zsets by
+creation time), ``batches:due`` (zset: when each batch needs a look); per batch ``batch:{id}:all``
+(zset of line numbers), ``:cid`` (custom_id -> line, for duplicates), ``:custom`` / ``:jobs`` /
+``:outcome`` (line -> custom_id, job id, outcome), ``:open`` (zset: submitted lines without an outcome)
+and ``:counts`` (outcome -> n). Lease checks, line and file bookkeeping are Lua scripts, atomic across
+replicas.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from textgen.batches.store import (
     BatchNotFoundError,
     FileNotFoundInStoreError,
     FileObject,
+    FileQuota,
+    FileUsage,
     Line,
     LineOutcome,
     batch_from_json,
@@ -41,6 +45,56 @@ from textgen.storage.url import redact_url
 logger = logging.getLogger(__name__)
 
 _LINE_KEYS = ("all", "cid", "custom", "jobs", "outcome", "open", "counts")
+USAGE_BUILT = "bfusage-built"  # set once every file's size is counted in the bfusage:{owner} hashes
+
+# A file's record, its indexes, its owner's usage (files, bytes) and the expiry index, in one step; a
+# replaced record (a finalisation run again) first gives back what it counted. With check = 1 nothing is
+# written if the owner's usage with the file would pass max_files or max_bytes (0 = no limit).
+# KEYS: file, all files, owner's files, owner's usage, expiry. ARGV: prefix, id, owner, json, bytes,
+# created_at, expires_at ('' = never), check (0/1), max_files, max_bytes
+_PUT_FILE = """
+local P, id, owner, size = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[5])
+local old = redis.call('GET', KEYS[1])
+local old_owner, old_bytes = nil, 0
+if old then
+  local record = cjson.decode(old)
+  old_owner, old_bytes = record['owner'], math.floor(tonumber(record['bytes']) or 0)
+end
+if ARGV[8] == '1' then
+  local files = tonumber(redis.call('HGET', KEYS[4], 'files') or '0')
+  local used = tonumber(redis.call('HGET', KEYS[4], 'bytes') or '0')
+  if old_owner == owner then files, used = files - 1, used - old_bytes end
+  local max_files, max_bytes = tonumber(ARGV[9]), tonumber(ARGV[10])
+  if (max_files > 0 and files + 1 > max_files) or (max_bytes > 0 and used + size > max_bytes) then return 0 end
+end
+if old_owner then
+  redis.call('HINCRBY', P .. ':bfusage:' .. old_owner, 'files', -1)
+  redis.call('HINCRBY', P .. ':bfusage:' .. old_owner, 'bytes', -old_bytes)
+  redis.call('ZREM', P .. ':bfiles:' .. old_owner, id)
+end
+redis.call('SET', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[6], id)
+redis.call('ZADD', KEYS[3], ARGV[6], id)
+redis.call('HINCRBY', KEYS[4], 'files', 1)
+redis.call('HINCRBY', KEYS[4], 'bytes', size)
+if ARGV[7] == '' then redis.call('ZREM', KEYS[5], id) else redis.call('ZADD', KEYS[5], ARGV[7], id) end
+return 1
+"""
+
+# KEYS: file, all files, expiry. ARGV: prefix, id
+_DELETE_FILE = """
+local old = redis.call('GET', KEYS[1])
+if not old then return 0 end
+local record = cjson.decode(old)
+local P, id, owner = ARGV[1], ARGV[2], record['owner']
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], id)
+redis.call('ZREM', KEYS[3], id)
+redis.call('ZREM', P .. ':bfiles:' .. owner, id)
+redis.call('HINCRBY', P .. ':bfusage:' .. owner, 'files', -1)
+redis.call('HINCRBY', P .. ':bfusage:' .. owner, 'bytes', -math.floor(tonumber(record['bytes']) or 0))
+return 1
+"""
 
 # ARGV: prefix, worker, now, lease_until, limit
 _CLAIM = """
@@ -138,6 +192,8 @@ class RedisBatchStore:
                 "add_lines": _ADD_LINES,
                 "set_jobs": _SET_JOBS,
                 "set_outcomes": _SET_OUTCOMES,
+                "put_file": _PUT_FILE,
+                "delete_file": _DELETE_FILE,
             }.items()
         }
 
@@ -146,6 +202,30 @@ class RedisBatchStore:
 
     async def open(self) -> None:
         await ping_redis(self._redis, self._url)
+        await self._count_usage_once()
+
+    async def _count_usage_once(self) -> None:
+        """Files stored by a version without quotas have no usage counted: count them once per Redis
+        (the marker says it was done). Done at start-up, before this process uploads anything."""
+        async with self._guard():
+            if await self._redis.exists(self._k(USAGE_BUILT)):
+                return
+            usage: dict[str, list[int]] = {}
+            start = 0
+            while ids := cast(builtins.list[str], await self._redis.zrange(self._k("bfiles"), start, start + 499)):
+                start += len(ids)
+                for text in await self._redis.mget([self._k("bfile", file_id) for file_id in ids]):
+                    if text is not None:
+                        record = file_from_json(cast(str, text))
+                        counted = usage.setdefault(record.owner, [0, 0])
+                        counted[0] += 1
+                        counted[1] += record.bytes
+            if not await self._redis.set(self._k(USAGE_BUILT), "1", nx=True):
+                return  # another replica counted them meanwhile
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for owner, (files, size) in usage.items():
+                    pipe.hset(self._k("bfusage", owner), mapping={"files": files, "bytes": size})
+                await pipe.execute()
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -170,12 +250,44 @@ class RedisBatchStore:
 
     # -- files ---------------------------------------------------------------------------------------
 
+    def _file_keys(self, record: FileObject) -> builtins.list[str]:
+        return [
+            self._k("bfile", record.id),
+            self._k("bfiles"),
+            self._k("bfiles", record.owner),
+            self._k("bfusage", record.owner),
+            self._k("bfexpiry"),
+        ]
+
+    def _file_args(self, record: FileObject, quota: FileQuota | None) -> builtins.list[Any]:
+        expires = "" if record.expires_at is None else repr(record.expires_at)
+        check = "0" if quota is None else "1"
+        limits = (0, 0) if quota is None else (quota.max_files, quota.max_bytes)
+        return [self.prefix, record.id, record.owner, file_to_json(record), record.bytes, record.created_at,
+                expires, check, *limits]
+
     async def put_file(self, record: FileObject) -> None:
-        async with self._guard(), self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._k("bfile", record.id), file_to_json(record))
-            pipe.zadd(self._k("bfiles"), {record.id: record.created_at})
-            pipe.zadd(self._k("bfiles", record.owner), {record.id: record.created_at})
-            await pipe.execute()
+        await self._script("put_file", self._file_keys(record), self._file_args(record, None))
+
+    async def add_file(self, record: FileObject, quota: FileQuota) -> bool:
+        return bool(await self._script("put_file", self._file_keys(record), self._file_args(record, quota)))
+
+    async def file_usage(self, owner: str) -> FileUsage:
+        async with self._guard():
+            files, size = await self._redis.hmget(self._k("bfusage", owner), ["files", "bytes"])
+        return FileUsage(int(files or 0), int(size or 0))
+
+    async def expired_files(self, now: float, limit: int) -> builtins.list[FileObject]:
+        async with self._guard():
+            found = await self._redis.zrangebyscore(self._k("bfexpiry"), "-inf", now, start=0, num=limit)
+            ids = cast(builtins.list[str], found)
+            if not ids:
+                return []
+            texts = await self._redis.mget([self._k("bfile", file_id) for file_id in ids])
+            gone = [file_id for file_id, text in zip(ids, texts, strict=True) if text is None]
+            if gone:  # deleted meanwhile by another process: drop them from the index
+                await self._redis.zrem(self._k("bfexpiry"), *gone)
+        return [file_from_json(cast(str, text)) for text in texts if text is not None]
 
     async def get_file(self, file_id: str) -> FileObject:
         async with self._guard():
@@ -205,13 +317,8 @@ class RedisBatchStore:
         return found[:limit]
 
     async def delete_file(self, file_id: str) -> bool:
-        record = await self.get_file(file_id)
-        async with self._guard(), self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._k("bfile", file_id))
-            pipe.zrem(self._k("bfiles"), file_id)
-            pipe.zrem(self._k("bfiles", record.owner), file_id)
-            deleted, _, _ = await pipe.execute()
-        return bool(deleted)
+        keys = [self._k("bfile", file_id), self._k("bfiles"), self._k("bfexpiry")]
+        return bool(await self._script("delete_file", keys, [self.prefix, file_id]))
 
     # -- batches -------------------------------------------------------------------------------------
 

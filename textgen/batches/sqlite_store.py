@@ -15,6 +15,8 @@ from textgen.batches.store import (
     BatchNotFoundError,
     FileNotFoundInStoreError,
     FileObject,
+    FileQuota,
+    FileUsage,
     Line,
     LineOutcome,
     batch_from_json,
@@ -22,12 +24,13 @@ from textgen.batches.store import (
     file_from_json,
     file_to_json,
 )
-from textgen.storage.sqlite import SQLiteConnection, connect_sqlite, write_txn
+from textgen.storage.sqlite import SQLiteConnection, connect_sqlite, open_error, write_txn
 
 _SCHEMA = (
     """
     CREATE TABLE IF NOT EXISTS batch_files (
-        id TEXT PRIMARY KEY, owner TEXT NOT NULL, purpose TEXT NOT NULL, created_at REAL NOT NULL, data TEXT NOT NULL
+        id TEXT PRIMARY KEY, owner TEXT NOT NULL, purpose TEXT NOT NULL, created_at REAL NOT NULL, data TEXT NOT NULL,
+        bytes INTEGER NOT NULL DEFAULT 0, expires_at REAL
     )
     """,
     "CREATE INDEX IF NOT EXISTS batch_files_owner ON batch_files (owner, created_at)",
@@ -50,6 +53,12 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS batch_lines_open ON batch_lines (batch_id, outcome, line)",
 )
 
+# Columns added after the first release (quota and expiry); a file from then is migrated on open.
+_ADDED_FILE_COLUMNS = (("bytes", "INTEGER NOT NULL DEFAULT 0"), ("expires_at", "REAL"))
+_LATE_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS batch_files_expiry ON batch_files (expires_at) WHERE expires_at IS NOT NULL",
+)
+
 _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATUSES))
 
 
@@ -57,11 +66,70 @@ def _batch(row: sqlite3.Row) -> Batch:
     return batch_from_json(row["data"], row["cancel_requested_at"])
 
 
+def _add_missing_file_columns(conn: sqlite3.Connection) -> None:
+    """Migrate a file made by an older version, in one transaction (several processes may open it):
+    the new columns, with each old file's size copied out of its JSON."""
+    with write_txn(conn):
+        present = {row["name"] for row in conn.execute("PRAGMA table_info(batch_files)")}
+        for name, decl in _ADDED_FILE_COLUMNS:
+            if name not in present:
+                conn.execute(f"ALTER TABLE batch_files ADD COLUMN {name} {decl}")
+        if "bytes" not in present:
+            conn.execute("UPDATE batch_files SET bytes = COALESCE(json_extract(data, '$.bytes'), 0)")
+        for statement in _LATE_INDEXES:
+            conn.execute(statement)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = connect_sqlite(path, _SCHEMA)
+    try:
+        _add_missing_file_columns(conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise open_error(path, str(exc)) from exc
+    return conn
+
+
 def _put_file(conn: sqlite3.Connection, record: FileObject) -> None:
     conn.execute(
-        "INSERT OR REPLACE INTO batch_files (id, owner, purpose, created_at, data) VALUES (?, ?, ?, ?, ?)",
-        (record.id, record.owner, record.purpose, record.created_at, file_to_json(record)),
+        "INSERT OR REPLACE INTO batch_files (id, owner, purpose, created_at, data, bytes, expires_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            record.id,
+            record.owner,
+            record.purpose,
+            record.created_at,
+            file_to_json(record),
+            record.bytes,
+            record.expires_at,
+        ),
     )
+
+
+def _file_usage(conn: sqlite3.Connection, owner: str) -> FileUsage:
+    row = conn.execute(
+        "SELECT COUNT(*) AS files, COALESCE(SUM(bytes), 0) AS bytes FROM batch_files WHERE owner = ?", (owner,)
+    ).fetchone()
+    return FileUsage(int(row["files"]), int(row["bytes"]))
+
+
+def _add_file(conn: sqlite3.Connection, record: FileObject, quota: FileQuota) -> bool:
+    with write_txn(conn):  # the write lock first, so a racing upload waits for this one's decision
+        usage = _file_usage(conn, record.owner)
+        if (quota.max_files and usage.files + 1 > quota.max_files) or (
+            quota.max_bytes and usage.bytes + record.bytes > quota.max_bytes
+        ):
+            return False
+        _put_file(conn, record)
+    return True
+
+
+def _expired_files(conn: sqlite3.Connection, now: float, limit: int) -> builtins.list[FileObject]:
+    rows = conn.execute(
+        "SELECT data FROM batch_files WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    return [file_from_json(row["data"]) for row in rows]
 
 
 def _get_file(conn: sqlite3.Connection, file_id: str) -> FileObject:
@@ -214,7 +282,7 @@ def _lines(conn: sqlite3.Connection, batch_id: str, after: int, limit: int) -> b
 
 class SQLiteBatchStore:
     def __init__(self, path: Path) -> None:
-        self._db = SQLiteConnection(Path(path), lambda file: connect_sqlite(file, _SCHEMA), role="batches")
+        self._db = SQLiteConnection(Path(path), _connect, role="batches")
         self._run = self._db.run
 
     def __repr__(self) -> str:
@@ -236,6 +304,15 @@ class SQLiteBatchStore:
         self, owner: str | None, *, purpose: str | None = None, limit: int = 100
     ) -> builtins.list[FileObject]:
         return await self._run(_list_files, owner, purpose, limit)
+
+    async def add_file(self, record: FileObject, quota: FileQuota) -> bool:
+        return await self._run(_add_file, record, quota)
+
+    async def file_usage(self, owner: str) -> FileUsage:
+        return await self._run(_file_usage, owner)
+
+    async def expired_files(self, now: float, limit: int) -> builtins.list[FileObject]:
+        return await self._run(_expired_files, now, limit)
 
     async def delete_file(self, file_id: str) -> bool:
         return await self._run(_delete_file, file_id)

@@ -66,6 +66,26 @@ class FileObject:
     bytes: int
     created_at: float
     lines: int = 0
+    expires_at: float | None = None  # None: kept until deleted
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+
+@dataclass(frozen=True)
+class FileQuota:
+    """How much one owner may keep stored: files and bytes (0 = no limit)."""
+
+    max_files: int = 0
+    max_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class FileUsage:
+    """What one owner keeps stored: every file not yet deleted or swept (batch outputs included)."""
+
+    files: int = 0
+    bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,7 +180,18 @@ class BatchStore(Protocol):
     ) -> builtins.list[FileObject]:
         """Newest first; ``owner`` None lists everyone's (admins)."""
 
-    async def delete_file(self, file_id: str) -> bool: ...
+    async def add_file(self, record: FileObject, quota: FileQuota) -> bool:
+        """Insert a new file only if its owner's usage with it stays within ``quota``, atomically (two
+        uploads racing for the last bytes cannot both get in); False, nothing written, otherwise."""
+
+    async def file_usage(self, owner: str) -> FileUsage:
+        """The owner's stored files and their bytes (expired files count until the sweep removes them)."""
+
+    async def expired_files(self, now: float, limit: int) -> builtins.list[FileObject]:
+        """Up to ``limit`` files whose ``expires_at`` is at or before ``now``, soonest first."""
+
+    async def delete_file(self, file_id: str) -> bool:
+        """False if there was no such file (another process's sweep may have got there first)."""
 
     # -- batches -------------------------------------------------------------------------------------
     async def create_batch(self, batch: Batch) -> None: ...

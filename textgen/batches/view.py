@@ -21,7 +21,7 @@ def file_object(record: FileObject) -> dict[str, Any]:
         "purpose": record.purpose,
         "status": "processed",
         "status_details": None,
-        "expires_at": None,
+        "expires_at": _seconds(record.expires_at),
     }
 
 
