@@ -15,6 +15,7 @@ from textgen.batches.files import FileStorage, RawLine, receive_upload
 from textgen.batches.store import Line
 from textgen.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from textgen.jobs.store import Job, JobState
+from textgen.json_limits import MAX_JSON_DEPTH, json_too_deep
 
 
 def multipart(content: bytes, purpose: str = "batch", filename: str = "in.jsonl") -> tuple[str, bytes]:
@@ -111,6 +112,35 @@ def test_bad_lines_are_named(line: RawLine, code: str) -> None:
     custom_id, error = check_line(line, "/v1/completions", 100)
     assert custom_id is None and error is not None
     assert (error["code"], error["line"]) == (code, 3)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"custom_id": "a", "body": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"custom_id": "\\u00e9", "x": ' + b'{"a":' * 1000 + b"1" + b"}" * 1000 + b"}",
+    ],
+)
+def test_a_line_nested_past_the_limit_fails_the_line_not_the_batch_step(data: bytes) -> None:
+    """json.loads raised RecursionError here, which failed the validation step at every poll, forever."""
+    custom_id, error = check_line(RawLine(3, data, 0), "/v1/completions", 1_000_000)
+    assert custom_id is None and error is not None
+    assert error["code"] == "invalid_json_line" and str(MAX_JSON_DEPTH) in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "deep"),
+    [
+        (b"[" * 200 + b"]" * 200, False),
+        (b"[" * 201 + b"]" * 201, True),
+        (b'["' + b"[" * 10_000 + b'"]', False),  # brackets inside a string do not nest
+        (b'["\\"' + b"[" * 300 + b'"]', False),  # nor after an escaped quote
+        (b"[]" * 10_000, False),
+        (b"{" * 100_000, True),  # not even valid JSON
+    ],
+)
+def test_json_depth_counts_nesting_outside_strings(body: bytes, deep: bool) -> None:
+    assert json_too_deep(body) is deep
 
 
 def test_a_good_line_passes() -> None:

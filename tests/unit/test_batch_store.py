@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,10 @@ from textgen.batches.store import (
     BatchStore,
     FileNotFoundInStoreError,
     FileObject,
+    FileQuota,
+    FileUsage,
     LineOutcome,
+    file_to_json,
 )
 
 
@@ -157,3 +162,92 @@ async def test_lines_duplicates_outcomes_once_and_paging(store: BatchStore) -> N
     await store.clear_lines("b")
     assert await store.lines("b", 0, 10) == [] and await store.outcome_counts("b") == {}
     assert await store.add_lines("b", [(1, "x")]) == []
+
+
+# ----- quota and expiry -----------------------------------------------------------------------------------
+
+
+def a_file(file_id: str, owner: str = "alice", size: int = 10, expires_at: float | None = None) -> FileObject:
+    return FileObject(file_id, owner, f"{file_id}.jsonl", "batch", size, 1.0, 1, expires_at)
+
+
+async def test_usage_counts_each_owners_files_and_bytes_through_put_replace_and_delete(store: BatchStore) -> None:
+    assert await store.file_usage("alice") == FileUsage(0, 0)
+    await store.put_file(a_file("file-1", size=10))
+    await store.put_file(a_file("file-2", size=20))
+    await store.put_file(a_file("file-3", owner="bob", size=5))
+    assert await store.file_usage("alice") == FileUsage(2, 30)
+    await store.put_file(a_file("file-2", size=25))  # a finalisation written again replaces, not adds
+    assert await store.file_usage("alice") == FileUsage(2, 35)
+    assert await store.delete_file("file-1")
+    assert not await store.delete_file("file-1")  # already gone (another process's sweep): no double count
+    assert await store.file_usage("alice") == FileUsage(1, 25)
+    assert await store.file_usage("bob") == FileUsage(1, 5)
+
+
+async def test_add_file_refuses_past_the_quota_and_writes_nothing(store: BatchStore) -> None:
+    quota = FileQuota(max_files=2, max_bytes=100)
+    assert await store.add_file(a_file("file-1", size=60), quota)
+    assert not await store.add_file(a_file("file-2", size=41), quota)  # 101 bytes
+    assert await store.add_file(a_file("file-2", size=40), quota)  # exactly 100
+    assert not await store.add_file(a_file("file-3", size=0), quota)  # a third file
+    with pytest.raises(FileNotFoundInStoreError):
+        await store.get_file("file-3")
+    assert await store.file_usage("alice") == FileUsage(2, 100)
+    assert await store.add_file(a_file("file-9", owner="bob", size=100), quota)  # per owner
+    assert await store.add_file(a_file("file-x", size=10**9), FileQuota())  # 0 = no limit
+
+
+async def test_racing_uploads_cannot_both_take_the_last_room(store: BatchStore) -> None:
+    quota = FileQuota(max_files=0, max_bytes=100)
+    results = await asyncio.gather(*(store.add_file(a_file(f"file-{i}", size=60), quota) for i in range(6)))
+    assert sum(results) == 1
+    assert await store.file_usage("alice") == FileUsage(1, 60)
+
+
+async def test_expired_files_come_back_soonest_first_until_deleted(store: BatchStore) -> None:
+    await store.put_file(a_file("file-late", expires_at=300.0))
+    await store.put_file(a_file("file-soon", expires_at=100.0))
+    await store.put_file(a_file("file-never"))
+    await store.put_file(a_file("file-bob", owner="bob", expires_at=200.0))
+    assert [f.id for f in await store.expired_files(99.0, 10)] == []
+    assert [f.id for f in await store.expired_files(250.0, 10)] == ["file-soon", "file-bob"]
+    assert [f.id for f in await store.expired_files(1e12, 1)] == ["file-soon"]
+    assert (await store.get_file("file-late")).expires_at == 300.0
+    await store.delete_file("file-soon")
+    assert [f.id for f in await store.expired_files(1e12, 10)] == ["file-bob", "file-late"]
+    await store.put_file(a_file("file-late"))  # replaced without an expiry: no longer expires
+    assert [f.id for f in await store.expired_files(1e12, 10)] == ["file-bob"]
+
+
+async def test_files_stored_before_quotas_are_counted(backend: Backend, store: BatchStore) -> None:
+    """A store written by the previous version (no size column / no usage counters) still counts its files."""
+    old = a_file("file-old", size=77)
+    if backend.name == "redis":
+        import redis
+
+        raw = redis.Redis.from_url(backend.target)
+        raw.set(f"{backend.prefix}:bfile:file-old", file_to_json(old).replace(',"expires_at":null', ""))
+        raw.zadd(f"{backend.prefix}:bfiles", {"file-old": 1.0})
+        raw.zadd(f"{backend.prefix}:bfiles:alice", {"file-old": 1.0})
+        raw.delete(f"{backend.prefix}:bfusage-built", f"{backend.prefix}:bfusage:alice")
+    else:
+        with closing(sqlite3.connect(backend.target)) as conn, conn:
+            conn.execute("DROP TABLE batch_files")
+            conn.execute(
+                "CREATE TABLE batch_files (id TEXT PRIMARY KEY, owner TEXT NOT NULL, purpose TEXT NOT NULL, "
+                "created_at REAL NOT NULL, data TEXT NOT NULL)"
+            )
+            conn.execute(
+                "INSERT INTO batch_files VALUES (?, ?, ?, ?, ?)",
+                (old.id, old.owner, old.purpose, old.created_at, file_to_json(old).replace(',"expires_at":null', "")),
+            )
+    reopened = new_store(backend)
+    await reopened.open()
+    try:
+        assert await reopened.get_file("file-old") == old
+        assert await reopened.file_usage("alice") == FileUsage(1, 77)
+        assert await reopened.delete_file("file-old")
+        assert await reopened.file_usage("alice") == FileUsage(0, 0)
+    finally:
+        await reopened.close()
