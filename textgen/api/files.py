@@ -32,7 +32,7 @@ DOCS: dict[int | str, dict[str, Any]] = {code: ERROR_DOCS[code] for code in (400
 UPLOAD_DOCS: dict[int | str, dict[str, Any]] = {
     **DOCS,
     413: {"model": ERROR_DOCS[413]["model"], "description": "File too large, or the caller's file quota is full"},
-    415: ERROR_DOCS[415],
+    415: {"model": ERROR_DOCS[400]["model"], "description": "Not multipart/form-data (nothing of the body is read)"},
 }
 NOT_FOUND_DOCS: dict[int | str, dict[str, Any]] = {
     **DOCS,

@@ -109,7 +109,6 @@ ERROR_DOCS: dict[int | str, dict[str, Any]] = {
         400: "Invalid request or content rejected",
         401: "Missing or invalid API key",
         413: "Request body too large",
-        415: "Not multipart/form-data (file uploads)",
         429: "Rate limit exceeded; see Retry-After",
         500: "Internal error (no details exposed)",
         503: "Queue full or not ready",
