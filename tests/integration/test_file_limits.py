@@ -198,6 +198,17 @@ async def test_deeply_nested_json_is_a_clear_400_not_a_500(
         assert (await client.get("/health")).status_code == 200
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "APPLICATION/JSON"])
+async def test_deep_bodies_under_other_content_types_are_client_errors(
+    make_settings: MakeSettings, app_client: AppClient, content_type: str
+) -> None:
+    async with app_client(settings_for(make_settings)) as (client, _app):
+        for path in ("/generate", "/v1/completions", "/v1/batches"):
+            body = b'{"prompt": "\\u00e9", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+            response = await client.post(path, headers={**AUTH, "Content-Type": content_type}, content=body)
+            assert 400 <= response.status_code < 500, (path, response.status_code, response.text)
+
+
 async def test_json_nested_within_the_limit_still_reaches_the_route(
     make_settings: MakeSettings, app_client: AppClient
 ) -> None:
