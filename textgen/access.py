@@ -365,6 +365,27 @@ def warn_if_exposed_without_keys(policy: AccessPolicy, host: str | None) -> bool
     return True
 
 
+MIN_KEY_CHARS = 20  # shorter keys get a start-up warning (see warn_about_short_keys)
+
+
+def warn_about_short_keys(policy: AccessPolicy) -> bool:
+    """A locked-out address still has its keys checked (so that a valid key from behind the same NAT
+    works), so a guesser can try keys as fast as the server answers: what bounds guessing is the key's
+    length. Say which keys (by owner id, never the key) are short enough to matter."""
+    short = [owner_id_for_key(key.decode()) for key in policy.keys if len(key) < MIN_KEY_CHARS]
+    if not short:
+        return False
+    logger.warning(
+        "%d API key(s) shorter than %d characters (%s): keys from a locked-out address are still checked, so that "
+        "valid ones keep working, so only a key's length bounds guessing. Use long random keys, e.g. "
+        "`openssl rand -hex 32`.",
+        len(short),
+        MIN_KEY_CHARS,
+        ", ".join(short),
+    )
+    return True
+
+
 UVICORN_DEFAULT_FORWARDED_ALLOW_IPS = "127.0.0.1,::1"  # uvicorn's default (FORWARDED_ALLOW_IPS unset)
 
 

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from textgen.access import AccessPolicy, FailedKeyLimiter
+from textgen.access import AccessPolicy, FailedKeyLimiter, owner_id_for_key, warn_about_short_keys
 from textgen.api.security import APIKeyMiddleware, ClientAddressMiddleware
 
 KEY = "right-key-0123456789abcdef"
@@ -163,3 +163,10 @@ async def test_exempt_paths_ignore_wrong_keys_without_counting_them() -> None:
         health = [(await http.get("/health", headers={"Authorization": "Bearer stale"})).status_code for _ in range(5)]
     assert health == [200] * 5
     assert limiter.retry_after_s(NAT[0]) is None
+
+
+def test_short_keys_are_named_at_start_up_by_owner_id_never_by_value(logged: Lines) -> None:
+    assert not warn_about_short_keys(AccessPolicy.from_sources([KEY], None, []))
+    assert warn_about_short_keys(AccessPolicy.from_sources([KEY, "alice-key"], None, []))
+    (line,) = [line for line in logged.lines if "shorter than" in line]
+    assert owner_id_for_key("alice-key") in line and "alice-key" not in line and owner_id_for_key(KEY) not in line
