@@ -235,7 +235,8 @@ class FailedKeyLimiter:
     (failures while locked out count, so a guesser that keeps going stays locked out). Only failures are
     ever recorded: a valid key is checked like any other (in constant time) and is neither charged nor
     refused, so one client guessing keys cannot lock out the others behind the same NAT or proxy. The
-    start and the end of each lockout are logged once; the refusals in between are only counted.
+    start and the end of each lockout are logged once; the refusals in between are only counted. Memory:
+    at most ``per_minute`` timestamps for each of at most ``MAX_TRACKED`` addresses.
     """
 
     WINDOW_S = 60.0
@@ -269,6 +270,7 @@ class FailedKeyLimiter:
         """Seconds until the lockout of ``client`` ends; None when it is not locked out."""
         now = self._clock()
         self._sweep(now)
+        self._end_lockout_if_over(client, now)
         ends = self._lockout_ends(self._recent(client, now))
         return None if ends is None else max(1.0, ends - now)
 
@@ -307,6 +309,11 @@ class FailedKeyLimiter:
             count,
             self.per_minute,
         )
+
+    def sweep(self) -> None:
+        """Notice the lockouts that ended (the API-key middleware calls this on every request, so an
+        end is logged at the next request, from any address, after it)."""
+        self._sweep(self._clock())
 
     def _sweep(self, now: float) -> None:
         """Log (once) and forget the lockouts that ended; at most once a second, whoever asks."""

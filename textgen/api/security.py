@@ -233,6 +233,7 @@ class APIKeyMiddleware:
             return
         headers = _headers(scope)
         client = client_address_of(scope, policy, headers)
+        failures.sweep()  # logs the end of lockouts that are over (at most once a second does any work)
         try:
             caller = policy.caller(path, headers.get("authorization"), client)
         except UnauthorizedError as error:
