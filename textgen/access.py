@@ -399,8 +399,9 @@ UVICORN_DEFAULT_FORWARDED_ALLOW_IPS = "127.0.0.1,::1"  # uvicorn's default (FORW
 def uvicorn_forwarded_allow_ips(argv: list[str], environ: Mapping[str, str]) -> str | None:
     """The --forwarded-allow-ips uvicorn was started with (or its env default), as far as the command
     line shows; None when the process does not look like uvicorn."""
-    if not argv or not any("uvicorn" in part for part in argv[:3]):
-        return None
+    program = argv[0].replace("\\", "/") if argv else ""
+    if program.rsplit("/", 1)[-1] != "uvicorn" and not program.endswith("uvicorn/__main__.py"):
+        return None  # not `uvicorn ...` nor `python -m uvicorn ...` (pytest -k uvicorn is not uvicorn)
     if "--no-proxy-headers" in argv:
         return ""
     for index, arg in enumerate(argv):
