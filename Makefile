@@ -24,9 +24,9 @@ $(STAMP): requirements.txt
 	@command -v chromium >/dev/null 2>&1 || bash scripts/install-chromium.sh
 	touch $(STAMP)
 
-# uvicorn believes X-Forwarded-For only from TEXTGEN_TRUSTED_PROXIES (environment or .env), as the app does.
+# No proxy flags: the app believes X-Forwarded-For only from TEXTGEN_TRUSTED_PROXIES (environment or .env).
 run: setup
-	$(VENV)/bin/uvicorn main:app --host $(HOST) --port $(PORT) --forwarded-allow-ips "$$($(PY) -m textgen.access)"
+	$(VENV)/bin/uvicorn main:app --host $(HOST) --port $(PORT)
 
 lint: setup
 	$(PY) -m ruff check .

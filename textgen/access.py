@@ -8,9 +8,12 @@ routes read it from there (``caller_of`` / ``owner_id_of``).
   the key's sha256, so the key itself is never stored, logged or shown. Without configured keys every
   caller is the one ``anonymous`` owner.
 - **Admin keys** (``TEXTGEN_ADMIN_API_KEYS``) see and cancel every owner's jobs.
-- **Rate-limit key**: the owner id for keyed callers; without keys, the client address, which is the
-  socket peer unless that peer is one of ``TEXTGEN_TRUSTED_PROXIES`` (then the right-most untrusted
-  ``X-Forwarded-For`` entry).
+- **Rate-limit key**: the owner id for keyed callers; without keys, the client address.
+- **Client address**: the socket peer unless that peer is one of ``TEXTGEN_TRUSTED_PROXIES`` (then the
+  right-most untrusted ``X-Forwarded-For`` entry). This is the only place that decides it: the app takes
+  the decision back from uvicorn's own proxy-headers handling at start-up (``textgen.api.security``).
+- **Failed keys**: ``FailedKeyLimiter`` throttles missing or invalid keys per client address without
+  ever refusing a valid key.
 """
 
 from __future__ import annotations
@@ -164,11 +167,15 @@ class AccessPolicy:
             raise UnauthorizedError()
         return owner_id_for_key(candidate.decode("utf-8", "surrogateescape"))
 
+    def trusts(self, peer: str | None) -> bool:
+        """Whether ``peer`` is one of TEXTGEN_TRUSTED_PROXIES (whose forwarded headers are believed)."""
+        return bool(peer and self.trusted_proxies and _in_networks(peer, self.trusted_proxies))
+
     def client_address(self, peer: str | None, headers: Mapping[str, str]) -> str:
         """The socket peer, or, when that peer is a trusted proxy, the right-most ``X-Forwarded-For``
         address that is not itself a trusted proxy."""
         address = peer or "unknown"
-        if not self.trusted_proxies or not _in_networks(address, self.trusted_proxies):
+        if not self.trusts(peer):
             return address
         hops = [hop.strip() for hop in headers.get("x-forwarded-for", "").split(",") if hop.strip()]
         for hop in reversed(hops):
@@ -176,10 +183,21 @@ class AccessPolicy:
                 return hop
         return hops[0] if hops else address
 
+    def forwarded_scheme(self, peer: str | None, headers: Mapping[str, str]) -> str | None:
+        """``http``/``https`` from a trusted proxy's ``X-Forwarded-Proto``; None otherwise."""
+        if not self.trusts(peer):
+            return None
+        scheme = headers.get("x-forwarded-proto", "").strip().lower()
+        return scheme if scheme in ("http", "https") else None
+
     def identify(self, path: str, authorization: str | None, peer: str | None, headers: Mapping[str, str]) -> Caller:
-        """The caller of a request; UnauthorizedError when keys are on, the path is not exempt and the
-        key is missing or wrong."""
-        client = self.client_address(peer, headers)
+        """The caller of a request from its socket peer; see ``caller``."""
+        return self.caller(path, authorization, self.client_address(peer, headers))
+
+    def caller(self, path: str, authorization: str | None, client: str) -> Caller:
+        """The caller of a request from ``client`` (the address ``client_address`` decided);
+        UnauthorizedError when keys are on, the path is not exempt and the key is missing or wrong.
+        The key is compared with every configured key in constant time, whatever else is going on."""
         anonymous = Caller(owner_id=ANONYMOUS_OWNER, rate_key=f"client:{client}", client=client)
         if not self.enabled:
             return anonymous
@@ -195,47 +213,132 @@ class AccessPolicy:
         return Caller(owner_id=owner, rate_key=owner, client=client, admin=_matches_any(candidate, self.admin_keys))
 
 
+@dataclass(frozen=True)
+class KeyFailure:
+    """What one missing or invalid key from an address led to."""
+
+    count: int  # failures from the address in the last minute, this one included
+    retry_after_s: float | None  # None: answer 401; else the address is locked out: 429 for this long
+
+
+@dataclass
+class _Lockout:
+    since: float
+    refused: int = 0
+
+
 class FailedKeyLimiter:
-    """Wrong or missing keys per client address in the last minute (this process): after
-    ``per_minute`` failures the address gets 429 until the oldest failure is a minute old."""
+    """Missing or invalid keys per client address in the last minute (this process).
+
+    After ``per_minute`` failures within a minute the address is locked out: its further missing or
+    invalid keys get 429 instead of 401 until the ``per_minute``-th most recent failure is a minute old
+    (failures while locked out count, so a guesser that keeps going stays locked out). Only failures are
+    ever recorded: a valid key is checked like any other (in constant time) and is neither charged nor
+    refused, so one client guessing keys cannot lock out the others behind the same NAT or proxy. The
+    start and the end of each lockout are logged once; the refusals in between are only counted. Memory:
+    at most ``per_minute`` timestamps for each of at most ``MAX_TRACKED`` addresses.
+    """
 
     WINDOW_S = 60.0
     MAX_TRACKED = 10_000  # addresses remembered; the least recently failing ones are forgotten first
+    SWEEP_EVERY_S = 1.0  # how often lockouts that ended are looked for (and logged as over)
+    UNLIMITED_MEMORY = 64  # failures kept per address when the limit is off (for the log's count)
 
     def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.per_minute = per_minute
         self._clock = clock
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lockouts: dict[str, _Lockout] = {}
+        self._next_sweep = 0.0
 
-    def _recent(self, client: str) -> deque[float]:
+    def _recent(self, client: str, now: float) -> deque[float]:
         failures = self._failures.get(client)
         if failures is None:
-            return deque()
-        cutoff = self._clock() - self.WINDOW_S
+            return deque(maxlen=self.per_minute if self.per_minute > 0 else self.UNLIMITED_MEMORY)
+        cutoff = now - self.WINDOW_S
         while failures and failures[0] <= cutoff:
             failures.popleft()
-        if not failures:
-            del self._failures[client]
         return failures
 
-    def retry_after_s(self, client: str) -> float | None:
-        """Seconds until ``client`` may try a key again; None when it may now."""
-        if self.per_minute <= 0:
+    def _lockout_ends(self, failures: deque[float]) -> float | None:
+        # The deque holds at most per_minute failures: full means per_minute of them within the window.
+        if self.per_minute <= 0 or len(failures) < self.per_minute:
             return None
-        failures = self._recent(client)
-        if len(failures) < self.per_minute:
-            return None
-        return max(1.0, failures[-self.per_minute] + self.WINDOW_S - self._clock())
+        return failures[0] + self.WINDOW_S
 
-    def record(self, client: str) -> int:
-        """Count one failure; returns the failures of ``client`` in the last minute."""
-        failures = self._recent(client)
-        failures.append(self._clock())
+    def retry_after_s(self, client: str) -> float | None:
+        """Seconds until the lockout of ``client`` ends; None when it is not locked out."""
+        now = self._clock()
+        self._sweep(now)
+        self._end_lockout_if_over(client, now)
+        ends = self._lockout_ends(self._recent(client, now))
+        return None if ends is None else max(1.0, ends - now)
+
+    def record(self, client: str) -> KeyFailure:
+        """Count one missing or invalid key from ``client``."""
+        now = self._clock()
+        self._sweep(now)
+        self._end_lockout_if_over(client, now)
+        failures = self._recent(client, now)
+        locked = self._lockout_ends(failures) is not None
+        failures.append(now)
+        self._remember(client, failures)
+        ends = self._lockout_ends(failures)
+        if locked and ends is not None:
+            lockout = self._lockouts.setdefault(client, _Lockout(since=now))
+            lockout.refused += 1
+            return KeyFailure(len(failures), max(1.0, ends - now))
+        if ends is not None:  # this failure used up the budget: answered 401, the next ones 429
+            self._start_lockout(client, now, len(failures))
+        return KeyFailure(len(failures), None)
+
+    def _remember(self, client: str, failures: deque[float]) -> None:
         self._failures[client] = failures
         self._failures.move_to_end(client)
         while len(self._failures) > self.MAX_TRACKED:
-            self._failures.popitem(last=False)
-        return len(failures)
+            forgotten, _ = self._failures.popitem(last=False)
+            self._lockouts.pop(forgotten, None)
+
+    def _start_lockout(self, client: str, now: float, count: int) -> None:
+        self._lockouts[client] = _Lockout(since=now)
+        logger.warning(
+            "Locking out missing or invalid API keys from %s: %d in the last minute "
+            "(TEXTGEN_AUTH_FAILURES_PER_MINUTE=%d). They get 429 until a minute passes with fewer; "
+            "valid keys from there still work.",
+            client,
+            count,
+            self.per_minute,
+        )
+
+    def sweep(self) -> None:
+        """Notice the lockouts that ended (the API-key middleware calls this on every request, so an
+        end is logged at the next request, from any address, after it)."""
+        self._sweep(self._clock())
+
+    def _sweep(self, now: float) -> None:
+        """Log (once) and forget the lockouts that ended; at most once a second, whoever asks."""
+        if now < self._next_sweep or not self._lockouts:
+            return
+        self._next_sweep = now + self.SWEEP_EVERY_S
+        for client in list(self._lockouts):
+            self._end_lockout_if_over(client, now)
+
+    def _end_lockout_if_over(self, client: str, now: float) -> None:
+        lockout = self._lockouts.get(client)
+        if lockout is None:
+            return
+        failures = self._failures.get(client)
+        ends = self._lockout_ends(failures) if failures is not None else None
+        if ends is not None and ends > now:
+            return
+        del self._lockouts[client]
+        lasted = (ends if ends is not None else now) - lockout.since
+        logger.warning(
+            "Lockout of missing or invalid API keys from %s is over after %.0f s (%d refused meanwhile).",
+            client,
+            max(0.0, lasted),
+            lockout.refused,
+        )
 
 
 def is_loopback(host: str | None) -> bool:
@@ -269,47 +372,83 @@ def warn_if_exposed_without_keys(policy: AccessPolicy, host: str | None) -> bool
     return True
 
 
-def _uvicorn_forwarded_allow_ips(argv: list[str], environ: Mapping[str, str]) -> str | None:
-    """The --forwarded-allow-ips uvicorn was started with (or its env default); None when the process
-    does not look like uvicorn."""
-    if not argv or not any("uvicorn" in part for part in argv[:3]):
-        return None
+MIN_KEY_CHARS = 20  # shorter keys get a start-up warning (see warn_about_short_keys)
+
+
+def warn_about_short_keys(policy: AccessPolicy) -> bool:
+    """A locked-out address still has its keys checked (so that a valid key from behind the same NAT
+    works), so a guesser can try keys as fast as the server answers: what bounds guessing is the key's
+    length. Say which keys (by owner id, never the key) are short enough to matter."""
+    short = [owner_id_for_key(key.decode()) for key in policy.keys if len(key) < MIN_KEY_CHARS]
+    if not short:
+        return False
+    logger.warning(
+        "%d API key(s) shorter than %d characters (%s): keys from a locked-out address are still checked, so that "
+        "valid ones keep working, so only a key's length bounds guessing. Use long random keys, e.g. "
+        "`openssl rand -hex 32`.",
+        len(short),
+        MIN_KEY_CHARS,
+        ", ".join(short),
+    )
+    return True
+
+
+UVICORN_DEFAULT_FORWARDED_ALLOW_IPS = "127.0.0.1,::1"  # uvicorn's default (FORWARDED_ALLOW_IPS unset)
+
+
+def uvicorn_forwarded_allow_ips(argv: list[str], environ: Mapping[str, str]) -> str | None:
+    """The --forwarded-allow-ips uvicorn was started with (or its env default), as far as the command
+    line shows; None when the process does not look like uvicorn."""
+    program = argv[0].replace("\\", "/") if argv else ""
+    if program.rsplit("/", 1)[-1] != "uvicorn" and not program.endswith("uvicorn/__main__.py"):
+        return None  # not `uvicorn ...` nor `python -m uvicorn ...` (pytest -k uvicorn is not uvicorn)
+    if "--no-proxy-headers" in argv:
+        return ""
     for index, arg in enumerate(argv):
         if arg == "--forwarded-allow-ips" and index + 1 < len(argv):
             return argv[index + 1]
         if arg.startswith("--forwarded-allow-ips="):
             return arg.split("=", 1)[1]
-    return environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+    return environ.get("FORWARDED_ALLOW_IPS", UVICORN_DEFAULT_FORWARDED_ALLOW_IPS)
+
+
+def describe_networks(networks: tuple[IPNetwork, ...]) -> str:
+    return ",".join(sorted(str(network) for network in networks))
+
+
+def trusts_other_proxies(allowed: str | Iterable[str], networks: tuple[IPNetwork, ...]) -> bool:
+    """Whether a server's forwarded-allow-ips list (``allowed``) differs from ``networks``."""
+    entries = allowed.split(",") if isinstance(allowed, str) else list(allowed)
+    try:
+        theirs = {str(network) for network in parse_networks(entries)}
+    except ConfigError:  # "*" or host names: certainly not what we trust
+        return True
+    return theirs != {str(network) for network in networks}
 
 
 def warn_if_uvicorn_trusts_other_proxies(
     policy: AccessPolicy, argv: list[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> bool:
-    """uvicorn rewrites the client address from X-Forwarded-For for the peers it trusts (loopback by
-    default) before the app sees it; say so when that differs from TEXTGEN_TRUSTED_PROXIES."""
+    """For a uvicorn the app cannot reach (Ray Serve's HTTP proxy): it rewrites the client address from
+    X-Forwarded-For for the peers it trusts (loopback by default) before the app sees it; say so when
+    that differs from TEXTGEN_TRUSTED_PROXIES."""
     env = os.environ if environ is None else environ
-    allowed = _uvicorn_forwarded_allow_ips(sys.argv if argv is None else argv, env)
-    if allowed is None:
-        return False
-    ours = {str(network) for network in policy.trusted_proxies}
-    try:
-        theirs = {str(network) for network in parse_networks(allowed.split(","))}
-    except ConfigError:  # "*" or host names: certainly not what we trust
-        theirs = {allowed}
-    if theirs == ours:
+    allowed = uvicorn_forwarded_allow_ips(sys.argv if argv is None else argv, env)
+    if allowed is None or not trusts_other_proxies(allowed, policy.trusted_proxies):
         return False
     logger.warning(
         "uvicorn believes X-Forwarded-For from %s but TEXTGEN_TRUSTED_PROXIES is %r: a caller there could pick "
-        "its own client address (and rate-limit bucket). Start uvicorn with --forwarded-allow-ips matching "
-        "TEXTGEN_TRUSTED_PROXIES (`make run` and the Procfile do: python -m textgen.access prints it).",
+        "its own client address (and rate-limit bucket). Set FORWARDED_ALLOW_IPS to match TEXTGEN_TRUSTED_PROXIES "
+        "(python -m textgen.access prints it).",
         allowed or "nobody",
-        ",".join(sorted(ours)),
+        describe_networks(policy.trusted_proxies),
     )
     return True
 
 
 def forwarded_allow_ips() -> str:
-    """uvicorn's --forwarded-allow-ips for the configured TEXTGEN_TRUSTED_PROXIES ('' = trust nobody)."""
+    """A uvicorn's FORWARDED_ALLOW_IPS for the configured TEXTGEN_TRUSTED_PROXIES ('' = trust nobody); only
+    needed where the app cannot take the decision over itself (Ray Serve's HTTP proxy)."""
     from textgen.config import load_settings
 
     return ",".join(str(network) for network in parse_networks(load_settings().trusted_proxies))
@@ -330,5 +469,5 @@ def owner_id_of(scope: Mapping[str, Any]) -> str:
     return caller_of(scope).owner_id
 
 
-if __name__ == "__main__":  # `python -m textgen.access`: the value for uvicorn's --forwarded-allow-ips
+if __name__ == "__main__":  # `python -m textgen.access`: the value for Ray's FORWARDED_ALLOW_IPS
     sys.stdout.write(forwarded_allow_ips() + "\n")

@@ -15,8 +15,8 @@ from textgen.access import (
     AccessPolicy,
     FailedKeyLimiter,
     bind_host_from_argv,
+    warn_about_short_keys,
     warn_if_exposed_without_keys,
-    warn_if_uvicorn_trusts_other_proxies,
 )
 from textgen.backends import build_backends
 from textgen.batches import Batches, open_batches
@@ -115,7 +115,7 @@ async def build_state(
     content_filter = ContentFilter.from_sources(settings.blocked_words, settings.blocked_words_file)
     access = AccessPolicy.from_settings(settings)
     warn_if_exposed_without_keys(access, bind_host_from_argv())
-    warn_if_uvicorn_trusts_other_proxies(access)
+    warn_about_short_keys(access)
     backends = build_backends(settings)
     store, rate_limiter = backends.store, backends.rate_limiter
     await store.open()

@@ -1,29 +1,36 @@
-"""Who the caller is behind a real uvicorn started the way the Procfile and ``make run`` start it.
+"""Who the caller is behind a real uvicorn, started exactly the way operators start it.
 
-uvicorn rewrites the client address from X-Forwarded-For for the peers it trusts (loopback, by
-default) before the app sees it; the Procfile and the Makefile pass ``--forwarded-allow-ips`` from
-``python -m textgen.access`` (TEXTGEN_TRUSTED_PROXIES), so a loopback caller cannot pick its own
-rate-limit bucket unless it is a configured proxy.
+uvicorn wraps every app in its ``ProxyHeadersMiddleware``, which rewrites the client address from
+X-Forwarded-For for the peers in ``--forwarded-allow-ips`` (loopback by default) before the app sees
+it. The app takes that decision back at start-up (``textgen.api.security``): the client is the socket
+peer unless that peer is one of TEXTGEN_TRUSTED_PROXIES, whatever uvicorn was told. So a caller on
+loopback cannot pick its own rate-limit or failed-key bucket under plain ``uvicorn main:app``, one
+worker or several, while a proxy the operator listed in TEXTGEN_TRUSTED_PROXIES is believed.
+
+Each test starts a real uvicorn subprocess on the tiny GPT-2 (a few seconds each: marked ``server``).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BODY = {"prompt": "The future of AI is", "max_new_tokens": 1}
+KEY = "right-key-0123456789abcdef"
+PLAIN = "uvicorn main:app --port $PORT"  # what main.py's docstring and the README say, on a free port
 
 
 def procfile_command() -> str:
@@ -32,35 +39,33 @@ def procfile_command() -> str:
     return line.removeprefix("web: ")
 
 
-def test_the_procfile_and_make_run_pass_the_trusted_proxies_to_uvicorn() -> None:
-    assert '--forwarded-allow-ips "$(python -m textgen.access)"' in procfile_command()
+def makefile_run_command() -> str:
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
-    run_recipe = makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
-    assert '--forwarded-allow-ips "$$($(PY) -m textgen.access)"' in run_recipe
+    return makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
 
 
-def test_textgen_access_prints_uvicorns_forwarded_allow_ips(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
+def test_the_procfile_and_make_run_start_plain_uvicorn() -> None:
+    """Nothing to keep in step with TEXTGEN_TRUSTED_PROXIES: the app decides, whatever uvicorn was told."""
+    assert procfile_command() == "uvicorn main:app --host 0.0.0.0 --port ${PORT:-8000}"
+    assert "$(VENV)/bin/uvicorn main:app --host $(HOST) --port $(PORT)\n" in makefile_run_command() + "\n"
+    assert "forwarded-allow-ips" not in procfile_command() + makefile_run_command()
 
-    def printed(extra: dict[str, str]) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "textgen.access"],
-            cwd=tmp_path,
-            env={**env, "PYTHONPATH": str(ROOT), **extra},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return done.stdout.strip()
 
-    assert printed({}) == ""  # nobody: the socket peer is the client
-    assert printed({"TEXTGEN_TRUSTED_PROXIES": "10.0.0.5, 10.1.0.0/16"}) == "10.0.0.5/32,10.1.0.0/16"
-    (tmp_path / ".env").write_text("TEXTGEN_TRUSTED_PROXIES=192.0.2.1\n", encoding="utf-8")
-    assert printed({}) == "192.0.2.1/32"
+@dataclass
+class Served:
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
 
 @contextmanager
-def procfile_server(tmp_path: Path, tiny_model_dir: Path, **settings: str) -> Iterator[str]:
+def uvicorn_server(
+    tmp_path: Path, tiny_model_dir: Path, command: str, *, workers: int = 1, **settings: str
+) -> Iterator[Served]:
+    """``command`` (a shell line that reads $PORT) from the repo root, with no FORWARDED_ALLOW_IPS and no
+    TEXTGEN_ settings but ``settings``; waits until every worker is ready, kills the group afterwards."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_") and k != "FORWARDED_ALLOW_IPS"}
     env.update(
@@ -74,25 +79,25 @@ def procfile_server(tmp_path: Path, tiny_model_dir: Path, **settings: str) -> It
         HF_HUB_OFFLINE="1",
         **settings,
     )
-    # The Procfile binds 0.0.0.0; the test only talks to it over loopback.
-    log = (tmp_path / "server.log").open("wb")
+    served = Served(f"http://127.0.0.1:{port}", tmp_path / f"server-{port}.log")
+    log = served.log_path.open("wb")
     proc = subprocess.Popen(
-        ["bash", "-c", "exec " + procfile_command()], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        ["bash", "-c", "exec " + command], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            assert proc.poll() is None, served.log()
             try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
+                ready = httpx.get(f"{served.url}/ready", timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                ready = False
+            if ready and served.log().count("Application startup complete.") >= workers:
+                break
+            assert time.monotonic() < deadline, served.log()
             time.sleep(0.2)
-        yield url
+        yield served
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -103,20 +108,88 @@ def procfile_server(tmp_path: Path, tiny_model_dir: Path, **settings: str) -> It
         log.close()
 
 
-def _statuses(url: str, forwarded: list[str]) -> list[int]:
+def rotated(count: int, prefix: str = "203.0.113.") -> list[str]:
+    return [f"{prefix}{i + 1}" for i in range(count)]
+
+
+def generate_statuses(url: str, forwarded: list[str]) -> list[int]:
     with httpx.Client(base_url=url, timeout=60) as client:
         return [client.post("/generate", json=BODY, headers={"X-Forwarded-For": ip}).status_code for ip in forwarded]
 
 
-def test_rpm_holds_against_x_forwarded_for_behind_the_procfile_uvicorn(tmp_path: Path, tiny_model_dir: Path) -> None:
-    with procfile_server(tmp_path, tiny_model_dir, TEXTGEN_RATE_LIMIT_RPM="2") as url:
-        assert _statuses(url, ["203.0.113.1", "203.0.113.2", "203.0.113.3"]) == [200, 200, 429]
-    log = (tmp_path / "server.log").read_text()
-    assert not re.search(r"uvicorn believes X-Forwarded-For", log), log
+def assert_limited_to_one_bucket(statuses: list[int], rpm: int) -> None:
+    """One caller under ``rpm``: fixed one-minute windows, so a run that crosses a minute boundary may
+    get a second window's worth (the requests here take seconds, so never a third)."""
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses[0] == 200 and statuses.count(200) <= 2 * rpm, statuses
 
 
-def test_a_trusted_proxy_is_believed_behind_the_procfile_uvicorn(tmp_path: Path, tiny_model_dir: Path) -> None:
-    settings = {"TEXTGEN_RATE_LIMIT_RPM": "2", "TEXTGEN_TRUSTED_PROXIES": "127.0.0.1"}
-    with procfile_server(tmp_path, tiny_model_dir, **settings) as url:
-        assert _statuses(url, ["203.0.113.1", "203.0.113.2", "203.0.113.3"]) == [200, 200, 200]
-        assert _statuses(url, ["198.51.100.9"] * 3) == [200, 200, 429]
+@pytest.mark.server
+def test_plain_uvicorn_does_not_let_a_loopback_caller_pick_its_rate_limit_bucket(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    with uvicorn_server(tmp_path, tiny_model_dir, PLAIN, TEXTGEN_RATE_LIMIT_RPM="5") as served:
+        statuses = generate_statuses(served.url, rotated(20))
+        log = served.log()
+    assert_limited_to_one_bucket(statuses, rpm=5)  # before the fix: 20/20 passed
+    assert "X-Forwarded-For is believed from nobody" in log, log
+
+
+@pytest.mark.server
+def test_plain_uvicorn_throttles_wrong_key_guesses_from_rotated_addresses(tmp_path: Path, tiny_model_dir: Path) -> None:
+    settings = {"TEXTGEN_API_KEYS": KEY, "TEXTGEN_AUTH_FAILURES_PER_MINUTE": "5"}
+    with (
+        uvicorn_server(tmp_path, tiny_model_dir, PLAIN, **settings) as served,
+        httpx.Client(base_url=served.url, timeout=60) as client,
+    ):
+        guesses = [
+            client.get("/jobs", headers={"Authorization": f"Bearer guess-{i}", "X-Forwarded-For": ip}).status_code
+            for i, ip in enumerate(rotated(20))
+        ]
+        # Someone else behind the same address (a NAT, the same proxy) with the right key is not locked out.
+        valid = client.get("/jobs", headers={"Authorization": f"Bearer {KEY}", "X-Forwarded-For": "203.0.113.99"})
+        log = served.log()
+    assert guesses == [401] * 5 + [429] * 15  # before the fix: 20 x 401, never throttled
+    assert valid.status_code == 200
+    assert log.count("Locking out missing or invalid API keys from 127.0.0.1") == 1, log
+    assert "guess-" not in log and KEY not in log
+
+
+@pytest.mark.server
+def test_two_workers_do_not_believe_x_forwarded_for_either(tmp_path: Path, tiny_model_dir: Path) -> None:
+    command = PLAIN + " --workers 2"
+    with uvicorn_server(tmp_path, tiny_model_dir, command, workers=2, TEXTGEN_RATE_LIMIT_RPM="5") as served:
+        statuses = generate_statuses(served.url, rotated(20))
+    assert_limited_to_one_bucket(statuses, rpm=5)  # the limiter lives in the shared SQLite file
+
+
+@pytest.mark.server
+def test_uvicorn_told_to_trust_a_proxy_the_service_does_not_is_overruled_with_a_warning(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    command = PLAIN + " --proxy-headers --forwarded-allow-ips '*'"
+    with uvicorn_server(tmp_path, tiny_model_dir, command, TEXTGEN_RATE_LIMIT_RPM="5") as served:
+        statuses = generate_statuses(served.url, rotated(20))
+        log = served.log()
+    assert_limited_to_one_bucket(statuses, rpm=5)
+    assert "set TEXTGEN_TRUSTED_PROXIES" in log, log
+
+
+@pytest.mark.server
+def test_a_proxy_the_operator_configured_is_believed(tmp_path: Path, tiny_model_dir: Path) -> None:
+    command = PLAIN + " --proxy-headers --forwarded-allow-ips 127.0.0.1"
+    settings = {"TEXTGEN_RATE_LIMIT_RPM": "5", "TEXTGEN_TRUSTED_PROXIES": "127.0.0.1"}
+    with uvicorn_server(tmp_path, tiny_model_dir, command, **settings) as served:
+        distinct = generate_statuses(served.url, rotated(12))
+        same = generate_statuses(served.url, ["198.51.100.9"] * 12)
+        log = served.log()
+    assert distinct == [200] * 12  # twelve callers, one request each
+    assert_limited_to_one_bucket(same, rpm=5)  # one caller behind the proxy
+    assert "set TEXTGEN_TRUSTED_PROXIES" not in log, log
+
+
+@pytest.mark.server
+def test_the_procfile_command_believes_only_the_configured_proxies(tmp_path: Path, tiny_model_dir: Path) -> None:
+    with uvicorn_server(tmp_path, tiny_model_dir, procfile_command(), TEXTGEN_RATE_LIMIT_RPM="5") as served:
+        statuses = generate_statuses(served.url, rotated(12))
+    assert_limited_to_one_bucket(statuses, rpm=5)

@@ -62,3 +62,5 @@ def test_uvicorn_mismatch_warning(caplog: pytest.LogCaptureFixture) -> None:
     assert not warn_if_uvicorn_trusts_other_proxies(proxied, ["uvicorn", "--forwarded-allow-ips=10.0.0.5"], {})
     assert warn_if_uvicorn_trusts_other_proxies(proxied, ["uvicorn", "--forwarded-allow-ips", "*"], {})
     assert not warn_if_uvicorn_trusts_other_proxies(none, ["/usr/bin/pytest"], {})  # not uvicorn: nothing to say
+    assert not warn_if_uvicorn_trusts_other_proxies(none, ["/usr/bin/pytest", "-k", "uvicorn"], {})
+    assert warn_if_uvicorn_trusts_other_proxies(none, ["/srv/.venv/bin/uvicorn", "main:app"], {})

@@ -1,10 +1,13 @@
-"""Access control and request hygiene as pure ASGI middleware: API keys, body size, CORS.
+"""Access control and request hygiene as pure ASGI middleware: client address, API keys, body size, CORS.
 
 Each reads its settings from the app state built in the lifespan, so nothing is decided at import
 time. Keys are compared in constant time, never logged, and a failure says nothing about which keys
-exist. The caller (``textgen.access.Caller``) is recorded as ``scope["state"]["caller"]`` and its
-rate-limit key as ``scope["state"]["principal"]``. ``AccessPolicy`` lives in ``textgen.access`` and is
-re-exported here for existing imports.
+exist. The client address (``AccessPolicy.client_address``: the socket peer, or what a proxy listed in
+TEXTGEN_TRUSTED_PROXIES forwarded) is decided once, outermost, and recorded as
+``scope["state"]["client_address"]``; uvicorn's own X-Forwarded-For handling is taken out at start-up
+(``take_over_forwarded_headers``) so that it cannot decide first. The caller (``textgen.access.Caller``)
+is recorded as ``scope["state"]["caller"]`` and its rate-limit key as ``scope["state"]["principal"]``.
+``AccessPolicy`` lives in ``textgen.access`` and is re-exported here for existing imports.
 """
 
 from __future__ import annotations
@@ -13,22 +16,32 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
+import sys
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.config import Config as UvicornConfig
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from textgen.access import (
+    UVICORN_DEFAULT_FORWARDED_ALLOW_IPS,
     AccessPolicy,
     FailedKeyLimiter,
+    IPNetwork,
     bind_host_from_argv,
+    describe_networks,
     is_loopback,
     owner_id_for_key,
+    trusts_other_proxies,
+    uvicorn_forwarded_allow_ips,
     warn_if_exposed_without_keys,
 )
 from textgen.api.errors import error_body, openai_error_body
 from textgen.errors import (
+    ConfigError,
     InvalidRequestError,
     PayloadTooLargeError,
     RateLimitedError,
@@ -54,10 +67,13 @@ __all__ = [
     "APIKeyMiddleware",
     "AccessPolicy",
     "BodySizeLimitMiddleware",
+    "ClientAddressMiddleware",
     "FailedKeyLimiter",
     "bind_host_from_argv",
     "is_loopback",
     "key_fingerprint",
+    "server_config_of",
+    "take_over_forwarded_headers",
     "warn_if_exposed_without_keys",
 ]
 
@@ -91,10 +107,113 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope.get("headers", [])}
 
 
+CLIENT_ADDRESS = "client_address"  # scope["state"] key: the address ClientAddressMiddleware decided
+
+
+def server_config_of(receive: Receive) -> UvicornConfig | None:
+    """The uvicorn ``Config`` serving this app, from the lifespan's ``receive`` (a bound method of
+    uvicorn's lifespan, which holds its config); None under another server or a test harness."""
+    config = getattr(getattr(receive, "__self__", None), "config", None)
+    return config if isinstance(config, UvicornConfig) else None
+
+
+def take_over_forwarded_headers(server: object | None, trusted: tuple[IPNetwork, ...]) -> None:
+    """Make the app the only judge of ``X-Forwarded-For``, before the server accepts a connection.
+
+    uvicorn wraps the app in its ``ProxyHeadersMiddleware``, which rewrites the client address from
+    X-Forwarded-For for the peers in ``--forwarded-allow-ips`` (``FORWARDED_ALLOW_IPS``; loopback by
+    default) before the app sees the request, and keeps no copy of the socket peer. So the app unwraps
+    it (connections made later use ``config.loaded_app``) and ``ClientAddressMiddleware`` decides from
+    the socket peer and TEXTGEN_TRUSTED_PROXIES alone. Where the uvicorn cannot be reached and the
+    command line says it believes other proxies than TEXTGEN_TRUSTED_PROXIES, ConfigError: refuse to
+    start rather than let a caller pick its own address.
+    """
+    ours = describe_networks(trusted) or "nobody"
+    if isinstance(server, UvicornConfig) and isinstance(server.loaded_app, ProxyHeadersMiddleware):
+        server.loaded_app = server.loaded_app.app
+        allowed = server.forwarded_allow_ips
+    elif isinstance(server, UvicornConfig) and not server.proxy_headers:
+        allowed = ""
+    else:  # no uvicorn config to take over (another server, or uvicorn's --log-level trace wrapper)
+        shown = uvicorn_forwarded_allow_ips(sys.argv, os.environ)
+        if shown is not None and trusts_other_proxies(shown, trusted):
+            raise ConfigError(
+                f"uvicorn believes X-Forwarded-For from {shown or 'nobody'!r} and the service could not take that "
+                f"decision over; start uvicorn with --forwarded-allow-ips '{describe_networks(trusted)}' "
+                "(TEXTGEN_TRUSTED_PROXIES) or --no-proxy-headers."
+            )
+        return
+    logger.info(
+        "Client address: the socket peer; X-Forwarded-For is believed from %s (TEXTGEN_TRUSTED_PROXIES).", ours
+    )
+    listed = allowed if isinstance(allowed, str) else ",".join(allowed)
+    if listed not in ("", UVICORN_DEFAULT_FORWARDED_ALLOW_IPS) and trusts_other_proxies(listed, trusted):
+        logger.warning(
+            "uvicorn was told to believe X-Forwarded-For from %r (--forwarded-allow-ips or FORWARDED_ALLOW_IPS); "
+            "the service decides the client address itself and believes it only from %s: set "
+            "TEXTGEN_TRUSTED_PROXIES to the proxies' addresses or networks to believe them.",
+            listed,
+            ours,
+        )
+
+
+class ClientAddressMiddleware:
+    """Decides each request's client address once (``AccessPolicy.client_address``) and records it as
+    ``scope["state"]["client_address"]``; a trusted proxy's forwarded client and ``X-Forwarded-Proto``
+    also replace ``scope["client"]`` and ``scope["scheme"]``, as uvicorn would, so its access log shows
+    them. Added outermost."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = _state(scope)
+        if scope["type"] == "http" and state is not None:
+            _decide_client_address(scope, state.access)  # type: ignore[attr-defined]
+        await self.app(scope, receive, send)
+
+
+def _decide_client_address(scope: Scope, policy: AccessPolicy) -> None:
+    peer = scope.get("client")
+    host = str(peer[0]) if peer else None
+    headers = _forwarded_headers(scope)
+    client = policy.client_address(host, headers)
+    scope.setdefault("state", {})[CLIENT_ADDRESS] = client
+    if policy.trusts(host):
+        scope["client"] = (client, 0) if client != host else peer
+        scheme = policy.forwarded_scheme(host, headers)
+        if scheme is not None:
+            scope["scheme"] = scheme
+
+
+def _forwarded_headers(scope: Scope) -> dict[str, str]:
+    """X-Forwarded-For (several header lines joined, as one list) and the last X-Forwarded-Proto."""
+    hops: list[str] = []
+    headers: dict[str, str] = {}
+    for key, value in scope.get("headers", []):
+        name = key.lower()
+        if name == b"x-forwarded-for":
+            hops.append(value.decode("latin-1"))
+        elif name == b"x-forwarded-proto":
+            headers["x-forwarded-proto"] = value.decode("latin-1")
+    if hops:
+        headers["x-forwarded-for"] = ", ".join(hops)
+    return headers
+
+
+def client_address_of(scope: Scope, policy: AccessPolicy, headers: dict[str, str]) -> str:
+    decided = scope.get("state", {}).get(CLIENT_ADDRESS)
+    if isinstance(decided, str):
+        return decided
+    peer = scope.get("client")  # ClientAddressMiddleware not installed (a bare test stack)
+    return policy.client_address(str(peer[0]) if peer else None, headers)
+
+
 class APIKeyMiddleware:
     """Identifies the caller (``scope["state"]["caller"]``, see ``textgen.access``); 401 for requests
-    without a valid key when keys are configured (exempt paths pass), every method alike; 429 for a
-    client address that sent too many wrong keys in the last minute."""
+    without a valid key when keys are configured (exempt paths pass), every method alike; 429 instead of
+    401 for a client address that sent too many missing or wrong keys in the last minute. A valid key is
+    always checked and always accepted: others' failures never lock it out."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -116,20 +235,19 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
-        peer = scope.get("client")
-        client = policy.client_address(peer[0] if peer else None, headers)
-        guarded = policy.enabled and path not in policy.exempt_paths
-        if guarded:
-            wait_s = failures.retry_after_s(client)
-            if wait_s is not None:
-                await _send_error(scope, receive, send, _too_many_failures(wait_s))
-                return
+        client = client_address_of(scope, policy, headers)
+        failures.sweep()  # logs the end of lockouts that are over (at most once a second does any work)
         try:
-            caller = policy.identify(scope["path"], headers.get("authorization"), peer[0] if peer else None, headers)
+            caller = policy.caller(path, headers.get("authorization"), client)
         except UnauthorizedError as error:
-            count = failures.record(client)
+            failure = failures.record(client)
+            if failure.retry_after_s is not None:  # locked out: counted, logged when it starts and ends
+                await _send_error(scope, receive, send, _too_many_failures(failure.retry_after_s))
+                return
             # Never the attempted key: only where it came from and how often.
-            logger.warning("Rejected a missing or invalid API key from %s (%d in the last minute)", client, count)
+            logger.warning(
+                "Rejected a missing or invalid API key from %s (%d in the last minute)", client, failure.count
+            )
             await _send_error(scope, receive, send, error)
             return
         scope.setdefault("state", {})["caller"] = caller
@@ -140,7 +258,7 @@ class APIKeyMiddleware:
 def _too_many_failures(wait_s: float) -> RateLimitedError:
     return RateLimitedError(
         "Too many requests with a missing or invalid API key from this address "
-        "(TEXTGEN_AUTH_FAILURES_PER_MINUTE); retry after the time in the Retry-After header.",
+        "(TEXTGEN_AUTH_FAILURES_PER_MINUTE); check the key, then retry after the time in the Retry-After header.",
         retry_after_s=wait_s,
     )
 
