@@ -1,4 +1,5 @@
-"""The constraint sandbox: a child process that checks a constraint before the server compiles it.
+"""Where constraints are made safe to compile: a sandbox child process that checks a constraint first,
+and the large-stack threads the server then compiles it on (``CompileThreads``).
 
 Why a process: llguidance (Rust) recurses while it lowers a grammar, and a deep enough input (a JSON
 schema whose ``$ref`` s chain ~1,000 definitions, a Lark grammar chaining ~2,800 rules) overflows an
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import resource
 import select
 import signal
@@ -30,6 +32,8 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import llguidance
@@ -37,6 +41,8 @@ import llguidance
 logger = logging.getLogger(__name__)
 
 SANDBOX_STACK_BYTES = 8 * 1024 * 1024  # the stack a check runs on in the child
+COMPILE_THREADS = 2  # the server's compile threads (``CompileThreads``)
+COMPILE_STACK_BYTES = 256 * 1024 * 1024  # their stack: 32x the sandbox's
 SANDBOX_MEMORY_BYTES = 2 * 1024 * 1024 * 1024  # address space cap of the child (Rust aborts past it)
 DEFAULT_TIMEOUT_S = 10.0
 VERDICT_CACHE_SIZE = 1024
@@ -207,6 +213,57 @@ class SandboxClient:
             "The constraint sandbox died checking a %s constraint: %s; it restarts on the next one", kind, reason
         )
         raise SandboxDiedError(reason)
+
+
+# -- the server's compile threads ---------------------------------------------------------------------------
+
+
+class CompileThreads:
+    """Threads with a large stack that run grammar compiles (``threading.stack_size`` applies to the
+    threads created while it is set, so they are made here, once, under a lock)."""
+
+    _creating = threading.Lock()
+
+    def __init__(self, count: int = COMPILE_THREADS, stack_bytes: int = COMPILE_STACK_BYTES) -> None:
+        self._count = count
+        self._stack_bytes = stack_bytes
+        self._work: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._started = threading.Lock()
+
+    def submit(self, work: Callable[[], Any]) -> Future[Any]:
+        self._start()
+        future: Future[Any] = Future()
+        self._work.put((work, future))
+        return future
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._work.put(None)
+
+    def _start(self) -> None:
+        with self._started:
+            if self._threads:
+                return
+            with CompileThreads._creating:
+                previous = threading.stack_size(self._stack_bytes)
+                try:
+                    for n in range(self._count):
+                        thread = threading.Thread(target=self._serve, name=f"textgen-grammar-{n}", daemon=True)
+                        thread.start()
+                        self._threads.append(thread)
+                finally:
+                    threading.stack_size(previous)
+
+    def _serve(self) -> None:
+        while (item := self._work.get()) is not None:
+            work, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(work())
+            except BaseException as error:  # handed to the waiting caller
+                future.set_exception(error)
 
 
 if __name__ == "__main__":

@@ -40,12 +40,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -57,7 +55,7 @@ import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from textgen.engine.constraint_limits import check_constraint_limits, check_schema_value
-from textgen.engine.constraint_sandbox import SandboxClient, SandboxDiedError, llguidance_grammar
+from textgen.engine.constraint_sandbox import CompileThreads, SandboxClient, SandboxDiedError, llguidance_grammar
 from textgen.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -66,8 +64,6 @@ ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "gramm
 CONSTRAINT_FIELDS: tuple[ConstraintKind, ...] = ("json_schema", "regex", "choice", "grammar")
 DEFAULT_CACHE_SIZE = 128
 MAX_ERROR_CHARS = 600
-COMPILE_THREADS = 2
-COMPILE_STACK_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -171,54 +167,6 @@ class RowConstraint:
     @property
     def error(self) -> str:
         return str(self.matcher.get_error())
-
-
-class CompileThreads:
-    """Threads with a large stack that run grammar compiles (``threading.stack_size`` applies to the
-    threads created while it is set, so they are made here, once, under a lock)."""
-
-    _creating = threading.Lock()
-
-    def __init__(self, count: int = COMPILE_THREADS, stack_bytes: int = COMPILE_STACK_BYTES) -> None:
-        self._count = count
-        self._stack_bytes = stack_bytes
-        self._work: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._started = threading.Lock()
-
-    def submit(self, work: Callable[[], Any]) -> Future[Any]:
-        self._start()
-        future: Future[Any] = Future()
-        self._work.put((work, future))
-        return future
-
-    def close(self) -> None:
-        for _ in self._threads:
-            self._work.put(None)
-
-    def _start(self) -> None:
-        with self._started:
-            if self._threads:
-                return
-            with CompileThreads._creating:
-                previous = threading.stack_size(self._stack_bytes)
-                try:
-                    for n in range(self._count):
-                        thread = threading.Thread(target=self._serve, name=f"textgen-grammar-{n}", daemon=True)
-                        thread.start()
-                        self._threads.append(thread)
-                finally:
-                    threading.stack_size(previous)
-
-    def _serve(self) -> None:
-        while (item := self._work.get()) is not None:
-            work, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(work())
-            except BaseException as error:  # handed to the waiting caller
-                future.set_exception(error)
 
 
 class GrammarCompiler:

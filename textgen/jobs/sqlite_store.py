@@ -323,8 +323,8 @@ def _requeue_expired(conn: sqlite3.Connection, max_attempts: int, clock: Clock) 
         now = clock()
         # A job whose process died while it was marked (set_phase) is failed at once, not retried.
         failed = conn.execute(
-            "UPDATE jobs SET state = 'failed', error = ? || phase || ?, finished_at = ?, lease_until = NULL, "
-            f"{_WEBHOOK_DUE} WHERE state = 'running' AND lease_until < ? AND phase IS NOT NULL",
+            "UPDATE jobs SET state = 'failed', error = ? || phase || ?, phase = NULL, finished_at = ?, "
+            f"lease_until = NULL, {_WEBHOOK_DUE} WHERE state = 'running' AND lease_until < ? AND phase IS NOT NULL",
             (DIED_IN_PHASE_PREFIX, DIED_IN_PHASE_SUFFIX, now, now),
         ).rowcount
         failed += conn.execute(
