@@ -20,6 +20,7 @@ Protocol: one JSON object per line each way. Request ``{"kind": ..., "spec": ...
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -129,11 +130,11 @@ class SandboxClient:
         self.checks = 0
         self._lock = threading.Lock()
         self._child: subprocess.Popen[bytes] | None = None
-        self._verdicts: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._verdicts: OrderedDict[bytes, str] = OrderedDict()
 
     def check(self, kind: str, spec: str) -> str:
         """'' if the child accepted the constraint, else its reason; SandboxDiedError if it died."""
-        key = (kind, spec)
+        key = hashlib.sha256(f"{kind}\0{spec}".encode("utf-8", "surrogatepass")).digest()  # not the spec: memory
         with self._lock:
             verdict = self._verdicts.get(key)
             if verdict is not None:
@@ -238,8 +239,11 @@ class CompileThreads:
         return future
 
     def close(self) -> None:
-        for _ in self._threads:
-            self._work.put(None)
+        """The threads finish the work queued so far and end (a later ``submit`` starts new ones)."""
+        with self._started:
+            for _ in self._threads:
+                self._work.put(None)
+            self._threads = []
 
     def _start(self) -> None:
         with self._started:

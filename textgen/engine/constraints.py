@@ -5,8 +5,8 @@ Three pieces, one per moment of a request's life:
 
 - ``Constraint`` — what the client asked for (kind + text); hashable, travels in ``SamplingParams``.
 - ``GrammarCompiler.compile`` — validates and compiles a constraint for this model's tokenizer into a
-  ``CompiledGrammar``; done before the request is queued (routes run it in a worker thread, so it
-  blocks neither the event loop nor the inference thread), cached per distinct constraint (LRU,
+  ``CompiledGrammar``; done before the request is queued (``compile_async`` on a compile thread, so
+  it blocks neither the event loop nor the inference thread), cached per distinct constraint (LRU,
   bounded). An invalid schema, regex or grammar is an ``InvalidRequestError`` naming the problem.
 - ``RowConstraint`` — one admitted row's parser state (a cheap copy of the compiled template),
   advanced in ``SequenceState.accept``; ``apply_token_masks`` masks the logits of constrained rows
@@ -29,6 +29,13 @@ an uncached constraint passes three gates, each of which alone would stop the is
    ``COMPILE_THREADS`` threads created with a ``COMPILE_STACK_BYTES`` (256 MiB, 32x the sandbox's)
    stack: what validated on 8 MiB has a wide margin here. Memory is reserved, not committed, so the
    large stacks cost only what a compile touches.
+
+Why both a sandbox and large stacks, rather than one: the sandbox alone would leave the in-process
+compile on an ordinary 8 MiB thread, where a constraint that the tokenizer-less check passes with
+little room to spare could still overflow; large stacks alone only move the threshold, and nothing
+proves an input stays under it. Together, the only inputs that reach the server's compiler are ones
+that compiled on a thirty-second of its stack. Measured cost: ~0.1 s to start a sandbox
+(lazily, and again after a death), one pipe round trip per new constraint; verdicts are cached.
 
 Compilation never runs on the event loop: ``compile_async`` waits on the compile thread, and
 ``cached`` is the only thing a caller on the loop may use. The job runner additionally marks a job
