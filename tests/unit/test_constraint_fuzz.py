@@ -190,5 +190,5 @@ def _schema_constraint(schema: dict[str, Any]) -> Any:
 
 
 if __name__ == "__main__":
-    sys.setrecursionlimit(10_000)  # hypothesis builds the deep examples recursively; the compile path does not
+    sys.setrecursionlimit(10_000)  # json.dumps of the deepest schemas once the nesting limit is loosened
     print(json.dumps(_fuzz(sys.argv[1])))

@@ -9,16 +9,21 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from tests.constraint_attacks import chained_lark_grammar, deep_ref_schema
 from tests.structured import random_schemas
+from textgen.content_filter import ContentFilter
 from textgen.engine import constraint_limits as limits
 from textgen.engine.constraint_sandbox import COMPILE_STACK_BYTES, SandboxClient, SandboxDiedError
 from textgen.engine.constraints import Constraint, GrammarCompiler
-from textgen.errors import InvalidRequestError
+from textgen.engine.types import Priority, SamplingParams
+from textgen.errors import InvalidRequestError, QueueFullError
+from textgen.generation import GenerationService
+from textgen.metrics import Metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -238,3 +243,21 @@ def test_the_compile_threads_stack_holds_what_an_8_mib_one_cannot(where: str, su
         assert done.returncode == 0 and done.stdout.strip() == "''", done.stderr[-2000:]
     else:
         assert done.returncode < 0, (done.returncode, done.stderr[-2000:])
+
+
+def test_submit_on_the_event_loop_never_compiles(make_settings: Any) -> None:
+    """MEDIUM 7: ``submit`` runs on the event loop; a constraint that ``prepare`` did not leave in the
+    cache is a 503 to retry, never a compile there."""
+
+    def compile_on_the_loop(constraint: Constraint) -> Any:
+        raise AssertionError("compiled on the event loop")
+
+    class Engine:
+        name = "batched"
+        grammars = SimpleNamespace(cached=lambda constraint: None, compile=compile_on_the_loop)
+
+    service = GenerationService(Engine(), ContentFilter([]), make_settings(), "tiny", Metrics())  # type: ignore[arg-type]
+    params = SamplingParams(constraint=Constraint.regex("[a-z]+"))
+    with pytest.raises(QueueFullError) as caught:
+        service.submit("Hello", params, "req-1", Priority.INTERACTIVE)
+    assert caught.value.status_code == 503 and caught.value.retry_after_s == 1
