@@ -7,11 +7,14 @@ one ``GenerationService``, so a rule such as "filter prompts and outputs" has ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +23,7 @@ from models import TokenLogprob as TokenLogprobView
 from models import TopLogprob as TopLogprobView
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter, StreamingFilter
-from textgen.engine.constraints import CompiledGrammar, GrammarCompiler, constraint_from_fields
+from textgen.engine.constraints import CompiledGrammar, Constraint, GrammarCompiler, constraint_from_fields
 from textgen.engine.types import (
     Engine,
     EngineLimits,
@@ -32,7 +35,7 @@ from textgen.engine.types import (
     TokenLogprob,
     TopLogprob,
 )
-from textgen.errors import ContentRejectedError, InvalidRequestError, RateLimitedError
+from textgen.errors import ContentRejectedError, InvalidRequestError, QueueFullError, RateLimitedError
 from textgen.metrics import Metrics
 from textgen.ratelimit import NoRateLimit, RateLimiter, Reservation
 
@@ -40,6 +43,13 @@ logger = logging.getLogger(__name__)
 
 PROMPT_REJECTED = "The prompt was rejected by the content filter."
 OUTPUT_REJECTED = "The generated text was withheld by the content filter."
+COMPILING_PHASE = "compiling its constraint"
+
+# Work that could kill the process (compiling a new constraint) is announced through this marker when
+# one is set: the job runner sets it for the task running a job, and records the phase in the job
+# store while the work runs, so a job whose processing killed a process is failed, not retried.
+RiskyPhase = Callable[[str], AbstractAsyncContextManager[None]]
+risky_phase: ContextVar[RiskyPhase | None] = ContextVar("textgen_risky_phase", default=None)
 
 
 def prompt_fingerprint(prompt: str) -> str:
@@ -188,12 +198,24 @@ class GenerationService:
     async def prepare(self, params: SamplingParams) -> CompiledGrammar | None:
         """Check and compile the request's constraint before anything is queued (400 naming the problem).
 
-        Compilation runs in a worker thread (neither the event loop nor the inference thread waits for
+        Compilation runs on a compile thread (neither the event loop nor the inference thread waits for
         it) and is cached, so the ``submit`` that follows finds it ready."""
         grammars = self._grammars(params)
         if grammars is None or params.constraint is None:
             return None
-        return await asyncio.to_thread(grammars.compile, params.constraint)
+        return await self.compile_constraint(grammars, params.constraint)
+
+    async def prepare_constraint(self, constraint: Constraint | None) -> CompiledGrammar | None:
+        """``prepare`` for a constraint alone (batch lines, before their choices are submitted)."""
+        return await self.prepare(SamplingParams(constraint=constraint))
+
+    async def compile_constraint(self, grammars: GrammarCompiler, constraint: Constraint) -> CompiledGrammar:
+        found = grammars.cached(constraint)
+        if found is not None:
+            return found
+        mark = risky_phase.get()
+        async with mark(COMPILING_PHASE) if mark is not None else contextlib.nullcontext():
+            return await grammars.compile_async(constraint)
 
     async def prepare_request(self, body: TextGenerationRequest) -> None:
         await self.prepare(sampling_params_from(body))
@@ -206,15 +228,25 @@ class GenerationService:
         priority: Priority,
         timeout_s: float | None = None,
     ) -> Handle:
+        """Queue a request whose constraint ``prepare`` compiled (it is never compiled here: this runs
+        on the event loop)."""
         grammars = self._grammars(params)
+        grammar = None
+        if grammars is not None and params.constraint is not None:
+            grammar = grammars.cached(params.constraint)
+            if grammar is None:
+                # Only if more distinct constraints than the cache holds were compiled between this
+                # request's prepare() and now.
+                raise QueueFullError(
+                    "The server is compiling many different constraints; retry this request.", retry_after_s=1
+                )
         request = GenerationRequest(
             prompt=prompt,
             params=params,
             request_id=request_id,
             priority=priority,
             timeout_s=timeout_s or self.settings.request_timeout_s,
-            # A cache hit after prepare(); a job whose grammar was evicted compiles here.
-            grammar=None if grammars is None or params.constraint is None else grammars.compile(params.constraint),
+            grammar=grammar,
         )
         return self.engine.submit(request)
 

@@ -38,10 +38,10 @@ from textgen.errors import (
     PromptTooLongError,
     TextGenError,
 )
-from textgen.generation import OUTPUT_REJECTED, GenerationService
+from textgen.generation import COMPILING_PHASE, OUTPUT_REJECTED, GenerationService
 from textgen.jobs.runner import JobRunner, owner_is_alive, process_owner_id
 from textgen.jobs.sqlite_store import SQLiteJobStore
-from textgen.jobs.store import Job, JobState
+from textgen.jobs.store import Job, JobState, died_in_phase_error
 from textgen.metrics import Metrics
 
 POLL_S = 0.05
@@ -521,6 +521,63 @@ async def test_start_requeues_orphans_of_a_dead_process(
     assert untouched.state is JobState.RUNNING
     assert untouched.owner == remote_owner
     assert len(engine.submitted) == 1
+
+
+class BlockingGrammars:
+    """A constraint compiler whose compiles wait until the test lets them finish (or fail)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.compiled: dict[object, object] = {}
+
+    def cached(self, constraint: object) -> object | None:
+        return self.compiled.get(constraint)
+
+    async def compile_async(self, constraint: object) -> object:
+        self.started.set()
+        await self.release.wait()
+        self.compiled[constraint] = object()
+        return self.compiled[constraint]
+
+
+async def test_the_runner_marks_a_job_while_it_compiles_its_constraint(
+    store: SQLiteJobStore, engine: FakeEngine, make_runner: RunnerFactory
+) -> None:
+    grammars = BlockingGrammars()
+    engine.grammars = grammars  # type: ignore[attr-defined]
+    job = await create_job(store, json_schema={"type": "object"})
+    await make_runner().start()
+    await asyncio.wait_for(grammars.started.wait(), WAIT_S)
+    assert (await store.get(job.id)).phase == COMPILING_PHASE  # durable before the compile runs
+    grammars.release.set()
+    await wait_until(lambda: len(engine.handles) == 1)
+    assert (await store.get(job.id)).phase is None  # cleared before generating: a kill -9 now is retried
+    engine.handles[0].finish(make_result())
+    assert (await wait_for_state(store, job.id, JobState.SUCCEEDED)).phase is None
+
+
+async def test_a_job_whose_process_died_compiling_is_failed_at_once_not_retried(
+    store: SQLiteJobStore, engine: FakeEngine, make_runner: RunnerFactory
+) -> None:
+    """The crash loop of issue 20: one bad constraint killed three processes in turn. Now the first
+    death fails the job (attempt 1 of 3), while a job killed mid-generation is still run again."""
+    dead_owner = f"{socket.gethostname()}:{dead_pid()}:abcd1234"
+    crashing = await create_job(store, prompt="crashing", json_schema={"type": "object"})
+    assert (await store.claim_next(dead_owner, 30.0)) is not None
+    assert await store.set_phase(crashing.id, dead_owner, COMPILING_PHASE)  # what the dead runner recorded
+    generating = await create_job(store, prompt="generating")
+    assert (await store.claim_next(dead_owner, 30.0)) is not None
+
+    runner = make_runner(max_attempts=3)
+    await runner.start()
+    failed = await store.get(crashing.id)
+    assert failed.state is JobState.FAILED and failed.attempts == 1
+    assert failed.error == died_in_phase_error(COMPILING_PHASE)
+    await wait_until(lambda: len(engine.handles) == 1)
+    assert [r.prompt for r in engine.submitted] == ["generating"]  # the crashing job never runs again
+    engine.handles[0].finish(make_result())
+    assert (await wait_for_state(store, generating.id, JobState.SUCCEEDED)).attempts == 2
 
 
 # --- leases ------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from textgen.jobs.store import (
     JobStore,
     WebhookState,
     abandoned_error,
+    died_in_phase_error,
 )
 from textgen.storage.url import REDIS_FORMS
 
@@ -344,6 +345,54 @@ async def test_renewed_lease_is_not_requeued(store: JobStore, store_clock: Store
         assert await store.renew("w1", [job.id], SHORT) == {job.id}
         assert await store.requeue_expired(max_attempts=1) == (0, 0)
     assert (await store.get(job.id)).state is JobState.RUNNING
+
+
+async def test_job_dead_in_a_marked_phase_is_failed_not_requeued(store: JobStore, store_clock: StoreClock) -> None:
+    """A process that died while its job was marked (compiling a constraint) fails the job at its first
+    death, whatever its attempts, so a request that crashes the server is not retried into a loop."""
+    risky, plain = await _make(store, 2)
+    await _claim(store, "w1", lease_s=SHORT)
+    await _claim(store, "w1", lease_s=SHORT)
+    assert await store.set_phase(risky.id, "w1", "compiling its constraint")
+    assert not await store.set_phase(risky.id, "someone-else", "x")  # only the owner marks it
+    assert (await store.get(risky.id)).phase == "compiling its constraint"
+    store_clock.advance(PAST_SHORT)
+    assert await store.requeue_expired(max_attempts=3) == (1, 1)
+    failed = await store.get(risky.id)
+    assert failed.state is JobState.FAILED and failed.attempts == 1 and failed.phase is None
+    assert failed.error == died_in_phase_error("compiling its constraint")
+    assert "died while compiling its constraint" in failed.error and failed.finished_at is not None
+    assert failed.webhook_state is None and failed.result is None
+    # A job killed outside a marked phase (mid-generation, e.g. kill -9) is re-queued as before.
+    back = await store.get(plain.id)
+    assert back.state is JobState.QUEUED and back.phase is None
+
+
+async def test_cleared_phase_is_requeued_and_requeue_clears_the_phase(store: JobStore, store_clock: StoreClock) -> None:
+    job, other = await _make(store, 2)
+    await _claim(store, "w1", lease_s=SHORT)
+    assert await store.set_phase(job.id, "w1", "compiling its constraint")
+    assert await store.set_phase(job.id, "w1", None)
+    assert (await store.get(job.id)).phase is None
+    store_clock.advance(PAST_SHORT)
+    assert await store.requeue_expired(max_attempts=3) == (1, 0)
+    assert (await store.get(job.id)).state is JobState.QUEUED
+    # A graceful stop (requeue_owned) and a release hand a marked job back unmarked.
+    again = await _claim(store, "w2")
+    assert await store.set_phase(again.id, "w2", "compiling its constraint")
+    assert await store.requeue_owned("w2") == 1
+    assert (await store.get(job.id)).phase is None
+    again = await _claim(store, "w3")
+    assert await store.set_phase(again.id, "w3", "compiling its constraint")
+    assert await store.release(again.id, "w3")
+    assert (await store.get(job.id)).phase is None
+    # Finishing clears it too, and a job that is not running cannot be marked.
+    again = await _claim(store, "w4")
+    assert await store.set_phase(again.id, "w4", "compiling its constraint")
+    assert await store.finish(again.id, "w4", JobState.SUCCEEDED, result={})
+    assert (await store.get(job.id)).phase is None
+    assert not await store.set_phase(job.id, "w4", "compiling its constraint")
+    assert not await store.set_phase(other.id, "w4", "compiling its constraint")  # queued
 
 
 # --- re-queueing -------------------------------------------------------------------------------------

@@ -178,6 +178,7 @@ class BatchedEngine:
             self._work_available.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        self.grammars.close()  # its compile threads and sandbox process
         await asyncio.sleep(0)  # let the final deliveries run
 
     @property

@@ -5,16 +5,46 @@ Three pieces, one per moment of a request's life:
 
 - ``Constraint`` — what the client asked for (kind + text); hashable, travels in ``SamplingParams``.
 - ``GrammarCompiler.compile`` — validates and compiles a constraint for this model's tokenizer into a
-  ``CompiledGrammar``; done before the request is queued (routes run it in a worker thread, so it
-  blocks neither the event loop nor the inference thread), cached per distinct constraint (LRU,
+  ``CompiledGrammar``; done before the request is queued (``compile_async`` on a compile thread, so
+  it blocks neither the event loop nor the inference thread), cached per distinct constraint (LRU,
   bounded). An invalid schema, regex or grammar is an ``InvalidRequestError`` naming the problem.
 - ``RowConstraint`` — one admitted row's parser state (a cheap copy of the compiled template),
   advanced in ``SequenceState.accept``; ``apply_token_masks`` masks the logits of constrained rows
   only, every step, before sampling. Unconstrained rows cost nothing.
+
+Compiling in bounded resources. llguidance recurses while it lowers a grammar; on an 8 MiB stack a
+JSON schema whose ``$ref`` s chain ~1,000 definitions (77 KB), or a Lark grammar chaining ~2,800 rules
+(34 KB), overflows it: SIGSEGV, the whole server gone (measured on llguidance 1.9.1 here: 700-deep ref
+chains and 2,600 rules compile, 1,000 and 2,800 crash, with or without a tokenizer; a thread with a
+256 MiB stack compiles 5,000-deep chains and 20,000 rules). A signal cannot be caught in-process, so
+an uncached constraint passes three gates, each of which alone would stop the issue's reproducers:
+
+1. ``constraint_limits``: cheap structural limits (schema size, nesting, definitions, ``$ref`` chain;
+   grammar rules and nesting; regex length), checked iteratively; a 400 naming the limit.
+2. ``constraint_sandbox``: the constraint is converted and validated by llguidance in a child process,
+   on a thread with an 8 MiB stack, under a memory cap and a timeout. If the child dies, the request
+   gets a 400 saying so and the next constraint starts a fresh child; the server never ran the input.
+   This is what makes the design hold even if the limits in 1 were looser or llguidance changes.
+3. The real compile (with this model's tokenizer; it cannot cross a process boundary) runs on one of
+   ``COMPILE_THREADS`` threads created with a ``COMPILE_STACK_BYTES`` (256 MiB, 32x the sandbox's)
+   stack: what validated on 8 MiB has a wide margin here. Memory is reserved, not committed, so the
+   large stacks cost only what a compile touches.
+
+Why both a sandbox and large stacks, rather than one: the sandbox alone would leave the in-process
+compile on an ordinary 8 MiB thread, where a constraint that the tokenizer-less check passes with
+little room to spare could still overflow; large stacks alone only move the threshold, and nothing
+proves an input stays under it. Together, the only inputs that reach the server's compiler are ones
+that compiled on a thirty-second of its stack. Measured cost: ~0.1 s to start a sandbox
+(lazily, and again after a death), one pipe round trip per new constraint; verdicts are cached.
+
+Compilation never runs on the event loop: ``compile_async`` waits on the compile thread, and
+``cached`` is the only thing a caller on the loop may use. The job runner additionally marks a job
+that compiles as being in a risky phase (``textgen.jobs``), so a death there is not retried.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -31,6 +61,8 @@ import numpy as np
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from textgen.engine.constraint_limits import check_constraint_limits, check_schema_value
+from textgen.engine.constraint_sandbox import CompileThreads, SandboxClient, SandboxDiedError, llguidance_grammar
 from textgen.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -39,9 +71,6 @@ ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "gramm
 CONSTRAINT_FIELDS: tuple[ConstraintKind, ...] = ("json_schema", "regex", "choice", "grammar")
 DEFAULT_CACHE_SIZE = 128
 MAX_ERROR_CHARS = 600
-# Compact JSON (no free whitespace): a small model otherwise tends to loop on newlines and spaces,
-# and the output is the same data.
-JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
 
 
 @dataclass(frozen=True)
@@ -53,6 +82,7 @@ class Constraint:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any]) -> Constraint:
+        check_schema_value(schema)  # before json.dumps, whose recursion a deep schema would exhaust
         return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
 
     @classmethod
@@ -106,19 +136,6 @@ def constraint_from_fields(
     return None
 
 
-def _llguidance_grammar(constraint: Constraint) -> str:
-    """The constraint as llguidance's grammar text (not yet checked)."""
-    if constraint.kind in ("json_schema", "json_object"):
-        return llguidance.LLMatcher.grammar_from_json_schema(constraint.spec, defaults=JSON_OPTIONS)
-    if constraint.kind == "regex":
-        return llguidance.LLMatcher.grammar_from_regex(constraint.spec)
-    if constraint.kind == "choice":
-        # A Lark alternation of string literals (Lark strings take JSON's escapes).
-        options = json.loads(constraint.spec)
-        return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(o) for o in options))
-    return llguidance.grammar_from("grammar", constraint.spec)  # Lark, or GBNF converted to Lark
-
-
 def _invalid(constraint: Constraint, problem: str) -> InvalidRequestError:
     problem = problem.strip()
     if len(problem) > MAX_ERROR_CHARS:
@@ -160,7 +177,10 @@ class RowConstraint:
 
 
 class GrammarCompiler:
-    """Compiles constraints for one tokenizer; thread-safe, with a bounded LRU cache."""
+    """Compiles constraints for one tokenizer; thread-safe, with a bounded LRU cache.
+
+    Every compile runs the limits, then the sandbox check, then the real compile on a compile thread
+    (see the module docstring)."""
 
     def __init__(
         self,
@@ -168,6 +188,7 @@ class GrammarCompiler:
         eos_token_ids: frozenset[int],
         vocab_size: int | None = None,
         cache_size: int = DEFAULT_CACHE_SIZE,
+        sandbox: SandboxClient | None = None,
     ) -> None:
         self._hf_tokenizer = tokenizer
         self._eos_token_ids = sorted(eos_token_ids)
@@ -177,6 +198,8 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        self.sandbox = sandbox or SandboxClient()
+        self._threads = CompileThreads()
         self.compiled = 0
         self.cache_hits = 0
 
@@ -192,14 +215,37 @@ class GrammarCompiler:
                 logger.info("Grammar tokenizer built in %.2fs", time.perf_counter() - started)
             return self._ll_tokenizer
 
-    def compile(self, constraint: Constraint) -> CompiledGrammar:
-        """Cached; raises ``InvalidRequestError`` naming the problem. Can take a while: call off-loop."""
+    def cached(self, constraint: Constraint) -> CompiledGrammar | None:
+        """The compiled grammar if it is in the cache (no work: safe on the event loop)."""
         with self._lock:
-            cached = self._cache.get(constraint)
-            if cached is not None:
+            found = self._cache.get(constraint)
+            if found is not None:
                 self._cache.move_to_end(constraint)
                 self.cache_hits += 1
-                return cached
+            return found
+
+    def compile(self, constraint: Constraint) -> CompiledGrammar:
+        """Cached; raises ``InvalidRequestError`` naming the problem. Blocks until a compile thread has
+        done it: never call it on the event loop (use ``compile_async``)."""
+        return self.cached(constraint) or self._threads.submit(lambda: self._compile_and_cache(constraint)).result()
+
+    async def compile_async(self, constraint: Constraint) -> CompiledGrammar:
+        """``compile`` for the event loop: the loop only waits."""
+        found = self.cached(constraint)
+        if found is not None:
+            return found
+        future = self._threads.submit(lambda: self._compile_and_cache(constraint))
+        result: CompiledGrammar = await asyncio.wrap_future(future)
+        return result
+
+    def close(self) -> None:
+        self._threads.close()
+        self.sandbox.close()
+
+    def _compile_and_cache(self, constraint: Constraint) -> CompiledGrammar:
+        found = self.cached(constraint)  # another thread may have compiled it meanwhile
+        if found is not None:
+            return found
         compiled = self._compile_uncached(constraint)
         with self._lock:
             self._cache[constraint] = compiled
@@ -211,8 +257,15 @@ class GrammarCompiler:
 
     def _compile_uncached(self, constraint: Constraint) -> CompiledGrammar:
         started = time.perf_counter()
+        check_constraint_limits(constraint.kind, constraint.spec)
         try:
-            grammar = _llguidance_grammar(constraint)
+            problem = self.sandbox.check(constraint.kind, constraint.spec)
+        except SandboxDiedError as died:
+            raise _invalid(constraint, f"too complex to compile: {died.reason}. Simplify it.") from None
+        if problem:
+            raise _invalid(constraint, problem)
+        try:
+            grammar = llguidance_grammar(constraint.kind, constraint.spec)
             template = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         except Exception as error:  # whatever the client's text breaks is the client's 400
             raise _invalid(constraint, str(error) or type(error).__name__) from None

@@ -47,6 +47,8 @@ from textgen.errors import (
     JobNotFoundError,
 )
 from textgen.jobs.store import (
+    DIED_IN_PHASE_PREFIX,
+    DIED_IN_PHASE_SUFFIX,
     Job,
     JobState,
     WebhookState,
@@ -110,7 +112,7 @@ end
 -- running -> queued at its old place; the caller decides about attempts
 local function requeue(id)
   local seq = move(id, 'running', 'queued')
-  redis.call('HDEL', jkey(id), 'owner', 'started_at', 'lease_until')
+  redis.call('HDEL', jkey(id), 'owner', 'started_at', 'lease_until', 'phase')
   redis.call('ZREM', zkey('leases'), id)
   redis.call('ZADD', zkey('queued'), seq, id)
 end
@@ -119,7 +121,7 @@ local function terminate(id, from, to, now_s)
   local k = jkey(id)
   move(id, from, to)
   redis.call('HSET', k, 'finished_at', now_s)
-  redis.call('HDEL', k, 'lease_until', 'webhook_owner', 'webhook_lease_until')
+  redis.call('HDEL', k, 'lease_until', 'webhook_owner', 'webhook_lease_until', 'phase')
   redis.call('ZREM', zkey('queued'), id)
   redis.call('ZREM', zkey('leases'), id)
   redis.call('ZREM', zkey('webhooks:claimed'), id)
@@ -273,12 +275,18 @@ end
 return n
 """
 
-# ARGV: prefix, max_attempts, abandoned error
+# ARGV: prefix, max_attempts, abandoned error, died-in-phase error prefix, suffix
 _REQUEUE_EXPIRED = """
 local now, now_s = clock()
 local requeued, failed = 0, 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', zkey('leases'), '-inf', '(' .. now_s)) do
-  if tonumber(redis.call('HGET', jkey(id), 'attempts') or '0') >= tonumber(ARGV[2]) then
+  local phase = redis.call('HGET', jkey(id), 'phase')
+  if phase then
+    -- its process died while it was marked (set_phase): failed at once, not retried
+    redis.call('HSET', jkey(id), 'error', ARGV[4] .. phase .. ARGV[5])
+    terminate(id, 'running', 'failed', now_s)
+    failed = failed + 1
+  elseif tonumber(redis.call('HGET', jkey(id), 'attempts') or '0') >= tonumber(ARGV[2]) then
     redis.call('HSET', jkey(id), 'error', ARGV[3])
     terminate(id, 'running', 'failed', now_s)
     failed = failed + 1
@@ -288,6 +296,15 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', zkey('leases'), '-inf', '(' .. n
   end
 end
 return {requeued, failed}
+"""
+
+# ARGV: prefix, id, owner, has_phase, phase
+_SET_PHASE = """
+local k = jkey(ARGV[2])
+local st = redis.call('HMGET', k, 'state', 'owner')
+if st[1] ~= 'running' or st[2] ~= ARGV[3] then return 0 end
+if ARGV[4] == '1' then redis.call('HSET', k, 'phase', ARGV[5]) else redis.call('HDEL', k, 'phase') end
+return 1
 """
 
 # ARGV: prefix, owner, lease_s
@@ -405,6 +422,7 @@ _SCRIPTS: dict[str, str] = {
     "running_owners": _RUNNING_OWNERS,
     "expire_leases_of": _EXPIRE_LEASES_OF,
     "requeue_expired": _REQUEUE_EXPIRED,
+    "set_phase": _SET_PHASE,
     "claim_webhook": _CLAIM_WEBHOOK,
     "record_webhook": _RECORD_WEBHOOK,
     "list": _LIST,
@@ -468,6 +486,7 @@ def _job(fields: dict[str, str]) -> Job:
         webhook_at=_float(fields.get("webhook_at")),
         tenant=fields.get("tenant", ANONYMOUS_OWNER),
         reservation=fields.get("reservation"),
+        phase=fields.get("phase"),
     )
 
 
@@ -656,6 +675,9 @@ class RedisJobStore:
             logger.info("Job %s not finished by %s: no longer running under that owner", job_id, owner)
         return done
 
+    async def set_phase(self, job_id: str, owner: str, phase: str | None) -> bool:
+        return bool(await self._call("set_phase", job_id, owner, *_optional(phase)))
+
     async def cancel(self, job_id: str, *, tenant: str | None = None) -> Job:
         reply = await self._call("cancel", job_id, tenant or "")
         if reply[0] == "missing":
@@ -683,7 +705,9 @@ class RedisJobStore:
         return int(await self._call("expire_leases_of", *dead))
 
     async def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
-        requeued, failed = await self._call("requeue_expired", max_attempts, abandoned_error(max_attempts))
+        requeued, failed = await self._call(
+            "requeue_expired", max_attempts, abandoned_error(max_attempts), DIED_IN_PHASE_PREFIX, DIED_IN_PHASE_SUFFIX
+        )
         return int(requeued), int(failed)
 
     async def position(self, job_id: str) -> int | None:

@@ -9,6 +9,12 @@ of a process that died are run again by the survivors without waiting for it to 
 dead process on this host is recognised at once. At shutdown this process hands its jobs back. A
 job's result is written only while this process still owns it, so a job is finished once.
 
+A job killed mid-generation (an operator's kill -9, a crash) is run again, up to
+``TEXTGEN_JOB_MAX_ATTEMPTS`` times. Work that can itself kill the process (compiling a new
+constraint) is different: the runner records that phase on the job for the duration
+(``JobStore.set_phase``, through ``generation.risky_phase``), and a job whose process died in it is
+failed at once with the reason instead of being retried into a crash loop.
+
 When a webhook sender is configured, the runner also claims and delivers pending webhooks.
 """
 
@@ -21,7 +27,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -35,7 +41,7 @@ from textgen.errors import (
     StoreUnavailableError,
     TextGenError,
 )
-from textgen.generation import GenerationService
+from textgen.generation import GenerationService, RiskyPhase, risky_phase
 from textgen.jobs.store import Job, JobState, JobStore, WebhookState
 from textgen.webhooks import WebhookSender
 
@@ -214,7 +220,11 @@ class JobRunner:
             why = why or "whose lease expired (their process died or hung)"
             logger.warning("Re-queued %d job(s) %s", requeued, why)
         if failed:
-            logger.error("Failed %d job(s) that lost their process %d times", failed, self._max_attempts)
+            logger.error(
+                "Failed %d job(s) whose process died during a risky step or %d times (see each job's error)",
+                failed,
+                self._max_attempts,
+            )
 
     async def _claim_available(self) -> None:
         if time.monotonic() < self._paused_until or not self._service.engine.ready:
@@ -266,9 +276,27 @@ class JobRunner:
         if purged:
             logger.info("Purged %d finished job(s) older than TEXTGEN_JOB_TTL_S", purged)
 
+    def _phase_marker(self, job: Job) -> RiskyPhase:
+        """Records a risky phase on the job while it runs (see the module docstring)."""
+
+        @contextlib.asynccontextmanager
+        async def marked(phase: str) -> AsyncIterator[None]:
+            await self._store.set_phase(job.id, self.owner, phase)
+            try:
+                yield
+            finally:
+                try:
+                    await self._store.set_phase(job.id, self.owner, None)
+                except (StoreUnavailableError, InsufficientStorageError):
+                    # The job goes on; only if this process then dies is it failed instead of retried.
+                    logger.warning("Job %s: could not clear its %r marker", job.id, phase)
+
+        return marked
+
     async def _run(self, job: Job) -> None:
         request_id = job.request_id or job.id
         logger.info("Job %s started (attempt %d)", job.id, job.attempts, extra={"request_id": request_id})
+        risky_phase.set(self._phase_marker(job))  # this task's context only
         self._service.metrics.observe_job_started(job.created_at, job.started_at)
         try:
             outcome = await self._generate(job, request_id)
@@ -293,6 +321,7 @@ class JobRunner:
             if executor is not None:
                 return await executor(job, request_id, lambda handle: self._active.__setitem__(job.id, handle))
             body = TextGenerationRequest.model_validate(job.request)
+            await self._service.prepare_request(body)  # compiles off the event loop, marked as risky
             handle = self._service.submit_request(body, request_id, Priority.BACKGROUND)
             self._active[job.id] = handle
             response = await self._service.response(await handle.result(), request_id)

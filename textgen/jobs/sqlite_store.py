@@ -20,6 +20,8 @@ from typing import Any
 from textgen.access import ANONYMOUS_OWNER
 from textgen.errors import IdempotencyConflictError, JobNotCancellableError, JobNotFoundError
 from textgen.jobs.store import (
+    DIED_IN_PHASE_PREFIX,
+    DIED_IN_PHASE_SUFFIX,
     TERMINAL_STATES,
     WEBHOOK_OUTCOMES,
     Job,
@@ -47,7 +49,7 @@ Clock = Callable[[], float]
 
 _COLUMNS = (
     "id, request, state, request_id, result, error, created_at, started_at, finished_at, attempts, owner, "
-    "lease_until, callback_url, webhook_state, webhook_attempts, webhook_error, webhook_at, tenant, reservation"
+    "lease_until, callback_url, webhook_state, webhook_attempts, webhook_error, webhook_at, tenant, reservation, phase"
 )
 
 _SCHEMA = (
@@ -91,6 +93,7 @@ _ADDED_COLUMNS = (
     # Jobs made before owners existed belong to the anonymous owner (as they would without keys).
     ("tenant", f"TEXT NOT NULL DEFAULT '{ANONYMOUS_OWNER}'"),
     ("reservation", "TEXT"),
+    ("phase", "TEXT"),
 )
 _LATE_INDEXES = (
     "CREATE INDEX IF NOT EXISTS jobs_state_finished ON jobs (state, finished_at)",
@@ -132,6 +135,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         webhook_at=row["webhook_at"],
         tenant=row["tenant"],
         reservation=row["reservation"],
+        phase=row["phase"],
     )
 
 
@@ -174,7 +178,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 def _insert(conn: sqlite3.Connection, job: Job) -> None:
     conn.execute(
-        f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 19)})",
+        f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 20)})",
         (
             job.id,
             _dumps(job.request),
@@ -195,6 +199,7 @@ def _insert(conn: sqlite3.Connection, job: Job) -> None:
             job.webhook_at,
             job.tenant,
             job.reservation,
+            job.phase,
         ),
     )
 
@@ -237,7 +242,7 @@ def _claim(conn: sqlite3.Connection, owner: str, lease_s: float, clock: Clock) -
 def _unclaim(conn: sqlite3.Connection, job_id: str, owner: str) -> int:
     """Undo a claim whose caller never received the job (its await was cancelled)."""
     return conn.execute(
-        "UPDATE jobs SET state = 'queued', owner = NULL, started_at = NULL, lease_until = NULL, "
+        "UPDATE jobs SET state = 'queued', owner = NULL, started_at = NULL, lease_until = NULL, phase = NULL, "
         "attempts = attempts - 1 "
         "WHERE id = ? AND owner = ? AND state = 'running'",
         (job_id, owner),
@@ -254,8 +259,8 @@ def _finish(
     now: float,
 ) -> bool:
     cur = conn.execute(
-        f"UPDATE jobs SET state = ?, result = ?, error = ?, finished_at = ?, lease_until = NULL, {_WEBHOOK_DUE} "
-        "WHERE id = ? AND owner = ? AND state = 'running'",
+        "UPDATE jobs SET state = ?, result = ?, error = ?, finished_at = ?, lease_until = NULL, phase = NULL, "
+        f"{_WEBHOOK_DUE} WHERE id = ? AND owner = ? AND state = 'running'",
         (state.value, result, error, now, job_id, owner),
     )
     return cur.rowcount == 1
@@ -278,7 +283,7 @@ def _cancel(conn: sqlite3.Connection, job_id: str, now: float, tenant: str | Non
 def _requeue_owner(conn: sqlite3.Connection, owner: str) -> int:
     with write_txn(conn):
         n = conn.execute(
-            "UPDATE jobs SET state = 'queued', owner = NULL, started_at = NULL, lease_until = NULL "
+            "UPDATE jobs SET state = 'queued', owner = NULL, started_at = NULL, lease_until = NULL, phase = NULL "
             "WHERE state = 'running' AND owner = ?",
             (owner,),
         ).rowcount
@@ -316,17 +321,32 @@ def _renew(conn: sqlite3.Connection, owner: str, job_ids: Sequence[str], lease_s
 def _requeue_expired(conn: sqlite3.Connection, max_attempts: int, clock: Clock) -> tuple[int, int]:
     with write_txn(conn):
         now = clock()
+        # A job whose process died while it was marked (set_phase) is failed at once, not retried.
         failed = conn.execute(
+            "UPDATE jobs SET state = 'failed', error = ? || phase || ?, phase = NULL, finished_at = ?, "
+            f"lease_until = NULL, {_WEBHOOK_DUE} WHERE state = 'running' AND lease_until < ? AND phase IS NOT NULL",
+            (DIED_IN_PHASE_PREFIX, DIED_IN_PHASE_SUFFIX, now, now),
+        ).rowcount
+        failed += conn.execute(
             f"UPDATE jobs SET state = 'failed', error = ?, finished_at = ?, lease_until = NULL, {_WEBHOOK_DUE} "
             "WHERE state = 'running' AND lease_until < ? AND attempts >= ?",
             (abandoned_error(max_attempts), now, now, max_attempts),
         ).rowcount
         requeued = conn.execute(
-            "UPDATE jobs SET state = 'queued', owner = NULL, started_at = NULL, lease_until = NULL "
+            "UPDATE jobs SET state = 'queued', owner = NULL, started_at = NULL, lease_until = NULL, phase = NULL "
             "WHERE state = 'running' AND lease_until < ?",
             (now,),
         ).rowcount
     return requeued, failed
+
+
+def _set_phase(conn: sqlite3.Connection, job_id: str, owner: str, phase: str | None) -> bool:
+    return (
+        conn.execute(
+            "UPDATE jobs SET phase = ? WHERE id = ? AND owner = ? AND state = 'running'", (phase, job_id, owner)
+        ).rowcount
+        == 1
+    )
 
 
 def _position(conn: sqlite3.Connection, job_id: str) -> int | None:
@@ -545,6 +565,9 @@ class SQLiteJobStore:
         if not done:
             logger.info("Job %s not finished by %s: no longer running under that owner", job_id, owner)
         return done
+
+    async def set_phase(self, job_id: str, owner: str, phase: str | None) -> bool:
+        return bool(await self._run(_set_phase, job_id, owner, phase))
 
     async def cancel(self, job_id: str, *, tenant: str | None = None) -> Job:
         return await self._run(_cancel, job_id, self._clock(), tenant)

@@ -67,6 +67,8 @@ class Job:
     tenant: str = ANONYMOUS_OWNER
     # The submitter's token reservation (``ratelimit.Reservation.encode()``), refunded when the job ends.
     reservation: str | None = None
+    # Set while the running job does work that may kill its process (``set_phase``); None otherwise.
+    phase: str | None = None
 
 
 @runtime_checkable
@@ -130,6 +132,12 @@ class JobStore(Protocol):
     ) -> bool:
         """Record the outcome if the job still runs under ``owner``; False (and nothing written) if not."""
 
+    async def set_phase(self, job_id: str, owner: str, phase: str | None) -> bool:
+        """Mark (or, with None, unmark) the job as doing work that may kill its process, e.g.
+        "compiling its constraint", while it runs under ``owner``; False (nothing written) if it does not.
+        A job whose lease expires while marked is failed by ``requeue_expired`` (``died_in_phase_error``),
+        not re-queued: a request that kills the process must not kill every process that retries it."""
+
     async def cancel(self, job_id: str, *, tenant: str | None = None) -> Job:
         """Cancel a queued or running job; JobNotCancellableError once it ended; JobNotFoundError for
         an unknown job or (``tenant`` given) another tenant's."""
@@ -146,7 +154,8 @@ class JobStore(Protocol):
 
     async def requeue_expired(self, max_attempts: int) -> tuple[int, int]:
         """Running jobs whose lease expired go back to the queue, or fail once they were started
-        ``max_attempts`` times; returns ``(requeued, failed)``."""
+        ``max_attempts`` times or when they were marked with a phase (``set_phase``); returns
+        ``(requeued, failed)``. Re-queueing clears the phase."""
 
     async def position(self, job_id: str) -> int | None:
         """How many queued jobs will be claimed before this one; None if it is not queued."""
@@ -254,6 +263,18 @@ async def claim_cancel_safe(
     if job is not None:
         logger.debug("Job %s claimed by %s (attempt %d)", job.id, owner, job.attempts)
     return job
+
+
+DIED_IN_PHASE_PREFIX = "Failed without a retry: the process running it died while "
+DIED_IN_PHASE_SUFFIX = (
+    ". A request that kills the server is not run again; simplify it (see the structured output limits "
+    "in docs/api.md) or check the service logs for its request id."
+)
+
+
+def died_in_phase_error(phase: str) -> str:
+    """The error of a job whose process died while it was marked with ``phase``."""
+    return DIED_IN_PHASE_PREFIX + phase + DIED_IN_PHASE_SUFFIX
 
 
 def abandoned_error(attempts: int) -> str:
