@@ -439,6 +439,12 @@ class StreamingFilter:
         self._text = ""
         self._sent_upto = 0
         self.matched = False
+        self.first_match_start: int | None = None  # where the first redacted match began in the raw text
+
+    @property
+    def released(self) -> int:
+        """Characters of the raw text decided so far (sent, or replaced by the redaction)."""
+        return self._sent_upto
 
     def push(self, delta: str) -> str:
         """Add text; return what is safe to send now (redacted). Raises ContentRejectedError on a match
@@ -476,6 +482,8 @@ class StreamingFilter:
     def _redact(self, start: int, end: int, matches: list[tuple[int, int]]) -> str:
         if matches:
             self.matched = True
+            if self.first_match_start is None:
+                self.first_match_start = matches[0][0]
             if self._reject:
                 raise ContentRejectedError("The generated text was withheld by the content filter.")
         pieces: list[str] = []

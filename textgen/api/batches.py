@@ -171,13 +171,13 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
             response: Any
             if url == "/v1/chat/completions":
                 chat = ChatCompletionRequest.model_validate(body)
-                handles = submit_chat(service, model.tokenizer, chat, request_id, Priority.BACKGROUND)
+                handles = await submit_chat(service, model.tokenizer, chat, request_id, Priority.BACKGROUND)
                 track(handles[-1])
                 results = [await service.finish(result, request_id) for result in await _results(handles)]
                 response = chat_response(service, chat, results)
             else:
                 completion = CompletionRequest.model_validate(body)
-                handles = submit_completion(service, completion, request_id, Priority.BACKGROUND)
+                handles = await submit_completion(service, completion, request_id, Priority.BACKGROUND)
                 track(handles[-1])
                 results = [await service.finish(result, request_id) for result in await _results(handles)]
                 response = completion_response(service, completion, results)
