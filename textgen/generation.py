@@ -191,10 +191,22 @@ class GenerationService:
     async def check_prompt(self, prompt: str, request_id: str) -> None:
         """400 for a prompt that is too long, checked before any other work on it (characters at once,
         then tokens), then the content filter; the token count and the filter run off the event loop."""
-        logger.info("Prompt received (%s)", prompt_fingerprint(prompt), extra={"request_id": request_id})
-        logger.debug("Prompt text: %r", prompt, extra={"request_id": request_id})
-        self._check_characters(len(prompt))
-        await self.threads.run(lambda: self._screen(prompt, [prompt], request_id))
+        await self.check_prompts([prompt], request_id)
+
+    async def check_prompts(self, prompts: Sequence[str], request_id: str) -> None:
+        """``check_prompt`` for several prompts: every prompt's size before any prompt's tokens or content."""
+        for prompt in prompts:
+            logger.info("Prompt received (%s)", prompt_fingerprint(prompt), extra={"request_id": request_id})
+            logger.debug("Prompt text: %r", prompt, extra={"request_id": request_id})
+            self._check_characters(len(prompt))
+
+        def screen_all() -> None:
+            for prompt in prompts:
+                self._screen(prompt, [prompt], request_id, filter_now=False)
+            for prompt in prompts:
+                self._screen(prompt, [prompt], request_id, count_now=False)
+
+        await self.threads.run(screen_all)
 
     async def check_chat(self, contents: Sequence[str], render: Callable[[], str], request_id: str) -> str:
         """The chat prompt ``render()`` builds from messages with ``contents``, checked as ``check_prompt``
@@ -224,9 +236,11 @@ class GenerationService:
                 "(TEXTGEN_MAX_PROMPT_TOKENS and the model's context length). Shorten the prompt."
             )
 
-    def _screen(self, prompt: str, filtered: Sequence[str], request_id: str) -> None:
+    def _screen(
+        self, prompt: str, filtered: Sequence[str], request_id: str, *, count_now: bool = True, filter_now: bool = True
+    ) -> None:
         """In a worker thread: the prompt's token count, then the filter over each of ``filtered``."""
-        if self.tokenizer is not None:
+        if count_now and self.tokenizer is not None:
             tokens = len(self.tokenizer(prompt, add_special_tokens=True).input_ids)
             limit = self.prompt_token_limit
             if tokens > limit:
@@ -234,6 +248,8 @@ class GenerationService:
                     f"The prompt has {tokens} tokens; this server accepts at most {limit} "
                     "(TEXTGEN_MAX_PROMPT_TOKENS and the model's context length). Shorten the prompt."
                 )
+        if not filter_now:
+            return
         matches = sum(len(self.content_filter.find(text)) for text in filtered)
         if matches:
             self.metrics.observe_filter("prompt", "reject")

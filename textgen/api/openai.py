@@ -355,8 +355,7 @@ async def _checked_prompts(service: GenerationService, body: CompletionRequest, 
     if not prompts or not all(prompts):
         raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings.")
     service.check_logprobs_budget([_sampling(body, body.max_tokens, 0)] * (len(prompts) * body.n), "logprobs")
-    for prompt in prompts:
-        await service.check_prompt(prompt, request_id)
+    await service.check_prompts(prompts, request_id)
     return prompts
 
 
