@@ -48,10 +48,12 @@ class HoldingFilter(ContentFilter):
         super().__init__([])
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.timed_out = False
 
     def find(self, text: str) -> list[FilterMatch]:
         self.entered.set()
-        self.release.wait(10)
+        if not self.release.wait(10):
+            self.timed_out = True  # on the event loop, nothing else could run to release it
         return []
 
 
@@ -68,6 +70,7 @@ async def test_health_answers_while_the_filter_runs(make_settings: MakeSettings,
         finally:
             holding.release.set()
         assert (await completion).status_code == 200
+        assert not holding.timed_out
 
 
 @pytest.mark.parametrize(
