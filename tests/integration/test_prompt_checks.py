@@ -25,7 +25,10 @@ MakeSettings = Callable[..., Any]
 AppClient = Callable[..., Any]
 
 ONE_MB_PROMPT = "hate " * 200_000  # 1,000,000 characters, under the 1 MiB body limit
-FORCED_HATE = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "string", "enum": ["I hate rain"]}}}
+FORCED_HATE = {
+    "type": "json_schema",
+    "json_schema": {"name": "s", "schema": {"type": "string", "enum": ["I hate rain"]}},
+}
 
 
 class RecordingFilter(ContentFilter):
@@ -146,7 +149,10 @@ async def test_n_times_logprobs_is_bounded(
     ("path", "body"),
     [
         ("/v1/completions", {"prompt": "Say it", "logprobs": 2}),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say it"}], "logprobs": True, "top_logprobs": 2}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Say it"}], "logprobs": True, "top_logprobs": 2},
+        ),
     ],
 )
 async def test_streamed_logprobs_do_not_spell_out_a_redacted_word(
