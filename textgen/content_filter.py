@@ -118,16 +118,17 @@ _LONE = r"(?<![^\W_])(?<![@$])(?:[^\W_]|[@$])(?![^\W_])(?![@$])"
 _SPACED_OUT_RE = re.compile(rf"{_LONE}(?:(?:_|[^\w@$])+{_LONE}){{2,}}")
 _SPACED_LETTER_RE = re.compile(r"[^\W_]|[@$]")
 # Punctuation between two letters ("ha-te"): the chunk of text around it is read without it.
-_JOINT_RE = re.compile(r"(?:[^\W_]|[@$])(?:_|[^\w\s@$])+(?=[^\W_]|[@$])")
+_JOINT_RE = re.compile(r"(?:[^\W_]|[@$])(?:_|[^\w\s@$])+(?:[^\W_]|[@$])")
+# A word holding a digit or a leet symbol, with the symbols around it ("h@te!", "v!olence", "h8").
+_LEET_CHAR = r"(?:[^\W_]|[@$!|+€])"
+_LEET_WORD_RE = re.compile(rf"(?<![^\W_])(?<![@$!|+€]){_LEET_CHAR}*?[\d@$!|+€]{_LEET_CHAR}*")
 _TRIPLE_RE = re.compile(r"([^\W\d_])\1\1")
 _PAIRS_RE = re.compile(r"(?:([^\W\d_])\1){2,}")
 _REPEATS_RE = re.compile(r"(.)\1+")
 _WORD_END_RE = re.compile(r"[^\W_]*")
-_CHUNK_END_RE = re.compile(r"\S*")
 # Candidates inside longer words than this are skipped: no blocked word, disguised or not, is that long.
 _LONGEST_CANDIDATE = 256
-# Characters a leet word may hold, and those stripped from its ends ("h@te!", "h4te99").
-_LEET_WORD_CHARS = frozenset(_LEET_SYMBOLS) | frozenset("26789")
+# Leet symbols also used as punctuation, tried stripped from a word's ends ("h@te!").
 _LEET_PUNCTUATION = "!|+"
 
 _MIN_SPACED_OUT_LETTERS = 3
@@ -174,6 +175,9 @@ class ContentFilter:
         self._longest_form = max((len(form) for form in self._word_by_form), default=0)
         # Stems match longer words: "violen*" blocks "violence", "violently".
         self._longest_candidate = max(self._longest_form, *(len(stem) + 8 for stem in stems), 0)
+        # A chunk without spaces, short enough to spell a blocked word, with punctuation between letters.
+        chunk = max(3, self.longest_chunk)
+        self._joined_re = re.compile(rf"(?<!\S)(?=\S{{0,{chunk}}}?{_JOINT_RE.pattern})\S{{3,{chunk}}}(?!\S)")
         self._longest_phrase = max((len(parts) for parts in entries.values()), default=1)
         single_forms = [form for form, word in self._word_by_form.items() if " " not in word]
         self._plain_re = _whole_word_regex(entries, stems)
@@ -276,11 +280,8 @@ class ContentFilter:
 
     def _leet_words(self, text: str) -> Iterator[tuple[int, int, str]]:
         """Words holding digits or symbols, read as leetspeak: each word around a leet character once."""
-        position = 0
-        while (hit := _LEET_RE.search(text, position)) is not None:
-            start, end = _extent(text, hit.start(), hit.end(), _is_leet_word_char)
-            position = max(end, hit.end())
-            token = text[start:end]
+        for match in _LEET_WORD_RE.finditer(text):
+            start, end, token = match.start(), match.end(), match.group()
             if end - start > _LONGEST_CANDIDATE or not any(char.isalpha() for char in token):
                 continue  # a number: "1337" is not a word
             unpunctuated = token.strip(_LEET_PUNCTUATION)
@@ -325,12 +326,8 @@ class ContentFilter:
 
     def _joined(self, text: str) -> Iterator[tuple[int, int, str]]:
         """A chunk without spaces whose letters, read without the punctuation, spell a blocked word."""
-        position = 0
-        while (joint := _JOINT_RE.search(text, position)) is not None:
-            start, end = _extent(text, joint.start(), joint.end(), _is_not_space, _CHUNK_END_RE)
-            position = end
-            if end - start > self.longest_chunk:
-                continue  # far longer than any blocked word spelled out
+        for chunk in self._joined_re.finditer(text):
+            start, end = chunk.span()
             letters = list(_SPACED_LETTER_RE.finditer(text, start, end))
             if len(letters) <= self._longest_candidate:
                 word = self._word_for_readings("".join(letter.group() for letter in letters))
@@ -425,14 +422,6 @@ def _extent(
     return start, end
 
 
-def _is_leet_word_char(char: str) -> bool:
-    return char.isalpha() or char in _LEET_WORD_CHARS or char.isdigit()
-
-
-def _is_not_space(char: str) -> bool:
-    return not char.isspace()
-
-
 def _collapsed(text: str) -> str:
     return _REPEATS_RE.sub(r"\1", text)
 
@@ -508,6 +497,8 @@ def _views(original: str) -> list[_View]:
 
 def _decoded(text: str) -> _Mapped:
     if "%" not in text and "&" not in text:
+        return text, None, None
+    if not any(_decode_one(match) is not None for match in _ENCODED_RE.finditer(text)):
         return text, None, None
     starts, ends = list(range(len(text))), list(range(1, len(text) + 1))
     for _ in range(_DECODE_ROUNDS):
