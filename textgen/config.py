@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     max_waiting: int = Field(256, ge=0, description="Interactive requests allowed to wait for a batch slot.")
     max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts get 400 naming the limit.")
     max_new_tokens_limit: int = Field(1024, ge=1, description="Upper bound on tokens generated per request.")
+    max_logprobs_per_request: int = Field(
+        8192,
+        ge=1,
+        description="Log-probabilities one request may ask for: choices × max tokens × (1 + alternatives); "
+        "more get 400 naming the field (each costs the response 30-70 bytes).",
+    )
     max_prefill_tokens: int = Field(4096, ge=1, description="Prompt tokens prefilled in one forward pass.")
     prefill_step_tokens: int = Field(
         256,

@@ -1,32 +1,38 @@
 """Blocked-word content filter that is hard to evade and does not trip over innocent words.
 
 The naive ``"hate" in prompt.lower()`` check fails both ways: it rejects "whatever" and "Chateau", and
-it lets "ＨＡＴＥ" (fullwidth) and "h\u200bate" (zero-width space) through. This filter instead:
+it lets "ＨＡＴＥ" (fullwidth) and "h\u200bate" (zero-width space) through. This filter instead reads the
+text the way a person would see it, and then matches whole words:
 
-* normalizes every original character on its own (NFKC, casefold, no combining marks or invisible
-  format characters, common Cyrillic/Greek look-alikes mapped to Latin) and remembers which original
-  character each normalized character came from, so matches are reported and redacted as spans of
-  the text the client actually sent;
+* decodes URL and HTML encodings (``%68ate``, ``&#104;ate``, ``&amp;#104;``, up to three layers),
+  shows right-to-left overrides in the order they display (``\u202eetah`` reads "hate"), and normalizes
+  every character (NFKC, casefold, no combining marks or invisible format characters, look-alike
+  letters from Cyrillic, Greek, Cherokee and the Latin small-capital, hooked and stroked letters
+  mapped to Latin), remembering which original characters each normalized character came from, so
+  matches are reported and redacted as spans of the text the client actually sent;
 * matches whole words only, plus simple inflections of each blocked word (hates, hated, hating, ...),
-  and multi-word entries ("kill yourself") as a sequence of whole words; an entry ending in ``*``
+  and multi-word entries ("kill yourself") as a sequence of words; an entry ending in ``*``
   ("violen*") is a stem that blocks every word starting with it (violence, violent, violently) but
   not words that merely contain it ("nonviolent");
-* also checks two common evasions: letters spaced out with blanks or punctuation ("h a t e",
-  "h.a.t.e") and leetspeak inside a word ("h4te", "h@te").
+* also catches the usual disguises of a whole word: letters spaced out ("h a t e", "h.a.t.e"),
+  pieces joined by punctuation ("ha-te", "h_ate"), leetspeak ("h4te", "h@te", "v!olence", "h8"),
+  stretched letters ("haaate", "hhaattee"), and the word glued to itself or to a few short words
+  ("hatehate", "ihateyou").
 
-Every accepted word form is computed once in ``__init__``; ``find`` is one linear pass over the text
-plus constant-time set look-ups.
+Matching is a handful of compiled regular expressions (blocked forms as a trie) over the normalized
+text, plus dictionary look-ups for the few candidates they find: linear in the text.
 """
 
 from __future__ import annotations
 
+import html.entities
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
 
 from textgen.errors import ConfigError, ContentRejectedError
 
@@ -34,8 +40,6 @@ BLOCKED_WORDS_FILE_SETTING = "TEXTGEN_BLOCKED_WORDS_FILE"
 REDACTION = "[redacted]"
 
 _WORD_RE = re.compile(r"[^\W_]+")
-# "@" and "$" stand for letters in leetspeak, so a word written with them must be read as one token.
-_SYMBOL_WORD_RE = re.compile(r"(?:[^\W_]|[@$])+")
 
 _SUFFIXES = ("s", "es", "ed", "ing", "er", "ers", "ful")
 # After a final "e" these give hated/hater/haters; on other words they would only invent non-words
@@ -46,31 +50,86 @@ _E_DROPPING_SUFFIXES = ("ing", "ed", "er", "ers")
 _INVISIBLE_CATEGORIES = frozenset({"Mn", "Me", "Cf"})
 _COMBINING_MARK_CATEGORIES = frozenset({"Mn", "Me"})
 
-# Capitals whose lower-case form no longer looks Latin (Cyrillic Н/н, Т/т, Greek Η/η). Mapping them
-# before casefolding catches "НАТЕ" without turning ordinary lower-case Russian ("нате") into "hate".
+# Capitals whose lower-case form no longer looks Latin (Cyrillic Н/н, Т/т, Greek Η/η), and Cherokee
+# letters drawn like Latin capitals. Mapping them before casefolding catches "НАТЕ" without turning
+# ordinary lower-case Russian ("нате") into "hate".
 _CAPITAL_HOMOGLYPHS: Mapping[str, str] = MappingProxyType(
     {
         "В": "b", "К": "k", "М": "m", "Н": "h", "Т": "t",  # Cyrillic
         "Β": "b", "Η": "h", "Μ": "m", "Ν": "n", "Υ": "y", "Ζ": "z",  # Greek
+        "\u13aa": "a", "\u13f4": "b", "\u13df": "c", "\u13ac": "e", "\u13bb": "h", "\u13ab": "j",  # Cherokee
+        "\u13e6": "k", "\u13de": "l", "\u13b7": "m", "\u13e2": "p", "\u13da": "s", "\u13a2": "t",  # Cherokee
+        "\u13d9": "v", "\u13b3": "w", "\u13c3": "z",  # Cherokee
     }
 )  # fmt: skip
 # Applied after casefolding, so these also cover the matching capitals (А, Е, О, Р, С, Х, ...).
-# Also includes Latin letters with a built-in stroke, which NFD cannot strip.
 _LOWERCASE_HOMOGLYPHS: Mapping[str, str] = MappingProxyType(
     {
         "а": "a", "е": "e", "о": "o", "р": "p", "с": "c", "у": "y", "х": "x",  # Cyrillic
         "і": "i", "ј": "j", "ѕ": "s", "ԁ": "d", "һ": "h", "ԛ": "q", "ԝ": "w", "ӏ": "l",  # Cyrillic
+        "ѵ": "v", "ү": "y", "ɡ": "g",  # Cyrillic, Latin script g
         "α": "a", "ε": "e", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "τ": "t",  # Greek
-        "υ": "u", "χ": "x",  # Greek
-        "ı": "i", "ł": "l", "ø": "o", "đ": "d", "ħ": "h",  # Latin with a stroke
+        "υ": "u", "χ": "x", "ϲ": "c", "ϳ": "j",  # Greek
     }
 )  # fmt: skip
+# Latin letters that NFKD cannot take apart (small capitals ʜᴀᴛᴇ, letters with a hook ɦ, a stroke ł,
+# a bar ƀ, ...) read as their base letter; derived from the Unicode names of the Latin blocks.
+_LATIN_VARIANT_NAME = re.compile(
+    r"LATIN (?:SMALL |CAPITAL )?LETTER (?:SMALL CAPITAL |DOTLESS |SCRIPT )?([A-Z])(?: WITH .*)?"
+)
+_LATIN_BLOCKS = ((0x0100, 0x024F), (0x0250, 0x02AF), (0x1D00, 0x1DBF), (0x1E00, 0x1EFF), (0x2C60, 0x2C7F),
+                 (0xA720, 0xA7FF), (0xAB30, 0xAB6F))  # fmt: skip
 
-_LEET_CHARS = frozenset("431057@$")
-_LEET_ONE_AS_I: Mapping[int, int] = MappingProxyType(str.maketrans("431057@$", "aeiostas"))
-# "1" stands for "l" as often as for "i" ("k1ll"), so both readings are tried.
-_LEET_ONE_AS_L: Mapping[int, int] = MappingProxyType(str.maketrans("431057@$", "aelostas"))
-_DIGITS = "0123456789"
+
+def _latin_variants() -> dict[str, str]:
+    variants: dict[str, str] = {}
+    for first, last in _LATIN_BLOCKS:
+        for code in range(first, last + 1):
+            char = chr(code)
+            match = _LATIN_VARIANT_NAME.fullmatch(unicodedata.name(char, ""))
+            if match is not None and not unicodedata.normalize("NFKD", char).isascii():
+                variants[char.casefold()] = match.group(1).lower()
+    return variants
+
+
+_LATIN_VARIANTS: Mapping[str, str] = MappingProxyType(_latin_variants())
+
+# Leetspeak, read with one character per character so offsets stay put. "1", "|" and "!" stand for
+# "i" as often as for "l" ("k1ll", "v!olence"), so both readings are tried; "8" stands for "ate"
+# ("h8"), which the blocked forms spell out instead (``_eight_forms``).
+_LEET_SYMBOLS = "431057@$!|+€"
+_LEET_AS_I: Mapping[int, int] = MappingProxyType(str.maketrans(_LEET_SYMBOLS, "aeiostasiite"))
+_LEET_AS_L: Mapping[int, int] = MappingProxyType(str.maketrans(_LEET_SYMBOLS, "aelostasille"))
+_LEET_RE = re.compile(r"[0-9@$!|+€]")
+
+# Encodings decoded before matching: %XX (to printable ASCII only: "100%ef" stays as it is), numeric
+# HTML references with or without ";", and named ones with ";". Decoded up to three layers deep.
+_ENCODED_RE = re.compile(r"%([0-9A-Fa-f]{2})|&#([0-9]{1,7});?|&#[xX]([0-9A-Fa-f]{1,6});?|&([A-Za-z][A-Za-z0-9]{1,31};)")
+_DECODE_ROUNDS = 3
+# The longest text one decoded character can come from, over those rounds ("&amp;amp;#x00068;"):
+# a stream holds back text after a "%" or "&" this many times the longest blocked word.
+ENCODED_CHAR_MAX = 20
+_RIGHT_TO_LEFT_OVERRIDE = "\u202e"
+_ENCODING_START_RE = re.compile(r"[%&]")
+_OVERRIDE_ENDS = frozenset("\u202c\u2069\n\r\u2029")
+
+_LETTER = r"[^\W\d_]"
+_LONE = r"(?<![^\W_])(?<![@$])(?:[^\W_]|[@$])(?![^\W_])(?![@$])"
+_SPACED_OUT_RE = re.compile(rf"{_LONE}(?:(?:_|[^\w@$])+{_LONE}){{2,}}")
+_SPACED_LETTER_RE = re.compile(r"[^\W_]|[@$]")
+# Punctuation between two letters ("ha-te"): the chunk of text around it is read without it.
+_JOINT_RE = re.compile(r"(?:[^\W_]|[@$])(?:_|[^\w\s@$])+(?:[^\W_]|[@$])")
+# A word holding a digit or a leet symbol, with the symbols around it ("h@te!", "v!olence", "h8").
+_LEET_CHAR = r"(?:[^\W_]|[@$!|+€])"
+_LEET_WORD_RE = re.compile(rf"(?<![^\W_])(?<![@$!|+€]){_LEET_CHAR}*?[\d@$!|+€]{_LEET_CHAR}*")
+_TRIPLE_RE = re.compile(r"([^\W\d_])\1\1")
+_PAIRS_RE = re.compile(r"(?:([^\W\d_])\1){2,}")
+_REPEATS_RE = re.compile(r"(.)\1+")
+_WORD_END_RE = re.compile(r"[^\W_]*")
+# Candidates inside longer words than this are skipped: no blocked word, disguised or not, is that long.
+_LONGEST_CANDIDATE = 256
+# Leet symbols also used as punctuation, tried stripped from a word's ends ("h@te!").
+_LEET_PUNCTUATION = "!|+"
 
 _MIN_SPACED_OUT_LETTERS = 3
 # A shorter stem would block too much ("ha*" is half the dictionary).
@@ -79,8 +138,17 @@ STEM_MARK = "*"
 # Standalone one-letter words that commonly sit next to a spaced-out word ("I h a t e u"); they may
 # be dropped from the ends of a run. Other letters are not, so "c h a t e a u" does not match "hate".
 _ONE_LETTER_WORDS = frozenset("aiu")
+# Short words a blocked word is often glued to ("ihateyou", "hatethem"); a word made only of these
+# and blocked words counts as blocked. Only these: "whatever" is not "w" + "hate" + "ver".
+_GLUE_WORDS = frozenset(
+    {
+        "i", "u", "a", "im", "ya", "you", "we", "they", "he", "she", "it", "me", "them", "us", "him", "her",
+        "my", "your", "our", "their", "his", "so", "just", "really", "all", "still", "also", "do", "dont",
+    }
+)  # fmt: skip
+_LONGEST_GLUED_WORD = 48
 
-_Span = tuple[int, int, str]  # start and end in the normalized text, and the blocked word
+_Span = tuple[int, int, str]  # start and end in the original text, and the blocked word
 
 
 @dataclass(frozen=True)
@@ -92,11 +160,6 @@ class FilterMatch:
     end: int
 
 
-class _Phrase(NamedTuple):
-    word: str
-    later_parts: tuple[frozenset[str], ...]  # accepted forms of each word after the first
-
-
 class ContentFilter:
     """Finds blocked words (and their evasions) in text; immutable once built."""
 
@@ -105,11 +168,23 @@ class ContentFilter:
         stems = _parse_stems(words)
         entries = _parse_entries(w for w in words if not w.strip().endswith(STEM_MARK))
         self._words = frozenset(entries) | frozenset(stem + STEM_MARK for stem in stems)
-        self._word_by_form = _index_single_token_forms(entries)
-        self._phrases_by_first_form = _index_phrases(entries)
         # Longest first, so a form is reported under the most specific stem.
         self._stems = tuple(sorted(stems, key=len, reverse=True))
+        self._word_by_form = _index_forms(entries)
+        self._word_by_collapsed = {_collapsed(form): word for form, word in self._word_by_form.items()}
+        self._longest_form = max((len(form) for form in self._word_by_form), default=0)
+        # Stems match longer words: "violen*" blocks "violence", "violently".
+        self._longest_candidate = max(self._longest_form, *(len(stem) + 8 for stem in stems), 0)
+        # A chunk without spaces, short enough to spell a blocked word, with punctuation between letters.
+        chunk = max(3, self.longest_chunk)
+        self._joined_re = re.compile(rf"(?<!\S)(?=\S{{0,{chunk}}}?{_JOINT_RE.pattern})\S{{3,{chunk}}}(?!\S)")
         self._longest_phrase = max((len(parts) for parts in entries.values()), default=1)
+        single_forms = [form for form, word in self._word_by_form.items() if " " not in word]
+        self._plain_re = _whole_word_regex(entries, stems)
+        phrases = {word: parts for word, parts in entries.items() if len(parts) > 1}
+        self._phrase_re = _whole_word_regex(phrases, ()) if phrases else None
+        self._anywhere_re = re.compile(_trie_pattern(single_forms + list(stems))) if self._words else None
+        self._glue_pieces = frozenset(_GLUE_WORDS) | frozenset(single_forms)
 
     @classmethod
     def from_sources(cls, words: Iterable[str], file: Path | None) -> ContentFilter:
@@ -127,13 +202,10 @@ class ContentFilter:
         """Non-overlapping matches in text order; overlapping detections are merged into one span."""
         if not self._words or not text:
             return []
-        normalized = _NormalizedText.of(text)
-        spans = [
-            *self._whole_word_spans(normalized.text),
-            *self._symbol_leet_spans(normalized.text),
-            *self._spaced_out_spans(normalized.text),
-        ]
-        return _merge_into_matches(normalized, spans)
+        spans: list[_Span] = []
+        for view in _views(text):
+            spans += self._spans(view)
+        return _merge_into_matches(spans)
 
     @property
     def streaming_holdback(self) -> int:
@@ -141,6 +213,11 @@ class ContentFilter:
         longest entry with its longest suffix, spelled out with a separator after every letter."""
         longest = max((len(word) for word in self._words), default=0)
         return 2 * (longest + max(len(suffix) for suffix in _SUFFIXES)) + 2
+
+    @property
+    def longest_chunk(self) -> int:
+        """The longest chunk without spaces that may spell a blocked word joined by punctuation."""
+        return 4 * self._longest_candidate
 
     @property
     def longest_phrase(self) -> int:
@@ -159,78 +236,375 @@ class ContentFilter:
         pieces.append(text[cursor:])
         return "".join(pieces)
 
-    def _blocked_word_for(self, forms: Iterable[str]) -> str | None:
-        for form in forms:
-            word = self._word_by_form.get(form)
-            if word is not None:
-                return word
-            for stem in self._stems:
-                if form.startswith(stem):
-                    return stem + STEM_MARK
+    # -- detection over one normalized view -------------------------------------------------------------
+
+    def _spans(self, view: _View) -> Iterator[_Span]:
+        text = view.text
+        for start, end, word in self._detections(text):
+            yield (*view.original_span(start, end), word)
+
+    def _detections(self, text: str) -> Iterator[tuple[int, int, str]]:
+        for match in self._plain_re.finditer(text):
+            yield from self._reported(match.start(), match.end(), match.group())
+        if _LEET_RE.search(text):
+            yield from self._leet_words(text)
+        yield from self._spaced_out(text)
+        yield from self._joined(text)
+        yield from self._stretched(text)
+        yield from self._glued(text)
+
+    def _reported(self, start: int, end: int, matched: str) -> Iterator[tuple[int, int, str]]:
+        word = self._word_for("".join(_WORD_RE.findall(matched)))
+        if word is not None:
+            yield start, end, word
+
+    def _word_for(self, key: str) -> str | None:
+        word = self._word_by_form.get(key)
+        if word is not None:
+            return word
+        for stem in self._stems:
+            if key.startswith(stem):
+                return stem + STEM_MARK
         return None
 
-    def _whole_word_spans(self, text: str) -> Iterator[_Span]:
-        tokens = list(_WORD_RE.finditer(text))
-        forms_per_token = [_token_forms(token.group()) for token in tokens]
-        for index, forms in enumerate(forms_per_token):
-            word = self._blocked_word_for(forms)
+    def _word_for_readings(self, letters: str) -> str | None:
+        """The blocked word ``letters`` spells, read as written or as leetspeak (never a bare number)."""
+        readings = [letters]
+        if _LEET_RE.search(letters) and any(char.isalpha() for char in letters):
+            readings += [letters.translate(_LEET_AS_I), letters.translate(_LEET_AS_L)]
+        for reading in readings:
+            word = self._word_for(reading)
             if word is not None:
-                yield tokens[index].start(), tokens[index].end(), word
-            for phrase in self._phrases_starting_with(forms):
-                last = index + len(phrase.later_parts)
-                if last < len(tokens) and _phrase_continues(phrase, forms_per_token, index):
-                    yield tokens[index].start(), tokens[last].end(), phrase.word
+                return word
+        return None
 
-    def _phrases_starting_with(self, forms: Iterable[str]) -> Iterator[_Phrase]:
-        for form in forms:
-            yield from self._phrases_by_first_form.get(form, ())
-
-    def _symbol_leet_spans(self, text: str) -> Iterator[_Span]:
-        for token in _SYMBOL_WORD_RE.finditer(text):
-            # Tokens without "@"/"$" are exactly the plain words, already checked.
-            if "@" not in token.group() and "$" not in token.group():
-                continue
-            word = self._blocked_word_for(_token_forms(token.group()))
-            if word is not None:
-                yield token.start(), token.end(), word
-
-    def _spaced_out_spans(self, text: str) -> Iterator[_Span]:
-        for run in _spaced_out_runs(text):
-            letters = "".join(text[position] for position in run)
-            for first, stop in _spaced_out_windows(letters):
-                word = self._blocked_word_for(_token_forms(letters[first:stop]))
+    def _leet_words(self, text: str) -> Iterator[tuple[int, int, str]]:
+        """Words holding digits or symbols, read as leetspeak: each word around a leet character once."""
+        for match in _LEET_WORD_RE.finditer(text):
+            start, end, token = match.start(), match.end(), match.group()
+            if end - start > _LONGEST_CANDIDATE or not any(char.isalpha() for char in token):
+                continue  # a number: "1337" is not a word
+            unpunctuated = token.strip(_LEET_PUNCTUATION)
+            bare = unpunctuated.strip(_LEET_PUNCTUATION + "0123456789")
+            for written in dict.fromkeys((token, unpunctuated, bare)):
+                offset = token.find(written)
+                word = self._leet_reading(written)
                 if word is not None:
-                    yield run[first], run[stop - 1] + 1, word
+                    yield start + offset, start + offset + len(written), word
                     break
+        if self._phrase_re is not None:  # "k1ll yourself": phrases read as leetspeak too
+            for table in (_LEET_AS_I, _LEET_AS_L):
+                for match in self._phrase_re.finditer(text.translate(table)):
+                    if _LEET_RE.search(text, match.start(), match.end()):
+                        yield from self._reported(match.start(), match.end(), match.group())
+
+    def _leet_reading(self, written: str) -> str | None:
+        if not written:
+            return None
+        for reading in (written.translate(_LEET_AS_I), written.translate(_LEET_AS_L)):
+            word = self._word_for(reading) or self._eight_reading(reading)
+            if word is not None:
+                return word
+        return None
+
+    def _spaced_out(self, text: str) -> Iterator[tuple[int, int, str]]:
+        for run in _SPACED_OUT_RE.finditer(text):
+            spelled = "".join(_SPACED_LETTER_RE.findall(text, run.start(), run.end()))
+            for first, stop in _spaced_out_windows(spelled):
+                word = self._word_for_readings(spelled[first:stop])
+                if word is not None:
+                    start = run.start() if first == 0 else _next_letter_start(text, run.start() + 1)
+                    end = run.end() if stop == len(spelled) else _last_letter_end_before(text, run.end() - 1)
+                    yield start, end, word
+                    break
+
+    def _eight_reading(self, reading: str) -> str | None:
+        """The blocked word when "8" reads as "ate" ("h8", "h8ful") or "at" ("h8er", "h8ed")."""
+        if "8" not in reading:
+            return None
+        return self._word_for(reading.replace("8", "ate")) or self._word_for(reading.replace("8", "at"))
+
+    def _joined(self, text: str) -> Iterator[tuple[int, int, str]]:
+        """A chunk without spaces whose letters, read without the punctuation, spell a blocked word."""
+        for chunk in self._joined_re.finditer(text):
+            start, end = chunk.span()
+            letters = list(_SPACED_LETTER_RE.finditer(text, start, end))
+            if len(letters) <= self._longest_candidate:
+                word = self._word_for_readings("".join(letter.group() for letter in letters))
+                if word is not None:
+                    yield letters[0].start(), letters[-1].end(), word
+
+    def _stretched(self, text: str) -> Iterator[tuple[int, int, str]]:
+        """Words with a letter three times in a row ("haaate") or every letter doubled ("hhaattee"),
+        compared with their repeats collapsed: "hatte" and "Hatter" (only some letters doubled) pass."""
+        for pattern, whole_word in ((_TRIPLE_RE, False), (_PAIRS_RE, True)):
+            position = 0
+            while (hit := pattern.search(text, position)) is not None:
+                start, end = _extent(text, hit.start(), hit.end(), str.isalnum, _WORD_END_RE)
+                position = end
+                if end - start > _LONGEST_CANDIDATE or (whole_word and (start, end) != hit.span()):
+                    continue
+                key = _collapsed(text[start:end])
+                word = self._word_by_collapsed.get(key)
+                if word is None:
+                    word = next((stem + STEM_MARK for stem in self._stems if key.startswith(_collapsed(stem))), None)
+                if word is not None:
+                    yield start, end, word
+
+    def _glued(self, text: str) -> Iterator[tuple[int, int, str]]:
+        """A word made of blocked words and a few short words ("ihateyou", "hatehate")."""
+        if self._anywhere_re is None:
+            return
+        seen: set[int] = set()
+        for hit in self._anywhere_re.finditer(text):
+            start, end = _word_around(text, hit.start(), hit.end())
+            if start in seen or end - start > _LONGEST_GLUED_WORD or (hit.start(), hit.end()) == (start, end):
+                continue
+            seen.add(start)
+            word = self._glued_word(text[start:end])
+            if word is not None:
+                yield start, end, word
+
+    def _glued_word(self, token: str) -> str | None:
+        """The first blocked word when ``token`` splits into blocked and glue words, else None."""
+        # reachable[i]: a split of token[:i] exists; the blocked word it contains, or "" if none yet.
+        reachable: dict[int, str] = {0: ""}
+        for position in range(len(token)):
+            if position not in reachable:
+                continue
+            for stem in self._stems:
+                if token.startswith(stem, position):
+                    return reachable[position] or stem + STEM_MARK  # a stem takes the rest of the word
+            for stop in range(position + 1, min(len(token), position + self._longest_form + 8) + 1):
+                piece = token[position:stop]
+                if piece in self._glue_pieces:
+                    found = reachable[position] or self._word_by_form.get(piece, "")
+                    reachable.setdefault(stop, found)
+                    if found and reachable[stop] == "":
+                        reachable[stop] = found
+        return reachable.get(len(token)) or None
+
+
+def _next_letter_start(text: str, position: int) -> int:
+    letter = _SPACED_LETTER_RE.search(text, position)
+    return len(text) if letter is None else letter.start()
+
+
+def _last_letter_end_before(text: str, position: int) -> int:
+    """One past the last spaced-out letter before ``position``."""
+    position -= 1
+    while position > 0 and not _SPACED_LETTER_RE.match(text, position):
+        position -= 1
+    return position + 1
+
+
+def _word_around(text: str, start: int, end: int) -> tuple[int, int]:
+    return _extent(text, start, end, str.isalnum)
+
+
+def _extent(
+    text: str, start: int, end: int, inside: Callable[[str], bool], end_re: re.Pattern[str] | None = None
+) -> tuple[int, int]:
+    """``start:end`` widened over the characters around it for which ``inside`` holds (``end_re``
+    finds the end faster), going back at most _LONGEST_CANDIDATE characters: a longer extent comes
+    back starting at 0, so the caller's length check drops it."""
+    limit = max(0, start - _LONGEST_CANDIDATE)
+    while start > limit and inside(text[start - 1]):
+        start -= 1
+    if start == limit and start > 0 and inside(text[start - 1]):
+        start = 0
+    if end_re is not None:
+        found = end_re.match(text, end)
+        end = end if found is None else found.end()
+    else:
+        while end < len(text) and inside(text[end]) and end - start <= _LONGEST_CANDIDATE:
+            end += 1
+    return start, end
+
+
+def _collapsed(text: str) -> str:
+    return _REPEATS_RE.sub(r"\1", text)
+
+
+def _trie_pattern(words: Iterable[str]) -> str:
+    """An alternation of ``words`` as a trie, so the regex engine never retries a shared prefix."""
+    trie: dict[str, dict] = {}  # type: ignore[type-arg]
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def build(node: dict) -> str:  # type: ignore[type-arg]
+        branches = [re.escape(char) + build(child) for char, child in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return build(trie)
+
+
+def _whole_word_regex(entries: Mapping[str, tuple[str, ...]], stems: Sequence[str]) -> re.Pattern[str]:
+    """Every blocked form as a whole word (not touching another letter; digits may touch it: "hate99"),
+    phrases with any non-letters (or nothing) between their words, stems followed by any letters."""
+    alternatives: list[str] = []
+    for parts in sorted((p for p in entries.values() if len(p) > 1), key=len, reverse=True):
+        alternatives.append(r"[\W_]*".join(_trie_pattern(_inflected_forms(part)) for part in parts))
+    single = [form for parts in entries.values() if len(parts) == 1 for form in _inflected_forms(parts[0])]
+    if single:
+        alternatives.append(_trie_pattern(single))
+    if stems:
+        alternatives.append(f"{_trie_pattern(stems)}{_LETTER}*")
+    if not alternatives:
+        return re.compile(r"(?!x)x")  # matches nothing
+    return re.compile(rf"(?<!{_LETTER})(?:{'|'.join(alternatives)})(?!{_LETTER})")
+
+
+# -- the text as matched: decoded, in display order, normalized ---------------------------------------------
 
 
 @dataclass(frozen=True)
-class _NormalizedText:
+class _View:
     original: str
-    text: str
-    origin: tuple[int, ...]  # index in ``original`` of each character of ``text``
-
-    @classmethod
-    def of(cls, original: str) -> _NormalizedText:
-        # Real text repeats few distinct characters; caching skips the slow Unicode path for repeats.
-        piece_by_char: dict[str, str] = {}
-        pieces: list[str] = []
-        origin: list[int] = []
-        for index, char in enumerate(original):
-            piece = piece_by_char.get(char)
-            if piece is None:
-                piece = piece_by_char[char] = _normalize_char(char)
-            pieces.append(piece)
-            origin.extend([index] * len(piece))
-        return cls(original, "".join(pieces), tuple(origin))
+    text: str  # normalized
+    starts: Sequence[int] | None  # first original index behind each character of ``text``; None: same index
+    ends: Sequence[int] | None  # one past the last original index behind it
 
     def original_span(self, start: int, end: int) -> tuple[int, int]:
-        original_start = self.origin[start]
-        original_end = self.origin[end - 1] + 1
+        if self.starts is None or self.ends is None:
+            original_start, original_end = start, end
+        else:
+            original_start, original_end = min(self.starts[start:end]), max(self.ends[start:end])
         # Trailing accents belong to the last letter; leaving them would stack them on the replacement.
         while original_end < len(self.original) and _is_combining_mark(self.original[original_end]):
             original_end += 1
         return original_start, original_end
+
+
+_Mapped = tuple[str, list[int] | None, list[int] | None]
+
+
+def _views(original: str) -> list[_View]:
+    """The text as matched: decoded and normalized; plus, with a right-to-left override, in the order
+    it is displayed."""
+    decoded = _decoded(original)
+    views = [decoded]
+    if _RIGHT_TO_LEFT_OVERRIDE in decoded[0]:
+        views.append(_display_order(*decoded))
+    return [_normalized(original, *view) for view in views]
+
+
+def _decoded(text: str) -> _Mapped:
+    if "%" not in text and "&" not in text:
+        return text, None, None
+    if not any(_decode_one(match) is not None for match in _ENCODED_RE.finditer(text)):
+        return text, None, None
+    starts, ends = list(range(len(text))), list(range(1, len(text) + 1))
+    for _ in range(_DECODE_ROUNDS):
+        pieces: list[str] = []
+        new_starts: list[int] = []
+        new_ends: list[int] = []
+        cursor = 0
+        for match in _ENCODED_RE.finditer(text):
+            char = _decode_one(match)
+            if char is None:
+                continue
+            pieces.append(text[cursor : match.start()])
+            new_starts += starts[cursor : match.start()]
+            new_ends += ends[cursor : match.start()]
+            pieces.append(char)
+            new_starts += [starts[match.start()]] * len(char)
+            new_ends += [ends[match.end() - 1]] * len(char)
+            cursor = match.end()
+        if cursor == 0:
+            break
+        pieces.append(text[cursor:])
+        text = "".join(pieces)
+        starts, ends = new_starts + starts[cursor:], new_ends + ends[cursor:]
+    return text, starts, ends
+
+
+def _decode_one(match: re.Match[str]) -> str | None:
+    percent, decimal, hexadecimal, name = match.groups()
+    if percent is not None:
+        code = int(percent, 16)
+        return chr(code) if 0x20 <= code < 0x7F else None
+    if name is not None:
+        return html.entities.html5.get(name)
+    code = int(decimal, 10) if decimal is not None else int(hexadecimal, 16)
+    if 0 < code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF:
+        return chr(code)
+    return None
+
+
+def _display_order(text: str, starts: list[int] | None, ends: list[int] | None) -> _Mapped:
+    """Each right-to-left override run (to its pop, isolate end or line end) reversed, as displayed,
+    and set apart by a space on each side (standing for the override and its end), so that no word
+    runs from inside a reversed run to the text around it."""
+    order: list[int] = []  # indexes into text; -1 and -2 stand for the spaces before and after a run
+    anchors: list[int] = []  # for each space, the index of the character it stands for
+    position = 0
+    while (override := text.find(_RIGHT_TO_LEFT_OVERRIDE, position)) != -1:
+        stop = override + 1
+        while stop < len(text) and text[stop] not in _OVERRIDE_ENDS:
+            stop += 1
+        order += range(position, override)
+        order.append(-1)
+        anchors.append(override)
+        order += reversed(range(override + 1, stop))
+        order.append(-1)
+        anchors.append(min(stop, len(text) - 1))
+        position = stop
+    order += range(position, len(text))
+    chars, new_starts, new_ends = [], [], []
+    spaces = iter(anchors)
+    for index in order:
+        char = text[index] if index >= 0 else " "
+        index = index if index >= 0 else next(spaces)
+        chars.append(char)
+        new_starts.append(index if starts is None else starts[index])
+        new_ends.append(index + 1 if ends is None else ends[index])
+    return "".join(chars), new_starts, new_ends
+
+
+def _normalized(original: str, text: str, starts: list[int] | None, ends: list[int] | None) -> _View:
+    if text.isascii():
+        return _View(original, text.lower(), starts, ends)
+    # Each distinct character is normalized once (real text repeats few), then the text is translated
+    # in one pass; only characters that become zero or several characters move the offsets.
+    table: dict[int, str] = dict(_ASCII_LOWER)
+    uneven: list[str] = []
+    for char in set(text):
+        if not char.isascii():
+            piece = table[ord(char)] = _normalize_char(char)
+            if len(piece) != 1:
+                uneven.append(char)
+    if not uneven:
+        return _View(original, text.translate(table), starts, ends)
+    if starts is None or ends is None:
+        starts, ends = list(range(len(text))), list(range(1, len(text) + 1))
+    pieces: list[str] = []
+    new_starts: list[int] = []
+    new_ends: list[int] = []
+    cursor = 0
+    for match in re.finditer("[" + re.escape("".join(uneven)) + "]", text):
+        index = match.start()
+        pieces.append(text[cursor:index].translate(table))
+        new_starts += starts[cursor:index]
+        new_ends += ends[cursor:index]
+        piece = table[ord(match.group())]
+        pieces.append(piece)
+        new_starts += [starts[index]] * len(piece)
+        new_ends += [ends[index]] * len(piece)
+        cursor = index + 1
+    pieces.append(text[cursor:].translate(table))
+    new_starts += starts[cursor:]
+    new_ends += ends[cursor:]
+    return _View(original, "".join(pieces), new_starts, new_ends)
+
+
+_ASCII_LOWER: Mapping[int, str] = MappingProxyType({code: chr(code).lower() for code in range(ord("A"), ord("Z") + 1)})
 
 
 def _normalize_char(char: str) -> str:
@@ -242,9 +616,14 @@ def _normalize_char(char: str) -> str:
         if capital_lookalike is not None:
             normalized.append(capital_lookalike)
             continue
-        for part in unicodedata.normalize("NFD", compatible.casefold()):
+        folded = compatible.casefold()
+        variant = _LATIN_VARIANTS.get(folded)
+        if variant is not None:
+            normalized.append(variant)
+            continue
+        for part in unicodedata.normalize("NFD", folded):
             if unicodedata.category(part) not in _INVISIBLE_CATEGORIES:
-                normalized.append(_LOWERCASE_HOMOGLYPHS.get(part, part))
+                normalized.append(_LOWERCASE_HOMOGLYPHS.get(part, _LATIN_VARIANTS.get(part, part)))
     return "".join(normalized)
 
 
@@ -292,67 +671,26 @@ def _inflected_forms(base: str) -> frozenset[str]:
     return frozenset(forms)
 
 
-def _index_single_token_forms(entries: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
-    """Every single-token form that counts as a blocked entry, mapped to that entry."""
+# A phrase's forms are every combination of its words' forms; past this many only the base words count.
+_MAX_PHRASE_FORMS = 4096
+
+
+def _index_forms(entries: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
+    """Every form of every entry, its words joined without spaces ("killyourself"), mapped to the entry."""
     word_by_form: dict[str, str] = {}
     for word, parts in entries.items():
-        # A phrase written without spaces ("killyourself") is one token, so it is indexed here too.
-        prefix = "".join(parts[:-1])
-        for form in _inflected_forms(parts[-1]):
-            word_by_form.setdefault(prefix + form, word)
+        choices = [sorted(_inflected_forms(part)) for part in parts]
+        combinations = 1
+        for forms in choices:
+            combinations *= len(forms)
+        if combinations > _MAX_PHRASE_FORMS:
+            choices = [[part] for part in parts]
+        for combination in product(*choices):
+            word_by_form.setdefault("".join(combination), word)
     for word, parts in entries.items():
         # When an inflection of one entry is itself an entry ("hater"), report the entry itself.
         word_by_form["".join(parts)] = word
     return word_by_form
-
-
-def _index_phrases(entries: Mapping[str, tuple[str, ...]]) -> dict[str, list[_Phrase]]:
-    phrases_by_first_form: dict[str, list[_Phrase]] = {}
-    for word, parts in entries.items():
-        if len(parts) < 2:
-            continue
-        phrase = _Phrase(word, tuple(_inflected_forms(part) for part in parts[1:]))
-        for form in _inflected_forms(parts[0]):
-            phrases_by_first_form.setdefault(form, []).append(phrase)
-    return phrases_by_first_form
-
-
-def _phrase_continues(phrase: _Phrase, forms_per_token: list[tuple[str, ...]], first: int) -> bool:
-    return all(
-        not accepted.isdisjoint(forms_per_token[first + offset])
-        for offset, accepted in enumerate(phrase.later_parts, start=1)
-    )
-
-
-def _token_forms(token: str) -> tuple[str, ...]:
-    """The token plus, when it mixes letters with digits or symbols, its leetspeak readings."""
-    has_letter = any(char.isalpha() for char in token)
-    if not has_letter or token.isalpha():
-        # A pure number is never read as leetspeak: "1337" is a number, not a word.
-        return (token,)
-    forms = [token]
-    if not _LEET_CHARS.isdisjoint(token):
-        forms.append(token.translate(_LEET_ONE_AS_I))
-        if "1" in token:
-            forms.append(token.translate(_LEET_ONE_AS_L))
-    # Digits tacked onto a word ("hate99", "2hate") do not make it a different word.
-    forms += [form.strip(_DIGITS) for form in forms]
-    return tuple(dict.fromkeys(form for form in forms if form))
-
-
-def _spaced_out_runs(text: str) -> Iterator[list[int]]:
-    """Positions of 3+ single-character tokens separated only by non-word characters."""
-    run: list[int] = []
-    for position, char in enumerate(text):
-        if _is_lone_letter(text, position):
-            run.append(position)
-        elif char.isalnum():
-            # A longer word between single letters ends the run.
-            if len(run) >= _MIN_SPACED_OUT_LETTERS:
-                yield run
-            run = []
-    if len(run) >= _MIN_SPACED_OUT_LETTERS:
-        yield run
 
 
 def _is_lone_letter(text: str, position: int) -> bool:
@@ -380,18 +718,17 @@ def _spaced_out_windows(letters: str) -> Iterator[tuple[int, int]]:
                 yield first, stop
 
 
-def _merge_into_matches(normalized: _NormalizedText, spans: list[_Span]) -> list[FilterMatch]:
+def _merge_into_matches(spans: list[_Span]) -> list[FilterMatch]:
     matches: list[FilterMatch] = []
     for start, end, word in sorted(spans, key=lambda span: (span[0], -span[1])):
-        original_start, original_end = normalized.original_span(start, end)
-        if matches and original_start < matches[-1].end:
+        if matches and start < matches[-1].end:
             # Overlapping detections (a phrase and one of its words, a leet and a plain reading)
             # become one span so that redaction removes everything that was flagged.
             previous = matches[-1]
-            if original_end > previous.end:
-                matches[-1] = FilterMatch(previous.word, previous.start, original_end)
+            if end > previous.end:
+                matches[-1] = FilterMatch(previous.word, previous.start, end)
             continue
-        matches.append(FilterMatch(word, original_start, original_end))
+        matches.append(FilterMatch(word, start, end))
     return matches
 
 
@@ -425,7 +762,11 @@ class StreamingFilter:
       word is held, leetspeak symbols included);
     * the last words of a possible multi-word entry, however far apart they are;
     * a trailing run of spaced-out single letters ("h          a          t"), from its first letter,
-      however long its gaps: the whole-text check matches such runs at any width, so the stream must too.
+      however long its gaps: the whole-text check matches such runs at any width, so the stream must too;
+    * the whole trailing chunk without spaces, when it is short enough to spell a blocked word joined
+      by punctuation ("ha-" + "te", "v!" + "olence");
+    * everything from a "%" or "&" close enough to the end to start an encoded word ("%68" + "ate"),
+      and from a right-to-left override that has not ended yet (it displays the text after it reversed).
 
     Text before that point can no longer change whether it matches, so the stream shows exactly what
     the final whole-text check would let through. Only a window around the unsent text is re-scanned
@@ -439,6 +780,12 @@ class StreamingFilter:
         self._text = ""
         self._sent_upto = 0
         self.matched = False
+        self.first_match_start: int | None = None  # where the first redacted match began in the raw text
+
+    @property
+    def released(self) -> int:
+        """Characters of the raw text decided so far (sent, or replaced by the redaction)."""
+        return self._sent_upto
 
     def push(self, delta: str) -> str:
         """Add text; return what is safe to send now (redacted). Raises ContentRejectedError on a match
@@ -446,11 +793,38 @@ class StreamingFilter:
         self._text += delta
         text = self._text
         safe = min(
-            _word_start_before(text, len(text) - self._holdback),
+            self._chunk_start_before(len(text) - self._holdback),
             _start_of_last_words(text, self._filter.longest_phrase),
             _trailing_run_start(text),
+            self._encoded_tail_start(),
+            self._open_override_start(),
         )
         return self._release(safe)
+
+    def _chunk_start_before(self, position: int) -> int:
+        """``position`` moved back to the start of its word, and on to the start of its chunk without
+        spaces when that chunk is short enough to hold a blocked word joined by punctuation."""
+        text = self._text
+        position = _word_start_before(text, position)
+        limit = max(0, position - self._filter.longest_chunk)
+        start = position
+        while start > limit and not text[start - 1].isspace():
+            start -= 1
+        return start if start == 0 or text[start - 1].isspace() else position
+
+    def _encoded_tail_start(self) -> int:
+        """The first "%" or "&" in the stretch an encoded blocked word could fill at the text's end."""
+        text = self._text
+        window = len(text) - self._filter.longest_chunk * ENCODED_CHAR_MAX
+        found = _ENCODING_START_RE.search(text, max(0, window))
+        return len(text) if found is None else self._chunk_start_before(found.start())
+
+    def _open_override_start(self) -> int:
+        text = self._text
+        override = text.rfind(_RIGHT_TO_LEFT_OVERRIDE)
+        if override == -1 or any(char in _OVERRIDE_ENDS for char in text[override:]):
+            return len(text)
+        return self._chunk_start_before(override)
 
     def finish(self) -> str:
         return self._release(len(self._text))
@@ -458,7 +832,18 @@ class StreamingFilter:
     def _release(self, end: int) -> str:
         if end <= self._sent_upto:
             return ""
-        window_start = _word_start_before(self._text, self._sent_upto - self._holdback)
+        window_start = self._chunk_start_before(self._sent_upto - self._holdback)
+        # Text sent before may still decode together with what follows ("%68" sent, then "ate").
+        encoded_from = max(0, self._sent_upto - self._filter.longest_chunk * ENCODED_CHAR_MAX)
+        encoded = _ENCODING_START_RE.search(self._text, encoded_from, self._sent_upto)
+        if encoded is not None:
+            window_start = min(window_start, self._chunk_start_before(encoded.start()))
+        # A right-to-left override before the window changes how the window's text reads.
+        override = self._text.rfind(_RIGHT_TO_LEFT_OVERRIDE, 0, window_start)
+        if override != -1:
+            between = self._text[override:window_start]
+            if not any(end in between for end in _OVERRIDE_ENDS) or window_start - override < self._holdback:
+                window_start = self._chunk_start_before(override)
         matches = [
             (m.start + window_start, m.end + window_start)
             for m in self._filter.find(self._text[window_start:])
@@ -476,6 +861,8 @@ class StreamingFilter:
     def _redact(self, start: int, end: int, matches: list[tuple[int, int]]) -> str:
         if matches:
             self.matched = True
+            if self.first_match_start is None:
+                self.first_match_start = matches[0][0]
             if self._reject:
                 raise ContentRejectedError("The generated text was withheld by the content filter.")
         pieces: list[str] = []

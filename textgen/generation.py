@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models import TextGenerationRequest, TextGenerationResponse, Timings
 from models import TokenLogprob as TokenLogprobView
@@ -24,6 +24,7 @@ from models import TopLogprob as TopLogprobView
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter, StreamingFilter
 from textgen.engine.constraints import CompiledGrammar, Constraint, GrammarCompiler, constraint_from_fields
+from textgen.engine.text import IncrementalDetokenizer
 from textgen.engine.types import (
     Engine,
     EngineLimits,
@@ -35,9 +36,19 @@ from textgen.engine.types import (
     TokenLogprob,
     TopLogprob,
 )
-from textgen.errors import ContentRejectedError, InvalidRequestError, QueueFullError, RateLimitedError
+from textgen.errors import (
+    ContentRejectedError,
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+    RateLimitedError,
+)
 from textgen.metrics import Metrics
 from textgen.ratelimit import NoRateLimit, RateLimiter, Reservation
+from textgen.threads import RequestThreads
+
+if TYPE_CHECKING:
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +61,11 @@ COMPILING_PHASE = "compiling its constraint"
 # store while the work runs, so a job whose processing killed a process is failed, not retried.
 RiskyPhase = Callable[[str], AbstractAsyncContextManager[None]]
 risky_phase: ContextVar[RiskyPhase | None] = ContextVar("textgen_risky_phase", default=None)
+
+# A prompt longer than this many characters per token of the limit is refused without tokenizing it:
+# ordinary text averages 3-5 characters per token, and this bound stays generous for long tokens (runs
+# of spaces in code), while a 1 MB prompt is refused before a tokenizer or filter pass over it.
+MAX_CHARS_PER_TOKEN = 32
 
 
 def prompt_fingerprint(prompt: str) -> str:
@@ -172,18 +188,109 @@ class GenerationService:
     model_name: str
     metrics: Metrics
     rate_limiter: RateLimiter = field(default_factory=NoRateLimit)
+    # Counts a prompt's tokens before the filter runs (None: only the character bound is checked).
+    tokenizer: PreTrainedTokenizerBase | None = None
+    context_length: int | None = None
+    threads: RequestThreads = field(default_factory=RequestThreads, repr=False)
     _refunds: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
 
-    def check_prompt(self, prompt: str, request_id: str) -> None:
-        logger.info("Prompt received (%s)", prompt_fingerprint(prompt), extra={"request_id": request_id})
-        logger.debug("Prompt text: %r", prompt, extra={"request_id": request_id})
-        matches = self.content_filter.find(prompt)
+    def close(self) -> None:
+        self.threads.close()
+
+    @property
+    def prompt_token_limit(self) -> int:
+        """The most prompt tokens a request may have (the engine checks the same limit again)."""
+        limit = self.settings.max_prompt_tokens
+        if self.context_length is not None:
+            limit = min(limit, self.context_length - 1)
+        return limit
+
+    async def check_prompt(self, prompt: str, request_id: str) -> None:
+        """400 for a prompt that is too long, checked before any other work on it (characters at once,
+        then tokens), then the content filter; the token count and the filter run off the event loop."""
+        await self.check_prompts([prompt], request_id)
+
+    async def check_prompts(self, prompts: Sequence[str], request_id: str) -> None:
+        """``check_prompt`` for several prompts: every prompt's size before any prompt's tokens or content."""
+        for prompt in prompts:
+            logger.info("Prompt received (%s)", prompt_fingerprint(prompt), extra={"request_id": request_id})
+            logger.debug("Prompt text: %r", prompt, extra={"request_id": request_id})
+            self._check_characters(len(prompt))
+
+        def screen_all() -> None:
+            for prompt in prompts:
+                self._screen(prompt, [prompt], request_id, filter_now=False)
+            for prompt in prompts:
+                self._screen(prompt, [prompt], request_id, count_now=False)
+
+        await self.threads.run(screen_all)
+
+    async def check_chat(self, contents: Sequence[str], render: Callable[[], str], request_id: str) -> str:
+        """The chat prompt ``render()`` builds from messages with ``contents``, checked as ``check_prompt``
+        checks a prompt (each message's content goes through the filter); rendering runs off the loop too."""
+        logger.info(
+            "Chat received (%d messages, %d characters)",
+            len(contents),
+            sum(len(content) for content in contents),
+            extra={"request_id": request_id},
+        )
+        self._check_characters(sum(len(content) for content in contents))
+
+        def render_and_screen() -> str:
+            prompt = render()
+            self._check_characters(len(prompt))
+            self._screen(prompt, contents, request_id)
+            return prompt
+
+        return await self.threads.run(render_and_screen)
+
+    def _check_characters(self, characters: int) -> None:
+        limit = self.prompt_token_limit
+        if characters > limit * MAX_CHARS_PER_TOKEN:
+            raise PromptTooLongError(
+                f"The prompt has {characters} characters, more than {limit * MAX_CHARS_PER_TOKEN} "
+                f"({MAX_CHARS_PER_TOKEN} per token); this server accepts at most {limit} tokens "
+                "(TEXTGEN_MAX_PROMPT_TOKENS and the model's context length). Shorten the prompt."
+            )
+
+    def _screen(
+        self, prompt: str, filtered: Sequence[str], request_id: str, *, count_now: bool = True, filter_now: bool = True
+    ) -> None:
+        """In a worker thread: the prompt's token count, then the filter over each of ``filtered``."""
+        if count_now and self.tokenizer is not None:
+            tokens = len(self.tokenizer(prompt, add_special_tokens=True).input_ids)
+            limit = self.prompt_token_limit
+            if tokens > limit:
+                raise PromptTooLongError(
+                    f"The prompt has {tokens} tokens; this server accepts at most {limit} "
+                    "(TEXTGEN_MAX_PROMPT_TOKENS and the model's context length). Shorten the prompt."
+                )
+        if not filter_now:
+            return
+        matches = sum(len(self.content_filter.find(text)) for text in filtered)
         if matches:
             self.metrics.observe_filter("prompt", "reject")
             logger.warning(
-                "Prompt rejected by the content filter (%d matches)", len(matches), extra={"request_id": request_id}
+                "Prompt rejected by the content filter (%d matches)", matches, extra={"request_id": request_id}
             )
             raise ContentRejectedError(PROMPT_REJECTED)
+
+    def check_logprobs_budget(self, params: Sequence[SamplingParams], field_name: str) -> None:
+        """400 naming ``field_name`` when the request's choices could return more log-probability entries
+        (generated tokens × (1 + alternatives), summed over choices) than TEXTGEN_MAX_LOGPROBS_PER_REQUEST:
+        each entry costs the response about 30-70 bytes of JSON, all built on the event loop."""
+        asked = [p for p in params if p.logprobs is not None]
+        if not asked:
+            return
+        entries = sum(self.token_budget(p) * (1 + (p.logprobs or 0)) for p in asked)
+        limit = self.settings.max_logprobs_per_request
+        if entries > limit:
+            tokens, alternatives = self.token_budget(asked[0]), asked[0].logprobs
+            raise InvalidRequestError(
+                f"{field_name}: {len(asked)} choice(s) × {tokens} tokens × (1 + {alternatives} alternatives) = "
+                f"{entries} log-probabilities, more than this server returns for one request ({limit}, "
+                "TEXTGEN_MAX_LOGPROBS_PER_REQUEST); ask for fewer alternatives, fewer choices (n) or fewer tokens."
+            )
 
     def _grammars(self, params: SamplingParams) -> GrammarCompiler | None:
         """The engine's constraint compiler; 400 when the request needs one the engine lacks."""
@@ -258,6 +365,7 @@ class GenerationService:
         return [_redacted_entry(entry, self.content_filter) for entry in entries]
 
     def filter_output(self, text: str, request_id: str) -> str:
+        """The filtered text (redacted, or ContentRejectedError); runs the filter on the calling thread."""
         matches = self.content_filter.find(text)
         if not matches:
             return text
@@ -345,8 +453,11 @@ class GenerationService:
     async def finish(self, result: GenerationResult, request_id: str, principal: str | None = None) -> GenerationResult:
         """Record the result (metrics) and return it with its text filtered. Tokens are not charged
         here: the budget was reserved on admission (``submit_budgeted``). ``principal`` is accepted for
-        existing callers and unused."""
+        existing callers and unused. The filtering runs off the event loop (a long text, many logprobs)."""
         self.metrics.observe_result(result)
+        return await self.threads.run(lambda: self._filtered(result, request_id))
+
+    def _filtered(self, result: GenerationResult, request_id: str) -> GenerationResult:
         text = self.filter_output(result.text, request_id)
         final = result if text == result.text else _with_text(result, text)
         if final.token_logprobs:  # alternatives the model did not pick may hold filtered words
@@ -372,11 +483,17 @@ class GenerationService:
             ),
         )
 
-    async def stream_text(self, handle: Handle, *, cancel_on_exit: bool = True) -> AsyncIterator[str]:
+    def streaming_filter(self) -> StreamingFilter:
+        return StreamingFilter(self.content_filter, self.settings.output_filter_action)
+
+    async def stream_text(
+        self, handle: Handle, *, cancel_on_exit: bool = True, streaming_filter: StreamingFilter | None = None
+    ) -> AsyncIterator[str]:
         """Filtered text deltas as the engine produces them (replayed from the start); the filter holds
         back a short tail so a blocked word is never sent in pieces. Unless told otherwise, cancels the
-        generation when the consumer goes away."""
-        streaming_filter = StreamingFilter(self.content_filter, self.settings.output_filter_action)
+        generation when the consumer goes away. Pass ``streaming_filter`` to read what it let through
+        (``StreamedLogprobs``)."""
+        streaming_filter = streaming_filter or self.streaming_filter()
         try:
             async for delta in handle.stream():
                 safe = streaming_filter.push(delta)
@@ -419,3 +536,42 @@ def _redacted_entry(entry: TokenLogprob, content_filter: ContentFilter) -> Token
         logprob=entry.logprob,
         top=tuple(TopLogprob(t.token_id, clean(t.token), t.logprob) for t in entry.top),
     )
+
+
+class StreamedLogprobs:
+    """A streamed choice's log-probability entries, handed out no faster than the content filter lets
+    their text through, and none from the first filtered word on: the tokens of a redacted word
+    ("h", "ate") would otherwise spell it out next to the ``[redacted]`` text. (A non-streamed response
+    with filtered text drops all its entries; a stream cannot take back what it sent before the match.)
+
+    Each entry's end in the output text comes from decoding the tokens in context, as the engine does,
+    so tokenizers whose tokens decode differently alone (a SentencePiece "▁hate") are placed right.
+    Every entry that is handed out also has its own text and alternatives redacted."""
+
+    def __init__(self, service: GenerationService, handle: Handle) -> None:
+        self._service = service
+        self._handle = handle
+        self._detokenizer = None if service.tokenizer is None else IncrementalDetokenizer(service.tokenizer)
+        self._ends: list[int] = []  # where each entry's text ends in the output
+        self._text_length = 0
+        self._sent = 0
+
+    def take(self, streaming_filter: StreamingFilter, *, final: bool = False) -> list[TokenLogprob]:
+        """Entries not handed out yet whose text the filter has let through (all of them, at the end
+        of a stream without a match)."""
+        entries = self._handle.token_logprobs
+        for entry in entries[len(self._ends) :]:
+            piece = entry.token if self._detokenizer is None else self._detokenizer.push(entry.token_id)
+            self._text_length += len(piece)
+            self._ends.append(self._text_length)
+        matched_at = streaming_filter.first_match_start
+        if final and matched_at is None:
+            upto = len(entries)
+        else:
+            released = streaming_filter.released if matched_at is None else min(streaming_filter.released, matched_at)
+            upto = self._sent
+            while upto < len(self._ends) and self._ends[upto] <= released:
+                upto += 1
+        taken = entries[self._sent : upto]
+        self._sent = max(self._sent, upto)
+        return self._service.visible_logprobs(taken)

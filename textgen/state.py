@@ -139,7 +139,16 @@ async def build_state(
         weights=str(core.get("weights", "")),
     )
     engine.set_step_observer(metrics.observe_step)
-    service = GenerationService(engine, content_filter, settings, model.name, metrics, rate_limiter)
+    service = GenerationService(
+        engine,
+        content_filter,
+        settings,
+        model.name,
+        metrics,
+        rate_limiter,
+        tokenizer=model.tokenizer,
+        context_length=model.context_length,
+    )
     owner = process_owner_id()
     runner = JobRunner(
         store,
@@ -191,6 +200,7 @@ async def shutdown_state(state: AppState) -> None:
         await state.batches.close()
     await state.store.close()
     await state.service.rate_limiter.close()
+    state.service.close()
     mark_process_dead()
     logger.info("Shutdown complete")
 

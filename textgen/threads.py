@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -40,3 +41,23 @@ async def run_in_own_thread(work: Callable[[], T], name: str = "textgen-setup") 
 
     threading.Thread(target=target, name=name, daemon=True).start()
     return await asyncio.shield(done)
+
+
+class RequestThreads:
+    """A few long-lived threads for per-request CPU work that must not run on the event loop: the
+    content filter, counting a prompt's tokens, rendering a chat template, filtering a long output.
+
+    None of that runs torch, so these threads never hold an OpenMP team (the reason above for
+    ``run_in_own_thread``). They are few on purpose: Python code in a thread still takes the GIL in
+    turns with the event loop, so a handful of busy threads keeps ``/health`` answering within a few
+    switch intervals, where a thread per request would not under a burst; extra work waits its turn.
+    """
+
+    def __init__(self, workers: int = 2, name: str = "textgen-request") -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+
+    async def run(self, work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

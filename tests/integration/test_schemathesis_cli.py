@@ -90,6 +90,13 @@ KNOWN_BY_DESIGN = [
         "the prompt contains a blocked word (TEXTGEN_BLOCKED_WORDS)",
     ),
     ByDesign(
+        GENERATING,
+        "ST202",
+        400,
+        "TEXTGEN_MAX_LOGPROBS_PER_REQUEST",
+        "choices x tokens x (1 + alternatives) is more log-probabilities than one response may carry",
+    ),
+    ByDesign(
         ("POST /generate_background",),
         "ST202",
         400,

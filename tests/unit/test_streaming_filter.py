@@ -52,6 +52,8 @@ def test_stream_output_equals_the_final_check_for_any_split() -> None:
     pieces = [
         "hate", "h", "a", "t", "e", "d", " ", "   ", " " * 50, ".", "-", "violent", "ly", "hatred", "what",
         "ever", "I", "u", "kill", "yourself", "@", "4", "chateau", "violet", "x", "\n", "the", "hat", "ful",
+        # issue 20's evasions: encodings, overrides, joined, stretched, leet
+        "%68", "%", "6", "&#104;", "&", "#", ";", "\u202e", "\u202c", "ha", "te", "aaa", "8", "!", "ʜᴀᴛᴇ", "_",
     ]  # fmt: skip
     rng = random.Random(11)
     for _ in range(1500):

@@ -176,14 +176,14 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
             if url == "/v1/chat/completions":
                 chat = ChatCompletionRequest.model_validate(body)
                 await service.prepare_constraint(response_format_constraint(chat.response_format))
-                handles = submit_chat(service, model.tokenizer, chat, request_id, Priority.BACKGROUND)
+                handles = await submit_chat(service, model.tokenizer, chat, request_id, Priority.BACKGROUND)
                 track(handles[-1])
                 results = [await service.finish(result, request_id) for result in await _results(handles)]
                 response = chat_response(service, chat, results)
             else:
                 completion = CompletionRequest.model_validate(body)
                 await service.prepare_constraint(response_format_constraint(completion.response_format))
-                handles = submit_completion(service, completion, request_id, Priority.BACKGROUND)
+                handles = await submit_completion(service, completion, request_id, Priority.BACKGROUND)
                 track(handles[-1])
                 results = [await service.finish(result, request_id) for result in await _results(handles)]
                 response = completion_response(service, completion, results)

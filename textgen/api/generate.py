@@ -87,7 +87,8 @@ async def generate(
     request_id: RequestIdDep,
     caller: CallerDep,
 ) -> TextGenerationResponse | Response:
-    service.check_prompt(body.prompt, request_id)
+    await service.check_prompt(body.prompt, request_id)
+    service.check_logprobs_budget([sampling_params_from(body)], "logprobs")
     await service.prepare_request(body)
     if body.stream:
         with state.streams.take(caller) as slot:  # before the budget is reserved: a refusal costs nothing
@@ -125,7 +126,8 @@ async def generate_background(
         ),
     ] = None,
 ) -> JobAccepted:
-    state.service.check_prompt(body.prompt, request_id)
+    await state.service.check_prompt(body.prompt, request_id)
+    state.service.check_logprobs_budget([sampling_params_from(body)], "logprobs")
     await state.service.prepare_request(body)
     if body.callback_url is not None:
         await check_webhook(body.callback_url, state.settings)

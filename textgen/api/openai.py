@@ -57,7 +57,7 @@ from textgen.engine.types import (
     to_client_error,
 )
 from textgen.errors import InvalidRequestError, TextGenError
-from textgen.generation import GenerationService
+from textgen.generation import GenerationService, StreamedLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -245,19 +245,13 @@ async def _choice_events(
     )
 
     async def pump(index: int, handle: Handle) -> None:
-        sent = 0
-
-        def new_logprobs() -> list[TokenLogprob]:
-            nonlocal sent
-            entries = handle.token_logprobs[sent:]
-            sent += len(entries)
-            return service.visible_logprobs(entries)
-
+        streaming_filter = service.streaming_filter()
+        logprobs = StreamedLogprobs(service, handle)  # paced by what the filter lets through
         try:
-            async for text in service.stream_text(handle):
-                queue.put_nowait((index, text, None, new_logprobs(), None))
+            async for text in service.stream_text(handle, streaming_filter=streaming_filter):
+                queue.put_nowait((index, text, None, logprobs.take(streaming_filter), None))
             result = await service.finish(await handle.result(), request_id, caller)
-            queue.put_nowait((index, "", result, new_logprobs(), None))
+            queue.put_nowait((index, "", result, logprobs.take(streaming_filter, final=True), None))
         except BaseException as error:
             queue.put_nowait((index, "", None, [], error))
             raise
@@ -337,11 +331,7 @@ async def completions(
     request_id: RequestIdDep,
     caller: CallerDep,
 ) -> CompletionResponse | Response:
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts or not all(prompts):
-        raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings.")
-    for prompt in prompts:
-        service.check_prompt(prompt, request_id)
+    prompts = await _checked_prompts(service, body, request_id)
     await service.prepare(_sampling(body, body.max_tokens, 0))  # compile a constraint before queueing
     budgets = [_sampling(body, body.max_tokens, 0)] * (len(prompts) * body.n)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -359,15 +349,21 @@ async def completions(
     return completion_response(service, body, results, completion_id, created)
 
 
-def submit_completion(
-    service: GenerationService, body: CompletionRequest, request_id: str, priority: Priority
-) -> list[Handle]:
-    """What the /v1/completions route does before it waits: check the prompts, submit every choice (batch lines)."""
+async def _checked_prompts(service: GenerationService, body: CompletionRequest, request_id: str) -> list[str]:
+    """The request's prompts, each checked (length, then content filter), and its log-probabilities bounded."""
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts or not all(prompts):
         raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings.")
-    for prompt in prompts:
-        service.check_prompt(prompt, request_id)
+    service.check_logprobs_budget([_sampling(body, body.max_tokens, 0)] * (len(prompts) * body.n), "logprobs")
+    await service.check_prompts(prompts, request_id)
+    return prompts
+
+
+async def submit_completion(
+    service: GenerationService, body: CompletionRequest, request_id: str, priority: Priority
+) -> list[Handle]:
+    """What the /v1/completions route does before it waits: check the prompts, submit every choice (batch lines)."""
+    prompts = await _checked_prompts(service, body, request_id)
     return _submit_all(service, prompts, body, body.max_tokens, request_id, priority)
 
 
@@ -435,9 +431,7 @@ async def chat_completions(
     request_id: RequestIdDep,
     caller: CallerDep,
 ) -> ChatCompletionResponse | Response:
-    for message in body.messages:
-        service.check_prompt(message.content, request_id)
-    prompt = render_chat_prompt(state.model.tokenizer, body.messages)
+    prompt = await _checked_chat_prompt(service, state.model.tokenizer, body, request_id)
     max_tokens = body.max_completion_tokens or body.max_tokens or state.settings.max_new_tokens_limit
     await service.prepare(_sampling(body, max_tokens, 0))  # compile a constraint before queueing
     budgets = [_sampling(body, max_tokens, 0)] * body.n
@@ -456,7 +450,21 @@ async def chat_completions(
     return chat_response(service, body, results, chat_id, created)
 
 
-def submit_chat(
+async def _checked_chat_prompt(
+    service: GenerationService, tokenizer: PreTrainedTokenizerBase, body: ChatCompletionRequest, request_id: str
+) -> str:
+    """The rendered chat prompt, checked (length, then each message through the content filter), with the
+    request's log-probabilities bounded; rendering and checks run off the event loop."""
+    max_tokens = body.max_completion_tokens or body.max_tokens or service.settings.max_new_tokens_limit
+    service.check_logprobs_budget([_sampling(body, max_tokens, 0)] * body.n, "top_logprobs")
+    return await service.check_chat(
+        [message.content for message in body.messages],
+        lambda: render_chat_prompt(tokenizer, body.messages),
+        request_id,
+    )
+
+
+async def submit_chat(
     service: GenerationService,
     tokenizer: PreTrainedTokenizerBase,
     body: ChatCompletionRequest,
@@ -464,9 +472,7 @@ def submit_chat(
     priority: Priority,
 ) -> list[Handle]:
     """What the chat route does before it waits: check, render the chat prompt, submit every choice (batch lines)."""
-    for message in body.messages:
-        service.check_prompt(message.content, request_id)
-    prompt = render_chat_prompt(tokenizer, body.messages)
+    prompt = await _checked_chat_prompt(service, tokenizer, body, request_id)
     max_tokens = body.max_completion_tokens or body.max_tokens or service.settings.max_new_tokens_limit
     return _submit_all(service, [prompt], body, max_tokens, request_id, priority)
 
