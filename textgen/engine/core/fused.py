@@ -331,8 +331,7 @@ def _load(folder: Path, compiler: str | None) -> KernelBuild:
         name = f"fused-{key}.so"
         if not _entry_exists(directory, name):
             _compile(compiler, directory, folder, name)
-        check_private_library(directory, folder / name)
-        kernels = FusedKernels(ctypes.CDLL(_path_through(directory, folder, name)), key)
+        kernels = FusedKernels(_load_private_library(directory, folder / name), key)
     except KernelFolderRefused as refused:
         return _unavailable(str(refused), f"delete it (rm {folder / name}) so that it is rebuilt")
     except (OSError, subprocess.SubprocessError) as error:
@@ -368,8 +367,8 @@ def _first_line(error: BaseException) -> str:
 # write. Every component of the path is opened with O_NOFOLLOW relative to its parent (a symlink anywhere
 # is refused, not followed), missing ones are created 0700, and the last one must be a directory owned by
 # this user without group/other write bits. Everything after that (the compiler's output, the rename, the
-# check of the library and the load) goes through the folder's descriptor (/proc/self/fd), so swapping a
-# folder on the way afterwards changes nothing.
+# check of the library) goes through the folder's descriptor, and the load through the checked library's
+# (/proc/self/fd), so swapping a folder on the way afterwards changes nothing.
 
 
 def open_private_folder(folder: Path) -> int:
@@ -397,9 +396,11 @@ def open_private_folder(folder: Path) -> int:
     return directory
 
 
-def check_private_library(directory: int, library: Path) -> None:
-    """The library in the (checked) folder must be a regular file, not a symlink, owned by this user and not
-    writable by group or others; KernelFolderRefused otherwise."""
+def _load_private_library(directory: int, library: Path) -> ctypes.CDLL:
+    """Load the library in the (checked) folder if it is a regular file, not a symlink, owned by this user and
+    not writable by group or others (KernelFolderRefused otherwise). On Linux the file checked is the file
+    loaded: dlopen gets /proc/self/fd/N of the descriptor that was checked, and that descriptor stays open
+    (dlopen treats two loads of one name as one library: a number still open is never another file's)."""
     try:
         descriptor = os.open(library.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
     except OSError as error:
@@ -408,8 +409,12 @@ def check_private_library(directory: int, library: Path) -> None:
         raise
     try:
         _check_private(os.fstat(descriptor), library, "library")
-    finally:
+        through = Path(f"/proc/self/fd/{descriptor}")
+        loaded = ctypes.CDLL(str(through) if through.exists() else str(library))
+    except BaseException:
         os.close(descriptor)
+        raise
+    return loaded
 
 
 def _make_private(directory: int, name: str) -> bool:
@@ -458,13 +463,11 @@ def _entry_exists(directory: int, name: str) -> bool:
     return True
 
 
-def _path_through(directory: int, folder: Path, name: str = "") -> str:
-    """A path that reaches ``name`` through the open folder (Linux: /proc/self/fd), whatever happens to the
-    folder's path meanwhile; elsewhere the checked path itself. (dlopen treats two loads of one path as one
-    library: two folders' descriptors may share a number, but a name holds its build key, so the same code.)"""
+def _path_through(directory: int, folder: Path) -> str:
+    """A path that reaches the open folder (Linux: /proc/self/fd), whatever happens to the folder's path
+    meanwhile; elsewhere the checked path itself."""
     through = Path(f"/proc/self/fd/{directory}")
-    base = str(through) if through.is_dir() else str(folder)
-    return os.path.join(base, name) if name else base
+    return str(through) if through.is_dir() else str(folder)
 
 
 def openmp_runtimes() -> set[str]:
