@@ -378,6 +378,7 @@ def open_private_folder(folder: Path) -> int:
         raise KernelFolderRefused(f"kernel folder {folder} is not an absolute path")
     if not hasattr(os, "geteuid") or not hasattr(os, "O_NOFOLLOW") or os.open not in os.supports_dir_fd:
         raise KernelFolderRefused("this platform cannot check a folder's owner without following symlinks")
+    folder = Path(os.path.normpath(folder))  # ".." taken lexically: no component may be a symlink anyway
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     current = Path(folder.anchor)
     directory = os.open(current, flags & ~os.O_NOFOLLOW)  # "/" is never a symlink
