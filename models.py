@@ -230,6 +230,10 @@ class ReadyResponse(BaseModel):
     status: Literal["ready"] = "ready"
     model: str
     engine: str
+    details: dict[str, str] = Field(
+        default_factory=dict,
+        description="What computes: core, weights, and fused_kernels ('on', or 'off: <reason>; fix: <fix>').",
+    )
 
 
 # ----- OpenAI-compatible API (/v1) -------------------------------------------------------------------

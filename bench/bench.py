@@ -681,18 +681,26 @@ def measure_core_rate(weights: str, batches: Sequence[int], out_dir: Path) -> di
 
 
 def server_core_info(base_url: str) -> dict[str, str]:
-    """The core and weight formats a textgen server reports in its ``textgen_model_info`` metric."""
+    """The core and weight formats a textgen server reports in its ``textgen_model_info`` metric, and whether
+    its fused kernels are on (from ``/ready``: a fallback to PyTorch's operators names its reason)."""
+    info: dict[str, str] = {}
     try:
         text = httpx.get(f"{base_url}/metrics", timeout=10.0, trust_env=False).text
-    except httpx.HTTPError:
-        return {}
+        details = httpx.get(f"{base_url}/ready", timeout=10.0, trust_env=False).json().get("details") or {}
+    except (httpx.HTTPError, ValueError):
+        return info
     for line in text.splitlines():
         if line.startswith("textgen_model_info{"):
             labels = line[line.index("{") + 1 : line.rindex("}")]
             pairs = (item.split("=", 1) for item in labels.split('",') if "=" in item)
             found = {k.strip(): v.strip().strip('"') for k, v in pairs}
-            return {k: found[k] for k in ("core", "weights", "dtype", "device") if found.get(k)}
-    return {}
+            info = {k: found[k] for k in ("core", "weights", "dtype", "device") if found.get(k)}
+            break
+    if details.get("fused_kernels"):
+        info["fused kernels"] = str(details["fused_kernels"])
+        if info["fused kernels"] != "on":
+            LOG.warning("%s: fused kernels %s", base_url, info["fused kernels"])
+    return info
 
 
 def bench_compare(args: argparse.Namespace, config: LoadConfig, run: EngineRun) -> None:

@@ -212,6 +212,13 @@ def header_notes(metadata: Mapping[str, Any]) -> list[str]:
     return ["", *notes] if notes else []
 
 
+def fused_note(core: Mapping[str, Any]) -> str:
+    """fused.c on or off (and why) in a core's description: a refused kernel folder costs ~25% throughput."""
+    if "fused_kernels" not in core:
+        return "fused kernels n/a"
+    return "fused kernels on" if core["fused_kernels"] else f"fused kernels off ({core.get('fused_kernels_off', '?')})"
+
+
 def core_rate_section(records: Sequence[LevelStats], core_rates: Mapping[str, Any]) -> list[str]:
     """The core's decode rate measured alone (``bench.core_rate``) next to the server's figure at the same C."""
     lines = []
@@ -233,7 +240,8 @@ def core_rate_section(records: Sequence[LevelStats], core_rates: Mapping[str, An
                 "",
                 f"## {label}: the core alone vs the server (generate)",
                 "",
-                f"Core: {rates.get('core', {}).get('weights', '?')}; measured by `python -m bench.core_rate` "
+                f"Core: {rates.get('core', {}).get('weights', '?')}; {fused_note(rates.get('core', {}))}; "
+                "measured by `python -m bench.core_rate` "
                 "before the server started (decode steps only, no prefill, sampling or HTTP).",
                 "",
                 "| C | core steps/s | core tok/s | server out tok/s | server / core |",

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     fused_kernels: bool = Field(
         True,
         description="Model steps (Llama family, bf16, CPU), the Q4_1 and w8a8 products and top-p sampling "
-        "through fused C kernels (textgen/engine/core/fused.c), built once per machine with cc.",
+        "through fused C kernels (textgen/engine/core/fused.c), built with cc into ~/.cache/textgen/kernels.",
     )
     max_running: int = Field(64, ge=1, le=1024, description="Sequences decoded together in one batch.")
     max_waiting: int = Field(256, ge=0, description="Interactive requests allowed to wait for a batch slot.")

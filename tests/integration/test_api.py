@@ -518,7 +518,10 @@ async def test_health_and_ready(make_settings: MakeSettings, app_client: AppClie
 
         ready = await client.get("/ready")
         assert ready.status_code == 200
-        assert ready.json() == {"status": "ready", "model": app.state.textgen.model.name, "engine": "batched"}
+        body = ready.json()
+        assert body == {"status": "ready", "model": app.state.textgen.model.name, "engine": "batched",
+                        "details": body["details"]}
+        assert body["details"]["core"] == "textgen-gpt2"  # what computes, and whether fused.c is on (and why not)
 
 
 # ----- request ids ----------------------------------------------------------------------------------------

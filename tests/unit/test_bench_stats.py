@@ -17,6 +17,7 @@ import pytest
 from bench import bench as bench_mod
 from bench.report import (
     COLUMNS,
+    fused_note,
     mode_ratio_lines,
     plot_png,
     read_json,
@@ -731,3 +732,22 @@ def test_script_entry_point_runs_outside_the_package() -> None:
     script = Path(bench_mod.__file__)
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd="/")
     assert done.returncode == 0 and "--requests-per-level" in done.stdout
+
+
+def test_the_bench_header_shows_a_fused_kernel_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused kernel folder costs ~25% throughput: the results say so, with the server's reason."""
+    reason = "off: kernel folder /x is owned by uid 65534, not by this user (uid 0); fix: ..."
+    answers = {
+        "/metrics": httpx.Response(200, text='textgen_model_info{core="textgen-llama",weights="int4"} 1\n'),
+        "/ready": httpx.Response(200, json={"status": "ready", "details": {"fused_kernels": reason}}),
+    }
+    monkeypatch.setattr(bench_mod.httpx, "get", lambda url, **_: answers[httpx.URL(url).path])
+    info = bench_mod.server_core_info("http://server")
+    assert info == {"core": "textgen-llama", "weights": "int4", "fused kernels": reason}
+    assert f"- batched: core textgen-llama, weights int4, fused kernels {reason}" in render_markdown(
+        RECORDS, {**METADATA, "servers": {"batched": info}}
+    )
+    assert fused_note({"fused_kernels": False, "fused_kernels_off": "no C compiler found"}) == (
+        "fused kernels off (no C compiler found)"
+    )
+    assert fused_note({"fused_kernels": True}) == "fused kernels on"

@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from textgen.engine.core.decoder import DecodeCore, architecture_for
-from textgen.engine.core.fused import FusedKernels, load_fused_kernels, openmp_runtimes
+from textgen.engine.core.fused import FusedKernels, build_fused_kernels, load_fused_kernels, openmp_runtimes
 from textgen.engine.core.linear import Q4Kernel, W8A8Kernel
 from textgen.engine.core.weights import LinearFactory, WeightPlan
 
@@ -90,7 +90,13 @@ def test_fused_kernels_are_cached_and_a_missing_compiler_falls_back(
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with caplog.at_level(logging.WARNING):
         assert load_fused_kernels(tmp_path / "elsewhere") is None
-    assert "Fused CPU kernels unavailable" in caplog.text
+        assert load_fused_kernels(tmp_path / "elsewhere") is None  # the core and the sampler both ask
+    assert caplog.text.count("Fused CPU kernels off") == 1  # logged once, with the reason and the fix
+    assert "the build failed" in caplog.text and "fix: check that CC compiles C" in caplog.text
+    monkeypatch.delenv("CC")
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with caplog.at_level(logging.WARNING):
+        assert build_fused_kernels(tmp_path / "third").problem.startswith("no C compiler found; fix: install gcc")
 
 
 def test_prefill_decode_and_mixed_steps_all_run_fused(tiny_llama: LlamaForCausalLM, kernels: FusedKernels) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fastapi import APIRouter
 
 from models import HealthResponse, ReadyResponse
@@ -28,4 +30,14 @@ async def health() -> HealthResponse:
 async def ready(state: StateDep) -> ReadyResponse:
     if not state.ready:
         raise NotReadyError()
-    return ReadyResponse(model=state.model.name, engine=state.engine.name)
+    details = core_details(state.engine.core_info())
+    return ReadyResponse(model=state.model.name, engine=state.engine.name, details=details)
+
+
+def core_details(core: Mapping[str, object]) -> dict[str, str]:
+    """The core's description as /ready shows it: a fused-kernel fallback names its reason (a refused kernel
+    folder must not slow the server down unseen)."""
+    details = {key: str(core[key]) for key in ("core", "weights") if key in core}
+    if "fused_kernels" in core:
+        details["fused_kernels"] = "on" if core["fused_kernels"] else f"off: {core.get('fused_kernels_off', '')}"
+    return details

@@ -31,7 +31,7 @@ import torch
 from textgen.engine.core.activations import input_ranges
 from textgen.engine.core.calibrate import Probe, machine_key, plan_for, refine_crossover
 from textgen.engine.core.decoder import DecodeCore, architecture_for
-from textgen.engine.core.fused import load_fused_kernels
+from textgen.engine.core.fused import FusedKernels, build_fused_kernels
 from textgen.engine.core.gguf_blocks import Int4Blocks, cached_q4_1_blocks
 from textgen.engine.core.hf import TransformersCore
 from textgen.engine.core.weights import LinearFactory
@@ -97,7 +97,7 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         logger.info("Model core: transformers (%s)", reason or "TEXTGEN_CORE=transformers")
         return TransformersCore(loaded.model, int(loaded.tokenizer.pad_token_id), options.slots, capacity)
     blocks = gguf_int4_blocks(loaded, arch.name, options)
-    fused = load_fused_kernels() if options.fused and loaded.device.type == "cpu" else None
+    fused, fused_off = fused_kernels_for(options, loaded.device)
     plan, _ = plan_for(
         options.weights,
         device=loaded.device,
@@ -117,7 +117,9 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         input_ranges=lambda: input_ranges(loaded.model, loaded.tokenizer),
         fused=fused,
     )
-    core = DecodeCore(loaded.model, arch, plan, factory, slots=options.slots, capacity=capacity, fused=fused)
+    core = DecodeCore(
+        loaded.model, arch, plan, factory, slots=options.slots, capacity=capacity, fused=fused, fused_off=fused_off
+    )
     if options.weights == "auto" and len(plan.tiers) == 2:
         key = "|".join([machine_key(), loaded.name, plan.describe(), f"fused={fused.build_key if fused else 'off'}"])
         cache_file = None if options.cache_dir is None else options.cache_dir / PLAN_CACHE
@@ -136,6 +138,16 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         f"; {', '.join(sorted(core.fallbacks))} unavailable here, float used instead" if core.fallbacks else "",
     )
     return core
+
+
+def fused_kernels_for(options: CoreOptions, device: torch.device) -> tuple[FusedKernels | None, str]:
+    """fused.c's library where it applies, else None and why (for describe(): /ready, the bench header)."""
+    if not options.fused:
+        return None, "TEXTGEN_FUSED_KERNELS=false"
+    if device.type != "cpu":
+        return None, f"CPU only (the model runs on {device.type})"
+    build = build_fused_kernels()
+    return build.kernels, build.problem
 
 
 def release_source_weights(loaded: LoadedModel, core: ModelCore) -> int:

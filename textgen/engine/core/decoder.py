@@ -65,6 +65,7 @@ class DecodeCore:
         slots: int,
         capacity: int,
         fused: FusedKernels | None = None,
+        fused_off: str = "",
     ) -> None:
         self.name = f"textgen-{arch.name}"
         self.plan = plan
@@ -83,6 +84,8 @@ class DecodeCore:
         )
         self.fallbacks = factory.fallbacks
         self._fused = fused if arch.step_fused is not None else None
+        # why the step runs PyTorch's operators instead (for /ready and the bench header)
+        self._fused_off = "" if self._fused else fused_off or f"no fused step for {arch.name}"
 
     # ----- the core contract ----------------------------------------------------------------------
 
@@ -245,6 +248,7 @@ class DecodeCore:
             "positions_per_slot": self.cache.capacity,
             "dtype": str(self._dtype).removeprefix("torch."),
             "fused_kernels": self._fused is not None,
+            **({"fused_kernels_off": self._fused_off} if self._fused_off else {}),
         }
 
 

@@ -6,21 +6,25 @@ the Q4_1 and w8a8 products (``linear.Q4Kernel``, ``linear.W8A8Kernel``) and top-
 Why C and ctypes rather than a PyTorch extension: the file is plain loops plus a few AVX-512
 intrinsics, compiles in about a second with no PyTorch headers, and a ctypes call costs about what one
 PyTorch operator does while replacing six to twenty of them. The library is built once per source, CPU
-and compiler (``kernel_folder``); without a compiler the core runs its PyTorch path and says so in the
-start-up log, and without AVX-512 VNNI int4 uses PyTorch's kernel.
+and compiler, into a folder only the service's user can write (``kernel_folder``, ``open_private_folder``);
+without a compiler, or when that folder or the library in it is not ours alone, the core runs its PyTorch
+path and says why (a WARNING, ``/ready``'s details), and without AVX-512 VNNI int4 uses PyTorch's kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import logging
 import os
 import platform
+import secrets
 import shutil
+import stat
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -274,40 +278,197 @@ def _check(status: int, name: str) -> None:
         raise ValueError(f"fused {name}: shape beyond the limits of fused.c")
 
 
+class KernelFolderRefused(Exception):
+    """The kernel folder or the library in it is not ours alone (owner, mode, symlink): never loaded."""
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """What ``build_fused_kernels`` found: the loaded library, or why there is none and how to fix it."""
+
+    kernels: FusedKernels | None
+    problem: str = ""  # empty when kernels is set
+
+
 def load_fused_kernels(folder: Path | None = None) -> FusedKernels | None:
-    """The compiled library (built once per source, CPU and compiler), or None where it cannot be built.
+    """The compiled library, or None where it cannot be built or may not be loaded (see build_fused_kernels)."""
+    return build_fused_kernels(folder).kernels
+
+
+def build_fused_kernels(folder: Path | None = None) -> KernelBuild:
+    """Build (once per source, CPU and compiler) and load the library from a folder only this user can write.
 
     It is a build of this package's source for this machine, not model data, so by default it lives in
-    one folder per machine and user (``kernel_folder``), whatever TEXTGEN_CACHE_DIR says: every server,
-    worker and test on the machine shares one build. Loaded once per process and folder: the core and
-    the engine's sampler ask for the same library."""
+    the user's cache (``kernel_folder``), whatever TEXTGEN_CACHE_DIR says: every server, worker and test
+    of this user shares one build. Loaded once per process and folder (the core and the engine's sampler
+    ask for the same library), so a problem is logged once, as a WARNING naming the reason and the fix;
+    the caller runs PyTorch's operators instead and reports ``problem`` (``/ready``, the bench header).
+    """
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.info("Fused CPU kernels: no C compiler found (install gcc, or set CC); using PyTorch operators")
-        return None
-    return _load(folder or kernel_folder(), compiler)
+    return _load(folder if folder is not None else kernel_folder(), compiler)
+
+
+def kernel_folder() -> Path:
+    """``$XDG_CACHE_HOME/textgen/kernels``, else ``~/.cache/textgen/kernels``: under the service user's own
+    home, never a shared temporary folder (where another local user could create the folder first)."""
+    cache = os.environ.get("XDG_CACHE_HOME")
+    base = Path(cache) if cache and Path(cache).is_absolute() else Path.home() / ".cache"
+    return base / "textgen" / "kernels"
 
 
 @functools.cache
-def _load(folder: Path, compiler: str) -> FusedKernels | None:
+def _load(folder: Path, compiler: str | None) -> KernelBuild:
+    if compiler is None:
+        return _unavailable("no C compiler found", "install gcc, or set CC to a C compiler")
+    try:
+        directory = open_private_folder(folder)
+    except KernelFolderRefused as refused:
+        return _unavailable(str(refused), _FOLDER_FIX.format(folder=folder))
+    except OSError as error:
+        return _unavailable(f"kernel folder {folder}: {error}", _FOLDER_FIX.format(folder=folder))
     try:
         key = _build_key(compiler)
-        library = folder / f"fused-{key}.so"
-        if not library.exists():
-            _compile(compiler, library)
-        kernels = FusedKernels(ctypes.CDLL(str(library)), key)
+        name = f"fused-{key}.so"
+        if not _entry_exists(directory, name):
+            _compile(compiler, directory, folder, name)
+        kernels = FusedKernels(_load_private_library(directory, folder / name), key)
+    except KernelFolderRefused as refused:
+        return _unavailable(str(refused), f"delete it (rm {folder / name}) so that it is rebuilt")
     except (OSError, subprocess.SubprocessError) as error:
-        logger.warning("Fused CPU kernels unavailable (%s); using PyTorch operators", error)
-        return None
+        return _unavailable(f"the build failed ({_first_line(error)})", "check that CC compiles C (gcc)")
+    finally:
+        os.close(directory)
     runtimes = openmp_runtimes()
     if len(runtimes) > 1:
         logger.warning("Fused CPU kernels run single-threaded: a second OpenMP runtime was loaded (%s)", runtimes)
         kernels.library.set_parallel(0)
-    return kernels
+    return KernelBuild(kernels)
 
 
-def kernel_folder() -> Path:
-    return Path(tempfile.gettempdir()) / f"textgen-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+_FOLDER_FIX = (
+    "make {folder} a directory owned by this user with no group/other write bits and no symlink on the "
+    "way (or delete it to have it recreated), or point XDG_CACHE_HOME at a folder this user owns"
+)
+
+
+def _unavailable(reason: str, fix: str) -> KernelBuild:
+    problem = f"{reason}; fix: {fix}"
+    logger.warning("Fused CPU kernels off, using PyTorch operators (slower): %s", problem)
+    return KernelBuild(None, problem)
+
+
+def _first_line(error: BaseException) -> str:
+    detail = getattr(error, "stderr", None) or str(error)
+    return str(detail).strip().splitlines()[0] if str(detail).strip() else type(error).__name__
+
+
+# ----- the kernel folder: ours alone ---------------------------------------------------------------------
+# The library runs as the service's user (root, often), so it may only come from a folder nobody else can
+# write. Every component of the path is opened with O_NOFOLLOW relative to its parent (a symlink anywhere
+# is refused, not followed), missing ones are created 0700, and the last one must be a directory owned by
+# this user without group/other write bits. Everything after that (the compiler's output, the rename, the
+# check of the library) goes through the folder's descriptor, and the load through the checked library's
+# (/proc/self/fd), so swapping a folder on the way afterwards changes nothing.
+
+
+def open_private_folder(folder: Path) -> int:
+    """An O_DIRECTORY descriptor of ``folder`` (absolute), created 0700 where missing, after checking that it
+    is a real directory owned by this user that no one else can write; KernelFolderRefused otherwise."""
+    if not folder.is_absolute():
+        raise KernelFolderRefused(f"kernel folder {folder} is not an absolute path")
+    if not hasattr(os, "geteuid") or not hasattr(os, "O_NOFOLLOW") or os.open not in os.supports_dir_fd:
+        raise KernelFolderRefused("this platform cannot check a folder's owner without following symlinks")
+    folder = Path(os.path.normpath(folder))  # ".." taken lexically: no component may be a symlink anyway
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    current = Path(folder.anchor)
+    directory = os.open(current, flags & ~os.O_NOFOLLOW)  # "/" is never a symlink
+    try:
+        for part in folder.parts[1:]:
+            current = current / part
+            created = _make_private(directory, part)
+            child = _open_component(directory, part, current, flags)
+            os.close(directory)
+            directory = child
+            if created or current == folder:
+                _check_private(os.fstat(directory), current, "folder")
+    except BaseException:
+        os.close(directory)
+        raise
+    return directory
+
+
+def _load_private_library(directory: int, library: Path) -> ctypes.CDLL:
+    """Load the library in the (checked) folder if it is a regular file, not a symlink, owned by this user and
+    not writable by group or others (KernelFolderRefused otherwise). On Linux the file checked is the file
+    loaded: dlopen gets /proc/self/fd/N of the descriptor that was checked, and that descriptor stays open
+    (dlopen treats two loads of one name as one library: a number still open is never another file's)."""
+    try:
+        descriptor = os.open(library.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+    except OSError as error:
+        if _is_symlink(directory, library.name):
+            raise KernelFolderRefused(f"kernel library {library} is a symlink") from error
+        raise
+    try:
+        _check_private(os.fstat(descriptor), library, "library")
+        through = Path(f"/proc/self/fd/{descriptor}")
+        loaded = ctypes.CDLL(str(through) if through.exists() else str(library))
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return loaded
+
+
+def _make_private(directory: int, name: str) -> bool:
+    try:
+        os.mkdir(name, 0o700, dir_fd=directory)
+    except FileExistsError:
+        return False
+    return True
+
+
+def _open_component(directory: int, name: str, path: Path, flags: int) -> int:
+    try:
+        return os.open(name, flags, dir_fd=directory)
+    except OSError as error:
+        if _is_symlink(directory, name):
+            raise KernelFolderRefused(f"{path} is a symlink (not followed for the kernel folder)") from error
+        if error.errno == errno.ENOTDIR:
+            raise KernelFolderRefused(f"{path} is not a directory") from error
+        raise
+
+
+def _is_symlink(directory: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=directory).st_mode)
+    except OSError:
+        return False
+
+
+def _check_private(status: os.stat_result, path: Path, what: str) -> None:
+    expected = stat.S_ISDIR if what == "folder" else stat.S_ISREG
+    if not expected(status.st_mode):
+        raise KernelFolderRefused(f"kernel {what} {path} is not a {'directory' if what == 'folder' else 'file'}")
+    if status.st_uid != os.geteuid():
+        raise KernelFolderRefused(f"kernel {what} {path} is owned by uid {status.st_uid}, not by this user "
+                                  f"(uid {os.geteuid()})")
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise KernelFolderRefused(f"kernel {what} {path} is writable by group or others "
+                                  f"(mode {stat.S_IMODE(status.st_mode):o})")
+
+
+def _entry_exists(directory: int, name: str) -> bool:
+    try:
+        os.lstat(name, dir_fd=directory)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _path_through(directory: int, folder: Path) -> str:
+    """A path that reaches the open folder (Linux: /proc/self/fd), whatever happens to the folder's path
+    meanwhile; elsewhere the checked path itself."""
+    through = Path(f"/proc/self/fd/{directory}")
+    return str(through) if through.is_dir() else str(folder)
 
 
 def openmp_runtimes() -> set[str]:
@@ -320,23 +481,32 @@ def openmp_runtimes() -> set[str]:
     return {line.split()[-1] for line in maps if any(name in line.rsplit("/", 1)[-1] for name in names)}
 
 
-def _compile(compiler: str, library: Path) -> None:
-    library.parent.mkdir(parents=True, exist_ok=True)
-    partial, obj = library.with_suffix(f".{os.getpid()}.tmp"), library.with_suffix(f".{os.getpid()}.o")
+def _compile(compiler: str, directory: int, folder: Path, name: str) -> None:
+    """Compile into a private temporary name inside the checked folder, then rename it into place (atomic: a
+    concurrent start sees no library or the whole one). The compiler runs in the folder itself (its
+    descriptor), so nothing it writes can land in a folder swapped in on the way."""
+    stem = f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+    partial, obj = f"{stem}.tmp", f"{stem}.o"
+    cwd = _path_through(directory, folder)
     failure: subprocess.CompletedProcess[str] | None = None
     try:
         for compile_flags, link_flags in zip(COMPILE_FLAG_SETS, LINK_FLAG_SETS, strict=True):
-            for command in ([compiler, *compile_flags, "-c", "-o", str(obj), str(SOURCE)],
-                            [compiler, "-o", str(partial), str(obj), *link_flags]):
-                failure = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            for command in ([compiler, *compile_flags, "-c", "-o", obj, str(SOURCE)],
+                            [compiler, "-o", partial, obj, *link_flags]):
+                failure = subprocess.run(
+                    command, capture_output=True, text=True, timeout=120, cwd=cwd, pass_fds=(directory,)
+                )
                 if failure.returncode:
                     break
             else:
-                partial.replace(library)  # atomic: a concurrent start sees the old file or the whole new one
-                logger.info("Fused CPU kernels compiled: %s", library)
+                os.chmod(partial, 0o700, dir_fd=directory)  # whatever the umask: the load refuses g/o write
+                os.replace(partial, name, src_dir_fd=directory, dst_dir_fd=directory)
+                logger.info("Fused CPU kernels compiled: %s", folder / name)
                 return
     finally:
-        obj.unlink(missing_ok=True)
+        for leftover in (obj, partial):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover, dir_fd=directory)
     assert failure is not None
     raise subprocess.CalledProcessError(failure.returncode, failure.args, failure.stdout, failure.stderr)
 
