@@ -23,6 +23,7 @@ from textgen.batches import Batches, open_batches
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine import Engine, create_engine
+from textgen.errors import InsufficientStorageError, StoreUnavailableError
 from textgen.generation import GenerationService, StreamSlots
 from textgen.jobs.runner import ExecutorFactory, JobRunner, process_owner_id
 from textgen.jobs.store import JobState, JobStore
@@ -83,11 +84,17 @@ class AppState:
 
     async def refresh_gauges_forever(self, every_s: float = GAUGE_REFRESH_S) -> None:
         # With several workers, /metrics is answered by one of them; the others' gauges must not go stale.
+        failing: str | None = None  # an unexpected failure is logged when it starts, not every round
         while True:
             try:
                 await self.refresh_gauges()
-            except Exception:
-                logger.exception("Refreshing metrics gauges failed")
+                failing = None
+            except (StoreUnavailableError, InsufficientStorageError):
+                pass  # the store logged the condition once (textgen.storage.conditions)
+            except Exception as error:
+                if failing != repr(error):
+                    logger.exception("Refreshing metrics gauges failed (logged again only if the error changes)")
+                failing = repr(error)
             await asyncio.sleep(every_s)
 
 
