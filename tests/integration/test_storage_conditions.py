@@ -186,7 +186,8 @@ async def test_a_full_disk_while_claiming_is_logged_once_and_does_not_flap(
 
         assert not [line for line in during if "works again" in line], "\n".join(during)
         warnings = logs.lines(logging.WARNING)
-        assert len(warnings) == 1 and "disk is full" in warnings[0] and "TEXTGEN_JOB_STORE" in warnings[0], "\n".join(warnings)
+        assert len(warnings) == 1, "\n".join(warnings)
+        assert "disk is full" in warnings[0] and "TEXTGEN_JOB_STORE" in warnings[0], warnings
         assert not [r for r in logs.records if r.exc_info], "no traceback for a known condition"
         cleared = [line for line in logs.lines(logging.INFO) if "works again" in line]
         assert len(cleared) == 1, logs.lines(logging.INFO)
