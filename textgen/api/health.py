@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from models import HealthResponse, ReadyResponse
 from textgen.api.deps import StateDep
 from textgen.api.errors import error_responses
-from textgen.errors import InsufficientStorageError, NotReadyError, StoreUnavailableError
+from textgen.errors import InsufficientStorageError, StoreUnavailableError
 from textgen.jobs.store import JobState
 from textgen.state import AppState
 
@@ -34,7 +34,7 @@ async def health() -> HealthResponse:
 )
 async def ready(state: StateDep) -> ReadyResponse:
     if not state.ready:
-        raise NotReadyError()
+        raise state.not_ready()
     await check_store(state)
     return ReadyResponse(model=state.model.name, engine=state.engine.name)
 

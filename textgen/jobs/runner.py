@@ -167,6 +167,11 @@ class JobRunner:
             handle.cancel()
 
     @property
+    def stopping(self) -> bool:
+        """Shutdown began: running jobs are being handed back, nothing new is claimed here."""
+        return self._stopping
+
+    @property
     def active_jobs(self) -> int:
         return len(self._active)
 
