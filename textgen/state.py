@@ -39,8 +39,8 @@ ModelLoader = Callable[[Settings], LoadedModel]
 
 GAUGE_REFRESH_S = 2.0
 SHUTTING_DOWN = (
-    "Not ready: the server is shutting down and takes no new work; retry after the time in the Retry-After "
-    "header (another replica, or this one once restarted, answers)."
+    "The server is not ready: it is shutting down and takes no new work; retry after the time in the "
+    "Retry-After header (another replica, or this one once restarted, answers)."
 )
 SHUTDOWN_RETRY_AFTER_S = 2.0
 
