@@ -17,6 +17,7 @@ from tests.redis_server import start_redis
 from tests.waiting import wait_until
 from textgen.errors import StoreUnavailableError
 from textgen.jobs.redis_store import RedisJobStore
+from textgen.storage.conditions import CONDITIONS, SETTLE_S
 
 MakeSettings = Callable[..., Any]
 
@@ -112,12 +113,22 @@ def textgen_logs() -> Iterator[Collect]:
         logger.removeHandler(handler)
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_a_redis_outage_is_logged_once_when_it_starts_and_once_when_it_clears(
-    tmp_path: Path, make_settings: MakeSettings, app_client: Any
+    tmp_path: Path, make_settings: MakeSettings, app_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before: one WARNING per 503, three per runner poll and a traceback every 2 s from the metrics gauges.
     Now: one WARNING naming the cause and the fix, no traceback, and one INFO line with the count when it
     clears. /ready answers 503 naming the condition meanwhile; /health stays 200."""
+    clock = FakeClock()
+    monkeypatch.setattr(CONDITIONS, "_clock", clock)
     workdir = tmp_path / "redis"
     server = start_redis(workdir)
     try:
@@ -149,6 +160,14 @@ async def test_a_redis_outage_is_logged_once_when_it_starts_and_once_when_it_cle
 
                 await wait_until(accepted, what="a job accepted once Redis is back")
                 assert (await client.get("/ready")).status_code == 200
+                # The outage is over once the store has answered for SETTLE_S without failing (a connection
+                # kept from before the restart may fail once): the condition's clock is moved, not waited for.
+                assert not [line for line in logs.lines(logging.INFO) if "works again" in line]
+                clock.now += SETTLE_S
+                await wait_until(
+                    lambda: any("works again" in line for line in logs.lines(logging.INFO)),
+                    what="the outage logged as over",
+                )
 
             assert len(during) == 1, during
             assert "unreachable" in during[0] and "TEXTGEN_JOB_STORE" in during[0], during

@@ -1,6 +1,7 @@
 """ConditionLog: a store condition is logged once when it starts and once when it clears (with how long it
 lasted and how many operations were refused), on an injected clock; write-refusing conditions clear only
-after a successful write, so reads in between do not make the pair flap."""
+after a successful write, and an outage only once the store has answered for SETTLE_S without failing, so
+reads in between, or a connection kept from before a restart, do not make the pair flap."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from textgen.storage.conditions import ConditionLog
+from textgen.storage.conditions import SETTLE_S, ConditionLog
 
 
 class FakeClock:
@@ -56,7 +57,14 @@ def test_logged_once_at_start_and_once_at_clear_with_duration_and_count(caplog: 
     for _ in range(40):
         log.enter("redis r", "unreachable", "Redis at r is unreachable. Start it.")
     clock.now += 12.5
-    log.clear("redis r", wrote=False)  # any success ends an outage
+    log.clear("redis r", wrote=False)  # it answers again (a read is enough for an outage) ...
+    clock.now += 1.0
+    log.enter("redis r", "unreachable", "Redis at r is unreachable. Start it.")  # ... a stale pooled connection
+    log.clear("redis r")
+    clock.now += SETTLE_S - 0.1
+    log.clear("redis r")  # not yet: answering for less than SETTLE_S since the last failure
+    assert [level for level, _ in lines(caplog)] == ["WARNING"]
+    clock.now += 0.1
     log.clear("redis r")
     assert lines(caplog) == [
         (
@@ -64,7 +72,7 @@ def test_logged_once_at_start_and_once_at_clear_with_duration_and_count(caplog: 
             "Redis at r is unreachable. Start it. (logged once: further failures are counted, and one line "
             "follows when it clears)",
         ),
-        ("INFO", "Store redis r works again after 12.5 s (was: unreachable); 40 operation(s) were refused meanwhile"),
+        ("INFO", "Store redis r works again after 13.5 s (was: unreachable); 41 operation(s) were refused meanwhile"),
     ]
     assert log.current("redis r") is None
 

@@ -151,7 +151,7 @@ class RedisBatchStore:
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
         # The same outage handling (and one log line per condition) as the job store on this server.
-        async with redis_outage_guard(self._url, "job store"):
+        async with redis_outage_guard(self._url, "job store", client=self._redis):
             yield
 
     def _k(self, *parts: str) -> str:

@@ -543,7 +543,7 @@ class RedisJobStore:
     async def _guard(self, *, write: bool = False) -> AsyncIterator[None]:
         """Plain commands here read; scripts (``_call``) write."""
         self._require_open()
-        async with redis_outage_guard(self._url, "job store", write=write):
+        async with redis_outage_guard(self._url, "job store", write=write, client=self._redis):
             yield
 
     async def _call(self, script: str, *args: str | int | float) -> Any:

@@ -10,6 +10,8 @@ the cause and the fix), nothing while it lasts (the failed operations are counte
 when it clears, with how long it lasted and how many operations were refused meanwhile. A condition
 that refuses writes (disk full, read-only, out of memory) clears only after a successful *write*: reads
 keep working on a full disk, and letting them announce "works again" made the pair flap every poll.
+An outage (Redis unreachable) clears once the store has answered for ``SETTLE_S`` without failing:
+right after a restart each connection the pool kept from before fails once, which is not a new outage.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from textgen.errors import InsufficientStorageError, StoreUnavailableError, Text
 
 logger = logging.getLogger(__name__)
 
+# An outage counts as over once the store has answered for this long without a failure in between.
+SETTLE_S = 2.0
+
 
 @dataclass
 class Condition:
@@ -37,6 +42,7 @@ class Condition:
     since: float  # monotonic clock
     writes_only: bool  # refuses writes only: clears after a successful write, not a read
     refused: int = 1  # failed operations since it started (the first included)
+    answered_since: float | None = None  # an outage: the first success after the last failure
 
 
 class ConditionLog:
@@ -53,6 +59,7 @@ class ConditionLog:
             current = self._current.get(store)
             if current is not None and current.kind == kind:
                 current.refused += 1
+                current.answered_since = None
                 return
             self._current[store] = Condition(kind, message, self._clock(), writes_only)
         logger.warning(
@@ -61,15 +68,21 @@ class ConditionLog:
 
     def clear(self, store: str, *, wrote: bool = True) -> None:
         """An operation on ``store`` succeeded (``wrote``: it changed something). A condition that refuses
-        writes stays until a write succeeds."""
+        writes stays until a write succeeds; an outage until the store has answered for ``SETTLE_S``."""
         if store not in self._current:  # the common case, without taking the lock
             return
         with self._lock:
             current = self._current.get(store)
             if current is None or (current.writes_only and not wrote):
                 return
+            now = self._clock()
+            if not current.writes_only:
+                if current.answered_since is None:
+                    current.answered_since = now
+                if now - current.answered_since < SETTLE_S:
+                    return
             del self._current[store]
-            lasted_s = self._clock() - current.since
+            lasted_s = (current.answered_since or now) - current.since
         logger.info(
             "Store %s works again after %.1f s (was: %s); %d operation(s) were refused meanwhile",
             store,

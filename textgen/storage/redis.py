@@ -63,11 +63,15 @@ def _open_failure(url: str, exc: redis.exceptions.RedisError) -> ConfigError:
 
 
 @contextlib.asynccontextmanager
-async def redis_outage_guard(url: str, what: str, *, write: bool = True) -> AsyncIterator[None]:
+async def redis_outage_guard(
+    url: str, what: str, *, write: bool = True, client: redis.asyncio.Redis | None = None
+) -> AsyncIterator[None]:
     """An unreachable server is a retryable 503 for clients (StoreUnavailableError), not a 500; a server
     refusing writes (out of memory, failed snapshot) is a 507 naming the fix. The job store, the batch
     store and the rate limiter all call Redis through this, so a condition is logged once per server
-    (``CONDITIONS``). ``write``: the block writes, so its success clears a write-refusal condition."""
+    (``CONDITIONS``). ``write``: the block writes, so its success clears a write-refusal condition.
+    ``client``: its idle connections are dropped on a connection error, so that after a restart of the
+    server each of them does not fail once more (and the outage does not seem to start again)."""
     shown = redact_url(url)
     try:
         yield
@@ -78,6 +82,8 @@ async def redis_outage_guard(url: str, what: str, *, write: bool = True) -> Asyn
         CONDITIONS.enter(f"redis {shown}", type(exc).__name__, mapped.message, writes_only=True)
         raise mapped from exc
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        if client is not None:
+            await client.connection_pool.disconnect(inuse_connections=False)
         CONDITIONS.enter(
             f"redis {shown}",
             "unreachable",
