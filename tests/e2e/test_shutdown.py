@@ -141,7 +141,7 @@ def test_sigterm_drains_requests_and_hands_jobs_back(start_server: Callable[...,
     on_disk = rows_on_disk(first.job_store)
     states = Counter(row["state"] for row in on_disk.values())
     print(
-        f"\nSIGTERM: exit code {code} after {exit_s:.1f} s; new connections refused: {refused} "
+        f"\nSIGTERM: exit code {code} after {exit_s:.1f} s; new request answered 503 during the drain: {refused} "
         f"({in_flight_at_sigterm} requests in flight at SIGTERM, {still_in_flight} then); interactive: "
         f"{ {k: getattr(v, 'status_code', repr(v)) for k, v in sorted(results.items())} }; store after exit: "
         f"{dict(states)}"
