@@ -194,7 +194,11 @@ class Settings(BaseSettings):
         default_factory=lambda: ["/health", "/ready", "/metrics"],
         description="Paths that never need a key (add /docs,/redoc,/openapi.json to browse the docs without one).",
     )
-    metrics_require_key: bool = Field(False, description="Put /metrics behind an API key (open by default).")
+    metrics_require_key: bool = Field(
+        True,
+        description="With API keys on, /metrics needs a valid key too (give the scraper its own); false opens it "
+        "to anyone who reaches the port.",
+    )
     trusted_proxies: CommaList = Field(
         default_factory=list,
         description="Proxies (addresses/networks) whose X-Forwarded-For is believed; empty = trust none.",

@@ -155,6 +155,11 @@ class StreamSlots:
     def open_count(self, key: str) -> int:
         return self._open.get(key, 0)
 
+    @property
+    def total(self) -> int:
+        """Open streams of every caller (the drain waits for them to send their final event)."""
+        return sum(self._open.values())
+
     def take(self, key: str) -> StreamSlot:
         """A slot for one more open stream of ``key``; RateLimitedError when it has ``per_caller`` open."""
         if self.per_caller and self._open.get(key, 0) >= self.per_caller:

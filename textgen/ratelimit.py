@@ -386,7 +386,7 @@ class RedisRateLimiter(WindowedRateLimiter):
 
     async def _count(self, digest: str, window: int, requests: int, tokens: int) -> str | None:
         redis_key = self._window_key(digest, window)
-        async with redis_outage_guard(self._url, "rate limiter"):
+        async with redis_outage_guard(self._url, "rate limiter", client=self._redis):
             spent: str | None = await self._acquire(
                 keys=[redis_key], args=[self._rpm, self._tpm, _REDIS_EXPIRY_S, requests, tokens]
             )
@@ -394,11 +394,12 @@ class RedisRateLimiter(WindowedRateLimiter):
 
     async def _add_tokens(self, digest: str, window: int, tokens: int) -> None:
         redis_key = self._window_key(digest, window)
-        async with redis_outage_guard(self._url, "rate limiter"), self._redis.pipeline(transaction=True) as pipe:
+        guard = redis_outage_guard(self._url, "rate limiter", client=self._redis)
+        async with guard, self._redis.pipeline(transaction=True) as pipe:
             pipe.hincrby(redis_key, "tokens", tokens)  # MULTI: never a count without its expiry
             pipe.expire(redis_key, _REDIS_EXPIRY_S)
             await pipe.execute()
 
     async def _refund(self, digest: str, window: int, tokens: int) -> None:
-        async with redis_outage_guard(self._url, "rate limiter"):
+        async with redis_outage_guard(self._url, "rate limiter", client=self._redis):
             await self._refund_script(keys=[self._window_key(digest, window)], args=[tokens])

@@ -23,6 +23,7 @@ from textgen.batches import Batches, open_batches
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine import Engine, create_engine
+from textgen.errors import InsufficientStorageError, NotReadyError, StoreUnavailableError
 from textgen.generation import GenerationService, StreamSlots
 from textgen.jobs.runner import ExecutorFactory, JobRunner, process_owner_id
 from textgen.jobs.store import JobState, JobStore
@@ -37,6 +38,11 @@ logger = logging.getLogger(__name__)
 ModelLoader = Callable[[Settings], LoadedModel]
 
 GAUGE_REFRESH_S = 2.0
+SHUTTING_DOWN = (
+    "The server is not ready: it is shutting down and takes no new work; retry after the time in the "
+    "Retry-After header (another replica, or this one once restarted, answers)."
+)
+SHUTDOWN_RETRY_AFTER_S = 2.0
 
 
 @dataclass
@@ -61,6 +67,12 @@ class AppState:
     def ready(self) -> bool:
         return self.engine.ready and not self.shutting_down
 
+    def not_ready(self) -> NotReadyError:
+        """The 503 (with Retry-After) for a request this process will not take now."""
+        if self.shutting_down:
+            return NotReadyError(SHUTTING_DOWN, retry_after_s=SHUTDOWN_RETRY_AFTER_S)
+        return NotReadyError()
+
     def begin_shutdown(self) -> None:
         """Stop taking work: /ready and new requests answer 503, running background jobs go back to the
         queue at once, running interactive requests get TEXTGEN_SHUTDOWN_GRACE_S. Idempotent."""
@@ -83,11 +95,17 @@ class AppState:
 
     async def refresh_gauges_forever(self, every_s: float = GAUGE_REFRESH_S) -> None:
         # With several workers, /metrics is answered by one of them; the others' gauges must not go stale.
+        failing: str | None = None  # an unexpected failure is logged when it starts, not every round
         while True:
             try:
                 await self.refresh_gauges()
-            except Exception:
-                logger.exception("Refreshing metrics gauges failed")
+                failing = None
+            except (StoreUnavailableError, InsufficientStorageError):
+                pass  # the store logged the condition once (textgen.storage.conditions)
+            except Exception as error:
+                if failing != repr(error):
+                    logger.exception("Refreshing metrics gauges failed (logged again only if the error changes)")
+                failing = repr(error)
             await asyncio.sleep(every_s)
 
 
@@ -205,21 +223,56 @@ async def shutdown_state(state: AppState) -> None:
     logger.info("Shutdown complete")
 
 
+# After the grace period the engine has failed what still ran; the streams then send their final event.
+STREAMS_CLOSE_TIMEOUT_S = 5.0
+
+
+async def wait_for_streams(state: AppState, timeout_s: float = STREAMS_CLOSE_TIMEOUT_S) -> None:
+    """Until every open event stream has ended (sent its final event), at most ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while state.streams.total and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+
+
 @contextmanager
 def drain_on_signals(state: AppState) -> Iterator[None]:
-    """Start draining the moment SIGTERM/SIGINT arrives, then let the server's own handler run.
+    """On SIGTERM/SIGINT drain first, then let the server's own handler run.
 
-    The server waits for open requests before it runs the lifespan's shutdown; without this, the job
-    runner would keep claiming jobs and the grace period would not bound that wait.
+    The server (uvicorn) closes its listening socket as soon as its handler runs and cuts open event
+    streams. So the first signal only starts the drain: the port stays open and new requests get 503 +
+    Retry-After (``/ready`` too, so a load balancer stops sending), running background jobs go back to the
+    queue, and running requests and open streams get TEXTGEN_SHUTDOWN_GRACE_S; when that runs out the
+    engine fails what is left, and each stream ends with its final event. Only then is the server's
+    handler called: it stops listening, waits for the last responses and runs the lifespan's shutdown. A
+    second signal during the drain goes to the server's handler at once (uvicorn: a second Ctrl-C forces
+    the exit).
     """
     loop = asyncio.get_running_loop()
     previous: dict[int, Any] = {}
+    handed_over: list[asyncio.Task[None]] = []
 
-    def handle(signum: int, frame: FrameType | None) -> None:
-        loop.call_soon_threadsafe(state.begin_shutdown)
+    def chain(signum: int, frame: FrameType | None) -> None:
         prior = previous.get(signum)
         if callable(prior):
             prior(signum, frame)
+
+    async def drain_then_exit(signum: int) -> None:
+        try:
+            assert state.drain_task is not None
+            await asyncio.shield(state.drain_task)
+            await wait_for_streams(state)
+        finally:
+            chain(signum, None)
+
+    def start(signum: int) -> None:
+        if state.drain_task is not None:  # a second signal: the server's handler now
+            chain(signum, None)
+            return
+        state.begin_shutdown()
+        handed_over.append(loop.create_task(drain_then_exit(signum), name="textgen-drain-then-exit"))
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(start, signum)
 
     try:
         for signum in (signal.SIGTERM, signal.SIGINT):

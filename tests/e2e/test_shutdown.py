@@ -4,7 +4,8 @@ A real server (``TEXTGEN_JOB_CONCURRENCY=2``, ``TEXTGEN_SHUTDOWN_GRACE_S=20``) g
 jobs; once two of them run, four interactive ``/generate`` requests are sent, and as soon as the server
 has them, the uvicorn process (only it, no SIGKILL follow-up) gets SIGTERM. Then:
 
-* the listening socket closes (new connections are refused) while the in-flight requests still run;
+* while the in-flight requests still run, a new request is answered 503 with Retry-After (the port stays
+  open during the drain; it closes once the drain is over);
 * every in-flight interactive request completes with 200 and its full token budget;
 * the process exits by itself, well within the grace period, logging the hand-back;
 * the store (read directly) has no job ``running``: the two that ran are ``queued`` again (attempt 1
@@ -19,6 +20,7 @@ after SIGTERM.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -64,6 +66,19 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, server:
         assert server.proc.poll() is None, f"the server died while waiting for {what}:\n{server.log_tail()}"
         assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s:.0f} s:\n{server.log_tail()}"
         time.sleep(0.05)
+
+
+def refused_during_drain(url: str) -> bool:
+    """A new generation request sent right after SIGTERM is answered 503 with Retry-After (and /ready 503)."""
+    with httpx.Client(base_url=url, timeout=10.0) as probe:
+        ready = probe.get("/ready")
+        response = probe.post("/generate", json={"prompt": "during the drain", "max_new_tokens": 2})
+    return (
+        ready.status_code == 503
+        and response.status_code == 503
+        and int(response.headers.get("Retry-After", "0")) >= 1
+        and "shutting down" in response.json()["detail"]
+    )
 
 
 def send_interactive(url: str, results: dict[str, Any]) -> list[threading.Thread]:
@@ -115,16 +130,8 @@ def test_sigterm_drains_requests_and_hands_jobs_back(start_server: Callable[...,
     sigterm_at = time.monotonic()
     os.kill(first.pid, signal.SIGTERM)
 
-    # Stop accepting: the listening socket closes while the in-flight requests are still being served.
-    refused = False
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not refused:
-        try:
-            with httpx.Client(base_url=first.url, timeout=2.0) as probe:
-                refused = probe.get("/health").status_code == 503
-        except httpx.TransportError:
-            refused = True
-        time.sleep(0.1)
+    # Stop taking work: a new request during the drain gets 503 + Retry-After while the in-flight ones run.
+    refused = refused_during_drain(first.url)
     still_in_flight = sum(thread.is_alive() for thread in threads)
 
     for thread in threads:
@@ -134,7 +141,7 @@ def test_sigterm_drains_requests_and_hands_jobs_back(start_server: Callable[...,
     on_disk = rows_on_disk(first.job_store)
     states = Counter(row["state"] for row in on_disk.values())
     print(
-        f"\nSIGTERM: exit code {code} after {exit_s:.1f} s; new connections refused: {refused} "
+        f"\nSIGTERM: exit code {code} after {exit_s:.1f} s; new request answered 503 during the drain: {refused} "
         f"({in_flight_at_sigterm} requests in flight at SIGTERM, {still_in_flight} then); interactive: "
         f"{ {k: getattr(v, 'status_code', repr(v)) for k, v in sorted(results.items())} }; store after exit: "
         f"{dict(states)}"
@@ -143,7 +150,8 @@ def test_sigterm_drains_requests_and_hands_jobs_back(start_server: Callable[...,
     assert code in (0, -signal.SIGTERM), first.log_tail()
     assert exit_s < GRACE_S + 30, "the server did not exit within its grace period"
     assert in_flight_at_sigterm == INTERACTIVE, "the interactive requests finished before SIGTERM: nothing drained"
-    assert refused, "the server kept accepting connections after SIGTERM"
+    assert refused, "a new request during the drain was not answered 503 with Retry-After"
+    assert still_in_flight > 0, "the in-flight requests were done before the probe: it proved nothing"
     for request_id in (f"inflight-{i}" for i in range(INTERACTIVE)):
         response = results.get(request_id)
         assert isinstance(response, httpx.Response), f"{request_id}: {response!r}\n{first.log_tail()}"
@@ -234,3 +242,110 @@ def test_sigterm_grace_period_bounds_a_long_request(start_server: Callable[..., 
     on_disk = rows_on_disk(server.job_store)
     assert set(on_disk) == set(job_ids)
     assert not [row for row in on_disk.values() if row["state"] == "running"], on_disk
+
+
+STREAM_GRACE_S = 2
+LONG_TOKENS = 3000  # far longer than the grace period at this model's speed
+
+
+def follow_stream(
+    url: str, path: str, body: dict[str, Any] | None, name: str, results: dict[str, Any], started: threading.Event
+) -> None:
+    """Read one event stream to its end: (how it ended, its lines, when it ended)."""
+    lines: list[str] = []
+    try:
+        with httpx.Client(base_url=url, timeout=60.0) as client:
+            method = "POST" if body is not None else "GET"
+            with client.stream(method, path, json=body, headers={"X-Request-ID": name}) as response:
+                for line in response.iter_lines():
+                    lines.append(line)
+                    if line == "event: token" or (line.startswith("data:") and '"choices"' in line):
+                        started.set()
+        results[name] = ("complete", lines, time.monotonic())
+    except httpx.HTTPError as error:  # an incomplete chunked body: the stream was cut
+        results[name] = (repr(error), lines, time.monotonic())
+
+
+def last_data(lines: list[str], skip_done: bool = False) -> tuple[str | None, str]:
+    """The last event's name (None without one) and data."""
+    events: list[tuple[str | None, str]] = []
+    name: str | None = None
+    for line in lines:
+        if line.startswith("event:"):
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            data = line.split(":", 1)[1].strip()
+            if not (skip_done and data == "[DONE]"):
+                events.append((name, data))
+            name = None
+    assert events, lines
+    return events[-1]
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_ends_open_streams_with_their_final_event(start_server: Callable[..., Server]) -> None:
+    """Before: every open stream was cut within 0.4 s of SIGTERM with no final event (an incomplete chunked
+    body; uvicorn logged "ASGI callable returned without completing response"). Now: /generate and /v1 streams
+    get the grace period like sync requests, then end with an `error` event (OpenAI's error chunk and
+    `[DONE]` under /v1); a job's stream ends with an `error` event saying the job went back to the queue."""
+    env = {
+        **COMMON,
+        "TEXTGEN_SHUTDOWN_GRACE_S": str(STREAM_GRACE_S),
+        "TEXTGEN_JOB_CONCURRENCY": "1",
+        "TEXTGEN_MAX_NEW_TOKENS_LIMIT": "4096",
+    }
+    server = start_server(env)
+    long = {"max_new_tokens": LONG_TOKENS, "ignore_eos": True}
+    with server.client() as client:
+        job_id = submit_job(client, {"prompt": "A long job", **long})["job_id"]
+        wait_for(lambda: client.get(f"/jobs/{job_id}").json()["state"] == "running", 60, "the job running", server)
+    streams = {
+        "generate-stream": ("/generate", {"prompt": "An endless story:", "stream": True, **long}),
+        "v1-stream": (
+            "/v1/completions",
+            {"prompt": "Once", "max_tokens": LONG_TOKENS, "stream": True, "ignore_eos": True},
+        ),
+        "job-stream": (f"/jobs/{job_id}/stream", None),
+    }
+    results: dict[str, Any] = {}
+    started = {name: threading.Event() for name in streams}
+    threads = [
+        threading.Thread(
+            target=follow_stream, args=(server.url, path, body, name, results, started[name]), name=name, daemon=True
+        )
+        for name, (path, body) in streams.items()
+    ]
+    for thread in threads:
+        thread.start()
+    for name, event in started.items():
+        assert event.wait(60), f"{name} produced no token:\n{server.log_tail()}"
+
+    sigterm_at = time.monotonic()
+    os.kill(server.pid, signal.SIGTERM)
+    refused = refused_during_drain(server.url)
+    for thread in threads:
+        thread.join(timeout=STREAM_GRACE_S + 30)
+    code = server.proc.wait(timeout=30)
+    log = server.log_text()
+    ended = {name: round(result[2] - sigterm_at, 2) for name, result in results.items()}
+    print(f"\nstreams after SIGTERM: { {name: result[0] for name, result in results.items()} }; ended after {ended} s")
+
+    assert code in (0, -signal.SIGTERM), server.log_tail()
+    assert refused, "a new request during the drain was not answered 503 with Retry-After"
+    for name in streams:
+        assert results[name][0] == "complete", f"{name} was cut: {results[name][0]}\n{server.log_tail()}"
+    generated = last_data(results["generate-stream"][1])
+    assert generated[0] == "error", generated
+    assert json.loads(generated[1])["status"] == 503 and "shutting down" in generated[1], generated
+    v1_lines = results["v1-stream"][1]
+    assert last_data(v1_lines) == (None, "[DONE]"), v1_lines[-4:]
+    v1_error = json.loads(last_data(v1_lines, skip_done=True)[1])
+    assert "shutting down" in v1_error["error"]["message"], v1_error
+    job_event = last_data(results["job-stream"][1])
+    assert job_event[0] == "error" and "went back to the queue" in job_event[1], job_event
+    # The generation streams had the grace period (not cut at once) and not much more.
+    for name in ("generate-stream", "v1-stream"):
+        assert STREAM_GRACE_S - 0.3 <= ended[name] <= STREAM_GRACE_S + 5, ended
+    assert "ASGI callable returned without completing response" not in log, server.log_tail()
+    assert "Traceback" not in log, server.log_tail()
+    assert "Shutdown complete" in log, server.log_tail()

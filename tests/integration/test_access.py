@@ -21,7 +21,7 @@ async def test_keys_required_except_on_exempt_paths(
     caplog.set_level(logging.DEBUG)
     settings = make_settings(api_keys=["secret-key-1", "secret-key-2"])
     async with app_client(settings) as (client, _app):
-        for path in ("/health", "/ready", "/metrics"):
+        for path in ("/health", "/ready"):
             assert (await client.get(path)).status_code == 200
         for headers in (
             {},
@@ -219,13 +219,22 @@ async def test_cors_preflight_still_needs_no_key(
         assert preflight.headers["access-control-allow-origin"] == "https://app.example"
 
 
-async def test_metrics_open_by_default_and_behind_a_key_when_asked(
+async def test_metrics_need_a_key_when_keys_are_on_unless_opened(
     make_settings: Callable[..., Any], app_client: Callable[..., Any]
 ) -> None:
+    """Issue 20 (LOW): /metrics was public by default even with API keys on. Now it needs a valid key like
+    every other route (Prometheus scrapes with its own key as a bearer token); opening it is a setting."""
     async with app_client(make_settings(api_keys=["secret-key-1"])) as (client, _app):
-        assert (await client.get("/metrics")).status_code == 200
-    async with app_client(make_settings(api_keys=["secret-key-1"], metrics_require_key=True)) as (client, _app):
-        assert (await client.get("/metrics")).status_code == 401
+        refused = await client.get("/metrics")
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+        assert "textgen_" not in refused.text
+        assert (await client.get("/metrics", headers={"Authorization": "Bearer wrong"})).status_code == 401
         scraped = await client.get("/metrics", headers=KEY)
-        assert scraped.status_code == 200 and "secret-key-1" not in scraped.text
+        assert scraped.status_code == 200 and "textgen_http_requests_total" in scraped.text
+        assert "secret-key-1" not in scraped.text
         assert (await client.get("/health")).status_code == 200  # health checks stay open
+        assert (await client.get("/ready")).status_code == 200
+    async with app_client(make_settings(api_keys=["secret-key-1"], metrics_require_key=False)) as (client, _app):
+        assert (await client.get("/metrics")).status_code == 200  # opened deliberately
+    async with app_client(make_settings()) as (client, _app):
+        assert (await client.get("/metrics")).status_code == 200  # no keys configured: nothing needs one

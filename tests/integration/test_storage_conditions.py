@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +14,9 @@ from typing import Any
 
 import pytest
 
+from tests.integration.test_store_outage import textgen_logs
 from tests.redis_server import start_redis
+from tests.waiting import wait_until
 from textgen.errors import InsufficientStorageError
 from textgen.jobs.redis_store import RedisJobStore
 from textgen.jobs.sqlite_store import SQLiteJobStore
@@ -25,9 +28,10 @@ class FailingConnection:
     def __init__(self, real: sqlite3.Connection) -> None:
         self.real = real
         self.error: str | None = None
+        self.only: tuple[str, ...] = ()  # statements that fail (by their first word); empty: all of them
 
     def execute(self, sql: str, *args: Any) -> Any:
-        if self.error is not None:
+        if self.error is not None and (not self.only or sql.lstrip().upper().startswith(self.only)):
             raise sqlite3.OperationalError(self.error)
         return self.real.execute(sql, *args)
 
@@ -90,7 +94,7 @@ async def test_sqlite_conditions_over_http(
             assert (cause in body["detail"] and "TEXTGEN_JOB_STORE" in body["detail"]) or status == 503
             assert body["request_id"] == response.headers["X-Request-ID"]
             assert int(response.headers["Retry-After"]) >= 1
-        assert sum(cause in line for line in storage_logs) == 1, storage_logs  # once, not per request
+        assert sum(cause in line for line in storage_logs) == 1, "\n".join(storage_logs)  # once, not per request
         failing.error = None
         assert (await client.post("/generate_background", json={"prompt": "Hello"})).status_code == 202
         assert any("works again" in line for line in storage_logs), storage_logs
@@ -147,3 +151,44 @@ async def test_a_result_that_could_not_be_written_is_retried_by_its_holder(
         assert view["state"] == "succeeded", view
         assert view["attempts"] == 1  # written by its holder, not reclaimed after the 60 s lease
         assert calls == ["finish"] * 3
+
+
+async def test_a_full_disk_while_claiming_is_logged_once_and_does_not_flap(
+    make_settings: Callable[..., Any], app_client: Any
+) -> None:
+    """A full disk refuses writes while reads work. Before: a traceback per runner poll (the out-of-space
+    error while claiming was not handled like an outage), and "disk full" / "works again" flipping at every
+    read in between. Now: one WARNING when it starts, none while it lasts, one INFO line with the count once
+    a write succeeds again."""
+    async with app_client(make_settings(job_poll_interval_s=0.01)) as (client, app):
+        state = app.state.textgen
+        failing = inject(state.store)
+        state.runner._paused_until = math.inf  # a job waits in the queue when the disk fills up
+        accepted = await client.post("/generate_background", json={"prompt": "Hello", "max_new_tokens": 2})
+        job_url = accepted.json()["status_url"]
+        with textgen_logs() as logs:
+            failing.error, failing.only = "database or disk is full", ("UPDATE", "INSERT", "DELETE")
+            state.runner._paused_until = 0.0
+            polls = state.runner.polls
+            await wait_until(lambda: state.runner.polls >= polls + 10, what="ten runner polls on a full disk")
+            for _ in range(3):  # reads in between work, and do not announce that the disk works again
+                assert (await client.get(job_url)).json()["state"] == "queued"
+            assert (await client.get("/ready")).status_code == 200  # generation works; writes answer 507
+            await wait_until(lambda: state.runner.polls >= polls + 20, what="ten more polls")
+            during = logs.lines(logging.INFO)
+
+            failing.error = None
+
+            async def finished() -> bool:
+                return bool((await client.get(job_url)).json()["state"] == "succeeded")
+
+            await wait_until(finished, what="the job claimed and run once the disk has room")
+
+        assert not [line for line in during if "works again" in line], "\n".join(during)
+        warnings = logs.lines(logging.WARNING)
+        assert len(warnings) == 1, "\n".join(warnings)
+        assert "disk is full" in warnings[0] and "TEXTGEN_JOB_STORE" in warnings[0], warnings
+        assert not [r for r in logs.records if r.exc_info], "no traceback for a known condition"
+        cleared = [line for line in logs.lines(logging.INFO) if "works again" in line]
+        assert len(cleared) == 1, logs.lines(logging.INFO)
+        assert int(cleared[0].split("; ")[1].split()[0]) >= 20, cleared  # every refused claim was counted

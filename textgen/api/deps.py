@@ -24,7 +24,7 @@ def get_state(request: Request) -> AppState:
 
 def get_ready_state(state: Annotated[AppState, Depends(get_state)]) -> AppState:
     if not state.ready:
-        raise NotReadyError()
+        raise state.not_ready()
     return state
 
 

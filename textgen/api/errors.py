@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models import ErrorResponse
-from textgen.errors import TextGenError
+from textgen.errors import InsufficientStorageError, StoreUnavailableError, TextGenError
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,9 @@ def retry_after_headers(exc: TextGenError) -> dict[str, str]:
 async def _textgen_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TextGenError)
     headers = retry_after_headers(exc)
-    if exc.status_code >= 500:
+    # A store condition (outage, full disk) is logged once when it starts and once when it clears
+    # (textgen.storage.conditions), not once per refused request.
+    if exc.status_code >= 500 and not isinstance(exc, StoreUnavailableError | InsufficientStorageError):
         logger.warning("%s: %s", type(exc).__name__, exc.message)
     return error_response(request, exc.status_code, exc.message, headers)
 

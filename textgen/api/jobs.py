@@ -15,13 +15,17 @@ from textgen.api.deps import ReaderDep, RequestIdDep, RunnerDep, StateDep, Store
 from textgen.api.errors import error_responses
 from textgen.api.sse import SSE_RESPONSE_DOC, error_event, event, sse_response
 from textgen.engine.types import Handle
-from textgen.errors import TextGenError
+from textgen.errors import NotReadyError, TextGenError
 from textgen.generation import GenerationService
 from textgen.jobs.runner import JobRunner
 from textgen.jobs.store import TERMINAL_STATES, JobState, JobStore
 from textgen.jobs.view import job_summary, job_view, queue_estimate
 
 STREAM_POLL_S = 0.25
+JOB_STREAM_SHUTDOWN = (
+    "The server is shutting down: this job went back to the queue and finishes after a restart or on another "
+    "replica. Reconnect to this stream to follow it."
+)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -79,11 +83,17 @@ async def job_events(
 ) -> AsyncIterator[ServerSentEvent]:
     """`state` events on every change, `token` events while the job runs in this process (replayed from
     its first token when connecting late; a job that ran unseen, in another worker or between two looks,
-    has its text replayed as one token event), then `done` with the finished job. Leaving does not cancel."""
+    has its text replayed as one token event), then `done` with the finished job. Leaving does not cancel.
+
+    At shutdown the job goes back to the queue (it finishes after a restart or on another replica), so the
+    stream ends with an `error` event (503) saying so: the client reconnects to follow it."""
     last_state: JobState | None = None
     streamed: Handle | None = None
     try:
         while True:
+            if runner.stopping:
+                yield error_event(NotReadyError(JOB_STREAM_SHUTDOWN), request_id)
+                return
             job = await store.get(job_id)
             if job.state is not last_state:
                 last_state = job.state

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from textgen.api.errors import error_body
@@ -41,5 +42,23 @@ def error_event(error: BaseException, request_id: str) -> ServerSentEvent:
     return event("error", {**error_body(error.message, request_id), "status": error.status_code})
 
 
+# How long a stream may still run once the server itself exits (see DrainedEventSourceResponse).
+SERVER_EXIT_BACKSTOP_S = 5.0
+
+
+class DrainedEventSourceResponse(EventSourceResponse):
+    """An event stream that ends with its own final event at shutdown, never cut in the middle.
+
+    sse-starlette cancels every stream within ~0.5 s of the server's SIGTERM, so clients got an incomplete
+    chunked body with no `done`, `error` or `[DONE]`. Here the service's drain (``textgen.state``) decides:
+    open streams get TEXTGEN_SHUTDOWN_GRACE_S like any request, and when it runs out the engine fails
+    their generations, so each stream sends its final error event itself. The server is told to exit only
+    after that (``drain_on_signals``); the backstop below only bounds a stream that ignores it."""
+
+    async def _listen_for_exit_signal_with_grace(self) -> None:
+        await self._listen_for_exit_signal()
+        await anyio.sleep(SERVER_EXIT_BACKSTOP_S)
+
+
 def sse_response(events: AsyncIterator[ServerSentEvent | dict[str, Any] | str], request_id: str) -> EventSourceResponse:
-    return EventSourceResponse(events, headers={REQUEST_ID_HEADER: request_id}, ping=15)
+    return DrainedEventSourceResponse(events, headers={REQUEST_ID_HEADER: request_id}, ping=15)

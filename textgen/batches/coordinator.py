@@ -36,7 +36,12 @@ from textgen.batches.files import FileStorage, OutputWriter, RawLine
 from textgen.batches.store import Batch, BatchStatus, BatchStore, FileObject, Line, LineOutcome
 from textgen.batches.webhook import BatchWebhooks
 from textgen.config import Settings
-from textgen.errors import JobNotCancellableError, JobNotFoundError, StoreUnavailableError
+from textgen.errors import (
+    InsufficientStorageError,
+    JobNotCancellableError,
+    JobNotFoundError,
+    StoreUnavailableError,
+)
 from textgen.jobs.store import Job, JobState, JobStore
 from textgen.json_limits import MAX_JSON_DEPTH, json_too_deep
 
@@ -113,8 +118,8 @@ class BatchCoordinator:
             try:
                 await self._sweep_if_due()
                 more = await self.tick()
-            except StoreUnavailableError:
-                logger.warning("Store unavailable; batches advance at the next poll")
+            except (StoreUnavailableError, InsufficientStorageError):
+                pass  # the store logged the condition once (textgen.storage.conditions); retry at the next poll
             except Exception:
                 logger.exception("Batch coordinator iteration failed; retrying")
             if more:  # a batch has more to do right away (lines left to submit): no pause
@@ -156,7 +161,7 @@ class BatchCoordinator:
             try:
                 done, again_at = await self._advance(batch)
                 next_at = again_at or next_at
-            except StoreUnavailableError:
+            except (StoreUnavailableError, InsufficientStorageError):
                 raise
             except LeaseLostError:
                 logger.warning("Batch %s was taken over by another process mid-step; leaving it to that one", batch.id)

@@ -20,7 +20,6 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
-import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from textgen.batches.store import (
@@ -38,8 +37,7 @@ from textgen.batches.store import (
     file_from_json,
     file_to_json,
 )
-from textgen.errors import StoreUnavailableError
-from textgen.storage.redis import ping_redis, redis_client
+from textgen.storage.redis import ping_redis, redis_client, redis_outage_guard
 from textgen.storage.url import redact_url
 
 logger = logging.getLogger(__name__)
@@ -232,11 +230,9 @@ class RedisBatchStore:
 
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
-        try:
+        # The same outage handling (and one log line per condition) as the job store on this server.
+        async with redis_outage_guard(self._url, "job store", client=self._redis):
             yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            logger.warning("Redis batch store at %s unavailable: %s", redact_url(self._url), type(exc).__name__)
-            raise StoreUnavailableError() from exc
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))

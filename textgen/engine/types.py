@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from textgen.errors import EngineError, GenerationCancelledError, TextGenError
+from textgen.errors import DeadlineExceededError, EngineError, GenerationCancelledError, TextGenError
 
 if TYPE_CHECKING:
     from textgen.engine.constraints import CompiledGrammar, Constraint
@@ -148,6 +148,12 @@ class Handle:
         self.token_logprobs: list[TokenLogprob] = []
         # Read by the inference thread every step; a plain Event is the cheap cross-thread flag.
         self._cancelled = threading.Event()
+        # The deadline is answered by a timer on the event loop, not when the engine next looks: a step
+        # (a long prefill, a full batch) or a long wait in the queue made 504s arrive seconds late.
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        deadline = request.deadline
+        if deadline is not None:
+            self._deadline_timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire)
 
     @property
     def cancel_requested(self) -> bool:
@@ -193,6 +199,9 @@ class Handle:
         """The request ended, with a result or an error; later calls are ignored."""
         if self._future.done():
             return
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         if error is not None:
             self._future.set_exception(error)
             # Nobody may be awaiting (a stream consumer already left): mark the exception retrieved.
@@ -204,6 +213,13 @@ class Handle:
 
     def fail_cancelled(self) -> None:
         self.finish(None, GenerationCancelledError())
+
+    def _expire(self) -> None:
+        """The deadline passed: answer 504 now; the engine drops the sequence at its next step."""
+        self._deadline_timer = None
+        if not self._future.done():
+            self._cancelled.set()
+            self.finish(None, DeadlineExceededError())
 
 
 class Engine(Protocol):

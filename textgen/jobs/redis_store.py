@@ -559,13 +559,14 @@ class RedisJobStore:
             raise RuntimeError(f"The Redis job store at {self.url} is not open; call open() first.")
 
     @contextlib.asynccontextmanager
-    async def _guard(self) -> AsyncIterator[None]:
+    async def _guard(self, *, write: bool = False) -> AsyncIterator[None]:
+        """Plain commands here read; scripts (``_call``) write."""
         self._require_open()
-        async with redis_outage_guard(self._url, "job store"):
+        async with redis_outage_guard(self._url, "job store", write=write, client=self._redis):
             yield
 
     async def _call(self, script: str, *args: str | int | float) -> Any:
-        async with self._guard():
+        async with self._guard(write=True):
             if self._clock is not None:
                 await self._redis.set(self._key("clock"), repr(float(self._clock())))
             return await self._scripts[script](keys=[], args=[self.prefix, *args])

@@ -173,6 +173,11 @@ class JobRunner:
             handle.cancel()
 
     @property
+    def stopping(self) -> bool:
+        """Shutdown began: running jobs are being handed back, nothing new is claimed here."""
+        return self._stopping
+
+    @property
     def active_jobs(self) -> int:
         return len(self._active)
 
@@ -184,8 +189,8 @@ class JobRunner:
                 await self._cancel_jobs_cancelled_elsewhere()
                 await self._claim_webhooks()
                 await self._purge_if_due()
-            except StoreUnavailableError:
-                logger.warning("Job store unavailable; retrying at the next poll")
+            except (StoreUnavailableError, InsufficientStorageError):
+                pass  # the store logged the condition once (textgen.storage.conditions); retry at the next poll
             except Exception:
                 logger.exception("Job runner iteration failed; retrying")
             self.polls += 1  # a positive signal tests (and debugging) can wait for
@@ -202,9 +207,8 @@ class JobRunner:
                 continue
             try:
                 held = await self._store.renew(self.owner, running, self._lease_s)
-            except StoreUnavailableError:
-                logger.warning("Job store unavailable: leases not renewed (jobs are reclaimed if this persists)")
-                continue
+            except (StoreUnavailableError, InsufficientStorageError):
+                continue  # logged once by the store; the leases are renewed at the next round or reclaimed
             except Exception:
                 logger.exception("Renewing job leases failed; retrying (jobs are reclaimed if this persists)")
                 continue
@@ -263,6 +267,8 @@ class JobRunner:
             outcome = await sender.deliver(job)
             if outcome is not WebhookState.PENDING:
                 self._service.metrics.observe_webhook(outcome.value)
+        except (StoreUnavailableError, InsufficientStorageError):
+            pass  # logged once by the store; the claim expires and the delivery is tried again
         except Exception:
             # The claim expires and another attempt follows; nothing is lost.
             logger.exception("Webhook delivery for job %s crashed", job.id)

@@ -1,11 +1,17 @@
 """Store errors that are the environment's, not ours, mapped to one clear answer and logged once.
 
 A full disk under the SQLite file, a file that became read-only, a database locked past the busy
-timeout, a Redis server out of memory or refusing writes after a failed snapshot: each becomes a
-client error naming the cause and the action (``InsufficientStorageError`` 507, or
-``StoreUnavailableError`` 503 for a lock that may clear by itself), instead of a 500 with a traceback
-per request. ``ConditionLog`` logs a warning when a store enters a condition and one line when it
-recovers, not once per failing request.
+timeout, an unreachable Redis, a Redis server out of memory or refusing writes after a failed
+snapshot: each becomes a client error naming the cause and the action (``InsufficientStorageError``
+507, or ``StoreUnavailableError`` 503), instead of a 500 with a traceback per request.
+
+``ConditionLog`` is the one place that logs them: one WARNING when a store enters a condition (naming
+the cause and the fix), nothing while it lasts (the failed operations are counted), and one INFO line
+when it clears, with how long it lasted and how many operations were refused meanwhile. A condition
+that refuses writes (disk full, read-only, out of memory) clears only after a successful *write*: reads
+keep working on a full disk, and letting them announce "works again" made the pair flap every poll.
+An outage (Redis unreachable) clears once the store has answered for ``SETTLE_S`` without failing:
+right after a restart each connection the pool kept from before fails once, which is not a new outage.
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis.exceptions
 
@@ -20,31 +29,76 @@ from textgen.errors import InsufficientStorageError, StoreUnavailableError, Text
 
 logger = logging.getLogger(__name__)
 
+# An outage counts as over once the store has answered for this long without a failure in between.
+SETTLE_S = 2.0
+
+
+@dataclass
+class Condition:
+    """What is wrong with one store right now."""
+
+    kind: str  # a short, stable name ("unreachable", "InsufficientStorageError: database or disk is full")
+    message: str  # the cause and the fix, as logged and as clients see it
+    since: float  # monotonic clock
+    writes_only: bool  # refuses writes only: clears after a successful write, not a read
+    refused: int = 1  # failed operations since it started (the first included)
+    answered_since: float | None = None  # an outage: the first success after the last failure
+
 
 class ConditionLog:
-    """The current condition of each store (by name); logs only when it changes."""
+    """The current condition of each store (by name); logs only when one starts, changes or clears."""
 
-    def __init__(self) -> None:
-        self._current: dict[str, str] = {}
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._current: dict[str, Condition] = {}
         self._lock = threading.Lock()
+        self._clock = clock
 
-    def enter(self, store: str, condition: str, message: str) -> None:
+    def enter(self, store: str, kind: str, message: str, *, writes_only: bool = False) -> None:
+        """An operation on ``store`` failed for ``kind``: logged if that is new, counted either way."""
         with self._lock:
-            if self._current.get(store) == condition:
+            current = self._current.get(store)
+            if current is not None and current.kind == kind:
+                current.refused += 1
+                current.answered_since = None
                 return
-            self._current[store] = condition
-        logger.warning("%s (further failures for this reason are not logged until it changes)", message)
+            self._current[store] = Condition(kind, message, self._clock(), writes_only)
+        logger.warning(
+            "%s (logged once: further failures are counted, and one line follows when it clears)", message
+        )
 
-    def clear(self, store: str) -> None:
+    def clear(self, store: str, *, wrote: bool = True) -> None:
+        """An operation on ``store`` succeeded (``wrote``: it changed something). A condition that refuses
+        writes stays until a write succeeds; an outage until the store has answered for ``SETTLE_S``."""
         if store not in self._current:  # the common case, without taking the lock
             return
         with self._lock:
-            condition = self._current.pop(store, None)
-        if condition is not None:
-            logger.info("Job store %s works again (was: %s)", store, condition)
+            current = self._current.get(store)
+            if current is None or (current.writes_only and not wrote):
+                return
+            now = self._clock()
+            if not current.writes_only:
+                if current.answered_since is None:
+                    current.answered_since = now
+                if now - current.answered_since < SETTLE_S:
+                    return
+            del self._current[store]
+            lasted_s = (current.answered_since or now) - current.since
+        logger.info(
+            "Store %s works again after %.1f s (was: %s); %d operation(s) were refused meanwhile",
+            store,
+            lasted_s,
+            current.kind,
+            current.refused,
+        )
 
     def current(self, store: str) -> str | None:
-        return self._current.get(store)
+        condition = self._current.get(store)
+        return None if condition is None else condition.kind
+
+    def active(self) -> dict[str, Condition]:
+        """Every store that is in a condition now (a copy), for /ready."""
+        with self._lock:
+            return dict(self._current)
 
 
 CONDITIONS = ConditionLog()

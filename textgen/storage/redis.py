@@ -63,27 +63,40 @@ def _open_failure(url: str, exc: redis.exceptions.RedisError) -> ConfigError:
 
 
 @contextlib.asynccontextmanager
-async def redis_outage_guard(url: str, what: str) -> AsyncIterator[None]:
-    """An unreachable server is a retryable 503 for clients (StoreUnavailableError), not a 500; the
-    job store and the rate limiter both call Redis through this."""
+async def redis_outage_guard(
+    url: str, what: str, *, write: bool = True, client: redis.asyncio.Redis | None = None
+) -> AsyncIterator[None]:
+    """An unreachable server is a retryable 503 for clients (StoreUnavailableError), not a 500; a server
+    refusing writes (out of memory, failed snapshot) is a 507 naming the fix. The job store, the batch
+    store and the rate limiter all call Redis through this, so a condition is logged once per server
+    (``CONDITIONS``). ``write``: the block writes, so its success clears a write-refusal condition.
+    ``client``: its idle connections are dropped on a connection error, so that after a restart of the
+    server each of them does not fail once more (and the outage does not seem to start again)."""
+    shown = redact_url(url)
     try:
         yield
     except redis.exceptions.ResponseError as exc:
-        mapped = redis_condition(exc, redact_url(url))
+        mapped = redis_condition(exc, shown)
         if mapped is None:
             raise
-        CONDITIONS.enter(redact_url(url), type(exc).__name__, mapped.message)
+        CONDITIONS.enter(f"redis {shown}", type(exc).__name__, mapped.message, writes_only=True)
         raise mapped from exc
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        shown = redact_url(url)
-        CONDITIONS.enter(shown, "unreachable", f"Redis {what} at {shown} unavailable: {hide_password(str(exc), url)}")
+        if client is not None:
+            await client.connection_pool.disconnect(inuse_connections=False)
+        CONDITIONS.enter(
+            f"redis {shown}",
+            "unreachable",
+            f"Redis at {shown} is unreachable ({type(exc).__name__}: {hide_password(str(exc), url)}): job, batch "
+            "and rate-limited requests answer 503 until it is back. Start the server, or fix TEXTGEN_JOB_STORE.",
+        )
         if what == "job store":
             raise StoreUnavailableError() from exc
         raise StoreUnavailableError(
             f"The {what} is unavailable right now; retry after the time in the Retry-After header."
         ) from exc
     else:
-        CONDITIONS.clear(redact_url(url))
+        CONDITIONS.clear(f"redis {shown}", wrote=write)
 
 
 async def ping_redis(client: redis.asyncio.Redis, url: str) -> None:

@@ -81,9 +81,11 @@ class SQLiteConnection:
 
     def __init__(self, path: Path, connect: Callable[[Path], sqlite3.Connection], role: str = "jobs") -> None:
         self.path = path
-        # Conditions (disk full, ...) are tracked per role: a batch table's success on the same file must
-        # not announce that the job store "works again".
-        self._condition_key = f"{path} ({role})"
+        # Conditions (disk full, ...) are tracked per file: the job store, the batch tables and the rate
+        # limiter share it, and a full disk is one condition, logged once. A write that succeeds in any of
+        # them proves the file takes writes again.
+        self.role = role
+        self._condition_key = f"sqlite {path}"
         self._connect = connect
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -98,15 +100,25 @@ class SQLiteConnection:
         with self._lock:
             if self._conn is None:
                 raise RuntimeError(f"The SQLite connection to {self.path} is not open; call open() first.")
+            changes = self._conn.total_changes
             try:
                 result = fn(self._conn, *args, **kwargs)
             except sqlite3.OperationalError as error:
                 mapped = sqlite_condition(error, str(self.path))
                 if mapped is None:
                     raise
-                CONDITIONS.enter(self._condition_key, type(mapped).__name__ + ": " + str(error), mapped.message)
+                CONDITIONS.enter(
+                    self._condition_key,
+                    f"{type(mapped).__name__}: {error}",
+                    mapped.message,
+                    # In WAL mode readers are never blocked, not by a full disk nor by a lock: only a write
+                    # that succeeds shows that the condition has cleared.
+                    writes_only=True,
+                )
                 raise mapped from error
-            CONDITIONS.clear(self._condition_key)
+            # total_changes counts committed row changes: a read, or a write that matched nothing, does not
+            # prove that a full disk takes writes again.
+            CONDITIONS.clear(self._condition_key, wrote=self._conn.total_changes != changes)
             return result
 
     async def open(self) -> None:
