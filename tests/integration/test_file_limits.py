@@ -308,7 +308,7 @@ async def test_expires_after_is_honoured_and_an_expired_file_is_gone(make_settin
         ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "2592001"}, "expires_after[seconds]"),
         ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "1e4"}, "expires_after[seconds]"),
         ({"expires_after[anchor]": "last_active_at", "expires_after[seconds]": "3600"}, "expires_after[anchor]"),
-        ({"expires_after[seconds]": "3600"}, "expires_after[anchor]"),
+        ({"expires_after[anchor]": "created_at"}, "expires_after[seconds]"),
     ],
 )
 async def test_expires_after_outside_openais_bounds_is_a_400_naming_it(
@@ -319,6 +319,17 @@ async def test_expires_after_outside_openais_bounds_is_a_400_naming_it(
         assert response.status_code == 400
         assert named in response.json()["error"]["message"]
         assert list(app.state.textgen.batches.files.root.iterdir()) == []
+
+
+async def test_expires_after_without_an_anchor_means_created_at(
+    make_settings: MakeSettings, app_client: AppClient
+) -> None:
+    """'created_at' is the only anchor there is, and the published schema makes neither field required."""
+    async with app_client(settings_for(make_settings)) as (client, _):
+        response = await upload(client, LINE, **{"expires_after[seconds]": "3600"})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["expires_at"] == body["created_at"] + 3600
 
 
 async def test_the_coordinators_sweep_deletes_expired_files_on_its_own(make_settings: MakeSettings) -> None:

@@ -333,15 +333,15 @@ MAX_EXPIRES_AFTER_S = 2_592_000
 
 def expires_after_from_form(fields: dict[str, str]) -> int | None:
     """``expires_after`` as OpenAI's files API takes it in a multipart form (``expires_after[anchor]``
-    = ``created_at``, ``expires_after[seconds]`` in 3600..2592000): the seconds, or None if absent."""
+    = ``created_at``, the default; ``expires_after[seconds]`` in 3600..2592000): the seconds, or None if
+    absent."""
     anchor = fields.get("expires_after[anchor]")
     seconds = fields.get("expires_after[seconds]")
     if anchor is None and seconds is None:
         return None
-    if anchor != "created_at":
-        raise InvalidRequestError(
-            f"expires_after[anchor]: must be 'created_at' (got {anchor!r})."
-        )
+    # 'created_at' is the only anchor OpenAI defines, so a form that names only the seconds means it.
+    if anchor is not None and anchor != "created_at":
+        raise InvalidRequestError(f"expires_after[anchor]: must be 'created_at' (got {anchor!r}).")
     value = (seconds or "").strip()
     if not value.isascii() or not value.isdigit() or not MIN_EXPIRES_AFTER_S <= int(value) <= MAX_EXPIRES_AFTER_S:
         raise InvalidRequestError(
