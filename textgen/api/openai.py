@@ -57,7 +57,7 @@ from textgen.engine.types import (
     to_client_error,
 )
 from textgen.errors import InvalidRequestError, TextGenError
-from textgen.generation import GenerationService
+from textgen.generation import GenerationService, TokenGrant
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +192,47 @@ def chat_logprobs(entries: Sequence[TokenLogprob]) -> ChatLogprobs:
             for e in entries
         ]
     )
+
+
+def names_no_output_limit(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    """No ``max_tokens`` (nor ``max_completion_tokens``): the default is an upper bound, not a request."""
+    if isinstance(body, ChatCompletionRequest):
+        return body.max_completion_tokens is None and body.max_tokens is None
+    return body.max_tokens is None
+
+
+def chat_max_tokens(service: GenerationService, body: ChatCompletionRequest) -> int:
+    """A chat's output limit: what it asked for, else TEXTGEN_MAX_NEW_TOKENS_LIMIT (the model's context
+    caps it further)."""
+    return body.max_completion_tokens or body.max_tokens or service.settings.max_new_tokens_limit
+
+
+def prompts_of(tokenizer: PreTrainedTokenizerBase, body: CompletionRequest | ChatCompletionRequest) -> list[str]:
+    """The prompts the engine sees: the completion's prompts, or the chat rendered by its template."""
+    if isinstance(body, ChatCompletionRequest):
+        return [render_chat_prompt(tokenizer, body.messages)]
+    return [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+
+
+def choice_params(
+    prompts: Sequence[str], body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None
+) -> list[SamplingParams]:
+    """One entry per choice the request generates (prompts x n): what its token budget covers."""
+    return [_sampling(body, max_tokens, 0)] * (len(prompts) * body.n)
+
+
+async def _grant(
+    service: GenerationService,
+    caller: str,
+    prompts: Sequence[str],
+    body: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int | None,
+) -> tuple[TokenGrant, int | None]:
+    """Reserve the request's prompt and output tokens; (the grant, the max_tokens to generate with)."""
+    prompt_tokens = await service.count_prompt_tokens(prompts)
+    params = choice_params(prompts, body, max_tokens)
+    grant = await service.grant(caller, params, prompt_tokens, open_ended=names_no_output_limit(body))
+    return grant, grant.max_new_tokens or max_tokens
 
 
 def _submit_all(
@@ -343,18 +384,17 @@ async def completions(
     for prompt in prompts:
         service.check_prompt(prompt, request_id)
     await service.prepare(_sampling(body, body.max_tokens, 0))  # compile a constraint before queueing
-    budgets = [_sampling(body, body.max_tokens, 0)] * (len(prompts) * body.n)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         with state.streams.take(caller) as slot:
-            handles = await service.submit_budgeted(
-                caller, budgets, lambda: _submit_all(service, prompts, body, body.max_tokens, request_id)
+            grant, max_tokens = await _grant(service, caller, prompts, body, body.max_tokens)
+            handles = await service.submit_granted(
+                grant, lambda: _submit_all(service, prompts, body, max_tokens, request_id)
             )
             chunks = _completion_chunks(service, handles, body, completion_id, created, request_id, caller)
             return sse_response(slot.attach(_openai_stream(chunks, request_id)), request_id)
-    handles = await service.submit_budgeted(
-        caller, budgets, lambda: _submit_all(service, prompts, body, body.max_tokens, request_id)
-    )
+    grant, max_tokens = await _grant(service, caller, prompts, body, body.max_tokens)
+    handles = await service.submit_granted(grant, lambda: _submit_all(service, prompts, body, max_tokens, request_id))
     results = await _finished(request, service, handles, request_id, caller)
     return completion_response(service, body, results, completion_id, created)
 
@@ -438,20 +478,18 @@ async def chat_completions(
     for message in body.messages:
         service.check_prompt(message.content, request_id)
     prompt = render_chat_prompt(state.model.tokenizer, body.messages)
-    max_tokens = body.max_completion_tokens or body.max_tokens or state.settings.max_new_tokens_limit
-    await service.prepare(_sampling(body, max_tokens, 0))  # compile a constraint before queueing
-    budgets = [_sampling(body, max_tokens, 0)] * body.n
+    await service.prepare(_sampling(body, chat_max_tokens(service, body), 0))  # compile a constraint first
     chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         with state.streams.take(caller) as slot:
-            handles = await service.submit_budgeted(
-                caller, budgets, lambda: _submit_all(service, [prompt], body, max_tokens, request_id)
+            grant, max_tokens = await _grant(service, caller, [prompt], body, chat_max_tokens(service, body))
+            handles = await service.submit_granted(
+                grant, lambda: _submit_all(service, [prompt], body, max_tokens, request_id)
             )
             chunks = _chat_chunks(service, handles, body, chat_id, created, request_id, caller)
             return sse_response(slot.attach(_openai_stream(chunks, request_id)), request_id)
-    handles = await service.submit_budgeted(
-        caller, budgets, lambda: _submit_all(service, [prompt], body, max_tokens, request_id)
-    )
+    grant, max_tokens = await _grant(service, caller, [prompt], body, chat_max_tokens(service, body))
+    handles = await service.submit_granted(grant, lambda: _submit_all(service, [prompt], body, max_tokens, request_id))
     results = await _finished(request, service, handles, request_id, caller)
     return chat_response(service, body, results, chat_id, created)
 
@@ -467,8 +505,7 @@ def submit_chat(
     for message in body.messages:
         service.check_prompt(message.content, request_id)
     prompt = render_chat_prompt(tokenizer, body.messages)
-    max_tokens = body.max_completion_tokens or body.max_tokens or service.settings.max_new_tokens_limit
-    return _submit_all(service, [prompt], body, max_tokens, request_id, priority)
+    return _submit_all(service, [prompt], body, chat_max_tokens(service, body), request_id, priority)
 
 
 def chat_response(
