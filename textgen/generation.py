@@ -357,7 +357,7 @@ class GenerationService:
         self, principal: str, body: TextGenerationRequest, request_id: str, priority: Priority
     ) -> Handle:
         prompt_tokens = await self.count_prompt_tokens([body.prompt])
-        open_ended = body.max_new_tokens is None and body.max_length is None
+        open_ended = not body.model_fields_set & {"max_new_tokens", "max_length"}  # the defaults apply
         grant = await self.grant(principal, [sampling_params_from(body)], prompt_tokens, open_ended=open_ended)
         if grant.max_new_tokens is not None:
             body = body.model_copy(update={"max_new_tokens": grant.max_new_tokens})

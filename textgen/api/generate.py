@@ -134,7 +134,7 @@ async def generate_background(
     # The submitter's token budget (prompt + output) is reserved now and refunded by whoever ends the job.
     # Without an output limit the job is granted what one window allows (the same for a replayed body).
     prompt_tokens = await state.service.count_prompt_tokens([body.prompt])
-    open_ended = body.max_new_tokens is None and body.max_length is None
+    open_ended = not body.model_fields_set & {"max_new_tokens", "max_length"}  # the defaults apply
     grant = await state.service.grant(
         caller, [sampling_params_from(body)], prompt_tokens, open_ended=open_ended, flexible=False
     )
