@@ -79,10 +79,9 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
     app.add_middleware(QuietStartupFailure, marker=StartupError.__name__)
     install_error_handlers(app)
     # Every API route counts against the caller's request limit; the probes do not (see UNMETERED_ROUTERS).
-    for module in (generate, jobs, openai, files, batches, stats):
-        app.include_router(module.router, dependencies=[Depends(count_request)])
-    for module in UNMETERED_ROUTERS:
-        app.include_router(module.router)
+    for module in (generate, jobs, openai, files, batches, health, metrics, stats):
+        metered = module not in UNMETERED_ROUTERS
+        app.include_router(module.router, dependencies=[Depends(count_request)] if metered else None)
     install_ui(app)
     return app
 
