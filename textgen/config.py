@@ -188,7 +188,7 @@ class Settings(BaseSettings):
         0, ge=0, description="Requests per minute per API key, batch lines included (0 = unlimited)."
     )
     rate_limit_tpm: int = Field(
-        0, ge=0, description="Prompt plus generated tokens per minute per API key, batch lines included (0 = unlimited)."
+        0, ge=0, description="Prompt + generated tokens per minute per API key, batch lines included (0 = unlimited)."
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
     cors_origins: CommaList = Field(default_factory=list, description="Allowed CORS origins; empty = CORS off.")

@@ -208,9 +208,7 @@ async def test_batch_lines_count_against_the_owners_request_limit(
 
 async def test_a_line_that_could_never_fit_fails_alone(make_settings: MakeSettings, app_client: AppClient) -> None:
     per_line = prompt_tokens(PROMPT) + LINE_OUTPUT
-    settings = make_settings(
-        api_keys=["alice-key", "bob-key"], rate_limit_tpm=2 * per_line, batch_poll_interval_s=0.05
-    )
+    settings = make_settings(api_keys=["alice-key", "bob-key"], rate_limit_tpm=2 * per_line, batch_poll_interval_s=0.05)
     async with app_client(settings) as (client, app):
         fake_clock(app)
         batch_id = await start_batch(client, [line("small"), line("huge", max_tokens=4 * per_line), line("small-2")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -173,9 +174,8 @@ def test_the_prompt_counter_runs_only_under_a_token_limit() -> None:
         calls.append(text)
         return len(text)
 
-    svc = GenerationService(
-        HandleOnlyEngine(), ContentFilter([]), load_settings(), "fake", Metrics(), count_tokens=count  # type: ignore[arg-type]
-    )
+    engine: Any = HandleOnlyEngine()
+    svc = GenerationService(engine, ContentFilter([]), load_settings(), "fake", Metrics(), count_tokens=count)
     assert asyncio.run(svc.count_prompt_tokens(["abc", "de"])) == 0 and calls == []  # no limit: no work
 
 
