@@ -54,13 +54,13 @@ async def count_request(request: Request) -> None:
     await state.service.admit(caller_of(request.scope).rate_key)
 
 
-def admit_caller(request: Request, _service: Annotated[GenerationService, Depends(get_service)]) -> str:
+async def admit_caller(request: Request, _service: Annotated[GenerationService, Depends(get_service)]) -> str:
     """The caller's rate-limit key (``Caller.rate_key``): what its tokens are charged to. The request
     itself was counted by ``count_request``."""
     return caller_of(request.scope).rate_key
 
 
-def admit_reader(request: Request) -> Caller:
+async def admit_reader(request: Request) -> Caller:
     """The caller of a read (job status, listing, stream); counted by ``count_request`` like any request."""
     return caller_of(request.scope)
 
