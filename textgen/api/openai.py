@@ -357,7 +357,7 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
 @router.get(
     "/models",
     response_model=ModelList,
-    responses={code: ERROR_DOCS[code] for code in (401, 413, 500)},
+    responses={code: ERROR_DOCS[code] for code in (401, 413, 429, 500)},
     summary="The served model",
 )
 async def list_models(state: StateDep) -> ModelList:
