@@ -25,7 +25,14 @@ from tests.redis_server import RedisServer
 from tests.waiting import wait_until
 from textgen.access import owner_id_for_key
 from textgen.batches.store import Batch, BatchStatus
-from textgen.ratelimit import WINDOW_S, RedisRateLimiter, SQLiteRateLimiter, WindowedRateLimiter, key_digest
+from textgen.ratelimit import (
+    WINDOW_S,
+    RedisRateLimiter,
+    Reservation,
+    SQLiteRateLimiter,
+    WindowedRateLimiter,
+    key_digest,
+)
 
 MakeSettings = Callable[..., Any]
 AppClient = Callable[..., Any]
@@ -342,3 +349,43 @@ async def test_chat_without_max_tokens_is_served_under_a_small_token_limit(
 
 def first_prompt(response: httpx.Response) -> int:
     return int(response.json()["usage"]["prompt_tokens"])
+
+
+async def test_a_paced_batch_is_still_charged_to_its_owner_after_a_restart(
+    make_settings: MakeSettings, app_client: AppClient, job_store: str | None
+) -> None:
+    """The owner's key is stored with the batch and each line's reservation with its job: a new process
+    picks the paced batch up where it stopped and charges the remaining lines to the same key."""
+    per_line = prompt_tokens(PROMPT) + LINE_OUTPUT
+    settings = make_settings(
+        api_keys=["alice-key", "bob-key"],
+        rate_limit_tpm=3 * per_line,
+        batch_poll_interval_s=0.05,
+        **({"job_store": job_store} if job_store else {}),
+    )
+    async with app_client(settings) as (client, app):
+        first_clock = fake_clock(app)
+        batch_id = await start_batch(client, [line(f"r{i}") for i in range(7)])
+        batch = await settled(app, batch_id)
+        assert (batch.submit_line, batch.paced, batch.rate_key) == (3, True, ALICE_RATE_KEY)
+    async with app_client(settings) as (client, app):
+        clock = fake_clock(app)
+        clock.now = first_clock.now  # the same minute: still spent after the restart
+        await wait_until(lambda: app.state.textgen.runner.polls > 2, 10, "the new process to poll")
+        assert (await stored_batch(app, batch_id)).submit_line == 3
+        submitted = [3]
+        while True:
+            clock.next_window()
+            batch = await settled(app, batch_id, sum(submitted))
+            submitted.append(batch.submit_line - sum(submitted))
+            assert counted(app, ALICE_RATE_KEY)[1] == submitted[-1] * per_line
+            if batch.status is BatchStatus.COMPLETED:
+                break
+        assert submitted == [3, 3, 1] and batch.completed == 7
+        for _number, job_id in [
+            (line.number, line.job_id) for line in await app.state.textgen.batches.store.lines(batch_id, 0, 10)
+        ]:
+            job = await app.state.textgen.store.get(job_id)
+            reservation = Reservation.decode(job.reservation)
+            assert reservation is not None and reservation.digest == key_digest(ALICE_RATE_KEY)
+            assert reservation.tokens == per_line and reservation.prompt_tokens == prompt_tokens(PROMPT)
