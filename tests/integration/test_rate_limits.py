@@ -65,6 +65,8 @@ def job_store(request: pytest.FixtureRequest) -> Iterator[str | None]:
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     yield server.url(0)
+    with closing(redis.Redis.from_url(server.url(0))) as raw:
+        raw.flushdb()  # the next test on this server starts from nothing (jobs, batches, counts)
 
 
 def limiter_of(app: FastAPI) -> WindowedRateLimiter:
