@@ -289,6 +289,7 @@ class GenerationService:
         open_ended: bool = False,
         flexible: bool = True,
         requests: int = 0,
+        quiet: bool = False,
     ) -> TokenGrant:
         """Reserve ``prompt_tokens`` plus the output budget of every request in ``params`` for
         ``principal`` (and count ``requests`` requests with it). 429 when it does not fit now; the
@@ -299,13 +300,14 @@ class GenerationService:
         whole window allows after the prompt and, when ``flexible``, what the current window has left
         (never less than ``MIN_OPEN_ENDED_GRANT``, or the whole window's share if that is smaller:
         below it, 429 until the window ends). Background work passes ``flexible=False`` so that the grant
-        depends only on the request and the limit (a replayed idempotent job stores the same body)."""
+        depends only on the request and the limit (a replayed idempotent job stores the same body).
+        ``quiet``: refusals are logged at DEBUG (the batch coordinator retries and logs pacing itself)."""
         budgets = [self.token_budget(p, prompt_tokens) for p in params]
         tpm = self.rate_limiter.tokens_per_minute
         if not (open_ended and tpm and budgets):
             tokens = prompt_tokens + sum(budgets)
             reservation = await self.rate_limiter.reserve(
-                principal, tokens, requests=requests, prompt_tokens=prompt_tokens
+                principal, tokens, requests=requests, prompt_tokens=prompt_tokens, quiet=quiet
             )
             return TokenGrant(reservation)
         wanted, choices = max(budgets), len(budgets)
@@ -321,7 +323,11 @@ class GenerationService:
                     cap = max(floor, min(cap, (left - prompt_tokens) // choices))
             try:
                 reservation = await self.rate_limiter.reserve(
-                    principal, prompt_tokens + cap * choices, requests=requests, prompt_tokens=prompt_tokens
+                    principal,
+                    prompt_tokens + cap * choices,
+                    requests=requests,
+                    prompt_tokens=prompt_tokens,
+                    quiet=quiet,
                 )
             except RateLimitedError:
                 if not flexible or cap == floor or attempt == GRANT_TRIES - 1:

@@ -93,10 +93,13 @@ class RateLimiter(Protocol):
 
     async def acquire(self, key: str) -> None: ...
 
-    async def reserve(self, key: str, tokens: int, *, requests: int = 0, prompt_tokens: int = 0) -> Reservation | None:
+    async def reserve(
+        self, key: str, tokens: int, *, requests: int = 0, prompt_tokens: int = 0, quiet: bool = False
+    ) -> Reservation | None:
         """Reserve ``tokens`` of ``key``'s token budget and count ``requests`` requests, both or
         neither (RateLimitedError when either does not fit); None when no tokens needed reserving (no
-        token limit, or 0 tokens). ``prompt_tokens`` (part of ``tokens``) is recorded on the reservation."""
+        token limit, or 0 tokens). ``prompt_tokens`` (part of ``tokens``) is recorded on the reservation.
+        ``quiet``: a refusal is logged at DEBUG (a caller that retries and logs its own waiting)."""
 
     async def refund(self, reservation: Reservation | None, unused: int) -> None: ...
 
@@ -127,7 +130,9 @@ class NoRateLimit:
     async def acquire(self, key: str) -> None:
         return None
 
-    async def reserve(self, key: str, tokens: int, *, requests: int = 0, prompt_tokens: int = 0) -> Reservation | None:
+    async def reserve(
+        self, key: str, tokens: int, *, requests: int = 0, prompt_tokens: int = 0, quiet: bool = False
+    ) -> Reservation | None:
         return None
 
     async def refund(self, reservation: Reservation | None, unused: int) -> None:
@@ -252,7 +257,7 @@ class WindowedRateLimiter:
     def tokens_per_minute(self) -> int:
         return self._tpm
 
-    async def _take(self, key: str, requests: int, tokens: int) -> tuple[str, int]:
+    async def _take(self, key: str, requests: int, tokens: int, quiet: bool = False) -> tuple[str, int]:
         now = self.clock()
         window = int(now // WINDOW_S)
         digest = key_digest(key)
@@ -260,7 +265,13 @@ class WindowedRateLimiter:
         if spent is None:
             return digest, window
         retry_after_s = _retry_after_s(now, window)
-        logger.info("Rate limited key sha256:%s (%s per minute), retry in %d s", digest[:12], spent, retry_after_s)
+        logger.log(
+            logging.DEBUG if quiet else logging.INFO,
+            "Rate limited key sha256:%s (%s per minute), retry in %d s",
+            digest[:12],
+            spent,
+            retry_after_s,
+        )
         raise _refusal(spent, self._rpm, self._tpm, tokens, retry_after_s)
 
     async def acquire(self, key: str) -> None:
@@ -268,7 +279,9 @@ class WindowedRateLimiter:
         if self._rpm > 0:
             await self._take(key, 1, 0)
 
-    async def reserve(self, key: str, tokens: int, *, requests: int = 0, prompt_tokens: int = 0) -> Reservation | None:
+    async def reserve(
+        self, key: str, tokens: int, *, requests: int = 0, prompt_tokens: int = 0, quiet: bool = False
+    ) -> Reservation | None:
         """Reserve ``tokens`` in the current window and count ``requests`` requests in one atomic step;
         RateLimitedError (nothing reserved or counted) if either does not fit. None when there is no
         token limit or nothing to reserve (the requests are still counted)."""
@@ -278,7 +291,7 @@ class WindowedRateLimiter:
         reserved = tokens if self._tpm > 0 else 0
         if not counted_requests and not reserved:
             return None
-        digest, window = await self._take(key, counted_requests, reserved)
+        digest, window = await self._take(key, counted_requests, reserved, quiet)
         return Reservation(digest, window, tokens, prompt_tokens) if reserved else None
 
     async def available_tokens(self, key: str) -> int | None:

@@ -551,3 +551,15 @@ def test_factory_rejects_unusable_urls(url: str) -> None:
     with pytest.raises(ConfigError) as info:
         rate_limiter_from_settings(Settings(rate_limit_rpm=10, job_store=url))
     assert "TEXTGEN_JOB_STORE" in str(info.value) and "secret" not in str(info.value)
+
+
+async def test_a_quiet_refusal_is_logged_only_at_debug(make: LimiterFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """The batch coordinator retries a paced line at every poll: its refusals must not flood INFO."""
+    limiter = await _opened(make(tpm=10))
+    await limiter.reserve(KEY, 10)
+    with caplog.at_level(logging.DEBUG, logger="textgen.ratelimit"):
+        for quiet in (True, False):
+            with pytest.raises(RateLimitedError):
+                await limiter.reserve(KEY, 1, quiet=quiet)
+    levels = [record.levelno for record in caplog.records if "Rate limited" in record.getMessage()]
+    assert levels == [logging.DEBUG, logging.INFO]

@@ -303,6 +303,7 @@ class BatchCoordinator:
         (resumable from the cursor; ``batch.paced`` says which)."""
         started = time.monotonic()
         ttl_s = max(self._settings.idempotency_ttl_s, batch.window_s)
+        was_paced = batch.paced
         batch = batch.with_(paced=False)
         while time.monotonic() - started < STEP_BUDGET_S:
             raw = await asyncio.to_thread(
@@ -363,8 +364,11 @@ class BatchCoordinator:
             if jobs:
                 self._notify_runner()
             if batch.paced:
-                logger.info(
-                    "Batch %s paced after line %d: its owner's rate limits are spent for this minute",
+                # Once when pacing starts, not at every poll that finds the minute still spent.
+                logger.log(
+                    logging.DEBUG if was_paced else logging.INFO,
+                    "Batch %s paced after line %d: its owner's rate limits are spent for this minute; "
+                    "the next lines are submitted as the limits allow",
                     batch.id,
                     batch.submit_line,
                 )
@@ -390,6 +394,7 @@ class BatchCoordinator:
                 open_ended=plan.open_ended if plan else False,
                 flexible=False,  # what a line may generate does not depend on when it was submitted
                 requests=1,
+                quiet=True,  # retried at every poll while paced; pacing is logged once by _submit
             )
         except TokenBudgetTooLargeError as error:
             # It could never fit, however long it waited: the line fails on its own (a 429 in its record).
@@ -400,7 +405,7 @@ class BatchCoordinator:
         else:
             return LineBudget(grant.reservation, grant.max_new_tokens)
         try:
-            await service.rate_limiter.reserve(batch.rate_key or batch.owner, 0, requests=1)
+            await service.rate_limiter.reserve(batch.rate_key or batch.owner, 0, requests=1, quiet=True)
         except RateLimitedError:
             raise LinePaced() from None
         return LineBudget(refused=refused)
