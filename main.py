@@ -14,11 +14,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.types import Receive, Scope, Send
 
 from textgen.access import parse_networks
 from textgen.api import batches, files, generate, health, jobs, metrics, openai, stats
+from textgen.api.deps import count_request
 from textgen.api.errors import install_error_handlers
 from textgen.api.middleware import QuietStartupFailure, RequestIdMiddleware
 from textgen.api.security import (
@@ -38,6 +39,12 @@ from textgen.logging import setup_logging
 from textgen.state import ModelLoader, build_state, drain_on_signals, shutdown_state
 
 logger = logging.getLogger("textgen")
+
+# Not counted against TEXTGEN_RATE_LIMIT_RPM: /health, /ready (health.py) and /metrics are polled by
+# orchestrators, load balancers and scrapers, often many per minute from one address, and a 429 there
+# would take a healthy replica out of service. They do no work for a caller (the playground page and
+# its static files, installed by install_ui, are not counted either). Every other route counts.
+UNMETERED_ROUTERS = (health, metrics)
 
 
 class StartupError(SystemExit):
@@ -65,7 +72,9 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
             take_over_forwarded_headers(
                 getattr(app.state, "asgi_server", None), parse_networks(effective.trusted_proxies)
             )
-            app.state.textgen = await build_state(effective, model_loader, batches.JOB_EXECUTORS)
+            app.state.textgen = await build_state(
+                effective, model_loader, batches.JOB_EXECUTORS, batches.batch_line_planner
+            )
         except ConfigError as error:
             setup_logging("text", "INFO")
             logger.critical("Cannot start: %s", error)
@@ -95,9 +104,10 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
     app.add_middleware(QuietStartupFailure, marker=StartupError.__name__)
     app.add_middleware(ClientAddressMiddleware)
     install_error_handlers(app)
-    routers = (generate, jobs, openai, files, batches, health, metrics, stats)
-    for module in routers:
-        app.include_router(module.router)
+    # Every API route counts against the caller's request limit; the probes do not (see UNMETERED_ROUTERS).
+    for module in (generate, jobs, openai, files, batches, health, metrics, stats):
+        metered = module not in UNMETERED_ROUTERS
+        app.include_router(module.router, dependencies=[Depends(count_request)] if metered else None)
     install_ui(app)
     return app
 

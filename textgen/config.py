@@ -209,8 +209,12 @@ class Settings(BaseSettings):
     max_streams_per_caller: int = Field(
         8, ge=0, description="Open streams (SSE) per caller in one process; more get 429 (0 = unlimited)."
     )
-    rate_limit_rpm: int = Field(0, ge=0, description="Requests per minute per API key (0 = unlimited).")
-    rate_limit_tpm: int = Field(0, ge=0, description="Generated tokens per minute per API key (0 = unlimited).")
+    rate_limit_rpm: int = Field(
+        0, ge=0, description="Requests per minute per API key, batch lines included (0 = unlimited)."
+    )
+    rate_limit_tpm: int = Field(
+        0, ge=0, description="Prompt + generated tokens per minute per API key, batch lines included (0 = unlimited)."
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
     cors_origins: CommaList = Field(default_factory=list, description="Allowed CORS origins; empty = CORS off.")
     idempotency_ttl_s: float = Field(24 * 3600.0, gt=0, description="How long an Idempotency-Key is remembered.")

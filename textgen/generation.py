@@ -44,7 +44,7 @@ from textgen.errors import (
     RateLimitedError,
 )
 from textgen.metrics import Metrics
-from textgen.ratelimit import NoRateLimit, RateLimiter, Reservation
+from textgen.ratelimit import NoRateLimit, RateLimiter, Reservation, budget_refusal
 from textgen.threads import RequestThreads
 
 if TYPE_CHECKING:
@@ -103,9 +103,10 @@ def token_logprob_views(entries: Sequence[TokenLogprob]) -> list[TokenLogprobVie
 
 
 def tokens_used(handle: Handle, outcome: GenerationResult | BaseException) -> int:
-    """Tokens a finished request generated. Without a result (cancelled, disconnected, failed, past its
-    deadline) the engine reports no count, so the text produced so far stands in for it, one token per
-    character: more than the real count for ordinary text, and never more than the request's budget."""
+    """Tokens a finished request generated (its prompt is accounted for by the reservation). Without a
+    result (cancelled, disconnected, failed, past its deadline) the engine reports no count, so the text
+    produced so far stands in for it, one token per character: more than the real count for ordinary
+    text, and never more than the request's budget."""
     if isinstance(outcome, GenerationResult):
         return outcome.completion_tokens
     budget = handle.request.params.token_budget(0, EngineLimits.default_new_tokens, 1 << 30)
@@ -185,6 +186,22 @@ class StreamSlots:
         return StreamSlot(release)
 
 
+@dataclass(frozen=True)
+class TokenGrant:
+    """What a request may spend: its reservation (prompt + output tokens) and, for a request that named
+    no output limit, the limit it was granted (None: the request runs as asked)."""
+
+    reservation: Reservation | None
+    max_new_tokens: int | None = None
+
+
+# A request that names no output limit is granted what the window can give, but at least this many
+# tokens (or what one whole window allows, if that is less); below it, it waits for the next window.
+MIN_OPEN_ENDED_GRANT = EngineLimits.default_new_tokens
+# Tries at granting an open-ended request what the window has left, when others take it meanwhile.
+GRANT_TRIES = 3
+
+
 @dataclass
 class GenerationService:
     engine: Engine
@@ -193,7 +210,8 @@ class GenerationService:
     model_name: str
     metrics: Metrics
     rate_limiter: RateLimiter = field(default_factory=NoRateLimit)
-    # Counts a prompt's tokens before the filter runs (None: only the character bound is checked).
+    # Counts a prompt's tokens as the engine will (None: only the character bound is checked, and no
+    # prompt tokens are charged to TPM).
     tokenizer: PreTrainedTokenizerBase | None = None
     context_length: int | None = None
     threads: RequestThreads = field(default_factory=RequestThreads, repr=False)
@@ -263,7 +281,7 @@ class GenerationService:
     ) -> None:
         """In a worker thread: the prompt's token count, then the filter over each of ``filtered``."""
         if count_now and self.tokenizer is not None:
-            tokens = len(self.tokenizer(prompt, add_special_tokens=True).input_ids)
+            tokens = self._count_tokens(prompt)
             limit = self.prompt_token_limit
             if tokens > limit:
                 raise PromptTooLongError(
@@ -390,20 +408,86 @@ class GenerationService:
         """Count a request against the caller's rate limit (429 when over it)."""
         await self.rate_limiter.acquire(principal)
 
-    def token_budget(self, params: SamplingParams) -> int:
-        """The most tokens a request with ``params`` can generate (its reservation)."""
-        return params.token_budget(0, EngineLimits.default_new_tokens, self.settings.max_new_tokens_limit)
+    def token_budget(self, params: SamplingParams, prompt_tokens: int = 0) -> int:
+        """The most tokens a request with ``params`` can generate (its output reservation)."""
+        return params.token_budget(prompt_tokens, EngineLimits.default_new_tokens, self.settings.max_new_tokens_limit)
 
-    async def reserve(self, principal: str, tokens: int) -> Reservation | None:
+    async def count_prompt_tokens(self, prompts: Sequence[str]) -> int:
+        """The prompts' tokens, as usage reports them (each prompt once), counted in a worker thread;
+        0 when there is no token limit to charge them to."""
+        if self.tokenizer is None or not prompts or self.rate_limiter.tokens_per_minute == 0:
+            return 0
+        return await self.threads.run(lambda: sum(self._count_tokens(prompt) for prompt in prompts))
+
+    def _count_tokens(self, prompt: str) -> int:
+        """A prompt's tokens exactly as the engine counts them (``engine.sequence.tokenize_prompt``)."""
+        assert self.tokenizer is not None
+        return len(self.tokenizer(prompt, add_special_tokens=True).input_ids)
+
+    async def reserve(self, principal: str, tokens: int, *, prompt_tokens: int = 0) -> Reservation | None:
         """Reserve a request's whole token budget before it is submitted (429 when it does not fit)."""
-        return await self.rate_limiter.reserve(principal, tokens)
+        return await self.rate_limiter.reserve(principal, tokens, prompt_tokens=prompt_tokens)
 
-    async def submit_budgeted(
-        self, principal: str, params: Sequence[SamplingParams], submit: Callable[[], Sequence[Handle]]
-    ) -> list[Handle]:
-        """Reserve the budget of every request in ``params`` for ``principal``, then ``submit()`` them;
-        what they do not use is refunded once all have ended, however they end."""
-        reservation = await self.reserve(principal, sum(self.token_budget(p) for p in params))
+    async def grant(
+        self,
+        principal: str,
+        params: Sequence[SamplingParams],
+        prompt_tokens: int = 0,
+        *,
+        open_ended: bool = False,
+        flexible: bool = True,
+        requests: int = 0,
+        quiet: bool = False,
+    ) -> TokenGrant:
+        """Reserve ``prompt_tokens`` plus the output budget of every request in ``params`` for
+        ``principal`` (and count ``requests`` requests with it). 429 when it does not fit now; the
+        ``TokenBudgetTooLargeError`` kind when it never could.
+
+        ``open_ended``: the request named no output limit, so its default (up to
+        TEXTGEN_MAX_NEW_TOKENS_LIMIT for chat) is only an upper bound. It is granted at most what one
+        whole window allows after the prompt and, when ``flexible``, what the current window has left
+        (never less than ``MIN_OPEN_ENDED_GRANT``, or the whole window's share if that is smaller:
+        below it, 429 until the window ends). Background work passes ``flexible=False`` so that the grant
+        depends only on the request and the limit (a replayed idempotent job stores the same body).
+        ``quiet``: refusals are logged at DEBUG (the batch coordinator retries and logs pacing itself)."""
+        budgets = [self.token_budget(p, prompt_tokens) for p in params]
+        tpm = self.rate_limiter.tokens_per_minute
+        if not (open_ended and tpm and budgets):
+            tokens = prompt_tokens + sum(budgets)
+            reservation = await self.rate_limiter.reserve(
+                principal, tokens, requests=requests, prompt_tokens=prompt_tokens, quiet=quiet
+            )
+            return TokenGrant(reservation)
+        wanted, choices = max(budgets), len(budgets)
+        room = (tpm - prompt_tokens) // choices  # each choice's share of a whole, empty window
+        if room < 1:
+            raise budget_refusal(prompt_tokens + choices, tpm)
+        floor = min(wanted, MIN_OPEN_ENDED_GRANT, room)
+        for attempt in range(GRANT_TRIES):
+            cap = min(wanted, room)
+            if flexible:
+                left = await self.rate_limiter.available_tokens(principal)
+                if left is not None:
+                    cap = max(floor, min(cap, (left - prompt_tokens) // choices))
+            try:
+                reservation = await self.rate_limiter.reserve(
+                    principal,
+                    prompt_tokens + cap * choices,
+                    requests=requests,
+                    prompt_tokens=prompt_tokens,
+                    quiet=quiet,
+                )
+            except RateLimitedError:
+                if not flexible or cap == floor or attempt == GRANT_TRIES - 1:
+                    raise
+                continue  # others took part of the window meanwhile: grant what is left now
+            return TokenGrant(reservation, cap if cap < wanted else None)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def submit_granted(self, grant: TokenGrant, submit: Callable[[], Sequence[Handle]]) -> list[Handle]:
+        """``submit()`` the requests ``grant`` was reserved for; what they do not use is refunded once all
+        have ended, however they end (everything, when submitting fails)."""
+        reservation = grant.reservation
         try:
             handles = list(submit())
         except BaseException:
@@ -412,13 +496,26 @@ class GenerationService:
         self.refund_when_done(reservation, handles)
         return handles
 
+    async def submit_budgeted(
+        self,
+        principal: str,
+        params: Sequence[SamplingParams],
+        submit: Callable[[], Sequence[Handle]],
+        prompt_tokens: int = 0,
+    ) -> list[Handle]:
+        """Reserve ``prompt_tokens`` and the output budget of every request in ``params`` for
+        ``principal``, then ``submit()`` them (see ``submit_granted``)."""
+        return await self.submit_granted(await self.grant(principal, params, prompt_tokens), submit)
+
     async def submit_request_budgeted(
         self, principal: str, body: TextGenerationRequest, request_id: str, priority: Priority
     ) -> Handle:
-        params = sampling_params_from(body)
-        (handle,) = await self.submit_budgeted(
-            principal, [params], lambda: [self.submit_request(body, request_id, priority)]
-        )
+        prompt_tokens = await self.count_prompt_tokens([body.prompt])
+        open_ended = not body.model_fields_set & {"max_new_tokens", "max_length"}  # the defaults apply
+        grant = await self.grant(principal, [sampling_params_from(body)], prompt_tokens, open_ended=open_ended)
+        if grant.max_new_tokens is not None:
+            body = body.model_copy(update={"max_new_tokens": grant.max_new_tokens})
+        (handle,) = await self.submit_granted(grant, lambda: [self.submit_request(body, request_id, priority)])
         return handle
 
     def refund_when_done(self, reservation: Reservation | None, handles: Sequence[Handle]) -> None:
@@ -429,31 +526,36 @@ class GenerationService:
         task.add_done_callback(self._refunds.discard)
 
     async def _refund_after(self, reservation: Reservation, handles: list[Handle]) -> None:
-        outcomes = await asyncio.gather(*(handle.result() for handle in handles), return_exceptions=True)
-        used = sum(tokens_used(handle, outcome) for handle, outcome in zip(handles, outcomes, strict=True))
+        await asyncio.gather(*(handle.result() for handle in handles), return_exceptions=True)
+        await self._refund(reservation, handles)
+
+    async def _refund(self, reservation: Reservation, handles: Sequence[Handle]) -> None:
+        """Give back what ended ``handles`` did not use: all of it when none reached the engine; else the
+        output they did not generate (the prompts were processed, so their share stays spent)."""
+        used = 0
+        if handles:
+            used = reservation.prompt_tokens
+            for handle in handles:
+                outcome: GenerationResult | BaseException
+                try:
+                    outcome = await handle.result()
+                except Exception as error:  # any ending without a result (the handle is done: no wait)
+                    outcome = error
+                used += tokens_used(handle, outcome)
         try:
             await self.rate_limiter.refund(reservation, reservation.tokens - used)
         except Exception:  # the limiter's store is down: the reservation simply stands
             logger.warning("Could not refund %d unused token(s)", reservation.tokens - used, exc_info=True)
 
-    async def refund_unused(self, stored_reservation: str | None, handle: Handle | None) -> None:
+    async def refund_unused(self, stored_reservation: str | None, handles: Sequence[Handle] | Handle | None) -> None:
         """A background job ended: give its submitter back the tokens it did not use (all of them when
         it never reached the engine). ``stored_reservation`` is what the job record keeps."""
         reservation = Reservation.decode(stored_reservation)
         if reservation is None:
             return
-        used = 0
-        if handle is not None:
-            outcome: GenerationResult | BaseException
-            try:
-                outcome = await handle.result()
-            except Exception as error:  # any ending without a result (the handle is done: no wait)
-                outcome = error
-            used = tokens_used(handle, outcome)
-        try:
-            await self.rate_limiter.refund(reservation, reservation.tokens - used)
-        except Exception:  # the limiter's store is down: the reservation simply stands
-            logger.warning("Could not refund %d unused token(s)", reservation.tokens - used, exc_info=True)
+        if isinstance(handles, Handle):
+            handles = [handles]
+        await self._refund(reservation, list(handles or ()))
 
     async def finish(self, result: GenerationResult, request_id: str, principal: str | None = None) -> GenerationResult:
         """Record the result (metrics) and return it with its text filtered. Tokens are not charged

@@ -1,4 +1,4 @@
-"""Per-API-key rate limits: requests per minute and generated tokens per minute.
+"""Per-API-key rate limits: requests per minute and tokens (prompt + generated) per minute.
 
 Counts live in fixed one-minute windows (``window = int(now // 60)``) where the job store lives, so the
 limits hold across every process sharing it: a table of the job store's SQLite file, updated in
@@ -6,11 +6,13 @@ limits hold across every process sharing it: a table of the job store's SQLite f
 per key and window updated by a Lua script and expiring once its window is over
 (``RedisRateLimiter``). ``acquire`` counts a request or refuses it (``RateLimitedError`` with
 ``retry_after_s`` = seconds until the window ends; a refused request is not counted); ``reserve``
-takes a request's whole token budget up front, or refuses it before any work is done, and ``refund``
-gives back what the request did not use once it ended (in the window it was reserved in; a later
-window starts from zero anyway). ``charge_tokens`` adds tokens after the fact (kept for callers that
-cannot know a budget). A Redis outage is a ``StoreUnavailableError`` (503 + ``Retry-After``), as in the
-Redis job store.
+takes a request's whole token budget (its prompt tokens plus the most it may generate) up front, with
+the request itself counted in the same atomic step when asked, or refuses it before any work is done;
+``refund`` gives back what the request did not use once it ended (in the window it was reserved in; a
+later window starts from zero anyway). ``available_tokens`` says how much of the window is left (a
+request that names no output limit is granted what fits). ``charge_tokens`` adds tokens after the
+fact (kept for callers that cannot know a budget). A Redis outage is a ``StoreUnavailableError``
+(503 + ``Retry-After``), as in the Redis job store.
 
 Keys are API keys: they are stored and logged only as sha256 digests, never in clear.
 """
@@ -60,22 +62,25 @@ _UPSERT = (
 
 @dataclass(frozen=True)
 class Reservation:
-    """Tokens reserved for ``digest`` (a key's sha256) in one window."""
+    """Tokens reserved for ``digest`` (a key's sha256) in one window; ``prompt_tokens`` of them are the
+    prompts' share, spent once the request reaches the engine (only the unused output is refunded)."""
 
     digest: str
     window: int
     tokens: int
+    prompt_tokens: int = 0
 
     def encode(self) -> str:
         """The stored form (a job keeps its submitter's reservation until it ends)."""
-        return f"{self.window}:{self.tokens}:{self.digest}"
+        base = f"{self.window}:{self.tokens}:{self.digest}"
+        return f"{base}:{self.prompt_tokens}" if self.prompt_tokens else base
 
     @classmethod
     def decode(cls, text: str | None) -> Reservation | None:
         if not text:
             return None
-        window, tokens, digest = text.split(":", 2)
-        return cls(digest, int(window), int(tokens))
+        window, tokens, digest, *prompt = text.split(":")  # a digest is hex: no colon in it
+        return cls(digest, int(window), int(tokens), int(prompt[0]) if prompt else 0)
 
 
 @runtime_checkable
@@ -88,13 +93,24 @@ class RateLimiter(Protocol):
 
     async def acquire(self, key: str) -> None: ...
 
-    async def reserve(self, key: str, tokens: int) -> Reservation | None:
-        """Reserve ``tokens`` of ``key``'s token budget (RateLimitedError when they do not fit); None
-        when nothing needed reserving (no token limit, or 0 tokens)."""
+    async def reserve(
+        self, key: str, tokens: int, *, requests: int = 0, prompt_tokens: int = 0, quiet: bool = False
+    ) -> Reservation | None:
+        """Reserve ``tokens`` of ``key``'s token budget and count ``requests`` requests, both or
+        neither (RateLimitedError when either does not fit); None when no tokens needed reserving (no
+        token limit, or 0 tokens). ``prompt_tokens`` (part of ``tokens``) is recorded on the reservation.
+        ``quiet``: a refusal is logged at DEBUG (a caller that retries and logs its own waiting)."""
 
     async def refund(self, reservation: Reservation | None, unused: int) -> None: ...
 
     async def charge_tokens(self, key: str, tokens: int) -> None: ...
+
+    async def available_tokens(self, key: str) -> int | None:
+        """Tokens ``key`` may still reserve in the current window; None when there is no token limit."""
+
+    @property
+    def tokens_per_minute(self) -> int:
+        """The token limit (0 = none)."""
 
 
 def key_digest(key: str) -> str:
@@ -114,7 +130,9 @@ class NoRateLimit:
     async def acquire(self, key: str) -> None:
         return None
 
-    async def reserve(self, key: str, tokens: int) -> Reservation | None:
+    async def reserve(
+        self, key: str, tokens: int, *, requests: int = 0, prompt_tokens: int = 0, quiet: bool = False
+    ) -> Reservation | None:
         return None
 
     async def refund(self, reservation: Reservation | None, unused: int) -> None:
@@ -122,6 +140,13 @@ class NoRateLimit:
 
     async def charge_tokens(self, key: str, tokens: int) -> None:
         return None
+
+    async def available_tokens(self, key: str) -> int | None:
+        return None
+
+    @property
+    def tokens_per_minute(self) -> int:
+        return 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,18 +202,28 @@ def _retry_after_s(now: float, window: int) -> int:
     return max(1, math.ceil((window + 1) * WINDOW_S - now))
 
 
+class TokenBudgetTooLargeError(RateLimitedError):
+    """A request whose token budget is larger than a whole window's: waiting would never help."""
+
+
+def budget_refusal(tokens: int, tpm: int, retry_after_s: int = WINDOW_S) -> TokenBudgetTooLargeError:
+    """A request whose budget could never fit in one window, however long it waited."""
+    return TokenBudgetTooLargeError(
+        f"Rate limit exceeded: this request needs up to {tokens} tokens (its prompt plus the most it may generate), "
+        f"more than the {tpm} tokens per minute this API key may use (TEXTGEN_RATE_LIMIT_TPM), so it can never "
+        "run; ask for fewer tokens (max_new_tokens / max_tokens, or n) or send a shorter prompt.",
+        retry_after_s=retry_after_s,
+    )
+
+
 def _refusal(spent: str, rpm: int, tpm: int, tokens: int, retry_after_s: int) -> RateLimitedError:
     if spent == "budget":
-        return RateLimitedError(
-            f"Rate limit exceeded: this request may generate up to {tokens} tokens, more than the {tpm} generated "
-            "tokens per minute this API key may use (TEXTGEN_RATE_LIMIT_TPM); ask for fewer tokens "
-            "(max_new_tokens / max_tokens).",
-            retry_after_s=retry_after_s,
-        )
+        return budget_refusal(tokens, tpm, retry_after_s)
     if spent == "requests":
         what, setting = f"{rpm} requests per minute", "TEXTGEN_RATE_LIMIT_RPM"
     else:
-        what, setting = f"{tpm} generated tokens per minute (this request reserves {tokens})", "TEXTGEN_RATE_LIMIT_TPM"
+        what = f"{tpm} tokens per minute (prompt + generated; this request reserves {tokens})"
+        setting = "TEXTGEN_RATE_LIMIT_TPM"
     return RateLimitedError(
         f"Rate limit exceeded: this API key has used its {what} ({setting}). Retry after {retry_after_s} s.",
         retry_after_s=retry_after_s,
@@ -197,14 +232,14 @@ def _refusal(spent: str, rpm: int, tpm: int, tokens: int, retry_after_s: int) ->
 
 class WindowedRateLimiter:
     """Fixed one-minute windows per key digest; the backends only count (``_count``: check and count
-    atomically, returning the overrun budget if any; ``_add_tokens``; ``_refund``)."""
+    atomically, returning the overrun budget if any; ``_add_tokens``; ``_refund``; ``_tokens_used``)."""
 
     def __init__(self, *, requests_per_minute: int, tokens_per_minute: int, clock: Callable[[], float]) -> None:
         if requests_per_minute < 0 or tokens_per_minute < 0:
             raise ValueError("requests_per_minute and tokens_per_minute must be >= 0 (0 = unlimited)")
         self._rpm = requests_per_minute
         self._tpm = tokens_per_minute
-        self._clock = clock
+        self.clock = clock  # tests move it to the next window instead of waiting for it
 
     async def _count(self, digest: str, window: int, requests: int, tokens: int) -> str | None:
         raise NotImplementedError
@@ -215,15 +250,28 @@ class WindowedRateLimiter:
     async def _refund(self, digest: str, window: int, tokens: int) -> None:
         raise NotImplementedError
 
-    async def _take(self, key: str, requests: int, tokens: int) -> tuple[str, int]:
-        now = self._clock()
+    async def _tokens_used(self, digest: str, window: int) -> int:
+        raise NotImplementedError
+
+    @property
+    def tokens_per_minute(self) -> int:
+        return self._tpm
+
+    async def _take(self, key: str, requests: int, tokens: int, quiet: bool = False) -> tuple[str, int]:
+        now = self.clock()
         window = int(now // WINDOW_S)
         digest = key_digest(key)
         spent = await self._count(digest, window, requests, tokens)
         if spent is None:
             return digest, window
         retry_after_s = _retry_after_s(now, window)
-        logger.info("Rate limited key sha256:%s (%s per minute), retry in %d s", digest[:12], spent, retry_after_s)
+        logger.log(
+            logging.DEBUG if quiet else logging.INFO,
+            "Rate limited key sha256:%s (%s per minute), retry in %d s",
+            digest[:12],
+            spent,
+            retry_after_s,
+        )
         raise _refusal(spent, self._rpm, self._tpm, tokens, retry_after_s)
 
     async def acquire(self, key: str) -> None:
@@ -231,22 +279,34 @@ class WindowedRateLimiter:
         if self._rpm > 0:
             await self._take(key, 1, 0)
 
-    async def reserve(self, key: str, tokens: int) -> Reservation | None:
-        """Reserve ``tokens`` in the current window; RateLimitedError (nothing reserved) if they do not
-        fit. None when there is no token limit or nothing to reserve."""
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0, got {tokens}")
-        if tokens == 0 or self._tpm == 0:
+    async def reserve(
+        self, key: str, tokens: int, *, requests: int = 0, prompt_tokens: int = 0, quiet: bool = False
+    ) -> Reservation | None:
+        """Reserve ``tokens`` in the current window and count ``requests`` requests in one atomic step;
+        RateLimitedError (nothing reserved or counted) if either does not fit. None when there is no
+        token limit or nothing to reserve (the requests are still counted)."""
+        if tokens < 0 or requests < 0 or not 0 <= prompt_tokens <= tokens:
+            raise ValueError(f"bad reservation: tokens={tokens} prompt_tokens={prompt_tokens} requests={requests}")
+        counted_requests = requests if self._rpm > 0 else 0
+        reserved = tokens if self._tpm > 0 else 0
+        if not counted_requests and not reserved:
             return None
-        digest, window = await self._take(key, 0, tokens)
-        return Reservation(digest, window, tokens)
+        digest, window = await self._take(key, counted_requests, reserved, quiet)
+        return Reservation(digest, window, tokens, prompt_tokens) if reserved else None
+
+    async def available_tokens(self, key: str) -> int | None:
+        """Tokens ``key`` may still reserve in the current window (a snapshot: ``reserve`` decides)."""
+        if self._tpm == 0:
+            return None
+        used = await self._tokens_used(key_digest(key), int(self.clock() // WINDOW_S))
+        return max(0, self._tpm - used)
 
     async def refund(self, reservation: Reservation | None, unused: int) -> None:
         """Give back ``unused`` reserved tokens while the reservation's window lasts (after that the
         window is over and its count no longer matters)."""
         if reservation is None or unused <= 0:
             return
-        if int(self._clock() // WINDOW_S) != reservation.window:
+        if int(self.clock() // WINDOW_S) != reservation.window:
             return
         await self._refund(reservation.digest, reservation.window, min(unused, reservation.tokens))
 
@@ -256,7 +316,7 @@ class WindowedRateLimiter:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
         if tokens == 0 or self._tpm == 0:
             return
-        await self._add_tokens(key_digest(key), int(self._clock() // WINDOW_S), tokens)
+        await self._add_tokens(key_digest(key), int(self.clock() // WINDOW_S), tokens)
 
 
 class SQLiteRateLimiter(WindowedRateLimiter):
@@ -299,6 +359,9 @@ class SQLiteRateLimiter(WindowedRateLimiter):
 
     async def _refund(self, digest: str, window: int, tokens: int) -> None:
         await self._run(_refund, digest, window, tokens)
+
+    async def _tokens_used(self, digest: str, window: int) -> int:
+        return (await self._run(_counts, digest, window))[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,3 +466,9 @@ class RedisRateLimiter(WindowedRateLimiter):
     async def _refund(self, digest: str, window: int, tokens: int) -> None:
         async with redis_outage_guard(self._url, "rate limiter", client=self._redis):
             await self._refund_script(keys=[self._window_key(digest, window)], args=[tokens])
+
+    async def _tokens_used(self, digest: str, window: int) -> int:
+        redis_key = self._window_key(digest, window)
+        async with redis_outage_guard(self._url, "rate limiter"):
+            used = await self._redis.hget(redis_key, "tokens")
+        return int(used or 0)

@@ -20,6 +20,7 @@ from textgen.access import (
 )
 from textgen.backends import build_backends
 from textgen.batches import Batches, open_batches
+from textgen.batches.coordinator import LinePlanner
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine import Engine, create_engine
@@ -124,10 +125,15 @@ def webhook_sender(settings: Settings, store: JobStore, owner: str) -> WebhookSe
     )
 
 
+# Builds the batch coordinator's line planner once the service exists (textgen.api.batches.batch_line_planner).
+LinePlannerFactory = Callable[[GenerationService, Any], LinePlanner]
+
+
 async def build_state(
     settings: Settings,
     model_loader: ModelLoader = load_model,
     executors: Mapping[str, ExecutorFactory] | None = None,
+    line_planner: LinePlannerFactory | None = None,
 ) -> AppState:
     """Open the job store first (cheap, fails fast), then load the model and start the engine."""
     content_filter = ContentFilter.from_sources(settings.blocked_words, settings.blocked_words_file)
@@ -182,7 +188,9 @@ async def build_state(
         executors={kind: factory(service, model) for kind, factory in (executors or {}).items()},
     )
     await runner.start()
-    batches = await open_batches(settings, store, runner)
+    batches = await open_batches(
+        settings, store, runner, service, None if line_planner is None else line_planner(service, model)
+    )
     logger.info(
         "Service ready: model=%s engine=%s job_store=%s worker=%s",
         model.name,

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.test_tenants import prompt_tokens
 from textgen.api.security import AccessPolicy, bind_host_from_argv, is_loopback, warn_if_exposed_without_keys
 
 BODY = {"prompt": "The future of AI is", "max_new_tokens": 2}
@@ -61,10 +62,10 @@ async def test_rate_limit_per_key_with_retry_after(
         assert other.status_code == 200
 
 
-async def test_token_rate_limit_counts_generated_tokens(
+async def test_token_rate_limit_counts_prompt_and_generated_tokens(
     make_settings: Callable[..., Any], app_client: Callable[..., Any]
 ) -> None:
-    settings = make_settings(rate_limit_tpm=5)
+    settings = make_settings(rate_limit_tpm=prompt_tokens(BODY["prompt"]) + 5)
     async with app_client(settings) as (client, _app):
         first = await client.post("/generate", json={**BODY, "max_new_tokens": 5, "ignore_eos": True})
         assert first.status_code == 200 and first.json()["completion_tokens"] == 5

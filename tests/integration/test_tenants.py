@@ -20,6 +20,7 @@ import pytest
 from tests.integration.test_jobs import TERMINAL, assert_error
 from tests.integration.test_streaming import sse_events, streaming_client
 from tests.redis_server import RedisServer
+from tests.tiny_model import build_tokenizer
 
 MakeSettings = Callable[..., Any]
 AppClient = Callable[..., Any]
@@ -28,6 +29,16 @@ ALICE = {"Authorization": "Bearer alice-key"}
 BOB = {"Authorization": "Bearer bob-key"}
 ADMIN = {"Authorization": "Bearer admin-key"}
 JOB = {"prompt": "The future of AI is", "max_new_tokens": 2}
+_TOKENIZER = build_tokenizer()  # the tiny model's tokenizer
+
+
+def prompt_tokens(text: str) -> int:
+    """What TEXTGEN_RATE_LIMIT_TPM charges for a prompt (the tiny model's tokens, as the engine counts)."""
+    return len(_TOKENIZER(text, add_special_tokens=True).input_ids)
+
+
+FUTURE = prompt_tokens("The future of AI is")
+HI = prompt_tokens("Hi")
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -108,9 +119,7 @@ async def test_another_tenants_job_is_invisible(
         other_body = {**JOB, "prompt": "Something else entirely"}
         other = await client.post("/generate_background", json=other_body, headers={**BOB, "Idempotency-Key": "k-2"})
         assert other.status_code == 202
-        alice_k2 = await client.post(
-            "/generate_background", json=JOB, headers={**ALICE, "Idempotency-Key": "k-2"}
-        )
+        alice_k2 = await client.post("/generate_background", json=JOB, headers={**ALICE, "Idempotency-Key": "k-2"})
         assert alice_k2.status_code == 202 and alice_k2.json()["job_id"] != other.json()["job_id"]
         replay = await client.post("/generate_background", json=JOB, headers={**ALICE, "Idempotency-Key": "k-1"})
         assert replay.json()["job_id"] == alice_job
@@ -145,12 +154,13 @@ async def test_without_keys_everyone_is_the_anonymous_owner(make_settings: MakeS
 
 async def test_tpm_cannot_be_exceeded_by_concurrency(make_settings: MakeSettings, app_client: AppClient) -> None:
     body = {"prompt": "The future of AI is", "max_new_tokens": 5, "ignore_eos": True}
-    async with app_client(make_settings(rate_limit_tpm=10)) as (client, _app):
+    tpm = 2 * (FUTURE + 5) + 3  # room for two requests (prompt + output), not three
+    async with app_client(make_settings(rate_limit_tpm=tpm)) as (client, _app):
         responses = await asyncio.gather(*(client.post("/generate", json=body) for _ in range(8)))
     ok = [r for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code == 429]
     assert len(ok) + len(refused) == 8
-    assert sum(r.json()["completion_tokens"] for r in ok) <= 10
+    assert sum(r.json()["prompt_tokens"] + r.json()["completion_tokens"] for r in ok) <= tpm
     assert len(ok) == 2  # exactly the two budgets that fit
     for response in refused:
         assert 1 <= int(response.headers["Retry-After"]) <= 60
@@ -160,25 +170,28 @@ async def test_tpm_cannot_be_exceeded_by_concurrency(make_settings: MakeSettings
 async def test_a_budget_larger_than_the_limit_is_refused_before_any_work(
     make_settings: MakeSettings, app_client: AppClient
 ) -> None:
-    async with app_client(make_settings(rate_limit_tpm=10)) as (client, _app):
+    async with app_client(make_settings(rate_limit_tpm=HI + 10)) as (client, _app):
         response = await client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 500})
         assert response.status_code == 429 and int(response.headers["Retry-After"]) >= 1
-        assert "up to 500 tokens" in response.json()["detail"]
+        assert f"up to {HI + 500} tokens" in response.json()["detail"]
+        assert "can never run" in response.json()["detail"]
         ok = await client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 10})
         assert ok.status_code == 200  # the refused request reserved nothing
 
 
 async def test_unused_budget_is_refunded(make_settings: MakeSettings, app_client: AppClient) -> None:
-    # max_length=10 counts the prompt too: 10 tokens are reserved, fewer generated, and the rest comes
-    # back. Without the refund, 12 - 10 = 2 tokens would be left; with it, 12 - (what was generated).
-    async with app_client(make_settings(rate_limit_tpm=12)) as (client, _app):
-        first = await client.post("/generate", json={"prompt": "The future of AI is", "max_length": 10})
-        assert first.status_code == 200
-        used = first.json()["completion_tokens"]
-        assert first.json()["prompt_tokens"] >= 1 and used < 10
+    # A choice constraint ends the output after a word: prompt + 10 tokens are reserved, fewer are used,
+    # and the rest comes back. Without the refund only 2 tokens would be left; with it, more.
+    tpm = FUTURE + 12
+    async with app_client(make_settings(rate_limit_tpm=tpm)) as (client, _app):
+        body = {"prompt": "The future of AI is", "max_new_tokens": 10, "choice": ["yes", "no"]}
+        first = await client.post("/generate", json=body)
+        assert first.status_code == 200, first.text
+        used = first.json()["prompt_tokens"] + first.json()["completion_tokens"]
+        assert first.json()["prompt_tokens"] == FUTURE and used < FUTURE + 10
         deadline = time.monotonic() + 10
         while True:  # the refund lands once the request's handle is done; poll for it (429s do no work)
-            second = await client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 12 - used})
+            second = await client.post("/generate", json={"prompt": "Hi", "max_new_tokens": tpm - used - HI})
             if second.status_code == 200 or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
@@ -189,7 +202,7 @@ async def test_tpm_cannot_be_exceeded_by_streams_that_hang_up(
     make_settings: MakeSettings, app_client: AppClient
 ) -> None:
     body = {"prompt": "The future of AI is", "max_new_tokens": 40, "ignore_eos": True, "stream": True}
-    async with app_client(make_settings(rate_limit_tpm=40)) as (_client, app), streaming_client(app) as client:
+    async with app_client(make_settings(rate_limit_tpm=FUTURE + 40)) as (_client, app), streaming_client(app) as client:
         async with client.stream("POST", "/generate", json=body) as stream:
             assert stream.status_code == 200
             async for name, _data in sse_events(stream):
@@ -204,7 +217,7 @@ async def test_tpm_cannot_be_exceeded_by_streams_that_hang_up(
 async def test_background_jobs_are_charged_to_their_submitter(
     make_settings: MakeSettings, app_client: AppClient
 ) -> None:
-    settings = make_settings(api_keys=["alice-key", "bob-key"], rate_limit_tpm=10)
+    settings = make_settings(api_keys=["alice-key", "bob-key"], rate_limit_tpm=FUTURE + 10)
     async with app_client(settings) as (client, _app):
         job = {"prompt": "The future of AI is", "max_new_tokens": 10, "ignore_eos": True}
         accepted = await client.post("/generate_background", json=job, headers=ALICE)
@@ -218,7 +231,7 @@ async def test_background_jobs_are_charged_to_their_submitter(
 
 
 async def test_a_cancelled_queued_job_gives_its_budget_back(make_settings: MakeSettings, app_client: AppClient) -> None:
-    settings = make_settings(rate_limit_tpm=10, job_poll_interval_s=60.0)
+    settings = make_settings(rate_limit_tpm=HI + 10, job_poll_interval_s=60.0)
     async with app_client(settings) as (client, app):
         app.state.textgen.runner._paused_until = time.monotonic() + 3600  # keep it queued
         job = {"prompt": "Hi", "max_new_tokens": 10}

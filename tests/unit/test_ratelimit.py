@@ -33,6 +33,7 @@ from textgen.ratelimit import (
     RedisRateLimiter,
     Reservation,
     SQLiteRateLimiter,
+    TokenBudgetTooLargeError,
     key_digest,
 )
 
@@ -274,6 +275,55 @@ async def test_reservation_round_trips_through_its_stored_form(make: LimiterFact
     assert Reservation.decode(None) is None
 
 
+async def test_a_reservation_keeps_its_prompt_share_and_old_records_still_decode(make: LimiterFactory) -> None:
+    limiter = await _opened(make(tpm=100))
+    reservation = await limiter.reserve(KEY, 30, prompt_tokens=12)
+    assert reservation is not None and reservation.prompt_tokens == 12
+    assert Reservation.decode(reservation.encode()) == reservation
+    legacy = f"{reservation.window}:30:{reservation.digest}"  # stored before prompts were charged
+    assert Reservation.decode(legacy) == Reservation(reservation.digest, reservation.window, 30, 0)
+    with pytest.raises(ValueError):
+        await limiter.reserve(KEY, 10, prompt_tokens=11)
+
+
+async def test_a_request_and_its_tokens_are_counted_together_or_not_at_all(
+    make: LimiterFactory, where: Where, clock: FakeClock
+) -> None:
+    limiter = await _opened(make(rpm=2, tpm=100))
+    assert await limiter.reserve(KEY, 60, requests=1) is not None
+    with pytest.raises(RateLimitedError):  # the tokens do not fit: the request is not counted either
+        await limiter.reserve(KEY, 41, requests=1)
+    assert where.requests_counted(KEY, clock.now) == 1
+    assert await limiter.reserve(KEY, 40, requests=1) is not None
+    with pytest.raises(RateLimitedError) as info:  # the request does not fit: no tokens are taken
+        await limiter.reserve(KEY, 0, requests=1)
+    assert "TEXTGEN_RATE_LIMIT_RPM" in info.value.message
+    assert where.requests_counted(KEY, clock.now) == 2 and await limiter.available_tokens(KEY) == 0
+
+
+async def test_available_tokens_is_what_the_window_has_left(make: LimiterFactory, clock: FakeClock) -> None:
+    assert await (await _opened(make(rpm=5))).available_tokens(KEY) is None  # no token limit
+    limiter = await _opened(make(tpm=100))
+    assert await limiter.available_tokens(KEY) == 100
+    reservation = await limiter.reserve(KEY, 70)
+    assert await limiter.available_tokens(KEY) == 30
+    await limiter.refund(reservation, 20)
+    assert await limiter.available_tokens(KEY) == 50 and await limiter.available_tokens("other") == 100
+    clock.now += WINDOW_S
+    assert await limiter.available_tokens(KEY) == 100
+
+
+async def test_a_budget_over_a_whole_window_is_its_own_kind_of_refusal(make: LimiterFactory) -> None:
+    limiter = await _opened(make(tpm=10))
+    with pytest.raises(TokenBudgetTooLargeError) as info:
+        await limiter.reserve(KEY, 11)
+    assert "can never run" in info.value.message and info.value.status_code == 429
+    await limiter.reserve(KEY, 10)
+    with pytest.raises(RateLimitedError) as spent:
+        await limiter.reserve(KEY, 1)
+    assert not isinstance(spent.value, TokenBudgetTooLargeError)  # this one only has to wait
+
+
 _ACQUIRER = textwrap.dedent(
     """
     import asyncio, sys
@@ -501,3 +551,15 @@ def test_factory_rejects_unusable_urls(url: str) -> None:
     with pytest.raises(ConfigError) as info:
         rate_limiter_from_settings(Settings(rate_limit_rpm=10, job_store=url))
     assert "TEXTGEN_JOB_STORE" in str(info.value) and "secret" not in str(info.value)
+
+
+async def test_a_quiet_refusal_is_logged_only_at_debug(make: LimiterFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """The batch coordinator retries a paced line at every poll: its refusals must not flood INFO."""
+    limiter = await _opened(make(tpm=10))
+    await limiter.reserve(KEY, 10)
+    with caplog.at_level(logging.DEBUG, logger="textgen.ratelimit"):
+        for quiet in (True, False):
+            with pytest.raises(RateLimitedError):
+                await limiter.reserve(KEY, 1, quiet=quiet)
+    levels = [record.levelno for record in caplog.records if "Rate limited" in record.getMessage()]
+    assert levels == [logging.DEBUG, logging.INFO]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -21,7 +23,7 @@ from textgen.engine.types import (
 from textgen.errors import DeadlineExceededError, EngineError, QueueFullError, RateLimitedError
 from textgen.generation import GenerationService, StreamSlots
 from textgen.metrics import Metrics
-from textgen.ratelimit import SQLiteRateLimiter
+from textgen.ratelimit import SQLiteRateLimiter, TokenBudgetTooLargeError
 
 KEY = "key:0123456789abcdef"
 
@@ -143,3 +145,92 @@ def test_stream_slots_are_per_caller_and_freed_on_error() -> None:
         with slots.take("b"):
             pass
     assert slots.open_count("a") == 0 and slots.open_count("b") == 0
+
+
+# ----- prompt tokens and requests that name no output limit ------------------------------------------------
+
+
+async def test_prompt_tokens_are_reserved_and_stay_spent(service: Service) -> None:
+    svc, engine = service
+    params = SamplingParams(max_new_tokens=20)
+    await svc.submit_budgeted(KEY, [params], lambda: [engine.submit(GenerationRequest("p", params, "r"))], 30)
+    assert not await fits(svc, 51)  # 30 prompt + 20 output held while it runs
+    engine.handles[0].finish(result(5))
+    await settle(svc)
+    assert await fits(svc, 65) and not await fits(svc, 66)  # 30 + 5 spent, 15 of the output back
+
+
+async def test_a_job_that_never_ran_gets_its_prompt_share_back_too(service: Service) -> None:
+    svc, _engine = service
+    grant = await svc.grant(KEY, [SamplingParams(max_new_tokens=20)], 30)
+    assert grant.reservation is not None and not await fits(svc, 51)
+    await svc.refund_unused(grant.reservation.encode(), None)
+    assert await fits(svc, 100)
+
+
+class CharTokenizer:
+    """One token per character; records what it was asked to count."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> SimpleNamespace:
+        self.calls.append(text)
+        return SimpleNamespace(input_ids=list(text))
+
+
+def test_the_prompt_counter_runs_only_under_a_token_limit() -> None:
+    tokenizer = CharTokenizer()
+    engine: Any = HandleOnlyEngine()
+    svc = GenerationService(engine, ContentFilter([]), load_settings(), "fake", Metrics(), tokenizer=tokenizer)  # type: ignore[arg-type]
+    assert asyncio.run(svc.count_prompt_tokens(["abc", "de"])) == 0 and tokenizer.calls == []  # no limit: no work
+
+
+async def test_the_prompt_counter_sums_each_prompt_once(service: Service) -> None:
+    svc, _engine = service
+    svc.tokenizer = CharTokenizer()  # type: ignore[assignment]
+    assert await svc.count_prompt_tokens(["abc", "de"]) == 5
+
+
+async def test_an_open_ended_request_is_granted_what_the_window_has_left(service: Service) -> None:
+    svc, _engine = service
+    await svc.reserve(KEY, 30)  # 70 left
+    grant = await svc.grant(KEY, [SamplingParams(max_new_tokens=100)], 10, open_ended=True)
+    assert grant.max_new_tokens == 60 and grant.reservation is not None and grant.reservation.tokens == 70
+    assert not await fits(svc, 1)
+
+
+async def test_an_open_ended_request_in_an_empty_window_gets_the_whole_window(service: Service) -> None:
+    svc, _engine = service
+    grant = await svc.grant(KEY, [SamplingParams(max_new_tokens=100)] * 3, 10, open_ended=True)
+    assert grant.max_new_tokens == 30  # three choices share the 90 tokens after the prompt
+    full = await svc.grant("roomy", [SamplingParams(max_new_tokens=20)], 10, open_ended=True)
+    assert full.max_new_tokens is None  # its default fits: it runs as asked
+
+
+async def test_an_open_ended_request_waits_rather_than_run_on_crumbs(service: Service) -> None:
+    svc, _engine = service
+    await svc.reserve(KEY, 50)  # 50 left: 40 after the prompt, below the 50-token minimum grant
+    with pytest.raises(RateLimitedError) as info:
+        await svc.grant(KEY, [SamplingParams(max_new_tokens=100)], 10, open_ended=True)
+    assert not isinstance(info.value, TokenBudgetTooLargeError) and info.value.retry_after_s is not None
+    assert await fits(svc, 50)  # nothing was taken
+
+
+async def test_background_grants_do_not_depend_on_the_window(service: Service) -> None:
+    svc, _engine = service
+    alone = await svc.grant("fresh", [SamplingParams(max_new_tokens=100)], 10, open_ended=True, flexible=False)
+    assert alone.max_new_tokens == 90
+    await svc.reserve(KEY, 30)
+    with pytest.raises(RateLimitedError):  # the same grant (90 + 10) must wait for the next window
+        await svc.grant(KEY, [SamplingParams(max_new_tokens=100)], 10, open_ended=True, flexible=False)
+
+
+async def test_a_prompt_that_fills_the_window_can_never_run(service: Service) -> None:
+    svc, _engine = service
+    with pytest.raises(TokenBudgetTooLargeError) as info:
+        await svc.grant(KEY, [SamplingParams(max_new_tokens=10)], 100, open_ended=True)
+    assert "shorter prompt" in info.value.message
+    with pytest.raises(TokenBudgetTooLargeError):
+        await svc.grant(KEY, [SamplingParams(max_new_tokens=10)], 95)  # explicit: 105 > 100
+    assert await fits(svc, 100)

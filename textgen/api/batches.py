@@ -26,14 +26,18 @@ from textgen.api.files import BatchCaller, BatchCallerDep, BatchesDep, keep_unti
 from textgen.api.openai import (
     ERROR_DOCS,
     OpenAIRoute,
+    chat_max_tokens,
     chat_response,
+    choice_params,
     completion_response,
     error_body,
+    names_no_output_limit,
+    prompts_of,
     response_format_constraint,
     submit_chat,
     submit_completion,
 )
-from textgen.batches.coordinator import BATCH_LINE_KIND
+from textgen.batches.coordinator import BATCH_LINE_KIND, LinePlan, LinePlanner
 from textgen.batches.store import CANCELLABLE_STATUSES, Batch, BatchNotFoundError
 from textgen.batches.view import batch_object, shown_status
 from textgen.engine.types import GenerationResult, Handle, Priority
@@ -115,6 +119,7 @@ async def create_batch(
         metadata=body.metadata,
         request_id=request_id,
         callback_url=callback_url,
+        rate_key=_caller,  # every line is charged to the creator's limits, after restarts too
     )
     # The input file must outlive the batch's window (and a little more, for the last lines to be read).
     await keep_until(batches, input_file, batch.expires_at + INPUT_KEPT_AFTER_WINDOW_S)
@@ -171,20 +176,27 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
 
     async def execute(job: Job, request_id: str, track: Callable[[Handle], None]) -> JobOutcome:
         url, body = job.request["url"], job.request["body"]
+        if job.request.get("refused"):  # it could never fit its owner's token limit (see the coordinator)
+            return _failed(429, str(job.request["refused"]), request_id)
+        granted = job.request.get("max_new_tokens")  # named no output limit: what its reservation covers
+        if isinstance(body, dict) and isinstance(granted, int):
+            body = {**body, "max_tokens": granted, "max_completion_tokens": None}
         try:
             response: Any
             if url == "/v1/chat/completions":
                 chat = ChatCompletionRequest.model_validate(body)
                 await service.prepare_constraint(response_format_constraint(chat.response_format))
                 handles = await submit_chat(service, model.tokenizer, chat, request_id, Priority.BACKGROUND)
-                track(handles[-1])
+                for handle in handles:
+                    track(handle)
                 results = [await service.finish(result, request_id) for result in await _results(handles)]
                 response = chat_response(service, chat, results)
             else:
                 completion = CompletionRequest.model_validate(body)
                 await service.prepare_constraint(response_format_constraint(completion.response_format))
                 handles = await submit_completion(service, completion, request_id, Priority.BACKGROUND)
-                track(handles[-1])
+                for handle in handles:
+                    track(handle)
                 results = [await service.finish(result, request_id) for result in await _results(handles)]
                 response = completion_response(service, completion, results)
         except (NotReadyError, GenerationCancelledError, StoreUnavailableError):
@@ -197,6 +209,29 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
         return JobState.SUCCEEDED, {"result": line}
 
     return execute
+
+
+def batch_line_planner(service: GenerationService, model: LoadedModel) -> LinePlanner:
+    """The coordinator's planner: a line's prompts as the engine will see them (the chat template
+    applied), their tokens counted in a worker thread, and one ``SamplingParams`` per choice, exactly as
+    the executor above will submit them."""
+
+    async def plan(url: str, body: dict[str, Any]) -> LinePlan:
+        request: CompletionRequest | ChatCompletionRequest
+        if url == "/v1/chat/completions":
+            request = ChatCompletionRequest.model_validate(body)
+            max_tokens: int | None = chat_max_tokens(service, request)
+        else:
+            request = CompletionRequest.model_validate(body)
+            max_tokens = request.max_tokens
+        prompts = await asyncio.to_thread(prompts_of, model.tokenizer, request)
+        return LinePlan(
+            prompt_tokens=await service.count_prompt_tokens(prompts),
+            params=choice_params(prompts, request, max_tokens),
+            open_ended=names_no_output_limit(request),
+        )
+
+    return plan
 
 
 # Job kinds the runner runs besides plain /generate_background jobs (passed to build_state by main.py).

@@ -43,18 +43,26 @@ def get_owner_id(request: Request) -> str:
     return caller_of(request.scope).owner_id
 
 
-async def admit_caller(request: Request, service: Annotated[GenerationService, Depends(get_service)]) -> str:
-    """The caller's rate-limit key (``Caller.rate_key``), counted against its request limit."""
-    principal = caller_of(request.scope).rate_key
-    await service.admit(principal)
-    return principal
+async def count_request(request: Request) -> None:
+    """Count the request against its caller's request limit (TEXTGEN_RATE_LIMIT_RPM; 429 when over it).
+
+    ``main.create_app`` puts this on every API router, so every API route counts exactly once, reads and
+    listings included; only the probes and the static pages are left out (``UNMETERED_ROUTERS`` there)."""
+    state: AppState | None = getattr(request.app.state, "textgen", None)
+    if state is None:  # not started: the route answers 503 itself
+        return
+    await state.service.admit(caller_of(request.scope).rate_key)
 
 
-async def admit_reader(request: Request, state: Annotated[AppState, Depends(get_state)]) -> Caller:
-    """The caller of a read (job status, listing, stream), counted against its request limit too."""
-    caller = caller_of(request.scope)
-    await state.service.admit(caller.rate_key)
-    return caller
+async def admit_caller(request: Request, _service: Annotated[GenerationService, Depends(get_service)]) -> str:
+    """The caller's rate-limit key (``Caller.rate_key``): what its tokens are charged to. The request
+    itself was counted by ``count_request``."""
+    return caller_of(request.scope).rate_key
+
+
+async def admit_reader(request: Request) -> Caller:
+    """The caller of a read (job status, listing, stream); counted by ``count_request`` like any request."""
+    return caller_of(request.scope)
 
 
 def get_store(state: Annotated[AppState, Depends(get_state)]) -> JobStore:
@@ -70,7 +78,7 @@ ServiceDep = Annotated[GenerationService, Depends(get_service)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 RequestIdDep = Annotated[str, Depends(request_id_of)]
-CallerDep = Annotated[str, Depends(admit_caller)]
-CallerIdentityDep = Annotated[Caller, Depends(get_caller)]  # not counted against the rate limit
-OwnerDep = Annotated[str, Depends(get_owner_id)]  # not counted against the rate limit
-ReaderDep = Annotated[Caller, Depends(admit_reader)]  # counted as one request
+CallerDep = Annotated[str, Depends(admit_caller)]  # the rate key of a model-using route (needs a ready model)
+CallerIdentityDep = Annotated[Caller, Depends(get_caller)]
+OwnerDep = Annotated[str, Depends(get_owner_id)]
+ReaderDep = Annotated[Caller, Depends(admit_reader)]

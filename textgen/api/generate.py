@@ -133,8 +133,16 @@ async def generate_background(
         await check_webhook(body.callback_url, state.settings)
     # Without a webhook the stored request keeps its original shape (and Idempotency-Key fingerprints).
     stored = body.model_dump(mode="json", exclude={"stream"} if body.callback_url else {"stream", "callback_url"})
-    # The submitter's token budget is reserved now and refunded by whoever ends the job.
-    reservation = await state.service.reserve(caller, state.service.token_budget(sampling_params_from(body)))
+    # The submitter's token budget (prompt + output) is reserved now and refunded by whoever ends the job.
+    # Without an output limit the job is granted what one window allows (the same for a replayed body).
+    prompt_tokens = await state.service.count_prompt_tokens([body.prompt])
+    open_ended = not body.model_fields_set & {"max_new_tokens", "max_length"}  # the defaults apply
+    grant = await state.service.grant(
+        caller, [sampling_params_from(body)], prompt_tokens, open_ended=open_ended, flexible=False
+    )
+    if grant.max_new_tokens is not None:
+        stored["max_new_tokens"] = grant.max_new_tokens
+    reservation = grant.reservation
     encoded = reservation.encode() if reservation else None
     unused = reservation.tokens if reservation else 0
     try:

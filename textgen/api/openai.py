@@ -57,7 +57,7 @@ from textgen.engine.types import (
     to_client_error,
 )
 from textgen.errors import InvalidRequestError, TextGenError
-from textgen.generation import GenerationService, StreamedLogprobs
+from textgen.generation import GenerationService, StreamedLogprobs, TokenGrant
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,47 @@ def chat_logprobs(entries: Sequence[TokenLogprob]) -> ChatLogprobs:
     )
 
 
+def names_no_output_limit(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    """No ``max_tokens`` (nor ``max_completion_tokens``): the default is an upper bound, not a request."""
+    if isinstance(body, ChatCompletionRequest):
+        return body.max_completion_tokens is None and body.max_tokens is None
+    return body.max_tokens is None
+
+
+def chat_max_tokens(service: GenerationService, body: ChatCompletionRequest) -> int:
+    """A chat's output limit: what it asked for, else TEXTGEN_MAX_NEW_TOKENS_LIMIT (the model's context
+    caps it further)."""
+    return body.max_completion_tokens or body.max_tokens or service.settings.max_new_tokens_limit
+
+
+def prompts_of(tokenizer: PreTrainedTokenizerBase, body: CompletionRequest | ChatCompletionRequest) -> list[str]:
+    """The prompts the engine sees: the completion's prompts, or the chat rendered by its template."""
+    if isinstance(body, ChatCompletionRequest):
+        return [render_chat_prompt(tokenizer, body.messages)]
+    return [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+
+
+def choice_params(
+    prompts: Sequence[str], body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None
+) -> list[SamplingParams]:
+    """One entry per choice the request generates (prompts x n): what its token budget covers."""
+    return [_sampling(body, max_tokens, 0)] * (len(prompts) * body.n)
+
+
+async def _grant(
+    service: GenerationService,
+    caller: str,
+    prompts: Sequence[str],
+    body: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int | None,
+) -> tuple[TokenGrant, int | None]:
+    """Reserve the request's prompt and output tokens; (the grant, the max_tokens to generate with)."""
+    prompt_tokens = await service.count_prompt_tokens(prompts)
+    params = choice_params(prompts, body, max_tokens)
+    grant = await service.grant(caller, params, prompt_tokens, open_ended=names_no_output_limit(body))
+    return grant, grant.max_new_tokens or max_tokens
+
+
 def _submit_all(
     service: GenerationService,
     prompts: Sequence[str],
@@ -310,7 +351,7 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
 @router.get(
     "/models",
     response_model=ModelList,
-    responses={code: ERROR_DOCS[code] for code in (401, 413, 500)},
+    responses={code: ERROR_DOCS[code] for code in (401, 413, 429, 500)},
     summary="The served model",
 )
 async def list_models(state: StateDep) -> ModelList:
@@ -333,18 +374,17 @@ async def completions(
 ) -> CompletionResponse | Response:
     prompts = await _checked_prompts(service, body, request_id)
     await service.prepare(_sampling(body, body.max_tokens, 0))  # compile a constraint before queueing
-    budgets = [_sampling(body, body.max_tokens, 0)] * (len(prompts) * body.n)
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         with state.streams.take(caller) as slot:
-            handles = await service.submit_budgeted(
-                caller, budgets, lambda: _submit_all(service, prompts, body, body.max_tokens, request_id)
+            grant, max_tokens = await _grant(service, caller, prompts, body, body.max_tokens)
+            handles = await service.submit_granted(
+                grant, lambda: _submit_all(service, prompts, body, max_tokens, request_id)
             )
             chunks = _completion_chunks(service, handles, body, completion_id, created, request_id, caller)
             return sse_response(slot.attach(_openai_stream(chunks, request_id)), request_id)
-    handles = await service.submit_budgeted(
-        caller, budgets, lambda: _submit_all(service, prompts, body, body.max_tokens, request_id)
-    )
+    grant, max_tokens = await _grant(service, caller, prompts, body, body.max_tokens)
+    handles = await service.submit_granted(grant, lambda: _submit_all(service, prompts, body, max_tokens, request_id))
     results = await _finished(request, service, handles, request_id, caller)
     return completion_response(service, body, results, completion_id, created)
 
@@ -432,20 +472,18 @@ async def chat_completions(
     caller: CallerDep,
 ) -> ChatCompletionResponse | Response:
     prompt = await _checked_chat_prompt(service, state.model.tokenizer, body, request_id)
-    max_tokens = body.max_completion_tokens or body.max_tokens or state.settings.max_new_tokens_limit
-    await service.prepare(_sampling(body, max_tokens, 0))  # compile a constraint before queueing
-    budgets = [_sampling(body, max_tokens, 0)] * body.n
+    await service.prepare(_sampling(body, chat_max_tokens(service, body), 0))  # compile a constraint first
     chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         with state.streams.take(caller) as slot:
-            handles = await service.submit_budgeted(
-                caller, budgets, lambda: _submit_all(service, [prompt], body, max_tokens, request_id)
+            grant, max_tokens = await _grant(service, caller, [prompt], body, chat_max_tokens(service, body))
+            handles = await service.submit_granted(
+                grant, lambda: _submit_all(service, [prompt], body, max_tokens, request_id)
             )
             chunks = _chat_chunks(service, handles, body, chat_id, created, request_id, caller)
             return sse_response(slot.attach(_openai_stream(chunks, request_id)), request_id)
-    handles = await service.submit_budgeted(
-        caller, budgets, lambda: _submit_all(service, [prompt], body, max_tokens, request_id)
-    )
+    grant, max_tokens = await _grant(service, caller, [prompt], body, chat_max_tokens(service, body))
+    handles = await service.submit_granted(grant, lambda: _submit_all(service, [prompt], body, max_tokens, request_id))
     results = await _finished(request, service, handles, request_id, caller)
     return chat_response(service, body, results, chat_id, created)
 
@@ -455,8 +493,7 @@ async def _checked_chat_prompt(
 ) -> str:
     """The rendered chat prompt, checked (length, then each message through the content filter), with the
     request's log-probabilities bounded; rendering and checks run off the event loop."""
-    max_tokens = body.max_completion_tokens or body.max_tokens or service.settings.max_new_tokens_limit
-    service.check_logprobs_budget([_sampling(body, max_tokens, 0)] * body.n, "top_logprobs")
+    service.check_logprobs_budget([_sampling(body, chat_max_tokens(service, body), 0)] * body.n, "top_logprobs")
     return await service.check_chat(
         [message.content for message in body.messages],
         lambda: render_chat_prompt(tokenizer, body.messages),
@@ -473,8 +510,7 @@ async def submit_chat(
 ) -> list[Handle]:
     """What the chat route does before it waits: check, render the chat prompt, submit every choice (batch lines)."""
     prompt = await _checked_chat_prompt(service, tokenizer, body, request_id)
-    max_tokens = body.max_completion_tokens or body.max_tokens or service.settings.max_new_tokens_limit
-    return _submit_all(service, [prompt], body, max_tokens, request_id, priority)
+    return _submit_all(service, [prompt], body, chat_max_tokens(service, body), request_id, priority)
 
 
 def chat_response(

@@ -1,8 +1,7 @@
 """``GET /stats``: how busy the server is right now, as JSON (the playground's live panel reads it).
 
-The same numbers as the Prometheus gauges, without parsing Prometheus text in a browser. Reading it
-is not a generation request, so it does not count against the caller's rate limit.
-"""
+The same numbers as the Prometheus gauges, without parsing Prometheus text in a browser. Like every
+API route it counts against the caller's request limit (``main.create_app``)."""
 
 from __future__ import annotations
 

@@ -10,13 +10,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from textgen.batches.coordinator import BatchCoordinator
+from textgen.batches.coordinator import BatchCoordinator, LinePlanner
 from textgen.batches.files import FileStorage
 from textgen.batches.redis_store import RedisBatchStore
 from textgen.batches.sqlite_store import SQLiteBatchStore
 from textgen.batches.store import BatchStore
 from textgen.batches.webhook import BatchWebhooks
 from textgen.config import Settings
+from textgen.generation import GenerationService
 from textgen.jobs.runner import JobRunner
 from textgen.jobs.store import JobStore
 from textgen.storage.url import is_redis_url, sqlite_path_from_url
@@ -67,8 +68,15 @@ def batch_webhooks(settings: Settings) -> BatchWebhooks | None:
     )
 
 
-async def open_batches(settings: Settings, jobs: JobStore, runner: JobRunner) -> Batches:
-    """Open the batch store beside the job store and start this process's coordinator."""
+async def open_batches(
+    settings: Settings,
+    jobs: JobStore,
+    runner: JobRunner,
+    service: GenerationService | None = None,
+    planner: LinePlanner | None = None,
+) -> Batches:
+    """Open the batch store beside the job store and start this process's coordinator (which charges
+    every line to its owner's rate limits through ``service``, planned by ``planner``)."""
     store = batch_store_from_url(settings.job_store)
     await store.open()
     files = FileStorage(files_dir_for(settings.job_store, settings.files_dir))
@@ -81,6 +89,8 @@ async def open_batches(settings: Settings, jobs: JobStore, runner: JobRunner) ->
         worker=runner.owner,
         notify_runner=runner.notify,
         webhooks=batch_webhooks(settings),
+        service=service,
+        planner=planner,
     )
     await coordinator.start()
     logger.info("Batches: files kept in %s", files.root)

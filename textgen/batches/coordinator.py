@@ -7,7 +7,14 @@
 ``in_progress``  submit lines as jobs (idempotency key ``batch:<id>:<line>``, so a line resubmitted after
                  a crash is the same job), a chunk per step from a stored byte cursor; the job runner
                  runs them at background priority like any job; each step records the outcome of the
-                 lines whose jobs ended.
+                 lines whose jobs ended. Each line is one request of the batch's owner and reserves its
+                 prompt and output tokens from the owner's budget (``Batch.rate_key``) before its job
+                 is created, as ``/generate_background`` does; the reservation rides on the job and
+                 the runner refunds what the line did not use. A line that does not fit the current
+                 window stays unsubmitted (the cursor stops before it) and the batch is looked at again
+                 at the next poll: the batch is paced by the limits, never refused, no runner slot waits
+                 for budget, and nothing busy-loops. A line that could never fit one window fails on
+                 its own with a 429 body saying why.
 ``finalizing``   write the output and error files from the lines' jobs, in line order.
 ``cancelling`` / expiry: queued lines are cancelled at once, running ones finish, unsubmitted ones never
                  run; the files are written with what finished, then ``cancelled`` / ``expired``.
@@ -26,7 +33,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -36,14 +44,18 @@ from textgen.batches.files import FileStorage, OutputWriter, RawLine
 from textgen.batches.store import Batch, BatchStatus, BatchStore, FileObject, Line, LineOutcome
 from textgen.batches.webhook import BatchWebhooks
 from textgen.config import Settings
+from textgen.engine.types import SamplingParams
 from textgen.errors import (
     InsufficientStorageError,
     JobNotCancellableError,
     JobNotFoundError,
+    RateLimitedError,
     StoreUnavailableError,
 )
+from textgen.generation import GenerationService
 from textgen.jobs.store import Job, JobState, JobStore
 from textgen.json_limits import MAX_JSON_DEPTH, json_too_deep
+from textgen.ratelimit import Reservation, TokenBudgetTooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +78,35 @@ JOB_TO_OUTCOME = {
 }
 
 
+@dataclass(frozen=True)
+class LinePlan:
+    """What one line will spend: its prompts' tokens and one ``SamplingParams`` per choice it generates;
+    ``open_ended`` when it names no output limit (it is then granted what one window allows)."""
+
+    prompt_tokens: int
+    params: Sequence[SamplingParams]
+    open_ended: bool = False
+
+
+# Plans a line from its endpoint and body (``textgen.api.batches.batch_line_planner``: the chat template
+# and the tokenizer live there); raises for a body it cannot read (the line's job then fails it).
+LinePlanner = Callable[[str, dict[str, Any]], Awaitable[LinePlan]]
+
+
+@dataclass(frozen=True)
+class LineBudget:
+    """A submitted line's share of the owner's limits: the reservation its job carries, the output limit
+    it was granted (when it named none), or why it can never run (``refused``)."""
+
+    reservation: Reservation | None = None
+    max_new_tokens: int | None = None
+    refused: str | None = None
+
+
+class LinePaced(Exception):
+    """The owner's window has no room for the next line: submit it at a later step."""
+
+
 def output_file_ids(batch_id: str) -> tuple[str, str]:
     """Fixed per batch, so a finalisation repeated after a crash rewrites the same files."""
     suffix = batch_id.removeprefix("batch_")
@@ -83,7 +124,11 @@ class BatchCoordinator:
         worker: str,
         notify_runner: Callable[[], None],
         webhooks: BatchWebhooks | None = None,
+        service: GenerationService | None = None,
+        planner: LinePlanner | None = None,
     ) -> None:
+        self._service = service  # with ``planner``: lines are charged to their owner's limits
+        self._planner = planner
         self._store = store
         self._jobs = jobs
         self._files = files
@@ -277,6 +322,8 @@ class BatchCoordinator:
             batch = await self._submit(batch)
         batch, open_left = await self._collect(batch)
         if not (batch.submit_done or batch.ending):
+            if batch.paced:  # the owner's window is full: look again at the next poll, not at once
+                return False, None
             return False, time.time()  # more lines to submit: the next step follows at once
         if open_left:
             return False, None
@@ -287,9 +334,12 @@ class BatchCoordinator:
         return await self._after_end(batch.id)
 
     async def _submit(self, batch: Batch) -> Batch:
-        """Turn the next lines into jobs until the step's time is up (resumable from the cursor)."""
+        """Turn the next lines into jobs until the step's time is up or the owner's window is full
+        (resumable from the cursor; ``batch.paced`` says which)."""
         started = time.monotonic()
         ttl_s = max(self._settings.idempotency_ttl_s, batch.window_s)
+        was_paced = batch.paced
+        batch = batch.with_(paced=False)
         while time.monotonic() - started < STEP_BUDGET_S:
             raw = await asyncio.to_thread(
                 self._files.read_lines,
@@ -304,9 +354,15 @@ class BatchCoordinator:
                 await self._save(batch)
                 break
             jobs: list[tuple[int, str]] = []
+            submitted: RawLine | None = None
             for line in raw:
                 assert line.data is not None  # validation refused over-long lines
                 item = json.loads(line.data)
+                try:
+                    budget = await self._reserve_line(batch, item["body"])
+                except LinePaced:
+                    batch = batch.with_(paced=True)
+                    break
                 request = {
                     "kind": BATCH_LINE_KIND,
                     "batch_id": batch.id,
@@ -315,19 +371,83 @@ class BatchCoordinator:
                     "url": batch.endpoint,
                     "body": item["body"],
                 }
-                job, _created = await self._jobs.create_idempotent(
-                    request,
-                    request_id=f"{batch.id}-{line.number}",
-                    key=f"batch:{batch.id}:{line.number}",
-                    ttl_s=ttl_s,
-                    tenant=batch.owner,
-                )
+                if budget.max_new_tokens is not None:
+                    request["max_new_tokens"] = budget.max_new_tokens
+                if budget.refused is not None:
+                    request["refused"] = budget.refused
+                reservation = budget.reservation
+                try:
+                    job, created = await self._jobs.create_idempotent(
+                        request,
+                        request_id=f"{batch.id}-{line.number}",
+                        key=f"batch:{batch.id}:{line.number}",
+                        ttl_s=ttl_s,
+                        tenant=batch.owner,
+                        reservation=reservation.encode() if reservation else None,
+                    )
+                except BaseException:
+                    await self._give_back(reservation)
+                    raise
+                if not created:  # resubmitted after a crash: the job holds the first reservation
+                    await self._give_back(reservation)
                 jobs.append((line.number, job.id))
+                submitted = line
             await self._store.set_jobs(batch.id, jobs)
-            batch = batch.with_(submit_offset=raw[-1].end_offset, submit_line=raw[-1].number)
+            if submitted is not None:
+                batch = batch.with_(submit_offset=submitted.end_offset, submit_line=submitted.number)
             await self._save(batch)
-            self._notify_runner()
+            if jobs:
+                self._notify_runner()
+            if batch.paced:
+                # Once when pacing starts, not at every poll that finds the minute still spent.
+                logger.log(
+                    logging.DEBUG if was_paced else logging.INFO,
+                    "Batch %s paced after line %d: its owner's rate limits are spent for this minute; "
+                    "the next lines are submitted as the limits allow",
+                    batch.id,
+                    batch.submit_line,
+                )
+                break
         return batch
+
+    async def _reserve_line(self, batch: Batch, body: Any) -> LineBudget:
+        """Count the line as one request of the batch's owner and reserve its tokens (see the module
+        docstring); LinePaced when the owner's current window has no room for it."""
+        if self._service is None or self._planner is None:
+            return LineBudget()
+        service = self._service
+        plan: LinePlan | None = None
+        try:
+            plan = await self._planner(batch.endpoint, body)
+        except Exception:  # a body the line's job will fail anyway: count it as a request only
+            logger.debug("Batch %s: a line could not be planned", batch.id, exc_info=True)
+        try:
+            grant = await service.grant(
+                batch.rate_key or batch.owner,
+                plan.params if plan else (),
+                plan.prompt_tokens if plan else 0,
+                open_ended=plan.open_ended if plan else False,
+                flexible=False,  # what a line may generate does not depend on when it was submitted
+                requests=1,
+                quiet=True,  # retried at every poll while paced; pacing is logged once by _submit
+            )
+        except TokenBudgetTooLargeError as error:
+            # It could never fit, however long it waited: the line fails on its own (a 429 in its record).
+            # It still counts as one request, so such lines cannot flood the runner either.
+            refused = error.message
+        except RateLimitedError:
+            raise LinePaced() from None
+        else:
+            return LineBudget(grant.reservation, grant.max_new_tokens)
+        try:
+            await service.rate_limiter.reserve(batch.rate_key or batch.owner, 0, requests=1, quiet=True)
+        except RateLimitedError:
+            raise LinePaced() from None
+        return LineBudget(refused=refused)
+
+    async def _give_back(self, reservation: Reservation | None) -> None:
+        if reservation is not None and self._service is not None:
+            await self._service.rate_limiter.refund(reservation, reservation.tokens)
 
     async def _collect(self, batch: Batch) -> tuple[Batch, bool]:
         """Record the outcome of lines whose jobs ended and refresh the counts; (the batch, whether lines
@@ -362,8 +482,10 @@ class BatchCoordinator:
             for _number, job_id in page:
                 if states.get(job_id) is JobState.QUEUED:
                     with contextlib.suppress(JobNotCancellableError, JobNotFoundError):
-                        await self._jobs.cancel(job_id)
+                        job = await self._jobs.cancel(job_id)
                         stopped += 1
+                        if job.started_at is None:  # it never ran: its owner gets the reservation back
+                            await self._give_back(Reservation.decode(job.reservation))
             after = page[-1][0]
         logger.info("Batch %s (%s): %d queued line(s) cancelled", batch.id, batch.ending, stopped)
 

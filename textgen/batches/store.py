@@ -94,7 +94,7 @@ class Batch:
     bytes already turned into jobs), ``ending`` is why it stops early (``cancelled`` / ``expired``)."""
 
     id: str
-    owner: str
+    owner: str  # whose it is (tenant id): who may see it
     endpoint: str
     input_file_id: str
     completion_window: str
@@ -127,6 +127,10 @@ class Batch:
     cancelled_at: float | None = None
     cancel_requested_at: float | None = None  # set by clients, never by save()
     webhook: dict[str, Any] = field(default_factory=dict)  # delivery state: attempts, next_at, outcome
+    # The creator's rate-limit key (``Caller.rate_key``): every line is charged to it. None in batches
+    # stored before it existed (their owner id is used: the same key for keyed callers).
+    rate_key: str | None = None
+    paced: bool = False  # submission stopped for the owner's rate limits (until a later step)
 
     def with_(self, **changes: Any) -> Batch:
         return replace(self, **changes)

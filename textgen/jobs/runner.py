@@ -116,6 +116,7 @@ class JobRunner:
         self._ttl_s = ttl_s
         self._idempotency_ttl_s = idempotency_ttl_s
         self._active: dict[str, Handle | None] = {}
+        self._handles: dict[str, list[Handle]] = {}  # every engine handle of a running job (refunds, cancel)
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakeup = asyncio.Event()
         self._stopping = False
@@ -139,8 +140,8 @@ class JobRunner:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        for handle in self._active.values():
-            if handle is not None:
+        for handles in self._handles.values():
+            for handle in handles:
                 handle.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks))
@@ -168,9 +169,12 @@ class JobRunner:
         return self._active.get(job_id)
 
     def cancel_local(self, job_id: str) -> None:
-        handle = self._active.get(job_id)
-        if handle is not None:
+        for handle in self._handles.get(job_id, ()):
             handle.cancel()
+
+    def _track(self, job_id: str, handle: Handle) -> None:
+        self._active[job_id] = handle
+        self._handles.setdefault(job_id, []).append(handle)
 
     @property
     def stopping(self) -> bool:
@@ -308,15 +312,16 @@ class JobRunner:
             outcome = await self._generate(job, request_id)
             if outcome is not None:
                 if await self._finish_retrying(job, *outcome):
-                    await self._service.refund_unused(job.reservation, self._active.get(job.id))
+                    await self._service.refund_unused(job.reservation, self._handles.get(job.id))
             elif not self._stopping and (await self._store.states([job.id])).get(job.id) is JobState.CANCELLED:
-                await self._service.refund_unused(job.reservation, self._active.get(job.id))
+                await self._service.refund_unused(job.reservation, self._handles.get(job.id))
         except (StoreUnavailableError, InsufficientStorageError):
             # The outcome could not be recorded even after retrying: the lease runs out and the job runs
             # again (here or elsewhere) once the store takes writes again.
             logger.warning("Job %s: its result could not be stored; the job will run again", job.id)
         finally:
             self._active.pop(job.id, None)
+            self._handles.pop(job.id, None)
             self._wakeup.set()  # a slot is free, and a webhook may be due
 
     async def _generate(self, job: Job, request_id: str) -> tuple[JobState, dict[str, Any]] | None:
@@ -325,11 +330,11 @@ class JobRunner:
         try:
             executor = self._executors.get(str(job.request.get("kind", "")))
             if executor is not None:
-                return await executor(job, request_id, lambda handle: self._active.__setitem__(job.id, handle))
+                return await executor(job, request_id, lambda handle: self._track(job.id, handle))
             body = TextGenerationRequest.model_validate(job.request)
             await self._service.prepare_request(body)  # compiles off the event loop, marked as risky
             handle = self._service.submit_request(body, request_id, Priority.BACKGROUND)
-            self._active[job.id] = handle
+            self._track(job.id, handle)
             response = await self._service.response(await handle.result(), request_id)
             return JobState.SUCCEEDED, {"result": response.model_dump(mode="json")}
         except NotReadyError:

@@ -502,9 +502,12 @@ async function refreshJobs() {
 
 let statsBusy = false;
 let needKey = false; // after a 401, background polling waits for a key instead of failing every second
+// /stats counts against TEXTGEN_RATE_LIMIT_RPM like every API route: after a 429 the panel waits out
+// Retry-After instead of spending the caller's next minute on polls.
+let statsPausedUntil = 0;
 
 async function refreshStats() {
-  if (statsBusy) return;
+  if (statsBusy || Date.now() < statsPausedUntil) return;
   statsBusy = true;
   try {
     const stats = await (await api("/stats")).json();
@@ -523,6 +526,9 @@ async function refreshStats() {
     $("stats-live").className = "dot down";
     $("stats-error").textContent = error instanceof ApiError ? error.describe() : "Server unreachable.";
     if (error instanceof ApiError && error.status === 401) needKey = true;
+    if (error instanceof ApiError && error.status === 429) {
+      statsPausedUntil = Date.now() + 1000 * (Number(error.retryAfter) || 60);
+    }
   } finally {
     statsBusy = false;
   }
