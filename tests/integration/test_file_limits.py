@@ -308,7 +308,6 @@ async def test_expires_after_is_honoured_and_an_expired_file_is_gone(make_settin
         ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "2592001"}, "expires_after[seconds]"),
         ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "1e4"}, "expires_after[seconds]"),
         ({"expires_after[anchor]": "last_active_at", "expires_after[seconds]": "3600"}, "expires_after[anchor]"),
-        ({"expires_after[anchor]": "created_at"}, "expires_after[seconds]"),
     ],
 )
 async def test_expires_after_outside_openais_bounds_is_a_400_naming_it(

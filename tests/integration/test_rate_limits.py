@@ -282,7 +282,10 @@ async def test_every_api_route_counts_against_the_request_limit(
         assert {path for _, path in routes} >= {"/v1/models", "/v1/files", "/v1/batches", "/stats", "/jobs"}
         for method, path in routes:
             clock.next_window()
-            statuses = [(await client.request(method, path, headers=ALICE)).status_code for _ in range(2)]
+            # An upload that is not multipart is refused unread before routing (415), so send a real one.
+            upload = {"files": {"file": ("a.jsonl", b"{}")}, "data": {"purpose": "batch"}}
+            extra: dict[str, Any] = upload if (method, path) == ("POST", "/v1/files") else {}
+            statuses = [(await client.request(method, path, headers=ALICE, **extra)).status_code for _ in range(2)]
             if path in PROBES:
                 assert 429 not in statuses, (method, path, statuses)
             else:

@@ -117,6 +117,13 @@ KNOWN_BY_DESIGN = [
         '"state":"cancelled"',
         "DELETE /jobs/{id} cancels a job (as POST /jobs/{id}/cancel does); the job stays readable, cancelled",
     ),
+    ByDesign(
+        ("Stateful tests",),
+        "ST301",
+        200,
+        'data: {"state": "cancelled"}',
+        "DELETE /jobs/{id} cancels a job; its event stream (GET /jobs/{id}/stream) stays readable, cancelled",
+    ),
 ]
 
 SERVER_ENV = {

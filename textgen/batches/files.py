@@ -339,9 +339,12 @@ def expires_after_from_form(fields: dict[str, str]) -> int | None:
     seconds = fields.get("expires_after[seconds]")
     if anchor is None and seconds is None:
         return None
-    # 'created_at' is the only anchor OpenAI defines, so a form that names only the seconds means it.
+    # 'created_at' is the only anchor OpenAI defines, so a form that names only the seconds means it, and
+    # one that names only the anchor asks for the default expiry.
     if anchor is not None and anchor != "created_at":
         raise InvalidRequestError(f"expires_after[anchor]: must be 'created_at' (got {anchor!r}).")
+    if seconds is None:
+        return None
     value = (seconds or "").strip()
     if not value.isascii() or not value.isdigit() or not MIN_EXPIRES_AFTER_S <= int(value) <= MAX_EXPIRES_AFTER_S:
         raise InvalidRequestError(
