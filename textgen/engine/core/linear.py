@@ -21,7 +21,7 @@ columns, q in 0..15. A GGUF Q4_1 block (``d * q + m``) maps onto it exactly with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,14 +35,16 @@ FUSED_DTYPES = {torch.bfloat16, torch.float32}  # what fused.c's w8a8 helpers re
 GROUP = 32  # input columns per int4 group; also the GGUF Q4_1 / Q8_0 block size
 
 # The int4 CPU kernel; torch's own binding is ~1 us cheaper per call than the torch.ops lookup.
-_int4_mm = getattr(torch, "_weight_int4pack_mm_for_cpu", None) or getattr(
-    torch.ops.aten, "_weight_int4pack_mm_for_cpu", None
-)
+_int4_mm: Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor] | None = getattr(
+    torch, "_weight_int4pack_mm_for_cpu", None
+) or getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 
 
 class Kernel(Protocol):
     format: str
-    dtype: torch.dtype  # the activation dtype the kernel computes in
+
+    @property
+    def dtype(self) -> torch.dtype: ...  # the activation dtype the kernel computes in
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -71,7 +73,8 @@ class FloatKernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            packed: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return packed
         return F.linear(x, self.weight, self.bias)
 
     def nbytes(self) -> int:
@@ -96,7 +99,7 @@ class Int8Kernel:
         return cls(q, scales.to(torch.bfloat16), _as(bias, torch.bfloat16))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
         return y if self.bias is None else y + self.bias
 
     def nbytes(self) -> int:
@@ -210,6 +213,8 @@ class Int4Kernel:
         return cls.from_blocks(q, step, low + 8 * step, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if _int4_mm is None:
+            raise RuntimeError("this PyTorch build has no int4 CPU kernel (_weight_int4pack_mm_for_cpu)")
         y = _int4_mm(x, self.packed, GROUP, self.scales_and_zeros)
         return y if self.bias is None else y + self.bias
 
@@ -302,7 +307,7 @@ class Q4Kernel:
 class Linear:
     """One logical layer: kernels tried in order, the first whose ``max_rows`` admits the batch serves it."""
 
-    kernels: list[tuple[int, Kernel]]  # (max_rows, kernel); the last entry's max_rows is unbounded
+    kernels: list[tuple[float, Kernel]]  # (max_rows, kernel); the last entry's max_rows is unbounded (inf)
     out_dtype: torch.dtype
     in_features: int = field(default=0)
 
@@ -355,7 +360,9 @@ def fuse_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _can_pack(dtype: torch.dtype) -> bool:
-    return torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
+    # torch leaves mkldnn.is_available() unannotated (it returns torch._C._has_mkldnn, a bool).
+    available: bool = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+    return available and dtype in (torch.float32, torch.bfloat16)
 
 
 def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

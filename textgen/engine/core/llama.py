@@ -7,6 +7,7 @@ Hq / Hkv heads, D head size, F intermediate size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,7 @@ class LlamaWeights:
 
     @property
     def scale(self) -> float:
-        return self.head_dim**-0.5
+        return math.pow(self.head_dim, -0.5)  # as head_dim**-0.5, typed
 
 
 def unsupported_reason(model: PreTrainedModel) -> str | None:
