@@ -74,27 +74,27 @@ int add_rms_norm(uint16_t *x, const uint16_t *delta, const uint16_t *weight, uin
     int failed = 0;
 #pragma omp parallel if (parallel && rows * width >= PARALLEL_WORK)
     {
-    float *row = scratch(width, sizeof *row, &failed);
+        float *row = scratch(width, sizeof *row, &failed);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        if (!row) continue;
-        uint16_t *xr = x + r * width;
-        float squares = 0.0f;
-        for (int64_t i = 0; i < width; i++) {
-            float v = bf16_to_f32(xr[i]);
-            if (delta) {
-                xr[i] = f32_to_bf16(v + bf16_to_f32(delta[r * width + i]));
-                v = bf16_to_f32(xr[i]);
+        for (int64_t r = 0; r < rows; r++) {
+            if (!row) continue;
+            uint16_t *xr = x + r * width;
+            float squares = 0.0f;
+            for (int64_t i = 0; i < width; i++) {
+                float v = bf16_to_f32(xr[i]);
+                if (delta) {
+                    xr[i] = f32_to_bf16(v + bf16_to_f32(delta[r * width + i]));
+                    v = bf16_to_f32(xr[i]);
+                }
+                row[i] = v;
+                squares += v * v;
             }
-            row[i] = v;
-            squares += v * v;
+            float inv = 1.0f / sqrtf(squares / (float)width + eps);
+            for (int64_t i = 0; i < width; i++) {
+                out[r * width + i] = f32_to_bf16(row[i] * inv * bf16_to_f32(weight[i]));
+            }
         }
-        float inv = 1.0f / sqrtf(squares / (float)width + eps);
-        for (int64_t i = 0; i < width; i++) {
-            out[r * width + i] = f32_to_bf16(row[i] * inv * bf16_to_f32(weight[i]));
-        }
-    }
-    free(row);
+        free(row);
     }
     return failed ? FUSED_NO_MEMORY : FUSED_OK;
 }
@@ -324,14 +324,14 @@ int quantize_rows(const void *x, int x_bf16, const int64_t *outliers, int64_t co
     int failed = 0;
 #pragma omp parallel if (parallel && rows * width >= PARALLEL_WORK)
     {
-    float *row = scratch(width, sizeof *row, &failed);
+        float *row = scratch(width, sizeof *row, &failed);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        if (!row) continue;
-        for (int64_t i = 0; i < width; i++) row[i] = load(x, x_bf16, r * width + i);
-        quantize_row(row, width, outliers, count, q + r * width, row_max + r, outlying + r * count);
-    }
-    free(row);
+        for (int64_t r = 0; r < rows; r++) {
+            if (!row) continue;
+            for (int64_t i = 0; i < width; i++) row[i] = load(x, x_bf16, r * width + i);
+            quantize_row(row, width, outliers, count, q + r * width, row_max + r, outlying + r * count);
+        }
+        free(row);
     }
     return failed ? FUSED_NO_MEMORY : FUSED_OK;
 }
@@ -351,30 +351,30 @@ int residual_norm_quantize(uint16_t *x, const int32_t *acc, const float *acc_row
     int failed = 0;
 #pragma omp parallel if (parallel && rows * width >= PARALLEL_WORK)
     {
-    float *row = scratch(width, sizeof *row, &failed);
+        float *row = scratch(width, sizeof *row, &failed);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        if (!row) continue;
-        uint16_t *xr = x + r * width;
-        if (acc) {
-            rescale_row(acc + r * width, acc_row_max[r], col_scale, acc_outlying + r * acc_count, outlier_weight_t,
-                        acc_count, bias, width, row);
-            for (int64_t i = 0; i < width; i++) xr[i] = f32_to_bf16(bf16_to_f32(xr[i]) + row[i]);
+        for (int64_t r = 0; r < rows; r++) {
+            if (!row) continue;
+            uint16_t *xr = x + r * width;
+            if (acc) {
+                rescale_row(acc + r * width, acc_row_max[r], col_scale, acc_outlying + r * acc_count, outlier_weight_t,
+                            acc_count, bias, width, row);
+                for (int64_t i = 0; i < width; i++) xr[i] = f32_to_bf16(bf16_to_f32(xr[i]) + row[i]);
+            }
+            float squares = 0.0f;
+            for (int64_t i = 0; i < width; i++) {
+                row[i] = bf16_to_f32(xr[i]);
+                squares += row[i] * row[i];
+            }
+            float inv = 1.0f / sqrtf(squares / (float)width + eps);
+            for (int64_t i = 0; i < width; i++) row[i] = row[i] * inv * bf16_to_f32(weight[i]);
+            if (q) {
+                quantize_row(row, width, outliers, count, q + r * width, row_max + r, outlying + r * count);
+            } else {
+                for (int64_t i = 0; i < width; i++) out[r * width + i] = f32_to_bf16(row[i]);
+            }
         }
-        float squares = 0.0f;
-        for (int64_t i = 0; i < width; i++) {
-            row[i] = bf16_to_f32(xr[i]);
-            squares += row[i] * row[i];
-        }
-        float inv = 1.0f / sqrtf(squares / (float)width + eps);
-        for (int64_t i = 0; i < width; i++) row[i] = row[i] * inv * bf16_to_f32(weight[i]);
-        if (q) {
-            quantize_row(row, width, outliers, count, q + r * width, row_max + r, outlying + r * count);
-        } else {
-            for (int64_t i = 0; i < width; i++) out[r * width + i] = f32_to_bf16(row[i]);
-        }
-    }
-    free(row);
+        free(row);
     }
     return failed ? FUSED_NO_MEMORY : FUSED_OK;
 }
@@ -389,19 +389,19 @@ int silu_quantize(const int32_t *acc, const float *acc_row_max, const float *col
     int failed = 0;
 #pragma omp parallel if (parallel && rows * features >= PARALLEL_WORK)
     {
-    float *gate_up = scratch(2 * features, sizeof *gate_up, &failed);
+        float *gate_up = scratch(2 * features, sizeof *gate_up, &failed);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        if (!gate_up) continue;
-        rescale_row(acc + r * 2 * features, acc_row_max[r], col_scale, acc_outlying + r * acc_count, outlier_weight_t,
-                    acc_count, bias, 2 * features, gate_up);
-        for (int64_t i = 0; i < features; i++) {
-            float g = gate_up[i];
-            gate_up[i] = g / (1.0f + expf(-g)) * gate_up[features + i];
+        for (int64_t r = 0; r < rows; r++) {
+            if (!gate_up) continue;
+            rescale_row(acc + r * 2 * features, acc_row_max[r], col_scale, acc_outlying + r * acc_count, outlier_weight_t,
+                        acc_count, bias, 2 * features, gate_up);
+            for (int64_t i = 0; i < features; i++) {
+                float g = gate_up[i];
+                gate_up[i] = g / (1.0f + expf(-g)) * gate_up[features + i];
+            }
+            quantize_row(gate_up, features, outliers, count, q + r * features, row_max + r, outlying + r * count);
         }
-        quantize_row(gate_up, features, outliers, count, q + r * features, row_max + r, outlying + r * count);
-    }
-    free(gate_up);
+        free(gate_up);
     }
     return failed ? FUSED_NO_MEMORY : FUSED_OK;
 }
@@ -477,57 +477,57 @@ int sample_nucleus(const float *logits, const float *temperature, const float *t
     int failed = 0;
 #pragma omp parallel if (parallel && rows > 1)
     {
-    float *block_max = scratch(2 * blocks, sizeof *block_max, &failed), *block_sum = block_max + blocks;
+        float *block_max = scratch(2 * blocks, sizeof *block_max, &failed), *block_sum = block_max + blocks;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t r = 0; r < rows; r++) {
-        if (!block_max) continue;
-        const float *l = logits + r * vocab;
-        float inv_t = 1.0f / temperature[r], top = -3.0e38f;
-        for (int64_t b = 0; b < blocks; b++) {
-            int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
-            float m = -3.0e38f;
-            for (int64_t i = b * SAMPLE_BLOCK; i < end; i++) m = fmaxf(m, refused(l[i]) ? -3.0e38f : l[i]);
-            block_max[b] = m;
-            top = fmaxf(top, m);
-        }
-        double total = 0.0;
-        for (int64_t b = 0; b < blocks; b++) {
-            int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
-            float s = 0.0f;
-            for (int64_t i = b * SAMPLE_BLOCK; i < end; i++) s += refused(l[i]) ? 0.0f : expf((l[i] - top) * inv_t);
-            block_sum[b] = s;
-            total += s;
-        }
-        chosen[r] = -1;
-        for (int64_t d = 0; d < draws; d++) {
-            double target = uniforms[r * draws + d] * total, before = 0.0;
-            int64_t b = 0, token = -1;
-            while (b < blocks - 1 && before + block_sum[b] <= target) before += block_sum[b++];
-            int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
-            for (int64_t i = b * SAMPLE_BLOCK; i < end; i++) {
-                if (refused(l[i])) continue;
-                token = i; /* the last allowed token, should rounding leave target past the block's sum */
-                before += expf((l[i] - top) * inv_t);
-                if (before > target) break;
+        for (int64_t r = 0; r < rows; r++) {
+            if (!block_max) continue;
+            const float *l = logits + r * vocab;
+            float inv_t = 1.0f / temperature[r], top = -3.0e38f;
+            for (int64_t b = 0; b < blocks; b++) {
+                int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
+                float m = -3.0e38f;
+                for (int64_t i = b * SAMPLE_BLOCK; i < end; i++) m = fmaxf(m, refused(l[i]) ? -3.0e38f : l[i]);
+                block_max[b] = m;
+                top = fmaxf(top, m);
             }
-            if (token < 0) continue; /* cannot happen: the block holds mass; drawn again to be safe */
-            float drawn = l[token];
-            double more = 0.0;
-            for (int64_t c = 0; c < blocks; c++) {
-                if (block_max[c] <= drawn) continue;
-                int64_t stop = (c + 1) * SAMPLE_BLOCK < vocab ? (c + 1) * SAMPLE_BLOCK : vocab;
+            double total = 0.0;
+            for (int64_t b = 0; b < blocks; b++) {
+                int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
                 float s = 0.0f;
-                for (int64_t i = c * SAMPLE_BLOCK; i < stop; i++)
-                    s += (!refused(l[i]) && l[i] > drawn) ? expf((l[i] - top) * inv_t) : 0.0f;
-                more += s;
+                for (int64_t i = b * SAMPLE_BLOCK; i < end; i++) s += refused(l[i]) ? 0.0f : expf((l[i] - top) * inv_t);
+                block_sum[b] = s;
+                total += s;
             }
-            if (top_p[r] >= 1.0f || more < top_p[r] * total) {
-                chosen[r] = token;
-                break;
+            chosen[r] = -1;
+            for (int64_t d = 0; d < draws; d++) {
+                double target = uniforms[r * draws + d] * total, before = 0.0;
+                int64_t b = 0, token = -1;
+                while (b < blocks - 1 && before + block_sum[b] <= target) before += block_sum[b++];
+                int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
+                for (int64_t i = b * SAMPLE_BLOCK; i < end; i++) {
+                    if (refused(l[i])) continue;
+                    token = i; /* the last allowed token, should rounding leave target past the block's sum */
+                    before += expf((l[i] - top) * inv_t);
+                    if (before > target) break;
+                }
+                if (token < 0) continue; /* cannot happen: the block holds mass; drawn again to be safe */
+                float drawn = l[token];
+                double more = 0.0;
+                for (int64_t c = 0; c < blocks; c++) {
+                    if (block_max[c] <= drawn) continue;
+                    int64_t stop = (c + 1) * SAMPLE_BLOCK < vocab ? (c + 1) * SAMPLE_BLOCK : vocab;
+                    float s = 0.0f;
+                    for (int64_t i = c * SAMPLE_BLOCK; i < stop; i++)
+                        s += (!refused(l[i]) && l[i] > drawn) ? expf((l[i] - top) * inv_t) : 0.0f;
+                    more += s;
+                }
+                if (top_p[r] >= 1.0f || more < top_p[r] * total) {
+                    chosen[r] = token;
+                    break;
+                }
             }
         }
-    }
-    free(block_max);
+        free(block_max);
     }
     return failed ? FUSED_NO_MEMORY : FUSED_OK;
 }
