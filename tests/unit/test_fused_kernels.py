@@ -248,3 +248,42 @@ def test_the_library_is_rebuilt_when_the_header_changes(monkeypatch: pytest.Monk
 
 def test_ctypes_sees_int_status_returns(kernels: FusedKernels) -> None:
     assert kernels.library.add_rms_norm.restype is ctypes.c_int and kernels.library.silu_mul.restype is None
+
+
+@pytest.mark.parametrize("outliers", [[-1], [96], [3, 200]])
+def test_layers_with_outlier_channels_outside_the_input_are_refused_when_built(
+    kernels: FusedKernels, outliers: list[int]
+) -> None:
+    from textgen.engine.core.linear import Q4Kernel, W8A8Kernel
+
+    weight = torch.randn(32, 96)
+    with pytest.raises(ValueError, match=re.escape("must be a list of input channels 0..95")):
+        W8A8Kernel.quantize(weight, None, torch.tensor(outliers), kernels, torch.float32, torch.float32)
+    q, scales = torch.randint(0, 16, (32, 96)), torch.full((32, 3), 0.01)
+    with pytest.raises(ValueError, match=re.escape("must be a list of input channels 0..95")):
+        Q4Kernel.pack(q, scales, -scales, None, torch.tensor(outliers), kernels)
+
+
+def test_a_model_with_more_query_heads_per_kv_head_than_fused_c_takes_is_not_run_fused() -> None:
+    from types import SimpleNamespace
+
+    from textgen.engine.core import llama
+
+    def weights(heads: int, kv_heads: int) -> object:
+        embed = torch.zeros(4, 64, dtype=torch.bfloat16)
+        layer = SimpleNamespace(down=SimpleNamespace(in_features=128))
+        return SimpleNamespace(embed=embed, heads=heads, kv_heads=kv_heads, head_dim=64, layers=[layer])
+
+    assert llama.fused_supported(weights(8, 1), 1, 10)  # type: ignore[arg-type]
+    assert not llama.fused_supported(weights(9 * 2, 2), 1, 10)  # type: ignore[arg-type]
+
+
+def test_a_constant_checked_once_is_checked_again_under_another_expectation(kernels: FusedKernels) -> None:
+    """Layer constants are recognised after their first full check, but only for the same expectation: the
+    same weight handed to a call of another width is refused."""
+    x = torch.randn(2, 64).bfloat16()
+    weight = torch.ones(64, dtype=torch.bfloat16)
+    kernels.add_rms_norm(x, None, weight, torch.empty_like(x), 1e-5)
+    wider = torch.randn(2, 128).bfloat16()
+    with pytest.raises(FusedArgumentError, match="weight has shape"):
+        kernels.add_rms_norm(wider, None, weight, torch.empty_like(wider), 1e-5)

@@ -27,6 +27,7 @@ import secrets
 import shutil
 import stat
 import subprocess
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -133,6 +134,11 @@ Dim = int | None  # a required size, or None for any
 
 
 def _expect(tensor: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[Dim, ...]) -> None:
+    """tensor has one of dtypes, lives in CPU memory, is contiguous and has this shape (None: any size);
+    FusedArgumentError naming what is wrong otherwise. The first line is the whole check for a good tensor
+    of a fully known shape (under a microsecond); the rest explains a refusal, or matches None sizes."""
+    if tensor.dtype in dtypes and tensor.is_cpu and tensor.shape == shape and tensor.is_contiguous():
+        return
     if tensor.device.type != "cpu":
         raise FusedArgumentError(f"{name} is on {tensor.device}: the fused kernels read CPU memory only")
     if tensor.dtype not in dtypes:
@@ -146,6 +152,35 @@ def _expect(tensor: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...], sh
         raise FusedArgumentError(f"{name} is not contiguous (fused.c reads rows at fixed strides)")
 
 
+def _expect_rows(tensor: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...], dims: int) -> torch.Size:
+    """A call's leading tensor, whose sizes set the others': checked for dtype, CPU, layout and its number
+    of dimensions; its shape."""
+    if tensor.dtype in dtypes and tensor.is_cpu and tensor.dim() == dims and tensor.is_contiguous():
+        return tensor.shape
+    _expect(tensor, name, dtypes, (None,) * dims)
+    return tensor.shape
+
+
+# A layer's constants (weights, scales, outlier channels, rotary tables, the KV cache) come back at every
+# call of a model step: each is checked in full the first time it is seen with a given expectation, and
+# after that recognised (its identity, through a weak reference so a freed tensor's id reused by another is
+# not mistaken for it). Nothing in this package changes a tensor's dtype, shape or layout in place.
+_CONSTANTS: dict[int, tuple[weakref.ref[torch.Tensor], tuple[object, ...]]] = {}
+_CONSTANTS_LIMIT = 65536  # forgotten all at once past this (stale entries of freed tensors pile up otherwise)
+
+
+def _expect_constant(tensor: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[Dim, ...]) -> None:
+    """_expect for a tensor that is a layer's constant: in full once per tensor and expectation."""
+    key = (dtypes, shape)
+    seen = _CONSTANTS.get(id(tensor))
+    if seen is not None and seen[1] == key and seen[0]() is tensor:
+        return
+    _expect(tensor, name, dtypes, shape)
+    if len(_CONSTANTS) >= _CONSTANTS_LIMIT:
+        _CONSTANTS.clear()
+    _CONSTANTS[id(tensor)] = (weakref.ref(tensor), key)
+
+
 _BF16, _F32, _I64, _I32 = (torch.bfloat16,), (torch.float32,), (torch.int64,), (torch.int32,)
 _ROWS_DTYPES = (torch.bfloat16, torch.float32)  # what the w8a8 and Q4 helpers read and write
 
@@ -153,11 +188,11 @@ _ROWS_DTYPES = (torch.bfloat16, torch.float32)  # what the w8a8 and Q4 helpers r
 def _expect_weights(weights: W8A8Weights, name: str, out: int) -> int:
     """A w8a8 layer with `out` outputs; its number of outlier channels."""
     count = weights.outliers.numel()
-    _expect(weights.outliers, f"{name}.outliers", _I64, (count,))
-    _expect(weights.scales, f"{name}.scales", _F32, (out,))
-    _expect(weights.outlier_weight_t, f"{name}.outlier_weight_t", _F32, (count, out))
+    _expect_constant(weights.outliers, f"{name}.outliers", _I64, (count,))
+    _expect_constant(weights.scales, f"{name}.scales", _F32, (out,))
+    _expect_constant(weights.outlier_weight_t, f"{name}.outlier_weight_t", _F32, (count, out))
     if weights.bias is not None:
-        _expect(weights.bias, f"{name}.bias", _F32, (out,))
+        _expect_constant(weights.bias, f"{name}.bias", _F32, (out,))
     return count
 
 
@@ -200,11 +235,10 @@ class FusedKernels:
         self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor, eps: float
     ) -> None:
         """x [N, E] += delta (in place, when given); out [N, E] = rms_norm(x) * weight [E]."""
-        _expect(x, "x", _BF16, (None, None))
-        rows, width = x.shape
+        rows, width = _expect_rows(x, "x", _BF16, 2)
         if delta is not None:
             _expect(delta, "delta", _BF16, (rows, width))
-        _expect(weight, "weight", _BF16, (width,))
+        _expect_constant(weight, "weight", _BF16, (width,))
         _expect(out, "out", _BF16, (rows, width))
         status = self.library.add_rms_norm(
             x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
@@ -227,16 +261,16 @@ class FusedKernels:
     ) -> None:
         """qkv [B, (Hq + 2 Hkv) D]; writes the rotated key and the value at each row's position in keys,
         values [S, Hkv, T, D] and the attention output over positions 0..position to out [B, Hq D]."""
-        _expect(keys, "keys", _BF16, (None, None, None, None))
+        _expect_constant(keys, "keys", _BF16, (None, None, None, None))
         slots, kv_heads, capacity, dim = keys.shape
         if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
             raise FusedArgumentError(f"{heads} query heads over {kv_heads} KV heads: both must be > 0, and the "
                                      "query heads a multiple of the KV heads")
-        _expect(values, "values", _BF16, (slots, kv_heads, capacity, dim))
-        _expect(qkv, "qkv", _BF16, (None, (heads + 2 * kv_heads) * dim))
-        rows = qkv.shape[0]
-        _expect(cos, "cos", _BF16, (None, dim))
-        _expect(sin, "sin", _BF16, tuple(cos.shape))
+        _expect_constant(values, "values", _BF16, (slots, kv_heads, capacity, dim))
+        rows = _expect_rows(qkv, "qkv", _BF16, 2)[0]
+        _expect(qkv, "qkv", _BF16, (rows, (heads + 2 * kv_heads) * dim))
+        _expect_constant(cos, "cos", _BF16, (None, dim))
+        _expect_constant(sin, "sin", _BF16, (cos.shape[0], dim))
         _expect(positions, "positions", _I64, (rows,))
         _expect(cache_rows, "cache_rows", _I64, (rows,))
         _expect(out, "out", _BF16, (rows, heads * dim))
@@ -249,15 +283,14 @@ class FusedKernels:
 
     def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor) -> None:
         """gate_up [N, 2F] -> out [N, F] = silu(gate) * up."""
-        _expect(out, "out", _BF16, (None, None))
-        _expect(gate_up, "gate_up", _BF16, (out.shape[0], 2 * out.shape[1]))
-        self.library.silu_mul(gate_up.data_ptr(), out.data_ptr(), out.shape[0], out.shape[1])
+        rows, features = _expect_rows(out, "out", _BF16, 2)
+        _expect(gate_up, "gate_up", _BF16, (rows, 2 * features))
+        self.library.silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, features)
 
     def quantize_rows(self, x: torch.Tensor, outliers: torch.Tensor) -> Quantized:
         """x [N, K] bf16 or float32 -> its rows quantized for a w8a8 product (see W8A8Kernel)."""
-        _expect(x, "x", _ROWS_DTYPES, (None, None))
-        _expect(outliers, "outliers", _I64, (None,))
-        rows, width = x.shape
+        rows, width = _expect_rows(x, "x", _ROWS_DTYPES, 2)
+        _expect_constant(outliers, "outliers", _I64, (None,))
         out = Quantized.empty(rows, width, outliers.numel())
         status = self.library.quantize_rows(
             x.data_ptr(), x.dtype == torch.bfloat16, outliers.data_ptr(), outliers.numel(), out.q.data_ptr(),
@@ -277,18 +310,17 @@ class FusedKernels:
     ) -> Quantized | None:
         """x [N, E] bf16 += product (an int32 result, the input it came from, its layer), in place; then
         rms_norm(x) * norm_weight quantized for the target layer, or (target None) written to out [N, E]."""
-        _expect(x, "x", _BF16, (None, None))
-        rows, width = x.shape
+        rows, width = _expect_rows(x, "x", _BF16, 2)
         acc, source, weights = product if product is not None else (None, None, None)
         if acc is not None and source is not None and weights is not None:
             _expect_product(acc, source, weights, rows, width)
-        _expect(norm_weight, "norm_weight", _BF16, (width,))
+        _expect_constant(norm_weight, "norm_weight", _BF16, (width,))
         if target is None and out is None:
             raise FusedArgumentError("residual_norm_quantize needs a target layer or an out tensor")
         if out is not None:
             _expect(out, "out", _BF16, (rows, width))
         if target is not None:
-            _expect(target.outliers, "target.outliers", _I64, (None,))
+            _expect_constant(target.outliers, "target.outliers", _I64, (None,))
         quantized = None if target is None else Quantized.empty(rows, width, target.outliers.numel())
         status = self.library.residual_norm_quantize(
             x.data_ptr(), *_product_args(acc, source, weights), norm_weight.data_ptr(), eps,
@@ -302,12 +334,12 @@ class FusedKernels:
     ) -> Quantized:
         """acc [N, 2F] int32 (gate then up, from source through weights) -> silu(gate) * up quantized for
         the target layer."""
-        _expect(acc, "acc", _I32, (None, None))
-        rows, features = acc.shape[0], acc.shape[1] // 2
-        if acc.shape[1] % 2:
+        rows, columns = _expect_rows(acc, "acc", _I32, 2)
+        features = columns // 2
+        if columns % 2:
             raise FusedArgumentError(f"acc has {acc.shape[1]} columns: gate and up need an even number")
         _expect_product(acc, source, weights, rows, 2 * features)
-        _expect(target.outliers, "target.outliers", _I64, (None,))
+        _expect_constant(target.outliers, "target.outliers", _I64, (None,))
         quantized = Quantized.empty(rows, features, target.outliers.numel())
         status = self.library.silu_quantize(
             *_product_args(acc, source, weights), *_target_args(target, quantized), rows, features
@@ -326,14 +358,13 @@ class FusedKernels:
         out_dtype: torch.dtype,
     ) -> torch.Tensor:
         """acc [N, out] int32 -> acc * row_max * col_scale + outlying @ outlier_weight_t + bias, in out_dtype."""
-        _expect(acc, "acc", _I32, (None, None))
-        rows, cols = acc.shape
+        rows, cols = _expect_rows(acc, "acc", _I32, 2)
         _expect(row_max, "row_max", _F32, (rows, 1))
-        _expect(col_scale, "col_scale", _F32, (cols,))
-        _expect(outlying, "outlying", _F32, (rows, None))
-        _expect(outlier_weight_t, "outlier_weight_t", _F32, (outlying.shape[1], cols))
+        _expect_constant(col_scale, "col_scale", _F32, (cols,))
+        _expect_constant(outlier_weight_t, "outlier_weight_t", _F32, (None, cols))
+        _expect(outlying, "outlying", _F32, (rows, outlier_weight_t.shape[0]))
         if bias is not None:
-            _expect(bias, "bias", _F32, (cols,))
+            _expect_constant(bias, "bias", _F32, (cols,))
         if out_dtype not in _ROWS_DTYPES:
             raise FusedArgumentError(f"out_dtype {out_dtype}: fused.c writes bfloat16 or float32")
         out = torch.empty(rows, cols, dtype=out_dtype)
@@ -361,15 +392,14 @@ class FusedKernels:
         """x [N, K] bf16 or float32 times a weight packed by linear.Q4Kernel -> [N, out] in out_dtype; the
         outlier channels [k] of x are multiplied in float with outlier_weight_t [k, out]."""
         x = x.contiguous()
-        _expect(x, "x", _ROWS_DTYPES, (None, None))
-        rows, k = x.shape
-        _expect(outliers, "outliers", _I64, (None,))
-        _expect(outlier_weight_t, "outlier_weight_t", _F32, (outliers.numel(), None))
+        rows, k = _expect_rows(x, "x", _ROWS_DTYPES, 2)
+        _expect_constant(outliers, "outliers", _I64, (None,))
+        _expect_constant(outlier_weight_t, "outlier_weight_t", _F32, (outliers.numel(), None))
         out_features = outlier_weight_t.shape[1]
         if k % 32 or out_features % 16:
             raise FusedArgumentError(f"a Q4 weight [{out_features}, {k}]: outputs a multiple of 16, inputs of 32")
-        _expect(packed, "packed", (torch.uint8,), (out_features // 16, k // 32, 4, 16, 4))
-        _expect(scales, "scales", (torch.float16,), (out_features // 16, k // 32, 2, 16))
+        _expect_constant(packed, "packed", (torch.uint8,), (out_features // 16, k // 32, 4, 16, 4))
+        _expect_constant(scales, "scales", (torch.float16,), (out_features // 16, k // 32, 2, 16))
         if out_dtype not in _ROWS_DTYPES:
             raise FusedArgumentError(f"out_dtype {out_dtype}: fused.c writes bfloat16 or float32")
         out = torch.empty(rows, out_features, dtype=out_dtype)
@@ -391,8 +421,7 @@ class FusedKernels:
         rejected."""
         logits, uniforms = logits.contiguous(), uniforms.contiguous()
         temperature, top_p = temperature.contiguous(), top_p.contiguous()
-        _expect(logits, "logits", _F32, (None, None))
-        rows, vocab = logits.shape
+        rows, vocab = _expect_rows(logits, "logits", _F32, 2)
         _expect(temperature, "temperature", _F32, (rows,))
         _expect(top_p, "top_p", _F32, (rows,))
         _expect(uniforms, "uniforms", _F32, (rows, None))

@@ -138,7 +138,7 @@ class W8A8Kernel:
         """weight [out, K]; outliers [k] the input channels with the widest activation range; with fused,
         the activations come in dtype and results leave in out_dtype (bfloat16 or float32 each)."""
         w = weight.float()
-        outliers = outliers.to(torch.long)
+        outliers = _outlier_channels(outliers, weight.shape[1])
         outlier_weight_t = w[:, outliers].t().contiguous()
         w = w.index_fill(1, outliers, 0.0)
         scales = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-12)  # [out]
@@ -265,7 +265,7 @@ class Q4Kernel:
         d16, m16 = d.to(torch.float16), m.to(torch.float16)
         per_lane = [t.reshape(tiles, 16, blocks).permute(0, 2, 1) for t in (d16, m16)]  # [tiles, blocks, 16]
         scales = torch.stack(per_lane, dim=2).contiguous()  # [tiles, blocks, 2, 16]
-        outliers = outliers.to(torch.long).contiguous()
+        outliers = _outlier_channels(outliers, k)
         block_of = outliers // GROUP
         values = q[:, outliers].float() * d16.float()[:, block_of] + m16.float()[:, block_of]  # [N, k]
         bias = _as(bias, torch.float32)
@@ -352,6 +352,16 @@ def q4_1_to_int4(blocks: torch.Tensor, out_features: int, in_features: int) -> t
     nibbles = raw[..., 4:20].to(torch.int32)  # [out, groups, 16]
     q = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(out_features, in_features)
     return q, d, m + 8 * d
+
+
+def _outlier_channels(outliers: torch.Tensor, width: int) -> torch.Tensor:
+    """Outlier input channels as fused.c reads them ([k] int64, contiguous), checked once per layer here
+    (fused.c checks them again at every call): each a channel of the input, none negative (PyTorch's
+    indexing would wrap a negative one, fused.c refuses it)."""
+    channels = outliers.to(torch.long).contiguous()
+    if channels.dim() != 1 or (channels.numel() and (int(channels.min()) < 0 or int(channels.max()) >= width)):
+        raise ValueError(f"outlier channels {channels.tolist()} must be a list of input channels 0..{width - 1}")
+    return channels
 
 
 def fuse_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
