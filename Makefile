@@ -1,5 +1,5 @@
 # One command to set up and run the service, one to set up and run every test.
-#   make run    - create .venv, install everything, serve the bundled model on 127.0.0.1:8000
+#   make run    - create .venv, install everything, build the CPU kernels, serve the bundled model on 127.0.0.1:8000
 #   make test   - create .venv, install everything, lint, run the whole test suite
 #   make bench  - load benchmark: batched vs threadpool engine, then batch vs concurrent (writes bench/results/)
 
@@ -10,9 +10,9 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup kernels run test lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) kernels
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ $(STAMP): requirements.txt
 	@command -v redis-server >/dev/null 2>&1 || bash scripts/install-redis.sh
 	@command -v chromium >/dev/null 2>&1 || bash scripts/install-chromium.sh
 	touch $(STAMP)
+
+# The fused CPU kernels (textgen/engine/core/fused.c) for this CPU and compiler, into the user's kernel folder
+# (~/.cache/textgen/kernels). Run on every setup: it only loads an existing build (seconds), and rebuilds
+# after a change of source, compiler or CPU. Without a C compiler it warns and the server runs PyTorch paths.
+kernels: $(STAMP)
+	$(PY) -m textgen.engine.core.build
 
 # No proxy flags: the app believes X-Forwarded-For only from TEXTGEN_TRUSTED_PROXIES (environment or .env).
 run: setup

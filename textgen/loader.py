@@ -123,7 +123,10 @@ def cpu_supports_bf16() -> bool:
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested != "auto":
-        return getattr(torch, requested)
+        dtype = getattr(torch, requested, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{requested!r} is not a torch dtype (float32, bfloat16, float16, or auto)")
+        return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
@@ -161,7 +164,8 @@ def convert_gguf_to_safetensors(source: ModelSource, target: Path) -> None:
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    clean_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # transformers leaves from_config unannotated; it returns a PreTrainedModel.
+    clean_model: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     clean_model.load_state_dict(gguf_model.state_dict(), strict=False)
     clean_model.tie_weights()
     staging = target.with_name(target.name + f".tmp-{os.getpid()}")
@@ -291,8 +295,9 @@ def load_model(settings: Settings) -> LoadedModel:
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"Cannot load the model from {location}: {error}") from None
     _check_tokenizer(tokenizer, source.location)
-    model.to(device)
-    model.eval()
+    # transformers types to() by functools.wraps(nn.Module.to), which makes mypy read self as the first argument.
+    model.to(device)  # type: ignore[arg-type]
+    model.eval()  # type: ignore[no-untyped-call]  # unannotated in transformers (it calls train(False))
     _prepare_tokenizer(tokenizer)
     loaded = LoadedModel(
         model=model,

@@ -18,8 +18,20 @@ from typing import Generic, TypeVar
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import CacheLayerMixin
 
 RowT = TypeVar("RowT")
+
+
+def _filled_layers(cache: DynamicCache) -> list[tuple[CacheLayerMixin, torch.Tensor, torch.Tensor]]:
+    """Each layer of a prefilled cache with its keys and values [B, H, T, D] (a layer without them, or one of
+    transformers' linear-attention layers, has nothing this batch can filter or pad)."""
+    filled = []
+    for layer in cache.layers:
+        if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer.values is None:
+            raise TypeError(f"cache layer {type(layer).__name__} holds no keys and values to batch")
+        filled.append((layer, layer.keys, layer.values))
+    return filled
 
 
 @dataclass
@@ -43,9 +55,9 @@ class Batch(Generic[RowT]):
         index = torch.tensor(list(keep), dtype=torch.long, device=self.attention_mask.device)
         mask = self.attention_mask.index_select(0, index)
         first_needed = _first_nonpad_column(mask)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, first_needed:]
-            layer.values = layer.values.index_select(0, index)[:, :, first_needed:]
+        for layer, keys, values in _filled_layers(self.cache):
+            layer.keys = keys.index_select(0, index)[:, :, first_needed:]
+            layer.values = values.index_select(0, index)[:, :, first_needed:]
         self.rows = [self.rows[i] for i in keep]
         self.attention_mask = mask[:, first_needed:]
         self.next_positions = self.next_positions.index_select(0, index)
@@ -55,9 +67,11 @@ class Batch(Generic[RowT]):
     def concat(self, other: Batch[RowT]) -> Batch[RowT]:
         """Append other's rows after ours, left-padding the shorter cache to a common length."""
         length = max(self.cached_length, other.cached_length)
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)])
-            mine.values = torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)])
+        for (mine, keys, values), (_, their_keys, their_values) in zip(
+            _filled_layers(self.cache), _filled_layers(other.cache), strict=True
+        ):
+            mine.keys = torch.cat([_left_pad(keys, length), _left_pad(their_keys, length)])
+            mine.values = torch.cat([_left_pad(values, length), _left_pad(their_values, length)])
         self.attention_mask = torch.cat(
             [_left_pad_mask(self.attention_mask, length), _left_pad_mask(other.attention_mask, length)]
         )
@@ -142,4 +156,5 @@ def decode_step(model: PreTrainedModel, batch: Batch[RowT]) -> torch.Tensor:
     )
     batch.attention_mask = mask
     batch.next_positions = batch.next_positions + 1
-    return output.logits[:, -1, :]
+    logits: torch.Tensor = output.logits[:, -1, :]
+    return logits

@@ -35,9 +35,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
+
+if TYPE_CHECKING:  # a TypedDict of llguidance's stub only: not importable at run time
+    from llguidance._lib import JsonCompileOptions
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ DEFAULT_TIMEOUT_S = 10.0
 VERDICT_CACHE_SIZE = 1024
 # Compact JSON (no free whitespace): a small model otherwise tends to loop on newlines and spaces,
 # and the output is the same data.
-JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
 
 
 def llguidance_grammar(kind: str, spec: str) -> str:

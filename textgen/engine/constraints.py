@@ -59,6 +59,7 @@ import llguidance.hf
 import llguidance.torch
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from textgen.engine.constraint_limits import check_constraint_limits, check_schema_value
@@ -211,6 +212,8 @@ class GrammarCompiler:
                 started = time.perf_counter()
                 vocab = self._vocab_size if self._vocab_size and self._vocab_size > len(self._hf_tokenizer) else None
                 eos: list[int] | None = self._eos_token_ids or None
+                if not isinstance(self._hf_tokenizer, PreTrainedTokenizerFast):
+                    raise ValueError("Only fast tokenizers are supported")  # as llguidance itself says
                 self._ll_tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=vocab, eos_token=eos)
                 logger.info("Grammar tokenizer built in %.2fs", time.perf_counter() - started)
             return self._ll_tokenizer

@@ -22,8 +22,11 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = 0
 
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    def _decode(self, ids: list[int]) -> str:
+        text = self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if not isinstance(text, str):  # a list of ids decodes to one string; a batch would be a list
+            raise TypeError(f"the tokenizer decoded one sequence into {type(text).__name__}")
+        return text
 
     def push(self, token_id: int) -> str:
         """Add a token; return the text it completes (may be empty while a character is partial)."""

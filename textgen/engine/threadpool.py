@@ -16,7 +16,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, pipeline
+from transformers import (
+    PythonBackend,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextGenerationPipeline,
+    TokenizersBackend,
+    pipeline,
+)
 
 from textgen.engine.sequence import SequenceState, tokenize_prompt
 from textgen.engine.types import (
@@ -93,7 +100,7 @@ class ThreadPoolEngine:
         self._workers = workers
         self._warmup = warmup
         self._executor: ThreadPoolExecutor | None = None
-        self._pipe = None
+        self._pipe: TextGenerationPipeline | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._handles: set[Handle] = set()
@@ -106,7 +113,10 @@ class ThreadPoolEngine:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="textgen-pipeline")
-        self._pipe = pipeline("text-generation", model=self._loaded.model, tokenizer=self._loaded.tokenizer)
+        tokenizer = self._loaded.tokenizer
+        if not isinstance(tokenizer, PythonBackend | TokenizersBackend):  # what the pipeline accepts
+            raise TypeError(f"the text-generation pipeline cannot use a {type(tokenizer).__name__} tokenizer")
+        self._pipe = pipeline("text-generation", model=self._loaded.model, tokenizer=tokenizer)
         self._accepting = True
         if self._warmup:
             warm = self.submit(GenerationRequest("Hello", SamplingParams(max_new_tokens=4, temperature=0.0)))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from transformers import PreTrainedModel
 
 from textgen.engine.core.activations import input_ranges
 from textgen.engine.core.calibrate import Probe, machine_key, plan_for, refine_crossover
@@ -45,7 +46,9 @@ PLAN_CACHE = "weight-formats.json"
 
 class ModelCore(Protocol):
     name: str
-    capacity: int  # positions one slot holds (prompt + generated)
+
+    @property
+    def capacity(self) -> int: ...  # positions one slot holds (prompt + generated)
 
     @property
     def free_slots(self) -> int: ...
@@ -161,7 +164,7 @@ def release_source_weights(loaded: LoadedModel, core: ModelCore) -> int:
     """
     if not isinstance(core, DecodeCore):
         return 0
-    keep = loaded.model.get_output_embeddings()
+    keep = output_embeddings(loaded.model)
     freed = 0
     for module in loaded.model.modules():
         weight = getattr(module, "weight", None)
@@ -196,7 +199,14 @@ def gguf_int4_blocks(loaded: LoadedModel, arch: str, options: CoreOptions) -> di
 FIRST_LAYER = re.compile(r"(^|\.)(layers|h)\.0\.")
 
 
-def first_layer_probe(model: torch.nn.Module) -> Probe:
+def output_embeddings(model: PreTrainedModel) -> torch.nn.Module | None:
+    """The model's output layer (often tied to its input embeddings), None where it has none."""
+    # transformers leaves get_output_embeddings() unannotated; it returns an nn.Module or None.
+    found: torch.nn.Module | None = model.get_output_embeddings()  # type: ignore[no-untyped-call]
+    return found
+
+
+def first_layer_probe(model: PreTrainedModel) -> Probe:
     """Every projection weight of the first transformer layer ([out, in]) and the output head."""
     weights = []
     for name, module in model.named_modules():
@@ -206,5 +216,8 @@ def first_layer_probe(model: torch.nn.Module) -> Probe:
         is_conv1d = type(module).__name__ == "Conv1D"  # GPT-2 stores [in, out]
         weights.append((weight.t() if is_conv1d else weight).detach())
     config = model.config.get_text_config()
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
-    return Probe(weights, model.get_output_embeddings().weight.detach(), int(layers))
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 1
+    head = getattr(output_embeddings(model), "weight", None)
+    if not isinstance(head, torch.Tensor):
+        raise TypeError(f"{type(model).__name__} has no output layer weight to probe")
+    return Probe(weights, head.detach(), int(layers))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -18,14 +18,34 @@ import textgen.engine.core.llama as llama
 from textgen.engine.core.fused import FusedKernels
 from textgen.engine.core.kv_cache import SlotKVCache
 from textgen.engine.core.layers import Attention, DecodeAttention, MixedAttention, PrefillAttention
+from textgen.engine.core.linear import Linear
 from textgen.engine.core.weights import UNBOUNDED, LinearFactory, WeightPlan
+
+
+class ModelWeights(Protocol):
+    """What the core reads of an architecture's weights (llama.LlamaWeights, gpt2.Gpt2Weights)."""
+
+    @property
+    def layers(self) -> Sequence[object]: ...
+
+    @property
+    def lm_head(self) -> Linear: ...
+
+    @property
+    def kv_heads(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
+
+    @property
+    def scale(self) -> float: ...
 
 
 @dataclass(frozen=True)
 class Architecture:
     name: str
     unsupported_reason: Callable[[Any], str | None]
-    build: Callable[..., Any]
+    build: Callable[..., ModelWeights]
     forward: Callable[[Any, torch.Tensor, torch.Tensor, Attention], torch.Tensor]
     # A model step through fused.c (weights, tokens, positions, cache rows, cache, kernels), and when it applies
     # (weights, tokens, longest live length); None where the architecture has none.
@@ -134,7 +154,9 @@ class DecodeCore:
         lengths = self.cache.lengths_of(rows)
         for slot in decode_slots:
             self.cache.check_room(slot, 1)
-        segments, prompt_tokens, positions, last = [], [], list(lengths), list(range(len(rows)))
+        segments: list[tuple[int, int, int]] = []  # (cache row, start in prompt_tokens, length)
+        prompt_tokens: list[int] = []
+        positions, last = list(lengths), list(range(len(rows)))
         start = 0
         for slot, row, prompt in zip(prefill_slots, self.cache.rows_of(prefill_slots), prompts, strict=True):
             self.cache.check_room(slot, len(prompt))
@@ -252,7 +274,7 @@ class DecodeCore:
         }
 
 
-def _linears(weights: Any) -> list[Any]:
+def _linears(weights: ModelWeights) -> list[Linear]:
     found = [weights.lm_head]
     for layer in weights.layers:
         found.extend(value for value in vars(layer).values() if hasattr(value, "kernel_for"))

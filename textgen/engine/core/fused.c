@@ -16,8 +16,11 @@
  * one already loaded, so these loops and PyTorch's matrix products share one thread team (a second
  * runtime would make both teams spin against each other on the same cores). fused.py checks that.
  */
+#include "fused.h"
+
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -26,16 +29,28 @@
 /* Below this many elements a loop runs on the calling thread: waking the team costs more. */
 #define PARALLEL_WORK 1024
 
-/* Cleared by fused.py when this library did not share PyTorch's OpenMP runtime. */
+/* Signatures, shape limits (MAX_*) and status codes (FUSED_*) are in fused.h. */
 static int parallel = 1;
 void set_parallel(int on) { parallel = on; }
 
-/* Shape limits (checked here and, before choosing this path, in fused.py). */
-#define MAX_WIDTH 8192 /* hidden size */
-#define MAX_HEADS 64
-#define MAX_DIM 256 /* head size */
-#define MAX_LIVE 8192 /* cached positions attended */
-#define MAX_GROUP 8 /* query heads per KV head */
+/* Scratch is on the heap, one buffer per thread per call (a thread's stack may be small: 64-256 KiB
+ * arrays there could overflow it). A thread whose allocation failed skips its rows and the call reports
+ * FUSED_NO_MEMORY; every thread still reaches the loop, as an OpenMP work-sharing loop requires. */
+static void *scratch(int64_t count, size_t size, int *failed) {
+    void *buffer = malloc((size_t)(count > 0 ? count : 1) * size);
+    if (!buffer) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+    return buffer;
+}
+
+/* Every outlier index within the row it picks from. */
+static int outliers_within(const int64_t *outliers, int64_t count, int64_t width) {
+    for (int64_t j = 0; j < count; j++)
+        if (outliers[j] < 0 || outliers[j] >= width) return 0;
+    return 1;
+}
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -55,27 +70,33 @@ static inline uint16_t f32_to_bf16(float f) {
  * out [rows, width] = x / rms(x) * weight. */
 int add_rms_norm(uint16_t *x, const uint16_t *delta, const uint16_t *weight, uint16_t *out, int64_t rows,
                  int64_t width, float eps) {
-    if (width > MAX_WIDTH) return -1;
-#pragma omp parallel for schedule(static) if (parallel && rows * width >= PARALLEL_WORK)
-    for (int64_t r = 0; r < rows; r++) {
-        float row[MAX_WIDTH];
-        uint16_t *xr = x + r * width;
-        float squares = 0.0f;
-        for (int64_t i = 0; i < width; i++) {
-            float v = bf16_to_f32(xr[i]);
-            if (delta) {
-                xr[i] = f32_to_bf16(v + bf16_to_f32(delta[r * width + i]));
-                v = bf16_to_f32(xr[i]);
+    if (width > MAX_WIDTH || width <= 0 || rows < 0) return FUSED_BAD_SHAPE;
+    int failed = 0;
+#pragma omp parallel if (parallel && rows * width >= PARALLEL_WORK)
+    {
+        float *row = scratch(width, sizeof *row, &failed);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (!row) continue;
+            uint16_t *xr = x + r * width;
+            float squares = 0.0f;
+            for (int64_t i = 0; i < width; i++) {
+                float v = bf16_to_f32(xr[i]);
+                if (delta) {
+                    xr[i] = f32_to_bf16(v + bf16_to_f32(delta[r * width + i]));
+                    v = bf16_to_f32(xr[i]);
+                }
+                row[i] = v;
+                squares += v * v;
             }
-            row[i] = v;
-            squares += v * v;
+            float inv = 1.0f / sqrtf(squares / (float)width + eps);
+            for (int64_t i = 0; i < width; i++) {
+                out[r * width + i] = f32_to_bf16(row[i] * inv * bf16_to_f32(weight[i]));
+            }
         }
-        float inv = 1.0f / sqrtf(squares / (float)width + eps);
-        for (int64_t i = 0; i < width; i++) {
-            out[r * width + i] = f32_to_bf16(row[i] * inv * bf16_to_f32(weight[i]));
-        }
+        free(row);
     }
-    return 0;
+    return failed ? FUSED_NO_MEMORY : FUSED_OK;
 }
 
 /* Split-half rotary embedding (as transformers' Llama): for i < D/2, (x[i], x[i + D/2]) is rotated by
@@ -187,17 +208,24 @@ static void weighted_values(const float *probs, const uint16_t *values, int64_t 
  * out [rows, Hq D]: softmax(scale q.k) v over positions 0..position of its row, query heads grouped over
  * KV heads. Every token's key and value are written before any token attends, so a prompt's tokens
  * see each other (causally) in the same call. */
-int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *positions,
-                            const int64_t *cache_rows, uint16_t *keys, uint16_t *values, uint16_t *out, int64_t rows,
-                            int64_t heads, int64_t kv_heads, int64_t dim, int64_t capacity, float scale) {
-    int64_t group = heads / kv_heads, width = (heads + 2 * kv_heads) * dim, work = 0;
-    if (dim > MAX_DIM || heads > MAX_HEADS || group > MAX_GROUP) return -1;
+int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, int64_t angles,
+                           const int64_t *positions, const int64_t *cache_rows, uint16_t *keys, uint16_t *values,
+                           uint16_t *out, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t slots,
+                           int64_t capacity, float scale) {
+    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads || dim <= 0 || dim % 2 || rows < 0) return FUSED_BAD_SHAPE;
+    int64_t group = heads / kv_heads, width = (heads + 2 * kv_heads) * dim, work = 0, longest = 0;
+    if (dim > MAX_DIM || heads > MAX_HEADS || group > MAX_GROUP || capacity <= 0) return FUSED_BAD_SHAPE;
     for (int64_t r = 0; r < rows; r++) {
-        if (positions[r] + 1 > MAX_LIVE || positions[r] >= capacity) return -1;
+        if (positions[r] < 0 || positions[r] >= capacity || positions[r] >= angles) return FUSED_BAD_INDEX;
+        if (cache_rows[r] < 0 || cache_rows[r] >= slots) return FUSED_BAD_INDEX;
+        if (positions[r] + 1 > MAX_LIVE) return FUSED_BAD_SHAPE;
         work += (positions[r] + 1) * kv_heads * dim;
+        longest = positions[r] + 1 > longest ? positions[r] + 1 : longest;
     }
+    int failed = 0;
 #pragma omp parallel if (parallel && work >= 4 * PARALLEL_WORK)
     {
+        float *scores = scratch(group * longest, sizeof *scores, &failed);
 #pragma omp for schedule(static)
         for (int64_t pair = 0; pair < rows * kv_heads; pair++) {
             int64_t r = pair / kv_heads, g = pair % kv_heads, pos = positions[r];
@@ -213,8 +241,9 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
         /* (the implicit barrier here: all keys and values are in place) */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t pair = 0; pair < rows * kv_heads; pair++) {
+            if (!scores) continue;
             int64_t r = pair / kv_heads, g = pair % kv_heads;
-            float q[MAX_DIM], scores[MAX_GROUP * MAX_LIVE], acc[MAX_GROUP * MAX_DIM];
+            float q[MAX_DIM], acc[MAX_GROUP * MAX_DIM];
             const uint16_t *src = qkv + r * width;
             int64_t pos = positions[r], live = pos + 1;
             int64_t base = ((cache_rows[r] * kv_heads + g) * capacity) * dim;
@@ -237,8 +266,9 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
             uint16_t *o = out + r * heads * dim + g * group * dim;
             for (int64_t i = 0; i < group * dim; i++) o[i] = f32_to_bf16(acc[i]);
         }
+        free(scores);
     }
-    return 0;
+    return failed ? FUSED_NO_MEMORY : FUSED_OK;
 }
 
 /* gate_up [rows, 2F] (gate then up) -> out [rows, F] = silu(gate) * up. */
@@ -289,14 +319,21 @@ static void rescale_row(const int32_t *acc, float row_max, const float *col_scal
  * channels, row_max [rows], outlying [rows, count] (see quantize_row). */
 int quantize_rows(const void *x, int x_bf16, const int64_t *outliers, int64_t count, int8_t *q, float *row_max,
                   float *outlying, int64_t rows, int64_t width) {
-    if (width > MAX_WIDTH) return -1;
-#pragma omp parallel for schedule(static) if (parallel && rows * width >= PARALLEL_WORK)
-    for (int64_t r = 0; r < rows; r++) {
-        float row[MAX_WIDTH];
-        for (int64_t i = 0; i < width; i++) row[i] = load(x, x_bf16, r * width + i);
-        quantize_row(row, width, outliers, count, q + r * width, row_max + r, outlying + r * count);
+    if (width > MAX_WIDTH || width <= 0 || rows < 0 || count < 0) return FUSED_BAD_SHAPE;
+    if (!outliers_within(outliers, count, width)) return FUSED_BAD_INDEX;
+    int failed = 0;
+#pragma omp parallel if (parallel && rows * width >= PARALLEL_WORK)
+    {
+        float *row = scratch(width, sizeof *row, &failed);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (!row) continue;
+            for (int64_t i = 0; i < width; i++) row[i] = load(x, x_bf16, r * width + i);
+            quantize_row(row, width, outliers, count, q + r * width, row_max + r, outlying + r * count);
+        }
+        free(row);
     }
-    return 0;
+    return failed ? FUSED_NO_MEMORY : FUSED_OK;
 }
 
 /* A decode layer's residual step with w8a8 products on both sides, in one pass per row:
@@ -309,30 +346,37 @@ int residual_norm_quantize(uint16_t *x, const int32_t *acc, const float *acc_row
                            const float *bias, const uint16_t *weight, float eps, const int64_t *outliers,
                            int64_t count, int8_t *q, float *row_max, float *outlying, uint16_t *out, int64_t rows,
                            int64_t width) {
-    if (width > MAX_WIDTH) return -1;
-#pragma omp parallel for schedule(static) if (parallel && rows * width >= PARALLEL_WORK)
-    for (int64_t r = 0; r < rows; r++) {
-        float row[MAX_WIDTH];
-        uint16_t *xr = x + r * width;
-        if (acc) {
-            rescale_row(acc + r * width, acc_row_max[r], col_scale, acc_outlying + r * acc_count, outlier_weight_t,
-                        acc_count, bias, width, row);
-            for (int64_t i = 0; i < width; i++) xr[i] = f32_to_bf16(bf16_to_f32(xr[i]) + row[i]);
+    if (width > MAX_WIDTH || width <= 0 || rows < 0 || count < 0 || acc_count < 0) return FUSED_BAD_SHAPE;
+    if (q && !outliers_within(outliers, count, width)) return FUSED_BAD_INDEX;
+    int failed = 0;
+#pragma omp parallel if (parallel && rows * width >= PARALLEL_WORK)
+    {
+        float *row = scratch(width, sizeof *row, &failed);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (!row) continue;
+            uint16_t *xr = x + r * width;
+            if (acc) {
+                rescale_row(acc + r * width, acc_row_max[r], col_scale, acc_outlying + r * acc_count, outlier_weight_t,
+                            acc_count, bias, width, row);
+                for (int64_t i = 0; i < width; i++) xr[i] = f32_to_bf16(bf16_to_f32(xr[i]) + row[i]);
+            }
+            float squares = 0.0f;
+            for (int64_t i = 0; i < width; i++) {
+                row[i] = bf16_to_f32(xr[i]);
+                squares += row[i] * row[i];
+            }
+            float inv = 1.0f / sqrtf(squares / (float)width + eps);
+            for (int64_t i = 0; i < width; i++) row[i] = row[i] * inv * bf16_to_f32(weight[i]);
+            if (q) {
+                quantize_row(row, width, outliers, count, q + r * width, row_max + r, outlying + r * count);
+            } else {
+                for (int64_t i = 0; i < width; i++) out[r * width + i] = f32_to_bf16(row[i]);
+            }
         }
-        float squares = 0.0f;
-        for (int64_t i = 0; i < width; i++) {
-            row[i] = bf16_to_f32(xr[i]);
-            squares += row[i] * row[i];
-        }
-        float inv = 1.0f / sqrtf(squares / (float)width + eps);
-        for (int64_t i = 0; i < width; i++) row[i] = row[i] * inv * bf16_to_f32(weight[i]);
-        if (q) {
-            quantize_row(row, width, outliers, count, q + r * width, row_max + r, outlying + r * count);
-        } else {
-            for (int64_t i = 0; i < width; i++) out[r * width + i] = f32_to_bf16(row[i]);
-        }
+        free(row);
     }
-    return 0;
+    return failed ? FUSED_NO_MEMORY : FUSED_OK;
 }
 
 /* The MLP's middle with w8a8 products on both sides: acc [rows, 2F] int32 (gate then up) rescaled as in
@@ -340,19 +384,26 @@ int residual_norm_quantize(uint16_t *x, const int32_t *acc, const float *acc_row
 int silu_quantize(const int32_t *acc, const float *acc_row_max, const float *col_scale, const float *acc_outlying,
                   const float *outlier_weight_t, int64_t acc_count, const float *bias, const int64_t *outliers,
                   int64_t count, int8_t *q, float *row_max, float *outlying, int64_t rows, int64_t features) {
-    if (features > MAX_WIDTH) return -1;
-#pragma omp parallel for schedule(static) if (parallel && rows * features >= PARALLEL_WORK)
-    for (int64_t r = 0; r < rows; r++) {
-        float gate_up[2 * MAX_WIDTH];
-        rescale_row(acc + r * 2 * features, acc_row_max[r], col_scale, acc_outlying + r * acc_count, outlier_weight_t,
-                    acc_count, bias, 2 * features, gate_up);
-        for (int64_t i = 0; i < features; i++) {
-            float g = gate_up[i];
-            gate_up[i] = g / (1.0f + expf(-g)) * gate_up[features + i];
+    if (features > MAX_WIDTH || features <= 0 || rows < 0 || count < 0 || acc_count < 0) return FUSED_BAD_SHAPE;
+    if (!outliers_within(outliers, count, features)) return FUSED_BAD_INDEX;
+    int failed = 0;
+#pragma omp parallel if (parallel && rows * features >= PARALLEL_WORK)
+    {
+        float *gate_up = scratch(2 * features, sizeof *gate_up, &failed);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (!gate_up) continue;
+            rescale_row(acc + r * 2 * features, acc_row_max[r], col_scale, acc_outlying + r * acc_count, outlier_weight_t,
+                        acc_count, bias, 2 * features, gate_up);
+            for (int64_t i = 0; i < features; i++) {
+                float g = gate_up[i];
+                gate_up[i] = g / (1.0f + expf(-g)) * gate_up[features + i];
+            }
+            quantize_row(gate_up, features, outliers, count, q + r * features, row_max + r, outlying + r * count);
         }
-        quantize_row(gate_up, features, outliers, count, q + r * features, row_max + r, outlying + r * count);
+        free(gate_up);
     }
-    return 0;
+    return failed ? FUSED_NO_MEMORY : FUSED_OK;
 }
 
 #define COLUMN_TILE 64 /* four AVX-512 vectors: a row's tile of outputs stays in registers */
@@ -405,7 +456,6 @@ void dequantize_rows(const int32_t *acc, const float *row_max, const float *col_
 /* ----- sampling ------------------------------------------------------------------------------------ */
 
 #define SAMPLE_BLOCK 64
-#define MAX_VOCAB_BLOCKS 8192 /* vocabularies up to 524,288 tokens */
 
 /* -inf marks a refused token (grammar masks). The file is built with -ffast-math, which lets the compiler
  * assume no infinities in float comparisons, so they are recognised by their bits. */
@@ -422,58 +472,64 @@ static inline int refused(float x) {
  * Per-block maxima and sums (64 tokens) make the draw's walk and the "more likely" sum skip most blocks. */
 int sample_nucleus(const float *logits, const float *temperature, const float *top_p, const float *uniforms,
                    int64_t *chosen, int64_t rows, int64_t vocab, int64_t draws) {
+    if (vocab <= 0 || vocab > MAX_VOCAB || rows < 0 || draws < 0) return FUSED_BAD_SHAPE;
     int64_t blocks = (vocab + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK;
-    if (blocks > MAX_VOCAB_BLOCKS) return -1;
-#pragma omp parallel for schedule(dynamic, 1) if (parallel && rows > 1)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *l = logits + r * vocab;
-        float block_max[MAX_VOCAB_BLOCKS], block_sum[MAX_VOCAB_BLOCKS];
-        float inv_t = 1.0f / temperature[r], top = -3.0e38f;
-        for (int64_t b = 0; b < blocks; b++) {
-            int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
-            float m = -3.0e38f;
-            for (int64_t i = b * SAMPLE_BLOCK; i < end; i++) m = fmaxf(m, refused(l[i]) ? -3.0e38f : l[i]);
-            block_max[b] = m;
-            top = fmaxf(top, m);
-        }
-        double total = 0.0;
-        for (int64_t b = 0; b < blocks; b++) {
-            int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
-            float s = 0.0f;
-            for (int64_t i = b * SAMPLE_BLOCK; i < end; i++) s += refused(l[i]) ? 0.0f : expf((l[i] - top) * inv_t);
-            block_sum[b] = s;
-            total += s;
-        }
-        chosen[r] = -1;
-        for (int64_t d = 0; d < draws; d++) {
-            double target = uniforms[r * draws + d] * total, before = 0.0;
-            int64_t b = 0, token = -1;
-            while (b < blocks - 1 && before + block_sum[b] <= target) before += block_sum[b++];
-            int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
-            for (int64_t i = b * SAMPLE_BLOCK; i < end; i++) {
-                if (refused(l[i])) continue;
-                token = i; /* the last allowed token, should rounding leave target past the block's sum */
-                before += expf((l[i] - top) * inv_t);
-                if (before > target) break;
+    int failed = 0;
+#pragma omp parallel if (parallel && rows > 1)
+    {
+        float *block_max = scratch(2 * blocks, sizeof *block_max, &failed), *block_sum = block_max + blocks;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t r = 0; r < rows; r++) {
+            if (!block_max) continue;
+            const float *l = logits + r * vocab;
+            float inv_t = 1.0f / temperature[r], top = -3.0e38f;
+            for (int64_t b = 0; b < blocks; b++) {
+                int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
+                float m = -3.0e38f;
+                for (int64_t i = b * SAMPLE_BLOCK; i < end; i++) m = fmaxf(m, refused(l[i]) ? -3.0e38f : l[i]);
+                block_max[b] = m;
+                top = fmaxf(top, m);
             }
-            if (token < 0) continue; /* cannot happen: the block holds mass; drawn again to be safe */
-            float drawn = l[token];
-            double more = 0.0;
-            for (int64_t c = 0; c < blocks; c++) {
-                if (block_max[c] <= drawn) continue;
-                int64_t stop = (c + 1) * SAMPLE_BLOCK < vocab ? (c + 1) * SAMPLE_BLOCK : vocab;
+            double total = 0.0;
+            for (int64_t b = 0; b < blocks; b++) {
+                int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
                 float s = 0.0f;
-                for (int64_t i = c * SAMPLE_BLOCK; i < stop; i++)
-                    s += (!refused(l[i]) && l[i] > drawn) ? expf((l[i] - top) * inv_t) : 0.0f;
-                more += s;
+                for (int64_t i = b * SAMPLE_BLOCK; i < end; i++) s += refused(l[i]) ? 0.0f : expf((l[i] - top) * inv_t);
+                block_sum[b] = s;
+                total += s;
             }
-            if (top_p[r] >= 1.0f || more < top_p[r] * total) {
-                chosen[r] = token;
-                break;
+            chosen[r] = -1;
+            for (int64_t d = 0; d < draws; d++) {
+                double target = uniforms[r * draws + d] * total, before = 0.0;
+                int64_t b = 0, token = -1;
+                while (b < blocks - 1 && before + block_sum[b] <= target) before += block_sum[b++];
+                int64_t end = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;
+                for (int64_t i = b * SAMPLE_BLOCK; i < end; i++) {
+                    if (refused(l[i])) continue;
+                    token = i; /* the last allowed token, should rounding leave target past the block's sum */
+                    before += expf((l[i] - top) * inv_t);
+                    if (before > target) break;
+                }
+                if (token < 0) continue; /* cannot happen: the block holds mass; drawn again to be safe */
+                float drawn = l[token];
+                double more = 0.0;
+                for (int64_t c = 0; c < blocks; c++) {
+                    if (block_max[c] <= drawn) continue;
+                    int64_t stop = (c + 1) * SAMPLE_BLOCK < vocab ? (c + 1) * SAMPLE_BLOCK : vocab;
+                    float s = 0.0f;
+                    for (int64_t i = c * SAMPLE_BLOCK; i < stop; i++)
+                        s += (!refused(l[i]) && l[i] > drawn) ? expf((l[i] - top) * inv_t) : 0.0f;
+                    more += s;
+                }
+                if (top_p[r] >= 1.0f || more < top_p[r] * total) {
+                    chosen[r] = token;
+                    break;
+                }
             }
         }
+        free(block_max);
     }
-    return 0;
+    return failed ? FUSED_NO_MEMORY : FUSED_OK;
 }
 
 /* ----- Q4_1 blocks times int8 activations (AVX-512 VNNI) -------------------------------------------- */
@@ -537,10 +593,12 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed,
 int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *scales, const int64_t *outliers,
               int64_t count, const float *outlier_weight_t, void *out, int out_bf16, int64_t rows, int64_t n,
               int64_t k, int8_t *xq, float *xd, float *xsum, float *xout) {
-    if (k % 32 || n % 16 || k > MAX_WIDTH) return -1;
+    if (k <= 0 || n <= 0 || rows < 0 || count < 0 || k % 32 || n % 16 || k > MAX_WIDTH) return FUSED_BAD_SHAPE;
+    if (!outliers_within(outliers, count, k)) return FUSED_BAD_INDEX;
     int64_t blocks = k / 32, tiles = n / 16;
+    float *row = malloc((size_t)k * sizeof *row);
+    if (!row) return FUSED_NO_MEMORY;
     for (int64_t r = 0; r < rows; r++) {
-        float row[MAX_WIDTH];
         for (int64_t i = 0; i < k; i++) row[i] = load(x, x_bf16, r * k + i);
         for (int64_t j = 0; j < count; j++) {
             xout[r * count + j] = row[outliers[j]];
@@ -559,6 +617,7 @@ int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *
             xsum[r * blocks + b] = sum;
         }
     }
+    free(row);
 #pragma omp parallel for schedule(static) if (parallel && n * k >= 16 * PARALLEL_WORK)
     for (int64_t t = 0; t < tiles; t++) {
         const uint8_t *pt = packed + t * blocks * 256;
@@ -582,7 +641,7 @@ int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *
                 }
         }
     }
-    return 0;
+    return FUSED_OK;
 }
 #else
 int q4_supported(void) { return 0; }
@@ -591,6 +650,6 @@ int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *
               int64_t k, int8_t *xq, float *xd, float *xsum, float *xout) {
     (void)x; (void)x_bf16; (void)packed; (void)scales; (void)outliers; (void)count; (void)outlier_weight_t;
     (void)out; (void)out_bf16; (void)rows; (void)n; (void)k; (void)xq; (void)xd; (void)xsum; (void)xout;
-    return -1;
+    return FUSED_UNSUPPORTED;
 }
 #endif

@@ -1,4 +1,6 @@
-"""The kernels of ``fused.c``: built with the system C compiler on first use, loaded with ctypes. They
+"""The kernels of ``fused.c``: built with the system C compiler by the set-up command (``make setup`` runs
+``python -m textgen.engine.core.build``; a server that finds no build makes one on first use), loaded with
+ctypes. Their signatures, limits and status codes come from ``fused.h`` (``fused_header.py``). They
 serve the Llama model step in bfloat16 on a CPU (``llama.step_fused``: decode rows and prompts alike),
 the Q4_1 and w8a8 products (``linear.Q4Kernel``, ``linear.W8A8Kernel``) and top-p sampling
 (``sampling.nucleus_by_rejection``).
@@ -25,15 +27,24 @@ import secrets
 import shutil
 import stat
 import subprocess
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from textgen.engine.core.fused_header import HEADER as HEADER_PATH
+from textgen.engine.core.fused_header import read_header
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused.c")
+# Signatures, limits and status codes: fused.h, read once here (fused_header.py), never written again.
+HEADER = read_header(HEADER_PATH)
+MAX_WIDTH, MAX_HEADS, MAX_DIM, MAX_LIVE, MAX_GROUP, MAX_VOCAB = (
+    HEADER.constant(name) for name in ("MAX_WIDTH", "MAX_HEADS", "MAX_DIM", "MAX_LIVE", "MAX_GROUP", "MAX_VOCAB")
+)
 # Compiled with -ffast-math so gcc vectorises the reductions and expf (glibc's vector math, libmvec; fused.c
 # uses no inf or NaN), then linked *without* it: linking a -ffast-math library pulls in crtfastmath.o, which
 # sets flush-to-zero for the whole process when the library loads (hypothesis's float strategies noticed).
@@ -50,9 +61,45 @@ LINK_FLAG_SETS = (
     ["-shared", "-fopenmp", "-Wl,--no-undefined", "-lm"],
     ["-shared", "-Wl,--no-undefined", "-lm"],
 )
-MAX_WIDTH, MAX_HEADS, MAX_DIM, MAX_LIVE = 8192, 64, 256, 8192  # as in fused.c
 
-_i64, _int, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+
+@dataclass(frozen=True)
+class Variant:
+    """A build of fused.c: the service's own (``native``), or one for the tests (``scalar``, ``sanitize``)."""
+
+    name: str
+    compile_flags: tuple[str, ...] = ()  # added to each of COMPILE_FLAG_SETS
+    link_flags: tuple[str, ...] = ()  # added to each of LINK_FLAG_SETS
+
+    def library_name(self, key: str) -> str:
+        return f"fused-{key}.so" if self.name == "native" else f"fused-{self.name}-{key}.so"
+
+
+NATIVE = Variant("native")
+# -mno-avx512f after -march=native also turns off every AVX-512 extension (BF16, VNNI, BW): the plain C loops
+# run, as on a CPU without AVX-512, and q4_supported() is 0.
+SCALAR = Variant("scalar", ("-mno-avx512f",))
+# AddressSanitizer and UndefinedBehaviorSanitizer, stopping at the first report (-fno-sanitize-recover). Only
+# loadable with libasan preloaded (LD_PRELOAD): tests/unit/test_fused_sanitized.py runs it in a subprocess.
+SANITIZE = Variant(
+    "sanitize",
+    ("-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"),
+    ("-fsanitize=address,undefined",),
+)
+VARIANTS = {variant.name: variant for variant in (NATIVE, SCALAR, SANITIZE)}
+
+_STATUS = {
+    HEADER.constant("FUSED_BAD_SHAPE"): "a shape beyond the limits of fused.h, or inconsistent",
+    HEADER.constant("FUSED_BAD_INDEX"): "a position, cache row or outlier index outside its tensor",
+    HEADER.constant("FUSED_NO_MEMORY"): "no memory for its scratch buffers",
+    HEADER.constant("FUSED_UNSUPPORTED"): "not in this build (it needs AVX-512 VNNI)",
+}
+_FUSED_OK = HEADER.constant("FUSED_OK")
+
+
+class FusedArgumentError(ValueError):
+    """A tensor or size handed to a fused kernel that it cannot take (refused before any C runs), or a status
+    from one of fused.c's own guards."""
 
 
 class W8A8Weights(Protocol):
@@ -78,6 +125,84 @@ class Quantized:
         return cls(torch.empty(rows, width, dtype=torch.int8), torch.empty(rows, 1), torch.empty(rows, outliers))
 
 
+# ----- the boundary: every tensor checked before its address goes to C -----------------------------------
+# fused.c reads raw addresses: a tensor of the wrong dtype, layout, device or shape would be read past its
+# end or misread without a word. What Python can see (metadata) is checked here, on every call; what it
+# cannot see without reading the tensors (positions, cache rows, outlier indices) fused.c checks itself.
+
+Dim = int | None  # a required size, or None for any
+
+
+def _expect(tensor: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[Dim, ...]) -> None:
+    """tensor has one of dtypes, lives in CPU memory, is contiguous and has this shape (None: any size);
+    FusedArgumentError naming what is wrong otherwise. The first line is the whole check for a good tensor
+    of a fully known shape (under a microsecond); the rest explains a refusal, or matches None sizes."""
+    if tensor.dtype in dtypes and tensor.is_cpu and tensor.shape == shape and tensor.is_contiguous():
+        return
+    if tensor.device.type != "cpu":
+        raise FusedArgumentError(f"{name} is on {tensor.device}: the fused kernels read CPU memory only")
+    if tensor.dtype not in dtypes:
+        raise FusedArgumentError(f"{name} is {tensor.dtype}, expected {' or '.join(map(str, dtypes))}")
+    if tensor.dim() != len(shape) or any(want is not None and got != want for got, want in zip(
+        tensor.shape, shape, strict=True
+    )):
+        wanted = ", ".join("*" if size is None else str(size) for size in shape)
+        raise FusedArgumentError(f"{name} has shape {tuple(tensor.shape)}, expected ({wanted})")
+    if not tensor.is_contiguous():
+        raise FusedArgumentError(f"{name} is not contiguous (fused.c reads rows at fixed strides)")
+
+
+def _expect_rows(tensor: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...], dims: int) -> torch.Size:
+    """A call's leading tensor, whose sizes set the others': checked for dtype, CPU, layout and its number
+    of dimensions; its shape."""
+    if tensor.dtype in dtypes and tensor.is_cpu and tensor.dim() == dims and tensor.is_contiguous():
+        return tensor.shape
+    _expect(tensor, name, dtypes, (None,) * dims)
+    return tensor.shape
+
+
+# A layer's constants (weights, scales, outlier channels, rotary tables, the KV cache) come back at every
+# call of a model step: each is checked in full the first time it is seen with a given expectation, and
+# after that recognised (its identity, through a weak reference so a freed tensor's id reused by another is
+# not mistaken for it). Nothing in this package changes a tensor's dtype, shape or layout in place.
+_CONSTANTS: dict[int, tuple[weakref.ref[torch.Tensor], tuple[object, ...]]] = {}
+_CONSTANTS_LIMIT = 65536  # forgotten all at once past this (stale entries of freed tensors pile up otherwise)
+
+
+def _expect_constant(tensor: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[Dim, ...]) -> None:
+    """_expect for a tensor that is a layer's constant: in full once per tensor and expectation."""
+    key = (dtypes, shape)
+    seen = _CONSTANTS.get(id(tensor))
+    if seen is not None and seen[1] == key and seen[0]() is tensor:
+        return
+    _expect(tensor, name, dtypes, shape)
+    if len(_CONSTANTS) >= _CONSTANTS_LIMIT:
+        _CONSTANTS.clear()
+    _CONSTANTS[id(tensor)] = (weakref.ref(tensor), key)
+
+
+_BF16, _F32, _I64, _I32 = (torch.bfloat16,), (torch.float32,), (torch.int64,), (torch.int32,)
+_ROWS_DTYPES = (torch.bfloat16, torch.float32)  # what the w8a8 and Q4 helpers read and write
+
+
+def _expect_weights(weights: W8A8Weights, name: str, out: int) -> int:
+    """A w8a8 layer with `out` outputs; its number of outlier channels."""
+    count = weights.outliers.numel()
+    _expect_constant(weights.outliers, f"{name}.outliers", _I64, (count,))
+    _expect_constant(weights.scales, f"{name}.scales", _F32, (out,))
+    _expect_constant(weights.outlier_weight_t, f"{name}.outlier_weight_t", _F32, (count, out))
+    if weights.bias is not None:
+        _expect_constant(weights.bias, f"{name}.bias", _F32, (out,))
+    return count
+
+
+def _expect_quantized(source: Quantized, rows: int, width: int | None, count: int | None) -> None:
+    if width is not None:
+        _expect(source.q, "quantized.q", (torch.int8,), (rows, width))
+    _expect(source.row_max, "quantized.row_max", _F32, (rows, 1))
+    _expect(source.outlying, "quantized.outlying", _F32, (rows, count))
+
+
 def _product_args(acc: torch.Tensor | None, source: Quantized | None, weights: W8A8Weights | None) -> list[object]:
     """fused.c's seven arguments for an int32 product to rescale (all NULL when there is none)."""
     if acc is None or source is None or weights is None:
@@ -89,34 +214,32 @@ def _product_args(acc: torch.Tensor | None, source: Quantized | None, weights: W
     ]
 
 
+def _expect_product(acc: torch.Tensor, source: Quantized, weights: W8A8Weights, rows: int, out: int) -> None:
+    """An int32 product [rows, out] of rows quantized as source, through the w8a8 layer weights."""
+    _expect(acc, "acc", _I32, (rows, out))
+    _expect_quantized(source, rows, None, _expect_weights(weights, "product", out))
+
+
 @dataclass(frozen=True)
 class FusedKernels:
     library: ctypes.CDLL
     build_key: str = ""  # source, flags, compiler and CPU the library was built for
 
     def __post_init__(self) -> None:
-        self.library.add_rms_norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32]
-        self.library.rotary_cache_attention.argtypes = [_ptr] * 8 + [_i64] * 5 + [_f32]
-        self.library.silu_mul.argtypes = [_ptr, _ptr, _i64, _i64]
-        self.library.silu_mul.restype = None
-        self.library.quantize_rows.argtypes = [_ptr, _int, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64]
-        self.library.dequantize_rows.argtypes = [_ptr] * 5 + [_i64, _ptr, _ptr, _int, _i64, _i64]
-        self.library.dequantize_rows.restype = None
-        self.library.sample_nucleus.argtypes = [_ptr] * 5 + [_i64] * 3
-        product = [_ptr] * 5 + [_i64, _ptr]  # see _product_args
-        self.library.residual_norm_quantize.argtypes = [_ptr, *product, _ptr, _f32, _ptr, _i64, *[_ptr] * 4, _i64, _i64]
-        self.library.silu_quantize.argtypes = [*product, _ptr, _i64, *[_ptr] * 3, _i64, _i64]
-        q4_args = [_ptr, _int, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _int, *[_i64] * 3, *[_ptr] * 4]
-        self.library.q4_matmul.argtypes = q4_args
-        self.library.q4_supported.argtypes = []
-        self.library.set_parallel.argtypes = [_int]
-        self.library.set_parallel.restype = None
+        for signature in HEADER.functions.values():  # fused.h's declarations, every one
+            function = getattr(self.library, signature.name)  # AttributeError: a library without it
+            function.argtypes = signature.argtypes
+            function.restype = signature.restype
 
     def add_rms_norm(
         self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor, eps: float
     ) -> None:
         """x [N, E] += delta (in place, when given); out [N, E] = rms_norm(x) * weight [E]."""
-        rows, width = x.shape
+        rows, width = _expect_rows(x, "x", _BF16, 2)
+        if delta is not None:
+            _expect(delta, "delta", _BF16, (rows, width))
+        _expect_constant(weight, "weight", _BF16, (width,))
+        _expect(out, "out", _BF16, (rows, width))
         status = self.library.add_rms_norm(
             x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
             rows, width, eps,
@@ -138,20 +261,36 @@ class FusedKernels:
     ) -> None:
         """qkv [B, (Hq + 2 Hkv) D]; writes the rotated key and the value at each row's position in keys,
         values [S, Hkv, T, D] and the attention output over positions 0..position to out [B, Hq D]."""
-        _, kv_heads, capacity, dim = keys.shape
+        _expect_constant(keys, "keys", _BF16, (None, None, None, None))
+        slots, kv_heads, capacity, dim = keys.shape
+        if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+            raise FusedArgumentError(f"{heads} query heads over {kv_heads} KV heads: both must be > 0, and the "
+                                     "query heads a multiple of the KV heads")
+        _expect_constant(values, "values", _BF16, (slots, kv_heads, capacity, dim))
+        rows = _expect_rows(qkv, "qkv", _BF16, 2)[0]
+        _expect(qkv, "qkv", _BF16, (rows, (heads + 2 * kv_heads) * dim))
+        _expect_constant(cos, "cos", _BF16, (None, dim))
+        _expect_constant(sin, "sin", _BF16, (cos.shape[0], dim))
+        _expect(positions, "positions", _I64, (rows,))
+        _expect(cache_rows, "cache_rows", _I64, (rows,))
+        _expect(out, "out", _BF16, (rows, heads * dim))
         status = self.library.rotary_cache_attention(
-            qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), cache_rows.data_ptr(),
-            keys.data_ptr(), values.data_ptr(), out.data_ptr(), qkv.shape[0], heads, kv_heads, dim, capacity, scale,
+            qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[0], positions.data_ptr(),
+            cache_rows.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), rows, heads, kv_heads, dim,
+            slots, capacity, scale,
         )
         _check(status, "rotary_cache_attention")
 
     def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor) -> None:
         """gate_up [N, 2F] -> out [N, F] = silu(gate) * up."""
-        self.library.silu_mul(gate_up.data_ptr(), out.data_ptr(), out.shape[0], out.shape[1])
+        rows, features = _expect_rows(out, "out", _BF16, 2)
+        _expect(gate_up, "gate_up", _BF16, (rows, 2 * features))
+        self.library.silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, features)
 
     def quantize_rows(self, x: torch.Tensor, outliers: torch.Tensor) -> Quantized:
         """x [N, K] bf16 or float32 -> its rows quantized for a w8a8 product (see W8A8Kernel)."""
-        rows, width = x.shape
+        rows, width = _expect_rows(x, "x", _ROWS_DTYPES, 2)
+        _expect_constant(outliers, "outliers", _I64, (None,))
         out = Quantized.empty(rows, width, outliers.numel())
         status = self.library.quantize_rows(
             x.data_ptr(), x.dtype == torch.bfloat16, outliers.data_ptr(), outliers.numel(), out.q.data_ptr(),
@@ -171,9 +310,18 @@ class FusedKernels:
     ) -> Quantized | None:
         """x [N, E] bf16 += product (an int32 result, the input it came from, its layer), in place; then
         rms_norm(x) * norm_weight quantized for the target layer, or (target None) written to out [N, E]."""
-        rows, width = x.shape
-        quantized = None if target is None else Quantized.empty(rows, width, target.outliers.numel())
+        rows, width = _expect_rows(x, "x", _BF16, 2)
         acc, source, weights = product if product is not None else (None, None, None)
+        if acc is not None and source is not None and weights is not None:
+            _expect_product(acc, source, weights, rows, width)
+        _expect_constant(norm_weight, "norm_weight", _BF16, (width,))
+        if target is None and out is None:
+            raise FusedArgumentError("residual_norm_quantize needs a target layer or an out tensor")
+        if out is not None:
+            _expect(out, "out", _BF16, (rows, width))
+        if target is not None:
+            _expect_constant(target.outliers, "target.outliers", _I64, (None,))
+        quantized = None if target is None else Quantized.empty(rows, width, target.outliers.numel())
         status = self.library.residual_norm_quantize(
             x.data_ptr(), *_product_args(acc, source, weights), norm_weight.data_ptr(), eps,
             *_target_args(target, quantized), None if out is None else out.data_ptr(), rows, width,
@@ -186,7 +334,12 @@ class FusedKernels:
     ) -> Quantized:
         """acc [N, 2F] int32 (gate then up, from source through weights) -> silu(gate) * up quantized for
         the target layer."""
-        rows, features = acc.shape[0], acc.shape[1] // 2
+        rows, columns = _expect_rows(acc, "acc", _I32, 2)
+        features = columns // 2
+        if columns % 2:
+            raise FusedArgumentError(f"acc has {acc.shape[1]} columns: gate and up need an even number")
+        _expect_product(acc, source, weights, rows, 2 * features)
+        _expect_constant(target.outliers, "target.outliers", _I64, (None,))
         quantized = Quantized.empty(rows, features, target.outliers.numel())
         status = self.library.silu_quantize(
             *_product_args(acc, source, weights), *_target_args(target, quantized), rows, features
@@ -205,7 +358,15 @@ class FusedKernels:
         out_dtype: torch.dtype,
     ) -> torch.Tensor:
         """acc [N, out] int32 -> acc * row_max * col_scale + outlying @ outlier_weight_t + bias, in out_dtype."""
-        rows, cols = acc.shape
+        rows, cols = _expect_rows(acc, "acc", _I32, 2)
+        _expect(row_max, "row_max", _F32, (rows, 1))
+        _expect_constant(col_scale, "col_scale", _F32, (cols,))
+        _expect_constant(outlier_weight_t, "outlier_weight_t", _F32, (None, cols))
+        _expect(outlying, "outlying", _F32, (rows, outlier_weight_t.shape[0]))
+        if bias is not None:
+            _expect_constant(bias, "bias", _F32, (cols,))
+        if out_dtype not in _ROWS_DTYPES:
+            raise FusedArgumentError(f"out_dtype {out_dtype}: fused.c writes bfloat16 or float32")
         out = torch.empty(rows, cols, dtype=out_dtype)
         self.library.dequantize_rows(
             acc.data_ptr(), row_max.data_ptr(), col_scale.data_ptr(), outlying.data_ptr(),
@@ -213,7 +374,6 @@ class FusedKernels:
             out.data_ptr(), out_dtype == torch.bfloat16, rows, cols,
         )
         return out
-
 
     @property
     def q4_supported(self) -> bool:
@@ -231,9 +391,17 @@ class FusedKernels:
     ) -> torch.Tensor:
         """x [N, K] bf16 or float32 times a weight packed by linear.Q4Kernel -> [N, out] in out_dtype; the
         outlier channels [k] of x are multiplied in float with outlier_weight_t [k, out]."""
-        rows, k = x.shape
         x = x.contiguous()
+        rows, k = _expect_rows(x, "x", _ROWS_DTYPES, 2)
+        _expect_constant(outliers, "outliers", _I64, (None,))
+        _expect_constant(outlier_weight_t, "outlier_weight_t", _F32, (outliers.numel(), None))
         out_features = outlier_weight_t.shape[1]
+        if k % 32 or out_features % 16:
+            raise FusedArgumentError(f"a Q4 weight [{out_features}, {k}]: outputs a multiple of 16, inputs of 32")
+        _expect_constant(packed, "packed", (torch.uint8,), (out_features // 16, k // 32, 4, 16, 4))
+        _expect_constant(scales, "scales", (torch.float16,), (out_features // 16, k // 32, 2, 16))
+        if out_dtype not in _ROWS_DTYPES:
+            raise FusedArgumentError(f"out_dtype {out_dtype}: fused.c writes bfloat16 or float32")
         out = torch.empty(rows, out_features, dtype=out_dtype)
         xq = torch.empty(rows, k, dtype=torch.int8)
         xd, xsum, xout = torch.empty(rows, k // 32), torch.empty(rows, k // 32), torch.empty(rows, outliers.numel())
@@ -251,9 +419,12 @@ class FusedKernels:
         """Top-p by rejection (sampling.nucleus_by_rejection) for logits [B, V] float32 on the CPU;
         temperature, top_p [B] float32; uniforms [B, draws]. -> token ids [B], -1 where every draw was
         rejected."""
-        rows, vocab = logits.shape
         logits, uniforms = logits.contiguous(), uniforms.contiguous()
         temperature, top_p = temperature.contiguous(), top_p.contiguous()
+        rows, vocab = _expect_rows(logits, "logits", _F32, 2)
+        _expect(temperature, "temperature", _F32, (rows,))
+        _expect(top_p, "top_p", _F32, (rows,))
+        _expect(uniforms, "uniforms", _F32, (rows, None))
         chosen = torch.empty(rows, dtype=torch.long)
         status = self.library.sample_nucleus(
             logits.data_ptr(), temperature.data_ptr(), top_p.data_ptr(), uniforms.data_ptr(), chosen.data_ptr(),
@@ -274,8 +445,9 @@ def _target_args(target: W8A8Weights | None, quantized: Quantized | None) -> lis
 
 
 def _check(status: int, name: str) -> None:
-    if status != 0:
-        raise ValueError(f"fused {name}: shape beyond the limits of fused.c")
+    if status != _FUSED_OK:
+        reason = _STATUS.get(status, f"unknown status {status}")
+        raise FusedArgumentError(f"fused {name} refused its arguments: {reason}")
 
 
 class KernelFolderRefused(Exception):
@@ -295,8 +467,14 @@ def load_fused_kernels(folder: Path | None = None) -> FusedKernels | None:
     return build_fused_kernels(folder).kernels
 
 
-def build_fused_kernels(folder: Path | None = None) -> KernelBuild:
-    """Build (once per source, CPU and compiler) and load the library from a folder only this user can write.
+def build_fused_kernels(
+    folder: Path | None = None, variant: Variant = NATIVE, *, at_setup: bool = False
+) -> KernelBuild:
+    """Load the library from a folder only this user can write, building it there first if it is missing.
+
+    The set-up command builds it (``python -m textgen.engine.core.build``, run by ``make setup``; ``at_setup``),
+    once per source, header, CPU and compiler: the server then only loads it. A server that finds none
+    (a new source, CPU or compiler since set-up) builds it on first use and says so once (a WARNING).
 
     It is a build of this package's source for this machine, not model data, so by default it lives in
     the user's cache (``kernel_folder``), whatever TEXTGEN_CACHE_DIR says: every server, worker and test
@@ -304,8 +482,12 @@ def build_fused_kernels(folder: Path | None = None) -> KernelBuild:
     ask for the same library), so a problem is logged once, as a WARNING naming the reason and the fix;
     the caller runs PyTorch's operators instead and reports ``problem`` (``/ready``, the bench header).
     """
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    return _load(folder if folder is not None else kernel_folder(), compiler)
+    return _load(folder if folder is not None else kernel_folder(), find_compiler(), variant, at_setup)
+
+
+def find_compiler() -> str | None:
+    """$CC, else cc, else gcc on the PATH; None when there is none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
 def kernel_folder() -> Path:
@@ -317,7 +499,7 @@ def kernel_folder() -> Path:
 
 
 @functools.cache
-def _load(folder: Path, compiler: str | None) -> KernelBuild:
+def _load(folder: Path, compiler: str | None, variant: Variant, at_setup: bool) -> KernelBuild:
     if compiler is None:
         return _unavailable("no C compiler found", "install gcc, or set CC to a C compiler")
     try:
@@ -327,15 +509,22 @@ def _load(folder: Path, compiler: str | None) -> KernelBuild:
     except OSError as error:
         return _unavailable(f"kernel folder {folder}: {error}", _FOLDER_FIX.format(folder=folder))
     try:
-        key = _build_key(compiler)
-        name = f"fused-{key}.so"
+        key = _build_key(compiler, variant)
+        name = variant.library_name(key)
         if not _entry_exists(directory, name):
-            _compile(compiler, directory, folder, name)
+            if not at_setup and variant is NATIVE:
+                logger.warning("Fused CPU kernels were not built at set-up (make setup, or python -m "
+                               "textgen.engine.core.build) for this source, CPU and compiler: compiling %s now",
+                               folder / name)
+            _compile(compiler, directory, folder, name, variant)
         kernels = FusedKernels(_load_private_library(directory, folder / name), key)
     except KernelFolderRefused as refused:
         return _unavailable(str(refused), f"delete it (rm {folder / name}) so that it is rebuilt")
     except (OSError, subprocess.SubprocessError) as error:
         return _unavailable(f"the build failed ({_first_line(error)})", "check that CC compiles C (gcc)")
+    except AttributeError as error:  # a library without a function fused.h declares
+        return _unavailable(f"kernel library {folder / name} is incomplete ({error})",
+                            f"delete it (rm {folder / name}) so that it is rebuilt")
     finally:
         os.close(directory)
     runtimes = openmp_runtimes()
@@ -481,7 +670,7 @@ def openmp_runtimes() -> set[str]:
     return {line.split()[-1] for line in maps if any(name in line.rsplit("/", 1)[-1] for name in names)}
 
 
-def _compile(compiler: str, directory: int, folder: Path, name: str) -> None:
+def _compile(compiler: str, directory: int, folder: Path, name: str, variant: Variant = NATIVE) -> None:
     """Compile into a private temporary name inside the checked folder, then rename it into place (atomic: a
     concurrent start sees no library or the whole one). The compiler runs in the folder itself (its
     descriptor), so nothing it writes can land in a folder swapped in on the way."""
@@ -491,8 +680,8 @@ def _compile(compiler: str, directory: int, folder: Path, name: str) -> None:
     failure: subprocess.CompletedProcess[str] | None = None
     try:
         for compile_flags, link_flags in zip(COMPILE_FLAG_SETS, LINK_FLAG_SETS, strict=True):
-            for command in ([compiler, *compile_flags, "-c", "-o", obj, str(SOURCE)],
-                            [compiler, "-o", partial, obj, *link_flags]):
+            for command in ([compiler, *compile_flags, *variant.compile_flags, "-c", "-o", obj, str(SOURCE)],
+                            [compiler, "-o", partial, obj, *link_flags, *variant.link_flags]):
                 failure = subprocess.run(
                     command, capture_output=True, text=True, timeout=120, cwd=cwd, pass_fds=(directory,)
                 )
@@ -511,11 +700,14 @@ def _compile(compiler: str, directory: int, folder: Path, name: str) -> None:
     raise subprocess.CalledProcessError(failure.returncode, failure.args, failure.stdout, failure.stderr)
 
 
-def _build_key(compiler: str) -> str:
+def _build_key(compiler: str, variant: Variant = NATIVE) -> str:
+    """What the library depends on: source, header, flags, compiler version and CPU (-march=native)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     cpu = _cpu_flags()
-    flags = " ".join(" ".join(f) for f in (*COMPILE_FLAG_SETS, *LINK_FLAG_SETS))
-    digest = hashlib.sha256(SOURCE.read_bytes() + flags.encode() + version.encode() + cpu.encode())
+    flag_sets = (*COMPILE_FLAG_SETS, *LINK_FLAG_SETS, variant.compile_flags, variant.link_flags)
+    flags = " ".join(" ".join(f) for f in flag_sets)
+    sources = SOURCE.read_bytes() + HEADER_PATH.read_bytes()
+    digest = hashlib.sha256(sources + flags.encode() + version.encode() + cpu.encode())
     return digest.hexdigest()[:16]
 
 

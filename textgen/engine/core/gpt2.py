@@ -6,6 +6,7 @@ to the usual [out, in]. Shapes: N tokens, E hidden size, H heads, D head size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,7 @@ class Gpt2Weights:
 
     @property
     def scale(self) -> float:
-        return self.head_dim**-0.5
+        return math.pow(self.head_dim, -0.5)  # as head_dim**-0.5, typed
 
 
 def unsupported_reason(model: PreTrainedModel) -> str | None:
@@ -60,34 +61,48 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     return None
 
 
-def _conv(module: torch.nn.Module) -> Projection:
+def _tensors(module: torch.nn.Module, path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias (None where it has none) of the submodule at path, detached."""
+    layer = module.get_submodule(path)
+    weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+    if not isinstance(weight, torch.Tensor) or not (bias is None or isinstance(bias, torch.Tensor)):
+        raise TypeError(f"{path} ({type(layer).__name__}) has no weight tensor")
+    return weight.detach(), None if bias is None else bias.detach()
+
+
+def _conv(module: torch.nn.Module, path: str) -> Projection:
     """A Conv1D ([in, out] weight) seen as a linear layer ([out, in])."""
-    return Projection(module.weight.detach().t(), None if module.bias is None else module.bias.detach())
+    weight, bias = _tensors(module, path)
+    return Projection(weight.t(), bias)
 
 
-def _norm(module: torch.nn.LayerNorm, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return module.weight.detach().to(dtype), module.bias.detach().to(dtype)
+def _norm(module: torch.nn.Module, path: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    weight, bias = _tensors(module, path)
+    if bias is None:
+        raise TypeError(f"{path}: GPT-2's LayerNorm has a bias")
+    return weight.to(dtype), bias.to(dtype)
 
 
 def build(model: PreTrainedModel, make: LinearFactory, dtype: torch.dtype, positions: int) -> Gpt2Weights:
     config = model.config
-    base = model.transformer
+    base = model.get_submodule("transformer")
+    blocks = base.get_submodule("h")
     layers = [
         Gpt2Layer(
-            ln1=_norm(block.ln_1, dtype),
-            qkv=make([f"h.{i}.attn.c_attn"], [_conv(block.attn.c_attn)]),
-            out=make([f"h.{i}.attn.c_proj"], [_conv(block.attn.c_proj)]),
-            ln2=_norm(block.ln_2, dtype),
-            up=make([f"h.{i}.mlp.c_fc"], [_conv(block.mlp.c_fc)]),
-            down=make([f"h.{i}.mlp.c_proj"], [_conv(block.mlp.c_proj)]),
+            ln1=_norm(block, "ln_1", dtype),
+            qkv=make([f"h.{i}.attn.c_attn"], [_conv(block, "attn.c_attn")]),
+            out=make([f"h.{i}.attn.c_proj"], [_conv(block, "attn.c_proj")]),
+            ln2=_norm(block, "ln_2", dtype),
+            up=make([f"h.{i}.mlp.c_fc"], [_conv(block, "mlp.c_fc")]),
+            down=make([f"h.{i}.mlp.c_proj"], [_conv(block, "mlp.c_proj")]),
         )
-        for i, block in enumerate(base.h)
+        for i, block in enumerate(blocks.children())
     ]
     return Gpt2Weights(
-        embed=base.wte.weight.detach().to(dtype),
-        positions=base.wpe.weight.detach().to(dtype)[:positions],
+        embed=_tensors(base, "wte")[0].to(dtype),
+        positions=_tensors(base, "wpe")[0].to(dtype)[:positions],
         layers=layers,
-        final_norm=_norm(base.ln_f, dtype),
+        final_norm=_norm(base, "ln_f", dtype),
         lm_head=make(["lm_head"], [model.lm_head], out_dtype=torch.float32),
         heads=config.n_head,
         head_dim=config.n_embd // config.n_head,

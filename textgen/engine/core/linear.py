@@ -21,7 +21,7 @@ columns, q in 0..15. A GGUF Q4_1 block (``d * q + m``) maps onto it exactly with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,14 +35,16 @@ FUSED_DTYPES = {torch.bfloat16, torch.float32}  # what fused.c's w8a8 helpers re
 GROUP = 32  # input columns per int4 group; also the GGUF Q4_1 / Q8_0 block size
 
 # The int4 CPU kernel; torch's own binding is ~1 us cheaper per call than the torch.ops lookup.
-_int4_mm = getattr(torch, "_weight_int4pack_mm_for_cpu", None) or getattr(
-    torch.ops.aten, "_weight_int4pack_mm_for_cpu", None
-)
+_int4_mm: Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor] | None = getattr(
+    torch, "_weight_int4pack_mm_for_cpu", None
+) or getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 
 
 class Kernel(Protocol):
     format: str
-    dtype: torch.dtype  # the activation dtype the kernel computes in
+
+    @property
+    def dtype(self) -> torch.dtype: ...  # the activation dtype the kernel computes in
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -71,7 +73,8 @@ class FloatKernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            packed: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return packed
         return F.linear(x, self.weight, self.bias)
 
     def nbytes(self) -> int:
@@ -96,7 +99,7 @@ class Int8Kernel:
         return cls(q, scales.to(torch.bfloat16), _as(bias, torch.bfloat16))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
         return y if self.bias is None else y + self.bias
 
     def nbytes(self) -> int:
@@ -135,7 +138,7 @@ class W8A8Kernel:
         """weight [out, K]; outliers [k] the input channels with the widest activation range; with fused,
         the activations come in dtype and results leave in out_dtype (bfloat16 or float32 each)."""
         w = weight.float()
-        outliers = outliers.to(torch.long)
+        outliers = _outlier_channels(outliers, weight.shape[1])
         outlier_weight_t = w[:, outliers].t().contiguous()
         w = w.index_fill(1, outliers, 0.0)
         scales = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-12)  # [out]
@@ -210,6 +213,8 @@ class Int4Kernel:
         return cls.from_blocks(q, step, low + 8 * step, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if _int4_mm is None:
+            raise RuntimeError("this PyTorch build has no int4 CPU kernel (_weight_int4pack_mm_for_cpu)")
         y = _int4_mm(x, self.packed, GROUP, self.scales_and_zeros)
         return y if self.bias is None else y + self.bias
 
@@ -260,7 +265,7 @@ class Q4Kernel:
         d16, m16 = d.to(torch.float16), m.to(torch.float16)
         per_lane = [t.reshape(tiles, 16, blocks).permute(0, 2, 1) for t in (d16, m16)]  # [tiles, blocks, 16]
         scales = torch.stack(per_lane, dim=2).contiguous()  # [tiles, blocks, 2, 16]
-        outliers = outliers.to(torch.long).contiguous()
+        outliers = _outlier_channels(outliers, k)
         block_of = outliers // GROUP
         values = q[:, outliers].float() * d16.float()[:, block_of] + m16.float()[:, block_of]  # [N, k]
         bias = _as(bias, torch.float32)
@@ -302,7 +307,7 @@ class Q4Kernel:
 class Linear:
     """One logical layer: kernels tried in order, the first whose ``max_rows`` admits the batch serves it."""
 
-    kernels: list[tuple[int, Kernel]]  # (max_rows, kernel); the last entry's max_rows is unbounded
+    kernels: list[tuple[float, Kernel]]  # (max_rows, kernel); the last entry's max_rows is unbounded (inf)
     out_dtype: torch.dtype
     in_features: int = field(default=0)
 
@@ -349,13 +354,25 @@ def q4_1_to_int4(blocks: torch.Tensor, out_features: int, in_features: int) -> t
     return q, d, m + 8 * d
 
 
+def _outlier_channels(outliers: torch.Tensor, width: int) -> torch.Tensor:
+    """Outlier input channels as fused.c reads them ([k] int64, contiguous), checked once per layer here
+    (fused.c checks them again at every call): each a channel of the input, none negative (PyTorch's
+    indexing would wrap a negative one, fused.c refuses it)."""
+    channels = outliers.to(torch.long).contiguous()
+    if channels.dim() != 1 or (channels.numel() and (int(channels.min()) < 0 or int(channels.max()) >= width)):
+        raise ValueError(f"outlier channels {channels.tolist()} must be a list of input channels 0..{width - 1}")
+    return channels
+
+
 def fuse_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack the output rows of several layers fed by the same input into one weight."""
     return torch.cat(list(parts), dim=0)
 
 
 def _can_pack(dtype: torch.dtype) -> bool:
-    return torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
+    # torch leaves mkldnn.is_available() unannotated (it returns torch._C._has_mkldnn, a bool).
+    available: bool = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+    return available and dtype in (torch.float32, torch.bfloat16)
 
 
 def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -7,6 +7,7 @@ Hq / Hkv heads, D head size, F intermediate size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,7 @@ class LlamaWeights:
 
     @property
     def scale(self) -> float:
-        return self.head_dim**-0.5
+        return math.pow(self.head_dim, -0.5)  # as head_dim**-0.5, typed
 
 
 def unsupported_reason(model: PreTrainedModel) -> str | None:
@@ -219,6 +220,7 @@ def fused_supported(w: LlamaWeights, batch: int, live: int) -> bool:
         and w.embed.device.type == "cpu"
         and live <= fused_limits.MAX_LIVE
         and w.heads <= fused_limits.MAX_HEADS
+        and w.heads // w.kv_heads <= fused_limits.MAX_GROUP
         and w.head_dim <= fused_limits.MAX_DIM
         and w.embed.shape[1] <= fused_limits.MAX_WIDTH
         and w.layers[0].down.in_features <= fused_limits.MAX_WIDTH  # the MLP's width, for silu_quantize

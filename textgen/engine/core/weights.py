@@ -175,5 +175,7 @@ class LinearFactory:
 def _projection(layer: torch.nn.Module | Projection) -> Projection:
     if isinstance(layer, Projection):
         return layer
-    bias = getattr(layer, "bias", None)
-    return Projection(layer.weight.detach(), None if bias is None else bias.detach())
+    weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
+    if not isinstance(weight, torch.Tensor) or not (bias is None or isinstance(bias, torch.Tensor)):
+        raise TypeError(f"{type(layer).__name__} has no weight tensor (and an optional bias) to project with")
+    return Projection(weight.detach(), None if bias is None else bias.detach())
