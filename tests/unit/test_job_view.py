@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from textgen.jobs.store import JobState, JobStore, WebhookState
 from textgen.api.jobs import job_view
+from textgen.jobs.store import JobState, JobStore, WebhookState
 from textgen.jobs.view import estimate, job_payload, jobs_per_second, queue_estimate
 
 REQUEST = {"prompt": "The future of AI is", "max_new_tokens": 3}

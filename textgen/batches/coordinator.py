@@ -39,7 +39,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from models import ChatCompletionRequest, CompletionRequest
 from textgen.batches.files import FileStorage, OutputWriter, RawLine
 from textgen.batches.store import Batch, BatchStatus, BatchStore, FileObject, Line, LineOutcome
 from textgen.batches.webhook import BatchWebhooks
@@ -56,6 +55,7 @@ from textgen.generation import GenerationService
 from textgen.jobs.store import Job, JobState, JobStore
 from textgen.json_limits import MAX_JSON_DEPTH, json_too_deep
 from textgen.ratelimit import Reservation, TokenBudgetTooLargeError
+from textgen.services.requests import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
 
