@@ -28,10 +28,10 @@ from textgen.engine.types import (
     GenerationRequest,
     GenerationResult,
     Handle,
+    LogprobAlternative,
+    LogprobEntry,
     Priority,
     SamplingParams,
-    TokenLogprob,
-    TopLogprob,
 )
 from textgen.errors import (
     ContentRejectedError,
@@ -123,7 +123,7 @@ class TextResult:
         return dataclasses.asdict(self)
 
 
-def result_logprobs(entries: Sequence[TokenLogprob]) -> list[ResultTokenLogprob]:
+def result_logprobs(entries: Sequence[LogprobEntry]) -> list[ResultTokenLogprob]:
     return [
         ResultTokenLogprob(
             token=e.token,
@@ -416,7 +416,7 @@ class GenerationService:
     def submit_request(self, request: TextRequest, request_id: str, priority: Priority) -> Handle:
         return self.submit(request.prompt, request.params, request_id, priority, request.timeout_s)
 
-    def visible_logprobs(self, entries: Sequence[TokenLogprob]) -> list[TokenLogprob]:
+    def visible_logprobs(self, entries: Sequence[LogprobEntry]) -> list[LogprobEntry]:
         """Log-probability entries with the content filter's redaction applied to each token's text."""
         return [_redacted_entry(entry, self.content_filter) for entry in entries]
 
@@ -664,15 +664,15 @@ def _with_text(result: GenerationResult, text: str) -> GenerationResult:
     )
 
 
-def _redacted_entry(entry: TokenLogprob, content_filter: ContentFilter) -> TokenLogprob:
+def _redacted_entry(entry: LogprobEntry, content_filter: ContentFilter) -> LogprobEntry:
     def clean(text: str) -> str:
         return content_filter.redact(text) if content_filter.find(text) else text
 
-    return TokenLogprob(
+    return LogprobEntry(
         token_id=entry.token_id,
         token=clean(entry.token),
         logprob=entry.logprob,
-        top=tuple(TopLogprob(t.token_id, clean(t.token), t.logprob) for t in entry.top),
+        top=tuple(LogprobAlternative(t.token_id, clean(t.token), t.logprob) for t in entry.top),
     )
 
 
@@ -694,7 +694,7 @@ class StreamedLogprobs:
         self._text_length = 0
         self._sent = 0
 
-    def take(self, streaming_filter: StreamingFilter, *, final: bool = False) -> list[TokenLogprob]:
+    def take(self, streaming_filter: StreamingFilter, *, final: bool = False) -> list[LogprobEntry]:
         """Entries not handed out yet whose text the filter has let through (all of them, at the end
         of a stream without a match)."""
         entries = self._handle.token_logprobs

@@ -264,3 +264,14 @@ def test_the_store_contract_and_storage_import_no_backend() -> None:
         assert not {target for target in graph[module] if target.startswith("textgen.jobs")} | (
             graph[module] & backends
         ), module
+
+
+def test_no_two_classes_share_a_name() -> None:
+    """One name per concept (issue 21): a class name in ``textgen/`` names one class, so a reader (or a
+    grep) never has to ask which ``Batch`` or ``FileObject`` is meant."""
+    homes: dict[str, list[str]] = {}
+    for module, path in source_files().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                homes.setdefault(node.name, []).append(module)
+    assert {name: modules for name, modules in homes.items() if len(modules) > 1} == {}

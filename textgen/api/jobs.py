@@ -19,7 +19,7 @@ from textgen.errors import NotReadyError, TextGenError
 from textgen.generation import GenerationService
 from textgen.jobs.runner import JobRunner
 from textgen.jobs.store import TERMINAL_STATES, Job, JobState, JobStore
-from textgen.jobs.view import QueueEstimate, job_record, job_summary_record, queue_estimate
+from textgen.jobs.view import QueuePosition, job_record, job_summary_record, queue_estimate
 
 STREAM_POLL_S = 0.25
 JOB_STREAM_SHUTDOWN = (
@@ -30,7 +30,7 @@ JOB_STREAM_SHUTDOWN = (
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-def job_view(job: Job, queue: QueueEstimate | None = None) -> JobView:
+def job_view(job: Job, queue: QueuePosition | None = None) -> JobView:
     """``GET /jobs/{id}``'s body: the domain's record of the job (``textgen.jobs.view``), validated."""
     return JobView.model_validate(job_record(job, queue))
 

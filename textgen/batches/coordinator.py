@@ -40,7 +40,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from textgen.batches.files import FileStorage, OutputWriter, RawLine
-from textgen.batches.store import Batch, BatchStatus, BatchStore, FileObject, Line, LineOutcome
+from textgen.batches.store import Batch, BatchStatus, BatchStore, Line, LineOutcome, StoredFile
 from textgen.batches.webhook import BatchWebhooks
 from textgen.config import Settings
 from textgen.engine.types import SamplingParams
@@ -526,7 +526,7 @@ class BatchCoordinator:
                 expires_at = created + keep_s if keep_s else None
                 # Never refused for quota: the work is done; it counts against the owner's next upload.
                 await self._store.put_file(
-                    FileObject(file_id, batch.owner, name, "batch_output", size, created, count, expires_at)
+                    StoredFile(file_id, batch.owner, name, "batch_output", size, created, count, expires_at)
                 )
         final: dict[str, Any] = {
             None: {"status": BatchStatus.COMPLETED, "completed_at": now},

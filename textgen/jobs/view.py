@@ -20,7 +20,7 @@ THROUGHPUT_SAMPLE = 50
 
 
 @dataclass(frozen=True)
-class QueueEstimate:
+class QueuePosition:
     """Where a queued job stands: jobs ahead of it, measured throughput, and the estimated start."""
 
     position: int
@@ -44,7 +44,7 @@ def _webhook(job: Job) -> dict[str, Any] | None:
     }
 
 
-def job_record(job: Job, queue: QueueEstimate | None = None) -> dict[str, Any]:
+def job_record(job: Job, queue: QueuePosition | None = None) -> dict[str, Any]:
     """Everything shown about one job, as plain data (the fields of ``GET /jobs/{id}``'s ``JobView``,
     which ``textgen.api.jobs`` validates from this; webhook bodies are this, JSON-encoded). A batch
     line's result (a job with a ``kind``) is the batch's business, not shown here."""
@@ -93,20 +93,20 @@ def jobs_per_second(completions: Sequence[float]) -> float | None:
     return (len(completions) - 1) / span if span > 0 else None
 
 
-def estimate(position: int, completions: Sequence[float], now: float) -> QueueEstimate:
+def estimate(position: int, completions: Sequence[float], now: float) -> QueuePosition:
     """A queued job starts once the ``position`` jobs ahead of it and one more have left the running set:
     ``(position + 1) / measured jobs per second`` from now. No estimate without measurements."""
     rate = jobs_per_second(completions)
     if rate is None:
-        return QueueEstimate(position=position, jobs_per_second=None, estimated_start_at=None)
-    return QueueEstimate(
+        return QueuePosition(position=position, jobs_per_second=None, estimated_start_at=None)
+    return QueuePosition(
         position=position,
         jobs_per_second=round(rate, 4),
         estimated_start_at=datetime.fromtimestamp(now + (position + 1) / rate, UTC),
     )
 
 
-async def queue_estimate(store: JobStore, job: Job) -> QueueEstimate | None:
+async def queue_estimate(store: JobStore, job: Job) -> QueuePosition | None:
     """Position and estimated start for a queued job; None for any other state."""
     if job.state is not JobState.QUEUED:
         return None

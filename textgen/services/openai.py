@@ -18,7 +18,7 @@ from typing import Any, Literal
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from textgen.engine.constraints import Constraint
-from textgen.engine.types import FinishReason, GenerationResult, Handle, Priority, SamplingParams, TokenLogprob
+from textgen.engine.types import FinishReason, GenerationResult, Handle, LogprobEntry, Priority, SamplingParams
 from textgen.errors import InvalidRequestError, TextGenError
 from textgen.generation import GenerationService, StreamedLogprobs, TokenGrant
 from textgen.services.openai_types import (
@@ -98,7 +98,7 @@ def choice_sampling(
     )
 
 
-def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
+def completion_logprobs(entries: Sequence[LogprobEntry], offset: int = 0) -> CompletionLogprobs:
     """The legacy completions shape; text_offset counts characters from the start of the output."""
     offsets = []
     for entry in entries:
@@ -112,7 +112,7 @@ def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> Com
     )
 
 
-def chat_logprobs(entries: Sequence[TokenLogprob]) -> ChatLogprobs:
+def chat_logprobs(entries: Sequence[LogprobEntry]) -> ChatLogprobs:
     def top(token: str, logprob: float) -> ChatTopLogprob:
         return ChatTopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
 
@@ -205,7 +205,7 @@ def _usage(results: Sequence[GenerationResult], n: int) -> Usage:
     )
 
 
-ChoiceEvent = tuple[int, str, GenerationResult | None, list[TokenLogprob]]
+ChoiceEvent = tuple[int, str, GenerationResult | None, list[LogprobEntry]]
 
 
 async def _choice_events(
@@ -213,7 +213,7 @@ async def _choice_events(
 ) -> AsyncIterator[ChoiceEvent]:
     """(choice index, text delta, final result or None, log-probabilities of the tokens generated since the
     choice's previous event) from all choices as they arrive."""
-    queue: asyncio.Queue[tuple[int, str, GenerationResult | None, list[TokenLogprob], BaseException | None]] = (
+    queue: asyncio.Queue[tuple[int, str, GenerationResult | None, list[LogprobEntry], BaseException | None]] = (
         asyncio.Queue()
     )
 
