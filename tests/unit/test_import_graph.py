@@ -234,12 +234,18 @@ def test_every_module_imports_only_its_layer_or_below() -> None:
     assert described == {}
 
 
-def test_nothing_below_the_api_imports_it_or_models() -> None:
+def test_nothing_in_textgen_imports_models_and_nothing_below_the_api_imports_it() -> None:
+    """``models.py`` is the outside world's import surface; the package (its routes included) uses
+    ``textgen.api.schemas``, so ``textgen`` stands alone."""
     graph = import_graph()
     offenders = {
-        module: sorted(target for target in targets if target == "models" or target.startswith("textgen.api"))
+        module: sorted(
+            target
+            for target in targets
+            if target == "models" or (target.startswith("textgen.api") and not module.startswith("textgen.api"))
+        )
         for module, targets in graph.items()
-        if module.startswith("textgen.") and not module.startswith("textgen.api")
+        if module.startswith("textgen")
     }
     assert {module: targets for module, targets in offenders.items() if targets} == {}
 
