@@ -281,3 +281,16 @@ def test_no_two_classes_share_a_name() -> None:
             if isinstance(node, ast.ClassDef):
                 homes.setdefault(node.name, []).append(module)
     assert {name: modules for name, modules in homes.items() if len(modules) > 1} == {}
+
+
+def test_the_schemas_load_without_the_engine() -> None:
+    """``models.py`` and ``textgen.api.schemas`` are Pydantic only: a client or a docs script importing
+    them must not load the engine (and with it torch)."""
+    graph = import_graph()
+    reached, todo = set(), ["models"]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(graph[module])
+    assert sorted(m for m in reached if m.startswith(("textgen.engine", "textgen.generation", "textgen.loader"))) == []

@@ -18,7 +18,7 @@ from textgen.engine.types import GenerationResult, Handle, Priority
 from textgen.errors import GenerationCancelledError
 from textgen.generation import GenerationService, TextResult
 from textgen.jobs.store import IDEMPOTENCY_KEY_MAX_LEN
-from textgen.services.requests import text_request
+from textgen.services.native import text_request
 from textgen.webhooks import check_webhook
 
 router = APIRouter(tags=["generation"])

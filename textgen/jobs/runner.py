@@ -42,7 +42,8 @@ from textgen.errors import (
 )
 from textgen.generation import GenerationService, RiskyPhase, risky_phase
 from textgen.jobs.store import Job, JobState, JobStore, WebhookState
-from textgen.services.requests import TextGenerationRequest, text_request
+from textgen.services.native import text_request
+from textgen.services.requests import TextGenerationRequest
 from textgen.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ These live in the service layer, not in ``textgen.api``, because three entry poi
 routes, the job runner (a stored ``/generate_background`` request is validated again before it runs) and
 the batch-line planner and executor (each line of a Batch API file is one of the OpenAI requests). The
 HTTP schemas (``textgen.api.schemas``) are built on these; the generation service itself sees only the
-domain form (``textgen.generation.TextRequest``), made by ``text_request``.
+domain form (``textgen.generation.TextRequest``), made by ``textgen.services.native.text_request``. Pydantic
+only: importing these (or ``models.py``) loads neither the engine nor torch.
 """
 
 from __future__ import annotations
@@ -14,10 +15,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
-
-from textgen.engine.constraints import constraint_from_fields
-from textgen.engine.types import SamplingParams
-from textgen.generation import TextRequest
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 # The largest integer every JSON client holds exactly (a double's 53-bit mantissa): above it, a client's
@@ -113,28 +110,6 @@ class TextGenerationRequest(BaseModel):
         "logprobs",
         mode="before",
     )(json_number_only)
-
-
-def text_request(body: TextGenerationRequest) -> TextRequest:
-    """The generation service's form of a native request."""
-    return TextRequest(
-        prompt=body.prompt,
-        params=SamplingParams(
-            max_new_tokens=body.max_new_tokens,
-            max_length=body.max_length,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            repetition_penalty=body.repetition_penalty,
-            seed=body.seed,
-            stop=tuple(body.stop or ()),
-            ignore_eos=body.ignore_eos,
-            constraint=constraint_from_fields(body.json_schema, body.regex, body.choice, body.grammar),
-            logprobs=body.logprobs,
-        ),
-        timeout_s=body.timeout_s,
-        open_ended=not body.model_fields_set & {"max_new_tokens", "max_length"},  # the defaults apply
-    )
 
 
 # ----- OpenAI-compatible API (/v1, and the lines of Batch API files) ---------------------------------
