@@ -72,9 +72,7 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
             take_over_forwarded_headers(
                 getattr(app.state, "asgi_server", None), parse_networks(effective.trusted_proxies)
             )
-            app.state.textgen = await build_state(
-                effective, model_loader, batches.JOB_EXECUTORS, batches.batch_line_planner
-            )
+            app.state.textgen = await build_state(effective, model_loader)
         except ConfigError as error:
             setup_logging("text", "INFO")
             logger.critical("Cannot start: %s", error)

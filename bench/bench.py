@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch",
         action="store_true",
         help="instead of the load levels: --batch-requests requests as one /v1/batches batch vs the same as "
-        "concurrent /v1/completions (see bench/batch.py); prints the tokens/s ratio",
+        "concurrent /v1/completions (see bench/batch_api.py); prints the tokens/s ratio",
     )
     parser.add_argument("--batch-requests", type=int, default=1000, metavar="N", help="with --batch (default 1000)")
     parser.add_argument(
@@ -840,7 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     LOAD_AT_START[:] = os.getloadavg()
     LOG.info("load average (1/5/15 min): %.2f %.2f %.2f", *LOAD_AT_START)
     if args.batch:
-        from bench.batch import bench_batch, render
+        from bench.batch_api import bench_batch, render
 
         print(render(bench_batch(args, config, out_dir)))
         return 0

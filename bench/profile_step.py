@@ -16,8 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from textgen.config import load_settings
-from textgen.engine import GenerationRequest, SamplingParams, create_engine, sequence
-from textgen.engine import batched as batched_engine
+from textgen.engine import GenerationRequest, SamplingParams, create_engine, scheduler, sequence
 from textgen.loader import load_model
 
 SPENT: collections.Counter[str] = collections.Counter()
@@ -35,9 +34,9 @@ def timed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def instrument() -> None:
-    batched_engine.select_next_tokens = timed("sampling", batched_engine.select_next_tokens)
+    scheduler.select_next_tokens = timed("sampling", scheduler.select_next_tokens)
     sequence.SequenceState.accept = timed("text assembly", sequence.SequenceState.accept)
-    engine_class = batched_engine.BatchedEngine
+    engine_class = scheduler.BatchedEngine
     engine_class._admit = timed("admission (tokenize)", engine_class._admit)  # type: ignore[method-assign]
     engine_class._retire = timed("retirement", engine_class._retire)  # type: ignore[method-assign]
 

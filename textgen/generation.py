@@ -18,12 +18,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from models import TextGenerationRequest, TextGenerationResponse, Timings
-from models import TokenLogprob as TokenLogprobView
-from models import TopLogprob as TopLogprobView
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter, StreamingFilter
-from textgen.engine.constraints import CompiledGrammar, Constraint, GrammarCompiler, constraint_from_fields
+from textgen.engine.constraints import CompiledGrammar, Constraint, GrammarCompiler
 from textgen.engine.text import IncrementalDetokenizer
 from textgen.engine.types import (
     Engine,
@@ -31,10 +28,10 @@ from textgen.engine.types import (
     GenerationRequest,
     GenerationResult,
     Handle,
+    LogprobAlternative,
+    LogprobEntry,
     Priority,
     SamplingParams,
-    TokenLogprob,
-    TopLogprob,
 )
 from textgen.errors import (
     ContentRejectedError,
@@ -74,29 +71,65 @@ def prompt_fingerprint(prompt: str) -> str:
     return f"len={len(prompt)} sha256={digest}"
 
 
-def sampling_params_from(body: TextGenerationRequest) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=body.max_new_tokens,
-        max_length=body.max_length,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        repetition_penalty=body.repetition_penalty,
-        seed=body.seed,
-        stop=tuple(body.stop or ()),
-        ignore_eos=body.ignore_eos,
-        constraint=constraint_from_fields(body.json_schema, body.regex, body.choice, body.grammar),
-        logprobs=body.logprobs,
-    )
+@dataclass(frozen=True)
+class TextRequest:
+    """A native generation request as the service takes it (``textgen.services.requests.text_request``
+    makes it from the validated request). ``open_ended``: the caller named no output length, so the
+    default is an upper bound the token budget may lower."""
+
+    prompt: str
+    params: SamplingParams
+    timeout_s: float | None = None
+    open_ended: bool = False
 
 
-def token_logprob_views(entries: Sequence[TokenLogprob]) -> list[TokenLogprobView]:
+@dataclass(frozen=True)
+class ResultTimings:
+    queue_s: float
+    time_to_first_token_s: float | None
+    total_s: float
+
+
+@dataclass(frozen=True)
+class ResultTopLogprob:
+    token: str
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class ResultTokenLogprob:
+    token: str
+    token_id: int
+    logprob: float
+    top_logprobs: list[ResultTopLogprob]
+
+
+@dataclass(frozen=True)
+class TextResult:
+    """A finished native generation, filtered: what ``/generate`` answers and a job records. Its fields
+    (``dataclasses.asdict``) are the stored job result and the response body's fields."""
+
+    generated_text: str
+    model: str
+    request_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    timings: ResultTimings
+    token_logprobs: list[ResultTokenLogprob] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def result_logprobs(entries: Sequence[LogprobEntry]) -> list[ResultTokenLogprob]:
     return [
-        TokenLogprobView(
+        ResultTokenLogprob(
             token=e.token,
             token_id=e.token_id,
             logprob=e.logprob,
-            top_logprobs=[TopLogprobView(token=t.token, token_id=t.token_id, logprob=t.logprob) for t in e.top],
+            top_logprobs=[ResultTopLogprob(token=t.token, token_id=t.token_id, logprob=t.logprob) for t in e.top],
         )
         for e in entries
     ]
@@ -347,8 +380,8 @@ class GenerationService:
         async with mark(COMPILING_PHASE) if mark is not None else contextlib.nullcontext():
             return await grammars.compile_async(constraint)
 
-    async def prepare_request(self, body: TextGenerationRequest) -> None:
-        await self.prepare(sampling_params_from(body))
+    async def prepare_request(self, request: TextRequest) -> None:
+        await self.prepare(request.params)
 
     def submit(
         self,
@@ -380,10 +413,10 @@ class GenerationService:
         )
         return self.engine.submit(request)
 
-    def submit_request(self, body: TextGenerationRequest, request_id: str, priority: Priority) -> Handle:
-        return self.submit(body.prompt, sampling_params_from(body), request_id, priority, body.timeout_s)
+    def submit_request(self, request: TextRequest, request_id: str, priority: Priority) -> Handle:
+        return self.submit(request.prompt, request.params, request_id, priority, request.timeout_s)
 
-    def visible_logprobs(self, entries: Sequence[TokenLogprob]) -> list[TokenLogprob]:
+    def visible_logprobs(self, entries: Sequence[LogprobEntry]) -> list[LogprobEntry]:
         """Log-probability entries with the content filter's redaction applied to each token's text."""
         return [_redacted_entry(entry, self.content_filter) for entry in entries]
 
@@ -508,14 +541,14 @@ class GenerationService:
         return await self.submit_granted(await self.grant(principal, params, prompt_tokens), submit)
 
     async def submit_request_budgeted(
-        self, principal: str, body: TextGenerationRequest, request_id: str, priority: Priority
+        self, principal: str, request: TextRequest, request_id: str, priority: Priority
     ) -> Handle:
-        prompt_tokens = await self.count_prompt_tokens([body.prompt])
-        open_ended = not body.model_fields_set & {"max_new_tokens", "max_length"}  # the defaults apply
-        grant = await self.grant(principal, [sampling_params_from(body)], prompt_tokens, open_ended=open_ended)
+        prompt_tokens = await self.count_prompt_tokens([request.prompt])
+        grant = await self.grant(principal, [request.params], prompt_tokens, open_ended=request.open_ended)
         if grant.max_new_tokens is not None:
-            body = body.model_copy(update={"max_new_tokens": grant.max_new_tokens})
-        (handle,) = await self.submit_granted(grant, lambda: [self.submit_request(body, request_id, priority)])
+            params = dataclasses.replace(request.params, max_new_tokens=grant.max_new_tokens)
+            request = dataclasses.replace(request, params=params)
+        (handle,) = await self.submit_granted(grant, lambda: [self.submit_request(request, request_id, priority)])
         return handle
 
     def refund_when_done(self, reservation: Reservation | None, handles: Sequence[Handle]) -> None:
@@ -571,19 +604,17 @@ class GenerationService:
             final = dataclasses.replace(final, token_logprobs=tuple(self.visible_logprobs(final.token_logprobs)))
         return final
 
-    async def response(
-        self, result: GenerationResult, request_id: str, principal: str | None = None
-    ) -> TextGenerationResponse:
+    async def response(self, result: GenerationResult, request_id: str, principal: str | None = None) -> TextResult:
         final = await self.finish(result, request_id, principal)
-        return TextGenerationResponse(
+        return TextResult(
             generated_text=final.text,
             model=self.model_name,
             request_id=request_id,
             prompt_tokens=final.prompt_tokens,
             completion_tokens=final.completion_tokens,
             finish_reason=final.finish_reason.value,
-            token_logprobs=None if final.token_logprobs is None else token_logprob_views(final.token_logprobs),
-            timings=Timings(
+            token_logprobs=None if final.token_logprobs is None else result_logprobs(final.token_logprobs),
+            timings=ResultTimings(
                 queue_s=final.timings.queue_s,
                 time_to_first_token_s=final.timings.time_to_first_token_s,
                 total_s=final.timings.total_s,
@@ -633,15 +664,15 @@ def _with_text(result: GenerationResult, text: str) -> GenerationResult:
     )
 
 
-def _redacted_entry(entry: TokenLogprob, content_filter: ContentFilter) -> TokenLogprob:
+def _redacted_entry(entry: LogprobEntry, content_filter: ContentFilter) -> LogprobEntry:
     def clean(text: str) -> str:
         return content_filter.redact(text) if content_filter.find(text) else text
 
-    return TokenLogprob(
+    return LogprobEntry(
         token_id=entry.token_id,
         token=clean(entry.token),
         logprob=entry.logprob,
-        top=tuple(TopLogprob(t.token_id, clean(t.token), t.logprob) for t in entry.top),
+        top=tuple(LogprobAlternative(t.token_id, clean(t.token), t.logprob) for t in entry.top),
     )
 
 
@@ -663,7 +694,7 @@ class StreamedLogprobs:
         self._text_length = 0
         self._sent = 0
 
-    def take(self, streaming_filter: StreamingFilter, *, final: bool = False) -> list[TokenLogprob]:
+    def take(self, streaming_filter: StreamingFilter, *, final: bool = False) -> list[LogprobEntry]:
         """Entries not handed out yet whose text the filter has let through (all of them, at the end
         of a stream without a match)."""
         entries = self._handle.token_logprobs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
@@ -20,17 +20,17 @@ from textgen.access import (
 )
 from textgen.backends import build_backends
 from textgen.batches import Batches, open_batches
-from textgen.batches.coordinator import LinePlanner
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine import Engine, create_engine
 from textgen.errors import InsufficientStorageError, NotReadyError, StoreUnavailableError
 from textgen.generation import GenerationService, StreamSlots
-from textgen.jobs.runner import ExecutorFactory, JobRunner, process_owner_id
+from textgen.jobs.runner import JobRunner, process_owner_id
 from textgen.jobs.store import JobState, JobStore
 from textgen.jobs.view import job_payload
 from textgen.loader import LoadedModel, load_model
 from textgen.metrics import Metrics, mark_process_dead
+from textgen.services.batch_lines import JOB_EXECUTORS, batch_line_planner
 from textgen.threads import run_in_own_thread
 from textgen.webhooks import WebhookSender
 
@@ -125,17 +125,12 @@ def webhook_sender(settings: Settings, store: JobStore, owner: str) -> WebhookSe
     )
 
 
-# Builds the batch coordinator's line planner once the service exists (textgen.api.batches.batch_line_planner).
-LinePlannerFactory = Callable[[GenerationService, Any], LinePlanner]
-
-
 async def build_state(
     settings: Settings,
     model_loader: ModelLoader = load_model,
-    executors: Mapping[str, ExecutorFactory] | None = None,
-    line_planner: LinePlannerFactory | None = None,
 ) -> AppState:
-    """Open the job store first (cheap, fails fast), then load the model and start the engine."""
+    """Open the job store first (cheap, fails fast), then load the model and start the engine. The job
+    kinds besides plain background jobs (batch lines: ``JOB_EXECUTORS``) are registered here."""
     content_filter = ContentFilter.from_sources(settings.blocked_words, settings.blocked_words_file)
     access = AccessPolicy.from_settings(settings)
     warn_if_exposed_without_keys(access, bind_host_from_argv())
@@ -185,12 +180,10 @@ async def build_state(
         max_attempts=settings.job_max_attempts,
         owner=owner,
         webhooks=webhook_sender(settings, store, owner),
-        executors={kind: factory(service, model) for kind, factory in (executors or {}).items()},
+        executors={kind: factory(service, model) for kind, factory in JOB_EXECUTORS.items()},
     )
     await runner.start()
-    batches = await open_batches(
-        settings, store, runner, service, None if line_planner is None else line_planner(service, model)
-    )
+    batches = await open_batches(settings, store, runner, service, batch_line_planner(service, model))
     logger.info(
         "Service ready: model=%s engine=%s job_store=%s worker=%s",
         model.name,

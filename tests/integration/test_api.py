@@ -445,9 +445,9 @@ async def test_sampling_failure_at_admission_is_500(
 ) -> None:
     """Regression: an error while sampling a new row's first token once left the request unanswered
     (past its own deadline) and leaked its running slot."""
-    from textgen.engine import batched
+    from textgen.engine import scheduler
 
-    real_select = batched.select_next_tokens
+    real_select = scheduler.select_next_tokens
     calls = {"failed": 0}
 
     def fail_once(*args: Any, **kwargs: Any) -> Any:
@@ -457,7 +457,7 @@ async def test_sampling_failure_at_admission_is_500(
         return real_select(*args, **kwargs)
 
     async with app_client(make_settings(shutdown_grace_s=0.2)) as (client, app):
-        monkeypatch.setattr(batched, "select_next_tokens", fail_once)
+        monkeypatch.setattr(scheduler, "select_next_tokens", fail_once)
         request = {"prompt": PROMPT, "max_new_tokens": 4, "timeout_s": 20}
         response = await asyncio.wait_for(client.post("/generate", json=request), timeout=30)
         assert_error(response, 500)

@@ -23,8 +23,8 @@ from fastapi import FastAPI
 from main import create_app
 from models import ChatMessage
 from tests.integration.test_streaming import streaming_client, wait_until
-from textgen.api.openai import render_chat_prompt
 from textgen.config import load_settings
+from textgen.services.openai import render_chat_prompt
 
 MakeSettings = Callable[..., Any]
 AppClient = Callable[..., Any]

@@ -16,10 +16,10 @@ import pytest
 
 from models import CompletionRequest
 from tests.integration.test_openai_api import assert_openai_error, stream_chunks
-from textgen.api.openai import submit_completion
 from textgen.content_filter import ContentFilter, FilterMatch
 from textgen.engine.types import Priority
 from textgen.errors import PromptTooLongError
+from textgen.services.openai import submit_completion
 
 MakeSettings = Callable[..., Any]
 AppClient = Callable[..., Any]

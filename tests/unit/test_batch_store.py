@@ -21,10 +21,10 @@ from textgen.batches.store import (
     BatchStatus,
     BatchStore,
     FileNotFoundInStoreError,
-    FileObject,
     FileQuota,
     FileUsage,
     LineOutcome,
+    StoredFile,
     file_to_json,
 )
 
@@ -60,9 +60,9 @@ def a_batch(batch_id: str, owner: str = "alice", created_at: float | None = None
 
 
 async def test_files_are_kept_listed_per_owner_and_deleted(store: BatchStore) -> None:
-    first = FileObject("file-1", "alice", "a.jsonl", "batch", 10, 1.0, 1)
-    second = FileObject("file-2", "alice", "out.jsonl", "batch_output", 20, 2.0, 2)
-    other = FileObject("file-3", "bob", "b.jsonl", "batch", 30, 3.0, 3)
+    first = StoredFile("file-1", "alice", "a.jsonl", "batch", 10, 1.0, 1)
+    second = StoredFile("file-2", "alice", "out.jsonl", "batch_output", 20, 2.0, 2)
+    other = StoredFile("file-3", "bob", "b.jsonl", "batch", 30, 3.0, 3)
     for record in (first, second, other):
         await store.put_file(record)
     assert await store.get_file("file-2") == second
@@ -167,8 +167,8 @@ async def test_lines_duplicates_outcomes_once_and_paging(store: BatchStore) -> N
 # ----- quota and expiry -----------------------------------------------------------------------------------
 
 
-def a_file(file_id: str, owner: str = "alice", size: int = 10, expires_at: float | None = None) -> FileObject:
-    return FileObject(file_id, owner, f"{file_id}.jsonl", "batch", size, 1.0, 1, expires_at)
+def a_file(file_id: str, owner: str = "alice", size: int = 10, expires_at: float | None = None) -> StoredFile:
+    return StoredFile(file_id, owner, f"{file_id}.jsonl", "batch", size, 1.0, 1, expires_at)
 
 
 async def test_usage_counts_each_owners_files_and_bytes_through_put_replace_and_delete(store: BatchStore) -> None:

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from tests.structured import random_schemas
-from textgen.engine.batched import BatchedEngine
 from textgen.engine.constraints import (
     Constraint,
     GrammarCompiler,
@@ -21,6 +20,7 @@ from textgen.engine.constraints import (
     apply_token_masks,
     constraint_from_fields,
 )
+from textgen.engine.scheduler import BatchedEngine
 from textgen.engine.types import EngineLimits, FinishReason, GenerationRequest, GenerationResult, SamplingParams
 from textgen.errors import InvalidRequestError
 

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import torch
 
-from textgen.engine.batched import BatchedEngine
 from textgen.engine.core import CoreOptions, build_core
 from textgen.engine.core.activations import OUTLIER_CHANNELS, outlier_channels
 from textgen.engine.core.decoder import DecodeCore, architecture_for
@@ -17,6 +16,7 @@ from textgen.engine.core.gguf_blocks import Int4Blocks
 from textgen.engine.core.hf import TransformersCore
 from textgen.engine.core.linear import Int4Kernel, W8A8Kernel, q4_1_to_int4
 from textgen.engine.core.weights import LinearFactory, WeightPlan
+from textgen.engine.scheduler import BatchedEngine
 from textgen.engine.types import EngineLimits, GenerationRequest, SamplingParams
 from textgen.errors import ConfigError, EngineError
 

@@ -10,7 +10,7 @@ import pytest
 from fastapi import Request
 
 from textgen.api.generate import result_unless_disconnected
-from textgen.engine.types import FinishReason, GenerationRequest, GenerationResult, Handle, Timings
+from textgen.engine.types import FinishReason, GenerationRequest, GenerationResult, Handle, RequestTimings
 from textgen.errors import EngineError, GenerationCancelledError
 
 
@@ -64,7 +64,7 @@ def make_result(text: str = "world") -> GenerationResult:
         prompt_tokens=1,
         completion_tokens=1,
         finish_reason=FinishReason.EOS,
-        timings=Timings(queue_s=0.0, time_to_first_token_s=0.01, total_s=0.02),
+        timings=RequestTimings(queue_s=0.0, time_to_first_token_s=0.01, total_s=0.02),
     )
 
 

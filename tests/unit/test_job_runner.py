@@ -29,7 +29,7 @@ from textgen.engine.types import (
     GenerationResult,
     Handle,
     Priority,
-    Timings,
+    RequestTimings,
 )
 from textgen.errors import (
     DeadlineExceededError,
@@ -110,7 +110,7 @@ def make_result(text: str = "generated text", *, completion_tokens: int = 5) -> 
         prompt_tokens=3,
         completion_tokens=completion_tokens,
         finish_reason=FinishReason.LENGTH,
-        timings=Timings(queue_s=0.01, time_to_first_token_s=0.02, total_s=0.1),
+        timings=RequestTimings(queue_s=0.01, time_to_first_token_s=0.02, total_s=0.1),
     )
 
 

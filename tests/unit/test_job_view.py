@@ -1,5 +1,6 @@
-"""How jobs are shown (``textgen.jobs.view``): the throughput and start-time estimate of a queued job, its
-queue part from a real SQLite store, and the webhook part of the view."""
+"""How jobs are shown (``textgen.jobs.view``, rendered by ``textgen.api.jobs``): the throughput and
+start-time estimate of a queued job, its queue part from a real SQLite store, the webhook part of the view,
+and webhook bodies that are exactly ``GET /jobs/{id}``'s JSON."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from datetime import UTC, datetime
 
 import pytest
 
+from textgen.api.jobs import job_view
 from textgen.jobs.store import JobState, JobStore, WebhookState
-from textgen.jobs.view import estimate, job_payload, job_view, jobs_per_second, queue_estimate
+from textgen.jobs.view import estimate, job_payload, jobs_per_second, queue_estimate
 
 REQUEST = {"prompt": "The future of AI is", "max_new_tokens": 3}
 RESULT = {"generated_text": " bright", "model": "tiny", "request_id": "req", "completion_tokens": 1}
@@ -128,3 +130,26 @@ async def test_webhook_part_follows_the_delivery(store: JobStore) -> None:
     body = job_payload(await store.get(job.id))  # what webhook bodies carry: JSON-ready, no queue part
     assert body["state"] == "failed" and body["error"] == "boom" and body["queue"] is None
     assert body["webhook"]["state"] == "failed"
+
+
+async def test_webhook_body_is_the_views_json(store: JobStore) -> None:
+    """The domain renders webhook bodies without the HTTP schema; they must stay exactly the JSON of
+    ``JobView`` (times as ISO 8601 UTC, the state's value, the stored result, the webhook part)."""
+    result = {
+        "generated_text": " bright",
+        "model": "tiny",
+        "request_id": "req",
+        "prompt_tokens": 5,
+        "completion_tokens": 1,
+        "finish_reason": "length",
+        "timings": {"queue_s": 0.001, "time_to_first_token_s": 0.25, "total_s": 0.5},
+        "token_logprobs": [{"token": " bright", "token_id": 7, "logprob": -0.5, "top_logprobs": []}],
+    }
+    job = await store.create(REQUEST, request_id="hooked", callback_url="https://example.com/hook")
+    await store.claim_next(OWNER, 60.0)
+    assert await store.finish(job.id, OWNER, JobState.SUCCEEDED, result=result)
+    stored = await store.get(job.id)
+    body = job_payload(stored)
+    assert body == job_view(stored).model_dump(mode="json")
+    assert body["result"] == result and body["state"] == "succeeded"
+    assert isinstance(body["created_at"], str) and body["created_at"].endswith("Z")

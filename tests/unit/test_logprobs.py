@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from textgen.engine.batched import BatchedEngine
 from textgen.engine.sampling import RowLogprobs, select_next_tokens, token_logprobs
+from textgen.engine.scheduler import BatchedEngine
 from textgen.engine.types import EngineLimits, GenerationRequest, SamplingParams
 
 

@@ -29,7 +29,7 @@ def request(**params: Any) -> GenerationRequest:
 async def test_generates_exact_budget_and_matches_the_batched_engine_greedily(
     engine: ThreadPoolEngine, tiny_loaded: Any
 ) -> None:
-    from textgen.engine.batched import BatchedEngine
+    from textgen.engine.scheduler import BatchedEngine
 
     params = {"max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True}
     result = await engine.submit(request(**params)).result()

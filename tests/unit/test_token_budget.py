@@ -17,8 +17,8 @@ from textgen.engine.types import (
     GenerationRequest,
     GenerationResult,
     Handle,
+    RequestTimings,
     SamplingParams,
-    Timings,
 )
 from textgen.errors import DeadlineExceededError, EngineError, QueueFullError, RateLimitedError
 from textgen.generation import GenerationService, StreamSlots
@@ -53,7 +53,7 @@ async def service(tmp_path: Path) -> AsyncIterator[tuple[GenerationService, Hand
 
 
 def result(tokens: int) -> GenerationResult:
-    return GenerationResult("x" * tokens, 3, tokens, FinishReason.LENGTH, Timings(0.0, None, 0.0))
+    return GenerationResult("x" * tokens, 3, tokens, FinishReason.LENGTH, RequestTimings(0.0, None, 0.0))
 
 
 async def fits(service: GenerationService, tokens: int) -> bool:

@@ -1,57 +1,26 @@
-"""The OpenAI Batch API: create, read, list and cancel batches; and how one batch line is answered.
+"""The OpenAI Batch API routes: create, read, list and cancel batches.
 
 Routes only record intent (a new batch, a cancel request) in the batch store and wake the coordinator
 (``textgen.batches.coordinator``), which does the work in every process under leases. Each line runs
-as a job through the ordinary job runner at background priority; ``batch_line_executor`` is what the
-runner calls for such a job: the same request checks and response building as ``/v1/completions`` and
-``/v1/chat/completions`` (``textgen.api.openai``), with the OpenAI batch line's
-``{status_code, request_id, body}`` as the job's result.
+as a job through the ordinary job runner at background priority (``textgen.services.batch_lines``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import ValidationError
 
-from models import BatchCreateRequest, BatchList, BatchObject, ChatCompletionRequest, CompletionRequest
 from textgen.api.deps import CallerDep, RequestIdDep, StateDep
 from textgen.api.files import BatchCaller, BatchCallerDep, BatchesDep, keep_until, owned_file
-from textgen.api.openai import (
-    ERROR_DOCS,
-    OpenAIRoute,
-    chat_max_tokens,
-    chat_response,
-    choice_params,
-    completion_response,
-    error_body,
-    names_no_output_limit,
-    prompts_of,
-    response_format_constraint,
-    submit_chat,
-    submit_completion,
-)
-from textgen.batches.coordinator import BATCH_LINE_KIND, LinePlan, LinePlanner
+from textgen.api.openai import ERROR_DOCS, OpenAIRoute
+from textgen.api.schemas.batch import BatchCreateRequest, BatchList, BatchObject
 from textgen.batches.store import CANCELLABLE_STATUSES, Batch, BatchNotFoundError
 from textgen.batches.view import batch_object, shown_status
-from textgen.engine.types import GenerationResult, Handle, Priority
-from textgen.errors import (
-    GenerationCancelledError,
-    InvalidRequestError,
-    NotReadyError,
-    StoreUnavailableError,
-    TextGenError,
-)
-from textgen.generation import GenerationService
-from textgen.jobs.runner import ExecutorFactory, JobExecutor, JobOutcome
-from textgen.jobs.store import Job, JobState
-from textgen.loader import LoadedModel
+from textgen.errors import InvalidRequestError, TextGenError
 from textgen.webhooks import check_webhook
 
 router = APIRouter(prefix="/v1", tags=["batches"], route_class=OpenAIRoute)
@@ -157,87 +126,3 @@ async def cancel_batch(batch_id: str, batches: BatchesDep, caller: BatchCallerDe
     batch = await batches.store.request_cancel(batch_id)
     batches.coordinator.notify()
     return BatchObject(**batch_object(batch))
-
-
-# -- one line of a batch, run by the job runner ---------------------------------------------------------
-
-
-async def _results(handles: Sequence[Handle]) -> list[GenerationResult]:
-    try:
-        return list(await asyncio.gather(*(handle.result() for handle in handles)))
-    except BaseException:
-        for handle in handles:
-            handle.cancel()
-        raise
-
-
-def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobExecutor:
-    """The runner's executor for ``batch_line`` jobs (registered in ``main.create_app``)."""
-
-    async def execute(job: Job, request_id: str, track: Callable[[Handle], None]) -> JobOutcome:
-        url, body = job.request["url"], job.request["body"]
-        if job.request.get("refused"):  # it could never fit its owner's token limit (see the coordinator)
-            return _failed(429, str(job.request["refused"]), request_id)
-        granted = job.request.get("max_new_tokens")  # named no output limit: what its reservation covers
-        if isinstance(body, dict) and isinstance(granted, int):
-            body = {**body, "max_tokens": granted, "max_completion_tokens": None}
-        try:
-            response: Any
-            if url == "/v1/chat/completions":
-                chat = ChatCompletionRequest.model_validate(body)
-                await service.prepare_constraint(response_format_constraint(chat.response_format))
-                handles = await submit_chat(service, model.tokenizer, chat, request_id, Priority.BACKGROUND)
-                for handle in handles:
-                    track(handle)
-                results = [await service.finish(result, request_id) for result in await _results(handles)]
-                response = chat_response(service, chat, results)
-            else:
-                completion = CompletionRequest.model_validate(body)
-                await service.prepare_constraint(response_format_constraint(completion.response_format))
-                handles = await submit_completion(service, completion, request_id, Priority.BACKGROUND)
-                for handle in handles:
-                    track(handle)
-                results = [await service.finish(result, request_id) for result in await _results(handles)]
-                response = completion_response(service, completion, results)
-        except (NotReadyError, GenerationCancelledError, StoreUnavailableError):
-            raise  # the runner hands the job back or records nothing
-        except TextGenError as error:
-            return _failed(error.status_code, error.message, request_id)
-        except ValidationError as error:
-            return _failed(400, f"body: {error.errors()[0]['msg']}", request_id)
-        line = {"status_code": 200, "request_id": request_id, "body": response.model_dump(mode="json")}
-        return JobState.SUCCEEDED, {"result": line}
-
-    return execute
-
-
-def batch_line_planner(service: GenerationService, model: LoadedModel) -> LinePlanner:
-    """The coordinator's planner: a line's prompts as the engine will see them (the chat template
-    applied), their tokens counted in a worker thread, and one ``SamplingParams`` per choice, exactly as
-    the executor above will submit them."""
-
-    async def plan(url: str, body: dict[str, Any]) -> LinePlan:
-        request: CompletionRequest | ChatCompletionRequest
-        if url == "/v1/chat/completions":
-            request = ChatCompletionRequest.model_validate(body)
-            max_tokens: int | None = chat_max_tokens(service, request)
-        else:
-            request = CompletionRequest.model_validate(body)
-            max_tokens = request.max_tokens
-        prompts = await asyncio.to_thread(prompts_of, model.tokenizer, request)
-        return LinePlan(
-            prompt_tokens=await service.count_prompt_tokens(prompts),
-            params=choice_params(prompts, request, max_tokens),
-            open_ended=names_no_output_limit(request),
-        )
-
-    return plan
-
-
-# Job kinds the runner runs besides plain /generate_background jobs (passed to build_state by main.py).
-JOB_EXECUTORS: dict[str, ExecutorFactory] = {BATCH_LINE_KIND: batch_line_executor}
-
-
-def _failed(status: int, message: str, request_id: str) -> JobOutcome:
-    line = {"status_code": status, "request_id": request_id, "body": error_body(status, message)}
-    return JobState.FAILED, {"result": line, "error": message}

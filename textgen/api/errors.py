@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models import ErrorResponse
+from textgen.api.schemas.native import ErrorResponse
 from textgen.errors import InsufficientStorageError, StoreUnavailableError, TextGenError
 
 logger = logging.getLogger(__name__)
@@ -48,27 +48,9 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-OPENAI_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    429: "rate_limit_exceeded",
-    503: "server_overloaded",
-    504: "timeout",
-}
-
-
 def error_body(detail: Any, request_id: str) -> dict[str, Any]:
     """Our error shape, the one builder for it: ``{"detail", "request_id"}``."""
     return {"detail": jsonable_encoder(detail), "request_id": request_id}
-
-
-def openai_error_body(status: int, message: str, request_id: str, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error shape (under ``/v1``), the one builder for it, plus our request id."""
-    kind = OPENAI_ERROR_TYPES.get(status, "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}, "request_id": request_id}
 
 
 def request_id_of(request: Request) -> str:

@@ -15,14 +15,13 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from models import FileDeleted, FileList
-from models import FileObject as FileObjectModel
 from textgen.access import caller_of
 from textgen.api.deps import CallerDep, StateDep
 from textgen.api.openai import ERROR_DOCS, OpenAIRoute
+from textgen.api.schemas.batch import FileDeleted, FileList, FileObject
 from textgen.batches import Batches
 from textgen.batches.files import Upload, expires_after_from_form, new_file_id, receive_upload
-from textgen.batches.store import FileNotFoundInStoreError, FileObject, FileQuota, FileUsage
+from textgen.batches.store import FileNotFoundInStoreError, FileQuota, FileUsage, StoredFile
 from textgen.batches.view import file_object
 from textgen.config import Settings
 from textgen.errors import FileQuotaExceededError, GenerationCancelledError, InvalidRequestError, NotReadyError
@@ -78,7 +77,7 @@ BatchesDep = Annotated[Batches, Depends(get_batches)]
 BatchCallerDep = Annotated[BatchCaller, Depends(batch_caller)]
 
 
-async def owned_file(batches: Batches, file_id: str, caller: BatchCaller) -> FileObject:
+async def owned_file(batches: Batches, file_id: str, caller: BatchCaller) -> StoredFile:
     """The file if the caller may see it; 404 for an unknown id, another owner's file and an expired
     file alike (the sweep deletes expired files; until it does they are already gone to clients)."""
     record = await batches.store.get_file(file_id)
@@ -105,7 +104,7 @@ def check_room_for_a_file(usage: FileUsage, quota: FileQuota) -> None:
         )
 
 
-async def keep_until(batches: Batches, record: FileObject, until: float) -> None:
+async def keep_until(batches: Batches, record: StoredFile, until: float) -> None:
     """Push a file's expiry out to ``until`` if it would expire sooner (a batch's input stays while the
     batch may still read it)."""
     if record.expires_at is not None and record.expires_at < until:
@@ -135,14 +134,14 @@ UPLOAD_BODY = {
 
 @router.post(
     "/files",
-    response_model=FileObjectModel,
+    response_model=FileObject,
     responses=UPLOAD_DOCS,
     openapi_extra=UPLOAD_BODY,  # read as a stream by the route, so FastAPI cannot derive it
     summary="Upload a JSONL file (purpose=batch)",
 )
 async def upload_file(
     request: Request, state: StateDep, batches: BatchesDep, caller: BatchCallerDep, _caller: CallerDep
-) -> FileObjectModel:
+) -> FileObject:
     settings = state.settings
     quota = file_quota(settings)
     usage = await batches.store.file_usage(caller.owner_id)
@@ -176,15 +175,15 @@ async def upload_file(
             "The file would take your stored files past your quota (TEXTGEN_FILES_MAX_BYTES_PER_TENANT). "
             "Delete files you no longer need."
         )
-    return FileObjectModel(**file_object(record))
+    return FileObject(**file_object(record))
 
 
-def new_file_record(upload: Upload, owner: str, now: float, default_expiry_s: int) -> FileObject:
+def new_file_record(upload: Upload, owner: str, now: float, default_expiry_s: int) -> StoredFile:
     """The record of an upload: purpose checked, expiry from ``expires_after`` or the default."""
     if upload.purpose not in UPLOAD_PURPOSES:
         raise InvalidRequestError(f"purpose: must be one of {', '.join(UPLOAD_PURPOSES)} (got {upload.purpose!r}).")
     expires_after_s = expires_after_from_form(upload.fields) or default_expiry_s
-    return FileObject(
+    return StoredFile(
         id=new_file_id(),
         owner=owner,
         filename=upload.filename,
@@ -209,15 +208,15 @@ async def list_files(
         for record in await batches.store.list_files(caller.visible_owner, purpose=purpose, limit=limit)
         if not record.expired(now)
     ]
-    data = [FileObjectModel(**file_object(record)) for record in records]
+    data = [FileObject(**file_object(record)) for record in records]
     return FileList(
         data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None, has_more=False
     )
 
 
-@router.get("/files/{file_id}", response_model=FileObjectModel, responses=NOT_FOUND_DOCS, summary="A file's metadata")
-async def get_file(file_id: str, batches: BatchesDep, caller: BatchCallerDep) -> FileObjectModel:
-    return FileObjectModel(**file_object(await owned_file(batches, file_id, caller)))
+@router.get("/files/{file_id}", response_model=FileObject, responses=NOT_FOUND_DOCS, summary="A file's metadata")
+async def get_file(file_id: str, batches: BatchesDep, caller: BatchCallerDep) -> FileObject:
+    return FileObject(**file_object(await owned_file(batches, file_id, caller)))
 
 
 @router.get(

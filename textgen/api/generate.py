@@ -10,19 +10,25 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response
 from sse_starlette import ServerSentEvent
 
-from models import BackgroundRequest, JobAccepted, TextGenerationRequest, TextGenerationResponse
 from textgen.api.deps import CallerDep, OwnerDep, RequestIdDep, RunnerDep, ServiceDep, StateDep, StoreDep
 from textgen.api.errors import error_responses
+from textgen.api.schemas.native import BackgroundRequest, JobAccepted, TextGenerationRequest, TextGenerationResponse
 from textgen.api.sse import SSE_RESPONSE_DOC, error_event, event, sse_response
 from textgen.engine.types import GenerationResult, Handle, Priority
 from textgen.errors import GenerationCancelledError
-from textgen.generation import GenerationService, sampling_params_from
+from textgen.generation import GenerationService, TextResult
 from textgen.jobs.store import IDEMPOTENCY_KEY_MAX_LEN
+from textgen.services.native import text_request
 from textgen.webhooks import check_webhook
 
 router = APIRouter(tags=["generation"])
 # Printable ASCII, as the job store checks; no space at either end, since HTTP strips it from header values.
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$"
+
+
+def rendered(result: TextResult) -> TextGenerationResponse:
+    """The response body of a finished generation (the domain's result, validated into the schema)."""
+    return TextGenerationResponse.model_validate(result.to_dict())
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -67,7 +73,7 @@ async def generation_events(
     try:
         async for text in service.stream_text(handle):
             yield event("token", {"text": text})
-        response = await service.response(await handle.result(), request_id, caller)
+        response = rendered(await service.response(await handle.result(), request_id, caller))
         yield event("done", response.model_dump(mode="json"))
     except Exception as error:
         yield error_event(error, request_id)
@@ -88,15 +94,16 @@ async def generate(
     caller: CallerDep,
 ) -> TextGenerationResponse | Response:
     await service.check_prompt(body.prompt, request_id)
-    service.check_logprobs_budget([sampling_params_from(body)], "logprobs")
-    await service.prepare_request(body)
+    text = text_request(body)
+    service.check_logprobs_budget([text.params], "logprobs")
+    await service.prepare_request(text)
     if body.stream:
         with state.streams.take(caller) as slot:  # before the budget is reserved: a refusal costs nothing
-            handle = await service.submit_request_budgeted(caller, body, request_id, Priority.INTERACTIVE)
+            handle = await service.submit_request_budgeted(caller, text, request_id, Priority.INTERACTIVE)
             return sse_response(slot.attach(generation_events(service, handle, request_id, caller)), request_id)
-    handle = await service.submit_request_budgeted(caller, body, request_id, Priority.INTERACTIVE)
+    handle = await service.submit_request_budgeted(caller, text, request_id, Priority.INTERACTIVE)
     result = await result_unless_disconnected(request, handle)
-    return await service.response(result, request_id, caller)
+    return rendered(await service.response(result, request_id, caller))
 
 
 @router.post(
@@ -127,8 +134,9 @@ async def generate_background(
     ] = None,
 ) -> JobAccepted:
     await state.service.check_prompt(body.prompt, request_id)
-    state.service.check_logprobs_budget([sampling_params_from(body)], "logprobs")
-    await state.service.prepare_request(body)
+    text = text_request(body)
+    state.service.check_logprobs_budget([text.params], "logprobs")
+    await state.service.prepare_request(text)
     if body.callback_url is not None:
         await check_webhook(body.callback_url, state.settings)
     # Without a webhook the stored request keeps its original shape (and Idempotency-Key fingerprints).
@@ -136,10 +144,7 @@ async def generate_background(
     # The submitter's token budget (prompt + output) is reserved now and refunded by whoever ends the job.
     # Without an output limit the job is granted what one window allows (the same for a replayed body).
     prompt_tokens = await state.service.count_prompt_tokens([body.prompt])
-    open_ended = not body.model_fields_set & {"max_new_tokens", "max_length"}  # the defaults apply
-    grant = await state.service.grant(
-        caller, [sampling_params_from(body)], prompt_tokens, open_ended=open_ended, flexible=False
-    )
+    grant = await state.service.grant(caller, [text.params], prompt_tokens, open_ended=text.open_ended, flexible=False)
     if grant.max_new_tokens is not None:
         stored["max_new_tokens"] = grant.max_new_tokens
     reservation = grant.reservation

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 
 from fastapi import APIRouter
 
-from models import HealthResponse, ReadyResponse
 from textgen.api.deps import StateDep
 from textgen.api.errors import error_responses
+from textgen.api.schemas.native import HealthResponse, ReadyResponse
 from textgen.errors import InsufficientStorageError, StoreUnavailableError
 from textgen.jobs.store import JobState
 from textgen.state import AppState

@@ -10,16 +10,16 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from sse_starlette import ServerSentEvent
 
-from models import JobList, JobStateName, JobView
 from textgen.api.deps import ReaderDep, RequestIdDep, RunnerDep, StateDep, StoreDep
 from textgen.api.errors import error_responses
+from textgen.api.schemas.native import JobList, JobStateName, JobSummary, JobView
 from textgen.api.sse import SSE_RESPONSE_DOC, error_event, event, sse_response
 from textgen.engine.types import Handle
 from textgen.errors import NotReadyError, TextGenError
 from textgen.generation import GenerationService
 from textgen.jobs.runner import JobRunner
-from textgen.jobs.store import TERMINAL_STATES, JobState, JobStore
-from textgen.jobs.view import job_summary, job_view, queue_estimate
+from textgen.jobs.store import TERMINAL_STATES, Job, JobState, JobStore
+from textgen.jobs.view import QueuePosition, job_record, job_summary_record, queue_estimate
 
 STREAM_POLL_S = 0.25
 JOB_STREAM_SHUTDOWN = (
@@ -28,6 +28,15 @@ JOB_STREAM_SHUTDOWN = (
 )
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def job_view(job: Job, queue: QueuePosition | None = None) -> JobView:
+    """``GET /jobs/{id}``'s body: the domain's record of the job (``textgen.jobs.view``), validated."""
+    return JobView.model_validate(job_record(job, queue))
+
+
+def job_summary(job: Job) -> JobSummary:
+    return JobSummary.model_validate(job_summary_record(job))
 
 
 @router.get(

@@ -39,7 +39,7 @@ from textgen.access import (
     uvicorn_forwarded_allow_ips,
     warn_if_exposed_without_keys,
 )
-from textgen.api.errors import error_body, openai_error_body
+from textgen.api.errors import error_body
 from textgen.errors import (
     ConfigError,
     InvalidRequestError,
@@ -50,6 +50,7 @@ from textgen.errors import (
     UnsupportedMediaTypeError,
 )
 from textgen.json_limits import DEPTH_MESSAGE, depth_check_is_slow, json_too_deep
+from textgen.services.openai_types import openai_error_body
 
 logger = logging.getLogger(__name__)
 

@@ -39,9 +39,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from models import ChatCompletionRequest, CompletionRequest
 from textgen.batches.files import FileStorage, OutputWriter, RawLine
-from textgen.batches.store import Batch, BatchStatus, BatchStore, FileObject, Line, LineOutcome
+from textgen.batches.store import Batch, BatchStatus, BatchStore, Line, LineOutcome, StoredFile
 from textgen.batches.webhook import BatchWebhooks
 from textgen.config import Settings
 from textgen.engine.types import SamplingParams
@@ -56,6 +55,7 @@ from textgen.generation import GenerationService
 from textgen.jobs.store import Job, JobState, JobStore
 from textgen.json_limits import MAX_JSON_DEPTH, json_too_deep
 from textgen.ratelimit import Reservation, TokenBudgetTooLargeError
+from textgen.services.requests import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
 
@@ -526,7 +526,7 @@ class BatchCoordinator:
                 expires_at = created + keep_s if keep_s else None
                 # Never refused for quota: the work is done; it counts against the owner's next upload.
                 await self._store.put_file(
-                    FileObject(file_id, batch.owner, name, "batch_output", size, created, count, expires_at)
+                    StoredFile(file_id, batch.owner, name, "batch_output", size, created, count, expires_at)
                 )
         final: dict[str, Any] = {
             None: {"status": BatchStatus.COMPLETED, "completed_at": now},

@@ -27,11 +27,11 @@ from textgen.batches.store import (
     Batch,
     BatchNotFoundError,
     FileNotFoundInStoreError,
-    FileObject,
     FileQuota,
     FileUsage,
     Line,
     LineOutcome,
+    StoredFile,
     batch_from_json,
     batch_to_json,
     file_from_json,
@@ -246,7 +246,7 @@ class RedisBatchStore:
 
     # -- files ---------------------------------------------------------------------------------------
 
-    def _file_keys(self, record: FileObject) -> builtins.list[str]:
+    def _file_keys(self, record: StoredFile) -> builtins.list[str]:
         return [
             self._k("bfile", record.id),
             self._k("bfiles"),
@@ -255,17 +255,17 @@ class RedisBatchStore:
             self._k("bfexpiry"),
         ]
 
-    def _file_args(self, record: FileObject, quota: FileQuota | None) -> builtins.list[Any]:
+    def _file_args(self, record: StoredFile, quota: FileQuota | None) -> builtins.list[Any]:
         expires = "" if record.expires_at is None else repr(record.expires_at)
         check = "0" if quota is None else "1"
         limits = (0, 0) if quota is None else (quota.max_files, quota.max_bytes)
         return [self.prefix, record.id, record.owner, file_to_json(record), record.bytes, record.created_at,
                 expires, check, *limits]
 
-    async def put_file(self, record: FileObject) -> None:
+    async def put_file(self, record: StoredFile) -> None:
         await self._script("put_file", self._file_keys(record), self._file_args(record, None))
 
-    async def add_file(self, record: FileObject, quota: FileQuota) -> bool:
+    async def add_file(self, record: StoredFile, quota: FileQuota) -> bool:
         return bool(await self._script("put_file", self._file_keys(record), self._file_args(record, quota)))
 
     async def file_usage(self, owner: str) -> FileUsage:
@@ -273,7 +273,7 @@ class RedisBatchStore:
             files, size = await self._redis.hmget(self._k("bfusage", owner), ["files", "bytes"])
         return FileUsage(int(files or 0), int(size or 0))
 
-    async def expired_files(self, now: float, limit: int) -> builtins.list[FileObject]:
+    async def expired_files(self, now: float, limit: int) -> builtins.list[StoredFile]:
         async with self._guard():
             found = await self._redis.zrangebyscore(self._k("bfexpiry"), "-inf", now, start=0, num=limit)
             ids = cast(builtins.list[str], found)
@@ -285,7 +285,7 @@ class RedisBatchStore:
                 await self._redis.zrem(self._k("bfexpiry"), *gone)
         return [file_from_json(cast(str, text)) for text in texts if text is not None]
 
-    async def get_file(self, file_id: str) -> FileObject:
+    async def get_file(self, file_id: str) -> StoredFile:
         async with self._guard():
             text = await self._redis.get(self._k("bfile", file_id))
         if text is None:
@@ -294,9 +294,9 @@ class RedisBatchStore:
 
     async def list_files(
         self, owner: str | None, *, purpose: str | None = None, limit: int = 100
-    ) -> builtins.list[FileObject]:
+    ) -> builtins.list[StoredFile]:
         index = self._k("bfiles") if owner is None else self._k("bfiles", owner)
-        found: builtins.list[FileObject] = []
+        found: builtins.list[StoredFile] = []
         start = 0
         async with self._guard():
             while len(found) < limit:

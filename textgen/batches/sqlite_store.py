@@ -14,11 +14,11 @@ from textgen.batches.store import (
     Batch,
     BatchNotFoundError,
     FileNotFoundInStoreError,
-    FileObject,
     FileQuota,
     FileUsage,
     Line,
     LineOutcome,
+    StoredFile,
     batch_from_json,
     batch_to_json,
     file_from_json,
@@ -90,7 +90,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _put_file(conn: sqlite3.Connection, record: FileObject) -> None:
+def _put_file(conn: sqlite3.Connection, record: StoredFile) -> None:
     conn.execute(
         "INSERT OR REPLACE INTO batch_files (id, owner, purpose, created_at, data, bytes, expires_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -113,7 +113,7 @@ def _file_usage(conn: sqlite3.Connection, owner: str) -> FileUsage:
     return FileUsage(int(row["files"]), int(row["bytes"]))
 
 
-def _add_file(conn: sqlite3.Connection, record: FileObject, quota: FileQuota) -> bool:
+def _add_file(conn: sqlite3.Connection, record: StoredFile, quota: FileQuota) -> bool:
     with write_txn(conn):  # the write lock first, so a racing upload waits for this one's decision
         usage = _file_usage(conn, record.owner)
         if (quota.max_files and usage.files + 1 > quota.max_files) or (
@@ -124,7 +124,7 @@ def _add_file(conn: sqlite3.Connection, record: FileObject, quota: FileQuota) ->
     return True
 
 
-def _expired_files(conn: sqlite3.Connection, now: float, limit: int) -> builtins.list[FileObject]:
+def _expired_files(conn: sqlite3.Connection, now: float, limit: int) -> builtins.list[StoredFile]:
     rows = conn.execute(
         "SELECT data FROM batch_files WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY expires_at LIMIT ?",
         (now, limit),
@@ -132,7 +132,7 @@ def _expired_files(conn: sqlite3.Connection, now: float, limit: int) -> builtins
     return [file_from_json(row["data"]) for row in rows]
 
 
-def _get_file(conn: sqlite3.Connection, file_id: str) -> FileObject:
+def _get_file(conn: sqlite3.Connection, file_id: str) -> StoredFile:
     row = conn.execute("SELECT data FROM batch_files WHERE id = ?", (file_id,)).fetchone()
     if row is None:
         raise FileNotFoundInStoreError()
@@ -141,7 +141,7 @@ def _get_file(conn: sqlite3.Connection, file_id: str) -> FileObject:
 
 def _list_files(
     conn: sqlite3.Connection, owner: str | None, purpose: str | None, limit: int
-) -> builtins.list[FileObject]:
+) -> builtins.list[StoredFile]:
     rows = conn.execute(
         "SELECT data FROM batch_files WHERE (?1 IS NULL OR owner = ?1) AND (?2 IS NULL OR purpose = ?2) "
         "ORDER BY created_at DESC LIMIT ?3",
@@ -294,24 +294,24 @@ class SQLiteBatchStore:
     async def close(self) -> None:
         await self._db.close()
 
-    async def put_file(self, record: FileObject) -> None:
+    async def put_file(self, record: StoredFile) -> None:
         await self._run(_put_file, record)
 
-    async def get_file(self, file_id: str) -> FileObject:
+    async def get_file(self, file_id: str) -> StoredFile:
         return await self._run(_get_file, file_id)
 
     async def list_files(
         self, owner: str | None, *, purpose: str | None = None, limit: int = 100
-    ) -> builtins.list[FileObject]:
+    ) -> builtins.list[StoredFile]:
         return await self._run(_list_files, owner, purpose, limit)
 
-    async def add_file(self, record: FileObject, quota: FileQuota) -> bool:
+    async def add_file(self, record: StoredFile, quota: FileQuota) -> bool:
         return await self._run(_add_file, record, quota)
 
     async def file_usage(self, owner: str) -> FileUsage:
         return await self._run(_file_usage, owner)
 
-    async def expired_files(self, now: float, limit: int) -> builtins.list[FileObject]:
+    async def expired_files(self, now: float, limit: int) -> builtins.list[StoredFile]:
         return await self._run(_expired_files, now, limit)
 
     async def delete_file(self, file_id: str) -> bool:

@@ -58,7 +58,7 @@ class LineOutcome(StrEnum):
 
 
 @dataclass(frozen=True)
-class FileObject:
+class StoredFile:
     id: str
     owner: str
     filename: str
@@ -158,12 +158,12 @@ def batch_from_json(text: str, cancel_requested_at: float | None) -> Batch:
     return Batch(**data, cancel_requested_at=cancel_requested_at)
 
 
-def file_to_json(record: FileObject) -> str:
+def file_to_json(record: StoredFile) -> str:
     return json.dumps(record.__dict__, separators=(",", ":"))
 
 
-def file_from_json(text: str) -> FileObject:
-    return FileObject(**json.loads(text))
+def file_from_json(text: str) -> StoredFile:
+    return StoredFile(**json.loads(text))
 
 
 @runtime_checkable
@@ -173,25 +173,25 @@ class BatchStore(Protocol):
     async def close(self) -> None: ...
 
     # -- files ---------------------------------------------------------------------------------------
-    async def put_file(self, record: FileObject) -> None:
+    async def put_file(self, record: StoredFile) -> None:
         """Insert or replace (a re-run finalisation writes the same output file id again)."""
 
-    async def get_file(self, file_id: str) -> FileObject:
+    async def get_file(self, file_id: str) -> StoredFile:
         """FileNotFoundInStoreError when unknown."""
 
     async def list_files(
         self, owner: str | None, *, purpose: str | None = None, limit: int = 100
-    ) -> builtins.list[FileObject]:
+    ) -> builtins.list[StoredFile]:
         """Newest first; ``owner`` None lists everyone's (admins)."""
 
-    async def add_file(self, record: FileObject, quota: FileQuota) -> bool:
+    async def add_file(self, record: StoredFile, quota: FileQuota) -> bool:
         """Insert a new file only if its owner's usage with it stays within ``quota``, atomically (two
         uploads racing for the last bytes cannot both get in); False, nothing written, otherwise."""
 
     async def file_usage(self, owner: str) -> FileUsage:
         """The owner's stored files and their bytes (expired files count until the sweep removes them)."""
 
-    async def expired_files(self, now: float, limit: int) -> builtins.list[FileObject]:
+    async def expired_files(self, now: float, limit: int) -> builtins.list[StoredFile]:
         """Up to ``limit`` files whose ``expires_at`` is at or before ``now``, soonest first."""
 
     async def delete_file(self, file_id: str) -> bool:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from textgen.batches.store import CANCELLABLE_STATUSES, Batch, BatchStatus, FileObject
+from textgen.batches.store import CANCELLABLE_STATUSES, Batch, BatchStatus, StoredFile
 
 
 def _seconds(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def file_object(record: FileObject) -> dict[str, Any]:
+def file_object(record: StoredFile) -> dict[str, Any]:
     return {
         "id": record.id,
         "object": "file",

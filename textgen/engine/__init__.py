@@ -1,10 +1,11 @@
-"""The generation engine: contract in ``types``, implementations in ``batched`` and ``threadpool``."""
+"""The generation engine: contract in ``types``; implementations in ``scheduler`` (continuous batching,
+TEXTGEN_ENGINE=batched) and ``threadpool`` (the baseline, TEXTGEN_ENGINE=threadpool)."""
 
 from __future__ import annotations
 
 from textgen.config import Settings
-from textgen.engine.batched import BatchedEngine
 from textgen.engine.core import CoreOptions
+from textgen.engine.scheduler import BatchedEngine
 from textgen.engine.threadpool import ThreadPoolEngine
 from textgen.engine.types import (
     Engine,

@@ -18,9 +18,9 @@ from textgen.engine.types import (
     GenerationRequest,
     GenerationResult,
     Handle,
-    Timings,
-    TokenLogprob,
-    TopLogprob,
+    LogprobAlternative,
+    LogprobEntry,
+    RequestTimings,
 )
 from textgen.errors import InvalidRequestError, PromptTooLongError
 
@@ -117,13 +117,13 @@ class SequenceState:
         elif self.constraint.ended:
             self.finish_reason = FinishReason.STOP
 
-    def _token_logprob(self, token_id: int, logprobs: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
+    def _token_logprob(self, token_id: int, logprobs: tuple[float, list[tuple[int, float]]]) -> LogprobEntry:
         chosen, alternatives = logprobs
-        return TokenLogprob(
+        return LogprobEntry(
             token_id=token_id,
             token=self._token_text(token_id),
             logprob=chosen,
-            top=tuple(TopLogprob(t, self._token_text(t), value) for t, value in alternatives),
+            top=tuple(LogprobAlternative(t, self._token_text(t), value) for t, value in alternatives),
         )
 
     def _token_text(self, token_id: int) -> str:
@@ -144,7 +144,7 @@ class SequenceState:
             completion_tokens=len(self.generated),
             finish_reason=self.finish_reason or FinishReason.LENGTH,
             token_logprobs=None if self.tokenizer is None else tuple(self.handle.token_logprobs),
-            timings=Timings(
+            timings=RequestTimings(
                 queue_s=self.admitted_at - arrived,
                 time_to_first_token_s=None if self.first_token_at is None else self.first_token_at - arrived,
                 total_s=now - arrived,

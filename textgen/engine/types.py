@@ -99,21 +99,21 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
-class Timings:
+class RequestTimings:
     queue_s: float
     time_to_first_token_s: float | None
     total_s: float
 
 
 @dataclass(frozen=True)
-class TopLogprob:
+class LogprobAlternative:
     token_id: int
     token: str
     logprob: float
 
 
 @dataclass(frozen=True)
-class TokenLogprob:
+class LogprobEntry:
     """One generated token's log-probability under the distribution it was sampled from (after
     repetition penalty, grammar mask and temperature; before top-k/top-p), and the likeliest
     alternatives under that distribution, most likely first."""
@@ -121,7 +121,7 @@ class TokenLogprob:
     token_id: int
     token: str
     logprob: float
-    top: tuple[TopLogprob, ...] = ()
+    top: tuple[LogprobAlternative, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,8 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason
-    timings: Timings
-    token_logprobs: tuple[TokenLogprob, ...] | None = None
+    timings: RequestTimings
+    token_logprobs: tuple[LogprobEntry, ...] | None = None
 
 
 class Handle:
@@ -145,7 +145,7 @@ class Handle:
         self._progress = asyncio.Event()
         # When params.logprobs is set: one entry per generated token, appended by the engine's thread
         # before the token's text is published (so a stream consumer finds them already there).
-        self.token_logprobs: list[TokenLogprob] = []
+        self.token_logprobs: list[LogprobEntry] = []
         # Read by the inference thread every step; a plain Event is the cheap cross-thread flag.
         self._cancelled = threading.Event()
         # The deadline is answered by a timer on the event loop, not when the engine next looks: a step

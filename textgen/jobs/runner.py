@@ -32,7 +32,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from models import TextGenerationRequest
 from textgen.engine.types import Handle, Priority
 from textgen.errors import (
     GenerationCancelledError,
@@ -43,6 +42,8 @@ from textgen.errors import (
 )
 from textgen.generation import GenerationService, RiskyPhase, risky_phase
 from textgen.jobs.store import Job, JobState, JobStore, WebhookState
+from textgen.services.native import text_request
+from textgen.services.requests import TextGenerationRequest
 from textgen.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ JobOutcome = tuple[JobState, dict[str, Any]]
 # handle so cancellation and shutdown reach it. Raises NotReadyError / GenerationCancelledError like
 # the plain path; returns the state and the fields to record.
 JobExecutor = Callable[[Job, str, Callable[[Handle], None]], Awaitable[JobOutcome]]
-# Builds an executor once the service exists (batch lines: textgen.api.batches.batch_line_executor).
+# Builds an executor once the service exists (batch lines: textgen.services.batch_lines.batch_line_executor).
 ExecutorFactory = Callable[[GenerationService, Any], JobExecutor]
 
 
@@ -331,12 +332,12 @@ class JobRunner:
             executor = self._executors.get(str(job.request.get("kind", "")))
             if executor is not None:
                 return await executor(job, request_id, lambda handle: self._track(job.id, handle))
-            body = TextGenerationRequest.model_validate(job.request)
-            await self._service.prepare_request(body)  # compiles off the event loop, marked as risky
-            handle = self._service.submit_request(body, request_id, Priority.BACKGROUND)
+            request = text_request(TextGenerationRequest.model_validate(job.request))
+            await self._service.prepare_request(request)  # compiles off the event loop, marked as risky
+            handle = self._service.submit_request(request, request_id, Priority.BACKGROUND)
             self._track(job.id, handle)
-            response = await self._service.response(await handle.result(), request_id)
-            return JobState.SUCCEEDED, {"result": response.model_dump(mode="json")}
+            result = await self._service.response(await handle.result(), request_id)
+            return JobState.SUCCEEDED, {"result": result.to_dict()}
         except NotReadyError:
             if not self._stopping:
                 # The engine is not taking work (e.g. draining); the job must not sit in "running",

@@ -1,6 +1,6 @@
 """Job and webhook states: defined once here, and reused by the store contract, the API schemas
-(``models.py``) and the metrics. A leaf module: it imports nothing from the service, so ``models.py``
-can use it without pulling the package in.
+(``textgen.api.schemas.native``) and the metrics. A leaf module (the bottom layer): it imports nothing
+from the service.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Model cores: what computes logits for the slots the scheduler hands them.
 
-The contract (``ModelCore``) is small on purpose, so the scheduler in ``engine/batched.py`` never
+The contract (``ModelCore``) is small on purpose, so the scheduler in ``engine/scheduler.py`` never
 knows which core runs:
 
 * ``allocate() -> slot`` and ``free(slots)``: a slot holds one sequence's cached keys/values;

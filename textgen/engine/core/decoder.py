@@ -1,7 +1,7 @@
 """The decode core: one of the architecture modules (Llama family, GPT-2) over a slot KV cache.
 
 It only computes logits for the slots it is given; who runs, when, and for how long is the
-scheduler's business (``engine/batched.py``).
+scheduler's business (``engine/scheduler.py``).
 """
 
 from __future__ import annotations

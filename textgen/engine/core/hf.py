@@ -1,7 +1,7 @@
 """The transformers core: any causal LM transformers can run, behind the same slot contract.
 
-Used for architectures the decode core does not cover. Rows live in a left-padded ``Batch`` whose
-cache grows by one column per step and is trimmed when rows leave (see ``engine/batch.py``).
+Used for architectures the decode core does not cover. Rows live in a left-padded ``PaddedRows`` whose
+cache grows by one column per step and is trimmed when rows leave (see ``engine/padding.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from textgen.engine.batch import Batch, decode_step, prefill
+from textgen.engine.padding import PaddedRows, decode_step, prefill
 from textgen.errors import EngineError
 
 
@@ -22,7 +22,7 @@ class TransformersCore:
     def __init__(self, model: PreTrainedModel, pad_id: int, slots: int, capacity: int) -> None:
         self._model = model
         self._pad_id = pad_id
-        self._batch: Batch[int] | None = None  # rows are slot ids
+        self._batch: PaddedRows[int] | None = None  # rows are slot ids
         self._free_ids = list(range(slots - 1, -1, -1))
         self._slots = slots
         self.capacity = capacity

@@ -1,4 +1,5 @@
-"""Batch mode of the benchmark: N short requests as one OpenAI batch vs the same as concurrent calls.
+"""The Batch API benchmark (``bench.bench --batch``): N short requests as one OpenAI batch vs the same as
+concurrent calls.
 
     python -m bench.bench --batch                                   # 1,000 requests, C = 64, one run
     python -m bench.bench --batch --batch-requests 20 --max-new-tokens 8 --batch-concurrency 4   # smoke

@@ -1,4 +1,5 @@
-"""The running batch as a first-class object: tensors for every in-flight sequence, left-aligned.
+"""Left padding for the HF fallback core (``core/hf.py``): the rows in flight as one ``PaddedRows``, tensors
+for every in-flight sequence, left-aligned.
 
 Rows are left-padded so that every sequence's newest token sits in the last column; a decode step
 then feeds one token per row. ``filter`` drops finished rows and trims padding columns no row needs;
@@ -35,7 +36,7 @@ def _filled_layers(cache: DynamicCache) -> list[tuple[CacheLayerMixin, torch.Ten
 
 
 @dataclass
-class Batch(Generic[RowT]):
+class PaddedRows(Generic[RowT]):
     rows: list[RowT]
     cache: DynamicCache  # per layer: keys, values [B, H, T, D]
     attention_mask: torch.Tensor  # [B, T] long, 1 = real token, 0 = left padding
@@ -50,7 +51,7 @@ class Batch(Generic[RowT]):
     def cached_length(self) -> int:
         return int(self.attention_mask.shape[1])
 
-    def filter(self, keep: Sequence[int]) -> Batch[RowT]:
+    def filter(self, keep: Sequence[int]) -> PaddedRows[RowT]:
         """Keep only the given row indices (in that order), then trim all-padding columns."""
         index = torch.tensor(list(keep), dtype=torch.long, device=self.attention_mask.device)
         mask = self.attention_mask.index_select(0, index)
@@ -64,7 +65,7 @@ class Batch(Generic[RowT]):
         self.last_tokens = self.last_tokens.index_select(0, index)
         return self
 
-    def concat(self, other: Batch[RowT]) -> Batch[RowT]:
+    def concat(self, other: PaddedRows[RowT]) -> PaddedRows[RowT]:
         """Append other's rows after ours, left-padding the shorter cache to a common length."""
         length = max(self.cached_length, other.cached_length)
         for (mine, keys, values), (_, their_keys, their_values) in zip(
@@ -116,7 +117,7 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def prefill(
     model: PreTrainedModel, prompts: Sequence[Sequence[int]], rows: list[RowT], pad_id: int
-) -> tuple[Batch[RowT], torch.Tensor]:
+) -> tuple[PaddedRows[RowT], torch.Tensor]:
     """Run the prompts through the model together. Returns the new batch and logits [B, V].
 
     The batch's ``last_tokens`` are placeholders until the caller sets the sampled first tokens.
@@ -132,7 +133,7 @@ def prefill(
         use_cache=True,
         logits_to_keep=1,
     )
-    batch = Batch(
+    batch = PaddedRows(
         rows=rows,
         cache=output.past_key_values,
         attention_mask=mask,
@@ -143,7 +144,7 @@ def prefill(
 
 
 @torch.inference_mode()
-def decode_step(model: PreTrainedModel, batch: Batch[RowT]) -> torch.Tensor:
+def decode_step(model: PreTrainedModel, batch: PaddedRows[RowT]) -> torch.Tensor:
     """Feed every row its last token; grow the cache by one column. Returns logits [B, V]."""
     mask = F.pad(batch.attention_mask, (0, 1), value=1)  # [B, T+1]
     output = model(

@@ -1,4 +1,4 @@
-"""The Batch object: prefill, decode, filter and concat keep every row's tokens exact."""
+"""The PaddedRows object: prefill, decode, filter and concat keep every row's tokens exact."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from textgen.engine.batch import Batch, decode_step, left_pad_prompts, positions_from_mask, prefill
+from textgen.engine.padding import PaddedRows, decode_step, left_pad_prompts, positions_from_mask, prefill
 
 PROMPTS = ["The future of AI is", "Once upon a time there was a robot who", "Hi"]
 
@@ -15,7 +15,7 @@ def _ids(loaded: Any) -> list[list[int]]:
     return [loaded.tokenizer(p).input_ids for p in PROMPTS]
 
 
-def _greedy(loaded: Any, batch: Batch[int], logits: torch.Tensor, out: dict[int, list[int]]) -> None:
+def _greedy(loaded: Any, batch: PaddedRows[int], logits: torch.Tensor, out: dict[int, list[int]]) -> None:
     tokens = logits.argmax(-1)
     batch.last_tokens = tokens
     for row, token in zip(batch.rows, tokens.tolist(), strict=True):

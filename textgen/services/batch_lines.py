@@ -1,0 +1,119 @@
+"""How one line of a Batch API file is planned and answered: the job kinds the job runner runs besides
+plain ``/generate_background`` jobs, registered where the state is built (``textgen.state``).
+
+``batch_line_planner`` is what the coordinator (``textgen.batches.coordinator``) asks before it submits a
+line, to charge the line to its owner's limits; ``batch_line_executor`` is what the runner calls for such
+a job: the same request checks and response building as ``/v1/completions`` and ``/v1/chat/completions``
+(``textgen.services.openai``), with the OpenAI batch line's ``{status_code, request_id, body}`` as the
+job's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from textgen.batches.coordinator import BATCH_LINE_KIND, LinePlan, LinePlanner
+from textgen.engine.types import GenerationResult, Handle, Priority
+from textgen.errors import GenerationCancelledError, NotReadyError, StoreUnavailableError, TextGenError
+from textgen.generation import GenerationService
+from textgen.jobs.runner import ExecutorFactory, JobExecutor, JobOutcome
+from textgen.jobs.store import Job, JobState
+from textgen.loader import LoadedModel
+from textgen.services.openai import (
+    chat_max_tokens,
+    chat_response,
+    choice_params,
+    completion_response,
+    error_body,
+    names_no_output_limit,
+    prompts_of,
+    response_format_constraint,
+    submit_chat,
+    submit_completion,
+)
+from textgen.services.requests import ChatCompletionRequest, CompletionRequest
+
+
+async def _results(handles: Sequence[Handle]) -> list[GenerationResult]:
+    try:
+        return list(await asyncio.gather(*(handle.result() for handle in handles)))
+    except BaseException:
+        for handle in handles:
+            handle.cancel()
+        raise
+
+
+def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobExecutor:
+    """The runner's executor for ``batch_line`` jobs (registered in ``textgen.state.build_state``)."""
+
+    async def execute(job: Job, request_id: str, track: Callable[[Handle], None]) -> JobOutcome:
+        url, body = job.request["url"], job.request["body"]
+        if job.request.get("refused"):  # it could never fit its owner's token limit (see the coordinator)
+            return _failed(429, str(job.request["refused"]), request_id)
+        granted = job.request.get("max_new_tokens")  # named no output limit: what its reservation covers
+        if isinstance(body, dict) and isinstance(granted, int):
+            body = {**body, "max_tokens": granted, "max_completion_tokens": None}
+        try:
+            response: Any
+            if url == "/v1/chat/completions":
+                chat = ChatCompletionRequest.model_validate(body)
+                await service.prepare_constraint(response_format_constraint(chat.response_format))
+                handles = await submit_chat(service, model.tokenizer, chat, request_id, Priority.BACKGROUND)
+                for handle in handles:
+                    track(handle)
+                results = [await service.finish(result, request_id) for result in await _results(handles)]
+                response = chat_response(service, chat, results)
+            else:
+                completion = CompletionRequest.model_validate(body)
+                await service.prepare_constraint(response_format_constraint(completion.response_format))
+                handles = await submit_completion(service, completion, request_id, Priority.BACKGROUND)
+                for handle in handles:
+                    track(handle)
+                results = [await service.finish(result, request_id) for result in await _results(handles)]
+                response = completion_response(service, completion, results)
+        except (NotReadyError, GenerationCancelledError, StoreUnavailableError):
+            raise  # the runner hands the job back or records nothing
+        except TextGenError as error:
+            return _failed(error.status_code, error.message, request_id)
+        except ValidationError as error:
+            return _failed(400, f"body: {error.errors()[0]['msg']}", request_id)
+        line = {"status_code": 200, "request_id": request_id, "body": response.model_dump(mode="json")}
+        return JobState.SUCCEEDED, {"result": line}
+
+    return execute
+
+
+def batch_line_planner(service: GenerationService, model: LoadedModel) -> LinePlanner:
+    """The coordinator's planner: a line's prompts as the engine will see them (the chat template
+    applied), their tokens counted in a worker thread, and one ``SamplingParams`` per choice, exactly as
+    the executor above will submit them."""
+
+    async def plan(url: str, body: dict[str, Any]) -> LinePlan:
+        request: CompletionRequest | ChatCompletionRequest
+        if url == "/v1/chat/completions":
+            request = ChatCompletionRequest.model_validate(body)
+            max_tokens: int | None = chat_max_tokens(service, request)
+        else:
+            request = CompletionRequest.model_validate(body)
+            max_tokens = request.max_tokens
+        prompts = await asyncio.to_thread(prompts_of, model.tokenizer, request)
+        return LinePlan(
+            prompt_tokens=await service.count_prompt_tokens(prompts),
+            params=choice_params(prompts, request, max_tokens),
+            open_ended=names_no_output_limit(request),
+        )
+
+    return plan
+
+
+# Job kinds the runner runs besides plain /generate_background jobs (registered by textgen.state.build_state).
+JOB_EXECUTORS: dict[str, ExecutorFactory] = {BATCH_LINE_KIND: batch_line_executor}
+
+
+def _failed(status: int, message: str, request_id: str) -> JobOutcome:
+    line = {"status_code": status, "request_id": request_id, "body": error_body(status, message)}
+    return JobState.FAILED, {"result": line, "error": message}

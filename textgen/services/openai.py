@@ -1,0 +1,402 @@
+"""The OpenAI-compatible service: how a completion or chat request becomes engine work and how results
+become OpenAI's responses and stream chunks.
+
+Used by the ``/v1`` routes (``textgen.api.openai``, which adds HTTP: status codes, SSE, disconnects) and
+by the batch-line executor (``textgen.services.batch_lines``): one translation for both. Messages become
+a prompt through the model's chat template; each choice is one engine request; everything goes through
+the same ``GenerationService`` as ``/generate`` (content filter, token budget, metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
+
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from textgen.engine.constraints import Constraint
+from textgen.engine.types import FinishReason, GenerationResult, Handle, LogprobEntry, Priority, SamplingParams
+from textgen.errors import InvalidRequestError, TextGenError
+from textgen.generation import GenerationService, StreamedLogprobs, TokenGrant
+from textgen.services.openai_types import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    Usage,
+    openai_error_body,
+)
+from textgen.services.requests import ChatCompletionRequest, ChatMessage, CompletionRequest
+
+OPENAI_FINISH: dict[FinishReason, Literal["stop", "length"]] = {
+    FinishReason.LENGTH: "length",
+    FinishReason.STOP: "stop",
+    FinishReason.EOS: "stop",
+}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's ``{"error": {...}}`` for a status (also the body of a failed batch line)."""
+    return {"error": openai_error_body(status, message, "", param)["error"]}
+
+
+def render_chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> str:
+    """The model's own chat template; a plain 'role: content' transcript for models without one."""
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
+    if tokenizer.chat_template:
+        return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
+    return "".join(f"{turn['role']}: {turn['content']}\n" for turn in turns) + "assistant:"
+
+
+def response_format_constraint(response_format: dict[str, Any] | None) -> Constraint | None:
+    """OpenAI's ``response_format``: text (no constraint), json_object, or json_schema."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint.json_object()
+    if kind == "json_schema":
+        spec = (response_format or {}).get("json_schema")
+        schema = spec.get("schema", spec if "type" in spec else None) if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidRequestError(
+                'response_format: json_schema needs an object {"name": ..., "schema": {...}} with the JSON schema.'
+            )
+        return Constraint.json_schema(schema)
+    raise InvalidRequestError(f"response_format: unknown type {kind!r}; use text, json_object or json_schema.")
+
+
+def _logprobs_asked(body: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """Alternatives per token, or None when log-probabilities were not asked for."""
+    if isinstance(body, CompletionRequest):
+        return body.logprobs
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("top_logprobs: set logprobs to true to use top_logprobs.")
+    return (body.top_logprobs or 0) if body.logprobs else None
+
+
+def choice_sampling(
+    body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, choice: int
+) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=None if body.seed is None else body.seed + choice,
+        stop=body.stop_strings(),
+        ignore_eos=body.ignore_eos,
+        constraint=response_format_constraint(body.response_format),
+        logprobs=_logprobs_asked(body),
+    )
+
+
+def completion_logprobs(entries: Sequence[LogprobEntry], offset: int = 0) -> CompletionLogprobs:
+    """The legacy completions shape; text_offset counts characters from the start of the output."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return CompletionLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[{t.token: t.logprob for t in e.top} for e in entries],
+        text_offset=offsets,
+    )
+
+
+def chat_logprobs(entries: Sequence[LogprobEntry]) -> ChatLogprobs:
+    def top(token: str, logprob: float) -> ChatTopLogprob:
+        return ChatTopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
+
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                **top(e.token, e.logprob).model_dump(), top_logprobs=[top(t.token, t.logprob) for t in e.top]
+            )
+            for e in entries
+        ]
+    )
+
+
+def names_no_output_limit(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    """No ``max_tokens`` (nor ``max_completion_tokens``): the default is an upper bound, not a request."""
+    if isinstance(body, ChatCompletionRequest):
+        return body.max_completion_tokens is None and body.max_tokens is None
+    return body.max_tokens is None
+
+
+def chat_max_tokens(service: GenerationService, body: ChatCompletionRequest) -> int:
+    """A chat's output limit: what it asked for, else TEXTGEN_MAX_NEW_TOKENS_LIMIT (the model's context
+    caps it further)."""
+    return body.max_completion_tokens or body.max_tokens or service.settings.max_new_tokens_limit
+
+
+def prompts_of(tokenizer: PreTrainedTokenizerBase, body: CompletionRequest | ChatCompletionRequest) -> list[str]:
+    """The prompts the engine sees: the completion's prompts, or the chat rendered by its template."""
+    if isinstance(body, ChatCompletionRequest):
+        return [render_chat_prompt(tokenizer, body.messages)]
+    return [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+
+
+def choice_params(
+    prompts: Sequence[str], body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None
+) -> list[SamplingParams]:
+    """One entry per choice the request generates (prompts x n): what its token budget covers."""
+    return [choice_sampling(body, max_tokens, 0)] * (len(prompts) * body.n)
+
+
+async def grant_choices(
+    service: GenerationService,
+    caller: str,
+    prompts: Sequence[str],
+    body: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int | None,
+) -> tuple[TokenGrant, int | None]:
+    """Reserve the request's prompt and output tokens; (the grant, the max_tokens to generate with)."""
+    prompt_tokens = await service.count_prompt_tokens(prompts)
+    params = choice_params(prompts, body, max_tokens)
+    grant = await service.grant(caller, params, prompt_tokens, open_ended=names_no_output_limit(body))
+    return grant, grant.max_new_tokens or max_tokens
+
+
+def submit_choices(
+    service: GenerationService,
+    prompts: Sequence[str],
+    body: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int | None,
+    request_id: str,
+    priority: Priority = Priority.INTERACTIVE,
+) -> list[Handle]:
+    """n handles per prompt, in OpenAI's choice order; cancels what was submitted if one is refused."""
+    if len(body.stop_strings()) > 4:
+        raise InvalidRequestError("stop: at most 4 stop sequences are allowed.")
+    capacity = service.settings.max_running + service.settings.max_waiting
+    if len(prompts) * body.n > capacity:
+        raise InvalidRequestError(
+            f"n: this request asks for {len(prompts) * body.n} completions; this server holds at most {capacity} "
+            "at once (TEXTGEN_MAX_RUNNING + TEXTGEN_MAX_WAITING). Send fewer prompts or a smaller n."
+        )
+    handles: list[Handle] = []
+    try:
+        for prompt in prompts:
+            for choice in range(body.n):
+                params = choice_sampling(body, max_tokens, choice)
+                handles.append(service.submit(prompt, params, request_id, priority))
+    except TextGenError:
+        for handle in handles:
+            handle.cancel()
+        raise
+    return handles
+
+
+def _usage(results: Sequence[GenerationResult], n: int) -> Usage:
+    prompt_tokens = sum(result.prompt_tokens for result in results[::n])
+    completion_tokens = sum(result.completion_tokens for result in results)
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
+ChoiceEvent = tuple[int, str, GenerationResult | None, list[LogprobEntry]]
+
+
+async def _choice_events(
+    service: GenerationService, handles: Sequence[Handle], request_id: str, caller: str
+) -> AsyncIterator[ChoiceEvent]:
+    """(choice index, text delta, final result or None, log-probabilities of the tokens generated since the
+    choice's previous event) from all choices as they arrive."""
+    queue: asyncio.Queue[tuple[int, str, GenerationResult | None, list[LogprobEntry], BaseException | None]] = (
+        asyncio.Queue()
+    )
+
+    async def pump(index: int, handle: Handle) -> None:
+        streaming_filter = service.streaming_filter()
+        logprobs = StreamedLogprobs(service, handle)  # paced by what the filter lets through
+        try:
+            async for text in service.stream_text(handle, streaming_filter=streaming_filter):
+                queue.put_nowait((index, text, None, logprobs.take(streaming_filter), None))
+            result = await service.finish(await handle.result(), request_id, caller)
+            queue.put_nowait((index, "", result, logprobs.take(streaming_filter, final=True), None))
+        except BaseException as error:
+            queue.put_nowait((index, "", None, [], error))
+            raise
+
+    tasks = [asyncio.create_task(pump(index, handle)) for index, handle in enumerate(handles)]
+    try:
+        remaining = len(handles)
+        while remaining:
+            index, text, result, logprobs, error = await queue.get()
+            if error is not None:
+                raise error
+            remaining -= result is not None
+            yield index, text, result, logprobs
+    finally:
+        for task in tasks:
+            task.cancel()
+        for handle in handles:
+            if not handle.done:
+                handle.cancel()
+
+
+def _usage_chunk(base: dict[str, Any], finals: dict[int, GenerationResult], n: int) -> dict[str, Any]:
+    """The last streamed chunk with stream_options.include_usage: no choices, the request's usage."""
+    ordered = [finals[i] for i in range(len(finals))]
+    return {**base, "choices": [], "usage": _usage(ordered, n).model_dump()}
+
+
+def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    return bool((body.stream_options or {}).get("include_usage"))
+
+
+async def checked_prompts(service: GenerationService, body: CompletionRequest, request_id: str) -> list[str]:
+    """The request's prompts, each checked (length, then content filter), and its log-probabilities bounded."""
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts or not all(prompts):
+        raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings.")
+    service.check_logprobs_budget([choice_sampling(body, body.max_tokens, 0)] * (len(prompts) * body.n), "logprobs")
+    await service.check_prompts(prompts, request_id)
+    return prompts
+
+
+async def submit_completion(
+    service: GenerationService, body: CompletionRequest, request_id: str, priority: Priority
+) -> list[Handle]:
+    """What the /v1/completions route does before it waits: check the prompts, submit every choice (batch lines)."""
+    prompts = await checked_prompts(service, body, request_id)
+    return submit_choices(service, prompts, body, body.max_tokens, request_id, priority)
+
+
+def completion_response(
+    service: GenerationService,
+    body: CompletionRequest,
+    results: Sequence[GenerationResult],
+    completion_id: str | None = None,
+    created: int | None = None,
+) -> CompletionResponse:
+    return CompletionResponse(
+        id=completion_id or f"cmpl-{uuid.uuid4().hex}",
+        created=created or int(time.time()),
+        model=service.model_name,
+        choices=[
+            CompletionChoice(
+                index=i,
+                text=r.text,
+                logprobs=None if r.token_logprobs is None else completion_logprobs(r.token_logprobs),
+                finish_reason=OPENAI_FINISH[r.finish_reason],
+            )
+            for i, r in enumerate(results)
+        ],
+        usage=_usage(results, body.n),
+    )
+
+
+async def completion_chunks(
+    service: GenerationService,
+    handles: Sequence[Handle],
+    body: CompletionRequest,
+    completion_id: str,
+    created: int,
+    request_id: str,
+    caller: str,
+) -> AsyncIterator[dict[str, Any]]:
+    base = {"id": completion_id, "object": "text_completion", "created": created, "model": service.model_name}
+    finals: dict[int, GenerationResult] = {}
+    offsets = [0] * len(handles)
+    async for index, text, result, entries in _choice_events(service, handles, request_id, caller):
+        finish = None
+        if result is not None:
+            finals[index] = result
+            finish = OPENAI_FINISH[result.finish_reason]
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(entries, offsets[index]).model_dump()
+            offsets[index] += sum(len(e.token) for e in entries)
+        yield {**base, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+    if _include_usage(body):
+        yield _usage_chunk(base, finals, body.n)
+
+
+async def checked_chat_prompt(
+    service: GenerationService, tokenizer: PreTrainedTokenizerBase, body: ChatCompletionRequest, request_id: str
+) -> str:
+    """The rendered chat prompt, checked (length, then each message through the content filter), with the
+    request's log-probabilities bounded; rendering and checks run off the event loop."""
+    service.check_logprobs_budget([choice_sampling(body, chat_max_tokens(service, body), 0)] * body.n, "top_logprobs")
+    return await service.check_chat(
+        [message.content for message in body.messages],
+        lambda: render_chat_prompt(tokenizer, body.messages),
+        request_id,
+    )
+
+
+async def submit_chat(
+    service: GenerationService,
+    tokenizer: PreTrainedTokenizerBase,
+    body: ChatCompletionRequest,
+    request_id: str,
+    priority: Priority,
+) -> list[Handle]:
+    """What the chat route does before it waits: check, render the chat prompt, submit every choice (batch lines)."""
+    prompt = await checked_chat_prompt(service, tokenizer, body, request_id)
+    return submit_choices(service, [prompt], body, chat_max_tokens(service, body), request_id, priority)
+
+
+def chat_response(
+    service: GenerationService,
+    body: ChatCompletionRequest,
+    results: Sequence[GenerationResult],
+    chat_id: str | None = None,
+    created: int | None = None,
+) -> ChatCompletionResponse:
+    return ChatCompletionResponse(
+        id=chat_id or f"chatcmpl-{uuid.uuid4().hex}",
+        created=created or int(time.time()),
+        model=service.model_name,
+        choices=[
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=r.text),
+                logprobs=None if r.token_logprobs is None else chat_logprobs(r.token_logprobs),
+                finish_reason=OPENAI_FINISH[r.finish_reason],
+            )
+            for i, r in enumerate(results)
+        ],
+        usage=_usage(results, body.n),
+    )
+
+
+async def chat_chunks(
+    service: GenerationService,
+    handles: Sequence[Handle],
+    body: ChatCompletionRequest,
+    chat_id: str,
+    created: int,
+    request_id: str,
+    caller: str,
+) -> AsyncIterator[dict[str, Any]]:
+    base = {"id": chat_id, "object": "chat.completion.chunk", "created": created, "model": service.model_name}
+    for index in range(len(handles)):
+        yield {
+            **base,
+            "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+        }
+    finals: dict[int, GenerationResult] = {}
+    async for index, text, result, entries in _choice_events(service, handles, request_id, caller):
+        logprobs = chat_logprobs(entries).model_dump() if body.logprobs and entries else None
+        if text or logprobs:
+            choice = {"index": index, "delta": {"content": text}, "finish_reason": None}
+            yield {**base, "choices": [{**choice, "logprobs": logprobs} if logprobs else choice]}
+        if result is not None:
+            finals[index] = result
+            finish = OPENAI_FINISH[result.finish_reason]
+            yield {**base, "choices": [{"index": index, "delta": {}, "finish_reason": finish}]}
+    if _include_usage(body):
+        yield _usage_chunk(base, finals, body.n)
