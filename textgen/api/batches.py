@@ -1,7 +1,7 @@
 """The OpenAI Batch API: create, read, list and cancel batches; and how one batch line is answered.
 
 Routes only record intent (a new batch, a cancel request) in the batch store and wake the coordinator
-(``textgen.batches.coordinator``), which does the work in every process under leases. Each line runs
+(``textgen.workers.coordinator``), which does the work in every process under leases. Each line runs
 as a job through the ordinary job runner at background priority; ``batch_line_executor`` is what the
 runner calls for such a job: the same request checks and response building as ``/v1/completions`` and
 ``/v1/chat/completions`` (``textgen.api.openai``), with the OpenAI batch line's
@@ -37,7 +37,6 @@ from textgen.api.openai import (
     submit_chat,
     submit_completion,
 )
-from textgen.batches.coordinator import BATCH_LINE_KIND, LinePlan, LinePlanner
 from textgen.batches.store import CANCELLABLE_STATUSES, Batch, BatchNotFoundError
 from textgen.batches.view import batch_object, shown_status
 from textgen.engine.types import GenerationResult, Handle, Priority
@@ -49,10 +48,11 @@ from textgen.errors import (
     TextGenError,
 )
 from textgen.generation import GenerationService
-from textgen.jobs.runner import ExecutorFactory, JobExecutor, JobOutcome
 from textgen.jobs.store import Job, JobState
 from textgen.loader import LoadedModel
 from textgen.webhooks import check_webhook
+from textgen.workers.coordinator import BATCH_LINE_KIND, LinePlan, LinePlanner
+from textgen.workers.runner import ExecutorFactory, JobExecutor, JobOutcome
 
 router = APIRouter(prefix="/v1", tags=["batches"], route_class=OpenAIRoute)
 DOCS: dict[int | str, dict[str, Any]] = {code: ERROR_DOCS[code] for code in (400, 401, 413, 429, 500)}
