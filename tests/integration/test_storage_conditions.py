@@ -17,6 +17,8 @@ import pytest
 from tests.integration.test_store_outage import textgen_logs
 from tests.redis_server import start_redis
 from tests.waiting import wait_until
+from textgen.batches.redis_store import RedisBatchStore
+from textgen.batches.store import Batch
 from textgen.errors import InsufficientStorageError
 from textgen.jobs.redis_store import RedisJobStore
 from textgen.jobs.sqlite_store import SQLiteJobStore
@@ -120,6 +122,40 @@ async def test_redis_out_of_memory_is_a_507(tmp_path: Path, storage_logs: list[s
         job = await store.create({"prompt": "hi"}, request_id=None)
         assert (await store.get(job.id)).id == job.id
         assert any("works again" in line for line in storage_logs), storage_logs
+    finally:
+        raw.close()
+        await store.close()
+        server.stop()
+
+
+def a_batch(batch_id: str) -> Batch:
+    return Batch(batch_id, "alice", "/v1/completions", "file-x", "24h", 86400, 1.0, 86401.0)
+
+
+async def test_the_redis_batch_store_maps_out_of_memory_to_a_507_and_reads_do_not_clear_it(
+    tmp_path: Path, storage_logs: list[str]
+) -> None:
+    """The batch store uses the job store's guard: Redis out of memory is a 507 naming the fix, logged
+    once; reads (which Redis still answers) do not announce that writes work again; a write does."""
+    server = start_redis(tmp_path / "redis")
+    store = RedisBatchStore(server.url(0), prefix="oom-batches")
+    import redis
+
+    raw = redis.Redis.from_url(server.url(0))
+    try:
+        await store.open()
+        raw.config_set("maxmemory-policy", "noeviction")
+        raw.config_set("maxmemory", "1")
+        for index in range(3):
+            with pytest.raises(InsufficientStorageError) as full:
+                await store.create_batch(a_batch(f"batch_{index}"))
+            assert await store.list_batches(None) == []  # a read between the refused writes
+        assert full.value.status_code == 507 and "maxmemory" in full.value.message
+        assert sum("out of memory" in line for line in storage_logs) == 1, storage_logs
+        assert not any("works again" in line for line in storage_logs), storage_logs
+        raw.config_set("maxmemory", "0")
+        await store.create_batch(a_batch("batch_ok"))
+        assert sum("works again" in line for line in storage_logs) == 1, storage_logs
     finally:
         raw.close()
         await store.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import builtins
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from textgen.batches.store import (
@@ -281,7 +281,9 @@ def _lines(conn: sqlite3.Connection, batch_id: str, after: int, limit: int) -> b
 
 
 class SQLiteBatchStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        """``clock``: wall-clock seconds for leases and timestamps (tests pass a fake one)."""
+        self._clock = clock
         self._db = SQLiteConnection(Path(path), _connect, role="batches")
         self._run = self._db.run
 
@@ -327,10 +329,10 @@ class SQLiteBatchStore:
         return await self._run(_list_batches, owner, limit)
 
     async def request_cancel(self, batch_id: str) -> Batch:
-        return await self._run(_request_cancel, batch_id, time.time())
+        return await self._run(_request_cancel, batch_id, self._clock())
 
     async def claim_due(self, worker: str, lease_s: float, limit: int) -> builtins.list[Batch]:
-        return await self._run(_claim_due, worker, lease_s, limit, time.time())
+        return await self._run(_claim_due, worker, lease_s, limit, self._clock())
 
     async def save(self, batch: Batch, worker: str) -> bool:
         return await self._run(_save, batch, worker)
