@@ -32,7 +32,7 @@ from textgen.threads import run_in_own_thread
 from textgen.webhooks import sender_from_settings
 from textgen.workers.batches import Batches, start_batches
 from textgen.workers.coordinator import LinePlanner
-from textgen.workers.runner import ExecutorFactory, JobRunner, process_owner_id
+from textgen.workers.runner import ExecutorFactory, JobRunner, RunnerConfig, process_owner_id
 from textgen.workers.webhooks import JobWebhooks
 
 logger = logging.getLogger(__name__)
@@ -178,12 +178,7 @@ async def build_state(
     runner = JobRunner(
         store,
         service,
-        concurrency=settings.job_concurrency,
-        poll_interval_s=settings.job_poll_interval_s,
-        ttl_s=settings.job_ttl_s,
-        idempotency_ttl_s=settings.idempotency_ttl_s,
-        lease_s=settings.job_lease_s,
-        max_attempts=settings.job_max_attempts,
+        RunnerConfig.from_settings(settings),
         owner=owner,
         webhooks=job_webhooks(settings, store, owner, service),
         executors={kind: factory(service, model) for kind, factory in (executors or {}).items()},

@@ -42,7 +42,7 @@ from textgen.generation import COMPILING_PHASE, OUTPUT_REJECTED, GenerationServi
 from textgen.jobs.sqlite_store import SQLiteJobStore
 from textgen.jobs.store import Job, JobState, died_in_phase_error
 from textgen.metrics import Metrics
-from textgen.workers.runner import JobRunner, owner_is_alive, process_owner_id
+from textgen.workers.runner import JobRunner, RunnerConfig, owner_is_alive, process_owner_id
 
 POLL_S = 0.05
 WAIT_S = 5.0
@@ -167,15 +167,14 @@ async def make_runner(store: SQLiteJobStore, engine: FakeEngine, settings: Setti
     ) -> JobRunner:
         chosen = service_settings or settings
         service = GenerationService(engine, ContentFilter(["hate"]), chosen, "fake-model", Metrics())
-        runner = JobRunner(
-            store,
-            service,
+        config = RunnerConfig(
             concurrency=concurrency or chosen.job_concurrency,
             poll_interval_s=chosen.job_poll_interval_s,
             ttl_s=chosen.job_ttl_s,
             lease_s=lease_s,
             max_attempts=max_attempts,
         )
+        runner = JobRunner(store, service, config)
         runners.append(runner)
         return runner
 

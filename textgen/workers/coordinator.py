@@ -22,7 +22,7 @@
 Every process runs a coordinator, a poll loop (``textgen.workers.loop.PollLoop``); the store leases each
 batch to one of them per step, and every step starts from stored state, so a process killed mid-step
 costs only that step (its lease expires and another process repeats it). Memory stays flat: lines are
-streamed from disk in chunks, outcomes and outputs are paged from the stores. """
+streamed from disk in chunks, outcomes and outputs are paged from the stores."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ from textgen.generation import GenerationService
 from textgen.jobs.store import Job, JobState, JobStore
 from textgen.json_limits import MAX_JSON_DEPTH, json_too_deep
 from textgen.ratelimit import Reservation, TokenBudgetTooLargeError
-from textgen.workers.loop import STORE_CONDITIONS, PollLoop, Wait, wait_event
+from textgen.workers.loop import STORE_CONDITIONS, PollLoop
 from textgen.workers.webhooks import BatchWebhooks
 
 logger = logging.getLogger(__name__)
@@ -124,20 +124,21 @@ class BatchCoordinator:
         webhooks: BatchWebhooks | None = None,
         service: GenerationService | None = None,
         planner: LinePlanner | None = None,
-        wait: Wait = wait_event,
     ) -> None:
-        self._service = service  # with ``planner``: lines are charged to their owner's limits
-        self._planner = planner
+        # The batches, their files, and the webhook sent when one ends.
         self._store = store
-        self._jobs = jobs
         self._files = files
         self._settings = settings
-        self._worker = worker
-        self._notify_runner = notify_runner
         self._webhooks = webhooks
         self._lease_s = max(settings.job_lease_s, 3 * STEP_BUDGET_S)  # a step never outlives its lease
+        # Lines run as jobs of this process's runner, charged (with ``planner``) to their owner's limits.
+        self._jobs = jobs
+        self._worker = worker
+        self._notify_runner = notify_runner
+        self._service = service
+        self._planner = planner
         self._last_sweep = -math.inf
-        self.loop = PollLoop("textgen-batches", self._poll, poll_interval_s=settings.batch_poll_interval_s, wait=wait)
+        self.loop = PollLoop("textgen-batches", self._poll, poll_interval_s=settings.batch_poll_interval_s)
 
     async def start(self) -> None:
         self.loop.start()

@@ -30,11 +30,13 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from models import TextGenerationRequest
+from textgen.config import Settings
 from textgen.engine.types import Handle, Priority
 from textgen.errors import (
     GenerationCancelledError,
@@ -86,18 +88,37 @@ def owner_is_alive(owner: str, *, me: str) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class RunnerConfig:
+    """How the runner paces itself: ``TEXTGEN_JOB_CONCURRENCY``, ``_POLL_INTERVAL_S``, ``_TTL_S``,
+    ``TEXTGEN_IDEMPOTENCY_TTL_S``, ``TEXTGEN_JOB_LEASE_S`` and ``_MAX_ATTEMPTS``."""
+
+    concurrency: int
+    poll_interval_s: float
+    ttl_s: float
+    idempotency_ttl_s: float = 24 * 3600.0
+    lease_s: float = 30.0
+    max_attempts: int = 3
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RunnerConfig:
+        return cls(
+            concurrency=settings.job_concurrency,
+            poll_interval_s=settings.job_poll_interval_s,
+            ttl_s=settings.job_ttl_s,
+            idempotency_ttl_s=settings.idempotency_ttl_s,
+            lease_s=settings.job_lease_s,
+            max_attempts=settings.job_max_attempts,
+        )
+
+
 class JobRunner:
     def __init__(
         self,
         store: JobStore,
         service: GenerationService,
+        config: RunnerConfig,
         *,
-        concurrency: int,
-        poll_interval_s: float,
-        ttl_s: float,
-        idempotency_ttl_s: float = 24 * 3600.0,
-        lease_s: float = 30.0,
-        max_attempts: int = 3,
         owner: str | None = None,
         webhooks: JobWebhooks | None = None,
         executors: Mapping[str, JobExecutor] | None = None,
@@ -105,15 +126,10 @@ class JobRunner:
     ) -> None:
         self.owner = owner or process_owner_id()
         self._executors = dict(executors or {})
-        self._lease_s = lease_s
-        self._max_attempts = max_attempts
+        self._config = config
         self._webhooks = webhooks
         self._store = store
         self._service = service
-        self._concurrency = concurrency
-        self._poll_interval_s = poll_interval_s
-        self._ttl_s = ttl_s
-        self._idempotency_ttl_s = idempotency_ttl_s
         self._active: dict[str, Handle | None] = {}
         self._handles: dict[str, list[Handle]] = {}  # every engine handle of a running job (refunds, cancel)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -122,9 +138,9 @@ class JobRunner:
         self.loop = PollLoop(
             "textgen-job-runner",
             self._poll,
-            poll_interval_s=poll_interval_s,
+            poll_interval_s=config.poll_interval_s,
             renew=self._renew_leases,
-            lease_s=lease_s,
+            lease_s=config.lease_s,
             wait=wait,
         )
         self._paused_until = 0.0
@@ -203,14 +219,14 @@ class JobRunner:
         running = list(self._active)
         if not running:
             return
-        held = await self._store.renew(self.owner, running, self._lease_s)
+        held = await self._store.renew(self.owner, running, self._config.lease_s)
         for job_id in set(running) - held:
             if job_id in self._active:
                 logger.warning("Job %s is no longer held here (cancelled or reclaimed); stopping it", job_id)
                 self.cancel_local(job_id)
 
     async def _requeue_expired(self, why: str | None = None) -> None:
-        requeued, failed = await self._store.requeue_expired(self._max_attempts)
+        requeued, failed = await self._store.requeue_expired(self._config.max_attempts)
         self._service.metrics.observe_reclaimed(requeued, failed)
         if requeued:
             why = why or "whose lease expired (their process died or hung)"
@@ -219,14 +235,14 @@ class JobRunner:
             logger.error(
                 "Failed %d job(s) whose process died during a risky step or %d times (see each job's error)",
                 failed,
-                self._max_attempts,
+                self._config.max_attempts,
             )
 
     async def _claim_available(self) -> None:
         if time.monotonic() < self._paused_until or not self._service.engine.ready:
             return
-        while len(self._active) < self._concurrency and not self._stopping:
-            job = await self._store.claim_next(self.owner, self._lease_s)
+        while len(self._active) < self._config.concurrency and not self._stopping:
+            job = await self._store.claim_next(self.owner, self._config.lease_s)
             if job is None:
                 return
             self._active[job.id] = None
@@ -247,8 +263,8 @@ class JobRunner:
         if time.monotonic() - self._last_purge < PURGE_EVERY_S:
             return
         self._last_purge = time.monotonic()
-        purged = await self._store.purge_finished(self._ttl_s)
-        await self._store.purge_idempotency(self._idempotency_ttl_s)
+        purged = await self._store.purge_finished(self._config.ttl_s)
+        await self._store.purge_idempotency(self._config.idempotency_ttl_s)
         if purged:
             logger.info("Purged %d finished job(s) older than TEXTGEN_JOB_TTL_S", purged)
 
@@ -310,7 +326,7 @@ class JobRunner:
                 # The engine is not taking work (e.g. draining); the job must not sit in "running",
                 # and claiming again at once would only spin.
                 await self._store.release(job.id, self.owner)
-                self._paused_until = time.monotonic() + self._poll_interval_s
+                self._paused_until = time.monotonic() + self._config.poll_interval_s
             return None
         except GenerationCancelledError:
             if not self._stopping:
@@ -332,7 +348,7 @@ class JobRunner:
             try:
                 return await self._finish(job, state, outcome)
             except STORE_CONDITIONS:
-                if self._stopping or waited_s >= self._lease_s:
+                if self._stopping or waited_s >= self._config.lease_s:
                     raise
             await asyncio.sleep(delay_s)
             waited_s += delay_s

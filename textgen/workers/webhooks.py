@@ -27,7 +27,7 @@ from textgen import webhooks
 from textgen.batches.store import Batch
 from textgen.batches.view import batch_object
 from textgen.jobs.store import Job, JobStore, WebhookState
-from textgen.workers.loop import STORE_CONDITIONS, PollLoop, Wait, wait_event
+from textgen.workers.loop import STORE_CONDITIONS, PollLoop
 
 logger = logging.getLogger(__name__)
 
@@ -53,17 +53,17 @@ class JobWebhooks:
         retry_for_s: float,
         poll_interval_s: float = 1.0,
         observe: Callable[[str], None] | None = None,
-        wait: Wait = wait_event,
     ) -> None:
         self._store = store
         self._owner = owner
         self._sender = sender
-        self._view = view
         self._retry_for_s = retry_for_s
-        self._observe = observe
-        self._deliveries: set[asyncio.Task[None]] = set()
+        # A claim covers the whole retry window; one left by a dead process is taken over after it.
         self.claim_s = retry_for_s + sender.timeout_s + _CLAIM_MARGIN_S
-        self.loop = PollLoop("textgen-webhooks", self._claim_due, poll_interval_s=poll_interval_s, wait=wait)
+        self._view = view
+        self._observe = observe  # counts each delivery's outcome (metrics)
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self.loop = PollLoop("textgen-webhooks", self._claim_due, poll_interval_s=poll_interval_s)
 
     def start(self) -> None:
         self.loop.start()
