@@ -32,6 +32,7 @@ from typing import Protocol, runtime_checkable
 from redis.commands.core import AsyncScript
 
 from textgen.errors import RateLimitedError
+from textgen.storage.lua import lua_scripts
 from textgen.storage.redis import ping_redis, redis_client, redis_outage_guard
 from textgen.storage.sqlite import SQLiteConnection, connect_sqlite, write_txn
 from textgen.storage.url import redact_url
@@ -368,32 +369,8 @@ class SQLiteRateLimiter(WindowedRateLimiter):
 # Redis implementation
 # --------------------------------------------------------------------------------------------------
 
-# KEYS[1]: the key's hash for this window. ARGV: rpm, tpm, expiry_s, requests to add, tokens to add.
-# Returns the overrun budget, or nil after counting: check and count in one script, so concurrent
-# acquires and reservations never overshoot (the same rule as ``_over_limit``).
-_REDIS_ACQUIRE = """
-local counts = redis.call('HMGET', KEYS[1], 'requests', 'tokens')
-local requests, tokens = tonumber(counts[1] or '0'), tonumber(counts[2] or '0')
-local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
-local add_requests, add_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
-if add_requests > 0 and rpm > 0 and requests + add_requests > rpm then return 'requests' end
-if add_tokens > 0 and tpm > 0 then
-  if add_tokens > tpm then return 'budget' end
-  if tokens + add_tokens > tpm then return 'tokens' end
-end
-if add_requests > 0 then redis.call('HINCRBY', KEYS[1], 'requests', add_requests) end
-if add_tokens > 0 then redis.call('HINCRBY', KEYS[1], 'tokens', add_tokens) end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return false
-"""
-
-# KEYS[1]: the key's hash for the reservation's window. ARGV: tokens to give back (never below 0).
-_REDIS_REFUND = """
-local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
-local back = math.min(tokens, tonumber(ARGV[1]))
-if back > 0 then redis.call('HINCRBY', KEYS[1], 'tokens', -back) end
-return back
-"""
+# Check-and-count and give-back, each one script (``lua/ratelimit_*.lua``), atomic across replicas.
+_LUA = lua_scripts(Path(__file__).parent / "lua", ("ratelimit_acquire", "ratelimit_refund"))
 
 # A window's counts are read only during that window; Redis drops them a window later (the SQLite
 # table likewise keeps the previous window), so a slow clock on one replica still finds them.
@@ -421,8 +398,8 @@ class RedisRateLimiter(WindowedRateLimiter):
         self._url = url
         self.prefix = prefix
         self._redis = redis_client(url)
-        self._acquire: AsyncScript = self._redis.register_script(_REDIS_ACQUIRE)
-        self._refund_script: AsyncScript = self._redis.register_script(_REDIS_REFUND)
+        self._acquire: AsyncScript = self._redis.register_script(_LUA["ratelimit_acquire"])
+        self._refund_script: AsyncScript = self._redis.register_script(_LUA["ratelimit_refund"])
         self._opened = False
 
     @property

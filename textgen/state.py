@@ -18,21 +18,22 @@ from textgen.access import (
     warn_about_short_keys,
     warn_if_exposed_without_keys,
 )
-from textgen.backends import build_backends
-from textgen.batches import Batches, open_batches
+from textgen.backends import Backends, build_backends
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine import Engine, create_engine
 from textgen.errors import InsufficientStorageError, NotReadyError, StoreUnavailableError
 from textgen.generation import GenerationService, StreamSlots
-from textgen.jobs.runner import JobRunner, process_owner_id
 from textgen.jobs.store import JobState, JobStore
 from textgen.jobs.view import job_payload
 from textgen.loader import LoadedModel, load_model
 from textgen.metrics import Metrics, mark_process_dead
 from textgen.services.batch_lines import JOB_EXECUTORS, batch_line_planner
 from textgen.threads import run_in_own_thread
-from textgen.webhooks import WebhookSender
+from textgen.webhooks import sender_from_settings
+from textgen.workers.batches import Batches, start_batches
+from textgen.workers.runner import JobRunner, RunnerConfig, process_owner_id
+from textgen.workers.webhooks import JobWebhooks
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class AppState:
     gauge_task: asyncio.Task[None] | None = None
     drain_task: asyncio.Task[None] | None = None
     batches: Batches | None = None  # files and batches (the OpenAI Batch API)
+    backends: Backends | None = None  # the stores and the limiter, closed at shutdown
 
     @property
     def ready(self) -> bool:
@@ -110,18 +112,19 @@ class AppState:
             await asyncio.sleep(every_s)
 
 
-def webhook_sender(settings: Settings, store: JobStore, owner: str) -> WebhookSender | None:
+def job_webhooks(settings: Settings, store: JobStore, owner: str, service: GenerationService) -> JobWebhooks | None:
     """Deliveries need the signing secret; without it callback URLs are refused at submission."""
-    if not settings.webhook_secret:
+    sender = sender_from_settings(settings)
+    if sender is None:
         return None
-    return WebhookSender(
+    return JobWebhooks(
         store,
         owner,
-        secret=settings.webhook_secret,
+        sender,
         view=job_payload,
-        timeout_s=settings.webhook_timeout_s,
         retry_for_s=settings.webhook_retry_for_s,
-        allow_private=settings.webhook_allow_private,
+        poll_interval_s=settings.job_poll_interval_s,
+        observe=service.metrics.observe_webhook,
     )
 
 
@@ -137,15 +140,13 @@ async def build_state(
     warn_about_short_keys(access)
     backends = build_backends(settings)
     store, rate_limiter = backends.store, backends.rate_limiter
-    await store.open()
-    await rate_limiter.open()
+    await backends.open()
     try:
         model = await run_in_own_thread(lambda: model_loader(settings), name="textgen-load")
         engine = create_engine(settings, model)
         await engine.start()
     except BaseException:
-        await rate_limiter.close()
-        await store.close()
+        await backends.close()
         raise
     metrics = Metrics()
     core = engine.core_info()
@@ -172,18 +173,21 @@ async def build_state(
     runner = JobRunner(
         store,
         service,
-        concurrency=settings.job_concurrency,
-        poll_interval_s=settings.job_poll_interval_s,
-        ttl_s=settings.job_ttl_s,
-        idempotency_ttl_s=settings.idempotency_ttl_s,
-        lease_s=settings.job_lease_s,
-        max_attempts=settings.job_max_attempts,
+        RunnerConfig.from_settings(settings),
         owner=owner,
-        webhooks=webhook_sender(settings, store, owner),
+        webhooks=job_webhooks(settings, store, owner, service),
         executors={kind: factory(service, model) for kind, factory in JOB_EXECUTORS.items()},
     )
     await runner.start()
-    batches = await open_batches(settings, store, runner, service, batch_line_planner(service, model))
+    batches = await start_batches(
+        settings,
+        backends.batches,
+        store,
+        runner,
+        sender=sender_from_settings(settings),
+        service=service,
+        planner=batch_line_planner(service, model),
+    )
     logger.info(
         "Service ready: model=%s engine=%s job_store=%s worker=%s",
         model.name,
@@ -205,6 +209,7 @@ async def build_state(
     )
     state.gauge_task = asyncio.create_task(state.refresh_gauges_forever(), name="textgen-metrics-gauges")
     state.batches = batches
+    state.backends = backends
     return state
 
 
@@ -215,10 +220,11 @@ async def shutdown_state(state: AppState) -> None:
     await state.drain_task
     if state.gauge_task is not None:
         state.gauge_task.cancel()
-    if state.batches is not None:
-        await state.batches.close()
-    await state.store.close()
-    await state.service.rate_limiter.close()
+    if state.backends is not None:
+        await state.backends.close()
+    else:  # a state assembled by hand (tests): what it holds
+        await state.store.close()
+        await state.service.rate_limiter.close()
     state.service.close()
     mark_process_dead()
     logger.info("Shutdown complete")

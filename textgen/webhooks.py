@@ -11,8 +11,8 @@ the time it was sent, so a receiver can verify it and drop replays. Delivery is 
 receiver that answered 2xx but whose answer was lost (or a replica that died after the POST) sees
 it again, so dedupe by ``X-TextGen-Delivery``'s job id.
 
-Deliveries are claimed from the store like jobs (``claim_webhook``), with a claim long enough to cover
-the whole retry window, so one left unfinished by a dead process is taken over after that.
+This module checks callback URLs and sends (``WebhookSender``); what is delivered when, with claims
+and retries, is ``textgen.workers.webhooks``.
 """
 
 from __future__ import annotations
@@ -21,12 +21,9 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 import random
 import socket
-import time
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,7 +31,6 @@ import httpx
 
 from textgen.config import Settings
 from textgen.errors import InvalidRequestError
-from textgen.jobs.store import Job, JobStore, WebhookState
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +41,6 @@ MAX_URL_LENGTH = 2048
 _FIRST_BACKOFF_S = 1.0
 _MAX_BACKOFF_S = 60.0
 _MAX_DOUBLINGS = 32
-_CLAIM_MARGIN_S = 30.0
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -168,87 +163,58 @@ def backoff_s(attempt: int) -> float:
     return random.uniform(0, min(_MAX_BACKOFF_S, _FIRST_BACKOFF_S * 2.0**doublings))
 
 
-def payload(job: Job, view: Callable[[Job], dict[str, Any]]) -> bytes:
-    body = {"event": f"job.{job.state.value}", "sent_at": time.time(), "job": view(job)}
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
 class WebhookSender:
-    """Delivers the webhooks of finished jobs that this process claimed from the store."""
+    """The one webhook sender: a signed POST to a checked, pinned address, without following redirects.
+    Job webhooks (``textgen.workers.webhooks.JobWebhooks``) and the batch webhook
+    (``textgen.workers.webhooks.BatchWebhooks``) both send through it; they differ only in what they send
+    and how they pace retries."""
 
     def __init__(
         self,
-        store: JobStore,
-        owner: str,
         *,
         secret: str,
-        view: Callable[[Job], dict[str, Any]],
         timeout_s: float,
-        retry_for_s: float,
         allow_private: bool,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._store = store
-        self._owner = owner
         self._secret = secret
-        self._view = view
-        self._retry_for_s = retry_for_s
         self._allow_private = allow_private
+        self.timeout_s = timeout_s
         self._client = httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, transport=transport)
-        self.claim_s = retry_for_s + timeout_s + _CLAIM_MARGIN_S
 
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def claim(self) -> Job | None:
-        return await self._store.claim_webhook(self._owner, self.claim_s)
-
-    async def deliver(self, job: Job) -> WebhookState:
-        """Try until a 2xx answer or until the retry window closes; the outcome is recorded on the job."""
-        deadline = time.monotonic() + self._retry_for_s
-        attempts = job.webhook_attempts
-        while True:
-            attempts += 1
-            body = payload(job, self._view)  # built (and signed) per attempt: sent_at is this attempt's time
-            error = await self._attempt(job, body, attempts)
-            if error is None:
-                await self._record(job, WebhookState.DELIVERED, attempts, None)
-                return WebhookState.DELIVERED
-            wait = backoff_s(attempts)
-            if time.monotonic() + wait >= deadline:
-                logger.warning("Webhook for job %s failed after %d attempt(s): %s", job.id, attempts, error)
-                await self._record(job, WebhookState.FAILED, attempts, error)
-                return WebhookState.FAILED
-            if not await self._record(job, WebhookState.PENDING, attempts, error):
-                return WebhookState.PENDING  # another process took the delivery over
-            await asyncio.sleep(wait)
-
-    async def _attempt(self, job: Job, body: bytes, attempt: int) -> str | None:
-        """One POST; None on a 2xx answer, else what went wrong (safe to show to the job's owner)."""
-        url = job.callback_url or ""
+    async def post(self, url: str, body: bytes, *, event: str, delivery: str) -> str | None:
+        """One signed POST of ``body``; None on a 2xx answer, else what went wrong (safe to show to the
+        owner). ``delivery`` (``<id>:<attempt>``) lets a receiver drop a delivery it already has."""
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "textgen-webhooks/1",
+            SIGNATURE_HEADER: sign(self._secret, body),
+            EVENT_HEADER: event,
+            DELIVERY_HEADER: delivery,
+        }
         try:
             address = await check_destination(url, allow_private=self._allow_private)
-            request = pinned_request(
-                self._client, url, address, content=body, headers=self._headers(job, body, attempt)
+            response = await self._client.send(
+                pinned_request(self._client, url, address, content=body, headers=headers)
             )
-            response = await self._client.send(request)
         except UnsafeCallbackError as exc:
             return exc.message
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__} while posting to the callback URL"
         if 200 <= response.status_code < 300:
-            logger.info("Webhook for job %s delivered (attempt %d)", job.id, attempt)
             return None
         return f"the callback URL answered HTTP {response.status_code}"
 
-    def _headers(self, job: Job, body: bytes, attempt: int) -> dict[str, str]:
-        return {
-            "Content-Type": "application/json",
-            "User-Agent": "textgen-webhooks/1",
-            SIGNATURE_HEADER: sign(self._secret, body),
-            EVENT_HEADER: f"job.{job.state.value}",
-            DELIVERY_HEADER: f"{job.id}:{attempt}",
-        }
 
-    async def _record(self, job: Job, state: WebhookState, attempts: int, error: str | None) -> bool:
-        return await self._store.record_webhook(job.id, self._owner, state, attempts=attempts, error=error)
+def sender_from_settings(settings: Settings) -> WebhookSender | None:
+    """Deliveries need the signing secret; without it callback URLs are refused at submission."""
+    if not settings.webhook_secret:
+        return None
+    return WebhookSender(
+        secret=settings.webhook_secret,
+        timeout_s=settings.webhook_timeout_s,
+        allow_private=settings.webhook_allow_private,
+    )

@@ -25,10 +25,10 @@ from openai.types.chat import ChatCompletion
 
 from main import create_app
 from tests.webhook_receiver import WebhookReceiver
-from textgen.batches import coordinator
 from textgen.config import Settings
 from textgen.jobs.store import JobState
 from textgen.webhooks import SIGNATURE_HEADER, verify
+from textgen.workers import coordinator
 
 MakeSettings = Callable[..., Settings]
 ALICE, BOB = "alice-key", "bob-key"

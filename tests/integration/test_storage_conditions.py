@@ -5,6 +5,7 @@ condition rather than as a traceback per request; service resumes by itself once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import sqlite3
@@ -17,6 +18,8 @@ import pytest
 from tests.integration.test_store_outage import textgen_logs
 from tests.redis_server import start_redis
 from tests.waiting import wait_until
+from textgen.batches.redis_store import RedisBatchStore
+from textgen.batches.store import Batch
 from textgen.errors import InsufficientStorageError
 from textgen.jobs.redis_store import RedisJobStore
 from textgen.jobs.sqlite_store import SQLiteJobStore
@@ -102,30 +105,72 @@ async def test_sqlite_conditions_over_http(
         assert any("works again" in line for line in storage_logs), storage_logs
 
 
-async def test_redis_out_of_memory_is_a_507(tmp_path: Path, storage_logs: list[str]) -> None:
-    server = start_redis(tmp_path / "redis")
-    store = RedisJobStore(server.url(0), prefix="oom")
+@contextlib.contextmanager
+def capped_redis(tmp_path: Path) -> Iterator[tuple[str, Callable[[bool], None]]]:
+    """A private redis-server (its URL) and ``full(on)``: with ``on`` it refuses writes (maxmemory 1,
+    noeviction: the "-OOM" reply), without it takes them again."""
     import redis
 
+    server = start_redis(tmp_path / "redis")
     raw = redis.Redis.from_url(server.url(0))
-    try:
-        await store.open()
+
+    def full(on: bool) -> None:
         raw.config_set("maxmemory-policy", "noeviction")
-        raw.config_set("maxmemory", "1")
-        for _ in range(3):
-            with pytest.raises(InsufficientStorageError) as full:
-                await store.create({"prompt": "hi"}, request_id=None)
-        assert full.value.status_code == 507 and "out of memory" in full.value.message
-        assert "maxmemory" in full.value.message
-        assert sum("out of memory" in line for line in storage_logs) == 1, storage_logs
-        raw.config_set("maxmemory", "0")
-        job = await store.create({"prompt": "hi"}, request_id=None)
-        assert (await store.get(job.id)).id == job.id
-        assert any("works again" in line for line in storage_logs), storage_logs
+        raw.config_set("maxmemory", "1" if on else "0")
+
+    try:
+        yield server.url(0), full
     finally:
         raw.close()
-        await store.close()
         server.stop()
+
+
+async def test_redis_out_of_memory_is_a_507(tmp_path: Path, storage_logs: list[str]) -> None:
+    with capped_redis(tmp_path) as (url, full):
+        store = RedisJobStore(url, prefix="oom")
+        await store.open()
+        try:
+            full(True)
+            for _ in range(3):
+                with pytest.raises(InsufficientStorageError) as refused:
+                    await store.create({"prompt": "hi"}, request_id=None)
+            assert refused.value.status_code == 507 and "out of memory" in refused.value.message
+            assert "maxmemory" in refused.value.message
+            assert sum("out of memory" in line for line in storage_logs) == 1, storage_logs
+            full(False)
+            job = await store.create({"prompt": "hi"}, request_id=None)
+            assert (await store.get(job.id)).id == job.id
+            assert any("works again" in line for line in storage_logs), storage_logs
+        finally:
+            await store.close()
+
+
+def a_batch(batch_id: str) -> Batch:
+    return Batch(batch_id, "alice", "/v1/completions", "file-x", "24h", 86400, 1.0, 86401.0)
+
+
+async def test_the_redis_batch_store_maps_out_of_memory_to_a_507_and_reads_do_not_clear_it(
+    tmp_path: Path, storage_logs: list[str]
+) -> None:
+    """The batch store uses the job store's guard: Redis out of memory is a 507 naming the fix, logged
+    once; reads (which Redis still answers) do not announce that writes work again; a write does."""
+    with capped_redis(tmp_path) as (url, full):
+        store = RedisBatchStore(url, prefix="oom-batches")
+        await store.open()
+        try:
+            full(True)
+            for index in range(3):
+                with pytest.raises(InsufficientStorageError) as refused:
+                    await store.create_batch(a_batch(f"batch_{index}"))
+                assert await store.list_batches(None) == []  # a read between the refused writes
+            assert refused.value.status_code == 507 and "maxmemory" in refused.value.message
+            assert sum("out of memory" in line for line in storage_logs) == 1, storage_logs
+            assert not any("works again" in line for line in storage_logs), storage_logs
+            full(False)
+            await store.create_batch(a_batch("batch_ok"))
+            assert sum("works again" in line for line in storage_logs) == 1, storage_logs
+        finally:
+            await store.close()
 
 
 async def test_a_result_that_could_not_be_written_is_retried_by_its_holder(

@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from textgen.batches.coordinator import check_line, output_line
 from textgen.batches.files import FileStorage, RawLine, receive_upload
 from textgen.batches.store import Line
 from textgen.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from textgen.jobs.store import Job, JobState
 from textgen.json_limits import MAX_JSON_DEPTH, json_too_deep
+from textgen.workers.coordinator import check_line, output_line
 
 
 def multipart(content: bytes, purpose: str = "batch", filename: str = "in.jsonl") -> tuple[str, bytes]:

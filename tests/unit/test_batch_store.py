@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import redis
 
-from tests.unit.conftest import Backend
+from tests.redis_server import RedisServer
+from tests.unit.conftest import Backend, StoreClock
 from textgen.batches.redis_store import RedisBatchStore
 from textgen.batches.sqlite_store import SQLiteBatchStore
 from textgen.batches.store import (
@@ -29,15 +32,15 @@ from textgen.batches.store import (
 )
 
 
-def new_store(backend: Backend) -> BatchStore:
+def new_store(backend: Backend, clock: Callable[[], float] | None = None) -> BatchStore:
     if backend.name == "redis":
-        return RedisBatchStore(backend.target, prefix=backend.prefix)
-    return SQLiteBatchStore(Path(backend.target))
+        return RedisBatchStore(backend.target, prefix=backend.prefix, clock=clock)
+    return SQLiteBatchStore(Path(backend.target), clock=clock or time.time)
 
 
 @pytest_asyncio.fixture
-async def store(backend: Backend) -> AsyncIterator[BatchStore]:
-    opened = new_store(backend)
+async def store(backend: Backend, store_clock: StoreClock) -> AsyncIterator[BatchStore]:
+    opened = new_store(backend, store_clock)
     await opened.open()
     try:
         yield opened
@@ -106,10 +109,12 @@ async def test_a_batch_is_leased_to_one_worker_and_only_the_holder_writes(
         await other.close()
 
 
-async def test_an_expired_lease_is_taken_over(store: BatchStore) -> None:
+async def test_an_expired_lease_is_taken_over(store: BatchStore, store_clock: StoreClock) -> None:
     await store.create_batch(a_batch("batch_a"))
-    assert len(await store.claim_due("w1", 0.2, 8)) == 1
-    await asyncio.sleep(0.3)
+    assert len(await store.claim_due("w1", 30, 8)) == 1
+    store_clock.advance(29)
+    assert await store.claim_due("w2", 30, 8) == [], "still held"
+    store_clock.advance(2)
     assert [b.id for b in await store.claim_due("w2", 30, 8)] == ["batch_a"]
     assert not await store.save((await store.get_batch("batch_a")).with_(total=9), "w1")
 
@@ -233,6 +238,8 @@ async def test_files_stored_before_quotas_are_counted(backend: Backend, store: B
         raw.delete(f"{backend.prefix}:bfusage-built", f"{backend.prefix}:bfusage:alice")
     else:
         with closing(sqlite3.connect(backend.target)) as conn, conn:
+            # The file as schema version 1 of the batch tables left it (textgen.storage.migrations).
+            conn.execute("UPDATE schema_versions SET version = 1 WHERE component = 'batches'")
             conn.execute("DROP TABLE batch_files")
             conn.execute(
                 "CREATE TABLE batch_files (id TEXT PRIMARY KEY, owner TEXT NOT NULL, purpose TEXT NOT NULL, "
@@ -251,3 +258,32 @@ async def test_files_stored_before_quotas_are_counted(backend: Backend, store: B
         assert await reopened.file_usage("alice") == FileUsage(0, 0)
     finally:
         await reopened.close()
+
+
+async def test_redis_leases_run_on_the_servers_clock_not_the_clients(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica whose clock runs an hour behind must not write leases that have already run out (another
+    replica would take the batch over mid-step): leases are on the Redis server's clock (TIME)."""
+    url, prefix = redis_server.url(0), f"test-{uuid.uuid4().hex[:12]}"
+    behind, on_time = RedisBatchStore(url, prefix=prefix), RedisBatchStore(url, prefix=prefix)
+    await behind.open()
+    await on_time.open()
+    try:
+        await on_time.create_batch(a_batch("batch_a"))
+        real = time.time
+        monkeypatch.setattr("textgen.batches.redis_store.time.time", lambda: real() - 3600)
+        assert [b.id for b in await behind.claim_due("w1", 30, 8)] == ["batch_a"]
+        monkeypatch.setattr("textgen.batches.redis_store.time.time", real)
+        assert await on_time.claim_due("w2", 30, 8) == [], "the lease runs 30 s on the server's clock"
+        with closing(redis.Redis.from_url(url, decode_responses=True)) as raw:
+            seconds, micros = raw.time()
+            lease_until = float(raw.hget(f"{prefix}:batch:batch_a", "lease_until") or 0)
+        assert 25 < lease_until - (seconds + micros / 1e6) <= 30
+    finally:
+        await behind.close()
+        await on_time.close()
+        with closing(redis.Redis.from_url(url)) as raw:
+            keys = list(raw.scan_iter(match=f"{prefix}:*"))
+            if keys:
+                raw.delete(*keys)

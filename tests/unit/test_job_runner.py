@@ -1,4 +1,4 @@
-"""Unit tests for the background-job runner (``textgen.jobs.runner``) on a real SQLite store and a fake engine.
+"""Unit tests for the background-job runner (``textgen.workers.runner``) on a real SQLite store and a fake engine.
 
 The fake engine implements the ``Engine`` protocol: ``submit`` hands back a real ``Handle`` that the test
 resolves itself (``handle.finish``). Like the real engines it fails a handle whose cancel was requested
@@ -39,10 +39,10 @@ from textgen.errors import (
     TextGenError,
 )
 from textgen.generation import COMPILING_PHASE, OUTPUT_REJECTED, GenerationService
-from textgen.jobs.runner import JobRunner, owner_is_alive, process_owner_id
 from textgen.jobs.sqlite_store import SQLiteJobStore
 from textgen.jobs.store import Job, JobState, died_in_phase_error
 from textgen.metrics import Metrics
+from textgen.workers.runner import JobRunner, RunnerConfig, owner_is_alive, process_owner_id
 
 POLL_S = 0.05
 WAIT_S = 5.0
@@ -167,15 +167,14 @@ async def make_runner(store: SQLiteJobStore, engine: FakeEngine, settings: Setti
     ) -> JobRunner:
         chosen = service_settings or settings
         service = GenerationService(engine, ContentFilter(["hate"]), chosen, "fake-model", Metrics())
-        runner = JobRunner(
-            store,
-            service,
+        config = RunnerConfig(
             concurrency=concurrency or chosen.job_concurrency,
             poll_interval_s=chosen.job_poll_interval_s,
             ttl_s=chosen.job_ttl_s,
             lease_s=lease_s,
             max_attempts=max_attempts,
         )
+        runner = JobRunner(store, service, config)
         runners.append(runner)
         return runner
 

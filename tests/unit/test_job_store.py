@@ -710,7 +710,7 @@ async def test_sqlite_open_is_wal(tmp_path: Path) -> None:
 async def test_sqlite_adds_columns_to_an_old_file(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     with closing(sqlite3.connect(path)) as raw, raw:
-        raw.execute(sqlite_mod._SCHEMA[0])
+        sqlite_mod.MIGRATIONS[0].apply(raw)  # the first release's tables, before schema versions existed
         raw.execute("INSERT INTO jobs (id, request, state, created_at) VALUES ('old', '{}', 'queued', 1.0)")
     s = SQLiteJobStore(path)
     await s.open()

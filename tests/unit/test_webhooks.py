@@ -34,6 +34,7 @@ from textgen.webhooks import (
     sign,
     verify,
 )
+from textgen.workers.webhooks import JobWebhooks
 
 SECRET = "s3cret"
 OWNER = "test-host:1:sender"
@@ -88,19 +89,16 @@ async def finished_job(store: JobStore, callback_url: str) -> Job:
     return finished
 
 
-def make_sender(store: JobStore, *, owner: str = OWNER, retry_for_s: float = 5.0) -> WebhookSender:
-    return WebhookSender(
-        store,
-        owner,
-        secret=SECRET,
-        view=job_payload,
-        timeout_s=5.0,
-        retry_for_s=retry_for_s,
-        allow_private=True,
-    )
+def make_sender(
+    store: JobStore, *, owner: str = OWNER, retry_for_s: float = 5.0, allow_private: bool = True
+) -> JobWebhooks:
+    """Job webhook delivery (``textgen.workers.webhooks``) through the one sender, not started: tests call
+    ``claim`` and ``deliver`` themselves."""
+    sender = WebhookSender(secret=SECRET, timeout_s=5.0, allow_private=allow_private)
+    return JobWebhooks(store, owner, sender, view=job_payload, retry_for_s=retry_for_s)
 
 
-async def claimed_delivery(sender: WebhookSender, store: JobStore, callback_url: str) -> Job:
+async def claimed_delivery(sender: JobWebhooks, store: JobStore, callback_url: str) -> Job:
     job = await finished_job(store, callback_url)
     claimed = await sender.claim()
     assert claimed is not None and claimed.id == job.id
@@ -272,7 +270,7 @@ def test_backoff_stays_capped_for_huge_attempt_counts() -> None:
         assert 0.0 <= backoff_s(attempt) <= 60.0
 
 
-# ----- WebhookSender against a real receiver ---------------------------------------------------------------------
+# ----- job webhook delivery against a real receiver ---------------------------------------------------------------
 
 
 async def test_delivered_on_first_200_with_a_verifiable_signed_body(
@@ -286,7 +284,7 @@ async def test_delivered_on_first_200_with_a_verifiable_signed_body(
         assert await sender.deliver(job) is WebhookState.DELIVERED
         after = time.time()
     finally:
-        await sender.close()
+        await sender.stop()
 
     [post] = receiver.requests
     assert post.method == "POST" and post.path == "/hook"
@@ -322,7 +320,7 @@ async def test_retries_until_a_2xx_and_records_the_attempts(
         job = await claimed_delivery(sender, store, receiver.url())
         assert await sender.deliver(job) is WebhookState.DELIVERED
     finally:
-        await sender.close()
+        await sender.stop()
 
     posts = receiver.posts()
     assert [p.headers[DELIVERY_HEADER] for p in posts] == [f"{job.id}:1", f"{job.id}:2", f"{job.id}:3"]
@@ -349,7 +347,7 @@ async def test_gives_up_when_the_retry_window_closes(
         started = time.monotonic()
         assert await sender.deliver(job) is WebhookState.FAILED
     finally:
-        await sender.close()
+        await sender.stop()
 
     posts = receiver.posts()
     assert len(posts) >= 2
@@ -373,7 +371,7 @@ async def test_a_redirect_is_not_followed(
         job = await claimed_delivery(sender, store, receiver.url())
         assert await sender.deliver(job) is WebhookState.DELIVERED
     finally:
-        await sender.close()
+        await sender.stop()
 
     # The 302 counted as a failed attempt; its Location was never visited.
     assert [(r.method, r.path) for r in receiver.requests] == [("POST", "/hook"), ("POST", "/hook")]
@@ -389,7 +387,7 @@ async def test_a_redirect_alone_never_delivers(
         job = await claimed_delivery(sender, store, receiver.url())
         assert await sender.deliver(job) is WebhookState.FAILED
     finally:
-        await sender.close()
+        await sender.stop()
 
     assert {r.path for r in receiver.requests} == {"/hook"}
     stored = await store.get(job.id)
@@ -402,7 +400,7 @@ async def test_receiver_down_fails_with_a_connection_error(store: JobStore, quic
         job = await claimed_delivery(sender, store, closed_port_url())
         assert await sender.deliver(job) is WebhookState.FAILED
     finally:
-        await sender.close()
+        await sender.stop()
 
     stored = await store.get(job.id)
     assert stored.webhook_state is WebhookState.FAILED
@@ -414,14 +412,12 @@ async def test_a_private_destination_is_refused_at_delivery_time(
     store: JobStore, receiver_factory: Callable[..., WebhookReceiver], quick_retries: None
 ) -> None:
     receiver = receiver_factory([200])
-    sender = WebhookSender(
-        store, OWNER, secret=SECRET, view=job_payload, timeout_s=5.0, retry_for_s=0.3, allow_private=False
-    )
+    sender = make_sender(store, retry_for_s=0.3, allow_private=False)
     try:
         job = await claimed_delivery(sender, store, receiver.url())
         assert await sender.deliver(job) is WebhookState.FAILED
     finally:
-        await sender.close()
+        await sender.stop()
 
     assert receiver.requests == []  # never contacted
     stored = await store.get(job.id)
@@ -443,7 +439,7 @@ async def test_a_delivery_taken_over_by_another_owner_stops(
 
         assert await sender.deliver(mine) is WebhookState.PENDING
     finally:
-        await sender.close()
+        await sender.stop()
 
     assert len(receiver.posts()) == 1  # it stopped after the attempt whose progress it could not record
     stored = await store.get(job.id)
@@ -471,7 +467,7 @@ async def test_the_connection_goes_to_the_checked_address_with_the_original_host
         job = await claimed_delivery(sender, store, f"http://hooks.example.invalid:{receiver.port}/hook")
         assert await sender.deliver(job) is WebhookState.DELIVERED
     finally:
-        await sender.close()
+        await sender.stop()
     [post] = receiver.requests
     assert post.headers["Host"] == f"hooks.example.invalid:{receiver.port}"
     assert lookups == ["hooks.example.invalid"]  # one lookup, the checked one; httpx never resolved the name

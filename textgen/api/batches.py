@@ -1,7 +1,7 @@
 """The OpenAI Batch API routes: create, read, list and cancel batches.
 
 Routes only record intent (a new batch, a cancel request) in the batch store and wake the coordinator
-(``textgen.batches.coordinator``), which does the work in every process under leases. Each line runs
+(``textgen.workers.coordinator``), which does the work in every process under leases. Each line runs
 as a job through the ordinary job runner at background priority (``textgen.services.batch_lines``).
 """
 

@@ -10,9 +10,9 @@ from textgen.access import Caller, caller_of
 from textgen.api.errors import request_id_of
 from textgen.errors import NotReadyError
 from textgen.generation import GenerationService
-from textgen.jobs.runner import JobRunner
 from textgen.jobs.store import JobStore
 from textgen.state import AppState
+from textgen.workers.runner import JobRunner
 
 
 def get_state(request: Request) -> AppState:

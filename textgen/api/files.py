@@ -19,12 +19,12 @@ from textgen.access import caller_of
 from textgen.api.deps import CallerDep, StateDep
 from textgen.api.openai import ERROR_DOCS, OpenAIRoute
 from textgen.api.schemas.batch import FileDeleted, FileList, FileObject
-from textgen.batches import Batches
 from textgen.batches.files import Upload, expires_after_from_form, new_file_id, receive_upload
 from textgen.batches.store import FileNotFoundInStoreError, FileQuota, FileUsage, StoredFile
 from textgen.batches.view import file_object
 from textgen.config import Settings
 from textgen.errors import FileQuotaExceededError, GenerationCancelledError, InvalidRequestError, NotReadyError
+from textgen.workers.batches import Batches
 
 router = APIRouter(prefix="/v1", tags=["batches"], route_class=OpenAIRoute)
 DOCS: dict[int | str, dict[str, Any]] = {code: ERROR_DOCS[code] for code in (400, 401, 413, 429, 500)}

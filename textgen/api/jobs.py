@@ -17,9 +17,9 @@ from textgen.api.sse import SSE_RESPONSE_DOC, error_event, event, sse_response
 from textgen.engine.types import Handle
 from textgen.errors import NotReadyError, TextGenError
 from textgen.generation import GenerationService
-from textgen.jobs.runner import JobRunner
 from textgen.jobs.store import TERMINAL_STATES, Job, JobState, JobStore
 from textgen.jobs.view import QueuePosition, job_record, job_summary_record, queue_estimate
+from textgen.workers.runner import JobRunner
 
 STREAM_POLL_S = 0.25
 JOB_STREAM_SHUTDOWN = (

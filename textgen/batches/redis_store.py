@@ -7,8 +7,13 @@ status, cancel_requested_at, lease_owner, lease_until), ``batches`` and ``batche
 creation time), ``batches:due`` (zset: when each batch needs a look); per batch ``batch:{id}:all``
 (zset of line numbers), ``:cid`` (custom_id -> line, for duplicates), ``:custom`` / ``:jobs`` /
 ``:outcome`` (line -> custom_id, job id, outcome), ``:open`` (zset: submitted lines without an outcome)
-and ``:counts`` (outcome -> n). Lease checks, line and file bookkeeping are Lua scripts, atomic across
-replicas.
+and ``:counts`` (outcome -> n). Lease checks, line and file bookkeeping are Lua scripts (``lua/*.lua``
+beside this module), atomic across replicas.
+
+It is built on the shared storage layer like the job store: the same client settings, the same outage
+guard (an unreachable server is a 503; a server out of memory or refusing writes a 507, logged once per
+server in ``textgen.storage.conditions``), and leases on the server's clock (``TIME``), so replicas whose
+clocks disagree still agree on when a lease ran out. Tests inject a clock instead.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import builtins
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 from redis.commands.core import AsyncScript
@@ -37,6 +43,7 @@ from textgen.batches.store import (
     file_from_json,
     file_to_json,
 )
+from textgen.storage.lua import lua_scripts
 from textgen.storage.redis import ping_redis, redis_client, redis_outage_guard
 from textgen.storage.url import redact_url
 
@@ -45,154 +52,24 @@ logger = logging.getLogger(__name__)
 _LINE_KEYS = ("all", "cid", "custom", "jobs", "outcome", "open", "counts")
 USAGE_BUILT = "bfusage-built"  # set once every file's size is counted in the bfusage:{owner} hashes
 
-# A file's record, its indexes, its owner's usage (files, bytes) and the expiry index, in one step; a
-# replaced record (a finalisation run again) first gives back what it counted. With check = 1 nothing is
-# written if the owner's usage with the file would pass max_files or max_bytes (0 = no limit).
-# KEYS: file, all files, owner's files, owner's usage, expiry. ARGV: prefix, id, owner, json, bytes,
-# created_at, expires_at ('' = never), check (0/1), max_files, max_bytes
-_PUT_FILE = """
-local P, id, owner, size = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[5])
-local old = redis.call('GET', KEYS[1])
-local old_owner, old_bytes = nil, 0
-if old then
-  local record = cjson.decode(old)
-  old_owner, old_bytes = record['owner'], math.floor(tonumber(record['bytes']) or 0)
-end
-if ARGV[8] == '1' then
-  local files = tonumber(redis.call('HGET', KEYS[4], 'files') or '0')
-  local used = tonumber(redis.call('HGET', KEYS[4], 'bytes') or '0')
-  if old_owner == owner then files, used = files - 1, used - old_bytes end
-  local max_files, max_bytes = tonumber(ARGV[9]), tonumber(ARGV[10])
-  if (max_files > 0 and files + 1 > max_files) or (max_bytes > 0 and used + size > max_bytes) then return 0 end
-end
-if old_owner then
-  redis.call('HINCRBY', P .. ':bfusage:' .. old_owner, 'files', -1)
-  redis.call('HINCRBY', P .. ':bfusage:' .. old_owner, 'bytes', -old_bytes)
-  redis.call('ZREM', P .. ':bfiles:' .. old_owner, id)
-end
-redis.call('SET', KEYS[1], ARGV[4])
-redis.call('ZADD', KEYS[2], ARGV[6], id)
-redis.call('ZADD', KEYS[3], ARGV[6], id)
-redis.call('HINCRBY', KEYS[4], 'files', 1)
-redis.call('HINCRBY', KEYS[4], 'bytes', size)
-if ARGV[7] == '' then redis.call('ZREM', KEYS[5], id) else redis.call('ZADD', KEYS[5], ARGV[7], id) end
-return 1
-"""
-
-# KEYS: file, all files, expiry. ARGV: prefix, id
-_DELETE_FILE = """
-local old = redis.call('GET', KEYS[1])
-if not old then return 0 end
-local record = cjson.decode(old)
-local P, id, owner = ARGV[1], ARGV[2], record['owner']
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], id)
-redis.call('ZREM', KEYS[3], id)
-redis.call('ZREM', P .. ':bfiles:' .. owner, id)
-redis.call('HINCRBY', P .. ':bfusage:' .. owner, 'files', -1)
-redis.call('HINCRBY', P .. ':bfusage:' .. owner, 'bytes', -math.floor(tonumber(record['bytes']) or 0))
-return 1
-"""
-
-# ARGV: prefix, worker, now, lease_until, limit
-_CLAIM = """
-local P, worker, now, lease_until, limit = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-local ids = redis.call('ZRANGEBYSCORE', P .. ':batches:due', '-inf', now, 'LIMIT', 0, limit * 4)
-local out = {}
-for _, id in ipairs(ids) do
-  if #out >= limit then break end
-  local k = P .. ':batch:' .. id
-  local held = tonumber(redis.call('HGET', k, 'lease_until') or '0')
-  if held < now and redis.call('EXISTS', k) == 1 then
-    redis.call('HSET', k, 'lease_owner', worker, 'lease_until', lease_until)
-    out[#out + 1] = id
-  end
-end
-return out
-"""
-
-# KEYS: batch hash. ARGV: worker, status, data
-_SAVE = """
-if redis.call('HGET', KEYS[1], 'lease_owner') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'data', ARGV[3])
-return 1
-"""
-
-# KEYS: batch hash, due zset. ARGV: worker, id, next_check_at, done (0/1)
-_RELEASE = """
-if redis.call('HGET', KEYS[1], 'lease_owner') ~= ARGV[1] then return 0 end
-redis.call('HDEL', KEYS[1], 'lease_owner', 'lease_until')
-if ARGV[4] == '1' then redis.call('ZREM', KEYS[2], ARGV[2]) else redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2]) end
-return 1
-"""
-
-# KEYS: batch hash, due zset. ARGV: id, now, active statuses...
-_REQUEST_CANCEL = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 0 end
-for i = 3, #ARGV do
-  if status == ARGV[i] then
-    redis.call('HSETNX', KEYS[1], 'cancel_requested_at', ARGV[2])
-    redis.call('ZADD', KEYS[2], 0, ARGV[1])
-    return 1
-  end
-end
-return 1
-"""
-
-# KEYS: all, cid, custom. ARGV: line, custom_id, line, custom_id, ...
-_ADD_LINES = """
-local duplicates = {}
-for i = 1, #ARGV, 2 do
-  if redis.call('HSETNX', KEYS[2], ARGV[i + 1], ARGV[i]) == 1 then
-    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
-    redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i])
-  elseif redis.call('HGET', KEYS[2], ARGV[i + 1]) ~= ARGV[i] then
-    duplicates[#duplicates + 1] = ARGV[i]
-  end
-end
-return duplicates
-"""
-
-# KEYS: jobs, outcome, open. ARGV: line, job_id, ...
-_SET_JOBS = """
-for i = 1, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then redis.call('ZADD', KEYS[3], ARGV[i], ARGV[i]) end
-end
-return 1
-"""
-
-# KEYS: outcome, open, counts. ARGV: line, outcome, ...
-_SET_OUTCOMES = """
-for i = 1, #ARGV, 2 do
-  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
-    redis.call('HINCRBY', KEYS[3], ARGV[i + 1], 1)
-  end
-  redis.call('ZREM', KEYS[2], ARGV[i])
-end
-return 1
-"""
+_SCRIPTS: dict[str, str] = lua_scripts(
+    Path(__file__).parent / "lua",
+    ("claim", "save", "release", "request_cancel", "add_lines", "set_jobs", "set_outcomes", "put_file", "delete_file"),
+)
 
 
 class RedisBatchStore:
-    def __init__(self, url: str, *, prefix: str = "textgen") -> None:
+    def __init__(self, url: str, *, prefix: str = "textgen", clock: Callable[[], float] | None = None) -> None:
+        """``clock``: None (the default) puts leases on the Redis server's clock; a callable (tests) is
+        read for every lease and timestamp instead."""
+        if not prefix:
+            raise ValueError("prefix must not be empty")
         self._url = url
         self.prefix = prefix
+        self._clock = clock
         self._redis = redis_client(url)
         self._scripts: dict[str, AsyncScript] = {
-            name: self._redis.register_script(body)
-            for name, body in {
-                "claim": _CLAIM,
-                "save": _SAVE,
-                "release": _RELEASE,
-                "cancel": _REQUEST_CANCEL,
-                "add_lines": _ADD_LINES,
-                "set_jobs": _SET_JOBS,
-                "set_outcomes": _SET_OUTCOMES,
-                "put_file": _PUT_FILE,
-                "delete_file": _DELETE_FILE,
-            }.items()
+            name: self._redis.register_script(body) for name, body in _SCRIPTS.items()
         }
 
     def __repr__(self) -> str:
@@ -205,7 +82,7 @@ class RedisBatchStore:
     async def _count_usage_once(self) -> None:
         """Files stored by a version without quotas have no usage counted: count them once per Redis
         (the marker says it was done). Done at start-up, before this process uploads anything."""
-        async with self._guard():
+        async with self._guard(write=True):
             if await self._redis.exists(self._k(USAGE_BUILT)):
                 return
             usage: dict[str, list[int]] = {}
@@ -229,10 +106,16 @@ class RedisBatchStore:
         await self._redis.aclose()
 
     @contextlib.asynccontextmanager
-    async def _guard(self) -> AsyncIterator[None]:
-        # The same outage handling (and one log line per condition) as the job store on this server.
-        async with redis_outage_guard(self._url, "job store", client=self._redis):
+    async def _guard(self, *, write: bool = False) -> AsyncIterator[None]:
+        """The job store's outage guard, on the same server (one log line per condition). Plain commands
+        here read (so they cannot announce that a server refusing writes takes them again); scripts and
+        the ``write=True`` blocks write."""
+        async with redis_outage_guard(self._url, "job store", write=write, client=self._redis):
             yield
+
+    def _wall(self) -> float:
+        """Timestamps shown to clients and due times: the injected clock, else this machine's."""
+        return time.time() if self._clock is None else self._clock()
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -241,7 +124,7 @@ class RedisBatchStore:
         return self._k("batch", batch_id, name)
 
     async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        async with self._guard():
+        async with self._guard(write=True):
             return await self._scripts[name](keys=list(keys), args=list(args))
 
     # -- files ---------------------------------------------------------------------------------------
@@ -259,8 +142,17 @@ class RedisBatchStore:
         expires = "" if record.expires_at is None else repr(record.expires_at)
         check = "0" if quota is None else "1"
         limits = (0, 0) if quota is None else (quota.max_files, quota.max_bytes)
-        return [self.prefix, record.id, record.owner, file_to_json(record), record.bytes, record.created_at,
-                expires, check, *limits]
+        return [
+            self.prefix,
+            record.id,
+            record.owner,
+            file_to_json(record),
+            record.bytes,
+            record.created_at,
+            expires,
+            check,
+            *limits,
+        ]
 
     async def put_file(self, record: StoredFile) -> None:
         await self._script("put_file", self._file_keys(record), self._file_args(record, None))
@@ -319,7 +211,7 @@ class RedisBatchStore:
     # -- batches -------------------------------------------------------------------------------------
 
     async def create_batch(self, batch: Batch) -> None:
-        async with self._guard(), self._redis.pipeline(transaction=True) as pipe:
+        async with self._guard(write=True), self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(
                 self._k("batch", batch.id),
                 mapping={"data": batch_to_json(batch), "status": batch.status.value, "owner": batch.owner},
@@ -355,13 +247,14 @@ class RedisBatchStore:
     async def request_cancel(self, batch_id: str) -> Batch:
         active = [status.value for status in ACTIVE_STATUSES]
         keys = [self._k("batch", batch_id), self._k("batches:due")]
-        if not await self._script("cancel", keys, [batch_id, time.time(), *active]):
+        if not await self._script("request_cancel", keys, [batch_id, self._wall(), *active]):
             raise BatchNotFoundError()
         return await self.get_batch(batch_id)
 
     async def claim_due(self, worker: str, lease_s: float, limit: int) -> builtins.list[Batch]:
-        now = time.time()
-        ids = await self._script("claim", [], [self.prefix, worker, now, now + lease_s, limit])
+        fake_now = "" if self._clock is None else repr(float(self._clock()))
+        args = [self.prefix, worker, repr(self._wall()), repr(float(lease_s)), limit, fake_now]
+        ids = await self._script("claim", [], args)
         return await self._read_batches(ids)
 
     async def save(self, batch: Batch, worker: str) -> bool:
@@ -375,7 +268,7 @@ class RedisBatchStore:
     # -- lines ---------------------------------------------------------------------------------------
 
     async def clear_lines(self, batch_id: str) -> None:
-        async with self._guard():
+        async with self._guard(write=True):
             await self._redis.delete(*(self._line_key(batch_id, name) for name in _LINE_KEYS))
 
     async def add_lines(self, batch_id: str, lines: Sequence[tuple[int, str]]) -> builtins.list[int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import builtins
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from textgen.batches.store import (
@@ -24,13 +24,15 @@ from textgen.batches.store import (
     file_from_json,
     file_to_json,
 )
+from textgen.storage.migrations import Migration, add_columns, migrate, statements
 from textgen.storage.sqlite import SQLiteConnection, connect_sqlite, open_error, write_txn
 
-_SCHEMA = (
+# The schema, as ordered migrations (``textgen.storage.migrations``): a new file runs them all, a file
+# made by an older release the ones it has not had. Never edit a released step: add the next one.
+_BASE_TABLES = statements(
     """
     CREATE TABLE IF NOT EXISTS batch_files (
-        id TEXT PRIMARY KEY, owner TEXT NOT NULL, purpose TEXT NOT NULL, created_at REAL NOT NULL, data TEXT NOT NULL,
-        bytes INTEGER NOT NULL DEFAULT 0, expires_at REAL
+        id TEXT PRIMARY KEY, owner TEXT NOT NULL, purpose TEXT NOT NULL, created_at REAL NOT NULL, data TEXT NOT NULL
     )
     """,
     "CREATE INDEX IF NOT EXISTS batch_files_owner ON batch_files (owner, created_at)",
@@ -53,10 +55,20 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS batch_lines_open ON batch_lines (batch_id, outcome, line)",
 )
 
-# Columns added after the first release (quota and expiry); a file from then is migrated on open.
-_ADDED_FILE_COLUMNS = (("bytes", "INTEGER NOT NULL DEFAULT 0"), ("expires_at", "REAL"))
-_LATE_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS batch_files_expiry ON batch_files (expires_at) WHERE expires_at IS NOT NULL",
+
+def _file_quotas_and_expiry(conn: sqlite3.Connection) -> None:
+    """Each file's size as a column (copied out of its JSON, for quotas) and its expiry time."""
+    added = add_columns(conn, "batch_files", (("bytes", "INTEGER NOT NULL DEFAULT 0"), ("expires_at", "REAL")))
+    if "bytes" in added:
+        conn.execute("UPDATE batch_files SET bytes = COALESCE(json_extract(data, '$.bytes'), 0)")
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS batch_files_expiry ON batch_files (expires_at) WHERE expires_at IS NOT NULL"
+    )
+
+
+MIGRATIONS = (
+    Migration(1, "files, batches and their lines", _BASE_TABLES),
+    Migration(2, "file quotas and expiry", _file_quotas_and_expiry),
 )
 
 _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATUSES))
@@ -66,27 +78,16 @@ def _batch(row: sqlite3.Row) -> Batch:
     return batch_from_json(row["data"], row["cancel_requested_at"])
 
 
-def _add_missing_file_columns(conn: sqlite3.Connection) -> None:
-    """Migrate a file made by an older version, in one transaction (several processes may open it):
-    the new columns, with each old file's size copied out of its JSON."""
-    with write_txn(conn):
-        present = {row["name"] for row in conn.execute("PRAGMA table_info(batch_files)")}
-        for name, decl in _ADDED_FILE_COLUMNS:
-            if name not in present:
-                conn.execute(f"ALTER TABLE batch_files ADD COLUMN {name} {decl}")
-        if "bytes" not in present:
-            conn.execute("UPDATE batch_files SET bytes = COALESCE(json_extract(data, '$.bytes'), 0)")
-        for statement in _LATE_INDEXES:
-            conn.execute(statement)
-
-
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = connect_sqlite(path, _SCHEMA)
+    conn = connect_sqlite(path)
     try:
-        _add_missing_file_columns(conn)
+        migrate(conn, path, "batches", MIGRATIONS)
     except sqlite3.Error as exc:
         conn.close()
         raise open_error(path, str(exc)) from exc
+    except BaseException:  # a file newer than this release (ConfigError), an interrupt
+        conn.close()
+        raise
     return conn
 
 
@@ -281,7 +282,9 @@ def _lines(conn: sqlite3.Connection, batch_id: str, after: int, limit: int) -> b
 
 
 class SQLiteBatchStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        """``clock``: wall-clock seconds for leases and timestamps (tests pass a fake one)."""
+        self._clock = clock
         self._db = SQLiteConnection(Path(path), _connect, role="batches")
         self._run = self._db.run
 
@@ -327,10 +330,10 @@ class SQLiteBatchStore:
         return await self._run(_list_batches, owner, limit)
 
     async def request_cancel(self, batch_id: str) -> Batch:
-        return await self._run(_request_cancel, batch_id, time.time())
+        return await self._run(_request_cancel, batch_id, self._clock())
 
     async def claim_due(self, worker: str, lease_s: float, limit: int) -> builtins.list[Batch]:
-        return await self._run(_claim_due, worker, lease_s, limit, time.time())
+        return await self._run(_claim_due, worker, lease_s, limit, self._clock())
 
     async def save(self, batch: Batch, worker: str) -> bool:
         return await self._run(_save, batch, worker)

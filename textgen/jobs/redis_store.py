@@ -36,6 +36,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 from redis.commands.core import AsyncScript
@@ -62,6 +63,7 @@ from textgen.jobs.store import (
     scoped_idempotency_key,
     validate_idempotency_key,
 )
+from textgen.storage.lua import lua_scripts
 from textgen.storage.redis import check_durability, ping_redis, redis_client, redis_outage_guard
 from textgen.storage.url import redact_url
 
@@ -70,367 +72,33 @@ logger = logging.getLogger(__name__)
 _IDEMPOTENCY_GRACE_S = 3600.0  # how long past its TTL Redis keeps an idempotency record before expiring it
 _BATCH = 500  # ids per script call when renewing / purging, and keys per SCAN step
 
-# --------------------------------------------------------------------------------------------------
-# Lua scripts. Every script gets the key prefix as ARGV[1] and starts with this prelude.
-# --------------------------------------------------------------------------------------------------
-
-_PRELUDE = """
-local P = ARGV[1]
-local function jkey(id) return P .. ':job:' .. id end
-local function zkey(name) return P .. ':' .. name end
--- the server clock: (seconds as a number, the same as an exact string with microseconds), unless a
--- store with an injected clock (tests) wrote its reading to {prefix}:clock just before this call
-local function clock()
-  local fake = redis.call('GET', P .. ':clock')
-  if fake then
-    local f = tonumber(fake)
-    return f, string.format('%.6f', f)
-  end
-  local t = redis.call('TIME')
-  local us = tonumber(t[2])
-  return tonumber(t[1]) + us / 1000000, t[1] .. '.' .. string.format('%06d', us)
-end
--- Lua numbers would reach Redis as '%.17g' (or be truncated to integers in replies): format them
-local function fmt(x) return string.format('%.6f', x) end
-local function move(id, from, to)
-  local seq = redis.call('HGET', jkey(id), 'seq')
-  redis.call('ZREM', zkey('state:' .. from), id)
-  redis.call('ZADD', zkey('state:' .. to), seq, id)
-  redis.call('HSET', jkey(id), 'state', to)
-  return seq
-end
-local function insert(id, first)
-  local seq = redis.call('INCR', zkey('seq'))
-  local fields = {}
-  for i = first, #ARGV do fields[#fields + 1] = ARGV[i] end
-  redis.call('HSET', jkey(id), 'seq', seq, unpack(fields))
-  redis.call('ZADD', zkey('jobs'), seq, id)
-  redis.call('ZADD', zkey('tenant:' .. (redis.call('HGET', jkey(id), 'tenant') or 'anonymous')), seq, id)
-  redis.call('ZADD', zkey('state:queued'), seq, id)
-  redis.call('ZADD', zkey('queued'), seq, id)
-end
--- running -> queued at its old place; the caller decides about attempts
-local function requeue(id)
-  local seq = move(id, 'running', 'queued')
-  redis.call('HDEL', jkey(id), 'owner', 'started_at', 'lease_until', 'phase')
-  redis.call('ZREM', zkey('leases'), id)
-  redis.call('ZADD', zkey('queued'), seq, id)
-end
--- queued/running -> succeeded/failed/cancelled; a job with a callback URL now has a webhook to deliver
-local function terminate(id, from, to, now_s)
-  local k = jkey(id)
-  move(id, from, to)
-  redis.call('HSET', k, 'finished_at', now_s)
-  redis.call('HDEL', k, 'lease_until', 'webhook_owner', 'webhook_lease_until', 'phase')
-  redis.call('ZREM', zkey('queued'), id)
-  redis.call('ZREM', zkey('leases'), id)
-  redis.call('ZREM', zkey('webhooks:claimed'), id)
-  redis.call('ZADD', zkey('finished'), now_s, id)
-  if to ~= 'cancelled' then redis.call('ZADD', zkey('completions'), now_s, id) end
-  if redis.call('HEXISTS', k, 'callback_url') == 1 then
-    redis.call('HSET', k, 'webhook_state', 'pending')
-    redis.call('ZADD', zkey('webhooks:due'), now_s, id)
-  end
-end
-"""
-
-# ARGV: prefix, id, field, value, ...
-_CREATE = """
-insert(ARGV[2], 3)
-return 1
-"""
-
-# ARGV: prefix, id, key, fingerprint, ttl_s, expire_ms, field, value, ...
-_CREATE_IDEMPOTENT = """
-local id, ik = ARGV[2], zkey('idem:' .. ARGV[3])
-local now, now_s = clock()
-local rec = redis.call('HMGET', ik, 'fingerprint', 'job_id', 'created_at')
--- a record older than the TTL, or whose job was purged, is as good as absent
-if rec[1] and tonumber(rec[3]) >= now - tonumber(ARGV[5]) and redis.call('EXISTS', jkey(rec[2])) == 1 then
-  if rec[1] ~= ARGV[4] then return {'conflict'} end
-  return {'existing', redis.call('HGETALL', jkey(rec[2]))}
-end
-insert(id, 7)
-redis.call('HSET', jkey(id), 'idem_key', ARGV[3])
-redis.call('DEL', ik)
-redis.call('HSET', ik, 'fingerprint', ARGV[4], 'job_id', id, 'created_at', now_s)
-redis.call('PEXPIRE', ik, ARGV[6])
-return {'created'}
-"""
-
-# ARGV: prefix, owner, lease_s
-_CLAIM = """
-local id = redis.call('ZRANGE', zkey('queued'), 0, 0)[1]
-if not id then return false end
-local now, now_s = clock()
-local until_s = fmt(now + tonumber(ARGV[3]))
-local k = jkey(id)
-redis.call('ZREM', zkey('queued'), id)
-move(id, 'queued', 'running')
-redis.call('HSET', k, 'owner', ARGV[2], 'started_at', now_s, 'lease_until', until_s)
-redis.call('HINCRBY', k, 'attempts', 1)
-redis.call('ZADD', zkey('leases'), until_s, id)
-return redis.call('HGETALL', k)
-"""
-
-# ARGV: prefix, id, owner
-_RELEASE = """
-local k = jkey(ARGV[2])
-local st = redis.call('HMGET', k, 'state', 'owner')
-if st[1] ~= 'running' or st[2] ~= ARGV[3] then return 0 end
-requeue(ARGV[2])
-redis.call('HINCRBY', k, 'attempts', -1)
-return 1
-"""
-
-# ARGV: prefix, owner, lease_s, id, ...
-_RENEW = """
-local now = clock()
-local until_s = fmt(now + tonumber(ARGV[3]))
-local held = {}
-for i = 4, #ARGV do
-  local id = ARGV[i]
-  local st = redis.call('HMGET', jkey(id), 'state', 'owner')
-  if st[1] == 'running' and st[2] == ARGV[2] then
-    redis.call('HSET', jkey(id), 'lease_until', until_s)
-    redis.call('ZADD', zkey('leases'), until_s, id)
-    held[#held + 1] = id
-  end
-end
-return held
-"""
-
-# ARGV: prefix, id, owner, state, has_result, result, has_error, error
-_FINISH = """
-local id = ARGV[2]
-local k = jkey(id)
-local st = redis.call('HMGET', k, 'state', 'owner')
-if st[1] ~= 'running' or st[2] ~= ARGV[3] then return 0 end
-local _, now_s = clock()
-if ARGV[5] == '1' then redis.call('HSET', k, 'result', ARGV[6]) else redis.call('HDEL', k, 'result') end
-if ARGV[7] == '1' then redis.call('HSET', k, 'error', ARGV[8]) else redis.call('HDEL', k, 'error') end
-terminate(id, 'running', ARGV[4], now_s)
-return 1
-"""
-
-# ARGV: prefix, id, tenant ('' = any)
-_CANCEL = """
-local id = ARGV[2]
-local st = redis.call('HGET', jkey(id), 'state')
-if not st then return {'missing'} end
-if ARGV[3] ~= '' and (redis.call('HGET', jkey(id), 'tenant') or 'anonymous') ~= ARGV[3] then return {'missing'} end
-if st ~= 'queued' and st ~= 'running' then return {'ended'} end
-local _, now_s = clock()
-terminate(id, st, 'cancelled', now_s)
-return {'ok', redis.call('HGETALL', jkey(id))}
-"""
-
-# ARGV: prefix, owner
-_REQUEUE_OWNED = """
-local n = 0
-for _, id in ipairs(redis.call('ZRANGE', zkey('leases'), 0, -1)) do
-  local st = redis.call('HMGET', jkey(id), 'state', 'owner')
-  if st[1] == 'running' and st[2] == ARGV[2] then
-    requeue(id)
-    n = n + 1
-  end
-end
-for _, id in ipairs(redis.call('ZRANGE', zkey('webhooks:claimed'), 0, -1)) do
-  local k = jkey(id)
-  if redis.call('HGET', k, 'webhook_owner') == ARGV[2] then
-    redis.call('HDEL', k, 'webhook_owner', 'webhook_lease_until')
-    redis.call('ZREM', zkey('webhooks:claimed'), id)
-    redis.call('ZADD', zkey('webhooks:due'), redis.call('HGET', k, 'finished_at'), id)
-  end
-end
-return n
-"""
-
-# ARGV: prefix
-_RUNNING_OWNERS = """
-local seen, owners = {}, {}
-for _, id in ipairs(redis.call('ZRANGE', zkey('leases'), 0, -1)) do
-  local owner = redis.call('HGET', jkey(id), 'owner')
-  if owner and not seen[owner] then
-    seen[owner] = true
-    owners[#owners + 1] = owner
-  end
-end
-return owners
-"""
-
-# ARGV: prefix, owner, ... (owners known to be dead)
-_EXPIRE_LEASES_OF = """
-local dead = {}
-for i = 2, #ARGV do dead[ARGV[i]] = true end
-local n = 0
-for _, id in ipairs(redis.call('ZRANGE', zkey('leases'), 0, -1)) do
-  local st = redis.call('HMGET', jkey(id), 'state', 'owner')
-  if st[1] == 'running' and st[2] and dead[st[2]] then
-    redis.call('HSET', jkey(id), 'lease_until', '0')
-    redis.call('ZADD', zkey('leases'), 0, id)
-    n = n + 1
-  end
-end
-return n
-"""
-
-# ARGV: prefix, max_attempts, abandoned error, died-in-phase error prefix, suffix
-_REQUEUE_EXPIRED = """
-local now, now_s = clock()
-local requeued, failed = 0, 0
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', zkey('leases'), '-inf', '(' .. now_s)) do
-  local phase = redis.call('HGET', jkey(id), 'phase')
-  if phase then
-    -- its process died while it was marked (set_phase): failed at once, not retried
-    redis.call('HSET', jkey(id), 'error', ARGV[4] .. phase .. ARGV[5])
-    terminate(id, 'running', 'failed', now_s)
-    failed = failed + 1
-  elseif tonumber(redis.call('HGET', jkey(id), 'attempts') or '0') >= tonumber(ARGV[2]) then
-    redis.call('HSET', jkey(id), 'error', ARGV[3])
-    terminate(id, 'running', 'failed', now_s)
-    failed = failed + 1
-  else
-    requeue(id)
-    requeued = requeued + 1
-  end
-end
-return {requeued, failed}
-"""
-
-# ARGV: prefix, id, owner, has_phase, phase
-_SET_PHASE = """
-local k = jkey(ARGV[2])
-local st = redis.call('HMGET', k, 'state', 'owner')
-if st[1] ~= 'running' or st[2] ~= ARGV[3] then return 0 end
-if ARGV[4] == '1' then redis.call('HSET', k, 'phase', ARGV[5]) else redis.call('HDEL', k, 'phase') end
-return 1
-"""
-
-# ARGV: prefix, owner, lease_s
-_CLAIM_WEBHOOK = """
-local now, now_s = clock()
-local due = redis.call('ZRANGE', zkey('webhooks:due'), 0, 0, 'WITHSCORES')
-local stale = redis.call('ZRANGEBYSCORE', zkey('webhooks:claimed'), '-inf', '(' .. now_s, 'LIMIT', 0, 1)[1]
-local id = due[1]
--- the oldest finished of the two candidates, as SQLite's ORDER BY finished_at
-if stale and (not id or tonumber(redis.call('HGET', jkey(stale), 'finished_at')) < tonumber(due[2])) then
-  id = stale
-end
-if not id then return false end
-local until_s = fmt(now + tonumber(ARGV[3]))
-redis.call('ZREM', zkey('webhooks:due'), id)
-redis.call('ZADD', zkey('webhooks:claimed'), until_s, id)
-redis.call('HSET', jkey(id), 'webhook_owner', ARGV[2], 'webhook_lease_until', until_s)
-return redis.call('HGETALL', jkey(id))
-"""
-
-# ARGV: prefix, id, owner, state, attempts, has_error, error
-_RECORD_WEBHOOK = """
-local id = ARGV[2]
-local k = jkey(id)
-local st = redis.call('HMGET', k, 'webhook_state', 'webhook_owner')
-if st[1] ~= 'pending' or st[2] ~= ARGV[3] then return 0 end
-local _, now_s = clock()
-redis.call('HSET', k, 'webhook_state', ARGV[4], 'webhook_attempts', ARGV[5], 'webhook_at', now_s)
-if ARGV[6] == '1' then redis.call('HSET', k, 'webhook_error', ARGV[7]) else redis.call('HDEL', k, 'webhook_error') end
-if ARGV[4] ~= 'pending' then
-  redis.call('HDEL', k, 'webhook_owner', 'webhook_lease_until')
-  redis.call('ZREM', zkey('webhooks:claimed'), id)
-end
-return 1
-"""
-
-# ARGV: prefix, index name, limit (> 0). One script, so no job is seen in a state it already left.
-_LIST = """
-local jobs = {}
-for _, id in ipairs(redis.call('ZREVRANGE', zkey(ARGV[2]), 0, tonumber(ARGV[3]) - 1)) do
-  jobs[#jobs + 1] = redis.call('HGETALL', jkey(id))
-end
-return jobs
-"""
-
-# ARGV: prefix, tenant, state ('' = any), limit (> 0). Walks the tenant's jobs newest first.
-_LIST_TENANT = """
-local jobs, start, step = {}, 0, 200
-local limit = tonumber(ARGV[4])
-while #jobs < limit do
-  local ids = redis.call('ZREVRANGE', zkey('tenant:' .. ARGV[2]), start, start + step - 1)
-  if #ids == 0 then break end
-  for _, id in ipairs(ids) do
-    if ARGV[3] == '' or redis.call('HGET', jkey(id), 'state') == ARGV[3] then
-      jobs[#jobs + 1] = redis.call('HGETALL', jkey(id))
-      if #jobs >= limit then break end
-    end
-  end
-  start = start + step
-end
-return jobs
-"""
-
-# ARGV: prefix, within_s, limit (> 0)
-_RECENT_COMPLETIONS = """
-local now = clock()
-return redis.call('ZREVRANGEBYSCORE', zkey('completions'), '+inf', fmt(now - tonumber(ARGV[2])),
-  'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
-"""
-
-# ARGV: prefix, older_than_s, batch size
-_PURGE_FINISHED = """
-local now = clock()
-local ids = redis.call('ZRANGEBYSCORE', zkey('finished'), '-inf', '(' .. fmt(now - tonumber(ARGV[2])),
-  'LIMIT', 0, tonumber(ARGV[3]))
-for _, id in ipairs(ids) do
-  local st = redis.call('HMGET', jkey(id), 'state', 'idem_key', 'tenant')
-  -- the key's record goes with its job, unless the key was re-pointed at a newer job since
-  if st[2] and redis.call('HGET', zkey('idem:' .. st[2]), 'job_id') == id then
-    redis.call('DEL', zkey('idem:' .. st[2]))
-  end
-  redis.call('DEL', jkey(id))
-  redis.call('ZREM', zkey('tenant:' .. (st[3] or 'anonymous')), id)
-  for _, z in ipairs({'jobs', 'queued', 'leases', 'finished', 'completions', 'webhooks:due', 'webhooks:claimed'}) do
-    redis.call('ZREM', zkey(z), id)
-  end
-  if st[1] then redis.call('ZREM', zkey('state:' .. st[1]), id) end
-end
-return #ids
-"""
-
-# ARGV: prefix, older_than_s, idempotency record key, ...
-_PURGE_IDEMPOTENCY = """
-local cutoff = clock() - tonumber(ARGV[2])
-local n = 0
-for i = 3, #ARGV do
-  local created = redis.call('HGET', ARGV[i], 'created_at')
-  if created and tonumber(created) < cutoff then
-    redis.call('DEL', ARGV[i])
-    n = n + 1
-  end
-end
-return n
-"""
-
-_SCRIPTS: dict[str, str] = {
-    "create": _CREATE,
-    "create_idempotent": _CREATE_IDEMPOTENT,
-    "claim": _CLAIM,
-    "release": _RELEASE,
-    "renew": _RENEW,
-    "finish": _FINISH,
-    "cancel": _CANCEL,
-    "requeue_owned": _REQUEUE_OWNED,
-    "running_owners": _RUNNING_OWNERS,
-    "expire_leases_of": _EXPIRE_LEASES_OF,
-    "requeue_expired": _REQUEUE_EXPIRED,
-    "set_phase": _SET_PHASE,
-    "claim_webhook": _CLAIM_WEBHOOK,
-    "record_webhook": _RECORD_WEBHOOK,
-    "list": _LIST,
-    "list_tenant": _LIST_TENANT,
-    "recent_completions": _RECENT_COMPLETIONS,
-    "purge_finished": _PURGE_FINISHED,
-    "purge_idempotency": _PURGE_IDEMPOTENCY,
-}
+# Lua scripts (``lua/*.lua`` beside this module). Every script gets the key prefix as ARGV[1] and starts
+# with ``lua/prelude.lua`` (key names, the server clock, the moves between states).
+_SCRIPTS: dict[str, str] = lua_scripts(
+    Path(__file__).parent / "lua",
+    (
+        "create",
+        "create_idempotent",
+        "claim",
+        "release",
+        "renew",
+        "finish",
+        "cancel",
+        "requeue_owned",
+        "running_owners",
+        "expire_leases_of",
+        "requeue_expired",
+        "set_phase",
+        "claim_webhook",
+        "record_webhook",
+        "list",
+        "list_tenant",
+        "recent_completions",
+        "purge_finished",
+        "purge_idempotency",
+    ),
+    prelude="prelude",
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,7 +193,7 @@ class RedisJobStore:
         self.allow_volatile = allow_volatile
         self._redis = redis_client(url)
         self._scripts: dict[str, AsyncScript] = {
-            name: self._redis.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()
+            name: self._redis.register_script(body) for name, body in _SCRIPTS.items()
         }
         self._opened = False
 

@@ -37,6 +37,7 @@ from textgen.jobs.store import (
     scoped_idempotency_key,
     validate_idempotency_key,
 )
+from textgen.storage.migrations import Migration, add_columns, migrate, new_columns, statements
 from textgen.storage.sqlite import SQLiteConnection, connect_sqlite, open_error, write_txn
 from textgen.storage.url import sqlite_path_from_url
 
@@ -52,7 +53,9 @@ _COLUMNS = (
     "lease_until, callback_url, webhook_state, webhook_attempts, webhook_error, webhook_at, tenant, reservation, phase"
 )
 
-_SCHEMA = (
+# The schema, as ordered migrations (``textgen.storage.migrations``): a new file runs them all, a file
+# made by an older release the ones it has not had. Never edit a released step: add the next one.
+_BASE_TABLES = statements(
     """
     CREATE TABLE IF NOT EXISTS jobs (
         id          TEXT PRIMARY KEY,
@@ -80,25 +83,40 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at)",
 )
 
-# Columns added after the first release: files made by an older version get them at open().
-_ADDED_COLUMNS = (
-    ("lease_until", "REAL"),
-    ("callback_url", "TEXT"),
-    ("webhook_state", "TEXT"),
-    ("webhook_attempts", "INTEGER NOT NULL DEFAULT 0"),
-    ("webhook_error", "TEXT"),
-    ("webhook_at", "REAL"),
-    ("webhook_owner", "TEXT"),
-    ("webhook_lease_until", "REAL"),
+
+def _leases_and_webhooks(conn: sqlite3.Connection) -> None:
+    add_columns(
+        conn,
+        "jobs",
+        (
+            ("lease_until", "REAL"),
+            ("callback_url", "TEXT"),
+            ("webhook_state", "TEXT"),
+            ("webhook_attempts", "INTEGER NOT NULL DEFAULT 0"),
+            ("webhook_error", "TEXT"),
+            ("webhook_at", "REAL"),
+            ("webhook_owner", "TEXT"),
+            ("webhook_lease_until", "REAL"),
+        ),
+    )
+    conn.execute("CREATE INDEX IF NOT EXISTS jobs_state_finished ON jobs (state, finished_at)")
+    conn.execute("CREATE INDEX IF NOT EXISTS jobs_webhook ON jobs (webhook_state, webhook_lease_until)")
+
+
+def _tenants(conn: sqlite3.Connection) -> None:
     # Jobs made before owners existed belong to the anonymous owner (as they would without keys).
-    ("tenant", f"TEXT NOT NULL DEFAULT '{ANONYMOUS_OWNER}'"),
-    ("reservation", "TEXT"),
-    ("phase", "TEXT"),
-)
-_LATE_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS jobs_state_finished ON jobs (state, finished_at)",
-    "CREATE INDEX IF NOT EXISTS jobs_webhook ON jobs (webhook_state, webhook_lease_until)",
-    "CREATE INDEX IF NOT EXISTS jobs_tenant_created ON jobs (tenant, created_at)",
+    if add_columns(conn, "jobs", (("tenant", f"TEXT NOT NULL DEFAULT '{ANONYMOUS_OWNER}'"),)):
+        # Idempotency keys became per-tenant along with the column: old ones are the anonymous owner's.
+        conn.execute("UPDATE idempotency_keys SET key = ? || key", (scoped_idempotency_key(ANONYMOUS_OWNER, ""),))
+    conn.execute("CREATE INDEX IF NOT EXISTS jobs_tenant_created ON jobs (tenant, created_at)")
+
+
+MIGRATIONS = (
+    Migration(1, "jobs and idempotency keys", _BASE_TABLES),
+    Migration(2, "leases and webhooks", _leases_and_webhooks),
+    Migration(3, "job owners (tenants)", _tenants),
+    Migration(4, "rate-limit reservations", new_columns("jobs", ("reservation", "TEXT"))),
+    Migration(5, "risky phases", new_columns("jobs", ("phase", "TEXT"))),
 )
 
 _IN_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's bound-parameter limit
@@ -151,28 +169,17 @@ def _probe_writable(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
-def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    """Migrate a file made by an older version, in one transaction (several processes may open it)."""
-    with write_txn(conn):
-        present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
-        for name, decl in _ADDED_COLUMNS:
-            if name not in present:
-                conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
-        if "tenant" not in present:
-            # Idempotency keys became per-tenant along with the column: old ones are the anonymous owner's.
-            conn.execute("UPDATE idempotency_keys SET key = ? || key", (scoped_idempotency_key(ANONYMOUS_OWNER, ""),))
-        for statement in _LATE_INDEXES:
-            conn.execute(statement)
-
-
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = connect_sqlite(path, _SCHEMA)
+    conn = connect_sqlite(path)
     try:
-        _add_missing_columns(conn)
+        migrate(conn, path, "jobs", MIGRATIONS)
         _probe_writable(conn)
     except sqlite3.Error as exc:
         conn.close()
         raise open_error(path, str(exc)) from exc
+    except BaseException:  # a file newer than this release (ConfigError), an interrupt
+        conn.close()
+        raise
     return conn
 
 

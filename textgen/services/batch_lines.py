@@ -1,7 +1,7 @@
 """How one line of a Batch API file is planned and answered: the job kinds the job runner runs besides
 plain ``/generate_background`` jobs, registered where the state is built (``textgen.state``).
 
-``batch_line_planner`` is what the coordinator (``textgen.batches.coordinator``) asks before it submits a
+``batch_line_planner`` is what the coordinator (``textgen.workers.coordinator``) asks before it submits a
 line, to charge the line to its owner's limits; ``batch_line_executor`` is what the runner calls for such
 a job: the same request checks and response building as ``/v1/completions`` and ``/v1/chat/completions``
 (``textgen.services.openai``), with the OpenAI batch line's ``{status_code, request_id, body}`` as the
@@ -16,11 +16,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from textgen.batches.coordinator import BATCH_LINE_KIND, LinePlan, LinePlanner
 from textgen.engine.types import GenerationResult, Handle, Priority
 from textgen.errors import GenerationCancelledError, NotReadyError, StoreUnavailableError, TextGenError
 from textgen.generation import GenerationService
-from textgen.jobs.runner import ExecutorFactory, JobExecutor, JobOutcome
 from textgen.jobs.store import Job, JobState
 from textgen.loader import LoadedModel
 from textgen.services.openai import (
@@ -36,6 +34,8 @@ from textgen.services.openai import (
     submit_completion,
 )
 from textgen.services.requests import ChatCompletionRequest, CompletionRequest
+from textgen.workers.coordinator import BATCH_LINE_KIND, LinePlan, LinePlanner
+from textgen.workers.runner import ExecutorFactory, JobExecutor, JobOutcome
 
 
 async def _results(handles: Sequence[Handle]) -> list[GenerationResult]:

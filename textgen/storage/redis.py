@@ -1,6 +1,6 @@
 """The one Redis client helper: building a client from the store URL, connecting with a fix hint,
 the outage guard (connection errors -> ``StoreUnavailableError``, a 503 with ``Retry-After``) and the
-durability check at start-up. The job store and the rate limiter both use it.
+durability check at start-up. The job store, the batch store and the rate limiter use it.
 """
 
 from __future__ import annotations

@@ -19,11 +19,10 @@
 ``cancelling`` / expiry: queued lines are cancelled at once, running ones finish, unsubmitted ones never
                  run; the files are written with what finished, then ``cancelled`` / ``expired``.
 
-Every process runs a coordinator; the store leases each batch to one of them per step, and every step
-starts from stored state, so a process killed mid-step costs only that step (its lease expires and
-another process repeats it). Memory stays flat: lines are streamed from disk in chunks, outcomes and
-outputs are paged from the stores.
-"""
+Every process runs a coordinator, a poll loop (``textgen.workers.loop.PollLoop``); the store leases each
+batch to one of them per step, and every step starts from stored state, so a process killed mid-step
+costs only that step (its lease expires and another process repeats it). Memory stays flat: lines are
+streamed from disk in chunks, outcomes and outputs are paged from the stores."""
 
 from __future__ import annotations
 
@@ -41,21 +40,20 @@ from pydantic import ValidationError
 
 from textgen.batches.files import FileStorage, OutputWriter, RawLine
 from textgen.batches.store import Batch, BatchStatus, BatchStore, Line, LineOutcome, StoredFile
-from textgen.batches.webhook import BatchWebhooks
 from textgen.config import Settings
 from textgen.engine.types import SamplingParams
 from textgen.errors import (
-    InsufficientStorageError,
     JobNotCancellableError,
     JobNotFoundError,
     RateLimitedError,
-    StoreUnavailableError,
 )
 from textgen.generation import GenerationService
 from textgen.jobs.store import Job, JobState, JobStore
 from textgen.json_limits import MAX_JSON_DEPTH, json_too_deep
 from textgen.ratelimit import Reservation, TokenBudgetTooLargeError
 from textgen.services.requests import ChatCompletionRequest, CompletionRequest
+from textgen.workers.loop import STORE_CONDITIONS, PollLoop
+from textgen.workers.webhooks import BatchWebhooks
 
 logger = logging.getLogger(__name__)
 
@@ -127,52 +125,37 @@ class BatchCoordinator:
         service: GenerationService | None = None,
         planner: LinePlanner | None = None,
     ) -> None:
-        self._service = service  # with ``planner``: lines are charged to their owner's limits
-        self._planner = planner
+        # The batches, their files, and the webhook sent when one ends.
         self._store = store
-        self._jobs = jobs
         self._files = files
         self._settings = settings
-        self._worker = worker
-        self._notify_runner = notify_runner
         self._webhooks = webhooks
         self._lease_s = max(settings.job_lease_s, 3 * STEP_BUDGET_S)  # a step never outlives its lease
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        # Lines run as jobs of this process's runner, charged (with ``planner``) to their owner's limits.
+        self._jobs = jobs
+        self._worker = worker
+        self._notify_runner = notify_runner
+        self._service = service
+        self._planner = planner
         self._last_sweep = -math.inf
+        self.loop = PollLoop("textgen-batches", self._poll, poll_interval_s=settings.batch_poll_interval_s)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="textgen-batches")
+        self.loop.start()
 
     async def stop(self) -> None:
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self.loop.stop()
         if self._webhooks is not None:
             await self._webhooks.close()
 
     def notify(self) -> None:
-        self._wakeup.set()
+        self.loop.notify()
 
-    async def _loop(self) -> None:
-        while not self._stopping:
-            more = False
-            try:
-                await self._sweep_if_due()
-                more = await self.tick()
-            except (StoreUnavailableError, InsufficientStorageError):
-                pass  # the store logged the condition once (textgen.storage.conditions); retry at the next poll
-            except Exception:
-                logger.exception("Batch coordinator iteration failed; retrying")
-            if more:  # a batch has more to do right away (lines left to submit): no pause
-                await asyncio.sleep(0)
-                continue
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self._settings.batch_poll_interval_s)
+    async def _poll(self) -> bool:
+        """Sweep expired files when due, then advance the batches that are due; True when a batch has
+        more to do right away (lines left to submit): the next poll follows without a pause."""
+        await self._sweep_if_due()
+        return await self.tick()
 
     async def _sweep_if_due(self) -> None:
         if time.monotonic() - self._last_sweep < self._settings.files_sweep_interval_s:
@@ -206,7 +189,7 @@ class BatchCoordinator:
             try:
                 done, again_at = await self._advance(batch)
                 next_at = again_at or next_at
-            except (StoreUnavailableError, InsufficientStorageError):
+            except STORE_CONDITIONS:
                 raise
             except LeaseLostError:
                 logger.warning("Batch %s was taken over by another process mid-step; leaving it to that one", batch.id)

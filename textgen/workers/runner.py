@@ -1,13 +1,14 @@
 """The job runner: claims queued jobs from the store and runs them on the engine at background priority.
 
-One runner per process (per replica). Jobs are claimed up to ``TEXTGEN_JOB_CONCURRENCY`` at a time,
-so background work never floods the engine's queue; interactive requests are admitted ahead of them
-by the engine. Each claimed job holds a lease (``TEXTGEN_JOB_LEASE_S``) that a separate task renews
-every third of the lease; a job this process no longer holds (cancelled, or reclaimed after a stall)
-is stopped here. Every poll, any runner puts jobs whose lease expired back in the queue, so the jobs
-of a process that died are run again by the survivors without waiting for it to restart; at start a
-dead process on this host is recognised at once. At shutdown this process hands its jobs back. A
-job's result is written only while this process still owns it, so a job is finished once.
+One runner per process (per replica). Jobs are claimed up to ``TEXTGEN_JOB_CONCURRENCY`` at a time, so
+background work never floods the engine's queue; interactive requests are admitted ahead of them by the
+engine. The runner is a leased poll loop (``textgen.workers.loop.PollLoop``): each claimed job holds a
+lease (``TEXTGEN_JOB_LEASE_S``) that the loop renews every third of the lease; a job this process no
+longer holds (cancelled, or reclaimed after a stall) is stopped here. Every poll, any runner puts jobs
+whose lease expired back in the queue, so the jobs of a process that died are run again by the survivors
+without waiting for it to restart; at start a dead process on this host is recognised at once. At
+shutdown this process hands its jobs back. A job's result is written only while this process still owns
+it, so a job is finished once.
 
 A job killed mid-generation (an operator's kill -9, a crash) is run again, up to
 ``TEXTGEN_JOB_MAX_ATTEMPTS`` times. Work that can itself kill the process (compiling a new
@@ -15,7 +16,8 @@ constraint) is different: the runner records that phase on the job for the durat
 (``JobStore.set_phase``, through ``generation.risky_phase``), and a job whose process died in it is
 failed at once with the reason instead of being retried into a crash loop.
 
-When a webhook sender is configured, the runner also claims and delivers pending webhooks.
+When webhooks are configured, the runner starts and stops their delivery (``textgen.workers.webhooks``)
+with its own loop and wakes it when a job ends.
 """
 
 from __future__ import annotations
@@ -28,28 +30,28 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
+from textgen.config import Settings
 from textgen.engine.types import Handle, Priority
 from textgen.errors import (
     GenerationCancelledError,
-    InsufficientStorageError,
     NotReadyError,
-    StoreUnavailableError,
     TextGenError,
 )
 from textgen.generation import GenerationService, RiskyPhase, risky_phase
-from textgen.jobs.store import Job, JobState, JobStore, WebhookState
+from textgen.jobs.store import Job, JobState, JobStore
 from textgen.services.native import text_request
 from textgen.services.requests import TextGenerationRequest
-from textgen.webhooks import WebhookSender
+from textgen.workers.loop import STORE_CONDITIONS, PollLoop, Wait, wait_event
+from textgen.workers.webhooks import JobWebhooks
 
 logger = logging.getLogger(__name__)
 
 PURGE_EVERY_S = 60.0
-MAX_DELIVERIES = 8  # webhook deliveries in flight per process
 
 JobOutcome = tuple[JobState, dict[str, Any]]
 # Runs a job whose request names a ``kind`` (e.g. a batch line); ``track`` hands the runner the engine
@@ -87,70 +89,85 @@ def owner_is_alive(owner: str, *, me: str) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class RunnerConfig:
+    """How the runner paces itself: ``TEXTGEN_JOB_CONCURRENCY``, ``_POLL_INTERVAL_S``, ``_TTL_S``,
+    ``TEXTGEN_IDEMPOTENCY_TTL_S``, ``TEXTGEN_JOB_LEASE_S`` and ``_MAX_ATTEMPTS``."""
+
+    concurrency: int
+    poll_interval_s: float
+    ttl_s: float
+    idempotency_ttl_s: float = 24 * 3600.0
+    lease_s: float = 30.0
+    max_attempts: int = 3
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RunnerConfig:
+        return cls(
+            concurrency=settings.job_concurrency,
+            poll_interval_s=settings.job_poll_interval_s,
+            ttl_s=settings.job_ttl_s,
+            idempotency_ttl_s=settings.idempotency_ttl_s,
+            lease_s=settings.job_lease_s,
+            max_attempts=settings.job_max_attempts,
+        )
+
+
 class JobRunner:
     def __init__(
         self,
         store: JobStore,
         service: GenerationService,
+        config: RunnerConfig,
         *,
-        concurrency: int,
-        poll_interval_s: float,
-        ttl_s: float,
-        idempotency_ttl_s: float = 24 * 3600.0,
-        lease_s: float = 30.0,
-        max_attempts: int = 3,
         owner: str | None = None,
-        webhooks: WebhookSender | None = None,
+        webhooks: JobWebhooks | None = None,
         executors: Mapping[str, JobExecutor] | None = None,
+        wait: Wait = wait_event,
     ) -> None:
         self.owner = owner or process_owner_id()
         self._executors = dict(executors or {})
-        self.polls = 0  # completed claim-loop iterations
-        self._lease_s = lease_s
-        self._max_attempts = max_attempts
+        self._config = config
         self._webhooks = webhooks
-        self._deliveries: set[asyncio.Task[None]] = set()
         self._store = store
         self._service = service
-        self._concurrency = concurrency
-        self._poll_interval_s = poll_interval_s
-        self._ttl_s = ttl_s
-        self._idempotency_ttl_s = idempotency_ttl_s
         self._active: dict[str, Handle | None] = {}
         self._handles: dict[str, list[Handle]] = {}  # every engine handle of a running job (refunds, cancel)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._wakeup = asyncio.Event()
         self._stopping = False
-        self._loop_task: asyncio.Task[None] | None = None
-        self._lease_task: asyncio.Task[None] | None = None
         self._last_purge = 0.0
+        self.loop = PollLoop(
+            "textgen-job-runner",
+            self._poll,
+            poll_interval_s=config.poll_interval_s,
+            renew=self._renew_leases,
+            lease_s=config.lease_s,
+            wait=wait,
+        )
         self._paused_until = 0.0
 
     async def start(self) -> None:
         # A dead process on this host is recognised now: its leases are expired at once.
         orphaned = await self._store.requeue_orphaned(lambda owner: owner_is_alive(owner, me=self.owner))
         await self._requeue_expired("left running by a process that died" if orphaned else None)
-        self._loop_task = asyncio.create_task(self._claim_loop(), name="textgen-job-runner")
-        self._lease_task = asyncio.create_task(self._lease_loop(), name="textgen-job-leases")
+        self.loop.start()
+        if self._webhooks is not None:
+            self._webhooks.start()
 
     async def stop(self) -> None:
         """Stop claiming, cancel running jobs and deliveries here and hand them back to the store."""
         self._stopping = True
-        for task in (self._loop_task, self._lease_task, *self._deliveries):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self.loop.stop()
+        if self._webhooks is not None:
+            await self._webhooks.stop()
         for handles in self._handles.values():
             for handle in handles:
                 handle.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks))
-        if self._webhooks is not None:
-            await self._webhooks.close()
         try:
             requeued = await self._store.requeue_owned(self.owner)
-        except (StoreUnavailableError, InsufficientStorageError) as error:
+        except STORE_CONDITIONS as error:
             # Shutdown must complete anyway; the leases bring these jobs back.
             logger.warning(
                 "Could not hand running jobs back at shutdown (%s); they are reclaimed when their leases expire "
@@ -163,7 +180,12 @@ class JobRunner:
 
     def notify(self) -> None:
         """A job was just submitted here: claim it now rather than at the next poll."""
-        self._wakeup.set()
+        self.loop.notify()
+
+    @property
+    def polls(self) -> int:
+        """Completed polls: a positive signal tests (and debugging) can wait for."""
+        return self.loop.polls
 
     def local_handle(self, job_id: str) -> Handle | None:
         """The engine handle of a job running in this process (for live streaming), if any."""
@@ -186,44 +208,26 @@ class JobRunner:
     def active_jobs(self) -> int:
         return len(self._active)
 
-    async def _claim_loop(self) -> None:
-        while not self._stopping:
-            try:
-                await self._requeue_expired()
-                await self._claim_available()
-                await self._cancel_jobs_cancelled_elsewhere()
-                await self._claim_webhooks()
-                await self._purge_if_due()
-            except (StoreUnavailableError, InsufficientStorageError):
-                pass  # the store logged the condition once (textgen.storage.conditions); retry at the next poll
-            except Exception:
-                logger.exception("Job runner iteration failed; retrying")
-            self.polls += 1  # a positive signal tests (and debugging) can wait for
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_interval_s)
+    async def _poll(self) -> bool:
+        await self._requeue_expired()
+        await self._claim_available()
+        await self._cancel_jobs_cancelled_elsewhere()
+        await self._purge_if_due()
+        return False
 
-    async def _lease_loop(self) -> None:
+    async def _renew_leases(self) -> None:
         """Renew the leases of the jobs running here; stop those this process no longer holds."""
-        while not self._stopping:
-            await asyncio.sleep(self._lease_s / 3)
-            running = list(self._active)
-            if not running:
-                continue
-            try:
-                held = await self._store.renew(self.owner, running, self._lease_s)
-            except (StoreUnavailableError, InsufficientStorageError):
-                continue  # logged once by the store; the leases are renewed at the next round or reclaimed
-            except Exception:
-                logger.exception("Renewing job leases failed; retrying (jobs are reclaimed if this persists)")
-                continue
-            for job_id in set(running) - held:
-                if job_id in self._active:
-                    logger.warning("Job %s is no longer held here (cancelled or reclaimed); stopping it", job_id)
-                    self.cancel_local(job_id)
+        running = list(self._active)
+        if not running:
+            return
+        held = await self._store.renew(self.owner, running, self._config.lease_s)
+        for job_id in set(running) - held:
+            if job_id in self._active:
+                logger.warning("Job %s is no longer held here (cancelled or reclaimed); stopping it", job_id)
+                self.cancel_local(job_id)
 
     async def _requeue_expired(self, why: str | None = None) -> None:
-        requeued, failed = await self._store.requeue_expired(self._max_attempts)
+        requeued, failed = await self._store.requeue_expired(self._config.max_attempts)
         self._service.metrics.observe_reclaimed(requeued, failed)
         if requeued:
             why = why or "whose lease expired (their process died or hung)"
@@ -232,14 +236,14 @@ class JobRunner:
             logger.error(
                 "Failed %d job(s) whose process died during a risky step or %d times (see each job's error)",
                 failed,
-                self._max_attempts,
+                self._config.max_attempts,
             )
 
     async def _claim_available(self) -> None:
         if time.monotonic() < self._paused_until or not self._service.engine.ready:
             return
-        while len(self._active) < self._concurrency and not self._stopping:
-            job = await self._store.claim_next(self.owner, self._lease_s)
+        while len(self._active) < self._config.concurrency and not self._stopping:
+            job = await self._store.claim_next(self.owner, self._config.lease_s)
             if job is None:
                 return
             self._active[job.id] = None
@@ -256,34 +260,12 @@ class JobRunner:
             if state is not JobState.RUNNING:
                 self.cancel_local(job_id)
 
-    async def _claim_webhooks(self) -> None:
-        if self._webhooks is None:
-            return
-        while len(self._deliveries) < MAX_DELIVERIES and not self._stopping:
-            job = await self._webhooks.claim()
-            if job is None:
-                return
-            task = asyncio.create_task(self._deliver(self._webhooks, job), name=f"webhook-{job.id}")
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
-
-    async def _deliver(self, sender: WebhookSender, job: Job) -> None:
-        try:
-            outcome = await sender.deliver(job)
-            if outcome is not WebhookState.PENDING:
-                self._service.metrics.observe_webhook(outcome.value)
-        except (StoreUnavailableError, InsufficientStorageError):
-            pass  # logged once by the store; the claim expires and the delivery is tried again
-        except Exception:
-            # The claim expires and another attempt follows; nothing is lost.
-            logger.exception("Webhook delivery for job %s crashed", job.id)
-
     async def _purge_if_due(self) -> None:
         if time.monotonic() - self._last_purge < PURGE_EVERY_S:
             return
         self._last_purge = time.monotonic()
-        purged = await self._store.purge_finished(self._ttl_s)
-        await self._store.purge_idempotency(self._idempotency_ttl_s)
+        purged = await self._store.purge_finished(self._config.ttl_s)
+        await self._store.purge_idempotency(self._config.idempotency_ttl_s)
         if purged:
             logger.info("Purged %d finished job(s) older than TEXTGEN_JOB_TTL_S", purged)
 
@@ -298,7 +280,7 @@ class JobRunner:
             finally:
                 try:
                     await self._store.set_phase(job.id, self.owner, None)
-                except (StoreUnavailableError, InsufficientStorageError):
+                except STORE_CONDITIONS:
                     # The job goes on; only if this process then dies is it failed instead of retried.
                     logger.warning("Job %s: could not clear its %r marker", job.id, phase)
 
@@ -316,14 +298,16 @@ class JobRunner:
                     await self._service.refund_unused(job.reservation, self._handles.get(job.id))
             elif not self._stopping and (await self._store.states([job.id])).get(job.id) is JobState.CANCELLED:
                 await self._service.refund_unused(job.reservation, self._handles.get(job.id))
-        except (StoreUnavailableError, InsufficientStorageError):
+        except STORE_CONDITIONS:
             # The outcome could not be recorded even after retrying: the lease runs out and the job runs
             # again (here or elsewhere) once the store takes writes again.
             logger.warning("Job %s: its result could not be stored; the job will run again", job.id)
         finally:
             self._active.pop(job.id, None)
             self._handles.pop(job.id, None)
-            self._wakeup.set()  # a slot is free, and a webhook may be due
+            self.loop.notify()  # a slot is free
+            if self._webhooks is not None:
+                self._webhooks.notify()  # and its webhook may be due
 
     async def _generate(self, job: Job, request_id: str) -> tuple[JobState, dict[str, Any]] | None:
         """Run the job on the engine: the state and fields to record, or None when there is nothing to
@@ -343,7 +327,7 @@ class JobRunner:
                 # The engine is not taking work (e.g. draining); the job must not sit in "running",
                 # and claiming again at once would only spin.
                 await self._store.release(job.id, self.owner)
-                self._paused_until = time.monotonic() + self._poll_interval_s
+                self._paused_until = time.monotonic() + self._config.poll_interval_s
             return None
         except GenerationCancelledError:
             if not self._stopping:
@@ -364,8 +348,8 @@ class JobRunner:
         while True:
             try:
                 return await self._finish(job, state, outcome)
-            except (StoreUnavailableError, InsufficientStorageError):
-                if self._stopping or waited_s >= self._lease_s:
+            except STORE_CONDITIONS:
+                if self._stopping or waited_s >= self._config.lease_s:
                     raise
             await asyncio.sleep(delay_s)
             waited_s += delay_s

@@ -1,0 +1,3 @@
+-- ARGV: prefix, id, field, value, ...
+insert(ARGV[2], 3)
+return 1
