@@ -12,7 +12,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.browser.conftest import PageWatch, open_page, small_model_server
-from tests.e2e.conftest import Server
+from tests.support.server import Server
 
 pytestmark = pytest.mark.browser
 

@@ -17,7 +17,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.browser.conftest import PHONE, PageWatch, open_page, screenshot, small_model_server
-from tests.e2e.conftest import Server
+from tests.support.server import Server
 
 pytestmark = pytest.mark.browser
 

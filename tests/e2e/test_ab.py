@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.e2e.conftest import REPO_ROOT, Server
+from tests.support.server import REPO_ROOT, Server
 
 pytestmark = pytest.mark.e2e
 

@@ -21,9 +21,9 @@ import redis
 from openai import OpenAI
 from openai.types import Batch
 
-from tests.e2e.conftest import Server
-from tests.integration.test_batches import completion_line, jsonl, parse_batch_output
-from tests.redis_server import RedisServer
+from tests.support.batch_files import completion_line, jsonl, parse_batch_output
+from tests.support.redis import RedisServer
+from tests.support.server import Server
 from textgen.backends import job_store_from_url
 from textgen.jobs.store import Job, JobState
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.conftest import Server, states_on_disk, submit_job, wait_until_terminal
+from tests.support.server import Server, states_on_disk, submit_job, wait_until_terminal
 
 pytestmark = pytest.mark.e2e
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import (
+from tests.support.server import (
     REPO_ROOT,
     Server,
     free_port,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL_NAME, Server
+from tests.support.server import MODEL_NAME, Server
 
 pytestmark = pytest.mark.e2e
 

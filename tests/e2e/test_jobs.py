@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL_NAME, get_job, submit_job, wait_until_terminal
+from tests.support.server import MODEL_NAME, get_job, submit_job, wait_until_terminal
 
 pytestmark = pytest.mark.e2e
 

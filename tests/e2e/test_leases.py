@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import Server, get_job, submit_job, wait_until_terminal
-from tests.redis_server import RedisServer
+from tests.support.redis import RedisServer
+from tests.support.server import Server, get_job, submit_job, wait_until_terminal
 from textgen.backends import job_store_from_url
 from textgen.jobs.store import Job
 

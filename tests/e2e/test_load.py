@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO_ROOT, Server
+from tests.support.server import REPO_ROOT, Server
 
 pytestmark = pytest.mark.e2e
 

@@ -16,7 +16,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import MODEL_NAME, Server, launch_server
+from tests.support.server import MODEL_NAME, Server, launch_server
 
 pytestmark = pytest.mark.e2e
 

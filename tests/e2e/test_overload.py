@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import Server
+from tests.support.server import Server
 
 pytestmark = pytest.mark.e2e
 

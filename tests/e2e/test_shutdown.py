@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import Server, submit_job, wait_until_terminal
+from tests.support.server import Server, submit_job, wait_until_terminal
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 MakeSettings = Callable[..., Any]
 AppClient = Callable[..., Any]

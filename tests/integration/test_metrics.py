@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 MakeSettings = Callable[..., Any]
 AppClient = Callable[..., Any]

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.net import free_port
+from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BODY = {"prompt": "The future of AI is", "max_new_tokens": 1}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Server, launch_server
+from tests.support.server import Server, launch_server
 
 SEED = "20261130"
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from tests.integration.test_store_outage import textgen_logs
-from tests.redis_server import start_redis
-from tests.waiting import wait_until
+from tests.support.redis import start_redis
+from tests.support.waiting import wait_until
 from textgen.errors import InsufficientStorageError
 from textgen.jobs.redis_store import RedisJobStore
 from textgen.jobs.sqlite_store import SQLiteJobStore

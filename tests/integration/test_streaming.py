@@ -27,7 +27,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 from textgen.api import jobs as jobs_api
 from textgen.content_filter import ContentFilter
 

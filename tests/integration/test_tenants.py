@@ -19,8 +19,8 @@ import pytest
 
 from tests.integration.test_jobs import TERMINAL, assert_error
 from tests.integration.test_streaming import sse_events, streaming_client
-from tests.redis_server import RedisServer
-from tests.tiny_model import build_tokenizer
+from tests.support.redis import RedisServer
+from tests.support.tiny_model import build_tokenizer
 
 MakeSettings = Callable[..., Any]
 AppClient = Callable[..., Any]

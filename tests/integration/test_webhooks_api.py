@@ -14,7 +14,7 @@ import pytest
 
 from models import TextGenerationRequest
 from tests.integration.test_jobs import LONG_JOB, PROMPT, assert_error, list_jobs, poll_job, submit
-from tests.webhook_receiver import WebhookReceiver
+from tests.support.webhooks import WebhookReceiver
 from textgen.webhooks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, verify
 
 MakeSettings = Callable[..., Any]

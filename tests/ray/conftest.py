@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.net import free_port
-from tests.redis_server import RedisServer
+from tests.support.net import free_port
+from tests.support.redis import RedisServer
 from textgen.backends import job_store_from_url
 from textgen.jobs.store import JobStore
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 from textgen.engine.batched import BatchedEngine
 from textgen.engine.types import EngineLimits, GenerationRequest, Handle, Priority, SamplingParams
 from textgen.errors import (

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine.types import (

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.redis_server import RedisServer, free_port
+from tests.support.net import free_port
+from tests.support.redis import RedisServer
 from tests.unit.conftest import SUBPROCESS_STORE, Backend, OpenStore, StoreClock
 from textgen.backends import job_store_from_url
 from textgen.errors import ConfigError, JobNotCancellableError, JobNotFoundError

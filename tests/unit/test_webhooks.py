@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.webhook_receiver import WebhookReceiver
+from tests.support.webhooks import WebhookReceiver
 from textgen.errors import InvalidRequestError
 from textgen.jobs.store import Job, JobState, JobStore, WebhookState
 from textgen.jobs.view import job_payload
