@@ -27,7 +27,7 @@ from tests.support.server import Server
 from textgen.backends import job_store_from_url
 from textgen.jobs.store import Job, JobState
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 LINES = 40
 BODY = {"max_tokens": 48, "ignore_eos": True}

@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.server import Server, states_on_disk, submit_job, wait_until_terminal
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 JOBS = 10
 TOKENS = 48

@@ -42,7 +42,7 @@ from tests.support.server import (
 )
 from textgen.jobs.sqlite_store import SQLiteJobStore
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 JOBS = 20
 TOKENS = 48

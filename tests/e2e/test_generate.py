@@ -7,7 +7,7 @@ import pytest
 
 from tests.support.server import MODEL_NAME, Server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 GREEDY = {"prompt": "The capital of France is", "max_new_tokens": 12, "temperature": 0}
 

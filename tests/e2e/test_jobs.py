@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.server import MODEL_NAME, get_job, submit_job, wait_until_terminal
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 ORDER = ["queued", "running", "succeeded"]
 

@@ -24,7 +24,7 @@ from tests.support.server import Server, get_job, submit_job, wait_until_termina
 from textgen.backends import job_store_from_url
 from textgen.jobs.store import Job
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 logger = logging.getLogger(__name__)
 
 LEASE_S = 3.0

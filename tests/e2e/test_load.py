@@ -23,7 +23,7 @@ import pytest
 
 from tests.support.server import REPO_ROOT, Server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 POST_DATA = REPO_ROOT / "post_data.json"
 LOCUSTFILE = REPO_ROOT / "bench" / "locustfile.py"

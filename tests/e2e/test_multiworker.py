@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.server import MODEL_NAME, Server, launch_server, submit_job, wait_until_terminal
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 WORKERS = 2
 READS_PER_JOB = 20

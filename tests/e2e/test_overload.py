@@ -24,7 +24,7 @@ import pytest
 
 from tests.support.server import Server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 MAX_RUNNING = 16
 MAX_WAITING = 64

@@ -37,7 +37,7 @@ import pytest
 
 from tests.support.server import Server, submit_job, wait_until_terminal
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 JOBS = 6
 JOB_TOKENS = 192  # long enough to still run after the interactive requests have drained

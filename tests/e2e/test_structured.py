@@ -17,7 +17,7 @@ from openai import OpenAI
 from tests.support.server import MODEL_NAME, Server
 from tests.support.structured import random_schemas
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 PROMPT = "Fill in this record as compact JSON.\nRecord:"
 

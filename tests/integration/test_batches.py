@@ -8,9 +8,7 @@ all-or-nothing validation, cancel, expiry, two tenants, file limits and the comp
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,6 +22,7 @@ from openai.types import Batch
 
 from main import create_app
 from tests.support.batch_files import chat_line, completion_line, jsonl, parse_batch_output
+from tests.support.waiting import wait_until
 from tests.support.webhooks import WebhookReceiver
 from textgen.batches import coordinator
 from textgen.config import Settings
@@ -55,14 +54,17 @@ def batch_settings(make_settings: MakeSettings, **overrides: Any) -> Settings:
 
 
 async def wait_for_batch(client: AsyncOpenAI, batch_id: str, done: Callable[[Batch], bool], timeout_s: float) -> Batch:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        batch = await client.batches.retrieve(batch_id)
-        if done(batch):
-            return batch
-        if time.monotonic() > deadline:
-            pytest.fail(f"batch did not get there within {timeout_s:.0f} s: {batch.status} {batch.request_counts}")
-        await asyncio.sleep(0.05)
+    last: list[Batch] = []
+
+    async def there() -> bool:
+        last[:] = [await client.batches.retrieve(batch_id)]
+        return done(last[0])
+
+    try:
+        await wait_until(there, timeout_s, "the batch", interval_s=0.05)
+    except AssertionError:
+        pytest.fail(f"batch did not get there within {timeout_s:.0f} s: {last[0].status} {last[0].request_counts}")
+    return last[0]
 
 
 async def ended(client: AsyncOpenAI, batch_id: str, timeout_s: float = 60) -> Batch:
@@ -208,10 +210,11 @@ async def test_cancel_stops_queued_lines_at_once_and_lets_running_ones_finish(ma
         batch = await run_batch(oai, [completion_line(c, **SLOW) for c in custom_ids], "/v1/completions")
         await wait_for_batch(oai, batch.id, lambda b: b.status == "in_progress", 30)
         store = app.state.textgen.store
-        deadline = time.monotonic() + 30
-        while await store.count(JobState.RUNNING) == 0:
-            assert time.monotonic() < deadline, "no line started"
-            await asyncio.sleep(0.02)
+
+        async def a_line_running() -> bool:
+            return await store.count(JobState.RUNNING) > 0
+
+        await wait_until(a_line_running, 30, "a line starting")
         cancelling = await oai.batches.cancel(batch.id)
         assert cancelling.status == "cancelling" and cancelling.cancelling_at is not None
         done = await ended(oai, batch.id)
@@ -329,12 +332,13 @@ async def test_a_finished_batch_is_posted_to_its_callback_url_signed(make_settin
                 oai, [completion_line("a"), completion_line("b")], "/v1/completions", metadata=metadata
             )
             await ended(oai, batch.id)
-            deadline = time.monotonic() + 20
-            while not receiver.posts():
-                assert time.monotonic() < deadline, "no webhook"
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)  # a second delivery would show up now
-        posts = receiver.posts()
+            await wait_until(lambda: bool(receiver.posts()), 20, "the batch's webhook")
+            # A later batch's webhook delivered: the coordinator has made passes since, and a second delivery
+            # of the first batch's would have been sent by then.
+            later = await run_batch(oai, [completion_line("c")], "/v1/completions", metadata=metadata)
+            await ended(oai, later.id)
+            await wait_until(lambda: len(receiver.posts()) >= 2, 20, "the later batch's webhook")
+        posts = [p for p in receiver.posts() if p.json()["batch"]["id"] == batch.id]
         assert len(posts) == 1
         assert verify(secret, posts[0].body, posts[0].headers[SIGNATURE_HEADER])
         body = posts[0].json()

@@ -172,6 +172,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         yield server
 
 
+@pytest.mark.server
 def test_schemathesis_all_checks_find_only_known_by_design_cases(server: Server, tmp_path: Path) -> None:
     junit = tmp_path / "junit.xml"
     command = [

@@ -28,7 +28,7 @@ import yaml
 from tests.ray.conftest import APP_NAME, SERVE_CONFIG, Deployer, TextGenOnRay, open_store
 from textgen.jobs.store import TERMINAL_STATES, Job, JobState, JobStore
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.server]
 
 logger = logging.getLogger(__name__)
 
