@@ -259,9 +259,10 @@ async def test_replica_stopped_by_ray_hands_its_jobs_back(deployer: Deployer) ->
     # With leases longer than the test waits, only the stopping replica's own hand-back (its lifespan
     # shutdown, run by Ray's graceful stop) can put its jobs back in the queue in time.
     lease_s = 60.0
-    # One sequence at a time per replica: each holds 16 claimed jobs that it works through one by one, so
-    # some are still running when Ray stops it, however fast the model core is.
-    settings = {"TEXTGEN_JOB_LEASE_S": str(lease_s), "TEXTGEN_JOB_CONCURRENCY": "16", "TEXTGEN_MAX_RUNNING": "1"}
+    # One sequence at a time per replica: each holds 8 claimed jobs of 1000 steps that it works through one by
+    # one, so some are still running when Ray stops it, however fast the model core is (and the survivor then
+    # runs at most 16 such jobs one by one: the bulk of this test's time, so no more of them than that).
+    settings = {"TEXTGEN_JOB_LEASE_S": str(lease_s), "TEXTGEN_JOB_CONCURRENCY": "8", "TEXTGEN_MAX_RUNNING": "1"}
     app = await asyncio.to_thread(deployer.deploy, **settings)
     async with client(app) as http, open_store(app.job_store) as store:
         job_ids = await submit_long_jobs(http, 2 * app.job_concurrency)
