@@ -24,6 +24,7 @@ from openai.types import Batch
 from tests.support.batch_files import completion_line, jsonl, parse_batch_output
 from tests.support.redis import RedisServer
 from tests.support.server import Server
+from tests.support.waiting import wait_until_sync
 from textgen.backends import job_store_from_url
 from textgen.jobs.store import Job, JobState
 
@@ -60,14 +61,17 @@ def create_batch(oai: OpenAI) -> tuple[Batch, list[str]]:
 
 
 def wait_for(oai: OpenAI, batch_id: str, done: Callable[[Batch], bool], timeout_s: float) -> Batch:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        batch = oai.batches.retrieve(batch_id)
-        if done(batch):
-            return batch
-        if time.monotonic() > deadline:
-            pytest.fail(f"batch not there within {timeout_s:.0f} s: {batch.status} {batch.request_counts}")
-        time.sleep(0.05)
+    last: list[Batch] = []
+
+    def there() -> bool:
+        last[:] = [oai.batches.retrieve(batch_id)]
+        return done(last[0])
+
+    try:
+        wait_until_sync(there, timeout_s, "the batch")
+    except AssertionError:
+        pytest.fail(f"batch not there within {timeout_s:.0f} s: {last[0].status} {last[0].request_counts}")
+    return last[0]
 
 
 def mid_batch(batch: Batch) -> bool:

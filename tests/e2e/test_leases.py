@@ -21,6 +21,7 @@ import pytest
 
 from tests.support.redis import RedisServer
 from tests.support.server import Server, get_job, submit_job, wait_until_terminal
+from tests.support.waiting import wait_until_sync
 from textgen.backends import job_store_from_url
 from textgen.jobs.store import Job
 
@@ -53,12 +54,10 @@ def owner_pid(job: Job) -> int | None:
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout_s:
-            pytest.fail(f"{what} did not happen within {timeout_s:.0f} s")
-        time.sleep(0.05)
-    return time.monotonic() - started
+    try:
+        return wait_until_sync(condition, timeout_s, what)
+    except AssertionError:
+        pytest.fail(f"{what} did not happen within {timeout_s:.0f} s")
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -93,7 +93,7 @@ async def burst(url: str) -> list[httpx.Response]:
             return await client.post("/generate", json={**body, "ignore_eos": True})
 
         tasks = [asyncio.create_task(one(i)) for i in range(BURST)]
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn, no time: every task reaches start.wait() before the burst is released
         start.set()
         return list(await asyncio.gather(*tasks))
 

@@ -57,6 +57,14 @@ class Server:
     def log_tail(self, chars: int = 6000) -> str:
         return self.log_text()[-chars:] if self.log_path.exists() else "<no log>"
 
+    def assert_alive(self) -> None:
+        """Fail at once (with the log's tail) if the server has exited: for ``wait_until_sync(still_ok=...)``."""
+        assert self.proc.poll() is None, f"the server exited with {self.proc.returncode}:\n{self.log_tail()}"
+
+    def stats(self) -> dict[str, Any]:
+        """GET /stats: the engine's batch and the job store's counts right now."""
+        return dict(httpx.get(f"{self.url}/stats", timeout=10.0).json())
+
     def client(self, timeout: float = 120.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
 
