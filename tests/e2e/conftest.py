@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -29,6 +30,36 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             return stack.enter_context(
                 launch_server(env, workers, workdir=tmp_path, job_store=job_store, name=f"server{next(counter)}")
             )
+
+        yield start
+
+
+@pytest.fixture
+def start_servers(tmp_path: Path) -> Iterator[Callable[..., list[Server]]]:
+    """``start_servers(env, count=2, job_store=None) -> [Server, ...]``: ``count`` servers on one job store
+    started at once, so their imports and model loads overlap (a test that needs several side by side waits
+    for one start, not ``count``); all are killed at teardown."""
+    with contextlib.ExitStack() as stack:
+        counter = iter(range(1_000))
+
+        def start(env: dict[str, str] | None = None, count: int = 2, *, job_store: Path | None = None) -> list[Server]:
+            launchers = [
+                launch_server(env, workdir=tmp_path, job_store=job_store, name=f"side{next(counter)}")
+                for _ in range(count)
+            ]
+            with ThreadPoolExecutor(max_workers=count, thread_name_prefix="server-start") as pool:
+                starting = [pool.submit(launcher.__enter__) for launcher in launchers]
+            servers: list[Server] = []
+            failures: list[BaseException] = []
+            for launcher, started in zip(launchers, starting, strict=True):
+                try:
+                    servers.append(started.result())
+                    stack.push(launcher.__exit__)
+                except BaseException as failure:
+                    failures.append(failure)
+            if failures:
+                raise failures[0]
+            return servers
 
         yield start
 

@@ -70,7 +70,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.mark.timeout(360)
 def test_a_killed_process_jobs_are_finished_by_the_survivor(
-    start_server: Callable[..., Server], store_url: str
+    start_servers: Callable[..., list[Server]], store_url: str
 ) -> None:
     env = {
         "TEXTGEN_JOB_STORE": store_url,
@@ -78,7 +78,7 @@ def test_a_killed_process_jobs_are_finished_by_the_survivor(
         "TEXTGEN_JOB_POLL_INTERVAL_S": str(POLL_S),
         "TEXTGEN_JOB_CONCURRENCY": "2",
     }
-    servers = [start_server(env), start_server(env)]
+    servers = start_servers(env, 2)
     by_pid = {server.pid: server for server in servers}
 
     with servers[0].client() as client:
