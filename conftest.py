@@ -6,17 +6,16 @@ import os
 
 # Tests never reach the hub, even by accident; huggingface_hub reads this once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from fastapi import FastAPI
 
-from main import create_app
-from tests.redis_server import RedisServer, start_redis
-from tests.tiny_model import save_tiny_gpt2
+from tests.support.app import open_app, tiny_settings
+from tests.support.redis import RedisServer, start_redis
+from tests.support.server import note_test
+from tests.support.tiny_model import save_tiny_gpt2
 from textgen.config import Settings, load_settings
 
 
@@ -30,16 +29,7 @@ def make_settings(tiny_model_dir: Path, tmp_path: Path) -> Callable[..., Setting
     """Settings on the tiny model, float32, with a fresh job store; keyword overrides win."""
 
     def build(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "model": str(tiny_model_dir),
-            "dtype": "float32",
-            "job_store": f"sqlite:///{tmp_path / 'jobs.db'}",
-            "cache_dir": tmp_path / "cache",
-            "job_poll_interval_s": 0.05,
-            "shutdown_grace_s": 2.0,
-        }
-        values.update(overrides)
-        return load_settings(**values)
+        return tiny_settings(tiny_model_dir, tmp_path, **overrides)
 
     return build
 
@@ -47,17 +37,13 @@ def make_settings(tiny_model_dir: Path, tmp_path: Path) -> Callable[..., Setting
 @pytest.fixture
 def app_client() -> Callable[..., Any]:
     """``async with app_client(settings) as (client, app):`` runs the lifespan around an httpx client."""
-    from contextlib import asynccontextmanager
+    return open_app
 
-    @asynccontextmanager
-    async def open_client(settings: Settings, **app_kwargs: Any) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
-        app = create_app(settings, **app_kwargs)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60) as client:
-                yield client, app
 
-    return open_client
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Before any fixture starts: a server launched for this test (even a session-wide one) checks its marker.
+    note_test(item.nodeid, item.get_closest_marker("server") is not None)
 
 
 @pytest.fixture(scope="session")

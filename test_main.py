@@ -2,7 +2,7 @@
 modern equivalents: the response's newer fields and the meaning of ``max_length``/``max_new_tokens``.
 
 Fixtures (``make_settings``, ``app_client``) live in the root ``conftest.py``; the model is the tiny
-random-weights GPT-2 from ``tests/tiny_model.py``, so text is gibberish but deterministic when seeded.
+random-weights GPT-2 from ``tests/support/tiny_model.py``, so text is gibberish but deterministic when seeded.
 """
 
 from __future__ import annotations

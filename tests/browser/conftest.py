@@ -18,8 +18,8 @@ import torch
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, Route, sync_playwright
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tests.e2e.conftest import REPO_ROOT, Server, launch_server
-from tests.tiny_model import EOS, build_tokenizer
+from tests.support.server import REPO_ROOT, Server, launch_server
+from tests.support.tiny_model import EOS, build_tokenizer
 
 SCREENSHOT_DIR = REPO_ROOT / "build" / "screenshots"
 DESKTOP = {"width": 1280, "height": 900}

@@ -13,9 +13,9 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.browser.conftest import PageWatch, open_page, small_model_server
-from tests.e2e.conftest import Server
+from tests.support.server import Server
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.server]
 
 KEY = "browser-test-key"
 LIMITED_KEY = "browser-limited-key"  # its own rate-limit budget, whatever order the tests run in

@@ -10,9 +10,9 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.browser.conftest import PageWatch, screenshot
-from tests.e2e.conftest import Server, launch_server
+from tests.support.server import Server, launch_server
 
-pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.server]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +16,10 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.browser.conftest import PHONE, PageWatch, open_page, screenshot, small_model_server
-from tests.e2e.conftest import Server
+from tests.support.server import Server
+from tests.support.waiting import wait_until_sync
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.server]
 
 LONG = 1000  # tokens: many seconds of work on the small model, so there is time to look and to stop it
 
@@ -47,13 +47,6 @@ def fill_generation(
     page.fill("#max_new_tokens", str(max_new_tokens))
     page.fill("#seed", "" if seed is None else str(seed))
     page.set_checked("#ignore_eos", ignore_eos)
-
-
-def wait_for(condition: object, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_generation_streams_into_the_page_and_reports_the_result(page: Page, server: Server) -> None:
@@ -91,11 +84,12 @@ def test_stop_cancels_the_generation_and_the_stats_panel_follows(page: Page, ser
     expect(page.locator("#output")).not_to_be_empty(timeout=15_000)
     page.click("#stop-button")
     expect(page.locator("#result-meta")).to_contain_text("stopped after")
-    # ...and the sequence leaves the batch at once, long before 1000 tokens could have been generated.
-    wait_for(lambda: httpx.get(f"{server.url}/stats").json()["running"] == 0, 5, "the batch to empty after Stop")
-    expect(page.locator("#stat-running")).to_have_text("0", timeout=5_000)
+    # The page's stream loop has ended (it wrote "stopped after"): what the output holds now is final.
     stopped_at = page.inner_text("#output")
-    time.sleep(0.5)
+    # ...and the sequence leaves the batch at once, long before 1000 tokens could have been generated.
+    wait_until_sync(lambda: httpx.get(f"{server.url}/stats").json()["running"] == 0, 5, "the batch to empty after Stop")
+    expect(page.locator("#stat-running")).to_have_text("0", timeout=5_000)
+    # Steps later (the server's batch empty, a /stats round trip rendered) the output has not grown.
     assert page.inner_text("#output") == stopped_at
     assert float(page.inner_text("#stat-tps")) > 0
     expect(page.locator("#generate")).to_be_enabled()
@@ -118,7 +112,8 @@ def test_background_job_is_followed_from_queued_to_succeeded(page: Page, server:
         f"{server.url}/generate_background",
         json={"prompt": "Hold the line", "max_new_tokens": LONG, "ignore_eos": True},
     ).json()["job_id"]
-    wait_for(lambda: httpx.get(f"{server.url}/jobs/{blocker}").json()["state"] == "running", 15, "the blocker to run")
+    blocker_url = f"{server.url}/jobs/{blocker}"
+    wait_until_sync(lambda: httpx.get(blocker_url).json()["state"] == "running", 15, "the blocker to run")
 
     fill_generation(page, "Continuous batching", 12)
     page.click("#background")

@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from tests.e2e.conftest import REPO_ROOT, Server
+from tests.support.server import REPO_ROOT, Server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 POST_DATA = REPO_ROOT / "post_data.json"
 POST_DATA_BODY = {"prompt": "The future of AI is", "max_length": 50}

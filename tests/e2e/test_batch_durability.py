@@ -11,7 +11,6 @@ each ``custom_id`` once in the output file (checked by the integration suite's r
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -21,13 +20,14 @@ import redis
 from openai import OpenAI
 from openai.types import Batch
 
-from tests.e2e.conftest import Server
-from tests.integration.test_batches import completion_line, jsonl, parse_batch_output
-from tests.redis_server import RedisServer
+from tests.support.batch_files import completion_line, jsonl, parse_batch_output
+from tests.support.redis import RedisServer
+from tests.support.server import Server
+from tests.support.waiting import wait_until_sync
 from textgen.backends import job_store_from_url
 from textgen.jobs.store import Job, JobState
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 LINES = 40
 BODY = {"max_tokens": 48, "ignore_eos": True}
@@ -60,14 +60,17 @@ def create_batch(oai: OpenAI) -> tuple[Batch, list[str]]:
 
 
 def wait_for(oai: OpenAI, batch_id: str, done: Callable[[Batch], bool], timeout_s: float) -> Batch:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        batch = oai.batches.retrieve(batch_id)
-        if done(batch):
-            return batch
-        if time.monotonic() > deadline:
-            pytest.fail(f"batch not there within {timeout_s:.0f} s: {batch.status} {batch.request_counts}")
-        time.sleep(0.05)
+    last: list[Batch] = []
+
+    def there() -> bool:
+        last[:] = [oai.batches.retrieve(batch_id)]
+        return done(last[0])
+
+    try:
+        wait_until_sync(there, timeout_s, "the batch")
+    except AssertionError:
+        pytest.fail(f"batch not there within {timeout_s:.0f} s: {last[0].status} {last[0].request_counts}")
+    return last[0]
 
 
 def mid_batch(batch: Batch) -> bool:
@@ -75,16 +78,25 @@ def mid_batch(batch: Batch) -> bool:
     return batch.request_counts is not None and batch.request_counts.completed >= 5
 
 
-def wait_until_a_line_runs(oai: OpenAI, store_url: str, batch_id: str) -> None:
-    """Mid-batch, and a line's job is running right now (as the store says): the kill must catch one in
-    flight, and a fast engine spends much of a batch between lines (the runner polls for work)."""
-    deadline = time.monotonic() + 120
-    while True:
+def wait_until_a_line_runs(oai: OpenAI, store_url: str, batch_id: str, pid: int) -> None:
+    """Mid-batch, and a line's job is running right now in process ``pid`` (as the store says): the kill must
+    catch one in flight there (with two processes on one store, a line running in the other proves nothing),
+    and a fast engine spends much of a batch between lines (the runner polls for work)."""
+
+    def running_here() -> bool:
         wait_for(oai, batch_id, mid_batch, 120)
-        if any(job.state is JobState.RUNNING for job in line_jobs(store_url, batch_id)):
-            return
-        if time.monotonic() > deadline:
-            pytest.fail("no line was seen running mid-batch")
+        jobs = line_jobs(store_url, batch_id)
+        return any(job.state is JobState.RUNNING and owner_pid(job) == pid for job in jobs)
+
+    try:
+        wait_until_sync(running_here, 120, "a line running mid-batch", interval_s=0.0)
+    except AssertionError:
+        pytest.fail(f"no line was seen running mid-batch in process {pid}")
+
+
+def owner_pid(job: Job) -> int | None:
+    """The pid in a running job's owner id (``host:pid:token``)."""
+    return int(job.owner.split(":")[1]) if job.owner else None
 
 
 def line_jobs(store_url: str, batch_id: str) -> list[Job]:
@@ -125,7 +137,7 @@ def test_a_batch_survives_kill_9_and_restart_on_sqlite(
     env = tiny_env(tiny_model_dir)
     first = start_server(env)
     batch, custom_ids = create_batch(client_of(first))
-    wait_until_a_line_runs(client_of(first), f"sqlite:///{first.job_store}", batch.id)
+    wait_until_a_line_runs(client_of(first), f"sqlite:///{first.job_store}", batch.id, first.pid)
     first.kill9()
     second = start_server(env)  # same job store file and files folder
     assert_answered_exactly_once(client_of(second), f"sqlite:///{first.job_store}", batch.id, custom_ids)
@@ -133,14 +145,14 @@ def test_a_batch_survives_kill_9_and_restart_on_sqlite(
 
 @pytest.mark.timeout(300)
 def test_a_batch_survives_kill_9_of_one_of_two_processes_on_redis(
-    start_server: Callable[..., Server], tiny_model_dir: Path, tmp_path: Path, redis_server: RedisServer
+    start_servers: Callable[..., list[Server]], tiny_model_dir: Path, tmp_path: Path, redis_server: RedisServer
 ) -> None:
     store_url = redis_server.url(db=6)
     with redis.Redis.from_url(store_url) as raw:
         raw.flushdb()
     env = tiny_env(tiny_model_dir, TEXTGEN_JOB_STORE=store_url, TEXTGEN_FILES_DIR=str(tmp_path / "shared-files"))
-    victim, survivor = start_server(env), start_server(env)
+    victim, survivor = start_servers(env, 2)
     batch, custom_ids = create_batch(client_of(victim))
-    wait_until_a_line_runs(client_of(victim), store_url, batch.id)
+    wait_until_a_line_runs(client_of(victim), store_url, batch.id, victim.pid)
     victim.kill9()
     assert_answered_exactly_once(client_of(survivor), store_url, batch.id, custom_ids)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import re
 import signal
-import time
 from collections import Counter
 from collections.abc import Callable
 
 import pytest
 
-from tests.e2e.conftest import Server, states_on_disk, submit_job, wait_until_terminal
+from tests.support.server import Server, states_on_disk, submit_job, wait_until_terminal
+from tests.support.waiting import wait_until_sync
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 JOBS = 10
 TOKENS = 48
@@ -31,14 +31,18 @@ def test_jobs_survive_kill_9_and_finish_exactly_once(start_server: Callable[...,
             for i in range(JOBS)
         ]
         # Kill while some jobs are done, some are half-way through and the rest still wait.
-        deadline = time.monotonic() + 120
-        while True:
+        counts: Counter[str] = Counter()
+
+        def one_done_one_running() -> bool:
             listed = client.get("/jobs", params={"limit": 100}).json()["jobs"]
-            counts = Counter(job["state"] for job in listed if job["job_id"] in job_ids)
-            if counts["running"] >= 1 and counts["succeeded"] >= 1:
-                break
-            assert time.monotonic() < deadline, f"no job running after a finished one within 120 s: {counts}"
-            time.sleep(0.05)
+            counts.clear()
+            counts.update(job["state"] for job in listed if job["job_id"] in job_ids)
+            return counts["running"] >= 1 and counts["succeeded"] >= 1
+
+        try:
+            wait_until_sync(one_done_one_running, 120, "a job running after a finished one")
+        except AssertionError:
+            pytest.fail(f"no job running after a finished one within 120 s: {counts}")
 
     assert first.kill9() == -signal.SIGKILL
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import (
+from tests.support.server import (
     REPO_ROOT,
     Server,
     free_port,
@@ -40,9 +40,10 @@ from tests.e2e.conftest import (
     submit_job,
     wait_until_terminal,
 )
+from tests.support.waiting import wait_until_sync
 from textgen.jobs.sqlite_store import SQLiteJobStore
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 JOBS = 20
 TOKENS = 48
@@ -53,14 +54,19 @@ FAIL_FAST_S = 90.0  # imports only: the store is opened before the model is load
 
 
 def wait_for_counts(client: httpx.Client, job_ids: list[str], ready: Callable[[Counter[str]], bool]) -> Counter[str]:
-    deadline = time.monotonic() + 120
-    while True:
+    counts: Counter[str] = Counter()
+
+    def mixed() -> bool:
         listed = client.get("/jobs", params={"limit": 1000}).json()["jobs"]
-        counts = Counter(job["state"] for job in listed if job["job_id"] in job_ids)
-        if ready(counts):
-            return counts
-        assert time.monotonic() < deadline, f"jobs never reached the wanted mix: {counts}"
-        time.sleep(0.05)
+        counts.clear()
+        counts.update(job["state"] for job in listed if job["job_id"] in job_ids)
+        return ready(counts)
+
+    try:
+        wait_until_sync(mixed, 120, "the wanted mix of job states")
+    except AssertionError:
+        pytest.fail(f"jobs never reached the wanted mix: {counts}")
+    return counts
 
 
 @pytest.mark.timeout(600)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL_NAME, Server
+from tests.support.server import MODEL_NAME, Server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 GREEDY = {"prompt": "The capital of France is", "max_new_tokens": 12, "temperature": 0}
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL_NAME, get_job, submit_job, wait_until_terminal
+from tests.support.server import MODEL_NAME, get_job, submit_job, wait_until_terminal
+from tests.support.waiting import wait_until_sync
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 ORDER = ["queued", "running", "succeeded"]
 
@@ -20,13 +19,17 @@ def is_ordered_subsequence(seen: list[str], order: list[str]) -> bool:
 
 
 def wait_for_state(client: httpx.Client, job_id: str, state: str, timeout_s: float) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = get_job(client, job_id)
-        if job["state"] == state:
-            return job
-        time.sleep(0.02)
-    pytest.fail(f"job {job_id} never reached {state!r}; last: {job}")
+    job: dict = {}
+
+    def reached() -> bool:
+        job.update(get_job(client, job_id))
+        return bool(job["state"] == state)
+
+    try:
+        wait_until_sync(reached, timeout_s, f"job {job_id} {state}", interval_s=0.02)
+    except AssertionError:
+        pytest.fail(f"job {job_id} never reached {state!r}; last: {job}")
+    return job
 
 
 def test_background_job_goes_queued_running_succeeded(client: httpx.Client) -> None:
@@ -47,15 +50,18 @@ def test_background_job_goes_queued_running_succeeded(client: httpx.Client) -> N
     assert accepted["status_url"] == f"/jobs/{job_id}" == response.headers["Location"]
 
     seen: list[str] = []
-    deadline = time.monotonic() + 120
-    while True:
-        job = get_job(client, job_id)
+    job: dict = {}
+
+    def ended() -> bool:
+        job.update(get_job(client, job_id))
         if not seen or seen[-1] != job["state"]:
             seen.append(job["state"])
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            break
-        assert time.monotonic() < deadline, f"job still {job['state']} after 120 s (seen {seen})"
-        time.sleep(0.02)
+        return job["state"] in ("succeeded", "failed", "cancelled")
+
+    try:
+        wait_until_sync(ended, 120, "the job ending", interval_s=0.02)
+    except AssertionError:
+        pytest.fail(f"job still {job['state']} after 120 s (seen {seen})")
 
     assert job["state"] == "succeeded", job
     assert is_ordered_subsequence(seen, ORDER), seen

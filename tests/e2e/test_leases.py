@@ -19,12 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import Server, get_job, submit_job, wait_until_terminal
-from tests.redis_server import RedisServer
+from tests.support.redis import RedisServer
+from tests.support.server import Server, get_job, submit_job, wait_until_terminal
+from tests.support.waiting import wait_until_sync
 from textgen.backends import job_store_from_url
 from textgen.jobs.store import Job
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 logger = logging.getLogger(__name__)
 
 LEASE_S = 3.0
@@ -53,12 +54,10 @@ def owner_pid(job: Job) -> int | None:
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout_s:
-            pytest.fail(f"{what} did not happen within {timeout_s:.0f} s")
-        time.sleep(0.05)
-    return time.monotonic() - started
+    try:
+        return wait_until_sync(condition, timeout_s, what)
+    except AssertionError:
+        pytest.fail(f"{what} did not happen within {timeout_s:.0f} s")
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -71,7 +70,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.mark.timeout(360)
 def test_a_killed_process_jobs_are_finished_by_the_survivor(
-    start_server: Callable[..., Server], store_url: str
+    start_servers: Callable[..., list[Server]], store_url: str
 ) -> None:
     env = {
         "TEXTGEN_JOB_STORE": store_url,
@@ -79,7 +78,7 @@ def test_a_killed_process_jobs_are_finished_by_the_survivor(
         "TEXTGEN_JOB_POLL_INTERVAL_S": str(POLL_S),
         "TEXTGEN_JOB_CONCURRENCY": "2",
     }
-    servers = [start_server(env), start_server(env)]
+    servers = start_servers(env, 2)
     by_pid = {server.pid: server for server in servers}
 
     with servers[0].client() as client:

@@ -4,9 +4,10 @@
   queue is large enough that nothing is refused: 200 complete requests, 0 failed, no non-2xx.
   (``-l``: generated texts differ in length, which ab would otherwise count as failures.)
   ``TEXTGEN_MAX_NEW_TOKENS_LIMIT=16`` caps what ``max_length: 50`` asks for, to bound the run.
-* ``locust`` runs ``bench/locustfile.py`` headless (20 users, 20 s) against a server with a deliberately
-  small capacity (4 running + 4 waiting), so part of the load is shed: 503/429 with Retry-After are
-  intended and counted as successes under their own name; the run must have no failures at all.
+* ``locust`` runs ``bench/locustfile.py`` headless (20 users spawned at 10 a second, 10 s in all) against a
+  server with a deliberately small capacity (4 running + 4 waiting), so part of the load is shed: 503/429
+  with Retry-After are intended and counted as successes under their own name; the run must have no
+  failures at all.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO_ROOT, Server
+from tests.support.server import REPO_ROOT, Server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 POST_DATA = REPO_ROOT / "post_data.json"
 LOCUSTFILE = REPO_ROOT / "bench" / "locustfile.py"
@@ -31,7 +32,7 @@ ONE_THREAD = {"TEXTGEN_TORCH_THREADS": "1"}  # see test_overload.py
 AB_REQUESTS, AB_CONCURRENCY = 200, 50
 AB_ENV = {**ONE_THREAD, "TEXTGEN_MAX_WAITING": "1024", "TEXTGEN_MAX_NEW_TOKENS_LIMIT": "16"}
 LOCUST_ENV = {**ONE_THREAD, "TEXTGEN_MAX_RUNNING": "4", "TEXTGEN_MAX_WAITING": "4"}
-LOCUST_USERS, LOCUST_SECONDS = 20, 20
+LOCUST_USERS, LOCUST_SECONDS = 20, 10
 
 
 def ab_field(output: str, name: str) -> str:

@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL_NAME, Server, launch_server, submit_job, wait_until_terminal
+from tests.support.server import MODEL_NAME, Server, launch_server, submit_job, wait_until_terminal
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 WORKERS = 2
 READS_PER_JOB = 20

@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import Server
+from tests.support.server import Server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 MAX_RUNNING = 16
 MAX_WAITING = 64
@@ -93,7 +93,7 @@ async def burst(url: str) -> list[httpx.Response]:
             return await client.post("/generate", json={**body, "ignore_eos": True})
 
         tasks = [asyncio.create_task(one(i)) for i in range(BURST)]
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn, no time: every task reaches start.wait() before the burst is released
         start.set()
         return list(await asyncio.gather(*tasks))
 

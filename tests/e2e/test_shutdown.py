@@ -35,9 +35,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import Server, submit_job, wait_until_terminal
+from tests.support.server import Server, submit_job, wait_until_terminal
+from tests.support.waiting import wait_until_sync
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 JOBS = 6
 JOB_TOKENS = 192  # long enough to still run after the interactive requests have drained
@@ -61,11 +62,19 @@ def rows_on_disk(job_store: Path) -> dict[str, dict[str, Any]]:
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, server: Server) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert server.proc.poll() is None, f"the server died while waiting for {what}:\n{server.log_tail()}"
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s:.0f} s:\n{server.log_tail()}"
-        time.sleep(0.05)
+    try:
+        wait_until_sync(condition, timeout_s, what, still_ok=server.assert_alive)
+    except AssertionError as error:
+        raise AssertionError(f"{error}:\n{server.log_tail()}") from None
+
+
+def interactive_in_batch(server: Server) -> int:
+    """Interactive sequences in the engine's batch now (none waiting for a slot): what the engine holds beyond
+    the running jobs' sequences. A job that ends between the two reads can only make this smaller."""
+    stats = server.stats()
+    if stats["waiting_interactive"]:
+        return 0
+    return int(stats["running"] + stats["waiting_background"] - stats["jobs_running"])
 
 
 def refused_during_drain(url: str) -> bool:
@@ -125,7 +134,7 @@ def test_sigterm_drains_requests_and_hands_jobs_back(start_server: Callable[...,
         "the interactive requests reaching the server",
         first,
     )
-    time.sleep(0.1)  # into the batch
+    wait_for(lambda: interactive_in_batch(first) >= INTERACTIVE, 60, "the interactive requests in the batch", first)
     in_flight_at_sigterm = sum(thread.is_alive() for thread in threads)
     sigterm_at = time.monotonic()
     os.kill(first.pid, signal.SIGTERM)
@@ -224,7 +233,7 @@ def test_sigterm_grace_period_bounds_a_long_request(start_server: Callable[..., 
     thread = threading.Thread(target=long_request, name="long-request", daemon=True)
     thread.start()
     wait_for(lambda: "[long-one] Prompt received" in server.log_text(), 60, "the long request arriving", server)
-    time.sleep(0.5)
+    wait_for(lambda: interactive_in_batch(server) >= 1, 60, "the long request in the batch", server)
     os.kill(server.pid, signal.SIGTERM)
     sigterm_at = time.monotonic()
     try:

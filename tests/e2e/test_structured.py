@@ -14,10 +14,10 @@ import jsonschema
 import pytest
 from openai import OpenAI
 
-from tests.e2e.conftest import MODEL_NAME, Server
-from tests.structured import random_schemas
+from tests.support.server import MODEL_NAME, Server
+from tests.support.structured import random_schemas
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
 PROMPT = "Fill in this record as compact JSON.\nRecord:"
 

@@ -8,9 +8,7 @@ all-or-nothing validation, cancel, expiry, two tenants, file limits and the comp
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,11 +18,12 @@ import openai
 import pytest
 from fastapi import FastAPI
 from openai import AsyncOpenAI
-from openai.types import Batch, Completion
-from openai.types.chat import ChatCompletion
+from openai.types import Batch
 
 from main import create_app
-from tests.webhook_receiver import WebhookReceiver
+from tests.support.batch_files import chat_line, completion_line, jsonl, parse_batch_output
+from tests.support.waiting import wait_until
+from tests.support.webhooks import WebhookReceiver
 from textgen.config import Settings
 from textgen.jobs.store import JobState
 from textgen.webhooks import SIGNATURE_HEADER, verify
@@ -54,60 +53,18 @@ def batch_settings(make_settings: MakeSettings, **overrides: Any) -> Settings:
     return make_settings(**{**values, **overrides})
 
 
-def jsonl(items: list[dict[str, Any]]) -> bytes:
-    return b"".join(json.dumps(item).encode() + b"\n" for item in items)
-
-
-def completion_line(custom_id: str, prompt: str = "The future of AI is", **body: Any) -> dict[str, Any]:
-    return {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": "/v1/completions",
-        "body": {"model": "tiny", "prompt": prompt, "max_tokens": 8, **body},
-    }
-
-
-def chat_line(custom_id: str) -> dict[str, Any]:
-    messages = [{"role": "user", "content": f"Say something about {custom_id}."}]
-    body = {"model": "tiny", "messages": messages, "max_tokens": 8}
-    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
-
-
-def parse_batch_output(content: bytes, endpoint: str) -> dict[str, dict[str, Any]]:
-    """Reference parser of OpenAI's batch output/error file: one JSON object per line with ``id``,
-    ``custom_id``, ``response`` (``status_code``, ``request_id``, ``body``) or null, and ``error`` (null or
-    ``code`` + ``message``); a 200 body must parse as the endpoint's OpenAI response type. Returns the
-    records by custom_id and fails on a custom_id seen twice."""
-    records: dict[str, dict[str, Any]] = {}
-    for raw in content.decode().splitlines():
-        record = json.loads(raw)
-        assert set(record) == {"id", "custom_id", "response", "error"}, record
-        assert isinstance(record["id"], str) and record["id"].startswith("batch_req_")
-        assert record["custom_id"] not in records, f"custom_id {record['custom_id']} answered twice"
-        response, error = record["response"], record["error"]
-        if response is None:
-            assert set(error) >= {"code", "message"}, record
-        else:
-            assert error is None
-            assert isinstance(response["status_code"], int) and isinstance(response["request_id"], str)
-            if response["status_code"] == 200:
-                model = ChatCompletion if endpoint == "/v1/chat/completions" else Completion
-                model.model_validate(response["body"])
-            else:
-                assert isinstance(response["body"]["error"]["message"], str)
-        records[record["custom_id"]] = record
-    return records
-
-
 async def wait_for_batch(client: AsyncOpenAI, batch_id: str, done: Callable[[Batch], bool], timeout_s: float) -> Batch:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        batch = await client.batches.retrieve(batch_id)
-        if done(batch):
-            return batch
-        if time.monotonic() > deadline:
-            pytest.fail(f"batch did not get there within {timeout_s:.0f} s: {batch.status} {batch.request_counts}")
-        await asyncio.sleep(0.05)
+    last: list[Batch] = []
+
+    async def there() -> bool:
+        last[:] = [await client.batches.retrieve(batch_id)]
+        return done(last[0])
+
+    try:
+        await wait_until(there, timeout_s, "the batch", interval_s=0.05)
+    except AssertionError:
+        pytest.fail(f"batch did not get there within {timeout_s:.0f} s: {last[0].status} {last[0].request_counts}")
+    return last[0]
 
 
 async def ended(client: AsyncOpenAI, batch_id: str, timeout_s: float = 60) -> Batch:
@@ -253,10 +210,11 @@ async def test_cancel_stops_queued_lines_at_once_and_lets_running_ones_finish(ma
         batch = await run_batch(oai, [completion_line(c, **SLOW) for c in custom_ids], "/v1/completions")
         await wait_for_batch(oai, batch.id, lambda b: b.status == "in_progress", 30)
         store = app.state.textgen.store
-        deadline = time.monotonic() + 30
-        while await store.count(JobState.RUNNING) == 0:
-            assert time.monotonic() < deadline, "no line started"
-            await asyncio.sleep(0.02)
+
+        async def a_line_running() -> bool:
+            return await store.count(JobState.RUNNING) > 0
+
+        await wait_until(a_line_running, 30, "a line starting")
         cancelling = await oai.batches.cancel(batch.id)
         assert cancelling.status == "cancelling" and cancelling.cancelling_at is not None
         done = await ended(oai, batch.id)
@@ -374,12 +332,13 @@ async def test_a_finished_batch_is_posted_to_its_callback_url_signed(make_settin
                 oai, [completion_line("a"), completion_line("b")], "/v1/completions", metadata=metadata
             )
             await ended(oai, batch.id)
-            deadline = time.monotonic() + 20
-            while not receiver.posts():
-                assert time.monotonic() < deadline, "no webhook"
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)  # a second delivery would show up now
-        posts = receiver.posts()
+            await wait_until(lambda: bool(receiver.posts()), 20, "the batch's webhook")
+            # A later batch's webhook delivered: the coordinator has made passes since, and a second delivery
+            # of the first batch's would have been sent by then.
+            later = await run_batch(oai, [completion_line("c")], "/v1/completions", metadata=metadata)
+            await ended(oai, later.id)
+            await wait_until(lambda: len(receiver.posts()) >= 2, 20, "the later batch's webhook")
+        posts = [p for p in receiver.posts() if p.json()["batch"]["id"] == batch.id]
         assert len(posts) == 1
         assert verify(secret, posts[0].body, posts[0].headers[SIGNATURE_HEADER])
         body = posts[0].json()

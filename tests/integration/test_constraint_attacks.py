@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.constraint_attacks import chained_lark_grammar, deep_ref_schema
 from tests.integration.test_batches import (
     ALICE,
     batch_settings,
@@ -27,6 +26,7 @@ from tests.integration.test_batches import (
     run_batch,
     serve,
 )
+from tests.support.constraint_attacks import chained_lark_grammar, deep_ref_schema
 from textgen.config import Settings
 from textgen.engine import constraint_limits
 from textgen.engine.constraints import GrammarCompiler

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 TIMEOUT_S = 0.5
 ON_TIME_S = 0.25  # answered within this after the deadline (the event loop's timer, plus the HTTP round trip)

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from tests.integration.test_batches import ALICE, BOB, batch_settings, completion_line, ended, jsonl, serve
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 from textgen.batches.store import FileNotFoundInStoreError
 from textgen.config import Settings
 

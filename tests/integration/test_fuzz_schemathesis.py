@@ -52,6 +52,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from main import create_app
+from tests.support.waiting import wait_until_sync
 from textgen.config import load_settings
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -302,10 +303,7 @@ def _seed_jobs(app: Any) -> list[str]:
     with schemathesis_asgi.get_client(app) as client:
         body = {"prompt": "The future of AI is", "max_new_tokens": 2, "ignore_eos": True}
         done = client.post("/generate_background", json=body).json()["job_id"]
-        deadline = time.monotonic() + 30
-        while client.get(f"/jobs/{done}").json()["state"] != "succeeded":
-            assert time.monotonic() < deadline, "the seed job did not finish"
-            time.sleep(0.05)
+        wait_until_sync(lambda: client.get(f"/jobs/{done}").json()["state"] == "succeeded", 30, "the seed job")
         cancelled = client.post("/generate_background", json=body).json()["job_id"]
         assert client.delete(f"/jobs/{cancelled}").status_code in (200, 409)
     return [done, cancelled]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 MakeSettings = Callable[..., Any]
 AppClient = Callable[..., Any]
@@ -54,17 +53,22 @@ async def poll_job(
 ) -> tuple[dict[str, Any], list[str]]:
     """GET the job until ``until(view)``; returns the last view and the distinct states seen, in order."""
     seen: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    while True:
+    view: dict[str, Any] = {}
+
+    async def there() -> bool:
         response = await client.get(f"/jobs/{job_id}")
         assert response.status_code == 200, response.text
-        view = response.json()
+        view.clear()
+        view.update(response.json())
         if not seen or seen[-1] != view["state"]:
             seen.append(view["state"])
-        if until(view):
-            return view, seen
-        assert time.monotonic() < deadline, f"job {job_id} did not get there in {timeout_s}s: states {seen}"
-        await asyncio.sleep(0.02)
+        return until(view)
+
+    try:
+        await wait_until(there, timeout_s, f"job {job_id}", interval_s=0.02)
+    except AssertionError:
+        raise AssertionError(f"job {job_id} did not get there in {timeout_s}s: states {seen}") from None
+    return view, seen
 
 
 def at(view: dict[str, Any], field: str) -> datetime:
@@ -228,6 +232,28 @@ async def test_running_job_goes_back_to_the_queue_at_shutdown(
         assert (await client.delete(accepted["status_url"])).json()["state"] == "cancelled"
 
 
+class CountedLock:
+    """A store's lock that counts the callers that started waiting for it (``with lock:``)."""
+
+    def __init__(self, lock: Any) -> None:
+        self._lock = lock
+        self.entries = 0
+
+    def acquire(self) -> bool:
+        return bool(self._lock.acquire())
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> CountedLock:
+        self.entries += 1
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
 async def test_job_never_starts_before_it_was_created(make_settings: MakeSettings, app_client: AppClient) -> None:
     """The interleaving seen in the wild, made deterministic: a claim (the runner's poll) starts, the store
     is busy with a POST /generate_background inserting its job, then the claim runs and takes that job."""
@@ -236,10 +262,12 @@ async def test_job_never_starts_before_it_was_created(make_settings: MakeSetting
 
     async with app_client(make_settings(job_poll_interval_s=60)) as (client, app):  # the runner stays idle
         store = app.state.textgen.store
-        store._db._lock.acquire()  # the store is busy (as while another call inserts)
+        lock = store._db._lock = CountedLock(store._db._lock)
+        lock.acquire()  # the store is busy (as while another call inserts)
         try:
+            entered = lock.entries
             claim = asyncio.ensure_future(store.claim_next("tester:0:claim", 30.0))
-            await asyncio.sleep(0.1)  # the claim now waits for the store
+            await wait_until(lambda: lock.entries > entered, 10, "the claim waiting for the store")
             job = new_job({"prompt": "Hi"}, "racing-create")  # what create() does...
             sqlite_store._insert(store._db._conn, job)  # ...while it holds the store
         finally:

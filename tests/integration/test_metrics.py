@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import re
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 MakeSettings = Callable[..., Any]
 AppClient = Callable[..., Any]
@@ -289,10 +288,13 @@ async def test_jobs_gauge_reflects_a_finished_job(make_settings: MakeSettings, a
         accepted = await client.post("/generate_background", json={"prompt": PROMPT, "max_new_tokens": 4})
         assert accepted.status_code == 202, accepted.text
         job_id = accepted.json()["job_id"]
-        deadline = time.monotonic() + 30
-        while (view := (await client.get(f"/jobs/{job_id}")).json())["state"] not in {"succeeded", "failed"}:
-            assert time.monotonic() < deadline, view
-            await asyncio.sleep(0.05)
+        view: dict[str, Any] = {}
+
+        async def job_ended() -> bool:
+            view.update((await client.get(f"/jobs/{job_id}")).json())
+            return view["state"] in {"succeeded", "failed"}
+
+        await wait_until(job_ended, 30, f"job {job_id} ending")
         assert view["state"] == "succeeded", view
         after = await scrape(client)
 

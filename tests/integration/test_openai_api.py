@@ -20,10 +20,9 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 
-from main import create_app
 from models import ChatMessage
 from tests.integration.test_streaming import streaming_client, wait_until
-from textgen.config import load_settings
+from tests.support.app import open_app, tiny_settings
 from textgen.services.openai import render_chat_prompt
 
 MakeSettings = Callable[..., Any]
@@ -45,19 +44,8 @@ _EOL = re.compile(r"\r\n|\r|\n")
 async def api(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
     """One app (default settings) for the tests that need nothing special; they run one at a time."""
     folder = tmp_path_factory.mktemp("openai-api")
-    settings = load_settings(
-        model=str(tiny_model_dir),
-        dtype="float32",
-        job_store=f"sqlite:///{folder / 'jobs.db'}",
-        cache_dir=folder / "cache",
-        job_poll_interval_s=0.05,
-        shutdown_grace_s=2.0,
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60) as client:
-            yield client, app
+    async with open_app(tiny_settings(tiny_model_dir, folder)) as (client, app):
+        yield client, app
 
 
 async def data_lines(response: httpx.Response) -> AsyncIterator[str]:

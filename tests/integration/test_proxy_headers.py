@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.net import free_port
+from tests.support.net import free_port
+from tests.support.server import require_server_marker
+from tests.support.waiting import wait_until_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 BODY = {"prompt": "The future of AI is", "max_new_tokens": 1}
@@ -66,6 +67,7 @@ def uvicorn_server(
 ) -> Iterator[Served]:
     """``command`` (a shell line that reads $PORT) from the repo root, with no FORWARDED_ALLOW_IPS and no
     TEXTGEN_ settings but ``settings``; waits until every worker is ready, kills the group afterwards."""
+    require_server_marker()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_") and k != "FORWARDED_ALLOW_IPS"}
     env.update(
@@ -86,17 +88,17 @@ def uvicorn_server(
         start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while True:
+        def alive() -> None:
             assert proc.poll() is None, served.log()
+
+        def ready() -> bool:
             try:
-                ready = httpx.get(f"{served.url}/ready", timeout=2).status_code == 200
+                up = httpx.get(f"{served.url}/ready", timeout=2).status_code == 200
             except httpx.HTTPError:
-                ready = False
-            if ready and served.log().count("Application startup complete.") >= workers:
-                break
-            assert time.monotonic() < deadline, served.log()
-            time.sleep(0.2)
+                return False
+            return up and served.log().count("Application startup complete.") >= workers
+
+        wait_until_sync(ready, 120, f"{command} ready", interval_s=0.2, still_ok=alive)
         yield served
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

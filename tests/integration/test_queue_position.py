@@ -10,7 +10,6 @@ claimed and finished in the store under a made-up owner.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -18,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from tests.support.waiting import wait_until
 from textgen.config import Settings
 from textgen.jobs.sqlite_store import SQLiteJobStore, sqlite_path_from_url
 from textgen.jobs.store import JobState, JobStore
@@ -44,24 +44,37 @@ async def run_elsewhere(store: JobStore, expected_id: str) -> float:
     return finished_at
 
 
+class SteppingClock:
+    """Wall-clock seconds that start ``behind_s`` in the past and advance ``step_s`` at every read: jobs
+    that ended long enough ago, or a little apart, without waiting for time to pass."""
+
+    def __init__(self, behind_s: float, step_s: float = 0.0) -> None:
+        self._now = time.time() - behind_s
+        self._step_s = step_s
+
+    def __call__(self) -> float:
+        self._now += self._step_s
+        return self._now
+
+
 async def sentinel_finished_before_start(settings: Settings) -> str:
-    """A job that ended before the app starts, for the runner's first pass to purge."""
-    store = SQLiteJobStore(sqlite_path_from_url(settings.job_store))
+    """A job that ended (on its store's clock) a hundred TTLs before the app starts, for the runner's first
+    pass to purge."""
+    store = SQLiteJobStore(sqlite_path_from_url(settings.job_store), clock=SteppingClock(100 * settings.job_ttl_s))
     await store.open()
     try:
         job = await store.create(REQUEST, request_id="sentinel")
         await run_elsewhere(store, job.id)
     finally:
         await store.close()
-    await asyncio.sleep(2 * settings.job_ttl_s)
     return job.id
 
 
 async def wait_for_first_runner_pass(client: httpx.AsyncClient, sentinel_id: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (await client.get(f"/jobs/{sentinel_id}")).status_code != 404:
-        assert time.monotonic() < deadline, "the runner's first pass did not happen"
-        await asyncio.sleep(0.02)
+    async def purged() -> bool:
+        return (await client.get(f"/jobs/{sentinel_id}")).status_code == 404
+
+    await wait_until(purged, timeout_s, "the runner's first pass")
 
 
 async def get_view(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
@@ -99,11 +112,14 @@ async def test_queued_jobs_show_position_then_a_start_estimate(
             queue, _, _ = await queue_of(client, job.id)
             assert queue == {"position": position, "jobs_per_second": None, "estimated_start_at": None}
 
-        # Those three run elsewhere, a little apart: three completions measured.
-        finished_at = []
-        for job in first:
-            await asyncio.sleep(0.05)
-            finished_at.append(await run_elsewhere(store, job.id))
+        # Those three run elsewhere, a little apart (on that replica's clock, which reads 50 ms later at every
+        # look from a second ago): three completions measured.
+        elsewhere = SQLiteJobStore(sqlite_path_from_url(settings.job_store), clock=SteppingClock(1.0, 0.05))
+        await elsewhere.open()
+        try:
+            finished_at = [await run_elsewhere(elsewhere, job.id) for job in first]
+        finally:
+            await elsewhere.close()
         rate = (len(finished_at) - 1) / (max(finished_at) - min(finished_at))
 
         second = [await store.create(REQUEST, request_id=f"second-{i}") for i in range(3)]

@@ -21,8 +21,8 @@ import redis
 from fastapi import FastAPI
 
 from tests.integration.test_tenants import prompt_tokens
-from tests.redis_server import RedisServer
-from tests.waiting import wait_until
+from tests.support.redis import RedisServer
+from tests.support.waiting import wait_until
 from textgen.access import owner_id_for_key
 from textgen.batches.store import Batch, BatchStatus
 from textgen.ratelimit import (

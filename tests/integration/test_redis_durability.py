@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.redis_server import start_redis
+from tests.support.redis import start_redis
 from textgen.errors import ConfigError
 from textgen.jobs.redis_store import RedisJobStore
 from textgen.jobs.store import JobState

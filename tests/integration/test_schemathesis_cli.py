@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Server, launch_server
+from tests.support.server import Server, launch_server
 
 SEED = "20261130"
 
@@ -179,6 +179,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         yield server
 
 
+@pytest.mark.server
 def test_schemathesis_all_checks_find_only_known_by_design_cases(server: Server, tmp_path: Path) -> None:
     junit = tmp_path / "junit.xml"
     command = [

@@ -4,7 +4,6 @@ condition rather than as a traceback per request; service resumes by itself once
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
@@ -16,8 +15,8 @@ from typing import Any
 import pytest
 
 from tests.integration.test_store_outage import textgen_logs
-from tests.redis_server import start_redis
-from tests.waiting import wait_until
+from tests.support.redis import start_redis
+from tests.support.waiting import wait_until
 from textgen.batches.redis_store import RedisBatchStore
 from textgen.batches.store import Batch
 from textgen.errors import InsufficientStorageError
@@ -190,11 +189,13 @@ async def test_a_result_that_could_not_be_written_is_retried_by_its_holder(
         store.finish = full_twice
         accepted = await client.post("/generate_background", json={"prompt": "Hello", "max_new_tokens": 2})
         job_id = accepted.json()["job_id"]
-        for _ in range(400):
-            view = (await client.get(f"/jobs/{job_id}")).json()
-            if view["state"] in ("succeeded", "failed", "cancelled"):
-                break
-            await asyncio.sleep(0.025)
+        view: dict[str, Any] = {}
+
+        async def job_ended() -> bool:
+            view.update((await client.get(f"/jobs/{job_id}")).json())
+            return view["state"] in ("succeeded", "failed", "cancelled")
+
+        await wait_until(job_ended, 10, f"job {job_id} ending", interval_s=0.025)
         assert view["state"] == "succeeded", view
         assert view["attempts"] == 1  # written by its holder, not reclaimed after the 60 s lease
         assert calls == ["finish"] * 3

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from tests.integration.test_jobs import assert_error
-from tests.redis_server import start_redis
-from tests.waiting import wait_until
+from tests.support.redis import start_redis
+from tests.support.waiting import wait_until
 from textgen.errors import StoreUnavailableError
 from textgen.jobs.redis_store import RedisJobStore
 from textgen.storage.conditions import CONDITIONS, SETTLE_S

@@ -27,7 +27,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 from textgen.api import jobs as jobs_api
 from textgen.content_filter import ContentFilter
 
@@ -226,15 +226,17 @@ async def submit_job(client: httpx.AsyncClient, body: dict[str, Any]) -> str:
 async def poll_job(
     client: httpx.AsyncClient, job_id: str, until: Callable[[dict[str, Any]], bool], timeout_s: float = 60.0
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    view: dict[str, Any] = {}
+
+    async def there() -> bool:
         response = await client.get(f"/jobs/{job_id}")
         assert response.status_code == 200, response.text
-        view: dict[str, Any] = response.json()
-        if until(view):
-            return view
-        assert time.monotonic() < deadline, f"job {job_id} stuck in {view['state']}"
-        await asyncio.sleep(0.05)
+        view.clear()
+        view.update(response.json())
+        return until(view)
+
+    await wait_until(there, timeout_s, f"job {job_id} getting there (last: {view.get('state')})", interval_s=0.05)
+    return view
 
 
 def assert_json_error(response: httpx.Response, status: int) -> Any:

@@ -18,10 +18,9 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 
-from main import create_app
 from tests.integration.test_openai_api import assert_openai_error, stream_chunks
 from tests.integration.test_streaming import assert_json_error, collect_stream, names, poll_job, submit_job, token_text
-from textgen.config import load_settings
+from tests.support.app import open_app, tiny_settings
 
 Api = tuple[httpx.AsyncClient, FastAPI]
 PROMPT = "The future of AI is"
@@ -40,20 +39,8 @@ SCHEMA: dict[str, Any] = {
 @pytest_asyncio.fixture(scope="module")
 async def api(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
     folder = tmp_path_factory.mktemp("structured-api")
-    settings = load_settings(
-        model=str(tiny_model_dir),
-        dtype="float32",
-        job_store=f"sqlite:///{folder / 'jobs.db'}",
-        cache_dir=folder / "cache",
-        job_poll_interval_s=0.05,
-        shutdown_grace_s=2.0,
-        blocked_words=["hate"],
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60) as client:
-            yield client, app
+    async with open_app(tiny_settings(tiny_model_dir, folder, blocked_words=["hate"])) as (client, app):
+        yield client, app
 
 
 @pytest.fixture

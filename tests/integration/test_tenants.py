@@ -9,6 +9,7 @@ address behind X-Forwarded-For is believed only from a trusted proxy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +20,9 @@ import pytest
 
 from tests.integration.test_jobs import TERMINAL, assert_error
 from tests.integration.test_streaming import sse_events, streaming_client
-from tests.redis_server import RedisServer
-from tests.tiny_model import build_tokenizer
+from tests.support.redis import RedisServer
+from tests.support.tiny_model import build_tokenizer
+from tests.support.waiting import wait_until
 
 MakeSettings = Callable[..., Any]
 AppClient = Callable[..., Any]
@@ -79,13 +81,14 @@ def service_logs() -> Iterator[Callable[[], list[str]]]:
 
 
 async def wait_for_end(client: httpx.AsyncClient, job_id: str, headers: dict[str, str]) -> dict[str, Any]:
-    deadline = time.monotonic() + 30
-    while True:
-        view = (await client.get(f"/jobs/{job_id}", headers=headers)).json()
-        if view["state"] in TERMINAL:
-            return dict(view)
-        assert time.monotonic() < deadline, f"job {job_id} still {view['state']}"
-        await asyncio.sleep(0.02)
+    view: dict[str, Any] = {}
+
+    async def ended() -> bool:
+        view.update((await client.get(f"/jobs/{job_id}", headers=headers)).json())
+        return view["state"] in TERMINAL
+
+    await wait_until(ended, 30, f"job {job_id} ending")
+    return view
 
 
 def tenant_settings(make_settings: MakeSettings, job_store: str | None, **overrides: Any) -> Any:
@@ -189,12 +192,15 @@ async def test_unused_budget_is_refunded(make_settings: MakeSettings, app_client
         assert first.status_code == 200, first.text
         used = first.json()["prompt_tokens"] + first.json()["completion_tokens"]
         assert first.json()["prompt_tokens"] == FUTURE and used < FUTURE + 10
-        deadline = time.monotonic() + 10
-        while True:  # the refund lands once the request's handle is done; poll for it (429s do no work)
-            second = await client.post("/generate", json={"prompt": "Hi", "max_new_tokens": tpm - used - HI})
-            if second.status_code == 200 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
+        answers: list[httpx.Response] = []
+
+        async def refunded() -> bool:  # the refund lands once the request's handle is done (429s do no work)
+            answers.append(await client.post("/generate", json={"prompt": "Hi", "max_new_tokens": tpm - used - HI}))
+            return answers[-1].status_code == 200
+
+        with contextlib.suppress(AssertionError):
+            await wait_until(refunded, 10, "the refund", interval_s=0.05)
+        second = answers[-1]
         assert second.status_code == 200, second.text
 
 
@@ -271,10 +277,8 @@ async def test_open_streams_per_caller_are_capped(make_settings: MakeSettings, a
             async with client.stream("POST", "/generate", json=body, headers=BOB) as other:
                 assert other.status_code == 200  # another caller's cap is its own
         # The first stream ended (the client hung up): its slot is free again.
-        deadline = time.monotonic() + 5
-        while app.state.textgen.streams.open_count(app.state.textgen.access.principal_for("Bearer alice-key")):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        alice = app.state.textgen.access.principal_for("Bearer alice-key")
+        await wait_until(lambda: not app.state.textgen.streams.open_count(alice), 5, "alice's stream slot freed")
         async with client.stream("POST", "/generate", json=body, headers=ALICE) as again:
             assert again.status_code == 200
 

@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.waiting import wait_until
+
 MakeSettings = Callable[..., Any]
 AppClient = Callable[..., Any]
 URL = re.compile(r"https?://")
@@ -84,13 +86,14 @@ async def test_stats_reports_the_engine_and_the_job_queue(make_settings: MakeSet
         generation = asyncio.ensure_future(client.post("/generate", json=body))
         jobs = [(await client.post("/generate_background", json=body)).json()["job_id"] for _ in range(3)]
         seen: dict[str, int] = {}
-        for _ in range(200):
+
+        async def busy_seen() -> bool:
             stats = (await client.get("/stats")).json()
             for key in ("running", "jobs_running", "jobs_queued"):
                 seen[key] = max(seen.get(key, 0), stats[key])
-            if seen["running"] >= 1 and seen["jobs_queued"] >= 1:
-                break
-            await asyncio.sleep(0.02)
+            return seen["running"] >= 1 and seen["jobs_queued"] >= 1
+
+        await wait_until(busy_seen, 30, f"a running sequence and a queued job in /stats ({seen})")
         assert seen["running"] >= 1 and seen["jobs_queued"] >= 1, seen
         for job_id in jobs:
             await client.post(f"/jobs/{job_id}/cancel")

@@ -34,8 +34,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.net import free_port
-from tests.redis_server import RedisServer
+from tests.support.net import free_port
+from tests.support.redis import RedisServer
+from tests.support.server import require_server_marker
+from tests.support.waiting import wait_until_sync
 from textgen.backends import job_store_from_url
 from textgen.jobs.store import JobStore
 
@@ -105,10 +107,9 @@ def processes_mentioning(text: str) -> dict[int, str]:
 
 def wait_until_gone(text: str, timeout_s: float) -> dict[int, str]:
     """Processes still mentioning ``text`` after ``timeout_s`` (empty once all have exited)."""
-    deadline = time.monotonic() + timeout_s
-    while (left := processes_mentioning(text)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
+    with contextlib.suppress(AssertionError):
+        wait_until_sync(lambda: not processes_mentioning(text), timeout_s, "Ray's processes exiting", interval_s=0.2)
+    return processes_mentioning(text)
 
 
 def stop_ray(temp_dir: Path) -> None:
@@ -133,6 +134,8 @@ def stop_ray(temp_dir: Path) -> None:
 def ray_cluster() -> Iterator[RayCluster]:
     import ray
     from ray import serve
+
+    require_server_marker()  # Serve's HTTP proxy is a real server process
 
     # Short and ours: socket paths must fit in 108 bytes, and leftovers are found by this path.
     temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
@@ -221,6 +224,8 @@ class Deployer:
         """Deploy unless this exact config is already applied, then wait until ``replicas`` run."""
         import ray
 
+        require_server_marker()
+
         full_env = {**self.base_env, **env}
         config = serve_config(full_env, replicas)
         started = time.monotonic()
@@ -247,10 +252,12 @@ def wait_for_replicas(replicas: int, timeout_s: float = DEPLOY_TIMEOUT_S) -> Non
     Serve marks the app DEPLOYING before ``serve run`` returns, so an old set of replicas is never
     mistaken for the new one."""
     wanted = ("RUNNING", replicas, replicas)
-    deadline = time.monotonic() + timeout_s
-    while (state := deployment_state()) != wanted:
-        assert time.monotonic() < deadline, f"(status, running, all replicas) {state}, not {wanted} in {timeout_s} s"
-        time.sleep(0.2)
+    try:
+        wait_until_sync(lambda: deployment_state() == wanted, timeout_s, "the replicas", interval_s=0.2)
+    except AssertionError:
+        raise AssertionError(
+            f"(status, running, all replicas) {deployment_state()}, not {wanted} in {timeout_s} s"
+        ) from None
 
 
 @pytest.fixture(scope="module")

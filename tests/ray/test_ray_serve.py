@@ -11,6 +11,7 @@ The store is read directly for what the API does not show (owners, attempts).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -26,9 +27,10 @@ import pytest
 import yaml
 
 from tests.ray.conftest import APP_NAME, SERVE_CONFIG, Deployer, TextGenOnRay, open_store
+from tests.support.waiting import wait_until
 from textgen.jobs.store import TERMINAL_STATES, Job, JobState, JobStore
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.server]
 
 logger = logging.getLogger(__name__)
 
@@ -138,14 +140,21 @@ async def test_job_submitted_through_one_replica_is_read_through_the_other(textg
         assert submitted.status_code == 202, submitted.text
         job_id, accepted_by = submitted.json()["job_id"], submitted.headers[REPLICA_HEADER]
         readers: Counter[str] = Counter()
-        for _ in range(MAX_READS):
+        reads: list[httpx.Response] = []
+
+        async def read_elsewhere_and_done() -> bool:
             read = await http.get(f"/jobs/{job_id}")
+            reads.append(read)
+            if read.status_code != 200:
+                return True  # stop: the asserts below report it
+            readers[read.headers[REPLICA_HEADER]] += 1
+            return bool(readers.keys() - {accepted_by}) and read.json()["state"] == "succeeded"
+
+        with contextlib.suppress(AssertionError):  # a timeout: the asserts below say what was missing
+            await wait_until(read_elsewhere_and_done, MAX_READS * POLL_S * 4, "a read through the other replica")
+        for read in reads:
             assert read.status_code == 200, read.text
             assert read.json()["job_id"] == job_id
-            readers[read.headers[REPLICA_HEADER]] += 1
-            if len(readers.keys() - {accepted_by}) and read.json()["state"] == "succeeded":
-                break
-            await asyncio.sleep(POLL_S)
     logger.info("job %s accepted by %s, read by %s", job_id, accepted_by, dict(readers))
     assert readers.keys() - {accepted_by}, f"every read went to the replica that accepted the job: {readers}"
     assert read.json()["state"] == "succeeded", read.text
@@ -172,14 +181,19 @@ async def wait_running(
     store: JobStore, job_ids: list[str], owners: int, timeout_s: float = 30.0
 ) -> dict[str, set[str]]:
     """Owner -> running job ids, once ``owners`` replicas each run at least two of the jobs."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    busy: dict[str, set[str]] = {}
+
+    async def enough_busy() -> bool:
         running = running_by_owner(await job_of(store, job_ids))
-        busy = {owner: ids for owner, ids in running.items() if len(ids) >= 2}
-        if len(busy) >= owners:
-            return busy
-        await asyncio.sleep(POLL_S)
-    pytest.fail(f"not {owners} replica(s) running two of the jobs within {timeout_s:.0f} s")
+        busy.clear()
+        busy.update({owner: ids for owner, ids in running.items() if len(ids) >= 2})
+        return len(busy) >= owners
+
+    try:
+        await wait_until(enough_busy, timeout_s, "replicas running two jobs each", interval_s=POLL_S)
+    except AssertionError:
+        pytest.fail(f"not {owners} replica(s) running two of the jobs within {timeout_s:.0f} s")
+    return busy
 
 
 def running_on(jobs: dict[str, Job], owner: str) -> set[str]:
@@ -188,21 +202,26 @@ def running_on(jobs: dict[str, Job], owner: str) -> set[str]:
 
 async def wait_reclaimed(store: JobStore, job_ids: set[str], owner: str, timeout_s: float) -> None:
     """Until none of ``job_ids`` is running under ``owner`` any more (requeued, or taken by another)."""
-    deadline = time.monotonic() + timeout_s
-    while running_on(await job_of(store, job_ids), owner):
-        assert time.monotonic() < deadline, f"jobs still running under {owner} after {timeout_s:.0f} s"
-        await asyncio.sleep(POLL_S)
+
+    async def none_left() -> bool:
+        return not running_on(await job_of(store, job_ids), owner)
+
+    await wait_until(none_left, timeout_s, f"the jobs running under {owner} leaving it", interval_s=POLL_S)
 
 
 async def wait_terminal(store: JobStore, job_ids: list[str], timeout_s: float) -> dict[str, Job]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        jobs = await job_of(store, job_ids)
-        if all(job.state in TERMINAL_STATES for job in jobs.values()):
-            return jobs
+    jobs: dict[str, Job] = {}
+
+    async def all_ended() -> bool:
+        jobs.update(await job_of(store, job_ids))
+        return all(job.state in TERMINAL_STATES for job in jobs.values())
+
+    try:
+        await wait_until(all_ended, timeout_s, "every job ending", interval_s=POLL_S * 4)
+    except AssertionError:
         states = Counter(job.state.value for job in jobs.values())
-        assert time.monotonic() < deadline, f"jobs not finished within {timeout_s:.0f} s: {states}"
-        await asyncio.sleep(POLL_S * 4)
+        raise AssertionError(f"jobs not finished within {timeout_s:.0f} s: {states}") from None
+    return jobs
 
 
 def kill_replica(owner: str) -> float:
@@ -220,8 +239,8 @@ async def test_killed_replica_loses_no_job(textgen: TextGenOnRay, record_propert
         job_ids = await submit_long_jobs(http, 2 * textgen.job_concurrency)
         victim = next(iter(await wait_running(store, job_ids, owners=1)))
         killed_at = kill_replica(victim)
-        # A dead process writes nothing more: what still runs under its id now is what it lost.
-        await asyncio.sleep(POLL_S)
+        # A dead process writes nothing more: once it is gone, what still runs under its id is what it lost.
+        await wait_until(lambda: not is_serve_replica(owner_pid(victim)), 10, "the killed replica gone")
         lost = running_on(await job_of(store, job_ids), victim)
         assert lost, "the victim finished its jobs before it was killed; make the jobs longer"
         await wait_reclaimed(store, lost, victim, timeout_s=textgen.lease_s * 10)
@@ -245,13 +264,17 @@ async def test_killed_replica_loses_no_job(textgen: TextGenOnRay, record_propert
 
 async def wait_one_gone(owners: Iterable[str], timeout_s: float = 30.0) -> str:
     """The first of ``owners`` whose replica process has exited."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        gone = [owner for owner in owners if not is_serve_replica(owner_pid(owner))]
-        if gone:
-            return gone[0]
-        await asyncio.sleep(POLL_S)
-    pytest.fail(f"no replica stopped within {timeout_s:.0f} s of scaling down")
+    gone: list[str] = []
+
+    def one_gone() -> bool:
+        gone[:] = [owner for owner in owners if not is_serve_replica(owner_pid(owner))]
+        return bool(gone)
+
+    try:
+        await wait_until(one_gone, timeout_s, "a replica stopping", interval_s=POLL_S)
+    except AssertionError:
+        pytest.fail(f"no replica stopped within {timeout_s:.0f} s of scaling down")
+    return gone[0]
 
 
 @pytest.mark.timeout(120)
@@ -259,9 +282,10 @@ async def test_replica_stopped_by_ray_hands_its_jobs_back(deployer: Deployer) ->
     # With leases longer than the test waits, only the stopping replica's own hand-back (its lifespan
     # shutdown, run by Ray's graceful stop) can put its jobs back in the queue in time.
     lease_s = 60.0
-    # One sequence at a time per replica: each holds 16 claimed jobs that it works through one by one, so
-    # some are still running when Ray stops it, however fast the model core is.
-    settings = {"TEXTGEN_JOB_LEASE_S": str(lease_s), "TEXTGEN_JOB_CONCURRENCY": "16", "TEXTGEN_MAX_RUNNING": "1"}
+    # One sequence at a time per replica: each holds 8 claimed jobs of 1000 steps that it works through one by
+    # one, so some are still running when Ray stops it, however fast the model core is (and the survivor then
+    # runs at most 16 such jobs one by one: the bulk of this test's time, so no more of them than that).
+    settings = {"TEXTGEN_JOB_LEASE_S": str(lease_s), "TEXTGEN_JOB_CONCURRENCY": "8", "TEXTGEN_MAX_RUNNING": "1"}
     app = await asyncio.to_thread(deployer.deploy, **settings)
     async with client(app) as http, open_store(app.job_store) as store:
         job_ids = await submit_long_jobs(http, 2 * app.job_concurrency)

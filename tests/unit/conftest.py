@@ -10,6 +10,7 @@ the store's back, hold the store's writes).
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -65,21 +66,29 @@ class Backend:
             conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     @asynccontextmanager
-    async def writes_held(self, store: JobStore) -> AsyncIterator[None]:
-        """While inside, the store's writes wait (SQLite: its connection lock; Redis: CLIENT PAUSE WRITE)."""
+    async def writes_held(self, store: JobStore) -> AsyncIterator[HeldWrites]:
+        """While inside, the store's writes wait (SQLite: its connection lock; Redis: CLIENT PAUSE WRITE);
+        the ``HeldWrites`` it yields counts the writes waiting, the positive signal that a call got there."""
         if self.name == "sqlite":
-            lock = cast(SQLiteJobStore, store)._db._lock
+            sqlite_store = cast(SQLiteJobStore, store)
+            lock = sqlite_store._db._lock
+            counted = sqlite_store._db._lock = WaitCountingLock(lock)
             lock.acquire()
             try:
-                yield
+                yield HeldWrites(counted.waiting_now)
             finally:
                 lock.release()
+                sqlite_store._db._lock = lock
             return
         raw = redis.asyncio.Redis.from_url(self.target)
         try:
             await raw.client_pause(10_000, all=False)
             try:
-                yield
+
+                async def paused_clients() -> int:
+                    return int((await raw.info("clients"))["blocked_clients"])
+
+                yield HeldWrites(paused_clients)
             finally:
                 await raw.client_unpause()
         finally:
@@ -92,6 +101,43 @@ class Backend:
             keys = list(raw.scan_iter(match=f"{self.prefix}:*", count=1000))
             if keys:
                 raw.delete(*keys)
+
+
+class WaitCountingLock:
+    """A store's connection lock that counts the ``with lock:`` callers waiting for it right now."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self._waiting = 0
+        self._count_lock = threading.Lock()
+
+    async def waiting_now(self) -> int:
+        with self._count_lock:
+            return self._waiting
+
+    def acquire(self) -> bool:
+        return self._lock.acquire()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> WaitCountingLock:
+        with self._count_lock:
+            self._waiting += 1
+        self._lock.acquire()
+        with self._count_lock:
+            self._waiting -= 1
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
+@dataclass
+class HeldWrites:
+    """What ``Backend.writes_held`` yields: ``await waiting()`` is the number of writes waiting."""
+
+    waiting: Callable[[], Awaitable[int]]
 
 
 # A subprocess opens its store with this (``Backend.argv()`` as sys.argv[1:4]).

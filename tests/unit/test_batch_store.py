@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 import redis
 
-from tests.redis_server import RedisServer
+from tests.support.redis import RedisServer
 from tests.unit.conftest import Backend, StoreClock
 from textgen.batches.redis_store import RedisBatchStore
 from textgen.batches.sqlite_store import SQLiteBatchStore

@@ -671,7 +671,7 @@ async def test_closed_loop_sends_exactly_n_requests_with_c_in_flight(monkeypatch
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the fake server's service time, so requests overlap: not a wait in the test
         in_flight -= 1
         status = next(statuses)
         return httpx.Response(status, json=_ok_body() if status == 200 else {"detail": "no"})

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.constraint_attacks import chained_lark_grammar, deep_ref_schema
-from tests.structured import random_schemas
+from tests.support.constraint_attacks import chained_lark_grammar, deep_ref_schema
+from tests.support.structured import random_schemas
 from textgen.content_filter import ContentFilter
 from textgen.engine import constraint_limits as limits
 from textgen.engine.constraint_sandbox import COMPILE_STACK_BYTES, SandboxClient, SandboxDiedError
@@ -216,7 +216,7 @@ async def test_compiles_run_on_large_stack_threads_never_on_the_loop(compiler: G
 STACK_PROBE = """
 import importlib.util, json, sys, threading
 import llguidance
-from tests.constraint_attacks import deep_ref_schema
+from tests.support.constraint_attacks import deep_ref_schema
 # By file, not through textgen.engine (whose package imports torch: seconds per probe).
 spec = importlib.util.spec_from_file_location("sandbox", "textgen/engine/constraint_sandbox.py")
 sandbox = importlib.util.module_from_spec(spec)

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import torch
 
-from tests.structured import random_schemas
+from tests.support.structured import random_schemas
 from textgen.engine.constraints import (
     Constraint,
     GrammarCompiler,

@@ -9,6 +9,7 @@ from typing import Any, cast
 import pytest
 from fastapi import Request
 
+from tests.support.waiting import wait_until
 from textgen.api.generate import result_unless_disconnected
 from textgen.engine.types import FinishReason, GenerationRequest, GenerationResult, Handle, RequestTimings
 from textgen.errors import EngineError, GenerationCancelledError
@@ -17,33 +18,28 @@ from textgen.errors import EngineError, GenerationCancelledError
 class FakeRequest:
     """Just enough of a Starlette ``Request``: ``receive()`` yields ASGI messages.
 
-    ``messages`` are returned first (each after ``delay_s``); then it reports a disconnect after
-    ``disconnect_after_s``, or blocks forever when that is None.
+    ``messages`` are returned first; then ``receive()`` blocks until the test calls ``disconnect()`` (at once
+    when ``disconnected``) and reports ``http.disconnect``: the client goes away when the test says so, not
+    after some time.
     """
 
-    def __init__(
-        self,
-        *,
-        disconnect_after_s: float | None,
-        messages: list[dict[str, Any]] | None = None,
-        delay_s: float = 0.01,
-    ) -> None:
-        self.disconnect_after_s = disconnect_after_s
+    def __init__(self, *, disconnected: bool = False, messages: list[dict[str, Any]] | None = None) -> None:
         self.messages = list(messages or [])
-        self.delay_s = delay_s
         self.calls = 0
         self.cancelled = False
+        self._gone = asyncio.Event()
+        if disconnected:
+            self._gone.set()
+
+    def disconnect(self) -> None:
+        self._gone.set()
 
     async def receive(self) -> dict[str, Any]:
         self.calls += 1
         try:
             if self.messages:
-                await asyncio.sleep(self.delay_s)
                 return self.messages.pop(0)
-            if self.disconnect_after_s is None:
-                await asyncio.Event().wait()  # a connected client: nothing more to receive
-            else:
-                await asyncio.sleep(self.disconnect_after_s)
+            await self._gone.wait()
             return {"type": "http.disconnect"}
         except asyncio.CancelledError:
             self.cancelled = True
@@ -70,7 +66,8 @@ def make_result(text: str = "world") -> GenerationResult:
 
 async def test_disconnect_cancels_the_handle_and_raises() -> None:
     handle = new_handle()  # never finishes
-    request = FakeRequest(disconnect_after_s=0.05)
+    request = FakeRequest()
+    asyncio.get_running_loop().call_soon(request.disconnect)  # once the call is waiting
     started = time.monotonic()
     with pytest.raises(GenerationCancelledError) as info:
         await asyncio.wait_for(result_unless_disconnected(as_request(request), handle), timeout=5)
@@ -83,7 +80,7 @@ async def test_disconnect_cancels_the_handle_and_raises() -> None:
 async def test_body_messages_before_the_disconnect_are_skipped() -> None:
     handle = new_handle()
     request = FakeRequest(
-        disconnect_after_s=0.02,
+        disconnected=True,
         messages=[{"type": "http.request", "body": b"{}", "more_body": True}, {"type": "http.request", "body": b""}],
     )
     with pytest.raises(GenerationCancelledError):
@@ -95,7 +92,7 @@ async def test_body_messages_before_the_disconnect_are_skipped() -> None:
 async def test_disconnect_while_the_engine_is_still_finishing_the_cancel() -> None:
     """The engine fails the cancelled handle afterwards; nothing leaks as an unretrieved exception."""
     handle = new_handle()
-    request = FakeRequest(disconnect_after_s=0.02)
+    request = FakeRequest(disconnected=True)
     with pytest.raises(GenerationCancelledError):
         await result_unless_disconnected(as_request(request), handle)
     assert handle.cancel_requested
@@ -107,20 +104,22 @@ async def test_disconnect_while_the_engine_is_still_finishing_the_cancel() -> No
 
 async def test_result_first_is_returned_without_cancelling() -> None:
     handle = new_handle()
-    request = FakeRequest(disconnect_after_s=None)  # stays connected
+    request = FakeRequest()  # stays connected
     expected = make_result("the answer")
-    asyncio.get_running_loop().call_later(0.02, handle.finish, expected)
+    asyncio.get_running_loop().call_soon(handle.finish, expected)  # once the call is waiting
     result = await asyncio.wait_for(result_unless_disconnected(as_request(request), handle), timeout=5)
     assert result is expected
     assert handle.cancel_requested is False
-    await asyncio.sleep(0.01)  # let the cancelled disconnect watcher run its cancellation
-    assert request.cancelled is True  # the disconnect watcher does not outlive the call
+    # The disconnect watcher does not outlive the call: its cancellation reaches receive().
+    await wait_until(lambda: request.cancelled, 5, "the disconnect watcher being cancelled")
 
 
 async def test_result_before_a_later_disconnect_wins() -> None:
     handle = new_handle()
-    request = FakeRequest(disconnect_after_s=0.5)
-    asyncio.get_running_loop().call_later(0.01, handle.finish, make_result())
+    request = FakeRequest()
+    loop = asyncio.get_running_loop()
+    loop.call_soon(handle.finish, make_result())
+    loop.call_soon(loop.call_soon, request.disconnect)  # the client leaves one loop turn after the result
     result = await asyncio.wait_for(result_unless_disconnected(as_request(request), handle), timeout=5)
     assert result.text == "world"
     assert handle.cancel_requested is False
@@ -129,7 +128,7 @@ async def test_result_before_a_later_disconnect_wins() -> None:
 async def test_already_finished_handle_returns_at_once() -> None:
     handle = new_handle()
     handle.finish(make_result("done"))
-    request = FakeRequest(disconnect_after_s=None)
+    request = FakeRequest()
     result = await asyncio.wait_for(result_unless_disconnected(as_request(request), handle), timeout=5)
     assert result.text == "done"
     assert handle.cancel_requested is False
@@ -137,8 +136,8 @@ async def test_already_finished_handle_returns_at_once() -> None:
 
 async def test_engine_error_is_raised_to_the_caller_without_cancelling() -> None:
     handle = new_handle()
-    request = FakeRequest(disconnect_after_s=None)
-    asyncio.get_running_loop().call_later(0.01, handle.finish, None, EngineError())
+    request = FakeRequest()
+    asyncio.get_running_loop().call_soon(handle.finish, None, EngineError())
     with pytest.raises(EngineError):
         await asyncio.wait_for(result_unless_disconnected(as_request(request), handle), timeout=5)
     assert handle.cancel_requested is False

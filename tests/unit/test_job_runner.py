@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
 from textgen.engine.types import (
@@ -101,7 +101,7 @@ class FakeEngine:
                 for handle in self.pending():
                     if handle.cancel_requested:
                         handle.fail_cancelled()
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # the fake engine's step, at which a real one drops cancelled sequences
 
 
 def make_result(text: str = "generated text", *, completion_tokens: int = 5) -> GenerationResult:
@@ -472,14 +472,17 @@ async def test_stop_requeues_running_jobs_and_the_next_runner_finishes_them(
         assert requeued.started_at is None
         assert requeued.attempts == 1
 
-    # A stopped runner claims nothing more.
-    await asyncio.sleep(4 * POLL_S)
+    # A stopped runner claims nothing more: while the next runner (same poll interval) polls the store three
+    # times, the stopped one polls not once, and only the next runner's handles are added.
     assert len(engine.handles) == 2
-
+    stopped_polls = first.polls
     second = make_runner()
     assert second.owner != first.owner
     await second.start()
     await wait_until(lambda: len(engine.handles) == 4)
+    await wait_until(lambda: second.polls >= 3, WAIT_S, "three polls of the next runner")
+    assert first.polls == stopped_polls
+    assert len(engine.handles) == 4
     for handle in engine.pending():
         handle.finish(make_result())
     for job in jobs:
@@ -594,7 +597,16 @@ async def test_lease_is_renewed_while_the_job_runs(
     await wait_until(lambda: len(engine.handles) == 1)
     first_lease = (await store.get(job.id)).lease_until
 
-    await asyncio.sleep(4 * SHORT_LEASE_S)  # four leases long: only renewals keep it here
+    polls = runner.polls
+
+    async def renewed_for_three_more_leases() -> bool:
+        lease_until = (await store.get(job.id)).lease_until
+        return lease_until is not None and first_lease is not None and lease_until >= first_lease + 3 * SHORT_LEASE_S
+
+    # Renewed until it reaches three leases past the first, with expired leases requeued at every poll meanwhile:
+    # only renewals keep it here.
+    await wait_until(renewed_for_three_more_leases, WAIT_S, "the lease renewed for three more leases")
+    assert runner.polls >= polls + 3
     running = await store.get(job.id)
     assert running.state is JobState.RUNNING and running.owner == runner.owner and running.attempts == 1
     assert first_lease is not None and running.lease_until is not None and running.lease_until > first_lease
@@ -691,7 +703,7 @@ def test_owner_with_a_dead_pid_is_dead() -> None:
 
 
 def test_owner_with_a_live_pid_on_this_host_is_alive() -> None:
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    process = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         owner = f"{socket.gethostname()}:{process.pid}:abcd1234"
         assert owner_is_alive(owner, me=process_owner_id()) is True

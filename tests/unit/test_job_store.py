@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 
-from tests.redis_server import RedisServer, free_port
+from tests.support.net import free_port
+from tests.support.redis import RedisServer
+from tests.support.waiting import wait_until
 from tests.unit.conftest import SUBPROCESS_STORE, Backend, OpenStore, StoreClock
 from textgen.backends import job_store_from_url
 from textgen.errors import ConfigError, JobNotCancellableError, JobNotFoundError
@@ -253,11 +255,14 @@ async def test_claim_once_two_processes(store: JobStore, backend: Backend) -> No
 
 async def test_cancelled_claim_is_handed_back(store: JobStore, backend: Backend) -> None:
     job = await store.create({}, request_id=None)
-    async with backend.writes_held(store):  # the claim lands only after its caller was cancelled
+    async with backend.writes_held(store) as held:  # the claim lands only after its caller was cancelled
         task = asyncio.create_task(store.claim_next("w1", LEASE))
-        await asyncio.sleep(0.05)
-        task.cancel()
-        await asyncio.sleep(0.05)
+
+        async def claim_waiting() -> bool:
+            return await held.waiting() > 0
+
+        await wait_until(claim_waiting, 10, "the claim waiting for the store")
+        task.cancel()  # delivered at the task's next step, whether or not the claim has landed by then
     with pytest.raises(asyncio.CancelledError):
         await task
     back = await store.get(job.id)
@@ -882,7 +887,8 @@ async def test_redis_open_bad_db_number(redis_server: RedisServer) -> None:
 
 
 async def test_redis_prefixes_are_separate(redis_server: RedisServer) -> None:
-    a = RedisJobStore.from_url(redis_server.url(0), prefix="sep-a")
+    clock = StoreClock()
+    a = RedisJobStore(redis_server.url(0), prefix="sep-a", clock=clock)
     b = RedisJobStore.from_url(redis_server.url(0), prefix="sep-b")
     await a.open()
     await b.open()
@@ -893,7 +899,7 @@ async def test_redis_prefixes_are_separate(redis_server: RedisServer) -> None:
             await b.get(job.id)
         assert (await _claim(a, "w")).id == job.id
         await a.cancel(job.id)
-        await asyncio.sleep(0.02)
+        clock.advance(1.0)  # a second later: past the TTL below
         assert await a.purge_finished(0.01) == 1
     finally:
         await a.close()

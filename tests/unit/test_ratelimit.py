@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.net import free_port
-from tests.redis_server import RedisServer
+from tests.support.net import free_port
+from tests.support.redis import RedisServer
 from tests.unit.conftest import Backend
 from textgen.backends import rate_limiter_from_settings
 from textgen.config import Settings

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 from textgen.engine.scheduler import BatchedEngine
 from textgen.engine.types import EngineLimits, GenerationRequest, Handle, Priority, SamplingParams
 from textgen.errors import (
@@ -104,7 +104,11 @@ async def test_background_is_not_starved_by_steady_interactive_load(make_engine:
         interactive = [h for h in interactive if not h.done]
         interactive += [engine.submit(request(max_new_tokens=6, ignore_eos=True)) for _ in done]
         assert completed_interactive < 40, "background job starved"
-        await asyncio.sleep(0.002)
+        # Top up again as soon as any request ends (interactive or the background one).
+        ended = [asyncio.ensure_future(h.result()) for h in [*interactive, background]]
+        await asyncio.wait(ended, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in ended:
+            waiting.cancel()
     assert (await background.result()).completion_tokens == 6
     for handle in interactive:
         handle.cancel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from tests.tiny_model import build_tokenizer
+from tests.support.tiny_model import build_tokenizer
 from textgen.engine.text import IncrementalDetokenizer, TextAssembler, held_back_length
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.waiting import wait_until
 from textgen.engine.threadpool import ThreadPoolEngine
 from textgen.engine.types import EngineLimits, GenerationRequest, SamplingParams
 from textgen.errors import DeadlineExceededError, GenerationCancelledError, PromptTooLongError, QueueFullError
@@ -56,7 +57,7 @@ async def test_stop_string_and_streaming(engine: ThreadPoolEngine) -> None:
 async def test_cancel_deadline_prompt_limit_and_queue_full(engine: ThreadPoolEngine) -> None:
     long = {"max_new_tokens": 900, "ignore_eos": True}
     victim = engine.submit(request(**long))
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: victim.text_so_far != "", 30, "the victim generating")  # cancelled mid-generation
     victim.cancel()
     with pytest.raises(GenerationCancelledError):
         await victim.result()
@@ -64,6 +65,8 @@ async def test_cancel_deadline_prompt_limit_and_queue_full(engine: ThreadPoolEng
         await engine.submit(request(timeout_s=0.2, **long)).result()
     with pytest.raises(PromptTooLongError):
         await engine.submit(GenerationRequest("word " * 40, SamplingParams(max_new_tokens=2))).result()
+    # The expired request's thread stops at its next token; only then is the engine empty to be filled.
+    await wait_until(lambda: engine.stats().running == 0, 30, "the engine's threads free again")
     handles = [engine.submit(request(**long)) for _ in range(4)]  # 2 workers + 2 waiting
     with pytest.raises(QueueFullError):
         engine.submit(request())

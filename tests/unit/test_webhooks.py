@@ -7,7 +7,6 @@ before any lookup. The sender's retry pacing (``backoff_s``) is shortened where 
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import socket
 import time
@@ -16,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.webhook_receiver import WebhookReceiver
+from tests.support.webhooks import WebhookReceiver
+from tests.unit.conftest import StoreClock
 from textgen.errors import InvalidRequestError
 from textgen.jobs.store import Job, JobState, JobStore, WebhookState
 from textgen.jobs.view import job_payload
@@ -425,7 +425,7 @@ async def test_a_private_destination_is_refused_at_delivery_time(
 
 
 async def test_a_delivery_taken_over_by_another_owner_stops(
-    store: JobStore, receiver_factory: Callable[..., WebhookReceiver], quick_retries: None
+    store: JobStore, store_clock: StoreClock, receiver_factory: Callable[..., WebhookReceiver], quick_retries: None
 ) -> None:
     receiver = receiver_factory([500])
     sender = make_sender(store)
@@ -433,7 +433,7 @@ async def test_a_delivery_taken_over_by_another_owner_stops(
         job = await finished_job(store, receiver.url())
         mine = await store.claim_webhook(OWNER, 0.05)  # a claim that lapses at once...
         assert mine is not None and mine.id == job.id
-        await asyncio.sleep(0.1)
+        store_clock.advance(1.0)  # the store's clock moves past that lease
         theirs = await store.claim_webhook("other-host:3:other", 60.0)  # ...so another process takes it over
         assert theirs is not None and theirs.id == job.id
 

@@ -56,7 +56,6 @@ from typing import Any, Literal
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -323,9 +322,13 @@ def refused_tokens(constraints: Sequence[RowConstraint], vocab: int) -> np.ndarr
     """bool [R, vocab] (numpy): True where a constrained row may not take the token next."""
     words = (max(vocab, *(c.vocab_size for c in constraints)) + 31) // 32
     bitmask = _bitmask_buffer(len(constraints), words)  # every row is overwritten whole
-    llguidance.torch.fill_next_token_bitmask_par(
-        _mask_executor(), [(c.matcher, row) for row, c in enumerate(constraints)], bitmask
-    )
+    # The executor writes rows x words int32 through the pointer: our own contiguous CPU buffer, checked here.
+    # (Not through llguidance.torch: importing it runs a torch.compile decorator, which imports torch's
+    # compiler stack and adds seconds to every server start for a function this module never calls.)
+    assert bitmask.dtype == torch.int32 and bitmask.is_contiguous() and bitmask.device.type == "cpu"
+    assert bitmask.shape == (len(constraints), words)
+    matchers = [(c.matcher, row) for row, c in enumerate(constraints)]
+    _mask_executor().unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), words * 4, len(constraints))
     # Token t is bit t % 32 of word t // 32, i.e. bit t % 8 of byte t // 8 (little-endian words), so
     # numpy's unpackbits of the inverted bytes gives "refused" per token in one fast pass. A mask
     # narrower than the logits (the model pads its vocabulary) leaves the extra tokens refused.

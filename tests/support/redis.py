@@ -9,11 +9,11 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.net import free_port
+from tests.support.net import free_port
+from tests.support.waiting import wait_until_sync
 
 _START_TIMEOUT_S = 15.0
 
@@ -85,12 +85,19 @@ def start_redis(workdir: Path, *, appendonly: bool = True, port: int | None = No
     args += ["--dir", str(workdir), "--logfile", str(log_path), "--daemonize", "no"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     server = RedisServer(port, process, log_path)
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    while time.monotonic() < deadline:
+
+    def still_running() -> None:
         if process.poll() is not None:
             raise RuntimeError(f"redis-server exited with {process.returncode}; see {log_path}")
-        if _ping(port) and (not appendonly or _aof_ready(port)):
-            return server
-        time.sleep(0.05)
-    server.stop()
-    raise RuntimeError(f"redis-server did not answer PING on port {port} within {_START_TIMEOUT_S:.0f} s")
+
+    try:
+        wait_until_sync(
+            lambda: _ping(port) and (not appendonly or _aof_ready(port)),
+            _START_TIMEOUT_S,
+            f"redis-server answering PING on port {port}",
+            still_ok=still_running,
+        )
+    except BaseException:
+        server.stop()
+        raise
+    return server
