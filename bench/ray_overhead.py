@@ -122,7 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def model_setting(model: str, work_dir: Path) -> str:
     if model != "tiny":
         return model
-    from tests.tiny_model import save_tiny_gpt2
+    from tests.support.tiny_model import save_tiny_gpt2
 
     return str(save_tiny_gpt2(work_dir / "tiny-gpt2"))
 
