@@ -24,8 +24,8 @@ from textgen.batches.store import (
     file_from_json,
     file_to_json,
 )
-from textgen.storage.migrations import Migration, add_columns, migrate, statements
-from textgen.storage.sqlite import SQLiteConnection, connect_sqlite, open_error, write_txn
+from textgen.storage.migrations import Migration, add_columns, connect_migrated, statements
+from textgen.storage.sqlite import SQLiteConnection, write_txn
 
 # The schema, as ordered migrations (``textgen.storage.migrations``): a new file runs them all, a file
 # made by an older release the ones it has not had. Never edit a released step: add the next one.
@@ -79,16 +79,7 @@ def _batch(row: sqlite3.Row) -> Batch:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = connect_sqlite(path)
-    try:
-        migrate(conn, path, "batches", MIGRATIONS)
-    except sqlite3.Error as exc:
-        conn.close()
-        raise open_error(path, str(exc)) from exc
-    except BaseException:  # a file newer than this release (ConfigError), an interrupt
-        conn.close()
-        raise
-    return conn
+    return connect_migrated(path, "batches", MIGRATIONS)
 
 
 def _put_file(conn: sqlite3.Connection, record: StoredFile) -> None:

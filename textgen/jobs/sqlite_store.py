@@ -37,8 +37,8 @@ from textgen.jobs.store import (
     scoped_idempotency_key,
     validate_idempotency_key,
 )
-from textgen.storage.migrations import Migration, add_columns, migrate, new_columns, statements
-from textgen.storage.sqlite import SQLiteConnection, connect_sqlite, open_error, write_txn
+from textgen.storage.migrations import Migration, add_columns, connect_migrated, new_columns, statements
+from textgen.storage.sqlite import SQLiteConnection, write_txn
 from textgen.storage.url import sqlite_path_from_url
 
 __all__ = ["SQLiteJobStore", "sqlite_path_from_url"]
@@ -170,17 +170,7 @@ def _probe_writable(conn: sqlite3.Connection) -> None:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = connect_sqlite(path)
-    try:
-        migrate(conn, path, "jobs", MIGRATIONS)
-        _probe_writable(conn)
-    except sqlite3.Error as exc:
-        conn.close()
-        raise open_error(path, str(exc)) from exc
-    except BaseException:  # a file newer than this release (ConfigError), an interrupt
-        conn.close()
-        raise
-    return conn
+    return connect_migrated(path, "jobs", MIGRATIONS, _probe_writable)
 
 
 def _insert(conn: sqlite3.Connection, job: Job) -> None:

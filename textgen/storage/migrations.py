@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from textgen.errors import ConfigError
-from textgen.storage.sqlite import write_txn
+from textgen.storage.sqlite import connect_sqlite, open_error, write_txn
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +110,25 @@ def migrate(conn: sqlite3.Connection, path: Path, component: str, migrations: Se
         steps = ", ".join(f"{m.version}: {m.what}" for m in migrations[current:])
         logger.info("Store %s: %s tables migrated from version %d to %d (%s)", path, component, current, latest, steps)
     return latest
+
+
+def connect_migrated(
+    path: Path,
+    component: str,
+    migrations: Sequence[Migration],
+    check: Callable[[sqlite3.Connection], None] | None = None,
+) -> sqlite3.Connection:
+    """A store's connection: opened (``connect_sqlite``), migrated, then ``check``ed. A SQLite error is the
+    ConfigError that names TEXTGEN_JOB_STORE; the connection is closed on any failure."""
+    conn = connect_sqlite(path)
+    try:
+        migrate(conn, path, component, migrations)
+        if check is not None:
+            check(conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise open_error(path, str(exc)) from exc
+    except BaseException:  # a file newer than this release (ConfigError), an interrupt
+        conn.close()
+        raise
+    return conn
