@@ -75,7 +75,7 @@ STOP_GRACE_S = 30.0
 LOG_TAIL_LINES = 40
 TEMPERATURE = 0.8
 TOP_P = 0.95
-OPENAI_MODEL = "textgen"  # /v1/completions ignores it: the server serves one model
+OPENAI_MODEL = "default"  # an alias of the served model (TEXTGEN_MODEL_ALIASES); another name is a 404
 PATHS = {Mode.GENERATE: "/generate", Mode.STREAM: "/generate", Mode.OPENAI: "/v1/completions", Mode.JSON: "/generate"}
 # Short prompts (~15 tokens each); requests cycle through them so consecutive prompts differ.
 PROMPTS = (

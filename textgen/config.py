@@ -17,6 +17,7 @@ from textgen.errors import ConfigError
 
 ENV_PREFIX = "TEXTGEN_"
 
+MAX_MODEL_NAME_CHARS = 256
 CommaList = Annotated[list[str], NoDecode]
 
 DEFAULT_BLOCKED_WORDS = ("hate", "hateful*", "hatred*", "violen*")
@@ -56,6 +57,11 @@ class Settings(BaseSettings):
     # Model
     model: str = Field("bundled", description="'bundled', a local folder, or a Hugging Face hub id.")
     model_name: str | None = Field(None, description="Name reported in responses; defaults from the model.")
+    model_aliases: CommaList = Field(
+        ["default"],
+        description="Other names /v1 requests may give in 'model' for the served model (comma-separated; the "
+        "GGUF file's stem is one too); GET /v1/models lists them; any other name is 404 model_not_found.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto': bfloat16 on a GPU or a CPU with AVX-512 BF16/AMX, else float32."
     )
@@ -226,6 +232,7 @@ class Settings(BaseSettings):
     )
 
     _split_lists = field_validator(
+        "model_aliases",
         "blocked_words",
         "api_keys",
         "admin_api_keys",
@@ -254,6 +261,14 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_log_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _plain_model_names(cls, aliases: list[str]) -> list[str]:
+        for alias in aliases:
+            if len(alias) > MAX_MODEL_NAME_CHARS or any(char.isspace() or not char.isprintable() for char in alias):
+                raise ValueError(f"each alias must be at most {MAX_MODEL_NAME_CHARS} printable characters, no spaces")
+        return aliases
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:

@@ -9,14 +9,27 @@ from __future__ import annotations
 
 
 class TextGenError(Exception):
-    """Base class: ``status_code`` and a client-safe ``message``."""
+    """Base class: ``status_code`` and a client-safe ``message``; optionally the request field at fault
+    (``param``, dotted: ``messages.0.content``) and a machine-readable ``code`` (OpenAI's, e.g.
+    ``model_not_found``), both shown in OpenAI's error body under ``/v1``."""
 
     status_code: int = 500
     default_message: str = "Internal server error."
+    default_param: str | None = None
+    default_code: str | None = None
 
-    def __init__(self, message: str | None = None, *, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        retry_after_s: float | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         self.message = message or self.default_message
         self.retry_after_s = retry_after_s
+        self.param = param or self.default_param
+        self.code = code or self.default_code
         super().__init__(self.message)
 
 
@@ -43,6 +56,15 @@ class UnauthorizedError(TextGenError):
 class JobNotFoundError(TextGenError):
     status_code = 404
     default_message = "No job with that id."
+
+
+class ModelNotFoundError(TextGenError):
+    """The request names a model this server does not serve (OpenAI's 404 ``model_not_found``)."""
+
+    status_code = 404
+    default_message = "The model does not exist on this server; GET /v1/models lists the names it serves."
+    default_param = "model"
+    default_code = "model_not_found"
 
 
 class JobNotCancellableError(TextGenError):

@@ -29,6 +29,7 @@ from textgen.jobs.view import job_payload
 from textgen.loader import LoadedModel, load_model
 from textgen.metrics import Metrics, mark_process_dead
 from textgen.services.batch_lines import JOB_EXECUTORS, batch_line_planner
+from textgen.services.models import ServedModels, served_models
 from textgen.threads import run_in_own_thread
 from textgen.webhooks import sender_from_settings
 from textgen.workers.batches import Batches, start_batches
@@ -65,6 +66,10 @@ class AppState:
     drain_task: asyncio.Task[None] | None = None
     batches: Batches | None = None  # files and batches (the OpenAI Batch API)
     backends: Backends | None = None  # the stores and the limiter, closed at shutdown
+    models: ServedModels = field(init=False)  # the names /v1 requests may give in 'model'
+
+    def __post_init__(self) -> None:
+        self.models = served_models(self.settings, self.model)
 
     @property
     def ready(self) -> bool:

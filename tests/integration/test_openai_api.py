@@ -111,15 +111,17 @@ def assert_usage_adds_up(usage: dict[str, int]) -> None:
 
 
 async def test_models_lists_the_served_model(make_settings: MakeSettings, app_client: AppClient) -> None:
-    async with app_client(make_settings(model_name="tiny-test-model")) as (client, app):
+    """The served name first, then its aliases (TEXTGEN_MODEL_ALIASES), each a full model card."""
+    settings = make_settings(model_name="tiny-test-model", model_aliases="gpt-3.5-turbo,local")
+    async with app_client(settings) as (client, app):
         body = (await client.get("/v1/models")).json()
     assert body["object"] == "list"
-    assert len(body["data"]) == 1
-    card = body["data"][0]
-    assert card["id"] == "tiny-test-model" == app.state.textgen.model.name
-    assert card["object"] == "model"
-    assert isinstance(card["created"], int) and card["created"] > 0
-    assert card["owned_by"]
+    assert [card["id"] for card in body["data"]] == ["tiny-test-model", "gpt-3.5-turbo", "local"]
+    assert body["data"][0]["id"] == app.state.textgen.model.name
+    for card in body["data"]:
+        assert card["object"] == "model"
+        assert isinstance(card["created"], int) and card["created"] > 0
+        assert card["owned_by"]
 
 
 # ----- /v1/completions -----------------------------------------------------------------------------------
@@ -346,7 +348,7 @@ async def test_chat_stream_with_usage(api: Api) -> None:
 
 
 async def test_unknown_fields_are_ignored(api: Api) -> None:
-    extra = {"logit_bias": {}, "user": "x", "frequency_penalty": 0, "logprobs": None, "model": "gpt-4o"}
+    extra = {"logit_bias": {}, "user": "x", "frequency_penalty": 0, "logprobs": None, "model": "tiny"}
     client, _app = api
     completion = await post_ok(client, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, **extra})
     messages = [{"role": "user", "content": "hi", "name": "alice"}]

@@ -156,7 +156,7 @@ async def test_threadpool_engine_refuses_constraints(
 
 async def test_openai_client_response_format_json_schema(openai_client: openai.AsyncOpenAI) -> None:
     reply = await openai_client.chat.completions.create(
-        model="any",
+        model="tiny",
         messages=[{"role": "user", "content": "Describe a person."}],
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}},
         max_tokens=300,
@@ -172,7 +172,7 @@ async def test_openai_client_response_format_json_object(openai_client: openai.A
     """Any JSON object: the random tiny model may still be inside a long string when the budget ends, so
     here the text must be an object so far; the bundled model's e2e test checks that it parses."""
     reply = await openai_client.completions.create(
-        model="any", prompt=PROMPT, max_tokens=40, seed=6, extra_body={"response_format": {"type": "json_object"}}
+        model="tiny", prompt=PROMPT, max_tokens=40, seed=6, extra_body={"response_format": {"type": "json_object"}}
     )
     text, finish = reply.choices[0].text, reply.choices[0].finish_reason
     assert text.startswith("{")
@@ -184,7 +184,7 @@ async def test_openai_client_response_format_json_object(openai_client: openai.A
 
 
 async def test_openai_completion_logprobs_shape(openai_client: openai.AsyncOpenAI) -> None:
-    reply = await openai_client.completions.create(model="any", prompt=PROMPT, max_tokens=6, logprobs=3, seed=1)
+    reply = await openai_client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, logprobs=3, seed=1)
     logprobs = reply.choices[0].logprobs
     assert logprobs is not None and logprobs.tokens and logprobs.token_logprobs and logprobs.top_logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6 or (
@@ -199,7 +199,7 @@ async def test_openai_completion_logprobs_shape(openai_client: openai.AsyncOpenA
 
 async def test_openai_chat_logprobs_plain_and_streamed(openai_client: openai.AsyncOpenAI) -> None:
     request: dict[str, Any] = {
-        "model": "any",
+        "model": "tiny",
         "messages": [{"role": "user", "content": "Hi"}],
         "max_tokens": 6,
         "logprobs": True,

@@ -25,6 +25,8 @@ def tiny_settings(model_dir: Path, folder: Path, **overrides: Any) -> Settings:
         "cache_dir": folder / "cache",
         "job_poll_interval_s": 0.05,
         "shutdown_grace_s": 2.0,
+        # What the tests' /v1 requests and batch lines name in "model" (an unknown name is a 404).
+        "model_aliases": "default,tiny",
     }
     values.update(overrides)
     return load_settings(**values)

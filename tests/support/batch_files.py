@@ -18,13 +18,13 @@ def completion_line(custom_id: str, prompt: str = "The future of AI is", **body:
         "custom_id": custom_id,
         "method": "POST",
         "url": "/v1/completions",
-        "body": {"model": "tiny", "prompt": prompt, "max_tokens": 8, **body},
+        "body": {"model": "default", "prompt": prompt, "max_tokens": 8, **body},
     }
 
 
 def chat_line(custom_id: str) -> dict[str, Any]:
     messages = [{"role": "user", "content": f"Say something about {custom_id}."}]
-    body = {"model": "tiny", "messages": messages, "max_tokens": 8}
+    body = {"model": "default", "messages": messages, "max_tokens": 8}
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
 
 

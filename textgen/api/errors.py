@@ -1,4 +1,8 @@
-"""The one map from exceptions to HTTP responses. Every error body is {"detail", "request_id"}."""
+"""The one map from exceptions to HTTP responses. Every error body is {"detail", "request_id"}, except under
+``/v1``, where it is OpenAI's ``{"error": {"message", "type", "param", "code"}, "request_id"}`` (so OpenAI
+clients show the message): the app's handlers, the ``/v1`` routes (``OpenAIRoute``) and the middleware
+that answers before routing (``textgen.api.security``) all render through ``textgen_error_response``,
+``http_error_response`` and ``validation_error_response`` here."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textgen.api.schemas.native import ErrorResponse
 from textgen.errors import InsufficientStorageError, StoreUnavailableError, TextGenError
+from textgen.services.openai_types import openai_error_body
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +76,27 @@ def error_response(request: Request, status: int, detail: Any, headers: dict[str
     return AsciiJSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-ID": request_id})
 
 
+OPENAI_PREFIX = "/v1"
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether a path belongs to the OpenAI-compatible API (its errors take OpenAI's shape)."""
+    return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
+
+
+def openai_error_response(
+    request: Request,
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    request_id = request_id_of(request)
+    body = openai_error_body(status, message, request_id, param, code)
+    return AsciiJSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-ID": request_id})
+
+
 def retry_after_headers(exc: TextGenError) -> dict[str, str]:
     """``Retry-After`` (whole seconds, at least 1) for errors a client should retry later."""
     if exc.retry_after_s is None and exc.status_code not in (429, 503):
@@ -78,20 +104,82 @@ def retry_after_headers(exc: TextGenError) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s or 1)))}
 
 
+def textgen_error_response(request: Request, exc: TextGenError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A ``TextGenError`` in the shape of the path's API, with ``Retry-After`` where a retry helps."""
+    headers = {**retry_after_headers(exc), **(headers or {})}
+    if is_openai_path(request.scope["path"]):
+        return openai_error_response(request, exc.status_code, exc.message, exc.param, exc.code, headers)
+    return error_response(request, exc.status_code, exc.message, headers)
+
+
 async def _textgen_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TextGenError)
-    headers = retry_after_headers(exc)
     # A store condition (outage, full disk) is logged once when it starts and once when it clears
     # (textgen.storage.conditions), not once per refused request.
     if exc.status_code >= 500 and not isinstance(exc, StoreUnavailableError | InsufficientStorageError):
         logger.warning("%s: %s", type(exc).__name__, exc.message)
-    return error_response(request, exc.status_code, exc.message, headers)
+    return textgen_error_response(request, exc)
+
+
+# Pydantic's union-member and validator tags in an error's location ("prompt.constrained-str",
+# "stop.list[str]"): not fields a client sent, so they are left out of the param it is shown.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "tuple", "bytes", "literal"})
+
+
+def _is_type_tag(part: int | str) -> bool:
+    return isinstance(part, str) and (part.lower() in _TYPE_TAGS or any(char in part for char in "[(-"))
+
+
+def param_of(loc: tuple[int | str, ...]) -> str | None:
+    """The request field an error is about, dotted (``messages.0.content``); None for the whole body."""
+    parts = loc[1:] if loc and loc[0] == "body" else loc
+    return ".".join(str(part) for part in parts if not _is_type_tag(part)) or None
+
+
+def json_syntax_message(position: int, document: object, detail: str = "") -> str:
+    """Where a body's JSON breaks, as line and column (and the character offset), with the fix."""
+    where = f"at character {position}"
+    if isinstance(document, bytes):
+        document = document.decode("utf-8", "replace")
+    if isinstance(document, str) and 0 <= position <= len(document):
+        line = document.count("\n", 0, position) + 1
+        column = position - (document.rfind("\n", 0, position) + 1) + 1
+        where = f"at line {line}, column {column} (character {position})"
+    reason = f": {detail}" if detail else ""
+    return f"The request body is not valid JSON: the syntax breaks {where}{reason}. Send one JSON object."
+
+
+def _openai_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """OpenAI answers schema errors with 400 naming the field (``param``); a body that is not JSON at all
+    (broken syntax, or sent as another media type) is a 400 that names no field and says what to send."""
+    first = exc.errors()[0]
+    loc = tuple(first.get("loc", ()))
+    if first.get("type") == "json_invalid":
+        position = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else -1
+        detail = str(first.get("ctx", {}).get("error", ""))
+        return openai_error_response(request, 400, json_syntax_message(position, exc.body, detail))
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if loc == ("body",) and isinstance(exc.body, bytes) and content_type and not content_type.endswith("json"):
+        message = f"The body was sent as {content_type!r}; send a JSON object with Content-Type: application/json."
+        return openai_error_response(request, 400, message)
+    param = param_of(loc)
+    if loc == ("body",) and first.get("type") == "missing":
+        return openai_error_response(request, 400, "The request body is empty; send a JSON object.")
+    message = f"{param}: {first['msg']}" if param else str(first["msg"])
+    return openai_error_response(request, 400, message, param)
+
+
+def validation_error_response(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A body that does not match the schema: 422 with every error, or OpenAI's 400 under ``/v1``."""
+    if is_openai_path(request.scope["path"]):
+        return _openai_validation_error(request, exc)
+    errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg", "input")} for e in exc.errors()]
+    return error_response(request, 422, errors)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg", "input")} for e in exc.errors()]
-    return error_response(request, 422, errors)
+    return validation_error_response(request, exc)
 
 
 def _template_matches(template: str, path: str) -> bool:
@@ -113,16 +201,36 @@ def allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
+def _openai_http_message(request: Request, status: int, detail: str, allowed: str) -> str:
+    """OpenAI-style messages for routing errors: what was asked and how to get it right."""
+    asked = f"{request.method} {request.scope['path']}"
+    if status == 404:
+        return f"Invalid URL ({asked}): this server has no such route; see /docs for the routes it serves."
+    if status == 405:
+        return f"Method not allowed ({asked}); this route accepts {allowed or 'other methods'} (see the Allow header)."
+    return detail
+
+
+def http_error_response(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Routing errors (unknown path, wrong method) and any other HTTPException, in the path's API shape."""
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
         headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
+    if is_openai_path(request.scope["path"]):
+        message = _openai_http_message(request, exc.status_code, str(exc.detail), headers.get("Allow", ""))
+        return openai_error_response(request, exc.status_code, message, headers=headers)
     return error_response(request, exc.status_code, exc.detail, headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return http_error_response(request, exc)
 
 
 async def _unhandled_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("Unhandled error", exc_info=exc)
+    if is_openai_path(request.scope["path"]):
+        return openai_error_response(request, 500, INTERNAL_ERROR)
     return error_response(request, 500, INTERNAL_ERROR)
 
 

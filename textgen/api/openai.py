@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -24,7 +24,12 @@ from sse_starlette import ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textgen.api.deps import CallerDep, RequestIdDep, ServiceDep, StateDep
-from textgen.api.errors import request_id_of, retry_after_headers
+from textgen.api.errors import (
+    http_error_response,
+    openai_error_response,
+    textgen_error_response,
+    validation_error_response,
+)
 from textgen.api.generate import results_unless_disconnected
 from textgen.api.schemas.openai import (
     ChatCompletionRequest,
@@ -59,13 +64,12 @@ logger = logging.getLogger(__name__)
 def openai_error(
     request: Request, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    request_id = request_id_of(request)
-    body = openai_error_body(status, message, request_id, param)
-    return JSONResponse(body, status_code=status, headers={**(headers or {}), "X-Request-ID": request_id})
+    return openai_error_response(request, status, message, param, headers=headers)
 
 
 class OpenAIRoute(APIRoute):
-    """Renders every error of these routes in OpenAI's shape (validation errors are 400, as OpenAI's)."""
+    """Renders every error of these routes in OpenAI's shape (validation errors are 400, as OpenAI's),
+    through the one error map (``textgen.api.errors``), before FastAPI's own handling sees them."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -73,14 +77,12 @@ class OpenAIRoute(APIRoute):
         async def handle(request: Request) -> Response:
             try:
                 return await handler(request)
-            except StarletteHTTPException as error:  # e.g. a body that is not JSON at all
-                return openai_error(request, error.status_code, str(error.detail))
+            except StarletteHTTPException as error:
+                return http_error_response(request, error)
             except RequestValidationError as error:
-                first = error.errors()[0]
-                param = ".".join(str(part) for part in first["loc"] if part != "body") or None
-                return openai_error(request, 400, f"{param}: {first['msg']}" if param else first["msg"], param)
+                return validation_error_response(request, error)
             except TextGenError as error:
-                return openai_error(request, error.status_code, error.message, headers=retry_after_headers(error))
+                return textgen_error_response(request, error)
 
         return handle
 
@@ -89,8 +91,9 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 ERROR_DOCS: dict[int | str, dict[str, Any]] = {
     code: {"model": OpenAIError, "description": description}
     for code, description in {
-        400: "Invalid request or content rejected",
+        400: "Invalid request, content rejected, or a body that is not valid JSON (param names the field)",
         401: "Missing or invalid API key",
+        404: "Unknown model (code model_not_found, param model)",
         413: "Request body too large",
         429: "Rate limit exceeded; see Retry-After",
         500: "Internal error (no details exposed)",
@@ -121,18 +124,36 @@ async def _openai_stream(chunks: AsyncIterator[dict[str, Any]], request_id: str)
         if client_error is not error:
             logger.error("Stream failed", exc_info=error, extra={"request_id": request_id})
         assert isinstance(client_error, TextGenError)
-        yield _data(openai_error_body(client_error.status_code, client_error.message, request_id))
+        error = client_error
+        yield _data(openai_error_body(error.status_code, error.message, request_id, error.param, error.code))
     yield ServerSentEvent(data="[DONE]")
+
+
+def _card(model_id: str, created: int) -> ModelCard:
+    return ModelCard(id=model_id, created=created)
 
 
 @router.get(
     "/models",
     response_model=ModelList,
     responses={code: ERROR_DOCS[code] for code in (401, 413, 429, 500)},
-    summary="The served model",
+    summary="The served model and its aliases (TEXTGEN_MODEL_ALIASES)",
 )
 async def list_models(state: StateDep) -> ModelList:
-    return ModelList(data=[ModelCard(id=state.model.name, created=int(time.time()))])
+    models = state.models
+    return ModelList(data=[_card(model_id, models.created) for model_id in models.ids])
+
+
+@router.get(
+    "/models/{model_id:path}",
+    response_model=ModelCard,
+    responses={code: ERROR_DOCS[code] for code in (401, 404, 413, 429, 500)},
+    summary="One model card: the served model or one of its aliases; else 404 model_not_found",
+)
+async def retrieve_model(state: StateDep, model_id: str = Path(..., max_length=1024)) -> ModelCard:
+    models = state.models
+    models.resolve(model_id)  # 404 model_not_found for any other name
+    return _card(model_id, models.created)
 
 
 @router.post(
@@ -149,6 +170,7 @@ async def completions(
     request_id: RequestIdDep,
     caller: CallerDep,
 ) -> CompletionResponse | Response:
+    state.models.resolve(body.model)  # 404 model_not_found before any work
     prompts = await checked_prompts(service, body, request_id)
     await service.prepare(choice_sampling(body, body.max_tokens, 0))  # compile a constraint before queueing
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -182,6 +204,7 @@ async def chat_completions(
     request_id: RequestIdDep,
     caller: CallerDep,
 ) -> ChatCompletionResponse | Response:
+    state.models.resolve(body.model)  # 404 model_not_found before any work
     prompt = await checked_chat_prompt(service, state.model.tokenizer, body, request_id)
     await service.prepare(choice_sampling(body, chat_max_tokens(service, body), 0))  # compile a constraint first
     chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import re
 import sys
 
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.config import Config as UvicornConfig
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -39,7 +38,7 @@ from textgen.access import (
     uvicorn_forwarded_allow_ips,
     warn_if_exposed_without_keys,
 )
-from textgen.api.errors import error_body
+from textgen.api.errors import textgen_error_response
 from textgen.errors import (
     ConfigError,
     InvalidRequestError,
@@ -50,11 +49,9 @@ from textgen.errors import (
     UnsupportedMediaTypeError,
 )
 from textgen.json_limits import DEPTH_MESSAGE, depth_check_is_slow, json_too_deep
-from textgen.services.openai_types import openai_error_body
 
 logger = logging.getLogger(__name__)
 
-OPENAI_PREFIX = "/v1/"
 # The playground page and its static files (HTML, CSS, JS, icons; no data) load without a key, so the page
 # can ask for one. Every API call it makes is checked as usual.
 PUBLIC_PAGE_PATHS = frozenset({"/", "/favicon.ico"})
@@ -87,21 +84,10 @@ def _state(scope: Scope) -> object | None:
     return getattr(getattr(scope.get("app"), "state", None), "textgen", None)
 
 
-def _request_id(scope: Scope) -> str:
-    return str(scope.get("state", {}).get("request_id", "-"))
-
-
 async def _send_error(scope: Scope, receive: Receive, send: Send, error: TextGenError) -> None:
-    """The error body in the shape of the API the path belongs to (OpenAI's under /v1)."""
+    """The error body in the shape of the API the path belongs to (OpenAI's under /v1), by the one map."""
     headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else {}
-    if error.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
-    request_id = _request_id(scope)
-    if scope["path"].startswith(OPENAI_PREFIX):
-        body = openai_error_body(error.status_code, error.message, request_id)
-    else:
-        body = error_body(error.message, request_id)
-    await JSONResponse(body, status_code=error.status_code, headers=headers)(scope, receive, send)
+    await textgen_error_response(Request(scope), error, headers)(scope, receive, send)
 
 
 def _headers(scope: Scope) -> dict[str, str]:

@@ -21,6 +21,7 @@ from textgen.errors import GenerationCancelledError, NotReadyError, StoreUnavail
 from textgen.generation import GenerationService
 from textgen.jobs.store import Job, JobState
 from textgen.loader import LoadedModel
+from textgen.services.models import served_models
 from textgen.services.openai import (
     chat_max_tokens,
     chat_response,
@@ -49,6 +50,7 @@ async def _results(handles: Sequence[Handle]) -> list[GenerationResult]:
 
 def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobExecutor:
     """The runner's executor for ``batch_line`` jobs (registered in ``textgen.state.build_state``)."""
+    models = served_models(service.settings, model)
 
     async def execute(job: Job, request_id: str, track: Callable[[Handle], None]) -> JobOutcome:
         url, body = job.request["url"], job.request["body"]
@@ -61,6 +63,7 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
             response: Any
             if url == "/v1/chat/completions":
                 chat = ChatCompletionRequest.model_validate(body)
+                models.resolve(chat.model)  # a line naming another model fails with 404 model_not_found
                 await service.prepare_constraint(response_format_constraint(chat.response_format))
                 handles = await submit_chat(service, model.tokenizer, chat, request_id, Priority.BACKGROUND)
                 for handle in handles:
@@ -69,6 +72,7 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
                 response = chat_response(service, chat, results)
             else:
                 completion = CompletionRequest.model_validate(body)
+                models.resolve(completion.model)
                 await service.prepare_constraint(response_format_constraint(completion.response_format))
                 handles = await submit_completion(service, completion, request_id, Priority.BACKGROUND)
                 for handle in handles:
@@ -78,7 +82,7 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
         except (NotReadyError, GenerationCancelledError, StoreUnavailableError):
             raise  # the runner hands the job back or records nothing
         except TextGenError as error:
-            return _failed(error.status_code, error.message, request_id)
+            return _failed(error.status_code, error.message, request_id, error.param, error.code)
         except ValidationError as error:
             return _failed(400, f"body: {error.errors()[0]['msg']}", request_id)
         line = {"status_code": 200, "request_id": request_id, "body": response.model_dump(mode="json")}
@@ -90,7 +94,9 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
 def batch_line_planner(service: GenerationService, model: LoadedModel) -> LinePlanner:
     """The coordinator's planner: a line's prompts as the engine will see them (the chat template
     applied), their tokens counted in a worker thread, and one ``SamplingParams`` per choice, exactly as
-    the executor above will submit them."""
+    the executor above will submit them. A line naming another model raises (``ModelNotFoundError``): the
+    coordinator then charges it as a request only, and the executor fails it."""
+    models = served_models(service.settings, model)
 
     async def plan(url: str, body: dict[str, Any]) -> LinePlan:
         request: CompletionRequest | ChatCompletionRequest
@@ -100,6 +106,7 @@ def batch_line_planner(service: GenerationService, model: LoadedModel) -> LinePl
         else:
             request = CompletionRequest.model_validate(body)
             max_tokens = request.max_tokens
+        models.resolve(request.model)
         prompts = await asyncio.to_thread(prompts_of, model.tokenizer, request)
         return LinePlan(
             prompt_tokens=await service.count_prompt_tokens(prompts),
@@ -114,6 +121,8 @@ def batch_line_planner(service: GenerationService, model: LoadedModel) -> LinePl
 JOB_EXECUTORS: dict[str, ExecutorFactory] = {BATCH_LINE_KIND: batch_line_executor}
 
 
-def _failed(status: int, message: str, request_id: str) -> JobOutcome:
-    line = {"status_code": status, "request_id": request_id, "body": error_body(status, message)}
+def _failed(
+    status: int, message: str, request_id: str, param: str | None = None, code: str | None = None
+) -> JobOutcome:
+    line = {"status_code": status, "request_id": request_id, "body": error_body(status, message, param, code)}
     return JobState.FAILED, {"result": line, "error": message}

@@ -43,9 +43,9 @@ OPENAI_FINISH: dict[FinishReason, Literal["stop", "length"]] = {
 }
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """OpenAI's ``{"error": {...}}`` for a status (also the body of a failed batch line)."""
-    return {"error": openai_error_body(status, message, "", param)["error"]}
+    return {"error": openai_error_body(status, message, "", param, code)["error"]}
 
 
 def render_chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> str:

@@ -10,19 +10,25 @@ from pydantic import BaseModel
 OPENAI_ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
-    404: "not_found_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    422: "invalid_request_error",
     429: "rate_limit_exceeded",
     503: "server_overloaded",
     504: "timeout",
 }
 
 
-def openai_error_body(status: int, message: str, request_id: str, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error shape (under ``/v1``), the one builder for it, plus our request id."""
+def openai_error_body(
+    status: int, message: str, request_id: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error shape (under ``/v1``), the one builder for it, plus our request id: ``param`` names
+    the request field at fault (None when the error is about the request as a whole), ``code`` is
+    OpenAI's machine-readable code where one applies (``model_not_found``), else None."""
     kind = OPENAI_ERROR_TYPES.get(status, "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}, "request_id": request_id}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}, "request_id": request_id}
 
 
 class Usage(BaseModel):
