@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -29,6 +28,7 @@ from textgen.engine.core import CoreOptions, ModelCore, build_core, release_sour
 from textgen.engine.core.fused import FusedKernels, load_fused_kernels
 from textgen.engine.sampling import RowLogprobs, select_next_tokens
 from textgen.engine.sequence import SequenceState, tokenize_prompt
+from textgen.engine.service_rate import ServiceRate, completions_needed, predicted_wait_s
 from textgen.engine.types import (
     EngineLimits,
     EngineStats,
@@ -89,6 +89,8 @@ class BatchedEngine:
         self._shared_rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         self._tokens_per_s = 0.0
         self._mean_budget = float(limits.default_new_tokens)
+        # Completions per second (slots freed), measured for Retry-After (textgen.engine.service_rate).
+        self.service_rate = ServiceRate()
         self._accepting = False
         self._ready = False
         self._stop_requested = False
@@ -207,11 +209,13 @@ class BatchedEngine:
         return len(self._waiting[Priority.INTERACTIVE]) >= self._limits.max_waiting + free_slots
 
     def _retry_after_locked(self) -> float:
-        """Seconds until the queue ahead has likely drained, from measured throughput."""
-        queued = len(self._waiting[Priority.INTERACTIVE]) + self._running
-        if self._tokens_per_s <= 0:
-            return 1.0
-        return float(min(600, max(1, math.ceil(queued * self._mean_budget / self._tokens_per_s))))
+        """Seconds until a request refused now could start: the completions it needs (everyone waiting
+        ahead, then a slot) at the measured completion rate; before enough completions were measured,
+        at the rate token throughput and the mean output budget suggest."""
+        free_slots = max(0, self._limits.max_running - self._running)
+        needed = completions_needed(len(self._waiting[Priority.INTERACTIVE]), free_slots)
+        fallback = self._tokens_per_s / self._mean_budget if self._tokens_per_s > 0 and self._mean_budget > 0 else None
+        return predicted_wait_s(needed, self.service_rate.completions_per_s(), fallback)
 
     def _deliver(self, events: Sequence[Event]) -> None:
         for handle, delta, result, error in events:
@@ -250,6 +254,7 @@ class BatchedEngine:
                 and not self._backlog
                 and not any(self._waiting.values())
             ):
+                self.service_rate.observe(busy=False, saturated=False)
                 self._work_available.wait(timeout=0.5)
             if self._stop_requested:
                 return False
@@ -319,6 +324,8 @@ class BatchedEngine:
                     taken.append(interactive.popleft())
                     self._interactive_streak += 1
             self._running += len(taken)
+            saturated = self._running >= self._limits.max_running or bool(interactive or background)
+            self.service_rate.observe(busy=True, saturated=saturated)
         return taken
 
     def _admit(self, handles: list[Handle], events: list[Event]) -> list[SequenceState]:
@@ -434,6 +441,7 @@ class BatchedEngine:
     def _release(self, count: int) -> None:
         with self._lock:
             self._running -= count
+        self.service_rate.finished(count)
 
     def _fail_batch(self, events: list[Event], error: TextGenError) -> None:
         if self._running_seqs:

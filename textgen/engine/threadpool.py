@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from textgen.engine.sequence import SequenceState, tokenize_prompt
+from textgen.engine.service_rate import ServiceRate, completions_needed, predicted_wait_s
 from textgen.engine.types import (
     EngineLimits,
     EngineStats,
@@ -104,6 +105,7 @@ class ThreadPoolEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._handles: set[Handle] = set()
+        self.service_rate = ServiceRate()  # completions per second, for Retry-After
         self._seed_lock = threading.Lock()
         self._accepting = False
         self._ready = False
@@ -134,6 +136,7 @@ class ThreadPoolEngine:
             raise QueueFullError(retry_after_s=self._retry_after())
         handle = Handle(request, self._loop)
         self._handles.add(handle)
+        self._observe_load()
         task = self._loop.create_task(self._run(handle))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
@@ -168,7 +171,14 @@ class ThreadPoolEngine:
         )
 
     def _retry_after(self) -> float:
-        return float(max(1, len(self._handles) // self._workers))
+        """The completions a request refused now needs (everyone waiting ahead, then a worker), at the
+        measured completion rate (``textgen.engine.service_rate``)."""
+        waiting = max(0, len(self._handles) - self._workers)
+        needed = completions_needed(waiting, max(0, self._workers - len(self._handles)))
+        return predicted_wait_s(needed, self.service_rate.completions_per_s())
+
+    def _observe_load(self) -> None:
+        self.service_rate.observe(busy=bool(self._handles), saturated=len(self._handles) >= self._workers)
 
     async def _run(self, handle: Handle) -> None:
         assert self._loop is not None and self._executor is not None
@@ -181,6 +191,8 @@ class ThreadPoolEngine:
             handle.finish(None, to_client_error(error))
         finally:
             self._handles.discard(handle)
+            self.service_rate.finished()
+            self._observe_load()
 
     def _generate(self, handle: Handle) -> GenerationResult:
         """Runs on a worker thread: one full pipeline() call for one request."""
