@@ -119,7 +119,12 @@ class TextGenerationRequest(BaseModel):
 class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(None, description="Ignored: this server serves one model.")
+    model: str | None = Field(
+        None,
+        max_length=1024,
+        description="The served model's name or an alias (GET /v1/models); left out: the served model. Any "
+        "other name is 404 model_not_found.",
+    )
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16, description="Completions to generate for each prompt.")
