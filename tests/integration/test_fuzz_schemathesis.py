@@ -88,6 +88,7 @@ PLANS: dict[str, Plan] = {
     "POST /jobs/{job_id}/cancel": Plan(100, (POSITIVE,), uses_real_jobs=True),
     "GET /stats": Plan(1, (POSITIVE,)),
     "GET /v1/models": Plan(1, (POSITIVE,)),
+    "GET /v1/models/{model_id}": Plan(20, (POSITIVE,)),  # random ids: the 404 model_not_found path
     "POST /v1/completions": Plan(70),
     "POST /v1/chat/completions": Plan(70),
     "GET /health": Plan(1, (POSITIVE,)),
