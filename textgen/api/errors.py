@@ -204,7 +204,7 @@ def allowed_methods(request: Request) -> str:
 def _openai_http_message(request: Request, status: int, detail: str, allowed: str) -> str:
     """OpenAI-style messages for routing errors: what was asked and how to get it right."""
     asked = f"{request.method} {request.scope['path']}"
-    if status == 404:
+    if status == 404 and request.scope.get("route") is None:  # no route matched (a route's own 404 keeps its text)
         return f"Invalid URL ({asked}): this server has no such route; see /docs for the routes it serves."
     if status == 405:
         return f"Method not allowed ({asked}); this route accepts {allowed or 'other methods'} (see the Allow header)."
