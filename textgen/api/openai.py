@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -150,7 +150,7 @@ async def list_models(state: StateDep) -> ModelList:
     responses={code: ERROR_DOCS[code] for code in (401, 404, 413, 429, 500)},
     summary="One model card: the served model or one of its aliases; else 404 model_not_found",
 )
-async def retrieve_model(state: StateDep, model_id: str = Path(..., max_length=1024)) -> ModelCard:
+async def retrieve_model(state: StateDep, model_id: str) -> ModelCard:
     models = state.models
     models.resolve(model_id)  # 404 model_not_found for any other name
     return _card(model_id, models.created)
