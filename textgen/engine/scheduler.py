@@ -27,7 +27,7 @@ import torch
 from textgen.engine.constraints import GrammarCompiler, MaskTimer, apply_token_masks
 from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights
 from textgen.engine.core.fused import FusedKernels, load_fused_kernels
-from textgen.engine.sampling import RowLogprobs, select_next_tokens
+from textgen.engine.sampling import RowLogprobs, prompt_token_logprobs, select_next_tokens, suppress_tokens
 from textgen.engine.sequence import SequenceState, tokenize_prompt
 from textgen.engine.types import (
     EngineLimits,
@@ -35,6 +35,8 @@ from textgen.engine.types import (
     GenerationRequest,
     GenerationResult,
     Handle,
+    LogprobAlternative,
+    LogprobEntry,
     Priority,
     SamplingParams,
     to_client_error,
@@ -335,9 +337,27 @@ class BatchedEngine:
                 self._release(1)
                 events.append((handle, "", None, to_client_error(error)))
                 continue
+            if handle.request.params.prompt_logprobs is not None:
+                handle.prompt_logprobs = self._prompt_logprobs(ids, handle.request.params.prompt_logprobs)
             prepared.append((handle, ids, budget))
             self._mean_budget = 0.9 * self._mean_budget + 0.1 * budget
         return self._sequences(prepared, events)
+
+    def _prompt_logprobs(self, ids: list[int], alternatives: int) -> list[LogprobEntry | None]:
+        """echo with logprobs: one extra forward pass over the prompt (only for requests that ask), in a
+        scratch cache slot (one is free: admitted requests hold no slot until their prefill)."""
+        tokenizer = self._loaded.tokenizer
+
+        def text(token_id: int) -> str:
+            return str(tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+
+        entries: list[LogprobEntry | None] = [None]
+        for token_id, (logprob, top) in zip(
+            ids[1:], prompt_token_logprobs(self._require_core().score(ids), ids, alternatives), strict=True
+        ):
+            alternatives_ = tuple(LogprobAlternative(t, text(t), value) for t, value in top if value != float("-inf"))
+            entries.append(LogprobEntry(token_id, text(token_id), logprob, alternatives_))
+        return entries
 
     def _sequences(self, chunk: list[tuple[Handle, list[int], int]], events: list[Event]) -> list[SequenceState]:
         """Admitted requests as sequences; one with nothing to generate finishes at once."""
@@ -383,15 +403,22 @@ class BatchedEngine:
 
     def _sample_into(self, rows: list[SequenceState], logits: torch.Tensor, events: list[Event]) -> None:
         logits = apply_token_masks(logits, [s.constraint for s in rows], self.mask_timer)
+        params = [s.handle.request.params for s in rows]
+        vocabulary = logits.shape[-1]
+        counts = [_token_counts(s, vocabulary) if p.counts_tokens else None for s, p in zip(rows, params, strict=True)]
+        unended = [row for row, seq in enumerate(rows) if seq.min_tokens and seq.eos_ids and seq.ends_suppressed]
+        if unended:
+            logits = suppress_tokens(logits, unended, sorted(self._loaded.eos_token_ids))
         logprobs: list[RowLogprobs] = [None] * len(rows)
         tokens = select_next_tokens(
             logits,
-            [s.handle.request.params for s in rows],
-            [s.history if s.handle.request.params.repetition_penalty != 1.0 else [] for s in rows],
+            params,
+            [s.history if p.repetition_penalty != 1.0 else [] for s, p in zip(rows, params, strict=True)],
             [s.generator for s in rows],
             self._shared_rng,
             logprobs_out=logprobs,
             kernels=self._kernels,
+            counts=counts,
         )
         for seq, token, row_logprobs in zip(rows, tokens.tolist(), logprobs, strict=True):
             delta = seq.accept(token, row_logprobs)
@@ -454,6 +481,13 @@ class BatchedEngine:
                 events.extend((h, "", None, NotReadyError(SHUTTING_DOWN)) for h in queue)
                 queue.clear()
         return events
+
+
+def _token_counts(seq: SequenceState, vocabulary: int) -> torch.Tensor:
+    """The row's generated-token counts, made (zeros) at its first sampling step."""
+    if seq.token_counts is None:
+        seq.token_counts = torch.zeros(vocabulary, dtype=torch.float32)
+    return seq.token_counts
 
 
 def _vocab_size(loaded: LoadedModel) -> int | None:
