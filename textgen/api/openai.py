@@ -52,6 +52,7 @@ from textgen.services.openai import (
     submit_choices,
 )
 from textgen.services.openai_types import openai_error_body
+from textgen.services.requests import describe_validation_errors
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +77,8 @@ class OpenAIRoute(APIRoute):
             except StarletteHTTPException as error:  # e.g. a body that is not JSON at all
                 return openai_error(request, error.status_code, str(error.detail))
             except RequestValidationError as error:
-                first = error.errors()[0]
-                param = ".".join(str(part) for part in first["loc"] if part != "body") or None
-                return openai_error(request, 400, f"{param}: {first['msg']}" if param else first["msg"], param)
+                param, message = describe_validation_errors(error.errors())
+                return openai_error(request, 400, message, param)
             except TextGenError as error:
                 return openai_error(request, error.status_code, error.message, headers=retry_after_headers(error))
 

@@ -36,8 +36,8 @@ from textgen.engine.types import (
     GenerationResult,
     Handle,
     LogprobAlternative,
-    LogprobEntry,
     Priority,
+    PromptLogprob,
     SamplingParams,
     to_client_error,
 )
@@ -343,7 +343,7 @@ class BatchedEngine:
             self._mean_budget = 0.9 * self._mean_budget + 0.1 * budget
         return self._sequences(prepared, events)
 
-    def _prompt_logprobs(self, ids: list[int], alternatives: int) -> list[LogprobEntry | None]:
+    def _prompt_logprobs(self, ids: list[int], alternatives: int) -> list[PromptLogprob]:
         """echo with logprobs: one extra forward pass over the prompt (only for requests that ask), in a
         scratch cache slot (one is free: admitted requests hold no slot until their prefill)."""
         tokenizer = self._loaded.tokenizer
@@ -351,12 +351,11 @@ class BatchedEngine:
         def text(token_id: int) -> str:
             return str(tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False))
 
-        entries: list[LogprobEntry | None] = [None]
-        for token_id, (logprob, top) in zip(
-            ids[1:], prompt_token_logprobs(self._require_core().score(ids), ids, alternatives), strict=True
-        ):
-            alternatives_ = tuple(LogprobAlternative(t, text(t), value) for t, value in top if value != float("-inf"))
-            entries.append(LogprobEntry(token_id, text(token_id), logprob, alternatives_))
+        entries = [PromptLogprob(ids[0], text(ids[0]), None)]
+        scored = prompt_token_logprobs(self._require_core().score(ids), ids, alternatives) if len(ids) > 1 else []
+        for token_id, (logprob, top) in zip(ids[1:], scored, strict=True):
+            kept = tuple(LogprobAlternative(t, text(t), value) for t, value in top if value != float("-inf"))
+            entries.append(PromptLogprob(token_id, text(token_id), logprob, kept))
         return entries
 
     def _sequences(self, chunk: list[tuple[Handle, list[int], int]], events: list[Event]) -> list[SequenceState]:

@@ -147,6 +147,18 @@ class LogprobEntry:
 
 
 @dataclass(frozen=True)
+class PromptLogprob:
+    """One prompt token (echo with logprobs): its text and, after the first (which nothing precedes), its
+    log-probability given the tokens before it under the model's own distribution, with the likeliest
+    alternatives at its position."""
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top: tuple[LogprobAlternative, ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     text: str
     prompt_tokens: int
@@ -154,8 +166,8 @@ class GenerationResult:
     finish_reason: FinishReason
     timings: RequestTimings
     token_logprobs: tuple[LogprobEntry, ...] | None = None
-    # With params.prompt_logprobs: one entry per prompt token, the first None (nothing precedes it).
-    prompt_logprobs: tuple[LogprobEntry | None, ...] | None = None
+    # With params.prompt_logprobs: one entry per prompt token.
+    prompt_logprobs: tuple[PromptLogprob, ...] | None = None
 
 
 class Handle:
@@ -171,7 +183,7 @@ class Handle:
         # before the token's text is published (so a stream consumer finds them already there).
         self.token_logprobs: list[LogprobEntry] = []
         # When params.prompt_logprobs is set: the prompt's entries, set by the engine at admission.
-        self.prompt_logprobs: list[LogprobEntry | None] | None = None
+        self.prompt_logprobs: list[PromptLogprob] | None = None
         # Read by the inference thread every step; a plain Event is the cheap cross-thread flag.
         self._cancelled = threading.Event()
         # The deadline is answered by a timer on the event loop, not when the engine next looks: a step

@@ -33,7 +33,7 @@ from textgen.services.openai import (
     submit_chat,
     submit_completion,
 )
-from textgen.services.requests import ChatCompletionRequest, CompletionRequest
+from textgen.services.requests import ChatCompletionRequest, CompletionRequest, describe_validation_errors
 from textgen.workers.coordinator import BATCH_LINE_KIND, LinePlan, LinePlanner
 from textgen.workers.runner import ExecutorFactory, JobExecutor, JobOutcome
 
@@ -80,7 +80,8 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
         except TextGenError as error:
             return _failed(error.status_code, error.message, request_id)
         except ValidationError as error:
-            return _failed(400, f"body: {error.errors()[0]['msg']}", request_id)
+            param, message = describe_validation_errors(error.errors())
+            return _failed(400, message, request_id, param)
         line = {"status_code": 200, "request_id": request_id, "body": response.model_dump(mode="json")}
         return JobState.SUCCEEDED, {"result": line}
 
@@ -114,6 +115,6 @@ def batch_line_planner(service: GenerationService, model: LoadedModel) -> LinePl
 JOB_EXECUTORS: dict[str, ExecutorFactory] = {BATCH_LINE_KIND: batch_line_executor}
 
 
-def _failed(status: int, message: str, request_id: str) -> JobOutcome:
-    line = {"status_code": status, "request_id": request_id, "body": error_body(status, message)}
+def _failed(status: int, message: str, request_id: str, param: str | None = None) -> JobOutcome:
+    line = {"status_code": status, "request_id": request_id, "body": error_body(status, message, param)}
     return JobState.FAILED, {"result": line, "error": message}
