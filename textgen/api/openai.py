@@ -48,6 +48,7 @@ from textgen.services.openai import (
     choice_sampling,
     completion_chunks,
     completion_response,
+    error_param,
     grant_choices,
     submit_choices,
 )
@@ -80,7 +81,8 @@ class OpenAIRoute(APIRoute):
                 param, message = describe_validation_errors(error.errors())
                 return openai_error(request, 400, message, param)
             except TextGenError as error:
-                return openai_error(request, error.status_code, error.message, headers=retry_after_headers(error))
+                headers = retry_after_headers(error)
+                return openai_error(request, error.status_code, error.message, error_param(error), headers=headers)
 
         return handle
 

@@ -27,6 +27,7 @@ from textgen.services.openai import (
     choice_params,
     completion_response,
     error_body,
+    error_param,
     names_no_output_limit,
     prompts_of,
     response_format_constraint,
@@ -78,7 +79,7 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
         except (NotReadyError, GenerationCancelledError, StoreUnavailableError):
             raise  # the runner hands the job back or records nothing
         except TextGenError as error:
-            return _failed(error.status_code, error.message, request_id)
+            return _failed(error.status_code, error.message, request_id, error_param(error))
         except ValidationError as error:
             param, message = describe_validation_errors(error.errors())
             return _failed(400, message, request_id, param)

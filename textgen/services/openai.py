@@ -10,6 +10,7 @@ the same ``GenerationService`` as ``/generate`` (content filter, token budget, m
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -54,6 +55,18 @@ OPENAI_FINISH: dict[FinishReason, Literal["stop", "length"]] = {
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     """OpenAI's ``{"error": {...}}`` for a status (also the body of a failed batch line)."""
     return {"error": openai_error_body(status, message, "", param)["error"]}
+
+
+# A client-facing message that starts with a request field's name ("logit_bias: ...") is about that field.
+_FIELD_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): ")
+
+
+def error_param(error: TextGenError) -> str | None:
+    """The request field a 400 is about, for OpenAI's ``param``: errors about a field start with its name."""
+    if error.status_code != 400:
+        return None
+    match = _FIELD_PREFIX.match(error.message)
+    return match.group(1) if match else None
 
 
 def render_chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> str:

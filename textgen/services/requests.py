@@ -231,6 +231,12 @@ def _completion_prompt(value: Any) -> Any:
     )
 
 
+def _text_modality_only(value: Any) -> Any:
+    if value is not None and (not isinstance(value, list) or any(item != "text" for item in value)):
+        raise _policy_error("modalities", 'only ["text"]: this model takes and produces text only.')
+    return value
+
+
 class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -341,7 +347,7 @@ class CompletionRequest(_OpenAIRequest):
     def _echo_and_best_of(self) -> CompletionRequest:
         if self.max_tokens == 0 and not self.echo:
             raise _policy_error("max_tokens", "must be at least 1 (0 only with echo, to score the prompt).")
-        if self.best_of is not None and self.best_of not in (1, self.n):
+        if self.best_of is not None and self.best_of != self.n:
             if self.best_of < self.n:
                 raise _policy_error("best_of", f"must be at least n ({self.n}).")
             raise _policy_error(
@@ -366,6 +372,7 @@ class ChatCompletionRequest(_OpenAIRequest):
     logprobs: bool | None = Field(None, strict=True, description="Return each output token's log-probability.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Likeliest alternatives per token (logprobs).")
     modalities: list[Literal["text"]] | None = Field(None, description='Only ["text"]: the model produces text.')
+    _modalities_text_only = field_validator("modalities", mode="before")(_text_modality_only)
     # Metadata: accepted and ignored (what OpenAI stores or routes by; nothing here changes the output).
     metadata: dict[str, str] | None = Field(None, description="Metadata: accepted and ignored.")
     store: bool | None = Field(None, description="Metadata: accepted and ignored (nothing is stored for distillation).")
