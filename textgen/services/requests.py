@@ -316,7 +316,13 @@ class _OpenAIRequest(BaseModel):
         return tuple(s for s in stops if s)
 
 
-CompletionPrompt = str | list[str] | list[int] | list[list[int]]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
+CompletionPrompt = (
+    NonEmptyStr
+    | Annotated[list[NonEmptyStr], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
 
 
 class CompletionRequest(_OpenAIRequest):
