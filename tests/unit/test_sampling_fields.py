@@ -11,6 +11,7 @@ import torch
 
 from tests.support.tiny_model import build_tokenizer
 from textgen.engine.sampling import (
+    TokenPenalties,
     apply_count_penalties,
     apply_logit_bias,
     apply_min_p,
@@ -24,11 +25,11 @@ from textgen.engine.types import SamplingParams
 PLAIN = SamplingParams(temperature=0.0)
 
 
-def counts_of(tokens: list[int], vocabulary: int) -> torch.Tensor:
-    counts = torch.zeros(vocabulary)
+def penalties_of(tokens: list[int], vocabulary: int, params: SamplingParams) -> TokenPenalties:
+    penalties = TokenPenalties(vocabulary, params)
     for token in tokens:
-        counts[token] += 1
-    return counts
+        penalties.add(token)
+    return penalties
 
 
 def test_count_penalties_follow_openai_and_skip_rows_without_them() -> None:
@@ -38,8 +39,8 @@ def test_count_penalties_follow_openai_and_skip_rows_without_them() -> None:
         PLAIN,
         SamplingParams(presence_penalty=-1.0),
     ]
-    counts = [counts_of([3, 3, 1], 4), None, counts_of([0], 4)]
-    out = apply_count_penalties(logits.clone(), params, counts)
+    penalties = [penalties_of([3, 3, 1], 4, params[0]), None, penalties_of([0], 4, params[2])]
+    out = apply_count_penalties(logits.clone(), params, penalties)
     # token 3 seen twice: 4 - 0.5*2 - 1; token 1 once: 2 - 0.5 - 1
     assert out[0].tolist() == [1.0, 0.5, 3.0, 2.0]
     assert out[1].tolist() == [1.0, 2.0, 3.0, 4.0]  # no penalties: untouched, and needs no counts
@@ -90,9 +91,9 @@ def test_select_next_tokens_mixed_batch() -> None:
         PLAIN,
         SamplingParams(temperature=0.0, logit_bias=((0, 100.0),)),
     ]
-    counts = [counts_of([1], 3), None, None]
+    penalties = [penalties_of([1], 3, params[0]), None, None]
     shared = torch.Generator().manual_seed(0)
-    chosen = select_next_tokens(logits.clone(), params, [[], [], []], [None] * 3, shared, counts=counts)
+    chosen = select_next_tokens(logits.clone(), params, [[], [], []], [None] * 3, shared, penalties=penalties)
     assert chosen.tolist() == [2, 1, 0]
 
 

@@ -30,28 +30,44 @@ def apply_repetition_penalty(
     return logits
 
 
+class TokenPenalties:
+    """A row's presence and frequency penalties so far, kept as the one vector [V] to subtract from its
+    logits: each generated token adds ``frequency_penalty`` to its entry (and ``presence_penalty`` the
+    first time), O(1) per token, so a step applies them with one operation instead of recomputing
+    ``frequency * count + presence * (count > 0)`` over the vocabulary."""
+
+    def __init__(self, vocabulary: int, params: SamplingParams) -> None:
+        self.vector = torch.zeros(vocabulary, dtype=torch.float32)
+        self._presence = params.presence_penalty
+        self._frequency = params.frequency_penalty
+        self._seen: set[int] = set()
+
+    def add(self, token_id: int) -> None:
+        amount = self._frequency
+        if token_id not in self._seen:
+            self._seen.add(token_id)
+            amount += self._presence
+        if amount:
+            self.vector[token_id] += amount
+
+
 def apply_count_penalties(
-    logits: torch.Tensor, params: Sequence[SamplingParams], counts: Sequence[torch.Tensor | None]
+    logits: torch.Tensor, params: Sequence[SamplingParams], penalties: Sequence[TokenPenalties | None]
 ) -> torch.Tensor:
     """OpenAI's presence and frequency penalties, in place: each row that has them loses
-    ``frequency_penalty * count + presence_penalty * (count > 0)`` per token, where ``counts[row]`` [V]
-    holds how often each token was generated so far. One vectorised pass over the rows that ask; rows
-    without penalties are not touched (nor need counts)."""
-    rows = [row for row, p in enumerate(params) if p.counts_tokens]
-    if not rows:
-        return logits
-    seen = torch.stack([_row_counts(counts[row], row) for row in rows]).to(logits.device)  # [R, V]
-    frequency = torch.tensor([params[r].frequency_penalty for r in rows], device=logits.device)[:, None]
-    presence = torch.tensor([params[r].presence_penalty for r in rows], device=logits.device)[:, None]
-    penalty = seen * frequency + (seen > 0) * presence  # [R, V]
-    logits.index_add_(0, torch.tensor(rows, dtype=torch.long, device=logits.device), -penalty)
+    ``frequency_penalty * count + presence_penalty * (count > 0)`` per token, count = times the token was
+    generated so far (``penalties[row]`` keeps that sum). One subtraction per such row; rows without
+    penalties are not touched (nor need a ``TokenPenalties``)."""
+    for row, p in enumerate(params):
+        if p.counts_tokens:
+            logits[row].sub_(_row_penalties(penalties[row], row).vector.to(logits.device))
     return logits
 
 
-def _row_counts(counts: torch.Tensor | None, row: int) -> torch.Tensor:
-    if counts is None:
+def _row_penalties(penalties: TokenPenalties | None, row: int) -> TokenPenalties:
+    if penalties is None:
         raise ValueError(f"row {row} has a presence or frequency penalty but no token counts")
-    return counts
+    return penalties
 
 
 def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -325,12 +341,12 @@ def select_next_tokens(
     shared: torch.Generator,
     logprobs_out: list[RowLogprobs] | None = None,
     kernels: FusedKernels | None = None,
-    counts: Sequence[torch.Tensor | None] | None = None,
+    penalties: Sequence[TokenPenalties | None] | None = None,
 ) -> torch.Tensor:
     """logits [B, V] (any float dtype) -> next token ids [B] (long), greedy or sampled per row.
 
-    Each row's logits get, in order, its repetition penalty, presence/frequency penalties (``counts``:
-    per row, how often each token was generated so far; needed only for rows with those penalties) and
+    Each row's logits get, in order, its repetition penalty, presence/frequency penalties (``penalties``:
+    per row, what the tokens generated so far cost; needed only for rows with those penalties) and
     logit_bias; then min_p truncates sampled rows. A batch where no row asks for one of these pays one
     scan of the params for each.
 
@@ -338,7 +354,7 @@ def select_next_tokens(
     rows whose params do not ask get None, and a batch where none asks costs nothing extra. ``kernels``
     (fused.c) samples top-p rows in C where available."""
     logits = apply_repetition_penalty(logits.float(), params, histories)
-    logits = apply_count_penalties(logits, params, counts if counts is not None else [None] * len(params))
+    logits = apply_count_penalties(logits, params, penalties if penalties is not None else [None] * len(params))
     logits = apply_logit_bias(logits, params)
     chosen = _choose(apply_min_p(logits, params), params, generators, shared, kernels)
     if logprobs_out is not None:

@@ -27,7 +27,13 @@ import torch
 from textgen.engine.constraints import GrammarCompiler, MaskTimer, apply_token_masks
 from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights
 from textgen.engine.core.fused import FusedKernels, load_fused_kernels
-from textgen.engine.sampling import RowLogprobs, prompt_token_logprobs, select_next_tokens, suppress_tokens
+from textgen.engine.sampling import (
+    RowLogprobs,
+    TokenPenalties,
+    prompt_token_logprobs,
+    select_next_tokens,
+    suppress_tokens,
+)
 from textgen.engine.sequence import SequenceState, tokenize_prompt
 from textgen.engine.types import (
     EngineLimits,
@@ -404,7 +410,7 @@ class BatchedEngine:
         logits = apply_token_masks(logits, [s.constraint for s in rows], self.mask_timer)
         params = [s.handle.request.params for s in rows]
         vocabulary = logits.shape[-1]
-        counts = [_token_counts(s, vocabulary) if p.counts_tokens else None for s, p in zip(rows, params, strict=True)]
+        penalties = [_penalties(s, vocabulary) if p.counts_tokens else None for s, p in zip(rows, params, strict=True)]
         unended = [row for row, seq in enumerate(rows) if seq.min_tokens and seq.eos_ids and seq.ends_suppressed]
         if unended:
             logits = suppress_tokens(logits, unended, sorted(self._loaded.eos_token_ids))
@@ -417,7 +423,7 @@ class BatchedEngine:
             self._shared_rng,
             logprobs_out=logprobs,
             kernels=self._kernels,
-            counts=counts,
+            penalties=penalties,
         )
         for seq, token, row_logprobs in zip(rows, tokens.tolist(), logprobs, strict=True):
             delta = seq.accept(token, row_logprobs)
@@ -482,11 +488,11 @@ class BatchedEngine:
         return events
 
 
-def _token_counts(seq: SequenceState, vocabulary: int) -> torch.Tensor:
-    """The row's generated-token counts, made (zeros) at its first sampling step."""
-    if seq.token_counts is None:
-        seq.token_counts = torch.zeros(vocabulary, dtype=torch.float32)
-    return seq.token_counts
+def _penalties(seq: SequenceState, vocabulary: int) -> TokenPenalties:
+    """The row's presence/frequency penalties, made (none yet) at its first sampling step."""
+    if seq.penalties is None:
+        seq.penalties = TokenPenalties(vocabulary, seq.handle.request.params)
+    return seq.penalties
 
 
 def _vocab_size(loaded: LoadedModel) -> int | None:

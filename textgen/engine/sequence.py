@@ -10,7 +10,7 @@ import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from textgen.engine.constraints import RowConstraint
-from textgen.engine.sampling import RowLogprobs
+from textgen.engine.sampling import RowLogprobs, TokenPenalties
 from textgen.engine.text import TextAssembler
 from textgen.engine.types import (
     EngineLimits,
@@ -45,9 +45,9 @@ class SequenceState:
     # Structured output: the row's grammar state (None: unconstrained); tokenizer for logprob token text.
     constraint: RowConstraint | None = None
     tokenizer: PreTrainedTokenizerBase | None = None
-    # Presence/frequency penalties: how often each token was generated so far ([V], made by the engine
-    # at the row's first sampling step, when it knows V); None for rows without those penalties.
-    token_counts: torch.Tensor | None = None
+    # Presence/frequency penalties of the tokens generated so far (made by the engine at the row's first
+    # sampling step, when it knows V); None for rows without those penalties.
+    penalties: TokenPenalties | None = None
     min_tokens: int = 0
 
     @classmethod
@@ -98,8 +98,8 @@ class SequenceState:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.generated.append(token_id)
-        if self.token_counts is not None:
-            self.token_counts[token_id] += 1
+        if self.penalties is not None:
+            self.penalties.add(token_id)
         if logprobs is not None:
             self.handle.token_logprobs.append(self._token_logprob(token_id, logprobs))
         delta = ""
