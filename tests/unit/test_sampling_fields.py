@@ -120,6 +120,17 @@ def test_prompt_token_logprobs() -> None:
     assert not any(math.isnan(value) for value, _ in entries)
 
 
+def test_prompt_token_logprobs_of_a_long_prompt_in_chunks() -> None:
+    logits = torch.randn(300, 7)
+    ids = torch.randint(0, 7, (300,)).tolist()
+    entries = prompt_token_logprobs(logits, ids, 1)
+    reference = torch.log_softmax(logits, dim=-1)
+    assert len(entries) == 299
+    expected = reference[torch.arange(299), torch.tensor(ids[1:])]
+    assert torch.allclose(torch.tensor([value for value, _ in entries]), expected, atol=1e-6)
+    assert [alternatives[0][0] for _, alternatives in entries] == reference[:299].argmax(dim=-1).tolist()
+
+
 def test_stop_strings_are_held_off_until_armed() -> None:
     tokenizer = build_tokenizer()
     ids = tokenizer("The quick brown fox", add_special_tokens=False).input_ids

@@ -389,24 +389,31 @@ def token_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams], chose
     return out
 
 
+PROMPT_LOGPROB_ROWS = 128  # positions per log_softmax: bounds the extra memory to 128 x V floats
+
+
 def prompt_token_logprobs(
     logits: torch.Tensor, prompt_ids: Sequence[int], alternatives: int
 ) -> list[tuple[float, list[tuple[int, float]]]]:
     """Each prompt token's log-probability given the tokens before it, with its ``alternatives`` likeliest
     alternatives (temperature 1, no penalties: the model's own distribution, as OpenAI's echo reports).
-    logits [L, V]: the logits after every prompt position -> L - 1 entries (the first token has none)."""
-    if len(prompt_ids) < 2:
-        return []
-    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)  # [L - 1, V]
-    following = torch.tensor(prompt_ids[1:], dtype=torch.long, device=logprobs.device)
-    picked = logprobs.gather(-1, following[:, None]).squeeze(-1).tolist()
-    if not alternatives:
-        return [(value, []) for value in picked]
-    values, ids = torch.topk(logprobs, min(alternatives, logprobs.shape[-1]), dim=-1)
-    return [
-        (value, list(zip(row_ids, row_values, strict=True)))
-        for value, row_ids, row_values in zip(picked, ids.tolist(), values.tolist(), strict=True)
-    ]
+    logits [L, V]: the logits after every prompt position -> L - 1 entries (the first token has none).
+    Computed PROMPT_LOGPROB_ROWS positions at a time, so a long prompt does not double [L, V] in memory."""
+    entries: list[tuple[float, list[tuple[int, float]]]] = []
+    following = torch.tensor(list(prompt_ids[1:]), dtype=torch.long, device=logits.device)
+    for start in range(0, len(prompt_ids) - 1, PROMPT_LOGPROB_ROWS):
+        stop = min(start + PROMPT_LOGPROB_ROWS, len(prompt_ids) - 1)
+        logprobs = torch.log_softmax(logits[start:stop].float(), dim=-1)  # [C, V]
+        picked = logprobs.gather(-1, following[start:stop, None]).squeeze(-1).tolist()
+        if not alternatives:
+            entries.extend((value, []) for value in picked)
+            continue
+        values, ids = torch.topk(logprobs, min(alternatives, logprobs.shape[-1]), dim=-1)
+        entries.extend(
+            (value, list(zip(row_ids, row_values, strict=True)))
+            for value, row_ids, row_values in zip(picked, ids.tolist(), values.tolist(), strict=True)
+        )
+    return entries
 
 
 def _choose(

@@ -26,6 +26,7 @@ from textgen.services.openai import (
     chat_response,
     choice_params,
     completion_response,
+    count_prompt_tokens,
     error_body,
     error_param,
     names_no_output_limit,
@@ -104,7 +105,7 @@ def batch_line_planner(service: GenerationService, model: LoadedModel) -> LinePl
             max_tokens = request.max_tokens
         prompts = await asyncio.to_thread(prompts_of, model.tokenizer, request)
         return LinePlan(
-            prompt_tokens=await service.count_prompt_tokens(prompts),
+            prompt_tokens=await count_prompt_tokens(service, prompts, request),
             params=choice_params(prompts, request, max_tokens),
             open_ended=names_no_output_limit(request),
         )
