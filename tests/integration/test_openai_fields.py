@@ -458,3 +458,30 @@ def test_every_documented_field_has_a_test_and_every_declared_field_is_documente
             path, _, name = test.partition("::")
             source = (root / path).read_text(encoding="utf-8")
             assert not name or f"def {name}(" in source, f"{test} (for {field}) does not exist"
+
+
+# ----- the same fields on /generate ---------------------------------------------------------------------
+
+
+async def test_native_generate_takes_the_same_fields(api: Api) -> None:
+    client, app = api
+    tokenizer = tokenizer_of(app)
+    forced = tokenizer(" fox", add_special_tokens=False).input_ids[0]
+    base = {"prompt": PROMPT, "temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+
+    async def generated(**fields: Any) -> str:
+        response = await client.post("/generate", json={**base, **fields})
+        assert response.status_code == 200, response.text
+        return str(response.json()["generated_text"])
+
+    plain = await generated()
+    assert await generated(logit_bias={str(forced): 100}) == tokenizer.decode([forced] * 12)
+    assert await generated(frequency_penalty=2.0) != plain
+    assert await generated(presence_penalty=2.0) != plain
+    assert await generated(temperature=2.0, seed=7, min_p=1.0) == plain
+    eos = tokenizer.eos_token_id
+    ending = {"ignore_eos": False, "logit_bias": {str(eos): 100}, "min_tokens": 3}
+    ended = await client.post("/generate", json={**base, **ending})
+    assert ended.json()["completion_tokens"] == 4, ended.text
+    refused_bias = await client.post("/generate", json={**base, "logit_bias": {"999999": 1}})
+    assert refused_bias.status_code == 400 and "logit_bias" in refused_bias.text

@@ -31,6 +31,33 @@ def json_number_only(value: Any) -> Any:
     return value
 
 
+MAX_LOGIT_BIAS = 300  # entries; OpenAI's own limit is of this order
+
+
+def _policy_error(param: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_field", "{param}: {message}", {"param": param, "message": message})
+
+
+def _logit_bias(value: Any) -> Any:
+    """OpenAI's logit_bias: {"token id": bias}, ids as decimal strings, bias in -100..100."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _policy_error("logit_bias", 'must be an object mapping token ids to biases, e.g. {"50256": -100}.')
+    if len(value) > MAX_LOGIT_BIAS:
+        raise _policy_error("logit_bias", f"at most {MAX_LOGIT_BIAS} entries; this request has {len(value)}.")
+    parsed: dict[int, float] = {}
+    for key, bias in value.items():
+        if isinstance(key, int) and not isinstance(key, bool):
+            key = str(key)
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9):
+            raise _policy_error("logit_bias", f"keys are token ids (decimal strings); got {str(key)[:40]!r}.")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise _policy_error("logit_bias", f"each bias is a number from -100 to 100; token {key} has {bias!r}.")
+        parsed[int(key)] = float(bias)
+    return parsed
+
+
 class TextGenerationRequest(BaseModel):
     """A generation request. ``max_new_tokens`` wins over ``max_length`` when both are given."""
 
@@ -50,6 +77,19 @@ class TextGenerationRequest(BaseModel):
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of this mass.")
     top_k: int = Field(0, ge=0, le=100_000, description="Keep only the k most likely tokens; 0 = no limit.")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="> 1 discourages repeating tokens.")
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="As OpenAI's: subtracted once from the logit of every token generated so far."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="As OpenAI's: subtracted per time a token was generated so far."
+    )
+    logit_bias: dict[int, float] | None = Field(
+        None,
+        description='As OpenAI\'s: {"token id": bias}, bias -100..100 added to the logit (at most 300 entries).',
+        json_schema_extra={"propertyNames": {"pattern": "^[0-9]{1,9}$"}},
+    )
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the likeliest's probability.")
+    min_tokens: int = Field(0, ge=0, le=4096, description="No end-of-sequence or stop string before this many tokens.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Same seed + same request = same text.")
     stop: list[str] | None = Field(
         None, max_length=8, description="Generation ends before the first of these strings (up to 8)."
@@ -106,11 +146,16 @@ class TextGenerationRequest(BaseModel):
         "top_p",
         "top_k",
         "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "min_p",
+        "min_tokens",
         "seed",
         "timeout_s",
         "logprobs",
         mode="before",
     )(json_number_only)
+    _logit_bias_checked = field_validator("logit_bias", mode="before")(_logit_bias)
 
 
 # ----- OpenAI-compatible API (/v1, and the lines of Batch API files) ---------------------------------
@@ -118,8 +163,6 @@ class TextGenerationRequest(BaseModel):
 # the tables below plus the declared fields (docs/api.md lists them all; tests/unit/test_openai_fields.py
 # holds the two together). A field nobody declared (a typo, another server's extension) is a 400 naming it.
 
-MAX_LOGIT_BIAS = 300  # entries; OpenAI's own limit is of this order
-LOGIT_BIAS_RANGE = 100.0
 # A token-id prompt's length before the engine checks it against TEXTGEN_MAX_PROMPT_TOKENS and the context.
 MAX_PROMPT_IDS = 32_000
 
@@ -171,30 +214,6 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str
         return context["param"], str(first["msg"])
     param = ".".join(str(part) for part in first["loc"] if part != "body") or None
     return param, f"{param}: {first['msg']}" if param else str(first["msg"])
-
-
-def _policy_error(param: str, message: str) -> PydanticCustomError:
-    return PydanticCustomError("invalid_field", "{param}: {message}", {"param": param, "message": message})
-
-
-def _logit_bias(value: Any) -> Any:
-    """OpenAI's logit_bias: {"token id": bias}, ids as decimal strings, bias in -100..100."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise _policy_error("logit_bias", 'must be an object mapping token ids to biases, e.g. {"50256": -100}.')
-    if len(value) > MAX_LOGIT_BIAS:
-        raise _policy_error("logit_bias", f"at most {MAX_LOGIT_BIAS} entries; this request has {len(value)}.")
-    parsed: dict[int, float] = {}
-    for key, bias in value.items():
-        if isinstance(key, int) and not isinstance(key, bool):
-            key = str(key)
-        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9):
-            raise _policy_error("logit_bias", f"keys are token ids (decimal strings); got {str(key)[:40]!r}.")
-        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
-            raise _policy_error("logit_bias", f"each bias is a number from -100 to 100; token {key} has {bias!r}.")
-        parsed[int(key)] = float(bias)
-    return parsed
 
 
 def _token_id_list(value: list[Any], where: str) -> list[int]:
