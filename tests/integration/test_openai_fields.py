@@ -335,6 +335,7 @@ BAD_VALUES = [
     ("min_tokens", -1),
     ("top_k", -2),
     ("repetition_penalty", 0),
+    ("repetition_penalty", 5e-324),  # dividing by it would overflow the logits
     ("echo", "yes"),
     ("max_tokens", 0),  # 0 only with echo
 ]

@@ -293,7 +293,11 @@ class _OpenAIRequest(BaseModel):
         0.0, ge=0.0, le=1.0, description="Extension (as vLLM): drop tokens below min_p x the likeliest's probability."
     )
     repetition_penalty: float = Field(
-        1.0, gt=0.0, le=10.0, description="Extension (as /generate, vLLM): > 1 discourages any token already seen."
+        1.0,
+        ge=0.01,
+        le=10.0,
+        description="Extension (as /generate, vLLM): > 1 discourages any token already seen; 0.01..10 (a smaller "
+        "divisor would overflow the logits).",
     )
     min_tokens: int = Field(
         0, ge=0, le=4096, description="Extension (as vLLM): no end-of-sequence or stop string before this many tokens."
