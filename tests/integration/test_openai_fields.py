@@ -486,3 +486,16 @@ async def test_native_generate_takes_the_same_fields(api: Api) -> None:
     assert ended.json()["completion_tokens"] == 4, ended.text
     refused_bias = await client.post("/generate", json={**base, "logit_bias": {"999999": 1}})
     assert refused_bias.status_code == 400 and "logit_bias" in refused_bias.text
+
+
+async def test_echoed_prompt_logprobs_count_against_the_logprobs_limit(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """echo with logprobs returns an entry per prompt token too: they count toward
+    TEXTGEN_MAX_LOGPROBS_PER_REQUEST, so a long prompt cannot make an unbounded response."""
+    settings = tiny_settings(tiny_model_dir, tmp_path, max_logprobs_per_request=40)
+    async with open_app(settings) as (client, _app):
+        body = {"prompt": PROMPT, "max_tokens": 2, "logprobs": 1}
+        await post_ok(client, "/v1/completions", body)  # 2 tokens x 2 entries: fine
+        message = await refused(client, "/v1/completions", {**body, "prompt": PROMPT * 4, "echo": True}, "logprobs")
+        assert "echo" in message and "TEXTGEN_MAX_LOGPROBS_PER_REQUEST" in message
