@@ -147,3 +147,23 @@ def test_stop_strings_are_held_off_until_armed() -> None:
     streamed += held.finish()
     assert held.stopped and held.text == "The quick brown "
     assert streamed == held.text
+
+
+def test_token_ids_are_checked_against_tokenizer_and_model_vocabulary() -> None:
+    """An id past the model's output layer would fail the whole batch's step: refused at admission."""
+    from textgen.engine.sequence import tokenize_prompt
+    from textgen.engine.types import EngineLimits, GenerationRequest
+    from textgen.errors import InvalidRequestError
+
+    tokenizer = build_tokenizer()
+    limits = EngineLimits()
+    ids, _budget = tokenize_prompt(tokenizer, GenerationRequest("x", prompt_ids=(1, 2, 3)), limits)
+    assert ids == [1, 2, 3]
+    with pytest.raises(InvalidRequestError, match="prompt: token ids"):
+        tokenize_prompt(tokenizer, GenerationRequest("x", prompt_ids=(1, len(tokenizer))), limits)
+    with pytest.raises(InvalidRequestError, match="prompt: token ids"):
+        tokenize_prompt(tokenizer, GenerationRequest("x", prompt_ids=(1, 300)), limits, model_vocabulary=300)
+    biased = GenerationRequest("Hi", SamplingParams(logit_bias=((350, 1.0),)))
+    tokenize_prompt(tokenizer, biased, limits)
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        tokenize_prompt(tokenizer, biased, limits, model_vocabulary=300)

@@ -105,7 +105,8 @@ class BatchedEngine:
         self._step_observer: Callable[[int, float], None] | None = None
         # Structured output: compiles constraints for this tokenizer (GenerationService uses it
         # before submitting); mask_timer adds up the per-step cost of the token masks.
-        self.grammars = GrammarCompiler(loaded.tokenizer, loaded.eos_token_ids, _vocab_size(loaded))
+        self._model_vocabulary = _vocab_size(loaded)
+        self.grammars = GrammarCompiler(loaded.tokenizer, loaded.eos_token_ids, self._model_vocabulary)
         self.mask_timer = MaskTimer()
 
     # ----- event-loop side -------------------------------------------------------------------
@@ -335,7 +336,11 @@ class BatchedEngine:
         for handle in handles:
             try:
                 ids, budget = tokenize_prompt(
-                    self._loaded.tokenizer, handle.request, self._limits, self._require_core().capacity
+                    self._loaded.tokenizer,
+                    handle.request,
+                    self._limits,
+                    self._require_core().capacity,
+                    self._model_vocabulary,
                 )
             except Exception as error:
                 if not isinstance(error, TextGenError):

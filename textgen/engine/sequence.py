@@ -74,7 +74,7 @@ class SequenceState:
             eos_ids=frozenset() if params.ignore_eos else eos_ids,
             generator=generator,
             constraint=None if request.grammar is None else request.grammar.start(),
-            tokenizer=tokenizer if params.logprobs is not None or params.prompt_logprobs is not None else None,
+            tokenizer=tokenizer if params.logprobs is not None else None,
             min_tokens=params.min_tokens,
         )
 
@@ -142,9 +142,6 @@ class SequenceState:
             top=tuple(LogprobAlternative(t, self._token_text(t), value) for t, value in alternatives),
         )
 
-    def token_entry(self, token_id: int, logprob: float, alternatives: list[tuple[int, float]]) -> LogprobEntry:
-        return self._token_logprob(token_id, (logprob, alternatives))
-
     def _token_text(self, token_id: int) -> str:
         assert self.tokenizer is not None
         return str(self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False))
@@ -162,7 +159,7 @@ class SequenceState:
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.generated),
             finish_reason=self.finish_reason or FinishReason.LENGTH,
-            token_logprobs=None if self.handle.request.params.logprobs is None else tuple(self.handle.token_logprobs),
+            token_logprobs=None if self.tokenizer is None else tuple(self.handle.token_logprobs),
             prompt_logprobs=None if self.handle.prompt_logprobs is None else tuple(self.handle.prompt_logprobs),
             timings=RequestTimings(
                 queue_s=self.admitted_at - arrived,
@@ -172,9 +169,11 @@ class SequenceState:
         )
 
 
-def vocabulary_size(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Token ids a client may name: the tokenizer's vocabulary with its added tokens."""
-    return len(tokenizer)
+def vocabulary_size(tokenizer: PreTrainedTokenizerBase, model_vocabulary: int | None = None) -> int:
+    """Token ids a client may name: the tokenizer's vocabulary with its added tokens, and no more than
+    the model's output layer has rows (an id past it would fail a whole batch's step)."""
+    size = len(tokenizer)
+    return size if model_vocabulary is None else min(size, model_vocabulary)
 
 
 def _names_token_ids(request: GenerationRequest) -> bool:
@@ -201,6 +200,7 @@ def tokenize_prompt(
     request: GenerationRequest,
     limits: EngineLimits,
     context_length: int | None = None,
+    model_vocabulary: int | None = None,
 ) -> tuple[list[int], int]:
     """Prompt token ids and the number of tokens to generate; rejects over-long prompts.
 
@@ -211,7 +211,8 @@ def tokenize_prompt(
         ids = list(request.prompt_ids)
     else:
         ids = list(tokenizer(request.prompt, add_special_tokens=True).input_ids)
-    check_token_ids(ids, request.params, vocabulary_size(tokenizer) if _names_token_ids(request) else 0)
+    if _names_token_ids(request):
+        check_token_ids(ids, request.params, vocabulary_size(tokenizer, model_vocabulary))
     if not ids:
         raise InvalidRequestError("The prompt produced no tokens; send a non-empty prompt.")
     limit = limits.max_prompt_tokens
