@@ -7,6 +7,12 @@ nothing else in the package knows about HTTP status codes.
 
 from __future__ import annotations
 
+import re
+
+# A client-facing 400 whose message starts with a request field's name ("logit_bias: ...") is about that
+# field: it is the error's ``param`` unless one is given.
+_FIELD_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): ")
+
 
 class TextGenError(Exception):
     """Base class: ``status_code`` and a client-safe ``message``; optionally the request field at fault
@@ -28,9 +34,15 @@ class TextGenError(Exception):
     ) -> None:
         self.message = message or self.default_message
         self.retry_after_s = retry_after_s
-        self.param = param or self.default_param
+        self.param = param or self.default_param or self._field_named_first()
         self.code = code or self.default_code
         super().__init__(self.message)
+
+    def _field_named_first(self) -> str | None:
+        if self.status_code != 400:
+            return None
+        match = _FIELD_PREFIX.match(self.message)
+        return match.group(1) if match else None
 
 
 class ContentRejectedError(TextGenError):

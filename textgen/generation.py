@@ -351,7 +351,9 @@ class GenerationService:
     def _grammars(self, params: SamplingParams) -> GrammarCompiler | None:
         """The engine's constraint compiler; 400 when the request needs one the engine lacks."""
         grammars: GrammarCompiler | None = getattr(self.engine, "grammars", None)
-        if grammars is None and (params.constraint is not None or params.logprobs is not None):
+        if grammars is None and (
+            params.constraint is not None or params.logprobs is not None or params.prompt_logprobs is not None
+        ):
             raise InvalidRequestError(
                 "Structured output and logprobs need the batched engine (TEXTGEN_ENGINE=batched); "
                 f"this server runs the {self.engine.name} engine."
@@ -390,9 +392,11 @@ class GenerationService:
         request_id: str,
         priority: Priority,
         timeout_s: float | None = None,
+        *,
+        prompt_ids: tuple[int, ...] | None = None,
     ) -> Handle:
         """Queue a request whose constraint ``prepare`` compiled (it is never compiled here: this runs
-        on the event loop)."""
+        on the event loop). ``prompt_ids``: the prompt as token ids (``prompt`` is then their text)."""
         grammars = self._grammars(params)
         grammar = None
         if grammars is not None and params.constraint is not None:
@@ -410,6 +414,7 @@ class GenerationService:
             priority=priority,
             timeout_s=timeout_s or self.settings.request_timeout_s,
             grammar=grammar,
+            prompt_ids=prompt_ids,
         )
         return self.engine.submit(request)
 

@@ -347,7 +347,9 @@ async def test_chat_stream_with_usage(api: Api) -> None:
 # ----- leniency and validation ---------------------------------------------------------------------------
 
 
-async def test_unknown_fields_are_ignored(api: Api) -> None:
+async def test_neutral_values_and_metadata_are_accepted(api: Api) -> None:
+    """Neutral values of honoured fields and metadata fields pass (unknown fields are refused: see
+    tests/integration/test_openai_fields.py)."""
     extra = {"logit_bias": {}, "user": "x", "frequency_penalty": 0, "logprobs": None, "model": "tiny"}
     client, _app = api
     completion = await post_ok(client, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, **extra})

@@ -153,6 +153,9 @@ async def test_schema_states_what_the_server_enforces(make_settings: MakeSetting
         assert components["TextGenerationRequest"]["properties"]["stream"]["type"] == "boolean"
         prompt = components["CompletionRequest"]["properties"]["prompt"]["anyOf"]
         assert prompt[0]["minLength"] == 1 and prompt[1]["minItems"] == 1 and prompt[1]["items"]["minLength"] == 1
+        # token ids: a non-empty list of non-negative integers, or a non-empty list of such lists
+        assert prompt[2]["minItems"] == 1 and prompt[2]["items"] == {"minimum": 0, "type": "integer"}
+        assert prompt[3]["minItems"] == 1 and prompt[3]["items"]["items"]["minimum"] == 0
         (header,) = schema["paths"]["/generate_background"]["post"]["parameters"]
         key_schema = header["schema"]["anyOf"][0]
         assert key_schema["maxLength"] == 255 and key_schema["minLength"] == 1

@@ -115,6 +115,25 @@ def test_bad_lines_are_named(line: RawLine, code: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": "hi", "guided_json": {}}, "body.guided_json"),  # unknown field
+        ("/v1/completions", {"prompt": "hi", "suffix": "x"}, "body.suffix"),  # documented, refused
+        ("/v1/completions", {"prompt": "hi", "best_of": 3}, "body.best_of"),
+        ("/v1/completions", {"prompt": [1, "a"]}, "body.prompt"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, "body.logit_bias"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "audio": {}}, "body.audio"),
+    ],
+)
+def test_lines_with_fields_we_cannot_honour_name_them(url: str, body: dict[str, object], param: str) -> None:
+    """Batch lines follow the /v1 field policy, and the error names the field (not "body.")."""
+    custom_id, error = check_line(request_line(url=url, body=body), url, 10_000)
+    assert custom_id is None and error is not None
+    assert error["code"] == "invalid_body" and error["param"] == param, error
+    assert error["message"].startswith(f"{param}:"), error
+
+
+@pytest.mark.parametrize(
     "data",
     [
         b'{"custom_id": "a", "body": ' + b"[" * 5000 + b"]" * 5000 + b"}",

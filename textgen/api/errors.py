@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from textgen.api.schemas.native import ErrorResponse
 from textgen.errors import InsufficientStorageError, StoreUnavailableError, TextGenError
 from textgen.services.openai_types import openai_error_body
+from textgen.services.requests import describe_validation_errors
 
 logger = logging.getLogger(__name__)
 
@@ -121,21 +122,6 @@ async def _textgen_error(request: Request, exc: Exception) -> JSONResponse:
     return textgen_error_response(request, exc)
 
 
-# Pydantic's union-member and validator tags in an error's location ("prompt.constrained-str",
-# "stop.list[str]"): not fields a client sent, so they are left out of the param it is shown.
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "tuple", "bytes", "literal"})
-
-
-def _is_type_tag(part: int | str) -> bool:
-    return isinstance(part, str) and (part.lower() in _TYPE_TAGS or any(char in part for char in "[(-"))
-
-
-def param_of(loc: tuple[int | str, ...]) -> str | None:
-    """The request field an error is about, dotted (``messages.0.content``); None for the whole body."""
-    parts = loc[1:] if loc and loc[0] == "body" else loc
-    return ".".join(str(part) for part in parts if not _is_type_tag(part)) or None
-
-
 def json_syntax_message(position: int, document: object, detail: str = "") -> str:
     """Where a body's JSON breaks, as line and column (and the character offset), with the fix."""
     where = f"at character {position}"
@@ -162,10 +148,9 @@ def _openai_validation_error(request: Request, exc: RequestValidationError) -> J
     if loc == ("body",) and isinstance(exc.body, bytes) and content_type and not content_type.endswith("json"):
         message = f"The body was sent as {content_type!r}; send a JSON object with Content-Type: application/json."
         return openai_error_response(request, 400, message)
-    param = param_of(loc)
     if loc == ("body",) and first.get("type") == "missing":
         return openai_error_response(request, 400, "The request body is empty; send a JSON object.")
-    message = f"{param}: {first['msg']}" if param else str(first["msg"])
+    param, message = describe_validation_errors(exc.errors())
     return openai_error_response(request, 400, message, param)
 
 

@@ -7,6 +7,7 @@ seeded request produces the same tokens whether it runs alone or beside others.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,97 @@ def apply_repetition_penalty(
         seen = torch.tensor(sorted(set(history)), dtype=torch.long, device=logits.device)  # [S]
         values = logits[row, seen]
         logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    return logits
+
+
+class TokenPenalties:
+    """A row's presence and frequency penalties so far, kept as the one vector [V] to subtract from its
+    logits: each generated token adds ``frequency_penalty`` to its entry (and ``presence_penalty`` the
+    first time), O(1) per token, so a step applies them with one operation instead of recomputing
+    ``frequency * count + presence * (count > 0)`` over the vocabulary."""
+
+    def __init__(self, vocabulary: int, params: SamplingParams) -> None:
+        self.vector = torch.zeros(vocabulary, dtype=torch.float32)
+        self._presence = params.presence_penalty
+        self._frequency = params.frequency_penalty
+        self._seen: set[int] = set()
+
+    def add(self, token_id: int) -> None:
+        amount = self._frequency
+        if token_id not in self._seen:
+            self._seen.add(token_id)
+            amount += self._presence
+        if amount:
+            self.vector[token_id] += amount
+
+
+def apply_count_penalties(
+    logits: torch.Tensor, params: Sequence[SamplingParams], penalties: Sequence[TokenPenalties | None]
+) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties, in place: each row that has them loses
+    ``frequency_penalty * count + presence_penalty * (count > 0)`` per token, count = times the token was
+    generated so far (``penalties[row]`` keeps that sum). One subtraction per such row; rows without
+    penalties are not touched (nor need a ``TokenPenalties``)."""
+    for row, p in enumerate(params):
+        if p.counts_tokens:
+            logits[row].sub_(_row_penalties(penalties[row], row).vector.to(logits.device))
+    return logits
+
+
+def _row_penalties(penalties: TokenPenalties | None, row: int) -> TokenPenalties:
+    if penalties is None:
+        raise ValueError(f"row {row} has a presence or frequency penalty but no token counts")
+    return penalties
+
+
+def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """OpenAI's logit_bias, in place: each (token id, bias) of a row added to that row's logit, all rows
+    in one scatter. Ids must be inside the vocabulary (checked when the request is admitted)."""
+    rows: list[int] = []
+    ids: list[int] = []
+    biases: list[float] = []
+    for row, p in enumerate(params):
+        for token_id, bias in p.logit_bias:
+            rows.append(row)
+            ids.append(token_id)
+            biases.append(bias)
+    if rows:
+        device = logits.device
+        index = (
+            torch.tensor(rows, dtype=torch.long, device=device),
+            torch.tensor(ids, dtype=torch.long, device=device),
+        )
+        logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """min-p truncation for sampled rows that ask: tokens with p < min_p * p_max are dropped. In logits,
+    p_i / p_max = exp((l_i - l_max) / T), so the cut is l_i < l_max + T * ln(min_p). Returns a copy when
+    a row asks (the caller's logits stay untruncated for log-probabilities), else ``logits`` itself."""
+    rows = [row for row, p in enumerate(params) if p.min_p > 0.0 and not p.greedy]
+    if not rows:
+        return logits
+    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    cut = torch.tensor([params[r].temperature * math.log(params[r].min_p) for r in rows], device=logits.device)
+    chosen = logits[index]  # [R, V]
+    floor = chosen.amax(dim=-1, keepdim=True) + cut[:, None]
+    truncated = logits.clone()
+    truncated[index] = chosen.masked_fill(chosen < floor, float("-inf"))
+    return truncated
+
+
+def suppress_tokens(logits: torch.Tensor, rows: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+    """Ban ``token_ids`` in ``rows`` (in place), except in a row where nothing else is allowed (a grammar
+    that only admits its end): min_tokens must not leave a row with no token at all."""
+    if not rows or not token_ids:
+        return logits
+    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    banned = torch.tensor(sorted(token_ids), dtype=torch.long, device=logits.device)
+    chosen = logits[index]  # [R, V]
+    suppressed = chosen.index_fill(1, banned, float("-inf"))
+    alive = torch.isfinite(suppressed).any(dim=-1, keepdim=True)  # [R, 1]
+    logits[index] = torch.where(alive, suppressed, chosen)
     return logits
 
 
@@ -249,14 +341,22 @@ def select_next_tokens(
     shared: torch.Generator,
     logprobs_out: list[RowLogprobs] | None = None,
     kernels: FusedKernels | None = None,
+    penalties: Sequence[TokenPenalties | None] | None = None,
 ) -> torch.Tensor:
     """logits [B, V] (any float dtype) -> next token ids [B] (long), greedy or sampled per row.
+
+    Each row's logits get, in order, its repetition penalty, presence/frequency penalties (``penalties``:
+    per row, what the tokens generated so far cost; needed only for rows with those penalties) and
+    logit_bias; then min_p truncates sampled rows. A batch where no row asks for one of these pays one
+    scan of the params for each.
 
     With ``logprobs_out``, it is filled with one ``RowLogprobs`` per row (see ``token_logprobs``);
     rows whose params do not ask get None, and a batch where none asks costs nothing extra. ``kernels``
     (fused.c) samples top-p rows in C where available."""
     logits = apply_repetition_penalty(logits.float(), params, histories)
-    chosen = _choose(logits, params, generators, shared, kernels)
+    logits = apply_count_penalties(logits, params, penalties if penalties is not None else [None] * len(params))
+    logits = apply_logit_bias(logits, params)
+    chosen = _choose(apply_min_p(logits, params), params, generators, shared, kernels)
     if logprobs_out is not None:
         logprobs_out[:] = token_logprobs(logits, params, chosen)
     return chosen
@@ -264,8 +364,8 @@ def select_next_tokens(
 
 def token_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams], chosen: torch.Tensor) -> list[RowLogprobs]:
     """Log-probabilities under each row's sampling distribution: softmax(logits / temperature), where
-    logits already carry the repetition penalty and any grammar mask; greedy rows use temperature 1.
-    Top-k/top-p truncation is not applied, so the alternatives stay informative. One vectorised pass
+    logits already carry the penalties, logit_bias and any grammar mask; greedy rows use temperature 1.
+    Top-k/top-p/min-p truncation is not applied, so the alternatives stay informative. One vectorised pass
     over the rows that asked; refused (-inf) alternatives are left out."""
     asked = [row for row, p in enumerate(params) if p.logprobs is not None]
     out: list[RowLogprobs] = [None] * len(params)
@@ -287,6 +387,33 @@ def token_logprobs(logits: torch.Tensor, params: Sequence[SamplingParams], chose
             alternatives = [(token, value) for token, value in pairs if value != float("-inf")]
         out[row] = (picked[slot], alternatives)
     return out
+
+
+PROMPT_LOGPROB_ROWS = 128  # positions per log_softmax: bounds the extra memory to 128 x V floats
+
+
+def prompt_token_logprobs(
+    logits: torch.Tensor, prompt_ids: Sequence[int], alternatives: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Each prompt token's log-probability given the tokens before it, with its ``alternatives`` likeliest
+    alternatives (temperature 1, no penalties: the model's own distribution, as OpenAI's echo reports).
+    logits [L, V]: the logits after every prompt position -> L - 1 entries (the first token has none).
+    Computed PROMPT_LOGPROB_ROWS positions at a time, so a long prompt does not double [L, V] in memory."""
+    entries: list[tuple[float, list[tuple[int, float]]]] = []
+    following = torch.tensor(list(prompt_ids[1:]), dtype=torch.long, device=logits.device)
+    for start in range(0, len(prompt_ids) - 1, PROMPT_LOGPROB_ROWS):
+        stop = min(start + PROMPT_LOGPROB_ROWS, len(prompt_ids) - 1)
+        logprobs = torch.log_softmax(logits[start:stop].float(), dim=-1)  # [C, V]
+        picked = logprobs.gather(-1, following[start:stop, None]).squeeze(-1).tolist()
+        if not alternatives:
+            entries.extend((value, []) for value in picked)
+            continue
+        values, ids = torch.topk(logprobs, min(alternatives, logprobs.shape[-1]), dim=-1)
+        entries.extend(
+            (value, list(zip(row_ids, row_values, strict=True)))
+            for value, row_ids, row_values in zip(picked, ids.tolist(), values.tolist(), strict=True)
+        )
+    return entries
 
 
 def _choose(

@@ -26,7 +26,13 @@ import torch
 from textgen.engine.constraints import GrammarCompiler, MaskTimer, apply_token_masks
 from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights
 from textgen.engine.core.fused import FusedKernels, load_fused_kernels
-from textgen.engine.sampling import RowLogprobs, select_next_tokens
+from textgen.engine.sampling import (
+    RowLogprobs,
+    TokenPenalties,
+    prompt_token_logprobs,
+    select_next_tokens,
+    suppress_tokens,
+)
 from textgen.engine.sequence import SequenceState, tokenize_prompt
 from textgen.engine.service_rate import ServiceRate, completions_needed, predicted_wait_s
 from textgen.engine.types import (
@@ -35,7 +41,9 @@ from textgen.engine.types import (
     GenerationRequest,
     GenerationResult,
     Handle,
+    LogprobAlternative,
     Priority,
+    PromptLogprob,
     SamplingParams,
     to_client_error,
 )
@@ -99,7 +107,8 @@ class BatchedEngine:
         self._step_observer: Callable[[int, float], None] | None = None
         # Structured output: compiles constraints for this tokenizer (GenerationService uses it
         # before submitting); mask_timer adds up the per-step cost of the token masks.
-        self.grammars = GrammarCompiler(loaded.tokenizer, loaded.eos_token_ids, _vocab_size(loaded))
+        self._model_vocabulary = _vocab_size(loaded)
+        self.grammars = GrammarCompiler(loaded.tokenizer, loaded.eos_token_ids, self._model_vocabulary)
         self.mask_timer = MaskTimer()
 
     # ----- event-loop side -------------------------------------------------------------------
@@ -334,7 +343,11 @@ class BatchedEngine:
         for handle in handles:
             try:
                 ids, budget = tokenize_prompt(
-                    self._loaded.tokenizer, handle.request, self._limits, self._require_core().capacity
+                    self._loaded.tokenizer,
+                    handle.request,
+                    self._limits,
+                    self._require_core().capacity,
+                    self._model_vocabulary,
                 )
             except Exception as error:
                 if not isinstance(error, TextGenError):
@@ -342,9 +355,26 @@ class BatchedEngine:
                 self._release(1)
                 events.append((handle, "", None, to_client_error(error)))
                 continue
+            if handle.request.params.prompt_logprobs is not None:
+                handle.prompt_logprobs = self._prompt_logprobs(ids, handle.request.params.prompt_logprobs)
             prepared.append((handle, ids, budget))
             self._mean_budget = 0.9 * self._mean_budget + 0.1 * budget
         return self._sequences(prepared, events)
+
+    def _prompt_logprobs(self, ids: list[int], alternatives: int) -> list[PromptLogprob]:
+        """echo with logprobs: one extra forward pass over the prompt (only for requests that ask), in a
+        scratch cache slot (one is free: admitted requests hold no slot until their prefill)."""
+        tokenizer = self._loaded.tokenizer
+
+        def text(token_id: int) -> str:
+            return str(tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+
+        entries = [PromptLogprob(ids[0], text(ids[0]), None)]
+        scored = prompt_token_logprobs(self._require_core().score(ids), ids, alternatives) if len(ids) > 1 else []
+        for token_id, (logprob, top) in zip(ids[1:], scored, strict=True):
+            kept = tuple(LogprobAlternative(t, text(t), value) for t, value in top if value != float("-inf"))
+            entries.append(PromptLogprob(token_id, text(token_id), logprob, kept))
+        return entries
 
     def _sequences(self, chunk: list[tuple[Handle, list[int], int]], events: list[Event]) -> list[SequenceState]:
         """Admitted requests as sequences; one with nothing to generate finishes at once."""
@@ -390,15 +420,22 @@ class BatchedEngine:
 
     def _sample_into(self, rows: list[SequenceState], logits: torch.Tensor, events: list[Event]) -> None:
         logits = apply_token_masks(logits, [s.constraint for s in rows], self.mask_timer)
+        params = [s.handle.request.params for s in rows]
+        vocabulary = logits.shape[-1]
+        penalties = [_penalties(s, vocabulary) if p.counts_tokens else None for s, p in zip(rows, params, strict=True)]
+        unended = [row for row, seq in enumerate(rows) if seq.min_tokens and seq.eos_ids and seq.ends_suppressed]
+        if unended:
+            logits = suppress_tokens(logits, unended, sorted(self._loaded.eos_token_ids))
         logprobs: list[RowLogprobs] = [None] * len(rows)
         tokens = select_next_tokens(
             logits,
-            [s.handle.request.params for s in rows],
-            [s.history if s.handle.request.params.repetition_penalty != 1.0 else [] for s in rows],
+            params,
+            [s.history if p.repetition_penalty != 1.0 else [] for s, p in zip(rows, params, strict=True)],
             [s.generator for s in rows],
             self._shared_rng,
             logprobs_out=logprobs,
             kernels=self._kernels,
+            penalties=penalties,
         )
         for seq, token, row_logprobs in zip(rows, tokens.tolist(), logprobs, strict=True):
             delta = seq.accept(token, row_logprobs)
@@ -462,6 +499,13 @@ class BatchedEngine:
                 events.extend((h, "", None, NotReadyError(SHUTTING_DOWN)) for h in queue)
                 queue.clear()
         return events
+
+
+def _penalties(seq: SequenceState, vocabulary: int) -> TokenPenalties:
+    """The row's presence/frequency penalties, made (none yet) at its first sampling step."""
+    if seq.penalties is None:
+        seq.penalties = TokenPenalties(vocabulary, seq.handle.request.params)
+    return seq.penalties
 
 
 def _vocab_size(loaded: LoadedModel) -> int | None:

@@ -10,7 +10,7 @@ import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from textgen.engine.constraints import RowConstraint
-from textgen.engine.sampling import RowLogprobs
+from textgen.engine.sampling import RowLogprobs, TokenPenalties
 from textgen.engine.text import TextAssembler
 from textgen.engine.types import (
     EngineLimits,
@@ -21,6 +21,7 @@ from textgen.engine.types import (
     LogprobAlternative,
     LogprobEntry,
     RequestTimings,
+    SamplingParams,
 )
 from textgen.errors import InvalidRequestError, PromptTooLongError
 
@@ -44,6 +45,10 @@ class SequenceState:
     # Structured output: the row's grammar state (None: unconstrained); tokenizer for logprob token text.
     constraint: RowConstraint | None = None
     tokenizer: PreTrainedTokenizerBase | None = None
+    # Presence/frequency penalties of the tokens generated so far (made by the engine at the row's first
+    # sampling step, when it knows V); None for rows without those penalties.
+    penalties: TokenPenalties | None = None
+    min_tokens: int = 0
 
     @classmethod
     def admit(
@@ -65,11 +70,12 @@ class SequenceState:
             handle=handle,
             prompt_ids=prompt_ids,
             budget=budget,
-            assembler=TextAssembler(tokenizer, params.stop),
+            assembler=TextAssembler(tokenizer, params.stop, armed=params.min_tokens == 0),
             eos_ids=frozenset() if params.ignore_eos else eos_ids,
             generator=generator,
             constraint=None if request.grammar is None else request.grammar.start(),
             tokenizer=tokenizer if params.logprobs is not None else None,
+            min_tokens=params.min_tokens,
         )
 
     @property
@@ -80,6 +86,11 @@ class SequenceState:
     def history(self) -> list[int]:
         return self.prompt_ids + self.generated
 
+    @property
+    def ends_suppressed(self) -> bool:
+        """min_tokens: the next token may be neither end-of-sequence nor complete a stop string."""
+        return len(self.generated) < self.min_tokens
+
     def accept(self, token_id: int, logprobs: RowLogprobs = None) -> str:
         """Record a generated token; return text safe to stream. Sets finish_reason when done.
 
@@ -87,12 +98,17 @@ class SequenceState:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.generated.append(token_id)
+        if self.penalties is not None:
+            self.penalties.add(token_id)
         if logprobs is not None:
             self.handle.token_logprobs.append(self._token_logprob(token_id, logprobs))
         delta = ""
-        if token_id in self.eos_ids:
+        ending_allowed = len(self.generated) >= self.min_tokens
+        if token_id in self.eos_ids and ending_allowed:
             self.finish_reason = FinishReason.EOS
         else:
+            if ending_allowed and not self.assembler.stops_armed:
+                self.assembler.arm_stops()
             delta = self.assembler.push(token_id)
             if self.assembler.stopped:
                 self.finish_reason = FinishReason.STOP
@@ -144,6 +160,7 @@ class SequenceState:
             completion_tokens=len(self.generated),
             finish_reason=self.finish_reason or FinishReason.LENGTH,
             token_logprobs=None if self.tokenizer is None else tuple(self.handle.token_logprobs),
+            prompt_logprobs=None if self.handle.prompt_logprobs is None else tuple(self.handle.prompt_logprobs),
             timings=RequestTimings(
                 queue_s=self.admitted_at - arrived,
                 time_to_first_token_s=None if self.first_token_at is None else self.first_token_at - arrived,
@@ -152,18 +169,50 @@ class SequenceState:
         )
 
 
+def vocabulary_size(tokenizer: PreTrainedTokenizerBase, model_vocabulary: int | None = None) -> int:
+    """Token ids a client may name: the tokenizer's vocabulary with its added tokens, and no more than
+    the model's output layer has rows (an id past it would fail a whole batch's step)."""
+    size = len(tokenizer)
+    return size if model_vocabulary is None else min(size, model_vocabulary)
+
+
+def _names_token_ids(request: GenerationRequest) -> bool:
+    return request.prompt_ids is not None or bool(request.params.logit_bias)
+
+
+def check_token_ids(prompt_ids: list[int], params: SamplingParams, vocabulary: int) -> None:
+    """A token-id prompt and logit_bias name only ids of the vocabulary (an id past the model's output
+    layer would fail the whole batch's step). ``vocabulary`` 0: nothing named, nothing to check."""
+    if not vocabulary:
+        return
+    if any(not 0 <= token_id < vocabulary for token_id in prompt_ids):
+        raise InvalidRequestError(
+            f"prompt: token ids must be between 0 and {vocabulary - 1} (this model's vocabulary)."
+        )
+    if any(not 0 <= token_id < vocabulary for token_id, _ in params.logit_bias):
+        raise InvalidRequestError(
+            f"logit_bias: token ids must be between 0 and {vocabulary - 1} (this model's vocabulary)."
+        )
+
+
 def tokenize_prompt(
     tokenizer: PreTrainedTokenizerBase,
     request: GenerationRequest,
     limits: EngineLimits,
     context_length: int | None = None,
+    model_vocabulary: int | None = None,
 ) -> tuple[list[int], int]:
     """Prompt token ids and the number of tokens to generate; rejects over-long prompts.
 
     The budget is capped so prompt plus output fits the model's context (a model with learned
     positions, like GPT-2, cannot go past it at all).
     """
-    ids = list(tokenizer(request.prompt, add_special_tokens=True).input_ids)
+    if request.prompt_ids is not None:
+        ids = list(request.prompt_ids)
+    else:
+        ids = list(tokenizer(request.prompt, add_special_tokens=True).input_ids)
+    if _names_token_ids(request):
+        check_token_ids(ids, request.params, vocabulary_size(tokenizer, model_vocabulary))
     if not ids:
         raise InvalidRequestError("The prompt produced no tokens; send a non-empty prompt.")
     limit = limits.max_prompt_tokens

@@ -59,14 +59,24 @@ def held_back_length(text: str, stops: Sequence[str]) -> int:
 
 
 class TextAssembler:
-    """Builds one sequence's output text; tells when a stop string ends it."""
+    """Builds one sequence's output text; tells when a stop string ends it.
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> None:
+    Disarmed (``armed=False``, for min_tokens), stop strings are not looked for and nothing is held
+    back; once ``arm_stops()`` is called, a stop string counts when it starts in text added after that
+    (text already streamed is never taken back)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], *, armed: bool = True) -> None:
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._stops = tuple(stop for stop in stops if stop)
         self._text = ""
         self._emitted = 0
+        self._floor = 0  # stop strings are searched from here on
+        self.stops_armed = armed
         self.stopped = False
+
+    def arm_stops(self) -> None:
+        self._floor = len(self._text)
+        self.stops_armed = True
 
     @property
     def text(self) -> str:
@@ -88,8 +98,10 @@ class TextAssembler:
     def _append(self, delta: str) -> None:
         if not delta:
             return
-        search_from = max(0, len(self._text) - max((len(s) for s in self._stops), default=0))
+        search_from = max(self._floor, len(self._text) - max((len(s) for s in self._stops), default=0))
         self._text += delta
+        if not self.stops_armed:
+            return
         cut = self._first_stop_at(search_from)
         if cut is not None:
             self._text = self._text[:cut]
@@ -100,7 +112,8 @@ class TextAssembler:
         return min(found) if found else None
 
     def _emit(self, *, final: bool) -> str:
-        upto = len(self._text) if final else len(self._text) - held_back_length(self._text, self._stops)
+        held = held_back_length(self._text[self._floor :], self._stops) if self.stops_armed else 0
+        upto = len(self._text) if final else len(self._text) - held
         if upto <= self._emitted:
             return ""
         delta = self._text[self._emitted : upto]

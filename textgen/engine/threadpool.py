@@ -36,7 +36,13 @@ from textgen.engine.types import (
     SamplingParams,
     to_client_error,
 )
-from textgen.errors import DeadlineExceededError, GenerationCancelledError, NotReadyError, QueueFullError
+from textgen.errors import (
+    DeadlineExceededError,
+    GenerationCancelledError,
+    InvalidRequestError,
+    NotReadyError,
+    QueueFullError,
+)
 from textgen.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -85,11 +91,32 @@ def _generate_kwargs(params: SamplingParams, budget: int) -> dict[str, object]:
     kwargs: dict[str, object] = {"max_new_tokens": budget, "do_sample": not params.greedy}
     if not params.greedy:
         kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        if params.min_p > 0.0:
+            kwargs["min_p"] = params.min_p
     if params.repetition_penalty != 1.0:
         kwargs["repetition_penalty"] = params.repetition_penalty
+    if params.logit_bias:
+        kwargs["sequence_bias"] = {(token_id,): bias for token_id, bias in params.logit_bias}
     if params.ignore_eos:
         kwargs["min_new_tokens"] = budget
+    elif params.min_tokens:
+        kwargs["min_new_tokens"] = min(params.min_tokens, budget)
     return kwargs
+
+
+def refuse_unsupported(params: SamplingParams) -> None:
+    """What generate() here cannot do: a 400 naming the field, before anything is queued."""
+    if params.counts_tokens:
+        field = "presence_penalty" if params.presence_penalty else "frequency_penalty"
+        raise InvalidRequestError(
+            f"{field}: presence and frequency penalties need the batched engine (TEXTGEN_ENGINE=batched); "
+            "this server runs the threadpool engine."
+        )
+    if params.prompt_logprobs is not None:
+        raise InvalidRequestError(
+            "echo: the prompt's log-probabilities need the batched engine (TEXTGEN_ENGINE=batched); "
+            "this server runs the threadpool engine."
+        )
 
 
 class ThreadPoolEngine:
@@ -132,6 +159,7 @@ class ThreadPoolEngine:
     def submit(self, request: GenerationRequest) -> Handle:
         if not self._accepting or self._loop is None:
             raise NotReadyError()
+        refuse_unsupported(request.params)
         if len(self._handles) >= self._workers + self._limits.max_waiting:
             raise QueueFullError(retry_after_s=self._retry_after())
         handle = Handle(request, self._loop)
@@ -219,14 +247,24 @@ class ThreadPoolEngine:
         return seq.result()
 
     def _call_pipeline(self, request: GenerationRequest, kwargs: dict[str, object]) -> None:
-        assert self._pipe is not None
         with torch.inference_mode():
             if request.params.seed is None:
-                self._pipe(request.prompt, **kwargs)
+                self._run_generate(request, kwargs)
                 return
             with self._seed_lock:
                 torch.manual_seed(request.params.seed)
-                self._pipe(request.prompt, **kwargs)
+                self._run_generate(request, kwargs)
+
+    def _run_generate(self, request: GenerationRequest, kwargs: dict[str, object]) -> None:
+        """The pipeline for a text prompt; generate() on the ids themselves for a token-id prompt."""
+        assert self._pipe is not None
+        if request.prompt_ids is None:
+            self._pipe(request.prompt, **kwargs)
+            return
+        model = self._loaded.model
+        ids = torch.tensor([list(request.prompt_ids)], dtype=torch.long, device=model.device)
+        kwargs = {key: value for key, value in kwargs.items() if key != "return_full_text"}
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)  # type: ignore[operator]
 
     @staticmethod
     def _raise_if_ended(handle: Handle) -> None:

@@ -61,11 +61,29 @@ class SamplingParams:
     constraint: Constraint | None = None
     # None: no log-probabilities; n >= 0: each token's log-probability and its n likeliest alternatives.
     logprobs: int | None = None
+    # OpenAI's penalties over the tokens generated so far (not the prompt): each candidate's logit loses
+    # presence_penalty once it has appeared and frequency_penalty per appearance.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # (token id, bias) added to that token's logit before sampling; -100 bans a token, +100 all but forces it.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Drop tokens whose probability is below min_p times the likeliest one's (after temperature).
+    min_p: float = 0.0
+    # End-of-sequence and stop strings are suppressed until this many tokens were generated.
+    min_tokens: int = 0
+    # None: no prompt log-probabilities; n >= 0: each prompt token's (after the first) log-probability
+    # and its n likeliest alternatives, from one extra forward pass over the prompt (echo with logprobs).
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
         # Below this, logits / temperature overflows float32; the distribution is a one-hot anyway.
         return self.temperature < MIN_SAMPLING_TEMPERATURE
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether sampling needs this row's generated-token counts (presence or frequency penalty)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def token_budget(self, prompt_tokens: int, default_new_tokens: int, limit: int) -> int:
         if self.max_new_tokens is not None:
@@ -79,6 +97,9 @@ class SamplingParams:
 
 @dataclass
 class GenerationRequest:
+    """``prompt`` is the text to continue; with ``prompt_ids`` (a prompt given as token ids) the engine
+    uses those ids as they are and ``prompt`` is only their decoded text (for logs)."""
+
     prompt: str
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
@@ -87,6 +108,7 @@ class GenerationRequest:
     arrived_at: float = field(default_factory=time.monotonic)
     # params.constraint compiled for the engine's tokenizer (by GenerationService, before submitting).
     grammar: CompiledGrammar | None = None
+    prompt_ids: tuple[int, ...] | None = None
 
     @property
     def deadline(self) -> float | None:
@@ -125,6 +147,18 @@ class LogprobEntry:
 
 
 @dataclass(frozen=True)
+class PromptLogprob:
+    """One prompt token (echo with logprobs): its text and, after the first (which nothing precedes), its
+    log-probability given the tokens before it under the model's own distribution, with the likeliest
+    alternatives at its position."""
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top: tuple[LogprobAlternative, ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     text: str
     prompt_tokens: int
@@ -132,6 +166,8 @@ class GenerationResult:
     finish_reason: FinishReason
     timings: RequestTimings
     token_logprobs: tuple[LogprobEntry, ...] | None = None
+    # With params.prompt_logprobs: one entry per prompt token.
+    prompt_logprobs: tuple[PromptLogprob, ...] | None = None
 
 
 class Handle:
@@ -146,6 +182,8 @@ class Handle:
         # When params.logprobs is set: one entry per generated token, appended by the engine's thread
         # before the token's text is published (so a stream consumer finds them already there).
         self.token_logprobs: list[LogprobEntry] = []
+        # When params.prompt_logprobs is set: the prompt's entries, set by the engine at admission.
+        self.prompt_logprobs: list[PromptLogprob] | None = None
         # Read by the inference thread every step; a plain Event is the cheap cross-thread flag.
         self._cancelled = threading.Event()
         # The deadline is answered by a timer on the event loop, not when the engine next looks: a step

@@ -27,6 +27,7 @@ from textgen.services.openai import (
     chat_response,
     choice_params,
     completion_response,
+    count_prompt_tokens,
     error_body,
     names_no_output_limit,
     prompts_of,
@@ -34,7 +35,7 @@ from textgen.services.openai import (
     submit_chat,
     submit_completion,
 )
-from textgen.services.requests import ChatCompletionRequest, CompletionRequest
+from textgen.services.requests import ChatCompletionRequest, CompletionRequest, describe_validation_errors
 from textgen.workers.coordinator import BATCH_LINE_KIND, LinePlan, LinePlanner
 from textgen.workers.runner import ExecutorFactory, JobExecutor, JobOutcome
 
@@ -84,7 +85,8 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
         except TextGenError as error:
             return _failed(error.status_code, error.message, request_id, error.param, error.code)
         except ValidationError as error:
-            return _failed(400, f"body: {error.errors()[0]['msg']}", request_id)
+            param, message = describe_validation_errors(error.errors())
+            return _failed(400, message, request_id, param)
         line = {"status_code": 200, "request_id": request_id, "body": response.model_dump(mode="json")}
         return JobState.SUCCEEDED, {"result": line}
 
@@ -109,7 +111,7 @@ def batch_line_planner(service: GenerationService, model: LoadedModel) -> LinePl
         models.resolve(request.model)
         prompts = await asyncio.to_thread(prompts_of, model.tokenizer, request)
         return LinePlan(
-            prompt_tokens=await service.count_prompt_tokens(prompts),
+            prompt_tokens=await count_prompt_tokens(service, prompts, request),
             params=choice_params(prompts, request, max_tokens),
             open_ended=names_no_output_limit(request),
         )

@@ -25,6 +25,11 @@ def text_request(body: TextGenerationRequest) -> TextRequest:
             ignore_eos=body.ignore_eos,
             constraint=constraint_from_fields(body.json_schema, body.regex, body.choice, body.grammar),
             logprobs=body.logprobs,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logit_bias=tuple(sorted((body.logit_bias or {}).items())),
+            min_p=body.min_p,
+            min_tokens=body.min_tokens,
         ),
         timeout_s=body.timeout_s,
         open_ended=not body.model_fields_set & {"max_new_tokens", "max_length"},  # the defaults apply

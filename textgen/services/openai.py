@@ -18,8 +18,16 @@ from typing import Any, Literal
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from textgen.engine.constraints import Constraint
-from textgen.engine.types import FinishReason, GenerationResult, Handle, LogprobEntry, Priority, SamplingParams
-from textgen.errors import InvalidRequestError, TextGenError
+from textgen.engine.types import (
+    FinishReason,
+    GenerationResult,
+    Handle,
+    LogprobEntry,
+    Priority,
+    PromptLogprob,
+    SamplingParams,
+)
+from textgen.errors import InvalidRequestError, PromptTooLongError, TextGenError
 from textgen.generation import GenerationService, StreamedLogprobs, TokenGrant
 from textgen.services.openai_types import (
     AssistantMessage,
@@ -46,6 +54,8 @@ OPENAI_FINISH: dict[FinishReason, Literal["stop", "length"]] = {
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     """OpenAI's ``{"error": {...}}`` for a status (also the body of a failed batch line)."""
     return {"error": openai_error_body(status, message, "", param, code)["error"]}
+
+
 
 
 def render_chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> str:
@@ -83,6 +93,14 @@ def _logprobs_asked(body: CompletionRequest | ChatCompletionRequest) -> int | No
     return (body.top_logprobs or 0) if body.logprobs else None
 
 
+def _prompt_logprobs_asked(body: CompletionRequest | ChatCompletionRequest, choice: int) -> int | None:
+    """echo with logprobs: the prompt's log-probabilities, computed for each prompt's first choice only
+    (its other choices share the same prompt, so they reuse them)."""
+    if isinstance(body, CompletionRequest) and body.echo and body.logprobs is not None and choice == 0:
+        return body.logprobs
+    return None
+
+
 def choice_sampling(
     body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, choice: int
 ) -> SamplingParams:
@@ -90,24 +108,36 @@ def choice_sampling(
         max_new_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
+        top_k=max(0, body.top_k),
+        repetition_penalty=body.repetition_penalty,
         seed=None if body.seed is None else body.seed + choice,
         stop=body.stop_strings(),
         ignore_eos=body.ignore_eos,
         constraint=response_format_constraint(body.response_format),
         logprobs=_logprobs_asked(body),
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=tuple(sorted((body.logit_bias or {}).items())),
+        min_p=body.min_p,
+        min_tokens=body.min_tokens,
+        prompt_logprobs=_prompt_logprobs_asked(body, choice),
     )
 
 
-def completion_logprobs(entries: Sequence[LogprobEntry], offset: int = 0) -> CompletionLogprobs:
-    """The legacy completions shape; text_offset counts characters from the start of the output."""
+def completion_logprobs(
+    entries: Sequence[LogprobEntry], offset: int = 0, prompt: Sequence[PromptLogprob] = ()
+) -> CompletionLogprobs:
+    """The legacy completions shape; text_offset counts characters from the start of the output. With
+    ``prompt`` (echo), the prompt's tokens come first, the first of them with null log-probabilities."""
     offsets = []
-    for entry in entries:
+    for token in [*(e.token for e in prompt), *(e.token for e in entries)]:
         offsets.append(offset)
-        offset += len(entry.token)
+        offset += len(token)
     return CompletionLogprobs(
-        tokens=[e.token for e in entries],
-        token_logprobs=[e.logprob for e in entries],
-        top_logprobs=[{t.token: t.logprob for t in e.top} for e in entries],
+        tokens=[e.token for e in prompt] + [e.token for e in entries],
+        token_logprobs=[e.logprob for e in prompt] + [e.logprob for e in entries],
+        top_logprobs=[None if e.logprob is None else {t.token: t.logprob for t in e.top} for e in prompt]
+        + [{t.token: t.logprob for t in e.top} for e in entries],
         text_offset=offsets,
     )
 
@@ -139,11 +169,43 @@ def chat_max_tokens(service: GenerationService, body: ChatCompletionRequest) -> 
     return body.max_completion_tokens or body.max_tokens or service.settings.max_new_tokens_limit
 
 
+def token_id_prompts(body: CompletionRequest | ChatCompletionRequest) -> list[tuple[int, ...]] | None:
+    """A completion's prompts given as token ids (one list, or a list of lists); None for text prompts."""
+    if isinstance(body, ChatCompletionRequest) or isinstance(body.prompt, str):
+        return None
+    items: list[Any] = list(body.prompt)
+    if all(isinstance(item, int) for item in items):
+        return [tuple(items)]
+    if all(isinstance(item, list) for item in items):
+        return [tuple(item) for item in items]
+    return None
+
+
+def decode_prompt(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    """A token-id prompt's text (for the content filter and echo); the engine itself uses the ids."""
+    return str(tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False))
+
+
 def prompts_of(tokenizer: PreTrainedTokenizerBase, body: CompletionRequest | ChatCompletionRequest) -> list[str]:
-    """The prompts the engine sees: the completion's prompts, or the chat rendered by its template."""
+    """The prompts the engine sees: the completion's prompts (token ids decoded), or the chat rendered by
+    its template."""
     if isinstance(body, ChatCompletionRequest):
         return [render_chat_prompt(tokenizer, body.messages)]
-    return [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    ids = token_id_prompts(body)
+    if ids is not None:
+        return [decode_prompt(tokenizer, prompt) for prompt in ids]
+    return [body.prompt] if isinstance(body.prompt, str) else [str(prompt) for prompt in body.prompt]
+
+
+async def count_prompt_tokens(
+    service: GenerationService, prompts: Sequence[str], body: CompletionRequest | ChatCompletionRequest
+) -> int:
+    """The request's prompt tokens as usage counts them: a token-id prompt's ids exactly, text counted by
+    the tokenizer (0 where no token limit is charged, as ``GenerationService.count_prompt_tokens``)."""
+    ids = token_id_prompts(body)
+    if ids is None:
+        return await service.count_prompt_tokens(prompts)
+    return sum(len(prompt) for prompt in ids) if service.rate_limiter.tokens_per_minute else 0
 
 
 def choice_params(
@@ -161,7 +223,7 @@ async def grant_choices(
     max_tokens: int | None,
 ) -> tuple[TokenGrant, int | None]:
     """Reserve the request's prompt and output tokens; (the grant, the max_tokens to generate with)."""
-    prompt_tokens = await service.count_prompt_tokens(prompts)
+    prompt_tokens = await count_prompt_tokens(service, prompts, body)
     params = choice_params(prompts, body, max_tokens)
     grant = await service.grant(caller, params, prompt_tokens, open_ended=names_no_output_limit(body))
     return grant, grant.max_new_tokens or max_tokens
@@ -184,12 +246,13 @@ def submit_choices(
             f"n: this request asks for {len(prompts) * body.n} completions; this server holds at most {capacity} "
             "at once (TEXTGEN_MAX_RUNNING + TEXTGEN_MAX_WAITING). Send fewer prompts or a smaller n."
         )
+    ids: Sequence[tuple[int, ...] | None] = token_id_prompts(body) or [None] * len(prompts)
     handles: list[Handle] = []
     try:
-        for prompt in prompts:
+        for prompt, prompt_ids in zip(prompts, ids, strict=True):
             for choice in range(body.n):
                 params = choice_sampling(body, max_tokens, choice)
-                handles.append(service.submit(prompt, params, request_id, priority))
+                handles.append(service.submit(prompt, params, request_id, priority, prompt_ids=prompt_ids))
     except TextGenError:
         for handle in handles:
             handle.cancel()
@@ -257,13 +320,91 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
 
 
 async def checked_prompts(service: GenerationService, body: CompletionRequest, request_id: str) -> list[str]:
-    """The request's prompts, each checked (length, then content filter), and its log-probabilities bounded."""
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    """The request's prompts, each checked (length, then content filter), and its log-probabilities
+    bounded. Token-id prompts are checked against the prompt limit and the vocabulary, then decoded (the
+    filter reads their text; the engine gets the ids)."""
+    check_logit_bias(service, body)
+    ids = token_id_prompts(body)
+    if ids is not None:
+        prompts = await decoded_prompts(service, ids)
+    else:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else [str(prompt) for prompt in body.prompt]
     if not prompts or not all(prompts):
         raise InvalidRequestError("prompt: must be a non-empty string or a list of non-empty strings.")
     service.check_logprobs_budget([choice_sampling(body, body.max_tokens, 0)] * (len(prompts) * body.n), "logprobs")
     await service.check_prompts(prompts, request_id)
+    if body.echo and body.logprobs is not None:
+        await check_prompt_logprobs_budget(service, prompts, ids, body)
     return prompts
+
+
+def check_logit_bias(service: GenerationService, body: CompletionRequest | ChatCompletionRequest) -> None:
+    """400 naming logit_bias for a token id outside the vocabulary (the engine checks again)."""
+    vocabulary = _vocabulary(service)
+    if body.logit_bias and vocabulary and max(body.logit_bias) >= vocabulary:
+        raise InvalidRequestError(
+            f"logit_bias: token {max(body.logit_bias)} is not in this model's vocabulary (ids 0 to {vocabulary - 1})."
+        )
+
+
+def _vocabulary(service: GenerationService) -> int:
+    return 0 if service.tokenizer is None else len(service.tokenizer)
+
+
+async def decoded_prompts(service: GenerationService, ids: Sequence[Sequence[int]]) -> list[str]:
+    """Token-id prompts checked (length, vocabulary) and decoded in a worker thread."""
+    limit = service.prompt_token_limit
+    vocabulary = _vocabulary(service)
+    tokenizer = service.tokenizer
+    if tokenizer is None:
+        raise InvalidRequestError("prompt: this server cannot take prompts as token ids (it has no tokenizer).")
+    for prompt in ids:
+        if len(prompt) > limit:
+            raise PromptTooLongError(
+                f"The prompt has {len(prompt)} tokens; this server accepts at most {limit} "
+                "(TEXTGEN_MAX_PROMPT_TOKENS and the model's context length). Shorten the prompt."
+            )
+        if max(prompt) >= vocabulary:
+            raise InvalidRequestError(
+                f"prompt: token {max(prompt)} is not in this model's vocabulary (ids 0 to {vocabulary - 1})."
+            )
+    return await service.threads.run(lambda: [decode_prompt(tokenizer, prompt) for prompt in ids])
+
+
+async def check_prompt_logprobs_budget(
+    service: GenerationService, prompts: Sequence[str], ids: Sequence[Sequence[int]] | None, body: CompletionRequest
+) -> None:
+    """echo with logprobs returns each prompt token's entry too: 400 naming logprobs when the prompts'
+    entries (each with its alternatives) and the generated ones together pass
+    TEXTGEN_MAX_LOGPROBS_PER_REQUEST."""
+    tokenizer = service.tokenizer
+    if ids is not None:
+        prompt_tokens = sum(len(prompt) for prompt in ids)
+    elif tokenizer is not None:
+        prompt_tokens = await service.threads.run(
+            lambda: sum(len(tokenizer(prompt, add_special_tokens=True).input_ids) for prompt in prompts)
+        )
+    else:
+        return
+    alternatives = body.logprobs or 0
+    generated = service.token_budget(choice_sampling(body, body.max_tokens, 0)) * len(prompts) * body.n
+    entries = (prompt_tokens + generated) * (1 + alternatives)
+    limit = service.settings.max_logprobs_per_request
+    if entries > limit:
+        raise InvalidRequestError(
+            f"logprobs: echo returns the prompts' {prompt_tokens} tokens' log-probabilities besides the "
+            f"{generated} generated ones, × (1 + {alternatives} alternatives) = {entries}, more than this server "
+            f"returns for one request ({limit}, TEXTGEN_MAX_LOGPROBS_PER_REQUEST); ask for fewer alternatives, "
+            "fewer tokens or a shorter prompt."
+        )
+
+
+def echoed_prompts(service: GenerationService, body: CompletionRequest) -> list[str]:
+    """echo: each prompt's text as the choice starts with it (token ids decoded)."""
+    ids = token_id_prompts(body)
+    if ids is not None and service.tokenizer is not None:
+        return [decode_prompt(service.tokenizer, prompt) for prompt in ids]
+    return [body.prompt] if isinstance(body.prompt, str) else [str(prompt) for prompt in body.prompt]
 
 
 async def submit_completion(
@@ -281,21 +422,35 @@ def completion_response(
     completion_id: str | None = None,
     created: int | None = None,
 ) -> CompletionResponse:
+    echoed = echoed_prompts(service, body) if body.echo else None
+    choices = []
+    for i, r in enumerate(results):
+        prompt = _echoed_logprobs(body, results, i)
+        logprobs = None
+        if r.token_logprobs is not None:
+            logprobs = completion_logprobs(r.token_logprobs, prompt=prompt)
+        choices.append(
+            CompletionChoice(
+                index=i,
+                text=r.text if echoed is None else echoed[i // body.n] + r.text,
+                logprobs=logprobs,
+                finish_reason=OPENAI_FINISH[r.finish_reason],
+            )
+        )
     return CompletionResponse(
         id=completion_id or f"cmpl-{uuid.uuid4().hex}",
         created=created or int(time.time()),
         model=service.model_name,
-        choices=[
-            CompletionChoice(
-                index=i,
-                text=r.text,
-                logprobs=None if r.token_logprobs is None else completion_logprobs(r.token_logprobs),
-                finish_reason=OPENAI_FINISH[r.finish_reason],
-            )
-            for i, r in enumerate(results)
-        ],
+        choices=choices,
         usage=_usage(results, body.n),
     )
+
+
+def _echoed_logprobs(body: CompletionRequest, results: Sequence[GenerationResult], choice: int) -> list[PromptLogprob]:
+    """The prompt entries a choice's logprobs start with under echo (computed with the prompt's first choice)."""
+    if not body.echo or body.logprobs is None:
+        return []
+    return list(results[choice - choice % body.n].prompt_logprobs or ())
 
 
 async def completion_chunks(
@@ -310,15 +465,23 @@ async def completion_chunks(
     base = {"id": completion_id, "object": "text_completion", "created": created, "model": service.model_name}
     finals: dict[int, GenerationResult] = {}
     offsets = [0] * len(handles)
+    echoed = echoed_prompts(service, body) if body.echo else None
+    started: set[int] = set()
     async for index, text, result, entries in _choice_events(service, handles, request_id, caller):
         finish = None
         if result is not None:
             finals[index] = result
             finish = OPENAI_FINISH[result.finish_reason]
+        prompt: list[PromptLogprob] = []
+        if echoed is not None and index not in started:  # echo: the choice's first chunk starts with the prompt
+            text = echoed[index // body.n] + text
+            if body.logprobs is not None:
+                prompt = list(handles[index - index % body.n].prompt_logprobs or ())
+        started.add(index)
         logprobs = None
         if body.logprobs is not None:
-            logprobs = completion_logprobs(entries, offsets[index]).model_dump()
-            offsets[index] += sum(len(e.token) for e in entries)
+            logprobs = completion_logprobs(entries, offsets[index], prompt).model_dump()
+            offsets[index] += sum(len(e.token) for e in prompt) + sum(len(e.token) for e in entries)
         yield {**base, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
     if _include_usage(body):
         yield _usage_chunk(base, finals, body.n)
@@ -330,6 +493,7 @@ async def checked_chat_prompt(
     """The rendered chat prompt, checked (length, then each message through the content filter), with the
     request's log-probabilities bounded; rendering and checks run off the event loop."""
     service.check_logprobs_budget([choice_sampling(body, chat_max_tokens(service, body), 0)] * body.n, "top_logprobs")
+    check_logit_bias(service, body)
     return await service.check_chat(
         [message.content for message in body.messages],
         lambda: render_chat_prompt(tokenizer, body.messages),

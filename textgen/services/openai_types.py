@@ -41,8 +41,8 @@ class CompletionLogprobs(BaseModel):
     """OpenAI's legacy completions shape."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token (nothing precedes it)
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 

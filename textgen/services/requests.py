@@ -11,9 +11,10 @@ only: importing these (or ``models.py``) loads neither the engine nor torch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
@@ -28,6 +29,33 @@ def json_number_only(value: Any) -> Any:
     if isinstance(value, (bool, str, bytes)):
         raise PydanticCustomError("number_type", "Input should be a number, not {kind}", {"kind": type(value).__name__})
     return value
+
+
+MAX_LOGIT_BIAS = 300  # entries; OpenAI's own limit is of this order
+
+
+def _policy_error(param: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_field", "{param}: {message}", {"param": param, "message": message})
+
+
+def _logit_bias(value: Any) -> Any:
+    """OpenAI's logit_bias: {"token id": bias}, ids as decimal strings, bias in -100..100."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _policy_error("logit_bias", 'must be an object mapping token ids to biases, e.g. {"50256": -100}.')
+    if len(value) > MAX_LOGIT_BIAS:
+        raise _policy_error("logit_bias", f"at most {MAX_LOGIT_BIAS} entries; this request has {len(value)}.")
+    parsed: dict[int, float] = {}
+    for key, bias in value.items():
+        if isinstance(key, int) and not isinstance(key, bool):
+            key = str(key)
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9):
+            raise _policy_error("logit_bias", f"keys are token ids (decimal strings); got {str(key)[:40]!r}.")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise _policy_error("logit_bias", f"each bias is a number from -100 to 100; token {key} has {bias!r}.")
+        parsed[int(key)] = float(bias)
+    return parsed
 
 
 class TextGenerationRequest(BaseModel):
@@ -49,6 +77,19 @@ class TextGenerationRequest(BaseModel):
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of this mass.")
     top_k: int = Field(0, ge=0, le=100_000, description="Keep only the k most likely tokens; 0 = no limit.")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="> 1 discourages repeating tokens.")
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="As OpenAI's: subtracted once from the logit of every token generated so far."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="As OpenAI's: subtracted per time a token was generated so far."
+    )
+    logit_bias: dict[int, float] | None = Field(
+        None,
+        description='As OpenAI\'s: {"token id": bias}, bias -100..100 added to the logit (at most 300 entries).',
+        json_schema_extra={"propertyNames": {"pattern": "^[0-9]{1,9}$"}},
+    )
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the likeliest's probability.")
+    min_tokens: int = Field(0, ge=0, le=4096, description="No end-of-sequence or stop string before this many tokens.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Same seed + same request = same text.")
     stop: list[str] | None = Field(
         None, max_length=8, description="Generation ends before the first of these strings (up to 8)."
@@ -105,15 +146,129 @@ class TextGenerationRequest(BaseModel):
         "top_p",
         "top_k",
         "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "min_p",
+        "min_tokens",
         "seed",
         "timeout_s",
         "logprobs",
         mode="before",
     )(json_number_only)
+    _logit_bias_checked = field_validator("logit_bias", mode="before")(_logit_bias)
 
 
 # ----- OpenAI-compatible API (/v1, and the lines of Batch API files) ---------------------------------
-# Unknown fields are ignored, as OpenAI's own server does for fields it does not use.
+# Every field is honoured, accepted and ignored as metadata, or refused with a 400 naming it: the policy is
+# the tables below plus the declared fields (docs/api.md lists them all; tests/unit/test_openai_fields.py
+# holds the two together). A field nobody declared (a typo, another server's extension) is a 400 naming it.
+
+# A token-id prompt's length before the engine checks it against TEXTGEN_MAX_PROMPT_TOKENS and the context.
+MAX_PROMPT_IDS = 32_000
+
+# Documented by OpenAI, and beyond what this server can do: refused (400 naming the field) unless null.
+REFUSED_COMPLETION_FIELDS: dict[str, str] = {
+    "suffix": "text after the insertion point (fill-in-the-middle) is not supported by this server.",
+}
+REFUSED_CHAT_FIELDS: dict[str, str] = {
+    "audio": "this model takes and produces text only.",
+    "prediction": "predicted outputs are not supported by this server.",
+    "reasoning_effort": "the served model is not a reasoning model.",
+    "verbosity": "the served model has no verbosity setting; bound the answer with max_completion_tokens.",
+    "web_search_options": "this server does not search the web.",
+}
+# Chat fields another part of the server owns (tool calling, textgen.services.tools): passed through
+# to the model that declares them, never refused here.
+TOOL_FIELDS = frozenset({"tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"})
+
+
+def _refuse_undeclared(model: type[BaseModel], data: Any, refused: dict[str, str], passed: frozenset[str]) -> Any:
+    """The unknown-field policy for a raw request body (before field validation)."""
+    if not isinstance(data, dict):
+        return data
+    for name, value in data.items():
+        if name in model.model_fields or name in passed:
+            continue
+        if name in refused:
+            if value is None:
+                continue
+            raise PydanticCustomError(
+                "unsupported_field", "{param}: not supported: {why}", {"param": name, "why": refused[name]}
+            )
+        raise PydanticCustomError(
+            "unknown_field",
+            "{param}: unknown field; this server honours OpenAI's documented fields and a few extensions "
+            "(see docs/api.md). Remove it.",
+            {"param": str(name)},
+        )
+    return data
+
+
+# Pydantic's union-member and validator tags in an error's location ("prompt.constrained-str",
+# "stop.list[str]"): not fields a client sent, so they are left out of the param it is shown.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "tuple", "bytes", "literal"})
+
+
+def _is_type_tag(part: int | str) -> bool:
+    return isinstance(part, str) and (part.lower() in _TYPE_TAGS or any(char in part for char in "[(-"))
+
+
+def param_of(loc: tuple[int | str, ...]) -> str | None:
+    """The request field an error is about, dotted (``messages.0.content``); None for the whole body."""
+    parts = loc[1:] if loc and loc[0] == "body" else loc
+    return ".".join(str(part) for part in parts if not _is_type_tag(part)) or None
+
+
+def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> tuple[str | None, str]:
+    """(param, message) for the first error of a request body's validation: the field it names (a
+    policy error names its field in ``ctx.param``; others by their location) and a message that starts
+    with it. Shared by the /v1 routes and Batch API lines."""
+    first = errors[0]
+    context = first.get("ctx") or {}
+    if isinstance(context.get("param"), str):
+        return context["param"], str(first["msg"])
+    param = param_of(tuple(first["loc"]))
+    return param, f"{param}: {first['msg']}" if param else str(first["msg"])
+
+
+def _token_id_list(value: list[Any], where: str) -> list[int]:
+    if not value:
+        raise _policy_error("prompt", f"{where} is empty; a token-id prompt needs at least one token.")
+    if len(value) > MAX_PROMPT_IDS:
+        raise _policy_error("prompt", f"{where} has {len(value)} token ids; at most {MAX_PROMPT_IDS}.")
+    if not all(isinstance(item, int) and not isinstance(item, bool) and item >= 0 for item in value):
+        raise _policy_error("prompt", f"{where}: token ids are non-negative integers.")
+    return value
+
+
+def _completion_prompt(value: Any) -> Any:
+    """A string, a list of strings, a list of token ids or a list of such lists (OpenAI's four forms),
+    none empty; errors name ``prompt`` and say which form was meant."""
+    if isinstance(value, str):
+        if not value:
+            raise _policy_error("prompt", "must not be empty.")
+        return value
+    if not isinstance(value, list) or not value:
+        raise _policy_error(
+            "prompt", "must be a non-empty string, a list of strings, a list of token ids or a list of such lists."
+        )
+    if all(isinstance(item, str) for item in value):
+        if not all(value):
+            raise _policy_error("prompt", "none of the prompts may be empty.")
+        return value
+    if all(isinstance(item, list) for item in value):
+        return [_token_id_list(item, f"prompt {index}") for index, item in enumerate(value)]
+    if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+        return _token_id_list(value, "the prompt")
+    raise _policy_error(
+        "prompt", "mixes kinds; send strings, token ids, or lists of token ids (one kind per request)."
+    )
+
+
+def _text_modality_only(value: Any) -> Any:
+    if value is not None and (not isinstance(value, list) or any(item != "text" for item in value)):
+        raise _policy_error("modalities", 'only ["text"]: this model takes and produces text only.')
+    return value
 
 
 class _OpenAIRequest(BaseModel):
@@ -131,11 +286,41 @@ class _OpenAIRequest(BaseModel):
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = Field(False, strict=True)
-    stream_options: dict[str, Any] | None = Field(None, description='{"include_usage": true} adds a usage chunk.')
+    stream_options: dict[str, Any] | None = Field(
+        None, description='{"include_usage": true} adds a usage chunk. Only with stream: true.'
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Subtracted once from the logit of every token generated so far."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Subtracted from a token's logit once per time it was generated so far."
+    )
+    logit_bias: dict[int, float] | None = Field(
+        None,
+        description=f'{{"token id": bias}}, bias -100..100 added to the logit (at most {MAX_LOGIT_BIAS} entries).',
+        json_schema_extra={"propertyNames": {"pattern": "^[0-9]{1,9}$"}},
+    )
+    user: str | None = Field(None, max_length=256, description="Metadata: accepted and ignored.")
     ignore_eos: bool = Field(
         False,
         strict=True,
         description="Extension (as in vLLM): generate exactly max_tokens, ignoring end-of-sequence.",
+    )
+    top_k: int = Field(
+        0, ge=-1, le=100_000, description="Extension (as /generate, vLLM): keep the k likeliest tokens; 0 or -1 = all."
+    )
+    min_p: float = Field(
+        0.0, ge=0.0, le=1.0, description="Extension (as vLLM): drop tokens below min_p x the likeliest's probability."
+    )
+    repetition_penalty: float = Field(
+        1.0,
+        ge=0.01,
+        le=10.0,
+        description="Extension (as /generate, vLLM): > 1 discourages any token already seen; 0.01..10 (a smaller "
+        "divisor would overflow the logits).",
+    )
+    min_tokens: int = Field(
+        0, ge=0, le=4096, description="Extension (as vLLM): no end-of-sequence or stop string before this many tokens."
     )
     response_format: dict[str, Any] | None = Field(
         None,
@@ -151,25 +336,75 @@ class _OpenAIRequest(BaseModel):
         "max_tokens",
         "max_completion_tokens",
         "top_logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "min_tokens",
+        "best_of",
         mode="before",
         check_fields=False,
     )(json_number_only)
+    _logit_bias_checked = field_validator("logit_bias", mode="before")(_logit_bias)
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> Any:
+        if self.stream_options is not None and not self.stream:
+            raise _policy_error("stream_options", "only allowed when stream is true.")
+        return self
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return tuple(s for s in stops if s)
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
+CompletionPrompt = (
+    NonEmptyStr
+    | Annotated[list[NonEmptyStr], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
+
+
 class CompletionRequest(_OpenAIRequest):
-    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] = Field(
-        ..., description="A prompt or a non-empty list of prompts; none may be empty."
+    prompt: CompletionPrompt = Field(
+        ...,
+        description="A prompt, a list of prompts, a prompt as token ids, or a list of those; none may be empty.",
     )
-    max_tokens: int | None = Field(16, ge=1, le=4096)
+    max_tokens: int | None = Field(16, ge=0, le=4096, description="0 only with echo (the prompt's logprobs alone).")
     logprobs: int | None = Field(
         None, ge=0, le=20, description="Log-probabilities of each token and this many likeliest alternatives."
     )
+    echo: bool = Field(
+        False, strict=True, description="Return the prompt before the completion (and, with logprobs, its tokens')."
+    )
+    best_of: int | None = Field(
+        None, ge=1, le=16, description="Only n (or 1) is accepted: the server does not rank extra candidates."
+    )
 
     _logprobs_number_only = field_validator("logprobs", mode="before")(json_number_only)
+    _prompt_checked = field_validator("prompt", mode="before")(_completion_prompt)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _policy(cls, data: Any) -> Any:
+        return _refuse_undeclared(cls, data, REFUSED_COMPLETION_FIELDS, frozenset())
+
+    @model_validator(mode="after")
+    def _echo_and_best_of(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise _policy_error("max_tokens", "must be at least 1 (0 only with echo, to score the prompt).")
+        if self.best_of is not None and self.best_of != self.n:
+            if self.best_of < self.n:
+                raise _policy_error("best_of", f"must be at least n ({self.n}).")
+            raise _policy_error(
+                "best_of",
+                "this server does not generate extra candidates to pick the best from; set best_of to n "
+                "(or leave it out) and choose among the n choices yourself using logprobs.",
+            )
+        return self
 
 
 class ChatMessage(BaseModel):
@@ -185,3 +420,17 @@ class ChatCompletionRequest(_OpenAIRequest):
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
     logprobs: bool | None = Field(None, strict=True, description="Return each output token's log-probability.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Likeliest alternatives per token (logprobs).")
+    modalities: list[Literal["text"]] | None = Field(None, description='Only ["text"]: the model produces text.')
+    _modalities_text_only = field_validator("modalities", mode="before")(_text_modality_only)
+    # Metadata: accepted and ignored (what OpenAI stores or routes by; nothing here changes the output).
+    metadata: dict[str, str] | None = Field(None, description="Metadata: accepted and ignored.")
+    store: bool | None = Field(None, description="Metadata: accepted and ignored (nothing is stored for distillation).")
+    service_tier: str | None = Field(None, max_length=64, description="Metadata: accepted and ignored.")
+    prompt_cache_key: str | None = Field(None, max_length=1024, description="Metadata: accepted and ignored.")
+    prompt_cache_retention: str | None = Field(None, max_length=64, description="Metadata: accepted and ignored.")
+    safety_identifier: str | None = Field(None, max_length=256, description="Metadata: accepted and ignored.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _policy(cls, data: Any) -> Any:
+        return _refuse_undeclared(cls, data, REFUSED_CHAT_FIELDS, TOOL_FIELDS)

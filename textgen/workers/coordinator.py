@@ -51,7 +51,7 @@ from textgen.generation import GenerationService
 from textgen.jobs.store import Job, JobState, JobStore
 from textgen.json_limits import MAX_JSON_DEPTH, json_too_deep
 from textgen.ratelimit import Reservation, TokenBudgetTooLargeError
-from textgen.services.requests import ChatCompletionRequest, CompletionRequest
+from textgen.services.requests import ChatCompletionRequest, CompletionRequest, describe_validation_errors
 from textgen.workers.loop import STORE_CONDITIONS, PollLoop
 from textgen.workers.webhooks import BatchWebhooks
 
@@ -605,9 +605,9 @@ def check_line(line: RawLine, endpoint: str, max_line_bytes: int) -> tuple[str |
     try:
         ENDPOINT_MODELS[endpoint].model_validate(body)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        return None, _error("invalid_body", f"body.{where}: {first['msg']}", line.number, f"body.{where}")
+        param, message = describe_validation_errors(error.errors())
+        where = f"body.{param}" if param else "body"
+        return None, _error("invalid_body", f"body.{message}" if param else f"body: {message}", line.number, where)
     return custom_id, None
 
 

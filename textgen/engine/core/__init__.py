@@ -8,7 +8,8 @@ knows which core runs:
 * ``decode(slots, tokens) -> logits [B, V]``: one new token for each slot;
 * ``step(decode_slots, tokens, prefill_slots, prompts)``: both at once, in one forward pass where the
   core can (what the scheduler calls every iteration);
-* ``slots_in_order()``: the order in which ``decode`` runs without copying the cache.
+* ``slots_in_order()``: the order in which ``decode`` runs without copying the cache;
+* ``score(tokens) -> logits [L, V]``: every position of one sequence (prompt log-probabilities, echo).
 
 ``build_core`` picks the decode core of this package for the Llama family and GPT-2 (``decoder.py``)
 and the transformers core (``hf.py``) for anything else.
@@ -70,6 +71,8 @@ class ModelCore(Protocol):
         prefill_slots: Sequence[int],
         prompts: Sequence[Sequence[int]],
     ) -> torch.Tensor: ...
+
+    def score(self, tokens: Sequence[int]) -> torch.Tensor: ...  # logits after every position [L, V]
 
     def describe(self) -> dict[str, Any]: ...
 

@@ -70,6 +70,15 @@ class TransformersCore:
             parts.append(self.prefill(prefill_slots, prompts))
         return torch.cat(parts)
 
+    @torch.inference_mode()
+    def score(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Logits after every position of one sequence [L, V] float32 (prompt log-probabilities), in a
+        forward pass of its own (no cache kept)."""
+        device = next(self._model.parameters()).device
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+        logits: torch.Tensor = self._model(input_ids=ids, use_cache=False).logits[0]
+        return logits.float()
+
     def free(self, slots: Sequence[int]) -> None:
         gone = set(slots)
         self._free_ids.extend(slots)
