@@ -1,9 +1,9 @@
 """Real ``uvicorn main:app`` subprocesses for every layer that needs one (e2e, browser, the schemathesis CLI).
 
 ``launch_server(env, workers, workdir=...)`` starts a server on a free loopback port, waits for /ready and
-always kills its whole process group afterwards. Each server gets the shared model cache (the GGUF
-conversion happens once per machine), its own SQLite job store unless told otherwise, ``HF_HUB_OFFLINE=1``
-and a log file; it is started in its own session.
+always kills its whole process group afterwards. Each server gets the service's own model cache (the GGUF
+conversion and weight-format measurement happen once per machine), its own SQLite job store unless told
+otherwise, ``HF_HUB_OFFLINE=1`` and a log file; it is started in its own session.
 
 Every test that starts a server carries ``@pytest.mark.server`` (so ``-m 'not server'`` leaves out every
 subprocess); ``launch_server`` fails a test that starts one without it. The root conftest tells this module
@@ -29,9 +29,14 @@ import pytest
 
 from tests.support.net import free_port
 from tests.support.waiting import wait_until_sync
+from textgen.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CACHE_DIR = REPO_ROOT / ".cache" / "textgen"
+# The cache folder the service itself uses (TEXTGEN_CACHE_DIR, else ~/.cache/textgen): the bundled model's
+# conversion and the weight-format measurement are made once per machine (by `make run` or the first test
+# server), not once per clone, and every later start reads them (a fresh folder costs the first server
+# about a minute).
+CACHE_DIR = Path(os.environ.get("TEXTGEN_CACHE_DIR") or Settings.model_fields["cache_dir"].default)
 READY_TIMEOUT_S = 240.0
 STOP_GRACE_S = 10.0
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
