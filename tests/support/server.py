@@ -215,6 +215,55 @@ def launch_server(
         return
 
 
+# -- servers shared by every test that asks for the same settings ------------------------------------
+
+# default_server's settings: one background job at a time, so a second job submitted while the first runs
+# is observably ``queued``; nothing else differs from a plain ``uvicorn main:app``.
+DEFAULT_ENV: dict[str, str] = {"TEXTGEN_JOB_CONCURRENCY": "1"}
+
+
+class SharedServers:
+    """Real servers kept for as long as this object is open (the session), one per set of settings.
+
+    A server start costs seconds of imports and model loading (more on a busy machine), so a module whose
+    tests only need a server with given settings, and leave it fit for the next test (no kill, no
+    exhausted quota, no setting changed), asks here instead of starting its own: ``get(env)`` starts the
+    server the first time those settings are asked for and returns the same one afterwards. Keys are the
+    exact ``env`` and ``workers``, so a test that needs any other setting gets a server of its own. A
+    server that has exited (a test killed it) is replaced by a fresh one. Every ``get`` checks the asking
+    test's server marker, as ``launch_server`` does.
+    """
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._tmp = tmp_path_factory
+        self._servers: dict[tuple[tuple[tuple[str, str], ...], int], Server] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> SharedServers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stack.close()
+
+    def get(
+        self,
+        env: dict[str, str] | None = None,
+        workers: int = 1,
+        *,
+        name: str = "shared",
+        ready_timeout_s: float = READY_TIMEOUT_S,
+    ) -> Server:
+        require_server_marker()
+        key = (tuple(sorted((env or {}).items())), workers)
+        server = self._servers.get(key)
+        if server is None or server.proc.poll() is not None:
+            workdir = self._tmp.mktemp(f"shared-{name}")
+            launcher = launch_server(env, workers, workdir=workdir, name=name, ready_timeout_s=ready_timeout_s)
+            server = self._stack.enter_context(launcher)
+            self._servers[key] = server
+        return server
+
+
 # -- helpers shared by the test modules -----------------------------------------------------------
 
 
