@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.server import Server, launch_server
+from tests.support.server import Server, enter_together, launch_server
 
 
 @pytest.fixture
@@ -48,19 +47,7 @@ def start_servers(tmp_path: Path) -> Iterator[Callable[..., list[Server]]]:
                 launch_server(env, workdir=tmp_path, job_store=job_store, name=f"side{next(counter)}")
                 for _ in range(count)
             ]
-            with ThreadPoolExecutor(max_workers=count, thread_name_prefix="server-start") as pool:
-                starting = [pool.submit(launcher.__enter__) for launcher in launchers]
-            servers: list[Server] = []
-            failures: list[BaseException] = []
-            for launcher, started in zip(launchers, starting, strict=True):
-                try:
-                    servers.append(started.result())
-                    stack.push(launcher.__exit__)
-                except BaseException as failure:
-                    failures.append(failure)
-            if failures:
-                raise failures[0]
-            return servers
+            return enter_together(stack, launchers)
 
         yield start
 

@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,6 +214,27 @@ def launch_server(
         finally:
             server.close()
         return
+
+
+def enter_together(
+    stack: contextlib.ExitStack, launchers: list[contextlib.AbstractContextManager[Server]]
+) -> list[Server]:
+    """Enter several ``launch_server`` contexts at once (their imports and model loads overlap, so several
+    servers cost about one start) and register their exits on ``stack``; the first failure is raised once
+    every start has ended (the servers that did start are stopped with the stack)."""
+    with ThreadPoolExecutor(max_workers=len(launchers), thread_name_prefix="server-start") as pool:
+        starting = [pool.submit(launcher.__enter__) for launcher in launchers]
+    servers: list[Server] = []
+    failures: list[BaseException] = []
+    for launcher, started in zip(launchers, starting, strict=True):
+        try:
+            servers.append(started.result())
+            stack.push(launcher.__exit__)
+        except BaseException as failure:
+            failures.append(failure)
+    if failures:
+        raise failures[0]
+    return servers
 
 
 # -- servers shared by every test that asks for the same settings ------------------------------------
