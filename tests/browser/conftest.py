@@ -1,7 +1,8 @@
 """Browser fixtures: Debian's chromium driven by Playwright for Python, against a real uvicorn on a small GPT-2.
 
-Each test module gets one server (``launch_server`` from the end-to-end fixtures, here on a small random
-GPT-2, so start-up takes seconds) and one browser. Every page blocks requests that
+The modules share one server on a small random GPT-2 (``small_server``; start-up takes seconds) unless
+they need other settings (the API-key module starts its own), and the bundled-model module uses the
+session's ``default_server``; each module has one browser. Every page blocks requests that
 leave the server's origin and records them, and records console errors and uncaught exceptions; a
 test fails if any appear that it did not expect. Screenshots go to ``build/screenshots/``.
 """
@@ -90,6 +91,13 @@ def small_model_server(model_dir: Path, workdir: Path, **env: str) -> Iterator[S
     settings = {**SERVER_ENV, "TEXTGEN_MODEL": str(model_dir), **env}
     with launch_server(settings, workdir=workdir, name="browser-server", ready_timeout_s=120) as server:
         yield server
+
+
+@pytest.fixture(scope="package")
+def small_server(browser_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One small-model server with ``SERVER_ENV`` for every browser module that needs no other settings (the
+    docs pages, the playground): one start instead of one per module; stopped when the browser tests end."""
+    yield from small_model_server(browser_model_dir, tmp_path_factory.mktemp("small-server"))
 
 
 @dataclass

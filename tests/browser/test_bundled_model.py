@@ -4,21 +4,19 @@ to docs/playground.png when the page changes)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from playwright.sync_api import Page, expect
 
 from tests.browser.conftest import PageWatch, screenshot
-from tests.support.server import Server, launch_server
+from tests.support.server import Server
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.server]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with launch_server({}, workdir=tmp_path_factory.mktemp("bundled-playground"), name="bundled") as server:
-        yield server
+def server(default_server: Server) -> Server:
+    """The session's bundled-model server (one background job at a time; the page runs none)."""
+    return default_server
 
 
 def test_playground_on_the_bundled_model(page_and_watch: tuple[Page, PageWatch]) -> None:

@@ -3,22 +3,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.conftest import PageWatch, small_model_server
+from tests.browser.conftest import PageWatch
 from tests.support.server import Server
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
 
 
 @pytest.fixture(scope="module")
-def server(browser_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from small_model_server(browser_model_dir, tmp_path_factory.mktemp("docs"))
+def server(small_server: Server) -> Server:
+    return small_server
 
 
 def test_swagger_ui_lists_every_operation_and_try_it_out_works(

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.browser.conftest import PHONE, PageWatch, open_page, screenshot, small_model_server
+from tests.browser.conftest import PHONE, PageWatch, open_page, screenshot
 from tests.support.server import Server
 from tests.support.waiting import wait_until_sync
 
@@ -25,8 +23,8 @@ LONG = 1000  # tokens: many seconds of work on the small model, so there is time
 
 
 @pytest.fixture(scope="module")
-def server(browser_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from small_model_server(browser_model_dir, tmp_path_factory.mktemp("playground"))
+def server(small_server: Server) -> Server:
+    return small_server
 
 
 @pytest.fixture

@@ -1,22 +1,22 @@
 """End-to-end fixtures over ``tests.support.server``: a real ``uvicorn main:app`` subprocess per need.
 
 ``start_server(env, workers=1)`` (function-scoped fixture) starts a server and stops it after the test;
-``default_server`` is one session-wide server (``TEXTGEN_JOB_CONCURRENCY=1``) shared by the tests whose
-settings allow it. The launcher itself (``launch_server``) and the job helpers live in
-``tests/support/server.py``, so every layer imports them from there.
+``default_server`` (root conftest) is one session-wide server (``TEXTGEN_JOB_CONCURRENCY=1``) shared by the
+tests of every layer whose settings allow it; ``shared_servers.get(env)`` shares one per other set of
+settings. The launcher itself (``launch_server``) and the job helpers live in ``tests/support/server.py``,
+so every layer imports them from there.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.server import Server, launch_server
+from tests.support.server import Server, enter_together, launch_server
 
 
 @pytest.fixture
@@ -47,29 +47,9 @@ def start_servers(tmp_path: Path) -> Iterator[Callable[..., list[Server]]]:
                 launch_server(env, workdir=tmp_path, job_store=job_store, name=f"side{next(counter)}")
                 for _ in range(count)
             ]
-            with ThreadPoolExecutor(max_workers=count, thread_name_prefix="server-start") as pool:
-                starting = [pool.submit(launcher.__enter__) for launcher in launchers]
-            servers: list[Server] = []
-            failures: list[BaseException] = []
-            for launcher, started in zip(launchers, starting, strict=True):
-                try:
-                    servers.append(started.result())
-                    stack.push(launcher.__exit__)
-                except BaseException as failure:
-                    failures.append(failure)
-            if failures:
-                raise failures[0]
-            return servers
+            return enter_together(stack, launchers)
 
         yield start
-
-
-@pytest.fixture(scope="session")
-def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One server for the tests that need no special settings; one job at a time, so a second job
-    submitted while the first runs is observably ``queued``."""
-    with launch_server({"TEXTGEN_JOB_CONCURRENCY": "1"}, workdir=tmp_path_factory.mktemp("default-server")) as server:
-        yield server
 
 
 @pytest.fixture

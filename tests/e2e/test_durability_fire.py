@@ -7,7 +7,8 @@
 * A job store the process cannot write (a full disk, a read-only filesystem, a parent that is not a
   directory) stops the server at start-up with one clear CRITICAL line naming ``TEXTGEN_JOB_STORE``, a
   non-zero exit and no traceback, before the model is loaded; jobs already in a store on a full disk
-  stay there untouched.
+  stay there untouched. The four such servers start side by side (``failed_starts``), each test then
+  checks its own.
 
 The full disk is a file-size limit (``RLIMIT_FSIZE``) on the server process: Python ignores SIGXFSZ, so a
 write past the limit fails with EFBIG, which is what SQLite sees on a disk with no room left (it reports
@@ -18,6 +19,7 @@ with a 4-byte write while the app is imported; anything SQLite writes (a page is
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import resource
 import signal
@@ -26,6 +28,8 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -129,8 +133,17 @@ def test_twenty_jobs_survive_two_kill_9s_and_finish_exactly_once(start_server: C
 # ----- Stores that cannot be written ---------------------------------------------------------------
 
 
-def start_expecting_failure(job_store: Path, *, max_file_bytes: int | None = None) -> tuple[int, str, float]:
-    """Run ``uvicorn main:app`` on this store until it exits; (exit code, output, seconds)."""
+@dataclass(frozen=True)
+class FailedStart:
+    """How one ``uvicorn main:app`` on an unwritable store ended: exit code, output, seconds to exit."""
+
+    code: int
+    output: str
+    seconds: float
+
+
+def start_expecting_failure(job_store: Path, *, max_file_bytes: int | None = None) -> Callable[[], FailedStart]:
+    """Start ``uvicorn main:app`` on this store; the returned call waits until it exits and says how."""
 
     def limit_file_size() -> None:
         if max_file_bytes is not None:
@@ -138,7 +151,7 @@ def start_expecting_failure(job_store: Path, *, max_file_bytes: int | None = Non
 
     started = time.monotonic()
     # Output goes to a pipe: RLIMIT_FSIZE applies to regular files only, so the log itself is not cut.
-    completed = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(free_port())],
         cwd=REPO_ROOT,
         env=server_env(job_store, {"TEXTGEN_TORCH_THREADS": "1"}),
@@ -147,11 +160,77 @@ def start_expecting_failure(job_store: Path, *, max_file_bytes: int | None = Non
         stderr=subprocess.STDOUT,
         text=True,
         errors="replace",
-        timeout=FAIL_FAST_S * 2,
         start_new_session=True,
         preexec_fn=limit_file_size,
     )
-    return completed.returncode, completed.stdout, time.monotonic() - started
+
+    def finish() -> FailedStart:
+        try:
+            output, _ = proc.communicate(timeout=FAIL_FAST_S * 2)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        return FailedStart(proc.returncode, output, time.monotonic() - started)
+
+    return finish
+
+
+@dataclass(frozen=True)
+class UnwritableStore:
+    job_store: Path
+    reason: str  # what the CRITICAL line must name
+    max_file_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class SeededStore:
+    """The store that holds jobs before its "disk" fills: what was in it, read before the start."""
+
+    job_ids: list[str]
+    before: dict[str, tuple[str, int]]
+    size: int
+
+
+async def seed_jobs(job_store: Path) -> list[str]:
+    store = SQLiteJobStore(job_store)
+    await store.open()
+    try:
+        jobs = [await store.create({"prompt": f"kept {i}", "max_new_tokens": 4}, request_id=None) for i in range(3)]
+    finally:
+        await store.close()
+    return [job.id for job in jobs]
+
+
+@pytest.fixture(scope="module")
+def unwritable_stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, UnwritableStore], SeededStore]:
+    folder = tmp_path_factory.mktemp("unwritable")
+    (folder / "not-a-dir").write_text("a regular file\n")
+    existing = folder / "existing" / "jobs.db"
+    existing.parent.mkdir()
+    job_ids = asyncio.run(seed_jobs(existing))
+    seeded = SeededStore(job_ids, states_on_disk(existing), existing.stat().st_size)
+    cases = {
+        "full disk, fresh store": UnwritableStore(folder / "full" / "jobs.db", "disk I/O error", FULL_DISK_BYTES),
+        "full disk, existing store": UnwritableStore(existing, "disk I/O error", FULL_DISK_BYTES),
+        # procfs: nobody, root included, can create files there
+        "read-only filesystem": UnwritableStore(Path("/proc/textgen-jobs.db"), "unable to open database file"),
+        "parent is a file": UnwritableStore(folder / "not-a-dir" / "jobs.db", "cannot create directory"),
+    }
+    return cases, seeded
+
+
+@pytest.fixture(scope="module")
+def failed_starts(unwritable_stores: tuple[dict[str, UnwritableStore], SeededStore]) -> dict[str, FailedStart]:
+    """Every unwritable store's server, all started at once: each fails within its imports and a store open,
+    so their starts overlap instead of queueing (the assertions are per case, in the tests below)."""
+    cases, _ = unwritable_stores
+    waits = {
+        case: start_expecting_failure(store.job_store, max_file_bytes=store.max_file_bytes)
+        for case, store in cases.items()
+    }
+    with ThreadPoolExecutor(max_workers=len(waits), thread_name_prefix="failing-start") as pool:
+        ended = {case: pool.submit(wait) for case, wait in waits.items()}
+    return {case: future.result() for case, future in ended.items()}
 
 
 def assert_clear_startup_failure(code: int, output: str, seconds: float, job_store: Path, reason: str) -> None:
@@ -170,35 +249,28 @@ def assert_clear_startup_failure(code: int, output: str, seconds: float, job_sto
 
 
 @pytest.mark.timeout(300)
-def test_full_disk_fresh_store_fails_at_startup(tmp_path: Path) -> None:
-    job_store = tmp_path / "full" / "jobs.db"
-    code, output, seconds = start_expecting_failure(job_store, max_file_bytes=FULL_DISK_BYTES)
-    print(f"\nfull disk, fresh store: exit {code} after {seconds:.1f} s: {output.strip().splitlines()[-2:]}")
-    assert_clear_startup_failure(code, output, seconds, job_store, "disk I/O error")
+def test_full_disk_fresh_store_fails_at_startup(
+    unwritable_stores: tuple[dict[str, UnwritableStore], SeededStore], failed_starts: dict[str, FailedStart]
+) -> None:
+    case = "full disk, fresh store"
+    store, ended = unwritable_stores[0][case], failed_starts[case]
+    print(f"\n{case}: exit {ended.code} after {ended.seconds:.1f} s: {ended.output.strip().splitlines()[-2:]}")
+    assert_clear_startup_failure(ended.code, ended.output, ended.seconds, store.job_store, store.reason)
 
 
 @pytest.mark.timeout(300)
-def test_full_disk_existing_store_fails_at_startup_and_keeps_its_jobs(tmp_path: Path) -> None:
-    job_store = tmp_path / "jobs.db"
-
-    async def seed() -> list[str]:
-        store = SQLiteJobStore(job_store)
-        await store.open()
-        try:
-            jobs = [await store.create({"prompt": f"kept {i}", "max_new_tokens": 4}, request_id=None) for i in range(3)]
-        finally:
-            await store.close()
-        return [job.id for job in jobs]
-
-    job_ids = asyncio.run(seed())
-    before = states_on_disk(job_store)
-    size = job_store.stat().st_size
-    assert size > FULL_DISK_BYTES  # the store is bigger than what the "disk" lets the process write
-
-    code, output, seconds = start_expecting_failure(job_store, max_file_bytes=FULL_DISK_BYTES)
-    print(f"\nfull disk, existing store: exit {code} after {seconds:.1f} s")
-    assert_clear_startup_failure(code, output, seconds, job_store, "disk I/O error")
-    assert states_on_disk(job_store) == before == dict.fromkeys(job_ids, ("queued", 0)), "jobs were lost"
+def test_full_disk_existing_store_fails_at_startup_and_keeps_its_jobs(
+    unwritable_stores: tuple[dict[str, UnwritableStore], SeededStore], failed_starts: dict[str, FailedStart]
+) -> None:
+    case = "full disk, existing store"
+    (cases, seeded), ended = unwritable_stores, failed_starts[case]
+    store = cases[case]
+    assert seeded.size > FULL_DISK_BYTES  # the store is bigger than what the "disk" lets the process write
+    print(f"\n{case}: exit {ended.code} after {ended.seconds:.1f} s")
+    assert_clear_startup_failure(ended.code, ended.output, ended.seconds, store.job_store, store.reason)
+    assert states_on_disk(store.job_store) == seeded.before == dict.fromkeys(seeded.job_ids, ("queued", 0)), (
+        "jobs were lost"
+    )
 
 
 @pytest.mark.timeout(300)
@@ -206,12 +278,13 @@ def test_full_disk_existing_store_fails_at_startup_and_keeps_its_jobs(tmp_path: 
     ("case", "reason"),
     [("read-only filesystem", "unable to open database file"), ("parent is a file", "cannot create directory")],
 )
-def test_unwritable_store_path_fails_at_startup(tmp_path: Path, case: str, reason: str) -> None:
-    if case == "read-only filesystem":
-        job_store = Path("/proc/textgen-jobs.db")  # procfs: nobody, root included, can create files there
-    else:
-        (tmp_path / "not-a-dir").write_text("a regular file\n")
-        job_store = tmp_path / "not-a-dir" / "jobs.db"
-    code, output, seconds = start_expecting_failure(job_store)
-    print(f"\n{case}: exit {code} after {seconds:.1f} s")
-    assert_clear_startup_failure(code, output, seconds, job_store, reason)
+def test_unwritable_store_path_fails_at_startup(
+    unwritable_stores: tuple[dict[str, UnwritableStore], SeededStore],
+    failed_starts: dict[str, FailedStart],
+    case: str,
+    reason: str,
+) -> None:
+    store, ended = unwritable_stores[0][case], failed_starts[case]
+    assert store.reason == reason
+    print(f"\n{case}: exit {ended.code} after {ended.seconds:.1f} s")
+    assert_clear_startup_failure(ended.code, ended.output, ended.seconds, store.job_store, reason)

@@ -12,17 +12,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.server import REPO_ROOT, Server
+from tests.support.server import REPO_ROOT, Server, enter_together, launch_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.server]
 
@@ -38,6 +39,16 @@ LOCUST_ENV = {**ONE_THREAD, "TEXTGEN_MAX_RUNNING": "4", "TEXTGEN_MAX_WAITING": "
 LOCUST_USERS, LOCUST_SECONDS = 20, 6
 
 
+@pytest.fixture(scope="module")
+def load_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    """The ab server and the locust server, started side by side (their starts overlap; the second is idle
+    while the first is loaded)."""
+    envs = {"ab": AB_ENV, "locust": LOCUST_ENV}
+    with contextlib.ExitStack() as stack:
+        launchers = [launch_server(env, workdir=tmp_path_factory.mktemp(name), name=name) for name, env in envs.items()]
+        yield dict(zip(envs, enter_together(stack, launchers), strict=True))
+
+
 def ab_field(output: str, name: str) -> str:
     match = re.search(rf"^{re.escape(name)}:\s+(.+)$", output, re.MULTILINE)
     assert match is not None, f"no {name!r} in ab's output:\n{output}"
@@ -45,12 +56,12 @@ def ab_field(output: str, name: str) -> str:
 
 
 @pytest.mark.timeout(300)
-def test_ab_200_requests_50_concurrent(start_server: Callable[..., Server]) -> None:
+def test_ab_200_requests_50_concurrent(load_servers: dict[str, Server]) -> None:
     ab = shutil.which("ab")
     if ab is None:
         pytest.fail("ApacheBench (`ab`) is not on PATH: install apache2-utils (`make setup` does).")
     assert POST_DATA.exists(), "the repo's post_data.json is missing"
-    server = start_server(AB_ENV)
+    server = load_servers["ab"]
     cmd = [ab, "-l", "-n", str(AB_REQUESTS), "-c", str(AB_CONCURRENCY), "-s", "120", "-p", str(POST_DATA)]
     completed = subprocess.run(
         [*cmd, "-T", "application/json", f"{server.url}/generate"],
@@ -81,8 +92,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.timeout(300)
-def test_locust_headless_run_has_no_unintended_failures(start_server: Callable[..., Server], tmp_path: Path) -> None:
-    server = start_server(LOCUST_ENV)
+def test_locust_headless_run_has_no_unintended_failures(load_servers: dict[str, Server], tmp_path: Path) -> None:
+    server = load_servers["locust"]
     prefix = tmp_path / "locust"
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary"]
     cmd += ["-u", str(LOCUST_USERS), "-r", "10", "-t", f"{LOCUST_SECONDS}s", "--stop-timeout", "30"]

@@ -20,6 +20,7 @@ after SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,14 +29,14 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.support.server import Server, submit_job, wait_until_terminal
+from tests.support.server import Server, enter_together, launch_server, submit_job, wait_until_terminal
 from tests.support.waiting import wait_until_sync
 
 pytestmark = [pytest.mark.e2e, pytest.mark.server]
@@ -206,17 +207,27 @@ def test_sigterm_drains_requests_and_hands_jobs_back(start_server: Callable[...,
 
 
 SHORT_GRACE_S = 2
+SHORT_GRACE_ENV = {
+    **COMMON,
+    "TEXTGEN_SHUTDOWN_GRACE_S": str(SHORT_GRACE_S),
+    "TEXTGEN_JOB_CONCURRENCY": "1",
+    "TEXTGEN_MAX_NEW_TOKENS_LIMIT": "4096",
+}
+
+
+@pytest.fixture(scope="module")
+def short_grace_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    """A fresh server (its own job store) with a short grace period for each test below that SIGTERMs one,
+    both started side by side, so the two starts overlap."""
+    names = ("long-request", "streams")
+    with contextlib.ExitStack() as stack:
+        launchers = [launch_server(SHORT_GRACE_ENV, workdir=tmp_path_factory.mktemp(name), name=name) for name in names]
+        yield dict(zip(names, enter_together(stack, launchers), strict=True))
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_grace_period_bounds_a_long_request(start_server: Callable[..., Server]) -> None:
-    env = {
-        **COMMON,
-        "TEXTGEN_SHUTDOWN_GRACE_S": str(SHORT_GRACE_S),
-        "TEXTGEN_JOB_CONCURRENCY": "1",
-        "TEXTGEN_MAX_NEW_TOKENS_LIMIT": "4096",
-    }
-    server = start_server(env)
+def test_sigterm_grace_period_bounds_a_long_request(short_grace_servers: dict[str, Server]) -> None:
+    server = short_grace_servers["long-request"]
     with server.client() as client:
         body = {"max_new_tokens": 16, "ignore_eos": True}
         job_ids = [submit_job(client, {"prompt": f"Note {i}", **body})["job_id"] for i in range(8)]
@@ -253,7 +264,7 @@ def test_sigterm_grace_period_bounds_a_long_request(start_server: Callable[..., 
     assert not [row for row in on_disk.values() if row["state"] == "running"], on_disk
 
 
-STREAM_GRACE_S = 2
+STREAM_GRACE_S = SHORT_GRACE_S
 LONG_TOKENS = 3000  # far longer than the grace period at this model's speed
 
 
@@ -292,18 +303,12 @@ def last_data(lines: list[str], skip_done: bool = False) -> tuple[str | None, st
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_ends_open_streams_with_their_final_event(start_server: Callable[..., Server]) -> None:
+def test_sigterm_ends_open_streams_with_their_final_event(short_grace_servers: dict[str, Server]) -> None:
     """Before: every open stream was cut within 0.4 s of SIGTERM with no final event (an incomplete chunked
     body; uvicorn logged "ASGI callable returned without completing response"). Now: /generate and /v1 streams
     get the grace period like sync requests, then end with an `error` event (OpenAI's error chunk and
     `[DONE]` under /v1); a job's stream ends with an `error` event saying the job went back to the queue."""
-    env = {
-        **COMMON,
-        "TEXTGEN_SHUTDOWN_GRACE_S": str(STREAM_GRACE_S),
-        "TEXTGEN_JOB_CONCURRENCY": "1",
-        "TEXTGEN_MAX_NEW_TOKENS_LIMIT": "4096",
-    }
-    server = start_server(env)
+    server = short_grace_servers["streams"]  # SHORT_GRACE_ENV: a STREAM_GRACE_S grace period
     long = {"max_new_tokens": LONG_TOKENS, "ignore_eos": True}
     with server.client() as client:
         job_id = submit_job(client, {"prompt": "A long job", **long})["job_id"]

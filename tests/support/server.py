@@ -1,9 +1,9 @@
 """Real ``uvicorn main:app`` subprocesses for every layer that needs one (e2e, browser, the schemathesis CLI).
 
 ``launch_server(env, workers, workdir=...)`` starts a server on a free loopback port, waits for /ready and
-always kills its whole process group afterwards. Each server gets the shared model cache (the GGUF
-conversion happens once per machine), its own SQLite job store unless told otherwise, ``HF_HUB_OFFLINE=1``
-and a log file; it is started in its own session.
+always kills its whole process group afterwards. Each server gets the service's own model cache (the GGUF
+conversion and weight-format measurement happen once per machine), its own SQLite job store unless told
+otherwise, ``HF_HUB_OFFLINE=1`` and a log file; it is started in its own session.
 
 Every test that starts a server carries ``@pytest.mark.server`` (so ``-m 'not server'`` leaves out every
 subprocess); ``launch_server`` fails a test that starts one without it. The root conftest tells this module
@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,14 @@ import pytest
 
 from tests.support.net import free_port
 from tests.support.waiting import wait_until_sync
+from textgen.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CACHE_DIR = REPO_ROOT / ".cache" / "textgen"
+# The cache folder the service itself uses (TEXTGEN_CACHE_DIR, else ~/.cache/textgen): the bundled model's
+# conversion and the weight-format measurement are made once per machine (by `make run` or the first test
+# server), not once per clone, and every later start reads them (a fresh folder costs the first server
+# about a minute).
+CACHE_DIR = Path(os.environ.get("TEXTGEN_CACHE_DIR") or Settings.model_fields["cache_dir"].default)
 READY_TIMEOUT_S = 240.0
 STOP_GRACE_S = 10.0
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
@@ -208,6 +214,76 @@ def launch_server(
         finally:
             server.close()
         return
+
+
+def enter_together(
+    stack: contextlib.ExitStack, launchers: list[contextlib.AbstractContextManager[Server]]
+) -> list[Server]:
+    """Enter several ``launch_server`` contexts at once (their imports and model loads overlap, so several
+    servers cost about one start) and register their exits on ``stack``; the first failure is raised once
+    every start has ended (the servers that did start are stopped with the stack)."""
+    with ThreadPoolExecutor(max_workers=len(launchers), thread_name_prefix="server-start") as pool:
+        starting = [pool.submit(launcher.__enter__) for launcher in launchers]
+    servers: list[Server] = []
+    failures: list[BaseException] = []
+    for launcher, started in zip(launchers, starting, strict=True):
+        try:
+            servers.append(started.result())
+            stack.push(launcher.__exit__)
+        except BaseException as failure:
+            failures.append(failure)
+    if failures:
+        raise failures[0]
+    return servers
+
+
+# -- servers shared by every test that asks for the same settings ------------------------------------
+
+# default_server's settings: one background job at a time, so a second job submitted while the first runs
+# is observably ``queued``; nothing else differs from a plain ``uvicorn main:app``.
+DEFAULT_ENV: dict[str, str] = {"TEXTGEN_JOB_CONCURRENCY": "1"}
+
+
+class SharedServers:
+    """Real servers kept for as long as this object is open (the session), one per set of settings.
+
+    A server start costs seconds of imports and model loading (more on a busy machine), so a module whose
+    tests only need a server with given settings, and leave it fit for the next test (no kill, no
+    exhausted quota, no setting changed), asks here instead of starting its own: ``get(env)`` starts the
+    server the first time those settings are asked for and returns the same one afterwards. Keys are the
+    exact ``env`` and ``workers``, so a test that needs any other setting gets a server of its own. A
+    server that has exited (a test killed it) is replaced by a fresh one. Every ``get`` checks the asking
+    test's server marker, as ``launch_server`` does.
+    """
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._tmp = tmp_path_factory
+        self._servers: dict[tuple[tuple[tuple[str, str], ...], int], Server] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> SharedServers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stack.close()
+
+    def get(
+        self,
+        env: dict[str, str] | None = None,
+        workers: int = 1,
+        *,
+        name: str = "shared",
+        ready_timeout_s: float = READY_TIMEOUT_S,
+    ) -> Server:
+        require_server_marker()
+        key = (tuple(sorted((env or {}).items())), workers)
+        server = self._servers.get(key)
+        if server is None or server.proc.poll() is not None:
+            workdir = self._tmp.mktemp(f"shared-{name}")
+            launcher = launch_server(env, workers, workdir=workdir, name=name, ready_timeout_s=ready_timeout_s)
+            server = self._stack.enter_context(launcher)
+            self._servers[key] = server
+        return server
 
 
 # -- helpers shared by the test modules -----------------------------------------------------------

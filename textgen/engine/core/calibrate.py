@@ -12,11 +12,13 @@ dtype. The measurement takes a few seconds once per machine and is remembered in
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,7 +98,29 @@ def cached_measurement(
     """``measure``, remembered per machine, thread count, torch version, layer shapes and kernels, so a
     restart is quick and decides the same way (delete the file to measure again)."""
     taken = probe()
-    key = "|".join(
+    key = measurement_key(taken, formats, batches, head_formats, fused, dtype)
+    remembered = recall(cache_file, key)
+    if remembered is None:
+        with measuring_alone(cache_file):
+            remembered = recall(cache_file, key)  # measured by a start that held the lock before this one
+            if remembered is None:
+                timings = measure(taken, formats, batches, head_formats, fused, dtype)
+                remember(cache_file, key, timings)
+                return timings
+    logger.info("Weight formats as measured before on this machine (delete %s to measure again)", cache_file)
+    return {f: {int(b): float(ms) for b, ms in t.items()} for f, t in remembered.items()}
+
+
+def measurement_key(
+    taken: Probe,
+    formats: Sequence[str],
+    batches: Sequence[int],
+    head_formats: dict[str, str] | None,
+    fused: FusedKernels | None,
+    dtype: torch.dtype,
+) -> str:
+    """What a measurement depends on: machine, thread count, torch version, layer shapes and kernels."""
+    return "|".join(
         [
             _cpu_model(),
             f"threads={torch.get_num_threads()}",
@@ -110,13 +134,29 @@ def cached_measurement(
             f"dtype={dtype}",
         ]
     )
-    remembered = recall(cache_file, key)
-    if remembered is not None:
-        logger.info("Weight formats as measured before on this machine (delete %s to measure again)", cache_file)
-        return {f: {int(b): float(ms) for b, ms in t.items()} for f, t in remembered.items()}
-    timings = measure(taken, formats, batches, head_formats, fused, dtype)
-    remember(cache_file, key, timings)
-    return timings
+
+
+@contextmanager
+def measuring_alone(cache_file: Path | None) -> Iterator[None]:
+    """Hold the cache file's lock while measuring: processes starting together (``--workers N``, servers
+    started side by side) measure one at a time, so no measurement runs on a CPU another one is loading,
+    the later ones read what the first remembered instead of measuring again, and no ``remember`` drops
+    another's key. Without a usable lock file this measures unlocked (as a cache-less start does)."""
+    if cache_file is None:
+        yield
+        return
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(cache_file.with_name(cache_file.name + ".lock"), "a")  # noqa: SIM115 - closed below
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def recall(cache_file: Path | None, key: str) -> Any:
@@ -272,13 +312,15 @@ def refine_crossover(
         return plan
     (_, small), (_, large) = plan.tiers
     remembered = recall(cache_file, "steps|" + key)
-    if remembered is not None:
-        limit = float(remembered["limit"])
-    else:
-        timings = _time_both(time_steps, [b for b in STEP_BATCHES if b <= max_batch])
-        limit = float(_last_small_batch(timings))
-        remember(cache_file, "steps|" + key, {"limit": limit, "ms": timings})
-        logger.info("Decode steps timed per format (ms by batch size): %s", timings)
+    if remembered is None:
+        with measuring_alone(cache_file):
+            remembered = recall(cache_file, "steps|" + key)
+            if remembered is None:
+                timings = _time_both(time_steps, [b for b in STEP_BATCHES if b <= max_batch])
+                remembered = {"limit": float(_last_small_batch(timings)), "ms": timings}
+                remember(cache_file, "steps|" + key, remembered)
+                logger.info("Decode steps timed per format (ms by batch size): %s", timings)
+    limit = float(remembered["limit"])
     if limit >= max_batch:
         return WeightPlan.single(small)
     if limit < 1:

@@ -8,7 +8,6 @@ its own rotary layout; transformers' weights, and so the core's rotary code, use
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from textgen.engine.core.linear import q4_1_to_int4
+from textgen.loader import gguf_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +87,7 @@ def cached_q4_1_blocks(
 ) -> dict[str, Int4Blocks]:
     """``read_q4_1_blocks``, cached beside the converted model: parsing a GGUF file's metadata takes
     seconds, loading this cache a fraction of one. Empty when the file has no Q4_1 layer weights."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    cache = cache_dir / f"{path.stem}-{key}-q4_1.safetensors"
+    cache = cache_dir / f"{path.stem}-{gguf_fingerprint(path)}-q4_1.safetensors"
     if cache.is_file():
         return _from_tensors(load_file(cache))
     blocks = read_q4_1_blocks(path, num_heads, num_kv_heads)
