@@ -62,7 +62,7 @@ def core_options_from_settings(settings: Settings) -> CoreOptions:
     return CoreOptions(
         core=settings.core,
         weights=settings.weights,
-        slots=settings.max_running,
+        slots=settings.max_running + EngineLimits.embedding_slots,
         positions=settings.max_prompt_tokens + settings.max_new_tokens_limit,
         cache_dir=settings.cache_dir,
         fused=settings.fused_kernels,
