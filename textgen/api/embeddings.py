@@ -1,4 +1,5 @@
-"""``POST /v1/embeddings`` (OpenAI's shape) and vLLM's ``POST /tokenize`` / ``POST /detokenize``.
+"""``POST /v1/embeddings`` (OpenAI's shape) and vLLM's ``POST /tokenize`` / ``POST /detokenize`` (outside
+``/v1``: the service's own error shape, as ``/generate``).
 
 The translation lives in the service layer (``textgen.services.embeddings``, ``textgen.services.tokenize``);
 these routes add HTTP: OpenAI's error body (``OpenAIRoute``), and cancelling the engine work when the client
@@ -15,6 +16,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from textgen.api.deps import CallerDep, RequestIdDep, ServiceDep, StateDep
+from textgen.api.errors import error_responses
 from textgen.api.openai import ERROR_DOCS, OpenAIRoute
 from textgen.engine.types import EmbeddingHandle, EmbeddingResult
 from textgen.errors import GenerationCancelledError
@@ -35,7 +37,10 @@ from textgen.services.tokenize import (
 )
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
-tokenizer_router = APIRouter(tags=["tokenizer"], route_class=OpenAIRoute)
+# Outside /v1, so in the service's own error shape ({"detail", "request_id"}; schema errors 422), as every
+# error before the route (401, 413, 429) is there.
+tokenizer_router = APIRouter(tags=["tokenizer"])
+TOKENIZER_ERRORS = error_responses(400, 422, 429, 503, 500)
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -89,7 +94,7 @@ async def create_embeddings(
 @tokenizer_router.post(
     "/tokenize",
     response_model=TokenizeResponse,
-    responses={code: ERROR_DOCS[code] for code in (400, 401, 413, 429, 500, 503)},
+    responses=TOKENIZER_ERRORS,
     summary="vLLM-compatible: a prompt's or chat's token ids, as the engine counts them",
 )
 async def tokenize_route(body: TokenizeRequest, state: StateDep, service: ServiceDep) -> TokenizeResponse:
@@ -99,7 +104,7 @@ async def tokenize_route(body: TokenizeRequest, state: StateDep, service: Servic
 @tokenizer_router.post(
     "/detokenize",
     response_model=DetokenizeResponse,
-    responses={code: ERROR_DOCS[code] for code in (400, 401, 413, 429, 500, 503)},
+    responses=TOKENIZER_ERRORS,
     summary="vLLM-compatible: the text of token ids",
 )
 async def detokenize_route(body: DetokenizeRequest, state: StateDep, service: ServiceDep) -> DetokenizeResponse:
