@@ -30,6 +30,15 @@ logger = logging.getLogger(__name__)
 
 EncodingFormat = Literal["float", "base64"]
 
+# ``input``'s four shapes, for the documentation (the service checks them itself, with its own messages).
+_TOKEN_IDS: dict[str, Any] = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+INPUT_SCHEMAS: Any = [  # JSON, typed loosely for json_schema_extra
+    {"type": "string", "minLength": 1},
+    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+    _TOKEN_IDS,
+    {"type": "array", "items": _TOKEN_IDS, "minItems": 1},
+]
+
 
 class EmbeddingCreateRequest(BaseModel):
     """OpenAI's ``POST /v1/embeddings`` body. ``input`` is checked by the service (its four shapes, each
@@ -44,13 +53,14 @@ class EmbeddingCreateRequest(BaseModel):
         ...,
         description="A string, a list of strings, a list of token ids, or a list of lists of token ids "
         "(the served model's own ids).",
+        json_schema_extra={"anyOf": INPUT_SCHEMAS},
     )
     model: str | None = Field(None, description="The served model (one is served).")
     encoding_format: EncodingFormat = Field(
         "float", description="float: lists of numbers; base64: each vector as little-endian float32 bytes."
     )
     dimensions: int | None = Field(
-        None, description="Only the model's own size is accepted: this model cannot shorten its vectors."
+        None, ge=1, description="Only the model's own size is accepted: this model cannot shorten its vectors."
     )
     user: str | None = Field(None, max_length=256, description="End-user id (metadata; ignored).")
 
@@ -116,6 +126,9 @@ def check_dimensions(body: EmbeddingCreateRequest, model: LoadedModel) -> None:
 
 
 def _is_token_id(value: Any) -> bool:
+    """An integer (1.0 counts, as in JSON Schema; true does not)."""
+    if isinstance(value, float):
+        return value.is_integer()
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -131,12 +144,12 @@ def _raw_inputs(value: Any) -> list[str] | list[list[int]]:
     if all(isinstance(item, str) for item in value):
         return list(value)
     if all(_is_token_id(item) for item in value):
-        return [list(value)]
+        return [[int(item) for item in value]]
     if all(isinstance(item, list) for item in value):
         for index, item in enumerate(value):
             if not item or not all(_is_token_id(token) for token in item):
                 raise InvalidRequestError(f"input[{index}]: must be a non-empty list of integer token ids.")
-        return [list(item) for item in value]
+        return [[int(token) for token in item] for item in value]
     raise InvalidRequestError(
         "input: a list must hold only strings, only token ids, or only lists of token ids (not a mix)."
     )

@@ -8,7 +8,7 @@ the vocabulary), and the work runs off the event loop.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
@@ -20,23 +20,40 @@ from textgen.services.openai import render_chat_prompt
 from textgen.services.requests import ChatMessage
 
 
-class TokenizeRequest(BaseModel):
-    """vLLM's two tokenize bodies in one: ``prompt``, or ``messages`` (rendered by the chat template)."""
+class TokenizePromptRequest(BaseModel):
+    """vLLM's completion-style tokenize body: a prompt."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"prompt": "Hello world"}]})
 
     model: str | None = Field(None, description="The served model (one is served).")
-    prompt: str | None = Field(None, description="Text to tokenize (exactly one of prompt and messages).")
-    messages: list[ChatMessage] | None = Field(
-        None, min_length=1, description="Chat messages, rendered by the model's chat template, then tokenized."
+    prompt: str = Field(..., description="Text to tokenize, as the engine tokenizes a prompt.")
+    add_special_tokens: bool = Field(
+        True, strict=True, description="Add the tokenizer's special tokens (BOS...), as the engine does."
+    )
+    return_token_strs: bool = Field(False, strict=True, description="Also return each token's string.")
+
+
+class TokenizeChatRequest(BaseModel):
+    """vLLM's chat-style tokenize body: messages, rendered by the model's chat template first."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"messages": [{"role": "user", "content": "Hi"}]}]}
+    )
+
+    model: str | None = Field(None, description="The served model (one is served).")
+    messages: list[ChatMessage] = Field(
+        ..., min_length=1, description="Chat messages, rendered by the model's chat template, then tokenized."
     )
     add_generation_prompt: bool = Field(
-        True, strict=True, description="messages: end with the assistant's cue, as a chat completion does."
+        True, strict=True, description="End with the assistant's cue, as a chat completion does."
     )
     add_special_tokens: bool = Field(
         True, strict=True, description="Add the tokenizer's special tokens (BOS...), as the engine does."
     )
     return_token_strs: bool = Field(False, strict=True, description="Also return each token's string.")
+
+
+TokenizeRequest = TokenizePromptRequest | TokenizeChatRequest
 
 
 class TokenizeResponse(BaseModel):
@@ -47,10 +64,10 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"tokens": [15496, 995]}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"tokens": [1, 2, 3]}]})
 
     model: str | None = Field(None, description="The served model (one is served).")
-    tokens: list[StrictInt] = Field(..., description="Token ids of the served model.")
+    tokens: list[Annotated[StrictInt, Field(ge=0)]] = Field(..., description="Token ids of the served model.")
 
 
 class DetokenizeResponse(BaseModel):
@@ -73,22 +90,19 @@ def _check_characters(characters: int, limit_tokens: int, what: str) -> None:
 
 
 async def tokenize(service: GenerationService, model: LoadedModel, body: TokenizeRequest) -> TokenizeResponse:
-    if (body.prompt is None) == (body.messages is None):
-        raise InvalidRequestError("prompt: send exactly one of prompt and messages.")
     context = max_model_len(service)
     tokenizer = model.tokenizer
-    if body.prompt is not None:
+    if isinstance(body, TokenizePromptRequest):
         _check_characters(len(body.prompt), context, "prompt")
     else:
-        assert body.messages is not None
         _check_characters(sum(len(message.content) for message in body.messages), context, "messages")
 
     def work() -> TokenizeResponse:
-        if body.messages is not None:
+        if isinstance(body, TokenizeChatRequest):
             text = render_chat_prompt(tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt)
             _check_characters(len(text), context, "messages")
         else:
-            text = body.prompt or ""
+            text = body.prompt
         ids = [int(token) for token in tokenizer(text, add_special_tokens=body.add_special_tokens).input_ids]
         strings = [str(token) for token in tokenizer.convert_ids_to_tokens(ids)] if body.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=context, tokens=ids, token_strs=strings)
