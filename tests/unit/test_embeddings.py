@@ -148,6 +148,33 @@ async def test_embedding_inputs_share_steps_with_streams_that_keep_moving(
         stream.cancel()
 
 
+async def test_while_streams_decode_embeddings_are_paced_to_their_share_of_the_step(
+    make_engine: Callable[..., Any], tiny_loaded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps: list[int] = []  # embedding inputs of every step while the request is out
+    engine = await make_engine(embedding_step_share=0.01)
+    real_step = engine.core.step_pooled
+
+    def recording_step(decode_slots: Any, tokens: Any, slots: Any, prompts: Any, pool_slots: Any, pool: Any) -> Any:
+        steps.append(len(pool))
+        return real_step(decode_slots, tokens, slots, prompts, pool_slots, pool)
+
+    streams = [engine.submit(GenerationRequest(f"Stream {i} says", STREAM)) for i in range(4)]
+    await wait_until(lambda: all(s.text_so_far for s in streams), 30, "every stream's first text")
+    monkeypatch.setattr(engine.core, "step_pooled", recording_step)
+    one_input = ids_of(tiny_loaded, "Continuous batching lets many requests share each decode step.")
+    result = await engine.submit_embedding(embed_request(*[one_input] * 4)).result()
+    assert result.vectors.shape[0] == 4
+    # Adding ~1% to a step buys a fraction of an input per step: most steps only decode, and the four
+    # inputs went in separate steps once their credit had saved up (at most 16 tokens a step at first).
+    first, last = steps.index(1), len(steps) - 1 - steps[::-1].index(1)
+    between = steps[first : last + 1]
+    assert sum(between) == 4 and between.count(0) >= 3 * 4
+    assert all(not s.done for s in streams)
+    for stream in streams:
+        stream.cancel()
+
+
 async def test_embeddings_run_while_every_generation_slot_is_taken(
     make_engine: Callable[..., Any], tiny_loaded: Any
 ) -> None:

@@ -45,6 +45,7 @@ def limits_from_settings(settings: Settings) -> EngineLimits:
         max_prefill_tokens=settings.max_prefill_tokens,
         prefill_step_tokens=settings.prefill_step_tokens,
         background_share=settings.background_share,
+        embedding_step_share=settings.embedding_step_share,
     )
 
 

@@ -104,6 +104,8 @@ class _EmbeddingJob:
 EmbeddingPiece = tuple[_EmbeddingJob, int]
 
 NO_VECTORS = torch.empty((0, 0))
+# Embedding tokens a decoding step may carry until the costs behind the share are measured.
+EMBEDDING_PROBE_TOKENS = 16.0
 
 SHUTTING_DOWN = "The server is shutting down; retry the request."
 
@@ -140,6 +142,11 @@ class BatchedEngine:
         self._embeddings_waiting: deque[EmbeddingHandle] = deque()
         self._embeddings: deque[_EmbeddingJob] = deque()
         self._embeddings_skipped = False  # the last step left waiting inputs out: the next takes one first
+        # While streams decode, embedding inputs are paced (``embedding_step_share``): each step earns
+        # credit, in tokens, from the measured cost of a decode step and of one embedding token in it.
+        self._embedding_credit = 0.0
+        self._decode_step_s = 0.0  # recent decode-only step
+        self._embedding_token_s = 0.0  # recent extra seconds per embedding token in a decoding step
         self._interactive_streak = 0
         self._shared_rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         self._tokens_per_s = 0.0
@@ -382,19 +389,34 @@ class BatchedEngine:
         return taken
 
     def _next_embeddings(self, admitted: list[SequenceState], events: list[Event]) -> list[EmbeddingPiece]:
-        """Embedding inputs for this step, in arrival order: what is left of ``prefill_step_tokens`` after
-        the prompts (and of ``max_prefill_tokens`` as rows x longest input), one slot each. At least one
-        input goes when no prompt is prefilled, or when the previous step left them all out (so a
-        steady stream of prompts cannot starve embeddings). Requests cancelled or expired end here."""
+        """Embedding inputs for this step, in arrival order, one slot each.
+
+        While streams decode, the inputs are paced so that they add about ``embedding_step_share`` to the
+        decode steps' time: each step earns credit (that share of a decode step's measured time, in
+        embedding tokens at their measured cost) and inputs go while the credit covers them; an input
+        longer than a step's credit goes once the credit has saved up for it. With nothing decoding, they
+        take what is left of ``prefill_step_tokens`` after the prompts (and of ``max_prefill_tokens`` as
+        rows x longest input), at least one when no prompt is prefilled or the previous step left them
+        all out. Requests cancelled or expired end here."""
         with self._lock:
             arrived = list(self._embeddings_waiting)
             self._embeddings_waiting.clear()
         self._embeddings.extend(_EmbeddingJob(handle, [None] * len(handle.request.inputs)) for handle in arrived)
         self._drop_ended_embeddings(events)
+        if not self._embeddings:
+            self._embedding_credit = 0.0
+            return []
         limits = self._limits
         room = self._require_core().free_slots - len(admitted)
-        budget = limits.prefill_step_tokens - sum(len(seq.prompt_ids) for seq in admitted)
-        first_goes = not admitted or self._embeddings_skipped
+        decoding = bool(self._running_seqs)
+        if decoding:
+            head = self._embeddings[0]
+            cap = max(float(limits.prefill_step_tokens), float(len(head.inputs[head.next_input])))
+            self._embedding_credit = min(cap, self._embedding_credit + self._embedding_tokens_per_step())
+            budget, first_goes = self._embedding_credit, False
+        else:
+            budget = limits.prefill_step_tokens - sum(len(seq.prompt_ids) for seq in admitted)
+            first_goes = not admitted or self._embeddings_skipped
         taken: list[EmbeddingPiece] = []
         tokens = longest = 0
         for job in self._embeddings:
@@ -411,8 +433,31 @@ class BatchedEngine:
                 tokens, longest = tokens + size, max(longest, size)
             if job.pending:
                 break  # inputs go in arrival order: a later request never passes an earlier one
+        if decoding:
+            self._embedding_credit -= tokens
         self._embeddings_skipped = not taken and any(job.pending for job in self._embeddings)
         return taken
+
+    def _embedding_tokens_per_step(self) -> float:
+        """The credit one decoding step earns: ``embedding_step_share`` of a decode step, in embedding tokens."""
+        if self._decode_step_s <= 0 or self._embedding_token_s <= 0:
+            return EMBEDDING_PROBE_TOKENS
+        return self._limits.embedding_step_share * self._decode_step_s / self._embedding_token_s
+
+    def _measure_step(self, elapsed: float, rows: int, prompts: int, embedding_tokens: int) -> None:
+        """Keep the costs the embedding pacing needs: a decode-only step, and what an embedding token adds."""
+        if not rows or prompts:
+            return
+        if not embedding_tokens:
+            self._decode_step_s = elapsed if self._decode_step_s <= 0 else 0.8 * self._decode_step_s + 0.2 * elapsed
+        elif self._decode_step_s > 0:
+            per_token = max(elapsed - self._decode_step_s, 0.0) / embedding_tokens
+            # A noisy step can measure nearly nothing; assume at least that 4 x prefill_step_tokens embedding
+            # tokens cost a decode step (a prefill costs far more), so one lucky step cannot open the gates.
+            per_token = max(per_token, self._decode_step_s / (4 * self._limits.prefill_step_tokens))
+            self._embedding_token_s = (
+                per_token if self._embedding_token_s <= 0 else 0.8 * self._embedding_token_s + 0.2 * per_token
+            )
 
     def _drop_ended_embeddings(self, events: list[Event]) -> None:
         now = time.monotonic()
@@ -545,6 +590,8 @@ class BatchedEngine:
             self._sample_into(rows + admitted, output.logits, events)
         if pieces:
             self._store_embeddings(pieces, output.pooled, events)
+        embedding_tokens = sum(len(job.inputs[index]) for job, index in pieces)
+        self._measure_step(time.perf_counter() - started, len(rows), len(admitted), embedding_tokens)
         if rows:
             elapsed = time.perf_counter() - started
             self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (len(rows) / max(elapsed, 1e-6))

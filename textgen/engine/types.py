@@ -360,3 +360,5 @@ class EngineLimits:
     # Cache slots beyond max_running for prefill-only (embedding) inputs: each holds one input for the step
     # that prefills it, so embeddings keep moving while every generation slot is taken.
     embedding_slots: int = 8
+    # While streams decode, embedding inputs may add about this fraction to a decode step's time (measured).
+    embedding_step_share: float = 0.15
