@@ -84,6 +84,13 @@ async def test_every_input_form_embeds_the_same_text_to_the_same_vector(api: Api
     assert one["model"] == app.state.textgen.model.name
     assert one["usage"] == {"prompt_tokens": len(ids), "total_tokens": len(ids)}
     assert several["usage"]["prompt_tokens"] == len(ids) + len(other_ids)
+    metrics = {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in (await client.get("/metrics")).text.splitlines())
+        if name in ("textgen_embedding_inputs_total", "textgen_embedding_tokens_total")
+    }
+    assert metrics["textgen_embedding_inputs_total"] >= 6  # the six inputs embedded above (and any before)
+    assert metrics["textgen_embedding_tokens_total"] >= 3 * len(ids) + 2 * len(other_ids)
 
 
 async def test_base64_is_the_float_vector_as_little_endian_float32(api: Api) -> None:

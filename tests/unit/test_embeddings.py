@@ -5,6 +5,8 @@ steps with running streams without stopping them."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import struct
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -18,7 +20,14 @@ from textgen.engine.core import CoreOptions
 from textgen.engine.pooling import l2_normalise, mean_pool
 from textgen.engine.scheduler import BatchedEngine
 from textgen.engine.threadpool import ThreadPoolEngine
-from textgen.engine.types import EmbeddingRequest, EngineLimits, GenerationRequest, SamplingParams
+from textgen.engine.types import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    EngineLimits,
+    GenerationRequest,
+    RequestTimings,
+    SamplingParams,
+)
 from textgen.errors import (
     DeadlineExceededError,
     EngineError,
@@ -26,6 +35,7 @@ from textgen.errors import (
     InvalidRequestError,
     PromptTooLongError,
 )
+from textgen.services.embeddings import encode_vectors
 
 TEXTS = ["The quick brown fox", "Once upon a time there was a robot who learned to paint.", "Hi"]
 STREAM = SamplingParams(max_new_tokens=900, ignore_eos=True, temperature=0.9)
@@ -83,6 +93,16 @@ def test_mean_pool_averages_each_span_and_normalising_gives_unit_rows() -> None:
     vectors = l2_normalise(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
     assert torch.allclose(vectors, torch.tensor([[0.6, 0.8], [0.0, 0.0]]))  # a zero row stays zero, no NaN
     assert mean_pool(hidden, []).shape == (0, 2)
+
+
+def test_base64_decodes_to_the_float_vector() -> None:
+    vectors = l2_normalise(torch.randn(3, 5))
+    result = EmbeddingResult(vectors, prompt_tokens=7, timings=RequestTimings(0.0, None, 0.0))
+    floats = encode_vectors(result, "float")
+    encoded = encode_vectors(result, "base64")
+    for text, expected in zip(encoded, floats, strict=True):
+        assert isinstance(text, str) and isinstance(expected, list)
+        assert list(struct.unpack("<5f", base64.b64decode(text))) == expected  # exactly, bit for bit
 
 
 # ----- agreement with the model ---------------------------------------------------------------------------

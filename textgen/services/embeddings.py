@@ -288,7 +288,9 @@ def encode_vectors(result: EmbeddingResult, encoding_format: EncodingFormat) -> 
 def embedding_response(
     service: GenerationService, result: EmbeddingResult, encoding_format: EncodingFormat
 ) -> dict[str, Any]:
-    """OpenAI's response body (a plain dict: tens of thousands of numbers need no second validation)."""
+    """OpenAI's response body (a plain dict: tens of thousands of numbers need no second validation);
+    the request is recorded in the metrics (``textgen_embedding_inputs_total`` / ``_tokens_total``)."""
+    service.metrics.observe_embeddings(int(result.vectors.shape[0]), result.prompt_tokens)
     data = [
         {"object": "embedding", "index": index, "embedding": vector}
         for index, vector in enumerate(encode_vectors(result, encoding_format))
