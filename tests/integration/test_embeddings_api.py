@@ -150,6 +150,10 @@ async def test_unknown_fields_and_formats_are_refused_naming_them(api: Api) -> N
     )
     assert bad_format["param"] == "encoding_format"
     assert (await client.post("/v1/embeddings", json={"input": TEXT, "user": "someone"})).status_code == 200
+    # Clients that send every optional field send null for the ones they leave unset.
+    nulls = {"input": TEXT, "encoding_format": None, "dimensions": None, "user": None, "model": None}
+    answer = await client.post("/v1/embeddings", json=nulls)
+    assert answer.status_code == 200 and isinstance(answer.json()["data"][0]["embedding"], list)
 
 
 async def test_total_tokens_per_request_are_bounded(make_settings: MakeSettings, app_client: AppClient) -> None:

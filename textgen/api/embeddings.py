@@ -85,7 +85,7 @@ async def create_embeddings(
     result = await result_unless_disconnected(request, handle)
 
     def render() -> Response:  # a few hundred thousand numbers: encoded off the event loop
-        content: dict[str, Any] = embedding_response(service, result, body.encoding_format)
+        content: dict[str, Any] = embedding_response(service, result, body.encoding_format or "float")
         return JSONResponse(content, headers={"X-Request-ID": request_id})
 
     return await service.threads.run(render)

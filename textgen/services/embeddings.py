@@ -56,8 +56,9 @@ class EmbeddingCreateRequest(BaseModel):
         json_schema_extra={"anyOf": INPUT_SCHEMAS},
     )
     model: str | None = Field(None, description="The served model (one is served).")
-    encoding_format: EncodingFormat = Field(
-        "float", description="float: lists of numbers; base64: each vector as little-endian float32 bytes."
+    encoding_format: EncodingFormat | None = Field(
+        "float",
+        description="float: lists of numbers (also when null); base64: each vector as little-endian float32 bytes.",
     )
     dimensions: int | None = Field(
         None, ge=1, description="Only the model's own size is accepted: this model cannot shorten its vectors."
