@@ -4,6 +4,7 @@ embedding requests, then alone again, on one batched server.
     python -m bench.embeddings                                   # 32 streams, 64 embedders, 30 s per phase
     python -m bench.embeddings --streams 2 --embedders 2 --duration 2 --ramp 1 --max-new-tokens 16   # smoke
     python -m bench.embeddings --url http://127.0.0.1:8000        # an already running server
+    python -m bench.embeddings --engine-only                      # the engine in-process: no HTTP at all
 
 A real ``uvicorn main:app`` is started as ``bench.bench`` starts one (batched engine, a throw-away job store,
 other ``TEXTGEN_*`` variables pass through), unless ``--url`` is given. Each phase starts its workers, lets
@@ -17,6 +18,11 @@ them ramp up for ``--ramp`` seconds, then counts for ``--duration`` seconds:
   tokens into one chunk, so chunks undercount tokens);
 * embedders (middle phase only): ``--embedders`` closed-loop clients, each sending ``/v1/embeddings`` with
   ``--embedding-inputs`` texts of about ``--embedding-words`` words back to back.
+
+``--engine-only`` drives the same workload straight into an in-process engine (``TEXTGEN_*`` settings,
+the bundled model by default; decoded tokens counted by the step observer), so what the engine's
+pacing costs the streams is seen apart from the HTTP work of the requests and from a load generator
+sharing the server's cores.
 
 The figure of merit is ``ratio = streams' tok/s beside the embedders / mean of the two alone phases``
 (the issue's target: at least 0.8, i.e. embeddings cost the streams at most 20%). The two alone phases
@@ -181,20 +187,7 @@ async def run_phase(name: str, base_url: str, args: argparse.Namespace, *, embed
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    seconds = counts.end - counts.start
-    latencies = sorted(counts.embedding_latencies)
-    result = PhaseResult(
-        name=name,
-        seconds=seconds,
-        stream_tok_s=counts.decoded_tokens / seconds,
-        stream_chunks_s=counts.chunks / seconds,
-        stream_failures=counts.stream_failures,
-        embeddings_per_s=counts.embeddings / seconds,
-        embedded_tok_s=counts.embedded_tokens / seconds,
-        embedding_p50_s=latencies[len(latencies) // 2] if latencies else None,
-        embedding_p95_s=latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))] if latencies else None,
-        embedding_failures=counts.embedding_failures,
-    )
+    result = phase_result(name, counts)
     LOG.info("[%s] streams %.1f tok/s, embeddings %.1f req/s", name, result.stream_tok_s, result.embeddings_per_s)
     return result
 
@@ -224,6 +217,88 @@ async def measure(base_url: str, args: argparse.Namespace) -> dict[str, Any]:
         await run_phase("beside-embeddings", base_url, args, embedders=args.embedders),
         await run_phase("alone-again", base_url, args, embedders=0),
     ]
+    return summary(phases, args)
+
+
+async def measure_engine(args: argparse.Namespace) -> dict[str, Any]:
+    """The same phases against an in-process engine: no HTTP, no load generator on the server's cores."""
+    from textgen.config import load_settings
+    from textgen.engine import create_engine
+    from textgen.engine.types import EmbeddingRequest, GenerationRequest, SamplingParams
+    from textgen.loader import load_model
+
+    settings = load_settings()
+    loaded = await asyncio.to_thread(load_model, settings)
+    engine = create_engine(settings, loaded)
+    await engine.start()
+    decoded = [0]
+    engine.set_step_observer(lambda batch, _seconds: decoded.__setitem__(0, decoded[0] + batch))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=TEMPERATURE, ignore_eos=True)
+    tokenizer = loaded.tokenizer
+
+    async def streamer(worker: int) -> None:
+        index = worker
+        while True:
+            await engine.submit(GenerationRequest(PROMPTS[index % len(PROMPTS)], params)).result()
+            index += 1
+
+    async def embedder(worker: int, counts: PhaseCounts) -> None:
+        index = worker
+        while True:
+            texts = [
+                embedding_text(index * args.embedding_inputs + i, args.embedding_words)
+                for i in range(args.embedding_inputs)
+            ]
+            inputs = tuple(tuple(tokenizer(text).input_ids) for text in texts)
+            started = time.monotonic()
+            result = await engine.submit_embedding(EmbeddingRequest(inputs=inputs)).result()
+            finished = time.monotonic()
+            if counts.inside(finished):
+                counts.embeddings += 1
+                counts.embedded_tokens += result.prompt_tokens
+                counts.embedding_latencies.append(finished - started)
+            index += 1
+
+    async def phase(name: str, embedders: int) -> PhaseResult:
+        counts = PhaseCounts()
+        tasks = [asyncio.create_task(streamer(i)) for i in range(args.streams)]
+        tasks += [asyncio.create_task(embedder(i, counts)) for i in range(embedders)]
+        await asyncio.sleep(args.ramp)  # the benchmark's own clock: phases last a set time
+        before, counts.start = decoded[0], time.monotonic()
+        counts.end = counts.start + args.duration
+        await asyncio.sleep(args.duration)
+        counts.decoded_tokens = decoded[0] - before
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return phase_result(name, counts)
+
+    try:
+        phases = [await phase("alone", 0), await phase("beside-embeddings", args.embedders)]
+        phases.append(await phase("alone-again", 0))
+    finally:
+        await engine.stop(0)
+    return summary(phases, args)
+
+
+def phase_result(name: str, counts: PhaseCounts) -> PhaseResult:
+    seconds = counts.end - counts.start
+    latencies = sorted(counts.embedding_latencies)
+    return PhaseResult(
+        name=name,
+        seconds=seconds,
+        stream_tok_s=counts.decoded_tokens / seconds,
+        stream_chunks_s=counts.chunks / seconds,
+        stream_failures=counts.stream_failures,
+        embeddings_per_s=counts.embeddings / seconds,
+        embedded_tok_s=counts.embedded_tokens / seconds,
+        embedding_p50_s=latencies[len(latencies) // 2] if latencies else None,
+        embedding_p95_s=latencies[min(len(latencies) - 1, int(len(latencies) * 0.95))] if latencies else None,
+        embedding_failures=counts.embedding_failures,
+    )
+
+
+def summary(phases: list[PhaseResult], args: argparse.Namespace) -> dict[str, Any]:
     alone = statistics.fmean([phases[0].stream_tok_s, phases[2].stream_tok_s])
     ratio = phases[1].stream_tok_s / alone if alone > 0 else 0.0
     return {
@@ -264,6 +339,7 @@ def render(result: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="an already running server (default: start one)")
+    parser.add_argument("--engine-only", action="store_true", help="an in-process engine, no server or HTTP")
     parser.add_argument("--streams", type=int, default=32, help="generation streams (default 32)")
     parser.add_argument("--embedders", type=int, default=64, help="concurrent embedding clients (default 64)")
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per phase (default 30)")
@@ -283,6 +359,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.engine_only:
+        result = asyncio.run(measure_engine(args))
+        (args.out / "embeddings-engine.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(render(result))
+        return 0
     server = None
     with tempfile.TemporaryDirectory(prefix="textgen-bench-embed-") as scratch:
         try:
