@@ -1,7 +1,8 @@
 # One command to set up and run the service, one to set up and run every test.
 #   make run    - create .venv, install everything, build the CPU kernels, serve the bundled model on 127.0.0.1:8000
 #   make test   - create .venv, install everything, lint, run the whole test suite
-#   make bench  - load benchmark: batched vs threadpool engine, then batch vs concurrent (writes bench/results/)
+#   make bench  - load benchmark: batched vs threadpool engine, then batch vs concurrent, then 32 streams
+#                 beside 64 embedding requests (writes bench/results/)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -44,6 +45,7 @@ test: setup lint
 bench: setup
 	$(PY) -m bench.bench
 	$(PY) -m bench.bench --batch
+	$(PY) -m bench.embeddings
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

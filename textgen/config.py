@@ -102,6 +102,23 @@ class Settings(BaseSettings):
         description="Prompt tokens prefilled per decode step; more wait for the next step, so a burst of "
         "new prompts stalls running ones briefly and the first of them answer sooner (a longer prompt runs alone).",
     )
+    embedding_max_inputs: int = Field(
+        256, ge=1, le=2048, description="Inputs one /v1/embeddings request may embed; more get 400 naming input."
+    )
+    embedding_max_total_tokens: int = Field(
+        16384,
+        ge=1,
+        description="Tokens one /v1/embeddings request may embed, all inputs together; more get 400 naming "
+        "input (each input is also capped at TEXTGEN_MAX_PROMPT_TOKENS and the model's context).",
+    )
+    embedding_step_share: float = Field(
+        0.1,
+        gt=0,
+        le=10,
+        description="While streams decode, embedding inputs may add about this fraction to each decode step's "
+        "time (measured as it runs: 0.1 slows streams' steps by about 10%, leaving room for the requests' HTTP "
+        "work); the rest wait for later steps.",
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="Default deadline, counted from arrival.")
     threadpool_workers: int = Field(4, ge=1, description="Threads of the 'threadpool' baseline engine.")
     background_share: int = Field(

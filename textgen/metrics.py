@@ -77,6 +77,8 @@ class Metrics:
         )
         self.generated_tokens = Counter("textgen_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("textgen_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.embedding_inputs = Counter("textgen_embedding_inputs", "Inputs embedded (/v1/embeddings)", registry=r)
+        self.embedding_tokens = Counter("textgen_embedding_tokens", "Tokens embedded (/v1/embeddings)", registry=r)
         self.requests_finished = Counter(
             "textgen_generation_requests", "Finished generations by finish reason", ["finish_reason"], registry=r
         )
@@ -159,6 +161,10 @@ class Metrics:
 
     def observe_webhook(self, outcome: str) -> None:
         self.webhook_deliveries.labels(outcome=outcome).inc()
+
+    def observe_embeddings(self, inputs: int, tokens: int) -> None:
+        self.embedding_inputs.inc(inputs)
+        self.embedding_tokens.inc(tokens)
 
     def observe_filter(self, where: str, action: str) -> None:
         self.filter_rejections.labels(where=where, action=action).inc()

@@ -104,6 +104,10 @@ PLANS: dict[str, Plan] = {
     "GET /v1/batches": Plan(30),
     "GET /v1/batches/{batch_id}": Plan(20, (POSITIVE,)),
     "POST /v1/batches/{batch_id}/cancel": Plan(20, (POSITIVE,)),
+    # Embeddings (prefill-only, cheap on the tiny model) and the tokenizer routes.
+    "POST /v1/embeddings": Plan(50),
+    "POST /tokenize": Plan(50),
+    "POST /detokenize": Plan(50),
 }
 # Negative cases never reach the model, so they are cheap: give them more.
 NEGATIVE_EXAMPLES = 100

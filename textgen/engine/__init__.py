@@ -45,6 +45,7 @@ def limits_from_settings(settings: Settings) -> EngineLimits:
         max_prefill_tokens=settings.max_prefill_tokens,
         prefill_step_tokens=settings.prefill_step_tokens,
         background_share=settings.background_share,
+        embedding_step_share=settings.embedding_step_share,
     )
 
 
@@ -62,7 +63,7 @@ def core_options_from_settings(settings: Settings) -> CoreOptions:
     return CoreOptions(
         core=settings.core,
         weights=settings.weights,
-        slots=settings.max_running,
+        slots=settings.max_running + EngineLimits.embedding_slots,
         positions=settings.max_prompt_tokens + settings.max_new_tokens_limit,
         cache_dir=settings.cache_dir,
         fused=settings.fused_kernels,

@@ -20,12 +20,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from textgen.engine.constraints import GrammarCompiler, MaskTimer, apply_token_masks
 from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights
+from textgen.engine.core.decoder import StepOutput
 from textgen.engine.core.fused import FusedKernels, load_fused_kernels
+from textgen.engine.pooling import l2_normalise
 from textgen.engine.sampling import (
     RowLogprobs,
     TokenPenalties,
@@ -36,6 +39,9 @@ from textgen.engine.sampling import (
 from textgen.engine.sequence import SequenceState, tokenize_prompt
 from textgen.engine.service_rate import ServiceRate, completions_needed, predicted_wait_s
 from textgen.engine.types import (
+    EmbeddingHandle,
+    EmbeddingRequest,
+    EmbeddingResult,
     EngineLimits,
     EngineStats,
     GenerationRequest,
@@ -44,6 +50,7 @@ from textgen.engine.types import (
     LogprobAlternative,
     Priority,
     PromptLogprob,
+    RequestTimings,
     SamplingParams,
     to_client_error,
 )
@@ -51,7 +58,9 @@ from textgen.errors import (
     DeadlineExceededError,
     EngineError,
     GenerationCancelledError,
+    InvalidRequestError,
     NotReadyError,
+    PromptTooLongError,
     QueueFullError,
     TextGenError,
 )
@@ -61,7 +70,50 @@ from textgen.threads import run_in_own_thread
 logger = logging.getLogger(__name__)
 
 # One event for the event loop: (handle, text delta, final result, error).
-Event = tuple[Handle, str, GenerationResult | None, BaseException | None]
+Event = tuple[Handle | EmbeddingHandle, str, GenerationResult | EmbeddingResult | None, BaseException | None]
+
+
+@dataclass(eq=False)  # compared by identity: its vectors are tensors
+class _EmbeddingJob:
+    """An embedding request on the inference thread: its inputs are prefilled in order, a few per step,
+    and it finishes when the last one's vector is in."""
+
+    handle: EmbeddingHandle
+    vectors: list[torch.Tensor | None]
+    next_input: int = 0  # the first input not yet taken into a step
+    started_at: float | None = None
+
+    @property
+    def inputs(self) -> tuple[tuple[int, ...], ...]:
+        return self.handle.request.inputs
+
+    @property
+    def pending(self) -> bool:
+        return self.next_input < len(self.inputs)
+
+    @property
+    def complete(self) -> bool:
+        return all(vector is not None for vector in self.vectors)
+
+    def result(self) -> EmbeddingResult:
+        now, request = time.monotonic(), self.handle.request
+        started = self.started_at if self.started_at is not None else now
+        vectors = [v for v in self.vectors if v is not None]
+        return EmbeddingResult(
+            vectors=torch.stack(vectors),
+            prompt_tokens=request.total_tokens,
+            timings=RequestTimings(
+                queue_s=started - request.arrived_at, time_to_first_token_s=None, total_s=now - request.arrived_at
+            ),
+        )
+
+
+# A prefill-only input taken into a step: (its request, the input's index).
+EmbeddingPiece = tuple[_EmbeddingJob, int]
+
+NO_VECTORS = torch.empty((0, 0))
+# Embedding tokens a decoding step may carry until the costs behind the share are measured.
+EMBEDDING_PROBE_TOKENS = 16.0
 
 SHUTTING_DOWN = "The server is shutting down; retry the request."
 
@@ -82,7 +134,8 @@ class BatchedEngine:
         self._owns_model = owns_model  # the only user of ``loaded``: its duplicate weights may be freed
         self._limits = limits
         self._core_options = core_options or CoreOptions(
-            slots=limits.max_running, positions=limits.max_prompt_tokens + limits.max_new_tokens_limit
+            slots=limits.max_running + limits.embedding_slots,
+            positions=limits.max_prompt_tokens + limits.max_new_tokens_limit,
         )
         self._core: ModelCore | None = None
         self._kernels: FusedKernels | None = None  # fused.c, for sampling on the CPU (built with the core)
@@ -93,6 +146,15 @@ class BatchedEngine:
         self._running_seqs: dict[int, SequenceState] = {}  # cache slot -> sequence
         self._backlog: deque[SequenceState] = deque()  # admitted (counted in _running), not yet prefilled
         self._running = 0
+        # Embedding requests: submitted (under the lock), then owned by the inference thread.
+        self._embeddings_waiting: deque[EmbeddingHandle] = deque()
+        self._embeddings: deque[_EmbeddingJob] = deque()
+        self._embeddings_skipped = False  # the last step left waiting inputs out: the next takes one first
+        # While streams decode, embedding inputs are paced (``embedding_step_share``): each step earns
+        # credit, in tokens, from the measured cost of a decode step and of one embedding token in it.
+        self._embedding_credit = 0.0
+        self._decode_step_s = 0.0  # recent decode-only step
+        self._embedding_token_s = 0.0  # recent extra seconds per embedding token in a decoding step
         self._interactive_streak = 0
         self._shared_rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         self._tokens_per_s = 0.0
@@ -168,6 +230,32 @@ class BatchedEngine:
                 raise QueueFullError(retry_after_s=self._retry_after_locked())
         return self._enqueue(request)
 
+    def submit_embedding(self, request: EmbeddingRequest) -> EmbeddingHandle:
+        """Queue prefill-only work; its inputs share the next steps' prefill budget with prompts."""
+        if not self._accepting or self._loop is None:
+            raise NotReadyError()
+        self._check_embedding_inputs(request)
+        with self._lock:
+            queued = len(self._embeddings_waiting) + len(self._embeddings)
+            if queued >= self._limits.max_waiting + self._limits.embedding_slots:
+                raise QueueFullError(retry_after_s=self._retry_after_locked())
+            handle = EmbeddingHandle(request, self._loop)
+            self._embeddings_waiting.append(handle)
+            self._work_available.notify()
+        return handle
+
+    def _check_embedding_inputs(self, request: EmbeddingRequest) -> None:
+        """What would fail a whole step: no input, an empty one, one past a slot, a token id outside the
+        model's embedding table (the service checks the same first, with the request's own names)."""
+        capacity, vocab = self._require_core().capacity, _vocab_size(self._loaded)
+        if not request.inputs or not all(request.inputs):
+            raise InvalidRequestError("An embedding request needs at least one input, and no input may be empty.")
+        for tokens in request.inputs:
+            if len(tokens) > capacity:
+                raise PromptTooLongError(f"An input has {len(tokens)} tokens; at most {capacity} fit.")
+            if min(tokens) < 0 or (vocab is not None and max(tokens) >= vocab):
+                raise InvalidRequestError(f"Token ids must be between 0 and {(vocab or 1) - 1}.")
+
     def _enqueue(self, request: GenerationRequest) -> Handle:
         assert self._loop is not None
         handle = Handle(request, self._loop)
@@ -211,7 +299,12 @@ class BatchedEngine:
 
     def _has_work(self) -> bool:
         with self._lock:
-            return self._running > 0 or any(self._waiting.values())
+            return (
+                self._running > 0
+                or any(self._waiting.values())
+                or bool(self._embeddings_waiting)
+                or bool(self._embeddings)
+            )
 
     def _queue_full_locked(self) -> bool:
         free_slots = max(0, self._limits.max_running - self._running)
@@ -228,10 +321,13 @@ class BatchedEngine:
 
     def _deliver(self, events: Sequence[Event]) -> None:
         for handle, delta, result, error in events:
+            if isinstance(handle, EmbeddingHandle):
+                handle.finish(result if isinstance(result, EmbeddingResult) else None, error)
+                continue
             if delta:
                 handle.publish(delta)
             if result is not None or error is not None:
-                handle.finish(result, error)
+                handle.finish(result if isinstance(result, GenerationResult) else None, error)
 
     # ----- inference-thread side ---------------------------------------------------------------
 
@@ -262,6 +358,8 @@ class BatchedEngine:
                 and not self._running_seqs
                 and not self._backlog
                 and not any(self._waiting.values())
+                and not self._embeddings_waiting
+                and not self._embeddings
             ):
                 self.service_rate.observe(busy=False, saturated=False)
                 self._work_available.wait(timeout=0.5)
@@ -277,8 +375,9 @@ class BatchedEngine:
             self._backlog.extend(self._admit(self._take_admissions(), events))
         self._retire(events)
         admitted = self._next_prefill(events)
-        if self._running_seqs or admitted:
-            self._step(admitted, events, decode=bool(self._running_seqs))
+        pieces = self._next_embeddings(admitted, events)
+        if self._running_seqs or admitted or pieces:
+            self._step(admitted, events, decode=bool(self._running_seqs), pieces=pieces)
         self._retire(events)
 
     def _next_prefill(self, events: list[Event]) -> list[SequenceState]:
@@ -302,6 +401,99 @@ class BatchedEngine:
             taken.append(self._backlog.popleft())
             tokens, longest = tokens + size, max(longest, size)
         return taken
+
+    def _next_embeddings(self, admitted: list[SequenceState], events: list[Event]) -> list[EmbeddingPiece]:
+        """Embedding inputs for this step, in arrival order, one slot each.
+
+        While streams decode, the inputs are paced so that they add about ``embedding_step_share`` to the
+        decode steps' time: each step earns credit (that share of a decode step's measured time, in
+        embedding tokens at their measured cost) and inputs go while the credit covers them; an input
+        longer than a step's credit goes once the credit has saved up for it. With nothing decoding, they
+        take what is left of ``prefill_step_tokens`` after the prompts (and of ``max_prefill_tokens`` as
+        rows x longest input), at least one when no prompt is prefilled or the previous step left them
+        all out. Requests cancelled or expired end here."""
+        with self._lock:
+            arrived = list(self._embeddings_waiting)
+            self._embeddings_waiting.clear()
+        self._embeddings.extend(_EmbeddingJob(handle, [None] * len(handle.request.inputs)) for handle in arrived)
+        self._drop_ended_embeddings(events)
+        if not self._embeddings:
+            self._embedding_credit = 0.0
+            return []
+        limits = self._limits
+        room = self._require_core().free_slots - len(admitted)
+        decoding = bool(self._running_seqs)
+        if decoding:
+            head = self._embeddings[0]
+            cap = max(float(limits.prefill_step_tokens), float(len(head.inputs[head.next_input])))
+            self._embedding_credit = min(cap, self._embedding_credit + self._embedding_tokens_per_step())
+            budget, first_goes = self._embedding_credit, False
+        else:
+            budget = limits.prefill_step_tokens - sum(len(seq.prompt_ids) for seq in admitted)
+            first_goes = not admitted or self._embeddings_skipped
+        taken: list[EmbeddingPiece] = []
+        tokens = longest = 0
+        for job in self._embeddings:
+            while job.pending and len(taken) < room:
+                size = len(job.inputs[job.next_input])
+                padded = (len(taken) + 1) * max(longest, size)
+                fits = tokens + size <= budget and padded <= limits.max_prefill_tokens
+                if not fits and (taken or not first_goes):
+                    break
+                if job.started_at is None:
+                    job.started_at = time.monotonic()
+                taken.append((job, job.next_input))
+                job.next_input += 1
+                tokens, longest = tokens + size, max(longest, size)
+            if job.pending:
+                break  # inputs go in arrival order: a later request never passes an earlier one
+        if decoding:
+            self._embedding_credit -= tokens
+        self._embeddings_skipped = not taken and any(job.pending for job in self._embeddings)
+        return taken
+
+    def _embedding_tokens_per_step(self) -> float:
+        """The credit one decoding step earns: ``embedding_step_share`` of a decode step, in embedding tokens."""
+        if self._decode_step_s <= 0 or self._embedding_token_s <= 0:
+            return EMBEDDING_PROBE_TOKENS
+        return self._limits.embedding_step_share * self._decode_step_s / self._embedding_token_s
+
+    def _measure_step(self, elapsed: float, rows: int, prompts: int, embedding_tokens: int) -> None:
+        """Keep the costs the embedding pacing needs: a decode-only step, and what an embedding token adds."""
+        if not rows or prompts:
+            return
+        if not embedding_tokens:
+            self._decode_step_s = elapsed if self._decode_step_s <= 0 else 0.8 * self._decode_step_s + 0.2 * elapsed
+        elif self._decode_step_s > 0:
+            per_token = max(elapsed - self._decode_step_s, 0.0) / embedding_tokens
+            # A noisy step can measure nearly nothing; assume at least that 4 x prefill_step_tokens embedding
+            # tokens cost a decode step (a prefill costs far more), so one lucky step cannot open the gates.
+            per_token = max(per_token, self._decode_step_s / (4 * self._limits.prefill_step_tokens))
+            self._embedding_token_s = (
+                per_token if self._embedding_token_s <= 0 else 0.8 * self._embedding_token_s + 0.2 * per_token
+            )
+
+    def _drop_ended_embeddings(self, events: list[Event]) -> None:
+        now = time.monotonic()
+        for job in [j for j in self._embeddings if j.handle.cancel_requested or j.handle.request.expired(now)]:
+            self._embeddings.remove(job)
+            ending = GenerationCancelledError() if job.handle.cancel_requested else DeadlineExceededError()
+            events.append((job.handle, "", None, ending))
+
+    def _store_embeddings(self, pieces: list[EmbeddingPiece], pooled: torch.Tensor, events: list[Event]) -> None:
+        """Each input's normalised vector into its request; finished requests answer."""
+        for (job, index), vector in zip(pieces, l2_normalise(pooled), strict=True):
+            job.vectors[index] = vector
+        for job in {id(job): job for job, _ in pieces}.values():
+            if job.complete and job in self._embeddings:
+                self._embeddings.remove(job)
+                events.append((job.handle, "", job.result(), None))
+
+    def _fail_embeddings(self, pieces: list[EmbeddingPiece], events: list[Event], error: TextGenError) -> None:
+        for job in {id(job): job for job, _ in pieces}.values():
+            if job in self._embeddings:
+                self._embeddings.remove(job)
+                events.append((job.handle, "", None, error))
 
     def _flush(self, events: list[Event]) -> None:
         if events and self._loop is not None and not self._loop.is_closed():
@@ -389,29 +581,54 @@ class BatchedEngine:
                 events.append((seq.handle, "", seq.result(), None))
         return [s for s in seqs if s.budget > 0]
 
-    def _step(self, admitted: list[SequenceState], events: list[Event], *, decode: bool) -> None:
-        """One forward pass: the next token of every running sequence (when ``decode``), and the first
-        token of every admitted one. A failure here fails only the admitted sequences when nothing was
-        decoding; otherwise the loop fails the whole batch."""
+    def _step(
+        self,
+        admitted: list[SequenceState],
+        events: list[Event],
+        *,
+        decode: bool,
+        pieces: list[EmbeddingPiece] | None = None,
+    ) -> None:
+        """One forward pass: the next token of every running sequence (when ``decode``), the first token
+        of every admitted one, and the pooled vector of every embedding input in ``pieces`` (prefilled into
+        scratch slots freed right after). A failure here fails only the admitted sequences and the
+        embedding requests in the step when nothing was decoding; otherwise the loop fails the whole batch."""
         core = self._require_core()
+        pieces = pieces or []
         started = time.perf_counter()
         decode_slots = core.slots_in_order() if decode else []
         rows = [self._running_seqs[slot] for slot in decode_slots]
         tokens = torch.tensor([seq.generated[-1] for seq in rows], dtype=torch.long)
         new_slots: list[int] = []
+        pool_slots: list[int] = []
         try:
             new_slots = [core.allocate() for _ in admitted]
-            logits = core.step(decode_slots, tokens, new_slots, [s.prompt_ids for s in admitted])
+            pool_slots = [core.allocate() for _ in pieces]
+            prompts = [s.prompt_ids for s in admitted]
+            if pieces:
+                pool_prompts = [job.inputs[index] for job, index in pieces]
+                output = core.step_pooled(decode_slots, tokens, new_slots, prompts, pool_slots, pool_prompts)
+            else:  # generation alone: the plain step
+                output = StepOutput(core.step(decode_slots, tokens, new_slots, prompts), NO_VECTORS)
         except Exception:
+            self._free_quietly(pool_slots[::-1])
             self._free_quietly(new_slots)
             self._release(len(admitted))
             events.extend((s.handle, "", None, EngineError()) for s in admitted)
+            self._fail_embeddings(pieces, events, EngineError())
             if decode_slots:
                 raise  # the loop fails the running batch too
-            logger.exception("Prefill failed for %d requests", len(admitted))
+            logger.exception("Prefill failed for %d requests and %d embedding inputs", len(admitted), len(pieces))
             return
+        # The scratch slots are the newest rows: freed last first, no cached row has to move.
+        self._free_quietly(pool_slots[::-1])
         self._running_seqs.update(zip(new_slots, admitted, strict=True))
-        self._sample_into(rows + admitted, logits, events)
+        if rows or admitted:
+            self._sample_into(rows + admitted, output.logits, events)
+        if pieces:
+            self._store_embeddings(pieces, output.pooled, events)
+        embedding_tokens = sum(len(job.inputs[index]) for job, index in pieces)
+        self._measure_step(time.perf_counter() - started, len(rows), len(admitted), embedding_tokens)
         if rows:
             elapsed = time.perf_counter() - started
             self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (len(rows) / max(elapsed, 1e-6))
@@ -494,10 +711,14 @@ class BatchedEngine:
         events.extend((seq.handle, "", None, NotReadyError(SHUTTING_DOWN)) for seq in self._backlog)
         self._release(len(self._backlog))
         self._backlog.clear()
+        events.extend((job.handle, "", None, NotReadyError(SHUTTING_DOWN)) for job in self._embeddings)
+        self._embeddings.clear()
         with self._lock:
             for queue in self._waiting.values():
                 events.extend((h, "", None, NotReadyError(SHUTTING_DOWN)) for h in queue)
                 queue.clear()
+            events.extend((h, "", None, NotReadyError(SHUTTING_DOWN)) for h in self._embeddings_waiting)
+            self._embeddings_waiting.clear()
         return events
 
 

@@ -25,14 +25,19 @@ from transformers import (
     pipeline,
 )
 
+from textgen.engine.pooling import l2_normalise, transformers_pooled
 from textgen.engine.sequence import SequenceState, tokenize_prompt
 from textgen.engine.service_rate import ServiceRate, completions_needed, predicted_wait_s
 from textgen.engine.types import (
+    EmbeddingHandle,
+    EmbeddingRequest,
+    EmbeddingResult,
     EngineLimits,
     EngineStats,
     GenerationRequest,
     GenerationResult,
     Handle,
+    RequestTimings,
     SamplingParams,
     to_client_error,
 )
@@ -41,6 +46,7 @@ from textgen.errors import (
     GenerationCancelledError,
     InvalidRequestError,
     NotReadyError,
+    PromptTooLongError,
     QueueFullError,
 )
 from textgen.loader import LoadedModel
@@ -83,7 +89,7 @@ class _StopWhenDone(StoppingCriteria):
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-def _expired(handle: Handle) -> bool:
+def _expired(handle: Handle | EmbeddingHandle) -> bool:
     return handle.request.expired()
 
 
@@ -131,7 +137,7 @@ class ThreadPoolEngine:
         self._pipe: TextGenerationPipeline | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._handles: set[Handle] = set()
+        self._handles: set[Handle | EmbeddingHandle] = set()
         self.service_rate = ServiceRate()  # completions per second, for Retry-After
         self._seed_lock = threading.Lock()
         self._accepting = False
@@ -169,6 +175,66 @@ class ThreadPoolEngine:
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         return handle
+
+    def submit_embedding(self, request: EmbeddingRequest) -> EmbeddingHandle:
+        """Prefill-only work, simply: the inputs in padded forward passes of their own on a worker thread
+        (``max_prefill_tokens`` padded tokens each), pooled and normalised as the batched engine does."""
+        if not self._accepting or self._loop is None:
+            raise NotReadyError()
+        self._check_embedding_inputs(request)
+        if len(self._handles) >= self._workers + self._limits.max_waiting:
+            raise QueueFullError(retry_after_s=self._retry_after())
+        handle = EmbeddingHandle(request, self._loop)
+        self._handles.add(handle)
+        task = self._loop.create_task(self._run_embedding(handle))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return handle
+
+    def _check_embedding_inputs(self, request: EmbeddingRequest) -> None:
+        limit = self._loaded.context_length
+        vocab = getattr(self._loaded.model.config, "vocab_size", None)
+        if not request.inputs or not all(request.inputs):
+            raise InvalidRequestError("An embedding request needs at least one input, and no input may be empty.")
+        for tokens in request.inputs:
+            if limit is not None and len(tokens) > limit:
+                raise PromptTooLongError(f"An input has {len(tokens)} tokens; at most {limit} fit.")
+            if min(tokens) < 0 or (isinstance(vocab, int) and max(tokens) >= vocab):
+                raise InvalidRequestError(f"Token ids must be between 0 and {(vocab or 1) - 1}.")
+
+    async def _run_embedding(self, handle: EmbeddingHandle) -> None:
+        assert self._loop is not None and self._executor is not None
+        try:
+            handle.finish(await self._loop.run_in_executor(self._executor, self._embed, handle))
+        except Exception as error:
+            if not isinstance(error, (GenerationCancelledError, DeadlineExceededError)):
+                logger.exception("Embedding failed", extra={"request_id": handle.request.request_id})
+            handle.finish(None, to_client_error(error))
+        finally:
+            self._handles.discard(handle)
+
+    def _embed(self, handle: EmbeddingHandle) -> EmbeddingResult:
+        """Runs on a worker thread: the inputs in groups of at most ``max_prefill_tokens`` padded tokens."""
+        request, started = handle.request, time.monotonic()
+        pad_id = int(self._loaded.tokenizer.pad_token_id or 0)
+        vectors = []
+        group: list[tuple[int, ...]] = []
+        for tokens in [*request.inputs, ()]:  # the empty sentinel flushes the last group
+            longest = max([len(tokens), *(len(t) for t in group)])
+            if group and (not tokens or (len(group) + 1) * longest > self._limits.max_prefill_tokens):
+                self._raise_if_ended(handle)
+                vectors.append(transformers_pooled(self._loaded.model, group, pad_id))
+                group = []
+            if tokens:
+                group.append(tokens)
+        now = time.monotonic()
+        return EmbeddingResult(
+            vectors=l2_normalise(torch.cat(vectors)),
+            prompt_tokens=request.total_tokens,
+            timings=RequestTimings(
+                queue_s=started - request.arrived_at, time_to_first_token_s=None, total_s=now - request.arrived_at
+            ),
+        )
 
     async def stop(self, grace_s: float) -> None:
         self._accepting = False
@@ -267,7 +333,7 @@ class ThreadPoolEngine:
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)  # type: ignore[operator]
 
     @staticmethod
-    def _raise_if_ended(handle: Handle) -> None:
+    def _raise_if_ended(handle: Handle | EmbeddingHandle) -> None:
         if handle.cancel_requested:
             raise GenerationCancelledError()
         if _expired(handle):

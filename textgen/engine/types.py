@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Protocol
 from textgen.errors import DeadlineExceededError, EngineError, GenerationCancelledError, TextGenError
 
 if TYPE_CHECKING:
+    import torch
+
     from textgen.engine.constraints import CompiledGrammar, Constraint
 
 
@@ -260,6 +262,88 @@ class Handle:
             self.finish(None, DeadlineExceededError())
 
 
+@dataclass
+class EmbeddingRequest:
+    """Prefill-only work: each input (token ids, already checked against the vocabulary and the context by
+    the service) is run through the model once and comes back as its pooled, L2-normalised final hidden
+    state. Nothing is sampled; the inputs leave the batch after the step that prefills them."""
+
+    inputs: tuple[tuple[int, ...], ...]
+    request_id: str = ""
+    timeout_s: float | None = None
+    arrived_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout_s is None else self.arrived_at + self.timeout_s
+
+    def expired(self, now: float | None = None) -> bool:
+        deadline = self.deadline
+        return deadline is not None and (time.monotonic() if now is None else now) > deadline
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(len(tokens) for tokens in self.inputs)
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """One vector per input, in input order: ``vectors`` [inputs, hidden size] float32, each of unit L2 norm."""
+
+    vectors: torch.Tensor
+    prompt_tokens: int
+    timings: RequestTimings
+
+
+class EmbeddingHandle:
+    """The caller's side of one embedding request (``Handle`` without streaming). Created and resolved on
+    the event loop; the engine's thread reads ``cancel_requested`` and resolves it through ``finish``."""
+
+    def __init__(self, request: EmbeddingRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self._future: asyncio.Future[EmbeddingResult] = loop.create_future()
+        self._cancelled = threading.Event()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        deadline = request.deadline
+        if deadline is not None:
+            self._deadline_timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire)
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._future.done()
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; inputs not yet prefilled are skipped."""
+        self._cancelled.set()
+
+    async def result(self) -> EmbeddingResult:
+        return await asyncio.shield(self._future)
+
+    def finish(self, result: EmbeddingResult | None, error: BaseException | None = None) -> None:
+        """The request ended, with a result or an error; later calls are ignored (call on the event loop)."""
+        if self._future.done():
+            return
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        if error is not None:
+            self._future.set_exception(error)
+            self._future.exception()  # nobody may be awaiting any more: mark it retrieved
+        else:
+            assert result is not None
+            self._future.set_result(result)
+
+    def _expire(self) -> None:
+        self._deadline_timer = None
+        if not self._future.done():
+            self._cancelled.set()
+            self.finish(None, DeadlineExceededError())
+
+
 class Engine(Protocol):
     """The contract both engines implement."""
 
@@ -270,6 +354,9 @@ class Engine(Protocol):
     async def stop(self, grace_s: float) -> None: ...
 
     def submit(self, request: GenerationRequest) -> Handle: ...
+
+    def submit_embedding(self, request: EmbeddingRequest) -> EmbeddingHandle:
+        """Queue prefill-only work (``EmbeddingRequest``); 503 when the queue is full or not ready."""
 
     @property
     def ready(self) -> bool: ...
@@ -308,3 +395,8 @@ class EngineLimits:
     max_prefill_tokens: int = 4096
     prefill_step_tokens: int = 256
     background_share: int = 4
+    # Cache slots beyond max_running for prefill-only (embedding) inputs: each holds one input for the step
+    # that prefills it, so embeddings keep moving while every generation slot is taken.
+    embedding_slots: int = 8
+    # While streams decode, embedding inputs may add about this fraction to a decode step's time (measured).
+    embedding_step_share: float = 0.1

@@ -58,12 +58,16 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 
-def render_chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> str:
-    """The model's own chat template; a plain 'role: content' transcript for models without one."""
+def render_chat_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True
+) -> str:
+    """The model's own chat template; a plain 'role: content' transcript for models without one.
+    ``add_generation_prompt``: end with the cue for the assistant's turn (what a chat completion sends)."""
     turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
     if tokenizer.chat_template:
-        return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
-    return "".join(f"{turn['role']}: {turn['content']}\n" for turn in turns) + "assistant:"
+        return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt))
+    transcript = "".join(f"{turn['role']}: {turn['content']}\n" for turn in turns)
+    return transcript + "assistant:" if add_generation_prompt else transcript
 
 
 def response_format_constraint(response_format: dict[str, Any] | None) -> Constraint | None:

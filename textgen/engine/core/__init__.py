@@ -8,6 +8,8 @@ knows which core runs:
 * ``decode(slots, tokens) -> logits [B, V]``: one new token for each slot;
 * ``step(decode_slots, tokens, prefill_slots, prompts)``: both at once, in one forward pass where the
   core can (what the scheduler calls every iteration);
+* ``step_pooled(..., pool_slots, pool_prompts)``: ``step`` plus prefill-only inputs (embeddings) whose
+  mean final hidden states come back instead of logits;
 * ``slots_in_order()``: the order in which ``decode`` runs without copying the cache;
 * ``score(tokens) -> logits [L, V]``: every position of one sequence (prompt log-probabilities, echo).
 
@@ -32,7 +34,7 @@ from transformers import PreTrainedModel
 
 from textgen.engine.core.activations import input_ranges
 from textgen.engine.core.calibrate import Probe, machine_key, plan_for, refine_crossover
-from textgen.engine.core.decoder import DecodeCore, architecture_for
+from textgen.engine.core.decoder import DecodeCore, StepOutput, architecture_for
 from textgen.engine.core.fused import FusedKernels, build_fused_kernels
 from textgen.engine.core.gguf_blocks import Int4Blocks, cached_q4_1_blocks
 from textgen.engine.core.hf import TransformersCore
@@ -73,6 +75,16 @@ class ModelCore(Protocol):
     ) -> torch.Tensor: ...
 
     def score(self, tokens: Sequence[int]) -> torch.Tensor: ...  # logits after every position [L, V]
+
+    def step_pooled(
+        self,
+        decode_slots: Sequence[int],
+        tokens: torch.Tensor,
+        prefill_slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        pool_slots: Sequence[int],
+        pool_prompts: Sequence[Sequence[int]],
+    ) -> StepOutput: ...
 
     def describe(self) -> dict[str, Any]: ...
 

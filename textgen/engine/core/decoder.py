@@ -20,6 +20,16 @@ from textgen.engine.core.kv_cache import SlotKVCache
 from textgen.engine.core.layers import Attention, DecodeAttention, MixedAttention, PrefillAttention
 from textgen.engine.core.linear import Linear
 from textgen.engine.core.weights import UNBOUNDED, LinearFactory, WeightPlan
+from textgen.engine.pooling import mean_pool
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one forward pass returns: next-token logits [decode rows + prefilled prompts, V] float32, and
+    the mean final hidden state of each prefill-only input [pooled inputs, E] float32 (unnormalised)."""
+
+    logits: torch.Tensor
+    pooled: torch.Tensor
 
 
 class ModelWeights(Protocol):
@@ -136,7 +146,6 @@ class DecodeCore:
         """Feed each slot its next token [B]; returns logits [B, V] float32, rows in the order of ``slots``."""
         return self.step(slots, tokens, [], [])
 
-    @torch.inference_mode()
     def step(
         self,
         decode_slots: Sequence[int],
@@ -150,6 +159,22 @@ class DecodeCore:
         batch's arithmetic: a separate prefill pass would cost nearly a whole extra decode step.
         Returns logits [len(decode_slots) + len(prefill_slots), V] float32, decode rows first.
         """
+        return self.step_pooled(decode_slots, tokens, prefill_slots, prompts, [], []).logits
+
+    @torch.inference_mode()
+    def step_pooled(
+        self,
+        decode_slots: Sequence[int],
+        tokens: torch.Tensor,
+        prefill_slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        pool_slots: Sequence[int],
+        pool_prompts: Sequence[Sequence[int]],
+    ) -> StepOutput:
+        """``step``, plus prefill-only inputs in the same pass: ``pool_prompts`` are prefilled into the
+        fresh (scratch) ``pool_slots`` like prompts, but come back as the mean of their final hidden
+        states (``pooled`` [len(pool_slots), E] float32, not normalised) instead of logits; the caller
+        frees their slots after the step."""
         rows = self.cache.rows_of(decode_slots)
         lengths = self.cache.lengths_of(rows)
         for slot in decode_slots:
@@ -157,15 +182,26 @@ class DecodeCore:
         segments: list[tuple[int, int, int]] = []  # (cache row, start in prompt_tokens, length)
         prompt_tokens: list[int] = []
         positions, last = list(lengths), list(range(len(rows)))
+        pooled_spans: list[tuple[int, int]] = []  # (start in the pass's tokens, length)
         start = 0
-        for slot, row, prompt in zip(prefill_slots, self.cache.rows_of(prefill_slots), prompts, strict=True):
+        for slot, row, prompt in zip(
+            [*prefill_slots, *pool_slots],
+            self.cache.rows_of([*prefill_slots, *pool_slots]),
+            [*prompts, *pool_prompts],
+            strict=True,
+        ):
             self.cache.check_room(slot, len(prompt))
             segments.append((row, start, len(prompt)))
             prompt_tokens.extend(prompt)
             positions.extend(range(len(prompt)))
+            if len(segments) <= len(prefill_slots):
+                last.append(len(rows) + start + len(prompt) - 1)
+            else:
+                pooled_spans.append((len(rows) + start, len(prompt)))
             start += len(prompt)
-            last.append(len(rows) + start - 1)
-        self.cache.ensure_initialised(max([*(n + 1 for n in lengths), *(len(p) for p in prompts)]))
+        self.cache.ensure_initialised(
+            max([*(n + 1 for n in lengths), *(len(p) for p in prompts), *(len(p) for p in pool_prompts)])
+        )
         all_tokens = torch.cat([tokens.to(torch.long).cpu(), torch.tensor(prompt_tokens, dtype=torch.long)])
         if self._fused_applies(len(positions), max(positions, default=0) + 1):
             # Every token at its own (cache row, position): decode rows and whole prompts in one pass.
@@ -181,9 +217,12 @@ class DecodeCore:
         self.cache.advance(rows)
         for row, _, length in segments:
             self.cache.advance([row], length)
+        pooled = mean_pool(hidden, pooled_spans)
+        if not last:  # prefill-only inputs alone: no logits to compute
+            return StepOutput(torch.empty((0, 0), dtype=torch.float32), pooled)
         if len(last) != hidden.shape[0]:
             hidden = hidden.index_select(0, torch.tensor(last, dtype=torch.long, device=self._device))
-        return self.weights.lm_head(hidden)
+        return StepOutput(self.weights.lm_head(hidden), pooled)
 
     @torch.inference_mode()
     def score(self, tokens: Sequence[int]) -> torch.Tensor:

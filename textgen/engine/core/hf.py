@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from textgen.engine.core.decoder import StepOutput
 from textgen.engine.padding import PaddedRows, decode_step, prefill
+from textgen.engine.pooling import transformers_pooled
 from textgen.errors import EngineError
 
 
@@ -68,7 +70,22 @@ class TransformersCore:
             parts.append(self.decode(decode_slots, tokens))
         if prefill_slots:
             parts.append(self.prefill(prefill_slots, prompts))
-        return torch.cat(parts)
+        return torch.cat(parts) if parts else torch.empty((0, 0), dtype=torch.float32)
+
+    def step_pooled(
+        self,
+        decode_slots: Sequence[int],
+        tokens: torch.Tensor,
+        prefill_slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        pool_slots: Sequence[int],
+        pool_prompts: Sequence[Sequence[int]],
+    ) -> StepOutput:
+        """``step``, then the prefill-only inputs in a padded pass of their own (their slots only count
+        them: nothing is cached for them). -> logits and pooled means, as ``DecodeCore.step_pooled``."""
+        logits = self.step(decode_slots, tokens, prefill_slots, prompts)
+        pooled = transformers_pooled(self._model, pool_prompts, self._pad_id) if pool_prompts else None
+        return StepOutput(logits, torch.empty((0, 0)) if pooled is None else pooled)
 
     @torch.inference_mode()
     def score(self, tokens: Sequence[int]) -> torch.Tensor:
@@ -82,7 +99,7 @@ class TransformersCore:
     def free(self, slots: Sequence[int]) -> None:
         gone = set(slots)
         self._free_ids.extend(slots)
-        if self._batch is None:
+        if self._batch is None or gone.isdisjoint(self._batch.rows):  # e.g. only prefill-only inputs' slots
             return
         keep = [row for row, slot in enumerate(self._batch.rows) if slot not in gone]
         self._batch = self._batch.filter(keep) if keep else None

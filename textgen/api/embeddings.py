@@ -1,0 +1,111 @@
+"""``POST /v1/embeddings`` (OpenAI's shape) and vLLM's ``POST /tokenize`` / ``POST /detokenize`` (outside
+``/v1``: the service's own error shape, as ``/generate``).
+
+The translation lives in the service layer (``textgen.services.embeddings``, ``textgen.services.tokenize``);
+these routes add HTTP: OpenAI's error body (``OpenAIRoute``), and cancelling the engine work when the client
+goes away before its vectors are ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from textgen.api.deps import CallerDep, RequestIdDep, ServiceDep, StateDep
+from textgen.api.errors import error_responses
+from textgen.api.openai import ERROR_DOCS, OpenAIRoute
+from textgen.engine.types import EmbeddingHandle, EmbeddingResult
+from textgen.errors import GenerationCancelledError
+from textgen.services.embeddings import (
+    EmbeddingCreateRequest,
+    EmbeddingResponse,
+    checked_inputs,
+    embedding_response,
+    submit_embedding,
+)
+from textgen.services.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    detokenize,
+    tokenize,
+)
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+# Outside /v1, so in the service's own error shape ({"detail", "request_id"}; schema errors 422), as every
+# error before the route (401, 413, 429) is there.
+tokenizer_router = APIRouter(tags=["tokenizer"])
+TOKENIZER_ERRORS = error_responses(400, 422, 429, 503, 500)
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def result_unless_disconnected(request: Request, handle: EmbeddingHandle) -> EmbeddingResult:
+    """Await the vectors; if the client goes away first, cancel so the inputs not yet run are skipped."""
+    result = asyncio.ensure_future(handle.result())
+    disconnect = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({result, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+        if not handle.done:
+            handle.cancel()
+    if not result.done():
+        result.cancel()
+        with contextlib.suppress(asyncio.CancelledError, GenerationCancelledError):
+            await result
+        raise GenerationCancelledError("The client disconnected.")
+    return result.result()
+
+
+@router.post(
+    "/embeddings",
+    response_model=EmbeddingResponse,
+    responses=ERROR_DOCS,
+    summary="OpenAI-compatible embeddings: the served model's mean-pooled, L2-normalised final hidden states",
+)
+async def create_embeddings(
+    body: EmbeddingCreateRequest,
+    request: Request,
+    state: StateDep,
+    service: ServiceDep,
+    request_id: RequestIdDep,
+    caller: CallerDep,
+) -> Response:
+    inputs = await checked_inputs(service, state.model, body, request_id)
+    handle = await submit_embedding(service, caller, inputs, request_id)
+    result = await result_unless_disconnected(request, handle)
+
+    def render() -> Response:  # a few hundred thousand numbers: encoded off the event loop
+        content: dict[str, Any] = embedding_response(service, result, body.encoding_format or "float")
+        return JSONResponse(content, headers={"X-Request-ID": request_id})
+
+    return await service.threads.run(render)
+
+
+@tokenizer_router.post(
+    "/tokenize",
+    response_model=TokenizeResponse,
+    responses=TOKENIZER_ERRORS,
+    summary="vLLM-compatible: a prompt's or chat's token ids, as the engine counts them",
+)
+async def tokenize_route(body: TokenizeRequest, state: StateDep, service: ServiceDep) -> TokenizeResponse:
+    return await tokenize(service, state.model, body)
+
+
+@tokenizer_router.post(
+    "/detokenize",
+    response_model=DetokenizeResponse,
+    responses=TOKENIZER_ERRORS,
+    summary="vLLM-compatible: the text of token ids",
+)
+async def detokenize_route(body: DetokenizeRequest, state: StateDep, service: ServiceDep) -> DetokenizeResponse:
+    return await detokenize(service, state.model, body)
