@@ -109,6 +109,15 @@ async def test_an_unknown_model_is_404_before_any_work(api: Api, path: str, body
     assert stats.running == stats.waiting_interactive == 0
 
 
+async def test_embeddings_check_the_model_too(api: Api) -> None:
+    client, _app = api
+    for asked in ({}, {"model": SERVED}, {"model": ALIASES[0]}):
+        response = await client.post("/v1/embeddings", json={"input": "hello", **asked})
+        assert response.status_code == 200, response.text
+    for name in ("gpt-4o", "text-embedding-3-small"):
+        assert_model_not_found(await client.post("/v1/embeddings", json={"input": "I hate you", "model": name}), name)
+
+
 async def test_the_official_client_raises_not_found_for_an_unknown_model(api: Api) -> None:
     client, _app = api
     oai = AsyncOpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)

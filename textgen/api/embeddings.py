@@ -80,6 +80,7 @@ async def create_embeddings(
     request_id: RequestIdDep,
     caller: CallerDep,
 ) -> Response:
+    state.models.resolve(body.model)  # 404 model_not_found before any work
     inputs = await checked_inputs(service, state.model, body, request_id)
     handle = await submit_embedding(service, caller, inputs, request_id)
     result = await result_unless_disconnected(request, handle)

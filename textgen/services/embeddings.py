@@ -46,7 +46,7 @@ class EmbeddingCreateRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"model": "textgen", "input": ["first text", "second text"]}]},
+        json_schema_extra={"examples": [{"model": "default", "input": ["first text", "second text"]}]},
     )
 
     input: Any = Field(
@@ -55,7 +55,9 @@ class EmbeddingCreateRequest(BaseModel):
         "(the served model's own ids).",
         json_schema_extra={"anyOf": INPUT_SCHEMAS},
     )
-    model: str | None = Field(None, description="The served model (one is served).")
+    model: str | None = Field(
+        None, description="The served name or an alias (GET /v1/models); left out = the served model; else 404."
+    )
     encoding_format: EncodingFormat | None = Field(
         "float",
         description="float: lists of numbers (also when null); base64: each vector as little-endian float32 bytes.",
