@@ -14,6 +14,16 @@ from pydantic_ai.providers.openai import OpenAIProvider
 pytestmark = [pytest.mark.clients, pytest.mark.server]
 
 
+def served_model(base_url: str, model: str) -> OpenAIChatModel:
+    return OpenAIChatModel(model, provider=OpenAIProvider(base_url=base_url, api_key="unused"))
+
+
+def test_pydantic_ai_text_output(base_url: str, model: str) -> None:
+    agent = Agent(served_model(base_url, model), model_settings={"temperature": 0, "max_tokens": 8})
+    result = agent.run_sync("What is the capital of France? Answer in one word.")
+    assert isinstance(result.output, str) and "paris" in result.output.lower(), result.output
+
+
 class Population(BaseModel):
     """The answer: a city and its population."""
 
@@ -22,9 +32,8 @@ class Population(BaseModel):
 
 
 def test_pydantic_ai_tool_output_and_function_tool(base_url: str, model: str) -> None:
-    served = OpenAIChatModel(model, provider=OpenAIProvider(base_url=base_url, api_key="unused"))
     agent = Agent(
-        served,
+        served_model(base_url, model),
         output_type=Population,  # the default ToolOutput: the answer comes as a call of the final_result tool
         instructions="Always call lookup_population first, then give the final result.",
         model_settings={"temperature": 0, "max_tokens": 96},

@@ -21,6 +21,15 @@ def chat_model(base_url: str, model: str, max_tokens: int = 96) -> ChatOpenAI:
     )
 
 
+def test_plain_chat_and_stream(base_url: str, model: str) -> None:
+    llm = chat_model(base_url, model, max_tokens=8)
+    question = "What is the capital of France? Answer in one word."
+    answer = llm.invoke(question)
+    assert isinstance(answer.content, str) and "paris" in answer.content.lower(), answer
+    streamed = "".join(str(chunk.content) for chunk in llm.stream(question))
+    assert streamed == answer.content
+
+
 def test_bind_tools_and_an_agent_step_with_a_tool_message(base_url: str, model: str) -> None:
     llm = chat_model(base_url, model).bind_tools(TOOLS, tool_choice="get_weather")
     question = HumanMessage("What is the weather like in Paris right now?")

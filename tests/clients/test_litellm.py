@@ -8,7 +8,22 @@ import pytest
 
 from tests.clients.conftest import TOOLS, WEATHER_QUESTION, assert_valid_arguments
 
-pytestmark = [pytest.mark.clients, pytest.mark.server]
+pytestmark = [
+    pytest.mark.clients,
+    pytest.mark.server,
+    # litellm's own TypedDicts, built at first use: noise about its types, not about the server.
+    pytest.mark.filterwarnings("ignore:Item .* is using the `ReadOnly` qualifier:UserWarning"),
+]
+
+
+def test_plain_completion_and_stream(base_url: str, model: str) -> None:
+    route = {"model": f"openai/{model}", "api_base": base_url, "api_key": "unused", "num_retries": 0}
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    reply = litellm.completion(**route, messages=question, max_tokens=8, temperature=0)
+    content = reply.choices[0].message.content
+    assert content and "paris" in content.lower(), reply
+    chunks = litellm.completion(**route, messages=question, max_tokens=8, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == content
 
 
 def test_completion_with_tools(base_url: str, model: str) -> None:
