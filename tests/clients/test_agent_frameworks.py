@@ -49,8 +49,8 @@ def test_pydantic_ai_tool_output_and_function_tool(base_url: str, model: str) ->
     result = agent.run_sync("How many people live in Paris?")
     assert looked_up, "the agent never called lookup_population"
     assert "paris" in looked_up[0].lower(), looked_up
-    assert isinstance(result.output, Population), result.output
-    assert result.output.population == 2_102_650, result.output
+    assert isinstance(result.output, Population), result.output  # through the final_result output tool
+    assert "paris" in result.output.city.lower(), result.output
 
 
 class Person(BaseModel):

@@ -31,7 +31,7 @@ def test_plain_chat_and_stream(base_url: str, model: str) -> None:
 
 
 def test_bind_tools_and_an_agent_step_with_a_tool_message(base_url: str, model: str) -> None:
-    llm = chat_model(base_url, model).bind_tools(TOOLS, tool_choice="get_weather")
+    llm = chat_model(base_url, model).bind_tools(TOOLS, tool_choice="get_weather", parallel_tool_calls=False)
     question = HumanMessage("What is the weather like in Paris right now?")
     called = llm.invoke([question])
     assert isinstance(called, AIMessage)

@@ -34,15 +34,15 @@ def test_completion_with_tools(base_url: str, model: str) -> None:
         messages=WEATHER_QUESTION,
         tools=TOOLS,
         tool_choice="required",
+        parallel_tool_calls=False,
         max_tokens=96,
+        temperature=0,
         num_retries=0,
     )
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls", choice
-    calls = choice.message.tool_calls
-    assert calls, choice.message
-    for call in calls:
-        assert_valid_arguments(call.function.name, call.function.arguments)
+    [call] = choice.message.tool_calls or []
+    assert_valid_arguments(call.function.name, call.function.arguments)
 
 
 def test_embedding(base_url: str, model: str) -> None:
