@@ -51,8 +51,9 @@ def test_tool_choice_required_gives_a_valid_call(oai: OpenAI, model: str) -> Non
 
 
 def test_named_tool_choice_calls_that_tool_once(oai: OpenAI, model: str) -> None:
-    # The question is about the weather; naming get_time must still give one get_time call, and only one
-    # (as vLLM does; instructor and the Agents SDK read the first call and fail on a "length" finish).
+    # The question is about the weather; naming get_time must still give one get_time call, and only one:
+    # OpenAI's guide describes a forced function as exactly one call, vLLM answers one, and instructor's
+    # TOOLS mode (a named choice) reads one call and fails on a "length" finish.
     reply = oai.chat.completions.create(
         model=model,
         messages=WEATHER_QUESTION,
