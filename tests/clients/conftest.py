@@ -25,7 +25,7 @@ import jsonschema
 import pytest
 from openai import OpenAI
 
-from tests.support.server import MODEL_NAME, Server, launch_server
+from tests.support.server import MODEL_NAME, Server
 
 # Tools shared by the modules: strict JSON schemas, as agent frameworks send them.
 WEATHER_TOOL: dict[str, Any] = {
@@ -75,9 +75,9 @@ def assert_valid_arguments(name: str, arguments: str | dict[str, Any]) -> dict[s
 
 
 @pytest.fixture(scope="session")
-def clients_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with launch_server({}, workdir=tmp_path_factory.mktemp("clients-server"), name="clients") as server:
-        yield server
+def clients_server(default_server: Server) -> Server:
+    """The session's default bundled-model server (shared with the e2e and browser layers: one start)."""
+    return default_server
 
 
 @pytest.fixture(scope="session")
