@@ -11,7 +11,7 @@ parse and validate against the function's schema.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,10 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 
+from tests.integration.test_batches import ALICE, batch_settings, content, ended, run_batch, serve
 from tests.integration.test_openai_api import assert_openai_error, post_ok, stream_chunks
 from tests.support.app import open_app, tiny_settings
+from tests.support.batch_files import chat_line, parse_batch_output
 from textgen.services.openai import render_chat_prompt
 from textgen.services.requests import ChatCompletionRequest
 from textgen.services.tools import tool_plan
@@ -386,3 +388,30 @@ async def test_a_non_function_tool_type_is_refused(api: Api) -> None:
     body = {"messages": ASK, "tools": [{"type": "web_search"}]}
     error = assert_openai_error(await client.post(CHAT, json=body), 400)
     assert error["param"] is not None and error["param"].startswith("tools.0"), error
+
+
+# ----- batch lines -----------------------------------------------------------------------------------------
+
+
+async def test_batch_lines_call_tools_and_name_the_param_of_a_bad_line(make_settings: Callable[..., Any]) -> None:
+    def tool_line(custom_id: str, **body: Any) -> dict[str, Any]:
+        line = chat_line(custom_id)
+        line["body"].update(tools=TOOLS, max_tokens=120, parallel_tool_calls=False, **body)
+        return line
+
+    lines = [
+        tool_line("required", tool_choice="required", seed=1),
+        tool_line("named", tool_choice={"type": "function", "function": {"name": "get_time"}}, seed=2),
+        tool_line("unknown", tool_choice={"type": "function", "function": {"name": "nope"}}),
+    ]
+    async with serve(batch_settings(make_settings)) as (_app, client):
+        oai = client(ALICE)
+        done = await ended(oai, (await run_batch(oai, lines, CHAT)).id)
+        good = parse_batch_output(await content(oai, done.output_file_id), CHAT)
+        bad = parse_batch_output(await content(oai, done.error_file_id), CHAT)
+    assert sorted(good) == ["named", "required"] and list(bad) == ["unknown"]
+    for custom_id, names in (("required", {"get_weather", "get_time"}), ("named", {"get_time"})):
+        [choice] = good[custom_id]["response"]["body"]["choices"]
+        assert choice["finish_reason"] == "tool_calls"
+        assert_valid_calls(choice["message"], names)
+    assert bad["unknown"]["response"]["body"]["error"]["param"] == "tool_choice"

@@ -172,3 +172,41 @@ def test_streamed_parsing_gives_the_same_answer_wherever_the_text_is_split(text:
     for cut in range(len(text) + 1):
         assert _stream(text, [cut]) == expected, cut
     assert _stream(text, list(range(1, len(text)))) == expected  # one character at a time
+
+
+# A template that lays out tools itself (as Qwen's or Hermes' do): tools, calls and results go through it.
+TOOL_TEMPLATE = (
+    "{% if tools %}TOOLS:{% for t in tools %}[{{ t.function.name }}]{% endfor %}\n{% endif %}"
+    "{% for m in messages %}<{{ m.role }}{% if m.name %} name={{ m.name }}{% endif %}>{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} {{ c.function.arguments.city }}{% endfor %}"
+    "{% if m.tool_call_id %} for {{ m.tool_call_id }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_a_template_that_takes_tools_renders_them_itself() -> None:
+    from textgen.services.messages import template_supports_tools
+    from textgen.services.openai import render_chat_prompt
+
+    tokenizer = build_tokenizer()
+    assert not template_supports_tools(tokenizer)  # no template at all: the fallback
+    tokenizer.chat_template = TOOL_TEMPLATE
+    assert template_supports_tools(tokenizer)
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    request = ChatCompletionRequest.model_validate(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Weather?"}], "name": "ann"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "cold"},
+            ],
+            "tools": TOOLS,
+        }
+    )
+    prompt = render_chat_prompt(tokenizer, request.messages, tool_plan(request))
+    assert prompt == (  # (transformers renders templates with trim_blocks: no newlines after tags)
+        "TOOLS:[get_weather][ping]<user name=ann>Weather?<assistant>CALL get_weather Oslo"
+        "<tool name=get_weather>cold for call_1<assistant>"
+    )
+    none = request.model_copy(update={"tool_choice": "none"})
+    assert "TOOLS" not in render_chat_prompt(tokenizer, none.messages, tool_plan(none))

@@ -134,11 +134,14 @@ def tool_plan(body: ChatCompletionRequest) -> ToolPlan:
     """The request's tools and tool_choice (or legacy functions and function_call), checked: a 400
     naming the field for a conflict, a duplicate name, an unknown named function or a schema over the
     limits."""
-    cached: ToolPlan | None = getattr(body, "_tool_plan", None)
-    if cached is not None:
-        return cached
+    # Cached on the request (every choice, the prompt and each response read it), keyed by the fields it
+    # comes from, so a copy of the request with other tools or another tool_choice gets its own plan.
+    key = (id(body.tools), id(body.functions), id(body.tool_choice), id(body.function_call), body.parallel_tool_calls)
+    cached: tuple[Any, ToolPlan] | None = body.__dict__.get("_tool_plan")
+    if cached is not None and cached[0] == key:
+        return cached[1]
     plan = _resolve(body)
-    object.__setattr__(body, "_tool_plan", plan)  # pydantic models take private attributes this way
+    body.__dict__["_tool_plan"] = (key, plan)
     return plan
 
 
