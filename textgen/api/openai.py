@@ -54,6 +54,7 @@ from textgen.services.openai import (
     completion_chunks,
     completion_response,
     grant_choices,
+    prepare_chat,
     submit_choices,
 )
 from textgen.services.openai_types import openai_error_body
@@ -206,7 +207,7 @@ async def chat_completions(
 ) -> ChatCompletionResponse | Response:
     state.models.resolve(body.model)  # 404 model_not_found before any work
     prompt = await checked_chat_prompt(service, state.model.tokenizer, body, request_id)
-    await service.prepare(choice_sampling(body, chat_max_tokens(service, body), 0))  # compile a constraint first
+    await prepare_chat(service, body)  # compile a constraint (tool calls, response_format) first
     chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         with state.streams.take(caller) as slot:

@@ -65,7 +65,6 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
             if url == "/v1/chat/completions":
                 chat = ChatCompletionRequest.model_validate(body)
                 models.resolve(chat.model)  # a line naming another model fails with 404 model_not_found
-                await service.prepare_constraint(response_format_constraint(chat.response_format))
                 handles = await submit_chat(service, model.tokenizer, chat, request_id, Priority.BACKGROUND)
                 for handle in handles:
                     track(handle)

@@ -16,6 +16,7 @@ from textgen.errors import InvalidRequestError, PromptTooLongError
 from textgen.generation import MAX_CHARS_PER_TOKEN, GenerationService
 from textgen.loader import LoadedModel
 from textgen.services.embeddings import vocabulary_size
+from textgen.services.messages import message_texts
 from textgen.services.openai import render_chat_prompt
 from textgen.services.requests import ChatMessage
 
@@ -95,7 +96,7 @@ async def tokenize(service: GenerationService, model: LoadedModel, body: Tokeniz
     if isinstance(body, TokenizePromptRequest):
         _check_characters(len(body.prompt), context, "prompt")
     else:
-        _check_characters(sum(len(message.content) for message in body.messages), context, "messages")
+        _check_characters(sum(len(text) for text in message_texts(body.messages)), context, "messages")
 
     def work() -> TokenizeResponse:
         if isinstance(body, TokenizeChatRequest):
