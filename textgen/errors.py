@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 # A client-facing 400 whose message starts with a request field's name ("logit_bias: ...") is about that
-# field: it is the error's ``param`` unless one is given.
+# field: it is the ``param`` shown unless one is given.
 _FIELD_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): ")
 
 
@@ -34,13 +34,15 @@ class TextGenError(Exception):
     ) -> None:
         self.message = message or self.default_message
         self.retry_after_s = retry_after_s
-        self.param = param or self.default_param or self._field_named_first()
+        self.param = param or self.default_param
         self.code = code or self.default_code
         super().__init__(self.message)
 
-    def _field_named_first(self) -> str | None:
-        if self.status_code != 400:
-            return None
+    @property
+    def shown_param(self) -> str | None:
+        """The ``param`` a client is shown: the one given, else (for a 400) the field its message starts with."""
+        if self.param is not None or self.status_code != 400:
+            return self.param
         match = _FIELD_PREFIX.match(self.message)
         return match.group(1) if match else None
 

@@ -109,7 +109,7 @@ def textgen_error_response(request: Request, exc: TextGenError, headers: dict[st
     """A ``TextGenError`` in the shape of the path's API, with ``Retry-After`` where a retry helps."""
     headers = {**retry_after_headers(exc), **(headers or {})}
     if is_openai_path(request.scope["path"]):
-        return openai_error_response(request, exc.status_code, exc.message, exc.param, exc.code, headers)
+        return openai_error_response(request, exc.status_code, exc.message, exc.shown_param, exc.code, headers)
     return error_response(request, exc.status_code, exc.message, headers)
 
 

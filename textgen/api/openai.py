@@ -126,7 +126,7 @@ async def _openai_stream(chunks: AsyncIterator[dict[str, Any]], request_id: str)
             logger.error("Stream failed", exc_info=error, extra={"request_id": request_id})
         assert isinstance(client_error, TextGenError)
         error = client_error
-        yield _data(openai_error_body(error.status_code, error.message, request_id, error.param, error.code))
+        yield _data(openai_error_body(error.status_code, error.message, request_id, error.shown_param, error.code))
     yield ServerSentEvent(data="[DONE]")
 
 

@@ -82,7 +82,7 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
         except (NotReadyError, GenerationCancelledError, StoreUnavailableError):
             raise  # the runner hands the job back or records nothing
         except TextGenError as error:
-            return _failed(error.status_code, error.message, request_id, error.param, error.code)
+            return _failed(error.status_code, error.message, request_id, error.shown_param, error.code)
         except ValidationError as error:
             param, message = describe_validation_errors(error.errors())
             return _failed(400, message, request_id, param)
