@@ -120,8 +120,8 @@ def request_body(number: int, parallel: bool = False) -> dict[str, Any]:
     }
 
 
-# 500 generations of ~30 tokens after ~440-token prompts: ~2 minutes on an idle 2-core CPU, 8 on one
-# shared at a load of 8 (measured), so this test gets more than the suite's default 300 s.
+# 500 generations of ~30 tokens after ~330-token prompts on the shared 2-core machine: 180 s at a load
+# average of 2-5, 470 s at 8 (measured), so this test gets more than the suite's default 300 s.
 @pytest.mark.timeout(900)
 async def test_500_of_500_forced_calls_validate_on_the_bundled_model(bundled: httpx.AsyncClient) -> None:
     failures: list[str] = []
