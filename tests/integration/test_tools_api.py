@@ -148,7 +148,7 @@ async def test_an_agent_round_trip_renders_calls_and_results(api: Api) -> None:
     )
     assert "user: <tool_response>\n18 degrees and sunny\n</tool_response>" in prompt
     assert "user: Weather in\nParis?" in prompt
-    assert "<tools>" in prompt and '"name": "get_time"' in prompt  # the fallback's system block
+    assert "<tools>" in prompt and '"name":"get_time"' in prompt  # the fallback's system block
     assert prompt.index("You are a weather bot.") < prompt.index("<tools>")  # one system turn, tools appended
 
 

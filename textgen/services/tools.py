@@ -264,27 +264,26 @@ def tool_call_constraint(plan: ToolPlan, text_answer: dict[str, Any] | None = No
 
 
 def tools_system_prompt(plan: ToolPlan) -> str:
-    """The tool block for chat templates that take no ``tools`` (the documented fallback)."""
+    """The tool block for chat templates that take no ``tools`` (the documented fallback). Compact: every
+    request pays for it in prompt tokens (about 20 plus each function's JSON)."""
     listed = "\n".join(
         json.dumps(
             {"name": f.name, "description": f.description or "", "parameters": parameters_schema(f)},
             ensure_ascii=False,
-            separators=(", ", ": "),
+            separators=(",", ":"),
         )
         for f in plan.offered()
     )
     rules = {
-        "auto": "Answer in text, or call one of the functions when it helps.",
-        "required": "You must call one of the functions now.",
-        "named": f"You must call the function {plan.named} now.",
+        "auto": "Answer in text, or call functions when they help.",
+        "required": "You must call a function.",
+        "named": f"You must call {plan.named}.",
     }[plan.mode if plan.mode != "none" else "auto"]
-    count = "one <tool_call> block per call (call each function once)" if plan.parallel else "one <tool_call> block"
+    count = "one block per call" if plan.parallel else "one block"
     return (
-        "# Tools\n\nYou can call these functions:\n<tools>\n"
-        f"{listed}\n</tools>\n\n"
-        f"To call a function, write {count}, holding a JSON object with the function's name and arguments:\n"
-        f'{TOOL_CALL_OPEN}{{"name": "<function-name>", "arguments": {{<arguments>}}}}{TOOL_CALL_CLOSE}\n'
-        f"{rules} After your calls, stop: the results come back in the next message."
+        f"# Tools\n<tools>\n{listed}\n</tools>\n"
+        f'To call a function, write {TOOL_CALL_OPEN}{{"name": <name>, "arguments": <JSON object>}}{TOOL_CALL_CLOSE}, '
+        f"{count}, then stop. {rules}"
     )
 
 
