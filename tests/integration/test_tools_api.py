@@ -218,15 +218,15 @@ async def test_required_answers_with_valid_calls_only(api: Api) -> None:
         assert_valid_calls(choice["message"], {"get_weather", "get_time"})
 
 
-async def test_a_named_function_is_the_one_called_and_parallel_false_gives_one_call(api: Api) -> None:
+async def test_a_named_function_is_called_exactly_once_whatever_parallel_tool_calls_says(api: Api) -> None:
     client, _ = api
     named = {"type": "function", "function": {"name": "get_time"}}
-    for seed in range(3):
+    for seed, parallel in enumerate((False, True, None)):
         body = {
             "messages": ASK,
             "tools": TOOLS,
             "tool_choice": named,
-            "parallel_tool_calls": False,
+            "parallel_tool_calls": parallel,
             "max_tokens": 120,
             "seed": seed,
             "n": 2,

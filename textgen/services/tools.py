@@ -11,7 +11,8 @@ How each ``tool_choice`` is enforced (llguidance Lark grammars, compiled by the 
 constraint machinery, ``textgen.engine.constraints``):
 
 - ``required``: ``start: block{1,8}`` (one block when parallel calls are off): nothing but calls.
-- named function: the same, with only that function's rule.
+- named function: exactly one call of that function (as OpenAI's and vLLM's forced function: clients such
+  as instructor read the one call), whatever ``parallel_tool_calls`` says.
 - ``auto``: ``start: TEXT | OPEN call ...``, where ``TEXT`` is any non-empty text that never contains
   ``<tool_call>`` and ``OPEN`` is any text ending at the first ``<tool_call>``. While the model writes
   prose both lexemes stay alive and the mask refuses nothing (the text is free); the moment the marker is
@@ -182,7 +183,8 @@ def _resolve(body: ChatCompletionRequest) -> ToolPlan:
             f"{'functions' if legacy else 'tools'} ({known}).",
             param=choice_field,
         )
-    parallel = False if legacy else (body.parallel_tool_calls is not False)
+    # A named function is one call (what forcing a function means to OpenAI's clients); legacy calls are one.
+    parallel = False if legacy or mode == "named" else (body.parallel_tool_calls is not False)
     return ToolPlan(functions=functions, mode=mode, named=named, parallel=parallel, legacy=legacy)
 
 
