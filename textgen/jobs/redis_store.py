@@ -349,10 +349,18 @@ class RedisJobStore:
         return done
 
     async def create_finished(
-        self, request: dict[str, Any], *, request_id: str | None, result: dict[str, Any], tenant: str = ANONYMOUS_OWNER
+        self,
+        request: dict[str, Any],
+        *,
+        request_id: str | None,
+        result: dict[str, Any],
+        tenant: str = ANONYMOUS_OWNER,
+        job_id: str | None = None,
     ) -> Job:
         job = new_job(request, request_id, None, tenant, None, now=self._now())
-        job = dataclasses.replace(job, state=JobState.SUCCEEDED, result=json.loads(json.dumps(result)))
+        job = dataclasses.replace(
+            job, id=job_id or job.id, state=JobState.SUCCEEDED, result=json.loads(json.dumps(result))
+        )
         result_json = json.dumps(job.result, separators=(",", ":"))
         finished_at = await self._call("create_finished", job.id, *_job_fields(job), "result", result_json)
         return dataclasses.replace(job, finished_at=float(finished_at))

@@ -577,11 +577,21 @@ class SQLiteJobStore:
         return done
 
     async def create_finished(
-        self, request: dict[str, Any], *, request_id: str | None, result: dict[str, Any], tenant: str = ANONYMOUS_OWNER
+        self,
+        request: dict[str, Any],
+        *,
+        request_id: str | None,
+        result: dict[str, Any],
+        tenant: str = ANONYMOUS_OWNER,
+        job_id: str | None = None,
     ) -> Job:
         job = new_job(request, request_id, None, tenant, None, now=self._clock())
         job = dataclasses.replace(
-            job, state=JobState.SUCCEEDED, result=json.loads(json.dumps(result)), finished_at=job.created_at
+            job,
+            id=job_id or job.id,
+            state=JobState.SUCCEEDED,
+            result=json.loads(json.dumps(result)),
+            finished_at=job.created_at,
         )
         await self._run(_insert, job)
         return job

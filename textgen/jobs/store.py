@@ -139,11 +139,18 @@ class JobStore(Protocol):
         not re-queued: a request that kills the process must not kill every process that retries it."""
 
     async def create_finished(
-        self, request: dict[str, Any], *, request_id: str | None, result: dict[str, Any], tenant: str = ANONYMOUS_OWNER
+        self,
+        request: dict[str, Any],
+        *,
+        request_id: str | None,
+        result: dict[str, Any],
+        tenant: str = ANONYMOUS_OWNER,
+        job_id: str | None = None,
     ) -> Job:
         """Store work that already ran elsewhere (an interactive ``/v1/responses`` call with ``store``) as a
         job that ``succeeded`` now: never queued or claimed, readable with ``get`` and purged with the
-        job TTL like any ended job. Not counted as runner throughput (``recent_completions``)."""
+        job TTL like any ended job. Not counted as runner throughput (``recent_completions``). ``job_id``: the
+        id to store it under (a fresh 32-hex-digit id, chosen before the work ran); default a new one."""
 
     async def delete(self, job_id: str, *, tenant: str | None = None) -> Job:
         """Delete an ended job now (and any idempotency record pointing at it); returns it as it was.
