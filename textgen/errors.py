@@ -14,9 +14,12 @@ class TextGenError(Exception):
     status_code: int = 500
     default_message: str = "Internal server error."
 
-    def __init__(self, message: str | None = None, *, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, *, retry_after_s: float | None = None, param: str | None = None
+    ) -> None:
         self.message = message or self.default_message
         self.retry_after_s = retry_after_s
+        self.param = param  # the request field at fault, where one is (OpenAI's error "param")
         super().__init__(self.message)
 
 

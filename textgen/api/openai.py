@@ -49,6 +49,7 @@ from textgen.services.openai import (
     completion_chunks,
     completion_response,
     grant_choices,
+    prepare_chat,
     submit_choices,
 )
 from textgen.services.openai_types import openai_error_body
@@ -80,7 +81,9 @@ class OpenAIRoute(APIRoute):
                 param = ".".join(str(part) for part in first["loc"] if part != "body") or None
                 return openai_error(request, 400, f"{param}: {first['msg']}" if param else first["msg"], param)
             except TextGenError as error:
-                return openai_error(request, error.status_code, error.message, headers=retry_after_headers(error))
+                return openai_error(
+                    request, error.status_code, error.message, error.param, headers=retry_after_headers(error)
+                )
 
         return handle
 
@@ -183,7 +186,7 @@ async def chat_completions(
     caller: CallerDep,
 ) -> ChatCompletionResponse | Response:
     prompt = await checked_chat_prompt(service, state.model.tokenizer, body, request_id)
-    await service.prepare(choice_sampling(body, chat_max_tokens(service, body), 0))  # compile a constraint first
+    await prepare_chat(service, body)  # compile a constraint (tool calls, response_format) first
     chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         with state.streams.take(caller) as slot:

@@ -61,7 +61,6 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
             response: Any
             if url == "/v1/chat/completions":
                 chat = ChatCompletionRequest.model_validate(body)
-                await service.prepare_constraint(response_format_constraint(chat.response_format))
                 handles = await submit_chat(service, model.tokenizer, chat, request_id, Priority.BACKGROUND)
                 for handle in handles:
                     track(handle)
@@ -78,7 +77,7 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
         except (NotReadyError, GenerationCancelledError, StoreUnavailableError):
             raise  # the runner hands the job back or records nothing
         except TextGenError as error:
-            return _failed(error.status_code, error.message, request_id)
+            return _failed(error.status_code, error.message, request_id, error.param)
         except ValidationError as error:
             return _failed(400, f"body: {error.errors()[0]['msg']}", request_id)
         line = {"status_code": 200, "request_id": request_id, "body": response.model_dump(mode="json")}
@@ -114,6 +113,6 @@ def batch_line_planner(service: GenerationService, model: LoadedModel) -> LinePl
 JOB_EXECUTORS: dict[str, ExecutorFactory] = {BATCH_LINE_KIND: batch_line_executor}
 
 
-def _failed(status: int, message: str, request_id: str) -> JobOutcome:
-    line = {"status_code": status, "request_id": request_id, "body": error_body(status, message)}
+def _failed(status: int, message: str, request_id: str, param: str | None = None) -> JobOutcome:
+    line = {"status_code": status, "request_id": request_id, "body": error_body(status, message, param)}
     return JobState.FAILED, {"result": line, "error": message}

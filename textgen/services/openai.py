@@ -21,6 +21,7 @@ from textgen.engine.constraints import Constraint
 from textgen.engine.types import FinishReason, GenerationResult, Handle, LogprobEntry, Priority, SamplingParams
 from textgen.errors import InvalidRequestError, TextGenError
 from textgen.generation import GenerationService, StreamedLogprobs, TokenGrant
+from textgen.services.messages import check_messages, message_texts, render_messages
 from textgen.services.openai_types import (
     AssistantMessage,
     ChatChoice,
@@ -31,10 +32,25 @@ from textgen.services.openai_types import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    FunctionCallOut,
+    ToolCallOut,
     Usage,
     openai_error_body,
 )
 from textgen.services.requests import ChatCompletionRequest, ChatMessage, CompletionRequest
+from textgen.services.tools import (
+    NO_TOOLS,
+    ArgumentsDelta,
+    CallStart,
+    ContentDelta,
+    ParseEvent,
+    ToolCallParser,
+    ToolPlan,
+    parameters_schema,
+    parse_tool_calls,
+    tool_call_constraint,
+    tool_plan,
+)
 
 OPENAI_FINISH: dict[FinishReason, Literal["stop", "length"]] = {
     FinishReason.LENGTH: "length",
@@ -48,21 +64,22 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
     return {"error": openai_error_body(status, message, "", param)["error"]}
 
 
-def render_chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> str:
-    """The model's own chat template; a plain 'role: content' transcript for models without one."""
-    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
-    if tokenizer.chat_template:
-        return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
-    return "".join(f"{turn['role']}: {turn['content']}\n" for turn in turns) + "assistant:"
+def render_chat_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage], plan: ToolPlan = NO_TOOLS
+) -> str:
+    """The model's own chat template (tools through it, or the fallback of ``textgen.services.messages``);
+    a plain 'role: content' transcript for models without one."""
+    check_messages(messages)
+    return render_messages(tokenizer, messages, plan)
 
 
-def response_format_constraint(response_format: dict[str, Any] | None) -> Constraint | None:
-    """OpenAI's ``response_format``: text (no constraint), json_object, or json_schema."""
+def _response_format_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON schema ``response_format`` asks the answer to follow; None for text."""
     kind = (response_format or {}).get("type", "text")
     if kind == "text":
         return None
     if kind == "json_object":
-        return Constraint.json_object()
+        return {"type": "object"}
     if kind == "json_schema":
         spec = (response_format or {}).get("json_schema")
         schema = spec.get("schema", spec if "type" in spec else None) if isinstance(spec, dict) else None
@@ -70,8 +87,28 @@ def response_format_constraint(response_format: dict[str, Any] | None) -> Constr
             raise InvalidRequestError(
                 'response_format: json_schema needs an object {"name": ..., "schema": {...}} with the JSON schema.'
             )
-        return Constraint.json_schema(schema)
+        return schema
     raise InvalidRequestError(f"response_format: unknown type {kind!r}; use text, json_object or json_schema.")
+
+
+def response_format_constraint(response_format: dict[str, Any] | None) -> Constraint | None:
+    """OpenAI's ``response_format``: text (no constraint), json_object, or json_schema."""
+    schema = _response_format_schema(response_format)
+    if schema is None:
+        return None
+    if (response_format or {}).get("type") == "json_object":
+        return Constraint.json_object()
+    return Constraint.json_schema(schema)
+
+
+def request_constraint(body: CompletionRequest | ChatCompletionRequest) -> Constraint | None:
+    """The request's output constraint: its tool calls (``textgen.services.tools``: with tools offered,
+    ``response_format`` shapes only a text answer), else its ``response_format``."""
+    if isinstance(body, ChatCompletionRequest):
+        plan = tool_plan(body)
+        if plan.active:
+            return tool_call_constraint(plan, _response_format_schema(body.response_format))
+    return response_format_constraint(body.response_format)
 
 
 def _logprobs_asked(body: CompletionRequest | ChatCompletionRequest) -> int | None:
@@ -93,7 +130,7 @@ def choice_sampling(
         seed=None if body.seed is None else body.seed + choice,
         stop=body.stop_strings(),
         ignore_eos=body.ignore_eos,
-        constraint=response_format_constraint(body.response_format),
+        constraint=request_constraint(body),
         logprobs=_logprobs_asked(body),
     )
 
@@ -142,7 +179,7 @@ def chat_max_tokens(service: GenerationService, body: ChatCompletionRequest) -> 
 def prompts_of(tokenizer: PreTrainedTokenizerBase, body: CompletionRequest | ChatCompletionRequest) -> list[str]:
     """The prompts the engine sees: the completion's prompts, or the chat rendered by its template."""
     if isinstance(body, ChatCompletionRequest):
-        return [render_chat_prompt(tokenizer, body.messages)]
+        return [render_chat_prompt(tokenizer, body.messages, tool_plan(body))]
     return [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
 
 
@@ -329,12 +366,34 @@ async def checked_chat_prompt(
 ) -> str:
     """The rendered chat prompt, checked (length, then each message through the content filter), with the
     request's log-probabilities bounded; rendering and checks run off the event loop."""
+    plan = tool_plan(body)
+    check_messages(body.messages)
     service.check_logprobs_budget([choice_sampling(body, chat_max_tokens(service, body), 0)] * body.n, "top_logprobs")
     return await service.check_chat(
-        [message.content for message in body.messages],
-        lambda: render_chat_prompt(tokenizer, body.messages),
+        message_texts(body.messages, plan),
+        lambda: render_chat_prompt(tokenizer, body.messages, plan),
         request_id,
     )
+
+
+async def prepare_chat(service: GenerationService, body: ChatCompletionRequest) -> None:
+    """Compile the chat's constraint before anything is queued. When the tool-call grammar does not
+    compile, each function's schema is compiled alone to name the one at fault
+    (``tools.N.function.parameters``)."""
+    try:
+        await service.prepare(choice_sampling(body, chat_max_tokens(service, body), 0))
+    except InvalidRequestError as error:
+        plan = tool_plan(body)
+        if not plan.active or error.param is not None:
+            raise
+        for index, function in enumerate(plan.functions):
+            where = plan.parameters_field(index)
+            try:
+                await service.prepare_constraint(Constraint.json_schema(parameters_schema(function)))
+            except InvalidRequestError as culprit:
+                message = culprit.message.split(": ", 1)[-1]
+                raise InvalidRequestError(f"{where}: {message}", param=where) from None
+        raise InvalidRequestError(error.message, param="functions" if plan.legacy else "tools") from None
 
 
 async def submit_chat(
@@ -346,6 +405,7 @@ async def submit_chat(
 ) -> list[Handle]:
     """What the chat route does before it waits: check, render the chat prompt, submit every choice (batch lines)."""
     prompt = await checked_chat_prompt(service, tokenizer, body, request_id)
+    await prepare_chat(service, body)
     return submit_choices(service, [prompt], body, chat_max_tokens(service, body), request_id, priority)
 
 
@@ -363,14 +423,59 @@ def chat_response(
         choices=[
             ChatChoice(
                 index=i,
-                message=AssistantMessage(content=r.text),
+                message=message,
                 logprobs=None if r.token_logprobs is None else chat_logprobs(r.token_logprobs),
-                finish_reason=OPENAI_FINISH[r.finish_reason],
+                finish_reason=finish,
             )
             for i, r in enumerate(results)
+            for message, finish in [assistant_message(tool_plan(body), r)]
         ],
         usage=_usage(results, body.n),
     )
+
+
+ChatFinish = Literal["stop", "length", "tool_calls", "function_call"]
+
+
+def _call_finish(plan: ToolPlan, result: GenerationResult, called: bool) -> ChatFinish:
+    """``tool_calls`` (legacy: ``function_call``) when the answer holds complete calls and was not cut short."""
+    finish = OPENAI_FINISH[result.finish_reason]
+    if called and finish != "length":
+        return "function_call" if plan.legacy else "tool_calls"
+    return finish
+
+
+def assistant_message(plan: ToolPlan, result: GenerationResult) -> tuple[AssistantMessage, ChatFinish]:
+    """The answer's message: text, or the calls parsed out of it (an unfinished call is left out)."""
+    if not plan.active:
+        return AssistantMessage(content=result.text), OPENAI_FINISH[result.finish_reason]
+    parsed = parse_tool_calls(result.text)
+    calls = parsed.complete_calls
+    if not calls:
+        return AssistantMessage(content=parsed.content), OPENAI_FINISH[result.finish_reason]
+    content = parsed.content if parsed.content.strip() else None
+    finish = _call_finish(plan, result, True)
+    if plan.legacy:
+        call = FunctionCallOut(name=calls[0].name, arguments=calls[0].arguments)
+        return AssistantMessage(content=content, function_call=call), finish
+    tool_calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in calls]
+    return AssistantMessage(content=content, tool_calls=tool_calls), finish
+
+
+def _stream_delta(plan: ToolPlan, event: ParseEvent) -> dict[str, Any]:
+    """A parse event as OpenAI's streamed delta: a call's index, id, type and name first (arguments
+    ""), then its argument fragments; legacy requests get ``function_call`` deltas."""
+    if isinstance(event, ContentDelta):
+        return {"content": event.text}
+    if isinstance(event, CallStart):
+        if plan.legacy:
+            return {"function_call": {"name": event.name, "arguments": ""}}
+        function = {"name": event.name, "arguments": ""}
+        return {"tool_calls": [{"index": event.index, "id": event.id, "type": "function", "function": function}]}
+    assert isinstance(event, ArgumentsDelta)
+    if plan.legacy:
+        return {"function_call": {"arguments": event.text}}
+    return {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
 
 
 async def chat_chunks(
@@ -389,14 +494,26 @@ async def chat_chunks(
             "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
         }
     finals: dict[int, GenerationResult] = {}
+    plan = tool_plan(body)
+    parsers = [ToolCallParser() for _ in handles] if plan.active else None
     async for index, text, result, entries in _choice_events(service, handles, request_id, caller):
         logprobs = chat_logprobs(entries).model_dump() if body.logprobs and entries else None
-        if text or logprobs:
-            choice = {"index": index, "delta": {"content": text}, "finish_reason": None}
-            yield {**base, "choices": [{**choice, "logprobs": logprobs} if logprobs else choice]}
+        if parsers is None:
+            deltas = [{"content": text}] if text else []
+        else:
+            events = parsers[index].feed(text) + (parsers[index].finish() if result is not None else [])
+            deltas = [_stream_delta(plan, event) for event in events]
+        if logprobs and not deltas:
+            deltas = [{"content": ""}]
+        for number, delta in enumerate(deltas):
+            choice = {"index": index, "delta": delta, "finish_reason": None}
+            yield {**base, "choices": [{**choice, "logprobs": logprobs} if logprobs and number == 0 else choice]}
         if result is not None:
             finals[index] = result
-            finish = OPENAI_FINISH[result.finish_reason]
+            if parsers is None:
+                finish: str = OPENAI_FINISH[result.finish_reason]
+            else:
+                finish = _call_finish(plan, result, bool(parsers[index].complete_calls))
             yield {**base, "choices": [{"index": index, "delta": {}, "finish_reason": finish}]}
     if _include_usage(body):
         yield _usage_chunk(base, finals, body.n)

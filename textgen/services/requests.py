@@ -167,16 +167,94 @@ class CompletionRequest(_OpenAIRequest):
     _logprobs_number_only = field_validator("logprobs", mode="before")(json_number_only)
 
 
-class ChatMessage(BaseModel):
+MAX_MESSAGES = 2_048
+MAX_CONTENT_PARTS = 256
+MAX_TOOLS = 128
+MAX_TOOL_CALLS_PER_MESSAGE = 128
+# OpenAI's rule for function names (letters, digits, underscores, dashes; at most 64): they are safe to
+# write into the prompt and into the tool-call grammar as they are.
+FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+FunctionName = Annotated[str, Field(pattern=FUNCTION_NAME_PATTERN, description="Letters, digits, _ and -; 1-64.")]
+
+
+class FunctionCall(BaseModel):
+    """A call the assistant made: the function's name and its arguments as a JSON string."""
+
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    name: FunctionName
+    arguments: str = Field("{}", max_length=262_144, description="The arguments as a JSON object, as text.")
+
+
+class ToolCall(BaseModel):
+    """An entry of an assistant message's ``tool_calls``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field("", max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat. ``content`` is a string or a list of parts (text parts are joined; the model
+    takes text only, so image, audio and file parts are refused with a 400 naming the part). An assistant
+    message may carry ``tool_calls`` (or the legacy ``function_call``) and null content; a ``tool`` message
+    answers the call named by ``tool_call_id``; a legacy ``function`` message answers by ``name``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)] | None = None
+    name: str | None = Field(None, min_length=1, max_length=256, description="The participant's (or function's) name.")
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS_PER_MESSAGE)] | None = None
+    tool_call_id: str | None = Field(None, max_length=256)
+    function_call: FunctionCall | None = None
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: FunctionName
+    description: str | None = Field(None, max_length=16_384)
+    parameters: dict[str, Any] | None = Field(
+        None, description="A JSON schema of the arguments object; omitted means no arguments."
+    )
+    strict: bool | None = Field(None, description="Accepted: the arguments always follow the schema here.")
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = Field(..., description="Only function tools are served.")
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_OpenAIRequest):
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
     logprobs: bool | None = Field(None, strict=True, description="Return each output token's log-probability.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Likeliest alternatives per token (logprobs).")
+    tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS)] | None = Field(
+        None, description="Functions the model may call (see 'Tools' in docs/api.md)."
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (the default with tools), required, or one named function."
+    )
+    parallel_tool_calls: bool | None = Field(None, strict=True, description="Allow several calls in one answer.")
+    functions: Annotated[list[FunctionDefinition], Field(max_length=MAX_TOOLS)] | None = Field(
+        None, description="Legacy form of tools."
+    )
+    function_call: Literal["none", "auto"] | NamedFunction | None = Field(
+        None, description="Legacy form of tool_choice."
+    )
