@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import pytest_asyncio
@@ -390,3 +391,150 @@ async def test_unknown_ids_are_404_in_openais_shape(api: Api) -> None:
         assert error_of(await client.get(path), 404)["type"] == "not_found_error"
         error_of(await client.delete(path), 404)
         error_of(await client.post(path + "/cancel"), 404)
+
+
+# ----- tools (the chat path's tool calling, in the Responses shapes) -----------------------------------
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TIME = {
+    "type": "object",
+    "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}},
+    "required": ["zone"],
+    "additionalProperties": False,
+}
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Weather in a city.",
+        "parameters": WEATHER,
+        "strict": True,
+    },
+    {"type": "function", "name": "get_time", "description": "Time in a zone.", "parameters": TIME, "strict": True},
+]
+CHAT_TOOLS = [{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}} for tool in TOOLS]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+
+
+def function_calls(response: Any) -> list[Any]:
+    return [item for item in response.output if item.type == "function_call"]
+
+
+async def test_required_and_named_tool_choice_give_valid_function_calls(api: Api) -> None:
+    client, _app = api
+    oai = sdk(client)
+    for seed_text in ("Weather in Paris?", "What time is it?", "Hello"):
+        created = await oai.responses.create(
+            input=seed_text, tools=TOOLS, tool_choice="required", temperature=1, max_output_tokens=200
+        )
+        calls = function_calls(created)
+        assert calls and len(calls) == len(created.output), created.output
+        for call in calls:
+            assert call.call_id and call.id.startswith("fc_") and call.status == "completed"
+            jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+    named = await oai.responses.create(
+        input="Hi",
+        tools=TOOLS,
+        tool_choice={"type": "function", "name": "get_time"},
+        parallel_tool_calls=False,
+        temperature=1,
+        max_output_tokens=200,
+    )
+    (call,) = function_calls(named)
+    assert call.name == "get_time"
+    jsonschema.validate(json.loads(call.arguments), TIME)
+    assert named.tool_choice.type == "function" and named.parallel_tool_calls is False  # type: ignore[union-attr]
+
+
+async def test_function_call_items_round_trip_as_the_chat_conversation(api: Api) -> None:
+    client, _app = api
+    oai = sdk(client)
+    first = await oai.responses.create(
+        input="Weather in Paris?", tools=TOOLS, tool_choice="required", temperature=0, max_output_tokens=200
+    )
+    calls = function_calls(first)
+    outputs = [{"type": "function_call_output", "call_id": c.call_id, "output": "18 degrees"} for c in calls]
+    second = await oai.responses.create(
+        input=outputs,  # type: ignore[arg-type]
+        previous_response_id=first.id,
+        tools=TOOLS,
+        temperature=0,
+        max_output_tokens=30,
+    )
+    # The same conversation as a chat: the user, the assistant's tool_calls (null content), tool messages.
+    tool_calls = [
+        {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+    ]
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": tool_calls},
+        *({"role": "tool", "tool_call_id": c.call_id, "content": "18 degrees"} for c in calls),
+    ]
+    body = {"messages": messages, "tools": CHAT_TOOLS, "temperature": 0, "max_tokens": 30}
+    chat = (await client.post("/v1/chat/completions", json=body)).json()["choices"][0]["message"]
+    assert (chat["content"] or "") == "".join(
+        part.text
+        for item in second.output
+        if item.type == "message"
+        for part in item.content  # type: ignore[union-attr]
+    )
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in chat.get("tool_calls") or []] == [
+        (c.name, c.arguments) for c in function_calls(second)
+    ]
+
+    # The same items sent in full (no previous_response_id) give the same answer.
+    items = [
+        {"role": "user", "content": "Weather in Paris?"},
+        *({"type": "function_call", "call_id": c.call_id, "name": c.name, "arguments": c.arguments} for c in calls),
+        *outputs,
+    ]
+    again = await oai.responses.create(input=items, tools=TOOLS, temperature=0, max_output_tokens=30, store=False)  # type: ignore[arg-type]
+    assert [item.model_dump(exclude={"id", "call_id"}) for item in again.output] == [
+        item.model_dump(exclude={"id", "call_id"}) for item in second.output
+    ]
+
+
+async def test_streamed_function_calls(api: Api) -> None:
+    client, app = api
+    async with sdk(client).responses.stream(
+        model=served(app),
+        input="Weather in Paris?",
+        tools=TOOLS,
+        tool_choice={"type": "function", "name": "get_weather"},
+        parallel_tool_calls=False,
+        temperature=1,
+        max_output_tokens=200,
+    ) as stream:
+        events = [event async for event in stream]
+        final = await stream.get_final_response()
+    kinds = [event.type for event in events]
+    (call,) = function_calls(final)
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert events[2].item.type == "function_call" and events[2].item.name == "get_weather"  # type: ignore[union-attr]
+    assert kinds[-3:] == ["response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    fragments = [event.delta for event in events if event.type == "response.function_call_arguments.delta"]
+    assert fragments and "".join(fragments) == call.arguments == events[-3].arguments  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+
+
+async def test_parse_with_a_pydantic_model(api: Api) -> None:
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(max_length=10)
+        population: int = Field(ge=0, le=10**8)
+
+    client, app = api
+    parsed = await sdk(client).responses.parse(
+        model=served(app), input="A city", text_format=City, temperature=1, max_output_tokens=80
+    )
+    assert isinstance(parsed.output_parsed, City), parsed.output_text

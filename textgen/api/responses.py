@@ -33,9 +33,9 @@ from textgen.services.openai import (
     chat_max_tokens,
     checked_chat_prompt,
     choice_params,
-    choice_sampling,
     grant_choices,
     names_no_output_limit,
+    prepare_chat,
     submit_choices,
 )
 from textgen.services.responses import (
@@ -105,7 +105,7 @@ async def create_response(
     prepared = await prepare_response(service, store, body, reader.visible_owner)
     chat = prepared.chat
     prompt = await checked_chat_prompt(service, state.model.tokenizer, chat, request_id)
-    await service.prepare(choice_sampling(chat, chat_max_tokens(service, chat), 0))  # compile a constraint first
+    await prepare_chat(service, chat)  # compile its constraint (tool calls, text.format) before queueing
     owner = reader.owner_id
     if body.background:
         return await _queue(prepared, prompt, service, store, runner, request_id, caller, owner)
@@ -178,7 +178,9 @@ async def get_response(
     stream: Annotated[bool, Query(description="Not supported: false only")] = False,
 ) -> JSONResponse:
     if stream:
-        raise InvalidRequestError("stream: replaying a stored response as a stream is not supported; omit it.")
+        raise InvalidRequestError(
+            "stream: replaying a stored response as a stream is not supported; omit it.", param="stream"
+        )
     job = await store.get(job_id_of(response_id), tenant=reader.visible_owner)
     return JSONResponse(stored_response(job))
 

@@ -33,15 +33,13 @@ from textgen.errors import InvalidRequestError, JobNotFoundError, TextGenError
 from textgen.generation import GenerationService
 from textgen.jobs.store import Job, JobState, JobStore
 from textgen.loader import LoadedModel
-from textgen.services.openai import chat_max_tokens, chat_response, choice_sampling, submit_chat
+from textgen.services.openai import chat_response, submit_chat
 from textgen.services.requests import ChatCompletionRequest
 from textgen.services.responses_types import ResponseRequest, check_fields
 from textgen.workers.runner import ExecutorFactory, JobExecutor, JobOutcome
 
 RESPONSE_KIND = "response"
 _ID_PATTERN = re.compile(r"resp_([0-9a-f]{32})")
-# The chat path takes tools (and tool / tool-call messages) once it declares the field.
-TOOLS_ON_CHAT = "tools" in ChatCompletionRequest.model_fields
 _TEXT_PART_TYPES = {"input_text": "text", "output_text": "text", "text": "text", "refusal": "refusal"}
 _MEDIA_PART_TYPES = {"input_image", "input_file", "input_audio", "image_url", "image", "file"}
 _ROLES = {"user", "system", "developer", "assistant"}
@@ -74,7 +72,7 @@ def input_items(body: ResponseRequest) -> list[dict[str, Any]]:
     if isinstance(body.input, str):
         return [{"type": "message", "role": "user", "content": body.input}]
     if not body.input:
-        raise InvalidRequestError("input: must be a non-empty string or a non-empty list of items.")
+        raise InvalidRequestError("input: must be a non-empty string or a non-empty list of items.", param="input")
     return [dict(item) for item in body.input]
 
 
@@ -83,16 +81,19 @@ def _text(value: Any, where: str) -> str:
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
-        raise InvalidRequestError(f"{where}: must be a string or a list of content parts.")
+        raise InvalidRequestError(f"{where}: must be a string or a list of content parts.", param=f"{where}")
     texts = []
     for j, part in enumerate(value):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in _MEDIA_PART_TYPES:
-            raise InvalidRequestError(f"{where}[{j}]: the served model takes text only ({kind} parts are refused).")
+            raise InvalidRequestError(
+                f"{where}[{j}]: the served model takes text only ({kind} parts are refused).", param=f"{where}[{j}]"
+            )
         key = _TEXT_PART_TYPES.get(str(kind))
         if key is None or not isinstance(part.get(key), str):
             raise InvalidRequestError(
-                f"{where}[{j}]: a content part must be input_text / output_text with a 'text' string."
+                f"{where}[{j}]: a content part must be input_text / output_text with a 'text' string.",
+                param=f"{where}[{j}]",
             )
         texts.append(part[key])
     return "\n".join(texts)
@@ -101,14 +102,11 @@ def _text(value: Any, where: str) -> str:
 def _tool_call(item: dict[str, Any], where: str) -> dict[str, Any]:
     for key in ("call_id", "name", "arguments"):
         if not isinstance(item.get(key), str):
-            raise InvalidRequestError(f"{where}.{key}: a function_call item needs a string {key}.")
+            raise InvalidRequestError(
+                f"{where}.{key}: a function_call item needs a string {key}.", param=f"{where}.{key}"
+            )
     function = {"name": item["name"], "arguments": item["arguments"]}
     return {"id": item["call_id"], "type": "function", "function": function}
-
-
-def _needs_tools(where: str) -> None:
-    if not TOOLS_ON_CHAT:
-        raise InvalidRequestError(f"{where}: tool calling is not available on this server yet.")
 
 
 def chat_messages(instructions: str | None, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -122,10 +120,11 @@ def chat_messages(instructions: str | None, items: Sequence[dict[str, Any]]) -> 
         if kind == "message":
             role = item.get("role")
             if role not in _ROLES:
-                raise InvalidRequestError(f"{where}.role: must be one of user, system, developer, assistant.")
+                raise InvalidRequestError(
+                    f"{where}.role: must be one of user, system, developer, assistant.", param=f"{where}.role"
+                )
             messages.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
-            _needs_tools(where)
             call = _tool_call(item, where)
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant" and "tool_call_id" not in last:
@@ -133,18 +132,20 @@ def chat_messages(instructions: str | None, items: Sequence[dict[str, Any]]) -> 
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
-            _needs_tools(where)
             if not isinstance(item.get("call_id"), str):
-                raise InvalidRequestError(f"{where}.call_id: a function_call_output item needs a string call_id.")
+                raise InvalidRequestError(
+                    f"{where}.call_id: a function_call_output item needs a string call_id.", param=f"{where}.call_id"
+                )
             content = _text(item.get("output"), f"{where}.output")
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": content})
         else:
             raise InvalidRequestError(
                 f"{where}.type: {kind!r} items are not supported; send message, function_call or "
-                "function_call_output items."
+                "function_call_output items.",
+                param=f"{where}.type",
             )
     if not messages:
-        raise InvalidRequestError("input: the conversation has no messages.")
+        raise InvalidRequestError("input: the conversation has no messages.", param="input")
     return messages
 
 
@@ -157,10 +158,11 @@ def chat_tools(tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for i, tool in enumerate(tools):
         if tool.get("type") != "function":
             raise InvalidRequestError(
-                f"tools[{i}].type: {tool.get('type')!r} tools are not supported here; only function tools are."
+                f"tools[{i}].type: {tool.get('type')!r} tools are not supported here; only function tools are.",
+                param=f"tools[{i}].type",
             )
         if not isinstance(tool.get("name"), str):
-            raise InvalidRequestError(f"tools[{i}].name: a function tool needs a name.")
+            raise InvalidRequestError(f"tools[{i}].name: a function tool needs a name.", param=f"tools[{i}].name")
         function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if key in tool}
         converted.append({"type": "function", "function": function})
     return converted
@@ -169,11 +171,14 @@ def chat_tools(tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
     if isinstance(choice, str):
         if choice not in ("none", "auto", "required"):
-            raise InvalidRequestError("tool_choice: use none, auto, required or {'type': 'function', 'name': ...}.")
+            raise InvalidRequestError(
+                "tool_choice: use none, auto, required or {'type': 'function', 'name': ...}.", param="tool_choice"
+            )
         return choice
     if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
         raise InvalidRequestError(
-            f"tool_choice: {choice.get('type')!r} is not supported; use {{'type': 'function', 'name': ...}}."
+            f"tool_choice: {choice.get('type')!r} is not supported; use {{'type': 'function', 'name': ...}}.",
+            param="tool_choice",
         )
     return {"type": "function", "function": {"name": choice["name"]}}
 
@@ -183,7 +188,7 @@ def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     text = text or {}
     for key in text:
         if key not in ("format", "verbosity") or (key == "verbosity" and text[key] not in (None, "medium")):
-            raise InvalidRequestError(f"text.{key}: not supported; only text.format is.")
+            raise InvalidRequestError(f"text.{key}: not supported; only text.format is.", param=f"text.{key}")
     fmt = text.get("format") or {"type": "text"}
     kind = fmt.get("type")
     if kind == "text":
@@ -192,10 +197,14 @@ def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
         return {"type": "json_object"}
     if kind == "json_schema":
         if not isinstance(fmt.get("schema"), dict):
-            raise InvalidRequestError("text.format.schema: a json_schema format needs the JSON schema object.")
+            raise InvalidRequestError(
+                "text.format.schema: a json_schema format needs the JSON schema object.", param="text.format.schema"
+            )
         spec = {"name": fmt.get("name", "response"), "schema": fmt["schema"], "strict": fmt.get("strict")}
         return {"type": "json_schema", "json_schema": spec}
-    raise InvalidRequestError(f"text.format.type: unknown type {kind!r}; use text, json_object or json_schema.")
+    raise InvalidRequestError(
+        f"text.format.type: unknown type {kind!r}; use text, json_object or json_schema.", param="text.format.type"
+    )
 
 
 def chat_request(body: ResponseRequest, items: Sequence[dict[str, Any]], *, stream: bool) -> ChatCompletionRequest:
@@ -213,10 +222,9 @@ def chat_request(body: ResponseRequest, items: Sequence[dict[str, Any]], *, stre
         chat["top_p"] = body.top_p
     if body.tools:
         chat["tools"] = chat_tools(body.tools)
-        _needs_tools("tools")
     if body.tool_choice is not None and (body.tools or body.tool_choice != "none"):
         if not body.tools and body.tool_choice != "auto":
-            raise InvalidRequestError("tool_choice: needs tools.")
+            raise InvalidRequestError("tool_choice: needs tools.", param="tool_choice")
         if body.tools:
             chat["tool_choice"] = chat_tool_choice(body.tool_choice)
     if body.parallel_tool_calls is not None and body.tools:
@@ -226,7 +234,8 @@ def chat_request(body: ResponseRequest, items: Sequence[dict[str, Any]], *, stre
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise InvalidRequestError(f"input: as a chat request, {where}: {first['msg']}") from None
+        param = "input" if where.startswith("messages") else where  # the messages are the input's items
+        raise InvalidRequestError(f"{param}: as a chat request, {where}: {first['msg']}", param=param) from None
 
 
 # ----- the response object ---------------------------------------------------------------------------
@@ -314,12 +323,13 @@ def completed_response(skeleton: dict[str, Any], chat: dict[str, Any]) -> dict[s
     """The finished response object from a chat completion (its JSON form)."""
     choice = chat["choices"][0]
     message, finish = choice["message"], choice.get("finish_reason")
-    status = "incomplete" if finish == "length" else "completed"
     calls = message.get("tool_calls") or []
+    # Only complete calls are returned (one cut short is left out), so the text before them was not cut.
+    status = "incomplete" if finish == "length" and not calls else "completed"
     output = []
     if message.get("content") or not calls:
         output.append(message_item(message.get("content") or "", status))
-    output.extend(function_call_item(call, status) for call in calls)
+    output.extend(function_call_item(call, "completed") for call in calls)
     return _finished(skeleton, output, finish, chat.get("usage"))
 
 
@@ -377,14 +387,18 @@ async def conversation(store: JobStore, body: ResponseRequest, tenant: str | Non
     except JobNotFoundError:
         raise JobNotFoundError(
             f"previous_response_id: no stored response {body.previous_response_id!r} (responses made with "
-            "store: false are not kept; stored ones expire after TEXTGEN_JOB_TTL_S)."
+            "store: false are not kept; stored ones expire after TEXTGEN_JOB_TTL_S).",
+            param="previous_response_id",
         ) from None
     if previous.request.get("kind") != RESPONSE_KIND:
-        raise JobNotFoundError(f"previous_response_id: no stored response {body.previous_response_id!r}.")
+        raise JobNotFoundError(
+            f"previous_response_id: no stored response {body.previous_response_id!r}.", param="previous_response_id"
+        )
     if previous.result is None:
         status = _JOB_STATUS[previous.state]
         raise InvalidRequestError(
-            f"previous_response_id: response {body.previous_response_id} is {status}; continue from a completed one."
+            f"previous_response_id: response {body.previous_response_id} is {status}; continue from a completed one.",
+            param="previous_response_id",
         )
     return [*previous.request["items"], *previous.result["output"], *items]
 
@@ -445,7 +459,6 @@ def response_executor(service: GenerationService, model: LoadedModel) -> JobExec
         if isinstance(granted, int):
             chat_body.update(max_completion_tokens=granted, max_tokens=None)
         chat = ChatCompletionRequest.model_validate(chat_body)
-        await service.prepare(choice_sampling(chat, chat_max_tokens(service, chat), 0))
         handles = await submit_chat(service, tokenizer, chat, request_id, Priority.BACKGROUND)
         for handle in handles:
             track(handle)

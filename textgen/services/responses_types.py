@@ -116,19 +116,27 @@ def check_fields(body: ResponseRequest) -> None:
     extra = body.model_extra or {}
     for name in extra:
         if name not in KNOWN_FIELDS:
-            raise InvalidRequestError(f"{name}: unknown field; /v1/responses does not support it (see docs/api.md).")
+            raise InvalidRequestError(
+                f"{name}: unknown field; /v1/responses does not support it (see docs/api.md).", param=f"{name}"
+            )
     for name, nothing, why in REFUSED_FIELDS:
         if name in extra and not any(extra[name] == value for value in nothing):
-            raise InvalidRequestError(f"{name}: not supported: {why}.")
+            raise InvalidRequestError(f"{name}: not supported: {why}.", param=f"{name}")
     options = body.stream_options or {}
     unknown_options = set(options) - {"include_obfuscation"}
     if unknown_options:
-        raise InvalidRequestError(f"stream_options.{sorted(unknown_options)[0]}: unknown stream option.")
+        raise InvalidRequestError(
+            f"stream_options.{sorted(unknown_options)[0]}: unknown stream option.",
+            param=f"stream_options.{sorted(unknown_options)[0]}",
+        )
     if body.stream_options is not None and not body.stream:
-        raise InvalidRequestError("stream_options: only allowed with stream: true.")
+        raise InvalidRequestError("stream_options: only allowed with stream: true.", param="stream_options")
     if body.background and not body.stores:
-        raise InvalidRequestError("background: a background response must be stored; drop store: false.")
+        raise InvalidRequestError(
+            "background: a background response must be stored; drop store: false.", param="background"
+        )
     if body.background and body.stream:
         raise InvalidRequestError(
-            "stream: a background response is not streamed here; poll GET /v1/responses/{id} instead."
+            "stream: a background response is not streamed here; poll GET /v1/responses/{id} instead.",
+            param="stream",
         )
