@@ -538,3 +538,21 @@ async def test_parse_with_a_pydantic_model(api: Api) -> None:
         model=served(app), input="A city", text_format=City, temperature=1, max_output_tokens=80
     )
     assert isinstance(parsed.output_parsed, City), parsed.output_text
+
+
+async def test_input_items_list_the_conversation(api: Api) -> None:
+    client, _app = api
+    oai = sdk(client)
+    first = await oai.responses.create(input="Name a colour.", **GREEDY)
+    second = await oai.responses.create(
+        input=[{"role": "user", "content": "Another?"}], previous_response_id=first.id, **GREEDY
+    )
+    listed = [item async for item in oai.responses.input_items.list(second.id, order="asc")]
+    assert [item.type for item in listed] == ["message", "message", "message"]
+    assert [item.role for item in listed] == ["user", "assistant", "user"]  # type: ignore[union-attr]
+    assert listed[0].content[0].text == "Name a colour."  # type: ignore[union-attr]
+    assert listed[1].id == first.output[0].id  # the previous output, as it was
+    newest = await oai.responses.input_items.list(second.id, limit=1)
+    assert [item.id for item in newest.data] == [listed[-1].id] and newest.has_more
+    rest = await oai.responses.input_items.list(second.id, limit=5, after=listed[-1].id)
+    assert [item.id for item in rest.data] == [listed[1].id, listed[0].id] and not rest.has_more

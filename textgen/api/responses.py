@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
@@ -27,7 +27,7 @@ from textgen.api.sse import sse_response
 from textgen.engine.types import GenerationResult, Handle, to_client_error
 from textgen.errors import InvalidRequestError, TextGenError
 from textgen.generation import GenerationService
-from textgen.jobs.store import TERMINAL_STATES, Job, JobState, JobStore
+from textgen.jobs.store import TERMINAL_STATES, Job, JobStore
 from textgen.services.openai import (
     chat_chunks,
     chat_max_tokens,
@@ -43,6 +43,7 @@ from textgen.services.responses import (
     ResponseEvents,
     chat_json,
     completed_response,
+    input_items_page,
     job_id_of,
     new_response_id,
     prepare_response,
@@ -185,6 +186,23 @@ async def get_response(
     return JSONResponse(stored_response(job))
 
 
+@router.get(
+    "/responses/{response_id}/input_items",
+    responses=STORED_DOCS,
+    summary="The conversation a stored response answered (its input, the previous responses' included)",
+)
+async def list_input_items(
+    response_id: str,
+    store: StoreDep,
+    reader: ReaderDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Annotated[Literal["asc", "desc"], Query()] = "desc",
+    after: Annotated[str | None, Query(max_length=128)] = None,
+) -> JSONResponse:
+    job = await store.get(job_id_of(response_id), tenant=reader.visible_owner)
+    return JSONResponse(input_items_page(job, limit=limit, order=order, after=after))
+
+
 @router.delete(
     "/responses/{response_id}",
     responses=STORED_DOCS,
@@ -226,7 +244,7 @@ async def _cancel(job_id: str, store: JobStore, runner: JobRunner, state: AppSta
         job = await store.cancel(job_id, tenant=tenant)
     except TextGenError:
         job = await store.get(job_id, tenant=tenant)
-        if job.state is not JobState.CANCELLED and job.state not in TERMINAL_STATES:
+        if job.state not in TERMINAL_STATES:
             raise
         return job  # it ended meanwhile
     if job.started_at is None:  # it never ran: its submitter gets the whole reservation back

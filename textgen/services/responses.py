@@ -350,6 +350,43 @@ def stored_response(job: Job) -> dict[str, Any]:
     return {**skeleton, "status": status}
 
 
+def _listed_item(item: dict[str, Any], item_id: str) -> dict[str, Any]:
+    """A conversation item as ``input_items`` lists it: with an id and a status, content as parts."""
+    kind = item.get("type", "message")
+    listed = {"status": "completed", **item, "type": kind, "id": item.get("id") or item_id}
+    if kind == "message" and isinstance(item.get("content"), str):
+        part = "output_text" if item.get("role") == "assistant" else "input_text"
+        extra: dict[str, Any] = {"annotations": []} if part == "output_text" else {}
+        listed["content"] = [{"type": part, "text": item["content"], **extra}]
+    return listed
+
+
+def input_items_page(job: Job, *, limit: int, order: str, after: str | None) -> dict[str, Any]:
+    """``GET /v1/responses/{id}/input_items``: the conversation the response answered (the previous
+    responses' items included), a page of ``limit`` after the item ``after``, in ``order`` (asc / desc)."""
+    stored_response(job)  # a 404 for jobs that are not responses
+    prefixes = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+    items = [
+        _listed_item(item, f"{prefixes.get(item.get('type', 'message'), 'item')}_{job.id}{index:04d}")
+        for index, item in enumerate(job.request["items"])
+    ]
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise InvalidRequestError(f"after: no item {after!r} in this response's input.", param="after")
+        items = items[ids.index(after) + 1 :]
+    page = items[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > limit,
+    }
+
+
 # ----- running it ------------------------------------------------------------------------------------
 
 

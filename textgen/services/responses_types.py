@@ -96,7 +96,9 @@ class ResponseRequest(BaseModel):
     background: bool | None = Field(None, strict=True, description="Run as a durable background job.")
     stream: bool | None = Field(None, strict=True)
     stream_options: dict[str, Any] | None = None
-    metadata: dict[str, str] | None = Field(None, max_length=16, description="Echoed back; otherwise ignored.")
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16, description="Up to 16 pairs (keys up to 64, values up to 512 characters); echoed back."
+    )
     user: str | None = Field(None, max_length=512)
     safety_identifier: str | None = Field(None, max_length=512)
     prompt_cache_key: str | None = Field(None, max_length=512)
