@@ -103,6 +103,12 @@ PLANS: dict[str, Plan] = {
     "GET /v1/batches": Plan(30),
     "GET /v1/batches/{batch_id}": Plan(20, (POSITIVE,)),
     "POST /v1/batches/{batch_id}/cancel": Plan(20, (POSITIVE,)),
+    # The Responses API: ids the fuzzer makes up only reach 404 (stored ones: tests/integration/test_responses_api.py).
+    "POST /v1/responses": Plan(50),
+    "GET /v1/responses/{response_id}": Plan(20),
+    "DELETE /v1/responses/{response_id}": Plan(20, (POSITIVE,)),
+    "POST /v1/responses/{response_id}/cancel": Plan(20, (POSITIVE,)),
+    "GET /v1/responses/{response_id}/input_items": Plan(20),
 }
 # Negative cases never reach the model, so they are cheap: give them more.
 NEGATIVE_EXAMPLES = 100

@@ -23,6 +23,7 @@ from textgen.api.deps import CallerDep, ReaderDep, RequestIdDep, RunnerDep, Serv
 from textgen.api.generate import results_unless_disconnected
 from textgen.api.openai import ERROR_DOCS, GENERATION_DOCS, OpenAIRoute
 from textgen.api.schemas.openai import OpenAIError
+from textgen.api.schemas.responses import InputItemList, ResponseDeleted, ResponseObject
 from textgen.api.sse import sse_response
 from textgen.engine.types import GenerationResult, Handle, to_client_error
 from textgen.errors import InvalidRequestError, TextGenError
@@ -59,9 +60,17 @@ from textgen.workers.runner import JobRunner
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+NOT_FOUND_DOC = {"model": OpenAIError, "description": "No such stored response (or another tenant's)"}
+STORE_FULL_DOC = {"model": OpenAIError, "description": "The job store cannot store anything right now (out of space)"}
 STORED_DOCS: dict[int | str, dict[str, Any]] = {
-    **{code: ERROR_DOCS[code] for code in (400, 401, 429, 500, 503)},
-    404: {"model": OpenAIError, "description": "No such stored response (or another tenant's)"},
+    **{code: ERROR_DOCS[code] for code in (400, 401, 413, 429, 500, 503)},
+    404: NOT_FOUND_DOC,
+    507: STORE_FULL_DOC,
+}
+CREATE_DOCS: dict[int | str, dict[str, Any]] = {
+    **GENERATION_DOCS,
+    404: {**NOT_FOUND_DOC, "description": "previous_response_id names no stored response of yours"},
+    507: STORE_FULL_DOC,
 }
 
 
@@ -89,7 +98,8 @@ async def _events(
 
 @router.post(
     "/responses",
-    responses=GENERATION_DOCS,
+    response_model=ResponseObject,
+    responses=CREATE_DOCS,
     summary="OpenAI Responses API: create a response (stream: named events; background: a durable job)",
 )
 async def create_response(
@@ -169,6 +179,7 @@ async def _queue(
 
 @router.get(
     "/responses/{response_id}",
+    response_model=ResponseObject,
     responses=STORED_DOCS,
     summary="A stored response (yours only): its output once it ended, else its status",
 )
@@ -188,6 +199,7 @@ async def get_response(
 
 @router.get(
     "/responses/{response_id}/input_items",
+    response_model=InputItemList,
     responses=STORED_DOCS,
     summary="The conversation a stored response answered (its input, the previous responses' included)",
 )
@@ -205,7 +217,8 @@ async def list_input_items(
 
 @router.delete(
     "/responses/{response_id}",
-    responses=STORED_DOCS,
+    response_model=ResponseDeleted,
+    responses={**STORED_DOCS, 409: {"model": OpenAIError, "description": "It could not be cancelled first"}},
     summary="Delete a stored response (a background one still running is cancelled first)",
 )
 async def delete_response(
@@ -222,7 +235,8 @@ async def delete_response(
 
 @router.post(
     "/responses/{response_id}/cancel",
-    responses={**STORED_DOCS, 409: {"description": "It failed before it could be cancelled"}},
+    response_model=ResponseObject,
+    responses={**STORED_DOCS, 409: {"model": OpenAIError, "description": "It ended while being cancelled"}},
     summary="Cancel a background response; one that already ended is returned as it is",
 )
 async def cancel_response(

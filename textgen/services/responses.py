@@ -119,7 +119,7 @@ def chat_messages(instructions: str | None, items: Sequence[dict[str, Any]]) -> 
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
-            if role not in _ROLES:
+            if not isinstance(role, str) or role not in _ROLES:
                 raise InvalidRequestError(
                     f"{where}.role: must be one of user, system, developer, assistant.", param=f"{where}.role"
                 )
@@ -190,6 +190,8 @@ def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
         if key not in ("format", "verbosity") or (key == "verbosity" and text[key] not in (None, "medium")):
             raise InvalidRequestError(f"text.{key}: not supported; only text.format is.", param=f"text.{key}")
     fmt = text.get("format") or {"type": "text"}
+    if not isinstance(fmt, dict):
+        raise InvalidRequestError("text.format: must be an object with a type.", param="text.format")
     kind = fmt.get("type")
     if kind == "text":
         return None
