@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from textgen.errors import InvalidRequestError
 from textgen.services.responses import (
@@ -105,28 +106,49 @@ def test_tools_tool_choice_and_text_format_map_to_chat() -> None:
         with pytest.raises(InvalidRequestError) as caught:
             response_format(bad)
         assert caught.value.param == named
-    with pytest.raises(InvalidRequestError, match=r"tools\[0\]\.type"):
-        chat_request(
-            ResponseRequest.model_validate({"input": "x", "tools": [{"type": "file_search"}]}),
-            [{"role": "user", "content": "x"}],
-            stream=False,
-        )
+    with pytest.raises(ValidationError) as invalid:  # only function tools are described, and served
+        ResponseRequest.model_validate({"input": "x", "tools": [{"type": "file_search"}]})
+    assert invalid.value.errors()[0]["loc"] == ("tools", 0, "type")
 
 
 def test_field_policy() -> None:
     ignored = {name: None for name in IGNORED_FIELDS} | {"metadata": {"a": "b"}, "user": "u", "service_tier": "flex"}
-    check_fields(ResponseRequest.model_validate({"input": "x", **ignored, "include": [], "truncation": "disabled"}))
+    asks_nothing = {"include": [], "truncation": "disabled", "reasoning": {}, "top_logprobs": 0, "max_tool_calls": None}
+    check_fields(ResponseRequest.model_validate({"input": "x", **ignored, **asks_nothing}))
+    for extra, named, says in (
+        ({"frobnicate": True}, "frobnicate", "Extra inputs are not permitted"),
+        ({"reasoning": {"effort": "low"}}, "reasoning", "not supported: the served model has no reasoning"),
+        ({"max_tool_calls": 3}, "max_tool_calls", "not supported"),
+        ({"truncation": "auto"}, "truncation", "only 'disabled'"),
+        ({"stream_options": {"include_usage": True}, "stream": True}, "stream_options.include_usage", "Extra inputs"),
+        ({"metadata": {"k": "v" * 513}}, "metadata.k", "at most 512"),
+    ):
+        with pytest.raises(ValidationError) as invalid:
+            ResponseRequest.model_validate({"input": "x", **extra})
+        error = invalid.value.errors()[0]
+        assert ".".join(map(str, error["loc"])) == named and says in error["msg"], error
     for extra, named in (
-        ({"frobnicate": True}, "frobnicate"),
-        ({"reasoning": {"effort": "low"}}, "reasoning"),
-        ({"max_tool_calls": 3}, "max_tool_calls"),
         ({"background": True, "store": False}, "background"),
         ({"background": True, "stream": True}, "stream"),
-        ({"stream_options": {"include_usage": True}, "stream": True}, "stream_options.include_usage"),
+        ({"stream_options": {"include_obfuscation": False}}, "stream_options"),
     ):
         with pytest.raises(InvalidRequestError) as caught:
             check_fields(ResponseRequest.model_validate({"input": "x", **extra}))
         assert caught.value.param == named
+
+
+def test_item_errors_name_the_item_and_field() -> None:
+    for items, says in (
+        ([{"type": "item_reference", "id": "x"}], "input[0].type: Input tag 'item_reference'"),
+        ([{"role": "user", "content": "a"}, {"role": "tool", "content": "x"}], "input[1].role: Input should be"),
+        ([{"role": "user", "content": [{"type": "input_text", "text": 5}]}], "input[0].content[0].text: Input should"),
+        ([{"type": "function_call", "call_id": "a", "name": "b c", "arguments": "{}"}], "input[0].name: String"),
+        ([], "List should have at least 1 item"),
+    ):
+        with pytest.raises(ValidationError) as invalid:
+            ResponseRequest.model_validate({"input": items})
+        error = invalid.value.errors()[0]
+        assert error["loc"] == ("input",) and error["msg"].startswith(says), error
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:

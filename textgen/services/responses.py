@@ -68,12 +68,10 @@ def job_id_of(response_id: str) -> str:
 
 
 def input_items(body: ResponseRequest) -> list[dict[str, Any]]:
-    """The request's input as items (a string is one user message)."""
+    """The request's input as item dicts (a string is one user message)."""
     if isinstance(body.input, str):
         return [{"type": "message", "role": "user", "content": body.input}]
-    if not body.input:
-        raise InvalidRequestError("input: must be a non-empty string or a non-empty list of items.", param="input")
-    return [dict(item) for item in body.input]
+    return [item.model_dump(mode="json", exclude_none=True) for item in body.input]
 
 
 def _text(value: Any, where: str) -> str:
@@ -183,6 +181,15 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
     return {"type": "function", "function": {"name": choice["name"]}}
 
 
+def _dumped(value: Any) -> Any:
+    """A request field as JSON data (its models dumped with their JSON names)."""
+    if isinstance(value, list):
+        return [_dumped(item) for item in value]
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return value
+
+
 def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     """``text.format`` as the chat ``response_format``; other ``text`` settings are refused."""
     text = text or {}
@@ -214,7 +221,7 @@ def chat_request(body: ResponseRequest, items: Sequence[dict[str, Any]], *, stre
     chat: dict[str, Any] = {
         "messages": chat_messages(body.instructions, items),
         "max_completion_tokens": body.max_output_tokens,
-        "response_format": response_format(body.text),
+        "response_format": response_format(_dumped(body.text)),
         "stream": stream,
         "stream_options": {"include_usage": True} if stream else None,
     }
@@ -222,15 +229,15 @@ def chat_request(body: ResponseRequest, items: Sequence[dict[str, Any]], *, stre
         chat["temperature"] = body.temperature
     if body.top_p is not None:
         chat["top_p"] = body.top_p
+    tool_choice = _dumped(body.tool_choice)
     if body.tools:
-        chat["tools"] = chat_tools(body.tools)
-    if body.tool_choice is not None and (body.tools or body.tool_choice != "none"):
-        if not body.tools and body.tool_choice != "auto":
-            raise InvalidRequestError("tool_choice: needs tools.", param="tool_choice")
-        if body.tools:
-            chat["tool_choice"] = chat_tool_choice(body.tool_choice)
-    if body.parallel_tool_calls is not None and body.tools:
-        chat["parallel_tool_calls"] = body.parallel_tool_calls
+        chat["tools"] = chat_tools(_dumped(body.tools))
+        if tool_choice is not None:
+            chat["tool_choice"] = chat_tool_choice(tool_choice)
+        if body.parallel_tool_calls is not None:
+            chat["parallel_tool_calls"] = body.parallel_tool_calls
+    elif tool_choice not in (None, "none", "auto"):
+        raise InvalidRequestError("tool_choice: required or a named function needs tools.", param="tool_choice")
     try:
         return ChatCompletionRequest.model_validate(chat)
     except ValidationError as error:
@@ -265,9 +272,9 @@ def response_skeleton(body: ResponseRequest, response_id: str, created_at: float
         "service_tier": "default",
         "store": body.stores,
         "temperature": 1.0 if body.temperature is None else body.temperature,
-        "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
-        "tool_choice": "auto" if body.tool_choice is None else body.tool_choice,
-        "tools": body.tools or [],
+        "text": {"format": _dumped(body.text.format if body.text and body.text.format else None) or {"type": "text"}},
+        "tool_choice": "auto" if body.tool_choice is None else _dumped(body.tool_choice),
+        "tools": _dumped(body.tools or []),
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "truncation": "disabled",
         "usage": None,
