@@ -162,6 +162,13 @@ KNOWN_BY_DESIGN = [
         "a function's parameters must describe an object, as OpenAI requires (checked by the chat path)",
     ),
     ByDesign(
+        RESPONSES,
+        "ST201",
+        413,
+        "TEXTGEN_MAX_BODY_BYTES",
+        "a body over the size limit is refused (413) before it is read, whatever else in it is invalid",
+    ),
+    ByDesign(
         ("POST /v1/responses/{response_id}/cancel",),
         "ST202",
         400,

@@ -26,7 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from textgen.errors import InvalidRequestError
-from textgen.services.requests import FunctionName, json_number_only
+from textgen.services.requests import MAX_CONTENT_PARTS, MAX_MESSAGES, FunctionName, json_number_only
 
 # Accepted and ignored: metadata echoed back or hints about OpenAI's own caching and routing.
 IGNORED_FIELDS = (
@@ -38,8 +38,7 @@ IGNORED_FIELDS = (
     "prompt_cache_options",
     "service_tier",
 )
-MAX_INPUT_ITEMS = 4096
-MAX_CONTENT_PARTS = 256
+MAX_INPUT_ITEMS = MAX_MESSAGES  # the chat path's limits: each item is at most one chat message
 
 
 def _refuse(why: str, *nothing: Any) -> BeforeValidator:
