@@ -137,7 +137,7 @@ KNOWN_BY_DESIGN = [
         RESPONSES,
         "ST202",
         400,
-        "is queued; continue from a completed one",
+        "continue from a completed one",
         "previous_response_id names a background response that has no output yet",
     ),
     ByDesign(

@@ -165,7 +165,7 @@ async def _queue(
     reservation = grant.reservation
     try:
         job = await store.create(
-            prepared.stored_request(grant.max_new_tokens),
+            prepared.stored_request(to_run=True, max_new_tokens=grant.max_new_tokens),
             request_id=request_id,
             tenant=owner,
             reservation=reservation.encode() if reservation else None,

@@ -409,14 +409,12 @@ class PreparedResponse:
     skeleton: dict[str, Any]
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
-    def stored_request(self, max_new_tokens: int | None = None) -> dict[str, Any]:
-        """The job's request: what GET shows before it ends, what chaining and the runner read."""
-        request: dict[str, Any] = {
-            "kind": RESPONSE_KIND,
-            "response": self.skeleton,
-            "items": self.items,
-            "chat": self.chat.model_dump(mode="json", exclude_unset=True),
-        }
+    def stored_request(self, *, to_run: bool = False, max_new_tokens: int | None = None) -> dict[str, Any]:
+        """The job's request: what GET shows before it ends and what chaining reads; ``to_run`` (a
+        background response) adds the chat request the runner runs, with the output limit it was granted."""
+        request: dict[str, Any] = {"kind": RESPONSE_KIND, "response": self.skeleton, "items": self.items}
+        if to_run:
+            request["chat"] = self.chat.model_dump(mode="json", exclude_unset=True)
         if max_new_tokens is not None:
             request["max_new_tokens"] = max_new_tokens
         return request
