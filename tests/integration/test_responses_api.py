@@ -10,6 +10,7 @@ the chat completion of the same conversation at temperature 0 (it runs on the ch
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,10 @@ from fastapi import FastAPI
 from tests.integration.test_jobs import LONG_JOB, poll_job, submit
 from tests.support.app import open_app, tiny_settings
 from tests.support.redis import RedisServer
+from tests.support.tiny_model import build_tokenizer
 from tests.support.waiting import wait_until
+from textgen.services.openai import render_chat_prompt
+from textgen.services.requests import ChatMessage
 
 MakeSettings = Callable[..., Any]
 Api = tuple[httpx.AsyncClient, FastAPI]
@@ -556,3 +560,27 @@ async def test_input_items_list_the_conversation(api: Api) -> None:
     assert [item.id for item in newest.data] == [listed[-1].id] and newest.has_more
     rest = await oai.responses.input_items.list(second.id, limit=5, after=listed[-1].id)
     assert [item.id for item in rest.data] == [listed[1].id, listed[0].id] and not rest.has_more
+
+
+async def test_background_responses_are_charged_and_refunded_when_cancelled_or_deleted(
+    make_settings: MakeSettings,
+) -> None:
+    tokenizer = build_tokenizer()
+    prompt = render_chat_prompt(tokenizer, [ChatMessage(role="user", content="Hi")])
+    prompt_tokens = len(tokenizer(prompt, add_special_tokens=True).input_ids)
+    settings = make_settings(rate_limit_tpm=prompt_tokens + 12, job_poll_interval_s=60.0)
+    async with open_app(settings) as (client, app):
+        app.state.textgen.runner._paused_until = time.monotonic() + 3600  # keep them queued
+        oai = sdk(client)
+        ask = {"input": "Hi", "max_output_tokens": 10, "temperature": 0}
+        for end in ("cancel", "delete"):
+            queued = await oai.responses.create(background=True, **ask)
+            assert queued.status == "queued"
+            with pytest.raises(openai.RateLimitError):  # its budget (prompt + 10) is reserved until it ends
+                await oai.responses.create(input="Hi", max_output_tokens=1, store=False)
+            if end == "cancel":
+                assert (await oai.responses.cancel(queued.id)).status == "cancelled"
+            else:
+                await oai.responses.delete(queued.id)
+        finished = await oai.responses.create(**ask)  # the whole budget is back
+        assert finished.status in ("completed", "incomplete")
