@@ -76,7 +76,47 @@ LOG_TAIL_LINES = 40
 TEMPERATURE = 0.8
 TOP_P = 0.95
 OPENAI_MODEL = "textgen"  # /v1/completions ignores it: the server serves one model
-PATHS = {Mode.GENERATE: "/generate", Mode.STREAM: "/generate", Mode.OPENAI: "/v1/completions", Mode.JSON: "/generate"}
+PATHS = {
+    Mode.GENERATE: "/generate",
+    Mode.STREAM: "/generate",
+    Mode.OPENAI: "/v1/completions",
+    Mode.JSON: "/generate",
+    Mode.CHAT: "/v1/chat/completions",
+    Mode.TOOLS: "/v1/chat/completions",
+}
+# The tools mode's functions: what an agent framework sends (two functions, Pydantic-style schemas).
+BENCH_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 40},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city", "unit"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "search_web",
+            "description": "Search the web.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "query": {"type": "string", "maxLength": 80},
+                    "max_results": {"type": "integer", "minimum": 1, "maximum": 20},
+                },
+                "required": ["query"],
+            },
+        },
+    },
+]
 # Short prompts (~15 tokens each); requests cycle through them so consecutive prompts differ.
 PROMPTS = (
     "Write a short story about a robot who learns to paint.",
@@ -170,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_modes,
         default=list(MODES),
         help="endpoints to drive: generate (/generate), stream (/generate with stream: true), openai "
-        "(/v1/completions), json (/generate with a json_schema); default: generate,stream,openai,json",
+        "(/v1/completions), json (/generate with a json_schema), chat (/v1/chat/completions), tools (chat with "
+        'tool_choice "required"); default: all',
     )
     parser.add_argument(
         "--all-modes-for-baseline",
@@ -279,9 +320,7 @@ def server_env(
     return env
 
 
-def start_server(
-    engine: str, host: str, port: int, out_dir: Path, job_db: Path, weights: str | None = None
-) -> Server:
+def start_server(engine: str, host: str, port: int, out_dir: Path, job_db: Path, weights: str | None = None) -> Server:
     label = engine_label(engine, weights or "auto")
     port = port or pick_free_port(host)
     log_path = out_dir / f"server-{label}.log"
@@ -386,12 +425,31 @@ def build_request(mode: str, index: int, max_new_tokens: int) -> tuple[str, dict
             "ignore_eos": True,
         }
         return PATHS[Mode.OPENAI], payload
+    if mode in (Mode.CHAT, Mode.TOOLS):
+        return PATHS[Mode(mode)], build_chat_payload(mode, index, max_new_tokens)
     payload = build_payload(index, max_new_tokens)
     if mode == Mode.STREAM:
         payload["stream"] = True
     if mode == Mode.JSON:
         payload["json_schema"] = BENCH_SCHEMA  # the grammar ends the row ("stop") when the record is complete
     return PATHS[Mode(mode)], payload
+
+
+def build_chat_payload(mode: str, index: int, max_new_tokens: int) -> dict[str, Any]:
+    """A chat request; in tools mode the same request with ``tool_choice: "required"``. Both take
+    ``ignore_eos`` so they generate max_new_tokens alike (a tools answer also ends when its grammar does:
+    after the most parallel calls an answer may hold)."""
+    payload: dict[str, Any] = {
+        "model": OPENAI_MODEL,
+        "messages": [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
+        "max_tokens": max_new_tokens,
+        "temperature": TEMPERATURE,
+        "top_p": TOP_P,
+        "ignore_eos": True,
+    }
+    if mode == Mode.TOOLS:
+        payload.update(tools=BENCH_TOOLS, tool_choice="required")
+    return payload
 
 
 def _unsuccessful(status_code: int, body: Any, latency_s: float) -> RequestResult | None:
@@ -428,6 +486,26 @@ def result_from_openai(status_code: int, body: Any, latency_s: float) -> Request
     try:
         usage = body["usage"]
         str(body["choices"][0]["text"])
+        return RequestResult(
+            Outcome.COMPLETED,
+            latency_s,
+            prompt_tokens=int(usage["prompt_tokens"]),
+            completion_tokens=int(usage["completion_tokens"]),
+            model=str(body["model"]),
+        )
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        return RequestResult(Outcome.FAILED, latency_s, error=f"malformed 200 body ({error!r}): {str(body)[:200]}")
+
+
+def result_from_chat(status_code: int, body: Any, latency_s: float) -> RequestResult:
+    """Classify one /v1/chat/completions answer (text or tool calls); tokens from its ``usage``."""
+    if (unsuccessful := _unsuccessful(status_code, body, latency_s)) is not None:
+        return unsuccessful
+    try:
+        usage = body["usage"]
+        message = body["choices"][0]["message"]
+        if message.get("content") is None and not message.get("tool_calls"):
+            raise ValueError("neither content nor tool_calls")
         return RequestResult(
             Outcome.COMPLETED,
             latency_s,
@@ -515,7 +593,9 @@ async def send_request(client: httpx.AsyncClient, mode: str, index: int, max_new
     except httpx.HTTPError as error:
         return _transport_failure(error, start)
     latency_s = time.perf_counter() - start
-    classify = result_from_openai if mode == Mode.OPENAI else result_from_response
+    classify = {Mode.OPENAI: result_from_openai, Mode.CHAT: result_from_chat, Mode.TOOLS: result_from_chat}.get(
+        Mode(mode), result_from_response
+    )
     return classify(response.status_code, _body(response), latency_s)
 
 
@@ -613,7 +693,13 @@ async def run_level(
             await progress
     client_cpu = 100.0 * (time.process_time() - cpu_started) / duration_s if duration_s > 0 else None
     stats = aggregate(
-        engine, concurrency, results, duration_s, sampler.peak_mib, mode=mode, client_cpu_pct=client_cpu,
+        engine,
+        concurrency,
+        results,
+        duration_s,
+        sampler.peak_mib,
+        mode=mode,
+        client_cpu_pct=client_cpu,
         load_avg_1m=load_avg,
     )
     log_level_summary(prefix, stats, results, config, mode)

@@ -148,6 +148,12 @@ def mode_notes(modes: Iterable[str]) -> list[str]:
             "constrained; a row ends (`stop`) when its JSON record is complete, so outputs may be shorter "
             "than max_new_tokens; throughput counts the tokens generated"
         )
+    if Mode.TOOLS in present:
+        notes.append(
+            '- tools rows (`/v1/chat/completions` with two functions and `tool_choice: "required"`, '
+            "`ignore_eos`): every token is held to the tool-call grammar; an answer also ends when it holds the "
+            "most parallel calls allowed, so outputs may be shorter; compare with the chat rows (same prompts)"
+        )
     if Mode.OPENAI in present:
         notes.append(
             "- openai rows (`/v1/completions`, max_tokens = max_new_tokens): that API has no `ignore_eos`, so "
@@ -191,6 +197,9 @@ def render_markdown(records: Sequence[LevelStats], metadata: Mapping[str, Any]) 
     streaming = mode_ratios(records, Mode.STREAM)
     if streaming:
         lines += ["", f"## Streaming ({Mode.STREAM} vs {Mode.GENERATE})", "", *mode_ratio_lines(streaming)]
+    tools = mode_ratios(records, Mode.TOOLS, Mode.CHAT)
+    if tools:
+        lines += ["", f"## Tool calls ({Mode.TOOLS} vs {Mode.CHAT}, same run)", "", *mode_ratio_lines(tools)]
     structured = mode_ratios(records, Mode.JSON)
     if structured:
         lines += ["", f"## Structured output ({Mode.JSON} vs {Mode.GENERATE})", "", *mode_ratio_lines(structured)]
@@ -249,6 +258,8 @@ def core_rate_section(records: Sequence[LevelStats], core_rates: Mapping[str, An
                 *rows,
             ]
     return lines
+
+
 def mask_cost_lines(results: Iterable[Mapping[str, Any]]) -> list[str]:
     return [
         f"- {int(r['rows'])} constrained rows: {r['mean_ms']:.2f} ms mean, {r['p95_ms']:.2f} ms p95 per step "

@@ -23,6 +23,8 @@ class Mode(StrEnum):
     STREAM = "stream"  # POST /generate with stream: true, Server-Sent Events
     OPENAI = "openai"  # POST /v1/completions, one JSON answer
     JSON = "json"  # POST /generate with a small json_schema (structured output)
+    CHAT = "chat"  # POST /v1/chat/completions, plain chat
+    TOOLS = "tools"  # POST /v1/chat/completions with tools and tool_choice "required" (calls held to a grammar)
 
 
 class Outcome(StrEnum):

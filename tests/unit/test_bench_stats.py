@@ -466,7 +466,8 @@ def test_parse_args() -> None:
     args = bench_mod.parse_args([])
     assert args.engines == ["batched", "threadpool"] and args.concurrency == [1, 8, 32, 64]
     assert args.max_new_tokens == 64 and args.port == 0 and args.requests_per_level is None
-    assert args.modes == ["generate", "stream", "openai", "json"] and args.all_modes_for_baseline is False
+    assert args.modes == ["generate", "stream", "openai", "json", "chat", "tools"]
+    assert args.all_modes_for_baseline is False
     args = bench_mod.parse_args(["--engines", "threadpool", "--concurrency", "1,4", "--url", "http://h:1/"])
     assert args.engines == ["threadpool"] and args.concurrency == [1, 4]
     assert args.url == "http://h:1" and args.label == "server"
@@ -478,7 +479,7 @@ def test_parse_args() -> None:
         ["--concurrency", "0"],
         ["--concurrency", "a"],
         ["--label", "x"],
-        ["--mode", "chat"],
+        ["--mode", "chats"],
         ["--mode", ","],
     )
     for bad in bad_args:
@@ -531,6 +532,30 @@ def test_result_from_openai_counts_reported_usage() -> None:
     for malformed in (_ok_body(), {**_openai_body(), "choices": []}, {**_openai_body(), "usage": None}, "text"):
         result = bench_mod.result_from_openai(200, malformed, 0.01)
         assert result.outcome is Outcome.FAILED and "malformed" in (result.error or "")
+
+
+def test_chat_and_tools_requests_differ_only_by_the_tools() -> None:
+    path, chat = bench_mod.build_request("chat", 3, 16)
+    assert path == "/v1/chat/completions"
+    assert chat["messages"] == [{"role": "user", "content": bench_mod.PROMPTS[3]}]
+    assert chat["max_tokens"] == 16 and chat["ignore_eos"] is True and "tools" not in chat
+    path, tools = bench_mod.build_request("tools", 3, 16)
+    assert path == "/v1/chat/completions"
+    assert tools == chat | {"tools": bench_mod.BENCH_TOOLS, "tool_choice": "required"}
+
+
+def test_result_from_chat_takes_text_or_tool_calls() -> None:
+    usage = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for message in (
+        {"role": "assistant", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+    ):
+        body = {"model": "tiny", "choices": [{"index": 0, "message": message}], "usage": usage}
+        ok = bench_mod.result_from_chat(200, body, 0.5)
+        assert ok == RequestResult(Outcome.COMPLETED, 0.5, prompt_tokens=12, completion_tokens=5, model="tiny")
+    empty = {"model": "tiny", "choices": [{"index": 0, "message": {"content": None}}], "usage": usage}
+    assert bench_mod.result_from_chat(200, empty, 0.5).outcome is Outcome.FAILED
 
 
 # --- SSE ----------------------------------------------------------------------------------------------

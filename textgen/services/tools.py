@@ -10,7 +10,7 @@ convention most tool-trained open models (Qwen, Hermes, SmolLM3) use::
 How each ``tool_choice`` is enforced (llguidance Lark grammars, compiled by the engine's ordinary
 constraint machinery, ``textgen.engine.constraints``):
 
-- ``required``: ``start: block+`` (or one block when parallel calls are off): nothing but calls.
+- ``required``: ``start: block{1,8}`` (one block when parallel calls are off): nothing but calls.
 - named function: the same, with only that function's rule.
 - ``auto``: ``start: TEXT | OPEN call ...``, where ``TEXT`` is any non-empty text that never contains
   ``<tool_call>`` and ``OPEN`` is any text ending at the first ``<tool_call>``. While the model writes
@@ -40,12 +40,21 @@ from textgen.engine.constraints import Constraint
 from textgen.errors import InvalidRequestError
 from textgen.services.requests import ChatCompletionRequest, FunctionDefinition, NamedFunction, NamedToolChoice
 
+# The most calls one answer may hold when parallel calls are allowed: a small model, once it has called,
+# tends to repeat the call until its token budget runs out; the grammar ends the answer here instead.
+MAX_PARALLEL_CALLS = 8
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 NO_ARGUMENTS_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 # The grammar's JSON is compact (llguidance's default for an inline %json is flexible whitespace, which a
 # small model can fill with newlines until its budget is gone).
 _COMPACT = {"whitespace_flexible": False}
+
+# A number the schema leaves open is written with at most this many decimals (no exponent): a small model
+# sampling at temperature 1 can otherwise run a fraction's digits on until its budget, and a cut-off call
+# is no call. The result still validates against the function's own schema (this only narrows it).
+NUMBER_STEP = 0.000001
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "example"})
 
 ToolMode = Literal["none", "auto", "required", "named"]
 
@@ -182,9 +191,25 @@ def _lark_string(text: str) -> str:
     return json.dumps(text)
 
 
+def bounded_numbers(schema: Any) -> Any:
+    """A copy of a schema whose open numbers (``type: number`` without ``multipleOf``) take at most six
+    decimals; data inside ``enum``/``const``/``default``/``examples`` is left as it is. (Recursion is
+    safe: the schema's nesting passed the limits first.)"""
+    if isinstance(schema, list):
+        return [bounded_numbers(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    copy = {key: value if key in _DATA_KEYWORDS else bounded_numbers(value) for key, value in schema.items()}
+    kind = schema.get("type")
+    is_number = kind == "number" or (isinstance(kind, list) and "number" in kind)
+    if is_number and "multipleOf" not in schema:
+        copy["multipleOf"] = NUMBER_STEP
+    return copy
+
+
 def _call_rule(index: int, function: FunctionDefinition) -> str:
     head = _lark_string(f'{{"name": "{function.name}", "arguments": ')
-    schema = {**parameters_schema(function), "x-guidance": _COMPACT}
+    schema = {**bounded_numbers(parameters_schema(function)), "x-guidance": _COMPACT}
     return f"call_{index}: {head} %json {json.dumps(schema, separators=(',', ':'))} {_lark_string('}')}"
 
 
@@ -194,7 +219,7 @@ def tool_call_grammar(plan: ToolPlan, text_answer: dict[str, Any] | None = None)
     functions = plan.callable()
     rules = [_call_rule(index, function) for index, function in enumerate(functions)]
     open_, close = _lark_string(TOOL_CALL_OPEN), _lark_string(TOOL_CALL_CLOSE)
-    more = " (NL? block)*" if plan.parallel else ""
+    more = f" (NL? block){{0,{MAX_PARALLEL_CALLS - 1}}}" if plan.parallel else ""
     if plan.mode == "auto":
         if text_answer is not None:
             answer = f"%json {json.dumps({**text_answer, 'x-guidance': _COMPACT}, separators=(',', ':'))}"
@@ -250,13 +275,13 @@ def tools_system_prompt(plan: ToolPlan) -> str:
         "required": "You must call one of the functions now.",
         "named": f"You must call the function {plan.named} now.",
     }[plan.mode if plan.mode != "none" else "auto"]
-    count = "one <tool_call> block per call" if plan.parallel else "at most one <tool_call> block"
+    count = "one <tool_call> block per call (call each function once)" if plan.parallel else "one <tool_call> block"
     return (
         "# Tools\n\nYou can call these functions:\n<tools>\n"
         f"{listed}\n</tools>\n\n"
         f"To call a function, write {count}, holding a JSON object with the function's name and arguments:\n"
         f'{TOOL_CALL_OPEN}{{"name": "<function-name>", "arguments": {{<arguments>}}}}{TOOL_CALL_CLOSE}\n'
-        f"{rules}"
+        f"{rules} After your calls, stop: the results come back in the next message."
     )
 
 
@@ -400,6 +425,11 @@ class ToolCallParser:
             self._state, self._depth, self._in_string, self._escaped = "args", 0, False, False
             return bool(self._pending)
         if self._state == "args":
+            if not self.calls[-1].arguments:
+                pending = pending.lstrip()  # the head's trailing space may arrive in the next piece
+                if not pending:
+                    self._pending = ""
+                    return False
             end = self._scan(pending)
             piece = pending if end is None else pending[:end]
             if piece:
