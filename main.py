@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI
 from starlette.types import Receive, Scope, Send
 
 from textgen.access import parse_networks
-from textgen.api import batches, embeddings, files, generate, health, jobs, metrics, openai, stats
+from textgen.api import batches, embeddings, files, generate, health, jobs, metrics, openai, responses, stats
 from textgen.api.deps import count_request
 from textgen.api.errors import install_error_handlers
 from textgen.api.middleware import QuietStartupFailure, RequestIdMiddleware
@@ -103,7 +103,7 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
     app.add_middleware(ClientAddressMiddleware)
     install_error_handlers(app)
     # Every API route counts against the caller's request limit; the probes do not (see UNMETERED_ROUTERS).
-    for module in (generate, jobs, openai, files, batches, health, metrics, stats):
+    for module in (generate, jobs, openai, responses, files, batches, health, metrics, stats):
         metered = module not in UNMETERED_ROUTERS
         app.include_router(module.router, dependencies=[Depends(count_request)] if metered else None)
     for router in (embeddings.router, embeddings.tokenizer_router):

@@ -30,6 +30,7 @@ from textgen.loader import LoadedModel, load_model
 from textgen.metrics import Metrics, mark_process_dead
 from textgen.services.batch_lines import JOB_EXECUTORS, batch_line_planner
 from textgen.services.models import ServedModels, served_models
+from textgen.services.responses import RESPONSE_EXECUTORS
 from textgen.threads import run_in_own_thread
 from textgen.webhooks import sender_from_settings
 from textgen.workers.batches import Batches, start_batches
@@ -181,7 +182,7 @@ async def build_state(
         RunnerConfig.from_settings(settings),
         owner=owner,
         webhooks=job_webhooks(settings, store, owner, service),
-        executors={kind: factory(service, model) for kind, factory in JOB_EXECUTORS.items()},
+        executors={kind: factory(service, model) for kind, factory in {**JOB_EXECUTORS, **RESPONSE_EXECUTORS}.items()},
     )
     await runner.start()
     batches = await start_batches(

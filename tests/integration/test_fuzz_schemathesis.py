@@ -108,6 +108,12 @@ PLANS: dict[str, Plan] = {
     "POST /v1/embeddings": Plan(50),
     "POST /tokenize": Plan(50),
     "POST /detokenize": Plan(50),
+    # The Responses API: ids the fuzzer makes up only reach 404 (stored ones: tests/integration/test_responses_api.py).
+    "POST /v1/responses": Plan(50),
+    "GET /v1/responses/{response_id}": Plan(20),
+    "DELETE /v1/responses/{response_id}": Plan(20, (POSITIVE,)),
+    "POST /v1/responses/{response_id}/cancel": Plan(20, (POSITIVE,)),
+    "GET /v1/responses/{response_id}/input_items": Plan(20),
 }
 # Negative cases never reach the model, so they are cheap: give them more.
 NEGATIVE_EXAMPLES = 100

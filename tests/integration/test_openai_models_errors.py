@@ -109,13 +109,17 @@ async def test_an_unknown_model_is_404_before_any_work(api: Api, path: str, body
     assert stats.running == stats.waiting_interactive == 0
 
 
-async def test_embeddings_check_the_model_too(api: Api) -> None:
+@pytest.mark.parametrize(
+    ("path", "body"), [("/v1/embeddings", {"input": "hello"}), ("/v1/responses", {"input": "hi", "max_output_tokens": 2})]
+)
+async def test_embeddings_and_responses_check_the_model_too(api: Api, path: str, body: dict[str, Any]) -> None:
     client, _app = api
     for asked in ({}, {"model": SERVED}, {"model": ALIASES[0]}):
-        response = await client.post("/v1/embeddings", json={"input": "hello", **asked})
+        response = await client.post(path, json={**body, **asked})
         assert response.status_code == 200, response.text
     for name in ("gpt-4o", "text-embedding-3-small"):
-        assert_model_not_found(await client.post("/v1/embeddings", json={"input": "I hate you", "model": name}), name)
+        hateful = {"input": "I hate you"}  # checked before the content filter too
+        assert_model_not_found(await client.post(path, json={**body, **hateful, "model": name}), name)
 
 
 async def test_the_official_client_raises_not_found_for_an_unknown_model(api: Api) -> None:

@@ -40,7 +40,14 @@ class ByDesign:
     why: str
 
 
-GENERATING = ("POST /generate", "POST /generate_background", "POST /v1/completions", "POST /v1/chat/completions")
+GENERATING = (
+    "POST /generate",
+    "POST /generate_background",
+    "POST /v1/completions",
+    "POST /v1/chat/completions",
+    "POST /v1/responses",
+)
+RESPONSES = ("POST /v1/responses",)
 
 KNOWN_BY_DESIGN = [
     ByDesign(
@@ -196,6 +203,75 @@ KNOWN_BY_DESIGN = [
         400,
         "the model's context",
         "more text or ids than the model's context could ever hold: a limit of the model, not of the schema",
+    ),
+    ByDesign(
+        RESPONSES,
+        "ST202",
+        400,
+        "takes text only",
+        "image, audio and file parts are described so that they get a clear refusal: the model takes text only",
+    ),
+    ByDesign(
+        RESPONSES, "ST202", 400, "stream_options: only allowed with stream", "as OpenAI: stream_options needs stream"
+    ),
+    ByDesign(RESPONSES, "ST202", 400, "background response must be stored", "background with store: false (as OpenAI)"),
+    ByDesign(RESPONSES, "ST202", 400, "background response is not streamed", "background with stream: poll it instead"),
+    ByDesign(RESPONSES, "ST202", 400, "needs tools", "tool_choice required or a named function without tools"),
+    ByDesign(
+        RESPONSES,
+        "ST202",
+        400,
+        "continue from a completed one",
+        "previous_response_id names a background response that has no output yet",
+    ),
+    ByDesign(
+        RESPONSES,
+        "ST202",
+        400,
+        "two functions are named",
+        "tools with the same name twice: each function needs its own name (checked by the chat path)",
+    ),
+    ByDesign(
+        RESPONSES,
+        "ST202",
+        400,
+        "no function named",
+        "tool_choice names a function the request does not offer (checked by the chat path)",
+    ),
+    ByDesign(
+        RESPONSES,
+        "ST202",
+        400,
+        "must be a JSON schema of an object",
+        "a function's parameters must describe an object, as OpenAI requires (checked by the chat path)",
+    ),
+    ByDesign(
+        RESPONSES,
+        "ST201",
+        413,
+        "TEXTGEN_MAX_BODY_BYTES",
+        "a body over the size limit is refused (413) before it is read, whatever else in it is invalid",
+    ),
+    ByDesign(
+        ("POST /v1/responses/{response_id}/cancel",),
+        "ST202",
+        400,
+        "Only background responses can be cancelled",
+        "as OpenAI: an interactive response has nothing to cancel",
+    ),
+    ByDesign(
+        ("GET /v1/responses/{response_id}",),
+        "ST202",
+        400,
+        "replaying a stored response as a stream is not supported",
+        "stream=true on GET is refused by name rather than ignored",
+    ),
+    ByDesign(
+        ("GET /v1/responses/{response_id}/input_items",),
+        "ST202",
+        400,
+        "in this response's input",
+        "after names an item the response's input does not have",
     ),
     ByDesign(
         ("Stateful tests",),

@@ -913,3 +913,49 @@ async def test_redis_store_from_url_opens(redis_server: RedisServer) -> None:
         assert await s.count(JobState.QUEUED) >= 0
     finally:
         await s.close()
+
+
+# --- jobs stored already finished (stored /v1/responses) and deletion --------------------------------
+
+
+async def test_create_finished_is_an_ended_job_never_claimed(store: JobStore, store_clock: StoreClock) -> None:
+    done = await store.create_finished(
+        {"kind": "response", "input": ["hi"]}, request_id="r1", result={"output": [1, 2.5]}, tenant="key:a"
+    )
+    assert done.state is JobState.SUCCEEDED and done.finished_at is not None and done.attempts == 0
+    assert await store.get(done.id) == done
+    assert (await store.get(done.id, tenant="key:a")).result == {"output": [1, 2.5]}
+    with pytest.raises(JobNotFoundError):
+        await store.get(done.id, tenant="key:b")
+    assert await store.claim_next("w", LEASE) is None  # never queued
+    assert [j.id for j in await store.list(tenant="key:a")] == [done.id]
+    assert [j.id for j in await store.list(state=JobState.SUCCEEDED)] == [done.id]
+    assert await store.recent_completions(60, 10) == []  # not runner throughput
+    with pytest.raises(JobNotCancellableError):
+        await store.cancel(done.id)
+    store_clock.advance(PAST_SHORT)
+    assert await store.purge_finished(older_than_s=SHORT) == 1  # the job TTL applies
+    with pytest.raises(JobNotFoundError):
+        await store.get(done.id)
+
+
+async def test_delete_only_ended_and_only_the_tenants(store: JobStore, backend: Backend) -> None:
+    keyed, _ = await store.create_idempotent({"k": 1}, request_id=None, key="the-key", ttl_s=3600)
+    live = await store.create({"prompt": "x"}, request_id=None, tenant="key:a")
+    mine = await store.create_finished({"kind": "response"}, request_id=None, result={}, tenant="key:a")
+    with pytest.raises(JobNotFoundError):
+        await store.delete(mine.id, tenant="key:b")
+    with pytest.raises(JobNotFoundError):
+        await store.delete("missing")
+    with pytest.raises(JobNotCancellableError):
+        await store.delete(live.id, tenant="key:a")
+    assert (await store.delete(mine.id, tenant="key:a")).id == mine.id
+    with pytest.raises(JobNotFoundError):
+        await store.get(mine.id)
+    with pytest.raises(JobNotFoundError):
+        await store.delete(mine.id, tenant="key:a")
+    await store.cancel(keyed.id)
+    assert (await store.delete(keyed.id)).state is JobState.CANCELLED  # None: any tenant's (admins)
+    assert backend.idempotency_keys() == []  # its Idempotency-Key went with it
+    assert [j.id for j in await store.list()] == [live.id]
+    assert await store.count(JobState.SUCCEEDED) == 0 and await store.count(JobState.CANCELLED) == 0

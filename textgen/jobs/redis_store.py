@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -50,6 +51,7 @@ from textgen.errors import (
 from textgen.jobs.store import (
     DIED_IN_PHASE_PREFIX,
     DIED_IN_PHASE_SUFFIX,
+    STILL_RUNNING,
     Job,
     JobState,
     WebhookState,
@@ -79,6 +81,8 @@ _SCRIPTS: dict[str, str] = lua_scripts(
     (
         "create",
         "create_idempotent",
+        "create_finished",
+        "delete",
         "claim",
         "release",
         "renew",
@@ -343,6 +347,31 @@ class RedisJobStore:
         if not done:
             logger.info("Job %s not finished by %s: no longer running under that owner", job_id, owner)
         return done
+
+    async def create_finished(
+        self,
+        request: dict[str, Any],
+        *,
+        request_id: str | None,
+        result: dict[str, Any],
+        tenant: str = ANONYMOUS_OWNER,
+        job_id: str | None = None,
+    ) -> Job:
+        job = new_job(request, request_id, None, tenant, None, now=self._now())
+        job = dataclasses.replace(
+            job, id=job_id or job.id, state=JobState.SUCCEEDED, result=json.loads(json.dumps(result))
+        )
+        result_json = json.dumps(job.result, separators=(",", ":"))
+        finished_at = await self._call("create_finished", job.id, *_job_fields(job), "result", result_json)
+        return dataclasses.replace(job, finished_at=float(finished_at))
+
+    async def delete(self, job_id: str, *, tenant: str | None = None) -> Job:
+        reply = await self._call("delete", job_id, tenant or "")
+        if reply[0] == "missing":
+            raise JobNotFoundError()
+        if reply[0] == "live":
+            raise JobNotCancellableError(STILL_RUNNING)
+        return _job(_pairs(reply[1]))
 
     async def set_phase(self, job_id: str, owner: str, phase: str | None) -> bool:
         return bool(await self._call("set_phase", job_id, owner, *_optional(phase)))

@@ -8,6 +8,7 @@ Every state change is one conditional UPDATE (claims in ``BEGIN IMMEDIATE ... RE
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -22,6 +23,7 @@ from textgen.errors import IdempotencyConflictError, JobNotCancellableError, Job
 from textgen.jobs.store import (
     DIED_IN_PHASE_PREFIX,
     DIED_IN_PHASE_SUFFIX,
+    STILL_RUNNING,
     TERMINAL_STATES,
     WEBHOOK_OUTCOMES,
     Job,
@@ -359,7 +361,8 @@ def _position(conn: sqlite3.Connection, job_id: str) -> int | None:
 
 def _recent_completions(conn: sqlite3.Connection, since: float, limit: int) -> builtins.list[float]:
     rows = conn.execute(
-        "SELECT finished_at FROM jobs WHERE state IN ('succeeded', 'failed') AND finished_at >= ? "
+        # attempts > 0: jobs the runner ran (a job stored already finished, create_finished, never was)
+        "SELECT finished_at FROM jobs WHERE state IN ('succeeded', 'failed') AND finished_at >= ? AND attempts > 0 "
         "ORDER BY finished_at DESC LIMIT ?",
         (since, limit),
     ).fetchall()
@@ -421,6 +424,16 @@ def _purge(conn: sqlite3.Connection, cutoff: float) -> int:
         if n:
             conn.execute("DELETE FROM idempotency_keys WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = job_id)")
     return n
+
+
+def _delete(conn: sqlite3.Connection, job_id: str, tenant: str | None) -> Job:
+    with write_txn(conn):
+        job = _select_one(conn, job_id, tenant)
+        if job.state not in TERMINAL_STATES:
+            raise JobNotCancellableError(STILL_RUNNING)
+        conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        conn.execute("DELETE FROM idempotency_keys WHERE job_id = ?", (job_id,))
+    return job
 
 
 def _purge_idempotency(conn: sqlite3.Connection, cutoff: float) -> int:
@@ -562,6 +575,29 @@ class SQLiteJobStore:
         if not done:
             logger.info("Job %s not finished by %s: no longer running under that owner", job_id, owner)
         return done
+
+    async def create_finished(
+        self,
+        request: dict[str, Any],
+        *,
+        request_id: str | None,
+        result: dict[str, Any],
+        tenant: str = ANONYMOUS_OWNER,
+        job_id: str | None = None,
+    ) -> Job:
+        job = new_job(request, request_id, None, tenant, None, now=self._clock())
+        job = dataclasses.replace(
+            job,
+            id=job_id or job.id,
+            state=JobState.SUCCEEDED,
+            result=json.loads(json.dumps(result)),
+            finished_at=job.created_at,
+        )
+        await self._run(_insert, job)
+        return job
+
+    async def delete(self, job_id: str, *, tenant: str | None = None) -> Job:
+        return await self._run(_delete, job_id, tenant)
 
     async def set_phase(self, job_id: str, owner: str, phase: str | None) -> bool:
         return bool(await self._run(_set_phase, job_id, owner, phase))

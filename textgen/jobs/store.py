@@ -138,6 +138,25 @@ class JobStore(Protocol):
         A job whose lease expires while marked is failed by ``requeue_expired`` (``died_in_phase_error``),
         not re-queued: a request that kills the process must not kill every process that retries it."""
 
+    async def create_finished(
+        self,
+        request: dict[str, Any],
+        *,
+        request_id: str | None,
+        result: dict[str, Any],
+        tenant: str = ANONYMOUS_OWNER,
+        job_id: str | None = None,
+    ) -> Job:
+        """Store work that already ran elsewhere (an interactive ``/v1/responses`` call with ``store``) as a
+        job that ``succeeded`` now: never queued or claimed, readable with ``get`` and purged with the
+        job TTL like any ended job. Not counted as runner throughput (``recent_completions``). ``job_id``: the
+        id to store it under (a fresh 32-hex-digit id, chosen before the work ran); default a new one."""
+
+    async def delete(self, job_id: str, *, tenant: str | None = None) -> Job:
+        """Delete an ended job now (and any idempotency record pointing at it); returns it as it was.
+        JobNotFoundError for an unknown job or (``tenant`` given) another tenant's; JobNotCancellableError
+        (409) while it is queued or running: cancel it first."""
+
     async def cancel(self, job_id: str, *, tenant: str | None = None) -> Job:
         """Cancel a queued or running job; JobNotCancellableError once it ended; JobNotFoundError for
         an unknown job or (``tenant`` given) another tenant's."""
@@ -224,6 +243,9 @@ def check_finish_state(state: JobState) -> JobState:
     if state not in FINISH_STATES:
         raise ValueError(f"finish() state must be succeeded or failed, got {state!r}")
     return JobState(state)
+
+
+STILL_RUNNING = "The job is still queued or running; cancel it before deleting it."
 
 
 def new_job(

@@ -296,7 +296,8 @@ class JobRunner:
             if outcome is not None:
                 if await self._finish_retrying(job, *outcome):
                     await self._service.refund_unused(job.reservation, self._handles.get(job.id))
-            elif not self._stopping and (await self._store.states([job.id])).get(job.id) is JobState.CANCELLED:
+            elif not self._stopping and (await self._store.states([job.id])).get(job.id) in (JobState.CANCELLED, None):
+                # Cancelled, or deleted (DELETE /v1/responses cancels, then deletes): the unused tokens go back.
                 await self._service.refund_unused(job.reservation, self._handles.get(job.id))
         except STORE_CONDITIONS:
             # The outcome could not be recorded even after retrying: the lease runs out and the job runs
