@@ -110,7 +110,8 @@ async def test_an_unknown_model_is_404_before_any_work(api: Api, path: str, body
 
 
 @pytest.mark.parametrize(
-    ("path", "body"), [("/v1/embeddings", {"input": "hello"}), ("/v1/responses", {"input": "hi", "max_output_tokens": 2})]
+    ("path", "body"),
+    [("/v1/embeddings", {"input": "hello"}), ("/v1/responses", {"input": "hi", "max_output_tokens": 2})],
 )
 async def test_embeddings_and_responses_check_the_model_too(api: Api, path: str, body: dict[str, Any]) -> None:
     client, _app = api
