@@ -10,6 +10,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# pytest workers for make test: two fit a 2-core CI machine (servers start while the other worker computes)
+TEST_WORKERS ?= 2
 
 .PHONY: setup kernels run test lint bench clean
 
@@ -44,7 +46,7 @@ lint: setup
 	$(PY) -m mypy textgen models.py main.py
 
 test: setup lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(PY) -m bench.bench
