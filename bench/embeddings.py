@@ -53,6 +53,7 @@ if __package__ in (None, ""):  # run as ``python bench/embeddings.py``
 
 from bench.bench import (  # noqa: E402
     DEFAULT_OUT,
+    OPENAI_MODEL,
     PROMPTS,
     TEMPERATURE,
     make_client,
@@ -100,7 +101,7 @@ class PhaseResult:
 
 def stream_body(index: int, max_new_tokens: int) -> dict[str, Any]:
     return {
-        "model": "textgen",
+        "model": OPENAI_MODEL,
         "prompt": PROMPTS[index % len(PROMPTS)],
         "max_tokens": max_new_tokens,
         "temperature": TEMPERATURE,
@@ -150,7 +151,7 @@ async def embedding_worker(
         texts = [embedding_text(index * inputs + i, words) for i in range(inputs)]
         started = time.monotonic()
         try:
-            reply = await client.post("/v1/embeddings", json={"model": "textgen", "input": texts})
+            reply = await client.post("/v1/embeddings", json={"model": OPENAI_MODEL, "input": texts})
             ok = reply.status_code == 200
             tokens = int(reply.json()["usage"]["prompt_tokens"]) if ok else 0
         except (httpx.HTTPError, ValueError, KeyError):

@@ -399,4 +399,4 @@ class EngineLimits:
     # that prefills it, so embeddings keep moving while every generation slot is taken.
     embedding_slots: int = 8
     # While streams decode, embedding inputs may add about this fraction to a decode step's time (measured).
-    embedding_step_share: float = 0.1
+    embedding_step_share: float = 0.05
