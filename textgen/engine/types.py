@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from textgen.errors import DeadlineExceededError, EngineError, GenerationCancelledError, TextGenError
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 
 MIN_SAMPLING_TEMPERATURE = 1e-4
+ResultT = TypeVar("ResultT")
 
 
 class Priority(enum.IntEnum):
@@ -97,8 +98,24 @@ class SamplingParams:
         return max(0, min(budget, limit))
 
 
+class _HasDeadline:
+    """A request's deadline from its ``timeout_s`` and ``arrived_at`` (generation and embedding alike)."""
+
+    timeout_s: float | None
+    arrived_at: float
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout_s is None else self.arrived_at + self.timeout_s
+
+    def expired(self, now: float | None = None) -> bool:
+        """Past its deadline (the one check both engines use)."""
+        deadline = self.deadline
+        return deadline is not None and (time.monotonic() if now is None else now) > deadline
+
+
 @dataclass
-class GenerationRequest:
+class GenerationRequest(_HasDeadline):
     """``prompt`` is the text to continue; with ``prompt_ids`` (a prompt given as token ids) the engine
     uses those ids as they are and ``prompt`` is only their decoded text (for logs)."""
 
@@ -111,15 +128,6 @@ class GenerationRequest:
     # params.constraint compiled for the engine's tokenizer (by GenerationService, before submitting).
     grammar: CompiledGrammar | None = None
     prompt_ids: tuple[int, ...] | None = None
-
-    @property
-    def deadline(self) -> float | None:
-        return None if self.timeout_s is None else self.arrived_at + self.timeout_s
-
-    def expired(self, now: float | None = None) -> bool:
-        """Past its deadline (the one check both engines use)."""
-        deadline = self.deadline
-        return deadline is not None and (time.monotonic() if now is None else now) > deadline
 
 
 @dataclass(frozen=True)
@@ -172,20 +180,12 @@ class GenerationResult:
     prompt_logprobs: tuple[PromptLogprob, ...] | None = None
 
 
-class Handle:
-    """The caller's side of one submitted request. Created and resolved on the event loop."""
+class _Pending(Generic[ResultT]):
+    """What every handle shares: the result future, the cancel flag the engine's thread reads and the
+    deadline timer. Created and resolved on the event loop."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
-        self.request = request
-        self._loop = loop
-        self._future: asyncio.Future[GenerationResult] = loop.create_future()
-        self._chunks: list[str] = []
-        self._progress = asyncio.Event()
-        # When params.logprobs is set: one entry per generated token, appended by the engine's thread
-        # before the token's text is published (so a stream consumer finds them already there).
-        self.token_logprobs: list[LogprobEntry] = []
-        # When params.prompt_logprobs is set: the prompt's entries, set by the engine at admission.
-        self.prompt_logprobs: list[PromptLogprob] | None = None
+    def __init__(self, request: _HasDeadline, loop: asyncio.AbstractEventLoop) -> None:
+        self._future: asyncio.Future[ResultT] = loop.create_future()
         # Read by the inference thread every step; a plain Event is the cheap cross-thread flag.
         self._cancelled = threading.Event()
         # The deadline is answered by a timer on the event loop, not when the engine next looks: a step
@@ -203,16 +203,58 @@ class Handle:
     def done(self) -> bool:
         return self._future.done()
 
-    @property
-    def text_so_far(self) -> str:
-        return "".join(self._chunks)
-
     def cancel(self) -> None:
         """Ask the engine to drop this request; it leaves the batch within one step."""
         self._cancelled.set()
 
-    async def result(self) -> GenerationResult:
+    async def result(self) -> ResultT:
         return await asyncio.shield(self._future)
+
+    def finish(self, result: ResultT | None, error: BaseException | None = None) -> None:
+        """The request ended, with a result or an error; later calls are ignored (call on the event loop)."""
+        if self._future.done():
+            return
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        if error is not None:
+            self._future.set_exception(error)
+            # Nobody may be awaiting (a stream consumer already left): mark the exception retrieved.
+            self._future.exception()
+        else:
+            assert result is not None
+            self._future.set_result(result)
+        self._finished()
+
+    def _finished(self) -> None:
+        """Hook: the future was just resolved."""
+
+    def _expire(self) -> None:
+        """The deadline passed: answer 504 now; the engine drops the work at its next step."""
+        self._deadline_timer = None
+        if not self._future.done():
+            self._cancelled.set()
+            self.finish(None, DeadlineExceededError())
+
+
+class Handle(_Pending[GenerationResult]):
+    """The caller's side of one submitted request. Created and resolved on the event loop."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(request, loop)
+        self.request = request
+        self._loop = loop
+        self._chunks: list[str] = []
+        self._progress = asyncio.Event()
+        # When params.logprobs is set: one entry per generated token, appended by the engine's thread
+        # before the token's text is published (so a stream consumer finds them already there).
+        self.token_logprobs: list[LogprobEntry] = []
+        # When params.prompt_logprobs is set: the prompt's entries, set by the engine at admission.
+        self.prompt_logprobs: list[PromptLogprob] | None = None
+
+    @property
+    def text_so_far(self) -> str:
+        return "".join(self._chunks)
 
     async def stream(self) -> AsyncIterator[str]:
         """Yield text deltas as they are produced (replaying any produced before the call)."""
@@ -235,35 +277,15 @@ class Handle:
             self._chunks.append(delta)
             self._progress.set()
 
-    def finish(self, result: GenerationResult | None, error: BaseException | None = None) -> None:
-        """The request ended, with a result or an error; later calls are ignored."""
-        if self._future.done():
-            return
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-            self._deadline_timer = None
-        if error is not None:
-            self._future.set_exception(error)
-            # Nobody may be awaiting (a stream consumer already left): mark the exception retrieved.
-            self._future.exception()
-        else:
-            assert result is not None
-            self._future.set_result(result)
+    def _finished(self) -> None:
         self._progress.set()
 
     def fail_cancelled(self) -> None:
         self.finish(None, GenerationCancelledError())
 
-    def _expire(self) -> None:
-        """The deadline passed: answer 504 now; the engine drops the sequence at its next step."""
-        self._deadline_timer = None
-        if not self._future.done():
-            self._cancelled.set()
-            self.finish(None, DeadlineExceededError())
-
 
 @dataclass
-class EmbeddingRequest:
+class EmbeddingRequest(_HasDeadline):
     """Prefill-only work: each input (token ids, already checked against the vocabulary and the context by
     the service) is run through the model once and comes back as its pooled, L2-normalised final hidden
     state. Nothing is sampled; the inputs leave the batch after the step that prefills them."""
@@ -272,14 +294,6 @@ class EmbeddingRequest:
     request_id: str = ""
     timeout_s: float | None = None
     arrived_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def deadline(self) -> float | None:
-        return None if self.timeout_s is None else self.arrived_at + self.timeout_s
-
-    def expired(self, now: float | None = None) -> bool:
-        deadline = self.deadline
-        return deadline is not None and (time.monotonic() if now is None else now) > deadline
 
     @property
     def total_tokens(self) -> int:
@@ -295,53 +309,14 @@ class EmbeddingResult:
     timings: RequestTimings
 
 
-class EmbeddingHandle:
+class EmbeddingHandle(_Pending[EmbeddingResult]):
     """The caller's side of one embedding request (``Handle`` without streaming). Created and resolved on
-    the event loop; the engine's thread reads ``cancel_requested`` and resolves it through ``finish``."""
+    the event loop; the engine's thread reads ``cancel_requested`` and resolves it through ``finish``;
+    inputs not yet prefilled when it is cancelled are skipped."""
 
     def __init__(self, request: EmbeddingRequest, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(request, loop)
         self.request = request
-        self._future: asyncio.Future[EmbeddingResult] = loop.create_future()
-        self._cancelled = threading.Event()
-        self._deadline_timer: asyncio.TimerHandle | None = None
-        deadline = request.deadline
-        if deadline is not None:
-            self._deadline_timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire)
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancelled.is_set()
-
-    @property
-    def done(self) -> bool:
-        return self._future.done()
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this request; inputs not yet prefilled are skipped."""
-        self._cancelled.set()
-
-    async def result(self) -> EmbeddingResult:
-        return await asyncio.shield(self._future)
-
-    def finish(self, result: EmbeddingResult | None, error: BaseException | None = None) -> None:
-        """The request ended, with a result or an error; later calls are ignored (call on the event loop)."""
-        if self._future.done():
-            return
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-            self._deadline_timer = None
-        if error is not None:
-            self._future.set_exception(error)
-            self._future.exception()  # nobody may be awaiting any more: mark it retrieved
-        else:
-            assert result is not None
-            self._future.set_result(result)
-
-    def _expire(self) -> None:
-        self._deadline_timer = None
-        if not self._future.done():
-            self._cancelled.set()
-            self.finish(None, DeadlineExceededError())
 
 
 class Engine(Protocol):
