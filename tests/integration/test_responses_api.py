@@ -26,6 +26,7 @@ from tests.integration.test_jobs import LONG_JOB, poll_job, submit
 from tests.support.app import open_app, tiny_settings
 from tests.support.redis import RedisServer
 from tests.support.tiny_model import build_tokenizer
+from tests.support.tools import TIME, WEATHER
 from tests.support.waiting import wait_until
 from textgen.services.openai import render_chat_prompt
 from textgen.services.requests import ChatMessage
@@ -399,21 +400,6 @@ async def test_unknown_ids_are_404_in_openais_shape(api: Api) -> None:
 
 # ----- tools (the chat path's tool calling, in the Responses shapes) -----------------------------------
 
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-TIME = {
-    "type": "object",
-    "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}},
-    "required": ["zone"],
-    "additionalProperties": False,
-}
 TOOLS: list[Any] = [
     {
         "type": "function",

@@ -25,6 +25,7 @@ from tests.integration.test_batches import ALICE, batch_settings, content, ended
 from tests.integration.test_openai_api import assert_openai_error, post_ok, stream_chunks
 from tests.support.app import open_app, tiny_settings
 from tests.support.batch_files import chat_line, parse_batch_output
+from tests.support.tools import TIME, WEATHER
 from textgen.services.openai import render_chat_prompt
 from textgen.services.requests import ChatCompletionRequest
 from textgen.services.tools import tool_plan
@@ -32,21 +33,6 @@ from textgen.services.tools import tool_plan
 Api = tuple[httpx.AsyncClient, FastAPI]
 CHAT = "/v1/chat/completions"
 
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-TIME = {
-    "type": "object",
-    "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}},
-    "required": ["zone"],
-    "additionalProperties": False,
-}
 TOOLS = [
     {
         "type": "function",
