@@ -88,6 +88,7 @@ class AppState:
         if self.drain_task is not None:
             return
         self.shutting_down = True
+        self.runner.stop_claiming()
         logger.info("Shutting down: returning running jobs to the queue, draining requests")
         self.drain_task = asyncio.get_running_loop().create_task(self._drain(), name="textgen-drain")
 

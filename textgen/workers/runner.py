@@ -154,9 +154,14 @@ class JobRunner:
         if self._webhooks is not None:
             self._webhooks.start()
 
+    def stop_claiming(self) -> None:
+        """Claim nothing more from now on (shutdown calls this at once: ``stop`` is awaited only after the
+        batch coordinator has stopped, and the poll loop must not claim a job in between)."""
+        self._stopping = True
+
     async def stop(self) -> None:
         """Stop claiming, cancel running jobs and deliveries here and hand them back to the store."""
-        self._stopping = True
+        self.stop_claiming()
         await self.loop.stop()
         if self._webhooks is not None:
             await self._webhooks.stop()
