@@ -23,6 +23,8 @@ import torch
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     PreTrainedModel,
@@ -68,8 +70,10 @@ FAMILIES = {
     "llama": Family("llama", LlamaForCausalLM, LlamaConfig),
     "llama3-rope": Family("llama", LlamaForCausalLM, LlamaConfig, {"rope_parameters": LLAMA3_ROPE}),
     "llama-yarn": Family("llama", LlamaForCausalLM, LlamaConfig, {"rope_parameters": YARN_ROPE}),
+    # Mistral 7B v0.1's window (4,096) is wider than the default slot (2,048 positions); here 64 = the slot
+    "mistral": Family("llama", MistralForCausalLM, MistralConfig, {"sliding_window": 64}),
     "qwen2": Family("qwen2", Qwen2ForCausalLM, Qwen2Config),
-    "qwen3": Family("qwen3", Qwen3ForCausalLM, Qwen3Config, {"head_dim": 16}),
+    "qwen3": Family("qwen3", Qwen3ForCausalLM, Qwen3Config, {"head_dim": 32}),  # as Qwen3: D != E / Hq
     "phi3": Family("phi3", Phi3ForCausalLM, Phi3Config),
     "phi3-longrope": Family(
         "phi3", Phi3ForCausalLM, Phi3Config, {"rope_parameters": LONGROPE, "original_max_position_embeddings": 64}
@@ -79,7 +83,7 @@ SCALED_ROPE = ["llama3-rope", "llama-yarn", "phi3-longrope"]
 
 
 def tiny(name: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
-    """A 2-layer model of the family (E=64, 4 query heads over 2 KV heads, D=16), every weight random."""
+    """A 2-layer model of the family (E=64, 4 query heads over 2 KV heads, D=16 unless set), every weight random."""
     family = FAMILIES[name]
     config = family.config_class(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
