@@ -1,6 +1,6 @@
-"""Each architecture module of the own core (Llama with its rope scalings, Qwen2, Qwen3, Phi-3) against
-transformers in float32 on tiny random configs built here, the fused bf16 step on each, the registry's
-choice and reasons, and the start-up log.
+"""Each architecture module of the own core (Llama with its rope scalings, Mistral, Qwen2, Qwen3, Phi-3)
+against transformers in float32 on tiny random configs (tests/support/tiny_families.py), the fused bf16
+step on each, the registry's choice and reasons, and the start-up log.
 
 Tolerance: the float32 core computes what transformers computes, in the same order for the most part;
 logits agree within 1e-4 (absolute and relative; the tiny models' logits reach ~4) and greedy tokens are
@@ -13,27 +13,15 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Phi3Config,
-    Phi3ForCausalLM,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from transformers import PreTrainedModel
 
+from tests.support.tiny_families import FAMILIES, VOCAB, save_tiny_family, tiny
 from textgen.engine.core import CoreOptions, build_core
 from textgen.engine.core.decoder import DecodeCore, architecture_for
 from textgen.engine.core.fused import FusedKernels, load_fused_kernels
@@ -43,64 +31,9 @@ from textgen.engine.core.weights import LinearFactory, WeightPlan
 from textgen.loader import LoadedModel
 
 ATOL = RTOL = 1e-4
-VOCAB = 128
 STEPS = 10
 PROMPTS = [[5, 17, 23, 9, 41, 3, 88, 12], [7, 7, 60], [11, 2, 90, 33, 8, 21, 64, 70, 12, 19, 1, 45, 99, 30]]
-LLAMA3_ROPE = {
-    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
-YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
-# Phi-3-mini-128k's kind: per-frequency factors, the short ones up to original_max_position_embeddings.
-LONGROPE = {
-    "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.25 * i for i in range(8)],
-    "long_factor": [4.0 + i for i in range(8)],
-}
-
-
-@dataclass(frozen=True)
-class Family:
-    module: str  # the architecture module expected to run it
-    model_class: type[PreTrainedModel]
-    config_class: type[Any]
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-FAMILIES = {
-    "llama": Family("llama", LlamaForCausalLM, LlamaConfig),
-    "llama3-rope": Family("llama", LlamaForCausalLM, LlamaConfig, {"rope_parameters": LLAMA3_ROPE}),
-    "llama-yarn": Family("llama", LlamaForCausalLM, LlamaConfig, {"rope_parameters": YARN_ROPE}),
-    # Mistral 7B v0.1's window (4,096) is wider than the default slot (2,048 positions); here 64 = the slot
-    "mistral": Family("llama", MistralForCausalLM, MistralConfig, {"sliding_window": 64}),
-    "qwen2": Family("qwen2", Qwen2ForCausalLM, Qwen2Config),
-    "qwen3": Family("qwen3", Qwen3ForCausalLM, Qwen3Config, {"head_dim": 32}),  # as Qwen3: D != E / Hq
-    "phi3": Family("phi3", Phi3ForCausalLM, Phi3Config),
-    "phi3-longrope": Family(
-        "phi3", Phi3ForCausalLM, Phi3Config, {"rope_parameters": LONGROPE, "original_max_position_embeddings": 64}
-    ),
-}
 SCALED_ROPE = ["llama3-rope", "llama-yarn", "phi3-longrope"]
-
-
-def tiny(name: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
-    """A 2-layer model of the family (E=64, 4 query heads over 2 KV heads, D=16 unless set), every weight random."""
-    family = FAMILIES[name]
-    config = family.config_class(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.15,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-        **{**family.options, **overrides},
-    )
-    torch.manual_seed(seed)
-    model: PreTrainedModel = family.model_class(config)
-    model.train(False)
-    with torch.no_grad():
-        for name_, param in model.named_parameters():
-            if "norm" in name_:
-                param.copy_(1.0 + 0.3 * torch.randn_like(param))
-            elif name_.endswith("bias"):
-                param.copy_(0.3 * torch.randn_like(param))
-    return model
 
 
 def core_of(
@@ -327,11 +260,16 @@ def test_the_start_up_log_names_the_core_and_why(caplog: pytest.LogCaptureFixtur
         assert core.name == "textgen-qwen3"
         windowed = tiny("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0)
         assert isinstance(build_core(loaded_model(windowed), options), TransformersCore)
+        forced = CoreOptions(core="transformers", slots=2, positions=32)
+        assert isinstance(build_core(loaded_model(tiny("phi3")), forced), TransformersCore)
     messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Model core:")]
     assert messages[0].startswith("Model core: textgen-qwen3 (model type 'qwen3' runs on the qwen3 module); weights")
     assert messages[1] == (
         "Model core: transformers (model type 'qwen2': the qwen2 module cannot run sliding-window attention "
         "(16 < 32 positions per slot))"
+    )
+    assert messages[2] == (
+        "Model core: transformers (TEXTGEN_CORE=transformers, though model type 'phi3' runs on the phi3 module)"
     )
 
 
@@ -339,18 +277,12 @@ def test_the_start_up_log_names_the_core_and_why(caplog: pytest.LogCaptureFixtur
 async def test_the_scheduler_gives_transformers_greedy_text_on_each_family(name: str, tmp_path: Path) -> None:
     """Saved and loaded like a user's folder (the tiny GPT-2's tokenizer), served batched by the engine on the
     textgen core: the same greedy text as on the transformers core."""
-    from tests.support.tiny_model import build_tokenizer
     from textgen.config import load_settings
     from textgen.engine.scheduler import BatchedEngine
     from textgen.engine.types import EngineLimits, GenerationRequest, SamplingParams
     from textgen.loader import load_model
 
-    tokenizer = build_tokenizer()
-    tiny_model = tiny(name)
-    tiny_model.resize_token_embeddings(len(tokenizer))
-    tiny_model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    loaded = load_model(load_settings(model=str(tmp_path), dtype="float32"))
+    loaded = load_model(load_settings(model=str(save_tiny_family(tmp_path, name)), dtype="float32"))
     prompts = ["The quick brown fox", "Once upon a time there was a robot who learned to paint", "Hi"]
     params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
     texts = {}

@@ -108,7 +108,7 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
     if options.core == "transformers" or arch is None:
         if options.core == "textgen":
             raise ConfigError(f"TEXTGEN_CORE=textgen cannot run this model ({reason}); use TEXTGEN_CORE=auto.")
-        why = reason if arch is None else "TEXTGEN_CORE=transformers"
+        why = reason if arch is None else f"TEXTGEN_CORE=transformers, though {reason}"
         if options.weights not in ("auto", "float"):
             raise ConfigError(
                 f"TEXTGEN_WEIGHTS={options.weights} needs the textgen core, which cannot run this model "
