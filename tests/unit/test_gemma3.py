@@ -184,7 +184,8 @@ def test_fused_attention_normalises_heads_and_slides_its_window(kernels: FusedKe
     qkv = torch.randn(length, (heads + 2 * kv_heads) * dim, generator=generator).bfloat16()
     angle = torch.arange(64)[:, None] * (1.0 / 10000 ** (torch.arange(dim // 2) * 2 / dim))[None, :]
     cos, sin = torch.cat([angle, angle], 1).cos().bfloat16(), torch.cat([angle, angle], 1).sin().bfloat16()
-    q_norm, k_norm = (1 + torch.rand(dim, generator=generator)).bfloat16(), torch.rand(dim, generator=generator).bfloat16()
+    q_norm = (1 + torch.rand(dim, generator=generator)).bfloat16()
+    k_norm = torch.rand(dim, generator=generator).bfloat16()
     keys = torch.zeros(1, kv_heads, 48, dim, dtype=torch.bfloat16)
     values = torch.zeros_like(keys)
     want_keys, want_values = keys.clone(), values.clone()
