@@ -53,11 +53,16 @@ FAMILIES = {
     "llama": Family("llama", LlamaForCausalLM, LlamaConfig),
     "llama3-rope": Family("llama", LlamaForCausalLM, LlamaConfig, {"rope_parameters": LLAMA3_ROPE}),
     "llama-yarn": Family("llama", LlamaForCausalLM, LlamaConfig, {"rope_parameters": YARN_ROPE}),
-    # Mistral 7B v0.1's window (4,096) is wider than the default slot (2,048 positions); here 64 = the slot
-    "mistral": Family("llama", MistralForCausalLM, MistralConfig, {"sliding_window": 64}),
+    # Windows narrower than the tests' prompts plus their generated tokens (Phi-3-mini-4k's is 2,047)
+    "mistral": Family("llama", MistralForCausalLM, MistralConfig, {"sliding_window": 8}),
     "qwen2": Family("qwen2", Qwen2ForCausalLM, Qwen2Config),
+    "qwen2-window": Family(
+        "qwen2", Qwen2ForCausalLM, Qwen2Config,
+        {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0},  # every layer slides
+    ),
     "qwen3": Family("qwen3", Qwen3ForCausalLM, Qwen3Config, {"head_dim": 32}),  # as Qwen3: D != E / Hq
     "phi3": Family("phi3", Phi3ForCausalLM, Phi3Config),
+    "phi3-window": Family("phi3", Phi3ForCausalLM, Phi3Config, {"sliding_window": 8}),
     "phi3-longrope": Family(
         "phi3", Phi3ForCausalLM, Phi3Config, {"rope_parameters": LONGROPE, "original_max_position_embeddings": 64}
     ),

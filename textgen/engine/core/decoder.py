@@ -1,4 +1,5 @@
-"""The decode core: one of the architecture modules (Llama, Qwen2, Qwen3, Phi-3, GPT-2) over a slot KV cache.
+"""The decode core: one of the architecture modules (Llama, Qwen2, Qwen3, Phi-3, Gemma 3, GPT-2) over a slot
+KV cache.
 
 It only computes logits for the slots it is given; who runs, when, and for how long is the
 scheduler's business (``engine/scheduler.py``).
@@ -13,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+import textgen.engine.core.gemma3 as gemma3
 import textgen.engine.core.gpt2 as gpt2
 import textgen.engine.core.llama as llama
 import textgen.engine.core.phi3 as phi3
@@ -82,6 +84,10 @@ ARCHITECTURES = (
     _rotary_decoder("qwen2", qwen2),
     _rotary_decoder("qwen3", qwen3),
     _rotary_decoder("phi3", phi3),
+    Architecture(
+        "gemma3", gemma3.MODEL_TYPES, lambda model, _positions: gemma3.unsupported_reason(model), gemma3.build,
+        gemma3.forward, gemma3.step_fused, gemma3.fused_supported,
+    ),
     Architecture("gpt2", gpt2.MODEL_TYPES, gpt2.unsupported_reason, gpt2.build, gpt2.forward),
 )
 MODULES = {model_type: arch for arch in ARCHITECTURES for model_type in arch.model_types}

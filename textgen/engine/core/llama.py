@@ -1,6 +1,6 @@
-"""The Llama family (Llama 2 and 3.x, SmolLM, Mistral) as a few pure functions, and the decoder that the
-other rotary families build on (``qwen2.py``, ``qwen3.py``, ``phi3.py``: each maps its checkpoint onto
-``LlamaWeights`` and states what it cannot run).
+"""The Llama family (Llama 2 and 3.x, SmolLM, Mistral with its sliding window) as a few pure functions, and
+the decoder that the other rotary families build on (``qwen2.py``, ``qwen3.py``, ``phi3.py``: each maps its
+checkpoint onto ``LlamaWeights`` and states what it cannot run).
 
 Weights are taken from the loaded transformers model, with the query/key/value and gate/up
 projections fused so each layer runs four matrix products. Shapes: N tokens, E hidden size,
@@ -39,8 +39,11 @@ class LlamaLayer:
     mlp_norm: torch.Tensor  # [E]
     gate_up: Linear  # E -> 2F
     down: Linear  # F -> E
-    # Qwen3: RMSNorm of each query and key head before the rotary, weights per head [Hq + Hkv, D]; else None
+    # Qwen3: RMSNorm of each query and key head before the rotary, else None: the weights per head
+    # [Hq + Hkv, D] (the PyTorch path), and the query and key weights [D] (fused.c's attention applies them)
     qk_norm: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
 
 
 @dataclass
@@ -55,6 +58,7 @@ class LlamaWeights:
     kv_heads: int
     head_dim: int
     eps: float
+    window: int = 0  # Mistral's sliding window: positions each token attends to; 0 = all
 
     @property
     def scale(self) -> float:
@@ -71,7 +75,7 @@ def unsupported_reason(model: PreTrainedModel, positions: int) -> str | None:
 
 def decoder_reason(config: PreTrainedConfig, positions: int) -> str | None:
     """What the shared decoder cannot do (every family's check ends here): dynamic rotary angles, a
-    sliding window narrower than a slot, MLP biases, another activation."""
+    window narrower than a slot on some layers only, MLP biases, another activation."""
     rope = rope_parameters(config)
     rope_type = rope.get("rope_type")
     if rope_type == "longrope":
@@ -87,9 +91,9 @@ def decoder_reason(config: PreTrainedConfig, positions: int) -> str | None:
     if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
         return "partial rotary embedding"
     window = sliding_window(config)
-    if window is not None and window < positions:
-        # A window at least as wide as a slot never hides a position: plain causal attention is exact.
-        return f"sliding-window attention ({window} < {positions} positions per slot)"
+    if window is not None and window < positions and not every_layer_slides(config):
+        # One window for every layer is an attention argument; a mix (Qwen2's max_window_layers) is not.
+        return f"sliding-window attention on some layers only ({window} < {positions} positions per slot)"
     if getattr(config, "mlp_bias", False):
         return "MLP biases"
     if getattr(config, "hidden_act", "silu") != "silu":
@@ -111,6 +115,18 @@ def sliding_window(config: PreTrainedConfig) -> int | None:
     if layer_types is not None and "sliding_attention" not in layer_types:
         return None  # Qwen2/3: the window is configured, but no layer uses it
     return int(window)
+
+
+def every_layer_slides(config: PreTrainedConfig) -> bool:
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types is None or all(kind == "sliding_attention" for kind in layer_types)
+
+
+def attention_window(config: PreTrainedConfig, positions: int) -> int:
+    """The window every layer attends within (Mistral, Phi-3-mini-4k: the last ``sliding_window`` positions,
+    the token's own included), or 0 where it never hides a position of a slot this long."""
+    window = sliding_window(config)
+    return window if window is not None and window < positions and every_layer_slides(config) else 0
 
 
 LayerBuilder = Callable[[Any, str, LinearFactory, torch.dtype], LlamaLayer]
@@ -157,6 +173,7 @@ def assemble(
         kv_heads=kv_heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         eps=float(config.rms_norm_eps),
+        window=attention_window(config, positions),
     )
 
 
@@ -212,7 +229,7 @@ def forward(w: LlamaWeights, tokens: torch.Tensor, positions: torch.Tensor, atte
             norm_heads(qkv, layer.qk_norm, w.heads + w.kv_heads, w.head_dim, w.eps)
         qk = apply_rotary(qkv[:, : q_width + kv_width].view(n, w.heads + w.kv_heads, w.head_dim), cos, sin)
         v = qkv[:, q_width + kv_width :].view(n, w.kv_heads, w.head_dim)
-        x = x + layer.out(attention(index, qk[:, : w.heads], qk[:, w.heads :], v))
+        x = x + layer.out(attention(index, qk[:, : w.heads], qk[:, w.heads :], v, w.window))
         h = rms_norm(x, layer.mlp_norm, w.eps)
         gate, up = layer.gate_up(h).chunk(2, dim=-1)  # [N, F] each
         x = x + layer.down(F.silu(gate) * up)
@@ -250,10 +267,11 @@ def _step_float(
     for index, layer in enumerate(w.layers):
         fused.add_rms_norm(x, delta, layer.attn_norm, h, w.eps)
         qkv = layer.qkv(h)  # [B, (Hq + 2 Hkv) D]
-        if layer.qk_norm is not None:
-            norm_heads(qkv, layer.qk_norm, w.heads + w.kv_heads, w.head_dim, w.eps)
         keys, values = cache.keys[index], cache.values[index]
-        fused.rotary_cache_attention(qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale)
+        fused.rotary_cache_attention(
+            qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale, window=w.window,
+            q_norm=layer.q_norm, k_norm=layer.k_norm, norm_eps=w.eps,
+        )
         fused.add_rms_norm(x, layer.out(attended), layer.mlp_norm, h, w.eps)
         gate_up = layer.gate_up(h)  # [B, 2F]
         activated = x.new_empty(x.shape[0], gate_up.shape[1] // 2)
@@ -281,10 +299,11 @@ def _step_w8a8(
         into_qkv = fused.residual_norm_quantize(x, pending, layer.attn_norm, w.eps, qkv_k)
         assert into_qkv is not None
         qkv = qkv_k.rescale(qkv_k.product(into_qkv), into_qkv, torch.bfloat16)  # [N, (Hq + 2 Hkv) D]
-        if layer.qk_norm is not None:
-            norm_heads(qkv, layer.qk_norm, w.heads + w.kv_heads, w.head_dim, w.eps)
         keys, values = cache.keys[index], cache.values[index]
-        fused.rotary_cache_attention(qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale)
+        fused.rotary_cache_attention(
+            qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale, window=w.window,
+            q_norm=layer.q_norm, k_norm=layer.k_norm, norm_eps=w.eps,
+        )
         into_out = fused.quantize_rows(attended, out_k.outliers)
         into_gate_up = fused.residual_norm_quantize(
             x, (out_k.product(into_out), into_out, out_k), layer.mlp_norm, w.eps, gate_up_k

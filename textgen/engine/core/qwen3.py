@@ -1,7 +1,7 @@
 """Qwen3 (dense): the Llama decoder with an RMSNorm over each query and key head before the rotary.
 
-The two norms' weights are kept as one [Hq + Hkv, D] table, so one call normalises every head of a step's
-fused qkv output in place, in the PyTorch path and in front of fused.c's rotary attention alike. Qwen3's
+In the PyTorch path the two norms' weights are one [Hq + Hkv, D] table, so one call normalises every head of
+a step's fused qkv output in place; fused.c's rotary attention normalises each head as it rotates it. Qwen3's
 attention has no biases by default (``attention_bias``); where a checkpoint has them they travel with qkv.
 """
 
@@ -33,7 +33,11 @@ def build(model: PreTrainedModel, make: LinearFactory, dtype: torch.dtype, posit
 
     def layer_of(layer: Any, prefix: str, make: LinearFactory, dtype: torch.dtype) -> LlamaLayer:
         attn = layer.self_attn
-        qk_norm = llama.per_head_norms(attn.q_norm, attn.k_norm, heads, kv_heads, dtype)
-        return dataclasses.replace(llama.separate_projections(layer, prefix, make, dtype), qk_norm=qk_norm)
+        return dataclasses.replace(
+            llama.separate_projections(layer, prefix, make, dtype),
+            qk_norm=llama.per_head_norms(attn.q_norm, attn.k_norm, heads, kv_heads, dtype),
+            q_norm=llama.layer_weight(attn.q_norm, dtype),
+            k_norm=llama.layer_weight(attn.k_norm, dtype),
+        )
 
     return llama.assemble(model, make, dtype, positions, layer_of)
