@@ -58,7 +58,7 @@ class LlamaWeights:
     kv_heads: int
     head_dim: int
     eps: float
-    window: int = 0  # Mistral's sliding window: positions each token attends to; 0 = all
+    window: int = 0  # one sliding window for every layer (Mistral, Phi-3-mini-4k): positions attended; 0 = all
 
     @property
     def scale(self) -> float:
