@@ -13,8 +13,9 @@ knows which core runs:
 * ``slots_in_order()``: the order in which ``decode`` runs without copying the cache;
 * ``score(tokens) -> logits [L, V]``: every position of one sequence (prompt log-probabilities, echo).
 
-``build_core`` picks the decode core of this package for the Llama family and GPT-2 (``decoder.py``)
-and the transformers core (``hf.py``) for anything else.
+``build_core`` picks the decode core of this package where an architecture module of ``decoder.py``'s
+registry runs the model (Llama, Mistral, Qwen2, Qwen3, Phi-3, GPT-2) and the transformers core
+(``hf.py``) for anything else; the start-up log names the core and why.
 """
 
 from __future__ import annotations
@@ -103,16 +104,17 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
     if loaded.weights_released:
         raise EngineError("This model's weights were released to a running core; load the model again.")
     capacity = min(options.positions, loaded.context_length or options.positions)
-    arch, reason = architecture_for(loaded.model)
+    arch, reason = architecture_for(loaded.model, capacity)
     if options.core == "transformers" or arch is None:
         if options.core == "textgen":
             raise ConfigError(f"TEXTGEN_CORE=textgen cannot run this model ({reason}); use TEXTGEN_CORE=auto.")
+        why = reason if arch is None else f"TEXTGEN_CORE=transformers, though {reason}"
         if options.weights not in ("auto", "float"):
             raise ConfigError(
                 f"TEXTGEN_WEIGHTS={options.weights} needs the textgen core, which cannot run this model "
-                f"({reason or 'TEXTGEN_CORE=transformers'}); use TEXTGEN_WEIGHTS=auto."
+                f"({why}); use TEXTGEN_WEIGHTS=auto."
             )
-        logger.info("Model core: transformers (%s)", reason or "TEXTGEN_CORE=transformers")
+        logger.info("Model core: transformers (%s)", why)
         return TransformersCore(loaded.model, int(loaded.tokenizer.pad_token_id), options.slots, capacity)
     blocks = gguf_int4_blocks(loaded, arch.name, options)
     fused, fused_off = fused_kernels_for(options, loaded.device)
@@ -144,9 +146,10 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         core.set_plan(refine_crossover(plan, core.time_decode_steps, options.slots, cache_file, key))
     info = core.describe()
     logger.info(
-        "Model core: %s; weights %s (%.0f MiB); KV cache %d slots x %d positions "
+        "Model core: %s (%s); weights %s (%.0f MiB); KV cache %d slots x %d positions "
         "(%.0f MiB reserved, touched as used); fused decode kernels %s%s",
         info["core"],
+        reason,
         info["weights"],
         info["weights_bytes"] / 2**20,
         info["slots"],

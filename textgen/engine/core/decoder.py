@@ -1,4 +1,5 @@
-"""The decode core: one of the architecture modules (Llama family, GPT-2) over a slot KV cache.
+"""The decode core: one of the architecture modules (Llama, Qwen2, Qwen3, Phi-3, Gemma 3, GPT-2) over a slot
+KV cache.
 
 It only computes logits for the slots it is given; who runs, when, and for how long is the
 scheduler's business (``engine/scheduler.py``).
@@ -13,8 +14,12 @@ from typing import Any, Protocol
 
 import torch
 
+import textgen.engine.core.gemma3 as gemma3
 import textgen.engine.core.gpt2 as gpt2
 import textgen.engine.core.llama as llama
+import textgen.engine.core.phi3 as phi3
+import textgen.engine.core.qwen2 as qwen2
+import textgen.engine.core.qwen3 as qwen3
 from textgen.engine.core.fused import FusedKernels
 from textgen.engine.core.kv_cache import SlotKVCache
 from textgen.engine.core.layers import Attention, DecodeAttention, MixedAttention, PrefillAttention
@@ -53,8 +58,10 @@ class ModelWeights(Protocol):
 
 @dataclass(frozen=True)
 class Architecture:
-    name: str
-    unsupported_reason: Callable[[Any], str | None]
+    name: str  # the core is called textgen-<name>
+    model_types: tuple[str, ...]  # transformers' config.model_type values the module reads
+    # why the module cannot run this model in slots of so many positions (None: it can)
+    unsupported_reason: Callable[[Any, int], str | None]
     build: Callable[..., ModelWeights]
     forward: Callable[[Any, torch.Tensor, torch.Tensor, Attention], torch.Tensor]
     # A model step through fused.c (weights, tokens, positions, cache rows, cache, kernels), and when it applies
@@ -63,23 +70,44 @@ class Architecture:
     fused_supported: Callable[[Any, int, int], bool] | None = None
 
 
+def _rotary_decoder(name: str, module: Any) -> Architecture:
+    """A family over llama.py's decoder: its own checks and weight mapping, the shared forward and fused step."""
+    return Architecture(
+        name, module.MODEL_TYPES, module.unsupported_reason, module.build, llama.forward, llama.step_fused,
+        llama.fused_supported,
+    )
+
+
+# The registry: one entry per architecture module, found by the checkpoint's model type.
 ARCHITECTURES = (
+    _rotary_decoder("llama", llama),
+    _rotary_decoder("qwen2", qwen2),
+    _rotary_decoder("qwen3", qwen3),
+    _rotary_decoder("phi3", phi3),
     Architecture(
-        "llama", llama.unsupported_reason, llama.build, llama.forward, llama.step_fused, llama.fused_supported
+        "gemma3", gemma3.MODEL_TYPES, lambda model, _positions: gemma3.unsupported_reason(model), gemma3.build,
+        gemma3.forward, gemma3.step_fused, gemma3.fused_supported,
     ),
-    Architecture("gpt2", gpt2.unsupported_reason, gpt2.build, gpt2.forward),
+    Architecture("gpt2", gpt2.MODEL_TYPES, gpt2.unsupported_reason, gpt2.build, gpt2.forward),
 )
+MODULES = {model_type: arch for arch in ARCHITECTURES for model_type in arch.model_types}
 
 
-def architecture_for(model: Any) -> tuple[Architecture | None, str]:
-    """The module that can run this model, or None and why not (for the start-up log)."""
-    reasons = []
-    for arch in ARCHITECTURES:
-        reason = arch.unsupported_reason(model)
-        if reason is None:
-            return arch, ""
-        reasons.append(reason)
-    return None, reasons[0]
+def architecture_for(model: Any, positions: int | None = None) -> tuple[Architecture | None, str]:
+    """The module that runs this model in slots of ``positions`` positions (default: its whole context), and
+    why; or None and why not. The reason is for the start-up log, which says which core runs and why."""
+    config = model.config
+    model_type = str(getattr(config, "model_type", ""))
+    arch = MODULES.get(model_type)
+    if arch is None:
+        known = ", ".join(sorted(MODULES))
+        return None, f"model type {model_type!r} has no textgen module (textgen runs {known})"
+    if positions is None:
+        positions = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 2048)
+    reason = arch.unsupported_reason(model, positions)
+    if reason is not None:
+        return None, f"model type {model_type!r}: the {arch.name} module cannot run {reason}"
+    return arch, f"model type {model_type!r} runs on the {arch.name} module"
 
 
 class DecodeCore:

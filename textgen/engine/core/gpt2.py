@@ -50,7 +50,7 @@ class Gpt2Weights:
         return math.pow(self.head_dim, -0.5)  # as head_dim**-0.5, typed
 
 
-def unsupported_reason(model: PreTrainedModel) -> str | None:
+def unsupported_reason(model: PreTrainedModel, positions: int) -> str | None:
     config = model.config
     if config.model_type not in MODEL_TYPES:
         return f"model type {config.model_type!r}"

@@ -1,4 +1,6 @@
-"""The Llama family (Llama, SmolLM2, Mistral and Qwen2 style checkpoints) as a few pure functions.
+"""The Llama family (Llama 2 and 3.x, SmolLM, Mistral with its sliding window) as a few pure functions, and
+the decoder that the other rotary families build on (``qwen2.py``, ``qwen3.py``, ``phi3.py``: each maps its
+checkpoint onto ``LlamaWeights`` and states what it cannot run).
 
 Weights are taken from the loaded transformers model, with the query/key/value and gate/up
 projections fused so each layer runs four matrix products. Shapes: N tokens, E hidden size,
@@ -8,11 +10,13 @@ Hq / Hkv heads, D head size, F intermediate size.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 
 import textgen.engine.core.fused as fused_limits
 from textgen.engine.core.fused import FusedKernels, Quantized
@@ -21,8 +25,10 @@ from textgen.engine.core.layers import Attention, apply_rotary, rms_norm, rotary
 from textgen.engine.core.linear import Linear, W8A8Kernel
 from textgen.engine.core.weights import LinearFactory
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
-STATIC_ROPE = ("default", "linear", "llama3", None)
+MODEL_TYPES = ("llama", "mistral")
+# Rotary variants whose angles depend on the position alone (transformers computes them once); "dynamic"
+# rescales with the sequence's length. "longrope" is static up to original_max_position_embeddings.
+STATIC_ROPE = ("default", "linear", "llama3", "yarn", None)
 
 
 @dataclass
@@ -33,6 +39,11 @@ class LlamaLayer:
     mlp_norm: torch.Tensor  # [E]
     gate_up: Linear  # E -> 2F
     down: Linear  # F -> E
+    # Qwen3: RMSNorm of each query and key head before the rotary, else None: the weights per head
+    # [Hq + Hkv, D] (the PyTorch path), and the query and key weights [D] (fused.c's attention applies them)
+    qk_norm: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
 
 
 @dataclass
@@ -47,23 +58,42 @@ class LlamaWeights:
     kv_heads: int
     head_dim: int
     eps: float
+    window: int = 0  # one sliding window for every layer (Mistral, Phi-3-mini-4k): positions attended; 0 = all
 
     @property
     def scale(self) -> float:
         return math.pow(self.head_dim, -0.5)  # as head_dim**-0.5, typed
 
 
-def unsupported_reason(model: PreTrainedModel) -> str | None:
+def unsupported_reason(model: PreTrainedModel, positions: int) -> str | None:
+    """Why this module cannot run the model in slots of ``positions`` positions (None: it can)."""
     config = model.config
     if config.model_type not in MODEL_TYPES:
         return f"model type {config.model_type!r}"
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type") not in STATIC_ROPE:
-        return f"rope type {rope.get('rope_type')!r}"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        window = int(config.sliding_window)
-        if window < config.max_position_embeddings:
-            return f"sliding-window attention ({window})"
+    return decoder_reason(config, positions)
+
+
+def decoder_reason(config: PreTrainedConfig, positions: int) -> str | None:
+    """What the shared decoder cannot do (every family's check ends here): dynamic rotary angles, a
+    window narrower than a slot on some layers only, MLP biases, another activation."""
+    rope = rope_parameters(config)
+    rope_type = rope.get("rope_type")
+    if rope_type == "longrope":
+        original = int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
+        if positions > original:
+            # transformers switches every position to the long factors once a sequence passes this length
+            return (
+                f"longrope beyond its original {original} positions (slots of {positions}: lower "
+                "TEXTGEN_MAX_PROMPT_TOKENS + TEXTGEN_MAX_NEW_TOKENS_LIMIT to at most that)"
+            )
+    elif rope_type not in STATIC_ROPE:
+        return f"rope type {rope_type!r}"
+    if float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        return "partial rotary embedding"
+    window = sliding_window(config)
+    if window is not None and window < positions and not every_layer_slides(config):
+        # One window for every layer is an attention argument; a mix (Qwen2's max_window_layers) is not.
+        return f"sliding-window attention on some layers only ({window} < {positions} positions per slot)"
     if getattr(config, "mlp_bias", False):
         return "MLP biases"
     if getattr(config, "hidden_act", "silu") != "silu":
@@ -71,30 +101,67 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     return None
 
 
+def rope_parameters(config: PreTrainedConfig) -> dict[str, Any]:
+    found = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return dict(found)
+
+
+def sliding_window(config: PreTrainedConfig) -> int | None:
+    """The narrowest attention window any layer uses, None where every layer attends to all positions."""
+    window = getattr(config, "sliding_window", None)
+    if not window or not getattr(config, "use_sliding_window", True):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None  # Qwen2/3: the window is configured, but no layer uses it
+    return int(window)
+
+
+def every_layer_slides(config: PreTrainedConfig) -> bool:
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types is None or all(kind == "sliding_attention" for kind in layer_types)
+
+
+def attention_window(config: PreTrainedConfig, positions: int) -> int:
+    """The window every layer attends within (Mistral, Phi-3-mini-4k: the last ``sliding_window`` positions,
+    the token's own included), or 0 where it never hides a position of a slot this long."""
+    window = sliding_window(config)
+    return window if window is not None and window < positions and every_layer_slides(config) else 0
+
+
+LayerBuilder = Callable[[Any, str, LinearFactory, torch.dtype], LlamaLayer]
+
+
 def build(model: PreTrainedModel, make: LinearFactory, dtype: torch.dtype, positions: int) -> LlamaWeights:
+    return assemble(model, make, dtype, positions, separate_projections)
+
+
+def separate_projections(layer: Any, prefix: str, make: LinearFactory, dtype: torch.dtype) -> LlamaLayer:
+    """A layer with q/k/v and gate/up as separate linear modules (Llama, Mistral, Qwen2, Qwen3), fused here."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return LlamaLayer(
+        attn_norm=layer_weight(layer.input_layernorm, dtype),
+        qkv=make(
+            [prefix + "self_attn.q_proj", prefix + "self_attn.k_proj", prefix + "self_attn.v_proj"],
+            [attn.q_proj, attn.k_proj, attn.v_proj],
+        ),
+        out=make([prefix + "self_attn.o_proj"], [attn.o_proj]),
+        mlp_norm=layer_weight(layer.post_attention_layernorm, dtype),
+        gate_up=make([prefix + "mlp.gate_proj", prefix + "mlp.up_proj"], [mlp.gate_proj, mlp.up_proj]),
+        down=make([prefix + "mlp.down_proj"], [mlp.down_proj]),
+    )
+
+
+def assemble(
+    model: PreTrainedModel, make: LinearFactory, dtype: torch.dtype, positions: int, layer_of: LayerBuilder
+) -> LlamaWeights:
+    """The decoder's weights: each layer as ``layer_of`` maps it, then the parts every family shares
+    (embeddings, final norm, output layer, rotary tables)."""
     config = model.config
     base = model.model
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    layers = []
-    for index, layer in enumerate(base.layers):
-        prefix = f"model.layers.{index}."
-        attn, mlp = layer.self_attn, layer.mlp
-        layers.append(
-            LlamaLayer(
-                attn_norm=layer.input_layernorm.weight.detach().to(dtype),
-                qkv=make(
-                    [prefix + "self_attn.q_proj", prefix + "self_attn.k_proj", prefix + "self_attn.v_proj"],
-                    [attn.q_proj, attn.k_proj, attn.v_proj],
-                ),
-                out=make([prefix + "self_attn.o_proj"], [attn.o_proj]),
-                mlp_norm=layer.post_attention_layernorm.weight.detach().to(dtype),
-                gate_up=make([prefix + "mlp.gate_proj", prefix + "mlp.up_proj"], [mlp.gate_proj, mlp.up_proj]),
-                down=make([prefix + "mlp.down_proj"], [mlp.down_proj]),
-            )
-        )
-    rotary = base.rotary_emb
-    cos, sin = rotary_tables(rotary.inv_freq, positions, float(getattr(rotary, "attention_scaling", 1.0)), dtype)
+    layers = [layer_of(layer, f"model.layers.{index}.", make, dtype) for index, layer in enumerate(base.layers)]
+    cos, sin = rope_tables(model, positions, dtype)
     return LlamaWeights(
         embed=base.embed_tokens.weight.detach().to(dtype),
         layers=layers,
@@ -104,9 +171,49 @@ def build(model: PreTrainedModel, make: LinearFactory, dtype: torch.dtype, posit
         sin=sin.to(model.device),
         heads=heads,
         kv_heads=kv_heads,
-        head_dim=head_dim,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         eps=float(config.rms_norm_eps),
+        window=attention_window(config, positions),
     )
+
+
+def rope_tables(model: PreTrainedModel, positions: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos, sin [positions, D] as transformers computes them for sequences up to ``positions`` long.
+
+    Its rotary module holds the frequencies with any static scaling (linear, llama3, yarn) applied, and
+    the factor that yarn and longrope multiply cos and sin by. For longrope these are the short factors
+    (what transformers uses up to the original context; unsupported_reason refuses longer slots); its
+    ``inv_freq`` holds the long ones once a longer sequence went through the transformers model."""
+    rotary = model.model.rotary_emb
+    short = rope_parameters(model.config).get("rope_type") == "longrope"
+    inv_freq = rotary.original_inv_freq if short else rotary.inv_freq
+    return rotary_tables(inv_freq, positions, float(getattr(rotary, "attention_scaling", 1.0)), dtype)
+
+
+def layer_weight(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return weight.detach().to(dtype)
+
+
+def per_head_norms(
+    q_norm: torch.nn.Module, k_norm: torch.nn.Module, heads: int, kv_heads: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The query and key norms' weights [D] repeated per head: [Hq + Hkv, D], one norm call for both."""
+    q, k = layer_weight(q_norm, dtype), layer_weight(k_norm, dtype)
+    return torch.cat([q.expand(heads, -1), k.expand(kv_heads, -1)])
+
+
+def norm_heads(qkv: torch.Tensor, weight: torch.Tensor, heads: int, head_dim: int, eps: float) -> None:
+    """RMSNorm of each query and key head of qkv [N, (Hq + 2 Hkv) D], in place; weight [Hq + Hkv, D] in
+    qkv's dtype. As transformers computes it: normalised in float32, rounded to the model's dtype, then
+    times the weight."""
+    n = qkv.shape[0]
+    qk = qkv[:, : heads * head_dim].view(n, heads, head_dim)  # heads here: Hq + Hkv
+    normed = qk.float()
+    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True).add_(eps))
+    qk.copy_(normed.to(qkv.dtype).mul_(weight))
 
 
 def forward(w: LlamaWeights, tokens: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
@@ -118,9 +225,11 @@ def forward(w: LlamaWeights, tokens: torch.Tensor, positions: torch.Tensor, atte
     for index, layer in enumerate(w.layers):
         h = rms_norm(x, layer.attn_norm, w.eps)
         qkv = layer.qkv(h)  # [N, (Hq + 2 Hkv) D]
+        if layer.qk_norm is not None:
+            norm_heads(qkv, layer.qk_norm, w.heads + w.kv_heads, w.head_dim, w.eps)
         qk = apply_rotary(qkv[:, : q_width + kv_width].view(n, w.heads + w.kv_heads, w.head_dim), cos, sin)
         v = qkv[:, q_width + kv_width :].view(n, w.kv_heads, w.head_dim)
-        x = x + layer.out(attention(index, qk[:, : w.heads], qk[:, w.heads :], v))
+        x = x + layer.out(attention(index, qk[:, : w.heads], qk[:, w.heads :], v, w.window))
         h = rms_norm(x, layer.mlp_norm, w.eps)
         gate, up = layer.gate_up(h).chunk(2, dim=-1)  # [N, F] each
         x = x + layer.down(F.silu(gate) * up)
@@ -159,7 +268,10 @@ def _step_float(
         fused.add_rms_norm(x, delta, layer.attn_norm, h, w.eps)
         qkv = layer.qkv(h)  # [B, (Hq + 2 Hkv) D]
         keys, values = cache.keys[index], cache.values[index]
-        fused.rotary_cache_attention(qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale)
+        fused.rotary_cache_attention(
+            qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale, window=w.window,
+            q_norm=layer.q_norm, k_norm=layer.k_norm, norm_eps=w.eps,
+        )
         fused.add_rms_norm(x, layer.out(attended), layer.mlp_norm, h, w.eps)
         gate_up = layer.gate_up(h)  # [B, 2F]
         activated = x.new_empty(x.shape[0], gate_up.shape[1] // 2)
@@ -188,7 +300,10 @@ def _step_w8a8(
         assert into_qkv is not None
         qkv = qkv_k.rescale(qkv_k.product(into_qkv), into_qkv, torch.bfloat16)  # [N, (Hq + 2 Hkv) D]
         keys, values = cache.keys[index], cache.values[index]
-        fused.rotary_cache_attention(qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale)
+        fused.rotary_cache_attention(
+            qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale, window=w.window,
+            q_norm=layer.q_norm, k_norm=layer.k_norm, norm_eps=w.eps,
+        )
         into_out = fused.quantize_rows(attended, out_k.outliers)
         into_gate_up = fused.residual_norm_quantize(
             x, (out_k.product(into_out), into_out, out_k), layer.mlp_norm, w.eps, gate_up_k
