@@ -67,7 +67,18 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
     cache_dir: Path = Field(Path.home() / ".cache" / "textgen", description="Converted bundled weights.")
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads of every model step, fixed (TEXTGEN_ADAPTIVE_THREADS then has no effect); "
+        "default: sized to the free cores.",
+    )
+    adaptive_threads: bool = Field(
+        True,
+        description="Size each model step's threads to the cores other processes leave free (re-measured every "
+        "0.5 s from /proc/stat), so --workers N or a busy neighbour share the cores instead of stalling each "
+        "other; false: every step uses all cores.",
+    )
     warmup: bool = Field(True, description="Run one short batched generation before /ready turns 200.")
 
     # Engine

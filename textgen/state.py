@@ -21,7 +21,7 @@ from textgen.access import (
 from textgen.backends import Backends, build_backends
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
-from textgen.engine import Engine, create_engine
+from textgen.engine import Engine, cores_from_settings, create_engine
 from textgen.errors import InsufficientStorageError, NotReadyError, StoreUnavailableError
 from textgen.generation import GenerationService, StreamSlots
 from textgen.jobs.store import JobState, JobStore
@@ -150,7 +150,10 @@ async def build_state(
     await backends.open()
     try:
         model = await run_in_own_thread(lambda: model_loader(settings), name="textgen-load")
-        engine = create_engine(settings, model)
+        # One CoreShare per process: every engine built here must share it (textgen.cpu_share).
+        cores = cores_from_settings(settings)
+        logger.info("Model step threads: %s; %d usable cores", cores.describe(), cores.sizer.cores)
+        engine = create_engine(settings, model, cores)
         await engine.start()
     except BaseException:
         await backends.close()
