@@ -8,13 +8,13 @@ a single server to ~3 tok/s: each team's second thread shares a core with someon
 time, and the whole team waits for it at every barrier.
 
 How many threads: measured, not guessed (``ThreadSizer``). At most every ``interval_s`` the step's thread
-reads the machine's busy time (``/proc/stat``: user, nice, system, irq, softirq, steal) and this
-process's own CPU time; the difference is what the other processes used, in cores. A step then uses the
-cores they leave free, rounded down with a little headroom, at least one and at most the cores this
-process may run on (its affinity mask and cgroup quota). Two busy workers each see the other using about
-one core and settle at one thread each; when one goes idle, the other sees the cores free and takes them
-all within one interval. A neighbour keeping one core busy leaves a server one thread, which the kernel
-runs on the free core. ``TEXTGEN_TORCH_THREADS`` fixes the count instead.
+reads the busy time of the cores this process may run on (``/proc/stat``: user, nice, system, irq,
+softirq, steal) and this process's own CPU time; the difference is what the other processes used, in
+cores. A step then uses the cores they leave free, rounded down with a little headroom, at least one
+and at most the cores this process may run on (its affinity mask and cgroup quota). Two busy workers
+each see the other using about one core and settle at one thread each; when one goes idle, the other
+sees the cores free and takes them all within one interval. A neighbour keeping one core busy leaves a
+server one thread, which the kernel runs on the free core. ``TEXTGEN_TORCH_THREADS`` fixes the count.
 
 Whose turn (``CoreShare.turn``): several engines in one process (several models) take turns, one step at
 a time, so only one OpenMP team works at once. The next turn goes to the waiting engine that has used the
@@ -61,27 +61,48 @@ class CpuReading:
 CpuProbe = Callable[[], CpuReading | None]
 
 
-def read_proc_stat(path: Path = Path("/proc/stat")) -> float | None:
-    """The machine's cumulative busy CPU seconds over all cores; None where /proc/stat cannot be read."""
+def read_proc_stat(path: Path = Path("/proc/stat"), cpus: frozenset[int] | None = None) -> float | None:
+    """The cumulative busy CPU seconds of ``cpus`` (their ``cpuN`` lines; None: the machine's aggregate
+    line); None where /proc/stat cannot be read. Only the cores this process may run on matter: on a
+    machine whose other cores belong to other cpusets, their load is no neighbour of ours."""
     try:
-        with path.open("rb") as stat:
-            line = stat.readline().split()
+        text = path.read_bytes()
     except OSError:
         return None
-    if len(line) < 9 or line[0] != b"cpu":
+    total = 0
+    counted = 0
+    for line in text.splitlines():
+        if not line.startswith(b"cpu"):
+            break  # the cpu lines come first
+        fields = line.split()
+        name = fields[0][3:]
+        if (cpus is None) != (name == b""):
+            continue
+        if cpus is not None and (not name.isdigit() or int(name) not in cpus):
+            continue
+        if len(fields) < 9:
+            return None
+        try:
+            total += sum(int(fields[1 + field]) for field in BUSY_FIELDS)
+        except ValueError:
+            return None
+        counted += 1
+    if counted == 0:
         return None
-    try:
-        ticks = [int(line[1 + field]) for field in BUSY_FIELDS]
-    except ValueError:
-        return None
-    return sum(ticks) / os.sysconf("SC_CLK_TCK")
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-def proc_stat_probe() -> CpuReading | None:
-    busy = read_proc_stat()
-    if busy is None:
-        return None
-    return CpuReading(wall_s=time.monotonic(), machine_busy_s=busy, own_s=time.process_time())
+def proc_stat_probe(cpus: frozenset[int] | None = None) -> CpuProbe:
+    """A probe of the cores in ``cpus`` (default: this process's affinity mask when the probe is made)."""
+    watched = cpus if cpus is not None else frozenset(os.sched_getaffinity(0))
+
+    def probe() -> CpuReading | None:
+        busy = read_proc_stat(cpus=watched)
+        if busy is None:
+            return None
+        return CpuReading(wall_s=time.monotonic(), machine_busy_s=busy, own_s=time.process_time())
+
+    return probe
 
 
 def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
@@ -125,7 +146,7 @@ class ThreadSizer:
         cores: int,
         *,
         fixed: int | None = None,
-        probe: CpuProbe | None = proc_stat_probe,
+        probe: CpuProbe | None = None,
         interval_s: float = INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -133,7 +154,7 @@ class ThreadSizer:
             raise ValueError("cores and fixed threads must be >= 1")
         self.cores = cores
         self.fixed = fixed
-        self._probe = probe if fixed is None else None
+        self._probe = (probe or proc_stat_probe()) if fixed is None else None
         self._interval_s = interval_s
         self._clock = clock
         self._last: CpuReading | None = None

@@ -5,6 +5,7 @@ leave free, and engines in one process take turns fairly by the core time they u
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from textgen.cpu_share import (
     CpuReading,
     ThreadSizer,
     Turns,
+    proc_stat_probe,
     read_proc_stat,
     threads_for,
     usable_cores,
@@ -111,19 +113,27 @@ def test_a_fixed_count_never_reads_the_machine() -> None:
 def test_proc_stat_busy_time_counts_everything_but_idle_and_iowait(tmp_path: Path) -> None:
     stat = tmp_path / "stat"
     # user nice system idle iowait irq softirq steal guest guest_nice (in clock ticks)
-    stat.write_text("cpu  100 10 50 9000 300 5 5 30 0 0\ncpu0 1 2 3\n")
-    import os
-
-    assert read_proc_stat(stat) == pytest.approx(200 / os.sysconf("SC_CLK_TCK"))
+    stat.write_text(
+        "cpu  160 10 70 9000 300 5 5 30 0 0\n"
+        "cpu0 100 10 50 4500 300 5 5 30 0 0\n"
+        "cpu1 60 0 20 4500 0 0 0 0 0 0\n"
+        "intr 1 2 3\n"
+    )
+    tick = os.sysconf("SC_CLK_TCK")
+    assert read_proc_stat(stat) == pytest.approx(280 / tick)  # the aggregate line
+    assert read_proc_stat(stat, frozenset({0})) == pytest.approx(200 / tick)  # only the cores we may use
+    assert read_proc_stat(stat, frozenset({0, 1})) == pytest.approx(280 / tick)
+    assert read_proc_stat(stat, frozenset({7})) is None
     stat.write_text("intr 1 2 3\n")
     assert read_proc_stat(stat) is None
+    stat.write_text("cpu  1 2\n")
+    assert read_proc_stat(stat) is None
     assert read_proc_stat(tmp_path / "missing") is None
-    assert read_proc_stat() is not None  # this machine's own
+    assert read_proc_stat(cpus=frozenset(os.sched_getaffinity(0))) is not None  # this machine's own
+    assert proc_stat_probe()() is not None
 
 
 def test_usable_cores_honour_a_cgroup_quota(tmp_path: Path) -> None:
-    import os
-
     affinity = len(os.sched_getaffinity(0))
     assert usable_cores(tmp_path) == affinity  # no cpu.max file
     (tmp_path / "cpu.max").write_text("max 100000\n")
