@@ -143,6 +143,9 @@ class BenchError(RuntimeError):
 class LoadConfig:
     max_new_tokens: int
     request_timeout_s: float
+    # Fields added to every request body: llama-cpp-python's server has no ignore_eos, but min_tokens
+    # keeps it generating to max_tokens too.
+    extra_fields: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(slots=True)
@@ -625,9 +628,12 @@ async def send_stream(client: httpx.AsyncClient, path: str, payload: Mapping[str
     return result_from_stream(events, time.perf_counter() - start)
 
 
-async def send_request(client: httpx.AsyncClient, mode: str, index: int, max_new_tokens: int) -> RequestResult:
-    """The index-th request of ``mode``, classified."""
+async def send_request(
+    client: httpx.AsyncClient, mode: str, index: int, max_new_tokens: int, extra: tuple[tuple[str, Any], ...] = ()
+) -> RequestResult:
+    """The index-th request of ``mode`` (with the ``extra`` fields), classified."""
     path, payload = build_request(mode, index, max_new_tokens)
+    payload.update(extra)
     if mode == Mode.STREAM:
         return await send_stream(client, path, payload)
     start = time.perf_counter()
@@ -655,7 +661,7 @@ async def warm_up(base_url: str, config: LoadConfig, label: str, modes: Sequence
         for mode in modes:
             prefix = f"[{label}/{mode}]"
             for index in range(WARMUP_REQUESTS):
-                result = await send_request(client, mode, index, config.max_new_tokens)
+                result = await send_request(client, mode, index, config.max_new_tokens, config.extra_fields)
                 if result.outcome is not Outcome.COMPLETED:
                     raise BenchError(f"{prefix} warm-up request {index + 1} {result.outcome}: {result.error}")
                 LOG.info("%s warm-up %d/%d: %.2fs", prefix, index + 1, WARMUP_REQUESTS, result.latency_s)
@@ -688,7 +694,7 @@ async def closed_loop(
 
     async def worker(client: httpx.AsyncClient) -> None:
         while (index := next(counter)) < total:
-            results.append(await send_request(client, mode, index, config.max_new_tokens))
+            results.append(await send_request(client, mode, index, config.max_new_tokens, config.extra_fields))
 
     async with make_client(base_url, concurrency, config.request_timeout_s) as client:
         start = time.perf_counter()
@@ -881,6 +887,8 @@ def bench_llama_cpp(args: argparse.Namespace, config: LoadConfig, out_dir: Path,
                 raise server_failure(server, f"/v1/models not 200 after {args.startup_timeout:.0f}s")
         run.servers[args.compare_label] = {"server": "llama-cpp-python", "threads": str(args.compare_threads),
                                            "model": gguf.name}  # fmt: skip
+        # Its server has no ignore_eos: min_tokens holds the end-of-sequence token back up to max_tokens.
+        config = dataclasses.replace(config, extra_fields=(("min_tokens", config.max_new_tokens),))
         asyncio.run(run_levels(server.base_url, args.compare_label, [Mode.OPENAI.value], args, config, server, run))
     finally:
         stop_server(server)
