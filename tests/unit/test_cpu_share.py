@@ -295,3 +295,14 @@ async def test_two_engines_of_one_process_take_turns_on_one_share(
     assert results[0].text == results[2].text  # greedy, the same model: the turns changed nothing
     assert all(turns.steps >= 12 for turns in (engines[0]._turns, engines[1]._turns) if turns is not None)
     assert sorted(name for name, _ in applied) == ["textgen-engine", "textgen-engine"]  # once per engine thread
+
+
+def test_the_policy_from_the_settings() -> None:
+    cores = usable_cores()
+    fixed = CoreShare.for_process(torch_threads=3, adaptive=True)
+    assert fixed.describe() == "3 (fixed)" and fixed.stats()["threads"] == 3 and fixed.stats()["adaptive"] is False
+    everything = CoreShare.for_process(torch_threads=None, adaptive=False)
+    assert everything.describe() == f"{cores} (fixed)"
+    adaptive = CoreShare.for_process(torch_threads=None, adaptive=True)
+    assert adaptive.sizer.adaptive and adaptive.describe().startswith(f"sized to the free cores (1-{cores}")
+    assert adaptive.stats() == {"cores": cores, "threads": cores, "adaptive": True, "others_busy_cores": 0.0}
