@@ -14,7 +14,10 @@ cores. A step then uses the cores they leave free, rounded down with a little he
 and at most the cores this process may run on (its affinity mask and cgroup quota). Two busy workers
 each see the other using about one core and settle at one thread each; when one goes idle, the other
 sees the cores free and takes them all within one interval. A neighbour keeping one core busy leaves a
-server one thread, which the kernel runs on the free core. ``TEXTGEN_TORCH_THREADS`` fixes the count.
+server one thread, which the kernel runs on the free core. When the others want more than every core
+(their usage, or the run queue where this process may use every core), nothing can be left free and a step
+takes all cores: its threads then get their fair share of the CPU like everyone else's.
+``TEXTGEN_TORCH_THREADS`` fixes the count.
 
 Whose turn (``CoreShare.turn``): several engines in one process (several models) take turns, one step at
 a time, so only one OpenMP team works at once. The next turn goes to the waiting engine that has used the
@@ -42,6 +45,14 @@ INTERVAL_S = 0.5  # how often the machine's load is re-read (one read costs tens
 # Free cores are rounded down after adding this: a core that others keep 60% busy is not worth a thread
 # (the team would wait for it at every barrier), one they use 30% of is.
 HEADROOM = 0.35
+# When the other processes want more than every core (a run queue longer than the machine), there is
+# nothing to leave free: a step then takes all cores, and its threads get their fair share of CPU time
+# like everyone's (measured on this machine at a load average of 11-15: one thread per step got half the
+# throughput of two). Saturation is entered when the others' demand reaches cores + SATURATED_ENTER and
+# left below cores - SATURATED_LEAVE, so a demand near the line does not flip the count every interval.
+SATURATED_ENTER = 0.5
+SATURATED_LEAVE = 0.25
+RUNNABLE_SMOOTHING = 0.3  # weight of each new run-queue sample (an instantaneous count, so noisy)
 # /proc/stat's aggregate line: user nice system idle iowait irq softirq steal guest guest_nice. Busy is
 # everything but idle and iowait (guest time is inside user already); steal is time the hypervisor gave
 # another machine, so unavailable to us as well.
@@ -56,25 +67,32 @@ class CpuReading:
     wall_s: float
     machine_busy_s: float
     own_s: float
+    runnable: int | None = None  # threads running or ready to run on the machine now (procs_running)
 
 
 CpuProbe = Callable[[], CpuReading | None]
 
 
-def read_proc_stat(path: Path = Path("/proc/stat"), cpus: frozenset[int] | None = None) -> float | None:
+def read_proc_stat(path: Path = Path("/proc/stat"), cpus: frozenset[int] | None = None) -> tuple[float, int] | None:
     """The cumulative busy CPU seconds of ``cpus`` (their ``cpuN`` lines; None: the machine's aggregate
-    line); None where /proc/stat cannot be read. Only the cores this process may run on matter: on a
-    machine whose other cores belong to other cpusets, their load is no neighbour of ours."""
+    line) and the machine's run queue (``procs_running``); None where /proc/stat cannot be read. Only the
+    cores this process may run on matter: on a machine whose other cores belong to other cpusets, their
+    load is no neighbour of ours."""
     try:
         text = path.read_bytes()
     except OSError:
         return None
     total = 0
     counted = 0
+    runnable = -1
     for line in text.splitlines():
-        if not line.startswith(b"cpu"):
-            break  # the cpu lines come first
         fields = line.split()
+        if not fields:
+            continue
+        if fields[0] == b"procs_running" and len(fields) == 2 and fields[1].isdigit():
+            runnable = int(fields[1])
+        if not fields[0].startswith(b"cpu"):
+            continue
         name = fields[0][3:]
         if (cpus is None) != (name == b""):
             continue
@@ -89,18 +107,26 @@ def read_proc_stat(path: Path = Path("/proc/stat"), cpus: frozenset[int] | None 
         counted += 1
     if counted == 0:
         return None
-    return total / os.sysconf("SC_CLK_TCK")
+    return total / os.sysconf("SC_CLK_TCK"), runnable
 
 
 def proc_stat_probe(cpus: frozenset[int] | None = None) -> CpuProbe:
-    """A probe of the cores in ``cpus`` (default: this process's affinity mask when the probe is made)."""
+    """A probe of the cores in ``cpus`` (default: this process's affinity mask when the probe is made). The
+    run queue is machine-wide, so it is used only where this process may run on every core."""
     watched = cpus if cpus is not None else frozenset(os.sched_getaffinity(0))
+    whole_machine = len(watched) >= (os.cpu_count() or 0)
 
     def probe() -> CpuReading | None:
-        busy = read_proc_stat(cpus=watched)
-        if busy is None:
+        found = read_proc_stat(cpus=watched)
+        if found is None:
             return None
-        return CpuReading(wall_s=time.monotonic(), machine_busy_s=busy, own_s=time.process_time())
+        busy, runnable = found
+        return CpuReading(
+            wall_s=time.monotonic(),
+            machine_busy_s=busy,
+            own_s=time.process_time(),
+            runnable=runnable if whole_machine and runnable >= 0 else None,
+        )
 
     return probe
 
@@ -161,6 +187,8 @@ class ThreadSizer:
         self._next_read = 0.0
         self._threads = fixed or cores
         self.others_busy = 0.0  # cores the other processes used over the last interval
+        self.others_runnable = 0.0  # their threads wanting a core (smoothed run queue, less ours reading it)
+        self.saturated = False  # the others want every core: nothing to leave free
         self._last_logged = -math.inf
 
     @property
@@ -195,7 +223,13 @@ class ThreadSizer:
             return
         others = (reading.machine_busy_s - last.machine_busy_s - (reading.own_s - last.own_s)) / wall
         self.others_busy = max(0.0, others)
-        threads = threads_for(self.cores, self.others_busy)
+        if reading.runnable is not None:  # less the thread reading it, which is running
+            sample = max(0, reading.runnable - 1)
+            self.others_runnable += RUNNABLE_SMOOTHING * (sample - self.others_runnable)
+        demand = max(self.others_busy, self.others_runnable)
+        line = self.cores - SATURATED_LEAVE if self.saturated else self.cores + SATURATED_ENTER
+        self.saturated = demand >= line
+        threads = self.cores if self.saturated else threads_for(self.cores, self.others_busy)
         if threads != self._threads:
             self._log_change(self._threads, threads)
             self._threads = threads
@@ -207,11 +241,14 @@ class ThreadSizer:
             self._last_logged = now
         logger.log(
             level,
-            "Model steps now use %d of %d cores' threads (was %d): other processes kept %.1f cores busy",
+            "Model steps now use %d of %d cores' threads (was %d): other processes kept %.1f cores busy, "
+            "%.1f of their threads wanting a core%s",
             after,
             self.cores,
             before,
             self.others_busy,
+            self.others_runnable,
+            " (more than the machine has: a fair share of every core)" if self.saturated else "",
         )
 
 
@@ -321,10 +358,13 @@ class CoreShare:
                 self._condition.notify_all()
 
     def stats(self) -> dict[str, float | int | bool]:
+        """The policy and what it saw last (for logs and metrics)."""
         sizer = self.sizer
         return {
             "cores": sizer.cores,
             "threads": sizer.current,
             "adaptive": sizer.adaptive,
             "others_busy_cores": round(sizer.others_busy, 2),
+            "others_runnable": round(sizer.others_runnable, 2),
+            "saturated": sizer.saturated,
         }

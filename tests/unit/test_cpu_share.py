@@ -118,19 +118,53 @@ def test_proc_stat_busy_time_counts_everything_but_idle_and_iowait(tmp_path: Pat
         "cpu0 100 10 50 4500 300 5 5 30 0 0\n"
         "cpu1 60 0 20 4500 0 0 0 0 0 0\n"
         "intr 1 2 3\n"
+        "procs_running 7\n"
     )
     tick = os.sysconf("SC_CLK_TCK")
-    assert read_proc_stat(stat) == pytest.approx(280 / tick)  # the aggregate line
-    assert read_proc_stat(stat, frozenset({0})) == pytest.approx(200 / tick)  # only the cores we may use
-    assert read_proc_stat(stat, frozenset({0, 1})) == pytest.approx(280 / tick)
+    assert read_proc_stat(stat) == (pytest.approx(280 / tick), 7)  # the aggregate line, the run queue
+    assert read_proc_stat(stat, frozenset({0})) == (pytest.approx(200 / tick), 7)  # only the cores we may use
+    assert read_proc_stat(stat, frozenset({0, 1})) == (pytest.approx(280 / tick), 7)
     assert read_proc_stat(stat, frozenset({7})) is None
+    stat.write_text("cpu  1 2 3 4 5 6 7 8 9 10\n")
+    assert read_proc_stat(stat) == (pytest.approx(27 / tick), -1)  # no run queue line
     stat.write_text("intr 1 2 3\n")
     assert read_proc_stat(stat) is None
     stat.write_text("cpu  1 2\n")
     assert read_proc_stat(stat) is None
     assert read_proc_stat(tmp_path / "missing") is None
     assert read_proc_stat(cpus=frozenset(os.sched_getaffinity(0))) is not None  # this machine's own
-    assert proc_stat_probe()() is not None
+    reading = proc_stat_probe()()
+    assert reading is not None and reading.runnable is not None and reading.runnable >= 1  # this thread
+
+
+def test_a_saturated_machine_gets_every_core_and_no_flapping() -> None:
+    """Others wanting more than every core: nothing to leave free, so a step takes all cores (a fair share
+    of each); it stays so until their demand falls clearly below the machine."""
+    clock = FakeClock()
+    machine = FakeMachine(clock)
+    runnable = [0]
+
+    def probe() -> CpuReading:
+        reading = machine.probe()
+        return CpuReading(reading.wall_s, reading.machine_busy_s, reading.own_s, runnable=runnable[0] + 1)
+
+    sizer = ThreadSizer(2, probe=probe, interval_s=0.5, clock=clock)
+    sizer.threads()
+    runnable[0] = 1  # one neighbour spinning: leave it its core
+    machine.advance(0.5, others=1.0, own=1.0)
+    assert sizer.threads() == 1 and not sizer.saturated
+    runnable[0] = 12  # a dozen threads want the two cores
+    for _ in range(3):
+        machine.advance(0.5, others=1.8, own=0.2)
+        sizer.threads()
+    assert sizer.saturated and sizer.current == 2
+    machine.advance(0.5, others=1.4, own=0.6)  # with two threads ours gets more: still saturated
+    assert sizer.threads() == 2
+    runnable[0] = 1
+    for _ in range(12):
+        machine.advance(0.5, others=1.0, own=1.0)
+        sizer.threads()
+    assert not sizer.saturated and sizer.current == 1
 
 
 def test_usable_cores_honour_a_cgroup_quota(tmp_path: Path) -> None:
@@ -305,4 +339,11 @@ def test_the_policy_from_the_settings() -> None:
     assert everything.describe() == f"{cores} (fixed)"
     adaptive = CoreShare.for_process(torch_threads=None, adaptive=True)
     assert adaptive.sizer.adaptive and adaptive.describe().startswith(f"sized to the free cores (1-{cores}")
-    assert adaptive.stats() == {"cores": cores, "threads": cores, "adaptive": True, "others_busy_cores": 0.0}
+    assert adaptive.stats() == {
+        "cores": cores,
+        "threads": cores,
+        "adaptive": True,
+        "others_busy_cores": 0.0,
+        "others_runnable": 0.0,
+        "saturated": False,
+    }
