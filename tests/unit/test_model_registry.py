@@ -11,12 +11,12 @@ from typing import Any, cast
 
 import pytest
 
+from tests.support.waiting import wait_until
 from textgen.engine.types import Engine, EngineStats
 from textgen.errors import DeadlineExceededError, ModelNotFoundError, ModelUnavailableError
 from textgen.generation import GenerationService
 from textgen.loader import LoadedModel
 from textgen.services.model_registry import ModelRegistry, ModelSpec, ModelState, Serving
-from tests.support.waiting import wait_until
 
 MiB = 2**20
 
