@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -35,7 +37,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from textgen.engine.types import Engine
+from textgen.engine.types import Engine, EngineStats
 from textgen.errors import DeadlineExceededError, ModelNotFoundError, ModelUnavailableError
 from textgen.generation import GenerationService
 from textgen.loader import LoadedModel
@@ -143,7 +145,8 @@ class ModelRegistry:
     memory_budget: int = 0  # bytes; 0: no budget
     clock: Callable[[], float] = time.monotonic
     cores: CoreSharing = field(default_factory=NoCoreSharing)
-    on_change: Callable[[str, ModelState, str], None] | None = None  # (model, new state, reason): metrics
+    on_change: Callable[[ModelEntry, str], None] | None = None  # (the model, why its state changed): metrics
+    created: int = field(default_factory=lambda: int(time.time()))  # the models' "created" in GET /v1/models
     entries: dict[str, ModelEntry] = field(init=False)
     _names: dict[str, str] = field(init=False)  # every name and alias -> the model's name
     _load_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
@@ -204,9 +207,13 @@ class ModelRegistry:
 
     # ----- start, stop -------------------------------------------------------------------------------
 
-    async def start(self) -> Serving:
-        """Load the default model (start-up waits for it and fails with its error), then watch for idle ones."""
-        serving = await self._load(self.default)
+    async def start(self, preloaded: Serving | None = None) -> Serving:
+        """Load the default model (start-up waits for it and fails with its error; ``preloaded``: it is
+        loaded already), then watch for idle ones."""
+        if preloaded is None:
+            serving = await self._load(self.default)
+        else:
+            serving = self._loaded(self.default, preloaded)
         if self.keep_alive_s >= 0 and len(self.entries) > 1:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_forever(), name="textgen-model-reaper")
         return serving
@@ -241,6 +248,24 @@ class ModelRegistry:
         finally:
             entry.leases -= 1
             entry.last_used = self.clock()
+
+    @contextlib.asynccontextmanager
+    async def service_for(
+        self, requested: str | None, timeout_s: float | None = None
+    ) -> AsyncIterator[GenerationService]:
+        """``use``, for callers that need only the model's generation service (the job runner)."""
+        async with self.use(requested, timeout_s) as serving:
+            yield serving.service
+
+    def engine_stats(self) -> EngineStats:
+        """Every loaded engine's queue lengths and throughput, summed (the /metrics gauges)."""
+        stats = [serving.engine.stats() for serving in self.loaded().values()]
+        return EngineStats(
+            running=sum(s.running for s in stats),
+            waiting_interactive=sum(s.waiting_interactive for s in stats),
+            waiting_background=sum(s.waiting_background for s in stats),
+            tokens_per_s=sum(s.tokens_per_s for s in stats),
+        )
 
     async def _ready(self, entry: ModelEntry, timeout_s: float | None) -> Serving:
         if entry.serving is not None and entry.state is ModelState.LOADED:
@@ -282,11 +307,7 @@ class ModelRegistry:
                     raise ModelUnavailableError(
                         f"The model {entry.name!r} failed to load: {entry.error}", retry_after_s=None
                     ) from error
-                entry.memory_bytes = self.measure(serving)
-                entry.serving, entry.error = serving, None
-                entry.loads += 1
-                entry.loaded_at, entry.last_used = time.time(), self.clock()
-                self._set_state(entry, ModelState.LOADED, "loaded")
+                self._loaded(entry, serving)
                 logger.info(
                     "Model %s loaded in %.1fs (%.0f MiB; %d model(s) loaded, %.0f MiB in all)",
                     entry.name,
@@ -295,11 +316,19 @@ class ModelRegistry:
                     len(self.loaded()),
                     self.used_bytes / 2**20,
                 )
-                self.cores.engines_changed({name: s.engine for name, s in self.loaded().items()})
                 await self._fit_after_load(entry)
                 return serving
         finally:
             entry.load_task = None
+
+    def _loaded(self, entry: ModelEntry, serving: Serving) -> Serving:
+        entry.memory_bytes = self.measure(serving)
+        entry.serving, entry.error = serving, None
+        entry.loads += 1
+        entry.loaded_at, entry.last_used = time.time(), self.clock()
+        self._set_state(entry, ModelState.LOADED, "loaded")
+        self.cores.engines_changed({name: s.engine for name, s in self.loaded().items()})
+        return serving
 
     async def _fit_after_load(self, entry: ModelEntry) -> None:
         """The measured size may exceed the estimate: unload idle models for it, or unload it again."""
@@ -309,9 +338,10 @@ class ModelRegistry:
         victims = self._victims(entry, over)
         if victims is None:
             measured = entry.memory_bytes or 0
-            await self._detach(entry, "over the memory budget", 0.0)
+            await self._detach(entry, "over_budget", 0.0, "measured larger than TEXTGEN_MODEL_MEMORY leaves")
             raise self._no_room(entry, measured)
-        await asyncio.gather(*(self._detach(v, "least recently used, for " + entry.name, 0.0) for v in victims))
+        why = f"least recently used, room for {entry.name}"
+        await asyncio.gather(*(self._detach(victim, "evicted", 0.0, why) for victim in victims))
 
     async def _make_room(self, entry: ModelEntry, needed: int) -> None:
         """Before a load: unload the least recently used idle models until ``needed`` bytes fit in the
@@ -325,7 +355,9 @@ class ModelRegistry:
         if victims is None:
             raise self._no_room(entry, needed)
         # All are taken out of service before any await, so none is handed to a request meanwhile.
-        closing = [self._detach(victim, "least recently used, for " + entry.name, 0.0) for victim in victims]
+        closing = [
+            self._detach(victim, "evicted", 0.0, f"least recently used, room for {entry.name}") for victim in victims
+        ]
         await asyncio.gather(*closing)
 
     def _victims(self, entry: ModelEntry, over: int) -> list[ModelEntry] | None:
@@ -365,14 +397,14 @@ class ModelRegistry:
 
     # ----- unloading ---------------------------------------------------------------------------------
 
-    def _detach(self, entry: ModelEntry, reason: str, grace_s: float) -> asyncio.Task[None]:
+    def _detach(self, entry: ModelEntry, reason: str, grace_s: float, detail: str = "") -> asyncio.Task[None]:
         """Take the model out of service now (a new request loads it again) and stop its engine in a task
-        (running requests get ``grace_s`` to finish)."""
+        (running requests get ``grace_s`` to finish). ``reason``: keep_alive, evicted, over_budget, shutdown."""
         serving = entry.serving
         assert serving is not None
         entry.serving = None
         self._set_state(entry, ModelState.UNLOADING, reason)
-        logger.info("Unloading model %s (%s)", entry.name, reason)
+        logger.info("Unloading model %s (%s)", entry.name, detail or reason)
         self.cores.engines_changed({name: s.engine for name, s in self.loaded().items()})
 
         async def finish() -> None:
@@ -384,9 +416,9 @@ class ModelRegistry:
 
         return asyncio.get_running_loop().create_task(finish(), name=f"textgen-unload-{entry.name}")
 
-    async def _unload(self, entry: ModelEntry, reason: str, grace_s: float) -> None:
+    async def _unload(self, entry: ModelEntry, reason: str, grace_s: float, detail: str = "") -> None:
         if entry.serving is not None:
-            await self._detach(entry, reason, grace_s)
+            await self._detach(entry, reason, grace_s, detail)
 
     async def unload_idle(self) -> list[str]:
         """Unload every unpinned model idle for longer than the keep-alive; the names unloaded."""
@@ -399,7 +431,7 @@ class ModelRegistry:
             if e.serving is not None and not e.pinned and not e.busy and now - e.last_used >= self.keep_alive_s
         ]
         for entry in expired:
-            await self._unload(entry, f"idle for {self.keep_alive_s:g}s (TEXTGEN_MODEL_KEEP_ALIVE_S)", 0.0)
+            await self._unload(entry, "keep_alive", 0.0, f"idle for {self.keep_alive_s:g}s, TEXTGEN_MODEL_KEEP_ALIVE_S")
         return [e.name for e in expired]
 
     async def _reap_forever(self) -> None:
@@ -418,12 +450,19 @@ class ModelRegistry:
     def _set_state(self, entry: ModelEntry, state: ModelState, reason: str) -> None:
         entry.state = state
         if self.on_change is not None:
-            self.on_change(entry.name, state, reason)
+            self.on_change(entry, reason)
 
 
 def _retrieve_failure(task: asyncio.Task[Serving]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def return_free_memory_to_the_system() -> None:
+    """glibc keeps freed blocks in its heap; malloc_trim hands the free pages of an unloaded model back to
+    the kernel, so they leave the resident set instead of waiting there for reuse."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: later allocations reuse it
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 def weight_file_bytes(source: str) -> int:
