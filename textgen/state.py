@@ -57,6 +57,7 @@ from textgen.workers.webhooks import JobWebhooks
 logger = logging.getLogger(__name__)
 
 ModelLoader = Callable[[Settings], LoadedModel]
+EngineFactory = Callable[[Settings, LoadedModel], Engine]
 
 GAUGE_REFRESH_S = 2.0
 SHUTTING_DOWN = (
@@ -174,13 +175,17 @@ def serving_builder(
     content_filter: ContentFilter,
     metrics: Metrics,
     rate_limiter: RateLimiter,
+    engine_factory: EngineFactory = create_engine,
 ) -> Callable[[ModelSpec | None], Awaitable[Serving]]:
-    """Loads one model and starts its engine and generation service (the registry's ``build``)."""
+    """Loads one model and starts its engine and generation service (the registry's ``build``).
+
+    ``engine_factory`` builds each model's engine: the hook through which every engine of this process
+    gets the same core-sharing policy (one per process; its steps then take turns on the cores)."""
 
     async def build(spec: ModelSpec | None) -> Serving:
         own = model_settings(settings, spec)
         model = await run_in_own_thread(lambda: model_loader(own), name="textgen-load")
-        engine = create_engine(own, model)
+        engine = engine_factory(own, model)
         try:
             await engine.start()
         except BaseException:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any
 
@@ -22,6 +24,7 @@ from textgen.services.native import text_request
 from textgen.webhooks import check_webhook
 
 router = APIRouter(tags=["generation"])
+MIN_TIME_LEFT_S = 0.001  # a deadline spent waiting for the model: the engine answers 504 at once
 # Printable ASCII, as the job store checks; no space at either end, since HTTP strips it from header values.
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$"
 
@@ -92,11 +95,14 @@ async def generate(
     request_id: RequestIdDep,
     caller: CallerDep,
 ) -> TextGenerationResponse | Response:
-    # 404 model_not_found before any work; a model not loaded yet loads now, waited for within the deadline
-    async with state.registry.use(body.model, body.timeout_s or state.settings.request_timeout_s) as serving:
+    # 404 model_not_found before any work; a model not loaded yet loads now, waited for within the deadline,
+    # and the time spent waiting counts against it.
+    deadline_s, arrived = body.timeout_s or state.settings.request_timeout_s, time.monotonic()
+    async with state.registry.use(body.model, deadline_s) as serving:
         service = serving.service
         await service.check_prompt(body.prompt, request_id)
-        text = text_request(body)
+        left_s = max(deadline_s - (time.monotonic() - arrived), MIN_TIME_LEFT_S)
+        text = dataclasses.replace(text_request(body), timeout_s=left_s)
         service.check_logprobs_budget([text.params], "logprobs")
         await service.prepare_request(text)
         if body.stream:
