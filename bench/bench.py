@@ -872,8 +872,17 @@ def bench_llama_cpp(args: argparse.Namespace, config: LoadConfig, out_dir: Path,
     log_file = log_path.open("wb")
     command = llama_cpp_command(args.compare_llama_cpp, gguf, args.host, port, args.compare_threads)
     LOG.info("[%s] starting %s (log: %s)", args.compare_label, " ".join(command), log_path)
+    # llama.cpp's own OpenMP threads wait as it chose, not as textgen's defaults (set in this process when
+    # it imported textgen) would make them.
+    from textgen.openmp import without_defaults
+
     process = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        command,
+        env=without_defaults(os.environ),
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     server = Server(args.compare_label, process, f"http://{args.host}:{port}", log_path, log_file)
     try:
