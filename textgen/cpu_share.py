@@ -14,9 +14,9 @@ cores. A step then uses the cores they leave free, rounded down with a little he
 and at most the cores this process may run on (its affinity mask and cgroup quota). Two busy workers
 each see the other using about one core and settle at one thread each; when one goes idle, the other
 sees the cores free and takes them all within one interval. A neighbour keeping one core busy leaves a
-server one thread, which the kernel runs on the free core. When the others want more than every core
-(their usage, or the run queue where this process may use every core), nothing can be left free and a step
-takes all cores: its threads then get their fair share of the CPU like everyone else's.
+server one thread, which the kernel runs on the free core. When the others want far more than every core
+(their threads in the run queue, where this process may use every core: twice the cores), nothing can be
+left free and a step takes all cores: its threads then get their fair share of the CPU like everyone's.
 ``TEXTGEN_TORCH_THREADS`` fixes the count.
 
 Whose turn (``CoreShare.turn``): several engines in one process (several models) take turns, one step at
@@ -48,10 +48,11 @@ HEADROOM = 0.35
 # When the other processes want more than every core (a run queue longer than the machine), there is
 # nothing to leave free: a step then takes all cores, and its threads get their fair share of CPU time
 # like everyone's (measured on this machine at a load average of 11-15: one thread per step got half the
-# throughput of two). Saturation is entered when the others' demand reaches cores + SATURATED_ENTER and
-# left below cores - SATURATED_LEAVE, so a demand near the line does not flip the count every interval.
-SATURATED_ENTER = 0.5
-SATURATED_LEAVE = 0.25
+# throughput of two). Saturation is entered when the others' run queue reaches SATURATED_ENTER x cores
+# and left below SATURATED_LEAVE x cores, well above what busy sibling workers and a load generator make
+# (their event loops run now and then), and far enough apart that the count does not flip every interval.
+SATURATED_ENTER = 2.0  # x cores: twice as many other threads wanting a core as there are cores
+SATURATED_LEAVE = 1.5  # x cores
 RUNNABLE_SMOOTHING = 0.3  # weight of each new run-queue sample (an instantaneous count, so noisy)
 # /proc/stat's aggregate line: user nice system idle iowait irq softirq steal guest guest_nice. Busy is
 # everything but idle and iowait (guest time is inside user already); steal is time the hypervisor gave
@@ -67,7 +68,7 @@ class CpuReading:
     wall_s: float
     machine_busy_s: float
     own_s: float
-    runnable: int | None = None  # threads running or ready to run on the machine now (procs_running)
+    runnable: int | None = None  # other processes' threads running or ready to run now (procs_running less ours)
 
 
 CpuProbe = Callable[[], CpuReading | None]
@@ -121,14 +122,32 @@ def proc_stat_probe(cpus: frozenset[int] | None = None) -> CpuProbe:
         if found is None:
             return None
         busy, runnable = found
+        others = runnable - own_running_threads() if whole_machine and runnable >= 0 else None
         return CpuReading(
             wall_s=time.monotonic(),
             machine_busy_s=busy,
             own_s=time.process_time(),
-            runnable=runnable if whole_machine and runnable >= 0 else None,
+            runnable=max(0, others) if others is not None else None,
         )
 
     return probe
+
+
+def own_running_threads(tasks: Path = Path("/proc/self/task")) -> int:
+    """This process's threads running or ready to run (state R), the calling one included (at least 1)."""
+    running = 0
+    try:
+        names = os.listdir(tasks)
+    except OSError:
+        return 1
+    for name in names:
+        try:
+            stat = (tasks / name / "stat").read_bytes()
+        except OSError:
+            continue  # the thread ended meanwhile
+        state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]  # after "pid (name) "
+        running += state == b"R"
+    return max(1, running)
 
 
 def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
@@ -187,7 +206,7 @@ class ThreadSizer:
         self._next_read = 0.0
         self._threads = fixed or cores
         self.others_busy = 0.0  # cores the other processes used over the last interval
-        self.others_runnable = 0.0  # their threads wanting a core (smoothed run queue, less ours reading it)
+        self.others_runnable = 0.0  # their threads wanting a core (the smoothed run queue, less ours)
         self.saturated = False  # the others want every core: nothing to leave free
         self._last_logged = -math.inf
 
@@ -223,12 +242,10 @@ class ThreadSizer:
             return
         others = (reading.machine_busy_s - last.machine_busy_s - (reading.own_s - last.own_s)) / wall
         self.others_busy = max(0.0, others)
-        if reading.runnable is not None:  # less the thread reading it, which is running
-            sample = max(0, reading.runnable - 1)
-            self.others_runnable += RUNNABLE_SMOOTHING * (sample - self.others_runnable)
-        demand = max(self.others_busy, self.others_runnable)
-        line = self.cores - SATURATED_LEAVE if self.saturated else self.cores + SATURATED_ENTER
-        self.saturated = demand >= line
+        if reading.runnable is not None:
+            self.others_runnable += RUNNABLE_SMOOTHING * (reading.runnable - self.others_runnable)
+        line = (SATURATED_LEAVE if self.saturated else SATURATED_ENTER) * self.cores
+        self.saturated = self.others_runnable >= line
         threads = self.cores if self.saturated else threads_for(self.cores, self.others_busy)
         if threads != self._threads:
             self._log_change(self._threads, threads)

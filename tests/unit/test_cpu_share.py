@@ -19,6 +19,7 @@ from textgen.cpu_share import (
     CpuReading,
     ThreadSizer,
     Turns,
+    own_running_threads,
     proc_stat_probe,
     read_proc_stat,
     threads_for,
@@ -134,37 +135,50 @@ def test_proc_stat_busy_time_counts_everything_but_idle_and_iowait(tmp_path: Pat
     assert read_proc_stat(tmp_path / "missing") is None
     assert read_proc_stat(cpus=frozenset(os.sched_getaffinity(0))) is not None  # this machine's own
     reading = proc_stat_probe()()
-    assert reading is not None and reading.runnable is not None and reading.runnable >= 1  # this thread
+    assert reading is not None and reading.runnable is not None and reading.runnable >= 0  # ours excluded
 
 
 def test_a_saturated_machine_gets_every_core_and_no_flapping() -> None:
-    """Others wanting more than every core: nothing to leave free, so a step takes all cores (a fair share
-    of each); it stays so until their demand falls clearly below the machine."""
+    """Others wanting far more than every core: nothing to leave free, so a step takes all cores (a fair
+    share of each); it stays so until their demand falls clearly, and sibling workers never trigger it."""
     clock = FakeClock()
     machine = FakeMachine(clock)
     runnable = [0]
 
     def probe() -> CpuReading:
         reading = machine.probe()
-        return CpuReading(reading.wall_s, reading.machine_busy_s, reading.own_s, runnable=runnable[0] + 1)
+        return CpuReading(reading.wall_s, reading.machine_busy_s, reading.own_s, runnable=runnable[0])
 
     sizer = ThreadSizer(2, probe=probe, interval_s=0.5, clock=clock)
     sizer.threads()
-    runnable[0] = 1  # one neighbour spinning: leave it its core
-    machine.advance(0.5, others=1.0, own=1.0)
-    assert sizer.threads() == 1 and not sizer.saturated
+    runnable[0] = 2  # a busy sibling worker (its step and its event loop) and the load generator
+    for _ in range(20):
+        machine.advance(0.5, others=1.0, own=1.0)
+        sizer.threads()
+    assert sizer.current == 1 and not sizer.saturated
     runnable[0] = 12  # a dozen threads want the two cores
     for _ in range(3):
         machine.advance(0.5, others=1.8, own=0.2)
         sizer.threads()
     assert sizer.saturated and sizer.current == 2
-    machine.advance(0.5, others=1.4, own=0.6)  # with two threads ours gets more: still saturated
+    runnable[0] = 4  # fewer, still clearly more than the machine: no flip back yet
+    machine.advance(0.5, others=1.4, own=0.6)
     assert sizer.threads() == 2
     runnable[0] = 1
     for _ in range(12):
         machine.advance(0.5, others=1.0, own=1.0)
         sizer.threads()
     assert not sizer.saturated and sizer.current == 1
+
+
+def test_this_process_counts_its_own_running_threads(tmp_path: Path) -> None:
+    assert own_running_threads() >= 1  # the calling thread runs
+    for tid, state in (("1", "S"), ("2", "R"), ("3", "R"), ("4", "D")):
+        (tmp_path / tid).mkdir()
+        (tmp_path / tid / "stat").write_bytes(f"{tid} (py thread (x)) {state} 1 2 3".encode())
+    (tmp_path / "5").mkdir()  # a thread that ended between the listing and the read
+    assert own_running_threads(tmp_path) == 2
+    assert own_running_threads(tmp_path / "missing") == 1
 
 
 def test_usable_cores_honour_a_cgroup_quota(tmp_path: Path) -> None:
