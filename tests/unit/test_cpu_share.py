@@ -177,8 +177,8 @@ def test_this_process_counts_its_own_running_threads(tmp_path: Path) -> None:
         (tmp_path / tid).mkdir()
         (tmp_path / tid / "stat").write_bytes(f"{tid} (py thread (x)) {state} 1 2 3".encode())
     (tmp_path / "5").mkdir()  # a thread that ended between the listing and the read
-    assert own_running_threads(tmp_path) == 2
-    assert own_running_threads(tmp_path / "missing") == 1
+    assert own_running_threads(str(tmp_path)) == 2
+    assert own_running_threads(str(tmp_path / "missing")) == 1
 
 
 def test_usable_cores_honour_a_cgroup_quota(tmp_path: Path) -> None:
