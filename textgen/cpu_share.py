@@ -34,7 +34,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,6 +335,12 @@ class CoreShare:
 
     def join(self, name: str) -> Turns:
         return Turns(name)
+
+    def engines_changed(self, engines: Mapping[str, object]) -> None:
+        """The model registry's hook (``CoreSharing``), called after each load or unload. The engines share
+        this object from their construction on, so there is nothing to redistribute: it says who shares."""
+        if len(engines) > 1:
+            logger.info("%d models' engines share the cores, one step at a time: %s", len(engines), ", ".join(engines))
 
     @contextmanager
     def turn(self, turns: Turns) -> Iterator[int]:

@@ -39,9 +39,11 @@ from textgen.metrics import Metrics, mark_process_dead
 from textgen.ratelimit import RateLimiter
 from textgen.services.batch_lines import JOB_EXECUTORS, batch_line_planner
 from textgen.services.model_registry import (
+    CoreSharing,
     ModelEntry,
     ModelRegistry,
     ModelSpec,
+    NoCoreSharing,
     Serving,
     measured_bytes,
     return_free_memory_to_the_system,
@@ -225,7 +227,10 @@ async def close_serving(serving: Serving, grace_s: float) -> None:
 
 
 async def build_registry(
-    settings: Settings, build: Callable[[ModelSpec | None], Awaitable[Serving]], metrics: Metrics
+    settings: Settings,
+    build: Callable[[ModelSpec | None], Awaitable[Serving]],
+    metrics: Metrics,
+    cores: CoreSharing | None = None,
 ) -> ModelRegistry:
     """The models this server serves, the default loaded (start-up waits for it and fails with its error).
 
@@ -252,6 +257,7 @@ async def build_registry(
         keep_alive_s=settings.model_keep_alive_s,
         memory_budget=int(settings.model_memory),
         on_change=observe,
+        cores=cores if cores is not None else NoCoreSharing(),
     )
     try:
         await registry.start(preloaded)
@@ -291,7 +297,7 @@ async def build_state(
             rate_limiter,
             engine_factory=lambda own, model: create_engine(own, model, cores),
         )
-        registry = await build_registry(settings, build, metrics)
+        registry = await build_registry(settings, build, metrics, cores)
     except BaseException:
         await backends.close()
         raise

@@ -361,3 +361,13 @@ def test_the_policy_from_the_settings() -> None:
         "others_runnable": 0.0,
         "saturated": False,
     }
+
+
+def test_the_registry_hook_says_who_shares(caplog: pytest.LogCaptureFixture) -> None:
+    share, _ = fixed_share(FakeClock())
+    with caplog.at_level("INFO", logger="textgen.cpu_share"):
+        share.engines_changed({"smol": object()})
+        share.engines_changed({"smol": object(), "gemma": object()})
+    assert [r.getMessage() for r in caplog.records] == [
+        "2 models' engines share the cores, one step at a time: smol, gemma"
+    ]
