@@ -6,6 +6,8 @@
     python -m bench.bench --url http://127.0.0.1:8000 --label prod-like   # an already running server
     python -m bench.bench --engines batched --weights auto,int4,bf16       # one batched server per weight format
     python -m bench.bench --engines batched --compare-url http://127.0.0.1:8080 --compare-label llama.cpp
+    python -m bench.bench --engines batched --model /path/model.gguf --mode openai \
+        --compare-llama-cpp /path/to/venv-with-llama-cpp-python/bin/python      # starts llama.cpp's server too
 
 For each engine a real ``uvicorn main:app`` subprocess is started (``TEXTGEN_ENGINE`` set, a throw-away
 SQLite job store, ``TEXTGEN_MAX_WAITING=1024``; other ``TEXTGEN_*`` variables pass through), waited for on
@@ -20,7 +22,10 @@ threadpool engine is the baseline and runs only ``generate`` unless ``--all-mode
 ``batched-int4``...); before each, ``bench.core_rate`` measures that core's decode rate alone, printed next
 to the server's figure. ``--compare-url`` drives any OpenAI-compatible server (llama.cpp's ``llama-server``,
 vLLM, another textgen) with the identical ``/v1/completions`` workload in the same run, and prints the
-ratios. Each level records the load generator's own CPU use and the machine's load average.
+ratios; ``--compare-llama-cpp PYTHON`` starts llama-cpp-python's server (``PYTHON -m llama_cpp.server``, not
+in requirements.txt) on the same GGUF file with ``--compare-threads`` threads for that comparison and stops it
+afterwards. ``--model`` sets ``TEXTGEN_MODEL`` for everything the run starts; ``--workers N`` starts each server
+as ``uvicorn --workers N``. Each level records the load generator's own CPU use and the machine's load average.
 Progress goes to stderr, the table to stdout, and results.json / results.md / results.png to ``--out``.
 """
 
@@ -138,6 +143,9 @@ class BenchError(RuntimeError):
 class LoadConfig:
     max_new_tokens: int
     request_timeout_s: float
+    # Fields added to every request body: llama-cpp-python's server has no ignore_eos, but min_tokens
+    # keeps it generating to max_tokens too.
+    extra_fields: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(slots=True)
@@ -241,7 +249,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-core-rate", action="store_true", help="skip measuring each core alone first")
     parser.add_argument("--compare-url", default=None, help="also drive this OpenAI-compatible server (openai mode)")
-    parser.add_argument("--compare-label", default="compare", help="row label for --compare-url")
+    parser.add_argument(
+        "--compare-label", default=None, help="row label for --compare-url (default 'compare', or 'llama.cpp')"
+    )
+    parser.add_argument(
+        "--compare-llama-cpp",
+        default=None,
+        metavar="PYTHON",
+        help="start llama-cpp-python's OpenAI server (PYTHON -m llama_cpp.server) on the --model GGUF file and "
+        "compare with it in this run (openai mode)",
+    )
+    parser.add_argument(
+        "--compare-threads", type=int, default=2, help="--n_threads of the --compare-llama-cpp server (default 2)"
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="TEXTGEN_MODEL for every server and measurement this run starts ('bundled', a GGUF file, a folder)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="uvicorn --workers of each server this run starts (default 1)"
+    )
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /ready")
     parser.add_argument("--request-timeout", type=float, default=900.0, help="seconds per request")
     parser.add_argument(
@@ -273,6 +301,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.label = args.label or "server"
     if args.compare_url is not None:
         args.compare_url = args.compare_url.rstrip("/")
+    if args.compare_url is not None and args.compare_llama_cpp is not None:
+        parser.error("give --compare-url or --compare-llama-cpp, not both")
+    if args.compare_threads < 1 or args.workers < 1:
+        parser.error("--compare-threads and --workers must be >= 1")
+    if args.compare_label is None:
+        args.compare_label = "llama.cpp" if args.compare_llama_cpp else "compare"
     return args
 
 
@@ -320,17 +354,29 @@ def server_env(
     return env
 
 
-def start_server(engine: str, host: str, port: int, out_dir: Path, job_db: Path, weights: str | None = None) -> Server:
-    label = engine_label(engine, weights or "auto")
+def start_server(
+    engine: str,
+    host: str,
+    port: int,
+    out_dir: Path,
+    job_db: Path,
+    weights: str | None = None,
+    workers: int = 1,
+    label: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Server:
+    label = label or engine_label(engine, weights or "auto")
     port = port or pick_free_port(host)
     log_path = out_dir / f"server-{label}.log"
     log_file = log_path.open("wb")
     command = [sys.executable, "-m", "uvicorn", "main:app", "--host", host, "--port", str(port)]
+    if workers > 1:
+        command += ["--workers", str(workers)]
     LOG.info("[%s] starting %s (log: %s)", label, " ".join(command[1:]), log_path)
     process = subprocess.Popen(
         command,
         cwd=REPO_ROOT,
-        env=server_env(engine, job_db, weights=weights),
+        env=server_env(engine, job_db, base=env, weights=weights),
         stdin=subprocess.DEVNULL,
         stdout=log_file,
         stderr=subprocess.STDOUT,
@@ -582,9 +628,12 @@ async def send_stream(client: httpx.AsyncClient, path: str, payload: Mapping[str
     return result_from_stream(events, time.perf_counter() - start)
 
 
-async def send_request(client: httpx.AsyncClient, mode: str, index: int, max_new_tokens: int) -> RequestResult:
-    """The index-th request of ``mode``, classified."""
+async def send_request(
+    client: httpx.AsyncClient, mode: str, index: int, max_new_tokens: int, extra: tuple[tuple[str, Any], ...] = ()
+) -> RequestResult:
+    """The index-th request of ``mode`` (with the ``extra`` fields), classified."""
     path, payload = build_request(mode, index, max_new_tokens)
+    payload.update(extra)
     if mode == Mode.STREAM:
         return await send_stream(client, path, payload)
     start = time.perf_counter()
@@ -612,7 +661,7 @@ async def warm_up(base_url: str, config: LoadConfig, label: str, modes: Sequence
         for mode in modes:
             prefix = f"[{label}/{mode}]"
             for index in range(WARMUP_REQUESTS):
-                result = await send_request(client, mode, index, config.max_new_tokens)
+                result = await send_request(client, mode, index, config.max_new_tokens, config.extra_fields)
                 if result.outcome is not Outcome.COMPLETED:
                     raise BenchError(f"{prefix} warm-up request {index + 1} {result.outcome}: {result.error}")
                 LOG.info("%s warm-up %d/%d: %.2fs", prefix, index + 1, WARMUP_REQUESTS, result.latency_s)
@@ -645,7 +694,7 @@ async def closed_loop(
 
     async def worker(client: httpx.AsyncClient) -> None:
         while (index := next(counter)) < total:
-            results.append(await send_request(client, mode, index, config.max_new_tokens))
+            results.append(await send_request(client, mode, index, config.max_new_tokens, config.extra_fields))
 
     async with make_client(base_url, concurrency, config.request_timeout_s) as client:
         start = time.perf_counter()
@@ -742,7 +791,9 @@ def bench_engine(
     if engine == "batched" and not args.no_core_rate:
         run.core_rates[label] = measure_core_rate(weights, args.concurrency, out_dir)
     with tempfile.TemporaryDirectory(prefix="textgen-bench-") as tmp:
-        server = start_server(engine, args.host, args.port, out_dir, Path(tmp) / "jobs.db", weights=weights)
+        server = start_server(
+            engine, args.host, args.port, out_dir, Path(tmp) / "jobs.db", weights=weights, workers=args.workers
+        )
         try:
             started = time.monotonic()
             wait_until_ready(server.base_url, args.startup_timeout, server)
@@ -793,6 +844,63 @@ def bench_compare(args: argparse.Namespace, config: LoadConfig, run: EngineRun) 
     """The identical /v1/completions workload against another OpenAI-compatible server."""
     wait_until_ready_openai(args.compare_url, args.startup_timeout)
     asyncio.run(run_levels(args.compare_url, args.compare_label, [Mode.OPENAI.value], args, config, None, run))
+
+
+def gguf_file_of(model: str | None) -> Path:
+    """The GGUF file behind ``--model`` (the bundled model's own file for 'bundled' or none)."""
+    if model in (None, "bundled"):
+        from textgen.loader import find_bundled_gguf
+
+        return find_bundled_gguf()
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path.resolve()
+    raise BenchError(f"--compare-llama-cpp needs --model to be a .gguf file (or bundled), not {model!r}")
+
+
+def llama_cpp_command(python: str, gguf: Path, host: str, port: int, threads: int) -> list[str]:
+    """llama-cpp-python's OpenAI server on ``gguf``: it runs one request at a time, on ``threads`` threads."""
+    return [python, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(threads),
+            "--n_threads_batch", str(threads), "--host", host, "--port", str(port)]  # fmt: skip
+
+
+def bench_llama_cpp(args: argparse.Namespace, config: LoadConfig, out_dir: Path, run: EngineRun) -> None:
+    """Start llama-cpp-python's server on the same GGUF file, run the --compare-url workload on it, stop it."""
+    gguf = gguf_file_of(args.model)
+    port = pick_free_port(args.host)
+    log_path = out_dir / "server-llama-cpp.log"
+    log_file = log_path.open("wb")
+    command = llama_cpp_command(args.compare_llama_cpp, gguf, args.host, port, args.compare_threads)
+    LOG.info("[%s] starting %s (log: %s)", args.compare_label, " ".join(command), log_path)
+    # llama.cpp's own OpenMP threads wait as it chose, not as textgen's defaults (set in this process when
+    # it imported textgen) would make them.
+    from textgen.openmp import without_defaults
+
+    process = subprocess.Popen(
+        command,
+        env=without_defaults(os.environ),
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    server = Server(args.compare_label, process, f"http://{args.host}:{port}", log_path, log_file)
+    try:
+        deadline = time.monotonic() + args.startup_timeout
+        while True:
+            ensure_alive(server)
+            with contextlib.suppress(BenchError):
+                wait_until_ready_openai(server.base_url, min(5.0, max(0.0, deadline - time.monotonic())))
+                break
+            if time.monotonic() >= deadline:
+                raise server_failure(server, f"/v1/models not 200 after {args.startup_timeout:.0f}s")
+        run.servers[args.compare_label] = {"server": "llama-cpp-python", "threads": str(args.compare_threads),
+                                           "model": gguf.name}  # fmt: skip
+        # Its server has no ignore_eos: min_tokens holds the end-of-sequence token back up to max_tokens.
+        config = dataclasses.replace(config, extra_fields=(("min_tokens", config.max_new_tokens),))
+        asyncio.run(run_levels(server.base_url, args.compare_label, [Mode.OPENAI.value], args, config, server, run))
+    finally:
+        stop_server(server)
 
 
 def wait_until_ready_openai(base_url: str, timeout_s: float) -> None:
@@ -862,7 +970,7 @@ def build_metadata(
         "load_avg_at_start": list(LOAD_AT_START),
         "servers": {} if run is None else run.servers,
         "core_rates": {} if run is None else run.core_rates,
-        "compare_label": args.compare_label if args.compare_url else None,
+        "compare_label": args.compare_label if args.compare_url or args.compare_llama_cpp else None,
         "date": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": ", ".join(sorted(models)) or None,
@@ -912,6 +1020,8 @@ def bench_targets(args: argparse.Namespace) -> list[Target]:
             targets.append(lambda a, c, o, r, e=engine, w=weights: bench_engine(e, a, c, o, r, w))
     if args.compare_url:
         targets.append(lambda a, c, _o, r: bench_compare(a, c, r))
+    if args.compare_llama_cpp:
+        targets.append(bench_llama_cpp)
     return targets
 
 
@@ -919,6 +1029,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     args = parse_args(argv)
+    if args.model is not None:  # the servers, bench.core_rate and the mask cost all read it from here
+        os.environ["TEXTGEN_MODEL"] = args.model
     out_dir = args.out.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     config = LoadConfig(max_new_tokens=args.max_new_tokens, request_timeout_s=args.request_timeout)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from textgen.errors import ConfigError
@@ -62,12 +62,41 @@ class Settings(BaseSettings):
         description="Other names /v1 requests may give in 'model' for the served model (comma-separated; the "
         "GGUF file's stem is one too); GET /v1/models lists them; any other name is 404 model_not_found.",
     )
+    models: CommaList = Field(
+        default_factory=list,
+        description="Several models in one server: 'name=source' pairs, comma-separated (e.g. "
+        "'smol=bundled,gemma=/models/gemma-3-270m-q4_k_m.gguf'; a source is what TEXTGEN_MODEL takes). Requests "
+        "choose one by 'model'; the first is the default, loaded at start and kept; the others load on first use. "
+        "Empty: TEXTGEN_MODEL alone.",
+    )
+    model_keep_alive_s: float = Field(
+        300.0,
+        description="A model other than the default is unloaded after this many seconds without requests "
+        "(0: as soon as it is idle; negative: never).",
+    )
+    model_memory: ByteSize = Field(
+        ByteSize(0),
+        ge=0,
+        description="Memory all loaded models may take together (bytes, or '8GiB', '512MB'); loading one more "
+        "unloads the least recently used idle models first (0 = no limit).",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto': bfloat16 on a GPU or a CPU with AVX-512 BF16/AMX, else float32."
     )
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
     cache_dir: Path = Field(Path.home() / ".cache" / "textgen", description="Converted bundled weights.")
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: all cores.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads of every model step, fixed (TEXTGEN_ADAPTIVE_THREADS then has no effect); "
+        "default: sized to the free cores.",
+    )
+    adaptive_threads: bool = Field(
+        True,
+        description="Size each model step's threads to the cores other processes leave free (re-measured every "
+        "0.5 s from /proc/stat), so --workers N or a busy neighbour share the cores instead of stalling each "
+        "other; false: every step uses all cores.",
+    )
     warmup: bool = Field(True, description="Run one short batched generation before /ready turns 200.")
 
     # Engine
@@ -253,6 +282,7 @@ class Settings(BaseSettings):
     )
 
     _split_lists = field_validator(
+        "models",
         "model_aliases",
         "blocked_words",
         "api_keys",
@@ -290,6 +320,35 @@ class Settings(BaseSettings):
             if len(alias) > MAX_MODEL_NAME_CHARS or any(char.isspace() or not char.isprintable() for char in alias):
                 raise ValueError(f"each alias must be at most {MAX_MODEL_NAME_CHARS} printable characters, no spaces")
         return aliases
+
+    @field_validator("models")
+    @classmethod
+    def _named_sources(cls, pairs: list[str]) -> list[str]:
+        names: set[str] = set()
+        for pair in pairs:
+            name, equals, source = (part.strip() for part in pair.partition("="))
+            if not equals or not name or not source:
+                raise ValueError("each entry is name=source (e.g. smol=bundled,gemma=/models/gemma.gguf)")
+            if len(name) > MAX_MODEL_NAME_CHARS or any(char.isspace() or not char.isprintable() for char in name):
+                raise ValueError(f"each name must be at most {MAX_MODEL_NAME_CHARS} printable characters, no spaces")
+            if name in names:
+                raise ValueError(f"the name {name!r} is given twice; each model needs its own name")
+            names.add(name)
+        return [f"{name.strip()}={source.strip()}" for name, _, source in (pair.partition("=") for pair in pairs)]
+
+    @property
+    def model_sources(self) -> list[tuple[str, str]]:
+        """TEXTGEN_MODELS as (name, source) pairs, the default first; empty when TEXTGEN_MODEL serves alone."""
+        return [(name, source) for name, _, source in (pair.partition("=") for pair in self.models)]
+
+    @model_validator(mode="after")
+    def _one_way_to_name_models(self) -> Settings:
+        if self.models and {"model", "model_name"} & self.model_fields_set:
+            raise ValueError(
+                "set either TEXTGEN_MODELS (several models, each named there) or TEXTGEN_MODEL/TEXTGEN_MODEL_NAME "
+                "(one model), not both"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:

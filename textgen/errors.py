@@ -126,6 +126,16 @@ class NotReadyError(TextGenError):
     default_message = "The model is not ready yet (loading, warming up or shutting down); retry shortly."
 
 
+class ModelUnavailableError(TextGenError):
+    """A configured model cannot serve now: its load failed, or loading it would pass
+    TEXTGEN_MODEL_MEMORY while the loaded models are busy. The message says which and what to do."""
+
+    status_code = 503
+    default_message = "The model cannot be loaded right now; retry after the time in the Retry-After header."
+    default_param = "model"
+    default_code = "model_unavailable"
+
+
 class StoreUnavailableError(TextGenError):
     """The store did not answer (Redis unreachable) or stayed locked (SQLite past its busy timeout);
     the request may be retried."""

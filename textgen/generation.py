@@ -599,7 +599,7 @@ class GenerationService:
         """Record the result (metrics) and return it with its text filtered. Tokens are not charged
         here: the budget was reserved on admission (``submit_budgeted``). ``principal`` is accepted for
         existing callers and unused. The filtering runs off the event loop (a long text, many logprobs)."""
-        self.metrics.observe_result(result)
+        self.metrics.observe_result(result, self.model_name)
         return await self.threads.run(lambda: self._filtered(result, request_id))
 
     def _filtered(self, result: GenerationResult, request_id: str) -> GenerationResult:

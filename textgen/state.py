@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -21,15 +23,32 @@ from textgen.access import (
 from textgen.backends import Backends, build_backends
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter
-from textgen.engine import Engine, create_engine
-from textgen.errors import InsufficientStorageError, NotReadyError, StoreUnavailableError
+from textgen.engine import Engine, cores_from_settings, create_engine
+from textgen.errors import (
+    ConfigError,
+    InsufficientStorageError,
+    ModelUnavailableError,
+    NotReadyError,
+    StoreUnavailableError,
+)
 from textgen.generation import GenerationService, StreamSlots
 from textgen.jobs.store import JobState, JobStore
 from textgen.jobs.view import job_payload
 from textgen.loader import LoadedModel, load_model
 from textgen.metrics import Metrics, mark_process_dead
+from textgen.ratelimit import RateLimiter
 from textgen.services.batch_lines import JOB_EXECUTORS, batch_line_planner
-from textgen.services.models import ServedModels, served_models
+from textgen.services.model_registry import (
+    CoreSharing,
+    ModelEntry,
+    ModelRegistry,
+    ModelSpec,
+    NoCoreSharing,
+    Serving,
+    measured_bytes,
+    return_free_memory_to_the_system,
+)
+from textgen.services.models import served_models
 from textgen.services.responses import RESPONSE_EXECUTORS
 from textgen.threads import run_in_own_thread
 from textgen.webhooks import sender_from_settings
@@ -40,6 +59,7 @@ from textgen.workers.webhooks import JobWebhooks
 logger = logging.getLogger(__name__)
 
 ModelLoader = Callable[[Settings], LoadedModel]
+EngineFactory = Callable[[Settings, LoadedModel], Engine]
 
 GAUGE_REFRESH_S = 2.0
 SHUTTING_DOWN = (
@@ -59,6 +79,7 @@ class AppState:
     service: GenerationService
     metrics: Metrics
     access: AccessPolicy
+    registry: ModelRegistry  # every configured model; model, engine and service above are the default's
     failed_keys: FailedKeyLimiter = field(default_factory=lambda: FailedKeyLimiter(10))
     streams: StreamSlots = field(default_factory=lambda: StreamSlots(0))
     shutting_down: bool = False
@@ -67,10 +88,6 @@ class AppState:
     drain_task: asyncio.Task[None] | None = None
     batches: Batches | None = None  # files and batches (the OpenAI Batch API)
     backends: Backends | None = None  # the stores and the limiter, closed at shutdown
-    models: ServedModels = field(init=False)  # the names /v1 requests may give in 'model'
-
-    def __post_init__(self) -> None:
-        self.models = served_models(self.settings, self.model)
 
     @property
     def ready(self) -> bool:
@@ -96,11 +113,11 @@ class AppState:
         if self.batches is not None:
             await self.batches.stop()
         await self.runner.stop()
-        await self.engine.stop(self.settings.shutdown_grace_s)
+        await self.registry.stop(self.settings.shutdown_grace_s)
 
     async def refresh_gauges(self) -> None:
         """Queue lengths and job counts are read, not counted as they change."""
-        self.metrics.set_engine_stats(self.engine.stats())
+        self.metrics.set_engine_stats(self.registry.engine_stats())
         self.metrics.set_job_counts({state.value: await self.store.count(state) for state in JobState})
 
     async def refresh_gauges_forever(self, every_s: float = GAUGE_REFRESH_S) -> None:
@@ -135,12 +152,130 @@ def job_webhooks(settings: Settings, store: JobStore, owner: str, service: Gener
     )
 
 
+def model_specs(settings: Settings) -> list[ModelSpec]:
+    """TEXTGEN_MODELS as specs, the default first: it answers to TEXTGEN_MODEL_ALIASES too, and a model read
+    from a GGUF file to the file's stem."""
+    specs = []
+    for index, (name, source) in enumerate(settings.model_sources):
+        aliases = list(settings.model_aliases) if index == 0 else []
+        if source.endswith(".gguf"):
+            aliases.append(Path(source).stem)
+        specs.append(ModelSpec(name, source, tuple(dict.fromkeys(a for a in aliases if a and a != name))))
+    return specs
+
+
+def model_settings(settings: Settings, spec: ModelSpec | None) -> Settings:
+    """The settings one model loads and runs with: TEXTGEN_MODELS' source and name in place of TEXTGEN_MODEL's."""
+    if spec is None:
+        return settings
+    return settings.model_copy(update={"model": spec.source, "model_name": spec.name, "models": []})
+
+
+def serving_builder(
+    settings: Settings,
+    model_loader: ModelLoader,
+    content_filter: ContentFilter,
+    metrics: Metrics,
+    rate_limiter: RateLimiter,
+    engine_factory: EngineFactory = create_engine,
+) -> Callable[[ModelSpec | None], Awaitable[Serving]]:
+    """Loads one model and starts its engine and generation service (the registry's ``build``).
+
+    ``engine_factory`` builds each model's engine: the hook through which every engine of this process
+    gets the same core-sharing policy (one per process; its steps then take turns on the cores)."""
+
+    async def build(spec: ModelSpec | None) -> Serving:
+        own = model_settings(settings, spec)
+        model = await run_in_own_thread(lambda: model_loader(own), name="textgen-load")
+        engine = engine_factory(own, model)
+        try:
+            await engine.start()
+        except BaseException:
+            await engine.stop(0)
+            raise
+        core = engine.core_info()
+        metrics.set_model(
+            model.name,
+            str(model.dtype).removeprefix("torch."),
+            str(model.device),
+            engine.name,
+            core=str(core.get("core", "")),
+            weights=str(core.get("weights", "")),
+        )
+        engine.set_step_observer(metrics.observe_step)
+        service = GenerationService(
+            engine,
+            content_filter,
+            own,
+            model.name,
+            metrics,
+            rate_limiter,
+            tokenizer=model.tokenizer,
+            context_length=model.context_length,
+        )
+        return Serving(model, engine, service)
+
+    return build
+
+
+async def close_serving(serving: Serving, grace_s: float) -> None:
+    """Stop an unloaded model's engine (its running requests get ``grace_s``) and free what it held."""
+    await serving.engine.stop(grace_s)
+    serving.service.close()
+    await asyncio.to_thread(gc.collect)  # the weights' tensors sit in reference cycles of the model objects
+    return_free_memory_to_the_system()
+
+
+async def build_registry(
+    settings: Settings,
+    build: Callable[[ModelSpec | None], Awaitable[Serving]],
+    metrics: Metrics,
+    cores: CoreSharing | None = None,
+) -> ModelRegistry:
+    """The models this server serves, the default loaded (start-up waits for it and fails with its error).
+
+    With TEXTGEN_MODEL alone the model's name is known only once it is loaded (TEXTGEN_MODEL_NAME, else the
+    model's own), so it is loaded first and the registry built around it."""
+    specs = model_specs(settings)
+    preloaded: Serving | None = None
+    if not specs:
+        preloaded = await build(None)
+        served = served_models(settings, preloaded.model)
+        specs = [ModelSpec(served.name, settings.model, served.aliases)]
+
+    async def build_named(spec: ModelSpec) -> Serving:
+        return await build(spec if settings.models else None)
+
+    def observe(entry: ModelEntry, reason: str) -> None:
+        metrics.observe_model(entry.name, entry.state.value, reason, entry.memory_bytes)
+
+    registry = ModelRegistry(
+        specs,
+        build_named,
+        close_serving,
+        measured_bytes,
+        keep_alive_s=settings.model_keep_alive_s,
+        memory_budget=int(settings.model_memory),
+        on_change=observe,
+        cores=cores if cores is not None else NoCoreSharing(),
+    )
+    try:
+        await registry.start(preloaded)
+    except ModelUnavailableError as error:
+        cause = error.__cause__
+        if isinstance(cause, ConfigError):  # a bad model setting: the clear start-up message, not a 503's
+            raise cause from None
+        raise
+    return registry
+
+
 async def build_state(
     settings: Settings,
     model_loader: ModelLoader = load_model,
 ) -> AppState:
-    """Open the job store first (cheap, fails fast), then load the model and start the engine. The job
-    kinds besides plain background jobs (batch lines: ``JOB_EXECUTORS``) are registered here."""
+    """Open the job store first (cheap, fails fast), then load the default model and start its engine (the
+    others load on first use: ``textgen.services.model_registry``). The job kinds besides plain background
+    jobs (batch lines: ``JOB_EXECUTORS``) are registered here."""
     content_filter = ContentFilter.from_sources(settings.blocked_words, settings.blocked_words_file)
     access = AccessPolicy.from_settings(settings)
     warn_if_exposed_without_keys(access, bind_host_from_argv())
@@ -148,34 +283,26 @@ async def build_state(
     backends = build_backends(settings)
     store, rate_limiter = backends.store, backends.rate_limiter
     await backends.open()
+    metrics = Metrics()
     try:
-        model = await run_in_own_thread(lambda: model_loader(settings), name="textgen-load")
-        engine = create_engine(settings, model)
-        await engine.start()
+        # One CoreShare per process: every model's engine gets it, so their steps take turns on a team
+        # sized to the cores other processes leave free (textgen.cpu_share).
+        cores = cores_from_settings(settings)
+        logger.info("Model step threads: %s; %d usable cores", cores.describe(), cores.sizer.cores)
+        build = serving_builder(
+            settings,
+            model_loader,
+            content_filter,
+            metrics,
+            rate_limiter,
+            engine_factory=lambda own, model: create_engine(own, model, cores),
+        )
+        registry = await build_registry(settings, build, metrics, cores)
     except BaseException:
         await backends.close()
         raise
-    metrics = Metrics()
-    core = engine.core_info()
-    metrics.set_model(
-        model.name,
-        str(model.dtype).removeprefix("torch."),
-        str(model.device),
-        engine.name,
-        core=str(core.get("core", "")),
-        weights=str(core.get("weights", "")),
-    )
-    engine.set_step_observer(metrics.observe_step)
-    service = GenerationService(
-        engine,
-        content_filter,
-        settings,
-        model.name,
-        metrics,
-        rate_limiter,
-        tokenizer=model.tokenizer,
-        context_length=model.context_length,
-    )
+    default = registry.default_serving
+    model, engine, service = default.model, default.engine, default.service
     owner = process_owner_id()
     runner = JobRunner(
         store,
@@ -183,7 +310,10 @@ async def build_state(
         RunnerConfig.from_settings(settings),
         owner=owner,
         webhooks=job_webhooks(settings, store, owner, service),
-        executors={kind: factory(service, model) for kind, factory in {**JOB_EXECUTORS, **RESPONSE_EXECUTORS}.items()},
+        executors={
+            kind: factory(service, registry) for kind, factory in {**JOB_EXECUTORS, **RESPONSE_EXECUTORS}.items()
+        },
+        service_for=registry.service_for,
     )
     await runner.start()
     batches = await start_batches(
@@ -193,11 +323,12 @@ async def build_state(
         runner,
         sender=sender_from_settings(settings),
         service=service,
-        planner=batch_line_planner(service, model),
+        planner=batch_line_planner(service, registry),
     )
     logger.info(
-        "Service ready: model=%s engine=%s job_store=%s worker=%s",
+        "Service ready: model=%s%s engine=%s job_store=%s worker=%s",
         model.name,
+        f" (default of {len(registry.entries)}: {', '.join(registry.entries)})" if len(registry.entries) > 1 else "",
         engine.name,
         backends.url.redacted,
         owner,
@@ -211,6 +342,7 @@ async def build_state(
         service,
         metrics,
         access,
+        registry,
         failed_keys=FailedKeyLimiter(settings.auth_failures_per_minute),
         streams=StreamSlots(settings.max_streams_per_caller),
     )

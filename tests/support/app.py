@@ -32,6 +32,16 @@ def tiny_settings(model_dir: Path, folder: Path, **overrides: Any) -> Settings:
     return load_settings(**values)
 
 
+def multi_settings(models: dict[str, Path], folder: Path, **overrides: Any) -> Settings:
+    """``tiny_settings`` serving several models (TEXTGEN_MODELS: name=folder, the first the default)."""
+    values = tiny_settings(Path("unused"), folder).model_dump(
+        include={"dtype", "job_store", "cache_dir", "job_poll_interval_s", "shutdown_grace_s", "model_aliases"}
+    )
+    values["models"] = ",".join(f"{name}={path}" for name, path in models.items())
+    values.update(overrides)
+    return load_settings(**values)
+
+
 @asynccontextmanager
 async def open_app(settings: Settings, **app_kwargs: Any) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
     """``async with open_app(settings) as (client, app):`` runs the lifespan around an httpx client."""

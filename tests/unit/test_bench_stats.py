@@ -487,6 +487,49 @@ def test_parse_args() -> None:
             bench_mod.parse_args(bad)
 
 
+def test_parse_args_for_another_model_workers_and_llama_cpp() -> None:
+    args = bench_mod.parse_args([])
+    assert args.model is None and args.workers == 1 and args.compare_label == "compare"
+    args = bench_mod.parse_args(["--model", "/m/gemma.gguf", "--workers", "2", "--compare-llama-cpp", "/v/python"])
+    assert args.model == "/m/gemma.gguf" and args.workers == 2
+    assert args.compare_llama_cpp == "/v/python" and args.compare_label == "llama.cpp" and args.compare_threads == 2
+    for bad in (
+        ["--compare-llama-cpp", "p", "--compare-url", "http://h:1"],
+        ["--workers", "0"],
+        ["--compare-llama-cpp", "p", "--compare-threads", "0"],
+    ):
+        with pytest.raises(SystemExit):
+            bench_mod.parse_args(bad)
+
+
+def test_llama_cpp_runs_on_the_models_gguf_file(tmp_path: Path) -> None:
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert bench_mod.gguf_file_of(str(gguf)) == gguf.resolve()
+    for not_a_file in (str(tmp_path), str(tmp_path / "missing.gguf"), "HuggingFaceTB/SmolLM2-135M"):
+        with pytest.raises(bench_mod.BenchError, match=r"needs --model to be a \.gguf file"):
+            bench_mod.gguf_file_of(not_a_file)
+    command = bench_mod.llama_cpp_command("/v/python", gguf, "127.0.0.1", 8081, 2)
+    assert command[:3] == ["/v/python", "-m", "llama_cpp.server"]
+    flags = dict(zip(command[3::2], command[4::2], strict=True))
+    assert flags == {"--model": str(gguf), "--n_threads": "2", "--n_threads_batch": "2", "--host": "127.0.0.1",
+                     "--port": "8081"}  # fmt: skip
+
+
+async def test_send_request_adds_the_extra_fields() -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return httpx.Response(200, json={"choices": [{"text": "Hi"}], "usage": {"completion_tokens": 1}})
+
+    async with _mock_client(handler) as client:
+        await bench_mod.send_request(client, "openai", 0, 8, (("min_tokens", 8),))
+        await bench_mod.send_request(client, "openai", 1, 8)
+    assert seen[0]["min_tokens"] == 8 and seen[0]["max_tokens"] == 8
+    assert "min_tokens" not in seen[1]
+
+
 def test_baseline_engine_runs_generate_only_by_default() -> None:
     modes = ["generate", "stream", "openai"]
     assert bench_mod.modes_for_engine("batched", modes) == modes

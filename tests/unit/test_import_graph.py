@@ -24,7 +24,7 @@ TOP_LEVEL = ("main.py", "models.py")  # the HTTP layer's files outside the packa
 # The layers, bottom (1) to top (8), as in DESIGN.md's "Dependency rule".
 BASE, ACCESS, ENGINE, STORES, GENERATION, ORCHESTRATION, STATE, HTTP = range(1, 9)
 LAYER_NAMES = {
-    BASE: "config · errors · threads · logging · jobs/states",
+    BASE: "config · errors · threads · cpu_share · logging · jobs/states",
     ACCESS: "access · storage/ · content_filter · loader",
     ENGINE: "engine/",
     STORES: "job/batch stores + backends · ratelimit · webhooks · metrics",
@@ -71,6 +71,7 @@ LAYERS: dict[str, int] = {
     "textgen.jobs.states": BASE,
     "textgen.json_limits": BASE,
     "textgen.openmp": BASE,
+    "textgen.cpu_share": BASE,
 }
 
 

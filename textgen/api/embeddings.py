@@ -40,7 +40,7 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 # Outside /v1, so in the service's own error shape ({"detail", "request_id"}; schema errors 422), as every
 # error before the route (401, 413, 429) is there.
 tokenizer_router = APIRouter(tags=["tokenizer"])
-TOKENIZER_ERRORS = error_responses(400, 422, 429, 503, 500)
+TOKENIZER_ERRORS = error_responses(400, 404, 422, 429, 503, 500)
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -76,14 +76,15 @@ async def create_embeddings(
     body: EmbeddingCreateRequest,
     request: Request,
     state: StateDep,
-    service: ServiceDep,
     request_id: RequestIdDep,
     caller: CallerDep,
 ) -> Response:
-    state.models.resolve(body.model)  # 404 model_not_found before any work
-    inputs = await checked_inputs(service, state.model, body, request_id)
-    handle = await submit_embedding(service, caller, inputs, request_id)
-    result = await result_unless_disconnected(request, handle)
+    # 404 model_not_found before any work; a model not loaded yet loads now
+    async with state.registry.use(body.model, state.settings.request_timeout_s) as serving:
+        service = serving.service
+        inputs = await checked_inputs(service, serving.model, body, request_id)
+        handle = await submit_embedding(service, caller, inputs, request_id)
+        result = await result_unless_disconnected(request, handle)
 
     def render() -> Response:  # a few hundred thousand numbers: encoded off the event loop
         content: dict[str, Any] = embedding_response(service, result, body.encoding_format or "float")
@@ -98,8 +99,9 @@ async def create_embeddings(
     responses=TOKENIZER_ERRORS,
     summary="vLLM-compatible: a prompt's or chat's token ids, as the engine counts them",
 )
-async def tokenize_route(body: TokenizeRequest, state: StateDep, service: ServiceDep) -> TokenizeResponse:
-    return await tokenize(service, state.model, body)
+async def tokenize_route(body: TokenizeRequest, state: StateDep, _ready: ServiceDep) -> TokenizeResponse:
+    async with state.registry.use(body.model, state.settings.request_timeout_s) as serving:
+        return await tokenize(serving.service, serving.model, body)
 
 
 @tokenizer_router.post(
@@ -108,5 +110,6 @@ async def tokenize_route(body: TokenizeRequest, state: StateDep, service: Servic
     responses=TOKENIZER_ERRORS,
     summary="vLLM-compatible: the text of token ids",
 )
-async def detokenize_route(body: DetokenizeRequest, state: StateDep, service: ServiceDep) -> DetokenizeResponse:
-    return await detokenize(service, state.model, body)
+async def detokenize_route(body: DetokenizeRequest, state: StateDep, _ready: ServiceDep) -> DetokenizeResponse:
+    async with state.registry.use(body.model, state.settings.request_timeout_s) as serving:
+        return await detokenize(serving.service, serving.model, body)

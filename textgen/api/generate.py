@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
 from sse_starlette import ServerSentEvent
 
-from textgen.api.deps import CallerDep, OwnerDep, RequestIdDep, RunnerDep, ServiceDep, StateDep, StoreDep
+from textgen.api.deps import CallerDep, OwnerDep, RequestIdDep, RunnerDep, StateDep, StoreDep
 from textgen.api.errors import error_responses
 from textgen.api.schemas.native import BackgroundRequest, JobAccepted, TextGenerationRequest, TextGenerationResponse
 from textgen.api.sse import SSE_RESPONSE_DOC, error_event, event, sse_response
@@ -22,6 +24,7 @@ from textgen.services.native import text_request
 from textgen.webhooks import check_webhook
 
 router = APIRouter(tags=["generation"])
+MIN_TIME_LEFT_S = 0.001  # a deadline spent waiting for the model: the engine answers 504 at once
 # Printable ASCII, as the job store checks; no space at either end, since HTTP strips it from header values.
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$"
 
@@ -82,35 +85,40 @@ async def generation_events(
 @router.post(
     "/generate",
     response_model=TextGenerationResponse,
-    responses={**SSE_RESPONSE_DOC, **error_responses(400, 422, 429, 503, 504, 500)},
+    responses={**SSE_RESPONSE_DOC, **error_responses(400, 404, 422, 429, 503, 504, 500)},
     summary="Generate text and wait for it (or stream it with stream: true)",
 )
 async def generate(
     body: TextGenerationRequest,
     request: Request,
     state: StateDep,
-    service: ServiceDep,
     request_id: RequestIdDep,
     caller: CallerDep,
 ) -> TextGenerationResponse | Response:
-    await service.check_prompt(body.prompt, request_id)
-    text = text_request(body)
-    service.check_logprobs_budget([text.params], "logprobs")
-    await service.prepare_request(text)
-    if body.stream:
-        with state.streams.take(caller) as slot:  # before the budget is reserved: a refusal costs nothing
-            handle = await service.submit_request_budgeted(caller, text, request_id, Priority.INTERACTIVE)
-            return sse_response(slot.attach(generation_events(service, handle, request_id, caller)), request_id)
-    handle = await service.submit_request_budgeted(caller, text, request_id, Priority.INTERACTIVE)
-    result = await result_unless_disconnected(request, handle)
-    return rendered(await service.response(result, request_id, caller))
+    # 404 model_not_found before any work; a model not loaded yet loads now, waited for within the deadline,
+    # and the time spent waiting counts against it.
+    deadline_s, arrived = body.timeout_s or state.settings.request_timeout_s, time.monotonic()
+    async with state.registry.use(body.model, deadline_s) as serving:
+        service = serving.service
+        await service.check_prompt(body.prompt, request_id)
+        left_s = max(deadline_s - (time.monotonic() - arrived), MIN_TIME_LEFT_S)
+        text = dataclasses.replace(text_request(body), timeout_s=left_s)
+        service.check_logprobs_budget([text.params], "logprobs")
+        await service.prepare_request(text)
+        if body.stream:
+            with state.streams.take(caller) as slot:  # before the budget is reserved: a refusal costs nothing
+                handle = await service.submit_request_budgeted(caller, text, request_id, Priority.INTERACTIVE)
+                return sse_response(slot.attach(generation_events(service, handle, request_id, caller)), request_id)
+        handle = await service.submit_request_budgeted(caller, text, request_id, Priority.INTERACTIVE)
+        result = await result_unless_disconnected(request, handle)
+        return rendered(await service.response(result, request_id, caller))
 
 
 @router.post(
     "/generate_background",
     status_code=202,
     response_model=JobAccepted,
-    responses=error_responses(400, 409, 422, 429, 500),
+    responses=error_responses(400, 404, 409, 422, 429, 503, 504, 500),
     summary="Queue a durable background job; poll the returned status URL",
 )
 async def generate_background(
@@ -133,17 +141,22 @@ async def generate_background(
         ),
     ] = None,
 ) -> JobAccepted:
-    await state.service.check_prompt(body.prompt, request_id)
-    text = text_request(body)
-    state.service.check_logprobs_budget([text.params], "logprobs")
-    await state.service.prepare_request(text)
+    # The model is checked (404) and loaded now, as its tokenizer counts the prompt; the job runs on it later.
+    async with state.registry.use(body.model, body.timeout_s or state.settings.request_timeout_s) as serving:
+        service = serving.service
+        await service.check_prompt(body.prompt, request_id)
+        text = text_request(body)
+        service.check_logprobs_budget([text.params], "logprobs")
+        await service.prepare_request(text)
+        prompt_tokens = await service.count_prompt_tokens([body.prompt])
     if body.callback_url is not None:
         await check_webhook(body.callback_url, state.settings)
-    # Without a webhook the stored request keeps its original shape (and Idempotency-Key fingerprints).
-    stored = body.model_dump(mode="json", exclude={"stream"} if body.callback_url else {"stream", "callback_url"})
+    # Without a webhook or a model the stored request keeps its original shape (and Idempotency-Key fingerprints).
+    left_out = {"stream"} | ({"callback_url"} if body.callback_url is None else set())
+    left_out |= {"model"} if body.model is None else set()
+    stored = body.model_dump(mode="json", exclude=left_out)
     # The submitter's token budget (prompt + output) is reserved now and refunded by whoever ends the job.
     # Without an output limit the job is granted what one window allows (the same for a replayed body).
-    prompt_tokens = await state.service.count_prompt_tokens([body.prompt])
     grant = await state.service.grant(caller, [text.params], prompt_tokens, open_ended=text.open_ended, flexible=False)
     if grant.max_new_tokens is not None:
         stored["max_new_tokens"] = grant.max_new_tokens

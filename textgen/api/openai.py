@@ -23,7 +23,7 @@ from fastapi.routing import APIRoute
 from sse_starlette import ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from textgen.api.deps import CallerDep, RequestIdDep, ServiceDep, StateDep
+from textgen.api.deps import CallerDep, RequestIdDep, StateDep
 from textgen.api.errors import (
     http_error_response,
     openai_error_response,
@@ -44,6 +44,7 @@ from textgen.api.sse import SSE_RESPONSE_DOC, sse_response
 from textgen.engine.types import GenerationResult, Handle, to_client_error
 from textgen.errors import TextGenError
 from textgen.generation import GenerationService
+from textgen.services.model_registry import ModelEntry, ModelRegistry
 from textgen.services.openai import (
     chat_chunks,
     chat_max_tokens,
@@ -130,31 +131,37 @@ async def _openai_stream(chunks: AsyncIterator[dict[str, Any]], request_id: str)
     yield ServerSentEvent(data="[DONE]")
 
 
-def _card(model_id: str, created: int) -> ModelCard:
-    return ModelCard(id=model_id, created=created)
+def _card(registry: ModelRegistry, entry: ModelEntry, model_id: str) -> ModelCard:
+    """OpenAI's model object, plus where the model stands: loaded or not, its memory, its default status.
+    An alias's card names the model it stands for in ``root``."""
+    return ModelCard.model_validate(
+        {"id": model_id, "created": registry.created, "root": entry.name, **entry.describe()}
+    )
 
 
 @router.get(
     "/models",
     response_model=ModelList,
     responses={code: ERROR_DOCS[code] for code in (401, 413, 429, 500)},
-    summary="The served model and its aliases (TEXTGEN_MODEL_ALIASES)",
+    summary="Every configured model and its aliases, with its state (loaded or not, memory)",
 )
 async def list_models(state: StateDep) -> ModelList:
-    models = state.models
-    return ModelList(data=[_card(model_id, models.created) for model_id in models.ids])
+    registry = state.registry
+    cards = [
+        _card(registry, entry, model_id) for entry in registry.entries.values() for model_id in registry.names(entry)
+    ]
+    return ModelList(data=cards)
 
 
 @router.get(
     "/models/{model_id:path}",
     response_model=ModelCard,
     responses={code: ERROR_DOCS[code] for code in (401, 404, 413, 429, 500)},
-    summary="One model card: the served model or one of its aliases; else 404 model_not_found",
+    summary="One model card (a model or one of its aliases); else 404 model_not_found",
 )
 async def retrieve_model(state: StateDep, model_id: str) -> ModelCard:
-    models = state.models
-    models.resolve(model_id)  # 404 model_not_found for any other name
-    return _card(model_id, models.created)
+    entry = state.registry.resolve(model_id)  # 404 model_not_found for any other name
+    return _card(state.registry, entry, model_id)
 
 
 @router.post(
@@ -167,28 +174,29 @@ async def completions(
     body: CompletionRequest,
     request: Request,
     state: StateDep,
-    service: ServiceDep,
     request_id: RequestIdDep,
     caller: CallerDep,
 ) -> CompletionResponse | Response:
-    state.models.resolve(body.model)  # 404 model_not_found before any work
-    prompts = await checked_prompts(service, body, request_id)
-    await service.prepare(choice_sampling(body, body.max_tokens, 0))  # compile a constraint before queueing
-    completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    if body.stream:
-        with state.streams.take(caller) as slot:
-            grant, max_tokens = await grant_choices(service, caller, prompts, body, body.max_tokens)
-            handles = await service.submit_granted(
-                grant, lambda: submit_choices(service, prompts, body, max_tokens, request_id)
-            )
-            chunks = completion_chunks(service, handles, body, completion_id, created, request_id, caller)
-            return sse_response(slot.attach(_openai_stream(chunks, request_id)), request_id)
-    grant, max_tokens = await grant_choices(service, caller, prompts, body, body.max_tokens)
-    handles = await service.submit_granted(
-        grant, lambda: submit_choices(service, prompts, body, max_tokens, request_id)
-    )
-    results = await _finished(request, service, handles, request_id, caller)
-    return completion_response(service, body, results, completion_id, created)
+    # 404 model_not_found before any work; a model not loaded yet loads now (the wait counts against the deadline)
+    async with state.registry.use(body.model, state.settings.request_timeout_s) as serving:
+        service = serving.service
+        prompts = await checked_prompts(service, body, request_id)
+        await service.prepare(choice_sampling(body, body.max_tokens, 0))  # compile a constraint before queueing
+        completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            with state.streams.take(caller) as slot:
+                grant, max_tokens = await grant_choices(service, caller, prompts, body, body.max_tokens)
+                handles = await service.submit_granted(
+                    grant, lambda: submit_choices(service, prompts, body, max_tokens, request_id)
+                )
+                chunks = completion_chunks(service, handles, body, completion_id, created, request_id, caller)
+                return sse_response(slot.attach(_openai_stream(chunks, request_id)), request_id)
+        grant, max_tokens = await grant_choices(service, caller, prompts, body, body.max_tokens)
+        handles = await service.submit_granted(
+            grant, lambda: submit_choices(service, prompts, body, max_tokens, request_id)
+        )
+        results = await _finished(request, service, handles, request_id, caller)
+        return completion_response(service, body, results, completion_id, created)
 
 
 @router.post(
@@ -201,25 +209,25 @@ async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
     state: StateDep,
-    service: ServiceDep,
     request_id: RequestIdDep,
     caller: CallerDep,
 ) -> ChatCompletionResponse | Response:
-    state.models.resolve(body.model)  # 404 model_not_found before any work
-    prompt = await checked_chat_prompt(service, state.model.tokenizer, body, request_id)
-    await prepare_chat(service, body)  # compile a constraint (tool calls, response_format) first
-    chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    if body.stream:
-        with state.streams.take(caller) as slot:
-            grant, max_tokens = await grant_choices(service, caller, [prompt], body, chat_max_tokens(service, body))
-            handles = await service.submit_granted(
-                grant, lambda: submit_choices(service, [prompt], body, max_tokens, request_id)
-            )
-            chunks = chat_chunks(service, handles, body, chat_id, created, request_id, caller)
-            return sse_response(slot.attach(_openai_stream(chunks, request_id)), request_id)
-    grant, max_tokens = await grant_choices(service, caller, [prompt], body, chat_max_tokens(service, body))
-    handles = await service.submit_granted(
-        grant, lambda: submit_choices(service, [prompt], body, max_tokens, request_id)
-    )
-    results = await _finished(request, service, handles, request_id, caller)
-    return chat_response(service, body, results, chat_id, created)
+    async with state.registry.use(body.model, state.settings.request_timeout_s) as serving:
+        service = serving.service
+        prompt = await checked_chat_prompt(service, serving.model.tokenizer, body, request_id)
+        await prepare_chat(service, body)  # compile a constraint (tool calls, response_format) first
+        chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            with state.streams.take(caller) as slot:
+                grant, max_tokens = await grant_choices(service, caller, [prompt], body, chat_max_tokens(service, body))
+                handles = await service.submit_granted(
+                    grant, lambda: submit_choices(service, [prompt], body, max_tokens, request_id)
+                )
+                chunks = chat_chunks(service, handles, body, chat_id, created, request_id, caller)
+                return sse_response(slot.attach(_openai_stream(chunks, request_id)), request_id)
+        grant, max_tokens = await grant_choices(service, caller, [prompt], body, chat_max_tokens(service, body))
+        handles = await service.submit_granted(
+            grant, lambda: submit_choices(service, [prompt], body, max_tokens, request_id)
+        )
+        results = await _finished(request, service, handles, request_id, caller)
+        return chat_response(service, body, results, chat_id, created)

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import ServerSentEvent
 
-from textgen.api.deps import CallerDep, ReaderDep, RequestIdDep, RunnerDep, ServiceDep, StateDep, StoreDep
+from textgen.api.deps import CallerDep, ReaderDep, RequestIdDep, RunnerDep, StateDep, StoreDep
 from textgen.api.generate import results_unless_disconnected
 from textgen.api.openai import ERROR_DOCS, GENERATION_DOCS, OpenAIRoute
 from textgen.api.schemas.openai import OpenAIError
@@ -106,45 +106,46 @@ async def create_response(
     body: ResponseRequest,
     request: Request,
     state: StateDep,
-    service: ServiceDep,
     store: StoreDep,
     runner: RunnerDep,
     request_id: RequestIdDep,
     caller: CallerDep,
     reader: ReaderDep,
 ) -> Any:
-    state.models.resolve(body.model)  # 404 model_not_found before any work
-    prepared = await prepare_response(service, store, body, reader.visible_owner)
-    chat = prepared.chat
-    prompt = await checked_chat_prompt(service, state.model.tokenizer, chat, request_id)
-    await prepare_chat(service, chat)  # compile its constraint (tool calls, text.format) before queueing
-    owner = reader.owner_id
-    if body.background:
-        return await _queue(prepared, prompt, service, store, runner, request_id, caller, owner)
+    # 404 model_not_found before any work; the model is loaded now (its template renders the prompt)
+    async with state.registry.use(body.model, state.settings.request_timeout_s) as serving:
+        service = serving.service
+        prepared = await prepare_response(service, store, body, reader.visible_owner)
+        chat = prepared.chat
+        prompt = await checked_chat_prompt(service, serving.model.tokenizer, chat, request_id)
+        await prepare_chat(service, chat)  # compile its constraint (tool calls, text.format) before queueing
+        owner = reader.owner_id
+        if body.background:
+            return await _queue(prepared, prompt, service, store, runner, request_id, caller, owner)
 
-    async def keep(response: dict[str, Any]) -> None:
-        if body.stores:
-            await store_finished(store, prepared, response, request_id, owner)
+        async def keep(response: dict[str, Any]) -> None:
+            if body.stores:
+                await store_finished(store, prepared, response, request_id, owner)
 
-    chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(prepared.skeleton["created_at"])
-    if body.stream:
-        with state.streams.take(caller) as slot:
-            grant, max_tokens = await grant_choices(service, caller, [prompt], chat, chat_max_tokens(service, chat))
-            handles = await service.submit_granted(
-                grant, lambda: submit_choices(service, [prompt], chat, max_tokens, request_id)
-            )
-            chunks = chat_chunks(service, handles, chat, chat_id, created, request_id, caller)
-            translator = ResponseEvents(prepared.skeleton)
-            events = _events(response_stream(chunks, translator, keep), translator, request_id)
-            return sse_response(slot.attach(events), request_id)
-    grant, max_tokens = await grant_choices(service, caller, [prompt], chat, chat_max_tokens(service, chat))
-    handles = await service.submit_granted(
-        grant, lambda: submit_choices(service, [prompt], chat, max_tokens, request_id)
-    )
-    results = await _results(request, service, handles, request_id, caller)
-    response = completed_response(prepared.skeleton, chat_json(service, chat, results, chat_id, created))
-    await keep(response)
-    return JSONResponse(response)
+        chat_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(prepared.skeleton["created_at"])
+        if body.stream:
+            with state.streams.take(caller) as slot:
+                grant, max_tokens = await grant_choices(service, caller, [prompt], chat, chat_max_tokens(service, chat))
+                handles = await service.submit_granted(
+                    grant, lambda: submit_choices(service, [prompt], chat, max_tokens, request_id)
+                )
+                chunks = chat_chunks(service, handles, chat, chat_id, created, request_id, caller)
+                translator = ResponseEvents(prepared.skeleton)
+                events = _events(response_stream(chunks, translator, keep), translator, request_id)
+                return sse_response(slot.attach(events), request_id)
+        grant, max_tokens = await grant_choices(service, caller, [prompt], chat, chat_max_tokens(service, chat))
+        handles = await service.submit_granted(
+            grant, lambda: submit_choices(service, [prompt], chat, max_tokens, request_id)
+        )
+        results = await _results(request, service, handles, request_id, caller)
+        response = completed_response(prepared.skeleton, chat_json(service, chat, results, chat_id, created))
+        await keep(response)
+        return JSONResponse(response)
 
 
 async def _queue(

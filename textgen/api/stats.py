@@ -11,13 +11,24 @@ from pydantic import BaseModel, Field
 from textgen.api.deps import StateDep
 from textgen.api.errors import error_responses
 from textgen.jobs.store import JobState
+from textgen.services.model_registry import ModelEntry
 
 router = APIRouter(tags=["health"])
 
 
+class ModelStats(BaseModel):
+    name: str
+    state: str = Field(..., description="unloaded, loading, loaded, unloading or failed.")
+    default: bool = Field(..., description="The model requests without 'model' run on (loaded at start, kept).")
+    memory_bytes: int | None = Field(..., description="While loaded: weights and reserved KV cache.")
+    running: int = Field(..., description="Its sequences in the running batch.")
+    waiting: int = Field(..., description="Its requests waiting for a batch slot (interactive and background).")
+    tokens_per_s: float = Field(..., description="Its recent generated tokens per second.")
+
+
 class StatsResponse(BaseModel):
     ready: bool = Field(..., description="Model loaded and warmed up, not shutting down (as /ready).")
-    model: str
+    model: str = Field(..., description="The default model (TEXTGEN_MODELS' first, or TEXTGEN_MODEL).")
     engine: str = Field(..., description="'batched' or 'threadpool'.")
     running: int = Field(..., description="Sequences in the running batch now: the size of the next decode step.")
     max_running: int = Field(..., description="Batch capacity (TEXTGEN_MAX_RUNNING).")
@@ -26,6 +37,9 @@ class StatsResponse(BaseModel):
     tokens_per_s: float = Field(..., description="Recent generated tokens per second over the whole batch.")
     jobs_queued: int = Field(..., description="Background jobs queued in the job store (all workers).")
     jobs_running: int = Field(..., description="Background jobs running (all workers).")
+    models: list[ModelStats] = Field(
+        default_factory=list, description="Every configured model (the engine numbers above are their sums)."
+    )
 
 
 @router.get(
@@ -35,7 +49,7 @@ class StatsResponse(BaseModel):
     summary="Live engine and queue numbers as JSON (running and waiting sequences, tokens/s, batch size)",
 )
 async def stats(state: StateDep) -> StatsResponse:
-    engine = state.engine.stats()
+    engine = state.registry.engine_stats()
     return StatsResponse(
         ready=state.ready,
         model=state.model.name,
@@ -47,4 +61,19 @@ async def stats(state: StateDep) -> StatsResponse:
         tokens_per_s=round(engine.tokens_per_s, 2),
         jobs_queued=await state.store.count(JobState.QUEUED),
         jobs_running=await state.store.count(JobState.RUNNING),
+        models=[model_stats(entry) for entry in state.registry.entries.values()],
+    )
+
+
+def model_stats(entry: ModelEntry) -> ModelStats:
+    serving = entry.serving
+    engine = serving.engine.stats() if serving is not None else None
+    return ModelStats(
+        name=entry.name,
+        state=entry.state.value,
+        default=entry.pinned,
+        memory_bytes=entry.memory_bytes if serving is not None else None,
+        running=engine.running if engine else 0,
+        waiting=engine.waiting_interactive + engine.waiting_background if engine else 0,
+        tokens_per_s=round(engine.tokens_per_s, 2) if engine else 0.0,
     )

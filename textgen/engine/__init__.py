@@ -4,6 +4,7 @@ TEXTGEN_ENGINE=batched) and ``threadpool`` (the baseline, TEXTGEN_ENGINE=threadp
 from __future__ import annotations
 
 from textgen.config import Settings
+from textgen.cpu_share import CoreShare
 from textgen.engine.core import CoreOptions
 from textgen.engine.scheduler import BatchedEngine
 from textgen.engine.threadpool import ThreadPoolEngine
@@ -31,6 +32,7 @@ __all__ = [
     "SamplingParams",
     "ThreadPoolEngine",
     "core_options_from_settings",
+    "cores_from_settings",
     "create_engine",
     "limits_from_settings",
 ]
@@ -49,14 +51,26 @@ def limits_from_settings(settings: Settings) -> EngineLimits:
     )
 
 
-def create_engine(settings: Settings, loaded: LoadedModel) -> Engine:
+def create_engine(settings: Settings, loaded: LoadedModel, cores: CoreShare | None = None) -> Engine:
+    """``cores``: the process's CoreShare; every engine of one process must get the same one (its steps then
+    take turns on a team sized to the free cores). None builds one from the settings for this engine alone."""
     limits = limits_from_settings(settings)
     if settings.engine == "threadpool":
         return ThreadPoolEngine(loaded, limits, workers=settings.threadpool_workers, warmup=settings.warmup)
     # The server loads the model for this engine alone, so the engine may free what its core duplicates.
     return BatchedEngine(
-        loaded, limits, core_options=core_options_from_settings(settings), warmup=settings.warmup, owns_model=True
+        loaded,
+        limits,
+        core_options=core_options_from_settings(settings),
+        warmup=settings.warmup,
+        owns_model=True,
+        cores=cores if cores is not None else cores_from_settings(settings),
     )
+
+
+def cores_from_settings(settings: Settings) -> CoreShare:
+    """The process's CoreShare (textgen.cpu_share): build one per process, pass it to every engine."""
+    return CoreShare.for_process(settings.torch_threads, settings.adaptive_threads)
 
 
 def core_options_from_settings(settings: Settings) -> CoreOptions:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from textgen.cpu_share import CoreShare
 from textgen.engine.constraints import GrammarCompiler, MaskTimer, apply_token_masks
 from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights
 from textgen.engine.core.decoder import StepOutput
@@ -129,8 +130,13 @@ class BatchedEngine:
         core_options: CoreOptions | None = None,
         warmup: bool = True,
         owns_model: bool = False,
+        cores: CoreShare | None = None,
     ) -> None:
         self._loaded = loaded
+        # The process's cores, shared with its other engines (textgen.cpu_share): each step waits for its
+        # turn and runs on a team sized to the free cores. None: steps run at once on torch's thread count.
+        self._cores = cores
+        self._turns = cores.join(loaded.name) if cores is not None else None
         self._owns_model = owns_model  # the only user of ``loaded``: its duplicate weights may be freed
         self._limits = limits
         self._core_options = core_options or CoreOptions(
@@ -343,7 +349,7 @@ class BatchedEngine:
             try:
                 if not self._wait_for_work(events):
                     break
-                self._iterate(events)
+                self._iterate_in_turn(events)
             except Exception:
                 logger.exception("Engine step failed; failing the sequences in this batch")
                 self._fail_batch(events, EngineError())
@@ -367,6 +373,13 @@ class BatchedEngine:
                 return False
             self._drop_expired_waiting_locked(events)
         return True
+
+    def _iterate_in_turn(self, events: list[Event]) -> None:
+        if self._cores is None or self._turns is None:
+            self._iterate(events)
+            return
+        with self._cores.turn(self._turns):
+            self._iterate(events)
 
     def _iterate(self, events: list[Event]) -> None:
         """Admit (while the backlog is empty, so later arrivals keep their priority), retire, then one

@@ -17,11 +17,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from textgen.engine.types import GenerationResult, Handle, Priority
-from textgen.errors import GenerationCancelledError, NotReadyError, StoreUnavailableError, TextGenError
+from textgen.errors import (
+    GenerationCancelledError,
+    ModelUnavailableError,
+    NotReadyError,
+    StoreUnavailableError,
+    TextGenError,
+)
 from textgen.generation import GenerationService
 from textgen.jobs.store import Job, JobState
-from textgen.loader import LoadedModel
-from textgen.services.models import served_models
+from textgen.services.model_registry import ModelRegistry
 from textgen.services.openai import (
     chat_max_tokens,
     chat_response,
@@ -49,9 +54,9 @@ async def _results(handles: Sequence[Handle]) -> list[GenerationResult]:
         raise
 
 
-def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobExecutor:
-    """The runner's executor for ``batch_line`` jobs (registered in ``textgen.state.build_state``)."""
-    models = served_models(service.settings, model)
+def batch_line_executor(service: GenerationService, models: ModelRegistry) -> JobExecutor:
+    """The runner's executor for ``batch_line`` jobs (registered in ``textgen.state.build_state``): each
+    line runs on the model its body names (``models``), loaded if it is not."""
 
     async def execute(job: Job, request_id: str, track: Callable[[Handle], None]) -> JobOutcome:
         url, body = job.request["url"], job.request["body"]
@@ -64,23 +69,32 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
             response: Any
             if url == "/v1/chat/completions":
                 chat = ChatCompletionRequest.model_validate(body)
-                models.resolve(chat.model)  # a line naming another model fails with 404 model_not_found
-                handles = await submit_chat(service, model.tokenizer, chat, request_id, Priority.BACKGROUND)
-                for handle in handles:
-                    track(handle)
-                results = [await service.finish(result, request_id) for result in await _results(handles)]
-                response = chat_response(service, chat, results)
+                # A line naming a model this server does not serve fails with 404 model_not_found.
+                async with models.use(chat.model) as serving:
+                    line_service = serving.service
+                    handles = await submit_chat(
+                        line_service, serving.model.tokenizer, chat, request_id, Priority.BACKGROUND
+                    )
+                    for handle in handles:
+                        track(handle)
+                    results = [await line_service.finish(result, request_id) for result in await _results(handles)]
+                response = chat_response(line_service, chat, results)
             else:
                 completion = CompletionRequest.model_validate(body)
-                models.resolve(completion.model)
-                await service.prepare_constraint(response_format_constraint(completion.response_format))
-                handles = await submit_completion(service, completion, request_id, Priority.BACKGROUND)
-                for handle in handles:
-                    track(handle)
-                results = [await service.finish(result, request_id) for result in await _results(handles)]
-                response = completion_response(service, completion, results)
+                async with models.use(completion.model) as serving:
+                    line_service = serving.service
+                    await line_service.prepare_constraint(response_format_constraint(completion.response_format))
+                    handles = await submit_completion(line_service, completion, request_id, Priority.BACKGROUND)
+                    for handle in handles:
+                        track(handle)
+                    results = [await line_service.finish(result, request_id) for result in await _results(handles)]
+                response = completion_response(line_service, completion, results)
         except (NotReadyError, GenerationCancelledError, StoreUnavailableError):
             raise  # the runner hands the job back or records nothing
+        except ModelUnavailableError as error:
+            if error.retry_after_s is not None:
+                raise  # busy models fill TEXTGEN_MODEL_MEMORY: the runner hands the line back to the queue
+            return _failed(error.status_code, error.message, request_id, error.shown_param, error.code)
         except TextGenError as error:
             return _failed(error.status_code, error.message, request_id, error.shown_param, error.code)
         except ValidationError as error:
@@ -92,25 +106,27 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
     return execute
 
 
-def batch_line_planner(service: GenerationService, model: LoadedModel) -> LinePlanner:
+def batch_line_planner(service: GenerationService, models: ModelRegistry) -> LinePlanner:
     """The coordinator's planner: a line's prompts as the engine will see them (the chat template
     applied), their tokens counted in a worker thread, and one ``SamplingParams`` per choice, exactly as
-    the executor above will submit them. A line naming another model raises (``ModelNotFoundError``): the
-    coordinator then charges it as a request only, and the executor fails it."""
-    models = served_models(service.settings, model)
+    the executor above will submit them, on the model the line names (loaded to plan it, as its line will
+    run on it next). A line naming another model raises (``ModelNotFoundError``): the coordinator then
+    charges it as a request only, and the executor fails it."""
 
     async def plan(url: str, body: dict[str, Any]) -> LinePlan:
         request: CompletionRequest | ChatCompletionRequest
-        if url == "/v1/chat/completions":
-            request = ChatCompletionRequest.model_validate(body)
-            max_tokens: int | None = chat_max_tokens(service, request)
-        else:
-            request = CompletionRequest.model_validate(body)
-            max_tokens = request.max_tokens
-        models.resolve(request.model)
-        prompts = await asyncio.to_thread(prompts_of, model.tokenizer, request)
+        chat = url == "/v1/chat/completions"
+        request = ChatCompletionRequest.model_validate(body) if chat else CompletionRequest.model_validate(body)
+        async with models.use(request.model) as serving:
+            line_service = serving.service
+            if isinstance(request, ChatCompletionRequest):
+                max_tokens: int | None = chat_max_tokens(line_service, request)
+            else:
+                max_tokens = request.max_tokens
+            prompts = await asyncio.to_thread(prompts_of, serving.model.tokenizer, request)
+            prompt_tokens = await count_prompt_tokens(line_service, prompts, request)
         return LinePlan(
-            prompt_tokens=await count_prompt_tokens(service, prompts, request),
+            prompt_tokens=prompt_tokens,
             params=choice_params(prompts, request, max_tokens),
             open_ended=names_no_output_limit(request),
         )

@@ -72,6 +72,13 @@ class TextGenerationRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "The future of AI is", "max_length": 50}]})
 
     prompt: str = Field(..., min_length=1, max_length=32_000, description="Text to continue.")
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="Which model generates (a TEXTGEN_MODELS name or an alias; GET /v1/models lists them); left "
+        "out: the default model. Any other name is 404 model_not_found.",
+    )
     max_length: int = Field(
         50,
         ge=1,

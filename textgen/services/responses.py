@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from textgen.engine.types import GenerationResult, Handle, Priority
 from textgen.errors import InvalidRequestError, JobNotFoundError, TextGenError
 from textgen.generation import GenerationService
 from textgen.jobs.store import Job, JobState, JobStore
-from textgen.loader import LoadedModel
+from textgen.services.model_registry import ModelRegistry
 from textgen.services.openai import chat_response, submit_chat
 from textgen.services.requests import ChatCompletionRequest
 from textgen.services.responses_types import ResponseRequest, check_fields
@@ -225,6 +224,8 @@ def chat_request(body: ResponseRequest, items: Sequence[dict[str, Any]], *, stre
         "stream": stream,
         "stream_options": {"include_usage": True} if stream else None,
     }
+    if body.model is not None:  # the model it runs on (a background response's job reads it)
+        chat["model"] = body.model
     if body.temperature is not None:
         chat["temperature"] = body.temperature
     if body.top_p is not None:
@@ -492,10 +493,10 @@ async def _gather(handles: Sequence[Handle]) -> list[GenerationResult]:
         raise
 
 
-def response_executor(service: GenerationService, model: LoadedModel) -> JobExecutor:
+def response_executor(service: GenerationService, models: ModelRegistry) -> JobExecutor:
     """The runner's executor for ``response`` jobs (``background: true``): the chat path at background
-    priority, within the reservation made when the job was created; the job's result is the response."""
-    tokenizer: PreTrainedTokenizerBase = model.tokenizer
+    priority, on the model the request named, within the reservation made when the job was created; the
+    job's result is the response."""
 
     async def execute(job: Job, request_id: str, track: Callable[[Handle], None]) -> JobOutcome:
         chat_body = dict(job.request["chat"])
@@ -503,12 +504,14 @@ def response_executor(service: GenerationService, model: LoadedModel) -> JobExec
         if isinstance(granted, int):
             chat_body.update(max_completion_tokens=granted, max_tokens=None)
         chat = ChatCompletionRequest.model_validate(chat_body)
-        handles = await submit_chat(service, tokenizer, chat, request_id, Priority.BACKGROUND)
-        for handle in handles:
-            track(handle)
-        results = [await service.finish(result, request_id) for result in await _gather(handles)]
+        async with models.use(chat.model) as serving:
+            chat_service, tokenizer = serving.service, serving.model.tokenizer
+            handles = await submit_chat(chat_service, tokenizer, chat, request_id, Priority.BACKGROUND)
+            for handle in handles:
+                track(handle)
+            results = [await chat_service.finish(result, request_id) for result in await _gather(handles)]
         skeleton = {**job.request["response"], "id": new_response_id(job.id), "status": "in_progress"}
-        return JobState.SUCCEEDED, {"result": completed_response(skeleton, chat_json(service, chat, results))}
+        return JobState.SUCCEEDED, {"result": completed_response(skeleton, chat_json(chat_service, chat, results))}
 
     return execute
 

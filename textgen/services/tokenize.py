@@ -26,7 +26,9 @@ class TokenizePromptRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"prompt": "Hello world"}]})
 
-    model: str | None = Field(None, description="The served model (one is served).")
+    model: str | None = Field(
+        None, description="Which model's tokenizer (a name or alias from GET /v1/models); left out: the default model."
+    )
     prompt: str = Field(..., description="Text to tokenize, as the engine tokenizes a prompt.")
     add_special_tokens: bool = Field(
         True, strict=True, description="Add the tokenizer's special tokens (BOS...), as the engine does."
@@ -41,7 +43,9 @@ class TokenizeChatRequest(BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"messages": [{"role": "user", "content": "Hi"}]}]}
     )
 
-    model: str | None = Field(None, description="The served model (one is served).")
+    model: str | None = Field(
+        None, description="Which model's tokenizer (a name or alias from GET /v1/models); left out: the default model."
+    )
     messages: list[ChatMessage] = Field(
         ..., min_length=1, description="Chat messages, rendered by the model's chat template, then tokenized."
     )
@@ -67,7 +71,9 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"tokens": [1, 2, 3]}]})
 
-    model: str | None = Field(None, description="The served model (one is served).")
+    model: str | None = Field(
+        None, description="Which model's tokenizer (a name or alias from GET /v1/models); left out: the default model."
+    )
     tokens: list[Annotated[StrictInt, Field(ge=0)]] = Field(..., description="Token ids of the served model.")
 
 

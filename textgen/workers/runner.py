@@ -30,6 +30,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ from textgen.config import Settings
 from textgen.engine.types import Handle, Priority
 from textgen.errors import (
     GenerationCancelledError,
+    ModelUnavailableError,
     NotReadyError,
     TextGenError,
 )
@@ -58,8 +60,12 @@ JobOutcome = tuple[JobState, dict[str, Any]]
 # handle so cancellation and shutdown reach it. Raises NotReadyError / GenerationCancelledError like
 # the plain path; returns the state and the fields to record.
 JobExecutor = Callable[[Job, str, Callable[[Handle], None]], Awaitable[JobOutcome]]
-# Builds an executor once the service exists (batch lines: textgen.services.batch_lines.batch_line_executor).
+# Builds an executor once the service exists (batch lines: textgen.services.batch_lines.batch_line_executor);
+# its second argument is the model registry (textgen.services.model_registry), which picks each job's model.
 ExecutorFactory = Callable[[GenerationService, Any], JobExecutor]
+# The generation service of the model a job names (None: the default), loaded if it is not, held while the
+# job runs: ``textgen.services.model_registry.ModelRegistry.service_for``.
+ServiceFor = Callable[[str | None, float | None], AbstractAsyncContextManager[GenerationService]]
 
 
 def process_owner_id() -> str:
@@ -124,6 +130,7 @@ class JobRunner:
         webhooks: JobWebhooks | None = None,
         executors: Mapping[str, JobExecutor] | None = None,
         wait: Wait = wait_event,
+        service_for: ServiceFor | None = None,
     ) -> None:
         self.owner = owner or process_owner_id()
         self._executors = dict(executors or {})
@@ -131,6 +138,7 @@ class JobRunner:
         self._webhooks = webhooks
         self._store = store
         self._service = service
+        self._service_for = service_for or self._only_service
         self._active: dict[str, Handle | None] = {}
         self._handles: dict[str, list[Handle]] = {}  # every engine handle of a running job (refunds, cancel)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -322,12 +330,21 @@ class JobRunner:
             executor = self._executors.get(str(job.request.get("kind", "")))
             if executor is not None:
                 return await executor(job, request_id, lambda handle: self._track(job.id, handle))
-            request = text_request(TextGenerationRequest.model_validate(job.request))
-            await self._service.prepare_request(request)  # compiles off the event loop, marked as risky
-            handle = self._service.submit_request(request, request_id, Priority.BACKGROUND)
-            self._track(job.id, handle)
-            result = await self._service.response(await handle.result(), request_id)
+            body = TextGenerationRequest.model_validate(job.request)
+            request = text_request(body)
+            async with self._service_for(body.model, request.timeout_s) as service:
+                await service.prepare_request(request)  # compiles off the event loop, marked as risky
+                handle = service.submit_request(request, request_id, Priority.BACKGROUND)
+                self._track(job.id, handle)
+                result = await service.response(await handle.result(), request_id)
             return JobState.SUCCEEDED, {"result": result.to_dict()}
+        except ModelUnavailableError as error:
+            if error.retry_after_s is None or self._stopping:
+                return JobState.FAILED, {"error": error.message}
+            # Busy models fill TEXTGEN_MODEL_MEMORY: the job waits in the queue for room, not in "running".
+            await self._store.release(job.id, self.owner)
+            self._paused_until = time.monotonic() + error.retry_after_s
+            return None
         except NotReadyError:
             if not self._stopping:
                 # The engine is not taking work (e.g. draining); the job must not sit in "running",
@@ -346,6 +363,11 @@ class JobRunner:
         except Exception:
             logger.exception("Job %s failed", job.id, extra={"request_id": request_id})
             return JobState.FAILED, {"error": f"Internal error; see logs for request id {request_id}."}
+
+    @contextlib.asynccontextmanager
+    async def _only_service(self, model: str | None, timeout_s: float | None) -> AsyncIterator[GenerationService]:
+        """Without a registry: the one service (a runner built by hand, in tests)."""
+        yield self._service
 
     async def _finish_retrying(self, job: Job, state: JobState, outcome: dict[str, Any]) -> bool:
         """Record the outcome; while the store refuses writes (full disk, outage), keep trying for about
