@@ -86,25 +86,37 @@ class DecodeAttention:
 
 @dataclass
 class PrefillAttention:
-    """Whole prompts, packed end to end; each is written to its (fresh) slot and attends causally."""
+    """Inputs packed end to end, each written to its slot at its offset (0 for a whole prompt in a fresh
+    slot; the cached length when a sequence is extended by several tokens), attending causally over the
+    slot's positions before it and its own."""
 
     cache: SlotKVCache
-    segments: list[tuple[int, int, int]]  # (cache row, start in the packed tokens, length)
+    segments: Sequence[tuple[int, int, int, int]]  # (cache row, start in the packed tokens, length, offset)
     scale: float
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [N, Hq, D], k and v [N, Hkv, D] -> attention output [N, Hq * D]."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         outputs = []
-        for row, start, length in self.segments:
+        for row, start, length, offset in self.segments:
             seg_k = k[start : start + length].transpose(0, 1)  # [Hkv, Lp, D]
             seg_v = v[start : start + length].transpose(0, 1)
-            keys[row, :, :length] = seg_k
-            values[row, :, :length] = seg_v
+            keys[row, :, offset : offset + length] = seg_k
+            values[row, :, offset : offset + length] = seg_v
             seg_q = q[start : start + length].transpose(0, 1)  # [Hq, Lp, D]
-            out = F.scaled_dot_product_attention(
-                seg_q[None], seg_k[None], seg_v[None], is_causal=True, scale=self.scale, enable_gqa=True
-            )  # [1, Hq, Lp, D]
+            if offset == 0:
+                out = F.scaled_dot_product_attention(
+                    seg_q[None], seg_k[None], seg_v[None], is_causal=True, scale=self.scale, enable_gqa=True
+                )  # [1, Hq, Lp, D]
+            else:
+                live = offset + length
+                # query i sits at position offset + i and sees the cached prefix and the inputs up to itself
+                key_at, query_at = torch.arange(live, device=q.device), torch.arange(offset, live, device=q.device)
+                allowed = key_at[None, :] <= query_at[:, None]  # [Lp, live]
+                out = F.scaled_dot_product_attention(
+                    seg_q[None], keys[row, :, :live][None], values[row, :, :live][None],
+                    attn_mask=allowed, scale=self.scale, enable_gqa=True,
+                )  # [1, Hq, Lp, D]
             outputs.append(out[0].transpose(0, 1).reshape(length, -1))
         return torch.cat(outputs)
 
