@@ -358,6 +358,21 @@ def to_client_error(error: BaseException) -> BaseException:
     return error if isinstance(error, TextGenError) else EngineError()
 
 
+class SpeculationMode(enum.StrEnum):
+    """TEXTGEN_SPECULATIVE (engine/speculation.py)."""
+
+    AUTO = "auto"
+    NGRAM = "ngram"
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class SpeculationSettings:
+    mode: SpeculationMode = SpeculationMode.AUTO
+    max_draft: int = 6  # drafted tokens per sequence per step at most
+    max_batch: int = 4  # auto: sequences running at most for drafting to pay (measured)
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """The settings an engine enforces (built from ``Settings`` by ``create_engine``)."""
@@ -375,3 +390,4 @@ class EngineLimits:
     embedding_slots: int = 8
     # While streams decode, embedding inputs may add about this fraction to a decode step's time (measured).
     embedding_step_share: float = 0.05
+    speculation: SpeculationSettings = SpeculationSettings()
