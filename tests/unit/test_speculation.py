@@ -137,7 +137,9 @@ CONFINED = ((A, 100.0), (B, 99.5), (C, 99.0))
     {"temperature": 1.0, "top_k": 5, "seed": 3, "repetition_penalty": 1.1, "frequency_penalty": 0.3,
      "logit_bias": CONFINED},
 ], ids=["greedy", "seeded", "seeded-penalties"])
-async def test_text_is_identical_with_speculation_on_and_off(engines: Callable[..., Any], params: dict[str, Any]) -> None:
+async def test_text_is_identical_with_speculation_on_and_off(
+    engines: Callable[..., Any], params: dict[str, Any]
+) -> None:
     sampling = SamplingParams(max_new_tokens=40, ignore_eos=True, logprobs=2, **params)
     made = [
         GenerationRequest(p, sampling)
