@@ -315,6 +315,8 @@ class BatchedEngine:
                 waiting_interactive=len(self._waiting[Priority.INTERACTIVE]),
                 waiting_background=len(self._waiting[Priority.BACKGROUND]),
                 tokens_per_s=self._tokens_per_s,
+                draft_tokens=self._drafter.drafted,
+                accepted_draft_tokens=self._drafter.accepted,
             )
 
     def _has_work(self) -> bool:
@@ -670,7 +672,7 @@ class BatchedEngine:
         every product in the one-token format (``DecodeCore.uniform_rows``), so logits, and greedy text, are
         the same as without drafts."""
         extender = self._extender
-        if extender is None or not rows or not self._drafter.enabled:
+        if extender is None or not self._drafter.applies(len(rows)):
             return None
         states = []
         for seq in rows:

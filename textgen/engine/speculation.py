@@ -120,6 +120,11 @@ class Drafter:
     def enabled(self) -> bool:
         return self.settings.mode is not SpeculationMode.OFF and self.settings.max_draft > 0
 
+    def applies(self, batch: int) -> bool:
+        """Whether a step of ``batch`` sequences may carry drafts at all."""
+        auto = self.settings.mode is SpeculationMode.AUTO
+        return self.enabled and batch > 0 and not (auto and batch > self.settings.max_batch)
+
     def drafts(
         self,
         states: Sequence[SequenceDrafts],
@@ -131,8 +136,7 @@ class Drafter:
         ``rooms``: the most tokens each may draft (its remaining budget and cache room, less the token of its
         own every step yields); ``step_room``: drafted tokens the whole step may carry."""
         none: list[list[int]] = [[] for _ in states]
-        auto = self.settings.mode is SpeculationMode.AUTO
-        if not self.enabled or step_room <= 0 or (auto and len(states) > self.settings.max_batch):
+        if step_room <= 0 or not self.applies(len(states)):
             return none
         drafts = none
         for row, (state, (prompt, generated), room) in enumerate(zip(states, histories, rooms, strict=True)):

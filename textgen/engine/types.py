@@ -351,6 +351,8 @@ class EngineStats:
     waiting_interactive: int
     waiting_background: int
     tokens_per_s: float  # recent aggregate decode throughput, 0 when unknown
+    draft_tokens: int = 0  # speculative decoding: tokens drafted and verified so far
+    accepted_draft_tokens: int = 0  # ... and kept
 
 
 def to_client_error(error: BaseException) -> BaseException:
