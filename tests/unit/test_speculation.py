@@ -18,7 +18,7 @@ import torch
 from tests.support.structured import random_schemas
 from textgen.engine.constraints import Constraint
 from textgen.engine.scheduler import BatchedEngine
-from textgen.engine.speculation import Drafter, NgramIndex, SequenceDrafts, accept_or_resample
+from textgen.engine.speculation import Drafter, NgramIndex, SequenceDrafts, accept_or_resample, best_length
 from textgen.engine.types import (
     EngineLimits,
     FinishReason,
@@ -52,18 +52,25 @@ def test_ngram_index_proposes_what_followed_the_latest_earlier_occurrence_of_the
     assert index.propose(0) == []
 
 
-def test_a_sequence_that_keeps_missing_pauses_longer_and_a_hit_resumes_it() -> None:
+def test_draft_length_maximises_tokens_per_step_time() -> None:
+    lengths = [best_length(rate / 20, 6) for rate in range(20)]
+    assert lengths == sorted(lengths)  # longer drafts as more of them are kept
+    assert best_length(0.0, 6) == best_length(0.05, 6) == 0  # a draft that is never kept never pays
+    assert best_length(0.3, 6) in (1, 2) and best_length(0.97, 6) == 6 and best_length(0.97, 3) == 3
+
+
+def test_a_sequence_that_keeps_missing_pauses_longer_and_hits_lengthen_its_drafts() -> None:
     state = SequenceDrafts()
+    first = state.length(6)
+    for _ in range(4):
+        state.record(first, first, back_off=True, most=6)
+    assert state.length(6) == 6 and state.pause == 0
     pauses = []
     for _ in range(8):
         state.record(3, 0, back_off=True, most=6)
         pauses.append(state.pause)
     assert pauses == [2, 4, 8, 16, 32, 64, 64, 64]
-    assert state.length == 1
-    state.record(1, 1, back_off=True, most=6)
-    assert state.misses == 0 and state.length == 3
-    state.record(3, 3, back_off=True, most=6)
-    assert state.length == 5
+    assert state.length(6) == 1  # a probe
     unpaused = SequenceDrafts()
     unpaused.record(3, 0, back_off=False, most=6)
     assert unpaused.pause == 0
@@ -74,7 +81,9 @@ def test_auto_drafts_only_for_small_batches_and_within_every_room() -> None:
     auto = Drafter(SpeculationSettings(SpeculationMode.AUTO, max_draft=6, max_batch=4))
     assert auto.drafts([SequenceDrafts() for _ in range(5)], histories, [9] * 5, 100) == [[]] * 5
     drafts = auto.drafts([SequenceDrafts() for _ in range(4)], histories[:4], [9, 2, 0, 9], 6)
-    assert drafts == [[3, 4, 5, 6], [3, 4], [], []]  # first drafts are FIRST_DRAFT long; the step's room is 6
+    first = SequenceDrafts().length(6)  # from the prior acceptance rate
+    assert first == 3
+    assert drafts == [[3, 4, 5], [3, 4], [], [3]]  # rooms 9, 2, 0, 9 and 6 tokens for the whole step
     ngram = Drafter(SpeculationSettings(SpeculationMode.NGRAM, max_draft=6, max_batch=4))
     assert all(ngram.drafts([SequenceDrafts() for _ in range(5)], histories, [9] * 5, 100))
     off = Drafter(SpeculationSettings(SpeculationMode.OFF))
