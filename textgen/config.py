@@ -118,6 +118,22 @@ class Settings(BaseSettings):
         "products and top-p sampling through fused C kernels (textgen/engine/core/fused.c), built with cc into "
         "~/.cache/textgen/kernels.",
     )
+    speculative: Literal["auto", "ngram", "off"] = Field(
+        "auto",
+        description="Speculative decoding with drafts looked up in the prompt and text so far (n-gram), verified "
+        "in one step: 'auto' drafts while few sequences run and backs off a sequence whose drafts keep failing; "
+        "'ngram' drafts whenever a lookup finds something; 'off'. Greedy and seeded text is the same either way.",
+    )
+    speculative_tokens: int = Field(
+        6, ge=1, le=32, description="Most tokens one sequence drafts per step (each is scored in the step)."
+    )
+    speculative_max_batch: int = Field(
+        4,
+        ge=1,
+        le=1024,
+        description="auto: sequences running at most for drafting (above it a step's extra tokens cost more than "
+        "they save on a CPU).",
+    )
     max_running: int = Field(64, ge=1, le=1024, description="Sequences decoded together in one batch.")
     max_waiting: int = Field(256, ge=0, description="Interactive requests allowed to wait for a batch slot.")
     max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts get 400 naming the limit.")

@@ -79,6 +79,13 @@ class Metrics:
         self.prompt_tokens = Counter("textgen_prompt_tokens", "Prompt tokens processed", registry=r)
         self.embedding_inputs = Counter("textgen_embedding_inputs", "Inputs embedded (/v1/embeddings)", registry=r)
         self.embedding_tokens = Counter("textgen_embedding_tokens", "Tokens embedded (/v1/embeddings)", registry=r)
+        self.draft_tokens = Counter(
+            "textgen_speculative_draft_tokens", "Tokens drafted for speculative decoding (verified)", registry=r
+        )
+        self.accepted_draft_tokens = Counter(
+            "textgen_speculative_accepted_tokens", "Drafted tokens the model agreed with (kept)", registry=r
+        )
+        self._drafts_seen = (0, 0)  # the engine's totals at the last scrape
         self.requests_finished = Counter(
             "textgen_generation_requests", "Finished generations by finish reason", ["finish_reason"], registry=r
         )
@@ -222,6 +229,10 @@ class Metrics:
         self.running.set(stats.running)
         self.waiting.labels(priority="interactive").set(stats.waiting_interactive)
         self.waiting.labels(priority="background").set(stats.waiting_background)
+        drafted, accepted = self._drafts_seen
+        self.draft_tokens.inc(max(0, stats.draft_tokens - drafted))
+        self.accepted_draft_tokens.inc(max(0, stats.accepted_draft_tokens - accepted))
+        self._drafts_seen = (stats.draft_tokens, stats.accepted_draft_tokens)
 
     def set_job_counts(self, counts: dict[str, int]) -> None:
         for state in JOB_STATES:

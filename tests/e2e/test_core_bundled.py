@@ -145,3 +145,20 @@ def test_fused_decode_kernels_keep_perplexity_and_stay_as_close_to_float32(bundl
     else:
         # Measured: 0.102 fused vs 0.127 for PyTorch's bf16 operators (same weights, fewer roundings).
         assert fused_error <= 1.1 * eager_error, (fused_error, eager_error)
+
+
+@pytest.mark.parametrize("weights", ["int4", "bf16"])
+def test_verifying_drafts_gives_the_logits_of_one_token_steps_exactly(bundled_bf16: Any, weights: str) -> None:
+    """What greedy text identical with speculative decoding on and off rests on, with the real kernels (the
+    file's Q4_1 blocks or bf16, the fused step): scoring a token and its drafts in one extend step gives, at
+    every position, bit for bit the logits of feeding them one step at a time, beside another sequence."""
+    core = build_core(bundled_bf16, CoreOptions(weights=weights, slots=4, positions=256))
+    prompts = [list(bundled_bf16.tokenizer(p).input_ids) for p in PROMPTS[:2]]
+    fed = [list(bundled_bf16.tokenizer(" the quick brown fox jumps over").input_ids), [42]]
+    slots = [core.allocate() for _ in prompts]
+    core.prefill(slots, prompts)
+    expected = [core.decode([slots[0]], torch.tensor([t]))[0] for t in fed[0]]
+    core.truncate(slots[0], len(prompts[0]))
+    got = core.extend(slots, fed, scored=[len(f) for f in fed]).logits
+    assert torch.equal(got[: len(fed[0])], torch.stack(expected))
+    core.free(slots)

@@ -43,6 +43,8 @@ FAMILIES = {
     "textgen_job_queue_wait_seconds",
     "textgen_content_filter_rejections",
     "textgen_model_info",
+    "textgen_speculative_draft_tokens",
+    "textgen_speculative_accepted_tokens",
 }
 
 
@@ -169,14 +171,32 @@ async def test_generate_requests_move_the_counters_exactly(make_settings: MakeSe
     assert delta(before, after, "textgen_generation_requests_total", finish_reason="length") == 3
     assert delta(before, after, "textgen_time_to_first_token_seconds_count") == 3
     assert delta(before, after, "textgen_inter_token_latency_seconds_count") == 3
-    # One decode step per token after the first (the first comes from the prefill); sequential requests
-    # mean every step decoded exactly one sequence.
+    # One decode step per token after the first (the first comes from the prefill), less the drafted tokens
+    # kept by speculative decoding; sequential requests mean every step decoded exactly one sequence.
     steps = delta(before, after, "textgen_engine_batch_size_count")
-    assert max(budgets) - 1 <= steps <= completion, steps
+    kept = delta(before, after, "textgen_speculative_accepted_tokens_total")
+    assert steps + kept == completion - len(budgets), (steps, kept)
+    assert 0 <= kept <= delta(before, after, "textgen_speculative_draft_tokens_total")
     assert delta(before, after, "textgen_engine_batch_size_sum") == steps
     assert delta(before, after, "textgen_engine_step_duration_seconds_count") == steps
     # The first scrape is itself counted (after it was answered), by route template.
     assert delta(before, after, "textgen_http_requests_total", method="GET", route="/metrics", status="200") == 1
+
+
+async def test_speculative_drafts_are_counted(make_settings: MakeSettings, app_client: AppClient) -> None:
+    """A passage the tiny model repeats greedily: drafts looked up in it are kept, so fewer steps than tokens."""
+    passage = "one two three four five six seven one two three four five six seven one two three four"
+    async with app_client(make_settings()) as (client, _app):
+        before = await scrape(client)
+        response = await client.post(
+            "/generate", json={"prompt": passage, "max_new_tokens": 40, "ignore_eos": True, "temperature": 0}
+        )
+        assert response.status_code == 200, response.text
+        after = await scrape(client)
+    steps = delta(before, after, "textgen_engine_batch_size_count")
+    kept = delta(before, after, "textgen_speculative_accepted_tokens_total")
+    assert kept > 0 and steps + kept == 40 - 1
+    assert delta(before, after, "textgen_speculative_draft_tokens_total") >= kept
 
 
 async def test_streamed_and_openai_requests_count_their_tokens_once(

@@ -17,6 +17,8 @@ from textgen.engine.types import (
     Handle,
     Priority,
     SamplingParams,
+    SpeculationMode,
+    SpeculationSettings,
 )
 from textgen.loader import LoadedModel
 
@@ -48,6 +50,9 @@ def limits_from_settings(settings: Settings) -> EngineLimits:
         prefill_step_tokens=settings.prefill_step_tokens,
         background_share=settings.background_share,
         embedding_step_share=settings.embedding_step_share,
+        speculation=SpeculationSettings(
+            SpeculationMode(settings.speculative), settings.speculative_tokens, settings.speculative_max_batch
+        ),
     )
 
 

@@ -27,7 +27,7 @@ import torch
 from textgen.cpu_share import CoreShare
 from textgen.engine.constraints import GrammarCompiler, MaskTimer, apply_token_masks
 from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights
-from textgen.engine.core.decoder import StepOutput
+from textgen.engine.core.decoder import DecodeCore, StepOutput
 from textgen.engine.core.fused import FusedKernels, load_fused_kernels
 from textgen.engine.pooling import l2_normalise
 from textgen.engine.sampling import (
@@ -39,6 +39,7 @@ from textgen.engine.sampling import (
 )
 from textgen.engine.sequence import SequenceState, tokenize_prompt
 from textgen.engine.service_rate import ServiceRate, completions_needed, predicted_wait_s
+from textgen.engine.speculation import Drafter, SequenceDrafts
 from textgen.engine.types import (
     EmbeddingHandle,
     EmbeddingRequest,
@@ -145,6 +146,9 @@ class BatchedEngine:
         )
         self._core: ModelCore | None = None
         self._kernels: FusedKernels | None = None  # fused.c, for sampling on the CPU (built with the core)
+        # Speculative decoding (engine/speculation.py): drafts verified by the core's extend step, where it has one.
+        self._drafter = Drafter(limits.speculation)
+        self._extender: DecodeCore | None = None
         self._warmup = warmup
         self._lock = threading.Lock()
         self._work_available = threading.Condition(self._lock)
@@ -200,7 +204,23 @@ class BatchedEngine:
             self._kernels = load_fused_kernels()  # the core's build, loaded once
         if self._owns_model:
             release_source_weights(self._loaded, core)
+        self._extender = core if isinstance(core, DecodeCore) else None
+        self._log_speculation()
         return core
+
+    def _log_speculation(self) -> None:
+        settings = self._drafter.settings
+        if not self._drafter.enabled:
+            logger.info("Speculative decoding: off (TEXTGEN_SPECULATIVE=%s)", settings.mode.value)
+        elif self._extender is None:
+            logger.info("Speculative decoding: off (the transformers core cannot score several tokens per sequence)")
+        else:
+            logger.info(
+                "Speculative decoding: %s (n-gram drafts of up to %d tokens%s)",
+                settings.mode.value,
+                settings.max_draft,
+                f", while at most {settings.max_batch} sequences run" if settings.mode.value == "auto" else "",
+            )
 
     async def _warm_up(self) -> None:
         """One short batched generation so the first user request does not pay one-time costs.
@@ -301,6 +321,8 @@ class BatchedEngine:
                 waiting_interactive=len(self._waiting[Priority.INTERACTIVE]),
                 waiting_background=len(self._waiting[Priority.BACKGROUND]),
                 tokens_per_s=self._tokens_per_s,
+                draft_tokens=self._drafter.drafted,
+                accepted_draft_tokens=self._drafter.accepted,
             )
 
     def _has_work(self) -> bool:
@@ -612,13 +634,18 @@ class BatchedEngine:
         decode_slots = core.slots_in_order() if decode else []
         rows = [self._running_seqs[slot] for slot in decode_slots]
         tokens = torch.tensor([seq.generated[-1] for seq in rows], dtype=torch.long)
+        drafts = None if admitted or pieces else self._drafts_for(rows)
         new_slots: list[int] = []
         pool_slots: list[int] = []
         try:
             new_slots = [core.allocate() for _ in admitted]
             pool_slots = [core.allocate() for _ in pieces]
             prompts = [s.prompt_ids for s in admitted]
-            if pieces:
+            if drafts is not None:  # a verification step: each row's token and its draft
+                assert self._extender is not None
+                inputs = [[seq.generated[-1], *draft] for seq, draft in zip(rows, drafts, strict=True)]
+                output = self._extender.extend(decode_slots, inputs, scored=[len(i) for i in inputs])
+            elif pieces:
                 pool_prompts = [job.inputs[index] for job, index in pieces]
                 output = core.step_pooled(decode_slots, tokens, new_slots, prompts, pool_slots, pool_prompts)
             else:  # generation alone: the plain step
@@ -636,7 +663,10 @@ class BatchedEngine:
         # The scratch slots are the newest rows: freed last first, no cached row has to move.
         self._free_quietly(pool_slots[::-1])
         self._running_seqs.update(zip(new_slots, admitted, strict=True))
-        if rows or admitted:
+        emitted = len(rows)
+        if drafts is not None:
+            emitted = self._verify_into(rows, drafts, decode_slots, output.logits, events)
+        elif rows or admitted:
             self._sample_into(rows + admitted, output.logits, events)
         if pieces:
             self._store_embeddings(pieces, output.pooled, events)
@@ -644,11 +674,70 @@ class BatchedEngine:
         self._measure_step(time.perf_counter() - started, len(rows), len(admitted), embedding_tokens)
         if rows:
             elapsed = time.perf_counter() - started
-            self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (len(rows) / max(elapsed, 1e-6))
+            self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (emitted / max(elapsed, 1e-6))
             if self._step_observer is not None:
                 self._step_observer(len(rows), elapsed)
 
-    def _sample_into(self, rows: list[SequenceState], logits: torch.Tensor, events: list[Event]) -> None:
+    def _drafts_for(self, rows: list[SequenceState]) -> list[list[int]] | None:
+        """Each decoding row's draft for a verification step, or None for a plain step (speculation off, a
+        core without an extend step, or no row with a draft). A row drafts no more than its budget leaves
+        after the token the step yields anyway, nor past its cache; the step carries no more tokens than keep
+        every product in the one-token format (``DecodeCore.uniform_rows``), so logits, and greedy text, are
+        the same as without drafts."""
+        extender = self._extender
+        if extender is None or not self._drafter.applies(len(rows)):
+            return None
+        states = []
+        for seq in rows:
+            if seq.speculation is None:
+                seq.speculation = SequenceDrafts()
+            states.append(seq.speculation)
+        capacity = extender.capacity
+        rooms = [
+            min(seq.budget - len(seq.generated) - 1, capacity - len(seq.prompt_ids) - len(seq.generated))
+            for seq in rows
+        ]
+        histories = [(seq.prompt_ids, seq.generated) for seq in rows]
+        drafts = self._drafter.drafts(states, histories, rooms, extender.uniform_rows - len(rows))
+        return drafts if any(drafts) else None
+
+    def _verify_into(
+        self,
+        rows: list[SequenceState],
+        drafts: list[list[int]],
+        slots: list[int],
+        logits: torch.Tensor,
+        events: list[Event],
+    ) -> int:
+        """Position by position, each row's token is chosen exactly as a plain step would choose it (the same
+        sampling path and random numbers, masks and penalties following the tokens kept so far); while it
+        equals the row's draft the next position follows. For a drafted token that is the standard rejection
+        rule with a point-mass draft (engine/speculation.py). The cache is then cut back past the positions
+        not kept. Returns the tokens emitted."""
+        starts, at = [], 0
+        for draft in drafts:
+            starts.append(at)
+            at += 1 + len(draft)
+        kept = [0] * len(rows)
+        active, position = list(range(len(rows))), 0
+        while active:
+            index = torch.tensor([starts[r] + position for r in active], dtype=torch.long)
+            chosen = self._sample_into([rows[r] for r in active], logits.index_select(0, index), events)
+            following = []
+            for r, token in zip(active, chosen, strict=True):
+                if position < len(drafts[r]) and token == drafts[r][position] and not rows[r].finished:
+                    kept[r] += 1
+                    following.append(r)
+            active, position = following, position + 1
+        assert self._extender is not None
+        for seq, slot, draft, count in zip(rows, slots, drafts, kept, strict=True):
+            if seq.speculation is not None:
+                self._drafter.record(seq.speculation, len(draft), count)
+            if not seq.finished and count < len(draft):
+                self._extender.truncate(slot, len(seq.prompt_ids) + len(seq.generated) - 1)
+        return len(rows) + sum(kept)
+
+    def _sample_into(self, rows: list[SequenceState], logits: torch.Tensor, events: list[Event]) -> list[int]:
         logits = apply_token_masks(logits, [s.constraint for s in rows], self.mask_timer)
         params = [s.handle.request.params for s in rows]
         vocabulary = logits.shape[-1]
@@ -667,10 +756,12 @@ class BatchedEngine:
             kernels=self._kernels,
             penalties=penalties,
         )
-        for seq, token, row_logprobs in zip(rows, tokens.tolist(), logprobs, strict=True):
+        chosen: list[int] = tokens.tolist()
+        for seq, token, row_logprobs in zip(rows, chosen, logprobs, strict=True):
             delta = seq.accept(token, row_logprobs)
             if delta:
                 events.append((seq.handle, delta, None, None))
+        return chosen
 
     def _retire(self, events: list[Event]) -> None:
         if not self._running_seqs:

@@ -11,6 +11,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from textgen.engine.constraints import RowConstraint
 from textgen.engine.sampling import RowLogprobs, TokenPenalties
+from textgen.engine.speculation import SequenceDrafts
 from textgen.engine.text import TextAssembler
 from textgen.engine.types import (
     EngineLimits,
@@ -49,6 +50,8 @@ class SequenceState:
     # sampling step, when it knows V); None for rows without those penalties.
     penalties: TokenPenalties | None = None
     min_tokens: int = 0
+    # Speculative decoding: the row's draft index and back-off (made by the engine when it first drafts).
+    speculation: SequenceDrafts | None = None
 
     @classmethod
     def admit(

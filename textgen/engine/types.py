@@ -351,11 +351,28 @@ class EngineStats:
     waiting_interactive: int
     waiting_background: int
     tokens_per_s: float  # recent aggregate decode throughput, 0 when unknown
+    draft_tokens: int = 0  # speculative decoding: tokens drafted and verified so far
+    accepted_draft_tokens: int = 0  # ... and kept
 
 
 def to_client_error(error: BaseException) -> BaseException:
     """Engine-thread exceptions become client-safe errors; TextGenErrors pass through."""
     return error if isinstance(error, TextGenError) else EngineError()
+
+
+class SpeculationMode(enum.StrEnum):
+    """TEXTGEN_SPECULATIVE (engine/speculation.py)."""
+
+    AUTO = "auto"
+    NGRAM = "ngram"
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class SpeculationSettings:
+    mode: SpeculationMode = SpeculationMode.AUTO
+    max_draft: int = 6  # drafted tokens per sequence per step at most
+    max_batch: int = 4  # auto: sequences running at most for drafting to pay (measured)
 
 
 @dataclass(frozen=True)
@@ -375,3 +392,4 @@ class EngineLimits:
     embedding_slots: int = 8
     # While streams decode, embedding inputs may add about this fraction to a decode step's time (measured).
     embedding_step_share: float = 0.05
+    speculation: SpeculationSettings = SpeculationSettings()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -26,6 +26,7 @@ from textgen.engine.core.layers import Attention, DecodeAttention, MixedAttentio
 from textgen.engine.core.linear import Linear
 from textgen.engine.core.weights import UNBOUNDED, LinearFactory, WeightPlan
 from textgen.engine.pooling import mean_pool
+from textgen.errors import EngineError
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,6 @@ class DecodeCore:
         """
         return self.step_pooled(decode_slots, tokens, prefill_slots, prompts, [], []).logits
 
-    @torch.inference_mode()
     def step_pooled(
         self,
         decode_slots: Sequence[int],
@@ -203,54 +203,75 @@ class DecodeCore:
         fresh (scratch) ``pool_slots`` like prompts, but come back as the mean of their final hidden
         states (``pooled`` [len(pool_slots), E] float32, not normalised) instead of logits; the caller
         frees their slots after the step."""
-        rows = self.cache.rows_of(decode_slots)
-        lengths = self.cache.lengths_of(rows)
-        for slot in decode_slots:
-            self.cache.check_room(slot, 1)
-        segments: list[tuple[int, int, int]] = []  # (cache row, start in prompt_tokens, length)
-        prompt_tokens: list[int] = []
-        positions, last = list(lengths), list(range(len(rows)))
-        pooled_spans: list[tuple[int, int]] = []  # (start in the pass's tokens, length)
-        start = 0
-        for slot, row, prompt in zip(
-            [*prefill_slots, *pool_slots],
-            self.cache.rows_of([*prefill_slots, *pool_slots]),
-            [*prompts, *pool_prompts],
-            strict=True,
-        ):
-            self.cache.check_room(slot, len(prompt))
-            segments.append((row, start, len(prompt)))
-            prompt_tokens.extend(prompt)
-            positions.extend(range(len(prompt)))
-            if len(segments) <= len(prefill_slots):
-                last.append(len(rows) + start + len(prompt) - 1)
-            else:
-                pooled_spans.append((len(rows) + start, len(prompt)))
-            start += len(prompt)
-        self.cache.ensure_initialised(
-            max([*(n + 1 for n in lengths), *(len(p) for p in prompts), *(len(p) for p in pool_prompts)])
-        )
-        all_tokens = torch.cat([tokens.to(torch.long).cpu(), torch.tensor(prompt_tokens, dtype=torch.long)])
-        if self._fused_applies(len(positions), max(positions, default=0) + 1):
-            # Every token at its own (cache row, position): decode rows and whole prompts in one pass.
-            token_rows = rows + [row for row, _, length in segments for _ in range(length)]
-            hidden = self._step_fused(all_tokens, token_rows, positions)
+        inputs = [[token] for token in tokens.tolist()] + [list(prompt) for prompt in prompts]
+        return self.extend([*decode_slots, *prefill_slots], inputs, pool_slots=pool_slots, pool_prompts=pool_prompts)
+
+    @torch.inference_mode()
+    def extend(
+        self,
+        slots: Sequence[int],
+        inputs: Sequence[Sequence[int]],
+        *,
+        scored: Sequence[int] | None = None,
+        pool_slots: Sequence[int] = (),
+        pool_prompts: Sequence[Sequence[int]] = (),
+    ) -> StepOutput:
+        """The general step: append each input's tokens to its slot's sequence, after the positions the slot
+        already caches, all in one forward pass. Every use is a case of it: a prompt into a fresh slot
+        (prefill), the rest of a prompt after a cached prefix (prefill at an offset), one token (decode), a
+        token and the tokens drafted after it (speculative verification, see ``truncate``).
+
+        ``scored[i]`` (default 1) is how many of input i's last positions come back as logits: the result's
+        ``logits`` are [sum(scored), V] float32, input by input in the order given, each input's positions in
+        order. ``pool_slots``/``pool_prompts`` as in ``step_pooled``."""
+        counts = [1] * len(slots) if scored is None else list(scored)
+        if len(inputs) != len(slots) or len(counts) != len(slots) or len(pool_prompts) != len(pool_slots):
+            raise EngineError("extend() needs one input and one scored count per slot.")
+        for tokens, count in zip(inputs, counts, strict=True):
+            if not tokens or not 0 <= count <= len(tokens):
+                raise EngineError("extend() needs non-empty inputs and 0 <= scored <= the input's length.")
+        plan = _PassPlan.build(self.cache, slots, inputs, counts, pool_slots, pool_prompts)
+        self.cache.ensure_initialised(max(plan.positions, default=0) + 1)
+        all_tokens = torch.tensor(plan.tokens, dtype=torch.long)
+        if self._fused_applies(len(plan.positions), max(plan.positions, default=0) + 1):
+            # Every token at its own (cache row, position): decode rows and whole inputs in one pass.
+            hidden = self._step_fused(all_tokens, plan.token_rows, plan.positions)
         else:
             attention = MixedAttention(
-                DecodeAttention.plan(self.cache, rows, lengths, self.weights.scale) if rows else None,
-                PrefillAttention(self.cache, segments, self.weights.scale) if segments else None,
-                len(rows),
+                DecodeAttention.plan(self.cache, plan.decode_rows, plan.decode_lengths, self.weights.scale)
+                if plan.decode_rows
+                else None,
+                PrefillAttention(self.cache, plan.segments, self.weights.scale) if plan.segments else None,
+                len(plan.decode_rows),
             )
-            hidden = self._forward(all_tokens, positions, attention)  # [N, E]
-        self.cache.advance(rows)
-        for row, _, length in segments:
-            self.cache.advance([row], length)
-        pooled = mean_pool(hidden, pooled_spans)
-        if not last:  # prefill-only inputs alone: no logits to compute
+            hidden = self._forward(all_tokens, plan.positions, attention)  # [N, E]
+        for row, tokens in zip(plan.rows, inputs, strict=True):
+            self.cache.advance([row], len(tokens))
+        for row, prompt in zip(plan.pool_rows, pool_prompts, strict=True):
+            self.cache.advance([row], len(prompt))
+        pooled = mean_pool(hidden, plan.pooled_spans)
+        if not plan.scored:  # prefill-only inputs alone: no logits to compute
             return StepOutput(torch.empty((0, 0), dtype=torch.float32), pooled)
-        if len(last) != hidden.shape[0]:
-            hidden = hidden.index_select(0, torch.tensor(last, dtype=torch.long, device=self._device))
+        if plan.scored != list(range(hidden.shape[0])):
+            hidden = hidden.index_select(0, torch.tensor(plan.scored, dtype=torch.long, device=self._device))
         return StepOutput(self.weights.lm_head(hidden), pooled)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Forget the slot's positions from ``length`` on (the rejected drafts of a verification step): they
+        are overwritten by the next tokens, and no attention reads past a sequence's length."""
+        self.cache.truncate(slot, length)
+
+    def length(self, slot: int) -> int:
+        """Positions the slot caches."""
+        return self.cache.length(slot)
+
+    @property
+    def uniform_rows(self) -> int:
+        """The most tokens a step may carry while every product runs in the format a one-token step uses, so
+        that a row's logits do not depend on how many tokens share its step (the weight plan switches formats
+        by batch size, and formats round differently)."""
+        first = self.plan.tiers[0][0]
+        return self.cache.capacity * self.cache.slots if first == UNBOUNDED else int(first)
 
     @torch.inference_mode()
     def score(self, tokens: Sequence[int]) -> torch.Tensor:
@@ -260,7 +281,7 @@ class DecodeCore:
             row = self.cache.rows_of([slot])[0]
             self.cache.check_room(slot, len(tokens))
             self.cache.ensure_initialised(len(tokens))
-            attention = PrefillAttention(self.cache, [(row, 0, len(tokens))], self.weights.scale)
+            attention = PrefillAttention(self.cache, [(row, 0, len(tokens), 0)], self.weights.scale)
             return self.weights.lm_head(self._forward(tokens, range(len(tokens)), attention))
         finally:
             self.free([slot])
@@ -346,3 +367,62 @@ def _linears(weights: ModelWeights) -> list[Linear]:
     for layer in weights.layers:
         found.extend(value for value in vars(layer).values() if hasattr(value, "kernel_for"))
     return found
+
+
+@dataclass
+class _PassPlan:
+    """Where every token of one ``extend`` pass goes. One new token after a cached prefix (a decode row)
+    attends through the batched decode attention; every other input is a segment (written at its offset,
+    attending causally over its prefix and itself). Decode rows come first in the pass, then segments, then
+    the prefill-only inputs; ``scored`` maps the result's logit rows back to the caller's order."""
+
+    rows: list[int]  # the cache row of each input, in the caller's order
+    pool_rows: list[int]
+    tokens: list[int] = field(default_factory=list)  # in pass order
+    positions: list[int] = field(default_factory=list)
+    token_rows: list[int] = field(default_factory=list)
+    decode_rows: list[int] = field(default_factory=list)
+    decode_lengths: list[int] = field(default_factory=list)
+    # (row, start after the decode rows, length, offset)
+    segments: list[tuple[int, int, int, int]] = field(default_factory=list)
+    pooled_spans: list[tuple[int, int]] = field(default_factory=list)  # (start in the pass, length)
+    scored: list[int] = field(default_factory=list)  # pass index of each logit row, in the caller's order
+
+    @classmethod
+    def build(
+        cls,
+        cache: SlotKVCache,
+        slots: Sequence[int],
+        inputs: Sequence[Sequence[int]],
+        counts: Sequence[int],
+        pool_slots: Sequence[int],
+        pool_prompts: Sequence[Sequence[int]],
+    ) -> _PassPlan:
+        plan = cls(cache.rows_of(slots), cache.rows_of(pool_slots))
+        starts = cache.lengths_of(plan.rows)
+        for slot, tokens in zip([*slots, *pool_slots], [*inputs, *pool_prompts], strict=True):
+            cache.check_room(slot, len(tokens))
+        decoding = [len(tokens) == 1 and start > 0 for tokens, start in zip(inputs, starts, strict=True)]
+        begins = [0] * len(inputs)
+        for index in [i for i, d in enumerate(decoding) if d]:
+            begins[index] = len(plan.tokens)
+            plan.decode_rows.append(plan.rows[index])
+            plan.decode_lengths.append(starts[index])
+            plan._add(inputs[index], plan.rows[index], starts[index])
+        split = len(plan.tokens)
+        for index in [i for i, d in enumerate(decoding) if not d]:
+            begins[index] = len(plan.tokens)
+            plan.segments.append((plan.rows[index], len(plan.tokens) - split, len(inputs[index]), starts[index]))
+            plan._add(inputs[index], plan.rows[index], starts[index])
+        for row, prompt in zip(plan.pool_rows, pool_prompts, strict=True):
+            plan.pooled_spans.append((len(plan.tokens), len(prompt)))
+            plan.segments.append((row, len(plan.tokens) - split, len(prompt), 0))
+            plan._add(prompt, row, 0)
+        for begin, tokens, count in zip(begins, inputs, counts, strict=True):
+            plan.scored.extend(range(begin + len(tokens) - count, begin + len(tokens)))
+        return plan
+
+    def _add(self, tokens: Sequence[int], row: int, offset: int) -> None:
+        self.tokens.extend(tokens)
+        self.positions.extend(range(offset, offset + len(tokens)))
+        self.token_rows.extend([row] * len(tokens))

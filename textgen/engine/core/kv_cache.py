@@ -116,5 +116,13 @@ class SlotKVCache:
         for row in rows:
             self._lengths[row] += tokens
 
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the slot's first ``length`` positions (rolling back positions written by a step whose tokens
+        were not kept); what lies past them is never read and is overwritten as the sequence grows again."""
+        row = self._row_of[slot]
+        if not 0 <= length <= self._lengths[row]:
+            raise EngineError(f"Cannot truncate a sequence of {self._lengths[row]} positions to {length}.")
+        self._lengths[row] = length
+
     def lengths_of(self, rows: Sequence[int]) -> list[int]:
         return [self._lengths[r] for r in rows]

@@ -104,10 +104,12 @@ class DecodeAttention:
 
 @dataclass
 class PrefillAttention:
-    """Whole prompts, packed end to end; each is written to its (fresh) slot and attends causally."""
+    """Inputs packed end to end, each written to its slot at its offset (0 for a whole prompt in a fresh
+    slot; the cached length when a sequence is extended by several tokens), attending causally over the
+    slot's positions before it and its own."""
 
     cache: SlotKVCache
-    segments: list[tuple[int, int, int]]  # (cache row, start in the packed tokens, length)
+    segments: Sequence[tuple[int, int, int, int]]  # (cache row, start in the packed tokens, length, offset)
     scale: float
 
     def __call__(
@@ -117,20 +119,23 @@ class PrefillAttention:
         attends to the last ``window`` positions of its prompt only (itself included)."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         outputs = []
-        for row, start, length in self.segments:
+        for row, start, length, offset in self.segments:
             seg_k = k[start : start + length].transpose(0, 1)  # [Hkv, Lp, D]
             seg_v = v[start : start + length].transpose(0, 1)
-            keys[row, :, :length] = seg_k
-            values[row, :, :length] = seg_v
+            keys[row, :, offset : offset + length] = seg_k
+            values[row, :, offset : offset + length] = seg_v
             seg_q = q[start : start + length].transpose(0, 1)  # [Hq, Lp, D]
-            if 0 < window < length:
-                out = F.scaled_dot_product_attention(
-                    seg_q[None], seg_k[None], seg_v[None], attn_mask=sliding_mask(length, window, q.device),
-                    scale=self.scale, enable_gqa=True,
-                )  # [1, Hq, Lp, D]
-            else:
+            if offset == 0 and not 0 < window < length:
                 out = F.scaled_dot_product_attention(
                     seg_q[None], seg_k[None], seg_v[None], is_causal=True, scale=self.scale, enable_gqa=True
+                )  # [1, Hq, Lp, D]
+            else:
+                live = offset + length
+                # query i sits at position offset + i and sees the cached prefix and the inputs up to itself
+                # (within the window where the layer has one)
+                out = F.scaled_dot_product_attention(
+                    seg_q[None], keys[row, :, :live][None], values[row, :, :live][None],
+                    attn_mask=visible_mask(offset, length, window, q.device), scale=self.scale, enable_gqa=True,
                 )  # [1, Hq, Lp, D]
             outputs.append(out[0].transpose(0, 1).reshape(length, -1))
         return torch.cat(outputs)
@@ -138,8 +143,16 @@ class PrefillAttention:
 
 def sliding_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
     """[L, L] bool, True where query i attends key j: causal, and j among the last ``window`` (j > i - window)."""
-    distance = torch.arange(length, device=device)[:, None] - torch.arange(length, device=device)[None, :]
-    return (distance >= 0) & (distance < window)
+    return visible_mask(0, length, window, device)
+
+
+def visible_mask(offset: int, length: int, window: int, device: torch.device) -> torch.Tensor:
+    """[L, offset + L] bool for queries at positions offset..offset+L-1 over keys 0..offset+L-1: True where
+    the key is at or before the query and, with window > 0, among its last ``window`` positions."""
+    query_at = torch.arange(offset, offset + length, device=device)[:, None]
+    distance = query_at - torch.arange(offset + length, device=device)[None, :]
+    allowed = distance >= 0
+    return allowed & (distance < window) if window > 0 else allowed
 
 
 @dataclass
