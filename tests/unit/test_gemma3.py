@@ -214,8 +214,10 @@ def test_fused_attention_refuses_a_negative_window_and_a_misshapen_norm(kernels:
 
 
 def test_gelu_tanh_mul_matches_pytorch_in_bf16(kernels: FusedKernels) -> None:
-    gate_up = (torch.randn(3, 2 * 96, generator=torch.Generator().manual_seed(2)) * 3).bfloat16()
-    out = torch.empty(3, 96, dtype=torch.bfloat16)
+    """Including gates far out on both sides (-200..200), where the exponential would overflow."""
+    gate_up = (torch.randn(16, 2 * 96, generator=torch.Generator().manual_seed(2)) * 3).bfloat16()
+    gate_up[0, :96] = torch.linspace(-200, 200, 96)
+    out = torch.empty(16, 96, dtype=torch.bfloat16)
     kernels.gelu_tanh_mul(gate_up, out)
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(out, F.gelu(gate, approximate="tanh") * up, atol=1e-2, rtol=1e-2)
