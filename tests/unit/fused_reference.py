@@ -144,6 +144,23 @@ def exercise(kernels: FusedKernels) -> None:
     expected = torch.nn.functional.silu(gate_up[:, :40].float()) * gate_up[:, 40:].float()
     torch.testing.assert_close(activated.float(), expected, rtol=2e-2, atol=2e-2)
 
+    activated = torch.empty(3, 40, dtype=torch.bfloat16)
+    kernels.gelu_tanh_mul(gate_up, activated)
+    expected = torch.nn.functional.gelu(gate_up[:, :40].float(), approximate="tanh") * gate_up[:, 40:].float()
+    torch.testing.assert_close(activated.float(), expected, rtol=2e-2, atol=2e-2)
+
+    # Sliding window and head norms (Gemma 3): the window shorter than most rows' live lengths; the full
+    # comparison with a reference is in test_gemma3.py, here the memory it touches is what is checked.
+    case = attention_case(4, 2)
+    keys, values = case.keys.clone(), case.values.clone()
+    attended = torch.empty(case.qkv.shape[0], 4 * case.dim, dtype=torch.bfloat16)
+    norm = torch.rand(case.dim, generator=generator).bfloat16()
+    kernels.rotary_cache_attention(
+        case.qkv, case.cos, case.sin, case.positions, case.cache_rows, keys, values, attended, 4, case.scale,
+        window=7, q_norm=norm, k_norm=norm,
+    )
+    assert torch.isfinite(attended.float()).all()
+
     outliers = torch.tensor([3, 70])
     rows = torch.randn(4, 96, generator=generator)
     quantized = kernels.quantize_rows(rows, outliers)

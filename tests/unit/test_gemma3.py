@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import textgen.engine.core.gemma3 as gemma3
 from tests.support.tiny_sliding import WINDOW, greedy_alone, prompts_of_lengths, tiny_gemma3, tiny_mistral
+from textgen.engine.core.activations import input_ranges
 from textgen.engine.core.decoder import DecodeCore, architecture_for
 from textgen.engine.core.fused import FusedArgumentError, FusedKernels, load_fused_kernels
 from textgen.engine.core.weights import LinearFactory, WeightPlan
@@ -214,8 +215,42 @@ def test_fused_attention_refuses_a_negative_window_and_a_misshapen_norm(kernels:
 
 
 def test_gelu_tanh_mul_matches_pytorch_in_bf16(kernels: FusedKernels) -> None:
-    gate_up = (torch.randn(3, 2 * 96, generator=torch.Generator().manual_seed(2)) * 3).bfloat16()
-    out = torch.empty(3, 96, dtype=torch.bfloat16)
+    """Including gates far out on both sides (-200..200), where the exponential would overflow."""
+    gate_up = (torch.randn(16, 2 * 96, generator=torch.Generator().manual_seed(2)) * 3).bfloat16()
+    gate_up[0, :96] = torch.linspace(-200, 200, 96)
+    out = torch.empty(16, 96, dtype=torch.bfloat16)
     kernels.gelu_tanh_mul(gate_up, out)
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(out, F.gelu(gate, approximate="tanh") * up, atol=1e-2, rtol=1e-2)
+
+
+class _RandomTokens:
+    """Stands in for a tokenizer when measuring activation ranges: any text -> 64 fixed random ids."""
+
+    def __call__(self, _text: str, return_tensors: str = "pt") -> Any:
+        ids = torch.randint(3, 150, (1, 64), generator=torch.Generator().manual_seed(3))
+        return type("Encoded", (), {"input_ids": ids})()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "w8a8", "int4"])
+def test_quantized_formats_run_the_fused_gemma_step(kernels: FusedKernels, fmt: str) -> None:
+    """The fused step with each quantized format gives the PyTorch path's logits (same format) up to bf16
+    rounding; both stay near float32 (4 bits on these tiny random weights cost the most: cosine ~0.90)."""
+    model = tiny_gemma3()
+    ids = prompts_of_lengths(14)[0]
+    results = []
+    for fused in (kernels, None):
+        arch, _ = architecture_for(model)
+        assert arch is not None
+        plan = WeightPlan.single(fmt)
+        factory = LinearFactory(
+            plan, torch.bfloat16, torch.device("cpu"), input_ranges=lambda: input_ranges(model, _RandomTokens()),
+            fused=fused,
+        )
+        core = DecodeCore(model, arch, plan, factory, slots=4, capacity=64, fused=fused)
+        assert core._fused_applies(1, 20) == (fused is not None)
+        results.append(core.prefill([core.allocate()], [ids])[0])
+    fused_logits, eager_logits = results
+    assert torch.isfinite(fused_logits).all()
+    assert F.cosine_similarity(fused_logits, eager_logits, dim=0) > 0.99
+    assert F.cosine_similarity(fused_logits, reference_logits(model, ids), dim=0) > 0.85
