@@ -293,14 +293,17 @@ async def test_a_failing_default_fails_start() -> None:
 
 
 def test_models_setting_names_each_source_and_the_default_takes_the_aliases() -> None:
-    settings = load_settings(models=" smol=bundled , gemma=/m/gemma-3-270m.gguf", model_memory="2GiB")
-    assert settings.model_sources == [("smol", "bundled"), ("gemma", "/m/gemma-3-270m.gguf")]
+    settings = load_settings(models=" smol=/m/smol , gemma=/m/gemma-3-270m.gguf", model_memory="2GiB")
+    assert settings.model_sources == [("smol", "/m/smol"), ("gemma", "/m/gemma-3-270m.gguf")]
     assert int(settings.model_memory) == 2 * 1024**3
     assert model_specs(settings) == [
-        ModelSpec("smol", "bundled", ("default",)),
+        ModelSpec("smol", "/m/smol", ("default",)),
         ModelSpec("gemma", "/m/gemma-3-270m.gguf", ("gemma-3-270m",)),
     ]
     assert load_settings().model_sources == []  # TEXTGEN_MODEL alone
+    # The bundled model also answers to the name it is served under alone.
+    (bundled,) = model_specs(load_settings(models="smol=bundled", model_aliases=""))
+    assert bundled.aliases[0] == "SmolLM2-135M-Instruct"
 
 
 @pytest.mark.parametrize(
