@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -27,6 +28,7 @@ from textgen.engine import Engine, cores_from_settings, create_engine
 from textgen.errors import (
     ConfigError,
     InsufficientStorageError,
+    ModelLoadError,
     ModelUnavailableError,
     NotReadyError,
     StoreUnavailableError,
@@ -34,7 +36,7 @@ from textgen.errors import (
 from textgen.generation import GenerationService, StreamSlots
 from textgen.jobs.store import JobState, JobStore
 from textgen.jobs.view import job_payload
-from textgen.loader import LoadedModel, load_model
+from textgen.loader import BUNDLED, BUNDLED_NAME, LoadedModel, find_bundled_gguf, load_model
 from textgen.metrics import Metrics, mark_process_dead
 from textgen.ratelimit import RateLimiter
 from textgen.services.batch_lines import JOB_EXECUTORS, batch_line_planner
@@ -160,6 +162,10 @@ def model_specs(settings: Settings) -> list[ModelSpec]:
         aliases = list(settings.model_aliases) if index == 0 else []
         if source.endswith(".gguf"):
             aliases.append(Path(source).stem)
+        elif source == BUNDLED:  # the names a client may know it by, as when it is served alone
+            aliases.append(BUNDLED_NAME)
+            with contextlib.suppress(ModelLoadError):  # not installed: its load says so, with the fix
+                aliases.append(find_bundled_gguf().stem)
         specs.append(ModelSpec(name, source, tuple(dict.fromkeys(a for a in aliases if a and a != name))))
     return specs
 

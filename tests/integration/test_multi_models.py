@@ -9,7 +9,9 @@ that is loading waits for it within its deadline; /stats and /metrics per model.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -150,13 +152,19 @@ async def test_background_jobs_and_batch_lines_run_on_the_model_they_name(
 async def test_an_idle_model_unloads_after_the_keep_alive_and_loads_again(
     folders: dict[str, Path], tmp_path: Path
 ) -> None:
-    async with open_app(settings_for(folders, tmp_path, model_keep_alive_s=0)) as (client, _app):
+    async with open_app(settings_for(folders, tmp_path, model_keep_alive_s=0)) as (client, app):
         first = await completion(client, "b")
+        serving = app.state.textgen.registry.entries["b"].serving
+        # The unloaded model's engine and weights must be freed, not kept alive by a stray reference.
+        engine, weights = (weakref.ref(serving.engine), weakref.ref(serving.model.model)) if serving else (None, None)
+        del serving
 
         async def b_unloaded() -> bool:
             return (await models_listed(client))["b"]["state"] == "unloaded"
 
         await wait_until(b_unloaded, what="model b unloaded once idle")
+        gc.collect()
+        assert engine is not None and engine() is None and weights is not None and weights() is None
         assert (await models_listed(client))["a"]["state"] == "loaded"  # the default stays
         again = await completion(client, "b")  # loads again, same weights, same text
         assert logprobs(again) == logprobs(first)

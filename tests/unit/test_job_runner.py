@@ -34,6 +34,7 @@ from textgen.engine.types import (
 from textgen.errors import (
     DeadlineExceededError,
     EngineError,
+    ModelUnavailableError,
     NotReadyError,
     PromptTooLongError,
     TextGenError,
@@ -726,3 +727,56 @@ def test_malformed_owner_counts_as_alive(owner: str) -> None:
 def test_fake_engine_satisfies_the_engine_protocol() -> None:
     engine: Engine = FakeEngine()
     assert engine.name == "fake" and engine.ready
+
+
+# --- several models (TEXTGEN_MODELS): the job runs on the model it names ------------------------------------
+
+
+async def test_a_job_runs_on_its_model_and_waits_in_the_queue_while_busy_models_fill_the_budget(
+    store: SQLiteJobStore, engine: FakeEngine, settings: Settings
+) -> None:
+    service = GenerationService(engine, ContentFilter([]), settings, "model-b", Metrics())
+    refusals = [ModelUnavailableError("busy models fill TEXTGEN_MODEL_MEMORY", retry_after_s=0.05)]
+    asked: list[str | None] = []
+
+    @contextlib.asynccontextmanager
+    async def service_for(model: str | None, timeout_s: float | None) -> AsyncIterator[GenerationService]:
+        asked.append(model)
+        if refusals:
+            raise refusals.pop()
+        yield service
+
+    config = RunnerConfig(concurrency=2, poll_interval_s=POLL_S, ttl_s=60.0, lease_s=30.0, max_attempts=3)
+    runner = JobRunner(store, service, config, service_for=service_for)
+    job = await create_job(store, model="b")
+    await runner.start()
+    try:
+        await wait_until(lambda: len(engine.handles) == 1, what="the job's second try reaching the engine")
+        assert asked == ["b", "b"]  # handed back to the queue once, not failed
+        engine.handles[0].finish(make_result())
+        done = await wait_for_state(store, job.id, JobState.SUCCEEDED)
+        assert done.result is not None and done.result["model"] == "model-b"
+    finally:
+        await asyncio.wait_for(runner.stop(), timeout=WAIT_S)
+
+
+async def test_a_job_naming_a_model_that_cannot_load_fails_with_the_reason(
+    store: SQLiteJobStore, engine: FakeEngine, settings: Settings
+) -> None:
+    service = GenerationService(engine, ContentFilter([]), settings, "fake-model", Metrics())
+
+    @contextlib.asynccontextmanager
+    async def service_for(model: str | None, timeout_s: float | None) -> AsyncIterator[GenerationService]:
+        raise ModelUnavailableError("The model 'b' failed to load: no weights", retry_after_s=None)
+        yield service  # pragma: no cover
+
+    config = RunnerConfig(concurrency=2, poll_interval_s=POLL_S, ttl_s=60.0, lease_s=30.0, max_attempts=3)
+    runner = JobRunner(store, service, config, service_for=service_for)
+    job = await create_job(store, model="b")
+    await runner.start()
+    try:
+        failed = await wait_for_state(store, job.id, JobState.FAILED)
+        assert failed.error is not None and "failed to load" in failed.error
+        assert engine.handles == []
+    finally:
+        await asyncio.wait_for(runner.stop(), timeout=WAIT_S)

@@ -12,11 +12,13 @@ from typing import Any, cast
 import pytest
 
 from tests.support.waiting import wait_until
+from textgen.config import load_settings
 from textgen.engine.types import Engine, EngineStats
-from textgen.errors import DeadlineExceededError, ModelNotFoundError, ModelUnavailableError
+from textgen.errors import ConfigError, DeadlineExceededError, ModelNotFoundError, ModelUnavailableError
 from textgen.generation import GenerationService
 from textgen.loader import LoadedModel
 from textgen.services.model_registry import ModelRegistry, ModelSpec, ModelState, Serving
+from textgen.state import model_specs
 
 MiB = 2**20
 
@@ -285,3 +287,35 @@ async def test_a_failing_default_fails_start() -> None:
     models = registry(Loads({"a": MiB}, failing={"a"}))
     with pytest.raises(ModelUnavailableError, match="no weights for a"):
         await models.start()
+
+
+# ----- settings: TEXTGEN_MODELS, TEXTGEN_MODEL_MEMORY ------------------------------------------------------
+
+
+def test_models_setting_names_each_source_and_the_default_takes_the_aliases() -> None:
+    settings = load_settings(models=" smol=/m/smol , gemma=/m/gemma-3-270m.gguf", model_memory="2GiB")
+    assert settings.model_sources == [("smol", "/m/smol"), ("gemma", "/m/gemma-3-270m.gguf")]
+    assert int(settings.model_memory) == 2 * 1024**3
+    assert model_specs(settings) == [
+        ModelSpec("smol", "/m/smol", ("default",)),
+        ModelSpec("gemma", "/m/gemma-3-270m.gguf", ("gemma-3-270m",)),
+    ]
+    assert load_settings().model_sources == []  # TEXTGEN_MODEL alone
+    # The bundled model also answers to the name it is served under alone.
+    (bundled,) = model_specs(load_settings(models="smol=bundled", model_aliases=""))
+    assert bundled.aliases[0] == "SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"models": "smol"}, "TEXTGEN_MODELS: Value error, each entry is name=source"),
+        ({"models": "a=x,a=y"}, "the name 'a' is given twice"),
+        ({"models": "a b=x"}, "no spaces"),
+        ({"models": "a=x", "model": "bundled"}, "not both"),
+        ({"model_memory": "lots"}, "TEXTGEN_MODEL_MEMORY"),
+    ],
+)
+def test_bad_model_settings_fail_naming_the_variable(overrides: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_settings(**overrides)

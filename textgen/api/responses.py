@@ -69,7 +69,10 @@ STORED_DOCS: dict[int | str, dict[str, Any]] = {
 }
 CREATE_DOCS: dict[int | str, dict[str, Any]] = {
     **GENERATION_DOCS,
-    404: {**NOT_FOUND_DOC, "description": "previous_response_id names no stored response of yours"},
+    404: {
+        **NOT_FOUND_DOC,
+        "description": "Unknown model (model_not_found), or previous_response_id names no stored response of yours",
+    },
     507: STORE_FULL_DOC,
 }
 
