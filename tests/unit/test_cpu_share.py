@@ -26,7 +26,13 @@ from textgen.cpu_share import (
     usable_cores,
 )
 from textgen.engine.scheduler import BatchedEngine
-from textgen.engine.types import EngineLimits, GenerationRequest, SamplingParams
+from textgen.engine.types import (
+    EngineLimits,
+    GenerationRequest,
+    SamplingParams,
+    SpeculationMode,
+    SpeculationSettings,
+)
 
 
 class FakeClock:
@@ -327,7 +333,8 @@ async def test_two_engines_of_one_process_take_turns_on_one_share(
     tiny_loaded: Any, counted_share: tuple[CoreShare, list[tuple[str, int]]]
 ) -> None:
     share, applied = counted_share
-    limits = EngineLimits(max_new_tokens_limit=64)
+    # one token per step (no drafts), so the steps count the turns
+    limits = EngineLimits(max_new_tokens_limit=64, speculation=SpeculationSettings(SpeculationMode.OFF))
     engines = [BatchedEngine(tiny_loaded, limits, warmup=False, cores=share) for _ in range(2)]
     for engine in engines:
         await engine.start()
