@@ -1,4 +1,4 @@
-"""The decode core: one of the architecture modules (Llama family, GPT-2) over a slot KV cache.
+"""The decode core: one of the architecture modules (Llama family, GPT-2) over a paged KV cache.
 
 It only computes logits for the slots it is given; who runs, when, and for how long is the
 scheduler's business (``engine/scheduler.py``).
@@ -16,11 +16,12 @@ import torch
 import textgen.engine.core.gpt2 as gpt2
 import textgen.engine.core.llama as llama
 from textgen.engine.core.fused import FusedKernels
-from textgen.engine.core.kv_cache import SlotKVCache
+from textgen.engine.core.kv_cache import PagedKVCache
 from textgen.engine.core.layers import Attention, DecodeAttention, MixedAttention, PrefillAttention
 from textgen.engine.core.linear import Linear
 from textgen.engine.core.weights import UNBOUNDED, LinearFactory, WeightPlan
 from textgen.engine.pooling import mean_pool
+from textgen.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class Architecture:
     unsupported_reason: Callable[[Any], str | None]
     build: Callable[..., ModelWeights]
     forward: Callable[[Any, torch.Tensor, torch.Tensor, Attention], torch.Tensor]
-    # A model step through fused.c (weights, tokens, positions, cache rows, cache, kernels), and when it applies
+    # A model step through fused.c (weights, tokens, positions, rows of tables, cache, kernels, tables=block
+    # tables [R, W]), and when it applies
     # (weights, tokens, longest live length); None where the architecture has none.
     step_fused: Callable[..., torch.Tensor] | None = None
     fused_supported: Callable[[Any, int, int], bool] | None = None
@@ -94,6 +96,8 @@ class DecodeCore:
         *,
         slots: int,
         capacity: int,
+        kv_memory: int | None = None,
+        block_size: int = 32,
         fused: FusedKernels | None = None,
         fused_off: str = "",
     ) -> None:
@@ -103,7 +107,13 @@ class DecodeCore:
         self._dtype = factory.compute_dtype
         self._device = factory.device
         self.weights = arch.build(model, factory, self._dtype, capacity)
-        self.cache = SlotKVCache(
+        layers = len(self.weights.layers)
+        block_bytes = 2 * layers * self.weights.kv_heads * block_size * self.weights.head_dim * self._dtype.itemsize
+        per_sequence = -(-capacity // block_size)
+        # no memory given: room for every slot at full capacity (reserved, touched as used)
+        memory = kv_memory if kv_memory is not None else slots * per_sequence * block_bytes
+        blocks = kv_blocks_for(memory, block_bytes, slots, per_sequence)
+        self.cache = PagedKVCache(
             layers=len(self.weights.layers),
             slots=slots,
             kv_heads=self.weights.kv_heads,
@@ -111,6 +121,8 @@ class DecodeCore:
             head_dim=self.weights.head_dim,
             dtype=self._dtype,
             device=self._device,
+            blocks=blocks,
+            block_size=block_size,
         )
         self.fallbacks = factory.fallbacks
         self._fused = fused if arch.step_fused is not None else None
@@ -175,48 +187,54 @@ class DecodeCore:
         fresh (scratch) ``pool_slots`` like prompts, but come back as the mean of their final hidden
         states (``pooled`` [len(pool_slots), E] float32, not normalised) instead of logits; the caller
         frees their slots after the step."""
-        rows = self.cache.rows_of(decode_slots)
-        lengths = self.cache.lengths_of(rows)
+        cache = self.cache
+        lengths = cache.lengths_of(decode_slots)
+        fresh = [*prefill_slots, *pool_slots]
+        starts = cache.lengths_of(fresh)  # where each prompt continues its sequence (0: a new one)
         for slot in decode_slots:
-            self.cache.check_room(slot, 1)
-        segments: list[tuple[int, int, int]] = []  # (cache row, start in prompt_tokens, length)
+            cache.check_room(slot, 1)
+        for slot, prompt in zip(fresh, [*prompts, *pool_prompts], strict=True):
+            cache.check_room(slot, len(prompt))
+        # Blocks first, for everyone (nothing computed yet if the pool runs short: OutOfBlocksError).
+        for slot in decode_slots:
+            cache.reserve(slot, 1)
+        for slot, prompt in zip(fresh, [*prompts, *pool_prompts], strict=True):
+            cache.reserve(slot, len(prompt))
+        segments: list[tuple[int, int, int, int]] = []  # (sequence, start in prompt_tokens, length, first position)
         prompt_tokens: list[int] = []
-        positions, last = list(lengths), list(range(len(rows)))
+        positions, last = list(lengths), list(range(len(decode_slots)))
         pooled_spans: list[tuple[int, int]] = []  # (start in the pass's tokens, length)
         start = 0
-        for slot, row, prompt in zip(
-            [*prefill_slots, *pool_slots],
-            self.cache.rows_of([*prefill_slots, *pool_slots]),
-            [*prompts, *pool_prompts],
-            strict=True,
-        ):
-            self.cache.check_room(slot, len(prompt))
-            segments.append((row, start, len(prompt)))
+        decoding = len(decode_slots)
+        for slot, first, prompt in zip(fresh, starts, [*prompts, *pool_prompts], strict=True):
+            segments.append((slot, start, len(prompt), first))
             prompt_tokens.extend(prompt)
-            positions.extend(range(len(prompt)))
+            positions.extend(range(first, first + len(prompt)))
             if len(segments) <= len(prefill_slots):
-                last.append(len(rows) + start + len(prompt) - 1)
+                last.append(decoding + start + len(prompt) - 1)
             else:
-                pooled_spans.append((len(rows) + start, len(prompt)))
+                pooled_spans.append((decoding + start, len(prompt)))
             start += len(prompt)
-        self.cache.ensure_initialised(
-            max([*(n + 1 for n in lengths), *(len(p) for p in prompts), *(len(p) for p in pool_prompts)])
-        )
         all_tokens = torch.cat([tokens.to(torch.long).cpu(), torch.tensor(prompt_tokens, dtype=torch.long)])
         if self._fused_applies(len(positions), max(positions, default=0) + 1):
-            # Every token at its own (cache row, position): decode rows and whole prompts in one pass.
-            token_rows = rows + [row for row, _, length in segments for _ in range(length)]
-            hidden = self._step_fused(all_tokens, token_rows, positions)
+            # Every token at its own (sequence, position): decode rows and whole prompts in one pass; a
+            # token's row picks its sequence's block table.
+            token_rows = list(range(decoding)) + [
+                decoding + index for index, (_, _, length, _) in enumerate(segments) for _ in range(length)
+            ]
+            tables = cache.tables_of([*decode_slots, *fresh])
+            hidden = self._step_fused(all_tokens, token_rows, positions, tables)
         else:
             attention = MixedAttention(
-                DecodeAttention.plan(self.cache, rows, lengths, self.weights.scale) if rows else None,
-                PrefillAttention(self.cache, segments, self.weights.scale) if segments else None,
-                len(rows),
+                DecodeAttention.plan(cache, decode_slots, lengths, self.weights.scale) if decode_slots else None,
+                PrefillAttention(cache, segments, self.weights.scale) if segments else None,
+                decoding,
             )
             hidden = self._forward(all_tokens, positions, attention)  # [N, E]
-        self.cache.advance(rows)
-        for row, _, length in segments:
-            self.cache.advance([row], length)
+        for slot in decode_slots:
+            cache.advance(slot)
+        for slot, _, length, _ in segments:
+            cache.advance(slot, length)
         pooled = mean_pool(hidden, pooled_spans)
         if not last:  # prefill-only inputs alone: no logits to compute
             return StepOutput(torch.empty((0, 0), dtype=torch.float32), pooled)
@@ -229,10 +247,8 @@ class DecodeCore:
         """Logits after every position of one sequence [L, V] float32 (for perplexity), in a scratch slot."""
         slot = self.allocate()
         try:
-            row = self.cache.rows_of([slot])[0]
-            self.cache.check_room(slot, len(tokens))
-            self.cache.ensure_initialised(len(tokens))
-            attention = PrefillAttention(self.cache, [(row, 0, len(tokens))], self.weights.scale)
+            self.cache.reserve(slot, len(tokens))
+            attention = PrefillAttention(self.cache, [(slot, 0, len(tokens), 0)], self.weights.scale)
             return self.weights.lm_head(self._forward(tokens, range(len(tokens)), attention))
         finally:
             self.free([slot])
@@ -242,8 +258,11 @@ class DecodeCore:
         supported = self._arch.fused_supported
         return self._fused is not None and supported is not None and supported(self.weights, batch, live)
 
-    def _step_fused(self, tokens: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
-        """tokens [N] at positions [N] of cache rows [N] -> final hidden states [N, E]."""
+    def _step_fused(
+        self, tokens: torch.Tensor, rows: list[int], positions: list[int], tables: torch.Tensor
+    ) -> torch.Tensor:
+        """tokens [N] at positions [N] of the sequences whose block tables are rows [N] of tables -> final
+        hidden states [N, E]."""
         assert self._fused is not None and self._arch.step_fused is not None
         return self._arch.step_fused(
             self.weights,
@@ -252,6 +271,7 @@ class DecodeCore:
             torch.tensor(rows, dtype=torch.long),
             self.cache,
             self._fused,
+            tables=tables,
         )
 
     def _forward(
@@ -307,10 +327,26 @@ class DecodeCore:
             "kv_cache_bytes": self.cache.reserved_bytes,
             "slots": self.cache.slots,
             "positions_per_slot": self.cache.capacity,
+            "kv_blocks": self.cache.pool.total,
+            "kv_block_size": self.cache.block_size,
             "dtype": str(self._dtype).removeprefix("torch."),
             "fused_kernels": self._fused is not None,
             **({"fused_kernels_off": self._fused_off} if self._fused_off else {}),
         }
+
+
+def kv_blocks_for(memory: int, block_bytes: int, sequences: int, blocks_per_sequence: int) -> int:
+    """How many KV blocks ``memory`` bytes buy: never more than every sequence at full context can use, and at
+    least one full-context sequence (ConfigError naming the setting otherwise)."""
+    blocks = min(memory // block_bytes, sequences * blocks_per_sequence)
+    if blocks < blocks_per_sequence:
+        raise ConfigError(
+            f"The KV cache memory ({memory / 2**20:.0f} MiB) holds {blocks} blocks of {block_bytes / 2**10:.0f} KiB; "
+            f"one sequence at the model's full context needs {blocks_per_sequence}. Raise TEXTGEN_KV_CACHE_MEMORY "
+            f"to at least {blocks_per_sequence * block_bytes / 2**20:.0f} MiB (or lower the context with "
+            "TEXTGEN_MAX_PROMPT_TOKENS)."
+        )
+    return blocks
 
 
 def _linears(weights: ModelWeights) -> list[Linear]:
