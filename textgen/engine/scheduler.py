@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from textgen.engine.constraints import GrammarCompiler, MaskTimer, apply_token_masks
-from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights
+from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights, sequence_positions
 from textgen.engine.core.decoder import StepOutput
 from textgen.engine.core.fused import FusedKernels, load_fused_kernels
 from textgen.engine.pooling import l2_normalise
@@ -135,7 +135,7 @@ class BatchedEngine:
         self._limits = limits
         self._core_options = core_options or CoreOptions(
             slots=limits.max_running + limits.embedding_slots,
-            positions=limits.max_prompt_tokens + limits.max_new_tokens_limit,
+            positions=sequence_positions(limits.max_prompt_tokens, limits.max_new_tokens_limit),
         )
         self._core: ModelCore | None = None
         self._kernels: FusedKernels | None = None  # fused.c, for sampling on the CPU (built with the core)
@@ -158,6 +158,7 @@ class BatchedEngine:
         self._interactive_streak = 0
         self._shared_rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         self._tokens_per_s = 0.0
+        self._preemptions = 0  # sequences preempted for KV blocks since start (a counter)
         self._mean_budget = float(limits.default_new_tokens)
         # Completions per second (slots freed), measured for Retry-After (textgen.engine.service_rate).
         self.service_rate = ServiceRate()
@@ -295,6 +296,9 @@ class BatchedEngine:
                 waiting_interactive=len(self._waiting[Priority.INTERACTIVE]),
                 waiting_background=len(self._waiting[Priority.BACKGROUND]),
                 tokens_per_s=self._tokens_per_s,
+                kv_blocks_total=self._core.total_blocks if self._core is not None else 0,
+                kv_blocks_used=self._core.total_blocks - self._core.free_blocks if self._core is not None else 0,
+                preemptions=self._preemptions,
             )
 
     def _has_work(self) -> bool:
@@ -374,19 +378,56 @@ class BatchedEngine:
         if not self._backlog:
             self._backlog.extend(self._admit(self._take_admissions(), events))
         self._retire(events)
+        self._make_room()
         admitted = self._next_prefill(events)
         pieces = self._next_embeddings(admitted, events)
         if self._running_seqs or admitted or pieces:
             self._step(admitted, events, decode=bool(self._running_seqs), pieces=pieces)
         self._retire(events)
 
+    def _make_room(self) -> None:
+        """Preempt until the running sequences' next positions fit in the KV cache's free blocks: the
+        newest background sequence first, an interactive one only when no background one runs. A preempted
+        sequence gives its blocks back and goes to the front of the backlog; when blocks allow, its prompt
+        and the text generated so far are prefilled again and it continues where it stopped."""
+        core = self._require_core()
+        while self._running_seqs and core.blocks_needed(list(self._running_seqs), []) > core.free_blocks:
+            if len(self._running_seqs) == 1:
+                return  # alone it always fits (the pool holds one full-context sequence); the step says if not
+            slot = self._preemption_victim()
+            seq = self._running_seqs.pop(slot)
+            core.free([slot])
+            self._backlog.appendleft(seq)
+            self._preemptions += 1
+            logger.info(
+                "KV cache full: preempted a %s sequence of %d positions (%d free blocks of %d); it resumes when "
+                "blocks free up",
+                seq.handle.request.priority.name.lower(),
+                len(seq.history),
+                core.free_blocks,
+                core.total_blocks,
+                extra={"request_id": seq.handle.request.request_id},
+            )
+
+    def _preemption_victim(self) -> int:
+        """The slot of the newest background sequence, else of the newest sequence."""
+        newest_first = list(reversed(self._running_seqs.items()))
+        for slot, seq in newest_first:
+            if seq.handle.request.priority == Priority.BACKGROUND:
+                return slot
+        return newest_first[0][0]
+
     def _next_prefill(self, events: list[Event]) -> list[SequenceState]:
         """The backlog's next prompts, in arrival order, up to ``prefill_step_tokens`` (at least one) and
-        to ``max_prefill_tokens`` as rows x longest prompt (the padded cost on the transformers core).
-        Prompts cancelled or expired while they waited end here."""
+        to ``max_prefill_tokens`` as rows x longest prompt (the padded cost on the transformers core), while
+        the KV cache has blocks for them beside the running sequences' next positions (the first one waits
+        for blocks unless nothing runs). Prompts cancelled or expired while they waited end here. A
+        preempted sequence's "prompt" is its prompt and the text generated so far."""
         now = time.monotonic()
         taken: list[SequenceState] = []
         tokens = longest = 0
+        core = self._require_core()
+        block_room = core.free_blocks - core.blocks_needed(list(self._running_seqs), [])
         while self._backlog:
             seq = self._backlog[0]
             if seq.handle.cancel_requested or _expired(seq.handle, now):
@@ -394,10 +435,14 @@ class BatchedEngine:
                 self._release(1)
                 events.append((seq.handle, "", None, _ending_error(seq.handle, now)))
                 continue
-            size = len(seq.prompt_ids)
+            size = len(seq.history)
             padded = (len(taken) + 1) * max(longest, size)
             if taken and (tokens + size > self._limits.prefill_step_tokens or padded > self._limits.max_prefill_tokens):
                 break
+            blocks = core.blocks_needed([], [size])
+            if blocks > block_room and (taken or self._running_seqs):
+                break  # it waits for blocks: running sequences retire (or are preempted) first
+            block_room -= blocks
             taken.append(self._backlog.popleft())
             tokens, longest = tokens + size, max(longest, size)
         return taken
@@ -421,7 +466,11 @@ class BatchedEngine:
             self._embedding_credit = 0.0
             return []
         limits = self._limits
-        room = self._require_core().free_slots - len(admitted)
+        core = self._require_core()
+        room = core.free_slots - len(admitted)
+        block_room = core.free_blocks - core.blocks_needed(
+            list(self._running_seqs), [len(seq.history) for seq in admitted]
+        )
         decoding = bool(self._running_seqs)
         if decoding:
             head = self._embeddings[0]
@@ -437,6 +486,10 @@ class BatchedEngine:
             while job.pending and len(taken) < room:
                 size = len(job.inputs[job.next_input])
                 padded = (len(taken) + 1) * max(longest, size)
+                blocks = core.blocks_needed([], [size])
+                if blocks > block_room:
+                    break  # the KV cache is full: inputs wait for blocks (theirs are freed after each step)
+                block_room -= blocks
                 fits = tokens + size <= budget and padded <= limits.max_prefill_tokens
                 if not fits and (taken or not first_goes):
                     break
@@ -604,7 +657,7 @@ class BatchedEngine:
         try:
             new_slots = [core.allocate() for _ in admitted]
             pool_slots = [core.allocate() for _ in pieces]
-            prompts = [s.prompt_ids for s in admitted]
+            prompts = [s.history for s in admitted]  # a preempted sequence resumes: prompt + generated
             if pieces:
                 pool_prompts = [job.inputs[index] for job, index in pieces]
                 output = core.step_pooled(decode_slots, tokens, new_slots, prompts, pool_slots, pool_prompts)

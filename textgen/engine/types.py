@@ -351,6 +351,9 @@ class EngineStats:
     waiting_interactive: int
     waiting_background: int
     tokens_per_s: float  # recent aggregate decode throughput, 0 when unknown
+    kv_blocks_total: int = 0  # the paged KV cache's blocks (0: a core without a block pool)
+    kv_blocks_used: int = 0  # blocks held by running sequences
+    preemptions: int = 0  # sequences preempted for KV blocks since start
 
 
 def to_client_error(error: BaseException) -> BaseException:
@@ -364,7 +367,7 @@ class EngineLimits:
 
     max_running: int = 64
     max_waiting: int = 256
-    max_prompt_tokens: int = 1024
+    max_prompt_tokens: int | None = None  # None: the model's context minus max_new_tokens_limit
     max_new_tokens_limit: int = 1024
     default_new_tokens: int = 50
     max_prefill_tokens: int = 4096
@@ -375,3 +378,16 @@ class EngineLimits:
     embedding_slots: int = 8
     # While streams decode, embedding inputs may add about this fraction to a decode step's time (measured).
     embedding_step_share: float = 0.05
+
+DEFAULT_PROMPT_TOKENS = 1024  # the prompt limit for a model that states no context length
+
+
+def prompt_token_limit(configured: int | None, generation_budget: int, context_length: int | None) -> int:
+    """The most prompt tokens a request may have: TEXTGEN_MAX_PROMPT_TOKENS within the model's context (one
+    position left to generate), or by default the context minus the generation budget
+    (TEXTGEN_MAX_NEW_TOKENS_LIMIT), at least half the context for a model with a short one."""
+    if context_length is None:
+        return configured if configured is not None else DEFAULT_PROMPT_TOKENS
+    if configured is not None:
+        return max(1, min(configured, context_length - 1))
+    return max(context_length - generation_budget, context_length // 2, 1)
