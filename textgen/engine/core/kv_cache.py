@@ -23,7 +23,7 @@ import torch
 from textgen.engine.core.blocks import BlockPool, BlockTable
 from textgen.errors import EngineError
 
-MIN_ZEROED_BLOCKS = 4
+MIN_ZEROED_BLOCKS = 4  # blocks zeroed per call at least: fewer calls, and touched memory stays near use
 
 
 class PagedKVCache:
@@ -118,10 +118,10 @@ class PagedKVCache:
         self._initialise_up_to(self.pool.high_water)
 
     def _initialise_up_to(self, blocks: int) -> None:
-        """Zero blocks [_zeroed, blocks), rounded up to a growing chunk (fewer, larger calls)."""
+        """Zero blocks [_zeroed, blocks), at least MIN_ZEROED_BLOCKS at a time."""
         if blocks <= self._zeroed:
             return
-        upto = min(self.pool.total, max(blocks, 2 * self._zeroed, MIN_ZEROED_BLOCKS))
+        upto = min(self.pool.total, max(blocks, self._zeroed + MIN_ZEROED_BLOCKS))
         for cache in (*self.keys, *self.values):
             cache[self._zeroed : upto].zero_()
         self._zeroed = upto
