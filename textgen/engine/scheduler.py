@@ -410,12 +410,12 @@ class BatchedEngine:
             )
 
     def _preemption_victim(self) -> int:
-        """The slot of the newest background sequence, else of the newest sequence."""
-        newest_first = list(reversed(self._running_seqs.items()))
-        for slot, seq in newest_first:
-            if seq.handle.request.priority == Priority.BACKGROUND:
-                return slot
-        return newest_first[0][0]
+        """The slot of the newest background sequence (by arrival: a resumed sequence keeps its age), else of
+        the newest sequence."""
+        running = self._running_seqs.items()
+        background = [(slot, seq) for slot, seq in running if seq.handle.request.priority == Priority.BACKGROUND]
+        slot, _ = max(background or running, key=lambda item: item[1].handle.request.arrived_at)
+        return slot
 
     def _next_prefill(self, events: list[Event]) -> list[SequenceState]:
         """The backlog's next prompts, in arrival order, up to ``prefill_step_tokens`` (at least one) and
@@ -427,7 +427,10 @@ class BatchedEngine:
         taken: list[SequenceState] = []
         tokens = longest = 0
         core = self._require_core()
-        block_room = core.free_blocks - core.blocks_needed(list(self._running_seqs), [])
+        # A block of headroom per running sequence, so that what is admitted now does not force a preemption
+        # (of itself, perhaps) within the next steps.
+        headroom = len(self._running_seqs)
+        block_room = core.free_blocks - core.blocks_needed(list(self._running_seqs), []) - headroom
         while self._backlog:
             seq = self._backlog[0]
             if seq.handle.cancel_requested or _expired(seq.handle, now):
