@@ -122,7 +122,8 @@ async def test_a_prompt_waits_for_blocks_instead_of_failing(make_engine: Callabl
 
 def test_default_prompt_limit_is_the_context_minus_the_generation_budget() -> None:
     assert prompt_token_limit(None, 1024, 8192) == 7168  # SmolLM2: the whole context, less the output budget
-    assert prompt_token_limit(None, 1024, 1024) == 512  # a short context keeps at least half for the prompt
+    assert prompt_token_limit(None, 1024, 1024) == 1023  # a short context keeps the former 1024 (within it)
+    assert prompt_token_limit(None, 1024, 2048) == 1024
     assert prompt_token_limit(1900, 1024, 8192) == 1900  # TEXTGEN_MAX_PROMPT_TOKENS still wins when set
     assert prompt_token_limit(9000, 1024, 8192) == 8191  # within the context, one position to generate
     assert prompt_token_limit(None, 1024, None) == 1024  # no context stated: the old default
