@@ -26,7 +26,7 @@ import torch
 
 from textgen.cpu_share import CoreShare
 from textgen.engine.constraints import GrammarCompiler, MaskTimer, apply_token_masks
-from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights
+from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights, sequence_positions
 from textgen.engine.core.decoder import DecodeCore, StepOutput
 from textgen.engine.core.fused import FusedKernels, load_fused_kernels
 from textgen.engine.pooling import l2_normalise
@@ -142,7 +142,7 @@ class BatchedEngine:
         self._limits = limits
         self._core_options = core_options or CoreOptions(
             slots=limits.max_running + limits.embedding_slots,
-            positions=limits.max_prompt_tokens + limits.max_new_tokens_limit,
+            positions=sequence_positions(limits.max_prompt_tokens, limits.max_new_tokens_limit),
         )
         self._core: ModelCore | None = None
         self._kernels: FusedKernels | None = None  # fused.c, for sampling on the CPU (built with the core)
@@ -168,6 +168,7 @@ class BatchedEngine:
         self._interactive_streak = 0
         self._shared_rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         self._tokens_per_s = 0.0
+        self._preemptions = 0  # sequences preempted for KV blocks since start (a counter)
         self._mean_budget = float(limits.default_new_tokens)
         # Completions per second (slots freed), measured for Retry-After (textgen.engine.service_rate).
         self.service_rate = ServiceRate()
@@ -323,6 +324,9 @@ class BatchedEngine:
                 tokens_per_s=self._tokens_per_s,
                 draft_tokens=self._drafter.drafted,
                 accepted_draft_tokens=self._drafter.accepted,
+                kv_blocks_total=self._core.total_blocks if self._core is not None else 0,
+                kv_blocks_used=self._core.total_blocks - self._core.free_blocks if self._core is not None else 0,
+                preemptions=self._preemptions,
             )
 
     def _has_work(self) -> bool:
@@ -409,19 +413,59 @@ class BatchedEngine:
         if not self._backlog:
             self._backlog.extend(self._admit(self._take_admissions(), events))
         self._retire(events)
+        self._make_room()
         admitted = self._next_prefill(events)
         pieces = self._next_embeddings(admitted, events)
         if self._running_seqs or admitted or pieces:
             self._step(admitted, events, decode=bool(self._running_seqs), pieces=pieces)
         self._retire(events)
 
+    def _make_room(self) -> None:
+        """Preempt until the running sequences' next positions fit in the KV cache's free blocks: the
+        newest background sequence first, an interactive one only when no background one runs. A preempted
+        sequence gives its blocks back and goes to the front of the backlog; when blocks allow, its prompt
+        and the text generated so far are prefilled again and it continues where it stopped."""
+        core = self._require_core()
+        while self._running_seqs and core.blocks_needed(list(self._running_seqs), []) > core.free_blocks:
+            if len(self._running_seqs) == 1:
+                return  # alone it always fits (the pool holds one full-context sequence); the step says if not
+            slot = self._preemption_victim()
+            seq = self._running_seqs.pop(slot)
+            core.free([slot])
+            self._backlog.appendleft(seq)
+            self._preemptions += 1
+            logger.info(
+                "KV cache full: preempted a %s sequence of %d positions (%d free blocks of %d); it resumes when "
+                "blocks free up",
+                seq.handle.request.priority.name.lower(),
+                len(seq.history),
+                core.free_blocks,
+                core.total_blocks,
+                extra={"request_id": seq.handle.request.request_id},
+            )
+
+    def _preemption_victim(self) -> int:
+        """The slot of the newest background sequence (by arrival: a resumed sequence keeps its age), else of
+        the newest sequence."""
+        running = self._running_seqs.items()
+        background = [(slot, seq) for slot, seq in running if seq.handle.request.priority == Priority.BACKGROUND]
+        slot, _ = max(background or running, key=lambda item: item[1].handle.request.arrived_at)
+        return slot
+
     def _next_prefill(self, events: list[Event]) -> list[SequenceState]:
         """The backlog's next prompts, in arrival order, up to ``prefill_step_tokens`` (at least one) and
-        to ``max_prefill_tokens`` as rows x longest prompt (the padded cost on the transformers core).
-        Prompts cancelled or expired while they waited end here."""
+        to ``max_prefill_tokens`` as rows x longest prompt (the padded cost on the transformers core), while
+        the KV cache has blocks for them beside the running sequences' next positions (the first one waits
+        for blocks unless nothing runs). Prompts cancelled or expired while they waited end here. A
+        preempted sequence's "prompt" is its prompt and the text generated so far."""
         now = time.monotonic()
         taken: list[SequenceState] = []
         tokens = longest = 0
+        core = self._require_core()
+        # A block of headroom per running sequence, so that what is admitted now does not force a preemption
+        # (of itself, perhaps) within the next steps.
+        headroom = len(self._running_seqs)
+        block_room = core.free_blocks - core.blocks_needed(list(self._running_seqs), []) - headroom
         while self._backlog:
             seq = self._backlog[0]
             if seq.handle.cancel_requested or _expired(seq.handle, now):
@@ -429,10 +473,14 @@ class BatchedEngine:
                 self._release(1)
                 events.append((seq.handle, "", None, _ending_error(seq.handle, now)))
                 continue
-            size = len(seq.prompt_ids)
+            size = len(seq.history)
             padded = (len(taken) + 1) * max(longest, size)
             if taken and (tokens + size > self._limits.prefill_step_tokens or padded > self._limits.max_prefill_tokens):
                 break
+            blocks = core.blocks_needed([], [size])
+            if blocks > block_room and (taken or self._running_seqs):
+                break  # it waits for blocks: running sequences retire (or are preempted) first
+            block_room -= blocks
             taken.append(self._backlog.popleft())
             tokens, longest = tokens + size, max(longest, size)
         return taken
@@ -456,7 +504,11 @@ class BatchedEngine:
             self._embedding_credit = 0.0
             return []
         limits = self._limits
-        room = self._require_core().free_slots - len(admitted)
+        core = self._require_core()
+        room = core.free_slots - len(admitted)
+        block_room = core.free_blocks - core.blocks_needed(
+            list(self._running_seqs), [len(seq.history) for seq in admitted]
+        )
         decoding = bool(self._running_seqs)
         if decoding:
             head = self._embeddings[0]
@@ -472,6 +524,10 @@ class BatchedEngine:
             while job.pending and len(taken) < room:
                 size = len(job.inputs[job.next_input])
                 padded = (len(taken) + 1) * max(longest, size)
+                blocks = core.blocks_needed([], [size])
+                if blocks > block_room:
+                    break  # the KV cache is full: inputs wait for blocks (theirs are freed after each step)
+                block_room -= blocks
                 fits = tokens + size <= budget and padded <= limits.max_prefill_tokens
                 if not fits and (taken or not first_goes):
                     break
@@ -635,12 +691,14 @@ class BatchedEngine:
         rows = [self._running_seqs[slot] for slot in decode_slots]
         tokens = torch.tensor([seq.generated[-1] for seq in rows], dtype=torch.long)
         drafts = None if admitted or pieces else self._drafts_for(rows)
+        if drafts is not None and not self._drafts_fit(decode_slots, drafts):
+            drafts = None
         new_slots: list[int] = []
         pool_slots: list[int] = []
         try:
             new_slots = [core.allocate() for _ in admitted]
             pool_slots = [core.allocate() for _ in pieces]
-            prompts = [s.prompt_ids for s in admitted]
+            prompts = [s.history for s in admitted]  # a preempted sequence resumes: prompt + generated
             if drafts is not None:  # a verification step: each row's token and its draft
                 assert self._extender is not None
                 inputs = [[seq.generated[-1], *draft] for seq, draft in zip(rows, drafts, strict=True)]
@@ -700,6 +758,14 @@ class BatchedEngine:
         histories = [(seq.prompt_ids, seq.generated) for seq in rows]
         drafts = self._drafter.drafts(states, histories, rooms, extender.uniform_rows - len(rows))
         return drafts if any(drafts) else None
+
+    def _drafts_fit(self, slots: list[int], drafts: list[list[int]]) -> bool:
+        """Drafted positions take KV blocks too: verify only when every row's token and draft fit in the free
+        blocks (otherwise a plain step; preemption makes room for one token per row, not for drafts)."""
+        extender = self._extender
+        assert extender is not None
+        needed = sum(extender.cache.blocks_to_add(slot, 1 + len(d)) for slot, d in zip(slots, drafts, strict=True))
+        return needed <= extender.free_blocks
 
     def _verify_into(
         self,

@@ -353,6 +353,9 @@ class EngineStats:
     tokens_per_s: float  # recent aggregate decode throughput, 0 when unknown
     draft_tokens: int = 0  # speculative decoding: tokens drafted and verified so far
     accepted_draft_tokens: int = 0  # ... and kept
+    kv_blocks_total: int = 0  # the paged KV cache's blocks (0: a core without a block pool)
+    kv_blocks_used: int = 0  # blocks held by running sequences
+    preemptions: int = 0  # sequences preempted for KV blocks since start
 
 
 def to_client_error(error: BaseException) -> BaseException:
@@ -381,7 +384,7 @@ class EngineLimits:
 
     max_running: int = 64
     max_waiting: int = 256
-    max_prompt_tokens: int = 1024
+    max_prompt_tokens: int | None = None  # None: the model's context minus max_new_tokens_limit
     max_new_tokens_limit: int = 1024
     default_new_tokens: int = 50
     max_prefill_tokens: int = 4096
@@ -393,3 +396,18 @@ class EngineLimits:
     # While streams decode, embedding inputs may add about this fraction to a decode step's time (measured).
     embedding_step_share: float = 0.05
     speculation: SpeculationSettings = SpeculationSettings()
+
+
+DEFAULT_PROMPT_TOKENS = 1024  # the prompt limit for a model that states no context length
+
+
+def prompt_token_limit(configured: int | None, generation_budget: int, context_length: int | None) -> int:
+    """The most prompt tokens a request may have: TEXTGEN_MAX_PROMPT_TOKENS within the model's context (one
+    position left to generate), or by default the context minus the generation budget
+    (TEXTGEN_MAX_NEW_TOKENS_LIMIT), never below the former default of 1024 within the context (a model with a
+    short context keeps what it accepted before; its output budget is then capped by what is left)."""
+    if context_length is None:
+        return configured if configured is not None else DEFAULT_PROMPT_TOKENS
+    if configured is not None:
+        return max(1, min(configured, context_length - 1))
+    return max(context_length - generation_budget, min(DEFAULT_PROMPT_TOKENS, context_length - 1), 1)

@@ -1,4 +1,4 @@
-"""The decode core: one of the architecture modules (Llama, Qwen2, Qwen3, Phi-3, Gemma 3, GPT-2) over a slot
+"""The decode core: one of the architecture modules (Llama, Qwen2, Qwen3, Phi-3, Gemma 3, GPT-2) over a paged
 KV cache.
 
 It only computes logits for the slots it is given; who runs, when, and for how long is the
@@ -7,6 +7,7 @@ scheduler's business (``engine/scheduler.py``).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,12 +22,14 @@ import textgen.engine.core.phi3 as phi3
 import textgen.engine.core.qwen2 as qwen2
 import textgen.engine.core.qwen3 as qwen3
 from textgen.engine.core.fused import FusedKernels
-from textgen.engine.core.kv_cache import SlotKVCache
+from textgen.engine.core.kv_cache import PagedKVCache
 from textgen.engine.core.layers import Attention, DecodeAttention, MixedAttention, PrefillAttention
 from textgen.engine.core.linear import Linear
 from textgen.engine.core.weights import UNBOUNDED, LinearFactory, WeightPlan
 from textgen.engine.pooling import mean_pool
-from textgen.errors import EngineError
+from textgen.errors import ConfigError, EngineError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,8 @@ class Architecture:
     unsupported_reason: Callable[[Any, int], str | None]
     build: Callable[..., ModelWeights]
     forward: Callable[[Any, torch.Tensor, torch.Tensor, Attention], torch.Tensor]
-    # A model step through fused.c (weights, tokens, positions, cache rows, cache, kernels), and when it applies
+    # A model step through fused.c (weights, tokens, positions, rows of tables, cache, kernels, tables=block
+    # tables [R, W]), and when it applies
     # (weights, tokens, longest live length); None where the architecture has none.
     step_fused: Callable[..., torch.Tensor] | None = None
     fused_supported: Callable[[Any, int, int], bool] | None = None
@@ -123,6 +127,9 @@ class DecodeCore:
         *,
         slots: int,
         capacity: int,
+        kv_memory: int | None = None,
+        kv_memory_is_default: bool = False,
+        block_size: int = 32,
         fused: FusedKernels | None = None,
         fused_off: str = "",
     ) -> None:
@@ -132,7 +139,21 @@ class DecodeCore:
         self._dtype = factory.compute_dtype
         self._device = factory.device
         self.weights = arch.build(model, factory, self._dtype, capacity)
-        self.cache = SlotKVCache(
+        layers = len(self.weights.layers)
+        block_bytes = 2 * layers * self.weights.kv_heads * block_size * self.weights.head_dim * self._dtype.itemsize
+        per_sequence = -(-capacity // block_size)
+        # no memory given: room for every slot at full capacity (reserved, touched as used)
+        memory = kv_memory if kv_memory is not None else slots * per_sequence * block_bytes
+        if kv_memory_is_default and memory < per_sequence * block_bytes:
+            logger.warning(
+                "The default KV cache memory (%.0f MiB) cannot hold one sequence at the model's full context; "
+                "reserving %.0f MiB for it (set TEXTGEN_KV_CACHE_MEMORY to choose)",
+                memory / 2**20,
+                per_sequence * block_bytes / 2**20,
+            )
+            memory = per_sequence * block_bytes
+        blocks = kv_blocks_for(memory, block_bytes, slots, per_sequence)
+        self.cache = PagedKVCache(
             layers=len(self.weights.layers),
             slots=slots,
             kv_heads=self.weights.kv_heads,
@@ -140,6 +161,8 @@ class DecodeCore:
             head_dim=self.weights.head_dim,
             dtype=self._dtype,
             device=self._device,
+            blocks=blocks,
+            block_size=block_size,
         )
         self.fallbacks = factory.fallbacks
         self._fused = fused if arch.step_fused is not None else None
@@ -155,6 +178,22 @@ class DecodeCore:
     @property
     def free_slots(self) -> int:
         return self.cache.free_slots
+
+    @property
+    def free_blocks(self) -> int:
+        """KV blocks that new positions can take now."""
+        return self.cache.pool.free
+
+    @property
+    def total_blocks(self) -> int:
+        return self.cache.pool.total
+
+    def blocks_needed(self, decode_slots: Sequence[int], prompt_lengths: Sequence[int]) -> int:
+        """KV blocks a step would take: one more position for each decoding slot, whole new prompts."""
+        cache = self.cache
+        return sum(cache.blocks_to_add(slot, 1) for slot in decode_slots) + sum(
+            cache.pool.blocks_for(length) for length in prompt_lengths
+        )
 
     def allocate(self) -> int:
         return self.cache.allocate()
@@ -231,11 +270,15 @@ class DecodeCore:
             if not tokens or not 0 <= count <= len(tokens):
                 raise EngineError("extend() needs non-empty inputs and 0 <= scored <= the input's length.")
         plan = _PassPlan.build(self.cache, slots, inputs, counts, pool_slots, pool_prompts)
-        self.cache.ensure_initialised(max(plan.positions, default=0) + 1)
+        # Blocks first, for everyone (nothing computed yet if the pool runs short: OutOfBlocksError; a
+        # sequence at its capacity: EngineError).
+        for slot, tokens in zip([*slots, *pool_slots], [*inputs, *pool_prompts], strict=True):
+            self.cache.reserve(slot, len(tokens))
         all_tokens = torch.tensor(plan.tokens, dtype=torch.long)
         if self._fused_applies(len(plan.positions), max(plan.positions, default=0) + 1):
-            # Every token at its own (cache row, position): decode rows and whole inputs in one pass.
-            hidden = self._step_fused(all_tokens, plan.token_rows, plan.positions)
+            # Every token at its own (sequence, position): decode rows and whole inputs in one pass; a token's
+            # row of the cache's block tables is its sequence's slot.
+            hidden = self._step_fused(all_tokens, plan.token_rows, plan.positions, self.cache.block_tables)
         else:
             attention = MixedAttention(
                 DecodeAttention.plan(self.cache, plan.decode_rows, plan.decode_lengths, self.weights.scale)
@@ -245,10 +288,10 @@ class DecodeCore:
                 len(plan.decode_rows),
             )
             hidden = self._forward(all_tokens, plan.positions, attention)  # [N, E]
-        for row, tokens in zip(plan.rows, inputs, strict=True):
-            self.cache.advance([row], len(tokens))
-        for row, prompt in zip(plan.pool_rows, pool_prompts, strict=True):
-            self.cache.advance([row], len(prompt))
+        for slot, tokens in zip(slots, inputs, strict=True):
+            self.cache.advance(slot, len(tokens))
+        for slot, prompt in zip(pool_slots, pool_prompts, strict=True):
+            self.cache.advance(slot, len(prompt))
         pooled = mean_pool(hidden, plan.pooled_spans)
         if not plan.scored:  # prefill-only inputs alone: no logits to compute
             return StepOutput(torch.empty((0, 0), dtype=torch.float32), pooled)
@@ -278,10 +321,8 @@ class DecodeCore:
         """Logits after every position of one sequence [L, V] float32 (for perplexity), in a scratch slot."""
         slot = self.allocate()
         try:
-            row = self.cache.rows_of([slot])[0]
-            self.cache.check_room(slot, len(tokens))
-            self.cache.ensure_initialised(len(tokens))
-            attention = PrefillAttention(self.cache, [(row, 0, len(tokens), 0)], self.weights.scale)
+            self.cache.reserve(slot, len(tokens))
+            attention = PrefillAttention(self.cache, [(slot, 0, len(tokens), 0)], self.weights.scale)
             return self.weights.lm_head(self._forward(tokens, range(len(tokens)), attention))
         finally:
             self.free([slot])
@@ -291,8 +332,11 @@ class DecodeCore:
         supported = self._arch.fused_supported
         return self._fused is not None and supported is not None and supported(self.weights, batch, live)
 
-    def _step_fused(self, tokens: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
-        """tokens [N] at positions [N] of cache rows [N] -> final hidden states [N, E]."""
+    def _step_fused(
+        self, tokens: torch.Tensor, rows: list[int], positions: list[int], tables: torch.Tensor
+    ) -> torch.Tensor:
+        """tokens [N] at positions [N] of the sequences whose block tables are rows [N] of tables -> final
+        hidden states [N, E]."""
         assert self._fused is not None and self._arch.step_fused is not None
         return self._arch.step_fused(
             self.weights,
@@ -301,6 +345,7 @@ class DecodeCore:
             torch.tensor(rows, dtype=torch.long),
             self.cache,
             self._fused,
+            tables=tables,
         )
 
     def _forward(
@@ -356,10 +401,26 @@ class DecodeCore:
             "kv_cache_bytes": self.cache.reserved_bytes,
             "slots": self.cache.slots,
             "positions_per_slot": self.cache.capacity,
+            "kv_blocks": self.cache.pool.total,
+            "kv_block_size": self.cache.block_size,
             "dtype": str(self._dtype).removeprefix("torch."),
             "fused_kernels": self._fused is not None,
             **({"fused_kernels_off": self._fused_off} if self._fused_off else {}),
         }
+
+
+def kv_blocks_for(memory: int, block_bytes: int, sequences: int, blocks_per_sequence: int) -> int:
+    """How many KV blocks ``memory`` bytes buy: never more than every sequence at full context can use, and at
+    least one full-context sequence (ConfigError naming the setting otherwise)."""
+    blocks = min(memory // block_bytes, sequences * blocks_per_sequence)
+    if blocks < blocks_per_sequence:
+        raise ConfigError(
+            f"The KV cache memory ({memory / 2**20:.0f} MiB) holds {blocks} blocks of {block_bytes / 2**10:.0f} KiB; "
+            f"one sequence at the model's full context needs {blocks_per_sequence}. Raise TEXTGEN_KV_CACHE_MEMORY "
+            f"to at least {blocks_per_sequence * block_bytes / 2**20:.0f} MiB (or lower the context with "
+            "TEXTGEN_MAX_PROMPT_TOKENS)."
+        )
+    return blocks
 
 
 def _linears(weights: ModelWeights) -> list[Linear]:
@@ -391,14 +452,14 @@ class _PassPlan:
     @classmethod
     def build(
         cls,
-        cache: SlotKVCache,
+        cache: PagedKVCache,
         slots: Sequence[int],
         inputs: Sequence[Sequence[int]],
         counts: Sequence[int],
         pool_slots: Sequence[int],
         pool_prompts: Sequence[Sequence[int]],
     ) -> _PassPlan:
-        plan = cls(cache.rows_of(slots), cache.rows_of(pool_slots))
+        plan = cls(list(slots), list(pool_slots))  # a sequence's slot is its row of the block tables
         starts = cache.lengths_of(plan.rows)
         for slot, tokens in zip([*slots, *pool_slots], [*inputs, *pool_prompts], strict=True):
             cache.check_room(slot, len(tokens))

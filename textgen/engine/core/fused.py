@@ -258,6 +258,7 @@ class FusedKernels:
         out: torch.Tensor,
         heads: int,
         scale: float,
+        tables: torch.Tensor | None = None,
         *,
         window: int = 0,
         q_norm: torch.Tensor | None = None,
@@ -265,15 +266,19 @@ class FusedKernels:
         norm_eps: float = 1e-6,
     ) -> None:
         """qkv [B, (Hq + 2 Hkv) D]; writes the rotated key and the value at each row's position in keys,
-        values [S, Hkv, T, D] and the attention output over positions 0..position to out [B, Hq D].
+        values and the attention output over positions 0..position to out [B, Hq D].
+
+        Paged (``tables`` [R, W] int64 block ids): keys, values [blocks, Hkv, block size, D], and token b's
+        position p is in block tables[cache_rows[b], p // block size]. Without tables the cache is one block
+        per row: keys, values [S, Hkv, T, D] and cache_rows index its rows.
         window > 0: over the last ``window`` positions only (sliding-window layers). q_norm, k_norm [D]:
         each query / key head RMS-normalised with that weight before its rotation (Gemma 3, Qwen3)."""
         _expect_constant(keys, "keys", _BF16, (None, None, None, None))
-        slots, kv_heads, capacity, dim = keys.shape
+        blocks, kv_heads, block_size, dim = keys.shape
         if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
             raise FusedArgumentError(f"{heads} query heads over {kv_heads} KV heads: both must be > 0, and the "
                                      "query heads a multiple of the KV heads")
-        _expect_constant(values, "values", _BF16, (slots, kv_heads, capacity, dim))
+        _expect_constant(values, "values", _BF16, (blocks, kv_heads, block_size, dim))
         rows = _expect_rows(qkv, "qkv", _BF16, 2)[0]
         _expect(qkv, "qkv", _BF16, (rows, (heads + 2 * kv_heads) * dim))
         _expect_constant(cos, "cos", _BF16, (None, dim))
@@ -286,11 +291,17 @@ class FusedKernels:
         for norm, name in ((q_norm, "q_norm"), (k_norm, "k_norm")):
             if norm is not None:
                 _expect_constant(norm, name, _BF16, (dim,))
-        status = self.library.rotary_cache_attention_window(
+        if tables is None:
+            tables = torch.arange(blocks, dtype=torch.long)[:, None]
+        _expect(tables, "tables", _I64, (None, None))
+        if tables.shape[0] < 1 or tables.shape[1] < 1:
+            raise FusedArgumentError(f"tables has shape {tuple(tables.shape)}; it needs at least one row and column")
+        status = self.library.rotary_cache_attention(
             qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[0], positions.data_ptr(),
-            cache_rows.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), rows, heads, kv_heads, dim,
-            slots, capacity, scale, None if q_norm is None else q_norm.data_ptr(),
-            None if k_norm is None else k_norm.data_ptr(), norm_eps, window,
+            cache_rows.data_ptr(), tables.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), rows, heads,
+            kv_heads, dim, blocks, block_size, tables.shape[0], tables.shape[1], scale,
+            None if q_norm is None else q_norm.data_ptr(), None if k_norm is None else k_norm.data_ptr(), norm_eps,
+            window,
         )
         _check(status, "rotary_cache_attention")
 

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 
 import textgen.engine.core.fused as fused_limits
 from textgen.engine.core.fused import FusedKernels
-from textgen.engine.core.kv_cache import SlotKVCache
+from textgen.engine.core.kv_cache import PagedKVCache
 from textgen.engine.core.layers import Attention, apply_rotary, rotary_tables
 from textgen.engine.core.linear import Linear
 from textgen.engine.core.weights import LinearFactory
@@ -204,10 +204,12 @@ def step_fused(
     tokens: torch.Tensor,
     positions: torch.Tensor,
     rows: torch.Tensor,
-    cache: SlotKVCache,
+    cache: PagedKVCache,
     fused: FusedKernels,
+    tables: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``forward`` for N tokens, each at its own position of its own cache row, in bfloat16, with the work
+    """``forward`` for N tokens, each at its own position of its own sequence (rows index ``tables``, the
+    cache's block tables), in bfloat16, with the work
     between matrix products done by fused.c (the layout of llama.step_fused: decode rows and whole prompts in
     one pass): per layer four products, the q/k norms, rotation, cache write and windowed attention in one
     call, five norm calls (two of them with the residual add) and one for GELU-tanh(gate) * up.
@@ -224,7 +226,7 @@ def step_fused(
         qkv = layer.qkv(h)  # [N, (Hq + 2 Hkv) D]
         fused.rotary_cache_attention(
             qkv, layer.cos, layer.sin, positions, rows, cache.keys[index], cache.values[index], attended, w.heads,
-            w.scale, window=layer.window, q_norm=norms.q, k_norm=norms.k, norm_eps=w.eps,
+            w.scale, tables, window=layer.window, q_norm=norms.q, k_norm=norms.k, norm_eps=w.eps,
         )
         fused.add_rms_norm(layer.out(attended), None, norms.post_attn, normed, w.eps)
         fused.add_rms_norm(x, normed, norms.mlp, h, w.eps)

@@ -6,6 +6,7 @@ cache grows by one column per step and is trimmed when rows leave (see ``engine/
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,13 @@ class TransformersCore:
     @property
     def free_slots(self) -> int:
         return len(self._free_ids)
+
+    # No block pool: transformers' own cache grows per batch; admission is by slots alone.
+    free_blocks = sys.maxsize
+    total_blocks = 0
+
+    def blocks_needed(self, decode_slots: Sequence[int], prompt_lengths: Sequence[int]) -> int:
+        return 0
 
     def allocate(self) -> int:
         if not self._free_ids:
