@@ -199,9 +199,9 @@ def test_the_fused_bf16_step_is_as_close_to_float32_as_the_pytorch_bf16_path(
     assert original is not None
     calls = []
 
-    def counting(*args: Any) -> torch.Tensor:
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls.append(len(args[1]))
-        return original(*args)
+        return original(*args, **kwargs)
 
     object.__setattr__(arch, "step_fused", counting)
     try:

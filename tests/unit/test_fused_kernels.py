@@ -123,7 +123,7 @@ def test_fused_c_guards_zero_kv_heads_itself(kernels: FusedKernels) -> None:
     status = kernels.library.rotary_cache_attention(
         case.qkv.data_ptr(), case.cos.data_ptr(), case.sin.data_ptr(), case.cos.shape[0], case.positions.data_ptr(),
         case.cache_rows.data_ptr(), tables.data_ptr(), case.keys.data_ptr(), case.values.data_ptr(), out.data_ptr(),
-        case.qkv.shape[0], 2, 0, 64, 3, 48, 3, 1, 0.125,
+        case.qkv.shape[0], 2, 0, 64, 3, 48, 3, 1, 0.125, None, None, 1e-6, 0,
     )
     assert status == read_header().constants["FUSED_BAD_SHAPE"]
 
