@@ -1,5 +1,5 @@
 """GGUF block formats read back exactly: each type written with gguf-py's writer, read by textgen's own
-reader (textgen/gguf_file.py) and unpacker (core/block_formats.py), compared value for value with gguf-py's
+reader (textgen/gguf_file.py) and unpacker (textgen/gguf_formats.py), compared value for value with gguf-py's
 reference de-quantization of the same bytes (read by gguf-py's own GGUFReader)."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 
-from textgen.engine.core.block_formats import (
+from textgen.gguf_file import GGUFError, read_gguf
+from textgen.gguf_formats import (
     EIGHT_BIT,
     FOUR_BIT,
     UnsupportedBlockType,
@@ -19,7 +20,6 @@ from textgen.engine.core.block_formats import (
     four_bit_groups,
     unpack,
 )
-from textgen.gguf_file import GGUFError, read_gguf
 
 ROWS, COLS = 48, 512  # two K-quant super-blocks per row
 QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "BF16", "F16", "F32")  # gguf-py quantizes these

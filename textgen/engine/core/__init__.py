@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,19 +33,20 @@ from typing import Any, Protocol
 import torch
 from transformers import PreTrainedModel
 
-from textgen.engine.core.activations import input_ranges
+from textgen.engine.core.activations import add_block_outliers, calibration_tokens, input_ranges
 from textgen.engine.core.calibrate import Probe, machine_key, plan_for, refine_crossover
-from textgen.engine.core.decoder import DecodeCore, StepOutput, architecture_for
+from textgen.engine.core.decoder import Architecture, DecodeCore, StepOutput, _linears, architecture_for
 from textgen.engine.core.fused import FusedKernels, build_fused_kernels
 from textgen.engine.core.gguf_blocks import Int4Blocks, cached_q4_1_blocks
 from textgen.engine.core.hf import TransformersCore
-from textgen.engine.core.weights import LinearFactory
+from textgen.engine.core.weights import GGUF, LinearFactory, WeightPlan
 from textgen.errors import ConfigError, EngineError
 from textgen.loader import LoadedModel, cpu_supports_bf16
 
 logger = logging.getLogger(__name__)
 
 PLAN_CACHE = "weight-formats.json"
+BLOCK_CALIBRATION_TOKENS = 256  # tokens that find a GGUF model's outlier channels at start-up
 
 
 class ModelCore(Protocol):
@@ -104,6 +106,10 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         raise EngineError("This model's weights were released to a running core; load the model again.")
     capacity = min(options.positions, loaded.context_length or options.positions)
     arch, reason = architecture_for(loaded.model)
+    if loaded.gguf_weights is not None and (options.core == "transformers" or arch is None):
+        # Read directly from GGUF, but only transformers can run it: it needs float weights in the model.
+        logger.info("De-quantizing %s's weights for the transformers core", loaded.name)
+        loaded.gguf_weights.materialize(loaded.model, loaded.dtype)
     if options.core == "transformers" or arch is None:
         if options.core == "textgen":
             raise ConfigError(f"TEXTGEN_CORE=textgen cannot run this model ({reason}); use TEXTGEN_CORE=auto.")
@@ -114,8 +120,10 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
             )
         logger.info("Model core: transformers (%s)", reason or "TEXTGEN_CORE=transformers")
         return TransformersCore(loaded.model, int(loaded.tokenizer.pad_token_id), options.slots, capacity)
-    blocks = gguf_int4_blocks(loaded, arch.name, options)
     fused, fused_off = fused_kernels_for(options, loaded.device)
+    if loaded.gguf_weights is not None:
+        return _core_from_gguf(loaded, arch, options, capacity, fused, fused_off)
+    blocks = gguf_int4_blocks(loaded, arch.name, options)
     plan, _ = plan_for(
         options.weights,
         device=loaded.device,
@@ -142,6 +150,52 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         key = "|".join([machine_key(), loaded.name, plan.describe(), f"fused={fused.build_key if fused else 'off'}"])
         cache_file = None if options.cache_dir is None else options.cache_dir / PLAN_CACHE
         core.set_plan(refine_crossover(plan, core.time_decode_steps, options.slots, cache_file, key))
+    _log_core(core)
+    return core
+
+
+def _core_from_gguf(
+    loaded: LoadedModel,
+    arch: Architecture,
+    options: CoreOptions,
+    capacity: int,
+    fused: FusedKernels | None,
+    fused_off: str,
+) -> DecodeCore:
+    """The decode core over weights read directly from a GGUF file: TEXTGEN_WEIGHTS=auto (or int4) keeps
+    every projection in the file's blocks (Q4 kernel for 4-bit ones, the 8-bit block kernel for the
+    rest); float, bf16 and int8 build from their de-quantized values; w8a8 (which measures activations
+    with the transformers model) is served by floats."""
+    assert loaded.gguf_weights is not None
+    fmt = {"auto": GGUF, "int4": GGUF, "float": str(loaded.dtype).removeprefix("torch."), "bf16": "bfloat16"}
+    plan = WeightPlan.single(fmt.get(options.weights, options.weights))
+    factory = LinearFactory(plan, loaded.dtype, loaded.device, fused=fused, gguf=loaded.gguf_weights)
+    core = DecodeCore(
+        loaded.model, arch, plan, factory, slots=options.slots, capacity=capacity, fused=fused, fused_off=fused_off
+    )
+    if fmt.get(options.weights) == GGUF:
+        started = time.perf_counter()
+        tokens = calibration_tokens(loaded.tokenizer, min(BLOCK_CALIBRATION_TOKENS, capacity))
+        changed = add_block_outliers(_linears(core.weights), core.score, tokens)
+        logger.info(
+            "Outlier input channels of %d block kernels measured over %d tokens in %.1fs",
+            changed,
+            len(tokens),
+            time.perf_counter() - started,
+        )
+    converted = loaded.gguf_weights.converted
+    if converted:
+        logger.info(
+            "GGUF blocks converted on reading (exactly) to the 8-bit block format: %s",
+            ", ".join(f"{count} {name}" for name, count in sorted(converted.items())),
+        )
+    if GGUF in factory.fallbacks:
+        logger.warning("Some GGUF blocks have no kernel here (fused.c or AVX-512 VNNI missing): floats serve them")
+    _log_core(core)
+    return core
+
+
+def _log_core(core: DecodeCore) -> None:
     info = core.describe()
     logger.info(
         "Model core: %s; weights %s (%.0f MiB); KV cache %d slots x %d positions "
@@ -155,7 +209,6 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         "on" if info["fused_kernels"] else "off",
         f"; {', '.join(sorted(core.fallbacks))} unavailable here, float used instead" if core.fallbacks else "",
     )
-    return core
 
 
 def fused_kernels_for(options: CoreOptions, device: torch.device) -> tuple[FusedKernels | None, str]:

@@ -9,8 +9,9 @@ chat turn, code, numbers) finds them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -42,6 +43,54 @@ def input_ranges(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> 
         for hook in hooks:
             hook.remove()
     return {name: r.cpu() for name, r in ranges.items()}
+
+
+class _Recorder:
+    """A kernel that notes the largest |input| per channel of every call, then computes as before."""
+
+    def __init__(self, kernel: Any, seen: dict[int, torch.Tensor], key: int) -> None:
+        self.kernel, self.seen, self.key = kernel, seen, key
+        self.dtype = kernel.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        widest = x.detach().float().abs().amax(dim=0)
+        known = self.seen.get(self.key)
+        self.seen[self.key] = widest if known is None else torch.maximum(known, widest)
+        result: torch.Tensor = self.kernel(x)
+        return result
+
+
+def add_block_outliers(linears: Sequence[Any], score: Callable[[list[int]], object], tokens: list[int]) -> int:
+    """For layers built from GGUF blocks before any activation could be measured (gguf_model.py): run
+    ``score`` over the calibration tokens with every block kernel recording its inputs, then give each
+    kernel its OUTLIER_CHANNELS widest input channels to multiply in float. Returns the kernels changed."""
+    seen: dict[int, torch.Tensor] = {}
+    kept: list[tuple[Any, list[tuple[float, Any]]]] = []
+    kernels: dict[int, Any] = {}
+    for linear in linears:
+        original = list(linear.kernels)
+        kept.append((linear, original))
+        wrapped = []
+        for max_rows, kernel in original:
+            if hasattr(kernel, "with_outliers"):
+                kernels[id(kernel)] = kernel
+                wrapped.append((max_rows, _Recorder(kernel, seen, id(kernel))))
+            else:
+                wrapped.append((max_rows, kernel))
+        linear.kernels = wrapped
+    try:
+        score(tokens)
+    finally:
+        for linear, original in kept:
+            linear.kernels = original
+    for key, widest in seen.items():
+        kernels[key].with_outliers(widest.topk(min(OUTLIER_CHANNELS, widest.numel())).indices.sort().values)
+    return len(seen)
+
+
+def calibration_tokens(tokenizer: PreTrainedTokenizerBase, limit: int) -> list[int]:
+    ids: list[int] = tokenizer(CALIBRATION_TEXT.read_text()).input_ids
+    return ids[:limit]
 
 
 def outlier_channels(ranges: dict[str, torch.Tensor], name: str, in_features: int) -> torch.Tensor:
