@@ -82,14 +82,16 @@ class Settings(BaseSettings):
         "batched", description="'batched' (continuous batching) or 'threadpool' (the original design, the baseline)."
     )
     core: Literal["auto", "textgen", "transformers"] = Field(
-        "auto", description="Model core: textgen's own (Llama family, GPT-2), transformers (any model), or auto."
+        "auto",
+        description="Model core: textgen's own (Llama family with Mistral, Gemma 3, GPT-2), transformers (any "
+        "model), or auto.",
     )
     weights: Literal["auto", "float", "bf16", "int8", "w8a8", "int4"] = Field(
         "auto", description="Weight format of the textgen core; auto measures this machine once (cached)."
     )
     fused_kernels: bool = Field(
         True,
-        description="Model steps (Llama family, bf16, CPU), the Q4_1 and w8a8 products and top-p sampling "
+        description="Model steps (Llama family, Gemma 3; bf16, CPU), the Q4_1 and w8a8 products and top-p sampling "
         "through fused C kernels (textgen/engine/core/fused.c), built with cc into ~/.cache/textgen/kernels.",
     )
     max_running: int = Field(64, ge=1, le=1024, description="Sequences decoded together in one batch.")

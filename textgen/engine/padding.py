@@ -124,7 +124,11 @@ def prefill(
     """
     device = model.device
     input_ids, mask = left_pad_prompts(prompts, pad_id, device)  # [B, L]
-    cache = DynamicCache(config=model.config)
+    # A full-length cache for every layer, sliding-window ones included: transformers' own sliding layers
+    # (DynamicCache(config=...)) keep only the last window of columns, which filter/concat and the padded
+    # attention mask (one column per cached position) cannot line up with at C>1. The window is applied by
+    # the model's sliding mask over the full cache instead: more memory for long sequences, same outputs.
+    cache = DynamicCache()
     output = model(
         input_ids=input_ids,
         attention_mask=mask,

@@ -1,4 +1,4 @@
-"""The decode core: one of the architecture modules (Llama family, GPT-2) over a slot KV cache.
+"""The decode core: one of the architecture modules (Llama family, Gemma 3, GPT-2) over a slot KV cache.
 
 It only computes logits for the slots it is given; who runs, when, and for how long is the
 scheduler's business (``engine/scheduler.py``).
@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+import textgen.engine.core.gemma3 as gemma3
 import textgen.engine.core.gpt2 as gpt2
 import textgen.engine.core.llama as llama
 from textgen.engine.core.fused import FusedKernels
@@ -66,6 +67,9 @@ class Architecture:
 ARCHITECTURES = (
     Architecture(
         "llama", llama.unsupported_reason, llama.build, llama.forward, llama.step_fused, llama.fused_supported
+    ),
+    Architecture(
+        "gemma3", gemma3.unsupported_reason, gemma3.build, gemma3.forward, gemma3.step_fused, gemma3.fused_supported
     ),
     Architecture("gpt2", gpt2.unsupported_reason, gpt2.build, gpt2.forward),
 )

@@ -200,27 +200,51 @@ static void weighted_values(const float *probs, const uint16_t *values, int64_t 
     }
 }
 
+/* x [dim] bf16 -> out [dim] = x / rms(x) * weight, rounded to bf16 (a query or key head's norm). */
+static void head_norm(const uint16_t *x, const uint16_t *weight, float eps, int64_t dim, uint16_t *out) {
+    float squares = 0.0f;
+    for (int64_t i = 0; i < dim; i++) {
+        float v = bf16_to_f32(x[i]);
+        squares += v * v;
+    }
+    float inv = 1.0f / sqrtf(squares / (float)dim + eps);
+    for (int64_t i = 0; i < dim; i++) out[i] = f32_to_bf16(bf16_to_f32(x[i]) * inv * bf16_to_f32(weight[i]));
+}
+
+/* One head's rotation, after its norm when it has one. */
+static void norm_rotate(const uint16_t *x, const uint16_t *norm, float eps, const uint16_t *cos_row,
+                        const uint16_t *sin_row, float *out, int64_t dim) {
+    uint16_t normed[MAX_DIM];
+    if (norm) {
+        head_norm(x, norm, eps, dim, normed);
+        x = normed;
+    }
+    rotate(x, cos_row, sin_row, out, dim);
+}
+
 /* Attention for `rows` new tokens, each at its own position of its own cache row: one new token per
  * sequence when decoding, a prompt's tokens at positions 0..L-1 of one row when prefilling, or both.
- * qkv [rows, (Hq + 2 Hkv) D]: queries, keys, values of the new tokens (before rotary).
+ * qkv [rows, (Hq + 2 Hkv) D]: queries, keys, values of the new tokens (before norm and rotary).
  * cos, sin [P, D]; positions [rows]: where each token goes (tokens cached before it in its row).
  * cache_rows [rows]: each token's row in the caches; keys, values [S, Hkv, T, D].
- * out [rows, Hq D]: softmax(scale q.k) v over positions 0..position of its row, query heads grouped over
- * KV heads. Every token's key and value are written before any token attends, so a prompt's tokens
- * see each other (causally) in the same call. */
-int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, int64_t angles,
-                           const int64_t *positions, const int64_t *cache_rows, uint16_t *keys, uint16_t *values,
-                           uint16_t *out, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t slots,
-                           int64_t capacity, float scale) {
+ * out [rows, Hq D]: softmax(scale q.k) v over positions 0..position of its row (the last `window` of them
+ * when window > 0), query heads grouped over KV heads. Every token's key and value are written before any
+ * token attends, so a prompt's tokens see each other (causally) in the same call. */
+int rotary_cache_attention_window(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, int64_t angles,
+                                  const int64_t *positions, const int64_t *cache_rows, uint16_t *keys,
+                                  uint16_t *values, uint16_t *out, int64_t rows, int64_t heads, int64_t kv_heads,
+                                  int64_t dim, int64_t slots, int64_t capacity, float scale, const uint16_t *q_norm,
+                                  const uint16_t *k_norm, float norm_eps, int64_t window) {
     if (heads <= 0 || kv_heads <= 0 || heads % kv_heads || dim <= 0 || dim % 2 || rows < 0) return FUSED_BAD_SHAPE;
     int64_t group = heads / kv_heads, width = (heads + 2 * kv_heads) * dim, work = 0, longest = 0;
-    if (dim > MAX_DIM || heads > MAX_HEADS || group > MAX_GROUP || capacity <= 0) return FUSED_BAD_SHAPE;
+    if (dim > MAX_DIM || heads > MAX_HEADS || group > MAX_GROUP || capacity <= 0 || window < 0) return FUSED_BAD_SHAPE;
     for (int64_t r = 0; r < rows; r++) {
         if (positions[r] < 0 || positions[r] >= capacity || positions[r] >= angles) return FUSED_BAD_INDEX;
         if (cache_rows[r] < 0 || cache_rows[r] >= slots) return FUSED_BAD_INDEX;
-        if (positions[r] + 1 > MAX_LIVE) return FUSED_BAD_SHAPE;
-        work += (positions[r] + 1) * kv_heads * dim;
-        longest = positions[r] + 1 > longest ? positions[r] + 1 : longest;
+        int64_t live = window > 0 && positions[r] + 1 > window ? window : positions[r] + 1;
+        if (live > MAX_LIVE) return FUSED_BAD_SHAPE;
+        work += live * kv_heads * dim;
+        longest = live > longest ? live : longest;
     }
     int failed = 0;
 #pragma omp parallel if (parallel && work >= 4 * PARALLEL_WORK)
@@ -232,7 +256,7 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
             float k[MAX_DIM];
             const uint16_t *src = qkv + r * width;
             int64_t at = (((cache_rows[r] * kv_heads + g) * capacity) + pos) * dim;
-            rotate(src + (heads + g) * dim, cos + pos * dim, sin + pos * dim, k, dim);
+            norm_rotate(src + (heads + g) * dim, k_norm, norm_eps, cos + pos * dim, sin + pos * dim, k, dim);
             for (int64_t i = 0; i < dim; i++) {
                 keys[at + i] = f32_to_bf16(k[i]);
                 values[at + i] = src[(heads + kv_heads + g) * dim + i];
@@ -245,11 +269,12 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
             int64_t r = pair / kv_heads, g = pair % kv_heads;
             float q[MAX_DIM], acc[MAX_GROUP * MAX_DIM];
             const uint16_t *src = qkv + r * width;
-            int64_t pos = positions[r], live = pos + 1;
-            int64_t base = ((cache_rows[r] * kv_heads + g) * capacity) * dim;
+            int64_t pos = positions[r];
+            int64_t first = window > 0 && pos + 1 > window ? pos + 1 - window : 0, live = pos + 1 - first;
+            int64_t base = (((cache_rows[r] * kv_heads + g) * capacity) + first) * dim;
             for (int64_t h = 0; h < group; h++) {
                 uint16_t qh[MAX_DIM];
-                rotate(src + (g * group + h) * dim, cos + pos * dim, sin + pos * dim, q, dim);
+                norm_rotate(src + (g * group + h) * dim, q_norm, norm_eps, cos + pos * dim, sin + pos * dim, q, dim);
                 for (int64_t i = 0; i < dim; i++) qh[i] = f32_to_bf16(q[i]); /* exact: rotate rounds to bf16 */
                 key_scores(qh, keys + base, live, dim, scale, scores + h * live);
             }
@@ -271,6 +296,15 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
     return failed ? FUSED_NO_MEMORY : FUSED_OK;
 }
 
+/* The Llama form: no head norms, every cached position attended. */
+int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, int64_t angles,
+                           const int64_t *positions, const int64_t *cache_rows, uint16_t *keys, uint16_t *values,
+                           uint16_t *out, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t slots,
+                           int64_t capacity, float scale) {
+    return rotary_cache_attention_window(qkv, cos, sin, angles, positions, cache_rows, keys, values, out, rows, heads,
+                                         kv_heads, dim, slots, capacity, scale, NULL, NULL, 0.0f, 0);
+}
+
 /* gate_up [rows, 2F] (gate then up) -> out [rows, F] = silu(gate) * up. */
 void silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t features) {
 #pragma omp parallel for schedule(static) if (parallel && rows * features >= PARALLEL_WORK)
@@ -280,6 +314,22 @@ void silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t feat
             float g = bf16_to_f32(gate[i]);
             float silu = bf16_to_f32(f32_to_bf16(g / (1.0f + expf(-g))));
             out[r * features + i] = f32_to_bf16(silu * bf16_to_f32(up[i]));
+        }
+    }
+}
+
+
+/* gate_up [rows, 2F] (gate then up) -> out [rows, F] = gelu_tanh(gate) * up, the GELU's tanh form
+ * 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) rounded to bf16 before the product (as PyTorch's bf16). */
+void gelu_tanh_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t features) {
+    const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+#pragma omp parallel for schedule(static) if (parallel && rows * features >= PARALLEL_WORK)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *gate = gate_up + r * 2 * features, *up = gate + features;
+        for (int64_t i = 0; i < features; i++) {
+            float g = bf16_to_f32(gate[i]);
+            float gelu = bf16_to_f32(f32_to_bf16(0.5f * g * (1.0f + tanhf(k0 * (g + k1 * g * g * g)))));
+            out[r * features + i] = f32_to_bf16(gelu * bf16_to_f32(up[i]));
         }
     }
 }

@@ -42,7 +42,19 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
                            uint16_t *out, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t slots,
                            int64_t capacity, float scale);
 
+/* rotary_cache_attention with two options (Gemma 3, Mistral): q_norm, k_norm [D] (NULL for none): each query and
+ * key head RMS-normalised with this weight (eps norm_eps) before its rotation; window > 0: each token attends to
+ * the last `window` positions of its row only (itself included), 0: to all of them. */
+int rotary_cache_attention_window(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, int64_t angles,
+                                  const int64_t *positions, const int64_t *cache_rows, uint16_t *keys,
+                                  uint16_t *values, uint16_t *out, int64_t rows, int64_t heads, int64_t kv_heads,
+                                  int64_t dim, int64_t slots, int64_t capacity, float scale, const uint16_t *q_norm,
+                                  const uint16_t *k_norm, float norm_eps, int64_t window);
+
 void silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t features);
+
+/* gate_up [rows, 2F] (gate then up) -> out [rows, F] = gelu_tanh(gate) * up (Gemma's MLP). */
+void gelu_tanh_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t features);
 
 int quantize_rows(const void *x, int x_bf16, const int64_t *outliers, int64_t count, int8_t *q, float *row_max,
                   float *outlying, int64_t rows, int64_t width);

@@ -258,9 +258,16 @@ class FusedKernels:
         out: torch.Tensor,
         heads: int,
         scale: float,
+        *,
+        window: int = 0,
+        q_norm: torch.Tensor | None = None,
+        k_norm: torch.Tensor | None = None,
+        norm_eps: float = 1e-6,
     ) -> None:
         """qkv [B, (Hq + 2 Hkv) D]; writes the rotated key and the value at each row's position in keys,
-        values [S, Hkv, T, D] and the attention output over positions 0..position to out [B, Hq D]."""
+        values [S, Hkv, T, D] and the attention output over positions 0..position to out [B, Hq D].
+        window > 0: over the last ``window`` positions only (sliding-window layers). q_norm, k_norm [D]:
+        each query / key head RMS-normalised with that weight before its rotation (Gemma 3, Qwen3)."""
         _expect_constant(keys, "keys", _BF16, (None, None, None, None))
         slots, kv_heads, capacity, dim = keys.shape
         if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
@@ -274,10 +281,16 @@ class FusedKernels:
         _expect(positions, "positions", _I64, (rows,))
         _expect(cache_rows, "cache_rows", _I64, (rows,))
         _expect(out, "out", _BF16, (rows, heads * dim))
-        status = self.library.rotary_cache_attention(
+        if window < 0:
+            raise FusedArgumentError(f"window {window}: 0 (every cached position) or the positions attended")
+        for norm, name in ((q_norm, "q_norm"), (k_norm, "k_norm")):
+            if norm is not None:
+                _expect_constant(norm, name, _BF16, (dim,))
+        status = self.library.rotary_cache_attention_window(
             qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[0], positions.data_ptr(),
             cache_rows.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), rows, heads, kv_heads, dim,
-            slots, capacity, scale,
+            slots, capacity, scale, None if q_norm is None else q_norm.data_ptr(),
+            None if k_norm is None else k_norm.data_ptr(), norm_eps, window,
         )
         _check(status, "rotary_cache_attention")
 
@@ -286,6 +299,12 @@ class FusedKernels:
         rows, features = _expect_rows(out, "out", _BF16, 2)
         _expect(gate_up, "gate_up", _BF16, (rows, 2 * features))
         self.library.silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, features)
+
+    def gelu_tanh_mul(self, gate_up: torch.Tensor, out: torch.Tensor) -> None:
+        """gate_up [N, 2F] -> out [N, F] = gelu_tanh(gate) * up."""
+        rows, features = _expect_rows(out, "out", _BF16, 2)
+        _expect(gate_up, "gate_up", _BF16, (rows, 2 * features))
+        self.library.gelu_tanh_mul(gate_up.data_ptr(), out.data_ptr(), rows, features)
 
     def quantize_rows(self, x: torch.Tensor, outliers: torch.Tensor) -> Quantized:
         """x [N, K] bf16 or float32 -> its rows quantized for a w8a8 product (see W8A8Kernel)."""

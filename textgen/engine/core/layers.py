@@ -8,7 +8,7 @@ G = Hq / Hkv, D = head size, L = live cache length.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,7 @@ class DecodeAttention:
     bias: torch.Tensor  # [B, 1, 1, L]: 0 where a position is attended, -inf past a row's length
     dense: bool  # rows are exactly 0..B-1, so the cache is read as a view
     scale: float
+    windowed: dict[int, torch.Tensor] = field(default_factory=dict)  # window -> bias, made on first use
 
     @classmethod
     def plan(cls, cache: SlotKVCache, rows: Sequence[int], lengths: Sequence[int], scale: float) -> DecodeAttention:
@@ -68,8 +69,24 @@ class DecodeAttention:
             scale=scale,
         )
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [B, Hq, D], k and v [B, Hkv, D] -> attention output [B, Hq * D]."""
+    def bias_for(self, window: int) -> torch.Tensor:
+        """The bias for a sliding-window layer (window > 0): each row attends to its last ``window``
+        positions only (its new token included); 0 gives the plain bias."""
+        if window <= 0 or self.live <= window:
+            return self.bias
+        found = self.windowed.get(window)
+        if found is None:
+            first = (self.positions + 1 - window).to(self.bias.device)  # [B]: the oldest position attended
+            too_old = torch.arange(self.live, device=self.bias.device)[None, :] < first[:, None]  # [B, L]
+            found = self.bias.masked_fill(too_old[:, None, None, :], float("-inf"))
+            self.windowed[window] = found
+        return found
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = 0
+    ) -> torch.Tensor:
+        """q [B, Hq, D], k and v [B, Hkv, D] -> attention output [B, Hq * D]; window > 0: a sliding-window
+        layer's (each token attends to the last ``window`` positions, itself included)."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]  # [S, Hkv, T, D]
         keys[self.rows, :, self.positions] = k
         values[self.rows, :, self.positions] = v
@@ -80,7 +97,8 @@ class DecodeAttention:
         batch, kv_heads = k.shape[0], k.shape[1]
         # The G query heads that share a KV head act as G query positions of one attention call.
         grouped_q = q.view(batch, kv_heads, -1, q.shape[-1])  # [B, Hkv, G, D]
-        out = F.scaled_dot_product_attention(grouped_q, k_live, v_live, attn_mask=self.bias, scale=self.scale)
+        bias = self.bias_for(window)
+        out = F.scaled_dot_product_attention(grouped_q, k_live, v_live, attn_mask=bias, scale=self.scale)
         return out.reshape(batch, -1)  # [B, Hkv, G, D] -> [B, Hq * D]
 
 
@@ -92,8 +110,11 @@ class PrefillAttention:
     segments: list[tuple[int, int, int]]  # (cache row, start in the packed tokens, length)
     scale: float
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [N, Hq, D], k and v [N, Hkv, D] -> attention output [N, Hq * D]."""
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = 0
+    ) -> torch.Tensor:
+        """q [N, Hq, D], k and v [N, Hkv, D] -> attention output [N, Hq * D]; window > 0: each token
+        attends to the last ``window`` positions of its prompt only (itself included)."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         outputs = []
         for row, start, length in self.segments:
@@ -102,11 +123,23 @@ class PrefillAttention:
             keys[row, :, :length] = seg_k
             values[row, :, :length] = seg_v
             seg_q = q[start : start + length].transpose(0, 1)  # [Hq, Lp, D]
-            out = F.scaled_dot_product_attention(
-                seg_q[None], seg_k[None], seg_v[None], is_causal=True, scale=self.scale, enable_gqa=True
-            )  # [1, Hq, Lp, D]
+            if 0 < window < length:
+                out = F.scaled_dot_product_attention(
+                    seg_q[None], seg_k[None], seg_v[None], attn_mask=sliding_mask(length, window, q.device),
+                    scale=self.scale, enable_gqa=True,
+                )  # [1, Hq, Lp, D]
+            else:
+                out = F.scaled_dot_product_attention(
+                    seg_q[None], seg_k[None], seg_v[None], is_causal=True, scale=self.scale, enable_gqa=True
+                )  # [1, Hq, Lp, D]
             outputs.append(out[0].transpose(0, 1).reshape(length, -1))
         return torch.cat(outputs)
+
+
+def sliding_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """[L, L] bool, True where query i attends key j: causal, and j among the last ``window`` (j > i - window)."""
+    distance = torch.arange(length, device=device)[:, None] - torch.arange(length, device=device)[None, :]
+    return (distance >= 0) & (distance < window)
 
 
 @dataclass
@@ -117,16 +150,21 @@ class MixedAttention:
     prefill: PrefillAttention | None
     split: int
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [N, Hq, D], k and v [N, Hkv, D] -> attention output [N, Hq * D]."""
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = 0
+    ) -> torch.Tensor:
+        """q [N, Hq, D], k and v [N, Hkv, D] -> attention output [N, Hq * D] (window: as the parts')."""
         if self.prefill is None:
             assert self.decode is not None
-            return self.decode(layer, q, k, v)
+            return self.decode(layer, q, k, v, window)
         if self.decode is None:
-            return self.prefill(layer, q, k, v)
+            return self.prefill(layer, q, k, v, window)
         cut = self.split
         return torch.cat(
-            [self.decode(layer, q[:cut], k[:cut], v[:cut]), self.prefill(layer, q[cut:], k[cut:], v[cut:])]
+            [
+                self.decode(layer, q[:cut], k[:cut], v[:cut], window),
+                self.prefill(layer, q[cut:], k[cut:], v[cut:], window),
+            ]
         )
 
 

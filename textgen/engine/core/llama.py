@@ -1,4 +1,5 @@
-"""The Llama family (Llama, SmolLM2, Mistral and Qwen2 style checkpoints) as a few pure functions.
+"""The Llama family (Llama, SmolLM2, Mistral with its sliding window, Qwen2 style checkpoints) as a few pure
+functions.
 
 Weights are taken from the loaded transformers model, with the query/key/value and gate/up
 projections fused so each layer runs four matrix products. Shapes: N tokens, E hidden size,
@@ -47,6 +48,7 @@ class LlamaWeights:
     kv_heads: int
     head_dim: int
     eps: float
+    window: int = 0  # Mistral's sliding window: positions each token attends to; 0 = all
 
     @property
     def scale(self) -> float:
@@ -60,7 +62,9 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type") not in STATIC_ROPE:
         return f"rope type {rope.get('rope_type')!r}"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+    if config.model_type != "mistral" and getattr(config, "sliding_window", None) and getattr(
+        config, "use_sliding_window", True
+    ):
         window = int(config.sliding_window)
         if window < config.max_position_embeddings:
             return f"sliding-window attention ({window})"
@@ -106,7 +110,14 @@ def build(model: PreTrainedModel, make: LinearFactory, dtype: torch.dtype, posit
         kv_heads=kv_heads,
         head_dim=head_dim,
         eps=float(config.rms_norm_eps),
+        window=_window(config),
     )
+
+
+def _window(config: object) -> int:
+    """Mistral's sliding window (every layer attends to the last ``sliding_window`` positions); 0 for none."""
+    window = getattr(config, "sliding_window", None) if getattr(config, "model_type", "") == "mistral" else None
+    return int(window) if window else 0
 
 
 def forward(w: LlamaWeights, tokens: torch.Tensor, positions: torch.Tensor, attention: Attention) -> torch.Tensor:
@@ -120,7 +131,7 @@ def forward(w: LlamaWeights, tokens: torch.Tensor, positions: torch.Tensor, atte
         qkv = layer.qkv(h)  # [N, (Hq + 2 Hkv) D]
         qk = apply_rotary(qkv[:, : q_width + kv_width].view(n, w.heads + w.kv_heads, w.head_dim), cos, sin)
         v = qkv[:, q_width + kv_width :].view(n, w.kv_heads, w.head_dim)
-        x = x + layer.out(attention(index, qk[:, : w.heads], qk[:, w.heads :], v))
+        x = x + layer.out(attention(index, qk[:, : w.heads], qk[:, w.heads :], v, w.window))
         h = rms_norm(x, layer.mlp_norm, w.eps)
         gate, up = layer.gate_up(h).chunk(2, dim=-1)  # [N, F] each
         x = x + layer.down(F.silu(gate) * up)
@@ -159,7 +170,9 @@ def _step_float(
         fused.add_rms_norm(x, delta, layer.attn_norm, h, w.eps)
         qkv = layer.qkv(h)  # [B, (Hq + 2 Hkv) D]
         keys, values = cache.keys[index], cache.values[index]
-        fused.rotary_cache_attention(qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale)
+        fused.rotary_cache_attention(
+            qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale, window=w.window
+        )
         fused.add_rms_norm(x, layer.out(attended), layer.mlp_norm, h, w.eps)
         gate_up = layer.gate_up(h)  # [B, 2F]
         activated = x.new_empty(x.shape[0], gate_up.shape[1] // 2)
@@ -188,7 +201,9 @@ def _step_w8a8(
         assert into_qkv is not None
         qkv = qkv_k.rescale(qkv_k.product(into_qkv), into_qkv, torch.bfloat16)  # [N, (Hq + 2 Hkv) D]
         keys, values = cache.keys[index], cache.values[index]
-        fused.rotary_cache_attention(qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale)
+        fused.rotary_cache_attention(
+            qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale, window=w.window
+        )
         into_out = fused.quantize_rows(attended, out_k.outliers)
         into_gate_up = fused.residual_norm_quantize(
             x, (out_k.product(into_out), into_out, out_k), layer.mlp_norm, w.eps, gate_up_k
