@@ -181,6 +181,34 @@ class _Cursor:
         raise GGUFError(f"{what}: unknown metadata type {kind}")
 
 
+def read_architecture(path: Path) -> str | None:
+    """``general.architecture`` alone, reading no further than that entry (llama.cpp writes it first), so
+    deciding how to load a file costs nothing; None for a file that is not GGUF or does not say."""
+    try:
+        with open(path, "rb") as handle:
+            buffer = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    try:
+        cursor = _Cursor(buffer)
+        if bytes(buffer[:4]) != MAGIC:
+            return None
+        cursor.at = 4
+        if cursor.u32("version") not in (2, 3):
+            return None
+        cursor.u64("tensor count")
+        for _ in range(cursor.u64("metadata count")):
+            key = cursor.string("metadata key", MAX_NAME)
+            value = cursor.value(cursor.u32(key), key)
+            if key == "general.architecture":
+                return str(value)
+        return None
+    except (GGUFError, struct.error, UnicodeDecodeError, OverflowError):
+        return None
+    finally:
+        buffer.close()
+
+
 def read_gguf(path: Path) -> GGUFFile:
     """Parse a GGUF file's header and map its tensor data; raises GGUFError for anything malformed."""
     with open(path, "rb") as handle:

@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from textgen.errors import ModelLoadError
-from textgen.gguf_file import GGUFError, GGUFFile, read_gguf
+from textgen.gguf_file import GGUFError, GGUFFile, read_architecture, read_gguf
 from textgen.gguf_formats import (
     CONVERTED,
     FLOAT_TYPES,
@@ -174,11 +174,7 @@ class GGUFModel:
 
 def is_direct(path: Path) -> bool:
     """Whether a GGUF file's architecture loads directly (else transformers converts it)."""
-    try:
-        arch = read_gguf(path).get("general.architecture")
-    except GGUFError:
-        return False
-    return arch in DIRECT_ARCHITECTURES
+    return read_architecture(path) in DIRECT_ARCHITECTURES
 
 
 def load_gguf(path: Path, dtype: torch.dtype) -> GGUFModel:
@@ -200,7 +196,7 @@ def load_gguf(path: Path, dtype: torch.dtype) -> GGUFModel:
     model = _skeleton(config, dtype)
     weights = GGUFWeights(file, arch, int(config.num_attention_heads), int(config.num_key_value_heads))
     _fill(model, file, weights, arch, dtype)
-    tokenizer = build_tokenizer(file, arch, config.model_type)
+    tokenizer = build_tokenizer(file, arch)
     eos = _end_of_turn_ids(file)
     model.generation_config.eos_token_id = sorted(eos) if len(eos) > 1 else next(iter(eos), None)
     parameters = sum(info.elements for info in file.tensors.values())
@@ -309,13 +305,14 @@ GEMMA_TEMPLATE = (
 BUILT_IN_TEMPLATES = {"gemma3": GEMMA_TEMPLATE}
 
 
-def build_tokenizer(file: GGUFFile, arch: str, model_type: str) -> PreTrainedTokenizerBase:
+def build_tokenizer(file: GGUFFile, arch: str) -> PreTrainedTokenizerBase:
     """The file's tokenizer (vocabulary, merges or scores, special tokens) and its chat template."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
         GGUF_TOKENIZER_MAPPING,
-        convert_gguf_tokenizer,
+        add_gguf_special_tokens,
+        select_tokenizer_builder,
+        set_split_regex,
     )
-    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
     tokenizer_dict: dict[str, Any] = {}
     for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items():
@@ -339,20 +336,18 @@ def build_tokenizer(file: GGUFFile, arch: str, model_type: str) -> PreTrainedTok
         token_id = file.get(f"tokenizer.ggml.{key}")
         if token_id is not None and 0 <= int(token_id) < len(tokens):
             config[name] = tokens[int(token_id)]
-    backend, extra = convert_gguf_tokenizer(arch, tokenizer_dict)
-    config.update(extra)
-    # The class transformers gives this model type (Gemma's, Qwen2's), else its generic fast tokenizer.
-    tokenizer_class = tokenizer_class_from_name(_tokenizer_class_name(model_type) or "TokenizersBackend")
-    if tokenizer_class is None:
-        raise ModelLoadError(f"no tokenizer class for model type {model_type}")
-    tokenizer: PreTrainedTokenizerBase = tokenizer_class(tokenizer_object=backend, **config)
+    # transformers' GGUF converter, step by step: its builder's own tokenizer object is kept (converting
+    # to the backend and wrapping that again would deep-copy a 262k vocabulary: seconds at every start).
+    tokenizer: PreTrainedTokenizerBase = select_tokenizer_builder(arch, tokenizer_dict.get("tokenizer_type"))(
+        tokenizer_dict
+    )
+    tokenizer = add_gguf_special_tokens(tokenizer, tokenizer_dict)  # type: ignore[no-untyped-call]
+    tokenizer = set_split_regex(tokenizer, tokenizer_dict)  # type: ignore[no-untyped-call]
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        if name in config:
+            setattr(tokenizer, name, config[name])
+    tokenizer.add_bos_token = bool(config.get("add_bos_token", False))
+    tokenizer.add_eos_token = bool(config.get("add_eos_token", False))
+    if config.get("chat_template"):
+        tokenizer.chat_template = config["chat_template"]
     return tokenizer
-
-
-def _tokenizer_class_name(model_type: str) -> str | None:
-    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
-
-    names = TOKENIZER_MAPPING_NAMES.get(model_type)
-    if isinstance(names, tuple):
-        return names[-1] or names[0]
-    return names

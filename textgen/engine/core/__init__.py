@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import logging
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -33,7 +35,12 @@ from typing import Any, Protocol
 import torch
 from transformers import PreTrainedModel
 
-from textgen.engine.core.activations import add_block_outliers, calibration_tokens, input_ranges
+from textgen.engine.core.activations import (
+    apply_block_outliers,
+    calibration_tokens,
+    input_ranges,
+    measure_block_outliers,
+)
 from textgen.engine.core.calibrate import Probe, machine_key, plan_for, refine_crossover
 from textgen.engine.core.decoder import Architecture, DecodeCore, StepOutput, _linears, architecture_for
 from textgen.engine.core.fused import FusedKernels, build_fused_kernels
@@ -41,12 +48,12 @@ from textgen.engine.core.gguf_blocks import Int4Blocks, cached_q4_1_blocks
 from textgen.engine.core.hf import TransformersCore
 from textgen.engine.core.weights import GGUF, LinearFactory, WeightPlan
 from textgen.errors import ConfigError, EngineError
-from textgen.loader import LoadedModel, cpu_supports_bf16
+from textgen.loader import LoadedModel, cpu_supports_bf16, gguf_fingerprint
 
 logger = logging.getLogger(__name__)
 
 PLAN_CACHE = "weight-formats.json"
-BLOCK_CALIBRATION_TOKENS = 256  # tokens that find a GGUF model's outlier channels at start-up
+BLOCK_CALIBRATION_TOKENS = 128  # tokens that find a GGUF model's outlier channels at start-up
 
 
 class ModelCore(Protocol):
@@ -174,15 +181,7 @@ def _core_from_gguf(
         loaded.model, arch, plan, factory, slots=options.slots, capacity=capacity, fused=fused, fused_off=fused_off
     )
     if fmt.get(options.weights) == GGUF:
-        started = time.perf_counter()
-        tokens = calibration_tokens(loaded.tokenizer, min(BLOCK_CALIBRATION_TOKENS, capacity))
-        changed = add_block_outliers(_linears(core.weights), core.score, tokens)
-        logger.info(
-            "Outlier input channels of %d block kernels measured over %d tokens in %.1fs",
-            changed,
-            len(tokens),
-            time.perf_counter() - started,
-        )
+        _add_outliers(core, loaded, options, capacity)
     converted = loaded.gguf_weights.converted
     if converted:
         logger.info(
@@ -193,6 +192,36 @@ def _core_from_gguf(
         logger.warning("Some GGUF blocks have no kernel here (fused.c or AVX-512 VNNI missing): floats serve them")
     _log_core(core)
     return core
+
+
+def _add_outliers(core: DecodeCore, loaded: LoadedModel, options: CoreOptions, capacity: int) -> None:
+    """The block kernels' outlier input channels: measured once per file over a short text on the core
+    itself (the transformers model has no weights to run), then cached beside the plan."""
+    assert loaded.source_file is not None
+    linears = _linears(core.weights)
+    cache = None
+    if options.cache_dir is not None:
+        cache = options.cache_dir / f"outliers-{loaded.source_file.stem}-{gguf_fingerprint(loaded.source_file)}.json"
+    if cache is not None and cache.is_file():
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            apply_block_outliers(linears, json.loads(cache.read_text()))
+            return
+    started = time.perf_counter()
+    tokens = calibration_tokens(loaded.tokenizer, min(BLOCK_CALIBRATION_TOKENS, capacity))
+    channels = measure_block_outliers(linears, core.score, tokens)
+    apply_block_outliers(linears, channels)
+    logger.info(
+        "Outlier input channels of %d block kernels measured over %d tokens in %.1fs",
+        len(channels), len(tokens), time.perf_counter() - started,
+    )
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            staging = cache.with_name(cache.name + f".tmp-{os.getpid()}")
+            staging.write_text(json.dumps(channels))
+            staging.replace(cache)
+        except OSError as error:
+            logger.warning("Could not cache outlier channels at %s (%s); the next start measures again", cache, error)
 
 
 def _log_core(core: DecodeCore) -> None:

@@ -60,32 +60,49 @@ class _Recorder:
         return result
 
 
-def add_block_outliers(linears: Sequence[Any], score: Callable[[list[int]], object], tokens: list[int]) -> int:
-    """For layers built from GGUF blocks before any activation could be measured (gguf_model.py): run
-    ``score`` over the calibration tokens with every block kernel recording its inputs, then give each
-    kernel its OUTLIER_CHANNELS widest input channels to multiply in float. Returns the kernels changed."""
+def block_kernels(linears: Sequence[Any]) -> list[Any]:
+    """The kernels built from GGUF blocks before activations could be measured (those with
+    ``with_outliers``), in a fixed order: every layer's, tier by tier."""
+    return [kernel for linear in linears for _, kernel in linear.kernels if hasattr(kernel, "with_outliers")]
+
+
+def measure_block_outliers(
+    linears: Sequence[Any], score: Callable[[list[int]], object], tokens: list[int]
+) -> list[list[int]]:
+    """Run ``score`` over the calibration tokens with every block kernel recording its inputs; the
+    OUTLIER_CHANNELS widest input channels of each kernel, in ``block_kernels`` order."""
     seen: dict[int, torch.Tensor] = {}
     kept: list[tuple[Any, list[tuple[float, Any]]]] = []
-    kernels: dict[int, Any] = {}
     for linear in linears:
         original = list(linear.kernels)
         kept.append((linear, original))
-        wrapped = []
-        for max_rows, kernel in original:
-            if hasattr(kernel, "with_outliers"):
-                kernels[id(kernel)] = kernel
-                wrapped.append((max_rows, _Recorder(kernel, seen, id(kernel))))
-            else:
-                wrapped.append((max_rows, kernel))
-        linear.kernels = wrapped
+        linear.kernels = [
+            (rows, _Recorder(kernel, seen, id(kernel)) if hasattr(kernel, "with_outliers") else kernel)
+            for rows, kernel in original
+        ]
     try:
         score(tokens)
     finally:
         for linear, original in kept:
             linear.kernels = original
-    for key, widest in seen.items():
-        kernels[key].with_outliers(widest.topk(min(OUTLIER_CHANNELS, widest.numel())).indices.sort().values)
-    return len(seen)
+    channels: list[list[int]] = []
+    for kernel in block_kernels(linears):
+        widest = seen.get(id(kernel))
+        if widest is None:  # never called on the calibration text (cannot happen for a layer on the path)
+            channels.append([])
+            continue
+        top = widest.topk(min(OUTLIER_CHANNELS, widest.numel())).indices.sort().values
+        channels.append([int(c) for c in top])
+    return channels
+
+
+def apply_block_outliers(linears: Sequence[Any], channels: list[list[int]]) -> None:
+    """Give each block kernel its outlier channels (``measure_block_outliers``' result, maybe cached)."""
+    kernels = block_kernels(linears)
+    if len(kernels) != len(channels):
+        raise ValueError(f"{len(channels)} outlier lists for {len(kernels)} block kernels")
+    for kernel, chosen in zip(kernels, channels, strict=True):
+        kernel.with_outliers(torch.tensor(chosen, dtype=torch.long))
 
 
 def calibration_tokens(tokenizer: PreTrainedTokenizerBase, limit: int) -> list[int]:
