@@ -170,3 +170,42 @@ def test_gguf_model_computes_what_transformers_computes(
     agree = (approx.argmax(-1) == want.argmax(-1)).float().mean()
     assert agree >= 0.9, f"block kernels agree with float32 on {agree:.0%} of next tokens"
     assert (approx - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def test_which_gguf_files_are_read_directly(tmp_path: Path) -> None:
+    from textgen.loader import BUNDLED, ModelSource, _reads_directly
+
+    path = tmp_path / "tiny-llama.gguf"
+    write_gguf(tiny_llama(), "llama", path)
+    folder = ModelSource("folder", str(tmp_path), "tiny-llama", gguf_file=path.name)
+    bundled = ModelSource(BUNDLED, str(tmp_path), "tiny-llama", gguf_file=path.name)
+    cpu = torch.device("cpu")
+    assert _reads_directly("auto", folder, path, cpu)
+    assert not _reads_directly("auto", bundled, path, cpu)  # the bundled model keeps its measured path
+    assert _reads_directly("direct", bundled, path, cpu)
+    assert not _reads_directly("convert", folder, path, cpu)
+    other = tmp_path / "other.gguf"
+    writer = GGUFWriter(str(other), "bert")  # an architecture the own core has no module for
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert not _reads_directly("direct", folder, other, cpu)
+    not_gguf = tmp_path / "text.gguf"
+    not_gguf.write_text("hello")
+    assert not _reads_directly("auto", folder, not_gguf, cpu)
+
+
+def test_a_file_with_an_unreadable_block_type_is_refused_with_the_fix(tmp_path: Path) -> None:
+    from textgen.errors import ModelLoadError
+    from textgen.gguf_model import load_gguf
+
+    path = tmp_path / "q2k.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((4, 84), dtype=np.uint8), raw_dtype=Q.Q2_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match=r"Q2_K.*re-quantize"):
+        load_gguf(path, torch.bfloat16)
