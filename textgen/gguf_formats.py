@@ -215,6 +215,19 @@ def dequantize(raw: np.ndarray | torch.Tensor, type_name: str, shape: tuple[int,
     return unpack(raw, type_name, (rows, shape[-1])).dequantize().reshape(shape)
 
 
+def dequantize_rows(
+    raw: np.ndarray, type_name: str, shape: tuple[int, int], dtype: torch.dtype, chunk: int = 16384
+) -> torch.Tensor:
+    """A 2-D tensor's values in ``dtype``, de-quantized a chunk of rows at a time (a 262k-row embedding
+    never exists in float32 whole); each value is the float32 de-quantization rounded once to dtype."""
+    rows, k = shape
+    out = torch.empty(rows, k, dtype=dtype)
+    for start in range(0, rows, chunk):
+        stop = min(rows, start + chunk)
+        out[start:stop] = dequantize(raw[start:stop], type_name, (stop - start, k)).to(dtype)
+    return out
+
+
 def four_bit_groups(blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [out, K], d and m [out, K / 32] for the Q4 kernel (blocks.bits == 4: groups of 32 share d, m)."""
     assert blocks.bits == 4, blocks.source

@@ -41,6 +41,7 @@ from textgen.gguf_formats import (
     READABLE,
     Blocks,
     dequantize,
+    dequantize_rows,
     float_tensor,
     unpack,
 )
@@ -258,7 +259,10 @@ def _fill(model: PreTrainedModel, file: GGUFFile, weights: GGUFWeights, arch: st
             weights.names[layer] = name
             module.weight = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
             continue
-        value = dequantize(file.raw(name), info.type_name, info.shape)
+        if len(info.shape) == 2:  # the input embeddings: straight to the model's dtype, in chunks
+            value = dequantize_rows(file.raw(name), info.type_name, (info.shape[0], info.shape[1]), dtype)
+        else:
+            value = dequantize(file.raw(name), info.type_name, info.shape)
         if arch in NORM_PLUS_ONE and layer.endswith("norm"):
             value = value - 1.0  # stored as 1 + w; transformers' Gemma RMSNorm adds the 1 itself
         if arch in PERMUTED_QK and kind == "bias" and layer.endswith(("q_proj", "k_proj")):
