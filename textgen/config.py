@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
     cache_dir: Path = Field(Path.home() / ".cache" / "textgen", description="Converted bundled weights.")
+    gguf_load: Literal["auto", "direct", "convert"] = Field(
+        "auto",
+        description="How a GGUF model is loaded. 'direct': tensors, tokenizer and chat template read from the file, "
+        "projections kept in the file's block formats (Llama, Mistral, Qwen2/3, Gemma 3, Phi-3 files); 'convert': "
+        "de-quantized once into a cached float copy loaded by transformers; 'auto': direct, except the bundled "
+        "model, whose measured path (Q4_1 blocks plus a calibrated format for large batches) stays 'convert'.",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,

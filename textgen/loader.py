@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
@@ -32,6 +33,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from textgen.config import Settings
 from textgen.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from textgen.gguf_model import GGUFWeights
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +67,14 @@ class LoadedModel:
     context_length: int | None = None
     source_file: Path | None = None  # the GGUF file the weights came from, when they did
     weights_released: bool = False  # set when an engine's core took over the weights (release_source_weights)
+    # Read directly from a GGUF file (gguf_model.py): the projections in their blocks, not in ``model``
+    gguf_weights: GGUFWeights | None = None
+    file_parameters: int | None = None  # elements in the GGUF file's tensors, when read directly
 
     @property
     def parameter_count(self) -> int:
+        if self.file_parameters is not None:
+            return self.file_parameters
         return sum(param.numel() for param in self.model.parameters())
 
 
@@ -305,6 +314,53 @@ def set_cpu_threads(requested: int | None) -> None:
     torch.set_num_threads(requested or len(os.sched_getaffinity(0)))
 
 
+def _reads_directly(mode: str, source: ModelSource, gguf: Path, device: torch.device) -> bool:
+    """TEXTGEN_GGUF_LOAD: whether this GGUF file is read directly (see gguf_model.py) or converted."""
+    if mode == "convert" or device.type != "cpu":
+        return False
+    if mode == "auto" and source.kind == BUNDLED:
+        return False
+    from textgen.gguf_model import is_direct
+
+    direct = is_direct(gguf)
+    if not direct:
+        logger.info("%s: its architecture is not read directly; converting it through transformers", gguf.name)
+    return direct
+
+
+def _load_gguf_directly(
+    settings: Settings, source: ModelSource, gguf: Path, device: torch.device, dtype: torch.dtype, started: float
+) -> LoadedModel:
+    from textgen.gguf_model import load_gguf
+
+    read = load_gguf(gguf, dtype)
+    _check_tokenizer(read.tokenizer, source.location)
+    read.model.eval()  # type: ignore[no-untyped-call]  # unannotated in transformers (it calls train(False))
+    _prepare_tokenizer(read.tokenizer)
+    loaded = LoadedModel(
+        model=read.model,
+        tokenizer=read.tokenizer,
+        name=settings.model_name or source.name,
+        device=device,
+        dtype=dtype,
+        eos_token_ids=eos_ids_of(read.model, read.tokenizer),
+        load_seconds=time.perf_counter() - started,
+        context_length=context_length_of(read.model),
+        source_file=gguf,
+        gguf_weights=read.weights,
+        file_parameters=read.parameters,
+    )
+    logger.info(
+        "Loaded model %s from its GGUF file directly: %.1fM parameters, dtype=%s, torch threads=%d, in %.1fs",
+        loaded.name,
+        loaded.parameter_count / 1e6,
+        str(dtype).removeprefix("torch."),
+        torch.get_num_threads(),
+        loaded.load_seconds,
+    )
+    return loaded
+
+
 def load_model(settings: Settings) -> LoadedModel:
     """Resolve, load and place the configured model; raises ModelLoadError with a fix hint."""
     started = time.perf_counter()
@@ -314,6 +370,9 @@ def load_model(settings: Settings) -> LoadedModel:
     if device.type == "cpu":
         set_cpu_threads(settings.torch_threads)
     logger.info("Loading model %s (%s) on %s as %s", source.name, source.kind, device, dtype)
+    gguf = Path(source.location) / source.gguf_file if source.gguf_file else None
+    if gguf is not None and _reads_directly(settings.gguf_load, source, gguf, device):
+        return _load_gguf_directly(settings, source, gguf, device, dtype, started)
     if source.kind == "hub":
         model, tokenizer = _load_hub_model(source.location, dtype)
     else:

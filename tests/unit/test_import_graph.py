@@ -62,6 +62,9 @@ LAYERS: dict[str, int] = {
     "textgen.storage": ACCESS,
     "textgen.content_filter": ACCESS,
     "textgen.loader": ACCESS,
+    "textgen.gguf_file": ACCESS,  # GGUF read directly: the file, its block formats, a model from them
+    "textgen.gguf_formats": ACCESS,
+    "textgen.gguf_model": ACCESS,
     "textgen": BASE,  # the package's __init__ (OpenMP set-up before torch loads)
     "textgen.config": BASE,
     "textgen.errors": BASE,

@@ -26,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,20 +39,26 @@ from typing import Any, Protocol
 import torch
 from transformers import PreTrainedModel
 
-from textgen.engine.core.activations import input_ranges
+from textgen.engine.core.activations import (
+    apply_block_outliers,
+    calibration_tokens,
+    input_ranges,
+    measure_block_outliers,
+)
 from textgen.engine.core.calibrate import Probe, machine_key, plan_for, refine_crossover
-from textgen.engine.core.decoder import DecodeCore, StepOutput, architecture_for
+from textgen.engine.core.decoder import Architecture, DecodeCore, StepOutput, _linears, architecture_for
 from textgen.engine.core.fused import FusedKernels, build_fused_kernels
 from textgen.engine.core.gguf_blocks import Int4Blocks, cached_q4_1_blocks
 from textgen.engine.core.hf import TransformersCore
-from textgen.engine.core.weights import LinearFactory
+from textgen.engine.core.weights import GGUF, LinearFactory, WeightPlan
 from textgen.engine.types import DEFAULT_PROMPT_TOKENS
 from textgen.errors import ConfigError, EngineError
-from textgen.loader import LoadedModel, cpu_supports_bf16
+from textgen.loader import LoadedModel, cpu_supports_bf16, gguf_fingerprint
 
 logger = logging.getLogger(__name__)
 
 PLAN_CACHE = "weight-formats.json"
+BLOCK_CALIBRATION_TOKENS = 128  # tokens that find a GGUF model's outlier channels at start-up
 
 
 class ModelCore(Protocol):
@@ -125,6 +133,10 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
     positions = options.positions if options.positions is not None else default_positions
     capacity = min(positions, loaded.context_length or positions)
     arch, reason = architecture_for(loaded.model, capacity)
+    if loaded.gguf_weights is not None and (options.core == "transformers" or arch is None):
+        # Read directly from GGUF, but only transformers can run it: it needs float weights in the model.
+        logger.info("De-quantizing %s's weights for the transformers core", loaded.name)
+        loaded.gguf_weights.materialize(loaded.model, loaded.dtype)
     if options.core == "transformers" or arch is None:
         if options.core == "textgen":
             raise ConfigError(f"TEXTGEN_CORE=textgen cannot run this model ({reason}); use TEXTGEN_CORE=auto.")
@@ -136,8 +148,10 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
             )
         logger.info("Model core: transformers (%s)", why)
         return TransformersCore(loaded.model, int(loaded.tokenizer.pad_token_id), options.slots, capacity)
-    blocks = gguf_int4_blocks(loaded, arch.name, options)
     fused, fused_off = fused_kernels_for(options, loaded.device)
+    if loaded.gguf_weights is not None:
+        return _core_from_gguf(loaded, arch, reason, options, capacity, fused, fused_off)
+    blocks = gguf_int4_blocks(loaded, arch.name, options)
     plan, _ = plan_for(
         options.weights,
         device=loaded.device,
@@ -157,26 +171,96 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         input_ranges=lambda: input_ranges(loaded.model, loaded.tokenizer),
         fused=fused,
     )
-    kv_memory, memory_is_default = options.kv_cache_memory, options.kv_cache_memory is None
-    if kv_memory is None:
-        kv_memory = int(available_memory() * options.kv_cache_memory_fraction)
     core = DecodeCore(
-        loaded.model,
-        arch,
-        plan,
-        factory,
-        slots=options.slots,
-        capacity=capacity,
-        kv_memory=kv_memory,
-        kv_memory_is_default=memory_is_default,
-        block_size=options.kv_block_size,
-        fused=fused,
-        fused_off=fused_off,
+        loaded.model, arch, plan, factory, **_cache_sizing(options, capacity), fused=fused, fused_off=fused_off
     )
     if options.weights == "auto" and len(plan.tiers) == 2:
         key = "|".join([machine_key(), loaded.name, plan.describe(), f"fused={fused.build_key if fused else 'off'}"])
         cache_file = None if options.cache_dir is None else options.cache_dir / PLAN_CACHE
         core.set_plan(refine_crossover(plan, core.time_decode_steps, options.slots, cache_file, key))
+    _log_core(core, reason)
+    return core
+
+
+def _cache_sizing(options: CoreOptions, capacity: int) -> dict[str, Any]:
+    """DecodeCore's KV cache arguments: TEXTGEN_KV_CACHE_MEMORY, else a fraction of the available memory."""
+    kv_memory = options.kv_cache_memory
+    if kv_memory is None:
+        kv_memory = int(available_memory() * options.kv_cache_memory_fraction)
+    return {
+        "slots": options.slots,
+        "capacity": capacity,
+        "kv_memory": kv_memory,
+        "kv_memory_is_default": options.kv_cache_memory is None,
+        "block_size": options.kv_block_size,
+    }
+
+
+def _core_from_gguf(
+    loaded: LoadedModel,
+    arch: Architecture,
+    reason: str,
+    options: CoreOptions,
+    capacity: int,
+    fused: FusedKernels | None,
+    fused_off: str,
+) -> DecodeCore:
+    """The decode core over weights read directly from a GGUF file: TEXTGEN_WEIGHTS=auto (or int4) keeps
+    every projection in the file's blocks (Q4 kernel for 4-bit ones, the 8-bit block kernel for the
+    rest); float, bf16 and int8 build from their de-quantized values; w8a8 (which measures activations
+    with the transformers model) is served by floats."""
+    assert loaded.gguf_weights is not None
+    fmt = {"auto": GGUF, "int4": GGUF, "float": str(loaded.dtype).removeprefix("torch."), "bf16": "bfloat16"}
+    plan = WeightPlan.single(fmt.get(options.weights, options.weights))
+    factory = LinearFactory(plan, loaded.dtype, loaded.device, fused=fused, gguf=loaded.gguf_weights)
+    core = DecodeCore(
+        loaded.model, arch, plan, factory, **_cache_sizing(options, capacity), fused=fused, fused_off=fused_off
+    )
+    if fmt.get(options.weights) == GGUF:
+        _add_outliers(core, loaded, options, capacity)
+    converted = loaded.gguf_weights.converted
+    if converted:
+        logger.info(
+            "GGUF blocks converted on reading (exactly) to the 8-bit block format: %s",
+            ", ".join(f"{count} {name}" for name, count in sorted(converted.items())),
+        )
+    if GGUF in factory.fallbacks:
+        logger.warning("Some GGUF blocks have no kernel here (fused.c or AVX-512 VNNI missing): floats serve them")
+    _log_core(core, reason)
+    return core
+
+
+def _add_outliers(core: DecodeCore, loaded: LoadedModel, options: CoreOptions, capacity: int) -> None:
+    """The block kernels' outlier input channels: measured once per file over a short text on the core
+    itself (the transformers model has no weights to run), then cached beside the plan."""
+    assert loaded.source_file is not None
+    linears = _linears(core.weights)
+    cache = None
+    if options.cache_dir is not None:
+        cache = options.cache_dir / f"outliers-{loaded.source_file.stem}-{gguf_fingerprint(loaded.source_file)}.json"
+    if cache is not None and cache.is_file():
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            apply_block_outliers(linears, json.loads(cache.read_text()))
+            return
+    started = time.perf_counter()
+    tokens = calibration_tokens(loaded.tokenizer, min(BLOCK_CALIBRATION_TOKENS, capacity))
+    channels = measure_block_outliers(linears, core.score, tokens)
+    apply_block_outliers(linears, channels)
+    logger.info(
+        "Outlier input channels of %d block kernels measured over %d tokens in %.1fs",
+        len(channels), len(tokens), time.perf_counter() - started,
+    )
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            staging = cache.with_name(cache.name + f".tmp-{os.getpid()}")
+            staging.write_text(json.dumps(channels))
+            staging.replace(cache)
+        except OSError as error:
+            logger.warning("Could not cache outlier channels at %s (%s); the next start measures again", cache, error)
+
+
+def _log_core(core: DecodeCore, reason: str) -> None:
     info = core.describe()
     logger.info(
         "Model core: %s (%s); weights %s (%.0f MiB); KV cache %d blocks x %d positions (%.0f MiB reserved, "
@@ -193,7 +277,6 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         "on" if info["fused_kernels"] else "off",
         f"; {', '.join(sorted(core.fallbacks))} unavailable here, float used instead" if core.fallbacks else "",
     )
-    return core
 
 
 def sequence_positions(max_prompt_tokens: int | None, max_new_tokens_limit: int) -> int | None:

@@ -716,6 +716,128 @@ int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *
     }
     return FUSED_OK;
 }
+
+/* ----- 8-bit blocks (Q8_0, Q6_K, Q5_K; Q5_0 and Q5_1 converted) times int8 activations ---------------- */
+
+/* Every GGUF format of 5 to 8 bits unpacks to byte codes u in 0..255 with a scale and an offset per 16
+ * weights: w = d * u + m (gguf_formats.Blocks). This product reads those bytes as they are and multiplies
+ * them by activations quantized to int8 per 16 (one scale per half block: finer than q4_matmul's 32, at no
+ * cost here, where each half has its own d and m anyway).
+ *
+ * Layout (built once by linear.Q8Kernel.pack): output rows in tiles of 16, one per int32 lane.
+ * packed [N/16][K/32][8][16][4] bytes: for tile, block, group s, lane i, byte j: weight 4s + j of lane i's
+ *   row in the block;
+ * scales [N/16][K/32][4][16] float16 or float32 (scales_f32): d of weights 0-15, m of 0-15, d of 16-31, m of
+ *   16-31, per lane. float16 where it holds the file's values exactly (Q8_0, Q5_0, Q5_1), else float32.
+ * y[r, n] = sum over half blocks h of d_h * xd[r, h] * (u . xq[r, h]) + m_h * xsum[r, h]. */
+static inline __attribute__((always_inline)) __m512 q8_scale(const void *scales, int64_t at, const int f32) {
+    if (f32) return _mm512_loadu_ps((const float *)scales + at);
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)scales + at)));
+}
+
+static inline __attribute__((always_inline)) void q8_tile(const uint8_t *packed, const void *scales,
+                                                         const int8_t *xq, const float *xd, const float *xsum,
+                                                         int64_t blocks, int64_t k, const float *xout,
+                                                         const float *outlier_weight_t, int64_t count, int64_t n,
+                                                         float *y, const int R, const int f32) {
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *wb = packed + b * 512;
+        __m512i w[8];
+        for (int s = 0; s < 8; s++) w[s] = _mm512_loadu_si512(wb + 64 * s);
+        __m512 d0 = q8_scale(scales, b * 64, f32), m0 = q8_scale(scales, b * 64 + 16, f32);
+        __m512 d1 = q8_scale(scales, b * 64 + 32, f32), m1 = q8_scale(scales, b * 64 + 48, f32);
+        for (int r = 0; r < R; r++) {
+            const int8_t *xb = xq + r * k + b * 32;
+            __m512i low = _mm512_setzero_si512(), high = _mm512_setzero_si512();
+            for (int s = 0; s < 4; s++) {
+                int32_t four;
+                memcpy(&four, xb + 4 * s, sizeof four);
+                low = _mm512_dpbusd_epi32(low, w[s], _mm512_set1_epi32(four));
+                memcpy(&four, xb + 16 + 4 * s, sizeof four);
+                high = _mm512_dpbusd_epi32(high, w[s + 4], _mm512_set1_epi32(four));
+            }
+            __m512 step0 = _mm512_set1_ps(xd[r * 2 * blocks + 2 * b]);
+            __m512 step1 = _mm512_set1_ps(xd[r * 2 * blocks + 2 * b + 1]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low), _mm512_mul_ps(d0, step0), acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(high), _mm512_mul_ps(d1, step1), acc[r]);
+            acc[r] = _mm512_fmadd_ps(m0, _mm512_set1_ps(xsum[r * 2 * blocks + 2 * b]), acc[r]);
+            acc[r] = _mm512_fmadd_ps(m1, _mm512_set1_ps(xsum[r * 2 * blocks + 2 * b + 1]), acc[r]);
+        }
+    }
+    for (int64_t j = 0; j < count; j++) {
+        __m512 w = _mm512_loadu_ps(outlier_weight_t + j * n);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xout[r * count + j]), w, acc[r]);
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * 16, acc[r]);
+}
+
+static inline __attribute__((always_inline)) void q8_rows(const uint8_t *pt, const void *st, const int8_t *xr,
+                                                         const float *dr, const float *sr, int64_t blocks,
+                                                         int64_t k, const float *orow, const float *ot,
+                                                         int64_t count, int64_t n, float *y, int64_t left,
+                                                         const int f32) {
+    if (left >= 4) q8_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 4, f32);
+    else if (left == 3) q8_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 3, f32);
+    else if (left == 2) q8_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 2, f32);
+    else q8_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 1, f32);
+}
+
+/* x [rows, k] (bf16 or float32) times the packed 8-bit block weight [n, k] -> out [rows, n] (bf16 or float32);
+ * outliers as in q4_matmul. xq [rows, k], xd and xsum [rows, k / 16], xout [rows, count]: scratch. */
+int q8_matmul(const void *x, int x_bf16, const uint8_t *packed, const void *scales, int scales_f32,
+              const int64_t *outliers, int64_t count, const float *outlier_weight_t, void *out, int out_bf16,
+              int64_t rows, int64_t n, int64_t k, int8_t *xq, float *xd, float *xsum, float *xout) {
+    if (k <= 0 || n <= 0 || rows < 0 || count < 0 || k % 32 || n % 16 || k > MAX_WIDTH) return FUSED_BAD_SHAPE;
+    if (!outliers_within(outliers, count, k)) return FUSED_BAD_INDEX;
+    int64_t blocks = k / 32, tiles = n / 16;
+    float *row = malloc((size_t)k * sizeof *row);
+    if (!row) return FUSED_NO_MEMORY;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < k; i++) row[i] = load(x, x_bf16, r * k + i);
+        for (int64_t j = 0; j < count; j++) {
+            xout[r * count + j] = row[outliers[j]];
+            row[outliers[j]] = 0.0f;
+        }
+        for (int64_t h = 0; h < 2 * blocks; h++) {
+            const float *v = row + h * 16;
+            float largest = 0.0f, sum = 0.0f;
+            for (int i = 0; i < 16; i++) {
+                largest = fmaxf(largest, fabsf(v[i]));
+                sum += v[i];
+            }
+            float step = largest > 0.0f ? 127.0f / largest : 0.0f;
+            for (int i = 0; i < 16; i++) xq[r * k + h * 16 + i] = (int8_t)nearbyintf(v[i] * step);
+            xd[r * 2 * blocks + h] = largest / 127.0f;
+            xsum[r * 2 * blocks + h] = sum;
+        }
+    }
+    free(row);
+    size_t scale_size = scales_f32 ? sizeof(float) : sizeof(uint16_t);
+#pragma omp parallel for schedule(static) if (parallel && n * k >= 16 * PARALLEL_WORK)
+    for (int64_t t = 0; t < tiles; t++) {
+        const uint8_t *pt = packed + t * blocks * 512;
+        const void *st = (const char *)scales + (size_t)(t * blocks * 64) * scale_size;
+        const float *ot = outlier_weight_t + t * 16;
+        for (int64_t r = 0; r < rows; r += 4) {
+            float y[4 * 16];
+            int64_t left = rows - r;
+            const int8_t *xr = xq + r * k;
+            const float *dr = xd + r * 2 * blocks, *sr = xsum + r * 2 * blocks, *orow = xout + r * count;
+            if (scales_f32) q8_rows(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, left, 1);
+            else q8_rows(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, left, 0);
+            int64_t done = left < 4 ? left : 4;
+            for (int64_t i = 0; i < done; i++)
+                for (int c = 0; c < 16; c++) {
+                    int64_t at = (r + i) * n + t * 16 + c;
+                    if (out_bf16) ((uint16_t *)out)[at] = f32_to_bf16(y[i * 16 + c]);
+                    else ((float *)out)[at] = y[i * 16 + c];
+                }
+        }
+    }
+    return FUSED_OK;
+}
 #else
 int q4_supported(void) { return 0; }
 int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *scales, const int64_t *outliers,
@@ -723,6 +845,14 @@ int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *
               int64_t k, int8_t *xq, float *xd, float *xsum, float *xout) {
     (void)x; (void)x_bf16; (void)packed; (void)scales; (void)outliers; (void)count; (void)outlier_weight_t;
     (void)out; (void)out_bf16; (void)rows; (void)n; (void)k; (void)xq; (void)xd; (void)xsum; (void)xout;
+    return FUSED_UNSUPPORTED;
+}
+int q8_matmul(const void *x, int x_bf16, const uint8_t *packed, const void *scales, int scales_f32,
+              const int64_t *outliers, int64_t count, const float *outlier_weight_t, void *out, int out_bf16,
+              int64_t rows, int64_t n, int64_t k, int8_t *xq, float *xd, float *xsum, float *xout) {
+    (void)x; (void)x_bf16; (void)packed; (void)scales; (void)scales_f32; (void)outliers; (void)count;
+    (void)outlier_weight_t; (void)out; (void)out_bf16; (void)rows; (void)n; (void)k; (void)xq; (void)xd;
+    (void)xsum; (void)xout;
     return FUSED_UNSUPPORTED;
 }
 #endif

@@ -443,6 +443,40 @@ class FusedKernels:
         _check(status, "q4_matmul")
         return out
 
+    def q8_matmul(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        outliers: torch.Tensor,
+        outlier_weight_t: torch.Tensor,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """x [N, K] bf16 or float32 times a weight packed by linear.Q8Kernel (8-bit codes, d and m per 16
+        weights in float16 or float32) -> [N, out] in out_dtype; outliers as in q4_matmul."""
+        x = x.contiguous()
+        rows, k = _expect_rows(x, "x", _ROWS_DTYPES, 2)
+        _expect_constant(outliers, "outliers", _I64, (None,))
+        _expect_constant(outlier_weight_t, "outlier_weight_t", _F32, (outliers.numel(), None))
+        out_features = outlier_weight_t.shape[1]
+        if k % 32 or out_features % 16:
+            raise FusedArgumentError(f"a Q8 block weight [{out_features}, {k}]: outputs a multiple of 16, inputs of 32")
+        _expect_constant(packed, "packed", (torch.uint8,), (out_features // 16, k // 32, 8, 16, 4))
+        _expect_constant(scales, "scales", (torch.float16, torch.float32), (out_features // 16, k // 32, 4, 16))
+        if out_dtype not in _ROWS_DTYPES:
+            raise FusedArgumentError(f"out_dtype {out_dtype}: fused.c writes bfloat16 or float32")
+        out = torch.empty(rows, out_features, dtype=out_dtype)
+        xq = torch.empty(rows, k, dtype=torch.int8)
+        xd, xsum, xout = torch.empty(rows, k // 16), torch.empty(rows, k // 16), torch.empty(rows, outliers.numel())
+        status = self.library.q8_matmul(
+            x.data_ptr(), x.dtype == torch.bfloat16, packed.data_ptr(), scales.data_ptr(),
+            scales.dtype == torch.float32, outliers.data_ptr(), outliers.numel(), outlier_weight_t.data_ptr(),
+            out.data_ptr(), out_dtype == torch.bfloat16, rows, out_features, k, xq.data_ptr(), xd.data_ptr(),
+            xsum.data_ptr(), xout.data_ptr(),
+        )
+        _check(status, "q8_matmul")
+        return out
+
     def sample_nucleus(
         self, logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor
     ) -> torch.Tensor:

@@ -295,8 +295,95 @@ class Q4Kernel:
         shape_fits = out_features % 16 == 0 and in_features % GROUP == 0 and in_features <= MAX_FUSED_WIDTH
         return fused is not None and fused.q4_supported and shape_fits
 
+    def with_outliers(self, channels: torch.Tensor) -> None:
+        """Multiply these input channels in float from now on, with the blocks' own values (read back
+        from the packed layout): for kernels built before their activations could be measured."""
+        channels = _outlier_channels(channels, self.packed.shape[1] * GROUP)
+        columns = []
+        for channel in channels.tolist():
+            block, within = divmod(channel, GROUP)
+            chunk, nibble, byte = within // 8, (within % 8) // 4, within % 4
+            q = ((self.packed[:, block, chunk, :, byte] >> (4 * nibble)) & 0x0F).float()  # [tiles, 16]
+            d, m = self.scales[:, block, 0, :].float(), self.scales[:, block, 1, :].float()
+            columns.append((q * d + m).reshape(-1))
+        values = torch.stack(columns) if columns else torch.empty(0, self.packed.shape[0] * 16)  # [k, N]
+        self.outliers, self.outlier_weight_t = channels, values.contiguous()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fused.q4_matmul(x, self.packed, self.scales, self.outliers, self.outlier_weight_t, self.out_dtype)
+        return y if self.bias is None else y.add_(self.bias.to(y.dtype))
+
+    def nbytes(self) -> int:
+        return _nbytes(self.packed, self.scales, self.outlier_weight_t, self.bias)
+
+
+@dataclass
+class Q8Kernel:
+    """GGUF blocks of 5 to 8 bits (Q8_0, Q6_K, Q5_K, and Q5_0 / Q5_1 converted exactly) as byte codes with
+    d and m per 16 weights (w = d * u + m, gguf_formats.Blocks), times activations quantized to int8 per
+    block of 32, in fused.c (AVX-512 VNNI). Reads one byte per weight plus its scales: float16 where that
+    holds the file's values exactly (Q8_0, Q5_0, Q5_1: 9 bits a weight), float32 otherwise (Q6_K, Q5_K:
+    10 bits). Layout: see fused.c's q8_matmul."""
+
+    packed: torch.Tensor  # [N/16, K/32, 8, 16, 4] uint8
+    scales: torch.Tensor  # [N/16, K/32, 4, 16] float16 or float32: d, m of weights 0-15, then of 16-31
+    outliers: torch.Tensor  # [k] long
+    outlier_weight_t: torch.Tensor  # [k, N] float32
+    bias: torch.Tensor | None
+    fused: FusedKernels
+    out_dtype: torch.dtype = torch.bfloat16
+    format: str = "q8"
+    dtype: torch.dtype = torch.bfloat16
+
+    @classmethod
+    def pack(
+        cls,
+        q: torch.Tensor,
+        d: torch.Tensor,
+        m: torch.Tensor,
+        bias: torch.Tensor | None,
+        outliers: torch.Tensor,
+        fused: FusedKernels,
+        dtype: torch.dtype = torch.bfloat16,
+        out_dtype: torch.dtype = torch.bfloat16,
+    ) -> Q8Kernel:
+        """q [N, K] uint8 codes; d, m [N, K/16] float32 (w = d * q + m); outliers [k] input channels."""
+        n, k = q.shape
+        tiles, blocks = n // 16, k // GROUP
+        # weight 4s + j of a block: group s, byte j
+        packed = q.to(torch.uint8).reshape(tiles, 16, blocks, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
+        halves = [t.reshape(tiles, 16, blocks, 2).permute(0, 2, 3, 1) for t in (d, m)]  # [tiles, blocks, 2, 16]
+        scales = torch.stack([halves[0][:, :, 0], halves[1][:, :, 0], halves[0][:, :, 1], halves[1][:, :, 1]], dim=2)
+        scales = scales.to(torch.float32).contiguous()
+        as_f16 = scales.to(torch.float16)
+        if torch.equal(as_f16.to(torch.float32), scales):  # exact in float16: half the bytes
+            scales = as_f16.contiguous()
+        outliers = _outlier_channels(outliers, k)
+        group_of = outliers // (GROUP // 2)
+        values = q[:, outliers].float() * d[:, group_of] + m[:, group_of]  # [N, k]
+        return cls(
+            packed, scales, outliers, values.t().contiguous(), _as(bias, torch.float32), fused, out_dtype, dtype=dtype
+        )
+
+    @staticmethod
+    def fits(out_features: int, in_features: int, fused: FusedKernels | None) -> bool:
+        return Q4Kernel.fits(out_features, in_features, fused)
+
+    def with_outliers(self, channels: torch.Tensor) -> None:
+        """As Q4Kernel.with_outliers: these input channels in float from now on."""
+        channels = _outlier_channels(channels, self.packed.shape[1] * GROUP)
+        columns = []
+        for channel in channels.tolist():
+            block, within = divmod(channel, GROUP)
+            u = self.packed[:, block, within // 4, :, within % 4].float()  # [tiles, 16]
+            half = 2 * (within // 16)
+            d, m = self.scales[:, block, half, :].float(), self.scales[:, block, half + 1, :].float()
+            columns.append((u * d + m).reshape(-1))
+        values = torch.stack(columns) if columns else torch.empty(0, self.packed.shape[0] * 16)  # [k, N]
+        self.outliers, self.outlier_weight_t = channels, values.contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fused.q8_matmul(x, self.packed, self.scales, self.outliers, self.outlier_weight_t, self.out_dtype)
         return y if self.bias is None else y.add_(self.bias.to(y.dtype))
 
     def nbytes(self) -> int:

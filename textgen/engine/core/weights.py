@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -28,16 +29,27 @@ from textgen.engine.core.linear import (
     Kernel,
     Linear,
     Q4Kernel,
+    Q8Kernel,
     W8A8Kernel,
     fuse_rows,
     int4_supported,
     int8_supported,
     w8a8_supported,
 )
+from textgen.gguf_formats import Blocks, concat, four_bit_groups
 
 logger = logging.getLogger(__name__)
 
 UNBOUNDED = math.inf
+GGUF = "gguf"  # the plan's format for weights kept in their GGUF block formats
+
+
+class BlockSource(Protocol):
+    """Projection weights by transformers' layer name, as GGUF blocks or floats (gguf_model.GGUFWeights)."""
+
+    def __contains__(self, layer: str) -> bool: ...
+
+    def blocks(self, layer: str) -> Blocks | torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -52,7 +64,8 @@ class Projection:
 class WeightPlan:
     """Formats by batch size: ``tiers`` = ((max_rows, format), ...), the last one unbounded.
 
-    Formats: "int4", "int8", "w8a8", or a float dtype name ("bfloat16", "float32", "float16").
+    Formats: "int4", "int8", "w8a8", "gguf" (a GGUF file's own blocks), or a float dtype name ("bfloat16",
+    "float32", "float16").
     """
 
     tiers: tuple[tuple[float, str], ...]
@@ -87,8 +100,10 @@ class LinearFactory:
         int4_blocks: dict[str, Int4Blocks] | None = None,
         input_ranges: Callable[[], dict[str, torch.Tensor]] | None = None,
         fused: FusedKernels | None = None,
+        gguf: BlockSource | None = None,
     ) -> None:
         self.plan = plan
+        self._gguf = gguf  # weights read directly from a GGUF file: their blocks, not the modules' weights
         self.compute_dtype = compute_dtype
         self.device = device
         self._blocks = int4_blocks or {}
@@ -103,6 +118,8 @@ class LinearFactory:
         layers: Sequence[torch.nn.Module | Projection],
         out_dtype: torch.dtype | None = None,
     ) -> Linear:
+        if self._gguf is not None and all(name in self._gguf for name in names):
+            return self._from_gguf(names, layers, out_dtype or self.compute_dtype)
         projections = [_projection(layer) for layer in layers]
         weight = fuse_rows([p.weight for p in projections])
         biases = [p.bias for p in projections]
@@ -152,6 +169,53 @@ class LinearFactory:
             weight.to(self.device, dtype), None if bias is None else bias.to(self.device, dtype), pack=True
         )
 
+    def _from_gguf(
+        self, names: Sequence[str], layers: Sequence[torch.nn.Module | Projection], out_dtype: torch.dtype
+    ) -> Linear:
+        """A layer whose weights come from a GGUF file: its blocks for the plan's "gguf" tiers, floats
+        de-quantized from them for any other format the plan names."""
+        assert self._gguf is not None
+        parts = [self._gguf.blocks(name) for name in names]
+        biases = [getattr(layer, "bias", None) for layer in layers]
+        bias = fuse_rows([b.detach() for b in biases if b is not None]) if all(b is not None for b in biases) else None
+        weight: torch.Tensor | None = None
+        kernels: list[tuple[float, Kernel]] = []
+        built: dict[str, Kernel] = {}
+        for max_rows, fmt in self.plan.tiers:
+            if fmt not in built:
+                kernel = self._block_kernel(parts, bias, out_dtype) if fmt == GGUF else None
+                if kernel is None:
+                    if weight is None:
+                        weight = fuse_rows([p.dequantize() if isinstance(p, Blocks) else p.float() for p in parts])
+                    kernel = self._kernel(
+                        fmt if fmt != GGUF else _float_name(self.compute_dtype), names, weight, bias, out_dtype
+                    )
+                built[fmt] = kernel
+            kernels.append((max_rows, built[fmt]))
+        in_features = parts[0].shape[1]
+        return Linear(kernels, out_dtype, in_features=in_features)
+
+    def _block_kernel(
+        self, parts: Sequence[Blocks | torch.Tensor], bias: torch.Tensor | None, out_dtype: torch.dtype
+    ) -> Kernel | None:
+        """The block kernel for these weights (Q4 for 4-bit blocks, Q8 for the wider ones); None where none
+        applies (float tensors, no fused.c, or shapes it does not take)."""
+        blocks = [p for p in parts if isinstance(p, Blocks)]
+        if len(blocks) != len(parts) or not ({self.compute_dtype, out_dtype} <= FUSED_DTYPES):
+            return None
+        merged = concat(blocks)
+        out_features, in_features = merged.shape
+        none = torch.empty(0, dtype=torch.long)
+        if merged.bits == 4 and Q4Kernel.fits(out_features, in_features, self._fused):
+            assert self._fused is not None
+            q, d, m = four_bit_groups(merged)
+            return Q4Kernel.pack(q, d, m, bias, none, self._fused, self.compute_dtype, out_dtype)
+        if Q8Kernel.fits(out_features, in_features, self._fused):
+            assert self._fused is not None
+            return Q8Kernel.pack(merged.q, merged.d, merged.m, bias, none, self._fused, self.compute_dtype, out_dtype)
+        self.fallbacks.add(GGUF)
+        return None
+
     def _outliers(self, names: Sequence[str], in_features: int) -> torch.Tensor:
         """The input channels of the layer called names[0] that int8 activations keep in float (none when
         no activation ranges can be measured)."""
@@ -170,6 +234,10 @@ class LinearFactory:
         if self._fused is None or not fused_fits:
             return W8A8Kernel.quantize(weight, bias, outliers)
         return W8A8Kernel.quantize(weight, bias, outliers, self._fused, self.compute_dtype, out_dtype)
+
+
+def _float_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _projection(layer: torch.nn.Module | Projection) -> Projection:
