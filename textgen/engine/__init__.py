@@ -46,6 +46,8 @@ def limits_from_settings(settings: Settings) -> EngineLimits:
         prefill_step_tokens=settings.prefill_step_tokens,
         background_share=settings.background_share,
         embedding_step_share=settings.embedding_step_share,
+        prefix_cache=settings.prefix_cache,
+        prefix_cache_shared=settings.prefix_cache_shared,
     )
 
 
@@ -67,4 +69,6 @@ def core_options_from_settings(settings: Settings) -> CoreOptions:
         positions=settings.max_prompt_tokens + settings.max_new_tokens_limit,
         cache_dir=settings.cache_dir,
         fused=settings.fused_kernels,
+        prefix_cache_bytes=settings.prefix_cache_memory_mib * 2**20 if settings.prefix_cache else 0,
+        prefix_block_size=settings.prefix_block_size,
     )

@@ -178,6 +178,14 @@ class PrefixIndex:
         self._stats.evicted_blocks += len(freed)
         return freed
 
+    def discard(self, blocks: Sequence[int]) -> list[int]:
+        """Forget these blocks now, used or not (their content could not be written); returns them."""
+        for block in blocks:
+            entry = self._by_block.pop(block)
+            del self._by_digest[entry.key.digest]
+            self._idle.pop(block, None)
+        return list(blocks)
+
     def stats(self) -> PrefixIndexStats:
         current = self._stats
         return PrefixIndexStats(

@@ -29,6 +29,8 @@ from textgen.engine.core import CoreOptions, ModelCore, build_core, release_sour
 from textgen.engine.core.decoder import StepOutput
 from textgen.engine.core.fused import FusedKernels, load_fused_kernels
 from textgen.engine.pooling import l2_normalise
+from textgen.engine.prefix_cache import PrefixCache
+from textgen.engine.prefix_index import PrefixIndexStats
 from textgen.engine.sampling import (
     RowLogprobs,
     TokenPenalties,
@@ -111,6 +113,28 @@ class _EmbeddingJob:
 # A prefill-only input taken into a step: (its request, the input's index).
 EmbeddingPiece = tuple[_EmbeddingJob, int]
 
+
+@dataclass(frozen=True)
+class _PromptPiece:
+    """Prompt tokens [start, end) of a sequence taken into a step; the last piece of a prompt samples the
+    first new token, earlier ones (chunked prefill) only fill the slot."""
+
+    seq: SequenceState
+    start: int
+    end: int
+
+    @property
+    def final(self) -> bool:
+        return self.end == len(self.seq.prompt_ids)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.seq.prompt_ids[self.start : self.end]
+
+
+# A prompt's piece may be cut shorter than its rest to fit a step, but not below this (else the rest waits).
+MIN_PROMPT_CHUNK = 32
+
 NO_VECTORS = torch.empty((0, 0))
 # Embedding tokens a decoding step may carry until the costs behind the share are measured.
 EMBEDDING_PROBE_TOKENS = 16.0
@@ -139,6 +163,7 @@ class BatchedEngine:
         )
         self._core: ModelCore | None = None
         self._kernels: FusedKernels | None = None  # fused.c, for sampling on the CPU (built with the core)
+        self._prefix: PrefixCache | None = None  # cached prompt prefixes (built with the core, where it keeps them)
         self._warmup = warmup
         self._lock = threading.Lock()
         self._work_available = threading.Condition(self._lock)
@@ -194,6 +219,8 @@ class BatchedEngine:
             self._kernels = load_fused_kernels()  # the core's build, loaded once
         if self._owns_model:
             release_source_weights(self._loaded, core)
+        if self._limits.prefix_cache and core.prefix_store is not None:
+            self._prefix = PrefixCache(core, shared=self._limits.prefix_cache_shared)
         return core
 
     async def _warm_up(self) -> None:
@@ -297,6 +324,11 @@ class BatchedEngine:
                 tokens_per_s=self._tokens_per_s,
             )
 
+    def prefix_stats(self) -> PrefixIndexStats | None:
+        """The prefix cache's counters (read without the inference thread's lock: plain integers), None
+        where there is no prefix cache."""
+        return None if self._prefix is None else self._prefix.stats()
+
     def _has_work(self) -> bool:
         with self._lock:
             return (
@@ -380,29 +412,69 @@ class BatchedEngine:
             self._step(admitted, events, decode=bool(self._running_seqs), pieces=pieces)
         self._retire(events)
 
-    def _next_prefill(self, events: list[Event]) -> list[SequenceState]:
+    def _next_prefill(self, events: list[Event]) -> list[_PromptPiece]:
         """The backlog's next prompts, in arrival order, up to ``prefill_step_tokens`` (at least one) and
         to ``max_prefill_tokens`` as rows x longest prompt (the padded cost on the transformers core).
-        Prompts cancelled or expired while they waited end here."""
+
+        A prompt starts after its cached prefix (the prefix cache). On a core that can continue a slot, a
+        prompt longer than the step's room is cut into chunks, one per step (chunked prefill), so running
+        streams keep moving during a long prefill; with nothing decoding a prompt goes whole up to
+        ``max_prefill_tokens``. Prompts cancelled or expired while they waited end here."""
         now = time.monotonic()
-        taken: list[SequenceState] = []
+        taken: list[_PromptPiece] = []
         tokens = longest = 0
+        extends = self._require_core().extends
+        step_tokens = self._limits.prefill_step_tokens if self._running_seqs else self._limits.max_prefill_tokens
         while self._backlog:
             seq = self._backlog[0]
             if seq.handle.cancel_requested or _expired(seq.handle, now):
                 self._backlog.popleft()
+                self._end_prefill(seq)
                 self._release(1)
                 events.append((seq.handle, "", None, _ending_error(seq.handle, now)))
                 continue
-            size = len(seq.prompt_ids)
+            self._look_up_prefix(seq)
+            start = seq.prefilled if seq.slot is not None else (seq.prefix_hit.tokens if seq.prefix_hit else 0)
+            size = len(seq.prompt_ids) - start
             padded = (len(taken) + 1) * max(longest, size)
-            if taken and (tokens + size > self._limits.prefill_step_tokens or padded > self._limits.max_prefill_tokens):
+            fits = tokens + size <= self._limits.prefill_step_tokens and padded <= self._limits.max_prefill_tokens
+            if extends and (not fits or size > step_tokens):
+                room = min(step_tokens, self._limits.max_prefill_tokens) - tokens
+                if room < min(size, MIN_PROMPT_CHUNK) and taken:
+                    break
+                size = max(1, min(size, room))
+            elif taken and not fits:
                 break
-            taken.append(self._backlog.popleft())
+            piece = _PromptPiece(seq, start, start + size)
+            taken.append(piece)
             tokens, longest = tokens + size, max(longest, size)
+            if not piece.final:
+                break  # the rest of this prompt goes in the next steps, before anything behind it
+            self._backlog.popleft()
         return taken
 
-    def _next_embeddings(self, admitted: list[SequenceState], events: list[Event]) -> list[EmbeddingPiece]:
+    def _look_up_prefix(self, seq: SequenceState) -> None:
+        """Once per sequence, before its first piece: its cached prefix, held until copied in."""
+        if self._prefix is None or seq.prefix_looked_up:
+            return
+        seq.prefix_looked_up = True
+        try:
+            hit = self._prefix.lookup(seq.handle.request.tenant, seq.prompt_ids)
+        except Exception:
+            logger.exception("Prefix cache lookup failed; computing the prompt whole")
+            return
+        seq.prefix_hit = hit if hit.tokens else None
+
+    def _end_prefill(self, seq: SequenceState) -> None:
+        """A sequence leaves before its prefill finished: its held prefix and its slot go back."""
+        if seq.prefix_hit is not None and self._prefix is not None:
+            self._prefix.drop(seq.prefix_hit)
+        seq.prefix_hit = None
+        if seq.slot is not None:
+            self._free_quietly([seq.slot])
+            seq.slot = None
+
+    def _next_embeddings(self, admitted: list[_PromptPiece], events: list[Event]) -> list[EmbeddingPiece]:
         """Embedding inputs for this step, in arrival order, one slot each.
 
         While streams decode, the inputs are paced so that they add about ``embedding_step_share`` to the
@@ -421,7 +493,7 @@ class BatchedEngine:
             self._embedding_credit = 0.0
             return []
         limits = self._limits
-        room = self._require_core().free_slots - len(admitted)
+        room = self._require_core().free_slots - sum(1 for piece in admitted if piece.seq.slot is None)
         decoding = bool(self._running_seqs)
         if decoding:
             head = self._embeddings[0]
@@ -429,7 +501,7 @@ class BatchedEngine:
             self._embedding_credit = min(cap, self._embedding_credit + self._embedding_tokens_per_step())
             budget, first_goes = self._embedding_credit, False
         else:
-            budget = limits.prefill_step_tokens - sum(len(seq.prompt_ids) for seq in admitted)
+            budget = limits.prefill_step_tokens - sum(piece.end - piece.start for piece in admitted)
             first_goes = not admitted or self._embeddings_skipped
         taken: list[EmbeddingPiece] = []
         tokens = longest = 0
@@ -583,38 +655,42 @@ class BatchedEngine:
 
     def _step(
         self,
-        admitted: list[SequenceState],
+        admitted: list[_PromptPiece],
         events: list[Event],
         *,
         decode: bool,
         pieces: list[EmbeddingPiece] | None = None,
     ) -> None:
-        """One forward pass: the next token of every running sequence (when ``decode``), the first token
-        of every admitted one, and the pooled vector of every embedding input in ``pieces`` (prefilled into
-        scratch slots freed right after). A failure here fails only the admitted sequences and the
-        embedding requests in the step when nothing was decoding; otherwise the loop fails the whole batch."""
+        """One forward pass: the next token of every running sequence (when ``decode``), a piece of every
+        admitted prompt (the first new token where the piece ends the prompt), and the pooled vector of
+        every embedding input in ``pieces`` (prefilled into scratch slots freed right after). A failure here
+        fails only the admitted sequences and the embedding requests in the step when nothing was decoding;
+        otherwise the loop fails the whole batch."""
         core = self._require_core()
         pieces = pieces or []
         started = time.perf_counter()
-        decode_slots = core.slots_in_order() if decode else []
+        # A sequence part-way through its prompt holds a slot but does not decode yet.
+        decode_slots = [slot for slot in core.slots_in_order() if slot in self._running_seqs] if decode else []
         rows = [self._running_seqs[slot] for slot in decode_slots]
         tokens = torch.tensor([seq.generated[-1] for seq in rows], dtype=torch.long)
-        new_slots: list[int] = []
         pool_slots: list[int] = []
         try:
-            new_slots = [core.allocate() for _ in admitted]
+            prefill_slots = [self._slot_for(piece.seq) for piece in admitted]
             pool_slots = [core.allocate() for _ in pieces]
-            prompts = [s.prompt_ids for s in admitted]
+            prompts = [piece.tokens for piece in admitted]
             if pieces:
                 pool_prompts = [job.inputs[index] for job, index in pieces]
-                output = core.step_pooled(decode_slots, tokens, new_slots, prompts, pool_slots, pool_prompts)
+                output = core.step_pooled(decode_slots, tokens, prefill_slots, prompts, pool_slots, pool_prompts)
             else:  # generation alone: the plain step
-                output = StepOutput(core.step(decode_slots, tokens, new_slots, prompts), NO_VECTORS)
+                output = StepOutput(core.step(decode_slots, tokens, prefill_slots, prompts), NO_VECTORS)
         except Exception:
             self._free_quietly(pool_slots[::-1])
-            self._free_quietly(new_slots)
+            for piece in admitted:
+                self._end_prefill(piece.seq)
+                if piece.seq in self._backlog:
+                    self._backlog.remove(piece.seq)
             self._release(len(admitted))
-            events.extend((s.handle, "", None, EngineError()) for s in admitted)
+            events.extend((piece.seq.handle, "", None, EngineError()) for piece in admitted)
             self._fail_embeddings(pieces, events, EngineError())
             if decode_slots:
                 raise  # the loop fails the running batch too
@@ -622,9 +698,13 @@ class BatchedEngine:
             return
         # The scratch slots are the newest rows: freed last first, no cached row has to move.
         self._free_quietly(pool_slots[::-1])
-        self._running_seqs.update(zip(new_slots, admitted, strict=True))
-        if rows or admitted:
-            self._sample_into(rows + admitted, output.logits, events)
+        finished = self._finish_pieces(admitted)
+        logits = output.logits
+        if len(finished) != len(admitted):  # chunks that do not end their prompt sample nothing
+            keep = list(range(len(rows))) + [len(rows) + i for i, piece in enumerate(admitted) if piece.final]
+            logits = logits.index_select(0, torch.tensor(keep, dtype=torch.long))
+        if rows or finished:
+            self._sample_into(rows + finished, logits, events)
         if pieces:
             self._store_embeddings(pieces, output.pooled, events)
         embedding_tokens = sum(len(job.inputs[index]) for job, index in pieces)
@@ -634,6 +714,38 @@ class BatchedEngine:
             self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (len(rows) / max(elapsed, 1e-6))
             if self._step_observer is not None:
                 self._step_observer(len(rows), elapsed)
+
+    def _slot_for(self, seq: SequenceState) -> int:
+        """The sequence's cache slot: its own after an earlier chunk, else a fresh one holding its cached
+        prefix (copied in)."""
+        if seq.slot is not None:
+            return seq.slot
+        core = self._require_core()
+        seq.slot = core.allocate()
+        hit, seq.prefix_hit = seq.prefix_hit, None
+        if hit is not None and self._prefix is not None:
+            self._prefix.load(seq.slot, hit)
+            seq.prefilled = seq.cached_tokens = hit.tokens
+        return seq.slot
+
+    def _finish_pieces(self, admitted: list[_PromptPiece]) -> list[SequenceState]:
+        """After the pass: each piece's tokens are in its slot; prompts now complete start decoding and
+        their full blocks go into the prefix cache. Returns those sequences, in the step's order."""
+        finished = []
+        for piece in admitted:
+            seq = piece.seq
+            assert seq.slot is not None
+            seq.prefilled = piece.end
+            if not piece.final:
+                continue
+            self._running_seqs[seq.slot] = seq
+            finished.append(seq)
+            if self._prefix is not None:
+                try:
+                    self._prefix.publish(seq.handle.request.tenant, seq.slot, seq.prompt_ids)
+                except Exception:  # the request is fine; only its prefix is not kept
+                    logger.exception("Keeping a prompt's blocks in the prefix cache failed")
+        return finished
 
     def _sample_into(self, rows: list[SequenceState], logits: torch.Tensor, events: list[Event]) -> None:
         logits = apply_token_masks(logits, [s.constraint for s in rows], self.mask_timer)
@@ -709,6 +821,8 @@ class BatchedEngine:
         events: list[Event] = []
         self._fail_batch(events, NotReadyError(SHUTTING_DOWN))
         events.extend((seq.handle, "", None, NotReadyError(SHUTTING_DOWN)) for seq in self._backlog)
+        for seq in self._backlog:
+            self._end_prefill(seq)
         self._release(len(self._backlog))
         self._backlog.clear()
         events.extend((job.handle, "", None, NotReadyError(SHUTTING_DOWN)) for job in self._embeddings)

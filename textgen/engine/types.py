@@ -128,6 +128,8 @@ class GenerationRequest(_HasDeadline):
     # params.constraint compiled for the engine's tokenizer (by GenerationService, before submitting).
     grammar: CompiledGrammar | None = None
     prompt_ids: tuple[int, ...] | None = None
+    # Whose request this is: the prefix cache matches only this tenant's cached prompts (unless shared).
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,8 @@ class GenerationResult:
     token_logprobs: tuple[LogprobEntry, ...] | None = None
     # With params.prompt_logprobs: one entry per prompt token.
     prompt_logprobs: tuple[PromptLogprob, ...] | None = None
+    # Prompt tokens whose keys/values came from the prefix cache instead of being computed.
+    cached_tokens: int = 0
 
 
 class _Pending(Generic[ResultT]):
@@ -375,3 +379,6 @@ class EngineLimits:
     embedding_slots: int = 8
     # While streams decode, embedding inputs may add about this fraction to a decode step's time (measured).
     embedding_step_share: float = 0.05
+    # Reuse cached prompt prefixes (where the core keeps a prefix store); shared: across tenants too.
+    prefix_cache: bool = True
+    prefix_cache_shared: bool = False

@@ -19,8 +19,10 @@ from textgen.engine.core.fused import FusedKernels
 from textgen.engine.core.kv_cache import SlotKVCache
 from textgen.engine.core.layers import Attention, DecodeAttention, MixedAttention, PrefillAttention
 from textgen.engine.core.linear import Linear
+from textgen.engine.core.prefix_store import PrefixBlockStore
 from textgen.engine.core.weights import UNBOUNDED, LinearFactory, WeightPlan
 from textgen.engine.pooling import mean_pool
+from textgen.errors import EngineError
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class DecodeCore:
         capacity: int,
         fused: FusedKernels | None = None,
         fused_off: str = "",
+        prefix_cache_bytes: int = 0,
+        prefix_block_size: int = 16,
     ) -> None:
         self.name = f"textgen-{arch.name}"
         self.plan = plan
@@ -112,12 +116,41 @@ class DecodeCore:
             dtype=self._dtype,
             device=self._device,
         )
+        self._prefix_store = self._build_prefix_store(prefix_cache_bytes, prefix_block_size)
         self.fallbacks = factory.fallbacks
         self._fused = fused if arch.step_fused is not None else None
         # why the step runs PyTorch's operators instead (for /ready and the bench header)
         self._fused_off = "" if self._fused else fused_off or f"no fused step for {arch.name}"
 
+    def _build_prefix_store(self, budget_bytes: int, block_size: int) -> PrefixBlockStore | None:
+        layers, kv_heads, head_dim = len(self.weights.layers), self.weights.kv_heads, self.weights.head_dim
+        per_block = PrefixBlockStore.bytes_per_block(layers, kv_heads, block_size, head_dim, self._dtype)
+        blocks = budget_bytes // per_block if block_size > 0 else 0
+        if blocks < 1:
+            return None
+        return PrefixBlockStore(layers, blocks, kv_heads, block_size, head_dim, self._dtype, self._device)
+
     # ----- the core contract ----------------------------------------------------------------------
+
+    @property
+    def extends(self) -> bool:
+        return True
+
+    @property
+    def prefix_store(self) -> PrefixBlockStore | None:
+        return self._prefix_store
+
+    def load_prefix(self, slot: int, blocks: Sequence[int]) -> None:
+        """Copy cached blocks into the fresh slot's first positions."""
+        if self._prefix_store is None:
+            raise EngineError("This core keeps no prefix cache.")
+        self._prefix_store.load(self.cache, slot, blocks)
+
+    def save_prefix(self, slot: int, first_block: int, blocks: Sequence[int]) -> None:
+        """Copy the slot's block-aligned positions from ``first_block`` on into the cache's ``blocks``."""
+        if self._prefix_store is None:
+            raise EngineError("This core keeps no prefix cache.")
+        self._prefix_store.save(self.cache, slot, first_block, blocks)
 
     @property
     def capacity(self) -> int:
@@ -179,33 +212,35 @@ class DecodeCore:
         lengths = self.cache.lengths_of(rows)
         for slot in decode_slots:
             self.cache.check_room(slot, 1)
-        segments: list[tuple[int, int, int]] = []  # (cache row, start in prompt_tokens, length)
+        # (cache row, start in prompt_tokens, length, first position in the slot)
+        segments: list[tuple[int, int, int, int]] = []
         prompt_tokens: list[int] = []
         positions, last = list(lengths), list(range(len(rows)))
         pooled_spans: list[tuple[int, int]] = []  # (start in the pass's tokens, length)
         start = 0
-        for slot, row, prompt in zip(
+        prefill_rows = self.cache.rows_of([*prefill_slots, *pool_slots])
+        for slot, row, prompt, offset in zip(
             [*prefill_slots, *pool_slots],
-            self.cache.rows_of([*prefill_slots, *pool_slots]),
+            prefill_rows,
             [*prompts, *pool_prompts],
+            self.cache.lengths_of(prefill_rows),
             strict=True,
         ):
+            # A slot that already holds positions (a cached prefix, an earlier chunk) is extended from there.
             self.cache.check_room(slot, len(prompt))
-            segments.append((row, start, len(prompt)))
+            segments.append((row, start, len(prompt), offset))
             prompt_tokens.extend(prompt)
-            positions.extend(range(len(prompt)))
+            positions.extend(range(offset, offset + len(prompt)))
             if len(segments) <= len(prefill_slots):
                 last.append(len(rows) + start + len(prompt) - 1)
             else:
                 pooled_spans.append((len(rows) + start, len(prompt)))
             start += len(prompt)
-        self.cache.ensure_initialised(
-            max([*(n + 1 for n in lengths), *(len(p) for p in prompts), *(len(p) for p in pool_prompts)])
-        )
+        self.cache.ensure_initialised(max([*(n + 1 for n in lengths), *(o + n for _, _, n, o in segments)]))
         all_tokens = torch.cat([tokens.to(torch.long).cpu(), torch.tensor(prompt_tokens, dtype=torch.long)])
         if self._fused_applies(len(positions), max(positions, default=0) + 1):
             # Every token at its own (cache row, position): decode rows and whole prompts in one pass.
-            token_rows = rows + [row for row, _, length in segments for _ in range(length)]
+            token_rows = rows + [row for row, _, length, _ in segments for _ in range(length)]
             hidden = self._step_fused(all_tokens, token_rows, positions)
         else:
             attention = MixedAttention(
@@ -215,7 +250,7 @@ class DecodeCore:
             )
             hidden = self._forward(all_tokens, positions, attention)  # [N, E]
         self.cache.advance(rows)
-        for row, _, length in segments:
+        for row, _, length, _ in segments:
             self.cache.advance([row], length)
         pooled = mean_pool(hidden, pooled_spans)
         if not last:  # prefill-only inputs alone: no logits to compute
@@ -309,6 +344,9 @@ class DecodeCore:
             "positions_per_slot": self.cache.capacity,
             "dtype": str(self._dtype).removeprefix("torch."),
             "fused_kernels": self._fused is not None,
+            "prefix_cache_blocks": 0 if self._prefix_store is None else self._prefix_store.blocks,
+            "prefix_block_size": 0 if self._prefix_store is None else self._prefix_store.block_size,
+            "prefix_cache_bytes": 0 if self._prefix_store is None else self._prefix_store.reserved_bytes,
             **({"fused_kernels_off": self._fused_off} if self._fused_off else {}),
         }
 

@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from textgen.engine.core.decoder import StepOutput
+from textgen.engine.core.prefix_store import PrefixBlockStore
 from textgen.engine.padding import PaddedRows, decode_step, prefill
 from textgen.engine.pooling import transformers_pooled
 from textgen.errors import EngineError
@@ -32,6 +33,20 @@ class TransformersCore:
     @property
     def free_slots(self) -> int:
         return len(self._free_ids)
+
+    @property
+    def extends(self) -> bool:
+        return False  # left-padded rows: a prompt is prefilled whole, in one step
+
+    @property
+    def prefix_store(self) -> PrefixBlockStore | None:
+        return None
+
+    def load_prefix(self, slot: int, blocks: Sequence[int]) -> None:
+        raise EngineError("The transformers core keeps no prefix cache.")
+
+    def save_prefix(self, slot: int, first_block: int, blocks: Sequence[int]) -> None:
+        raise EngineError("The transformers core keeps no prefix cache.")
 
     def allocate(self) -> int:
         if not self._free_ids:

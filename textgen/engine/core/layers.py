@@ -86,25 +86,39 @@ class DecodeAttention:
 
 @dataclass
 class PrefillAttention:
-    """Whole prompts, packed end to end; each is written to its (fresh) slot and attends causally."""
+    """Prompts (or the rest of one), packed end to end; each is written to its slot from its offset and
+    attends causally over everything before it in the slot (the cached prefix) and itself."""
 
     cache: SlotKVCache
-    segments: list[tuple[int, int, int]]  # (cache row, start in the packed tokens, length)
+    # (cache row, start in the packed tokens, length, first position in the slot); a 3-tuple starts at 0.
+    segments: Sequence[tuple[int, ...]]
     scale: float
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [N, Hq, D], k and v [N, Hkv, D] -> attention output [N, Hq * D]."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         outputs = []
-        for row, start, length in self.segments:
+        for row, start, length, *rest in self.segments:
+            offset = rest[0] if rest else 0
             seg_k = k[start : start + length].transpose(0, 1)  # [Hkv, Lp, D]
             seg_v = v[start : start + length].transpose(0, 1)
-            keys[row, :, :length] = seg_k
-            values[row, :, :length] = seg_v
+            keys[row, :, offset : offset + length] = seg_k
+            values[row, :, offset : offset + length] = seg_v
             seg_q = q[start : start + length].transpose(0, 1)  # [Hq, Lp, D]
-            out = F.scaled_dot_product_attention(
-                seg_q[None], seg_k[None], seg_v[None], is_causal=True, scale=self.scale, enable_gqa=True
-            )  # [1, Hq, Lp, D]
+            if offset:
+                # Query i sits at position offset + i and sees every position up to its own.
+                live = offset + length
+                attended = torch.arange(live, device=q.device)[None, :] <= torch.arange(
+                    offset, live, device=q.device
+                )[:, None]  # [Lp, live]
+                out = F.scaled_dot_product_attention(
+                    seg_q[None], keys[row, :, :live][None], values[row, :, :live][None],
+                    attn_mask=attended, scale=self.scale, enable_gqa=True,
+                )
+            else:
+                out = F.scaled_dot_product_attention(
+                    seg_q[None], seg_k[None], seg_v[None], is_causal=True, scale=self.scale, enable_gqa=True
+                )  # [1, Hq, Lp, D]
             outputs.append(out[0].transpose(0, 1).reshape(length, -1))
         return torch.cat(outputs)
 

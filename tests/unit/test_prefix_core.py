@@ -1,0 +1,149 @@
+"""Prefill that continues a slot (a cached prefix copied in, an earlier chunk): the same logits as one whole
+prefill, in the PyTorch path (tiny GPT-2 and Llama, float32) and in fused.c's step (tiny Llama, bf16)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from textgen.engine.core.decoder import DecodeCore, architecture_for
+from textgen.engine.core.fused import FusedKernels, load_fused_kernels
+from textgen.engine.core.weights import LinearFactory, WeightPlan
+
+PROMPT = [5, 17, 23, 9, 41, 3, 7, 7, 60, 11, 2, 90, 33, 8, 21, 64, 70, 12, 19, 1, 4, 44, 45]
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory: pytest.TempPathFactory) -> FusedKernels:
+    built = load_fused_kernels(tmp_path_factory.mktemp("fused"))
+    assert built is not None, "the fused kernels did not build (is gcc installed?)"
+    return built
+
+
+def core_of(model: torch.nn.Module, dtype: torch.dtype, fused: FusedKernels | None = None) -> DecodeCore:
+    arch, reason = architecture_for(model)
+    assert arch is not None, reason
+    name = str(dtype).removeprefix("torch.")
+    factory = LinearFactory(WeightPlan.single(name), dtype, torch.device("cpu"))
+    model = copy.deepcopy(model).to(dtype)
+    return DecodeCore(
+        model, arch, WeightPlan.single(name), factory, slots=4, capacity=64, fused=fused,
+        prefix_cache_bytes=1 << 20, prefix_block_size=BLOCK,
+    )
+
+
+def whole_then_decode(core: DecodeCore, prompt: list[int], steps: int = 4) -> list[torch.Tensor]:
+    slot = core.allocate()
+    logits = [core.prefill([slot], [prompt])[0]]
+    for _ in range(steps):
+        logits.append(core.decode([slot], logits[-1].argmax(-1, keepdim=True))[0])
+    core.free([slot])
+    return logits
+
+
+def chunks_then_decode(core: DecodeCore, prompt: list[int], cuts: list[int], steps: int = 4) -> list[torch.Tensor]:
+    """The prompt prefilled in pieces [0, cuts[0]), [cuts[0], cuts[1]), ...; a decoding neighbour shares
+    every step, so the pieces run in mixed passes as the scheduler runs them."""
+    neighbour = core.allocate()
+    neighbour_token = core.prefill([neighbour], [[3, 1, 4, 1, 5]]).argmax(-1)
+    slot = core.allocate()
+    bounds = [0, *cuts, len(prompt)]
+    for start, end in itertools.pairwise(bounds):
+        out = core.step([neighbour], neighbour_token, [slot], [prompt[start:end]])
+        neighbour_token = out[:1].argmax(-1)
+    logits = [out[1]]
+    for _ in range(steps):
+        logits.append(core.decode([slot], logits[-1].argmax(-1, keepdim=True))[0])
+    core.free([slot, neighbour])
+    return logits
+
+
+@pytest.mark.parametrize("cuts", [[8], [1], [4, 9, 16], [22]])
+def test_prefill_in_pieces_equals_one_prefill_float32(tiny_llama: LlamaForCausalLM, cuts: list[int]) -> None:
+    core = core_of(tiny_llama, torch.float32)
+    expected = whole_then_decode(core, PROMPT)
+    got = chunks_then_decode(core, PROMPT, cuts)
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, atol=2e-5, rtol=2e-5)
+
+
+def test_prefill_in_pieces_on_gpt2(tiny_loaded: object) -> None:
+    core = core_of(tiny_loaded.model, torch.float32)  # type: ignore[attr-defined]
+    expected = whole_then_decode(core, PROMPT)
+    got = chunks_then_decode(core, PROMPT, [5, 12])
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, atol=2e-5, rtol=2e-5)
+
+
+def test_prefill_in_pieces_through_the_fused_step(tiny_llama: LlamaForCausalLM, kernels: FusedKernels) -> None:
+    core = core_of(tiny_llama, torch.bfloat16, kernels)
+    expected = whole_then_decode(core, PROMPT, steps=6)
+    got = chunks_then_decode(core, PROMPT, [4, 13], steps=6)
+    for want, have in zip(expected, got, strict=True):
+        # Each token's arithmetic is the same; only the products' row blocking differs (bf16 rounding).
+        torch.testing.assert_close(have, want, atol=0.03, rtol=0.02)
+        assert int(have.argmax()) == int(want.argmax())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cached_prefix_copied_in_equals_computing_it(tiny_llama: LlamaForCausalLM, dtype: torch.dtype) -> None:
+    core = core_of(tiny_llama, dtype)
+    store = core.prefix_store
+    assert store is not None and store.block_size == BLOCK
+    expected = whole_then_decode(core, PROMPT)
+    # A first sequence computes the prompt; its first five blocks are saved (into store blocks 7, 2, 9, 0, 3).
+    first = core.allocate()
+    core.prefill([first], [PROMPT])
+    kept = [7, 2, 9, 0, 3]
+    core.save_prefix(first, 0, kept[:2])
+    core.save_prefix(first, 2, kept[2:])
+    core.free([first])
+    # A second sequence starts from the copy and computes only the rest.
+    second = core.allocate()
+    core.load_prefix(second, kept)
+    assert core.cache.length(second) == 20
+    logits = [core.prefill([second], [PROMPT[20:]])[0]]
+    for _ in range(4):
+        logits.append(core.decode([second], logits[-1].argmax(-1, keepdim=True))[0])
+    for want, have in zip(expected, logits, strict=True):
+        torch.testing.assert_close(have, want, atol=2e-5 if dtype == torch.float32 else 0.03, rtol=2e-2)
+        assert int(have.argmax()) == int(want.argmax())
+
+
+def test_prefix_store_checks_its_inputs(tiny_llama: LlamaForCausalLM) -> None:
+    core = core_of(tiny_llama, torch.float32)
+    store = core.prefix_store
+    assert store is not None
+    slot = core.allocate()
+    core.prefill([slot], [PROMPT[:6]])
+    with pytest.raises(ValueError, match="holds 6 positions"):
+        core.save_prefix(slot, 1, [0])  # positions 4..8 are not all there
+    with pytest.raises(IndexError):
+        core.save_prefix(slot, 0, [store.blocks])
+    core.save_prefix(slot, 0, [0])
+    with pytest.raises(ValueError, match="not empty"):
+        core.load_prefix(slot, [0])
+
+
+def test_no_store_without_memory(tiny_llama: LlamaForCausalLM) -> None:
+    arch, _ = architecture_for(tiny_llama)
+    assert arch is not None
+    factory = LinearFactory(WeightPlan.single("float32"), torch.float32, torch.device("cpu"))
+    core = DecodeCore(tiny_llama, arch, WeightPlan.single("float32"), factory, slots=2, capacity=32)
+    assert core.prefix_store is None
+    assert core.describe()["prefix_cache_blocks"] == 0
