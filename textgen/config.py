@@ -105,23 +105,15 @@ class Settings(BaseSettings):
     prefix_cache: bool = Field(
         True,
         description="Reuse the keys/values of prompt prefixes seen before (a chat's system prompt, an agent's "
-        "tools): a request prefills only what is not cached. Outputs are the same either way.",
-    )
-    prefix_cache_memory_mib: int = Field(
-        256,
-        ge=0,
-        le=1 << 20,
-        description="Memory for cached prompt blocks, in MiB (reserved at start-up, touched as used; the least "
-        "recently used blocks are dropped when it is full). 0 turns the prefix cache off.",
+        "tools) in the KV cache's blocks: a request prefills only what is not cached, and a finished request's "
+        "blocks stay cached until the memory is needed (least recently used first). Outputs are the same "
+        "either way.",
     )
     prefix_cache_shared: bool = Field(
         False,
         description="Share cached prefixes across tenants (API keys). Off by default: a cache hit answers "
         "faster, so a shared cache would let one tenant learn what another sent. Turn on for single-tenant "
         "deployments.",
-    )
-    prefix_block_size: int = Field(
-        16, ge=1, le=1024, description="Prompt tokens per cached block: prefixes are matched in whole blocks."
     )
     embedding_max_inputs: int = Field(
         256, ge=1, le=2048, description="Inputs one /v1/embeddings request may embed; more get 400 naming input."

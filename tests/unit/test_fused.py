@@ -110,9 +110,9 @@ def test_prefill_decode_and_mixed_steps_all_run_fused(tiny_llama: LlamaForCausal
     original = arch.step_fused
     assert original is not None
 
-    def counting(*args: object) -> torch.Tensor:
+    def counting(*args: object, **keywords: object) -> torch.Tensor:
         calls.append(args[1])
-        return original(*args)
+        return original(*args, **keywords)
 
     def run(core: DecodeCore) -> list[torch.Tensor]:
         first = [core.allocate() for _ in PROMPTS[:2]]

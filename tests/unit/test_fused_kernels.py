@@ -119,10 +119,11 @@ def test_fused_c_guards_zero_kv_heads_itself(kernels: FusedKernels) -> None:
     """Called past the Python checks, kv_heads = 0 returns FUSED_BAD_SHAPE instead of dividing by zero."""
     case = reference.attention_case(2, 1)
     out = torch.empty(case.qkv.shape[0], 2 * 64, dtype=torch.bfloat16)
+    tables = torch.arange(3)[:, None]
     status = kernels.library.rotary_cache_attention(
         case.qkv.data_ptr(), case.cos.data_ptr(), case.sin.data_ptr(), case.cos.shape[0], case.positions.data_ptr(),
-        case.cache_rows.data_ptr(), case.keys.data_ptr(), case.values.data_ptr(), out.data_ptr(),
-        case.qkv.shape[0], 2, 0, 64, 3, 48, 0.125,
+        case.cache_rows.data_ptr(), tables.data_ptr(), case.keys.data_ptr(), case.values.data_ptr(), out.data_ptr(),
+        case.qkv.shape[0], 2, 0, 64, 3, 48, 3, 1, 0.125,
     )
     assert status == read_header().constants["FUSED_BAD_SHAPE"]
 

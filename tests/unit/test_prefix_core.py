@@ -1,5 +1,6 @@
-"""Prefill that continues a slot (a cached prefix copied in, an earlier chunk): the same logits as one whole
-prefill, in the PyTorch path (tiny GPT-2 and Llama, float32) and in fused.c's step (tiny Llama, bf16)."""
+"""Prefill that continues a sequence (on a cached prefix's shared blocks, after an earlier chunk): the same
+logits as one whole prefill, in the PyTorch path (tiny GPT-2 and Llama, float32) and in fused.c's step
+(tiny Llama, bf16)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from textgen.engine.core.decoder import DecodeCore, architecture_for
 from textgen.engine.core.fused import FusedKernels, load_fused_kernels
 from textgen.engine.core.weights import LinearFactory, WeightPlan
+from textgen.errors import EngineError
 
 PROMPT = [5, 17, 23, 9, 41, 3, 7, 7, 60, 11, 2, 90, 33, 8, 21, 64, 70, 12, 19, 1, 4, 44, 45]
 BLOCK = 4
@@ -42,8 +44,7 @@ def core_of(model: torch.nn.Module, dtype: torch.dtype, fused: FusedKernels | No
     factory = LinearFactory(WeightPlan.single(name), dtype, torch.device("cpu"))
     model = copy.deepcopy(model).to(dtype)
     return DecodeCore(
-        model, arch, WeightPlan.single(name), factory, slots=4, capacity=64, fused=fused,
-        prefix_cache_bytes=1 << 20, prefix_block_size=BLOCK,
+        model, arch, WeightPlan.single(name), factory, slots=4, capacity=64, fused=fused, block_size=BLOCK
     )
 
 
@@ -101,49 +102,46 @@ def test_prefill_in_pieces_through_the_fused_step(tiny_llama: LlamaForCausalLM, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_cached_prefix_copied_in_equals_computing_it(tiny_llama: LlamaForCausalLM, dtype: torch.dtype) -> None:
+def test_a_cached_prefix_shared_equals_computing_it(tiny_llama: LlamaForCausalLM, dtype: torch.dtype) -> None:
     core = core_of(tiny_llama, dtype)
-    store = core.prefix_store
-    assert store is not None and store.block_size == BLOCK
+    assert core.prefix_block_size == BLOCK
     expected = whole_then_decode(core, PROMPT)
-    # A first sequence computes the prompt; its first five blocks are saved (into store blocks 7, 2, 9, 0, 3).
+    keys = [("block", i) for i in range(5)]  # any hashable names (the prefix index makes the real ones)
+    # A first sequence computes the prompt and names its first five blocks, then ends: they stay cached.
     first = core.allocate()
     core.prefill([first], [PROMPT])
-    kept = [7, 2, 9, 0, 3]
-    core.save_prefix(first, 0, kept[:2])
-    core.save_prefix(first, 2, kept[2:])
+    core.publish_prefix(first, keys)
     core.free([first])
-    # A second sequence starts from the copy and computes only the rest.
+    pool = core.cache.pool
+    assert pool.cached_free == 5
+    # A second sequence starts on them (shared, not copied) and computes only the rest.
+    held = core.hold_prefix([*keys, ("block", 99)])
+    assert len(held) == 5 and pool.cached_free == 0
     second = core.allocate()
-    core.load_prefix(second, kept)
-    assert core.cache.length(second) == 20
+    core.load_prefix(second, held)
+    core.release_blocks(held)
+    assert core.cache.length(second) == 20 and core.cache.table(second).blocks == held
     logits = [core.prefill([second], [PROMPT[20:]])[0]]
     for _ in range(4):
         logits.append(core.decode([second], logits[-1].argmax(-1, keepdim=True))[0])
     for want, have in zip(expected, logits, strict=True):
         torch.testing.assert_close(have, want, atol=2e-5 if dtype == torch.float32 else 0.03, rtol=2e-2)
         assert int(have.argmax()) == int(want.argmax())
+    # A third sequence shares the same blocks while the second runs: both read them, neither writes them.
+    third = core.allocate()
+    core.load_prefix(third, core.hold_prefix(keys[:3]))
+    assert all(pool.refcount(b) >= 2 for b in held[:3])
+    core.free([second, third])
+    pool.release_all(held[:3])  # the hold taken for the third
+    pool.check_consistent()
+    assert pool.cached_free == 5
 
 
-def test_prefix_store_checks_its_inputs(tiny_llama: LlamaForCausalLM) -> None:
+def test_load_prefix_checks_its_slot(tiny_llama: LlamaForCausalLM) -> None:
     core = core_of(tiny_llama, torch.float32)
-    store = core.prefix_store
-    assert store is not None
     slot = core.allocate()
     core.prefill([slot], [PROMPT[:6]])
-    with pytest.raises(ValueError, match="holds 6 positions"):
-        core.save_prefix(slot, 1, [0])  # positions 4..8 are not all there
-    with pytest.raises(IndexError):
-        core.save_prefix(slot, 0, [store.blocks])
-    core.save_prefix(slot, 0, [0])
-    with pytest.raises(ValueError, match="not empty"):
-        core.load_prefix(slot, [0])
-
-
-def test_no_store_without_memory(tiny_llama: LlamaForCausalLM) -> None:
-    arch, _ = architecture_for(tiny_llama)
-    assert arch is not None
-    factory = LinearFactory(WeightPlan.single("float32"), torch.float32, torch.device("cpu"))
-    core = DecodeCore(tiny_llama, arch, WeightPlan.single("float32"), factory, slots=2, capacity=32)
-    assert core.prefix_store is None
-    assert core.describe()["prefix_cache_blocks"] == 0
+    core.publish_prefix(slot, [("k", 0), ("k", 1), ("k", 2)])  # only one block is full: one name given
+    assert core.cache.pool.cached(("k", 0)) is not None and core.cache.pool.cached(("k", 1)) is None
+    with pytest.raises(EngineError, match="not empty"):
+        core.load_prefix(slot, core.hold_prefix([("k", 0)]))

@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 
+from tests.support.waiting import wait_until
 from textgen.engine.core import CoreOptions
 from textgen.engine.scheduler import BatchedEngine
 from textgen.engine.types import EngineLimits, GenerationRequest, GenerationResult, SamplingParams
 
-BLOCK = 8
+BLOCK = 32  # the KV cache's block size (its default)
 rng = random.Random(5)
-SYSTEM = [rng.randrange(10, 390) for _ in range(70)]  # a shared "system prompt": 8 full blocks and a tail
+SYSTEM = [rng.randrange(10, 390) for _ in range(140)]  # a shared "system prompt": 4 full blocks and a tail
 TURNS = [[rng.randrange(10, 390) for _ in range(n)] for n in (5, 17, 9)]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
 SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=77, max_new_tokens=12, ignore_eos=True)
@@ -27,14 +28,12 @@ SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=77, max_new_tokens=12,
 async def make_engine(tiny_loaded: Any) -> AsyncIterator[Callable[..., Any]]:
     engines: list[BatchedEngine] = []
 
-    async def build(*, memory: int = 1 << 20, shared: bool = False, **limits: Any) -> BatchedEngine:
-        limits.setdefault("max_running", 8)
+    async def build(*, cache: bool = True, shared: bool = False, slots: int = 12, **limits: Any) -> BatchedEngine:
+        limits.setdefault("max_running", min(8, slots))
         engine = BatchedEngine(
             tiny_loaded,
-            EngineLimits(prefix_cache=memory > 0, prefix_cache_shared=shared, **limits),
-            core_options=CoreOptions(
-                weights="float", slots=12, positions=512, prefix_cache_bytes=memory, prefix_block_size=BLOCK
-            ),
+            EngineLimits(prefix_cache=cache, prefix_cache_shared=shared, embedding_slots=0, **limits),
+            core_options=CoreOptions(weights="float", slots=slots, positions=512),
             warmup=False,
         )
         await engine.start()
@@ -58,13 +57,15 @@ async def test_a_repeated_prefix_is_served_from_the_cache(make_engine: Callable[
     first = await run(engine, SYSTEM + TURNS[0])
     assert first.cached_tokens == 0
     second = await run(engine, SYSTEM + TURNS[1])
-    assert second.cached_tokens == 64  # 8 full blocks of the system prompt; its 6-token tail is computed
-    # The whole first prompt again: all but the block holding its last token.
-    again = await run(engine, SYSTEM + TURNS[0])
-    assert again.cached_tokens == 72 and again.text == first.text
+    assert second.cached_tokens == 128  # 4 full blocks of the system prompt; its 12-token tail is computed
+    # A prompt of exactly 5 blocks, twice: all but the block holding its last token.
+    exact = SYSTEM + TURNS[1][:20]
+    await run(engine, exact)
+    again = await run(engine, exact)
+    assert again.cached_tokens == 128
     stats = engine.prefix_stats()
-    assert stats is not None and stats.queries == 3 and stats.hits == 2
-    assert stats.hit_tokens == 64 + 72
+    assert stats is not None and stats.queries == 4 and stats.hits == 3
+    assert stats.hit_tokens == 3 * 128
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
@@ -73,15 +74,15 @@ async def test_outputs_are_identical_with_the_cache_on_and_off(
 ) -> None:
     conversations = [SYSTEM + turn for turn in TURNS] + [SYSTEM[:20] + TURNS[2], SYSTEM + TURNS[1] + TURNS[2]]
     texts = {}
-    for memory in (0, 1 << 20):
-        engine = await make_engine(memory=memory)
+    for cache in (False, True):
+        engine = await make_engine(cache=cache)
         # One at a time (later ones hit), then all together beside each other (hits inside a batch).
         alone = [await run(engine, ids, params) for ids in conversations]
         together = await asyncio.gather(*(run(engine, ids, params) for ids in conversations))
-        texts[memory] = [r.text for r in alone + list(together)]
+        texts[cache] = [r.text for r in alone + list(together)]
         cached = [r.cached_tokens for r in alone + list(together)]
-        assert (sum(cached) > 0) == (memory > 0)
-    assert texts[1 << 20] == texts[0]
+        assert (sum(cached) > 0) == cache
+    assert texts[True] == texts[False]
 
 
 async def test_a_tenant_never_reuses_another_tenants_prefix(make_engine: Callable[..., Any]) -> None:
@@ -89,37 +90,36 @@ async def test_a_tenant_never_reuses_another_tenants_prefix(make_engine: Callabl
     assert (await run(engine, SYSTEM + TURNS[0], tenant="alice")).cached_tokens == 0
     for tenant in ("bob", None, "alice "):
         assert (await run(engine, SYSTEM + TURNS[1], tenant=tenant)).cached_tokens == 0, tenant
-    assert (await run(engine, SYSTEM + TURNS[1], tenant="alice")).cached_tokens == 64
+    assert (await run(engine, SYSTEM + TURNS[1], tenant="alice")).cached_tokens == 128
     # Each of them cached its own copy by now.
-    assert (await run(engine, SYSTEM + TURNS[2], tenant="bob")).cached_tokens == 64
+    assert (await run(engine, SYSTEM + TURNS[2], tenant="bob")).cached_tokens == 128
 
 
 async def test_a_shared_cache_matches_across_tenants(make_engine: Callable[..., Any]) -> None:
     engine = await make_engine(shared=True)
     await run(engine, SYSTEM + TURNS[0], tenant="alice")
-    assert (await run(engine, SYSTEM + TURNS[1], tenant="bob")).cached_tokens == 64
+    assert (await run(engine, SYSTEM + TURNS[1], tenant="bob")).cached_tokens == 128
 
 
-async def test_eviction_under_memory_pressure_keeps_outputs_right(
-    make_engine: Callable[..., Any], tiny_loaded: Any
-) -> None:
-    reference = await make_engine(memory=0)
-    store_block = 2 * tiny_loaded.model.config.n_layer * tiny_loaded.model.config.n_embd * BLOCK * 4
-    engine = await make_engine(memory=10 * store_block)  # room for 10 blocks of 8 tokens
-    prompts = [[rng.randrange(10, 390) for _ in range(40)] for _ in range(6)]
+async def test_eviction_under_memory_pressure_keeps_outputs_right(make_engine: Callable[..., Any]) -> None:
+    reference = await make_engine(cache=False)
+    engine = await make_engine(slots=2)  # a pool of 2 x 512 / 32 = 32 blocks
+    pool = engine.core.cache.pool  # type: ignore[attr-defined]
+    prompts = [[rng.randrange(10, 390) for _ in range(100)] for _ in range(12)]  # 3 full blocks each
     for ids in prompts * 2:
         got, want = await run(engine, ids), await run(reference, ids)
         assert got.text == want.text
-    stats = engine.prefix_stats()
-    assert stats is not None and stats.evicted_blocks > 0 and stats.cached_blocks <= 10
-    # The most recent prompt is still cached.
-    assert (await run(engine, prompts[-1])).cached_tokens == 32
+    pool.check_consistent()
+    assert pool.used == 0 and 0 < pool.cached_free <= pool.total
+    # The oldest prompts were evicted; the most recent one is still cached.
+    assert (await run(engine, prompts[0])).cached_tokens == 0
+    assert (await run(engine, prompts[-1])).cached_tokens == 96
 
 
 async def test_a_long_prompt_is_prefilled_in_chunks_beside_running_streams(
     make_engine: Callable[..., Any],
 ) -> None:
-    engine = await make_engine(memory=0, prefill_step_tokens=16)
+    engine = await make_engine(cache=False, prefill_step_tokens=16)
     core = engine.core
     sizes: list[list[int]] = []
     original_step = core.step
@@ -131,14 +131,12 @@ async def test_a_long_prompt_is_prefilled_in_chunks_beside_running_streams(
     long_prompt = [rng.randrange(10, 390) for _ in range(300)]
     alone = await run(engine, long_prompt)
     core.step = recording_step  # type: ignore[method-assign]
-    streams = [engine.submit(GenerationRequest("", GREEDY.__class__(max_new_tokens=60, ignore_eos=True,
-                                                                   temperature=0.0),
-                                               prompt_ids=(5, 6, 7, i + 10))) for i in range(4)]
-    await asyncio.sleep(0)
+    stream_params = SamplingParams(max_new_tokens=200, ignore_eos=True, temperature=0.0)
+    streams = [engine.submit(GenerationRequest("", stream_params, prompt_ids=(5, 6, 7, i + 10))) for i in range(4)]
+    await wait_until(lambda: sum(len(step) == 0 for step in sizes) >= 2, what="the streams decoding")
     beside = await run(engine, long_prompt)
     await asyncio.gather(*(s.result() for s in streams))
     assert beside.text == alone.text
-    # While the streams decoded, no step carried more than 16 prompt tokens, and the long prompt took many.
-    assert max(sum(step) for step in sizes) <= 300
-    chunked = [step for step in sizes if step and sum(step) <= 16]
-    assert len(chunked) >= 300 // 16
+    # While the streams decoded, no step carried more than 16 prompt tokens: the long prompt took 19 steps.
+    prefills = [sum(step) for step in sizes if step]
+    assert prefills[0] == 16 and max(prefills[1:]) <= 16 and sum(prefills[1:]) == 300

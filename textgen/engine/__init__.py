@@ -69,6 +69,4 @@ def core_options_from_settings(settings: Settings) -> CoreOptions:
         positions=settings.max_prompt_tokens + settings.max_new_tokens_limit,
         cache_dir=settings.cache_dir,
         fused=settings.fused_kernels,
-        prefix_cache_bytes=settings.prefix_cache_memory_mib * 2**20 if settings.prefix_cache else 0,
-        prefix_block_size=settings.prefix_block_size,
     )

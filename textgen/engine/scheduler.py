@@ -219,7 +219,7 @@ class BatchedEngine:
             self._kernels = load_fused_kernels()  # the core's build, loaded once
         if self._owns_model:
             release_source_weights(self._loaded, core)
-        if self._limits.prefix_cache and core.prefix_store is not None:
+        if self._limits.prefix_cache and core.prefix_block_size > 0:
             self._prefix = PrefixCache(core, shared=self._limits.prefix_cache_shared)
         return core
 

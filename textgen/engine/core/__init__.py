@@ -24,7 +24,7 @@ import ctypes
 import ctypes.util
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,7 +38,6 @@ from textgen.engine.core.decoder import DecodeCore, StepOutput, architecture_for
 from textgen.engine.core.fused import FusedKernels, build_fused_kernels
 from textgen.engine.core.gguf_blocks import Int4Blocks, cached_q4_1_blocks
 from textgen.engine.core.hf import TransformersCore
-from textgen.engine.core.prefix_store import PrefixBlockStore
 from textgen.engine.core.weights import LinearFactory
 from textgen.errors import ConfigError, EngineError
 from textgen.loader import LoadedModel, cpu_supports_bf16
@@ -94,13 +93,18 @@ class ModelCore(Protocol):
     @property
     def extends(self) -> bool: ...
 
-    # Cached prompt blocks (``prefix_store.py``), None where the core keeps none.
+    # The prefix cache over the core's KV blocks (0: the core keeps none): positions per block, and
+    # holding, sharing into a fresh slot, releasing and naming full blocks by their content keys.
     @property
-    def prefix_store(self) -> PrefixBlockStore | None: ...
+    def prefix_block_size(self) -> int: ...
+
+    def hold_prefix(self, keys: Sequence[Hashable]) -> list[int]: ...
+
+    def release_blocks(self, blocks: Sequence[int]) -> None: ...
 
     def load_prefix(self, slot: int, blocks: Sequence[int]) -> None: ...
 
-    def save_prefix(self, slot: int, first_block: int, blocks: Sequence[int]) -> None: ...
+    def publish_prefix(self, slot: int, keys: Sequence[Hashable]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,6 @@ class CoreOptions:
     positions: int = 2048  # per slot: TEXTGEN_MAX_PROMPT_TOKENS + TEXTGEN_MAX_NEW_TOKENS_LIMIT
     cache_dir: Path | None = None  # TEXTGEN_CACHE_DIR: int4 blocks and weight-format measurements
     fused: bool = True  # TEXTGEN_FUSED_KERNELS: decode steps and w8a8 rescaling through fused.c where it builds
-    prefix_cache_bytes: int = 0  # TEXTGEN_PREFIX_CACHE_MEMORY_MIB (0: no prefix store)
-    prefix_block_size: int = 16  # TEXTGEN_PREFIX_BLOCK_SIZE: positions per cached block
 
 
 def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
@@ -160,8 +162,6 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         capacity=capacity,
         fused=fused,
         fused_off=fused_off,
-        prefix_cache_bytes=options.prefix_cache_bytes,
-        prefix_block_size=options.prefix_block_size,
     )
     if options.weights == "auto" and len(plan.tiers) == 2:
         key = "|".join([machine_key(), loaded.name, plan.describe(), f"fused={fused.build_key if fused else 'off'}"])
@@ -170,28 +170,17 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
     info = core.describe()
     logger.info(
         "Model core: %s; weights %s (%.0f MiB); KV cache %d slots x %d positions "
-        "(%.0f MiB reserved, touched as used); prefix cache %s; fused decode kernels %s%s",
+        "(%.0f MiB reserved, touched as used); fused decode kernels %s%s",
         info["core"],
         info["weights"],
         info["weights_bytes"] / 2**20,
         info["slots"],
         info["positions_per_slot"],
         info["kv_cache_bytes"] / 2**20,
-        _prefix_summary(info),
         "on" if info["fused_kernels"] else "off",
         f"; {', '.join(sorted(core.fallbacks))} unavailable here, float used instead" if core.fallbacks else "",
     )
     return core
-
-
-def _prefix_summary(info: dict[str, Any]) -> str:
-    blocks = info.get("prefix_cache_blocks", 0)
-    if not blocks:
-        return "off"
-    return (
-        f"{blocks} blocks x {info['prefix_block_size']} positions "
-        f"({info['prefix_cache_bytes'] / 2**20:.0f} MiB reserved, touched as used)"
-    )
 
 
 def fused_kernels_for(options: CoreOptions, device: torch.device) -> tuple[FusedKernels | None, str]:

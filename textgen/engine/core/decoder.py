@@ -1,4 +1,4 @@
-"""The decode core: one of the architecture modules (Llama family, GPT-2) over a slot KV cache.
+"""The decode core: one of the architecture modules (Llama family, GPT-2) over a paged KV cache.
 
 It only computes logits for the slots it is given; who runs, when, and for how long is the
 scheduler's business (``engine/scheduler.py``).
@@ -7,7 +7,7 @@ scheduler's business (``engine/scheduler.py``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,13 +16,12 @@ import torch
 import textgen.engine.core.gpt2 as gpt2
 import textgen.engine.core.llama as llama
 from textgen.engine.core.fused import FusedKernels
-from textgen.engine.core.kv_cache import SlotKVCache
+from textgen.engine.core.kv_cache import PagedKVCache
 from textgen.engine.core.layers import Attention, DecodeAttention, MixedAttention, PrefillAttention
 from textgen.engine.core.linear import Linear
-from textgen.engine.core.prefix_store import PrefixBlockStore
 from textgen.engine.core.weights import UNBOUNDED, LinearFactory, WeightPlan
 from textgen.engine.pooling import mean_pool
-from textgen.errors import EngineError
+from textgen.errors import ConfigError, EngineError
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,8 @@ class Architecture:
     unsupported_reason: Callable[[Any], str | None]
     build: Callable[..., ModelWeights]
     forward: Callable[[Any, torch.Tensor, torch.Tensor, Attention], torch.Tensor]
-    # A model step through fused.c (weights, tokens, positions, cache rows, cache, kernels), and when it applies
+    # A model step through fused.c (weights, tokens, positions, rows of tables, cache, kernels, tables=block
+    # tables [R, W]), and when it applies
     # (weights, tokens, longest live length); None where the architecture has none.
     step_fused: Callable[..., torch.Tensor] | None = None
     fused_supported: Callable[[Any, int, int], bool] | None = None
@@ -96,10 +96,10 @@ class DecodeCore:
         *,
         slots: int,
         capacity: int,
+        kv_memory: int | None = None,
+        block_size: int = 32,
         fused: FusedKernels | None = None,
         fused_off: str = "",
-        prefix_cache_bytes: int = 0,
-        prefix_block_size: int = 16,
     ) -> None:
         self.name = f"textgen-{arch.name}"
         self.plan = plan
@@ -107,7 +107,13 @@ class DecodeCore:
         self._dtype = factory.compute_dtype
         self._device = factory.device
         self.weights = arch.build(model, factory, self._dtype, capacity)
-        self.cache = SlotKVCache(
+        layers = len(self.weights.layers)
+        block_bytes = 2 * layers * self.weights.kv_heads * block_size * self.weights.head_dim * self._dtype.itemsize
+        per_sequence = -(-capacity // block_size)
+        # no memory given: room for every slot at full capacity (reserved, touched as used)
+        memory = kv_memory if kv_memory is not None else slots * per_sequence * block_bytes
+        blocks = kv_blocks_for(memory, block_bytes, slots, per_sequence)
+        self.cache = PagedKVCache(
             layers=len(self.weights.layers),
             slots=slots,
             kv_heads=self.weights.kv_heads,
@@ -115,20 +121,13 @@ class DecodeCore:
             head_dim=self.weights.head_dim,
             dtype=self._dtype,
             device=self._device,
+            blocks=blocks,
+            block_size=block_size,
         )
-        self._prefix_store = self._build_prefix_store(prefix_cache_bytes, prefix_block_size)
         self.fallbacks = factory.fallbacks
         self._fused = fused if arch.step_fused is not None else None
         # why the step runs PyTorch's operators instead (for /ready and the bench header)
         self._fused_off = "" if self._fused else fused_off or f"no fused step for {arch.name}"
-
-    def _build_prefix_store(self, budget_bytes: int, block_size: int) -> PrefixBlockStore | None:
-        layers, kv_heads, head_dim = len(self.weights.layers), self.weights.kv_heads, self.weights.head_dim
-        per_block = PrefixBlockStore.bytes_per_block(layers, kv_heads, block_size, head_dim, self._dtype)
-        blocks = budget_bytes // per_block if block_size > 0 else 0
-        if blocks < 1:
-            return None
-        return PrefixBlockStore(layers, blocks, kv_heads, block_size, head_dim, self._dtype, self._device)
 
     # ----- the core contract ----------------------------------------------------------------------
 
@@ -137,20 +136,40 @@ class DecodeCore:
         return True
 
     @property
-    def prefix_store(self) -> PrefixBlockStore | None:
-        return self._prefix_store
+    def prefix_block_size(self) -> int:
+        return self.cache.block_size
+
+    def hold_prefix(self, keys: Sequence[Hashable]) -> list[int]:
+        """The blocks holding the longest run of ``keys`` (full blocks' content names, in prefix order),
+        each with one more reference, so they cannot be evicted before ``load_prefix`` or ``release_blocks``."""
+        pool, blocks = self.cache.pool, []
+        for key in keys:
+            block = pool.cached(key)
+            if block is None:
+                break
+            pool.share(block)
+            blocks.append(block)
+        return blocks
+
+    def release_blocks(self, blocks: Sequence[int]) -> None:
+        self.cache.pool.release_all(list(blocks))
 
     def load_prefix(self, slot: int, blocks: Sequence[int]) -> None:
-        """Copy cached blocks into the fresh slot's first positions."""
-        if self._prefix_store is None:
-            raise EngineError("This core keeps no prefix cache.")
-        self._prefix_store.load(self.cache, slot, blocks)
+        """Start the fresh sequence in ``slot`` with these full (cached) blocks, shared, not copied."""
+        table = self.cache.table(slot)
+        if table.blocks or table.length:
+            raise EngineError(f"slot {slot} is not empty: a cached prefix starts a fresh sequence")
+        self.cache.check_room(slot, len(blocks) * self.cache.block_size)
+        table.append_shared(list(blocks))
+        table.length = len(blocks) * self.cache.block_size
 
-    def save_prefix(self, slot: int, first_block: int, blocks: Sequence[int]) -> None:
-        """Copy the slot's block-aligned positions from ``first_block`` on into the cache's ``blocks``."""
-        if self._prefix_store is None:
-            raise EngineError("This core keeps no prefix cache.")
-        self._prefix_store.save(self.cache, slot, first_block, blocks)
+    def publish_prefix(self, slot: int, keys: Sequence[Hashable]) -> None:
+        """Name the sequence's first full blocks by ``keys`` so later prompts find them (a block already
+        named keeps its name; the first copy of a content is the one found)."""
+        table = self.cache.table(slot)
+        full = min(len(keys), table.length // self.cache.block_size)
+        for block, key in zip(table.blocks[:full], keys[:full], strict=True):
+            self.cache.pool.set_hash(block, key)
 
     @property
     def capacity(self) -> int:
@@ -208,50 +227,54 @@ class DecodeCore:
         fresh (scratch) ``pool_slots`` like prompts, but come back as the mean of their final hidden
         states (``pooled`` [len(pool_slots), E] float32, not normalised) instead of logits; the caller
         frees their slots after the step."""
-        rows = self.cache.rows_of(decode_slots)
-        lengths = self.cache.lengths_of(rows)
+        cache = self.cache
+        lengths = cache.lengths_of(decode_slots)
+        fresh = [*prefill_slots, *pool_slots]
+        starts = cache.lengths_of(fresh)  # where each prompt continues its sequence (0: a new one)
         for slot in decode_slots:
-            self.cache.check_room(slot, 1)
-        # (cache row, start in prompt_tokens, length, first position in the slot)
-        segments: list[tuple[int, int, int, int]] = []
+            cache.check_room(slot, 1)
+        for slot, prompt in zip(fresh, [*prompts, *pool_prompts], strict=True):
+            cache.check_room(slot, len(prompt))
+        # Blocks first, for everyone (nothing computed yet if the pool runs short: OutOfBlocksError).
+        for slot in decode_slots:
+            cache.reserve(slot, 1)
+        for slot, prompt in zip(fresh, [*prompts, *pool_prompts], strict=True):
+            cache.reserve(slot, len(prompt))
+        segments: list[tuple[int, int, int, int]] = []  # (sequence, start in prompt_tokens, length, first position)
         prompt_tokens: list[int] = []
-        positions, last = list(lengths), list(range(len(rows)))
+        positions, last = list(lengths), list(range(len(decode_slots)))
         pooled_spans: list[tuple[int, int]] = []  # (start in the pass's tokens, length)
         start = 0
-        prefill_rows = self.cache.rows_of([*prefill_slots, *pool_slots])
-        for slot, row, prompt, offset in zip(
-            [*prefill_slots, *pool_slots],
-            prefill_rows,
-            [*prompts, *pool_prompts],
-            self.cache.lengths_of(prefill_rows),
-            strict=True,
-        ):
-            # A slot that already holds positions (a cached prefix, an earlier chunk) is extended from there.
-            self.cache.check_room(slot, len(prompt))
-            segments.append((row, start, len(prompt), offset))
+        decoding = len(decode_slots)
+        for slot, first, prompt in zip(fresh, starts, [*prompts, *pool_prompts], strict=True):
+            segments.append((slot, start, len(prompt), first))
             prompt_tokens.extend(prompt)
-            positions.extend(range(offset, offset + len(prompt)))
+            positions.extend(range(first, first + len(prompt)))
             if len(segments) <= len(prefill_slots):
-                last.append(len(rows) + start + len(prompt) - 1)
+                last.append(decoding + start + len(prompt) - 1)
             else:
-                pooled_spans.append((len(rows) + start, len(prompt)))
+                pooled_spans.append((decoding + start, len(prompt)))
             start += len(prompt)
-        self.cache.ensure_initialised(max([*(n + 1 for n in lengths), *(o + n for _, _, n, o in segments)]))
         all_tokens = torch.cat([tokens.to(torch.long).cpu(), torch.tensor(prompt_tokens, dtype=torch.long)])
         if self._fused_applies(len(positions), max(positions, default=0) + 1):
-            # Every token at its own (cache row, position): decode rows and whole prompts in one pass.
-            token_rows = rows + [row for row, _, length, _ in segments for _ in range(length)]
-            hidden = self._step_fused(all_tokens, token_rows, positions)
+            # Every token at its own (sequence, position): decode rows and whole prompts in one pass; a
+            # token's row picks its sequence's block table.
+            token_rows = list(range(decoding)) + [
+                decoding + index for index, (_, _, length, _) in enumerate(segments) for _ in range(length)
+            ]
+            tables = cache.tables_of([*decode_slots, *fresh])
+            hidden = self._step_fused(all_tokens, token_rows, positions, tables)
         else:
             attention = MixedAttention(
-                DecodeAttention.plan(self.cache, rows, lengths, self.weights.scale) if rows else None,
-                PrefillAttention(self.cache, segments, self.weights.scale) if segments else None,
-                len(rows),
+                DecodeAttention.plan(cache, decode_slots, lengths, self.weights.scale) if decode_slots else None,
+                PrefillAttention(cache, segments, self.weights.scale) if segments else None,
+                decoding,
             )
             hidden = self._forward(all_tokens, positions, attention)  # [N, E]
-        self.cache.advance(rows)
-        for row, _, length, _ in segments:
-            self.cache.advance([row], length)
+        for slot in decode_slots:
+            cache.advance(slot)
+        for slot, _, length, _ in segments:
+            cache.advance(slot, length)
         pooled = mean_pool(hidden, pooled_spans)
         if not last:  # prefill-only inputs alone: no logits to compute
             return StepOutput(torch.empty((0, 0), dtype=torch.float32), pooled)
@@ -264,10 +287,8 @@ class DecodeCore:
         """Logits after every position of one sequence [L, V] float32 (for perplexity), in a scratch slot."""
         slot = self.allocate()
         try:
-            row = self.cache.rows_of([slot])[0]
-            self.cache.check_room(slot, len(tokens))
-            self.cache.ensure_initialised(len(tokens))
-            attention = PrefillAttention(self.cache, [(row, 0, len(tokens))], self.weights.scale)
+            self.cache.reserve(slot, len(tokens))
+            attention = PrefillAttention(self.cache, [(slot, 0, len(tokens), 0)], self.weights.scale)
             return self.weights.lm_head(self._forward(tokens, range(len(tokens)), attention))
         finally:
             self.free([slot])
@@ -277,8 +298,11 @@ class DecodeCore:
         supported = self._arch.fused_supported
         return self._fused is not None and supported is not None and supported(self.weights, batch, live)
 
-    def _step_fused(self, tokens: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
-        """tokens [N] at positions [N] of cache rows [N] -> final hidden states [N, E]."""
+    def _step_fused(
+        self, tokens: torch.Tensor, rows: list[int], positions: list[int], tables: torch.Tensor
+    ) -> torch.Tensor:
+        """tokens [N] at positions [N] of the sequences whose block tables are rows [N] of tables -> final
+        hidden states [N, E]."""
         assert self._fused is not None and self._arch.step_fused is not None
         return self._arch.step_fused(
             self.weights,
@@ -287,6 +311,7 @@ class DecodeCore:
             torch.tensor(rows, dtype=torch.long),
             self.cache,
             self._fused,
+            tables=tables,
         )
 
     def _forward(
@@ -342,13 +367,27 @@ class DecodeCore:
             "kv_cache_bytes": self.cache.reserved_bytes,
             "slots": self.cache.slots,
             "positions_per_slot": self.cache.capacity,
+            "kv_blocks": self.cache.pool.total,
+            "kv_block_size": self.cache.block_size,
+            "kv_blocks_cached": self.cache.pool.cached_free,
             "dtype": str(self._dtype).removeprefix("torch."),
             "fused_kernels": self._fused is not None,
-            "prefix_cache_blocks": 0 if self._prefix_store is None else self._prefix_store.blocks,
-            "prefix_block_size": 0 if self._prefix_store is None else self._prefix_store.block_size,
-            "prefix_cache_bytes": 0 if self._prefix_store is None else self._prefix_store.reserved_bytes,
             **({"fused_kernels_off": self._fused_off} if self._fused_off else {}),
         }
+
+
+def kv_blocks_for(memory: int, block_bytes: int, sequences: int, blocks_per_sequence: int) -> int:
+    """How many KV blocks ``memory`` bytes buy: never more than every sequence at full context can use, and at
+    least one full-context sequence (ConfigError naming the setting otherwise)."""
+    blocks = min(memory // block_bytes, sequences * blocks_per_sequence)
+    if blocks < blocks_per_sequence:
+        raise ConfigError(
+            f"The KV cache memory ({memory / 2**20:.0f} MiB) holds {blocks} blocks of {block_bytes / 2**10:.0f} KiB; "
+            f"one sequence at the model's full context needs {blocks_per_sequence}. Raise TEXTGEN_KV_CACHE_MEMORY "
+            f"to at least {blocks_per_sequence * block_bytes / 2**20:.0f} MiB (or lower the context with "
+            "TEXTGEN_MAX_PROMPT_TOKENS)."
+        )
+    return blocks
 
 
 def _linears(weights: ModelWeights) -> list[Linear]:

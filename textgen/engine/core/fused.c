@@ -155,11 +155,12 @@ static void key_scores(const uint16_t *q, const uint16_t *keys, int64_t live, in
 #if defined(__AVX512F__)
 /* weighted_values for head size 64 and a constant number of heads G: the G x 64 sums stay in registers
  * (G x 4 vectors) over all positions instead of going through memory at each one. */
-static inline __attribute__((always_inline)) void weighted_values_64(const float *probs, const uint16_t *values,
-                                                                    int64_t live, const int G, float *acc) {
+static inline __attribute__((always_inline)) void weighted_values_64(const float *probs, int64_t stride,
+                                                                    const uint16_t *values, int64_t live, const int G,
+                                                                    float *acc) {
     __m512 sums[4][4];
     for (int h = 0; h < G; h++)
-        for (int c = 0; c < 4; c++) sums[h][c] = _mm512_setzero_ps();
+        for (int c = 0; c < 4; c++) sums[h][c] = _mm512_loadu_ps(acc + h * 64 + 16 * c);
     for (int64_t t = 0; t < live; t++) {
         __m512 v[4];
         for (int c = 0; c < 4; c++) {
@@ -167,7 +168,7 @@ static inline __attribute__((always_inline)) void weighted_values_64(const float
             v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)); /* bf16 -> f32 */
         }
         for (int h = 0; h < G; h++) {
-            __m512 p = _mm512_set1_ps(probs[h * live + t]);
+            __m512 p = _mm512_set1_ps(probs[h * stride + t]);
             for (int c = 0; c < 4; c++) sums[h][c] = _mm512_fmadd_ps(p, v[c], sums[h][c]);
         }
     }
@@ -176,49 +177,57 @@ static inline __attribute__((always_inline)) void weighted_values_64(const float
 }
 #endif
 
-/* acc [group, dim] = sum over t < live of probs[h, t] * values[t] (values [live, dim] bf16). */
-static void weighted_values(const float *probs, const uint16_t *values, int64_t live, int64_t dim, int64_t group,
-                            float *acc) {
+/* acc [group, dim] += sum over t < live of probs[h * stride + t] * values[t] (values [live, dim] bf16): one
+ * block of positions at a time, in position order, so the sums are those of one pass over all of them. */
+static void weighted_values(const float *probs, int64_t stride, const uint16_t *values, int64_t live, int64_t dim,
+                            int64_t group, float *acc) {
 #if defined(__AVX512F__)
     if (dim == 64 && group >= 1 && group <= 4) {
         switch (group) { /* a constant G each: the compiler unrolls and keeps the sums in registers */
-            case 1: weighted_values_64(probs, values, live, 1, acc); return;
-            case 2: weighted_values_64(probs, values, live, 2, acc); return;
-            case 3: weighted_values_64(probs, values, live, 3, acc); return;
-            default: weighted_values_64(probs, values, live, 4, acc); return;
+            case 1: weighted_values_64(probs, stride, values, live, 1, acc); return;
+            case 2: weighted_values_64(probs, stride, values, live, 2, acc); return;
+            case 3: weighted_values_64(probs, stride, values, live, 3, acc); return;
+            default: weighted_values_64(probs, stride, values, live, 4, acc); return;
         }
     }
 #endif
-    for (int64_t i = 0; i < group * dim; i++) acc[i] = 0.0f;
     for (int64_t t = 0; t < live; t++) {
         float vt[MAX_DIM];
         for (int64_t i = 0; i < dim; i++) vt[i] = bf16_to_f32(values[t * dim + i]);
         for (int64_t h = 0; h < group; h++) {
-            float p = probs[h * live + t], *ah = acc + h * dim;
+            float p = probs[h * stride + t], *ah = acc + h * dim;
             for (int64_t i = 0; i < dim; i++) ah[i] += p * vt[i];
         }
     }
 }
 
-/* Attention for `rows` new tokens, each at its own position of its own cache row: one new token per
- * sequence when decoding, a prompt's tokens at positions 0..L-1 of one row when prefilling, or both.
+/* Attention for `rows` new tokens, each at its own position of its own sequence: one new token per
+ * sequence when decoding, a prompt's tokens at positions start..start+L-1 of one sequence when prefilling,
+ * or both. The cache is paged: keys, values [blocks, Hkv, block_size, D]; a sequence's position p lives in
+ * block tables[sequence, p / block_size] at offset p % block_size.
  * qkv [rows, (Hq + 2 Hkv) D]: queries, keys, values of the new tokens (before rotary).
- * cos, sin [P, D]; positions [rows]: where each token goes (tokens cached before it in its row).
- * cache_rows [rows]: each token's row in the caches; keys, values [S, Hkv, T, D].
- * out [rows, Hq D]: softmax(scale q.k) v over positions 0..position of its row, query heads grouped over
- * KV heads. Every token's key and value are written before any token attends, so a prompt's tokens
+ * cos, sin [P, D]; positions [rows]: where each token goes (tokens cached before it in its sequence).
+ * cache_rows [rows]: each token's row in tables [table_rows, table_width] (block ids).
+ * out [rows, Hq D]: softmax(scale q.k) v over positions 0..position of its sequence, query heads grouped
+ * over KV heads. Every token's key and value are written before any token attends, so a prompt's tokens
  * see each other (causally) in the same call. */
 int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, int64_t angles,
-                           const int64_t *positions, const int64_t *cache_rows, uint16_t *keys, uint16_t *values,
-                           uint16_t *out, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t slots,
-                           int64_t capacity, float scale) {
+                           const int64_t *positions, const int64_t *cache_rows, const int64_t *tables,
+                           uint16_t *keys, uint16_t *values, uint16_t *out, int64_t rows, int64_t heads,
+                           int64_t kv_heads, int64_t dim, int64_t blocks, int64_t block_size, int64_t table_rows,
+                           int64_t table_width, float scale) {
     if (heads <= 0 || kv_heads <= 0 || heads % kv_heads || dim <= 0 || dim % 2 || rows < 0) return FUSED_BAD_SHAPE;
     int64_t group = heads / kv_heads, width = (heads + 2 * kv_heads) * dim, work = 0, longest = 0;
-    if (dim > MAX_DIM || heads > MAX_HEADS || group > MAX_GROUP || capacity <= 0) return FUSED_BAD_SHAPE;
+    if (dim > MAX_DIM || heads > MAX_HEADS || group > MAX_GROUP || blocks <= 0 || block_size <= 0 || table_width <= 0)
+        return FUSED_BAD_SHAPE;
     for (int64_t r = 0; r < rows; r++) {
-        if (positions[r] < 0 || positions[r] >= capacity || positions[r] >= angles) return FUSED_BAD_INDEX;
-        if (cache_rows[r] < 0 || cache_rows[r] >= slots) return FUSED_BAD_INDEX;
+        if (positions[r] < 0 || positions[r] >= table_width * block_size || positions[r] >= angles)
+            return FUSED_BAD_INDEX;
+        if (cache_rows[r] < 0 || cache_rows[r] >= table_rows) return FUSED_BAD_INDEX;
         if (positions[r] + 1 > MAX_LIVE) return FUSED_BAD_SHAPE;
+        const int64_t *table = tables + cache_rows[r] * table_width;
+        for (int64_t b = 0; b <= positions[r] / block_size; b++)
+            if (table[b] < 0 || table[b] >= blocks) return FUSED_BAD_INDEX;
         work += (positions[r] + 1) * kv_heads * dim;
         longest = positions[r] + 1 > longest ? positions[r] + 1 : longest;
     }
@@ -231,7 +240,8 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
             int64_t r = pair / kv_heads, g = pair % kv_heads, pos = positions[r];
             float k[MAX_DIM];
             const uint16_t *src = qkv + r * width;
-            int64_t at = (((cache_rows[r] * kv_heads + g) * capacity) + pos) * dim;
+            int64_t block = tables[cache_rows[r] * table_width + pos / block_size];
+            int64_t at = (((block * kv_heads + g) * block_size) + pos % block_size) * dim;
             rotate(src + (heads + g) * dim, cos + pos * dim, sin + pos * dim, k, dim);
             for (int64_t i = 0; i < dim; i++) {
                 keys[at + i] = f32_to_bf16(k[i]);
@@ -245,13 +255,17 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
             int64_t r = pair / kv_heads, g = pair % kv_heads;
             float q[MAX_DIM], acc[MAX_GROUP * MAX_DIM];
             const uint16_t *src = qkv + r * width;
+            const int64_t *table = tables + cache_rows[r] * table_width;
             int64_t pos = positions[r], live = pos + 1;
-            int64_t base = ((cache_rows[r] * kv_heads + g) * capacity) * dim;
             for (int64_t h = 0; h < group; h++) {
                 uint16_t qh[MAX_DIM];
                 rotate(src + (g * group + h) * dim, cos + pos * dim, sin + pos * dim, q, dim);
                 for (int64_t i = 0; i < dim; i++) qh[i] = f32_to_bf16(q[i]); /* exact: rotate rounds to bf16 */
-                key_scores(qh, keys + base, live, dim, scale, scores + h * live);
+                for (int64_t start = 0; start < live; start += block_size) {
+                    int64_t n = live - start < block_size ? live - start : block_size;
+                    int64_t base = ((table[start / block_size] * kv_heads + g) * block_size) * dim;
+                    key_scores(qh, keys + base, n, dim, scale, scores + h * live + start);
+                }
             }
             for (int64_t h = 0; h < group; h++) {
                 float *sh = scores + h * live, best = sh[0], total = 0.0f;
@@ -262,7 +276,12 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
                 }
                 for (int64_t t = 0; t < live; t++) sh[t] /= total;
             }
-            weighted_values(scores, values + base, live, dim, group, acc);
+            for (int64_t i = 0; i < group * dim; i++) acc[i] = 0.0f;
+            for (int64_t start = 0; start < live; start += block_size) {
+                int64_t n = live - start < block_size ? live - start : block_size;
+                int64_t base = ((table[start / block_size] * kv_heads + g) * block_size) * dim;
+                weighted_values(scores + start, live, values + base, n, dim, group, acc);
+            }
             uint16_t *o = out + r * heads * dim + g * group * dim;
             for (int64_t i = 0; i < group * dim; i++) o[i] = f32_to_bf16(acc[i]);
         }

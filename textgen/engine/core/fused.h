@@ -38,9 +38,10 @@ int add_rms_norm(uint16_t *x, const uint16_t *delta, const uint16_t *weight, uin
                  int64_t width, float eps);
 
 int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, int64_t angles,
-                           const int64_t *positions, const int64_t *cache_rows, uint16_t *keys, uint16_t *values,
-                           uint16_t *out, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t slots,
-                           int64_t capacity, float scale);
+                           const int64_t *positions, const int64_t *cache_rows, const int64_t *tables,
+                           uint16_t *keys, uint16_t *values, uint16_t *out, int64_t rows, int64_t heads,
+                           int64_t kv_heads, int64_t dim, int64_t blocks, int64_t block_size, int64_t table_rows,
+                           int64_t table_width, float scale);
 
 void silu_mul(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t features);
 

@@ -258,15 +258,20 @@ class FusedKernels:
         out: torch.Tensor,
         heads: int,
         scale: float,
+        tables: torch.Tensor | None = None,
     ) -> None:
         """qkv [B, (Hq + 2 Hkv) D]; writes the rotated key and the value at each row's position in keys,
-        values [S, Hkv, T, D] and the attention output over positions 0..position to out [B, Hq D]."""
+        values and the attention output over positions 0..position to out [B, Hq D].
+
+        Paged (``tables`` [R, W] int64 block ids): keys, values [blocks, Hkv, block size, D], and token b's
+        position p is in block tables[cache_rows[b], p // block size]. Without tables the cache is one block
+        per row: keys, values [S, Hkv, T, D] and cache_rows index its rows."""
         _expect_constant(keys, "keys", _BF16, (None, None, None, None))
-        slots, kv_heads, capacity, dim = keys.shape
+        blocks, kv_heads, block_size, dim = keys.shape
         if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
             raise FusedArgumentError(f"{heads} query heads over {kv_heads} KV heads: both must be > 0, and the "
                                      "query heads a multiple of the KV heads")
-        _expect_constant(values, "values", _BF16, (slots, kv_heads, capacity, dim))
+        _expect_constant(values, "values", _BF16, (blocks, kv_heads, block_size, dim))
         rows = _expect_rows(qkv, "qkv", _BF16, 2)[0]
         _expect(qkv, "qkv", _BF16, (rows, (heads + 2 * kv_heads) * dim))
         _expect_constant(cos, "cos", _BF16, (None, dim))
@@ -274,10 +279,15 @@ class FusedKernels:
         _expect(positions, "positions", _I64, (rows,))
         _expect(cache_rows, "cache_rows", _I64, (rows,))
         _expect(out, "out", _BF16, (rows, heads * dim))
+        if tables is None:
+            tables = torch.arange(blocks, dtype=torch.long)[:, None]
+        _expect(tables, "tables", _I64, (None, None))
+        if tables.shape[0] < 1 or tables.shape[1] < 1:
+            raise FusedArgumentError(f"tables has shape {tuple(tables.shape)}; it needs at least one row and column")
         status = self.library.rotary_cache_attention(
             qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[0], positions.data_ptr(),
-            cache_rows.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), rows, heads, kv_heads, dim,
-            slots, capacity, scale,
+            cache_rows.data_ptr(), tables.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), rows, heads,
+            kv_heads, dim, blocks, block_size, tables.shape[0], tables.shape[1], scale,
         )
         _check(status, "rotary_cache_attention")
 

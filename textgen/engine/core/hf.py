@@ -6,14 +6,13 @@ cache grows by one column per step and is trimmed when rows leave (see ``engine/
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from textgen.engine.core.decoder import StepOutput
-from textgen.engine.core.prefix_store import PrefixBlockStore
 from textgen.engine.padding import PaddedRows, decode_step, prefill
 from textgen.engine.pooling import transformers_pooled
 from textgen.errors import EngineError
@@ -39,14 +38,22 @@ class TransformersCore:
         return False  # left-padded rows: a prompt is prefilled whole, in one step
 
     @property
-    def prefix_store(self) -> PrefixBlockStore | None:
-        return None
+    def prefix_block_size(self) -> int:
+        return 0  # no prefix cache: rows are padded, not in blocks
+
+    def hold_prefix(self, keys: Sequence[Hashable]) -> list[int]:
+        return []
+
+    def release_blocks(self, blocks: Sequence[int]) -> None:
+        if blocks:
+            raise EngineError("The transformers core keeps no prefix cache.")
 
     def load_prefix(self, slot: int, blocks: Sequence[int]) -> None:
-        raise EngineError("The transformers core keeps no prefix cache.")
+        if blocks:
+            raise EngineError("The transformers core keeps no prefix cache.")
 
-    def save_prefix(self, slot: int, first_block: int, blocks: Sequence[int]) -> None:
-        raise EngineError("The transformers core keeps no prefix cache.")
+    def publish_prefix(self, slot: int, keys: Sequence[Hashable]) -> None:
+        return None
 
     def allocate(self) -> int:
         if not self._free_ids:

@@ -1,16 +1,17 @@
-"""The KV cache, allocated once: ``slots`` sequences x ``capacity`` positions for every layer.
+"""The KV cache as pages: one pool of fixed-size blocks for every layer, a block table per sequence.
 
-Admission writes a prompt's keys/values into a free slot; retirement frees it; nothing is concatenated,
-padded or re-indexed per step. Occupied slots are kept dense at rows 0..n-1 (freeing a slot moves the
-last row into the hole, one sequence's worth of copying), so a decode step reads the cache as a view
-``[:n, :, :live]`` and attention touches only the live length.
+A sequence (a "slot": an id the scheduler holds while it runs) owns a ``BlockTable`` (blocks.py); its
+position p lives in block ``table[p // block_size]`` at offset ``p % block_size``. Blocks are taken as a
+sequence grows and given back when it retires, so memory follows the positions actually in use, and any
+one sequence may use the model's whole context while short ones take only a block or two.
 
-Memory is reserved up front but touched lazily: positions are zeroed for all slots together, in
-growing chunks, the first time any sequence reaches them (attention multiplies masked positions by
-zero, and uninitialised memory could hold NaN). Resident memory therefore follows the longest
-sequence seen so far; ``reserved_bytes`` is the upper bound reported at start-up.
+Memory is reserved up front (``blocks`` x block size positions, virtual) but touched lazily: a block is
+zeroed the first time it is handed out (the PyTorch path reads whole blocks and masks the positions past
+a sequence's length; uninitialised memory could hold NaN, which a zero weight does not cancel). The pool
+hands out blocks freed earlier before untouched ones, so the resident set follows the most blocks in use
+at once; ``reserved_bytes`` is the upper bound reported at start-up.
 
-Shapes: S = slots, H = KV heads, T = capacity, D = head size.
+Shapes: NB = blocks, H = KV heads, BS = block size, D = head size; keys[layer], values[layer] [NB, H, BS, D].
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from collections.abc import Sequence
 
 import torch
 
+from textgen.engine.core.blocks import BlockPool, BlockTable
 from textgen.errors import EngineError
 
-MIN_ZEROED_CHUNK = 64
+MIN_ZEROED_BLOCKS = 4
 
 
-class SlotKVCache:
+class PagedKVCache:
     def __init__(
         self,
         layers: int,
@@ -34,87 +36,115 @@ class SlotKVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        *,
+        blocks: int,
+        block_size: int,
     ) -> None:
-        shape = (slots, kv_heads, capacity, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]  # [S, H, T, D] each
+        shape = (blocks, kv_heads, block_size, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.pool = BlockPool(blocks, block_size)
+        self.block_size = block_size
         self.slots = slots
-        self.capacity = capacity
+        self.capacity = capacity  # positions one sequence may hold (the model's context, at most)
         self.device = device
-        self._row_of: dict[int, int] = {}  # slot id -> dense row
-        self._slot_at: list[int] = []  # dense row -> slot id
-        self._lengths: list[int] = []  # dense row -> cached positions
+        self._tables: dict[int, BlockTable] = {}  # in allocation order: the oldest sequence first
         self._free_ids = list(range(slots - 1, -1, -1))
-        self._zeroed = 0  # positions [0, _zeroed) are initialised in every slot
+        self._zeroed = 0  # blocks [0, _zeroed) are initialised
 
     # ----- bookkeeping ---------------------------------------------------------------------------
 
     @property
+    def block_bytes(self) -> int:
+        """Bytes of one block over all layers, keys and values."""
+        per_layer = self.keys[0][0].numel() * self.keys[0].element_size()
+        return 2 * len(self.keys) * per_layer
+
+    @property
     def reserved_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return self.block_bytes * self.pool.total
+
+    @property
+    def touched_bytes(self) -> int:
+        return self.block_bytes * self._zeroed
 
     @property
     def active(self) -> int:
-        return len(self._slot_at)
+        return len(self._tables)
 
     @property
     def free_slots(self) -> int:
         return len(self._free_ids)
 
     def slots_in_row_order(self) -> list[int]:
-        return list(self._slot_at)
+        return list(self._tables)
+
+    def table(self, slot: int) -> BlockTable:
+        return self._tables[slot]
 
     def length(self, slot: int) -> int:
-        return self._lengths[self._row_of[slot]]
+        return self._tables[slot].length
+
+    def lengths_of(self, slots: Sequence[int]) -> list[int]:
+        return [self._tables[s].length for s in slots]
 
     def allocate(self) -> int:
         if not self._free_ids:
             raise EngineError("The KV cache has no free slot (more sequences than TEXTGEN_MAX_RUNNING).")
         slot = self._free_ids.pop()
-        self._row_of[slot] = len(self._slot_at)
-        self._slot_at.append(slot)
-        self._lengths.append(0)
+        self._tables[slot] = BlockTable(self.pool)
         return slot
 
     def free(self, slot: int) -> None:
-        """Release a slot; the last row moves into its place so occupied rows stay 0..n-1."""
-        row = self._row_of.pop(slot)
-        last = len(self._slot_at) - 1
-        if row != last:
-            moved = self._slot_at[last]
-            live = self._lengths[last]
-            for cache in (*self.keys, *self.values):
-                cache[row, :, :live] = cache[last, :, :live]
-            self._slot_at[row] = moved
-            self._lengths[row] = live
-            self._row_of[moved] = row
-        self._slot_at.pop()
-        self._lengths.pop()
+        """Release a sequence: its blocks go back to the pool (kept for the prefix cache where hashed)."""
+        self._tables.pop(slot).release()
         self._free_ids.append(slot)
 
-    def rows_of(self, slots: Sequence[int]) -> list[int]:
-        return [self._row_of[s] for s in slots]
+    def blocks_to_add(self, slot: int, tokens: int) -> int:
+        """Blocks the sequence must take before ``tokens`` more positions are written."""
+        table = self._tables[slot]
+        return table.blocks_needed(table.length + tokens)
 
     def check_room(self, slot: int, tokens: int) -> None:
         if self.length(slot) + tokens > self.capacity:
             raise EngineError(f"Sequence exceeds the KV cache capacity of {self.capacity} positions.")
 
-    def ensure_initialised(self, positions: int) -> None:
-        """Zero positions up to ``positions`` (rounded up to a chunk) in every slot, once."""
-        if positions <= self._zeroed:
+    def reserve(self, slot: int, tokens: int) -> None:
+        """Blocks for ``tokens`` more positions of the sequence (OutOfBlocksError, taking none, when the pool
+        has too few), zeroed where never used before."""
+        self.check_room(slot, tokens)
+        table = self._tables[slot]
+        table.reserve(table.length + tokens)
+        self._initialise_up_to(self.pool.high_water)
+
+    def _initialise_up_to(self, blocks: int) -> None:
+        """Zero blocks [_zeroed, blocks), rounded up to a growing chunk (fewer, larger calls)."""
+        if blocks <= self._zeroed:
             return
-        upto = min(self.capacity, max(positions, 2 * self._zeroed, MIN_ZEROED_CHUNK))
+        upto = min(self.pool.total, max(blocks, 2 * self._zeroed, MIN_ZEROED_BLOCKS))
         for cache in (*self.keys, *self.values):
-            cache[:, :, self._zeroed : upto].zero_()
+            cache[self._zeroed : upto].zero_()
         self._zeroed = upto
 
-    @property
-    def touched_bytes(self) -> int:
-        return self.reserved_bytes * self._zeroed // self.capacity
+    def copy_block(self, source: int, destination: int) -> None:
+        """One block's keys and values in every layer (copy-on-write of a shared block)."""
+        for cache in (*self.keys, *self.values):
+            cache[destination].copy_(cache[source])
 
-    def advance(self, rows: Sequence[int], tokens: int = 1) -> None:
-        for row in rows:
-            self._lengths[row] += tokens
+    def advance(self, slot: int, tokens: int = 1) -> None:
+        self._tables[slot].length += tokens
 
-    def lengths_of(self, rows: Sequence[int]) -> list[int]:
-        return [self._lengths[r] for r in rows]
+    def tables_of(self, slots: Sequence[int]) -> torch.Tensor:
+        """The block tables of ``slots`` as one [len(slots), W] int64 tensor (W: the most blocks any of them
+        holds; shorter tables are padded with block 0, which nothing reads past a sequence's length)."""
+        tables = [self._tables[s].blocks for s in slots]
+        width = max([1, *(len(blocks) for blocks in tables)])
+        rows = [blocks + [0] * (width - len(blocks)) for blocks in tables]
+        return torch.tensor(rows, dtype=torch.long).reshape(len(slots), width)
+
+    def positions_in_blocks(self, slot: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block ids, offsets) [stop - start] of a sequence's positions start..stop-1."""
+        blocks = self._tables[slot].blocks
+        positions = torch.arange(start, stop)
+        table = torch.tensor(blocks, dtype=torch.long)
+        return table[positions // self.block_size].to(self.device), (positions % self.block_size).to(self.device)

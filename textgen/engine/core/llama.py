@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 import textgen.engine.core.fused as fused_limits
 from textgen.engine.core.fused import FusedKernels, Quantized
-from textgen.engine.core.kv_cache import SlotKVCache
+from textgen.engine.core.kv_cache import PagedKVCache
 from textgen.engine.core.layers import Attention, apply_rotary, rms_norm, rotary_tables
 from textgen.engine.core.linear import Linear, W8A8Kernel
 from textgen.engine.core.weights import LinearFactory
@@ -132,24 +132,26 @@ def step_fused(
     tokens: torch.Tensor,
     positions: torch.Tensor,
     rows: torch.Tensor,
-    cache: SlotKVCache,
+    cache: PagedKVCache,
     fused: FusedKernels,
+    tables: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``forward`` for N tokens, each at its own position of its own cache row (tokens, positions, cache
     rows [N]: one per decoding sequence, and every token of the prompts being prefilled), in bfloat16,
     with the work between matrix products done by ``fused.c``: four products and four calls per layer
     instead of ~35 operators (six calls with w8a8 products, whose quantizing and rescaling they absorb).
-    Writes each token's key/value at its position. -> final hidden states [N, E]."""
+    Writes each token's key/value at its position; rows index ``tables`` [R, W], the block tables of the
+    paged cache. -> final hidden states [N, E]."""
     x = F.embedding(tokens, w.embed)  # [N, E], the residual stream, updated in place
     first = w.layers[0]
     if all(_fused_w8a8(linear.kernel_for(len(tokens))) for linear in (first.qkv, first.out, first.gate_up, first.down)):
-        return _step_w8a8(w, x, positions, rows, cache, fused)
-    return _step_float(w, x, positions, rows, cache, fused)
+        return _step_w8a8(w, x, positions, rows, cache, fused, tables)
+    return _step_float(w, x, positions, rows, cache, fused, tables)
 
 
 def _step_float(
-    w: LlamaWeights, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cache: SlotKVCache,
-    fused: FusedKernels,
+    w: LlamaWeights, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cache: PagedKVCache,
+    fused: FusedKernels, tables: torch.Tensor | None,
 ) -> torch.Tensor:
     """step_fused with products that take and return bf16 (int4, bf16 weights)."""
     h = torch.empty_like(x)
@@ -159,7 +161,9 @@ def _step_float(
         fused.add_rms_norm(x, delta, layer.attn_norm, h, w.eps)
         qkv = layer.qkv(h)  # [B, (Hq + 2 Hkv) D]
         keys, values = cache.keys[index], cache.values[index]
-        fused.rotary_cache_attention(qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale)
+        fused.rotary_cache_attention(
+            qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale, tables
+        )
         fused.add_rms_norm(x, layer.out(attended), layer.mlp_norm, h, w.eps)
         gate_up = layer.gate_up(h)  # [B, 2F]
         activated = x.new_empty(x.shape[0], gate_up.shape[1] // 2)
@@ -171,8 +175,8 @@ def _step_float(
 
 
 def _step_w8a8(
-    w: LlamaWeights, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cache: SlotKVCache,
-    fused: FusedKernels,
+    w: LlamaWeights, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cache: PagedKVCache,
+    fused: FusedKernels, tables: torch.Tensor | None,
 ) -> torch.Tensor:
     """step_fused with w8a8 products: fused.c quantizes each product's input as it computes it (norm,
     SiLU) and rescales its int32 result where it is consumed (residual, SiLU), so only the attention's
@@ -188,7 +192,9 @@ def _step_w8a8(
         assert into_qkv is not None
         qkv = qkv_k.rescale(qkv_k.product(into_qkv), into_qkv, torch.bfloat16)  # [N, (Hq + 2 Hkv) D]
         keys, values = cache.keys[index], cache.values[index]
-        fused.rotary_cache_attention(qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale)
+        fused.rotary_cache_attention(
+            qkv, w.cos, w.sin, positions, rows, keys, values, attended, w.heads, w.scale, tables
+        )
         into_out = fused.quantize_rows(attended, out_k.outliers)
         into_gate_up = fused.residual_norm_quantize(
             x, (out_k.product(into_out), into_out, out_k), layer.mlp_norm, w.eps, gate_up_k
