@@ -102,6 +102,12 @@ class Settings(BaseSettings):
         description="Prompt tokens prefilled per decode step; more wait for the next step, so a burst of "
         "new prompts stalls running ones briefly and the first of them answer sooner (a longer prompt runs alone).",
     )
+    prefill_chunk_tokens: int = Field(
+        256,
+        ge=16,
+        description="While streams decode, a longer prompt is prefilled this many tokens per step (chunked "
+        "prefill), so a long prompt slows the running streams' steps instead of stopping them.",
+    )
     prefix_cache: bool = Field(
         True,
         description="Reuse the keys/values of prompt prefixes seen before (a chat's system prompt, an agent's "

@@ -119,7 +119,7 @@ async def test_eviction_under_memory_pressure_keeps_outputs_right(make_engine: C
 async def test_a_long_prompt_is_prefilled_in_chunks_beside_running_streams(
     make_engine: Callable[..., Any],
 ) -> None:
-    engine = await make_engine(cache=False, prefill_step_tokens=16)
+    engine = await make_engine(cache=False, prefill_chunk_tokens=16)
     core = engine.core
     sizes: list[list[int]] = []
     original_step = core.step

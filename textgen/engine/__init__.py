@@ -46,6 +46,7 @@ def limits_from_settings(settings: Settings) -> EngineLimits:
         prefill_step_tokens=settings.prefill_step_tokens,
         background_share=settings.background_share,
         embedding_step_share=settings.embedding_step_share,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
         prefix_cache=settings.prefix_cache,
         prefix_cache_shared=settings.prefix_cache_shared,
     )

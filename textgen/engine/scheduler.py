@@ -132,9 +132,6 @@ class _PromptPiece:
         return self.seq.prompt_ids[self.start : self.end]
 
 
-# A prompt's piece may be cut shorter than its rest to fit a step, but not below this (else the rest waits).
-MIN_PROMPT_CHUNK = 32
-
 NO_VECTORS = torch.empty((0, 0))
 # Embedding tokens a decoding step may carry until the costs behind the share are measured.
 EMBEDDING_PROBE_TOKENS = 16.0
@@ -417,14 +414,16 @@ class BatchedEngine:
         to ``max_prefill_tokens`` as rows x longest prompt (the padded cost on the transformers core).
 
         A prompt starts after its cached prefix (the prefix cache). On a core that can continue a slot, a
-        prompt longer than the step's room is cut into chunks, one per step (chunked prefill), so running
-        streams keep moving during a long prefill; with nothing decoding a prompt goes whole up to
-        ``max_prefill_tokens``. Prompts cancelled or expired while they waited end here."""
+        prompt longer than ``prefill_chunk_tokens`` is cut into chunks of that size while others decode, one
+        per step (chunked prefill), so running streams keep moving during a long prefill; with nothing
+        decoding a prompt goes whole up to ``max_prefill_tokens``. Prompts cancelled or expired while they waited end here."""
         now = time.monotonic()
         taken: list[_PromptPiece] = []
         tokens = longest = 0
         extends = self._require_core().extends
-        step_tokens = self._limits.prefill_step_tokens if self._running_seqs else self._limits.max_prefill_tokens
+        limits = self._limits
+        # The first prompt always goes: whole when nothing decodes (up to max_prefill_tokens), else a chunk.
+        first_cap = limits.prefill_chunk_tokens if self._running_seqs else limits.max_prefill_tokens
         while self._backlog:
             seq = self._backlog[0]
             if seq.handle.cancel_requested or _expired(seq.handle, now):
@@ -436,15 +435,13 @@ class BatchedEngine:
             self._look_up_prefix(seq)
             start = seq.prefilled if seq.slot is not None else (seq.prefix_hit.tokens if seq.prefix_hit else 0)
             size = len(seq.prompt_ids) - start
-            padded = (len(taken) + 1) * max(longest, size)
-            fits = tokens + size <= self._limits.prefill_step_tokens and padded <= self._limits.max_prefill_tokens
-            if extends and (not fits or size > step_tokens):
-                room = min(step_tokens, self._limits.max_prefill_tokens) - tokens
-                if room < min(size, MIN_PROMPT_CHUNK) and taken:
+            if not taken:
+                if extends:
+                    size = min(size, first_cap)
+            else:
+                padded = (len(taken) + 1) * max(longest, size)
+                if tokens + size > limits.prefill_step_tokens or padded > limits.max_prefill_tokens:
                     break
-                size = max(1, min(size, room))
-            elif taken and not fits:
-                break
             piece = _PromptPiece(seq, start, start + size)
             taken.append(piece)
             tokens, longest = tokens + size, max(longest, size)

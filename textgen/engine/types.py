@@ -379,6 +379,8 @@ class EngineLimits:
     embedding_slots: int = 8
     # While streams decode, embedding inputs may add about this fraction to a decode step's time (measured).
     embedding_step_share: float = 0.05
+    # While sequences decode, a longer prompt (its uncached rest) is prefilled this many tokens per step.
+    prefill_chunk_tokens: int = 256
     # Reuse cached prompt prefixes (where the core keeps a prefix store); shared: across tenants too.
     prefix_cache: bool = True
     prefix_cache_shared: bool = False
