@@ -416,7 +416,8 @@ class BatchedEngine:
         A prompt starts after its cached prefix (the prefix cache). On a core that can continue a slot, a
         prompt longer than ``prefill_chunk_tokens`` is cut into chunks of that size while others decode, one
         per step (chunked prefill), so running streams keep moving during a long prefill; with nothing
-        decoding a prompt goes whole up to ``max_prefill_tokens``. Prompts cancelled or expired while they waited end here."""
+        decoding a prompt goes whole up to ``max_prefill_tokens``. Prompts cancelled or expired while they
+        waited end here."""
         now = time.monotonic()
         taken: list[_PromptPiece] = []
         tokens = longest = 0

@@ -324,7 +324,7 @@ class JobRunner:
                 return await executor(job, request_id, lambda handle: self._track(job.id, handle))
             request = text_request(TextGenerationRequest.model_validate(job.request))
             await self._service.prepare_request(request)  # compiles off the event loop, marked as risky
-            handle = self._service.submit_request(request, request_id, Priority.BACKGROUND)
+            handle = self._service.submit_request(request, request_id, Priority.BACKGROUND, tenant=job.tenant)
             self._track(job.id, handle)
             result = await self._service.response(await handle.result(), request_id)
             return JobState.SUCCEEDED, {"result": result.to_dict()}
