@@ -26,6 +26,12 @@ class StatsResponse(BaseModel):
     tokens_per_s: float = Field(..., description="Recent generated tokens per second over the whole batch.")
     jobs_queued: int = Field(..., description="Background jobs queued in the job store (all workers).")
     jobs_running: int = Field(..., description="Background jobs running (all workers).")
+    prefix_cache_hit_rate: float | None = Field(
+        None,
+        description="Share of prompt tokens served from the prefix cache since start (this worker); null when "
+        "the prefix cache is off.",
+    )
+    prefix_cache_hit_tokens: int = Field(0, description="Prompt tokens served from the prefix cache since start.")
 
 
 @router.get(
@@ -47,4 +53,12 @@ async def stats(state: StateDep) -> StatsResponse:
         tokens_per_s=round(engine.tokens_per_s, 2),
         jobs_queued=await state.store.count(JobState.QUEUED),
         jobs_running=await state.store.count(JobState.RUNNING),
+        prefix_cache_hit_rate=_hit_rate(engine.prefix_query_tokens, engine.prefix_hit_tokens),
+        prefix_cache_hit_tokens=engine.prefix_hit_tokens,
     )
+
+
+def _hit_rate(queried: int | None, hits: int) -> float | None:
+    if queried is None:
+        return None
+    return round(hits / queried, 4) if queried else 0.0

@@ -313,12 +313,15 @@ class BatchedEngine:
         return {} if self._core is None else self._core.describe()
 
     def stats(self) -> EngineStats:
+        prefix = self.prefix_stats()
         with self._lock:
             return EngineStats(
                 running=self._running,
                 waiting_interactive=len(self._waiting[Priority.INTERACTIVE]),
                 waiting_background=len(self._waiting[Priority.BACKGROUND]),
                 tokens_per_s=self._tokens_per_s,
+                prefix_query_tokens=None if prefix is None else prefix.query_tokens,
+                prefix_hit_tokens=0 if prefix is None else prefix.hit_tokens,
             )
 
     def prefix_stats(self) -> PrefixIndexStats | None:

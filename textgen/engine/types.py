@@ -355,6 +355,9 @@ class EngineStats:
     waiting_interactive: int
     waiting_background: int
     tokens_per_s: float  # recent aggregate decode throughput, 0 when unknown
+    # The prefix cache since start (None: the engine keeps none): prompt tokens looked up, found cached.
+    prefix_query_tokens: int | None = None
+    prefix_hit_tokens: int = 0
 
 
 def to_client_error(error: BaseException) -> BaseException:
