@@ -5,9 +5,10 @@
     python -m bench.prefix --workload chat --users 2 --turns 2 --system-words 80 --max-new-tokens 8   # smoke
     python -m bench.prefix --workload long --streams 2 --long-words 300 --duration 2 --max-new-tokens 16  # smoke
 
-Servers are started as ``bench.bench`` starts them (batched engine, a throw-away job store, other ``TEXTGEN_*``
-variables pass through) with ``TEXTGEN_MAX_PROMPT_TOKENS`` (and ``TEXTGEN_MAX_PREFILL_TOKENS``) raised for the long prompts; ``chat`` starts one
-with ``TEXTGEN_PREFIX_CACHE=true`` and one with ``false`` (``--url`` drives one running server instead).
+Servers are started as ``bench.bench`` starts them (batched engine, a throw-away job store, other
+``TEXTGEN_*`` variables pass through) with ``TEXTGEN_MAX_PROMPT_TOKENS`` (and ``TEXTGEN_MAX_PREFILL_TOKENS``)
+raised for the long prompts; ``chat`` starts one with ``TEXTGEN_PREFIX_CACHE=true`` and one with ``false``
+(``--url`` drives one running server instead).
 
 ``chat``: every user sends the same system prompt (``--system-words`` words, ~1,000 tokens by default) and its
 own questions over ``--turns`` turns, the assistant's answers resent each turn (as chat clients do), streamed
