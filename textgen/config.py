@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from textgen.errors import ConfigError
@@ -87,7 +87,26 @@ class Settings(BaseSettings):
     )
     max_running: int = Field(64, ge=1, le=1024, description="Sequences decoded together in one batch.")
     max_waiting: int = Field(256, ge=0, description="Interactive requests allowed to wait for a batch slot.")
-    max_prompt_tokens: int = Field(1024, ge=1, description="Longer prompts get 400 naming the limit.")
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Longer prompts get 400 naming the limit. Unset: the model's context minus "
+        "TEXTGEN_MAX_NEW_TOKENS_LIMIT (at least half the context), or 1024 where the model states no context.",
+    )
+    kv_cache_memory: ByteSize | None = Field(
+        None,
+        description="Memory for the paged KV cache's block pool, e.g. 2GiB or 512MiB (reserved at start, "
+        "touched as blocks are first used). Unset: TEXTGEN_KV_CACHE_MEMORY_FRACTION of the memory available at "
+        "start. Never more than every sequence at full context can use; at least one full-context sequence.",
+    )
+    kv_cache_memory_fraction: float = Field(
+        0.25, gt=0, le=0.9, description="Share of available memory the KV block pool may reserve when "
+        "TEXTGEN_KV_CACHE_MEMORY is unset."
+    )
+    kv_block_size: int = Field(
+        32, ge=1, le=1024, description="Positions per KV cache block (multiples of 16 keep the fused attention "
+        "on its vector path)."
+    )
     max_new_tokens_limit: int = Field(1024, ge=1, description="Upper bound on tokens generated per request.")
     max_logprobs_per_request: int = Field(
         8192,
@@ -308,7 +327,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
-        if self.max_prefill_tokens < self.max_prompt_tokens:
+        if self.max_prompt_tokens is not None and self.max_prefill_tokens < self.max_prompt_tokens:
             raise ValueError(
                 "TEXTGEN_MAX_PREFILL_TOKENS must be >= TEXTGEN_MAX_PROMPT_TOKENS, "
                 "or the longest allowed prompt could never be prefilled"

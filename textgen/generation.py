@@ -32,6 +32,7 @@ from textgen.engine.types import (
     LogprobEntry,
     Priority,
     SamplingParams,
+    prompt_token_limit,
 )
 from textgen.errors import (
     ContentRejectedError,
@@ -257,10 +258,8 @@ class GenerationService:
     @property
     def prompt_token_limit(self) -> int:
         """The most prompt tokens a request may have (the engine checks the same limit again)."""
-        limit = self.settings.max_prompt_tokens
-        if self.context_length is not None:
-            limit = min(limit, self.context_length - 1)
-        return limit
+        settings = self.settings
+        return prompt_token_limit(settings.max_prompt_tokens, settings.max_new_tokens_limit, self.context_length)
 
     async def check_prompt(self, prompt: str, request_id: str) -> None:
         """400 for a prompt that is too long, checked before any other work on it (characters at once,

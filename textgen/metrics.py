@@ -66,6 +66,19 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.kv_blocks = Gauge(
+            "textgen_kv_cache_blocks",
+            "Paged KV cache blocks: total in the pool, used by running sequences",
+            ["state"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "textgen_engine_preemptions",
+            "Sequences preempted when the KV cache ran out of blocks (recomputed when blocks free up)",
+            registry=r,
+        )
+        self._preemptions_seen = 0
         self.batch_size = Histogram(
             "textgen_engine_batch_size", "Sequences per decode step", buckets=BATCH_BUCKETS, registry=r
         )
@@ -188,6 +201,11 @@ class Metrics:
         self.running.set(stats.running)
         self.waiting.labels(priority="interactive").set(stats.waiting_interactive)
         self.waiting.labels(priority="background").set(stats.waiting_background)
+        self.kv_blocks.labels(state="total").set(stats.kv_blocks_total)
+        self.kv_blocks.labels(state="used").set(stats.kv_blocks_used)
+        if stats.preemptions > self._preemptions_seen:  # the engine counts; the counter follows
+            self.preemptions.inc(stats.preemptions - self._preemptions_seen)
+            self._preemptions_seen = stats.preemptions
 
     def set_job_counts(self, counts: dict[str, int]) -> None:
         for state in JOB_STATES:

@@ -42,7 +42,7 @@ def test_defaults() -> None:
     assert settings.engine == "batched"
     assert settings.max_running == 64
     assert settings.max_waiting == 256
-    assert settings.max_prompt_tokens == 1024
+    assert settings.max_prompt_tokens is None  # the model's context minus the generation budget
     assert settings.max_new_tokens_limit == 1024
     assert settings.max_prefill_tokens == 4096
     assert settings.request_timeout_s == 300.0

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.support.waiting import wait_until
-from textgen.engine.core import CoreOptions
+from textgen.engine.core import CoreOptions, sequence_positions
 from textgen.engine.pooling import l2_normalise, mean_pool
 from textgen.engine.scheduler import BatchedEngine
 from textgen.engine.threadpool import ThreadPoolEngine
@@ -55,7 +55,7 @@ async def make_engine(tiny_loaded: Any) -> AsyncIterator[Callable[..., Any]]:
             options = CoreOptions(
                 core=core,
                 slots=engine_limits.max_running + engine_limits.embedding_slots,
-                positions=engine_limits.max_prompt_tokens + engine_limits.max_new_tokens_limit,
+                positions=sequence_positions(engine_limits.max_prompt_tokens, engine_limits.max_new_tokens_limit),
             )
             built = BatchedEngine(tiny_loaded, engine_limits, core_options=options, warmup=False)
         await built.start()

@@ -30,6 +30,7 @@ async def make_engine(tiny_loaded: Any) -> AsyncIterator[Callable[..., Any]]:
 
     async def build(*, cache: bool = True, shared: bool = False, slots: int = 12, **limits: Any) -> BatchedEngine:
         limits.setdefault("max_running", min(8, slots))
+        limits.setdefault("max_prompt_tokens", 400)
         engine = BatchedEngine(
             tiny_loaded,
             EngineLimits(prefix_cache=cache, prefix_cache_shared=shared, embedding_slots=0, **limits),

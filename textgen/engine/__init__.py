@@ -4,7 +4,7 @@ TEXTGEN_ENGINE=batched) and ``threadpool`` (the baseline, TEXTGEN_ENGINE=threadp
 from __future__ import annotations
 
 from textgen.config import Settings
-from textgen.engine.core import CoreOptions
+from textgen.engine.core import CoreOptions, sequence_positions
 from textgen.engine.scheduler import BatchedEngine
 from textgen.engine.threadpool import ThreadPoolEngine
 from textgen.engine.types import (
@@ -67,7 +67,10 @@ def core_options_from_settings(settings: Settings) -> CoreOptions:
         core=settings.core,
         weights=settings.weights,
         slots=settings.max_running + EngineLimits.embedding_slots,
-        positions=settings.max_prompt_tokens + settings.max_new_tokens_limit,
+        positions=sequence_positions(settings.max_prompt_tokens, settings.max_new_tokens_limit),
+        kv_cache_memory=None if settings.kv_cache_memory is None else int(settings.kv_cache_memory),
+        kv_cache_memory_fraction=settings.kv_cache_memory_fraction,
+        kv_block_size=settings.kv_block_size,
         cache_dir=settings.cache_dir,
         fused=settings.fused_kernels,
     )

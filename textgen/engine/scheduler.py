@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from textgen.engine.constraints import GrammarCompiler, MaskTimer, apply_token_masks
-from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights
+from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights, sequence_positions
 from textgen.engine.core.decoder import StepOutput
 from textgen.engine.core.fused import FusedKernels, load_fused_kernels
 from textgen.engine.pooling import l2_normalise
@@ -116,8 +116,9 @@ EmbeddingPiece = tuple[_EmbeddingJob, int]
 
 @dataclass(frozen=True)
 class _PromptPiece:
-    """Prompt tokens [start, end) of a sequence taken into a step; the last piece of a prompt samples the
-    first new token, earlier ones (chunked prefill) only fill the slot."""
+    """Tokens [start, end) of a sequence's history (its prompt; for a preempted sequence that resumes, its
+    prompt and the text generated so far) taken into a step; the last piece samples the next token,
+    earlier ones (chunked prefill) only fill the slot."""
 
     seq: SequenceState
     start: int
@@ -125,11 +126,11 @@ class _PromptPiece:
 
     @property
     def final(self) -> bool:
-        return self.end == len(self.seq.prompt_ids)
+        return self.end == len(self.seq.prompt_ids) + len(self.seq.generated)
 
     @property
     def tokens(self) -> list[int]:
-        return self.seq.prompt_ids[self.start : self.end]
+        return self.seq.history[self.start : self.end]
 
 
 NO_VECTORS = torch.empty((0, 0))
@@ -156,7 +157,7 @@ class BatchedEngine:
         self._limits = limits
         self._core_options = core_options or CoreOptions(
             slots=limits.max_running + limits.embedding_slots,
-            positions=limits.max_prompt_tokens + limits.max_new_tokens_limit,
+            positions=sequence_positions(limits.max_prompt_tokens, limits.max_new_tokens_limit),
         )
         self._core: ModelCore | None = None
         self._kernels: FusedKernels | None = None  # fused.c, for sampling on the CPU (built with the core)
@@ -180,6 +181,7 @@ class BatchedEngine:
         self._interactive_streak = 0
         self._shared_rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         self._tokens_per_s = 0.0
+        self._preemptions = 0  # sequences preempted for KV blocks since start (a counter)
         self._mean_budget = float(limits.default_new_tokens)
         # Completions per second (slots freed), measured for Retry-After (textgen.engine.service_rate).
         self.service_rate = ServiceRate()
@@ -322,6 +324,9 @@ class BatchedEngine:
                 tokens_per_s=self._tokens_per_s,
                 prefix_query_tokens=None if prefix is None else prefix.query_tokens,
                 prefix_hit_tokens=0 if prefix is None else prefix.hit_tokens,
+                kv_blocks_total=self._core.total_blocks if self._core is not None else 0,
+                kv_blocks_used=self._core.total_blocks - self._core.free_blocks if self._core is not None else 0,
+                preemptions=self._preemptions,
             )
 
     def prefix_stats(self) -> PrefixIndexStats | None:
@@ -406,15 +411,52 @@ class BatchedEngine:
         if not self._backlog:
             self._backlog.extend(self._admit(self._take_admissions(), events))
         self._retire(events)
+        self._make_room()
         admitted = self._next_prefill(events)
         pieces = self._next_embeddings(admitted, events)
         if self._running_seqs or admitted or pieces:
             self._step(admitted, events, decode=bool(self._running_seqs), pieces=pieces)
         self._retire(events)
 
+    def _make_room(self) -> None:
+        """Preempt until the running sequences' next positions fit in the KV cache's free blocks: the
+        newest background sequence first, an interactive one only when no background one runs. A preempted
+        sequence gives its blocks back and goes to the front of the backlog; when blocks allow, its prompt
+        and the text generated so far are prefilled again and it continues where it stopped."""
+        core = self._require_core()
+        while self._running_seqs and core.blocks_needed(list(self._running_seqs), []) > core.free_blocks:
+            if len(self._running_seqs) == 1:
+                return  # alone it always fits (the pool holds one full-context sequence); the step says if not
+            slot = self._preemption_victim()
+            seq = self._running_seqs.pop(slot)
+            core.free([slot])
+            seq.slot, seq.prefilled, seq.prefix_looked_up = None, 0, False  # its prefill starts over
+            self._backlog.appendleft(seq)
+            self._preemptions += 1
+            logger.info(
+                "KV cache full: preempted a %s sequence of %d positions (%d free blocks of %d); it resumes when "
+                "blocks free up",
+                seq.handle.request.priority.name.lower(),
+                len(seq.history),
+                core.free_blocks,
+                core.total_blocks,
+                extra={"request_id": seq.handle.request.request_id},
+            )
+
+    def _preemption_victim(self) -> int:
+        """The slot of the newest background sequence, else of the newest sequence."""
+        newest_first = list(reversed(self._running_seqs.items()))
+        for slot, seq in newest_first:
+            if seq.handle.request.priority == Priority.BACKGROUND:
+                return slot
+        return newest_first[0][0]
+
     def _next_prefill(self, events: list[Event]) -> list[_PromptPiece]:
         """The backlog's next prompts, in arrival order, up to ``prefill_step_tokens`` (at least one) and
-        to ``max_prefill_tokens`` as rows x longest prompt (the padded cost on the transformers core).
+        to ``max_prefill_tokens`` as rows x longest prompt (the padded cost on the transformers core), while
+        the KV cache has blocks for them beside the running sequences' next positions (the first one waits
+        for blocks unless nothing runs). A preempted sequence's "prompt" is its prompt and the text
+        generated so far.
 
         A prompt starts after its cached prefix (the prefix cache). On a core that can continue a slot, a
         prompt longer than ``prefill_chunk_tokens`` is cut into chunks of that size while others decode, one
@@ -424,7 +466,9 @@ class BatchedEngine:
         now = time.monotonic()
         taken: list[_PromptPiece] = []
         tokens = longest = 0
-        extends = self._require_core().extends
+        core = self._require_core()
+        running_need, taken_blocks = core.blocks_needed(list(self._running_seqs), []), 0
+        extends = core.extends
         limits = self._limits
         # The first prompt always goes: whole when nothing decodes (up to max_prefill_tokens), else a chunk.
         first_cap = limits.prefill_chunk_tokens if self._running_seqs else limits.max_prefill_tokens
@@ -437,8 +481,9 @@ class BatchedEngine:
                 events.append((seq.handle, "", None, _ending_error(seq.handle, now)))
                 continue
             self._look_up_prefix(seq)
+            history = seq.history
             start = seq.prefilled if seq.slot is not None else (seq.prefix_hit.tokens if seq.prefix_hit else 0)
-            size = len(seq.prompt_ids) - start
+            size = len(history) - start
             if not taken:
                 if extends:
                     size = min(size, first_cap)
@@ -446,6 +491,13 @@ class BatchedEngine:
                 padded = (len(taken) + 1) * max(longest, size)
                 if tokens + size > limits.prefill_step_tokens or padded > limits.max_prefill_tokens:
                     break
+            # A fresh slot (after its cached prefix, block-aligned) takes exactly these; a chunk that
+            # continues a slot may straddle one more block boundary.
+            blocks = core.blocks_needed([], [size]) + (1 if seq.slot is not None else 0)
+            # (read after the lookup: a cached prefix it holds now is no longer free)
+            if blocks > core.free_blocks - running_need - taken_blocks and (taken or self._running_seqs):
+                break  # it waits for blocks: running sequences retire (or are preempted) first
+            taken_blocks += blocks
             piece = _PromptPiece(seq, start, start + size)
             taken.append(piece)
             tokens, longest = tokens + size, max(longest, size)
@@ -460,7 +512,7 @@ class BatchedEngine:
             return
         seq.prefix_looked_up = True
         try:
-            hit = self._prefix.lookup(seq.handle.request.tenant, seq.prompt_ids)
+            hit = self._prefix.lookup(seq.handle.request.tenant, seq.history)
         except Exception:
             logger.exception("Prefix cache lookup failed; computing the prompt whole")
             return
@@ -494,7 +546,11 @@ class BatchedEngine:
             self._embedding_credit = 0.0
             return []
         limits = self._limits
-        room = self._require_core().free_slots - sum(1 for piece in admitted if piece.seq.slot is None)
+        core = self._require_core()
+        room = core.free_slots - sum(1 for piece in admitted if piece.seq.slot is None)
+        block_room = core.free_blocks - core.blocks_needed(
+            list(self._running_seqs), [piece.end - piece.start for piece in admitted]
+        )
         decoding = bool(self._running_seqs)
         if decoding:
             head = self._embeddings[0]
@@ -510,6 +566,10 @@ class BatchedEngine:
             while job.pending and len(taken) < room:
                 size = len(job.inputs[job.next_input])
                 padded = (len(taken) + 1) * max(longest, size)
+                blocks = core.blocks_needed([], [size])
+                if blocks > block_room:
+                    break  # the KV cache is full: inputs wait for blocks (theirs are freed after each step)
+                block_room -= blocks
                 fits = tokens + size <= budget and padded <= limits.max_prefill_tokens
                 if not fits and (taken or not first_goes):
                     break
@@ -678,7 +738,7 @@ class BatchedEngine:
         try:
             prefill_slots = [self._slot_for(piece.seq) for piece in admitted]
             pool_slots = [core.allocate() for _ in pieces]
-            prompts = [piece.tokens for piece in admitted]
+            prompts = [piece.tokens for piece in admitted]  # of history: a preempted sequence resumes too
             if pieces:
                 pool_prompts = [job.inputs[index] for job, index in pieces]
                 output = core.step_pooled(decode_slots, tokens, prefill_slots, prompts, pool_slots, pool_prompts)
@@ -726,7 +786,9 @@ class BatchedEngine:
         hit, seq.prefix_hit = seq.prefix_hit, None
         if hit is not None and self._prefix is not None:
             self._prefix.load(seq.slot, hit)
-            seq.prefilled = seq.cached_tokens = hit.tokens
+            seq.prefilled = hit.tokens
+            if not seq.generated:  # what the caller is told: its prompt's first prefill, not a resumption
+                seq.cached_tokens = hit.tokens
         return seq.slot
 
     def _finish_pieces(self, admitted: list[_PromptPiece]) -> list[SequenceState]:
@@ -743,7 +805,7 @@ class BatchedEngine:
             finished.append(seq)
             if self._prefix is not None:
                 try:
-                    self._prefix.publish(seq.handle.request.tenant, seq.slot, seq.prompt_ids)
+                    self._prefix.publish(seq.handle.request.tenant, seq.slot, seq.history)
                 except Exception:  # the request is fine; only its prefix is not kept
                     logger.exception("Keeping a prompt's blocks in the prefix cache failed")
         return finished

@@ -23,6 +23,7 @@ from textgen.engine.types import (
     LogprobEntry,
     RequestTimings,
     SamplingParams,
+    prompt_token_limit,
 )
 from textgen.errors import InvalidRequestError, PromptTooLongError
 
@@ -227,9 +228,7 @@ def tokenize_prompt(
         check_token_ids(ids, request.params, vocabulary_size(tokenizer, model_vocabulary))
     if not ids:
         raise InvalidRequestError("The prompt produced no tokens; send a non-empty prompt.")
-    limit = limits.max_prompt_tokens
-    if context_length is not None:
-        limit = min(limit, context_length - 1)
+    limit = prompt_token_limit(limits.max_prompt_tokens, limits.max_new_tokens_limit, context_length)
     if len(ids) > limit:
         raise PromptTooLongError(
             f"The prompt has {len(ids)} tokens; this server accepts at most {limit} "
@@ -239,3 +238,4 @@ def tokenize_prompt(
     if context_length is not None:
         budget = min(budget, context_length - len(ids))
     return ids, budget
+

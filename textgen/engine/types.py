@@ -358,6 +358,9 @@ class EngineStats:
     # The prefix cache since start (None: the engine keeps none): prompt tokens looked up, found cached.
     prefix_query_tokens: int | None = None
     prefix_hit_tokens: int = 0
+    kv_blocks_total: int = 0  # the paged KV cache's blocks (0: a core without a block pool)
+    kv_blocks_used: int = 0  # blocks held by running sequences
+    preemptions: int = 0  # sequences preempted for KV blocks since start
 
 
 def to_client_error(error: BaseException) -> BaseException:
@@ -371,7 +374,7 @@ class EngineLimits:
 
     max_running: int = 64
     max_waiting: int = 256
-    max_prompt_tokens: int = 1024
+    max_prompt_tokens: int | None = None  # None: the model's context minus max_new_tokens_limit
     max_new_tokens_limit: int = 1024
     default_new_tokens: int = 50
     max_prefill_tokens: int = 4096
@@ -384,6 +387,20 @@ class EngineLimits:
     embedding_step_share: float = 0.05
     # While sequences decode, a longer prompt (its uncached rest) is prefilled this many tokens per step.
     prefill_chunk_tokens: int = 256
-    # Reuse cached prompt prefixes (where the core keeps a prefix store); shared: across tenants too.
+    # Reuse cached prompt prefixes (where the core keeps KV blocks); shared: across tenants too.
     prefix_cache: bool = True
     prefix_cache_shared: bool = False
+
+
+DEFAULT_PROMPT_TOKENS = 1024  # the prompt limit for a model that states no context length
+
+
+def prompt_token_limit(configured: int | None, generation_budget: int, context_length: int | None) -> int:
+    """The most prompt tokens a request may have: TEXTGEN_MAX_PROMPT_TOKENS within the model's context (one
+    position left to generate), or by default the context minus the generation budget
+    (TEXTGEN_MAX_NEW_TOKENS_LIMIT), at least half the context for a model with a short one."""
+    if context_length is None:
+        return configured if configured is not None else DEFAULT_PROMPT_TOKENS
+    if configured is not None:
+        return max(1, min(configured, context_length - 1))
+    return max(context_length - generation_budget, context_length // 2, 1)

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from textgen.engine.types import DEFAULT_PROMPT_TOKENS
 from textgen.errors import InvalidRequestError, PromptTooLongError
 from textgen.generation import MAX_CHARS_PER_TOKEN, GenerationService
 from textgen.loader import LoadedModel
@@ -78,7 +79,8 @@ class DetokenizeResponse(BaseModel):
 def max_model_len(service: GenerationService) -> int:
     """The model's context length (what vLLM reports); prompts are further capped by TEXTGEN_MAX_PROMPT_TOKENS."""
     settings = service.settings
-    return service.context_length or settings.max_prompt_tokens + settings.max_new_tokens_limit
+    prompt = settings.max_prompt_tokens or DEFAULT_PROMPT_TOKENS
+    return service.context_length or prompt + settings.max_new_tokens_limit
 
 
 def _check_characters(characters: int, limit_tokens: int, what: str) -> None:

@@ -11,6 +11,9 @@ knows which core runs:
 * ``step_pooled(..., pool_slots, pool_prompts)``: ``step`` plus prefill-only inputs (embeddings) whose
   mean final hidden states come back instead of logits;
 * ``slots_in_order()``: the order in which ``decode`` runs without copying the cache;
+* ``free_blocks``, ``total_blocks`` and ``blocks_needed(decode_slots, prompt_lengths)``: the paged KV
+  cache's blocks (what admission and preemption go by; a core without a block pool reports 0 total and
+  never needs one);
 * ``score(tokens) -> logits [L, V]``: every position of one sequence (prompt log-probabilities, echo).
 
 ``build_core`` picks the decode core of this package for the Llama family and GPT-2 (``decoder.py``)
@@ -23,6 +26,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
 import re
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ from textgen.engine.core.fused import FusedKernels, build_fused_kernels
 from textgen.engine.core.gguf_blocks import Int4Blocks, cached_q4_1_blocks
 from textgen.engine.core.hf import TransformersCore
 from textgen.engine.core.weights import LinearFactory
+from textgen.engine.types import DEFAULT_PROMPT_TOKENS
 from textgen.errors import ConfigError, EngineError
 from textgen.loader import LoadedModel, cpu_supports_bf16
 
@@ -59,6 +64,14 @@ class ModelCore(Protocol):
     def allocate(self) -> int: ...
 
     def free(self, slots: Sequence[int]) -> None: ...
+
+    @property
+    def free_blocks(self) -> int: ...
+
+    @property
+    def total_blocks(self) -> int: ...
+
+    def blocks_needed(self, decode_slots: Sequence[int], prompt_lengths: Sequence[int]) -> int: ...
 
     def slots_in_order(self) -> list[int]: ...
 
@@ -112,7 +125,12 @@ class CoreOptions:
     core: str = "auto"  # TEXTGEN_CORE
     weights: str = "auto"  # TEXTGEN_WEIGHTS
     slots: int = 64  # TEXTGEN_MAX_RUNNING
-    positions: int = 2048  # per slot: TEXTGEN_MAX_PROMPT_TOKENS + TEXTGEN_MAX_NEW_TOKENS_LIMIT
+    # Most positions one sequence holds: TEXTGEN_MAX_PROMPT_TOKENS + TEXTGEN_MAX_NEW_TOKENS_LIMIT, or (None)
+    # the model's context.
+    positions: int | None = None
+    kv_cache_memory: int | None = None  # TEXTGEN_KV_CACHE_MEMORY (bytes); None: a share of available memory
+    kv_cache_memory_fraction: float = 0.25  # TEXTGEN_KV_CACHE_MEMORY_FRACTION
+    kv_block_size: int = 32  # TEXTGEN_KV_BLOCK_SIZE
     cache_dir: Path | None = None  # TEXTGEN_CACHE_DIR: int4 blocks and weight-format measurements
     fused: bool = True  # TEXTGEN_FUSED_KERNELS: decode steps and w8a8 rescaling through fused.c where it builds
 
@@ -120,7 +138,9 @@ class CoreOptions:
 def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
     if loaded.weights_released:
         raise EngineError("This model's weights were released to a running core; load the model again.")
-    capacity = min(options.positions, loaded.context_length or options.positions)
+    default_positions = loaded.context_length or DEFAULT_PROMPT_TOKENS + DEFAULT_NEW_TOKENS_LIMIT
+    positions = options.positions if options.positions is not None else default_positions
+    capacity = min(positions, loaded.context_length or positions)
     arch, reason = architecture_for(loaded.model)
     if options.core == "transformers" or arch is None:
         if options.core == "textgen":
@@ -153,6 +173,9 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         input_ranges=lambda: input_ranges(loaded.model, loaded.tokenizer),
         fused=fused,
     )
+    kv_memory, memory_is_default = options.kv_cache_memory, options.kv_cache_memory is None
+    if kv_memory is None:
+        kv_memory = int(available_memory() * options.kv_cache_memory_fraction)
     core = DecodeCore(
         loaded.model,
         arch,
@@ -160,6 +183,9 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         factory,
         slots=options.slots,
         capacity=capacity,
+        kv_memory=kv_memory,
+        kv_memory_is_default=memory_is_default,
+        block_size=options.kv_block_size,
         fused=fused,
         fused_off=fused_off,
     )
@@ -169,18 +195,52 @@ def build_core(loaded: LoadedModel, options: CoreOptions) -> ModelCore:
         core.set_plan(refine_crossover(plan, core.time_decode_steps, options.slots, cache_file, key))
     info = core.describe()
     logger.info(
-        "Model core: %s; weights %s (%.0f MiB); KV cache %d slots x %d positions "
-        "(%.0f MiB reserved, touched as used); fused decode kernels %s%s",
+        "Model core: %s; weights %s (%.0f MiB); KV cache %d blocks x %d positions (%.0f MiB reserved, "
+        "touched as used), up to %d sequences of up to %d positions each; fused decode kernels %s%s",
         info["core"],
         info["weights"],
         info["weights_bytes"] / 2**20,
+        info["kv_blocks"],
+        info["kv_block_size"],
+        info["kv_cache_bytes"] / 2**20,
         info["slots"],
         info["positions_per_slot"],
-        info["kv_cache_bytes"] / 2**20,
         "on" if info["fused_kernels"] else "off",
         f"; {', '.join(sorted(core.fallbacks))} unavailable here, float used instead" if core.fallbacks else "",
     )
     return core
+
+
+def sequence_positions(max_prompt_tokens: int | None, max_new_tokens_limit: int) -> int | None:
+    """CoreOptions.positions from the limits: prompt plus output, or None (the model's context) by default."""
+    return None if max_prompt_tokens is None else max_prompt_tokens + max_new_tokens_limit
+
+
+DEFAULT_NEW_TOKENS_LIMIT = 1024  # TEXTGEN_MAX_NEW_TOKENS_LIMIT's default, for a model that states no context
+
+
+def available_memory() -> int:
+    """Bytes this process could still use: the kernel's MemAvailable, within a cgroup (container) limit."""
+    available = _meminfo_available()
+    limit = _cgroup_room()
+    return min(available, limit) if limit is not None else available
+
+
+def _meminfo_available() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _cgroup_room() -> int | None:
+    """The cgroup v2 memory limit minus what the cgroup uses now, where one is set."""
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            return max(0, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text().strip()))
+    return None
 
 
 def fused_kernels_for(options: CoreOptions, device: torch.device) -> tuple[FusedKernels | None, str]:

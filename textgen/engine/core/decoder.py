@@ -6,6 +6,7 @@ scheduler's business (``engine/scheduler.py``).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from textgen.engine.core.linear import Linear
 from textgen.engine.core.weights import UNBOUNDED, LinearFactory, WeightPlan
 from textgen.engine.pooling import mean_pool
 from textgen.errors import ConfigError, EngineError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class DecodeCore:
         slots: int,
         capacity: int,
         kv_memory: int | None = None,
+        kv_memory_is_default: bool = False,
         block_size: int = 32,
         fused: FusedKernels | None = None,
         fused_off: str = "",
@@ -112,6 +116,14 @@ class DecodeCore:
         per_sequence = -(-capacity // block_size)
         # no memory given: room for every slot at full capacity (reserved, touched as used)
         memory = kv_memory if kv_memory is not None else slots * per_sequence * block_bytes
+        if kv_memory_is_default and memory < per_sequence * block_bytes:
+            logger.warning(
+                "The default KV cache memory (%.0f MiB) cannot hold one sequence at the model's full context; "
+                "reserving %.0f MiB for it (set TEXTGEN_KV_CACHE_MEMORY to choose)",
+                memory / 2**20,
+                per_sequence * block_bytes / 2**20,
+            )
+            memory = per_sequence * block_bytes
         blocks = kv_blocks_for(memory, block_bytes, slots, per_sequence)
         self.cache = PagedKVCache(
             layers=len(self.weights.layers),
@@ -178,6 +190,22 @@ class DecodeCore:
     @property
     def free_slots(self) -> int:
         return self.cache.free_slots
+
+    @property
+    def free_blocks(self) -> int:
+        """KV blocks that new positions can take now."""
+        return self.cache.pool.free
+
+    @property
+    def total_blocks(self) -> int:
+        return self.cache.pool.total
+
+    def blocks_needed(self, decode_slots: Sequence[int], prompt_lengths: Sequence[int]) -> int:
+        """KV blocks a step would take: one more position for each decoding slot, whole new prompts."""
+        cache = self.cache
+        return sum(cache.blocks_to_add(slot, 1) for slot in decode_slots) + sum(
+            cache.pool.blocks_for(length) for length in prompt_lengths
+        )
 
     def allocate(self) -> int:
         return self.cache.allocate()

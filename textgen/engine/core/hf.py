@@ -6,6 +6,7 @@ cache grows by one column per step and is trimmed when rows leave (see ``engine/
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -54,6 +55,12 @@ class TransformersCore:
 
     def publish_prefix(self, slot: int, keys: Sequence[Hashable]) -> None:
         return None
+    # No block pool: transformers' own cache grows per batch; admission is by slots alone.
+    free_blocks = sys.maxsize
+    total_blocks = 0
+
+    def blocks_needed(self, decode_slots: Sequence[int], prompt_lengths: Sequence[int]) -> int:
+        return 0
 
     def allocate(self) -> int:
         if not self._free_ids:

@@ -1,0 +1,127 @@
+"""The scheduler over the paged KV cache, on the tiny GPT-2 with a pool too small for everyone: admission
+waits for blocks, the newest background sequence is preempted (never an interactive one while a background
+one runs) and recomputed later with the same text, no block leaks, and the default prompt limit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from tests.support.waiting import wait_until
+from textgen.engine.core import CoreOptions
+from textgen.engine.scheduler import BatchedEngine
+from textgen.engine.types import EngineLimits, GenerationRequest, Priority, SamplingParams, prompt_token_limit
+
+BLOCK = 16
+CAPACITY = 128  # positions per sequence: 8 blocks
+GREEDY: dict[str, Any] = {"temperature": 0.0, "ignore_eos": True}
+PROMPTS = ["The quick brown fox", "Once upon a time", "Numbers 0 1 2 3", "A robot learned to paint"]
+
+
+def block_bytes(loaded: Any) -> int:
+    config = loaded.model.config
+    return int(2 * config.n_layer * config.n_embd * BLOCK * loaded.dtype.itemsize)
+
+
+@pytest.fixture
+async def make_engine(tiny_loaded: Any) -> AsyncIterator[Callable[..., Any]]:
+    engines: list[BatchedEngine] = []
+
+    async def build(blocks: int, **limits: Any) -> BatchedEngine:
+        limits.setdefault("max_new_tokens_limit", 1000)
+        options = CoreOptions(
+            core="textgen", slots=12, positions=CAPACITY, kv_cache_memory=blocks * block_bytes(tiny_loaded),
+            kv_block_size=BLOCK,
+        )
+        engine = BatchedEngine(tiny_loaded, EngineLimits(**limits), core_options=options, warmup=False)
+        await engine.start()
+        engines.append(engine)
+        return engine
+
+    yield build
+    for engine in engines:
+        await engine.stop(0)
+
+
+def request(prompt: str, tokens: int, priority: Priority = Priority.INTERACTIVE, **params: Any) -> GenerationRequest:
+    return GenerationRequest(
+        prompt, SamplingParams(max_new_tokens=tokens, **{**GREEDY, **params}), priority=priority
+    )
+
+
+async def test_stats_report_the_pool_and_nothing_leaks(make_engine: Callable[..., Any]) -> None:
+    engine = await make_engine(blocks=40)
+    assert engine.stats().kv_blocks_total == 40 and engine.stats().kv_blocks_used == 0
+    handles = [engine.submit(request(p, 50)) for p in PROMPTS]
+    await wait_until(lambda: engine.stats().kv_blocks_used > 0)
+    await asyncio.gather(*(h.result() for h in handles))
+    await wait_until(lambda: engine.stats().running == 0)
+    assert engine.stats().kv_blocks_used == 0
+
+
+async def test_preempted_sequences_resume_with_the_text_they_would_have_had(
+    make_engine: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Four sequences of ~105 positions (7 blocks each) in a pool of 12 blocks: at most one whole and a
+    piece of another fit, so the newest are preempted and recomputed again and again."""
+    roomy = await make_engine(blocks=80)
+    alone = [(await roomy.submit(request(p, 100, Priority.BACKGROUND)).result()).text for p in PROMPTS]
+    tight = await make_engine(blocks=12)
+    with caplog.at_level(logging.INFO, logger="textgen.engine.scheduler"):
+        results = await asyncio.gather(
+            *(tight.submit(request(p, 100, Priority.BACKGROUND)).result() for p in PROMPTS)
+        )
+    assert [r.text for r in results] == alone
+    assert all(r.completion_tokens == 100 for r in results)
+    assert tight.stats().preemptions > 0
+    assert any("preempted a background sequence" in record.message for record in caplog.records)
+    await wait_until(lambda: tight.stats().running == 0)
+    assert tight.stats().kv_blocks_used == 0
+
+
+async def test_seeded_sampling_survives_preemption(make_engine: Callable[..., Any]) -> None:
+    seeded: dict[str, Any] = {"temperature": 0.9, "top_p": 0.95, "seed": 77}
+    roomy = await make_engine(blocks=80)
+    alone = [(await roomy.submit(request(p, 90, **seeded)).result()).text for p in PROMPTS[:3]]
+    tight = await make_engine(blocks=12)
+    results = await asyncio.gather(*(tight.submit(request(p, 90, **seeded)).result() for p in PROMPTS[:3]))
+    assert tight.stats().preemptions > 0
+    assert [r.text for r in results] == alone
+
+
+async def test_an_interactive_sequence_is_not_preempted_while_a_background_one_runs(
+    make_engine: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = await make_engine(blocks=12)
+    with caplog.at_level(logging.INFO, logger="textgen.engine.scheduler"):
+        background = engine.submit(request(PROMPTS[0], 100, Priority.BACKGROUND))
+        await wait_until(lambda: engine.stats().kv_blocks_used >= 2)
+        interactive = engine.submit(request(PROMPTS[1], 100))  # newer, and yet the background one yields
+        first = await interactive.result()
+        await background.result()
+    preempted = [r.message for r in caplog.records if "preempted" in r.message]
+    assert preempted and all("preempted a background sequence" in message for message in preempted)
+    assert first.completion_tokens == 100
+
+
+async def test_a_prompt_waits_for_blocks_instead_of_failing(make_engine: Callable[..., Any]) -> None:
+    """The pool holds one full-context sequence and a block: a second long one is admitted only when the
+    first is done (or preempted), and both finish."""
+    engine = await make_engine(blocks=9)
+    long_prompt = GenerationRequest("(ids)", SamplingParams(max_new_tokens=60, **GREEDY), prompt_ids=(5,) * 60)
+    handles = [engine.submit(long_prompt), engine.submit(long_prompt)]
+    results = await asyncio.gather(*(h.result() for h in handles))
+    assert all(r.completion_tokens == 60 for r in results)
+    assert results[0].text == results[1].text
+
+
+def test_default_prompt_limit_is_the_context_minus_the_generation_budget() -> None:
+    assert prompt_token_limit(None, 1024, 8192) == 7168  # SmolLM2: the whole context, less the output budget
+    assert prompt_token_limit(None, 1024, 1024) == 512  # a short context keeps at least half for the prompt
+    assert prompt_token_limit(1900, 1024, 8192) == 1900  # TEXTGEN_MAX_PROMPT_TOKENS still wins when set
+    assert prompt_token_limit(9000, 1024, 8192) == 8191  # within the context, one position to generate
+    assert prompt_token_limit(None, 1024, None) == 1024  # no context stated: the old default
