@@ -135,9 +135,17 @@ async def test_a_long_prompt_is_prefilled_in_chunks_beside_running_streams(
     stream_params = SamplingParams(max_new_tokens=200, ignore_eos=True, temperature=0.0)
     streams = [engine.submit(GenerationRequest("", stream_params, prompt_ids=(5, 6, 7, i + 10))) for i in range(4)]
     await wait_until(lambda: sum(len(step) == 0 for step in sizes) >= 2, what="the streams decoding")
-    beside = await run(engine, long_prompt)
+    long_handle = engine.submit(GenerationRequest("", GREEDY, prompt_ids=tuple(long_prompt), tenant="a"))
+    await wait_until(lambda: sum(16 in step for step in sizes) >= 2, what="the long prompt's chunks")
+    # A short request arriving meanwhile is admitted and prefilled beside the next chunk, not after the last.
+    short = await engine.submit(GenerationRequest("", GREEDY, prompt_ids=(9, 8, 7, 6, 5))).result()
+    beside = await long_handle.result()
     await asyncio.gather(*(s.result() for s in streams))
-    assert beside.text == alone.text
-    # While the streams decoded, no step carried more than 16 prompt tokens: the long prompt took 19 steps.
-    prefills = [sum(step) for step in sizes if step]
-    assert prefills[0] == 16 and max(prefills[1:]) <= 16 and sum(prefills[1:]) == 300
+    assert beside.text == alone.text and short.completion_tokens == 12
+    prefills = [step for step in sizes if step]
+    # While the streams decoded, no step carried more than one 16-token chunk: the long prompt took 19 steps.
+    assert prefills[0] == [4, 4, 4, 4]
+    chunks = [length for step in prefills[1:] for length in step if length != 5]
+    assert max(chunks) <= 16 and sum(chunks) == 300 and len(chunks) == 19
+    shared = next(i for i, step in enumerate(prefills) if 5 in step)
+    assert any(length != 5 for step in prefills[shared + 1 :] for length in step), "the short prompt waited"

@@ -406,9 +406,10 @@ class BatchedEngine:
         return True
 
     def _iterate(self, events: list[Event]) -> None:
-        """Admit (while the backlog is empty, so later arrivals keep their priority), retire, then one
+        """Admit (while the backlog holds nothing not yet started, so later arrivals keep their priority;
+        a prompt part-way through a chunked prefill does not hold admission up), retire, then one
         forward pass that decodes every running sequence and prefills the backlog's next prompts."""
-        if not self._backlog:
+        if all(seq.slot is not None for seq in self._backlog):  # empty, or only prompts part-way prefilled
             self._backlog.extend(self._admit(self._take_admissions(), events))
         self._retire(events)
         self._make_room()
@@ -465,25 +466,25 @@ class BatchedEngine:
         waited end here."""
         now = time.monotonic()
         taken: list[_PromptPiece] = []
-        tokens = longest = 0
+        tokens = longest = 0  # of whole prompts (a chunk is paced by prefill_chunk_tokens instead)
         core = self._require_core()
         running_need, taken_blocks = core.blocks_needed(list(self._running_seqs), []), 0
         extends = core.extends
         limits = self._limits
         # The first prompt always goes: whole when nothing decodes (up to max_prefill_tokens), else a chunk.
         first_cap = limits.prefill_chunk_tokens if self._running_seqs else limits.max_prefill_tokens
-        while self._backlog:
-            seq = self._backlog[0]
+        index = 0
+        while index < len(self._backlog):
+            seq = self._backlog[index]
             if seq.handle.cancel_requested or _expired(seq.handle, now):
-                self._backlog.popleft()
+                del self._backlog[index]
                 self._end_prefill(seq)
                 self._release(1)
                 events.append((seq.handle, "", None, _ending_error(seq.handle, now)))
                 continue
             self._look_up_prefix(seq)
-            history = seq.history
             start = seq.prefilled if seq.slot is not None else (seq.prefix_hit.tokens if seq.prefix_hit else 0)
-            size = len(history) - start
+            size = len(seq.prompt_ids) + len(seq.generated) - start
             if not taken:
                 if extends:
                     size = min(size, first_cap)
@@ -500,10 +501,13 @@ class BatchedEngine:
             taken_blocks += blocks
             piece = _PromptPiece(seq, start, start + size)
             taken.append(piece)
-            tokens, longest = tokens + size, max(longest, size)
-            if not piece.final:
-                break  # the rest of this prompt goes in the next steps, before anything behind it
-            self._backlog.popleft()
+            if piece.final:
+                del self._backlog[index]
+                tokens, longest = tokens + size, max(longest, size)
+            else:
+                # The rest of this prompt goes in the next steps, before the prompts behind it; short
+                # prompts behind it may share this step (streams restarting during a long prefill).
+                longest, index = max(longest, size), index + 1
         return taken
 
     def _look_up_prefix(self, seq: SequenceState) -> None:
