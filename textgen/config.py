@@ -91,7 +91,7 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="Longer prompts get 400 naming the limit. Unset: the model's context minus "
-        "TEXTGEN_MAX_NEW_TOKENS_LIMIT (at least half the context), or 1024 where the model states no context.",
+        "TEXTGEN_MAX_NEW_TOKENS_LIMIT, at least 1024 (within the context); 1024 where the model states no context.",
     )
     kv_cache_memory: ByteSize | None = Field(
         None,

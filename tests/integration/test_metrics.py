@@ -32,6 +32,8 @@ FAMILIES = {
     "textgen_http_request_duration_seconds",
     "textgen_engine_waiting_sequences",
     "textgen_engine_running_sequences",
+    "textgen_kv_cache_blocks",
+    "textgen_engine_preemptions",
     "textgen_engine_batch_size",
     "textgen_engine_step_duration_seconds",
     "textgen_generated_tokens",
@@ -146,6 +148,9 @@ async def test_metrics_is_prometheus_text_with_model_info(
     assert value(samples, "textgen_engine_running_sequences") == 0
     assert value(samples, "textgen_engine_waiting_sequences", priority="interactive") == 0
     assert value(samples, "textgen_engine_waiting_sequences", priority="background") == 0
+    if engine == "batched":  # the paged KV cache: a pool of blocks, none held while idle
+        assert value(samples, "textgen_kv_cache_blocks", state="total") > 0
+        assert value(samples, "textgen_kv_cache_blocks", state="used") == 0
     job_states = {labels["state"] for labels in labels_of(samples, "textgen_jobs")}
     assert job_states == {"queued", "running", "succeeded", "failed", "cancelled"}
 

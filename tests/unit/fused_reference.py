@@ -109,6 +109,33 @@ def check_attention(kernels: FusedKernels, heads: int, kv_heads: int, dim: int =
     torch.testing.assert_close(out.float(), want_out.float(), rtol=2e-2, atol=2e-2)
 
 
+def check_paged_attention(kernels: FusedKernels, heads: int, kv_heads: int, block_size: int, seed: int = 3) -> None:
+    """The case's [S, H, T, D] cache cut into blocks of ``block_size`` positions, shuffled through a pool with
+    one spare block: the kernel reads and writes through the block tables exactly as over the rows."""
+    case = attention_case(heads, kv_heads)
+    want_out, want_keys, want_values = run_attention(kernels, case)
+    slots, _, capacity, dim = case.keys.shape
+    per_slot = capacity // block_size
+    assert per_slot * block_size == capacity
+    order = torch.randperm(slots * per_slot + 1, generator=torch.Generator().manual_seed(seed))[: slots * per_slot]
+    tables = order.view(slots, per_slot).contiguous()  # block (slot, j) is tables[slot, j]
+
+    def paged(cache: torch.Tensor) -> torch.Tensor:
+        blocks = cache.view(slots, kv_heads, per_slot, block_size, dim).transpose(1, 2)
+        pool = torch.zeros(slots * per_slot + 1, kv_heads, block_size, dim, dtype=cache.dtype)
+        pool[order] = blocks.reshape(-1, kv_heads, block_size, dim)
+        return pool
+
+    keys, values = paged(case.keys), paged(case.values)
+    out = torch.empty_like(want_out)
+    kernels.rotary_cache_attention(
+        case.qkv, case.cos, case.sin, case.positions, case.cache_rows, keys, values, out, case.heads, case.scale,
+        tables,
+    )
+    assert torch.equal(out, want_out)
+    assert torch.equal(keys, paged(want_keys)) and torch.equal(values, paged(want_values))
+
+
 def rms_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.float()
     return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).bfloat16()
@@ -128,6 +155,8 @@ def exercise(kernels: FusedKernels) -> None:
     generator = torch.Generator().manual_seed(1)
     for heads, kv_heads, dim in [(2, 2, 64), (4, 2, 64), (6, 2, 64), (8, 2, 64), (4, 2, 32), (3, 1, 16)]:
         check_attention(kernels, heads, kv_heads, dim)
+    for block_size in (16, 8, 3):  # the vector path's whole blocks of 16, and tails inside every block
+        check_paged_attention(kernels, 6, 2, block_size)
 
     x = torch.randn(5, 96, generator=generator).bfloat16()
     delta = torch.randn(5, 96, generator=generator).bfloat16()

@@ -67,7 +67,7 @@ async def test_preempted_sequences_resume_with_the_text_they_would_have_had(
     make_engine: Callable[..., Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Four sequences of ~105 positions (7 blocks each) in a pool of 12 blocks: at most one whole and a
-    piece of another fit, so the newest are preempted and recomputed again and again."""
+    piece of another fit, so the newest are preempted and recomputed later."""
     roomy = await make_engine(blocks=80)
     alone = [(await roomy.submit(request(p, 100, Priority.BACKGROUND)).result()).text for p in PROMPTS]
     tight = await make_engine(blocks=12)
@@ -77,7 +77,8 @@ async def test_preempted_sequences_resume_with_the_text_they_would_have_had(
         )
     assert [r.text for r in results] == alone
     assert all(r.completion_tokens == 100 for r in results)
-    assert tight.stats().preemptions > 0
+    # preempted, but not over and over (a resumed sequence keeps its age; admission leaves headroom)
+    assert 0 < tight.stats().preemptions <= 2 * len(PROMPTS)
     assert any("preempted a background sequence" in record.message for record in caplog.records)
     await wait_until(lambda: tight.stats().running == 0)
     assert tight.stats().kv_blocks_used == 0
@@ -121,7 +122,8 @@ async def test_a_prompt_waits_for_blocks_instead_of_failing(make_engine: Callabl
 
 def test_default_prompt_limit_is_the_context_minus_the_generation_budget() -> None:
     assert prompt_token_limit(None, 1024, 8192) == 7168  # SmolLM2: the whole context, less the output budget
-    assert prompt_token_limit(None, 1024, 1024) == 512  # a short context keeps at least half for the prompt
+    assert prompt_token_limit(None, 1024, 1024) == 1023  # a short context keeps the former 1024 (within it)
+    assert prompt_token_limit(None, 1024, 2048) == 1024
     assert prompt_token_limit(1900, 1024, 8192) == 1900  # TEXTGEN_MAX_PROMPT_TOKENS still wins when set
     assert prompt_token_limit(9000, 1024, 8192) == 8191  # within the context, one position to generate
     assert prompt_token_limit(None, 1024, None) == 1024  # no context stated: the old default

@@ -104,29 +104,12 @@ def test_blocks_really_are_scattered_in_these_runs(tiny_llama: LlamaForCausalLM)
     assert scattered(core)
 
 
-def test_fused_kernel_reads_a_shuffled_pool_exactly_as_the_contiguous_cache(kernels: FusedKernels) -> None:
-    """The kernel alone: the reference case's [S, H, T, D] cache cut into blocks of 16 and shuffled."""
-    case = reference.attention_case(4, 2)
-    want_out, want_keys, want_values = reference.run_attention(kernels, case)
-    slots, kv_heads, capacity, dim = case.keys.shape
-    size, per_slot = 16, capacity // 16
-    order = torch.randperm(slots * per_slot, generator=torch.Generator().manual_seed(3))
-    tables = order.view(slots, per_slot).contiguous()  # block of (slot, j) is tables[slot, j]
-
-    def paged(cache: torch.Tensor) -> torch.Tensor:
-        blocks = cache.view(slots, kv_heads, per_slot, size, dim).transpose(1, 2).reshape(-1, kv_heads, size, dim)
-        out = torch.empty_like(blocks)
-        out[order] = blocks
-        return out
-
-    keys, values = paged(case.keys), paged(case.values)
-    out = torch.empty_like(want_out)
-    kernels.rotary_cache_attention(
-        case.qkv, case.cos, case.sin, case.positions, case.cache_rows, keys, values, out, case.heads, case.scale,
-        tables,
-    )
-    assert torch.equal(out, want_out)
-    assert torch.equal(keys, paged(want_keys)) and torch.equal(values, paged(want_values))
+@pytest.mark.parametrize("block_size", [16, 8, 3])
+def test_fused_kernel_reads_a_shuffled_pool_exactly_as_the_contiguous_cache(
+    kernels: FusedKernels, block_size: int
+) -> None:
+    """The kernel alone: the reference case's [S, H, T, D] cache cut into blocks and shuffled."""
+    reference.check_paged_attention(kernels, 4, 2, block_size)
 
 
 def test_fused_kernel_refuses_a_block_id_outside_the_pool(kernels: FusedKernels) -> None:

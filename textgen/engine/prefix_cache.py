@@ -52,6 +52,13 @@ class PrefixCache:
         """Stop holding the hit's blocks (loaded, or the sequence ended first)."""
         self._core.release_blocks(hit.blocks)
 
+    def give_back(self, hit: PrefixHit, prompt_tokens: int) -> None:
+        """Stop holding a hit that was not used yet and forget the lookup (the prompt waits and will be
+        looked up again): held blocks are not free, and a waiting prompt must not keep running ones from
+        growing."""
+        self.drop(hit)
+        self.index.uncount(prompt_tokens, hit.tokens)
+
     def publish(self, tenant: str | None, slot: int, prompt: Sequence[int]) -> None:
         """Name the full blocks of ``prompt`` (all in ``slot`` now) so later prompts find them."""
         self._core.publish_prefix(slot, self.index.keys(tenant, prompt))

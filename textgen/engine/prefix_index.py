@@ -92,5 +92,13 @@ class PrefixIndex:
         stats.hit_tokens += hit_tokens
         stats.hits += 1 if hit_tokens else 0
 
+    def uncount(self, prompt_tokens: int, hit_tokens: int) -> None:
+        """Take back a lookup whose result was given up unused (it is looked up again later)."""
+        stats = self._stats
+        stats.queries -= 1
+        stats.query_tokens -= prompt_tokens
+        stats.hit_tokens -= hit_tokens
+        stats.hits -= 1 if hit_tokens else 0
+
     def stats(self) -> PrefixIndexStats:
         return dataclasses.replace(self._stats)

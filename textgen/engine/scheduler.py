@@ -29,7 +29,7 @@ from textgen.engine.core import CoreOptions, ModelCore, build_core, release_sour
 from textgen.engine.core.decoder import StepOutput
 from textgen.engine.core.fused import FusedKernels, load_fused_kernels
 from textgen.engine.pooling import l2_normalise
-from textgen.engine.prefix_cache import PrefixCache
+from textgen.engine.prefix_cache import PrefixCache, PrefixHit
 from textgen.engine.prefix_index import PrefixIndexStats
 from textgen.engine.sampling import (
     RowLogprobs,
@@ -445,12 +445,12 @@ class BatchedEngine:
             )
 
     def _preemption_victim(self) -> int:
-        """The slot of the newest background sequence, else of the newest sequence."""
-        newest_first = list(reversed(self._running_seqs.items()))
-        for slot, seq in newest_first:
-            if seq.handle.request.priority == Priority.BACKGROUND:
-                return slot
-        return newest_first[0][0]
+        """The slot of the newest background sequence (by arrival: a resumed sequence keeps its age), else of
+        the newest sequence."""
+        running = self._running_seqs.items()
+        background = [(slot, seq) for slot, seq in running if seq.handle.request.priority == Priority.BACKGROUND]
+        slot, _ = max(background or running, key=lambda item: item[1].handle.request.arrived_at)
+        return slot
 
     def _next_prefill(self, events: list[Event]) -> list[_PromptPiece]:
         """The backlog's next prompts, in arrival order, up to ``prefill_step_tokens`` (at least one) and
@@ -468,7 +468,10 @@ class BatchedEngine:
         taken: list[_PromptPiece] = []
         tokens = longest = 0  # of whole prompts (a chunk is paced by prefill_chunk_tokens instead)
         core = self._require_core()
-        running_need, taken_blocks = core.blocks_needed(list(self._running_seqs), []), 0
+        # A block of headroom per running sequence, so that what is admitted now does not force a preemption
+        # (of itself, perhaps) within the next steps.
+        headroom = len(self._running_seqs)
+        running_need, taken_blocks = core.blocks_needed(list(self._running_seqs), []) + headroom, 0
         extends = core.extends
         limits = self._limits
         # The first prompt always goes: whole when nothing decodes (up to max_prefill_tokens), else a chunk.
@@ -491,12 +494,14 @@ class BatchedEngine:
             else:
                 padded = (len(taken) + 1) * max(longest, size)
                 if tokens + size > limits.prefill_step_tokens or padded > limits.max_prefill_tokens:
+                    self._give_back_prefix(seq)
                     break
             # A fresh slot (after its cached prefix, block-aligned) takes exactly these; a chunk that
             # continues a slot may straddle one more block boundary.
             blocks = core.blocks_needed([], [size]) + (1 if seq.slot is not None else 0)
             # (read after the lookup: a cached prefix it holds now is no longer free)
             if blocks > core.free_blocks - running_need - taken_blocks and (taken or self._running_seqs):
+                self._give_back_prefix(seq)
                 break  # it waits for blocks: running sequences retire (or are preempted) first
             taken_blocks += blocks
             piece = _PromptPiece(seq, start, start + size)
@@ -521,6 +526,15 @@ class BatchedEngine:
             logger.exception("Prefix cache lookup failed; computing the prompt whole")
             return
         seq.prefix_hit = hit if hit.tokens else None
+
+    def _give_back_prefix(self, seq: SequenceState) -> None:
+        """A sequence not taken into this step stops holding its cached prefix (held blocks are not free:
+        the running sequences' next positions must still fit); it is looked up again when its turn comes."""
+        if self._prefix is None or seq.slot is not None or not seq.prefix_looked_up:
+            return
+        hit = seq.prefix_hit or PrefixHit([], 0)
+        self._prefix.give_back(hit, len(seq.prompt_ids) + len(seq.generated))
+        seq.prefix_hit, seq.prefix_looked_up = None, False
 
     def _end_prefill(self, seq: SequenceState) -> None:
         """A sequence leaves before its prefill finished: its held prefix and its slot go back."""

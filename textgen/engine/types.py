@@ -398,9 +398,10 @@ DEFAULT_PROMPT_TOKENS = 1024  # the prompt limit for a model that states no cont
 def prompt_token_limit(configured: int | None, generation_budget: int, context_length: int | None) -> int:
     """The most prompt tokens a request may have: TEXTGEN_MAX_PROMPT_TOKENS within the model's context (one
     position left to generate), or by default the context minus the generation budget
-    (TEXTGEN_MAX_NEW_TOKENS_LIMIT), at least half the context for a model with a short one."""
+    (TEXTGEN_MAX_NEW_TOKENS_LIMIT), never below the former default of 1024 within the context (a model with a
+    short context keeps what it accepted before; its output budget is then capped by what is left)."""
     if context_length is None:
         return configured if configured is not None else DEFAULT_PROMPT_TOKENS
     if configured is not None:
         return max(1, min(configured, context_length - 1))
-    return max(context_length - generation_budget, context_length // 2, 1)
+    return max(context_length - generation_budget, min(DEFAULT_PROMPT_TOKENS, context_length - 1), 1)

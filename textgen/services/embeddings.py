@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from textgen.engine.types import DEFAULT_PROMPT_TOKENS, EmbeddingHandle, EmbeddingRequest, EmbeddingResult
+from textgen.engine.types import EmbeddingHandle, EmbeddingRequest, EmbeddingResult, prompt_token_limit
 from textgen.errors import ContentRejectedError, InvalidRequestError, PromptTooLongError
 from textgen.generation import MAX_CHARS_PER_TOKEN, PROMPT_REJECTED, GenerationService
 from textgen.loader import LoadedModel
@@ -113,10 +113,11 @@ def vocabulary_size(model: LoadedModel) -> int:
 def input_token_limit(service: GenerationService) -> int:
     """The most tokens one input may have: the prompt limit (TEXTGEN_MAX_PROMPT_TOKENS), within the model's
     context. Every input is prefilled whole in one step, so this also bounds what one input adds to a step."""
-    configured, context = service.settings.max_prompt_tokens, service.context_length
-    if context is None:
-        return configured if configured is not None else DEFAULT_PROMPT_TOKENS
-    return context if configured is None else min(configured, context)
+    settings = service.settings
+    configured, context = settings.max_prompt_tokens, service.context_length
+    if context is None or configured is None:  # unset: the prompt limit's default (context - output budget)
+        return prompt_token_limit(configured, settings.max_new_tokens_limit, context)
+    return min(configured, context)
 
 
 def check_dimensions(body: EmbeddingCreateRequest, model: LoadedModel) -> None:

@@ -259,11 +259,10 @@ class DecodeCore:
         lengths = cache.lengths_of(decode_slots)
         fresh = [*prefill_slots, *pool_slots]
         starts = cache.lengths_of(fresh)  # where each prompt continues its sequence (0: a new one)
-        for slot in decode_slots:
-            cache.check_room(slot, 1)
         for slot, prompt in zip(fresh, [*prompts, *pool_prompts], strict=True):
             cache.check_room(slot, len(prompt))
-        # Blocks first, for everyone (nothing computed yet if the pool runs short: OutOfBlocksError).
+        # Blocks first, for everyone (nothing computed yet if the pool runs short: OutOfBlocksError; a
+        # sequence at its capacity: EngineError).
         for slot in decode_slots:
             cache.reserve(slot, 1)
         for slot, prompt in zip(fresh, [*prompts, *pool_prompts], strict=True):
@@ -286,12 +285,9 @@ class DecodeCore:
         all_tokens = torch.cat([tokens.to(torch.long).cpu(), torch.tensor(prompt_tokens, dtype=torch.long)])
         if self._fused_applies(len(positions), max(positions, default=0) + 1):
             # Every token at its own (sequence, position): decode rows and whole prompts in one pass; a
-            # token's row picks its sequence's block table.
-            token_rows = list(range(decoding)) + [
-                decoding + index for index, (_, _, length, _) in enumerate(segments) for _ in range(length)
-            ]
-            tables = cache.tables_of([*decode_slots, *fresh])
-            hidden = self._step_fused(all_tokens, token_rows, positions, tables)
+            # token's row of the cache's block tables is its sequence's slot.
+            token_rows = list(decode_slots) + [slot for slot, _, length, _ in segments for _ in range(length)]
+            hidden = self._step_fused(all_tokens, token_rows, positions, cache.block_tables)
         else:
             attention = MixedAttention(
                 DecodeAttention.plan(cache, decode_slots, lengths, self.weights.scale) if decode_slots else None,

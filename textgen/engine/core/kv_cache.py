@@ -23,7 +23,7 @@ import torch
 from textgen.engine.core.blocks import BlockPool, BlockTable
 from textgen.errors import EngineError
 
-MIN_ZEROED_BLOCKS = 4
+MIN_ZEROED_BLOCKS = 4  # blocks zeroed per call at least: fewer calls, and touched memory stays near use
 
 
 class PagedKVCache:
@@ -49,6 +49,9 @@ class PagedKVCache:
         self.capacity = capacity  # positions one sequence may hold (the model's context, at most)
         self.device = device
         self._tables: dict[int, BlockTable] = {}  # in allocation order: the oldest sequence first
+        # Every slot's block ids as one tensor [slots, blocks per sequence], kept in step with the tables
+        # (sync_table) so a step passes it to attention as it is: no per-step construction.
+        self.block_tables = torch.zeros((slots, -(-capacity // block_size)), dtype=torch.long)
         self._free_ids = list(range(slots - 1, -1, -1))
         self._zeroed = 0  # blocks [0, _zeroed) are initialised
 
@@ -111,17 +114,27 @@ class PagedKVCache:
 
     def reserve(self, slot: int, tokens: int) -> None:
         """Blocks for ``tokens`` more positions of the sequence (OutOfBlocksError, taking none, when the pool
-        has too few), zeroed where never used before."""
-        self.check_room(slot, tokens)
+        has too few; EngineError past the capacity), zeroed where never used before."""
         table = self._tables[slot]
+        if table.length + tokens <= min(table.capacity, self.capacity):
+            return  # the common decode step: room in the last block
+        self.check_room(slot, tokens)
         table.reserve(table.length + tokens)
         self._initialise_up_to(self.pool.high_water)
+        self.sync_table(slot)
+
+    def sync_table(self, slot: int) -> None:
+        """Copy a sequence's block ids into ``block_tables`` (after its table changed: grown, copied on
+        write, truncated, given a cached prefix)."""
+        blocks = self._tables[slot].blocks
+        if blocks:
+            self.block_tables[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
 
     def _initialise_up_to(self, blocks: int) -> None:
-        """Zero blocks [_zeroed, blocks), rounded up to a growing chunk (fewer, larger calls)."""
+        """Zero blocks [_zeroed, blocks), at least MIN_ZEROED_BLOCKS at a time."""
         if blocks <= self._zeroed:
             return
-        upto = min(self.pool.total, max(blocks, 2 * self._zeroed, MIN_ZEROED_BLOCKS))
+        upto = min(self.pool.total, max(blocks, self._zeroed + MIN_ZEROED_BLOCKS))
         for cache in (*self.keys, *self.values):
             cache[self._zeroed : upto].zero_()
         self._zeroed = upto
@@ -136,11 +149,9 @@ class PagedKVCache:
 
     def tables_of(self, slots: Sequence[int]) -> torch.Tensor:
         """The block tables of ``slots`` as one [len(slots), W] int64 tensor (W: the most blocks any of them
-        holds; shorter tables are padded with block 0, which nothing reads past a sequence's length)."""
-        tables = [self._tables[s].blocks for s in slots]
-        width = max([1, *(len(blocks) for blocks in tables)])
-        rows = [blocks + [0] * (width - len(blocks)) for blocks in tables]
-        return torch.tensor(rows, dtype=torch.long).reshape(len(slots), width)
+        holds; entries past a table's end are stale or 0, and nothing reads past a sequence's length)."""
+        width = max([1, *(len(self._tables[s].blocks) for s in slots)])
+        return self.block_tables[torch.tensor(list(slots), dtype=torch.long), :width]
 
     def positions_in_blocks(self, slot: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(block ids, offsets) [stop - start] of a sequence's positions start..stop-1."""
