@@ -65,7 +65,9 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
             if url == "/v1/chat/completions":
                 chat = ChatCompletionRequest.model_validate(body)
                 models.resolve(chat.model)  # a line naming another model fails with 404 model_not_found
-                handles = await submit_chat(service, model.tokenizer, chat, request_id, Priority.BACKGROUND)
+                handles = await submit_chat(
+                    service, model.tokenizer, chat, request_id, Priority.BACKGROUND, tenant=job.tenant
+                )
                 for handle in handles:
                     track(handle)
                 results = [await service.finish(result, request_id) for result in await _results(handles)]
@@ -74,7 +76,9 @@ def batch_line_executor(service: GenerationService, model: LoadedModel) -> JobEx
                 completion = CompletionRequest.model_validate(body)
                 models.resolve(completion.model)
                 await service.prepare_constraint(response_format_constraint(completion.response_format))
-                handles = await submit_completion(service, completion, request_id, Priority.BACKGROUND)
+                handles = await submit_completion(
+                    service, completion, request_id, Priority.BACKGROUND, tenant=job.tenant
+                )
                 for handle in handles:
                     track(handle)
                 results = [await service.finish(result, request_id) for result in await _results(handles)]

@@ -457,11 +457,11 @@ def echoed_prompts(service: GenerationService, body: CompletionRequest) -> list[
 
 
 async def submit_completion(
-    service: GenerationService, body: CompletionRequest, request_id: str, priority: Priority
+    service: GenerationService, body: CompletionRequest, request_id: str, priority: Priority, tenant: str | None
 ) -> list[Handle]:
     """What the /v1/completions route does before it waits: check the prompts, submit every choice (batch lines)."""
     prompts = await checked_prompts(service, body, request_id)
-    return submit_choices(service, prompts, body, body.max_tokens, request_id, priority)
+    return submit_choices(service, prompts, body, body.max_tokens, request_id, priority, tenant=tenant)
 
 
 def completion_response(
@@ -578,11 +578,14 @@ async def submit_chat(
     body: ChatCompletionRequest,
     request_id: str,
     priority: Priority,
+    tenant: str | None,
 ) -> list[Handle]:
-    """What the chat route does before it waits: check, render the chat prompt, submit every choice (batch lines)."""
+    """What the chat route does before it waits: check, render the chat prompt, submit every choice (batch lines).
+    ``tenant``: whose request (the prefix cache matches only that tenant's cached prompts)."""
     prompt = await checked_chat_prompt(service, tokenizer, body, request_id)
     await prepare_chat(service, body)
-    return submit_choices(service, [prompt], body, chat_max_tokens(service, body), request_id, priority)
+    max_tokens = chat_max_tokens(service, body)
+    return submit_choices(service, [prompt], body, max_tokens, request_id, priority, tenant=tenant)
 
 
 def chat_response(

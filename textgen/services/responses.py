@@ -503,7 +503,7 @@ def response_executor(service: GenerationService, model: LoadedModel) -> JobExec
         if isinstance(granted, int):
             chat_body.update(max_completion_tokens=granted, max_tokens=None)
         chat = ChatCompletionRequest.model_validate(chat_body)
-        handles = await submit_chat(service, tokenizer, chat, request_id, Priority.BACKGROUND)
+        handles = await submit_chat(service, tokenizer, chat, request_id, Priority.BACKGROUND, tenant=job.tenant)
         for handle in handles:
             track(handle)
         results = [await service.finish(result, request_id) for result in await _gather(handles)]
