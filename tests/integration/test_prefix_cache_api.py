@@ -73,3 +73,25 @@ async def test_one_key_never_reuses_anothers_prefix(make_settings: MakeSettings,
                                         prefix_cache_shared=True)) as (client, _app):
         await generate(client, SYSTEM + " Alice asks.", ALICE)
         assert (await generate(client, SYSTEM + " Bob asks.", BOB))["cached_tokens"] >= 256
+
+
+async def test_batch_lines_use_their_owners_cache_only(make_settings: MakeSettings) -> None:
+    """A batch output's usage shows cached_tokens: Bob's batch must not find what Alice's request cached."""
+    from tests.integration.test_batches import ALICE as ALICE_KEY
+    from tests.integration.test_batches import BOB as BOB_KEY
+    from tests.integration.test_batches import batch_settings, content, ended, run_batch, serve
+    from tests.support.batch_files import completion_line, parse_batch_output
+
+    settings = batch_settings(make_settings, max_prompt_tokens=900)
+    async with serve(settings) as (_app, client):
+        alice, bob = client(ALICE_KEY), client(BOB_KEY)
+
+        async def cached_in_batch(owner: Any, prompt: str) -> int:
+            batch = await run_batch(owner, [completion_line("x", prompt)], "/v1/completions")
+            done = await ended(owner, batch.id)
+            records = parse_batch_output(await content(owner, done.output_file_id), "/v1/completions")
+            return int(records["x"]["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+        assert await cached_in_batch(alice, SYSTEM + " Alice's first line.") == 0
+        assert await cached_in_batch(bob, SYSTEM + " Bob's line.") == 0
+        assert await cached_in_batch(alice, SYSTEM + " Alice's second line.") >= 256
