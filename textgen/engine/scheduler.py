@@ -138,6 +138,10 @@ NO_VECTORS = torch.empty((0, 0))
 EMBEDDING_PROBE_TOKENS = 16.0
 
 SHUTTING_DOWN = "The server is shutting down; retry the request."
+# While streams decode, a long prompt's chunk is sized to add about this share to a decode step's time
+# (streams keep ~1 / (1 + share) of their rate during its prefill), and never below MIN_CHUNK_TOKENS.
+CHUNK_STEP_SHARE = 0.4
+MIN_CHUNK_TOKENS = 16
 
 
 class BatchedEngine:
@@ -178,6 +182,7 @@ class BatchedEngine:
         self._embedding_credit = 0.0
         self._decode_step_s = 0.0  # recent decode-only step
         self._embedding_token_s = 0.0  # recent extra seconds per embedding token in a decoding step
+        self._prompt_token_s = 0.0  # recent extra seconds per prompt token in a decoding step (chunk pacing)
         self._interactive_streak = 0
         self._shared_rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         self._tokens_per_s = 0.0
@@ -475,7 +480,7 @@ class BatchedEngine:
         extends = core.extends
         limits = self._limits
         # The first prompt always goes: whole when nothing decodes (up to max_prefill_tokens), else a chunk.
-        first_cap = limits.prefill_chunk_tokens if self._running_seqs else limits.max_prefill_tokens
+        first_cap = self._chunk_tokens() if self._running_seqs else limits.max_prefill_tokens
         index = 0
         while index < len(self._backlog):
             seq = self._backlog[index]
@@ -608,6 +613,23 @@ class BatchedEngine:
         if self._decode_step_s <= 0 or self._embedding_token_s <= 0:
             return EMBEDDING_PROBE_TOKENS
         return self._limits.embedding_step_share * self._decode_step_s / self._embedding_token_s
+
+    def _measure_prompt_tokens(self, elapsed: float, tokens: int) -> None:
+        """What a prompt token adds to a decoding step (for the size of chunks beside streams)."""
+        if self._decode_step_s <= 0 or tokens <= 0:
+            return
+        per_token = max(elapsed - self._decode_step_s, 0.0) / tokens
+        per_token = max(per_token, self._decode_step_s / (4 * self._limits.prefill_step_tokens))  # noise floor
+        self._prompt_token_s = per_token if self._prompt_token_s <= 0 else 0.8 * self._prompt_token_s + 0.2 * per_token
+
+    def _chunk_tokens(self) -> int:
+        """A chunk's size while streams decode: what adds about ``CHUNK_STEP_SHARE`` of a decode step's time
+        (measured), between ``MIN_CHUNK_TOKENS`` and ``prefill_chunk_tokens`` (that until measured)."""
+        cap = self._limits.prefill_chunk_tokens
+        if self._decode_step_s <= 0 or self._prompt_token_s <= 0:
+            return cap
+        paced = int(CHUNK_STEP_SHARE * self._decode_step_s / self._prompt_token_s)
+        return max(min(MIN_CHUNK_TOKENS, cap), min(cap, paced))
 
     def _measure_step(self, elapsed: float, rows: int, prompts: int, embedding_tokens: int) -> None:
         """Keep the costs the embedding pacing needs: a decode-only step, and what an embedding token adds."""
@@ -788,6 +810,8 @@ class BatchedEngine:
             self._store_embeddings(pieces, output.pooled, events)
         embedding_tokens = sum(len(job.inputs[index]) for job, index in pieces)
         self._measure_step(time.perf_counter() - started, len(rows), len(admitted), embedding_tokens)
+        if rows and admitted and not pieces:
+            self._measure_prompt_tokens(time.perf_counter() - started, sum(p.end - p.start for p in admitted))
         if rows:
             elapsed = time.perf_counter() - started
             self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (len(rows) / max(elapsed, 1e-6))
