@@ -177,6 +177,26 @@ class Settings(BaseSettings):
         description="Prompt tokens prefilled per decode step; more wait for the next step, so a burst of "
         "new prompts stalls running ones briefly and the first of them answer sooner (a longer prompt runs alone).",
     )
+    prefill_chunk_tokens: int = Field(
+        256,
+        ge=16,
+        description="While streams decode, a longer prompt is prefilled at most this many tokens per step "
+        "(chunked prefill; fewer where measured steps show that more would add over 40% to a decode step), so "
+        "a long prompt slows the running streams' steps instead of stopping them.",
+    )
+    prefix_cache: bool = Field(
+        True,
+        description="Reuse the keys/values of prompt prefixes seen before (a chat's system prompt, an agent's "
+        "tools) in the KV cache's blocks: a request prefills only what is not cached, and a finished request's "
+        "blocks stay cached until the memory is needed (least recently used first). Outputs are the same "
+        "either way.",
+    )
+    prefix_cache_shared: bool = Field(
+        False,
+        description="Share cached prefixes across tenants (API keys). Off by default: a cache hit answers "
+        "faster, so a shared cache would let one tenant learn what another sent. Turn on for single-tenant "
+        "deployments.",
+    )
     embedding_max_inputs: int = Field(
         256, ge=1, le=2048, description="Inputs one /v1/embeddings request may embed; more get 400 naming input."
     )

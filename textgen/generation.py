@@ -119,6 +119,7 @@ class TextResult:
     finish_reason: str
     timings: ResultTimings
     token_logprobs: list[ResultTokenLogprob] | None = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -393,9 +394,11 @@ class GenerationService:
         timeout_s: float | None = None,
         *,
         prompt_ids: tuple[int, ...] | None = None,
+        tenant: str | None = None,
     ) -> Handle:
         """Queue a request whose constraint ``prepare`` compiled (it is never compiled here: this runs
-        on the event loop). ``prompt_ids``: the prompt as token ids (``prompt`` is then their text)."""
+        on the event loop). ``prompt_ids``: the prompt as token ids (``prompt`` is then their text).
+        ``tenant``: whose request it is (the prefix cache matches only that tenant's cached prompts)."""
         grammars = self._grammars(params)
         grammar = None
         if grammars is not None and params.constraint is not None:
@@ -414,11 +417,14 @@ class GenerationService:
             timeout_s=timeout_s or self.settings.request_timeout_s,
             grammar=grammar,
             prompt_ids=prompt_ids,
+            tenant=tenant,
         )
         return self.engine.submit(request)
 
-    def submit_request(self, request: TextRequest, request_id: str, priority: Priority) -> Handle:
-        return self.submit(request.prompt, request.params, request_id, priority, request.timeout_s)
+    def submit_request(
+        self, request: TextRequest, request_id: str, priority: Priority, tenant: str | None = None
+    ) -> Handle:
+        return self.submit(request.prompt, request.params, request_id, priority, request.timeout_s, tenant=tenant)
 
     def visible_logprobs(self, entries: Sequence[LogprobEntry]) -> list[LogprobEntry]:
         """Log-probability entries with the content filter's redaction applied to each token's text."""
@@ -552,7 +558,9 @@ class GenerationService:
         if grant.max_new_tokens is not None:
             params = dataclasses.replace(request.params, max_new_tokens=grant.max_new_tokens)
             request = dataclasses.replace(request, params=params)
-        (handle,) = await self.submit_granted(grant, lambda: [self.submit_request(request, request_id, priority)])
+        (handle,) = await self.submit_granted(
+            grant, lambda: [self.submit_request(request, request_id, priority, tenant=principal)]
+        )
         return handle
 
     def refund_when_done(self, reservation: Reservation | None, handles: Sequence[Handle]) -> None:
@@ -618,6 +626,7 @@ class GenerationService:
             completion_tokens=final.completion_tokens,
             finish_reason=final.finish_reason.value,
             token_logprobs=None if final.token_logprobs is None else result_logprobs(final.token_logprobs),
+            cached_tokens=final.cached_tokens,
             timings=ResultTimings(
                 queue_s=final.timings.queue_s,
                 time_to_first_token_s=final.timings.time_to_first_token_s,

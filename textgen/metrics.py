@@ -90,6 +90,16 @@ class Metrics:
         )
         self.generated_tokens = Counter("textgen_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("textgen_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.prefix_cache_queries = Counter(
+            "textgen_prefix_cache_queries",
+            "Prompt tokens of finished requests, each looked up in the prefix cache (hits / queries: the hit rate)",
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "textgen_prefix_cache_hits",
+            "Prompt tokens served from the prefix cache (keys/values reused, not computed)",
+            registry=r,
+        )
         self.embedding_inputs = Counter("textgen_embedding_inputs", "Inputs embedded (/v1/embeddings)", registry=r)
         self.embedding_tokens = Counter("textgen_embedding_tokens", "Tokens embedded (/v1/embeddings)", registry=r)
         self.draft_tokens = Counter(
@@ -203,6 +213,8 @@ class Metrics:
             self.model_prompt_tokens.labels(model=model).inc(result.prompt_tokens)
         self.generated_tokens.inc(result.completion_tokens)
         self.prompt_tokens.inc(result.prompt_tokens)
+        self.prefix_cache_queries.inc(result.prompt_tokens)
+        self.prefix_cache_hits.inc(result.cached_tokens)
         self.requests_finished.labels(finish_reason=result.finish_reason.value).inc()
         ttft = result.timings.time_to_first_token_s
         if ttft is not None:

@@ -102,9 +102,10 @@ def prompt_tokens(app: Any, text: str) -> int:
     return len(app.state.textgen.model.tokenizer(text).input_ids)
 
 
-def assert_usage_adds_up(usage: dict[str, int]) -> None:
-    assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens"}, usage
+def assert_usage_adds_up(usage: dict[str, Any]) -> None:
+    assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}, usage
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
 
 
 # ----- /v1/models ----------------------------------------------------------------------------------------

@@ -144,6 +144,7 @@ async def test_webhook_body_is_the_views_json(store: JobStore) -> None:
         "finish_reason": "length",
         "timings": {"queue_s": 0.001, "time_to_first_token_s": 0.25, "total_s": 0.5},
         "token_logprobs": [{"token": " bright", "token_id": 7, "logprob": -0.5, "top_logprobs": []}],
+        "cached_tokens": 0,
     }
     job = await store.create(REQUEST, request_id="hooked", callback_url="https://example.com/hook")
     await store.claim_next(OWNER, 60.0)

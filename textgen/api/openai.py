@@ -187,13 +187,13 @@ async def completions(
             with state.streams.take(caller) as slot:
                 grant, max_tokens = await grant_choices(service, caller, prompts, body, body.max_tokens)
                 handles = await service.submit_granted(
-                    grant, lambda: submit_choices(service, prompts, body, max_tokens, request_id)
+                    grant, lambda: submit_choices(service, prompts, body, max_tokens, request_id, tenant=caller)
                 )
                 chunks = completion_chunks(service, handles, body, completion_id, created, request_id, caller)
                 return sse_response(slot.attach(_openai_stream(chunks, request_id)), request_id)
         grant, max_tokens = await grant_choices(service, caller, prompts, body, body.max_tokens)
         handles = await service.submit_granted(
-            grant, lambda: submit_choices(service, prompts, body, max_tokens, request_id)
+            grant, lambda: submit_choices(service, prompts, body, max_tokens, request_id, tenant=caller)
         )
         results = await _finished(request, service, handles, request_id, caller)
         return completion_response(service, body, results, completion_id, created)
@@ -221,13 +221,13 @@ async def chat_completions(
             with state.streams.take(caller) as slot:
                 grant, max_tokens = await grant_choices(service, caller, [prompt], body, chat_max_tokens(service, body))
                 handles = await service.submit_granted(
-                    grant, lambda: submit_choices(service, [prompt], body, max_tokens, request_id)
+                    grant, lambda: submit_choices(service, [prompt], body, max_tokens, request_id, tenant=caller)
                 )
                 chunks = chat_chunks(service, handles, body, chat_id, created, request_id, caller)
                 return sse_response(slot.attach(_openai_stream(chunks, request_id)), request_id)
         grant, max_tokens = await grant_choices(service, caller, [prompt], body, chat_max_tokens(service, body))
         handles = await service.submit_granted(
-            grant, lambda: submit_choices(service, [prompt], body, max_tokens, request_id)
+            grant, lambda: submit_choices(service, [prompt], body, max_tokens, request_id, tenant=caller)
         )
         results = await _finished(request, service, handles, request_id, caller)
         return chat_response(service, body, results, chat_id, created)

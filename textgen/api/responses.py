@@ -135,7 +135,7 @@ async def create_response(
             with state.streams.take(caller) as slot:
                 grant, max_tokens = await grant_choices(service, caller, [prompt], chat, chat_max_tokens(service, chat))
                 handles = await service.submit_granted(
-                    grant, lambda: submit_choices(service, [prompt], chat, max_tokens, request_id)
+                    grant, lambda: submit_choices(service, [prompt], chat, max_tokens, request_id, tenant=caller)
                 )
                 chunks = chat_chunks(service, handles, chat, chat_id, created, request_id, caller)
                 translator = ResponseEvents(prepared.skeleton)
@@ -143,7 +143,7 @@ async def create_response(
                 return sse_response(slot.attach(events), request_id)
         grant, max_tokens = await grant_choices(service, caller, [prompt], chat, chat_max_tokens(service, chat))
         handles = await service.submit_granted(
-            grant, lambda: submit_choices(service, [prompt], chat, max_tokens, request_id)
+            grant, lambda: submit_choices(service, [prompt], chat, max_tokens, request_id, tenant=caller)
         )
         results = await _results(request, service, handles, request_id, caller)
         response = completed_response(prepared.skeleton, chat_json(service, chat, results, chat_id, created))

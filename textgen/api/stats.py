@@ -40,6 +40,12 @@ class StatsResponse(BaseModel):
     models: list[ModelStats] = Field(
         default_factory=list, description="Every configured model (the engine numbers above are their sums)."
     )
+    prefix_cache_hit_rate: float | None = Field(
+        None,
+        description="Share of prompt tokens served from the prefix cache since start (this worker); null when "
+        "the prefix cache is off.",
+    )
+    prefix_cache_hit_tokens: int = Field(0, description="Prompt tokens served from the prefix cache since start.")
 
 
 @router.get(
@@ -61,6 +67,8 @@ async def stats(state: StateDep) -> StatsResponse:
         tokens_per_s=round(engine.tokens_per_s, 2),
         jobs_queued=await state.store.count(JobState.QUEUED),
         jobs_running=await state.store.count(JobState.RUNNING),
+        prefix_cache_hit_rate=_hit_rate(engine.prefix_query_tokens, engine.prefix_hit_tokens),
+        prefix_cache_hit_tokens=engine.prefix_hit_tokens,
         models=[model_stats(entry) for entry in state.registry.entries.values()],
     )
 
@@ -77,3 +85,9 @@ def model_stats(entry: ModelEntry) -> ModelStats:
         waiting=engine.waiting_interactive + engine.waiting_background if engine else 0,
         tokens_per_s=round(engine.tokens_per_s, 2) if engine else 0.0,
     )
+
+
+def _hit_rate(queried: int | None, hits: int) -> float | None:
+    if queried is None:
+        return None
+    return round(hits / queried, 4) if queried else 0.0

@@ -53,6 +53,9 @@ def limits_from_settings(settings: Settings) -> EngineLimits:
         speculation=SpeculationSettings(
             SpeculationMode(settings.speculative), settings.speculative_tokens, settings.speculative_max_batch
         ),
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        prefix_cache=settings.prefix_cache,
+        prefix_cache_shared=settings.prefix_cache_shared,
     )
 
 

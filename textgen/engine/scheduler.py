@@ -30,6 +30,8 @@ from textgen.engine.core import CoreOptions, ModelCore, build_core, release_sour
 from textgen.engine.core.decoder import DecodeCore, StepOutput
 from textgen.engine.core.fused import FusedKernels, load_fused_kernels
 from textgen.engine.pooling import l2_normalise
+from textgen.engine.prefix_cache import PrefixCache, PrefixHit
+from textgen.engine.prefix_index import PrefixIndexStats
 from textgen.engine.sampling import (
     RowLogprobs,
     TokenPenalties,
@@ -113,11 +115,35 @@ class _EmbeddingJob:
 # A prefill-only input taken into a step: (its request, the input's index).
 EmbeddingPiece = tuple[_EmbeddingJob, int]
 
+
+@dataclass(frozen=True)
+class _PromptPiece:
+    """Tokens [start, end) of a sequence's history (its prompt; for a preempted sequence that resumes, its
+    prompt and the text generated so far) taken into a step; the last piece samples the next token,
+    earlier ones (chunked prefill) only fill the slot."""
+
+    seq: SequenceState
+    start: int
+    end: int
+
+    @property
+    def final(self) -> bool:
+        return self.end == len(self.seq.prompt_ids) + len(self.seq.generated)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.seq.history[self.start : self.end]
+
+
 NO_VECTORS = torch.empty((0, 0))
 # Embedding tokens a decoding step may carry until the costs behind the share are measured.
 EMBEDDING_PROBE_TOKENS = 16.0
 
 SHUTTING_DOWN = "The server is shutting down; retry the request."
+# While streams decode, a long prompt's chunk is sized to add about this share to a decode step's time
+# (streams keep ~1 / (1 + share) of their rate during its prefill), and never below MIN_CHUNK_TOKENS.
+CHUNK_STEP_SHARE = 0.4
+MIN_CHUNK_TOKENS = 16
 
 
 class BatchedEngine:
@@ -149,6 +175,7 @@ class BatchedEngine:
         # Speculative decoding (engine/speculation.py): drafts verified by the core's extend step, where it has one.
         self._drafter = Drafter(limits.speculation)
         self._extender: DecodeCore | None = None
+        self._prefix: PrefixCache | None = None  # cached prompt prefixes (built with the core, where it keeps them)
         self._warmup = warmup
         self._lock = threading.Lock()
         self._work_available = threading.Condition(self._lock)
@@ -165,6 +192,7 @@ class BatchedEngine:
         self._embedding_credit = 0.0
         self._decode_step_s = 0.0  # recent decode-only step
         self._embedding_token_s = 0.0  # recent extra seconds per embedding token in a decoding step
+        self._prompt_token_s = 0.0  # recent extra seconds per prompt token in a decoding step (chunk pacing)
         self._interactive_streak = 0
         self._shared_rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         self._tokens_per_s = 0.0
@@ -207,6 +235,8 @@ class BatchedEngine:
             release_source_weights(self._loaded, core)
         self._extender = core if isinstance(core, DecodeCore) else None
         self._log_speculation()
+        if self._limits.prefix_cache and core.prefix_block_size > 0:
+            self._prefix = PrefixCache(core, shared=self._limits.prefix_cache_shared)
         return core
 
     def _log_speculation(self) -> None:
@@ -316,6 +346,7 @@ class BatchedEngine:
         return {} if self._core is None else self._core.describe()
 
     def stats(self) -> EngineStats:
+        prefix = self.prefix_stats()
         with self._lock:
             return EngineStats(
                 running=self._running,
@@ -324,10 +355,17 @@ class BatchedEngine:
                 tokens_per_s=self._tokens_per_s,
                 draft_tokens=self._drafter.drafted,
                 accepted_draft_tokens=self._drafter.accepted,
+                prefix_query_tokens=None if prefix is None else prefix.query_tokens,
+                prefix_hit_tokens=0 if prefix is None else prefix.hit_tokens,
                 kv_blocks_total=self._core.total_blocks if self._core is not None else 0,
                 kv_blocks_used=self._core.total_blocks - self._core.free_blocks if self._core is not None else 0,
                 preemptions=self._preemptions,
             )
+
+    def prefix_stats(self) -> PrefixIndexStats | None:
+        """The prefix cache's counters (read without the inference thread's lock: plain integers), None
+        where there is no prefix cache."""
+        return None if self._prefix is None else self._prefix.stats()
 
     def _has_work(self) -> bool:
         with self._lock:
@@ -408,9 +446,10 @@ class BatchedEngine:
             self._iterate(events)
 
     def _iterate(self, events: list[Event]) -> None:
-        """Admit (while the backlog is empty, so later arrivals keep their priority), retire, then one
+        """Admit (while the backlog holds nothing not yet started, so later arrivals keep their priority;
+        a prompt part-way through a chunked prefill does not hold admission up), retire, then one
         forward pass that decodes every running sequence and prefills the backlog's next prompts."""
-        if not self._backlog:
+        if all(seq.slot is not None for seq in self._backlog):  # empty, or only prompts part-way prefilled
             self._backlog.extend(self._admit(self._take_admissions(), events))
         self._retire(events)
         self._make_room()
@@ -432,6 +471,7 @@ class BatchedEngine:
             slot = self._preemption_victim()
             seq = self._running_seqs.pop(slot)
             core.free([slot])
+            seq.slot, seq.prefilled, seq.prefix_looked_up = None, 0, False  # its prefill starts over
             self._backlog.appendleft(seq)
             self._preemptions += 1
             logger.info(
@@ -452,40 +492,100 @@ class BatchedEngine:
         slot, _ = max(background or running, key=lambda item: item[1].handle.request.arrived_at)
         return slot
 
-    def _next_prefill(self, events: list[Event]) -> list[SequenceState]:
+    def _next_prefill(self, events: list[Event]) -> list[_PromptPiece]:
         """The backlog's next prompts, in arrival order, up to ``prefill_step_tokens`` (at least one) and
         to ``max_prefill_tokens`` as rows x longest prompt (the padded cost on the transformers core), while
         the KV cache has blocks for them beside the running sequences' next positions (the first one waits
-        for blocks unless nothing runs). Prompts cancelled or expired while they waited end here. A
-        preempted sequence's "prompt" is its prompt and the text generated so far."""
+        for blocks unless nothing runs). A preempted sequence's "prompt" is its prompt and the text
+        generated so far.
+
+        A prompt starts after its cached prefix (the prefix cache). On a core that can continue a slot, a
+        prompt longer than ``prefill_chunk_tokens`` is cut into chunks of that size while others decode, one
+        per step (chunked prefill), so running streams keep moving during a long prefill; with nothing
+        decoding a prompt goes whole up to ``max_prefill_tokens``. Prompts cancelled or expired while they
+        waited end here."""
         now = time.monotonic()
-        taken: list[SequenceState] = []
-        tokens = longest = 0
+        taken: list[_PromptPiece] = []
+        tokens = longest = 0  # of whole prompts (a chunk is paced by prefill_chunk_tokens instead)
         core = self._require_core()
         # A block of headroom per running sequence, so that what is admitted now does not force a preemption
         # (of itself, perhaps) within the next steps.
         headroom = len(self._running_seqs)
-        block_room = core.free_blocks - core.blocks_needed(list(self._running_seqs), []) - headroom
-        while self._backlog:
-            seq = self._backlog[0]
+        running_need, taken_blocks = core.blocks_needed(list(self._running_seqs), []) + headroom, 0
+        extends = core.extends
+        limits = self._limits
+        # The first prompt always goes: whole when nothing decodes (up to max_prefill_tokens), else a chunk.
+        first_cap = self._chunk_tokens() if self._running_seqs else limits.max_prefill_tokens
+        index = 0
+        while index < len(self._backlog):
+            seq = self._backlog[index]
             if seq.handle.cancel_requested or _expired(seq.handle, now):
-                self._backlog.popleft()
+                del self._backlog[index]
+                self._end_prefill(seq)
                 self._release(1)
                 events.append((seq.handle, "", None, _ending_error(seq.handle, now)))
                 continue
-            size = len(seq.history)
-            padded = (len(taken) + 1) * max(longest, size)
-            if taken and (tokens + size > self._limits.prefill_step_tokens or padded > self._limits.max_prefill_tokens):
-                break
-            blocks = core.blocks_needed([], [size])
-            if blocks > block_room and (taken or self._running_seqs):
+            self._look_up_prefix(seq)
+            start = seq.prefilled if seq.slot is not None else (seq.prefix_hit.tokens if seq.prefix_hit else 0)
+            size = len(seq.prompt_ids) + len(seq.generated) - start
+            if not taken:
+                if extends:
+                    size = min(size, first_cap)
+            else:
+                padded = (len(taken) + 1) * max(longest, size)
+                if tokens + size > limits.prefill_step_tokens or padded > limits.max_prefill_tokens:
+                    self._give_back_prefix(seq)
+                    break
+            # A fresh slot (after its cached prefix, block-aligned) takes exactly these; a chunk that
+            # continues a slot may straddle one more block boundary.
+            blocks = core.blocks_needed([], [size]) + (1 if seq.slot is not None else 0)
+            # (read after the lookup: a cached prefix it holds now is no longer free)
+            if blocks > core.free_blocks - running_need - taken_blocks and (taken or self._running_seqs):
+                self._give_back_prefix(seq)
                 break  # it waits for blocks: running sequences retire (or are preempted) first
-            block_room -= blocks
-            taken.append(self._backlog.popleft())
-            tokens, longest = tokens + size, max(longest, size)
+            taken_blocks += blocks
+            piece = _PromptPiece(seq, start, start + size)
+            taken.append(piece)
+            if piece.final:
+                del self._backlog[index]
+                tokens, longest = tokens + size, max(longest, size)
+            else:
+                # The rest of this prompt goes in the next steps, before the prompts behind it; short
+                # prompts behind it may share this step (streams restarting during a long prefill).
+                longest, index = max(longest, size), index + 1
         return taken
 
-    def _next_embeddings(self, admitted: list[SequenceState], events: list[Event]) -> list[EmbeddingPiece]:
+    def _look_up_prefix(self, seq: SequenceState) -> None:
+        """Once per sequence, before its first piece: its cached prefix, held until copied in."""
+        if self._prefix is None or seq.prefix_looked_up:
+            return
+        seq.prefix_looked_up = True
+        try:
+            hit = self._prefix.lookup(seq.handle.request.tenant, seq.history)
+        except Exception:
+            logger.exception("Prefix cache lookup failed; computing the prompt whole")
+            return
+        seq.prefix_hit = hit if hit.tokens else None
+
+    def _give_back_prefix(self, seq: SequenceState) -> None:
+        """A sequence not taken into this step stops holding its cached prefix (held blocks are not free:
+        the running sequences' next positions must still fit); it is looked up again when its turn comes."""
+        if self._prefix is None or seq.slot is not None or not seq.prefix_looked_up:
+            return
+        hit = seq.prefix_hit or PrefixHit([], 0)
+        self._prefix.give_back(hit, len(seq.prompt_ids) + len(seq.generated))
+        seq.prefix_hit, seq.prefix_looked_up = None, False
+
+    def _end_prefill(self, seq: SequenceState) -> None:
+        """A sequence leaves before its prefill finished: its held prefix and its slot go back."""
+        if seq.prefix_hit is not None and self._prefix is not None:
+            self._prefix.drop(seq.prefix_hit)
+        seq.prefix_hit = None
+        if seq.slot is not None:
+            self._free_quietly([seq.slot])
+            seq.slot = None
+
+    def _next_embeddings(self, admitted: list[_PromptPiece], events: list[Event]) -> list[EmbeddingPiece]:
         """Embedding inputs for this step, in arrival order, one slot each.
 
         While streams decode, the inputs are paced so that they add about ``embedding_step_share`` to the
@@ -505,9 +605,9 @@ class BatchedEngine:
             return []
         limits = self._limits
         core = self._require_core()
-        room = core.free_slots - len(admitted)
+        room = core.free_slots - sum(1 for piece in admitted if piece.seq.slot is None)
         block_room = core.free_blocks - core.blocks_needed(
-            list(self._running_seqs), [len(seq.history) for seq in admitted]
+            list(self._running_seqs), [piece.end - piece.start for piece in admitted]
         )
         decoding = bool(self._running_seqs)
         if decoding:
@@ -516,7 +616,7 @@ class BatchedEngine:
             self._embedding_credit = min(cap, self._embedding_credit + self._embedding_tokens_per_step())
             budget, first_goes = self._embedding_credit, False
         else:
-            budget = limits.prefill_step_tokens - sum(len(seq.prompt_ids) for seq in admitted)
+            budget = limits.prefill_step_tokens - sum(piece.end - piece.start for piece in admitted)
             first_goes = not admitted or self._embeddings_skipped
         taken: list[EmbeddingPiece] = []
         tokens = longest = 0
@@ -548,6 +648,23 @@ class BatchedEngine:
         if self._decode_step_s <= 0 or self._embedding_token_s <= 0:
             return EMBEDDING_PROBE_TOKENS
         return self._limits.embedding_step_share * self._decode_step_s / self._embedding_token_s
+
+    def _measure_prompt_tokens(self, elapsed: float, tokens: int) -> None:
+        """What a prompt token adds to a decoding step (for the size of chunks beside streams)."""
+        if self._decode_step_s <= 0 or tokens <= 0:
+            return
+        per_token = max(elapsed - self._decode_step_s, 0.0) / tokens
+        per_token = max(per_token, self._decode_step_s / (4 * self._limits.prefill_step_tokens))  # noise floor
+        self._prompt_token_s = per_token if self._prompt_token_s <= 0 else 0.8 * self._prompt_token_s + 0.2 * per_token
+
+    def _chunk_tokens(self) -> int:
+        """A chunk's size while streams decode: what adds about ``CHUNK_STEP_SHARE`` of a decode step's time
+        (measured), between ``MIN_CHUNK_TOKENS`` and ``prefill_chunk_tokens`` (that until measured)."""
+        cap = self._limits.prefill_chunk_tokens
+        if self._decode_step_s <= 0 or self._prompt_token_s <= 0:
+            return cap
+        paced = int(CHUNK_STEP_SHARE * self._decode_step_s / self._prompt_token_s)
+        return max(min(MIN_CHUNK_TOKENS, cap), min(cap, paced))
 
     def _measure_step(self, elapsed: float, rows: int, prompts: int, embedding_tokens: int) -> None:
         """Keep the costs the embedding pacing needs: a decode-only step, and what an embedding token adds."""
@@ -674,45 +791,49 @@ class BatchedEngine:
 
     def _step(
         self,
-        admitted: list[SequenceState],
+        admitted: list[_PromptPiece],
         events: list[Event],
         *,
         decode: bool,
         pieces: list[EmbeddingPiece] | None = None,
     ) -> None:
-        """One forward pass: the next token of every running sequence (when ``decode``), the first token
-        of every admitted one, and the pooled vector of every embedding input in ``pieces`` (prefilled into
-        scratch slots freed right after). A failure here fails only the admitted sequences and the
-        embedding requests in the step when nothing was decoding; otherwise the loop fails the whole batch."""
+        """One forward pass: the next token of every running sequence (when ``decode``), a piece of every
+        admitted prompt (the first new token where the piece ends the prompt), and the pooled vector of
+        every embedding input in ``pieces`` (prefilled into scratch slots freed right after). A failure here
+        fails only the admitted sequences and the embedding requests in the step when nothing was decoding;
+        otherwise the loop fails the whole batch."""
         core = self._require_core()
         pieces = pieces or []
         started = time.perf_counter()
-        decode_slots = core.slots_in_order() if decode else []
+        # A sequence part-way through its prompt holds a slot but does not decode yet.
+        decode_slots = [slot for slot in core.slots_in_order() if slot in self._running_seqs] if decode else []
         rows = [self._running_seqs[slot] for slot in decode_slots]
         tokens = torch.tensor([seq.generated[-1] for seq in rows], dtype=torch.long)
         drafts = None if admitted or pieces else self._drafts_for(rows)
         if drafts is not None and not self._drafts_fit(decode_slots, drafts):
             drafts = None
-        new_slots: list[int] = []
         pool_slots: list[int] = []
         try:
-            new_slots = [core.allocate() for _ in admitted]
+            prefill_slots = [self._slot_for(piece.seq) for piece in admitted]
             pool_slots = [core.allocate() for _ in pieces]
-            prompts = [s.history for s in admitted]  # a preempted sequence resumes: prompt + generated
+            prompts = [piece.tokens for piece in admitted]  # of history: a preempted sequence resumes too
             if drafts is not None:  # a verification step: each row's token and its draft
                 assert self._extender is not None
                 inputs = [[seq.generated[-1], *draft] for seq, draft in zip(rows, drafts, strict=True)]
                 output = self._extender.extend(decode_slots, inputs, scored=[len(i) for i in inputs])
             elif pieces:
                 pool_prompts = [job.inputs[index] for job, index in pieces]
-                output = core.step_pooled(decode_slots, tokens, new_slots, prompts, pool_slots, pool_prompts)
+                output = core.step_pooled(decode_slots, tokens, prefill_slots, prompts, pool_slots, pool_prompts)
             else:  # generation alone: the plain step
-                output = StepOutput(core.step(decode_slots, tokens, new_slots, prompts), NO_VECTORS)
+                output = StepOutput(core.step(decode_slots, tokens, prefill_slots, prompts), NO_VECTORS)
         except Exception:
             self._free_quietly(pool_slots[::-1])
-            self._free_quietly(new_slots)
+            for piece in admitted:
+                self._end_prefill(piece.seq)
+                if piece.seq in self._backlog:
+                    self._backlog.remove(piece.seq)
             self._release(len(admitted))
-            events.extend((s.handle, "", None, EngineError()) for s in admitted)
+            events.extend((piece.seq.handle, "", None, EngineError()) for piece in admitted)
             self._fail_embeddings(pieces, events, EngineError())
             if decode_slots:
                 raise  # the loop fails the running batch too
@@ -720,16 +841,23 @@ class BatchedEngine:
             return
         # The scratch slots are the newest rows: freed last first, no cached row has to move.
         self._free_quietly(pool_slots[::-1])
-        self._running_seqs.update(zip(new_slots, admitted, strict=True))
+        finished = self._finish_pieces(admitted)
         emitted = len(rows)
         if drafts is not None:
             emitted = self._verify_into(rows, drafts, decode_slots, output.logits, events)
-        elif rows or admitted:
-            self._sample_into(rows + admitted, output.logits, events)
+        else:
+            logits = output.logits
+            if len(finished) != len(admitted):  # chunks that do not end their prompt sample nothing
+                keep = list(range(len(rows))) + [len(rows) + i for i, piece in enumerate(admitted) if piece.final]
+                logits = logits.index_select(0, torch.tensor(keep, dtype=torch.long))
+            if rows or finished:
+                self._sample_into(rows + finished, logits, events)
         if pieces:
             self._store_embeddings(pieces, output.pooled, events)
         embedding_tokens = sum(len(job.inputs[index]) for job, index in pieces)
         self._measure_step(time.perf_counter() - started, len(rows), len(admitted), embedding_tokens)
+        if rows and admitted and not pieces:
+            self._measure_prompt_tokens(time.perf_counter() - started, sum(p.end - p.start for p in admitted))
         if rows:
             elapsed = time.perf_counter() - started
             self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (emitted / max(elapsed, 1e-6))
@@ -802,6 +930,40 @@ class BatchedEngine:
             if not seq.finished and count < len(draft):
                 self._extender.truncate(slot, len(seq.prompt_ids) + len(seq.generated) - 1)
         return len(rows) + sum(kept)
+
+    def _slot_for(self, seq: SequenceState) -> int:
+        """The sequence's cache slot: its own after an earlier chunk, else a fresh one holding its cached
+        prefix (copied in)."""
+        if seq.slot is not None:
+            return seq.slot
+        core = self._require_core()
+        seq.slot = core.allocate()
+        hit, seq.prefix_hit = seq.prefix_hit, None
+        if hit is not None and self._prefix is not None:
+            self._prefix.load(seq.slot, hit)
+            seq.prefilled = hit.tokens
+            if not seq.generated:  # what the caller is told: its prompt's first prefill, not a resumption
+                seq.cached_tokens = hit.tokens
+        return seq.slot
+
+    def _finish_pieces(self, admitted: list[_PromptPiece]) -> list[SequenceState]:
+        """After the pass: each piece's tokens are in its slot; prompts now complete start decoding and
+        their full blocks go into the prefix cache. Returns those sequences, in the step's order."""
+        finished = []
+        for piece in admitted:
+            seq = piece.seq
+            assert seq.slot is not None
+            seq.prefilled = piece.end
+            if not piece.final:
+                continue
+            self._running_seqs[seq.slot] = seq
+            finished.append(seq)
+            if self._prefix is not None:
+                try:
+                    self._prefix.publish(seq.handle.request.tenant, seq.slot, seq.history)
+                except Exception:  # the request is fine; only its prefix is not kept
+                    logger.exception("Keeping a prompt's blocks in the prefix cache failed")
+        return finished
 
     def _sample_into(self, rows: list[SequenceState], logits: torch.Tensor, events: list[Event]) -> list[int]:
         logits = apply_token_masks(logits, [s.constraint for s in rows], self.mask_timer)
@@ -879,6 +1041,8 @@ class BatchedEngine:
         events: list[Event] = []
         self._fail_batch(events, NotReadyError(SHUTTING_DOWN))
         events.extend((seq.handle, "", None, NotReadyError(SHUTTING_DOWN)) for seq in self._backlog)
+        for seq in self._backlog:
+            self._end_prefill(seq)
         self._release(len(self._backlog))
         self._backlog.clear()
         events.extend((job.handle, "", None, NotReadyError(SHUTTING_DOWN)) for job in self._embeddings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -26,6 +27,9 @@ from textgen.engine.types import (
     prompt_token_limit,
 )
 from textgen.errors import InvalidRequestError, PromptTooLongError
+
+if TYPE_CHECKING:
+    from textgen.engine.prefix_cache import PrefixHit
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,13 @@ class SequenceState:
     min_tokens: int = 0
     # Speculative decoding: the row's draft index and back-off (made by the engine when it first drafts).
     speculation: SequenceDrafts | None = None
+    # Prefill: the cache slot once it has one, the prompt positions it holds (a cached prefix, earlier
+    # chunks), how many of them came from the prefix cache, and the cached blocks to copy in (held).
+    slot: int | None = None
+    prefilled: int = 0
+    cached_tokens: int = 0
+    prefix_hit: PrefixHit | None = None
+    prefix_looked_up: bool = False
 
     @classmethod
     def admit(
@@ -165,6 +176,7 @@ class SequenceState:
             finish_reason=self.finish_reason or FinishReason.LENGTH,
             token_logprobs=None if self.tokenizer is None else tuple(self.handle.token_logprobs),
             prompt_logprobs=None if self.handle.prompt_logprobs is None else tuple(self.handle.prompt_logprobs),
+            cached_tokens=self.cached_tokens,
             timings=RequestTimings(
                 queue_s=self.admitted_at - arrived,
                 time_to_first_token_s=None if self.first_token_at is None else self.first_token_at - arrived,

@@ -128,6 +128,8 @@ class GenerationRequest(_HasDeadline):
     # params.constraint compiled for the engine's tokenizer (by GenerationService, before submitting).
     grammar: CompiledGrammar | None = None
     prompt_ids: tuple[int, ...] | None = None
+    # Whose request this is: the prefix cache matches only this tenant's cached prompts (unless shared).
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,8 @@ class GenerationResult:
     token_logprobs: tuple[LogprobEntry, ...] | None = None
     # With params.prompt_logprobs: one entry per prompt token.
     prompt_logprobs: tuple[PromptLogprob, ...] | None = None
+    # Prompt tokens whose keys/values came from the prefix cache instead of being computed.
+    cached_tokens: int = 0
 
 
 class _Pending(Generic[ResultT]):
@@ -353,6 +357,9 @@ class EngineStats:
     tokens_per_s: float  # recent aggregate decode throughput, 0 when unknown
     draft_tokens: int = 0  # speculative decoding: tokens drafted and verified so far
     accepted_draft_tokens: int = 0  # ... and kept
+    # The prefix cache since start (None: the engine keeps none): prompt tokens looked up, found cached.
+    prefix_query_tokens: int | None = None
+    prefix_hit_tokens: int = 0
     kv_blocks_total: int = 0  # the paged KV cache's blocks (0: a core without a block pool)
     kv_blocks_used: int = 0  # blocks held by running sequences
     preemptions: int = 0  # sequences preempted for KV blocks since start
@@ -396,6 +403,11 @@ class EngineLimits:
     # While streams decode, embedding inputs may add about this fraction to a decode step's time (measured).
     embedding_step_share: float = 0.05
     speculation: SpeculationSettings = SpeculationSettings()
+    # While sequences decode, a longer prompt (its uncached rest) is prefilled this many tokens per step.
+    prefill_chunk_tokens: int = 256
+    # Reuse cached prompt prefixes (where the core keeps KV blocks); shared: across tenants too.
+    prefix_cache: bool = True
+    prefix_cache_shared: bool = False
 
 
 DEFAULT_PROMPT_TOKENS = 1024  # the prompt limit for a model that states no context length

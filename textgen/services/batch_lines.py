@@ -73,7 +73,7 @@ def batch_line_executor(service: GenerationService, models: ModelRegistry) -> Jo
                 async with models.use(chat.model) as serving:
                     line_service = serving.service
                     handles = await submit_chat(
-                        line_service, serving.model.tokenizer, chat, request_id, Priority.BACKGROUND
+                        line_service, serving.model.tokenizer, chat, request_id, Priority.BACKGROUND, tenant=job.tenant
                     )
                     for handle in handles:
                         track(handle)
@@ -84,7 +84,9 @@ def batch_line_executor(service: GenerationService, models: ModelRegistry) -> Jo
                 async with models.use(completion.model) as serving:
                     line_service = serving.service
                     await line_service.prepare_constraint(response_format_constraint(completion.response_format))
-                    handles = await submit_completion(line_service, completion, request_id, Priority.BACKGROUND)
+                    handles = await submit_completion(
+                        line_service, completion, request_id, Priority.BACKGROUND, tenant=job.tenant
+                    )
                     for handle in handles:
                         track(handle)
                     results = [await line_service.finish(result, request_id) for result in await _results(handles)]

@@ -29,13 +29,14 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from textgen.engine.types import Engine, EngineStats
 from textgen.errors import DeadlineExceededError, ModelNotFoundError, ModelUnavailableError
@@ -258,14 +259,14 @@ class ModelRegistry:
             yield serving.service
 
     def engine_stats(self) -> EngineStats:
-        """Every loaded engine's queue lengths and throughput, summed (the /metrics gauges)."""
+        """Every loaded engine's numbers, summed (the /metrics gauges and counters, /stats); a number an engine
+        may not keep (None) stays None only when no engine keeps it."""
         stats = [serving.engine.stats() for serving in self.loaded().values()]
-        return EngineStats(
-            running=sum(s.running for s in stats),
-            waiting_interactive=sum(s.waiting_interactive for s in stats),
-            waiting_background=sum(s.waiting_background for s in stats),
-            tokens_per_s=sum(s.tokens_per_s for s in stats),
-        )
+        summed: dict[str, Any] = {}
+        for found in dataclasses.fields(EngineStats):
+            values = [getattr(s, found.name) for s in stats if getattr(s, found.name) is not None]
+            summed[found.name] = sum(values) if values else (None if found.default is None else 0)
+        return EngineStats(**summed)
 
     async def _ready(self, entry: ModelEntry, timeout_s: float | None) -> Serving:
         if entry.serving is not None and entry.state is ModelState.LOADED:

@@ -41,6 +41,7 @@ from textgen.services.openai_types import (
     CompletionLogprobs,
     CompletionResponse,
     FunctionCallOut,
+    PromptTokensDetails,
     ToolCallOut,
     Usage,
     openai_error_body,
@@ -276,8 +277,10 @@ def submit_choices(
     max_tokens: int | None,
     request_id: str,
     priority: Priority = Priority.INTERACTIVE,
+    tenant: str | None = None,
 ) -> list[Handle]:
-    """n handles per prompt, in OpenAI's choice order; cancels what was submitted if one is refused."""
+    """n handles per prompt, in OpenAI's choice order; cancels what was submitted if one is refused.
+    ``tenant``: whose request (the prefix cache matches only that tenant's cached prompts)."""
     if len(body.stop_strings()) > 4:
         raise InvalidRequestError("stop: at most 4 stop sequences are allowed.")
     capacity = service.settings.max_running + service.settings.max_waiting
@@ -292,7 +295,9 @@ def submit_choices(
         for prompt, prompt_ids in zip(prompts, ids, strict=True):
             for choice in range(body.n):
                 params = choice_sampling(body, max_tokens, choice)
-                handles.append(service.submit(prompt, params, request_id, priority, prompt_ids=prompt_ids))
+                handles.append(
+                    service.submit(prompt, params, request_id, priority, prompt_ids=prompt_ids, tenant=tenant)
+                )
     except TextGenError:
         for handle in handles:
             handle.cancel()
@@ -303,8 +308,12 @@ def submit_choices(
 def _usage(results: Sequence[GenerationResult], n: int) -> Usage:
     prompt_tokens = sum(result.prompt_tokens for result in results[::n])
     completion_tokens = sum(result.completion_tokens for result in results)
+    cached_tokens = sum(result.cached_tokens for result in results[::n])
     return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     )
 
 
@@ -448,11 +457,11 @@ def echoed_prompts(service: GenerationService, body: CompletionRequest) -> list[
 
 
 async def submit_completion(
-    service: GenerationService, body: CompletionRequest, request_id: str, priority: Priority
+    service: GenerationService, body: CompletionRequest, request_id: str, priority: Priority, tenant: str | None
 ) -> list[Handle]:
     """What the /v1/completions route does before it waits: check the prompts, submit every choice (batch lines)."""
     prompts = await checked_prompts(service, body, request_id)
-    return submit_choices(service, prompts, body, body.max_tokens, request_id, priority)
+    return submit_choices(service, prompts, body, body.max_tokens, request_id, priority, tenant=tenant)
 
 
 def completion_response(
@@ -569,11 +578,14 @@ async def submit_chat(
     body: ChatCompletionRequest,
     request_id: str,
     priority: Priority,
+    tenant: str | None,
 ) -> list[Handle]:
-    """What the chat route does before it waits: check, render the chat prompt, submit every choice (batch lines)."""
+    """What the chat route does before it waits: check, render the chat prompt, submit every choice (batch lines).
+    ``tenant``: whose request (the prefix cache matches only that tenant's cached prompts)."""
     prompt = await checked_chat_prompt(service, tokenizer, body, request_id)
     await prepare_chat(service, body)
-    return submit_choices(service, [prompt], body, chat_max_tokens(service, body), request_id, priority)
+    max_tokens = chat_max_tokens(service, body)
+    return submit_choices(service, [prompt], body, max_tokens, request_id, priority, tenant=tenant)
 
 
 def chat_response(

@@ -506,7 +506,9 @@ def response_executor(service: GenerationService, models: ModelRegistry) -> JobE
         chat = ChatCompletionRequest.model_validate(chat_body)
         async with models.use(chat.model) as serving:
             chat_service, tokenizer = serving.service, serving.model.tokenizer
-            handles = await submit_chat(chat_service, tokenizer, chat, request_id, Priority.BACKGROUND)
+            handles = await submit_chat(
+                chat_service, tokenizer, chat, request_id, Priority.BACKGROUND, tenant=job.tenant
+            )
             for handle in handles:
                 track(handle)
             results = [await chat_service.finish(result, request_id) for result in await _gather(handles)]

@@ -334,7 +334,7 @@ class JobRunner:
             request = text_request(body)
             async with self._service_for(body.model, request.timeout_s) as service:
                 await service.prepare_request(request)  # compiles off the event loop, marked as risky
-                handle = service.submit_request(request, request_id, Priority.BACKGROUND)
+                handle = service.submit_request(request, request_id, Priority.BACKGROUND, tenant=job.tenant)
                 self._track(job.id, handle)
                 result = await service.response(await handle.result(), request_id)
             return JobState.SUCCEEDED, {"result": result.to_dict()}

@@ -73,6 +73,9 @@ class TextGenerationResponse(BaseModel):
     token_logprobs: list[TokenLogprob] | None = Field(
         None, description="One entry per generated token, when the request set logprobs."
     )
+    cached_tokens: int = Field(
+        0, description="Prompt tokens whose keys/values came from the prefix cache (computed before, reused)."
+    )
 
 
 class JobAccepted(BaseModel):

@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -109,6 +109,24 @@ class ModelCore(Protocol):
     ) -> StepOutput: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+    # Whether ``step`` may prefill a slot that already holds positions (a cached prefix, an earlier
+    # chunk of the same prompt): the prompt then continues from there.
+    @property
+    def extends(self) -> bool: ...
+
+    # The prefix cache over the core's KV blocks (0: the core keeps none): positions per block, and
+    # holding, sharing into a fresh slot, releasing and naming full blocks by their content keys.
+    @property
+    def prefix_block_size(self) -> int: ...
+
+    def hold_prefix(self, keys: Sequence[Hashable]) -> list[int]: ...
+
+    def release_blocks(self, blocks: Sequence[int]) -> None: ...
+
+    def load_prefix(self, slot: int, blocks: Sequence[int]) -> None: ...
+
+    def publish_prefix(self, slot: int, keys: Sequence[Hashable]) -> None: ...
 
 
 @dataclass(frozen=True)

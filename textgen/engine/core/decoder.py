@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -170,6 +170,47 @@ class DecodeCore:
         self._fused_off = "" if self._fused else fused_off or f"no fused step for {arch.name}"
 
     # ----- the core contract ----------------------------------------------------------------------
+
+    @property
+    def extends(self) -> bool:
+        return True
+
+    @property
+    def prefix_block_size(self) -> int:
+        return self.cache.block_size
+
+    def hold_prefix(self, keys: Sequence[Hashable]) -> list[int]:
+        """The blocks holding the longest run of ``keys`` (full blocks' content names, in prefix order),
+        each with one more reference, so they cannot be evicted before ``load_prefix`` or ``release_blocks``."""
+        pool, blocks = self.cache.pool, []
+        for key in keys:
+            block = pool.cached(key)
+            if block is None:
+                break
+            pool.share(block)
+            blocks.append(block)
+        return blocks
+
+    def release_blocks(self, blocks: Sequence[int]) -> None:
+        self.cache.pool.release_all(list(blocks))
+
+    def load_prefix(self, slot: int, blocks: Sequence[int]) -> None:
+        """Start the fresh sequence in ``slot`` with these full (cached) blocks, shared, not copied."""
+        table = self.cache.table(slot)
+        if table.blocks or table.length:
+            raise EngineError(f"slot {slot} is not empty: a cached prefix starts a fresh sequence")
+        self.cache.check_room(slot, len(blocks) * self.cache.block_size)
+        table.append_shared(list(blocks))
+        table.length = len(blocks) * self.cache.block_size
+        self.cache.sync_table(slot)
+
+    def publish_prefix(self, slot: int, keys: Sequence[Hashable]) -> None:
+        """Name the sequence's first full blocks by ``keys`` so later prompts find them (a block already
+        named keeps its name; the first copy of a content is the one found)."""
+        table = self.cache.table(slot)
+        full = min(len(keys), table.length // self.cache.block_size)
+        for block, key in zip(table.blocks[:full], keys[:full], strict=True):
+            self.cache.pool.set_hash(block, key)
 
     @property
     def capacity(self) -> int:
@@ -403,6 +444,7 @@ class DecodeCore:
             "positions_per_slot": self.cache.capacity,
             "kv_blocks": self.cache.pool.total,
             "kv_block_size": self.cache.block_size,
+            "kv_blocks_cached": self.cache.pool.cached_free,
             "dtype": str(self._dtype).removeprefix("torch."),
             "fused_kernels": self._fused is not None,
             **({"fused_kernels_off": self._fused_off} if self._fused_off else {}),

@@ -7,7 +7,7 @@ cache grows by one column per step and is trimmed when rows leave (see ``engine/
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +34,27 @@ class TransformersCore:
     def free_slots(self) -> int:
         return len(self._free_ids)
 
+    @property
+    def extends(self) -> bool:
+        return False  # left-padded rows: a prompt is prefilled whole, in one step
+
+    @property
+    def prefix_block_size(self) -> int:
+        return 0  # no prefix cache: rows are padded, not in blocks
+
+    def hold_prefix(self, keys: Sequence[Hashable]) -> list[int]:
+        return []
+
+    def release_blocks(self, blocks: Sequence[int]) -> None:
+        if blocks:
+            raise EngineError("The transformers core keeps no prefix cache.")
+
+    def load_prefix(self, slot: int, blocks: Sequence[int]) -> None:
+        if blocks:
+            raise EngineError("The transformers core keeps no prefix cache.")
+
+    def publish_prefix(self, slot: int, keys: Sequence[Hashable]) -> None:
+        return None
     # No block pool: transformers' own cache grows per batch; admission is by slots alone.
     free_blocks = sys.maxsize
     total_blocks = 0
