@@ -14,7 +14,14 @@ import pytest
 from tests.support.waiting import wait_until
 from textgen.engine.core import CoreOptions
 from textgen.engine.scheduler import BatchedEngine
-from textgen.engine.types import EngineLimits, GenerationRequest, GenerationResult, SamplingParams
+from textgen.engine.types import (
+    EngineLimits,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    SpeculationMode,
+    SpeculationSettings,
+)
 
 BLOCK = 32  # the KV cache's block size (its default)
 rng = random.Random(5)
@@ -120,7 +127,10 @@ async def test_eviction_under_memory_pressure_keeps_outputs_right(make_engine: C
 async def test_a_long_prompt_is_prefilled_in_chunks_beside_running_streams(
     make_engine: Callable[..., Any],
 ) -> None:
-    engine = await make_engine(cache=False, prefill_chunk_tokens=16)
+    # speculation off: drafted steps bypass core.step, and greedy streams that draft well could finish
+    # before the long prompt arrives (it would then be prefilled alone, in one step)
+    off = SpeculationSettings(SpeculationMode.OFF)
+    engine = await make_engine(cache=False, prefill_chunk_tokens=16, speculation=off)
     core = engine.core
     sizes: list[list[int]] = []
     original_step = core.step
