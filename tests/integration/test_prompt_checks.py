@@ -114,7 +114,7 @@ async def test_prompt_tokens_are_counted_before_the_filter_on_every_route(
         chat = assert_openai_error(await client.post("/v1/chat/completions", json=chat_body), 400)
         assert "at most 40" in chat["message"]
         with pytest.raises(PromptTooLongError):  # what a batch line runs
-            await submit_completion(service, CompletionRequest(prompt=long_prompt), "line-1", Priority.BACKGROUND)
+            await submit_completion(service, CompletionRequest(prompt=long_prompt), "line-1", Priority.BACKGROUND, None)
         assert recording.calls == []
         # A prompt within the limit still goes through the filter (and is rejected for its content).
         short = await client.post("/generate", json={"prompt": "I hate rain."})
