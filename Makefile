@@ -46,7 +46,7 @@ lint: setup
 	$(PY) -m mypy textgen models.py main.py
 
 test: setup lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 bench: setup
 	$(PY) -m bench.bench
