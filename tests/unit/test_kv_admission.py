@@ -14,7 +14,15 @@ import pytest
 from tests.support.waiting import wait_until
 from textgen.engine.core import CoreOptions
 from textgen.engine.scheduler import BatchedEngine
-from textgen.engine.types import EngineLimits, GenerationRequest, Priority, SamplingParams, prompt_token_limit
+from textgen.engine.types import (
+    EngineLimits,
+    GenerationRequest,
+    Priority,
+    SamplingParams,
+    SpeculationMode,
+    SpeculationSettings,
+    prompt_token_limit,
+)
 
 BLOCK = 16
 CAPACITY = 128  # positions per sequence: 8 blocks
@@ -33,6 +41,9 @@ async def make_engine(tiny_loaded: Any) -> AsyncIterator[Callable[..., Any]]:
 
     async def build(blocks: int, **limits: Any) -> BatchedEngine:
         limits.setdefault("max_new_tokens_limit", 1000)
+        # One token per step: drafts accepted on greedy text can finish a sequence before the pool runs
+        # short, and these tests are about when blocks run out (speculation has its own tests).
+        limits.setdefault("speculation", SpeculationSettings(SpeculationMode.OFF))
         options = CoreOptions(
             core="textgen", slots=12, positions=CAPACITY, kv_cache_memory=blocks * block_bytes(tiny_loaded),
             kv_block_size=BLOCK,
