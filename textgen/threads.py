@@ -54,10 +54,18 @@ class RequestThreads:
     """
 
     def __init__(self, workers: int = 2, name: str = "textgen-request") -> None:
+        self._name = name
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        self._closed = False
 
     async def run(self, work: Callable[[], T]) -> T:
+        if self._closed:
+            # A request whose result arrived as its model was unloaded or the server stopped still needs
+            # its last piece of work (filtering the text): it gets a thread of its own, not a 500.
+            return await run_in_own_thread(work, name=f"{self._name}-straggler")
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the threads once their queued work is done; work handed in later still runs (see ``run``)."""
+        self._closed = True
+        self._executor.shutdown(wait=False)

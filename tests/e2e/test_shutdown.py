@@ -165,7 +165,7 @@ def test_sigterm_drains_requests_and_hands_jobs_back(start_server: Callable[...,
     for request_id in (f"inflight-{i}" for i in range(INTERACTIVE)):
         response = results.get(request_id)
         assert isinstance(response, httpx.Response), f"{request_id}: {response!r}\n{first.log_tail()}"
-        assert response.status_code == 200, response.text
+        assert response.status_code == 200, f"{response.text}\n{first.log_tail()}"
         assert response.json()["completion_tokens"] == INTERACTIVE_TOKENS
 
     first_log = first.log_text()
