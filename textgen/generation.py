@@ -25,6 +25,7 @@ from textgen.engine.text import IncrementalDetokenizer
 from textgen.engine.types import (
     Engine,
     EngineLimits,
+    FinishReason,
     GenerationRequest,
     GenerationResult,
     Handle,
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 PROMPT_REJECTED = "The prompt was rejected by the content filter."
 OUTPUT_REJECTED = "The generated text was withheld by the content filter."
 COMPILING_PHASE = "compiling its constraint"
+# The content-filter metric's action for a structured row that ended at a match (finish_reason content_filter).
+STRUCTURED_FILTER_ACTION = "content_filter"
 
 # Work that could kill the process (compiling a new constraint) is announced through this marker when
 # one is set: the job runner sets it for the task running a job, and records the phase in the job
@@ -447,6 +450,33 @@ class GenerationService:
             raise ContentRejectedError(OUTPUT_REJECTED)
         return self.content_filter.redact(text)
 
+    def _ended_at_match(self, result: GenerationResult, request_id: str) -> GenerationResult:
+        """A structured row (tool calls, response_format, a grammar) whose text matched the filter: cut
+        before the first match and finished with ``content_filter`` (what OpenAI answers), never redacted:
+        "[redacted]" inside a JSON string can break its schema (maxLength, pattern, enum) and would be
+        handed to a tool as if the model had written it. ``reject`` still refuses the whole answer."""
+        matches = self.content_filter.find(result.text)
+        if not matches:
+            return self._visible(result)
+        action = self.settings.output_filter_action
+        label = "reject" if action == "reject" else STRUCTURED_FILTER_ACTION
+        self.metrics.observe_filter("output", label)
+        logger.warning(
+            "Structured output matched the content filter (%d matches, action=%s)",
+            len(matches),
+            label,
+            extra={"request_id": request_id},
+        )
+        if action == "reject":
+            raise ContentRejectedError(OUTPUT_REJECTED)
+        cut = result.text[: min(match.start for match in matches)]
+        return dataclasses.replace(_with_text(result, cut), finish_reason=FinishReason.CONTENT_FILTER)
+
+    def _visible(self, result: GenerationResult) -> GenerationResult:
+        if not result.token_logprobs:
+            return result
+        return dataclasses.replace(result, token_logprobs=tuple(self.visible_logprobs(result.token_logprobs)))
+
     async def admit(self, principal: str) -> None:
         """Count a request against the caller's rate limit (429 when over it)."""
         await self.rate_limiter.acquire(principal)
@@ -610,11 +640,11 @@ class GenerationService:
         return await self.threads.run(lambda: self._filtered(result, request_id))
 
     def _filtered(self, result: GenerationResult, request_id: str) -> GenerationResult:
+        if result.structured:
+            return self._ended_at_match(result, request_id)
         text = self.filter_output(result.text, request_id)
-        final = result if text == result.text else _with_text(result, text)
-        if final.token_logprobs:  # alternatives the model did not pick may hold filtered words
-            final = dataclasses.replace(final, token_logprobs=tuple(self.visible_logprobs(final.token_logprobs)))
-        return final
+        # Alternatives the model did not pick may hold filtered words.
+        return self._visible(result if text == result.text else _with_text(result, text))
 
     async def response(self, result: GenerationResult, request_id: str, principal: str | None = None) -> TextResult:
         final = await self.finish(result, request_id, principal)
@@ -634,8 +664,11 @@ class GenerationService:
             ),
         )
 
-    def streaming_filter(self) -> StreamingFilter:
-        return StreamingFilter(self.content_filter, self.settings.output_filter_action)
+    def streaming_filter(self, handle: Handle | None = None) -> StreamingFilter:
+        """The stream's filter; for a structured row (``handle``'s request has a constraint) one that stops
+        before the first match instead of redacting it (see ``_ended_at_match``)."""
+        structured = handle is not None and handle.request.params.constraint is not None
+        return StreamingFilter(self.content_filter, self.settings.output_filter_action, stop_at_match=structured)
 
     async def stream_text(
         self, handle: Handle, *, cancel_on_exit: bool = True, streaming_filter: StreamingFilter | None = None
@@ -644,7 +677,7 @@ class GenerationService:
         back a short tail so a blocked word is never sent in pieces. Unless told otherwise, cancels the
         generation when the consumer goes away. Pass ``streaming_filter`` to read what it let through
         (``StreamedLogprobs``)."""
-        streaming_filter = streaming_filter or self.streaming_filter()
+        streaming_filter = streaming_filter or self.streaming_filter(handle)
         try:
             async for delta in handle.stream():
                 safe = streaming_filter.push(delta)
@@ -666,15 +699,9 @@ class GenerationService:
 
 
 def _with_text(result: GenerationResult, text: str) -> GenerationResult:
-    """The filtered result; its token log-probabilities would show the filtered words, so they go too."""
-    return GenerationResult(
-        text=text,
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        finish_reason=result.finish_reason,
-        timings=result.timings,
-        token_logprobs=None if result.token_logprobs is None else (),
-    )
+    """The filtered result; its token log-probabilities would show the filtered words, so they go too
+    (usage, cached tokens and the prompt's entries stay)."""
+    return dataclasses.replace(result, text=text, token_logprobs=None if result.token_logprobs is None else ())
 
 
 def _redacted_entry(entry: LogprobEntry, content_filter: ContentFilter) -> LogprobEntry:

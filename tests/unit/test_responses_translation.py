@@ -227,3 +227,19 @@ def test_an_empty_or_cut_stream_still_closes_a_message() -> None:
     assert response["status"] == "incomplete" and response["incomplete_details"] == {"reason": "max_output_tokens"}
     assert response["output"][0]["status"] == "incomplete" and response["output"][0]["content"][0]["text"] == ""
     assert events.final(response)["type"] == "response.incomplete"
+
+
+def test_a_content_filter_finish_is_incomplete_with_its_reason() -> None:
+    events = ResponseEvents({"id": "resp_x", "status": "in_progress", "output": []})
+    events.chunk(_chunk({"content": '{"a": "I '}, None))
+    events.chunk(_chunk({}, "content_filter"))
+    _, response = events.end()
+    assert response["status"] == "incomplete" and response["incomplete_details"] == {"reason": "content_filter"}
+    assert events.final(response)["type"] == "response.incomplete"
+    chat = {
+        "choices": [{"message": {"content": '{"a": "I '}, "finish_reason": "content_filter"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+    }
+    plain = completed_response({"id": "resp_x", "status": "in_progress", "output": []}, chat)
+    assert plain["status"] == "incomplete" and plain["incomplete_details"] == {"reason": "content_filter"}
+    assert plain["output"][0]["status"] == "incomplete"

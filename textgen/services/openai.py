@@ -61,10 +61,11 @@ from textgen.services.tools import (
     tool_plan,
 )
 
-OPENAI_FINISH: dict[FinishReason, Literal["stop", "length"]] = {
+OPENAI_FINISH: dict[FinishReason, Literal["stop", "length", "content_filter"]] = {
     FinishReason.LENGTH: "length",
     FinishReason.STOP: "stop",
     FinishReason.EOS: "stop",
+    FinishReason.CONTENT_FILTER: "content_filter",
 }
 
 
@@ -330,7 +331,7 @@ async def _choice_events(
     )
 
     async def pump(index: int, handle: Handle) -> None:
-        streaming_filter = service.streaming_filter()
+        streaming_filter = service.streaming_filter(handle)
         logprobs = StreamedLogprobs(service, handle)  # paced by what the filter lets through
         try:
             async for text in service.stream_text(handle, streaming_filter=streaming_filter):
@@ -613,13 +614,14 @@ def chat_response(
     )
 
 
-ChatFinish = Literal["stop", "length", "tool_calls", "function_call"]
+ChatFinish = Literal["stop", "length", "content_filter", "tool_calls", "function_call"]
 
 
 def _call_finish(plan: ToolPlan, result: GenerationResult, called: bool) -> ChatFinish:
-    """``tool_calls`` (legacy: ``function_call``) when the answer holds complete calls and was not cut short."""
+    """``tool_calls`` (legacy: ``function_call``) when the answer holds complete calls and was not cut short
+    (by its token budget, or by the content filter: the calls completed before the match are still sent)."""
     finish = OPENAI_FINISH[result.finish_reason]
-    if called and finish != "length":
+    if called and finish == "stop":
         return "function_call" if plan.legacy else "tool_calls"
     return finish
 
