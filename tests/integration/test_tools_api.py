@@ -337,6 +337,30 @@ async def test_streamed_legacy_function_call(api: Api) -> None:
             "tools.1.function.parameters",
             "object",
         ),
+        # A forced call leaves no text answer for response_format to shape: refused, not silently ignored.
+        (
+            {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format",
+            "tool_choice required",
+        ),
+        (
+            {
+                "tools": TOOLS,
+                "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": WEATHER}},
+            },
+            "response_format",
+            "'get_time'",
+        ),
+        (
+            {
+                "functions": [TOOLS[0]["function"]],
+                "function_call": {"name": "get_weather"},
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
+            "function_call",
+        ),
     ],
 )
 async def test_tool_errors_name_the_param(api: Api, extra: dict[str, Any], param: str, words: str) -> None:
@@ -461,3 +485,25 @@ async def test_calls_finished_before_the_match_are_kept(api: Api) -> None:
     for call in calls:
         assert call["function"]["name"] == "get_time", call
         jsonschema.validate(json.loads(call["function"]["arguments"]), TIME)
+
+
+async def test_response_format_is_honoured_where_a_text_answer_is_allowed(api: Api) -> None:
+    """With tool_choice auto or none, response_format shapes the text answer; "text" is no constraint, so it
+    goes with any tool_choice."""
+    client, _ = api
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    formatted = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    body = {"messages": ASK, "tools": TOOLS, "tool_choice": "none", "response_format": formatted, "max_tokens": 30}
+    choice = (await post_ok(client, CHAT, {**body, "seed": 1}))["choices"][0]
+    if choice["finish_reason"] == "stop":
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    else:
+        assert choice["message"]["content"].startswith("{")
+    body = {**body, "tool_choice": "required", "response_format": {"type": "text"}, "max_tokens": 120}
+    choice = (await post_ok(client, CHAT, body))["choices"][0]
+    assert choice["finish_reason"] in ("tool_calls", "length")

@@ -55,6 +55,7 @@ from textgen.services.tools import (
     ParseEvent,
     ToolCallParser,
     ToolPlan,
+    check_answer_format,
     parameters_schema,
     parse_tool_calls,
     tool_call_constraint,
@@ -118,9 +119,11 @@ def response_format_constraint(response_format: dict[str, Any] | None) -> Constr
 
 def request_constraint(body: CompletionRequest | ChatCompletionRequest) -> Constraint | None:
     """The request's output constraint: its tool calls (``textgen.services.tools``: with tools offered,
-    ``response_format`` shapes only a text answer), else its ``response_format``."""
+    ``response_format`` shapes only a text answer: a 400 naming it where no text answer is allowed), else
+    its ``response_format``."""
     if isinstance(body, ChatCompletionRequest):
         plan = tool_plan(body)
+        check_answer_format(plan, (body.response_format or {}).get("type"))
         if plan.active:
             return tool_call_constraint(plan, _response_format_schema(body.response_format))
     return response_format_constraint(body.response_format)

@@ -35,6 +35,7 @@ from textgen.services.model_registry import ModelRegistry
 from textgen.services.openai import chat_response, submit_chat
 from textgen.services.requests import ChatCompletionRequest
 from textgen.services.responses_types import ResponseRequest, check_fields
+from textgen.services.tools import check_answer_format, tool_plan
 from textgen.workers.runner import ExecutorFactory, JobExecutor, JobOutcome
 
 RESPONSE_KIND = "response"
@@ -240,12 +241,14 @@ def chat_request(body: ResponseRequest, items: Sequence[dict[str, Any]], *, stre
     elif tool_choice not in (None, "none", "auto"):
         raise InvalidRequestError("tool_choice: required or a named function needs tools.", param="tool_choice")
     try:
-        return ChatCompletionRequest.model_validate(chat)
+        request = ChatCompletionRequest.model_validate(chat)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         param = "input" if where.startswith("messages") else where  # the messages are the input's items
         raise InvalidRequestError(f"{param}: as a chat request, {where}: {first['msg']}", param=param) from None
+    check_answer_format(tool_plan(request), (request.response_format or {}).get("type"), "text.format")
+    return request
 
 
 # ----- the response object ---------------------------------------------------------------------------
