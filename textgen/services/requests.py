@@ -91,7 +91,12 @@ class TextGenerationRequest(BaseModel):
     temperature: float = Field(0.7, ge=0.0, le=5.0, description="0 means greedy decoding.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of this mass.")
     top_k: int = Field(0, ge=0, le=100_000, description="Keep only the k most likely tokens; 0 = no limit.")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="> 1 discourages repeating tokens.")
+    repetition_penalty: float = Field(
+        1.0,
+        ge=0.01,
+        le=10.0,
+        description="> 1 discourages repeating tokens; 0.01..10 (a smaller divisor would overflow the logits).",
+    )
     presence_penalty: float = Field(
         0.0, ge=-2.0, le=2.0, description="As OpenAI's: subtracted once from the logit of every token generated so far."
     )
