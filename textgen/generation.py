@@ -11,7 +11,10 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import statistics
+import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter, StreamingFilter
 from textgen.engine.constraints import CompiledGrammar, Constraint, GrammarCompiler
+from textgen.engine.service_rate import RETRY_AFTER_MAX_S, RETRY_AFTER_MIN_S
 from textgen.engine.text import IncrementalDetokenizer
 from textgen.engine.types import (
     Engine,
@@ -54,6 +58,8 @@ logger = logging.getLogger(__name__)
 PROMPT_REJECTED = "The prompt was rejected by the content filter."
 OUTPUT_REJECTED = "The generated text was withheld by the content filter."
 COMPILING_PHASE = "compiling its constraint"
+# Stream lifetimes the stream cap's Retry-After is predicted from (StreamSlots).
+RECENT_STREAMS = 64
 # The content-filter metric's action for a structured row that ended at a match (finish_reason content_filter).
 STRUCTURED_FILTER_ACTION = "content_filter"
 
@@ -185,29 +191,53 @@ class StreamSlot:
 
 
 class StreamSlots:
-    """Open streams per caller (rate-limit key) in this process; 429 past ``per_caller`` (0 = no cap)."""
+    """Open streams per caller (rate-limit key) in this process; 429 past ``per_caller`` (0 = no cap).
 
-    def __init__(self, per_caller: int) -> None:
+    The 429's Retry-After predicts when the first of the caller's open streams ends, from the real state:
+    each open stream's age and the lifetimes of the streams that ended recently (any caller's, the last
+    ``RECENT_STREAMS``). A stream of age ``a`` is expected to last the median lifetime of the recent streams
+    that lived longer than ``a``; when none did (or none has ended yet), as long again as it has so far.
+    The clock is injected so tests drive it."""
+
+    def __init__(self, per_caller: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.per_caller = per_caller
-        self._open: dict[str, int] = {}
+        self._clock = clock
+        self._opened: dict[str, list[float]] = {}  # when each open stream of a caller began
+        self._lifetimes: deque[float] = deque(maxlen=RECENT_STREAMS)
 
     def open_count(self, key: str) -> int:
-        return self._open.get(key, 0)
+        return len(self._opened.get(key, ()))
 
     @property
     def total(self) -> int:
         """Open streams of every caller (the drain waits for them to send their final event)."""
-        return sum(self._open.values())
+        return sum(len(opened) for opened in self._opened.values())
+
+    def retry_after_s(self, key: str) -> float:
+        """Seconds until one of ``key``'s open streams is expected to end (clamped; the header rounds up)."""
+        now = self._clock()
+        ages = [now - began for began in self._opened.get(key, ())]
+        if not ages:
+            return RETRY_AFTER_MIN_S
+        return min(RETRY_AFTER_MAX_S, max(RETRY_AFTER_MIN_S, min(self._expected_remaining(age) for age in ages)))
+
+    def _expected_remaining(self, age: float) -> float:
+        longer = sorted(lifetime for lifetime in self._lifetimes if lifetime > age)
+        if not longer:
+            return age
+        return statistics.median(longer) - age
 
     def take(self, key: str) -> StreamSlot:
         """A slot for one more open stream of ``key``; RateLimitedError when it has ``per_caller`` open."""
-        if self.per_caller and self._open.get(key, 0) >= self.per_caller:
+        if self.per_caller and self.open_count(key) >= self.per_caller:
             raise RateLimitedError(
                 f"Too many open streams: this caller already has {self.per_caller} open "
-                "(TEXTGEN_MAX_STREAMS_PER_CALLER); close one, or retry after the time in the Retry-After header.",
-                retry_after_s=5,
+                "(TEXTGEN_MAX_STREAMS_PER_CALLER); close one, or retry after the time in the Retry-After header "
+                "(when the first of them is expected to end).",
+                retry_after_s=self.retry_after_s(key),
             )
-        self._open[key] = self._open.get(key, 0) + 1
+        began = self._clock()
+        self._opened.setdefault(key, []).append(began)
         released = False
 
         def release() -> None:
@@ -215,11 +245,12 @@ class StreamSlots:
             if released:
                 return
             released = True
-            remaining = self._open.get(key, 1) - 1
-            if remaining > 0:
-                self._open[key] = remaining
-            else:
-                self._open.pop(key, None)
+            self._lifetimes.append(self._clock() - began)
+            opened = self._opened.get(key, [])
+            if began in opened:
+                opened.remove(began)
+            if not opened:
+                self._opened.pop(key, None)
 
         return StreamSlot(release)
 
