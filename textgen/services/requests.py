@@ -11,6 +11,7 @@ only: importing these (or ``models.py``) loads neither the engine nor torch.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -226,8 +227,14 @@ def _refuse_undeclared(model: type[BaseModel], data: Any, refused: dict[str, str
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "tuple", "bytes", "literal"})
 
 
+# A union member's model name in an error location (``TokenizePromptRequest``): no field is spelled so.
+_MODEL_TAG = re.compile(r"[A-Z][a-z0-9]+(?:[A-Z][a-z0-9]+)+")
+
+
 def _is_type_tag(part: int | str) -> bool:
-    return isinstance(part, str) and (part.lower() in _TYPE_TAGS or any(char in part for char in "[(-"))
+    if not isinstance(part, str):
+        return False
+    return part.lower() in _TYPE_TAGS or any(char in part for char in "[(-") or bool(_MODEL_TAG.fullmatch(part))
 
 
 def param_of(loc: tuple[int | str, ...]) -> str | None:
