@@ -773,9 +773,15 @@ class StreamingFilter:
     on each push, so the cost per token does not grow with the length of the output.
     """
 
-    def __init__(self, content_filter: ContentFilter, action: str, holdback: int | None = None) -> None:
+    def __init__(
+        self, content_filter: ContentFilter, action: str, holdback: int | None = None, *, stop_at_match: bool = False
+    ) -> None:
         self._filter = content_filter
         self._reject = action == "reject"
+        # Structured output (tool calls, JSON): the text before the first match is sent and nothing after
+        # it (``stopped``), instead of a "[redacted]" that could break the output's schema.
+        self._stop_at_match = stop_at_match
+        self.stopped = False
         self._holdback = holdback if holdback is not None else content_filter.streaming_holdback
         self._text = ""
         self._sent_upto = 0
@@ -830,7 +836,7 @@ class StreamingFilter:
         return self._release(len(self._text))
 
     def _release(self, end: int) -> str:
-        if end <= self._sent_upto:
+        if self.stopped or end <= self._sent_upto:
             return ""
         window_start = self._chunk_start_before(self._sent_upto - self._holdback)
         # Text sent before may still decode together with what follows ("%68" sent, then "ate").
@@ -854,8 +860,22 @@ class StreamingFilter:
                 end = start  # never send part of a match
         if end <= self._sent_upto:
             return ""
-        released = self._redact(self._sent_upto, end, [m for m in matches if m[0] < end])
+        decided = [m for m in matches if m[0] < end]
+        if self._stop_at_match and decided:
+            return self._stop(min(start for start, _ in decided))
+        released = self._redact(self._sent_upto, end, decided)
         self._sent_upto = end
+        return released
+
+    def _stop(self, match_start: int) -> str:
+        """The first match ends the stream: release what precedes it (or reject), then nothing more."""
+        self.matched = True
+        self.first_match_start = max(match_start, self._sent_upto)
+        if self._reject:
+            raise ContentRejectedError("The generated text was withheld by the content filter.")
+        released = self._text[self._sent_upto : self.first_match_start]
+        self._sent_upto = self.first_match_start
+        self.stopped = True
         return released
 
     def _redact(self, start: int, end: int, matches: list[tuple[int, int]]) -> str:

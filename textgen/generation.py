@@ -11,7 +11,10 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import statistics
+import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
@@ -21,10 +24,12 @@ from typing import TYPE_CHECKING, Any
 from textgen.config import Settings
 from textgen.content_filter import ContentFilter, StreamingFilter
 from textgen.engine.constraints import CompiledGrammar, Constraint, GrammarCompiler
+from textgen.engine.service_rate import RETRY_AFTER_MAX_S, RETRY_AFTER_MIN_S
 from textgen.engine.text import IncrementalDetokenizer
 from textgen.engine.types import (
     Engine,
     EngineLimits,
+    FinishReason,
     GenerationRequest,
     GenerationResult,
     Handle,
@@ -53,6 +58,10 @@ logger = logging.getLogger(__name__)
 PROMPT_REJECTED = "The prompt was rejected by the content filter."
 OUTPUT_REJECTED = "The generated text was withheld by the content filter."
 COMPILING_PHASE = "compiling its constraint"
+# Stream lifetimes the stream cap's Retry-After is predicted from (StreamSlots).
+RECENT_STREAMS = 64
+# The content-filter metric's action for a structured row that ended at a match (finish_reason content_filter).
+STRUCTURED_FILTER_ACTION = "content_filter"
 
 # Work that could kill the process (compiling a new constraint) is announced through this marker when
 # one is set: the job runner sets it for the task running a job, and records the phase in the job
@@ -182,29 +191,53 @@ class StreamSlot:
 
 
 class StreamSlots:
-    """Open streams per caller (rate-limit key) in this process; 429 past ``per_caller`` (0 = no cap)."""
+    """Open streams per caller (rate-limit key) in this process; 429 past ``per_caller`` (0 = no cap).
 
-    def __init__(self, per_caller: int) -> None:
+    The 429's Retry-After predicts when the first of the caller's open streams ends, from the real state:
+    each open stream's age and the lifetimes of the streams that ended recently (any caller's, the last
+    ``RECENT_STREAMS``). A stream of age ``a`` is expected to last the median lifetime of the recent streams
+    that lived longer than ``a``; when none did (or none has ended yet), as long again as it has so far.
+    The clock is injected so tests drive it."""
+
+    def __init__(self, per_caller: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.per_caller = per_caller
-        self._open: dict[str, int] = {}
+        self._clock = clock
+        self._opened: dict[str, list[float]] = {}  # when each open stream of a caller began
+        self._lifetimes: deque[float] = deque(maxlen=RECENT_STREAMS)
 
     def open_count(self, key: str) -> int:
-        return self._open.get(key, 0)
+        return len(self._opened.get(key, ()))
 
     @property
     def total(self) -> int:
         """Open streams of every caller (the drain waits for them to send their final event)."""
-        return sum(self._open.values())
+        return sum(len(opened) for opened in self._opened.values())
+
+    def retry_after_s(self, key: str) -> float:
+        """Seconds until one of ``key``'s open streams is expected to end (clamped; the header rounds up)."""
+        now = self._clock()
+        ages = [now - began for began in self._opened.get(key, ())]
+        if not ages:
+            return RETRY_AFTER_MIN_S
+        return min(RETRY_AFTER_MAX_S, max(RETRY_AFTER_MIN_S, min(self._expected_remaining(age) for age in ages)))
+
+    def _expected_remaining(self, age: float) -> float:
+        longer = sorted(lifetime for lifetime in self._lifetimes if lifetime > age)
+        if not longer:
+            return age
+        return statistics.median(longer) - age
 
     def take(self, key: str) -> StreamSlot:
         """A slot for one more open stream of ``key``; RateLimitedError when it has ``per_caller`` open."""
-        if self.per_caller and self._open.get(key, 0) >= self.per_caller:
+        if self.per_caller and self.open_count(key) >= self.per_caller:
             raise RateLimitedError(
                 f"Too many open streams: this caller already has {self.per_caller} open "
-                "(TEXTGEN_MAX_STREAMS_PER_CALLER); close one, or retry after the time in the Retry-After header.",
-                retry_after_s=5,
+                "(TEXTGEN_MAX_STREAMS_PER_CALLER); close one, or retry after the time in the Retry-After header "
+                "(when the first of them is expected to end).",
+                retry_after_s=self.retry_after_s(key),
             )
-        self._open[key] = self._open.get(key, 0) + 1
+        began = self._clock()
+        self._opened.setdefault(key, []).append(began)
         released = False
 
         def release() -> None:
@@ -212,11 +245,12 @@ class StreamSlots:
             if released:
                 return
             released = True
-            remaining = self._open.get(key, 1) - 1
-            if remaining > 0:
-                self._open[key] = remaining
-            else:
-                self._open.pop(key, None)
+            self._lifetimes.append(self._clock() - began)
+            opened = self._opened.get(key, [])
+            if began in opened:
+                opened.remove(began)
+            if not opened:
+                self._opened.pop(key, None)
 
         return StreamSlot(release)
 
@@ -447,6 +481,33 @@ class GenerationService:
             raise ContentRejectedError(OUTPUT_REJECTED)
         return self.content_filter.redact(text)
 
+    def _ended_at_match(self, result: GenerationResult, request_id: str) -> GenerationResult:
+        """A structured row (tool calls, response_format, a grammar) whose text matched the filter: cut
+        before the first match and finished with ``content_filter`` (what OpenAI answers), never redacted:
+        "[redacted]" inside a JSON string can break its schema (maxLength, pattern, enum) and would be
+        handed to a tool as if the model had written it. ``reject`` still refuses the whole answer."""
+        matches = self.content_filter.find(result.text)
+        if not matches:
+            return self._visible(result)
+        action = self.settings.output_filter_action
+        label = "reject" if action == "reject" else STRUCTURED_FILTER_ACTION
+        self.metrics.observe_filter("output", label)
+        logger.warning(
+            "Structured output matched the content filter (%d matches, action=%s)",
+            len(matches),
+            label,
+            extra={"request_id": request_id},
+        )
+        if action == "reject":
+            raise ContentRejectedError(OUTPUT_REJECTED)
+        cut = result.text[: min(match.start for match in matches)]
+        return dataclasses.replace(_with_text(result, cut), finish_reason=FinishReason.CONTENT_FILTER)
+
+    def _visible(self, result: GenerationResult) -> GenerationResult:
+        if not result.token_logprobs:
+            return result
+        return dataclasses.replace(result, token_logprobs=tuple(self.visible_logprobs(result.token_logprobs)))
+
     async def admit(self, principal: str) -> None:
         """Count a request against the caller's rate limit (429 when over it)."""
         await self.rate_limiter.acquire(principal)
@@ -610,11 +671,11 @@ class GenerationService:
         return await self.threads.run(lambda: self._filtered(result, request_id))
 
     def _filtered(self, result: GenerationResult, request_id: str) -> GenerationResult:
+        if result.structured:
+            return self._ended_at_match(result, request_id)
         text = self.filter_output(result.text, request_id)
-        final = result if text == result.text else _with_text(result, text)
-        if final.token_logprobs:  # alternatives the model did not pick may hold filtered words
-            final = dataclasses.replace(final, token_logprobs=tuple(self.visible_logprobs(final.token_logprobs)))
-        return final
+        # Alternatives the model did not pick may hold filtered words.
+        return self._visible(result if text == result.text else _with_text(result, text))
 
     async def response(self, result: GenerationResult, request_id: str, principal: str | None = None) -> TextResult:
         final = await self.finish(result, request_id, principal)
@@ -634,8 +695,11 @@ class GenerationService:
             ),
         )
 
-    def streaming_filter(self) -> StreamingFilter:
-        return StreamingFilter(self.content_filter, self.settings.output_filter_action)
+    def streaming_filter(self, handle: Handle | None = None) -> StreamingFilter:
+        """The stream's filter; for a structured row (``handle``'s request has a constraint) one that stops
+        before the first match instead of redacting it (see ``_ended_at_match``)."""
+        structured = handle is not None and handle.request.params.constraint is not None
+        return StreamingFilter(self.content_filter, self.settings.output_filter_action, stop_at_match=structured)
 
     async def stream_text(
         self, handle: Handle, *, cancel_on_exit: bool = True, streaming_filter: StreamingFilter | None = None
@@ -644,7 +708,7 @@ class GenerationService:
         back a short tail so a blocked word is never sent in pieces. Unless told otherwise, cancels the
         generation when the consumer goes away. Pass ``streaming_filter`` to read what it let through
         (``StreamedLogprobs``)."""
-        streaming_filter = streaming_filter or self.streaming_filter()
+        streaming_filter = streaming_filter or self.streaming_filter(handle)
         try:
             async for delta in handle.stream():
                 safe = streaming_filter.push(delta)
@@ -666,15 +730,9 @@ class GenerationService:
 
 
 def _with_text(result: GenerationResult, text: str) -> GenerationResult:
-    """The filtered result; its token log-probabilities would show the filtered words, so they go too."""
-    return GenerationResult(
-        text=text,
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        finish_reason=result.finish_reason,
-        timings=result.timings,
-        token_logprobs=None if result.token_logprobs is None else (),
-    )
+    """The filtered result; its token log-probabilities would show the filtered words, so they go too
+    (usage, cached tokens and the prompt's entries stay)."""
+    return dataclasses.replace(result, text=text, token_logprobs=None if result.token_logprobs is None else ())
 
 
 def _redacted_entry(entry: LogprobEntry, content_filter: ContentFilter) -> LogprobEntry:

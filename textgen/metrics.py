@@ -135,7 +135,7 @@ class Metrics:
         )
         self.filter_rejections = Counter(
             "textgen_content_filter_rejections",
-            "Content-filter hits by where (prompt/output) and action (reject/redact)",
+            "Content-filter hits by where (prompt/output) and action (reject, redact, content_filter)",
             ["where", "action"],
             registry=r,
         )

@@ -1,7 +1,8 @@
-"""Tool calls on the real bundled model (SmolLM2-135M-Instruct): 500 of 500 chat completions at
-temperature 1 with tool_choice required or a named function give calls whose arguments parse and
-validate against the function's schema (jsonschema), and an auto request answers in one of the two
-forms; with parallel calls allowed, every call of an answer validates and the answer ends.
+"""Tool calls on the real bundled model (SmolLM2-135M-Instruct), default content filter on: 500 of 500
+chat completions at temperature 1 with tool_choice required or a named function give calls whose
+arguments parse and validate against the function's schema (jsonschema), or end with finish_reason
+content_filter and no call; an auto request answers in one of the two forms; with parallel calls
+allowed, every call of an answer validates and the answer ends.
 
 The schemas are what agent frameworks send (Pydantic models with ``max_length`` on free text). The
 bounds matter at temperature 1: the grammar guarantees that what is written is valid, not that the
@@ -98,11 +99,10 @@ async def bundled(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[htt
         max_waiting=AT_ONCE,
         rate_limit_rpm=0,
         rate_limit_tpm=0,
-        # What is measured is the grammar's guarantee. The output content filter runs after it and redacts
-        # a blocked word inside an argument as "[redacted]", which can push a string past its maxLength
-        # (seen once in 500: a search query): a known defect of redaction in structured output (the fix
-        # belongs in the filter: ban blocked words in the token mask of constrained rows), not of the grammar.
-        blocked_words=[],
+        # The default content filter stays on: it used to redact a blocked word inside an argument as
+        # "[redacted]", which pushed a string past its maxLength (once in 500: a search query); a
+        # structured row now ends at the match with finish_reason content_filter, and no call it returns
+        # is ever rewritten.
     )
     async with open_app(settings) as (client, _app):
         client.timeout = httpx.Timeout(600)
@@ -129,8 +129,12 @@ def request_body(number: int, parallel: bool = False) -> dict[str, Any]:
 # average of 2-5, 470 s at 8 (measured), so this test gets more than the suite's default 300 s.
 @pytest.mark.timeout(900)
 async def test_500_of_500_forced_calls_validate_on_the_bundled_model(bundled: httpx.AsyncClient) -> None:
+    """With the default content filter on: every answer is a call whose arguments validate, or (when the
+    model wrote a blocked word into an argument) ends with finish_reason content_filter and carries no
+    call, never a call with "[redacted]" in it."""
     failures: list[str] = []
     names: Counter[str] = Counter()
+    filtered: list[str] = []
 
     async def one(number: int) -> None:
         body = request_body(number)
@@ -138,6 +142,11 @@ async def test_500_of_500_forced_calls_validate_on_the_bundled_model(bundled: ht
         assert response.status_code == 200, response.text
         [choice] = response.json()["choices"]
         calls = choice["message"].get("tool_calls") or []
+        if "[redacted]" in response.text:
+            failures.append(f"#{number}: redacted {choice}"[:400])
+        if choice["finish_reason"] == "content_filter" and not calls:
+            filtered.append(f"#{number}: {choice['message']}"[:200])
+            return
         if choice["finish_reason"] != "tool_calls" or not calls:
             failures.append(f"#{number}: {choice['finish_reason']} {choice['message']}"[:400])
             return
@@ -153,8 +162,9 @@ async def test_500_of_500_forced_calls_validate_on_the_bundled_model(bundled: ht
 
     for start in range(0, CALLS, AT_ONCE):
         await asyncio.gather(*(one(number) for number in range(start, min(start + AT_ONCE, CALLS))))
-    logger.info("Calls per function: %s", dict(names))
+    logger.info("Calls per function: %s; ended by the content filter: %s", dict(names), filtered)
     assert not failures, f"{len(failures)} of {CALLS} failed:\n" + "\n".join(failures[:10])
+    assert len(filtered) <= CALLS // 100, filtered  # a rare event (1 in 500 measured), not the filter misfiring
     assert set(names) == set(SCHEMAS)
 
 
@@ -167,15 +177,17 @@ async def test_parallel_answers_end_and_every_call_validates(bundled: httpx.Asyn
         response = await bundled.post("/v1/chat/completions", json=body)
         assert response.status_code == 200, response.text
         [choice] = response.json()["choices"]
-        calls = choice["message"]["tool_calls"]
-        assert 1 <= len(calls) <= MAX_PARALLEL_CALLS
+        calls = choice["message"].get("tool_calls") or []
+        # content_filter: the calls completed before a blocked word come back (possibly none).
+        assert (1 if choice["finish_reason"] != "content_filter" else 0) <= len(calls) <= MAX_PARALLEL_CALLS
+        assert "[redacted]" not in response.text
         for call in calls:
             jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
         return choice["finish_reason"], [call["id"] for call in calls]
 
     answers = await asyncio.gather(*(one(number) for number in range(20)))
     finishes = Counter(finish for finish, _ in answers)
-    assert set(finishes) <= {"tool_calls", "length"} and finishes["tool_calls"] >= 18, finishes
+    assert set(finishes) <= {"tool_calls", "length", "content_filter"} and finishes["tool_calls"] >= 18, finishes
     ids = [i for _, batch in answers for i in batch]
     assert len(ids) == len(set(ids)) >= 20
 

@@ -9,6 +9,8 @@ test holds the table and the map together.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -502,3 +504,71 @@ async def test_echoed_prompt_logprobs_count_against_the_logprobs_limit(
         await post_ok(client, "/v1/completions", body)  # 2 tokens x 2 entries: fine
         message = await refused(client, "/v1/completions", {**body, "prompt": PROMPT * 4, "echo": True}, "logprobs")
         assert "echo" in message and "TEXTGEN_MAX_LOGPROBS_PER_REQUEST" in message
+
+
+# ----- every float sampling field: extremes, denormals, NaN and infinities ------------------------------------
+
+FLOAT_FIELDS = {
+    "/generate": ["temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p"],
+    "/v1/completions": [
+        "temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p",
+    ],
+    "/v1/chat/completions": [
+        "temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_p",
+    ],
+}  # fmt: skip
+# The smallest double (a denormal), float32's denormals and underflow, and what JSON parsers let through.
+EXTREMES: list[float] = [
+    5e-324, 1e-310, 1e-45, 1e-40, 1e-39, 1e-30, 1e-300, 1e308, float("nan"), float("inf"), -float("inf"),
+]  # fmt: skip
+
+
+def _generation_body(path: str, field: str, value: float | dict[str, float]) -> dict[str, Any]:
+    if path == "/generate":
+        return {"prompt": PROMPT, "max_new_tokens": 3, "logprobs": 2, "seed": 1, field: value}
+    if path == "/v1/completions":
+        return {"prompt": PROMPT, "max_tokens": 3, "logprobs": 2, "seed": 1, field: value}
+    return {"messages": MESSAGES, "max_tokens": 3, "logprobs": True, "top_logprobs": 2, "seed": 1, field: value}
+
+
+def _logprob_values(path: str, body: dict[str, Any]) -> list[float]:
+    if path == "/generate":
+        entries = body["token_logprobs"] or []
+        return [e["logprob"] for e in entries] + [t["logprob"] for e in entries for t in e["top_logprobs"]]
+    choice = body["choices"][0]
+    if path == "/v1/completions":
+        logprobs = choice["logprobs"]
+        return list(logprobs["token_logprobs"]) + [v for top in logprobs["top_logprobs"] for v in top.values()]
+    entries = choice["logprobs"]["content"]
+    return [e["logprob"] for e in entries] + [t["logprob"] for e in entries for t in e["top_logprobs"]]
+
+
+async def test_float_sampling_fields_give_finite_logprobs_or_a_400_naming_them(api: Api) -> None:
+    """A sampling value the engine cannot compute with (5e-324 for repetition_penalty divided the logits
+    into NaN; a float32 denormal; NaN and infinities, which Python's JSON parser accepts) is refused naming
+    the field, or the answer's log-probabilities are all finite: never NaN or a 500."""
+    client, _app = api
+    problems: list[str] = []
+    cases = [(path, field, value) for path, fields in FLOAT_FIELDS.items() for field in fields for value in EXTREMES]
+    cases += [(path, "logit_bias", {"5": value}) for path in FLOAT_FIELDS if path != "/generate" for value in EXTREMES]
+    for path, field, value in cases:
+        body = json.dumps(_generation_body(path, field, value))  # NaN and Infinity as Python writes them
+        response = await client.post(path, content=body, headers={"content-type": "application/json"})
+        where = f"{path} {field}={value}: {response.status_code}"
+        if response.status_code in (400, 422):
+            if field not in response.text:
+                problems.append(f"{where} does not name the field: {response.text[:200]}")
+            continue
+        if response.status_code != 200:
+            problems.append(f"{where} {response.text[:200]}")
+            continue
+        values = _logprob_values(path, json.loads(response.text))
+        if not values or not all(isinstance(v, float | int) and math.isfinite(v) for v in values):
+            problems.append(f"{where} logprobs {values[:6]}")
+    for field in ("temperature", "top_p"):  # the Responses API's two sampling fields
+        for value in EXTREMES:
+            body = json.dumps({"input": "Hi", "max_output_tokens": 3, field: value})
+            response = await client.post("/v1/responses", content=body, headers={"content-type": "application/json"})
+            if response.status_code not in (200, 400) or (response.status_code == 400 and field not in response.text):
+                problems.append(f"/v1/responses {field}={value}: {response.status_code} {response.text[:200]}")
+    assert not problems, f"{len(problems)} of {len(cases)}:\n" + "\n".join(problems[:20])

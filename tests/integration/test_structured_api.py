@@ -248,3 +248,42 @@ async def test_bad_response_format_is_400_in_openai_shape(api: Api, response_for
     )
     error = assert_openai_error(response, 400, "invalid_request_error")
     assert "response_format" in error["message"] or "json_schema" in error["message"]
+
+
+# ----- the content filter in structured output ---------------------------------------------------------------
+
+FORCED_WORD: dict[str, Any] = {
+    "type": "object",
+    "properties": {"mood": {"type": "string", "enum": ["I hate rain"], "maxLength": 11}},
+    "required": ["mood"],
+    "additionalProperties": False,
+}
+
+
+async def test_a_blocked_word_in_structured_output_ends_it_instead_of_breaking_the_schema(api: Api) -> None:
+    """A "[redacted]" inside a JSON string breaks its schema (here: enum and maxLength): a structured answer
+    ends before the match with finish_reason content_filter, streamed or not, on every route."""
+    client, _ = api
+    body = await generate(client, json_schema=FORCED_WORD, logprobs=1)
+    assert body["finish_reason"] == "content_filter", body
+    assert body["generated_text"].endswith('"I ') and "[redacted]" not in body["generated_text"], body
+    assert all("hate" not in entry["token"] for entry in body["token_logprobs"] or [])
+    streamed = {"prompt": PROMPT, "json_schema": FORCED_WORD, "stream": True}
+    _, events = await collect_stream(client, "POST", "/generate", json=streamed)
+    done = events[-1][1]
+    assert done["finish_reason"] == "content_filter" and token_text(events) == done["generated_text"]
+    response_format = {"type": "json_schema", "json_schema": {"name": "mood", "schema": FORCED_WORD}}
+    chat = {"messages": [{"role": "user", "content": "Mood?"}], "response_format": response_format, "max_tokens": 40}
+    reply = (await client.post("/v1/chat/completions", json=chat)).json()
+    [choice] = reply["choices"]
+    assert choice["finish_reason"] == "content_filter" and choice["message"]["content"].endswith('"I '), reply
+    completion = {"prompt": PROMPT, "response_format": response_format, "max_tokens": 40}
+    [choice] = (await client.post("/v1/completions", json=completion)).json()["choices"]
+    assert choice["finish_reason"] == "content_filter" and choice["text"].endswith('"I '), choice
+
+
+async def test_unconstrained_text_is_still_redacted(api: Api) -> None:
+    """Only structured rows end at a match: free text keeps the configured action (redact)."""
+    _, app = api
+    service = app.state.textgen.service
+    assert service.filter_output("I hate rain", "r") == "I [redacted] rain"

@@ -337,6 +337,30 @@ async def test_streamed_legacy_function_call(api: Api) -> None:
             "tools.1.function.parameters",
             "object",
         ),
+        # A forced call leaves no text answer for response_format to shape: refused, not silently ignored.
+        (
+            {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format",
+            "tool_choice required",
+        ),
+        (
+            {
+                "tools": TOOLS,
+                "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": WEATHER}},
+            },
+            "response_format",
+            "'get_time'",
+        ),
+        (
+            {
+                "functions": [TOOLS[0]["function"]],
+                "function_call": {"name": "get_weather"},
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
+            "function_call",
+        ),
     ],
 )
 async def test_tool_errors_name_the_param(api: Api, extra: dict[str, Any], param: str, words: str) -> None:
@@ -401,3 +425,85 @@ async def test_batch_lines_call_tools_and_name_the_param_of_a_bad_line(make_sett
         assert choice["finish_reason"] == "tool_calls"
         assert_valid_calls(choice["message"], names)
     assert bad["unknown"]["response"]["body"]["error"]["param"] == "tool_choice"
+
+
+# ----- the content filter in tool arguments ------------------------------------------------------------------
+
+# A function whose schema forces a blocked word (the default list blocks "hate") into a bounded string: what
+# the model writes is decided by the grammar, so the filter is certain to match inside the arguments.
+FORCED_WORD = {
+    "type": "object",
+    "properties": {"note": {"type": "string", "enum": ["I hate rain"], "maxLength": 11}},
+    "required": ["note"],
+    "additionalProperties": False,
+}
+FORCED_TOOLS = [{"type": "function", "function": {"name": "take_note", "parameters": FORCED_WORD}}]
+FORCED = {"type": "function", "function": {"name": "take_note"}}
+
+
+async def test_a_blocked_word_in_call_arguments_ends_the_answer_rather_than_breaking_the_schema(api: Api) -> None:
+    """Redacting inside arguments ("I [redacted] rain") would hand the client a call that fails its own
+    schema (enum, maxLength): the answer ends at the match with finish_reason content_filter, as OpenAI's."""
+    client, _ = api
+    for choice_field in (FORCED, "required"):
+        body = {"messages": ASK, "tools": FORCED_TOOLS, "tool_choice": choice_field, "max_tokens": 60, "seed": 1}
+        reply = await post_ok(client, CHAT, {**body, "parallel_tool_calls": False})
+        [choice] = reply["choices"]
+        assert choice["finish_reason"] == "content_filter", choice
+        assert "[redacted]" not in json.dumps(choice) and "hate" not in json.dumps(choice)
+        assert not choice["message"].get("tool_calls"), choice  # the cut call is no call
+        assert reply["usage"]["completion_tokens"] > 0
+
+
+async def test_a_streamed_call_stops_before_a_blocked_word(api: Api) -> None:
+    client, _ = api
+    body = {"messages": ASK, "tools": FORCED_TOOLS, "tool_choice": FORCED, "max_tokens": 60, "seed": 2}
+    _, chunks = await stream_chunks(client, CHAT, body)
+    arguments = "".join(
+        piece["function"].get("arguments", "")
+        for chunk in chunks
+        if chunk["choices"]
+        for piece in chunk["choices"][0]["delta"].get("tool_calls", [])
+    )
+    assert arguments == '{"note":"I ', arguments  # everything before the match, nothing after it
+    assert "[redacted]" not in json.dumps(chunks) and "hate" not in json.dumps(chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
+
+
+async def test_calls_finished_before_the_match_are_kept(api: Api) -> None:
+    """Parallel calls: get_time's call, complete and clean, then a call that hits the filter."""
+    client, _ = api
+    tools = [TOOLS[1], *FORCED_TOOLS]
+    for seed in range(12):
+        body = {"messages": ASK, "tools": tools, "tool_choice": "required", "max_tokens": 200, "seed": seed}
+        choice = (await post_ok(client, CHAT, body))["choices"][0]
+        calls = choice["message"].get("tool_calls") or []
+        if calls and choice["finish_reason"] == "content_filter":
+            break
+    else:
+        pytest.fail("no seed gave a complete call before a filtered one")
+    for call in calls:
+        assert call["function"]["name"] == "get_time", call
+        jsonschema.validate(json.loads(call["function"]["arguments"]), TIME)
+
+
+async def test_response_format_is_honoured_where_a_text_answer_is_allowed(api: Api) -> None:
+    """With tool_choice auto or none, response_format shapes the text answer; "text" is no constraint, so it
+    goes with any tool_choice."""
+    client, _ = api
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    formatted = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    body = {"messages": ASK, "tools": TOOLS, "tool_choice": "none", "response_format": formatted, "max_tokens": 30}
+    choice = (await post_ok(client, CHAT, {**body, "seed": 1}))["choices"][0]
+    if choice["finish_reason"] == "stop":
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    else:
+        assert choice["message"]["content"].startswith("{")
+    body = {**body, "tool_choice": "required", "response_format": {"type": "text"}, "max_tokens": 120}
+    choice = (await post_ok(client, CHAT, body))["choices"][0]
+    assert choice["finish_reason"] in ("tool_calls", "length")

@@ -82,7 +82,6 @@ def test_tools_tool_choice_and_text_format_map_to_chat() -> None:
             "tools": [tool],
             "tool_choice": {"type": "function", "name": "f"},
             "parallel_tool_calls": False,
-            "text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "object"}}},
             "max_output_tokens": 9,
             "temperature": 0.5,
         }
@@ -91,6 +90,15 @@ def test_tools_tool_choice_and_text_format_map_to_chat() -> None:
     assert chat.tools is not None and chat.tools[0].function.name == "f"
     assert chat.tool_choice is not None and chat.tool_choice.function.name == "f"  # type: ignore[union-attr]
     assert chat.parallel_tool_calls is False and chat.max_completion_tokens == 9 and chat.temperature == 0.5
+    text_format = {"format": {"type": "json_schema", "name": "n", "schema": {"type": "object"}}}
+    # A named function allows no text answer, so text.format could not be honoured: refused by name.
+    with pytest.raises(InvalidRequestError) as refused:
+        chat_request(body.model_copy(update={"text": text_format}), [{"role": "user", "content": "hi"}], stream=False)
+    assert refused.value.param == "text.format" and "tool_choice auto" in refused.value.message
+    auto = body.model_copy(update={"text": text_format, "tool_choice": "auto"})
+    chat = chat_request(
+        ResponseRequest.model_validate(auto.model_dump()), [{"role": "user", "content": "hi"}], stream=False
+    )
     assert chat.response_format == {
         "type": "json_schema",
         "json_schema": {"name": "n", "schema": {"type": "object"}, "strict": None},
@@ -227,3 +235,19 @@ def test_an_empty_or_cut_stream_still_closes_a_message() -> None:
     assert response["status"] == "incomplete" and response["incomplete_details"] == {"reason": "max_output_tokens"}
     assert response["output"][0]["status"] == "incomplete" and response["output"][0]["content"][0]["text"] == ""
     assert events.final(response)["type"] == "response.incomplete"
+
+
+def test_a_content_filter_finish_is_incomplete_with_its_reason() -> None:
+    events = ResponseEvents({"id": "resp_x", "status": "in_progress", "output": []})
+    events.chunk(_chunk({"content": '{"a": "I '}, None))
+    events.chunk(_chunk({}, "content_filter"))
+    _, response = events.end()
+    assert response["status"] == "incomplete" and response["incomplete_details"] == {"reason": "content_filter"}
+    assert events.final(response)["type"] == "response.incomplete"
+    chat = {
+        "choices": [{"message": {"content": '{"a": "I '}, "finish_reason": "content_filter"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+    }
+    plain = completed_response({"id": "resp_x", "status": "in_progress", "output": []}, chat)
+    assert plain["status"] == "incomplete" and plain["incomplete_details"] == {"reason": "content_filter"}
+    assert plain["output"][0]["status"] == "incomplete"

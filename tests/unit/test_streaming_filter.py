@@ -15,9 +15,11 @@ from textgen.errors import ConfigError, ContentRejectedError
 DEFAULT = ContentFilter(DEFAULT_BLOCKED_WORDS)
 
 
-def stream(content_filter: ContentFilter, action: str, chunks: list[str]) -> tuple[str, bool]:
+def stream(
+    content_filter: ContentFilter, action: str, chunks: list[str], *, stop_at_match: bool = False
+) -> tuple[str, bool]:
     """What a client receives from ``chunks``, and whether the stream was rejected."""
-    streaming = StreamingFilter(content_filter, action)
+    streaming = StreamingFilter(content_filter, action, stop_at_match=stop_at_match)
     sent = ""
     try:
         for chunk in chunks:
@@ -65,6 +67,10 @@ def test_stream_output_equals_the_final_check_for_any_split() -> None:
         assert rejected == bool(content_filter.find(text)), (text, chunks)
         if rejected:
             assert text.startswith(sent) and not content_filter.find(sent), (text, chunks, sent)
+        # A structured row: what precedes the first match, exactly what the final check cuts to.
+        stopped, rejected = stream(content_filter, "redact", chunks, stop_at_match=True)
+        matches = content_filter.find(text)
+        assert not rejected and stopped == text[: min((m.start for m in matches), default=len(text))], (text, chunks)
 
 
 def test_a_long_stemmed_word_is_held_whole() -> None:
@@ -111,3 +117,14 @@ def test_a_stem_matches_word_starts_only() -> None:
 def test_a_bad_stem_is_a_config_error(entry: str) -> None:
     with pytest.raises(ConfigError, match="stem"):
         ContentFilter([entry])
+
+
+def test_a_structured_stream_stops_at_the_first_match_and_sends_nothing_after_it() -> None:
+    streaming = StreamingFilter(DEFAULT, "redact", stop_at_match=True)
+    pieces = ['{"note": "I h', "ate r", 'ain", "x": "fine text here and more"}']
+    sent = "".join(streaming.push(piece) for piece in pieces)
+    assert sent + streaming.finish() == '{"note": "I '
+    assert streaming.stopped and streaming.first_match_start == len('{"note": "I ')
+    assert streaming.push(" still more text after the match") == "" and streaming.finish() == ""
+    sent, rejected = stream(DEFAULT, "reject", ['{"a": "I hate rain"}'], stop_at_match=True)
+    assert rejected and sent == ""  # reject keeps its meaning for structured rows

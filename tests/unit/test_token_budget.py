@@ -234,3 +234,38 @@ async def test_a_prompt_that_fills_the_window_can_never_run(service: Service) ->
     with pytest.raises(TokenBudgetTooLargeError):
         await svc.grant(KEY, [SamplingParams(max_new_tokens=10)], 95)  # explicit: 105 > 100
     assert await fits(svc, 100)
+
+
+def test_the_stream_cap_retry_after_predicts_when_an_open_stream_ends() -> None:
+    """Not a fixed 5 s: the first of the caller's open streams to end, from the streams' ages and the
+    lifetimes of recent streams (the median of those that lived longer than the open one so far)."""
+    now = [0.0]
+    slots = StreamSlots(1, clock=lambda: now[0])
+
+    def refused_after() -> float:
+        with pytest.raises(RateLimitedError) as refused:
+            slots.take("a")
+        assert refused.value.retry_after_s is not None
+        return refused.value.retry_after_s
+
+    first = slots.take("a")
+    now[0] = 4.0
+    assert refused_after() == 4.0  # nothing measured yet: as long again as it has run
+    first.release()  # lived 4 s
+    for lifetime in (10.0, 20.0, 30.0):  # three streams of another caller end: 10 s, 20 s and 30 s long
+        began = now[0]
+        other = slots.take("b")
+        now[0] = began + lifetime
+        other.release()
+    first = slots.take("a")
+    start = now[0]
+    now[0] = start + 3.0
+    assert refused_after() == 12.0  # the median of 4, 10, 20 and 30 is 15; 3 s gone
+    now[0] = start + 15.0
+    assert refused_after() == 10.0  # it outlived 10 s: of 20 and 30 the median is 25; 15 s gone
+    now[0] = start + 45.0
+    assert refused_after() == 45.0  # outlived every measured stream: as long again
+    now[0] = start + 1000.0
+    assert refused_after() == 300.0  # clamped: past five minutes a prediction says little
+    first.release()
+    assert slots.open_count("a") == 0 and slots.total == 0

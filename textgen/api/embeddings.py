@@ -16,7 +16,6 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from textgen.api.deps import CallerDep, RequestIdDep, ServiceDep, StateDep
-from textgen.api.errors import error_responses
 from textgen.api.openai import ERROR_DOCS, OpenAIRoute
 from textgen.engine.types import EmbeddingHandle, EmbeddingResult
 from textgen.errors import GenerationCancelledError
@@ -37,10 +36,11 @@ from textgen.services.tokenize import (
 )
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
-# Outside /v1, so in the service's own error shape ({"detail", "request_id"}; schema errors 422), as every
-# error before the route (401, 413, 429) is there.
-tokenizer_router = APIRouter(tags=["tokenizer"])
-TOKENIZER_ERRORS = error_responses(400, 404, 422, 429, 503, 500)
+# Outside /v1 (vLLM's paths), but of the OpenAI route family: every error in OpenAI's shape, schema errors
+# 400 naming the field, as vLLM answers them (``textgen.api.errors.is_openai_path`` covers the errors the
+# middleware gives before routing: 401, 413, 429).
+tokenizer_router = APIRouter(tags=["tokenizer"], route_class=OpenAIRoute)
+TOKENIZER_ERRORS = ERROR_DOCS
 
 
 async def wait_for_disconnect(request: Request) -> None:

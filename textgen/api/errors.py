@@ -1,8 +1,9 @@
 """The one map from exceptions to HTTP responses. Every error body is {"detail", "request_id"}, except under
-``/v1``, where it is OpenAI's ``{"error": {"message", "type", "param", "code"}, "request_id"}`` (so OpenAI
-clients show the message): the app's handlers, the ``/v1`` routes (``OpenAIRoute``) and the middleware
-that answers before routing (``textgen.api.security``) all render through ``textgen_error_response``,
-``http_error_response`` and ``validation_error_response`` here."""
+``/v1`` and on vLLM's ``/tokenize`` and ``/detokenize``, where it is OpenAI's
+``{"error": {"message", "type", "param", "code"}, "request_id"}`` (so OpenAI clients show the message):
+the app's handlers, the ``/v1`` routes (``OpenAIRoute``) and the middleware that answers before routing
+(``textgen.api.security``) all render through ``textgen_error_response``, ``http_error_response`` and
+``validation_error_response`` here."""
 
 from __future__ import annotations
 
@@ -78,11 +79,14 @@ def error_response(request: Request, status: int, detail: Any, headers: dict[str
 
 
 OPENAI_PREFIX = "/v1"
+# vLLM's tokenizer routes: vLLM serves them beside its OpenAI routes and answers their errors in OpenAI's
+# shape, so the clients that call them (written for vLLM) read that shape here too.
+OPENAI_SHAPED_PATHS = frozenset({"/tokenize", "/detokenize"})
 
 
 def is_openai_path(path: str) -> bool:
-    """Whether a path belongs to the OpenAI-compatible API (its errors take OpenAI's shape)."""
-    return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
+    """Whether a path belongs to the OpenAI-compatible API family (its errors take OpenAI's shape)."""
+    return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/") or path in OPENAI_SHAPED_PATHS
 
 
 def openai_error_response(

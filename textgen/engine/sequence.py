@@ -177,6 +177,7 @@ class SequenceState:
             token_logprobs=None if self.tokenizer is None else tuple(self.handle.token_logprobs),
             prompt_logprobs=None if self.handle.prompt_logprobs is None else tuple(self.handle.prompt_logprobs),
             cached_tokens=self.cached_tokens,
+            structured=self.handle.request.params.constraint is not None,
             timings=RequestTimings(
                 queue_s=self.admitted_at - arrived,
                 time_to_first_token_s=None if self.first_token_at is None else self.first_token_at - arrived,

@@ -40,6 +40,9 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"
     STOP = "stop"
     EOS = "eos"
+    # Set by the service, never the engine: the content filter matched a structured (grammar) row's
+    # output, which ends there rather than carry a "[redacted]" that could break its schema.
+    CONTENT_FILTER = "content_filter"
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,9 @@ class GenerationResult:
     prompt_logprobs: tuple[PromptLogprob, ...] | None = None
     # Prompt tokens whose keys/values came from the prefix cache instead of being computed.
     cached_tokens: int = 0
+    # Generated under a constraint (tool calls, response_format, a grammar): the content filter must not
+    # rewrite such text, so a match ends it (FinishReason.CONTENT_FILTER) instead of being redacted.
+    structured: bool = False
 
 
 class _Pending(Generic[ResultT]):

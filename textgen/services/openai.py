@@ -55,16 +55,18 @@ from textgen.services.tools import (
     ParseEvent,
     ToolCallParser,
     ToolPlan,
+    check_answer_format,
     parameters_schema,
     parse_tool_calls,
     tool_call_constraint,
     tool_plan,
 )
 
-OPENAI_FINISH: dict[FinishReason, Literal["stop", "length"]] = {
+OPENAI_FINISH: dict[FinishReason, Literal["stop", "length", "content_filter"]] = {
     FinishReason.LENGTH: "length",
     FinishReason.STOP: "stop",
     FinishReason.EOS: "stop",
+    FinishReason.CONTENT_FILTER: "content_filter",
 }
 
 
@@ -117,9 +119,11 @@ def response_format_constraint(response_format: dict[str, Any] | None) -> Constr
 
 def request_constraint(body: CompletionRequest | ChatCompletionRequest) -> Constraint | None:
     """The request's output constraint: its tool calls (``textgen.services.tools``: with tools offered,
-    ``response_format`` shapes only a text answer), else its ``response_format``."""
+    ``response_format`` shapes only a text answer: a 400 naming it where no text answer is allowed), else
+    its ``response_format``."""
     if isinstance(body, ChatCompletionRequest):
         plan = tool_plan(body)
+        check_answer_format(plan, (body.response_format or {}).get("type"))
         if plan.active:
             return tool_call_constraint(plan, _response_format_schema(body.response_format))
     return response_format_constraint(body.response_format)
@@ -330,7 +334,7 @@ async def _choice_events(
     )
 
     async def pump(index: int, handle: Handle) -> None:
-        streaming_filter = service.streaming_filter()
+        streaming_filter = service.streaming_filter(handle)
         logprobs = StreamedLogprobs(service, handle)  # paced by what the filter lets through
         try:
             async for text in service.stream_text(handle, streaming_filter=streaming_filter):
@@ -613,13 +617,14 @@ def chat_response(
     )
 
 
-ChatFinish = Literal["stop", "length", "tool_calls", "function_call"]
+ChatFinish = Literal["stop", "length", "content_filter", "tool_calls", "function_call"]
 
 
 def _call_finish(plan: ToolPlan, result: GenerationResult, called: bool) -> ChatFinish:
-    """``tool_calls`` (legacy: ``function_call``) when the answer holds complete calls and was not cut short."""
+    """``tool_calls`` (legacy: ``function_call``) when the answer holds complete calls and was not cut short
+    (by its token budget, or by the content filter: the calls completed before the match are still sent)."""
     finish = OPENAI_FINISH[result.finish_reason]
-    if called and finish != "length":
+    if called and finish == "stop":
         return "function_call" if plan.legacy else "tool_calls"
     return finish
 

@@ -55,7 +55,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "content_filter"] | None
 
 
 class CompletionResponse(BaseModel):
@@ -114,7 +114,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "tool_calls", "function_call"] | None
+    finish_reason: Literal["stop", "length", "content_filter", "tool_calls", "function_call"] | None
 
 
 class ChatCompletionResponse(BaseModel):

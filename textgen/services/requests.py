@@ -11,6 +11,7 @@ only: importing these (or ``models.py``) loads neither the engine nor torch.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -91,7 +92,12 @@ class TextGenerationRequest(BaseModel):
     temperature: float = Field(0.7, ge=0.0, le=5.0, description="0 means greedy decoding.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of this mass.")
     top_k: int = Field(0, ge=0, le=100_000, description="Keep only the k most likely tokens; 0 = no limit.")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="> 1 discourages repeating tokens.")
+    repetition_penalty: float = Field(
+        1.0,
+        ge=0.01,
+        le=10.0,
+        description="> 1 discourages repeating tokens; 0.01..10 (a smaller divisor would overflow the logits).",
+    )
     presence_penalty: float = Field(
         0.0, ge=-2.0, le=2.0, description="As OpenAI's: subtracted once from the logit of every token generated so far."
     )
@@ -221,8 +227,14 @@ def _refuse_undeclared(model: type[BaseModel], data: Any, refused: dict[str, str
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "tuple", "bytes", "literal"})
 
 
+# A union member's model name in an error location (``TokenizePromptRequest``): no field is spelled so.
+_MODEL_TAG = re.compile(r"[A-Z][a-z0-9]+(?:[A-Z][a-z0-9]+)+")
+
+
 def _is_type_tag(part: int | str) -> bool:
-    return isinstance(part, str) and (part.lower() in _TYPE_TAGS or any(char in part for char in "[(-"))
+    if not isinstance(part, str):
+        return False
+    return part.lower() in _TYPE_TAGS or any(char in part for char in "[(-") or bool(_MODEL_TAG.fullmatch(part))
 
 
 def param_of(loc: tuple[int | str, ...]) -> str | None:

@@ -35,6 +35,7 @@ from textgen.services.model_registry import ModelRegistry
 from textgen.services.openai import chat_response, submit_chat
 from textgen.services.requests import ChatCompletionRequest
 from textgen.services.responses_types import ResponseRequest, check_fields
+from textgen.services.tools import check_answer_format, tool_plan
 from textgen.workers.runner import ExecutorFactory, JobExecutor, JobOutcome
 
 RESPONSE_KIND = "response"
@@ -240,12 +241,14 @@ def chat_request(body: ResponseRequest, items: Sequence[dict[str, Any]], *, stre
     elif tool_choice not in (None, "none", "auto"):
         raise InvalidRequestError("tool_choice: required or a named function needs tools.", param="tool_choice")
     try:
-        return ChatCompletionRequest.model_validate(chat)
+        request = ChatCompletionRequest.model_validate(chat)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         param = "input" if where.startswith("messages") else where  # the messages are the input's items
         raise InvalidRequestError(f"{param}: as a chat request, {where}: {first['msg']}", param=param) from None
+    check_answer_format(tool_plan(request), (request.response_format or {}).get("type"), "text.format")
+    return request
 
 
 # ----- the response object ---------------------------------------------------------------------------
@@ -317,12 +320,17 @@ def response_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+# Chat finish reasons that leave a response incomplete, and the reason the Responses API names for each.
+INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
 def _finished(skeleton: dict[str, Any], output: list[dict[str, Any]], finish: str | None, usage: Any) -> dict[str, Any]:
-    incomplete = finish == "length"
+    reason = INCOMPLETE_REASONS.get(finish or "")
+    incomplete = reason is not None
     return {
         **skeleton,
         "status": "incomplete" if incomplete else "completed",
-        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "incomplete_details": {"reason": reason} if incomplete else None,
         "output": output,
         "usage": response_usage(usage),
         "completed_at": None if incomplete else int(time.time()),
@@ -335,7 +343,7 @@ def completed_response(skeleton: dict[str, Any], chat: dict[str, Any]) -> dict[s
     message, finish = choice["message"], choice.get("finish_reason")
     calls = message.get("tool_calls") or []
     # Only complete calls are returned (one cut short is left out), so the text before them was not cut.
-    status = "incomplete" if finish == "length" and not calls else "completed"
+    status = "incomplete" if finish in INCOMPLETE_REASONS and not calls else "completed"
     output = []
     if message.get("content") or not calls:
         output.append(message_item(message.get("content") or "", status))
@@ -569,7 +577,7 @@ class ResponseEvents:
         if item is None:
             return []
         index = self.output.index(item)
-        item["status"] = "incomplete" if self.finish == "length" else "completed"
+        item["status"] = "incomplete" if self.finish in INCOMPLETE_REASONS else "completed"
         if item["type"] == "message":
             part = item["content"][0]
             where = {"item_id": item["id"], "output_index": index, "content_index": 0}

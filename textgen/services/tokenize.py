@@ -123,11 +123,14 @@ async def detokenize(service: GenerationService, model: LoadedModel, body: Detok
     context, vocab = max_model_len(service), vocabulary_size(model)
     if len(body.tokens) > context:
         raise InvalidRequestError(
-            f"tokens: {len(body.tokens)} ids, more than the model's context ({context}); detokenize in parts."
+            f"tokens: {len(body.tokens)} ids, more than the model's context ({context}); detokenize in parts.",
+            param="tokens",
         )
     for index, token in enumerate(body.tokens):
         if not 0 <= token < vocab:
-            raise InvalidRequestError(f"tokens[{index}]: {token} is not a token id of this model (0 to {vocab - 1}).")
+            raise InvalidRequestError(
+                f"tokens.{index}: {token} is not a token id of this model (0 to {vocab - 1}).", param=f"tokens.{index}"
+            )
 
     def work() -> DetokenizeResponse:
         decoded: Any = model.tokenizer.decode(list(body.tokens))

@@ -99,6 +99,22 @@ class ToolPlan:
 NO_TOOLS = ToolPlan()
 
 
+def check_answer_format(plan: ToolPlan, format_type: str | None, field: str = "response_format") -> None:
+    """A 400 naming ``field`` (``response_format``, or the Responses API's ``text.format``) when it asks for
+    a JSON answer that ``tool_choice`` required or a named function rules out: such an answer is only tool
+    calls, whose arguments follow each function's ``parameters``, so the format could not be honoured and
+    would otherwise be silently ignored. (With ``auto`` it shapes the text answer; with ``none`` the whole one.)"""
+    if format_type in (None, "text") or not plan.active or plan.mode not in ("required", "named"):
+        return
+    forced = f"the named function {plan.named!r}" if plan.mode == "named" else "required"
+    raise InvalidRequestError(
+        f"{field}: {format_type} cannot be honoured with {plan.choice_field} {forced}: the answer is then only "
+        "tool calls, whose arguments follow each function's parameters. Put the schema in the function's "
+        f"parameters and drop {field}, or use {plan.choice_field} auto (a text answer then follows {field}).",
+        param=field,
+    )
+
+
 def parameters_schema(function: FunctionDefinition) -> dict[str, Any]:
     return function.parameters if function.parameters is not None else NO_ARGUMENTS_SCHEMA
 

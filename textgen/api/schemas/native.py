@@ -38,7 +38,7 @@ __all__ = [
     "WebhookView",
 ]
 
-FinishReasonName = Literal["length", "stop", "eos"]
+FinishReasonName = Literal["length", "stop", "eos", "content_filter"]
 # The one list of job states (textgen/jobs/states.py); in JSON each is its string value.
 JobStateName = JobState
 
