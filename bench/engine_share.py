@@ -11,10 +11,15 @@ again each round). Each phase drives engines with C clients each in a closed loo
 
 - ``a-alone``: A busy, B not built; ``b-alone``: B busy while A is idle;
 - ``a-beside-idle``: A busy while B is started and idle (target: >= 0.95x of ``a-alone``);
-- ``both``: A and B busy at once (target: each >= 0.4x of its alone figure).
+- ``both``: A and B busy at once (target: each >= 0.4x of its alone figure);
+- ``a-alone-after``: A busy again once B is stopped.
 
 Every round runs the phases back to back and ratios are taken within the round (a drifting machine moves
-both sides together); the summary gives each ratio's median over the rounds.
+both sides together); A beside idle B is compared with the mean of A alone before and after it, so a
+steady drift cancels. On a machine others share, wall-clock rates move by more than the 5% asked of an
+idle model; so for that comparison the bench also gives this process's CPU seconds per output token
+(whatever an idle engine spins or wakes for, and whatever it slows A's own threads by, shows there) and
+the CPU the idle engine's own thread took. The summary gives each ratio's median over the rounds.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +57,27 @@ from textgen.loader import LoadedModel, load_model  # noqa: E402
 LOG = logging.getLogger("bench.engine_share")
 
 
-async def drive(engine: Engine, concurrency: int, total: int, max_new_tokens: int) -> float:
-    """Output tokens per second of ``total`` requests sent by ``concurrency`` clients back to back."""
+@dataclass(frozen=True)
+class Rate:
+    tokens: int
+    wall_s: float
+
+    @property
+    def per_s(self) -> float:
+        return self.tokens / self.wall_s
+
+
+def thread_cpu_s(native_id: int) -> float:
+    """A thread of this process: its CPU seconds so far, to the nanosecond (schedstat's time on a CPU; an
+    idle engine's wake-ups take microseconds, far below /proc's 10 ms ticks); 0 where /proc cannot say."""
+    try:
+        return int(Path(f"/proc/self/task/{native_id}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+async def drive(engine: Engine, concurrency: int, total: int, max_new_tokens: int) -> Rate:
+    """The output tokens of ``total`` requests sent by ``concurrency`` clients back to back, and the time."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, ignore_eos=True)
     counter = itertools.count()
     tokens = 0
@@ -65,7 +90,7 @@ async def drive(engine: Engine, concurrency: int, total: int, max_new_tokens: in
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return tokens / (time.perf_counter() - started)
+    return Rate(tokens, time.perf_counter() - started)
 
 
 def build_engine(settings: Settings, loaded: LoadedModel, cores: CoreShare) -> BatchedEngine:
@@ -87,10 +112,26 @@ async def run(args: argparse.Namespace) -> dict[str, list[float]]:
     loaded_a, loaded_b = load_model(settings_a), load_model(settings_b)
     found: dict[str, list[float]] = {}
 
-    async def phase(name: str, busy: Sequence[Engine]) -> list[float]:
+    async def phase(name: str, busy: Sequence[Engine], idle: BatchedEngine | None = None) -> list[float]:
+        cpu = time.process_time()
+        idle_thread = getattr(getattr(idle, "_thread", None), "native_id", None)
+        idle_cpu = thread_cpu_s(idle_thread) if idle_thread else 0.0
         rates = await asyncio.gather(*(drive(e, args.concurrency, args.requests, args.max_new_tokens) for e in busy))
-        LOG.info("%s: %s tok/s", name, " / ".join(f"{rate:.1f}" for rate in rates))
-        return list(rates)
+        cpu_per_token_ms = 1000 * (time.process_time() - cpu) / sum(rate.tokens for rate in rates)
+        found.setdefault(f"{name}: process CPU ms per token", []).append(cpu_per_token_ms)
+        detail = ""
+        if idle_thread:
+            idle_ms_per_s = 1000 * (thread_cpu_s(idle_thread) - idle_cpu) / max(rate.wall_s for rate in rates)
+            found.setdefault(f"{name}: the idle engine's thread, CPU ms per s", []).append(idle_ms_per_s)
+            detail = f"; the idle engine's thread used {idle_ms_per_s:.2f} ms of CPU per s"
+        LOG.info(
+            "%s: %s tok/s, %.2f ms of process CPU per token%s",
+            name,
+            " / ".join(f"{rate.per_s:.1f}" for rate in rates),
+            cpu_per_token_ms,
+            detail,
+        )
+        return [rate.per_s for rate in rates]
 
     a = build_engine(settings_a, loaded_a, cores)
     await a.start()
@@ -101,13 +142,20 @@ async def run(args: argparse.Namespace) -> dict[str, list[float]]:
             b = build_engine(settings_b, loaded_b, cores)
             await b.start()  # started and warmed up, then idle
             try:
-                (beside_idle,) = await phase("a-beside-idle", [a])
-                (alone_b,) = await phase("b-alone (a idle)", [b])
+                (beside_idle,) = await phase("a-beside-idle", [a], idle=b)
+                (alone_b,) = await phase("b-alone (a idle)", [b], idle=a)
                 both_a, both_b = await phase("both", [a, b])
             finally:
                 await b.stop(1)
+            (alone_a_after,) = await phase("a-alone-after", [a])
+            phases = ("a-alone", "a-beside-idle", "a-alone-after")
+            cpu = {name: found[f"{name}: process CPU ms per token"][-1] for name in phases}
             for key, value in (
-                ("a beside idle b / a alone", beside_idle / alone_a),
+                ("a beside idle b / a alone (mean of before and after)", 2 * beside_idle / (alone_a + alone_a_after)),
+                (
+                    "a beside idle b / a alone: process CPU per token",
+                    2 * cpu["a-beside-idle"] / (cpu["a-alone"] + cpu["a-alone-after"]),
+                ),
                 ("a in both / a alone", both_a / alone_a),
                 ("b in both / b alone", both_b / alone_b),
             ):
@@ -133,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     found = asyncio.run(run(args))
     for key, values in found.items():
         shown = ", ".join(f"{value:.2f}" for value in values)
-        print(f"- {key}: median {statistics.median(values):.2f}x ({shown})")
+        unit = "x" if " / " in key else ""
+        print(f"- {key}: median {statistics.median(values):.2f}{unit} ({shown})")
     return 0
 
 

@@ -80,6 +80,13 @@ class Settings(BaseSettings):
         description="Memory all loaded models may take together (bytes, or '8GiB', '512MB'); loading one more "
         "unloads the least recently used idle models first (0 = no limit).",
     )
+    model_min_residency_s: float = Field(
+        30.0,
+        ge=0,
+        description="A model stays loaded at least this many seconds before it is unloaded to make room for "
+        "another under TEXTGEN_MODEL_MEMORY; meanwhile a request for a model that does not fit gets 503 with "
+        "Retry-After instead of loads evicting each other (0: evict at once). Keep-alive unloading is not held.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto': bfloat16 on a GPU or a CPU with AVX-512 BF16/AMX, else float32."
     )

@@ -212,7 +212,20 @@ def dequantize(raw: np.ndarray | torch.Tensor, type_name: str, shape: tuple[int,
     if type_name in FLOAT_TYPES:
         return float_tensor(raw, type_name, shape).to(torch.float32)
     rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    if type_name == "Q8_0":
+        return _q8_0_values(raw, rows).reshape(shape)
     return unpack(raw, type_name, (rows, shape[-1])).dequantize().reshape(shape)
+
+
+def _q8_0_values(raw: np.ndarray | torch.Tensor, rows: int) -> torch.Tensor:
+    """Q8_0 straight to float32, d * q (the value ``Blocks``' d * (q + 128) - 128 d gives: every product and
+    the sum are exact in float32). Half the passes of the general path: a start-up de-quantizes Gemma's
+    262k-row Q8_0 input embedding with it (~1 s of CPU less)."""
+    data = raw if isinstance(raw, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(raw).copy())
+    b = data.reshape(rows, -1, 34)
+    d = _f16(b[..., 0:2])  # [rows, blocks]
+    q = b[..., 2:34].contiguous().view(torch.int8)  # [rows, blocks, 32]
+    return (q.to(torch.float32) * d[..., None]).reshape(rows, -1)
 
 
 def dequantize_rows(

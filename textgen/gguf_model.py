@@ -13,7 +13,10 @@ writing floats. Here:
   key row order undone for Llama-style files, Gemma's norm weights stored as 1 + w given back as w;
 * the tokenizer is built from the file's vocabulary by transformers' GGUF tokenizer converter, fed the
   metadata this reader already parsed (its own reader would take tens of seconds on a big vocabulary),
-  and the chat template comes from ``tokenizer.chat_template``.
+  and the chat template comes from ``tokenizer.chat_template``. A SentencePiece file lists no merges
+  (Gemma's 262k vocabulary): transformers derives them from the vocabulary (~2 s of Python per start), so
+  they are kept beside the other caches derived from the file (``merges.json``, keyed by its path, size
+  and modification time) and read back on later starts.
 
 Architectures handled this way: ``DIRECT_ARCHITECTURES``. Others keep transformers' conversion path.
 Only the own decode core can run such a model as loaded; ``GGUFWeights.materialize`` writes float weights
@@ -22,7 +25,9 @@ into the transformers model for the cores that need them (the transformers fallb
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -178,8 +183,9 @@ def is_direct(path: Path) -> bool:
     return read_architecture(path) in DIRECT_ARCHITECTURES
 
 
-def load_gguf(path: Path, dtype: torch.dtype) -> GGUFModel:
-    """Config, tokenizer, small tensors and the projection blocks of a GGUF file (see the module doc)."""
+def load_gguf(path: Path, dtype: torch.dtype, cache: Path | None = None) -> GGUFModel:
+    """Config, tokenizer, small tensors and the projection blocks of a GGUF file (see the module doc);
+    ``cache``: a folder for what is derived from this very file (the tokenizer's merges), None: none."""
     try:
         file = read_gguf(path)
     except GGUFError as error:
@@ -197,7 +203,7 @@ def load_gguf(path: Path, dtype: torch.dtype) -> GGUFModel:
     model = _skeleton(config, dtype)
     weights = GGUFWeights(file, arch, int(config.num_attention_heads), int(config.num_key_value_heads))
     _fill(model, file, weights, arch, dtype)
-    tokenizer = build_tokenizer(file, arch)
+    tokenizer = build_tokenizer(file, arch, None if cache is None else cache / MERGES_FILE)
     eos = _end_of_turn_ids(file)
     model.generation_config.eos_token_id = sorted(eos) if len(eos) > 1 else next(iter(eos), None)
     parameters = sum(info.elements for info in file.tensors.values())
@@ -309,8 +315,9 @@ GEMMA_TEMPLATE = (
 BUILT_IN_TEMPLATES = {"gemma3": GEMMA_TEMPLATE}
 
 
-def build_tokenizer(file: GGUFFile, arch: str) -> PreTrainedTokenizerBase:
-    """The file's tokenizer (vocabulary, merges or scores, special tokens) and its chat template."""
+def build_tokenizer(file: GGUFFile, arch: str, merges_cache: Path | None = None) -> PreTrainedTokenizerBase:
+    """The file's tokenizer (vocabulary, merges or scores, special tokens) and its chat template;
+    ``merges_cache``: where merges derived from the vocabulary are kept for the next start."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
         GGUF_TOKENIZER_MAPPING,
         add_gguf_special_tokens,
@@ -342,9 +349,15 @@ def build_tokenizer(file: GGUFFile, arch: str) -> PreTrainedTokenizerBase:
             config[name] = tokens[int(token_id)]
     # transformers' GGUF converter, step by step: its builder's own tokenizer object is kept (converting
     # to the backend and wrapping that again would deep-copy a 262k vocabulary: seconds at every start).
+    derives = "merges" not in tokenizer_dict and tokenizer_dict.get("tokenizer_type") == "llama"
+    cached = read_merges(merges_cache, len(tokens)) if derives and merges_cache is not None else None
+    if cached is not None:
+        tokenizer_dict["merges"] = cached  # the builder then takes them as a file's own
     tokenizer: PreTrainedTokenizerBase = select_tokenizer_builder(arch, tokenizer_dict.get("tokenizer_type"))(
         tokenizer_dict
     )
+    if derives and cached is None and merges_cache is not None:
+        write_merges(merges_cache, len(tokens), getattr(tokenizer, "_merges", None))
     tokenizer = add_gguf_special_tokens(tokenizer, tokenizer_dict)  # type: ignore[no-untyped-call]
     tokenizer = set_split_regex(tokenizer, tokenizer_dict)  # type: ignore[no-untyped-call]
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
@@ -355,3 +368,51 @@ def build_tokenizer(file: GGUFFile, arch: str) -> PreTrainedTokenizerBase:
     if config.get("chat_template"):
         tokenizer.chat_template = config["chat_template"]
     return tokenizer
+
+
+MERGES_FILE = "merges.json"
+MERGES_FORMAT = 1
+
+
+def read_merges(path: Path, vocabulary: int) -> list[str] | None:
+    """Merges kept by ``write_merges`` for a vocabulary of this size, as a file lists them ("left right");
+    None when there are none or they are unusable (logged: they are derived again and rewritten)."""
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        logger.warning("Ignoring the tokenizer merges kept in %s (%s); deriving them again", path, error)
+        return None
+    merges = kept.get("merges") if isinstance(kept, dict) else None
+    if (
+        not isinstance(kept, dict)
+        or kept.get("format") != MERGES_FORMAT
+        or kept.get("vocabulary") != vocabulary
+        or not isinstance(merges, list)
+        or not all(isinstance(merge, str) and merge.count(" ") == 1 for merge in merges)
+    ):
+        logger.warning("Ignoring the tokenizer merges kept in %s (not this vocabulary's); deriving them again", path)
+        return None
+    return merges
+
+
+def write_merges(path: Path, vocabulary: int, merges: object) -> None:
+    """Keep the merges a tokenizer builder derived, for the next start (written whole or not at all). Not
+    kept: merges that a space inside a token would make ambiguous as "left right" text, or none found."""
+    if not isinstance(merges, list) or not merges:
+        return
+    lines: list[str] = []
+    for merge in merges:
+        if not (isinstance(merge, tuple | list) and len(merge) == 2 and all(isinstance(p, str) for p in merge)):
+            return
+        if " " in merge[0] or " " in merge[1]:
+            return
+        lines.append(f"{merge[0]} {merge[1]}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps({"format": MERGES_FORMAT, "vocabulary": vocabulary, "merges": lines}), "utf-8")
+        os.replace(partial, path)
+    except OSError as error:  # a read-only cache: derived again next time
+        logger.warning("Cannot keep the tokenizer merges in %s (%s); they are derived again at each start", path, error)

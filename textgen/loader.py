@@ -333,7 +333,7 @@ def _load_gguf_directly(
 ) -> LoadedModel:
     from textgen.gguf_model import load_gguf
 
-    read = load_gguf(gguf, dtype)
+    read = load_gguf(gguf, dtype, _gguf_cache_folder(source, settings.cache_dir))
     _check_tokenizer(read.tokenizer, source.location)
     read.model.eval()  # type: ignore[no-untyped-call]  # unannotated in transformers (it calls train(False))
     _prepare_tokenizer(read.tokenizer)

@@ -262,6 +262,7 @@ async def build_registry(
         measured_bytes,
         keep_alive_s=settings.model_keep_alive_s,
         memory_budget=int(settings.model_memory),
+        min_residency_s=settings.model_min_residency_s,
         on_change=observe,
         cores=cores if cores is not None else NoCoreSharing(),
     )

@@ -352,6 +352,44 @@ async def test_two_engines_of_one_process_take_turns_on_one_share(
     assert sorted(name for name, _ in applied) == ["textgen-engine", "textgen-engine"]  # once per engine thread
 
 
+class RecordedWaits(threading.Condition):
+    """An engine's work condition that records each wait's timeout (None: until notified)."""
+
+    def __init__(self, lock: Any) -> None:
+        super().__init__(lock)
+        self.timeouts: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.timeouts.append(timeout)
+        return super().wait(timeout)
+
+
+async def test_an_idle_engine_beside_a_busy_one_takes_no_turns_and_no_timed_wake_ups(
+    tiny_loaded: Any, counted_share: tuple[CoreShare, list[tuple[str, int]]]
+) -> None:
+    """A second model nobody uses must cost the busy one nothing: its thread sleeps until work or a stop
+    is notified (a timed wake-up would take the GIL and a core now and then), and it takes no turns."""
+    share, _applied = counted_share
+    limits = EngineLimits(max_new_tokens_limit=64, speculation=SpeculationSettings(SpeculationMode.OFF))
+    busy, idle = (BatchedEngine(tiny_loaded, limits, warmup=False, cores=share) for _ in range(2))
+    waits = RecordedWaits(idle._lock)
+    idle._work_available = waits
+    for engine in (busy, idle):
+        await engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=0.0)
+        await asyncio.gather(*(busy.submit(GenerationRequest("Once upon a time", params)).result() for _ in "abc"))
+        assert idle._turns is not None and idle._turns.steps == 0
+        assert waits.timeouts == [None]  # asleep since it started, never woken
+        woken = await idle.submit(GenerationRequest("Once upon a time", params)).result()  # a notify wakes it
+        assert woken.completion_tokens == 12 and idle._turns.steps >= 12
+        await wait_until(lambda: len(waits.timeouts) == 2)  # asleep again once done, still untimed
+        assert waits.timeouts == [None, None]
+    finally:
+        for engine in (busy, idle):
+            await engine.stop(0)
+
+
 def test_the_policy_from_the_settings() -> None:
     cores = usable_cores()
     fixed = CoreShare.for_process(torch_threads=3, adaptive=True)

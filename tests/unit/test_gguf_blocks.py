@@ -17,6 +17,7 @@ from textgen.gguf_formats import (
     FOUR_BIT,
     UnsupportedBlockType,
     dequantize,
+    dequantize_rows,
     four_bit_groups,
     unpack,
 )
@@ -124,3 +125,18 @@ def test_truncated_and_foreign_files_are_refused(written: Path, tmp_path: Path) 
     huge.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1 << 60).to_bytes(8, "little"))
     with pytest.raises(GGUFError, match="cannot fit"):
         read_gguf(huge)
+
+
+def test_q8_0_values_straight_equal_the_blocks_values_bit_for_bit() -> None:
+    """The start-up's direct Q8_0 path (d * q) against the blocks' d * (q + 128) - 128 d, over every code
+    (-128 included) and scales across float16's range, subnormals too."""
+    rng = np.random.default_rng(8)
+    rows, blocks = 64, 16
+    codes = rng.integers(0, 256, size=(rows, blocks, 32), dtype=np.uint8)
+    codes[0, 0, :] = np.arange(0, 256, 8, dtype=np.uint8)  # includes 0x80 = -128
+    scales = np.exp2(rng.uniform(-24, 15, size=(rows, blocks, 1))).astype(np.float16)
+    raw = np.concatenate([scales.view(np.uint8), codes], axis=-1).reshape(rows, -1)
+    straight = dequantize(raw, "Q8_0", (rows, blocks * 32))
+    via_blocks = unpack(raw, "Q8_0", (rows, blocks * 32)).dequantize()
+    assert torch.equal(straight, via_blocks)
+    assert torch.equal(straight, dequantize_rows(raw, "Q8_0", (rows, blocks * 32), torch.float32, chunk=7))

@@ -319,3 +319,75 @@ def test_models_setting_names_each_source_and_the_default_takes_the_aliases() ->
 def test_bad_model_settings_fail_naming_the_variable(overrides: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         load_settings(**overrides)
+
+
+async def test_alternating_models_under_a_tight_budget_take_turns_instead_of_thrashing() -> None:
+    """Two models that do not fit together, requested in turn: within the minimum residency the other one
+    gets 503 with Retry-After = the residency left (no load, no unload); after it, one swap."""
+    clock = Clock()
+    loads = Loads({"a": 100 * MiB, "b": 100 * MiB, "c": 100 * MiB})
+    models = registry(loads, clock, memory_budget=200 * MiB, min_residency_s=30)
+    await models.start()
+    async with models.use("b"):
+        pass
+    models.entries["c"].memory_bytes = 100 * MiB  # its last load measured it (else the estimate is its files)
+    for _ in range(5):  # the attack: alternate c, b, c, b ... every second
+        clock.now += 1
+        with pytest.raises(ModelUnavailableError) as error:
+            async with models.use("c"):
+                pass
+        assert error.value.status_code == 503
+        assert error.value.retry_after_s == pytest.approx(30 - (clock.now - 1000))
+        assert "TEXTGEN_MODEL_MIN_RESIDENCY_S" in error.value.message and "'b'" in error.value.message
+        async with models.use("b"):
+            pass
+    assert loads.built == ["a", "b"] and loads.closed == []  # no load and no unload while b is resident
+    assert models.entries["c"].state is ModelState.UNLOADED
+    clock.now = 1000 + 30
+    async with models.use("c"):  # b's residency is over: one swap
+        pass
+    assert loads.closed == ["b"] and loads.built == ["a", "b", "c"]
+    clock.now += 1
+    with pytest.raises(ModelUnavailableError) as error:  # and now c holds its turn
+        async with models.use("b"):
+            pass
+    assert error.value.retry_after_s == pytest.approx(29)
+    await models.stop(0)
+
+
+async def test_residency_counts_from_the_last_load_not_the_last_use_and_busy_models_still_say_busy() -> None:
+    clock = Clock()
+    loads = Loads({"a": 100 * MiB, "b": 100 * MiB, "c": 100 * MiB})
+    models = registry(loads, clock, memory_budget=200 * MiB, min_residency_s=30)
+    await models.start()
+    models.entries["c"].memory_bytes = 100 * MiB
+    async with models.use("b"):
+        clock.now += 40  # past b's residency, but b is busy: the busy message, 5 s retry
+        with pytest.raises(ModelUnavailableError) as error:
+            async with models.use("c"):
+                pass
+        assert "busy" in error.value.message and "MIN_RESIDENCY" not in error.value.message
+    clock.now += 1
+    async with models.use("c"):  # used a second ago, but loaded 41 s ago: evicted for c
+        pass
+    assert loads.closed == ["b"]
+    await models.stop(0)
+
+
+async def test_keep_alive_unloads_a_model_within_its_residency() -> None:
+    clock = Clock()
+    loads = Loads({"a": MiB, "b": MiB})
+    models = registry(loads, clock, keep_alive_s=5, min_residency_s=30)
+    await models.start()
+    async with models.use("b"):
+        pass
+    clock.now += 6
+    assert await models.unload_idle() == ["b"]
+    await models.stop(0)
+
+
+def test_min_residency_setting_is_checked() -> None:
+    assert load_settings(model_min_residency_s=0).model_min_residency_s == 0
+    assert load_settings().model_min_residency_s == 30
+    with pytest.raises(ConfigError, match="TEXTGEN_MODEL_MIN_RESIDENCY_S"):
+        load_settings(model_min_residency_s=-1)

@@ -421,7 +421,8 @@ class BatchedEngine:
                 self._flush(events)
 
     def _wait_for_work(self, events: list[Event]) -> bool:
-        """Block while idle. False once a stop was requested."""
+        """Block while idle, until work or a stop is notified (no timed wake-ups: an idle engine, e.g. a
+        second model nobody uses, takes no CPU). False once a stop was requested."""
         with self._lock:
             while (
                 not self._stop_requested
@@ -432,7 +433,7 @@ class BatchedEngine:
                 and not self._embeddings
             ):
                 self.service_rate.observe(busy=False, saturated=False)
-                self._work_available.wait(timeout=0.5)
+                self._work_available.wait()  # submit, submit_embedding and stop notify under this lock
             if self._stop_requested:
                 return False
             self._drop_expired_waiting_locked(events)

@@ -9,7 +9,11 @@ requests that name no model, and stays loaded. The others load on first use, as 
 * before a model loads, the least recently used idle models are unloaded until it fits in
   ``TEXTGEN_MODEL_MEMORY`` (its size estimated from its files on disk, or from its last load); if busy
   models leave no room, the request gets 503 with Retry-After. After the load its measured size (the core's
-  weights and reserved KV cache) is checked again the same way.
+  weights and reserved KV cache) is checked again the same way;
+* a model loaded less than ``TEXTGEN_MODEL_MIN_RESIDENCY_S`` ago is not unloaded to make room for another:
+  requests alternating between two models that do not fit together would otherwise spend the machine on
+  loads (each load evicting the model the next request wants). A request that would need it gets 503 with
+  Retry-After = the seconds until its residency ends, so the models take turns of at least that long.
 
 A model is busy while a request holds it (``use``: from choosing the model until its work is submitted,
 or for a background job's whole run) or its engine has running or waiting work; busy models are never
@@ -107,6 +111,7 @@ class ModelEntry:
     last_used: float = 0.0
     leases: int = 0
     memory_bytes: int | None = None  # measured at its last load
+    resident_since: float = 0.0  # the registry's clock when its last load finished (minimum residency)
     loaded_at: float | None = None  # wall-clock seconds, for the listing
     loads: int = 0
     error: str | None = None  # why the last load failed
@@ -144,6 +149,10 @@ class ModelRegistry:
     measure: Measure
     keep_alive_s: float = 300.0  # negative: never
     memory_budget: int = 0  # bytes; 0: no budget
+    # Seconds a loaded model stays before it may be evicted for another (0: none, this class's default for
+    # tests of eviction alone; the server passes TEXTGEN_MODEL_MIN_RESIDENCY_S). Keep-alive unloading is
+    # separate: an idle model past its keep-alive goes whatever its residency.
+    min_residency_s: float = 0.0
     clock: Callable[[], float] = time.monotonic
     cores: CoreSharing = field(default_factory=NoCoreSharing)
     on_change: Callable[[ModelEntry, str], None] | None = None  # (the model, why its state changed): metrics
@@ -327,6 +336,7 @@ class ModelRegistry:
         entry.serving, entry.error = serving, None
         entry.loads += 1
         entry.loaded_at, entry.last_used = time.time(), self.clock()
+        entry.resident_since = entry.last_used
         self._set_state(entry, ModelState.LOADED, "loaded")
         self.cores.engines_changed({name: s.engine for name, s in self.loaded().items()})
         return serving
@@ -362,9 +372,12 @@ class ModelRegistry:
         await asyncio.gather(*closing)
 
     def _victims(self, entry: ModelEntry, over: int) -> list[ModelEntry] | None:
-        """Idle, unpinned loaded models, least recently used first, freeing at least ``over`` bytes (None: cannot)."""
-        loaded = (e for e in self.entries.values() if e is not entry and e.serving is not None)
-        candidates = sorted((e for e in loaded if not e.pinned and not e.busy), key=lambda e: e.last_used)
+        """Idle, unpinned loaded models past their minimum residency, least recently used first, freeing at
+        least ``over`` bytes (None: cannot)."""
+        now = self.clock()
+        candidates = sorted(
+            (e for e in self._idle_others(entry) if self._residency_left_s(e, now) <= 0), key=lambda e: e.last_used
+        )
         chosen: list[ModelEntry] = []
         for candidate in candidates:
             if over <= 0:
@@ -372,6 +385,26 @@ class ModelRegistry:
             chosen.append(candidate)
             over -= candidate.memory_bytes or 0
         return chosen if over <= 0 else None
+
+    def _idle_others(self, entry: ModelEntry) -> list[ModelEntry]:
+        """The loaded models other than ``entry`` that may be unloaded for it, residency aside."""
+        return [
+            e for e in self.entries.values() if e is not entry and e.serving is not None and not e.pinned and not e.busy
+        ]
+
+    def _residency_left_s(self, entry: ModelEntry, now: float) -> float:
+        return entry.resident_since + self.min_residency_s - now
+
+    def _room_after_residency_s(self, entry: ModelEntry, needed: int) -> float | None:
+        """Seconds until idle models' residencies end and they free room for ``needed`` bytes, counting
+        only models idle now (None: busy or pinned models would still leave no room)."""
+        now = self.clock()
+        over = self.used_bytes + needed - self.memory_budget
+        for candidate in sorted(self._idle_others(entry), key=lambda e: self._residency_left_s(e, now)):
+            over -= candidate.memory_bytes or 0
+            if over <= 0:
+                return max(0.0, self._residency_left_s(candidate, now))
+        return None
 
     def _no_room(self, entry: ModelEntry, needed: int) -> ModelUnavailableError:
         others = [e for e in self.entries.values() if e is not entry and e.serving is not None]
@@ -381,6 +414,17 @@ class ModelRegistry:
                 f"({self.memory_budget / 2**20:.0f} MiB) leaves beside the default model; raise "
                 "TEXTGEN_MODEL_MEMORY or serve a smaller model.",
                 retry_after_s=None,
+            )
+        wait_s = self._room_after_residency_s(entry, needed)
+        if wait_s is not None:
+            resident = ", ".join(repr(e.name) for e in self._idle_others(entry))
+            return ModelUnavailableError(
+                f"The model {entry.name!r} needs about {needed / 2**20:.0f} MiB and TEXTGEN_MODEL_MEMORY "
+                f"({self.memory_budget / 2**20:.0f} MiB) is taken by models loaded less than "
+                f"TEXTGEN_MODEL_MIN_RESIDENCY_S ({self.min_residency_s:g}s) ago ({resident}): they are not "
+                "unloaded sooner, so that requests alternating between models do not spend the server on loads. "
+                "Retry after the time in the Retry-After header, or raise TEXTGEN_MODEL_MEMORY to keep both.",
+                retry_after_s=max(0.1, wait_s),  # the header rounds it up to whole seconds
             )
         busy = ", ".join(repr(e.name) for e in others if e.busy)
         return ModelUnavailableError(
