@@ -46,7 +46,8 @@ lint: setup
 	$(PY) -m mypy textgen models.py main.py
 
 test: setup lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=30
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --record-module-costs=.cache/test-module-costs.json \
+		--durations=30
 
 bench: setup
 	$(PY) -m bench.bench
