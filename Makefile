@@ -44,9 +44,10 @@ kernels: $(STAMP)
 run: setup
 	$(VENV)/bin/uvicorn main:app --host $(HOST) --port $(PORT)
 
-# mypy's cache lives in the user's cache folder, like the kernels: a fresh clone checks in ~2 s instead of ~45 s
-# of CPU. mypy re-checks every module whose source (or a dependency's) changed, so the cache never hides an error.
-MYPY_CACHE ?= $(HOME)/.cache/textgen/mypy
+# mypy's cache lives in the user's cache folder (outside the clone, like the kernels): a fresh clone checks in
+# ~1 s instead of ~45 s of CPU. mypy re-checks every module whose source (or a dependency's) changed, so the
+# cache never hides an error.
+MYPY_CACHE ?= $(HOME)/.cache/mypy/textgen
 
 lint: setup
 	$(PY) -m ruff check .
