@@ -18,6 +18,9 @@ from tests.support.server import DEFAULT_ENV, Server, SharedServers, note_test
 from tests.support.tiny_model import save_tiny_gpt2
 from textgen.config import Settings, load_settings
 
+# The costliest test modules run first (make test: -n 2 --dist loadfile); see the module.
+pytest_plugins = ["tests.support.module_costs"]
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
