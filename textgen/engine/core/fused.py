@@ -221,6 +221,23 @@ def _expect_product(acc: torch.Tensor, source: Quantized, weights: W8A8Weights, 
 
 
 @dataclass(frozen=True)
+class _BlockLayout:
+    """What differs between fused.c's two block products (see linear.Q4Kernel and linear.Q8Kernel.pack)."""
+
+    function: str  # the C function
+    what: str  # the weight, in errors
+    chunks: int  # packed [N/16, K/32, chunks, 16, 4]
+    scale_rows: int  # scales [N/16, K/32, scale_rows, 16]
+    scale_dtypes: tuple[torch.dtype, ...]
+    scale_flag: bool  # the C function takes "scales are float32" after scales
+    group: int  # activations quantized per group of this many
+
+
+_Q4_LAYOUT = _BlockLayout("q4_matmul", "Q4 weight", 4, 2, (torch.float16,), False, 32)
+_Q8_LAYOUT = _BlockLayout("q8_matmul", "Q8 block weight", 8, 4, (torch.float16, torch.float32), True, 16)
+
+
+@dataclass(frozen=True)
 class FusedKernels:
     library: ctypes.CDLL
     build_key: str = ""  # source, flags, compiler and CPU the library was built for
@@ -421,27 +438,7 @@ class FusedKernels:
     ) -> torch.Tensor:
         """x [N, K] bf16 or float32 times a weight packed by linear.Q4Kernel -> [N, out] in out_dtype; the
         outlier channels [k] of x are multiplied in float with outlier_weight_t [k, out]."""
-        x = x.contiguous()
-        rows, k = _expect_rows(x, "x", _ROWS_DTYPES, 2)
-        _expect_constant(outliers, "outliers", _I64, (None,))
-        _expect_constant(outlier_weight_t, "outlier_weight_t", _F32, (outliers.numel(), None))
-        out_features = outlier_weight_t.shape[1]
-        if k % 32 or out_features % 16:
-            raise FusedArgumentError(f"a Q4 weight [{out_features}, {k}]: outputs a multiple of 16, inputs of 32")
-        _expect_constant(packed, "packed", (torch.uint8,), (out_features // 16, k // 32, 4, 16, 4))
-        _expect_constant(scales, "scales", (torch.float16,), (out_features // 16, k // 32, 2, 16))
-        if out_dtype not in _ROWS_DTYPES:
-            raise FusedArgumentError(f"out_dtype {out_dtype}: fused.c writes bfloat16 or float32")
-        out = torch.empty(rows, out_features, dtype=out_dtype)
-        xq = torch.empty(rows, k, dtype=torch.int8)
-        xd, xsum, xout = torch.empty(rows, k // 32), torch.empty(rows, k // 32), torch.empty(rows, outliers.numel())
-        status = self.library.q4_matmul(
-            x.data_ptr(), x.dtype == torch.bfloat16, packed.data_ptr(), scales.data_ptr(), outliers.data_ptr(),
-            outliers.numel(), outlier_weight_t.data_ptr(), out.data_ptr(), out_dtype == torch.bfloat16, rows,
-            out_features, k, xq.data_ptr(), xd.data_ptr(), xsum.data_ptr(), xout.data_ptr(),
-        )
-        _check(status, "q4_matmul")
-        return out
+        return self._block_matmul(_Q4_LAYOUT, x, packed, scales, outliers, outlier_weight_t, out_dtype)
 
     def q8_matmul(
         self,
@@ -454,27 +451,46 @@ class FusedKernels:
     ) -> torch.Tensor:
         """x [N, K] bf16 or float32 times a weight packed by linear.Q8Kernel (8-bit codes, d and m per 16
         weights in float16 or float32) -> [N, out] in out_dtype; outliers as in q4_matmul."""
+        return self._block_matmul(_Q8_LAYOUT, x, packed, scales, outliers, outlier_weight_t, out_dtype)
+
+    def _block_matmul(
+        self,
+        layout: _BlockLayout,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        outliers: torch.Tensor,
+        outlier_weight_t: torch.Tensor,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """q4_matmul and q8_matmul: the same checks and scratch, each product's own layout and C function."""
         x = x.contiguous()
         rows, k = _expect_rows(x, "x", _ROWS_DTYPES, 2)
         _expect_constant(outliers, "outliers", _I64, (None,))
         _expect_constant(outlier_weight_t, "outlier_weight_t", _F32, (outliers.numel(), None))
         out_features = outlier_weight_t.shape[1]
         if k % 32 or out_features % 16:
-            raise FusedArgumentError(f"a Q8 block weight [{out_features}, {k}]: outputs a multiple of 16, inputs of 32")
-        _expect_constant(packed, "packed", (torch.uint8,), (out_features // 16, k // 32, 8, 16, 4))
-        _expect_constant(scales, "scales", (torch.float16, torch.float32), (out_features // 16, k // 32, 4, 16))
+            raise FusedArgumentError(
+                f"a {layout.what} [{out_features}, {k}]: outputs a multiple of 16, inputs of 32"
+            )
+        tiles, blocks = out_features // 16, k // 32
+        _expect_constant(packed, "packed", (torch.uint8,), (tiles, blocks, layout.chunks, 16, 4))
+        _expect_constant(scales, "scales", layout.scale_dtypes, (tiles, blocks, layout.scale_rows, 16))
         if out_dtype not in _ROWS_DTYPES:
             raise FusedArgumentError(f"out_dtype {out_dtype}: fused.c writes bfloat16 or float32")
         out = torch.empty(rows, out_features, dtype=out_dtype)
+        groups = k // layout.group
         xq = torch.empty(rows, k, dtype=torch.int8)
-        xd, xsum, xout = torch.empty(rows, k // 16), torch.empty(rows, k // 16), torch.empty(rows, outliers.numel())
-        status = self.library.q8_matmul(
-            x.data_ptr(), x.dtype == torch.bfloat16, packed.data_ptr(), scales.data_ptr(),
-            scales.dtype == torch.float32, outliers.data_ptr(), outliers.numel(), outlier_weight_t.data_ptr(),
-            out.data_ptr(), out_dtype == torch.bfloat16, rows, out_features, k, xq.data_ptr(), xd.data_ptr(),
-            xsum.data_ptr(), xout.data_ptr(),
+        xd, xsum, xout = torch.empty(rows, groups), torch.empty(rows, groups), torch.empty(rows, outliers.numel())
+        scale_flag = [scales.dtype == torch.float32] if layout.scale_flag else []
+        function = getattr(self.library, layout.function)
+        status = function(
+            x.data_ptr(), x.dtype == torch.bfloat16, packed.data_ptr(), scales.data_ptr(), *scale_flag,
+            outliers.data_ptr(), outliers.numel(), outlier_weight_t.data_ptr(), out.data_ptr(),
+            out_dtype == torch.bfloat16, rows, out_features, k, xq.data_ptr(), xd.data_ptr(), xsum.data_ptr(),
+            xout.data_ptr(),
         )
-        _check(status, "q8_matmul")
+        _check(status, layout.function)
         return out
 
     def sample_nucleus(
