@@ -125,6 +125,24 @@ class Quantized:
         return cls(torch.empty(rows, width, dtype=torch.int8), torch.empty(rows, 1), torch.empty(rows, outliers))
 
 
+def step_fits(embed: torch.Tensor, heads: int, kv_heads: int, head_dim: int, mlp_width: int, batch: int,
+              live: int) -> bool:
+    """What every family's fused model step (llama.step_fused, gemma3.step_fused) needs of fused.c: a batch,
+    bf16 embeddings on a CPU, and heads, widths (the residual stream's and the MLP's) and live positions
+    within fused.h's limits."""
+    return (
+        batch > 0
+        and embed.dtype == torch.bfloat16
+        and embed.device.type == "cpu"
+        and live <= MAX_LIVE
+        and heads <= MAX_HEADS
+        and heads // kv_heads <= MAX_GROUP
+        and head_dim <= MAX_DIM
+        and embed.shape[1] <= MAX_WIDTH
+        and mlp_width <= MAX_WIDTH
+    )
+
+
 # ----- the boundary: every tensor checked before its address goes to C -----------------------------------
 # fused.c reads raw addresses: a tensor of the wrong dtype, layout, device or shape would be read past its
 # end or misread without a word. What Python can see (metadata) is checked here, on every call; what it
