@@ -238,6 +238,15 @@ def _expect_product(acc: torch.Tensor, source: Quantized, weights: W8A8Weights, 
     _expect_quantized(source, rows, None, _expect_weights(weights, "product", out))
 
 
+class BlockWeights(Protocol):
+    """A block layer's constants (``linear.Q4Kernel``, ``linear.Q8Kernel``), as q4_matmul / q8_matmul read them."""
+
+    packed: torch.Tensor  # [N/16, K/32, chunks, 16, 4] uint8
+    scales: torch.Tensor  # [N/16, K/32, rows, 16]: the blocks' d and m
+    outliers: torch.Tensor  # [k] long
+    outlier_weight_t: torch.Tensor  # [k, N] float32
+
+
 @dataclass(frozen=True)
 class _BlockLayout:
     """What differs between fused.c's two block products (see linear.Q4Kernel and linear.Q8Kernel.pack)."""
@@ -445,43 +454,23 @@ class FusedKernels:
         """Whether this build has the Q4_1 x int8 product (AVX-512 VNNI on this CPU)."""
         return bool(self.library.q4_supported())
 
-    def q4_matmul(
-        self,
-        x: torch.Tensor,
-        packed: torch.Tensor,
-        scales: torch.Tensor,
-        outliers: torch.Tensor,
-        outlier_weight_t: torch.Tensor,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
+    def q4_matmul(self, x: torch.Tensor, weight: BlockWeights, out_dtype: torch.dtype) -> torch.Tensor:
         """x [N, K] bf16 or float32 times a weight packed by linear.Q4Kernel -> [N, out] in out_dtype; the
         outlier channels [k] of x are multiplied in float with outlier_weight_t [k, out]."""
-        return self._block_matmul(_Q4_LAYOUT, x, packed, scales, outliers, outlier_weight_t, out_dtype)
+        return self._block_matmul(_Q4_LAYOUT, x, weight, out_dtype)
 
-    def q8_matmul(
-        self,
-        x: torch.Tensor,
-        packed: torch.Tensor,
-        scales: torch.Tensor,
-        outliers: torch.Tensor,
-        outlier_weight_t: torch.Tensor,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
+    def q8_matmul(self, x: torch.Tensor, weight: BlockWeights, out_dtype: torch.dtype) -> torch.Tensor:
         """x [N, K] bf16 or float32 times a weight packed by linear.Q8Kernel (8-bit codes, d and m per 16
         weights in float16 or float32) -> [N, out] in out_dtype; outliers as in q4_matmul."""
-        return self._block_matmul(_Q8_LAYOUT, x, packed, scales, outliers, outlier_weight_t, out_dtype)
+        return self._block_matmul(_Q8_LAYOUT, x, weight, out_dtype)
 
     def _block_matmul(
-        self,
-        layout: _BlockLayout,
-        x: torch.Tensor,
-        packed: torch.Tensor,
-        scales: torch.Tensor,
-        outliers: torch.Tensor,
-        outlier_weight_t: torch.Tensor,
-        out_dtype: torch.dtype,
+        self, layout: _BlockLayout, x: torch.Tensor, weight: BlockWeights, out_dtype: torch.dtype
     ) -> torch.Tensor:
         """q4_matmul and q8_matmul: the same checks and scratch, each product's own layout and C function."""
+        packed, scales, outliers, outlier_weight_t = (
+            weight.packed, weight.scales, weight.outliers, weight.outlier_weight_t
+        )
         x = x.contiguous()
         rows, k = _expect_rows(x, "x", _ROWS_DTYPES, 2)
         _expect_constant(outliers, "outliers", _I64, (None,))
@@ -497,16 +486,18 @@ class FusedKernels:
         if out_dtype not in _ROWS_DTYPES:
             raise FusedArgumentError(f"out_dtype {out_dtype}: fused.c writes bfloat16 or float32")
         out = torch.empty(rows, out_features, dtype=out_dtype)
-        groups = k // layout.group
         xq = torch.empty(rows, k, dtype=torch.int8)
-        xd, xsum, xout = torch.empty(rows, groups), torch.empty(rows, groups), torch.empty(rows, outliers.numel())
+        # xd and xsum [rows, k / group], then xout [rows, count]: one float32 scratch, one allocation
+        groups, count = k // layout.group, outliers.numel()
+        floats = torch.empty(rows * (2 * groups + count))
+        xd = floats.data_ptr()
+        xsum, xout = xd + 4 * rows * groups, xd + 8 * rows * groups
         scale_flag = [scales.dtype == torch.float32] if layout.scale_flag else []
         function = getattr(self.library, layout.function)
         status = function(
             x.data_ptr(), x.dtype == torch.bfloat16, packed.data_ptr(), scales.data_ptr(), *scale_flag,
-            outliers.data_ptr(), outliers.numel(), outlier_weight_t.data_ptr(), out.data_ptr(),
-            out_dtype == torch.bfloat16, rows, out_features, k, xq.data_ptr(), xd.data_ptr(), xsum.data_ptr(),
-            xout.data_ptr(),
+            outliers.data_ptr(), count, outlier_weight_t.data_ptr(), out.data_ptr(), out_dtype == torch.bfloat16,
+            rows, out_features, k, xq.data_ptr(), xd, xsum, xout,
         )
         _check(status, layout.function)
         return out

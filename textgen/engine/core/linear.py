@@ -222,6 +222,9 @@ class Int4Kernel:
         return _nbytes(self.packed, self.scales_and_zeros, self.bias)
 
 
+_Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # packed, scales, d, m
+
+
 @dataclass
 class _BlockKernel:
     """What Q4Kernel and Q8Kernel share: GGUF blocks packed for one of fused.c's block products (output rows in
@@ -255,7 +258,7 @@ class _BlockKernel:
     ) -> Self:
         """q [N, K] codes; d, m [N, K / SCALE_GROUP]: w = d * q + m; outliers [k] input channels. Activations
         arrive in dtype, results leave in out_dtype (bfloat16 or float32 each)."""
-        packed, scales, d, m = cls._layout(q, d, m)
+        packed, scales, d, m = cls._layout(q, d, m, q.shape[0] // 16, q.shape[1] // GROUP)
         outliers = _outlier_channels(outliers, q.shape[1])
         group_of = outliers // cls.SCALE_GROUP
         values = q[:, outliers].float() * d[:, group_of] + m[:, group_of]  # [N, k]
@@ -263,10 +266,9 @@ class _BlockKernel:
         return cls(packed, scales, outliers, values.t().contiguous(), bias, fused, out_dtype, dtype=dtype)
 
     @classmethod
-    def _layout(
-        cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """packed, scales, and d and m as the kernel will read them (float32, for the outlier values)."""
+    def _layout(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, tiles: int, blocks: int) -> _Packed:
+        """packed, scales, and d and m as the kernel will read them (float32, for the outlier values), for
+        tiles of 16 output rows and blocks of 32 input columns."""
         raise NotImplementedError
 
     @staticmethod
@@ -305,11 +307,7 @@ class Q4Kernel(_BlockKernel):
     """
 
     @classmethod
-    def _layout(
-        cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        n, k = q.shape
-        tiles, blocks = n // 16, k // GROUP
+    def _layout(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, tiles: int, blocks: int) -> _Packed:
         # value 8c + 4h + j of a block: chunk c, nibble h (0 low, 1 high), byte j
         lanes = q.to(torch.uint8).reshape(tiles, 16, blocks, 4, 2, 4).permute(0, 2, 3, 4, 1, 5)
         packed = (lanes[:, :, :, 0] | (lanes[:, :, :, 1] << 4)).contiguous()  # [tiles, blocks, 4, 16, 4]
@@ -344,7 +342,7 @@ class Q4Kernel(_BlockKernel):
         return q * d + m
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fused.q4_matmul(x, self.packed, self.scales, self.outliers, self.outlier_weight_t, self.out_dtype)
+        y = self.fused.q4_matmul(x, self, self.out_dtype)
         return y if self.bias is None else y.add_(self.bias.to(y.dtype))
 
 
@@ -365,11 +363,7 @@ class Q8Kernel(_BlockKernel):
     SCALE_GROUP = GROUP // 2
 
     @classmethod
-    def _layout(
-        cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        n, k = q.shape
-        tiles, blocks = n // 16, k // GROUP
+    def _layout(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, tiles: int, blocks: int) -> _Packed:
         # weight 4s + j of a block: group s, byte j
         packed = q.to(torch.uint8).reshape(tiles, 16, blocks, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
         halves = [t.reshape(tiles, 16, blocks, 2).permute(0, 2, 3, 1) for t in (d, m)]  # [tiles, blocks, 2, 16]
@@ -387,7 +381,7 @@ class Q8Kernel(_BlockKernel):
         return u * d + m
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fused.q8_matmul(x, self.packed, self.scales, self.outliers, self.outlier_weight_t, self.out_dtype)
+        y = self.fused.q8_matmul(x, self, self.out_dtype)
         return y if self.bias is None else y.add_(self.bias.to(y.dtype))
 
 
