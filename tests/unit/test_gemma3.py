@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 import textgen.engine.core.gemma3 as gemma3
+from tests.support.tiny_core import build_kernels
 from tests.support.tiny_sliding import WINDOW, greedy_alone, prompts_of_lengths, tiny_gemma3, tiny_mistral
 from textgen.engine.core.activations import input_ranges
 from textgen.engine.core.decoder import DecodeCore, architecture_for
-from textgen.engine.core.fused import FusedArgumentError, FusedKernels, load_fused_kernels
+from textgen.engine.core.fused import FusedArgumentError, FusedKernels
 from textgen.engine.core.weights import LinearFactory, WeightPlan
 
 LENGTHS = (3, 9, 14)
@@ -29,9 +30,7 @@ MODELS = pytest.mark.parametrize("build", [tiny_gemma3, tiny_mistral], ids=["gem
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory: pytest.TempPathFactory) -> FusedKernels:
-    built = load_fused_kernels(tmp_path_factory.mktemp("fused"))
-    assert built is not None, "the fused kernels did not build (is gcc installed?)"
-    return built
+    return build_kernels(tmp_path_factory.mktemp("fused"))
 
 
 def core_of(model: Any, dtype: torch.dtype, fused: FusedKernels | None = None, slots: int = 8) -> DecodeCore:
