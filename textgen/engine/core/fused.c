@@ -676,8 +676,8 @@ static inline __attribute__((always_inline)) void finish_tile(__m512 *acc, const
 }
 
 /* Up to 4 rows of a tile's results (y, row stride 16) into out [rows, n] at row r, columns 16t..16t+15. */
-static inline void store_tile(const float *y, int64_t done, int64_t r, int64_t t, int64_t n, void *out,
-                              int out_bf16) {
+static inline __attribute__((always_inline)) void store_tile(const float *y, int64_t done, int64_t r, int64_t t,
+                                                            int64_t n, void *out, int out_bf16) {
     for (int64_t i = 0; i < done; i++)
         for (int c = 0; c < 16; c++) {
             int64_t at = (r + i) * n + t * 16 + c;
