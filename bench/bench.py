@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -384,6 +384,34 @@ def start_server(
     )
     url_host = f"[{host}]" if ":" in host else host
     return Server(label, process, f"http://{url_host}:{port}", log_path, log_file)
+
+
+@contextlib.contextmanager
+def served(
+    args: argparse.Namespace, job_db: Path, env: Mapping[str, str] | None = None, port: int = 0
+) -> Iterator[str]:
+    """The base URL of a ready server for the block: ``args.url``'s when given (an already running server),
+    else a batched ``uvicorn main:app`` started as ``start_server`` starts one (``env`` for its environment)
+    and stopped when the block ends. ``args``: the options of ``add_server_arguments``."""
+    if args.url is not None:
+        base_url = args.url.rstrip("/")
+        wait_until_ready(base_url, args.startup_timeout)
+        yield base_url
+        return
+    server = start_server("batched", args.host, port, args.out, job_db, env=env)
+    try:
+        wait_until_ready(server.base_url, args.startup_timeout, server)
+        yield server.base_url
+    finally:
+        stop_server(server)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, request_timeout: float = 900.0) -> None:
+    """--host, --startup-timeout, --request-timeout and --out: the options of a bench that starts its servers."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /ready")
+    parser.add_argument("--request-timeout", type=float, default=request_timeout, help="seconds per request")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default bench/results)")
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

@@ -52,14 +52,12 @@ if __package__ in (None, ""):  # run as ``python bench/embeddings.py``
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.bench import (  # noqa: E402
-    DEFAULT_OUT,
     OPENAI_MODEL,
     PROMPTS,
     TEMPERATURE,
+    add_server_arguments,
     make_client,
-    start_server,
-    stop_server,
-    wait_until_ready,
+    served,
 )
 
 LOG = logging.getLogger("bench.embeddings")
@@ -348,11 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per stream request (default 128)")
     parser.add_argument("--embedding-inputs", type=int, default=1, help="texts per embedding request (default 1)")
     parser.add_argument("--embedding-words", type=int, default=48, help="words per text (default 48, ~64 tokens)")
-    parser.add_argument("--request-timeout", type=float, default=600.0)
-    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--startup-timeout", type=float, default=300.0)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default bench/results)")
+    add_server_arguments(parser, request_timeout=600.0)
     return parser
 
 
@@ -365,20 +360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.out / "embeddings-engine.json").write_text(json.dumps(result, indent=2) + "\n")
         print(render(result))
         return 0
-    server = None
-    with tempfile.TemporaryDirectory(prefix="textgen-bench-embed-") as scratch:
-        try:
-            if args.url is None:
-                server = start_server("batched", args.host, args.port, args.out, Path(scratch) / "jobs.db")
-                wait_until_ready(server.base_url, args.startup_timeout, server)
-                base_url = server.base_url
-            else:
-                base_url = args.url.rstrip("/")
-                wait_until_ready(base_url, args.startup_timeout)
-            result = asyncio.run(measure(base_url, args))
-        finally:
-            if server is not None:
-                stop_server(server)
+    with (
+        tempfile.TemporaryDirectory(prefix="textgen-bench-embed-") as scratch,
+        served(args, Path(scratch) / "jobs.db", port=args.port) as base_url,
+    ):
+        result = asyncio.run(measure(base_url, args))
     (args.out / "embeddings.json").write_text(json.dumps(result, indent=2) + "\n")
     print(render(result))
     return 0

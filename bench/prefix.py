@@ -46,14 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as ``python bench/prefix.py``
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.bench import (  # noqa: E402
-    DEFAULT_OUT,
-    OPENAI_MODEL,
-    make_client,
-    start_server,
-    stop_server,
-    wait_until_ready,
-)
+from bench.bench import OPENAI_MODEL, add_server_arguments, make_client, served  # noqa: E402
 
 LOG = logging.getLogger("bench.prefix")
 TOPICS = ("invoices", "shipping", "refunds", "accounts", "warranty", "returns", "billing", "security")
@@ -219,15 +212,11 @@ async def measure_long(base_url: str, args: argparse.Namespace) -> dict[str, Any
 
 
 def run_server(args: argparse.Namespace, scratch: Path, cache: bool) -> dict[str, Any]:
-    os.environ["TEXTGEN_PREFIX_CACHE"] = "true" if cache else "false"
-    os.environ.setdefault("TEXTGEN_MAX_PROMPT_TOKENS", str(args.max_prompt_tokens))
-    os.environ.setdefault("TEXTGEN_MAX_PREFILL_TOKENS", os.environ["TEXTGEN_MAX_PROMPT_TOKENS"])
-    server = start_server("batched", args.host, 0, args.out, scratch / f"jobs-{cache}.db")
-    try:
-        wait_until_ready(server.base_url, args.startup_timeout, server)
-        return asyncio.run(measure(server.base_url, args))
-    finally:
-        stop_server(server)
+    env = dict(os.environ, TEXTGEN_PREFIX_CACHE="true" if cache else "false")
+    env.setdefault("TEXTGEN_MAX_PROMPT_TOKENS", str(args.max_prompt_tokens))
+    env.setdefault("TEXTGEN_MAX_PREFILL_TOKENS", env["TEXTGEN_MAX_PROMPT_TOKENS"])
+    with served(args, scratch / f"jobs-{cache}.db", env) as base_url:
+        return asyncio.run(measure(base_url, args))
 
 
 def measure(base_url: str, args: argparse.Namespace) -> Any:
@@ -247,10 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ramp", type=float, default=5.0, help="long: seconds before counting (default 5)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per reply (default 64)")
     parser.add_argument("--max-prompt-tokens", type=int, default=7000, help="TEXTGEN_MAX_PROMPT_TOKENS to serve with")
-    parser.add_argument("--request-timeout", type=float, default=900.0)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--startup-timeout", type=float, default=300.0)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default bench/results)")
+    add_server_arguments(parser)
     return parser
 
 
@@ -271,12 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.url is not None:
-        base_url = args.url.rstrip("/")
-        wait_until_ready(base_url, args.startup_timeout)
-        result = {"server": asyncio.run(measure(base_url, args))}
-    else:
-        with tempfile.TemporaryDirectory(prefix="textgen-bench-prefix-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="textgen-bench-prefix-") as scratch:
+        if args.url is not None:
+            result = {"server": run_server(args, Path(scratch), cache=True)}  # the running server's settings
+        else:
             servers = (True, False) if args.workload == "chat" else (True,)
             result = {f"cache-{'on' if cache else 'off'}": run_server(args, Path(scratch), cache) for cache in servers}
     (args.out / f"prefix-{args.workload}.json").write_text(json.dumps(result, indent=2) + "\n")

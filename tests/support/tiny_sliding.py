@@ -3,6 +3,8 @@ transformers in float32. Windows are a few positions wide so ordinary test promp
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
 
@@ -62,6 +64,36 @@ def tiny_mistral(seed: int = 0, *, window: int = WINDOW) -> MistralForCausalLM:
 def prompts_of_lengths(*lengths: int, vocab: int = 160) -> list[list[int]]:
     """Deterministic prompts (token ids 3.. so no special token) of the given lengths."""
     return [[3 + (7 * i + 11 * n) % (vocab - 3) for i in range(n)] for n in lengths]
+
+
+def decode_with_joiners(
+    core: Any, prompts: list[list[int]], steps: int, leave_at: int | None = None
+) -> tuple[list[int], dict[int, list[int]]]:
+    """Greedy decoding on a core (DecodeCore or TransformersCore): prompts[:4] prefilled, then ``steps`` steps;
+    at step 2 prompts[4:] join in the same pass that decodes the first four, and at ``leave_at`` the second
+    running sequence is freed (the rest keep their caches). -> the slots in prompt order, each slot's tokens."""
+    generated: dict[int, list[int]] = {}
+    first = [core.allocate() for _ in range(4)]
+    tokens = core.prefill(first, prompts[:4]).argmax(-1)
+    running = list(first)
+    for slot, token in zip(running, tokens.tolist(), strict=True):
+        generated[slot] = [token]
+    joining: list[int] = []
+    for step in range(steps):
+        if step == 2:
+            joining = [core.allocate() for _ in prompts[4:]]
+            tokens = core.step(running, tokens, joining, prompts[4:]).argmax(-1)
+            running += joining
+        elif step == leave_at:
+            core.free([running[1]])
+            kept = [i for i in range(len(running)) if i != 1]
+            running = [running[i] for i in kept]
+            tokens = core.decode(running, tokens[kept]).argmax(-1)
+        else:
+            tokens = core.decode(running, tokens).argmax(-1)
+        for slot, token in zip(running, tokens.tolist(), strict=True):
+            generated.setdefault(slot, []).append(token)
+    return first + joining, generated
 
 
 @torch.inference_mode()

@@ -253,6 +253,14 @@ def exercise(kernels: FusedKernels) -> None:
         w = (nibbles.float().reshape(n, k // 32, 32) * d[..., None] + m[..., None]).reshape(n, k)
         x4 = torch.randn(3, k, generator=generator)
         assert torch.nn.functional.cosine_similarity(kernel(x4), x4 @ w.t(), dim=-1).min() > 0.999
+        from textgen.engine.core.linear import Q8Kernel
+
+        codes = torch.randint(0, 256, (n, k), generator=generator)
+        d8 = torch.rand(n, k // 16, generator=generator) * 0.01 + 0.001
+        m8 = -torch.rand(n, k // 16, generator=generator)
+        kernel8 = Q8Kernel.pack(codes, d8, m8, None, torch.tensor([2, 50]), kernels, torch.float32, torch.float32)
+        w8 = (codes.float().reshape(n, k // 16, 16) * d8[..., None] + m8[..., None]).reshape(n, k)
+        assert torch.nn.functional.cosine_similarity(kernel8(x4), x4 @ w8.t(), dim=-1).min() > 0.999
 
 
 @dataclass

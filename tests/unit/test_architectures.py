@@ -21,10 +21,11 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
+from tests.support.tiny_core import build_kernels
 from tests.support.tiny_families import FAMILIES, VOCAB, save_tiny_family, tiny
 from textgen.engine.core import CoreOptions, build_core
 from textgen.engine.core.decoder import DecodeCore, architecture_for
-from textgen.engine.core.fused import FusedKernels, load_fused_kernels
+from textgen.engine.core.fused import FusedKernels
 from textgen.engine.core.hf import TransformersCore
 from textgen.engine.core.linear import W8A8Kernel
 from textgen.engine.core.weights import LinearFactory, WeightPlan
@@ -79,9 +80,7 @@ def greedy_run(
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory: pytest.TempPathFactory) -> FusedKernels:
-    built = load_fused_kernels(tmp_path_factory.mktemp("fused"))
-    assert built is not None, "the fused kernels did not build (is gcc installed?)"
-    return built
+    return build_kernels(tmp_path_factory.mktemp("fused"))
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

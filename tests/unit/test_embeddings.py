@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.support.engines import engines_stopped_after
 from tests.support.waiting import wait_until
 from textgen.engine.core import CoreOptions, sequence_positions
 from textgen.engine.pooling import l2_normalise, mean_pool
@@ -43,28 +44,24 @@ STREAM = SamplingParams(max_new_tokens=900, ignore_eos=True, temperature=0.9)
 
 @pytest.fixture
 async def make_engine(tiny_loaded: Any) -> AsyncIterator[Callable[..., Any]]:
-    engines: list[Any] = []
+    async with engines_stopped_after() as engines:
 
-    async def build(*, engine: str = "batched", core: str = "auto", **limits: Any) -> Any:
-        limits.setdefault("max_new_tokens_limit", 1000)
-        built: Any
-        if engine == "threadpool":
-            built = ThreadPoolEngine(tiny_loaded, EngineLimits(**limits), workers=2, warmup=False)
-        else:
-            engine_limits = EngineLimits(**limits)
-            options = CoreOptions(
-                core=core,
-                slots=engine_limits.max_running + engine_limits.embedding_slots,
-                positions=sequence_positions(engine_limits.max_prompt_tokens, engine_limits.max_new_tokens_limit),
-            )
-            built = BatchedEngine(tiny_loaded, engine_limits, core_options=options, warmup=False)
-        await built.start()
-        engines.append(built)
-        return built
+        async def build(*, engine: str = "batched", core: str = "auto", **limits: Any) -> Any:
+            limits.setdefault("max_new_tokens_limit", 1000)
+            built: Any
+            if engine == "threadpool":
+                built = ThreadPoolEngine(tiny_loaded, EngineLimits(**limits), workers=2, warmup=False)
+            else:
+                engine_limits = EngineLimits(**limits)
+                options = CoreOptions(
+                    core=core,
+                    slots=engine_limits.max_running + engine_limits.embedding_slots,
+                    positions=sequence_positions(engine_limits.max_prompt_tokens, engine_limits.max_new_tokens_limit),
+                )
+                built = BatchedEngine(tiny_loaded, engine_limits, core_options=options, warmup=False)
+            return await engines.start(built)
 
-    yield build
-    for built in engines:
-        await built.stop(0)
+        yield build
 
 
 def ids_of(tiny_loaded: Any, text: str) -> tuple[int, ...]:

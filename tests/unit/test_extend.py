@@ -5,16 +5,14 @@ against decoding the same tokens one at a time."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from textgen.engine.core.decoder import DecodeCore, architecture_for
-from textgen.engine.core.fused import FusedKernels, load_fused_kernels
-from textgen.engine.core.weights import LinearFactory, WeightPlan
+from tests.support.tiny_core import build_kernels, tiny_core, tiny_llama_model
+from textgen.engine.core.decoder import DecodeCore
+from textgen.engine.core.fused import FusedKernels
 from textgen.errors import EngineError
 
 from .test_core import make_core, reference_logits, tokenize
@@ -84,23 +82,11 @@ def test_extend_refuses_inputs_it_cannot_place(tiny_loaded: Any) -> None:
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory: pytest.TempPathFactory) -> FusedKernels:
-    built = load_fused_kernels(tmp_path_factory.mktemp("fused"))
-    assert built is not None, "the fused kernels did not build (is gcc installed?)"
-    return built
+    return build_kernels(tmp_path_factory.mktemp("fused"))
 
 
-def tiny_llama_core(kernels: FusedKernels | None, fmt: str = "bfloat16") -> DecodeCore:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True,
-    )
-    model = copy.deepcopy(LlamaForCausalLM(config).eval()).to(torch.bfloat16)
-    arch, reason = architecture_for(model)
-    assert arch is not None, reason
-    plan = WeightPlan.single(fmt)
-    return DecodeCore(model, arch, plan, LinearFactory(plan, torch.bfloat16, torch.device("cpu")), slots=4,
-                      capacity=64, fused=kernels)
+def tiny_llama_core(kernels: FusedKernels | None) -> DecodeCore:
+    return tiny_core(tiny_llama_model(), torch.bfloat16, kernels)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "pytorch"])

@@ -2,46 +2,33 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from textgen.engine.core.decoder import DecodeCore, architecture_for
+from tests.support.tiny_core import build_kernels, tiny_core, tiny_llama_model
+from textgen.engine.core.decoder import DecodeCore
 from textgen.engine.core.fused import FusedKernels, build_fused_kernels, load_fused_kernels, openmp_runtimes
 from textgen.engine.core.linear import Q4Kernel, W8A8Kernel
-from textgen.engine.core.weights import LinearFactory, WeightPlan
 
 PROMPTS = [[5, 17, 23, 9, 41, 3], [7, 7, 60], [11, 2, 90, 33, 8, 21, 64, 70, 12, 19, 1]]
 
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory: pytest.TempPathFactory) -> FusedKernels:
-    built = load_fused_kernels(tmp_path_factory.mktemp("fused"))
-    assert built is not None, "the fused kernels did not build (is gcc installed?)"
-    return built
+    return build_kernels(tmp_path_factory.mktemp("fused"))
 
 
 @pytest.fixture(scope="module")
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama_model()
 
 
 def core_of(model: LlamaForCausalLM, dtype: torch.dtype, fused: FusedKernels | None, slots: int = 4) -> DecodeCore:
-    arch, reason = architecture_for(model)
-    assert arch is not None and arch.name == "llama", reason
-    name = str(dtype).removeprefix("torch.")
-    factory = LinearFactory(WeightPlan.single(name), dtype, torch.device("cpu"))
-    model = copy.deepcopy(model).to(dtype)
-    return DecodeCore(model, arch, WeightPlan.single(name), factory, slots=slots, capacity=64, fused=fused)
+    return tiny_core(model, dtype, fused, slots=slots)
 
 
 def decode_logits(core: DecodeCore, steps: int) -> list[torch.Tensor]:

@@ -16,10 +16,18 @@ import torch
 import torch.nn.functional as F
 
 import textgen.engine.core.gemma3 as gemma3
-from tests.support.tiny_sliding import WINDOW, greedy_alone, prompts_of_lengths, tiny_gemma3, tiny_mistral
+from tests.support.tiny_core import build_kernels
+from tests.support.tiny_sliding import (
+    WINDOW,
+    decode_with_joiners,
+    greedy_alone,
+    prompts_of_lengths,
+    tiny_gemma3,
+    tiny_mistral,
+)
 from textgen.engine.core.activations import input_ranges
 from textgen.engine.core.decoder import DecodeCore, architecture_for
-from textgen.engine.core.fused import FusedArgumentError, FusedKernels, load_fused_kernels
+from textgen.engine.core.fused import FusedArgumentError, FusedKernels
 from textgen.engine.core.weights import LinearFactory, WeightPlan
 
 LENGTHS = (3, 9, 14)
@@ -29,9 +37,7 @@ MODELS = pytest.mark.parametrize("build", [tiny_gemma3, tiny_mistral], ids=["gem
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory: pytest.TempPathFactory) -> FusedKernels:
-    built = load_fused_kernels(tmp_path_factory.mktemp("fused"))
-    assert built is not None, "the fused kernels did not build (is gcc installed?)"
-    return built
+    return build_kernels(tmp_path_factory.mktemp("fused"))
 
 
 def core_of(model: Any, dtype: torch.dtype, fused: FusedKernels | None = None, slots: int = 8) -> DecodeCore:
@@ -95,23 +101,8 @@ def test_eight_sequences_of_different_lengths_joining_mid_flight_decode_as_alone
     model = build()
     core = core_of(model, torch.float32)
     prompts = prompts_of_lengths(3, 9, 5, 14, 2, 7, 11, 1)
-    generated: dict[int, list[int]] = {}
-    first = [core.allocate() for _ in range(4)]
-    tokens = core.prefill(first, prompts[:4]).argmax(-1)
-    running = list(first)
-    for slot, token in zip(running, tokens.tolist(), strict=True):
-        generated[slot] = [token]
-    joining: list[int] = []
-    for step in range(9):
-        if step == 2:  # one pass decodes the first four and prefills four more
-            joining = [core.allocate() for _ in range(4)]
-            tokens = core.step(running, tokens, joining, prompts[4:]).argmax(-1)
-            running += joining
-        else:
-            tokens = core.decode(running, tokens).argmax(-1)
-        for slot, token in zip(running, tokens.tolist(), strict=True):
-            generated.setdefault(slot, []).append(token)
-    for index, slot in enumerate(first + joining):
+    order, generated = decode_with_joiners(core, prompts, steps=9)  # step 2 decodes four and prefills four
+    for index, slot in enumerate(order):
         assert generated[slot] == greedy_alone(model, prompts[index], len(generated[slot])), f"prompt {index}"
 
 

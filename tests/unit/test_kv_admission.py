@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.engines import engines_stopped_after
 from tests.support.waiting import wait_until
 from textgen.engine.core import CoreOptions
 from textgen.engine.scheduler import BatchedEngine
@@ -37,25 +38,21 @@ def block_bytes(loaded: Any) -> int:
 
 @pytest.fixture
 async def make_engine(tiny_loaded: Any) -> AsyncIterator[Callable[..., Any]]:
-    engines: list[BatchedEngine] = []
+    async with engines_stopped_after() as engines:
 
-    async def build(blocks: int, **limits: Any) -> BatchedEngine:
-        limits.setdefault("max_new_tokens_limit", 1000)
-        # One token per step: drafts accepted on greedy text can finish a sequence before the pool runs
-        # short, and these tests are about when blocks run out (speculation has its own tests).
-        limits.setdefault("speculation", SpeculationSettings(SpeculationMode.OFF))
-        options = CoreOptions(
-            core="textgen", slots=12, positions=CAPACITY, kv_cache_memory=blocks * block_bytes(tiny_loaded),
-            kv_block_size=BLOCK,
-        )
-        engine = BatchedEngine(tiny_loaded, EngineLimits(**limits), core_options=options, warmup=False)
-        await engine.start()
-        engines.append(engine)
-        return engine
+        async def build(blocks: int, **limits: Any) -> BatchedEngine:
+            limits.setdefault("max_new_tokens_limit", 1000)
+            # One token per step: drafts accepted on greedy text can finish a sequence before the pool runs
+            # short, and these tests are about when blocks run out (speculation has its own tests).
+            limits.setdefault("speculation", SpeculationSettings(SpeculationMode.OFF))
+            options = CoreOptions(
+                core="textgen", slots=12, positions=CAPACITY, kv_cache_memory=blocks * block_bytes(tiny_loaded),
+                kv_block_size=BLOCK,
+            )
+            engine = BatchedEngine(tiny_loaded, EngineLimits(**limits), core_options=options, warmup=False)
+            return await engines.start(engine)
 
-    yield build
-    for engine in engines:
-        await engine.stop(0)
+        yield build
 
 
 def request(prompt: str, tokens: int, priority: Priority = Priority.INTERACTIVE, **params: Any) -> GenerationRequest:

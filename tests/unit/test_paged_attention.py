@@ -8,12 +8,13 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from tests.support.tiny_core import build_kernels, tiny_core, tiny_llama_model
 from tests.unit import fused_reference as reference
 from textgen.engine.core.blocks import OutOfBlocksError
 from textgen.engine.core.decoder import DecodeCore, architecture_for
-from textgen.engine.core.fused import FusedKernels, load_fused_kernels
+from textgen.engine.core.fused import FusedKernels
 from textgen.engine.core.weights import LinearFactory, WeightPlan
 
 PROMPTS = [[5, 17, 23, 9, 41, 3], [7, 7, 60], [11, 2, 90, 33, 8, 21, 64, 70, 12, 19, 1, 4, 4, 8]]
@@ -22,32 +23,18 @@ CAPACITY = 64
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory: pytest.TempPathFactory) -> FusedKernels:
-    built = load_fused_kernels(tmp_path_factory.mktemp("fused"))
-    assert built is not None, "the fused kernels did not build (is gcc installed?)"
-    return built
+    return build_kernels(tmp_path_factory.mktemp("fused"))
 
 
 @pytest.fixture(scope="module")
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama_model()
 
 
 def core_of(
     model: LlamaForCausalLM, dtype: torch.dtype, block_size: int, fused: FusedKernels | None = None
 ) -> DecodeCore:
-    arch, reason = architecture_for(model)
-    assert arch is not None, reason
-    name = str(dtype).removeprefix("torch.")
-    factory = LinearFactory(WeightPlan.single(name), dtype, torch.device("cpu"))
-    return DecodeCore(
-        copy.deepcopy(model).to(dtype), arch, WeightPlan.single(name), factory, slots=4, capacity=CAPACITY,
-        block_size=block_size, fused=fused,
-    )
+    return tiny_core(model, dtype, fused, capacity=CAPACITY, block_size=block_size)
 
 
 def run(core: DecodeCore, steps: int = 20) -> list[torch.Tensor]:

@@ -4,16 +4,15 @@ logits as one whole prefill, in the PyTorch path (tiny GPT-2 and Llama, float32)
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from textgen.engine.core.decoder import DecodeCore, architecture_for
-from textgen.engine.core.fused import FusedKernels, load_fused_kernels
-from textgen.engine.core.weights import LinearFactory, WeightPlan
+from tests.support.tiny_core import build_kernels, tiny_core, tiny_llama_model
+from textgen.engine.core.decoder import DecodeCore
+from textgen.engine.core.fused import FusedKernels
 from textgen.errors import EngineError
 
 PROMPT = [5, 17, 23, 9, 41, 3, 7, 7, 60, 11, 2, 90, 33, 8, 21, 64, 70, 12, 19, 1, 4, 44, 45]
@@ -22,30 +21,16 @@ BLOCK = 4
 
 @pytest.fixture(scope="module")
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama_model()
 
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory: pytest.TempPathFactory) -> FusedKernels:
-    built = load_fused_kernels(tmp_path_factory.mktemp("fused"))
-    assert built is not None, "the fused kernels did not build (is gcc installed?)"
-    return built
+    return build_kernels(tmp_path_factory.mktemp("fused"))
 
 
 def core_of(model: torch.nn.Module, dtype: torch.dtype, fused: FusedKernels | None = None) -> DecodeCore:
-    arch, reason = architecture_for(model)
-    assert arch is not None, reason
-    name = str(dtype).removeprefix("torch.")
-    factory = LinearFactory(WeightPlan.single(name), dtype, torch.device("cpu"))
-    model = copy.deepcopy(model).to(dtype)
-    return DecodeCore(
-        model, arch, WeightPlan.single(name), factory, slots=4, capacity=64, fused=fused, block_size=BLOCK
-    )
+    return tiny_core(model, dtype, fused, block_size=BLOCK)
 
 
 def whole_then_decode(core: DecodeCore, prompt: list[int], steps: int = 4) -> list[torch.Tensor]:

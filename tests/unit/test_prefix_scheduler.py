@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.engines import engines_stopped_after
 from tests.support.waiting import wait_until
 from textgen.engine.core import CoreOptions
 from textgen.engine.scheduler import BatchedEngine
@@ -33,24 +34,20 @@ SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=77, max_new_tokens=12,
 
 @pytest.fixture
 async def make_engine(tiny_loaded: Any) -> AsyncIterator[Callable[..., Any]]:
-    engines: list[BatchedEngine] = []
+    async with engines_stopped_after() as engines:
 
-    async def build(*, cache: bool = True, shared: bool = False, slots: int = 12, **limits: Any) -> BatchedEngine:
-        limits.setdefault("max_running", min(8, slots))
-        limits.setdefault("max_prompt_tokens", 400)
-        engine = BatchedEngine(
-            tiny_loaded,
-            EngineLimits(prefix_cache=cache, prefix_cache_shared=shared, embedding_slots=0, **limits),
-            core_options=CoreOptions(weights="float", slots=slots, positions=512),
-            warmup=False,
-        )
-        await engine.start()
-        engines.append(engine)
-        return engine
+        async def build(*, cache: bool = True, shared: bool = False, slots: int = 12, **limits: Any) -> BatchedEngine:
+            limits.setdefault("max_running", min(8, slots))
+            limits.setdefault("max_prompt_tokens", 400)
+            engine = BatchedEngine(
+                tiny_loaded,
+                EngineLimits(prefix_cache=cache, prefix_cache_shared=shared, embedding_slots=0, **limits),
+                core_options=CoreOptions(weights="float", slots=slots, positions=512),
+                warmup=False,
+            )
+            return await engines.start(engine)
 
-    yield build
-    for engine in engines:
-        await engine.stop(0)
+        yield build
 
 
 async def run(

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.engines import engines_stopped_after
 from tests.support.waiting import wait_until
 from textgen.engine.scheduler import BatchedEngine
 from textgen.engine.types import EngineLimits, GenerationRequest, Handle, Priority, SamplingParams
@@ -27,18 +28,13 @@ LONG = SamplingParams(max_new_tokens=900, ignore_eos=True, temperature=0.0)
 
 @pytest.fixture
 async def make_engine(tiny_loaded: Any) -> AsyncIterator[Callable[..., Any]]:
-    engines: list[BatchedEngine] = []
+    async with engines_stopped_after() as engines:
 
-    async def build(**limits: Any) -> BatchedEngine:
-        limits.setdefault("max_new_tokens_limit", 1000)
-        engine = BatchedEngine(tiny_loaded, EngineLimits(**limits), warmup=False)
-        await engine.start()
-        engines.append(engine)
-        return engine
+        async def build(**limits: Any) -> BatchedEngine:
+            limits.setdefault("max_new_tokens_limit", 1000)
+            return await engines.start(BatchedEngine(tiny_loaded, EngineLimits(**limits), warmup=False))
 
-    yield build
-    for engine in engines:
-        await engine.stop(0)
+        yield build
 
 
 def request(prompt: str = "The future of AI is", **params: Any) -> GenerationRequest:

@@ -15,6 +15,7 @@ import jsonschema
 import pytest
 import torch
 
+from tests.support.engines import engines_stopped_after
 from tests.support.structured import random_schemas
 from textgen.engine.constraints import Constraint
 from textgen.engine.scheduler import BatchedEngine
@@ -113,18 +114,14 @@ def test_the_rejection_rule_keeps_the_target_distribution_whatever_the_draft() -
 
 @pytest.fixture
 async def engines(tiny_loaded: Any) -> AsyncIterator[Callable[..., Any]]:
-    started: list[BatchedEngine] = []
+    async with engines_stopped_after() as started:
 
-    async def build(mode: SpeculationMode, **limits: Any) -> BatchedEngine:
-        settings = SpeculationSettings(mode, max_draft=limits.pop("max_draft", 6), max_batch=4)
-        engine = BatchedEngine(tiny_loaded, EngineLimits(speculation=settings, **limits), warmup=False)
-        await engine.start()
-        started.append(engine)
-        return engine
+        async def build(mode: SpeculationMode, **limits: Any) -> BatchedEngine:
+            settings = SpeculationSettings(mode, max_draft=limits.pop("max_draft", 6), max_batch=4)
+            engine = BatchedEngine(tiny_loaded, EngineLimits(speculation=settings, **limits), warmup=False)
+            return await started.start(engine)
 
-    yield build
-    for engine in started:
-        await engine.stop(0)
+        yield build
 
 
 REPEATING = "one two three four five six seven one two three four five six seven one two three four"

@@ -621,11 +621,76 @@ int sample_nucleus(const float *logits, const float *temperature, const float *t
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 int q4_supported(void) { return 1; }
 
+/* The block products' shared steps (q4_matmul: groups of 32; q8_matmul: groups of 16). */
+
+/* Each row of x with its outlier channels moved to xout (in float, zero in the row), then quantized to int8
+ * per group of `group` activations: xq [rows, k], xd (the group's scale) and xsum (its unquantized sum)
+ * [rows, k / group]. Inlined with a constant group, so each product keeps its own unrolled loops. */
+static inline __attribute__((always_inline)) int quantize_blocks(const void *x, int x_bf16, const int64_t *outliers,
+                                                                int64_t count, int64_t rows, int64_t k,
+                                                                const int group, int8_t *xq, float *xd,
+                                                                float *xsum, float *xout) {
+    int64_t groups = k / group;
+    float *row = malloc((size_t)k * sizeof *row);
+    if (!row) return FUSED_NO_MEMORY;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < k; i++) row[i] = load(x, x_bf16, r * k + i);
+        for (int64_t j = 0; j < count; j++) {
+            xout[r * count + j] = row[outliers[j]];
+            row[outliers[j]] = 0.0f;
+        }
+        for (int64_t g = 0; g < groups; g++) {
+            const float *v = row + g * group;
+            float largest = 0.0f, sum = 0.0f;
+            for (int i = 0; i < group; i++) {
+                largest = fmaxf(largest, fabsf(v[i]));
+                sum += v[i];
+            }
+            float step = largest > 0.0f ? 127.0f / largest : 0.0f;
+            for (int i = 0; i < group; i++) xq[r * k + g * group + i] = (int8_t)nearbyintf(v[i] * step);
+            xd[r * groups + g] = largest / 127.0f;
+            xsum[r * groups + g] = sum;
+        }
+    }
+    free(row);
+    return FUSED_OK;
+}
+
+/* The limits both products check before any work: shapes, then the outlier indices. */
+static int block_product_refused(const int64_t *outliers, int64_t count, int64_t rows, int64_t n, int64_t k) {
+    if (k <= 0 || n <= 0 || rows < 0 || count < 0 || k % 32 || n % 16 || k > MAX_WIDTH) return FUSED_BAD_SHAPE;
+    if (!outliers_within(outliers, count, k)) return FUSED_BAD_INDEX;
+    return FUSED_OK;
+}
+
+/* A tile's last step: the outlier channels in float (outlier_weight_t [count, n], from the tile's first
+ * column), then R rows of 16 results to y (row stride 16). */
+static inline __attribute__((always_inline)) void finish_tile(__m512 *acc, const float *xout,
+                                                             const float *outlier_weight_t, int64_t count,
+                                                             int64_t n, float *y, const int R) {
+    for (int64_t j = 0; j < count; j++) {
+        __m512 w = _mm512_loadu_ps(outlier_weight_t + j * n);
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xout[r * count + j]), w, acc[r]);
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * 16, acc[r]);
+}
+
+/* Up to 4 rows of a tile's results (y, row stride 16) into out [rows, n] at row r, columns 16t..16t+15. */
+static inline __attribute__((always_inline)) void store_tile(const float *y, int64_t done, int64_t r, int64_t t,
+                                                            int64_t n, void *out, int out_bf16) {
+    for (int64_t i = 0; i < done; i++)
+        for (int c = 0; c < 16; c++) {
+            int64_t at = (r + i) * n + t * 16 + c;
+            if (out_bf16) ((uint16_t *)out)[at] = f32_to_bf16(y[i * 16 + c]);
+            else ((float *)out)[at] = y[i * 16 + c];
+        }
+}
+
 static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed, const uint16_t *scales,
                                                          const int8_t *xq, const float *xd, const float *xsum,
                                                          int64_t blocks, int64_t k, const float *xout,
                                                          const float *outlier_weight_t, int64_t count, int64_t n,
-                                                         float *y, int64_t ystride, const int R) {
+                                                         float *y, const int R) {
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc[4];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
@@ -652,11 +717,7 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed,
             acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xsum[r * blocks + b]), acc[r]);
         }
     }
-    for (int64_t j = 0; j < count; j++) {
-        __m512 w = _mm512_loadu_ps(outlier_weight_t + j * n);
-        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xout[r * count + j]), w, acc[r]);
-    }
-    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * ystride, acc[r]);
+    finish_tile(acc, xout, outlier_weight_t, count, n, y, R);
 }
 
 /* x [rows, k] (bf16 or float32) times the packed Q4_1 weight [n, k] -> out [rows, n] (bf16 or float32).
@@ -666,31 +727,10 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed,
 int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *scales, const int64_t *outliers,
               int64_t count, const float *outlier_weight_t, void *out, int out_bf16, int64_t rows, int64_t n,
               int64_t k, int8_t *xq, float *xd, float *xsum, float *xout) {
-    if (k <= 0 || n <= 0 || rows < 0 || count < 0 || k % 32 || n % 16 || k > MAX_WIDTH) return FUSED_BAD_SHAPE;
-    if (!outliers_within(outliers, count, k)) return FUSED_BAD_INDEX;
+    int status = block_product_refused(outliers, count, rows, n, k);
+    if (status == FUSED_OK) status = quantize_blocks(x, x_bf16, outliers, count, rows, k, 32, xq, xd, xsum, xout);
+    if (status != FUSED_OK) return status;
     int64_t blocks = k / 32, tiles = n / 16;
-    float *row = malloc((size_t)k * sizeof *row);
-    if (!row) return FUSED_NO_MEMORY;
-    for (int64_t r = 0; r < rows; r++) {
-        for (int64_t i = 0; i < k; i++) row[i] = load(x, x_bf16, r * k + i);
-        for (int64_t j = 0; j < count; j++) {
-            xout[r * count + j] = row[outliers[j]];
-            row[outliers[j]] = 0.0f;
-        }
-        for (int64_t b = 0; b < blocks; b++) {
-            const float *v = row + b * 32;
-            float largest = 0.0f, sum = 0.0f;
-            for (int i = 0; i < 32; i++) {
-                largest = fmaxf(largest, fabsf(v[i]));
-                sum += v[i];
-            }
-            float step = largest > 0.0f ? 127.0f / largest : 0.0f;
-            for (int i = 0; i < 32; i++) xq[r * k + b * 32 + i] = (int8_t)nearbyintf(v[i] * step);
-            xd[r * blocks + b] = largest / 127.0f;
-            xsum[r * blocks + b] = sum;
-        }
-    }
-    free(row);
 #pragma omp parallel for schedule(static) if (parallel && n * k >= 16 * PARALLEL_WORK)
     for (int64_t t = 0; t < tiles; t++) {
         const uint8_t *pt = packed + t * blocks * 256;
@@ -701,17 +741,11 @@ int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *
             int64_t left = rows - r;
             const int8_t *xr = xq + r * k;
             const float *dr = xd + r * blocks, *sr = xsum + r * blocks, *orow = xout + r * count;
-            if (left >= 4) q4_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 16, 4);
-            else if (left == 3) q4_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 16, 3);
-            else if (left == 2) q4_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 16, 2);
-            else q4_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 16, 1);
-            int64_t done = left < 4 ? left : 4;
-            for (int64_t i = 0; i < done; i++)
-                for (int c = 0; c < 16; c++) {
-                    int64_t at = (r + i) * n + t * 16 + c;
-                    if (out_bf16) ((uint16_t *)out)[at] = f32_to_bf16(y[i * 16 + c]);
-                    else ((float *)out)[at] = y[i * 16 + c];
-                }
+            if (left >= 4) q4_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 4);
+            else if (left == 3) q4_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 3);
+            else if (left == 2) q4_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 2);
+            else q4_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 1);
+            store_tile(y, left < 4 ? left : 4, r, t, n, out, out_bf16);
         }
     }
     return FUSED_OK;
@@ -766,11 +800,7 @@ static inline __attribute__((always_inline)) void q8_tile(const uint8_t *packed,
             acc[r] = _mm512_fmadd_ps(m1, _mm512_set1_ps(xsum[r * 2 * blocks + 2 * b + 1]), acc[r]);
         }
     }
-    for (int64_t j = 0; j < count; j++) {
-        __m512 w = _mm512_loadu_ps(outlier_weight_t + j * n);
-        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xout[r * count + j]), w, acc[r]);
-    }
-    for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * 16, acc[r]);
+    finish_tile(acc, xout, outlier_weight_t, count, n, y, R);
 }
 
 static inline __attribute__((always_inline)) void q8_rows(const uint8_t *pt, const void *st, const int8_t *xr,
@@ -789,31 +819,10 @@ static inline __attribute__((always_inline)) void q8_rows(const uint8_t *pt, con
 int q8_matmul(const void *x, int x_bf16, const uint8_t *packed, const void *scales, int scales_f32,
               const int64_t *outliers, int64_t count, const float *outlier_weight_t, void *out, int out_bf16,
               int64_t rows, int64_t n, int64_t k, int8_t *xq, float *xd, float *xsum, float *xout) {
-    if (k <= 0 || n <= 0 || rows < 0 || count < 0 || k % 32 || n % 16 || k > MAX_WIDTH) return FUSED_BAD_SHAPE;
-    if (!outliers_within(outliers, count, k)) return FUSED_BAD_INDEX;
+    int status = block_product_refused(outliers, count, rows, n, k);
+    if (status == FUSED_OK) status = quantize_blocks(x, x_bf16, outliers, count, rows, k, 16, xq, xd, xsum, xout);
+    if (status != FUSED_OK) return status;
     int64_t blocks = k / 32, tiles = n / 16;
-    float *row = malloc((size_t)k * sizeof *row);
-    if (!row) return FUSED_NO_MEMORY;
-    for (int64_t r = 0; r < rows; r++) {
-        for (int64_t i = 0; i < k; i++) row[i] = load(x, x_bf16, r * k + i);
-        for (int64_t j = 0; j < count; j++) {
-            xout[r * count + j] = row[outliers[j]];
-            row[outliers[j]] = 0.0f;
-        }
-        for (int64_t h = 0; h < 2 * blocks; h++) {
-            const float *v = row + h * 16;
-            float largest = 0.0f, sum = 0.0f;
-            for (int i = 0; i < 16; i++) {
-                largest = fmaxf(largest, fabsf(v[i]));
-                sum += v[i];
-            }
-            float step = largest > 0.0f ? 127.0f / largest : 0.0f;
-            for (int i = 0; i < 16; i++) xq[r * k + h * 16 + i] = (int8_t)nearbyintf(v[i] * step);
-            xd[r * 2 * blocks + h] = largest / 127.0f;
-            xsum[r * 2 * blocks + h] = sum;
-        }
-    }
-    free(row);
     size_t scale_size = scales_f32 ? sizeof(float) : sizeof(uint16_t);
 #pragma omp parallel for schedule(static) if (parallel && n * k >= 16 * PARALLEL_WORK)
     for (int64_t t = 0; t < tiles; t++) {
@@ -827,13 +836,7 @@ int q8_matmul(const void *x, int x_bf16, const uint8_t *packed, const void *scal
             const float *dr = xd + r * 2 * blocks, *sr = xsum + r * 2 * blocks, *orow = xout + r * count;
             if (scales_f32) q8_rows(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, left, 1);
             else q8_rows(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, left, 0);
-            int64_t done = left < 4 ? left : 4;
-            for (int64_t i = 0; i < done; i++)
-                for (int c = 0; c < 16; c++) {
-                    int64_t at = (r + i) * n + t * 16 + c;
-                    if (out_bf16) ((uint16_t *)out)[at] = f32_to_bf16(y[i * 16 + c]);
-                    else ((float *)out)[at] = y[i * 16 + c];
-                }
+            store_tile(y, left < 4 ? left : 4, r, t, n, out, out_bf16);
         }
     }
     return FUSED_OK;

@@ -125,6 +125,24 @@ class Quantized:
         return cls(torch.empty(rows, width, dtype=torch.int8), torch.empty(rows, 1), torch.empty(rows, outliers))
 
 
+def step_fits(embed: torch.Tensor, heads: int, kv_heads: int, head_dim: int, mlp_width: int, batch: int,
+              live: int) -> bool:
+    """What every family's fused model step (llama.step_fused, gemma3.step_fused) needs of fused.c: a batch,
+    bf16 embeddings on a CPU, and heads, widths (the residual stream's and the MLP's) and live positions
+    within fused.h's limits."""
+    return (
+        batch > 0
+        and embed.dtype == torch.bfloat16
+        and embed.device.type == "cpu"
+        and live <= MAX_LIVE
+        and heads <= MAX_HEADS
+        and heads // kv_heads <= MAX_GROUP
+        and head_dim <= MAX_DIM
+        and embed.shape[1] <= MAX_WIDTH
+        and mlp_width <= MAX_WIDTH
+    )
+
+
 # ----- the boundary: every tensor checked before its address goes to C -----------------------------------
 # fused.c reads raw addresses: a tensor of the wrong dtype, layout, device or shape would be read past its
 # end or misread without a word. What Python can see (metadata) is checked here, on every call; what it
@@ -218,6 +236,32 @@ def _expect_product(acc: torch.Tensor, source: Quantized, weights: W8A8Weights, 
     """An int32 product [rows, out] of rows quantized as source, through the w8a8 layer weights."""
     _expect(acc, "acc", _I32, (rows, out))
     _expect_quantized(source, rows, None, _expect_weights(weights, "product", out))
+
+
+class BlockWeights(Protocol):
+    """A block layer's constants (``linear.Q4Kernel``, ``linear.Q8Kernel``), as q4_matmul / q8_matmul read them."""
+
+    packed: torch.Tensor  # [N/16, K/32, chunks, 16, 4] uint8
+    scales: torch.Tensor  # [N/16, K/32, rows, 16]: the blocks' d and m
+    outliers: torch.Tensor  # [k] long
+    outlier_weight_t: torch.Tensor  # [k, N] float32
+
+
+@dataclass(frozen=True)
+class _BlockLayout:
+    """What differs between fused.c's two block products (see linear.Q4Kernel and linear.Q8Kernel.pack)."""
+
+    function: str  # the C function
+    what: str  # the weight, in errors
+    chunks: int  # packed [N/16, K/32, chunks, 16, 4]
+    scale_rows: int  # scales [N/16, K/32, scale_rows, 16]
+    scale_dtypes: tuple[torch.dtype, ...]
+    scale_flag: bool  # the C function takes "scales are float32" after scales
+    group: int  # activations quantized per group of this many
+
+
+_Q4_LAYOUT = _BlockLayout("q4_matmul", "Q4 weight", 4, 2, (torch.float16,), False, 32)
+_Q8_LAYOUT = _BlockLayout("q8_matmul", "Q8 block weight", 8, 4, (torch.float16, torch.float32), True, 16)
 
 
 @dataclass(frozen=True)
@@ -410,71 +454,52 @@ class FusedKernels:
         """Whether this build has the Q4_1 x int8 product (AVX-512 VNNI on this CPU)."""
         return bool(self.library.q4_supported())
 
-    def q4_matmul(
-        self,
-        x: torch.Tensor,
-        packed: torch.Tensor,
-        scales: torch.Tensor,
-        outliers: torch.Tensor,
-        outlier_weight_t: torch.Tensor,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
+    def q4_matmul(self, x: torch.Tensor, weight: BlockWeights, out_dtype: torch.dtype) -> torch.Tensor:
         """x [N, K] bf16 or float32 times a weight packed by linear.Q4Kernel -> [N, out] in out_dtype; the
         outlier channels [k] of x are multiplied in float with outlier_weight_t [k, out]."""
-        x = x.contiguous()
-        rows, k = _expect_rows(x, "x", _ROWS_DTYPES, 2)
-        _expect_constant(outliers, "outliers", _I64, (None,))
-        _expect_constant(outlier_weight_t, "outlier_weight_t", _F32, (outliers.numel(), None))
-        out_features = outlier_weight_t.shape[1]
-        if k % 32 or out_features % 16:
-            raise FusedArgumentError(f"a Q4 weight [{out_features}, {k}]: outputs a multiple of 16, inputs of 32")
-        _expect_constant(packed, "packed", (torch.uint8,), (out_features // 16, k // 32, 4, 16, 4))
-        _expect_constant(scales, "scales", (torch.float16,), (out_features // 16, k // 32, 2, 16))
-        if out_dtype not in _ROWS_DTYPES:
-            raise FusedArgumentError(f"out_dtype {out_dtype}: fused.c writes bfloat16 or float32")
-        out = torch.empty(rows, out_features, dtype=out_dtype)
-        xq = torch.empty(rows, k, dtype=torch.int8)
-        xd, xsum, xout = torch.empty(rows, k // 32), torch.empty(rows, k // 32), torch.empty(rows, outliers.numel())
-        status = self.library.q4_matmul(
-            x.data_ptr(), x.dtype == torch.bfloat16, packed.data_ptr(), scales.data_ptr(), outliers.data_ptr(),
-            outliers.numel(), outlier_weight_t.data_ptr(), out.data_ptr(), out_dtype == torch.bfloat16, rows,
-            out_features, k, xq.data_ptr(), xd.data_ptr(), xsum.data_ptr(), xout.data_ptr(),
-        )
-        _check(status, "q4_matmul")
-        return out
+        return self._block_matmul(_Q4_LAYOUT, x, weight, out_dtype)
 
-    def q8_matmul(
-        self,
-        x: torch.Tensor,
-        packed: torch.Tensor,
-        scales: torch.Tensor,
-        outliers: torch.Tensor,
-        outlier_weight_t: torch.Tensor,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
+    def q8_matmul(self, x: torch.Tensor, weight: BlockWeights, out_dtype: torch.dtype) -> torch.Tensor:
         """x [N, K] bf16 or float32 times a weight packed by linear.Q8Kernel (8-bit codes, d and m per 16
         weights in float16 or float32) -> [N, out] in out_dtype; outliers as in q4_matmul."""
+        return self._block_matmul(_Q8_LAYOUT, x, weight, out_dtype)
+
+    def _block_matmul(
+        self, layout: _BlockLayout, x: torch.Tensor, weight: BlockWeights, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """q4_matmul and q8_matmul: the same checks and scratch, each product's own layout and C function."""
+        packed, scales, outliers, outlier_weight_t = (
+            weight.packed, weight.scales, weight.outliers, weight.outlier_weight_t
+        )
         x = x.contiguous()
         rows, k = _expect_rows(x, "x", _ROWS_DTYPES, 2)
         _expect_constant(outliers, "outliers", _I64, (None,))
         _expect_constant(outlier_weight_t, "outlier_weight_t", _F32, (outliers.numel(), None))
         out_features = outlier_weight_t.shape[1]
         if k % 32 or out_features % 16:
-            raise FusedArgumentError(f"a Q8 block weight [{out_features}, {k}]: outputs a multiple of 16, inputs of 32")
-        _expect_constant(packed, "packed", (torch.uint8,), (out_features // 16, k // 32, 8, 16, 4))
-        _expect_constant(scales, "scales", (torch.float16, torch.float32), (out_features // 16, k // 32, 4, 16))
+            raise FusedArgumentError(
+                f"a {layout.what} [{out_features}, {k}]: outputs a multiple of 16, inputs of 32"
+            )
+        tiles, blocks = out_features // 16, k // 32
+        _expect_constant(packed, "packed", (torch.uint8,), (tiles, blocks, layout.chunks, 16, 4))
+        _expect_constant(scales, "scales", layout.scale_dtypes, (tiles, blocks, layout.scale_rows, 16))
         if out_dtype not in _ROWS_DTYPES:
             raise FusedArgumentError(f"out_dtype {out_dtype}: fused.c writes bfloat16 or float32")
         out = torch.empty(rows, out_features, dtype=out_dtype)
         xq = torch.empty(rows, k, dtype=torch.int8)
-        xd, xsum, xout = torch.empty(rows, k // 16), torch.empty(rows, k // 16), torch.empty(rows, outliers.numel())
-        status = self.library.q8_matmul(
-            x.data_ptr(), x.dtype == torch.bfloat16, packed.data_ptr(), scales.data_ptr(),
-            scales.dtype == torch.float32, outliers.data_ptr(), outliers.numel(), outlier_weight_t.data_ptr(),
-            out.data_ptr(), out_dtype == torch.bfloat16, rows, out_features, k, xq.data_ptr(), xd.data_ptr(),
-            xsum.data_ptr(), xout.data_ptr(),
+        # xd and xsum [rows, k / group], then xout [rows, count]: one float32 scratch, one allocation
+        groups, count = k // layout.group, outliers.numel()
+        floats = torch.empty(rows * (2 * groups + count))
+        xd = floats.data_ptr()
+        xsum, xout = xd + 4 * rows * groups, xd + 8 * rows * groups
+        scale_flag = [scales.dtype == torch.float32] if layout.scale_flag else []
+        function = getattr(self.library, layout.function)
+        status = function(
+            x.data_ptr(), x.dtype == torch.bfloat16, packed.data_ptr(), scales.data_ptr(), *scale_flag,
+            outliers.data_ptr(), count, outlier_weight_t.data_ptr(), out.data_ptr(), out_dtype == torch.bfloat16,
+            rows, out_features, k, xq.data_ptr(), xd, xsum, xout,
         )
-        _check(status, "q8_matmul")
+        _check(status, layout.function)
         return out
 
     def sample_nucleus(

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-import textgen.engine.core.fused as fused_limits
-from textgen.engine.core.fused import FusedKernels
+from textgen.engine.core.fused import FusedKernels, step_fits
 from textgen.engine.core.kv_cache import PagedKVCache
 from textgen.engine.core.layers import Attention, apply_rotary, rotary_tables
 from textgen.engine.core.linear import Linear
@@ -243,15 +242,6 @@ def step_fused(
 def fused_supported(w: Gemma3Weights, batch: int, live: int) -> bool:
     """step_fused's preconditions: bf16 weights on a CPU, bf16 products, shapes within fused.c's limits."""
     first = w.layers[0]
-    return (
-        batch > 0
-        and w.embed.dtype == torch.bfloat16
-        and w.embed.device.type == "cpu"
-        and all(linear.out_dtype == torch.bfloat16 for linear in (first.qkv, first.out, first.gate_up, first.down))
-        and live <= fused_limits.MAX_LIVE
-        and w.heads <= fused_limits.MAX_HEADS
-        and w.heads // w.kv_heads <= fused_limits.MAX_GROUP
-        and w.head_dim <= fused_limits.MAX_DIM
-        and w.embed.shape[1] <= fused_limits.MAX_WIDTH
-        and first.down.in_features <= fused_limits.MAX_WIDTH
+    return step_fits(w.embed, w.heads, w.kv_heads, w.head_dim, first.down.in_features, batch, live) and all(
+        linear.out_dtype == torch.bfloat16 for linear in (first.qkv, first.out, first.gate_up, first.down)
     )

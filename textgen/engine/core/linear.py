@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Self
 
 import torch
 import torch.nn.functional as F
@@ -222,19 +222,18 @@ class Int4Kernel:
         return _nbytes(self.packed, self.scales_and_zeros, self.bias)
 
 
-@dataclass
-class Q4Kernel:
-    """GGUF Q4_1 blocks (w = d * q + m per 32 weights) times activations quantized to int8 per block of 32,
-    in fused.c with AVX-512 VNNI: reads the file's 4-bit blocks and its float16 d and m as they are (5 bits
-    per weight) and multiplies bytes, where Int4Kernel converts every weight to bf16 first. The layout
-    (``pack``) puts 16 output rows in the 16 int32 lanes of a vector; see fused.c's q4_matmul. As in
-    W8A8Kernel, a few outlier input channels are multiplied in float (with the blocks' own values): in
-    a block of 32 they would leave the other 31 activations a few int8 levels (+3% perplexity on SmolLM2
-    without them).
-    """
+_Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # packed, scales, d, m
 
-    packed: torch.Tensor  # [N/16, K/32, 4, 16, 4] uint8
-    scales: torch.Tensor  # [N/16, K/32, 2, 16] float16: d, then m
+
+@dataclass
+class _BlockKernel:
+    """What Q4Kernel and Q8Kernel share: GGUF blocks packed for one of fused.c's block products (output rows in
+    tiles of 16, one per vector lane), times activations quantized to int8, with a few outlier input channels
+    multiplied in float from the blocks' own values. Each subclass has its layout (``_layout``), how it reads
+    one channel back (``_channel``) and the C product it calls (``__call__``)."""
+
+    packed: torch.Tensor  # [N/16, K/32, chunks, 16, 4] uint8
+    scales: torch.Tensor  # [N/16, K/32, rows, 16]: the blocks' d and m
     outliers: torch.Tensor  # [k] long: input channels computed in float
     outlier_weight_t: torch.Tensor  # [k, N] float32: the blocks' values in those channels
     bias: torch.Tensor | None
@@ -242,6 +241,8 @@ class Q4Kernel:
     out_dtype: torch.dtype = torch.bfloat16
     format: str = "int4"
     dtype: torch.dtype = torch.bfloat16
+
+    SCALE_GROUP = GROUP  # weights per (d, m) pair
 
     @classmethod
     def pack(
@@ -254,22 +255,66 @@ class Q4Kernel:
         fused: FusedKernels,
         dtype: torch.dtype = torch.bfloat16,
         out_dtype: torch.dtype = torch.bfloat16,
-    ) -> Q4Kernel:
-        """q [N, K] in 0..15; d, m [N, K/32]: w = d * q + m; outliers [k] input channels. Activations arrive
-        in dtype, results leave in out_dtype (bfloat16 or float32 each)."""
-        n, k = q.shape
-        tiles, blocks = n // 16, k // GROUP
+    ) -> Self:
+        """q [N, K] codes; d, m [N, K / SCALE_GROUP]: w = d * q + m; outliers [k] input channels. Activations
+        arrive in dtype, results leave in out_dtype (bfloat16 or float32 each)."""
+        packed, scales, d, m = cls._layout(q, d, m, q.shape[0] // 16, q.shape[1] // GROUP)
+        outliers = _outlier_channels(outliers, q.shape[1])
+        group_of = outliers // cls.SCALE_GROUP
+        values = q[:, outliers].float() * d[:, group_of] + m[:, group_of]  # [N, k]
+        bias = _as(bias, torch.float32)
+        return cls(packed, scales, outliers, values.t().contiguous(), bias, fused, out_dtype, dtype=dtype)
+
+    @classmethod
+    def _layout(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, tiles: int, blocks: int) -> _Packed:
+        """packed, scales, and d and m as the kernel will read them (float32, for the outlier values), for
+        tiles of 16 output rows and blocks of 32 input columns."""
+        raise NotImplementedError
+
+    @staticmethod
+    def fits(out_features: int, in_features: int, fused: FusedKernels | None) -> bool:
+        shape_fits = out_features % 16 == 0 and in_features % GROUP == 0 and in_features <= MAX_FUSED_WIDTH
+        return fused is not None and fused.q4_supported and shape_fits
+
+    def with_outliers(self, channels: torch.Tensor) -> None:
+        """Multiply these input channels in float from now on, with the blocks' own values (read back
+        from the packed layout): for kernels built before their activations could be measured."""
+        channels = _outlier_channels(channels, self.packed.shape[1] * GROUP)
+        columns = [self._channel(*divmod(channel, GROUP)).reshape(-1) for channel in channels.tolist()]
+        values = torch.stack(columns) if columns else torch.empty(0, self.packed.shape[0] * 16)  # [k, N]
+        self.outliers, self.outlier_weight_t = channels, values.contiguous()
+
+    def _channel(self, block: int, within: int) -> torch.Tensor:
+        """The weights [N/16, 16] of input channel 32 * block + within, from the packed layout."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return _nbytes(self.packed, self.scales, self.outlier_weight_t, self.bias)
+
+
+@dataclass
+class Q4Kernel(_BlockKernel):
+    """GGUF Q4_1 blocks (w = d * q + m per 32 weights) times activations quantized to int8 per block of 32,
+    in fused.c with AVX-512 VNNI: reads the file's 4-bit blocks and its float16 d and m as they are (5 bits
+    per weight) and multiplies bytes, where Int4Kernel converts every weight to bf16 first. The layout
+    (``_layout``) puts 16 output rows in the 16 int32 lanes of a vector; see fused.c's q4_matmul. As in
+    W8A8Kernel, a few outlier input channels are multiplied in float (with the blocks' own values): in
+    a block of 32 they would leave the other 31 activations a few int8 levels (+3% perplexity on SmolLM2
+    without them).
+
+    packed [N/16, K/32, 4, 16, 4] uint8; scales [N/16, K/32, 2, 16] float16: d, then m. ``pack`` takes
+    q [N, K] in 0..15 and d, m [N, K/32].
+    """
+
+    @classmethod
+    def _layout(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, tiles: int, blocks: int) -> _Packed:
         # value 8c + 4h + j of a block: chunk c, nibble h (0 low, 1 high), byte j
         lanes = q.to(torch.uint8).reshape(tiles, 16, blocks, 4, 2, 4).permute(0, 2, 3, 4, 1, 5)
         packed = (lanes[:, :, :, 0] | (lanes[:, :, :, 1] << 4)).contiguous()  # [tiles, blocks, 4, 16, 4]
         d16, m16 = d.to(torch.float16), m.to(torch.float16)
         per_lane = [t.reshape(tiles, 16, blocks).permute(0, 2, 1) for t in (d16, m16)]  # [tiles, blocks, 16]
         scales = torch.stack(per_lane, dim=2).contiguous()  # [tiles, blocks, 2, 16]
-        outliers = _outlier_channels(outliers, k)
-        block_of = outliers // GROUP
-        values = q[:, outliers].float() * d16.float()[:, block_of] + m16.float()[:, block_of]  # [N, k]
-        bias = _as(bias, torch.float32)
-        return cls(packed, scales, outliers, values.t().contiguous(), bias, fused, out_dtype, dtype=dtype)
+        return packed, scales, d16.float(), m16.float()
 
     @classmethod
     def quantize(
@@ -290,66 +335,35 @@ class Q4Kernel:
         q = torch.round((groups - m[..., None]) / d[..., None]).clamp_(0, 15).reshape(n, k)
         return cls.pack(q, d, m, bias, outliers, fused, dtype, out_dtype)
 
-    @staticmethod
-    def fits(out_features: int, in_features: int, fused: FusedKernels | None) -> bool:
-        shape_fits = out_features % 16 == 0 and in_features % GROUP == 0 and in_features <= MAX_FUSED_WIDTH
-        return fused is not None and fused.q4_supported and shape_fits
-
-    def with_outliers(self, channels: torch.Tensor) -> None:
-        """Multiply these input channels in float from now on, with the blocks' own values (read back
-        from the packed layout): for kernels built before their activations could be measured."""
-        channels = _outlier_channels(channels, self.packed.shape[1] * GROUP)
-        columns = []
-        for channel in channels.tolist():
-            block, within = divmod(channel, GROUP)
-            chunk, nibble, byte = within // 8, (within % 8) // 4, within % 4
-            q = ((self.packed[:, block, chunk, :, byte] >> (4 * nibble)) & 0x0F).float()  # [tiles, 16]
-            d, m = self.scales[:, block, 0, :].float(), self.scales[:, block, 1, :].float()
-            columns.append((q * d + m).reshape(-1))
-        values = torch.stack(columns) if columns else torch.empty(0, self.packed.shape[0] * 16)  # [k, N]
-        self.outliers, self.outlier_weight_t = channels, values.contiguous()
+    def _channel(self, block: int, within: int) -> torch.Tensor:
+        chunk, nibble, byte = within // 8, (within % 8) // 4, within % 4
+        q = ((self.packed[:, block, chunk, :, byte] >> (4 * nibble)) & 0x0F).float()  # [tiles, 16]
+        d, m = self.scales[:, block, 0, :].float(), self.scales[:, block, 1, :].float()
+        return q * d + m
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fused.q4_matmul(x, self.packed, self.scales, self.outliers, self.outlier_weight_t, self.out_dtype)
+        y = self.fused.q4_matmul(x, self, self.out_dtype)
         return y if self.bias is None else y.add_(self.bias.to(y.dtype))
-
-    def nbytes(self) -> int:
-        return _nbytes(self.packed, self.scales, self.outlier_weight_t, self.bias)
 
 
 @dataclass
-class Q8Kernel:
+class Q8Kernel(_BlockKernel):
     """GGUF blocks of 5 to 8 bits (Q8_0, Q6_K, Q5_K, and Q5_0 / Q5_1 converted exactly) as byte codes with
     d and m per 16 weights (w = d * u + m, gguf_formats.Blocks), times activations quantized to int8 per
     block of 32, in fused.c (AVX-512 VNNI). Reads one byte per weight plus its scales: float16 where that
     holds the file's values exactly (Q8_0, Q5_0, Q5_1: 9 bits a weight), float32 otherwise (Q6_K, Q5_K:
-    10 bits). Layout: see fused.c's q8_matmul."""
+    10 bits). Layout: see fused.c's q8_matmul.
 
-    packed: torch.Tensor  # [N/16, K/32, 8, 16, 4] uint8
-    scales: torch.Tensor  # [N/16, K/32, 4, 16] float16 or float32: d, m of weights 0-15, then of 16-31
-    outliers: torch.Tensor  # [k] long
-    outlier_weight_t: torch.Tensor  # [k, N] float32
-    bias: torch.Tensor | None
-    fused: FusedKernels
-    out_dtype: torch.dtype = torch.bfloat16
+    packed [N/16, K/32, 8, 16, 4] uint8; scales [N/16, K/32, 4, 16] float16 or float32: d, m of weights
+    0-15, then of 16-31. ``pack`` takes q [N, K] uint8 codes and d, m [N, K/16] float32.
+    """
+
     format: str = "q8"
-    dtype: torch.dtype = torch.bfloat16
+
+    SCALE_GROUP = GROUP // 2
 
     @classmethod
-    def pack(
-        cls,
-        q: torch.Tensor,
-        d: torch.Tensor,
-        m: torch.Tensor,
-        bias: torch.Tensor | None,
-        outliers: torch.Tensor,
-        fused: FusedKernels,
-        dtype: torch.dtype = torch.bfloat16,
-        out_dtype: torch.dtype = torch.bfloat16,
-    ) -> Q8Kernel:
-        """q [N, K] uint8 codes; d, m [N, K/16] float32 (w = d * q + m); outliers [k] input channels."""
-        n, k = q.shape
-        tiles, blocks = n // 16, k // GROUP
+    def _layout(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, tiles: int, blocks: int) -> _Packed:
         # weight 4s + j of a block: group s, byte j
         packed = q.to(torch.uint8).reshape(tiles, 16, blocks, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
         halves = [t.reshape(tiles, 16, blocks, 2).permute(0, 2, 3, 1) for t in (d, m)]  # [tiles, blocks, 2, 16]
@@ -358,36 +372,17 @@ class Q8Kernel:
         as_f16 = scales.to(torch.float16)
         if torch.equal(as_f16.to(torch.float32), scales):  # exact in float16: half the bytes
             scales = as_f16.contiguous()
-        outliers = _outlier_channels(outliers, k)
-        group_of = outliers // (GROUP // 2)
-        values = q[:, outliers].float() * d[:, group_of] + m[:, group_of]  # [N, k]
-        return cls(
-            packed, scales, outliers, values.t().contiguous(), _as(bias, torch.float32), fused, out_dtype, dtype=dtype
-        )
+        return packed, scales, d, m
 
-    @staticmethod
-    def fits(out_features: int, in_features: int, fused: FusedKernels | None) -> bool:
-        return Q4Kernel.fits(out_features, in_features, fused)
-
-    def with_outliers(self, channels: torch.Tensor) -> None:
-        """As Q4Kernel.with_outliers: these input channels in float from now on."""
-        channels = _outlier_channels(channels, self.packed.shape[1] * GROUP)
-        columns = []
-        for channel in channels.tolist():
-            block, within = divmod(channel, GROUP)
-            u = self.packed[:, block, within // 4, :, within % 4].float()  # [tiles, 16]
-            half = 2 * (within // 16)
-            d, m = self.scales[:, block, half, :].float(), self.scales[:, block, half + 1, :].float()
-            columns.append((u * d + m).reshape(-1))
-        values = torch.stack(columns) if columns else torch.empty(0, self.packed.shape[0] * 16)  # [k, N]
-        self.outliers, self.outlier_weight_t = channels, values.contiguous()
+    def _channel(self, block: int, within: int) -> torch.Tensor:
+        u = self.packed[:, block, within // 4, :, within % 4].float()  # [tiles, 16]
+        half = 2 * (within // 16)
+        d, m = self.scales[:, block, half, :].float(), self.scales[:, block, half + 1, :].float()
+        return u * d + m
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fused.q8_matmul(x, self.packed, self.scales, self.outliers, self.outlier_weight_t, self.out_dtype)
+        y = self.fused.q8_matmul(x, self, self.out_dtype)
         return y if self.bias is None else y.add_(self.bias.to(y.dtype))
-
-    def nbytes(self) -> int:
-        return _nbytes(self.packed, self.scales, self.outlier_weight_t, self.bias)
 
 
 @dataclass

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedConfig, PreTrainedModel
 
-import textgen.engine.core.fused as fused_limits
-from textgen.engine.core.fused import FusedKernels, Quantized
+from textgen.engine.core.fused import FusedKernels, Quantized, step_fits
 from textgen.engine.core.kv_cache import PagedKVCache
 from textgen.engine.core.layers import Attention, apply_rotary, rms_norm, rotary_tables
 from textgen.engine.core.linear import Linear, W8A8Kernel
@@ -67,8 +66,14 @@ class LlamaWeights:
 
 def unsupported_reason(model: PreTrainedModel, positions: int) -> str | None:
     """Why this module cannot run the model in slots of ``positions`` positions (None: it can)."""
+    return family_reason(model, positions, MODEL_TYPES)
+
+
+def family_reason(model: PreTrainedModel, positions: int, model_types: tuple[str, ...]) -> str | None:
+    """unsupported_reason of a family that is this decoder as it is (llama, qwen2, qwen3, phi3): a model type
+    of the family's, then what the decoder cannot do."""
     config = model.config
-    if config.model_type not in MODEL_TYPES:
+    if config.model_type not in model_types:
         return f"model type {config.model_type!r}"
     return decoder_reason(config, positions)
 
@@ -331,14 +336,5 @@ def fused_supported(w: LlamaWeights, batch: int, live: int) -> bool:
     """step_fused's preconditions: bf16 weights on a CPU and shapes within fused.c's limits. Any batch:
     fused.c shares its loops over rows with PyTorch's threads, and at every batch size it beats the ~35
     operators it replaces (batch 64: 56 vs 66 ms per step, measured with bench.core_rate)."""
-    return (
-        batch > 0
-        and w.embed.dtype == torch.bfloat16
-        and w.embed.device.type == "cpu"
-        and live <= fused_limits.MAX_LIVE
-        and w.heads <= fused_limits.MAX_HEADS
-        and w.heads // w.kv_heads <= fused_limits.MAX_GROUP
-        and w.head_dim <= fused_limits.MAX_DIM
-        and w.embed.shape[1] <= fused_limits.MAX_WIDTH
-        and w.layers[0].down.in_features <= fused_limits.MAX_WIDTH  # the MLP's width, for silu_quantize
-    )
+    mlp_width = w.layers[0].down.in_features  # within fused.c's width for silu_quantize
+    return step_fits(w.embed, w.heads, w.kv_heads, w.head_dim, mlp_width, batch, live)

@@ -22,10 +22,7 @@ MODEL_TYPES = ("phi3",)
 
 
 def unsupported_reason(model: PreTrainedModel, positions: int) -> str | None:
-    config = model.config
-    if config.model_type not in MODEL_TYPES:
-        return f"model type {config.model_type!r}"
-    return llama.decoder_reason(config, positions)
+    return llama.family_reason(model, positions, MODEL_TYPES)
 
 
 def fused_projections(layer: Any, prefix: str, make: LinearFactory, dtype: torch.dtype) -> LlamaLayer:

@@ -18,10 +18,7 @@ MODEL_TYPES = ("qwen2",)
 
 
 def unsupported_reason(model: PreTrainedModel, positions: int) -> str | None:
-    config = model.config
-    if config.model_type not in MODEL_TYPES:
-        return f"model type {config.model_type!r}"
-    return llama.decoder_reason(config, positions)
+    return llama.family_reason(model, positions, MODEL_TYPES)
 
 
 def build(model: PreTrainedModel, make: LinearFactory, dtype: torch.dtype, positions: int) -> LlamaWeights:

@@ -122,16 +122,18 @@ class LinearFactory:
             return self._from_gguf(names, layers, out_dtype or self.compute_dtype)
         projections = [_projection(layer) for layer in layers]
         weight = fuse_rows([p.weight for p in projections])
-        biases = [p.bias for p in projections]
-        bias = fuse_rows([b for b in biases if b is not None]) if all(b is not None for b in biases) else None
-        kernels: list[tuple[float, Kernel]] = []
+        bias = _fused_bias([p.bias for p in projections])
+        dtype = out_dtype or self.compute_dtype
+        kernels = self._tiers(lambda fmt: self._kernel(fmt, names, weight, bias, dtype))
+        return Linear(kernels, dtype, in_features=weight.shape[1])
+
+    def _tiers(self, build: Callable[[str], Kernel]) -> list[tuple[float, Kernel]]:
+        """The plan's tiers as (max_rows, kernel), one kernel built per format however many tiers name it."""
         built: dict[str, Kernel] = {}
-        out_dtype = out_dtype or self.compute_dtype
-        for max_rows, fmt in self.plan.tiers:
+        for _, fmt in self.plan.tiers:
             if fmt not in built:
-                built[fmt] = self._kernel(fmt, names, weight, bias, out_dtype)
-            kernels.append((max_rows, built[fmt]))
-        return Linear(kernels, out_dtype, in_features=weight.shape[1])
+                built[fmt] = build(fmt)
+        return [(max_rows, built[fmt]) for max_rows, fmt in self.plan.tiers]
 
     def _kernel(
         self, fmt: str, names: Sequence[str], weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
@@ -176,24 +178,21 @@ class LinearFactory:
         de-quantized from them for any other format the plan names."""
         assert self._gguf is not None
         parts = [self._gguf.blocks(name) for name in names]
-        biases = [getattr(layer, "bias", None) for layer in layers]
-        bias = fuse_rows([b.detach() for b in biases if b is not None]) if all(b is not None for b in biases) else None
+        bias = _fused_bias([getattr(layer, "bias", None) for layer in layers])
         weight: torch.Tensor | None = None
-        kernels: list[tuple[float, Kernel]] = []
-        built: dict[str, Kernel] = {}
-        for max_rows, fmt in self.plan.tiers:
-            if fmt not in built:
-                kernel = self._block_kernel(parts, bias, out_dtype) if fmt == GGUF else None
-                if kernel is None:
-                    if weight is None:
-                        weight = fuse_rows([p.dequantize() if isinstance(p, Blocks) else p.float() for p in parts])
-                    kernel = self._kernel(
-                        fmt if fmt != GGUF else _float_name(self.compute_dtype), names, weight, bias, out_dtype
-                    )
-                built[fmt] = kernel
-            kernels.append((max_rows, built[fmt]))
-        in_features = parts[0].shape[1]
-        return Linear(kernels, out_dtype, in_features=in_features)
+
+        def build(fmt: str) -> Kernel:
+            nonlocal weight
+            kernel = self._block_kernel(parts, bias, out_dtype) if fmt == GGUF else None
+            if kernel is None:
+                if weight is None:  # de-quantized once, for the first tier that needs floats
+                    weight = fuse_rows([p.dequantize() if isinstance(p, Blocks) else p.float() for p in parts])
+                kernel = self._kernel(
+                    fmt if fmt != GGUF else _float_name(self.compute_dtype), names, weight, bias, out_dtype
+                )
+            return kernel
+
+        return Linear(self._tiers(build), out_dtype, in_features=parts[0].shape[1])
 
     def _block_kernel(
         self, parts: Sequence[Blocks | torch.Tensor], bias: torch.Tensor | None, out_dtype: torch.dtype
@@ -234,6 +233,12 @@ class LinearFactory:
         if self._fused is None or not fused_fits:
             return W8A8Kernel.quantize(weight, bias, outliers)
         return W8A8Kernel.quantize(weight, bias, outliers, self._fused, self.compute_dtype, out_dtype)
+
+
+def _fused_bias(biases: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """The biases of layers fused by rows, as one; None unless every layer has one."""
+    present = [b.detach() for b in biases if b is not None]
+    return fuse_rows(present) if len(present) == len(biases) else None
 
 
 def _float_name(dtype: torch.dtype) -> str:
