@@ -337,7 +337,7 @@ class FusedKernels:
                 _expect_constant(norm, name, _BF16, (dim,))
         if tables is None:
             tables = torch.arange(blocks, dtype=torch.long)[:, None]
-        _expect(tables, "tables", _I64, (None, None))
+        _expect_rows(tables, "tables", _I64, 2)  # any size: the fast path (called once per layer and step)
         if tables.shape[0] < 1 or tables.shape[1] < 1:
             raise FusedArgumentError(f"tables has shape {tuple(tables.shape)}; it needs at least one row and column")
         status = self.library.rotary_cache_attention(
