@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from textgen.cpu_share import CoreShare
+from textgen.engine.chunk_pacing import ChunkPacer
 from textgen.engine.constraints import GrammarCompiler, MaskTimer, apply_token_masks
 from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights, sequence_positions
 from textgen.engine.core.decoder import DecodeCore, StepOutput
@@ -125,6 +126,7 @@ class _PromptPiece:
     seq: SequenceState
     start: int
     end: int
+    chunked: bool = False  # a piece of a prompt prefilled in several (paced beside decoding streams)
 
     @property
     def final(self) -> bool:
@@ -140,9 +142,12 @@ NO_VECTORS = torch.empty((0, 0))
 EMBEDDING_PROBE_TOKENS = 16.0
 
 SHUTTING_DOWN = "The server is shutting down; retry the request."
-# While streams decode, a long prompt's chunk is sized to add about this share to a decode step's time
-# (streams keep ~1 / (1 + share) of their rate during its prefill), and never below MIN_CHUNK_TOKENS.
-CHUNK_STEP_SHARE = 0.4
+# While streams decode, a long prompt's chunks add about CHUNK_STEP_SHARE to the decode steps' time on
+# average (streams keep ~1 / (1 + share) of their rate during its prefill: the issue's floor is 0.7). Each
+# chunk is sized to about CHUNK_COST of a decode step, never below MIN_CHUNK_TOKENS, and chunks skip steps
+# until the measured cost of the earlier ones is paid (engine/chunk_pacing.py).
+CHUNK_STEP_SHARE = 0.3
+CHUNK_COST = 0.6
 MIN_CHUNK_TOKENS = 16
 
 
@@ -193,6 +198,8 @@ class BatchedEngine:
         self._decode_step_s = 0.0  # recent decode-only step
         self._embedding_token_s = 0.0  # recent extra seconds per embedding token in a decoding step
         self._prompt_token_s = 0.0  # recent extra seconds per prompt token in a decoding step (chunk pacing)
+        self._chunks = ChunkPacer(CHUNK_STEP_SHARE, CHUNK_COST, MIN_CHUNK_TOKENS, limits.prefill_chunk_tokens)
+        self._clock: Callable[[], float] = time.perf_counter  # times steps (tests inject a fake one)
         self._interactive_streak = 0
         self._shared_rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         self._tokens_per_s = 0.0
@@ -514,8 +521,10 @@ class BatchedEngine:
         running_need, taken_blocks = core.blocks_needed(list(self._running_seqs), []) + headroom, 0
         extends = core.extends
         limits = self._limits
-        # The first prompt always goes: whole when nothing decodes (up to max_prefill_tokens), else a chunk.
+        # The first prompt always goes: whole when nothing decodes (up to max_prefill_tokens), else a chunk
+        # when the chunks' pacing allows one (a prompt that fits in one goes whole regardless).
         first_cap = self._chunk_tokens() if self._running_seqs else limits.max_prefill_tokens
+        chunk_waits = bool(self._running_seqs) and not self._chunks.chunk_due
         index = 0
         while index < len(self._backlog):
             seq = self._backlog[index]
@@ -528,6 +537,11 @@ class BatchedEngine:
             self._look_up_prefix(seq)
             start = seq.prefilled if seq.slot is not None else (seq.prefix_hit.tokens if seq.prefix_hit else 0)
             size = len(seq.prompt_ids) + len(seq.generated) - start
+            chunked = not taken and extends and bool(self._running_seqs) and (size > first_cap or seq.slot is not None)
+            if chunked and chunk_waits:
+                self._give_back_prefix(seq)
+                index += 1  # its next chunk waits for the pacing's credit; shorter prompts behind it may go
+                continue
             if not taken:
                 if extends:
                     size = min(size, first_cap)
@@ -544,7 +558,7 @@ class BatchedEngine:
                 self._give_back_prefix(seq)
                 break  # it waits for blocks: running sequences retire (or are preempted) first
             taken_blocks += blocks
-            piece = _PromptPiece(seq, start, start + size)
+            piece = _PromptPiece(seq, start, start + size, chunked)
             taken.append(piece)
             if piece.final:
                 del self._backlog[index]
@@ -658,13 +672,9 @@ class BatchedEngine:
         self._prompt_token_s = per_token if self._prompt_token_s <= 0 else 0.8 * self._prompt_token_s + 0.2 * per_token
 
     def _chunk_tokens(self) -> int:
-        """A chunk's size while streams decode: what adds about ``CHUNK_STEP_SHARE`` of a decode step's time
+        """A chunk's size while streams decode: what adds about ``CHUNK_COST`` of a decode step's time
         (measured), between ``MIN_CHUNK_TOKENS`` and ``prefill_chunk_tokens`` (that until measured)."""
-        cap = self._limits.prefill_chunk_tokens
-        if self._decode_step_s <= 0 or self._prompt_token_s <= 0:
-            return cap
-        paced = int(CHUNK_STEP_SHARE * self._decode_step_s / self._prompt_token_s)
-        return max(min(MIN_CHUNK_TOKENS, cap), min(cap, paced))
+        return self._chunks.chunk_tokens(self._decode_step_s, self._prompt_token_s)
 
     def _measure_step(self, elapsed: float, rows: int, prompts: int, embedding_tokens: int) -> None:
         """Keep the costs the embedding pacing needs: a decode-only step, and what an embedding token adds."""
@@ -804,7 +814,7 @@ class BatchedEngine:
         otherwise the loop fails the whole batch."""
         core = self._require_core()
         pieces = pieces or []
-        started = time.perf_counter()
+        started = self._clock()
         # A sequence part-way through its prompt holds a slot but does not decode yet.
         decode_slots = [slot for slot in core.slots_in_order() if slot in self._running_seqs] if decode else []
         rows = [self._running_seqs[slot] for slot in decode_slots]
@@ -855,11 +865,15 @@ class BatchedEngine:
         if pieces:
             self._store_embeddings(pieces, output.pooled, events)
         embedding_tokens = sum(len(job.inputs[index]) for job, index in pieces)
-        self._measure_step(time.perf_counter() - started, len(rows), len(admitted), embedding_tokens)
+        elapsed = self._clock() - started
+        prompt_tokens = sum(p.end - p.start for p in admitted)
+        if rows:  # before the decode step's cost moves: the credit is in decode steps of the time being
+            chunk_tokens = sum(p.end - p.start for p in admitted if p.chunked)
+            self._chunks.observe(self._decode_step_s, elapsed, prompt_tokens, chunk_tokens)
+        self._measure_step(elapsed, len(rows), len(admitted), embedding_tokens)
         if rows and admitted and not pieces:
-            self._measure_prompt_tokens(time.perf_counter() - started, sum(p.end - p.start for p in admitted))
+            self._measure_prompt_tokens(elapsed, prompt_tokens)
         if rows:
-            elapsed = time.perf_counter() - started
             self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (emitted / max(elapsed, 1e-6))
             if self._step_observer is not None:
                 self._step_observer(len(rows), elapsed)
