@@ -458,6 +458,8 @@ class BatchedEngine:
         forward pass that decodes every running sequence and prefills the backlog's next prompts."""
         if all(seq.slot is not None for seq in self._backlog):  # empty, or only prompts part-way prefilled
             self._backlog.extend(self._admit(self._take_admissions(), events))
+        else:
+            self._admit_interactive_ahead(events)
         self._retire(events)
         self._make_room()
         admitted = self._next_prefill(events)
@@ -465,6 +467,19 @@ class BatchedEngine:
         if self._running_seqs or admitted or pieces:
             self._step(admitted, events, decode=bool(self._running_seqs), pieces=pieces)
         self._retire(events)
+
+    def _admit_interactive_ahead(self, events: list[Event]) -> None:
+        """Background prompts in the backlog that wait (for KV blocks, or preempted) do not hold interactive
+        requests back: those are admitted and go before them, where they may preempt running background
+        sequences for blocks (``_preempt_background_for``)."""
+        waiting = [index for index, seq in enumerate(self._backlog) if seq.slot is None]
+        if any(self._backlog[i].handle.request.priority is Priority.INTERACTIVE for i in waiting):
+            return  # an interactive prompt waits already; the next ones are admitted behind it, in arrival order
+        with self._lock:
+            if not self._waiting[Priority.INTERACTIVE]:
+                return
+        for offset, seq in enumerate(self._admit(self._take_admissions(interactive_only=True), events)):
+            self._backlog.insert(waiting[0] + offset, seq)
 
     def _make_room(self) -> None:
         """Preempt until the running sequences' next positions fit in the KV cache's free blocks: the
@@ -475,21 +490,52 @@ class BatchedEngine:
         while self._running_seqs and core.blocks_needed(list(self._running_seqs), []) > core.free_blocks:
             if len(self._running_seqs) == 1:
                 return  # alone it always fits (the pool holds one full-context sequence); the step says if not
-            slot = self._preemption_victim()
-            seq = self._running_seqs.pop(slot)
-            core.free([slot])
-            seq.slot, seq.prefilled, seq.prefix_looked_up = None, 0, False  # its prefill starts over
-            self._backlog.appendleft(seq)
-            self._preemptions += 1
-            logger.info(
-                "KV cache full: preempted a %s sequence of %d positions (%d free blocks of %d); it resumes when "
-                "blocks free up",
-                seq.handle.request.priority.name.lower(),
-                len(seq.history),
-                core.free_blocks,
-                core.total_blocks,
-                extra={"request_id": seq.handle.request.request_id},
-            )
+            self._preempt(self._preemption_victim(), 0)
+
+    def _preempt(self, slot: int, backlog_at: int) -> None:
+        """The running sequence in ``slot`` gives its blocks back and waits in the backlog at ``backlog_at``;
+        its prefill (prompt and text so far) starts over when blocks allow."""
+        core = self._require_core()
+        seq = self._running_seqs.pop(slot)
+        core.free([slot])
+        seq.slot, seq.prefilled, seq.prefix_looked_up = None, 0, False  # its prefill starts over
+        self._backlog.insert(backlog_at, seq)
+        self._preemptions += 1
+        logger.info(
+            "KV cache full: preempted a %s sequence of %d positions (%d free blocks of %d); it resumes when "
+            "blocks free up",
+            seq.handle.request.priority.name.lower(),
+            len(seq.history),
+            core.free_blocks,
+            core.total_blocks,
+            extra={"request_id": seq.handle.request.request_id},
+        )
+
+    def _preempt_background_for(self, seq: SequenceState, blocks: int, taken_blocks: int, index: int) -> bool:
+        """An interactive prompt (at ``index`` of the backlog) that needs ``blocks`` beside what this step took
+        already does not wait for background sequences to finish: the newest running background sequences are
+        preempted until it fits (they resume after it, in the backlog behind it). Nothing is preempted unless
+        all of them together free enough. Returns whether it fits now."""
+        if seq.handle.request.priority is not Priority.INTERACTIVE:
+            return False
+        core = self._require_core()
+        background = sorted(
+            (item for item in self._running_seqs.items() if item[1].handle.request.priority is Priority.BACKGROUND),
+            key=lambda item: item[1].handle.request.arrived_at,
+        )
+
+        def shortfall() -> int:
+            running = list(self._running_seqs)
+            return blocks + taken_blocks + core.blocks_needed(running, []) + len(running) - core.free_blocks
+
+        # what preempting all of them could free, at most (a prefix shared with another sequence stays held)
+        held = sum(core.blocks_needed([], [len(s.history)]) + 1 for _, s in background)
+        if not background or shortfall() > held:
+            return False
+        while background and shortfall() > 0:
+            slot, _ = background.pop()  # the newest first
+            self._preempt(slot, index + 1)
+        return shortfall() <= 0
 
     def _preemption_victim(self) -> int:
         """The slot of the newest background sequence (by arrival: a resumed sequence keeps its age), else of
@@ -555,8 +601,10 @@ class BatchedEngine:
             blocks = core.blocks_needed([], [size]) + (1 if seq.slot is not None else 0)
             # (read after the lookup: a cached prefix it holds now is no longer free)
             if blocks > core.free_blocks - running_need - taken_blocks and (taken or self._running_seqs):
-                self._give_back_prefix(seq)
-                break  # it waits for blocks: running sequences retire (or are preempted) first
+                if not self._preempt_background_for(seq, blocks, taken_blocks, index):
+                    self._give_back_prefix(seq)
+                    break  # it waits for blocks: running sequences retire (or are preempted) first
+                running_need = core.blocks_needed(list(self._running_seqs), []) + len(self._running_seqs)
             taken_blocks += blocks
             piece = _PromptPiece(seq, start, start + size, chunked)
             taken.append(piece)
@@ -724,8 +772,8 @@ class BatchedEngine:
                 queue.remove(handle)
                 events.append((handle, "", None, _ending_error(handle, now)))
 
-    def _take_admissions(self) -> list[Handle]:
-        """Pop as many waiting requests as there are free slots, interactive first.
+    def _take_admissions(self, *, interactive_only: bool = False) -> list[Handle]:
+        """Pop as many waiting requests as there are free slots, interactive first (or only).
 
         Every ``background_share`` interactive admissions, a waiting background job goes first, so
         background work keeps moving under steady interactive load.
@@ -734,6 +782,8 @@ class BatchedEngine:
         with self._lock:
             free = self._limits.max_running - self._running
             interactive, background = self._waiting[Priority.INTERACTIVE], self._waiting[Priority.BACKGROUND]
+            if interactive_only:
+                background = deque()
             while free > len(taken) and (interactive or background):
                 background_turn = self._interactive_streak >= self._limits.background_share
                 if background and (background_turn or not interactive):
@@ -743,7 +793,7 @@ class BatchedEngine:
                     taken.append(interactive.popleft())
                     self._interactive_streak += 1
             self._running += len(taken)
-            saturated = self._running >= self._limits.max_running or bool(interactive or background)
+            saturated = self._running >= self._limits.max_running or any(self._waiting.values())
             self.service_rate.observe(busy=True, saturated=saturated)
         return taken
 
