@@ -218,3 +218,42 @@ async def test_an_interactive_request_does_not_wait_behind_background_prompts_wa
     results = await asyncio.gather(running.result(), queued.result())
     assert [r.completion_tokens for r in results] == [120, 20]
     assert engine.stats().preemptions >= 1
+
+
+@pytest.mark.parametrize("new_tokens", [0, 5], ids=["scoring-only", "echo"])
+async def test_prompt_logprobs_on_a_full_pool_wait_for_blocks(make_engine: Callable[..., Any], new_tokens: int) -> None:
+    """echo with logprobs runs a scratch pass over the prompt; on a pool that another sequence fills it waits
+    for blocks like any prompt (it used to fail at admission with a generic engine error), and the entries
+    are the ones a roomy pool gives."""
+    ids = tuple(range(30, 110))  # 80 tokens: 5 blocks for the scratch pass, 5 more for its own prefill
+    scored = GenerationRequest(
+        "(ids)", SamplingParams(max_new_tokens=new_tokens, prompt_logprobs=2, **GREEDY), prompt_ids=ids
+    )
+    roomy = await make_engine(blocks=80)
+    want = await roomy.submit(scored).result()
+    assert want.prompt_logprobs is not None and len(want.prompt_logprobs) == len(ids)
+
+    engine = await make_engine(blocks=12)
+    core, real_step = engine.core, engine.core.step
+    held, release = threading.Event(), threading.Event()
+
+    def step_holding_at_eight_blocks(*args: Any) -> Any:
+        if not release.is_set() and engine.stats().kv_blocks_used >= 8:
+            held.set()
+            release.wait(timeout=30)
+        return real_step(*args)
+
+    core.step = step_holding_at_eight_blocks
+    # interactive, so it is not preempted for the scoring (that has its own test): the scoring has to wait
+    running = engine.submit(request(PROMPTS[0], 120))
+    await wait_until(held.is_set, what="a sequence holding 8 of the 12 blocks")
+    try:
+        handle = engine.submit(scored)
+    finally:
+        release.set()
+    got = await asyncio.wait_for(handle.result(), 60)
+    assert got.prompt_logprobs == want.prompt_logprobs
+    assert got.text == want.text and got.completion_tokens == new_tokens
+    assert (await running.result()).completion_tokens == 120
+    await wait_until(lambda: engine.stats().running == 0)
+    assert engine.stats().kv_blocks_used == 0

@@ -596,6 +596,15 @@ class BatchedEngine:
                 if tokens + size > limits.prefill_step_tokens or padded > limits.max_prefill_tokens:
                     self._give_back_prefix(seq)
                     break
+            if _prompt_logprobs_pending(seq):
+                scoring = core.blocks_needed([], [len(seq.prompt_ids)])  # a scratch slot's, freed right after
+                if scoring > core.free_blocks - running_need - taken_blocks and (taken or self._running_seqs):
+                    if not self._preempt_background_for(seq, scoring, taken_blocks, index):
+                        self._give_back_prefix(seq)
+                        break  # it waits for blocks, as a prompt does
+                    running_need = core.blocks_needed(list(self._running_seqs), []) + len(self._running_seqs)
+                if not self._score_prompt(seq, index, events):
+                    continue  # it ended (scored with nothing to generate, or scoring failed)
             # A fresh slot (after its cached prefix, block-aligned) takes exactly these; a chunk that
             # continues a slot may straddle one more block boundary.
             blocks = core.blocks_needed([], [size]) + (1 if seq.slot is not None else 0)
@@ -815,11 +824,31 @@ class BatchedEngine:
                 self._release(1)
                 events.append((handle, "", None, to_client_error(error)))
                 continue
-            if handle.request.params.prompt_logprobs is not None:
-                handle.prompt_logprobs = self._prompt_logprobs(ids, handle.request.params.prompt_logprobs)
             prepared.append((handle, ids, budget))
             self._mean_budget = 0.9 * self._mean_budget + 0.1 * budget
         return self._sequences(prepared, events)
+
+    def _score_prompt(self, seq: SequenceState, index: int, events: list[Event]) -> bool:
+        """echo with logprobs, when the backlog's turn and the KV blocks for a scratch pass over the prompt have
+        come (at admission a full pool failed the request). A request with nothing to generate (scoring only)
+        ends here, as does one whose scoring fails; returns whether the sequence goes on to its prefill."""
+        alternatives = seq.handle.request.params.prompt_logprobs
+        assert alternatives is not None
+        try:
+            seq.handle.prompt_logprobs = self._prompt_logprobs(seq.prompt_ids, alternatives)
+        except Exception as error:
+            if not isinstance(error, TextGenError):
+                logger.exception("Scoring a prompt failed", extra={"request_id": seq.handle.request.request_id})
+            ending: tuple[GenerationResult | None, BaseException | None] = (None, to_client_error(error))
+        else:
+            if seq.budget > 0:
+                return True
+            ending = (seq.result(), None)
+        del self._backlog[index]
+        self._end_prefill(seq)
+        self._release(1)
+        events.append((seq.handle, "", *ending))
+        return False
 
     def _prompt_logprobs(self, ids: list[int], alternatives: int) -> list[PromptLogprob]:
         """echo with logprobs: one extra forward pass over the prompt (only for requests that ask), in a
@@ -844,10 +873,10 @@ class BatchedEngine:
             for handle, ids, budget in chunk
         ]
         for seq in seqs:
-            if seq.budget == 0:
+            if seq.budget == 0 and not _prompt_logprobs_pending(seq):
                 self._release(1)
                 events.append((seq.handle, "", seq.result(), None))
-        return [s for s in seqs if s.budget > 0]
+        return [s for s in seqs if s.budget > 0 or _prompt_logprobs_pending(s)]
 
     def _step(
         self,
@@ -1118,6 +1147,11 @@ class BatchedEngine:
             events.extend((h, "", None, NotReadyError(SHUTTING_DOWN)) for h in self._embeddings_waiting)
             self._embeddings_waiting.clear()
         return events
+
+
+def _prompt_logprobs_pending(seq: SequenceState) -> bool:
+    """echo with logprobs asked and not computed yet (once: a preempted sequence keeps them)."""
+    return seq.handle.request.params.prompt_logprobs is not None and seq.handle.prompt_logprobs is None
 
 
 def _penalties(seq: SequenceState, vocabulary: int) -> TokenPenalties:
