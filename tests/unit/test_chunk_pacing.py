@@ -6,6 +6,7 @@ what such a model would cost (the former rule, a chunk of at least 16 tokens in 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -179,3 +180,41 @@ async def test_streams_keep_seven_tenths_of_their_rate_beside_a_long_prefill(
     # It was chunked (not one step), and some steps decoded without a chunk (the interleaving).
     assert sum(1 for _, pieces, _ in during if pieces) >= 3
     assert any(not pieces for _, pieces, _ in during)
+
+
+async def test_with_nothing_decoding_a_long_prompt_is_chunked_when_others_wait_behind_it(
+    paced_engine: tuple[BatchedEngine, StepClock],
+) -> None:
+    """Streams between two requests (all restarting at once) leave nothing decoding for a step: a long
+    prompt then must not go whole ahead of them (it used to: a multi-second stall for every stream)."""
+    engine, clock = paced_engine
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    long_prompt = tuple(10 + (7 * i) % 380 for i in range(500))
+    alone = await engine.submit(GenerationRequest("", greedy, prompt_ids=long_prompt)).result()
+    assert [pieces for _, pieces, _ in clock.steps if pieces][-1] == [500]  # the only work: whole
+    # Submitted while the engine is held inside the step of a one-token request, so all four are waiting
+    # when it next looks (and nothing decodes: that request ends in the step).
+    core, counted_step = engine.core, engine.core.step
+    held, release = threading.Event(), threading.Event()
+
+    def holding_step(decode_slots: Any, tokens: Any, prefill_slots: Any, prompts: Any) -> Any:
+        if [len(p) for p in prompts] == [7] and not release.is_set():
+            held.set()
+            release.wait(timeout=30)
+        return counted_step(decode_slots, tokens, prefill_slots, prompts)
+
+    core.step = holding_step  # type: ignore[method-assign]
+    one = SamplingParams(temperature=0.0, max_new_tokens=1)
+    blocker = engine.submit(GenerationRequest("", one, prompt_ids=(1, 2, 3, 4, 5, 6, 7)))
+    await wait_until(held.is_set, what="the engine inside the one-token request's step")
+    first = len(clock.steps) + 1
+    try:
+        handles = [engine.submit(GenerationRequest("", greedy, prompt_ids=long_prompt))]
+        handles += [engine.submit(GenerationRequest("", greedy, prompt_ids=(5, 6, 7, i + 10))) for i in range(3)]
+    finally:
+        release.set()
+    await blocker.result()
+    results = await asyncio.gather(*(h.result() for h in handles))
+    assert results[0].text == alone.text
+    steps = [pieces for _, pieces, _ in clock.steps[first:] if pieces]
+    assert steps[0] == [256, 4, 4, 4], steps  # a chunk, and the short prompts beside it

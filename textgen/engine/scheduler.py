@@ -146,7 +146,7 @@ SHUTTING_DOWN = "The server is shutting down; retry the request."
 # average (streams keep ~1 / (1 + share) of their rate during its prefill: the issue's floor is 0.7). Each
 # chunk is sized to about CHUNK_COST of a decode step, never below MIN_CHUNK_TOKENS, and chunks skip steps
 # until the measured cost of the earlier ones is paid (engine/chunk_pacing.py).
-CHUNK_STEP_SHARE = 0.3
+CHUNK_STEP_SHARE = 0.25
 CHUNK_COST = 0.6
 MIN_CHUNK_TOKENS = 16
 
@@ -567,9 +567,9 @@ class BatchedEngine:
         running_need, taken_blocks = core.blocks_needed(list(self._running_seqs), []) + headroom, 0
         extends = core.extends
         limits = self._limits
-        # The first prompt always goes: whole when nothing decodes (up to max_prefill_tokens), else a chunk
+        # The first prompt always goes: whole when it is the only work (up to max_prefill_tokens), else a chunk
         # when the chunks' pacing allows one (a prompt that fits in one goes whole regardless).
-        first_cap = self._chunk_tokens() if self._running_seqs else limits.max_prefill_tokens
+        first_cap = self._chunk_tokens() if self._running_seqs else self._idle_chunk_tokens()
         chunk_waits = bool(self._running_seqs) and not self._chunks.chunk_due
         index = 0
         while index < len(self._backlog):
@@ -727,6 +727,18 @@ class BatchedEngine:
         per_token = max(elapsed - self._decode_step_s, 0.0) / tokens
         per_token = max(per_token, self._decode_step_s / (4 * self._limits.prefill_step_tokens))  # noise floor
         self._prompt_token_s = per_token if self._prompt_token_s <= 0 else 0.8 * self._prompt_token_s + 0.2 * per_token
+
+    def _idle_chunk_tokens(self) -> int:
+        """With nothing decoding, the first prompt goes whole when it is the only work; when other prompts wait
+        behind it (streams between two requests, all restarting at once), or it is part-way already, it goes on
+        in ``prefill_chunk_tokens`` chunks, so the others start decoding after one chunk instead of after the
+        whole long prompt (and pacing takes over from there)."""
+        with self._lock:
+            queued = any(self._waiting.values())
+        head = self._backlog[0] if self._backlog else None
+        if queued or len(self._backlog) > 1 or (head is not None and head.slot is not None):
+            return min(self._limits.prefill_chunk_tokens, self._limits.max_prefill_tokens)
+        return self._limits.max_prefill_tokens
 
     def _chunk_tokens(self) -> int:
         """A chunk's size while streams decode: what adds about ``CHUNK_COST`` of a decode step's time
