@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -135,3 +136,121 @@ def test_default_prompt_limit_is_the_context_minus_the_generation_budget() -> No
     assert prompt_token_limit(1900, 1024, 8192) == 1900  # TEXTGEN_MAX_PROMPT_TOKENS still wins when set
     assert prompt_token_limit(9000, 1024, 8192) == 8191  # within the context, one position to generate
     assert prompt_token_limit(None, 1024, None) == 1024  # no context stated: the old default
+
+
+async def test_a_waiting_interactive_prompt_preempts_a_running_background_sequence(
+    make_engine: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A background sequence holds 7 of 12 blocks; an interactive 80-token prompt (5 blocks, and a block of
+    headroom) does not fit beside it. It used to wait until the background one finished; now the background
+    one yields its blocks, the interactive one finishes first, and the background one resumes with its text."""
+    roomy = await make_engine(blocks=80)
+    background_alone = (await roomy.submit(request(PROMPTS[0], 120, Priority.BACKGROUND)).result()).text
+    interactive_request = GenerationRequest(
+        "(ids)", SamplingParams(max_new_tokens=20, **GREEDY), prompt_ids=tuple(range(30, 110))
+    )
+    interactive_alone = (await roomy.submit(interactive_request).result()).text
+
+    engine = await make_engine(blocks=12)
+    core, real_step = engine.core, engine.core.step
+    held, release = threading.Event(), threading.Event()
+
+    def step_holding_at_seven_blocks(*args: Any) -> Any:
+        if not release.is_set() and engine.stats().kv_blocks_used >= 7:
+            held.set()
+            release.wait(timeout=30)
+        return real_step(*args)
+
+    core.step = step_holding_at_seven_blocks
+    with caplog.at_level(logging.INFO, logger="textgen.engine.scheduler"):
+        background = engine.submit(request(PROMPTS[0], 120, Priority.BACKGROUND))
+        await wait_until(held.is_set, what="the background sequence holding 7 blocks")
+        interactive = engine.submit(interactive_request)
+        release.set()
+        first = await interactive.result()
+        assert not background.done, "the interactive prompt waited for the background sequence to finish"
+        assert first.text == interactive_alone
+        assert (await background.result()).text == background_alone
+    preempted = [r.message for r in caplog.records if "preempted" in r.message]
+    # (resumed beside the interactive one, it may yield once more as both grow: never the interactive one)
+    assert 1 <= len(preempted) <= 2 and all("preempted a background sequence" in m for m in preempted), preempted
+    assert engine.stats().preemptions == len(preempted)
+    await wait_until(lambda: engine.stats().running == 0)
+    assert engine.stats().kv_blocks_used == 0
+
+
+async def test_an_interactive_request_does_not_wait_behind_background_prompts_waiting_for_blocks(
+    make_engine: Callable[..., Any],
+) -> None:
+    """A background sequence holds 7 of 12 blocks and a second background prompt waits for blocks in the
+    backlog: an interactive request arriving now is admitted ahead of it and preempts the running one (it
+    used to wait in the queue until the backlog's prompts had started)."""
+    engine = await make_engine(blocks=12)
+    core, real_step = engine.core, engine.core.step
+    holds = [(lambda: engine.stats().kv_blocks_used >= 7, threading.Event(), threading.Event()),
+             (lambda: engine.stats().running == 2, threading.Event(), threading.Event())]
+
+    def holding_step(*args: Any) -> Any:
+        for condition, held, release in holds:
+            if not release.is_set():
+                if condition():
+                    held.set()
+                    release.wait(timeout=30)
+                break
+        return real_step(*args)
+
+    core.step = holding_step
+    greedy = SamplingParams(max_new_tokens=20, **GREEDY)
+    running = engine.submit(request(PROMPTS[0], 120, Priority.BACKGROUND))
+    await wait_until(holds[0][1].is_set, what="the background sequence holding 7 blocks")
+    queued = engine.submit(
+        GenerationRequest("(ids)", greedy, prompt_ids=tuple(range(30, 110)), priority=Priority.BACKGROUND)
+    )
+    holds[0][2].set()
+    await wait_until(holds[1][1].is_set, what="the second background prompt admitted, waiting for blocks")
+    interactive = engine.submit(GenerationRequest("(ids)", greedy, prompt_ids=tuple(range(110, 30, -1))))
+    holds[1][2].set()
+    assert (await interactive.result()).completion_tokens == 20
+    assert not running.done and not queued.done, "the interactive request waited behind background work"
+    results = await asyncio.gather(running.result(), queued.result())
+    assert [r.completion_tokens for r in results] == [120, 20]
+    assert engine.stats().preemptions >= 1
+
+
+@pytest.mark.parametrize("new_tokens", [0, 5], ids=["scoring-only", "echo"])
+async def test_prompt_logprobs_on_a_full_pool_wait_for_blocks(make_engine: Callable[..., Any], new_tokens: int) -> None:
+    """echo with logprobs runs a scratch pass over the prompt; on a pool that another sequence fills it waits
+    for blocks like any prompt (it used to fail at admission with a generic engine error), and the entries
+    are the ones a roomy pool gives."""
+    ids = tuple(range(30, 110))  # 80 tokens: 5 blocks for the scratch pass, 5 more for its own prefill
+    scored = GenerationRequest(
+        "(ids)", SamplingParams(max_new_tokens=new_tokens, prompt_logprobs=2, **GREEDY), prompt_ids=ids
+    )
+    roomy = await make_engine(blocks=80)
+    want = await roomy.submit(scored).result()
+    assert want.prompt_logprobs is not None and len(want.prompt_logprobs) == len(ids)
+
+    engine = await make_engine(blocks=12)
+    core, real_step = engine.core, engine.core.step
+    held, release = threading.Event(), threading.Event()
+
+    def step_holding_at_eight_blocks(*args: Any) -> Any:
+        if not release.is_set() and engine.stats().kv_blocks_used >= 8:
+            held.set()
+            release.wait(timeout=30)
+        return real_step(*args)
+
+    core.step = step_holding_at_eight_blocks
+    # interactive, so it is not preempted for the scoring (that has its own test): the scoring has to wait
+    running = engine.submit(request(PROMPTS[0], 120))
+    await wait_until(held.is_set, what="a sequence holding 8 of the 12 blocks")
+    try:
+        handle = engine.submit(scored)
+    finally:
+        release.set()
+    got = await asyncio.wait_for(handle.result(), 60)
+    assert got.prompt_logprobs == want.prompt_logprobs
+    assert got.text == want.text and got.completion_tokens == new_tokens
+    assert (await running.result()).completion_tokens == 120
+    await wait_until(lambda: engine.stats().running == 0)
+    assert engine.stats().kv_blocks_used == 0

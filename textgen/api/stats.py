@@ -24,6 +24,8 @@ class ModelStats(BaseModel):
     running: int = Field(..., description="Its sequences in the running batch.")
     waiting: int = Field(..., description="Its requests waiting for a batch slot (interactive and background).")
     tokens_per_s: float = Field(..., description="Its recent generated tokens per second.")
+    kv_blocks_total: int = Field(0, description="Its paged KV cache's blocks (0: unloaded, or a core without one).")
+    kv_blocks_used: int = Field(0, description="Its KV blocks held by sequences now.")
 
 
 class StatsResponse(BaseModel):
@@ -46,6 +48,17 @@ class StatsResponse(BaseModel):
         "the prefix cache is off.",
     )
     prefix_cache_hit_tokens: int = Field(0, description="Prompt tokens served from the prefix cache since start.")
+    kv_blocks_total: int = Field(
+        0,
+        description="Blocks of the paged KV cache (TEXTGEN_KV_CACHE_MEMORY / TEXTGEN_KV_BLOCK_SIZE), all loaded "
+        "models; 0 on a core without one.",
+    )
+    kv_blocks_used: int = Field(
+        0,
+        description="KV blocks held by running sequences now (the rest are free, cached prefixes among them: "
+        "evicted when needed). Admission waits, and background sequences are preempted, when they run short.",
+    )
+    preemptions: int = Field(0, description="Sequences preempted for KV blocks since start (they resume later).")
 
 
 @router.get(
@@ -69,6 +82,9 @@ async def stats(state: StateDep) -> StatsResponse:
         jobs_running=await state.store.count(JobState.RUNNING),
         prefix_cache_hit_rate=_hit_rate(engine.prefix_query_tokens, engine.prefix_hit_tokens),
         prefix_cache_hit_tokens=engine.prefix_hit_tokens,
+        kv_blocks_total=engine.kv_blocks_total,
+        kv_blocks_used=engine.kv_blocks_used,
+        preemptions=engine.preemptions,
         models=[model_stats(entry) for entry in state.registry.entries.values()],
     )
 
@@ -84,6 +100,8 @@ def model_stats(entry: ModelEntry) -> ModelStats:
         running=engine.running if engine else 0,
         waiting=engine.waiting_interactive + engine.waiting_background if engine else 0,
         tokens_per_s=round(engine.tokens_per_s, 2) if engine else 0.0,
+        kv_blocks_total=engine.kv_blocks_total if engine else 0,
+        kv_blocks_used=engine.kv_blocks_used if engine else 0,
     )
 
 

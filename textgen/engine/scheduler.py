@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from textgen.cpu_share import CoreShare
+from textgen.engine.chunk_pacing import ChunkPacer
 from textgen.engine.constraints import GrammarCompiler, MaskTimer, apply_token_masks
 from textgen.engine.core import CoreOptions, ModelCore, build_core, release_source_weights, sequence_positions
 from textgen.engine.core.decoder import DecodeCore, StepOutput
@@ -125,6 +126,7 @@ class _PromptPiece:
     seq: SequenceState
     start: int
     end: int
+    chunked: bool = False  # a piece of a prompt prefilled in several (paced beside decoding streams)
 
     @property
     def final(self) -> bool:
@@ -140,9 +142,12 @@ NO_VECTORS = torch.empty((0, 0))
 EMBEDDING_PROBE_TOKENS = 16.0
 
 SHUTTING_DOWN = "The server is shutting down; retry the request."
-# While streams decode, a long prompt's chunk is sized to add about this share to a decode step's time
-# (streams keep ~1 / (1 + share) of their rate during its prefill), and never below MIN_CHUNK_TOKENS.
-CHUNK_STEP_SHARE = 0.4
+# While streams decode, a long prompt's chunks add about CHUNK_STEP_SHARE to the decode steps' time on
+# average (streams keep ~1 / (1 + share) of their rate during its prefill: the issue's floor is 0.7). Each
+# chunk is sized to about CHUNK_COST of a decode step, never below MIN_CHUNK_TOKENS, and chunks skip steps
+# until the measured cost of the earlier ones is paid (engine/chunk_pacing.py).
+CHUNK_STEP_SHARE = 0.25
+CHUNK_COST = 0.6
 MIN_CHUNK_TOKENS = 16
 
 
@@ -193,6 +198,8 @@ class BatchedEngine:
         self._decode_step_s = 0.0  # recent decode-only step
         self._embedding_token_s = 0.0  # recent extra seconds per embedding token in a decoding step
         self._prompt_token_s = 0.0  # recent extra seconds per prompt token in a decoding step (chunk pacing)
+        self._chunks = ChunkPacer(CHUNK_STEP_SHARE, CHUNK_COST, MIN_CHUNK_TOKENS, limits.prefill_chunk_tokens)
+        self._clock: Callable[[], float] = time.perf_counter  # times steps (tests inject a fake one)
         self._interactive_streak = 0
         self._shared_rng = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         self._tokens_per_s = 0.0
@@ -452,6 +459,8 @@ class BatchedEngine:
         forward pass that decodes every running sequence and prefills the backlog's next prompts."""
         if all(seq.slot is not None for seq in self._backlog):  # empty, or only prompts part-way prefilled
             self._backlog.extend(self._admit(self._take_admissions(), events))
+        else:
+            self._admit_interactive_ahead(events)
         self._retire(events)
         self._make_room()
         admitted = self._next_prefill(events)
@@ -459,6 +468,19 @@ class BatchedEngine:
         if self._running_seqs or admitted or pieces:
             self._step(admitted, events, decode=bool(self._running_seqs), pieces=pieces)
         self._retire(events)
+
+    def _admit_interactive_ahead(self, events: list[Event]) -> None:
+        """Background prompts in the backlog that wait (for KV blocks, or preempted) do not hold interactive
+        requests back: those are admitted and go before them, where they may preempt running background
+        sequences for blocks (``_preempt_background_for``)."""
+        waiting = [index for index, seq in enumerate(self._backlog) if seq.slot is None]
+        if any(self._backlog[i].handle.request.priority is Priority.INTERACTIVE for i in waiting):
+            return  # an interactive prompt waits already; the next ones are admitted behind it, in arrival order
+        with self._lock:
+            if not self._waiting[Priority.INTERACTIVE]:
+                return
+        for offset, seq in enumerate(self._admit(self._take_admissions(interactive_only=True), events)):
+            self._backlog.insert(waiting[0] + offset, seq)
 
     def _make_room(self) -> None:
         """Preempt until the running sequences' next positions fit in the KV cache's free blocks: the
@@ -469,21 +491,52 @@ class BatchedEngine:
         while self._running_seqs and core.blocks_needed(list(self._running_seqs), []) > core.free_blocks:
             if len(self._running_seqs) == 1:
                 return  # alone it always fits (the pool holds one full-context sequence); the step says if not
-            slot = self._preemption_victim()
-            seq = self._running_seqs.pop(slot)
-            core.free([slot])
-            seq.slot, seq.prefilled, seq.prefix_looked_up = None, 0, False  # its prefill starts over
-            self._backlog.appendleft(seq)
-            self._preemptions += 1
-            logger.info(
-                "KV cache full: preempted a %s sequence of %d positions (%d free blocks of %d); it resumes when "
-                "blocks free up",
-                seq.handle.request.priority.name.lower(),
-                len(seq.history),
-                core.free_blocks,
-                core.total_blocks,
-                extra={"request_id": seq.handle.request.request_id},
-            )
+            self._preempt(self._preemption_victim(), 0)
+
+    def _preempt(self, slot: int, backlog_at: int) -> None:
+        """The running sequence in ``slot`` gives its blocks back and waits in the backlog at ``backlog_at``;
+        its prefill (prompt and text so far) starts over when blocks allow."""
+        core = self._require_core()
+        seq = self._running_seqs.pop(slot)
+        core.free([slot])
+        seq.slot, seq.prefilled, seq.prefix_looked_up = None, 0, False  # its prefill starts over
+        self._backlog.insert(backlog_at, seq)
+        self._preemptions += 1
+        logger.info(
+            "KV cache full: preempted a %s sequence of %d positions (%d free blocks of %d); it resumes when "
+            "blocks free up",
+            seq.handle.request.priority.name.lower(),
+            len(seq.history),
+            core.free_blocks,
+            core.total_blocks,
+            extra={"request_id": seq.handle.request.request_id},
+        )
+
+    def _preempt_background_for(self, seq: SequenceState, blocks: int, taken_blocks: int, index: int) -> bool:
+        """An interactive prompt (at ``index`` of the backlog) that needs ``blocks`` beside what this step took
+        already does not wait for background sequences to finish: the newest running background sequences are
+        preempted until it fits (they resume after it, in the backlog behind it). Nothing is preempted unless
+        all of them together free enough. Returns whether it fits now."""
+        if seq.handle.request.priority is not Priority.INTERACTIVE:
+            return False
+        core = self._require_core()
+        background = sorted(
+            (item for item in self._running_seqs.items() if item[1].handle.request.priority is Priority.BACKGROUND),
+            key=lambda item: item[1].handle.request.arrived_at,
+        )
+
+        def shortfall() -> int:
+            running = list(self._running_seqs)
+            return blocks + taken_blocks + core.blocks_needed(running, []) + len(running) - core.free_blocks
+
+        # what preempting all of them could free, at most (a prefix shared with another sequence stays held)
+        held = sum(core.blocks_needed([], [len(s.history)]) + 1 for _, s in background)
+        if not background or shortfall() > held:
+            return False
+        while background and shortfall() > 0:
+            slot, _ = background.pop()  # the newest first
+            self._preempt(slot, index + 1)
+        return shortfall() <= 0
 
     def _preemption_victim(self) -> int:
         """The slot of the newest background sequence (by arrival: a resumed sequence keeps its age), else of
@@ -515,8 +568,10 @@ class BatchedEngine:
         running_need, taken_blocks = core.blocks_needed(list(self._running_seqs), []) + headroom, 0
         extends = core.extends
         limits = self._limits
-        # The first prompt always goes: whole when nothing decodes (up to max_prefill_tokens), else a chunk.
-        first_cap = self._chunk_tokens() if self._running_seqs else limits.max_prefill_tokens
+        # The first prompt always goes: whole when it is the only work (up to max_prefill_tokens), else a chunk
+        # when the chunks' pacing allows one (a prompt that fits in one goes whole regardless).
+        first_cap = self._chunk_tokens() if self._running_seqs else self._idle_chunk_tokens()
+        chunk_waits = bool(self._running_seqs) and not self._chunks.chunk_due
         index = 0
         while index < len(self._backlog):
             seq = self._backlog[index]
@@ -529,6 +584,11 @@ class BatchedEngine:
             self._look_up_prefix(seq)
             start = seq.prefilled if seq.slot is not None else (seq.prefix_hit.tokens if seq.prefix_hit else 0)
             size = len(seq.prompt_ids) + len(seq.generated) - start
+            chunked = not taken and extends and bool(self._running_seqs) and (size > first_cap or seq.slot is not None)
+            if chunked and chunk_waits:
+                self._give_back_prefix(seq)
+                index += 1  # its next chunk waits for the pacing's credit; shorter prompts behind it may go
+                continue
             if not taken:
                 if extends:
                     size = min(size, first_cap)
@@ -537,15 +597,26 @@ class BatchedEngine:
                 if tokens + size > limits.prefill_step_tokens or padded > limits.max_prefill_tokens:
                     self._give_back_prefix(seq)
                     break
+            if _prompt_logprobs_pending(seq):
+                scoring = core.blocks_needed([], [len(seq.prompt_ids)])  # a scratch slot's, freed right after
+                if scoring > core.free_blocks - running_need - taken_blocks and (taken or self._running_seqs):
+                    if not self._preempt_background_for(seq, scoring, taken_blocks, index):
+                        self._give_back_prefix(seq)
+                        break  # it waits for blocks, as a prompt does
+                    running_need = core.blocks_needed(list(self._running_seqs), []) + len(self._running_seqs)
+                if not self._score_prompt(seq, index, events):
+                    continue  # it ended (scored with nothing to generate, or scoring failed)
             # A fresh slot (after its cached prefix, block-aligned) takes exactly these; a chunk that
             # continues a slot may straddle one more block boundary.
             blocks = core.blocks_needed([], [size]) + (1 if seq.slot is not None else 0)
             # (read after the lookup: a cached prefix it holds now is no longer free)
             if blocks > core.free_blocks - running_need - taken_blocks and (taken or self._running_seqs):
-                self._give_back_prefix(seq)
-                break  # it waits for blocks: running sequences retire (or are preempted) first
+                if not self._preempt_background_for(seq, blocks, taken_blocks, index):
+                    self._give_back_prefix(seq)
+                    break  # it waits for blocks: running sequences retire (or are preempted) first
+                running_need = core.blocks_needed(list(self._running_seqs), []) + len(self._running_seqs)
             taken_blocks += blocks
-            piece = _PromptPiece(seq, start, start + size)
+            piece = _PromptPiece(seq, start, start + size, chunked)
             taken.append(piece)
             if piece.final:
                 del self._backlog[index]
@@ -658,14 +729,22 @@ class BatchedEngine:
         per_token = max(per_token, self._decode_step_s / (4 * self._limits.prefill_step_tokens))  # noise floor
         self._prompt_token_s = per_token if self._prompt_token_s <= 0 else 0.8 * self._prompt_token_s + 0.2 * per_token
 
+    def _idle_chunk_tokens(self) -> int:
+        """With nothing decoding, the first prompt goes whole when it is the only work; when other prompts wait
+        behind it (streams between two requests, all restarting at once), or it is part-way already, it goes on
+        in ``prefill_chunk_tokens`` chunks, so the others start decoding after one chunk instead of after the
+        whole long prompt (and pacing takes over from there)."""
+        with self._lock:
+            queued = any(self._waiting.values())
+        head = self._backlog[0] if self._backlog else None
+        if queued or len(self._backlog) > 1 or (head is not None and head.slot is not None):
+            return min(self._limits.prefill_chunk_tokens, self._limits.max_prefill_tokens)
+        return self._limits.max_prefill_tokens
+
     def _chunk_tokens(self) -> int:
-        """A chunk's size while streams decode: what adds about ``CHUNK_STEP_SHARE`` of a decode step's time
+        """A chunk's size while streams decode: what adds about ``CHUNK_COST`` of a decode step's time
         (measured), between ``MIN_CHUNK_TOKENS`` and ``prefill_chunk_tokens`` (that until measured)."""
-        cap = self._limits.prefill_chunk_tokens
-        if self._decode_step_s <= 0 or self._prompt_token_s <= 0:
-            return cap
-        paced = int(CHUNK_STEP_SHARE * self._decode_step_s / self._prompt_token_s)
-        return max(min(MIN_CHUNK_TOKENS, cap), min(cap, paced))
+        return self._chunks.chunk_tokens(self._decode_step_s, self._prompt_token_s)
 
     def _measure_step(self, elapsed: float, rows: int, prompts: int, embedding_tokens: int) -> None:
         """Keep the costs the embedding pacing needs: a decode-only step, and what an embedding token adds."""
@@ -715,8 +794,8 @@ class BatchedEngine:
                 queue.remove(handle)
                 events.append((handle, "", None, _ending_error(handle, now)))
 
-    def _take_admissions(self) -> list[Handle]:
-        """Pop as many waiting requests as there are free slots, interactive first.
+    def _take_admissions(self, *, interactive_only: bool = False) -> list[Handle]:
+        """Pop as many waiting requests as there are free slots, interactive first (or only).
 
         Every ``background_share`` interactive admissions, a waiting background job goes first, so
         background work keeps moving under steady interactive load.
@@ -725,6 +804,8 @@ class BatchedEngine:
         with self._lock:
             free = self._limits.max_running - self._running
             interactive, background = self._waiting[Priority.INTERACTIVE], self._waiting[Priority.BACKGROUND]
+            if interactive_only:
+                background = deque()
             while free > len(taken) and (interactive or background):
                 background_turn = self._interactive_streak >= self._limits.background_share
                 if background and (background_turn or not interactive):
@@ -734,7 +815,7 @@ class BatchedEngine:
                     taken.append(interactive.popleft())
                     self._interactive_streak += 1
             self._running += len(taken)
-            saturated = self._running >= self._limits.max_running or bool(interactive or background)
+            saturated = self._running >= self._limits.max_running or any(self._waiting.values())
             self.service_rate.observe(busy=True, saturated=saturated)
         return taken
 
@@ -756,11 +837,31 @@ class BatchedEngine:
                 self._release(1)
                 events.append((handle, "", None, to_client_error(error)))
                 continue
-            if handle.request.params.prompt_logprobs is not None:
-                handle.prompt_logprobs = self._prompt_logprobs(ids, handle.request.params.prompt_logprobs)
             prepared.append((handle, ids, budget))
             self._mean_budget = 0.9 * self._mean_budget + 0.1 * budget
         return self._sequences(prepared, events)
+
+    def _score_prompt(self, seq: SequenceState, index: int, events: list[Event]) -> bool:
+        """echo with logprobs, when the backlog's turn and the KV blocks for a scratch pass over the prompt have
+        come (at admission a full pool failed the request). A request with nothing to generate (scoring only)
+        ends here, as does one whose scoring fails; returns whether the sequence goes on to its prefill."""
+        alternatives = seq.handle.request.params.prompt_logprobs
+        assert alternatives is not None
+        try:
+            seq.handle.prompt_logprobs = self._prompt_logprobs(seq.prompt_ids, alternatives)
+        except Exception as error:
+            if not isinstance(error, TextGenError):
+                logger.exception("Scoring a prompt failed", extra={"request_id": seq.handle.request.request_id})
+            ending: tuple[GenerationResult | None, BaseException | None] = (None, to_client_error(error))
+        else:
+            if seq.budget > 0:
+                return True
+            ending = (seq.result(), None)
+        del self._backlog[index]
+        self._end_prefill(seq)
+        self._release(1)
+        events.append((seq.handle, "", *ending))
+        return False
 
     def _prompt_logprobs(self, ids: list[int], alternatives: int) -> list[PromptLogprob]:
         """echo with logprobs: one extra forward pass over the prompt (only for requests that ask), in a
@@ -785,10 +886,10 @@ class BatchedEngine:
             for handle, ids, budget in chunk
         ]
         for seq in seqs:
-            if seq.budget == 0:
+            if seq.budget == 0 and not _prompt_logprobs_pending(seq):
                 self._release(1)
                 events.append((seq.handle, "", seq.result(), None))
-        return [s for s in seqs if s.budget > 0]
+        return [s for s in seqs if s.budget > 0 or _prompt_logprobs_pending(s)]
 
     def _step(
         self,
@@ -805,7 +906,7 @@ class BatchedEngine:
         otherwise the loop fails the whole batch."""
         core = self._require_core()
         pieces = pieces or []
-        started = time.perf_counter()
+        started = self._clock()
         # A sequence part-way through its prompt holds a slot but does not decode yet.
         decode_slots = [slot for slot in core.slots_in_order() if slot in self._running_seqs] if decode else []
         rows = [self._running_seqs[slot] for slot in decode_slots]
@@ -856,11 +957,15 @@ class BatchedEngine:
         if pieces:
             self._store_embeddings(pieces, output.pooled, events)
         embedding_tokens = sum(len(job.inputs[index]) for job, index in pieces)
-        self._measure_step(time.perf_counter() - started, len(rows), len(admitted), embedding_tokens)
+        elapsed = self._clock() - started
+        prompt_tokens = sum(p.end - p.start for p in admitted)
+        if rows:  # before the decode step's cost moves: the credit is in decode steps of the time being
+            chunk_tokens = sum(p.end - p.start for p in admitted if p.chunked)
+            self._chunks.observe(self._decode_step_s, elapsed, prompt_tokens, chunk_tokens)
+        self._measure_step(elapsed, len(rows), len(admitted), embedding_tokens)
         if rows and admitted and not pieces:
-            self._measure_prompt_tokens(time.perf_counter() - started, sum(p.end - p.start for p in admitted))
+            self._measure_prompt_tokens(elapsed, prompt_tokens)
         if rows:
-            elapsed = time.perf_counter() - started
             self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (emitted / max(elapsed, 1e-6))
             if self._step_observer is not None:
                 self._step_observer(len(rows), elapsed)
@@ -1055,6 +1160,11 @@ class BatchedEngine:
             events.extend((h, "", None, NotReadyError(SHUTTING_DOWN)) for h in self._embeddings_waiting)
             self._embeddings_waiting.clear()
         return events
+
+
+def _prompt_logprobs_pending(seq: SequenceState) -> bool:
+    """echo with logprobs asked and not computed yet (once: a preempted sequence keeps them)."""
+    return seq.handle.request.params.prompt_logprobs is not None and seq.handle.prompt_logprobs is None
 
 
 def _penalties(seq: SequenceState, vocabulary: int) -> TokenPenalties:
