@@ -284,21 +284,36 @@ async def wait_one_gone(owners: Iterable[str], timeout_s: float = 30.0) -> str:
     return gone[0]
 
 
+# With leases longer than the test waits, only the stopping replica's own hand-back (its lifespan shutdown, run
+# by Ray's graceful stop) can put its jobs back in the queue in time.
+HANDBACK_LEASE_S = 60.0
+# One sequence at a time per replica: each holds 8 claimed jobs of 1000 steps that it works through one by one,
+# so some are still running when Ray stops it, however fast the model core is (the survivor's own jobs are then
+# cancelled, so it runs only the handed-back ones, one by one). TEXTGEN_RATE_LIMIT_RPM is the rpm test's: it
+# runs on the one replica this test leaves, with no restart (a replica start is ~10 s); so this test puts its
+# jobs in the store directly, as POST /generate_background would, instead of through the limited API.
+HANDBACK_SETTINGS = {
+    "TEXTGEN_JOB_LEASE_S": str(HANDBACK_LEASE_S),
+    "TEXTGEN_JOB_CONCURRENCY": "8",
+    "TEXTGEN_MAX_RUNNING": "1",
+    "TEXTGEN_RATE_LIMIT_RPM": "2",
+}
+
+
+async def put_long_jobs(store: JobStore, count: int) -> list[str]:
+    """``count`` LONG jobs queued straight in the store (the request body the API stores for LONG)."""
+    return [(await store.create(dict(LONG), request_id=None)).id for _ in range(count)]
+
+
 @pytest.mark.timeout(120)
 async def test_replica_stopped_by_ray_hands_its_jobs_back(deployer: Deployer) -> None:
-    # With leases longer than the test waits, only the stopping replica's own hand-back (its lifespan
-    # shutdown, run by Ray's graceful stop) can put its jobs back in the queue in time.
-    lease_s = 60.0
-    # One sequence at a time per replica: each holds 8 claimed jobs of 1000 steps that it works through one by
-    # one, so some are still running when Ray stops it, however fast the model core is (the survivor's own
-    # jobs are then cancelled, so it runs only the handed-back ones, one by one).
-    settings = {"TEXTGEN_JOB_LEASE_S": str(lease_s), "TEXTGEN_JOB_CONCURRENCY": "8", "TEXTGEN_MAX_RUNNING": "1"}
-    app = await asyncio.to_thread(deployer.deploy, **settings)
-    async with client(app) as http, open_store(app.job_store) as store:
-        job_ids = await submit_long_jobs(http, 2 * app.job_concurrency)
+    lease_s = HANDBACK_LEASE_S
+    app = await asyncio.to_thread(deployer.deploy, **HANDBACK_SETTINGS)
+    async with open_store(app.job_store) as store:
+        job_ids = await put_long_jobs(store, 2 * app.job_concurrency)
         running = await wait_running(store, job_ids, owners=2)
         asked_at = time.monotonic()
-        await asyncio.to_thread(deployer.deploy, 1, **settings)  # only the replica count changes
+        await asyncio.to_thread(deployer.deploy, 1, **HANDBACK_SETTINGS)  # only the replica count changes
         stopped = await wait_one_gone(running)
         await wait_reclaimed(store, running[stopped], stopped, timeout_s=lease_s / 3)
         handback_s = time.monotonic() - asked_at
@@ -339,8 +354,9 @@ async def cancel_unfinished(store: JobStore, job_ids: set[str]) -> set[str]:
 
 @pytest.mark.timeout(120)
 async def test_rpm_cannot_be_dodged_with_x_forwarded_for_through_rays_proxy(deployer: Deployer) -> None:
-    # One replica: the proxy's behaviour is the same for any count, and one start costs half of two.
-    app = await asyncio.to_thread(deployer.deploy, 1, TEXTGEN_RATE_LIMIT_RPM="2")
+    # The one replica the hand-back test leaves, already limited (no restart when run after it); the proxy's
+    # behaviour is the same for any replica count.
+    app = await asyncio.to_thread(deployer.deploy, 1, **HANDBACK_SETTINGS)
     async with client(app) as http:
         statuses = [
             (
