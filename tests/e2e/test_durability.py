@@ -17,6 +17,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.server]
 JOBS = 10
 TOKENS = 48
 ENV = {"TEXTGEN_JOB_CONCURRENCY": "2"}
+# The restart runs every job left at once (one batch, not five rounds of two): what it runs is the point, not how.
+RESTART_ENV = {"TEXTGEN_JOB_CONCURRENCY": str(JOBS)}
 
 
 @pytest.mark.timeout(600)  # two server starts plus ~10 generations; bounded inside
@@ -53,7 +55,7 @@ def test_jobs_survive_kill_9_and_finish_exactly_once(start_server: Callable[...,
     assert running_at_kill, f"no job was running when the server was killed: {at_kill}"
     assert len(running_at_kill) <= 2, "TEXTGEN_JOB_CONCURRENCY=2 allows two running jobs"
 
-    second = start_server(ENV)  # same tmp_path, so the same job store file
+    second = start_server(RESTART_ENV)  # same tmp_path, so the same job store file
     assert second.job_store == first.job_store
     with second.client() as client:
         jobs = wait_until_terminal(client, job_ids, timeout_s=150)

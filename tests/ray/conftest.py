@@ -5,14 +5,14 @@ reporting, under its own short temp dir (Unix socket paths must stay under 108 b
 proxy on a free loopback port. Its finalizer runs ``serve.shutdown()`` and ``ray.shutdown()`` and fails
 if any process started under that temp dir (raylet, gcs_server, workers) outlives them.
 
-``deployer`` (module scope) deploys ``deploy/serve_config.yaml`` the way an operator does, with
-``serve run --non-blocking`` against that cluster, after overriding only what the test needs: the
-replica count, half a CPU per replica, and ``TEXTGEN_*`` for the tiny test model and a job store every
-replica shares (the session's real redis-server, in a database of its own, flushed first). Because the
-config path gives the application a code version from its config, changing only ``num_replicas``
-adds or stops replicas without restarting the others, as in production. ``textgen`` (per test) puts
-the base deployment back if a test changed it and waits until its replicas are all running. Replica
-logs are streamed to the driver, so a failing test shows them.
+``deployer`` (module scope) deploys ``deploy/serve_config.yaml`` the way an operator does, with ``serve
+run --non-blocking`` against that cluster, after overriding only what the test needs: the replica count,
+half a CPU per replica, a short drain-check loop, and ``TEXTGEN_*`` for the tiny test model and a job
+store every replica shares (the session's real redis-server, in a database of its own, flushed first).
+Because the config path gives the application a code version from its config, changing only
+``num_replicas`` adds or stops replicas without restarting the others, as in production. ``textgen``
+(per test) puts the base deployment back if a test changed it and waits until its replicas are all
+running. Replica logs are streamed to the driver, so a failing test shows them.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ RAY_ENV = {
     "FORWARDED_ALLOW_IPS": "",
 }
 SHUTDOWN_WAIT_S = 20.0
+GRACEFUL_WAIT_LOOP_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,9 @@ def serve_config(env: dict[str, str], replicas: int) -> dict[str, Any]:
     # starting all new replicas of a changed config at once (the surge) instead of one by one.
     deployment["ray_actor_options"]["num_cpus"] = 0.5
     deployment["max_surge_percent"] = 100
+    # Ray sleeps one wait loop before its first look for open requests, even on an idle replica: with the
+    # config's 2 s every stop (redeploy, scale-down, shutdown) took 2 s longer than its drain needs.
+    deployment["graceful_shutdown_wait_loop_s"] = GRACEFUL_WAIT_LOOP_S
     return dict(config)
 
 
