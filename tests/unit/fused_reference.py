@@ -150,10 +150,12 @@ def check_row_grouping(kernels: FusedKernels, heads: int, kv_heads: int, dim: in
     angle = torch.arange(angles)[:, None] * (1.0 / 10000 ** (torch.arange(dim // 2) * 2 / dim))[None, :]
     cos, sin = torch.cat([angle, angle], dim=1).cos().bfloat16(), torch.cat([angle, angle], dim=1).sin().bfloat16()
 
-    def run(calls: list[list[tuple[int, int]]]) -> tuple[dict[tuple[int, int], torch.Tensor], torch.Tensor, torch.Tensor]:
+    Row = tuple[int, int]  # (sequence, position)
+
+    def run(calls: list[list[Row]]) -> tuple[dict[Row, torch.Tensor], torch.Tensor, torch.Tensor]:
         keys = torch.zeros(2 * per_sequence + 1, kv_heads, block_size, dim, dtype=torch.bfloat16)
         values = torch.zeros_like(keys)
-        outs: dict[tuple[int, int], torch.Tensor] = {}
+        outs: dict[Row, torch.Tensor] = {}
         for call in calls:
             out = torch.empty(len(call), heads * dim, dtype=torch.bfloat16)
             kernels.rotary_cache_attention(
@@ -164,7 +166,7 @@ def check_row_grouping(kernels: FusedKernels, heads: int, kv_heads: int, dim: in
         return outs, keys, values
 
     alone = [[(s, p)] for p in range(max(lengths)) for s in (0, 1) if p < lengths[s]]
-    chunked: list[list[tuple[int, int]]] = []
+    chunked: list[list[Row]] = []
     done = [0, 0]
     while done != list(lengths):
         call = []

@@ -184,88 +184,6 @@ static void key_scores(const uint16_t *q, const uint16_t *keys, int64_t live, in
     }
 }
 
-#if defined(__AVX512BF16__)
-/* Chained scores, for head size 64 and 3 or more query heads per KV head: the score of query q and key k is
- * scale * c_31, c_i = dpbf16(c_{i-1}, q pair i, k pair i), c_-1 = 0 (a bf16 pair is 32 bits; one lane of the
- * CPU's bf16 dot-product instruction). That is one lane's work whichever lanes hold what, so it is computed in
- * either of two layouts with the same result bit for bit: sixteen keys in the lanes against one query
- * (chain_keys: a decode row, or a few) or sixteen queries in the lanes against one key (chain_queries: a
- * tile of prompt rows, where no lane sums are needed and each key is read once for all of them). */
-
-static inline int32_t pair_at(const uint16_t *x, int64_t i) {
-    int32_t pair;
-    memcpy(&pair, x + 2 * i, sizeof pair);
-    return pair;
-}
-
-/* r[16] rows of 16 floats -> r[c] lane j = old r[j] lane c. */
-static inline __attribute__((always_inline)) void transpose16(__m512 *r) {
-    __m512 t[16], u[16];
-    for (int k = 0; k < 8; k++) {
-        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
-        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
-    }
-    for (int k = 0; k < 4; k++) {
-        __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 1]);
-        __m512d c = _mm512_castps_pd(t[4 * k + 2]), d = _mm512_castps_pd(t[4 * k + 3]);
-        u[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-        u[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-        u[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-        u[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-    }
-    for (int e = 0; e < 4; e++) {
-        __m512 a = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88), b = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88);
-        __m512 c = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xDD), d = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xDD);
-        r[e] = _mm512_shuffle_f32x4(a, b, 0x88);
-        r[8 + e] = _mm512_shuffle_f32x4(a, b, 0xDD);
-        r[4 + e] = _mm512_shuffle_f32x4(c, d, 0x88);
-        r[12 + e] = _mm512_shuffle_f32x4(c, d, 0xDD);
-    }
-}
-
-/* Keys in the lanes: scores[h * s_stride + t] for the G query heads at q + h * q_stride, keys [live, 64]. */
-static inline __attribute__((always_inline)) void chain_keys(const uint16_t *q, int64_t q_stride,
-                                                            const uint16_t *keys, int64_t live, float scale,
-                                                            float *scores, int64_t s_stride, const int G) {
-    for (int64_t t = 0; t < live; t += 16) {
-        int64_t m = live - t < 16 ? live - t : 16;
-        __m512 acc[MAX_GROUP];
-        for (int h = 0; h < G; h++) acc[h] = _mm512_setzero_ps();
-        for (int c = 0; c < 2; c++) {
-            __m512 k[16];
-            for (int j = 0; j < 16; j++) /* past the last key: the last one again, its lanes dropped below */
-                k[j] = _mm512_loadu_ps((const float *)(keys + (t + (j < m ? j : m - 1)) * 64 + 32 * c));
-            transpose16(k); /* k[i] lane j: key t + j's pair 16 c + i */
-            for (int i = 0; i < 16; i++)
-                for (int h = 0; h < G; h++)
-                    acc[h] = _mm512_dpbf16_ps(acc[h], (__m512bh)_mm512_set1_epi32(pair_at(q + h * q_stride, 16 * c + i)),
-                                              (__m512bh)_mm512_castps_si512(k[i]));
-        }
-        for (int h = 0; h < G; h++) {
-            float row[16];
-            _mm512_storeu_ps(row, _mm512_mul_ps(acc[h], _mm512_set1_ps(scale)));
-            memcpy(scores + h * s_stride + t, row, (size_t)m * sizeof *row);
-        }
-    }
-}
-
-/* Queries in the lanes: lanes [lanes, 32] holds lane l's query pairs (pair i at lanes[i * 16 + l], transposed
- * once per tile); keys [n, 64]; lane l's score of key p goes to out[l * 16 + p] for p < n <= 16. */
-static inline __attribute__((always_inline)) void chain_queries(const int32_t *lanes, const uint16_t *keys,
-                                                               int64_t n, float scale, float *out) {
-    __m512 acc[16];
-    for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
-    for (int i = 0; i < 32; i++) {
-        __m512bh qt = (__m512bh)_mm512_load_si512(lanes + i * 16);
-        for (int j = 0; j < 16; j++) /* past the last key: the last one again, its scores never read */
-            acc[j] = _mm512_dpbf16_ps(acc[j], qt, (__m512bh)_mm512_set1_epi32(pair_at(keys + (j < n ? j : n - 1) * 64, i)));
-    }
-    transpose16(acc); /* acc[l] lane j: query l's score of key j */
-    __m512 scale_v = _mm512_set1_ps(scale);
-    for (int l = 0; l < 16; l++) _mm512_storeu_ps(out + l * 16, _mm512_mul_ps(acc[l], scale_v));
-}
-#endif
-
 /* key_scores for each of the G = group query heads of one KV head: head h's query at q + h * q_stride, its
  * scores at scores + h * s_stride. */
 static void group_scores(const uint16_t *q, int64_t q_stride, const uint16_t *keys, int64_t live, int64_t dim,
@@ -291,20 +209,39 @@ static void group_scores(const uint16_t *q, int64_t q_stride, const uint16_t *ke
             key_scores(q + h * q_stride, keys + done * dim, live - done, dim, scale, scores + h * s_stride + done);
 }
 
+/* Head size 64 and 1..4 query heads per KV head: weighted_values keeps its sums in the "paired" layout
+ * (paired_at), where a bf16 value's conversion to float32 is one instruction per 16 values, not two. */
+static int paired_sums(int64_t dim, int64_t group) {
+#if defined(__AVX512F__)
+    return dim == 64 && group >= 1 && group <= 4;
+#else
+    (void)dim, (void)group;
+    return 0;
+#endif
+}
+
+/* Where element d (< 64) of a head's sums is in the paired layout: 64 floats as four vectors of 16, the even
+ * elements of 0..31, the odd ones, then the even and the odd ones of 32..63. */
+static inline int64_t paired_at(int64_t d) { return (d / 32) * 32 + (d % 2) * 16 + (d % 32) / 2; }
+
 #if defined(__AVX512F__)
 /* weighted_values for head size 64 and a constant number of heads G: the G x 64 sums stay in registers
- * (G x 4 vectors) over all positions instead of going through memory at each one. */
+ * (G x 4 vectors) over all positions instead of going through memory at each one. Sixteen 32-bit words of
+ * values hold 32 bf16 values: shifted left 16 bits, the even ones as float32; masked, the odd ones. Each sum
+ * is still the same products added in the same (position) order. */
 static inline __attribute__((always_inline)) void weighted_values_64(const float *probs, int64_t stride,
                                                                     const uint16_t *values, int64_t live, const int G,
                                                                     float *acc) {
     __m512 sums[4][4];
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
     for (int h = 0; h < G; h++)
         for (int c = 0; c < 4; c++) sums[h][c] = _mm512_loadu_ps(acc + h * 64 + 16 * c);
     for (int64_t t = 0; t < live; t++) {
         __m512 v[4];
-        for (int c = 0; c < 4; c++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(values + t * 64 + 16 * c));
-            v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)); /* bf16 -> f32 */
+        for (int c = 0; c < 2; c++) {
+            __m512i raw = _mm512_loadu_si512(values + t * 64 + 32 * c);
+            v[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+            v[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
         }
         for (int h = 0; h < G; h++) {
             __m512 p = _mm512_set1_ps(probs[h * stride + t]);
@@ -317,11 +254,12 @@ static inline __attribute__((always_inline)) void weighted_values_64(const float
 #endif
 
 /* acc [group, dim] += sum over t < live of probs[h * stride + t] * values[t] (values [live, dim] bf16): one
- * block of positions at a time, in position order, so the sums are those of one pass over all of them. */
+ * block of positions at a time, in position order, so the sums are those of one pass over all of them. acc is
+ * in the paired layout where paired_sums(dim, group). */
 static void weighted_values(const float *probs, int64_t stride, const uint16_t *values, int64_t live, int64_t dim,
                             int64_t group, float *acc) {
 #if defined(__AVX512F__)
-    if (dim == 64 && group >= 1 && group <= 4) {
+    if (paired_sums(dim, group)) {
         switch (group) { /* a constant G each: the compiler unrolls and keeps the sums in registers */
             case 1: weighted_values_64(probs, stride, values, live, 1, acc); return;
             case 2: weighted_values_64(probs, stride, values, live, 2, acc); return;
@@ -372,7 +310,7 @@ static int64_t first_attended(int64_t pos, int64_t window) {
  * from L2 or memory. Every row still makes exactly the calls it would make alone (the same segments of the
  * same blocks, in the same order, with its scratch at the same alignment), so a row's result is bit for bit
  * the same however rows are grouped into calls (a prompt in chunks, at an offset, or beside other rows). */
-#define ATTENTION_TILE 16
+#define ATTENTION_TILE 8
 
 /* Scratch aligned to 64 bytes: the compiler's vectorised loops then start at the same alignment for a row
  * wherever in the scratch its tile puts it (a reduction's order may follow its alignment). */
@@ -405,74 +343,6 @@ static int64_t row_tiles(const int64_t *cache_rows, int64_t rows, int64_t *start
     }
     starts[tiles] = rows;
     return tiles;
-}
-
-/* The tile's scores by the chained formula (dim 64, group 3..MAX_GROUP): a tile of several rows with queries
- * in the lanes, a single row with keys in the lanes. Each row's scores are those of its own positions only. */
-static void tile_chain_scores(const uint16_t *queries, int64_t count, int64_t group, const int64_t *first,
-                              const int64_t *pos, const int64_t *table, int64_t kv_heads, int64_t g,
-                              int64_t block_size, const uint16_t *keys, float scale, float *scores, int64_t stride,
-                              const int64_t *live) {
-#if defined(__AVX512BF16__)
-    int64_t lowest = first[0], highest = pos[0];
-    for (int64_t i = 1; i < count; i++) {
-        lowest = first[i] < lowest ? first[i] : lowest;
-        highest = pos[i] > highest ? pos[i] : highest;
-    }
-    if (count * group < 8) { /* too few queries to fill the lanes: keys in the lanes, row by row */
-        for (int64_t b = lowest / block_size; b <= highest / block_size; b++)
-            for (int64_t i = 0, from, n; i < count; i++)
-                if ((n = row_segment(b, block_size, first[i], pos[i], &from)) > 0) {
-                    const uint16_t *k = keys + (((table[b] * kv_heads + g) * block_size) + from % block_size) * 64;
-                    const uint16_t *q = queries + i * group * MAX_DIM;
-                    float *s = scores + i * group * stride + (from - first[i]);
-                    switch (group) {
-                        case 3: chain_keys(q, MAX_DIM, k, n, scale, s, live[i], 3); break;
-                        case 4: chain_keys(q, MAX_DIM, k, n, scale, s, live[i], 4); break;
-                        case 5: chain_keys(q, MAX_DIM, k, n, scale, s, live[i], 5); break;
-                        case 6: chain_keys(q, MAX_DIM, k, n, scale, s, live[i], 6); break;
-                        case 7: chain_keys(q, MAX_DIM, k, n, scale, s, live[i], 7); break;
-                        default: chain_keys(q, MAX_DIM, k, n, scale, s, live[i], 8); break;
-                    }
-                }
-        return;
-    }
-    int64_t total = count * group; /* lane L: row L / group, head L % group (queries + L * MAX_DIM) */
-    for (int64_t l0 = 0; l0 < total; l0 += 16) {
-        int64_t lanes_used = total - l0 < 16 ? total - l0 : 16, i0 = l0 / group, i1 = (l0 + lanes_used - 1) / group;
-        int32_t lanes[32 * 16] __attribute__((aligned(64)));
-        for (int64_t l = 0; l < 16; l++) { /* lanes past the last query: the last one again, never read */
-            const uint16_t *q = queries + (l0 + (l < lanes_used ? l : lanes_used - 1)) * MAX_DIM;
-            for (int i = 0; i < 32; i++) lanes[i * 16 + l] = pair_at(q, i);
-        }
-        for (int64_t b = lowest / block_size; b <= highest / block_size; b++) {
-            int64_t from[ATTENTION_TILE], n[ATTENTION_TILE], lo = INT64_MAX, hi = -1;
-            for (int64_t i = i0; i <= i1; i++)
-                if ((n[i] = row_segment(b, block_size, first[i], pos[i], &from[i])) > 0) {
-                    lo = from[i] < lo ? from[i] : lo;
-                    hi = from[i] + n[i] - 1 > hi ? from[i] + n[i] - 1 : hi;
-                }
-            if (hi < lo) continue;
-            const uint16_t *k = keys + (((table[b] * kv_heads + g) * block_size) + lo % block_size) * 64;
-            for (int64_t p0 = lo; p0 <= hi; p0 += 16) {
-                float out[16 * 16] __attribute__((aligned(64)));
-                int64_t keys_here = hi + 1 - p0 < 16 ? hi + 1 - p0 : 16;
-                chain_queries(lanes, k + (p0 - lo) * 64, keys_here, scale, out);
-                for (int64_t l = 0; l < lanes_used; l++) {
-                    int64_t i = (l0 + l) / group, h = (l0 + l) % group;
-                    if (n[i] <= 0) continue;
-                    int64_t a = from[i] > p0 ? from[i] : p0, z = from[i] + n[i] < p0 + keys_here ? from[i] + n[i] : p0 + keys_here;
-                    if (a < z)
-                        memcpy(scores + i * group * stride + h * live[i] + (a - first[i]), out + l * 16 + (a - p0),
-                               (size_t)(z - a) * sizeof *out);
-                }
-            }
-        }
-    }
-#else
-    (void)queries, (void)count, (void)group, (void)first, (void)pos, (void)table, (void)kv_heads, (void)g;
-    (void)block_size, (void)keys, (void)scale, (void)scores, (void)stride, (void)live;
-#endif
 }
 
 /* Attention for `rows` new tokens, each at its own position of its own sequence: one new token per
@@ -515,11 +385,7 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
     if (!starts) return FUSED_NO_MEMORY;
     int64_t tiles = row_tiles(cache_rows, rows, starts, &widest);
     int64_t stride = (longest + 15) / 16 * 16; /* a row's scores start 64-byte aligned */
-#if defined(__AVX512BF16__)
-    const int chained = dim == 64 && group >= 3; /* the model's shape decides, the same for every row */
-#else
-    const int chained = 0;
-#endif
+    const int paired = paired_sums(dim, group);
     int failed = 0;
 #pragma omp parallel if (parallel && work >= 4 * PARALLEL_WORK)
     {
@@ -561,17 +427,13 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
                     for (int64_t d = 0; d < dim; d++) qh[d] = f32_to_bf16(q[d]); /* exact: rotate rounds to bf16 */
                 }
             }
-            if (chained)
-                tile_chain_scores(queries, count, group, first, pos, table, kv_heads, g, block_size, keys, scale, scores,
-                                  stride, live);
-            else
-                for (int64_t b = lowest / block_size; b <= highest / block_size; b++) /* a block's positions are contiguous */
-                    for (int64_t i = 0, from, n; i < count; i++)
-                        if ((n = row_segment(b, block_size, first[i], pos[i], &from)) > 0) {
-                            int64_t base = (((table[b] * kv_heads + g) * block_size) + from % block_size) * dim;
-                            group_scores(queries + i * group * MAX_DIM, MAX_DIM, keys + base, n, dim, group, scale,
-                                         scores + i * group * stride + (from - first[i]), live[i]);
-                        }
+            for (int64_t b = lowest / block_size; b <= highest / block_size; b++) /* a block's positions are contiguous */
+                for (int64_t i = 0, from, n; i < count; i++)
+                    if ((n = row_segment(b, block_size, first[i], pos[i], &from)) > 0) {
+                        int64_t base = (((table[b] * kv_heads + g) * block_size) + from % block_size) * dim;
+                        group_scores(queries + i * group * MAX_DIM, MAX_DIM, keys + base, n, dim, group, scale,
+                                     scores + i * group * stride + (from - first[i]), live[i]);
+                    }
             for (int64_t i = 0; i < count; i++)
                 for (int64_t h = 0; h < group; h++) {
                     float *sh = scores + i * group * stride + h * live[i], best = sh[0], total = 0.0f;
@@ -592,7 +454,12 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
                     }
             for (int64_t i = 0; i < count; i++) {
                 uint16_t *o = out + (start + i) * heads * dim + g * group * dim;
-                for (int64_t d = 0; d < group * dim; d++) o[d] = f32_to_bf16(sums[i * group * dim + d]);
+                const float *si = sums + i * group * dim;
+                if (paired)
+                    for (int64_t h = 0; h < group; h++)
+                        for (int64_t d = 0; d < dim; d++) o[h * dim + d] = f32_to_bf16(si[h * dim + paired_at(d)]);
+                else
+                    for (int64_t d = 0; d < group * dim; d++) o[d] = f32_to_bf16(si[d]);
             }
         }
         free(scores);
