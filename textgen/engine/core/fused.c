@@ -253,6 +253,50 @@ static inline __attribute__((always_inline)) void weighted_values_64(const float
 }
 #endif
 
+#if defined(__AVX512F__)
+/* weighted_values_64 for two rows over the same positions (two prompt rows over a whole block): each value
+ * converted once for both. Each row's sums are those weighted_values_64 makes for it alone. G <= 3 (the 2 G x 4
+ * sums stay in registers). */
+static inline __attribute__((always_inline)) void weighted_values_64_rows2(const float *probs_a, int64_t stride_a,
+                                                                          const float *probs_b, int64_t stride_b,
+                                                                          const uint16_t *values, int64_t live,
+                                                                          const int G, float *acc_a, float *acc_b) {
+    __m512 sa[3][4], sb[3][4];
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int h = 0; h < G; h++)
+        for (int c = 0; c < 4; c++) {
+            sa[h][c] = _mm512_loadu_ps(acc_a + h * 64 + 16 * c);
+            sb[h][c] = _mm512_loadu_ps(acc_b + h * 64 + 16 * c);
+        }
+    for (int64_t t = 0; t < live; t++) {
+        __m512 v[4];
+        for (int c = 0; c < 2; c++) {
+            __m512i raw = _mm512_loadu_si512(values + t * 64 + 32 * c);
+            v[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+            v[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
+        }
+        for (int h = 0; h < G; h++) {
+            __m512 pa = _mm512_set1_ps(probs_a[h * stride_a + t]), pb = _mm512_set1_ps(probs_b[h * stride_b + t]);
+            for (int c = 0; c < 4; c++) {
+                sa[h][c] = _mm512_fmadd_ps(pa, v[c], sa[h][c]);
+                sb[h][c] = _mm512_fmadd_ps(pb, v[c], sb[h][c]);
+            }
+        }
+    }
+    for (int h = 0; h < G; h++)
+        for (int c = 0; c < 4; c++) {
+            _mm512_storeu_ps(acc_a + h * 64 + 16 * c, sa[h][c]);
+            _mm512_storeu_ps(acc_b + h * 64 + 16 * c, sb[h][c]);
+        }
+}
+#endif
+
+/* Two rows' weighted_values over the same `live` positions of `values`: one pass for both where there is one
+ * (paired sums, group <= 3), else one after the other; the sums are the same either way. */
+static void weighted_values_rows2(const float *probs_a, int64_t stride_a, const float *probs_b, int64_t stride_b,
+                                  const uint16_t *values, int64_t live, int64_t dim, int64_t group, float *acc_a,
+                                  float *acc_b);
+
 /* acc [group, dim] += sum over t < live of probs[h * stride + t] * values[t] (values [live, dim] bf16): one
  * block of positions at a time, in position order, so the sums are those of one pass over all of them. acc is
  * in the paired layout where paired_sums(dim, group). */
@@ -276,6 +320,22 @@ static void weighted_values(const float *probs, int64_t stride, const uint16_t *
             for (int64_t i = 0; i < dim; i++) ah[i] += p * vt[i];
         }
     }
+}
+
+static void weighted_values_rows2(const float *probs_a, int64_t stride_a, const float *probs_b, int64_t stride_b,
+                                  const uint16_t *values, int64_t live, int64_t dim, int64_t group, float *acc_a,
+                                  float *acc_b) {
+#if defined(__AVX512F__)
+    if (paired_sums(dim, group) && group <= 3) {
+        switch (group) {
+            case 1: weighted_values_64_rows2(probs_a, stride_a, probs_b, stride_b, values, live, 1, acc_a, acc_b); return;
+            case 2: weighted_values_64_rows2(probs_a, stride_a, probs_b, stride_b, values, live, 2, acc_a, acc_b); return;
+            default: weighted_values_64_rows2(probs_a, stride_a, probs_b, stride_b, values, live, 3, acc_a, acc_b); return;
+        }
+    }
+#endif
+    weighted_values(probs_a, stride_a, values, live, dim, group, acc_a);
+    weighted_values(probs_b, stride_b, values, live, dim, group, acc_b);
 }
 
 /* x [dim] bf16 -> out [dim] = x / rms(x) * weight, rounded to bf16 (a query or key head's norm). */
@@ -446,11 +506,18 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
                 }
             for (int64_t i = 0; i < count * group * dim; i++) sums[i] = 0.0f;
             for (int64_t b = lowest / block_size; b <= highest / block_size; b++)
-                for (int64_t i = 0, from, n; i < count; i++)
+                for (int64_t i = 0, from, n, from2, n2; i < count; i++)
                     if ((n = row_segment(b, block_size, first[i], pos[i], &from)) > 0) {
                         int64_t base = (((table[b] * kv_heads + g) * block_size) + from % block_size) * dim;
-                        weighted_values(scores + i * group * stride + (from - first[i]), live[i], values + base, n,
-                                        dim, group, sums + i * group * dim);
+                        const float *probs = scores + i * group * stride + (from - first[i]);
+                        if (i + 1 < count && (n2 = row_segment(b, block_size, first[i + 1], pos[i + 1], &from2)) == n &&
+                            from2 == from) { /* the next row over the same positions: both in one pass */
+                            weighted_values_rows2(probs, live[i], scores + (i + 1) * group * stride + (from - first[i + 1]),
+                                                  live[i + 1], values + base, n, dim, group, sums + i * group * dim,
+                                                  sums + (i + 1) * group * dim);
+                            i++;
+                        } else
+                            weighted_values(probs, live[i], values + base, n, dim, group, sums + i * group * dim);
                     }
             for (int64_t i = 0; i < count; i++) {
                 uint16_t *o = out + (start + i) * heads * dim + g * group * dim;
