@@ -136,6 +136,55 @@ def check_paged_attention(kernels: FusedKernels, heads: int, kv_heads: int, bloc
     assert torch.equal(keys, paged(want_keys)) and torch.equal(values, paged(want_values))
 
 
+def check_row_grouping(kernels: FusedKernels, heads: int, kv_heads: int, dim: int, block_size: int, window: int,
+                       seed: int = 5) -> None:
+    """Each row's output (and the cache it writes) is the same bit for bit however rows are grouped into
+    calls: two sequences prefilled one row per call, in random chunks (each call mixing both sequences' rows,
+    so tiles of one sequence's rows form and break), and all in one call, through a shuffled block pool."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths, capacity, angles = (45, 38), 48, 64
+    per_sequence = -(-capacity // block_size)
+    order = torch.randperm(2 * per_sequence + 1, generator=generator)[: 2 * per_sequence]
+    tables = order.view(2, per_sequence).contiguous()
+    qkv = [torch.randn(n, (heads + 2 * kv_heads) * dim, generator=generator).bfloat16() for n in lengths]
+    angle = torch.arange(angles)[:, None] * (1.0 / 10000 ** (torch.arange(dim // 2) * 2 / dim))[None, :]
+    cos, sin = torch.cat([angle, angle], dim=1).cos().bfloat16(), torch.cat([angle, angle], dim=1).sin().bfloat16()
+
+    Row = tuple[int, int]  # (sequence, position)
+
+    def run(calls: list[list[Row]]) -> tuple[dict[Row, torch.Tensor], torch.Tensor, torch.Tensor]:
+        keys = torch.zeros(2 * per_sequence + 1, kv_heads, block_size, dim, dtype=torch.bfloat16)
+        values = torch.zeros_like(keys)
+        outs: dict[Row, torch.Tensor] = {}
+        for call in calls:
+            out = torch.empty(len(call), heads * dim, dtype=torch.bfloat16)
+            kernels.rotary_cache_attention(
+                torch.stack([qkv[s][p] for s, p in call]), cos, sin, torch.tensor([p for _, p in call]),
+                torch.tensor([s for s, _ in call]), keys, values, out, heads, dim**-0.5, tables, window=window,
+            )
+            outs.update({row: out[i] for i, row in enumerate(call)})
+        return outs, keys, values
+
+    alone = [[(s, p)] for p in range(max(lengths)) for s in (0, 1) if p < lengths[s]]
+    chunked: list[list[Row]] = []
+    done = [0, 0]
+    while done != list(lengths):
+        call = []
+        for s in torch.randperm(2, generator=generator).tolist():
+            take = min(int(torch.randint(0, 21, (1,), generator=generator)), lengths[s] - done[s])
+            call += [(s, p) for p in range(done[s], done[s] + take)]
+            done[s] += take
+        if call:
+            chunked.append(call)
+    whole = [[(s, p) for s in (0, 1) for p in range(lengths[s])]]
+    want, want_keys, want_values = run(alone)
+    for calls in (chunked, whole):
+        outs, keys, values = run(calls)
+        assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+        for row, expected in want.items():
+            assert torch.equal(outs[row], expected), f"row {row} differs when grouped ({len(calls)} calls)"
+
+
 def rms_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.float()
     return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).bfloat16()
@@ -157,6 +206,10 @@ def exercise(kernels: FusedKernels) -> None:
         check_attention(kernels, heads, kv_heads, dim)
     for block_size in (16, 8, 3):  # the vector path's whole blocks of 16, and tails inside every block
         check_paged_attention(kernels, 6, 2, block_size)
+    # rows grouped into calls any way give the same bits: chained scores (group 3, 8), the others (1, 2, dim 16)
+    for heads, kv_heads, dim, block_size, window in [(9, 3, 64, 16, 0), (9, 3, 64, 3, 7), (16, 2, 64, 32, 0),
+                                                     (4, 2, 64, 8, 0), (3, 1, 16, 16, 5)]:
+        check_row_grouping(kernels, heads, kv_heads, dim, block_size, window)
 
     x = torch.randn(5, 96, generator=generator).bfloat16()
     delta = torch.randn(5, 96, generator=generator).bfloat16()

@@ -110,6 +110,48 @@ static void rotate(const uint16_t *x, const uint16_t *cos_row, const uint16_t *s
     }
 }
 
+#if defined(__AVX512BF16__)
+/* sixteen positions' dot-product partial sums v[0..15] (16 lanes each) added across lanes, position j's total
+ * in lane j: pairs, then quads, then halves of lanes by shuffles (a transpose) rather than one by one. */
+static inline __attribute__((always_inline)) __m512 lane_totals(const __m512 *v) {
+    __m512 pairs[8], quads[4];
+    for (int j = 0; j < 8; j++)
+        pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+    for (int j = 0; j < 4; j++) {
+        __m512d a = _mm512_castps_pd(pairs[2 * j]), b = _mm512_castps_pd(pairs[2 * j + 1]);
+        quads[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88), _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+    __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88), _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+/* key_scores for head size 64 and the G query heads of one KV head at once (queries q + h * q_stride, scores
+ * scores + h * s_stride), fully unrolled: the same operations in the same order as key_scores, so the same
+ * results, with the two query vectors per head and the sixteen partial sums kept in registers. The positions
+ * after the last whole sixteen are left to key_scores; returns how many were done. */
+static inline __attribute__((always_inline)) int64_t key_scores_64(const uint16_t *q, int64_t q_stride,
+                                                                  const uint16_t *keys, int64_t live, float scale,
+                                                                  float *scores, int64_t s_stride, const int G) {
+    __m512bh qv[MAX_GROUP][2];
+    for (int h = 0; h < G; h++)
+        for (int c = 0; c < 2; c++) qv[h][c] = (__m512bh)_mm512_loadu_si512(q + h * q_stride + 32 * c);
+    __m512 scale_v = _mm512_set1_ps(scale);
+    int64_t t = 0;
+    for (; t + 16 <= live; t += 16)
+        for (int h = 0; h < G; h++) {
+            __m512 v[16];
+            for (int j = 0; j < 16; j++) {
+                const uint16_t *kt = keys + (t + j) * 64;
+                __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qv[h][0], (__m512bh)_mm512_loadu_si512(kt));
+                v[j] = _mm512_dpbf16_ps(acc, qv[h][1], (__m512bh)_mm512_loadu_si512(kt + 32));
+            }
+            _mm512_storeu_ps(scores + h * s_stride + t, _mm512_mul_ps(lane_totals(v), scale_v));
+        }
+    return t;
+}
+#endif
+
 /* scores[t] = scale * (q . keys[t]) for t < live: q [dim] and keys [live, dim] bf16. */
 static void key_scores(const uint16_t *q, const uint16_t *keys, int64_t live, int64_t dim, float scale,
                        float *scores) {
@@ -130,17 +172,7 @@ static void key_scores(const uint16_t *q, const uint16_t *keys, int64_t live, in
                     acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(keys + (t + j) * dim + 32 * c));
                 v[j] = acc;
             }
-            __m512 pairs[8], quads[4];
-            for (int j = 0; j < 8; j++)
-                pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
-            for (int j = 0; j < 4; j++) {
-                __m512d a = _mm512_castps_pd(pairs[2 * j]), b = _mm512_castps_pd(pairs[2 * j + 1]);
-                quads[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-            }
-            __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88), _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
-            __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88), _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
-            __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
-            _mm512_storeu_ps(scores + t, _mm512_mul_ps(sums, scale_v));
+            _mm512_storeu_ps(scores + t, _mm512_mul_ps(lane_totals(v), scale_v));
         }
     }
 #endif
@@ -152,20 +184,64 @@ static void key_scores(const uint16_t *q, const uint16_t *keys, int64_t live, in
     }
 }
 
+/* key_scores for each of the G = group query heads of one KV head: head h's query at q + h * q_stride, its
+ * scores at scores + h * s_stride. */
+static void group_scores(const uint16_t *q, int64_t q_stride, const uint16_t *keys, int64_t live, int64_t dim,
+                         int64_t group, float scale, float *scores, int64_t s_stride) {
+    int64_t done = 0;
+#if defined(__AVX512BF16__)
+    if (dim == 64) {
+        switch (group) { /* a constant G each: the compiler unrolls and keeps the sums in registers */
+            case 1: done = key_scores_64(q, q_stride, keys, live, scale, scores, s_stride, 1); break;
+            case 2: done = key_scores_64(q, q_stride, keys, live, scale, scores, s_stride, 2); break;
+            case 3: done = key_scores_64(q, q_stride, keys, live, scale, scores, s_stride, 3); break;
+            case 4: done = key_scores_64(q, q_stride, keys, live, scale, scores, s_stride, 4); break;
+            case 5: done = key_scores_64(q, q_stride, keys, live, scale, scores, s_stride, 5); break;
+            case 6: done = key_scores_64(q, q_stride, keys, live, scale, scores, s_stride, 6); break;
+            case 7: done = key_scores_64(q, q_stride, keys, live, scale, scores, s_stride, 7); break;
+            case 8: done = key_scores_64(q, q_stride, keys, live, scale, scores, s_stride, 8); break;
+            default: break;
+        }
+    }
+#endif
+    if (done < live) /* the rest (or all): key_scores on the positions left, each scored as it would score it */
+        for (int64_t h = 0; h < group; h++)
+            key_scores(q + h * q_stride, keys + done * dim, live - done, dim, scale, scores + h * s_stride + done);
+}
+
+/* Head size 64 and 1..4 query heads per KV head: weighted_values keeps its sums in the "paired" layout
+ * (paired_at), where a bf16 value's conversion to float32 is one instruction per 16 values, not two. */
+static int paired_sums(int64_t dim, int64_t group) {
+#if defined(__AVX512F__)
+    return dim == 64 && group >= 1 && group <= 4;
+#else
+    (void)dim, (void)group;
+    return 0;
+#endif
+}
+
+/* Where element d (< 64) of a head's sums is in the paired layout: 64 floats as four vectors of 16, the even
+ * elements of 0..31, the odd ones, then the even and the odd ones of 32..63. */
+static inline int64_t paired_at(int64_t d) { return (d / 32) * 32 + (d % 2) * 16 + (d % 32) / 2; }
+
 #if defined(__AVX512F__)
 /* weighted_values for head size 64 and a constant number of heads G: the G x 64 sums stay in registers
- * (G x 4 vectors) over all positions instead of going through memory at each one. */
+ * (G x 4 vectors) over all positions instead of going through memory at each one. Sixteen 32-bit words of
+ * values hold 32 bf16 values: shifted left 16 bits, the even ones as float32; masked, the odd ones. Each sum
+ * is still the same products added in the same (position) order. */
 static inline __attribute__((always_inline)) void weighted_values_64(const float *probs, int64_t stride,
                                                                     const uint16_t *values, int64_t live, const int G,
                                                                     float *acc) {
     __m512 sums[4][4];
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
     for (int h = 0; h < G; h++)
         for (int c = 0; c < 4; c++) sums[h][c] = _mm512_loadu_ps(acc + h * 64 + 16 * c);
     for (int64_t t = 0; t < live; t++) {
         __m512 v[4];
-        for (int c = 0; c < 4; c++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(values + t * 64 + 16 * c));
-            v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)); /* bf16 -> f32 */
+        for (int c = 0; c < 2; c++) {
+            __m512i raw = _mm512_loadu_si512(values + t * 64 + 32 * c);
+            v[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+            v[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
         }
         for (int h = 0; h < G; h++) {
             __m512 p = _mm512_set1_ps(probs[h * stride + t]);
@@ -177,12 +253,57 @@ static inline __attribute__((always_inline)) void weighted_values_64(const float
 }
 #endif
 
+#if defined(__AVX512F__)
+/* weighted_values_64 for two rows over the same positions (two prompt rows over a whole block): each value
+ * converted once for both. Each row's sums are those weighted_values_64 makes for it alone. G <= 3 (the 2 G x 4
+ * sums stay in registers). */
+static inline __attribute__((always_inline)) void weighted_values_64_rows2(const float *probs_a, int64_t stride_a,
+                                                                          const float *probs_b, int64_t stride_b,
+                                                                          const uint16_t *values, int64_t live,
+                                                                          const int G, float *acc_a, float *acc_b) {
+    __m512 sa[3][4], sb[3][4];
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int h = 0; h < G; h++)
+        for (int c = 0; c < 4; c++) {
+            sa[h][c] = _mm512_loadu_ps(acc_a + h * 64 + 16 * c);
+            sb[h][c] = _mm512_loadu_ps(acc_b + h * 64 + 16 * c);
+        }
+    for (int64_t t = 0; t < live; t++) {
+        __m512 v[4];
+        for (int c = 0; c < 2; c++) {
+            __m512i raw = _mm512_loadu_si512(values + t * 64 + 32 * c);
+            v[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+            v[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
+        }
+        for (int h = 0; h < G; h++) {
+            __m512 pa = _mm512_set1_ps(probs_a[h * stride_a + t]), pb = _mm512_set1_ps(probs_b[h * stride_b + t]);
+            for (int c = 0; c < 4; c++) {
+                sa[h][c] = _mm512_fmadd_ps(pa, v[c], sa[h][c]);
+                sb[h][c] = _mm512_fmadd_ps(pb, v[c], sb[h][c]);
+            }
+        }
+    }
+    for (int h = 0; h < G; h++)
+        for (int c = 0; c < 4; c++) {
+            _mm512_storeu_ps(acc_a + h * 64 + 16 * c, sa[h][c]);
+            _mm512_storeu_ps(acc_b + h * 64 + 16 * c, sb[h][c]);
+        }
+}
+#endif
+
+/* Two rows' weighted_values over the same `live` positions of `values`: one pass for both where there is one
+ * (paired sums, group <= 3), else one after the other; the sums are the same either way. */
+static void weighted_values_rows2(const float *probs_a, int64_t stride_a, const float *probs_b, int64_t stride_b,
+                                  const uint16_t *values, int64_t live, int64_t dim, int64_t group, float *acc_a,
+                                  float *acc_b);
+
 /* acc [group, dim] += sum over t < live of probs[h * stride + t] * values[t] (values [live, dim] bf16): one
- * block of positions at a time, in position order, so the sums are those of one pass over all of them. */
+ * block of positions at a time, in position order, so the sums are those of one pass over all of them. acc is
+ * in the paired layout where paired_sums(dim, group). */
 static void weighted_values(const float *probs, int64_t stride, const uint16_t *values, int64_t live, int64_t dim,
                             int64_t group, float *acc) {
 #if defined(__AVX512F__)
-    if (dim == 64 && group >= 1 && group <= 4) {
+    if (paired_sums(dim, group)) {
         switch (group) { /* a constant G each: the compiler unrolls and keeps the sums in registers */
             case 1: weighted_values_64(probs, stride, values, live, 1, acc); return;
             case 2: weighted_values_64(probs, stride, values, live, 2, acc); return;
@@ -199,6 +320,22 @@ static void weighted_values(const float *probs, int64_t stride, const uint16_t *
             for (int64_t i = 0; i < dim; i++) ah[i] += p * vt[i];
         }
     }
+}
+
+static void weighted_values_rows2(const float *probs_a, int64_t stride_a, const float *probs_b, int64_t stride_b,
+                                  const uint16_t *values, int64_t live, int64_t dim, int64_t group, float *acc_a,
+                                  float *acc_b) {
+#if defined(__AVX512F__)
+    if (paired_sums(dim, group) && group <= 3) {
+        switch (group) {
+            case 1: weighted_values_64_rows2(probs_a, stride_a, probs_b, stride_b, values, live, 1, acc_a, acc_b); return;
+            case 2: weighted_values_64_rows2(probs_a, stride_a, probs_b, stride_b, values, live, 2, acc_a, acc_b); return;
+            default: weighted_values_64_rows2(probs_a, stride_a, probs_b, stride_b, values, live, 3, acc_a, acc_b); return;
+        }
+    }
+#endif
+    weighted_values(probs_a, stride_a, values, live, dim, group, acc_a);
+    weighted_values(probs_b, stride_b, values, live, dim, group, acc_b);
 }
 
 /* x [dim] bf16 -> out [dim] = x / rms(x) * weight, rounded to bf16 (a query or key head's norm). */
@@ -226,6 +363,46 @@ static void norm_rotate(const uint16_t *x, const uint16_t *norm, float eps, cons
 /* The first position a token at `pos` attends: the last `window` positions (itself included), or all. */
 static int64_t first_attended(int64_t pos, int64_t window) {
     return window > 0 && pos + 1 > window ? pos + 1 - window : 0;
+}
+
+/* Rows of one sequence (a prompt's tokens) attend in tiles of up to ATTENTION_TILE rows: each block of its
+ * keys and values is then read once for all of them, while it is in the L1 cache, instead of once per row
+ * from L2 or memory. Every row still makes exactly the calls it would make alone (the same segments of the
+ * same blocks, in the same order, with its scratch at the same alignment), so a row's result is bit for bit
+ * the same however rows are grouped into calls (a prompt in chunks, at an offset, or beside other rows). */
+#define ATTENTION_TILE 8
+
+/* Scratch aligned to 64 bytes: the compiler's vectorised loops then start at the same alignment for a row
+ * wherever in the scratch its tile puts it (a reduction's order may follow its alignment). */
+static void *aligned_scratch(int64_t count, size_t size, int *failed) {
+    void *buffer = NULL;
+    if (posix_memalign(&buffer, 64, (size_t)(count > 0 ? count : 1) * size)) {
+#pragma omp atomic write
+        *failed = 1;
+        return NULL;
+    }
+    return buffer;
+}
+
+/* One row's part of a block of positions: positions from..to of block `b`, or none (from > to). */
+static inline int64_t row_segment(int64_t b, int64_t block_size, int64_t first, int64_t pos, int64_t *from) {
+    int64_t lo = b * block_size, hi = lo + block_size - 1;
+    *from = first > lo ? first : lo;
+    return (pos < hi ? pos : hi) - *from + 1;
+}
+
+/* Tiles of rows: consecutive rows of the same sequence (cache row), at most ATTENTION_TILE each; starts[t] is
+ * tile t's first row, starts[tiles] = rows. Returns the number of tiles; *widest the most rows in one. */
+static int64_t row_tiles(const int64_t *cache_rows, int64_t rows, int64_t *starts, int64_t *widest) {
+    int64_t tiles = 0;
+    *widest = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        if (r == 0 || cache_rows[r] != cache_rows[r - 1] || r - starts[tiles - 1] == ATTENTION_TILE) starts[tiles++] = r;
+        int64_t width = r + 1 - starts[tiles - 1];
+        *widest = width > *widest ? width : *widest;
+    }
+    starts[tiles] = rows;
+    return tiles;
 }
 
 /* Attention for `rows` new tokens, each at its own position of its own sequence: one new token per
@@ -264,10 +441,17 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
         work += live * kv_heads * dim;
         longest = live > longest ? live : longest;
     }
+    int64_t *starts = malloc((size_t)(rows + 1) * sizeof *starts), widest;
+    if (!starts) return FUSED_NO_MEMORY;
+    int64_t tiles = row_tiles(cache_rows, rows, starts, &widest);
+    int64_t stride = (longest + 15) / 16 * 16; /* a row's scores start 64-byte aligned */
+    const int paired = paired_sums(dim, group);
     int failed = 0;
 #pragma omp parallel if (parallel && work >= 4 * PARALLEL_WORK)
     {
-        float *scores = scratch(group * longest, sizeof *scores, &failed);
+        float *scores = aligned_scratch(widest * group * stride, sizeof *scores, &failed);
+        float *sums = aligned_scratch(widest * group * dim, sizeof *sums, &failed);
+        uint16_t *queries = aligned_scratch(widest * group * MAX_DIM, sizeof *queries, &failed);
 #pragma omp for schedule(static)
         for (int64_t pair = 0; pair < rows * kv_heads; pair++) {
             int64_t r = pair / kv_heads, g = pair % kv_heads, pos = positions[r];
@@ -283,45 +467,73 @@ int rotary_cache_attention(const uint16_t *qkv, const uint16_t *cos, const uint1
         }
         /* (the implicit barrier here: all keys and values are in place) */
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t pair = 0; pair < rows * kv_heads; pair++) {
-            if (!scores) continue;
-            int64_t r = pair / kv_heads, g = pair % kv_heads;
-            float q[MAX_DIM], acc[MAX_GROUP * MAX_DIM];
-            const uint16_t *src = qkv + r * width;
-            const int64_t *table = tables + cache_rows[r] * table_width;
-            int64_t pos = positions[r], first = first_attended(pos, window), live = pos + 1 - first;
-            for (int64_t h = 0; h < group; h++) {
-                uint16_t qh[MAX_DIM];
-                norm_rotate(src + (g * group + h) * dim, q_norm, norm_eps, cos + pos * dim, sin + pos * dim, q, dim);
-                for (int64_t i = 0; i < dim; i++) qh[i] = f32_to_bf16(q[i]); /* exact: rotate rounds to bf16 */
-                for (int64_t p = first, n; p <= pos; p += n) { /* block by block: a block's positions are contiguous */
-                    int64_t offset = p % block_size;
-                    n = block_size - offset < pos + 1 - p ? block_size - offset : pos + 1 - p;
-                    int64_t base = (((table[p / block_size] * kv_heads + g) * block_size) + offset) * dim;
-                    key_scores(qh, keys + base, n, dim, scale, scores + h * live + (p - first));
+        for (int64_t item = 0; item < tiles * kv_heads; item++) {
+            if (!scores || !sums || !queries) continue;
+            int64_t tile = item / kv_heads, g = item % kv_heads, start = starts[tile], count = starts[tile + 1] - start;
+            const int64_t *table = tables + cache_rows[start] * table_width;
+            const int64_t *pos = positions + start;
+            int64_t first[ATTENTION_TILE], live[ATTENTION_TILE], lowest = pos[0], highest = pos[0];
+            for (int64_t i = 0; i < count; i++) {
+                first[i] = first_attended(pos[i], window);
+                live[i] = pos[i] + 1 - first[i];
+                lowest = first[i] < lowest ? first[i] : lowest;
+                highest = pos[i] > highest ? pos[i] : highest;
+                const uint16_t *src = qkv + (start + i) * width;
+                for (int64_t h = 0; h < group; h++) {
+                    float q[MAX_DIM];
+                    uint16_t *qh = queries + (i * group + h) * MAX_DIM;
+                    norm_rotate(src + (g * group + h) * dim, q_norm, norm_eps, cos + pos[i] * dim, sin + pos[i] * dim,
+                                q, dim);
+                    for (int64_t d = 0; d < dim; d++) qh[d] = f32_to_bf16(q[d]); /* exact: rotate rounds to bf16 */
                 }
             }
-            for (int64_t h = 0; h < group; h++) {
-                float *sh = scores + h * live, best = sh[0], total = 0.0f;
-                for (int64_t t = 1; t < live; t++) best = sh[t] > best ? sh[t] : best;
-                for (int64_t t = 0; t < live; t++) {
-                    sh[t] = expf(sh[t] - best);
-                    total += sh[t];
+            for (int64_t b = lowest / block_size; b <= highest / block_size; b++) /* a block's positions are contiguous */
+                for (int64_t i = 0, from, n; i < count; i++)
+                    if ((n = row_segment(b, block_size, first[i], pos[i], &from)) > 0) {
+                        int64_t base = (((table[b] * kv_heads + g) * block_size) + from % block_size) * dim;
+                        group_scores(queries + i * group * MAX_DIM, MAX_DIM, keys + base, n, dim, group, scale,
+                                     scores + i * group * stride + (from - first[i]), live[i]);
+                    }
+            for (int64_t i = 0; i < count; i++)
+                for (int64_t h = 0; h < group; h++) {
+                    float *sh = scores + i * group * stride + h * live[i], best = sh[0], total = 0.0f;
+                    for (int64_t t = 1; t < live[i]; t++) best = sh[t] > best ? sh[t] : best;
+                    for (int64_t t = 0; t < live[i]; t++) {
+                        sh[t] = expf(sh[t] - best);
+                        total += sh[t];
+                    }
+                    for (int64_t t = 0; t < live[i]; t++) sh[t] /= total;
                 }
-                for (int64_t t = 0; t < live; t++) sh[t] /= total;
+            for (int64_t i = 0; i < count * group * dim; i++) sums[i] = 0.0f;
+            for (int64_t b = lowest / block_size; b <= highest / block_size; b++)
+                for (int64_t i = 0, from, n, from2, n2; i < count; i++)
+                    if ((n = row_segment(b, block_size, first[i], pos[i], &from)) > 0) {
+                        int64_t base = (((table[b] * kv_heads + g) * block_size) + from % block_size) * dim;
+                        const float *probs = scores + i * group * stride + (from - first[i]);
+                        if (i + 1 < count && (n2 = row_segment(b, block_size, first[i + 1], pos[i + 1], &from2)) == n &&
+                            from2 == from) { /* the next row over the same positions: both in one pass */
+                            weighted_values_rows2(probs, live[i], scores + (i + 1) * group * stride + (from - first[i + 1]),
+                                                  live[i + 1], values + base, n, dim, group, sums + i * group * dim,
+                                                  sums + (i + 1) * group * dim);
+                            i++;
+                        } else
+                            weighted_values(probs, live[i], values + base, n, dim, group, sums + i * group * dim);
+                    }
+            for (int64_t i = 0; i < count; i++) {
+                uint16_t *o = out + (start + i) * heads * dim + g * group * dim;
+                const float *si = sums + i * group * dim;
+                if (paired)
+                    for (int64_t h = 0; h < group; h++)
+                        for (int64_t d = 0; d < dim; d++) o[h * dim + d] = f32_to_bf16(si[h * dim + paired_at(d)]);
+                else
+                    for (int64_t d = 0; d < group * dim; d++) o[d] = f32_to_bf16(si[d]);
             }
-            for (int64_t i = 0; i < group * dim; i++) acc[i] = 0.0f;
-            for (int64_t p = first, n; p <= pos; p += n) {
-                int64_t offset = p % block_size;
-                n = block_size - offset < pos + 1 - p ? block_size - offset : pos + 1 - p;
-                int64_t base = (((table[p / block_size] * kv_heads + g) * block_size) + offset) * dim;
-                weighted_values(scores + (p - first), live, values + base, n, dim, group, acc);
-            }
-            uint16_t *o = out + r * heads * dim + g * group * dim;
-            for (int64_t i = 0; i < group * dim; i++) o[i] = f32_to_bf16(acc[i]);
         }
         free(scores);
+        free(sums);
+        free(queries);
     }
+    free(starts);
     return failed ? FUSED_NO_MEMORY : FUSED_OK;
 }
 
