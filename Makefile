@@ -52,7 +52,7 @@ lint: setup
 	$(PY) -m mypy --cache-dir $(MYPY_CACHE) textgen models.py main.py
 
 test: setup lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --record-module-costs=.cache/test-module-costs.json \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --record-module-costs=.cache/test-module-costs.json \
 		--durations=30
 
 bench: setup

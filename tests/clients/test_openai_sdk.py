@@ -286,7 +286,8 @@ def test_responses_stream(oai: OpenAI, model: str) -> None:
 
 def test_responses_previous_response_id_and_store(oai: OpenAI, model: str) -> None:
     first = oai.responses.create(
-        model=model, input="My name is Zorblax the Third. Say hello to me.", max_output_tokens=16, store=True
+        model=model, input="My name is Zorblax the Third. Say hello to me.", max_output_tokens=16, store=True,
+        temperature=0,
     )
     follow_up = oai.responses.create(
         model=model, input="What is my name?", previous_response_id=first.id, max_output_tokens=16, temperature=0
@@ -296,7 +297,9 @@ def test_responses_previous_response_id_and_store(oai: OpenAI, model: str) -> No
     # The earlier turn (its user message, about a dozen tokens, and its output) is part of the follow-up's prompt.
     carried = follow_up.usage.input_tokens - alone.usage.input_tokens
     assert carried >= first.usage.output_tokens + 8, (first.usage, follow_up.usage, alone.usage)
-    assert "zorblax" in follow_up.output_text.lower(), follow_up.output_text
+    # Whether a 135M model then says the name is the model's business, not the protocol's: it did on one
+    # machine's weight plan and answered "Hello, hello, ..." on another (CI, 2026-12-07); the tokens above
+    # prove the earlier turn reached the prompt.
 
     stored = oai.responses.retrieve(first.id)
     assert stored.id == first.id and stored.output_text == first.output_text

@@ -4,8 +4,8 @@
 default (``--loadscope-reorder``) hands units out by *number of tests*, most first, which puts the
 end-to-end modules (a few tests, each tens of seconds) last: the run ended with one worker still inside
 a 100-second module while the other had nothing left. Ordering the collection by each module's recorded
-cost, costliest first (kept only with ``--no-loadscope-reorder``), makes the last units the short unit-test
-modules that fill the gap. ``make test`` lets xdist order instead: measured faster (docs/testing.md).
+cost, costliest first (``make test`` passes ``--no-loadscope-reorder`` so xdist keeps this order), makes
+the last units the short unit-test modules that fill the gap.
 
 The costs live in ``tests/module_costs.json`` (seconds per module file, setup + call + teardown). A module
 not listed gets its layer's default below. Refresh the file from a whole run:
