@@ -469,17 +469,21 @@ class GenerationService:
         matches = self.content_filter.find(text)
         if not matches:
             return text
-        action = self.settings.output_filter_action
-        self.metrics.observe_filter("output", action)
+        self._report_output_match("Generated text", len(matches), self.settings.output_filter_action, request_id)
+        return self.content_filter.redact(text)
+
+    def _report_output_match(self, what: str, matches: int, label: str, request_id: str) -> None:
+        """Count and log an output match once; ContentRejectedError when the action is ``reject``."""
+        self.metrics.observe_filter("output", label)
         logger.warning(
-            "Generated text matched the content filter (%d matches, action=%s)",
-            len(matches),
-            action,
+            "%s matched the content filter (%d matches, action=%s)",
+            what,
+            matches,
+            label,
             extra={"request_id": request_id},
         )
-        if action == "reject":
+        if label == "reject":
             raise ContentRejectedError(OUTPUT_REJECTED)
-        return self.content_filter.redact(text)
 
     def _ended_at_match(self, result: GenerationResult, request_id: str) -> GenerationResult:
         """A structured row (tool calls, response_format, a grammar) whose text matched the filter: cut
@@ -491,15 +495,7 @@ class GenerationService:
             return self._visible(result)
         action = self.settings.output_filter_action
         label = "reject" if action == "reject" else STRUCTURED_FILTER_ACTION
-        self.metrics.observe_filter("output", label)
-        logger.warning(
-            "Structured output matched the content filter (%d matches, action=%s)",
-            len(matches),
-            label,
-            extra={"request_id": request_id},
-        )
-        if action == "reject":
-            raise ContentRejectedError(OUTPUT_REJECTED)
+        self._report_output_match("Structured output", len(matches), label, request_id)
         cut = result.text[: min(match.start for match in matches)]
         return dataclasses.replace(_with_text(result, cut), finish_reason=FinishReason.CONTENT_FILTER)
 
