@@ -27,7 +27,10 @@ from openai import OpenAI
 
 from tests.support.server import MODEL_NAME, Server
 
-# Tools shared by the modules: strict JSON schemas, as agent frameworks send them.
+# Tools shared by the modules: strict JSON schemas, as agent frameworks send them. Free text is bounded
+# (maxLength) as frameworks bound it, so a call always fits the tests' token budgets whatever a 135M model
+# writes: greedy text differs between machines (the measured weight plan), and a call cut at max_tokens is
+# a different answer (finish_reason length), not the one a test is about.
 WEATHER_TOOL: dict[str, Any] = {
     "type": "function",
     "function": {
@@ -36,7 +39,7 @@ WEATHER_TOOL: dict[str, Any] = {
         "parameters": {
             "type": "object",
             "properties": {
-                "city": {"type": "string", "description": "The city, e.g. Paris"},
+                "city": {"type": "string", "description": "The city, e.g. Paris", "maxLength": 40},
                 "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
             },
             "required": ["city", "unit"],
@@ -51,7 +54,9 @@ TIME_TOOL: dict[str, Any] = {
         "description": "Get the current local time in a time zone.",
         "parameters": {
             "type": "object",
-            "properties": {"timezone": {"type": "string", "description": "IANA name, e.g. Europe/Paris"}},
+            "properties": {
+                "timezone": {"type": "string", "description": "IANA name, e.g. Europe/Paris", "maxLength": 40}
+            },
             "required": ["timezone"],
             "additionalProperties": False,
         },

@@ -27,8 +27,8 @@ def test_pydantic_ai_text_output(base_url: str, model: str) -> None:
 class Population(BaseModel):
     """The answer: a city and its population."""
 
-    city: str
-    population: int = Field(description="Number of inhabitants")
+    city: str = Field(max_length=40)  # bounded, so the call fits max_tokens whatever the model writes
+    population: int = Field(description="Number of inhabitants", ge=0, le=10**10)
 
 
 def test_pydantic_ai_tool_output_and_function_tool(base_url: str, model: str) -> None:
@@ -54,8 +54,8 @@ def test_pydantic_ai_tool_output_and_function_tool(base_url: str, model: str) ->
 
 
 class Person(BaseModel):
-    name: str
-    age: int
+    name: str = Field(max_length=40)
+    age: int = Field(ge=0, le=150)
 
 
 def test_instructor_tools_mode(oai: OpenAI, model: str) -> None:
@@ -64,7 +64,7 @@ def test_instructor_tools_mode(oai: OpenAI, model: str) -> None:
         model=model,
         response_model=Person,
         messages=[{"role": "user", "content": "Extract the person: John Smith is 42 years old."}],
-        max_tokens=48,
+        max_tokens=96,
         temperature=0,
         max_retries=0,
     )

@@ -5,19 +5,19 @@ embeddings, and the model check."""
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import openai
 import pytest
 from openai import OpenAI
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tests.clients.conftest import TOOLS, WEATHER_QUESTION, assert_valid_arguments
 
 pytestmark = [pytest.mark.clients, pytest.mark.server]
 
-TOOL_TOKENS = 96  # room for one call's arguments; a call cut short by the limit would not parse
+TOOL_TOKENS = 96  # room for one call's arguments (free text bounded by maxLength); a call cut short would not parse
 
 
 def test_tool_choice_required_gives_a_valid_call(oai: OpenAI, model: str) -> None:
@@ -212,8 +212,8 @@ def test_image_parts_are_refused_with_a_400(oai: OpenAI, model: str) -> None:
 
 
 class City(BaseModel):
-    name: str
-    country: str
+    name: str = Field(max_length=30)
+    country: str = Field(max_length=30)
 
 
 def test_parse_with_a_pydantic_model(oai: OpenAI, model: str) -> None:
@@ -221,7 +221,7 @@ def test_parse_with_a_pydantic_model(oai: OpenAI, model: str) -> None:
         model=model,
         messages=[{"role": "user", "content": "Name the capital of France and its country."}],
         response_format=City,
-        max_tokens=48,
+        max_tokens=TOOL_TOKENS,
         temperature=0,
     )
     parsed = reply.choices[0].message.parsed
@@ -230,8 +230,8 @@ def test_parse_with_a_pydantic_model(oai: OpenAI, model: str) -> None:
 
 
 class GetWeather(BaseModel):
-    city: str
-    unit: str
+    city: str = Field(max_length=40)
+    unit: Literal["celsius", "fahrenheit"]
 
 
 def test_parse_with_a_pydantic_function_tool(oai: OpenAI, model: str) -> None:
@@ -242,6 +242,7 @@ def test_parse_with_a_pydantic_function_tool(oai: OpenAI, model: str) -> None:
         tool_choice="required",
         parallel_tool_calls=False,
         max_tokens=TOOL_TOKENS,
+        temperature=0,
     )
     [call] = reply.choices[0].message.tool_calls or []
     assert call.function.name == "GetWeather"
