@@ -25,6 +25,7 @@ text, plus dictionary look-ups for the few candidates they find: linear in the t
 
 from __future__ import annotations
 
+import bisect
 import html.entities
 import re
 import unicodedata
@@ -202,15 +203,22 @@ class ContentFilter:
         """Non-overlapping matches in text order; overlapping detections are merged into one span."""
         if not self._words or not text:
             return []
+        return self._find_in_views(_views(text))
+
+    def _find_in_views(self, views: Iterable[_View]) -> list[FilterMatch]:
+        """``find`` over a text's views (``_views``), for a caller that reads them too."""
+        if not self._words:
+            return []
         spans: list[_Span] = []
-        for view in _views(text):
+        for view in views:
             spans += self._spans(view)
         return _merge_into_matches(spans)
 
     @property
     def streaming_holdback(self) -> int:
-        """Characters a stream must hold back so no match can still be completed by later text: the
-        longest entry with its longest suffix, spelled out with a separator after every letter."""
+        """Context a stream re-scans before its unsent text, so that a match reaching into it is seen
+        whole: the longest entry with its longest suffix, spelled out with a separator after every letter.
+        (What a stream holds back is worked out from the text itself: ``StreamingFilter``.)"""
         longest = max((len(word) for word in self._words), default=0)
         return 2 * (longest + max(len(suffix) for suffix in _SUFFIXES)) + 2
 
@@ -693,16 +701,6 @@ def _index_forms(entries: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
     return word_by_form
 
 
-def _is_lone_letter(text: str, position: int) -> bool:
-    before = text[position - 1] if position > 0 else " "
-    after = text[position + 1] if position + 1 < len(text) else " "
-    char = text[position]
-    if char.isalnum():
-        return not before.isalnum() and not after.isalnum()
-    # A lone "@" or "$" is a spaced-out leet letter ("h @ t e"); between letters it is a separator.
-    return char in "@$" and not _is_word_or_leet_char(before) and not _is_word_or_leet_char(after)
-
-
 def _is_word_or_leet_char(char: str) -> bool:
     return char.isalnum() or char in "@$"
 
@@ -755,22 +753,25 @@ class StreamingFilter:
     """Applies a ``ContentFilter`` to text that arrives piece by piece (streamed generation).
 
     A forbidden word must never reach the client, even split across tokens ("ha" + "te"), so whatever
-    later text could still turn into a match is held until more text arrives or the stream ends:
+    later text could still turn into a match, or change one, is held until more text arrives or the
+    stream ends. That is read off the text as the whole-text check sees it (decoded, in display order,
+    normalized: ``_views``), at the text's end and wherever later text can still change how earlier text
+    reads (an encoding not complete yet, a right-to-left override not ended yet), and is the earliest of:
 
-    * the last ``holdback`` characters (``ContentFilter.streaming_holdback``), snapped back to the start
-      of a word (a stem entry such as "violen*" matches a word of any length, so the whole trailing
-      word is held, leetspeak symbols included);
-    * the last words of a possible multi-word entry, however far apart they are;
+    * the chunk without spaces the text ends in, when it is short enough to spell a blocked word joined
+      by punctuation ("ha-" + "te"), else the word it ends in, however long (a stem entry such as
+      "violen*" matches a word of any length), leetspeak symbols included ("k!" + "ll", "h@" + "te");
+    * that word and the words before it that a multi-word entry could still begin with ("kill" + " your"
+      + "self"), however far apart they are;
     * a trailing run of spaced-out single letters ("h          a          t"), from its first letter,
       however long its gaps: the whole-text check matches such runs at any width, so the stream must too;
-    * the whole trailing chunk without spaces, when it is short enough to spell a blocked word joined
-      by punctuation ("ha-" + "te", "v!" + "olence");
-    * everything from a "%" or "&" close enough to the end to start an encoded word ("%68" + "ate"),
-      and from a right-to-left override that has not ended yet (it displays the text after it reversed).
+      and a hold that falls inside such a run starts at the run's first letter instead.
 
-    Text before that point can no longer change whether it matches, so the stream shows exactly what
-    the final whole-text check would let through. Only a window around the unsent text is re-scanned
-    on each push, so the cost per token does not grow with the length of the output.
+    Every detector but spaced-out runs and multi-word entries reads one chunk without spaces of the
+    normalized text, so nothing before these points can change whether it matches: the stream shows
+    exactly what the final whole-text check would let through, one word behind the generation (not a
+    fixed-width tail). Only a window around the unsent text is re-scanned on each push, so the cost per
+    token does not grow with the length of the output.
     """
 
     def __init__(
@@ -782,11 +783,20 @@ class StreamingFilter:
         # it (``stopped``), instead of a "[redacted]" that could break the output's schema.
         self._stop_at_match = stop_at_match
         self.stopped = False
+        # Context re-scanned before the unsent text on each push (matches are whole words or runs, so the
+        # longest entry spelled out with separators is enough).
         self._holdback = holdback if holdback is not None else content_filter.streaming_holdback
         self._text = ""
         self._sent_upto = 0
         self.matched = False
         self.first_match_start: int | None = None  # where the first redacted match began in the raw text
+        # Right-to-left overrides, written or encoded ("&#8238;"), in the text up to ``_overrides_upto``
+        # (just after a whitespace: later text cannot change how the text before it decodes), where each
+        # starts, and the one still open there; plus those after it, found again on each push.
+        self._overrides: list[int] = []
+        self._overrides_upto = 0
+        self._open_override_upto: int | None = None
+        self._tail_overrides: list[int] = []
 
     @property
     def released(self) -> int:
@@ -797,15 +807,110 @@ class StreamingFilter:
         """Add text; return what is safe to send now (redacted). Raises ContentRejectedError on a match
         when the action is ``reject``."""
         self._text += delta
+        if self.stopped:
+            return ""
+        open_override = self._track_overrides()
+        window = self._scan_start()
+        views = _views(self._text[window:])  # read once: for what to hold and for the re-scan
+        return self._release(self._hold_start(window, views, open_override), window, views)
+
+    def finish(self) -> str:
+        return self._release(len(self._text))
+
+    # -- what to hold ------------------------------------------------------------------------------------
+
+    def _hold_start(self, window: int, views: list[_View], open_override: int | None) -> int:
+        """Where the text that later text could still make part of a match begins (read from ``window``
+        on: the text before it is sent, so a hold reaching back that far holds everything unsent)."""
         text = self._text
-        safe = min(
-            self._chunk_start_before(len(text) - self._holdback),
-            _start_of_last_words(text, self._filter.longest_phrase),
-            _trailing_run_start(text),
-            self._encoded_tail_start(),
-            self._open_override_start(),
-        )
-        return self._release(safe)
+        # Points where later text continues what is there: the end, an encoding that is not complete
+        # yet ("%6" + "8"), and a right-to-left override that has not ended (later text displays at it).
+        cuts = [len(text)]
+        encoding = _open_encoding_start(text)
+        if encoding is not None:
+            cuts.append(encoding)
+        if open_override is not None:
+            cuts.append(open_override)
+        hold = len(text)
+        for view in views:
+            for cut in cuts:
+                index = _view_index(view, cut - window)
+                held = self._tail_hold(view.text, index)
+                hold = min(hold, cut, window + _view_start(view, held, len(text) - window))
+        return hold
+
+    def _tail_hold(self, text: str, end: int) -> int:
+        """Where, in ``text[:end]`` (a normalized view), a match that text after ``end`` could still
+        complete or change may start; 0 when that may be before ``text`` begins."""
+        chunk = _run_start(text, end, _is_not_space)
+        if end - chunk > max(3, self._filter.longest_chunk):  # too long to spell a word joined by punctuation
+            chunk = end
+        # The word the text ends in (every detector but runs and phrases stays inside it), and the
+        # complete words before it that a multi-word entry may begin with, counted in each reading: a
+        # leetspeak symbol between two words is a separator as written ("kill | yourself") and a word
+        # of its own read as a letter ("kill i yourself"), and it joins pieces into one word ("k!ll").
+        complete = self._filter.longest_phrase - 1
+        words = min(_words_start(text, end, complete, str.isalnum), _words_start(text, end, complete, _is_leet_letter))
+        held = min(chunk, words, _spaced_run_start(text, end, end))
+        if held < end and _is_word_or_leet_char(text[held]) and _is_lone_before(text, held, end):
+            # Never inside a spaced-out run: the re-scan window starts shortly before the unsent text, and
+            # the end of a run seen without its start may spell a word the whole run does not ("x h a t e").
+            held = _spaced_run_start(text, held + 1, end)
+        return held
+
+    def _track_overrides(self) -> int | None:
+        """Updates the overrides seen in the text; where the last one starts if it has not ended."""
+        text = self._text
+        boundary = self._overrides_upto
+        for position in range(len(text) - 1, self._overrides_upto - 1, -1):
+            if text[position].isspace():
+                boundary = position + 1
+                break
+        if boundary > self._overrides_upto:
+            self._open_override_upto = self._scan_overrides(
+                self._overrides_upto, boundary, self._open_override_upto, self._overrides
+            )
+            self._overrides_upto = boundary
+        self._tail_overrides = []
+        return self._scan_overrides(boundary, len(text), self._open_override_upto, self._tail_overrides)
+
+    def _scan_overrides(self, start: int, stop: int, open_at: int | None, found: list[int]) -> int | None:
+        """Adds the overrides in ``text[start:stop]`` (decoded) to ``found``; the override still open at
+        ``stop`` given the one open at ``start``."""
+        segment = self._text[start:stop]
+        if open_at is None and _RIGHT_TO_LEFT_OVERRIDE not in segment and not _ENCODING_START_RE.search(segment):
+            return None  # the common case: no override, and nothing to decode into one
+        decoded, starts, _ = _decoded(segment)
+        position = decoded.find(_RIGHT_TO_LEFT_OVERRIDE)
+        while position != -1:
+            found.append(start + (position if starts is None else starts[position]))
+            position = decoded.find(_RIGHT_TO_LEFT_OVERRIDE, position + 1)
+        last_override = decoded.rfind(_RIGHT_TO_LEFT_OVERRIDE)
+        last_end = max(decoded.rfind(end) for end in _OVERRIDE_ENDS)
+        if last_override > last_end:
+            return found[-1]
+        return None if last_end != -1 else open_at
+
+    # -- what to send ------------------------------------------------------------------------------------
+
+    def _scan_start(self) -> int:
+        """Where the re-scanned window begins: enough context before the unsent text for every match that
+        reaches into it, and for every encoding and override that changes how it reads."""
+        window_start = self._chunk_start_before(self._sent_upto - self._holdback)
+        # Text sent before may still decode together with what follows ("%68" sent, then "ate").
+        encoded_from = max(0, self._sent_upto - self._filter.longest_chunk * ENCODED_CHAR_MAX)
+        encoded = _ENCODING_START_RE.search(self._text, encoded_from, self._sent_upto)
+        if encoded is not None:
+            window_start = min(window_start, self._chunk_start_before(encoded.start()))
+        # A right-to-left override before the window changes how the window's text reads.
+        overrides = self._overrides + self._tail_overrides
+        before = bisect.bisect_left(overrides, window_start)
+        if before:
+            override = overrides[before - 1]
+            between = self._text[override:window_start]
+            if not any(end in between for end in _OVERRIDE_ENDS) or window_start - override < self._holdback:
+                window_start = self._chunk_start_before(override)
+        return window_start
 
     def _chunk_start_before(self, position: int) -> int:
         """``position`` moved back to the start of its word, and on to the start of its chunk without
@@ -818,41 +923,17 @@ class StreamingFilter:
             start -= 1
         return start if start == 0 or text[start - 1].isspace() else position
 
-    def _encoded_tail_start(self) -> int:
-        """The first "%" or "&" in the stretch an encoded blocked word could fill at the text's end."""
-        text = self._text
-        window = len(text) - self._filter.longest_chunk * ENCODED_CHAR_MAX
-        found = _ENCODING_START_RE.search(text, max(0, window))
-        return len(text) if found is None else self._chunk_start_before(found.start())
-
-    def _open_override_start(self) -> int:
-        text = self._text
-        override = text.rfind(_RIGHT_TO_LEFT_OVERRIDE)
-        if override == -1 or any(char in _OVERRIDE_ENDS for char in text[override:]):
-            return len(text)
-        return self._chunk_start_before(override)
-
-    def finish(self) -> str:
-        return self._release(len(self._text))
-
-    def _release(self, end: int) -> str:
+    def _release(self, end: int, window_start: int | None = None, views: list[_View] | None = None) -> str:
+        """Sends the text up to ``end`` (less any match it would cut), redacted; ``window_start`` and the
+        ``views`` of the text from it, when the caller has them already."""
         if self.stopped or end <= self._sent_upto:
             return ""
-        window_start = self._chunk_start_before(self._sent_upto - self._holdback)
-        # Text sent before may still decode together with what follows ("%68" sent, then "ate").
-        encoded_from = max(0, self._sent_upto - self._filter.longest_chunk * ENCODED_CHAR_MAX)
-        encoded = _ENCODING_START_RE.search(self._text, encoded_from, self._sent_upto)
-        if encoded is not None:
-            window_start = min(window_start, self._chunk_start_before(encoded.start()))
-        # A right-to-left override before the window changes how the window's text reads.
-        override = self._text.rfind(_RIGHT_TO_LEFT_OVERRIDE, 0, window_start)
-        if override != -1:
-            between = self._text[override:window_start]
-            if not any(end in between for end in _OVERRIDE_ENDS) or window_start - override < self._holdback:
-                window_start = self._chunk_start_before(override)
+        if window_start is None or views is None:
+            window_start = self._scan_start()
+            views = _views(self._text[window_start:])
         matches = [
             (m.start + window_start, m.end + window_start)
-            for m in self._filter.find(self._text[window_start:])
+            for m in self._filter._find_in_views(views)
             if m.end + window_start > self._sent_upto
         ]
         for start, stop in matches:
@@ -894,6 +975,99 @@ class StreamingFilter:
         return "".join(pieces)
 
 
+# Leetspeak symbols that read as letters: in some reading they are part of a word ("k!ll", "h@te").
+_LEET_LETTER_SYMBOLS = frozenset("@$!|+€")
+# Every character an encoded character can be written with ("%68", "&#x68;", "&amp;#104;"), and the most
+# of them one encoded character takes over the decoding rounds ("&amp;amp;" and a 32-letter entity name).
+_ENCODING_CHARS = frozenset("%&#;0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_LONGEST_ENCODING = 64
+
+
+def _is_not_space(char: str) -> bool:
+    return not char.isspace()
+
+
+def _is_leet_letter(char: str) -> bool:
+    """A letter or digit, or a symbol that leetspeak reads as a letter."""
+    return char.isalnum() or char in _LEET_LETTER_SYMBOLS
+
+
+def _run_start(text: str, end: int, inside: Callable[[str], bool]) -> int:
+    """Where the run of characters for which ``inside`` holds that ``text[:end]`` ends in begins."""
+    start = end
+    while start > 0 and inside(text[start - 1]):
+        start -= 1
+    return start
+
+
+def _words_start(text: str, end: int, count: int, is_letter: Callable[[str], bool]) -> int:
+    """Where the word ``text[:end]`` ends in (if it ends in one) and the ``count`` words before it begin,
+    a word being a run of characters for which ``is_letter`` holds."""
+    position = _run_start(text, end, is_letter)
+    for _ in range(max(0, count)):
+        while position > 0 and not is_letter(text[position - 1]):
+            position -= 1
+        position = _run_start(text, position, is_letter)
+    return position
+
+
+def _spaced_run_start(text: str, stop: int, end: int) -> int:
+    """The first letter of the spaced-out run ``text[:stop]`` ends in (single letters in ``text[:end]``
+    with anything but a longer word between them); ``stop`` when it does not end in one, 0 when the run
+    may go on before ``text``."""
+    start = stop
+    for position in range(stop - 1, -1, -1):
+        if _is_word_or_leet_char(text[position]):
+            if not _is_lone_before(text, position, end):
+                return start
+            start = position
+    return 0
+
+
+def _is_lone_before(text: str, position: int, end: int) -> bool:
+    """Whether ``text[position]`` is a single letter (or a spaced-out "@"/"$") in ``text[:end]``: what
+    follows ``end`` is not known yet, so it counts as a space. (A letter next to "@" counts as single:
+    more runs than ``_SPACED_OUT_RE`` finds, never fewer.)"""
+    before = text[position - 1] if position > 0 else " "
+    after = text[position + 1] if position + 1 < end else " "
+    char = text[position]
+    if char.isalnum():
+        return not before.isalnum() and not after.isalnum()
+    return char in "@$" and not _is_word_or_leet_char(before) and not _is_word_or_leet_char(after)
+
+
+def _open_encoding_start(text: str) -> int | None:
+    """The first "%" or "&" among the characters at the text's end that may still decode differently
+    once more text arrives ("%6" + "8", "&#10" + "4;", "%26" + "#104;"); None if there is none."""
+    first: int | None = None
+    position = len(text) - 1
+    while position >= max(0, len(text) - _LONGEST_ENCODING) and text[position] in _ENCODING_CHARS:
+        if text[position] in "%&":
+            first = position
+        position -= 1
+    return first
+
+
+def _view_index(view: _View, position: int) -> int:
+    """The first character of ``view`` that comes from the original text at or after ``position``."""
+    if view.starts is None:
+        return min(position, len(view.text))
+    if position >= len(view.original):
+        return len(view.text)
+    return next((index for index, start in enumerate(view.starts) if start >= position), len(view.text))
+
+
+def _view_start(view: _View, index: int, length: int) -> int:
+    """Where the view's characters from ``index`` on begin in the original text (of ``length``); 0 for
+    the view's start, ``length`` past its end. In display order a later character may come from earlier
+    text (a reversed run), so it is the first of them all."""
+    if index <= 0:
+        return 0
+    if index >= len(view.text):
+        return length
+    return index if view.starts is None else min(view.starts[index:])
+
+
 def _word_start_before(text: str, position: int) -> int:
     """``position`` (clamped to the text) moved back to the start of the word it falls in (leetspeak
     "@" and "$" count as letters: "h@te" is one word)."""
@@ -903,28 +1077,3 @@ def _word_start_before(text: str, position: int) -> int:
     ):
         position -= 1
     return position
-
-
-def _start_of_last_words(text: str, count: int) -> int:
-    """Where the last ``count`` words begin (the text's end when ``count`` < 1)."""
-    position = len(text)
-    for _ in range(max(0, count)):
-        while position > 0 and not _is_word_or_leet_char(text[position - 1]):
-            position -= 1
-        while position > 0 and _is_word_or_leet_char(text[position - 1]):
-            position -= 1
-    return position
-
-
-def _trailing_run_start(text: str) -> int:
-    """The first letter of the spaced-out run the text ends in (single letters with anything but a
-    longer word between them); the text's end when it does not end in one."""
-    start = len(text)
-    position = len(text) - 1
-    while position >= 0:
-        if _is_word_or_leet_char(text[position]):
-            if not _is_lone_letter(text, position):
-                break
-            start = position
-        position -= 1
-    return start

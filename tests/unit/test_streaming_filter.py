@@ -4,12 +4,15 @@ Plus the default blocked words (the seed's "hate" and "violence", with their inf
 
 from __future__ import annotations
 
+import contextlib
 import random
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from textgen.config import DEFAULT_BLOCKED_WORDS
-from textgen.content_filter import ContentFilter, StreamingFilter
+from textgen.content_filter import REDACTION, ContentFilter, FilterMatch, StreamingFilter
 from textgen.errors import ConfigError, ContentRejectedError
 
 DEFAULT = ContentFilter(DEFAULT_BLOCKED_WORDS)
@@ -128,3 +131,156 @@ def test_a_structured_stream_stops_at_the_first_match_and_sends_nothing_after_it
     assert streaming.push(" still more text after the match") == "" and streaming.finish() == ""
     sent, rejected = stream(DEFAULT, "reject", ['{"a": "I hate rain"}'], stop_at_match=True)
     assert rejected and sent == ""  # reject keeps its meaning for structured rows
+
+
+# -- the attack: every disguise the whole-text check knows, split into token-sized deltas -----------------
+
+FUZZ_FILTER = ContentFilter([*DEFAULT_BLOCKED_WORDS, "kill yourself", "go away"])
+# Every whitespace the check may meet (str.isspace; each normalizes to whitespace), characters that vanish
+# when normalized, and ones that are not whitespace but normalize to a space and a mark ("¨", "˜").
+UNICODE_SPACES = [chr(code) for code in range(0x3001) if chr(code).isspace()]
+INVISIBLE = ["\u200b", "\u200d", "\u00ad", "\ufeff", "\u0301", "\u2060", "\u180e", "\u00a8", "\u02dc"]
+ENGLISH = ["the", "sea", "is", "a", "I", "u", "what", "ever", "chateau", "violet", "hat", "kill", "your", "go",
+           "away", "you", "it", "that", "Rule", "1", "42", "ok", "Tom", "AT&T", "100%"]  # fmt: skip
+BLOCKED = ["hate", "hated", "hating", "haters", "hateful", "hatred", "violence", "violently", "kill yourself",
+           "go away", "k1ll yourself", "kill  \n yourself", "kill...yourself"]  # fmt: skip
+PUNCTUATION = list(".,;:!?-_'\"()[]/|@$+&%#*")
+LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "$", "t": "7", "l": "|"})
+
+
+def _encoded(word: str, rng: random.Random) -> str:
+    forms = [lambda c: f"%{ord(c):02x}", lambda c: f"&#{ord(c)};", lambda c: f"&#x{ord(c):x};", lambda c: c,
+             lambda c: f"&amp;#{ord(c)};", lambda c: f"%26%23{ord(c)};"]  # fmt: skip
+    return "".join(rng.choice(forms)(char) if char.isascii() and char != " " else char for char in word)
+
+
+def _disguised(word: str, rng: random.Random) -> str:
+    """One of the whole-text check's disguises of ``word`` (or several of them stacked)."""
+    disguises = [
+        lambda w: w,
+        lambda w: w.upper(),
+        lambda w: w.translate(LEET),
+        lambda w: rng.choice([" ", ".", " . ", "  \n ", "_", "\u3000"]).join(w),  # spaced out
+        lambda w: w[: len(w) // 2] + rng.choice("-_.'") + w[len(w) // 2 :],  # joined
+        lambda w: "".join(c * rng.choice([1, 1, 3]) for c in w),  # stretched
+        lambda w: "".join(c * 2 for c in w),
+        lambda w: rng.choice(["i", "u", "you", "them", w]) + w + rng.choice(["you", "", "them"]),  # glued
+        lambda w: rng.choice(INVISIBLE).join(w),
+        lambda w: "".join(chr(ord(c) + 0xFEE0) if "a" <= c <= "z" else c for c in w),  # fullwidth
+        lambda w: w.replace("a", "а").replace("e", "е"),  # Cyrillic look-alikes
+        lambda w: _encoded(w, rng),
+        lambda w: "\u202e" + w[::-1] + rng.choice(["\u202c", "\n", "", " \u202c"]),  # right-to-left override
+        lambda w: w.replace("ate", "8"),
+        # a phrase's words apart: leetspeak symbols are separators as written, letters when read as leet
+        lambda w: w.replace(" ", rng.choice([" | ", " ! ", " + + ", " @ ", " $ ", "...", " \n  ", "_", " € "])),
+    ]
+    for _ in range(rng.choice([1, 1, 1, 2])):
+        word = rng.choice(disguises)(word)
+    return word
+
+
+def _fuzz_text(rng: random.Random) -> str:
+    pieces: list[str] = []
+    for _ in range(rng.randint(1, 14)):
+        kind = rng.random()
+        if kind < 0.3:
+            pieces.append(_disguised(rng.choice(BLOCKED), rng))
+        elif kind < 0.65:
+            pieces.append(rng.choice(ENGLISH))
+        elif kind < 0.8:
+            pieces.append(rng.choice(PUNCTUATION) * rng.randint(1, 2))
+        elif kind < 0.9:
+            pieces.append(rng.choice([*UNICODE_SPACES, *INVISIBLE]))
+        else:
+            pieces.append(_encoded(rng.choice([*ENGLISH, "h", "a", "t", "e", " "]), rng))
+        pieces.append(rng.choice([" ", " ", "", "\n", rng.choice(UNICODE_SPACES), " " * rng.randint(2, 40)]))
+    return "".join(pieces)
+
+
+def _token_deltas(text: str, rng: random.Random) -> list[str]:
+    """``text`` cut into pieces of 1 to 6 characters, as a tokenizer's deltas are."""
+    deltas, position = [], 0
+    while position < len(text):
+        size = rng.choice([1, 1, 2, 3, 4, 5, 6])
+        deltas.append(text[position : position + size])
+        position += size
+    return deltas
+
+
+def _expected_prefix(text: str, matches: list[FilterMatch], released: int) -> str:
+    """The final redaction of ``text`` up to raw position ``released`` (which must not cut a match)."""
+    pieces, cursor = [], 0
+    for match in matches:
+        if match.start >= released:
+            break
+        assert match.end <= released, f"released {released} cuts the match {match} of {text!r}"
+        pieces += [text[cursor : match.start], REDACTION]
+        cursor = match.end
+    pieces.append(text[cursor:released])
+    return "".join(pieces)
+
+
+def check_stream_against_whole_text(content_filter: ContentFilter, text: str, deltas: list[str]) -> None:
+    matches = content_filter.find(text)
+    # redact: after every push, what was sent is the final redaction of the text decided so far, so no
+    # character of a final match is ever sent; at the end it is the whole-text redaction.
+    streaming, sent = StreamingFilter(content_filter, "redact"), ""
+    for delta in deltas:
+        sent += streaming.push(delta)
+        assert sent == _expected_prefix(text, matches, streaming.released), (text, deltas, sent)
+    sent += streaming.finish()
+    assert sent == content_filter.redact(text), (text, deltas, sent)
+    # reject: raised before any character of the first match is sent, and only for a text that matches.
+    streaming, sent = StreamingFilter(content_filter, "reject"), ""
+    with pytest.raises(ContentRejectedError) if matches else contextlib.nullcontext():
+        for delta in deltas:
+            sent += streaming.push(delta)
+            assert not matches or len(sent) <= matches[0].start, (text, deltas, sent)
+        sent += streaming.finish()
+    assert text.startswith(sent) and (not matches or len(sent) <= matches[0].start), (text, deltas, sent)
+
+
+@hypothesis.settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@hypothesis.given(st.randoms(use_true_random=False))
+def test_any_disguise_split_anyhow_streams_exactly_the_whole_text_redaction(rng: random.Random) -> None:
+    text = _fuzz_text(rng)
+    check_stream_against_whole_text(FUZZ_FILTER, text, _token_deltas(text, rng))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "h" + " " * 40 + "a" + " " * 40 + "%74 e",  # a spaced-out letter decoded from %74
+        "h a &#8238;hello" + " world" * 10 + " e t",  # an encoded override: "e t" displays next to "h a"
+        "h a %26%238238;hello" + " world" * 10 + " e t",  # the same override encoded twice over
+        "ever \u202ef l e s r u o y l l i k" + " x" * 20 + "\ngo",  # a run ended by its override's end
+        "h" + "\u200b" * 100 + "ate",  # invisible characters glue a word however many there are
+        "Ⓗ" + " " * 40 + "Ⓐ" + " " * 40 + "Ⓣ Ⓔ",  # letters that are not letters until normalized
+        "k!ll yourself",  # leetspeak symbols that are punctuation in the plain reading
+        "kill" + " \n\u3000" * 30 + "yourself",  # a phrase's words however far apart
+        "kill | yourself",  # "|" a separator as written, a word ("i") read as leetspeak
+        "go $ $ away",
+        "the violence\u00ad" + "ly ends",  # a soft hyphen inside a stemmed word
+    ],
+)
+def test_disguises_the_fixed_width_hold_missed(text: str) -> None:
+    for deltas in (list(text), _token_deltas(text, random.Random(3)), [text[:-3], text[-3:]]):
+        check_stream_against_whole_text(FUZZ_FILTER, text, deltas)
+
+
+def test_an_ordinary_sentence_is_released_at_most_one_word_behind() -> None:
+    sentence = "Rule 1: The sea is vast, and its waves are calm today; sailors love it (mostly)."
+    tokens = ["Rule", " 1", ":", " The", " sea", " is", " vast", ",", " and", " its", " waves", " are", " calm",
+              " today", ";", " sail", "ors", " love", " it", " (", "most", "ly", ").", ""]  # fmt: skip
+    assert "".join(tokens) == sentence
+    streaming, sent, text = StreamingFilter(DEFAULT, "redact"), "", ""
+    for token in tokens:
+        text += token
+        sent += streaming.push(token)
+        held = text[len(sent) :]
+        # At most the word being written (with the space before it); the fixed-width hold kept 24 characters.
+        assert text.startswith(sent) and held.lstrip() in ("", text.split()[-1]), (text, sent)
+    assert sent + streaming.finish() == sentence
+    # The model's first tokens: the fixed-width hold sent nothing before ~24 characters existed.
+    streaming = StreamingFilter(DEFAULT, "redact")
+    assert [streaming.push(token) for token in tokens[:5]] == ["", "Rule ", "", "1: ", "The "]
