@@ -3,23 +3,38 @@ the agent really calls) and instructor (its default TOOLS mode)."""
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import TYPE_CHECKING
+
 import instructor
 import pytest
 from openai import OpenAI
 from pydantic import BaseModel, Field
-from pydantic_ai import Agent
-from pydantic_ai.models.openai import OpenAIChatModel
-from pydantic_ai.providers.openai import OpenAIProvider
+
+if TYPE_CHECKING:
+    from pydantic_ai.models.openai import OpenAIChatModel
 
 pytestmark = [pytest.mark.clients, pytest.mark.server]
 
 
+@pytest.fixture(scope="module")
+def pydantic_ai() -> ModuleType:
+    """pydantic_ai, imported by this module's first test that uses it rather than at collection: its import is
+    ~1 s of CPU that every pytest worker would otherwise pay, whether or not it runs these tests."""
+    import pydantic_ai
+
+    return pydantic_ai
+
+
 def served_model(base_url: str, model: str) -> OpenAIChatModel:
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
     return OpenAIChatModel(model, provider=OpenAIProvider(base_url=base_url, api_key="unused"))
 
 
-def test_pydantic_ai_text_output(base_url: str, model: str) -> None:
-    agent = Agent(served_model(base_url, model), model_settings={"temperature": 0, "max_tokens": 8})
+def test_pydantic_ai_text_output(pydantic_ai: ModuleType, base_url: str, model: str) -> None:
+    agent = pydantic_ai.Agent(served_model(base_url, model), model_settings={"temperature": 0, "max_tokens": 8})
     result = agent.run_sync("What is the capital of France? Answer in one word.")
     assert isinstance(result.output, str) and "paris" in result.output.lower(), result.output
 
@@ -31,8 +46,8 @@ class Population(BaseModel):
     population: int = Field(description="Number of inhabitants", ge=0, le=10**10)
 
 
-def test_pydantic_ai_tool_output_and_function_tool(base_url: str, model: str) -> None:
-    agent = Agent(
+def test_pydantic_ai_tool_output_and_function_tool(pydantic_ai: ModuleType, base_url: str, model: str) -> None:
+    agent = pydantic_ai.Agent(
         served_model(base_url, model),
         output_type=Population,  # the default ToolOutput: the answer comes as a call of the final_result tool
         instructions="Always call lookup_population first, then give the final result.",

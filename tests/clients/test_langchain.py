@@ -3,19 +3,27 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
-from langchain_openai import ChatOpenAI, OpenAIEmbeddings
 from openai import OpenAI
 from pydantic import BaseModel, Field
 
 from tests.clients.conftest import TOOLS, assert_valid_arguments
 
+if TYPE_CHECKING:
+    from langchain_openai import ChatOpenAI
+
+# LangChain is imported in the tests, not here: langchain_openai (with langchain_core and langsmith) is ~1 s of
+# CPU at import, which every pytest worker would otherwise pay at collection, whether or not it runs this module.
+
 pytestmark = [pytest.mark.clients, pytest.mark.server]
 
 
 def chat_model(base_url: str, model: str, max_tokens: int = 96) -> ChatOpenAI:
+    from langchain_openai import ChatOpenAI
+
     return ChatOpenAI(
         model=model, base_url=base_url, api_key="unused", temperature=0, max_tokens=max_tokens, max_retries=0
     )
@@ -31,6 +39,8 @@ def test_plain_chat_and_stream(base_url: str, model: str) -> None:
 
 
 def test_bind_tools_and_an_agent_step_with_a_tool_message(base_url: str, model: str) -> None:
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+
     llm = chat_model(base_url, model).bind_tools(TOOLS, tool_choice="get_weather", parallel_tool_calls=False)
     question = HumanMessage("What is the weather like in Paris right now?")
     called = llm.invoke([question])
@@ -65,6 +75,8 @@ def test_with_structured_output_function_calling(base_url: str, model: str) -> N
 
 
 def test_openai_embeddings(base_url: str, model: str, oai: OpenAI) -> None:
+    from langchain_openai import OpenAIEmbeddings
+
     # check_embedding_ctx_length=False: LangChain's length check tokenizes with tiktoken, which downloads its
     # vocabulary (no network here) and is not this model's tokenizer anyway; the server checks lengths.
     embeddings = OpenAIEmbeddings(

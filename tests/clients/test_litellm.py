@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import litellm
+from types import ModuleType
+
 import numpy as np
 import pytest
 
@@ -16,7 +17,16 @@ pytestmark = [
 ]
 
 
-def test_plain_completion_and_stream(base_url: str, model: str) -> None:
+@pytest.fixture(scope="module")
+def litellm() -> ModuleType:
+    """litellm, imported by this module's first test rather than at collection: its import is ~5 s of CPU
+    that every pytest worker would otherwise pay, whether or not it runs these tests."""
+    import litellm
+
+    return litellm
+
+
+def test_plain_completion_and_stream(litellm: ModuleType, base_url: str, model: str) -> None:
     route = {"model": f"openai/{model}", "api_base": base_url, "api_key": "unused", "num_retries": 0}
     question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     reply = litellm.completion(**route, messages=question, max_tokens=8, temperature=0)
@@ -26,7 +36,7 @@ def test_plain_completion_and_stream(base_url: str, model: str) -> None:
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == content
 
 
-def test_completion_with_tools(base_url: str, model: str) -> None:
+def test_completion_with_tools(litellm: ModuleType, base_url: str, model: str) -> None:
     reply = litellm.completion(
         model=f"openai/{model}",
         api_base=base_url,
@@ -45,7 +55,7 @@ def test_completion_with_tools(base_url: str, model: str) -> None:
     assert_valid_arguments(call.function.name, call.function.arguments)
 
 
-def test_embedding(base_url: str, model: str) -> None:
+def test_embedding(litellm: ModuleType, base_url: str, model: str) -> None:
     reply = litellm.embedding(
         model=f"openai/{model}", api_base=base_url, api_key="unused", input=["The cat sat on the mat.", "Hello"]
     )
