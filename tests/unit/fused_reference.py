@@ -335,15 +335,21 @@ def overflow(kernels: FusedKernels) -> None:
     kernels.library.add_rms_norm(x.data_ptr(), None, weight.data_ptr(), out.data_ptr(), 4, 64, 1e-5)
 
 
+# Printed once every kernel has run: a sanitizer report aborts the run, so it means none was made.
+EXERCISED = "every kernel exercised"
+
+
 def main(argv: list[str]) -> int:
+    """Build the sanitized library into FOLDER and exercise it; with ``--overflow`` then make the overflowing
+    call too (in the same process: importing PyTorch under ASan is most of a run's cost)."""
     from textgen.engine.core.fused import SANITIZE, build_fused_kernels
 
     build = build_fused_kernels(Path(argv[0]), SANITIZE, at_setup=True)
     assert build.kernels is not None, build.problem
+    exercise(build.kernels)
+    print(EXERCISED, flush=True)
     if "--overflow" in argv:
         overflow(build.kernels)
-    else:
-        exercise(build.kernels)
     return 0
 
 
