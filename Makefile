@@ -12,6 +12,14 @@ PORT ?= 8000
 # pytest workers for make test: two fit a 2-core CI machine (servers start while the other worker computes)
 TEST_WORKERS ?= 2
 
+# Python keeps each module's compiled bytecode (__pycache__) the first time it imports it, so that every later
+# process only loads it; installs skip byte-compiling (scripts/setup-venv.sh) on that account. An environment
+# that sets PYTHONDONTWRITEBYTECODE (some container images do) turns that off, and then every process compiles
+# torch, transformers, ... from source again: ~6 s of CPU per server start and ~13 s per pytest worker's
+# collection on a 2-core machine. What make runs keeps the cache (in the virtual environment, shared by the
+# clones of this machine, and in the clone's own __pycache__ folders; Python writes each file atomically).
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: setup venv kernels run test lint bench clean
 
 setup: venv kernels
