@@ -13,7 +13,7 @@
 # An environment is used only when complete (a stamp written after the last install); an interrupted build
 # is removed and redone. Builds of the same key are serialised by a lock. A real directory at VENV (a venv
 # made before this script, or by hand) is left alone and updated in place, as before; set
-# TEXTGEN_VENV_CACHE=0 to always build VENV in place.
+# VENV_CACHE=0 to always build VENV in place.
 set -euo pipefail
 
 PYTHON=${1:?usage: setup-venv.sh PYTHON VENV}
@@ -43,7 +43,7 @@ build_in_place() {
 	touch "$VENV/.installed"
 }
 
-if [ "${TEXTGEN_VENV_CACHE:-1}" = "0" ] || { [ -d "$VENV" ] && [ ! -L "$VENV" ]; }; then
+if [ "${VENV_CACHE:-1}" = "0" ] || { [ -d "$VENV" ] && [ ! -L "$VENV" ]; }; then
 	if [ ! -f "$VENV/.installed" ] || [ requirements.txt -nt "$VENV/.installed" ]; then
 		build_in_place
 	fi
