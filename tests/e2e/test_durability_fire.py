@@ -13,7 +13,8 @@
 The full disk is a file-size limit (``RLIMIT_FSIZE``) on the server process: Python ignores SIGXFSZ, so a
 write past the limit fails with EFBIG, which is what SQLite sees on a disk with no room left (it reports
 it as "disk I/O error"). The limit is a few KiB rather than 0 because ``tempfile`` probes its directory
-with a 4-byte write while the app is imported; anything SQLite writes (a page is 4 KiB) goes past it.
+with a 4-byte write while the app is imported (in a plain subprocess: a fork server's child was imported
+before the limit was set); anything SQLite writes (a page is 4 KiB) goes past it.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import resource
 import signal
 import subprocess
-import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -36,10 +36,10 @@ import httpx
 import pytest
 
 from tests.support.server import (
-    REPO_ROOT,
     Server,
     free_port,
     server_env,
+    start_uvicorn,
     states_on_disk,
     submit_job,
     wait_until_terminal,
@@ -144,37 +144,42 @@ class FailedStart:
     seconds: float
 
 
-def start_expecting_failure(job_store: Path, *, max_file_bytes: int | None = None) -> Callable[[], FailedStart]:
+def start_expecting_failure(
+    job_store: Path, workdir: Path, *, max_file_bytes: int | None = None
+) -> Callable[[], FailedStart]:
     """Start ``uvicorn main:app`` on this store; the returned call waits until it exits and says how."""
-
-    def limit_file_size() -> None:
-        if max_file_bytes is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
-
     started = time.monotonic()
     # Output goes to a pipe: RLIMIT_FSIZE applies to regular files only, so the log itself is not cut.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(free_port())],
-        cwd=REPO_ROOT,
-        env=server_env(job_store, {"TEXTGEN_TORCH_THREADS": "1"}),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-        preexec_fn=limit_file_size,
-    )
+    read_end, write_end = os.pipe()
+    try:
+        args = ["main:app", "--host", "127.0.0.1", "--port", str(free_port())]
+        env = server_env(job_store, {"TEXTGEN_TORCH_THREADS": "1"})
+        proc = start_uvicorn(args, env, write_end, workers=1, workdir=workdir, max_file_bytes=max_file_bytes)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)  # the server holds its own copy: the pipe ends when the server does
+    output: list[bytes] = []
+    reader = threading.Thread(target=lambda: output.append(read_all(read_end)), name="failing-start-output")
+    reader.start()
 
     def finish() -> FailedStart:
         try:
-            output, _ = proc.communicate(timeout=FAIL_FAST_S * 2)
+            proc.wait(timeout=FAIL_FAST_S * 2)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-        return FailedStart(proc.returncode, output, time.monotonic() - started)
+            proc.wait(timeout=30)
+        reader.join()
+        text = b"".join(output).decode(errors="replace")
+        return FailedStart(int(proc.returncode), text, time.monotonic() - started)
 
     return finish
+
+
+def read_all(fd: int) -> bytes:
+    with open(fd, "rb") as pipe:
+        return pipe.read()
 
 
 @dataclass(frozen=True)
@@ -222,12 +227,15 @@ def unwritable_stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[st
 
 
 @pytest.fixture(scope="module")
-def failed_starts(unwritable_stores: tuple[dict[str, UnwritableStore], SeededStore]) -> dict[str, FailedStart]:
+def failed_starts(
+    unwritable_stores: tuple[dict[str, UnwritableStore], SeededStore], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, FailedStart]:
     """Every unwritable store's server, all started at once: each fails within its imports and a store open,
     so their starts overlap instead of queueing (the assertions are per case, in the tests below)."""
     cases, _ = unwritable_stores
+    workdir = tmp_path_factory.mktemp("failing-starts")
     waits = {
-        case: start_expecting_failure(store.job_store, max_file_bytes=store.max_file_bytes)
+        case: start_expecting_failure(store.job_store, workdir, max_file_bytes=store.max_file_bytes)
         for case, store in cases.items()
     }
     with ThreadPoolExecutor(max_workers=len(waits), thread_name_prefix="failing-start") as pool:

@@ -83,6 +83,8 @@ def uvicorn_server(
     )
     served = Served(f"http://127.0.0.1:{port}", tmp_path / f"server-{port}.log")
     log = served.log_path.open("wb")
+    # A plain subprocess, never the fork server (tests/support/zygote.py): what is under test is this command
+    # line itself (the Procfile's, through a shell), with an environment the fork server was not made with.
     proc = subprocess.Popen(
         ["bash", "-c", "exec " + command], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -3,7 +3,9 @@
 ``launch_server(env, workers, workdir=...)`` starts a server on a free loopback port, waits for /ready and
 always kills its whole process group afterwards. Each server gets the service's own model cache (the GGUF
 conversion and weight-format measurement happen once per machine), its own SQLite job store unless told
-otherwise, ``HF_HUB_OFFLINE=1`` and a log file; it is started in its own session.
+otherwise, ``HF_HUB_OFFLINE=1`` and a log file; it is started in its own session. A single-worker server is
+forked from this test process's fork server (``tests/support/zygote.py``: the service imported once, not
+once per server), a plain subprocess otherwise or with ``FORK_TEST_SERVERS=0``.
 
 Every test that starts a server carries ``@pytest.mark.server`` (so ``-m 'not server'`` leaves out every
 subprocess); ``launch_server`` fails a test that starts one without it. The root conftest tells this module
@@ -13,7 +15,9 @@ which test is being set up (``note_test``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import resource
 import signal
 import sqlite3
 import subprocess
@@ -30,7 +34,10 @@ import pytest
 
 from tests.support.net import free_port
 from tests.support.waiting import wait_until_sync
+from tests.support.zygote import ServerProcess, shared_fork_server
 from textgen.config import Settings
+
+logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The cache folder the service itself uses (TEXTGEN_CACHE_DIR, else ~/.cache/textgen): the bundled model's
@@ -47,7 +54,7 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 @dataclass
 class Server:
     url: str
-    proc: subprocess.Popen[bytes]
+    proc: ServerProcess  # a subprocess.Popen, or a ForkedProcess (a child of the fork server)
     log_path: Path
     job_store: Path
     workers: int = 1
@@ -186,18 +193,12 @@ def launch_server(
         port = free_port()
         log_path = workdir / f"{name}-{port}.log"
         log_file = open(log_path, "wb")  # noqa: SIM115 - closed by Server.close()
-        cmd = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)]
+        args = ["main:app", "--host", "127.0.0.1", "--port", str(port)]
         if workers > 1:
-            cmd += ["--workers", str(workers)]
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO_ROOT,
-            env=server_env(job_store, env or {}),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+            args += ["--workers", str(workers)]
+        cmd = [sys.executable, "-m", "uvicorn", *args]
+        launch_env = server_env(job_store, env or {})
+        proc = start_uvicorn(args, launch_env, log_file.fileno(), workers=workers, workdir=workdir)
         server = Server(f"http://127.0.0.1:{port}", proc, log_path, job_store, workers, log_file)
         try:
             problem = _wait_ready(server, ready_timeout_s)
@@ -214,6 +215,44 @@ def launch_server(
         finally:
             server.close()
         return
+
+
+def start_uvicorn(
+    args: list[str], env: dict[str, str], output: int, *, workers: int, workdir: Path, max_file_bytes: int | None = None
+) -> ServerProcess:
+    """``python -m uvicorn *args`` from the repo root in its own session, stdin /dev/null, stdout and stderr
+    on the descriptor ``output`` (``max_file_bytes``: its RLIMIT_FSIZE): a child of the fork server where it
+    can be the same process as a fresh one, else a plain subprocess. ``workdir`` gets the fork server's log
+    when this launch starts it."""
+    limits = {} if max_file_bytes is None else {"RLIMIT_FSIZE": (max_file_bytes, max_file_bytes)}
+    # --workers N: uvicorn spawns a fresh interpreter per worker (multiprocessing's spawn), which imports
+    # everything again whatever the parent imported, so forking the parent would save nothing.
+    if workers == 1:
+        zygote_env = server_env(workdir / "jobs.db", {})
+        zygote = shared_fork_server(["main"], zygote_env, REPO_ROOT, workdir / "fork-server.log")
+        why = "the fork server is off or has exited" if zygote is None else zygote.why_not(env)
+        if zygote is not None and why is None:
+            try:
+                return zygote.spawn("uvicorn", args, env, REPO_ROOT, output, limits=limits)
+            except OSError as error:
+                logger.warning("The fork server could not start a server (%s): starting a plain subprocess", error)
+        else:
+            logger.info("Starting a plain subprocess: %s", why)
+
+    def set_limits() -> None:
+        for name, values in limits.items():
+            resource.setrlimit(getattr(resource, name), values)
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=set_limits if limits else None,  # only setrlimit between fork and exec
+    )
 
 
 def enter_together(
