@@ -14,6 +14,7 @@ import pytest
 from tests.support.engines import engines_stopped_after
 from tests.support.waiting import wait_until
 from textgen.engine.core import CoreOptions
+from textgen.engine.core.decoder import DecodeCore
 from textgen.engine.scheduler import BatchedEngine
 from textgen.engine.types import (
     EngineLimits,
@@ -88,6 +89,47 @@ async def test_outputs_are_identical_with_the_cache_on_and_off(
         cached = [r.cached_tokens for r in alone + list(together)]
         assert (sum(cached) > 0) == cache
     assert texts[True] == texts[False]
+
+
+LONG_GREEDY = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True, logprobs=0)
+LONG_SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=77, max_new_tokens=40, ignore_eos=True, logprobs=0)
+
+
+@pytest.mark.parametrize("params", [LONG_GREEDY, LONG_SEEDED], ids=["greedy", "seeded"])
+async def test_a_chat_turn_finds_the_previous_answer_cached(
+    make_engine: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, params: SamplingParams
+) -> None:
+    """Where the core's decode steps write the keys and values a prefill would (``decode_kv_is_prefill_kv``,
+    tested bit for bit in test_prefix_core; said here of the float32 GPT-2, whose PyTorch path differs from
+    its prefill in the last bits of some values only, to exercise the scheduler), a finished sequence names
+    its generated blocks too: the next turn, which resends the answer, finds them (a block holding the last,
+    never computed, position would change the text); another tenant finds none of them."""
+    monkeypatch.setattr(DecodeCore, "decode_kv_is_prefill_kv", property(lambda core: True))
+    first_turn = SYSTEM + TURNS[0]  # 145 tokens: 4 full blocks; with its 40 generated tokens, 5 are written
+    outcomes = {}
+    for cache in (False, True):
+        engine = await make_engine(cache=cache)
+        first = await run(engine, first_turn, params)
+        assert first.token_logprobs is not None
+        answer = [entry.token_id for entry in first.token_logprobs]
+        second = await run(engine, first_turn + answer + TURNS[1], params)
+        outcomes[cache] = (first.text, second.text, second.cached_tokens)
+        if cache:
+            other = await run(engine, first_turn + answer + TURNS[1], params, tenant="b")
+            assert other.cached_tokens == 0 and other.text == second.text
+    assert outcomes[True][:2] == outcomes[False][:2]
+    assert outcomes[False][2] == 0 and outcomes[True][2] == 160  # (145 + 40 - 1) // 32 blocks, not 4
+
+
+async def test_generated_blocks_are_not_named_where_decode_steps_write_other_bits(
+    make_engine: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(DecodeCore, "decode_kv_is_prefill_kv", property(lambda core: False))
+    engine = await make_engine()
+    first = await run(engine, SYSTEM + TURNS[0], LONG_GREEDY)
+    assert first.token_logprobs is not None
+    answer = [entry.token_id for entry in first.token_logprobs]
+    assert (await run(engine, SYSTEM + TURNS[0] + answer + TURNS[1])).cached_tokens == 128  # the prompt's alone
 
 
 async def test_a_tenant_never_reuses_another_tenants_prefix(make_engine: Callable[..., Any]) -> None:

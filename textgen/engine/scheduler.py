@@ -498,6 +498,7 @@ class BatchedEngine:
         its prefill (prompt and text so far) starts over when blocks allow."""
         core = self._require_core()
         seq = self._running_seqs.pop(slot)
+        self._keep_generated_blocks(seq)
         core.free([slot])
         seq.slot, seq.prefilled, seq.prefix_looked_up = None, 0, False  # its prefill starts over
         self._backlog.insert(backlog_at, seq)
@@ -1071,6 +1072,21 @@ class BatchedEngine:
                     logger.exception("Keeping a prompt's blocks in the prefix cache failed")
         return finished
 
+    def _keep_generated_blocks(self, seq: SequenceState) -> None:
+        """A sequence leaving its slot (finished, ended, preempted) names its full blocks past the prompt
+        too, where the core's decode steps write what a prefill would (``decode_kv_is_prefill_kv``): a
+        chat's next turn resends the answer, and a preempted sequence resumes from its own blocks, without
+        computing them again. Elsewhere only prompts are named, so outputs stay the same with the cache
+        on and off."""
+        if self._prefix is None or seq.slot is None or not seq.generated:
+            return
+        if not self._require_core().decode_kv_is_prefill_kv:
+            return
+        try:
+            self._prefix.publish(seq.handle.request.tenant, seq.slot, seq.history)
+        except Exception:  # the request is fine; only its blocks are not kept
+            logger.exception("Keeping a sequence's generated blocks in the prefix cache failed")
+
     def _sample_into(self, rows: list[SequenceState], logits: torch.Tensor, events: list[Event]) -> list[int]:
         logits = apply_token_masks(logits, [s.constraint for s in rows], self.mask_timer)
         params = [s.handle.request.params for s in rows]
@@ -1113,7 +1129,7 @@ class BatchedEngine:
         if not gone:
             return
         for slot in gone:
-            del self._running_seqs[slot]
+            self._keep_generated_blocks(self._running_seqs.pop(slot))
         self._release(len(gone))
         self._require_core().free(gone)
 
