@@ -95,6 +95,34 @@ async def test_preempted_sequences_resume_with_the_text_they_would_have_had(
     await wait_until(lambda: tight.stats().kv_blocks_used == 0, what="every block back")
 
 
+@pytest.mark.parametrize("named", [True, False])
+async def test_a_preempted_sequence_resumes_on_its_own_generated_blocks(
+    make_engine: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, named: bool
+) -> None:
+    """Where decode steps write what a prefill would (said here of the float32 GPT-2, whose PyTorch path
+    differs in the last bits of some values only), a preempted sequence names its written blocks as it gives
+    them back and resumes on them (its prompt is shorter than a block: nothing else of it is cached) instead of
+    prefilling its text again; elsewhere its first resumption finds nothing."""
+    from textgen.engine.core.decoder import DecodeCore
+
+    monkeypatch.setattr(DecodeCore, "decode_kv_is_prefill_kv", property(lambda core: named))
+    roomy = await make_engine(blocks=80)
+    alone = [(await roomy.submit(request(p, 100, Priority.BACKGROUND)).result()).text for p in PROMPTS]
+    tight = await make_engine(blocks=12)
+    resumed: dict[int, int] = {}  # each sequence's first resumption: the cached tokens it found
+    look_up = tight._look_up_prefix
+
+    def recorded_look_up(seq: Any) -> None:
+        look_up(seq)
+        if seq.generated:
+            resumed.setdefault(id(seq), seq.prefix_hit.tokens if seq.prefix_hit else 0)
+
+    monkeypatch.setattr(tight, "_look_up_prefix", recorded_look_up)
+    results = await asyncio.gather(*(tight.submit(request(p, 100, Priority.BACKGROUND)).result() for p in PROMPTS))
+    assert [r.text for r in results] == alone
+    assert resumed and (any(resumed.values()) if named else not any(resumed.values()))
+
+
 async def test_seeded_sampling_survives_preemption(make_engine: Callable[..., Any]) -> None:
     seeded: dict[str, Any] = {"temperature": 0.9, "top_p": 0.95, "seed": 77}
     roomy = await make_engine(blocks=80)
