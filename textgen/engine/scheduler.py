@@ -142,15 +142,15 @@ NO_VECTORS = torch.empty((0, 0))
 EMBEDDING_PROBE_TOKENS = 16.0
 
 SHUTTING_DOWN = "The server is shutting down; retry the request."
-# While streams decode, a long prompt's chunks add about CHUNK_STEP_SHARE to the decode steps' time on
-# average (streams keep ~1 / (1 + share) of their rate during its prefill: the issue's floor is 0.7). Each
-# chunk is sized to about CHUNK_COST of a decode step, never below MIN_CHUNK_TOKENS, and chunks skip steps
-# until the measured cost of the earlier ones is paid (engine/chunk_pacing.py).
 # Finished answers whose blocks wait for an idle moment to be prefilled and named (where decode steps write
 # other bits than a prefill, ``_keep_generated_blocks``); the oldest is dropped past this many. They go in
 # chunks of ANSWER_CHUNK_TOKENS (whole blocks, one at least), what a request arriving meanwhile may wait for.
 PENDING_ANSWERS = 16
 ANSWER_CHUNK_TOKENS = 64
+# While streams decode, a long prompt's chunks add about CHUNK_STEP_SHARE to the decode steps' time on
+# average (streams keep ~1 / (1 + share) of their rate during its prefill: the issue's floor is 0.7). Each
+# chunk is sized to about CHUNK_COST of a decode step, never below MIN_CHUNK_TOKENS, and chunks skip steps
+# until the measured cost of the earlier ones is paid (engine/chunk_pacing.py).
 CHUNK_STEP_SHARE = 0.25
 CHUNK_COST = 0.6
 MIN_CHUNK_TOKENS = 16
