@@ -22,11 +22,12 @@ def build_kernels(folder: Path) -> FusedKernels:
     return built
 
 
-def tiny_llama_model(seed: int = 0) -> LlamaForCausalLM:
-    """Vocabulary 100, width 64, 2 layers, 4 query heads over 2 key/value heads, tied embeddings."""
+def tiny_llama_model(seed: int = 0, vocab_size: int = 100) -> LlamaForCausalLM:
+    """Vocabulary 100 (int4 needs a multiple of 16), width 64, 2 layers, 4 query heads over 2 key/value heads,
+    tied embeddings."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True,
     )  # fmt: skip
     return LlamaForCausalLM(config).eval()
@@ -34,13 +35,14 @@ def tiny_llama_model(seed: int = 0) -> LlamaForCausalLM:
 
 def tiny_core(
     model: torch.nn.Module, dtype: torch.dtype, fused: FusedKernels | None = None, *, slots: int = 4,
-    capacity: int = 64, **core_options: Any,
+    capacity: int = 64, weights: str | None = None, **core_options: Any,
 ) -> DecodeCore:  # fmt: skip
-    """A DecodeCore over a copy of model in dtype, every layer in that one float format; fused: the fused step's
-    kernels (None: PyTorch's operators). core_options go to DecodeCore (block_size, ...)."""
+    """A DecodeCore over a copy of model in dtype, every layer in one format: weights ("int4", ...), by default
+    the float format of dtype; fused: the fused step's kernels (None: PyTorch's operators). core_options go to
+    DecodeCore (block_size, ...)."""
     arch, reason = architecture_for(model)
     assert arch is not None, reason
-    plan = WeightPlan.single(str(dtype).removeprefix("torch."))
+    plan = WeightPlan.single(weights or str(dtype).removeprefix("torch."))
     factory = LinearFactory(plan, dtype, torch.device("cpu"))
     return DecodeCore(
         copy.deepcopy(model).to(dtype), arch, plan, factory, slots=slots, capacity=capacity, fused=fused,

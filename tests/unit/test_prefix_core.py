@@ -122,6 +122,44 @@ def test_a_cached_prefix_shared_equals_computing_it(tiny_llama: LlamaForCausalLM
     assert pool.cached_free == 5
 
 
+def kv_of(core: DecodeCore, slot: int, positions: int) -> list[torch.Tensor]:
+    """The slot's keys and values at positions [0, positions), layer by layer."""
+    cache, found = core.cache, []
+    for store in (*cache.keys, *cache.values):
+        for position in range(positions):
+            block, offset = cache.table(slot).locate(position)
+            found.append(store[block, :, offset])
+    return found
+
+
+@pytest.mark.parametrize(
+    ("weights", "fused", "same"), [("int4", True, True), (None, True, False), ("int4", False, False)]
+)
+def test_decode_kv_is_prefill_kv_where_the_step_and_format_give_rows_the_same_bits(
+    kernels: FusedKernels, weights: str | None, fused: bool, same: bool
+) -> None:
+    """Where the core says so, a sequence's keys and values written by decode steps (and by verification steps
+    of several tokens) are exactly those a prefill of the same tokens writes: a finished sequence's generated
+    blocks may then be cached under the same names as prefilled ones."""
+    model = tiny_llama_model(vocab_size=112)  # int4 packs output rows by 16
+    core = tiny_core(model, torch.bfloat16, kernels if fused else None, weights=weights, block_size=BLOCK)
+    assert core.decode_kv_is_prefill_kv is same
+    if not same:
+        return
+    generated = [7, 33, 2, 91, 14, 14, 50, 8, 66, 3, 29]
+    whole = core.allocate()
+    core.prefill([whole], [PROMPT + generated])
+    stepped = core.allocate()
+    core.prefill([stepped], [PROMPT])
+    for token in generated[:3]:  # one token a step...
+        core.decode([stepped], torch.tensor([token]))
+    for start, end in ((3, 4), (4, 8), (8, 11)):  # ...then verification-sized pieces, one at a time
+        core.extend([stepped], [generated[start:end]])
+    positions = len(PROMPT) + len(generated)
+    expected, got = kv_of(core, whole, positions), kv_of(core, stepped, positions)
+    assert all(torch.equal(want, have) for want, have in zip(expected, got, strict=True))
+
+
 def test_load_prefix_checks_its_slot(tiny_llama: LlamaForCausalLM) -> None:
     core = core_of(tiny_llama, torch.float32)
     slot = core.allocate()

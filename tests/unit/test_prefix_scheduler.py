@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from tests.support.engines import engines_stopped_after
 from tests.support.waiting import wait_until
 from textgen.engine.core import CoreOptions
+from textgen.engine.core.decoder import DecodeCore
 from textgen.engine.scheduler import BatchedEngine
 from textgen.engine.types import (
     EngineLimits,
@@ -88,6 +90,110 @@ async def test_outputs_are_identical_with_the_cache_on_and_off(
         cached = [r.cached_tokens for r in alone + list(together)]
         assert (sum(cached) > 0) == cache
     assert texts[True] == texts[False]
+
+
+LONG_GREEDY = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True, logprobs=0)
+LONG_SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=77, max_new_tokens=40, ignore_eos=True, logprobs=0)
+
+
+@pytest.mark.parametrize("params", [LONG_GREEDY, LONG_SEEDED], ids=["greedy", "seeded"])
+async def test_a_chat_turn_finds_the_previous_answer_cached(
+    make_engine: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, params: SamplingParams
+) -> None:
+    """Where the core's decode steps write the keys and values a prefill would (``decode_kv_is_prefill_kv``,
+    tested bit for bit in test_prefix_core; said here of the float32 GPT-2, whose PyTorch path differs from
+    its prefill in the last bits of some values only, to exercise the scheduler), a finished sequence names
+    its generated blocks too: the next turn, which resends the answer, finds them (a block holding the last,
+    never computed, position would change the text); another tenant finds none of them."""
+    monkeypatch.setattr(DecodeCore, "decode_kv_is_prefill_kv", property(lambda core: True))
+    first_turn = SYSTEM + TURNS[0]  # 145 tokens: 4 full blocks; with its 40 generated tokens, 5 are written
+    outcomes = {}
+    for cache in (False, True):
+        engine = await make_engine(cache=cache)
+        first = await run(engine, first_turn, params)
+        assert first.token_logprobs is not None
+        answer = [entry.token_id for entry in first.token_logprobs]
+        second = await run(engine, first_turn + answer + TURNS[1], params)
+        outcomes[cache] = (first.text, second.text, second.cached_tokens)
+        if cache:
+            other = await run(engine, first_turn + answer + TURNS[1], params, tenant="b")
+            assert other.cached_tokens == 0 and other.text == second.text
+    assert outcomes[True][:2] == outcomes[False][:2]
+    assert outcomes[False][2] == 0 and outcomes[True][2] == 160  # (145 + 40 - 1) // 32 blocks, not 4
+
+
+async def test_generated_blocks_are_not_named_where_decode_steps_write_other_bits(
+    make_engine: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(DecodeCore, "decode_kv_is_prefill_kv", property(lambda core: False))
+    monkeypatch.setattr(BatchedEngine, "_prefill_answer", lambda engine: engine._answers.clear())  # no idle work
+    engine = await make_engine()
+    first = await run(engine, SYSTEM + TURNS[0], LONG_GREEDY)
+    assert first.token_logprobs is not None
+    answer = [entry.token_id for entry in first.token_logprobs]
+    assert (await run(engine, SYSTEM + TURNS[0] + answer + TURNS[1])).cached_tokens == 128  # the prompt's alone
+
+
+@pytest.mark.parametrize("params", [LONG_GREEDY, LONG_SEEDED], ids=["greedy", "seeded"])
+async def test_an_idle_engine_prefills_and_names_a_finished_answer(
+    make_engine: Callable[..., Any], params: SamplingParams
+) -> None:
+    """Where decode steps write other bits than a prefill (the float32 GPT-2's PyTorch path), a finished
+    answer's blocks are prefilled as a prompt's would be once nothing else runs, and named: the next turn
+    finds them, its text the same as with the cache off; another tenant finds none of them."""
+    first_turn = SYSTEM + TURNS[0]
+    outcomes = {}
+    for cache in (False, True):
+        engine = await make_engine(cache=cache)
+        assert not engine.core.decode_kv_is_prefill_kv
+        first = await run(engine, first_turn, params)
+        assert first.token_logprobs is not None
+        answer = [entry.token_id for entry in first.token_logprobs]
+        await wait_until(lambda: not engine._answers, what="the answer prefilled")  # noqa: B023
+        second = await run(engine, first_turn + answer + TURNS[1], params)
+        outcomes[cache] = (first.text, second.text, second.cached_tokens)
+        if cache:
+            other = await run(engine, first_turn + answer + TURNS[1], params, tenant="b")
+            assert other.cached_tokens == 0 and other.text == second.text
+    assert outcomes[True][:2] == outcomes[False][:2]
+    assert outcomes[False][2] == 0 and outcomes[True][2] == 160
+
+
+async def test_a_request_arriving_during_an_answers_prefill_waits_for_that_chunk_only(
+    make_engine: Callable[..., Any],
+) -> None:
+    """An answer of 150 tokens leaves 5 blocks to prefill, one 32-token chunk at a time; a request that
+    arrives while the first chunk runs is prefilled next, and the answer's other chunks wait until it is done."""
+    engine = await make_engine(prefill_chunk_tokens=BLOCK)
+    work: list[str] = []
+    started, submitted = threading.Event(), threading.Event()
+    assert engine._prefix is not None
+    prefill_named, step = engine._prefix.prefill_named, engine.core.step
+
+    def answer_chunk(*args: Any) -> bool:
+        work.append("answer")
+        if not started.is_set():
+            started.set()
+            submitted.wait(timeout=30)  # the request arrives while this chunk runs
+        return prefill_named(*args)
+
+    def recorded_step(decode_slots: Any, tokens: Any, prefill_slots: Any, prompts: Any) -> Any:
+        if prompts:
+            work.append(f"prefill {[len(p) for p in prompts]}")
+        return step(decode_slots, tokens, prefill_slots, prompts)
+
+    engine._prefix.prefill_named = answer_chunk  # type: ignore[method-assign]
+    params = SamplingParams(temperature=0.0, max_new_tokens=150, ignore_eos=True)
+    await run(engine, SYSTEM + TURNS[0], params)
+    engine.core.step = recorded_step  # type: ignore[method-assign]
+    await wait_until(started.is_set, what="the first chunk of the answer")
+    handle = engine.submit(GenerationRequest("", GREEDY, prompt_ids=tuple(SYSTEM + TURNS[2]), tenant="a"))
+    submitted.set()
+    assert (await handle.result()).cached_tokens == 128
+    await wait_until(lambda: not engine._answers, what="the answer's other chunks")
+    # The chunk in flight, then the request (its 21 uncached tokens), then the answer's other 4 chunks and
+    # the one block of the request's own answer (149 + 12 tokens).
+    assert work == ["answer", "prefill [32]", "prefill [21]"] + ["answer", "prefill [32]"] * 5, work
 
 
 async def test_a_tenant_never_reuses_another_tenants_prefix(make_engine: Callable[..., Any]) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from textgen.engine.core import ModelCore
 from textgen.engine.prefix_index import PrefixIndex, PrefixIndexStats
 
@@ -62,6 +64,32 @@ class PrefixCache:
     def publish(self, tenant: str | None, slot: int, prompt: Sequence[int]) -> None:
         """Name the full blocks of ``prompt`` (all in ``slot`` now) so later prompts find them."""
         self._core.publish_prefix(slot, self.index.keys(tenant, prompt))
+
+    def prefill_named(self, tenant: str | None, tokens: Sequence[int], chunk_tokens: int) -> bool:
+        """Compute the next full blocks of ``tokens`` after its longest cached prefix (``chunk_tokens`` at
+        most, one block at least) and name them: prefilled in a scratch slot on the cached blocks, exactly as
+        a prompt continuing that prefix computes them, so a later prompt finds the keys and values it would
+        have computed itself. Returns whether blocks are left to do; False also when nothing of ``tokens``
+        is cached to start from (a whole prompt is not recomputed on spec) or no slot or blocks are free."""
+        keys = self.index.keys(tenant, tokens)
+        held = self._core.hold_prefix(keys)
+        try:
+            if not held or len(held) == len(keys) or self._core.free_slots < 1:
+                return False
+            stop = min(len(keys), len(held) + max(1, chunk_tokens // self.block_size))
+            start, end = len(held) * self.block_size, stop * self.block_size
+            if self._core.blocks_needed([], [end - start]) > self._core.free_blocks:
+                return False
+            slot = self._core.allocate()
+            try:
+                self._core.load_prefix(slot, held)
+                self._core.step([], torch.empty(0, dtype=torch.long), [slot], [list(tokens[start:end])])
+                self._core.publish_prefix(slot, keys[:stop])
+            finally:
+                self._core.free([slot])
+            return stop < len(keys)
+        finally:
+            self._core.release_blocks(held)
 
     def stats(self) -> PrefixIndexStats:
         return self.index.stats()

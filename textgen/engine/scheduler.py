@@ -142,6 +142,11 @@ NO_VECTORS = torch.empty((0, 0))
 EMBEDDING_PROBE_TOKENS = 16.0
 
 SHUTTING_DOWN = "The server is shutting down; retry the request."
+# Finished answers whose blocks wait for an idle moment to be prefilled and named (where decode steps write
+# other bits than a prefill, ``_keep_generated_blocks``); the oldest is dropped past this many. They go in
+# chunks of ANSWER_CHUNK_TOKENS (whole blocks, one at least), what a request arriving meanwhile may wait for.
+PENDING_ANSWERS = 16
+ANSWER_CHUNK_TOKENS = 64
 # While streams decode, a long prompt's chunks add about CHUNK_STEP_SHARE to the decode steps' time on
 # average (streams keep ~1 / (1 + share) of their rate during its prefill: the issue's floor is 0.7). Each
 # chunk is sized to about CHUNK_COST of a decode step, never below MIN_CHUNK_TOKENS, and chunks skip steps
@@ -187,6 +192,8 @@ class BatchedEngine:
         self._waiting: dict[Priority, deque[Handle]] = {p: deque() for p in Priority}
         self._running_seqs: dict[int, SequenceState] = {}  # cache slot -> sequence
         self._backlog: deque[SequenceState] = deque()  # admitted (counted in _running), not yet prefilled
+        # Finished answers (tenant, prompt and generated tokens) to prefill and name when idle.
+        self._answers: deque[tuple[str | None, list[int]]] = deque(maxlen=PENDING_ANSWERS)
         self._running = 0
         # Embedding requests: submitted (under the lock), then owned by the inference thread.
         self._embeddings_waiting: deque[EmbeddingHandle] = deque()
@@ -438,6 +445,7 @@ class BatchedEngine:
                 and not any(self._waiting.values())
                 and not self._embeddings_waiting
                 and not self._embeddings
+                and not self._answers
             ):
                 self.service_rate.observe(busy=False, saturated=False)
                 self._work_available.wait()  # submit, submit_embedding and stop notify under this lock
@@ -467,7 +475,29 @@ class BatchedEngine:
         pieces = self._next_embeddings(admitted, events)
         if self._running_seqs or admitted or pieces:
             self._step(admitted, events, decode=bool(self._running_seqs), pieces=pieces)
+        elif self._answers and self._idle():
+            self._prefill_answer()
         self._retire(events)
+
+    def _idle(self) -> bool:
+        """Nothing runs, waits or is prefilled (the answers' own work aside)."""
+        with self._lock:
+            waiting = any(self._waiting.values()) or bool(self._embeddings_waiting)
+        return not (waiting or self._running_seqs or self._backlog or self._embeddings)
+
+    def _prefill_answer(self) -> None:
+        """One chunk of the oldest pending answer's blocks, prefilled and named, while nothing else runs: a
+        request arriving meanwhile waits for this one chunk at most, then goes first."""
+        assert self._prefix is not None
+        tenant, tokens = self._answers[0]
+        chunk = min(ANSWER_CHUNK_TOKENS, self._limits.prefill_chunk_tokens)
+        try:
+            more = self._prefix.prefill_named(tenant, tokens, chunk)
+        except Exception:  # nobody waits on it; only the answer is not kept
+            logger.exception("Prefilling a finished answer's blocks for the prefix cache failed")
+            more = False
+        if not more:
+            self._answers.popleft()
 
     def _admit_interactive_ahead(self, events: list[Event]) -> None:
         """Background prompts in the backlog that wait (for KV blocks, or preempted) do not hold interactive
@@ -498,6 +528,7 @@ class BatchedEngine:
         its prefill (prompt and text so far) starts over when blocks allow."""
         core = self._require_core()
         seq = self._running_seqs.pop(slot)
+        self._keep_generated_blocks(seq)
         core.free([slot])
         seq.slot, seq.prefilled, seq.prefix_looked_up = None, 0, False  # its prefill starts over
         self._backlog.insert(backlog_at, seq)
@@ -1071,6 +1102,25 @@ class BatchedEngine:
                     logger.exception("Keeping a prompt's blocks in the prefix cache failed")
         return finished
 
+    def _keep_generated_blocks(self, seq: SequenceState, *, later: bool = False) -> None:
+        """A sequence leaving its slot (finished, ended, preempted) names its full blocks past the prompt
+        too, where the core's decode steps write what a prefill would (``decode_kv_is_prefill_kv``): a
+        chat's next turn resends the answer, and a preempted sequence resumes from its own blocks, without
+        computing them again. Elsewhere decode-written blocks are never named (outputs stay the same with
+        the cache on and off); with ``later`` (a finished answer) its blocks are prefilled and named when the
+        engine is idle instead (``_prefill_answer``)."""
+        if self._prefix is None or seq.slot is None or not seq.generated:
+            return
+        if not self._require_core().decode_kv_is_prefill_kv:
+            block = self._prefix.block_size
+            if later and len(seq.history) // block > len(seq.prompt_ids) // block:
+                self._answers.append((seq.handle.request.tenant, seq.history))
+            return
+        try:
+            self._prefix.publish(seq.handle.request.tenant, seq.slot, seq.history)
+        except Exception:  # the request is fine; only its blocks are not kept
+            logger.exception("Keeping a sequence's generated blocks in the prefix cache failed")
+
     def _sample_into(self, rows: list[SequenceState], logits: torch.Tensor, events: list[Event]) -> list[int]:
         logits = apply_token_masks(logits, [s.constraint for s in rows], self.mask_timer)
         params = [s.handle.request.params for s in rows]
@@ -1113,7 +1163,8 @@ class BatchedEngine:
         if not gone:
             return
         for slot in gone:
-            del self._running_seqs[slot]
+            seq = self._running_seqs.pop(slot)
+            self._keep_generated_blocks(seq, later=seq.finished)
         self._release(len(gone))
         self._require_core().free(gone)
 
@@ -1145,6 +1196,7 @@ class BatchedEngine:
     def _fail_everything(self) -> list[Event]:
         """At stop: whatever is still waiting or running gets a shutdown error."""
         events: list[Event] = []
+        self._answers.clear()
         self._fail_batch(events, NotReadyError(SHUTTING_DOWN))
         events.extend((seq.handle, "", None, NotReadyError(SHUTTING_DOWN)) for seq in self._backlog)
         for seq in self._backlog:

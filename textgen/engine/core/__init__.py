@@ -128,6 +128,12 @@ class ModelCore(Protocol):
 
     def publish_prefix(self, slot: int, keys: Sequence[Hashable]) -> None: ...
 
+    # Whether the keys and values a decode step writes for a token are bit for bit those a prefill of the
+    # same history writes: then a finished sequence's generated blocks may be named for the prefix cache
+    # too (a chat's next turn resends the answer), and outputs stay identical with the cache on and off.
+    @property
+    def decode_kv_is_prefill_kv(self) -> bool: ...
+
 
 @dataclass(frozen=True)
 class CoreOptions:

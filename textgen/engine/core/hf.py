@@ -55,6 +55,10 @@ class TransformersCore:
 
     def publish_prefix(self, slot: int, keys: Sequence[Hashable]) -> None:
         return None
+
+    @property
+    def decode_kv_is_prefill_kv(self) -> bool:
+        return False  # no prefix cache to name generated blocks in
     # No block pool: transformers' own cache grows per batch; admission is by slots alone.
     free_blocks = sys.maxsize
     total_blocks = 0
