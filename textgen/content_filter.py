@@ -30,7 +30,7 @@ import html.entities
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from pathlib import Path
 from types import MappingProxyType
@@ -148,6 +148,8 @@ _GLUE_WORDS = frozenset(
     }
 )  # fmt: skip
 _LONGEST_GLUED_WORD = 48
+# Letters tried, in order, for the filler a stream puts before a window that starts inside a long run.
+_FILLER_LETTERS = "qxzjkvwybfgmp"
 
 _Span = tuple[int, int, str]  # start and end in the original text, and the blocked word
 
@@ -186,6 +188,9 @@ class ContentFilter:
         self._phrase_re = _whole_word_regex(phrases, ()) if phrases else None
         self._anywhere_re = re.compile(_trie_pattern(single_forms + list(stems))) if self._words else None
         self._glue_pieces = frozenset(_GLUE_WORDS) | frozenset(single_forms)
+        used = "".join([*self._word_by_form, *stems])
+        self._filler_letter = next((letter for letter in _FILLER_LETTERS if letter not in used), None)
+        self._one_letter_phrase_words = any(len(part) < 2 for parts in phrases.values() for part in parts)
 
     @classmethod
     def from_sources(cls, words: Iterable[str], file: Path | None) -> ContentFilter:
@@ -203,10 +208,11 @@ class ContentFilter:
         """Non-overlapping matches in text order; overlapping detections are merged into one span."""
         if not self._words or not text:
             return []
-        return self._find_in_views(_views(text))
+        return self.find_in_views(text_views(text))
 
-    def _find_in_views(self, views: Iterable[_View]) -> list[FilterMatch]:
-        """``find`` over a text's views (``_views``), for a caller that reads them too."""
+    def find_in_views(self, views: Iterable[TextView]) -> list[FilterMatch]:
+        """``find`` over a text's views (``text_views``), for a caller that reads them itself (a stream
+        reads its window once, for what to hold and for what to send)."""
         if not self._words:
             return []
         spans: list[_Span] = []
@@ -232,6 +238,48 @@ class ContentFilter:
         """Words in the longest entry (1 without multi-word entries)."""
         return self._longest_phrase
 
+    @property
+    def long_word(self) -> int:
+        """Letters in a row from which a word is read whole by no detector but a stem: every form is
+        shorter, and the leetspeak, stretched, glued and joined readings skip longer words and chunks.
+        Such a word, however it goes on, is only ever part of a match if it begins with a stem."""
+        return max(_LONGEST_CANDIDATE, _LONGEST_GLUED_WORD, self.longest_chunk, self._longest_form) + 1
+
+    @property
+    def longest_form(self) -> int:
+        """Letters in the longest blocked form (inflections and multi-word entries without spaces)."""
+        return self._longest_form
+
+    @property
+    def long_spelling(self) -> int:
+        """Spaced-out letters from which a run spells no blocked form, even with a one-letter word dropped
+        from each end: however it goes on, it only ever matches if it begins with a stem."""
+        return self._longest_form + 3
+
+    def begins_with_stem(self, letters: str) -> bool:
+        """Whether a word that starts with ``letters`` is a stemmed word ("violen" + anything)."""
+        return any(letters.startswith(stem) for stem in self._stems)
+
+    def may_spell_match(self, letters: str) -> bool:
+        """Whether a spaced-out run whose first letters are ``letters`` can still spell a match once it
+        ends: it is short enough to spell a form, or begins with a stem in some reading (a leading
+        one-letter word dropped or not)."""
+        if len(letters) < self.long_spelling:
+            return True
+        starts = [letters, letters[1:]] if letters[0] in _ONE_LETTER_WORDS else [letters]
+        return any(self.begins_with_stem(reading) for start in starts for reading in _leet_readings(start))
+
+    @property
+    def filler_letter(self) -> str | None:
+        """A letter in no blocked form or stem: text made of it alone matches nothing and joins no match
+        (None if every candidate letter is taken)."""
+        return self._filler_letter
+
+    @property
+    def has_one_letter_phrase_words(self) -> bool:
+        """Whether a multi-word entry has a word of one letter (which a spaced-out letter may be)."""
+        return self._one_letter_phrase_words
+
     def is_blocked(self, text: str) -> bool:
         return bool(self.find(text))
 
@@ -246,7 +294,7 @@ class ContentFilter:
 
     # -- detection over one normalized view -------------------------------------------------------------
 
-    def _spans(self, view: _View) -> Iterator[_Span]:
+    def _spans(self, view: TextView) -> Iterator[_Span]:
         text = view.text
         for start, end, word in self._detections(text):
             yield (*view.original_span(start, end), word)
@@ -393,6 +441,10 @@ class ContentFilter:
         return reachable.get(len(token)) or None
 
 
+def _leet_readings(letters: str) -> tuple[str, str, str]:
+    return letters, letters.translate(_LEET_AS_I), letters.translate(_LEET_AS_L)
+
+
 def _next_letter_start(text: str, position: int) -> int:
     letter = _SPACED_LETTER_RE.search(text, position)
     return len(text) if letter is None else letter.start()
@@ -473,11 +525,14 @@ def _whole_word_regex(entries: Mapping[str, tuple[str, ...]], stems: Sequence[st
 
 
 @dataclass(frozen=True)
-class _View:
+class TextView:
+    """One reading of a text as the detectors see it (``text_views``), mapped back to the original."""
+
     original: str
     text: str  # normalized
     starts: Sequence[int] | None  # first original index behind each character of ``text``; None: same index
     ends: Sequence[int] | None  # one past the last original index behind it
+    ordered: bool = True  # ``starts`` never goes down (False in display order, where runs are reversed)
 
     def original_span(self, start: int, end: int) -> tuple[int, int]:
         if self.starts is None or self.ends is None:
@@ -493,14 +548,24 @@ class _View:
 _Mapped = tuple[str, list[int] | None, list[int] | None]
 
 
-def _views(original: str) -> list[_View]:
+def text_views(original: str, decoded: _Mapped | None = None, filler: str = "") -> list[TextView]:
     """The text as matched: decoded and normalized; plus, with a right-to-left override, in the order
-    it is displayed."""
-    decoded = _decoded(original)
-    views = [decoded]
+    it is displayed. ``decoded``: ``_decoded(original)``, when the caller has it already. ``filler``:
+    text put before each view (mapped to the original's start), standing for what precedes the text."""
+    if decoded is None:
+        decoded = _decoded(original)
+    views = [_normalized(original, *decoded)]
     if _RIGHT_TO_LEFT_OVERRIDE in decoded[0]:
-        views.append(_display_order(*decoded))
-    return [_normalized(original, *view) for view in views]
+        views.append(replace(_normalized(original, *_display_order(*decoded)), ordered=False))
+    return [_after_filler(view, filler) for view in views] if filler else views
+
+
+def _after_filler(view: TextView, filler: str) -> TextView:
+    size = len(view.text)
+    starts = list(range(size)) if view.starts is None else list(view.starts)
+    ends = list(range(1, size + 1)) if view.ends is None else list(view.ends)
+    zeros = [0] * len(filler)
+    return TextView(view.original, filler + view.text, zeros + starts, zeros + ends, view.ordered)
 
 
 def _decoded(text: str) -> _Mapped:
@@ -576,9 +641,9 @@ def _display_order(text: str, starts: list[int] | None, ends: list[int] | None) 
     return "".join(chars), new_starts, new_ends
 
 
-def _normalized(original: str, text: str, starts: list[int] | None, ends: list[int] | None) -> _View:
+def _normalized(original: str, text: str, starts: list[int] | None, ends: list[int] | None) -> TextView:
     if text.isascii():
-        return _View(original, text.lower(), starts, ends)
+        return TextView(original, text.lower(), starts, ends)
     # Each distinct character is normalized once (real text repeats few), then the text is translated
     # in one pass; only characters that become zero or several characters move the offsets.
     table: dict[int, str] = dict(_ASCII_LOWER)
@@ -589,7 +654,7 @@ def _normalized(original: str, text: str, starts: list[int] | None, ends: list[i
             if len(piece) != 1:
                 uneven.append(char)
     if not uneven:
-        return _View(original, text.translate(table), starts, ends)
+        return TextView(original, text.translate(table), starts, ends)
     if starts is None or ends is None:
         starts, ends = list(range(len(text))), list(range(1, len(text) + 1))
     pieces: list[str] = []
@@ -609,7 +674,7 @@ def _normalized(original: str, text: str, starts: list[int] | None, ends: list[i
     pieces.append(text[cursor:].translate(table))
     new_starts += starts[cursor:]
     new_ends += ends[cursor:]
-    return _View(original, "".join(pieces), new_starts, new_ends)
+    return TextView(original, "".join(pieces), new_starts, new_ends)
 
 
 _ASCII_LOWER: Mapping[int, str] = MappingProxyType({code: chr(code).lower() for code in range(ord("A"), ord("Z") + 1)})
@@ -755,8 +820,8 @@ class StreamingFilter:
     A forbidden word must never reach the client, even split across tokens ("ha" + "te"), so whatever
     later text could still turn into a match, or change one, is held until more text arrives or the
     stream ends. That is read off the text as the whole-text check sees it (decoded, in display order,
-    normalized: ``_views``), at the text's end and wherever later text can still change how earlier text
-    reads (an encoding not complete yet, a right-to-left override not ended yet), and is the earliest of:
+    normalized: ``text_views``), at the text's end and wherever later text can still change how earlier
+    text reads (an encoding not complete yet, a right-to-left override not ended yet), and is the earliest of:
 
     * the chunk without spaces the text ends in, when it is short enough to spell a blocked word joined
       by punctuation ("ha-" + "te"), else the word it ends in, however long (a stem entry such as
@@ -770,8 +835,18 @@ class StreamingFilter:
     Every detector but spaced-out runs and multi-word entries reads one chunk without spaces of the
     normalized text, so nothing before these points can change whether it matches: the stream shows
     exactly what the final whole-text check would let through, one word behind the generation (not a
-    fixed-width tail). Only a window around the unsent text is re-scanned on each push, so the cost per
-    token does not grow with the length of the output.
+    fixed-width tail).
+
+    Only a window around the unsent text is re-scanned on each push. A long run is not held whole once
+    it can no longer match however it goes on: a word of ``ContentFilter.long_word`` letters or more that
+    does not begin with a stem (every other detector skips such words), a word of letters, digits and
+    leetspeak symbols that long (only the pieces at its end are held: its last letters, a short
+    alphanumeric word, a spaced-out run still live), or a spaced-out run spelling ``long_spelling``
+    letters without beginning with a stem. Its settled part is sent, and the next window starts inside
+    the run (``_floor``, at a point no encoding, override or match crosses), after a filler of the same
+    kind (a long word, or spaced-out letters, made of a letter in no blocked word) that stands for the
+    run before it: read from there, every detector decides as it does on the whole text. So the cost of
+    a push does not grow with the length of the output, even without spaces.
     """
 
     def __init__(
@@ -791,12 +866,21 @@ class StreamingFilter:
         self.matched = False
         self.first_match_start: int | None = None  # where the first redacted match began in the raw text
         # Right-to-left overrides, written or encoded ("&#8238;"), in the text up to ``_overrides_upto``
-        # (just after a whitespace: later text cannot change how the text before it decodes), where each
-        # starts, and the one still open there; plus those after it, found again on each push.
+        # (just after a whitespace, or the floor: later text cannot change how the text before it
+        # decodes), where each starts, and the one still open there; plus those after it, found again on
+        # each push.
         self._overrides: list[int] = []
         self._overrides_upto = 0
         self._open_override_upto: int | None = None
         self._tail_overrides: list[int] = []
+        # Where a window may start whatever comes later (the text's start, or a point inside a long run
+        # that can no longer match), and the filler that stands for the run before it. ``_inside_run``:
+        # the text sent ends inside such a run, so the next window starts there.
+        self._floor = 0
+        self._filler = ""
+        self._inside_run = False
+        letter = content_filter.filler_letter
+        self._letter = letter or ""
 
     @property
     def released(self) -> int:
@@ -809,70 +893,75 @@ class StreamingFilter:
         self._text += delta
         if self.stopped:
             return ""
-        open_override = self._track_overrides()
-        window = self._scan_start()
-        views = _views(self._text[window:])  # read once: for what to hold and for the re-scan
-        return self._release(self._hold_start(window, views, open_override), window, views)
+        reading = self._read()
+        hold, relaxed = self._hold_start(reading, relax=bool(self._letter))
+        cut = self._cut_before(hold, reading) if relaxed else None
+        end, decided = self._decided(hold, reading)
+        if relaxed and (cut is None or end < cut[0]):
+            # No window could start inside the run sent: hold it whole, as if it could still match.
+            cut = None
+            end, decided = self._decided(self._hold_start(reading, relax=False)[0], reading)
+        sent_before = self._sent_upto
+        released = self._send(end, decided)
+        if cut is not None:
+            self._floor, self._filler = cut
+            self._inside_run = True
+        elif self._sent_upto > sent_before:
+            self._inside_run = False
+        return released
 
     def finish(self) -> str:
-        return self._release(len(self._text))
+        if self.stopped or len(self._text) <= self._sent_upto:
+            return ""
+        return self._send(*self._decided(len(self._text), self._read()))
 
-    # -- what to hold ------------------------------------------------------------------------------------
+    # -- what is read ------------------------------------------------------------------------------------
 
-    def _hold_start(self, window: int, views: list[_View], open_override: int | None) -> int:
-        """Where the text that later text could still make part of a match begins (read from ``window``
-        on: the text before it is sent, so a hold reaching back that far holds everything unsent)."""
-        text = self._text
-        # Points where later text continues what is there: the end, an encoding that is not complete
-        # yet ("%6" + "8"), and a right-to-left override that has not ended (later text displays at it).
-        cuts = [len(text)]
-        encoding = _open_encoding_start(text)
-        if encoding is not None:
-            cuts.append(encoding)
-        if open_override is not None:
-            cuts.append(open_override)
-        hold = len(text)
-        for view in views:
-            for cut in cuts:
-                index = _view_index(view, cut - window)
-                held = self._tail_hold(view.text, index)
-                hold = min(hold, cut, window + _view_start(view, held, len(text) - window))
-        return hold
+    def _read(self) -> _Reading:
+        """The window re-scanned on this push, decoded once: the same decoding gives the window's views
+        and the right-to-left overrides after ``_overrides_upto``."""
+        self._commit_overrides()
+        text, settled = self._text, self._overrides_upto
+        start = self._scan_start([])
+        if start <= settled:  # every override before the window is settled already
+            decoded = _decoded(text[start:])
+            tail, open_override = self._overrides_after(decoded, start)
+        else:  # an override after the settled text may move the window's start back
+            settled_decoded = _decoded(text[settled:])
+            tail, open_override = self._overrides_after(settled_decoded, settled)
+            start = self._scan_start(tail)
+            decoded = settled_decoded if start == settled else _decoded(text[start:])
+        self._tail_overrides = tail
+        filler = self._filler if start == self._floor else ""
+        return _Reading(start, text_views(text[start:], decoded, filler), open_override, filler)
 
-    def _tail_hold(self, text: str, end: int) -> int:
-        """Where, in ``text[:end]`` (a normalized view), a match that text after ``end`` could still
-        complete or change may start; 0 when that may be before ``text`` begins."""
-        chunk = _run_start(text, end, _is_not_space)
-        if end - chunk > max(3, self._filter.longest_chunk):  # too long to spell a word joined by punctuation
-            chunk = end
-        # The word the text ends in (every detector but runs and phrases stays inside it), and the
-        # complete words before it that a multi-word entry may begin with, counted in each reading: a
-        # leetspeak symbol between two words is a separator as written ("kill | yourself") and a word
-        # of its own read as a letter ("kill i yourself"), and it joins pieces into one word ("k!ll").
-        complete = self._filter.longest_phrase - 1
-        words = min(_words_start(text, end, complete, str.isalnum), _words_start(text, end, complete, _is_leet_letter))
-        held = min(chunk, words, _spaced_run_start(text, end, end))
-        if held < end and _is_word_or_leet_char(text[held]) and _is_lone_before(text, held, end):
-            # Never inside a spaced-out run: the re-scan window starts shortly before the unsent text, and
-            # the end of a run seen without its start may spell a word the whole run does not ("x h a t e").
-            held = _spaced_run_start(text, held + 1, end)
-        return held
-
-    def _track_overrides(self) -> int | None:
-        """Updates the overrides seen in the text; where the last one starts if it has not ended."""
-        text = self._text
-        boundary = self._overrides_upto
-        for position in range(len(text) - 1, self._overrides_upto - 1, -1):
-            if text[position].isspace():
-                boundary = position + 1
-                break
-        if boundary > self._overrides_upto:
-            self._open_override_upto = self._scan_overrides(
-                self._overrides_upto, boundary, self._open_override_upto, self._overrides
-            )
+    def _commit_overrides(self) -> None:
+        """Moves ``_overrides_upto`` on to the last point before which later text cannot change how the
+        text decodes (after the last whitespace, or the floor), recording the overrides up to it."""
+        text, upto = self._text, self._overrides_upto
+        boundary = max(upto, self._floor)
+        space = _THROUGH_LAST_SPACE_RE.match(text, boundary)
+        if space is not None:
+            boundary = space.end()
+        if boundary > upto:
+            self._open_override_upto = self._scan_overrides(upto, boundary, self._open_override_upto, self._overrides)
             self._overrides_upto = boundary
-        self._tail_overrides = []
-        return self._scan_overrides(boundary, len(text), self._open_override_upto, self._tail_overrides)
+
+    def _overrides_after(self, decoded: _Mapped, offset: int) -> tuple[list[int], int | None]:
+        """The overrides from ``_overrides_upto`` on in ``decoded`` (the text from ``offset``, decoded),
+        and where the last one starts if it has not ended."""
+        text, starts, _ = decoded
+        skip = self._overrides_upto - offset
+        first = skip if starts is None else bisect.bisect_left(starts, skip)
+        found: list[int] = []
+        position = text.find(_RIGHT_TO_LEFT_OVERRIDE, first)
+        while position != -1:
+            found.append(offset + (position if starts is None else starts[position]))
+            position = text.find(_RIGHT_TO_LEFT_OVERRIDE, position + 1)
+        last_end = max(text.rfind(end, first) for end in _OVERRIDE_ENDS)
+        if found and text.rfind(_RIGHT_TO_LEFT_OVERRIDE, first) > last_end:
+            return found, found[-1]
+        return found, None if last_end != -1 else self._open_override_upto
 
     def _scan_overrides(self, start: int, stop: int, open_at: int | None, found: list[int]) -> int | None:
         """Adds the overrides in ``text[start:stop]`` (decoded) to ``found``; the override still open at
@@ -891,57 +980,262 @@ class StreamingFilter:
             return found[-1]
         return None if last_end != -1 else open_at
 
-    # -- what to send ------------------------------------------------------------------------------------
-
-    def _scan_start(self) -> int:
+    def _scan_start(self, tail_overrides: list[int]) -> int:
         """Where the re-scanned window begins: enough context before the unsent text for every match that
-        reaches into it, and for every encoding and override that changes how it reads."""
+        reaches into it, and for every encoding and override that changes how it reads; never before the
+        floor, which no match, encoding or open override crosses."""
+        floor = self._floor
+        if self._inside_run:
+            return floor
         window_start = self._chunk_start_before(self._sent_upto - self._holdback)
         # Text sent before may still decode together with what follows ("%68" sent, then "ate").
-        encoded_from = max(0, self._sent_upto - self._filter.longest_chunk * ENCODED_CHAR_MAX)
+        encoded_from = max(floor, self._sent_upto - self._filter.longest_chunk * ENCODED_CHAR_MAX)
         encoded = _ENCODING_START_RE.search(self._text, encoded_from, self._sent_upto)
         if encoded is not None:
             window_start = min(window_start, self._chunk_start_before(encoded.start()))
         # A right-to-left override before the window changes how the window's text reads.
-        overrides = self._overrides + self._tail_overrides
+        overrides = self._overrides + tail_overrides if tail_overrides else self._overrides
         before = bisect.bisect_left(overrides, window_start)
         if before:
             override = overrides[before - 1]
             between = self._text[override:window_start]
             if not any(end in between for end in _OVERRIDE_ENDS) or window_start - override < self._holdback:
                 window_start = self._chunk_start_before(override)
-        return window_start
+        return max(window_start, floor)
 
     def _chunk_start_before(self, position: int) -> int:
         """``position`` moved back to the start of its word, and on to the start of its chunk without
-        spaces when that chunk is short enough to hold a blocked word joined by punctuation."""
+        spaces when that chunk is short enough to hold a blocked word joined by punctuation (not before
+        the floor: the caller never starts a window before it)."""
         text = self._text
-        position = _word_start_before(text, position)
+        position = _word_start_before(text, max(position, self._floor), self._floor)
         limit = max(0, position - self._filter.longest_chunk)
         start = position
         while start > limit and not text[start - 1].isspace():
             start -= 1
         return start if start == 0 or text[start - 1].isspace() else position
 
-    def _release(self, end: int, window_start: int | None = None, views: list[_View] | None = None) -> str:
-        """Sends the text up to ``end`` (less any match it would cut), redacted; ``window_start`` and the
-        ``views`` of the text from it, when the caller has them already."""
-        if self.stopped or end <= self._sent_upto:
-            return ""
-        if window_start is None or views is None:
-            window_start = self._scan_start()
-            views = _views(self._text[window_start:])
-        matches = [
-            (m.start + window_start, m.end + window_start)
-            for m in self._filter._find_in_views(views)
-            if m.end + window_start > self._sent_upto
-        ]
-        for start, stop in matches:
+    # -- what to hold ------------------------------------------------------------------------------------
+
+    def _hold_start(self, reading: _Reading, *, relax: bool) -> tuple[int, bool]:
+        """Where the text that later text could still make part of a match begins (read from the window's
+        start on: the text before it is sent, so a hold reaching back that far holds everything unsent);
+        and whether a long run that can no longer match was let go (``relax``: only with a single view,
+        no override open)."""
+        text, window = self._text, reading.start
+        # Points where later text continues what is there: the end, an encoding that is not complete
+        # yet ("%6" + "8"), and a right-to-left override that has not ended (later text displays at it).
+        cuts = [len(text)]
+        encoding = _open_encoding_start(text)
+        if encoding is not None:
+            cuts.append(encoding)
+        if reading.open_override is not None:
+            cuts.append(reading.open_override)
+        relax = relax and len(reading.views) == 1 and reading.open_override is None
+        hold, relaxed = len(text), False
+        for view in reading.views:
+            for cut in cuts:
+                index = _view_index(view, cut - window)
+                held, let_go = self._tail_hold(view.text, index, reading, relax=relax)
+                relaxed = relaxed or let_go
+                hold = min(hold, cut, window + _view_start(view, held, len(text) - window))
+        return hold, relaxed
+
+    def _tail_hold(self, text: str, end: int, reading: _Reading, *, relax: bool) -> tuple[int, bool]:
+        """Where, in ``text[:end]`` (a normalized view), a match that text after ``end`` could still
+        complete or change may start; 0 when that may be before ``text`` begins. And whether a long run
+        that can no longer match was let go (``relax``)."""
+        if relax:
+            held = self._long_word_hold(text, end, reading)
+            if held is not None:
+                return held, True
+        limit = max(3, self._filter.longest_chunk)
+        chunk = _run_start(text, end, _is_not_space, limit + 1)
+        if end - chunk > limit:  # too long to spell a word joined by punctuation
+            chunk = end
+        # The word the text ends in (every detector but runs and phrases stays inside it), and the
+        # complete words before it that a multi-word entry may begin with, counted in each reading: a
+        # leetspeak symbol between two words is a separator as written ("kill | yourself") and a word
+        # of its own read as a letter ("kill i yourself"), and it joins pieces into one word ("k!ll").
+        complete = self._filter.longest_phrase - 1
+        words = min(_words_start(text, end, complete, str.isalnum), _words_start(text, end, complete, _is_leet_letter))
+        spaced = _spaced_run_start(text, end, end)
+        if relax and spaced < end and self._dead_spaced_run(text, spaced, end, reading):
+            return min(chunk, words), True
+        held = min(chunk, words, spaced)
+        if held < end and _is_word_or_leet_char(text[held]) and _is_lone_before(text, held, end):
+            # Never inside a spaced-out run: the re-scan window starts shortly before the unsent text, and
+            # the end of a run seen without its start may spell a word the whole run does not ("x h a t e").
+            held = _spaced_run_start(text, held + 1, end)
+        return held, False
+
+    def _long_word_hold(self, text: str, end: int, reading: _Reading) -> int | None:
+        """The hold when ``text[:end]`` ends in a word of letters, digits and leetspeak symbols at least
+        ``long_word`` long (no leetspeak, stretched, glued or joined reading matches it, however it goes
+        on): only the live pieces at its end are held, namely its last run of letters if short enough to
+        be a form or begun with a stem, its last alphanumeric word if short enough to be read whole, its
+        last letters read as leetspeak if a multi-word entry may end there, and a live spaced-out run.
+        None when the text does not end in such a word."""
+        long_word = self._filter.long_word
+        if end <= long_word and not reading.filler:
+            return None  # the common case: a window too short to hold a long word
+        word = end - _matched_length(_LEET_WORD_BACK_RE, text[max(0, end - long_word - 1) : end][::-1])
+        if not self._is_long(word, end, reading):
+            return None
+        backwards = text[:end][::-1]
+        held = end
+        alphanumeric = end - _matched_length(_ALNUM_BACK_RE, backwards)
+        if not self._is_long(alphanumeric, end, reading):
+            held = _words_start(text, end, self._filter.longest_phrase - 1, str.isalnum)
+        else:
+            # Letters after a digit, or the whole long word: a plain match only if short or a stemmed word.
+            letters = end - _matched_length(_LETTERS_BACK_RE, backwards)
+            live = end - letters <= self._filter.longest_form or self._filter.begins_with_stem(text[letters:end])
+            if letters < end and not (letters == 0 and self._filler_is_word(reading)) and live:
+                held = letters
+        if self._filter.longest_phrase > 1:  # "k1llyourself": the letters a multi-word entry may end in
+            leet = end - _matched_length(_LEET_LETTERS_BACK_RE, backwards)
+            if end - leet <= self._filter.longest_form:
+                held = min(held, leet)
+        spaced = _spaced_run_start(text, end, end)
+        if spaced < end and not self._dead_spaced_run(text, spaced, end, reading):
+            held = min(held, spaced)
+        return held
+
+    def _is_long(self, start: int, end: int, reading: _Reading) -> bool:
+        """Whether the word ``text[start:end]`` of a view is at least ``long_word`` long: measured when its
+        start is known, and always when it reaches back into a filler word."""
+        if start == 0:
+            measured = reading.start == 0 and not reading.filler
+            return self._filler_is_word(reading) or (measured and end >= self._filter.long_word)
+        return end - start >= self._filter.long_word
+
+    def _filler_is_word(self, reading: _Reading) -> bool:
+        """Whether the window's filler is a long word (spaced-out filler letters alternate with a separator)."""
+        return len(reading.filler) > 1 and reading.filler[1] == self._letter
+
+    def _dead_spaced_run(self, text: str, start: int, end: int, reading: _Reading) -> bool:
+        """Whether the spaced-out run ``text[:end]`` ends in (its first letter at or after ``start``, from
+        ``_spaced_run_start``) already spells too many letters to match, without beginning with a stem."""
+        if start == 0 and not (reading.start == 0 and not reading.filler):
+            return bool(reading.filler) and not self._filler_is_word(reading)  # it goes on from the floor's run
+        runs = list(_SPACED_OUT_RE.finditer(text, start, end))
+        if not runs or _SPACED_LETTER_RE.search(text, runs[-1].end(), end) is not None:
+            return False  # the letters it ends in are not (yet) a run
+        spelled = "".join(_SPACED_LETTER_RE.findall(text, runs[-1].start(), runs[-1].end()))
+        if runs[-1].end() == end:
+            spelled = spelled[:-1]  # its last letter may not stay single
+        return not self._filter.may_spell_match(spelled)
+
+    # -- where a later window may start ------------------------------------------------------------------
+
+    def _cut_before(self, hold: int, reading: _Reading) -> tuple[int, str] | None:
+        """The last point after the floor, at or before ``hold``, where a later window may start: inside a
+        long run that can no longer match, where no encoding joins characters on both sides (the window
+        has no override). With the filler that stands for the run before it; None if none is near."""
+        view, text, window = reading.views[0], self._text, reading.start
+        lowest = max(self._floor + 1, window + 1, hold - _CUT_SEARCH)
+        for position in range(min(hold, len(text)), lowest - 1, -1):
+            index = _view_index(view, position - window)
+            if index < len(view.text) and view.starts is not None and view.starts[index] != position - window:
+                continue  # inside what one character of the view is read from
+            filler = self._filler_at(view.text, index, reading)
+            if filler is not None and _decode_separable(text, position):
+                return position, filler
+        return None
+
+    def _filler_at(self, text: str, index: int, reading: _Reading) -> str | None:
+        """The filler for a window starting at ``index`` of a view: a long word of the filler letter inside
+        a long word that can no longer match, or spaced-out filler letters at a single letter of a
+        spaced-out run that can no longer match; None where a window may not start."""
+        if index == 0:
+            return None
+        before = text[index - 1]
+        if _is_letter(before):
+            start = index - _matched_length(_LETTERS_BACK_RE, text[:index][::-1])
+            stop = index + _matched_length(_LETTERS_RE, text, index)
+            if start == 0 and self._filler_is_word(reading):
+                return self._letter * self._filter.long_word  # the word goes on from the floor's
+            known = start > 0 or (reading.start == 0 and not reading.filler)
+            if known and stop - start >= self._filter.long_word and not self._filter.begins_with_stem(text[start:stop]):
+                return self._letter * self._filter.long_word
+            return None
+        if before in _LEET_CUT_SYMBOLS and self._filter.longest_phrase == 1:
+            return self._leet_word_filler(text, index, reading)
+        if index + 1 >= len(text) or self._filter.has_one_letter_phrase_words:
+            return None
+        letter, after = text[index], text[index + 1]
+        # A single letter, one word in every reading ("x!" reads "xi"), after a plain separator.
+        if not _is_word_or_leet_char(letter) or after.isalnum() or after in _LEET_LETTER_SYMBOLS:
+            return None
+        if not (before.isspace() or (before not in _LEET_LETTER_SYMBOLS and before != "_" and not before.isalnum())):
+            return None
+        if not before.isspace() and not self._in_long_chunk(text, index, reading):
+            return None
+        run = _spaced_run_start(text, index + 1, len(text))
+        if run > index or not self._dead_spaced_run(text, run, index + 1, reading):
+            return None
+        size = (
+            self._filter.long_spelling
+            if before.isspace()
+            else max(self._filter.long_spelling, self._filter.longest_chunk // 2 + 2)
+        )
+        return (self._letter + before) * size
+
+    def _leet_word_filler(self, text: str, index: int, reading: _Reading) -> str | None:
+        """The filler for a window starting at ``index`` of a view, after a digit or a leetspeak symbol in
+        a long word of letters, digits and leetspeak symbols ("h4t3a1b2x!y!..."), which no detector reads
+        whole: a long word of the filler letter ending in the same character, so that every detector
+        reads what follows as on the whole text. Only without multi-word entries (which read leetspeak
+        symbols as separators) and where no spaced-out run, alphanumeric word or run of letters goes
+        on across ``index``."""
+        before = text[index - 1]
+        if index < 3 or not (text[index - 2].isalnum() and (before.isalnum() or text[index - 3].isalnum())):
+            return None  # the character before may be a spaced-out letter, or one beside a separator
+        word = index - _matched_length(_LEET_WORD_BACK_RE, text[:index][::-1])
+        if not self._is_long(word, index, reading):
+            return None
+        after = text[index] if index < len(text) else "a"  # what comes next is not known: say a letter
+        if before.isalnum() and after.isalnum():
+            alphanumeric = index - _matched_length(_ALNUM_BACK_RE, text[:index][::-1])
+            if not self._is_long(alphanumeric, index, reading):
+                return None  # an alphanumeric word short enough to be read whole goes on
+        if _is_letter(before) and _is_letter(after):
+            return None  # a run of letters goes on (the letter filler's case)
+        return self._letter * self._filter.long_word + before
+
+    def _in_long_chunk(self, text: str, index: int, reading: _Reading) -> bool:
+        """Whether the chunk without spaces ``text[:index]`` ends in is too long to spell a word joined by
+        punctuation (so a window starting at ``index`` after a filler chunk reads it the same)."""
+        limit = max(3, self._filter.longest_chunk)
+        start = _run_start(text, index, _is_not_space, limit + 1)
+        if start == 0:
+            filler_chunk = bool(reading.filler) and not any(char.isspace() for char in reading.filler)
+            return filler_chunk or (reading.start == 0 and not reading.filler and index > limit)
+        return index - start > limit
+
+    # -- what to send ------------------------------------------------------------------------------------
+
+    def _decided(self, end: int, reading: _Reading) -> tuple[int, list[tuple[int, int]]]:
+        """``end`` moved back so as not to cut a match, and the matches in the text to send up to it."""
+        if end <= self._sent_upto:
+            return end, []  # nothing to send: no need to look for matches
+        if reading.matches is None:
+            window = reading.start
+            reading.matches = [
+                (m.start + window, m.end + window)
+                for m in self._filter.find_in_views(reading.views)
+                if m.end + window > self._sent_upto
+            ]
+        for start, stop in reading.matches:
             if start < end < stop:
                 end = start  # never send part of a match
-        if end <= self._sent_upto:
+        return end, [m for m in reading.matches if m[0] < end]
+
+    def _send(self, end: int, decided: list[tuple[int, int]]) -> str:
+        """Sends the text up to ``end``, with the ``decided`` matches in it redacted."""
+        if self.stopped or end <= self._sent_upto:
             return ""
-        decided = [m for m in matches if m[0] < end]
         if self._stop_at_match and decided:
             return self._stop(min(start for start, _ in decided))
         released = self._redact(self._sent_upto, end, decided)
@@ -975,12 +1269,53 @@ class StreamingFilter:
         return "".join(pieces)
 
 
+@dataclass
+class _Reading:
+    """One push's reading of the stream: the window re-scanned (from ``start``, after ``filler``), its
+    views, the right-to-left override still open at the text's end, and (once found) the window's
+    matches that reach past the text sent."""
+
+    start: int
+    views: list[TextView]
+    open_override: int | None
+    filler: str
+    matches: list[tuple[int, int]] | None = None
+
+
+# What may end the text before a window that starts inside a long word of letters, digits and leetspeak
+# symbols: a digit or a symbol that is never a spaced-out letter ("@" and "$" may be).
+_LEET_CUT_SYMBOLS = frozenset("0123456789!|+€")
+# Candidates tried, back from the hold, for where a later window may start inside a long run.
+_CUT_SEARCH = 64
+_THROUGH_LAST_SPACE_RE = re.compile(r".*\s", re.DOTALL)
+# The runs a view's text ends in, matched on the text reversed: leetspeak words (letters, digits and the
+# symbols read as letters), alphanumeric words, letters, and letters once leetspeak is read.
+_LEET_WORD_BACK_RE = re.compile(r"(?:[^\W_]|[@$!|+€])*")
+_ALNUM_BACK_RE = re.compile(r"[^\W_]*")
+_LETTERS_BACK_RE = re.compile(r"[^\W\d_]*")
+_LETTERS_RE = _LETTERS_BACK_RE
+_LEET_LETTERS_BACK_RE = re.compile(rf"(?:[^\W\d_]|[{re.escape(_LEET_SYMBOLS)}])*")
+# The longest text ``_ENCODED_RE`` matches: "&" + a 32-character entity name + ";".
+_LONGEST_ENCODED_MATCH = 34
+
+
+def _is_letter(char: str) -> bool:
+    """A letter as the whole-word match reads it (``[^\\W\\d_]``)."""
+    return char.isalnum() and not char.isdecimal()
+
+
+def _matched_length(pattern: re.Pattern[str], text: str, position: int = 0) -> int:
+    match = pattern.match(text, position)
+    return 0 if match is None else match.end() - position
+
+
 # Leetspeak symbols that read as letters: in some reading they are part of a word ("k!ll", "h@te").
 _LEET_LETTER_SYMBOLS = frozenset("@$!|+€")
 # Every character an encoded character can be written with ("%68", "&#x68;", "&amp;#104;"), and the most
 # of them one encoded character takes over the decoding rounds ("&amp;amp;" and a 32-letter entity name).
 _ENCODING_CHARS = frozenset("%&#;0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _LONGEST_ENCODING = 64
+_NOT_ENCODING_RE = re.compile(r"[^%&#;0-9A-Za-z]")
 
 
 def _is_not_space(char: str) -> bool:
@@ -992,10 +1327,12 @@ def _is_leet_letter(char: str) -> bool:
     return char.isalnum() or char in _LEET_LETTER_SYMBOLS
 
 
-def _run_start(text: str, end: int, inside: Callable[[str], bool]) -> int:
-    """Where the run of characters for which ``inside`` holds that ``text[:end]`` ends in begins."""
+def _run_start(text: str, end: int, inside: Callable[[str], bool], limit: int | None = None) -> int:
+    """Where the run of characters for which ``inside`` holds that ``text[:end]`` ends in begins (looking
+    back at most ``limit`` characters)."""
+    lowest = 0 if limit is None else max(0, end - limit)
     start = end
-    while start > 0 and inside(text[start - 1]):
+    while start > lowest and inside(text[start - 1]):
         start -= 1
     return start
 
@@ -1038,26 +1375,69 @@ def _is_lone_before(text: str, position: int, end: int) -> bool:
 
 def _open_encoding_start(text: str) -> int | None:
     """The first "%" or "&" among the characters at the text's end that may still decode differently
-    once more text arrives ("%6" + "8", "&#10" + "4;", "%26" + "#104;"); None if there is none."""
+    once more text arrives ("%6" + "8", "&#10" + "4;", "%26" + "#104;"); None if there is none. In a run
+    of encodings ("%41%42%4") that is the last "%" or "&" before which the text decodes the same whatever
+    follows (``_decode_separable``), not the first of the run."""
     first: int | None = None
     position = len(text) - 1
     while position >= max(0, len(text) - _LONGEST_ENCODING) and text[position] in _ENCODING_CHARS:
         if text[position] in "%&":
             first = position
         position -= 1
+    if first is None or position >= max(0, len(text) - _LONGEST_ENCODING):
+        return first  # the characters that may decode together end before the limit: nothing to narrow
+    position = len(text)
+    for _ in range(3):
+        position = max(text.rfind("%", first + 1, position), text.rfind("&", first + 1, position))
+        if position < 0:
+            break
+        if _decode_separable(text, position):
+            return position
     return first
 
 
-def _view_index(view: _View, position: int) -> int:
+def _decode_separable(text: str, position: int) -> bool:
+    """Whether the text before ``position`` decodes the same whatever follows it, and the text from it
+    the same whatever precedes it: no encoding, in any decoding round, takes characters from both sides.
+
+    A round-one encoding starts at a "%" or "&" (none is inside another), so the last ones before
+    ``position`` are found again from the end; each must decode (a "%" or "&" left as it is could begin
+    a later round's encoding), to neither "%" nor "&", and end before ``position``. A later round's
+    encoding is at most ``_LONGEST_ENCODED_MATCH`` characters of the round before's output, so enough
+    such characters before ``position`` keep every round apart."""
+    needed = (_DECODE_ROUNDS - 1) * _LONGEST_ENCODED_MATCH
+    lowest = max(0, position - (needed + 1) * _LONGEST_ENCODED_MATCH)
+    outputs, cursor = 0, position
+    while outputs < needed:
+        start = max(text.rfind("%", lowest, cursor), text.rfind("&", lowest, cursor))
+        if _NOT_ENCODING_RE.search(text, max(start + 1, lowest), cursor) is not None:
+            return True  # a character no encoding is written with: no round reads across it
+        if start < 0:
+            # Plain characters down to ``lowest``; the first few may belong to an encoding begun before it.
+            return lowest == 0 or outputs + cursor - (lowest + _LONGEST_ENCODED_MATCH) >= needed
+        match = _ENCODED_RE.match(text, start)
+        char = None if match is None else _decode_one(match)
+        if match is None or char is None or "%" in char or "&" in char or match.end() > cursor:
+            return False
+        if match.end() == len(text) and match.group(1) is None and not match.group().endswith(";"):
+            return False  # "&#10" may go on ("&#104;")
+        outputs += cursor - match.end() + len(char)
+        cursor = start
+    return True
+
+
+def _view_index(view: TextView, position: int) -> int:
     """The first character of ``view`` that comes from the original text at or after ``position``."""
     if view.starts is None:
-        return min(position, len(view.text))
+        return max(0, min(position, len(view.text)))
     if position >= len(view.original):
         return len(view.text)
+    if view.ordered:
+        return bisect.bisect_left(view.starts, position)
     return next((index for index, start in enumerate(view.starts) if start >= position), len(view.text))
 
 
-def _view_start(view: _View, index: int, length: int) -> int:
+def _view_start(view: TextView, index: int, length: int) -> int:
     """Where the view's characters from ``index`` on begin in the original text (of ``length``); 0 for
     the view's start, ``length`` past its end. In display order a later character may come from earlier
     text (a reversed run), so it is the first of them all."""
@@ -1065,15 +1445,19 @@ def _view_start(view: _View, index: int, length: int) -> int:
         return 0
     if index >= len(view.text):
         return length
-    return index if view.starts is None else min(view.starts[index:])
+    if view.starts is None:
+        return index
+    return view.starts[index] if view.ordered else min(view.starts[index:])
 
 
-def _word_start_before(text: str, position: int) -> int:
-    """``position`` (clamped to the text) moved back to the start of the word it falls in (leetspeak
-    "@" and "$" count as letters: "h@te" is one word)."""
-    position = max(0, min(position, len(text)))
-    while 0 < position < len(text) and _is_word_or_leet_char(text[position - 1]) and _is_word_or_leet_char(
-        text[position]
+def _word_start_before(text: str, position: int, lowest: int = 0) -> int:
+    """``position`` (clamped to the text) moved back to the start of the word it falls in, or to
+    ``lowest`` (leetspeak "@" and "$" count as letters: "h@te" is one word)."""
+    position = max(lowest, min(position, len(text)))
+    while (
+        lowest < position < len(text)
+        and _is_word_or_leet_char(text[position - 1])
+        and _is_word_or_leet_char(text[position])
     ):
         position -= 1
     return position

@@ -11,6 +11,7 @@ import hypothesis
 import pytest
 from hypothesis import strategies as st
 
+from textgen import content_filter
 from textgen.config import DEFAULT_BLOCKED_WORDS
 from textgen.content_filter import REDACTION, ContentFilter, FilterMatch, StreamingFilter
 from textgen.errors import ConfigError, ContentRejectedError
@@ -284,3 +285,129 @@ def test_an_ordinary_sentence_is_released_at_most_one_word_behind() -> None:
     # The model's first tokens: the fixed-width hold sent nothing before ~24 characters existed.
     streaming = StreamingFilter(DEFAULT, "redact")
     assert [streaming.push(token) for token in tokens[:5]] == ["", "Rule ", "", "1: ", "The "]
+
+
+# -- long output without spaces: bounded work, and still exactly the whole-text redaction ------------------
+
+LONG_PIECES = {
+    "letters": ["abcdefghij", "q", "xyz", "ihateyou", "hatehate", "you", "them", "chateau", "violet"],
+    "encodings": ["%41%42%43", "&#65;&#66;", "&#x41;", "&eacute;", "%68%61%74%65", "%2e", "&#x31;"],
+    "leet": ["h4t3", "a1b2", "x!y!", "k1ll", "3", "@", "$", "|", "+", "v!0", "8", "42"],
+    "glued": ["ihateyou", "hatehate", "youhate", "hatethem", "ihate", "uhate", "hateful", "violence"],
+    "spaced": ["a.b.", "c.", "h.a.t.e.", "a b ", "x ", "a!b!", "q-", "_", "-", "."],
+    "disguised": ["\u200b", "\u0301", "ＨＡＴＥ", "ʜᴀᴛᴇ", "а", "е", "Ⓗ", "\u00ad", "x", "y"],
+}
+# Encodings of encodings, and encoded spaces: a window cannot start among them (they are held whole, as
+# before), so only short runs of them are streamed here.
+LAYERED = ["%2541", "&amp;#104;", "%26%23104;", "%20", "&#32;", "&amp;"]
+ENDINGS = ["", "hate", "-hate", " hate", "9hate", "h@te", "violently", "h a t e", "%68%61%74%65", "hatred",
+           " yourself", "yourself", " away", "violen", "k1ll yourself", "\u202ehate", "haaate"]  # fmt: skip
+
+
+def _long_run(rng: random.Random, size: int, kinds: list[list[str]]) -> str:
+    """A run of ``size`` characters or so without spaces (mostly), of pieces of one kind or several."""
+    chosen = rng.sample(kinds, min(len(kinds), rng.choice([1, 1, 2, 3])))
+    pieces: list[str] = []
+    while sum(map(len, pieces)) < size:
+        pieces.append(rng.choice(rng.choice(chosen)))
+    return "".join(pieces)
+
+
+@hypothesis.settings(max_examples=15, deadline=None, derandomize=True, database=None)
+@hypothesis.given(st.randoms(use_true_random=False))
+def test_a_long_run_without_spaces_streams_exactly_the_whole_text_redaction(rng: random.Random) -> None:
+    layered = rng.random() < 0.3
+    kinds = [*LONG_PIECES.values(), LAYERED] if layered else list(LONG_PIECES.values())
+    text = (
+        rng.choice(["", "so ", "kill ", "go "])
+        + rng.choice(["", "", "violen", "h", "hate"])
+        + _long_run(rng, 300 if layered else rng.choice([300, 1500]), kinds)
+        + rng.choice(ENDINGS)
+        + rng.choice(["", " ok", " and more text"])
+    )
+    check_stream_against_whole_text(rng.choice([DEFAULT, FUZZ_FILTER]), text, _token_deltas(text, rng))
+
+
+@pytest.mark.parametrize("kind", sorted(LONG_PIECES))
+@pytest.mark.parametrize("ending", ["hate", "9hate", "%68%61%74%65", "h.a.t.e"])
+def test_a_blocked_word_at_the_end_of_a_long_run_is_never_sent(kind: str, ending: str) -> None:
+    rng = random.Random(f"{kind}{ending}")
+    text = _long_run(rng, 5000, [LONG_PIECES[kind]]) + ending
+    deltas, position = [], 0
+    while position < len(text):  # pushes of 1 to 40 characters, cut anywhere
+        size = rng.randint(1, 40)
+        deltas.append(text[position : position + size])
+        position += size
+    check_stream_against_whole_text(DEFAULT, text, deltas)
+
+
+def test_a_long_word_that_can_no_longer_match_is_sent_as_it_comes() -> None:
+    streaming, sent = StreamingFilter(DEFAULT, "redact"), ""
+    for _ in range(500):
+        sent += streaming.push("abcdefghij")
+        # Not held whole: only what a later window needs stays back (an encoding's or a word's worth).
+        assert len(sent) >= 10 * _ - DEFAULT.long_word
+    assert sent + streaming.finish() == "abcdefghij" * 500
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "so violen" + "t" * 3000 + " ok",  # a stemmed word matches however long it gets
+        "so v i o l e n " + "t " * 1500 + "ok",  # and so does a spaced-out one
+        "so " + "%76%69%6f%6c%65%6e" + "%74" * 1000 + " ok",  # encoded
+    ],
+)
+def test_a_long_stemmed_run_is_still_held_whole(text: str) -> None:
+    sent, rejected = stream(DEFAULT, "reject", _token_deltas(text, random.Random(5)))
+    assert rejected and sent == "so "
+
+
+class _Counting:
+    """Counts the characters ``_decoded`` and ``find_in_views`` are given (the work of a push)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.characters = 0
+        decoded, find_in_views = content_filter._decoded, ContentFilter.find_in_views
+
+        def counting_decoded(text: str) -> object:
+            self.characters += len(text)
+            return decoded(text)
+
+        def counting_find(filter_: ContentFilter, views: list) -> list:  # type: ignore[type-arg]
+            self.characters += sum(len(view.text) for view in views)
+            return find_in_views(filter_, views)
+
+        monkeypatch.setattr(content_filter, "_decoded", counting_decoded)
+        monkeypatch.setattr(ContentFilter, "find_in_views", counting_find)
+
+    def stream(self, text: str) -> int:
+        """Characters read while streaming ``text`` four characters at a time."""
+        self.characters = 0
+        streaming = StreamingFilter(DEFAULT, "redact")
+        sent = "".join(streaming.push(text[i : i + 4]) for i in range(0, len(text), 4)) + streaming.finish()
+        assert sent == DEFAULT.redact(text)
+        return self.characters
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "the quick brown fox jumps over the lazy dog ",
+        "caf&eacute; &amp; na&iuml;ve r&eacute;sum&eacute; ",
+        "abcdefghij",  # one long word
+        "a b c d e f g h ",  # one long spaced-out run
+        "%41%42%43",  # one long word, encoded
+        "h4t3a1b2x!y!",  # one long word of leetspeak
+        "a.b.c.d.e.f.g.h.",  # one long spaced-out run without spaces
+        "ihateyouhatehate",  # glued words glued on
+    ],
+)
+def test_the_work_per_push_does_not_grow_with_the_output(monkeypatch: pytest.MonkeyPatch, unit: str) -> None:
+    counting = _Counting(monkeypatch)
+    short, long = unit * (4000 // len(unit)), unit * (16000 // len(unit))
+    per_push_short = counting.stream(short) / (len(short) / 4)
+    per_push_long = counting.stream(long) / (len(long) / 4)
+    # Linear in the output: the same characters read per push at 4k and 16k (quadratic would be 4x).
+    assert per_push_long < 1.3 * per_push_short, (per_push_short, per_push_long)
+    assert per_push_long < 2000, per_push_long  # a bounded window, not the output so far
