@@ -10,6 +10,11 @@ requests, so both see the same machine load (a shared machine's load moves durin
 while the other works. Completion tokens over the rounds' wall time give each server's tok/s; the ratio is
 on / off. Greedy requests (``repeat``) must produce the same text on both: a difference is reported.
 Results go to stdout and ``--out``/speculative.json.
+
+``--compare-url`` adds another OpenAI-compatible server (llama.cpp's ``llama-server``, which does not draft
+here) to every round, so the table also gives ``auto`` against it on the same workload and machine load:
+
+    python -m bench.speculative --requests 12 --compare-url http://127.0.0.1:8081 --compare-label llama-server
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from bench.workloads import WORKLOADS, chat_payload  # noqa: E402
 
 LOG = logging.getLogger("bench.speculative")
 MAX_TOKENS = {"repeat": 256, "open": 128}
+COMPARE = "compare"  # the --compare-url server's key among the clients
 
 
 def start(label: str, mode: str, host: str, out_dir: Path, job_db: Path) -> Server:
@@ -95,6 +101,7 @@ async def measure(
         "requests": rounds * concurrency,
         "tokens_per_s": rate,
         "ratio": rate["on"] / rate["off"],
+        "ratio_vs_compare": rate["on"] / rate[COMPARE] if COMPARE in rate else None,
         "completion_tokens": tokens,
         "greedy_differences": differing if workload == "repeat" else None,
     }
@@ -102,8 +109,10 @@ async def measure(
 
 async def run(args: argparse.Namespace, servers: dict[str, Server]) -> list[dict[str, Any]]:
     timeout = httpx.Timeout(args.request_timeout)
-    clients = {label: httpx.AsyncClient(base_url=s.base_url, timeout=timeout, trust_env=False)
-               for label, s in servers.items()}
+    urls = {label: server.base_url for label, server in servers.items()}
+    if args.compare_url:
+        urls[COMPARE] = args.compare_url.rstrip("/")
+    clients = {label: httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False) for label, url in urls.items()}
     rows = []
     try:
         for client in clients.values():  # one warm request each (first-request costs)
@@ -116,6 +125,9 @@ async def run(args: argparse.Namespace, servers: dict[str, Server]) -> list[dict
                     row["tokens_per_s"]["off"], args.mode, row["tokens_per_s"]["on"], row["ratio"],
                     f", greedy texts differing: {row['greedy_differences']}" if workload == "repeat" else "",
                 )
+                if row["ratio_vs_compare"] is not None:
+                    LOG.info("%s C=%d: %s %.1f tok/s, %s / it %.2f", workload, concurrency, args.compare_label,
+                             row["tokens_per_s"][COMPARE], args.mode, row["ratio_vs_compare"])
                 rows.append(row)
     finally:
         for client in clients.values():
@@ -133,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--request-timeout", type=float, default=900.0)
+    parser.add_argument("--compare-url", default=None, help="also drive this OpenAI-compatible server each round")
+    parser.add_argument("--compare-label", default="compare", help="its name in the table (default 'compare')")
     args = parser.parse_args(argv)
     unknown = set(args.workloads) - set(WORKLOADS)
     if unknown:
@@ -150,12 +164,15 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             for server in servers.values():
                 stop_server(server)
-    print(f"| workload | C | off tok/s | {args.mode} tok/s | ratio |")
-    print("|---|---:|---:|---:|---:|")
+    compared = f" | {args.compare_label} tok/s | {args.mode} / {args.compare_label}" if args.compare_url else ""
+    print(f"| workload | C | off tok/s | {args.mode} tok/s | ratio{compared} |")
+    print("|---|---:|---:|---:|---:" + ("|---:|---:" if args.compare_url else "") + "|")
     for row in rows:
         rate = row["tokens_per_s"]
         cells = [row["workload"], str(row["concurrency"]), f"{rate['off']:.1f}", f"{rate['on']:.1f}"]
         cells.append(f"{row['ratio']:.2f}x")
+        if row["ratio_vs_compare"] is not None:
+            cells += [f"{rate[COMPARE]:.1f}", f"{row['ratio_vs_compare']:.2f}x"]
         print("| " + " | ".join(cells) + " |")
     (args.out / "speculative.json").write_text(json.dumps(rows, indent=1))
 

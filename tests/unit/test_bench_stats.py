@@ -819,3 +819,28 @@ def test_the_bench_header_shows_a_fused_kernel_fallback(monkeypatch: pytest.Monk
         "fused kernels off (no C compiler found)"
     )
     assert fused_note({"fused_kernels": True}) == "fused kernels on"
+
+
+def test_speculative_bench_rounds_include_the_compare_server() -> None:
+    """bench.speculative --compare-url: the other server answers in every round, and the row gives the setting
+    under test against it beside on / off (tokens over each server's own wall time)."""
+    from bench import speculative
+
+    served: dict[str, int] = {}
+
+    def answering(label: str, tokens: int) -> httpx.AsyncClient:
+        def handler(request: httpx.Request) -> httpx.Response:
+            served[label] = served.get(label, 0) + 1
+            body = {"usage": {"completion_tokens": tokens}, "choices": [{"message": {"content": "same"}}]}
+            return httpx.Response(200, json=body)
+
+        return httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://test")
+
+    clients = {"off": answering("off", 10), "on": answering("on", 30), speculative.COMPARE: answering("c", 20)}
+    row = asyncio.run(speculative.measure(clients, "repeat", concurrency=2, requests=4))
+    assert served == {"off": 4, "on": 4, "c": 4}
+    assert row["completion_tokens"] == {"off": 40, "on": 120, speculative.COMPARE: 80}
+    assert row["ratio_vs_compare"] is not None and row["ratio_vs_compare"] > 0
+    assert row["greedy_differences"] == 0
+    without = asyncio.run(speculative.measure({k: clients[k] for k in ("off", "on")}, "open", 1, 2))
+    assert without["ratio_vs_compare"] is None
