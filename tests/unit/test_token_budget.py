@@ -26,6 +26,7 @@ from textgen.metrics import Metrics
 from textgen.ratelimit import SQLiteRateLimiter, TokenBudgetTooLargeError
 
 KEY = "key:0123456789abcdef"
+FROZEN_TIME = 1_800_000_000.0  # seconds since the epoch, mid-minute
 
 
 class HandleOnlyEngine:
@@ -44,7 +45,11 @@ class HandleOnlyEngine:
 
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[tuple[GenerationService, HandleOnlyEngine]]:
-    limiter = SQLiteRateLimiter(tmp_path / "jobs.db", requests_per_minute=0, tokens_per_minute=100)
+    # A frozen clock: on the wall clock a minute's boundary between reserving and probing would give the
+    # whole budget back and fail an assertion by chance.
+    limiter = SQLiteRateLimiter(
+        tmp_path / "jobs.db", requests_per_minute=0, tokens_per_minute=100, clock=lambda: FROZEN_TIME
+    )
     await limiter.open()
     engine = HandleOnlyEngine()
     settings = load_settings(max_new_tokens_limit=100)
