@@ -12,12 +12,17 @@ import torch
 
 from textgen.config import load_settings
 from textgen.engine.core import CoreOptions, build_core
+from textgen.engine.core.decoder import ROW_EXACT_FORMATS
 from textgen.engine.core.gguf_blocks import read_q4_1_blocks
 from textgen.engine.core.linear import Q4Kernel
 from textgen.loader import load_model
 
 pytestmark = pytest.mark.e2e
 
+# Largest |logit difference| allowed between a bf16 extend step and one-token steps where bf16 products are not
+# row-exact: measured 0.33 (AMD EPYC, AVX512_BF16) on logits of magnitude ~20; a position or cache mix-up gives
+# differences of several units.
+BF16_STEP_TOLERANCE = 1.0
 TEXT = (Path(__file__).resolve().parents[1] / "data" / "english.txt").read_text()
 PROMPTS = [
     "The capital of France is",
@@ -168,11 +173,15 @@ def test_fused_decode_kernels_keep_perplexity_and_stay_as_close_to_float32(
         assert fused_error <= 1.1 * eager_error, (fused_error, eager_error)
 
 
-@pytest.mark.parametrize("weights", ["int4", "bf16"])
+@pytest.mark.parametrize("weights", ["int4", "w8a8", "bf16"])
 def test_verifying_drafts_gives_the_logits_of_one_token_steps_exactly(bundled_bf16: Any, weights: str) -> None:
     """What greedy text identical with speculative decoding on and off rests on, with the real kernels (the
-    file's Q4_1 blocks or bf16, the fused step): scoring a token and its drafts in one extend step gives, at
-    every position, bit for bit the logits of feeding them one step at a time, beside another sequence."""
+    file's Q4_1 blocks, w8a8 or bf16, the fused step): scoring a token and its drafts in one extend step gives,
+    at every position, bit for bit the logits of feeding them one step at a time, beside another sequence —
+    where the products give a row the same bits whatever shares its call (``ROW_EXACT_FORMATS``). bf16's
+    (oneDNN) do on some CPUs and not on others (an AMD EPYC with AVX512_BF16: 1-7-row products differ), so
+    there the logits agree within bf16's rounding carried through 30 layers, as they do across batch
+    compositions without drafts."""
     core = build_core(bundled_bf16, CoreOptions(weights=weights, slots=4, positions=256))
     prompts = [list(bundled_bf16.tokenizer(p).input_ids) for p in PROMPTS[:2]]
     fed = [list(bundled_bf16.tokenizer(" the quick brown fox jumps over").input_ids), [42]]
@@ -180,6 +189,10 @@ def test_verifying_drafts_gives_the_logits_of_one_token_steps_exactly(bundled_bf
     core.prefill(slots, prompts)
     expected = [core.decode([slots[0]], torch.tensor([t]))[0] for t in fed[0]]
     core.truncate(slots[0], len(prompts[0]))
-    got = core.extend(slots, fed, scored=[len(f) for f in fed]).logits
-    assert torch.equal(got[: len(fed[0])], torch.stack(expected))
+    got = core.extend(slots, fed, scored=[len(f) for f in fed]).logits[: len(fed[0])]
+    if weights in ROW_EXACT_FORMATS:
+        assert torch.equal(got, torch.stack(expected))
+    else:
+        difference = (got - torch.stack(expected)).abs().max().item()
+        assert difference <= BF16_STEP_TOLERANCE, difference
     core.free(slots)

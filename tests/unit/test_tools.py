@@ -23,6 +23,7 @@ from textgen.services.tools import (
     ToolCallParser,
     ToolPlan,
     bounded_numbers,
+    declared_arguments_only,
     parse_tool_calls,
     tool_call_constraint,
     tool_plan,
@@ -109,6 +110,45 @@ def test_open_numbers_take_at_most_six_decimals(ll_tokenizer: Any) -> None:
     call = '<tool_call>{"name": "f", "arguments": {"x":%s}}</tool_call>'
     assert accepts(ll_tokenizer, plan, call % "3.141592")
     assert not accepts(ll_tokenizer, plan, call % "3.1415926")
+
+
+def test_a_call_takes_only_the_arguments_its_function_declares(ll_tokenizer: Any) -> None:
+    """Objects that declare properties and say nothing of other keys take no others (a small model otherwise
+    writes keys of its own until its budget is gone); what the schema says explicitly, and data, stay."""
+    point = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "at": point,
+            "tags": {"type": "object", "additionalProperties": {"type": "string"}},  # an open map, said so
+            "properties": {"type": "object", "properties": {"k": {"type": "integer"}}},  # a name, not a keyword
+            "choice": {"enum": [{"type": "object", "properties": {}}]},  # data
+        },
+        "$defs": {"p": point},
+    }
+    closed = declared_arguments_only(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["at"]["additionalProperties"] is False
+    assert closed["$defs"]["p"]["additionalProperties"] is False
+    assert closed["properties"]["tags"] == schema["properties"]["tags"]
+    assert closed["properties"]["properties"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]
+    assert closed["properties"]["choice"] == schema["properties"]["choice"]
+    assert "additionalProperties" not in schema  # a copy: the request's own schema is untouched
+    plan = plan_of(
+        tools=[{"type": "function", "function": {"name": "f", "parameters": schema}}], tool_choice="required"
+    )
+    call = '<tool_call>{"name": "f", "arguments": %s}</tool_call>'
+    assert accepts(ll_tokenizer, plan, call % '{"city":"Paris","at":{"x":1},"tags":{"any":"key"}}')
+    assert not accepts(ll_tokenizer, plan, call % '{"city":"Paris","description":"extra"}')
+    assert not accepts(ll_tokenizer, plan, call % '{"at":{"x":1,"y":2}}')
+
+
+def test_an_intersection_is_left_open() -> None:
+    """Closing allOf's parts could leave no object satisfying all of them: such a schema is not changed."""
+    schema = {"allOf": [{"type": "object", "properties": {"a": {}}}, {"properties": {"b": {}}}]}
+    assert declared_arguments_only(schema) == schema
 
 
 def test_none_and_no_tools_constrain_nothing() -> None:

@@ -56,6 +56,8 @@ _COMPACT = {"whitespace_flexible": False}
 # is no call. The result still validates against the function's own schema (this only narrows it).
 NUMBER_STEP = 0.000001
 _DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "example"})
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_OTHER_KEYS_KEYWORDS = frozenset({"additionalProperties", "patternProperties", "unevaluatedProperties"})
 
 ToolMode = Literal["none", "auto", "required", "named"]
 
@@ -228,9 +230,53 @@ def bounded_numbers(schema: Any) -> Any:
     return copy
 
 
+def declared_arguments_only(schema: Any) -> Any:
+    """A copy of a parameters schema in which an object that declares ``properties`` and says nothing of
+    other keys (no ``additionalProperties``, ``patternProperties`` or ``unevaluatedProperties``) takes no
+    others. JSON Schema would allow undeclared keys there, but a function has no use for arguments it does
+    not declare (a framework's call with them fails its own validation), and a small model offered the
+    freedom writes keys of its own until its budget runs out: a cut-off call is no call. The result still
+    validates against the function's schema (this only narrows it). A schema with ``allOf`` anywhere is
+    left as it is: closing the parts of an intersection could leave no object that satisfies all of them.
+    Data inside ``enum``/``const``/``default``/``examples`` is left as it is; recursion is safe (the
+    schema's nesting passed the limits first)."""
+    if _mentions_all_of(schema):
+        return schema
+    return _closed(schema)
+
+
+def _closed(schema: Any) -> Any:
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    copy = {key: _closed_value(key, value) for key, value in schema.items()}
+    if isinstance(schema.get("properties"), dict) and not _OTHER_KEYS_KEYWORDS & schema.keys():
+        copy["additionalProperties"] = False
+    return copy
+
+
+def _closed_value(key: str, value: Any) -> Any:
+    if key in _DATA_KEYWORDS:
+        return value
+    if key in _SCHEMA_MAPS and isinstance(value, dict):  # names -> schemas: a name is not a keyword
+        return {name: _closed(subschema) for name, subschema in value.items()}
+    return _closed(value)
+
+
+def _mentions_all_of(schema: Any) -> bool:
+    if isinstance(schema, list):
+        return any(_mentions_all_of(item) for item in schema)
+    if not isinstance(schema, dict):
+        return False
+    return "allOf" in schema or any(
+        _mentions_all_of(value) for key, value in schema.items() if key not in _DATA_KEYWORDS
+    )
+
+
 def _call_rule(index: int, function: FunctionDefinition) -> str:
     head = _lark_string(f'{{"name": "{function.name}", "arguments": ')
-    schema = {**bounded_numbers(parameters_schema(function)), "x-guidance": _COMPACT}
+    schema = {**bounded_numbers(declared_arguments_only(parameters_schema(function))), "x-guidance": _COMPACT}
     return f"call_{index}: {head} %json {json.dumps(schema, separators=(',', ':'))} {_lark_string('}')}"
 
 
