@@ -258,7 +258,11 @@ class ContentFilter:
 
     def begins_with_stem(self, letters: str) -> bool:
         """Whether a word that starts with ``letters`` is a stemmed word ("violen" + anything)."""
-        return any(letters.startswith(stem) for stem in self._stems)
+        return self.stem_beginning(letters) is not None
+
+    def stem_beginning(self, letters: str) -> str | None:
+        """The stem a word that starts with ``letters`` begins with, if any."""
+        return next((stem for stem in self._stems if letters.startswith(stem)), None)
 
     def may_spell_match(self, letters: str) -> bool:
         """Whether a spaced-out run whose first letters are ``letters`` can still spell a match once it
@@ -845,7 +849,10 @@ class StreamingFilter:
     letters without beginning with a stem. Its settled part is sent, and the next window starts inside
     the run (``_floor``, at a point no encoding, override or match crosses), after a filler of the same
     kind (a long word, or spaced-out letters, made of a letter in no blocked word) that stands for the
-    run before it: read from there, every detector decides as it does on the whole text. So the cost of
+    run before it: read from there, every detector decides as it does on the whole text. A word that long
+    beginning with a stem is decided too (one match from its first letter to its end, however it goes on):
+    its redaction is sent, and later windows start inside it after a stemmed filler, their match going on
+    from the window's start is the same one (``_redact`` sends no second redaction for it). So the cost of
     a push does not grow with the length of the output, even without spaces.
     """
 
@@ -1036,9 +1043,14 @@ class StreamingFilter:
         for view in reading.views:
             for cut in cuts:
                 index = _view_index(view, cut - window)
+                reading.stemmed_end = False
                 held, let_go = self._tail_hold(view.text, index, reading, relax=relax)
                 relaxed = relaxed or let_go
-                hold = min(hold, cut, window + _view_start(view, held, len(text) - window))
+                start = window + _view_start(view, held, len(text) - window)
+                if reading.stemmed_end and held == index > 0:
+                    # Invisible characters after a stemmed word's last letter may go on inside it.
+                    start = window + view.original_span(index - 1, index)[1]
+                hold = min(hold, cut, start)
         return hold, relaxed
 
     def _tail_hold(self, text: str, end: int, reading: _Reading, *, relax: bool) -> tuple[int, bool]:
@@ -1089,10 +1101,15 @@ class StreamingFilter:
             held = _words_start(text, end, self._filter.longest_phrase - 1, str.isalnum)
         else:
             # Letters after a digit, or the whole long word: a plain match only if short or a stemmed word.
+            # A long stemmed word is decided: a match from its first letter to its last, however it goes
+            # on (no other detector reads a word that long), so it is redacted now and what follows is
+            # read after a stemmed filler (``_filler_at``), not held.
             letters = end - _matched_length(_LETTERS_BACK_RE, backwards)
+            short = not self._is_long(letters, end, reading)
             live = end - letters <= self._filter.longest_form or self._filter.begins_with_stem(text[letters:end])
-            if letters < end and not (letters == 0 and self._filler_is_word(reading)) and live:
+            if letters < end and short and live:
                 held = letters
+            reading.stemmed_end = letters < end and not short and live
         if self._filter.longest_phrase > 1:  # "k1llyourself": the letters a multi-word entry may end in
             leet = end - _matched_length(_LEET_LETTERS_BACK_RE, backwards)
             if end - leet <= self._filter.longest_form:
@@ -1111,8 +1128,14 @@ class StreamingFilter:
         return end - start >= self._filter.long_word
 
     def _filler_is_word(self, reading: _Reading) -> bool:
-        """Whether the window's filler is a long word (spaced-out filler letters alternate with a separator)."""
-        return len(reading.filler) > 1 and reading.filler[1] == self._letter
+        """Whether the window's filler is a long word (spaced-out filler letters alternate with a separator;
+        a stemmed filler begins with a stem, which never holds the filler letter)."""
+        return len(reading.filler) > 1 and (reading.filler[1] == self._letter or self._filler_is_stemmed(reading))
+
+    def _filler_is_stemmed(self, reading: _Reading) -> bool:
+        """Whether the window's filler is a long stemmed word: the window starts inside a stemmed word
+        redacted already, whose match goes on from the window's start (``_redact`` sends it no more)."""
+        return bool(reading.filler) and reading.filler[0] != self._letter
 
     def _dead_spaced_run(self, text: str, start: int, end: int, reading: _Reading) -> bool:
         """Whether the spaced-out run ``text[:end]`` ends in (its first letter at or after ``start``, from
@@ -1155,10 +1178,12 @@ class StreamingFilter:
             start = index - _matched_length(_LETTERS_BACK_RE, text[:index][::-1])
             stop = index + _matched_length(_LETTERS_RE, text, index)
             if start == 0 and self._filler_is_word(reading):
-                return self._letter * self._filter.long_word  # the word goes on from the floor's
+                return reading.filler if self._filler_is_stemmed(reading) else self._letter * self._filter.long_word
             known = start > 0 or (reading.start == 0 and not reading.filler)
-            if known and stop - start >= self._filter.long_word and not self._filter.begins_with_stem(text[start:stop]):
-                return self._letter * self._filter.long_word
+            if known and stop - start >= self._filter.long_word:
+                # A long stemmed word (redacted whole as this push sends it) goes on after its stem.
+                stem = self._filter.stem_beginning(text[start:stop])
+                return (stem or "") + self._letter * self._filter.long_word
             return None
         if before in _LEET_CUT_SYMBOLS and self._filter.longest_phrase == 1:
             return self._leet_word_filler(text, index, reading)
@@ -1263,7 +1288,10 @@ class StreamingFilter:
         pieces: list[str] = []
         cursor = start
         for match_start, match_end in matches:
-            pieces += [self._text[cursor : max(cursor, match_start)], REDACTION]
+            # A window after a stemmed filler: the stemmed word's match goes on from the floor, and its
+            # redaction was sent with its start (``_long_word_hold``).
+            continued = match_start == self._floor <= start and self._filler[:1] not in ("", self._letter)
+            pieces += [self._text[cursor : max(cursor, match_start)], "" if continued else REDACTION]
             cursor = max(cursor, match_end)
         pieces.append(self._text[cursor:end])
         return "".join(pieces)
@@ -1280,6 +1308,8 @@ class _Reading:
     open_override: int | None
     filler: str
     matches: list[tuple[int, int]] | None = None
+    # Set while holding: the view read ends in a long stemmed word, decided (``_long_word_hold``).
+    stemmed_end: bool = False
 
 
 # What may end the text before a window that starts inside a long word of letters, digits and leetspeak
