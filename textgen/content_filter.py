@@ -1345,6 +1345,8 @@ _LEET_LETTER_SYMBOLS = frozenset("@$!|+€")
 # of them one encoded character takes over the decoding rounds ("&amp;amp;" and a 32-letter entity name).
 _ENCODING_CHARS = frozenset("%&#;0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _LONGEST_ENCODING = 64
+# The most text before a cut that ``_layers_separable`` decodes to tell whether encodings cross it.
+_LAYERED_SPAN_MAX = 2048
 _NOT_ENCODING_RE = re.compile(r"[^%&#;0-9A-Za-z]")
 
 
@@ -1428,7 +1430,13 @@ def _open_encoding_start(text: str) -> int | None:
 
 def _decode_separable(text: str, position: int) -> bool:
     """Whether the text before ``position`` decodes the same whatever follows it, and the text from it
-    the same whatever precedes it: no encoding, in any decoding round, takes characters from both sides.
+    the same whatever precedes it: no encoding, in any decoding round, takes characters from both sides
+    (the quick check, else, for encodings of encodings, the one that decodes the rounds)."""
+    return _decode_separable_quickly(text, position) or _layers_separable(text, position)
+
+
+def _decode_separable_quickly(text: str, position: int) -> bool:
+    """``_decode_separable`` for text whose encodings decode in one round (the common case).
 
     A round-one encoding starts at a "%" or "&" (none is inside another), so the last ones before
     ``position`` are found again from the end; each must decode (a "%" or "&" left as it is could begin
@@ -1454,6 +1462,66 @@ def _decode_separable(text: str, position: int) -> bool:
         outputs += cursor - match.end() + len(char)
         cursor = start
     return True
+
+
+def _layers_separable(text: str, position: int) -> bool:
+    """``_decode_separable`` for encodings of encodings ("%2541" decodes to "%41", then "A"), where the
+    quick check gives up: each round's output before ``position`` is worked out from a stretch of text
+    before it, long enough that its end is exact, and no encoding of the next round may start in its
+    last ``_LONGEST_ENCODED_MATCH`` characters and reach past it (or be still open there).
+
+    An encoding starts at a "%" or "&" and reads to its right only, and none holds a "%" or "&" past
+    its first character: so a round's encodings are the same in any stretch that starts at a "%" or "&"
+    (or at the text's start), and the text from ``position`` decodes the same whatever precedes it once
+    no encoding of any round crosses it."""
+    span = 8 * _LONGEST_ENCODED_MATCH
+    while span <= _LAYERED_SPAN_MAX:
+        lowest = max(0, position - span)
+        first = _first_encoding_start(text, lowest, position)
+        if first is None:
+            return True  # nothing to decode before it for a stretch longer than any encoding
+        verdict = _layers_separable_from(text[first:position], from_start=first == 0)
+        if verdict is not None:
+            return verdict
+        if lowest == 0:
+            return False
+        span *= 2
+    return False
+
+
+def _first_encoding_start(text: str, start: int, stop: int) -> int | None:
+    found = [index for index in (text.find("%", start, stop), text.find("&", start, stop)) if index >= 0]
+    return 0 if start == 0 else (min(found) if found else None)
+
+
+def _layers_separable_from(layer: str, *, from_start: bool) -> bool | None:
+    """Whether no round's encoding crosses the end of ``layer`` (text from a "%" or "&", or from the
+    text's start, so decoded exactly): None when a round's output is too short to tell."""
+    for round_number in range(_DECODE_ROUNDS):
+        # An encoding begun before the layer covers at most its first characters: it ends before the
+        # last ``_LONGEST_ENCODED_MATCH``, where the encodings that may cross the end begin.
+        if len(layer) < _LONGEST_ENCODED_MATCH and not from_start:
+            return None
+        for start in _encoding_starts(layer, len(layer) - _LONGEST_ENCODED_MATCH):
+            match = _ENCODED_RE.match(layer, start)
+            if match is None:
+                if start + _LONGEST_ENCODED_MATCH > len(layer):
+                    return False  # what follows may complete it ("%4" + "1")
+                continue
+            if match.end() == len(layer) and match.group(1) is None and not match.group().endswith(";"):
+                return False  # "&#10" may go on ("&#104;")
+        if round_number + 1 < _DECODE_ROUNDS:
+            # The next round's output, decoded exactly: from the layer's start, else from its first "%" or
+            # "&" (no encoding holds one past its first character), else past what an encoding begun
+            # before the layer could cover (without a "%" or "&" the layer decodes to itself).
+            starts = _encoding_starts(layer, 0)
+            first = 0 if from_start else min(starts[:1] or [_LONGEST_ENCODED_MATCH])
+            layer = _ENCODED_RE.sub(lambda m: _decode_one(m) or m.group(), layer[first:])
+    return True
+
+
+def _encoding_starts(text: str, start: int) -> list[int]:
+    return [match.start() for match in _ENCODING_START_RE.finditer(text, start)]
 
 
 def _view_index(view: TextView, position: int) -> int:

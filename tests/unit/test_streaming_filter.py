@@ -300,10 +300,10 @@ LONG_PIECES = {
     "disguised": ["\u200b", "\u0301", "ＨＡＴＥ", "ʜᴀᴛᴇ", "а", "е", "Ⓗ", "\u00ad", "x", "y"],
     # one long stemmed word, redacted once long, whatever letters, encodings and invisibles it goes on with
     "stemmed": ["violen", "t", "ly", "%74", "&#116;", "\u200b", "\u0301", "Т", "ʜᴀᴛᴇ", "abc"],
-}
-# Encodings of encodings, and encoded spaces: a window cannot start among them (they are held whole, as
-# before), so only short runs of them are streamed here.
-LAYERED = ["%2541", "&amp;#104;", "%26%23104;", "%20", "&#32;", "&amp;"]
+    # encodings of encodings (two and three layers), encoded spaces, and pieces of encodings
+    "layered": ["%2541", "&amp;#104;", "%26%23104;", "%20", "&#32;", "&amp;", "%252541", "&amp;amp;#104;",
+                "%26amp;#104;", "&#37;41", "%25", "%2", ";", "41", "&#x26;#x41;"],
+}  # fmt: skip
 ENDINGS = ["", "hate", "-hate", " hate", "9hate", "h@te", "violently", "h a t e", "%68%61%74%65", "hatred",
            " yourself", "yourself", " away", "violen", "k1ll yourself", "\u202ehate", "haaate"]  # fmt: skip
 
@@ -320,16 +320,32 @@ def _long_run(rng: random.Random, size: int, kinds: list[list[str]]) -> str:
 @hypothesis.settings(max_examples=15, deadline=None, derandomize=True, database=None)
 @hypothesis.given(st.randoms(use_true_random=False))
 def test_a_long_run_without_spaces_streams_exactly_the_whole_text_redaction(rng: random.Random) -> None:
-    layered = rng.random() < 0.3
-    kinds = [*LONG_PIECES.values(), LAYERED] if layered else list(LONG_PIECES.values())
     text = (
         rng.choice(["", "so ", "kill ", "go "])
         + rng.choice(["", "", "violen", "h", "hate"])
-        + _long_run(rng, 300 if layered else rng.choice([300, 1500]), kinds)
+        + _long_run(rng, rng.choice([300, 1500]), list(LONG_PIECES.values()))
         + rng.choice(ENDINGS)
         + rng.choice(["", " ok", " and more text"])
     )
     check_stream_against_whole_text(rng.choice([DEFAULT, FUZZ_FILTER]), text, _token_deltas(text, rng))
+
+
+@hypothesis.settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@hypothesis.given(st.randoms(use_true_random=False))
+def test_a_window_starts_only_where_no_decoding_round_crosses(rng: random.Random) -> None:
+    # Where a later window may start among encodings of encodings, the text decodes as the text before
+    # it followed by the text from it, whatever comes next (pieces of encodings included).
+    pieces = [*LONG_PIECES["layered"], "%", "&", "#", "&#", "&amp", "0", "x", "%2568%2561%2574%2565"]
+    text = "".join(rng.choice(pieces) for _ in range(rng.randint(20, 150)))
+    cuts = [position for position in range(1, len(text)) if content_filter._decode_separable(text, position)]
+    for position in rng.sample(cuts, min(len(cuts), 8)):
+        for _ in range(4):
+            after = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 3)))
+            whole = content_filter._decoded(text + after)[0]
+            assert (
+                whole
+                == content_filter._decoded(text[:position])[0] + content_filter._decoded(text[position:] + after)[0]
+            )
 
 
 @pytest.mark.parametrize("kind", sorted(LONG_PIECES))
@@ -393,6 +409,7 @@ class _Counting:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.characters = 0
         decoded, find_in_views = content_filter._decoded, ContentFilter.find_in_views
+        layers_separable_from = content_filter._layers_separable_from
 
         def counting_decoded(text: str) -> object:
             self.characters += len(text)
@@ -402,7 +419,12 @@ class _Counting:
             self.characters += sum(len(view.text) for view in views)
             return find_in_views(filter_, views)
 
+        def counting_layers(layer: str, *, from_start: bool) -> bool | None:
+            self.characters += len(layer)  # the rounds decoded to tell where a window may start
+            return layers_separable_from(layer, from_start=from_start)
+
         monkeypatch.setattr(content_filter, "_decoded", counting_decoded)
+        monkeypatch.setattr(content_filter, "_layers_separable_from", counting_layers)
         monkeypatch.setattr(ContentFilter, "find_in_views", counting_find)
 
     def stream(self, text: str) -> int:
@@ -427,6 +449,9 @@ class _Counting:
         "ihateyouhatehate",  # glued words glued on
         "violen|t",  # one long stemmed word (redacted once long, the rest dropped as it comes)
         "violen|%74",  # encoded
+        "%2541",  # one long word, encoded twice over
+        "&amp;#104;",
+        "%252541",  # three times over
     ],
 )
 def test_the_work_per_push_does_not_grow_with_the_output(monkeypatch: pytest.MonkeyPatch, unit: str) -> None:
