@@ -191,6 +191,7 @@ class ContentFilter:
         used = "".join([*self._word_by_form, *stems])
         self._filler_letter = next((letter for letter in _FILLER_LETTERS if letter not in used), None)
         self._one_letter_phrase_words = any(len(part) < 2 for parts in phrases.values() for part in parts)
+        self._phrase_digits = any(char.isdigit() for word in phrases for char in word)
 
     @classmethod
     def from_sources(cls, words: Iterable[str], file: Path | None) -> ContentFilter:
@@ -278,6 +279,19 @@ class ContentFilter:
         """A letter in no blocked form or stem: text made of it alone matches nothing and joins no match
         (None if every candidate letter is taken)."""
         return self._filler_letter
+
+    def crosses_match(self, text: str, position: int) -> bool:
+        """Whether a whole-word match in ``text`` as written, or a multi-word entry's match in it read as
+        leetspeak, starts before ``position`` and ends after it."""
+        readings = [(self._plain_re, text)]
+        if self._phrase_re is not None:
+            readings += [(self._phrase_re, text.translate(table)) for table in (_LEET_AS_I, _LEET_AS_L)]
+        return any(m.start() < position < m.end() for pattern, reading in readings for m in pattern.finditer(reading))
+
+    @property
+    def has_phrase_digits(self) -> bool:
+        """Whether a multi-word entry has a digit in a word (then a digit may be inside its match)."""
+        return self._phrase_digits
 
     @property
     def has_one_letter_phrase_words(self) -> bool:
@@ -1185,7 +1199,7 @@ class StreamingFilter:
                 stem = self._filter.stem_beginning(text[start:stop])
                 return (stem or "") + self._letter * self._filter.long_word
             return None
-        if before in _LEET_CUT_SYMBOLS and self._filter.longest_phrase == 1:
+        if before in _LEET_CUT_SYMBOLS and (self._filter.longest_phrase == 1 or self._no_phrase_across(text, index)):
             return self._leet_word_filler(text, index, reading)
         if index + 1 >= len(text) or self._filter.has_one_letter_phrase_words:
             return None
@@ -1211,9 +1225,9 @@ class StreamingFilter:
         """The filler for a window starting at ``index`` of a view, after a digit or a leetspeak symbol in
         a long word of letters, digits and leetspeak symbols ("h4t3a1b2x!y!..."), which no detector reads
         whole: a long word of the filler letter ending in the same character, so that every detector
-        reads what follows as on the whole text. Only without multi-word entries (which read leetspeak
-        symbols as separators) and where no spaced-out run, alphanumeric word or run of letters goes
-        on across ``index``."""
+        reads what follows as on the whole text. With multi-word entries (which read leetspeak symbols
+        as separators) only where none of their matches crosses ``index`` (``_no_phrase_across``); and
+        only where no spaced-out run, alphanumeric word or run of letters goes on across ``index``."""
         before = text[index - 1]
         if index < 3 or not (text[index - 2].isalnum() and (before.isalnum() or text[index - 3].isalnum())):
             return None  # the character before may be a spaced-out letter, or one beside a separator
@@ -1228,6 +1242,20 @@ class StreamingFilter:
         if _is_letter(before) and _is_letter(after):
             return None  # a run of letters goes on (the letter filler's case)
         return self._letter * self._filter.long_word + before
+
+    def _no_phrase_across(self, text: str, index: int) -> bool:
+        """Whether no multi-word entry's match, as written or read as leetspeak, crosses ``index`` of a
+        view (they read leetspeak symbols as separators, and as letters, so any may be inside one).
+        No match holds a digit that no reading makes a letter (``_PHRASE_BARRIERS``, unless an entry's
+        words hold digits): the stretch between two of them, both known, is read as the whole text reads it."""
+        if self._filter.has_phrase_digits:
+            return False
+        limit = self._filter.long_word
+        left = _run_start(text, index, _is_not_phrase_barrier, limit) - 1
+        right = index + _matched_length(_NOT_PHRASE_BARRIERS_RE, text[index : index + limit + 1])
+        if left < 0 or text[left] not in _PHRASE_BARRIERS or right >= len(text) or right - index > limit:
+            return False
+        return not self._filter.crosses_match(text[left + 1 : right], index - left - 1)
 
     def _in_long_chunk(self, text: str, index: int, reading: _Reading) -> bool:
         """Whether the chunk without spaces ``text[:index]`` ends in is too long to spell a word joined by
@@ -1315,6 +1343,16 @@ class _Reading:
 # What may end the text before a window that starts inside a long word of letters, digits and leetspeak
 # symbols: a digit or a symbol that is never a spaced-out letter ("@" and "$" may be).
 _LEET_CUT_SYMBOLS = frozenset("0123456789!|+€")
+# Digits that no leetspeak reading makes a letter: inside no multi-word entry's match, in any reading
+# (unless an entry's words hold digits).
+_PHRASE_BARRIERS = frozenset("0123456789") - frozenset(_LEET_SYMBOLS)
+_NOT_PHRASE_BARRIERS_RE = re.compile(f"[^{''.join(sorted(_PHRASE_BARRIERS))}]*")
+
+
+def _is_not_phrase_barrier(char: str) -> bool:
+    return char not in _PHRASE_BARRIERS
+
+
 # Candidates tried, back from the hold, for where a later window may start inside a long run.
 _CUT_SEARCH = 64
 _THROUGH_LAST_SPACE_RE = re.compile(r".*\s", re.DOTALL)
