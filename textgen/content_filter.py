@@ -191,7 +191,7 @@ class ContentFilter:
         used = "".join([*self._word_by_form, *stems])
         self._filler_letter = next((letter for letter in _FILLER_LETTERS if letter not in used), None)
         self._one_letter_phrase_words = any(len(part) < 2 for parts in phrases.values() for part in parts)
-        self._phrase_digits = any(char.isdigit() for word in phrases for char in word)
+        self._entry_digits = any(char.isdigit() for word in entries for char in word)
 
     @classmethod
     def from_sources(cls, words: Iterable[str], file: Path | None) -> ContentFilter:
@@ -289,9 +289,10 @@ class ContentFilter:
         return any(m.start() < position < m.end() for pattern, reading in readings for m in pattern.finditer(reading))
 
     @property
-    def has_phrase_digits(self) -> bool:
-        """Whether a multi-word entry has a digit in a word (then a digit may be inside its match)."""
-        return self._phrase_digits
+    def has_entry_digits(self) -> bool:
+        """Whether an entry (a word, or a multi-word entry's word) holds a digit (then a digit may be
+        inside a match)."""
+        return self._entry_digits
 
     @property
     def has_one_letter_phrase_words(self) -> bool:
@@ -1246,9 +1247,9 @@ class StreamingFilter:
     def _no_phrase_across(self, text: str, index: int) -> bool:
         """Whether no multi-word entry's match, as written or read as leetspeak, crosses ``index`` of a
         view (they read leetspeak symbols as separators, and as letters, so any may be inside one).
-        No match holds a digit that no reading makes a letter (``_PHRASE_BARRIERS``, unless an entry's
-        words hold digits): the stretch between two of them, both known, is read as the whole text reads it."""
-        if self._filter.has_phrase_digits:
+        No match holds a digit that no reading makes a letter (``_PHRASE_BARRIERS``, unless an entry
+        holds digits): the stretch between two of them, both known, is read as the whole text reads it."""
+        if self._filter.has_entry_digits:
             return False
         limit = self._filter.long_word
         left = _run_start(text, index, _is_not_phrase_barrier, limit) - 1
@@ -1344,7 +1345,7 @@ class _Reading:
 # symbols: a digit or a symbol that is never a spaced-out letter ("@" and "$" may be).
 _LEET_CUT_SYMBOLS = frozenset("0123456789!|+€")
 # Digits that no leetspeak reading makes a letter: inside no multi-word entry's match, in any reading
-# (unless an entry's words hold digits).
+# (unless an entry holds digits).
 _PHRASE_BARRIERS = frozenset("0123456789") - frozenset(_LEET_SYMBOLS)
 _NOT_PHRASE_BARRIERS_RE = re.compile(f"[^{''.join(sorted(_PHRASE_BARRIERS))}]*")
 
