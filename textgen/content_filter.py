@@ -191,6 +191,7 @@ class ContentFilter:
         used = "".join([*self._word_by_form, *stems])
         self._filler_letter = next((letter for letter in _FILLER_LETTERS if letter not in used), None)
         self._one_letter_phrase_words = any(len(part) < 2 for parts in phrases.values() for part in parts)
+        self._entry_digits = any(char.isdigit() for word in entries for char in word)
 
     @classmethod
     def from_sources(cls, words: Iterable[str], file: Path | None) -> ContentFilter:
@@ -258,7 +259,11 @@ class ContentFilter:
 
     def begins_with_stem(self, letters: str) -> bool:
         """Whether a word that starts with ``letters`` is a stemmed word ("violen" + anything)."""
-        return any(letters.startswith(stem) for stem in self._stems)
+        return self.stem_beginning(letters) is not None
+
+    def stem_beginning(self, letters: str) -> str | None:
+        """The stem a word that starts with ``letters`` begins with, if any."""
+        return next((stem for stem in self._stems if letters.startswith(stem)), None)
 
     def may_spell_match(self, letters: str) -> bool:
         """Whether a spaced-out run whose first letters are ``letters`` can still spell a match once it
@@ -274,6 +279,20 @@ class ContentFilter:
         """A letter in no blocked form or stem: text made of it alone matches nothing and joins no match
         (None if every candidate letter is taken)."""
         return self._filler_letter
+
+    def crosses_match(self, text: str, position: int) -> bool:
+        """Whether a whole-word match in ``text`` as written, or a multi-word entry's match in it read as
+        leetspeak, starts before ``position`` and ends after it."""
+        readings = [(self._plain_re, text)]
+        if self._phrase_re is not None:
+            readings += [(self._phrase_re, text.translate(table)) for table in (_LEET_AS_I, _LEET_AS_L)]
+        return any(m.start() < position < m.end() for pattern, reading in readings for m in pattern.finditer(reading))
+
+    @property
+    def has_entry_digits(self) -> bool:
+        """Whether an entry (a word, or a multi-word entry's word) holds a digit (then a digit may be
+        inside a match)."""
+        return self._entry_digits
 
     @property
     def has_one_letter_phrase_words(self) -> bool:
@@ -845,7 +864,10 @@ class StreamingFilter:
     letters without beginning with a stem. Its settled part is sent, and the next window starts inside
     the run (``_floor``, at a point no encoding, override or match crosses), after a filler of the same
     kind (a long word, or spaced-out letters, made of a letter in no blocked word) that stands for the
-    run before it: read from there, every detector decides as it does on the whole text. So the cost of
+    run before it: read from there, every detector decides as it does on the whole text. A word that long
+    beginning with a stem is decided too (one match from its first letter to its end, however it goes on):
+    its redaction is sent, and later windows start inside it after a stemmed filler, their match going on
+    from the window's start is the same one (``_redact`` sends no second redaction for it). So the cost of
     a push does not grow with the length of the output, even without spaces.
     """
 
@@ -1036,9 +1058,14 @@ class StreamingFilter:
         for view in reading.views:
             for cut in cuts:
                 index = _view_index(view, cut - window)
+                reading.stemmed_end = False
                 held, let_go = self._tail_hold(view.text, index, reading, relax=relax)
                 relaxed = relaxed or let_go
-                hold = min(hold, cut, window + _view_start(view, held, len(text) - window))
+                start = window + _view_start(view, held, len(text) - window)
+                if reading.stemmed_end and held == index > 0:
+                    # Invisible characters after a stemmed word's last letter may go on inside it.
+                    start = window + view.original_span(index - 1, index)[1]
+                hold = min(hold, cut, start)
         return hold, relaxed
 
     def _tail_hold(self, text: str, end: int, reading: _Reading, *, relax: bool) -> tuple[int, bool]:
@@ -1089,10 +1116,15 @@ class StreamingFilter:
             held = _words_start(text, end, self._filter.longest_phrase - 1, str.isalnum)
         else:
             # Letters after a digit, or the whole long word: a plain match only if short or a stemmed word.
+            # A long stemmed word is decided: a match from its first letter to its last, however it goes
+            # on (no other detector reads a word that long), so it is redacted now and what follows is
+            # read after a stemmed filler (``_filler_at``), not held.
             letters = end - _matched_length(_LETTERS_BACK_RE, backwards)
+            short = not self._is_long(letters, end, reading)
             live = end - letters <= self._filter.longest_form or self._filter.begins_with_stem(text[letters:end])
-            if letters < end and not (letters == 0 and self._filler_is_word(reading)) and live:
+            if letters < end and short and live:
                 held = letters
+            reading.stemmed_end = letters < end and not short and live
         if self._filter.longest_phrase > 1:  # "k1llyourself": the letters a multi-word entry may end in
             leet = end - _matched_length(_LEET_LETTERS_BACK_RE, backwards)
             if end - leet <= self._filter.longest_form:
@@ -1111,8 +1143,14 @@ class StreamingFilter:
         return end - start >= self._filter.long_word
 
     def _filler_is_word(self, reading: _Reading) -> bool:
-        """Whether the window's filler is a long word (spaced-out filler letters alternate with a separator)."""
-        return len(reading.filler) > 1 and reading.filler[1] == self._letter
+        """Whether the window's filler is a long word (spaced-out filler letters alternate with a separator;
+        a stemmed filler begins with a stem, which never holds the filler letter)."""
+        return len(reading.filler) > 1 and (reading.filler[1] == self._letter or self._filler_is_stemmed(reading))
+
+    def _filler_is_stemmed(self, reading: _Reading) -> bool:
+        """Whether the window's filler is a long stemmed word: the window starts inside a stemmed word
+        redacted already, whose match goes on from the window's start (``_redact`` sends it no more)."""
+        return bool(reading.filler) and reading.filler[0] != self._letter
 
     def _dead_spaced_run(self, text: str, start: int, end: int, reading: _Reading) -> bool:
         """Whether the spaced-out run ``text[:end]`` ends in (its first letter at or after ``start``, from
@@ -1155,12 +1193,14 @@ class StreamingFilter:
             start = index - _matched_length(_LETTERS_BACK_RE, text[:index][::-1])
             stop = index + _matched_length(_LETTERS_RE, text, index)
             if start == 0 and self._filler_is_word(reading):
-                return self._letter * self._filter.long_word  # the word goes on from the floor's
+                return reading.filler if self._filler_is_stemmed(reading) else self._letter * self._filter.long_word
             known = start > 0 or (reading.start == 0 and not reading.filler)
-            if known and stop - start >= self._filter.long_word and not self._filter.begins_with_stem(text[start:stop]):
-                return self._letter * self._filter.long_word
+            if known and stop - start >= self._filter.long_word:
+                # A long stemmed word (redacted whole as this push sends it) goes on after its stem.
+                stem = self._filter.stem_beginning(text[start:stop])
+                return (stem or "") + self._letter * self._filter.long_word
             return None
-        if before in _LEET_CUT_SYMBOLS and self._filter.longest_phrase == 1:
+        if before in _LEET_CUT_SYMBOLS and (self._filter.longest_phrase == 1 or self._no_phrase_across(text, index)):
             return self._leet_word_filler(text, index, reading)
         if index + 1 >= len(text) or self._filter.has_one_letter_phrase_words:
             return None
@@ -1186,9 +1226,9 @@ class StreamingFilter:
         """The filler for a window starting at ``index`` of a view, after a digit or a leetspeak symbol in
         a long word of letters, digits and leetspeak symbols ("h4t3a1b2x!y!..."), which no detector reads
         whole: a long word of the filler letter ending in the same character, so that every detector
-        reads what follows as on the whole text. Only without multi-word entries (which read leetspeak
-        symbols as separators) and where no spaced-out run, alphanumeric word or run of letters goes
-        on across ``index``."""
+        reads what follows as on the whole text. With multi-word entries (which read leetspeak symbols
+        as separators) only where none of their matches crosses ``index`` (``_no_phrase_across``); and
+        only where no spaced-out run, alphanumeric word or run of letters goes on across ``index``."""
         before = text[index - 1]
         if index < 3 or not (text[index - 2].isalnum() and (before.isalnum() or text[index - 3].isalnum())):
             return None  # the character before may be a spaced-out letter, or one beside a separator
@@ -1203,6 +1243,20 @@ class StreamingFilter:
         if _is_letter(before) and _is_letter(after):
             return None  # a run of letters goes on (the letter filler's case)
         return self._letter * self._filter.long_word + before
+
+    def _no_phrase_across(self, text: str, index: int) -> bool:
+        """Whether no multi-word entry's match, as written or read as leetspeak, crosses ``index`` of a
+        view (they read leetspeak symbols as separators, and as letters, so any may be inside one).
+        No match holds a digit that no reading makes a letter (``_PHRASE_BARRIERS``, unless an entry
+        holds digits): the stretch between two of them, both known, is read as the whole text reads it."""
+        if self._filter.has_entry_digits:
+            return False
+        limit = self._filter.long_word
+        left = _run_start(text, index, _is_not_phrase_barrier, limit) - 1
+        right = index + _matched_length(_NOT_PHRASE_BARRIERS_RE, text[index : index + limit + 1])
+        if left < 0 or text[left] not in _PHRASE_BARRIERS or right >= len(text) or right - index > limit:
+            return False
+        return not self._filter.crosses_match(text[left + 1 : right], index - left - 1)
 
     def _in_long_chunk(self, text: str, index: int, reading: _Reading) -> bool:
         """Whether the chunk without spaces ``text[:index]`` ends in is too long to spell a word joined by
@@ -1263,7 +1317,10 @@ class StreamingFilter:
         pieces: list[str] = []
         cursor = start
         for match_start, match_end in matches:
-            pieces += [self._text[cursor : max(cursor, match_start)], REDACTION]
+            # A window after a stemmed filler: the stemmed word's match goes on from the floor, and its
+            # redaction was sent with its start (``_long_word_hold``).
+            continued = match_start == self._floor <= start and self._filler[:1] not in ("", self._letter)
+            pieces += [self._text[cursor : max(cursor, match_start)], "" if continued else REDACTION]
             cursor = max(cursor, match_end)
         pieces.append(self._text[cursor:end])
         return "".join(pieces)
@@ -1280,11 +1337,23 @@ class _Reading:
     open_override: int | None
     filler: str
     matches: list[tuple[int, int]] | None = None
+    # Set while holding: the view read ends in a long stemmed word, decided (``_long_word_hold``).
+    stemmed_end: bool = False
 
 
 # What may end the text before a window that starts inside a long word of letters, digits and leetspeak
 # symbols: a digit or a symbol that is never a spaced-out letter ("@" and "$" may be).
 _LEET_CUT_SYMBOLS = frozenset("0123456789!|+€")
+# Digits that no leetspeak reading makes a letter: inside no multi-word entry's match, in any reading
+# (unless an entry holds digits).
+_PHRASE_BARRIERS = frozenset("0123456789") - frozenset(_LEET_SYMBOLS)
+_NOT_PHRASE_BARRIERS_RE = re.compile(f"[^{''.join(sorted(_PHRASE_BARRIERS))}]*")
+
+
+def _is_not_phrase_barrier(char: str) -> bool:
+    return char not in _PHRASE_BARRIERS
+
+
 # Candidates tried, back from the hold, for where a later window may start inside a long run.
 _CUT_SEARCH = 64
 _THROUGH_LAST_SPACE_RE = re.compile(r".*\s", re.DOTALL)
@@ -1315,6 +1384,8 @@ _LEET_LETTER_SYMBOLS = frozenset("@$!|+€")
 # of them one encoded character takes over the decoding rounds ("&amp;amp;" and a 32-letter entity name).
 _ENCODING_CHARS = frozenset("%&#;0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _LONGEST_ENCODING = 64
+# The most text before a cut that ``_layers_separable`` decodes to tell whether encodings cross it.
+_LAYERED_SPAN_MAX = 2048
 _NOT_ENCODING_RE = re.compile(r"[^%&#;0-9A-Za-z]")
 
 
@@ -1398,7 +1469,13 @@ def _open_encoding_start(text: str) -> int | None:
 
 def _decode_separable(text: str, position: int) -> bool:
     """Whether the text before ``position`` decodes the same whatever follows it, and the text from it
-    the same whatever precedes it: no encoding, in any decoding round, takes characters from both sides.
+    the same whatever precedes it: no encoding, in any decoding round, takes characters from both sides
+    (the quick check, else, for encodings of encodings, the one that decodes the rounds)."""
+    return _decode_separable_quickly(text, position) or _layers_separable(text, position)
+
+
+def _decode_separable_quickly(text: str, position: int) -> bool:
+    """``_decode_separable`` for text whose encodings decode in one round (the common case).
 
     A round-one encoding starts at a "%" or "&" (none is inside another), so the last ones before
     ``position`` are found again from the end; each must decode (a "%" or "&" left as it is could begin
@@ -1424,6 +1501,66 @@ def _decode_separable(text: str, position: int) -> bool:
         outputs += cursor - match.end() + len(char)
         cursor = start
     return True
+
+
+def _layers_separable(text: str, position: int) -> bool:
+    """``_decode_separable`` for encodings of encodings ("%2541" decodes to "%41", then "A"), where the
+    quick check gives up: each round's output before ``position`` is worked out from a stretch of text
+    before it, long enough that its end is exact, and no encoding of the next round may start in its
+    last ``_LONGEST_ENCODED_MATCH`` characters and reach past it (or be still open there).
+
+    An encoding starts at a "%" or "&" and reads to its right only, and none holds a "%" or "&" past
+    its first character: so a round's encodings are the same in any stretch that starts at a "%" or "&"
+    (or at the text's start), and the text from ``position`` decodes the same whatever precedes it once
+    no encoding of any round crosses it."""
+    span = 8 * _LONGEST_ENCODED_MATCH
+    while span <= _LAYERED_SPAN_MAX:
+        lowest = max(0, position - span)
+        first = _first_encoding_start(text, lowest, position)
+        if first is None:
+            return True  # nothing to decode before it for a stretch longer than any encoding
+        verdict = _layers_separable_from(text[first:position], from_start=first == 0)
+        if verdict is not None:
+            return verdict
+        if lowest == 0:
+            return False
+        span *= 2
+    return False
+
+
+def _first_encoding_start(text: str, start: int, stop: int) -> int | None:
+    found = [index for index in (text.find("%", start, stop), text.find("&", start, stop)) if index >= 0]
+    return 0 if start == 0 else (min(found) if found else None)
+
+
+def _layers_separable_from(layer: str, *, from_start: bool) -> bool | None:
+    """Whether no round's encoding crosses the end of ``layer`` (text from a "%" or "&", or from the
+    text's start, so decoded exactly): None when a round's output is too short to tell."""
+    for round_number in range(_DECODE_ROUNDS):
+        # An encoding begun before the layer covers at most its first characters: it ends before the
+        # last ``_LONGEST_ENCODED_MATCH``, where the encodings that may cross the end begin.
+        if len(layer) < _LONGEST_ENCODED_MATCH and not from_start:
+            return None
+        for start in _encoding_starts(layer, len(layer) - _LONGEST_ENCODED_MATCH):
+            match = _ENCODED_RE.match(layer, start)
+            if match is None:
+                if start + _LONGEST_ENCODED_MATCH > len(layer):
+                    return False  # what follows may complete it ("%4" + "1")
+                continue
+            if match.end() == len(layer) and match.group(1) is None and not match.group().endswith(";"):
+                return False  # "&#10" may go on ("&#104;")
+        if round_number + 1 < _DECODE_ROUNDS:
+            # The next round's output, decoded exactly: from the layer's start, else from its first "%" or
+            # "&" (no encoding holds one past its first character), else past what an encoding begun
+            # before the layer could cover (without a "%" or "&" the layer decodes to itself).
+            starts = _encoding_starts(layer, 0)
+            first = 0 if from_start else min(starts[:1] or [_LONGEST_ENCODED_MATCH])
+            layer = _ENCODED_RE.sub(lambda m: _decode_one(m) or m.group(), layer[first:])
+    return True
+
+
+def _encoding_starts(text: str, start: int) -> list[int]:
+    return [match.start() for match in _ENCODING_START_RE.finditer(text, start)]
 
 
 def _view_index(view: TextView, position: int) -> int:

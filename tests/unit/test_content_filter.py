@@ -226,3 +226,17 @@ def test_find_scales_linearly_on_long_text(content_filter: ContentFilter) -> Non
 
     assert len(matches) == 4000
     assert elapsed < 5.0  # about 0.2 s in practice; generous so slow CI machines do not flake
+
+
+def test_a_stemmed_word_is_one_match_however_long_it_gets() -> None:
+    # Kept on purpose for absurd words too: a word that begins with a stem is blocked to its end, so the
+    # stream can redact it as soon as it is longer than any other detector reads, and drop the rest.
+    content_filter = ContentFilter(["violen*", "hate"])
+    word = "violen" + "t" * 5000
+    text = f"so {word}4hate {word}hate ok"
+    second = len(f"so {word}4hate ")
+    assert content_filter.find(text) == [
+        FilterMatch("violen*", 3, 3 + len(word)),
+        FilterMatch("hate", 4 + len(word), 8 + len(word)),
+        FilterMatch("violen*", second, second + len(word) + 4),
+    ]
