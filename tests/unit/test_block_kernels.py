@@ -93,3 +93,21 @@ def test_q8_kernel_refuses_bad_shapes_before_any_c_runs(fused: FusedKernels) -> 
         kernel(torch.randn(2, K - 32))
     with pytest.raises(FusedArgumentError):
         fused.q8_matmul(torch.randn(2, K), dataclasses.replace(kernel, packed=kernel.packed[:1]), torch.float32)
+
+
+def test_block_products_of_different_shapes_in_turn_keep_their_own_results(fused: FusedKernels) -> None:
+    """fused.c allocates each call's quantized activations itself: consecutive calls of other widths, row
+    counts and group sizes give what each gives alone, and never write into a result already returned."""
+    torch.manual_seed(4)
+    q4 = Q4Kernel.quantize(torch.randn(OUT, K), None, torch.tensor([5, 130]), fused, torch.float32, torch.float32)
+    wide = 2 * K
+    q8 = Q8Kernel.pack(torch.randint(0, 256, (32, wide), dtype=torch.uint8), torch.rand(32, wide // 16) * 0.01,
+                       torch.randn(32, wide // 16) * 0.1, None, torch.tensor([1, 2, 300]), fused, torch.float32,
+                       torch.float32)
+    calls = [(q4, torch.randn(ROWS, K)), (q8, torch.randn(1, wide)), (q4, torch.randn(1, K)),
+             (q8, torch.randn(2 * ROWS, wide)), (q4, torch.randn(ROWS + 2, K))]
+    alone = [kernel(x).clone() for kernel, x in calls]
+    results = [kernel(x) for kernel, x in calls]  # back to back, every result kept
+    for got, want in zip(results, alone, strict=True):
+        assert torch.equal(got, want)
+    assert len({r.data_ptr() for r in results}) == len(results)

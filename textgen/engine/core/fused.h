@@ -76,10 +76,10 @@ int q4_supported(void);
 
 int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *scales, const int64_t *outliers,
               int64_t count, const float *outlier_weight_t, void *out, int out_bf16, int64_t rows, int64_t n,
-              int64_t k, int8_t *xq, float *xd, float *xsum, float *xout);
+              int64_t k);
 
 int q8_matmul(const void *x, int x_bf16, const uint8_t *packed, const void *scales, int scales_f32,
               const int64_t *outliers, int64_t count, const float *outlier_weight_t, void *out, int out_bf16,
-              int64_t rows, int64_t n, int64_t k, int8_t *xq, float *xd, float *xsum, float *xout);
+              int64_t rows, int64_t n, int64_t k);
 
 #endif

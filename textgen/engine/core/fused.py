@@ -470,7 +470,7 @@ class FusedKernels:
     def _block_matmul(
         self, layout: _BlockLayout, x: torch.Tensor, weight: BlockWeights, out_dtype: torch.dtype
     ) -> torch.Tensor:
-        """q4_matmul and q8_matmul: the same checks and scratch, each product's own layout and C function."""
+        """q4_matmul and q8_matmul: the same checks, each product's own layout and C function."""
         packed, scales, outliers, outlier_weight_t = (
             weight.packed, weight.scales, weight.outliers, weight.outlier_weight_t
         )
@@ -489,18 +489,14 @@ class FusedKernels:
         if out_dtype not in _ROWS_DTYPES:
             raise FusedArgumentError(f"out_dtype {out_dtype}: fused.c writes bfloat16 or float32")
         out = torch.empty(rows, out_features, dtype=out_dtype)
-        xq = torch.empty(rows, k, dtype=torch.int8)
-        # xd and xsum [rows, k / group], then xout [rows, count]: one float32 scratch, one allocation
-        groups, count = k // layout.group, outliers.numel()
-        floats = torch.empty(rows * (2 * groups + count))
-        xd = floats.data_ptr()
-        xsum, xout = xd + 4 * rows * groups, xd + 8 * rows * groups
+        # The quantized activations are fused.c's own scratch (malloc'd and freed inside the call): two tensors
+        # and four ctypes arguments fewer, ~3 us of a ~14 us call at batch 1.
         scale_flag = [scales.dtype == torch.float32] if layout.scale_flag else []
         function = getattr(self.library, layout.function)
         status = function(
             x.data_ptr(), x.dtype == torch.bfloat16, packed.data_ptr(), scales.data_ptr(), *scale_flag,
-            outliers.data_ptr(), count, outlier_weight_t.data_ptr(), out.data_ptr(), out_dtype == torch.bfloat16,
-            rows, out_features, k, xq.data_ptr(), xd, xsum, xout,
+            outliers.data_ptr(), outliers.numel(), outlier_weight_t.data_ptr(), out.data_ptr(),
+            out_dtype == torch.bfloat16, rows, out_features, k,
         )
         _check(status, layout.function)
         return out
