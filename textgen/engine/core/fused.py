@@ -202,6 +202,7 @@ def _expect_constant(tensor: torch.Tensor, name: str, dtypes: tuple[torch.dtype,
     _CONSTANTS[id(tensor)] = (weakref.ref(tensor), key)
 
 
+INT8_ROWS = 4  # int8_matmul's most rows (fused.c): beyond a few rows _int_mm's blocked product is faster
 _BF16, _F32, _I64, _I32 = (torch.bfloat16,), (torch.float32,), (torch.int64,), (torch.int32,)
 _ROWS_DTYPES = (torch.bfloat16, torch.float32)  # what the w8a8 and Q4 helpers read and write
 
@@ -451,6 +452,20 @@ class FusedKernels:
             out.data_ptr(), out_dtype == torch.bfloat16, rows, cols,
         )
         return out
+
+    def int8_matmul(self, q: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+        """q [N, K] int8 times weight_t [K, out] int8, the transpose of a contiguous [out, K] matrix (how
+        W8A8Kernel holds it) -> [N, out] int32, exactly torch._int_mm's result; for N <= INT8_ROWS (AVX-512
+        VNNI builds only: see q4_supported)."""
+        rows, k = _expect_rows(q, "q", (torch.int8,), 2)
+        if rows > INT8_ROWS:
+            raise FusedArgumentError(f"int8_matmul takes at most {INT8_ROWS} rows, not {rows}")
+        weight = weight_t.t()  # a new view each call: checked in full every time (a few tenths of a us)
+        _expect(weight, "weight_t.t()", (torch.int8,), (weight_t.shape[1], k))
+        acc = torch.empty(rows, weight.shape[0], dtype=torch.int32)
+        status = self.library.int8_matmul(q.data_ptr(), weight.data_ptr(), acc.data_ptr(), rows, weight.shape[0], k)
+        _check(status, "int8_matmul")
+        return acc
 
     @property
     def q4_supported(self) -> bool:
