@@ -315,6 +315,11 @@ def exercise(kernels: FusedKernels) -> None:
         w8 = (codes.float().reshape(n, k // 16, 16) * d8[..., None] + m8[..., None]).reshape(n, k)
         assert torch.nn.functional.cosine_similarity(kernel8(x4), x4 @ w8.t(), dim=-1).min() > 0.999
 
+        # int8_matmul: a width with a masked tail (100 = 64 + 36), enough work for the parallel loop
+        q8 = torch.randint(-128, 128, (4, 100), generator=generator).to(torch.int8)
+        weight8 = torch.randint(-127, 128, (400, 100), generator=generator).to(torch.int8)
+        assert torch.equal(kernels.int8_matmul(q8, weight8.t()), (q8.long() @ weight8.t().long()).int())
+
 
 @dataclass
 class _Layer:

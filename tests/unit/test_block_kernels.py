@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from textgen.engine.core.fused import FusedArgumentError, FusedKernels, build_fused_kernels
-from textgen.engine.core.linear import Q4Kernel, Q8Kernel
+from textgen.engine.core.linear import Q4Kernel, Q8Kernel, W8A8Kernel
 
 OUT, K, ROWS = 48, 256, 7
 
@@ -93,3 +93,48 @@ def test_q8_kernel_refuses_bad_shapes_before_any_c_runs(fused: FusedKernels) -> 
         kernel(torch.randn(2, K - 32))
     with pytest.raises(FusedArgumentError):
         fused.q8_matmul(torch.randn(2, K), dataclasses.replace(kernel, packed=kernel.packed[:1]), torch.float32)
+
+
+def test_block_products_of_different_shapes_in_turn_keep_their_own_results(fused: FusedKernels) -> None:
+    """fused.c allocates each call's quantized activations itself: consecutive calls of other widths, row
+    counts and group sizes give what each gives alone, and never write into a result already returned."""
+    torch.manual_seed(4)
+    q4 = Q4Kernel.quantize(torch.randn(OUT, K), None, torch.tensor([5, 130]), fused, torch.float32, torch.float32)
+    wide = 2 * K
+    q8 = Q8Kernel.pack(torch.randint(0, 256, (32, wide), dtype=torch.uint8), torch.rand(32, wide // 16) * 0.01,
+                       torch.randn(32, wide // 16) * 0.1, None, torch.tensor([1, 2, 300]), fused, torch.float32,
+                       torch.float32)
+    calls = [(q4, torch.randn(ROWS, K)), (q8, torch.randn(1, wide)), (q4, torch.randn(1, K)),
+             (q8, torch.randn(2 * ROWS, wide)), (q4, torch.randn(ROWS + 2, K))]
+    alone = [kernel(x).clone() for kernel, x in calls]
+    results = [kernel(x) for kernel, x in calls]  # back to back, every result kept
+    for got, want in zip(results, alone, strict=True):
+        assert torch.equal(got, want)
+    assert len({r.data_ptr() for r in results}) == len(results)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_int8_matmul_is_the_exact_integer_product(fused: FusedKernels, rows: int) -> None:
+    """fused.c's few-row int8 product (the w8a8 head at decode) gives exactly the int64 product, extremes and
+    a width that is no multiple of 64 included, and what torch._int_mm gives where PyTorch's path runs."""
+    torch.manual_seed(5)
+    k = 200
+    weight = torch.randint(-127, 128, (80, k), dtype=torch.int8)
+    q = torch.randint(-128, 128, (rows, k), dtype=torch.int8)
+    q[0], weight[0] = 127, -127  # the largest products, all of one sign
+    got = fused.int8_matmul(q, weight.t())
+    assert torch.equal(got, (q.long() @ weight.t().long()).int())
+    kernel = W8A8Kernel.quantize(torch.randn(48, 64), None, torch.tensor([2]), fused, torch.bfloat16, torch.float32)
+    quantized = fused.quantize_rows(torch.randn(rows, 64).to(torch.bfloat16), kernel.outliers)
+    padded = torch.cat([quantized.q, quantized.q.new_zeros(32, 64)])  # _int_mm's CPU path wants > 16 rows
+    assert torch.equal(kernel.product(quantized), torch._int_mm(padded, kernel.qweight_t)[:rows])
+
+
+def test_int8_matmul_refuses_more_rows_and_a_weight_not_laid_out_as_w8a8_keeps_it(fused: FusedKernels) -> None:
+    weight = torch.zeros(32, 64, dtype=torch.int8)
+    with pytest.raises(FusedArgumentError, match="at most"):
+        fused.int8_matmul(torch.zeros(5, 64, dtype=torch.int8), weight.t())
+    with pytest.raises(FusedArgumentError, match="not contiguous"):
+        fused.int8_matmul(torch.zeros(1, 64, dtype=torch.int8), weight.t().contiguous())
+    with pytest.raises(FusedArgumentError, match="shape"):
+        fused.int8_matmul(torch.zeros(1, 32, dtype=torch.int8), weight.t())

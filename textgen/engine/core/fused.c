@@ -932,15 +932,12 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed,
     finish_tile(acc, xout, outlier_weight_t, count, n, y, R);
 }
 
-/* x [rows, k] (bf16 or float32) times the packed Q4_1 weight [n, k] -> out [rows, n] (bf16 or float32).
- * The `count` outlier input channels (a transformer's massive activations, which would take most of their
- * block's int8 range) are multiplied in float with outlier_weight_t [count, n], the blocks' own values.
- * xq [rows, k], xd and xsum [rows, k / 32], xout [rows, count]: scratch for the quantized activations. */
-int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *scales, const int64_t *outliers,
-              int64_t count, const float *outlier_weight_t, void *out, int out_bf16, int64_t rows, int64_t n,
-              int64_t k, int8_t *xq, float *xd, float *xsum, float *xout) {
-    int status = block_product_refused(outliers, count, rows, n, k);
-    if (status == FUSED_OK) status = quantize_blocks(x, x_bf16, outliers, count, rows, k, 32, xq, xd, xsum, xout);
+/* q4_matmul's work, on its scratch for the quantized activations: xq [rows, k], xd and xsum [rows, k / 32],
+ * xout [rows, count]. */
+static int q4_product(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *scales,
+                      const int64_t *outliers, int64_t count, const float *outlier_weight_t, void *out, int out_bf16,
+                      int64_t rows, int64_t n, int64_t k, int8_t *xq, float *xd, float *xsum, float *xout) {
+    int status = quantize_blocks(x, x_bf16, outliers, count, rows, k, 32, xq, xd, xsum, xout);
     if (status != FUSED_OK) return status;
     int64_t blocks = k / 32, tiles = n / 16;
 #pragma omp parallel for schedule(static) if (parallel && n * k >= 16 * PARALLEL_WORK)
@@ -1026,13 +1023,11 @@ static inline __attribute__((always_inline)) void q8_rows(const uint8_t *pt, con
     else q8_tile(pt, st, xr, dr, sr, blocks, k, orow, ot, count, n, y, 1, f32);
 }
 
-/* x [rows, k] (bf16 or float32) times the packed 8-bit block weight [n, k] -> out [rows, n] (bf16 or float32);
- * outliers as in q4_matmul. xq [rows, k], xd and xsum [rows, k / 16], xout [rows, count]: scratch. */
-int q8_matmul(const void *x, int x_bf16, const uint8_t *packed, const void *scales, int scales_f32,
-              const int64_t *outliers, int64_t count, const float *outlier_weight_t, void *out, int out_bf16,
-              int64_t rows, int64_t n, int64_t k, int8_t *xq, float *xd, float *xsum, float *xout) {
-    int status = block_product_refused(outliers, count, rows, n, k);
-    if (status == FUSED_OK) status = quantize_blocks(x, x_bf16, outliers, count, rows, k, 16, xq, xd, xsum, xout);
+/* q8_matmul's work, on its scratch: xq [rows, k], xd and xsum [rows, k / 16], xout [rows, count]. */
+static int q8_product(const void *x, int x_bf16, const uint8_t *packed, const void *scales, int scales_f32,
+                      const int64_t *outliers, int64_t count, const float *outlier_weight_t, void *out, int out_bf16,
+                      int64_t rows, int64_t n, int64_t k, int8_t *xq, float *xd, float *xsum, float *xout) {
+    int status = quantize_blocks(x, x_bf16, outliers, count, rows, k, 16, xq, xd, xsum, xout);
     if (status != FUSED_OK) return status;
     int64_t blocks = k / 32, tiles = n / 16;
     size_t scale_size = scales_f32 ? sizeof(float) : sizeof(uint16_t);
@@ -1053,21 +1048,116 @@ int q8_matmul(const void *x, int x_bf16, const uint8_t *packed, const void *scal
     }
     return FUSED_OK;
 }
+
+/* The quantized activations of a block product, on the heap for the length of one call: xq [rows, k] int8,
+ * then xd and xsum [rows, k / group] and xout [rows, count] float32. Allocated here rather than passed in:
+ * a malloc costs far less than the two tensors and four ctypes arguments it replaces (~3 us a call, 120
+ * calls a decode step), and nothing outside the call can see it. */
+typedef struct {
+    int8_t *xq;
+    float *xd, *xsum, *xout;
+} block_scratch;
+
+static int block_scratch_alloc(block_scratch *s, int64_t rows, int64_t k, int64_t group, int64_t count) {
+    int64_t groups = k / group;
+    s->xq = malloc((size_t)(rows * k > 0 ? rows * k : 1));
+    s->xd = malloc((size_t)(rows * (2 * groups + count) > 0 ? rows * (2 * groups + count) : 1) * sizeof(float));
+    s->xsum = s->xd ? s->xd + rows * groups : NULL;
+    s->xout = s->xd ? s->xd + 2 * rows * groups : NULL;
+    return s->xq && s->xd ? FUSED_OK : FUSED_NO_MEMORY;
+}
+
+static void block_scratch_free(block_scratch *s) {
+    free(s->xq);
+    free(s->xd);
+}
+
+/* x [rows, k] (bf16 or float32) times the packed Q4_1 weight [n, k] -> out [rows, n] (bf16 or float32).
+ * The `count` outlier input channels (a transformer's massive activations, which would take most of their
+ * block's int8 range) are multiplied in float with outlier_weight_t [count, n], the blocks' own values. */
+int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *scales, const int64_t *outliers,
+              int64_t count, const float *outlier_weight_t, void *out, int out_bf16, int64_t rows, int64_t n,
+              int64_t k) {
+    block_scratch s;
+    int status = block_product_refused(outliers, count, rows, n, k);
+    if (status != FUSED_OK) return status;
+    status = block_scratch_alloc(&s, rows, k, 32, count);
+    if (status == FUSED_OK)
+        status = q4_product(x, x_bf16, packed, scales, outliers, count, outlier_weight_t, out, out_bf16, rows, n, k,
+                            s.xq, s.xd, s.xsum, s.xout);
+    block_scratch_free(&s);
+    return status;
+}
+
+/* x [rows, k] (bf16 or float32) times the packed 8-bit block weight [n, k] -> out [rows, n] (bf16 or float32);
+ * outliers as in q4_matmul. */
+int q8_matmul(const void *x, int x_bf16, const uint8_t *packed, const void *scales, int scales_f32,
+              const int64_t *outliers, int64_t count, const float *outlier_weight_t, void *out, int out_bf16,
+              int64_t rows, int64_t n, int64_t k) {
+    block_scratch s;
+    int status = block_product_refused(outliers, count, rows, n, k);
+    if (status != FUSED_OK) return status;
+    status = block_scratch_alloc(&s, rows, k, 16, count);
+    if (status == FUSED_OK)
+        status = q8_product(x, x_bf16, packed, scales, scales_f32, outliers, count, outlier_weight_t, out, out_bf16,
+                            rows, n, k, s.xq, s.xd, s.xsum, s.xout);
+    block_scratch_free(&s);
+    return status;
+}
+
+/* ----- int8 x int8 for a few rows (w8a8 products at decode: the output head) ------------------------ */
+
+/* acc [rows, n] int32 = q [rows, k] int8 times w [n, k] int8 (row-major: the [k, n] matrix W8A8Kernel holds
+ * transposed), for rows <= INT8_ROWS. Integer products are exact, so this is torch._int_mm's result whatever
+ * the order; at one row _int_mm reads a 28 MB head at ~14 GB/s on a 2-vCPU EPYC, this one pass over w at
+ * about the Q4 products' rate. VNNI multiplies unsigned by signed bytes: (q + 128) . w - 128 * sum(w), both
+ * sums from the same loads. */
+#define INT8_ROWS 4
+int int8_matmul(const int8_t *q, const int8_t *w, int32_t *acc, int64_t rows, int64_t n, int64_t k) {
+    if (rows < 0 || rows > INT8_ROWS || n <= 0 || k <= 0 || k > MAX_WIDTH) return FUSED_BAD_SHAPE;
+    int64_t chunks = (k + 63) / 64;
+    uint8_t *xu = calloc((size_t)(rows > 0 ? rows : 1) * (size_t)chunks * 64, 1);
+    if (!xu) return FUSED_NO_MEMORY;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < k; i++) xu[r * chunks * 64 + i] = (uint8_t)(q[r * k + i] + 128);
+    const __m512i ones = _mm512_set1_epi8(1);
+#pragma omp parallel for schedule(static) if (parallel && n * k >= 16 * PARALLEL_WORK)
+    for (int64_t j = 0; j < n; j++) {
+        const int8_t *wj = w + j * k;
+        __m512i sums = _mm512_setzero_si512(), dots[INT8_ROWS];
+        for (int r = 0; r < INT8_ROWS; r++) dots[r] = _mm512_setzero_si512();
+        for (int64_t c = 0; c < chunks; c++) {
+            int64_t left = k - 64 * c;
+            __mmask64 mask = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
+            __m512i wv = _mm512_maskz_loadu_epi8(mask, wj + 64 * c); /* zero past k: adds nothing */
+            sums = _mm512_dpbusd_epi32(sums, ones, wv);
+            for (int64_t r = 0; r < rows; r++)
+                dots[r] = _mm512_dpbusd_epi32(dots[r], _mm512_loadu_si512(xu + (r * chunks + c) * 64), wv);
+        }
+        int32_t offset = 128 * _mm512_reduce_add_epi32(sums);
+        for (int64_t r = 0; r < rows; r++) acc[r * n + j] = _mm512_reduce_add_epi32(dots[r]) - offset;
+    }
+    free(xu);
+    return FUSED_OK;
+}
 #else
 int q4_supported(void) { return 0; }
 int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *scales, const int64_t *outliers,
               int64_t count, const float *outlier_weight_t, void *out, int out_bf16, int64_t rows, int64_t n,
-              int64_t k, int8_t *xq, float *xd, float *xsum, float *xout) {
+              int64_t k) {
     (void)x; (void)x_bf16; (void)packed; (void)scales; (void)outliers; (void)count; (void)outlier_weight_t;
-    (void)out; (void)out_bf16; (void)rows; (void)n; (void)k; (void)xq; (void)xd; (void)xsum; (void)xout;
+    (void)out; (void)out_bf16; (void)rows; (void)n; (void)k;
+    return FUSED_UNSUPPORTED;
+}
+int int8_matmul(const int8_t *q, const int8_t *w, int32_t *acc, int64_t rows, int64_t n, int64_t k) {
+    (void)q; (void)w; (void)acc; (void)rows; (void)n; (void)k;
     return FUSED_UNSUPPORTED;
 }
 int q8_matmul(const void *x, int x_bf16, const uint8_t *packed, const void *scales, int scales_f32,
               const int64_t *outliers, int64_t count, const float *outlier_weight_t, void *out, int out_bf16,
-              int64_t rows, int64_t n, int64_t k, int8_t *xq, float *xd, float *xsum, float *xout) {
+              int64_t rows, int64_t n, int64_t k) {
     (void)x; (void)x_bf16; (void)packed; (void)scales; (void)scales_f32; (void)outliers; (void)count;
-    (void)outlier_weight_t; (void)out; (void)out_bf16; (void)rows; (void)n; (void)k; (void)xq; (void)xd;
-    (void)xsum; (void)xout;
+    (void)outlier_weight_t; (void)out; (void)out_bf16; (void)rows; (void)n; (void)k;
     return FUSED_UNSUPPORTED;
 }
 #endif

@@ -76,10 +76,13 @@ int q4_supported(void);
 
 int q4_matmul(const void *x, int x_bf16, const uint8_t *packed, const uint16_t *scales, const int64_t *outliers,
               int64_t count, const float *outlier_weight_t, void *out, int out_bf16, int64_t rows, int64_t n,
-              int64_t k, int8_t *xq, float *xd, float *xsum, float *xout);
+              int64_t k);
 
 int q8_matmul(const void *x, int x_bf16, const uint8_t *packed, const void *scales, int scales_f32,
               const int64_t *outliers, int64_t count, const float *outlier_weight_t, void *out, int out_bf16,
-              int64_t rows, int64_t n, int64_t k, int8_t *xq, float *xd, float *xsum, float *xout);
+              int64_t rows, int64_t n, int64_t k);
+
+/* acc [rows, n] int32 = q [rows, k] int8 times w [n, k] int8, for rows <= 4 (w8a8 products at decode). */
+int int8_matmul(const int8_t *q, const int8_t *w, int32_t *acc, int64_t rows, int64_t n, int64_t k);
 
 #endif

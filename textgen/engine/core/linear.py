@@ -28,8 +28,8 @@ from typing import Protocol, Self
 import torch
 import torch.nn.functional as F
 
+from textgen.engine.core.fused import INT8_ROWS, FusedKernels, Quantized
 from textgen.engine.core.fused import MAX_WIDTH as MAX_FUSED_WIDTH
-from textgen.engine.core.fused import FusedKernels, Quantized
 
 FUSED_DTYPES = {torch.bfloat16, torch.float32}  # what fused.c's w8a8 helpers read and write
 GROUP = 32  # input columns per int4 group; also the GGUF Q4_1 / Q8_0 block size
@@ -166,7 +166,11 @@ class W8A8Kernel:
         return y if self.bias is None else y.add_(self.bias)
 
     def product(self, quantized: Quantized) -> torch.Tensor:
-        """The integer product of rows quantized by fused.c: [N, K] int8 -> [N, out] int32."""
+        """The integer product of rows quantized by fused.c: [N, K] int8 -> [N, out] int32. A few rows (decode)
+        go through fused.c's int8_matmul, which streams the weight faster than _int_mm does at one row (the
+        28 MB output head, from DRAM: ~1.2 vs ~1.9 ms on 2 vCPUs); integers, so the same result either way."""
+        if self.fused is not None and quantized.q.shape[0] <= INT8_ROWS and self.fused.q4_supported:
+            return self.fused.int8_matmul(quantized.q, self.qweight_t)
         return torch._int_mm(quantized.q, self.qweight_t)
 
     def rescale(self, acc: torch.Tensor, quantized: Quantized, out_dtype: torch.dtype) -> torch.Tensor:

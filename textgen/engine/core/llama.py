@@ -270,6 +270,7 @@ def _step_float(
     """step_fused with products that take and return bf16 (int4, bf16 weights)."""
     h = torch.empty_like(x)
     attended = x.new_empty(x.shape[0], w.heads * w.head_dim)
+    activated: torch.Tensor | None = None  # one for every layer: each layer's down projection reads it first
     delta = None
     for index, layer in enumerate(w.layers):
         fused.add_rms_norm(x, delta, layer.attn_norm, h, w.eps)
@@ -281,7 +282,8 @@ def _step_float(
         )
         fused.add_rms_norm(x, layer.out(attended), layer.mlp_norm, h, w.eps)
         gate_up = layer.gate_up(h)  # [B, 2F]
-        activated = x.new_empty(x.shape[0], gate_up.shape[1] // 2)
+        if activated is None or activated.shape[1] != gate_up.shape[1] // 2:
+            activated = x.new_empty(x.shape[0], gate_up.shape[1] // 2)
         fused.silu_mul(gate_up, activated)
         delta = layer.down(activated)
     out = torch.empty_like(x)
