@@ -47,5 +47,11 @@ async def test_stats_show_kv_blocks_held_while_a_sequence_runs(
             release.set()
             core.step = real_step
         await handle.result()
-        after = (await client.get("/stats")).json()
-        assert after["kv_blocks_used"] == 0  # its blocks are free again (kept as a cached prefix, evictable)
+
+        # Its blocks are free again (kept as a cached prefix, evictable) — once the engine's idle work is done:
+        # where decode steps write other bits than a prefill (this tiny model's PyTorch path), the finished
+        # answer is prefilled for the prefix cache in a scratch slot while nothing else runs.
+        async def all_blocks_back() -> bool:
+            return bool((await client.get("/stats")).json()["kv_blocks_used"] == 0)
+
+        await wait_until(all_blocks_back, what="every block back")
