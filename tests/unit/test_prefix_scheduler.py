@@ -106,13 +106,25 @@ async def test_a_chat_turn_finds_the_previous_answer_cached(
     its generated blocks too: the next turn, which resends the answer, finds them (a block holding the last,
     never computed, position would change the text); another tenant finds none of them."""
     monkeypatch.setattr(DecodeCore, "decode_kv_is_prefill_kv", property(lambda core: True))
+    await assert_the_next_turn_finds_the_answer(make_engine, params, idle_work=False)
+
+
+async def assert_the_next_turn_finds_the_answer(
+    make_engine: Callable[..., Any], params: SamplingParams, *, idle_work: bool
+) -> None:
+    """Two chat turns with the cache off and on: the second resends the first's answer. With the cache on it
+    finds the answer's blocks (``idle_work``: once the engine has prefilled them while idle), its text the same
+    as with the cache off; another tenant finds none of them."""
     first_turn = SYSTEM + TURNS[0]  # 145 tokens: 4 full blocks; with its 40 generated tokens, 5 are written
     outcomes = {}
     for cache in (False, True):
         engine = await make_engine(cache=cache)
+        assert engine.core.decode_kv_is_prefill_kv is not idle_work
         first = await run(engine, first_turn, params)
         assert first.token_logprobs is not None
         answer = [entry.token_id for entry in first.token_logprobs]
+        if idle_work:
+            await wait_until(lambda: not engine._answers, what="the answer prefilled")  # noqa: B023
         second = await run(engine, first_turn + answer + TURNS[1], params)
         outcomes[cache] = (first.text, second.text, second.cached_tokens)
         if cache:
@@ -141,22 +153,7 @@ async def test_an_idle_engine_prefills_and_names_a_finished_answer(
     """Where decode steps write other bits than a prefill (the float32 GPT-2's PyTorch path), a finished
     answer's blocks are prefilled as a prompt's would be once nothing else runs, and named: the next turn
     finds them, its text the same as with the cache off; another tenant finds none of them."""
-    first_turn = SYSTEM + TURNS[0]
-    outcomes = {}
-    for cache in (False, True):
-        engine = await make_engine(cache=cache)
-        assert not engine.core.decode_kv_is_prefill_kv
-        first = await run(engine, first_turn, params)
-        assert first.token_logprobs is not None
-        answer = [entry.token_id for entry in first.token_logprobs]
-        await wait_until(lambda: not engine._answers, what="the answer prefilled")  # noqa: B023
-        second = await run(engine, first_turn + answer + TURNS[1], params)
-        outcomes[cache] = (first.text, second.text, second.cached_tokens)
-        if cache:
-            other = await run(engine, first_turn + answer + TURNS[1], params, tenant="b")
-            assert other.cached_tokens == 0 and other.text == second.text
-    assert outcomes[True][:2] == outcomes[False][:2]
-    assert outcomes[False][2] == 0 and outcomes[True][2] == 160
+    await assert_the_next_turn_finds_the_answer(make_engine, params, idle_work=True)
 
 
 async def test_a_request_arriving_during_an_answers_prefill_waits_for_that_chunk_only(
